@@ -1,0 +1,139 @@
+"""Model bundles: a folder with model.toml (architecture, classes, scale, thresholds, card) + safetensors weights.
+
+Weights are stored as float16 safetensors (half the size, never unpickled) and loaded as float32.
+The default bundle ships inside the package under cellseg/models/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import tomli_w
+
+from .detect import ModelConfig
+from .errors import BundleError
+
+BUNDLE_FORMAT = "cellseg-bundle/1"
+DEFAULT_BUNDLE = "nuclei"
+_WEIGHTS = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loadable model: its folder, its architecture and what the card says about it."""
+
+    path: Path
+    name: str
+    model: ModelConfig
+    score_threshold: float
+    mask_threshold: float
+    nucleus_diameter_px: float          # typical nucleus diameter at the scale the model was trained on
+    weights_sha256: str
+    card: dict = field(default_factory=dict)   # [training], [metrics], ... free-form, for people
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / _WEIGHTS
+
+    def state_dict(self) -> dict:
+        from safetensors.torch import load_file
+        return {k: v.float() for k, v in load_file(str(self.weights_path)).items()}
+
+    def build(self):
+        """The network with this bundle's weights (on CPU, eval mode)."""
+        from .detect import build_model
+        net = build_model(self.model)
+        try:
+            net.load_state_dict(self.state_dict())
+        except RuntimeError as e:
+            raise BundleError(f"weights in {self.weights_path} do not match the architecture in model.toml: "
+                              f"{str(e).splitlines()[0]}") from e
+        return net.eval()
+
+
+def packaged_bundles_root() -> Path:
+    return Path(str(resources.files("cellseg") / "models"))
+
+
+def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
+    """A bundle folder from a path, or the name of one shipped in the package (None -> the default)."""
+    name = DEFAULT_BUNDLE if name_or_path is None else str(name_or_path)
+    candidate = Path(name)
+    if candidate.is_dir() or os.sep in name or name.endswith(".toml"):
+        return candidate.parent if candidate.name == "model.toml" else candidate
+    shipped = packaged_bundles_root() / name
+    if not (shipped / "model.toml").is_file():
+        have = sorted(p.name for p in packaged_bundles_root().glob("*/model.toml")) if packaged_bundles_root().is_dir() else []
+        hint = f"shipped bundles: {', '.join(have)}" if have else "this installation ships no trained model bundle"
+        raise BundleError(f"expected a model bundle folder or a shipped bundle name, got {name!r} ({hint}; "
+                          f"train one with `cellseg train` and pass --model PATH)")
+    return shipped
+
+
+def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
+    folder = find_bundle(name_or_path)
+    toml_path = folder / "model.toml"
+    if not toml_path.is_file():
+        raise BundleError(f"expected a model bundle folder with model.toml, found no {toml_path}")
+    try:
+        meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{toml_path} is not valid TOML: {e}") from e
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"expected format = {BUNDLE_FORMAT!r} in {toml_path}, found {meta.get('format')!r}")
+    weights = folder / _WEIGHTS
+    if not weights.is_file():
+        raise BundleError(f"expected weights at {weights}, found none (the bundle is incomplete)")
+    digest = sha256_file(weights)
+    if meta.get("weights_sha256") not in (None, digest):
+        raise BundleError(f"{weights} does not match the sha256 recorded in model.toml "
+                          f"(expected {meta['weights_sha256'][:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
+    try:
+        model = ModelConfig.from_dict(meta.get("model", {}))
+        inference = meta.get("inference", {})
+        return Bundle(
+            path=folder, name=str(meta.get("name", folder.name)), model=model,
+            score_threshold=float(inference.get("score_threshold", 0.5)),
+            mask_threshold=float(inference.get("mask_threshold", 0.5)),
+            nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
+            weights_sha256=digest,
+            card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
+        )
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
+
+
+def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str,
+                score_threshold: float = 0.5, mask_threshold: float = 0.5,
+                nucleus_diameter_px: float = 0.0, card: dict | None = None) -> Bundle:
+    """Write weights (float16 safetensors) then model.toml, each atomically, and return the loaded bundle."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state_dict.items()}
+    tmp = folder / f".{_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / _WEIGHTS)
+    meta = {"format": BUNDLE_FORMAT, "name": name, "weights_sha256": sha256_file(folder / _WEIGHTS),
+            "model": model.to_dict(),
+            "inference": {"score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold)},
+            "scale": {"nucleus_diameter_px": float(nucleus_diameter_px)}}
+    meta.update(card or {})
+    with tempfile.NamedTemporaryFile("wb", dir=folder, delete=False, suffix=".toml.tmp") as f:
+        tomli_w.dump(meta, f)
+    os.replace(f.name, folder / "model.toml")
+    return load_bundle(folder)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

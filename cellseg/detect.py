@@ -1,0 +1,236 @@
+"""Mask R-CNN for dense cells: building the network and running it on tiles.
+
+This is the only module (with the training adapter) that sees torchvision's conventions:
+xyxy float boxes and 28x28 soft masks. Everything it returns is in (row, col) tile pixels.
+
+torchvision's defaults silently break dense microscopy (DESIGN.md §5), so the network is built with:
+no resize (tiles run at the scale they are given), thousands of detections per tile, anchors of
+8-128 px, and masks pasted at box size rather than onto N full-tile canvases.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .errors import ParameterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a cell Mask R-CNN; stored in a bundle's model.toml [model] table."""
+
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50
+    norm: str = "groupnorm"             # groupnorm (trains from scratch with small batches) | frozen_bn (COCO init)
+    fpn_channels: int = 128
+    box_head_size: int = 512
+    classes: tuple[str, ...] = ("nucleus",)   # foreground classes; class id k >= 1 is classes[k-1]
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    detections_per_tile: int = 3000
+    rpn_pre_nms_top_n_test: int = 6000
+    rpn_post_nms_top_n_test: int = 3000
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 256
+    box_nms_thresh: float = 0.4
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; expected some of {sorted(known)}")
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tupled)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items()}
+
+
+class _TileTransform(GeneralizedRCNNTransform):
+    """Normalise and batch only: no resize in, no full-image mask pasting out."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result  # boxes in input pixels (no resize happened), masks left at 28x28
+
+
+def _norm_layer(kind: str):
+    if kind == "groupnorm":
+        return lambda channels: nn.GroupNorm(32, channels)
+    if kind == "frozen_bn":
+        from torchvision.ops import FrozenBatchNorm2d
+        return FrozenBatchNorm2d
+    raise ValueError(f"unknown norm {kind!r}; expected groupnorm or frozen_bn")
+
+
+def build_model(cfg: ModelConfig) -> MaskRCNN:
+    """A randomly initialised Mask R-CNN for cells. Never downloads anything."""
+    constructors = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
+    if cfg.backbone not in constructors:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; expected one of {sorted(constructors)}")
+    body = constructors[cfg.backbone](weights=None, norm_layer=_norm_layer(cfg.norm))
+    stage_channels = [body.inplanes // 8, body.inplanes // 4, body.inplanes // 2, body.inplanes]
+    backbone = BackboneWithFPN(
+        body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=stage_channels, out_channels=cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+    if len(cfg.anchor_sizes) != 5:
+        raise ValueError(f"expected 5 anchor sizes (one per FPN level), got {cfg.anchor_sizes}")
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
+                              aspect_ratios=(tuple(cfg.aspect_ratios),) * 5)
+    c = cfg.fpn_channels
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_size),
+        box_predictor=FastRCNNPredictor(cfg.box_head_size, cfg.num_classes),
+        mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
+        mask_predictor=MaskRCNNPredictor(c, c, cfg.num_classes),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_detections_per_img=cfg.detections_per_tile,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_score_thresh=0.05,
+    )
+    model.transform = _TileTransform(min_size=1, max_size=1 << 30, image_mean=list(cfg.image_mean),
+                                     image_std=list(cfg.image_std), size_divisible=32)
+    return model
+
+
+@dataclass
+class TileDetections:
+    """Cells found in one tile, in that tile's pixel frame (row, col), masks cropped to their boxes.
+
+    boxes: (N, 4) int64 half-open (row0, col0, row1, col1), tight around each mask.
+    masks: N bool arrays, masks[i].shape == (row1 - row0, col1 - col0).
+    scores: (N,) float32 in [0, 1]; class_ids: (N,) int64, >= 1.
+    """
+
+    boxes: np.ndarray
+    masks: list[np.ndarray]
+    scores: np.ndarray
+    class_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def empty(cls) -> "TileDetections":
+        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, height: int, width: int,
+                            threshold: float = 0.5) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Turn torchvision's (N, 1, M, M) soft masks into tight boolean crops inside a height x width tile.
+
+    Same geometry as torchvision's paste_masks_in_image (1 px padding, box expanded to match) but each mask
+    is only as large as its box. Returns (boxes (K, 4) int row0,col0,row1,col1, masks, kept indices).
+    """
+    boxes_xyxy = boxes_xyxy.float().cpu()
+    mask_probs = mask_probs.float().cpu()  # one device->host copy for the whole tile
+    n = boxes_xyxy.shape[0]
+    if n == 0:
+        return np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64)
+    m = mask_probs.shape[-1]
+    scale = (m + 2) / m
+    padded = F.pad(mask_probs[:, 0], (1, 1, 1, 1))
+    centre = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
+    half = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]) / 2 * scale
+    exp = torch.cat([centre - half, centre + half], dim=1).round().to(torch.int64).numpy()
+    out_boxes, out_masks, kept = [], [], []
+    for i in range(n):
+        x0, y0, x1, y1 = exp[i]
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        prob = F.interpolate(padded[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        r0, c0 = max(int(y0), 0), max(int(x0), 0)
+        r1, c1 = min(int(y0) + h, height), min(int(x0) + w, width)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        crop = (prob[r0 - y0:r1 - y0, c0 - x0:c1 - x0] > threshold).numpy()
+        rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+        if rows.size == 0:
+            continue
+        tr0, tr1, tc0, tc1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        out_masks.append(np.ascontiguousarray(crop[tr0:tr1, tc0:tc1]))
+        out_boxes.append((r0 + tr0, c0 + tc0, r0 + tr1, c0 + tc1))
+        kept.append(i)
+    boxes = np.asarray(out_boxes, np.int64).reshape(-1, 4)
+    return boxes, out_masks, np.asarray(kept, np.int64)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("expected a CUDA GPU for --device cuda, found none (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ParameterError(f"expected --device auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+@dataclass
+class Detector:
+    """A loaded network on a device. Feed it normalised tiles, get TileDetections back."""
+
+    model: MaskRCNN
+    device: torch.device
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    batch_size: int = 4
+    tiles_seen: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device)
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[np.ndarray]) -> list[TileDetections]:
+        """images: float32 (3, h, w) arrays, already normalised (see preprocess.py); any sizes."""
+        results: list[TileDetections] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
+                     for im in images[start:start + self.batch_size]]
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                outputs = self.model(batch)
+            for image, out in zip(batch, outputs):
+                results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
+        self.tiles_seen += len(images)
+        return results
+
+    def _to_tile_detections(self, out: dict, height: int, width: int) -> TileDetections:
+        keep = out["scores"] >= self.score_threshold
+        boxes, masks, kept = paste_masks_at_box_size(out["boxes"][keep], out["masks"][keep], height, width,
+                                                     self.mask_threshold)
+        scores = out["scores"][keep].float().cpu().numpy()[kept].astype(np.float32)
+        labels = out["labels"][keep].cpu().numpy()[kept].astype(np.int64)
+        return TileDetections(boxes, masks, scores, labels)

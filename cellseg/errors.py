@@ -1,0 +1,32 @@
+"""Errors a user can cause. The CLI turns each into one line and a non-zero exit.
+
+Every message says what was expected and what was found.
+"""
+
+
+class CellsegError(Exception):
+    """Base of all errors cellseg raises for bad input or an impossible request."""
+
+    exit_code = 1
+
+
+class SlideError(CellsegError):
+    """The input image is missing, unreadable, corrupt or of an unsupported shape."""
+
+
+class ProtocolError(CellsegError):
+    """A protocol file is unknown or invalid."""
+
+
+class BundleError(CellsegError):
+    """A model bundle is missing or invalid."""
+
+
+class OutputError(CellsegError):
+    """The output folder cannot be written safely."""
+
+
+class ParameterError(CellsegError):
+    """An impossible parameter value (a usage error)."""
+
+    exit_code = 2

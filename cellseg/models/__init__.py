@@ -1,0 +1,1 @@
+"""Model bundles shipped with cellseg (one folder each: model.toml + weights.safetensors + README.md)."""

@@ -1,0 +1,56 @@
+"""Turn native slide pixels into the network's input: one channel or RGB, float32 (3, h, w) in ~[0, 1].
+
+The intensity range is measured once per slide (on the thumbnail), never per tile, so a cell gets the
+same input whatever tile it falls in — otherwise counts would depend on --tile-size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParameterError
+
+
+@dataclass(frozen=True)
+class IntensityRange:
+    low: float
+    high: float
+
+
+def select_channels(image: np.ndarray, channel: int | None) -> np.ndarray:
+    """(h, w, C) -> (h, w, 1) for one chosen channel, or (h, w, 3) RGB when channel is None and C == 3.
+
+    channel None with a grayscale image keeps it; with C not in {1, 3} the first channel is used.
+    """
+    n = image.shape[-1]
+    if channel is not None:
+        if not 0 <= channel < n:
+            raise ParameterError(f"expected --channel between 0 and {n - 1} for this {n}-channel image, got {channel}")
+        return image[..., channel:channel + 1]
+    if n in (1, 3):
+        return image
+    return image[..., :1]
+
+
+def measure_range(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.8) -> IntensityRange:
+    """Percentile range over all pixels and channels (usually of a thumbnail); never a zero-width range."""
+    values = np.asarray(image, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return IntensityRange(0.0, 1.0)
+    low, high = np.percentile(finite, [low_pct, high_pct])
+    if high - low < 1e-6:
+        high = low + max(abs(low) * 1e-3, 1e-3)
+    return IntensityRange(float(low), float(high))
+
+
+def to_network_input(image: np.ndarray, rng: IntensityRange) -> np.ndarray:
+    """(h, w, 1 or 3) native pixels -> float32 (3, h, w) scaled so the range maps to [0, 1] (clipped)."""
+    x = (np.asarray(image, dtype=np.float32) - rng.low) / (rng.high - rng.low)
+    np.clip(x, 0.0, 1.0, out=x)
+    x = np.nan_to_num(x, copy=False)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

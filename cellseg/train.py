@@ -1,0 +1,243 @@
+"""Train a cell Mask R-CNN on COCO instance annotations and write a model bundle.
+
+Reads COCO JSON through pycocotools (polygons and RLE), caches each instance as a mask cropped to its
+box (never N full-image masks), samples random crops with microscopy augmentations, checkpoints so a
+run can stop at a time budget and `--resume` later, and writes a bundle after every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bundle import save_bundle
+from .detect import ModelConfig, build_model
+from .errors import CellsegError
+from .preprocess import measure_range, to_network_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainImage:
+    """One annotated image: normalised pixels and its instances as (box, cropped mask) pairs."""
+
+    image: np.ndarray          # float32 (3, H, W) in [0, 1]
+    boxes: np.ndarray          # (N, 4) int row0, col0, row1, col1
+    masks: list[np.ndarray]    # N bool crops
+    class_ids: np.ndarray      # (N,) int64 >= 1
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, C) array for a training image (PNG/JPEG/TIFF), alpha dropped."""
+    from .slide import open_slide
+    from .tiling import Box
+    with open_slide(path) as slide:
+        info = slide.info
+        image = slide.read_region(Box(0, 0, info.height, info.width))
+    if image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.shape[-1] not in (1, 3):
+        image = image[..., :1]
+    return image
+
+
+def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[TrainImage], list[str]]:
+    """Images and instances of a COCO instance-segmentation file; file_name relative to its folder."""
+    from pycocotools.coco import COCO
+    if not ann_path.is_file():
+        raise CellsegError(f"expected a COCO annotation JSON file, found no {ann_path}")
+    coco = COCO(str(ann_path))
+    cat_ids = sorted(coco.getCatIds())
+    classes = [coco.cats[c]["name"] for c in cat_ids]
+    cat_to_class = {c: i + 1 for i, c in enumerate(cat_ids)}
+    items = []
+    for img_id in sorted(coco.getImgIds()):
+        if image_ids is not None and img_id not in image_ids:
+            continue
+        info = coco.imgs[img_id]
+        image = read_image(ann_path.parent / info["file_name"])
+        boxes, masks, cls = [], [], []
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)):
+            full = coco.annToMask(ann).astype(bool)
+            rows, cols = np.flatnonzero(full.any(1)), np.flatnonzero(full.any(0))
+            if rows.size == 0:
+                continue
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            boxes.append((r0, c0, r1, c1))
+            masks.append(full[r0:r1, c0:c1].copy())
+            cls.append(cat_to_class[ann["category_id"]])
+        items.append(TrainImage(to_network_input(image, measure_range(image)),
+                                np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.asarray(cls, np.int64)))
+    return items, classes
+
+
+def median_diameter_px(items: list[TrainImage]) -> float:
+    areas = [m.sum() for it in items for m in it.masks]
+    return float(np.median(2 * np.sqrt(np.asarray(areas) / np.pi))) if areas else 0.0
+
+
+def sample_crop(item: TrainImage, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """A random size x size training crop with flips, rot90, scale, gamma and colour jitter."""
+    scale = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
+    src = max(8, int(round(size / scale)))           # source window that becomes `size` after rescaling
+    _, H, W = item.image.shape
+    r0 = int(rng.integers(0, max(H - src, 0) + 1))
+    c0 = int(rng.integers(0, max(W - src, 0) + 1))
+    r1, c1 = min(r0 + src, H), min(c0 + src, W)
+    img = torch.zeros(3, src, src)
+    img[:, :r1 - r0, :c1 - c0] = torch.from_numpy(item.image[:, r0:r1, c0:c1])
+    inst = []
+    for (br0, bc0, br1, bc1), m in zip(item.boxes, item.masks):
+        ir0, ic0, ir1, ic1 = max(br0, r0), max(bc0, c0), min(br1, r1), min(bc1, c1)
+        if ir0 >= ir1 or ic0 >= ic1:
+            continue
+        canvas = np.zeros((src, src), bool)
+        canvas[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = m[ir0 - br0:ir1 - br0, ic0 - bc0:ic1 - bc0]
+        inst.append(canvas)
+    masks = torch.from_numpy(np.stack(inst)) if inst else torch.zeros(0, src, src, dtype=torch.bool)
+    classes = torch.from_numpy(np.asarray([c for (b, c) in zip(item.boxes, item.class_ids)
+                                           if max(b[0], r0) < min(b[2], r1) and max(b[1], c0) < min(b[3], c1)],
+                                          np.int64))
+    if src != size:
+        img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(masks[None].float(), size=(size, size), mode="nearest")[0] > 0.5
+    k = int(rng.integers(4))
+    img, masks = torch.rot90(img, k, (1, 2)), torch.rot90(masks, k, (1, 2))
+    if rng.random() < 0.5:
+        img, masks = img.flip(2), masks.flip(2)
+    gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+    img = img.clamp(0, 1) ** gamma
+    img = img * torch.from_numpy(rng.uniform(0.9, 1.1, size=(3, 1, 1)).astype(np.float32))   # stain/colour jitter
+    img = (img * rng.uniform(0.8, 1.2) + rng.uniform(-0.05, 0.05)).clamp(0, 1)
+    keep = masks.flatten(1).sum(1) >= 4
+    masks, classes = masks[keep], classes[keep]
+    boxes = torch.zeros(len(masks), 4)
+    for i, m in enumerate(masks):
+        ys, xs = torch.where(m)
+        boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    return img.contiguous(), {"boxes": boxes, "labels": classes, "masks": masks.to(torch.uint8)}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 2000
+    batch_size: int = 2
+    crop: int = 256
+    lr: float = 3e-4
+    warmup: int = 100
+    minutes: float | None = None      # stop (with a checkpoint) after this much wall time
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
+          model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
+          card: dict | None = None, progress: bool = True) -> Path:
+    """Train (or resume) and write a bundle to `out`. Returns the bundle folder."""
+    from tqdm import tqdm
+    if not items:
+        raise CellsegError("expected at least one annotated image to train on, found none")
+    cfg = model_cfg or ModelConfig(classes=tuple(classes))
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    dev = torch.device(device)
+    torch.manual_seed(settings.seed)
+    model = build_model(cfg).to(dev).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    step, history, wall = 0, [], 0.0
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)   # never unpickle arbitrary objects
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optim"])
+        step, history, wall = int(ckpt["step"]), list(ckpt["history"]), float(ckpt["wall_s"])
+        log.info("resumed from step %d", step)
+    rng = np.random.default_rng(settings.seed + step)
+
+    def lr_at(s: int) -> float:
+        if s < settings.warmup:
+            return settings.lr * (s + 1) / settings.warmup
+        t = (s - settings.warmup) / max(settings.steps - settings.warmup, 1)
+        return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
+                    "history": history, "wall_s": wall}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    started = time.monotonic()
+    wall0 = wall
+    bar = tqdm(total=settings.steps, initial=step, disable=not progress, desc="train", unit="step")
+    while step < settings.steps:
+        if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
+            break
+        batch = [sample_crop(items[int(rng.integers(len(items)))], settings.crop, rng)
+                 for _ in range(settings.batch_size)]
+        images = [b[0].to(dev) for b in batch]
+        targets = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
+        for g in optim.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise CellsegError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optim.step()
+        step += 1
+        wall = wall0 + time.monotonic() - started
+        history.append([step, float(loss)] + [float(v) for v in losses.values()])
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if step % settings.checkpoint_every == 0:
+            save_checkpoint()
+    bar.close()
+    save_checkpoint()
+    _write_log(out, history, list(losses.keys()) if step else [])
+    meta = {"training": {"steps": step, "wall_seconds": round(wall, 1), "device": str(dev),
+                         "hardware": _hardware(dev), "batch_size": settings.batch_size, "crop_px": settings.crop,
+                         "lr": settings.lr, "finished": step >= settings.steps}}
+    for k, v in (card or {}).items():
+        meta.setdefault(k, {}).update(v) if isinstance(v, dict) and isinstance(meta.get(k), dict) else meta.__setitem__(k, v)
+    save_bundle(out, cfg, model.state_dict(), name=out.name, nucleus_diameter_px=median_diameter_px(items),
+                card=meta)
+    return out
+
+
+def _write_log(out: Path, history: list, loss_names: list[str]) -> None:
+    if not history:
+        return
+    with open(out / "training_log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"] + loss_names)
+        w.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h = np.asarray([row[:2] for row in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(h[:, 0], h[:, 1], alpha=0.3, label="loss")
+    k = max(1, len(h) // 50)
+    ax.plot(h[k - 1:, 0], np.convolve(h[:, 1], np.ones(k) / k, mode="valid"), label=f"mean of {k}")
+    ax.set_xlabel("step"), ax.set_ylabel("total loss"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_loss.png", dpi=100)
+    plt.close(fig)
+
+
+def _hardware(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU, {torch.get_num_threads()} threads"

@@ -1,0 +1,1 @@
+"""Analysis presets (TOML), installed as the cellseg.protocols package."""
