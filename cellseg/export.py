@@ -1,0 +1,461 @@
+"""Everything that writes result files, with memory flat in the slide size.
+
+Conventions (DESIGN.md §3): coordinates are (row, col) in level-0 pixels, boxes half-open
+`Box(row0, col0, row1, col1)`. `x, y` appear only where a file format demands them (COCO bbox).
+
+- `LabelStore`: a disk-backed uint32 label canvas (zarr v3) the size of the slide, painted tile by tile.
+- `write_labels_ome_tiff`: the store as a tiled, pyramidal, deflate-compressed OME-TIFF, tile by tile.
+- `write_overlay_png`, `write_area_histogram`: the two pictures.
+- `CellsTableWriter`, `CocoWriter`: streaming writers for cells.csv and COCO instance JSON.
+- `crop_rle`: COCO compressed RLE of a full-image mask built from its crop alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from .errors import ParameterError
+from .tiling import Box
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- label canvas
+
+class LabelStore:
+    """Disk-backed uint32 instance-label canvas of shape (height, width) in level-0 pixels.
+
+    A zarr v3 array in a LocalStore at `folder`, chunked `chunk` x `chunk`, zstd-compressed, fill 0.
+    Chunks that stay all zero are never written, so background costs no disk. `folder` belongs to
+    the store: anything already there is replaced (pass a fresh folder, e.g. inside the staging
+    folder, never a user's folder). Lives for one run:
+    the caller removes it with `remove()` (or by deleting its parent folder). Never holds the slide
+    in memory: every method touches a bounded number of chunks at a time.
+    """
+
+    def __init__(self, folder: Path, height: int, width: int, chunk: int = 512):
+        import zarr
+        from zarr.codecs import ZstdCodec
+        from zarr.storage import LocalStore
+
+        if height <= 0 or width <= 0:
+            raise ParameterError(f"expected a label canvas of positive size, got {height} x {width} px")
+        if chunk <= 0:
+            raise ParameterError(f"expected a positive chunk size, got {chunk}")
+        self.folder = Path(folder)
+        self.chunk = int(chunk)
+        self._array = zarr.create_array(
+            store=LocalStore(self.folder), shape=(int(height), int(width)),
+            chunks=(self.chunk, self.chunk), dtype="uint32", fill_value=0,
+            compressors=ZstdCodec(level=3), overwrite=True)
+
+    @property
+    def height(self) -> int:
+        return int(self._array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self._array.shape[1])
+
+    def _check_box(self, box: Box) -> None:
+        if not (0 <= box.row0 <= box.row1 <= self.height and 0 <= box.col0 <= box.col1 <= self.width):
+            raise ValueError(f"expected a box inside the {self.height} x {self.width} canvas, got {box}")
+
+    def paint(self, box: Box, labels: np.ndarray) -> None:
+        """Write the NONZERO pixels of `labels` (uint32, shape box.shape) into `box`; keep the rest.
+
+        Read-modify-write of only the bounding box of the nonzero pixels, so painting a tile whose
+        cells sit in one corner touches one chunk, not the tile's four.
+        """
+        box = Box(*box)
+        self._check_box(box)
+        labels = np.asarray(labels)
+        if labels.shape != box.shape:
+            raise ValueError(f"expected labels of shape {box.shape} for {box}, got {labels.shape}")
+        if labels.dtype != np.uint32:
+            raise ValueError(f"expected uint32 labels, got {labels.dtype}")
+        rows = np.flatnonzero(labels.any(axis=1))
+        if rows.size == 0:
+            return
+        cols = np.flatnonzero(labels.any(axis=0))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        sub = labels[r0:r1, c0:c1]
+        target = (slice(box.row0 + r0, box.row0 + r1), slice(box.col0 + c0, box.col0 + c1))
+        region = self._array[target]
+        np.copyto(region, sub, where=sub != 0)
+        self._array[target] = region
+
+    def read(self, box: Box, step: int = 1) -> np.ndarray:
+        """uint32 labels of `box`, every `step`-th row and column from its top-left corner.
+
+        Shape (ceil(box.height / step), ceil(box.width / step)); step > 1 is a nearest-neighbour
+        downsample (labels are never interpolated).
+        """
+        box = Box(*box)
+        self._check_box(box)
+        return self._array[box.row0:box.row1:step, box.col0:box.col1:step]
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """uint32 (ceil(height / factor), ceil(width / factor)): pixel [i, j] = canvas[i*factor, j*factor].
+
+        Read one band of chunk rows at a time, so memory is one band of the thumbnail plus the
+        few chunks zarr decodes at once.
+        """
+        if factor < 1:
+            raise ParameterError(f"expected a thumbnail factor >= 1, got {factor}")
+        out = np.zeros((-(-self.height // factor), -(-self.width // factor)), np.uint32)
+        for b0 in range(0, self.height, self.chunk):
+            b1 = min(b0 + self.chunk, self.height)
+            first = -(-b0 // factor) * factor  # first sampled row inside this band
+            if first >= b1:
+                continue  # factor > chunk: this band holds no sampled row
+            band = self._array[first:b1:factor, ::factor]
+            out[first // factor:first // factor + band.shape[0]] = band
+        return out
+
+    def remove(self) -> None:
+        """Delete the store's folder (the end of its one-run lifetime)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- OME-TIFF
+
+def _pyramid(store: LabelStore, tile: int) -> list:
+    """Level arrays [level0, level1, ...], level k = level0[::2**k, ::2**k], until the longer side <= tile.
+
+    Levels >= 1 are built as temporary zarr arrays inside the store's folder, each from the previous level by striding
+    one output chunk at a time: the whole pyramid costs ~4/3 of one read of the slide, where striding
+    level 0 directly for every level would decode the full slide once per level.
+    """
+    import zarr
+    from zarr.codecs import ZstdCodec
+    from zarr.storage import LocalStore
+
+    levels = [store._array]
+    h, w = store.height, store.width
+    while max(h, w) > tile:
+        prev = levels[-1]
+        h, w = -(-h // 2), -(-w // 2)
+        arr = zarr.create_array(
+            store=LocalStore(store.folder / f"_level{len(levels)}"),
+            shape=(h, w), chunks=(store.chunk, store.chunk), dtype="uint32", fill_value=0,
+            compressors=ZstdCodec(level=3), overwrite=True)
+        c = store.chunk
+        for r in range(0, h, c):
+            for col in range(0, w, c):
+                block = prev[2 * r:2 * (r + c):2, 2 * col:2 * (col + c):2]
+                if block.any():  # zero chunks stay unwritten (fill value)
+                    arr[r:r + block.shape[0], col:col + block.shape[1]] = block
+        levels.append(arr)
+    return levels
+
+
+def _tiles(arr, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of a 2-D array in row-major order, as TiffWriter expects; edge tiles are smaller
+    (tifffile zero-pads them)."""
+    h, w = arr.shape
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            yield np.asarray(arr[r:r + tile, c:c + tile], dtype=np.uint32)
+
+
+def write_labels_ome_tiff(store: LabelStore, path: Path, mpp: float | None, tile: int = 512) -> None:
+    """Write the label canvas as a uint32 tiled pyramidal OME-TIFF (BigTIFF) at `path`.
+
+    Level 0 is the full canvas; SubIFD level k is level0[::2**k, ::2**k] (nearest, never
+    interpolated) until the longer side <= `tile`. Tiles `tile` x `tile` (a multiple of 16),
+    deflate-compressed. OME metadata: axes YX, PhysicalSizeX/Y = `mpp` in µm when known (and the
+    TIFF resolution tags to match). Tiles are streamed from the store; peak memory is a few tiles.
+    """
+    import tifffile
+
+    if tile <= 0 or tile % 16:
+        raise ParameterError(f"expected a TIFF tile size that is a positive multiple of 16, got {tile}")
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
+    levels = _pyramid(store, tile)
+    metadata: dict = {"axes": "YX"}
+    if mpp is not None:
+        metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
+                        PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
+    tile_bytes = tile * tile * 4
+    # tifffile buffers up to 512 MB of tiles by default; cap it at a handful of tiles.
+    options = dict(dtype=np.uint32, tile=(tile, tile), compression="zlib", photometric="minisblack",
+                   maxworkers=2, buffersize=4 * tile_bytes)
+    try:
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+            for k, arr in enumerate(levels):
+                res = {}
+                if mpp is not None:
+                    px_per_cm = 1e4 / (mpp * 2 ** k)
+                    res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+                if k == 0:
+                    tif.write(_tiles(arr, tile), shape=arr.shape, subifds=len(levels) - 1,
+                              metadata=metadata, **res, **options)
+                else:
+                    tif.write(_tiles(arr, tile), shape=arr.shape, subfiletype=1, metadata=None,
+                              **res, **options)
+    finally:
+        for k in range(1, len(levels)):
+            shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
+    log.info("wrote %s: %d x %d uint32 labels, %d pyramid levels", path, store.height, store.width,
+             len(levels))
+
+
+# --------------------------------------------------------------------------- pictures
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    """(h, w) or (h, w, C) of any dtype -> uint8 (h, w, 3), stretched 1st..99.8th percentile.
+
+    One stretch for all channels, so the colour balance of brightfield RGB is kept. C not in
+    {1, 3}: the first channel only (we cannot guess a colour mapping for it).
+    """
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] not in (1, 3):
+        img = img[..., 0]
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3):
+        raise ValueError(f"expected a thumbnail of shape (h, w) or (h, w, C), got {img.shape}")
+    img = img.astype(np.float32)
+    finite = img[np.isfinite(img)]
+    lo, hi = (np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0))
+    if hi <= lo:  # flat image: any stretch is fine, avoid dividing by zero
+        hi = lo + 1.0
+    img = np.nan_to_num((img - lo) / (hi - lo), nan=0.0)
+    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return img
+
+
+def write_overlay_png(thumbnail: np.ndarray, label_thumb: np.ndarray, path: Path) -> None:
+    """PNG of `thumbnail` (h, w[, C], any dtype) with the outlines of `label_thumb` (h, w) in yellow.
+
+    If the two thumbnails differ by rounding, the labels are resized by nearest neighbour.
+    """
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+    from skimage.transform import resize
+
+    rgb = _display_rgb(thumbnail)
+    labels = np.asarray(label_thumb)
+    if labels.shape != rgb.shape[:2]:
+        labels = resize(labels, rgb.shape[:2], order=0, preserve_range=True,
+                        anti_aliasing=False).astype(labels.dtype)
+    # mode="inner": the outline lies on the cell's own pixels, so touching cells keep separate lines
+    rgb[find_boundaries(labels, mode="inner")] = (255, 255, 0)
+    Image.fromarray(rgb).save(path)
+
+
+def write_area_histogram(areas: np.ndarray, unit: str, path: Path) -> None:
+    """PNG histogram of cell `areas` (1-D, in `unit`: "µm²" or "px"), with the median marked.
+
+    Zero cells give an empty plot saying so, so the result folder always has the same files.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    areas = np.asarray(areas, dtype=np.float64).ravel()
+    areas = areas[np.isfinite(areas)]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)  # Agg canvas without pyplot: no global state, no display needed
+    ax = fig.add_subplot()
+    if areas.size:
+        edges = np.histogram_bin_edges(areas, bins="auto")
+        bins = edges if len(edges) <= 101 else 100  # outliers can make "auto" absurdly fine
+        ax.hist(areas, bins=bins, color="#4878a8")
+        median = float(np.median(areas))
+        ax.axvline(median, color="#c03030", linestyle="--", label=f"median {median:.4g} {unit}")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no cells detected", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"cell area ({unit})")
+    ax.set_ylabel("cells")
+    ax.set_title(f"Cell area distribution (n = {areas.size})")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------- cells.csv
+
+class CellsTableWriter:
+    """Streams cells.csv: the header is written at open (so zero cells still give a valid table),
+    then rows per batch. `columns` maps column name -> numpy dtype string, in file order.
+
+    Floats are written with 6 significant digits, NaN as an empty field.
+    """
+
+    def __init__(self, path: Path, columns: dict[str, str]):
+        self.path = Path(path)
+        self.columns = {name: np.dtype(dt) for name, dt in columns.items()}
+        self.rows = 0
+        self._fh: IO[str] | None = open(self.path, "w", newline="", encoding="utf-8")
+        csv.writer(self._fh, lineterminator="\n").writerow(list(self.columns))
+
+    def append(self, table) -> None:
+        """Append rows from a dict of 1-D arrays or a DataFrame with exactly the declared columns."""
+        import pandas as pd
+
+        if self._fh is None:
+            raise ValueError(f"{self.path} is already closed")
+        got = list(table.columns) if isinstance(table, pd.DataFrame) else list(table)
+        if set(got) != set(self.columns):
+            missing = [c for c in self.columns if c not in got]
+            extra = [c for c in got if c not in self.columns]
+            raise ValueError(f"expected the declared cell columns, missing {missing}, unexpected {extra}")
+        data = {name: np.asarray(table[name]).astype(dt, copy=False) for name, dt in self.columns.items()}
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"expected columns of one length, got lengths {sorted(lengths)}")
+        frame = pd.DataFrame(data, columns=list(self.columns))
+        frame.to_csv(self._fh, header=False, index=False, float_format="%.6g", na_rep="",
+                     lineterminator="\n")
+        self.rows += len(frame)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "CellsTableWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- COCO
+
+def _rle_string(counts: np.ndarray) -> str:
+    """COCO's compressed RLE string of uncompressed `counts` (pycocotools maskApi.c rleToString).
+
+    Reimplemented with int64 because pycocotools stores counts as uint32: a slide over 2**32 pixels
+    (65536²) has runs that overflow it. Each value (a delta to the count two back, from index 3 on —
+    the C code's quirk) is written as 5-bit groups, least significant first, 0x20 = "more follows",
+    plus 48 to land in printable ASCII.
+    """
+    x = np.asarray(counts, dtype=np.int64).copy()
+    if x.size > 3:
+        x[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
+    groups, valid = [], []
+    active = np.ones(x.shape, bool)
+    while active.any():
+        c = x & 0x1F
+        x = x >> 5  # arithmetic shift, as the C code on a signed long
+        more = np.where(c & 0x10, x != -1, x != 0) & active
+        groups.append(np.where(more, c | 0x20, c) + 48)
+        valid.append(active)
+        active = more
+    chars = np.stack(groups, axis=1)[np.stack(valid, axis=1)]  # value-major, then group order
+    return chars.astype(np.uint8).tobytes().decode("ascii")
+
+
+def crop_rle(mask_crop: np.ndarray, row0: int, col0: int, height: int, width: int) -> dict:
+    """COCO compressed RLE {"size": [height, width], "counts": str} of a full image that is zero
+    except for `mask_crop` (bool (h, w)) placed with its top-left pixel at (row0, col0).
+
+    COCO RLE runs column-major over the whole image, starting with a run of zeros. Never builds the
+    full image: the crop is padded with one sentinel row whose run weight stands for the gap of
+    (height - h) zeros down to the next column's crop; a leading pixel carries col0*height + row0
+    zeros, and the last sentinel the trailing zeros. Runs are weighted sums over equal values.
+    """
+    crop = np.asarray(mask_crop, dtype=bool)
+    if crop.ndim != 2:
+        raise ValueError(f"expected a 2-D mask crop, got shape {crop.shape}")
+    h, w = crop.shape
+    H, W = int(height), int(width)
+    if H <= 0 or W <= 0 or not (0 <= row0 and row0 + h <= H and 0 <= col0 and col0 + w <= W):
+        raise ValueError(f"expected a crop of shape {crop.shape} at ({row0}, {col0}) inside a "
+                         f"{H} x {W} image")
+    if not crop.any():
+        counts = np.array([H * W], np.int64)
+    else:
+        vals = np.zeros((h + 1, w), bool)
+        vals[:h] = crop
+        weights = np.ones((h + 1, w), np.int64)
+        weights[h, :] = H - h
+        weights[h, -1] = (H - row0 - h) + (W - col0 - w) * H
+        vals = np.concatenate([[False], vals.ravel(order="F")])
+        weights = np.concatenate([[col0 * H + row0], weights.ravel(order="F")])
+        keep = weights > 0  # a zero-weight gap (full-height crop) must not split a run of ones
+        vals, weights = vals[keep], weights[keep]
+        starts = np.flatnonzero(np.concatenate([[True], vals[1:] != vals[:-1]]))
+        counts = np.add.reduceat(weights, starts)
+        if vals[0]:  # COCO counts start with a (here empty) run of zeros
+            counts = np.concatenate([[0], counts])
+    return {"size": [H, W], "counts": _rle_string(counts)}
+
+
+class CocoWriter:
+    """Streams predictions as a COCO instance JSON for one image (id 1).
+
+    Masks are compressed RLE in full-image coordinates. The annotations array is written one
+    object at a time, so memory is independent of slide size and cell count. Annotations carry
+    "iscrowd": 0 so the file also serves as ground truth for COCOeval.
+    """
+
+    def __init__(self, path: Path, file_name: str, height: int, width: int, categories: list[dict]):
+        for cat in categories:
+            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+                raise ValueError(f"expected categories as dicts with 'id' and 'name', got {cat!r}")
+        self.path = Path(path)
+        self.height, self.width = int(height), int(width)
+        self.count = 0
+        self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        head = {"info": {"description": "cellseg predictions"},
+                "images": [{"id": 1, "file_name": str(file_name), "height": self.height,
+                            "width": self.width}],
+                "categories": categories}
+        # Everything but the annotations, with the closing brace replaced by an open array.
+        self._fh.write(json.dumps(head)[:-1] + ', "annotations": [')
+
+    def append(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray],
+               scores: np.ndarray, class_ids: np.ndarray) -> None:
+        """Append N cells: ids (N,) int; boxes (N, 4) int (row0, col0, row1, col1) in slide px;
+        masks[i] bool (row1-row0, col1-col0); scores (N,) float; class_ids (N,) int category ids."""
+        if self._fh is None:
+            raise ValueError(f"{self.path} is already closed")
+        boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        n = len(boxes)
+        if not (len(ids) == len(masks) == len(scores) == len(class_ids) == n):
+            raise ValueError(f"expected N ids, boxes, masks, scores and class ids, got {len(ids)}, "
+                             f"{n}, {len(masks)}, {len(scores)}, {len(class_ids)}")
+        for i in range(n):
+            r0, c0, r1, c1 = (int(v) for v in boxes[i])
+            mask = np.asarray(masks[i], dtype=bool)
+            if mask.shape != (r1 - r0, c1 - c0):
+                raise ValueError(f"expected mask {i} of its box's shape {(r1 - r0, c1 - c0)}, "
+                                 f"got {mask.shape}")
+            ann = {"id": int(ids[i]), "image_id": 1, "category_id": int(class_ids[i]),
+                   "bbox": [c0, r0, c1 - c0, r1 - r0],  # COCO: [x, y, w, h]
+                   "area": int(mask.sum()), "score": float(f"{float(scores[i]):.6g}"),
+                   "iscrowd": 0, "segmentation": crop_rle(mask, r0, c0, self.height, self.width)}
+            self._fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(ann))
+            self.count += 1
+
+    def close(self) -> None:
+        """Finish the JSON document. Idempotent."""
+        if self._fh is not None:
+            self._fh.write("\n]}\n")
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "CocoWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._fh is not None:
+            # A failed run: leave the file visibly unfinished rather than a valid-looking partial
+            # result; the staging folder holding it is discarded anyway.
+            self._fh.close()
+            self._fh = None
