@@ -1,0 +1,159 @@
+"""Protocols: named analysis presets stored as TOML (protocols/*.toml, installed as cellseg.protocols).
+
+A protocol is data with a schema: every key is declared below with its type and allowed range; an
+unknown key or a bad value is an error that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ProtocolError
+
+# section -> key -> (type, check, description). The check returns an error text or None.
+_Rule = tuple[type | tuple[type, ...], Any, str]
+
+
+def _range(lo=None, hi=None):
+    def check(v):
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return f"between {lo} and {hi}" if lo is not None and hi is not None else (
+                f">= {lo}" if lo is not None else f"<= {hi}")
+        return None
+    return check
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else "one of " + ", ".join(map(repr, choices))
+
+
+SCHEMA: dict[str, dict[str, _Rule]] = {
+    "": {
+        "name": (str, None, "the protocol's name"),
+        "description": (str, None, "what it is for"),
+        "modality": (str, _one_of("fluorescence", "brightfield"), "imaging modality"),
+    },
+    "input": {
+        "channel": (int, _range(0), "channel that holds the nuclei (omit: grayscale/RGB as is)"),
+        "require_mpp": (bool, None, "stop when the image has no pixel size and none is given"),
+    },
+    "tiling": {
+        "tile_size": (int, _range(64, 8192), "tile core size in px"),
+        "halo_px": (int, _range(0, 4096), "context around each tile, >= the largest cell diameter"),
+        "batch_size": (int, _range(1, 256), "tiles per detector call"),
+    },
+    "detection": {
+        "model": (str, None, "bundle name shipped with cellseg, or a bundle folder"),
+        "score_threshold": ((int, float), _range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
+        "mask_threshold": ((int, float), _range(0.0, 1.0), "soft-mask probability threshold"),
+        "min_area_px": (int, _range(0), "drop cells smaller than this (fragments)"),
+    },
+    "seams": {
+        "dedupe_overlap": ((int, float), _range(0.0, 1.0),
+                           "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    description: str = ""
+    modality: str = "fluorescence"
+    channel: int | None = None
+    require_mpp: bool = False
+    tile_size: int = 512
+    halo_px: int = 64
+    batch_size: int = 4
+    model: str = "nuclei"
+    score_threshold: float | None = None
+    mask_threshold: float = 0.5
+    min_area_px: int = 10
+    dedupe_overlap: float = 0.5
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        """Nested like the TOML file (None values left out), for run.json and `protocols show`."""
+        out: dict[str, Any] = {}
+        for section, keys in SCHEMA.items():
+            values = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+            if section:
+                out[section] = values
+            else:
+                out.update(values)
+        return out
+
+    def replace(self, **overrides) -> "Protocol":
+        """A copy with command-line overrides (None = keep), validated like the file."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for key, value in given.items():
+            section = next((s for s, keys in SCHEMA.items() if key in keys), None)
+            if section is None:
+                raise ProtocolError(f"unknown protocol setting {key!r}")
+            _check(f"--{key.replace('_', '-')}", key, value, SCHEMA[section][key])
+        return dataclasses.replace(self, **given)
+
+
+def protocols_dir() -> Path:
+    return Path(str(resources.files("cellseg.protocols")))
+
+
+def list_protocols() -> list[str]:
+    return sorted(p.stem for p in protocols_dir().glob("*.toml"))
+
+
+def load_protocol(name_or_path: str | Path) -> Protocol:
+    """A shipped protocol by name, or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = protocols_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ProtocolError(f"expected a protocol name ({', '.join(list_protocols())}) or a .toml file, "
+                                f"got {str(name_or_path)!r}")
+    if not path.is_file():
+        raise ProtocolError(f"no such protocol file: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{path}: not valid TOML ({e})") from e
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SCHEMA or not key:
+                raise ProtocolError(f"{path}: unknown section [{key}]; expected one of "
+                                    + ", ".join(f"[{s}]" for s in SCHEMA if s))
+            for sub, subvalue in value.items():
+                if sub not in SCHEMA[key]:
+                    raise ProtocolError(f"{path}: unknown key {sub!r} in [{key}]; expected one of "
+                                        + ", ".join(SCHEMA[key]))
+                _check(f"{path}: [{key}]", sub, subvalue, SCHEMA[key][sub])
+                values[sub] = subvalue
+        else:
+            if key not in SCHEMA[""]:
+                raise ProtocolError(f"{path}: unknown key {key!r}; expected one of {', '.join(SCHEMA[''])} "
+                                    f"or a section")
+            _check(f"{path}:", key, value, SCHEMA[""][key])
+            values[key] = value
+    if "name" not in values:
+        raise ProtocolError(f"{path}: missing key 'name'")
+    protocol = Protocol(**values, source=str(path))
+    if 2 * protocol.halo_px > protocol.tile_size:
+        raise ProtocolError(f"{path}: [tiling] halo_px: expected at most tile_size/2 = {protocol.tile_size // 2}, "
+                            f"got {protocol.halo_px}")
+    return protocol
+
+
+def _check(where: str, key: str, value: Any, rule: _Rule) -> None:
+    kind, check, _ = rule
+    # bool is an int in Python; an integer setting must not accept `true`.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ProtocolError(f"{where} {key}: expected {names}, got {value!r}")
+    problem = check(value) if check else None
+    if problem:
+        raise ProtocolError(f"{where} {key}: expected {problem}, got {value!r}")
