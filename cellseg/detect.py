@@ -205,6 +205,7 @@ class Detector:
 
     model: MaskRCNN
     device: torch.device
+    class_names: tuple[str, ...] = ("nucleus",)
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     batch_size: int = 4
@@ -214,8 +215,11 @@ class Detector:
         self.model.eval().to(self.device)
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray]) -> list[TileDetections]:
-        """images: float32 (3, h, w) arrays, already normalised (see preprocess.py); any sizes."""
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence | None = None) -> list[TileDetections]:
+        """images: float32 (3, h, w) arrays, already normalised (see preprocess.py); any sizes.
+
+        `tiles` (their TileSpecs) is accepted for the pipeline's detector interface; the network needs only pixels.
+        """
         results: list[TileDetections] = []
         for start in range(0, len(images), self.batch_size):
             batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)

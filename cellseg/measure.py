@@ -65,7 +65,6 @@ def measure_tile(cells: Instances, cell_ids: np.ndarray, labels: np.ndarray, pix
     def p(name: str) -> np.ndarray:
         return np.asarray(props[name], np.float64)[order]
 
-    n_channels = pixels.shape[-1]
     out = {
         "cell_id": cell_ids.astype(np.int64),
         "class_id": cells.class_ids,
@@ -91,7 +90,7 @@ def measure_tile(cells: Instances, cell_ids: np.ndarray, labels: np.ndarray, pix
     out["orientation_deg"] = np.degrees(p("orientation"))
     out["cut_at_seam"] = cells.cut
     for k, name in enumerate(channel_names):
-        suffix = f"-{k}" if n_channels > 1 else ""
+        suffix = f"-{k}"   # a (h, w, C) intensity image always gives per-channel columns
         out[f"mean_intensity_{name}"] = p(f"intensity_mean{suffix}")
         out[f"std_intensity_{name}"] = p(f"intensity_std{suffix}")
     return out

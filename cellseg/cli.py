@@ -1,0 +1,205 @@
+"""The `cellseg` command. One group, one function per command; heavy imports inside commands so
+`--help` is instant. A user mistake becomes one line on stderr and exit 1 (2 for usage errors)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CellsegError, ParameterError
+
+
+class _Group(click.Group):
+    """Turns CellsegError into `cellseg: error: ...` and its exit code, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CellsegError as e:
+            click.echo(f"cellseg: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cellseg")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Count and measure cells in microscopy and pathology images of any size."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def result_stem(path: Path) -> str:
+    """slide.ome.tif -> slide; image.png -> image."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
+    """The result folder of each input: beside it as STEM.cellseg/, -o DIR for one input, DIR/STEM/ for many."""
+    if len(inputs) == 1:
+        return [output if output is not None else inputs[0].parent / f"{result_stem(inputs[0])}.cellseg"]
+    if output is None:
+        outs = [p.parent / f"{result_stem(p)}.cellseg" for p in inputs]
+    else:
+        outs = [output / result_stem(p) for p in inputs]
+    seen: dict[Path, Path] = {}
+    for p, o in zip(inputs, outs):
+        if o in seen:
+            raise ParameterError(f"expected inputs with distinct names, got {seen[o]} and {p} which would both "
+                                 f"write {o}")
+        seen[o] = p
+    return outs
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Result folder (one input) or parent folder of one result folder per input.")
+@click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
+              help="Protocol name (see `cellseg protocols list`) or a .toml file.")
+@click.option("--tile-size", type=int, default=None, help="Tile core size in px (protocol default).")
+@click.option("--halo", "halo_px", type=int, default=None, help="Tile halo in px, >= the largest cell diameter.")
+@click.option("--batch-size", type=int, default=None, help="Tiles per detector call.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--channel", type=int, default=None, help="Channel holding the nuclei (0-based).")
+@click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
+@click.option("--score-threshold", type=float, default=None, help="Minimum detection score (bundle default).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, channel, model_name,
+          score_threshold, quiet) -> None:
+    """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
+    from .bundle import load_bundle
+    from .detect import Detector, resolve_device
+    from .pipeline import count_slide
+    from .protocol import load_protocol
+    from .resultdir import atomic_write_text, staged_output
+
+    if mpp is not None and mpp <= 0:
+        raise ParameterError(f"expected --mpp > 0 µm/px, got {mpp}")
+    protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
+                                                    channel=channel, model=model_name,
+                                                    score_threshold=score_threshold)
+    if 2 * protocol.halo_px > protocol.tile_size:
+        raise ParameterError(f"expected a halo of at most tile size / 2 = {protocol.tile_size // 2} px, "
+                             f"got {protocol.halo_px} px")
+    outputs = plan_outputs(inputs, output)
+    summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
+    if summary_csv is not None:
+        _check_summary_csv(summary_csv)
+    torch_device = resolve_device(device)
+    bundle = load_bundle(protocol.model)
+    detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
+                        score_threshold=protocol.score_threshold if protocol.score_threshold is not None
+                        else bundle.score_threshold,
+                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+    run_info = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": str(torch_device),
+                "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
+                          "score_threshold": detector.score_threshold}}
+    rows, failures = [], 0
+    for path, out in zip(inputs, outputs):
+        try:
+            with staged_output(out) as staging:
+                summary = count_slide(path, staging, protocol, detector, mpp=mpp, progress=not quiet,
+                                      run_info=run_info)
+        except CellsegError as e:
+            if len(inputs) == 1:
+                raise
+            failures += 1
+            click.echo(f"cellseg: error: {path}: {e}", err=True)
+            rows.append({"input": str(path), "status": "error", "error": str(e)})
+            continue
+        click.echo(f"{path}: {summary['cell_count']} cells -> {out}")
+        rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
+                     "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
+                     "cells_per_mm2": summary["cells_per_mm2"],
+                     "median_area_px": (summary["area_px"] or {}).get("median"),
+                     "tiles_total": summary["tiles_total"], "seconds": summary["seconds"]["total"]})
+    if summary_csv is not None:
+        atomic_write_text(summary_csv, _summary_csv_text(rows))
+        click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
+    if failures:
+        raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
+
+
+_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
+                    "median_area_px", "tiles_total", "seconds", "error"]
+
+
+def _summary_csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _check_summary_csv(path: Path) -> None:
+    """Refuse to overwrite a summary.csv that cellseg did not write."""
+    from .errors import OutputError
+    if path.is_dir() or (path.exists() and not path.read_text(errors="replace").startswith(
+            ",".join(_SUMMARY_COLUMNS[:3]))):
+        raise OutputError(f"expected {path} to be absent or a cellseg summary, found another file; "
+                          f"choose another output folder with -o")
+
+
+@main.group()
+def protocols() -> None:
+    """Named analysis presets."""
+
+
+@protocols.command("list")
+def protocols_list() -> None:
+    """Names and descriptions of the shipped protocols."""
+    from .protocol import list_protocols, load_protocol
+    for name in list_protocols():
+        click.echo(f"{name:24s} {load_protocol(name).description}")
+
+
+@protocols.command("show")
+@click.argument("name")
+def protocols_show(name: str) -> None:
+    """A protocol's settings, as TOML."""
+    import tomli_w
+    from .protocol import load_protocol
+    protocol = load_protocol(name)
+    click.echo(f"# {protocol.source}")
+    click.echo(tomli_w.dumps(protocol.to_dict()), nl=False)
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="COCO instance JSON to train on.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--minutes", type=float, default=None, help="Stop with a checkpoint after this long.")
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--crop", type=int, default=256, show_default=True, help="Training crop size in px.")
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+def train(data, out, steps, minutes, batch_size, crop, lr, device, resume) -> None:
+    """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
+    from .detect import resolve_device
+    from .train import TrainSettings, load_coco, train as run_training
+    if steps <= 0 or batch_size <= 0 or crop < 64 or lr <= 0:
+        raise ParameterError(f"expected positive --steps/--batch-size/--lr and --crop >= 64, got "
+                             f"{steps}/{batch_size}/{lr} and {crop}")
+    items, classes = load_coco(data)
+    bundle = run_training(items, classes, out, TrainSettings(steps=steps, batch_size=batch_size, crop=crop,
+                                                              lr=lr, minutes=minutes),
+                          resume=resume, device=str(resolve_device(device)))
+    click.echo(f"bundle written to {bundle}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The pipeline: slide in, per-cell table and result files out, streaming tile by tile.
+
+    open slide -> intensity range from the thumbnail -> tiles (core + halo) -> detector in batches
+    -> ownership + seam dedupe (merge.py) -> final rows: resolve overlaps, measure, write labels/CSV/COCO
+    -> labels.ome.tif pyramid, overlay, histogram, summary.json, run.json
+
+Memory holds a batch of tiles and three tile rows of cells; labels go to a disk-backed store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol as TypingProtocol, Sequence
+
+import numpy as np
+
+from . import __version__
+from .detect import TileDetections
+from .errors import CellsegError
+from .export import (CellsTableWriter, CocoWriter, LabelStore, write_area_histogram, write_labels_ome_tiff,
+                     write_overlay_png)
+from .measure import cell_columns, label_tile, measure_tile
+from .merge import Instances, SeamMerger, owned_instances
+from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
+from .protocol import Protocol
+from .slide import Slide, open_slide
+from .tiling import TileSpec, plan_tiles
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_SIDE = 2048
+RESULT_FILES = ("cells.csv", "summary.json", "labels.ome.tif", "overlay.png", "area_histogram.png",
+                "predictions.coco.json", "run.json")
+
+
+class TileDetector(TypingProtocol):
+    """Anything that turns normalised tiles into per-tile detections (the Mask R-CNN, or a test double)."""
+
+    class_names: Sequence[str]
+
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec]) -> list[TileDetections]: ...
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def channel_names(slide: Slide) -> list[str]:
+    info = slide.info
+    if info.channel_names and len(info.channel_names) == info.n_channels:
+        names = [re.sub(r"[^0-9A-Za-z]+", "_", n).strip("_").lower() or f"c{i}"
+                 for i, n in enumerate(info.channel_names)]
+        if len(set(names)) == len(names):
+            return names
+    if info.n_channels == 3:
+        return ["red", "green", "blue"]
+    return [f"c{i}" for i in range(info.n_channels)]
+
+
+def model_channel(protocol: Protocol, slide: Slide) -> int | None:
+    """Which slide channel the detector sees (None: grayscale or RGB as is)."""
+    if protocol.modality == "brightfield" and slide.info.n_channels == 3 and protocol.channel is None:
+        return None
+    if slide.info.n_channels == 1:
+        return 0
+    return protocol.channel if protocol.channel is not None else (None if slide.info.n_channels == 3 else 0)
+
+
+def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, *,
+                mpp: float | None = None, progress: bool = False, run_info: dict | None = None) -> dict:
+    """Count and measure the cells of one slide, writing every result file into `out_dir`.
+
+    `out_dir` is a staging folder owned by the caller (see resultdir.staged_output). Returns the summary.
+    """
+    timer = StageTimer()
+    started = time.time()
+    with open_slide(slide_path, mpp=mpp) as slide:
+        info = slide.info
+        if protocol.require_mpp and info.mpp is None:
+            raise CellsegError(f"protocol {protocol.name} needs the pixel size in µm, but {info.path.name} has none "
+                               f"({info.mpp_source.removeprefix('none: ')}); pass --mpp")
+        channel = model_channel(protocol, slide)
+        with timer("read"):
+            thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
+            intensity = measure_range(select_channels(thumbnail, channel))
+        tiles = plan_tiles(info.height, info.width, protocol.tile_size, protocol.halo_px)
+        names = channel_names(slide)
+        work = out_dir / ".work"
+        store = LabelStore(work / "labels.zarr", info.height, info.width, chunk=min(512, protocol.tile_size))
+        merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(detector.class_names)]
+        areas: list[np.ndarray] = []
+        with CellsTableWriter(out_dir / "cells.csv", cell_columns(names)) as table, \
+                CocoWriter(out_dir / "predictions.coco.json", info.path.name, info.height, info.width,
+                           categories) as coco:
+            emitter = _Emitter(slide, tiles, store, table, coco, names, list(detector.class_names), timer, areas)
+            _run_tiles(slide, tiles, detector, merger, emitter, channel, intensity, protocol, timer, progress)
+        with timer("write"):
+            write_labels_ome_tiff(store, out_dir / "labels.ome.tif", info.mpp)
+            factor = max(1, int(round(thumb_factor)))
+            write_overlay_png(thumbnail, store.thumbnail(factor), out_dir / "overlay.png")
+            all_areas = np.concatenate(areas) if areas else np.zeros(0)
+            area_unit = "µm²" if info.mpp else "px"
+            write_area_histogram(all_areas * (info.mpp ** 2 if info.mpp else 1), area_unit,
+                                 out_dir / "area_histogram.png")
+            store.remove()
+            shutil.rmtree(work, ignore_errors=True)
+        summary = _summary(info, protocol, tiles, emitter.next_id - 1, all_areas, merger, timer, started, channel)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        run = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
+               "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": channel,
+               "intensity_range": [intensity.low, intensity.high], **(run_info or {})}
+        (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+    return summary
+
+
+def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merger: SeamMerger,
+               emitter: "_Emitter", channel: int | None, intensity: IntensityRange, protocol: Protocol,
+               timer: StageTimer, progress: bool) -> None:
+    from tqdm import tqdm
+    shape = (slide.info.height, slide.info.width)
+    tiles_per_row = sum(1 for t in tiles if t.grid_row == 0)
+    with tqdm(total=len(tiles), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
+        for start in range(0, len(tiles), protocol.batch_size):
+            batch = tiles[start:start + protocol.batch_size]
+            with timer("read"):
+                images = [to_network_input(select_channels(slide.read_region(t.read), channel), intensity)
+                          for t in batch]
+            with timer("detect"):
+                detections = detector.detect(images, batch)
+            with timer("merge"):
+                for tile, det in zip(batch, detections):
+                    merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px))
+                    # Grid row r is complete: row r - 1 can no longer change.
+                    if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0:
+                        emitter.emit(merger.pop_final(tile.grid_row - 1))
+            bar.update(len(batch))
+    with timer("merge"):
+        emitter.emit(merger.pop_final(None))
+
+
+@dataclass
+class _Emitter:
+    """Gives final cells their ids, measures them per owning tile and writes them out."""
+
+    slide: Slide
+    tiles: list[TileSpec]
+    store: LabelStore
+    table: CellsTableWriter
+    coco: CocoWriter
+    channel_names: list[str]
+    class_names: list[str]
+    timer: StageTimer
+    areas: list[np.ndarray]
+    next_id: int = 1
+
+    def emit(self, cells: Instances) -> None:
+        if not len(cells):
+            return
+        for tile_index in np.unique(cells.tile_index):
+            part = cells.take(np.flatnonzero(cells.tile_index == tile_index))
+            tile = self.tiles[int(tile_index)]
+            ids = np.arange(self.next_id, self.next_id + len(part), dtype=np.int64)
+            self.next_id += len(part)
+            with self.timer("measure"):
+                labels = label_tile(part, ids, tile.read)
+                pixels = self.slide.read_region(tile.read)
+                rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
+                                    self.channel_names, self.class_names)
+            with self.timer("write"):
+                self.table.append(rows)
+                self.coco.append(ids, part.boxes, part.masks, part.scores, part.class_ids)
+                self.store.paint(tile.read, labels)
+            self.areas.append(rows["area_px"])
+
+
+def _stats(values: np.ndarray) -> dict | None:
+    if values.size == 0:
+        return None
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    return {"mean": float(values.mean()), "median": float(p50), "p5": float(p5), "p95": float(p95),
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def _summary(info, protocol: Protocol, tiles: list[TileSpec], cell_count: int, areas: np.ndarray,
+             merger: SeamMerger, timer: StageTimer, started: float, channel: int | None) -> dict:
+    mpp = info.mpp
+    # No tissue detection yet: the whole image is analysed and counted as tissue.
+    tissue_mm2 = info.height * info.width * mpp ** 2 / 1e6 if mpp else None
+    seconds = timer.to_dict()
+    seconds["total"] = round(time.time() - started, 3)
+    return {
+        "slide": info.path.name, "format": info.format, "height_px": info.height, "width_px": info.width,
+        "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": channel,
+        "mpp": mpp, "mpp_source": info.mpp_source,
+        "units": "µm columns filled" if mpp else f"µm columns empty: no pixel size ({info.mpp_source})",
+        "protocol": protocol.name,
+        "cell_count": int(cell_count),
+        "tiles_total": len(tiles), "tiles_skipped": 0, "tile_size_px": protocol.tile_size,
+        "halo_px": protocol.halo_px,
+        "tissue_method": "none (whole image analysed)",
+        "tissue_area_mm2": tissue_mm2,
+        "cells_per_mm2": cell_count / tissue_mm2 if tissue_mm2 else None,
+        "area_px": _stats(areas.astype(float)),
+        "area_um2": _stats(areas * mpp ** 2) if mpp else None,
+        "seams": merger.stats.to_dict(),
+        "seconds": seconds,
+    }
