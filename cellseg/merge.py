@@ -1,12 +1,14 @@
 """Seams: turn per-tile detections into one set of slide cells — none lost, none counted twice.
 
 The rule (DESIGN.md §4), applied while tiles stream in row-major order:
-1. Ownership: a tile keeps only cells whose mask centroid lies in its core. A cell smaller than the halo
-   that touches an inner read edge is a partial view, and its centroid then lies in the halo, not the core,
-   so it is dropped there and its owner sees it whole. A cell larger than the halo can touch the read edge
-   with its centroid in the core: it is kept, clipped, and counted as `cut` in the seam diagnostics.
-2. Seam-band dedupe (the safety net): neighbouring tiles predict slightly different masks, so one cell can
-   have its centroid on both sides of a seam. Any two cells whose masks overlap by more than
+1. Ownership: a tile keeps only cells whose mask centroid lies in its core grown by a seam band
+   (halo / 4). Neighbouring tiles predict slightly different masks, so with the bare core a cell on a seam
+   could have its centroid pushed out of both cores and be lost; the band makes both tiles keep it and
+   step 2 removes the double. A partial view (a cell smaller than the halo cut by an inner read edge) has
+   its centroid deeper in the halo than the band, so it is dropped there and its owner sees it whole. A
+   cell larger than the halo can reach the read edge with its centroid in the core: it is kept, clipped,
+   marked `cut`, and loses any dedupe against an uncut view of itself.
+2. Seam-band dedupe: any two cells whose masks overlap by more than
    `dedupe_overlap` (intersection over the smaller mask) are one cell: the uncut one wins, then the higher
    score. The same test removes Mask R-CNN's near-duplicate masks inside a tile.
 3. Painter's order: pixels still claimed by two kept cells go to the higher score.
@@ -77,17 +79,24 @@ def mask_centroids(boxes: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def seam_band_px(halo_px: int) -> int:
+    """How far beyond its core a tile still keeps cells (the doubles there are deduped)."""
+    return halo_px // 4
+
+
 def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int, int],
-                    min_area_px: int = 0) -> Instances:
-    """The cells of one tile's detections that this tile owns, moved to slide coordinates."""
+                    min_area_px: int = 0, band_px: int = 0) -> Instances:
+    """The cells of one tile's detections that this tile keeps (centroid in core + band), in slide coordinates."""
     if len(det) == 0:
         return Instances.empty()
     boxes = det.boxes + np.array([tile.read.row0, tile.read.col0] * 2)
     areas = np.array([m.sum() for m in det.masks])
     centroids = mask_centroids(boxes, det.masks)
     core = tile.core
-    owned = ((centroids[:, 0] >= core.row0) & (centroids[:, 0] < core.row1)
-             & (centroids[:, 1] >= core.col0) & (centroids[:, 1] < core.col1) & (areas >= max(min_area_px, 1)))
+    b = band_px
+    owned = ((centroids[:, 0] >= core.row0 - b) & (centroids[:, 0] < core.row1 + b)
+             & (centroids[:, 1] >= core.col0 - b) & (centroids[:, 1] < core.col1 + b)
+             & (areas >= max(min_area_px, 1)))
     height, width = slide_shape
     read = tile.read
     # A read edge is "inner" when the slide goes on beyond it; touching the slide border is no cut.

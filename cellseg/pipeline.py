@@ -28,7 +28,7 @@ from .errors import CellsegError
 from .export import (CellsTableWriter, CocoWriter, LabelStore, write_area_histogram, write_labels_ome_tiff,
                      write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
-from .merge import Instances, SeamMerger, owned_instances
+from .merge import Instances, SeamMerger, owned_instances, seam_band_px
 from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
 from .protocol import Protocol
 from .slide import Slide, open_slide
@@ -150,7 +150,8 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merg
                 detections = detector.detect(images, batch)
             with timer("merge"):
                 for tile, det in zip(batch, detections):
-                    merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px))
+                    merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
+                                                          seam_band_px(protocol.halo_px)))
                     # Grid row r is complete: row r - 1 can no longer change.
                     if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0:
                         emitter.emit(merger.pop_final(tile.grid_row - 1))
