@@ -166,7 +166,8 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     padded = F.pad(mask_probs[:, 0], (1, 1, 1, 1))
     centre = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
     half = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]) / 2 * scale
-    exp = torch.cat([centre - half, centre + half], dim=1).round().to(torch.int64).numpy()
+    # truncation toward zero, exactly like torchvision's paste_masks_in_image
+    exp = torch.cat([centre - half, centre + half], dim=1).to(torch.int64).numpy()
     out_boxes, out_masks, kept = [], [], []
     for i in range(n):
         x0, y0, x1, y1 = exp[i]

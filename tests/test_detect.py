@@ -1,0 +1,79 @@
+"""The Mask R-CNN adapter: dense-cell settings, no resize, masks pasted at box size exactly as torchvision would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from cellseg.detect import Detector, ModelConfig, build_model, paste_masks_at_box_size, resolve_device
+from cellseg.errors import ParameterError
+
+from .conftest import tiny_model_config
+
+
+def test_default_config_suits_dense_cells():
+    cfg = ModelConfig()
+    model = build_model(cfg)
+    assert model.roi_heads.detections_per_img >= 1000
+    assert model.rpn._post_nms_top_n["testing"] >= 1000
+    assert max(s[0] for s in model.rpn.anchor_generator.sizes) <= 128
+    assert min(s[0] for s in model.rpn.anchor_generator.sizes) <= 8
+    # no resize: an odd-sized tile keeps its size through the transform
+    images, _ = model.transform([torch.rand(3, 100, 300)])
+    assert images.image_sizes == [(100, 300)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_box_size_paste_equals_torchvision_full_canvas_paste(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w, n = 60, 80, 12
+    xy0 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 5
+    wh = torch.rand(n, 2, generator=g) * 25 + 1
+    boxes = torch.cat([xy0, xy0 + wh], 1)
+    probs = torch.rand(n, 1, 28, 28, generator=g)
+    ours_boxes, ours_masks, kept = paste_masks_at_box_size(boxes, probs, h, w, threshold=0.5)
+    full = paste_masks_in_image(probs, boxes, (h, w), padding=1)[:, 0] > 0.5
+    assert len(kept) == int(full.flatten(1).any(1).sum())
+    for (r0, c0, r1, c1), mask, i in zip(ours_boxes, ours_masks, kept):
+        canvas = np.zeros((h, w), bool)
+        canvas[r0:r1, c0:c1] = mask
+        assert np.array_equal(canvas, full[i].numpy())
+        assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()   # tight boxes
+
+
+def test_detector_on_tiles_of_different_sizes():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=2)
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 96, 128), dtype=np.float32), rng.random((3, 64, 64), dtype=np.float32),
+              rng.random((3, 80, 50), dtype=np.float32)]
+    results = detector.detect(images)
+    assert len(results) == 3
+    for image, det in zip(images, results):
+        h, w = image.shape[1:]
+        assert det.boxes.shape == (len(det), 4)
+        assert (det.boxes[:, :2] >= 0).all() and (det.boxes[:, 2] <= h).all() and (det.boxes[:, 3] <= w).all()
+        for box, mask in zip(det.boxes, det.masks):
+            assert mask.dtype == bool and mask.shape == (box[2] - box[0], box[3] - box[1])
+        assert (det.class_ids >= 1).all()
+    assert sum(len(d) for d in results) > 0      # a random net at threshold 0 does emit candidates
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detector_on_cuda_with_autocast():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cuda"), score_threshold=0.0)
+    det = detector.detect([np.random.rand(3, 128, 128).astype(np.float32)])[0]
+    for box, mask in zip(det.boxes, det.masks):
+        assert mask.shape == (box[2] - box[0], box[3] - box[1])
