@@ -378,6 +378,7 @@ def test_closed_slide_refuses_reads(tmp_path):
 
 @pytest.mark.parametrize("name, shape, levels, mpp", [
     ("fluo_mosaic.ome.tif", (2048, 2048, 1), ((2048, 2048), (1024, 1024), (512, 512)), 0.5),
+    ("empty_regions.ome.tif", (4096, 4096, 1), ((4096, 4096), (2048, 2048), (1024, 1024), (512, 512)), 0.5),
     ("he_mosaic.ome.tif", (864, 1056, 3), ((864, 1056), (432, 528), (216, 264)), 0.25),
     ("he_patch.png", (256, 320, 3), ((256, 320),), None),
 ])
