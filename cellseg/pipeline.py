@@ -137,27 +137,41 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
 def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merger: SeamMerger,
                emitter: "_Emitter", channel: int | None, intensity: IntensityRange, protocol: Protocol,
                timer: StageTimer, progress: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
     shape = (slide.info.height, slide.info.width)
     tiles_per_row = sum(1 for t in tiles if t.grid_row == 0)
-    with tqdm(total=len(tiles), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
-        for start in range(0, len(tiles), protocol.batch_size):
-            batch = tiles[start:start + protocol.batch_size]
-            with timer("read"):
-                images = [to_network_input(select_channels(slide.read_region(t.read), channel), intensity)
-                          for t in batch]
+    batches = [tiles[i:i + protocol.batch_size] for i in range(0, len(tiles), protocol.batch_size)]
+
+    def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
+        return [to_network_input(select_channels(slide.read_region(t.read), channel), intensity) for t in batch]
+
+    # One reader thread decodes the next batch while the detector works on this one
+    # (tifffile/imagecodecs release the GIL); at most one batch waits in memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-read") as reader, \
+            tqdm(total=len(tiles), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
+        pending = reader.submit(read_batch, batches[0])
+        for k, batch in enumerate(batches):
+            with timer("read"):      # time the pipeline waited for pixels, not the reader's busy time
+                images = pending.result()
+            if k + 1 < len(batches):
+                pending = reader.submit(read_batch, batches[k + 1])
             with timer("detect"):
                 detections = detector.detect(images, batch)
-            with timer("merge"):
-                for tile, det in zip(batch, detections):
+            for tile, det in zip(batch, detections):
+                with timer("merge"):
                     merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
                                                           seam_band_px(protocol.halo_px)))
                     # Grid row r is complete: row r - 1 can no longer change.
-                    if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0:
-                        emitter.emit(merger.pop_final(tile.grid_row - 1))
+                    done = (merger.pop_final(tile.grid_row - 1)
+                            if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
+                if done is not None:
+                    emitter.emit(done)
             bar.update(len(batch))
     with timer("merge"):
-        emitter.emit(merger.pop_final(None))
+        done = merger.pop_final(None)
+    emitter.emit(done)
 
 
 @dataclass
