@@ -42,13 +42,23 @@ class Bundle:
         return self.path / _WEIGHTS
 
     def state_dict(self) -> dict:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return {k: v.float() for k, v in load_file(str(self.weights_path)).items()}
+        try:
+            tensors = load_file(str(self.weights_path))
+        except (SafetensorError, OSError) as e:
+            raise BundleError(f"expected safetensors weights at {self.weights_path}, found an unreadable "
+                              f"file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
     def build(self):
         """The network with this bundle's weights (on CPU, eval mode)."""
         from .detect import build_model
-        net = build_model(self.model)
+        try:
+            net = build_model(self.model)
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. fpn_channels = "big" or -4 in model.toml
+            raise BundleError(f"expected a buildable network in {self.path / 'model.toml'} [model], got "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         try:
             net.load_state_dict(self.state_dict())
         except RuntimeError as e:
@@ -78,6 +88,8 @@ def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
 
 def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
     folder = find_bundle(name_or_path)
+    if not folder.is_dir():
+        raise BundleError(f"expected a model bundle folder, found no bundle at {folder} (no such folder)")
     toml_path = folder / "model.toml"
     if not toml_path.is_file():
         raise BundleError(f"expected a model bundle folder with model.toml, found no {toml_path}")
@@ -93,7 +105,7 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
     digest = sha256_file(weights)
     if meta.get("weights_sha256") not in (None, digest):
         raise BundleError(f"{weights} does not match the sha256 recorded in model.toml "
-                          f"(expected {meta['weights_sha256'][:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
+                          f"(expected {str(meta['weights_sha256'])[:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
     try:
         model = ModelConfig.from_dict(meta.get("model", {}))
         inference = meta.get("inference", {})
@@ -105,7 +117,7 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
             weights_sha256=digest,
             card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a table given as a plain value
         raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
 
 
@@ -119,6 +131,7 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state_dict.items()}
     tmp = folder / f".{_WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
+    os.chmod(tmp, _file_mode())  # safetensors (like NamedTemporaryFile) creates 0600: others could not read it
     os.replace(tmp, folder / _WEIGHTS)
     meta = {"format": BUNDLE_FORMAT, "name": name, "weights_sha256": sha256_file(folder / _WEIGHTS),
             "model": model.to_dict(),
@@ -127,8 +140,16 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
     meta.update(card or {})
     with tempfile.NamedTemporaryFile("wb", dir=folder, delete=False, suffix=".toml.tmp") as f:
         tomli_w.dump(meta, f)
+    os.chmod(f.name, _file_mode())
     os.replace(f.name, folder / "model.toml")
     return load_bundle(folder)
+
+
+def _file_mode() -> int:
+    """0o666 minus the umask: the mode a plain open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def sha256_file(path: Path) -> str:

@@ -16,6 +16,13 @@ from .errors import CellsegError, ParameterError
 class _Group(click.Group):
     """Turns CellsegError into `cellseg: error: ...` and its exit code, without a traceback."""
 
+    invoked_args: list[str] | None = None  # the arguments of this run, for run.json
+
+    def main(self, args=None, *rest, **kwargs):
+        # sys.argv is not this run's command line when called in-process (CliRunner, scripts).
+        self.invoked_args = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        return super().main(args, *rest, **kwargs)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -101,7 +108,9 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                         score_threshold=protocol.score_threshold if protocol.score_threshold is not None
                         else bundle.score_threshold,
                         mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
-    run_info = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": str(torch_device),
+    import shlex
+    argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
+    run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(torch_device),
                 "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
                           "score_threshold": detector.score_threshold}}
     rows, failures = [], 0
@@ -199,6 +208,26 @@ def train(data, out, steps, minutes, batch_size, crop, lr, device, resume) -> No
                                                               lr=lr, minutes=minutes),
                           resume=resume, device=str(resolve_device(device)))
     click.echo(f"bundle written to {bundle}")
+
+
+@main.command()
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.option("--gt", type=click.Path(path_type=Path), required=True,
+              help="Ground truth: COCO instance JSON, label image (0 = background) or cellseg result folder.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for metrics.json, per_image.csv and threshold_sweep.png.")
+@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU for a predicted cell to count as found.")
+def evaluate(pred, gt, out, iou) -> None:
+    """Score predictions (COCO JSON, label image or result folder) against ground truth."""
+    from .evaluate import evaluate as run_evaluation, summary_lines, write_report
+    if not 0 < iou <= 1:
+        raise ParameterError(f"expected --iou in (0, 1], got {iou}")
+    report = run_evaluation(pred, gt, iou=iou)
+    for line in summary_lines(report):
+        click.echo(line)
+    if out is not None:
+        write_report(report, out)
+        click.echo(f"metrics -> {out}")
 
 
 if __name__ == "__main__":

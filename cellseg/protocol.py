@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ProtocolError
+from .errors import ParameterError, ProtocolError
 
 # section -> key -> (type, check, description). The check returns an error text or None.
 _Rule = tuple[type | tuple[type, ...], Any, str]
@@ -89,14 +89,25 @@ class Protocol:
         return out
 
     def replace(self, **overrides) -> "Protocol":
-        """A copy with command-line overrides (None = keep), validated like the file."""
+        """A copy with command-line overrides (None = keep), validated like the file.
+
+        A bad value is a usage error (ParameterError, exit code 2) naming the option.
+        """
         given = {k: v for k, v in overrides.items() if v is not None}
         for key, value in given.items():
             section = next((s for s, keys in SCHEMA.items() if key in keys), None)
             if section is None:
                 raise ProtocolError(f"unknown protocol setting {key!r}")
-            _check(f"--{key.replace('_', '-')}", key, value, SCHEMA[section][key])
-        return dataclasses.replace(self, **given)
+            try:
+                option = {"halo_px": "--halo"}.get(key, f"--{key.replace('_', '-')}")  # as cli.py names it
+                _check("", option, value, SCHEMA[section][key])
+            except ProtocolError as e:
+                raise ParameterError(str(e)) from None
+        new = dataclasses.replace(self, **given)
+        if 2 * new.halo_px > new.tile_size:
+            raise ParameterError(f"expected a halo of at most tile size / 2 = {new.tile_size // 2} px, "
+                                 f"got {new.halo_px} px")
+        return new
 
 
 def protocols_dir() -> Path:
@@ -153,7 +164,7 @@ def _check(where: str, key: str, value: Any, rule: _Rule) -> None:
     # bool is an int in Python; an integer setting must not accept `true`.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProtocolError(f"{where} {key}: expected {names}, got {value!r}")
+        raise ProtocolError(f"{where} {key}: expected {names}, got {value!r}".lstrip())
     problem = check(value) if check else None
     if problem:
-        raise ProtocolError(f"{where} {key}: expected {problem}, got {value!r}")
+        raise ProtocolError(f"{where} {key}: expected {problem}, got {value!r}".lstrip())

@@ -1,0 +1,137 @@
+"""Validate a bundle on the held-out DSB2018 split, tune its score threshold, and write its model card.
+
+Every validation image goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low
+score floor; `cellseg.evaluate` then scores the predictions per modality, sweeps the score threshold
+(0.3-0.9), and the threshold with the best pooled F1 becomes the bundle's default. The figures reported
+in the card are at that threshold (chosen on the same split: say so when quoting them).
+
+    python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from cellseg.bundle import load_bundle, save_bundle
+from cellseg.detect import Detector, resolve_device
+from cellseg.evaluate import evaluate, load_instances
+from cellseg.pipeline import count_slide
+from cellseg.protocol import Protocol
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-train"
+# manifest.csv modality_guess -> name in the card
+GROUPS = {"fluorescence": "fluorescence", "brightfield_color_histology": "stained_tissue",
+          "brightfield_gray": "brightfield_gray"}
+
+
+def modality_of(manifest: Path) -> dict[str, str]:
+    return {r["image_id"]: r["modality_guess"] for r in csv.DictReader(open(manifest))}
+
+
+def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, str], out: Path,
+            device: str, floor: float) -> None:
+    bundle = load_bundle(bundle_dir)
+    detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
+                        score_threshold=floor)
+    for k, image_id in enumerate(ids):
+        folder = out / image_id
+        if (folder / "predictions.coco.json").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        kind = "brightfield" if modality[image_id].startswith("brightfield") else "fluorescence"
+        protocol = Protocol(name=f"validation-{kind}", modality=kind, tile_size=512, halo_px=64, min_area_px=10)
+        summary = count_slide(data / "images" / f"{image_id}.png", folder, protocol, detector)
+        logging.info("%d/%d %s: %d cells", k + 1, len(ids), image_id[:12], summary["cell_count"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
+    p.add_argument("--write-card", action="store_true", help="store threshold + figures in the bundle")
+    p.add_argument("--limit", type=int, default=None, help="only the first N validation images (smoke test)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    split = json.loads((args.bundle / "split.json").read_text())
+    modality = modality_of(args.data / "manifest.csv")
+    ids = sorted(split["val"])[:args.limit]
+    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor)
+
+    gt_all = load_instances(args.data / "annotations.json")
+    gt_by_stem = {Path(name).stem: inst for name, inst in gt_all.items()}
+    preds = {i: load_instances(args.out / i) for i in ids}
+
+    def subset(select) -> tuple[dict, dict]:
+        chosen = [i for i in ids if select(modality[i])]
+        pred = {name: inst for i in chosen for name, inst in preds[i].items()}
+        return pred, {i + ".png": gt_by_stem[i] for i in chosen}
+
+    overall = evaluate(*subset(lambda m: True))
+    threshold = overall.best_threshold or 0.5
+    logging.info("best pooled F1 %.3f at score threshold %.2f", overall.best_f1, threshold)
+    metrics = {"score_threshold": threshold, "iou": 0.5, "val_images": len(ids),
+               "threshold_chosen_on": "this validation split (pooled F1)"}
+    for name, key in list(GROUPS.items()) + [("all", "all")]:
+        pred, gt = subset((lambda m: True) if name == "all" else (lambda m, n=name: m == n))
+        if not gt:
+            continue
+        kept = {k: _above(v, threshold) for k, v in pred.items()}
+        report = evaluate(kept, gt)
+        (args.out / f"metrics_{key}.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        metrics[key] = {
+            "images": len(gt),
+            "ap50_tp_fp_fn_mean_over_images": round(report.mean_over_images["ap_tp"], 4),
+            "ap50_tp_fp_fn_pooled": round(report.pooled["ap_tp"], 4),
+            "f1_pooled": round(report.pooled["f1"], 4),
+            "coco_mask_ap": _round(report.coco.get("ap")), "coco_mask_ap50": _round(report.coco.get("ap50")),
+            "median_rel_count_error": _round(report.median_rel_count_error),
+        }
+    print(json.dumps(metrics, indent=1))
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if args.write_card:
+        write_card(args.bundle, metrics, overall)
+
+
+def _above(instances, threshold):
+    import dataclasses
+    keep = np.flatnonzero(np.asarray(instances.scores) >= threshold)
+    fields = {f.name: getattr(instances, f.name) for f in dataclasses.fields(instances)}
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray) and value.shape[:1] == (len(instances),):
+            fields[name] = value[keep]
+        elif isinstance(value, list) and len(value) == len(instances):
+            fields[name] = [value[i] for i in keep]
+    return dataclasses.replace(instances, **fields)
+
+
+def _round(x):
+    return None if x is None else round(float(x), 4)
+
+
+def write_card(bundle_dir: Path, metrics: dict, overall) -> None:
+    bundle = load_bundle(bundle_dir)
+    meta = tomllib.loads((bundle_dir / "model.toml").read_text())
+    card = {k: v for k, v in meta.items() if k not in ("format", "name", "weights_sha256", "model", "inference",
+                                                        "scale")}
+    card["metrics"] = metrics
+    card["threshold_sweep"] = {"thresholds": [s["threshold"] for s in overall.sweep],
+                               "f1": [round(s["f1"], 4) for s in overall.sweep],
+                               "cell_count": [s["pred_count"] for s in overall.sweep]}
+    save_bundle(bundle_dir, bundle.model, bundle.state_dict(), name=bundle.name,
+                score_threshold=metrics["score_threshold"], mask_threshold=bundle.mask_threshold,
+                nucleus_diameter_px=bundle.nucleus_diameter_px, card=card)
+    logging.info("card updated in %s", bundle_dir / "model.toml")
+
+
+if __name__ == "__main__":
+    main()

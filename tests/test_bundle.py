@@ -1,0 +1,250 @@
+"""Model bundles: model.toml + float16 safetensors weights; saved and loaded without pickle, every broken
+bundle is a BundleError."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
+from cellseg.detect import ModelConfig, build_model
+from cellseg.errors import BundleError
+
+
+
+def tiny_model_config() -> ModelConfig:
+    """Like conftest's (a small FPN and box head): quick to build, ~20 MB of float16 weights."""
+    return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
+                       rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300)
+
+
+CARD = {"training": {"data": "DSB2018 stage 1 (CC0)", "steps": 3}, "metrics": {"ap50": 0.12}}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(config, original float32 state dict, bundle folder) of a seeded tiny model."""
+    torch.manual_seed(1)
+    cfg = tiny_model_config()
+    state = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
+    folder = tmp_path_factory.mktemp("bundles") / "tiny"
+    save_bundle(folder, cfg, state, name="tiny-test", score_threshold=0.3, mask_threshold=0.45,
+                nucleus_diameter_px=12.5, card=CARD)
+    return cfg, state, folder
+
+
+@pytest.fixture
+def bundle_copy(saved, tmp_path) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(saved[2], folder)
+    return folder
+
+
+def edit_toml(folder: Path, change) -> None:
+    path = folder / "model.toml"
+    meta = tomllib.loads(path.read_text(encoding="utf-8"))
+    change(meta)
+    path.write_text(tomli_w.dumps(meta), encoding="utf-8")
+
+
+# --- round trip ----------------------------------------------------------------------------------------
+
+def test_round_trip_keeps_config_and_card(saved):
+    cfg, _, folder = saved
+    bundle = load_bundle(folder)
+    assert isinstance(bundle, Bundle)
+    assert bundle.model == cfg
+    assert bundle.name == "tiny-test"
+    assert (bundle.score_threshold, bundle.mask_threshold, bundle.nucleus_diameter_px) == (0.3, 0.45, 12.5)
+    assert bundle.card["training"] == CARD["training"] and bundle.card["metrics"] == CARD["metrics"]
+    assert bundle.path == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["model.toml", "weights.safetensors"]  # no temp files
+
+
+def test_round_trip_state_dict_within_float16_precision(saved):
+    _, state, folder = saved
+    loaded = load_bundle(folder).state_dict()
+    assert set(loaded) == set(state)
+    keys = sorted(state)
+    assert [loaded[k].shape for k in keys] == [state[k].shape for k in keys]
+    floats = [k for k in keys if state[k].is_floating_point()]
+    assert {loaded[k].dtype for k in floats} == {torch.float32}
+    for k in keys:
+        if k not in floats:
+            assert torch.equal(loaded[k], state[k]), k
+    got = torch.cat([loaded[k].flatten() for k in floats])
+    original = torch.cat([state[k].flatten() for k in floats])
+    assert torch.equal(got, original.half().float())  # exactly the float16 rounding, nothing else
+    torch.testing.assert_close(got, original, rtol=1e-3, atol=1e-5)
+    assert got.abs().sum() > 0
+
+
+def test_weights_file_is_float16_safetensors(saved):
+    from safetensors import safe_open
+    _, state, folder = saved
+    weights = folder / "weights.safetensors"
+    raw = weights.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header size, then a JSON header
+    header = json.loads(raw[8:8 + header_len])
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert set(tensors) == set(state)
+    assert {v["dtype"] for k, v in tensors.items() if state[k].is_floating_point()} == {"F16"}
+    with safe_open(str(weights), framework="pt") as f:
+        assert set(f.keys()) == set(state)
+
+
+def test_model_toml_records_format_and_sha(saved):
+    cfg, _, folder = saved
+    meta = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
+    assert meta["format"] == BUNDLE_FORMAT
+    assert meta["weights_sha256"] == hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
+    assert meta["model"] == cfg.to_dict()
+    assert meta["inference"] == {"score_threshold": 0.3, "mask_threshold": 0.45}
+    assert load_bundle(folder).weights_sha256 == meta["weights_sha256"]
+
+
+def test_weights_load_without_pickle(saved, monkeypatch):
+    """Neither torch.load nor pickle may be used: weights are data, never code."""
+    _, _, folder = saved
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling is not allowed for model weights")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    bundle = load_bundle(folder)
+    net = bundle.build()
+    assert not net.training  # built for inference
+    expected, got = bundle.state_dict(), net.state_dict()
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key].to(got[key].dtype)), key
+    assert not (folder / "weights.safetensors").read_bytes().startswith((b"PK", b"\x80"))  # zip / pickle
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    """A bundle written by `cellseg train` into a shared folder must be readable by colleagues (umask 022)."""
+    old = os.umask(0o022)
+    try:
+        save_bundle(tmp_path / "b", tiny_model_config(), {"w": torch.ones(3)}, name="b")
+    finally:
+        os.umask(old)
+    for name in ("model.toml", "weights.safetensors"):
+        assert (tmp_path / "b" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_resave_replaces_the_bundle(saved, bundle_copy):
+    cfg, state, _ = saved
+    folder = bundle_copy
+    zeroed = {k: torch.zeros_like(v) for k, v in state.items()}
+    bundle = save_bundle(folder, cfg, zeroed, name="second")
+    assert bundle.name == "second"
+    assert all(v.abs().sum() == 0 for v in load_bundle(folder).state_dict().values())
+    assert sorted(p.name for p in folder.iterdir()) == ["model.toml", "weights.safetensors"]
+
+
+# --- broken bundles ------------------------------------------------------------------------------------
+
+def test_tampered_weights(bundle_copy):
+    weights = bundle_copy / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match the sha256") as info:
+        load_bundle(bundle_copy)
+    assert "weights.safetensors" in str(info.value)
+
+
+def test_replaced_weights_file(bundle_copy):
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, str(bundle_copy / "weights.safetensors"))
+    with pytest.raises(BundleError, match="corrupt or replaced"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(BundleError, match="no bundle") as info:
+        load_bundle(tmp_path / "nonexistent")
+    assert str(tmp_path / "nonexistent") in str(info.value)
+
+
+def test_missing_model_toml(bundle_copy):
+    (bundle_copy / "model.toml").unlink()
+    with pytest.raises(BundleError, match="model.toml"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_weights(bundle_copy):
+    (bundle_copy / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="expected weights at .*weights.safetensors"):
+        load_bundle(bundle_copy)
+
+
+def test_bad_toml(bundle_copy):
+    (bundle_copy / "model.toml").write_text('format = "cellseg-bundle/1"\nname = \n', encoding="utf-8")
+    with pytest.raises(BundleError, match="not valid TOML"):
+        load_bundle(bundle_copy)
+
+
+def test_unknown_model_key(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m["model"].update(backbone_depth=50))
+    with pytest.raises(BundleError, match="backbone_depth"):
+        load_bundle(bundle_copy)
+
+
+def test_wrong_format(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m.update(format="someone-else/3"))
+    with pytest.raises(BundleError, match="someone-else/3"):
+        load_bundle(bundle_copy)
+
+
+def test_table_given_as_value(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m.update(inference=0.5))
+    with pytest.raises(BundleError, match="invalid model.toml"):
+        load_bundle(bundle_copy)
+
+
+def test_garbage_weights_without_recorded_sha(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m.pop("weights_sha256"))
+    (bundle_copy / "weights.safetensors").write_bytes(b"\x00" * 64)
+    bundle = load_bundle(bundle_copy)  # nothing to compare the file with yet
+    with pytest.raises(BundleError, match="expected safetensors weights"):
+        bundle.state_dict()
+
+
+def test_weights_for_another_architecture(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m["model"].update(fpn_channels=16))
+    bundle = load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="do not match the architecture"):
+        bundle.build()
+
+
+@pytest.mark.parametrize("value", ["big", -4])
+def test_unbuildable_model_settings(bundle_copy, value):
+    edit_toml(bundle_copy, lambda m: m["model"].update(fpn_channels=value))
+    bundle = load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="expected a buildable network"):
+        bundle.build()
+
+
+def test_unknown_shipped_name():
+    with pytest.raises(BundleError, match="expected a model bundle folder or a shipped bundle name"):
+        find_bundle("no-such-bundle")
+
+
+def test_find_bundle_accepts_folder_or_its_model_toml(saved):
+    folder = saved[2]
+    assert find_bundle(folder) == folder
+    assert find_bundle(folder / "model.toml") == folder
