@@ -102,6 +102,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
         _check_summary_csv(summary_csv)
+    if len(inputs) == 1:
+        from .slide import open_slide
+        with open_slide(inputs[0], mpp=mpp):     # cheap (lazy): a wrong path fails before the model loads
+            pass
     torch_device = resolve_device(device)
     bundle = load_bundle(protocol.model)
     detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),

@@ -98,7 +98,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         info = slide.info
         if protocol.require_mpp and info.mpp is None:
             raise CellsegError(f"protocol {protocol.name} needs the pixel size in µm, but {info.path.name} has none "
-                               f"({info.mpp_source.removeprefix('none: ')}); pass --mpp")
+                               f"({info.mpp_source.removeprefix('none: ').split(';')[0]}); pass --mpp")
         channel = model_channel(protocol, slide)
         with timer("read"):
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)

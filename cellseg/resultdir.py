@@ -80,8 +80,20 @@ def _check_replaceable(final: Path) -> None:
         names = sorted(p.name for p in final.iterdir())
     except OSError as exc:
         raise OutputError(f"cannot list the output folder {final}: {exc.strerror or exc}") from exc
-    if not names or RESULT_MARKER in names:
+    if not names:
         return
+    if RESULT_MARKER in names:
+        # The marker lists what cellseg wrote; anything added since (a user's notes) is not ours to delete.
+        try:
+            ours = set((final / RESULT_MARKER).read_text(encoding="utf-8").split("\n")) | {RESULT_MARKER}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OutputError(f"cannot read {final / RESULT_MARKER}: {exc}") from exc
+        added = [n for n in names if n not in ours]
+        if not added:
+            return
+        raise OutputError(
+            f"expected an earlier cellseg result at {final} to hold only cellseg's files, found {len(added)} "
+            f"added since (e.g. {added[0]}); move them or choose another output folder with -o")
     raise OutputError(
         f"expected an empty folder or an earlier cellseg result at {final}, found {len(names)} "
         f"files that are not cellseg's (e.g. {names[0]}); choose another output folder with -o")
@@ -97,6 +109,9 @@ def prepare_output(final: Path) -> Path:
     final = _canonical(final)
     _check_replaceable(final)
     parent = final.parent
+    blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"expected a folder at {blocker} to hold results, found a file")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -126,7 +141,8 @@ def commit_output(staging: Path, final: Path) -> None:
     final = _canonical(final)
     staging = Path(staging)
     try:
-        (staging / RESULT_MARKER).touch()
+        names = sorted(p.name for p in staging.iterdir() if p.name != RESULT_MARKER)
+        (staging / RESULT_MARKER).write_text("\n".join(names) + "\n", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write into the staging folder {staging}: "
                           f"{exc.strerror or exc}") from exc
@@ -189,10 +205,30 @@ def staged_output(final: Path) -> Iterator[Path]:
     On any exception (KeyboardInterrupt included) the staging folder is removed, the previous
     result at `final` is left untouched, and the exception propagates.
     """
+    made = _first_missing(_canonical(final).parent)
     staging = prepare_output(final)
     try:
         yield staging
         commit_output(staging, final)
     except BaseException:
         abort_output(staging)
+        # Folders created only to hold this result go too: a failed run leaves the disk as it was.
+        if made is not None:
+            folder = _canonical(final).parent
+            while folder != made.parent:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
         raise
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost ancestor of `folder` (or itself) that does not exist yet, if any."""
+    missing = None
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing

@@ -159,8 +159,6 @@ def test_bad_input_with_output_folder_leaves_no_result_folder(tmp_path, model):
     assert_nothing_left(tmp_path, before)
 
 
-@pytest.mark.xfail(strict=True, reason="resultdir.prepare_output creates -o's missing parent folders before the "
-                                        "input is read and does not remove them when the run fails")
 def test_bad_input_leaves_no_parent_folders_made_for_output(tmp_path, model):
     path = _make_bad_input("truncated-tiff", tmp_path)
     before = listing(tmp_path)
@@ -200,7 +198,7 @@ def test_output_below_a_regular_file(tmp_path, small_png, model):
     blocker.write_text("mine\n")
     before = listing(tmp_path)
     result = invoke(["count", small_png, "-o", blocker / "out", *model, *FAST])
-    assert_user_error(result, 1, "cannot create the folder", "somefile.txt")
+    assert_user_error(result, 1, "expected a folder", "found a file", "somefile.txt")
     assert_nothing_left(tmp_path, before)
     assert blocker.read_text() == "mine\n"
 
@@ -452,11 +450,16 @@ def test_rerun_replaces_the_previous_result(tmp_path, small_png, model):
     out = tmp_path / "out"
     first = invoke(["count", small_png, "-o", out, *model, *FAST])
     assert first.exit_code == 0, first.output
-    (out / "stale.txt").write_text("from an older version")
+    # a file the user added to the result is theirs: the rerun refuses rather than delete it
+    (out / "notes.txt").write_text("reviewed")
+    refused = invoke(["count", small_png, "-o", out, *model, *FAST])
+    assert_user_error(refused, 1, "notes.txt")
+    assert (out / "notes.txt").read_text() == "reviewed"
+    (out / "notes.txt").unlink()
     (out / "cells.csv").write_text("old table\n")
     second = invoke(["count", small_png, "-o", out, "--mpp", "0.5", *model, *FAST])
     assert second.exit_code == 0, second.output
-    assert not (out / "stale.txt").exists()
+    assert (out / "cells.csv").read_text() != "old table\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small.png"]  # no .old / .tmp siblings
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(RESULT_FILES)
 

@@ -54,7 +54,7 @@ def test_replacing_previous_result_leaves_nothing_stale(tmp_path):
         (staging / "cells.csv").write_text("first")
     with staged_output(final) as staging:
         (staging / "cells.csv").write_text("second")
-    assert _snapshot(final) == {RESULT_MARKER: b"", "cells.csv": b"second"}
+    assert _snapshot(final) == {RESULT_MARKER: b"cells.csv\n", "cells.csv": b"second"}
     assert _hidden_siblings(final) == []
 
 
@@ -179,3 +179,19 @@ def test_atomic_write_text(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     with pytest.raises(OutputError, match="cannot write"):
         atomic_write_text(tmp_path / "missing" / "x.json", "x")
+
+
+def test_a_note_added_to_an_earlier_result_is_not_deleted(tmp_path):
+    final = tmp_path / "result"
+    with staged_output(final) as staging:
+        (staging / "cells.csv").write_text("cell_id\n")
+    (final / "my_notes.txt").write_text("reviewed by A.B.\n")
+    with pytest.raises(OutputError, match="my_notes.txt"):
+        with staged_output(final) as staging:
+            (staging / "cells.csv").write_text("cell_id\n1\n")
+    assert (final / "my_notes.txt").read_text() == "reviewed by A.B.\n"
+    assert (final / "cells.csv").read_text() == "cell_id\n"
+    (final / "my_notes.txt").unlink()
+    with staged_output(final) as staging:                # only cellseg's files: replaced as before
+        (staging / "cells.csv").write_text("cell_id\n1\n")
+    assert (final / "cells.csv").read_text() == "cell_id\n1\n"
