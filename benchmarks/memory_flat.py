@@ -43,7 +43,7 @@ class ThresholdDetector:
 
     class_names = ("nucleus",)
 
-    def detect(self, images, tiles):
+    def detect(self, images, tiles, scale=1.0):
         from scipy import ndimage
         from cellseg.detect import TileDetections
         out = []

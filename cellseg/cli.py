@@ -77,12 +77,14 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 @click.option("--batch-size", type=int, default=None, help="Tiles per detector call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--diameter", type=float, default=None,
+              help="Typical nucleus diameter in this image, px: tiles are resampled to the model's training size.")
 @click.option("--channel", type=int, default=None, help="Channel holding the nuclei (0-based).")
 @click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
 @click.option("--score-threshold", type=float, default=None, help="Minimum detection score (bundle default).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, channel, model_name,
-          score_threshold, quiet) -> None:
+def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
+          model_name, score_threshold, quiet) -> None:
     """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
     from .bundle import load_bundle
     from .detect import Detector, resolve_device
@@ -92,6 +94,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
 
     if mpp is not None and mpp <= 0:
         raise ParameterError(f"expected --mpp > 0 µm/px, got {mpp}")
+    if diameter is not None and diameter <= 0:
+        raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
                                                     channel=channel, model=model_name,
                                                     score_threshold=score_threshold)
@@ -122,7 +126,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         try:
             with staged_output(out) as staging:
                 summary = count_slide(path, staging, protocol, detector, mpp=mpp, progress=not quiet,
-                                      run_info=run_info)
+                                      run_info=run_info, model_diameter_px=bundle.nucleus_diameter_px,
+                                      diameter_px=diameter)
         except CellsegError as e:
             if len(inputs) == 1:
                 raise

@@ -216,10 +216,13 @@ class Detector:
         self.model.eval().to(self.device)
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence | None = None) -> list[TileDetections]:
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence | None = None,
+               scale: float = 1.0) -> list[TileDetections]:
         """images: float32 (3, h, w) arrays, already normalised (see preprocess.py); any sizes.
 
-        `tiles` (their TileSpecs) is accepted for the pipeline's detector interface; the network needs only pixels.
+        When the pipeline resampled the tiles by `scale` (network px per slide px), pass their TileSpecs:
+        masks are then pasted straight at slide resolution inside each tile's read box, so a cell is
+        never blocky from a nearest-neighbour upsampling of a thresholded mask.
         """
         results: list[TileDetections] = []
         for start in range(0, len(images), self.batch_size):
@@ -227,8 +230,13 @@ class Detector:
                      for im in images[start:start + self.batch_size]]
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
                 outputs = self.model(batch)
-            for image, out in zip(batch, outputs):
-                results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
+            for k, (image, out) in enumerate(zip(batch, outputs)):
+                if scale != 1.0 and tiles is not None:
+                    read = tiles[start + k].read
+                    out = dict(out, boxes=out["boxes"] / scale)
+                    results.append(self._to_tile_detections(out, read.height, read.width))
+                else:
+                    results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
         self.tiles_seen += len(images)
         return results
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .detect import TileDetections
-from .errors import CellsegError
+from .errors import CellsegError, ParameterError
 from .export import (CellsTableWriter, CocoWriter, LabelStore, write_area_histogram, write_labels_ome_tiff,
                      write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
@@ -46,7 +47,9 @@ class TileDetector(TypingProtocol):
 
     class_names: Sequence[str]
 
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec]) -> list[TileDetections]: ...
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
+               scale: float = 1.0) -> list[TileDetections]:
+        """Detections in each tile's read-box pixel frame (slide resolution), for tiles resampled by `scale`."""
 
 
 @dataclass
@@ -86,11 +89,49 @@ def model_channel(protocol: Protocol, slide: Slide) -> int | None:
     return protocol.channel if protocol.channel is not None else (None if slide.info.n_channels == 3 else 0)
 
 
+@dataclass(frozen=True)
+class Scale:
+    """How the slide is resampled for the network: `factor` network px per slide px."""
+
+    factor: float
+    source: str
+    model_diameter_px: float | None = None
+    image_diameter_px: float | None = None
+
+
+def choose_scale(model_diameter_px: float | None, diameter_px: float | None, protocol: Protocol,
+                 mpp: float | None) -> Scale:
+    """Resample so nuclei reach the network at the size it was trained on (Cellpose's --diameter idea).
+
+    The image's nucleus diameter comes from --diameter (px) or the protocol's nucleus_diameter_um and the
+    slide's pixel size; without either, or without a size recorded in the bundle, tiles run as they are.
+    """
+    if diameter_px is not None:
+        image_d, source = float(diameter_px), "--diameter"
+    elif protocol.nucleus_diameter_um is not None and mpp:
+        image_d = protocol.nucleus_diameter_um / mpp
+        source = f"protocol nucleus_diameter_um {protocol.nucleus_diameter_um} µm at {mpp:g} µm/px"
+    else:
+        return Scale(1.0, "native: no nucleus diameter given (--diameter or the protocol's nucleus_diameter_um)",
+                     model_diameter_px or None)
+    if not model_diameter_px:
+        return Scale(1.0, "native: the model bundle records no training nucleus size", None, image_d)
+    factor = model_diameter_px / image_d
+    if not 1 / 8 <= factor <= 4:
+        raise ParameterError(f"expected a nucleus diameter within 1/4 to 8 times the model's "
+                             f"{model_diameter_px:.1f} px, got {image_d:.1f} px ({source})")
+    if abs(factor - 1) < 0.1:   # within 10 %: resampling would cost time and gain nothing
+        return Scale(1.0, f"native: {source} is within 10 % of the model's size", model_diameter_px, image_d)
+    return Scale(factor, source, model_diameter_px, image_d)
+
+
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, *,
-                mpp: float | None = None, progress: bool = False, run_info: dict | None = None) -> dict:
+                mpp: float | None = None, progress: bool = False, run_info: dict | None = None,
+                model_diameter_px: float | None = None, diameter_px: float | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`.
 
     `out_dir` is a staging folder owned by the caller (see resultdir.staged_output). Returns the summary.
+    model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter).
     """
     timer = StageTimer()
     started = time.time()
@@ -103,7 +144,11 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         with timer("read"):
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
             intensity = measure_range(select_channels(thumbnail, channel))
-        tiles = plan_tiles(info.height, info.width, protocol.tile_size, protocol.halo_px)
+        scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
+        # Tiles are planned in slide px so that the network still sees tile_size x tile_size.
+        tile_px = max(16, round(protocol.tile_size / scale.factor))
+        halo_px = min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+        tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
         names = channel_names(slide)
         work = out_dir / ".work"
         store = LabelStore(work / "labels.zarr", info.height, info.width, chunk=min(512, protocol.tile_size))
@@ -114,7 +159,8 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                 CocoWriter(out_dir / "predictions.coco.json", info.path.name, info.height, info.width,
                            categories) as coco:
             emitter = _Emitter(slide, tiles, store, table, coco, names, list(detector.class_names), timer, areas)
-            _run_tiles(slide, tiles, detector, merger, emitter, channel, intensity, protocol, timer, progress)
+            _run_tiles(slide, tiles, detector, merger, emitter, channel, intensity, protocol, timer, progress,
+                       scale.factor, halo_px)
         with timer("write"):
             write_labels_ome_tiff(store, out_dir / "labels.ome.tif", info.mpp)
             factor = max(1, int(round(thumb_factor)))
@@ -126,6 +172,9 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             store.remove()
             shutil.rmtree(work, ignore_errors=True)
         summary = _summary(info, protocol, tiles, emitter.next_id - 1, all_areas, merger, timer, started, channel)
+        summary["scale"] = {"factor": scale.factor, "source": scale.source, "tile_px": tile_px, "halo_px": halo_px,
+                            "model_diameter_px": scale.model_diameter_px,
+                            "image_diameter_px": scale.image_diameter_px}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         run = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
                "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": channel,
@@ -136,7 +185,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
 
 def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merger: SeamMerger,
                emitter: "_Emitter", channel: int | None, intensity: IntensityRange, protocol: Protocol,
-               timer: StageTimer, progress: bool) -> None:
+               timer: StageTimer, progress: bool, scale: float, halo_px: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -144,8 +193,16 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merg
     tiles_per_row = sum(1 for t in tiles if t.grid_row == 0)
     batches = [tiles[i:i + protocol.batch_size] for i in range(0, len(tiles), protocol.batch_size)]
 
+    def read_one(tile: TileSpec) -> np.ndarray:
+        pixels = select_channels(slide.read_region(tile.read), channel)
+        if scale != 1.0:
+            from skimage.transform import resize
+            shape = (max(1, round(tile.read.height * scale)), max(1, round(tile.read.width * scale)))
+            pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+        return to_network_input(pixels, intensity)
+
     def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
-        return [to_network_input(select_channels(slide.read_region(t.read), channel), intensity) for t in batch]
+        return [read_one(t) for t in batch]
 
     # One reader thread decodes the next batch while the detector works on this one
     # (tifffile/imagecodecs release the GIL); at most one batch waits in memory.
@@ -158,11 +215,11 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merg
             if k + 1 < len(batches):
                 pending = reader.submit(read_batch, batches[k + 1])
             with timer("detect"):
-                detections = detector.detect(images, batch)
+                detections = detector.detect(images, batch, scale)
             for tile, det in zip(batch, detections):
                 with timer("merge"):
                     merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
-                                                          seam_band_px(protocol.halo_px)))
+                                                          seam_band_px(halo_px)))
                     # Grid row r is complete: row r - 1 can no longer change.
                     done = (merger.pop_final(tile.grid_row - 1)
                             if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
@@ -232,7 +289,7 @@ def _summary(info, protocol: Protocol, tiles: list[TileSpec], cell_count: int, a
         "protocol": protocol.name,
         "cell_count": int(cell_count),
         "tiles_total": len(tiles), "tiles_skipped": 0, "tile_size_px": protocol.tile_size,
-        "halo_px": protocol.halo_px,
+        "halo_px": protocol.halo_px,   # network px; see "scale" for slide px
         "tissue_method": "none (whole image analysed)",
         "tissue_area_mm2": tissue_mm2,
         "cells_per_mm2": cell_count / tissue_mm2 if tissue_mm2 else None,

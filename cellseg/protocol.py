@@ -52,6 +52,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "score_threshold": ((int, float), _range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
         "mask_threshold": ((int, float), _range(0.0, 1.0), "soft-mask probability threshold"),
         "min_area_px": (int, _range(0), "drop cells smaller than this (fragments)"),
+        "nucleus_diameter_um": ((int, float), _range(0.5, 200.0),
+                                "typical nucleus diameter; with the slide's pixel size, tiles are resampled so "
+                                "nuclei reach the model at its training size (omit: no resampling)"),
     },
     "seams": {
         "dedupe_overlap": ((int, float), _range(0.0, 1.0),
@@ -74,6 +77,7 @@ class Protocol:
     score_threshold: float | None = None
     mask_threshold: float = 0.5
     min_area_px: int = 10
+    nucleus_diameter_um: float | None = None
     dedupe_overlap: float = 0.5
     source: str = ""
 

@@ -19,7 +19,8 @@ from scipy import ndimage
 from cellseg.detect import TileDetections
 from cellseg.measure import cell_columns, label_tile, measure_tile
 from cellseg.merge import Instances, SeamMerger, owned_instances
-from cellseg.pipeline import count_slide
+from cellseg.errors import ParameterError
+from cellseg.pipeline import choose_scale, count_slide
 from cellseg.protocol import Protocol
 from cellseg.tiling import Box, TileSpec, plan_tiles
 
@@ -38,12 +39,14 @@ class LabelReadingDetector:
         self.shift_px = shift_px
         self.calls = 0
 
-    def detect(self, images, tiles):
+    def detect(self, images, tiles, scale=1.0):
         self.calls += 1
-        return [self._tile(t, img.shape[-2:]) for t, img in zip(tiles, images)]
+        self.scale = scale
+        for t, img in zip(tiles, images):      # the network sees the tile resampled by `scale`
+            assert img.shape[-2:] == (max(1, round(t.read.height * scale)), max(1, round(t.read.width * scale)))
+        return [self._tile(t, t.read.shape) for t in tiles]
 
     def _tile(self, tile: TileSpec, shape) -> TileDetections:
-        assert tuple(shape) == tile.read.shape
         crop = self.labels[tile.read.slices()]
         boxes, masks = [], []
         dr = self.shift_px * (1 if tile.grid_row % 2 else -1)
@@ -94,7 +97,7 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return pairs.shape[1] == len(np.unique(a[fg])) == len(np.unique(b[fg]))
 
 
-def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int = 0, **protocol):
+def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int = 0, scale_args=None, **protocol):
     tmp_path.mkdir(parents=True, exist_ok=True)
     slide = tmp_path / "slide.tif"
     tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
@@ -102,7 +105,7 @@ def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int 
     out.mkdir(exist_ok=True)
     p = Protocol(name="test", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1, **protocol)
     detector = LabelReadingDetector(labels, shift_px)
-    summary = count_slide(slide, out, p, detector)
+    summary = count_slide(slide, out, p, detector, **(scale_args or {}))
     return summary, tifffile.imread(out / "labels.ome.tif"), out
 
 
@@ -250,3 +253,50 @@ def test_measurements_in_px_and_um():
     no_mpp = measure_tile(cells, np.array([7]), labels, pixels, box, mpp=None, channel_names=["dapi", "gfp"],
                           class_names=["nucleus"])
     assert np.isnan(no_mpp["area_um2"][0]) and no_mpp["area_px"][0] == 24
+
+
+# --------------------------------------------------------------------------- scale
+
+def test_choose_scale_sources():
+    p = Protocol(name="t")
+    assert choose_scale(15.0, None, p, 0.5).factor == 1.0                       # nothing given: native
+    assert choose_scale(15.0, 30.0, p, None).factor == pytest.approx(0.5)       # --diameter
+    assert choose_scale(15.0, 16.0, p, None).factor == 1.0                      # within 10 %: native
+    assert choose_scale(0.0, 30.0, p, None).factor == 1.0                       # model records no size
+    um = Protocol(name="t", nucleus_diameter_um=7.5)
+    s = choose_scale(15.0, None, um, 0.25)                                      # 7.5 µm at 0.25 µm/px = 30 px
+    assert s.factor == pytest.approx(0.5) and "nucleus_diameter_um" in s.source
+    assert choose_scale(15.0, None, um, None).factor == 1.0                     # no pixel size: native
+    with pytest.raises(ParameterError, match="nucleus diameter"):
+        choose_scale(15.0, 500.0, p, None)
+
+
+@pytest.mark.parametrize("diameter", [30.0, 8.0])
+def test_resampled_tiles_still_give_the_ground_truth_back(tmp_path, diameter):
+    """At scale != 1 tiles are planned in slide px (tile/scale, halo/scale) and the network gets resampled
+    pixels; detections come back in slide px, so the ground truth must still come back exactly."""
+    labels = random_cells(220, 190, max_diameter=12, n=300, seed=5)
+    summary, out_labels, _ = run(tmp_path, labels, 64, 16,
+                                 scale_args={"model_diameter_px": 15.0, "diameter_px": diameter})
+    factor = 15.0 / diameter
+    assert summary["scale"]["factor"] == pytest.approx(factor)
+    assert summary["scale"]["tile_px"] == round(64 / factor)
+    assert same_partition(labels, out_labels)
+
+
+def test_detector_pastes_at_slide_resolution_when_resampled():
+    import torch
+    from cellseg.detect import Detector, build_model
+    from .conftest import tiny_model_config
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    out = {"boxes": torch.tensor([[10.0, 20.0, 50.0, 40.0]]), "masks": torch.ones(1, 1, 28, 28),
+           "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    native = detector._to_tile_detections(out, 64, 64)
+    tile = plan_tiles(128, 128, 128, 0)[0]
+    halved = detector._to_tile_detections(dict(out, boxes=out["boxes"] / 0.5), 128, 128)
+    r0, c0, r1, c1 = native.boxes[0]
+    R0, C0, R1, C1 = halved.boxes[0]
+    assert (R0, C0, R1, C1) == pytest.approx((2 * r0, 2 * c0, 2 * r1, 2 * c1), abs=3)
+    assert halved.masks[0].sum() == pytest.approx(4 * native.masks[0].sum(), rel=0.15)
+    assert halved.masks[0].mean() > 0.95 and halved.masks[0].shape == (R1 - R0, C1 - C0)
+    assert tile.read.shape == (128, 128)
