@@ -110,7 +110,8 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator) -> tuple[
                                           np.int64))
     if src != size:
         img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        masks = F.interpolate(masks[None].float(), size=(size, size), mode="nearest")[0] > 0.5
+        masks = (F.interpolate(masks[None].float(), size=(size, size), mode="nearest")[0] > 0.5 if len(masks)
+                 else torch.zeros(0, size, size, dtype=torch.bool))   # interpolate refuses zero channels
     k = int(rng.integers(4))
     img, masks = torch.rot90(img, k, (1, 2)), torch.rot90(masks, k, (1, 2))
     if rng.random() < 0.5:
