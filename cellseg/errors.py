@@ -30,3 +30,7 @@ class ParameterError(CellsegError):
     """An impossible parameter value (a usage error)."""
 
     exit_code = 2
+
+
+class EvaluationError(CellsegError):
+    """Predictions or ground truth are missing, unreadable or do not fit together."""

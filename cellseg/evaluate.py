@@ -1,11 +1,13 @@
 """Score predicted cell masks against ground truth: COCO mask AP, TP/FP/FN at one IoU, count error,
-and a score-threshold sweep.
+and a score-threshold sweep; write the report (metrics.json, per_image.csv, threshold_sweep.png).
 
-Inputs (`load_instances`): a COCO instance JSON (our predictions.coco.json or any COCO file with mask
-segmentations: RLE or polygons; or a COCO results list), a label image (TIFF/PNG, 0 = background,
-each other value one cell; read tile by tile) or a cellseg result folder (its predictions.coco.json).
-Images of PRED and GT are paired (`pair_images`) by file_name, then base name, then stem, then id;
-a single label image is paired with a single image on the other side whatever their names.
+The parts live beside this module, which keeps the matching, the report, the sweep and the outputs:
+- `cellseg.instances_io`: loading PRED and GT (COCO JSON, label image or cellseg result folder) and
+  pairing their images (by file_name, then base name, then stem, then id).
+- `cellseg.overlap`: the sparse IoU table of box-intersecting (prediction, GT) pairs.
+- `cellseg.cocoeval_sparse`: COCO mask AP, pycocotools' COCOeval fed that table.
+Their public names are re-exported here (`load_instances`, `pair_images`, `box_pairs`, `pair_iou`,
+`coco_ap`, ...), and `EvaluationError` (cellseg.errors) too.
 
 Evaluation is class-agnostic (cellseg counts cells): categories are ignored.
 
@@ -23,12 +25,9 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
 - Count error per image: pred count - true count; relative |error| / true count (0 when both are 0,
   undefined (None) when only the true count is 0; undefined values are left out of the median).
 - COCO mask AP: pycocotools COCOeval, iouType "segm", useCats=0, maxDets = [1, 100, max(1000, the
-  most predictions in one image)] so no prediction is dropped. COCOeval.summarize() is not used: its
-  AP@[.5:.95] line looks up maxDets=100 whatever params.maxDets says (0.111 instead of 0.207 on one
-  180-prediction image; its AP50/AP75 lines use maxDets[2]). Instead ap = mean of
-  eval["precision"][:, :, 0, 0, -1] over entries > -1 (IoU .50:.05:.95, area "all", the last maxDets),
-  ap50 / ap75 the same at IoU .50 / .75, ar the mean of eval["recall"][:, 0, 0, -1]. None when there
-  is no GT cell at all. COCOeval is fed our IoU table and visits only overlapping pairs (_SparseCOCOeval).
+  most predictions in one image)] so no prediction is dropped; ap = AP@[.5:.95], ap50, ap75, ar read
+  from eval["precision"] / eval["recall"] at area "all" and the last maxDets, not from summarize()
+  (which looks up maxDets=100). None when there is no GT cell at all. Details: cellseg.cocoeval_sparse.
 - Sweep: for score thresholds 0.3..0.9 (step 0.05), predictions with score >= threshold are kept and
   pooled counts, TP/FP/FN, F1 and ap_tp recomputed. best_threshold maximises pooled F1 (ties: the lower
   threshold) among the eligible thresholds: predictions are usually already cut at the pipeline's
@@ -39,7 +38,6 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -48,21 +46,20 @@ import math
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from .errors import CellsegError
-from .tiling import Box
+from . import instances_io
+from .cocoeval_sparse import MIN_MAX_DETS, coco_ap  # noqa: F401 (MIN_MAX_DETS: re-exported)
+from .errors import EvaluationError
+from .instances_io import ImageInstances, pair_images
+from .overlap import PairIoU, box_pairs, pair_iou  # noqa: F401 (box_pairs: re-exported, tests use it)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(13))  # 0.30, 0.35, ..., 0.90
-MIN_MAX_DETS = 1000
-LABEL_TILE = 2048  # label images are read in tiles of this many px a side
+LABEL_TILE = instances_io.LABEL_TILE  # label images are read in tiles of this many px a side (load_instances)
 DEFINITIONS = {
     "ap_tp": "TP/(TP+FP+FN) at iou_threshold (DSB2018 / StarDist 'AP'), not COCO's interpolated AP",
     "f1": "2TP/(2TP+FP+FN); precision TP/(TP+FP); recall TP/(TP+FN)",
@@ -74,43 +71,6 @@ DEFINITIONS = {
 }
 MATCHING = ("hungarian: scipy.optimize.linear_sum_assignment per group of overlapping masks, maximising "
             "the number of pairs with IoU >= threshold, then their total IoU")
-
-
-class EvaluationError(CellsegError):
-    """Predictions or ground truth are missing, unreadable or do not fit together."""
-
-
-@dataclass
-class ImageInstances:
-    """The cells of one image. Masks are COCO compressed RLEs of the full image; boxes (N, 4) int are
-    (row0, col0, row1, col1) half-open in px; scores (N,) float (1.0 when the source has none)."""
-
-    file_name: str | None
-    image_id: int | None  # None for a label image
-    height: int
-    width: int
-    rles: list[dict]
-    boxes: np.ndarray
-    scores: np.ndarray
-    iscrowd: np.ndarray  # (N,) bool
-    has_scores: bool
-
-    @property
-    def name(self) -> str:
-        return self.file_name if self.file_name is not None else f"id {self.image_id}"
-
-    def __len__(self) -> int:
-        return len(self.rles)
-
-
-@dataclass
-class PairIoU:
-    """Sparse IoU of a prediction set against a GT set: pred[i] vs gt[j] = iou, for box-intersecting
-    pairs with IoU > 0. Against crowd GT the value is intersection / prediction area (as COCO)."""
-
-    pred: np.ndarray
-    gt: np.ndarray
-    iou: np.ndarray
 
 
 @dataclass
@@ -193,241 +153,13 @@ def rel_count_error(pred: int, true: int) -> float | None:
 # --------------------------------------------------------------------------- loading
 
 def load_instances(path: str | Path) -> dict[str, ImageInstances]:
-    """Images with their cells from a COCO JSON, a label image or a cellseg result folder, keyed by name."""
-    path = Path(path)
-    if not path.exists():
-        raise EvaluationError(f"expected a COCO JSON, a label image or a cellseg result folder, {path} "
-                              "does not exist")
-    if path.is_dir():
-        coco = path / "predictions.coco.json"
-        if not coco.is_file():
-            raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, {path} "
-                                  "has none")
-        path = coco
-    with open(path, "rb") as fh:
-        head = fh.read(64).lstrip()
-    if path.suffix.lower() == ".json" or head[:1] in (b"{", b"["):
-        images = _load_coco(path)
-    else:
-        images = [_load_label_image(path)]
-    out: dict[str, ImageInstances] = {}
-    for im in images:
-        key = im.name if im.name not in out else f"{im.name} (id {im.image_id})"
-        out[key] = im
-    return out
-
-
-def _load_coco(path: Path) -> list[ImageInstances]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvaluationError(f"expected a COCO instance JSON, {path} is not valid JSON: {e}") from e
-    if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):
-        return _coco_results(path, data)  # a COCO results file: [{"image_id", "segmentation", "score"}]
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
-            and isinstance(data.get("annotations"), list)):
-        found = (f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict)
-                 else f"a JSON {type(data).__name__}")
-        raise EvaluationError(f"expected a COCO instance JSON (an object with 'images' and 'annotations' lists, "
-                              f"or a list of results), {path} holds {found}")
-    images: dict[int, dict] = {}
-    for k, im in enumerate(data["images"]):
-        try:
-            images[im["id"]] = {"file_name": im.get("file_name"), "height": int(im["height"]),
-                                "width": int(im["width"]), "anns": []}
-        except (TypeError, KeyError, ValueError) as e:
-            raise EvaluationError(f"expected COCO images with 'id', 'height' and 'width', image {k} of {path} "
-                                  f"is {str(im)[:80]}") from e
-    for k, ann in enumerate(data["annotations"]):
-        image = images.get(ann.get("image_id") if isinstance(ann, dict) else None)
-        if image is None:
-            raise EvaluationError(f"expected annotation {k} of {path} to refer to a listed image, found "
-                                  f"image_id {ann.get('image_id') if isinstance(ann, dict) else ann!r}")
-        image["anns"].append(ann)
-    return [_instances(path, im["file_name"], iid, im["height"], im["width"], im["anns"])
-            for iid, im in images.items()]
-
-
-def _coco_results(path: Path, anns: list[dict]) -> list[ImageInstances]:
-    by_image: dict = {}
-    for k, ann in enumerate(anns):
-        seg = ann.get("segmentation")
-        if not (isinstance(seg, dict) and isinstance(seg.get("size"), list) and len(seg["size"]) == 2):
-            raise EvaluationError(f"expected RLE masks with a 'size' in the COCO results list {path}, result {k} "
-                                  f"has segmentation {str(seg)[:60]}")
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    return [_instances(path, None, iid, *group[0]["segmentation"]["size"], group)
-            for iid, group in by_image.items()]
-
-
-def _instances(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageInstances:
-    rles = [_to_rle(path, a, height, width) for a in anns]
-    with_score = sum("score" in a for a in anns)
-    if with_score not in (0, len(anns)):
-        raise EvaluationError(f"expected a score on every prediction or on none, image {file_name or image_id} "
-                              f"of {path} has {with_score} of {len(anns)}")
-    if rles:
-        xywh = np.asarray(mask_utils.toBbox(rles), dtype=np.float64).round().astype(np.int64)
-        boxes = np.stack([xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], axis=1)
-    else:
-        boxes = np.zeros((0, 4), np.int64)
-    scores = np.array([float(a["score"]) for a in anns] if with_score else np.ones(len(anns)), np.float64)
-    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
-    return ImageInstances(None if file_name is None else str(file_name), image_id, int(height), int(width),
-                          rles, boxes, scores, crowd, bool(with_score))
-
-
-def _to_rle(path: Path, ann: dict, h: int, w: int) -> dict:
-    from .export import crop_rle
-
-    seg = ann.get("segmentation")
-    where = f"annotation {ann.get('id', '?')} of {path}"
-    if isinstance(seg, dict) and "counts" in seg:
-        if list(seg.get("size", [])) != [h, w]:
-            raise EvaluationError(f"expected the mask size of {where} to be its image's {h} x {w} px, found "
-                                  f"{seg.get('size')}")
-        if isinstance(seg["counts"], list):  # uncompressed RLE
-            return mask_utils.frPyObjects(seg, h, w)
-        return {"size": [h, w], "counts": seg["counts"]}
-    if isinstance(seg, list):
-        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6]
-        if not polys:
-            return crop_rle(np.zeros((1, 1), bool), 0, 0, h, w)
-        try:
-            return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        except (TypeError, ValueError) as e:
-            raise EvaluationError(f"expected polygons of numbers in {where}, found {str(seg)[:60]}") from e
-    raise EvaluationError(f"expected a mask ('segmentation' as RLE or polygons) in {where}, found "
-                          f"{str(seg)[:60]} (box-only COCO files cannot be scored for masks)")
-
-
-def _load_label_image(path: Path) -> ImageInstances:
-    """Cells of a label image, read LABEL_TILE squares at a time: memory is one tile plus the RLEs."""
-    from scipy import ndimage
-    from .export import crop_rle
-    from .slide import open_slide
-
-    with open_slide(path) as slide:
-        info = slide.info
-        if info.n_channels != 1 or np.dtype(info.dtype).kind not in "biu":
-            raise EvaluationError(f"expected a label image (one channel of integers, 0 = background), {path} has "
-                                  f"{info.n_channels} channel(s) of {info.dtype}")
-        H, W = info.height, info.width
-        parts: dict[int, list[dict]] = {}
-        for r0 in range(0, H, LABEL_TILE):
-            for c0 in range(0, W, LABEL_TILE):
-                tile = slide.read_region(Box(r0, c0, min(r0 + LABEL_TILE, H), min(c0 + LABEL_TILE, W)))[..., 0]
-                values, inverse = np.unique(tile, return_inverse=True)
-                dense = inverse.reshape(tile.shape) + (0 if values[0] == 0 else 1)  # 0 = background
-                offset = 0 if values[0] == 0 else 1
-                for k, sl in enumerate(ndimage.find_objects(dense)):
-                    if sl is None:
-                        continue
-                    label = int(values[k + 1 - offset])
-                    crop = dense[sl] == k + 1
-                    parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
-    labels = sorted(parts)
-    rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (parts[v] for v in labels)]
-    image = _instances(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
-    log.info("%s: %d labelled cells", path.name, len(image))
-    return image
-
-
-def pair_images(pred: dict[str, ImageInstances], gt: dict[str, ImageInstances]
-                ) -> list[tuple[str, ImageInstances, ImageInstances]]:
-    """(GT name, pred image, gt image) for the images both sides share, sizes checked."""
-    P, G = list(pred.values()), list(gt.values())
-    pairs = None
-    if len(P) == 1 and len(G) == 1 and (P[0].image_id is None or G[0].image_id is None):
-        pairs = [(P[0], G[0])]  # a label image has no name to match: one image against one
-    else:
-        keys = (lambda im: im.file_name, lambda im: _base(im.file_name), lambda im: _stem(im.file_name),
-                lambda im: im.image_id)
-        for key in keys:
-            pk, gk = _index(P, key), _index(G, key)
-            if pk is not None and gk is not None and set(pk) & set(gk):
-                pairs = [(pk[k], gk[k]) for k in gk if k in pk]
-                break
-    if not pairs:
-        raise EvaluationError(f"expected PRED and GT to share images (by file_name or id), found none: PRED has "
-                              f"{_names(P)}, GT has {_names(G)}")
-    for p, g in pairs:
-        if (p.height, p.width) != (g.height, g.width):
-            raise EvaluationError(f"expected PRED and GT images of the same size, {g.name} is {g.height} x "
-                                  f"{g.width} px in GT but {p.name} is {p.height} x {p.width} px in PRED")
-    return [(g.name, p, g) for p, g in pairs]
-
-
-def _base(name):
-    return None if name is None else PurePosixPath(name.replace("\\", "/")).name
-
-
-def _stem(name):
-    base = _base(name)
-    if base is None:
-        return None
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return PurePosixPath(base).stem
-
-
-def _index(images, key) -> dict | None:
-    out = {}
-    for im in images:
-        k = key(im)
-        if k is None or k in out:
-            return None  # a key missing or ambiguous on one side cannot pair images
-        out[k] = im
-    return out
-
-
-def _names(images) -> str:
-    names = [im.name for im in images]
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    """Images with their cells from a COCO JSON, a label image or a cellseg result folder, keyed by name:
+    `cellseg.instances_io.load_instances` with label images read in tiles of this module's LABEL_TILE, so
+    setting `cellseg.evaluate.LABEL_TILE` still changes the tile size."""
+    return instances_io.load_instances(path, label_tile=LABEL_TILE)
 
 
 # --------------------------------------------------------------------------- matching
-
-def box_pairs(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Indexes (i, j) of boxes a[i], b[j] ((N, 4) half-open row0, col0, row1, col1) that overlap.
-
-    Both sorted by row0; each chunk of `a` is compared only with the `b` rows that can reach it, so the
-    work grows with the cells per band of rows, not with N x M."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ob, oa = np.argsort(b[:, 0], kind="stable"), np.argsort(a[:, 0], kind="stable")
-    bs = b[ob]
-    max_h = int((b[:, 2] - b[:, 0]).max())
-    out_i, out_j = [], []
-    for s in range(0, len(a), chunk):
-        ia = oa[s:s + chunk]
-        ca = a[ia]
-        lo = np.searchsorted(bs[:, 0], ca[:, 0].min() - max_h, side="right")
-        hi = np.searchsorted(bs[:, 0], ca[:, 2].max(), side="left")
-        cb = bs[lo:hi]
-        hit = ((ca[:, None, 0] < cb[None, :, 2]) & (cb[None, :, 0] < ca[:, None, 2])
-               & (ca[:, None, 1] < cb[None, :, 3]) & (cb[None, :, 1] < ca[:, None, 3]))
-        ii, jj = np.nonzero(hit)
-        out_i.append(ia[ii])
-        out_j.append(ob[lo + jj])
-    return np.concatenate(out_i), np.concatenate(out_j)
-
-
-def pair_iou(pred: ImageInstances, gt: ImageInstances) -> PairIoU:
-    """IoU (pycocotools.mask.iou on RLEs) of every box-intersecting (prediction, GT) pair."""
-    pi, gi = box_pairs(pred.boxes, gt.boxes)
-    vals = np.zeros(len(pi), np.float64)
-    order = np.argsort(pi, kind="stable")
-    pi, gi = pi[order], gi[order]
-    starts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]]) if len(pi) else np.zeros(0, np.int64)
-    for s, e in zip(starts, np.r_[starts[1:], len(pi)].astype(np.int64)):
-        js = gi[s:e]
-        vals[s:e] = np.asarray(mask_utils.iou([pred.rles[pi[s]]], [gt.rles[j] for j in js],
-                                      [int(gt.iscrowd[j]) for j in js]), np.float64).reshape(-1)
-    keep = vals > 0
-    return PairIoU(pi[keep], gi[keep], vals[keep])
-
 
 def match(pred: ImageInstances, gt: ImageInstances, iou: float = 0.5, score_threshold: float | None = None,
           ious: PairIoU | None = None) -> MatchResult:
@@ -470,128 +202,6 @@ def match(pred: ImageInstances, gt: ImageInstances, iou: float = 0.5, score_thre
     return MatchResult(tp=tp, fp=int(kept.sum()) - tp - ignored, fn=int((~gt.iscrowd).sum()) - tp, ignored=ignored,
                        pairs=np.array([(p, g) for p, g, _ in pairs], np.int64).reshape(-1, 2),
                        pair_iou=np.array([v for _, _, v in pairs], np.float64))
-
-
-# --------------------------------------------------------------------------- COCO AP
-
-class _SparseCOCOeval(COCOeval):
-    """COCOeval fed our box-pruned IoU table, with per-image matching that visits only overlapping GT.
-
-    computeIoU returns a scipy CSR matrix (dets sorted by score x GT) instead of a dense one, and
-    evaluateImg is pycocotools' own (BSD licence) loop restricted to each detection's nonzero IoUs. That
-    restriction changes nothing: a zero IoU never makes a match and cannot trigger the loop's `break`
-    sooner (GT are sorted ignored-last). The stock loop is O(T x dets x GT) in Python: 50 s for one
-    image of 1,600 cells; this one is O(T x (dets + overlapping pairs))."""
-
-    pair_ious: dict[int, PairIoU]
-
-    def _anns(self, img_id):
-        p = self.params
-        return ([a for c in p.catIds for a in self._gts[img_id, c]],
-                [a for c in p.catIds for a in self._dts[img_id, c]])
-
-    def computeIoU(self, imgId, catId):  # noqa: N802, N803 (pycocotools' names)
-        from scipy.sparse import csr_matrix
-        gt, dt = self._anns(imgId)
-        if not gt or not dt:
-            return None
-        dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")][: self.params.maxDets[-1]]
-        x = self.pair_ious[imgId]
-        row = np.full(max(d["_k"] for d in dt) + 1, -1)
-        col = np.full(max(g["_k"] for g in gt) + 1, -1)
-        row[[d["_k"] for d in dt]], col[[g["_k"] for g in gt]] = np.arange(len(dt)), np.arange(len(gt))
-        keep = (x.pred < len(row)) & (x.gt < len(col))
-        r, c, v = row[x.pred[keep]], col[x.gt[keep]], x.iou[keep]
-        keep = (r >= 0) & (c >= 0)
-        return csr_matrix((v[keep], (r[keep], c[keep])), shape=(len(dt), len(gt)))
-
-    def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802, N803
-        p = self.params
-        gt, dt = self._anns(imgId)
-        if not gt and not dt:
-            return None
-        for g in gt:
-            g["_ignore"] = int(bool(g["ignore"] or g["area"] < aRng[0] or g["area"] > aRng[1]))
-        gtind = np.argsort([g["_ignore"] for g in gt], kind="mergesort")
-        gt = [gt[i] for i in gtind]
-        dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")[0:maxDet]]
-        iscrowd = [int(o["iscrowd"]) for o in gt]
-        T, G, D = len(p.iouThrs), len(gt), len(dt)
-        gtm, dtm, dtIg = np.zeros((T, G)), np.zeros((T, D)), np.zeros((T, D))  # noqa: N806
-        gtIg = np.array([g["_ignore"] for g in gt])  # noqa: N806
-        ious = self.ious[imgId, catId]
-        if ious is not None:
-            ious = ious[:D][:, gtind].tocsr()
-            ious.sort_indices()  # GT in ignored-last order, as the stock loop walks them
-            rows = [(ious.indices[a:b].tolist(), ious.data[a:b].tolist())
-                    for a, b in zip(ious.indptr[:-1], ious.indptr[1:])]
-            for tind, t in enumerate(p.iouThrs):
-                for dind, (cols, vals) in enumerate(rows):
-                    best, m = min([t, 1 - 1e-10]), -1
-                    for gind, v in zip(cols, vals):
-                        if gtm[tind, gind] > 0 and not iscrowd[gind]:
-                            continue
-                        if m > -1 and gtIg[m] == 0 and gtIg[gind] == 1:
-                            break
-                        if v < best:
-                            continue
-                        best, m = v, gind
-                    if m == -1:
-                        continue
-                    dtIg[tind, dind] = gtIg[m]
-                    dtm[tind, dind] = gt[m]["id"]
-                    gtm[tind, m] = dt[dind]["id"]
-        a = np.array([d["area"] < aRng[0] or d["area"] > aRng[1] for d in dt]).reshape((1, D))
-        dtIg = np.logical_or(dtIg, np.logical_and(dtm == 0, np.repeat(a, T, 0)))  # noqa: N806
-        return {"image_id": imgId, "category_id": catId, "aRng": aRng, "maxDet": maxDet,
-                "dtIds": [d["id"] for d in dt], "gtIds": [g["id"] for g in gt], "dtMatches": dtm, "gtMatches": gtm,
-                "dtScores": [d["score"] for d in dt], "gtIgnore": gtIg, "dtIgnore": dtIg}
-
-
-def coco_ap(pairs: list[tuple[str, ImageInstances, ImageInstances]], ious: list[PairIoU] | None = None) -> dict:
-    """COCO mask AP (COCOeval, segm, class-agnostic, area "all", maxDets >= 1000); see the module docstring."""
-    ious = [pair_iou(p, g) for _, p, g in pairs] if ious is None else ious
-    max_dets = [1, 100, max(MIN_MAX_DETS, max((len(p) for _, p, _ in pairs), default=0))]
-    images = [{"id": k + 1, "height": g.height, "width": g.width} for k, (_, _, g) in enumerate(pairs)]
-    gt_anns, dt_anns = [], []
-    for k, (_, p, g) in enumerate(pairs):
-        for side, im, out in (("gt", g, gt_anns), ("dt", p, dt_anns)):
-            areas = _areas(im.rles)
-            for j in range(len(im)):
-                r0, c0, r1, c1 = (int(v) for v in im.boxes[j])
-                out.append({"id": len(out) + 1, "image_id": k + 1, "category_id": 1, "segmentation": im.rles[j],
-                            "area": float(areas[j]), "bbox": [c0, r0, c1 - c0, r1 - r0], "score": float(im.scores[j]),
-                            "iscrowd": int(im.iscrowd[j]) if side == "gt" else 0, "_k": j})
-    categories = [{"id": 1, "name": "cell"}]
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_gt, coco_dt = COCO(), COCO()
-        coco_gt.dataset = {"images": images, "annotations": gt_anns, "categories": categories}
-        coco_dt.dataset = {"images": images, "annotations": dt_anns, "categories": categories}
-        coco_gt.createIndex()
-        coco_dt.createIndex()
-        ev = _SparseCOCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.pair_ious = {k + 1: x for k, x in enumerate(ious)}
-        ev.params.useCats = 0
-        ev.params.maxDets = max_dets
-        ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ["all"]  # small/medium/large: unused
-        ev.evaluate()
-        ev.accumulate()
-    precision, recall = ev.eval["precision"], ev.eval["recall"]  # [T, R, K, A, M], [T, K, A, M]
-    thr = ev.params.iouThrs
-
-    def mean(x):
-        x = x[x > -1]
-        return float(x.mean()) if x.size else None
-
-    return {"iou_type": "segm", "class_agnostic": True, "max_dets": max_dets[-1],
-            "ap": mean(precision[:, :, :, 0, -1]), "ap50": mean(precision[np.isclose(thr, 0.5), :, :, 0, -1]),
-            "ap75": mean(precision[np.isclose(thr, 0.75), :, :, 0, -1]), "ar": mean(recall[:, :, 0, -1])}
-
-
-def _areas(rles):
-    # pycocotools' area() overflows (uint8 length) on lists of more than 255 masks: go in chunks
-    return np.concatenate([np.zeros(0)] + [np.asarray(mask_utils.area(rles[k:k + 255]), np.float64).reshape(-1)
-                                           for k in range(0, len(rles), 255)])
 
 
 # --------------------------------------------------------------------------- the whole evaluation

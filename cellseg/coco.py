@@ -1,0 +1,146 @@
+"""COCO instance JSON for predictions: a streaming writer and the compressed RLE it stores masks in.
+
+Conventions (DESIGN.md §3): coordinates are (row, col) in level-0 pixels, boxes half-open
+`Box(row0, col0, row1, col1)`. `x, y` appear only where COCO demands them (its bbox).
+
+- `crop_rle`: COCO compressed RLE of a full-image mask built from its crop alone (also used by
+  `cellseg.instances_io` to read label images).
+- `CocoWriter`: streams predictions.coco.json one annotation at a time, memory flat in the slide size.
+
+Both are re-exported by `cellseg.export` (pipeline.py and tests import them from there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+
+def _rle_string(counts: np.ndarray) -> str:
+    """COCO's compressed RLE string of uncompressed `counts` (pycocotools maskApi.c rleToString).
+
+    Reimplemented with int64 because pycocotools stores counts as uint32: a slide over 2**32 pixels
+    (65536²) has runs that overflow it. Each value (a delta to the count two back, from index 3 on —
+    the C code's quirk) is written as 5-bit groups, least significant first, 0x20 = "more follows",
+    plus 48 to land in printable ASCII.
+    """
+    x = np.asarray(counts, dtype=np.int64).copy()
+    if x.size > 3:
+        x[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
+    groups, valid = [], []
+    active = np.ones(x.shape, bool)
+    while active.any():
+        c = x & 0x1F
+        x = x >> 5  # arithmetic shift, as the C code on a signed long
+        more = np.where(c & 0x10, x != -1, x != 0) & active
+        groups.append(np.where(more, c | 0x20, c) + 48)
+        valid.append(active)
+        active = more
+    chars = np.stack(groups, axis=1)[np.stack(valid, axis=1)]  # value-major, then group order
+    return chars.astype(np.uint8).tobytes().decode("ascii")
+
+
+def crop_rle(mask_crop: np.ndarray, row0: int, col0: int, height: int, width: int) -> dict:
+    """COCO compressed RLE {"size": [height, width], "counts": str} of a full image that is zero
+    except for `mask_crop` (bool (h, w)) placed with its top-left pixel at (row0, col0).
+
+    COCO RLE runs column-major over the whole image, starting with a run of zeros. Never builds the
+    full image: the crop is padded with one sentinel row whose run weight stands for the gap of
+    (height - h) zeros down to the next column's crop; a leading pixel carries col0*height + row0
+    zeros, and the last sentinel the trailing zeros. Runs are weighted sums over equal values.
+    """
+    crop = np.asarray(mask_crop, dtype=bool)
+    if crop.ndim != 2:
+        raise ValueError(f"expected a 2-D mask crop, got shape {crop.shape}")
+    h, w = crop.shape
+    H, W = int(height), int(width)
+    if H <= 0 or W <= 0 or not (0 <= row0 and row0 + h <= H and 0 <= col0 and col0 + w <= W):
+        raise ValueError(f"expected a crop of shape {crop.shape} at ({row0}, {col0}) inside a "
+                         f"{H} x {W} image")
+    if not crop.any():
+        counts = np.array([H * W], np.int64)
+    else:
+        vals = np.zeros((h + 1, w), bool)
+        vals[:h] = crop
+        weights = np.ones((h + 1, w), np.int64)
+        weights[h, :] = H - h
+        weights[h, -1] = (H - row0 - h) + (W - col0 - w) * H
+        vals = np.concatenate([[False], vals.ravel(order="F")])
+        weights = np.concatenate([[col0 * H + row0], weights.ravel(order="F")])
+        keep = weights > 0  # a zero-weight gap (full-height crop) must not split a run of ones
+        vals, weights = vals[keep], weights[keep]
+        starts = np.flatnonzero(np.concatenate([[True], vals[1:] != vals[:-1]]))
+        counts = np.add.reduceat(weights, starts)
+        if vals[0]:  # COCO counts start with a (here empty) run of zeros
+            counts = np.concatenate([[0], counts])
+    return {"size": [H, W], "counts": _rle_string(counts)}
+
+
+class CocoWriter:
+    """Streams predictions as a COCO instance JSON for one image (id 1).
+
+    Masks are compressed RLE in full-image coordinates. The annotations array is written one
+    object at a time, so memory is independent of slide size and cell count. Annotations carry
+    "iscrowd": 0 so the file also serves as ground truth for COCOeval.
+    """
+
+    def __init__(self, path: Path, file_name: str, height: int, width: int, categories: list[dict]):
+        for cat in categories:
+            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+                raise ValueError(f"expected categories as dicts with 'id' and 'name', got {cat!r}")
+        self.path = Path(path)
+        self.height, self.width = int(height), int(width)
+        self.count = 0
+        self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        head = {"info": {"description": "cellseg predictions"},
+                "images": [{"id": 1, "file_name": str(file_name), "height": self.height,
+                            "width": self.width}],
+                "categories": categories}
+        # Everything but the annotations, with the closing brace replaced by an open array.
+        self._fh.write(json.dumps(head)[:-1] + ', "annotations": [')
+
+    def append(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray],
+               scores: np.ndarray, class_ids: np.ndarray) -> None:
+        """Append N cells: ids (N,) int; boxes (N, 4) int (row0, col0, row1, col1) in slide px;
+        masks[i] bool (row1-row0, col1-col0); scores (N,) float; class_ids (N,) int category ids."""
+        if self._fh is None:
+            raise ValueError(f"{self.path} is already closed")
+        boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        n = len(boxes)
+        if not (len(ids) == len(masks) == len(scores) == len(class_ids) == n):
+            raise ValueError(f"expected N ids, boxes, masks, scores and class ids, got {len(ids)}, "
+                             f"{n}, {len(masks)}, {len(scores)}, {len(class_ids)}")
+        for i in range(n):
+            r0, c0, r1, c1 = (int(v) for v in boxes[i])
+            mask = np.asarray(masks[i], dtype=bool)
+            if mask.shape != (r1 - r0, c1 - c0):
+                raise ValueError(f"expected mask {i} of its box's shape {(r1 - r0, c1 - c0)}, "
+                                 f"got {mask.shape}")
+            ann = {"id": int(ids[i]), "image_id": 1, "category_id": int(class_ids[i]),
+                   "bbox": [c0, r0, c1 - c0, r1 - r0],  # COCO: [x, y, w, h]
+                   "area": int(mask.sum()), "score": float(f"{float(scores[i]):.6g}"),
+                   "iscrowd": 0, "segmentation": crop_rle(mask, r0, c0, self.height, self.width)}
+            self._fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(ann))
+            self.count += 1
+
+    def close(self) -> None:
+        """Finish the JSON document. Idempotent."""
+        if self._fh is not None:
+            self._fh.write("\n]}\n")
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "CocoWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._fh is not None:
+            # A failed run: leave the file visibly unfinished rather than a valid-looking partial
+            # result; the staging folder holding it is discarded anyway.
+            self._fh.close()
+            self._fh = None
