@@ -199,9 +199,9 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         optim.step()
         step += 1
         wall = wall0 + time.monotonic() - started
-        history.append([step, float(loss)] + [float(v) for v in losses.values()])
+        history.append([step, float(loss.detach())] + [float(v.detach()) for v in losses.values()])
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
         if step % settings.checkpoint_every == 0:
             save_checkpoint()
     bar.close()

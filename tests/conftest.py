@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads starve
+# each other and a 1 s test takes a minute. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -1,0 +1,90 @@
+"""Training: crops and augmentations keep masks and boxes consistent; a tiny run learns; the bundle it
+writes loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from cellseg.bundle import load_bundle
+from cellseg.train import TrainImage, TrainSettings, load_coco, sample_crop, train
+
+from .conftest import DATA, tiny_model_config
+
+
+def coco_from_labels(tmp_path, image_path, labels_path):
+    """A COCO file (RLE masks) for one of the test images, the way annotation tools export it."""
+    import shutil
+    import tifffile
+    labels = tifffile.imread(labels_path)
+    shutil.copy(image_path, tmp_path / image_path.name)
+    anns = []
+    for k in np.unique(labels[labels > 0]):
+        rle = mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "segmentation": rle, "iscrowd": 0,
+                     "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle))})
+    coco = {"images": [{"id": 1, "file_name": image_path.name, "height": labels.shape[0], "width": labels.shape[1]}],
+            "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path, len(anns)
+
+
+def test_sample_crop_keeps_masks_and_boxes_consistent():
+    rng = np.random.default_rng(0)
+    masks = [np.ones((10, 12), bool), np.ones((8, 8), bool)]
+    item = TrainImage(rng.random((3, 300, 280), dtype=np.float32), np.array([[20, 30, 30, 42], [100, 100, 108, 108]]),
+                      masks, np.array([1, 1]))
+    for _ in range(20):
+        image, target = sample_crop(item, 128, rng)
+        assert image.shape == (3, 128, 128) and 0 <= float(image.min()) and float(image.max()) <= 1
+        n = len(target["masks"])
+        assert target["boxes"].shape == (n, 4) and target["labels"].shape == (n,)
+        for box, m in zip(target["boxes"], target["masks"]):
+            ys, xs = torch.where(m.bool())
+            assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_sample_crop_without_cells():
+    item = TrainImage(np.zeros((3, 200, 200), np.float32), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
+    rng = np.random.default_rng(3)
+    for _ in range(10):           # scale jitter on an empty crop used to crash F.interpolate
+        image, target = sample_crop(item, 96, rng)
+        assert image.shape == (3, 96, 96) and target["masks"].shape == (0, 96, 96)
+
+
+def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
+    ann, n_cells = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    assert classes == ["nucleus"] and len(items[0].masks) == n_cells
+    out = tmp_path / "bundle"
+    torch.manual_seed(0)
+    train(items, classes, out, TrainSettings(steps=24, batch_size=2, crop=96, lr=1e-3, warmup=4,
+                                             checkpoint_every=12),
+          model_cfg=tiny_model_config(), progress=False)
+    history = np.loadtxt(out / "training_log.csv", delimiter=",", skiprows=1)
+    first, last = history[:6, 1].mean(), history[-6:, 1].mean()
+    assert last < 0.8 * first, (first, last)
+    assert (out / "training_loss.png").is_file()
+    bundle = load_bundle(out)
+    assert bundle.card["training"]["steps"] == 24
+    assert bundle.nucleus_diameter_px == pytest.approx(
+        np.median([2 * np.sqrt(m.sum() / np.pi) for m in items[0].masks]))
+    bundle.build()      # weights load into the architecture the card describes
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "bundle"
+    settings = TrainSettings(steps=6, batch_size=1, crop=64, checkpoint_every=3)
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), progress=False)
+    settings.steps = 9
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 9 and len(ckpt["history"]) == 9
