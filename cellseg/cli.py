@@ -77,8 +77,9 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 @click.option("--batch-size", type=int, default=None, help="Tiles per detector call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
-@click.option("--diameter", type=float, default=None,
-              help="Typical nucleus diameter in this image, px: tiles are resampled to the model's training size.")
+@click.option("--diameter", default=None, metavar="PX|auto",
+              help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
+                   "so nuclei reach the model at its training size.")
 @click.option("--channel", type=int, default=None, help="Channel holding the nuclei (0-based).")
 @click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
 @click.option("--score-threshold", type=float, default=None, help="Minimum detection score (bundle default).")
@@ -94,8 +95,13 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
 
     if mpp is not None and mpp <= 0:
         raise ParameterError(f"expected --mpp > 0 µm/px, got {mpp}")
-    if diameter is not None and diameter <= 0:
-        raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
+    if diameter is not None and diameter != "auto":
+        try:
+            diameter = float(diameter)
+        except ValueError:
+            raise ParameterError(f"expected --diameter as a number of px or 'auto', got {diameter!r}") from None
+        if not diameter > 0:
+            raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
                                                     channel=channel, model=model_name,
                                                     score_threshold=score_threshold)

@@ -100,14 +100,14 @@ class Scale:
 
 
 def choose_scale(model_diameter_px: float | None, diameter_px: float | None, protocol: Protocol,
-                 mpp: float | None) -> Scale:
+                 mpp: float | None, source: str = "--diameter") -> Scale:
     """Resample so nuclei reach the network at the size it was trained on (Cellpose's --diameter idea).
 
     The image's nucleus diameter comes from --diameter (px) or the protocol's nucleus_diameter_um and the
     slide's pixel size; without either, or without a size recorded in the bundle, tiles run as they are.
     """
     if diameter_px is not None:
-        image_d, source = float(diameter_px), "--diameter"
+        image_d = float(diameter_px)
     elif protocol.nucleus_diameter_um is not None and mpp:
         image_d = protocol.nucleus_diameter_um / mpp
         source = f"protocol nucleus_diameter_um {protocol.nucleus_diameter_um} µm at {mpp:g} µm/px"
@@ -125,13 +125,38 @@ def choose_scale(model_diameter_px: float | None, diameter_px: float | None, pro
     return Scale(factor, source, model_diameter_px, image_d)
 
 
+def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, intensity: IntensityRange,
+                     protocol: Protocol, thumbnail: np.ndarray, thumb_factor: float,
+                     n_tiles: int = 6) -> tuple[float, int] | None:
+    """Median equivalent diameter (px) of the nuclei found at native scale on the slide's busiest tiles.
+
+    Tiles are ranked by pixel contrast on the thumbnail, so glass and empty background are not sampled.
+    Returns (diameter, number of nuclei) or None when fewer than 10 nuclei were found.
+    """
+    tiles = plan_tiles(slide.info.height, slide.info.width, protocol.tile_size, protocol.halo_px)
+    gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
+
+    def contrast(tile: TileSpec) -> float:
+        r0, c0 = int(tile.core.row0 / thumb_factor), int(tile.core.col0 / thumb_factor)
+        r1, c1 = max(int(tile.core.row1 / thumb_factor), r0 + 1), max(int(tile.core.col1 / thumb_factor), c0 + 1)
+        return float(gray[r0:r1, c0:c1].std())
+
+    chosen = sorted(tiles, key=contrast, reverse=True)[:n_tiles]
+    images = [to_network_input(select_channels(slide.read_region(t.read), channel), intensity) for t in chosen]
+    areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
+    if areas.size < 10:
+        return None
+    return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)
+
+
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, *,
                 mpp: float | None = None, progress: bool = False, run_info: dict | None = None,
-                model_diameter_px: float | None = None, diameter_px: float | None = None) -> dict:
+                model_diameter_px: float | None = None, diameter_px: float | str | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`.
 
     `out_dir` is a staging folder owned by the caller (see resultdir.staged_output). Returns the summary.
-    model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter).
+    model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto"
+    to measure it on a few tiles first (measure_diameter).
     """
     timer = StageTimer()
     started = time.time()
@@ -144,7 +169,15 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         with timer("read"):
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
             intensity = measure_range(select_channels(thumbnail, channel))
-        scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
+        if diameter_px == "auto":
+            with timer("detect"):
+                measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor)
+            scale = (choose_scale(model_diameter_px, measured[0], protocol, info.mpp,
+                                  source=f"measured on {measured[1]} nuclei of the slide (--diameter auto)")
+                     if measured else Scale(1.0, "native: too few nuclei found to measure their size",
+                                            model_diameter_px or None))
+        else:
+            scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
         # Tiles are planned in slide px so that the network still sees tile_size x tile_size.
         tile_px = max(16, round(protocol.tile_size / scale.factor))
         halo_px = min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)

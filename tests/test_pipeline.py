@@ -300,3 +300,13 @@ def test_detector_pastes_at_slide_resolution_when_resampled():
     assert halved.masks[0].sum() == pytest.approx(4 * native.masks[0].sum(), rel=0.15)
     assert halved.masks[0].mean() > 0.95 and halved.masks[0].shape == (R1 - R0, C1 - C0)
     assert tile.read.shape == (128, 128)
+
+
+def test_diameter_auto_measures_the_nuclei_first(tmp_path):
+    labels = random_cells(300, 300, max_diameter=44, n=300, seed=8)
+    summary, out_labels, _ = run(tmp_path, labels, 96, 48,
+                                 scale_args={"model_diameter_px": 6.0, "diameter_px": "auto"})
+    scale = summary["scale"]
+    assert "measured" in scale["source"]
+    assert 8 < scale["image_diameter_px"] < 40 and scale["factor"] < 0.8 and scale["factor"] == pytest.approx(6.0 / scale["image_diameter_px"])
+    assert same_partition(labels, out_labels)
