@@ -80,13 +80,24 @@ def channel_names(slide: Slide) -> list[str]:
     return [f"c{i}" for i in range(info.n_channels)]
 
 
+_NUCLEAR_STAINS = re.compile(r"dapi|hoechst|nuc|draq|sytox|hematox", re.IGNORECASE)
+
+
 def model_channel(protocol: Protocol, slide: Slide) -> int | None:
-    """Which slide channel the detector sees (None: grayscale or RGB as is)."""
-    if protocol.modality == "brightfield" and slide.info.n_channels == 3 and protocol.channel is None:
-        return None
-    if slide.info.n_channels == 1:
+    """Which slide channel the detector sees (None: grayscale or RGB as is).
+
+    The protocol's or --channel's choice wins; otherwise a channel named like a nuclear stain (DAPI,
+    Hoechst, ...), else an RGB image as is, else channel 0.
+    """
+    info = slide.info
+    if info.n_channels == 1:
         return 0
-    return protocol.channel if protocol.channel is not None else (None if slide.info.n_channels == 3 else 0)
+    if protocol.channel is not None:
+        return protocol.channel
+    for k, name in enumerate(info.channel_names or ()):
+        if name and _NUCLEAR_STAINS.search(name):
+            return k
+    return None if info.n_channels == 3 else 0
 
 
 @dataclass(frozen=True)

@@ -310,3 +310,13 @@ def test_diameter_auto_measures_the_nuclei_first(tmp_path):
     assert "measured" in scale["source"]
     assert 8 < scale["image_diameter_px"] < 40 and scale["factor"] < 0.8 and scale["factor"] == pytest.approx(6.0 / scale["image_diameter_px"])
     assert same_partition(labels, out_labels)
+
+
+def test_nuclear_channel_is_found_by_name(tmp_path):
+    from cellseg.pipeline import model_channel
+    from cellseg.slide import open_slide
+    path = tmp_path / "three.ome.tif"
+    tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint16), metadata={"axes": "CYX", "Channel": {"Name": ["GFP", "DAPI", "CD45"]}})
+    with open_slide(path) as slide:
+        assert model_channel(Protocol(name="t"), slide) == 1
+        assert model_channel(Protocol(name="t", channel=2), slide) == 2
