@@ -211,7 +211,9 @@ def protocols_show(name: str) -> None:
 @click.option("--lr", type=float, default=3e-4, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
-def train(data, out, steps, minutes, batch_size, crop, lr, device, resume) -> None:
+@click.option("--init", "init", default="none", show_default=True, metavar="none|coco|coco:FILE|BUNDLE",
+              help="Starting weights: random, torchvision's COCO Mask R-CNN (local file), or a bundle to fine-tune.")
+def train(data, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
     from .detect import resolve_device
     from .train import TrainSettings, load_coco, train as run_training
@@ -221,7 +223,7 @@ def train(data, out, steps, minutes, batch_size, crop, lr, device, resume) -> No
     items, classes = load_coco(data)
     bundle = run_training(items, classes, out, TrainSettings(steps=steps, batch_size=batch_size, crop=crop,
                                                               lr=lr, minutes=minutes),
-                          resume=resume, device=str(resolve_device(device)))
+                          resume=resume, device=str(resolve_device(device)), init=init)
     click.echo(f"bundle written to {bundle}")
 
 

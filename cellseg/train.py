@@ -129,6 +129,59 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator) -> tuple[
     return img.contiguous(), {"boxes": boxes, "labels": classes, "masks": masks.to(torch.uint8)}
 
 
+# torchvision's COCO Mask R-CNN (ResNet-50-FPN v1): the file name its weights enum downloads to.
+COCO_WEIGHTS_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+COCO_ARCHITECTURE = ModelConfig(backbone="resnet50", norm="frozen_bn", fpn_channels=256, box_head_size=1024)
+
+
+def coco_weights_path() -> Path:
+    """Where torchvision keeps the COCO weights once downloaded (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / COCO_WEIGHTS_FILE
+
+
+def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | None, str]:
+    """Architecture and starting weights for `--init none | coco | coco:FILE | BUNDLE`.
+
+    Returns (model config sized to `classes`, state dict or None for random, description for the card).
+    """
+    import dataclasses
+    from .bundle import load_bundle
+    if init == "none":
+        return ModelConfig(classes=tuple(classes)), None, "random initialisation"
+    if init == "coco" or init.startswith("coco:"):
+        path = Path(init[5:]) if init.startswith("coco:") else coco_weights_path()
+        if not path.is_file():
+            raise CellsegError(
+                f"expected torchvision's COCO Mask R-CNN weights at {path}, found none; nothing is downloaded "
+                f"here: on a machine with internet run `python -c \"import torchvision; torchvision.models."
+                f"detection.maskrcnn_resnet50_fpn(weights='DEFAULT')\"`, copy {COCO_WEIGHTS_FILE} from its torch "
+                f"hub cache, and pass --init coco:PATH")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)   # tensors only, never pickled code
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CellsegError(f"expected a torch state dict of COCO Mask R-CNN weights at {path}: {e}") from e
+        return dataclasses.replace(COCO_ARCHITECTURE, classes=tuple(classes)), state, f"torchvision COCO ({path.name})"
+    bundle = load_bundle(init)
+    return (dataclasses.replace(bundle.model, classes=tuple(classes)), bundle.state_dict(),
+            f"bundle {bundle.name} ({bundle.weights_sha256[:12]})")
+
+
+def load_matching(model: torch.nn.Module, state: dict) -> list[str]:
+    """Load every tensor whose name and shape fit; return the names left at random init (e.g. class heads)."""
+    # torchvision's v1 checkpoints name the mask head convs mask_fcn1..4; the module now calls them 0..3.
+    renamed = {}
+    for key, value in state.items():
+        for i in range(1, 5):
+            key = key.replace(f"roi_heads.mask_head.mask_fcn{i}.", f"roi_heads.mask_head.{i - 1}.0.")
+        renamed[key] = value
+    own = model.state_dict()
+    matched = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CellsegError("expected starting weights for this architecture, found no tensor that fits")
+    model.load_state_dict(matched, strict=False)
+    return sorted(set(own) - set(matched))
+
+
 @dataclass
 class TrainSettings:
     steps: int = 2000
@@ -143,17 +196,26 @@ class TrainSettings:
 
 def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
           model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
-          card: dict | None = None, progress: bool = True) -> Path:
-    """Train (or resume) and write a bundle to `out`. Returns the bundle folder."""
+          card: dict | None = None, progress: bool = True, init: str = "none") -> Path:
+    """Train (or resume) and write a bundle to `out`. Returns the bundle folder.
+
+    init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
+    to fine-tune (its architecture; class heads re-initialised when the classes differ).
+    """
     from tqdm import tqdm
     if not items:
         raise CellsegError("expected at least one annotated image to train on, found none")
-    cfg = model_cfg or ModelConfig(classes=tuple(classes))
+    init_cfg, init_state, init_note = initial_weights(init, classes)
+    cfg = model_cfg or init_cfg
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     dev = torch.device(device)
     torch.manual_seed(settings.seed)
-    model = build_model(cfg).to(dev).train()
+    model = build_model(cfg)
+    if init_state is not None and not (resume and ckpt_path.is_file()):
+        fresh = load_matching(model, init_state)
+        log.info("started from %s; %d tensors left at random init: %s", init_note, len(fresh), ", ".join(fresh[:6]))
+    model = model.to(dev).train()
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     step, history, wall = 0, [], 0.0
     if resume and ckpt_path.is_file():
@@ -207,7 +269,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     bar.close()
     save_checkpoint()
     _write_log(out, history, list(losses.keys()) if step else [])
-    meta = {"training": {"steps": step, "wall_seconds": round(wall, 1), "device": str(dev),
+    meta = {"training": {"init": init_note, "steps": step, "wall_seconds": round(wall, 1), "device": str(dev),
                          "hardware": _hardware(dev), "batch_size": settings.batch_size, "crop_px": settings.crop,
                          "lr": settings.lr, "finished": step >= settings.steps}}
     for k, v in (card or {}).items():

@@ -88,3 +88,36 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 9 and len(ckpt["history"]) == 9
+
+
+def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
+    from cellseg.detect import build_model
+    from cellseg.train import initial_weights, load_matching
+    cfg, state, note = initial_weights(str(tiny_bundle), ["nucleus"])
+    assert "bundle tiny" in note and cfg.fpn_channels == tiny_model_config().fpn_channels
+    model = build_model(cfg)
+    assert load_matching(model, state) == []                       # same classes: every tensor loads
+    two = build_model(initial_weights(str(tiny_bundle), ["nucleus", "mitosis"])[0])
+    fresh = load_matching(two, state)                              # new classes: only the class heads restart
+    assert fresh and all("predictor" in k for k in fresh)
+    assert torch.equal(two.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
+
+
+def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from cellseg.detect import build_model
+    from cellseg.errors import CellsegError
+    from cellseg.train import initial_weights, load_matching
+    with pytest.raises(CellsegError, match="nothing is downloaded"):
+        initial_weights(f"coco:{tmp_path / 'missing.pth'}", ["nucleus"])
+    # A checkpoint with the exact layout of torchvision's COCO file (91 classes), random values.
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(reference, path)
+    cfg, state, note = initial_weights(f"coco:{path}", ["nucleus"])
+    assert cfg.backbone == "resnet50" and "COCO" in note
+    model = build_model(cfg)
+    fresh = load_matching(model, state)
+    assert fresh and all("predictor" in k for k in fresh)          # only the 91-class heads restart
+    assert torch.equal(model.state_dict()["roi_heads.mask_head.0.0.weight"],
+                       reference["roi_heads.mask_head.0.0.weight"])
