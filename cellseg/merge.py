@@ -16,17 +16,24 @@ The rule (DESIGN.md §4), applied while tiles stream in row-major order:
 Cells kept by a tile can only touch cells of the 8 neighbouring tiles (a cell reaches at most one halo
 beyond its core and 2 * halo <= tile), so once grid row r + 1 is in, row r is final. Memory therefore
 holds three tile rows of cells, never the slide.
+
+Cost scales with the number of cells, not with the slide (performance goal: >= 1e6 cells/min with
+measure.py). Per tile, every overlapping pair of masks is found at once by painting pixel counts on a
+canvas the size of the tile; only the few pairs that are duplicates go through the (inherently
+sequential) keep-the-better-one loop. The pairs that survive are remembered with their shared pixels,
+so pop_final resolves painter's order without searching again.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .detect import TileDetections
-from .tiling import TileSpec
+from .maskrows import MaskRows
+from .tiling import Box, TileSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +77,20 @@ class Instances:
                          np.concatenate([p.tile_index for p in parts]), np.concatenate([p.cut for p in parts]))
 
 
+def _centroids_and_areas(boxes: np.ndarray, masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) centroid (row, col) and (N,) pixel count of each mask, exactly as rows.mean() would give."""
+    rows = MaskRows.of(boxes, masks)
+    count, row_sum, col_sum = rows.sums()
+    # The sums of integer offsets are exact in float64, so these means equal numpy's rows.mean() bit for
+    # bit (ownership at a core edge must not flip on rounding).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = np.stack([rows.boxes[:, 0] + row_sum / count, rows.boxes[:, 1] + col_sum / count], axis=1)
+    return centroids.reshape(-1, 2), count.astype(np.int64)
+
+
 def mask_centroids(boxes: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     """(N, 2) float centroid (row, col) of each mask in the boxes' frame."""
-    out = np.zeros((len(masks), 2))
-    for i, m in enumerate(masks):
-        rows, cols = np.nonzero(m)
-        out[i] = boxes[i, 0] + rows.mean(), boxes[i, 1] + cols.mean()
-    return out
+    return _centroids_and_areas(boxes, masks)[0]
 
 
 def seam_band_px(halo_px: int) -> int:
@@ -89,9 +103,8 @@ def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int,
     """The cells of one tile's detections that this tile keeps (centroid in core + band), in slide coordinates."""
     if len(det) == 0:
         return Instances.empty()
-    boxes = det.boxes + np.array([tile.read.row0, tile.read.col0] * 2)
-    areas = np.array([m.sum() for m in det.masks])
-    centroids = mask_centroids(boxes, det.masks)
+    boxes = np.asarray(det.boxes, np.int64).reshape(-1, 4) + np.array([tile.read.row0, tile.read.col0] * 2)
+    centroids, areas = _centroids_and_areas(boxes, det.masks)
     core = tile.core
     b = band_px
     owned = ((centroids[:, 0] >= core.row0 - b) & (centroids[:, 0] < core.row1 + b)
@@ -107,20 +120,37 @@ def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int,
                      det.class_ids[keep], np.full(len(keep), tile.index, np.int64), touches[keep])
 
 
-def _overlap(box_a, mask_a, box_b, mask_b) -> int:
-    """Number of pixels two box-cropped masks share."""
-    r0, c0 = max(box_a[0], box_b[0]), max(box_a[1], box_b[1])
-    r1, c1 = min(box_a[2], box_b[2]), min(box_a[3], box_b[3])
-    if r0 >= r1 or c0 >= c1:
-        return 0
-    a = mask_a[r0 - box_a[0]:r1 - box_a[0], c0 - box_a[1]:c1 - box_a[1]]
-    b = mask_b[r0 - box_b[0]:r1 - box_b[0], c0 - box_b[1]:c1 - box_b[1]]
-    return int(np.count_nonzero(a & b))
-
-
-def _intersecting(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+def _intersecting(boxes: np.ndarray, box) -> np.ndarray:
     return np.flatnonzero((boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0])
                           & (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1]))
+
+
+def _overlapping_pairs(cell: np.ndarray, pix: np.ndarray, canvas_size: int, n_cells: int):
+    """All pairs of cells sharing pixels: (a, b) with a < b, shared pixel count, and (pair, pixel) lists.
+
+    cell/pix: owner and canvas index of each painted pixel, cell-major (so a < b within a pixel).
+    A pixel count per canvas pixel picks the few shared pixels; sorting only those groups them.
+    """
+    shared = np.bincount(pix, minlength=canvas_size)[pix] > 1
+    pix, cell = pix[shared], cell[shared]
+    order = np.argsort(pix, kind="stable")
+    pix, cell = pix[order], cell[order]
+    a_parts, b_parts, pix_parts = [], [], []
+    d = 1
+    while d < len(pix):          # a pixel shared by k cells gives k(k-1)/2 pairs; k is 2, rarely 3
+        same = np.flatnonzero(pix[d:] == pix[:-d])
+        if same.size == 0:
+            break
+        a_parts.append(cell[same])
+        b_parts.append(cell[same + d])
+        pix_parts.append(pix[same])
+        d += 1
+    if not a_parts:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty, empty
+    key = np.concatenate(a_parts) * n_cells + np.concatenate(b_parts)
+    keys, pair_of_pixel, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return keys // n_cells, keys % n_cells, counts, pair_of_pixel, np.concatenate(pix_parts)
 
 
 @dataclass
@@ -135,15 +165,25 @@ class SeamStats:
 
 
 @dataclass
-class _Pool:
-    """Alive candidate cells of recent tiles, with what the seam tests need precomputed."""
+class _Chunk:
+    """One tile's owned cells while they may still change, with what the seam tests need precomputed.
 
-    cells: Instances = field(default_factory=Instances.empty)
-    grid_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    priority: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    emitted: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))   # handed out, kept as a rival
+    Cells are numbered by arrival (`serial0 + k`) across the whole run. `pairs` are the (earlier, later)
+    serials of cells of this tile that share pixels with an earlier or same-tile cell, both alive when
+    this tile was added; `pair_pixels` their shared pixels as (pair index, row, col) in slide px.
+    """
+
+    tile: TileSpec
+    cells: Instances
+    extent: Box                       # holds every cell's box (the read box, unless a detector overstepped it)
+    serial0: int
+    areas: np.ndarray
+    priority: np.ndarray
+    tight: np.ndarray                 # mask's bounding box equals its box
+    alive: np.ndarray
+    emitted: np.ndarray               # handed out, kept as a rival
+    pairs: np.ndarray
+    pair_pixels: np.ndarray           # (3, P): pair index, row, col
 
 
 class SeamMerger:
@@ -153,97 +193,200 @@ class SeamMerger:
         self.dedupe_overlap = dedupe_overlap
         self.min_area_px = max(min_area_px, 1)
         self.stats = SeamStats()
-        self._pool = _Pool()
+        self._pool: list[_Chunk] = []         # in arrival order
         self._serial = 0   # ties in score are broken by arrival order, so results are deterministic
 
     def add_tile(self, tile: TileSpec, cells: Instances) -> None:
         """Dedupe a tile's owned cells against everything alive, then add the survivors."""
-        pool = self._pool
-        areas = np.array([m.sum() for m in cells.masks], np.int64)
+        n = len(cells)
+        if n == 0:
+            return
+        serial0 = self._serial
+        self._serial += n
         # Uncut cells beat cut ones; then score; then earlier arrival.
-        priority = (~cells.cut).astype(float) * 2 + cells.scores - 1e-9 * (self._serial + np.arange(len(cells)))
-        self._serial += len(cells)
-        # Only pool cells inside this tile's read box can touch its cells: test against those alone.
-        near = _intersecting(pool.cells.boxes, np.asarray(tile.read))
-        near = near[pool.alive[near]]
-        boxes = np.concatenate([pool.cells.boxes[near], cells.boxes])
-        masks = [pool.cells.masks[j] for j in near] + cells.masks
-        local_areas = np.concatenate([pool.areas[near], areas])
-        local_priority = np.concatenate([pool.priority[near], priority])
-        alive = np.concatenate([np.ones(len(near), bool), np.zeros(len(cells), bool)])
-        for i in np.argsort(-priority, kind="stable"):
-            j_new = len(near) + i
+        priority = (~cells.cut).astype(float) * 2 + cells.scores - 1e-9 * (serial0 + np.arange(n))
+        # Only alive pool cells inside this tile's read box can touch its cells: test against those alone.
+        # Cells of a tile lie inside its read box, so only tiles whose read boxes meet this one can hold any.
+        read = np.asarray(tile.read)
+        near_parts = []
+        for chunk in self._pool:
+            e = chunk.extent
+            if not (e.row0 < read[2] and e.row1 > read[0] and e.col0 < read[3] and e.col1 > read[1]):
+                continue
+            idx = _intersecting(chunk.cells.boxes, read)
+            near_parts.append((chunk, idx[chunk.alive[idx]]))
+        n_near = sum(len(idx) for _, idx in near_parts)
+        boxes = np.concatenate([c.cells.boxes[i] for c, i in near_parts] + [cells.boxes])
+        rows = MaskRows.of(boxes, [c.cells.masks[j] for c, i in near_parts for j in i] + cells.masks)
+        counts = rows.areas()
+        # One canvas covers the read box and every cell involved, so no pixel needs clipping.
+        f0 = np.minimum(read[:2], boxes[:, :2].min(0))
+        f1 = np.maximum(read[2:], boxes[:, 2:].max(0))
+        fw = f1[1] - f0[1]
+        a, b, shared, pair_of_pixel, pix = _overlapping_pairs(
+            rows.pixel_cells(), rows.canvas_index(f0[0], f0[1], fw), (f1[0] - f0[0]) * fw, n_near + n)
+        new_pair = b >= n_near                  # pairs of two earlier cells are not this tile's business
+        a, b, shared = a[new_pair], b[new_pair], shared[new_pair]
+        keep_pixel = new_pair[pair_of_pixel]
+        pair_of_pixel = (np.cumsum(new_pair) - 1)[pair_of_pixel[keep_pixel]]
+        pix = pix[keep_pixel]
+
+        areas = np.concatenate([c.areas[i] for c, i in near_parts] + [counts[n_near:]])
+        local_priority = np.concatenate([c.priority[i] for c, i in near_parts] + [priority])
+        alive = np.concatenate([np.ones(n_near, bool), np.ones(n, bool)])
+        self._dedupe(a, b, shared, areas, local_priority, alive, n_near)
+
+        # Remember the pairs whose both cells survived, with their shared pixels, for painter's order.
+        both = alive[a] & alive[b]
+        serials = np.concatenate([c.serial0 + i for c, i in near_parts] + [serial0 + np.arange(n)])
+        pairs = np.stack([serials[a[both]], serials[b[both]]], axis=1)
+        keep_pixel = both[pair_of_pixel]
+        pair_pixels = np.stack([(np.cumsum(both) - 1)[pair_of_pixel[keep_pixel]],
+                                pix[keep_pixel] // fw + f0[0], pix[keep_pixel] % fw + f0[1]])
+        start = 0
+        for chunk, idx in near_parts:
+            chunk.alive[idx] = alive[start:start + len(idx)]
+            start += len(idx)
+        bounds, has = rows.bounds()
+        tight = has[n_near:] & (bounds[n_near:] == cells.boxes).all(1)
+        extent = Box(*map(int, f0), *map(int, f1))
+        self._pool.append(_Chunk(tile, cells, extent, serial0, counts[n_near:], priority, tight, alive[n_near:],
+                                 np.zeros(n, bool), pairs, pair_pixels))
+
+    def _dedupe(self, a, b, shared, areas, priority, alive, n_near) -> None:
+        """Keep the better of each duplicate pair, visiting new cells best first (updates `alive`).
+
+        Only pairs overlapping by more than dedupe_overlap of the smaller mask matter; a new cell kills
+        the worse earlier cells it duplicates until it meets a better one, which makes it the duplicate.
+        """
+        dup = shared > self.dedupe_overlap * np.minimum(areas[a], areas[b])
+        a, b = a[dup], b[dup]
+        alive[n_near:] = True
+        if a.size == 0:
+            return
+        alive[n_near:] = False
+        ends, partners = np.concatenate([a, b]), np.concatenate([b, a])
+        order = np.lexsort((partners, ends))
+        ends, partners = ends[order], partners[order]
+        bounds = np.searchsorted(ends, np.arange(len(alive) + 1))
+        has_dup = np.zeros(len(alive), bool)
+        has_dup[ends] = True
+        new_order = n_near + np.argsort(-priority[n_near:], kind="stable")
+        alive[new_order[~has_dup[new_order]]] = True
+        for j_new in new_order[has_dup[new_order]]:
             duplicate = False
-            for j in _intersecting(boxes, boxes[j_new]):
-                if not alive[j] or j == j_new:
+            for j in partners[bounds[j_new]:bounds[j_new + 1]]:
+                if not alive[j]:
                     continue
-                shared = _overlap(boxes[j_new], masks[j_new], boxes[j], masks[j])
-                if shared > self.dedupe_overlap * min(local_areas[j_new], local_areas[j]):
-                    if local_priority[j] >= local_priority[j_new]:
-                        duplicate = True
-                        break
-                    alive[j] = False            # the new cell is the better view of it
-                    self.stats.duplicates_removed += 1
+                if priority[j] >= priority[j_new]:
+                    duplicate = True
+                    break
+                alive[j] = False            # the new cell is the better view of it
+                self.stats.duplicates_removed += 1
             if duplicate:
                 self.stats.duplicates_removed += 1
             else:
                 alive[j_new] = True
-        pool.alive[near] = alive[:len(near)]
-        pool.cells = Instances.concat([pool.cells, cells])
-        pool.grid_row = np.concatenate([pool.grid_row, np.full(len(cells), tile.grid_row, np.int64)])
-        pool.areas = np.concatenate([pool.areas, areas])
-        pool.priority = np.concatenate([pool.priority, priority])
-        pool.alive = np.concatenate([pool.alive, alive[len(near):]])
-        pool.emitted = np.concatenate([pool.emitted, np.zeros(len(cells), bool)])
 
     def pop_final(self, through_grid_row: int | None = None) -> Instances:
         """Final cells of grid rows <= through_grid_row (None: all), overlaps resolved, sorted by tile.
 
         Call with r - 1 once every tile of grid row r has been added, and with None at the end.
         """
-        pool = self._pool
         last = np.iinfo(np.int64).max if through_grid_row is None else through_grid_row
-        final = np.flatnonzero(pool.alive & ~pool.emitted & (pool.grid_row <= last))
-        pool.emitted[final] = True
-        final = final[np.lexsort((pool.cells.boxes[final, 1], pool.cells.boxes[final, 0],
-                                  pool.cells.tile_index[final]))]
-        out = pool.cells.take(final)
-        keep = np.ones(len(final), bool)
-        alive_idx = np.flatnonzero(pool.alive)
-        for k, i in enumerate(final):
-            box = pool.cells.boxes[i]
-            rivals = alive_idx[_intersecting(pool.cells.boxes[alive_idx], box)]
-            rivals = rivals[pool.priority[rivals] > pool.priority[i]]
-            mask = pool.cells.masks[i]
-            if len(rivals):
-                mask = mask.copy()
-                for j in rivals:
-                    rbox = pool.cells.boxes[j]
-                    r0, c0 = max(box[0], rbox[0]), max(box[1], rbox[1])
-                    r1, c1 = min(box[2], rbox[2]), min(box[3], rbox[3])
-                    if r0 < r1 and c0 < c1:
-                        mine = mask[r0 - box[0]:r1 - box[0], c0 - box[1]:c1 - box[1]]
-                        theirs = pool.cells.masks[j][r0 - rbox[0]:r1 - rbox[0], c0 - rbox[1]:c1 - rbox[1]]
-                        self.stats.pixels_reassigned += int(np.count_nonzero(mine & theirs))
-                        mine &= ~theirs
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            if rows.size == 0 or np.count_nonzero(mask) < self.min_area_px:
-                keep[k] = False
-                self.stats.cells_emptied += 1
-                continue
-            out.masks[k] = np.ascontiguousarray(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
-            out.boxes[k] = (box[0] + rows[0], box[1] + cols[0], box[0] + rows[-1] + 1, box[1] + cols[-1] + 1)
+        picked = []
+        for chunk in self._pool:
+            if chunk.tile.grid_row <= last:
+                idx = np.flatnonzero(chunk.alive & ~chunk.emitted)
+                chunk.emitted[idx] = True
+                picked.append((chunk, idx))
+        out = Instances.concat([c.cells.take(i) for c, i in picked])
+        if not len(out):
+            self._forget(last - 1)
+            return out
+        order = np.lexsort((out.boxes[:, 1], out.boxes[:, 0], out.tile_index))
+        out = out.take(order)
+        serial = np.concatenate([c.serial0 + i for c, i in picked])[order]
+        areas = np.concatenate([c.areas[i] for c, i in picked])[order]
+        tight = np.concatenate([c.tight[i] for c, i in picked])[order]
+        loser, lost_row, lost_col = self._painters_order(serial)     # sorted by loser
+        lost = np.bincount(loser, minlength=len(out))
+        keep = areas - lost >= self.min_area_px
+        self._trim(out, np.flatnonzero(keep & ((lost > 0) | ~tight)), loser, lost_row, lost_col)
+        self.stats.cells_emptied += int((~keep).sum())
         out = out.take(np.flatnonzero(keep))
         self.stats.cells_cut += int(out.cut.sum())
         # Rows before the finalised ones can no longer touch anything still to come: forget them.
         self._forget(last - 1)
         return out
 
-    def _forget(self, through_grid_row: int) -> None:
-        pool = self._pool
-        keep = np.flatnonzero(pool.grid_row > through_grid_row)
-        if len(keep) == len(pool.grid_row):
+    @staticmethod
+    def _trim(out: Instances, which: np.ndarray, loser: np.ndarray, lost_row: np.ndarray,
+              lost_col: np.ndarray) -> None:
+        """Clear the lost pixels of cells `which` of `out` and crop them to their remaining pixels, in place.
+
+        All their masks are copied into one buffer, cleared and bounded there at once; each cell then gets
+        a view of its part (contiguous when not cropped).
+        """
+        if which.size == 0:
             return
-        pool.cells = pool.cells.take(keep)
-        pool.grid_row, pool.areas = pool.grid_row[keep], pool.areas[keep]
-        pool.priority, pool.alive, pool.emitted = pool.priority[keep], pool.alive[keep], pool.emitted[keep]
+        boxes = out.boxes[which]
+        heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        sizes = heights * widths
+        starts = np.cumsum(sizes) - sizes
+        flat = np.concatenate([out.masks[k].reshape(-1) for k in which]).astype(bool, copy=False)
+        position = np.full(len(out), -1)
+        position[which] = np.arange(len(which))
+        p = position[loser]
+        sel = p >= 0
+        p = p[sel]
+        flat[starts[p] + (lost_row[sel] - boxes[p, 0]) * widths[p] + lost_col[sel] - boxes[p, 1]] = False
+        bounds, _ = MaskRows(boxes, flat).bounds()
+        rel = bounds - boxes[:, [0, 1, 0, 1]]
+        cropped = (rel[:, 0] > 0) | (rel[:, 1] > 0) | (rel[:, 2] < heights) | (rel[:, 3] < widths)
+        for i, k in enumerate(which.tolist()):
+            mask = flat[starts[i]:starts[i] + sizes[i]].reshape(heights[i], widths[i])
+            if cropped[i]:
+                mask = np.ascontiguousarray(mask[rel[i, 0]:rel[i, 2], rel[i, 1]:rel[i, 3]])
+            out.masks[k] = mask
+        out.boxes[which] = bounds
+
+    def _painters_order(self, final_serial: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixels the final cells lose to alive cells of higher priority: (final index, row, col), unique,
+        sorted by final index.
+
+        Every pair of alive cells sharing pixels was recorded by the later one's add_tile (the earlier one
+        was alive and in the pool then, as it is now), so the rivals are looked up, not searched for.
+        """
+        chunks = self._pool
+        lo = min(c.serial0 for c in chunks)
+        size = self._serial - lo
+        alive = np.zeros(size, bool)
+        priority = np.zeros(size)
+        final_pos = np.full(size, -1)
+        for c in chunks:
+            s = c.serial0 - lo + np.arange(len(c.cells))
+            alive[s], priority[s] = c.alive, c.priority
+        final_pos[final_serial - lo] = np.arange(len(final_serial))
+        pairs = np.concatenate([c.pairs for c in chunks]) - lo
+        offsets = np.cumsum([0] + [len(c.pairs) for c in chunks[:-1]])
+        pixels = np.concatenate([c.pair_pixels + np.array([[o], [0], [0]]) for c, o in zip(chunks, offsets)], axis=1)
+        a, b = pairs[:, 0], pairs[:, 1]
+        known = (a >= 0) & (b >= 0)                     # a cell forgotten already cannot be a rival
+        a, b = np.where(known, a, 0), np.where(known, b, 0)
+        live = known & alive[a] & alive[b] & (priority[a] != priority[b])
+        loser = np.where(priority[a] < priority[b], a, b)
+        loser_pos = np.where(live, final_pos[loser], -1)
+        pixel_loser = loser_pos[pixels[0]]
+        sel = pixel_loser >= 0
+        loser, row, col = pixel_loser[sel], pixels[1][sel], pixels[2][sel]
+        order = np.lexsort((col, row, loser))
+        loser, row, col = loser[order], row[order], col[order]
+        # A pixel lost to two rivals is lost once.
+        first = np.ones(len(loser), bool)
+        first[1:] = (np.diff(loser) != 0) | (np.diff(row) != 0) | (np.diff(col) != 0)
+        self.stats.pixels_reassigned += int(first.sum())
+        return loser[first], row[first], col[first]
+
+    def _forget(self, through_grid_row: int) -> None:
+        self._pool = [c for c in self._pool if c.tile.grid_row > through_grid_row]

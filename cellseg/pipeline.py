@@ -293,9 +293,14 @@ class _Emitter:
     def emit(self, cells: Instances) -> None:
         if not len(cells):
             return
-        for tile_index in np.unique(cells.tile_index):
-            part = cells.take(np.flatnonzero(cells.tile_index == tile_index))
-            tile = self.tiles[int(tile_index)]
+        # Cells come grouped by tile (pop_final sorts them so); a stable sort keeps any order safe and
+        # splits the groups in one pass instead of one scan of all cells per tile.
+        order = np.argsort(cells.tile_index, kind="stable")
+        tile_of = cells.tile_index[order]
+        starts = np.flatnonzero(np.r_[True, tile_of[1:] != tile_of[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+            part = cells.take(order[start:stop])
+            tile = self.tiles[int(tile_of[start])]
             ids = np.arange(self.next_id, self.next_id + len(part), dtype=np.int64)
             self.next_id += len(part)
             with self.timer("measure"):
