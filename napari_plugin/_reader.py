@@ -1,0 +1,28 @@
+"""npe2 reader: a cellseg result folder (or its run.json) or a slide file, opened lazily.
+
+`get_reader` only looks at the path (cheap, called for every file napari opens); the returned function
+builds the layers with `_layers`, which never reads a whole slide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ._layers import LayerData, find_result_folder, is_slide_path, result_layer_data, slide_layer_data
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(find_result_folder(p) is not None or is_slide_path(p) for p in paths):
+        return None
+    return read
+
+
+def read(path: str | list[str]) -> list[LayerData]:
+    """Layers of each path: a result folder's slide, labels, cells and tissue mask, or a slide's image(s)."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        layers += result_layer_data(p) if find_result_folder(p) is not None else slide_layer_data(p)
+    return layers

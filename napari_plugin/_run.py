@@ -1,0 +1,172 @@
+"""One count run for the widget: the CLI's `cellseg.pipeline.count_slide`, with progress and cancel.
+
+No Qt: the widget calls `run_count` in a napari thread worker and passes a progress callback and a
+threading.Event; tests call it directly. Progress and cancel ride on the detector: `ProgressDetector`
+wraps the real one (the pipeline's TileDetector protocol), counts tiles and raises `Cancelled` between
+batches, so the pipeline stops at the next batch and `staged_output` removes the half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cellseg.errors import CellsegError
+from cellseg.tiling import Box
+
+from ._layers import REGION_FILE
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]   # (tiles done, tiles total)
+
+
+class Cancelled(CellsegError):
+    """The user cancelled the run; nothing was written."""
+
+
+@dataclass
+class CountRequest:
+    """What the widget asks for. `slide` is a file to count whole, or the source of `region`.
+
+    region: count only this level-0 box (the pixels are copied into a temporary tiled TIFF first);
+    read: where the region's pixels come from when the image is not a file (an in-memory layer).
+    """
+
+    slide: Path | None
+    protocol: str = "fluorescence-nuclei"
+    device: str = "auto"
+    model: str | None = None                 # bundle folder or shipped name; None: the protocol's
+    score_threshold: float | None = None
+    channel: int | None = None
+    output: Path | None = None               # result folder; None: a new temporary folder
+    region: Box | None = None
+    read: Callable[[Box], np.ndarray] | None = None
+    shape: tuple[int, int] | None = None     # (h, w) of the in-memory image (with read)
+    n_channels: int = 1
+    dtype: str = "uint8"
+    mpp: float | None = None
+    name: str = "image"
+    extra: dict = field(default_factory=dict)
+
+
+class ProgressDetector:
+    """A TileDetector that forwards to `inner`, reports tiles done and stops when `cancel` is set."""
+
+    def __init__(self, inner, total: int, progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None):
+        self.inner = inner
+        self.class_names = inner.class_names
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.progress = progress
+        self.cancel = cancel
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("cancelled by the user; no result was written")
+
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence, scale: float = 1.0):
+        self.check()
+        out = self.inner.detect(images, tiles, scale)
+        self.done = min(self.done + len(images), self.total)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        self.check()
+        return out
+
+
+def expected_tiles(height: int, width: int, protocol, model_diameter_px: float | None, mpp: float | None) -> int:
+    """The number of tiles count_slide will plan (same scale rule: pipeline.choose_scale)."""
+    from cellseg.pipeline import choose_scale
+    from cellseg.tiling import plan_tiles
+    scale = choose_scale(model_diameter_px, None, protocol, mpp)
+    tile_px = max(16, round(protocol.tile_size / scale.factor))
+    halo_px = min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+    return len(plan_tiles(height, width, tile_px, halo_px))
+
+
+def run_count(request: CountRequest, progress: ProgressCallback | None = None,
+              cancel: threading.Event | None = None) -> Path:
+    """Count cells as `cellseg count` does and return the result folder (committed atomically).
+
+    Loads the protocol and model bundle, builds the Detector like cli.count, writes the region (if any) to
+    a temporary TIFF, runs `count_slide` into `staged_output(out)`. CellsegError for anything a user can
+    fix; Cancelled when `cancel` was set (the previous result at `output`, if any, is left untouched).
+    """
+    from cellseg.bundle import load_bundle
+    from cellseg.detect import Detector, resolve_device
+    from cellseg.pipeline import count_slide
+    from cellseg.protocol import load_protocol
+    from cellseg.resultdir import staged_output
+    from cellseg.slide import open_slide
+
+    from ._logic import write_region_tiff
+
+    protocol = load_protocol(request.protocol).replace(model=request.model, channel=request.channel,
+                                                      score_threshold=request.score_threshold)
+    torch_device = resolve_device(request.device)
+    name = re.sub(r"[^\w.-]+", "_", request.name).strip("._") or "image"
+    temp_parent = None if request.output else Path(tempfile.mkdtemp(prefix="cellseg-napari-"))
+    out = Path(request.output) if request.output else temp_parent / name
+    work = Path(tempfile.mkdtemp(prefix="cellseg-napari-input-"))
+    try:
+        slide_path = request.slide
+        if request.region is not None or slide_path is None:
+            slide_path = work / f"{name}.ome.tif"
+            if request.slide is not None:
+                with open_slide(request.slide) as src:
+                    box = request.region or Box(0, 0, src.info.height, src.info.width)
+                    write_region_tiff(lambda b: src.read_region(b), box, slide_path, n_channels=src.info.n_channels,
+                                      dtype=src.info.dtype, mpp=src.info.mpp, rgb=src.info.n_channels == 3
+                                      and not src.info.channel_names)
+            else:
+                if request.read is None or request.shape is None:
+                    raise CellsegError("expected a slide file or an image to read the pixels from, got neither")
+                box = request.region or Box(0, 0, *request.shape)
+                write_region_tiff(request.read, box, slide_path, n_channels=request.n_channels,
+                                  dtype=request.dtype, mpp=request.mpp, rgb=request.n_channels == 3)
+        else:
+            box = None
+        with open_slide(slide_path, mpp=request.mpp) as slide:
+            height, width, mpp = slide.info.height, slide.info.width, slide.info.mpp
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled by the user; no result was written")
+        bundle = load_bundle(protocol.model)
+        detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
+                            score_threshold=protocol.score_threshold if protocol.score_threshold is not None
+                            else bundle.score_threshold,
+                            mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+        total = expected_tiles(height, width, protocol, bundle.nucleus_diameter_px, mpp)
+        wrapped = ProgressDetector(detector, total, progress, cancel)
+        if progress is not None:
+            progress(0, wrapped.total)
+        run_info = {"command": f"napari cellseg widget ({request.name})", "device": str(torch_device),
+                    "interface": "napari",
+                    "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
+                              "score_threshold": detector.score_threshold}, **request.extra}
+        with staged_output(out) as staging:
+            count_slide(slide_path, staging, protocol, wrapped, mpp=request.mpp, run_info=run_info,
+                        model_diameter_px=bundle.nucleus_diameter_px)
+            if box is not None:
+                # The counted image was a temporary copy: say where its pixels came from.
+                region = {"slide": str(Path(request.slide).resolve()) if request.slide else None,
+                          "box_px": [int(v) for v in box], "source": request.name}
+                (staging / REGION_FILE).write_text(json.dumps(region, indent=2), encoding="utf-8")
+        return out
+    except BaseException:
+        if temp_parent is not None:
+            shutil.rmtree(temp_parent, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,392 @@
+"""The dock widget: count cells on an image layer (or a drawn rectangle of it), then browse the cells.
+
+A thin shell: the run is `_run.run_count` (the CLI's count_slide) in a napari thread worker, the layers come
+from `_layers.result_layer_data`, filtering and colours from `_logic`. Everything here is wiring.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                            QLabel, QLineEdit, QProgressBar, QPushButton, QTableView, QVBoxLayout, QWidget)
+
+from cellseg.errors import CellsegError
+
+from . import _logic
+from ._layers import load_result, result_layer_data
+from ._qtable import CellsTableModel
+from ._run import Cancelled, CountRequest, run_count
+
+log = logging.getLogger(__name__)
+
+WHOLE_IMAGE = "(whole image)"
+NO_COLOR = "(one colour)"
+POINT_COLOR = "yellow"
+
+
+class _Progress(QObject):
+    """Carries (done, total) from the worker thread to the GUI thread (a queued connection)."""
+
+    tiles = Signal(int, int)
+
+
+class CellsegWidget(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.last_result: Path | None = None
+        self._cancel = threading.Event()
+        self._progress = _Progress()
+        self._progress.tiles.connect(self._on_progress)
+        self._original_colormaps: dict[int, object] = {}
+
+        # ---- count
+        self.image_combo = QComboBox()
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip("Count only the selected (or last) shape of a Shapes layer: its bounding box")
+        self.protocol_combo = QComboBox()
+        from cellseg.protocol import list_protocols
+        self.protocol_combo.addItems(list_protocols())
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("the protocol's model")
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("a temporary folder")
+        self.run_button = QPushButton("Count cells")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setFormat("%v / %m tiles")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Region", self.region_combo)
+        form.addRow("Protocol", self.protocol_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Model", _with_browse(self.model_edit, self, "Model bundle folder"))
+        form.addRow("Results", _with_browse(self.output_edit, self, "Result folder"))
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        count_box = QGroupBox("Count")
+        count_layout = QVBoxLayout(count_box)
+        count_layout.addLayout(form)
+        count_layout.addLayout(buttons)
+        count_layout.addWidget(self.progress_bar)
+        count_layout.addWidget(self.status)
+
+        # ---- cells
+        self.cells_combo = QComboBox()
+        self.color_combo = QComboBox()
+        self.filter_column = QComboBox()
+        self.filter_min = QLineEdit()
+        self.filter_min.setPlaceholderText("min")
+        self.filter_max = QLineEdit()
+        self.filter_max.setPlaceholderText("max")
+        self.summary = QLabel("")
+        self.model = CellsTableModel(self)
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setSortingEnabled(True)
+        self.table.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        filter_row = QHBoxLayout()
+        filter_row.addWidget(self.filter_column, 2)
+        filter_row.addWidget(self.filter_min, 1)
+        filter_row.addWidget(self.filter_max, 1)
+        cells_form = QFormLayout()
+        cells_form.addRow("Cells", self.cells_combo)
+        cells_form.addRow("Colour by", self.color_combo)
+        cells_form.addRow("Filter", filter_row)
+        cells_box = QGroupBox("Cells")
+        cells_layout = QVBoxLayout(cells_box)
+        cells_layout.addLayout(cells_form)
+        cells_layout.addWidget(self.summary)
+        cells_layout.addWidget(self.table)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(count_box)
+        layout.addWidget(cells_box, 1)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.cells_combo.currentIndexChanged.connect(self._show_cells)
+        self.color_combo.currentIndexChanged.connect(self._apply_colors)
+        self.filter_column.currentIndexChanged.connect(self._apply_filter)
+        self.filter_min.editingFinished.connect(self._apply_filter)
+        self.filter_max.editingFinished.connect(self._apply_filter)
+        self.table.selectionModel().currentRowChanged.connect(self._on_row)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
+                      napari_viewer.layers.events.moved):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ layer lists
+
+    def _layers_of(self, kind: str) -> list:
+        from napari.layers import Image, Points, Shapes
+        if kind == "image":
+            return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        if kind == "shapes":
+            return [layer for layer in self.viewer.layers if isinstance(layer, Shapes)]
+        return [layer for layer in self.viewer.layers if isinstance(layer, Points)
+                and layer.metadata.get("cellseg", {}).get("kind") == "cells"]
+
+    def _refresh_layers(self, event=None) -> None:
+        inserted = getattr(event, "type", None) == "inserted"
+        new = getattr(event, "value", None) if inserted else None
+        _fill(self.image_combo, self._layers_of("image"), prefer=new)
+        _fill(self.region_combo, self._layers_of("shapes"), first=WHOLE_IMAGE, prefer=None)
+        _fill(self.cells_combo, self._layers_of("cells"), prefer=new)
+
+    def _current(self, combo: QComboBox):
+        layer = combo.currentData()
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    # ------------------------------------------------------------------ count
+
+    def request(self) -> CountRequest:
+        """What the form asks for, as a CountRequest (CellsegError when it cannot be counted)."""
+        image = self._current(self.image_combo)
+        if image is None:
+            raise CellsegError("expected an image layer to count, found none (open a slide first)")
+        meta = image.metadata.get("cellseg", {})
+        level0 = image.data[0] if image.multiscale else image.data
+        shape = tuple(int(n) for n in level0.shape[:2])
+        output = self.output_edit.text().strip()
+        request = CountRequest(slide=None, protocol=self.protocol_combo.currentText(),
+                               device=self.device_combo.currentText(), model=self.model_edit.text().strip() or None,
+                               output=Path(output) if output else None, name=image.name)
+        if meta.get("kind") == "slide" and meta.get("path") and Path(meta["path"]).is_file():
+            request.slide = Path(meta["path"])
+            request.channel = meta.get("channel")
+        else:
+            request.read = _logic.array_reader(level0)
+            request.shape = shape
+            request.n_channels = 3 if image.rgb else 1
+            request.dtype = str(level0.dtype)
+        shapes = self._current(self.region_combo)
+        if shapes is not None:
+            if not len(shapes.data):
+                raise CellsegError(f"expected a rectangle in the Shapes layer {shapes.name!r}, found no shapes")
+            chosen = sorted(shapes.selected_data)[-1] if shapes.selected_data else len(shapes.data) - 1
+            vertices = np.array([image.world_to_data(shapes.data_to_world(v)) for v in shapes.data[chosen]])
+            request.region = _logic.region_box(vertices, shape)
+        return request
+
+    def run(self):
+        """Start a count in a worker thread; returns the worker (None when the form is incomplete)."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return self.worker
+        try:
+            request = self.request()
+        except CellsegError as e:
+            self._say(str(e), error=True)
+            return None
+        image = self._current(self.image_combo)
+        self._placement = (tuple(image.scale), tuple(image.translate))
+        self._cancel = threading.Event()
+        self.progress_bar.setRange(0, 0)       # busy until the first tile count arrives
+        self._say(f"counting {request.name} ({request.protocol}, {request.device})…")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.worker = create_worker(_count, request, self._progress.tiles.emit, self._cancel,
+                                    _start_thread=False, _connect={"returned": self._on_done,
+                                                                   "errored": self._on_error,
+                                                                   "finished": self._on_finished})
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self._cancel.set()
+            self._say("cancelling after the current batch of tiles…")
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(done)
+
+    def _on_done(self, outcome) -> None:
+        if isinstance(outcome, Cancelled):
+            self._say("cancelled; nothing was written")
+            return
+        if isinstance(outcome, CellsegError):
+            self._say(str(outcome), error=True)
+            return
+        folder = outcome
+        self.last_result = folder
+        offset = load_result(folder).offset
+        scale, translate = self._placement
+        layers = result_layer_data(folder, with_slide=False, translate=offset)
+        for data, kwargs, layer_type in layers:
+            kwargs = _logic.place_on_image(kwargs, scale, translate)
+            getattr(self.viewer, f"add_{layer_type}")(data, **kwargs)
+        n = len(layers[-1][0])
+        self._say(f"{n} cells → {folder}")
+
+    def _on_error(self, exc: Exception) -> None:
+        self._say(f"error: {type(exc).__name__}: {exc}", error=True)
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.progress_bar.maximum() == 0:
+            self.progress_bar.setRange(0, 1)
+
+    def _say(self, text: str, error: bool = False) -> None:
+        self.status.setText(text)
+        self.status.setStyleSheet("color: #e0584f" if error else "")
+        (log.warning if error else log.info)("%s", text)
+
+    # ------------------------------------------------------------------ table
+
+    def cells_layer(self):
+        return self._current(self.cells_combo)
+
+    def _show_cells(self, *_) -> None:
+        layer = self.cells_layer()
+        cells = layer.features if layer is not None else None
+        columns = list(cells.columns) if cells is not None else []
+        numeric = _logic.numeric_columns(cells) if cells is not None else []
+        for combo, items, first in ((self.color_combo, columns, NO_COLOR), (self.filter_column, numeric, None)):
+            combo.blockSignals(True)
+            combo.clear()
+            if first:
+                combo.addItem(first)
+            combo.addItems(items)
+            combo.blockSignals(False)
+        self.model.set_cells(cells)
+        self.table.resizeColumnsToContents()
+        self._update_summary()
+
+    def _update_summary(self) -> None:
+        layer = self.cells_layer()
+        if layer is None:
+            self.summary.setText("")
+            return
+        result = layer.metadata.get("cellseg", {}).get("result", "")
+        self.summary.setText(f"{len(self.model.positions)} of {len(layer.features)} cells · {Path(result).name}")
+
+    def _apply_filter(self, *_) -> None:
+        layer = self.cells_layer()
+        if layer is None:
+            return
+        try:
+            low, high = (float(e.text()) if e.text().strip() else None for e in (self.filter_min, self.filter_max))
+        except ValueError:
+            self._say("expected numbers for the filter's min and max", error=True)
+            return
+        column = self.filter_column.currentText() or None
+        positions = _logic.filter_rows(layer.features, column, low, high)
+        self.model.set_positions(positions)
+        shown = np.zeros(len(layer.data), bool)
+        shown[positions] = True
+        layer.shown = shown
+        self._update_summary()
+
+    def _apply_colors(self, *_) -> None:
+        layer = self.cells_layer()
+        if layer is None:
+            return
+        column = self.color_combo.currentText()
+        labels = self._labels_for(layer)
+        if column in ("", NO_COLOR):
+            layer.face_color = POINT_COLOR
+            if labels is not None and id(labels) in self._original_colormaps:
+                labels.colormap = self._original_colormaps[id(labels)]
+            return
+        colors, limits = _logic.colors_by_column(layer.features, column)
+        layer.face_color = colors
+        if labels is not None:
+            from napari.utils.colormaps import DirectLabelColormap
+            self._original_colormaps.setdefault(id(labels), labels.colormap)
+            labels.colormap = DirectLabelColormap(
+                color_dict=_logic.label_color_dict(layer.features["cell_id"], colors))
+        if limits:
+            self._say(f"{column}: {limits[0]:.4g} (dark) … {limits[1]:.4g} (bright)")
+        current = self.table.currentIndex()
+        self.table.scrollTo(self.model.index(max(current.row(), 0), list(layer.features.columns).index(column)))
+
+    def _labels_for(self, cells_layer):
+        from napari.layers import Labels
+        result = cells_layer.metadata.get("cellseg", {}).get("result")
+        return next((layer for layer in self.viewer.layers if isinstance(layer, Labels)
+                     and layer.metadata.get("cellseg", {}).get("result") == result), None)
+
+    def select_row(self, row: int) -> None:
+        """Select view row `row` of the table (as a click does)."""
+        self.table.selectRow(row)
+        self.table.setCurrentIndex(self.model.index(row, 0))
+
+    def _on_row(self, current, previous=None) -> None:
+        layer = self.cells_layer()
+        if layer is None or not current.isValid():
+            return
+        position = self.model.position(current.row())
+        world = layer.data_to_world(layer.data[position])
+        camera(self.viewer).center = tuple(float(v) for v in world)
+        layer.selected_data = {position}
+
+
+def camera(viewer):
+    """The viewer's camera: viewer.scene.camera from napari 0.9, viewer.camera before."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _count(request: CountRequest, progress, cancel):
+    """Worker body: the result folder, or the CellsegError a user can act on (shown in the widget, not as a
+    traceback); anything else propagates to napari's error notification."""
+    try:
+        return run_count(request, progress, cancel)
+    except CellsegError as e:
+        return e
+
+
+def _fill(combo: QComboBox, layers: list, first: str | None = None, prefer=None) -> None:
+    """Refill a layer combo, keeping the current choice (or choosing `prefer`, a newly added layer)."""
+    current = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    if first:
+        combo.addItem(first, None)
+    for layer in layers:
+        combo.addItem(layer.name, layer)
+    target = prefer if prefer is not None and prefer in layers else current
+    index = next((i for i in range(combo.count()) if combo.itemData(i) is target), -1) if target is not None else -1
+    combo.setCurrentIndex(index if index >= 0 else (0 if combo.count() else -1))
+    combo.blockSignals(False)
+    if combo.currentData() is not current:
+        combo.currentIndexChanged.emit(combo.currentIndex())
+
+
+def _with_browse(edit: QLineEdit, parent: QWidget, title: str) -> QWidget:
+    box = QWidget()
+    row = QHBoxLayout(box)
+    row.setContentsMargins(0, 0, 0, 0)
+    row.addWidget(edit, 1)
+    button = QPushButton("…")
+    button.setMaximumWidth(28)
+
+    def browse() -> None:
+        folder = QFileDialog.getExistingDirectory(parent, title, edit.text() or str(Path.home()))
+        if folder:
+            edit.setText(folder)
+    button.clicked.connect(browse)
+    row.addWidget(button)
+    return box
