@@ -87,9 +87,7 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           model_name, score_threshold, quiet) -> None:
     """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
-    from .bundle import load_bundle
-    from .detect import Detector, resolve_device
-    from .pipeline import count_slide
+    from .pipeline import count_slide, load_detector
     from .protocol import load_protocol
     from .resultdir import atomic_write_text, staged_output
 
@@ -116,15 +114,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         from .slide import open_slide
         with open_slide(inputs[0], mpp=mpp):     # cheap (lazy): a wrong path fails before the model loads
             pass
-    torch_device = resolve_device(device)
-    bundle = load_bundle(protocol.model)
-    detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
-                        score_threshold=protocol.score_threshold if protocol.score_threshold is not None
-                        else bundle.score_threshold,
-                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+    detector, bundle = load_detector(protocol, device)
     import shlex
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
-    run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(torch_device),
+    run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(detector.device),
                 "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
                           "score_threshold": detector.score_threshold}}
     rows, failures = [], 0

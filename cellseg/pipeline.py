@@ -136,6 +136,28 @@ def choose_scale(model_diameter_px: float | None, diameter_px: float | None, pro
     return Scale(factor, source, model_diameter_px, image_d)
 
 
+def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
+    """Tile core and halo in slide px, so that the network still sees tile_size x tile_size at `scale`."""
+    tile_px = max(16, round(protocol.tile_size / scale.factor))
+    return tile_px, min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+
+
+def load_detector(protocol: Protocol, device: str):
+    """The protocol's model bundle on `device` (auto|cpu|cuda) as a Detector: (detector, bundle).
+
+    Thresholds: the protocol's score threshold when it sets one, else the bundle's tuned default.
+    """
+    from .bundle import load_bundle
+    from .detect import Detector, resolve_device
+    torch_device = resolve_device(device)
+    bundle = load_bundle(protocol.model)
+    detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
+                        score_threshold=protocol.score_threshold if protocol.score_threshold is not None
+                        else bundle.score_threshold,
+                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+    return detector, bundle
+
+
 def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, intensity: IntensityRange,
                      protocol: Protocol, thumbnail: np.ndarray, thumb_factor: float,
                      n_tiles: int = 6) -> tuple[float, int] | None:
@@ -189,9 +211,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                                             model_diameter_px or None))
         else:
             scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
-        # Tiles are planned in slide px so that the network still sees tile_size x tile_size.
-        tile_px = max(16, round(protocol.tile_size / scale.factor))
-        halo_px = min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+        tile_px, halo_px = tile_geometry(protocol, scale)
         tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
         names = channel_names(slide)
         work = out_dir / ".work"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 import tempfile
@@ -88,11 +87,9 @@ class ProgressDetector:
 
 def expected_tiles(height: int, width: int, protocol, model_diameter_px: float | None, mpp: float | None) -> int:
     """The number of tiles count_slide will plan (same scale rule: pipeline.choose_scale)."""
-    from cellseg.pipeline import choose_scale
+    from cellseg.pipeline import choose_scale, tile_geometry
     from cellseg.tiling import plan_tiles
-    scale = choose_scale(model_diameter_px, None, protocol, mpp)
-    tile_px = max(16, round(protocol.tile_size / scale.factor))
-    halo_px = min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+    tile_px, halo_px = tile_geometry(protocol, choose_scale(model_diameter_px, None, protocol, mpp))
     return len(plan_tiles(height, width, tile_px, halo_px))
 
 
@@ -104,9 +101,8 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
     a temporary TIFF, runs `count_slide` into `staged_output(out)`. CellsegError for anything a user can
     fix; Cancelled when `cancel` was set (the previous result at `output`, if any, is left untouched).
     """
-    from cellseg.bundle import load_bundle
-    from cellseg.detect import Detector, resolve_device
-    from cellseg.pipeline import count_slide
+    from cellseg.detect import resolve_device
+    from cellseg.pipeline import count_slide, load_detector
     from cellseg.protocol import load_protocol
     from cellseg.resultdir import staged_output
     from cellseg.slide import open_slide
@@ -142,11 +138,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
             height, width, mpp = slide.info.height, slide.info.width, slide.info.mpp
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the user; no result was written")
-        bundle = load_bundle(protocol.model)
-        detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
-                            score_threshold=protocol.score_threshold if protocol.score_threshold is not None
-                            else bundle.score_threshold,
-                            mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+        detector, bundle = load_detector(protocol, request.device)
         total = expected_tiles(height, width, protocol, bundle.nucleus_diameter_px, mpp)
         wrapped = ProgressDetector(detector, total, progress, cancel)
         if progress is not None:
