@@ -1,0 +1,482 @@
+"""End-to-end throughput of `cellseg count` against the naive torchvision use of the same network (not a test).
+
+Two runs on the SAME pixels (same tile grid, core + halo reads, same normalisation through
+cellseg.preprocess with the intensity range cellseg measured) and the SAME weights (the shipped bundle):
+
+- cellseg: `pipeline.count_slide` with the protocol's detector, exactly as `cellseg count` runs it
+  (every result file written). Stage seconds come from count_slide's summary ("seconds").
+- naive:   the network rebuilt from the bundle's ModelConfig and state dict, then given torchvision's
+  defaults (DESIGN.md §5): GeneralizedRCNNTransform(min_size=800, max_size=1333) (every tile rescaled),
+  masks pasted on full-tile canvases by torchvision's postprocess (paste_masks_in_image),
+  roi_heads.detections_per_img = 100, RPN pre/post-NMS top-n 2000/2000 train, 1000/1000 test.
+  Kept: the bundle's anchors, image mean/std, box NMS threshold and score threshold (they are the model,
+  not torchvision's defaults). One tile at a time; cells kept the simple way: score >= the bundle's
+  threshold, mask probability > mask_threshold, centroid in the tile core; no seam dedupe; a label image
+  painted in ascending score (higher score wins a shared pixel). It measures nothing and writes no files.
+
+Each run is a fresh subprocess (peak RSS is its own: ru_maxrss, which includes torch and the model);
+model loading and a small warm-up forward are not timed. "Tissue" is the whole analysed image area:
+cellseg has no tissue filter yet (summary "tissue_method": none).
+
+Where a ground-truth label image lies next to the slide (NAME_labels.tif for NAME.ome.tif / NAME.tif),
+both label images are matched to it one-to-one at IoU >= 0.5 (cellseg.evaluate.match): "correct" = TP.
+
+--tiles N limits both runs to a region of at most N whole tiles at the top left of the slide (r x c tiles,
+as many as possible, as square as possible): the slide and its labels are cropped to it first, so both
+runs see exactly the same pixels (halos stop at the crop edge).
+
+    nice -n 5 python benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cpu \
+        --json /tmp/bench.json [--tiles 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TISSUE_NOTE = "tissue = the whole analysed image area (cellseg has no tissue filter yet)"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _gpu_reset(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak_mb(device) -> float | None:
+    import torch
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def _labels_next_to(slide: Path) -> Path | None:
+    name = slide.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    path = slide.parent / f"{name}_labels.tif"
+    return path if path.is_file() else None
+
+
+def choose_region(n_rows: int, n_cols: int, limit: int | None) -> tuple[int, int]:
+    """(rows, cols) of whole tiles at the top left: the most tiles <= limit, then the squarest."""
+    if limit is None or limit >= n_rows * n_cols:
+        return n_rows, n_cols
+    if limit < 1:
+        raise SystemExit(f"expected --tiles >= 1, got {limit}")
+    best = max(((r, c) for r in range(1, n_rows + 1) for c in range(1, n_cols + 1) if r * c <= limit),
+               key=lambda rc: (rc[0] * rc[1], -abs(rc[0] - rc[1])))
+    return best
+
+
+def crop_slide(src: Path, dst: Path, height: int, width: int) -> None:
+    """The top-left height x width px of `src` as a one-level OME-TIFF, pixel size and channel names kept."""
+    import tifffile
+    from cellseg.slide import open_slide
+    from cellseg.tiling import Box
+    with open_slide(src) as slide:
+        info = slide.info
+        pixels = slide.read_region(Box(0, 0, height, width))
+    c = info.n_channels
+    if c == 1:
+        data, axes, photometric = pixels[..., 0], "YX", "minisblack"
+    elif c == 3:
+        data, axes, photometric = pixels, "YXS", "rgb"
+    else:
+        data, axes, photometric = np.ascontiguousarray(pixels.transpose(2, 0, 1)), "CYX", "minisblack"
+    meta = {"axes": axes}
+    if info.mpp:
+        meta.update(PhysicalSizeX=info.mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=info.mpp, PhysicalSizeYUnit="µm")
+    if info.channel_names and len(info.channel_names) == c and c != 3:
+        meta["Channel"] = {"Name": list(info.channel_names)}
+    with tifffile.TiffWriter(dst, ome=True) as tw:
+        tw.write(data, metadata=meta, tile=(256, 256), compression="zlib", compressionargs={"level": 1},
+                 photometric=photometric)
+
+
+def crop_labels(src: Path, dst: Path, height: int, width: int) -> None:
+    import tifffile
+    from cellseg.slide import open_slide
+    from cellseg.tiling import Box
+    with open_slide(src) as slide:
+        labels = slide.read_region(Box(0, 0, height, width))[..., 0]
+    tifffile.imwrite(dst, labels, tile=(256, 256), compression="zlib", compressionargs={"level": 1}, metadata=None)
+
+
+def instrument(model, timer, device) -> dict:
+    """Time the network's parts with forward hooks (seconds into `timer` as "net.<part>") and count the
+    RoIs that reach the mask head. Returns the counter dict."""
+    import torch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    counts = {"mask_head_rois": 0, "forward_calls": 0}
+    rh = model.roi_heads
+    # (start module, end module): the mask branch is RoIAlign (mask_roi_pool) -> mask_head -> mask_predictor
+    parts = {"backbone": (model.backbone, model.backbone), "rpn": (model.rpn, model.rpn),
+             "roi_heads": (rh, rh), "mask_branch": (rh.mask_roi_pool, rh.mask_predictor)}
+    starts = {}
+    for name, (first, last) in parts.items():
+        def pre(mod, inp, name=name):
+            sync()
+            starts[name] = time.perf_counter()
+
+        def post(mod, inp, out, name=name):
+            sync()
+            timer.seconds[f"net.{name}"] += time.perf_counter() - starts[name]
+            if name == "mask_branch":
+                counts["mask_head_rois"] += int(inp[0].shape[0])
+            elif name == "backbone":
+                counts["forward_calls"] += 1
+        first.register_forward_pre_hook(pre)
+        last.register_forward_hook(post)
+    return counts
+
+
+# --------------------------------------------------------------------------- child: cellseg
+
+def child_cellseg(spec: dict) -> dict:
+    import torch
+    from cellseg.pipeline import count_slide, load_detector
+    from cellseg.protocol import load_protocol
+
+    protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"])
+    t = time.perf_counter()
+    detector, bundle = load_detector(protocol, spec["device"])
+    load_s = time.perf_counter() - t
+    detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
+    from cellseg.pipeline import StageTimer
+    net_timer = StageTimer()
+    counts = instrument(detector.model, net_timer, detector.device)
+    _gpu_reset(detector.device)
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    t, cpu = time.perf_counter(), time.process_time()
+    summary = count_slide(Path(spec["slide"]), out, protocol, detector, model_diameter_px=bundle.nucleus_diameter_px)
+    if detector.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "summary": summary, "intensity_range": run["intensity_range"],
+            "model_channel": run["model_channel"], "labels": str(out / "labels.ome.tif"),
+            "network_seconds": net_timer.to_dict(), **counts,
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(detector.device),
+            "torch_threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- child: naive torchvision
+
+def build_naive_model(bundle):
+    """The bundle's network with torchvision's defaults put back (DESIGN.md §5); anchors stay the bundle's."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    model = bundle.build()
+    cfg = bundle.model
+    model.transform = GeneralizedRCNNTransform(min_size=800, max_size=1333, image_mean=list(cfg.image_mean),
+                                               image_std=list(cfg.image_std))
+    model.roi_heads.detections_per_img = 100            # torchvision's box_detections_per_img default
+    model.rpn._pre_nms_top_n = dict(training=2000, testing=1000)   # rpn_pre_nms_top_n_{train,test} defaults
+    model.rpn._post_nms_top_n = dict(training=2000, testing=1000)  # rpn_post_nms_top_n_{train,test} defaults
+    return model.eval()
+
+
+def child_naive(spec: dict) -> dict:
+    import tifffile
+    import torch
+    from cellseg.bundle import load_bundle
+    from cellseg.detect import resolve_device
+    from cellseg.pipeline import StageTimer
+    from cellseg.preprocess import IntensityRange, select_channels, to_network_input
+    from cellseg.protocol import load_protocol
+    from cellseg.slide import open_slide
+    from cellseg.tiling import plan_tiles
+
+    protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"])
+    device = resolve_device(spec["device"])
+    t = time.perf_counter()
+    bundle = load_bundle(protocol.model)
+    model = build_naive_model(bundle).to(device)
+    load_s = time.perf_counter() - t
+    score_thr = protocol.score_threshold if protocol.score_threshold is not None else bundle.score_threshold
+    mask_thr = protocol.mask_threshold
+    timer = StageTimer()
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+
+    def timed(stage, fn):
+        def wrapper(*a, **kw):
+            sync()
+            with timer(stage):
+                r = fn(*a, **kw)
+                sync()
+            return r
+        return wrapper
+
+    # Sub-stages of "detect": torchvision's resize to min_size 800 and its full-canvas mask paste.
+    model.transform.resize = timed("detect.resize", model.transform.resize)
+    model.transform.postprocess = timed("detect.paste_full_canvas", model.transform.postprocess)
+    with torch.inference_mode():
+        model([torch.zeros(3, 128, 128, device=device)])  # warm-up: not timed
+    timer.seconds.clear()
+    counts = instrument(model, timer, device)
+    _gpu_reset(device)
+
+    rng = IntensityRange(*spec["intensity_range"])
+    channel = spec["model_channel"]
+    raw_detections = capped_tiles = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    with open_slide(Path(spec["slide"])) as slide:
+        H, W = slide.info.height, slide.info.width
+        tiles = plan_tiles(H, W, spec["tile_px"], spec["halo_px"])
+        label = np.zeros((H, W), np.uint32)
+        next_id = 1
+        for tile in tiles:
+            with timer("read"):
+                image = to_network_input(select_channels(slide.read_region(tile.read), channel), rng)
+            with timer("detect"), torch.inference_mode():
+                out = model([torch.from_numpy(image).to(device)])[0]
+                sync()
+            with timer("keep"):
+                n_raw = int(out["scores"].shape[0])
+                raw_detections += n_raw
+                capped_tiles += n_raw >= model.roi_heads.detections_per_img
+                keep = out["scores"] >= score_thr
+                masks = out["masks"][keep][:, 0] > mask_thr          # (K, h, w) full-tile canvases
+                scores = out["scores"][keep]
+                if masks.shape[0]:
+                    h, w = masks.shape[-2:]
+                    area = masks.sum((1, 2)).float()
+                    rows = (masks.sum(2).float() * torch.arange(h, device=device)).sum(1) / area.clamp(min=1)
+                    cols = (masks.sum(1).float() * torch.arange(w, device=device)).sum(1) / area.clamp(min=1)
+                    cr, cc = rows + tile.read.row0, cols + tile.read.col0
+                    owned = ((area > 0) & (cr >= tile.core.row0) & (cr < tile.core.row1)
+                             & (cc >= tile.core.col0) & (cc < tile.core.col1))
+                    idx = torch.nonzero(owned)[:, 0]
+                    idx = idx[torch.argsort(scores[idx])]             # ascending: higher score painted last
+                    owned_masks = masks[idx].cpu().numpy()
+                    view = label[tile.read.row0:tile.read.row1, tile.read.col0:tile.read.col1]
+                    for m in owned_masks:
+                        view[m] = next_id
+                        next_id += 1
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    peak_gpu = _gpu_peak_mb(device)
+    cells = next_id - 1
+    visible = int(np.unique(label).size - (1 if (label == 0).any() else 0))
+    out_path = Path(spec["out"])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(out_path, label, tile=(256, 256), compression="zlib", compressionargs={"level": 1},
+                     metadata=None)
+    seconds = timer.to_dict()
+    seconds["detect.network"] = round(timer.seconds["detect"] - timer.seconds["detect.resize"]
+                                      - timer.seconds["detect.paste_full_canvas"], 3)
+    seconds["total"] = round(wall, 3)
+    return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "cells": cells, "cells_visible_in_labels": visible,
+            "tiles": len(tiles), "raw_detections": raw_detections, "tiles_at_100_cap": int(capped_tiles),
+            "seconds": {k: v for k, v in seconds.items() if not k.startswith("net.")},
+            "network_seconds": {k: v for k, v in seconds.items() if k.startswith("net.")}, **counts,
+            "labels": str(out_path), "score_threshold": score_thr,
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": peak_gpu, "torch_threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- parent
+
+def run_child(kind: str, spec: dict, workdir: Path) -> dict:
+    spec_path = workdir / f"{kind}.spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, str(spec_path)],
+                         stdout=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the {kind} run failed (exit {res.returncode}); its stderr is above")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def correct_cells(pred_labels: str, gt) -> dict:
+    from cellseg.evaluate import load_instances, match, pair_iou
+    pred = next(iter(load_instances(pred_labels).values()))
+    m = match(pred, gt, 0.5, ious=pair_iou(pred, gt))
+    return {"correct": m.tp, "fp": m.fp, "fn": m.fn, "true_count": m.true_count, "precision": round(m.precision, 4),
+            "recall": round(m.recall, 4), "f1": round(m.f1, 4),
+            "mean_matched_iou": round(float(m.pair_iou.mean()), 4) if len(m.pair_iou) else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slide", type=Path, default=ROOT / "example_slides" / "fluo_mosaic.ome.tif")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", type=Path, required=False, help="write the figures here")
+    p.add_argument("--tiles", type=int, default=None, help="limit both runs to a region of at most N whole tiles")
+    p.add_argument("--protocol", default="fluorescence-nuclei")
+    p.add_argument("--model", default=None, help="bundle (default: the protocol's)")
+    p.add_argument("--tile-size", type=int, default=None, help="tile core px (default: the protocol's)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep crops and results here (default: a temp dir)")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, spec_path = args.child
+        spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+        result = child_cellseg(spec) if kind == "cellseg" else child_naive(spec)
+        print(json.dumps(result, default=float))
+        return
+
+    from cellseg.bundle import load_bundle
+    from cellseg.pipeline import choose_scale, tile_geometry
+    from cellseg.protocol import load_protocol
+    from cellseg.slide import open_slide
+    from cellseg.tiling import grid_shape
+
+    protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size, model=args.model)
+    bundle = load_bundle(protocol.model)
+    with open_slide(args.slide) as slide:
+        info = slide.info
+    scale = choose_scale(bundle.nucleus_diameter_px, None, protocol, info.mpp)
+    tile_px, halo_px = tile_geometry(protocol, scale)
+    n_rows, n_cols = grid_shape(info.height, info.width, tile_px)
+    r, c = choose_region(n_rows, n_cols, args.tiles)
+    height, width = min(r * tile_px, info.height), min(c * tile_px, info.width)
+    gt_path = _labels_next_to(args.slide)
+
+    with tempfile.TemporaryDirectory(prefix="cellseg-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        slide_path, region = args.slide, "whole slide"
+        if (r, c) != (n_rows, n_cols):
+            slide_path = work / "region.ome.tif"
+            crop_slide(args.slide, slide_path, height, width)
+            region = f"top-left {r} x {c} tiles = rows 0:{height}, cols 0:{width} (cropped copy)"
+            if gt_path:
+                crop_labels(gt_path, work / "region_labels.tif", height, width)
+                gt_path = work / "region_labels.tif"
+        mp = height * width / 1e6
+        print(f"slide {args.slide.name}: {info.height} x {info.width} px; analysed {region}: {height} x {width} px = "
+              f"{mp:.3f} MP, {r * c} of {n_rows * n_cols} tiles of {tile_px} px + {halo_px} px halo; "
+              f"device {args.device}; model {bundle.name} ({bundle.weights_sha256[:12]})")
+        print(f"  {TISSUE_NOTE}")
+        common = {"slide": str(slide_path), "protocol": args.protocol, "model": protocol.model,
+                  "tile_size": protocol.tile_size, "device": args.device}
+        cs = run_child("cellseg", {**common, "out": str(work / "cellseg_out")}, work)
+        summary = cs["summary"]
+        if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
+            raise SystemExit(f"expected cellseg to tile at {tile_px}+{halo_px} px, it used {summary['scale']}")
+        nv = run_child("naive", {**common, "out": str(work / "naive_labels.tif"), "tile_px": tile_px,
+                                 "halo_px": halo_px, "intensity_range": cs["intensity_range"],
+                                 "model_channel": cs["model_channel"]}, work)
+        n_tiles = summary["tiles_total"]
+        assert n_tiles == nv["tiles"], (n_tiles, nv["tiles"])
+        cs_cells = summary["cell_count"]
+        result = {
+            "slide": str(args.slide), "analysed_region": region, "height_px": height, "width_px": width,
+            "megapixels": round(mp, 4), "tissue": TISSUE_NOTE, "tiles": n_tiles, "tile_px": tile_px,
+            "halo_px": halo_px, "device": args.device, "model": bundle.name, "protocol": args.protocol,
+            "cpu_count": os.cpu_count(), "torch_threads": cs["torch_threads"],
+            "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+            "mp_per_s": round(mp / cs["wall_s"], 4),
+            "seconds_total": round(cs["wall_s"], 3), "cpu_seconds": round(cs["cpu_s"], 2),
+            "seconds": {k: summary["seconds"].get(k, 0.0) for k in ("read", "detect", "merge", "measure", "write",
+                                                                    "total")},
+            "tiles_per_s": round(n_tiles / cs["wall_s"], 4),
+            "cells": cs_cells, "cells_per_s": round(cs_cells / cs["wall_s"], 2),
+            "peak_rss_mb": round(cs["peak_rss_mb"], 1),
+            "peak_gpu_mb": None if cs["peak_gpu_mb"] is None else round(cs["peak_gpu_mb"], 1),
+            "model_load_s": round(cs["load_s"], 2),
+            "network_seconds": cs["network_seconds"], "mask_head_rois": cs["mask_head_rois"],
+            "naive": {
+                "what": "bundle weights + torchvision defaults: GeneralizedRCNNTransform(800, 1333), full-canvas "
+                        "paste_masks_in_image, detections_per_img 100, RPN top-n 1000/1000 at test; bundle anchors, "
+                        "mean/std, box NMS and score threshold kept; 1 tile per call; centroid-in-core, no dedupe; "
+                        "no measurement, no result files",
+                "mp_per_s": round(mp / nv["wall_s"], 4), "seconds_total": round(nv["wall_s"], 3),
+                "cpu_seconds": round(nv["cpu_s"], 2),
+                "seconds": nv["seconds"], "tiles_per_s": round(n_tiles / nv["wall_s"], 4),
+                "cells": nv["cells"], "cells_visible_in_labels": nv["cells_visible_in_labels"],
+                "cells_per_s": round(nv["cells"] / nv["wall_s"], 2),
+                "raw_detections": nv["raw_detections"], "tiles_at_100_cap": nv["tiles_at_100_cap"],
+                "peak_rss_mb": round(nv["peak_rss_mb"], 1),
+                "peak_gpu_mb": None if nv["peak_gpu_mb"] is None else round(nv["peak_gpu_mb"], 1),
+                "model_load_s": round(nv["load_s"], 2),
+                "network_seconds": nv["network_seconds"], "mask_head_rois": nv["mask_head_rois"],
+            },
+        }
+        result["naive_mp_per_s"] = result["naive"]["mp_per_s"]
+        result["ratio"] = round(result["mp_per_s"] / result["naive_mp_per_s"], 3)
+        # CPU seconds (all threads of each run's process): less sensitive to other work on a shared machine.
+        result["ratio_cpu_time"] = round(nv["cpu_s"] / cs["cpu_s"], 3) if cs["cpu_s"] else None
+        # Like for like: the stages both runs have (read + network + mask handling + keeping cells);
+        # cellseg's measure and write (cells.csv, COCO, label pyramid, overlay, histogram) have no naive twin.
+        cs_core = sum(summary["seconds"].get(k, 0.0) for k in ("read", "detect", "merge"))
+        nv_core = sum(nv["seconds"].get(k, 0.0) for k in ("read", "detect", "keep"))
+        result["ratio_read_detect_keep"] = round(nv_core / cs_core, 3) if cs_core else None
+        result["naive_cells"] = nv["cells"]
+        if gt_path:
+            from cellseg.evaluate import load_instances
+            gt = next(iter(load_instances(gt_path).values()))
+            result["ground_truth"] = str(gt_path if gt_path.parent != work else f"{_labels_next_to(args.slide)} "
+                                                                                  f"(cropped to the region)")
+            result["true_cells"] = int((~gt.iscrowd).sum())
+            result["cellseg_eval"] = correct_cells(cs["labels"], gt)
+            result["naive_eval"] = correct_cells(nv["labels"], gt)
+            result["correct_cells"] = result["cellseg_eval"]["correct"]
+            result["naive_correct_cells"] = result["naive_eval"]["correct"]
+        else:
+            result["ground_truth"] = None
+
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+def print_report(r: dict) -> None:
+    nv = r["naive"]
+
+    def gpu(x):
+        return "n/a (CPU)" if x is None else f"{x:.0f} MB"
+
+    print(f"{'':24} {'cellseg':>12} {'naive':>12}")
+    print(f"{'MP/s (end to end)':24} {r['mp_per_s']:>12.4f} {nv['mp_per_s']:>12.4f}   ratio {r['ratio']:.2f}x")
+    print(f"{'seconds':24} {r['seconds_total']:>12.1f} {nv['seconds_total']:>12.1f}")
+    print(f"{'CPU seconds':24} {r['cpu_seconds']:>12.1f} {nv['cpu_seconds']:>12.1f}   ratio {r['ratio_cpu_time']:.2f}x")
+    print(f"{'tiles/s':24} {r['tiles_per_s']:>12.3f} {nv['tiles_per_s']:>12.3f}")
+    print(f"{'cells':24} {r['cells']:>12} {nv['cells']:>12}")
+    print(f"{'cells/s':24} {r['cells_per_s']:>12.1f} {nv['cells_per_s']:>12.1f}")
+    if r.get("ground_truth"):
+        ce, ne = r["cellseg_eval"], r["naive_eval"]
+        print(f"{'correct (IoU>=0.5)':24} {ce['correct']:>12} {ne['correct']:>12}   of {r['true_cells']} true cells")
+        print(f"{'FP / FN':24} {str(ce['fp']) + ' / ' + str(ce['fn']):>12} {str(ne['fp']) + ' / ' + str(ne['fn']):>12}")
+        print(f"{'F1':24} {ce['f1']:>12.3f} {ne['f1']:>12.3f}")
+    print(f"{'peak RSS':24} {r['peak_rss_mb']:>9.0f} MB {nv['peak_rss_mb']:>9.0f} MB")
+    print(f"{'peak GPU':24} {gpu(r['peak_gpu_mb']):>12} {gpu(nv['peak_gpu_mb']):>12}")
+    print("cellseg seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
+    print("naive seconds by stage:   " + ", ".join(f"{k} {v:.2f}" for k, v in nv["seconds"].items()))
+    print("network parts, cellseg: " + ", ".join(f"{k[4:]} {v:.2f}" for k, v in r["network_seconds"].items())
+          + f"; {r['mask_head_rois']} RoIs through the mask head")
+    print("network parts, naive:   " + ", ".join(f"{k[4:]} {v:.2f}" for k, v in nv["network_seconds"].items())
+          + f"; {nv['mask_head_rois']} RoIs through the mask head")
+    print("  (roi_heads includes mask_branch = RoIAlign + mask head + predictor, on every detection above "
+          "roi_heads.score_thresh (cellseg: the bundle threshold; naive: 0.05); rpn = objectness, proposals, NMS)")
+    print(f"like for like (read + detect + merge/keep, no measure/write): naive / cellseg = "
+          f"{r['ratio_read_detect_keep']:.2f}x")
+    print(f"naive: {nv['raw_detections']} raw detections, {nv['tiles_at_100_cap']} of {r['tiles']} tiles hit the "
+          f"100-detection cap; {nv['cells_visible_in_labels']} of {nv['cells']} kept cells visible in its label image")
+    print(f"{r['tissue']}; {r['cpu_count']} CPU cores, torch threads {r['torch_threads']}, "
+          f"1-min load average at the end {r['load_avg_1min_at_end']}")
+
+
+if __name__ == "__main__":
+    main()
