@@ -36,20 +36,14 @@ class Bundle:
     nucleus_diameter_px: float          # typical nucleus diameter at the scale the model was trained on
     weights_sha256: str
     card: dict = field(default_factory=dict)   # [training], [metrics], ... free-form, for people
+    proposal_threshold: float = 0.0     # RPN objectness floor at inference (speed; 0 keeps every proposal)
 
     @property
     def weights_path(self) -> Path:
         return self.path / _WEIGHTS
 
     def state_dict(self) -> dict:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            tensors = load_file(str(self.weights_path))
-        except (SafetensorError, OSError) as e:
-            raise BundleError(f"expected safetensors weights at {self.weights_path}, found an unreadable "
-                              f"file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        return read_weights(self.weights_path)
 
     def build(self):
         """The network with this bundle's weights (on CPU, eval mode)."""
@@ -113,6 +107,7 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
             path=folder, name=str(meta.get("name", folder.name)), model=model,
             score_threshold=float(inference.get("score_threshold", 0.5)),
             mask_threshold=float(inference.get("mask_threshold", 0.5)),
+            proposal_threshold=float(inference.get("proposal_threshold", 0.0)),
             nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
             weights_sha256=digest,
             card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
@@ -123,26 +118,52 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
 
 def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str,
                 score_threshold: float = 0.5, mask_threshold: float = 0.5,
-                nucleus_diameter_px: float = 0.0, card: dict | None = None) -> Bundle:
+                nucleus_diameter_px: float = 0.0, card: dict | None = None,
+                proposal_threshold: float = 0.0) -> Bundle:
     """Write weights (float16 safetensors) then model.toml, each atomically, and return the loaded bundle."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state_dict.items()}
-    tmp = folder / f".{_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, _file_mode())  # safetensors (like NamedTemporaryFile) creates 0600: others could not read it
-    os.replace(tmp, folder / _WEIGHTS)
+    write_weights(folder / _WEIGHTS, state_dict)
     meta = {"format": BUNDLE_FORMAT, "name": name, "weights_sha256": sha256_file(folder / _WEIGHTS),
             "model": model.to_dict(),
-            "inference": {"score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold)},
+            "inference": {"score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold),
+                          "proposal_threshold": float(proposal_threshold)},
             "scale": {"nucleus_diameter_px": float(nucleus_diameter_px)}}
     meta.update(card or {})
-    with tempfile.NamedTemporaryFile("wb", dir=folder, delete=False, suffix=".toml.tmp") as f:
+    write_toml(folder / "model.toml", meta)
+    return load_bundle(folder)
+
+
+def write_weights(path: Path, state_dict: dict) -> None:
+    """Save a state dict as float16 safetensors (other dtypes kept), atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.parent / f".{path.name}.tmp"
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, _file_mode())  # safetensors (like NamedTemporaryFile) creates 0600: others could not read it
+    os.replace(tmp, path)
+
+
+def read_weights(path: Path) -> dict:
+    """A safetensors file as a state dict with float32 floating-point tensors (never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"expected safetensors weights at {path}, found an unreadable "
+                          f"file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def write_toml(path: Path, meta: dict) -> None:
+    """Write a TOML file atomically, readable by others (the umask decides, as for a plain open())."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".toml.tmp") as f:
         tomli_w.dump(meta, f)
     os.chmod(f.name, _file_mode())
-    os.replace(f.name, folder / "model.toml")
-    return load_bundle(folder)
+    os.replace(f.name, path)
 
 
 def _file_mode() -> int:

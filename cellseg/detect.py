@@ -189,6 +189,49 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     return boxes, out_masks, np.asarray(kept, np.int64)
 
 
+def owned_region(tile, scale: float = 1.0) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in the tile's network px: the part of the read box whose cells the tile may keep.
+
+    That is the core grown by the seam band (merge.seam_band_px of the tile's halo). A cell whose centroid lies
+    outside it is dropped by merge.owned_instances; a mask lies inside its (expanded) box, so a box that does not
+    reach this region cannot hold an owned cell, and its mask need not be computed.
+    """
+    from .merge import seam_band_px   # merge imports this module: import here
+    read, core = tile.read, tile.core
+    halo = max(core.row0 - read.row0, read.row1 - core.row1, core.col0 - read.col0, read.col1 - core.col1)
+    band = seam_band_px(halo) + 2      # + 2 px: centroids are means of pixel indices; stay on the safe side
+    return ((core.col0 - band - read.col0) * scale, (core.row0 - band - read.row0) * scale,
+            (core.col1 + band - read.col0) * scale, (core.row1 + band - read.row0) * scale)
+
+
+def _drop_boxes_outside_regions(roi_heads) -> None:
+    """Wrap torchvision's RoIHeads.postprocess_detections (which runs before the mask branch) so that, when
+    `roi_heads.cellseg_regions` holds a region per image, boxes whose expanded mask extent misses it are dropped."""
+    if getattr(roi_heads, "_cellseg_wrapped", False):
+        return
+    original = roi_heads.postprocess_detections
+
+    def postprocess(class_logits, box_regression, proposals, image_shapes):
+        boxes, scores, labels = original(class_logits, box_regression, proposals, image_shapes)
+        regions = getattr(roi_heads, "cellseg_regions", None)
+        if regions is None:
+            return boxes, scores, labels
+        for i, (x0, y0, x1, y1) in enumerate(regions):
+            b = boxes[i]
+            centre = (b[:, :2] + b[:, 2:]) / 2
+            half = (b[:, 2:] - b[:, :2]) / 2 * _MASK_EXPANSION + 1   # the paste's padded extent, + 1 px
+            keep = ((centre[:, 0] + half[:, 0] > x0) & (centre[:, 0] - half[:, 0] < x1)
+                    & (centre[:, 1] + half[:, 1] > y0) & (centre[:, 1] - half[:, 1] < y1))
+            boxes[i], scores[i], labels[i] = b[keep], scores[i][keep], labels[i][keep]
+        return boxes, scores, labels
+
+    roi_heads.postprocess_detections = postprocess
+    roi_heads._cellseg_wrapped = True
+
+
+_MASK_EXPANSION = 30 / 28   # paste_masks_at_box_size pads the 28 x 28 mask by 1 px: the box grows by (M + 2) / M
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a silent fallback."""
     if device == "auto":
@@ -210,13 +253,22 @@ class Detector:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     batch_size: int = 4
+    proposal_threshold: float = 0.0   # RPN objectness below this never reaches the box head
+    skip_unowned: bool = True         # boxes wholly outside what their tile can own skip the mask branch
     tiles_seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
+            self.model.to(memory_format=torch.channels_last)
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
         # cells on the example mosaic) goes through the mask branch only to be thrown away here.
         self.model.roi_heads.score_thresh = self.score_threshold
+        # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
+        # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
+        self.model.rpn.score_thresh = self.proposal_threshold
+        _drop_boxes_outside_regions(self.model.roi_heads)
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence | None = None,
@@ -231,8 +283,15 @@ class Detector:
         for start in range(0, len(images), self.batch_size):
             batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
                      for im in images[start:start + self.batch_size]]
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                outputs = self.model(batch)
+            # Boxes that lie wholly outside what their tile can own skip the mask branch (see below).
+            self.model.roi_heads.cellseg_regions = (
+                [owned_region(t, scale) for t in tiles[start:start + len(batch)]]
+                if tiles is not None and self.skip_unowned else None)
+            try:
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                    outputs = self.model(batch)
+            finally:
+                self.model.roi_heads.cellseg_regions = None
             for k, (image, out) in enumerate(zip(batch, outputs)):
                 if scale != 1.0 and tiles is not None:
                     read = tiles[start + k].read

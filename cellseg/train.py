@@ -217,12 +217,13 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         log.info("started from %s; %d tensors left at random init: %s", init_note, len(fresh), ", ".join(fresh[:6]))
     model = model.to(dev).train()
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    step, history, wall = 0, [], 0.0
+    step, history, wall, loss_names = 0, [], 0.0, []
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)   # never unpickle arbitrary objects
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])
         step, history, wall = int(ckpt["step"]), list(ckpt["history"]), float(ckpt["wall_s"])
+        loss_names = list(ckpt.get("loss_names", []))
         log.info("resumed from step %d", step)
     rng = np.random.default_rng(settings.seed + step)
 
@@ -235,7 +236,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
-                    "history": history, "wall_s": wall}, tmp)
+                    "history": history, "wall_s": wall, "loss_names": loss_names}, tmp)
         os.replace(tmp, ckpt_path)
 
     started = time.monotonic()
@@ -253,6 +254,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             losses = model(images, targets)
         loss = sum(losses.values())
+        loss_names = list(losses)
         if not torch.isfinite(loss):
             raise CellsegError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
         optim.zero_grad(set_to_none=True)
@@ -268,7 +270,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
             save_checkpoint()
     bar.close()
     save_checkpoint()
-    _write_log(out, history, list(losses.keys()) if step else [])
+    _write_log(out, history, loss_names)
     meta = {"training": {"init": init_note, "steps": step, "wall_seconds": round(wall, 1), "device": str(dev),
                          "hardware": _hardware(dev), "batch_size": settings.batch_size, "crop_px": settings.crop,
                          "lr": settings.lr, "finished": step >= settings.steps}}
@@ -282,9 +284,11 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
 def _write_log(out: Path, history: list, loss_names: list[str]) -> None:
     if not history:
         return
+    # A checkpoint from before loss names were stored: name the parts by position.
+    names = loss_names or [f"loss_part{k}" for k in range(len(history[0]) - 2)]
     with open(out / "training_log.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss"] + loss_names)
+        w.writerow(["step", "loss"] + names)
         w.writerows(history)
     import matplotlib
     matplotlib.use("Agg")

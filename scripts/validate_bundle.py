@@ -39,14 +39,16 @@ def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, st
             device: str, floor: float) -> None:
     bundle = load_bundle(bundle_dir)
     detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
-                        score_threshold=floor)
+                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold)
     for k, image_id in enumerate(ids):
         folder = out / image_id
         if (folder / "predictions.coco.json").is_file():
             continue
         folder.mkdir(parents=True, exist_ok=True)
         kind = "brightfield" if modality[image_id].startswith("brightfield") else "fluorescence"
-        protocol = Protocol(name=f"validation-{kind}", modality=kind, tile_size=512, halo_px=64, min_area_px=10)
+        # Single microscope fields: the detector is validated, not the tissue prefilter.
+        protocol = Protocol(name=f"validation-{kind}", modality=kind, tile_size=512, halo_px=64, min_area_px=10,
+                            tissue_method="none")
         summary = count_slide(data / "images" / f"{image_id}.png", folder, protocol, detector)
         logging.info("%d/%d %s: %d cells", k + 1, len(ids), image_id[:12], summary["cell_count"])
 
@@ -129,7 +131,8 @@ def write_card(bundle_dir: Path, metrics: dict, overall) -> None:
                                "cell_count": [s["pred_count"] for s in overall.sweep]}
     save_bundle(bundle_dir, bundle.model, bundle.state_dict(), name=bundle.name,
                 score_threshold=metrics["score_threshold"], mask_threshold=bundle.mask_threshold,
-                nucleus_diameter_px=bundle.nucleus_diameter_px, card=card)
+                nucleus_diameter_px=bundle.nucleus_diameter_px, card=card,
+                proposal_threshold=bundle.proposal_threshold)
     (bundle_dir / "README.md").write_text(card_readme(load_bundle(bundle_dir)), encoding="utf-8")
     logging.info("card updated in %s", bundle_dir / "model.toml")
 

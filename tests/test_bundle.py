@@ -109,7 +109,7 @@ def test_model_toml_records_format_and_sha(saved):
     assert meta["format"] == BUNDLE_FORMAT
     assert meta["weights_sha256"] == hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
     assert meta["model"] == cfg.to_dict()
-    assert meta["inference"] == {"score_threshold": 0.3, "mask_threshold": 0.45}
+    assert meta["inference"] == {"score_threshold": 0.3, "mask_threshold": 0.45, "proposal_threshold": 0.0}
     assert load_bundle(folder).weights_sha256 == meta["weights_sha256"]
 
 

@@ -77,3 +77,29 @@ def test_detector_on_cuda_with_autocast():
     det = detector.detect([np.random.rand(3, 128, 128).astype(np.float32)])[0]
     for box, mask in zip(det.boxes, det.masks):
         assert mask.shape == (box[2] - box[0], box[3] - box[1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.75])
+def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_owned_cells(scale):
+    from cellseg.merge import owned_instances, seam_band_px
+    from cellseg.tiling import plan_tiles
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
+    tiles = plan_tiles(200, 200, 96, 24)                       # 3 x 3 tiles: inner, edge and corner ones
+    rng = np.random.default_rng(1)
+    images = [rng.random((3, round(t.read.height * scale), round(t.read.width * scale)), dtype=np.float32)
+              for t in tiles]
+    mask_rois = []
+    hook = detector.model.roi_heads.mask_roi_pool.register_forward_hook(lambda m, i, o: mask_rois.append(o.shape[0]))
+    filtered = detector.detect(images, tiles, scale)
+    n_filtered = sum(mask_rois)
+    mask_rois.clear()
+    detector.skip_unowned = False
+    everything = detector.detect(images, tiles, scale)
+    hook.remove()
+    assert n_filtered < sum(mask_rois)                         # the filter did remove work ...
+    for tile, a, b in zip(tiles, filtered, everything):        # ... and no cell the tile owns
+        own_a = owned_instances(a, tile, (200, 200), 0, seam_band_px(24))
+        own_b = owned_instances(b, tile, (200, 200), 0, seam_band_px(24))
+        assert np.array_equal(own_a.boxes, own_b.boxes) and len(own_b) > 0
+        assert all(np.array_equal(x, y) for x, y in zip(own_a.masks, own_b.masks))

@@ -88,6 +88,12 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 9 and len(ckpt["history"]) == 9
+    # A resumed run stopped before its first step (time budget spent) still writes the bundle and its log.
+    (out / "weights.safetensors").unlink()
+    settings.steps, settings.minutes = 12, 0
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    assert (out / "weights.safetensors").is_file()
+    assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_")
 
 
 def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
