@@ -81,11 +81,15 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
                    "so nuclei reach the model at its training size.")
 @click.option("--channel", type=int, default=None, help="Channel holding the nuclei (0-based).")
+@click.option("--tissue", "tissue_method", type=click.Choice(["unet", "otsu", "none"]), default=None,
+              help="Find tissue first and skip background tiles: the U-Net, Otsu, or none (protocol default: unet).")
+@click.option("--min-tissue-fraction", type=float, default=None,
+              help="Skip tiles whose core is less than this share tissue (protocol default).")
 @click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
 @click.option("--score-threshold", type=float, default=None, help="Minimum detection score (bundle default).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
-          model_name, score_threshold, quiet) -> None:
+          tissue_method, min_tissue_fraction, model_name, score_threshold, quiet) -> None:
     """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
     from .pipeline import count_slide, load_detector
     from .protocol import load_protocol
@@ -102,7 +106,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
             raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
                                                     channel=channel, model=model_name,
-                                                    score_threshold=score_threshold)
+                                                    score_threshold=score_threshold, tissue_method=tissue_method,
+                                                    min_tissue_fraction=min_tissue_fraction)
     if 2 * protocol.halo_px > protocol.tile_size:
         raise ParameterError(f"expected a halo of at most tile size / 2 = {protocol.tile_size // 2} px, "
                              f"got {protocol.halo_px} px")
@@ -115,6 +120,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         with open_slide(inputs[0], mpp=mpp):     # cheap (lazy): a wrong path fails before the model loads
             pass
     detector, bundle = load_detector(protocol, device)
+    from .tissue import TissueFinder
+    tissue = TissueFinder(protocol.tissue_method)
     import shlex
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(detector.device),
@@ -126,7 +133,7 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
             with staged_output(out) as staging:
                 summary = count_slide(path, staging, protocol, detector, mpp=mpp, progress=not quiet,
                                       run_info=run_info, model_diameter_px=bundle.nucleus_diameter_px,
-                                      diameter_px=diameter)
+                                      diameter_px=diameter, tissue=tissue)
         except CellsegError as e:
             if len(inputs) == 1:
                 raise
@@ -139,7 +146,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                      "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
                      "cells_per_mm2": summary["cells_per_mm2"],
                      "median_area_px": (summary["area_px"] or {}).get("median"),
-                     "tiles_total": summary["tiles_total"], "seconds": summary["seconds"]["total"]})
+                     "tiles_total": summary["tiles_total"], "tiles_skipped": summary["tiles_skipped"],
+                     "seconds": summary["seconds"]["total"]})
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
@@ -148,7 +156,7 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
 
 
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
-                    "median_area_px", "tiles_total", "seconds", "error"]
+                    "median_area_px", "tiles_total", "tiles_skipped", "seconds", "error"]
 
 
 def _summary_csv_text(rows: list[dict]) -> str:

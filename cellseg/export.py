@@ -5,6 +5,8 @@ Conventions (DESIGN.md §3): coordinates are (row, col) in level-0 pixels, boxes
 
 - `LabelStore`: a disk-backed uint32 label canvas (zarr v3) the size of the slide, painted tile by tile.
 - `write_labels_ome_tiff`: the store as a tiled, pyramidal, deflate-compressed OME-TIFF, tile by tile.
+- `Panoptic`, `write_label_images`: the same pyramid also as panoptic.ome.tif (tissue/background "stuff" and the
+  cell "things" in one label image; encoding in `Panoptic`).
 - `write_overlay_png`, `write_area_histogram`: the two pictures.
 - `CellsTableWriter`: streaming writer for cells.csv.
 - `CocoWriter`, `crop_rle`: the COCO instance JSON writer and its mask RLE live in `cellseg.coco`;
@@ -158,13 +160,54 @@ def _pyramid(store: LabelStore, tile: int) -> list:
     return levels
 
 
-def _tiles(arr, tile: int) -> Iterator[np.ndarray]:
+class Panoptic:
+    """How panoptic.ome.tif encodes stuff and things in one uint32 label image:
+
+        value = semantic * label_divisor + instance
+
+    semantic 0 = background (no tissue), 1 = tissue (stuff, instance 0), 2, 3, ... = cell class 1, 2, ...
+    (things; instance = the cell's id in cells.csv and labels.ome.tif). label_divisor is the smallest power of
+    ten above the largest cell id, at least 1000; summary.json "panoptic" records it and the names.
+
+    tissue: anything with `.at(rows, cols) -> bool (len(rows), len(cols))` in level-0 px (a TissueMask).
+    semantic_of_cell: uint32 array indexed by cell id (index 0 unused) -> semantic id (class id + 1).
+    """
+
+    def __init__(self, tissue, semantic_of_cell: np.ndarray, class_names: list[str]):
+        self.tissue = tissue
+        self.semantic_of_cell = np.asarray(semantic_of_cell, np.uint32)
+        self.class_names = list(class_names)
+        n_cells = len(self.semantic_of_cell) - 1
+        self.label_divisor = max(1000, 10 ** len(str(n_cells)))
+        if (len(self.class_names) + 2) * self.label_divisor > 2 ** 32:
+            raise ParameterError(f"expected at most {2 ** 32 // (len(self.class_names) + 2) - 1} cells for a uint32 "
+                                 f"panoptic image, got {n_cells}")
+
+    def describe(self) -> dict:
+        semantic = {0: "background", 1: "tissue", **{k + 2: n for k, n in enumerate(self.class_names)}}
+        return {"file": "panoptic.ome.tif", "encoding": "value = semantic * label_divisor + instance",
+                "label_divisor": self.label_divisor, "semantic": {str(k): v for k, v in semantic.items()},
+                "things": [str(k + 2) for k in range(len(self.class_names))], "stuff": ["0", "1"]}
+
+    def encode(self, labels: np.ndarray, row0: int, col0: int, step: int) -> np.ndarray:
+        """Panoptic values for a block of instance labels whose [i, j] is level-0 pixel (row0 + i*step, col0 + j*step)."""
+        rows = row0 + np.arange(labels.shape[0]) * step
+        cols = col0 + np.arange(labels.shape[1]) * step
+        out = self.tissue.at(rows, cols).astype(np.uint32) * np.uint32(self.label_divisor)
+        cells = labels > 0
+        ids = labels[cells]
+        out[cells] = self.semantic_of_cell[ids] * np.uint32(self.label_divisor) + ids
+        return out
+
+
+def _tiles(arr, tile: int, encode: Panoptic | None = None, step: int = 1) -> Iterator[np.ndarray]:
     """Tiles of a 2-D array in row-major order, as TiffWriter expects; edge tiles are smaller
-    (tifffile zero-pads them)."""
+    (tifffile zero-pads them). With `encode`, each tile goes through Panoptic.encode (level step `step`)."""
     h, w = arr.shape
     for r in range(0, h, tile):
         for c in range(0, w, tile):
-            yield np.asarray(arr[r:r + tile, c:c + tile], dtype=np.uint32)
+            block = np.asarray(arr[r:r + tile, c:c + tile], dtype=np.uint32)
+            yield block if encode is None else encode.encode(block, r * step, c * step, step)
 
 
 def write_labels_ome_tiff(store: LabelStore, path: Path, mpp: float | None, tile: int = 512) -> None:
@@ -175,13 +218,28 @@ def write_labels_ome_tiff(store: LabelStore, path: Path, mpp: float | None, tile
     deflate-compressed. OME metadata: axes YX, PhysicalSizeX/Y = `mpp` in µm when known (and the
     TIFF resolution tags to match). Tiles are streamed from the store; peak memory is a few tiles.
     """
-    import tifffile
+    write_label_images(store, {path: None}, mpp, tile)
 
+
+def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], mpp: float | None,
+                       tile: int = 512) -> None:
+    """Write the label canvas to each path of `targets` as in write_labels_ome_tiff: as is (None) or through a
+    Panoptic encoding. The pyramid is built once for all of them."""
     if tile <= 0 or tile % 16:
         raise ParameterError(f"expected a TIFF tile size that is a positive multiple of 16, got {tile}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
     levels = _pyramid(store, tile)
+    try:
+        for path, encode in targets.items():
+            _write_pyramid(levels, path, mpp, tile, encode)
+    finally:
+        for k in range(1, len(levels)):
+            shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
+
+
+def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encode: Panoptic | None) -> None:
+    import tifffile
     metadata: dict = {"axes": "YX"}
     if mpp is not None:
         metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
@@ -190,24 +248,19 @@ def write_labels_ome_tiff(store: LabelStore, path: Path, mpp: float | None, tile
     # tifffile buffers up to 512 MB of tiles by default; cap it at a handful of tiles.
     options = dict(dtype=np.uint32, tile=(tile, tile), compression="zlib", photometric="minisblack",
                    maxworkers=2, buffersize=4 * tile_bytes)
-    try:
-        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-            for k, arr in enumerate(levels):
-                res = {}
-                if mpp is not None:
-                    px_per_cm = 1e4 / (mpp * 2 ** k)
-                    res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-                if k == 0:
-                    tif.write(_tiles(arr, tile), shape=arr.shape, subifds=len(levels) - 1,
-                              metadata=metadata, **res, **options)
-                else:
-                    tif.write(_tiles(arr, tile), shape=arr.shape, subfiletype=1, metadata=None,
-                              **res, **options)
-    finally:
-        for k in range(1, len(levels)):
-            shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
-    log.info("wrote %s: %d x %d uint32 labels, %d pyramid levels", path, store.height, store.width,
-             len(levels))
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for k, arr in enumerate(levels):
+            res = {}
+            if mpp is not None:
+                px_per_cm = 1e4 / (mpp * 2 ** k)
+                res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+            tiles = _tiles(arr, tile, encode, 2 ** k)
+            if k == 0:
+                tif.write(tiles, shape=arr.shape, subifds=len(levels) - 1, metadata=metadata, **res, **options)
+            else:
+                tif.write(tiles, shape=arr.shape, subfiletype=1, metadata=None, **res, **options)
+    log.info("wrote %s: %d x %d uint32 %s, %d pyramid levels", path, *levels[0].shape,
+             "labels" if encode is None else "panoptic labels", len(levels))
 
 
 # --------------------------------------------------------------------------- pictures

@@ -1,8 +1,9 @@
 """The pipeline: slide in, per-cell table and result files out, streaming tile by tile.
 
-    open slide -> intensity range from the thumbnail -> tiles (core + halo) -> detector in batches
+    open slide -> intensity range from the thumbnail -> tissue mask on a ~8 µm/px view (tissue.py)
+    -> tiles (core + halo); tiles with too little tissue are skipped -> detector in batches
     -> ownership + seam dedupe (merge.py) -> final rows: resolve overlaps, measure, write labels/CSV/COCO
-    -> labels.ome.tif pyramid, overlay, histogram, summary.json, run.json
+    -> labels.ome.tif + panoptic.ome.tif pyramids, overlay, tissue mask, histogram, summary.json, run.json
 
 Memory holds a batch of tiles and three tile rows of cells; labels go to a disk-backed store.
 """
@@ -26,20 +27,21 @@ import numpy as np
 from . import __version__
 from .detect import TileDetections
 from .errors import CellsegError, ParameterError
-from .export import (CellsTableWriter, CocoWriter, LabelStore, write_area_histogram, write_labels_ome_tiff,
-                     write_overlay_png)
+from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, write_area_histogram,
+                     write_label_images, write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
 from .merge import Instances, SeamMerger, owned_instances, seam_band_px
 from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
 from .protocol import Protocol
 from .slide import Slide, open_slide
 from .tiling import TileSpec, plan_tiles
+from .tissue import TissueFinder, TissueMask, write_tissue_png
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 2048
-RESULT_FILES = ("cells.csv", "summary.json", "labels.ome.tif", "overlay.png", "area_histogram.png",
-                "predictions.coco.json", "run.json")
+RESULT_FILES = ("cells.csv", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png", "tissue_mask.png",
+                "area_histogram.png", "predictions.coco.json", "run.json")
 
 
 class TileDetector(TypingProtocol):
@@ -154,7 +156,8 @@ def load_detector(protocol: Protocol, device: str):
     detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
                         score_threshold=protocol.score_threshold if protocol.score_threshold is not None
                         else bundle.score_threshold,
-                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
+                        proposal_threshold=bundle.proposal_threshold)
     return detector, bundle
 
 
@@ -182,15 +185,34 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
     return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)
 
 
+def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,
+                  min_pixels: int = 1000) -> np.ndarray:
+    """The thumbnail's pixels (n, C) that lie on tissue, or all of them when tissue is scarcer than `min_pixels`.
+
+    The intensity range is measured on these: on a slide that is 99 % glass, percentiles of the whole
+    thumbnail describe the glass, and the cells would be squashed into saturation.
+    """
+    th, tw = thumbnail.shape[:2]
+    rows = ((np.arange(th) + 0.5) * height / th).astype(np.int64)
+    cols = ((np.arange(tw) + 0.5) * width / tw).astype(np.int64)
+    on = tissue.at(rows, cols)
+    if on.sum() < min(min_pixels, on.size):
+        return thumbnail.reshape(-1, thumbnail.shape[-1])
+    return thumbnail[on]
+
+
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, *,
                 mpp: float | None = None, progress: bool = False, run_info: dict | None = None,
-                model_diameter_px: float | None = None, diameter_px: float | str | None = None) -> dict:
+                model_diameter_px: float | None = None, diameter_px: float | str | None = None,
+                tissue: TissueFinder | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`.
 
     `out_dir` is a staging folder owned by the caller (see resultdir.staged_output). Returns the summary.
     model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto"
-    to measure it on a few tiles first (measure_diameter).
+    to measure it on a few tiles first (measure_diameter). tissue: a loaded TissueFinder (the CLI loads
+    one for many slides); None loads the protocol's tissue_method.
     """
+    tissue = tissue or TissueFinder(protocol.tissue_method)
     timer = StageTimer()
     started = time.time()
     with open_slide(slide_path, mpp=mpp) as slide:
@@ -201,7 +223,11 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         channel = model_channel(protocol, slide)
         with timer("read"):
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
-            intensity = measure_range(select_channels(thumbnail, channel))
+        with timer("tissue"):
+            tissue_mask = tissue.find(slide, protocol.modality)
+        with timer("read"):
+            intensity = measure_range(tissue_pixels(select_channels(thumbnail, channel), tissue_mask,
+                                                    info.height, info.width))
         if diameter_px == "auto":
             with timer("detect"):
                 measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor)
@@ -213,6 +239,9 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
         tile_px, halo_px = tile_geometry(protocol, scale)
         tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
+        # A tile is skipped when its core holds too little tissue: none of its cells could be real.
+        keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
+                for t in tiles]
         names = channel_names(slide)
         work = out_dir / ".work"
         store = LabelStore(work / "labels.zarr", info.height, info.width, chunk=min(512, protocol.tile_size))
@@ -223,31 +252,37 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                 CocoWriter(out_dir / "predictions.coco.json", info.path.name, info.height, info.width,
                            categories) as coco:
             emitter = _Emitter(slide, tiles, store, table, coco, names, list(detector.class_names), timer, areas)
-            _run_tiles(slide, tiles, detector, merger, emitter, channel, intensity, protocol, timer, progress,
+            _run_tiles(slide, tiles, keep, detector, merger, emitter, channel, intensity, protocol, timer, progress,
                        scale.factor, halo_px)
         with timer("write"):
-            write_labels_ome_tiff(store, out_dir / "labels.ome.tif", info.mpp)
+            panoptic = Panoptic(tissue_mask, np.concatenate([[0], *emitter.class_ids]).astype(np.uint32) + 1,
+                                list(detector.class_names))
+            write_label_images(store, {out_dir / "labels.ome.tif": None, out_dir / "panoptic.ome.tif": panoptic},
+                               info.mpp)
             factor = max(1, int(round(thumb_factor)))
             write_overlay_png(thumbnail, store.thumbnail(factor), out_dir / "overlay.png")
+            write_tissue_png(tissue_mask, out_dir / "tissue_mask.png")
             all_areas = np.concatenate(areas) if areas else np.zeros(0)
             area_unit = "µm²" if info.mpp else "px"
             write_area_histogram(all_areas * (info.mpp ** 2 if info.mpp else 1), area_unit,
                                  out_dir / "area_histogram.png")
             store.remove()
             shutil.rmtree(work, ignore_errors=True)
-        summary = _summary(info, protocol, tiles, emitter.next_id - 1, all_areas, merger, timer, started, channel)
+        summary = _summary(info, protocol, tiles, keep, tissue_mask, emitter.next_id - 1, all_areas, merger, timer,
+                           started, channel)
+        summary["panoptic"] = panoptic.describe()
         summary["scale"] = {"factor": scale.factor, "source": scale.source, "tile_px": tile_px, "halo_px": halo_px,
                             "model_diameter_px": scale.model_diameter_px,
                             "image_diameter_px": scale.image_diameter_px}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         run = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
                "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": channel,
-               "intensity_range": [intensity.low, intensity.high], **(run_info or {})}
+               "intensity_range": [intensity.low, intensity.high], "tissue": tissue.describe(), **(run_info or {})}
         (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
     return summary
 
 
-def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merger: SeamMerger,
+def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: TileDetector, merger: SeamMerger,
                emitter: "_Emitter", channel: int | None, intensity: IntensityRange, protocol: Protocol,
                timer: StageTimer, progress: bool, scale: float, halo_px: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
@@ -255,7 +290,9 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merg
     from tqdm import tqdm
     shape = (slide.info.height, slide.info.width)
     tiles_per_row = sum(1 for t in tiles if t.grid_row == 0)
-    batches = [tiles[i:i + protocol.batch_size] for i in range(0, len(tiles), protocol.batch_size)]
+    work = [t for t, k in zip(tiles, keep) if k]
+    batches = [work[i:i + protocol.batch_size] for i in range(0, len(work), protocol.batch_size)]
+    no_cells = TileDetections.empty()
 
     def read_one(tile: TileSpec) -> np.ndarray:
         pixels = select_channels(slide.read_region(tile.read), channel)
@@ -268,28 +305,37 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], detector: TileDetector, merg
     def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
         return [read_one(t) for t in batch]
 
-    # One reader thread decodes the next batch while the detector works on this one
-    # (tifffile/imagecodecs release the GIL); at most one batch waits in memory.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-read") as reader, \
-            tqdm(total=len(tiles), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
-        pending = reader.submit(read_batch, batches[0])
-        for k, batch in enumerate(batches):
-            with timer("read"):      # time the pipeline waited for pixels, not the reader's busy time
-                images = pending.result()
-            if k + 1 < len(batches):
-                pending = reader.submit(read_batch, batches[k + 1])
-            with timer("detect"):
-                detections = detector.detect(images, batch, scale)
-            for tile, det in zip(batch, detections):
-                with timer("merge"):
-                    merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
-                                                          seam_band_px(halo_px)))
-                    # Grid row r is complete: row r - 1 can no longer change.
-                    done = (merger.pop_final(tile.grid_row - 1)
-                            if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
-                if done is not None:
-                    emitter.emit(done)
-            bar.update(len(batch))
+    def detected() -> Iterator[tuple[TileSpec, TileDetections]]:
+        """(tile, detections) of the kept tiles in order. One reader thread decodes the next batch while the
+        detector works on this one (tifffile/imagecodecs release the GIL); at most one batch waits in memory."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-read") as reader:
+            pending = reader.submit(read_batch, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                with timer("read"):      # time the pipeline waited for pixels, not the reader's busy time
+                    images = pending.result()
+                if k + 1 < len(batches):
+                    pending = reader.submit(read_batch, batches[k + 1])
+                with timer("detect"):
+                    detections = detector.detect(images, batch, scale)
+                yield from zip(batch, detections)
+
+    # Every tile, skipped or not, goes through the merger in grid order: its row bookkeeping stays simple.
+    stream = detected()
+    with tqdm(total=len(work), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
+        for tile, kept in zip(tiles, keep):
+            if kept:
+                _, det = next(stream)      # the stream yields the kept tiles in this same grid order
+                bar.update(1)
+            else:
+                det = no_cells
+            with timer("merge"):
+                merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
+                                                      seam_band_px(halo_px)))
+                # Grid row r is complete: row r - 1 can no longer change.
+                done = (merger.pop_final(tile.grid_row - 1)
+                        if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
+            if done is not None:
+                emitter.emit(done)
     with timer("merge"):
         done = merger.pop_final(None)
     emitter.emit(done)
@@ -308,6 +354,7 @@ class _Emitter:
     class_names: list[str]
     timer: StageTimer
     areas: list[np.ndarray]
+    class_ids: list[np.ndarray] = field(default_factory=list)   # per emitted part, in cell id order
     next_id: int = 1
 
     def emit(self, cells: Instances) -> None:
@@ -333,6 +380,7 @@ class _Emitter:
                 self.coco.append(ids, part.boxes, part.masks, part.scores, part.class_ids)
                 self.store.paint(tile.read, labels)
             self.areas.append(rows["area_px"])
+            self.class_ids.append(np.asarray(part.class_ids))
 
 
 def _stats(values: np.ndarray) -> dict | None:
@@ -343,11 +391,18 @@ def _stats(values: np.ndarray) -> dict | None:
             "min": float(values.min()), "max": float(values.max())}
 
 
-def _summary(info, protocol: Protocol, tiles: list[TileSpec], cell_count: int, areas: np.ndarray,
-             merger: SeamMerger, timer: StageTimer, started: float, channel: int | None) -> dict:
+def _summary(info, protocol: Protocol, tiles: list[TileSpec], keep: list[bool], tissue: TissueMask,
+             cell_count: int, areas: np.ndarray, merger: SeamMerger, timer: StageTimer, started: float,
+             channel: int | None) -> dict:
     mpp = info.mpp
-    # No tissue detection yet: the whole image is analysed and counted as tissue.
-    tissue_mm2 = info.height * info.width * mpp ** 2 / 1e6 if mpp else None
+    tissue_px = tissue.area_px()
+    tissue_mm2 = tissue_px * mpp ** 2 / 1e6 if mpp else None
+    if not tissue_px:
+        density_note = "no tissue found: every tile was skipped, so there are no cells and no density"
+    elif not mpp:
+        density_note = "no pixel size: density per mm² unknown (pass --mpp)"
+    else:
+        density_note = "cells per mm² of tissue"
     seconds = timer.to_dict()
     seconds["total"] = round(time.time() - started, 3)
     return {
@@ -357,11 +412,14 @@ def _summary(info, protocol: Protocol, tiles: list[TileSpec], cell_count: int, a
         "units": "µm columns filled" if mpp else f"µm columns empty: no pixel size ({info.mpp_source})",
         "protocol": protocol.name,
         "cell_count": int(cell_count),
-        "tiles_total": len(tiles), "tiles_skipped": 0, "tile_size_px": protocol.tile_size,
+        "tiles_total": len(tiles), "tiles_skipped": len(tiles) - sum(keep), "tile_size_px": protocol.tile_size,
         "halo_px": protocol.halo_px,   # network px; see "scale" for slide px
-        "tissue_method": "none (whole image analysed)",
-        "tissue_area_mm2": tissue_mm2,
+        "tissue_method": tissue.method, "tissue_note": tissue.note,
+        "min_tissue_fraction": protocol.min_tissue_fraction if tissue.method != "none" else None,
+        "tissue_fraction": round(tissue_px / (info.height * info.width), 6),
+        "tissue_area_px": round(tissue_px), "tissue_area_mm2": tissue_mm2,
         "cells_per_mm2": cell_count / tissue_mm2 if tissue_mm2 else None,
+        "cells_per_mm2_note": density_note,
         "area_px": _stats(areas.astype(float)),
         "area_um2": _stats(areas * mpp ** 2) if mpp else None,
         "seams": merger.stats.to_dict(),

@@ -56,6 +56,12 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
                                 "typical nucleus diameter; with the slide's pixel size, tiles are resampled so "
                                 "nuclei reach the model at its training size (omit: no resampling)"),
     },
+    "tissue": {
+        "tissue_method": (str, _one_of("unet", "otsu", "none"),
+                          "how background is found and skipped: the U-Net, Otsu on the thumbnail, or none"),
+        "min_tissue_fraction": ((int, float), _range(0.0, 1.0),
+                                "tiles whose core holds less tissue than this share are skipped before detection"),
+    },
     "seams": {
         "dedupe_overlap": ((int, float), _range(0.0, 1.0),
                            "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
@@ -78,6 +84,8 @@ class Protocol:
     mask_threshold: float = 0.5
     min_area_px: int = 10
     nucleus_diameter_um: float | None = None
+    tissue_method: str = "unet"
+    min_tissue_fraction: float = 0.01
     dedupe_overlap: float = 0.5
     source: str = ""
 
@@ -103,7 +111,7 @@ class Protocol:
             if section is None:
                 raise ProtocolError(f"unknown protocol setting {key!r}")
             try:
-                option = {"halo_px": "--halo"}.get(key, f"--{key.replace('_', '-')}")  # as cli.py names it
+                option = {"halo_px": "--halo", "tissue_method": "--tissue"}.get(key, f"--{key.replace('_', '-')}")  # as cli.py names it
                 _check("", option, value, SCHEMA[section][key])
             except ProtocolError as e:
                 raise ParameterError(str(e)) from None

@@ -28,8 +28,8 @@ PLUGIN = "cellseg-toolkit"
 def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):  # noqa: F811
     viewer = make_napari_viewer()
     layers = viewer.open(he_result, plugin=PLUGIN)
-    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels", "Points"]
-    image, labels, points = layers
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Image", "Labels", "Points"]   # tissue mask 2nd
+    image, _tissue, labels, points = layers
     assert image.multiscale and image.rgb and labels.multiscale
     assert [lv.shape for lv in image.data] == [(864, 1056, 3), (432, 528, 3), (216, 264, 3)]
     assert [lv.shape for lv in labels.data] == [(864, 1056), (432, 528), (216, 264)]

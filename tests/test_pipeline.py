@@ -103,7 +103,8 @@ def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int 
     tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    p = Protocol(name="test", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1, **protocol)
+    p = Protocol(name="test", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1,
+                 **{"tissue_method": "none", **protocol})
     detector = LabelReadingDetector(labels, shift_px)
     summary = count_slide(slide, out, p, detector, **(scale_args or {}))
     return summary, tifffile.imread(out / "labels.ome.tif"), out

@@ -1,0 +1,299 @@
+"""The tissue U-Net: architecture on any size, the input normalisation, bundles (save / load / broken),
+windowed prediction, the shipped bundle on self-made views, and a training step that learns."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import shutil  # noqa: E402
+import tomllib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tomli_w  # noqa: E402
+import torch  # noqa: E402
+
+from cellseg.errors import BundleError, ParameterError  # noqa: E402
+from cellseg.tissue_unet import (DEFAULT_TISSUE_BUNDLE, TissueBundle, TissueUNetConfig,  # noqa: E402
+                                 build_tissue_unet, load_tissue_bundle, predict_tissue, save_tissue_bundle,
+                                 tissue_input)
+
+torch.set_num_threads(1)
+TINY = TissueUNetConfig(base_channels=4, depth=2)
+
+
+def tiny_net(seed: int = 0, cfg: TissueUNetConfig = TINY) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_tissue_unet(cfg).eval()
+
+
+# --- architecture ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("h, w", [(1, 1), (23, 37), (300, 200)])
+def test_forward_any_size_gives_logits_of_that_size(h, w):
+    net = tiny_net(cfg=TissueUNetConfig())  # the shipped architecture: depth 4, pads to multiples of 16
+    with torch.inference_mode():
+        out = net(torch.rand(2, 3, h, w))
+    assert out.shape == (2, 1, h, w)
+    assert torch.isfinite(out).all()
+
+
+def test_config_round_trip_and_rejects_unknown_or_bad_keys():
+    cfg = TissueUNetConfig(base_channels=8, depth=3)
+    assert TissueUNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(BundleError, match="unknown"):
+        TissueUNetConfig.from_dict({"base_channels": 8, "width": 3})
+    with pytest.raises(BundleError, match="depth"):
+        TissueUNetConfig.from_dict({"depth": 0})
+    with pytest.raises(BundleError, match="base_channels"):
+        TissueUNetConfig.from_dict({"base_channels": "big"})
+
+
+# --- input normalisation -----------------------------------------------------------------------------------
+
+def test_tissue_input_same_for_uint8_and_uint16_copy():
+    rng = np.random.default_rng(0)
+    img8 = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    a, b = tissue_input(img8), tissue_input(img8.astype(np.uint16) * 257)
+    assert a.dtype == np.float32 and a.shape == (3, 40, 50)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert a.min() == 0.0 and a.max() == 1.0
+
+
+def test_tissue_input_keeps_colour_and_grey_gives_three_equal_channels():
+    rng = np.random.default_rng(1)
+    rgb = np.zeros((30, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    rgb[..., 2] = rng.integers(0, 100, (30, 30))
+    x = tissue_input(rgb)
+    assert x[0].mean() > 0.9 and x[1].mean() < 0.05  # one range for all channels: red stays red, green dark
+    grey = tissue_input(rng.integers(0, 4096, (17, 19, 1)).astype(np.uint16))
+    assert grey.shape == (3, 17, 19)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+    assert np.array_equal(tissue_input(np.asarray(rgb[..., 2])), tissue_input(rgb[..., 2:3]))  # 2-D = one channel
+
+
+@pytest.mark.parametrize("value, dtype", [(0, np.uint8), (7, np.uint16), (0.0, np.float32), (0.3, np.float64)])
+def test_tissue_input_constant_image_is_finite(value, dtype):
+    x = tissue_input(np.full((9, 11, 1), value, dtype))
+    assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+
+
+def test_tissue_input_nan_and_faint_noise():
+    img = np.random.default_rng(2).normal(0.5, 0.1, (20, 20, 3)).astype(np.float32)
+    img[3, 4, 1] = np.nan
+    assert np.isfinite(tissue_input(img)).all()
+    # A nearly empty dark field (3 grey levels of noise) is not stretched to the full range.
+    dark = np.random.default_rng(3).integers(5, 9, (64, 64, 1), dtype=np.uint8)
+    assert tissue_input(dark).max() < 0.3
+    # The same for the dark frame of a 12-bit camera in uint16 (offset 100, noise of +-20 counts).
+    dark16 = np.random.default_rng(3).integers(80, 120, (64, 64, 1)).astype(np.uint16)
+    assert tissue_input(dark16).max() < 0.1
+
+
+def test_tissue_input_multichannel_scales_each_channel_then_takes_the_max():
+    rng = np.random.default_rng(4)
+    img = np.zeros((32, 32, 5), np.uint16)
+    img[..., 0] = rng.integers(0, 4000, (32, 32))
+    img[:16, :, 3] = 60000  # a bright region in one channel only
+    x = tissue_input(img)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    assert np.array_equal(x[0], x[2])
+    assert x[0, :16].min() == 1.0  # the bright channel wins where it is bright
+    assert 0.3 < x[0, 16:].mean() < 0.7 and x[0, 16:].std() > 0.2  # elsewhere channel 0, scaled on its own
+
+
+def test_bad_views_and_windows_are_parameter_errors():
+    with pytest.raises(ParameterError, match="expected a \\(h, w, C\\) numeric view"):
+        tissue_input(np.zeros((2, 3, 4, 1)))
+    with pytest.raises(ParameterError):
+        tissue_input(np.array([["a", "b"]]))
+    with pytest.raises(ParameterError, match="window"):
+        predict_tissue(tiny_net(), np.zeros((8, 8, 1)), window=64, overlap=32)
+
+
+# --- bundles -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    net = tiny_net(seed=3)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so that the round trip covers them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    folder = tmp_path / "tiny"
+    bundle = save_tissue_bundle(folder, TINY, net.state_dict(), name="tiny", view_um_per_px=8.0, threshold=0.4,
+                                card={"training": {"steps": 3}})
+    return net, folder, bundle
+
+
+def test_save_load_round_trip_gives_same_outputs(saved):
+    net, folder, bundle = saved
+    loaded = load_tissue_bundle(folder)
+    assert isinstance(loaded, TissueBundle) and loaded == bundle
+    assert (loaded.config, loaded.view_um_per_px, loaded.threshold, loaded.name) == (TINY, 8.0, 0.4, "tiny")
+    assert loaded.card == {"training": {"steps": 3}}
+    assert sorted(p.name for p in folder.iterdir()) == ["model.toml", "weights.safetensors"]
+    rebuilt = loaded.build()
+    assert not rebuilt.training
+    x = torch.rand(1, 3, 40, 56)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(x), net(x), rtol=1e-2, atol=1e-2)  # float16 weights
+    meta = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
+    assert meta["format"] == "cellseg-tissue-bundle/1" and meta["model"] == TINY.to_dict()
+
+
+def test_corrupted_weights_are_rejected(saved):
+    _, folder, _ = saved
+    weights = folder / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_tissue_bundle(folder)
+
+
+def test_missing_folder_and_missing_parts(tmp_path, saved):
+    with pytest.raises(BundleError, match="no bundle"):
+        load_tissue_bundle(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="no bundle"):
+        load_tissue_bundle("no-such-shipped-bundle")
+    _, folder, _ = saved
+    (folder / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="expected weights"):
+        load_tissue_bundle(folder)
+    (folder / "model.toml").unlink()
+    with pytest.raises(BundleError, match="model.toml"):
+        load_tissue_bundle(folder)
+
+
+def _edit(folder, change):
+    meta = tomllib.loads((folder / "model.toml").read_text(encoding="utf-8"))
+    change(meta)
+    (folder / "model.toml").write_text(tomli_w.dumps(meta), encoding="utf-8")
+
+
+def test_wrong_format_string(saved):
+    _, folder, _ = saved
+    _edit(folder, lambda m: m.update(format="cellseg-bundle/1"))
+    with pytest.raises(BundleError, match="expected format = 'cellseg-tissue-bundle/1'.*found 'cellseg-bundle/1'"):
+        load_tissue_bundle(folder)
+
+
+def test_weights_not_matching_the_architecture(saved):
+    _, folder, _ = saved
+    _edit(folder, lambda m: m["model"].update(base_channels=6))
+    with pytest.raises(BundleError, match="architecture"):
+        load_tissue_bundle(folder).build()
+
+
+def test_errors_are_one_line(saved):
+    _, folder, _ = saved
+    (folder / "model.toml").write_text("format = \n", encoding="utf-8")
+    with pytest.raises(BundleError) as info:
+        load_tissue_bundle(folder)
+    assert "\n" not in str(info.value) and "expected" in str(info.value)
+
+
+# --- windowed prediction -----------------------------------------------------------------------------------
+
+def test_windows_stitch_without_seams():
+    """With overlap >= the receptive field, windowed prediction equals one pass over the whole view."""
+    net = tiny_net(seed=5, cfg=TissueUNetConfig(base_channels=4, depth=1))
+    view = np.random.default_rng(6).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    whole = predict_tissue(net, view)
+    windowed = predict_tissue(net, view, window=48, overlap=16)
+    assert whole.shape == windowed.shape == (100, 130) and whole.dtype == np.float32
+    np.testing.assert_allclose(windowed, whole, atol=1e-5)
+
+
+def test_predict_tiny_and_odd_views():
+    net = tiny_net()
+    for shape in [(20, 30, 3), (1, 1, 1), (5, 700, 2)]:
+        prob = predict_tissue(net, np.random.default_rng(0).random(shape).astype(np.float32), window=64, overlap=8)
+        assert prob.shape == shape[:2] and np.isfinite(prob).all() and 0 <= prob.min() <= prob.max() <= 1
+
+
+# --- the shipped bundle ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    bundle = load_tissue_bundle(None)
+    return bundle, bundle.build()
+
+
+def _disc(size=128, radius=30):
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    return r < radius, r < radius - 8, r > radius + 20
+
+
+def test_shipped_bundle_loads_and_is_small(shipped):
+    bundle, net = shipped
+    assert bundle.name == DEFAULT_TISSUE_BUNDLE and bundle.path.name == "tissue"
+    assert load_tissue_bundle("tissue") == bundle
+    assert (bundle.path / "weights.safetensors").stat().st_size < 5 * 2 ** 20
+    assert bundle.view_um_per_px == 8.0 and 0 < bundle.threshold < 1
+    assert not net.training
+
+
+def test_shipped_bundle_finds_a_fluorescence_disc(shipped):
+    _, net = shipped
+    rng = np.random.default_rng(10)
+    disc, inner, outer = _disc()
+    view = rng.normal(8, 2, (128, 128))
+    dots = disc & (rng.random((128, 128)) < 0.35)
+    view[dots] = rng.uniform(80, 255, dots.sum())
+    prob = predict_tissue(net, np.clip(view, 0, 255).astype(np.uint8)[..., None])
+    assert prob[inner].mean() > 0.5
+    assert prob[outer].mean() < 0.5 and (prob[outer] >= 0.5).mean() < 0.05
+
+
+def test_shipped_bundle_finds_a_stained_disc_on_glass(shipped):
+    _, net = shipped
+    rng = np.random.default_rng(11)
+    disc, inner, outer = _disc()
+    view = np.ones((128, 128, 3)) * np.array([232.0, 229.0, 234.0]) + rng.normal(0, 2, (128, 128, 3))
+    purple, pink = np.array([120.0, 70.0, 160.0]), np.array([225.0, 160.0, 200.0])
+    mix = rng.random((128, 128, 1))
+    view[disc] = (mix * purple + (1 - mix) * pink)[disc] + rng.normal(0, 6, (disc.sum(), 3))
+    prob = predict_tissue(net, np.clip(view, 0, 255).astype(np.uint8))
+    assert prob[inner].mean() > 0.5
+    assert prob[outer].mean() < 0.5 and (prob[outer] >= 0.5).mean() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["glass", "dark"])
+def test_shipped_bundle_finds_no_tissue_on_empty_views(shipped, kind):
+    _, net = shipped
+    rng = np.random.default_rng(12)
+    yy, xx = np.mgrid[:160, :160] / 160
+    if kind == "glass":
+        view = np.array([236.0, 232.0, 238.0]) * (1 - 0.06 * ((yy - 0.4) ** 2 + (xx - 0.6) ** 2))[..., None]
+        view = view + rng.normal(0, 2, (160, 160, 3))
+    else:
+        view = (6 + 4 * xx + rng.normal(0, 1.5, (160, 160)))[..., None]
+    prob = predict_tissue(net, np.clip(view, 0, 255).astype(np.uint8))
+    assert (prob >= 0.5).mean() < 0.05
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+def test_a_few_training_steps_lower_the_loss():
+    from torch.nn import functional as F
+    torch.manual_seed(0)
+    net = build_tissue_unet(TINY).train()
+    yy, xx = np.mgrid[:64, :64]
+    target = torch.from_numpy(((yy - 30) ** 2 + (xx - 34) ** 2 < 15 ** 2).astype(np.float32))[None, None]
+    view = np.where(target[0, 0].numpy()[..., None] > 0, [150, 80, 170], [235, 232, 236]).astype(np.uint8)
+    x = torch.from_numpy(tissue_input(view))[None]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.binary_cross_entropy_with_logits(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
