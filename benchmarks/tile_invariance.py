@@ -4,7 +4,7 @@ Counts a slide (default: the example fluorescence mosaic) with the shipped bundl
 then compares every run with the first: cell counts (relative difference) and masks matched one-to-one
 at IoU >= 0.5 (cellseg.evaluate), reporting the share of cells matched and their median / 5th-percentile IoU.
 
-    python benchmarks/tile_invariance.py [--slide example_slides/fluo_mosaic.ome.tif] [--tiles 256 384 512]
+    python benchmarks/tile_invariance.py [--slide example_slides/fluo_mosaic.ome.tif] [--tiles 256 384 512] [--tissue none]
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ def main() -> None:
     p.add_argument("--protocol", default="fluorescence-nuclei")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--tissue", choices=["unet", "otsu", "none"], default=None, help="tissue prefilter (protocol's)")
     args = p.parse_args()
 
-    from cellseg.bundle import load_bundle
-    from cellseg.detect import Detector, resolve_device
     from cellseg.evaluate import load_instances, match, pair_iou
-    from cellseg.pipeline import count_slide
+    from cellseg.pipeline import count_slide, load_detector
     from cellseg.protocol import load_protocol
 
-    protocol = load_protocol(args.protocol)
-    bundle = load_bundle(args.model or protocol.model)
-    detector = Detector(bundle.build(), resolve_device(args.device), class_names=tuple(bundle.model.classes),
-                        score_threshold=bundle.score_threshold, batch_size=protocol.batch_size)
+    protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue)
+    detector, bundle = load_detector(protocol.replace(model=args.model), args.device)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tile in args.tiles:
