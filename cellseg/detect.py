@@ -279,27 +279,42 @@ class Detector:
         masks are then pasted straight at slide resolution inside each tile's read box, so a cell is
         never blocky from a nearest-neighbour upsampling of a thresholded mask.
         """
-        results: list[TileDetections] = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
-                     for im in images[start:start + self.batch_size]]
-            # Boxes that lie wholly outside what their tile can own skip the mask branch (see below).
-            self.model.roi_heads.cellseg_regions = (
-                [owned_region(t, scale) for t in tiles[start:start + len(batch)]]
-                if tiles is not None and self.skip_unowned else None)
-            try:
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                    outputs = self.model(batch)
-            finally:
-                self.model.roi_heads.cellseg_regions = None
-            for k, (image, out) in enumerate(zip(batch, outputs)):
-                if scale != 1.0 and tiles is not None:
-                    read = tiles[start + k].read
-                    out = dict(out, boxes=out["boxes"] / scale)
-                    results.append(self._to_tile_detections(out, read.height, read.width))
-                else:
-                    results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
+        results: list[TileDetections | None] = [None] * len(images)
+        # Only same-size tiles share a forward pass: torchvision zero-pads a batch to its largest image, and
+        # with GroupNorm the padding shifts every feature of the smaller tile, so a cell's mask would depend
+        # on which tiles happened to share its batch (and so on the tissue filter and the tile size).
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(tuple(im.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                for i, det in zip(chunk, self._detect_batch([images[i] for i in chunk],
+                                                            None if tiles is None else [tiles[i] for i in chunk],
+                                                            scale)):
+                    results[i] = det
         self.tiles_seen += len(images)
+        return results
+
+    def _detect_batch(self, images: Sequence[np.ndarray], tiles: Sequence | None, scale: float) -> list[TileDetections]:
+        """One forward pass over same-size images."""
+        batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
+        # Boxes that lie wholly outside what their tile can own skip the mask branch (see below).
+        self.model.roi_heads.cellseg_regions = (
+            [owned_region(t, scale) for t in tiles] if tiles is not None and self.skip_unowned else None)
+        try:
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                outputs = self.model(batch)
+        finally:
+            self.model.roi_heads.cellseg_regions = None
+        results = []
+        for k, (image, out) in enumerate(zip(batch, outputs)):
+            if scale != 1.0 and tiles is not None:
+                read = tiles[k].read
+                out = dict(out, boxes=out["boxes"] / scale)
+                results.append(self._to_tile_detections(out, read.height, read.width))
+            else:
+                results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
         return results
 
     def _to_tile_detections(self, out: dict, height: int, width: int) -> TileDetections:

@@ -103,3 +103,15 @@ def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_
         own_b = owned_instances(b, tile, (200, 200), 0, seam_band_px(24))
         assert np.array_equal(own_a.boxes, own_b.boxes) and len(own_b) > 0
         assert all(np.array_equal(x, y) for x, y in zip(own_a.masks, own_b.masks))
+
+
+def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
+    rng = np.random.default_rng(2)
+    big, small = rng.random((3, 128, 128), dtype=np.float32), rng.random((3, 96, 64), dtype=np.float32)
+    alone = detector.detect([small])[0]
+    mixed = detector.detect([big, small, big])
+    assert len(alone) > 0 and np.array_equal(mixed[1].boxes, alone.boxes)
+    assert all(np.array_equal(a, b) for a, b in zip(mixed[1].masks, alone.masks))
+    assert np.array_equal(mixed[0].boxes, mixed[2].boxes)          # results come back in input order
