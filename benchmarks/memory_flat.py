@@ -1,11 +1,18 @@
 """Peak memory of the streaming pipeline against slide size (not part of the test suite).
 
-Builds synthetic tiled TIFFs of N x N px (bright nuclei-like discs on a dark background, written tile by
-tile), counts each in a fresh subprocess and prints peak RSS. To isolate the pipeline's own memory
-(reading, merging, measuring, writing) from the network's, which is constant per tile, the detector is a
-classical threshold + connected-components detector — the same TileDetections contract as Mask R-CNN.
+Builds synthetic whole-slide-like pyramidal TIFFs of N x N px: a dark fluorescence field with a few round
+"tissue" islands of bright nuclei-like discs (the same islands, in the same place, whatever N, so every
+slide holds the same cells and the run time stays bounded), written tile by tile, level by level. Each
+slide is counted in a fresh subprocess through `pipeline.count_slide` (every result file written) and its
+peak RSS (ru_maxrss, the whole run: reading, tissue view, detection, merging, measuring, writing) printed.
 
-    python benchmarks/memory_flat.py --sizes 4096 8192 16384 [--workdir /tmp/cellseg-mem]
+--detector model: the shipped Mask R-CNN with the tissue prefilter (--tissue, default unet), as
+`cellseg count` runs; background tiles are skipped, so a 40k x 40k slide finishes in minutes on a CPU.
+--detector threshold: a threshold + connected-components stand-in with the same TileDetections contract
+(isolates the pipeline's own memory from the network's; use --tissue none with it to visit every tile).
+
+    python benchmarks/memory_flat.py --sizes 10000 20000 40000 [--detector model] [--tissue unet]
+        [--workdir /tmp/cellseg-mem]
 """
 
 from __future__ import annotations
@@ -20,22 +27,78 @@ from pathlib import Path
 
 import numpy as np
 
+TILE = 256
+ISLANDS = [(0.25, 0.3, 700), (0.6, 0.7, 500), (0.8, 0.2, 350)]   # (row, col) as slide fractions, radius px
 
-def write_synthetic_slide(path: Path, size: int, tile: int = 256) -> None:
+
+def _islands(size: int) -> list[tuple[int, int, int]]:
+    """Island centres at fixed fractions of the slide but at least 800 px from an edge; radii in level-0 px."""
+    return [(int(min(max(fr * size, 800), size - 800)), int(min(max(fc * size, 800), size - 800)), rad)
+            for fr, fc, rad in ISLANDS]
+
+
+def _level0_tile(r: int, c: int, islands) -> np.ndarray:
+    """The TILE x TILE level-0 pixels at tile (r, c): a field of 10 with sparse noise (2 % of pixels off by up to
+    +-3: dense noise would make a 40k slide a gigabyte), bright discs (180) inside islands."""
+    rng = np.random.default_rng(r * 100003 + c)
+    img = np.full((TILE, TILE), 10, np.uint8)
+    flat = img.reshape(-1)
+    idx = rng.integers(0, flat.size, flat.size // 50)
+    flat[idx] = (10 + rng.integers(-3, 4, idx.size)).astype(np.uint8)
+    if not any(abs((r + 0.5) * TILE - ir) < rad + TILE and abs((c + 0.5) * TILE - ic) < rad + TILE
+               for ir, ic, rad in islands):
+        return img
+    yy, xx = np.mgrid[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
+    inside = np.zeros((TILE, TILE), bool)
+    for ir, ic, rad in islands:
+        inside |= (yy - ir) ** 2 + (xx - ic) ** 2 <= rad ** 2
+    if inside.any():
+        for cy, cx, rd in zip(rng.uniform(0, TILE, 90), rng.uniform(0, TILE, 90), rng.uniform(4, 8, 90)):
+            disc = ((yy - r * TILE - cy) ** 2 + (xx - c * TILE - cx) ** 2 <= rd ** 2) & inside
+            img[disc] = 180
+    return img
+
+
+def write_synthetic_slide(path: Path, size: int) -> None:
+    """Pyramidal tiled TIFF (SubIFDs, each level half the previous, down to <= 1024 px), 0.5 µm/px."""
     import tifffile
+    islands = _islands(size)
 
-    def tiles():
-        yy, xx = np.mgrid[:tile, :tile]
-        for r in range(0, size, tile):
-            for c in range(0, size, tile):
-                rng = np.random.default_rng(r * 7919 + c)
-                img = rng.integers(5, 15, (tile, tile), dtype=np.uint8)
-                for cy, cx, rad in zip(rng.uniform(8, tile - 8, 40), rng.uniform(8, tile - 8, 40), rng.uniform(4, 8, 40)):
-                    img[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad ** 2] = 180
-                yield img
+    def touches_island(row0, col0, row1, col1) -> bool:
+        return any(max(row0, ir - rad) < min(row1, ir + rad) and max(col0, ic - rad) < min(col1, ic + rad)
+                   for ir, ic, rad in islands)
 
-    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint8, tile=(tile, tile), compression="zlib",
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    def level_tiles(k: int):
+        f = 2 ** k
+        h = -(-size // f)
+        background = np.full((TILE, TILE), 10, np.uint8)
+        for r in range(0, h, TILE):
+            for c in range(0, h, TILE):
+                box = (r * f, c * f, min((r + TILE) * f, size), min((c + TILE) * f, size))
+                if not touches_island(*box) and k > 0:
+                    yield background       # block means of the noise are ~10
+                    continue
+                if k == 0:
+                    yield _level0_tile(r // TILE, c // TILE, islands)
+                    continue
+                span = TILE * f
+                full = np.zeros((span, span), np.float32)
+                for rr in range(0, span, TILE):
+                    for cc in range(0, span, TILE):
+                        gr, gc = (r * f + rr) // TILE, (c * f + cc) // TILE
+                        if gr * TILE < size and gc * TILE < size:
+                            full[rr:rr + TILE, cc:cc + TILE] = _level0_tile(gr, gc, islands)
+                yield full.reshape(TILE, f, TILE, f).mean(axis=(1, 3)).astype(np.uint8)
+
+    levels = [size]
+    while levels[-1] > 1024:
+        levels.append(-(-levels[-1] // 2))
+    opts = dict(dtype=np.uint8, tile=(TILE, TILE), compression="zlib", photometric="minisblack")
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, side in enumerate(levels):
+            res = (1e4 / (0.5 * 2 ** k),) * 2
+            extra = dict(subifds=len(levels) - 1) if k == 0 else dict(subfiletype=1)
+            tif.write(level_tiles(k), shape=(side, side), resolution=res, resolutionunit="CENTIMETER", **extra, **opts)
 
 
 class ThresholdDetector:
@@ -58,36 +121,52 @@ class ThresholdDetector:
         return out
 
 
-def child(slide: Path, out: Path) -> None:
-    from cellseg.pipeline import count_slide
+def child(slide: Path, out: Path, detector_kind: str, tissue: str) -> None:
+    from cellseg.pipeline import count_slide, load_detector
     from cellseg.protocol import load_protocol
+    from cellseg.tissue import TissueFinder
     out.mkdir(parents=True, exist_ok=True)
+    protocol = load_protocol("fluorescence-nuclei")
+    if detector_kind == "model":
+        detector, bundle = load_detector(protocol, "cpu")
+        diameter = bundle.nucleus_diameter_px
+    else:
+        detector, diameter = ThresholdDetector(), None
     start = time.perf_counter()
-    summary = count_slide(slide, out, load_protocol("fluorescence-nuclei"), ThresholdDetector())
+    summary = count_slide(slide, out, protocol, detector, tissue=TissueFinder(tissue), model_diameter_px=diameter)
     print(json.dumps({"cells": summary["cell_count"], "seconds": round(time.perf_counter() - start, 1),
+                      "tiles": summary["tiles_total"], "skipped": summary["tiles_skipped"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "stages": summary["seconds"]}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000, 40000])
+    p.add_argument("--detector", choices=["model", "threshold"], default="model")
+    p.add_argument("--tissue", choices=["unet", "otsu", "none"], default="unet")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cellseg-mem"))
-    p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(*args.child)
+        slide, out, kind, tissue = args.child
+        child(Path(slide), Path(out), kind, tissue)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"{'slide':>12} {'cells':>9} {'seconds':>8} {'peak RSS MB':>12}")
+    print(f"detector {args.detector}, tissue {args.tissue}")
+    print(f"{'slide':>12} {'tiles':>7} {'skipped':>8} {'cells':>7} {'seconds':>8} {'peak RSS MB':>12}")
     for size in args.sizes:
-        slide = args.workdir / f"synthetic_{size}.tif"
+        slide = args.workdir / f"islands_{size}.tif"
         if not slide.exists():
+            t = time.perf_counter()
             write_synthetic_slide(slide, size)
-        res = subprocess.run([sys.executable, __file__, "--child", str(slide), str(args.workdir / f"out_{size}")],
+            print(f"  (wrote {slide.name}: {slide.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s)")
+        out = args.workdir / f"out_{size}_{args.detector}_{args.tissue}"
+        res = subprocess.run([sys.executable, __file__, "--child", str(slide), str(out), args.detector, args.tissue],
                              check=True, capture_output=True, text=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{size:>6}x{size:<5} {r['cells']:>9} {r['seconds']:>8} {r['peak_rss_mb']:>12.0f}   {r['stages']}")
+        print(f"{size:>6}x{size:<5} {r['tiles']:>7} {r['skipped']:>8} {r['cells']:>7} {r['seconds']:>8} "
+              f"{r['peak_rss_mb']:>12.0f}   {r['stages']}", flush=True)
 
 
 if __name__ == "__main__":
