@@ -46,7 +46,8 @@ def train_ids(data: Path) -> list[str]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     split = module.stratified_split(data / "manifest.csv", val_fraction=0.1, seed=0)
-    assert not set(split["train"]) & set(split["val"])
+    if set(split["train"]) & set(split["val"]):
+        raise RuntimeError("expected disjoint train and val splits, got overlapping ones")
     return split["train"]
 
 
@@ -292,10 +293,21 @@ Each {t['view_px']}² view: brightfield glass (tint, vignetting, gradients, nois
 small fragments or mosaics of rectangular microscope fields (about 12 % of views: no tissue), filled with
 DSB images of the matching modality downsampled 4-45x with area averaging (about 1.5-17 µm/px at a
 nominal 0.375 µm/px), with stain-strength and brightness variation, autofluorescence lift, folds (tissue)
-and tears (background); artefacts labelled background: dust, debris, fibres, pen strokes, air bubbles,
+and tears (background); in 40 % of the H&E sections part of the tissue is procedural stroma (eosin of
+varying density, sparse nuclei, sometimes fat: empty cells with thin walls), because DSB crops are all
+nucleus-dense. Artefacts labelled background: dust, debris, fibres, pen strokes, air bubbles,
 out-of-focus haze, the slide-label edge. Outputs uint8, uint16 (12-16 bit, offsets) or float, as grey,
-RGB or 2-4 channel fluorescence. Balanced brightfield / fluorescence. The synthesis is the model's
-main limitation: real tissue textures (large stroma, fat, necrosis) beyond DSB crops were never seen.
+RGB or 2-4 channel fluorescence. Balanced brightfield / fluorescence.
+
+## Limits
+
+- The synthesis is the model's main limitation: no real whole-slide image was seen in training; textures
+  such as necrosis, mucin, blood, IHC (DAB brown) or unusual stains are not represented.
+- Resolution: best at 2-8 µm/px. At 16 µm/px sparse fluorescence fields lose a few nuclei (see
+  `empty_regions_16um` below); below ~1.5 µm/px single nuclei are several pixels wide, unlike training.
+- Thin gaps (< 1-2 view px) between tissue pieces are called tissue; ink-like uniform dark strokes and
+  a lilac slide label can be called tissue in rare cases (held-out no-tissue views below).
+- Grow the mask by 1-2 view px before deciding which tiles to skip (the nuclei on a tissue border).
 
 ## Recipe
 
@@ -370,7 +382,8 @@ def main() -> None:
     t0 = time.time()
     src = ts.Sources(args.data, ids)
     cache = ROOT / "runs" / "tissue_pool"
-    x, y, infos = make_pool(src, args.pool, args.seed, cache / f"train_s{args.seed}_n{args.pool}_{version}.npz")
+    if not args.eval_only:
+        x, y, infos = make_pool(src, args.pool, args.seed, cache / f"train_s{args.seed}_n{args.pool}_{version}.npz")
     hx, hy, hinfos = make_pool(src, args.heldout, args.seed + 1000, cache / f"heldout_s{args.seed + 1000}_n{args.heldout}_{version}.npz")
     synthesis_s = time.time() - t0
 

@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import shutil  # noqa: E402
 import tomllib  # noqa: E402
 
 import numpy as np  # noqa: E402
