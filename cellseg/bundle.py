@@ -80,26 +80,37 @@ def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
     return shipped
 
 
-def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
-    folder = find_bundle(name_or_path)
+def read_bundle_folder(folder: Path, fmt: str, kind: str = "model", require_sha256: bool = False) -> tuple[dict, str]:
+    """Check a bundle folder (model.toml is TOML of format `fmt`, weights present and matching the recorded
+    sha256) and return (model.toml as a dict, the weights' sha256). Every failure is a one-line BundleError."""
     if not folder.is_dir():
-        raise BundleError(f"expected a model bundle folder, found no bundle at {folder} (no such folder)")
+        raise BundleError(f"expected a {kind} bundle folder, found no bundle at {folder} (no such folder)")
     toml_path = folder / "model.toml"
     if not toml_path.is_file():
-        raise BundleError(f"expected a model bundle folder with model.toml, found no {toml_path}")
+        raise BundleError(f"expected a {kind} bundle folder with model.toml, found no {toml_path}")
     try:
         meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{toml_path} is not valid TOML: {e}") from e
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"expected format = {BUNDLE_FORMAT!r} in {toml_path}, found {meta.get('format')!r}")
+        raise BundleError(f"expected valid TOML in {toml_path}, found a file that is not valid TOML: {e}") from e
+    if meta.get("format") != fmt:
+        raise BundleError(f"expected format = {fmt!r} in {toml_path}, found {meta.get('format')!r}")
     weights = folder / _WEIGHTS
     if not weights.is_file():
         raise BundleError(f"expected weights at {weights}, found none (the bundle is incomplete)")
     digest = sha256_file(weights)
-    if meta.get("weights_sha256") not in (None, digest):
+    recorded = meta.get("weights_sha256")
+    if recorded is None and require_sha256:
+        raise BundleError(f"expected weights_sha256 in {toml_path}, found none")
+    if recorded not in (None, digest):
         raise BundleError(f"{weights} does not match the sha256 recorded in model.toml "
-                          f"(expected {str(meta['weights_sha256'])[:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
+                          f"(expected {str(recorded)[:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
+    return meta, digest
+
+
+def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
+    folder = find_bundle(name_or_path)
+    meta, digest = read_bundle_folder(folder, BUNDLE_FORMAT)
+    toml_path = folder / "model.toml"
     try:
         model = ModelConfig.from_dict(meta.get("model", {}))
         inference = meta.get("inference", {})

@@ -16,7 +16,6 @@ Contract
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .bundle import packaged_bundles_root, read_weights, sha256_file, write_toml, write_weights
+from .bundle import packaged_bundles_root, read_bundle_folder, read_weights, sha256_file, write_toml, write_weights
 from .errors import BundleError, ParameterError
 
 DEFAULT_TISSUE_BUNDLE = "tissue"
@@ -222,24 +221,8 @@ def load_tissue_bundle(name_or_path: str | os.PathLike | None = None) -> TissueB
         folder = folder.parent
     elif not folder.is_dir() and os.sep not in name and "/" not in name:
         folder = packaged_bundles_root() / name
-    if not folder.is_dir():
-        raise BundleError(f"expected a tissue bundle folder, found no bundle at {folder} (no such folder)")
+    meta, digest = read_bundle_folder(folder, TISSUE_BUNDLE_FORMAT, kind="tissue", require_sha256=True)
     toml_path = folder / "model.toml"
-    if not toml_path.is_file():
-        raise BundleError(f"expected a tissue bundle folder with model.toml, found no {toml_path}")
-    try:
-        meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"expected valid TOML in {toml_path}, found an error: {e}") from e
-    if meta.get("format") != TISSUE_BUNDLE_FORMAT:
-        raise BundleError(f"expected format = {TISSUE_BUNDLE_FORMAT!r} in {toml_path}, found {meta.get('format')!r}")
-    weights = folder / _WEIGHTS
-    if not weights.is_file():
-        raise BundleError(f"expected weights at {weights}, found none (the bundle is incomplete)")
-    digest = sha256_file(weights)
-    if meta.get("weights_sha256") != digest:
-        raise BundleError(f"expected {weights} to match the sha256 in model.toml ({str(meta.get('weights_sha256'))[:12]}…),"
-                          f" found {digest[:12]}…: the file is corrupt or replaced")
     try:
         view, inference = meta.get("view", {}), meta.get("inference", {})
         bundle = TissueBundle(
