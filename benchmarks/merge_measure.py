@@ -179,8 +179,8 @@ class _Null:
 def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dict:
     from cellseg.export import CellsTableWriter
     from cellseg.measure import cell_columns
-    from cellseg.merge import SeamMerger, owned_instances, seam_band_px
-    from cellseg.pipeline import _Emitter
+    from cellseg.merge import SeamMerger, seam_band_px
+    from cellseg.pipeline import _Emitter, merge_tiles
 
     synth = SyntheticSlide(*grid, seed=seed)
     tiles = synth.tiles
@@ -194,19 +194,16 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dic
         table = CellsTableWriter(Path(tmp) / "cells.csv", cell_columns(names)) if write_csv else _Null()
         emitter = _Emitter(_FakeSlide(channels, seed), tiles, _Null(), table, _Null(), names, ["nucleus"],
                            timer, [])
-        for tile in tiles:                                   # the loop of pipeline._run_tiles, minus the network
-            start = time.perf_counter()
-            det = synth.detections(tile.index)
-            generate += time.perf_counter() - start
-            with timer("merge"):
-                merger.add_tile(tile, owned_instances(det, tile, synth.shape, 10, band))
-                done = (merger.pop_final(tile.grid_row - 1)
-                        if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
-            if done is not None:
-                emitter.emit(done)
-        with timer("merge"):
-            done = merger.pop_final(None)
-        emitter.emit(done)
+
+        def detections():                                    # pipeline._run_tiles minus the network
+            nonlocal generate
+            for tile in tiles:
+                start = time.perf_counter()
+                det = synth.detections(tile.index)
+                generate += time.perf_counter() - start
+                yield tile, det
+
+        merge_tiles(detections(), tiles_per_row, merger, emitter, timer, synth.shape, 10, band)
         table.close()
     return {"tiles": len(tiles), "cells": emitter.next_id - 1, "generate_s": generate, "wall": timer.wall,
             "cpu": timer.cpu, "seams": merger.stats.to_dict()}

@@ -20,7 +20,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol as TypingProtocol, Sequence
+from typing import Iterable, Iterator, Protocol as TypingProtocol, Sequence
 
 import numpy as np
 
@@ -288,7 +288,6 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
-    shape = (slide.info.height, slide.info.width)
     tiles_per_row = sum(1 for t in tiles if t.grid_row == 0)
     work = [t for t, k in zip(tiles, keep) if k]
     batches = [work[i:i + protocol.batch_size] for i in range(0, len(work), protocol.batch_size)]
@@ -319,23 +318,34 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
                     detections = detector.detect(images, batch, scale)
                 yield from zip(batch, detections)
 
-    # Every tile, skipped or not, goes through the merger in grid order: its row bookkeeping stays simple.
-    stream = detected()
-    with tqdm(total=len(work), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
-        for tile, kept in zip(tiles, keep):
-            if kept:
-                _, det = next(stream)      # the stream yields the kept tiles in this same grid order
-                bar.update(1)
-            else:
-                det = no_cells
-            with timer("merge"):
-                merger.add_tile(tile, owned_instances(det, tile, shape, protocol.min_area_px,
-                                                      seam_band_px(halo_px)))
-                # Grid row r is complete: row r - 1 can no longer change.
-                done = (merger.pop_final(tile.grid_row - 1)
-                        if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
-            if done is not None:
-                emitter.emit(done)
+    def every_tile() -> Iterator[tuple[TileSpec, TileDetections]]:
+        """All tiles in grid order, skipped ones with no cells: the merger's row bookkeeping stays simple."""
+        stream = detected()
+        with tqdm(total=len(work), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
+            for tile, kept in zip(tiles, keep):
+                if kept:
+                    _, det = next(stream)      # the stream yields the kept tiles in this same grid order
+                    bar.update(1)
+                    yield tile, det
+                else:
+                    yield tile, no_cells
+
+    merge_tiles(every_tile(), tiles_per_row, merger, emitter, timer, (slide.info.height, slide.info.width),
+                protocol.min_area_px, seam_band_px(halo_px))
+
+
+def merge_tiles(stream: Iterable[tuple[TileSpec, TileDetections]], tiles_per_row: int, merger: SeamMerger,
+                emitter: "_Emitter", timer: StageTimer, slide_shape: tuple[int, int], min_area_px: int,
+                band_px: int) -> None:
+    """Ownership and seam dedupe for every tile, in grid order; each finished row of cells goes to `emitter`."""
+    for tile, det in stream:
+        with timer("merge"):
+            merger.add_tile(tile, owned_instances(det, tile, slide_shape, min_area_px, band_px))
+            # Grid row r is complete: row r - 1 can no longer change.
+            done = (merger.pop_final(tile.grid_row - 1)
+                    if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
+        if done is not None:
+            emitter.emit(done)
     with timer("merge"):
         done = merger.pop_final(None)
     emitter.emit(done)
