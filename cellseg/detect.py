@@ -81,9 +81,37 @@ class _TileTransform(GeneralizedRCNNTransform):
         return result  # boxes in input pixels (no resize happened), masks left at 28x28
 
 
+class SlideGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics can be fixed for a whole slide (same parameters and state dict keys).
+
+    Plain GroupNorm normalises each tile by that tile's own mean and variance, so a cell's features depend on
+    what else its tile holds: on the tile size, and on whether the tile is busy or sparse. After `calibrate`
+    (Detector.calibrate) the statistics measured once on a few windows of the slide are used for every tile,
+    and the backbone becomes a plain convolution of the slide: a cell is seen the same in any tile.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.calibrating = False
+        self.slide_stats: tuple[torch.Tensor, torch.Tensor] | None = None   # per-group (mean, var)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:   # one set of statistics for the whole batch of calibration windows
+            grouped = x.float().reshape(x.shape[0], self.num_groups, -1).transpose(0, 1).reshape(self.num_groups, -1)
+            var, mean = torch.var_mean(grouped, dim=1, unbiased=False)
+            self.slide_stats = (mean, var)
+        if self.slide_stats is None:
+            return super().forward(x)
+        mean, var = (t.to(x.dtype) for t in self.slide_stats)
+        per_group = self.num_channels // self.num_groups
+        scale = (var + self.eps).rsqrt().repeat_interleave(per_group) * self.weight
+        shift = self.bias - mean.repeat_interleave(per_group) * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
 def _norm_layer(kind: str):
     if kind == "groupnorm":
-        return lambda channels: nn.GroupNorm(32, channels)
+        return lambda channels: SlideGroupNorm(32, channels)
     if kind == "frozen_bn":
         from torchvision.ops import FrozenBatchNorm2d
         return FrozenBatchNorm2d
@@ -256,6 +284,7 @@ class Detector:
     proposal_threshold: float = 0.0   # RPN objectness below this never reaches the box head
     skip_unowned: bool = True         # boxes wholly outside what their tile can own skip the mask branch
     tiles_seen: int = field(default=0, init=False)
+    calibrated: bool = field(default=False, init=False)   # slide-level normalisation statistics set
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
@@ -269,6 +298,33 @@ class Detector:
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
         self.model.rpn.score_thresh = self.proposal_threshold
         _drop_boxes_outside_regions(self.model.roi_heads)
+
+    def _slide_norms(self) -> list[SlideGroupNorm]:
+        return [m for m in self.model.modules() if isinstance(m, SlideGroupNorm)]
+
+    @torch.inference_mode()
+    def calibrate(self, windows: Sequence[np.ndarray]) -> None:
+        """Fix the backbone's GroupNorm statistics for one slide from `windows` (normalised like tiles, all the
+        same shape), pooled over all of them. Until `reset_calibration`, every tile uses these statistics."""
+        norms = self._slide_norms()
+        if not norms or not windows:
+            return
+        for m in norms:
+            m.calibrating, m.slide_stats = True, None
+        try:
+            batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                self.model.backbone.body(self.model.transform(batch)[0].tensors)
+        finally:
+            for m in norms:
+                m.calibrating = False
+        self.calibrated = True
+
+    def reset_calibration(self) -> None:
+        """Back to per-tile GroupNorm statistics (as in training)."""
+        for m in self._slide_norms():
+            m.slide_stats = None
+        self.calibrated = False
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence | None = None,

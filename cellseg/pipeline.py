@@ -34,7 +34,7 @@ from .merge import Instances, SeamMerger, owned_instances, seam_band_px
 from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
 from .protocol import Protocol
 from .slide import Slide, open_slide
-from .tiling import TileSpec, plan_tiles
+from .tiling import Box, TileSpec, plan_tiles
 from .tissue import TissueFinder, TissueMask, write_tissue_png
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def load_detector(protocol: Protocol, device: str):
 
 def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, intensity: IntensityRange,
                      protocol: Protocol, thumbnail: np.ndarray, thumb_factor: float,
-                     n_tiles: int = 6) -> tuple[float, int] | None:
+                     tissue: TissueMask | None = None, n_tiles: int = 6) -> tuple[float, int] | None:
     """Median equivalent diameter (px) of the nuclei found at native scale on the slide's busiest tiles.
 
     Tiles are ranked by pixel contrast on the thumbnail, so glass and empty background are not sampled.
@@ -178,11 +178,63 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
         return float(gray[r0:r1, c0:c1].std())
 
     chosen = sorted(tiles, key=contrast, reverse=True)[:n_tiles]
-    images = [to_network_input(select_channels(slide.read_region(t.read), channel), intensity) for t in chosen]
+    calibrate_detector(detector, slide, channel, intensity, 1.0, gray, thumb_factor, tissue)
+    images = [network_pixels(slide, t.read, channel, intensity) for t in chosen]
     areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
     if areas.size < 10:
         return None
     return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)
+
+
+CALIBRATION_WINDOW_PX = 512   # network px; the side of each window the slide's normalisation is measured on
+CALIBRATION_WINDOWS = 4
+
+
+def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,
+                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS) -> list[Box]:
+    """Up to `n` windows of window_px x window_px (slide px) on a fixed grid, where the cells are.
+
+    They depend on the slide only (not on the tile size): the normalisation measured on them is the same
+    whatever tiles the slide is cut into. Ranked by thumbnail contrast times tissue share, so glass and empty
+    dark field are not chosen. A slide smaller than a window gives one window: the whole slide.
+    """
+    wh, ww = min(window_px, height), min(window_px, width)
+    candidates = [Box(r, c, r + wh, c + ww) for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
+
+    def score(box: Box) -> float:
+        r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
+        r1, c1 = max(int(box.row1 / thumb_factor), r0 + 1), max(int(box.col1 / thumb_factor), c0 + 1)
+        share = tissue.box_fraction(box) if tissue is not None else 1.0
+        return float(gray_thumbnail[r0:r1, c0:c1].std()) * share
+
+    ranked = sorted(candidates, key=lambda b: (-score(b), b.row0, b.col0))
+    return ranked[:n]
+
+
+def network_pixels(slide: Slide, box: Box, channel: int | None, intensity: IntensityRange,
+                   scale: float = 1.0) -> np.ndarray:
+    """The slide's pixels in `box` as the network sees them: model channel, resampled by `scale`, normalised."""
+    pixels = select_channels(slide.read_region(box), channel)
+    if scale != 1.0:
+        from skimage.transform import resize
+        shape = (max(1, round(box.height * scale)), max(1, round(box.width * scale)))
+        pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    return to_network_input(pixels, intensity)
+
+
+def calibrate_detector(detector: TileDetector, slide: Slide, channel: int | None, intensity: IntensityRange,
+                       scale: float, gray_thumbnail: np.ndarray, thumb_factor: float,
+                       tissue: TissueMask | None) -> int:
+    """Fix the detector's normalisation statistics for this slide (detect.SlideGroupNorm); returns windows used.
+
+    Detectors without slide-level normalisation (test doubles, other models) are left as they are.
+    """
+    if not hasattr(detector, "calibrate"):
+        return 0
+    window = max(16, round(CALIBRATION_WINDOW_PX / scale))
+    boxes = calibration_windows(slide.info.height, slide.info.width, window, gray_thumbnail, thumb_factor, tissue)
+    detector.calibrate([network_pixels(slide, b, channel, intensity, scale) for b in boxes])
+    return len(boxes)
 
 
 def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,
@@ -228,9 +280,11 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         with timer("read"):
             intensity = measure_range(tissue_pixels(select_channels(thumbnail, channel), tissue_mask,
                                                     info.height, info.width))
+        gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
         if diameter_px == "auto":
             with timer("detect"):
-                measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor)
+                measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor,
+                                            tissue_mask)
             scale = (choose_scale(model_diameter_px, measured[0], protocol, info.mpp,
                                   source=f"measured on {measured[1]} nuclei of the slide (--diameter auto)")
                      if measured else Scale(1.0, "native: too few nuclei found to measure their size",
@@ -239,6 +293,10 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
         tile_px, halo_px = tile_geometry(protocol, scale)
         tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
+        with timer("detect"):
+            # One normalisation for the whole slide, measured where the cells are: a cell then looks the same
+            # to the network whatever tile it falls in (see detect.SlideGroupNorm).
+            calibrate_detector(detector, slide, channel, intensity, scale.factor, gray, thumb_factor, tissue_mask)
         # A tile is skipped when its core holds too little tissue: none of its cells could be real.
         keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
                 for t in tiles]
@@ -293,16 +351,8 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
     batches = [work[i:i + protocol.batch_size] for i in range(0, len(work), protocol.batch_size)]
     no_cells = TileDetections.empty()
 
-    def read_one(tile: TileSpec) -> np.ndarray:
-        pixels = select_channels(slide.read_region(tile.read), channel)
-        if scale != 1.0:
-            from skimage.transform import resize
-            shape = (max(1, round(tile.read.height * scale)), max(1, round(tile.read.width * scale)))
-            pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
-        return to_network_input(pixels, intensity)
-
     def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
-        return [read_one(t) for t in batch]
+        return [network_pixels(slide, t.read, channel, intensity, scale) for t in batch]
 
     def detected() -> Iterator[tuple[TileSpec, TileDetections]]:
         """(tile, detections) of the kept tiles in order. One reader thread decodes the next batch while the

@@ -36,7 +36,7 @@ def modality_of(manifest: Path) -> dict[str, str]:
 
 
 def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, str], out: Path,
-            device: str, floor: float) -> None:
+            device: str, floor: float, diameter: str | None = None) -> None:
     bundle = load_bundle(bundle_dir)
     detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
                         score_threshold=floor, proposal_threshold=bundle.proposal_threshold)
@@ -49,7 +49,8 @@ def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, st
         # Single microscope fields: the detector is validated, not the tissue prefilter.
         protocol = Protocol(name=f"validation-{kind}", modality=kind, tile_size=512, halo_px=64, min_area_px=10,
                             tissue_method="none")
-        summary = count_slide(data / "images" / f"{image_id}.png", folder, protocol, detector)
+        summary = count_slide(data / "images" / f"{image_id}.png", folder, protocol, detector,
+                              model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter)
         logging.info("%d/%d %s: %d cells", k + 1, len(ids), image_id[:12], summary["cell_count"])
 
 
@@ -60,6 +61,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
+    p.add_argument("--diameter", default=None,
+                   help="'auto': measure each image's nucleus size and resample it to the model's (--diameter auto)")
     p.add_argument("--write-card", action="store_true", help="store threshold + figures in the bundle")
     p.add_argument("--limit", type=int, default=None, help="only the first N validation images (smoke test)")
     args = p.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
     split = json.loads((args.bundle / "split.json").read_text())
     modality = modality_of(args.data / "manifest.csv")
     ids = sorted(split["val"])[:args.limit]
-    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor)
+    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor, args.diameter)
 
     gt_all = load_instances(args.data / "annotations.json")
     gt_by_stem = {Path(name).stem: inst for name, inst in gt_all.items()}

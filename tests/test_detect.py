@@ -115,3 +115,44 @@ def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
     assert len(alone) > 0 and np.array_equal(mixed[1].boxes, alone.boxes)
     assert all(np.array_equal(a, b) for a, b in zip(mixed[1].masks, alone.masks))
     assert np.array_equal(mixed[0].boxes, mixed[2].boxes)          # results come back in input order
+
+
+def _body_features(detector: Detector, image: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():   # normalised and padded as in Detector.detect
+        batch = detector.model.transform([torch.from_numpy(image)])[0].tensors
+        return detector.model.backbone.body(batch)["0"][0]   # stride 4
+
+
+def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
+    """GroupNorm with per-tile statistics sees a cell differently depending on the rest of its tile; with the
+    slide's statistics (Detector.calibrate) the backbone is a plain convolution: a crop's interior features
+    are the full image's."""
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    image = (rng.random((3, 256, 256), dtype=np.float32) * 0.3).astype(np.float32)
+    image[:, :32] += 2.0                                  # a bright band that the crop below leaves out
+    crop = np.ascontiguousarray(image[:, 32:224, 32:224])
+    # crop pixel (r, c) is image pixel (r + 32, c + 32): feature (i, j) <-> (i + 8, j + 8); compare 12 px (48
+    # image px, more than layer1's receptive field) away from the crop's borders
+    inner_crop, inner_full = np.s_[:, 12:36, 12:36], np.s_[:, 20:44, 20:44]
+
+    per_tile = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
+    assert not torch.allclose(*per_tile, atol=1e-3)       # the bright band changed the crop's neighbour stats
+    detector.calibrate([image])
+    assert detector.calibrated
+    calibrated = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
+    assert torch.allclose(*calibrated, atol=1e-4)
+    detector.reset_calibration()
+    assert not detector.calibrated
+    assert torch.equal(_body_features(detector, crop)[inner_crop], per_tile[0])
+
+
+def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
+    """A field that fits in one calibration window is normalised exactly as in training (per-image GroupNorm)."""
+    torch.manual_seed(1)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    image = np.random.default_rng(1).random((3, 128, 160), dtype=np.float32)
+    plain = _body_features(detector, image)
+    detector.calibrate([image])
+    assert torch.allclose(_body_features(detector, image), plain, atol=1e-4)

@@ -321,3 +321,38 @@ def test_nuclear_channel_is_found_by_name(tmp_path):
     with open_slide(path) as slide:
         assert model_channel(Protocol(name="t"), slide) == 1
         assert model_channel(Protocol(name="t", channel=2), slide) == 2
+
+
+class CalibratedLabelReader(LabelReadingDetector):
+    """Records the windows the pipeline calibrates the slide's normalisation on."""
+
+    def calibrate(self, windows):
+        self.windows = [w.copy() for w in windows]
+
+
+@pytest.mark.parametrize("tile", [48, 96, 160])
+def test_the_slide_normalisation_is_measured_on_the_same_windows_whatever_the_tile_size(tmp_path, tile):
+    labels = random_cells(300, 420, max_diameter=16, n=300, seed=4)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
+    reference = CalibratedLabelReader(labels)
+    count_slide(slide, tmp_path / "ref", Protocol(name="t", tile_size=256, halo_px=24, tissue_method="none"),
+                reference)
+    detector = CalibratedLabelReader(labels)
+    (tmp_path / "out").mkdir()
+    count_slide(slide, tmp_path / "out", Protocol(name="t", tile_size=tile, halo_px=min(24, tile // 2),
+                                                  tissue_method="none"), detector)
+    assert len(detector.windows) == len(reference.windows) >= 1
+    assert all(np.array_equal(a, b) for a, b in zip(detector.windows, reference.windows))
+
+
+def test_calibration_windows_lie_where_the_cells_are():
+    from cellseg.pipeline import calibration_windows
+    gray = np.zeros((100, 150), np.float32)                    # a thumbnail at 1/10 of a 1000 x 1500 slide
+    gray[60:100, 100:150] = np.random.default_rng(0).random((40, 50))   # cells only bottom-right
+    windows = calibration_windows(1000, 1500, 300, gray, 10.0, None, n=2)
+    assert len(windows) == 2
+    for w in windows:
+        assert (w.height, w.width) == (300, 300) and w.row1 <= 1000 and w.col1 <= 1500
+        assert w.row0 >= 600 - 300 and w.col0 >= 1000 - 300     # overlapping the textured corner
+    assert calibration_windows(80, 120, 512, gray, 10.0, None) == [Box(0, 0, 80, 120)]   # smaller than a window
