@@ -10,6 +10,7 @@ no resize (tiles run at the scale they are given), thousands of detections per t
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -102,11 +103,35 @@ class SlideGroupNorm(nn.GroupNorm):
             self.slide_stats = (mean, var)
         if self.slide_stats is None:
             return super().forward(x)
-        mean, var = (t.to(x.dtype) for t in self.slide_stats)
+        scale, shift = (t.to(x.dtype) for t in self.affine_terms())
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def affine_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the slide's statistics the layer is y = x * scale + shift per channel: (scale, shift)."""
+        mean, var = self.slide_stats
         per_group = self.num_channels // self.num_groups
         scale = (var + self.eps).rsqrt().repeat_interleave(per_group) * self.weight
-        shift = self.bias - mean.repeat_interleave(per_group) * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return scale, self.bias - mean.repeat_interleave(per_group) * scale
+
+
+def fold_slide_norms(body: nn.Module) -> nn.Module:
+    """A copy of `body` in which each calibrated SlideGroupNorm that directly follows a convolution (torchvision's
+    ResNet layout: conv1/bn1, conv2/bn2, downsample 0/1) is folded into that convolution's weights and bias.
+
+    Same output (to float rounding), one pass over each feature map less: ~13 % of the backbone's CPU time.
+    """
+    folded = copy.deepcopy(body)
+    for parent in folded.modules():
+        previous = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SlideGroupNorm) and child.slide_stats is not None and isinstance(previous, nn.Conv2d):
+                scale, shift = child.affine_terms()
+                bias = shift if previous.bias is None else previous.bias * scale + shift
+                previous.weight = nn.Parameter(previous.weight * scale[:, None, None, None], requires_grad=False)
+                previous.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, nn.Identity())
+            previous = child
+    return folded
 
 
 def _norm_layer(kind: str):
@@ -257,6 +282,20 @@ def _drop_boxes_outside_regions(roi_heads) -> None:
     roi_heads._cellseg_wrapped = True
 
 
+def _contiguous_features_for_roi_align(roi_heads) -> None:
+    """RoIAlign's CPU kernel works on NCHW: given channels_last features it copies a whole level per call, once
+    for the box head and again for the mask head. Convert each level once instead."""
+    if getattr(roi_heads, "_cellseg_contiguous", False):
+        return
+    original = roi_heads.forward
+
+    def forward(features, proposals, image_shapes, targets=None):
+        return original({k: v.contiguous() for k, v in features.items()}, proposals, image_shapes, targets)
+
+    roi_heads.forward = forward
+    roi_heads._cellseg_contiguous = True
+
+
 _MASK_EXPANSION = 30 / 28   # paste_masks_at_box_size pads the 28 x 28 mask by 1 px: the box grows by (M + 2) / M
 
 
@@ -285,12 +324,14 @@ class Detector:
     skip_unowned: bool = True         # boxes wholly outside what their tile can own skip the mask branch
     tiles_seen: int = field(default=0, init=False)
     calibrated: bool = field(default=False, init=False)   # slide-level normalisation statistics set
+    _per_tile_body: nn.Module | None = field(default=None, init=False, repr=False)   # the body before folding
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
         if self.device.type == "cpu":
             # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
             self.model.to(memory_format=torch.channels_last)
+            _contiguous_features_for_roi_align(self.model.roi_heads)
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
         # cells on the example mosaic) goes through the mask branch only to be thrown away here.
         self.model.roi_heads.score_thresh = self.score_threshold
@@ -299,31 +340,38 @@ class Detector:
         self.model.rpn.score_thresh = self.proposal_threshold
         _drop_boxes_outside_regions(self.model.roi_heads)
 
-    def _slide_norms(self) -> list[SlideGroupNorm]:
-        return [m for m in self.model.modules() if isinstance(m, SlideGroupNorm)]
-
-    @torch.inference_mode()
+    @torch.no_grad()
     def calibrate(self, windows: Sequence[np.ndarray]) -> None:
         """Fix the backbone's GroupNorm statistics for one slide from `windows` (normalised like tiles, all the
-        same shape), pooled over all of them. Until `reset_calibration`, every tile uses these statistics."""
-        norms = self._slide_norms()
+        same shape), pooled over all of them. Until `reset_calibration`, every tile uses these statistics,
+        folded into the convolutions (fold_slide_norms)."""
+        self.reset_calibration()
+        body = self.model.backbone.body
+        norms = [m for m in body.modules() if isinstance(m, SlideGroupNorm)]
         if not norms or not windows:
             return
         for m in norms:
-            m.calibrating, m.slide_stats = True, None
+            m.calibrating = True
         try:
             batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                self.model.backbone.body(self.model.transform(batch)[0].tensors)
+                body(self.model.transform(batch)[0].tensors)
         finally:
             for m in norms:
                 m.calibrating = False
+        folded = fold_slide_norms(body)
+        if self.device.type == "cpu":
+            folded.to(memory_format=torch.channels_last)
+        self._per_tile_body, self.model.backbone.body = body, folded
         self.calibrated = True
 
     def reset_calibration(self) -> None:
         """Back to per-tile GroupNorm statistics (as in training)."""
-        for m in self._slide_norms():
-            m.slide_stats = None
+        if self._per_tile_body is not None:
+            self.model.backbone.body, self._per_tile_body = self._per_tile_body, None
+        for m in self.model.backbone.body.modules():
+            if isinstance(m, SlideGroupNorm):
+                m.slide_stats = None
         self.calibrated = False
 
     @torch.inference_mode()

@@ -27,8 +27,8 @@ import numpy as np
 from . import __version__
 from .detect import TileDetections
 from .errors import CellsegError, ParameterError
-from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, write_area_histogram,
-                     write_label_images, write_overlay_png)
+from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, start_plotting_import,
+                     write_area_histogram, write_label_images, write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
 from .merge import Instances, SeamMerger, owned_instances, seam_band_px
 from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
@@ -265,6 +265,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     one for many slides); None loads the protocol's tissue_method.
     """
     tissue = tissue or TissueFinder(protocol.tissue_method)
+    start_plotting_import()
     timer = StageTimer()
     started = time.time()
     with open_slide(slide_path, mpp=mpp) as slide:

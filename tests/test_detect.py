@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from cellseg.detect import Detector, ModelConfig, build_model, paste_masks_at_box_size, resolve_device
+from cellseg.detect import Detector, ModelConfig, SlideGroupNorm, build_model, paste_masks_at_box_size, resolve_device
 from cellseg.errors import ParameterError
 
 from .conftest import tiny_model_config
@@ -140,7 +140,8 @@ def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
     per_tile = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
     assert not torch.allclose(*per_tile, atol=1e-3)       # the bright band changed the crop's neighbour stats
     detector.calibrate([image])
-    assert detector.calibrated
+    assert detector.calibrated      # ... and the statistics are folded into the convolutions:
+    assert not any(isinstance(m, SlideGroupNorm) for m in detector.model.backbone.body.modules())
     calibrated = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
     assert torch.allclose(*calibrated, atol=1e-4)
     detector.reset_calibration()
