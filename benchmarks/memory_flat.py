@@ -29,18 +29,32 @@ import numpy as np
 
 TILE = 256
 ISLANDS = [(0.25, 0.3, 700), (0.6, 0.7, 500), (0.8, 0.2, 350)]   # (row, col) as slide fractions, radius px
+ALIGN = 1024
 
 
 def _islands(size: int) -> list[tuple[int, int, int]]:
-    """Island centres at fixed fractions of the slide but at least 800 px from an edge; radii in level-0 px."""
-    return [(int(min(max(fr * size, 800), size - 800)), int(min(max(fc * size, 800), size - 800)), rad)
-            for fr, fc, rad in ISLANDS]
+    """Island centres near fixed fractions of the slide, on multiples of ALIGN px and at least 800 px from an edge.
+
+    On multiples of ALIGN (a multiple of the analysis tile and of TILE), every slide size puts the same pixels in
+    the same place relative to the tile grid, so the analysed tiles hold identical cells and any growth of
+    memory with size is the pipeline's own."""
+    def place(fraction: float) -> int:
+        return int(min(max(round(fraction * size / ALIGN) * ALIGN, ALIGN), (size - 800) // ALIGN * ALIGN))
+    return [(place(fr), place(fc), rad) for fr, fc, rad in ISLANDS]
+
+
+def _tile_seed(r: int, c: int, islands) -> int:
+    """Seed of tile (r, c) from its offset to the nearest island: identical around an island on every slide."""
+    def distance(e):
+        return abs(e[1][0] - (r + 0.5) * TILE) + abs(e[1][1] - (c + 0.5) * TILE)
+    k, (ir, ic, _) = min(enumerate(islands), key=distance)
+    return (k * 1009 + (r - ir // TILE) + 500) * 100003 + (c - ic // TILE) + 500
 
 
 def _level0_tile(r: int, c: int, islands) -> np.ndarray:
     """The TILE x TILE level-0 pixels at tile (r, c): a field of 10 with sparse noise (2 % of pixels off by up to
     +-3: dense noise would make a 40k slide a gigabyte), bright discs (180) inside islands."""
-    rng = np.random.default_rng(r * 100003 + c)
+    rng = np.random.default_rng(_tile_seed(r, c, islands))
     img = np.full((TILE, TILE), 10, np.uint8)
     flat = img.reshape(-1)
     idx = rng.integers(0, flat.size, flat.size // 50)

@@ -237,6 +237,22 @@ def calibrate_detector(detector: TileDetector, slide: Slide, channel: int | None
     return len(boxes)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that Python and numpy have freed back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps freed heap blocks for reuse, fragmented: the few hundred MB a stage frees (the tissue view,
+    whose size follows the slide's) would otherwise stay in the process and sit under the detector's peak,
+    which then grows with the slide. Dask does the same for its workers' "unmanaged memory".
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,
                   min_pixels: int = 1000) -> np.ndarray:
     """The thumbnail's pixels (n, C) that lie on tissue, or all of them when tissue is scarcer than `min_pixels`.
@@ -278,6 +294,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
         with timer("tissue"):
             tissue_mask = tissue.find(slide, protocol.modality)
+            release_freed_memory()   # the view grows with the slide; detection must not start on top of it
         with timer("read"):
             intensity = measure_range(tissue_pixels(select_channels(thumbnail, channel), tissue_mask,
                                                     info.height, info.width))

@@ -167,17 +167,19 @@ class Slide:
         ch, cw = self._levels[level].chunk
         pc = cw * max(1, 1024 // cw)  # whole chunks only, so no chunk is decoded twice
         pr = ch * max(1, PIECE_PX // (pc * ch))
-        acc = np.zeros((-(-lh // f), -(-lw // f), self.info.n_channels), np.float64)
+        # float32: a mean for a picture is exact enough, and the accumulator is the largest array of a view
+        acc = np.zeros((-(-lh // f), -(-lw // f), self.info.n_channels), np.float32)
         for r0 in range(0, lh, pr):
             rows = _block_starts(r0, min(r0 + pr, lh), f)
             for c0 in range(0, lw, pc):
                 cols = _block_starts(c0, min(c0 + pc, lw), f)
                 piece = self.read_region(Box(r0, c0, min(r0 + pr, lh), min(c0 + pc, lw)), level)
-                s = np.add.reduceat(np.add.reduceat(piece, rows, axis=0, dtype=np.float64), cols, axis=1)
+                s = np.add.reduceat(np.add.reduceat(piece, rows, axis=0, dtype=np.float32), cols, axis=1)
                 acc[r0 // f:r0 // f + len(rows), c0 // f:c0 // f + len(cols)] += s
         n_r = np.minimum(f, lh - np.arange(acc.shape[0]) * f)  # edge blocks are partial
         n_c = np.minimum(f, lw - np.arange(acc.shape[1]) * f)
-        return acc / (n_r[:, None] * n_c[None, :])[..., None]
+        acc /= (n_r[:, None] * n_c[None, :]).astype(np.float32)[..., None]
+        return acc
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
