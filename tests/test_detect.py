@@ -74,9 +74,13 @@ def test_device_choice():
 def test_detector_on_cuda_with_autocast():
     torch.manual_seed(0)
     detector = Detector(build_model(tiny_model_config()), torch.device("cuda"), score_threshold=0.0)
-    det = detector.detect([np.random.rand(3, 128, 128).astype(np.float32)])[0]
+    image = np.random.rand(3, 128, 128).astype(np.float32)
+    det = detector.detect([image])[0]
     for box, mask in zip(det.boxes, det.masks):
         assert mask.shape == (box[2] - box[0], box[3] - box[1])
+    detector.calibrate([image])            # slide statistics under autocast, folded into the convolutions
+    calibrated = detector.detect([image])[0]
+    assert detector.calibrated and len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])
