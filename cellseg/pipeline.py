@@ -199,7 +199,8 @@ def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail:
     dark field are not chosen. A slide smaller than a window gives one window: the whole slide.
     """
     wh, ww = min(window_px, height), min(window_px, width)
-    candidates = [Box(r, c, r + wh, c + ww) for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
+    candidates = [Box(r, c, r + wh, c + ww)
+                  for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
 
     def score(box: Box) -> float:
         r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
@@ -224,17 +225,17 @@ def network_pixels(slide: Slide, box: Box, channel: int | None, intensity: Inten
 
 def calibrate_detector(detector: TileDetector, slide: Slide, channel: int | None, intensity: IntensityRange,
                        scale: float, gray_thumbnail: np.ndarray, thumb_factor: float,
-                       tissue: TissueMask | None) -> int:
-    """Fix the detector's normalisation statistics for this slide (detect.SlideGroupNorm); returns windows used.
+                       tissue: TissueMask | None) -> list[Box]:
+    """Fix the detector's normalisation statistics for this slide (detect.SlideGroupNorm); returns the windows.
 
     Detectors without slide-level normalisation (test doubles, other models) are left as they are.
     """
     if not hasattr(detector, "calibrate"):
-        return 0
+        return []
     window = max(16, round(CALIBRATION_WINDOW_PX / scale))
     boxes = calibration_windows(slide.info.height, slide.info.width, window, gray_thumbnail, thumb_factor, tissue)
     detector.calibrate([network_pixels(slide, b, channel, intensity, scale) for b in boxes])
-    return len(boxes)
+    return boxes
 
 
 def release_freed_memory() -> None:
@@ -311,13 +312,16 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
         tile_px, halo_px = tile_geometry(protocol, scale)
         tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
-        with timer("detect"):
-            # One normalisation for the whole slide, measured where the cells are: a cell then looks the same
-            # to the network whatever tile it falls in (see detect.SlideGroupNorm).
-            calibrate_detector(detector, slide, channel, intensity, scale.factor, gray, thumb_factor, tissue_mask)
         # A tile is skipped when its core holds too little tissue: none of its cells could be real.
         keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
                 for t in tiles]
+        windows = []
+        if any(keep):
+            with timer("detect"):
+                # One normalisation for the whole slide, measured where the cells are: a cell then looks the same
+                # to the network whatever tile it falls in (see detect.SlideGroupNorm).
+                windows = calibrate_detector(detector, slide, channel, intensity, scale.factor, gray, thumb_factor,
+                                             tissue_mask)
         names = channel_names(slide)
         work = out_dir / ".work"
         store = LabelStore(work / "labels.zarr", info.height, info.width, chunk=min(512, protocol.tile_size))
@@ -353,7 +357,8 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         run = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
                "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": channel,
-               "intensity_range": [intensity.low, intensity.high], "tissue": tissue.describe(), **(run_info or {})}
+               "intensity_range": [intensity.low, intensity.high], "tissue": tissue.describe(),
+               "normalisation_windows": [list(map(int, b)) for b in windows], **(run_info or {})}
         (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
     return summary
 

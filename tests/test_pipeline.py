@@ -344,6 +344,9 @@ def test_the_slide_normalisation_is_measured_on_the_same_windows_whatever_the_ti
                                                   tissue_method="none"), detector)
     assert len(detector.windows) == len(reference.windows) >= 1
     assert all(np.array_equal(a, b) for a, b in zip(detector.windows, reference.windows))
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["normalisation_windows"]
+    assert recorded == json.loads((tmp_path / "ref" / "run.json").read_text())["normalisation_windows"]
+    assert len(recorded) == len(detector.windows) and all(len(b) == 4 for b in recorded)
 
 
 def test_calibration_windows_lie_where_the_cells_are():
