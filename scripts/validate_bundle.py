@@ -36,10 +36,11 @@ def modality_of(manifest: Path) -> dict[str, str]:
 
 
 def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, str], out: Path,
-            device: str, floor: float, diameter: str | None = None) -> None:
+            device: str, floor: float, diameter: str | None = None, mask_threshold: float | None = None) -> None:
     bundle = load_bundle(bundle_dir)
     detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
-                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold)
+                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold,
+                        mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
     for k, image_id in enumerate(ids):
         folder = out / image_id
         if (folder / "predictions.coco.json").is_file():
@@ -63,6 +64,8 @@ def main() -> None:
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
     p.add_argument("--diameter", default=None,
                    help="'auto': measure each image's nucleus size and resample it to the model's (--diameter auto)")
+    p.add_argument("--mask-threshold", type=float, default=None,
+                   help="mask probability threshold (default: the bundle's); with --write-card it becomes the bundle's")
     p.add_argument("--write-card", action="store_true", help="store threshold + figures in the bundle")
     p.add_argument("--limit", type=int, default=None, help="only the first N validation images (smoke test)")
     args = p.parse_args()
@@ -70,7 +73,8 @@ def main() -> None:
     split = json.loads((args.bundle / "split.json").read_text())
     modality = modality_of(args.data / "manifest.csv")
     ids = sorted(split["val"])[:args.limit]
-    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor, args.diameter)
+    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor, args.diameter,
+            args.mask_threshold)
 
     gt_all = load_instances(args.data / "annotations.json")
     gt_by_stem = {Path(name).stem: inst for name, inst in gt_all.items()}
@@ -104,7 +108,7 @@ def main() -> None:
     print(json.dumps(metrics, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.write_card:
-        write_card(args.bundle, metrics, overall)
+        write_card(args.bundle, metrics, overall, args.mask_threshold)
 
 
 def _above(instances, threshold):
@@ -123,7 +127,7 @@ def _round(x):
     return None if x is None else round(float(x), 4)
 
 
-def write_card(bundle_dir: Path, metrics: dict, overall) -> None:
+def write_card(bundle_dir: Path, metrics: dict, overall, mask_threshold: float | None = None) -> None:
     bundle = load_bundle(bundle_dir)
     meta = tomllib.loads((bundle_dir / "model.toml").read_text())
     card = {k: v for k, v in meta.items() if k not in ("format", "name", "weights_sha256", "model", "inference",
@@ -133,7 +137,8 @@ def write_card(bundle_dir: Path, metrics: dict, overall) -> None:
                                "f1": [round(s["f1"], 4) for s in overall.sweep],
                                "cell_count": [s["pred_count"] for s in overall.sweep]}
     save_bundle(bundle_dir, bundle.model, bundle.state_dict(), name=bundle.name,
-                score_threshold=metrics["score_threshold"], mask_threshold=bundle.mask_threshold,
+                score_threshold=metrics["score_threshold"],
+                mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold,
                 nucleus_diameter_px=bundle.nucleus_diameter_px, card=card,
                 proposal_threshold=bundle.proposal_threshold)
     (bundle_dir / "README.md").write_text(card_readme(load_bundle(bundle_dir)), encoding="utf-8")
