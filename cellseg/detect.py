@@ -98,8 +98,8 @@ class SlideGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:   # one set of statistics for the whole batch of calibration windows
-            grouped = x.float().reshape(x.shape[0], self.num_groups, -1).transpose(0, 1).reshape(self.num_groups, -1)
-            var, mean = torch.var_mean(grouped, dim=1, unbiased=False)
+            grouped = x.float().reshape(x.shape[0], self.num_groups, -1)
+            var, mean = torch.var_mean(grouped, dim=(0, 2), unbiased=False)
             self.slide_stats = (mean, var)
         if self.slide_stats is None:
             return super().forward(x)

@@ -171,13 +171,7 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
     """
     tiles = plan_tiles(slide.info.height, slide.info.width, protocol.tile_size, protocol.halo_px)
     gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
-
-    def contrast(tile: TileSpec) -> float:
-        r0, c0 = int(tile.core.row0 / thumb_factor), int(tile.core.col0 / thumb_factor)
-        r1, c1 = max(int(tile.core.row1 / thumb_factor), r0 + 1), max(int(tile.core.col1 / thumb_factor), c0 + 1)
-        return float(gray[r0:r1, c0:c1].std())
-
-    chosen = sorted(tiles, key=contrast, reverse=True)[:n_tiles]
+    chosen = sorted(tiles, key=lambda t: thumbnail_contrast(gray, t.core, thumb_factor), reverse=True)[:n_tiles]
     calibrate_detector(detector, slide, channel, intensity, 1.0, gray, thumb_factor, tissue)
     images = [network_pixels(slide, t.read, channel, intensity) for t in chosen]
     areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
@@ -188,6 +182,13 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
 
 CALIBRATION_WINDOW_PX = 512   # network px; the side of each window the slide's normalisation is measured on
 CALIBRATION_WINDOWS = 4
+
+
+def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float) -> float:
+    """Standard deviation of the thumbnail over `box` (level-0 px): high where cells are, ~0 on glass."""
+    r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
+    r1, c1 = max(int(box.row1 / thumb_factor), r0 + 1), max(int(box.col1 / thumb_factor), c0 + 1)
+    return float(gray_thumbnail[r0:r1, c0:c1].std())
 
 
 def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,
@@ -203,10 +204,8 @@ def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail:
                   for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
 
     def score(box: Box) -> float:
-        r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
-        r1, c1 = max(int(box.row1 / thumb_factor), r0 + 1), max(int(box.col1 / thumb_factor), c0 + 1)
         share = tissue.box_fraction(box) if tissue is not None else 1.0
-        return float(gray_thumbnail[r0:r1, c0:c1].std()) * share
+        return thumbnail_contrast(gray_thumbnail, box, thumb_factor) * share
 
     ranked = sorted(candidates, key=lambda b: (-score(b), b.row0, b.col0))
     return ranked[:n]
