@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -201,8 +202,11 @@ class TrainSettings:
 
 def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
           model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
-          card: dict | None = None, progress: bool = True, init: str = "none") -> Path:
+          card: dict | None = None, progress: bool = True, init: str = "none",
+          sample_weights: Sequence[float] | None = None) -> Path:
     """Train (or resume) and write a bundle to `out`. Returns the bundle folder.
+
+    sample_weights: one per item, how often its crops are drawn (e.g. to balance modalities); uniform if None.
 
     init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
     to fine-tune (its architecture; class heads re-initialised when the classes differ).
@@ -231,6 +235,16 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         loss_names = list(ckpt.get("loss_names", []))
         log.info("resumed from step %d", step)
     rng = np.random.default_rng(settings.seed + step)
+    draw_p = None
+    if sample_weights is not None:
+        draw_p = np.asarray(sample_weights, np.float64)
+        if draw_p.shape != (len(items),) or (draw_p < 0).any() or draw_p.sum() <= 0:
+            raise CellsegError(f"expected {len(items)} non-negative sample weights with a positive sum, "
+                               f"found {draw_p.shape[0]} summing to {draw_p.sum():g}")
+        draw_p = draw_p / draw_p.sum()
+
+    def draw_item() -> TrainImage:
+        return items[int(rng.choice(len(items), p=draw_p)) if draw_p is not None else int(rng.integers(len(items)))]
 
     def lr_at(s: int) -> float:
         if s < settings.warmup:
@@ -250,8 +264,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     while step < settings.steps:
         if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
             break
-        batch = [sample_crop(items[int(rng.integers(len(items)))], settings.crop, rng)
-                 for _ in range(settings.batch_size)]
+        batch = [sample_crop(draw_item(), settings.crop, rng) for _ in range(settings.batch_size)]
         images = [b[0].to(dev) for b in batch]
         targets = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
         for g in optim.param_groups:

@@ -96,6 +96,25 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_")
 
 
+def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
+    import cellseg.train as train_module
+    from cellseg.errors import CellsegError
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    blank = TrainImage(np.zeros_like(items[0].image), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
+    drawn = []
+    real_crop = train_module.sample_crop
+    monkeypatch.setattr(train_module, "sample_crop", lambda item, size, rng: (drawn.append(item is blank),
+                                                                             real_crop(item, size, rng))[1])
+    settings = TrainSettings(steps=3, batch_size=2, crop=64, checkpoint_every=3)
+    train([items[0], blank], classes, tmp_path / "b", settings, model_cfg=tiny_model_config(), progress=False,
+          sample_weights=[0.0, 1.0])
+    assert drawn == [True] * 6
+    with pytest.raises(CellsegError, match="2 non-negative sample weights"):
+        train([items[0], blank], classes, tmp_path / "c", settings, model_cfg=tiny_model_config(), progress=False,
+              sample_weights=[1.0])
+
+
 def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
     from cellseg.detect import build_model
     from cellseg.train import initial_weights, load_matching
