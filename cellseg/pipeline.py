@@ -214,7 +214,13 @@ def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail:
 def network_pixels(slide: Slide, box: Box, channel: int | None, intensity: IntensityRange,
                    scale: float = 1.0) -> np.ndarray:
     """The slide's pixels in `box` as the network sees them: model channel, resampled by `scale`, normalised."""
-    pixels = select_channels(slide.read_region(box), channel)
+    return as_network_input(slide.read_region(box), box, channel, intensity, scale)
+
+
+def as_network_input(raw: np.ndarray, box: Box, channel: int | None, intensity: IntensityRange,
+                     scale: float = 1.0) -> np.ndarray:
+    """network_pixels of pixels already read from `box`."""
+    pixels = select_channels(raw, channel)
     if scale != 1.0:
         from skimage.transform import resize
         shape = (max(1, round(box.height * scale)), max(1, round(box.width * scale)))
@@ -362,6 +368,44 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     return summary
 
 
+class RecentRegions:
+    """Raw pixels of tiles read for detection, kept (up to `max_bytes`) until their cells are measured.
+
+    A tile's cells are measured a tile row after it was read (when seams are settled); reading and decoding the
+    slide a second time for that cost ~8 ms a tile. A region is handed out once. When full, new regions are not
+    kept (the oldest are the next to be measured), and `take` reads the slide instead. Thread-safe: the reader
+    thread keeps, the pipeline takes.
+    """
+
+    def __init__(self, slide: Slide, max_bytes: int = 64 << 20):
+        import threading
+        self.slide, self.max_bytes = slide, max_bytes
+        self._regions: dict[Box, tuple[int, np.ndarray]] = {}   # box -> (tile grid row, pixels)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, box: Box, grid_row: int, pixels: np.ndarray) -> None:
+        with self._lock:
+            if box not in self._regions and self._bytes + pixels.nbytes <= self.max_bytes:
+                self._regions[box] = (grid_row, pixels)
+                self._bytes += pixels.nbytes
+
+    def take(self, box: Box) -> np.ndarray:
+        with self._lock:
+            kept = self._regions.pop(box, None)
+            if kept is not None:
+                self._bytes -= kept[1].nbytes
+                return kept[1]
+        return self.slide.read_region(box)
+
+    def release(self, through_row: int | None) -> None:
+        """Forget the regions of grid rows <= through_row (None: all): their cells are all measured, and a tile
+        without cells is never taken."""
+        with self._lock:
+            for box in [b for b, (row, _) in self._regions.items() if through_row is None or row <= through_row]:
+                self._bytes -= self._regions.pop(box)[1].nbytes
+
+
 def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: TileDetector, merger: SeamMerger,
                emitter: "_Emitter", channel: int | None, intensity: IntensityRange, protocol: Protocol,
                timer: StageTimer, progress: bool, scale: float, halo_px: int) -> None:
@@ -374,7 +418,12 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
     no_cells = TileDetections.empty()
 
     def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
-        return [network_pixels(slide, t.read, channel, intensity, scale) for t in batch]
+        images = []
+        for t in batch:
+            raw = slide.read_region(t.read)
+            emitter.regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
+            images.append(as_network_input(raw, t.read, channel, intensity, scale))
+        return images
 
     def detected() -> Iterator[tuple[TileSpec, TileDetections]]:
         """(tile, detections) of the kept tiles in order. One reader thread decodes the next batch while the
@@ -417,7 +466,7 @@ def merge_tiles(stream: Iterable[tuple[TileSpec, TileDetections]], tiles_per_row
             done = (merger.pop_final(tile.grid_row - 1)
                     if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
         if done is not None:
-            emitter.emit(done)
+            emitter.emit(done, through_row=tile.grid_row - 1)
     with timer("merge"):
         done = merger.pop_final(None)
     emitter.emit(done)
@@ -438,8 +487,18 @@ class _Emitter:
     areas: list[np.ndarray]
     class_ids: list[np.ndarray] = field(default_factory=list)   # per emitted part, in cell id order
     next_id: int = 1
+    regions: RecentRegions | None = None   # raw pixels of tiles read for detection (default: none kept yet)
 
-    def emit(self, cells: Instances) -> None:
+    def __post_init__(self) -> None:
+        if self.regions is None:
+            self.regions = RecentRegions(self.slide)
+
+    def emit(self, cells: Instances, through_row: int | None = None) -> None:
+        """Measure and write `cells`, the final cells of the tile rows <= through_row (None: all rows)."""
+        self._emit(cells)
+        self.regions.release(through_row)
+
+    def _emit(self, cells: Instances) -> None:
         if not len(cells):
             return
         # Cells come grouped by tile (pop_final sorts them so); a stable sort keeps any order safe and
@@ -454,7 +513,7 @@ class _Emitter:
             self.next_id += len(part)
             with self.timer("measure"):
                 labels = label_tile(part, ids, tile.read)
-                pixels = self.slide.read_region(tile.read)
+                pixels = self.regions.take(tile.read)
                 rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
                                     self.channel_names, self.class_names)
             with self.timer("write"):

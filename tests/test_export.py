@@ -21,10 +21,10 @@ from cellseg.export import (CellsTableWriter, CocoWriter, LabelStore, crop_rle, 
 from cellseg.tiling import Box
 
 
-def _painted_store(tmp_path, height=300, width=410, chunk=64, seed=0):
+def _painted_store(tmp_path, height=300, width=410, chunk=64, seed=0, cache_bytes=64 << 20):
     """A store painted with random overlapping rectangles of labels, and the numpy reference."""
     rng = np.random.default_rng(seed)
-    store = LabelStore(tmp_path / "labels.zarr", height, width, chunk=chunk)
+    store = LabelStore(tmp_path / "labels.zarr", height, width, chunk=chunk, cache_bytes=cache_bytes)
     ref = np.zeros((height, width), np.uint32)
     for label in range(1, 40):
         r0, c0 = int(rng.integers(0, height - 20)), int(rng.integers(0, width - 20))
@@ -48,6 +48,22 @@ def test_label_store_paint_read_thumbnail(tmp_path):
         thumb = store.thumbnail(factor)
         assert thumb.dtype == np.uint32
         np.testing.assert_array_equal(thumb, ref[::factor, ::factor])
+
+
+@pytest.mark.parametrize("cached_chunks", [1, 3])
+def test_label_store_write_back_cache_evicts_and_reloads_chunks(tmp_path, cached_chunks):
+    # A cache far smaller than the painted area: chunks go to disk, come back for later paints, and every read
+    # (here also between paints) sees exactly what was painted.
+    store, ref = _painted_store(tmp_path, chunk=32, cache_bytes=cached_chunks * 32 * 32 * 4)
+    assert len(store._cache) <= cached_chunks
+    np.testing.assert_array_equal(store.read(Box(0, 0, *ref.shape)), ref)
+    assert not store._cache                                    # a read flushes
+    store.paint(Box(10, 10, 50, 80), np.full((40, 70), 77, np.uint32))
+    ref[10:50, 10:80] = 77
+    np.testing.assert_array_equal(store.thumbnail(3), ref[::3, ::3])
+    painted = {(i, j) for i in range(-(-300 // 32)) for j in range(-(-410 // 32)) if ref[i * 32:(i + 1) * 32,
+                                                                                        j * 32:(j + 1) * 32].any()}
+    assert store.written_chunks == painted
 
 
 def test_label_store_paint_keeps_zero_pixels_and_rejects_bad_input(tmp_path):
@@ -174,9 +190,10 @@ def test_cells_table_header_only_when_no_cells(tmp_path):
     assert list(pd.read_csv(path).columns) == list(COLUMNS)
 
 
-def test_cells_table_rows_formats_and_validation(tmp_path):
+@pytest.mark.parametrize("flush_rows", [1, 2, 20000])   # rows written per append, in pairs, all at close
+def test_cells_table_rows_formats_and_validation(tmp_path, flush_rows):
     path = tmp_path / "cells.csv"
-    with CellsTableWriter(path, COLUMNS) as writer:
+    with CellsTableWriter(path, COLUMNS, flush_rows=flush_rows) as writer:
         writer.append({"score": np.array([0.912345678, 0.5], np.float32), "id": np.array([1, 2]),
                        "class": np.array(["nucleus", "a, b"]), "area_px": np.array([12, 400]),
                        "centroid_row_um": np.array([1234.56789012, np.nan])})

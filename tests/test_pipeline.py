@@ -359,3 +359,29 @@ def test_calibration_windows_lie_where_the_cells_are():
         assert (w.height, w.width) == (300, 300) and w.row1 <= 1000 and w.col1 <= 1500
         assert w.row0 >= 600 - 300 and w.col0 >= 1000 - 300     # overlapping the textured corner
     assert calibration_windows(80, 120, 512, gray, 10.0, None) == [Box(0, 0, 80, 120)]   # smaller than a window
+
+
+def test_recent_regions_hand_out_detection_pixels_once_and_stay_bounded():
+    from cellseg.pipeline import RecentRegions
+
+    class CountingSlide:
+        reads = 0
+
+        def read_region(self, box):
+            CountingSlide.reads += 1
+            return np.full(Box(*box).shape, 7, np.uint8)
+
+    regions = RecentRegions(CountingSlide(), max_bytes=2 * 10 * 10)
+    a, b, c = Box(0, 0, 10, 10), Box(0, 10, 10, 20), Box(10, 0, 20, 10)
+    kept_a = np.ones((10, 10), np.uint8)
+    regions.keep(a, 0, kept_a)
+    regions.keep(b, 0, np.ones((10, 10), np.uint8))
+    regions.keep(c, 1, np.ones((10, 10), np.uint8))       # over max_bytes: not kept
+    assert regions.take(a) is kept_a and CountingSlide.reads == 0
+    assert regions.take(a)[0, 0] == 7 and CountingSlide.reads == 1      # handed out once, then read again
+    assert regions.take(c)[0, 0] == 7 and CountingSlide.reads == 2
+    regions.release(0)                                     # row 0 measured: b (a tile without cells) is dropped
+    assert regions.take(b)[0, 0] == 7 and CountingSlide.reads == 3
+    regions.keep(c, 1, np.ones((10, 10), np.uint8))       # room again
+    regions.release(None)
+    assert regions.take(c)[0, 0] == 7 and CountingSlide.reads == 4
