@@ -30,16 +30,18 @@ def _rle_string(counts: np.ndarray) -> str:
     x = np.asarray(counts, dtype=np.int64).copy()
     if x.size > 3:
         x[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
-    groups, valid = [], []
-    active = np.ones(x.shape, bool)
-    while active.any():
-        c = x & 0x1F
-        x = x >> 5  # arithmetic shift, as the C code on a signed long
-        more = np.where(c & 0x10, x != -1, x != 0) & active
-        groups.append(np.where(more, c | 0x20, c) + 48)
-        valid.append(active)
-        active = more
-    chars = np.stack(groups, axis=1)[np.stack(valid, axis=1)]  # value-major, then group order
+    if x.size == 0:
+        return ""
+    # All groups of all values at once (a loop over groups cost ~100 µs a cell): enough groups for the largest
+    # magnitude plus its sign bit, plus one spare; groups after a value's last are masked out.
+    n_groups = (int(np.abs(x).max()).bit_length() + 1) // 5 + 2
+    shifts = 5 * np.arange(n_groups, dtype=np.int64)
+    c = (x[:, None] >> shifts) & 0x1F
+    rest = x[:, None] >> (shifts + 5)   # arithmetic shift, as the C code on a signed long
+    more = np.where(c & 0x10, rest != -1, rest != 0)
+    valid = np.ones(more.shape, bool)
+    valid[:, 1:] = np.logical_and.accumulate(more, axis=1)[:, :-1]
+    chars = (np.where(more, c | 0x20, c) + 48)[valid]   # value-major, then group order
     return chars.astype(np.uint8).tobytes().decode("ascii")
 
 

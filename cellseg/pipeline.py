@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -417,24 +418,25 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
     batches = [work[i:i + protocol.batch_size] for i in range(0, len(work), protocol.batch_size)]
     no_cells = TileDetections.empty()
 
-    def read_batch(batch: list[TileSpec]) -> list[np.ndarray]:
-        images = []
-        for t in batch:
-            raw = slide.read_region(t.read)
-            emitter.regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
-            images.append(as_network_input(raw, t.read, channel, intensity, scale))
-        return images
+    def read_tile(t: TileSpec) -> np.ndarray:
+        raw = slide.read_region(t.read)
+        emitter.regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
+        return as_network_input(raw, t.read, channel, intensity, scale)
+
+    # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
+    # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL).
+    readers = max(1, min(4, (os.cpu_count() or 1) // 4))
 
     def detected() -> Iterator[tuple[TileSpec, TileDetections]]:
-        """(tile, detections) of the kept tiles in order. One reader thread decodes the next batch while the
+        """(tile, detections) of the kept tiles in order. Reader threads decode the next batch while the
         detector works on this one (tifffile/imagecodecs release the GIL); at most one batch waits in memory."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellseg-read") as reader:
-            pending = reader.submit(read_batch, batches[0]) if batches else None
+        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cellseg-read") as reader:
+            pending = [reader.submit(read_tile, t) for t in batches[0]] if batches else []
             for k, batch in enumerate(batches):
-                with timer("read"):      # time the pipeline waited for pixels, not the reader's busy time
-                    images = pending.result()
+                with timer("read"):      # time the pipeline waited for pixels, not the readers' busy time
+                    images = [f.result() for f in pending]
                 if k + 1 < len(batches):
-                    pending = reader.submit(read_batch, batches[k + 1])
+                    pending = [reader.submit(read_tile, t) for t in batches[k + 1]]
                 with timer("detect"):
                     detections = detector.detect(images, batch, scale)
                 yield from zip(batch, detections)
