@@ -263,14 +263,14 @@ class Panoptic:
         return out
 
 
-def _tiles(level: _SparseLevel, tile: int, encode: Panoptic | None = None, step: int = 1) -> Iterator[np.ndarray]:
-    """Tiles of a level in row-major order, as TiffWriter expects; edge tiles are smaller (zero-padded when
-    compressed). With `encode`, each tile goes through Panoptic.encode (level step `step`)."""
-    h, w = level.shape
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
-            block = level.read(r, r + tile, c, c + tile)
-            yield block if encode is None else encode.encode(block, r * step, c * step, step)
+def _level_blocks(levels: list[_SparseLevel], tile: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """(level k, row0, col0, block) of every TIFF tile of every level, levels in order and each row-major, as the
+    files are written; edge blocks are smaller (zero-padded when compressed)."""
+    for k, level in enumerate(levels):
+        h, w = level.shape
+        for r in range(0, h, tile):
+            for c in range(0, w, tile):
+                yield k, r, c, level.read(r, r + tile, c, c + tile)
 
 
 def _compressed_tiles(blocks: Iterator[np.ndarray], tile: int, level: int = 6) -> Iterator[bytes]:
@@ -330,22 +330,79 @@ def write_labels_ome_tiff(store: LabelStore, path: Path, mpp: float | None, tile
 def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], mpp: float | None,
                        tile: int = 512) -> None:
     """Write the label canvas to each path of `targets` as in write_labels_ome_tiff: as is (None) or through a
-    Panoptic encoding. The pyramid is built once for all of them."""
+    Panoptic encoding. The pyramid is built once, and each of its blocks read once, for all of them."""
     if tile <= 0 or tile % 16:
         raise ParameterError(f"expected a TIFF tile size that is a positive multiple of 16, got {tile}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
     levels = _pyramid(store, tile)
     try:
-        for path, encode in targets.items():
-            _write_pyramid(levels, path, mpp, tile, encode)
+        if len(targets) == 1:
+            (path, encode), = targets.items()
+            _write_pyramid(levels, path, mpp, tile, encode, _level_blocks(levels, tile))
+        else:
+            _write_pyramids_together(levels, targets, mpp, tile)
     finally:
         for k in range(1, len(levels)):
             shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
 
 
-def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encode: Panoptic | None) -> None:
+def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None], mpp: float | None,
+                             tile: int) -> None:
+    """One writer thread per file, all fed from a single read of the pyramid (a zarr read of a block costs more
+    than encoding and deflating it), through small queues so memory stays a few blocks per file."""
+    import queue
+    import threading
+
+    end = object()
+    queues = [queue.Queue(maxsize=8) for _ in targets]
+    failures: list[BaseException] = []
+
+    def blocks_from(q: queue.Queue) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        while (item := q.get()) is not end:
+            yield item
+
+    def write(path: Path, encode: Panoptic | None, q: queue.Queue) -> None:
+        try:
+            _write_pyramid(levels, path, mpp, tile, encode, blocks_from(q))
+        except BaseException as e:   # re-raised in the caller's thread below
+            failures.append(e)
+
+    threads = [threading.Thread(target=write, args=(path, encode, q), name=f"cellseg-write-{path.name}")
+               for (path, encode), q in zip(targets.items(), queues)]
+    for t in threads:
+        t.start()
+    try:
+        for item in _level_blocks(levels, tile):
+            for q in queues:
+                while not failures:     # a writer that failed takes nothing more: do not wait on its queue
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+            if failures:
+                break
+    finally:
+        for q in queues:
+            while True:
+                try:
+                    q.put(end, timeout=0.2)
+                    break
+                except queue.Full:
+                    if failures or not any(t.is_alive() for t in threads):
+                        break
+        for t in threads:
+            t.join()
+    if failures:
+        raise failures[0]
+
+
+def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encode: Panoptic | None,
+                   blocks: Iterator[tuple[int, int, int, np.ndarray]]) -> None:
+    """One pyramidal OME-TIFF from `blocks` (_level_blocks order), through `encode` when given."""
     import tifffile
+    from itertools import islice
     metadata: dict = {"axes": "YX"}
     if mpp is not None:
         metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
@@ -358,7 +415,11 @@ def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encod
             if mpp is not None:
                 px_per_cm = 1e4 / (mpp * 2 ** k)
                 res = dict(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-            tiles = _compressed_tiles(_tiles(arr, tile, encode, 2 ** k), tile)
+            n_tiles = -(-arr.shape[0] // tile) * -(-arr.shape[1] // tile)
+            level_blocks = islice(blocks, n_tiles)
+            raw = (block if encode is None else encode.encode(block, r * 2 ** k, c * 2 ** k, 2 ** k)
+                   for _, r, c, block in level_blocks)
+            tiles = _compressed_tiles(raw, tile)
             if k == 0:
                 tif.write(tiles, shape=arr.shape, subifds=len(levels) - 1, metadata=metadata, **res, **options)
             else:

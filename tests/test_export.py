@@ -115,6 +115,32 @@ def test_labels_ome_tiff_pyramid(tmp_path, mpp):
     assert [p.name for p in (tmp_path / "labels.zarr").iterdir() if p.name.startswith("_level")] == []
 
 
+def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_path):
+    from cellseg.export import write_label_images
+    store, ref = _painted_store(tmp_path, height=300, width=410, chunk=64)
+
+    class Doubled:                          # a Panoptic's part: new values from the labels
+        def encode(self, labels, row0, col0, step):
+            return labels * 2
+
+    a, b = tmp_path / "a.ome.tif", tmp_path / "b.ome.tif"
+    write_label_images(store, {a: None, b: Doubled()}, 0.5, tile=64)
+    with tifffile.TiffFile(a) as ta, tifffile.TiffFile(b) as tb:
+        assert len(ta.series[0].levels) == len(tb.series[0].levels) == 4
+        for k, (la, lb) in enumerate(zip(ta.series[0].levels, tb.series[0].levels)):
+            np.testing.assert_array_equal(la.asarray(), ref[::2 ** k, ::2 ** k])
+            np.testing.assert_array_equal(lb.asarray(), ref[::2 ** k, ::2 ** k] * 2)
+
+    class Broken:
+        def encode(self, labels, row0, col0, step):
+            if row0 >= 128:
+                raise RuntimeError("encoder broke")
+            return labels
+
+    with pytest.raises(RuntimeError, match="encoder broke"):    # raised here, and no writer left waiting
+        write_label_images(store, {tmp_path / "c.ome.tif": None, tmp_path / "d.ome.tif": Broken()}, None, tile=64)
+
+
 def test_labels_ome_tiff_memory_is_a_few_tiles(tmp_path):
     # 1024 x 1024 uint32 = 4 MiB of labels; writing must not hold the canvas (or a level) at once.
     store = LabelStore(tmp_path / "big.zarr", 1024, 1024, chunk=128)
