@@ -19,6 +19,7 @@ import csv
 import logging
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -172,22 +173,36 @@ class LabelStore:
 
 # --------------------------------------------------------------------------- OME-TIFF
 
+@dataclass(frozen=True)
+class _Constant:
+    """A block whose every pixel is `value`, not materialised: most of a whole slide's label and panoptic tiles are
+    glass (0) or tissue without cells, and making, encoding and checking 1 MB arrays for them was most of the
+    write time of a big slide."""
+
+    value: int
+    shape: tuple[int, int]
+
+    def materialise(self) -> np.ndarray:
+        return np.full(self.shape, self.value, np.uint32)
+
+
 class _SparseLevel:
     """One pyramid level (a zarr array) and the chunks ever written to it: a region that touches none of them is
-    zeros without asking zarr (~1.6 ms a read). On a whole slide most regions are glass, never written."""
+    a _Constant 0 without asking zarr (~1.6 ms a read). On a whole slide most regions are glass, never written."""
 
     def __init__(self, array, chunk: int, written: set[tuple[int, int]]):
         self.array, self.chunk, self.written = array, chunk, written
         self.shape = tuple(int(n) for n in array.shape)
 
-    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
-        """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the level)."""
+    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray | _Constant:
+        """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the level); _Constant(0) where nothing
+        was ever written."""
         row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
         c = self.chunk
         if any((i, j) in self.written for i in range(row0 // c, (row1 - 1) // c + 1)
                for j in range(col0 // c, (col1 - 1) // c + 1)):
             return np.asarray(self.array[row0:row1:step, col0:col1:step], dtype=np.uint32)
-        return np.zeros((-(-(row1 - row0) // step), -(-(col1 - col0) // step)), np.uint32)
+        return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
 
 
 def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
@@ -216,7 +231,7 @@ def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
         for r in range(0, h, c):
             for col in range(0, w, c):
                 block = prev.read(2 * r, 2 * (r + c), 2 * col, 2 * (col + c), step=2)
-                if block.any():  # zero chunks stay unwritten (fill value)
+                if not isinstance(block, _Constant) and block.any():  # zero chunks stay unwritten (fill value)
                     arr[r:r + block.shape[0], col:col + block.shape[1]] = block
                     written.add((r // c, col // c))
         levels.append(_SparseLevel(arr, c, written))
@@ -242,6 +257,7 @@ class Panoptic:
         self.class_names = list(class_names)
         n_cells = len(self.semantic_of_cell) - 1
         self.label_divisor = max(1000, 10 ** len(str(n_cells)))
+        self._constant_tissue = getattr(tissue, "constant", None)   # TissueMask.constant: optional shortcut
         if (len(self.class_names) + 2) * self.label_divisor > 2 ** 32:
             raise ParameterError(f"expected at most {2 ** 32 // (len(self.class_names) + 2) - 1} cells for a uint32 "
                                  f"panoptic image, got {n_cells}")
@@ -252,8 +268,15 @@ class Panoptic:
                 "label_divisor": self.label_divisor, "semantic": {str(k): v for k, v in semantic.items()},
                 "things": [str(k + 2) for k in range(len(self.class_names))], "stuff": ["0", "1"]}
 
-    def encode(self, labels: np.ndarray, row0: int, col0: int, step: int) -> np.ndarray:
+    def encode(self, labels: np.ndarray | _Constant, row0: int, col0: int, step: int) -> np.ndarray | _Constant:
         """Panoptic values for a block of instance labels whose [i, j] is level-0 pixel (row0 + i*step, col0 + j*step)."""
+        if isinstance(labels, _Constant):   # no cells here (only ever 0): constant where the tissue is
+            rows = row0 + np.array([0, labels.shape[0] - 1]) * step
+            cols = col0 + np.array([0, labels.shape[1] - 1]) * step
+            tissue = self._constant_tissue(rows, cols) if self._constant_tissue else None
+            if tissue is not None:
+                return _Constant(int(tissue) * self.label_divisor, labels.shape)
+            labels = labels.materialise()
         rows = row0 + np.arange(labels.shape[0]) * step
         cols = col0 + np.arange(labels.shape[1]) * step
         out = self.tissue.at(rows, cols).astype(np.uint32) * np.uint32(self.label_divisor)
@@ -300,9 +323,13 @@ def _compressed_tiles(blocks: Iterator[np.ndarray], tile: int, level: int = 6) -
     with ThreadPoolExecutor(workers, thread_name_prefix="cellseg-deflate") as pool:
         pending: deque[Future] = deque()
         for block in blocks:
-            first = block.flat[0] if block.size else 0
-            if block.size and not (block != first).any():
-                key = (int(first), block.shape)
+            if isinstance(block, _Constant):
+                key = (block.value, block.shape)
+                block = block if key in constant else block.materialise()
+            else:
+                first = block.flat[0] if block.size else 0
+                key = (int(first), block.shape) if block.size and not (block != first).any() else None
+            if key is not None:
                 if key not in constant:
                     constant[key] = compress(block)
                 done: Future = Future()

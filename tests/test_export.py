@@ -141,6 +141,34 @@ def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_pa
         write_label_images(store, {tmp_path / "c.ome.tif": None, tmp_path / "d.ome.tif": Broken()}, None, tile=64)
 
 
+def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path):
+    # Glass and cell-free tissue tiles take a shortcut (never materialised); every level must still equal the
+    # encoding of each pixel from the tissue mask and the labels.
+    from cellseg.export import Panoptic, write_label_images
+    from cellseg.tissue import TissueMask
+    height, width = 300, 410
+    store = LabelStore(tmp_path / "labels.zarr", height, width, chunk=64)
+    ref = np.zeros((height, width), np.uint32)
+    ref[10:30, 20:45], ref[200:230, 350:380] = 1, 2
+    store.paint(Box(0, 0, height, width), ref)
+    mask = np.zeros((30, 41), bool)
+    mask[:, :15] = True                       # tissue on the left: whole tiles of tissue, no cells
+    mask[np.arange(30), 15 + np.arange(30) // 2] = True   # a ragged edge: mixed tiles
+    mask[18:26, 33:40] = True                 # around cell 2
+    tissue = TissueMask(mask, 10.0, 10.0, "test")
+    assert tissue.constant(np.array([0, 63]), np.array([0, 63])) is True
+    assert tissue.constant(np.array([0, 63]), np.array([320, 383])) is False
+    assert tissue.constant(np.array([0, 299]), np.array([0, 409])) is None
+    panoptic = Panoptic(tissue, np.array([0, 2, 2], np.uint32), ["nucleus"])
+    write_label_images(store, {tmp_path / "p.ome.tif": panoptic}, None, tile=64)
+    d = panoptic.label_divisor
+    expected = tissue.at(np.arange(height), np.arange(width)).astype(np.uint32) * d
+    expected[ref > 0] = 2 * d + ref[ref > 0]
+    with tifffile.TiffFile(tmp_path / "p.ome.tif") as tif:
+        for k, level in enumerate(tif.series[0].levels):
+            np.testing.assert_array_equal(level.asarray(), expected[::2 ** k, ::2 ** k])
+
+
 def test_labels_ome_tiff_memory_is_a_few_tiles(tmp_path):
     # 1024 x 1024 uint32 = 4 MiB of labels; writing must not hold the canvas (or a level) at once.
     store = LabelStore(tmp_path / "big.zarr", 1024, 1024, chunk=128)
