@@ -121,7 +121,7 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
             pass
     detector, bundle = load_detector(protocol, device)
     from .tissue import TissueFinder
-    tissue = TissueFinder(protocol.tissue_method)
+    tissue = TissueFinder(protocol.tissue_method, device=str(detector.device))
     import shlex
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(detector.device),

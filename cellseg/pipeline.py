@@ -287,7 +287,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     to measure it on a few tiles first (measure_diameter). tissue: a loaded TissueFinder (the CLI loads
     one for many slides); None loads the protocol's tissue_method.
     """
-    tissue = tissue or TissueFinder(protocol.tissue_method)
+    tissue = tissue or TissueFinder(protocol.tissue_method, device=str(getattr(detector, "device", "cpu")))
     start_plotting_import()
     timer = StageTimer()
     started = time.time()

@@ -140,16 +140,17 @@ def grow(mask: np.ndarray, px: int) -> np.ndarray:
 class TissueFinder:
     """Finds tissue on slides with one method; holds the U-Net (loaded once) for `unet`."""
 
-    def __init__(self, method: str, bundle: str | None = None):
+    def __init__(self, method: str, bundle: str | None = None, device: str = "cpu"):
+        """device: where the U-Net runs (the detector's: on a GPU machine a 40k² slide's view costs ~12 s of CPU)."""
         if method not in METHODS:
             raise ParameterError(f"expected a tissue method among {', '.join(METHODS)}, got {method!r}")
         self.method = method
         self.bundle = None
         self._net = None
         if method == "unet":
-            from .tissue_unet import load_tissue_bundle
+            from .tissue_unet import for_inference, load_tissue_bundle
             self.bundle = load_tissue_bundle(bundle)
-            self._net = self.bundle.build()
+            self._net = for_inference(self.bundle.build(), device)
 
     @property
     def um_per_px(self) -> float:

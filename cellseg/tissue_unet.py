@@ -98,6 +98,20 @@ def build_tissue_unet(cfg: TissueUNetConfig) -> nn.Module:
     return _UNet(cfg)
 
 
+def for_inference(net: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """`net` ready to predict on `device`: each Conv + BatchNorm pair fused into one convolution with the eval
+    statistics (torch's fuse_conv_bn_eval; probabilities agree to ~1e-6), NHWC on CPU. Together 2.8x faster on
+    the CPU here (a 1280² view, the one of a 20k² slide: 4.5 -> 1.6 s)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    net = net.eval()
+    for block in [*net.down, *net.up]:
+        for k in range(len(block) - 1):
+            if isinstance(block[k], nn.Conv2d) and isinstance(block[k + 1], nn.BatchNorm2d):
+                block[k], block[k + 1] = fuse_conv_bn_eval(block[k], block[k + 1]), nn.Identity()
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
+
+
 def _nominal_max(dtype: np.dtype, vmax: float) -> float:
     """Full scale of the data: 255 for uint8; other integers: the next 2**k - 1 >= max, at least 4095
     (12-bit: a dark uint16 field must not pass for 9-bit data); floats: 1 if all <= 2 (overshoot of [0, 1]

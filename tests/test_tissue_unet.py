@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from cellseg.errors import BundleError, ParameterError  # noqa: E402
 from cellseg.tissue_unet import (DEFAULT_TISSUE_BUNDLE, TissueBundle, TissueUNetConfig,  # noqa: E402
-                                 build_tissue_unet, load_tissue_bundle, predict_tissue, save_tissue_bundle,
-                                 tissue_input)
+                                 build_tissue_unet, for_inference, load_tissue_bundle, predict_tissue,
+                                 save_tissue_bundle, tissue_input)
 
 torch.set_num_threads(1)
 TINY = TissueUNetConfig(base_channels=4, depth=2)
@@ -126,6 +126,36 @@ def saved(tmp_path):
     bundle = save_tissue_bundle(folder, TINY, net.state_dict(), name="tiny", view_um_per_px=8.0, threshold=0.4,
                                 card={"training": {"steps": 3}})
     return net, folder, bundle
+
+
+def _net_with_batchnorm_statistics(seed: int = 1) -> torch.nn.Module:
+    net = tiny_net(seed)
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():               # non-trivial running statistics and affine terms, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return net
+
+
+def test_inference_net_fuses_batchnorm_and_predicts_the_same():
+    net = _net_with_batchnorm_statistics()
+    view = np.random.default_rng(0).integers(0, 255, (150, 170, 3), dtype=np.uint8)
+    expected = predict_tissue(net, view, window=64, overlap=8)
+    fused = for_inference(_net_with_batchnorm_statistics())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    np.testing.assert_allclose(predict_tissue(fused, view, window=64, overlap=8), expected, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inference_net_on_cuda_predicts_like_the_cpu():
+    view = np.random.default_rng(0).integers(0, 255, (150, 170, 3), dtype=np.uint8)
+    cpu = predict_tissue(for_inference(_net_with_batchnorm_statistics()), view, window=64, overlap=8)
+    gpu = predict_tissue(for_inference(_net_with_batchnorm_statistics(), "cuda"), view, window=64, overlap=8)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)
 
 
 def test_save_load_round_trip_gives_same_outputs(saved):
