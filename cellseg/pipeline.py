@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .detect import TileDetections
 from .errors import CellsegError, ParameterError
-from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, start_plotting_import,
+from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, start_writer_imports,
                      write_area_histogram, write_label_images, write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
 from .merge import Instances, SeamMerger, owned_instances, seam_band_px
@@ -288,7 +288,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     one for many slides); None loads the protocol's tissue_method.
     """
     tissue = tissue or TissueFinder(protocol.tissue_method, device=str(getattr(detector, "device", "cpu")))
-    start_plotting_import()
+    start_writer_imports()
     timer = StageTimer()
     started = time.time()
     with open_slide(slide_path, mpp=mpp) as slide:
@@ -341,17 +341,22 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             _run_tiles(slide, tiles, keep, detector, merger, emitter, channel, intensity, protocol, timer, progress,
                        scale.factor, halo_px)
         with timer("write"):
+            from concurrent.futures import ThreadPoolExecutor
             panoptic = Panoptic(tissue_mask, np.concatenate([[0], *emitter.class_ids]).astype(np.uint32) + 1,
                                 list(detector.class_names))
-            write_label_images(store, {out_dir / "labels.ome.tif": None, out_dir / "panoptic.ome.tif": panoptic},
-                               info.mpp)
-            factor = max(1, int(round(thumb_factor)))
-            write_overlay_png(thumbnail, store.thumbnail(factor), out_dir / "overlay.png")
-            write_tissue_png(tissue_mask, out_dir / "tissue_mask.png")
-            all_areas = np.concatenate(areas) if areas else np.zeros(0)
-            area_unit = "µm²" if info.mpp else "px"
-            write_area_histogram(all_areas * (info.mpp ** 2 if info.mpp else 1), area_unit,
-                                 out_dir / "area_histogram.png")
+            label_thumbnail = store.thumbnail(max(1, int(round(thumb_factor))))
+            # The overlay (boundaries + PNG encoding, which release the GIL) is drawn while the label pyramids
+            # are written: ~0.5 s of a small slide's write time.
+            with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
+                overlay = background.submit(write_overlay_png, thumbnail, label_thumbnail, out_dir / "overlay.png")
+                write_label_images(store, {out_dir / "labels.ome.tif": None,
+                                           out_dir / "panoptic.ome.tif": panoptic}, info.mpp)
+                write_tissue_png(tissue_mask, out_dir / "tissue_mask.png")
+                all_areas = np.concatenate(areas) if areas else np.zeros(0)
+                area_unit = "µm²" if info.mpp else "px"
+                write_area_histogram(all_areas * (info.mpp ** 2 if info.mpp else 1), area_unit,
+                                     out_dir / "area_histogram.png")
+                overlay.result()
             store.remove()
             shutil.rmtree(work, ignore_errors=True)
         summary = _summary(info, protocol, tiles, keep, tissue_mask, emitter.next_id - 1, all_areas, merger, timer,
