@@ -82,6 +82,13 @@ def main() -> None:
                      "train_images": len(split["train"]), "val_images": len(split["val"]),
                      "split": "by image, stratified by modality_guess, seed 0, see split.json",
                      "sampling": sampling}}
+    if args.init not in ("none", "coco") and not args.init.startswith("coco:"):
+        from cellseg.bundle import load_bundle   # fine-tuning: the card keeps the first stage's recipe and compute
+        base = load_bundle(args.init)
+        card["base_training"] = {"bundle": base.name, "weights_sha256": base.weights_sha256,
+                                 **base.card.get("training", {})}
+    if args.stained_share is not None:
+        card["training"] = {"stained_share": args.stained_share}
     train(items, classes, args.out, TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                                                   lr=args.lr, minutes=args.minutes),
           resume=args.resume, device=args.device, card=card, init=args.init, sample_weights=weights)

@@ -166,6 +166,18 @@ def card_readme(bundle) -> str:
         value = m.get(key, {}).get(metric)
         met = value is not None and (value >= goal if better == "≥" else value <= goal)
         goals.append(f"- {label}: {_fmt(value)} (goal {better} {goal}): {'met' if met else 'NOT met'}")
+    base = c.get("base_training")
+    recipe = _recipe(t, data)
+    reproduce = ("`python scripts/train_default_bundle.py --out runs/nuclei` then\n"
+                 "`python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card`.")
+    if base:   # fine-tuned from an earlier bundle: both stages, so the compute and the recipe add up
+        recipe = (f"Stage 1 (bundle {base.get('bundle')}, sha256 {str(base.get('weights_sha256', ''))[:12]}…): "
+                  f"{_recipe(base, {})}\n\nStage 2, fine-tuned from it: {recipe}")
+        reproduce = (f"`python scripts/train_default_bundle.py --out runs/nuclei --steps {base.get('steps')}` (stage 1), "
+                     "then `python scripts/train_default_bundle.py --out runs/ft --init runs/nuclei "
+                     f"--lr {t.get('lr')} --steps {t.get('steps')}"
+                     + (f" --stained-share {t['stained_share']}" if t.get("stained_share") else "") + "`, then\n"
+                     "`python scripts/validate_bundle.py --bundle runs/ft --out runs/val --write-card`.")
     return f"""# {bundle.name}: cellseg's nucleus model
 
 Mask R-CNN ({cfg.backbone}-FPN, {cfg.norm}, {cfg.fpn_channels} FPN channels), anchors {cfg.anchor_sizes[0]}-{cfg.anchor_sizes[-1]} px,
@@ -181,11 +193,8 @@ Weights: `weights.safetensors` (float16, sha256 `{bundle.weights_sha256[:16]}…
 
 ## Recipe
 
-Random {t.get('crop_px')}² crops with scale jitter (0.75-1.33), flips, 90° rotations, gamma, intensity and
-per-channel colour jitter; AdamW, lr {t.get('lr')}, 100 warm-up steps then cosine decay; batch {t.get('batch_size')};
-{t.get('steps')} steps in {t.get('wall_seconds', 0) / 60:.0f} min on {t.get('hardware')} ({t.get('device')}).
-Reproduce: `python scripts/train_default_bundle.py --out runs/nuclei` then
-`python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card`.
+{recipe}
+Reproduce: {reproduce}
 
 ## Validation (held-out images, IoU 0.5, score threshold {m['score_threshold']})
 
@@ -207,6 +216,14 @@ Trained on one dataset of 2D nuclei at its native pixel sizes (nuclei ~10-40 px 
 larger or smaller than that, cytoplasm/whole-cell segmentation, and 3D stacks are out of scope. Some
 DSB2018 histology images are only partly annotated, which lowers the stained-tissue figures.
 """
+
+
+def _recipe(t: dict, data: dict) -> str:
+    sampling = f" {data['sampling'][0].upper()}{data['sampling'][1:]}." if data.get("sampling") else ""
+    return (f"Random {t.get('crop_px')}² crops with scale jitter (0.75-1.33), flips, 90° rotations, gamma, intensity "
+            f"and per-channel colour jitter; AdamW, lr {t.get('lr')}, 100 warm-up steps then cosine decay; batch "
+            f"{t.get('batch_size')}; {t.get('steps')} steps in {t.get('wall_seconds', 0) / 60:.0f} min on "
+            f"{t.get('hardware')} ({t.get('device')}).{sampling}")
 
 
 def _fmt(x, pct=False):
