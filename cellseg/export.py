@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- label canvas
 
+def _chunks_under(start: int, stop: int, chunk: int) -> range:
+    """Indices of the chunks of size `chunk` that pixels start..stop-1 fall in."""
+    return range(start // chunk, (stop - 1) // chunk + 1)
+
+
 class LabelStore:
     """Disk-backed uint32 instance-label canvas of shape (height, width) in level-0 pixels.
 
@@ -101,8 +106,8 @@ class LabelStore:
         top, bottom = box.row0 + int(rows[0]), box.row0 + int(rows[-1]) + 1
         left, right = box.col0 + int(cols[0]), box.col0 + int(cols[-1]) + 1
         c = self.chunk
-        for i in range(top // c, (bottom - 1) // c + 1):
-            for j in range(left // c, (right - 1) // c + 1):
+        for i in _chunks_under(top, bottom, c):
+            for j in _chunks_under(left, right, c):
                 chunk = self._cached_chunk(i, j)
                 r0, r1 = max(top, i * c), min(bottom, (i + 1) * c)
                 c0, c1 = max(left, j * c), min(right, (j + 1) * c)
@@ -199,8 +204,7 @@ class _SparseLevel:
         was ever written."""
         row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
         c = self.chunk
-        if any((i, j) in self.written for i in range(row0 // c, (row1 - 1) // c + 1)
-               for j in range(col0 // c, (col1 - 1) // c + 1)):
+        if any((i, j) in self.written for i in _chunks_under(row0, row1, c) for j in _chunks_under(col0, col1, c)):
             return np.asarray(self.array[row0:row1:step, col0:col1:step], dtype=np.uint32)
         return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
 
@@ -364,11 +368,7 @@ def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], 
         raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
     levels = _pyramid(store, tile)
     try:
-        if len(targets) == 1:
-            (path, encode), = targets.items()
-            _write_pyramid(levels, path, mpp, tile, encode, _level_blocks(levels, tile))
-        else:
-            _write_pyramids_together(levels, targets, mpp, tile)
+        _write_pyramids_together(levels, targets, mpp, tile)
     finally:
         for k in range(1, len(levels)):
             shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
@@ -395,30 +395,29 @@ def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None],
         except BaseException as e:   # re-raised in the caller's thread below
             failures.append(e)
 
+    def put(q: queue.Queue, writer: threading.Thread, item) -> None:
+        """Hand `item` to `writer`, unless it has ended, or a writer failed and `item` is a block (then only the
+        end marker still goes out, so no writer is left waiting)."""
+        while writer.is_alive() and (item is end or not failures):
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
     threads = [threading.Thread(target=write, args=(path, encode, q), name=f"cellseg-write-{path.name}")
                for (path, encode), q in zip(targets.items(), queues)]
     for t in threads:
         t.start()
     try:
         for item in _level_blocks(levels, tile):
-            for q in queues:
-                while not failures:     # a writer that failed takes nothing more: do not wait on its queue
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+            for q, t in zip(queues, threads):
+                put(q, t, item)
             if failures:
                 break
     finally:
-        for q in queues:
-            while True:
-                try:
-                    q.put(end, timeout=0.2)
-                    break
-                except queue.Full:
-                    if failures or not any(t.is_alive() for t in threads):
-                        break
+        for q, t in zip(queues, threads):
+            put(q, t, end)
         for t in threads:
             t.join()
     if failures:

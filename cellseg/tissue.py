@@ -68,20 +68,24 @@ class TissueMask:
 
     def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Tissue at level-0 pixel rows x cols (1-D integer arrays): bool (len(rows), len(cols))."""
-        ri = np.minimum((np.asarray(rows) // self.row_factor).astype(np.int64), self.mask.shape[0] - 1)
-        ci = np.minimum((np.asarray(cols) // self.col_factor).astype(np.int64), self.mask.shape[1] - 1)
+        ri, ci = self._mask_index(rows, cols)
         return self.mask[ri][:, ci]   # rows then columns: ~8x faster than np.ix_ for a tile
 
     def constant(self, rows: np.ndarray, cols: np.ndarray) -> bool | None:
         """For level-0 pixel rows rows[0]..rows[-1] x cols[0]..cols[-1] (ascending): True (False) when every mask
         pixel `at` can sample in there is tissue (background), None when they differ. Costs a mask region, not a
         tile-sized array."""
-        ri = np.minimum((np.asarray(rows) // self.row_factor).astype(np.int64), self.mask.shape[0] - 1)
-        ci = np.minimum((np.asarray(cols) // self.col_factor).astype(np.int64), self.mask.shape[1] - 1)
+        ri, ci = self._mask_index(rows, cols)
         region = self.mask[ri[0]:ri[-1] + 1, ci[0]:ci[-1] + 1]
         if region.all():
             return True
         return False if not region.any() else None
+
+    def _mask_index(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mask rows and columns holding level-0 pixel rows and cols."""
+        ri = np.minimum((np.asarray(rows) // self.row_factor).astype(np.int64), self.mask.shape[0] - 1)
+        ci = np.minimum((np.asarray(cols) // self.col_factor).astype(np.int64), self.mask.shape[1] - 1)
+        return ri, ci
 
 
 def view_side(height: int, width: int, mpp: float | None, um_per_px: float = VIEW_UM_PER_PX) -> int:
