@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -57,7 +58,11 @@ class TileDetector(TypingProtocol):
 
 @dataclass
 class StageTimer:
+    """Seconds spent per stage. Detection runs in its own thread alongside merging, measuring and writing, so the
+    stages overlap and their sum can exceed the wall time."""
+
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -65,7 +70,8 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - start
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
@@ -446,9 +452,8 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
                     detections = detector.detect(images, batch, scale)
                 yield from zip(batch, detections)
 
-    def every_tile() -> Iterator[tuple[TileSpec, TileDetections]]:
+    def every_tile(stream: Iterator[tuple[TileSpec, TileDetections]]) -> Iterator[tuple[TileSpec, TileDetections]]:
         """All tiles in grid order, skipped ones with no cells: the merger's row bookkeeping stays simple."""
-        stream = detected()
         with tqdm(total=len(work), desc=slide.info.path.name, unit="tile", disable=not progress) as bar:
             for tile, kept in zip(tiles, keep):
                 if kept:
@@ -458,8 +463,63 @@ def _run_tiles(slide: Slide, tiles: list[TileSpec], keep: list[bool], detector: 
                 else:
                     yield tile, no_cells
 
-    merge_tiles(every_tile(), tiles_per_row, merger, emitter, timer, (slide.info.height, slide.info.width),
-                protocol.min_area_px, seam_band_px(halo_px))
+    # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
+    # while the host handles the cells of the previous batch, and on a CPU the network's threads fill the gaps.
+    with in_background(detected(), max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as stream:
+        merge_tiles(every_tile(stream), tiles_per_row, merger, emitter, timer, (slide.info.height, slide.info.width),
+                    protocol.min_area_px, seam_band_px(halo_px))
+
+
+@contextmanager
+def in_background(items: Iterator, max_waiting: int, name: str) -> Iterator[Iterator]:
+    """Run the iterator `items` in a thread of its own, at most `max_waiting` items ahead of the consumer.
+
+    Yields an iterator over the same items in the same order. An exception in `items` is raised in the consumer;
+    when the consumer stops early (an exception, or not reading to the end), the thread is told to stop and joined
+    before this returns, so nothing runs on after the pipeline has failed.
+    """
+    import queue
+    waiting: queue.Queue = queue.Queue(maxsize=max_waiting)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                waiting.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as e:   # handed to the consumer, which raises it
+            offer((done, e))
+        finally:
+            if hasattr(items, "close"):
+                items.close()     # a generator's own cleanup (its reader threads) runs in this thread
+
+    def consume() -> Iterator:
+        while True:
+            item, error = waiting.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        worker.join()
 
 
 def merge_tiles(stream: Iterable[tuple[TileSpec, TileDetections]], tiles_per_row: int, merger: SeamMerger,

@@ -385,3 +385,55 @@ def test_recent_regions_hand_out_detection_pixels_once_and_stay_bounded():
     regions.keep(c, 1, np.ones((10, 10), np.uint8))       # room again
     regions.release(None)
     assert regions.take(c)[0, 0] == 7 and CountingSlide.reads == 4
+
+
+def test_background_detection_keeps_order_and_hands_errors_over():
+    import threading
+
+    from cellseg.pipeline import in_background
+
+    consumer = threading.get_ident()
+    seen_in: set[int] = set()
+
+    def numbers(n):
+        for k in range(n):
+            seen_in.add(threading.get_ident())
+            yield k
+
+    with in_background(numbers(50), max_waiting=3, name="t") as stream:
+        assert list(stream) == list(range(50))
+    assert seen_in and consumer not in seen_in             # produced in another thread
+
+    def failing():
+        yield 1
+        raise ValueError("corrupt tile at row 3")
+
+    with pytest.raises(ValueError, match="corrupt tile"):
+        with in_background(failing(), max_waiting=1, name="t") as stream:
+            list(stream)
+
+
+def test_background_detection_stops_when_the_consumer_fails():
+    import threading
+
+    from cellseg.pipeline import in_background
+
+    produced, closed = [], threading.Event()
+
+    def endless():
+        try:
+            k = 0
+            while True:
+                produced.append(k)
+                yield k
+                k += 1
+        finally:
+            closed.set()
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with in_background(endless(), max_waiting=2, name="t") as stream:
+            for k in stream:
+                if k == 5:
+                    raise RuntimeError("disk full")
+    assert closed.is_set()                 # the producer was stopped and its generator closed before returning
+    assert len(produced) <= 5 + 1 + 2 + 1  # at most what the queue held ahead of the consumer
