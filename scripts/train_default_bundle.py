@@ -85,8 +85,10 @@ def main() -> None:
     if args.init not in ("none", "coco") and not args.init.startswith("coco:"):
         from cellseg.bundle import load_bundle   # fine-tuning: the card keeps the first stage's recipe and compute
         base = load_bundle(args.init)
-        card["base_training"] = {"bundle": base.name, "weights_sha256": base.weights_sha256,
-                                 **base.card.get("training", {})}
+        # Every earlier stage, oldest first, so a bundle fine-tuned twice still adds up its compute and recipe.
+        stages = list(base.card.get("earlier_stages") or ([base.card["base_training"]] if "base_training" in base.card else []))
+        stages.append({"bundle": base.name, "weights_sha256": base.weights_sha256, **base.card.get("training", {})})
+        card["earlier_stages"] = stages
     if args.stained_share is not None:
         card["training"] = {"stained_share": args.stained_share}
     train(items, classes, args.out, TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,

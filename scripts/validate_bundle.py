@@ -166,18 +166,26 @@ def card_readme(bundle) -> str:
         value = m.get(key, {}).get(metric)
         met = value is not None and (value >= goal if better == "≥" else value <= goal)
         goals.append(f"- {label}: {_fmt(value)} (goal {better} {goal}): {'met' if met else 'NOT met'}")
-    base = c.get("base_training")
+    # Fine-tuned bundles list their earlier stages, oldest first (older cards: one [base_training] table).
+    stages = list(c.get("earlier_stages") or ([c["base_training"]] if c.get("base_training") else []))
     recipe = _recipe(t, data)
     reproduce = ("`python scripts/train_default_bundle.py --out runs/nuclei` then\n"
                  "`python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card`.")
-    if base:   # fine-tuned from an earlier bundle: both stages, so the compute and the recipe add up
-        recipe = (f"Stage 1 (bundle {base.get('bundle')}, sha256 {str(base.get('weights_sha256', ''))[:12]}…): "
-                  f"{_recipe(base, {})}\n\nStage 2, fine-tuned from it: {recipe}")
-        reproduce = (f"`python scripts/train_default_bundle.py --out runs/nuclei --steps {base.get('steps')}` (stage 1), "
-                     "then `python scripts/train_default_bundle.py --out runs/ft --init runs/nuclei "
-                     f"--lr {t.get('lr')} --steps {t.get('steps')}"
-                     + (f" --stained-share {t['stained_share']}" if t.get("stained_share") else "") + "`, then\n"
-                     "`python scripts/validate_bundle.py --bundle runs/ft --out runs/val --write-card`.")
+    if stages:   # every stage, so the compute and the recipe add up
+        parts, commands, previous = [], [], None
+        for k, stage in enumerate(stages + [t]):
+            named = (f" (bundle {stages[k].get('bundle')}, sha256 {str(stages[k].get('weights_sha256', ''))[:12]}…)"
+                     if k < len(stages) else " (this bundle)")
+            origin = "" if previous is None else ", fine-tuned from stage " + str(k)
+            parts.append(f"Stage {k + 1}{named}{origin}: {_recipe(stage, data if k == len(stages) else {})}")
+            out = f"runs/stage{k + 1}"
+            commands.append(f"`python scripts/train_default_bundle.py --out {out} --steps {stage.get('steps')}"
+                            + ("" if previous is None else f" --init {previous} --lr {stage.get('lr')}")
+                            + (f" --stained-share {stage['stained_share']}" if stage.get("stained_share") else "") + "`")
+            previous = out
+        recipe = "\n\n".join(parts)
+        reproduce = (", then ".join(commands) + ", then\n"
+                     f"`python scripts/validate_bundle.py --bundle {previous} --out runs/val --write-card`.")
     return f"""# {bundle.name}: cellseg's nucleus model
 
 Mask R-CNN ({cfg.backbone}-FPN, {cfg.norm}, {cfg.fpn_channels} FPN channels), anchors {cfg.anchor_sizes[0]}-{cfg.anchor_sizes[-1]} px,
@@ -219,7 +227,8 @@ DSB2018 histology images are only partly annotated, which lowers the stained-tis
 
 
 def _recipe(t: dict, data: dict) -> str:
-    sampling = f" {data['sampling'][0].upper()}{data['sampling'][1:]}." if data.get("sampling") else ""
+    sampling = f" {data['sampling'][0].upper()}{data['sampling'][1:]}." if data.get("sampling") else (
+        f" Stained images drawn with probability {t['stained_share']}." if t.get("stained_share") else "")
     return (f"Random {t.get('crop_px')}² crops with scale jitter (0.75-1.33), flips, 90° rotations, gamma, intensity "
             f"and per-channel colour jitter; AdamW, lr {t.get('lr')}, 100 warm-up steps then cosine decay; batch "
             f"{t.get('batch_size')}; {t.get('steps')} steps in {t.get('wall_seconds', 0) / 60:.0f} min on "
