@@ -3,7 +3,7 @@
 Conventions (DESIGN.md §3): coordinates are (row, col) in level-0 pixels, boxes half-open
 `Box(row0, col0, row1, col1)`. `x, y` appear only where a file format demands them (COCO bbox).
 
-- `LabelStore`: a disk-backed uint32 label canvas (zarr v3) the size of the slide, painted tile by tile.
+- `LabelStore`: a disk-backed uint32 label canvas (zstd-compressed chunk files) the size of the slide, painted tile by tile.
 - `write_labels_ome_tiff`: the store as a tiled, pyramidal, deflate-compressed OME-TIFF, tile by tile.
 - `Panoptic`, `write_label_images`: the same pyramid also as panoptic.ome.tif (tissue/background "stuff" and the
   cell "things" in one label image; encoding in `Panoptic`).
@@ -39,10 +39,73 @@ def _chunks_under(start: int, stop: int, chunk: int) -> range:
     return range(start // chunk, (stop - 1) // chunk + 1)
 
 
+class _ChunkFiles:
+    """A 2-D uint32 array on disk, one zstd-compressed file per `chunk` x `chunk` block; blocks never written are 0.
+
+    A scratch format private to one run. zarr did this job first, but every call through zarr 3's asyncio bridge
+    cost 1.2 ms to read and ~5 ms to write a chunk, against 0.3-0.6 ms to compress or decompress a label chunk:
+    that overhead was most of the label-writing time of a big slide. Not thread-safe (one writer at a time).
+    """
+
+    def __init__(self, folder: Path, height: int, width: int, chunk: int):
+        self.folder, self.shape, self.chunk = Path(folder), (int(height), int(width)), int(chunk)
+        shutil.rmtree(self.folder, ignore_errors=True)   # the folder belongs to this store
+        self.folder.mkdir(parents=True)
+        self.written: set[tuple[int, int]] = set()      # blocks on disk; the rest are 0
+
+    def _path(self, i: int, j: int) -> Path:
+        return self.folder / f"{i}.{j}.zst"
+
+    def block_shape(self, i: int, j: int) -> tuple[int, int]:
+        c = self.chunk
+        return min(c, self.shape[0] - i * c), min(c, self.shape[1] - j * c)
+
+    def load(self, i: int, j: int) -> np.ndarray:
+        """Block (i, j), decoded (a fresh array)."""
+        from imagecodecs import zstd_decode
+        if (i, j) not in self.written:
+            return np.zeros(self.block_shape(i, j), np.uint32)
+        raw = zstd_decode(self._path(i, j).read_bytes())
+        return np.frombuffer(raw, "<u4").reshape(self.block_shape(i, j)).astype(np.uint32)
+
+    def store(self, i: int, j: int, block: np.ndarray) -> None:
+        """Block (i, j) := `block` (its full shape); an all-zero block takes no disk."""
+        from imagecodecs import zstd_encode
+        if block.shape != self.block_shape(i, j):
+            raise ValueError(f"expected block ({i}, {j}) of shape {self.block_shape(i, j)}, got {block.shape}")
+        if not block.any():
+            if (i, j) in self.written:
+                self._path(i, j).unlink()
+                self.written.discard((i, j))
+            return
+        self._path(i, j).write_bytes(zstd_encode(np.ascontiguousarray(block, "<u4"), level=1))
+        self.written.add((i, j))
+
+    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
+        """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the array), decoding only the blocks with
+        a sampled pixel."""
+        row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
+        out = np.zeros((max(0, -(-(row1 - row0) // step)), max(0, -(-(col1 - col0) // step))), np.uint32)
+        c = self.chunk
+        for i in _chunks_under(row0, row1, c):
+            first_r = row0 + -(-(max(row0, i * c) - row0) // step) * step    # first sampled row in block row i
+            if first_r >= min(row1, (i + 1) * c):
+                continue
+            for j in _chunks_under(col0, col1, c):
+                first_c = col0 + -(-(max(col0, j * c) - col0) // step) * step
+                if first_c >= min(col1, (j + 1) * c) or (i, j) not in self.written:
+                    continue
+                part = self.load(i, j)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
+                                       first_c - j * c:min(col1, (j + 1) * c) - j * c:step]
+                r, k = (first_r - row0) // step, (first_c - col0) // step
+                out[r:r + part.shape[0], k:k + part.shape[1]] = part
+        return out
+
+
 class LabelStore:
     """Disk-backed uint32 instance-label canvas of shape (height, width) in level-0 pixels.
 
-    A zarr v3 array in a LocalStore at `folder`, chunked `chunk` x `chunk`, zstd-compressed, fill 0.
+    Blocks of `chunk` x `chunk` px, zstd-compressed, one file each in `folder` (_ChunkFiles), fill 0.
     Chunks that stay all zero are never written, so background costs no disk. `folder` belongs to
     the store: anything already there is replaced (pass a fresh folder, e.g. inside the staging
     folder, never a user's folder). Lives for one run:
@@ -55,20 +118,13 @@ class LabelStore:
     """
 
     def __init__(self, folder: Path, height: int, width: int, chunk: int = 512, cache_bytes: int = 64 << 20):
-        import zarr
-        from zarr.codecs import ZstdCodec
-        from zarr.storage import LocalStore
-
         if height <= 0 or width <= 0:
             raise ParameterError(f"expected a label canvas of positive size, got {height} x {width} px")
         if chunk <= 0:
             raise ParameterError(f"expected a positive chunk size, got {chunk}")
         self.folder = Path(folder)
         self.chunk = int(chunk)
-        self._array = zarr.create_array(
-            store=LocalStore(self.folder), shape=(int(height), int(width)),
-            chunks=(self.chunk, self.chunk), dtype="uint32", fill_value=0,
-            compressors=ZstdCodec(level=3), overwrite=True)
+        self._blocks = _ChunkFiles(self.folder, height, width, self.chunk)
         # (chunk row, chunk col) of every chunk ever painted: the rest is known to be 0 without reading it
         self.written_chunks: set[tuple[int, int]] = set()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()   # decoded chunks not yet on disk
@@ -76,11 +132,11 @@ class LabelStore:
 
     @property
     def height(self) -> int:
-        return int(self._array.shape[0])
+        return self._blocks.shape[0]
 
     @property
     def width(self) -> int:
-        return int(self._array.shape[1])
+        return self._blocks.shape[1]
 
     def _check_box(self, box: Box) -> None:
         if not (0 <= box.row0 <= box.row1 <= self.height and 0 <= box.col0 <= box.col1 <= self.width):
@@ -121,19 +177,14 @@ class LabelStore:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        c = self.chunk
-        rows, cols = slice(i * c, min((i + 1) * c, self.height)), slice(j * c, min((j + 1) * c, self.width))
-        chunk = (np.array(self._array[rows, cols], dtype=np.uint32) if key in self.written_chunks
-                 else np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.uint32))
+        chunk = self._blocks.load(i, j)
         self._cache[key] = chunk
         while len(self._cache) > self._cache_chunks:
             self._store_chunk(*self._cache.popitem(last=False))
         return chunk
 
     def _store_chunk(self, key: tuple[int, int], chunk: np.ndarray) -> None:
-        i, j = key
-        c = self.chunk
-        self._array[i * c:i * c + chunk.shape[0], j * c:j * c + chunk.shape[1]] = chunk
+        self._blocks.store(*key, chunk)
 
     def flush(self) -> None:
         """Write every cached chunk to disk (reads do this first)."""
@@ -149,13 +200,12 @@ class LabelStore:
         box = Box(*box)
         self._check_box(box)
         self.flush()
-        return self._array[box.row0:box.row1:step, box.col0:box.col1:step]
+        return self._blocks.read(box.row0, box.row1, box.col0, box.col1, step)
 
     def thumbnail(self, factor: int) -> np.ndarray:
         """uint32 (ceil(height / factor), ceil(width / factor)): pixel [i, j] = canvas[i*factor, j*factor].
 
-        Read one band of chunk rows at a time, so memory is one band of the thumbnail plus the
-        few chunks zarr decodes at once.
+        Read one band of chunk rows at a time, so memory is one band of the thumbnail plus one decoded chunk.
         """
         if factor < 1:
             raise ParameterError(f"expected a thumbnail factor >= 1, got {factor}")
@@ -166,7 +216,7 @@ class LabelStore:
             first = -(-b0 // factor) * factor  # first sampled row inside this band
             if first >= b1:
                 continue  # factor > chunk: this band holds no sampled row
-            band = self._array[first:b1:factor, ::factor]
+            band = self._blocks.read(first, b1, 0, self.width, factor)
             out[first // factor:first // factor + band.shape[0]] = band
         return out
 
@@ -192,53 +242,43 @@ class _Constant:
 
 
 class _SparseLevel:
-    """One pyramid level (a zarr array) and the chunks ever written to it: a region that touches none of them is
-    a _Constant 0 without asking zarr (~1.6 ms a read). On a whole slide most regions are glass, never written."""
+    """One pyramid level (_ChunkFiles): a region that touches none of its written chunks is a _Constant 0 without
+    reading anything. On a whole slide most regions are glass, never written."""
 
-    def __init__(self, array, chunk: int, written: set[tuple[int, int]]):
-        self.array, self.chunk, self.written = array, chunk, written
-        self.shape = tuple(int(n) for n in array.shape)
+    def __init__(self, blocks: _ChunkFiles):
+        self.blocks, self.chunk, self.shape = blocks, blocks.chunk, blocks.shape
 
     def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray | _Constant:
         """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the level); _Constant(0) where nothing
         was ever written."""
         row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
         c = self.chunk
-        if any((i, j) in self.written for i in _chunks_under(row0, row1, c) for j in _chunks_under(col0, col1, c)):
-            return np.asarray(self.array[row0:row1:step, col0:col1:step], dtype=np.uint32)
+        if any((i, j) in self.blocks.written for i in _chunks_under(row0, row1, c) for j in _chunks_under(col0, col1, c)):
+            return self.blocks.read(row0, row1, col0, col1, step)
         return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
 
 
 def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
     """Levels [level0, level1, ...], level k = level0[::2**k, ::2**k], until the longer side <= tile.
 
-    Levels >= 1 are built as temporary zarr arrays inside the store's folder, each from the previous level by striding
+    Levels >= 1 are built as temporary chunk files inside the store's folder, each from the previous level by striding
     one output chunk at a time: the whole pyramid costs ~4/3 of one read of the slide, where striding
     level 0 directly for every level would decode the full slide once per level.
     """
-    import zarr
-    from zarr.codecs import ZstdCodec
-    from zarr.storage import LocalStore
-
     store.flush()
-    levels = [_SparseLevel(store._array, store.chunk, store.written_chunks)]
+    levels = [_SparseLevel(store._blocks)]
     h, w = store.height, store.width
     c = store.chunk
     while max(h, w) > tile:
         prev = levels[-1]
         h, w = -(-h // 2), -(-w // 2)
-        arr = zarr.create_array(
-            store=LocalStore(store.folder / f"_level{len(levels)}"),
-            shape=(h, w), chunks=(c, c), dtype="uint32", fill_value=0,
-            compressors=ZstdCodec(level=3), overwrite=True)
-        written = set()
+        blocks = _ChunkFiles(store.folder / f"_level{len(levels)}", h, w, c)
         for r in range(0, h, c):
             for col in range(0, w, c):
                 block = prev.read(2 * r, 2 * (r + c), 2 * col, 2 * (col + c), step=2)
-                if not isinstance(block, _Constant) and block.any():  # zero chunks stay unwritten (fill value)
-                    arr[r:r + block.shape[0], col:col + block.shape[1]] = block
-                    written.add((r // c, col // c))
-        levels.append(_SparseLevel(arr, c, written))
+                if not isinstance(block, _Constant):   # zero chunks stay unwritten (store skips them)
+                    blocks.store(r // c, col // c, block)
+        levels.append(_SparseLevel(blocks))
     return levels
 
 
@@ -376,7 +416,7 @@ def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], 
 
 def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None], mpp: float | None,
                              tile: int) -> None:
-    """One writer thread per file, all fed from a single read of the pyramid (a zarr read of a block costs more
+    """One writer thread per file, all fed from a single read of the pyramid (reading a block costs more
     than encoding and deflating it), through small queues so memory stays a few blocks per file."""
     import queue
     import threading
