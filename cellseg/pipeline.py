@@ -336,7 +336,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                                              tissue_mask)
         names = channel_names(slide)
         work = out_dir / ".work"
-        store = LabelStore(work / "labels.zarr", info.height, info.width, chunk=min(512, protocol.tile_size))
+        store = LabelStore(work / "labels", info.height, info.width, chunk=min(512, protocol.tile_size))
         merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(detector.class_names)]
         areas: list[np.ndarray] = []

@@ -24,7 +24,7 @@ from cellseg.tiling import Box
 def _painted_store(tmp_path, height=300, width=410, chunk=64, seed=0, cache_bytes=64 << 20):
     """A store painted with random overlapping rectangles of labels, and the numpy reference."""
     rng = np.random.default_rng(seed)
-    store = LabelStore(tmp_path / "labels.zarr", height, width, chunk=chunk, cache_bytes=cache_bytes)
+    store = LabelStore(tmp_path / "labels", height, width, chunk=chunk, cache_bytes=cache_bytes)
     ref = np.zeros((height, width), np.uint32)
     for label in range(1, 40):
         r0, c0 = int(rng.integers(0, height - 20)), int(rng.integers(0, width - 20))
@@ -112,7 +112,7 @@ def test_labels_ome_tiff_pyramid(tmp_path, mpp):
         assert "PhysicalSizeX" not in ome
     else:
         assert 'PhysicalSizeX="0.25"' in ome and 'PhysicalSizeY="0.25"' in ome
-    assert [p.name for p in (tmp_path / "labels.zarr").iterdir() if p.name.startswith("_level")] == []
+    assert [p.name for p in (tmp_path / "labels").iterdir() if p.name.startswith("_level")] == []
 
 
 def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_path):
@@ -147,7 +147,7 @@ def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path
     from cellseg.export import Panoptic, write_label_images
     from cellseg.tissue import TissueMask
     height, width = 300, 410
-    store = LabelStore(tmp_path / "labels.zarr", height, width, chunk=64)
+    store = LabelStore(tmp_path / "labels", height, width, chunk=64)
     ref = np.zeros((height, width), np.uint32)
     ref[10:30, 20:45], ref[200:230, 350:380] = 1, 2
     store.paint(Box(0, 0, height, width), ref)
@@ -171,7 +171,7 @@ def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path
 
 def test_labels_ome_tiff_memory_is_a_few_tiles(tmp_path):
     # 1024 x 1024 uint32 = 4 MiB of labels; writing must not hold the canvas (or a level) at once.
-    store = LabelStore(tmp_path / "big.zarr", 1024, 1024, chunk=128)
+    store = LabelStore(tmp_path / "big", 1024, 1024, chunk=128)
     for r in range(0, 1024, 256):
         labels = np.arange(r * 1024, (r + 256) * 1024, dtype=np.uint32).reshape(256, 1024) + 1
         store.paint(Box(r, 0, r + 256, 1024), labels)
@@ -361,3 +361,26 @@ def test_coco_writer_zero_cells_is_valid_json(tmp_path):
         pass
     doc = json.loads(path.read_text())
     assert doc["annotations"] == [] and doc["images"][0]["width"] == 10
+
+
+def test_chunk_files_read_any_strided_window_and_keep_zero_blocks_off_disk(tmp_path):
+    from cellseg.export import _ChunkFiles
+
+    rng = np.random.default_rng(3)
+    ref = np.zeros((150, 230), np.uint32)
+    ref[20:100, 40:180] = rng.integers(0, 5, (80, 140))
+    blocks = _ChunkFiles(tmp_path / "c", *ref.shape, chunk=64)
+    for i in range(3):
+        for j in range(4):
+            blocks.store(i, j, ref[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].copy())
+    assert not (tmp_path / "c" / "0.3.zst").exists() and (0, 3) not in blocks.written    # all zero: no file
+    for _ in range(50):
+        r0, c0 = rng.integers(0, 150), rng.integers(0, 230)
+        r1, c1 = rng.integers(r0, 200), rng.integers(c0, 300)     # may run past the edge: clipped
+        step = int(rng.integers(1, 5))
+        np.testing.assert_array_equal(blocks.read(r0, r1, c0, c1, step), ref[r0:r1:step, c0:c1:step])
+    blocks.store(1, 1, np.zeros((64, 64), np.uint32))              # overwritten with zeros: its file goes
+    assert (1, 1) not in blocks.written and not (tmp_path / "c" / "1.1.zst").exists()
+    assert not blocks.read(64, 128, 64, 128).any()
+    with pytest.raises(ValueError, match="shape"):
+        blocks.store(2, 3, np.ones((64, 64), np.uint32))           # the edge block is 22 x 38
