@@ -478,6 +478,8 @@ def print_report(r: dict) -> None:
     print(f"{'peak RSS':24} {r['peak_rss_mb']:>9.0f} MB {nv['peak_rss_mb']:>9.0f} MB")
     print(f"{'peak GPU':24} {gpu(r['peak_gpu_mb']):>12} {gpu(nv['peak_gpu_mb']):>12}")
     print("cellseg seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
+    print("  (read + detect run in a thread of their own, a batch ahead of merge + measure + write: the stages overlap,"
+          " and the busier of the two paths sets the wall time)")
     print("naive seconds by stage:   " + ", ".join(f"{k} {v:.2f}" for k, v in nv["seconds"].items()))
     print("network parts, cellseg: " + ", ".join(f"{k[4:]} {v:.2f}" for k, v in r["network_seconds"].items())
           + f"; {r['mask_head_rois']} RoIs through the mask head")
