@@ -314,6 +314,27 @@ def test_crop_rle_matches_pycocotools(placed):
     assert sum(_decode_counts(got["counts"])) == height * width
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.data())
+def test_crop_rles_of_many_crops_at_once_match_pycocotools_one_by_one(height, width, data):
+    """The batched path the COCO writer uses: runs must never merge across two crops (e.g. one ending in ones
+    and the next starting with ones at the origin)."""
+    from cellseg.coco import crop_rles
+
+    crops, rows, cols = [], [], []
+    for _ in range(data.draw(st.integers(0, 6))):
+        h, w = data.draw(st.integers(0, height)), data.draw(st.integers(0, width))
+        rows.append(data.draw(st.integers(0, height - h)))
+        cols.append(data.draw(st.integers(0, width - w)))
+        crops.append(data.draw(hnp.arrays(bool, (h, w))))
+    got = crop_rles(crops, rows, cols, height, width)
+    assert len(got) == len(crops)
+    for crop, r0, c0, rle in zip(crops, rows, cols, got):
+        full = np.zeros((height, width), np.uint8, order="F")
+        full[r0:r0 + crop.shape[0], c0:c0 + crop.shape[1]] = crop
+        assert rle == {"size": [height, width], "counts": mask_utils.encode(full)["counts"].decode("ascii")}
+
+
 def test_crop_rle_beyond_32_bit_pixel_counts():
     # A 100k x 100k slide: runs exceed 2**32, where pycocotools' uint32 counts would overflow.
     height = width = 100_000
