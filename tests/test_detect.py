@@ -161,3 +161,30 @@ def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
     plain = _body_features(detector, image)
     detector.calibrate([image])
     assert torch.allclose(_body_features(detector, image), plain, atol=1e-4)
+
+
+def test_threaded_roi_align_gives_the_single_calls_output_exactly():
+    import torch
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from cellseg.detect import ThreadedMultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    features = {str(k): torch.randn(3, 8, 80 // 2 ** k, 80 // 2 ** k) for k in range(4)}
+    shapes = [(320, 320)] * 3
+    boxes = []
+    for n in (300, 0, 170):     # an image without boxes in the middle: runs cut across images
+        b = torch.rand(n, 4) * 250
+        b[:, 2:] = b[:, :2] + 4 + torch.rand(n, 2) * 60
+        boxes.append(b)
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = plain(features, boxes, shapes)
+    threaded = ThreadedMultiScaleRoIAlign.replacing(plain)
+    threaded.min_rois_per_thread = 50
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (2, 3, 7):
+            torch.set_num_threads(n_threads)
+            assert torch.equal(threaded(features, boxes, shapes), expected)
+    finally:
+        torch.set_num_threads(threads)
