@@ -328,9 +328,12 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         if ThreadedMultiScaleRoIAlign._pool is None:
             ThreadedMultiScaleRoIAlign._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
                                                                   thread_name_prefix="cellseg-roialign")
-        parts = list(self._pool.map(lambda run: super(ThreadedMultiScaleRoIAlign, self).forward(x, run, image_shapes),
-                                    runs))
-        return torch.cat(parts)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()   # thread-local: carried over
+
+        def pool(run):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return super(ThreadedMultiScaleRoIAlign, self).forward(x, run, image_shapes)
+        return torch.cat(list(self._pool.map(pool, runs)))
 
 
 _MASK_EXPANSION = 30 / 28   # paste_masks_at_box_size pads the 28 x 28 mask by 1 px: the box grows by (M + 2) / M
