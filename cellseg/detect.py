@@ -300,12 +300,14 @@ def _contiguous_features_for_roi_align(roi_heads) -> None:
 
 
 class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign that, on CPU, splits its RoIs across threads: torchvision's CPU RoIAlign kernel runs on
-    one core (~14 % of a tile's CPU time, mostly the box head's ~1000 proposals). The RoIs, in their image-major
-    order, are cut into contiguous runs, each pooled by a thread (the kernel releases the GIL); the outputs
-    concatenated in order are exactly the single call's."""
+    """MultiScaleRoIAlign that, on CPU, splits its RoIs across threads: torchvision's CPU RoIAlign kernels (forward
+    and backward) run on one core: ~14 % of a tile's CPU time in inference, mostly the box head's ~1000 proposals,
+    and ~21 % of a training step in the backward pass. The RoIs, in their image-major order, are cut into
+    contiguous runs, each pooled by a thread (the kernels release the GIL); the outputs concatenated in order are
+    exactly the single call's. In training the gradient of each run is computed in its thread too, and summed.
+    """
 
-    min_rois_per_thread = 128
+    min_rois_per_thread = 32
     _pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -328,12 +330,61 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
         if ThreadedMultiScaleRoIAlign._pool is None:
             ThreadedMultiScaleRoIAlign._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
                                                                   thread_name_prefix="cellseg-roialign")
-        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()   # thread-local: carried over
+        names = list(self.featmap_names)
+        levels = [x[k] for k in names]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in levels):
+            return _PoolRunsInThreads.apply(self, runs, image_shapes, names, *levels)
+        inference = torch.is_inference_mode_enabled()   # thread-local: carried into the workers
 
         def pool(run):
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return super(ThreadedMultiScaleRoIAlign, self).forward(x, run, image_shapes)
+            with torch.inference_mode(inference), torch.no_grad():
+                return self._pool_one_run(dict(zip(names, levels)), run, image_shapes)
         return torch.cat(list(self._pool.map(pool, runs)))
+
+    def _pool_one_run(self, x, run, image_shapes):
+        return super().forward(x, run, image_shapes)
+
+
+class _PoolRunsInThreads(torch.autograd.Function):
+    """ThreadedMultiScaleRoIAlign with gradients: forward pools each run in a thread; backward re-pools each run
+    in a thread with autograd on (the forward is ~1/8 of the backward's cost) and sums the runs' gradients."""
+
+    @staticmethod
+    def forward(ctx, pooler, runs, image_shapes, names, *levels):
+        ctx.pooler, ctx.runs, ctx.image_shapes, ctx.names = pooler, runs, image_shapes, names
+        ctx.save_for_backward(*levels)
+
+        def pool(run):
+            with torch.no_grad():
+                return pooler._pool_one_run(dict(zip(names, levels)), run, image_shapes)
+        outs = list(pooler._pool.map(pool, runs))
+        ctx.sizes = [len(o) for o in outs]
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        levels = ctx.saved_tensors
+
+        def grad_of(run, grad):
+            leaves = [t.detach().requires_grad_() for t in levels]
+            with torch.enable_grad():
+                out = ctx.pooler._pool_one_run(dict(zip(ctx.names, leaves)), run, ctx.image_shapes)
+            return torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        per_run = list(ctx.pooler._pool.map(grad_of, ctx.runs, grad_out.split(ctx.sizes)))
+        totals = []
+        for k in range(len(levels)):
+            parts = [g[k] for g in per_run if g[k] is not None]
+            totals.append(torch.stack(parts).sum(0) if parts else None)
+        return (None, None, None, None, *totals)
+
+
+def thread_roi_pools(model: MaskRCNN) -> None:
+    """Give the box and mask heads ThreadedMultiScaleRoIAlign poolers (CPU models; same results)."""
+    heads = model.roi_heads
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pooler = getattr(heads, name)
+        if type(pooler) is MultiScaleRoIAlign:
+            setattr(heads, name, ThreadedMultiScaleRoIAlign.replacing(pooler))
 
 
 _MASK_EXPANSION = 30 / 28   # paste_masks_at_box_size pads the 28 x 28 mask by 1 px: the box grows by (M + 2) / M
@@ -372,11 +423,7 @@ class Detector:
             # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
             self.model.to(memory_format=torch.channels_last)
             _contiguous_features_for_roi_align(self.model.roi_heads)
-            heads = self.model.roi_heads
-            for name in ("box_roi_pool", "mask_roi_pool"):
-                pooler = getattr(heads, name)
-                if type(pooler) is MultiScaleRoIAlign:
-                    setattr(heads, name, ThreadedMultiScaleRoIAlign.replacing(pooler))
+            thread_roi_pools(self.model)
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
         # cells on the example mosaic) goes through the mask branch only to be thrown away here.
         self.model.roi_heads.score_thresh = self.score_threshold

@@ -186,5 +186,15 @@ def test_threaded_roi_align_gives_the_single_calls_output_exactly():
         for n_threads in (2, 3, 7):
             torch.set_num_threads(n_threads)
             assert torch.equal(threaded(features, boxes, shapes), expected)
+        # training: the gradient, computed run by run in the threads and summed, is the single call's
+        levels = {k: v.double().requires_grad_() for k, v in features.items()}
+        weights = torch.randn(expected.shape, dtype=torch.float64)
+        out = plain(levels, [b.double() for b in boxes], shapes)
+        expected_grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
+        out = threaded(levels, [b.double() for b in boxes], shapes)
+        assert out.grad_fn is not None and torch.equal(out, plain(levels, [b.double() for b in boxes], shapes))
+        grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
