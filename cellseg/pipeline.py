@@ -5,7 +5,9 @@
     -> ownership + seam dedupe (merge.py) -> final rows: resolve overlaps, measure, write labels/CSV/COCO
     -> labels.ome.tif + panoptic.ome.tif pyramids, overlay, tissue mask, histogram, summary.json, run.json
 
-Memory holds a batch of tiles and three tile rows of cells; labels go to a disk-backed store.
+Detection runs in a thread of its own, a batch ahead of merging, measuring and writing. Memory holds three
+batches of tiles at most (being read, in the network, waiting to be merged) and three tile rows of cells;
+labels go to a disk-backed store.
 """
 
 from __future__ import annotations
