@@ -145,6 +145,26 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
     return load_bundle(folder)
 
 
+def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None,
+                           mask_threshold: float | None = None, card: dict | None = None) -> Bundle:
+    """Set the default thresholds and replace whole card tables (e.g. [metrics]) in a bundle's model.toml,
+    atomically; the weights are not touched."""
+    folder = find_bundle(folder)
+    meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
+    inference = dict(meta.get("inference", {}))
+    if score_threshold is not None:
+        inference["score_threshold"] = float(score_threshold)
+    if mask_threshold is not None:
+        inference["mask_threshold"] = float(mask_threshold)
+    meta["inference"] = inference
+    for key in (card or {}):
+        if key in ("format", "name", "weights_sha256", "model", "inference", "scale"):
+            raise BundleError(f"expected card tables, got the reserved model.toml key {key!r}")
+    meta.update(card or {})
+    write_toml(folder / "model.toml", meta)
+    return load_bundle(folder)
+
+
 def write_weights(path: Path, state_dict: dict) -> None:
     """Save a state dict as float16 safetensors (other dtypes kept), atomically (temp file + rename)."""
     from safetensors.torch import save_file

@@ -14,16 +14,13 @@ import argparse
 import csv
 import json
 import logging
-import tomllib
 from pathlib import Path
 
-import numpy as np
 
-from cellseg.bundle import load_bundle, save_bundle
-from cellseg.detect import Detector, resolve_device
+from cellseg.bundle import load_bundle, update_bundle_metadata
 from cellseg.evaluate import evaluate, load_instances
-from cellseg.pipeline import count_slide
-from cellseg.protocol import Protocol
+from cellseg.validate import above, score, validation_detector
+from cellseg.validate import predict as predict_images
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-train"
 # manifest.csv modality_guess -> name in the card
@@ -35,24 +32,13 @@ def modality_of(manifest: Path) -> dict[str, str]:
     return {r["image_id"]: r["modality_guess"] for r in csv.DictReader(open(manifest))}
 
 
-def predict(bundle_dir: Path, data: Path, ids: list[str], modality: dict[str, str], out: Path,
-            device: str, floor: float, diameter: str | None = None, mask_threshold: float | None = None) -> None:
+def predict(bundle_dir: Path, data: Path, ids: list[str], out: Path, device: str, floor: float,
+            diameter: str | None = None, mask_threshold: float | None = None) -> dict:
+    """Every image through `count_slide` (cellseg.validate), kept in OUT/<id>/ so a rerun only scores."""
     bundle = load_bundle(bundle_dir)
-    detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
-                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold,
-                        mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
-    for k, image_id in enumerate(ids):
-        folder = out / image_id
-        if (folder / "predictions.coco.json").is_file():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        kind = "brightfield" if modality[image_id].startswith("brightfield") else "fluorescence"
-        # Single microscope fields: the detector is validated, not the tissue prefilter.
-        protocol = Protocol(name=f"validation-{kind}", modality=kind, tile_size=512, halo_px=64, min_area_px=10,
-                            tissue_method="none")
-        summary = count_slide(data / "images" / f"{image_id}.png", folder, protocol, detector,
-                              model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter)
-        logging.info("%d/%d %s: %d cells", k + 1, len(ids), image_id[:12], summary["cell_count"])
+    detector = validation_detector(bundle, device, floor, mask_threshold)
+    images = {f"{i}.png": data / "images" / f"{i}.png" for i in ids}
+    return predict_images(detector, images, out, bundle.nucleus_diameter_px, diameter, reuse=True, progress=True)
 
 
 def main() -> None:
@@ -73,74 +59,36 @@ def main() -> None:
     split = json.loads((args.bundle / "split.json").read_text())
     modality = modality_of(args.data / "manifest.csv")
     ids = sorted(split["val"])[:args.limit]
-    predict(args.bundle, args.data, ids, modality, args.out, args.device, args.floor, args.diameter,
-            args.mask_threshold)
-
+    bundle = load_bundle(args.bundle)
+    preds = predict(args.bundle, args.data, ids, args.out, args.device, args.floor, args.diameter,
+                    args.mask_threshold)
     gt_all = load_instances(args.data / "annotations.json")
     gt_by_stem = {Path(name).stem: inst for name, inst in gt_all.items()}
-    preds = {i: load_instances(args.out / i) for i in ids}
 
-    def subset(select) -> tuple[dict, dict]:
-        chosen = [i for i in ids if select(modality[i])]
-        pred = {name: inst for i in chosen for name, inst in preds[i].items()}
-        return pred, {i + ".png": gt_by_stem[i] for i in chosen}
+    def subset(group: str) -> tuple[dict, dict]:
+        chosen = [i for i in ids if group == "all" or modality[i] == group]
+        return {f"{i}.png": preds[f"{i}.png"] for i in chosen}, {f"{i}.png": gt_by_stem[i] for i in chosen}
 
-    overall = evaluate(*subset(lambda m: True))
-    threshold = overall.best_threshold or 0.5
-    logging.info("best pooled F1 %.3f at score threshold %.2f", overall.best_f1, threshold)
-    metrics = {"score_threshold": threshold, "iou": 0.5, "val_images": len(ids),
+    overall = score(*subset("all"), fallback_threshold=bundle.score_threshold)
+    logging.info("best pooled F1 %.3f at score threshold %.2f", overall.at_floor.best_f1 or 0, overall.threshold)
+    metrics = {"score_threshold": overall.threshold, "iou": 0.5, "val_images": len(ids),
                "threshold_chosen_on": "this validation split (pooled F1)"}
     for name, key in list(GROUPS.items()) + [("all", "all")]:
-        pred, gt = subset((lambda m: True) if name == "all" else (lambda m, n=name: m == n))
+        pred, gt = subset(name)
         if not gt:
             continue
-        kept = {k: _above(v, threshold) for k, v in pred.items()}
-        report = evaluate(kept, gt)
+        report = evaluate({k: above(v, overall.threshold) for k, v in pred.items()}, gt)
         (args.out / f"metrics_{key}.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
-        metrics[key] = {
-            "images": len(gt),
-            "ap50_tp_fp_fn_mean_over_images": round(report.mean_over_images["ap_tp"], 4),
-            "ap50_tp_fp_fn_pooled": round(report.pooled["ap_tp"], 4),
-            "f1_pooled": round(report.pooled["f1"], 4),
-            "coco_mask_ap": _round(report.coco.get("ap")), "coco_mask_ap50": _round(report.coco.get("ap50")),
-            "median_rel_count_error": _round(report.median_rel_count_error),
-        }
+        metrics[key] = overall.figures(report)
     print(json.dumps(metrics, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.write_card:
         write_card(args.bundle, metrics, overall, args.mask_threshold)
 
 
-def _above(instances, threshold):
-    import dataclasses
-    keep = np.flatnonzero(np.asarray(instances.scores) >= threshold)
-    fields = {f.name: getattr(instances, f.name) for f in dataclasses.fields(instances)}
-    for name, value in fields.items():
-        if isinstance(value, np.ndarray) and value.shape[:1] == (len(instances),):
-            fields[name] = value[keep]
-        elif isinstance(value, list) and len(value) == len(instances):
-            fields[name] = [value[i] for i in keep]
-    return dataclasses.replace(instances, **fields)
-
-
-def _round(x):
-    return None if x is None else round(float(x), 4)
-
-
 def write_card(bundle_dir: Path, metrics: dict, overall, mask_threshold: float | None = None) -> None:
-    bundle = load_bundle(bundle_dir)
-    meta = tomllib.loads((bundle_dir / "model.toml").read_text())
-    card = {k: v for k, v in meta.items() if k not in ("format", "name", "weights_sha256", "model", "inference",
-                                                        "scale")}
-    card["metrics"] = metrics
-    card["threshold_sweep"] = {"thresholds": [s["threshold"] for s in overall.sweep],
-                               "f1": [round(s["f1"], 4) for s in overall.sweep],
-                               "cell_count": [s["pred_count"] for s in overall.sweep]}
-    save_bundle(bundle_dir, bundle.model, bundle.state_dict(), name=bundle.name,
-                score_threshold=metrics["score_threshold"],
-                mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold,
-                nucleus_diameter_px=bundle.nucleus_diameter_px, card=card,
-                proposal_threshold=bundle.proposal_threshold)
+    update_bundle_metadata(bundle_dir, score_threshold=metrics["score_threshold"], mask_threshold=mask_threshold,
+                           card={"metrics": metrics, "threshold_sweep": overall.sweep_table()})
     (bundle_dir / "README.md").write_text(card_readme(load_bundle(bundle_dir)), encoding="utf-8")
     logging.info("card updated in %s", bundle_dir / "model.toml")
 
