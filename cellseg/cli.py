@@ -91,8 +91,7 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, quiet) -> None:
     """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
-    from .pipeline import count_slide, load_detector
-    from .protocol import load_protocol
+    from .protocol import check_pixel_size, load_protocol
     from .resultdir import atomic_write_text, staged_output
 
     if mpp is not None and mpp <= 0:
@@ -115,10 +114,11 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
         _check_summary_csv(summary_csv)
-    if len(inputs) == 1:
+    if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         from .slide import open_slide
-        with open_slide(inputs[0], mpp=mpp):     # cheap (lazy): a wrong path fails before the model loads
-            pass
+        with open_slide(inputs[0], mpp=mpp) as slide:
+            check_pixel_size(protocol, slide.info)
+    from .pipeline import count_slide, load_detector
     detector, bundle = load_detector(protocol, device)
     from .tissue import TissueFinder
     tissue = TissueFinder(protocol.tissue_method, device=str(detector.device))

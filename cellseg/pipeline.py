@@ -30,13 +30,13 @@ import numpy as np
 
 from . import __version__
 from .detect import TileDetections
-from .errors import CellsegError, ParameterError
+from .errors import ParameterError
 from .export import (CellsTableWriter, CocoWriter, LabelStore, Panoptic, start_writer_imports,
                      write_area_histogram, write_label_images, write_overlay_png)
 from .measure import cell_columns, label_tile, measure_tile
 from .merge import Instances, SeamMerger, owned_instances, seam_band_px
 from .preprocess import IntensityRange, measure_range, select_channels, to_network_input
-from .protocol import Protocol
+from .protocol import Protocol, check_pixel_size
 from .slide import Slide, open_slide
 from .tiling import Box, TileSpec, plan_tiles
 from .tissue import TissueFinder, TissueMask, write_tissue_png
@@ -301,9 +301,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     started = time.time()
     with open_slide(slide_path, mpp=mpp) as slide:
         info = slide.info
-        if protocol.require_mpp and info.mpp is None:
-            raise CellsegError(f"protocol {protocol.name} needs the pixel size in µm, but {info.path.name} has none "
-                               f"({info.mpp_source.removeprefix('none: ').split(';')[0]}); pass --mpp")
+        check_pixel_size(protocol, info)
         channel = model_channel(protocol, slide)
         with timer("read"):
             thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)

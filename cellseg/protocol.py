@@ -122,6 +122,14 @@ class Protocol:
         return new
 
 
+def check_pixel_size(protocol: Protocol, info) -> None:
+    """A protocol that measures in µm (require_mpp) refuses a slide (SlideInfo) with no pixel size."""
+    if protocol.require_mpp and info.mpp is None:
+        from .errors import CellsegError
+        raise CellsegError(f"protocol {protocol.name} needs the pixel size in µm, but {info.path.name} has none "
+                           f"({info.mpp_source.removeprefix('none: ').split(';')[0]}); pass --mpp")
+
+
 def protocols_dir() -> Path:
     return Path(str(resources.files("cellseg.protocols")))
 

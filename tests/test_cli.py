@@ -472,10 +472,12 @@ def test_rerun_replaces_the_previous_result(tmp_path, small_png, model):
         assert float(r["centroid_row_um"]) == pytest.approx(float(r["centroid_row_px"]) * 0.5, rel=1e-4)
 
 
-def test_protocol_that_needs_pixel_size(tmp_path, he_png, model):
+def test_protocol_that_needs_pixel_size(tmp_path, he_png, model, monkeypatch):
     image = crop_png(he_png, tmp_path / "he.png")
     before = listing(tmp_path)
-    result = invoke(["count", image, "--protocol", "he-nuclei", *model, *FAST])
+    with monkeypatch.context() as m:   # refused before seconds of loading torch and the model, not after
+        m.setattr("cellseg.pipeline.load_detector", lambda *a, **k: pytest.fail("the model was loaded"))
+        result = invoke(["count", image, "--protocol", "he-nuclei", *model, *FAST])
     assert_user_error(result, 1, "he-nuclei", "needs the pixel size", "--mpp")
     assert_nothing_left(tmp_path, before)
 
