@@ -204,7 +204,12 @@ def protocols_show(name: str) -> None:
 
 @main.command()
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="COCO instance JSON to train on.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--val", type=click.Path(path_type=Path), default=None,
+              help="COCO instance JSON of held-out images: after training the bundle counts them as `cellseg count` "
+                   "would, the score threshold with the best F1 becomes its default, and the figures go into its "
+                   "model.toml and OUT/validation/.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Bundle folder to write: new or empty, or the folder of the training to --resume.")
 @click.option("--steps", type=int, default=2000, show_default=True)
 @click.option("--minutes", type=float, default=None, help="Stop with a checkpoint after this long.")
 @click.option("--batch-size", type=int, default=2, show_default=True)
@@ -214,18 +219,35 @@ def protocols_show(name: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--init", "init", default="none", show_default=True, metavar="none|coco|coco:FILE|BUNDLE",
               help="Starting weights: random, torchvision's COCO Mask R-CNN (local file), or a bundle to fine-tune.")
-def train(data, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
+def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
     from .detect import resolve_device
-    from .train import TrainSettings, load_coco, train as run_training
+    from .train import TrainSettings, check_output_folder, load_coco, train as run_training
     if steps <= 0 or batch_size <= 0 or crop < 64 or lr <= 0:
         raise ParameterError(f"expected positive --steps/--batch-size/--lr and --crop >= 64, got "
                              f"{steps}/{batch_size}/{lr} and {crop}")
+    check_output_folder(out, resume)
+    if val is not None:   # a wrong --val fails now, not after hours of training
+        from .validate import annotated_images, shared_images
+        _, val_paths = annotated_images(val)
+        shared = shared_images(data, val_paths.values())
+        if shared:
+            click.echo(f"cellseg: warning: {len(shared)} of the {len(val_paths)} --val images are also in --data "
+                       f"(e.g. {shared[0]}): the validation figures will be optimistic", err=True)
+    torch_device = str(resolve_device(device))
     items, classes = load_coco(data)
     bundle = run_training(items, classes, out, TrainSettings(steps=steps, batch_size=batch_size, crop=crop,
                                                               lr=lr, minutes=minutes),
-                          resume=resume, device=str(resolve_device(device)), init=init)
+                          resume=resume, device=torch_device, init=init)
     click.echo(f"bundle written to {bundle}")
+    if val is not None:
+        from .evaluate import summary_lines
+        from .validate import validate_bundle
+        validation = validate_bundle(bundle, val, bundle / "validation", device=torch_device)
+        for line in summary_lines(validation.report):
+            click.echo(line)
+        click.echo(f"default score threshold {validation.threshold:.2f} (best F1 on --val) stored in "
+                   f"{bundle / 'model.toml'}; validation report -> {bundle / 'validation'}")
 
 
 @main.command()

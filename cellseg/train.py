@@ -188,6 +188,23 @@ def load_matching(model: torch.nn.Module, state: dict) -> list[str]:
     return sorted(set(own) - set(matched))
 
 
+def check_output_folder(out: Path, resume: bool) -> None:
+    """A training writes into a new or empty folder, or continues the one saved there (--resume): an existing
+    bundle or anything else the user keeps there is never overwritten."""
+    from .errors import OutputError
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"expected --out to be a folder for the bundle, found a file at {out}")
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise OutputError(f"expected a training to resume in {out} (its checkpoint.pt), found none; "
+                              f"drop --resume to start a new training in a new or empty folder")
+    elif out.is_dir() and any(out.iterdir()):
+        n = sum(1 for _ in out.iterdir())
+        raise OutputError(f"expected --out to be a new or empty folder, found {out} holding {n} entries (a bundle or "
+                          f"an earlier training?); choose another folder, or pass --resume to continue the "
+                          f"training saved there")
+
+
 @dataclass
 class TrainSettings:
     steps: int = 2000
@@ -214,6 +231,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     from tqdm import tqdm
     if not items:
         raise CellsegError("expected at least one annotated image to train on, found none")
+    check_output_folder(out, resume)
     init_cfg, init_state, init_note = initial_weights(init, classes)
     cfg = model_cfg or init_cfg
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +239,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     dev = torch.device(device)
     torch.manual_seed(settings.seed)
     model = build_model(cfg)
-    if init_state is not None and not (resume and ckpt_path.is_file()):
+    if init_state is not None and not resume:
         fresh = load_matching(model, init_state)
         log.info("started from %s; %d tensors left at random init: %s", init_note, len(fresh), ", ".join(fresh[:6]))
     model = model.to(dev).train()
@@ -229,7 +247,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         thread_roi_pools(model)   # RoIAlign's backward was a fifth of a CPU step, on one core
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     step, history, wall, loss_names = 0, [], 0.0, []
-    if resume and ckpt_path.is_file():
+    if resume:
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)   # never unpickle arbitrary objects
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])

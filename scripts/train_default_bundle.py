@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg.train import TrainSettings, load_coco, train
+from cellseg.train import TrainSettings, check_output_folder, load_coco, train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-train"
 
@@ -60,9 +60,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(args.out, args.resume)   # before an hour of loading and training, not after
     split = stratified_split(args.data / "manifest.csv", args.val_fraction, seed=0)
-    (args.out / "split.json").write_text(json.dumps(split, indent=1))
     coco = json.loads((args.data / "annotations.json").read_text())
     stem_to_id = {Path(im["file_name"]).stem: im["id"] for im in coco["images"]}
     train_ids = {stem_to_id[s] for s in split["train"]}
@@ -94,6 +93,7 @@ def main() -> None:
     train(items, classes, args.out, TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                                                   lr=args.lr, minutes=args.minutes),
           resume=args.resume, device=args.device, card=card, init=args.init, sample_weights=weights)
+    (args.out / "split.json").write_text(json.dumps(split, indent=1))   # the bundle's held-out images
 
 
 if __name__ == "__main__":

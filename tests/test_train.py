@@ -146,3 +146,43 @@ def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     assert fresh and all("predictor" in k for k in fresh)          # only the 91-class heads restart
     assert torch.equal(model.state_dict()["roi_heads.mask_head.0.0.weight"],
                        reference["roi_heads.mask_head.0.0.weight"])
+
+
+# --- `cellseg train` on the command line -----------------------------------------------------------------
+
+def test_cli_train_never_overwrites_a_folder_it_did_not_start(tmp_path, tiny_bundle):
+    import shutil
+    from .test_cli import assert_user_error, invoke, snapshot
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    theirs = shutil.copytree(tiny_bundle, tmp_path / "my_model")
+    before = snapshot(theirs)
+    result = invoke(["train", "--data", ann, "--out", theirs, "--steps", 1, "--device", "cpu"])
+    assert_user_error(result, 1, "expected --out to be a new or empty folder", "my_model", "--resume")
+    assert snapshot(theirs) == before
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "new", "--resume", "--device", "cpu"])
+    assert_user_error(result, 1, "expected a training to resume", "checkpoint.pt")
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_train_checks_val_before_training(tmp_path):
+    from .test_cli import assert_user_error, invoke
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    result = invoke(["train", "--data", ann, "--val", tmp_path / "val.json", "--out", tmp_path / "b", "--device", "cpu"])
+    assert_user_error(result, 1, "val.json")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
+    from .test_cli import invoke
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    out = tmp_path / "b"
+    result = invoke(["train", "--data", ann, "--val", ann, "--out", out, "--steps", 2, "--batch-size", 1,
+                     "--crop", 64, "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "also in --data" in result.stderr and "optimistic" in result.stderr     # the same image twice
+    assert "default score threshold" in result.stdout
+    bundle = load_bundle(out)
+    assert bundle.card["metrics"]["val_images"] == 1
+    assert bundle.score_threshold == bundle.card["metrics"]["score_threshold"]
+    assert {p.name for p in (out / "validation").iterdir()} == {"metrics.json", "per_image.csv",
+                                                                "threshold_sweep.png"}
