@@ -81,13 +81,17 @@ def load_instances(path: str | Path, label_tile: int | None = None) -> dict[str,
     return out
 
 
-def _load_coco(path: Path) -> list[ImageInstances]:
+def read_coco_json(path: Path) -> dict | list:
+    """A JSON file's content, or a one-line error saying it is not JSON."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvaluationError(f"expected a COCO instance JSON, {path} is not valid JSON: {e}") from e
-    if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):
-        return _coco_results(path, data)  # a COCO results file: [{"image_id", "segmentation", "score"}]
+
+
+def coco_images(path: Path, data) -> dict[int, dict]:
+    """The images of a COCO instance dataset `data` (read from `path`), each {file_name, height, width, anns}
+    with its annotations, checked: one-line errors for a file that is not a COCO instance dataset."""
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)
             and isinstance(data.get("annotations"), list)):
         found = (f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict)
@@ -108,6 +112,14 @@ def _load_coco(path: Path) -> list[ImageInstances]:
             raise EvaluationError(f"expected annotation {k} of {path} to refer to a listed image, found "
                                   f"image_id {ann.get('image_id') if isinstance(ann, dict) else ann!r}")
         image["anns"].append(ann)
+    return images
+
+
+def _load_coco(path: Path) -> list[ImageInstances]:
+    data = read_coco_json(path)
+    if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):
+        return _coco_results(path, data)  # a COCO results file: [{"image_id", "segmentation", "score"}]
+    images = coco_images(path, data)
     return [_instances(path, im["file_name"], iid, im["height"], im["width"], im["anns"])
             for iid, im in images.items()]
 
@@ -125,7 +137,7 @@ def _coco_results(path: Path, anns: list[dict]) -> list[ImageInstances]:
 
 
 def _instances(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageInstances:
-    rles = [_to_rle(path, a, height, width) for a in anns]
+    rles = [annotation_rle(path, a, height, width) for a in anns]
     with_score = sum("score" in a for a in anns)
     if with_score not in (0, len(anns)):
         raise EvaluationError(f"expected a score on every prediction or on none, image {file_name or image_id} "
@@ -141,7 +153,8 @@ def _instances(path: Path, file_name, image_id, height: int, width: int, anns: l
                           rles, boxes, scores, crowd, bool(with_score))
 
 
-def _to_rle(path: Path, ann: dict, h: int, w: int) -> dict:
+def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
+    """A COCO annotation's mask (RLE, compressed or not, or polygons) as a compressed RLE of its h x w image."""
     seg = ann.get("segmentation")
     where = f"annotation {ann.get('id', '?')} of {path}"
     if isinstance(seg, dict) and "counts" in seg:

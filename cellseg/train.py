@@ -53,23 +53,50 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[TrainImage], list[str]]:
-    """Images and instances of a COCO instance-segmentation file; file_name relative to its folder."""
-    from pycocotools.coco import COCO
+    """Images and instances of a COCO instance-segmentation file (polygons or RLE, decoded by pycocotools);
+    file_name relative to the file's folder. Crowd regions are not trained on. Everything is checked before
+    the first image is read: one-line errors for a file that is not COCO, missing images, unknown categories."""
+    import pycocotools.mask as mask_utils
+
+    from .instances_io import annotation_rle, coco_images, read_coco_json
+    ann_path = Path(ann_path)
     if not ann_path.is_file():
         raise CellsegError(f"expected a COCO annotation JSON file, found no {ann_path}")
-    coco = COCO(str(ann_path))
-    cat_ids = sorted(coco.getCatIds())
-    classes = [coco.cats[c]["name"] for c in cat_ids]
+    data = read_coco_json(ann_path)
+    images = coco_images(ann_path, data)
+    categories = data.get("categories") if isinstance(data, dict) else None
+    if not (isinstance(categories, list) and categories and all(isinstance(c, dict) and "id" in c
+                                                                for c in categories)):
+        raise CellsegError(f"expected a 'categories' list (each with an 'id' and a 'name') in {ann_path}, found "
+                           f"{str(categories)[:60]}")
+    cat_ids = sorted({c["id"] for c in categories})
+    classes = [next(str(c.get("name", c["id"])) for c in categories if c["id"] == i) for i in cat_ids]
     cat_to_class = {c: i + 1 for i, c in enumerate(cat_ids)}
+    chosen = sorted(i for i in images if image_ids is None or i in image_ids)
+    for i in chosen:
+        for ann in images[i]["anns"]:
+            if ann.get("category_id") not in cat_to_class:
+                raise CellsegError(f"expected annotation {ann.get('id', '?')} of {ann_path} to have one of the "
+                                   f"listed category ids {cat_ids}, found {ann.get('category_id')!r}")
+    missing = [str(ann_path.parent / str(images[i]["file_name"])) for i in chosen
+               if not (ann_path.parent / str(images[i]["file_name"])).is_file()]
+    if missing:
+        raise CellsegError(f"expected the images named in {ann_path} next to it, found {len(missing)} of "
+                           f"{len(chosen)} missing, e.g. {missing[0]}")
     items = []
-    for img_id in sorted(coco.getImgIds()):
-        if image_ids is not None and img_id not in image_ids:
-            continue
-        info = coco.imgs[img_id]
-        image = read_image(ann_path.parent / info["file_name"])
+    for img_id in chosen:
+        info = images[img_id]
+        h, w = info["height"], info["width"]
+        path = ann_path.parent / str(info["file_name"])
+        image = read_image(path)
+        if image.shape[:2] != (h, w):
+            raise CellsegError(f"expected {path} to be {h} x {w} px as {ann_path} says, found "
+                               f"{image.shape[0]} x {image.shape[1]} px: its masks would not fit it")
         boxes, masks, cls = [], [], []
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False)):
-            full = coco.annToMask(ann).astype(bool)
+        for ann in info["anns"]:
+            if ann.get("iscrowd", 0):
+                continue
+            full = mask_utils.decode(annotation_rle(ann_path, ann, h, w)).astype(bool)
             rows, cols = np.flatnonzero(full.any(1)), np.flatnonzero(full.any(0))
             if rows.size == 0:
                 continue

@@ -186,3 +186,41 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
     assert bundle.score_threshold == bundle.card["metrics"]["score_threshold"]
     assert {p.name for p in (out / "validation").iterdir()} == {"metrics.json", "per_image.csv",
                                                                 "threshold_sweep.png"}
+
+
+def _bad_training_data(kind: str, folder) -> tuple:
+    """A broken annotation file of `kind` and the words its one-line error must hold."""
+    ann, _ = coco_from_labels(folder, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    coco = json.loads(ann.read_text())
+    if kind == "not-json":
+        ann.write_text("image,cells\nA1,12\n")
+        return ann, ("not valid JSON",)
+    if kind == "not-coco":
+        ann.write_text(json.dumps({"cells": [1, 2]}))
+        return ann, ("'images' and 'annotations'", "cells")
+    if kind == "no-categories":
+        del coco["categories"]
+    elif kind == "unknown-category":
+        coco["annotations"][3]["category_id"] = 7
+    elif kind == "missing-image":
+        (folder / "dsb_fluo.png").unlink()
+    elif kind == "wrong-size":
+        coco["images"][0]["height"] = coco["images"][0]["width"] = 300
+        for a in coco["annotations"]:
+            a["segmentation"] = [[10, 10, 40, 10, 40, 40]]
+    elif kind == "box-only":
+        del coco["annotations"][0]["segmentation"]
+    ann.write_text(json.dumps(coco))
+    return ann, {"no-categories": ("'categories'",), "unknown-category": ("category ids [1]", "7"),
+                 "missing-image": ("1 of 1 missing", "dsb_fluo.png"), "wrong-size": ("300 x 300", "256 x 256"),
+                 "box-only": ("expected a mask", "box-only")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["not-json", "not-coco", "no-categories", "unknown-category", "missing-image",
+                                  "wrong-size", "box-only"])
+def test_cli_train_bad_annotations_give_one_line(tmp_path, kind):
+    from .test_cli import assert_user_error, invoke
+    ann, words = _bad_training_data(kind, tmp_path)
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--steps", 1, "--device", "cpu"])
+    assert_user_error(result, 1, *words)
+    assert not (tmp_path / "b").exists()
