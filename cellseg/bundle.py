@@ -65,6 +65,19 @@ def packaged_bundles_root() -> Path:
     return Path(str(resources.files("cellseg") / "models"))
 
 
+def shipped_bundle_names() -> list[str]:
+    """Names of the cell-model bundles shipped in the package (not the tissue U-Net's)."""
+    root = packaged_bundles_root()
+    names = []
+    for toml_path in sorted(root.glob("*/model.toml")) if root.is_dir() else []:
+        try:
+            if tomllib.loads(toml_path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT:
+                names.append(toml_path.parent.name)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+    return names
+
+
 def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
     """A bundle folder from a path, or the name of one shipped in the package (None -> the default)."""
     name = DEFAULT_BUNDLE if name_or_path is None else str(name_or_path)
@@ -73,7 +86,7 @@ def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
         return candidate.parent if candidate.name == "model.toml" else candidate
     shipped = packaged_bundles_root() / name
     if not (shipped / "model.toml").is_file():
-        have = sorted(p.name for p in packaged_bundles_root().glob("*/model.toml")) if packaged_bundles_root().is_dir() else []
+        have = shipped_bundle_names()
         hint = f"shipped bundles: {', '.join(have)}" if have else "this installation ships no trained model bundle"
         raise BundleError(f"expected a model bundle folder or a shipped bundle name, got {name!r} ({hint}; "
                           f"train one with `cellseg train` and pass --model PATH)")

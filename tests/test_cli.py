@@ -308,7 +308,9 @@ def test_missing_model_bundle(tmp_path, small_png, where):
 
 def test_unknown_shipped_bundle_name(tmp_path, small_png):
     result = invoke(["count", small_png, "--model", "no-such-model", *FAST])
-    assert_user_error(result, 1, "expected a model bundle folder or a shipped bundle name", "'no-such-model'")
+    line = assert_user_error(result, 1, "expected a model bundle folder or a shipped bundle name", "'no-such-model'",
+                             "shipped bundles: nuclei;")   # the names to choose from: not file names, no tissue U-Net
+    assert "model.toml" not in line and "tissue" not in line
     assert listing(tmp_path) == {"small.png"}
 
 
