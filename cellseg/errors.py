@@ -34,3 +34,9 @@ class ParameterError(CellsegError):
 
 class EvaluationError(CellsegError):
     """Predictions or ground truth are missing, unreadable or do not fit together."""
+
+
+class TrainingInterrupted(CellsegError):
+    """Ctrl-C during `cellseg train`: what was learnt is saved, and --resume continues."""
+
+    exit_code = 130

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .bundle import save_bundle
 from .detect import ModelConfig, build_model, thread_roi_pools
-from .errors import CellsegError
+from .errors import CellsegError, TrainingInterrupted
 from .preprocess import measure_range, to_network_input
 
 log = logging.getLogger(__name__)
@@ -308,31 +308,35 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     started = time.monotonic()
     wall0 = wall
     bar = tqdm(total=settings.steps, initial=step, disable=not progress, desc="train", unit="step")
-    while step < settings.steps:
-        if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
-            break
-        batch = [sample_crop(draw_item(), settings.crop, rng) for _ in range(settings.batch_size)]
-        images = [b[0].to(dev) for b in batch]
-        targets = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
-        for g in optim.param_groups:
-            g["lr"] = lr_at(step)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        loss_names = list(losses)
-        if not torch.isfinite(loss):
-            raise CellsegError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optim.step()
-        step += 1
-        wall = wall0 + time.monotonic() - started
-        history.append([step, float(loss.detach())] + [float(v.detach()) for v in losses.values()])
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if step % settings.checkpoint_every == 0:
-            save_checkpoint()
+    interrupted = False
+    try:
+        while step < settings.steps:
+            if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
+                break
+            batch = [sample_crop(draw_item(), settings.crop, rng) for _ in range(settings.batch_size)]
+            images = [b[0].to(dev) for b in batch]
+            targets = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
+            for g in optim.param_groups:
+                g["lr"] = lr_at(step)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            loss_names = list(losses)
+            if not torch.isfinite(loss):
+                raise CellsegError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optim.step()
+            step += 1
+            wall = wall0 + time.monotonic() - started
+            history.append([step, float(loss.detach())] + [float(v.detach()) for v in losses.values()])
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+            if step % settings.checkpoint_every == 0:
+                save_checkpoint()
+    except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
+        interrupted = True
     bar.close()
     save_checkpoint()
     _write_log(out, history, loss_names)
@@ -343,6 +347,9 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         meta.setdefault(k, {}).update(v) if isinstance(v, dict) and isinstance(meta.get(k), dict) else meta.__setitem__(k, v)
     save_bundle(out, cfg, model.state_dict(), name=out.name, nucleus_diameter_px=median_diameter_px(items),
                 card=meta, proposal_threshold=PROPOSAL_THRESHOLD)
+    if interrupted:
+        raise TrainingInterrupted(f"training interrupted at step {step} of {settings.steps}; its checkpoint and a "
+                                  f"bundle of it are saved in {out}: the same command with --resume continues it")
     return out
 
 

@@ -96,6 +96,31 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_")
 
 
+def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
+    import cellseg.train as train_module
+    from cellseg.errors import TrainingInterrupted
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    real_crop, calls = train_module.sample_crop, []
+
+    def crop_then_ctrl_c(item, size, rng):
+        calls.append(1)
+        if len(calls) == 5:              # during the third step (two crops a step)
+            raise KeyboardInterrupt
+        return real_crop(item, size, rng)
+    monkeypatch.setattr(train_module, "sample_crop", crop_then_ctrl_c)
+    out = tmp_path / "b"
+    settings = TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 2 of 6.*--resume"):
+        train(items, classes, out, settings, model_cfg=tiny_model_config(), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2     # not lost: saved at the interrupt
+    bundle = load_bundle(out)
+    assert bundle.card["training"]["steps"] == 2 and bundle.card["training"]["finished"] is False
+    monkeypatch.setattr(train_module, "sample_crop", real_crop)
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    assert load_bundle(out).card["training"]["finished"] is True
+
+
 def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
     import cellseg.train as train_module
     from cellseg.errors import CellsegError
