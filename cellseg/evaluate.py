@@ -349,12 +349,32 @@ def plot_sweep(report: EvaluationReport, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+REPORT_FILES = ("metrics.json", "per_image.csv", "threshold_sweep.png")
+
+
+def check_report_folder(out_dir: Path) -> None:
+    """Refuse to write a report over files of those names that an earlier cellseg evaluation did not write."""
+    from .errors import OutputError
+    clash = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if not clash:
+        return
+    try:
+        ours = {"pred_source", "gt_source", "sweep"} <= set(json.loads((out_dir / "metrics.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"expected {out_dir} to hold no {', '.join(clash)} or an earlier cellseg evaluation, "
+                          f"found {'files' if len(clash) > 1 else 'a file'} that cellseg did not write; choose another "
+                          f"--out folder")
+
+
 def write_report(report: EvaluationReport, out_dir: str | Path) -> None:
     """metrics.json, per_image.csv and threshold_sweep.png in `out_dir` (created), each written atomically."""
     from .errors import OutputError
     from .resultdir import atomic_write_text
 
     out_dir = Path(out_dir)
+    check_report_folder(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -315,6 +315,24 @@ def test_cli_writes_metrics_plot_and_table(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_image.csv", "threshold_sweep.png"]
 
 
+def test_cli_never_overwrites_files_it_did_not_write(tmp_path):
+    gt = write_labels(tmp_path / "gt.tif", SHAPE, grid(5))
+    pred = write_pred(tmp_path / "pred.json", SHAPE, grid(4))
+    out = tmp_path / "my_analysis"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"my": "statistics"}')
+    result = CliRunner().invoke(main, ["evaluate", str(pred), "--gt", str(gt), "--out", str(out)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "metrics.json" in result.stderr and "did not write" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert (out / "metrics.json").read_text() == '{"my": "statistics"}'
+    (out / "metrics.json").unlink()
+    for _ in range(2):            # an earlier evaluation of its own is replaced
+        result = CliRunner().invoke(main, ["evaluate", str(pred), "--gt", str(gt), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["pooled"]["tp"] == 4
+
+
 def test_cli_size_mismatch_is_a_one_line_error(tmp_path):
     gt = write_labels(tmp_path / "gt.tif", SHAPE, grid(2))
     pred = write_pred(tmp_path / "pred.json", (40, 50), grid(2))
