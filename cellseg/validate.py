@@ -41,20 +41,20 @@ class Validation:
     report: EvaluationReport
     threshold: float
 
-    def figures(self, report: EvaluationReport | None = None) -> dict:
-        """The card's figures for `report` (default: the whole validation at the chosen threshold)."""
-        r = report or self.report
-        return {"images": len(r.images),
-                "ap50_tp_fp_fn_mean_over_images": _round(r.mean_over_images["ap_tp"]),
-                "ap50_tp_fp_fn_pooled": _round(r.pooled["ap_tp"]),
-                "f1_pooled": _round(r.pooled["f1"]),
-                "coco_mask_ap": _round(r.coco.get("ap")), "coco_mask_ap50": _round(r.coco.get("ap50")),
-                "median_rel_count_error": _round(r.median_rel_count_error)}
-
     def sweep_table(self) -> dict:
         return {"thresholds": [s["threshold"] for s in self.at_floor.sweep],
                 "f1": [round(s["f1"], 4) for s in self.at_floor.sweep],
                 "cell_count": [s["pred_count"] for s in self.at_floor.sweep]}
+
+
+def card_figures(report: EvaluationReport) -> dict:
+    """The figures a model card gives for one group of images (`report` scored at the chosen threshold)."""
+    return {"images": len(report.images),
+            "ap50_tp_fp_fn_mean_over_images": _round(report.mean_over_images["ap_tp"]),
+            "ap50_tp_fp_fn_pooled": _round(report.pooled["ap_tp"]),
+            "f1_pooled": _round(report.pooled["f1"]),
+            "coco_mask_ap": _round(report.coco.get("ap")), "coco_mask_ap50": _round(report.coco.get("ap50")),
+            "median_rel_count_error": _round(report.median_rel_count_error)}
 
 
 def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None):
@@ -146,7 +146,8 @@ def validate_bundle(bundle_dir: Path, coco_json: Path, out_dir: Path, device: st
     write_validation(validation, out_dir)
     metrics = {"score_threshold": validation.threshold, "iou": 0.5, "val_images": len(gt),
                "val_data": str(coco_json),
-               "threshold_chosen_on": "these validation images (pooled F1)", "all": validation.figures()}
+               "threshold_chosen_on": "these validation images (pooled F1)",
+               "all": card_figures(validation.report)}
     update_bundle_metadata(bundle_dir, score_threshold=validation.threshold,
                            card={"metrics": metrics, "threshold_sweep": validation.sweep_table()})
     return validation

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cellseg.bundle import load_bundle, update_bundle_metadata
 from cellseg.evaluate import evaluate, load_instances
-from cellseg.validate import above, score, validation_detector
+from cellseg.validate import above, card_figures, score, validation_detector
 from cellseg.validate import predict as predict_images
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-train"
@@ -79,7 +79,7 @@ def main() -> None:
             continue
         report = evaluate({k: above(v, overall.threshold) for k, v in pred.items()}, gt)
         (args.out / f"metrics_{key}.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
-        metrics[key] = overall.figures(report)
+        metrics[key] = card_figures(report)
     print(json.dumps(metrics, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.write_card:

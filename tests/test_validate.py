@@ -12,7 +12,7 @@ import tifffile
 
 from cellseg.bundle import load_bundle
 from cellseg.detect import TileDetections
-from cellseg.validate import annotated_images, above, predict, score, validate_bundle
+from cellseg.validate import above, annotated_images, card_figures, predict, score, validate_bundle
 
 from .conftest import DATA
 from .test_pipeline import LabelReadingDetector
@@ -47,7 +47,7 @@ def test_the_threshold_that_drops_the_false_cells_is_chosen(tmp_path):
     assert validation.at_floor.pooled["fp"] == len(predictions[name]) - n_cells > 0
     assert 0.45 < validation.threshold <= 0.9
     assert validation.report.pooled["f1"] == 1.0 and validation.report.pooled["pred_count"] == n_cells
-    assert validation.figures()["ap50_tp_fp_fn_mean_over_images"] == 1.0
+    assert card_figures(validation.report)["ap50_tp_fp_fn_mean_over_images"] == 1.0
     assert len(above(predictions[name], 0.5)) == n_cells
 
 
@@ -60,7 +60,7 @@ def test_validate_bundle_stores_the_threshold_and_figures(tmp_path, tiny_bundle)
     assert bundle.score_threshold == validation.threshold
     metrics = bundle.card["metrics"]
     assert metrics["score_threshold"] == validation.threshold and metrics["val_images"] == 1
-    assert metrics["all"] == validation.figures()
+    assert metrics["all"] == card_figures(validation.report)
     assert bundle.card["threshold_sweep"]["thresholds"][0] == pytest.approx(0.3)
     assert (bundle_dir / "weights.safetensors").read_bytes() == weights          # only model.toml changes
     assert sorted(p.name for p in (bundle_dir / "validation").iterdir()) == [
