@@ -106,6 +106,9 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
             cls.append(cat_to_class[ann["category_id"]])
         items.append(TrainImage(to_network_input(image, measure_range(image)),
                                 np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.asarray(cls, np.int64)))
+    if items and not any(len(it.masks) for it in items):
+        raise CellsegError(f"expected annotated cells (masks) in {ann_path}, found {len(items)} image(s) with none: "
+                           f"a model trained on them would find nothing")
     return items, classes
 
 

@@ -235,14 +235,17 @@ def _bad_training_data(kind: str, folder) -> tuple:
             a["segmentation"] = [[10, 10, 40, 10, 40, 40]]
     elif kind == "box-only":
         del coco["annotations"][0]["segmentation"]
+    elif kind == "no-cells":
+        coco["annotations"] = []
     ann.write_text(json.dumps(coco))
     return ann, {"no-categories": ("'categories'",), "unknown-category": ("category ids [1]", "7"),
                  "missing-image": ("1 of 1 missing", "dsb_fluo.png"), "wrong-size": ("300 x 300", "256 x 256"),
-                 "box-only": ("expected a mask", "box-only")}[kind]
+                 "box-only": ("expected a mask", "box-only"),
+                 "no-cells": ("expected annotated cells", "1 image(s) with none")}[kind]
 
 
 @pytest.mark.parametrize("kind", ["not-json", "not-coco", "no-categories", "unknown-category", "missing-image",
-                                  "wrong-size", "box-only"])
+                                  "wrong-size", "box-only", "no-cells"])
 def test_cli_train_bad_annotations_give_one_line(tmp_path, kind):
     from .test_cli import assert_user_error, invoke
     ann, words = _bad_training_data(kind, tmp_path)
