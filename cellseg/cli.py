@@ -214,7 +214,9 @@ def protocols_show(name: str) -> None:
 @click.option("--minutes", type=float, default=None, help="Stop with a checkpoint after this long.")
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--crop", type=int, default=256, show_default=True, help="Training crop size in px.")
-@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (default: 3e-4 from random or COCO weights; 1e-4 when fine-tuning a bundle, "
+                   "which a higher rate partly undoes).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--init", "init", default="none", show_default=True, metavar="none|coco|coco:FILE|BUNDLE",
@@ -223,6 +225,8 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
     from .detect import resolve_device
     from .train import TrainSettings, check_output_folder, load_coco, train as run_training
+    if lr is None:
+        lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
     if steps <= 0 or batch_size <= 0 or crop < 64 or lr <= 0:
         raise ParameterError(f"expected positive --steps/--batch-size/--lr and --crop >= 64, got "
                              f"{steps}/{batch_size}/{lr} and {crop}")

@@ -211,6 +211,17 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
     assert bundle.score_threshold == bundle.card["metrics"]["score_threshold"]
     assert {p.name for p in (out / "validation").iterdir()} == {"metrics.json", "per_image.csv",
                                                                 "threshold_sweep.png"}
+    assert bundle.card["training"]["lr"] == 3e-4                    # from random weights
+
+
+def test_cli_fine_tuning_defaults_to_a_lower_learning_rate(tmp_path, tiny_bundle):
+    from .test_cli import invoke
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--init", tiny_bundle, "--steps", 1,
+                     "--batch-size", 1, "--crop", 64, "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    card = load_bundle(tmp_path / "b").card["training"]
+    assert card["lr"] == 1e-4 and "bundle tiny" in card["init"]
 
 
 def _bad_training_data(kind: str, folder) -> tuple:
