@@ -115,6 +115,16 @@ def coco_images(path: Path, data) -> dict[int, dict]:
     return images
 
 
+def coco_image_paths(path: Path, file_names) -> dict[str, Path]:
+    """Where the images a COCO file names lie (file_name is relative to the file's folder); every one must exist."""
+    paths = {str(name): Path(path).parent / str(name) for name in file_names}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise EvaluationError(f"expected the images named in {path} next to it, found {len(missing)} of "
+                              f"{len(paths)} missing, e.g. {missing[0]}")
+    return paths
+
+
 def _load_coco(path: Path) -> list[ImageInstances]:
     data = read_coco_json(path)
     if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):

@@ -58,7 +58,7 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
     the first image is read: one-line errors for a file that is not COCO, missing images, unknown categories."""
     import pycocotools.mask as mask_utils
 
-    from .instances_io import annotation_rle, coco_images, read_coco_json
+    from .instances_io import annotation_rle, coco_image_paths, coco_images, read_coco_json
     ann_path = Path(ann_path)
     if not ann_path.is_file():
         raise CellsegError(f"expected a COCO annotation JSON file, found no {ann_path}")
@@ -69,8 +69,9 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
                                                                 for c in categories)):
         raise CellsegError(f"expected a 'categories' list (each with an 'id' and a 'name') in {ann_path}, found "
                            f"{str(categories)[:60]}")
-    cat_ids = sorted({c["id"] for c in categories})
-    classes = [next(str(c.get("name", c["id"])) for c in categories if c["id"] == i) for i in cat_ids]
+    names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+    cat_ids = sorted(names)
+    classes = [names[i] for i in cat_ids]
     cat_to_class = {c: i + 1 for i, c in enumerate(cat_ids)}
     chosen = sorted(i for i in images if image_ids is None or i in image_ids)
     for i in chosen:
@@ -78,16 +79,12 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
             if ann.get("category_id") not in cat_to_class:
                 raise CellsegError(f"expected annotation {ann.get('id', '?')} of {ann_path} to have one of the "
                                    f"listed category ids {cat_ids}, found {ann.get('category_id')!r}")
-    missing = [str(ann_path.parent / str(images[i]["file_name"])) for i in chosen
-               if not (ann_path.parent / str(images[i]["file_name"])).is_file()]
-    if missing:
-        raise CellsegError(f"expected the images named in {ann_path} next to it, found {len(missing)} of "
-                           f"{len(chosen)} missing, e.g. {missing[0]}")
+    paths = coco_image_paths(ann_path, [images[i]["file_name"] for i in chosen])
     items = []
     for img_id in chosen:
         info = images[img_id]
         h, w = info["height"], info["width"]
-        path = ann_path.parent / str(info["file_name"])
+        path = paths[str(info["file_name"])]
         image = read_image(path)
         if image.shape[:2] != (h, w):
             raise CellsegError(f"expected {path} to be {h} x {w} px as {ann_path} says, found "

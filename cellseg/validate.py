@@ -19,9 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .errors import CellsegError
 from .evaluate import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
-from .instances_io import ImageInstances, load_instances
+from .instances_io import ImageInstances, coco_image_paths, load_instances
 from .protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -69,12 +68,7 @@ def annotated_images(coco_json: Path) -> tuple[dict[str, ImageInstances], dict[s
     """The annotations of a COCO file (keyed by file_name) and each image's path (file_name is relative to the
     file's folder). Every image must exist: checked here, before any work is done."""
     gt = load_instances(coco_json)
-    paths = {name: coco_json.parent / name for name in gt}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise CellsegError(f"expected the {len(paths)} images named in {coco_json} next to it, found "
-                           f"{len(missing)} missing, e.g. {missing[0]}")
-    return gt, paths
+    return gt, coco_image_paths(coco_json, gt)
 
 
 def shared_images(train_json: Path, val_images) -> list[str]:

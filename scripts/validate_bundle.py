@@ -16,7 +16,6 @@ import json
 import logging
 from pathlib import Path
 
-
 from cellseg.bundle import load_bundle, update_bundle_metadata
 from cellseg.evaluate import evaluate, load_instances
 from cellseg.validate import above, card_figures, score, validation_detector
