@@ -374,7 +374,10 @@ class _PoolRunsInThreads(torch.autograd.Function):
         totals = []
         for k in range(len(levels)):
             parts = [g[k] for g in per_run if g[k] is not None]
-            totals.append(torch.stack(parts).sum(0) if parts else None)
+            total = parts[0] if parts else None
+            for g in parts[1:]:
+                total.add_(g)   # each run's gradient is a fresh full-size tensor: add in place, no stacked copy
+            totals.append(total)
         return (None, None, None, None, *totals)
 
 
