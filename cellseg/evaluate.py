@@ -22,6 +22,8 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
   everywhere and enters the means over images; GT cells with no predictions score 0.
 - Crowd GT regions (iscrowd=1) are not cells to find; a prediction covering one (intersection over
   the prediction's area >= `iou`) and matching no cell is neither TP nor FP.
+- DSB2018 score per image: the mean over IoU thresholds 0.50, 0.55, ..., 0.95 of TP/(TP+FP+FN), each matched
+  as above (the Kaggle 2018 Data Science Bowl metric); reported per image and as the mean over images.
 - Count error per image: pred count - true count; relative |error| / true count (0 when both are 0,
   undefined (None) when only the true count is 0; undefined values are left out of the median).
 - COCO mask AP: pycocotools COCOeval, iouType "segm", useCats=0, maxDets = [1, 100, max(1000, the
@@ -59,11 +61,13 @@ from .overlap import PairIoU, box_pairs, pair_iou  # noqa: F401 (box_pairs: re-e
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(13))  # 0.30, 0.35, ..., 0.90
+DSB_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))   # 0.50, 0.55, ..., 0.95
 LABEL_TILE = instances_io.LABEL_TILE  # label images are read in tiles of this many px a side (load_instances)
 DEFINITIONS = {
     "ap_tp": "TP/(TP+FP+FN) at iou_threshold (DSB2018 / StarDist 'AP'), not COCO's interpolated AP",
     "f1": "2TP/(2TP+FP+FN); precision TP/(TP+FP); recall TP/(TP+FN)",
     "empty": "a ratio is 1.0 when TP=FP=FN=0 (nothing to find, nothing found), else 0.0 when its denominator is 0",
+    "dsb_score": "per image, the mean of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95 (DSB2018); mean over images",
     "rel_count_error": "|pred - true| / true; 0 when both are 0, null when only true is 0 (left out of the median)",
     "coco": "pycocotools COCOeval segm, class-agnostic, area all, at maxDets=max_dets (>= 1000): ap = AP@[.5:.95]",
     "best_threshold": "score threshold with the highest pooled F1 (ties: the lower) among eligible thresholds: "
@@ -222,8 +226,9 @@ def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> Evalu
                     len(pairs), len(unmatched_p), len(unmatched_g))
     ious = [pair_iou(p, g) for _, p, g in pairs]
     results = [match(p, g, iou, ious=x) for (_, p, g), x in zip(pairs, ious)]
-    images = [{"image": name, "height": g.height, "width": g.width, **r.summary()}
-              for (name, _, g), r in zip(pairs, results)]
+    dsb = [dsb_score(p, g, x) for (_, p, g), x in zip(pairs, ious)]
+    images = [{"image": name, "height": g.height, "width": g.width, **r.summary(), "dsb_score": d}
+              for (name, _, g), r, d in zip(pairs, results, dsb)]
     pooled = _pool(results)
     rel = [im["rel_count_error"] for im in images if im["rel_count_error"] is not None]
     scored = all(p.has_scores for _, p, _ in pairs)
@@ -246,13 +251,20 @@ def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> Evalu
     return EvaluationReport(
         pred_source=pred_source, gt_source=gt_source, iou_threshold=float(iou), images=images,
         pooled=pooled.summary(),
-        mean_over_images={k: float(np.mean([getattr(r, k) for r in results]))
-                          for k in ("precision", "recall", "f1", "ap_tp")},
+        mean_over_images={**{k: float(np.mean([getattr(r, k) for r in results]))
+                             for k in ("precision", "recall", "f1", "ap_tp")},
+                          "dsb_score": float(np.mean(dsb)) if dsb else 0.0},
         median_rel_count_error=float(np.median(rel)) if rel else None,
         coco=coco_ap(pairs, ious), sweep=sweep,
         best_threshold=best["threshold"] if best else None, best_f1=best["f1"] if best else None,
         scores_available=scored, min_score=min_score if scored else None,
         images_unmatched_pred=unmatched_p, images_unmatched_gt=unmatched_g)
+
+
+def dsb_score(pred: ImageInstances, gt: ImageInstances, ious: PairIoU | None = None) -> float:
+    """The DSB2018 score of one image: mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN) (module docstring)."""
+    ious = pair_iou(pred, gt) if ious is None else ious
+    return float(np.mean([match(pred, gt, t, ious=ious).ap_tp for t in DSB_IOU_THRESHOLDS]))
 
 
 def _pool(results: list[MatchResult]) -> MatchResult:
@@ -297,7 +309,7 @@ def summary_lines(report: EvaluationReport) -> list[str]:
 
 
 PER_IMAGE_COLUMNS = ["image", "height", "width", "true_count", "pred_count", "count_error", "rel_count_error",
-                     "tp", "fp", "fn", "ignored", "precision", "recall", "f1", "ap_tp", "mean_matched_iou"]
+                     "tp", "fp", "fn", "ignored", "precision", "recall", "f1", "ap_tp", "mean_matched_iou", "dsb_score"]
 
 
 def per_image_csv(report: EvaluationReport) -> str:

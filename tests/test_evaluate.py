@@ -72,6 +72,20 @@ def run(tmp_path, pred_cells, gt_cells=None, **kw):
     return ev.evaluate(pred, gt, **kw)
 
 
+def test_dsb_score_is_the_mean_over_iou_thresholds(tmp_path):
+    # GT: 5 squares of 6 x 6. Predictions: the first exact (IoU 1); the second shifted by one column (IoU 30/42
+    # = 0.714: a TP up to 0.70, missed from 0.75 on); the rest missing.
+    cells = grid(5)
+    r0, c0, m, s = cells[1]
+    r = run(tmp_path, [cells[0], (r0, c0 + 1, m, s)])
+    # at IoU 0.50..0.70 (5 thresholds): TP 2, FP 0, FN 3 -> 2/5; at 0.75..0.95 (5): TP 1, FP 1, FN 4 -> 1/6
+    expected = (5 * 2 / 5 + 5 * 1 / 6) / 10
+    assert r.images[0]["dsb_score"] == pytest.approx(expected)
+    assert r.mean_over_images["dsb_score"] == pytest.approx(expected)
+    (pred,), (gt,) = (ev.load_instances(tmp_path / n).values() for n in ("pred.json", "gt.tif"))
+    assert ev.dsb_score(pred, gt) == pytest.approx(expected)
+
+
 def test_perfect_prediction_scores_one_everywhere(tmp_path):
     r = run(tmp_path, grid(5))
     p = r.pooled
@@ -80,7 +94,7 @@ def test_perfect_prediction_scores_one_everywhere(tmp_path):
     assert r.coco["ap"] == r.coco["ap50"] == r.coco["ap75"] == r.coco["ar"] == 1.0
     assert r.coco["max_dets"] >= 1000
     assert p["count_error"] == 0 and r.median_rel_count_error == 0.0
-    assert r.mean_over_images == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "ap_tp": 1.0}
+    assert r.mean_over_images == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "ap_tp": 1.0, "dsb_score": 1.0}
 
 
 def test_one_missed_cell(tmp_path):
