@@ -37,6 +37,18 @@ class Bundle:
     weights_sha256: str
     card: dict = field(default_factory=dict)   # [training], [metrics], ... free-form, for people
     proposal_threshold: float = 0.0     # RPN objectness floor at inference (speed; 0 keeps every proposal)
+    # Score threshold tuned per imaging modality (a protocol's `modality`: fluorescence | brightfield) on held-out
+    # images of that modality; score_threshold is the fallback for a modality the bundle was not tuned on.
+    score_thresholds: dict[str, float] = field(default_factory=dict)
+    # The same, tuned with test-time augmentation (cellseg.tta: merged scores of 8 views are another scale).
+    tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, modality: str | None, tta: bool = False) -> float:
+        """The score threshold tuned for `modality` (with TTA when `tta` and the bundle has one), else the
+        bundle's default."""
+        if tta and modality in self.tta_score_thresholds:
+            return self.tta_score_thresholds[modality]
+        return float(self.score_thresholds.get(modality, self.score_threshold))
 
     @property
     def weights_path(self) -> Path:
@@ -132,12 +144,30 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
             score_threshold=float(inference.get("score_threshold", 0.5)),
             mask_threshold=float(inference.get("mask_threshold", 0.5)),
             proposal_threshold=float(inference.get("proposal_threshold", 0.0)),
+            score_thresholds=_thresholds(inference.get("score_threshold_by_modality", {}), toml_path,
+                                         "score_threshold_by_modality"),
+            tta_score_thresholds=_thresholds(inference.get("tta_score_threshold_by_modality", {}), toml_path,
+                                             "tta_score_threshold_by_modality"),
             nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
             weights_sha256=digest,
             card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
         )
     except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a table given as a plain value
         raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
+
+
+def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
+    """[inference.<key>]: modality -> threshold in [0, 1]."""
+    if not isinstance(table, dict):
+        raise BundleError(f"expected [inference.{key}] in {toml_path} to be a table of modality = threshold, "
+                          f"found {type(table).__name__}")
+    out = {}
+    for modality, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BundleError(f"expected a score threshold between 0 and 1 for {modality!r} in [inference.{key}] "
+                              f"of {toml_path}, found {value!r}")
+        out[str(modality)] = float(value)
+    return out
 
 
 def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str,
@@ -159,9 +189,11 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
 
 
 def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None,
-                           mask_threshold: float | None = None, card: dict | None = None) -> Bundle:
-    """Set the default thresholds and replace whole card tables (e.g. [metrics]) in a bundle's model.toml,
-    atomically; the weights are not touched."""
+                           mask_threshold: float | None = None, card: dict | None = None,
+                           score_thresholds: dict[str, float] | None = None,
+                           tta_score_thresholds: dict[str, float] | None = None) -> Bundle:
+    """Set the default thresholds (score_thresholds: per modality, replacing any earlier ones) and replace whole
+    card tables (e.g. [metrics]) in a bundle's model.toml, atomically; the weights are not touched."""
     folder = find_bundle(folder)
     meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
     inference = dict(meta.get("inference", {}))
@@ -169,6 +201,10 @@ def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None
         inference["score_threshold"] = float(score_threshold)
     if mask_threshold is not None:
         inference["mask_threshold"] = float(mask_threshold)
+    for key, table in (("score_threshold_by_modality", score_thresholds),
+                       ("tta_score_threshold_by_modality", tta_score_thresholds)):
+        if table is not None:
+            inference[key] = {k: float(v) for k, v in sorted(table.items())}
     meta["inference"] = inference
     for key in (card or {}):
         if key in ("format", "name", "weights_sha256", "model", "inference", "scale"):

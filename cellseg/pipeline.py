@@ -156,7 +156,8 @@ def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
 def load_detector(protocol: Protocol, device: str):
     """The protocol's model bundle on `device` (auto|cpu|cuda) as a Detector: (detector, bundle).
 
-    Thresholds: the protocol's score threshold when it sets one, else the bundle's tuned default.
+    Thresholds: the protocol's score threshold when it sets one, else the bundle's, tuned for the protocol's
+    modality (fluorescence | brightfield) when the bundle has one for it.
     """
     from .bundle import load_bundle
     from .detect import Detector, resolve_device
@@ -164,7 +165,7 @@ def load_detector(protocol: Protocol, device: str):
     bundle = load_bundle(protocol.model)
     detector = Detector(bundle.build(), torch_device, class_names=tuple(bundle.model.classes),
                         score_threshold=protocol.score_threshold if protocol.score_threshold is not None
-                        else bundle.score_threshold,
+                        else bundle.threshold_for(protocol.modality),
                         mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
                         proposal_threshold=bundle.proposal_threshold)
     return detector, bundle
