@@ -52,16 +52,26 @@ def card_figures(report: EvaluationReport) -> dict:
             "ap50_tp_fp_fn_mean_over_images": _round(report.mean_over_images["ap_tp"]),
             "ap50_tp_fp_fn_pooled": _round(report.pooled["ap_tp"]),
             "f1_pooled": _round(report.pooled["f1"]),
+            "dsb_score_mean_over_images": _round(report.mean_over_images.get("dsb_score")),
             "coco_mask_ap": _round(report.coco.get("ap")), "coco_mask_ap50": _round(report.coco.get("ap50")),
-            "median_rel_count_error": _round(report.median_rel_count_error)}
+            "median_rel_count_error": _round(report.median_rel_count_error),
+            # pooled (predicted - true) / true: negative when the model undercounts
+            "count_bias_pooled": _round((report.pooled["pred_count"] - report.pooled["true_count"])
+                                        / report.pooled["true_count"]) if report.pooled["true_count"] else None}
 
 
-def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None):
-    """The bundle's network as a Detector that keeps every cell scoring >= `floor`."""
+def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
+                        tta: bool = False):
+    """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
+    when `tta`)."""
     from .detect import Detector, resolve_device
-    return Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
-                    score_threshold=floor, proposal_threshold=bundle.proposal_threshold,
-                    mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
+    detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
+                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold,
+                        mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
+    if tta:
+        from .tta import AugmentedDetector
+        detector = AugmentedDetector(detector)
+    return detector
 
 
 def annotated_images(coco_json: Path) -> tuple[dict[str, ImageInstances], dict[str, Path]]:
