@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import Augmentation, augment_pixels, is_colour
 from .bundle import save_bundle
 from .detect import ModelConfig, build_model, thread_roi_pools
 from .errors import CellsegError, TrainingInterrupted
@@ -36,6 +37,26 @@ class TrainImage:
     boxes: np.ndarray          # (N, 4) int row0, col0, row1, col1
     masks: list[np.ndarray]    # N bool crops
     class_ids: np.ndarray      # (N,) int64 >= 1
+    colour: bool | None = None  # channels differ (None: found from the pixels); grayscale stays gray in training
+
+    def __post_init__(self) -> None:
+        if self.colour is None:
+            self.colour = is_colour(self.image)
+
+
+def train_image_from_labels(pixels: np.ndarray, labels: np.ndarray) -> TrainImage:
+    """A TrainImage from native pixels (H, W, 1 or 3) and an instance label image (H, W; 0 = background), every
+    nucleus of class 1; normalised as slides are (preprocess.measure_range on the image)."""
+    from scipy import ndimage
+    boxes, masks = [], []
+    for k, found in enumerate(ndimage.find_objects(labels), start=1):
+        if found is None:
+            continue
+        m = labels[found] == k
+        boxes.append((found[0].start, found[1].start, found[0].stop, found[1].stop))
+        masks.append(np.ascontiguousarray(m))
+    return TrainImage(to_network_input(pixels, measure_range(pixels)), np.asarray(boxes, np.int64).reshape(-1, 4),
+                      masks, np.ones(len(masks), np.int64))
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -119,46 +140,46 @@ def median_diameter_px(items: list[TrainImage]) -> float:
     return float(np.median(2 * np.sqrt(np.asarray(areas) / np.pi))) if areas else 0.0
 
 
-def sample_crop(item: TrainImage, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
-    """A random size x size training crop with flips, rot90, scale, gamma and colour jitter."""
-    scale = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
-    src = max(8, int(round(size / scale)))           # source window that becomes `size` after rescaling
+def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
+                aug: Augmentation = Augmentation()) -> tuple[torch.Tensor, dict]:
+    """A random training crop of at most size x size: zoom, flips, 90° rotations, then the photometric
+    augmentations of cellseg.augment. A crop never reaches beyond its image (no padding that the network would
+    learn to see as an edge): an image smaller than `size` after zooming gives a smaller crop."""
     _, H, W = item.image.shape
-    r0 = int(rng.integers(0, max(H - src, 0) + 1))
-    c0 = int(rng.integers(0, max(W - src, 0) + 1))
-    r1, c1 = min(r0 + src, H), min(c0 + src, W)
-    img = torch.zeros(3, src, src)
-    img[:, :r1 - r0, :c1 - c0] = torch.from_numpy(item.image[:, r0:r1, c0:c1])
-    inst = []
-    for (br0, bc0, br1, bc1), m in zip(item.boxes, item.masks):
+    scale = float(np.exp(rng.uniform(np.log(aug.scale[0]), np.log(aug.scale[1]))))
+    out_h, out_w = min(size, max(8, round(H * scale))), min(size, max(8, round(W * scale)))
+    src_h, src_w = min(H, max(4, round(out_h / scale))), min(W, max(4, round(out_w / scale)))
+    r0 = int(rng.integers(0, H - src_h + 1))
+    c0 = int(rng.integers(0, W - src_w + 1))
+    r1, c1 = r0 + src_h, c0 + src_w
+    img = torch.from_numpy(np.ascontiguousarray(item.image[:, r0:r1, c0:c1]))
+    inst, classes = [], []
+    for (br0, bc0, br1, bc1), m, cls in zip(item.boxes, item.masks, item.class_ids):
         ir0, ic0, ir1, ic1 = max(br0, r0), max(bc0, c0), min(br1, r1), min(bc1, c1)
         if ir0 >= ir1 or ic0 >= ic1:
             continue
-        canvas = np.zeros((src, src), bool)
+        canvas = np.zeros((src_h, src_w), bool)
         canvas[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = m[ir0 - br0:ir1 - br0, ic0 - bc0:ic1 - bc0]
         inst.append(canvas)
-    masks = torch.from_numpy(np.stack(inst)) if inst else torch.zeros(0, src, src, dtype=torch.bool)
-    classes = torch.from_numpy(np.asarray([c for (b, c) in zip(item.boxes, item.class_ids)
-                                           if max(b[0], r0) < min(b[2], r1) and max(b[1], c0) < min(b[3], c1)],
-                                          np.int64))
-    if src != size:
-        img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        masks = (F.interpolate(masks[None].float(), size=(size, size), mode="nearest")[0] > 0.5 if len(masks)
-                 else torch.zeros(0, size, size, dtype=torch.bool))   # interpolate refuses zero channels
+        classes.append(cls)
+    masks = torch.from_numpy(np.stack(inst)) if inst else torch.zeros(0, src_h, src_w, dtype=torch.bool)
+    if (src_h, src_w) != (out_h, out_w):
+        img = F.interpolate(img[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
+                            antialias=scale < 1)[0]
+        masks = (F.interpolate(masks[None].float(), size=(out_h, out_w), mode="nearest")[0] > 0.5 if len(masks)
+                 else torch.zeros(0, out_h, out_w, dtype=torch.bool))   # interpolate refuses zero channels
     k = int(rng.integers(4))
     img, masks = torch.rot90(img, k, (1, 2)), torch.rot90(masks, k, (1, 2))
     if rng.random() < 0.5:
         img, masks = img.flip(2), masks.flip(2)
-    gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
-    img = img.clamp(0, 1) ** gamma
-    img = img * torch.from_numpy(rng.uniform(0.9, 1.1, size=(3, 1, 1)).astype(np.float32))   # stain/colour jitter
-    img = (img * rng.uniform(0.8, 1.2) + rng.uniform(-0.05, 0.05)).clamp(0, 1)
+    img = torch.from_numpy(augment_pixels(img.numpy(), masks.numpy(), bool(item.colour), rng, aug))
+    classes = torch.as_tensor(np.asarray(classes, np.int64)).reshape(-1)
     keep = masks.flatten(1).sum(1) >= 4
     masks, classes = masks[keep], classes[keep]
-    boxes = torch.zeros(len(masks), 4)
-    for i, m in enumerate(masks):
-        ys, xs = torch.where(m)
-        boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    rows, cols = masks.any(2).numpy(), masks.any(1).numpy()      # (N, H), (N, W): tight boxes without a scan each
+    boxes = torch.from_numpy(np.stack([cols.argmax(1), rows.argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1),
+                                       rows.shape[1] - rows[:, ::-1].argmax(1)], axis=1).astype(np.float32)
+                             .reshape(-1, 4))
     return img.contiguous(), {"boxes": boxes, "labels": classes, "masks": masks.to(torch.uint8)}
 
 
@@ -239,18 +260,63 @@ class TrainSettings:
     crop: int = 256
     lr: float = 3e-4
     warmup: int = 100
-    minutes: float | None = None      # stop (with a checkpoint) after this much wall time
-    checkpoint_every: int = 50
+    minutes: float | None = None      # stop (with a checkpoint) after this much wall time in this run
+    checkpoint_every: int = 50        # steps
+    checkpoint_minutes: float | None = None   # and at least this often in wall time (a lease that can end)
+    # The learning-rate schedule's length in wall time over all runs (resumes included): the cosine follows
+    # whichever of steps and time is further along. For a GPU lease measured in minutes, not steps.
+    schedule_minutes: float | None = None
+    workers: int = 0                  # processes making crops (0: in the training process)
     seed: int = 0
+    augmentation: Augmentation = field(default_factory=Augmentation)
+
+
+class _Crops:
+    """Training batches drawn from `items` (by `draw_p`), made in the training process or, with workers, by a
+    torch DataLoader whose worker processes each draw with a generator of their own (seed, first step, worker)."""
+
+    def __init__(self, items: list[TrainImage], draw_p: np.ndarray | None, settings: TrainSettings, first_step: int):
+        self.items, self.draw_p, self.settings = items, draw_p, settings
+        self.first_step = first_step
+
+    def batches(self):
+        s = self.settings
+        if s.workers <= 0:
+            yield from self._stream(np.random.default_rng(s.seed + self.first_step))
+            return
+        loader = torch.utils.data.DataLoader(_CropStream(self), batch_size=None, num_workers=s.workers,
+                                             prefetch_factor=4, persistent_workers=False)
+        yield from loader
+
+    def _stream(self, rng: np.random.Generator):
+        s = self.settings
+        n = len(self.items)
+        while True:
+            picks = [int(rng.choice(n, p=self.draw_p)) if self.draw_p is not None else int(rng.integers(n))
+                     for _ in range(s.batch_size)]
+            yield [sample_crop(self.items[i], s.crop, rng, s.augmentation) for i in picks]
+
+
+class _CropStream(torch.utils.data.IterableDataset):
+    def __init__(self, crops: _Crops):
+        self.crops = crops
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        s = self.crops.settings
+        return self.crops._stream(np.random.default_rng([s.seed, self.crops.first_step, worker]))
 
 
 def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
           model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
           card: dict | None = None, progress: bool = True, init: str = "none",
-          sample_weights: Sequence[float] | None = None) -> Path:
+          sample_weights: Sequence[float] | None = None, files: dict[str, str] | None = None) -> Path:
     """Train (or resume) and write a bundle to `out`. Returns the bundle folder.
 
     sample_weights: one per item, how often its crops are drawn (e.g. to balance modalities); uniform if None.
+    files: name -> text, written into `out` beside the bundle when the run starts (e.g. the data split).
 
     init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
     to fine-tune (its architecture; class heads re-initialised when the classes differ).
@@ -262,6 +328,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     init_cfg, init_state, init_note = initial_weights(init, classes)
     cfg = model_cfg or init_cfg
     out.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (out / name).write_text(text, encoding="utf-8")
     ckpt_path = out / "checkpoint.pt"
     dev = torch.device(device)
     torch.manual_seed(settings.seed)
@@ -281,7 +349,6 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         step, history, wall = int(ckpt["step"]), list(ckpt["history"]), float(ckpt["wall_s"])
         loss_names = list(ckpt.get("loss_names", []))
         log.info("resumed from step %d", step)
-    rng = np.random.default_rng(settings.seed + step)
     draw_p = None
     if sample_weights is not None:
         draw_p = np.asarray(sample_weights, np.float64)
@@ -290,13 +357,12 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
                                f"found {draw_p.shape[0]} summing to {draw_p.sum():g}")
         draw_p = draw_p / draw_p.sum()
 
-    def draw_item() -> TrainImage:
-        return items[int(rng.choice(len(items), p=draw_p)) if draw_p is not None else int(rng.integers(len(items)))]
-
-    def lr_at(s: int) -> float:
+    def lr_at(s: int, wall_s: float) -> float:
         if s < settings.warmup:
             return settings.lr * (s + 1) / settings.warmup
         t = (s - settings.warmup) / max(settings.steps - settings.warmup, 1)
+        if settings.schedule_minutes:
+            t = max(t, wall_s / (settings.schedule_minutes * 60))
         return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
     def save_checkpoint() -> None:
@@ -305,19 +371,23 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
                     "history": history, "wall_s": wall, "loss_names": loss_names}, tmp)
         os.replace(tmp, ckpt_path)
 
-    started = time.monotonic()
+    started = last_save = time.monotonic()
     wall0 = wall
     bar = tqdm(total=settings.steps, initial=step, disable=not progress, desc="train", unit="step")
     interrupted = False
+    batches = _Crops(items, draw_p, settings, step).batches()
     try:
         while step < settings.steps:
-            if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
+            now = time.monotonic()
+            if settings.minutes is not None and now - started > settings.minutes * 60:
                 break
-            batch = [sample_crop(draw_item(), settings.crop, rng) for _ in range(settings.batch_size)]
-            images = [b[0].to(dev) for b in batch]
-            targets = [{k: v.to(dev) for k, v in b[1].items()} for b in batch]
+            if settings.schedule_minutes and step >= settings.warmup and wall >= settings.schedule_minutes * 60:
+                break        # the time schedule has run its course
+            batch = next(batches)
+            images = [b[0].to(dev, non_blocking=True) for b in batch]
+            targets = [{k: v.to(dev, non_blocking=True) for k, v in b[1].items()} for b in batch]
             for g in optim.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step, wall)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 losses = model(images, targets)
             loss = sum(losses.values())
@@ -333,16 +403,23 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
             history.append([step, float(loss.detach())] + [float(v.detach()) for v in losses.values()])
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-            if step % settings.checkpoint_every == 0:
+            if step % settings.checkpoint_every == 0 or (
+                    settings.checkpoint_minutes and time.monotonic() - last_save > settings.checkpoint_minutes * 60):
                 save_checkpoint()
+                last_save = time.monotonic()
     except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
         interrupted = True
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()     # stops crop workers
     bar.close()
     save_checkpoint()
     _write_log(out, history, loss_names)
+    finished = step >= settings.steps or bool(settings.schedule_minutes and wall >= settings.schedule_minutes * 60)
     meta = {"training": {"init": init_note, "steps": step, "wall_seconds": round(wall, 1), "device": str(dev),
                          "hardware": _hardware(dev), "batch_size": settings.batch_size, "crop_px": settings.crop,
-                         "lr": settings.lr, "finished": step >= settings.steps}}
+                         "lr": settings.lr, "finished": finished,
+                         "augmentation": settings.augmentation.describe()}}
     for k, v in (card or {}).items():
         meta.setdefault(k, {}).update(v) if isinstance(v, dict) and isinstance(meta.get(k), dict) else meta.__setitem__(k, v)
     save_bundle(out, cfg, model.state_dict(), name=out.name, nucleus_diameter_px=median_diameter_px(items),

@@ -1,191 +1,169 @@
-"""Validate a bundle on the held-out DSB2018 split, tune its score threshold, and write its model card.
+"""Validate a bundle on held-out acquisition groups and patients, tune its score threshold per modality, and write
+its model card.
 
-Every validation image goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low
-score floor; `cellseg.evaluate` then scores the predictions per modality, sweeps the score threshold
-(0.3-0.9), and the threshold with the best pooled F1 becomes the bundle's default. The figures reported
-in the card are at that threshold (chosen on the same split: say so when quoting them).
+Every held-out image (split.json's "val": whole DSB2018 acquisition groups and whole TNBC patients, see
+cellseg.datasets) goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low score floor;
+`cellseg.evaluate` scores the predictions per modality. For each protocol modality (fluorescence; brightfield =
+stained tissue, H&E and grayscale brightfield) the score threshold with the best pooled F1 on its held-out images
+becomes the bundle's threshold for that modality (chosen on the same images it is reported on: the card says so).
 
     python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card
+    python scripts/validate_bundle.py --bundle cellseg/models/nuclei --split runs/nuclei/split.json --out runs/base \
+        --seen cellseg/models/nuclei/split.json          # also score the images no training stage has seen
+
+Inference settings can be tried without touching the bundle: --tta, --mask-threshold, --set box_nms_thresh=0.5
+(any [model] key of model.toml), --proposal-threshold. Predictions are kept in OUT/<n>_<image>/ so a rerun only
+scores; give each setting its own --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
-from cellseg.bundle import load_bundle, update_bundle_metadata
-from cellseg.evaluate import evaluate, load_instances
-from cellseg.validate import above, card_figures, score, validation_detector
-from cellseg.validate import predict as predict_images
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_card import card_readme  # noqa: E402  (scripts/model_card.py)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018-train"
-# manifest.csv modality_guess -> name in the card
-GROUPS = {"fluorescence": "fluorescence", "brightfield_color_histology": "stained_tissue",
-          "brightfield_gray": "brightfield_gray"}
+from cellseg.bundle import load_bundle, update_bundle_metadata  # noqa: E402
+from cellseg.datasets import PROTOCOL_MODALITY, Split  # noqa: E402
+from cellseg.evaluate import evaluate, load_instances  # noqa: E402
+from cellseg.validate import above, card_figures, score, validation_detector  # noqa: E402
+from cellseg.validate import predict as predict_images  # noqa: E402
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
+MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
 
 
-def modality_of(manifest: Path) -> dict[str, str]:
-    return {r["image_id"]: r["modality_guess"] for r in csv.DictReader(open(manifest))}
+def seen_images(split_files: list[Path]) -> set[str]:
+    """Image keys ('dataset/id') that a training stage used: the "train" list of each split file (an old
+    random-image split lists bare DSB2018 ids)."""
+    seen = set()
+    for path in split_files:
+        for k in json.loads(path.read_text())["train"]:
+            seen.add(k if "/" in k else f"dsb2018/{k}")
+    return seen
 
 
-def predict(bundle_dir: Path, data: Path, ids: list[str], out: Path, device: str, floor: float,
-            diameter: str | None = None, mask_threshold: float | None = None) -> dict:
-    """Every image through `count_slide` (cellseg.validate), kept in OUT/<id>/ so a rerun only scores."""
-    bundle = load_bundle(bundle_dir)
-    detector = validation_detector(bundle, device, floor, mask_threshold)
-    images = {f"{i}.png": data / "images" / f"{i}.png" for i in ids}
-    return predict_images(detector, images, out, bundle.nucleus_diameter_px, diameter, reuse=True, progress=True)
+def ground_truth(data_root: Path, keys: list[str]) -> dict:
+    """key -> annotations (each dataset's COCO annotations.json, every mask whole)."""
+    by_key = {}
+    for dataset in sorted({k.split("/")[0] for k in keys}):
+        for name, inst in load_instances(data_root / DATASET_FOLDERS[dataset] / "annotations.json").items():
+            by_key[f"{dataset}/{Path(name).stem}"] = inst
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise SystemExit(f"expected annotations for every held-out image, found none for {len(missing)} "
+                         f"(e.g. {missing[0]})")
+    return {k: by_key[k] for k in keys}
+
+
+def image_paths(data_root: Path, keys: list[str]) -> dict[str, Path]:
+    out = {}
+    for k in keys:
+        dataset, image_id = k.split("/", 1)
+        folder = data_root / DATASET_FOLDERS[dataset] / "images"
+        matches = sorted(folder.glob(f"{image_id}.*"))
+        if not matches:
+            raise SystemExit(f"expected the image {image_id} in {folder}, found none")
+        out[k] = matches[0]
+    return out
+
+
+def tuned_bundle(bundle, overrides: list[str]):
+    """The bundle with [model] keys replaced (key=value, parsed as TOML values) for an experiment."""
+    import tomllib
+    if not overrides:
+        return bundle
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        changes[key] = tomllib.loads(f"v = {value}")["v"]
+    return dataclasses.replace(bundle, model=dataclasses.replace(bundle.model, **changes))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--split", type=Path, default=None, help="default: the bundle's split.json")
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="folder holding dsb2018-train/ and tnbc-train/")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
-    p.add_argument("--diameter", default=None,
-                   help="'auto': measure each image's nucleus size and resample it to the model's (--diameter auto)")
     p.add_argument("--mask-threshold", type=float, default=None,
                    help="mask probability threshold (default: the bundle's); with --write-card it becomes the bundle's")
-    p.add_argument("--write-card", action="store_true", help="store threshold + figures in the bundle")
-    p.add_argument("--limit", type=int, default=None, help="only the first N validation images (smoke test)")
+    p.add_argument("--proposal-threshold", type=float, default=None, help="RPN objectness floor (default: bundle's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [model] key of the bundle for this run, e.g. box_nms_thresh=0.5")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and 90° rotations)")
+    p.add_argument("--seen", type=Path, action="append", default=[],
+                   help="a split.json whose 'train' images a training stage of this bundle used: figures are also "
+                        "given on the held-out images no stage has seen")
+    p.add_argument("--write-card", action="store_true", help="store thresholds + figures in the bundle")
+    p.add_argument("--limit", type=int, default=None, help="only the first N held-out images (smoke test)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    split = json.loads((args.bundle / "split.json").read_text())
-    modality = modality_of(args.data / "manifest.csv")
-    ids = sorted(split["val"])[:args.limit]
-    bundle = load_bundle(args.bundle)
-    preds = predict(args.bundle, args.data, ids, args.out, args.device, args.floor, args.diameter,
-                    args.mask_threshold)
-    gt_all = load_instances(args.data / "annotations.json")
-    gt_by_stem = {Path(name).stem: inst for name, inst in gt_all.items()}
+    split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
+    modality = split.modality_of()
+    keys = sorted(split.val)[:args.limit]
+    bundle = tuned_bundle(load_bundle(args.bundle), args.set)
+    if args.proposal_threshold is not None:
+        bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
+    detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta)
+    preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,
+                           reuse=True, progress=True)
+    gt = ground_truth(args.data_root, keys)
+    seen = seen_images(args.seen) if args.seen else set()
 
-    def subset(group: str) -> tuple[dict, dict]:
-        chosen = [i for i in ids if group == "all" or modality[i] == group]
-        return {f"{i}.png": preds[f"{i}.png"] for i in chosen}, {f"{i}.png": gt_by_stem[i] for i in chosen}
+    def subset(wanted) -> tuple[dict, dict]:
+        chosen = [k for k in keys if wanted(k)]
+        return {k: preds[k] for k in chosen}, {k: gt[k] for k in chosen}
 
-    overall = score(*subset("all"), fallback_threshold=bundle.score_threshold)
-    logging.info("best pooled F1 %.3f at score threshold %.2f", overall.at_floor.best_f1 or 0, overall.threshold)
-    metrics = {"score_threshold": overall.threshold, "iou": 0.5, "val_images": len(ids),
-               "threshold_chosen_on": "this validation split (pooled F1)"}
-    for name, key in list(GROUPS.items()) + [("all", "all")]:
-        pred, gt = subset(name)
-        if not gt:
-            continue
-        report = evaluate({k: above(v, overall.threshold) for k, v in pred.items()}, gt)
-        (args.out / f"metrics_{key}.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
-        metrics[key] = card_figures(report)
+    metrics: dict = {"iou": 0.5, "val_images": len(keys), "split_method": split.method,
+                     "held_out_groups": sorted(g for g, t in split.groups.items() if t["side"] == "val"),
+                     "threshold_chosen_on": "these held-out images, per protocol modality (pooled F1)",
+                     "settings": {"tta": args.tta, "mask_threshold": args.mask_threshold or bundle.mask_threshold,
+                                  "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
+    thresholds = {}
+    for protocol_modality in sorted(set(PROTOCOL_MODALITY.values())):
+        pred, truth = subset(lambda k: PROTOCOL_MODALITY[modality[k]] == protocol_modality)
+        if truth:
+            thresholds[protocol_modality] = score(pred, truth, bundle.score_threshold).threshold
+    overall = score(*subset(lambda k: True), fallback_threshold=bundle.score_threshold)
+    metrics["score_threshold"] = overall.threshold
+    metrics["score_threshold_by_modality"] = thresholds
+    logging.info("score thresholds: %s (all together %.2f)", thresholds, overall.threshold)
+
+    def at_thresholds(pred: dict) -> dict:
+        return {k: above(v, thresholds.get(PROTOCOL_MODALITY[modality[k]], overall.threshold))
+                for k, v in pred.items()}
+
+    for name in MODALITIES + ("all",):
+        for suffix, extra in (("", lambda k: True), ("_unseen", lambda k: k not in seen)):
+            if suffix and not seen:
+                continue
+            pred, truth = subset(lambda k: (name == "all" or modality[k] == name) and extra(k))
+            if not truth:
+                continue
+            report = evaluate(at_thresholds(pred), truth)
+            (args.out / f"metrics_{name}{suffix}.json").write_text(json.dumps(report.to_dict(), indent=1,
+                                                                              default=str))
+            metrics[name + suffix] = card_figures(report)
     print(json.dumps(metrics, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if args.write_card:
-        write_card(args.bundle, metrics, overall, args.mask_threshold)
-
-
-def write_card(bundle_dir: Path, metrics: dict, overall, mask_threshold: float | None = None) -> None:
-    update_bundle_metadata(bundle_dir, score_threshold=metrics["score_threshold"], mask_threshold=mask_threshold,
-                           card={"metrics": metrics, "threshold_sweep": overall.sweep_table()})
-    (bundle_dir / "README.md").write_text(card_readme(load_bundle(bundle_dir)), encoding="utf-8")
-    logging.info("card updated in %s", bundle_dir / "model.toml")
-
-
-def card_readme(bundle) -> str:
-    """The model card for people: data and licence, recipe, hardware and time, validation figures."""
-    c, m, t = bundle.card, bundle.card["metrics"], bundle.card.get("training", {})
-    data = c.get("data", {})
-    rows = []
-    for key, label in (("fluorescence", "fluorescence"), ("stained_tissue", "stained tissue (H&E-like)"),
-                       ("brightfield_gray", "grayscale brightfield"), ("all", "all")):
-        if key in m:
-            g = m[key]
-            rows.append(f"| {label} | {g['images']} | {g['ap50_tp_fp_fn_mean_over_images']:.3f} | "
-                        f"{g['ap50_tp_fp_fn_pooled']:.3f} | {g['f1_pooled']:.3f} | {_fmt(g['coco_mask_ap'])} | "
-                        f"{_fmt(g['median_rel_count_error'], pct=True)} |")
-    cfg = bundle.model
-    goals = []
-    for key, label, metric, goal, better in (
-            ("fluorescence", "fluorescence AP50 (mean over images)", "ap50_tp_fp_fn_mean_over_images", 0.90, "≥"),
-            ("stained_tissue", "stained-tissue AP50 (mean over images)", "ap50_tp_fp_fn_mean_over_images", 0.75, "≥"),
-            ("all", "median count error", "median_rel_count_error", 0.05, "≤")):
-        value = m.get(key, {}).get(metric)
-        met = value is not None and (value >= goal if better == "≥" else value <= goal)
-        goals.append(f"- {label}: {_fmt(value)} (goal {better} {goal}): {'met' if met else 'NOT met'}")
-    # Fine-tuned bundles list their earlier stages, oldest first (older cards: one [base_training] table).
-    stages = list(c.get("earlier_stages") or ([c["base_training"]] if c.get("base_training") else []))
-    recipe = _recipe(t, data)
-    reproduce = ("`python scripts/train_default_bundle.py --out runs/nuclei` then\n"
-                 "`python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card`.")
-    if stages:   # every stage, so the compute and the recipe add up
-        parts, commands, previous = [], [], None
-        for k, stage in enumerate(stages + [t]):
-            named = (f" (bundle {stages[k].get('bundle')}, sha256 {str(stages[k].get('weights_sha256', ''))[:12]}…)"
-                     if k < len(stages) else " (this bundle)")
-            origin = "" if previous is None else ", fine-tuned from stage " + str(k)
-            parts.append(f"Stage {k + 1}{named}{origin}: {_recipe(stage, data if k == len(stages) else {})}")
-            out = f"runs/stage{k + 1}"
-            commands.append(f"`python scripts/train_default_bundle.py --out {out} --steps {stage.get('steps')}"
-                            + ("" if previous is None else f" --init {previous} --lr {stage.get('lr')}")
-                            + (f" --stained-share {stage['stained_share']}" if stage.get("stained_share") else "") + "`")
-            previous = out
-        recipe = "\n\n".join(parts)
-        reproduce = (", then ".join(commands) + ", then\n"
-                     f"`python scripts/validate_bundle.py --bundle {previous} --out runs/val --write-card`.")
-    return f"""# {bundle.name}: cellseg's nucleus model
-
-Mask R-CNN ({cfg.backbone}-FPN, {cfg.norm}, {cfg.fpn_channels} FPN channels), anchors {cfg.anchor_sizes[0]}-{cfg.anchor_sizes[-1]} px,
-tiles run at their own scale (no resize), up to {cfg.detections_per_tile} cells per tile, masks kept at box size.
-Trained from random initialisation: no ImageNet or COCO weights were used or downloaded.
-Weights: `weights.safetensors` (float16, sha256 `{bundle.weights_sha256[:16]}…`), loaded without unpickling.
-
-## Data
-
-{data.get('name', 'DSB2018')} — licence {data.get('licence', 'CC0 1.0')}; cite {data.get('source', '')}.
-{data.get('train_images', '?')} images for training, {data.get('val_images', '?')} held out for validation
-({data.get('split', '')}). Typical nucleus diameter in the training data: {bundle.nucleus_diameter_px:.1f} px.
-
-## Recipe
-
-{recipe}
-Reproduce: {reproduce}
-
-## Validation (held-out images, IoU 0.5, score threshold {m['score_threshold']})
-
-AP50 is TP/(TP+FP+FN) (the DSB2018 / StarDist definition), as the mean over images and pooled over all
-cells; COCO AP is mask AP@[.5:.95] at maxDets >= 1000. Every image went through the full `cellseg count`
-pipeline (512 px tiles, 64 px halo). The score threshold maximises pooled F1 on this same split.
-
-| modality | images | AP50 mean | AP50 pooled | F1 pooled | COCO AP | median count error |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-## Against the project's goals
-
-{chr(10).join(goals)}
-
-## Limitations
-
-Trained on one dataset of 2D nuclei at its native pixel sizes (nuclei ~10-40 px across). Nuclei much
-larger or smaller than that, cytoplasm/whole-cell segmentation, and 3D stacks are out of scope. Some
-DSB2018 histology images are only partly annotated, which lowers the stained-tissue figures.
-"""
-
-
-def _recipe(t: dict, data: dict) -> str:
-    sampling = f" {data['sampling'][0].upper()}{data['sampling'][1:]}." if data.get("sampling") else (
-        f" Stained images drawn with probability {t['stained_share']}." if t.get("stained_share") else "")
-    return (f"Random {t.get('crop_px')}² crops with scale jitter (0.75-1.33), flips, 90° rotations, gamma, intensity "
-            f"and per-channel colour jitter; AdamW, lr {t.get('lr')}, 100 warm-up steps then cosine decay; batch "
-            f"{t.get('batch_size')}; {t.get('steps')} steps in {t.get('wall_seconds', 0) / 60:.0f} min on "
-            f"{t.get('hardware')} ({t.get('device')}).{sampling}")
-
-
-def _fmt(x, pct=False):
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.1f} %" if pct else f"{x:.3f}"
+    if args.write_card and args.tta:   # TTA's merged scores get thresholds of their own; the card stays
+        update_bundle_metadata(args.bundle, tta_score_thresholds=thresholds,
+                               card={"metrics_tta": metrics})
+    elif args.write_card:
+        update_bundle_metadata(args.bundle, score_threshold=overall.threshold, score_thresholds=thresholds,
+                               mask_threshold=args.mask_threshold,
+                               card={"metrics": metrics, "threshold_sweep": overall.sweep_table()})
+        (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
+        logging.info("card updated in %s", args.bundle / "model.toml")
 
 
 if __name__ == "__main__":

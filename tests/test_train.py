@@ -103,11 +103,11 @@ def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
     items, classes = load_coco(ann)
     real_crop, calls = train_module.sample_crop, []
 
-    def crop_then_ctrl_c(item, size, rng):
+    def crop_then_ctrl_c(item, size, rng, *aug):
         calls.append(1)
         if len(calls) == 5:              # during the third step (two crops a step)
             raise KeyboardInterrupt
-        return real_crop(item, size, rng)
+        return real_crop(item, size, rng, *aug)
     monkeypatch.setattr(train_module, "sample_crop", crop_then_ctrl_c)
     out = tmp_path / "b"
     settings = TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50)
@@ -129,8 +129,8 @@ def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
     blank = TrainImage(np.zeros_like(items[0].image), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
     drawn = []
     real_crop = train_module.sample_crop
-    monkeypatch.setattr(train_module, "sample_crop", lambda item, size, rng: (drawn.append(item is blank),
-                                                                             real_crop(item, size, rng))[1])
+    monkeypatch.setattr(train_module, "sample_crop", lambda item, size, rng, *aug: (drawn.append(item is blank),
+                                                                                   real_crop(item, size, rng))[1])
     settings = TrainSettings(steps=3, batch_size=2, crop=64, checkpoint_every=3)
     train([items[0], blank], classes, tmp_path / "b", settings, model_cfg=tiny_model_config(), progress=False,
           sample_weights=[0.0, 1.0])
