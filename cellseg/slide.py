@@ -284,6 +284,16 @@ def _sniff_folder(path: Path) -> tuple[str, Path]:
                      f"directory holding none of these")
 
 
+def looks_like_slide(path: str | Path) -> bool:
+    """Cheap guess for file pickers (napari): a file with a slide suffix, an OME-Zarr folder or a DICOM folder."""
+    p = Path(path)
+    if p.is_file():
+        return p.name.lower().endswith(SLIDE_SUFFIXES)
+    if p.is_dir():
+        return any((p / name).is_file() for name in ZARR_METADATA) or bool(dicom_files(p))
+    return False
+
+
 def dicom_files(folder: Path) -> list[Path]:
     """The files of `folder` (not below it) that start like DICOM (DICM after the 128-byte preamble)."""
     found = []
