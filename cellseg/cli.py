@@ -90,7 +90,8 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, quiet) -> None:
-    """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
+    """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
+    OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
     from .resultdir import atomic_write_text, staged_output
 

@@ -430,3 +430,19 @@ def test_napari_reader_opens_every_format_lazily(tmp_path):
             assert all(isinstance(level, LazyLevel) for level in data)
             assert kwargs["name"] == "fl [DAPI]" and data[0].slide.info.backend == "zarr"
     assert get_reader(str(tmp_path / "notes")) is None
+
+
+def test_concurrent_region_reads_in_every_backend(tmp_path):
+    """The pipeline reads tiles in a thread of its own and napari in several: every backend must allow it."""
+    from concurrent.futures import ThreadPoolExecutor
+    rgb = np.random.default_rng(4).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    paths = [write_czi(tmp_path / "c.czi", {(0, 0, 0): (rgb, (0, 0))}),
+             write_ome_zarr(tmp_path / "z.ome.zarr", np.moveaxis(rgb, -1, 0), "cyx", levels=1), DICOM]
+    for path in paths:
+        with open_slide(path) as s:
+            h, w = s.info.levels[0]
+            full = s.read_region(Box(0, 0, h, w))
+            boxes = [Box(r, c, min(h, r + 7), min(w, c + 9)) for r in range(0, h, 5) for c in range(0, w, 8)]
+            with ThreadPoolExecutor(4) as pool:
+                for box, region in zip(boxes, pool.map(s.read_region, boxes)):
+                    np.testing.assert_array_equal(region, full[box.slices()])
