@@ -20,15 +20,15 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from cellseg.detect import TileDetections
 from cellseg.errors import SlideError
 from cellseg.pipeline import count_slide, model_channel
 from cellseg.protocol import Protocol
 from cellseg.slide import looks_like_slide, open_slide, sniff
 from cellseg.slide_openslide import flatten_rgba
-from cellseg.tiling import Box, plan_tiles
+from cellseg.tiling import Box, TileSpec, plan_tiles
 
 from .test_cli import FAST, assert_nothing_left, assert_user_error, invoke, listing
+from .test_pipeline import LabelReadingDetector, same_partition
 
 DICOM = Path(__file__).parent / "data" / "dicom"
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw has no wheel for this platform")
@@ -62,12 +62,8 @@ class ThresholdDetector:
         for image in images:
             gray = image.mean(0)
             labels, _ = ndimage.label(gray < 0.5 if self.dark else gray > 0.5)
-            boxes, masks = [], []
-            for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-                boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
-                masks.append(labels[sl] == k)
-            out.append(TileDetections(np.asarray(boxes, np.int64).reshape(-1, 4), masks,
-                                      np.full(len(masks), 0.9, np.float32), np.ones(len(masks), np.int64)))
+            whole = Box(0, 0, *labels.shape)
+            out.append(LabelReadingDetector(labels)._tile(TileSpec(0, 0, 0, whole, whole), labels.shape))
         return out
 
 
@@ -78,14 +74,6 @@ def count(slide: Path, tmp_path: Path, dark: bool = False, **protocol) -> tuple[
                  **{"tissue_method": "none", **protocol})
     summary = count_slide(slide, out, p, ThresholdDetector(dark))
     return summary, tifffile.imread(out / "labels.ome.tif"), out
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    fg = a > 0
-    if not np.array_equal(fg, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[fg], b[fg]]), axis=1)
-    return pairs.shape[1] == len(np.unique(a[fg])) == len(np.unique(b[fg]))
 
 
 def label_image_mpp(path: Path) -> float:
