@@ -324,7 +324,7 @@ def _dicom_series_file(folder: Path, files: list[Path]) -> Path:
         raise SlideError(f"expected a DICOM whole-slide image (VOLUME images) in {folder}, found {len(files)} "
                          f"DICOM file(s) without one (labels, overviews or other modalities)")
     if len(series) > 1:
-        examples = ", ".join(files[0].name for files in series.values())
+        examples = ", ".join(members[0].name for members in series.values())
         raise SlideError(f"expected one slide's DICOM series in {folder}, found {len(series)} series; pass one "
                          f"file of the slide to count ({examples})")
     return next(iter(series.values()))[0]

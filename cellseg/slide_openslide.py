@@ -65,7 +65,10 @@ def open_openslide(path: Path, target: Path) -> Slide:
     except (ImportError, OSError) as e:
         raise SlideError(f"expected OpenSlide to read {path}, but it cannot be loaded ({error_text(e)}); "
                          f"install it with `pip install openslide-python openslide-bin`") from e
-    vendor = openslide.OpenSlide.detect_format(str(target)) or "unknown"
+    vendor = openslide.OpenSlide.detect_format(str(target))
+    if vendor is None:   # e.g. a DICOM file of another modality (CT, a plain photo), not a whole-slide image
+        raise SlideError(f"expected a whole-slide image that OpenSlide reads, {path} is not one ({BACKEND} does not "
+                         f"recognise {target.name}; a DICOM file must be a VL Whole Slide Microscopy image)")
     what = FORMATS.get(vendor, vendor)
     try:
         osr = openslide.OpenSlide(str(target))

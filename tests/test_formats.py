@@ -145,6 +145,15 @@ def test_dicom_folder_with_two_slides_or_none_is_refused(tmp_path):
         open_slide(empty)
 
 
+def test_dicom_of_another_modality_is_refused(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    ds = pydicom.dcmread(DICOM / "boxes_0.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"   # CT Image Storage
+    ds.save_as(tmp_path / "ct.dcm")
+    with pytest.raises(SlideError, match=r"expected a whole-slide image that OpenSlide reads, .*ct.dcm is not one"):
+        open_slide(tmp_path / "ct.dcm")
+
+
 def test_dicom_counts_end_to_end_on_the_command_line(tmp_path, tiny_bundle):
     folder = shutil.copytree(DICOM, tmp_path / "case_17")
     result = invoke(["count", folder, "--model", tiny_bundle, *FAST])
