@@ -13,11 +13,14 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
-from .detect import ModelConfig
 from .errors import BundleError
+
+if TYPE_CHECKING:   # detect imports torch; reading a bundle's model.toml must not (`cellseg info`)
+    from .detect import ModelConfig
 
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
@@ -136,6 +139,7 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
     folder = find_bundle(name_or_path)
     meta, digest = read_bundle_folder(folder, BUNDLE_FORMAT)
     toml_path = folder / "model.toml"
+    from .detect import ModelConfig
     try:
         model = ModelConfig.from_dict(meta.get("model", {}))
         inference = meta.get("inference", {})

@@ -41,9 +41,9 @@ def main(verbose: int) -> None:
 
 
 def result_stem(path: Path) -> str:
-    """slide.ome.tif -> slide; image.png -> image."""
+    """slide.ome.tif -> slide; image.png -> image; plate.ome.zarr -> plate; a DICOM folder -> its name."""
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -90,7 +90,8 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, quiet) -> None:
-    """Count and measure cells in one or more images (TIFF, OME-TIFF, SVS, PNG, JPEG)."""
+    """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
+    OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
     from .resultdir import atomic_write_text, staged_output
 
@@ -176,6 +177,29 @@ def _check_summary_csv(path: Path) -> None:
             ",".join(_SUMMARY_COLUMNS[:3]))):
         raise OutputError(f"expected {path} to be absent or a cellseg summary, found another file; "
                           f"choose another output folder with -o")
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
+              help="Protocol name or .toml file whose tiles to count.")
+@click.option("--tile-size", type=int, default=None, help="Tile core size in px (protocol default).")
+@click.option("--halo", "halo_px", type=int, default=None, help="Tile halo in px (protocol default).")
+@click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--diameter", type=float, default=None, metavar="PX",
+              help="Typical nucleus diameter in px, as `cellseg count --diameter` takes it (tiles are resampled).")
+def info(slide, protocol_name, tile_size, halo_px, mpp, diameter) -> None:
+    """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
+    size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
+    from .describe import describe_slide
+    from .protocol import load_protocol
+    from .slide import open_slide
+    if diameter is not None and not diameter > 0:
+        raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
+    protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px)
+    with open_slide(slide, mpp=mpp) as opened:
+        for line in describe_slide(opened.info, protocol, diameter):
+            click.echo(line)
 
 
 @main.group()

@@ -1,35 +1,37 @@
-"""Open any supported image lazily and read regions and thumbnails from it.
+"""Open any supported slide lazily and read regions and thumbnails from it, whatever its format.
 
-TIFF family (plain, BigTIFF, tiled or stripped, OME-TIFF and ImageJ hyperstacks, SVS, NDPI) is read
-through tifffile's zarr store: only the tiles/strips a region touches are decoded, so a 100k x 100k
-slide opens in milliseconds and a region read costs what the region costs. Uncompressed contiguous
-TIFFs (ImageJ writes them as one strip) are memory-mapped instead, since one strip would otherwise be
-one chunk the size of the image. PNG and JPEG cannot be read partially; they are decoded whole,
-up to MAX_PIL_PIXELS.
+One `Slide` interface over several backends, each a well-kept library, chosen by what the file is (its
+first bytes, or a folder's layout), not by its name:
+
+| backend | module | formats |
+|---|---|---|
+| tifffile | slide_tiff | TIFF, BigTIFF, OME-TIFF, ImageJ, SVS, NDPI, SCN, QPTIFF, Philips TIFF |
+| OpenSlide | slide_openslide | DICOM WSI (a file of the series or its folder), MIRAX .mrxs, Hamamatsu .vms/.vmu, Ventana .bif, Sakura .svslide, Trestle |
+| pylibCZIrw | slide_czi | Zeiss .czi (brightfield and fluorescence, every scene) |
+| zarr | slide_zarr | OME-Zarr (NGFF) folders |
+| Pillow | here | PNG, JPEG (decoded whole, up to MAX_PIL_PIXELS) |
+
+tifffile stays first for the TIFFs it reads; a TIFF that OpenSlide knows to need stitching (Ventana BIF,
+Trestle: overlapping tiles) goes to OpenSlide. Backends are imported only when a slide needs them.
 
 Contract: coordinates are (row, col) in the pixel grid of the requested level, boxes half-open.
 `read_region` and `read_thumbnail` return (h, w, C) arrays in the file's dtype, channel-last even
-for one channel. Every failure a user can cause is a SlideError (bad file) or a ParameterError
-(impossible request), with one line saying what was expected and what was found.
+for one channel. Every failure a user can cause is a SlideError (bad file; the message names the file
+and the backend) or a ParameterError (impossible request), one line saying what was expected and found.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import logging.handlers
 import math
-import re
-import struct
 import warnings
-import xml.etree.ElementTree as ET
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol as TypingProtocol
 
 import numpy as np
-import tifffile
-import zarr
 from PIL import Image
 
 from .errors import ParameterError, SlideError
@@ -41,39 +43,57 @@ MAX_PIL_PIXELS = 1_000_000_000  # PNG/JPEG are decoded whole: 1 Gpx RGB is 3 GB 
 SCREEN_MPP_UM = 50.0  # coarser than this is a screen dpi default (72/96/300 dpi), not a microscope
 PIECE_PX = 1 << 20  # thumbnail reads go in pieces of about this many pixels (whole storage chunks)
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn", ".qptiff")
+OPENSLIDE_SUFFIXES = (".dcm", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
+CZI_SUFFIXES = (".czi",)
+ZARR_SUFFIXES = (".zarr",)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + CZI_SUFFIXES + ZARR_SUFFIXES + PIL_SUFFIXES
+FORMATS_TEXT = ("TIFF/OME-TIFF/SVS/NDPI, DICOM, MRXS, VMS, BIF, CZI, OME-Zarr, PNG or JPEG")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-# What tifffile, zarr and imagecodecs raise for damaged files. imagecodecs' codec errors
-# (DeflateError, JpegError, ...) derive from RuntimeError; corrupt IFDs can give struct.error.
-_TIFF_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, RuntimeError,
-                struct.error)
+_CZI_MAGIC = b"ZISRAWFILE"
+_DICOM_MAGIC = b"DICM"  # at byte 128, after the preamble
+ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup")
+# TIFFs whose tiles overlap and must be stitched: tifffile would hand out the raw tile grid.
+_OPENSLIDE_TIFF_VENDORS = ("ventana", "trestle")
 # PIL raises SyntaxError for a broken PNG; imagecodecs (16-bit colour PNG) RuntimeError subclasses.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError)
-_UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
-                "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "å": 1e-4, "pm": 1e-6,
-                "in": 25400.0, "inch": 25400.0}
+UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+               "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
+               "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6,
+               "in": 25400.0, "inch": 25400.0}
 
 
 @dataclass(frozen=True)
 class SlideInfo:
-    path: Path
-    format: str  # "ome-tiff", "imagej-tiff", "tiff", "svs", "ndpi", "png", "jpeg"
+    path: Path  # what the user named: a file, or a folder (OME-Zarr, a DICOM series)
+    format: str  # "ome-tiff", "svs", "ndpi", "tiff", "dicom", "mrxs", "czi", "ome-zarr", "png", ...
+    backend: str  # the library that reads it: "tifffile", "openslide", "pylibCZIrw", "zarr", "pillow"
     height: int  # level 0, pixels
     width: int
     n_channels: int  # 1 grayscale, 3 RGB, C multichannel fluorescence
     dtype: np.dtype
     channel_names: tuple[str, ...] | None
     mpp: float | None  # µm per pixel at level 0 (mean of x and y)
-    mpp_source: str  # "ome", "imagej", "tiff-resolution", "svs", "image-dpi", "override", "none: <why>"
+    mpp_source: str  # "ome", "imagej", "tiff-resolution", "svs", "openslide", "czi", "ome-zarr",
+    #                  "image-dpi", "override", "none: <why>"
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
+    details: tuple[str, ...] = ()  # what else the backend says, for `cellseg info` (scenes, vendor, ...)
+
+
+class Level(TypingProtocol):
+    """What a backend gives per pyramid level: pixels of a box as (h, w, C), and its storage chunk."""
+
+    chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
+
+    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray: ...
 
 
 @dataclass
-class _Level:
-    """One pyramid level: an array indexed in its file's own axis order."""
+class ArrayLevel:
+    """One pyramid level held as an array (zarr, memory map or numpy) indexed in its own axis order."""
 
     array: object  # zarr.Array, np.memmap or np.ndarray
     axes: str  # e.g. "CYX", "YXS", "TCZYX"; axes other than Y, X, channel have size 1
@@ -99,10 +119,12 @@ class _Level:
 class Slide:
     """An open image. Use as a context manager, or call close()."""
 
-    def __init__(self, info: SlideInfo, levels: list[_Level], stack: ExitStack | None = None):
+    def __init__(self, info: SlideInfo, levels: list[Level], stack: ExitStack | None = None,
+                 read_errors: tuple[type[BaseException], ...] = ()):
         self.info = info
         self._levels = levels
         self._stack = stack
+        self._read_errors = read_errors  # what the backend raises for damaged pixel data
         self._closed = False
 
     def __enter__(self) -> Slide:
@@ -113,7 +135,7 @@ class Slide:
 
     def __repr__(self) -> str:
         i = self.info
-        return f"<Slide {i.path.name} {i.format} {i.height}x{i.width}x{i.n_channels} {i.dtype}>"
+        return f"<Slide {i.path.name} {i.format} ({i.backend}) {i.height}x{i.width}x{i.n_channels} {i.dtype}>"
 
     def close(self) -> None:
         if not self._closed:
@@ -136,9 +158,10 @@ class Slide:
                                  f"{level}, got {Box(r0, c0, r1, c1)}")
         try:
             return self._levels[level].read(r0, c0, r1, c1)
-        except _TIFF_ERRORS as e:
+        except self._read_errors as e:
             raise SlideError(f"expected readable pixel data, rows {r0}:{r1} cols {c0}:{c1} (level "
-                             f"{level}) of {self.info.path} are corrupt: {_why(e)}") from e
+                             f"{level}) of {self.info.path} are corrupt ({self.info.backend}: "
+                             f"{error_text(e)})") from e
 
     def read_thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(h, w, C) overview with longer side <= max_side, and level-0 px per thumbnail px."""
@@ -159,7 +182,7 @@ class Slide:
             small = np.stack([np.asarray(Image.fromarray(small[..., c].astype(np.float32))
                                          .resize((tw, th), Image.Resampling.BOX))
                               for c in range(small.shape[2])], axis=-1)
-        return _cast(small, self.info.dtype), max(h0, w0) / max_side
+        return cast_like(small, self.info.dtype), max(h0, w0) / max_side
 
     def _block_mean(self, level: int, f: int) -> np.ndarray:
         """Mean of each f x f block of a level, read piece by piece: memory ~ one piece + the result."""
@@ -183,119 +206,145 @@ class Slide:
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open an image file lazily. `mpp` (µm per pixel) overrides the file's pixel size."""
+    """Open a slide lazily: a file, or a folder (OME-Zarr, a DICOM series). `mpp` (µm per pixel) overrides
+    the file's pixel size."""
     if mpp is not None:
         if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
             raise ParameterError(f"expected --mpp > 0 (µm per pixel), got {mpp!r}")
     path = Path(path)
-    kind = _sniff(path)
-    slide = _open_tiff(path) if kind == "tiff" else _open_pil(path)
+    kind, target = sniff(path)
+    if kind == "tiff":
+        from .slide_tiff import open_tiff
+        slide = open_tiff(path)
+    elif kind in ("openslide", "dicom-folder"):
+        from .slide_openslide import open_openslide
+        slide = open_openslide(path, target)
+    elif kind == "czi":
+        from .slide_czi import open_czi
+        slide = open_czi(path)
+    elif kind == "zarr":
+        from .slide_zarr import open_ome_zarr
+        slide = open_ome_zarr(path, target)
+    else:
+        slide = _open_pil(path)
     if mpp is not None:
         if slide.info.mpp is not None and abs(slide.info.mpp - mpp) > 1e-6 * mpp:
             log.info("%s: overriding the file's pixel size %.4g µm with %.4g µm", path.name,
                      slide.info.mpp, mpp)
         slide.info = dataclasses.replace(slide.info, mpp=float(mpp), mpp_source="override")
     i = slide.info
-    log.info("opened %s: %s %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)", path.name,
-             i.format, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels))
+    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)", path.name, i.format,
+             i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels))
     return slide
 
 
-def _sniff(path: Path) -> str:
-    """'tiff', 'png' or 'jpeg' from the file's first bytes; the content decides, not the name."""
+def sniff(path: Path) -> tuple[str, Path]:
+    """(kind, what to open) from the file's first bytes or the folder's layout; the content decides, not the name.
+
+    kinds: 'tiff', 'png', 'jpeg', 'czi', 'openslide' (any format OpenSlide detects), 'zarr' (the OME-Zarr
+    folder), 'dicom-folder' (the DICOM file of the folder's whole-slide series to hand OpenSlide).
+    """
     if not path.exists():
         raise SlideError(f"no such file: {path}")
     if path.is_dir():
-        raise SlideError(f"expected an image file, {path} is a directory")
+        return _sniff_folder(path)
+    if path.name in ZARR_METADATA and path.parent.is_dir():   # x.ome.zarr/zarr.json: the folder is meant
+        return "zarr", path.parent
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
+            head = fh.read(132)
     except OSError as e:
-        raise SlideError(f"expected a readable image file, cannot read {path}: {_why(e)}") from e
+        raise SlideError(f"expected a readable image file, cannot read {path}: {error_text(e)}") from e
     if head[:4] in _TIFF_MAGIC:
-        return "tiff"
+        return ("openslide" if openslide_vendor(path) in _OPENSLIDE_TIFF_VENDORS else "tiff"), path
     if head.startswith(_PNG_MAGIC):
-        return "png"
+        return "png", path
     if head.startswith(_JPEG_MAGIC):
-        return "jpeg"
+        return "jpeg", path
+    if head.startswith(_CZI_MAGIC):
+        return "czi", path
+    if head[128:132] == _DICOM_MAGIC or openslide_vendor(path):   # DICOM, MRXS, VMS, ... (text index files)
+        return "openslide", path
     if not head:
-        raise SlideError(f"expected a TIFF/PNG/JPEG image, {path} is empty (0 bytes)")
-    if path.suffix.lower() not in TIFF_SUFFIXES + PIL_SUFFIXES:
-        raise SlideError(f"unsupported file type '{path.suffix or '(no extension)'}' ({path}): expected "
-                         "a TIFF (.tif .tiff .ome.tif .svs .ndpi), PNG or JPEG image; convert other "
-                         "formats to OME-TIFF (e.g. with bfconvert)")
-    raise SlideError(f"expected a TIFF/PNG/JPEG image, {path} is not one (starts with bytes {head[:8]!r})")
+        raise SlideError(f"expected a slide image ({FORMATS_TEXT}), {path} is empty (0 bytes)")
+    if not path.name.lower().endswith(SLIDE_SUFFIXES):
+        raise SlideError(f"unsupported file type '{path.suffix or '(no extension)'}' ({path}): expected a slide "
+                         f"image: {FORMATS_TEXT}; convert other formats to OME-TIFF (e.g. with bfconvert)")
+    raise SlideError(f"expected a slide image ({FORMATS_TEXT}), {path} is not one (starts with bytes "
+                     f"{head[:8]!r}, and OpenSlide does not recognise it either)")
 
 
-def _open_tiff(path: Path) -> Slide:
-    with ExitStack() as stack:  # closes the file if anything below fails
-        collect = logging.handlers.BufferingHandler(10_000)  # what tifffile logs instead of raising
-        collect.setLevel(logging.ERROR)
-        tiff_log = logging.getLogger("tifffile")
-        tiff_log.addHandler(collect)
+def _sniff_folder(path: Path) -> tuple[str, Path]:
+    if any((path / name).is_file() for name in ZARR_METADATA):
+        return "zarr", path
+    dicoms = dicom_files(path)
+    if dicoms:
+        return "dicom-folder", _dicom_series_file(path, dicoms)
+    raise SlideError(f"expected an image file, an OME-Zarr folder or a folder of DICOM files, {path} is a "
+                     f"directory holding none of these")
+
+
+def looks_like_slide(path: str | Path) -> bool:
+    """Cheap guess for file pickers (napari): a file with a slide suffix, an OME-Zarr folder or a DICOM folder."""
+    p = Path(path)
+    if p.is_file():
+        return p.name.lower().endswith(SLIDE_SUFFIXES)
+    if p.is_dir():
+        return any((p / name).is_file() for name in ZARR_METADATA) or bool(dicom_files(p))
+    return False
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The files of `folder` (not below it) that start like DICOM (DICM after the 128-byte preamble)."""
+    found = []
+    for p in sorted(folder.iterdir()):
         try:
-            tf = stack.enter_context(tifffile.TiffFile(path))
-            series = tf.series[0]  # SVS: the baseline; OME: the first image
-            levels = list(series.levels)
-        except _TIFF_ERRORS as e:
-            raise SlideError(f"expected a readable TIFF, {path} is corrupt: {_why(e)}") from e
-        finally:
-            tiff_log.removeHandler(collect)
-        # tifffile skips damaged tags and IFDs with a logged error. One pointing outside the file
-        # means truncation (a lost OME-XML or pyramid level would silently change the result);
-        # other logged problems (odd vendor tags) are passed on as warnings.
-        for msg in (record.getMessage() for record in collect.buffer):
-            if "offset" in msg:
-                raise SlideError(f"expected a complete TIFF, {path} is truncated or corrupt: {msg}")
-            log.warning("%s: tifffile: %s", path.name, msg)
-        if len(tf.series) > 1:
-            log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),
-                     series.name or series.kind)
-        if 0 in series.shape:
-            raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
-                             f"(axes {series.axes})")
-        channel_axis = _channel_axis(series.axes, series.shape)
-        sizes = dict(zip(series.axes, series.shape))
-        if np.dtype(series.dtype).kind not in "biuf":
-            raise SlideError(f"expected integer or float pixels, {path} has {series.dtype}")
-        kept = []
-        for i, lv in enumerate(levels):
-            other = [(ax, n) for ax, n in zip(lv.axes, lv.shape) if ax not in "YX"]
-            if lv.axes != series.axes or other != [(ax, n) for ax, n in sizes.items() if ax not in "YX"]:
-                log.warning("%s: pyramid level %d has axes %s %s unlike level 0 (%s %s); ignoring "
-                            "it and smaller levels", path.name, i, lv.axes, lv.shape, series.axes,
-                            series.shape)
-                break
-            kept.append(_tiff_level(tf, series, i, lv, channel_axis, stack))
-        _check_complete(path, levels[:len(kept)])
-        n_channels = sizes[channel_axis] if channel_axis else 1
-        mpp, source, names = _tiff_metadata(tf, n_channels)
-        fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
-               else "ndpi" if tf.is_ndpi else "tiff")
-        info = SlideInfo(path, fmt, sizes["Y"], sizes["X"], n_channels,
-                         np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
-                         tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
-                               for lv in levels[:len(kept)]))
-        return Slide(info, kept, stack.pop_all())
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    if fh.read(132)[128:132] == _DICOM_MAGIC:
+                        found.append(p)
+        except OSError:
+            continue
+    return found
 
 
-def _tiff_level(tf, series, i, lv, channel_axis, stack) -> _Level:
+def _dicom_series_file(folder: Path, files: list[Path]) -> Path:
+    """One file of the folder's whole-slide series (OpenSlide finds the rest of the series beside it)."""
+    import pydicom
+    series: dict[str, list[Path]] = {}
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "ImageType"])
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as e:
+            raise SlideError(f"expected readable DICOM files in {folder}, {p.name} is corrupt (pydicom: "
+                             f"{error_text(e)})") from e
+        if "VOLUME" in [str(t).upper() for t in ds.get("ImageType", [])]:   # not a label or an overview
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(p)
+    if not series:
+        raise SlideError(f"expected a DICOM whole-slide image (VOLUME images) in {folder}, found {len(files)} "
+                         f"DICOM file(s) without one (labels, overviews or other modalities)")
+    if len(series) > 1:
+        examples = ", ".join(members[0].name for members in series.values())
+        raise SlideError(f"expected one slide's DICOM series in {folder}, found {len(series)} series; pass one "
+                         f"file of the slide to count ({examples})")
+    return next(iter(series.values()))[0]
+
+
+def openslide_vendor(path: Path) -> str | None:
+    """OpenSlide's name for the file's format ('dicom', 'mirax', 'ventana', ...), or None."""
     try:
-        if lv.dataoffset is not None and lv.keyframe.is_memmappable:
-            # Uncompressed and contiguous: a memory map reads only the rows a region touches.
-            dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
-            arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
-            return _Level(arr, lv.axes, channel_axis, (1024, 1024))
-        store = stack.enter_context(series.aszarr(level=i))
-        arr = zarr.open(store, mode="r")
-    except _TIFF_ERRORS as e:
-        raise SlideError(f"expected a readable TIFF, level {i} of {tf.filehandle.path} is corrupt: "
-                         f"{_why(e)}") from e
-    chunks = dict(zip(lv.axes, arr.chunks))
-    return _Level(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]))
+        import openslide
+    except (ImportError, OSError) as e:   # OpenSlide is a dependency; a broken install must not stop TIFFs
+        log.debug("OpenSlide unavailable: %s", e)
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError, ValueError) as e:
+        log.debug("%s: OpenSlide cannot tell its format: %s", path.name, e)
+        return None
 
 
-def _channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
+def find_channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
     """The one axis holding channels (C or samples S), or None; refuses stacks and odd shapes."""
     sizes = dict(zip(axes, shape))
     extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1]
@@ -310,99 +359,6 @@ def _channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
     raise SlideError(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
                      f"shape {tuple(shape)}{hint}")
 
-
-def _check_complete(path: Path, levels) -> None:
-    """Fail at open, not hours into a run, when the file is shorter than its tiles say."""
-    size = path.stat().st_size
-    for lv in levels:
-        for page in lv.pages:
-            if page is None or not len(page.dataoffsets):
-                continue
-            end = int(np.max(np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)))
-            if end > size:
-                raise SlideError(f"expected a complete TIFF, {path} is truncated: its image data ends at "
-                                 f"byte {end:,} but the file has {size:,} bytes")
-
-
-def _tiff_metadata(tf, n_channels: int) -> tuple[float | None, str, tuple[str, ...] | None]:
-    """Pixel size (µm), where it came from, and channel names, in order of trust."""
-    page = tf.pages.first
-    why = []
-    names = None
-    if tf.is_ome:
-        mpp, names, reason = _ome(tf.ome_metadata, n_channels)
-        if mpp:
-            return mpp, "ome", names
-        why.append(reason)
-    if tf.is_imagej:
-        ij = tf.imagej_metadata or {}
-        labels = ij.get("Labels")
-        if names is None and isinstance(labels, list) and len(labels) == n_channels:
-            names = tuple(str(x) for x in labels)
-        unit = str(ij.get("unit", "")).replace("\\u00B5", "µ").strip().lower()
-        res = page.resolution if 282 in page.tags else None
-        if unit in _UM_PER_UNIT and res and min(res) > 0:
-            return _mean_mpp(_UM_PER_UNIT[unit] / res[0], _UM_PER_UNIT[unit] / res[1]), "imagej", names
-        why.append(f"the ImageJ calibration unit is {unit or 'missing'!r}")
-    if tf.is_svs:
-        m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", page.description)
-        try:
-            if m and float(m.group(1)) > 0:
-                return float(m.group(1)), "svs", names
-        except ValueError:
-            pass  # a garbled MPP field: fall through to the resolution tags
-        why.append("the SVS description has no MPP")
-    mpp, reason = _resolution_mpp(page)
-    if mpp:
-        return mpp, "tiff-resolution", names
-    why.append(reason)
-    return None, "none: " + "; ".join(why) + "; pass --mpp", names
-
-
-def _ome(xml: str, n_channels: int) -> tuple[float | None, tuple[str, ...] | None, str]:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as e:
-        log.warning("ignoring unreadable OME-XML: %s", e)
-        return None, None, "the OME-XML is unreadable"
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None, None, "the OME-XML has no Pixels element"
-    chans = [el.get("Name") for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]
-    names = tuple(chans) if len(chans) == n_channels and all(chans) else None
-    sizes = []
-    for ax in "XY":
-        value, unit = pixels.get(f"PhysicalSize{ax}"), pixels.get(f"PhysicalSize{ax}Unit", "µm")
-        if value is None:
-            return None, names, "the OME-XML has no PhysicalSizeX/Y"
-        if unit.lower() not in _UM_PER_UNIT:
-            return None, names, f"the OME PhysicalSize{ax}Unit {unit!r} is not a length unit"
-        try:
-            sizes.append(float(value) * _UM_PER_UNIT[unit.lower()])
-        except ValueError:
-            return None, names, f"the OME PhysicalSize{ax} {value!r} is not a number"
-    if min(sizes) <= 0:
-        return None, names, f"the OME PhysicalSizeX/Y {sizes} is not positive"
-    return _mean_mpp(*sizes), names, ""
-
-
-def _resolution_mpp(page) -> tuple[float | None, str]:
-    """µm per pixel from XResolution/YResolution (pixels per ResolutionUnit), or why not."""
-    if 282 not in page.tags or 283 not in page.tags:
-        return None, "the TIFF has no pixel size (no OME/ImageJ metadata, no resolution tags)"
-    unit = int(page.resolutionunit)
-    # RESUNIT: 1 NONE, 2 INCH, 3 CENTIMETER; 4 MILLIMETER and 5 MICROMETER are tifffile extensions.
-    um = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}.get(unit)
-    if um is None:
-        return None, "the TIFF ResolutionUnit is NONE (no physical unit)"
-    xres, yres = page.resolution
-    if xres <= 0 or yres <= 0:
-        return None, f"the TIFF resolution {xres:g} x {yres:g} is not positive"
-    mpp = _mean_mpp(um / xres, um / yres)
-    if mpp > SCREEN_MPP_UM:
-        what = f"{xres:g} dpi" if unit == 2 else f"{mpp:.4g} µm/px"
-        return None, f"the TIFF resolution {what} is a screen default, not a microscope pixel size"
-    return mpp, ""
 
 
 def _open_pil(path: Path) -> Slide:
@@ -422,19 +378,19 @@ def _open_pil(path: Path) -> Slide:
                                      "convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
                 arr, dpi = _pil_pixels(im, path), im.info.get("dpi")
     except _PIL_ERRORS as e:
-        raise SlideError(f"expected a readable PNG/JPEG, {path} is corrupt: {_why(e)}") from e
+        raise SlideError(f"expected a readable PNG/JPEG, {path} is corrupt (pillow: {error_text(e)})") from e
     if arr.ndim == 2:
         arr = arr[..., None]
     mpp, source = None, f"none: the {fmt.upper()} has no pixel size; pass --mpp"
     if dpi and min(dpi) > 0:
-        mpp = _mean_mpp(25400.0 / dpi[0], 25400.0 / dpi[1])
+        mpp = mean_mpp(25400.0 / dpi[0], 25400.0 / dpi[1])
         if mpp > SCREEN_MPP_UM:
             mpp, source = None, f"none: the {fmt.upper()} says {dpi[0]:g} dpi, a screen default, not a pixel size; pass --mpp"
         else:
             source = "image-dpi"
-    info = SlideInfo(path, fmt, arr.shape[0], arr.shape[1], arr.shape[2], arr.dtype, None, mpp, source,
+    info = SlideInfo(path, fmt, "pillow", arr.shape[0], arr.shape[1], arr.shape[2], arr.dtype, None, mpp, source,
                      ((arr.shape[0], arr.shape[1]),))
-    return Slide(info, [_Level(arr, "YXC", "C", (1024, 1024))])
+    return Slide(info, [ArrayLevel(arr, "YXC", "C", (1024, 1024))])
 
 
 def _pil_pixels(im: Image.Image, path: Path) -> np.ndarray:
@@ -461,7 +417,7 @@ def _block_starts(a: int, b: int, f: int) -> np.ndarray:
     return starts if len(starts) and starts[0] == 0 else np.concatenate([[0], starts]).astype(np.intp)
 
 
-def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def cast_like(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "b":
         return x >= 0.5
     if dtype.kind in "iu":
@@ -470,13 +426,13 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype)
 
 
-def _mean_mpp(x: float, y: float) -> float:
+def mean_mpp(x: float, y: float) -> float:
     if abs(x - y) > 0.01 * max(x, y):
         log.warning("pixels are not square (%.4g x %.4g µm); using the mean", x, y)
     return (x + y) / 2
 
 
-def _why(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     """First line of an exception, for one-line error messages."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")

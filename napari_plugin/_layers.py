@@ -24,14 +24,13 @@ import numpy as np
 
 from cellseg.errors import CellsegError, SlideError
 from cellseg.resultdir import RESULT_MARKER
-from cellseg.slide import PIL_SUFFIXES, TIFF_SUFFIXES, Slide, open_slide
+from cellseg.slide import Slide, looks_like_slide, open_slide
 
 from ._lazy import display_range, slide_pyramid
 
 log = logging.getLogger(__name__)
 
 LayerData = tuple  # (data, kwargs, layer_type)
-SLIDE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
 REGION_FILE = "region.json"       # written by the widget when it counted a region of a bigger image
 CHANNEL_COLORMAPS = ("blue", "green", "red", "magenta", "cyan", "yellow", "gray")
 DEFAULT_POINT_SIZE = 8.0
@@ -50,13 +49,13 @@ def find_result_folder(path: str | Path) -> Path | None:
 
 
 def is_slide_path(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)
+    """A slide file of any format cellseg reads, an OME-Zarr folder or a DICOM slide's folder."""
+    return looks_like_slide(path)
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".cellseg"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".cellseg"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -100,7 +99,8 @@ def _channel_name(info, channel: int) -> str:
 
 
 def slide_layer_data(path: str | Path, name: str | None = None) -> list[LayerData]:
-    """Lazy image layer(s) of a slide file (.tif, .ome.tif, .svs, .ndpi, .png, .jpg).
+    """Lazy image layer(s) of a slide in any format cellseg reads (cellseg.slide: TIFF family, DICOM, MRXS, CZI,
+    OME-Zarr, PNG, ...), through the same backends as `cellseg count`.
 
     The slide stays open as long as its layers hold its levels (closed when they are garbage collected).
     """

@@ -129,9 +129,9 @@ def _make_bad_input(kind: str, folder: Path) -> Path:
 BAD_INPUTS = {
     # kind: words the one-line message must hold (what was expected / what was found)
     "missing": ("no such file", "missing.png"),
-    "text-as-png": ("expected a TIFF/PNG/JPEG", "notes.png", "not one"),
-    "text-file": ("unsupported file type", ".txt", "expected a TIFF"),
-    "empty-file": ("expected a TIFF/PNG/JPEG", "empty (0 bytes)"),
+    "text-as-png": ("expected a slide image", "notes.png", "not one"),
+    "text-file": ("unsupported file type", ".txt", "expected a slide image"),
+    "empty-file": ("expected a slide image", "empty (0 bytes)"),
     "truncated-tiff": ("expected a complete TIFF", "truncated.tif", "truncated"),
     "truncated-tiff-header": ("expected a readable TIFF", "truncated.tif", "corrupt"),
     "zero-size": ("expected an image of positive size", "zero.tif", "(0, 0)"),
@@ -435,7 +435,7 @@ def test_many_inputs_one_bad_still_counts_the_others(tmp_path, small_png, model)
     assert sorted(p.name for p in results.iterdir()) == ["small", "summary.csv"]
     rows = {Path(r["input"]).name: r for r in read_csv(results / "summary.csv")}
     assert rows["small.png"]["status"] == "ok" and rows["bad.png"]["status"] == "error"
-    assert "expected a TIFF/PNG/JPEG" in rows["bad.png"]["error"]
+    assert "expected a slide image" in rows["bad.png"]["error"]
 
 
 def test_many_inputs_with_the_same_name_is_refused(tmp_path, small_png, model):

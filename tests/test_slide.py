@@ -302,8 +302,9 @@ def test_missing_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("notes.tif", b"hello, I am text\n", r"expected a TIFF/PNG/JPEG image, .* is not one \(starts with bytes"),
-    ("scan.czi", b"ZISRAWFILE\x00\x00", r"unsupported file type '.czi'"),
+    ("notes.tif", b"hello, I am text\n", r"expected a slide image \(TIFF.*\), .* is not one \(starts with bytes"),
+    ("scan.czi", b"ZISRAWFILE\x00\x00", r"expected a readable CZI, .*scan.czi is corrupt or truncated \(pylibCZIrw: "),
+    ("notes.txt", b"hello, I am text\n", r"unsupported file type '.txt' .* expected a slide image: TIFF"),
     ("empty.png", b"", r"is empty \(0 bytes\)"),
     ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, r"expected a readable PNG/JPEG"),
 ])

@@ -1,0 +1,58 @@
+"""What `cellseg info` prints: a slide as cellseg sees it, before a long run.
+
+Format and backend, the size of every pyramid level, channels and their names, the pixel size and where it
+came from, and the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.scale and
+tiling.plan_tiles). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
+and no torch.
+"""
+
+from __future__ import annotations
+
+from .protocol import Protocol
+from .scale import Scale, choose_scale, tile_geometry
+from .slide import SlideInfo
+from .tiling import grid_shape, plan_tiles
+
+
+def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None) -> list[str]:
+    """Lines of text about `info` and the tiles `protocol` cuts it into (at --diameter `diameter_px`, if given)."""
+    scale = _scale(protocol, info, diameter_px)
+    tile_px, halo_px = tile_geometry(protocol, scale)
+    n_tiles = len(plan_tiles(info.height, info.width, tile_px, halo_px))
+    rows, cols = grid_shape(info.height, info.width, tile_px)
+    h0, w0 = info.levels[0]
+    levels = ", ".join(f"{k}: {h} x {w}" + (f" (/{h0 / h:.3g})" if k else "") for k, (h, w) in enumerate(info.levels))
+    lines = [
+        str(info.path),
+        f"  format      {info.format}, read by {info.backend}",
+        f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
+        f"  pyramid     {len(info.levels)} level(s): {levels}",
+        f"  channels    {_channels(info)}",
+        f"  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp
+                             else f"unknown ({info.mpp_source.removeprefix('none: ')})"),
+        f"  tiles       {n_tiles} ({rows} x {cols}) of {tile_px} px with a {halo_px} px halo (protocol {protocol.name}; "
+        f"the tissue prefilter then skips background ones)",
+        f"  scale       {scale.factor:.3g}: {scale.source}",
+    ]
+    lines += [f"  note        {d}" for d in info.details]
+    return lines
+
+
+def _channels(info: SlideInfo) -> str:
+    if info.channel_names and len(info.channel_names) == info.n_channels:
+        return f"{info.n_channels}: " + ", ".join(info.channel_names)
+    if info.n_channels == 1:
+        return "1 (grayscale)"
+    if info.n_channels == 3:
+        return "3 (RGB)"
+    return f"{info.n_channels} (unnamed: c0..c{info.n_channels - 1})"
+
+
+def _scale(protocol: Protocol, info: SlideInfo, diameter_px: float | None) -> Scale:
+    """The resampling `cellseg count` would choose; the model's nucleus size is read from its model.toml."""
+    if diameter_px is None and not (protocol.nucleus_diameter_um and info.mpp):
+        return choose_scale(None, None, protocol, info.mpp)   # native: nothing to compare with the model's size
+    from .bundle import BUNDLE_FORMAT, find_bundle, read_bundle_folder
+    meta, _ = read_bundle_folder(find_bundle(protocol.model), BUNDLE_FORMAT)
+    model_d = float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0))
+    return choose_scale(model_d, diameter_px, protocol, info.mpp)
