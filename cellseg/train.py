@@ -144,7 +144,11 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
                 aug: Augmentation = Augmentation()) -> tuple[torch.Tensor, dict]:
     """A random training crop of at most size x size: zoom, flips, 90° rotations, then the photometric
     augmentations of cellseg.augment. A crop never reaches beyond its image (no padding that the network would
-    learn to see as an edge): an image smaller than `size` after zooming gives a smaller crop."""
+    learn to see as an edge): an image smaller than `size` after zooming gives a smaller crop.
+
+    Masks are resampled one instance at a time, at their own box (nearest pixel centre, as the bilinear image
+    resampling's half-pixel grid): never N full-size float canvases, which cost more than the training step's
+    data on dense crops."""
     _, H, W = item.image.shape
     scale = float(np.exp(rng.uniform(np.log(aug.scale[0]), np.log(aug.scale[1]))))
     out_h, out_w = min(size, max(8, round(H * scale))), min(size, max(8, round(W * scale)))
@@ -153,34 +157,36 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
     c0 = int(rng.integers(0, W - src_w + 1))
     r1, c1 = r0 + src_h, c0 + src_w
     img = torch.from_numpy(np.ascontiguousarray(item.image[:, r0:r1, c0:c1]))
-    inst, classes = [], []
-    for (br0, bc0, br1, bc1), m, cls in zip(item.boxes, item.masks, item.class_ids):
-        ir0, ic0, ir1, ic1 = max(br0, r0), max(bc0, c0), min(br1, r1), min(bc1, c1)
-        if ir0 >= ir1 or ic0 >= ic1:
-            continue
-        canvas = np.zeros((src_h, src_w), bool)
-        canvas[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = m[ir0 - br0:ir1 - br0, ic0 - bc0:ic1 - bc0]
-        inst.append(canvas)
-        classes.append(cls)
-    masks = torch.from_numpy(np.stack(inst)) if inst else torch.zeros(0, src_h, src_w, dtype=torch.bool)
     if (src_h, src_w) != (out_h, out_w):
         img = F.interpolate(img[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
                             antialias=scale < 1)[0]
-        masks = (F.interpolate(masks[None].float(), size=(out_h, out_w), mode="nearest")[0] > 0.5 if len(masks)
-                 else torch.zeros(0, out_h, out_w, dtype=torch.bool))   # interpolate refuses zero channels
+    # Source row/column (in the window) of each output pixel; monotonic, so an instance's output rows are a range.
+    src_row = np.minimum(((np.arange(out_h) + 0.5) * src_h / out_h).astype(np.int64), src_h - 1)
+    src_col = np.minimum(((np.arange(out_w) + 0.5) * src_w / out_w).astype(np.int64), src_w - 1)
+    hit = ((item.boxes[:, 0] < r1) & (item.boxes[:, 2] > r0) & (item.boxes[:, 1] < c1) & (item.boxes[:, 3] > c0)
+           if len(item.boxes) else np.zeros(0, bool))
+    chosen = np.flatnonzero(hit)
+    masks = np.zeros((len(chosen), out_h, out_w), bool)
+    for n, i in enumerate(chosen):
+        br0, bc0, br1, bc1 = (int(v) for v in item.boxes[i])
+        a0, a1 = np.searchsorted(src_row, [br0 - r0, br1 - r0])          # output rows whose source is in the box
+        b0, b1 = np.searchsorted(src_col, [bc0 - c0, bc1 - c0])
+        if a0 < a1 and b0 < b1:
+            masks[n, a0:a1, b0:b1] = item.masks[i][np.ix_(src_row[a0:a1] + r0 - br0, src_col[b0:b1] + c0 - bc0)]
+    classes = np.asarray(item.class_ids, np.int64)[chosen]
     k = int(rng.integers(4))
-    img, masks = torch.rot90(img, k, (1, 2)), torch.rot90(masks, k, (1, 2))
+    img, masks = torch.rot90(img, k, (1, 2)), np.rot90(masks, k, (1, 2))
     if rng.random() < 0.5:
-        img, masks = img.flip(2), masks.flip(2)
-    img = torch.from_numpy(augment_pixels(img.numpy(), masks.numpy(), bool(item.colour), rng, aug))
-    classes = torch.as_tensor(np.asarray(classes, np.int64)).reshape(-1)
-    keep = masks.flatten(1).sum(1) >= 4
+        img, masks = img.flip(2), masks[:, :, ::-1]
+    masks = np.ascontiguousarray(masks)
+    img = torch.from_numpy(augment_pixels(img.numpy(), masks, bool(item.colour), rng, aug))
+    keep = masks.sum((1, 2)) >= 4
     masks, classes = masks[keep], classes[keep]
-    rows, cols = masks.any(2).numpy(), masks.any(1).numpy()      # (N, H), (N, W): tight boxes without a scan each
-    boxes = torch.from_numpy(np.stack([cols.argmax(1), rows.argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1),
-                                       rows.shape[1] - rows[:, ::-1].argmax(1)], axis=1).astype(np.float32)
-                             .reshape(-1, 4))
-    return img.contiguous(), {"boxes": boxes, "labels": classes, "masks": masks.to(torch.uint8)}
+    rows, cols = masks.any(2), masks.any(1)      # (N, H), (N, W): tight boxes without a scan each
+    boxes = np.stack([cols.argmax(1), rows.argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1),
+                      rows.shape[1] - rows[:, ::-1].argmax(1)], axis=1).astype(np.float32).reshape(-1, 4)
+    return img.contiguous(), {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes),
+                              "masks": torch.from_numpy(masks.view(np.uint8))}
 
 
 # torchvision's COCO Mask R-CNN (ResNet-50-FPN v1): the file name its weights enum downloads to.
