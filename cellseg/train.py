@@ -304,6 +304,9 @@ class _Crops:
 
 
 class _CropStream(torch.utils.data.IterableDataset):
+    """Crops made in DataLoader worker processes; masks travel bit-packed (8x less to copy between processes:
+    a batch of dense 512-px crops holds hundreds of MB of one-byte masks) and are unpacked on the device."""
+
     def __init__(self, crops: _Crops):
         self.crops = crops
 
@@ -312,7 +315,29 @@ class _CropStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         torch.set_num_threads(1)
         s = self.crops.settings
-        return self.crops._stream(np.random.default_rng([s.seed, self.crops.first_step, worker]))
+        for batch in self.crops._stream(np.random.default_rng([s.seed, self.crops.first_step, worker])):
+            yield [(img, {**target, "masks": pack_masks(target["masks"])}) for img, target in batch]
+
+
+def pack_masks(masks: torch.Tensor) -> dict:
+    """(N, H, W) 0/1 masks -> bits along W (numpy.packbits) and the shape."""
+    return {"bits": torch.from_numpy(np.packbits(masks.numpy().astype(bool), axis=-1)),
+            "shape": torch.tensor(masks.shape)}
+
+
+def unpack_masks(packed: dict, device: torch.device) -> torch.Tensor:
+    """pack_masks' inverse, on `device`: uint8 (N, H, W)."""
+    bits = packed["bits"].to(device, non_blocking=True)
+    n, h, w = (int(v) for v in packed["shape"])
+    shifts = torch.arange(7, -1, -1, device=device, dtype=torch.uint8)       # packbits is big-endian in a byte
+    return ((bits[..., None] >> shifts) & 1).reshape(n, h, bits.shape[-1] * 8)[..., :w].contiguous()
+
+
+def _to_device(target: dict, device: torch.device) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in target.items() if k != "masks"}
+    masks = target["masks"]
+    out["masks"] = unpack_masks(masks, device) if isinstance(masks, dict) else masks.to(device, non_blocking=True)
+    return out
 
 
 def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
@@ -391,7 +416,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
                 break        # the time schedule has run its course
             batch = next(batches)
             images = [b[0].to(dev, non_blocking=True) for b in batch]
-            targets = [{k: v.to(dev, non_blocking=True) for k, v in b[1].items()} for b in batch]
+            targets = [_to_device(b[1], dev) for b in batch]
             for g in optim.param_groups:
                 g["lr"] = lr_at(step, wall)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):

@@ -50,6 +50,25 @@ def test_sample_crop_keeps_masks_and_boxes_consistent():
             assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
 
 
+def test_masks_cross_processes_bit_packed_and_come_back_equal():
+    from cellseg.train import pack_masks, unpack_masks
+    rng = np.random.default_rng(1)
+    for shape in [(3, 17, 29), (0, 8, 8), (5, 64, 64)]:
+        masks = torch.from_numpy((rng.random(shape) > 0.5).astype(np.uint8))
+        back = unpack_masks(pack_masks(masks), torch.device("cpu"))
+        assert back.dtype == torch.uint8 and torch.equal(back, masks)
+
+
+def test_crop_workers_train_like_the_main_process(tmp_path):
+    """Crops made by DataLoader worker processes (a GPU run's --workers) reach the network intact."""
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "bundle"
+    train(items, classes, out, TrainSettings(steps=2, batch_size=2, crop=64, workers=1),
+          model_cfg=tiny_model_config(), progress=False)
+    assert load_bundle(out).card["training"]["steps"] == 2
+
+
 def test_sample_crop_without_cells():
     item = TrainImage(np.zeros((3, 200, 200), np.float32), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
     rng = np.random.default_rng(3)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Make what a lent GPU machine needs for the nuclei recipe, in .carry/ (ignored by git; see docs/gpu.md):
+#   .carry/train_data/      the split's training images (JPEG q95) + labels + split.json  (scripts/pack_training_data.py)
+#   .carry/wheels_train/    cp312 wheels the machine lacks for training (tomli-w)
+#   .carry/wheels_bench/    ... and for benchmarks/run.py (zarr, numcodecs, pycocotools, OpenSlide, imagecodecs trimmed
+#                           to the codecs cellseg uses: the full wheel alone is 26 MB of the 64 MiB that may travel)
+# Then prints what each device call would send (the tracked tree + the carried folder) against the 64 MiB limit.
+#   bash scripts/gpu_prepare.sh [SPLIT_JSON]      (default: a new split of ../shared/data, as the recipe makes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SPLIT=${1:-}
+rm -rf .carry/train_data .carry/wheels_train .carry/wheels_bench
+python3 scripts/pack_training_data.py --out .carry/train_data ${SPLIT:+--split "$SPLIT"}
+
+PLATFORM="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp"
+for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux1_x86_64 manylinux_2_5_x86_64; do
+    PLATFORM="$PLATFORM --platform $p"
+done
+python3 -m pip download -q $PLATFORM -d .carry/wheels_train "tomli-w==1.2.0"
+python3 -m pip download -q $PLATFORM -d .carry/wheels_bench "tomli-w==1.2.0" "zarr==3.1.6" "numcodecs==0.16.6" \
+    "donfig==0.8.1.post1" "google-crc32c==1.9.0" "pycocotools==2.0.11" "openslide-python==1.4.7" \
+    "openslide-bin==4.0.1.2" "imagecodecs==2026.3.6"
+
+# imagecodecs: keep the modules cellseg and tifffile use here (zstd, deflate/zlib, JPEG, PNG) and their libraries.
+work=$(mktemp -d)
+wheel=$(ls .carry/wheels_bench/imagecodecs-*.whl)
+(cd "$work" && unzip -q "$OLDPWD/$wheel")
+keep='^(__init__\.py|imagecodecs\.py|_imagecodecs\.py|py\.typed|_shared\.abi3\.so|_shared_cython\.abi3\.so|_imcd\.abi3\.so|_zstd\.abi3\.so|_deflate\.abi3\.so|_zlib\.abi3\.so|_jpeg8\.abi3\.so|_png\.abi3\.so|_lzw\.abi3\.so|licenses)$'
+for f in "$work"/imagecodecs/*; do basename "$f" | grep -Eq "$keep" || rm -rf "$f"; done
+for f in "$work"/imagecodecs.libs/*; do basename "$f" | grep -Eq '^lib(zstd|deflate|jpeg|png16|z)-' || rm -f "$f"; done
+# The RECORD lists removed files; pip installs a wheel without checking it is complete, so rewrite it to match.
+record=$(ls "$work"/imagecodecs-*.dist-info/RECORD)
+(cd "$work" && find . -type f ! -name RECORD | sed 's|^\./||' | sed 's|$|,,|' > "$record" && echo "$(basename "$(dirname "$record")")/RECORD,," >> "$record")
+rm "$wheel"
+(cd "$work" && zip -q -r -9 "$OLDPWD/$wheel" .)
+rm -rf "$work"
+
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | tail -1 | cut -f1)
+for carried in .carry/train_data .carry/wheels_train .carry/wheels_bench; do
+    size=$(du -sb "$carried" | cut -f1)
+    echo "$carried: $((size / 1048576)) MiB; with the tree ($(((tree + ${untracked:-0}) / 1048576)) MiB): $(((tree + ${untracked:-0} + size) / 1048576)) MiB of 64"
+done

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One call of the nuclei recipe on a lent GPU machine (docs/gpu.md): from the repository root, with .carry/train_data
+# and .carry/wheels_train carried (scripts/gpu_prepare.sh makes them):
+#
+#     bash scripts/gpu_train.sh
+#
+# The first call starts a ResNet-34-FPN Mask R-CNN from scratch in runs/gpu; every later call while the machine is
+# held resumes it from runs/gpu/checkpoint.pt. Each call trains GPU_MINUTES (default 8.5, inside the 10-minute
+# limit of a call) and checkpoints every 3 minutes; the learning-rate schedule spans GPU_SCHEDULE_MINUTES of
+# training over all calls (default 24: three calls). At the end of each call the bundle as it stands goes to $OUT
+# with its weights in parts of at most 15 MiB (results come back in files of at most 16 MiB); scripts/gpu_collect.sh
+# puts them together here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_out}
+RUN=${GPU_RUN:-runs/gpu}
+DEVICE=${GPU_DEVICE:-cuda}
+mkdir -p "$OUT"
+if ls .carry/wheels_train/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cellseg-site .carry/wheels_train/*.whl
+    export PYTHONPATH=/tmp/cellseg-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+RESUME=""
+[ -f "$RUN/checkpoint.pt" ] && RESUME="--resume"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 scripts/train_default_bundle.py --out "$RUN" --data-root .carry/train_data \
+    --split .carry/train_data/split.json --device "$DEVICE" --backbone "${GPU_BACKBONE:-resnet34}" \
+    --batch-size "${GPU_BATCH:-16}" --crop "${GPU_CROP:-512}" --lr "${GPU_LR:-5e-4}" --warmup 300 \
+    --workers "${GPU_WORKERS:-12}" --steps 1000000 --minutes "${GPU_MINUTES:-8.5}" \
+    --schedule-minutes "${GPU_SCHEDULE_MINUTES:-24}" --checkpoint-minutes 3 $RESUME 2>&1 | tr '\r' '\n' | \
+    grep -v '^train: ' | tee "$OUT/train.log"
+# The bundle as it stands, for scripts/gpu_collect.sh: weights in parts, model card, log, split.
+split -b 15M -d -a 1 "$RUN/weights.safetensors" "$OUT/weights.safetensors.part"
+cp "$RUN/model.toml" "$RUN/training_log.csv" "$OUT/"
+python3 - "$RUN" <<'PY'
+import sys, tomllib
+t = tomllib.load(open(f"{sys.argv[1]}/model.toml", "rb"))["training"]
+print(f"after this call: {t['steps']} steps, {t['wall_seconds'] / 60:.1f} min of training on {t['hardware']}")
+PY
