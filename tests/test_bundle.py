@@ -248,3 +248,30 @@ def test_find_bundle_accepts_folder_or_its_model_toml(saved):
     folder = saved[2]
     assert find_bundle(folder) == folder
     assert find_bundle(folder / "model.toml") == folder
+
+
+# --- thresholds per modality ------------------------------------------------------------------------------
+
+def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
+    """A protocol without its own threshold runs at its modality's tuned threshold (TTA's own when asked), else
+    the bundle's default; the protocol's explicit threshold wins."""
+    from cellseg.bundle import update_bundle_metadata
+    from cellseg.pipeline import load_detector
+    from cellseg.protocol import load_protocol
+    update_bundle_metadata(bundle_copy, score_thresholds={"fluorescence": 0.65, "brightfield": 0.8},
+                           tta_score_thresholds={"brightfield": 0.55})
+    bundle = load_bundle(bundle_copy)
+    assert bundle.threshold_for("fluorescence") == 0.65 and bundle.threshold_for("brightfield") == 0.8
+    assert bundle.threshold_for("brightfield", tta=True) == 0.55
+    assert bundle.threshold_for("fluorescence", tta=True) == 0.65     # no TTA threshold: the plain one
+    assert bundle.threshold_for("other") == 0.3                       # the bundle's default
+    for name, expected in (("fluorescence-nuclei", 0.65), ("he-nuclei", 0.8)):
+        protocol = load_protocol(name).replace(model=str(bundle_copy))
+        assert load_detector(protocol, "cpu")[0].score_threshold == expected
+        assert load_detector(protocol.replace(score_threshold=0.42), "cpu")[0].score_threshold == 0.42
+
+
+def test_bad_threshold_table_is_one_line(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m["inference"].update(score_threshold_by_modality={"fluorescence": 1.5}))
+    with pytest.raises(BundleError, match=r"between 0 and 1 for 'fluorescence'.*score_threshold_by_modality"):
+        load_bundle(bundle_copy)
