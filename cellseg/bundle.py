@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tomli_w
 
-from .detect import ModelConfig
+from .network import ModelConfig
 from .errors import BundleError
 
 BUNDLE_FORMAT = "cellseg-bundle/1"
@@ -47,7 +47,7 @@ class Bundle:
 
     def build(self):
         """The network with this bundle's weights (on CPU, eval mode)."""
-        from .detect import build_model
+        from .network import build_model
         try:
             net = build_model(self.model)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. fpn_channels = "big" or -4 in model.toml

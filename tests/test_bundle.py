@@ -17,15 +17,10 @@ import tomli_w
 import torch
 
 from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
-from cellseg.detect import ModelConfig, build_model
 from cellseg.errors import BundleError
+from cellseg.network import ModelConfig, build_model
 
-
-
-def tiny_model_config() -> ModelConfig:
-    """Like conftest's (a small FPN and box head): quick to build, ~20 MB of float16 weights."""
-    return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
-                       rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300)
+from .helpers import tiny_model_config
 
 
 CARD = {"training": {"data": "DSB2018 stage 1 (CC0)", "steps": 3}, "metrics": {"ap50": 0.12}}
