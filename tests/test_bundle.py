@@ -18,7 +18,7 @@ import torch
 
 from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
 from cellseg.errors import BundleError
-from cellseg.network import ModelConfig, build_model
+from cellseg.network import build_model
 
 from .helpers import tiny_model_config
 

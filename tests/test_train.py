@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from cellseg.bundle import load_bundle
 from cellseg.train import TrainImage, TrainSettings, load_coco, sample_crop, train
