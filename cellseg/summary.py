@@ -97,10 +97,10 @@ def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell
     }
 
 
-def run_record(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", tissue_method: dict,
+def run_record(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", tissue: dict,
                run_info: dict | None) -> dict:
-    """run.json's content. tissue_method: tissue.TissueFinder.describe(); run_info: the caller's additions."""
+    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: the caller's additions."""
     return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
             "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.channel,
-            "intensity_range": [plan.intensity.low, plan.intensity.high], "tissue": tissue_method,
+            "intensity_range": [plan.intensity.low, plan.intensity.high], "tissue": tissue,
             "normalisation_windows": [list(map(int, b)) for b in plan.windows], **(run_info or {})}
