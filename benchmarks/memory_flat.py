@@ -3,7 +3,7 @@
 Builds synthetic whole-slide-like pyramidal TIFFs of N x N px: a dark fluorescence field with a few round
 "tissue" islands of bright nuclei-like discs (the same islands, in the same place, whatever N, so every
 slide holds the same cells and the run time stays bounded), written tile by tile, level by level. Each
-slide is counted in a fresh subprocess through `pipeline.count_slide` (every result file written) and its
+slide is counted in a fresh subprocess through `counter.CellCounter` (every result file written) and its
 peak RSS (ru_maxrss, the whole run: reading, tissue view, detection, merging, measuring, writing) printed.
 
 --detector model: the shipped Mask R-CNN with the tissue prefilter (--tissue, default unet), as
@@ -116,13 +116,18 @@ def write_synthetic_slide(path: Path, size: int) -> None:
 
 
 class ThresholdDetector:
-    """Connected components of pixels above a threshold: a cheap stand-in for the network."""
+    """Connected components of pixels above a threshold: a cheap stand-in for the network (a TileDetector without
+    slide-level statistics)."""
 
+    device = "cpu"
     class_names = ("nucleus",)
+
+    def calibrate(self, windows):
+        pass
 
     def detect(self, images, tiles, scale=1.0):
         from scipy import ndimage
-        from cellseg.detect import TileDetections
+        from cellseg.instances import TileDetections
         out = []
         for image in images:
             labels, n = ndimage.label(image[0] > 0.5)
@@ -136,18 +141,15 @@ class ThresholdDetector:
 
 
 def child(slide: Path, out: Path, detector_kind: str, tissue: str) -> None:
-    from cellseg.pipeline import count_slide, load_detector
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
-    from cellseg.tissue import TissueFinder
-    out.mkdir(parents=True, exist_ok=True)
-    protocol = load_protocol("fluorescence-nuclei")
+    protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue)
     if detector_kind == "model":
-        detector, bundle = load_detector(protocol, "cpu")
-        diameter = bundle.nucleus_diameter_px
+        counter = CellCounter.load(protocol, "cpu")
     else:
-        detector, diameter = ThresholdDetector(), None
+        counter = CellCounter(protocol, ThresholdDetector())
     start = time.perf_counter()
-    summary = count_slide(slide, out, protocol, detector, tissue=TissueFinder(tissue), model_diameter_px=diameter)
+    summary = counter.count(slide, out)
     print(json.dumps({"cells": summary["cell_count"], "seconds": round(time.perf_counter() - start, 1),
                       "tiles": summary["tiles_total"], "skipped": summary["tiles_skipped"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -11,9 +11,9 @@ made up here, with the TileDetections contract of Mask R-CNN output:
   neighbouring tiles see a seam nucleus as two slightly different masks;
 - ~2 % of detections get a near-duplicate (Mask R-CNN's double hits); scores are random.
 
-The stages then run exactly as pipeline._run_tiles drives them: owned_instances + SeamMerger.add_tile
-per tile, pop_final per completed grid row ("merge"), and pipeline._Emitter per owning tile:
-label_tile + measure_tile ("measure"), cells.csv through export.CellsTableWriter ("write", optional).
+The stages then run exactly as pipeline.count_slide drives them (pipeline.merge_tiles): owned_instances +
+SeamMerger.add_tile per tile, pop_final per completed grid row ("merge"), and pipeline.CellEmitter per owning tile:
+label_tile + measure_tile ("measure"), cells.csv through cells_csv.CellsTableWriter ("write", optional).
 Detection generation is not timed.
 
     nice -n 5 python benchmarks/merge_measure.py [--grid 16 16] [--channels 3] [--csv] [--profile out.prof]
@@ -88,7 +88,7 @@ class SyntheticSlide:
 
     def detections(self, tile_index: int):
         """What a detector would report for one tile, in its read-box frame (TileDetections)."""
-        from cellseg.detect import TileDetections
+        from cellseg.instances import TileDetections
         tile = self.tiles[tile_index]
         rng = np.random.default_rng((self.seed, tile_index, 1))
         shift = rng.integers(-1, 2, size=2)               # this tile's view is off by up to 1 px
@@ -133,7 +133,7 @@ class SyntheticSlide:
 
 
 class _FakeSlide:
-    """read_region + info.mpp, all _Emitter needs: noise pixels of the box's size (C channels)."""
+    """read_region + info.mpp, all CellEmitter needs: noise pixels of the box's size (C channels)."""
 
     def __init__(self, channels: int, seed: int = 0):
         rng = np.random.default_rng(seed)
@@ -145,7 +145,7 @@ class _FakeSlide:
 
 
 class _Timer:
-    """pipeline.StageTimer's interface, recording wall-clock and CPU seconds (this machine is shared: CPU
+    """summary.StageTimer's interface, recording wall-clock and CPU seconds (this machine is shared: CPU
     time shows what the code costs, wall time what a user waited)."""
 
     def __init__(self):
@@ -162,25 +162,24 @@ class _Timer:
             self.cpu[stage] = self.cpu.get(stage, 0.0) + time.process_time() - cpu
 
 
-class _Null:
-    """Stands in for the COCO writer, the label store and (without --csv) cells.csv: their cost is the
-    write stage's, not merge's or measure's."""
+class _TableOnly:
+    """Stands in for export.ResultWriter: only cells.csv (with --csv) is written; the COCO file and the label
+    canvas cost the write stage, not merge or measure."""
 
-    def append(self, *args, **kwargs):
-        pass
+    def __init__(self, table):
+        self.table = table
 
-    def paint(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
+    def add_cells(self, read, ids, cells, labels, rows):
+        if self.table is not None:
+            self.table.append(rows)
 
 
 def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dict:
-    from cellseg.export import CellsTableWriter
+    from cellseg.cells_csv import CellsTableWriter
     from cellseg.measure import cell_columns
-    from cellseg.merge import SeamMerger, seam_band_px
-    from cellseg.pipeline import _Emitter, merge_tiles
+    from cellseg.merge import SeamMerger
+    from cellseg.pipeline import CellEmitter, merge_tiles
+    from cellseg.tiling import seam_band_px
 
     synth = SyntheticSlide(*grid, seed=seed)
     tiles = synth.tiles
@@ -191,11 +190,10 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dic
     band = seam_band_px(HALO)
     generate = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        table = CellsTableWriter(Path(tmp) / "cells.csv", cell_columns(names)) if write_csv else _Null()
-        emitter = _Emitter(_FakeSlide(channels, seed), tiles, _Null(), table, _Null(), names, ["nucleus"],
-                           timer, [])
+        table = CellsTableWriter(Path(tmp) / "cells.csv", cell_columns(names)) if write_csv else None
+        emitter = CellEmitter(_FakeSlide(channels, seed), tiles, _TableOnly(table), names, ["nucleus"], timer)
 
-        def detections():                                    # pipeline._run_tiles minus the network
+        def detections():                                    # pipeline.detect_tiles minus the network
             nonlocal generate
             for tile in tiles:
                 start = time.perf_counter()
@@ -204,7 +202,8 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dic
                 yield tile, det
 
         merge_tiles(detections(), tiles_per_row, merger, emitter, timer, synth.shape, 10, band)
-        table.close()
+        if table is not None:
+            table.close()
     return {"tiles": len(tiles), "cells": emitter.next_id - 1, "generate_s": generate, "wall": timer.wall,
             "cpu": timer.cpu, "seams": merger.stats.to_dict()}
 

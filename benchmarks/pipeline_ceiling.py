@@ -1,6 +1,6 @@
 """How fast can `cellseg count` go when the network costs nothing? (not a test)
 
-Runs `pipeline.count_slide` on a slide twice with memory_flat's threshold detector (connected components of bright
+Runs a slide through `counter.CellCounter` twice with memory_flat's threshold detector (connected components of bright
 pixels, the same TileDetections contract) in the network's place: the first run records every tile's detections,
 the second, timed, gets them back at no cost (detection runs in a thread of its own, alongside merging and
 writing, so a stand-in's time could not simply be subtracted). What the timed run spends (reading, tissue,
@@ -34,9 +34,9 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
 
     from memory_flat import ThresholdDetector
 
-    from cellseg import export, pipeline
+    from cellseg import cells_csv, coco, export, labelstore
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
-    from cellseg.tissue import TissueFinder
 
     parts: Counter = Counter()
 
@@ -51,14 +51,14 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
                 parts[label] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
-    # The write stage's parts (pipeline.py looks these names up in its own namespace at call time).
-    timed(export.CellsTableWriter, "append", "cells.csv")
-    timed(export.CellsTableWriter, "close", "cells.csv")
-    timed(export.CocoWriter, "append", "predictions.coco.json")
-    timed(export.LabelStore, "paint", "label canvas")
-    timed(pipeline, "write_label_images", "labels + panoptic TIFF")
-    timed(pipeline, "write_overlay_png", "overlay.png")
-    timed(pipeline, "write_area_histogram", "area_histogram.png")
+    # The write stage's parts (export.py looks these names up in its own namespace at call time).
+    timed(cells_csv.CellsTableWriter, "append", "cells.csv")
+    timed(cells_csv.CellsTableWriter, "close", "cells.csv")
+    timed(coco.CocoWriter, "append", "predictions.coco.json")
+    timed(labelstore.LabelStore, "paint", "label canvas")
+    timed(export, "write_label_images", "labels + panoptic TIFF")
+    timed(export, "write_overlay_png", "overlay.png")
+    timed(export, "write_area_histogram", "area_histogram.png")
 
     class Replay(ThresholdDetector):
         """The stand-in's detections, recorded on a first run and handed back instantly on the timed one."""
@@ -73,13 +73,13 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
             self.recorded.update((t.read, d) for t, d in zip(tiles, found))
             return found
 
-    protocol = load_protocol("fluorescence-nuclei")
-    detector, finder = Replay(), TissueFinder(tissue)
-    pipeline.count_slide(slide, out.with_name("record"), protocol, detector, tissue=finder)
+    detector = Replay()
+    counter = CellCounter(load_protocol("fluorescence-nuclei").replace(tissue_method=tissue), detector)
+    counter.count(slide, out.with_name("record"))
     detector.replaying = True
     parts.clear()
     start = time.perf_counter()
-    summary = pipeline.count_slide(slide, out, protocol, detector, tissue=finder)
+    summary = counter.count(slide, out)
     wall = pipeline_s = time.perf_counter() - start
     tissue_mp = summary["tissue_area_px"] / 1e6
     return {"slide": slide.name, "slide_mp": summary["height_px"] * summary["width_px"] / 1e6,

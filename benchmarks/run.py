@@ -3,10 +3,10 @@
 Two runs on the SAME pixels (same tile grid, core + halo reads, same normalisation through
 cellseg.preprocess with the intensity range cellseg measured) and the SAME weights (the shipped bundle):
 
-- cellseg: `pipeline.count_slide` with the protocol's detector, exactly as `cellseg count` runs it
+- cellseg: `counter.CellCounter` with the protocol's detector, exactly as `cellseg count` runs it
   (every result file written). Stage seconds come from count_slide's summary ("seconds").
 - naive:   the network rebuilt from the bundle's ModelConfig and state dict, then given torchvision's
-  defaults (DESIGN.md §5): GeneralizedRCNNTransform(min_size=800, max_size=1333) (every tile rescaled),
+  defaults (docs/architecture.md, "Detection"): GeneralizedRCNNTransform(min_size=800, max_size=1333) (every tile rescaled),
   masks pasted on full-tile canvases by torchvision's postprocess (paste_masks_in_image),
   roi_heads.detections_per_img = 100, RPN pre/post-NMS top-n 2000/2000 train, 1000/1000 test.
   Kept: the bundle's anchors, image mean/std, box NMS threshold and score threshold (they are the model,
@@ -159,23 +159,23 @@ def instrument(model, timer, device) -> dict:
 
 def child_cellseg(spec: dict) -> dict:
     import torch
-    from cellseg.pipeline import count_slide, load_detector
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
+    from cellseg.summary import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
                                                        tissue_method=spec["tissue"])
     t = time.perf_counter()
-    detector, bundle = load_detector(protocol, spec["device"])
+    counter = CellCounter.load(protocol, spec["device"])   # the network and the tissue U-Net
+    detector = counter.detector
     load_s = time.perf_counter() - t
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
-    from cellseg.pipeline import StageTimer
     net_timer = StageTimer()
     counts = instrument(detector.model, net_timer, detector.device)
     _gpu_reset(detector.device)
     out = Path(spec["out"])
-    out.mkdir(parents=True, exist_ok=True)
     t, cpu = time.perf_counter(), time.process_time()
-    summary = count_slide(Path(spec["slide"]), out, protocol, detector, model_diameter_px=bundle.nucleus_diameter_px)
+    summary = counter.count(Path(spec["slide"]), out)
     if detector.device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
@@ -190,7 +190,7 @@ def child_cellseg(spec: dict) -> dict:
 # --------------------------------------------------------------------------- child: naive torchvision
 
 def build_naive_model(bundle):
-    """The bundle's network with torchvision's defaults put back (DESIGN.md §5); anchors stay the bundle's."""
+    """The bundle's network with torchvision's defaults put back (docs/architecture.md); anchors stay the bundle's."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
     model = bundle.build()
     cfg = bundle.model
@@ -207,10 +207,10 @@ def child_naive(spec: dict) -> dict:
     import torch
     from cellseg.bundle import load_bundle
     from cellseg.detect import resolve_device
-    from cellseg.pipeline import StageTimer
     from cellseg.preprocess import IntensityRange, select_channels, to_network_input
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
+    from cellseg.summary import StageTimer
     from cellseg.tiling import plan_tiles
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"])
@@ -342,9 +342,9 @@ def main() -> None:
         return
 
     from cellseg.bundle import load_bundle
-    from cellseg.pipeline import choose_scale, tile_geometry
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
+    from cellseg.slide_plan import choose_scale, tile_geometry
     from cellseg.tiling import grid_shape
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size, model=args.model,

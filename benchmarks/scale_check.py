@@ -32,14 +32,17 @@ def main() -> None:
     import tifffile
     from cellseg.cli import result_stem
     from cellseg.evaluate import load_instances, match, pair_iou
-    from cellseg.pipeline import count_slide, load_detector, measure_diameter, select_channels
-    from cellseg.preprocess import measure_range
+    from cellseg.bundle import load_bundle
+    from cellseg.counter import CellCounter
+    from cellseg.preprocess import measure_range, select_channels
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
+    from cellseg.slide_plan import measure_diameter
     from cellseg.tiling import Box
 
     protocol = load_protocol(args.protocol).replace(tissue_method="none")   # detection is what is measured here
-    detector, bundle = load_detector(protocol, args.device)
+    counter = CellCounter.load(protocol, args.device)
+    detector, bundle = counter.detector, load_bundle(protocol.model)
     gt_path = args.slide.parent / f"{result_stem(args.slide)}_labels.tif"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,9 +77,8 @@ def main() -> None:
         reference = None
         for name, path, diameter, truth in runs:
             out = tmp / name.replace(" ", "_").replace(",", "").replace("-", "")
-            out.mkdir()
-            summary = count_slide(path, out, protocol, detector, model_diameter_px=bundle.nucleus_diameter_px,
-                                  diameter_px=diameter)
+            summary = CellCounter(protocol, detector, tissue=counter.tissue, model_diameter_px=bundle.nucleus_diameter_px,
+                                  diameter_px=diameter).count(path, out)
             n = summary["cell_count"]
             reference = reference if reference is not None else n
             f1 = "-"

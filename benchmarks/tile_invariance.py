@@ -30,18 +30,20 @@ def main() -> None:
     args = p.parse_args()
 
     from cellseg.evaluate import load_instances, match, pair_iou
-    from cellseg.pipeline import count_slide, load_detector
+    from cellseg.bundle import load_bundle
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
 
-    protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue)
-    detector, bundle = load_detector(protocol.replace(model=args.model), args.device)
+    protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model)
+    loaded = CellCounter.load(protocol, args.device)
+    bundle = load_bundle(protocol.model)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tile in args.tiles:
             out = Path(tmp) / f"t{tile}"
-            out.mkdir()
             start = time.perf_counter()
-            summary = count_slide(args.slide, out, protocol.replace(tile_size=tile), detector)
+            counter = CellCounter(protocol.replace(tile_size=tile), loaded.detector, tissue=loaded.tissue)
+            summary = counter.count(args.slide, out)
             instances = next(iter(load_instances(out).values()))
             runs[tile] = (summary["cell_count"], instances, time.perf_counter() - start)
         ref_tile = args.tiles[0]

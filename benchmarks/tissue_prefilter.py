@@ -39,20 +39,19 @@ def main() -> None:
 
     from cellseg.cli import result_stem
     from cellseg.evaluate import load_instances, match, pair_iou
-    from cellseg.pipeline import count_slide, load_detector
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
-    from cellseg.tissue import TissueFinder
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size)
-    detector, bundle = load_detector(protocol, args.device)
+    loaded = CellCounter.load(protocol, args.device)
     gt_path = args.slide.parent / f"{result_stem(args.slide)}_labels.tif"
     gt = next(iter(load_instances(gt_path).values())) if gt_path.is_file() else None
     def run(name: str, method: str, min_fraction: float) -> dict:
         out = Path(tmp) / name
-        out.mkdir()
         start = time.perf_counter()
-        summary = count_slide(args.slide, out, protocol.replace(min_tissue_fraction=min_fraction), detector,
-                              tissue=TissueFinder(method), model_diameter_px=bundle.nucleus_diameter_px)
+        counter = CellCounter(protocol.replace(min_tissue_fraction=min_fraction, tissue_method=method),
+                              loaded.detector, model_diameter_px=loaded.model_diameter_px)
+        summary = counter.count(args.slide, out)
         return {"summary": summary, "cells": next(iter(load_instances(out).values())),
                 "seconds": time.perf_counter() - start}
 

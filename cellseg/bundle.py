@@ -19,8 +19,8 @@ import tomli_w
 
 from .errors import BundleError
 
-if TYPE_CHECKING:   # detect imports torch; reading a bundle's model.toml must not (`cellseg info`)
-    from .detect import ModelConfig
+if TYPE_CHECKING:   # network imports torch; reading a bundle's model.toml must not (`cellseg info`)
+    from .network import ModelConfig
 
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
@@ -62,7 +62,7 @@ class Bundle:
 
     def build(self):
         """The network with this bundle's weights (on CPU, eval mode)."""
-        from .detect import build_model
+        from .network import build_model
         try:
             net = build_model(self.model)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. fpn_channels = "big" or -4 in model.toml
@@ -139,7 +139,7 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
     folder = find_bundle(name_or_path)
     meta, digest = read_bundle_folder(folder, BUNDLE_FORMAT)
     toml_path = folder / "model.toml"
-    from .detect import ModelConfig
+    from .network import ModelConfig
     try:
         model = ModelConfig.from_dict(meta.get("model", {}))
         inference = meta.get("inference", {})

@@ -1,9 +1,11 @@
 """The `cellseg` command. One group, one function per command; heavy imports inside commands so
-`--help` is instant. A user mistake becomes one line on stderr and exit 1 (2 for usage errors)."""
+`--help` is instant. Options are checked by their click types (ranges from the protocol schema). A user mistake
+becomes one line on stderr and exit 1 (2 for usage errors). Counting goes through counter.CellCounter."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CellsegError, ParameterError
+from .protocol import setting_range
 
 
 class _Group(click.Group):
@@ -28,6 +31,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CellsegError as e:
             click.echo(f"cellseg: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except click.UsageError as e:   # a command's bad option or argument (click's types): one line too
+            click.echo(f"cellseg: error: {e.format_message()}", err=True)
             ctx.exit(e.exit_code)
 
 
@@ -66,51 +72,71 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
     return outs
 
 
+class _Diameter(click.ParamType):
+    """--diameter PX|auto: the nuclei's typical diameter in px (> 0), or "auto" to measure it."""
+
+    name = "PX|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            diameter = float(value)
+        except ValueError:
+            self.fail(f"expected a number of px or 'auto', got {value!r}", param, ctx)
+        if not (math.isfinite(diameter) and diameter > 0):
+            self.fail(f"expected a diameter > 0 px, got {value}", param, ctx)
+        return diameter
+
+
+def _setting(key: str, kind: type = int) -> click.ParamType:
+    """The click type of an option that overrides protocol setting `key`: the range the protocol schema allows."""
+    lo, hi = setting_range(key)
+    return click.IntRange(lo, hi) if kind is int else click.FloatRange(lo, hi)
+
+
+_POSITIVE = click.FloatRange(0, min_open=True)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Result folder (one input) or parent folder of one result folder per input.")
 @click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
               help="Protocol name (see `cellseg protocols list`) or a .toml file.")
-@click.option("--tile-size", type=int, default=None, help="Tile core size in px (protocol default).")
-@click.option("--halo", "halo_px", type=int, default=None, help="Tile halo in px, >= the largest cell diameter.")
-@click.option("--batch-size", type=int, default=None, help="Tiles per detector call.")
+@click.option("--tile-size", type=_setting("tile_size"), default=None, help="Tile core size in px (protocol default).")
+@click.option("--halo", "halo_px", type=_setting("halo_px"), default=None,
+              help="Tile halo in px, >= the largest cell diameter.")
+@click.option("--batch-size", type=_setting("batch_size"), default=None, help="Tiles per detector call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
-@click.option("--diameter", default=None, metavar="PX|auto",
+@click.option("--mpp", type=_POSITIVE, default=None, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
                    "so nuclei reach the model at its training size.")
-@click.option("--channel", type=int, default=None, help="Channel holding the nuclei (0-based).")
+@click.option("--channel", type=_setting("channel"), default=None, help="Channel holding the nuclei (0-based).")
 @click.option("--tissue", "tissue_method", type=click.Choice(["unet", "otsu", "none"]), default=None,
               help="Find tissue first and skip background tiles: the U-Net, Otsu, or none (protocol default: unet).")
-@click.option("--min-tissue-fraction", type=float, default=None,
+@click.option("--min-tissue-fraction", type=_setting("min_tissue_fraction", float), default=None,
               help="Skip tiles whose core is less than this share tissue (protocol default).")
 @click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
-@click.option("--score-threshold", type=float, default=None, help="Minimum detection score (bundle default).")
+@click.option("--score-threshold", type=_setting("score_threshold", float), default=None,
+              help="Minimum detection score (bundle default).")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
+                   "About 8x the detection time (README, Performance).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
-          tissue_method, min_tissue_fraction, model_name, score_threshold, quiet) -> None:
+          tissue_method, min_tissue_fraction, model_name, score_threshold, tta, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
-    from .resultdir import atomic_write_text, staged_output
+    from .resultdir import atomic_write_text
 
-    if mpp is not None and mpp <= 0:
-        raise ParameterError(f"expected --mpp > 0 µm/px, got {mpp}")
-    if diameter is not None and diameter != "auto":
-        try:
-            diameter = float(diameter)
-        except ValueError:
-            raise ParameterError(f"expected --diameter as a number of px or 'auto', got {diameter!r}") from None
-        if not diameter > 0:
-            raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
+    # The tile/halo rule across two options is the protocol's (tiling.check_halo).
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
                                                     channel=channel, model=model_name,
                                                     score_threshold=score_threshold, tissue_method=tissue_method,
                                                     min_tissue_fraction=min_tissue_fraction)
-    if 2 * protocol.halo_px > protocol.tile_size:
-        raise ParameterError(f"expected a halo of at most tile size / 2 = {protocol.tile_size // 2} px, "
-                             f"got {protocol.halo_px} px")
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
@@ -119,22 +145,17 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         from .slide import open_slide
         with open_slide(inputs[0], mpp=mpp) as slide:
             check_pixel_size(protocol, slide.info)
-    from .pipeline import count_slide, load_detector
-    detector, bundle = load_detector(protocol, device)
-    from .tissue import TissueFinder
-    tissue = TissueFinder(protocol.tissue_method, device=str(detector.device))
     import shlex
+
+    from .counter import CellCounter
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
-    run_info = {"command": shlex.join(["cellseg", *argv]), "device": str(detector.device),
-                "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
-                          "score_threshold": detector.score_threshold}}
+    counter = CellCounter.load(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
+                               run_info={"command": shlex.join(["cellseg", *argv])})
     rows, failures = [], 0
     for path, out in zip(inputs, outputs):
         try:
-            with staged_output(out) as staging:
-                summary = count_slide(path, staging, protocol, detector, mpp=mpp, progress=not quiet,
-                                      run_info=run_info, model_diameter_px=bundle.nucleus_diameter_px,
-                                      diameter_px=diameter, tissue=tissue)
+            with _TileBar(path.name, enabled=not quiet) as bar:
+                summary = counter.count(path, out, progress=bar)
         except CellsegError as e:
             if len(inputs) == 1:
                 raise
@@ -154,6 +175,26 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
     if failures:
         raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
+
+
+class _TileBar:
+    """A tqdm bar of one slide's analysed tiles, fed by the pipeline's progress(done, total) callback."""
+
+    def __init__(self, name: str, enabled: bool):
+        self.name, self.enabled, self.bar = name, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=self.name, unit="tile", disable=not self.enabled)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_TileBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
@@ -183,10 +224,10 @@ def _check_summary_csv(path: Path) -> None:
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
               help="Protocol name or .toml file whose tiles to count.")
-@click.option("--tile-size", type=int, default=None, help="Tile core size in px (protocol default).")
-@click.option("--halo", "halo_px", type=int, default=None, help="Tile halo in px (protocol default).")
-@click.option("--mpp", type=float, default=None, help="Pixel size in µm/px, overriding the file's.")
-@click.option("--diameter", type=float, default=None, metavar="PX",
+@click.option("--tile-size", type=_setting("tile_size"), default=None, help="Tile core size in px (protocol default).")
+@click.option("--halo", "halo_px", type=_setting("halo_px"), default=None, help="Tile halo in px (protocol default).")
+@click.option("--mpp", type=_POSITIVE, default=None, help="Pixel size in µm/px, overriding the file's.")
+@click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
               help="Typical nucleus diameter in px, as `cellseg count --diameter` takes it (tiles are resampled).")
 def info(slide, protocol_name, tile_size, halo_px, mpp, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
@@ -194,8 +235,6 @@ def info(slide, protocol_name, tile_size, halo_px, mpp, diameter) -> None:
     from .describe import describe_slide
     from .protocol import load_protocol
     from .slide import open_slide
-    if diameter is not None and not diameter > 0:
-        raise ParameterError(f"expected --diameter > 0 px, got {diameter}")
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px)
     with open_slide(slide, mpp=mpp) as opened:
         for line in describe_slide(opened.info, protocol, diameter):
@@ -234,11 +273,11 @@ def protocols_show(name: str) -> None:
                    "model.toml and OUT/validation/.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Bundle folder to write: new or empty, or the folder of the training to --resume.")
-@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--minutes", type=float, default=None, help="Stop with a checkpoint after this long.")
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--crop", type=int, default=256, show_default=True, help="Training crop size in px.")
-@click.option("--lr", type=float, default=None,
+@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--crop", type=click.IntRange(64), default=256, show_default=True, help="Training crop size in px.")
+@click.option("--lr", type=_POSITIVE, default=None,
               help="Learning rate (default: 3e-4 from random or COCO weights; 1e-4 when fine-tuning a bundle, "
                    "which a higher rate partly undoes).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -251,9 +290,6 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
     from .train import TrainSettings, check_output_folder, load_coco, train as run_training
     if lr is None:
         lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
-    if steps <= 0 or batch_size <= 0 or crop < 64 or lr <= 0:
-        raise ParameterError(f"expected positive --steps/--batch-size/--lr and --crop >= 64, got "
-                             f"{steps}/{batch_size}/{lr} and {crop}")
     check_output_folder(out, resume)
     if val is not None:   # a wrong --val fails now, not after hours of training
         from .validate import annotated_images, shared_images
@@ -284,12 +320,11 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
               help="Ground truth: COCO instance JSON, label image (0 = background) or cellseg result folder.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for metrics.json, per_image.csv and threshold_sweep.png.")
-@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU for a predicted cell to count as found.")
+@click.option("--iou", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="IoU for a predicted cell to count as found.")
 def evaluate(pred, gt, out, iou) -> None:
     """Score predictions (COCO JSON, label image or result folder) against ground truth."""
     from .evaluate import evaluate as run_evaluation, summary_lines, write_report
-    if not 0 < iou <= 1:
-        raise ParameterError(f"expected --iou in (0, 1], got {iou}")
     report = run_evaluation(pred, gt, iou=iou)
     for line in summary_lines(report):
         click.echo(line)

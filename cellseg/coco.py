@@ -1,13 +1,11 @@
 """COCO instance JSON for predictions: a streaming writer and the compressed RLE it stores masks in.
 
-Conventions (DESIGN.md §3): coordinates are (row, col) in level-0 pixels, boxes half-open
+Conventions (docs/architecture.md): coordinates are (row, col) in level-0 pixels, boxes half-open
 `Box(row0, col0, row1, col1)`. `x, y` appear only where COCO demands them (its bbox).
 
 - `crop_rle`, `crop_rles`: COCO compressed RLE of full-image masks built from their crops alone (also used by
   `cellseg.instances_io` to read label images).
 - `CocoWriter`: streams predictions.coco.json one annotation at a time, memory flat in the slide size.
-
-Both are re-exported by `cellseg.export` (pipeline.py and tests import them from there).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What `cellseg info` prints: a slide as cellseg sees it, before a long run.
 
 Format and backend, the size of every pyramid level, channels and their names, the pixel size and where it
-came from, and the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.scale and
+came from, and the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.slide_plan and
 tiling.plan_tiles). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
 and no torch.
 """
@@ -9,7 +9,7 @@ and no torch.
 from __future__ import annotations
 
 from .protocol import Protocol
-from .scale import Scale, choose_scale, tile_geometry
+from .slide_plan import Scale, choose_scale, tile_geometry
 from .slide import SlideInfo
 from .tiling import grid_shape, plan_tiles
 

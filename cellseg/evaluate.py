@@ -6,8 +6,8 @@ The parts live beside this module, which keeps the matching, the report, the swe
   pairing their images (by file_name, then base name, then stem, then id).
 - `cellseg.overlap`: the sparse IoU table of box-intersecting (prediction, GT) pairs.
 - `cellseg.cocoeval_sparse`: COCO mask AP, pycocotools' COCOeval fed that table.
-Their public names are re-exported here (`load_instances`, `pair_images`, `box_pairs`, `pair_iou`,
-`coco_ap`, ...), and `EvaluationError` (cellseg.errors) too.
+This module's `load_instances` reads label images in tiles of its LABEL_TILE; `pair_iou` and `EvaluationError`
+are importable from here too.
 
 Evaluation is class-agnostic (cellseg counts cells): categories are ignored.
 
@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 
 from . import instances_io
-from .cocoeval_sparse import MIN_MAX_DETS, coco_ap  # noqa: F401 (MIN_MAX_DETS: re-exported)
+from .cocoeval_sparse import coco_ap
 from .errors import EvaluationError
 from .instances_io import ImageInstances, pair_images
-from .overlap import PairIoU, box_pairs, pair_iou  # noqa: F401 (box_pairs: re-exported, tests use it)
+from .overlap import PairIoU, pair_iou
 
 log = logging.getLogger(__name__)
 

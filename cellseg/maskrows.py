@@ -1,6 +1,6 @@
 """Box-cropped masks as rows of set pixels: per-cell arithmetic for thousands of masks at once.
 
-Cells travel as masks cropped to their boxes (DESIGN.md §3). At ~1000 cells per tile a numpy call per
+Cells travel as masks cropped to their boxes (docs/architecture.md). At ~1000 cells per tile a numpy call per
 mask costs more than the arithmetic itself, so merge.py and measure.py concatenate the masks once and
 derive everything per cell from per-row quantities (about 20 rows per cell), spreading them over the
 set pixels only where a per-pixel answer is needed.

@@ -19,7 +19,7 @@ from math import sqrt
 import numpy as np
 
 from .maskrows import MaskRows
-from .merge import Instances
+from .instances import Instances
 from .tiling import Box
 
 _GEOMETRY = {

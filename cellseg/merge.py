@@ -1,6 +1,6 @@
 """Seams: turn per-tile detections into one set of slide cells — none lost, none counted twice.
 
-The rule (DESIGN.md §4), applied while tiles stream in row-major order:
+The rule (docs/architecture.md, "Seams"), applied while tiles stream in row-major order:
 1. Ownership: a tile keeps only cells whose mask centroid lies in its core grown by a seam band
    (halo / 4). Neighbouring tiles predict slightly different masks, so with the bare core a cell on a seam
    could have its centroid pushed out of both cores and be lost; the band makes both tiles keep it and
@@ -31,53 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detect import TileDetections
+from .instances import Instances, TileDetections
 from .maskrows import MaskRows
-from .tiling import Box, TileSpec
+from .tiling import Box, TileSpec, owned_box
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Instances:
-    """N cells in slide coordinates (level-0 px), masks cropped to their boxes.
-
-    boxes: (N, 4) int64 half-open (row0, col0, row1, col1); masks[i] bool of shape boxes[i] size;
-    scores: (N,) float32; class_ids: (N,) int64 >= 1; tile_index: (N,) int64 owning tile;
-    cut: (N,) bool, True where the cell was larger than the halo and clipped at a read edge.
-    """
-
-    boxes: np.ndarray
-    masks: list[np.ndarray]
-    scores: np.ndarray
-    class_ids: np.ndarray
-    tile_index: np.ndarray
-    cut: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    @classmethod
-    def empty(cls) -> "Instances":
-        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64),
-                   np.zeros(0, np.int64), np.zeros(0, bool))
-
-    def take(self, index: np.ndarray) -> "Instances":
-        index = np.asarray(index, np.int64)
-        return Instances(self.boxes[index], [self.masks[i] for i in index], self.scores[index],
-                         self.class_ids[index], self.tile_index[index], self.cut[index])
-
-    @staticmethod
-    def concat(parts: list["Instances"]) -> "Instances":
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return Instances.empty()
-        return Instances(np.concatenate([p.boxes for p in parts]), [m for p in parts for m in p.masks],
-                         np.concatenate([p.scores for p in parts]), np.concatenate([p.class_ids for p in parts]),
-                         np.concatenate([p.tile_index for p in parts]), np.concatenate([p.cut for p in parts]))
-
-
-def _centroids_and_areas(boxes: np.ndarray, masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def centroids_and_areas(boxes: np.ndarray, masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) centroid (row, col) and (N,) pixel count of each mask, exactly as rows.mean() would give."""
     rows = MaskRows.of(boxes, masks)
     count, row_sum, col_sum = rows.sums()
@@ -88,27 +49,16 @@ def _centroids_and_areas(boxes: np.ndarray, masks: list[np.ndarray]) -> tuple[np
     return centroids.reshape(-1, 2), count.astype(np.int64)
 
 
-def mask_centroids(boxes: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
-    """(N, 2) float centroid (row, col) of each mask in the boxes' frame."""
-    return _centroids_and_areas(boxes, masks)[0]
-
-
-def seam_band_px(halo_px: int) -> int:
-    """How far beyond its core a tile still keeps cells (the doubles there are deduped)."""
-    return halo_px // 4
-
-
 def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int, int],
                     min_area_px: int = 0, band_px: int = 0) -> Instances:
     """The cells of one tile's detections that this tile keeps (centroid in core + band), in slide coordinates."""
     if len(det) == 0:
         return Instances.empty()
     boxes = np.asarray(det.boxes, np.int64).reshape(-1, 4) + np.array([tile.read.row0, tile.read.col0] * 2)
-    centroids, areas = _centroids_and_areas(boxes, det.masks)
-    core = tile.core
-    b = band_px
-    owned = ((centroids[:, 0] >= core.row0 - b) & (centroids[:, 0] < core.row1 + b)
-             & (centroids[:, 1] >= core.col0 - b) & (centroids[:, 1] < core.col1 + b)
+    centroids, areas = centroids_and_areas(boxes, det.masks)
+    own = owned_box(tile, band_px)
+    owned = ((centroids[:, 0] >= own.row0) & (centroids[:, 0] < own.row1)
+             & (centroids[:, 1] >= own.col0) & (centroids[:, 1] < own.col1)
              & (areas >= max(min_area_px, 1)))
     height, width = slide_shape
     read = tile.read
@@ -125,7 +75,7 @@ def _intersecting(boxes: np.ndarray, box) -> np.ndarray:
                           & (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1]))
 
 
-def _overlapping_pairs(cell: np.ndarray, pix: np.ndarray, canvas_size: int, n_cells: int):
+def overlapping_pairs(cell: np.ndarray, pix: np.ndarray, canvas_size: int, n_cells: int):
     """All pairs of cells sharing pixels: (a, b) with a < b, shared pixel count, and (pair, pixel) lists.
 
     cell/pix: owner and canvas index of each painted pixel, cell-major (so a < b within a pixel).
@@ -223,7 +173,7 @@ class SeamMerger:
         f0 = np.minimum(read[:2], boxes[:, :2].min(0))
         f1 = np.maximum(read[2:], boxes[:, 2:].max(0))
         fw = f1[1] - f0[1]
-        a, b, shared, pair_of_pixel, pix = _overlapping_pairs(
+        a, b, shared, pair_of_pixel, pix = overlapping_pairs(
             rows.pixel_cells(), rows.canvas_index(f0[0], f0[1], fw), (f1[0] - f0[0]) * fw, n_near + n)
         new_pair = b >= n_near                  # pairs of two earlier cells are not this tile's business
         a, b, shared = a[new_pair], b[new_pair], shared[new_pair]

@@ -67,3 +67,15 @@ def to_network_input(image: np.ndarray, rng: IntensityRange) -> np.ndarray:
         out[1] = out[0]
         out[2] = out[0]
     return out
+
+
+def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int | None, intensity: IntensityRange,
+                     scale: float = 1.0) -> np.ndarray:
+    """Native pixels (h, w, C) of a slide box of shape `box_shape` as the network sees them: the model channel,
+    resampled by `scale` network px per slide px, normalised (to_network_input)."""
+    pixels = select_channels(raw, channel)
+    if scale != 1.0:
+        from skimage.transform import resize
+        shape = (max(1, round(box_shape[0] * scale)), max(1, round(box_shape[1] * scale)))
+        pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    return to_network_input(pixels, intensity)

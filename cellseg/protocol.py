@@ -14,18 +14,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParameterError, ProtocolError
+from .tiling import check_halo
 
 # section -> key -> (type, check, description). The check returns an error text or None.
 _Rule = tuple[type | tuple[type, ...], Any, str]
 
 
-def _range(lo=None, hi=None):
-    def check(v):
+@dataclass(frozen=True)
+class _Range:
+    """A setting's allowed range (bounds included; None: open). Called with a value: the error text or None."""
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def __call__(self, v):
+        lo, hi = self.lo, self.hi
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             return f"between {lo} and {hi}" if lo is not None and hi is not None else (
                 f">= {lo}" if lo is not None else f"<= {hi}")
         return None
-    return check
 
 
 def _one_of(*choices):
@@ -39,31 +46,31 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "modality": (str, _one_of("fluorescence", "brightfield"), "imaging modality"),
     },
     "input": {
-        "channel": (int, _range(0), "channel that holds the nuclei (omit: grayscale/RGB as is)"),
+        "channel": (int, _Range(0), "channel that holds the nuclei (omit: grayscale/RGB as is)"),
         "require_mpp": (bool, None, "stop when the image has no pixel size and none is given"),
     },
     "tiling": {
-        "tile_size": (int, _range(64, 8192), "tile core size in px"),
-        "halo_px": (int, _range(0, 4096), "context around each tile, >= the largest cell diameter"),
-        "batch_size": (int, _range(1, 256), "tiles per detector call"),
+        "tile_size": (int, _Range(64, 8192), "tile core size in px"),
+        "halo_px": (int, _Range(0, 4096), "context around each tile, >= the largest cell diameter"),
+        "batch_size": (int, _Range(1, 256), "tiles per detector call"),
     },
     "detection": {
         "model": (str, None, "bundle name shipped with cellseg, or a bundle folder"),
-        "score_threshold": ((int, float), _range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
-        "mask_threshold": ((int, float), _range(0.0, 1.0), "soft-mask probability threshold"),
-        "min_area_px": (int, _range(0), "drop cells smaller than this (fragments)"),
-        "nucleus_diameter_um": ((int, float), _range(0.5, 200.0),
+        "score_threshold": ((int, float), _Range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
+        "mask_threshold": ((int, float), _Range(0.0, 1.0), "soft-mask probability threshold"),
+        "min_area_px": (int, _Range(0), "drop cells smaller than this (fragments)"),
+        "nucleus_diameter_um": ((int, float), _Range(0.5, 200.0),
                                 "typical nucleus diameter; with the slide's pixel size, tiles are resampled so "
                                 "nuclei reach the model at its training size (omit: no resampling)"),
     },
     "tissue": {
         "tissue_method": (str, _one_of("unet", "otsu", "none"),
                           "how background is found and skipped: the U-Net, Otsu on the thumbnail, or none"),
-        "min_tissue_fraction": ((int, float), _range(0.0, 1.0),
+        "min_tissue_fraction": ((int, float), _Range(0.0, 1.0),
                                 "tiles whose core holds less tissue than this share are skipped before detection"),
     },
     "seams": {
-        "dedupe_overlap": ((int, float), _range(0.0, 1.0),
+        "dedupe_overlap": ((int, float), _Range(0.0, 1.0),
                            "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
     },
 }
@@ -116,10 +123,17 @@ class Protocol:
             except ProtocolError as e:
                 raise ParameterError(str(e)) from None
         new = dataclasses.replace(self, **given)
-        if 2 * new.halo_px > new.tile_size:
-            raise ParameterError(f"expected a halo of at most tile size / 2 = {new.tile_size // 2} px, "
-                                 f"got {new.halo_px} px")
+        check_halo(new.tile_size, new.halo_px)
         return new
+
+
+def setting_range(key: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) value the protocol setting `key` accepts (None: no bound), for the CLI's option types."""
+    for keys in SCHEMA.values():
+        if key in keys:
+            check = keys[key][1]
+            return (check.lo, check.hi) if isinstance(check, _Range) else (None, None)
+    raise KeyError(f"no protocol setting {key!r}")
 
 
 def check_pixel_size(protocol: Protocol, info) -> None:
@@ -173,9 +187,10 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
     if "name" not in values:
         raise ProtocolError(f"{path}: missing key 'name'")
     protocol = Protocol(**values, source=str(path))
-    if 2 * protocol.halo_px > protocol.tile_size:
-        raise ProtocolError(f"{path}: [tiling] halo_px: expected at most tile_size/2 = {protocol.tile_size // 2}, "
-                            f"got {protocol.halo_px}")
+    try:
+        check_halo(protocol.tile_size, protocol.halo_px)
+    except ParameterError as e:
+        raise ProtocolError(f"{path}: [tiling] halo_px: {e}") from None
     return protocol
 
 

@@ -1,8 +1,9 @@
-"""Pure tiling geometry: boxes in level-0 pixel coordinates, tiles with a core and a halo.
+"""Pure tiling geometry: boxes in level-0 pixel coordinates, tiles with a core and a halo, the seam band.
 
 Coordinates are (row, col); boxes are half-open: rows row0..row1-1, cols col0..col1-1.
 The cores of all tiles partition the slide; a tile's `read` box is its core grown by the
-halo on every side and clipped to the slide. See DESIGN.md §4 for the seam rule.
+halo on every side and clipped to the slide. A tile keeps the cells whose centroid lies in its core grown by
+the seam band (`owned_box`); merge.py removes the doubles this makes. docs/architecture.md states the seam rule.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ class Box(NamedTuple):
         r, c = origin
         return slice(self.row0 - r, self.row1 - r), slice(self.col0 - c, self.col1 - c)
 
-    def intersect(self, other: "Box") -> "Box | None":
-        b = Box(max(self.row0, other.row0), max(self.col0, other.col0),
-                min(self.row1, other.row1), min(self.col1, other.col1))
-        return b if b.row0 < b.row1 and b.col0 < b.col1 else None
+    def grown(self, px: int) -> "Box":
+        """This box with `px` more on every side (not clipped)."""
+        return Box(self.row0 - px, self.col0 - px, self.row1 + px, self.col1 + px)
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,37 @@ class TileSpec:
     read: Box
     core: Box
 
+    @property
+    def halo_px(self) -> int:
+        """The widest margin of the read box around the core: the planned halo, unless the slide is smaller."""
+        read, core = self.read, self.core
+        return max(core.row0 - read.row0, read.row1 - core.row1, core.col0 - read.col0, read.col1 - core.col1)
+
+
+def check_halo(tile_size: int, halo_px: int) -> None:
+    """The one rule tiles and halos obey: 0 <= halo <= tile_size / 2.
+
+    A kept cell extends at most a halo beyond its core; with 2 * halo <= tile the streaming merge only ever
+    needs the previous tile row to resolve seams.
+    """
+    if halo_px < 0 or 2 * halo_px > tile_size:
+        raise ParameterError(f"expected a halo of at least 0 and at most tile size / 2 = {tile_size // 2} px, "
+                             f"got {halo_px} px")
+
+
+def seam_band_px(halo_px: int) -> int:
+    """How far beyond its core a tile still keeps cells (the doubles there are deduped)."""
+    return halo_px // 4
+
+
+def owned_box(tile: TileSpec, band_px: int, margin_px: int = 0) -> Box:
+    """The part of the slide whose cells `tile` keeps: its core grown by the seam band (+ `margin_px`), not clipped.
+
+    A cell belongs to the tile when its centroid lies inside (merge.owned_instances); a detector may skip the
+    masks of boxes that cannot reach it (with a margin: a centroid is a mean of pixel indices).
+    """
+    return tile.core.grown(band_px + margin_px)
+
 
 def plan_tiles(height: int, width: int, tile_size: int, halo: int) -> list[TileSpec]:
     """Tiles in row-major order whose cores partition a height x width slide."""
@@ -59,11 +90,7 @@ def plan_tiles(height: int, width: int, tile_size: int, halo: int) -> list[TileS
         raise ParameterError(f"expected a slide of positive size, got {height} x {width} px")
     if tile_size < 16:
         raise ParameterError(f"expected --tile-size >= 16 px, got {tile_size}")
-    if halo < 0 or 2 * halo > tile_size:
-        # A kept cell extends at most `halo` beyond its core; with 2*halo <= tile the
-        # streaming merge only ever needs the previous tile row to resolve seams.
-        raise ParameterError(
-            f"expected a halo between 0 and tile_size/2 = {tile_size // 2} px, got {halo} px")
+    check_halo(tile_size, halo)
     tiles = []
     n_rows = -(-height // tile_size)
     n_cols = -(-width // tile_size)

@@ -50,10 +50,6 @@ class TissueMask:
     note: str = ""
     view_um_per_px: float | None = None
 
-    @property
-    def fraction(self) -> float:
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
     def area_px(self) -> float:
         """Tissue area in level-0 px."""
         return float(self.mask.sum()) * self.row_factor * self.col_factor

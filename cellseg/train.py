@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from .augment import Augmentation, augment_pixels, is_colour
 from .bundle import save_bundle
-from .detect import ModelConfig, build_model, thread_roi_pools
 from .errors import CellsegError, TrainingInterrupted
+from .network import ModelConfig, build_model
 from .preprocess import measure_range, to_network_input
+from .rcnn_parts import thread_roi_pools
 
 log = logging.getLogger(__name__)
 

@@ -123,7 +123,7 @@ class AugmentedDetector:
         self.inner.calibrate(windows)
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None, scale: float = 1.0):
-        from .detect import TileDetections
+        from .instances import TileDetections
         per_view = []
         for view in self.views:
             viewed_tiles = None if tiles is None else [view_tile(t, view) for t in tiles]
@@ -143,8 +143,8 @@ class AugmentedDetector:
 
 def merge_views(views: list, score_threshold: float, match_iou: float = MATCH_IOU):
     """One set of cells from the detections of several views, all in the same frame (module docstring)."""
-    from .detect import TileDetections
-    from .merge import _overlapping_pairs
+    from .instances import TileDetections
+    from .merge import overlapping_pairs
     n_views = len(views)
     boxes = np.concatenate([np.asarray(v.boxes, np.int64).reshape(-1, 4) for v in views])
     masks = [m for v in views for m in v.masks]
@@ -158,7 +158,7 @@ def merge_views(views: list, score_threshold: float, match_iou: float = MATCH_IO
     areas = rows.areas()
     f0, f1 = boxes[:, :2].min(0), boxes[:, 2:].max(0)
     width = int(f1[1] - f0[1])
-    a, b, shared, _, _ = _overlapping_pairs(rows.pixel_cells(), rows.canvas_index(int(f0[0]), int(f0[1]), width),
+    a, b, shared, _, _ = overlapping_pairs(rows.pixel_cells(), rows.canvas_index(int(f0[0]), int(f0[1]), width),
                                             int((f1[0] - f0[0]) * width), n)
     iou = shared / (areas[a] + areas[b] - shared)
     ok = (iou >= match_iou) & (view_of[a] != view_of[b])

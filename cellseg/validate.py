@@ -1,6 +1,6 @@
 """Validate a model on held-out annotated images, the way users will run it, and tune its score threshold.
 
-    bundle -> Detector at a low score floor -> `count_slide` on every image (tiles, seams, measurement: what
+    bundle -> Detector at a low score floor -> CellCounter.count on every image (tiles, seams, measurement: what
     `cellseg count` does) -> predictions -> cellseg.evaluate against the annotations, sweeping the score
     threshold (0.3-0.9) -> the threshold with the best pooled F1 -> figures at that threshold -> model.toml
 
@@ -64,10 +64,9 @@ def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_th
                         tta: bool = False):
     """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
     when `tta`)."""
-    from .detect import Detector, resolve_device
-    detector = Detector(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
-                        score_threshold=floor, proposal_threshold=bundle.proposal_threshold,
-                        mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
+    from .detect import Detector
+    detector = Detector.from_bundle(bundle, device, score_threshold=floor,
+                                    mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
     if tta:
         from .tta import AugmentedDetector
         detector = AugmentedDetector(detector)
@@ -95,18 +94,17 @@ def shared_images(train_json: Path, val_images) -> list[str]:
 def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: float | None = None,
             diameter_px: float | str | None = None, reuse: bool = False,
             progress: bool = False) -> dict[str, ImageInstances]:
-    """Count every image with `count_slide` (result folders under `work`) and return its cells, keyed like
-    `images`. reuse: an image whose folder already holds predictions is not counted again."""
+    """Count every image as `cellseg count` does (a CellCounter; result folders under `work`) and return its cells,
+    keyed like `images`. reuse: an image whose folder already holds predictions is not counted again."""
     from tqdm import tqdm
 
-    from .pipeline import count_slide
+    from .counter import CellCounter
+    counter = CellCounter(VALIDATION_PROTOCOL, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px)
     predictions = {}
     for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress)):
         folder = work / f"{k:05d}_{PurePosixPath(name).stem}"
         if not (reuse and (folder / "predictions.coco.json").is_file()):
-            folder.mkdir(parents=True, exist_ok=True)
-            summary = count_slide(path, folder, VALIDATION_PROTOCOL, detector, model_diameter_px=model_diameter_px,
-                                  diameter_px=diameter_px)
+            summary = counter.count(path, folder)
             log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])
         (cells,) = load_instances(folder).values()
         predictions[name] = dataclasses.replace(cells, file_name=name)   # paired with its annotations by name

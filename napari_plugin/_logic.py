@@ -51,12 +51,6 @@ def filter_rows(cells, column: str | None = None, low: float | None = None, high
     return np.flatnonzero(keep)
 
 
-def cell_center(cells, position: int, offset=(0.0, 0.0)) -> tuple[float, float]:
-    """(row, col) centroid of the cell in table row `position`, shifted by the result's offset."""
-    row = cells.iloc[int(position)]
-    return (float(row["centroid_row_px"]) + offset[0], float(row["centroid_col_px"]) + offset[1])
-
-
 def format_value(value) -> str:
     """A table cell as text: floats with 4 significant digits, NaN as empty."""
     if isinstance(value, (float, np.floating)):
@@ -153,6 +147,8 @@ def write_region_tiff(read: Callable[[Box], np.ndarray], box: Box, path: Path, *
     """
     import tifffile
 
+    from cellseg.ome import ome_metadata, resolution_tags
+
     dtype = np.dtype(dtype)
 
     def tiles():
@@ -163,16 +159,11 @@ def write_region_tiff(read: Callable[[Box], np.ndarray], box: Box, path: Path, *
                 yield part[..., 0] if n_channels == 1 else part
 
     shape = box.shape if n_channels == 1 else (*box.shape, n_channels)
-    metadata: dict = {"axes": "YX" if n_channels == 1 else "YXS"}
-    res = {}
-    if mpp:
-        metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm", PhysicalSizeY=float(mpp),
-                        PhysicalSizeYUnit="µm")
-        res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    metadata = ome_metadata("YX" if n_channels == 1 else "YXS", mpp)
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         tif.write(tiles(), shape=shape, dtype=dtype, tile=(tile, tile), compression="zlib",
                   compressionargs={"level": 1}, photometric="rgb" if rgb and n_channels == 3 else "minisblack",
-                  planarconfig="contig", metadata=metadata, **res)
+                  planarconfig="contig", metadata=metadata, **resolution_tags(mpp))
     return path
 
 

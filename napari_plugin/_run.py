@@ -1,9 +1,9 @@
-"""One count run for the widget: the CLI's `cellseg.pipeline.count_slide`, with progress and cancel.
+"""One count run for the widget: the CLI's own entry point (`cellseg.counter.CellCounter`), with progress and cancel.
 
 No Qt: the widget calls `run_count` in a napari thread worker and passes a progress callback and a
-threading.Event; tests call it directly. Progress and cancel ride on the detector: `ProgressDetector`
-wraps the real one (the pipeline's TileDetector protocol), counts tiles and raises `Cancelled` between
-batches, so the pipeline stops at the next batch and `staged_output` removes the half-written folder.
+threading.Event; tests call it directly. The counter reports (tiles done, tiles total) after each tile; when
+`cancel` is set, the callback raises `Cancelled`, the pipeline stops there and `staged_output` removes the
+half-written folder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -59,51 +59,36 @@ class CountRequest:
     extra: dict = field(default_factory=dict)
 
 
-class ProgressDetector:
-    """A TileDetector that forwards to `inner`, reports tiles done and stops when `cancel` is set."""
+@dataclass
+class CancellableProgress:
+    """The pipeline's progress callback for the widget: reports to `progress`, and raises Cancelled once `cancel`
+    is set (checked before and after each report)."""
 
-    def __init__(self, inner, total: int, progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None):
-        self.inner = inner
-        self.class_names = inner.class_names
-        self.total = max(int(total), 1)
-        self.done = 0
-        self.progress = progress
-        self.cancel = cancel
+    progress: ProgressCallback | None = None
+    cancel: threading.Event | None = None
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled by the user; no result was written")
 
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence, scale: float = 1.0):
+    def __call__(self, done: int, total: int) -> None:
         self.check()
-        out = self.inner.detect(images, tiles, scale)
-        self.done = min(self.done + len(images), self.total)
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress(done, total)
         self.check()
-        return out
-
-
-def expected_tiles(height: int, width: int, protocol, model_diameter_px: float | None, mpp: float | None) -> int:
-    """The number of tiles count_slide will plan (same scale rule: pipeline.choose_scale)."""
-    from cellseg.pipeline import choose_scale, tile_geometry
-    from cellseg.tiling import plan_tiles
-    tile_px, halo_px = tile_geometry(protocol, choose_scale(model_diameter_px, None, protocol, mpp))
-    return len(plan_tiles(height, width, tile_px, halo_px))
 
 
 def run_count(request: CountRequest, progress: ProgressCallback | None = None,
               cancel: threading.Event | None = None) -> Path:
     """Count cells as `cellseg count` does and return the result folder (committed atomically).
 
-    Loads the protocol and model bundle, builds the Detector like cli.count, writes the region (if any) to
-    a temporary TIFF, runs `count_slide` into `staged_output(out)`. CellsegError for anything a user can
+    Loads the protocol and model bundle into a CellCounter as cli.count does, writes the region (if any) to
+    a temporary TIFF, counts it into `staged_output(out)`. CellsegError for anything a user can
     fix; Cancelled when `cancel` was set (the previous result at `output`, if any, is left untouched).
     """
+    from cellseg.counter import CellCounter
     from cellseg.detect import resolve_device
-    from cellseg.pipeline import count_slide, load_detector
-    from cellseg.protocol import load_protocol
+    from cellseg.protocol import check_pixel_size, load_protocol
     from cellseg.resultdir import staged_output
     from cellseg.slide import open_slide
 
@@ -111,7 +96,8 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
 
     protocol = load_protocol(request.protocol).replace(model=request.model, channel=request.channel,
                                                       score_threshold=request.score_threshold)
-    torch_device = resolve_device(request.device)
+    resolve_device(request.device)     # no GPU for --device cuda: said before any pixel is copied
+    report = CancellableProgress(progress, cancel)
     name = re.sub(r"[^\w.-]+", "_", request.name).strip("._") or "image"
     temp_parent = None if request.output else Path(tempfile.mkdtemp(prefix="cellseg-napari-"))
     out = Path(request.output) if request.output else temp_parent / name
@@ -134,22 +120,13 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
                                   dtype=request.dtype, mpp=request.mpp, rgb=request.n_channels == 3)
         else:
             box = None
-        with open_slide(slide_path, mpp=request.mpp) as slide:
-            height, width, mpp = slide.info.height, slide.info.width, slide.info.mpp
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled by the user; no result was written")
-        detector, bundle = load_detector(protocol, request.device)
-        total = expected_tiles(height, width, protocol, bundle.nucleus_diameter_px, mpp)
-        wrapped = ProgressDetector(detector, total, progress, cancel)
-        if progress is not None:
-            progress(0, wrapped.total)
-        run_info = {"command": f"napari cellseg widget ({request.name})", "device": str(torch_device),
-                    "interface": "napari",
-                    "model": {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
-                              "score_threshold": detector.score_threshold}, **request.extra}
+        with open_slide(slide_path, mpp=request.mpp) as slide:   # cheap: a user mistake fails before the model loads
+            check_pixel_size(protocol, slide.info)
+        report.check()
+        counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info={
+            "command": f"napari cellseg widget ({request.name})", "interface": "napari", **request.extra})
         with staged_output(out) as staging:
-            count_slide(slide_path, staging, protocol, wrapped, mpp=request.mpp, run_info=run_info,
-                        model_diameter_px=bundle.nucleus_diameter_px)
+            counter.count_into(slide_path, staging, progress=report)
             if box is not None:
                 # The counted image was a temporary copy: say where its pixels came from.
                 region = {"slide": str(Path(request.slide).resolve()) if request.slide else None,

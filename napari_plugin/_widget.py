@@ -1,6 +1,6 @@
 """The dock widget: count cells on an image layer (or a drawn rectangle of it), then browse the cells.
 
-A thin shell: the run is `_run.run_count` (the CLI's count_slide) in a napari thread worker, the layers come
+A thin shell: the run is `_run.run_count` (the CLI's CellCounter) in a napari thread worker, the layers come
 from `_layers.result_layer_data`, filtering and colours from `_logic`. Everything here is wiring.
 """
 
@@ -40,7 +40,6 @@ class CellsegWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.worker = None
-        self.last_result: Path | None = None
         self._cancel = threading.Event()
         self._progress = _Progress()
         self._progress.tiles.connect(self._on_progress)
@@ -228,7 +227,6 @@ class CellsegWidget(QWidget):
             self._say(str(outcome), error=True)
             return
         folder = outcome
-        self.last_result = folder
         offset = load_result(folder).offset
         scale, translate = self._placement
         layers = result_layer_data(folder, with_slide=False, translate=offset)

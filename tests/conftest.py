@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny random-init model bundle (built offline, seeded) and small real images."""
+"""Shared fixtures: a tiny random-init model bundle (built offline, seeded), small real images, a result folder of a
+real example slide, and the wheel (built once per test run). Shared plain helpers live in helpers.py."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads starve
@@ -11,14 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
-DATA = Path(__file__).parent / "data"
-
-
-def tiny_model_config():
-    from cellseg.detect import ModelConfig
-    return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
-                       rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300,
-                       rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)
+from .helpers import DATA, EXAMPLES, ROOT, oracle_result, tiny_model_config
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +23,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A random-init bundle with score threshold 0 so that it does emit (meaningless) cells."""
     import torch
     from cellseg.bundle import save_bundle
-    from cellseg.detect import build_model
+    from cellseg.network import build_model
     torch.manual_seed(0)
     cfg = tiny_model_config()
     folder = tmp_path_factory.mktemp("bundle") / "tiny"
@@ -43,3 +40,22 @@ def fluo_png() -> Path:
 @pytest.fixture
 def he_png() -> Path:
     return DATA / "dsb_he.png"
+
+
+@pytest.fixture(scope="session")
+def he_result(tmp_path_factory) -> Path:
+    """he_mosaic.ome.tif (864 x 1056 RGB, 3 levels, 0.25 µm/px) counted by the real pipeline with a detector that
+    reads its ground truth back: 243 real nuclei."""
+    folder = tmp_path_factory.mktemp("he") / "he_mosaic.cellseg"
+    return oracle_result(EXAMPLES / "he_mosaic.ome.tif", EXAMPLES / "he_mosaic_labels.tif", folder, "he-nuclei")
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    """The distribution's wheel, built once for the tests that check what it ships."""
+    if not (ROOT / "pyproject.toml").is_file():
+        pytest.skip("needs the source tree")
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                    "-w", str(folder), "-q"], check=True, capture_output=True)
+    return zipfile.ZipFile(next(folder.glob("*.whl")))

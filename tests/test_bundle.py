@@ -17,15 +17,10 @@ import tomli_w
 import torch
 
 from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
-from cellseg.detect import ModelConfig, build_model
 from cellseg.errors import BundleError
+from cellseg.network import build_model
 
-
-
-def tiny_model_config() -> ModelConfig:
-    """Like conftest's (a small FPN and box head): quick to build, ~20 MB of float16 weights."""
-    return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
-                       rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300)
+from .helpers import tiny_model_config
 
 
 CARD = {"training": {"data": "DSB2018 stage 1 (CC0)", "steps": 3}, "metrics": {"ap50": 0.12}}
@@ -256,7 +251,7 @@ def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
     """A protocol without its own threshold runs at its modality's tuned threshold (TTA's own when asked), else
     the bundle's default; the protocol's explicit threshold wins."""
     from cellseg.bundle import update_bundle_metadata
-    from cellseg.pipeline import load_detector
+    from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
     update_bundle_metadata(bundle_copy, score_thresholds={"fluorescence": 0.65, "brightfield": 0.8},
                            tta_score_thresholds={"brightfield": 0.55})
@@ -267,8 +262,8 @@ def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
     assert bundle.threshold_for("other") == 0.3                       # the bundle's default
     for name, expected in (("fluorescence-nuclei", 0.65), ("he-nuclei", 0.8)):
         protocol = load_protocol(name).replace(model=str(bundle_copy))
-        assert load_detector(protocol, "cpu")[0].score_threshold == expected
-        assert load_detector(protocol.replace(score_threshold=0.42), "cpu")[0].score_threshold == 0.42
+        assert CellCounter.load(protocol, "cpu").detector.score_threshold == expected
+        assert CellCounter.load(protocol.replace(score_threshold=0.42), "cpu").detector.score_threshold == 0.42
 
 
 def test_bad_threshold_table_is_one_line(bundle_copy):

@@ -19,58 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from click.testing import CliRunner
 from PIL import Image
 
 import cellseg
-from cellseg.cli import main
-from cellseg.pipeline import RESULT_FILES
+from cellseg.export import RESULT_FILES
 from cellseg.protocol import list_protocols, load_protocol, protocols_dir
 
-DATA = Path(__file__).parent / "data"
-FAST = ["--device", "cpu", "-q", "--tile-size", "64", "--halo", "16", "--tissue", "none"]
-STAGING = re.compile(r"^\..+\.(tmp|old)-\d+-[0-9a-f]+$")
+from .helpers import DATA, FAST, STAGING, assert_nothing_left, assert_user_error, invoke, listing, snapshot
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-def invoke(args: list) -> "click.testing.Result":  # noqa: F821
-    try:
-        runner = CliRunner(mix_stderr=False)  # click 8.1: keep stderr apart
-    except TypeError:
-        runner = CliRunner()  # click >= 8.2 always does
-    return runner.invoke(main, [str(a) for a in args], prog_name="cellseg")
-
-
-def listing(folder: Path) -> set[str]:
-    """Every path under `folder` (hidden ones included), relative to it."""
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def assert_user_error(result, exit_code: int, *words: str) -> str:
-    """One line `cellseg: error: ...` on stderr holding `words`, the exit code, no traceback."""
-    assert result.exit_code == exit_code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    line = lines[0]
-    assert line.startswith("cellseg: error: "), line
-    for word in words:
-        assert word.lower() in line.lower(), (word, line)
-    assert result.stdout == ""
-    return line
-
-
-def assert_nothing_left(folder: Path, before: set[str]) -> None:
-    after = listing(folder)
-    assert after == before, f"left behind: {sorted(after - before)}, removed: {sorted(before - after)}"
-    assert not [n for n in after if STAGING.match(Path(n).name)]
-
 
 def crop_png(src: Path, dst: Path, size: int = 64, offset: int = 0) -> Path:
     Image.fromarray(np.asarray(Image.open(src))[offset:offset + size, offset:offset + size]).save(dst)
@@ -252,16 +210,23 @@ def test_many_inputs_do_not_overwrite_someone_elses_summary_csv(tmp_path, small_
 # --- usage errors: exit 2, before anything is loaded or written ----------------------------------------
 
 @pytest.mark.parametrize("args, words", [
-    (["--tile-size", "10"], ("--tile-size", "between 64 and 8192", "got 10")),
+    (["--tile-size", "10"], ("'--tile-size'", "10 is not in the range 64<=x<=8192")),
     (["--tile-size", "128", "--halo", "100"], ("halo", "at most", "64", "got 100")),
-    (["--halo", "-1"], ("--halo", "between 0 and 4096", "got -1")),
-    (["--batch-size", "0"], ("--batch-size", "got 0")),
-    (["--mpp", "-1"], ("--mpp", "> 0", "-1")),
-    (["--mpp", "0"], ("--mpp", "> 0", "got 0")),
-    (["--channel", "-1"], ("--channel", "got -1")),
-    (["--score-threshold", "1.5"], ("--score-threshold", "between 0.0 and 1.0", "1.5")),
+    (["--halo", "-1"], ("'--halo'", "-1 is not in the range 0<=x<=4096")),
+    (["--batch-size", "0"], ("'--batch-size'", "0 is not in the range")),
+    (["--mpp", "-1"], ("'--mpp'", "x>0")),
+    (["--mpp", "0"], ("'--mpp'", "x>0")),
+    (["--channel", "-1"], ("'--channel'", "-1 is not in the range x>=0")),
+    (["--score-threshold", "1.5"], ("'--score-threshold'", "1.5 is not in the range 0.0<=x<=1.0")),
+    (["--min-tissue-fraction", "2"], ("'--min-tissue-fraction'", "0.0<=x<=1.0")),
+    (["--diameter", "big"], ("'--diameter'", "expected a number of px or 'auto'", "big")),
+    (["--diameter", "-3"], ("'--diameter'", "expected a diameter > 0 px", "-3")),
+    (["--device", "bogus"], ("'--device'", "bogus")),
+    (["--tile-size", "big"], ("'--tile-size'", "big")),
+    (["--mpp", "abc"], ("'--mpp'", "abc")),
+    (["--no-such-option"], ("--no-such-option",)),
 ])
-def test_impossible_parameter_is_usage_error(tmp_path, small_png, args, words):
+def test_impossible_parameter_is_one_line_usage_error(tmp_path, small_png, args, words):
     before = listing(tmp_path)
     # A missing model: the parameter must be checked before the bundle is even looked for.
     result = invoke(["count", small_png, "--model", tmp_path / "no-bundle", "-q", *args])
@@ -269,28 +234,20 @@ def test_impossible_parameter_is_usage_error(tmp_path, small_png, args, words):
     assert_nothing_left(tmp_path, before)
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--device", "bogus"], "'--device'"),
-    (["--tile-size", "big"], "'--tile-size'"),
-    (["--mpp", "abc"], "'--mpp'"),
-    (["--no-such-option"], "--no-such-option"),
+@pytest.mark.parametrize("args, words", [
+    (["train", "--data", "x.json", "--out", "o", "--steps", "0"], ("'--steps'", "0 is not in the range x>=1")),
+    (["train", "--data", "x.json", "--out", "o", "--crop", "32"], ("'--crop'", "x>=64")),
+    (["train", "--data", "x.json", "--out", "o", "--lr", "0"], ("'--lr'", "x>0")),
+    (["evaluate", "p.json", "--gt", "g.json", "--iou", "0"], ("'--iou'", "0<x<=1")),
 ])
-def test_click_usage_error(tmp_path, small_png, args, option):
+def test_other_commands_check_their_options_by_type(tmp_path, args, words):
     before = listing(tmp_path)
-    result = invoke(["count", small_png, *args])
-    assert result.exit_code == 2
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("Usage: cellseg count")
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1 and option in error_lines[0], result.stderr
+    assert_user_error(invoke(args), 2, *words)
     assert_nothing_left(tmp_path, before)
 
 
 def test_no_inputs_is_usage_error():
-    result = invoke(["count"])
-    assert result.exit_code == 2
-    assert "Missing argument 'INPUTS...'" in result.stderr
+    assert_user_error(invoke(["count"]), 2, "Missing argument 'INPUTS...'")
 
 
 # --- model bundles -------------------------------------------------------------------------------------
@@ -478,7 +435,7 @@ def test_protocol_that_needs_pixel_size(tmp_path, he_png, model, monkeypatch):
     image = crop_png(he_png, tmp_path / "he.png")
     before = listing(tmp_path)
     with monkeypatch.context() as m:   # refused before seconds of loading torch and the model, not after
-        m.setattr("cellseg.pipeline.load_detector", lambda *a, **k: pytest.fail("the model was loaded"))
+        m.setattr("cellseg.counter.CellCounter.load", lambda *a, **k: pytest.fail("the model was loaded"))
         result = invoke(["count", image, "--protocol", "he-nuclei", *model, *FAST])
     assert_user_error(result, 1, "he-nuclei", "needs the pixel size", "--mpp")
     assert_nothing_left(tmp_path, before)

@@ -16,7 +16,7 @@ from cellseg.augment import Augmentation, augment_pixels, dim_nuclei, hed_jitter
 from cellseg.datasets import AnnotatedImage, Split, acquisition_groups, holdout_split, make_split
 from cellseg.errors import CellsegError
 
-from .conftest import tiny_model_config
+from .helpers import tiny_model_config
 
 
 def nuclei_image(rng, size, n, radius, background, brightness, colour=None):

@@ -1,4 +1,5 @@
-"""The Mask R-CNN adapter: dense-cell settings, no resize, masks pasted at box size exactly as torchvision would."""
+"""The Mask R-CNN: dense-cell settings (network.py), no resize, masks pasted at box size exactly as torchvision would,
+slide-level normalisation (slide_norm.py), threaded RoIAlign (rcnn_parts.py), and running it on tiles (detect.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from cellseg.detect import Detector, ModelConfig, SlideGroupNorm, build_model, paste_masks_at_box_size, resolve_device
+from cellseg.detect import Detector, paste_masks_at_box_size, resolve_device
 from cellseg.errors import ParameterError
+from cellseg.network import ModelConfig, build_model
+from cellseg.slide_norm import SlideGroupNorm
 
-from .conftest import tiny_model_config
+from .helpers import tiny_model_config
+
+
+def uses_slide_statistics(detector: Detector) -> bool:
+    """The backbone runs with a slide's statistics folded into its convolutions (no SlideGroupNorm left)."""
+    return not any(isinstance(m, SlideGroupNorm) for m in detector.model.backbone.body.modules())
 
 
 def test_default_config_suits_dense_cells():
@@ -80,13 +88,13 @@ def test_detector_on_cuda_with_autocast():
         assert mask.shape == (box[2] - box[0], box[3] - box[1])
     detector.calibrate([image])            # slide statistics under autocast, folded into the convolutions
     calibrated = detector.detect([image])[0]
-    assert detector.calibrated and len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
+    assert uses_slide_statistics(detector) and len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])
 def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_owned_cells(scale):
-    from cellseg.merge import owned_instances, seam_band_px
-    from cellseg.tiling import plan_tiles
+    from cellseg.merge import owned_instances
+    from cellseg.tiling import plan_tiles, seam_band_px
     torch.manual_seed(0)
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
     tiles = plan_tiles(200, 200, 96, 24)                       # 3 x 3 tiles: inner, edge and corner ones
@@ -143,13 +151,13 @@ def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
 
     per_tile = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
     assert not torch.allclose(*per_tile, atol=1e-3)       # the bright band changed the crop's neighbour stats
-    detector.calibrate([image])
-    assert detector.calibrated      # ... and the statistics are folded into the convolutions:
-    assert not any(isinstance(m, SlideGroupNorm) for m in detector.model.backbone.body.modules())
+    assert not uses_slide_statistics(detector)
+    detector.calibrate([image])     # ... and the statistics are folded into the convolutions:
+    assert uses_slide_statistics(detector)
     calibrated = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
     assert torch.allclose(*calibrated, atol=1e-4)
     detector.reset_calibration()
-    assert not detector.calibrated
+    assert not uses_slide_statistics(detector)
     assert torch.equal(_body_features(detector, crop)[inner_crop], per_tile[0])
 
 
@@ -167,7 +175,7 @@ def test_threaded_roi_align_gives_the_single_calls_output_exactly():
     import torch
     from torchvision.ops import MultiScaleRoIAlign
 
-    from cellseg.detect import ThreadedMultiScaleRoIAlign
+    from cellseg.rcnn_parts import ThreadedMultiScaleRoIAlign
 
     torch.manual_seed(0)
     features = {str(k): torch.randn(3, 8, 80 // 2 ** k, 80 // 2 ** k) for k in range(4)}

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from cellseg import evaluate as ev
 from cellseg.cli import main
+from cellseg.coco import CocoWriter, crop_rle
 from cellseg.errors import CellsegError
-from cellseg.export import CocoWriter, crop_rle
+from cellseg.overlap import box_pairs
 
 # A cell is (row0, col0, mask crop, score); rect() makes a filled rectangle.
 
@@ -278,7 +279,7 @@ def test_box_pairs_matches_brute_force():
         r, c = rng.integers(0, 200, (2, n))
         return np.stack([r, c, r + rng.integers(0, 30, n), c + rng.integers(1, 30, n)], 1)
     a, b = boxes(700), boxes(500)
-    i, j = ev.box_pairs(a, b, chunk=64)
+    i, j = box_pairs(a, b, chunk=64)
     brute = ((a[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < a[:, None, 2])
              & (a[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < a[:, None, 3]))
     assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(*np.nonzero(brute)))

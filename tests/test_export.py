@@ -1,4 +1,4 @@
-"""Result writers: label canvas, OME-TIFF pyramid, pictures, cells.csv, COCO RLE."""
+"""Result writers: label canvas (labelstore), OME-TIFF pyramids (ome_pyramid), pictures, cells.csv, COCO RLE."""
 
 import json
 import math
@@ -15,10 +15,18 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from cellseg.cells_csv import CellsTableWriter
+from cellseg.coco import CocoWriter, crop_rle
 from cellseg.errors import ParameterError
-from cellseg.export import (CellsTableWriter, CocoWriter, LabelStore, crop_rle, write_area_histogram,
-                            write_labels_ome_tiff, write_overlay_png)
+from cellseg.labelstore import ChunkFiles, LabelStore
+from cellseg.ome_pyramid import Panoptic, write_label_images
+from cellseg.pictures import write_area_histogram, write_overlay_png
 from cellseg.tiling import Box
+
+
+def write_labels_ome_tiff(store, path, mpp, tile=512):
+    """labels.ome.tif alone (no panoptic encoding)."""
+    write_label_images(store, {path: None}, mpp, tile)
 
 
 def _painted_store(tmp_path, height=300, width=410, chunk=64, seed=0, cache_bytes=64 << 20):
@@ -116,7 +124,6 @@ def test_labels_ome_tiff_pyramid(tmp_path, mpp):
 
 
 def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_path):
-    from cellseg.export import write_label_images
     store, ref = _painted_store(tmp_path, height=300, width=410, chunk=64)
 
     class Doubled:                          # a Panoptic's part: new values from the labels
@@ -144,7 +151,6 @@ def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_pa
 def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path):
     # Glass and cell-free tissue tiles take a shortcut (never materialised); every level must still equal the
     # encoding of each pixel from the tissue mask and the labels.
-    from cellseg.export import Panoptic, write_label_images
     from cellseg.tissue import TissueMask
     height, width = 300, 410
     store = LabelStore(tmp_path / "labels", height, width, chunk=64)
@@ -385,12 +391,11 @@ def test_coco_writer_zero_cells_is_valid_json(tmp_path):
 
 
 def test_chunk_files_read_any_strided_window_and_keep_zero_blocks_off_disk(tmp_path):
-    from cellseg.export import _ChunkFiles
 
     rng = np.random.default_rng(3)
     ref = np.zeros((150, 230), np.uint32)
     ref[20:100, 40:180] = rng.integers(0, 5, (80, 140))
-    blocks = _ChunkFiles(tmp_path / "c", *ref.shape, chunk=64)
+    blocks = ChunkFiles(tmp_path / "c", *ref.shape, chunk=64)
     for i in range(3):
         for j in range(4):
             blocks.store(i, j, ref[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].copy())

@@ -21,14 +21,14 @@ import tifffile
 from scipy import ndimage
 
 from cellseg.errors import SlideError
-from cellseg.pipeline import count_slide, model_channel
+from cellseg.slide_plan import model_channel
 from cellseg.protocol import Protocol
 from cellseg.slide import looks_like_slide, open_slide, sniff
 from cellseg.slide_openslide import flatten_rgba
 from cellseg.tiling import Box, TileSpec, plan_tiles
 
-from .test_cli import FAST, assert_nothing_left, assert_user_error, invoke, listing
-from .test_pipeline import LabelReadingDetector, same_partition
+from .helpers import (FAST, LabelReadingDetector, assert_nothing_left, assert_user_error, count_with, invoke, listing,
+                      same_partition)
 
 DICOM = Path(__file__).parent / "data" / "dicom"
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw has no wheel for this platform")
@@ -53,9 +53,13 @@ class ThresholdDetector:
     the count depends on the pixels the backend read, not on a ground truth handed over."""
 
     class_names = ("nucleus",)
+    device = "cpu"
 
     def __init__(self, dark: bool = False):
         self.dark = dark
+
+    def calibrate(self, windows) -> None:
+        pass
 
     def detect(self, images, tiles, scale=1.0):
         out = []
@@ -72,7 +76,7 @@ def count(slide: Path, tmp_path: Path, dark: bool = False, **protocol) -> tuple[
     out.mkdir()
     p = Protocol(name="test", tile_size=64, halo_px=16, batch_size=4, min_area_px=1,
                  **{"tissue_method": "none", **protocol})
-    summary = count_slide(slide, out, p, ThresholdDetector(dark))
+    summary = count_with(ThresholdDetector(dark), slide, out, p)
     return summary, tifffile.imread(out / "labels.ome.tif"), out
 
 

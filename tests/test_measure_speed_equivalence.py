@@ -19,7 +19,7 @@ from scipy import ndimage
 from skimage.measure import regionprops_table
 
 from cellseg.measure import cell_columns, label_tile, measure_tile
-from cellseg.merge import Instances
+from cellseg.instances import Instances
 from cellseg.tiling import Box
 
 CHANNELS = ["dapi", "gfp"]

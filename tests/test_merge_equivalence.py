@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellseg.detect import TileDetections
-from cellseg.merge import Instances, SeamMerger, mask_centroids, owned_instances, seam_band_px
-from cellseg.tiling import plan_tiles
+from cellseg.instances import Instances, TileDetections
+from cellseg.merge import SeamMerger, centroids_and_areas, owned_instances
+from cellseg.tiling import plan_tiles, seam_band_px
 
 
 def _intersecting(boxes, box):
@@ -200,4 +200,6 @@ def test_centroids_equal_numpy_means_exactly():
     boxes = np.array([[r, c, r + m.shape[0], c + m.shape[1]] for m, r, c in
                       zip(masks, rng.integers(0, 10_000, 300), rng.integers(0, 10_000, 300))])
     want = np.array([(b[0] + np.nonzero(m)[0].mean(), b[1] + np.nonzero(m)[1].mean()) for b, m in zip(boxes, masks)])
-    np.testing.assert_array_equal(mask_centroids(boxes, masks), want)
+    centroids, areas = centroids_and_areas(boxes, masks)
+    np.testing.assert_array_equal(centroids, want)
+    np.testing.assert_array_equal(areas, [m.sum() for m in masks])

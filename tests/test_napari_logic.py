@@ -6,77 +6,31 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-from cellseg.detect import TileDetections
 from cellseg.errors import CellsegError, ParameterError
-from cellseg.pipeline import count_slide
-from cellseg.protocol import load_protocol
-from cellseg.resultdir import RESULT_MARKER, staged_output
+from cellseg.resultdir import RESULT_MARKER
 from cellseg.slide import open_slide
 from cellseg.tiling import Box
 from cellseg_napari import _layers, _logic, _run
 from cellseg_napari._lazy import LazyLevel, slide_pyramid
 from cellseg_napari._reader import get_reader
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "example_slides"
+from .helpers import DATA, EXAMPLES, ROOT, invoke
+
 PLUGIN = ROOT / "napari_plugin"
-
-
-class OracleDetector:
-    """A TileDetector test double that 'detects' the cells of a ground-truth label image: a real result
-    folder from the real pipeline in seconds, with real cells (no network)."""
-
-    class_names = ("nucleus",)
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    def detect(self, images, tiles, scale=1.0):
-        from scipy import ndimage
-        out = []
-        for tile in tiles:
-            r = tile.read
-            lab = self.labels[r.row0:r.row1, r.col0:r.col1]
-            boxes, masks = [], []
-            for i, sl in enumerate(ndimage.find_objects(lab)):
-                if sl is not None:
-                    boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
-                    masks.append(lab[sl] == i + 1)
-            n = len(masks)
-            out.append(TileDetections(np.asarray(boxes, np.int64).reshape(-1, 4), masks,
-                                      np.linspace(0.5, 1.0, n, dtype=np.float32), np.ones(n, np.int64)))
-        return out
-
-
-def oracle_result(slide: Path, labels: Path, out: Path, protocol: str = "fluorescence-nuclei") -> Path:
-    with staged_output(out) as staging:
-        count_slide(slide, staging, load_protocol(protocol), OracleDetector(tifffile.imread(labels)))
-    return out
-
-
-@pytest.fixture(scope="session")
-def he_result(tmp_path_factory) -> Path:
-    """he_mosaic.ome.tif (864 x 1056 RGB, 3 levels, 0.25 µm/px) counted by the real pipeline with the oracle
-    detector: 243 real nuclei."""
-    folder = tmp_path_factory.mktemp("he") / "he_mosaic.cellseg"
-    return oracle_result(EXAMPLES / "he_mosaic.ome.tif", EXAMPLES / "he_mosaic_labels.tif", folder, "he-nuclei")
 
 
 @pytest.fixture(scope="module")
 def png_result(tmp_path_factory, tiny_bundle) -> Path:
     """A 256² PNG counted through run_count (the widget's path) with the tiny random model."""
     folder = tmp_path_factory.mktemp("png")
-    image = shutil.copy(ROOT / "tests" / "data" / "dsb_fluo.png", folder / "dsb_fluo.png")
+    image = shutil.copy(DATA / "dsb_fluo.png", folder / "dsb_fluo.png")
     return _run.run_count(_run.CountRequest(slide=Path(image), model=str(tiny_bundle), device="cpu",
                                             output=folder / "dsb_fluo.cellseg"))
 
@@ -222,7 +176,7 @@ def test_run_count_writes_the_cli_result(png_result, tiny_bundle):
     run = json.loads((png_result / "run.json").read_text())
     assert summary["cell_count"] > 0 and run["interface"] == "napari"
     assert run["model"]["path"] == str(tiny_bundle) and run["protocol"]["name"] == "fluorescence-nuclei"
-    assert _run.expected_tiles(256, 256, load_protocol("fluorescence-nuclei"), 12.0, None) == summary["tiles_total"]
+    assert run["device"] == "cpu" and run["tissue"]["method"] == "unet"
     layers = _layers.result_layer_data(png_result)
     assert [kind for _, _, kind in layers] == ["image", "image", "labels", "points"]   # slide, tissue mask, ...
     labels = layers[2][0]
@@ -273,20 +227,32 @@ def test_run_count_user_errors(tmp_path, tiny_bundle):
     assert not (tmp_path / "x").exists()
 
 
-def test_progress_detector_counts_and_stops():
-    class Inner:
-        class_names = ("nucleus",)
+def test_widget_and_cli_count_the_same_cells(png_result, tiny_bundle, tmp_path):
+    """The widget runs the pipeline of `cellseg count` (the slide's normalisation, the tissue U-Net on the
+    detector's device): the same image gives the same cells.csv, byte for byte."""
+    image = shutil.copy(DATA / "dsb_fluo.png", tmp_path / "dsb_fluo.png")
+    result = invoke(["count", image, "--model", tiny_bundle, "--device", "cpu", "-q", "-o", tmp_path / "cli"])
+    assert result.exit_code == 0, result.output
+    cli_run = json.loads((tmp_path / "cli" / "run.json").read_text())
+    widget_run = json.loads((png_result / "run.json").read_text())
+    assert cli_run["normalisation_windows"] == widget_run["normalisation_windows"] != []
+    assert cli_run["tissue"] == widget_run["tissue"] and cli_run["device"] == widget_run["device"]
+    cells = (png_result / "cells.csv").read_bytes()
+    assert cells.count(b"\n") > 2 and (tmp_path / "cli" / "cells.csv").read_bytes() == cells
 
-        def detect(self, images, tiles, scale=1.0):
-            return [TileDetections.empty() for _ in images]
 
+def test_progress_reports_and_cancels():
     seen, cancel = [], threading.Event()
-    det = _run.ProgressDetector(Inner(), total=3, progress=lambda d, t: seen.append((d, t)), cancel=cancel)
-    assert len(det.detect([0, 0], [None, None])) == 2 and seen == [(2, 3)]
+    report = _run.CancellableProgress(lambda d, t: seen.append((d, t)), cancel)
+    report(0, 3)
+    report(2, 3)
+    assert seen == [(0, 3), (2, 3)]
     cancel.set()
     with pytest.raises(_run.Cancelled):
-        det.detect([0], [None])
-    assert seen == [(2, 3)]
+        report(3, 3)
+    assert seen == [(0, 3), (2, 3)]
+    with pytest.raises(_run.Cancelled):      # also before anything is reported (the model load)
+        report.check()
 
 
 # --------------------------------------------------------------------------- table, colours, regions
@@ -311,7 +277,6 @@ def test_filter_rows(cells):
         _logic.filter_rows(cells, "nope", 1, 2)
     assert _logic.numeric_columns(cells) == ["cell_id", "area_px", "cut_at_seam", "centroid_row_px",
                                              "centroid_col_px"]
-    assert _logic.cell_center(cells, 2, offset=(100, 200)) == (107.0, 203.0)
     assert [_logic.format_value(v) for v in (np.nan, 3.14159, True, 7, "x")] == ["", "3.142", "yes", "7", "x"]
 
 
@@ -389,11 +354,7 @@ def test_sample_data_are_the_example_slides():
         assert kind == "image" and (data[0] if kwargs["multiscale"] else data).shape == expect
 
 
-@pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source tree")
-def test_wheel_ships_the_manifest_and_sample_slides(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), "-q"], check=True, capture_output=True)
-    wheel = zipfile.ZipFile(next(tmp_path.glob("*.whl")))
+def test_wheel_ships_the_manifest_and_sample_slides(wheel):
     names = wheel.namelist()
     assert "cellseg_napari/napari.yaml" in names and "cellseg_napari/_widget.py" in names
     for slide in ("fluo_mosaic.ome.tif", "he_mosaic.ome.tif", "empty_regions.ome.tif", "he_patch.png"):

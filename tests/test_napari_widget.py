@@ -20,12 +20,12 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os
 from cellseg_napari._lazy import LazyLevel  # noqa: E402
 from cellseg_napari._widget import WHOLE_IMAGE, CellsegWidget, camera  # noqa: E402
 
-from .test_napari_logic import EXAMPLES, ROOT, he_result  # noqa: E402,F401 (a session fixture)
+from .helpers import DATA, EXAMPLES  # noqa: E402
 
 PLUGIN = "cellseg-toolkit"
 
 
-def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):  # noqa: F811
+def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):
     viewer = make_napari_viewer()
     layers = viewer.open(he_result, plugin=PLUGIN)
     assert [type(layer).__name__ for layer in layers] == ["Image", "Image", "Labels", "Points"]   # tissue mask 2nd
@@ -62,7 +62,7 @@ def test_widget_counts_a_small_image_and_the_table_drives_the_view(make_napari_v
                                                                      tmp_path):
     from PIL import Image
     viewer = make_napari_viewer(show=True)
-    pixels = np.asarray(Image.open(ROOT / "tests" / "data" / "dsb_fluo.png"))[:128, :160]
+    pixels = np.asarray(Image.open(DATA / "dsb_fluo.png"))[:128, :160]
     viewer.add_image(pixels, name="field", translate=(1000, 2000))   # results must land on the image
     widget = CellsegWidget(viewer)
     viewer.window.add_dock_widget(widget)

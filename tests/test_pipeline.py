@@ -14,87 +14,16 @@ import pytest
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy import ndimage
 
-from cellseg.detect import TileDetections
-from cellseg.measure import cell_columns, label_tile, measure_tile
-from cellseg.merge import Instances, SeamMerger, owned_instances
 from cellseg.errors import ParameterError
-from cellseg.pipeline import choose_scale, count_slide
+from cellseg.instances import Instances, TileDetections
+from cellseg.measure import cell_columns, label_tile, measure_tile
+from cellseg.merge import SeamMerger, owned_instances
 from cellseg.protocol import Protocol
-from cellseg.tiling import Box, TileSpec, plan_tiles
+from cellseg.slide_plan import choose_scale
+from cellseg.tiling import Box, plan_tiles
 
-
-class LabelReadingDetector:
-    """Returns, for each tile, the ground-truth cells visible in its read box (clipped), score 0.9.
-
-    shift_px > 0 moves every mask by +-shift_px depending on the tile's grid parity, so neighbouring
-    tiles see the same cell at slightly different places (as two Mask R-CNN views of it would).
-    """
-
-    class_names = ("nucleus",)
-
-    def __init__(self, labels: np.ndarray, shift_px: int = 0):
-        self.labels = labels
-        self.shift_px = shift_px
-        self.calls = 0
-
-    def detect(self, images, tiles, scale=1.0):
-        self.calls += 1
-        self.scale = scale
-        for t, img in zip(tiles, images):      # the network sees the tile resampled by `scale`
-            assert img.shape[-2:] == (max(1, round(t.read.height * scale)), max(1, round(t.read.width * scale)))
-        return [self._tile(t, t.read.shape) for t in tiles]
-
-    def _tile(self, tile: TileSpec, shape) -> TileDetections:
-        crop = self.labels[tile.read.slices()]
-        boxes, masks = [], []
-        dr = self.shift_px * (1 if tile.grid_row % 2 else -1)
-        dc = self.shift_px * (1 if tile.grid_col % 2 else -1)
-        for label, sl in enumerate(ndimage.find_objects(crop), start=1):
-            if sl is None:
-                continue
-            mask = crop[sl] == label
-            r0, c0 = sl[0].start + dr, sl[1].start + dc
-            r1, c1 = r0 + mask.shape[0], c0 + mask.shape[1]
-            # clip the moved mask to the tile
-            cr0, cc0, cr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
-            if cr0 >= cr1 or cc0 >= cc1:
-                continue
-            m = mask[cr0 - r0:cr1 - r0, cc0 - c0:cc1 - c0]
-            if not m.any():
-                continue
-            boxes.append((cr0, cc0, cr1, cc1))
-            masks.append(m)
-        n = len(masks)
-        return TileDetections(np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.full(n, 0.9, np.float32),
-                              np.ones(n, np.int64))
-
-
-def random_cells(height: int, width: int, max_diameter: int, n: int, seed: int) -> np.ndarray:
-    """Non-overlapping random ellipses no wider than max_diameter, labelled 1..k."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((height, width), np.int32)
-    rr, cc = np.mgrid[:height, :width]
-    next_label = 1
-    for _ in range(n):
-        a, b = rng.uniform(1.5, max_diameter / 2, size=2)
-        r, c = rng.uniform(0, height), rng.uniform(0, width)
-        blob = ((rr - r) / a) ** 2 + ((cc - c) / b) ** 2 <= 1
-        if blob.sum() < 3 or (labels[blob] > 0).any():
-            continue
-        labels[blob] = next_label
-        next_label += 1
-    return labels
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when two label images hold the same cells, up to renumbering."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    fg = a > 0
-    pairs = np.unique(np.stack([a[fg], b[fg]]), axis=1)
-    return pairs.shape[1] == len(np.unique(a[fg])) == len(np.unique(b[fg]))
+from .helpers import LabelReadingDetector, count_with, random_cells, same_partition, tiny_model_config
 
 
 def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int = 0, scale_args=None, **protocol):
@@ -105,8 +34,7 @@ def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int 
     out.mkdir(exist_ok=True)
     p = Protocol(name="test", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1,
                  **{"tissue_method": "none", **protocol})
-    detector = LabelReadingDetector(labels, shift_px)
-    summary = count_slide(slide, out, p, detector, **(scale_args or {}))
+    summary = count_with(LabelReadingDetector(labels, shift_px), slide, out, p, **(scale_args or {}))
     return summary, tifffile.imread(out / "labels.ome.tif"), out
 
 
@@ -285,10 +213,32 @@ def test_resampled_tiles_still_give_the_ground_truth_back(tmp_path, diameter):
     assert same_partition(labels, out_labels)
 
 
+def test_the_tiny_bundle_finds_the_same_cells_at_two_tile_sizes(tmp_path, tiny_bundle):
+    """The real network through the whole pipeline (CellCounter.load: calibration, owned-region filter, masks at
+    slide resolution) at tile sizes 256 and 512. Each layout is one tile that reads the whole 256 x 256 field, so the
+    network sees the same pixels: nothing else may depend on the tile size (normalisation windows, label canvas
+    chunks, ownership, ids). Across seams a random network is not tile-invariant (its features depend on far
+    context), so there the ground-truth detectors above test the seams, and benchmarks/tile_invariance.py the
+    shipped model."""
+    from cellseg.counter import CellCounter
+    from cellseg.protocol import load_protocol
+    from .helpers import DATA
+    results = {}
+    for tile in (256, 512):
+        protocol = load_protocol("fluorescence-nuclei").replace(model=str(tiny_bundle), tile_size=tile)
+        summary = CellCounter.load(protocol, "cpu").count(DATA / "dsb_fluo.png", tmp_path / f"t{tile}")
+        assert summary["tiles_total"] == 1 and summary["scale"]["tile_px"] == tile
+        results[tile] = (summary, (tmp_path / f"t{tile}" / "cells.csv").read_bytes(),
+                         tifffile.imread(tmp_path / f"t{tile}" / "labels.ome.tif"))
+    (a, cells_a, labels_a), (b, cells_b, labels_b) = results[256], results[512]
+    assert a["cell_count"] == b["cell_count"] > 10
+    assert cells_a == cells_b and np.array_equal(labels_a, labels_b)
+
+
 def test_detector_pastes_at_slide_resolution_when_resampled():
     import torch
-    from cellseg.detect import Detector, build_model
-    from .conftest import tiny_model_config
+    from cellseg.detect import Detector
+    from cellseg.network import build_model
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
     out = {"boxes": torch.tensor([[10.0, 20.0, 50.0, 40.0]]), "masks": torch.ones(1, 1, 28, 28),
            "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
@@ -314,8 +264,8 @@ def test_diameter_auto_measures_the_nuclei_first(tmp_path):
 
 
 def test_nuclear_channel_is_found_by_name(tmp_path):
-    from cellseg.pipeline import model_channel
     from cellseg.slide import open_slide
+    from cellseg.slide_plan import model_channel
     path = tmp_path / "three.ome.tif"
     tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint16), metadata={"axes": "CYX", "Channel": {"Name": ["GFP", "DAPI", "CD45"]}})
     with open_slide(path) as slide:
@@ -323,25 +273,16 @@ def test_nuclear_channel_is_found_by_name(tmp_path):
         assert model_channel(Protocol(name="t", channel=2), slide) == 2
 
 
-class CalibratedLabelReader(LabelReadingDetector):
-    """Records the windows the pipeline calibrates the slide's normalisation on."""
-
-    def calibrate(self, windows):
-        self.windows = [w.copy() for w in windows]
-
-
 @pytest.mark.parametrize("tile", [48, 96, 160])
 def test_the_slide_normalisation_is_measured_on_the_same_windows_whatever_the_tile_size(tmp_path, tile):
     labels = random_cells(300, 420, max_diameter=16, n=300, seed=4)
     slide = tmp_path / "slide.tif"
     tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
-    reference = CalibratedLabelReader(labels)
-    count_slide(slide, tmp_path / "ref", Protocol(name="t", tile_size=256, halo_px=24, tissue_method="none"),
-                reference)
-    detector = CalibratedLabelReader(labels)
-    (tmp_path / "out").mkdir()
-    count_slide(slide, tmp_path / "out", Protocol(name="t", tile_size=tile, halo_px=min(24, tile // 2),
-                                                  tissue_method="none"), detector)
+    reference = LabelReadingDetector(labels)
+    count_with(reference, slide, tmp_path / "ref", Protocol(name="t", tile_size=256, halo_px=24, tissue_method="none"))
+    detector = LabelReadingDetector(labels)
+    count_with(detector, slide, tmp_path / "out", Protocol(name="t", tile_size=tile, halo_px=min(24, tile // 2),
+                                                           tissue_method="none"))
     assert len(detector.windows) == len(reference.windows) >= 1
     assert all(np.array_equal(a, b) for a, b in zip(detector.windows, reference.windows))
     recorded = json.loads((tmp_path / "out" / "run.json").read_text())["normalisation_windows"]
@@ -350,7 +291,7 @@ def test_the_slide_normalisation_is_measured_on_the_same_windows_whatever_the_ti
 
 
 def test_calibration_windows_lie_where_the_cells_are():
-    from cellseg.pipeline import calibration_windows
+    from cellseg.slide_plan import calibration_windows
     gray = np.zeros((100, 150), np.float32)                    # a thumbnail at 1/10 of a 1000 x 1500 slide
     gray[60:100, 100:150] = np.random.default_rng(0).random((40, 50))   # cells only bottom-right
     windows = calibration_windows(1000, 1500, 300, gray, 10.0, None, n=2)
@@ -390,7 +331,7 @@ def test_recent_regions_hand_out_detection_pixels_once_and_stay_bounded():
 def test_background_detection_keeps_order_and_hands_errors_over():
     import threading
 
-    from cellseg.pipeline import in_background
+    from cellseg.threads import in_background
 
     consumer = threading.get_ident()
     seen_in: set[int] = set()
@@ -416,7 +357,7 @@ def test_background_detection_keeps_order_and_hands_errors_over():
 def test_background_detection_stops_when_the_consumer_fails():
     import threading
 
-    from cellseg.pipeline import in_background
+    from cellseg.threads import in_background
 
     produced, closed = [], threading.Event()
 

@@ -145,7 +145,7 @@ def test_missing_sections_take_defaults(tmp_path):
     (with_line("input", "channel = -1"), ("channel", ">= 0", "-1")),
     (with_line("seams", "dedupe_overlap = -0.1"), ("dedupe_overlap", "-0.1")),
     # halo larger than half a tile
-    (with_line("tiling", "halo_px = 200"), ("halo_px", "tile_size/2 = 128", "got 200")),
+    (with_line("tiling", "halo_px = 200"), ("halo_px", "tile size / 2 = 128", "got 200")),
 ])
 def test_bad_file_raises_protocol_error_naming_file_and_key(tmp_path, text, words):
     path = write(tmp_path, text)

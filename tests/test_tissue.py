@@ -10,12 +10,11 @@ import tifffile
 from PIL import Image
 
 from cellseg.errors import ProtocolError
-from cellseg.pipeline import count_slide
 from cellseg.protocol import Protocol, load_protocol
 from cellseg.tiling import Box
 from cellseg.tissue import TissueFinder, TissueMask, otsu_tissue, view_side
 
-from .test_pipeline import LabelReadingDetector, random_cells
+from .helpers import LabelReadingDetector, count_with, random_cells
 
 
 def cells_in_corner(size: int = 512, corner: int = 150, seed: int = 3) -> np.ndarray:
@@ -37,21 +36,17 @@ def count(tmp_path, labels, image, method, mpp=0.5, tile=64, halo=16, **protocol
     tifffile.imwrite(slide, image, metadata={"axes": "YX" if image.ndim == 2 else "YXS",
                                              "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
     out = tmp_path / f"out-{method}"
-    out.mkdir()
     detector = LabelReadingDetector(labels)
-    seen = []
-    original = detector.detect
-    detector.detect = lambda images, tiles, scale=1.0: (seen.extend(t.index for t in tiles), original(images, tiles, scale))[1]
     p = Protocol(name="t", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1, tissue_method=method, **protocol)
-    summary = count_slide(slide, out, p, detector)
-    return summary, out, seen
+    summary = count_with(detector, slide, out, p)
+    return summary, out, detector.seen
 
 
 def test_mask_geometry():
     mask = np.zeros((4, 8), bool)
     mask[0, :2] = True                      # rows 0-9, cols 0-19 of a 40 x 80 slide
     t = TissueMask(mask, 10.0, 10.0, "otsu")
-    assert t.area_px() == 200.0 and t.fraction == 2 / 32
+    assert t.area_px() == 200.0
     assert t.box_fraction(Box(0, 0, 10, 20)) == 1.0
     assert t.box_fraction(Box(0, 0, 20, 40)) == 2 / 8
     assert t.box_fraction(Box(20, 40, 40, 80)) == 0.0
@@ -184,7 +179,7 @@ def test_unet_keeps_the_tiles_with_cells_and_skips_the_glass(tmp_path):
 
 
 def test_intensity_range_is_measured_on_tissue_not_on_the_glass():
-    from cellseg.pipeline import tissue_pixels
+    from cellseg.slide_plan import tissue_pixels
     from cellseg.preprocess import measure_range
     thumb = np.full((200, 200, 1), 10, np.uint8)
     thumb[:4, :10] = 180                                    # 0.1 % of the slide holds (bright) cells

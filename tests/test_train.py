@@ -8,31 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from cellseg.bundle import load_bundle
 from cellseg.train import TrainImage, TrainSettings, load_coco, sample_crop, train
 
-from .conftest import DATA, tiny_model_config
-
-
-def coco_from_labels(tmp_path, image_path, labels_path):
-    """A COCO file (RLE masks) for one of the test images, the way annotation tools export it."""
-    import shutil
-    import tifffile
-    labels = tifffile.imread(labels_path)
-    shutil.copy(image_path, tmp_path / image_path.name)
-    anns = []
-    for k in np.unique(labels[labels > 0]):
-        rle = mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode()
-        anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "segmentation": rle, "iscrowd": 0,
-                     "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle))})
-    coco = {"images": [{"id": 1, "file_name": image_path.name, "height": labels.shape[0], "width": labels.shape[1]}],
-            "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
-    path = tmp_path / "annotations.json"
-    path.write_text(json.dumps(coco))
-    return path, len(anns)
+from .helpers import DATA, assert_user_error, coco_from_labels, invoke, snapshot, tiny_model_config
 
 
 def test_sample_crop_keeps_masks_and_boxes_consistent():
@@ -160,7 +140,7 @@ def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
 
 
 def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
-    from cellseg.detect import build_model
+    from cellseg.network import build_model
     from cellseg.train import initial_weights, load_matching
     cfg, state, note = initial_weights(str(tiny_bundle), ["nucleus"])
     assert "bundle tiny" in note and cfg.fpn_channels == tiny_model_config().fpn_channels
@@ -174,7 +154,7 @@ def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
 
 def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
-    from cellseg.detect import build_model
+    from cellseg.network import build_model
     from cellseg.errors import CellsegError
     from cellseg.train import initial_weights, load_matching
     with pytest.raises(CellsegError, match="nothing is downloaded"):
@@ -196,7 +176,6 @@ def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
 
 def test_cli_train_never_overwrites_a_folder_it_did_not_start(tmp_path, tiny_bundle):
     import shutil
-    from .test_cli import assert_user_error, invoke, snapshot
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     theirs = shutil.copytree(tiny_bundle, tmp_path / "my_model")
     before = snapshot(theirs)
@@ -209,7 +188,6 @@ def test_cli_train_never_overwrites_a_folder_it_did_not_start(tmp_path, tiny_bun
 
 
 def test_cli_train_checks_val_before_training(tmp_path):
-    from .test_cli import assert_user_error, invoke
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     result = invoke(["train", "--data", ann, "--val", tmp_path / "val.json", "--out", tmp_path / "b", "--device", "cpu"])
     assert_user_error(result, 1, "val.json")
@@ -217,7 +195,6 @@ def test_cli_train_checks_val_before_training(tmp_path):
 
 
 def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
-    from .test_cli import invoke
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     out = tmp_path / "b"
     result = invoke(["train", "--data", ann, "--val", ann, "--out", out, "--steps", 2, "--batch-size", 1,
@@ -234,7 +211,6 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
 
 
 def test_cli_fine_tuning_defaults_to_a_lower_learning_rate(tmp_path, tiny_bundle):
-    from .test_cli import invoke
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--init", tiny_bundle, "--steps", 1,
                      "--batch-size", 1, "--crop", 64, "--device", "cpu"])
@@ -277,7 +253,6 @@ def _bad_training_data(kind: str, folder) -> tuple:
 @pytest.mark.parametrize("kind", ["not-json", "not-coco", "no-categories", "unknown-category", "missing-image",
                                   "wrong-size", "box-only", "no-cells"])
 def test_cli_train_bad_annotations_give_one_line(tmp_path, kind):
-    from .test_cli import assert_user_error, invoke
     ann, words = _bad_training_data(kind, tmp_path)
     result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--steps", 1, "--device", "cpu"])
     assert_user_error(result, 1, *words)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellseg.detect import TileDetections
+from cellseg.instances import TileDetections
 from cellseg.tiling import Box, TileSpec
 from cellseg.tta import VIEWS, AugmentedDetector, merge_views, unview_array, unview_boxes, view_array, view_boxes, \
     view_tile

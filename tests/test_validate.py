@@ -11,12 +11,10 @@ import pytest
 import tifffile
 
 from cellseg.bundle import load_bundle
-from cellseg.detect import TileDetections
+from cellseg.instances import TileDetections
 from cellseg.validate import above, annotated_images, card_figures, predict, score, validate_bundle
 
-from .conftest import DATA
-from .test_pipeline import LabelReadingDetector
-from .test_train import coco_from_labels
+from .helpers import DATA, LabelReadingDetector, coco_from_labels
 
 
 class DetectorWithFalseCells(LabelReadingDetector):

@@ -1,0 +1,76 @@
+"""The library's entry point: `CellCounter` loads the models once, then counts slide after slide.
+
+    counter = CellCounter.load(load_protocol("fluorescence-nuclei"), device="auto")
+    summary = counter.count("slide.ome.tif", "slide.cellseg", progress=lambda done, total: ...)
+
+`cellseg count`, the napari widget and validation (`cellseg train --val`) all count through it, so they run the
+same pipeline: the same detector with its slide-level normalisation, the tissue U-Net on the detector's device,
+the same result folder committed atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .instances import TileDetector
+from .pipeline import Progress, count_slide
+from .protocol import Protocol
+from .resultdir import staged_output
+from .tissue import TissueFinder
+
+
+class CellCounter:
+    """A protocol and its loaded models (detector + tissue finder), ready to count any number of slides.
+
+    model_diameter_px: the training nucleus size the detector expects (its bundle's); diameter_px: the slides'
+    (--diameter), "auto" to measure it on each slide, or None; mpp: a pixel size overriding the slides' own;
+    run_info: what run.json records besides the count itself (command line, device, model bundle).
+    """
+
+    def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
+                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
+                 mpp: float | None = None, run_info: dict | None = None):
+        self.protocol, self.detector = protocol, detector
+        self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
+        self.model_diameter_px, self.diameter_px, self.mpp = model_diameter_px, diameter_px, mpp
+        self.run_info = dict(run_info or {})
+
+    @classmethod
+    def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
+             mpp: float | None = None, run_info: dict | None = None, tta: bool = False) -> "CellCounter":
+        """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
+
+        Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
+        (fluorescence | brightfield) when the bundle has one for it. tta: test-time augmentation (cellseg.tta: the
+        8 flips and rotations of every tile, cells merged; thresholds tuned with TTA when the bundle has them).
+        run.json records the device and the bundle after `run_info`.
+        """
+        from .bundle import load_bundle
+        from .detect import Detector
+        bundle = load_bundle(protocol.model)
+        score_threshold = (protocol.score_threshold if protocol.score_threshold is not None
+                           else bundle.threshold_for(protocol.modality, tta=tta))
+        detector = Detector.from_bundle(bundle, device, score_threshold=score_threshold,
+                                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+        if tta:
+            from .tta import AugmentedDetector
+            detector = AugmentedDetector(detector)
+        model = {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
+                 "score_threshold": detector.score_threshold, "test_time_augmentation": tta}
+        return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
+                   mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device), "model": model})
+
+    def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
+        """Count one slide into the result folder `out_dir`, committed only when complete (resultdir.staged_output:
+        `out_dir` may be new, empty or an earlier result; a failure or a cancel leaves it as it was). Returns the
+        summary. progress(tiles analysed, tiles to analyse) may raise to cancel."""
+        with staged_output(Path(out_dir)) as staging:
+            return self.count_into(slide, staging, progress)
+
+    def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None) -> dict:
+        """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
+        files of its own first). Returns the summary."""
+        return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
+                           progress=progress, run_info=self.run_info, model_diameter_px=self.model_diameter_px,
+                           diameter_px=self.diameter_px)

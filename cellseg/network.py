@@ -1,0 +1,108 @@
+"""The cell Mask R-CNN's architecture: `ModelConfig` (a bundle's [model] table) and `build_model`.
+
+torchvision's defaults silently break dense microscopy (docs/architecture.md, "Detection"), so the network is built
+with: no resize (tiles run at the scale they are given), thousands of detections per tile, anchors of 8-128 px,
+masks left at box size (rcnn_parts.py), and GroupNorm that can take a slide's statistics (slide_norm.py). Running
+the network on tiles is detect.py's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .rcnn_parts import TileRoIHeads, TileTransform
+from .slide_norm import SlideGroupNorm
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a cell Mask R-CNN; stored in a bundle's model.toml [model] table."""
+
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50
+    norm: str = "groupnorm"             # groupnorm (trains from scratch with small batches) | frozen_bn (COCO init)
+    fpn_channels: int = 128
+    box_head_size: int = 512
+    classes: tuple[str, ...] = ("nucleus",)   # foreground classes; class id k >= 1 is classes[k-1]
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    detections_per_tile: int = 3000
+    rpn_pre_nms_top_n_test: int = 6000
+    rpn_post_nms_top_n_test: int = 3000
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 256
+    box_nms_thresh: float = 0.4
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; expected some of {sorted(known)}")
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tupled)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items()}
+
+
+def _norm_layer(kind: str):
+    if kind == "groupnorm":
+        return lambda channels: SlideGroupNorm(32, channels)
+    if kind == "frozen_bn":
+        from torchvision.ops import FrozenBatchNorm2d
+        return FrozenBatchNorm2d
+    raise ValueError(f"unknown norm {kind!r}; expected groupnorm or frozen_bn")
+
+
+def build_model(cfg: ModelConfig) -> MaskRCNN:
+    """A randomly initialised Mask R-CNN for cells. Never downloads anything."""
+    constructors = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
+    if cfg.backbone not in constructors:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; expected one of {sorted(constructors)}")
+    body = constructors[cfg.backbone](weights=None, norm_layer=_norm_layer(cfg.norm))
+    stage_channels = [body.inplanes // 8, body.inplanes // 4, body.inplanes // 2, body.inplanes]
+    backbone = BackboneWithFPN(
+        body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=stage_channels, out_channels=cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+    if len(cfg.anchor_sizes) != 5:
+        raise ValueError(f"expected 5 anchor sizes (one per FPN level), got {cfg.anchor_sizes}")
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
+                              aspect_ratios=(tuple(cfg.aspect_ratios),) * 5)
+    c = cfg.fpn_channels
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_size),
+        box_predictor=FastRCNNPredictor(cfg.box_head_size, cfg.num_classes),
+        mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
+        mask_predictor=MaskRCNNPredictor(c, c, cfg.num_classes),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_detections_per_img=cfg.detections_per_tile,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_score_thresh=0.05,
+    )
+    model.transform = TileTransform(min_size=1, max_size=1 << 30, image_mean=list(cfg.image_mean),
+                                    image_std=list(cfg.image_std), size_divisible=32)
+    model.roi_heads = TileRoIHeads.replacing(model.roi_heads)
+    return model

@@ -1,0 +1,271 @@
+"""What to do with one slide, decided before its tiles are detected: the `SlidePlan`.
+
+    slide -> model channel -> thumbnail -> tissue mask (tissue.py) -> intensity range on the tissue
+          -> scale (--diameter, the protocol's nucleus size, or measured: --diameter auto) -> tiles (core + halo)
+          -> which tiles hold enough tissue to analyse -> the windows the slide's normalisation is measured on
+
+Every decision depends on the slide and the protocol only, never on how the tiles will later be grouped or
+scheduled: the plan is plain data, so the tiles of one plan can be detected in any order, in any process, with a
+detector calibrated on `plan.windows` (calibrate), and give the same cells.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParameterError
+from .instances import TileDetector
+from .preprocess import IntensityRange, as_network_input, measure_range, select_channels
+from .protocol import Protocol, check_pixel_size
+from .slide import Slide
+from .summary import StageTimer
+from .tiling import Box, TileSpec, plan_tiles
+from .tissue import TissueFinder, TissueMask
+
+THUMBNAIL_SIDE = 2048
+CALIBRATION_WINDOW_PX = 512   # network px; the side of each window the slide's normalisation is measured on
+CALIBRATION_WINDOWS = 4
+_NUCLEAR_STAINS = re.compile(r"dapi|hoechst|nuc|draq|sytox|hematox", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How the slide is resampled for the network: `factor` network px per slide px."""
+
+    factor: float
+    source: str
+    model_diameter_px: float | None = None
+    image_diameter_px: float | None = None
+
+
+@dataclass
+class SlidePlan:
+    """The decisions for one slide (level-0 px throughout).
+
+    channel: the slide channel the detector sees (None: grayscale or RGB as is); channel_names: every channel's
+    name in cells.csv. thumbnail: (h, w, C) native pixels, thumb_factor slide px per thumbnail px. tiles: the whole
+    grid in row-major order (tile_px core, halo_px halo, in slide px); keep[i]: tile i is analysed (enough tissue).
+    windows: where the slide's normalisation is measured (empty when no tile is analysed).
+    """
+
+    channel: int | None
+    channel_names: list[str]
+    thumbnail: np.ndarray
+    thumb_factor: float
+    tissue: TissueMask
+    intensity: IntensityRange
+    scale: Scale
+    tile_px: int
+    halo_px: int
+    tiles: list[TileSpec]
+    keep: list[bool]
+    windows: list[Box]
+
+    @property
+    def analysed(self) -> list[TileSpec]:
+        """The tiles the detector sees, in grid order."""
+        return [t for t, k in zip(self.tiles, self.keep) if k]
+
+    @property
+    def tiles_per_row(self) -> int:
+        return sum(1 for t in self.tiles if t.grid_row == 0)
+
+
+def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,
+               model_diameter_px: float | None = None, diameter_px: float | str | None = None) -> SlidePlan:
+    """Decide everything about `slide` before detection (the detector runs here only for --diameter auto).
+
+    model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to
+    measure it on a few tiles first (measure_diameter).
+    """
+    info = slide.info
+    check_pixel_size(protocol, info)
+    channel = model_channel(protocol, slide)
+    with timer("read"):
+        thumbnail, thumb_factor = slide.read_thumbnail(THUMBNAIL_SIDE)
+    with timer("tissue"):
+        tissue_mask = tissue.find(slide, protocol.modality)
+        release_freed_memory()   # the view grows with the slide; detection must not start on top of it
+    with timer("read"):
+        intensity = measure_range(tissue_pixels(select_channels(thumbnail, channel), tissue_mask,
+                                                info.height, info.width))
+    gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
+    if diameter_px == "auto":
+        with timer("detect"):
+            measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor,
+                                        tissue_mask)
+        scale = (choose_scale(model_diameter_px, measured[0], protocol, info.mpp,
+                              source=f"measured on {measured[1]} nuclei of the slide (--diameter auto)")
+                 if measured else Scale(1.0, "native: too few nuclei found to measure their size",
+                                        model_diameter_px or None))
+    else:
+        scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
+    tile_px, halo_px = tile_geometry(protocol, scale)
+    tiles = plan_tiles(info.height, info.width, tile_px, halo_px)
+    # A tile is skipped when its core holds too little tissue: none of its cells could be real.
+    keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
+            for t in tiles]
+    # One normalisation for the whole slide, measured where the cells are: a cell then looks the same to the
+    # network whatever tile it falls in (slide_norm.py). Nothing to measure when no tile is analysed.
+    windows = (calibration_windows(info.height, info.width, max(16, round(CALIBRATION_WINDOW_PX / scale.factor)),
+                                   gray, thumb_factor, tissue_mask) if any(keep) else [])
+    return SlidePlan(channel, channel_names(slide), thumbnail, thumb_factor, tissue_mask, intensity, scale, tile_px,
+                     halo_px, tiles, keep, windows)
+
+
+def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], channel: int | None,
+              intensity: IntensityRange, scale: float) -> None:
+    """Fix the detector's slide-level statistics on the network input of `windows` (TileDetector.calibrate)."""
+    detector.calibrate([network_pixels(slide, b, channel, intensity, scale) for b in windows])
+
+
+def channel_names(slide: Slide) -> list[str]:
+    """Each channel's name as cells.csv columns carry it: the file's names made safe, else red/green/blue or c0..."""
+    info = slide.info
+    if info.channel_names and len(info.channel_names) == info.n_channels:
+        names = [re.sub(r"[^0-9A-Za-z]+", "_", n).strip("_").lower() or f"c{i}"
+                 for i, n in enumerate(info.channel_names)]
+        if len(set(names)) == len(names):
+            return names
+    if info.n_channels == 3:
+        return ["red", "green", "blue"]
+    return [f"c{i}" for i in range(info.n_channels)]
+
+
+def model_channel(protocol: Protocol, slide: Slide) -> int | None:
+    """Which slide channel the detector sees (None: grayscale or RGB as is).
+
+    The protocol's or --channel's choice wins; otherwise a channel named like a nuclear stain (DAPI,
+    Hoechst, ...), else an RGB image as is, else channel 0.
+    """
+    info = slide.info
+    if info.n_channels == 1:
+        return 0
+    if protocol.channel is not None:
+        return protocol.channel
+    for k, name in enumerate(info.channel_names or ()):
+        if name and _NUCLEAR_STAINS.search(name):
+            return k
+    return None if info.n_channels == 3 else 0
+
+
+def choose_scale(model_diameter_px: float | None, diameter_px: float | None, protocol: Protocol,
+                 mpp: float | None, source: str = "--diameter") -> Scale:
+    """Resample so nuclei reach the network at the size it was trained on (Cellpose's --diameter idea).
+
+    The image's nucleus diameter comes from --diameter (px) or the protocol's nucleus_diameter_um and the
+    slide's pixel size; without either, or without a size recorded in the bundle, tiles run as they are.
+    """
+    if diameter_px is not None:
+        image_d = float(diameter_px)
+    elif protocol.nucleus_diameter_um is not None and mpp:
+        image_d = protocol.nucleus_diameter_um / mpp
+        source = f"protocol nucleus_diameter_um {protocol.nucleus_diameter_um} µm at {mpp:g} µm/px"
+    else:
+        return Scale(1.0, "native: no nucleus diameter given (--diameter or the protocol's nucleus_diameter_um)",
+                     model_diameter_px or None)
+    if not model_diameter_px:
+        return Scale(1.0, "native: the model bundle records no training nucleus size", None, image_d)
+    factor = model_diameter_px / image_d
+    if not 1 / 8 <= factor <= 4:
+        raise ParameterError(f"expected a nucleus diameter within 1/4 to 8 times the model's "
+                             f"{model_diameter_px:.1f} px, got {image_d:.1f} px ({source})")
+    if abs(factor - 1) < 0.1:   # within 10 %: resampling would cost time and gain nothing
+        return Scale(1.0, f"native: {source} is within 10 % of the model's size", model_diameter_px, image_d)
+    return Scale(factor, source, model_diameter_px, image_d)
+
+
+def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
+    """Tile core and halo in slide px, so that the network still sees tile_size x tile_size at `scale`."""
+    tile_px = max(16, round(protocol.tile_size / scale.factor))
+    return tile_px, min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
+
+
+def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, intensity: IntensityRange,
+                     protocol: Protocol, thumbnail: np.ndarray, thumb_factor: float,
+                     tissue: TissueMask | None = None, n_tiles: int = 6) -> tuple[float, int] | None:
+    """Median equivalent diameter (px) of the nuclei found at native scale on the slide's busiest tiles.
+
+    Tiles are ranked by pixel contrast on the thumbnail, so glass and empty background are not sampled.
+    Returns (diameter, number of nuclei) or None when fewer than 10 nuclei were found.
+    """
+    tiles = plan_tiles(slide.info.height, slide.info.width, protocol.tile_size, protocol.halo_px)
+    gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
+    chosen = sorted(tiles, key=lambda t: thumbnail_contrast(gray, t.core, thumb_factor), reverse=True)[:n_tiles]
+    windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, gray, thumb_factor,
+                                  tissue)
+    calibrate(detector, slide, windows, channel, intensity, 1.0)
+    images = [network_pixels(slide, t.read, channel, intensity) for t in chosen]
+    areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
+    if areas.size < 10:
+        return None
+    return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)
+
+
+def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float) -> float:
+    """Standard deviation of the thumbnail over `box` (level-0 px): high where cells are, ~0 on glass."""
+    r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
+    r1, c1 = max(int(box.row1 / thumb_factor), r0 + 1), max(int(box.col1 / thumb_factor), c0 + 1)
+    return float(gray_thumbnail[r0:r1, c0:c1].std())
+
+
+def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,
+                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS) -> list[Box]:
+    """Up to `n` windows of window_px x window_px (slide px) on a fixed grid, where the cells are.
+
+    They depend on the slide only (not on the tile size): the normalisation measured on them is the same
+    whatever tiles the slide is cut into. Ranked by thumbnail contrast times tissue share, so glass and empty
+    dark field are not chosen. A slide smaller than a window gives one window: the whole slide.
+    """
+    wh, ww = min(window_px, height), min(window_px, width)
+    candidates = [Box(r, c, r + wh, c + ww)
+                  for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
+
+    def score(box: Box) -> float:
+        share = tissue.box_fraction(box) if tissue is not None else 1.0
+        return thumbnail_contrast(gray_thumbnail, box, thumb_factor) * share
+
+    ranked = sorted(candidates, key=lambda b: (-score(b), b.row0, b.col0))
+    return ranked[:n]
+
+
+def network_pixels(slide: Slide, box: Box, channel: int | None, intensity: IntensityRange,
+                   scale: float = 1.0) -> np.ndarray:
+    """The slide's pixels in `box` as the network sees them: model channel, resampled by `scale`, normalised."""
+    return as_network_input(slide.read_region(box), box.shape, channel, intensity, scale)
+
+
+def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,
+                  min_pixels: int = 1000) -> np.ndarray:
+    """The thumbnail's pixels (n, C) that lie on tissue, or all of them when tissue is scarcer than `min_pixels`.
+
+    The intensity range is measured on these: on a slide that is 99 % glass, percentiles of the whole
+    thumbnail describe the glass, and the cells would be squashed into saturation.
+    """
+    th, tw = thumbnail.shape[:2]
+    rows = ((np.arange(th) + 0.5) * height / th).astype(np.int64)
+    cols = ((np.arange(tw) + 0.5) * width / tw).astype(np.int64)
+    on = tissue.at(rows, cols)
+    if on.sum() < min(min_pixels, on.size):
+        return thumbnail.reshape(-1, thumbnail.shape[-1])
+    return thumbnail[on]
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and numpy have freed back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps freed heap blocks for reuse, fragmented: the few hundred MB a stage frees (the tissue view,
+    whose size follows the slide's) would otherwise stay in the process and sit under the detector's peak,
+    which then grows with the slide. Dask does the same for its workers' "unmanaged memory".
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,106 @@
+"""summary.json and run.json: what a count found and how it was made, assembled from the plan and the stages.
+
+summary.json: cell count, tiles, tissue area and density, area statistics, pixel size, seam diagnostics, scale,
+the panoptic encoding and seconds per stage. run.json: cellseg's version, the slide, the fully resolved protocol,
+the model channel and intensity range, the tissue method and model, the normalisation windows, and what the caller
+adds (command line, device, model bundle).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from . import __version__
+from .protocol import Protocol
+
+if TYPE_CHECKING:
+    from .merge import SeamStats
+    from .slide import SlideInfo
+    from .slide_plan import SlidePlan
+
+
+@dataclass
+class StageTimer:
+    """Seconds spent per stage. Detection runs in its own thread alongside merging, measuring and writing, so the
+    stages overlap and their sum can exceed the wall time."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - start
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def _stats(values: np.ndarray) -> dict | None:
+    if values.size == 0:
+        return None
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    return {"mean": float(values.mean()), "median": float(p50), "p5": float(p5), "p95": float(p95),
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell_count: int, areas: np.ndarray,
+                  seams: "SeamStats", panoptic: dict, timer: StageTimer, started: float) -> dict:
+    """summary.json's content. areas: every cell's area in px; started: time.time() when the count began."""
+    mpp = info.mpp
+    tissue = plan.tissue
+    tissue_px = tissue.area_px()
+    tissue_mm2 = tissue_px * mpp ** 2 / 1e6 if mpp else None
+    if not tissue_px:
+        density_note = "no tissue found: every tile was skipped, so there are no cells and no density"
+    elif not mpp:
+        density_note = "no pixel size: density per mm² unknown (pass --mpp)"
+    else:
+        density_note = "cells per mm² of tissue"
+    seconds = timer.to_dict()
+    seconds["total"] = round(time.time() - started, 3)
+    scale = plan.scale
+    return {
+        "slide": info.path.name, "format": info.format, "height_px": info.height, "width_px": info.width,
+        "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": plan.channel,
+        "mpp": mpp, "mpp_source": info.mpp_source,
+        "units": "µm columns filled" if mpp else f"µm columns empty: no pixel size ({info.mpp_source})",
+        "protocol": protocol.name,
+        "cell_count": int(cell_count),
+        "tiles_total": len(plan.tiles), "tiles_skipped": len(plan.tiles) - sum(plan.keep),
+        "tile_size_px": protocol.tile_size,
+        "halo_px": protocol.halo_px,   # network px; see "scale" for slide px
+        "tissue_method": tissue.method, "tissue_note": tissue.note,
+        "min_tissue_fraction": protocol.min_tissue_fraction if tissue.method != "none" else None,
+        "tissue_fraction": round(tissue_px / (info.height * info.width), 6),
+        "tissue_area_px": round(tissue_px), "tissue_area_mm2": tissue_mm2,
+        "cells_per_mm2": cell_count / tissue_mm2 if tissue_mm2 else None,
+        "cells_per_mm2_note": density_note,
+        "area_px": _stats(areas.astype(float)),
+        "area_um2": _stats(areas * mpp ** 2) if mpp else None,
+        "seams": seams.to_dict(),
+        "seconds": seconds,
+        "panoptic": panoptic,
+        "scale": {"factor": scale.factor, "source": scale.source, "tile_px": plan.tile_px, "halo_px": plan.halo_px,
+                  "model_diameter_px": scale.model_diameter_px, "image_diameter_px": scale.image_diameter_px},
+    }
+
+
+def run_record(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", tissue: dict,
+               run_info: dict | None) -> dict:
+    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: the caller's additions."""
+    return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
+            "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.channel,
+            "intensity_range": [plan.intensity.low, plan.intensity.high], "tissue": tissue,
+            "normalisation_windows": [list(map(int, b)) for b in plan.windows], **(run_info or {})}

@@ -1,0 +1,200 @@
+"""What several test modules share: paths, the tiny model's config, detectors that read a ground-truth label image
+back, random cells, COCO annotations from a label image, and the CLI runner with its assertions.
+
+Test modules import from here (never from one another); fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+EXAMPLES = ROOT / "example_slides"
+
+
+def tiny_model_config():
+    """A small FPN and box head: quick to build and run, ~20 MB of float16 weights."""
+    from cellseg.network import ModelConfig
+    return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
+                       rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300,
+                       rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)
+
+
+# --------------------------------------------------------------------------- detectors that read labels back
+
+class LabelReadingDetector:
+    """A TileDetector that 'detects' the cells of a ground-truth label image visible in each tile's read box
+    (clipped): a real result from the real pipeline in seconds, with known cells (no network).
+
+    score: every cell's score, or None for scores spread over 0.5..1.0 in label order.
+    shift_px > 0 moves every mask by +-shift_px depending on the tile's grid parity, so neighbouring
+    tiles see the same cell at slightly different places (as two Mask R-CNN views of it would).
+    It has no slide-level statistics (calibrate keeps the windows it is given, for tests to look at) and records
+    the index of every tile it is shown (`seen`).
+    """
+
+    device = "cpu"
+    class_names = ("nucleus",)
+
+    def __init__(self, labels: np.ndarray, shift_px: int = 0, score: float | None = 0.9):
+        self.labels = labels
+        self.shift_px = shift_px
+        self.score = score
+        self.windows: list[np.ndarray] = []
+        self.seen: list[int] = []
+
+    def calibrate(self, windows) -> None:
+        self.windows = [w.copy() for w in windows]
+
+    def detect(self, images, tiles, scale=1.0):
+        for t, img in zip(tiles, images):      # the network sees the tile resampled by `scale`
+            assert img.shape[-2:] == (max(1, round(t.read.height * scale)), max(1, round(t.read.width * scale)))
+        self.seen.extend(t.index for t in tiles)
+        return [self._tile(t, t.read.shape) for t in tiles]
+
+    def _tile(self, tile, shape):
+        from scipy import ndimage
+
+        from cellseg.instances import TileDetections
+        crop = self.labels[tile.read.slices()]
+        boxes, masks = [], []
+        dr = self.shift_px * (1 if tile.grid_row % 2 else -1)
+        dc = self.shift_px * (1 if tile.grid_col % 2 else -1)
+        for label, sl in enumerate(ndimage.find_objects(crop), start=1):
+            if sl is None:
+                continue
+            mask = crop[sl] == label
+            r0, c0 = sl[0].start + dr, sl[1].start + dc
+            r1, c1 = r0 + mask.shape[0], c0 + mask.shape[1]
+            # clip the moved mask to the tile
+            cr0, cc0, cr1, cc1 = max(r0, 0), max(c0, 0), min(r1, shape[0]), min(c1, shape[1])
+            if cr0 >= cr1 or cc0 >= cc1:
+                continue
+            m = mask[cr0 - r0:cr1 - r0, cc0 - c0:cc1 - c0]
+            if not m.any():
+                continue
+            boxes.append((cr0, cc0, cr1, cc1))
+            masks.append(m)
+        n = len(masks)
+        scores = (np.full(n, self.score, np.float32) if self.score is not None
+                  else np.linspace(0.5, 1.0, n, dtype=np.float32))
+        return TileDetections(np.asarray(boxes, np.int64).reshape(-1, 4), masks, scores, np.ones(n, np.int64))
+
+
+def count_with(detector, slide: Path, out: Path, protocol, **options) -> dict:
+    """Count `slide` into the result folder `out` through the library's entry point (counter.CellCounter)."""
+    from cellseg.counter import CellCounter
+    return CellCounter(protocol, detector, **options).count(slide, out)
+
+
+def oracle_result(slide: Path, labels: Path, out: Path, protocol: str = "fluorescence-nuclei") -> Path:
+    """A real result folder of `slide` whose cells are those of the label image `labels`."""
+    import tifffile
+
+    from cellseg.protocol import load_protocol
+    count_with(LabelReadingDetector(tifffile.imread(labels), score=None), slide, out, load_protocol(protocol))
+    return out
+
+
+def random_cells(height: int, width: int, max_diameter: int, n: int, seed: int) -> np.ndarray:
+    """Non-overlapping random ellipses no wider than max_diameter, labelled 1..k."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((height, width), np.int32)
+    rr, cc = np.mgrid[:height, :width]
+    next_label = 1
+    for _ in range(n):
+        a, b = rng.uniform(1.5, max_diameter / 2, size=2)
+        r, c = rng.uniform(0, height), rng.uniform(0, width)
+        blob = ((rr - r) / a) ** 2 + ((cc - c) / b) ** 2 <= 1
+        if blob.sum() < 3 or (labels[blob] > 0).any():
+            continue
+        labels[blob] = next_label
+        next_label += 1
+    return labels
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two label images hold the same cells, up to renumbering."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    fg = a > 0
+    pairs = np.unique(np.stack([a[fg], b[fg]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[fg])) == len(np.unique(b[fg]))
+
+
+# --------------------------------------------------------------------------- annotations
+
+def coco_from_labels(tmp_path: Path, image_path: Path, labels_path: Path) -> tuple[Path, int]:
+    """A COCO file (RLE masks) for one of the test images, the way annotation tools export it: (path, cells)."""
+    import pycocotools.mask as mask_utils
+    import tifffile
+    labels = tifffile.imread(labels_path)
+    shutil.copy(image_path, tmp_path / image_path.name)
+    anns = []
+    for k in np.unique(labels[labels > 0]):
+        rle = mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "segmentation": rle, "iscrowd": 0,
+                     "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle))})
+    coco = {"images": [{"id": 1, "file_name": image_path.name, "height": labels.shape[0], "width": labels.shape[1]}],
+            "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path, len(anns)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def invoke(args: list) -> "click.testing.Result":  # noqa: F821
+    """Run `cellseg ARGS` in-process, stderr kept apart from stdout."""
+    from click.testing import CliRunner
+
+    from cellseg.cli import main
+    try:
+        runner = CliRunner(mix_stderr=False)  # click 8.1: keep stderr apart
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always does
+    return runner.invoke(main, [str(a) for a in args], prog_name="cellseg")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_user_error(result, exit_code: int, *words: str) -> str:
+    """One line `cellseg: error: ...` on stderr holding `words`, the exit code, no traceback."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("cellseg: error: "), line
+    for word in words:
+        assert word.lower() in line.lower(), (word, line)
+    assert result.stdout == ""
+    return line
+
+
+# --------------------------------------------------------------------------- result folders
+
+FAST = ["--device", "cpu", "-q", "--tile-size", "64", "--halo", "16", "--tissue", "none"]   # quick CLI counts
+STAGING = re.compile(r"^\..+\.(tmp|old)-\d+-[0-9a-f]+$")
+
+
+def listing(folder: Path) -> set[str]:
+    """Every path under `folder` (hidden ones included), relative to it."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def assert_nothing_left(folder: Path, before: set[str]) -> None:
+    after = listing(folder)
+    assert after == before, f"left behind: {sorted(after - before)}, removed: {sorted(before - after)}"
+    assert not [n for n in after if STAGING.match(Path(n).name)]
