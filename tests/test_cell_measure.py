@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from skimage.color import hed2rgb
+from skimage.color import hed2rgb, rgb2hed
 from skimage.measure import regionprops_table
 
-from cellseg.cell_measure import expanded_columns, measure_expanded, stains_apply
+from cellseg.cell_measure import expanded_columns, measure_expanded, stain_densities, stains_apply
 from cellseg.expansion import expand_nuclei
 from .test_expansion import random_nuclei
 
@@ -129,3 +129,13 @@ def test_dab_and_hematoxylin_optical_densities_of_a_synthetic_ihc_image():
     assert (out["cytoplasm_dab_od_std"] < 0.02).all() and (out["nucleus_hematoxylin_od_std"] < 0.02).all()
     positive = out["cytoplasm_dab_od_mean"] > 0.2              # a usual DAB positivity threshold
     np.testing.assert_array_equal(positive, ring > 0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float64])
+def test_stain_densities_are_rgb2hed_in_log10_units(dtype):
+    rng = np.random.default_rng(1)
+    top = 1.0 if dtype == np.float64 else np.iinfo(dtype).max
+    rgb = (rng.random((500, 3)) * top).astype(dtype)
+    rgb[:3] = [[0, 0, 0], [top, top, top], [top, 0, top]]      # black (clipped at 1e-6), glass, one dark channel
+    np.testing.assert_allclose(stain_densities(rgb), rgb2hed(rgb)[:, [0, 2]] * 6, rtol=1e-12, atol=1e-12)
+    assert stain_densities(rgb[:0]).shape == (0, 2)
