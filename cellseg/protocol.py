@@ -73,6 +73,16 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "dedupe_overlap": ((int, float), _Range(0.0, 1.0),
                            "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
     },
+    # Cells by expansion (expansion.py). 0 = nuclei only. QuPath's cell detection grows nuclei by 5 µm by default
+    # (cellExpansionMicrons = 5.0); he-nuclei is meant to take that default once `cellseg count` draws cells,
+    # since it already requires the pixel size and pathologists read the nucleus/cell area ratio off it.
+    "cells": {
+        "cell_expansion_um": ((int, float), _Range(0.0, 100.0),
+                              "grow each nucleus by up to this many µm into an estimated cell, stopping where it "
+                              "meets a neighbour's (0: nuclei only); needs the pixel size"),
+        "cell_expansion_px": ((int, float), _Range(0.0, 2000.0),
+                              "the same in px, for images without a pixel size (instead of cell_expansion_um)"),
+    },
 }
 
 
@@ -94,6 +104,8 @@ class Protocol:
     tissue_method: str = "unet"
     min_tissue_fraction: float = 0.01
     dedupe_overlap: float = 0.5
+    cell_expansion_um: float = 0.0
+    cell_expansion_px: float | None = None
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -122,7 +134,15 @@ class Protocol:
                 _check("", option, value, SCHEMA[section][key])
             except ProtocolError as e:
                 raise ParameterError(str(e)) from None
+        # The expansion is given in µm or in px: an override of one replaces the file's choice of the other.
+        if "cell_expansion_px" in given and "cell_expansion_um" not in given:
+            given["cell_expansion_um"] = 0.0
         new = dataclasses.replace(self, **given)
+        if "cell_expansion_um" in given and "cell_expansion_px" not in given:
+            new = dataclasses.replace(new, cell_expansion_px=None)
+        if new.cell_expansion_px is not None and new.cell_expansion_um:
+            raise ParameterError(f"expected the cell expansion in µm or in px, got both "
+                                 f"({new.cell_expansion_um:g} µm and {new.cell_expansion_px:g} px)")
         check_halo(new.tile_size, new.halo_px)
         return new
 
@@ -187,6 +207,8 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
     if "name" not in values:
         raise ProtocolError(f"{path}: missing key 'name'")
     protocol = Protocol(**values, source=str(path))
+    if protocol.cell_expansion_px is not None and protocol.cell_expansion_um:
+        raise ProtocolError(f"{path}: [cells] expected cell_expansion_um or cell_expansion_px, got both")
     try:
         check_halo(protocol.tile_size, protocol.halo_px)
     except ParameterError as e:

@@ -198,3 +198,20 @@ def assert_nothing_left(folder: Path, before: set[str]) -> None:
     after = listing(folder)
     assert after == before, f"left behind: {sorted(after - before)}, removed: {sorted(before - after)}"
     assert not [n for n in after if STAGING.match(Path(n).name)]
+
+
+# --------------------------------------------------------------------------- nuclei label images
+
+def random_nuclei(shape: tuple[int, int], n: int, seed: int, max_radius: int = 6) -> np.ndarray:
+    """Discs (radius 0 = one pixel) on integer centres, so that many pixels lie at equal distance from two
+    nuclei; ids are scattered over a large range (they must not matter). A later disc does not paint over an
+    earlier one."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    rows, cols = np.indices(shape)
+    ids = rng.choice(np.arange(1, 10 * n), n, replace=False)
+    for cid in ids:
+        r, c, radius = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(0, max_radius + 1)
+        disc = ((rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2) & (labels == 0)
+        labels[disc] = cid
+    return labels

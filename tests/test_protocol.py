@@ -224,6 +224,31 @@ def test_replace_validates_overrides_as_usage_errors(overrides, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_cell_expansion_in_um_or_px(tmp_path):
+    p = load_protocol(write(tmp_path, GOOD + "\n[cells]\ncell_expansion_um = 5\n"))
+    assert (p.cell_expansion_um, p.cell_expansion_px) == (5, None)
+    assert p.to_dict()["cells"] == {"cell_expansion_um": 5}
+    p = load_protocol(write(tmp_path, GOOD + "\n[cells]\ncell_expansion_px = 8.5\n"))
+    assert (p.cell_expansion_um, p.cell_expansion_px) == (0.0, 8.5)
+    assert load_protocol(write(tmp_path, GOOD)).cell_expansion_um == 0.0        # default: nuclei only
+    with pytest.raises(ProtocolError, match=r"\[cells\] expected cell_expansion_um or cell_expansion_px, got both"):
+        load_protocol(write(tmp_path, GOOD + "\n[cells]\ncell_expansion_um = 5\ncell_expansion_px = 8\n"))
+    with pytest.raises(ProtocolError, match=r"\[cells\] cell_expansion_um: expected between 0.0 and 100.0, got -1"):
+        load_protocol(write(tmp_path, GOOD + "\n[cells]\ncell_expansion_um = -1\n"))
+
+
+def test_replace_cell_expansion_in_one_unit_drops_the_other():
+    base = load_protocol("he-nuclei").replace(cell_expansion_um=5.0)
+    in_px = base.replace(cell_expansion_px=10.0)
+    assert (in_px.cell_expansion_um, in_px.cell_expansion_px) == (0.0, 10.0)
+    in_um = in_px.replace(cell_expansion_um=3.0)
+    assert (in_um.cell_expansion_um, in_um.cell_expansion_px) == (3.0, None)
+    with pytest.raises(ParameterError, match="got both"):
+        base.replace(cell_expansion_um=2.0, cell_expansion_px=4.0)
+    with pytest.raises(ParameterError, match="--cell-expansion-um.*got -3"):
+        base.replace(cell_expansion_um=-3.0)
+
+
 def test_replace_rejects_unknown_setting():
     with pytest.raises(CellsegError, match="unknown protocol setting 'tile'"):
         load_protocol("fluorescence-nuclei").replace(tile=128)
