@@ -144,3 +144,17 @@ def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
                               np.asarray(det.boxes), np.asarray(det.scores, float), np.zeros(len(det), bool), True)
     result = match(instances(augmented), instances(plain), iou=0.8)
     assert (result.tp, result.fp, result.fn) == (len(centres), 0, 0)
+
+
+def test_cellseg_count_tta_runs_the_augmented_detector(tmp_path, fluo_png, tiny_bundle):
+    """`cellseg count --tta`: every tile seen in 8 views, merged; run.json says so."""
+    import json
+    import shutil
+
+    from .helpers import invoke
+    image = shutil.copy(fluo_png, tmp_path / "dsb_fluo.png")
+    result = invoke(["count", image, "--model", tiny_bundle, "--device", "cpu", "-q", "--tile-size", "256",
+                     "--halo", "16", "--tissue", "none", "--tta"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "dsb_fluo.cellseg" / "run.json").read_text())
+    assert run["model"]["test_time_augmentation"] is True
