@@ -30,8 +30,10 @@ both label images are matched to it one-to-one at IoU >= 0.5 (cellseg.evaluate.m
 as many as possible, as square as possible): the slide and its labels are cropped to it first, so both
 runs see exactly the same pixels (halos stop at the crop edge).
 
+--tta runs cellseg with test-time augmentation (cellseg count --tta), to state its cost against the same naive run.
+
     nice -n 5 python benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cpu \
-        --json /tmp/bench.json [--tiles 4]
+        --json /tmp/bench.json [--tiles 4] [--tta]
 """
 
 from __future__ import annotations
@@ -166,8 +168,9 @@ def child_cellseg(spec: dict) -> dict:
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
                                                        tissue_method=spec["tissue"])
     t = time.perf_counter()
-    counter = CellCounter.load(protocol, spec["device"])   # the network and the tissue U-Net
-    detector = counter.detector
+    counter = CellCounter.load(protocol, spec["device"], tta=spec.get("tta", False))   # network + tissue U-Net
+    from cellseg.tta import AugmentedDetector
+    detector = counter.detector.inner if isinstance(counter.detector, AugmentedDetector) else counter.detector
     load_s = time.perf_counter() - t
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
     net_timer = StageTimer()
@@ -332,6 +335,7 @@ def main() -> None:
     p.add_argument("--tissue", choices=["unet", "otsu", "none"], default=None,
                    help="cellseg's tissue prefilter (default: the protocol's)")
     p.add_argument("--workdir", type=Path, default=None, help="keep crops and results here (default: a temp dir)")
+    p.add_argument("--tta", action="store_true", help="cellseg with test-time augmentation (cellseg count --tta)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -376,7 +380,7 @@ def main() -> None:
               f"device {args.device}; model {bundle.name} ({bundle.weights_sha256[:12]})")
         common = {"slide": str(slide_path), "protocol": args.protocol, "model": protocol.model,
                   "tile_size": protocol.tile_size, "device": args.device, "tissue": protocol.tissue_method}
-        cs = run_child("cellseg", {**common, "out": str(work / "cellseg_out")}, work)
+        cs = run_child("cellseg", {**common, "out": str(work / "cellseg_out"), "tta": args.tta}, work)
         summary = cs["summary"]
         if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
             raise SystemExit(f"expected cellseg to tile at {tile_px}+{halo_px} px, it used {summary['scale']}")
@@ -395,6 +399,7 @@ def main() -> None:
             "megapixels": round(mp, 4), "tissue_method": summary["tissue_method"],
             "tissue_megapixels": round(tissue_mp, 4), "tiles": n_tiles, "tiles_analysed": analysed, "tile_px": tile_px,
             "halo_px": halo_px, "device": args.device, "model": bundle.name, "protocol": args.protocol,
+            "tta": args.tta,
             "cpu_count": os.cpu_count(), "torch_threads": cs["torch_threads"],
             "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
             "mp_per_s": round(tissue_mp / cs["wall_s"], 4),
