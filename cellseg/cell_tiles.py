@@ -6,7 +6,7 @@ and measured (cell_measure.py), against the final nuclei of the tile rows around
 
 pipeline.CellEmitter drives it: the cells of grid row r are drawn once the nuclei of rows <= r + k are final
 (k = expansion.context_rows: 1 with the shipped tiling), and only the nuclei of the rows still needed are kept, so
-memory holds 2k + 2 tile rows of nuclei (cropped masks) whatever the slide's size. Every cell is drawn against all
+memory holds 2k + 1 tile rows of nuclei (cropped masks) whatever the slide's size. Every cell is drawn against all
 the final nuclei that could reach it, so it is the cell the whole slide expanded in one piece would give it.
 Coordinates are (row, col) level-0 px, boxes half-open (tiling.py).
 """

@@ -15,6 +15,7 @@ from PIL import Image
 from skimage.color import hed2rgb
 
 from cellseg.cell_measure import expanded_columns
+from cellseg.cell_tiles import FinalNuclei
 from cellseg.expansion import expand_nuclei, tissue_in
 from cellseg.export import result_files
 from cellseg.measure import cell_columns
@@ -105,6 +106,22 @@ def test_a_tile_row_waits_for_the_nuclei_rows_further_down(tmp_path):
     assert grown[49, 20] == 1 and grown[50, 20] == 2            # the midline between rows 28 and 70
 
 
+def test_only_the_nuclei_rows_still_needed_are_held(tmp_path, monkeypatch):
+    """Memory stays flat in the slide's height: 2k + 1 tile rows of nuclei at most (k = 1 here), not the slide's 12."""
+    held = []
+    add = FinalNuclei.add
+
+    def add_and_record(self, grid_row, ids, nuclei):
+        add(self, grid_row, ids, nuclei)
+        held.append(len(self.rows))
+
+    monkeypatch.setattr(FinalNuclei, "add", add_and_record)
+    nuclei = random_cells(384, 64, max_diameter=10, n=400, seed=5)
+    _, out = count(tmp_path, "tall", nuclei, 32, 8, cell_expansion_px=5.0)
+    np.testing.assert_array_equal(labels_of(out, "cell_labels.ome.tif"), expand_nuclei(labels_of(out), 5.0))
+    assert len(held) > 12 and max(held) == 3
+
+
 def test_expansion_leaves_the_nuclei_and_their_ids_as_they_were(tmp_path):
     nuclei = random_cells(200, 180, max_diameter=16, n=250, seed=9)
     _, plain = count(tmp_path, "plain", nuclei, 64, 16)
@@ -121,7 +138,8 @@ def test_expansion_leaves_the_nuclei_and_their_ids_as_they_were(tmp_path):
 
 
 def test_cell_labels_share_the_nuclei_geometry_and_the_overlay_outlines_both(tmp_path):
-    nuclei = random_cells(600, 700, max_diameter=16, n=1500, seed=4)
+    patch = random_cells(150, 140, max_diameter=16, n=150, seed=4)       # 4 x 5 patches, ids kept distinct
+    nuclei = np.block([[np.where(patch > 0, patch + 1000 * (5 * i + j), 0) for j in range(5)] for i in range(4)])
     summary, out = count(tmp_path, "big", nuclei, 256, 32, cell_expansion_px=D)
     with tifffile.TiffFile(out / "labels.ome.tif") as a, tifffile.TiffFile(out / "cell_labels.ome.tif") as b:
         assert [lv.shape for lv in b.series[0].levels] == [lv.shape for lv in a.series[0].levels] == [
