@@ -10,9 +10,10 @@ peak RSS (ru_maxrss, the whole run: reading, tissue view, detection, merging, me
 `cellseg count` runs; background tiles are skipped, so a 40k x 40k slide finishes in minutes on a CPU.
 --detector threshold: a threshold + connected-components stand-in with the same TileDetections contract
 (isolates the pipeline's own memory from the network's; use --tissue none with it to visit every tile).
+--cell-expansion-um D: nuclei grown into cells by up to D µm (cell_labels.ome.tif and the cell columns too).
 
     python benchmarks/memory_flat.py --sizes 10000 20000 40000 [--detector model] [--tissue unet]
-        [--workdir /tmp/cellseg-mem]
+        [--cell-expansion-um 5] [--workdir /tmp/cellseg-mem]
 """
 
 from __future__ import annotations
@@ -140,10 +141,10 @@ class ThresholdDetector:
         return out
 
 
-def child(slide: Path, out: Path, detector_kind: str, tissue: str) -> None:
+def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansion_um: float) -> None:
     from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
-    protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue)
+    protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, cell_expansion_um=cell_expansion_um)
     if detector_kind == "model":
         counter = CellCounter.load(protocol, "cpu")
     else:
@@ -161,15 +162,16 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000, 40000])
     p.add_argument("--detector", choices=["model", "threshold"], default="model")
     p.add_argument("--tissue", choices=["unet", "otsu", "none"], default="unet")
+    p.add_argument("--cell-expansion-um", type=float, default=0.0, help="grow nuclei into cells by D µm")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cellseg-mem"))
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        slide, out, kind, tissue = args.child
-        child(Path(slide), Path(out), kind, tissue)
+        slide, out, kind, tissue, expansion = args.child
+        child(Path(slide), Path(out), kind, tissue, float(expansion))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"detector {args.detector}, tissue {args.tissue}")
+    print(f"detector {args.detector}, tissue {args.tissue}, cell expansion {args.cell_expansion_um:g} µm")
     print(f"{'slide':>12} {'tiles':>7} {'skipped':>8} {'cells':>7} {'seconds':>8} {'peak RSS MB':>12}")
     for size in args.sizes:
         slide = args.workdir / f"islands_{size}.tif"
@@ -177,9 +179,9 @@ def main() -> None:
             t = time.perf_counter()
             write_synthetic_slide(slide, size)
             print(f"  (wrote {slide.name}: {slide.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.0f} s)")
-        out = args.workdir / f"out_{size}_{args.detector}_{args.tissue}"
-        res = subprocess.run([sys.executable, __file__, "--child", str(slide), str(out), args.detector, args.tissue],
-                             check=True, capture_output=True, text=True)
+        out = args.workdir / f"out_{size}_{args.detector}_{args.tissue}_{args.cell_expansion_um:g}"
+        res = subprocess.run([sys.executable, __file__, "--child", str(slide), str(out), args.detector, args.tissue,
+                              str(args.cell_expansion_um)], check=True, capture_output=True, text=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{size:>6}x{size:<5} {r['tiles']:>7} {r['skipped']:>8} {r['cells']:>7} {r['seconds']:>8} "
               f"{r['peak_rss_mb']:>12.0f}   {r['stages']}", flush=True)

@@ -14,9 +14,12 @@ made up here, with the TileDetections contract of Mask R-CNN output:
 The stages then run exactly as pipeline.count_slide drives them (pipeline.merge_tiles): owned_instances +
 SeamMerger.add_tile per tile, pop_final per completed grid row ("merge"), and pipeline.CellEmitter per owning tile:
 label_tile + measure_tile ("measure"), cells.csv through cells_csv.CellsTableWriter ("write", optional).
-Detection generation is not timed.
+With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
+(cell_tiles.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
+as `cellseg count --cell-expansion-px D` does. Detection generation is not timed.
 
-    nice -n 5 python benchmarks/merge_measure.py [--grid 16 16] [--channels 3] [--csv] [--profile out.prof]
+    nice -n 5 python benchmarks/merge_measure.py [--grid 16 16] [--channels 3] [--csv] [--expansion-px 10 [--stains]]
+        [--profile out.prof]
 
 Prints wall-clock and CPU seconds per stage: on a shared machine the CPU time is what the code costs.
 """
@@ -133,11 +136,14 @@ class SyntheticSlide:
 
 
 class _FakeSlide:
-    """read_region + info.mpp, all CellEmitter needs: noise pixels of the box's size (C channels)."""
+    """read_region + info.mpp, all CellEmitter needs: noise pixels of the box's size (C channels; 8-bit for RGB
+    stains, else 16-bit)."""
 
-    def __init__(self, channels: int, seed: int = 0):
+    def __init__(self, channels: int, seed: int = 0, rgb: bool = False):
         rng = np.random.default_rng(seed)
-        self._pixels = rng.integers(0, 4096, (TILE + 2 * HALO, TILE + 2 * HALO, channels), dtype=np.uint16)
+        side = 2 * (TILE + 2 * HALO)          # a read box, or a cells' box reaching beyond it
+        self._pixels = (rng.integers(0, 256, (side, side, channels), dtype=np.uint8) if rgb
+                        else rng.integers(0, 4096, (side, side, channels), dtype=np.uint16))
         self.info = SimpleNamespace(mpp=0.5)
 
     def read_region(self, box):
@@ -169,29 +175,38 @@ class _TableOnly:
     def __init__(self, table):
         self.table = table
 
-    def add_cells(self, read, ids, cells, labels, rows):
+    def add_cells(self, read, ids, cells, labels, rows, expanded=None):
         if self.table is not None:
             self.table.append(rows)
 
 
-def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int) -> dict:
+def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expansion_px: float = 0.0,
+        stains: bool = False) -> dict:
+    from cellseg.cell_tiles import CellExpansion
     from cellseg.cells_csv import CellsTableWriter
+    from cellseg.expansion import context_rows
     from cellseg.measure import cell_columns
     from cellseg.merge import SeamMerger
     from cellseg.pipeline import CellEmitter, merge_tiles
     from cellseg.tiling import seam_band_px
+    from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
+    from skimage.segmentation import expand_labels  # noqa: F401
 
     synth = SyntheticSlide(*grid, seed=seed)
     tiles = synth.tiles
-    names = [f"c{k}" for k in range(channels)]
+    names = ["red", "green", "blue"] if stains else [f"c{k}" for k in range(channels)]
     timer = _Timer()
     merger = SeamMerger(dedupe_overlap=0.5, min_area_px=10)
     tiles_per_row = grid[1]
     band = seam_band_px(HALO)
     generate = 0.0
+    expansion = (CellExpansion(expansion_px, context_rows(expansion_px, TILE, HALO), synth.shape, None, 0.5, names,
+                               stains) if expansion_px else None)
     with tempfile.TemporaryDirectory() as tmp:
-        table = CellsTableWriter(Path(tmp) / "cells.csv", cell_columns(names)) if write_csv else None
-        emitter = CellEmitter(_FakeSlide(channels, seed), tiles, _TableOnly(table), names, ["nucleus"], timer)
+        columns = {**cell_columns(names), **(expansion.columns if expansion else {})}
+        table = CellsTableWriter(Path(tmp) / "cells.csv", columns) if write_csv else None
+        emitter = CellEmitter(_FakeSlide(len(names), seed, rgb=stains), tiles, _TableOnly(table), names, ["nucleus"],
+                              timer, expansion=expansion)
 
         def detections():                                    # pipeline.detect_tiles minus the network
             nonlocal generate
@@ -214,27 +229,36 @@ def main() -> None:
                    help="tiles of 512 px (16 x 16: ~260k cells)")
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--csv", action="store_true", help="also write cells.csv (CellsTableWriter) and time it")
+    p.add_argument("--expansion-px", type=float, default=0.0,
+                   help="grow nuclei into cells by up to D px and measure them (10: 5 µm at 0.5 µm/px)")
+    p.add_argument("--stains", action="store_true",
+                   help="with --expansion-px: RGB pixels and the hematoxylin / DAB optical density columns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=Path, help="write cProfile stats here")
     args = p.parse_args()
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
-    r = run(tuple(args.grid), args.channels, args.csv, args.seed)
+    r = run(tuple(args.grid), args.channels, args.csv, args.seed, args.expansion_px, args.stains)
     if profiler:
         profiler.disable()
         profiler.dump_stats(args.profile)
     cells = r["cells"]
-    print(f"grid {args.grid[0]}x{args.grid[1]} tiles of {TILE} px, {args.channels} channel(s): "
+    channels = 3 if args.stains else args.channels
+    expansion = (f", cells grown by {args.expansion_px:g} px{' with stains' if args.stains else ''}"
+                 if args.expansion_px else "")
+    print(f"grid {args.grid[0]}x{args.grid[1]} tiles of {TILE} px, {channels} channel(s){expansion}: "
           f"{cells:,} cells (generation {r['generate_s']:.1f} s, untimed)")
-    print(f"  {'stage':16s} {'wall s':>8s} {'cells/min':>12s} {'CPU s':>8s} {'cells/min':>12s}")
+    print(f"  {'stage':22s} {'wall s':>8s} {'cells/min':>12s} {'CPU s':>8s} {'cells/min':>12s}")
     stages = [("merge", ("merge",)), ("measure", ("measure",)), ("merge + measure", ("merge", "measure"))]
+    if args.expansion_px:
+        stages += [("expand", ("expand",)), ("merge + measure + expand", ("merge", "measure", "expand"))]
     if args.csv:
         stages.append(("write cells.csv", ("write",)))
     for label, keys in stages:
         wall = sum(r["wall"].get(k, 0.0) for k in keys)
         cpu = sum(r["cpu"].get(k, 0.0) for k in keys)
-        print(f"  {label:16s} {wall:8.2f} {cells / wall * 60:12,.0f} {cpu:8.2f} {cells / cpu * 60:12,.0f}")
+        print(f"  {label:22s} {wall:8.2f} {cells / wall * 60:12,.0f} {cpu:8.2f} {cells / cpu * 60:12,.0f}")
     print(f"  seams: {r['seams']}")
 
 

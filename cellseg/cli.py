@@ -121,12 +121,18 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 @click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
 @click.option("--score-threshold", type=_setting("score_threshold", float), default=None,
               help="Minimum detection score (bundle default).")
+@click.option("--cell-expansion-um", type=_setting("cell_expansion_um", float), default=None, metavar="D",
+              help="Grow each nucleus by up to D µm into an estimated cell, stopping where it meets a neighbour's, "
+                   "and measure cells and cytoplasm too (0: nuclei only; protocol default). Needs the pixel size.")
+@click.option("--cell-expansion-px", type=_setting("cell_expansion_px", float), default=None, metavar="D",
+              help="The same in px, for images without a pixel size (instead of --cell-expansion-um).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
                    "About 8x the detection time (README, Performance).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
-          tissue_method, min_tissue_fraction, model_name, score_threshold, tta, quiet) -> None:
+          tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
+          quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
@@ -136,12 +142,15 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
                                                     channel=channel, model=model_name,
                                                     score_threshold=score_threshold, tissue_method=tissue_method,
-                                                    min_tissue_fraction=min_tissue_fraction)
+                                                    min_tissue_fraction=min_tissue_fraction,
+                                                    cell_expansion_um=cell_expansion_um,
+                                                    cell_expansion_px=cell_expansion_px)
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
         _check_summary_csv(summary_csv)
     if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
+        # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slide import open_slide
         with open_slide(inputs[0], mpp=mpp) as slide:
             check_pixel_size(protocol, slide.info)

@@ -1,8 +1,8 @@
 """What `cellseg info` prints: a slide as cellseg sees it, before a long run.
 
 Format and backend, the size of every pyramid level, channels and their names, the pixel size and where it
-came from, and the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.slide_plan and
-tiling.plan_tiles). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
+came from, the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.slide_plan and
+tiling.plan_tiles) and whether nuclei are grown into cells (expansion.py). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
 and no torch.
 """
 
@@ -33,9 +33,23 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"  tiles       {n_tiles} ({rows} x {cols}) of {tile_px} px with a {halo_px} px halo (protocol {protocol.name}; "
         f"the tissue prefilter then skips background ones)",
         f"  scale       {scale.factor:.3g}: {scale.source}",
+        f"  cells       {_cells(protocol, info)}",
     ]
     lines += [f"  note        {d}" for d in info.details]
     return lines
+
+
+def _cells(protocol: Protocol, info: SlideInfo) -> str:
+    """The protocol's cell expansion on this slide, in words."""
+    um, px = protocol.cell_expansion_um, protocol.cell_expansion_px
+    if px is not None:
+        return f"nuclei grown by up to {px:g} px into cells (cell_labels.ome.tif, cell and cytoplasm columns)"
+    if not um:
+        return "nuclei only (--cell-expansion-um D grows them into cells)"
+    if not info.mpp:
+        return f"a {um:g} µm cell expansion needs the pixel size: pass --mpp, or give it with --cell-expansion-px"
+    return (f"nuclei grown by up to {um:g} µm = {um / info.mpp:.3g} px into cells (cell_labels.ome.tif, cell and "
+            f"cytoplasm columns)")
 
 
 def _channels(info: SlideInfo) -> str:

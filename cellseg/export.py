@@ -6,7 +6,8 @@ the end, writes the pictures and label images and the two JSON records. The file
 - cells_csv.py: cells.csv (the columns: measure.cell_columns);
 - coco.py: predictions.coco.json (COCO RLE masks in full-slide coordinates);
 - labelstore.py: the disk-backed label canvas, painted tile by tile;
-- ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas;
+- ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas (and cell_labels.ome.tif
+  from a second canvas when nuclei are grown into cells: cell_tiles.py);
 - pictures.py: overlay.png and area_histogram.png; tissue.py: tissue_mask.png.
 
 The folder is a staging folder (resultdir.staged_output): a failed run's files are discarded, never half-kept.
@@ -34,6 +35,12 @@ from .tissue import TissueMask, write_tissue_png
 
 RESULT_FILES = ("cells.csv", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png", "tissue_mask.png",
                 "area_histogram.png", "predictions.coco.json", "run.json")
+CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grown into cells
+
+
+def result_files(cells_expanded: bool) -> tuple[str, ...]:
+    """The files of a result folder: RESULT_FILES, and CELL_FILES when nuclei were grown into cells."""
+    return RESULT_FILES + CELL_FILES if cells_expanded else RESULT_FILES
 
 
 class ResultWriter:
@@ -41,17 +48,24 @@ class ResultWriter:
 
     Use as a context manager: cells go in with `add_cells` as they are measured, then `finish` writes the rest;
     leaving the block early (an error) closes what is open and leaves the folder to be discarded.
+    expansion_columns: the columns cells.csv gains when nuclei are grown into cells (cell_tiles.CellExpansion);
+    the cells' labels then go into cell_labels.ome.tif and their outlines onto the overlay too.
     """
 
     def __init__(self, out_dir: Path, slide_name: str, height: int, width: int, mpp: float | None,
-                 channel_names: list[str], class_names: list[str], chunk_px: int = 512):
+                 channel_names: list[str], class_names: list[str], chunk_px: int = 512,
+                 expansion_columns: dict[str, str] | None = None):
         self.out_dir, self.mpp, self.class_names = Path(out_dir), mpp, list(class_names)
         self._work = self.out_dir / ".work"
         self.store = LabelStore(self._work / "labels", height, width, chunk=chunk_px)
-        self.table = CellsTableWriter(self.out_dir / "cells.csv", cell_columns(channel_names))
+        self.cell_store = (LabelStore(self._work / "cell_labels", height, width, chunk=chunk_px)
+                           if expansion_columns is not None else None)
+        self.table = CellsTableWriter(self.out_dir / "cells.csv",
+                                      {**cell_columns(channel_names), **(expansion_columns or {})})
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
         self.coco = CocoWriter(self.out_dir / "predictions.coco.json", slide_name, height, width, categories)
         self.areas: list[np.ndarray] = []        # area_px of every cell, per added part
+        self.cell_areas: list[np.ndarray] = []   # cell_area_px of every cell (grown from its nucleus), per part
         self.class_ids: list[np.ndarray] = []    # per added part, in cell id order
 
     def __enter__(self) -> "ResultWriter":
@@ -66,18 +80,35 @@ class ResultWriter:
     def cell_count(self) -> int:
         return self.table.rows
 
+    @property
+    def cells_expanded(self) -> bool:
+        return self.cell_store is not None
+
     def all_areas(self) -> np.ndarray:
         """area_px of every cell so far, in cell id order."""
         return np.concatenate(self.areas) if self.areas else np.zeros(0)
 
+    def all_cell_areas(self) -> np.ndarray | None:
+        """cell_area_px (the nucleus grown into a cell) of every cell so far, in cell id order; None when cells are
+        not grown."""
+        if not self.cells_expanded:
+            return None
+        return np.concatenate(self.cell_areas) if self.cell_areas else np.zeros(0, np.int64)
+
     def add_cells(self, read: Box, ids: np.ndarray, cells: Instances, labels: np.ndarray,
-                  rows: dict[str, np.ndarray]) -> None:
-        """One tile's final cells: their ids, the label image over the tile's read box, their measured rows."""
+                  rows: dict[str, np.ndarray], expanded: tuple[Box, np.ndarray] | None = None) -> None:
+        """One tile's final cells: their ids, the label image over the tile's read box, their measured rows;
+        with an expansion, (box, labels) of the cells grown from these nuclei."""
+        if (expanded is not None) != self.cells_expanded:
+            raise ValueError("expected grown cells exactly when the writer was made with expansion_columns")
         self.table.append(rows)
         self.coco.append(ids, cells.boxes, cells.masks, cells.scores, cells.class_ids)
         self.store.paint(read, labels)
         self.areas.append(rows["area_px"])
         self.class_ids.append(np.asarray(cells.class_ids))
+        if expanded is not None:
+            self.cell_store.paint(*expanded)
+            self.cell_areas.append(rows["cell_area_px"])
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
         """Close the cell tables, then write the label images, the overlay, the tissue mask and the histogram.
@@ -85,19 +116,26 @@ class ResultWriter:
         self.table.close()
         self.coco.close()
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
-        label_thumbnail = self.store.thumbnail(max(1, int(round(thumb_factor))))
+        factor = max(1, int(round(thumb_factor)))
+        label_thumbnail = self.store.thumbnail(factor)
+        cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
         # The overlay (boundaries + PNG encoding, which release the GIL) is drawn while the label pyramids are
         # written: ~0.5 s of a small slide's write time.
         with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
-            overlay = background.submit(write_overlay_png, thumbnail, label_thumbnail, self.out_dir / "overlay.png")
+            overlay = background.submit(write_overlay_png, thumbnail, label_thumbnail, self.out_dir / "overlay.png",
+                                        cell_thumbnail)
             write_label_images(self.store, {self.out_dir / "labels.ome.tif": None,
                                             self.out_dir / "panoptic.ome.tif": panoptic}, self.mpp)
+            if self.cell_store is not None:
+                write_label_images(self.cell_store, {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
             write_tissue_png(tissue, self.out_dir / "tissue_mask.png")
             area_unit = "µm²" if self.mpp else "px"
             write_area_histogram(self.all_areas() * (self.mpp ** 2 if self.mpp else 1), area_unit,
                                  self.out_dir / "area_histogram.png")
             overlay.result()
         self.store.remove()
+        if self.cell_store is not None:
+            self.cell_store.remove()
         return panoptic
 
     def write_json(self, name: str, record: dict) -> None:

@@ -4,7 +4,8 @@
     -> calibrate the detector on the plan's windows
     -> detect_tiles: the analysed tiles read by reader threads and detected in batches
     -> merge_tiles: ownership + seam dedupe (merge.py); each finished row of cells goes to the emitter
-    -> CellEmitter: final cells get their ids, are measured (measure.py) and written (export.ResultWriter)
+    -> CellEmitter: final cells get their ids, are measured (measure.py) and written (export.ResultWriter); with
+       a cell expansion, each nucleus is grown into a cell and measured too (cell_tiles.py), a tile row later
     -> ResultWriter.finish: label pyramids, overlay, tissue mask, histogram; then summary.json, run.json
 
 Detection runs in a thread of its own (threads.in_background), a batch ahead of merging, measuring and writing.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cell_tiles import CellExpansion, FinalNuclei, expand_tile
 from .export import ResultWriter, start_writer_imports
 from .instances import Instances, TileDetections, TileDetector
 from .measure import label_tile, measure_tile
@@ -63,9 +65,12 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             with timer("detect"):
                 calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
         merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
+        expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
         with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
-                          list(detector.class_names), chunk_px=min(512, protocol.tile_size)) as result:
-            emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, list(detector.class_names), timer)
+                          list(detector.class_names), chunk_px=min(512, protocol.tile_size),
+                          expansion_columns=None if expansion is None else expansion.columns) as result:
+            emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, list(detector.class_names), timer,
+                                  expansion=expansion)
             tiles = detect_tiles(slide, plan, detector, protocol.batch_size, timer, emitter.regions)
             # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
             # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
@@ -75,7 +80,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
             with timer("write"):
                 panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
             summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
-                                    panoptic.describe(), timer, started)
+                                    panoptic.describe(), timer, started, result.all_cell_areas())
             result.write_json("summary.json", summary)
             result.write_json("run.json", run_record(info, protocol, plan, tissue.describe(), run_info))
     return summary
@@ -191,7 +196,12 @@ class RecentRegions:
 @dataclass
 class CellEmitter:
     """Gives final cells their ids (1, 2, ... in emission order), measures them per owning tile and hands them
-    to the result writer."""
+    to the result writer.
+
+    With an expansion (cell_tiles.py) each tile's nuclei are also grown into cells, which needs the final nuclei of
+    the rows around them: a row's tiles are then measured and written `expansion.rows` tile rows later (they wait,
+    already numbered, so the ids are those of a count without expansion) and the nuclei of those rows are kept.
+    """
 
     slide: Slide
     tiles: list[TileSpec]
@@ -201,6 +211,9 @@ class CellEmitter:
     timer: StageTimer
     next_id: int = 1
     regions: RecentRegions | None = field(default=None)   # raw pixels of tiles read for detection
+    expansion: CellExpansion | None = None
+    _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
+    _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.regions is None:
@@ -208,26 +221,53 @@ class CellEmitter:
 
     def emit(self, cells: Instances, through_row: int | None = None) -> None:
         """Measure and write `cells`, the final cells of the tile rows <= through_row (None: all rows)."""
-        self._emit(cells)
-        self.regions.release(through_row)
+        parts = self._number(cells)
+        if self.expansion is None:
+            ready, done_through = parts, through_row
+        else:
+            # A row's cells are drawn once the nuclei of the `rows` rows below it are final too.
+            for tile, ids, part in parts:
+                self._nuclei.add(tile.grid_row, ids, part)
+            self._waiting += parts
+            done_through = None if through_row is None else through_row - self.expansion.rows
+            due = [done_through is None or tile.grid_row <= done_through for tile, _, _ in self._waiting]
+            ready = [p for p, d in zip(self._waiting, due) if d]
+            self._waiting = [p for p, d in zip(self._waiting, due) if not d]
+        for tile, ids, part in ready:
+            self._write_tile(tile, ids, part)
+        if self.expansion is not None and done_through is not None:
+            self._nuclei.forget(done_through - self.expansion.rows)    # no cell still to draw can reach them
+        self.regions.release(done_through)
 
-    def _emit(self, cells: Instances) -> None:
+    def _number(self, cells: Instances) -> list[tuple[TileSpec, np.ndarray, Instances]]:
+        """`cells` split by owning tile, each part with its cell ids (the next ones, in tile order)."""
         if not len(cells):
-            return
+            return []
         # Cells come grouped by tile (pop_final sorts them so); a stable sort keeps any order safe and
         # splits the groups in one pass instead of one scan of all cells per tile.
         order = np.argsort(cells.tile_index, kind="stable")
         tile_of = cells.tile_index[order]
         starts = np.flatnonzero(np.r_[True, tile_of[1:] != tile_of[:-1]])
+        parts = []
         for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
             part = cells.take(order[start:stop])
-            tile = self.tiles[int(tile_of[start])]
             ids = np.arange(self.next_id, self.next_id + len(part), dtype=np.int64)
             self.next_id += len(part)
-            with self.timer("measure"):
-                labels = label_tile(part, ids, tile.read)
-                pixels = self.regions.take(tile.read)
-                rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
-                                    self.channel_names, self.class_names)
-            with self.timer("write"):
-                self.result.add_cells(tile.read, ids, part, labels, rows)
+            parts.append((self.tiles[int(tile_of[start])], ids, part))
+        return parts
+
+    def _write_tile(self, tile: TileSpec, ids: np.ndarray, part: Instances) -> None:
+        with self.timer("measure"):
+            labels = label_tile(part, ids, tile.read)
+            pixels = self.regions.take(tile.read)
+            rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
+                                self.channel_names, self.class_names)
+        expanded = None
+        if self.expansion is not None:
+            with self.timer("expand"):
+                cells, cells_box, columns = expand_tile(self.expansion, self._nuclei, ids, part, labels, tile.read,
+                                                        pixels, self.slide.read_region)
+            rows.update(columns)
+            expanded = (cells_box, cells)
+        with self.timer("write"):
+            self.result.add_cells(tile.read, ids, part, labels, rows, expanded)

@@ -73,9 +73,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "dedupe_overlap": ((int, float), _Range(0.0, 1.0),
                            "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
     },
-    # Cells by expansion (expansion.py). 0 = nuclei only. QuPath's cell detection grows nuclei by 5 µm by default
-    # (cellExpansionMicrons = 5.0); he-nuclei is meant to take that default once `cellseg count` draws cells,
-    # since it already requires the pixel size and pathologists read the nucleus/cell area ratio off it.
+    # Cells by expansion (expansion.py, cell_tiles.py). 0 = nuclei only. QuPath's cell detection grows nuclei by
+    # 5 µm by default (cellExpansionMicrons = 5.0); he-nuclei takes that default (it requires the pixel size, and
+    # pathologists read the nucleus/cell area ratio and cytoplasmic stain off it).
     "cells": {
         "cell_expansion_um": ((int, float), _Range(0.0, 100.0),
                               "grow each nucleus by up to this many µm into an estimated cell, stopping where it "
@@ -157,11 +157,16 @@ def setting_range(key: str) -> tuple[float | None, float | None]:
 
 
 def check_pixel_size(protocol: Protocol, info) -> None:
-    """A protocol that measures in µm (require_mpp) refuses a slide (SlideInfo) with no pixel size."""
+    """A protocol that measures in µm (require_mpp) refuses a slide (SlideInfo) with no pixel size, as does a cell
+    expansion given in µm."""
+    from .errors import CellsegError
     if protocol.require_mpp and info.mpp is None:
-        from .errors import CellsegError
         raise CellsegError(f"protocol {protocol.name} needs the pixel size in µm, but {info.path.name} has none "
                            f"({info.mpp_source.removeprefix('none: ').split(';')[0]}); pass --mpp")
+    if protocol.cell_expansion_um and info.mpp is None:
+        raise CellsegError(f"a cell expansion of {protocol.cell_expansion_um:g} µm needs the pixel size, but "
+                           f"{info.path.name} has none; pass --mpp, or give the expansion in px "
+                           f"(--cell-expansion-px)")
 
 
 def protocols_dir() -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ParameterError
+from .expansion import expansion_distance_px
 from .instances import TileDetector
 from .preprocess import IntensityRange, as_network_input, measure_range, select_channels
 from .protocol import Protocol, check_pixel_size
@@ -49,7 +50,8 @@ class SlidePlan:
     channel: the slide channel the detector sees (None: grayscale or RGB as is); channel_names: every channel's
     name in cells.csv. thumbnail: (h, w, C) native pixels, thumb_factor slide px per thumbnail px. tiles: the whole
     grid in row-major order (tile_px core, halo_px halo, in slide px); keep[i]: tile i is analysed (enough tissue).
-    windows: where the slide's normalisation is measured (empty when no tile is analysed).
+    windows: where the slide's normalisation is measured (empty when no tile is analysed). cell_expansion_px: D,
+    how far nuclei are grown into cells (level-0 px; 0: nuclei only; expansion.py).
     """
 
     channel: int | None
@@ -64,6 +66,7 @@ class SlidePlan:
     tiles: list[TileSpec]
     keep: list[bool]
     windows: list[Box]
+    cell_expansion_px: float = 0.0
 
     @property
     def analysed(self) -> list[TileSpec]:
@@ -114,7 +117,8 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
     windows = (calibration_windows(info.height, info.width, max(16, round(CALIBRATION_WINDOW_PX / scale.factor)),
                                    gray, thumb_factor, tissue_mask) if any(keep) else [])
     return SlidePlan(channel, channel_names(slide), thumbnail, thumb_factor, tissue_mask, intensity, scale, tile_px,
-                     halo_px, tiles, keep, windows)
+                     halo_px, tiles, keep, windows,
+                     expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp))
 
 
 def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], channel: int | None,

@@ -1,9 +1,10 @@
 """summary.json and run.json: what a count found and how it was made, assembled from the plan and the stages.
 
-summary.json: cell count, tiles, tissue area and density, area statistics, pixel size, seam diagnostics, scale,
-the panoptic encoding and seconds per stage. run.json: cellseg's version, the slide, the fully resolved protocol,
-the model channel and intensity range, the tissue method and model, the normalisation windows, and what the caller
-adds (command line, device, model bundle).
+summary.json: cell count, tiles, tissue area and density, area statistics (of the nuclei, and of the cells grown
+from them when they are), pixel size, seam diagnostics, scale, the panoptic encoding and seconds per stage. run.json:
+cellseg's version, the slide, the fully resolved protocol, the model channel and intensity range, the tissue method
+and model, the normalisation windows, the cell expansion in px and µm, and what the caller adds (command line,
+device, model bundle).
 """
 
 from __future__ import annotations
@@ -55,9 +56,17 @@ def _stats(values: np.ndarray) -> dict | None:
             "min": float(values.min()), "max": float(values.max())}
 
 
+def expansion_record(plan: "SlidePlan", mpp: float | None) -> dict:
+    """How far nuclei were grown into cells (D; 0: nuclei only), in px and, with a pixel size, µm."""
+    distance = float(plan.cell_expansion_px)
+    return {"cell_expansion_px": distance, "cell_expansion_um": distance * mpp if mpp else None}
+
+
 def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell_count: int, areas: np.ndarray,
-                  seams: "SeamStats", panoptic: dict, timer: StageTimer, started: float) -> dict:
-    """summary.json's content. areas: every cell's area in px; started: time.time() when the count began."""
+                  seams: "SeamStats", panoptic: dict, timer: StageTimer, started: float,
+                  cell_areas: np.ndarray | None = None) -> dict:
+    """summary.json's content. areas: every cell's area in px (its nucleus's); cell_areas: with a cell expansion,
+    every cell's grown area in px; started: time.time() when the count began."""
     mpp = info.mpp
     tissue = plan.tissue
     tissue_px = tissue.area_px()
@@ -89,6 +98,9 @@ def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell
         "cells_per_mm2_note": density_note,
         "area_px": _stats(areas.astype(float)),
         "area_um2": _stats(areas * mpp ** 2) if mpp else None,
+        **expansion_record(plan, mpp),
+        "cell_area_px": _stats(cell_areas.astype(float)) if cell_areas is not None else None,
+        "cell_area_um2": _stats(cell_areas * mpp ** 2) if cell_areas is not None and mpp else None,
         "seams": seams.to_dict(),
         "seconds": seconds,
         "panoptic": panoptic,
@@ -103,4 +115,5 @@ def run_record(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", tissue:
     return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
             "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.channel,
             "intensity_range": [plan.intensity.low, plan.intensity.high], "tissue": tissue,
-            "normalisation_windows": [list(map(int, b)) for b in plan.windows], **(run_info or {})}
+            "normalisation_windows": [list(map(int, b)) for b in plan.windows],
+            **expansion_record(plan, info.mpp), **(run_info or {})}

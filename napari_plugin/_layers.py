@@ -7,7 +7,9 @@ it was counted on a region of a bigger image (see `region.json`, written by the 
 Layers of a result folder (each optional part only when present):
 - the slide: multiscale image from its pyramid levels, lazily (`_lazy.slide_pyramid`); one layer per
   channel for multichannel fluorescence, one RGB layer for brightfield;
-- `labels.ome.tif`: multiscale Labels (uint32, lazily, same levels);
+- `labels.ome.tif`: multiscale Labels (uint32, lazily, same levels): the nuclei;
+- `cell_labels.ome.tif` (when the count grew nuclei into cells): multiscale Labels of the cells, the same ids,
+  beneath the nuclei;
 - `cells.csv`: Points at the centroids, the whole per-cell table as the layer's `features`;
 - `tissue_mask.png`: a translucent image scaled onto the slide.
 Every layer's metadata["cellseg"] says what it is (kind), which result folder it came from and where.
@@ -179,17 +181,23 @@ def points_layer_data(result: Result, translate=(0.0, 0.0)) -> LayerData:
     return coords, kwargs, "points"
 
 
-def labels_layer_data(result: Result, translate=(0.0, 0.0)) -> LayerData | None:
-    """labels.ome.tif as (multiscale) Labels, read lazily level by level."""
-    path = result.folder / "labels.ome.tif"
+# kind -> (file, layer name suffix, opacity): the nuclei, and the cells grown from them (drawn fainter, beneath)
+LABEL_IMAGES = {"labels": ("labels.ome.tif", "labels", 0.5), "cell_labels": ("cell_labels.ome.tif", "cell labels", 0.3)}
+
+
+def labels_layer_data(result: Result, translate=(0.0, 0.0), kind: str = "labels") -> LayerData | None:
+    """labels.ome.tif (kind "labels") or cell_labels.ome.tif ("cell_labels") as (multiscale) Labels, read lazily
+    level by level; None when the result has no such file."""
+    file, suffix, opacity = LABEL_IMAGES[kind]
+    path = result.folder / file
     if not path.is_file():
         return None
     labels = open_slide(path)
     levels = slide_pyramid(labels, 0)
     data = levels if len(levels) > 1 else np.asarray(levels[0])
-    kwargs = {"name": f"{result.name} labels", "multiscale": len(levels) > 1, "opacity": 0.5,
+    kwargs = {"name": f"{result.name} {suffix}", "multiscale": len(levels) > 1, "opacity": opacity,
               "translate": tuple(translate),
-              "metadata": {"cellseg": {"kind": "labels", "result": str(result.folder), "path": str(path)}}}
+              "metadata": {"cellseg": {"kind": kind, "result": str(result.folder), "path": str(path)}}}
     return data, kwargs, "labels"
 
 
@@ -213,7 +221,8 @@ def tissue_layer_data(result: Result, translate=(0.0, 0.0)) -> LayerData | None:
 
 
 def result_layer_data(path: str | Path, with_slide: bool = True, translate=None) -> list[LayerData]:
-    """All layers of a result folder: slide (lazy multiscale), labels (lazy multiscale), cells, tissue mask.
+    """All layers of a result folder: slide (lazy multiscale), tissue mask, cell labels when there are (lazy
+    multiscale), labels (lazy multiscale), cells (points).
 
     translate: where the result's (0, 0) lies in the viewer; default: its region offset (0, 0 for a whole
     slide). with_slide=False leaves the slide out (it is already in the viewer).
@@ -231,8 +240,8 @@ def result_layer_data(path: str | Path, with_slide: bool = True, translate=None)
         else:   # a region's result sits at its offset on the whole slide
             slide_translate = tuple(o - r for o, r in zip(offset, result.offset))
             layers += slide_layers_from(slide, translate=slide_translate, meta={"result": str(result.folder)})
-    labels = labels_layer_data(result, offset)
+    labels = [labels_layer_data(result, offset, kind) for kind in ("cell_labels", "labels")]
     tissue = tissue_layer_data(result, offset)
-    layers += [layer for layer in (tissue, labels) if layer is not None]
+    layers += [layer for layer in (tissue, *labels) if layer is not None]
     layers.append(points_layer_data(result, offset))
     return layers

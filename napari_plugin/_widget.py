@@ -302,29 +302,32 @@ class CellsegWidget(QWidget):
         if layer is None:
             return
         column = self.color_combo.currentText()
-        labels = self._labels_for(layer)
+        labels_layers = self._labels_for(layer)
         if column in ("", NO_COLOR):
             layer.face_color = POINT_COLOR
-            if labels is not None and id(labels) in self._original_colormaps:
-                labels.colormap = self._original_colormaps[id(labels)]
+            for labels in labels_layers:
+                if id(labels) in self._original_colormaps:
+                    labels.colormap = self._original_colormaps[id(labels)]
             return
         colors, limits = _logic.colors_by_column(layer.features, column)
         layer.face_color = colors
-        if labels is not None:
+        if labels_layers:
             from napari.utils.colormaps import DirectLabelColormap
-            self._original_colormaps.setdefault(id(labels), labels.colormap)
-            labels.colormap = DirectLabelColormap(
-                color_dict=_logic.label_color_dict(layer.features["cell_id"], colors))
+            color_dict = _logic.label_color_dict(layer.features["cell_id"], colors)
+            for labels in labels_layers:     # the nuclei and the cells grown from them: the same ids
+                self._original_colormaps.setdefault(id(labels), labels.colormap)
+                labels.colormap = DirectLabelColormap(color_dict=color_dict)
         if limits:
             self._say(f"{column}: {limits[0]:.4g} (dark) … {limits[1]:.4g} (bright)")
         current = self.table.currentIndex()
         self.table.scrollTo(self.model.index(max(current.row(), 0), list(layer.features.columns).index(column)))
 
-    def _labels_for(self, cells_layer):
+    def _labels_for(self, cells_layer) -> list:
+        """The Labels layers (nuclei, and cells when grown) of the result a cells layer came from."""
         from napari.layers import Labels
         result = cells_layer.metadata.get("cellseg", {}).get("result")
-        return next((layer for layer in self.viewer.layers if isinstance(layer, Labels)
-                     and layer.metadata.get("cellseg", {}).get("result") == result), None)
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)
+                and layer.metadata.get("cellseg", {}).get("result") == result]
 
     def select_row(self, row: int) -> None:
         """Select view row `row` of the table (as a click does)."""

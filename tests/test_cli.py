@@ -22,7 +22,8 @@ import tifffile
 from PIL import Image
 
 import cellseg
-from cellseg.export import RESULT_FILES
+from cellseg.cell_measure import expanded_columns
+from cellseg.export import RESULT_FILES, result_files
 from cellseg.protocol import list_protocols, load_protocol, protocols_dir
 
 from .helpers import DATA, FAST, STAGING, assert_nothing_left, assert_user_error, invoke, listing, snapshot
@@ -224,6 +225,9 @@ def test_many_inputs_do_not_overwrite_someone_elses_summary_csv(tmp_path, small_
     (["--device", "bogus"], ("'--device'", "bogus")),
     (["--tile-size", "big"], ("'--tile-size'", "big")),
     (["--mpp", "abc"], ("'--mpp'", "abc")),
+    (["--cell-expansion-um", "-1"], ("'--cell-expansion-um'", "-1.0 is not in the range 0.0<=x<=100.0")),
+    (["--cell-expansion-px", "wide"], ("'--cell-expansion-px'", "wide")),
+    (["--cell-expansion-um", "5", "--cell-expansion-px", "8"], ("cell expansion in µm or in px", "got both")),
     (["--no-such-option"], ("--no-such-option",)),
 ])
 def test_impossible_parameter_is_one_line_usage_error(tmp_path, small_png, args, words):
@@ -445,6 +449,41 @@ def test_protocol_that_needs_pixel_size(tmp_path, he_png, model, monkeypatch):
     summary = json.loads((tmp_path / "he.cellseg" / "summary.json").read_text())
     assert summary["protocol"] == "he-nuclei" and summary["mpp"] == 0.25
     assert summary["model_channel"] is None  # RGB brightfield is used as is
+    # he-nuclei grows nuclei by 5 µm into cells (20 px here; more than the 64 px tiles' rows allow at once)
+    assert (summary["cell_expansion_um"], summary["cell_expansion_px"]) == (5.0, 20.0)
+    assert (tmp_path / "he.cellseg" / "cell_labels.ome.tif").is_file()
+    header = (tmp_path / "he.cellseg" / "cells.csv").read_text().splitlines()[0].split(",")
+    assert {"cell_area_um2", "cytoplasm_dab_od_mean", "nucleus_hematoxylin_od_mean"} <= set(header)
+
+
+def test_cell_expansion_options(tmp_path, small_png, model, monkeypatch):
+    out = tmp_path / "px"
+    result = invoke(["count", small_png, "-o", out, "--cell-expansion-px", "3", *model, *FAST])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(result_files(True))
+    rows = read_csv(out / "cells.csv")
+    header = (out / "cells.csv").read_text().splitlines()[0].split(",")
+    assert header[-len(expanded_columns(["c0"], False)):] == list(expanded_columns(["c0"], False))
+    assert all(int(r["cell_area_px"]) >= int(r["area_px"]) for r in rows)
+    run = json.loads((out / "run.json").read_text())
+    assert run["protocol"]["cells"] == {"cell_expansion_um": 0.0, "cell_expansion_px": 3.0}
+    assert run["cell_expansion_px"] == 3.0 and run["cell_expansion_um"] is None
+
+    # in µm on an image without a pixel size: refused before the model loads, nothing written
+    before = listing(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr("cellseg.counter.CellCounter.load", lambda *a, **k: pytest.fail("the model was loaded"))
+        refused = invoke(["count", small_png, "-o", tmp_path / "um", "--cell-expansion-um", "2", *model, *FAST])
+    assert_user_error(refused, 1, "cell expansion of 2 µm", "pixel size", "--mpp", "--cell-expansion-px")
+    assert_nothing_left(tmp_path, before)
+
+    # --cell-expansion-um 0 turns a protocol's expansion off: nuclei only
+    he = crop_png(DATA / "dsb_he.png", tmp_path / "he.png")
+    result = invoke(["count", he, "-o", tmp_path / "he", "--protocol", "he-nuclei", "--mpp", "0.5",
+                     "--cell-expansion-um", "0", *model, *FAST])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "he" / "cell_labels.ome.tif").exists()
+    assert "cell_area_px" not in (tmp_path / "he" / "cells.csv").read_text().splitlines()[0]
 
 
 # --- other commands ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from cellseg.errors import CellsegError, ParameterError
-from cellseg.expansion import (check_tiling_fits, context_margin_px, expand_nuclei, expand_owned,
+from cellseg.expansion import (context_margin_px, context_rows, expand_nuclei, expand_owned,
                                expansion_distance_px, grow_box, tissue_in)
 from cellseg.tiling import Box, plan_tiles
 from cellseg.tissue import TissueMask
@@ -111,7 +111,7 @@ def tile_by_tile(nuclei: np.ndarray, tile_px: int, distance: float, tissue, tigh
     nuclei whose centroid lies in its core; its context holds only the nuclei owned by its 3 x 3 neighbourhood
     (all that is final a tile row later), numbered afresh except its own. The owned nuclei come over the read
     box, or with `tight` over their own bounding box, so that they touch its edges and every margin counts."""
-    check_tiling_fits(distance, tile_px, HALO)
+    assert context_rows(distance, tile_px, HALO) == 1     # the 3 x 3 neighbourhood holds every nucleus needed
     tiles = plan_tiles(*SLIDE, tile_px, HALO)
     ids = np.unique(nuclei[nuclei > 0])
     centroid = ndimage.center_of_mass(np.ones(SLIDE), nuclei, ids)
@@ -207,8 +207,12 @@ def test_distance_from_um_needs_a_pixel_size_and_px_does_not():
         expansion_distance_px(-2.0, None, 0.5)
 
 
-def test_context_margin_and_tiling_limit():
+def test_context_margin_and_rows():
     assert context_margin_px(4.99) == 4 and context_margin_px(5.0) == 5
-    check_tiling_fits(192.0, 512, 64)                           # 2 * (64 + 192) = 512
-    with pytest.raises(ParameterError, match="at most tile / 2 - halo = 192 px"):
-        check_tiling_fits(193.0, 512, 64)
+    assert context_rows(0.0, 512, 64) == 1
+    assert context_rows(192.0, 512, 64) == 1                    # 2 * (64 + 192) = 512: the next row is enough
+    assert context_rows(193.0, 512, 64) == 2
+    assert context_rows(20.0, 64, 16) == 2                      # small tiles wait for more rows
+    assert context_rows(2000.0, 512, 64) == 9
+    with pytest.raises(ParameterError, match="positive tile size"):
+        context_rows(5.0, 0, 0)

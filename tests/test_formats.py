@@ -390,11 +390,15 @@ def test_info_says_what_cellseg_sees(tmp_path):
     n_tiles = len(plan_tiles(600, 700, 128, 32))   # what count_slide plans at native scale
     assert n_tiles == 30
     for words in ("ome-zarr, read by zarr", "600 x 700 px", "3 level(s): 0: 600 x 700, 1: 300 x 350 (/2)",
-                  "2: DAPI, GFP", "0.4 µm/px (from ome-zarr)", f"{n_tiles} (5 x 6) of 128 px with a 32 px halo"):
+                  "2: DAPI, GFP", "0.4 µm/px (from ome-zarr)", f"{n_tiles} (5 x 6) of 128 px with a 32 px halo",
+                  "cells       nuclei only"):
         assert words in text, (words, text)
+    text = invoke(["info", path, "--protocol", "he-nuclei"]).stdout
+    assert "nuclei grown by up to 5 µm = 12.5 px into cells" in text, text
     czi = write_czi(tmp_path / "x.czi", {(0, 0, 0): (np.zeros((40, 50, 3), np.uint8), (0, 0))}, mpp_um=None)
     text = invoke(["info", czi]).stdout
     assert "czi, read by pylibCZIrw" in text and "3 (RGB)" in text and "unknown (the CZI scaling 0 x 0 µm is not positive" in text
+    assert "a 5 µm cell expansion needs the pixel size" in invoke(["info", czi, "--protocol", "he-nuclei"]).stdout
     text = invoke(["info", DICOM]).stdout
     assert "dicom, read by openslide" in text and "0.499 µm/px (from openslide)" in text
     result = invoke(["info", tmp_path / "missing.czi"])

@@ -103,14 +103,21 @@ def test_slide_layer_data_is_a_lazy_multiscale_of_the_pyramid():
 def test_result_folder_layers(he_result):
     layers = _layers.result_layer_data(he_result)
     assert [(kw["name"], kind) for _, kw, kind in layers] == [
-        ("he_mosaic", "image"), ("he_mosaic tissue", "image"), ("he_mosaic labels", "labels"),
-        ("he_mosaic cells", "points")]
-    (image, ikw, _), (tissue, tkw, _), (labels, lkw, _), (points, pkw, _) = layers
+        ("he_mosaic", "image"), ("he_mosaic tissue", "image"), ("he_mosaic cell labels", "labels"),
+        ("he_mosaic labels", "labels"), ("he_mosaic cells", "points")]
+    (image, ikw, _), (tissue, tkw, _), (grown, gkw, _), (labels, lkw, _), (points, pkw, _) = layers
     # the tissue mask (view resolution) is stretched over the whole slide
     assert np.allclose(np.multiply(tissue.shape, tkw["scale"]), (864, 1056)) and tissue.any()
     assert ikw["rgb"] and [lv.shape for lv in image] == [(864, 1056, 3), (432, 528, 3), (216, 264, 3)]
     assert [lv.shape for lv in labels] == [(864, 1056), (432, 528), (216, 264)]
     assert all(isinstance(lv, LazyLevel) and lv.dtype == np.uint32 for lv in labels) and lkw["multiscale"]
+    # he-nuclei grows nuclei into cells: cell_labels.ome.tif, the same pyramid and ids, each cell holding its nucleus
+    assert [lv.shape for lv in grown] == [lv.shape for lv in labels] and gkw["multiscale"]
+    assert all(isinstance(lv, LazyLevel) and lv.dtype == np.uint32 for lv in grown)
+    assert gkw["metadata"]["cellseg"]["kind"] == "cell_labels" and lkw["metadata"]["cellseg"]["kind"] == "labels"
+    nuclei, cells_grown = labels[0][:, :], grown[0][:, :]
+    assert np.array_equal(cells_grown[nuclei > 0], nuclei[nuclei > 0]) and ((cells_grown > 0) & (nuclei == 0)).any()
+    assert set(np.unique(cells_grown)) == set(np.unique(nuclei))
     cells = pkw["features"]
     csv_columns = (he_result / "cells.csv").read_text().splitlines()[0].split(",")
     assert list(cells.columns) == csv_columns and len(cells) == 243 == len(points)
@@ -124,7 +131,7 @@ def test_result_folder_layers(he_result):
 
 def test_run_json_opens_the_same_and_a_moved_result_finds_or_misses_its_slide(he_result, tmp_path):
     names = [kw["name"] for _, kw, _ in _layers.result_layer_data(he_result / "run.json")]
-    assert names == ["he_mosaic", "he_mosaic tissue", "he_mosaic labels", "he_mosaic cells"]
+    assert names == ["he_mosaic", "he_mosaic tissue", "he_mosaic cell labels", "he_mosaic labels", "he_mosaic cells"]
     moved = tmp_path / "moved.cellseg"
     shutil.copytree(he_result, moved)
     run = json.loads((moved / "run.json").read_text())
@@ -132,7 +139,7 @@ def test_run_json_opens_the_same_and_a_moved_result_finds_or_misses_its_slide(he
     (moved / "run.json").write_text(json.dumps(run))
     result = _layers.load_result(moved)
     assert result.slide_path is None and "missing" in result.notes[0]
-    assert [kind for _, _, kind in _layers.result_layer_data(moved)] == ["image", "labels", "points"]  # tissue mask
+    assert [kind for _, _, kind in _layers.result_layer_data(moved)] == ["image", "labels", "labels", "points"]
     shutil.copy(EXAMPLES / "he_mosaic.ome.tif", tmp_path / "he_mosaic.ome.tif")   # moved together
     assert _layers.load_result(moved).slide_path == tmp_path / "he_mosaic.ome.tif"
 
@@ -179,6 +186,7 @@ def test_run_count_writes_the_cli_result(png_result, tiny_bundle):
     assert run["device"] == "cpu" and run["tissue"]["method"] == "unet"
     layers = _layers.result_layer_data(png_result)
     assert [kind for _, _, kind in layers] == ["image", "image", "labels", "points"]   # slide, tissue mask, ...
+    assert _layers.labels_layer_data(_layers.load_result(png_result), kind="cell_labels") is None   # nuclei only
     labels = layers[2][0]
     assert labels.shape == (256, 256) and labels.dtype == np.uint32 and labels.max() == summary["cell_count"]
 
@@ -195,9 +203,10 @@ def test_run_count_on_a_region_of_a_slide_and_an_array(tmp_path, tiny_bundle):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["height_px"], summary["width_px"], summary["mpp"]) == (128, 160, pytest.approx(0.25))
     layers = _layers.result_layer_data(out)
-    (slide, skw, _), _tissue, (labels, lkw, _), (_, pkw, _) = layers
+    (slide, skw, _), _tissue, (grown, gkw, _), (labels, lkw, _), (_, pkw, _) = layers
     assert slide[0].shape == (864, 1056, 3) and skw["translate"] == (0.0, 0.0)   # the original slide
-    assert labels.shape == (128, 160) and lkw["translate"] == pkw["translate"] == (100.0, 200.0)
+    assert labels.shape == grown.shape == (128, 160)
+    assert lkw["translate"] == gkw["translate"] == pkw["translate"] == (100.0, 200.0)
     assert not list(tmp_path.glob(".region*"))
 
     image = np.asarray(open_slide(EXAMPLES / "he_patch.png").read_region(Box(0, 0, 256, 320)))
@@ -205,7 +214,7 @@ def test_run_count_on_a_region_of_a_slide_and_an_array(tmp_path, tiny_bundle):
                                             n_channels=3, dtype="uint8", protocol="he-nuclei", mpp=0.5,
                                             model=str(tiny_bundle), device="cpu", output=tmp_path / "array"))
     assert json.loads((out2 / _layers.REGION_FILE).read_text())["slide"] is None
-    assert [kind for _, _, kind in _layers.result_layer_data(out2)] == ["image", "labels", "points"]  # tissue mask
+    assert [kind for _, _, kind in _layers.result_layer_data(out2)] == ["image", "labels", "labels", "points"]
 
 
 def test_cancel_leaves_nothing_behind(tmp_path, tiny_bundle):

@@ -28,11 +28,13 @@ PLUGIN = "cellseg-toolkit"
 def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):
     viewer = make_napari_viewer()
     layers = viewer.open(he_result, plugin=PLUGIN)
-    assert [type(layer).__name__ for layer in layers] == ["Image", "Image", "Labels", "Points"]   # tissue mask 2nd
-    image, _tissue, labels, points = layers
-    assert image.multiscale and image.rgb and labels.multiscale
+    # the slide, the tissue mask, the cells grown from the nuclei (he-nuclei: 5 µm), the nuclei, their centroids
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Image", "Labels", "Labels", "Points"]
+    image, _tissue, grown, labels, points = layers
+    assert image.multiscale and image.rgb and labels.multiscale and grown.multiscale
     assert [lv.shape for lv in image.data] == [(864, 1056, 3), (432, 528, 3), (216, 264, 3)]
-    assert [lv.shape for lv in labels.data] == [(864, 1056), (432, 528), (216, 264)]
+    assert [lv.shape for lv in labels.data] == [lv.shape for lv in grown.data] == [(864, 1056), (432, 528), (216, 264)]
+    assert grown.name == "he_mosaic cell labels" and labels.name == "he_mosaic labels"
     assert image.dtype == np.uint8 and labels.dtype == np.uint32
     assert all(isinstance(lv, LazyLevel) for lv in [*image.data, *labels.data])
     assert points.data.shape == (243, 2) and len(points.features) == 243
@@ -41,6 +43,8 @@ def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):
     # the labels under a cell's centroid are that cell's id
     row = points.features.iloc[10]
     assert labels.get_value((row["centroid_row_px"], row["centroid_col_px"]))[-1] == row["cell_id"]
+    assert grown.get_value((row["centroid_row_px"], row["centroid_col_px"]))[-1] == row["cell_id"]
+    assert {"cell_area_um2", "cytoplasm_dab_od_mean"} <= set(points.features.columns)
     # the same from run.json
     assert [layer.name for layer in viewer.open(he_result / "run.json", plugin=PLUGIN)][-1].startswith(
         "he_mosaic cells")
@@ -144,6 +148,12 @@ def test_widget_counts_a_drawn_rectangle_and_can_cancel(make_napari_viewer, qtbo
     cells = viewer.layers["roi cells"]
     assert tuple(cells.translate) == (300, 400)
     assert len(cells.data) and (cells.data >= 0).all() and (cells.data <= (101, 121)).all()   # crop pixels
+    grown, labels = viewer.layers["roi cell labels"], viewer.layers["roi labels"]   # he-nuclei grows cells
+    assert tuple(grown.translate) == (300, 400) and grown.data.shape == labels.data.shape == (101, 121)
+    widget.color_combo.setCurrentText("cell_area_um2")    # colours the nuclei and their cells alike
+    assert type(grown.colormap).__name__ == type(labels.colormap).__name__ == "DirectLabelColormap"
+    same = grown.colormap.color_dict, labels.colormap.color_dict
+    assert same[0].keys() == same[1].keys() and all(np.allclose(same[0][k], same[1][k]) for k in same[0])
     # a user mistake is one line in the widget, not a traceback
     widget.device_combo.setCurrentText("cuda")
     import torch

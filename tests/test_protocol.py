@@ -88,6 +88,12 @@ def test_he_protocol_requires_pixel_size_and_fluorescence_does_not():
     assert load_protocol("fluorescence-nuclei").require_mpp is False
 
 
+def test_he_protocol_grows_cells_like_qupath_and_fluorescence_counts_nuclei():
+    he, fluo = load_protocol("he-nuclei"), load_protocol("fluorescence-nuclei")
+    assert (he.cell_expansion_um, he.cell_expansion_px) == (5.0, None)
+    assert (fluo.cell_expansion_um, fluo.cell_expansion_px) == (0.0, None)
+
+
 def test_protocols_are_found_through_importlib_resources():
     """From a wheel the presets live in the package cellseg.protocols, not in a checkout's protocols/."""
     folder = resources.files("cellseg.protocols")
