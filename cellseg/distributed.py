@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from distributed import WorkerPlugin
+
 from .cohort import JobProgress, SlideOutcome, begin
 from .counter import CounterSpec
 from .errors import CellsegError, JournalError, ParameterError
@@ -46,14 +48,10 @@ from .slide_plan import SlidePlan, calibrate, plan_slide
 from .summary import StageTimer
 from .tiling import Band
 
-try:
-    from distributed import WorkerPlugin
-except ImportError:   # pragma: no cover - dask[distributed] is a dependency; this keeps the error one line
-    WorkerPlugin = object
-
 log = logging.getLogger(__name__)
 
 SLIDES_PER_WORKER = 2   # slides in flight per worker: enough to keep it busy between one slide's steps
+CONNECT_TIMEOUT = "20s"   # to reach an existing scheduler
 
 
 # --------------------------------------------------------------------------- on the workers
@@ -199,7 +197,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
                              f"{'both' if workers is not None else 'neither'}")
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="20s", set_as_default=False)
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
         except (OSError, TimeoutError) as exc:
             raise CellsegError(f"expected a Dask scheduler at {scheduler}, could not reach one ({exc})") from exc
         with client:
@@ -216,7 +214,21 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     with dask.config.set(environ), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                 dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster, set_as_default=False) as client:
+        level = logging.getLogger("distributed").getEffectiveLevel()
+        client.register_plugin(_WorkerLogLevel(level if level < logging.ERROR else logging.CRITICAL),
+                                name="cellseg-log-level")
         yield client
+
+
+class _WorkerLogLevel(WorkerPlugin):
+    """The log level of a local cluster's workers, which share this process's terminal: quiet by default (a task's
+    failure reaches the client through its future, and cellseg reports it in one line)."""
+
+    def __init__(self, level: int):
+        self.level = level
+
+    def setup(self, worker) -> None:
+        logging.getLogger("distributed").setLevel(self.level)
 
 
 @dataclass

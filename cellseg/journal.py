@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +30,8 @@ from . import __version__
 from .errors import CellsegError, JournalError, OutputError
 from .instances import Instances
 from .preprocess import IntensityRange
-from .resultdir import (RESULT_MARKER, commit_output, first_missing, partial_folder, prepare_parent,
-                        remove_made_parents)
+from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
+                        prepare_parent, remove_made_parents)
 from .slide import SlideInfo
 from .slide_plan import Scale, SlidePlan
 from .tiling import Band, Box, plan_tiles
@@ -139,7 +138,7 @@ class Journal:
             for entry in folder.iterdir():
                 if entry.name != LOCK:
                     _remove(entry)
-            write_atomic(folder / HEADER, json.dumps({"format": FORMAT, "fingerprint": print_,
+            atomic_write_bytes(folder / HEADER, json.dumps({"format": FORMAT, "fingerprint": print_,
                                                      "band_rows": band_rows}, indent=2).encode())
             return cls(final, folder, print_, band_rows, made, lock_fd, 0)
         except BaseException:
@@ -214,21 +213,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either absent or complete (a killed writer leaves a temporary
-    file, never a part): written beside it, flushed, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def fresh_result_folder(folder: Path) -> Path:
@@ -329,7 +313,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     import io
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:

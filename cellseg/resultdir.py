@@ -193,7 +193,13 @@ def abort_output(staging: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never a part.
+    """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a part (a killed writer leaves a
+    hidden temporary file at most).
 
     The temporary file is created in the same folder (os.replace is only atomic within one file
     system) with mode 0o666 minus the umask, like a plain open() would give.
@@ -202,8 +208,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -235,6 +235,13 @@ def listing(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
+def assert_same_result(a: Path, b: Path) -> None:
+    """Two result folders with the same cells.csv rows and the same labels.ome.tif pixels."""
+    import tifffile
+    assert (a / "cells.csv").read_bytes() == (b / "cells.csv").read_bytes()
+    assert np.array_equal(tifffile.imread(a / "labels.ome.tif"), tifffile.imread(b / "labels.ome.tif"))
+
+
 def assert_nothing_left(folder: Path, before: set[str]) -> None:
     after = listing(folder)
     assert after == before, f"left behind: {sorted(after - before)}, removed: {sorted(before - after)}"
