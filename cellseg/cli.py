@@ -132,7 +132,7 @@ _POSITIVE = click.FloatRange(0, min_open=True)
                    "dask-jobqueue, Kubernetes); slides and results must be on storage every worker sees.")
 @click.option("--band-rows", type=click.IntRange(1), default=None, metavar="N",
               help="Tile rows per band, the unit shared out among workers and kept for --resume "
-                   "(default: the fewest rows holding 64 tiles).")
+                   "(default: the fewest rows holding 64 tiles; a resumed count keeps its own).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted count: its finished bands are read back, not computed again, and "
                    "slides whose results are complete are skipped.")

@@ -149,7 +149,9 @@ class Journal:
             raise
 
     def commit(self) -> None:
-        """Move the finished result into place (resultdir.commit_output), then drop the journal."""
+        """Move the finished result into place (resultdir.commit_output), then drop the journal. The header goes
+        first: a run killed in between leaves no journal that a later run would take for unfinished work."""
+        (self.folder / HEADER).unlink(missing_ok=True)
         commit_output(self.folder / RESULT, self.final)
         shutil.rmtree(self.folder, ignore_errors=True)
         self._release()
@@ -192,12 +194,12 @@ def _lock(folder: Path, final: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise OutputError(f"expected no other cellseg count writing {final}, found one (process {holder}) "
                               f"working in {folder}") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    os.write(fd, str(os.getpid()).encode())
     return fd
 
 

@@ -128,6 +128,19 @@ class LabelCounterSpec:
         return counting_settings(self.protocol, self.model, self.mpp, None)
 
 
+class Tally:
+    """A cohort.JobProgress that adds up what it is told."""
+
+    def __init__(self):
+        self.total = self.done = 0
+
+    def planned(self, tiles: int) -> None:
+        self.total += tiles
+
+    def analysed(self, tiles: int) -> None:
+        self.done += tiles
+
+
 def count_with(detector, slide: Path, out: Path, protocol, **options) -> dict:
     """Count `slide` into the result folder `out` through the library's entry point (counter.CellCounter)."""
     from cellseg.counter import CellCounter

@@ -26,7 +26,7 @@ from cellseg.distributed import count_on_dask
 from cellseg.errors import SlideError
 from cellseg.protocol import Protocol, load_protocol
 
-from .helpers import (DATA, FAST, LabelCounterSpec, assert_same_result, assert_user_error, invoke, listing,
+from .helpers import (DATA, FAST, LabelCounterSpec, Tally, assert_same_result, assert_user_error, invoke, listing,
                       random_cells)
 
 PROTOCOL = Protocol(name="test", tile_size=48, halo_px=12, batch_size=3, min_area_px=1, tissue_method="none")
@@ -69,8 +69,12 @@ def test_a_distributed_count_equals_one_process_at_any_band_size(tmp_path, clust
     for band_rows in (1, 2, 3):     # the big slide has 5 tile rows: 5, 3 and 2 bands
         loads.write_text("")
         jobs = [(p, tmp_path / f"dask{band_rows}" / p.stem) for p in paths]
-        outcomes = count_on_dask(spec, jobs, scheduler=cluster.scheduler_address, band_rows=band_rows)
+        progress = Tally()
+        outcomes = count_on_dask(spec, jobs, scheduler=cluster.scheduler_address, band_rows=band_rows,
+                                 progress=progress)
         assert [o.error for o in outcomes] == [None, None]
+        # One progress count for the job: every analysed tile of both slides, each once.
+        assert progress.total == progress.done == sum(o.summary["tiles_total"] for o in outcomes)
         for (_, out), ref, outcome in zip(jobs, reference, outcomes):
             assert_same_result(ref, out)
             assert outcome.summary["cell_count"] == json_summary(ref)["cell_count"]
