@@ -9,9 +9,9 @@ out among the workers' networks), the shipped model loaded once in each worker, 
 temporary folder (distributed.count_on_dask). Printed: wall time from submitting the job to the last result
 committed, speedup over N = 1, analysed tiles per second, and each worker process's peak RSS and CPU seconds. The
 cluster's start and the workers' first imports (torch, the writers' libraries; seconds a worker pays once) are
-printed apart; loading the model is part of the job. The same slides counted in this process without Dask (cohort.count_serially,
-`cellseg count` without --workers) are printed for reference, and the cells of every run are checked to be the
-same. Default slides: the two fluorescence example slides (16 and 22 analysed tiles).
+printed apart; loading the model is part of the job. The same slides counted in this process without Dask
+(cohort.count_serially, `cellseg count` without --workers) are printed for reference, and the cells of every run
+are checked to be the same. Default slides: the two fluorescence example slides (16 and 22 analysed tiles).
 
 --memory-sizes: memory_flat.py's synthetic slides (the same tissue islands whatever the size) counted one at a time
 by 2 workers: each worker's peak RSS against slide size.

@@ -213,8 +213,9 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     # lifetime: a worker restarted after a crash gets the same.
     threads = max(1, (os.cpu_count() or 1) // workers)
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         silence_logs=logging.ERROR) as cluster, \
             Client(cluster, set_as_default=False) as client:
         level = logging.getLogger("distributed").getEffectiveLevel()
         client.register_plugin(_WorkerLogLevel(level if level < logging.ERROR else logging.CRITICAL),
