@@ -11,9 +11,10 @@ made up here, with the TileDetections contract of Mask R-CNN output:
   neighbouring tiles see a seam nucleus as two slightly different masks;
 - ~2 % of detections get a near-duplicate (Mask R-CNN's double hits); scores are random.
 
-The stages then run exactly as pipeline.count_slide drives them (pipeline.merge_tiles): owned_instances +
-SeamMerger.add_tile per tile, pop_final per completed grid row ("merge"), and pipeline.CellEmitter per owning tile:
-label_tile + measure_tile ("measure"), cells.csv through cells_csv.CellsTableWriter ("write", optional).
+The stages then run exactly as pipeline.count_slide drives them: owned_instances per tile (pipeline.detect_owned),
+SeamMerger.add_tile per tile and pop_final per completed grid row (pipeline.merge_tiles; both "merge"), and
+pipeline.CellEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
+cells_csv.CellsTableWriter ("write", optional).
 With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
 (cell_tiles.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
 as `cellseg count --cell-expansion-px D` does. Detection generation is not timed.
@@ -186,7 +187,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from cellseg.cells_csv import CellsTableWriter
     from cellseg.expansion import context_rows
     from cellseg.measure import cell_columns
-    from cellseg.merge import SeamMerger
+    from cellseg.merge import SeamMerger, owned_instances
     from cellseg.pipeline import CellEmitter, merge_tiles
     from cellseg.tiling import seam_band_px
     from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
@@ -208,15 +209,17 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
         emitter = CellEmitter(_FakeSlide(len(names), seed, rgb=stains), tiles, _TableOnly(table), names, ["nucleus"],
                               timer, expansion=expansion)
 
-        def detections():                                    # pipeline.detect_tiles minus the network
+        def owned():                                # pipeline.detect_owned minus the network
             nonlocal generate
             for tile in tiles:
                 start = time.perf_counter()
                 det = synth.detections(tile.index)
                 generate += time.perf_counter() - start
-                yield tile, det
+                with timer("merge"):
+                    cells = owned_instances(det, tile, synth.shape, 10, band)
+                yield tile, cells
 
-        merge_tiles(detections(), tiles_per_row, merger, emitter, timer, synth.shape, 10, band)
+        merge_tiles(owned(), tiles_per_row, merger, emitter, timer)
         if table is not None:
             table.close()
     return {"tiles": len(tiles), "cells": emitter.next_id - 1, "generate_s": generate, "wall": timer.wall,

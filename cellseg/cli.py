@@ -129,14 +129,31 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
                    "About 8x the detection time (README, Performance).")
+@click.option("--workers", type=click.IntRange(1), default=None, metavar="N",
+              help="Count on a local Dask cluster of N worker processes: slides, and bands of tile rows of big "
+                   "slides, are shared out among them.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Count on an existing Dask cluster, e.g. tcp://node1:8786 (dask scheduler + dask worker, "
+                   "dask-jobqueue, Kubernetes); slides and results must be on storage every worker sees.")
+@click.option("--band-rows", type=click.IntRange(1), default=None, metavar="N",
+              help="Tile rows per band, the unit shared out among workers and kept for --resume "
+                   "(default: the fewest rows holding 64 tiles; a resumed count keeps its own).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted count: its finished bands are read back, not computed again, and "
+                   "slides whose results are complete are skipped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
+          workers, scheduler, band_rows, resume,
           quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
     from .resultdir import atomic_write_text
+
+    if workers is not None and scheduler is not None:
+        raise click.UsageError(f"expected --workers N or --scheduler ADDRESS, got both (--workers {workers} "
+                               f"--scheduler {scheduler})")
 
     # The tile/halo rule across two options is the protocol's (tiling.check_halo).
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
@@ -156,29 +173,43 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
             check_pixel_size(protocol, slide.info)
     import shlex
 
-    from .counter import CellCounter
+    from .cohort import count_serially
+    from .counter import CounterSpec
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
-    counter = CellCounter.load(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
-                               run_info={"command": shlex.join(["cellseg", *argv])})
+    spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
+                       run_info={"command": shlex.join(["cellseg", *argv])})
+    jobs = list(zip(inputs, outputs))
     rows, failures = [], 0
-    for path, out in zip(inputs, outputs):
-        try:
-            with _TileBar(path.name, enabled=not quiet) as bar:
-                summary = counter.count(path, out, progress=bar)
-        except CellsegError as e:
-            if len(inputs) == 1:
-                raise
-            failures += 1
-            click.echo(f"cellseg: error: {path}: {e}", err=True)
-            rows.append({"input": str(path), "status": "error", "error": str(e)})
-            continue
-        click.echo(f"{path}: {summary['cell_count']} cells -> {out}")
-        rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
-                     "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
-                     "cells_per_mm2": summary["cells_per_mm2"],
-                     "median_area_px": (summary["area_px"] or {}).get("median"),
-                     "tiles_total": summary["tiles_total"], "tiles_skipped": summary["tiles_skipped"],
-                     "seconds": summary["seconds"]["total"]})
+    with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
+        if workers is None and scheduler is None:
+            outcomes = count_serially(spec.load(), jobs, resume=resume, band_rows=band_rows, progress=bar)
+        else:
+            from .distributed import count_on_dask
+            # distributed sets its loggers to INFO when imported: its warnings (a worker restarted) show with -v.
+            logging.getLogger("distributed").setLevel(logging.getLogger().getEffectiveLevel() + 10)
+            outcomes = count_on_dask(spec, jobs, workers=workers, scheduler=scheduler, resume=resume,
+                                     band_rows=band_rows, progress=bar)
+        for outcome in outcomes:
+            path, out, summary = outcome.slide, outcome.out, outcome.summary
+            if outcome.error is not None:
+                if len(inputs) == 1:
+                    raise outcome.error
+                failures += 1
+                click.echo(f"cellseg: error: {path}: {outcome.error}", err=True)
+                rows.append({"input": str(path), "status": "error", "error": str(outcome.error)})
+                continue
+            if outcome.skipped:
+                bar.echo(f"{path}: complete result in {out}, skipped (--resume): {summary['cell_count']} cells")
+            else:
+                kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
+                        if outcome.kept_bands else "")
+                bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}")
+            rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
+                         "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
+                         "cells_per_mm2": summary["cells_per_mm2"],
+                         "median_area_px": (summary["area_px"] or {}).get("median"),
+                         "tiles_total": summary["tiles_total"], "tiles_skipped": summary["tiles_skipped"],
+                         "seconds": summary["seconds"]["total"]})
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
@@ -186,19 +217,31 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
 
 
-class _TileBar:
-    """A tqdm bar of one slide's analysed tiles, fed by the pipeline's progress(done, total) callback."""
+class _JobBar:
+    """One tqdm bar of the whole job's analysed tiles (cohort.JobProgress): its total grows as slides are
+    planned. Lines printed through `echo` do not break it."""
 
     def __init__(self, name: str, enabled: bool):
         self.name, self.enabled, self.bar = name, enabled, None
 
-    def __call__(self, done: int, total: int) -> None:
+    def planned(self, tiles: int) -> None:
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=self.name, unit="tile", disable=not self.enabled)
-        self.bar.update(done - self.bar.n)
+            self.bar = tqdm(total=0, desc=self.name, unit="tile", disable=not self.enabled)
+        self.bar.total += tiles
+        self.bar.refresh()
 
-    def __enter__(self) -> "_TileBar":
+    def analysed(self, tiles: int) -> None:
+        if self.bar is not None and tiles:
+            self.bar.update(tiles)
+
+    def echo(self, line: str) -> None:
+        if self.bar is not None and self.enabled:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            click.echo(line)
+
+    def __enter__(self) -> "_JobBar":
         return self
 
     def __exit__(self, *exc) -> None:

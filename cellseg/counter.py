@@ -11,6 +11,7 @@ the same result folder committed atomically.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .instances import TileDetector
@@ -49,17 +50,18 @@ class CellCounter:
         from .bundle import load_bundle
         from .detect import Detector
         bundle = load_bundle(protocol.model)
-        score_threshold = (protocol.score_threshold if protocol.score_threshold is not None
-                           else bundle.threshold_for(protocol.modality, tta=tta))
-        detector = Detector.from_bundle(bundle, device, score_threshold=score_threshold,
+        model = model_record(bundle, protocol, tta)
+        detector = Detector.from_bundle(bundle, device, score_threshold=model["score_threshold"],
                                         mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
         if tta:
             from .tta import AugmentedDetector
             detector = AugmentedDetector(detector)
-        model = {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
-                 "score_threshold": detector.score_threshold, "test_time_augmentation": tta}
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device), "model": model})
+
+    def settings(self) -> dict:
+        """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
+        return counting_settings(self.protocol, self.run_info.get("model"), self.mpp, self.diameter_px)
 
     def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
         """Count one slide into the result folder `out_dir`, committed only when complete (resultdir.staged_output:
@@ -68,9 +70,51 @@ class CellCounter:
         with staged_output(Path(out_dir)) as staging:
             return self.count_into(slide, staging, progress)
 
-    def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None) -> dict:
+    def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
+                   journal: Path | None = None, band_rows: int | None = None,
+                   fingerprint: dict | None = None) -> dict:
         """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
-        files of its own first). Returns the summary."""
+        files of its own first). Returns the summary. journal, band_rows: pipeline.count_slide's; fingerprint:
+        what run.json records for a later --resume to recognise the result (journal.fingerprint)."""
+        run_info = self.run_info if fingerprint is None else {**self.run_info, "fingerprint": fingerprint}
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
-                           progress=progress, run_info=self.run_info, model_diameter_px=self.model_diameter_px,
-                           diameter_px=self.diameter_px)
+                           progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
+                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows)
+
+
+def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
+    """run.json's "model": the bundle (bundle.Bundle) and the score threshold a protocol gets from it: the
+    protocol's own when it sets one, else the bundle's for the protocol's modality (and TTA)."""
+    threshold = (protocol.score_threshold if protocol.score_threshold is not None
+                 else bundle.threshold_for(protocol.modality, tta=tta))
+    return {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
+            "score_threshold": float(threshold), "test_time_augmentation": tta}
+
+
+def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,
+                      diameter_px: float | str | None) -> dict:
+    """The settings a count's cells depend on, for journal.fingerprint (where the bundle lies does not count)."""
+    return {"protocol": protocol.to_dict(), "model": {k: v for k, v in (model or {}).items() if k != "path"},
+            "options": {"mpp": mpp, "diameter_px": diameter_px}}
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """CellCounter.load's arguments as plain, picklable data: a Dask worker loads its own counter from it, once
+    (distributed.py). `settings()` gives CellCounter.settings() without building the network."""
+
+    protocol: Protocol
+    device: str = "auto"
+    diameter_px: float | str | None = None
+    mpp: float | None = None
+    tta: bool = False
+    run_info: dict = field(default_factory=dict)
+
+    def load(self) -> CellCounter:
+        return CellCounter.load(self.protocol, self.device, diameter_px=self.diameter_px, mpp=self.mpp,
+                                run_info=self.run_info, tta=self.tta)
+
+    def settings(self) -> dict:
+        from .bundle import load_bundle
+        model = model_record(load_bundle(self.protocol.model), self.protocol, self.tta)
+        return counting_settings(self.protocol, model, self.mpp, self.diameter_px)

@@ -40,3 +40,8 @@ class TrainingInterrupted(CellsegError):
     """Ctrl-C during `cellseg train`: what was learnt is saved, and --resume continues."""
 
     exit_code = 130
+
+
+class JournalError(CellsegError):
+    """An unfinished count (or a finished result) that --resume cannot continue from here: it belongs to another
+    slide, protocol, model or cellseg version, or the run was not asked to resume."""

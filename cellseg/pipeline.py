@@ -2,15 +2,19 @@
 
     plan_slide (slide_plan.py: channel, tissue, intensity range, scale, tiles, normalisation windows)
     -> calibrate the detector on the plan's windows
-    -> detect_tiles: the analysed tiles read by reader threads and detected in batches
-    -> merge_tiles: ownership + seam dedupe (merge.py); each finished row of cells goes to the emitter
-    -> CellEmitter: final cells get their ids, are measured (measure.py) and written (export.ResultWriter); with
-       a cell expansion, each nucleus is grown into a cell and measured too (cell_tiles.py), a tile row later
-    -> ResultWriter.finish: label pyramids, overlay, tissue mask, histogram; then summary.json, run.json
+    -> owned_tiles, band after band of tile rows (tiling.Band): detect_tiles reads the analysed tiles in reader
+       threads and detects them in batches, and each tile keeps the cells it owns (merge.owned_instances); with a
+       journal (journal.py) each finished band is kept there, and a resumed run reads it back instead
+    -> write_result: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of cells goes to the
+       CellEmitter: ids, measurements (measure.py), written (export.ResultWriter); with a cell expansion, each
+       nucleus is grown into a cell and measured too (cell_tiles.py), a tile row later; then label pyramids,
+       overlay, tissue mask, histogram, summary.json, run.json
 
 Detection runs in a thread of its own (threads.in_background), a batch ahead of merging, measuring and writing.
 Memory holds three batches of tiles at most (being read, in the network, waiting to be merged) and three tile rows
 of cells; labels go to a disk-backed store. Callers count through counter.CellCounter, which loads the models once.
+A distributed run (distributed.py) runs the same steps as Dask tasks: the plan, the bands on any workers (each
+journaled), then write_result fed from the journal, in grid order: the same cells as one process.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import numpy as np
 from .cell_tiles import CellExpansion, FinalNuclei, expand_tile
 from .export import ResultWriter, start_writer_imports
 from .instances import Instances, TileDetections, TileDetector
+from .journal import done_bands, load_band, load_plan, save_band, save_plan
 from .measure import label_tile, measure_tile
 from .merge import SeamMerger, owned_instances
 from .preprocess import as_network_input
@@ -36,7 +42,7 @@ from .slide import Slide, open_slide
 from .slide_plan import SlidePlan, calibrate, plan_slide
 from .summary import StageTimer, build_summary, run_record
 from .threads import in_background
-from .tiling import Box, TileSpec, seam_band_px
+from .tiling import Band, Box, TileSpec, seam_band_px
 from .tissue import TissueFinder
 
 log = logging.getLogger(__name__)
@@ -48,58 +54,116 @@ the thread that called count_slide. An exception it raises (a cancel) stops the 
 
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder,
                 *, mpp: float | None = None, progress: Progress | None = None, run_info: dict | None = None,
-                model_diameter_px: float | None = None, diameter_px: float | str | None = None) -> dict:
+                model_diameter_px: float | None = None, diameter_px: float | str | None = None,
+                journal: Path | None = None, band_rows: int | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`. Returns the summary.
 
     `out_dir` is a staging folder owned by the caller (resultdir.staged_output; CellCounter.count does this).
     tissue: a loaded TissueFinder; mpp: the pixel size in µm/px, overriding the file's; model_diameter_px: the
     bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to measure it first.
+    journal: a journal folder (journal.py) where the plan and each finished band of tile rows are kept; what it
+    holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
     """
     start_writer_imports()
     timer = StageTimer()
     started = time.time()
     with open_slide(slide_path, mpp=mpp) as slide:
-        info = slide.info
-        plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px)
-        if plan.windows:
+        plan = load_plan(journal) if journal is not None else None
+        if plan is None:
+            plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px)
+            if journal is not None:
+                save_plan(journal, plan, slide.info)
+        bands = plan.bands(band_rows)
+        if plan.windows and len(done_bands(journal) if journal is not None else ()) < len(bands):
             with timer("detect"):
                 calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
-        merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
-        expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
-        with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
-                          list(detector.class_names), chunk_px=min(512, protocol.tile_size),
-                          expansion_columns=None if expansion is None else expansion.columns) as result:
-            emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, list(detector.class_names), timer,
-                                  expansion=expansion)
-            tiles = detect_tiles(slide, plan, detector, protocol.batch_size, timer, emitter.regions)
-            # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
-            # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
-            with in_background(tiles, max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as detected:
-                merge_tiles(every_tile(detected, plan, progress), plan.tiles_per_row, merger, emitter, timer,
-                            (info.height, info.width), protocol.min_area_px, seam_band_px(plan.halo_px))
-            with timer("write"):
-                panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
-            summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
-                                    panoptic.describe(), timer, started, result.all_cell_areas())
-            result.write_json("summary.json", summary)
-            result.write_json("run.json", run_record(info, protocol, plan, tissue.describe(), run_info))
+        regions = RecentRegions(slide)
+        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, regions, journal)
+        # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
+        # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
+        with in_background(tiles, max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
+            return write_result(slide, plan, reported(owned, plan, progress), out_dir, protocol,
+                                list(detector.class_names), tissue.describe(), run_info, timer, started, regions)
+
+
+def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
+                 protocol: Protocol, class_names: list[str], tissue_info: dict, run_info: dict | None,
+                 timer: StageTimer, started: float, regions: "RecentRegions | None" = None) -> dict:
+    """The final step of a slide: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids,
+    measurements and result files in `out_dir`, then summary.json and run.json. Returns the summary.
+    tissue_info: TissueFinder.describe(); started: time.time() when the slide's count began."""
+    info = slide.info
+    merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
+    expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
+    with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
+                      class_names, chunk_px=min(512, protocol.tile_size),
+                      expansion_columns=None if expansion is None else expansion.columns) as result:
+        emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, regions=regions,
+                              expansion=expansion)
+        merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
+        with timer("write"):
+            panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
+        summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
+                                panoptic.describe(), timer, started, result.all_cell_areas())
+        result.write_json("summary.json", summary)
+        result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
     return summary
 
 
+def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, bands: list[Band], protocol: Protocol,
+                timer: StageTimer, regions: "RecentRegions | None", journal: Path | None = None
+                ) -> Iterator[tuple[TileSpec, Instances]]:
+    """Every tile of `bands`, in grid order, with the cells it owns (none for a skipped tile). A band finished in
+    `journal` is read back; the others are detected (detect_owned) and, once complete, journaled."""
+    done = done_bands(journal) if journal is not None else set()
+    for band in bands:
+        tiles = band.tiles(plan.tiles, plan.tiles_per_row)
+        if band.index in done:
+            kept = load_band(journal, band)
+            for tile in tiles:
+                yield tile, kept.get(tile.index, _NO_CELLS)
+            continue
+        kept = {}
+        analysed = [t for t in tiles if plan.keep[t.index]]
+        with closing(detect_owned(slide, plan, detector, analysed, protocol, timer, regions)) as detected:
+            for tile in tiles:
+                cells = next(detected)[1] if plan.keep[tile.index] else _NO_CELLS
+                if journal is not None and plan.keep[tile.index]:
+                    kept[tile.index] = cells
+                yield tile, cells
+        if journal is not None:
+            save_band(journal, band, kept)
+
+
+_NO_CELLS = Instances.empty()
+
+
+def detect_owned(slide: Slide, plan: SlidePlan, detector: TileDetector, tiles: list[TileSpec], protocol: Protocol,
+                 timer: StageTimer, regions: "RecentRegions | None") -> Iterator[tuple[TileSpec, Instances]]:
+    """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order)."""
+    shape = (slide.info.height, slide.info.width)
+    band_px = seam_band_px(plan.halo_px)
+    for tile, det in detect_tiles(slide, plan, detector, protocol.batch_size, timer, regions, tiles):
+        with timer("merge"):
+            cells = owned_instances(det, tile, shape, protocol.min_area_px, band_px)
+        yield tile, cells
+
+
 def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,
-                 regions: "RecentRegions", tiles: list[TileSpec] | None = None
+                 regions: "RecentRegions | None", tiles: list[TileSpec] | None = None
                  ) -> Iterator[tuple[TileSpec, TileDetections]]:
     """(tile, detections) of `tiles` (default: the plan's analysed tiles), in their order, `batch_size` at a time.
 
     Reader threads decode the next batch while the detector works on this one (tifffile/imagecodecs release the
-    GIL); at most one batch waits in memory. The raw pixels read go to `regions`, to be measured later.
+    GIL); at most one batch waits in memory. The raw pixels read go to `regions` (if any), to be measured later.
     """
     tiles = plan.analysed if tiles is None else tiles
     batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
 
     def read_tile(t: TileSpec) -> np.ndarray:
         raw = slide.read_region(t.read)
-        regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
+        if regions is not None:
+            regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
         return as_network_input(raw, t.read.shape, plan.channel, plan.intensity, plan.scale.factor)
 
     # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
@@ -118,34 +182,27 @@ def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_si
             yield from zip(batch, detections)
 
 
-def every_tile(detected: Iterable[tuple[TileSpec, TileDetections]], plan: SlidePlan,
-               progress: Progress | None = None) -> Iterator[tuple[TileSpec, TileDetections]]:
-    """All tiles of the plan in grid order, the skipped ones with no cells (the merger's row bookkeeping stays
-    simple); `detected` yields the analysed tiles in this same order. Reports progress after each analysed tile."""
+def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,
+             progress: Progress | None = None) -> Iterator[tuple[TileSpec, Instances]]:
+    """The same tiles, calling progress(analysed tiles done, to analyse) after each analysed one."""
     total = sum(plan.keep)
     if progress is not None:
         progress(0, total)
-    stream = iter(detected)
-    no_cells = TileDetections.empty()
     done = 0
-    for tile, kept in zip(plan.tiles, plan.keep):
-        if not kept:
-            yield tile, no_cells
-            continue
-        _, det = next(stream)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-        yield tile, det
+    for tile, cells in owned:
+        if plan.keep[tile.index]:
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        yield tile, cells
 
 
-def merge_tiles(stream: Iterable[tuple[TileSpec, TileDetections]], tiles_per_row: int, merger: SeamMerger,
-                emitter: "CellEmitter", timer: StageTimer, slide_shape: tuple[int, int], min_area_px: int,
-                band_px: int) -> None:
-    """Ownership and seam dedupe for every tile, in grid order; each finished row of cells goes to `emitter`."""
-    for tile, det in stream:
+def merge_tiles(owned: Iterable[tuple[TileSpec, Instances]], tiles_per_row: int, merger: SeamMerger,
+                emitter: "CellEmitter", timer: StageTimer) -> None:
+    """Seam dedupe of every tile's owned cells, in grid order; each finished row of cells goes to `emitter`."""
+    for tile, cells in owned:
         with timer("merge"):
-            merger.add_tile(tile, owned_instances(det, tile, slide_shape, min_area_px, band_px))
+            merger.add_tile(tile, cells)
             # Grid row r is complete: row r - 1 can no longer change.
             done = (merger.pop_final(tile.grid_row - 1)
                     if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)

@@ -107,6 +107,30 @@ def prepare_output(final: Path) -> Path:
     OutputError naming the folder. Stale staging folders of dead runs for the same name are removed.
     """
     final = _canonical(final)
+    prepare_parent(final)
+    _remove_stale(final, ("tmp",))
+    staging = _sibling(final, "tmp")
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write results into {final.parent}: {exc.strerror or exc}") from exc
+    log.debug("staging results for %s in %s", final, staging)
+    return staging
+
+
+def partial_folder(final: Path) -> Path:
+    """Where a journaled count of `final` keeps its unfinished work: `.NAME.partial` beside it, the same name in
+    every run (a resumed run finds it), hidden, and never mistaken for a result."""
+    final = _canonical(final)
+    return final.parent / f".{final.name}.partial"
+
+
+def prepare_parent(final: Path) -> None:
+    """Check that `final` can be (re)placed and that its parent folder can be written, creating it if needed.
+
+    `final` may be missing, an empty folder, or an earlier cellseg result; anything else, or a parent we cannot
+    write, raises OutputError naming the folder."""
+    final = _canonical(final)
     _check_replaceable(final)
     parent = final.parent
     blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
@@ -120,14 +144,6 @@ def prepare_output(final: Path) -> Path:
     # os.access answers by permission bits (root passes them all); the mkdir below is the real test.
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write results into {parent}: permission denied")
-    _remove_stale(final, ("tmp",))
-    staging = _sibling(final, "tmp")
-    try:
-        staging.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot write results into {parent}: {exc.strerror or exc}") from exc
-    log.debug("staging results for %s in %s", final, staging)
-    return staging
 
 
 def commit_output(staging: Path, final: Path) -> None:
@@ -177,7 +193,13 @@ def abort_output(staging: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never a part.
+    """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a part (a killed writer leaves a
+    hidden temporary file at most).
 
     The temporary file is created in the same folder (os.replace is only atomic within one file
     system) with mode 0o666 minus the umask, like a plain open() would give.
@@ -186,8 +208,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -205,26 +227,32 @@ def staged_output(final: Path) -> Iterator[Path]:
     On any exception (KeyboardInterrupt included) the staging folder is removed, the previous
     result at `final` is left untouched, and the exception propagates.
     """
-    made = _first_missing(_canonical(final).parent)
+    made = first_missing(_canonical(final).parent)
     staging = prepare_output(final)
     try:
         yield staging
         commit_output(staging, final)
     except BaseException:
         abort_output(staging)
-        # Folders created only to hold this result go too: a failed run leaves the disk as it was.
-        if made is not None:
-            folder = _canonical(final).parent
-            while folder != made.parent:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                folder = folder.parent
+        remove_made_parents(final, made)
         raise
 
 
-def _first_missing(folder: Path) -> Path | None:
+def remove_made_parents(final: Path, made: Path | None) -> None:
+    """Remove the (empty) folders created to hold `final`, from its parent up to `made` (first_missing's answer
+    before they were created): a failed run leaves the disk as it was."""
+    if made is None:
+        return
+    folder = _canonical(final).parent
+    while folder != made.parent:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+        folder = folder.parent
+
+
+def first_missing(folder: Path) -> Path | None:
     """The outermost ancestor of `folder` (or itself) that does not exist yet, if any."""
     missing = None
     for candidate in [folder, *folder.parents]:

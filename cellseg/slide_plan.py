@@ -24,7 +24,7 @@ from .preprocess import IntensityRange, as_network_input, measure_range, select_
 from .protocol import Protocol, check_pixel_size
 from .slide import Slide
 from .summary import StageTimer
-from .tiling import Box, TileSpec, plan_tiles
+from .tiling import Band, Box, TileSpec, plan_bands, plan_tiles
 from .tissue import TissueFinder, TissueMask
 
 THUMBNAIL_SIDE = 2048
@@ -76,6 +76,10 @@ class SlidePlan:
     @property
     def tiles_per_row(self) -> int:
         return sum(1 for t in self.tiles if t.grid_row == 0)
+
+    def bands(self, band_rows: int | None = None) -> list[Band]:
+        """The grid cut into bands of whole tile rows (tiling.plan_bands)."""
+        return plan_bands(len(self.tiles) // self.tiles_per_row, self.tiles_per_row, band_rows)
 
 
 def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,

@@ -112,3 +112,30 @@ def plan_tiles(height: int, width: int, tile_size: int, halo: int) -> list[TileS
 def grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
     """Number of tile rows and columns."""
     return -(-height // tile_size), -(-width // tile_size)
+
+
+BAND_TILES = 64   # a band is the fewest whole tile rows holding at least this many tiles
+
+
+@dataclass(frozen=True)
+class Band:
+    """Grid rows row0 .. row1 - 1 of a slide's tiles: the unit of distributed work and of resuming. Band borders
+    are tile borders, so the seam rule resolves them exactly as it resolves the seams between tiles."""
+
+    index: int
+    row0: int
+    row1: int
+
+    def tiles(self, tiles: list[TileSpec], tiles_per_row: int) -> list[TileSpec]:
+        """This band's tiles out of a row-major grid."""
+        return tiles[self.row0 * tiles_per_row:self.row1 * tiles_per_row]
+
+
+def plan_bands(n_rows: int, tiles_per_row: int, band_rows: int | None = None) -> list[Band]:
+    """The grid's rows cut into bands of `band_rows` rows (the last may be shorter); default: the fewest rows
+    holding BAND_TILES tiles (one band for a small slide)."""
+    if band_rows is None:
+        band_rows = max(1, -(-BAND_TILES // max(tiles_per_row, 1)))
+    if band_rows < 1:
+        raise ParameterError(f"expected at least 1 tile row per band, got {band_rows}")
+    return [Band(k, r, min(r + band_rows, n_rows)) for k, r in enumerate(range(0, n_rows, band_rows))]

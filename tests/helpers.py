@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,12 @@ class LabelReadingDetector:
     device = "cpu"
     class_names = ("nucleus",)
 
-    def __init__(self, labels: np.ndarray, shift_px: int = 0, score: float | None = 0.9):
+    def __init__(self, labels: np.ndarray, shift_px: int = 0, score: float | None = 0.9,
+                 seconds_per_tile: float = 0.0):
         self.labels = labels
         self.shift_px = shift_px
         self.score = score
+        self.seconds_per_tile = seconds_per_tile     # a count slow enough to be interrupted on purpose
         self.windows: list[np.ndarray] = []
         self.seen: list[int] = []
 
@@ -55,6 +58,9 @@ class LabelReadingDetector:
     def detect(self, images, tiles, scale=1.0):
         for t, img in zip(tiles, images):      # the network sees the tile resampled by `scale`
             assert img.shape[-2:] == (max(1, round(t.read.height * scale)), max(1, round(t.read.width * scale)))
+        if self.seconds_per_tile:
+            import time
+            time.sleep(self.seconds_per_tile * len(tiles))
         self.seen.extend(t.index for t in tiles)
         return [self._tile(t, t.read.shape) for t in tiles]
 
@@ -85,6 +91,54 @@ class LabelReadingDetector:
         scores = (np.full(n, self.score, np.float32) if self.score is not None
                   else np.linspace(0.5, 1.0, n, dtype=np.float32))
         return TileDetections(np.asarray(boxes, np.int64).reshape(-1, 4), masks, scores, np.ones(n, np.int64))
+
+
+@dataclass(frozen=True)
+class LabelCounterSpec:
+    """counter.CounterSpec's interface for counters whose detector reads the label image file `labels` back
+    (LabelReadingDetector), so that Dask workers load their own (distributed.py). Each load appends the loading
+    process's id to the file `loads`, when given."""
+
+    protocol: object
+    labels: Path
+    loads: Path | None = None
+    shift_px: int = 0
+    seconds_per_tile: float = 0.0
+    mpp: float | None = None
+
+    def load(self):
+        import os
+
+        import tifffile
+
+        from cellseg.counter import CellCounter
+        if self.loads is not None:
+            with open(self.loads, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+        detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
+                                        seconds_per_tile=self.seconds_per_tile)
+        return CellCounter(self.protocol, detector, mpp=self.mpp, run_info={"model": self.model})
+
+    @property
+    def model(self) -> dict:
+        return {"name": "label reader", "labels": str(self.labels), "shift_px": self.shift_px}
+
+    def settings(self) -> dict:
+        from cellseg.counter import counting_settings
+        return counting_settings(self.protocol, self.model, self.mpp, None)
+
+
+class Tally:
+    """A cohort.JobProgress that adds up what it is told."""
+
+    def __init__(self):
+        self.total = self.done = 0
+
+    def planned(self, tiles: int) -> None:
+        self.total += tiles
+
+    def analysed(self, tiles: int) -> None:
+        self.done += tiles
 
 
 def count_with(detector, slide: Path, out: Path, protocol, **options) -> dict:
@@ -192,6 +246,13 @@ STAGING = re.compile(r"^\..+\.(tmp|old)-\d+-[0-9a-f]+$")
 def listing(folder: Path) -> set[str]:
     """Every path under `folder` (hidden ones included), relative to it."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def assert_same_result(a: Path, b: Path) -> None:
+    """Two result folders with the same cells.csv rows and the same labels.ome.tif pixels."""
+    import tifffile
+    assert (a / "cells.csv").read_bytes() == (b / "cells.csv").read_bytes()
+    assert np.array_equal(tifffile.imread(a / "labels.ome.tif"), tifffile.imread(b / "labels.ome.tif"))
 
 
 def assert_nothing_left(folder: Path, before: set[str]) -> None:

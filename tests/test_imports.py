@@ -13,7 +13,8 @@ from .helpers import ROOT
 def test_the_core_does_not_import_torch():
     code = ("import sys\n"
             "import cellseg.pipeline, cellseg.merge, cellseg.measure, cellseg.export, cellseg.counter\n"
-            "import cellseg.slide_plan, cellseg.instances, cellseg.tiling\n"
+            "import cellseg.slide_plan, cellseg.instances, cellseg.tiling, cellseg.journal, cellseg.cohort\n"
+            "import cellseg.distributed\n"
             "print('TORCH', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
