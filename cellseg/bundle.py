@@ -192,6 +192,42 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
     return load_bundle(folder)
 
 
+def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alpha: float, out: Path,
+                        *, name: str, reproduce: str = "") -> Bundle:
+    """A bundle whose weights are (1 - alpha) x `start`'s + alpha x `tuned`'s, for `tuned` fine-tuned from `start`
+    (WiSE-FT, Wortsman et al., CVPR 2022): a fine-tune that gains on new data but forgets some of what `start`
+    knew keeps most of both. The card keeps every training stage of `tuned` and records the interpolation;
+    thresholds and validation figures are `tuned`'s until the new bundle is validated. `out` must be new or empty."""
+    if not 0.0 <= alpha <= 1.0:
+        raise BundleError(f"expected an interpolation weight between 0 and 1, found {alpha}")
+    a, b = load_bundle(start), load_bundle(tuned)
+    if a.model != b.model:
+        raise BundleError(f"expected two bundles of one architecture, found {a.path} and {b.path} differing in "
+                          f"[model]")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"expected a new or empty folder for the interpolated bundle, found {out} holding files")
+    wa, wb = a.state_dict(), b.state_dict()
+    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        raise BundleError(f"expected the same tensors in {a.weights_path} and {b.weights_path}, found others")
+    weights = {k: (1 - alpha) * wa[k] + alpha * wb[k] if wa[k].is_floating_point() else wb[k] for k in wa}
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(out / _WEIGHTS, weights)
+    meta, _ = read_bundle_folder(b.path, BUNDLE_FORMAT)
+    stages = list(meta.get("earlier_stages", []))
+    stages.append({"bundle": b.name, "weights_sha256": b.weights_sha256, **meta.get("training", {})})
+    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=stages,
+                training={"interpolation": {"alpha": float(alpha), "start": a.name,
+                                            "start_sha256": a.weights_sha256, "tuned": b.name,
+                                            "tuned_sha256": b.weights_sha256},
+                          "reproduce": reproduce})
+    for extra in ("split.json",):   # the hold-out split travels with the bundle (validate_bundle reads it)
+        if (b.path / extra).is_file():
+            (out / extra).write_bytes((b.path / extra).read_bytes())
+    write_toml(out / "model.toml", meta)
+    return load_bundle(out)
+
+
 def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None,
                            mask_threshold: float | None = None, card: dict | None = None,
                            score_thresholds: dict[str, float] | None = None,

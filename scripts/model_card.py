@@ -39,6 +39,11 @@ def figures_table(m: dict) -> str:
 
 
 def _recipe(t: dict) -> str:
+    if t.get("interpolation"):
+        w = t["interpolation"]
+        return (f"weights interpolated (WiSE-FT): {1 - w['alpha']:g} x bundle {w['start']} "
+                f"({str(w['start_sha256'])[:12]}) + {w['alpha']:g} x bundle {w['tuned']} "
+                f"({str(w['tuned_sha256'])[:12]}); no training; alpha chosen on the held-out groups.")
     aug = t.get("augmentation") or ("scale jitter (0.75-1.33), flips, 90° rotations, gamma, intensity and per-channel "
                                     "colour jitter")
     mix = f" Images drawn by modality: {t['mix']}." if t.get("mix") else (
@@ -46,6 +51,25 @@ def _recipe(t: dict) -> str:
     return (f"{t.get('init', 'random initialisation')}; random {t.get('crop_px')}² crops with {aug}; AdamW, lr "
             f"{t.get('lr')}, warm-up then cosine decay; batch {t.get('batch_size')}; {t.get('steps')} steps in "
             f"{t.get('wall_seconds', 0) / 60:.0f} min on {t.get('hardware')} ({t.get('device')}).{mix}")
+
+
+def _tta_section(m: dict | None, thresholds: dict) -> str:
+    if not m:
+        return ""
+    chosen = ", ".join(f"{k} {v:.2f}" for k, v in sorted(thresholds.items()))
+    return f"""
+## With test-time augmentation (`cellseg count --tta`)
+
+The 8 flips and 90° rotations of every tile, their cells merged (a cell's score is its summed score over the views
+divided by 8), on the same held-out images; score thresholds chosen the same way for the merged scores: {chosen}.
+
+{figures_table(m)}
+"""
+
+
+def _reproduce(stages: list[dict]) -> str:
+    lines = [f"{k + 1}. `{s['reproduce']}`" for k, s in enumerate(stages) if s.get("reproduce")]
+    return "\n".join(lines) or "see scripts/train_default_bundle.py"
 
 
 def card_readme(bundle) -> str:
@@ -77,7 +101,9 @@ Typical nucleus diameter in the training data: {bundle.nucleus_diameter_px:.1f} 
 
 {chr(10).join(parts)}
 
-Reproduce: {t.get('reproduce', 'see scripts/train_default_bundle.py')}
+Reproduce, stage by stage:
+
+{_reproduce(stages + [t])}
 
 ## Validation on held-out acquisition groups and patients (IoU 0.5)
 
@@ -91,7 +117,7 @@ images: {threshold_text}.
 {figures_table(m)}
 
 {c.get('validation_note', '')}
-
+{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}
 ## Limitations
 
 2D nuclei at the native pixel sizes of the training data (nuclei ~10-40 px across; the pipeline resamples to

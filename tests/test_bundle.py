@@ -3,6 +3,7 @@ bundle is a BundleError."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -270,3 +271,32 @@ def test_bad_threshold_table_is_one_line(bundle_copy):
     edit_toml(bundle_copy, lambda m: m["inference"].update(score_threshold_by_modality={"fluorescence": 1.5}))
     with pytest.raises(BundleError, match=r"between 0 and 1 for 'fluorescence'.*score_threshold_by_modality"):
         load_bundle(bundle_copy)
+
+
+def test_interpolated_weights_are_the_weighted_mean_and_the_card_keeps_every_stage(tmp_path):
+    from cellseg.bundle import interpolate_bundles
+    cfg = tiny_model_config()
+    torch.manual_seed(1)
+    start = save_bundle(tmp_path / "start", cfg, build_model(cfg).state_dict(), name="start",
+                        card={"training": {"steps": 10}})
+    torch.manual_seed(2)
+    tuned = save_bundle(tmp_path / "tuned", cfg, build_model(cfg).state_dict(), name="tuned",
+                        card={"training": {"steps": 5, "init": "bundle start"},
+                              "earlier_stages": [{"bundle": "start", "steps": 10}]})
+    (tuned.path / "split.json").write_text("{}")
+    mixed = interpolate_bundles(start.path, tuned.path, 0.25, tmp_path / "mixed", name="mixed", reproduce="cmd")
+    a, b, m = start.state_dict(), tuned.state_dict(), mixed.state_dict()
+    key = next(k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k]))
+    # float16 storage: the mean of the float16 weights, rounded to float16 once more
+    assert torch.allclose(m[key], (0.75 * a[key] + 0.25 * b[key]).half().float())
+    assert [s["steps"] for s in mixed.card["earlier_stages"]] == [10, 5]
+    assert mixed.card["training"]["interpolation"]["alpha"] == 0.25 and (mixed.path / "split.json").is_file()
+    assert load_bundle(mixed.path).weights_sha256 == mixed.weights_sha256
+    with pytest.raises(BundleError, match="new or empty folder"):
+        interpolate_bundles(start.path, tuned.path, 0.5, tmp_path / "mixed", name="again")
+    with pytest.raises(BundleError, match="between 0 and 1"):
+        interpolate_bundles(start.path, tuned.path, 1.5, tmp_path / "other", name="other")
+    other_cfg = dataclasses.replace(cfg, fpn_channels=cfg.fpn_channels * 2)
+    other = save_bundle(tmp_path / "wide", other_cfg, build_model(other_cfg).state_dict(), name="wide")
+    with pytest.raises(BundleError, match="one architecture"):
+        interpolate_bundles(start.path, other.path, 0.5, tmp_path / "other", name="other")
