@@ -53,6 +53,14 @@ class Bundle:
             return self.tta_score_thresholds[modality]
         return float(self.score_thresholds.get(modality, self.score_threshold))
 
+    def training_stages(self) -> list[dict]:
+        """Every training stage that made this bundle, oldest first, its own last: the `earlier_stages` of a
+        bundle made from this one (a fine-tune or an interpolation)."""
+        stages = list(self.card.get("earlier_stages")
+                      or ([self.card["base_training"]] if "base_training" in self.card else []))
+        stages.append({"bundle": self.name, "weights_sha256": self.weights_sha256, **self.card.get("training", {})})
+        return stages
+
     @property
     def weights_path(self) -> Path:
         return self.path / _WEIGHTS
@@ -205,8 +213,9 @@ def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alph
         raise BundleError(f"expected two bundles of one architecture, found {a.path} and {b.path} differing in "
                           f"[model]")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"expected a new or empty folder for the interpolated bundle, found {out} holding files")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"expected a new or empty folder for the interpolated bundle, found {out} "
+                          f"{'holding files' if out.is_dir() else 'being a file'}")
     wa, wb = a.state_dict(), b.state_dict()
     if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
         raise BundleError(f"expected the same tensors in {a.weights_path} and {b.weights_path}, found others")
@@ -214,16 +223,13 @@ def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alph
     out.mkdir(parents=True, exist_ok=True)
     write_weights(out / _WEIGHTS, weights)
     meta, _ = read_bundle_folder(b.path, BUNDLE_FORMAT)
-    stages = list(meta.get("earlier_stages", []))
-    stages.append({"bundle": b.name, "weights_sha256": b.weights_sha256, **meta.get("training", {})})
-    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=stages,
+    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=b.training_stages(),
                 training={"interpolation": {"alpha": float(alpha), "start": a.name,
                                             "start_sha256": a.weights_sha256, "tuned": b.name,
                                             "tuned_sha256": b.weights_sha256},
                           "reproduce": reproduce})
-    for extra in ("split.json",):   # the hold-out split travels with the bundle (validate_bundle reads it)
-        if (b.path / extra).is_file():
-            (out / extra).write_bytes((b.path / extra).read_bytes())
+    if (b.path / "split.json").is_file():   # the hold-out split travels with the bundle (validate_bundle reads it)
+        (out / "split.json").write_bytes((b.path / "split.json").read_bytes())
     write_toml(out / "model.toml", meta)
     return load_bundle(out)
 

@@ -109,11 +109,8 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
                      "sampling": f"images drawn by modality: {mix_text}"},
             "training": {"mix": mix_text, "reproduce": reproduce}}
     if init not in ("none", "coco") and not init.startswith("coco:"):
-        base = load_bundle(init)       # fine-tuning: the card keeps every earlier stage's recipe
-        stages = list(base.card.get("earlier_stages")
-                      or ([base.card["base_training"]] if "base_training" in base.card else []))
-        stages.append({"bundle": base.name, "weights_sha256": base.weights_sha256, **base.card.get("training", {})})
-        card["earlier_stages"] = stages
+        # fine-tuning: the card keeps every earlier stage's recipe
+        card["earlier_stages"] = load_bundle(init).training_stages()
     return train(items, ["nucleus"], out, settings, model_cfg=model_cfg, resume=resume, device=device, card=card,
                  init=init, sample_weights=weights, progress=progress,
                  files={"split.json": json.dumps(split.to_json(), indent=1)})

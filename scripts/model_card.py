@@ -76,7 +76,7 @@ def card_readme(bundle) -> str:
     c, m, t = bundle.card, bundle.card.get("metrics", {}), bundle.card.get("training", {})
     data = c.get("data", {})
     cfg = bundle.model
-    stages = list(c.get("earlier_stages") or ([c["base_training"]] if c.get("base_training") else []))
+    stages = bundle.training_stages()[:-1]   # the stages before this bundle's own ([training])
     parts = [f"Stage {k + 1}" + (f" (bundle {s.get('bundle')}, sha256 {str(s.get('weights_sha256', ''))[:12]}…)"
                                  if k < len(stages) else " (this bundle)") + f": {_recipe(s)}"
              for k, s in enumerate(stages + [t])]
