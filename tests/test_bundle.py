@@ -294,6 +294,10 @@ def test_interpolated_weights_are_the_weighted_mean_and_the_card_keeps_every_sta
     assert load_bundle(mixed.path).weights_sha256 == mixed.weights_sha256
     with pytest.raises(BundleError, match="new or empty folder"):
         interpolate_bundles(start.path, tuned.path, 0.5, tmp_path / "mixed", name="again")
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(BundleError, match="being a file"):
+        interpolate_bundles(start.path, tuned.path, 0.5, tmp_path / "a_file", name="file")
+    assert (tmp_path / "a_file").read_text() == "mine"
     with pytest.raises(BundleError, match="between 0 and 1"):
         interpolate_bundles(start.path, tuned.path, 1.5, tmp_path / "other", name="other")
     other_cfg = dataclasses.replace(cfg, fpn_channels=cfg.fpn_channels * 2)
