@@ -18,7 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .rcnn_parts import TileRoIHeads, TileTransform
+from .rcnn_parts import TileRoIHeads, TileTransform, keep_head_outputs_fp32
 from .slide_norm import SlideGroupNorm
 
 
@@ -105,4 +105,5 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     model.transform = TileTransform(min_size=1, max_size=1 << 30, image_mean=list(cfg.image_mean),
                                     image_std=list(cfg.image_std), size_divisible=32)
     model.roi_heads = TileRoIHeads.replacing(model.roi_heads)
+    keep_head_outputs_fp32(model)
     return model

@@ -100,7 +100,13 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
     def forward(self, x, boxes, image_shapes):
         n = [len(b) for b in boxes]
         threads = min(torch.get_num_threads(), sum(n) // self.min_rois_per_thread)
-        first = next(iter(x.values()))
+        first = x[self.featmap_names[0]]
+        if first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
+            # bf16 autocast: torchvision's CPU RoIAlign has no bf16 kernel, so pool in fp32 (the heads after it
+            # run in bf16 again); the cast is differentiable, gradients reach the bf16 features
+            x = {k: v.float() if k in self.featmap_names else v for k, v in x.items()}
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(x, [b.float() for b in boxes], image_shapes)
         if threads < 2 or first.device.type != "cpu" or self.scales is None:   # scales are set on the first call
             return super().forward(x, boxes, image_shapes)
         cuts = np.linspace(0, sum(n), threads + 1).round().astype(int)
@@ -168,3 +174,22 @@ def thread_roi_pools(model: MaskRCNN) -> None:
         pooler = getattr(heads, name)
         if type(pooler) is MultiScaleRoIAlign:
             setattr(heads, name, ThreadedMultiScaleRoIAlign.replacing(pooler))
+
+
+def _outputs_as_fp32(module, inputs, output):
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, (list, tuple)):
+        return type(output)(_outputs_as_fp32(module, inputs, o) for o in output)
+    return output
+
+
+def keep_head_outputs_fp32(model: MaskRCNN) -> None:
+    """Under bf16 (or fp16) autocast, hand the RPN's box deltas and objectness, the box predictor's and the mask
+    predictor's logits on in fp32 (forward hooks: parameters and state dict keys unchanged; a no-op in fp32).
+    torchvision decodes boxes in the deltas' dtype: in bf16 (8 bits of mantissa) a coordinate near 500 px is
+    rounded to 2-4 px, which moves boxes, masks and seam ownership."""
+    heads = model.roi_heads
+    for module in (model.rpn.head, heads.box_predictor, heads.mask_predictor):
+        module.register_forward_hook(_outputs_as_fp32)
+

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 # How often each modality's images are drawn (renormalised over the modalities present in training): fluorescence
 # is most of what users bring, but H&E is where the model was weakest; grayscale brightfield is held out whole.
-DEFAULT_MIX = {"fluorescence": 0.45, "stained_tissue": 0.2, "he_breast": 0.25, "brightfield_gray": 0.1}
+DEFAULT_MIX = {"fluorescence": 0.4, "stained_tissue": 0.25, "he_breast": 0.25, "brightfield_gray": 0.1}
 DATA_CREDITS = {
     "dsb2018": ("DSB2018 stage1_train (BBBC038) with community mask fixes (Caicedo et al., \"Nucleus segmentation "
                 "across imaging experiments: the 2018 Data Science Bowl\", Nature Methods 16, 1247-1253, 2019), "
@@ -90,8 +90,9 @@ def training_images(data_root: Path, split: Split) -> list[AnnotatedImage]:
 
 def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None = None, init: str = "none",
                mix: dict[str, float] | None = None, model_cfg=None, resume: bool = False, device: str = "cpu",
-               limit: int | None = None, reproduce: str = "", progress: bool = True) -> Path:
-    """Train the nuclei bundle on the split's training images into `out` (see cellseg.train.train)."""
+               limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None) -> Path:
+    """Train the nuclei bundle on the split's training images into `out` (see cellseg.train.train; on_snapshot is
+    its callback for settings.snapshot_every)."""
     from .bundle import load_bundle
     from .train import check_output_folder, train, train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
@@ -112,7 +113,7 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
         # fine-tuning: the card keeps every earlier stage's recipe
         card["earlier_stages"] = load_bundle(init).training_stages()
     return train(items, ["nucleus"], out, settings, model_cfg=model_cfg, resume=resume, device=device, card=card,
-                 init=init, sample_weights=weights, progress=progress,
+                 init=init, sample_weights=weights, progress=progress, on_snapshot=on_snapshot,
                  files={"split.json": json.dumps(split.to_json(), indent=1)})
 
 

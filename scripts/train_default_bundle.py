@@ -19,6 +19,7 @@ Data: --data-root holds dsb2018-train/ and tnbc-train/ (each with manifest.csv, 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shlex
 import sys
@@ -32,6 +33,56 @@ from cellseg.recipe import parse_mix, run_recipe
 from cellseg.train import TrainSettings
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+HELDOUT_COLUMNS = ["step", "fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all",
+                   "median_count_error_all", "mean_of_modalities"]
+
+
+def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int) -> None:
+    """Score a training snapshot on a fixed subset of the held-out images through the real pipeline
+    (validate_bundle.py), append AP50 pooled per modality to OUT/heldout.csv, and keep the best snapshot (by the mean
+    of the modalities' AP50) as OUT/best. The snapshot folder is removed once scored."""
+    import csv
+    import json
+    import shutil
+    import subprocess
+    val_dir = out / "heldout" / snapshot.name
+    shutil.rmtree(val_dir, ignore_errors=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("validate_bundle.py")), "--bundle", str(snapshot),
+                    "--data-root", str(data_root), "--out", str(val_dir), "--device", "cpu",
+                    "--per-modality", str(per_modality)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    metrics = json.loads((val_dir / "metrics.json").read_text())
+    row = {"step": step}
+    for name in HELDOUT_COLUMNS[1:6]:
+        row[name] = metrics.get(name, {}).get("ap50_tp_fp_fn_pooled")
+    row["median_count_error_all"] = metrics["all"]["median_rel_count_error"]
+    per = [row[m] for m in HELDOUT_COLUMNS[1:5] if row[m] is not None]
+    row["mean_of_modalities"] = round(sum(per) / len(per), 4)
+    log_path = out / "heldout.csv"
+    rows = list(csv.DictReader(open(log_path, newline=""))) if log_path.is_file() else []
+    best_before = max((float(r["mean_of_modalities"]) for r in rows), default=-1.0)
+    rows = [r for r in rows if int(r["step"]) != step] + [row]
+    tmp = log_path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HELDOUT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(log_path)
+    logging.info("held-out at step %d: %s", step, row)
+    if row["mean_of_modalities"] > best_before:
+        staged = out / "best.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(snapshot, staged)
+        shutil.rmtree(out / "best", ignore_errors=True)
+        staged.rename(out / "best")
+        logging.info("step %d is the best so far (mean AP50 %.4f): %s", step, row["mean_of_modalities"], out / "best")
+    shutil.rmtree(snapshot)
+    shutil.rmtree(val_dir / ".work", ignore_errors=True)
+    for folder in val_dir.iterdir():     # the predictions are re-made at will; keep the figures
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def main() -> None:
@@ -57,6 +108,13 @@ def main() -> None:
     p.add_argument("--init", default="none", help="none | coco | coco:FILE | BUNDLE to fine-tune")
     p.add_argument("--mix", default=None, help="draw shares by modality, e.g. fluorescence=0.45,he_breast=0.25,...")
     p.add_argument("--limit", type=int, default=None, help="only the first N training images (smoke test)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast where the processor has it natively (auto), or as given")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="every N steps, score a snapshot on held-out images (OUT/heldout.csv) and keep the best in "
+                        "OUT/best")
+    p.add_argument("--heldout-per-modality", type=int, default=24,
+                   help="held-out images of each modality a snapshot is scored on (a fixed subset)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -70,11 +128,16 @@ def main() -> None:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
                              schedule_minutes=args.schedule_minutes, workers=args.workers,
+                             precision=args.precision, snapshot_every=args.snapshot_every,
                              augmentation=Augmentation())
+    on_snapshot = None
+    if args.snapshot_every:
+        on_snapshot = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
+                                        per_modality=args.heldout_per_modality)
     try:
         run_recipe(args.data_root, args.out, settings, split_file=args.split, init=args.init,
                    mix=parse_mix(args.mix), model_cfg=model_cfg, resume=args.resume, device=args.device,
-                   limit=args.limit, reproduce="python " + shlex.join(sys.argv))
+                   limit=args.limit, reproduce="python " + shlex.join(sys.argv), on_snapshot=on_snapshot)
     except CellsegError as e:
         sys.exit(f"train_default_bundle: error: {e}")
 

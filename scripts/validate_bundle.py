@@ -105,6 +105,9 @@ def main() -> None:
                         "given on the held-out images no stage has seen")
     p.add_argument("--write-card", action="store_true", help="store thresholds + figures in the bundle")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out images (smoke test)")
+    p.add_argument("--per-modality", type=int, default=None,
+                   help="only the first N held-out images of each modality (a fixed subset, e.g. a long run's "
+                        "snapshots)")
     p.add_argument("--modality", choices=MODALITIES, action="append", default=None,
                    help="only the held-out images of this modality (repeatable; a quick look, not a card)")
     args = p.parse_args()
@@ -112,6 +115,8 @@ def main() -> None:
     split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
     modality = split.modality_of()
     keys = [k for k in sorted(split.val) if args.modality is None or modality[k] in args.modality][:args.limit]
+    if args.per_modality:   # a fixed subset: the first N of each modality in sorted order (same images every time)
+        keys = [k for m in MODALITIES for k in [k for k in keys if modality[k] == m][:args.per_modality]]
     bundle = tuned_bundle(load_bundle(args.bundle), args.set)
     if args.proposal_threshold is not None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)

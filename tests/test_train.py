@@ -257,3 +257,99 @@ def test_cli_train_bad_annotations_give_one_line(tmp_path, kind):
     result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--steps", 1, "--device", "cpu"])
     assert_user_error(result, 1, *words)
     assert not (tmp_path / "b").exists()
+
+
+def _train_lrs(monkeypatch, run) -> list[float]:
+    """The learning rate of every optimiser step `run()` takes."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    try:
+        run()
+    finally:
+        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_and_fp32_training_steps_give_finite_losses_of_one_order(tmp_path, precision):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    losses = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        out = tmp_path / f"bundle_{p}"
+        if out.exists():
+            continue
+        train(items, classes, out, TrainSettings(steps=3, batch_size=2, crop=96, precision=p),
+              model_cfg=tiny_model_config(), progress=False)
+        losses[p] = np.loadtxt(out / "training_log.csv", delimiter=",", skiprows=1)[:, 1]
+        assert np.isfinite(losses[p]).all()
+        assert load_bundle(out).card["training"]["precision"].startswith(p)
+    # the same seed, crops and weights: the first step's loss differs only by bf16 rounding
+    assert losses[precision][0] == pytest.approx(losses["fp32"][0], rel=0.1)
+
+
+def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    import cellseg.precision as precision
+    from cellseg.precision import resolve_precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})     # a Xeon without bf16
+    assert resolve_precision("auto", "cpu")[0] == "fp32"
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    train(items, classes, tmp_path / "b", TrainSettings(steps=1, batch_size=1, crop=64),
+          model_cfg=tiny_model_config(), progress=False)
+    assert load_bundle(tmp_path / "b").card["training"]["precision"].startswith("fp32: this CPU has no native")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})   # a Zen 4/5
+    assert resolve_precision("auto", "cpu")[0] == "bf16"
+    assert resolve_precision("fp32", "cpu")[0] == "fp32"
+
+
+def test_precision_flags_come_from_cpuinfo(tmp_path):
+    from cellseg.precision import cpu_flags
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_path, monkeypatch):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+
+    def settings(steps_this_run=None):
+        return TrainSettings(steps=8, batch_size=1, crop=64, lr=1e-3, warmup=2, snapshot_every=3,
+                             minutes=None if steps_this_run is None else 0)
+    straight_snaps, split_snaps = [], []
+    straight = _train_lrs(monkeypatch, lambda: train(
+        items, classes, tmp_path / "a", settings(), model_cfg=tiny_model_config(), progress=False,
+        on_snapshot=lambda path, step: straight_snaps.append(step)))
+    # the same run stopped after 4 steps (a Ctrl-C or a session's end) and resumed
+    import cellseg.train as train_module
+    calls = {"n": 0}
+    real_isfinite = torch.isfinite
+
+    def interrupt_after_four(x):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_isfinite(x)
+    monkeypatch.setattr(train_module.torch, "isfinite", interrupt_after_four)
+    from cellseg.errors import TrainingInterrupted
+    with pytest.raises(TrainingInterrupted):
+        _train_lrs(monkeypatch, lambda: train(
+            items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), progress=False,
+            on_snapshot=lambda path, step: split_snaps.append(step)))
+    monkeypatch.setattr(train_module.torch, "isfinite", real_isfinite)
+    second = _train_lrs(monkeypatch, lambda: train(
+        items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), resume=True, progress=False,
+        on_snapshot=lambda path, step: split_snaps.append(step)))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert len(second) == 4 and second == pytest.approx(straight[4:])
+    assert straight_snaps == split_snaps == [3, 6]
+    assert load_bundle(tmp_path / "b" / "snapshots" / "step0000006").card["training"]["steps"] == 6
