@@ -38,6 +38,12 @@ class Augmentation:
     dim_p: float = 0.3
     dim_fraction: float = 0.35                      # share of the crop's nuclei dimmed
     dim_factor: tuple[float, float] = (0.25, 0.7)   # their contrast against the background x U(a, b)
+    # Share of crops centred on a nucleus drawn at random (train.sample_crop): crops then land in proportion to
+    # nuclei, so dense clusters (where the model misses touching nuclei) are seen more often than empty background.
+    nucleus_centred_p: float = 0.5
+    # Colour crops turned to gray (luminance): grayscale brightfield (dark nuclei on a light ground) is held out
+    # whole, so without this the model never sees a gray image whose nuclei are dark.
+    gray_p: float = 0.15
 
     def describe(self) -> str:
         return (f"zoom {self.scale[0]}-{self.scale[1]}x, flips, 90° rotations; HED stain jitter (p {self.hed_p}, gain "
@@ -45,14 +51,17 @@ class Augmentation:
                 f"(p {self.blur_p}); Gaussian noise σ {self.noise_std[0]}-{self.noise_std[1]} (p {self.noise_p}); gamma "
                 f"{self.gamma[0]}-{self.gamma[1]}, contrast {self.contrast[0]}-{self.contrast[1]}, brightness "
                 f"±{self.brightness}, per-channel gain ±{self.channel_gain}; {int(self.dim_fraction * 100)} % of nuclei "
-                f"dimmed to {self.dim_factor[0]}-{self.dim_factor[1]} of their contrast (p {self.dim_p})")
+                f"dimmed to {self.dim_factor[0]}-{self.dim_factor[1]} of their contrast (p {self.dim_p}); "
+                f"{int(self.nucleus_centred_p * 100)} % of crops centred on a random nucleus; colour crops turned "
+                f"gray (p {self.gray_p})")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 NO_AUGMENTATION = Augmentation(scale=(1.0, 1.0), hed_p=0.0, blur_p=0.0, noise_p=0.0, gamma=(1.0, 1.0),
-                               contrast=(1.0, 1.0), brightness=0.0, channel_gain=0.0, dim_p=0.0)
+                               contrast=(1.0, 1.0), brightness=0.0, channel_gain=0.0, dim_p=0.0,
+                               nucleus_centred_p=0.0, gray_p=0.0)
 
 
 def is_colour(image: np.ndarray) -> bool:
@@ -97,6 +106,9 @@ def augment_pixels(image: np.ndarray, masks: np.ndarray, colour: bool, rng: np.r
     out = np.asarray(image, np.float32)
     if colour and rng.random() < aug.hed_p:
         out = hed_jitter(out, rng, aug.hed_gain, aug.hed_shift)
+    if colour and rng.random() < aug.gray_p:
+        out = np.repeat((0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None], 3, axis=0).astype(np.float32)
+        colour = False    # from here on treated as the grayscale image it now is
     if rng.random() < aug.dim_p:
         out = dim_nuclei(out, masks, rng, aug.dim_fraction, aug.dim_factor)
     if rng.random() < aug.blur_p:
