@@ -166,7 +166,7 @@ def child_cellseg(spec: dict) -> dict:
     from cellseg.summary import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
-                                                       tissue_method=spec["tissue"])
+                                                       tissue_method=spec["tissue"], precision=spec.get("precision"))
     t = time.perf_counter()
     counter = CellCounter.load(protocol, spec["device"], tta=spec.get("tta", False))   # network + tissue U-Net
     from cellseg.tta import AugmentedDetector
@@ -187,7 +187,7 @@ def child_cellseg(spec: dict) -> dict:
             "model_channel": run["model_channel"], "labels": str(out / "labels.ome.tif"),
             "network_seconds": net_timer.to_dict(), **counts,
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(detector.device),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "precision": detector.precision_note}
 
 
 # --------------------------------------------------------------------------- child: naive torchvision
@@ -336,6 +336,9 @@ def main() -> None:
                    help="cellseg's tissue prefilter (default: the protocol's)")
     p.add_argument("--workdir", type=Path, default=None, help="keep crops and results here (default: a temp dir)")
     p.add_argument("--tta", action="store_true", help="cellseg with test-time augmentation (cellseg count --tta)")
+    p.add_argument("--precisions", default=None,
+                   help="cellseg runs, comma-separated, in this order (default on a CPU: fp32, then bf16 where the "
+                        "CPU has native bf16; the last is the full report's); on a GPU: auto (fp16)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -346,6 +349,7 @@ def main() -> None:
         return
 
     from cellseg.bundle import load_bundle
+    from cellseg.precision import cpu_has_native_bf16, cpu_model
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
     from cellseg.slide_plan import choose_scale, tile_geometry
@@ -380,7 +384,13 @@ def main() -> None:
               f"device {args.device}; model {bundle.name} ({bundle.weights_sha256[:12]})")
         common = {"slide": str(slide_path), "protocol": args.protocol, "model": protocol.model,
                   "tile_size": protocol.tile_size, "device": args.device, "tissue": protocol.tissue_method}
-        cs = run_child("cellseg", {**common, "out": str(work / "cellseg_out"), "tta": args.tta}, work)
+        precisions = (args.precisions.split(",") if args.precisions else
+                      ["auto"] if args.device == "cuda" else ["fp32"] + (["bf16"] if cpu_has_native_bf16() else []))
+        variants = {}
+        for precision in precisions:
+            variants[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision}"),
+                                                        "tta": args.tta, "precision": precision}, work)
+        cs = variants[precisions[-1]]
         summary = cs["summary"]
         if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
             raise SystemExit(f"expected cellseg to tile at {tile_px}+{halo_px} px, it used {summary['scale']}")
@@ -400,7 +410,7 @@ def main() -> None:
             "tissue_megapixels": round(tissue_mp, 4), "tiles": n_tiles, "tiles_analysed": analysed, "tile_px": tile_px,
             "halo_px": halo_px, "device": args.device, "model": bundle.name, "protocol": args.protocol,
             "tta": args.tta,
-            "cpu_count": os.cpu_count(), "torch_threads": cs["torch_threads"],
+            "cpu_count": os.cpu_count(), "torch_threads": cs["torch_threads"], "cpu": cpu_model(),
             "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
             "mp_per_s": round(tissue_mp / cs["wall_s"], 4),
             "seconds_total": round(cs["wall_s"], 3), "cpu_seconds": round(cs["cpu_s"], 2),
@@ -440,6 +450,17 @@ def main() -> None:
         nv_core = sum(nv["seconds"].get(k, 0.0) for k in ("read", "detect", "keep"))
         result["ratio_read_detect_keep"] = round(nv_core / cs_core, 3) if cs_core else None
         result["naive_cells"] = nv["cells"]
+        result["precision"] = cs["precision"]
+        result["variants"] = {}
+        for precision, v in variants.items():
+            result["variants"][precision] = {
+                "precision": v["precision"], "mp_per_s": round(tissue_mp / v["wall_s"], 4),
+                "ratio": round(tissue_mp / v["wall_s"] / result["naive_mp_per_s"], 3),
+                "seconds_total": round(v["wall_s"], 3), "cpu_seconds": round(v["cpu_s"], 2),
+                "seconds": {k: v["summary"]["seconds"].get(k, 0.0) for k in ("read", "tissue", "detect", "merge",
+                                                                            "measure", "write", "total")},
+                "cells": v["summary"]["cell_count"], "peak_rss_mb": round(v["peak_rss_mb"], 1),
+                "network_seconds": v["network_seconds"], "labels": v["labels"]}
         if gt_path:
             from cellseg.evaluate import load_instances
             gt = next(iter(load_instances(gt_path).values()))
@@ -450,6 +471,8 @@ def main() -> None:
             result["naive_eval"] = correct_cells(nv["labels"], gt)
             result["correct_cells"] = result["cellseg_eval"]["correct"]
             result["naive_correct_cells"] = result["naive_eval"]["correct"]
+            for v in result["variants"].values():
+                v["eval"] = correct_cells(v.pop("labels"), gt)
         else:
             result["ground_truth"] = None
 
@@ -498,6 +521,15 @@ def print_report(r: dict) -> None:
           f"100-detection cap; {nv['cells_visible_in_labels']} of {nv['cells']} kept cells visible in its label image")
     print(f"tissue {r['tissue_method']}: {r['tissue_megapixels']:.3f} MP of {r['megapixels']:.3f}; {r['cpu_count']} CPU cores, torch threads {r['torch_threads']}, "
           f"1-min load average at the end {r['load_avg_1min_at_end']}")
+    print(f"CPU {r['cpu']}; the full report above is cellseg in {r['precision']}")
+    print(f"{'variant':<16}{'MP/s':>8}{'ratio':>8}{'seconds':>9}{'detect s':>10}{'cells':>7}{'F1':>7}{'peak RSS':>10}")
+    rows = [(f"cellseg {name}", v["mp_per_s"], v["ratio"], v["seconds_total"], v["seconds"]["detect"], v["cells"],
+             v.get("eval", {}).get("f1"), v["peak_rss_mb"]) for name, v in r["variants"].items()]
+    rows.append(("naive", nv["mp_per_s"], 1.0, nv["seconds_total"], nv["seconds"].get("detect", 0.0), nv["cells"],
+                 r.get("naive_eval", {}).get("f1"), nv["peak_rss_mb"]))
+    for name, mps, ratio, secs, det, cells, f1, rss in rows:
+        f1_text = "" if f1 is None else f"{f1:.3f}"
+        print(f"{name:<16}{mps:>8.3f}{ratio:>7.2f}x{secs:>9.1f}{det:>10.1f}{cells:>7}{f1_text:>7}{rss:>7.0f} MB")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--tissue", choices=["unet", "otsu", "none"], default=None, help="tissue prefilter (protocol's)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="network arithmetic (protocol's)")
     args = p.parse_args()
 
     from cellseg.evaluate import load_instances, match, pair_iou
@@ -34,7 +35,8 @@ def main() -> None:
     from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
 
-    protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model)
+    protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model,
+                                                    precision=args.precision)
     loaded = CellCounter.load(protocol, args.device)
     bundle = load_bundle(protocol.model)
     runs = {}

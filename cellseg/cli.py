@@ -109,6 +109,9 @@ _POSITIVE = click.FloatRange(0, min_open=True)
               help="Tile halo in px, >= the largest cell diameter.")
 @click.option("--batch-size", type=_setting("batch_size"), default=None, help="Tiles per detector call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="The network's arithmetic on a CPU: bf16 where the processor has it natively (auto; protocol "
+                   "default), fp32, or bf16.")
 @click.option("--mpp", type=_POSITIVE, default=None, help="Pixel size in µm/px, overriding the file's.")
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
@@ -141,10 +144,13 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted count: its finished bands are read back, not computed again, and "
                    "slides whose results are complete are skipped.")
+@click.option("--estimate", is_flag=True,
+              help="Only say how long the count would take on this machine, from a few timed tiles of each "
+                   "slide; nothing is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
+def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, precision, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
-          workers, scheduler, band_rows, resume,
+          workers, scheduler, band_rows, resume, estimate,
           quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
@@ -161,7 +167,7 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                                                     score_threshold=score_threshold, tissue_method=tissue_method,
                                                     min_tissue_fraction=min_tissue_fraction,
                                                     cell_expansion_um=cell_expansion_um,
-                                                    cell_expansion_px=cell_expansion_px)
+                                                    cell_expansion_px=cell_expansion_px, precision=precision)
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
@@ -178,6 +184,11 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
                        run_info={"command": shlex.join(["cellseg", *argv])})
+    if estimate:
+        counter = spec.load()
+        for path in inputs:
+            click.echo(counter.estimate(path).describe())
+        return
     jobs = list(zip(inputs, outputs))
     rows, failures = [], 0
     with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:

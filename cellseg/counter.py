@@ -52,12 +52,14 @@ class CellCounter:
         bundle = load_bundle(protocol.model)
         model = model_record(bundle, protocol, tta)
         detector = Detector.from_bundle(bundle, device, score_threshold=model["score_threshold"],
-                                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size)
+                                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
+                                        precision=protocol.precision)
         if tta:
             from .tta import AugmentedDetector
             detector = AugmentedDetector(detector)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
-                   mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device), "model": model})
+                   mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device),
+                                      "precision": detector.precision_note, "model": model})
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
@@ -69,6 +71,14 @@ class CellCounter:
         summary. progress(tiles analysed, tiles to analyse) may raise to cancel."""
         with staged_output(Path(out_dir)) as staging:
             return self.count_into(slide, staging, progress)
+
+    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8):
+        """How long `count(slide, ...)` would take here, from `sample_tiles` timed tiles (estimate.Estimate);
+        nothing is written."""
+        from .estimate import estimate_count
+        return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
+                              model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
+                              sample_tiles=sample_tiles)
 
     def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
                    journal: Path | None = None, band_rows: int | None = None,

@@ -19,6 +19,7 @@ from torchvision.models.detection import MaskRCNN
 
 from .errors import ParameterError
 from .instances import TileDetections
+from .precision import resolve_precision
 from .rcnn_parts import thread_roi_pools
 from .slide_norm import fold_slide_norms, measure_slide_norms, reset_slide_norms
 from .tiling import TileSpec, owned_box, seam_band_px
@@ -103,10 +104,19 @@ class Detector:
     batch_size: int = 4
     proposal_threshold: float = 0.0   # RPN objectness below this never reaches the box head
     skip_unowned: bool = True         # boxes wholly outside what their tile can own skip the mask branch
+    precision: str = "fp32"           # auto | fp32 | bf16 on a CPU (cellseg.precision); a GPU runs fp16 unless fp32
     _per_tile_body: nn.Module | None = field(default=None, init=False, repr=False)   # the body before folding
 
     def __post_init__(self) -> None:
         self.model.eval().to(self.device)
+        if self.device.type == "cuda":
+            self.autocast_dtype = None if self.precision == "fp32" else torch.float16
+            self.precision_note = "fp32 as asked" if self.precision == "fp32" else "fp16 autocast on the GPU"
+        else:
+            chosen, self.precision_note = resolve_precision(self.precision, "cpu")
+            # bf16 convolutions and linear layers; RoIAlign pools in fp32 and the predictors hand on fp32 logits
+            # and box deltas (rcnn_parts); the slide's GroupNorm statistics are measured in fp32 (calibrate).
+            self.autocast_dtype = torch.bfloat16 if chosen == "bf16" else None
         if self.device.type == "cpu":
             # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
             self.model.to(memory_format=torch.channels_last)
@@ -121,11 +131,11 @@ class Detector:
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
-                    batch_size: int = 4) -> "Detector":
+                    batch_size: int = 4, precision: str = "fp32") -> "Detector":
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
         return cls(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
-                   proposal_threshold=bundle.proposal_threshold)
+                   proposal_threshold=bundle.proposal_threshold, precision=precision)
 
     @torch.no_grad()
     def calibrate(self, windows: Sequence[np.ndarray]) -> None:
@@ -185,7 +195,8 @@ class Detector:
         self.model.roi_heads.owned_regions = (
             [owned_region_xyxy(t, scale) for t in tiles] if tiles is not None and self.skip_unowned else None)
         try:
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
                 outputs = self.model(batch)
         finally:
             self.model.roi_heads.owned_regions = None

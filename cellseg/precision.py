@@ -56,3 +56,15 @@ def resolve_precision(requested: str, device_type: str, cuda_bf16: bool = True) 
     if native:
         return "bf16", "bf16 autocast: this CPU has native bf16 (avx512_bf16 or amx_bf16)"
     return "fp32", "fp32: this CPU has no native bf16 (avx512_bf16 or amx_bf16)"
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo; platform.processor() elsewhere)."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -59,6 +59,9 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "score_threshold": ((int, float), _Range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
         "mask_threshold": ((int, float), _Range(0.0, 1.0), "soft-mask probability threshold"),
         "min_area_px": (int, _Range(0), "drop cells smaller than this (fragments)"),
+        "precision": (str, _one_of("auto", "fp32", "bf16"),
+                      "the network's arithmetic on a CPU: bf16 where the processor has it natively (auto), or "
+                      "fp32 / bf16 as given; GPUs use fp16 autocast unless fp32"),
         "nucleus_diameter_um": ((int, float), _Range(0.5, 200.0),
                                 "typical nucleus diameter; with the slide's pixel size, tiles are resampled so "
                                 "nuclei reach the model at its training size (omit: no resampling)"),
@@ -100,6 +103,7 @@ class Protocol:
     score_threshold: float | None = None
     mask_threshold: float = 0.5
     min_area_px: int = 10
+    precision: str = "auto"
     nucleus_diameter_um: float | None = None
     tissue_method: str = "unet"
     min_tissue_fraction: float = 0.01

@@ -24,7 +24,7 @@ from .augment import Augmentation, augment_pixels, is_colour
 from .bundle import save_bundle
 from .errors import CellsegError, TrainingInterrupted
 from .network import ModelConfig, build_model
-from .precision import resolve_precision
+from .precision import cpu_model, resolve_precision
 from .preprocess import measure_range, to_network_input
 from .rcnn_parts import thread_roi_pools
 
@@ -542,14 +542,3 @@ def _hardware(dev: torch.device) -> str:
         return torch.cuda.get_device_name(dev)
     return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
 
-
-def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo; platform.processor() elsewhere)."""
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

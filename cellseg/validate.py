@@ -61,12 +61,13 @@ def card_figures(report: EvaluationReport) -> dict:
 
 
 def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
-                        tta: bool = False):
+                        tta: bool = False, precision: str = "fp32"):
     """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
     when `tta`)."""
     from .detect import Detector
     detector = Detector.from_bundle(bundle, device, score_threshold=floor,
-                                    mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold)
+                                    mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold,
+                                    precision=precision)
     if tta:
         from .tta import AugmentedDetector
         detector = AugmentedDetector(detector)

@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [model] key of the bundle for this run, e.g. box_nms_thresh=0.5")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (flips and 90° rotations)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="the network's arithmetic on a CPU (default fp32: figures comparable across machines)")
     p.add_argument("--seen", type=Path, action="append", default=[],
                    help="a split.json whose 'train' images a training stage of this bundle used: figures are also "
                         "given on the held-out images no stage has seen")
@@ -120,7 +122,8 @@ def main() -> None:
     bundle = tuned_bundle(load_bundle(args.bundle), args.set)
     if args.proposal_threshold is not None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
-    detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta)
+    detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
+                                   precision=args.precision)
     preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,
                            reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)
@@ -133,7 +136,8 @@ def main() -> None:
     metrics: dict = {"iou": 0.5, "val_images": len(keys), "split_method": split.method,
                      "held_out_groups": sorted(g for g, t in split.groups.items() if t["side"] == "val"),
                      "threshold_chosen_on": "these held-out images, per protocol modality (pooled F1)",
-                     "settings": {"tta": args.tta, "mask_threshold": args.mask_threshold or bundle.mask_threshold,
+                     "settings": {"tta": args.tta, "precision": args.precision,
+                                  "mask_threshold": args.mask_threshold or bundle.mask_threshold,
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
     for protocol_modality in sorted(set(PROTOCOL_MODALITY.values())):
