@@ -18,7 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .rcnn_parts import TileRoIHeads, TileTransform, keep_head_outputs_fp32
+from .rcnn_parts import Fp32FeaturePyramidNetwork, TileRoIHeads, TileTransform, keep_head_outputs_fp32
 from .slide_norm import SlideGroupNorm
 
 
@@ -80,6 +80,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     backbone = BackboneWithFPN(
         body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
         in_channels_list=stage_channels, out_channels=cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+    # the same FPN computed in fp32 under bf16 autocast: tile-size invariance (rcnn_parts)
+    backbone.fpn = Fp32FeaturePyramidNetwork(stage_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
     if len(cfg.anchor_sizes) != 5:
         raise ValueError(f"expected 5 anchor sizes (one per FPN level), got {cfg.anchor_sizes}")
     anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),

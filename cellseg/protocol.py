@@ -174,7 +174,12 @@ def check_pixel_size(protocol: Protocol, info) -> None:
 
 
 def protocols_dir() -> Path:
-    return Path(str(resources.files("cellseg.protocols")))
+    """The shipped presets: cellseg.protocols once installed; the checkout's protocols/ folder when cellseg runs
+    from a source tree on PYTHONPATH (as on a lent GPU machine, scripts/gpu_benchmark.sh)."""
+    try:
+        return Path(str(resources.files("cellseg.protocols")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "protocols"
 
 
 def list_protocols() -> list[str]:

@@ -265,3 +265,16 @@ def test_schema_and_dataclass_agree():
     fields = set(Protocol.__dataclass_fields__) - {"source"}
     schema_keys = {key for keys in SCHEMA.values() for key in keys}
     assert schema_keys == fields
+
+
+def test_presets_are_found_from_a_source_tree_without_an_install(monkeypatch):
+    """cellseg on PYTHONPATH (a lent GPU machine): no cellseg.protocols package, the checkout's protocols/ instead."""
+    from importlib import resources
+
+    import cellseg.protocol as protocol_module
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+    monkeypatch.setattr(resources, "files", missing)
+    assert (protocol_module.protocols_dir() / "fluorescence-nuclei.toml").is_file()
+    assert protocol_module.load_protocol("fluorescence-nuclei").name == "fluorescence-nuclei"
