@@ -390,6 +390,10 @@ def main() -> None:
         for precision in precisions:
             variants[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision}"),
                                                         "tta": args.tta, "precision": precision}, work)
+            done = variants[precision]     # said at once: a run cut short by a time limit still leaves figures
+            print(f"  cellseg {precision} ({done['precision']}): {done['wall_s']:.1f} s, "
+                  f"{done['summary']['cell_count']} cells, {done['summary']['tissue_area_px'] / 1e6 / done['wall_s']:.3f} "
+                  f"MP of tissue/s, stages {done['summary']['seconds']}", flush=True)
         cs = variants[precisions[-1]]
         summary = cs["summary"]
         if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
