@@ -1,0 +1,208 @@
+"""cells.geojson: every cell as a GeoJSON Feature the way QuPath (0.4+) writes its own objects, streamed.
+
+QuPath reads it with File > Import objects; shapely, geopandas and any GIS tool read it as plain GeoJSON.
+
+    {"type": "Feature", "id": 17,                       # cell_id (QuPath keeps only UUIDs: it makes its own)
+     "geometry": {"type": "Polygon", ...},              # the nucleus, or the cell when nuclei are grown into cells
+     "nucleusGeometry": {"type": "Polygon", ...},       # only for cells: their nucleus (QuPath's cell objects)
+     "properties": {"objectType": "detection" | "cell",
+                    "classification": {"name": "Nucleus", "color": [r, g, b]},
+                    "measurements": {"area_px": 80, "area_um2": 5.0, ...}}}   # cells.csv's numeric columns
+
+Coordinates are level-0 pixels with x = column, y = row (QuPath's convention), and polygons trace pixel *edges*:
+pixel (row, col) is the square [col, col + 1] x [row, row + 1], so a polygon's area is exactly the cell's pixel count
+(a contour through pixel centres would lose about half a pixel along the whole outline: ~5 % of a 10 px nucleus).
+Holes are kept. The file is written as cells.csv is, tile by tile: memory holds one tile's features at a time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NUCLEUS_COLOR = (255, 200, 0)     # the overlay's yellow outline
+CELL_COLOR = (0, 200, 255)        # the overlay's cyan outline
+
+
+def mask_polygon(mask: np.ndarray, row0: int, col0: int):
+    """A shapely Polygon (or MultiPolygon) whose area is the pixel count of the bool `mask` placed at (row0, col0):
+    pixel edges traced, holes kept, valid. x = column, y = row in level-0 px. None for an empty mask."""
+    import shapely
+    from skimage.measure import find_contours
+
+    padded = np.pad(np.asarray(mask, bool), 1).astype(np.uint8)
+    rings = []
+    for contour in find_contours(padded, 0.5):
+        ring = _edge_ring(contour)
+        if ring is not None:
+            rings.append(ring)
+    if not rings:
+        return None
+    # find_contours sits its 0.5 level halfway between pixel centres: on pixel edges. Outer rings and holes wind
+    # in opposite senses; the largest ring is an outer one.
+    signed = np.array([_signed_area(r) for r in rings])
+    outer_sign = np.sign(signed[np.argmax(np.abs(signed))])
+    offset = np.array([col0 - 1, row0 - 1], np.float64)       # the padding, then the box's place on the slide
+    outers = [r[:, ::-1] + offset for r, s in zip(rings, signed) if np.sign(s) == outer_sign]
+    holes = [r[:, ::-1] + offset for r, s in zip(rings, signed) if np.sign(s) != outer_sign]
+    if len(outers) == 1:
+        geometry = shapely.Polygon(outers[0], holes)
+    else:
+        geometry = shapely.MultiPolygon([shapely.Polygon(o) for o in outers])
+        if holes:
+            # Several parts and holes: which hole lies in which part is GEOS's job.
+            geometry = shapely.difference(shapely.union_all([shapely.Polygon(o) for o in outers]),
+                                          shapely.union_all([shapely.Polygon(h) for h in holes]))
+    if not geometry.is_valid:
+        # A ring that touches itself at a pixel corner (a hole meeting the outline diagonally): same area, split.
+        geometry = shapely.make_valid(geometry)
+    return geometry
+
+
+def _edge_ring(contour: np.ndarray) -> np.ndarray | None:
+    """The pixel-corner ring of a closed find_contours contour (row, col at pixel-edge midpoints): each diagonal step
+    of the contour cuts a pixel corner, which is the centre of the marching-squares cell it crosses; the ring is
+    those corners (the midpoints between them are collinear and dropped). Coordinates: padded-array edge frame."""
+    step = np.diff(contour, axis=0)
+    diagonal = (np.abs(step[:, 0]) > 0.25) & (np.abs(step[:, 1]) > 0.25)
+    if not diagonal.any():
+        return None
+    low = np.minimum(contour[:-1], contour[1:])[diagonal]
+    # Cell centre in pixel-centre coordinates is floor(low) + 0.5; in edge coordinates (+0.5) an integer.
+    corners = np.floor(low + 1e-9) + 1.0
+    return np.vstack([corners, corners[:1]])
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    y, x = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def label_masks(labels: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, int, int] | None]:
+    """Each id's mask in the label image `labels`, cropped to its box: (mask, row0, col0) in `labels`' frame, None
+    for an id not painted. One pass over the image (scipy.ndimage.find_objects on ids renumbered 1..n)."""
+    from scipy import ndimage
+
+    ids = np.asarray(ids, np.int64)
+    order = np.argsort(ids)
+    flat = labels.reshape(-1).astype(np.int64)
+    where = np.searchsorted(ids[order], flat)
+    where = np.minimum(where, len(ids) - 1) if len(ids) else where
+    hit = (flat > 0) & (ids[order][where] == flat) if len(ids) else np.zeros(flat.shape, bool)
+    rank = np.zeros(flat.shape, np.int64)
+    rank[hit] = order[where[hit]] + 1
+    rank = rank.reshape(labels.shape)
+    out: list[tuple[np.ndarray, int, int] | None] = [None] * len(ids)
+    for k, sl in enumerate(ndimage.find_objects(rank, max_label=len(ids))):
+        if sl is not None:
+            out[k] = (rank[sl] == k + 1, sl[0].start, sl[1].start)
+    return out
+
+
+class CellsGeoJsonWriter:
+    """Streams cells.geojson: one Feature per cell, appended per tile (`append`); `close` ends the collection and,
+    when the file grew beyond `gzip_above_bytes` (None: never), replaces it by cells.geojson.gz.
+
+    columns: cells.csv's columns (name -> dtype); the numeric ones (bools as 0/1) become each Feature's
+    measurements, NaN (a µm column without a pixel size) left out. cells_expanded: features are QuPath cells
+    (geometry = the cell, nucleusGeometry = the nucleus) instead of detections.
+    """
+
+    def __init__(self, path: Path, columns: dict[str, str], class_names: list[str], cells_expanded: bool = False,
+                 gzip_above_bytes: int | None = None):
+        self.path = Path(path)
+        self.gzip_above_bytes = gzip_above_bytes
+        self.cells_expanded = cells_expanded
+        self.numeric = [n for n, dt in columns.items() if np.dtype(dt).kind in "iufb"]
+        color = CELL_COLOR if cells_expanded else NUCLEUS_COLOR
+        self.classes = [{"name": _qupath_class(n), "color": list(color)} for n in class_names]
+        self.features = 0
+        self.written_path: Path | None = None
+        self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        self._fh.write('{"type": "FeatureCollection", "features": [\n')
+
+    def append(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
+               rows: dict[str, np.ndarray], expanded: tuple[tuple[int, int], np.ndarray] | None = None) -> None:
+        """One tile's cells: ids, nucleus boxes (row0, col0, row1, col1) and masks in slide px, class ids >= 1, their
+        cells.csv rows; with grown cells, ((row0, col0) of the cell label image, the image)."""
+        import shapely
+
+        if self._fh is None:
+            raise ValueError(f"{self.path} is already closed")
+        if (expanded is not None) != self.cells_expanded:
+            raise ValueError("expected grown cells exactly when the writer was made with cells_expanded")
+        ids = np.asarray(ids, np.int64)
+        cell_masks = label_masks(expanded[1], ids) if expanded is not None else None
+        values = {n: np.asarray(rows[n]) for n in self.numeric}
+        for name in [n for n, v in values.items() if v.dtype.kind == "b"]:
+            values[name] = values[name].astype(np.int64)
+        # Python scalars column by column (one tolist per column, not one conversion per value).
+        columns = {n: v.tolist() for n, v in values.items()}
+        lines = []
+        for k, cid in enumerate(ids.tolist()):
+            nucleus = mask_polygon(masks[k], int(boxes[k][0]), int(boxes[k][1]))
+            if nucleus is None:
+                continue
+            measurements = {n: col[k] for n, col in columns.items() if col[k] == col[k]}    # NaN left out
+            properties = {"objectType": "cell" if self.cells_expanded else "detection",
+                          "classification": self.classes[int(class_ids[k]) - 1], "measurements": measurements}
+            feature = {"type": "Feature", "id": cid}
+            if cell_masks is not None and cell_masks[k] is not None:
+                mask, r0, c0 = cell_masks[k]
+                cell = mask_polygon(mask, r0 + expanded[0][0], c0 + expanded[0][1])
+                feature["geometry"] = json.loads(shapely.to_geojson(cell))
+                feature["nucleusGeometry"] = json.loads(shapely.to_geojson(nucleus))
+            else:
+                feature["geometry"] = json.loads(shapely.to_geojson(nucleus))
+            feature["properties"] = properties
+            lines.append(("" if self.features == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
+            self.features += 1
+        self._fh.write("".join(lines))
+
+    def close(self) -> Path:
+        """End the collection; gzip it above the size threshold. Returns the file written."""
+        if self._fh is not None:
+            self._fh.write("\n]}\n")
+            self._fh.close()
+            self._fh = None
+            self.written_path = self.path
+            size = self.path.stat().st_size
+            if self.gzip_above_bytes is not None and size > self.gzip_above_bytes:
+                gz = self.path.with_name(self.path.name + ".gz")
+                with open(self.path, "rb") as src, gzip.open(gz, "wb", compresslevel=6) as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                os.remove(self.path)
+                self.written_path = gz
+                log.info("cells.geojson is %.0f MB: written gzipped as %s", size / 1e6, gz.name)
+        return self.written_path
+
+    def __enter__(self) -> "CellsGeoJsonWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._fh is not None and exc_type is not None:
+            self._fh.close()          # a failed run: the staging folder is discarded
+            self._fh = None
+        self.close()
+
+
+def _qupath_class(name: str) -> str:
+    """QuPath's own class for nuclei is "Nucleus"; other classes keep their name, capitalised as QuPath's are."""
+    return "Nucleus" if name.lower() in ("nucleus", "nuclei") else name[:1].upper() + name[1:]
+
+
+def read_cells(path: Path) -> dict:
+    """A cells.geojson (or .geojson.gz) as a dict (for tests and small results: it holds every cell)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
