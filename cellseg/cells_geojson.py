@@ -55,12 +55,14 @@ def mask_polygon(mask: np.ndarray, row0: int, col0: int):
     holes = [r[:, ::-1] + offset for r, s in zip(rings, signed) if np.sign(s) != outer_sign]
     if len(outers) == 1:
         geometry = shapely.Polygon(outers[0], holes)
-    else:
+    elif not holes:
         geometry = shapely.MultiPolygon([shapely.Polygon(o) for o in outers])
-        if holes:
-            # Several parts and holes: which hole lies in which part is GEOS's job.
-            geometry = shapely.difference(shapely.union_all([shapely.Polygon(o) for o in outers]),
-                                          shapely.union_all([shapely.Polygon(h) for h in holes]))
+    else:
+        # Parts, holes, islands in holes: the rings never cross, so the cell is their even-odd fill, and which
+        # hole lies in which part is GEOS's job.
+        geometry = shapely.Polygon(outers[0])
+        for ring in outers[1:] + holes:
+            geometry = shapely.symmetric_difference(geometry, shapely.Polygon(ring))
     if not geometry.is_valid:
         # A ring that touches itself at a pixel corner (a hole meeting the outline diagonally): same area, split.
         geometry = shapely.make_valid(geometry)
