@@ -36,23 +36,32 @@ def mask_polygon(mask: np.ndarray, row0: int, col0: int):
     """A shapely Polygon (or MultiPolygon) whose area is the pixel count of the bool `mask` placed at (row0, col0):
     pixel edges traced, holes kept, valid. x = column, y = row in level-0 px. None for an empty mask."""
     import shapely
+
+    geometry = mask_geometry(mask, row0, col0)
+    return None if geometry is None else shapely.geometry.shape(geometry)
+
+
+def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
+    """mask_polygon's geometry as a GeoJSON dict (integer pixel-corner coordinates), built without shapely for the
+    common cell (one outline, its holes, no ring touching itself)."""
+    import shapely
     from skimage.measure import find_contours
 
-    padded = np.pad(np.asarray(mask, bool), 1).astype(np.uint8)
-    rings = []
-    for contour in find_contours(padded, 0.5):
-        ring = _edge_ring(contour)
-        if ring is not None:
-            rings.append(ring)
+    mask = np.asarray(mask, bool)
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)     # np.pad costs ~20x more
+    padded[1:-1, 1:-1] = mask
+    rings = [r for r in map(_edge_ring, find_contours(padded, 0.5)) if r is not None]
     if not rings:
         return None
     # find_contours sits its 0.5 level halfway between pixel centres: on pixel edges. Outer rings and holes wind
     # in opposite senses; the largest ring is an outer one.
     signed = np.array([_signed_area(r) for r in rings])
     outer_sign = np.sign(signed[np.argmax(np.abs(signed))])
-    offset = np.array([col0 - 1, row0 - 1], np.float64)       # the padding, then the box's place on the slide
-    outers = [r[:, ::-1] + offset for r, s in zip(rings, signed) if np.sign(s) == outer_sign]
-    holes = [r[:, ::-1] + offset for r, s in zip(rings, signed) if np.sign(s) != outer_sign]
+    offset = np.array([col0 - 1, row0 - 1], np.int64)       # the padding, then the box's place on the slide
+    outers = [r[:, ::-1] + offset for r, a in zip(rings, signed) if np.sign(a) == outer_sign]
+    holes = [r[:, ::-1] + offset for r, a in zip(rings, signed) if np.sign(a) != outer_sign]
+    if len(outers) == 1 and not any(_touches_itself(r) for r in outers + holes):
+        return {"type": "Polygon", "coordinates": [r.tolist() for r in outers + holes]}
     if len(outers) == 1:
         geometry = shapely.Polygon(outers[0], holes)
     elif not holes:
@@ -66,7 +75,12 @@ def mask_polygon(mask: np.ndarray, row0: int, col0: int):
     if not geometry.is_valid:
         # A ring that touches itself at a pixel corner (a hole meeting the outline diagonally): same area, split.
         geometry = shapely.make_valid(geometry)
-    return geometry
+    return json.loads(shapely.to_geojson(geometry))
+
+
+def _touches_itself(ring: np.ndarray) -> bool:
+    """A ring through one pixel corner twice (diagonal pixels): not a valid GeoJSON/shapely ring."""
+    return len(np.unique(ring[:-1], axis=0)) < len(ring) - 1
 
 
 def _edge_ring(contour: np.ndarray) -> np.ndarray | None:
@@ -79,13 +93,13 @@ def _edge_ring(contour: np.ndarray) -> np.ndarray | None:
         return None
     low = np.minimum(contour[:-1], contour[1:])[diagonal]
     # Cell centre in pixel-centre coordinates is floor(low) + 0.5; in edge coordinates (+0.5) an integer.
-    corners = np.floor(low + 1e-9) + 1.0
+    corners = (np.floor(low + 1e-9) + 1.0).astype(np.int64)
     return np.vstack([corners, corners[:1]])
 
 
 def _signed_area(ring: np.ndarray) -> float:
     y, x = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))   # exact: integer coordinates
 
 
 def label_masks(labels: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, int, int] | None]:
@@ -135,8 +149,6 @@ class CellsGeoJsonWriter:
                rows: dict[str, np.ndarray], expanded: tuple[tuple[int, int], np.ndarray] | None = None) -> None:
         """One tile's cells: ids, nucleus boxes (row0, col0, row1, col1) and masks in slide px, class ids >= 1, their
         cells.csv rows; with grown cells, ((row0, col0) of the cell label image, the image)."""
-        import shapely
-
         if self._fh is None:
             raise ValueError(f"{self.path} is already closed")
         if (expanded is not None) != self.cells_expanded:
@@ -150,7 +162,7 @@ class CellsGeoJsonWriter:
         columns = {n: v.tolist() for n, v in values.items()}
         lines = []
         for k, cid in enumerate(ids.tolist()):
-            nucleus = mask_polygon(masks[k], int(boxes[k][0]), int(boxes[k][1]))
+            nucleus = mask_geometry(masks[k], int(boxes[k][0]), int(boxes[k][1]))
             if nucleus is None:
                 continue
             measurements = {n: col[k] for n, col in columns.items() if col[k] == col[k]}    # NaN left out
@@ -159,11 +171,10 @@ class CellsGeoJsonWriter:
             feature = {"type": "Feature", "id": cid}
             if cell_masks is not None and cell_masks[k] is not None:
                 mask, r0, c0 = cell_masks[k]
-                cell = mask_polygon(mask, r0 + expanded[0][0], c0 + expanded[0][1])
-                feature["geometry"] = json.loads(shapely.to_geojson(cell))
-                feature["nucleusGeometry"] = json.loads(shapely.to_geojson(nucleus))
+                feature["geometry"] = mask_geometry(mask, r0 + expanded[0][0], c0 + expanded[0][1])
+                feature["nucleusGeometry"] = nucleus
             else:
-                feature["geometry"] = json.loads(shapely.to_geojson(nucleus))
+                feature["geometry"] = nucleus
             feature["properties"] = properties
             lines.append(("" if self.features == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
             self.features += 1
