@@ -48,6 +48,9 @@ def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
     from skimage.measure import find_contours
 
     mask = np.asarray(mask, bool)
+    ring = _run_ring(mask)
+    if ring is not None:
+        return {"type": "Polygon", "coordinates": [(ring + np.array([col0, row0])).tolist()]}
     padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)     # np.pad costs ~20x more
     padded[1:-1, 1:-1] = mask
     rings = [r for r in map(_edge_ring, find_contours(padded, 0.5)) if r is not None]
@@ -76,6 +79,33 @@ def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
         # A ring that touches itself at a pixel corner (a hole meeting the outline diagonally): same area, split.
         geometry = shapely.make_valid(geometry)
     return json.loads(shapely.to_geojson(geometry))
+
+
+def _run_ring(mask: np.ndarray) -> np.ndarray | None:
+    """The pixel-edge ring (x, y) of a mask whose every row is one run of pixels overlapping the next row's (most
+    nuclei: convex-ish blobs), straight from the runs: down the left ends, up the right ends, ~20x quicker than
+    tracing contours. None for any other mask (holes, several pieces, a row of two runs)."""
+    h = mask.shape[0]
+    if h == 0:
+        return None
+    step = np.diff(mask.view(np.int8), axis=1, prepend=0, append=0)
+    starts, ends = step == 1, step == -1
+    if not (np.count_nonzero(starts, axis=1) == 1).all():
+        return None
+    left, right = starts.argmax(1), ends.argmax(1)        # run [left, right) of each row
+    if h > 1 and not ((left[1:] < right[:-1]) & (left[:-1] < right[1:])).all():
+        return None                                       # rows meeting only at a corner: two pieces
+    rows = np.arange(h)
+    down = np.stack([np.repeat(left, 2), np.stack([rows, rows + 1], 1).ravel()], 1)
+    up = np.stack([np.repeat(right[::-1], 2), np.stack([rows[::-1] + 1, rows[::-1]], 1).ravel()], 1)
+    ring = np.vstack([down, up])
+    # Keep the corners only: drop repeated points, then points in the middle of a straight edge.
+    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
+    before, after = np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0)
+    straight = ((before[:, 0] == ring[:, 0]) & (after[:, 0] == ring[:, 0])) | (
+        (before[:, 1] == ring[:, 1]) & (after[:, 1] == ring[:, 1]))
+    ring = ring[~straight]
+    return np.vstack([ring, ring[:1]])
 
 
 def _touches_itself(ring: np.ndarray) -> bool:

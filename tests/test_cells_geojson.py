@@ -108,3 +108,34 @@ def test_small_disc_nuclei_areas_agree(radius):
     mask = np.zeros((2 * radius + 3,) * 2, bool)
     mask[disk((radius + 1, radius + 1), radius + 0.5)] = True
     assert mask_polygon(mask, 0, 0).area == mask.sum()
+
+
+def test_no_cells_is_an_empty_feature_collection(tmp_path):
+    from cellseg.cells_geojson import CellsGeoJsonWriter
+    from cellseg.measure import cell_columns
+    with CellsGeoJsonWriter(tmp_path / "cells.geojson", cell_columns(["gray"]), ["nucleus"]) as writer:
+        writer.append(np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64),
+                      {n: np.zeros(0) for n in cell_columns(["gray"])})
+    assert read_cells(tmp_path / "cells.geojson") == {"type": "FeatureCollection", "features": []}
+
+
+def test_the_run_outline_of_blobs_is_the_traced_outline(monkeypatch):
+    """Blobs take the quick outline from their row runs; it is the same polygon as the traced one."""
+    from skimage.draw import ellipse
+
+    from cellseg import cells_geojson
+    rng = np.random.default_rng(7)
+    quick = 0
+    for _ in range(200):
+        mask = np.zeros((24, 24), bool)
+        rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
+        mask[rr, cc] = True
+        mask = mask[np.ix_(mask.any(1), mask.any(0))]
+        fast = cells_geojson._run_ring(mask)
+        quick += fast is not None
+        got = cells_geojson.mask_polygon(mask, 3, 4)
+        with monkeypatch.context() as m:
+            m.setattr(cells_geojson, "_run_ring", lambda mask: None)
+            traced = cells_geojson.mask_polygon(mask, 3, 4)
+        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
+    assert quick > 150

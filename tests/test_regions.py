@@ -197,3 +197,14 @@ def test_dask_counts_the_same_cells_in_regions(tmp_path):
     pd.testing.assert_frame_equal(a[key].sort_values(key).reset_index(drop=True),
                                   b[key].sort_values(key).reset_index(drop=True))
     assert (tmp_path / "dask" / "regions.csv").read_text() == (serial / "regions.csv").read_text()
+
+
+def test_gis_polygons_without_names_are_named_by_index_and_names_stay_apart(tmp_path):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    path = tmp_path / "gis.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": square, "properties": None},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [square["coordinates"]]},
+         "properties": {"name": "a;b"}},
+        {"type": "Feature", "geometry": square, "properties": {"name": "a,b"}}]}))
+    assert load_regions(path).names == ("0", "a,b", "a,b (2)")
