@@ -30,10 +30,10 @@ from . import __version__
 from .errors import CellsegError, JournalError, OutputError
 from .instances import Instances
 from .preprocess import IntensityRange
+from .regions import Regions
 from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
                         prepare_parent, remove_made_parents)
 from .slide import SlideInfo
-from .regions import Regions
 from .slide_plan import Scale, SlidePlan
 from .tiling import Band, Box, plan_tiles
 from .tissue import TissueMask

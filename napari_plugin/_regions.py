@@ -24,6 +24,7 @@ def regions_layer_data(path: str | Path, mpp: float | None = None, units: str = 
     """A regions file (cellseg.regions.load_regions: named polygons, other QuPath objects left out) as Shapes.
     Regions in µm need `mpp`."""
     import shapely
+
     from cellseg.regions import load_regions
 
     regions = load_regions(path, units)
