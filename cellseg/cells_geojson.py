@@ -108,6 +108,76 @@ def _run_ring(mask: np.ndarray) -> np.ndarray | None:
     return np.vstack([ring, ring[:1]])
 
 
+def blob_geometries(boxes: np.ndarray, masks: list[np.ndarray]) -> list[dict | None]:
+    """_run_ring for all of a tile's masks at once (whole-array numpy over their row runs, maskrows.MaskRows, as
+    merge and measure do): each blob's GeoJSON Polygon in slide px, None for a mask that is not a blob (its
+    outline is traced by mask_geometry). The same polygons as _run_ring, without ~15 numpy calls per cell."""
+    from .maskrows import MaskRows
+
+    out: list[dict | None] = [None] * len(masks)
+    rows = MaskRows.of(boxes, masks)
+    if not len(rows.cell):
+        return out
+    cell, y = rows.cell, rows.y
+    left, last = rows.ends()
+    right = last + 1                                       # run [left, right)
+    first = np.r_[True, cell[1:] != cell[:-1]]             # a cell's first row
+    bad = rows.count != right - left                       # a row of more than one run
+    joined = ~first[1:]                                    # row k + 1 continues row k's cell
+    gap = joined & ((y[1:] != y[:-1] + 1) | (left[1:] >= right[:-1]) | (left[:-1] >= right[1:]))
+    bad[1:] |= gap
+    starts = np.flatnonzero(first)
+    ok_cells = np.bincount(cell, weights=bad, minlength=len(masks)) == 0
+    ok_cells[np.setdiff1d(np.arange(len(masks)), cell[starts])] = False      # empty masks
+    keep = ok_cells[cell]
+    if not keep.any():
+        return out
+    cell, y, left, right = cell[keep], y[keep], left[keep], right[keep]
+    first = np.r_[True, cell[1:] != cell[:-1]]
+    starts = np.flatnonzero(first)
+    h = np.diff(np.r_[starts, len(cell)])
+    index_in = np.arange(len(cell)) - np.repeat(starts, h)          # row k's place in its cell
+    hk = np.repeat(h, h)
+    base = 4 * np.repeat(starts, h)                                # each cell's first point
+    points = np.empty((4 * len(cell), 2), np.int64)
+    down = base + 2 * index_in
+    up = base + 2 * hk + 2 * (hk - 1 - index_in)
+    points[down] = np.stack([left, y], 1)
+    points[down + 1] = np.stack([left, y + 1], 1)
+    points[up] = np.stack([right, y + 1], 1)
+    points[up + 1] = np.stack([right, y], 1)
+    group = np.repeat(np.arange(len(starts)), 4 * h)
+    points, group = _drop_cyclic(points, group, straight=False)
+    points, group = _drop_cyclic(points, group, straight=True)
+    bounds = np.flatnonzero(np.r_[True, group[1:] != group[:-1], True])
+    cells = cell[starts]
+    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        ring = points[a:b].tolist()
+        ring.append(ring[0])
+        out[int(cells[g])] = {"type": "Polygon", "coordinates": [ring]}
+    return out
+
+
+def _drop_cyclic(points: np.ndarray, group: np.ndarray, straight: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Drop, within each group's closed ring, points equal to the one before (straight=False) or lying midway on a
+    straight edge (straight=True)."""
+    n = len(points)
+    first = np.r_[True, group[1:] != group[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], n] - 1
+    prev = np.arange(n) - 1
+    prev[starts] = ends
+    if not straight:
+        drop = np.all(points == points[prev], axis=1)
+    else:
+        nxt = np.arange(n) + 1
+        nxt[ends] = starts
+        before, after = points[prev], points[nxt]
+        drop = (((before[:, 0] == points[:, 0]) & (after[:, 0] == points[:, 0]))
+                | ((before[:, 1] == points[:, 1]) & (after[:, 1] == points[:, 1])))
+    return points[~drop], group[~drop]
+
+
 def _touches_itself(ring: np.ndarray) -> bool:
     """A ring through one pixel corner twice (diagonal pixels): not a valid GeoJSON/shapely ring."""
     return len(np.unique(ring[:-1], axis=0)) < len(ring) - 1
@@ -191,8 +261,9 @@ class CellsGeoJsonWriter:
         # Python scalars column by column (one tolist per column, not one conversion per value).
         columns = {n: v.tolist() for n, v in values.items()}
         lines = []
+        blobs = blob_geometries(boxes, masks)
         for k, cid in enumerate(ids.tolist()):
-            nucleus = mask_geometry(masks[k], int(boxes[k][0]), int(boxes[k][1]))
+            nucleus = blobs[k] or mask_geometry(masks[k], int(boxes[k][0]), int(boxes[k][1]))
             if nucleus is None:
                 continue
             measurements = {n: col[k] for n, col in columns.items() if col[k] == col[k]}    # NaN left out

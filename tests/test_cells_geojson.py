@@ -139,3 +139,43 @@ def test_the_run_outline_of_blobs_is_the_traced_outline(monkeypatch):
             traced = cells_geojson.mask_polygon(mask, 3, 4)
         assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
     assert quick > 150
+
+
+def test_a_tiles_blobs_at_once_are_the_traced_polygons(monkeypatch):
+    """blob_geometries (all masks of a tile through their row runs) gives each blob the traced polygon, and leaves
+    the other masks (holes, pieces, rows of two runs) to the tracer."""
+    from skimage.draw import ellipse
+
+    from cellseg import cells_geojson
+    rng = np.random.default_rng(1)
+    masks, boxes = [], []
+    for i in range(600):
+        if i % 4 == 0:
+            mask = rng.random((rng.integers(1, 9), rng.integers(1, 9))) < 0.6
+        else:
+            mask = np.zeros((24, 24), bool)
+            rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
+            mask[rr, cc] = True
+            mask = mask[np.ix_(mask.any(1), mask.any(0))]
+        r0, c0 = rng.integers(0, 1000, 2)
+        masks.append(mask)
+        boxes.append((r0, c0, r0 + mask.shape[0], c0 + mask.shape[1]))
+    blobs = cells_geojson.blob_geometries(np.array(boxes), masks)
+    monkeypatch.setattr(cells_geojson, "_run_ring", lambda mask: None)     # trace every mask
+    found = 0
+    for geometry, mask, box in zip(blobs, masks, boxes):
+        traced = shapely.geometry.shape(cells_geojson.mask_geometry(mask, int(box[0]), int(box[1])))
+        if geometry is None:
+            assert not (len(traced.geoms) == 1 if hasattr(traced, "geoms") else
+                        not traced.interiors and _single_runs(mask))
+            continue
+        found += 1
+        got = shapely.geometry.shape(geometry)
+        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
+    assert found > 400
+
+
+def _single_runs(mask: np.ndarray) -> bool:
+    rows = mask[mask.any(1)]
+    return bool((np.count_nonzero(np.diff(rows.astype(np.int8), axis=1, prepend=0, append=0) == 1, axis=1) == 1)
+                .all())
