@@ -147,10 +147,16 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 @click.option("--estimate", is_flag=True,
               help="Only say how long the count would take on this machine, from a few timed tiles of each "
                    "slide; nothing is written.")
+@click.option("--regions", "regions_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE",
+              help="Count only inside these regions: a GeoJSON of polygons (QuPath's exported annotations, or any "
+                   "GIS tool's). Adds cells.csv's region column and regions.csv.")
+@click.option("--regions-units", type=click.Choice(["px", "um"]), default="px", show_default=True,
+              help="Units of the regions' coordinates: level-0 px, or µm (needs the pixel size).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, precision, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
-          workers, scheduler, band_rows, resume, estimate,
+          workers, scheduler, band_rows, resume, estimate, regions_file, regions_units,
           quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
@@ -168,6 +174,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                                                     min_tissue_fraction=min_tissue_fraction,
                                                     cell_expansion_um=cell_expansion_um,
                                                     cell_expansion_px=cell_expansion_px, precision=precision)
+    regions = None
+    if regions_file is not None:
+        from .regions import load_regions
+        regions = load_regions(regions_file, regions_units)
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
@@ -177,13 +187,15 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         from .slide import open_slide
         with open_slide(inputs[0], mpp=mpp) as slide:
             check_pixel_size(protocol, slide.info)
+            if regions is not None:     # regions in µm without a pixel size, or none on the slide
+                regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
     import shlex
 
     from .cohort import count_serially
     from .counter import CounterSpec
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
-                       run_info={"command": shlex.join(["cellseg", *argv])})
+                       run_info={"command": shlex.join(["cellseg", *argv])}, regions=regions)
     if estimate:
         counter = spec.load()
         for path in inputs:

@@ -17,6 +17,7 @@ from pathlib import Path
 from .instances import TileDetector
 from .pipeline import Progress, count_slide
 from .protocol import Protocol
+from .regions import RegionFile
 from .resultdir import staged_output
 from .tissue import TissueFinder
 
@@ -26,20 +27,23 @@ class CellCounter:
 
     model_diameter_px: the training nucleus size the detector expects (its bundle's); diameter_px: the slides'
     (--diameter), "auto" to measure it on each slide, or None; mpp: a pixel size overriding the slides' own;
-    run_info: what run.json records besides the count itself (command line, device, model bundle).
+    run_info: what run.json records besides the count itself (command line, device, model bundle); regions: count
+    only inside these (regions.load_regions; --regions), on every slide.
     """
 
     def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
                  model_diameter_px: float | None = None, diameter_px: float | str | None = None,
-                 mpp: float | None = None, run_info: dict | None = None):
+                 mpp: float | None = None, run_info: dict | None = None, regions: RegionFile | None = None):
         self.protocol, self.detector = protocol, detector
+        self.regions = regions
         self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
         self.model_diameter_px, self.diameter_px, self.mpp = model_diameter_px, diameter_px, mpp
         self.run_info = dict(run_info or {})
 
     @classmethod
     def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
-             mpp: float | None = None, run_info: dict | None = None, tta: bool = False) -> "CellCounter":
+             mpp: float | None = None, run_info: dict | None = None, tta: bool = False,
+             regions: RegionFile | None = None) -> "CellCounter":
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
@@ -59,11 +63,12 @@ class CellCounter:
             detector = AugmentedDetector(detector)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device),
-                                      "precision": detector.precision_note, "model": model})
+                                      "precision": detector.precision_note, "model": model},
+                   regions=regions)
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
-        return counting_settings(self.protocol, self.run_info.get("model"), self.mpp, self.diameter_px)
+        return counting_settings(self.protocol, self.run_info.get("model"), self.mpp, self.diameter_px, self.regions)
 
     def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
         """Count one slide into the result folder `out_dir`, committed only when complete (resultdir.staged_output:
@@ -78,7 +83,7 @@ class CellCounter:
         from .estimate import estimate_count
         return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                               model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
-                              sample_tiles=sample_tiles)
+                              regions=self.regions, sample_tiles=sample_tiles)
 
     def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
                    journal: Path | None = None, band_rows: int | None = None,
@@ -89,7 +94,7 @@ class CellCounter:
         run_info = self.run_info if fingerprint is None else {**self.run_info, "fingerprint": fingerprint}
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
-                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows)
+                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions)
 
 
 def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
@@ -102,10 +107,13 @@ def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
 
 
 def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,
-                      diameter_px: float | str | None) -> dict:
+                      diameter_px: float | str | None, regions: RegionFile | None = None) -> dict:
     """The settings a count's cells depend on, for journal.fingerprint (where the bundle lies does not count)."""
+    options = {"mpp": mpp, "diameter_px": diameter_px}
+    if regions is not None:       # a count without regions keeps the fingerprint it always had
+        options["regions"] = regions.digest()
     return {"protocol": protocol.to_dict(), "model": {k: v for k, v in (model or {}).items() if k != "path"},
-            "options": {"mpp": mpp, "diameter_px": diameter_px}}
+            "options": options}
 
 
 @dataclass(frozen=True)
@@ -119,12 +127,13 @@ class CounterSpec:
     mpp: float | None = None
     tta: bool = False
     run_info: dict = field(default_factory=dict)
+    regions: RegionFile | None = None
 
     def load(self) -> CellCounter:
         return CellCounter.load(self.protocol, self.device, diameter_px=self.diameter_px, mpp=self.mpp,
-                                run_info=self.run_info, tta=self.tta)
+                                run_info=self.run_info, tta=self.tta, regions=self.regions)
 
     def settings(self) -> dict:
         from .bundle import load_bundle
         model = model_record(load_bundle(self.protocol.model), self.protocol, self.tta)
-        return counting_settings(self.protocol, model, self.mpp, self.diameter_px)
+        return counting_settings(self.protocol, model, self.mpp, self.diameter_px, self.regions)

@@ -116,7 +116,7 @@ def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
         with plugin.lock, open_slide(slide, mpp=counter.mpp) as opened:
             plugin.calibrated = None      # --diameter auto runs the detector at native scale first
             plan = plan_slide(opened, counter.protocol, counter.detector, counter.tissue, timer,
-                              counter.model_diameter_px, counter.diameter_px)
+                              counter.model_diameter_px, counter.diameter_px, counter.regions)
             save_plan(Path(journal), plan, opened.info)
     return PlannedSlide(plan, list(counter.detector.class_names), counter.tissue.describe(), dict(counter.run_info),
                         timer.to_dict())

@@ -51,12 +51,13 @@ class Estimate:
 
 def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, *,
                    mpp: float | None = None, model_diameter_px: float | None = None,
-                   diameter_px: float | str | None = None, sample_tiles: int = 8) -> Estimate:
-    """Plan `slide_path` and time `sample_tiles` of its analysed tiles (after one untimed warm-up tile)."""
+                   diameter_px: float | str | None = None, regions=None, sample_tiles: int = 8) -> Estimate:
+    """Plan `slide_path` and time `sample_tiles` of its analysed tiles (after one untimed warm-up tile); regions:
+    counted only inside these (regions.RegionFile), as the count would be."""
     timer = StageTimer()
     started = time.perf_counter()
     with open_slide(slide_path, mpp=mpp) as slide:
-        plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px)
+        plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
         analysed = plan.analysed
         if plan.windows:
             calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)

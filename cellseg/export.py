@@ -4,6 +4,7 @@
 the end, writes the pictures and label images and the two JSON records. The files themselves are written by:
 
 - cells_csv.py: cells.csv (the columns: measure.cell_columns);
+- cells_geojson.py: cells.geojson, the cells as QuPath objects (gzipped above a protocol's size);
 - coco.py: predictions.coco.json (COCO RLE masks in full-slide coordinates);
 - labelstore.py: the disk-backed label canvas, painted tile by tile;
 - ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas (and cell_labels.ome.tif
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .cells_csv import CellsTableWriter
+from .cells_geojson import CellsGeoJsonWriter
 from .coco import CocoWriter
 from .instances import Instances
 from .labelstore import LabelStore
@@ -33,14 +35,16 @@ from .pictures import write_area_histogram, write_overlay_png
 from .tiling import Box
 from .tissue import TissueMask, write_tissue_png
 
-RESULT_FILES = ("cells.csv", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png", "tissue_mask.png",
-                "area_histogram.png", "predictions.coco.json", "run.json")
+RESULT_FILES = ("cells.csv", "cells.geojson", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png",
+                "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json")
 CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grown into cells
+REGION_FILES = ("regions.csv",)           # written besides when the count was restricted to regions (regions.py)
 
 
-def result_files(cells_expanded: bool) -> tuple[str, ...]:
-    """The files of a result folder: RESULT_FILES, and CELL_FILES when nuclei were grown into cells."""
-    return RESULT_FILES + CELL_FILES if cells_expanded else RESULT_FILES
+def result_files(cells_expanded: bool, regions: bool = False) -> tuple[str, ...]:
+    """The files of a result folder: RESULT_FILES, CELL_FILES when nuclei were grown into cells, REGION_FILES when
+    counted in regions. cells.geojson is cells.geojson.gz when larger than the protocol's geojson_gzip_above_mb."""
+    return RESULT_FILES + (CELL_FILES if cells_expanded else ()) + (REGION_FILES if regions else ())
 
 
 class ResultWriter:
@@ -50,18 +54,24 @@ class ResultWriter:
     leaving the block early (an error) closes what is open and leaves the folder to be discarded.
     expansion_columns: the columns cells.csv gains when nuclei are grown into cells (cell_tiles.CellExpansion);
     the cells' labels then go into cell_labels.ome.tif and their outlines onto the overlay too.
+    geojson_gzip_above_mb: cells.geojson is gzipped when larger (None: never). extra_columns: more cells.csv columns
+    (the regions' "region" column), given in each tile's rows.
     """
 
     def __init__(self, out_dir: Path, slide_name: str, height: int, width: int, mpp: float | None,
                  channel_names: list[str], class_names: list[str], chunk_px: int = 512,
-                 expansion_columns: dict[str, str] | None = None):
+                 expansion_columns: dict[str, str] | None = None, geojson_gzip_above_mb: float | None = None,
+                 extra_columns: dict[str, str] | None = None):
         self.out_dir, self.mpp, self.class_names = Path(out_dir), mpp, list(class_names)
         self._work = self.out_dir / ".work"
         self.store = LabelStore(self._work / "labels", height, width, chunk=chunk_px)
         self.cell_store = (LabelStore(self._work / "cell_labels", height, width, chunk=chunk_px)
                            if expansion_columns is not None else None)
-        self.table = CellsTableWriter(self.out_dir / "cells.csv",
-                                      {**cell_columns(channel_names), **(expansion_columns or {})})
+        columns = {**cell_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
+        self.table = CellsTableWriter(self.out_dir / "cells.csv", columns)
+        self.geojson = CellsGeoJsonWriter(
+            self.out_dir / "cells.geojson", columns, self.class_names, cells_expanded=expansion_columns is not None,
+            gzip_above_bytes=None if geojson_gzip_above_mb is None else int(geojson_gzip_above_mb * 1e6))
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
         self.coco = CocoWriter(self.out_dir / "predictions.coco.json", slide_name, height, width, categories)
         self.areas: list[np.ndarray] = []        # area_px of every cell, per added part
@@ -73,6 +83,7 @@ class ResultWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.table.__exit__(exc_type, exc, tb)
+        self.geojson.__exit__(exc_type, exc, tb)
         self.coco.__exit__(exc_type, exc, tb)
         shutil.rmtree(self._work, ignore_errors=True)
 
@@ -102,6 +113,8 @@ class ResultWriter:
         if (expanded is not None) != self.cells_expanded:
             raise ValueError("expected grown cells exactly when the writer was made with expansion_columns")
         self.table.append(rows)
+        cell_image = None if expanded is None else ((expanded[0].row0, expanded[0].col0), expanded[1])
+        self.geojson.append(ids, cells.boxes, cells.masks, cells.class_ids, rows, cell_image)
         self.coco.append(ids, cells.boxes, cells.masks, cells.scores, cells.class_ids)
         self.store.paint(read, labels)
         self.areas.append(rows["area_px"])
@@ -114,6 +127,7 @@ class ResultWriter:
         """Close the cell tables, then write the label images, the overlay, the tissue mask and the histogram.
         Returns the panoptic encoding used (summary.json describes it)."""
         self.table.close()
+        self.geojson.close()
         self.coco.close()
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
         factor = max(1, int(round(thumb_factor)))

@@ -30,6 +30,7 @@ from . import __version__
 from .errors import CellsegError, JournalError, OutputError
 from .instances import Instances
 from .preprocess import IntensityRange
+from .regions import Regions
 from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
                         prepare_parent, remove_made_parents)
 from .slide import SlideInfo
@@ -249,7 +250,9 @@ def save_plan(folder: Path, plan: SlidePlan, info: SlideInfo) -> None:
     meta = {"height": info.height, "width": info.width, "channel": plan.channel, "channel_names": plan.channel_names,
             "thumb_factor": plan.thumb_factor, "intensity": asdict(plan.intensity), "scale": asdict(plan.scale),
             "tile_px": plan.tile_px, "halo_px": plan.halo_px, "windows": [list(map(int, b)) for b in plan.windows],
-            "tissue": {k: v for k, v in asdict(plan.tissue).items() if k != "mask"}}
+            "tissue": {k: v for k, v in asdict(plan.tissue).items() if k != "mask"},
+            "regions": plan.regions.to_json() if plan.regions is not None else None,
+            "cell_expansion_px": plan.cell_expansion_px}
     _save_npz(folder / PLAN, meta=np.array(json.dumps(meta)), thumbnail=plan.thumbnail,
               tissue_mask=plan.tissue.mask, keep=np.asarray(plan.keep, bool))
 
@@ -264,7 +267,8 @@ def load_plan(folder: Path) -> SlidePlan | None:
     return SlidePlan(meta["channel"], meta["channel_names"], arrays["thumbnail"], meta["thumb_factor"],
                      TissueMask(arrays["tissue_mask"], **meta["tissue"]), IntensityRange(**meta["intensity"]),
                      Scale(**meta["scale"]), meta["tile_px"], meta["halo_px"], tiles, arrays["keep"].tolist(),
-                     [Box(*b) for b in meta["windows"]])
+                     [Box(*b) for b in meta["windows"]], cell_expansion_px=meta.get("cell_expansion_px", 0.0),
+                     regions=Regions.from_json(meta["regions"]) if meta.get("regions") else None)
 
 
 # --------------------------------------------------------------------------- bands

@@ -35,17 +35,20 @@ from .export import ResultWriter, start_writer_imports
 from .instances import Instances, TileDetections, TileDetector
 from .journal import done_bands, load_band, load_plan, save_band, save_plan
 from .measure import label_tile, measure_tile
-from .merge import SeamMerger, owned_instances
+from .merge import SeamMerger, centroids_and_areas, owned_instances
 from .preprocess import as_network_input
 from .protocol import Protocol
 from .slide import Slide, open_slide
 from .slide_plan import SlidePlan, calibrate, plan_slide
-from .summary import StageTimer, build_summary, run_record
+from .regions import RegionFile, RegionTally, write_regions_csv
+from .summary import StageTimer, build_summary, regions_record, run_record
 from .threads import in_background
 from .tiling import Band, Box, TileSpec, seam_band_px
 from .tissue import TissueFinder
 
 log = logging.getLogger(__name__)
+
+REGION_COLUMNS = {"region": "str"}    # cells.csv's column when counted in regions: names joined by ";"
 
 Progress = Callable[[int, int], None]
 """progress(tiles analysed, tiles to analyse): called once the tiles are planned, then after each analysed tile, in
@@ -55,7 +58,8 @@ the thread that called count_slide. An exception it raises (a cancel) stops the 
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder,
                 *, mpp: float | None = None, progress: Progress | None = None, run_info: dict | None = None,
                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
-                journal: Path | None = None, band_rows: int | None = None) -> dict:
+                journal: Path | None = None, band_rows: int | None = None,
+                regions: RegionFile | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`. Returns the summary.
 
     `out_dir` is a staging folder owned by the caller (resultdir.staged_output; CellCounter.count does this).
@@ -63,6 +67,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to measure it first.
     journal: a journal folder (journal.py) where the plan and each finished band of tile rows are kept; what it
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
+    regions: count only the nuclei inside these (regions.py); tiles outside them are never read.
     """
     start_writer_imports()
     timer = StageTimer()
@@ -70,20 +75,21 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     with open_slide(slide_path, mpp=mpp) as slide:
         plan = load_plan(journal) if journal is not None else None
         if plan is None:
-            plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px)
+            plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
             if journal is not None:
                 save_plan(journal, plan, slide.info)
         bands = plan.bands(band_rows)
         if plan.windows and len(done_bands(journal) if journal is not None else ()) < len(bands):
             with timer("detect"):
                 calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
-        regions = RecentRegions(slide)
-        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, regions, journal)
+        pixel_cache = RecentRegions(slide)     # raw pixels read for detection, measured again later
+        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, pixel_cache, journal)
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
         # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
         with in_background(tiles, max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
             return write_result(slide, plan, reported(owned, plan, progress), out_dir, protocol,
-                                list(detector.class_names), tissue.describe(), run_info, timer, started, regions)
+                                list(detector.class_names), tissue.describe(), run_info, timer, started,
+                                pixel_cache)
 
 
 def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
@@ -95,16 +101,25 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
     info = slide.info
     merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
     expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
+    tally = RegionTally(plan.regions) if plan.regions is not None else None
     with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
                       class_names, chunk_px=min(512, protocol.tile_size),
-                      expansion_columns=None if expansion is None else expansion.columns) as result:
+                      expansion_columns=None if expansion is None else expansion.columns,
+                      geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
+                      extra_columns=REGION_COLUMNS if tally is not None else None) as result:
         emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, regions=regions,
-                              expansion=expansion)
+                              expansion=expansion, tally=tally)
         merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
         with timer("write"):
             panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
         summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
                                 panoptic.describe(), timer, started, result.all_cell_areas())
+        if tally is not None:
+            table = tally.table(plan.tissue, info.mpp)
+            inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor, plan.tissue.col_factor)
+            regions_record(summary, table, float(np.count_nonzero(inside.any(0) & plan.tissue.mask))
+                           * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
+            write_regions_csv(out_dir / "regions.csv", table)
         result.write_json("summary.json", summary)
         result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
     return summary
@@ -269,6 +284,7 @@ class CellEmitter:
     next_id: int = 1
     regions: RecentRegions | None = field(default=None)   # raw pixels of tiles read for detection
     expansion: CellExpansion | None = None
+    tally: RegionTally | None = None     # counting in regions: only nuclei whose centroid lies in one are kept
     _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
     _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
 
@@ -278,6 +294,11 @@ class CellEmitter:
 
     def emit(self, cells: Instances, through_row: int | None = None) -> None:
         """Measure and write `cells`, the final cells of the tile rows <= through_row (None: all rows)."""
+        if self.tally is not None and len(cells):
+            # The seam rule has decided which tile keeps each nucleus; the regions only filter the final ones.
+            centroids, _ = centroids_and_areas(cells.boxes, cells.masks)
+            inside = self.tally.regions.membership(centroids[:, 0], centroids[:, 1]).any(1)
+            cells = cells.take(np.flatnonzero(inside))
         parts = self._number(cells)
         if self.expansion is None:
             ready, done_through = parts, through_row
@@ -319,6 +340,10 @@ class CellEmitter:
             pixels = self.regions.take(tile.read)
             rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
                                 self.channel_names, self.class_names)
+        if self.tally is not None:
+            member = self.tally.regions.membership(rows["centroid_row_px"], rows["centroid_col_px"])
+            rows["region"] = self.tally.regions.labels(member)
+            self.tally.add(member, rows["area_px"])
         expanded = None
         if self.expansion is not None:
             with self.timer("expand"):

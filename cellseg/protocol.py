@@ -86,6 +86,11 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "cell_expansion_px": ((int, float), _Range(0.0, 2000.0),
                               "the same in px, for images without a pixel size (instead of cell_expansion_um)"),
     },
+    "export": {
+        "geojson_gzip_above_mb": ((int, float), _Range(0.0),
+                                  "cells.geojson is written gzipped (cells.geojson.gz) when larger than this many MB "
+                                  "(0: always)"),
+    },
 }
 
 
@@ -110,6 +115,7 @@ class Protocol:
     dedupe_overlap: float = 0.5
     cell_expansion_um: float = 0.0
     cell_expansion_px: float | None = None
+    geojson_gzip_above_mb: float = 500.0
     source: str = ""
 
     def to_dict(self) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from .expansion import expansion_distance_px
 from .instances import TileDetector
 from .preprocess import IntensityRange, as_network_input, measure_range, select_channels
 from .protocol import Protocol, check_pixel_size
+from .regions import RegionFile, Regions
 from .slide import Slide
 from .summary import StageTimer
 from .tiling import Band, Box, TileSpec, plan_bands, plan_tiles
@@ -51,7 +52,8 @@ class SlidePlan:
     name in cells.csv. thumbnail: (h, w, C) native pixels, thumb_factor slide px per thumbnail px. tiles: the whole
     grid in row-major order (tile_px core, halo_px halo, in slide px); keep[i]: tile i is analysed (enough tissue).
     windows: where the slide's normalisation is measured (empty when no tile is analysed). cell_expansion_px: D,
-    how far nuclei are grown into cells (level-0 px; 0: nuclei only; expansion.py).
+    how far nuclei are grown into cells (level-0 px; 0: nuclei only; expansion.py). regions: the count is restricted
+    to these (regions.py; None: the whole slide): only tiles whose core meets one are analysed.
     """
 
     channel: int | None
@@ -67,6 +69,7 @@ class SlidePlan:
     keep: list[bool]
     windows: list[Box]
     cell_expansion_px: float = 0.0
+    regions: Regions | None = None
 
     @property
     def analysed(self) -> list[TileSpec]:
@@ -83,11 +86,12 @@ class SlidePlan:
 
 
 def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,
-               model_diameter_px: float | None = None, diameter_px: float | str | None = None) -> SlidePlan:
+               model_diameter_px: float | None = None, diameter_px: float | str | None = None,
+               regions: RegionFile | None = None) -> SlidePlan:
     """Decide everything about `slide` before detection (the detector runs here only for --diameter auto).
 
     model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to
-    measure it on a few tiles first (measure_diameter).
+    measure it on a few tiles first (measure_diameter). regions: count only there (regions.py).
     """
     info = slide.info
     check_pixel_size(protocol, info)
@@ -116,13 +120,27 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
     # A tile is skipped when its core holds too little tissue: none of its cells could be real.
     keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
             for t in tiles]
+    in_regions, window_tissue, within = None, tissue_mask, None
+    if regions is not None:
+        # Regions: a tile is analysed only when its core meets one (it is never read otherwise), and the
+        # normalisation windows are chosen on the tissue inside them.
+        in_regions = regions.in_pixels(info.mpp, info.height, info.width)
+        meets = in_regions.meets(np.array([tuple(t.core) for t in tiles], np.int64))
+        keep = [bool(k and m) for k, m in zip(keep, meets)]
+        inside = in_regions.grid_mask(tissue_mask.mask.shape, tissue_mask.row_factor, tissue_mask.col_factor)
+        window_tissue = replace(tissue_mask, mask=tissue_mask.mask & inside.any(0))
+        within = in_regions.bounds(info.height, info.width)
     # One normalisation for the whole slide, measured where the cells are: a cell then looks the same to the
     # network whatever tile it falls in (slide_norm.py). Nothing to measure when no tile is analysed.
     windows = (calibration_windows(info.height, info.width, max(16, round(CALIBRATION_WINDOW_PX / scale.factor)),
-                                   gray, thumb_factor, tissue_mask) if any(keep) else [])
+                                   gray, thumb_factor, window_tissue, within=within) if any(keep) else [])
+    if in_regions is not None and windows:
+        # A window is read from the slide: one outside every region would read what must not be read.
+        windows = [w for w, m in zip(windows, in_regions.meets(np.array([tuple(w) for w in windows]))) if m]
     return SlidePlan(channel, channel_names(slide), thumbnail, thumb_factor, tissue_mask, intensity, scale, tile_px,
                      halo_px, tiles, keep, windows,
-                     expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp))
+                     expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp),
+                     in_regions)
 
 
 def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], channel: int | None,
@@ -222,16 +240,19 @@ def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float
 
 
 def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,
-                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS) -> list[Box]:
+                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS, within: Box | None = None
+                        ) -> list[Box]:
     """Up to `n` windows of window_px x window_px (slide px) on a fixed grid, where the cells are.
 
     They depend on the slide only (not on the tile size): the normalisation measured on them is the same
     whatever tiles the slide is cut into. Ranked by thumbnail contrast times tissue share, so glass and empty
-    dark field are not chosen. A slide smaller than a window gives one window: the whole slide.
+    dark field are not chosen. A slide smaller than a window gives one window: the whole slide. within: only windows
+    inside this box (the regions' bounds, when counting in regions).
     """
-    wh, ww = min(window_px, height), min(window_px, width)
-    candidates = [Box(r, c, r + wh, c + ww)
-                  for r in range(0, height - wh + 1, wh) for c in range(0, width - ww + 1, ww)]
+    within = within or Box(0, 0, height, width)
+    wh, ww = min(window_px, within.height), min(window_px, within.width)
+    candidates = [Box(r, c, r + wh, c + ww) for r in range(within.row0, within.row1 - wh + 1, wh)
+                  for c in range(within.col0, within.col1 - ww + 1, ww)]
 
     def score(box: Box) -> float:
         share = tissue.box_fraction(box) if tissue is not None else 1.0

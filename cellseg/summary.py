@@ -56,6 +56,23 @@ def _stats(values: np.ndarray) -> dict | None:
             "min": float(values.min()), "max": float(values.max())}
 
 
+def area_stats(values: np.ndarray) -> dict | None:
+    """mean, median, p5, p95, min, max of `values` (None when there are none), as summary.json gives them."""
+    return _stats(np.asarray(values, float))
+
+
+def regions_record(summary: dict, table: list[dict], tissue_in_regions_px: float, mpp: float | None) -> None:
+    """Add a count's regions (regions.RegionTally.table) to `summary`: the density is then that of the tissue
+    inside the regions, the only tissue analysed."""
+    tissue_mm2 = tissue_in_regions_px * mpp ** 2 / 1e6 if mpp else None
+    summary["regions"] = table
+    summary["tissue_area_in_regions_px"] = round(tissue_in_regions_px)
+    summary["tissue_area_in_regions_mm2"] = tissue_mm2
+    summary["cells_per_mm2"] = summary["cell_count"] / tissue_mm2 if tissue_mm2 else None
+    if tissue_mm2:
+        summary["cells_per_mm2_note"] = "cells per mm² of tissue inside the regions (--regions)"
+
+
 def expansion_record(plan: "SlidePlan", mpp: float | None) -> dict:
     """How far nuclei were grown into cells (D; 0: nuclei only), in px and, with a pixel size, µm."""
     distance = float(plan.cell_expansion_px)

@@ -10,13 +10,20 @@ from pathlib import Path
 from typing import Callable
 
 from ._layers import LayerData, find_result_folder, is_slide_path, result_layer_data, slide_layer_data
+from ._regions import regions_layer_data
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     paths = [path] if isinstance(path, (str, Path)) else list(path)
-    if not paths or not all(find_result_folder(p) is not None or is_slide_path(p) for p in paths):
+    if not paths or not all(find_result_folder(p) is not None or is_slide_path(p) or is_regions_path(p)
+                            for p in paths):
         return None
     return read
+
+
+def is_regions_path(path) -> bool:
+    """A GeoJSON file: regions (QuPath's exported annotations or any GIS tool's), shown as Shapes."""
+    return str(path).lower().endswith(".geojson") and Path(path).is_file()
 
 
 def read(path: str | list[str]) -> list[LayerData]:
@@ -24,5 +31,8 @@ def read(path: str | list[str]) -> list[LayerData]:
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     layers: list[LayerData] = []
     for p in paths:
-        layers += result_layer_data(p) if find_result_folder(p) is not None else slide_layer_data(p)
+        if is_regions_path(p):
+            layers.append(regions_layer_data(p))
+        else:
+            layers += result_layer_data(p) if find_result_folder(p) is not None else slide_layer_data(p)
     return layers

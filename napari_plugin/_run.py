@@ -39,7 +39,9 @@ class CountRequest:
     """What the widget asks for. `slide` is a file to count whole, or the source of `region`.
 
     region: count only this level-0 box (the pixels are copied into a temporary tiled TIFF first);
-    read: where the region's pixels come from when the image is not a file (an in-memory layer).
+    read: where the region's pixels come from when the image is not a file (an in-memory layer);
+    regions: count only inside these (a GeoJSON dict in the image's level-0 px: _regions.shapes_to_geojson), as
+    `cellseg count --regions` does.
     """
 
     slide: Path | None
@@ -56,6 +58,7 @@ class CountRequest:
     dtype: str = "uint8"
     mpp: float | None = None
     name: str = "image"
+    regions: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -122,9 +125,15 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
             box = None
         with open_slide(slide_path, mpp=request.mpp) as slide:   # cheap: a user mistake fails before the model loads
             check_pixel_size(protocol, slide.info)
+        regions = None
+        if request.regions is not None:
+            regions = request_regions(request.regions, work, box)
+            with open_slide(slide_path, mpp=request.mpp) as slide:     # none on the image: said before the model
+                regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
         report.check()
         counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info={
-            "command": f"napari cellseg widget ({request.name})", "interface": "napari", **request.extra})
+            "command": f"napari cellseg widget ({request.name})", "interface": "napari", **request.extra},
+            regions=regions)
         with staged_output(out) as staging:
             counter.count_into(slide_path, staging, progress=report)
             if box is not None:
@@ -139,3 +148,20 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def request_regions(geojson: dict, work: Path, box: Box | None):
+    """The widget's regions (GeoJSON in the image's px) as cellseg.regions.RegionFile, shifted onto the counted
+    copy of `box` when only a box of the image is counted. Written to `work` first: read as any --regions file."""
+    from dataclasses import replace
+
+    from shapely import affinity
+
+    from cellseg.regions import load_regions
+    path = work / "regions.geojson"
+    path.write_text(json.dumps(geojson), encoding="utf-8")
+    regions = load_regions(path)
+    if box is not None and (box.row0 or box.col0):
+        regions = replace(regions, geometries=tuple(affinity.translate(g, -box.col0, -box.row0)
+                                                    for g in regions.geometries))
+    return regions

@@ -1,4 +1,5 @@
-"""The dock widget: count cells on an image layer (or a drawn rectangle of it), then browse the cells.
+"""The dock widget: count cells on an image layer (or a drawn rectangle of it, or inside drawn or opened regions),
+then browse the cells.
 
 A thin shell: the run is `_run.run_count` (the CLI's CellCounter) in a napari thread worker, the layers come
 from `_layers.result_layer_data`, filtering and colours from `_logic`. Everything here is wiring.
@@ -17,7 +18,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayo
 
 from cellseg.errors import CellsegError
 
-from . import _logic
+from . import _logic, _regions
 from ._layers import load_result, result_layer_data
 from ._qtable import CellsTableModel
 from ._run import Cancelled, CountRequest, run_count
@@ -25,6 +26,7 @@ from ._run import Cancelled, CountRequest, run_count
 log = logging.getLogger(__name__)
 
 WHOLE_IMAGE = "(whole image)"
+NO_REGIONS = "(none)"
 NO_COLOR = "(one colour)"
 POINT_COLOR = "yellow"
 
@@ -49,6 +51,12 @@ class CellsegWidget(QWidget):
         self.image_combo = QComboBox()
         self.region_combo = QComboBox()
         self.region_combo.setToolTip("Count only the selected (or last) shape of a Shapes layer: its bounding box")
+        self.regions_combo = QComboBox()
+        self.regions_combo.setToolTip("Count only nuclei inside the shapes of a Shapes layer (polygons, rectangles, "
+                                      "ellipses; an opened QuPath annotations file), as cellseg count --regions")
+        self.save_regions_button = QPushButton("Save…")
+        self.save_regions_button.setToolTip("Save the regions layer's shapes as GeoJSON (QuPath: File > Import "
+                                            "objects)")
         self.protocol_combo = QComboBox()
         from cellseg.protocol import list_protocols
         self.protocol_combo.addItems(list_protocols())
@@ -70,6 +78,10 @@ class CellsegWidget(QWidget):
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Region", self.region_combo)
+        regions_row = QHBoxLayout()
+        regions_row.addWidget(self.regions_combo, 1)
+        regions_row.addWidget(self.save_regions_button)
+        form.addRow("Regions", regions_row)
         form.addRow("Protocol", self.protocol_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Model", _with_browse(self.model_edit, self, "Model bundle folder"))
@@ -121,6 +133,7 @@ class CellsegWidget(QWidget):
 
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.save_regions_button.clicked.connect(self._save_regions_dialog)
         self.cells_combo.currentIndexChanged.connect(self._show_cells)
         self.color_combo.currentIndexChanged.connect(self._apply_colors)
         self.filter_column.currentIndexChanged.connect(self._apply_filter)
@@ -148,6 +161,8 @@ class CellsegWidget(QWidget):
         new = getattr(event, "value", None) if inserted else None
         _fill(self.image_combo, self._layers_of("image"), prefer=new)
         _fill(self.region_combo, self._layers_of("shapes"), first=WHOLE_IMAGE, prefer=None)
+        opened = new if getattr(new, "metadata", {}).get("cellseg", {}).get("kind") == "regions" else None
+        _fill(self.regions_combo, self._layers_of("shapes"), first=NO_REGIONS, prefer=opened)
         _fill(self.cells_combo, self._layers_of("cells"), prefer=new)
 
     def _current(self, combo: QComboBox):
@@ -183,7 +198,40 @@ class CellsegWidget(QWidget):
             chosen = sorted(shapes.selected_data)[-1] if shapes.selected_data else len(shapes.data) - 1
             vertices = np.array([image.world_to_data(shapes.data_to_world(v)) for v in shapes.data[chosen]])
             request.region = _logic.region_box(vertices, shape)
+        regions = self._current(self.regions_combo)
+        if regions is not None:
+            request.regions = self.regions_geojson(regions, image)
         return request
+
+    def regions_geojson(self, shapes, image) -> dict:
+        """The shapes of a Shapes layer as GeoJSON regions in `image`'s pixels (holes drawn from a file left out)."""
+        features = shapes.features
+        names = list(features["name"]) if "name" in features else [None] * len(shapes.data)
+        keep = [k for k, n in enumerate(names) if not str(n or "").startswith("hole of ")]
+        data = [np.array([image.world_to_data(shapes.data_to_world(v)) for v in shapes.data[k]]) for k in keep]
+        return _regions.shapes_to_geojson(data, [shapes.shape_type[k] for k in keep], [names[k] for k in keep])
+
+    def save_regions(self, path) -> Path | None:
+        """Write the chosen regions layer to `path` as GeoJSON (in the chosen image's pixels)."""
+        import json
+        shapes, image = self._current(self.regions_combo), self._current(self.image_combo)
+        if shapes is None or image is None:
+            self._say("expected an image and a Shapes layer of regions, found none", error=True)
+            return None
+        try:
+            geojson = self.regions_geojson(shapes, image)
+        except CellsegError as e:
+            self._say(str(e), error=True)
+            return None
+        Path(path).write_text(json.dumps(geojson, indent=1), encoding="utf-8")
+        self._say(f"regions saved to {path}")
+        return Path(path)
+
+    def _save_regions_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save regions as GeoJSON", str(Path.home() / "regions.geojson"),
+                                              "GeoJSON (*.geojson)")
+        if path:
+            self.save_regions(path)
 
     def run(self):
         """Start a count in a worker thread; returns the worker (None when the form is incomplete)."""

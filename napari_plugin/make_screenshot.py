@@ -6,6 +6,8 @@ centres the view on one cell. Needs a display; on a headless machine:
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python napari_plugin/make_screenshot.py
     xvfb-run -a -s "-screen 0 1920x1200x24" python napari_plugin/make_screenshot.py --model runs/nuclei
+    xvfb-run -a -s "-screen 0 1920x1200x24" python napari_plugin/make_screenshot.py --slide example_slides/he_mosaic.ome.tif \
+        --protocol he-nuclei --regions REGIONS.geojson --out docs/qupath_regions_napari.png
 
 (The default model is the protocol's shipped bundle.)
 """
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--result", type=Path, default=None, help="an existing result folder (skips counting)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "napari_screenshot.png")
     p.add_argument("--color-by", default="area_um2", help="cells.csv column to colour the cells by")
+    p.add_argument("--regions", type=Path, default=None,
+                   help="count only inside these regions (GeoJSON) and show them as Shapes over the cells")
     p.add_argument("--size", type=int, nargs=2, default=(1600, 1000), metavar=("W", "H"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -39,8 +43,10 @@ def main() -> None:
         from cellseg.cli import result_stem
         result = Path(tempfile.mkdtemp(prefix="cellseg-screenshot-")) / f"{result_stem(args.slide)}.cellseg"
         logging.info("counting %s (%s) ...", args.slide, args.protocol)
+        import json
+        regions = json.loads(args.regions.read_text()) if args.regions else None
         run_count(CountRequest(slide=args.slide, protocol=args.protocol, model=args.model, device=args.device,
-                               output=result, name=args.slide.name),
+                               output=result, name=args.slide.name, regions=regions),
                   progress=lambda done, total: logging.info("tile %d / %d", done, total))
 
     import napari
@@ -55,6 +61,8 @@ def main() -> None:
     dock, widget = viewer.window.add_plugin_dock_widget("cellseg-toolkit", "Count cells")
     dock.setMinimumWidth(560)
     points = layers[-1]
+    if args.regions is not None:
+        viewer.open(args.regions, plugin="cellseg-toolkit")
     widget.cells_combo.setCurrentIndex(widget.cells_combo.findText(points.name))
     cells = points.features
     column = args.color_by if args.color_by in cells.columns and cells[args.color_by].notna().any() else "area_px"
@@ -70,7 +78,7 @@ def main() -> None:
         sample = np.arange(0, len(xy), max(1, len(xy) // 2000))
         target = int(sample[np.argmax([(np.hypot(*(xy - xy[i]).T) < 150).sum() for i in sample])])
         widget.select_row(int(np.flatnonzero(widget.model.positions == target)[0]))
-        camera(viewer).zoom = 2.0
+        camera(viewer).zoom = 2.0 if args.regions is None else 0.8
     for _ in range(20):
         QApplication.processEvents()
     if len(cells):   # once laid out: show the coloured column beside the selected row

@@ -105,6 +105,7 @@ class LabelCounterSpec:
     shift_px: int = 0
     seconds_per_tile: float = 0.0
     mpp: float | None = None
+    regions: object = None          # regions.RegionFile
 
     def load(self):
         import os
@@ -117,7 +118,8 @@ class LabelCounterSpec:
                 fh.write(f"{os.getpid()}\n")
         detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
                                         seconds_per_tile=self.seconds_per_tile)
-        return CellCounter(self.protocol, detector, mpp=self.mpp, run_info={"model": self.model})
+        return CellCounter(self.protocol, detector, mpp=self.mpp, run_info={"model": self.model},
+                           regions=self.regions)
 
     @property
     def model(self) -> dict:
@@ -125,7 +127,7 @@ class LabelCounterSpec:
 
     def settings(self) -> dict:
         from cellseg.counter import counting_settings
-        return counting_settings(self.protocol, self.model, self.mpp, None)
+        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions)
 
 
 class Tally:

@@ -169,3 +169,25 @@ def test_widget_is_discovered_by_napari(make_napari_viewer):
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Count cells")
     assert isinstance(widget, CellsegWidget)
     assert widget.protocol_combo.count() >= 2
+
+
+def test_regions_open_as_shapes_and_are_counted_in_and_saved(make_napari_viewer, tmp_path):
+    from cellseg.regions import load_regions
+    viewer = make_napari_viewer()
+    slide, = viewer.open(EXAMPLES / "he_mosaic.ome.tif", plugin=PLUGIN)
+    widget = CellsegWidget(viewer)
+    regions, = viewer.open(DATA / "qupath_annotations.geojson", plugin=PLUGIN)
+    assert type(regions).__name__ == "Shapes" and len(regions.data) == 3        # two regions and a hole
+    assert widget.regions_combo.currentText() == regions.name                   # an opened regions file is chosen
+    widget.image_combo.setCurrentIndex(widget.image_combo.findText(slide.name))
+    request = widget.request()
+    assert request.region is None
+    assert [f["properties"]["name"] for f in request.regions["features"]] == ["Tumor core", "Stroma"]
+    saved = widget.save_regions(tmp_path / "saved.geojson")
+    assert load_regions(saved).names == ("Tumor core", "Stroma")
+    assert load_regions(saved).geometries[0].equals(load_regions(DATA / "qupath_annotations.geojson").geometries[0])
+    # a shape drawn in napari is a region too
+    viewer.add_shapes([[[10, 10], [10, 60], [40, 60], [40, 10]]], shape_type="rectangle", name="drawn")
+    widget.regions_combo.setCurrentIndex(widget.regions_combo.findText("drawn"))
+    [feature] = widget.request().regions["features"]
+    assert feature["geometry"]["coordinates"][0][0] == [10.5, 10.5]

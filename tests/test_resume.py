@@ -153,11 +153,15 @@ def test_complete_results_are_skipped_on_resume_and_reported(tmp_path, slide, ti
 
 def test_plan_and_band_files_give_back_what_was_saved(tmp_path, slide):
     path, labels = slide
-    protocol = PROTOCOL.replace(tissue_method="otsu")
+    from cellseg.regions import load_regions
+    protocol = PROTOCOL.replace(tissue_method="otsu", cell_expansion_px=3.0)
+    regions = tmp_path / "regions.geojson"     # the cell expansion and the regions travel with the plan too
+    regions.write_text('{"type": "Polygon", "coordinates": [[[5, 5], [90.5, 7], [60, 80.25], [5, 5]]]}')
     with open_slide(path) as opened:
         plan = plan_slide(opened, protocol, LabelReadingDetector(tifffile.imread(labels)), TissueFinder("otsu"),
-                          StageTimer())
+                          StageTimer(), regions=load_regions(regions))
         save_plan(tmp_path, plan, opened.info)
+    assert plan.cell_expansion_px == 3.0 and plan.regions is not None
     back = load_plan(tmp_path)
     for f in dataclasses.fields(plan):
         a, b = getattr(plan, f.name), getattr(back, f.name)
