@@ -213,8 +213,37 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
+        from .report import CohortRow, write_cohort_report
+        cohort = [CohortRow(Path(r["input"]).name, Path(r["result"]) if r.get("result") else None,
+                            _read_summary(Path(r["result"])) if r.get("result") else None, r.get("error"))
+                  for r in rows]
+        click.echo(f"report of {len(rows)} inputs -> {write_cohort_report(output, cohort)}")
     if failures:
         raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
+
+
+def _read_summary(folder: Path) -> dict | None:
+    import json
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+def report(results) -> None:
+    """Rebuild report.html in existing result folders; for several (or a folder of them) also the cohort report
+    there (or in their common parent). The crops are read from the slide named in run.json."""
+    from .report import CohortRow, result_folders, write_cohort_report, write_report
+    folders, cohort = result_folders(list(results))
+    rows = []
+    for folder in folders:
+        warnings = write_report(folder)
+        click.echo(f"{folder / 'report.html'}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+        rows.append(CohortRow(folder.name, folder, _read_summary(folder)))
+    if cohort is not None:
+        click.echo(f"report of {len(rows)} results -> {write_cohort_report(cohort, rows)}")
 
 
 class _JobBar:

@@ -107,6 +107,11 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
                                 panoptic.describe(), timer, started, result.all_cell_areas())
         result.write_json("summary.json", summary)
         result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
+    # The report reads the files just written (and the open slide for its crops); it adds its warnings to summary.json.
+    from .report import write_report
+    report_started = time.perf_counter()
+    summary["warnings"] = write_report(out_dir, slide)
+    log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
     return summary
 
 
