@@ -141,10 +141,14 @@ _POSITIVE = click.FloatRange(0, min_open=True)
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted count: its finished bands are read back, not computed again, and "
                    "slides whose results are complete are skipped.")
+@click.option("--skip-unreadable", is_flag=True,
+              help="Count around damaged pixel data (a corrupt tile) instead of stopping: the unreadable regions "
+                   "are left out of the count, the tissue area and the density, and listed in summary.json and "
+                   "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
-          workers, scheduler, band_rows, resume,
+          workers, scheduler, band_rows, resume, skip_unreadable,
           quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
@@ -154,6 +158,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     if workers is not None and scheduler is not None:
         raise click.UsageError(f"expected --workers N or --scheduler ADDRESS, got both (--workers {workers} "
                                f"--scheduler {scheduler})")
+    if skip_unreadable and (workers is not None or scheduler is not None):
+        # The regions a worker meets stay in that worker: the summary could not list them all.
+        raise click.UsageError("expected --skip-unreadable in a count in this process, got it with "
+                               f"{'--workers' if workers is not None else '--scheduler'}")
 
     # The tile/halo rule across two options is the protocol's (tiling.check_halo).
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
@@ -177,7 +185,7 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     from .counter import CounterSpec
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
-                       run_info={"command": shlex.join(["cellseg", *argv])})
+                       run_info={"command": shlex.join(["cellseg", *argv])}, skip_unreadable=skip_unreadable)
     jobs = list(zip(inputs, outputs))
     rows, failures = [], 0
     with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
@@ -204,6 +212,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                 kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
                         if outcome.kept_bands else "")
                 bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}")
+            if summary.get("unreadable"):
+                click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
+                           f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
+                           f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
                          "cells_per_mm2": summary["cells_per_mm2"],
