@@ -260,7 +260,9 @@ def write_report(folder: Path, slide=None) -> list[str]:
     density, unit = tile_densities(grid, summary)
     warnings = slide_warnings(summary, run, cells, grid)
     from PIL import Image
-    overlay = np.asarray(Image.open(folder / "overlay.png").convert("RGB"))
+    overlay = Image.open(folder / "overlay.png").convert("RGB")
+    overlay.thumbnail((800, 800))     # the heat map's backdrop: a 2048² overlay costs seconds to draw for nothing
+    overlay = np.asarray(overlay)
     mpp = summary.get("mpp")
     area_unit = "µm²" if mpp else "px"
     areas = cells["area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1)
