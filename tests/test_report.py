@@ -44,7 +44,7 @@ def test_every_result_folder_has_a_self_contained_report(he_result):
 def test_warnings_say_why_a_number_may_be_wrong():
     import pandas as pd
 
-    from cellseg.report import slide_warnings
+    from cellseg.report import TileGrid, slide_warnings
     summary = {"mpp": None, "mpp_source": "none: no resolution tags", "cells_per_mm2": None,
                "area_px": {"median": 3000.0}, "scale": {"factor": 1.0, "model_diameter_px": 12.0},
                "unreadable": [{"box": [0, 0, 64, 64], "level": 0, "error": "x"}], "unreadable_area_px": 4096}
@@ -57,6 +57,15 @@ def test_warnings_say_why_a_number_may_be_wrong():
     spread = pd.DataFrame({"score": np.linspace(0.5, 1.0, 10)})
     assert slide_warnings(good, {"model": {"score_threshold": 0.5}}, spread, None) == []
     assert "unusual density" in slide_warnings({**good, "cells_per_mm2": 50.0}, {}, spread, None)[0]
+    # tissue in tiles skipped as background: 100 tiles each just under the minimum share, one analysed tile
+    tissue = np.full((10, 11), 0.009)
+    tissue[0, 0] = 1.0
+    counts = np.zeros((10, 11))
+    counts[0, 0] = 40
+    grid = TileGrid(512, 10, 11, counts, np.zeros_like(counts), tissue, np.zeros_like(counts))
+    warnings = slide_warnings({**good, "min_tissue_fraction": 0.01}, {}, spread, grid)
+    assert len(warnings) == 1 and "skipped as background" in warnings[0]
+    assert slide_warnings({**good, "min_tissue_fraction": 0.005}, {}, spread, grid) == []
 
 
 def test_report_command_rebuilds_slide_and_cohort_reports(he_result, tmp_path):
@@ -155,3 +164,29 @@ def test_the_browser_check_can_fail(tmp_path):
                     'CklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="><script>console.error("x")</script></body></html>')
     with pytest.raises(AssertionError, match="CONSOLE"):
         assert_renders(page, tmp_path)
+
+
+def test_crops_densest_sparsest_seam_cut_then_seeded_random():
+    from cellseg.report import MAX_CROPS, TileGrid, choose_crops, tile_densities
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 50, (8, 9)).astype(float)
+    cut = np.zeros_like(counts)
+    cut[7, 8] = 5                    # the tile with most seam-cut cells
+    tissue = np.ones_like(counts)
+    tissue[0, :] = 0.05              # too little tissue for a density
+    unreadable = np.zeros_like(counts)
+    unreadable[3, 3] = 0.5           # half the tile unreadable: its density is over the other half
+    grid = TileGrid(100, 8, 9, counts, cut, tissue, unreadable)
+    summary = {"height_px": 800, "width_px": 900, "mpp": 0.5}
+    density, unit = tile_densities(grid, summary)
+    assert unit == "cells per mm² of tissue" and np.isnan(density[0]).all()
+    assert density[3, 3] == pytest.approx(counts[3, 3] / (100 * 100 * 0.5 * 0.25 / 1e6))
+    chosen = choose_crops(grid, density)
+    assert chosen == choose_crops(grid, density)          # seeded
+    tiles = [rc for rc, _ in chosen]
+    assert len(tiles) == len(set(tiles)) == 3 + 3 + 1 + 3 <= MAX_CROPS    # one tile has seam-cut cells
+    finite = np.where(np.isfinite(density), density, -1)
+    assert tiles[0] == tuple(np.unravel_index(np.argmax(finite), density.shape))
+    assert (7, 8) in tiles and dict(chosen)[(7, 8)] in ("many cells cut at a seam", "densest tile",
+                                                        "sparsest tissue tile")
+    assert all(rc[0] != 0 for rc in tiles)               # no tile without enough tissue
