@@ -32,7 +32,8 @@ from .instances import Instances
 from .preprocess import IntensityRange
 from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
                         prepare_parent, remove_made_parents)
-from .slide import SlideInfo, UnreadableRegion
+from .slide import SlideInfo
+from .slide_unreadable import UnreadableRegion
 from .slide_plan import Scale, SlidePlan
 from .tiling import Band, Box, plan_tiles
 from .tissue import TissueMask

@@ -82,6 +82,8 @@ class TileGrid:
 
 
 def tile_grid(summary: dict, cells, tissue_png: Path) -> TileGrid:
+    """The count's tile grid with each tile's owned and seam-cut cells (cells.csv), tissue share (the tissue mask's
+    pixels under its core) and unreadable share (summary.json's regions)."""
     from PIL import Image
     height, width, tile_px = summary["height_px"], summary["width_px"], int(summary["scale"]["tile_px"])
     rows, cols = -(-height // tile_px), -(-width // tile_px)
@@ -99,15 +101,17 @@ def tile_grid(summary: dict, cells, tissue_png: Path) -> TileGrid:
             r1 = max(r0 + 1, math.ceil(min((r + 1) * tile_px, height) / fr))
             c1 = max(c0 + 1, math.ceil(min((c + 1) * tile_px, width) / fc))
             tissue[r, c] = mask[r0:r1, c0:c1].mean()
-    for region in summary.get("unreadable") or []:
+    grid = TileGrid(tile_px, rows, cols, counts, cut, tissue, unreadable)
+    for region in summary.get("unreadable") or []:     # level-0 boxes, disjoint: add up each tile's share
         b = Box(*region["box"])
         for r in range(b.row0 // tile_px, -(-b.row1 // tile_px)):
             for c in range(b.col0 // tile_px, -(-b.col1 // tile_px)):
-                core = TileGrid(tile_px, rows, cols, counts, cut, tissue, unreadable).core(r, c, height, width)
-                overlap = max(0, min(b.row1, core.row1) - max(b.row0, core.row0)) * \
-                    max(0, min(b.col1, core.col1) - max(b.col0, core.col0))
+                core = grid.core(r, c, height, width)
+                overlap = (max(0, min(b.row1, core.row1) - max(b.row0, core.row0))
+                           * max(0, min(b.col1, core.col1) - max(b.col0, core.col0)))
                 unreadable[r, c] += overlap / (core.height * core.width)
-    return TileGrid(tile_px, rows, cols, counts, cut, tissue, np.minimum(unreadable, 1.0))
+    np.minimum(unreadable, 1.0, out=unreadable)
+    return grid
 
 
 def tile_densities(grid: TileGrid, summary: dict) -> tuple[np.ndarray, str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ParameterError, SlideError, UnreadableRegionError
+from .slide_unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
 from .tiling import Box
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,6 @@ class ArrayLevel:
         return np.ascontiguousarray(data, dtype=dtype)
 
 
-@dataclass(frozen=True)
-class UnreadableRegion:
-    """A storage chunk of level 0 whose pixel data cannot be decoded (`box` in level-0 px), and why."""
-
-    box: Box
-    error: str
-
-    def to_dict(self) -> dict:
-        return {"box": [int(v) for v in self.box], "level": 0, "error": self.error}
-
-
 class Slide:
     """An open image. Use as a context manager, or call close().
 
@@ -144,20 +133,16 @@ class Slide:
         self._read_errors = read_errors  # what the backend raises for damaged pixel data
         self._closed = False
         self.skip_unreadable = False
-        self._unreadable: dict[Box, UnreadableRegion] = {}
-        self._unreadable_lock = threading.Lock()    # reader threads record regions concurrently
+        self._unreadable = UnreadableRegions(info.path.name)
 
     @property
     def unreadable(self) -> list[UnreadableRegion]:
-        """The damaged level-0 chunks met so far (skip_unreadable), in reading order of the slide: row-major."""
-        with self._unreadable_lock:
-            return sorted(self._unreadable.values(), key=lambda r: tuple(r.box))
+        """The damaged level-0 chunks met so far (skip_unreadable), row-major."""
+        return self._unreadable.regions()
 
     def add_unreadable(self, regions: list[UnreadableRegion]) -> None:
         """Regions met by an earlier run of the same count (a journal: --resume)."""
-        with self._unreadable_lock:
-            for region in regions:
-                self._unreadable.setdefault(region.box, region)
+        self._unreadable.add(regions)
 
     def __enter__(self) -> Slide:
         return self
@@ -201,13 +186,7 @@ class Slide:
         return self._read_in_chunks(level, r0, c0, r1, c1)
 
     def _chunks(self, level: int, r0: int, c0: int, r1: int, c1: int):
-        """(chunk box clipped to the level, the part of it inside the request) of every storage chunk it meets."""
-        lh, lw = self.info.levels[level]
-        ch, cw = self._levels[level].chunk
-        for pr0 in range(r0 // ch * ch, r1, ch):
-            for pc0 in range(c0 // cw * cw, c1, cw):
-                yield (Box(pr0, pc0, min(pr0 + ch, lh), min(pc0 + cw, lw)),
-                       Box(max(pr0, r0), max(pc0, c0), min(pr0 + ch, r1), min(pc0 + cw, c1)))
+        return chunk_parts(self.info.levels[level], self._levels[level].chunk, Box(r0, c0, r1, c1))
 
     def _first_damaged_chunk(self, level: int, r0: int, c0: int, r1: int, c1: int):
         for chunk, part in self._chunks(level, r0, c0, r1, c1):
@@ -226,7 +205,7 @@ class Slide:
                 piece = self._levels[level].read(*part)
             except self._read_errors as e:
                 if level == 0:
-                    self._note_unreadable(chunk, error_text(e))
+                    self._unreadable.note(chunk, error_text(e))
                     continue
                 piece = self._from_level0(level, part)
             out[part.row0 - r0:part.row1 - r0, part.col0 - c0:part.col1 - c0] = piece
@@ -242,14 +221,6 @@ class Slide:
         small = [np.asarray(Image.fromarray(full[..., c].astype(np.float32)).resize(
                  (box.width, box.height), Image.Resampling.BOX)) for c in range(full.shape[2])]
         return cast_like(np.stack(small, axis=-1), self.info.dtype)
-
-    def _note_unreadable(self, chunk: Box, error: str) -> None:
-        with self._unreadable_lock:
-            if chunk in self._unreadable:
-                return
-            self._unreadable[chunk] = UnreadableRegion(chunk, error)
-        log.warning("%s: rows %d:%d cols %d:%d are unreadable (%s): left out (--skip-unreadable)",
-                    self.info.path.name, chunk.row0, chunk.row1, chunk.col0, chunk.col1, error)
 
     def read_thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(h, w, C) overview with longer side <= max_side, and level-0 px per thumbnail px."""
