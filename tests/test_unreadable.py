@@ -178,3 +178,37 @@ def test_a_damaged_ome_zarr_chunk_is_left_out(tmp_path):
     assert [r["box"] for r in outcome.summary["unreadable"]] == [box]
     assert outcome.summary["tissue_area_px"] == 192 * 192 - 32 * 32
     assert outcome.summary["cell_count"] == len(_outside(intact, box)) < len(intact)
+
+
+def test_brightfield_with_grown_cells_counts_around_a_damaged_tile(tmp_path):
+    """RGB JPEG tiles, he-nuclei (nuclei grown into cells: expansion reads context around each tile, measurement
+    reads stain densities): the damaged tile is left out and every other cell is grown and measured."""
+    labels = random_cells(SIDE, SIDE, 14, 400, seed=4)
+    rgb = np.where(labels[..., None] > 0, np.array([90, 60, 160], np.uint8), np.array([235, 225, 235], np.uint8))
+    path = tmp_path / "he.ome.tif"
+    tifffile.imwrite(path, rgb, tile=(TILE, TILE), compression="jpeg", photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    (tmp_path / "intact").mkdir()
+    tifffile.imwrite(tmp_path / "intact" / "labels.tif", labels)
+    from cellseg.cohort import count_serially
+    from cellseg.protocol import load_protocol
+    protocol = load_protocol("he-nuclei").replace(tile_size=128, halo_px=24, tissue_method="none")
+    import shutil
+    shutil.copy(path, tmp_path / "intact" / "he.ome.tif")
+    _damage(path, BAD)
+    results = {}
+    for name, folder in (("intact", tmp_path / "intact"), ("damaged", tmp_path)):
+        counter = LabelCounterSpec(protocol, folder / "labels.tif").load()
+        counter.skip_unreadable = True
+        outcome = next(count_serially(counter, [(folder / "he.ome.tif", folder / "out")]))
+        assert outcome.error is None, outcome.error
+        results[name] = outcome.summary, folder / "out"
+    (intact, _), (damaged, out) = results["intact"], results["damaged"]
+    assert intact["unreadable"] == [] and [r["box"] for r in damaged["unreadable"]] == [BAD_BOX]
+    assert intact["cell_expansion_px"] > 0
+    assert damaged["cell_count"] == len(_outside(_centroids(tmp_path / "intact" / "out"), BAD_BOX))
+    import pandas as pd
+    cells = pd.read_csv(out / "cells.csv")
+    assert cells["cell_area_px"].gt(0).all() and cells["nucleus_hematoxylin_od_mean"].notna().all()
+    assert (out / "cell_labels.ome.tif").is_file() and "unreadable region" in (out / "report.html").read_text()
