@@ -1,5 +1,5 @@
-"""`python -m cellseg ...`: the `cellseg` command (a checkout run without installing it)."""
+"""`python -m cellseg ...`: the `cellseg` command, for a checkout used without installing it."""
 
 from .cli import main
 
-main()
+main(prog_name="cellseg")

@@ -153,10 +153,14 @@ _POSITIVE = click.FloatRange(0, min_open=True)
                    "GIS tool's). Adds cells.csv's region column and regions.csv.")
 @click.option("--regions-units", type=click.Choice(["px", "um"]), default="px", show_default=True,
               help="Units of the regions' coordinates: level-0 px, or µm (needs the pixel size).")
+@click.option("--skip-unreadable", is_flag=True,
+              help="Count around damaged pixel data (a corrupt tile) instead of stopping: the unreadable regions "
+                   "are left out of the count, the tissue area and the density, and listed in summary.json and "
+                   "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, precision, mpp, diameter, channel,
           tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
-          workers, scheduler, band_rows, resume, estimate, regions_file, regions_units,
+          workers, scheduler, band_rows, resume, estimate, regions_file, regions_units, skip_unreadable,
           quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
@@ -166,6 +170,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     if workers is not None and scheduler is not None:
         raise click.UsageError(f"expected --workers N or --scheduler ADDRESS, got both (--workers {workers} "
                                f"--scheduler {scheduler})")
+    if skip_unreadable and (workers is not None or scheduler is not None):
+        # The regions a worker meets stay in that worker: the summary could not list them all.
+        raise click.UsageError("expected --skip-unreadable in a count in this process, got it with "
+                               f"{'--workers' if workers is not None else '--scheduler'}")
 
     # The tile/halo rule across two options is the protocol's (tiling.check_halo).
     protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
@@ -195,7 +203,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     from .counter import CounterSpec
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
-                       run_info={"command": shlex.join(["cellseg", *argv])}, regions=regions)
+                       run_info={"command": shlex.join(["cellseg", *argv])}, regions=regions,
+                       skip_unreadable=skip_unreadable)
     if estimate:
         counter = spec.load()
         for path in inputs:
@@ -227,6 +236,10 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
                 kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
                         if outcome.kept_bands else "")
                 bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}")
+            if summary.get("unreadable"):
+                click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
+                           f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
+                           f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
                          "cells_per_mm2": summary["cells_per_mm2"],
@@ -236,8 +249,37 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
+        from .report import CohortRow, write_cohort_report
+        cohort = [CohortRow(Path(r["input"]).name, Path(r["result"]) if r.get("result") else None,
+                            _read_summary(Path(r["result"])) if r.get("result") else None, r.get("error"))
+                  for r in rows]
+        click.echo(f"report of {len(rows)} inputs -> {write_cohort_report(output, cohort)}")
     if failures:
         raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
+
+
+def _read_summary(folder: Path) -> dict | None:
+    import json
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+def report(results) -> None:
+    """Rebuild report.html in existing result folders; for several (or a folder of them) also the cohort report
+    there (or in their common parent). The crops are read from the slide named in run.json."""
+    from .report import CohortRow, result_folders, write_cohort_report, write_report
+    folders, cohort = result_folders(list(results))
+    rows = []
+    for folder in folders:
+        warnings = write_report(folder)
+        click.echo(f"{folder / 'report.html'}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+        rows.append(CohortRow(folder.name, folder, _read_summary(folder)))
+    if cohort is not None:
+        click.echo(f"report of {len(rows)} results -> {write_cohort_report(cohort, rows)}")
 
 
 class _JobBar:

@@ -33,9 +33,11 @@ class CellCounter:
 
     def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
                  model_diameter_px: float | None = None, diameter_px: float | str | None = None,
-                 mpp: float | None = None, run_info: dict | None = None, regions: RegionFile | None = None):
+                 mpp: float | None = None, run_info: dict | None = None, regions: RegionFile | None = None,
+                 skip_unreadable: bool = False):
         self.protocol, self.detector = protocol, detector
         self.regions = regions
+        self.skip_unreadable = skip_unreadable     # count around damaged pixel data (pipeline.count_slide)
         self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
         self.model_diameter_px, self.diameter_px, self.mpp = model_diameter_px, diameter_px, mpp
         self.run_info = dict(run_info or {})
@@ -43,7 +45,7 @@ class CellCounter:
     @classmethod
     def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
              mpp: float | None = None, run_info: dict | None = None, tta: bool = False,
-             regions: RegionFile | None = None) -> "CellCounter":
+             regions: RegionFile | None = None, skip_unreadable: bool = False) -> "CellCounter":
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
@@ -64,7 +66,7 @@ class CellCounter:
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device),
                                       "precision": detector.precision_note, "model": model},
-                   regions=regions)
+                   regions=regions, skip_unreadable=skip_unreadable)
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
@@ -94,7 +96,8 @@ class CellCounter:
         run_info = self.run_info if fingerprint is None else {**self.run_info, "fingerprint": fingerprint}
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
-                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions)
+                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
+                           skip_unreadable=self.skip_unreadable)
 
 
 def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
@@ -128,10 +131,12 @@ class CounterSpec:
     tta: bool = False
     run_info: dict = field(default_factory=dict)
     regions: RegionFile | None = None
+    skip_unreadable: bool = False
 
     def load(self) -> CellCounter:
         return CellCounter.load(self.protocol, self.device, diameter_px=self.diameter_px, mpp=self.mpp,
-                                run_info=self.run_info, tta=self.tta, regions=self.regions)
+                                run_info=self.run_info, tta=self.tta, regions=self.regions,
+                                skip_unreadable=self.skip_unreadable)
 
     def settings(self) -> dict:
         from .bundle import load_bundle

@@ -14,6 +14,11 @@ class SlideError(CellsegError):
     """The input image is missing, unreadable, corrupt or of an unsupported shape."""
 
 
+class UnreadableRegionError(SlideError):
+    """Part of a slide's pixel data is damaged (a corrupt tile): the count stops, its finished bands are kept for
+    --resume, and --skip-unreadable counts the rest."""
+
+
 class ProtocolError(CellsegError):
     """A protocol file is unknown or invalid."""
 

@@ -36,7 +36,7 @@ from .tiling import Box
 from .tissue import TissueMask, write_tissue_png
 
 RESULT_FILES = ("cells.csv", "cells.geojson", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png",
-                "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json")
+                "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json", "report.html")
 CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grown into cells
 REGION_FILES = ("regions.csv",)           # written besides when the count was restricted to regions (regions.py)
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import CellsegError, JournalError, OutputError
+from .errors import CellsegError, JournalError, OutputError, UnreadableRegionError
 from .instances import Instances
 from .preprocess import IntensityRange
 from .regions import Regions
 from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
                         prepare_parent, remove_made_parents)
 from .slide import SlideInfo
+from .slide_unreadable import UnreadableRegion
 from .slide_plan import Scale, SlidePlan
 from .tiling import Band, Box, plan_tiles
 from .tissue import TissueMask
@@ -96,7 +97,7 @@ def _first_change(a, b, where: str = "") -> str:
 class Journal:
     """The partial folder of one result folder, held (locked) by this run. Use `open`, then `commit` the result
     written into `result_folder()`, or `end(error)`: a bad input (CellsegError) discards the work, anything else
-    (a crash, Ctrl-C, a lost cluster) keeps it for --resume."""
+    (a crash, Ctrl-C, a lost cluster) or a damaged tile met after finished bands keeps it for --resume."""
 
     def __init__(self, final: Path, folder: Path, print_: dict, band_rows: int | None, made: Path | None,
                  lock_fd: int, kept_bands: int):
@@ -159,8 +160,12 @@ class Journal:
 
     def end(self, error: BaseException | None) -> None:
         """Stop without a result. `error` a CellsegError (bad input: resuming cannot help) or None: the work is
-        discarded and the folders made for it removed; anything else: it is kept for --resume."""
-        if error is None or isinstance(error, CellsegError):
+        discarded and the folders made for it removed; anything else, or damaged pixel data (UnreadableRegionError)
+        after finished bands: it is kept for --resume."""
+        # A damaged tile is a bad input too, but the bands before it are sound: kept (if any) for --resume
+        # --skip-unreadable.
+        keep = isinstance(error, UnreadableRegionError) and bool(done_bands(self.folder))
+        if error is None or (isinstance(error, CellsegError) and not keep):
             shutil.rmtree(self.folder, ignore_errors=True)
             remove_made_parents(self.final, self._made)
         else:
@@ -283,6 +288,25 @@ def done_bands(folder: Path) -> set[int]:
         return {int(m.group(1)) for e in os.scandir(folder) if (m := _BAND.match(e.name))}
     except OSError:
         return set()
+
+
+UNREADABLE = "unreadable.json"
+
+
+def save_unreadable(folder: Path, regions: list[UnreadableRegion]) -> None:
+    """The damaged regions met so far (--skip-unreadable), saved with each band so a resumed count lists them too."""
+    atomic_write_bytes(Path(folder) / UNREADABLE, json.dumps([r.to_dict() for r in regions]).encode())
+
+
+def load_unreadable(folder: Path) -> list[UnreadableRegion]:
+    try:
+        records = json.loads((Path(folder) / UNREADABLE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise JournalError(f"expected a readable {UNREADABLE} in {folder}, found {e}; remove {folder} to start "
+                           f"over") from e
+    return [UnreadableRegion(Box(*r["box"]), r["error"]) for r in records]
 
 
 def save_band(folder: Path, band: Band, owned: dict[int, Instances]) -> None:

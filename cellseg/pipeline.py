@@ -19,6 +19,7 @@ journaled), then write_result fed from the journal, in grid order: the same cell
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ import numpy as np
 from .cell_tiles import CellExpansion, FinalNuclei, expand_tile
 from .export import ResultWriter, start_writer_imports
 from .instances import Instances, TileDetections, TileDetector
-from .journal import done_bands, load_band, load_plan, save_band, save_plan
+from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
 from .measure import label_tile, measure_tile
 from .merge import SeamMerger, centroids_and_areas, owned_instances
 from .preprocess import as_network_input
@@ -59,7 +60,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                 *, mpp: float | None = None, progress: Progress | None = None, run_info: dict | None = None,
                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
                 journal: Path | None = None, band_rows: int | None = None,
-                regions: RegionFile | None = None) -> dict:
+                regions: RegionFile | None = None, skip_unreadable: bool = False) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`. Returns the summary.
 
     `out_dir` is a staging folder owned by the caller (resultdir.staged_output; CellCounter.count does this).
@@ -68,11 +69,14 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     journal: a journal folder (journal.py) where the plan and each finished band of tile rows are kept; what it
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
     regions: count only the nuclei inside these (regions.py); tiles outside them are never read.
+    skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and write_result.
     """
     start_writer_imports()
     timer = StageTimer()
     started = time.time()
-    with open_slide(slide_path, mpp=mpp) as slide:
+    with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as slide:
+        if journal is not None and skip_unreadable:
+            slide.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
         plan = load_plan(journal) if journal is not None else None
         if plan is None:
             plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
@@ -110,10 +114,17 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
         emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, regions=regions,
                               expansion=expansion, tally=tally)
         merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
+        unreadable = slide.unreadable
+        if unreadable:
+            # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask and the overlay's.
+            plan = dataclasses.replace(plan, tissue=plan.tissue.without([r.box for r in unreadable]))
         with timer("write"):
             panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
         summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
                                 panoptic.describe(), timer, started, result.all_cell_areas())
+        if slide.skip_unreadable:
+            summary["unreadable"] = [r.to_dict() for r in unreadable]
+            summary["unreadable_area_px"] = int(sum(r.box.height * r.box.width for r in unreadable))
         if tally is not None:
             table = tally.table(plan.tissue, info.mpp)
             inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor, plan.tissue.col_factor)
@@ -122,6 +133,11 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
             write_regions_csv(out_dir / "regions.csv", table)
         result.write_json("summary.json", summary)
         result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
+    # The report reads the files just written (and the open slide for its crops); it adds its warnings to summary.json.
+    from .report import write_report
+    report_started = time.perf_counter()
+    summary["warnings"] = write_report(out_dir, slide)
+    log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
     return summary
 
 
@@ -147,6 +163,8 @@ def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, ba
                     kept[tile.index] = cells
                 yield tile, cells
         if journal is not None:
+            if slide.skip_unreadable:    # first: a band on file must not lack the regions met while reading it
+                save_unreadable(journal, slide.unreadable)
             save_band(journal, band, kept)
 
 
@@ -161,7 +179,26 @@ def detect_owned(slide: Slide, plan: SlidePlan, detector: TileDetector, tiles: l
     for tile, det in detect_tiles(slide, plan, detector, protocol.batch_size, timer, regions, tiles):
         with timer("merge"):
             cells = owned_instances(det, tile, shape, protocol.min_area_px, band_px)
+            if slide.skip_unreadable:
+                cells = drop_unreadable(cells, slide.unreadable)
         yield tile, cells
+
+
+def drop_unreadable(cells: Instances, regions) -> Instances:
+    """`cells` less those whose mask centroid lies in an unreadable region (slide.UnreadableRegion): nothing was
+    seen there. The owning tile's read met every region its cells' centroids can lie in (a cell lies in its
+    tile's read box), so the regions are known by the time its cells are."""
+    if not regions or not len(cells):
+        return cells
+    keep = np.ones(len(cells), bool)
+    for k, (box, mask) in enumerate(zip(cells.boxes, cells.masks)):
+        near = [r.box for r in regions if r.box.row0 < box[2] and box[0] < r.box.row1
+                and r.box.col0 < box[3] and box[1] < r.box.col1]
+        if near:
+            rows, cols = np.nonzero(mask)
+            row, col = box[0] + rows.mean(), box[1] + cols.mean()
+            keep[k] = not any(b.row0 <= row < b.row1 and b.col0 <= col < b.col1 for b in near)
+    return cells if keep.all() else cells.take(np.flatnonzero(keep))
 
 
 def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,

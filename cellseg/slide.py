@@ -34,7 +34,8 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from PIL import Image
 
-from .errors import ParameterError, SlideError
+from .errors import ParameterError, SlideError, UnreadableRegionError
+from .slide_unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
 from .tiling import Box
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,12 @@ class ArrayLevel:
 
 
 class Slide:
-    """An open image. Use as a context manager, or call close()."""
+    """An open image. Use as a context manager, or call close().
+
+    skip_unreadable (open_slide's): a read that meets damaged pixel data does not fail; it is read again chunk by
+    chunk, the damaged level-0 chunks come back as zeros and are listed in `unreadable` (a thumbnail piece of a
+    damaged lower level is made from level 0 instead). Without it such a read raises UnreadableRegionError.
+    """
 
     def __init__(self, info: SlideInfo, levels: list[Level], stack: ExitStack | None = None,
                  read_errors: tuple[type[BaseException], ...] = ()):
@@ -126,6 +132,17 @@ class Slide:
         self._stack = stack
         self._read_errors = read_errors  # what the backend raises for damaged pixel data
         self._closed = False
+        self.skip_unreadable = False
+        self._unreadable = UnreadableRegions(info.path.name)
+
+    @property
+    def unreadable(self) -> list[UnreadableRegion]:
+        """The damaged level-0 chunks met so far (skip_unreadable), row-major."""
+        return self._unreadable.regions()
+
+    def add_unreadable(self, regions: list[UnreadableRegion]) -> None:
+        """Regions met by an earlier run of the same count (a journal: --resume)."""
+        self._unreadable.add(regions)
 
     def __enter__(self) -> Slide:
         return self
@@ -159,9 +176,51 @@ class Slide:
         try:
             return self._levels[level].read(r0, c0, r1, c1)
         except self._read_errors as e:
-            raise SlideError(f"expected readable pixel data, rows {r0}:{r1} cols {c0}:{c1} (level "
-                             f"{level}) of {self.info.path} are corrupt ({self.info.backend}: "
-                             f"{error_text(e)})") from e
+            if not self.skip_unreadable:
+                # Name the damaged storage chunk, not the whole request (a thumbnail reads the whole image).
+                bad, error = self._first_damaged_chunk(level, r0, c0, r1, c1) or (Box(r0, c0, r1, c1), e)
+                raise UnreadableRegionError(f"expected readable pixel data, rows {bad.row0}:{bad.row1} cols "
+                                            f"{bad.col0}:{bad.col1} (level {level}) of {self.info.path} are corrupt "
+                                            f"({self.info.backend}: {error_text(error)}); --skip-unreadable counts "
+                                            f"the rest") from e
+        return self._read_in_chunks(level, r0, c0, r1, c1)
+
+    def _chunks(self, level: int, r0: int, c0: int, r1: int, c1: int):
+        return chunk_parts(self.info.levels[level], self._levels[level].chunk, Box(r0, c0, r1, c1))
+
+    def _first_damaged_chunk(self, level: int, r0: int, c0: int, r1: int, c1: int):
+        for chunk, part in self._chunks(level, r0, c0, r1, c1):
+            try:
+                self._levels[level].read(*part)
+            except self._read_errors as e:
+                return chunk, e
+        return None
+
+    def _read_in_chunks(self, level: int, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """The box read storage chunk by storage chunk (skip_unreadable): damaged chunks of level 0 are zeros and
+        listed; a damaged chunk of a lower level is made from level 0 (block mean), which may be intact."""
+        out = np.zeros((r1 - r0, c1 - c0, self.info.n_channels), self.info.dtype)
+        for chunk, part in self._chunks(level, r0, c0, r1, c1):
+            try:
+                piece = self._levels[level].read(*part)
+            except self._read_errors as e:
+                if level == 0:
+                    self._unreadable.note(chunk, error_text(e))
+                    continue
+                piece = self._from_level0(level, part)
+            out[part.row0 - r0:part.row1 - r0, part.col0 - c0:part.col1 - c0] = piece
+        return out
+
+    def _from_level0(self, level: int, box: Box) -> np.ndarray:
+        """`box` of a lower level as the block mean of level 0 (read tolerantly): for a damaged thumbnail level."""
+        h0, w0 = self.info.levels[0]
+        lh, lw = self.info.levels[level]
+        fr, fc = h0 / lh, w0 / lw
+        full = self.read_region(Box(int(box.row0 * fr), int(box.col0 * fc), min(h0, math.ceil(box.row1 * fr)),
+                                    min(w0, math.ceil(box.col1 * fc))))
+        small = [np.asarray(Image.fromarray(full[..., c].astype(np.float32)).resize(
+                 (box.width, box.height), Image.Resampling.BOX)) for c in range(full.shape[2])]
+        return cast_like(np.stack(small, axis=-1), self.info.dtype)
 
     def read_thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(h, w, C) overview with longer side <= max_side, and level-0 px per thumbnail px."""
@@ -205,9 +264,9 @@ class Slide:
         return acc
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool = False) -> Slide:
     """Open a slide lazily: a file, or a folder (OME-Zarr, a DICOM series). `mpp` (µm per pixel) overrides
-    the file's pixel size."""
+    the file's pixel size; skip_unreadable: damaged pixel data reads as zeros and is listed (Slide)."""
     if mpp is not None:
         if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
             raise ParameterError(f"expected --mpp > 0 (µm per pixel), got {mpp!r}")
@@ -232,6 +291,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
             log.info("%s: overriding the file's pixel size %.4g µm with %.4g µm", path.name,
                      slide.info.mpp, mpp)
         slide.info = dataclasses.replace(slide.info, mpp=float(mpp), mpp_source="override")
+    slide.skip_unreadable = bool(skip_unreadable)
     i = slide.info
     log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)", path.name, i.format,
              i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels))

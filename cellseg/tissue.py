@@ -18,6 +18,7 @@ Coordinates: the mask's pixel [i, j] covers slide rows i*row_factor .. (i+1)*row
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -49,10 +50,11 @@ class TissueMask:
     method: str
     note: str = ""
     view_um_per_px: float | None = None
+    excluded_px: float = 0.0     # tissue in unreadable regions (without): not counted, so not in the area
 
     def area_px(self) -> float:
-        """Tissue area in level-0 px."""
-        return float(self.mask.sum()) * self.row_factor * self.col_factor
+        """Tissue area in level-0 px (less any in unreadable regions)."""
+        return float(self.mask.sum()) * self.row_factor * self.col_factor - self.excluded_px
 
     def box_fraction(self, box: Box) -> float:
         """Share of `box` (level-0 px) that is tissue; mask pixels the box only partly covers count fully."""
@@ -76,6 +78,27 @@ class TissueMask:
         if region.all():
             return True
         return False if not region.any() else None
+
+    def area_in(self, box: Box) -> float:
+        """Tissue area (level-0 px) inside `box`: each mask pixel weighted by how much of it the box covers."""
+        r0, c0 = int(box.row0 // self.row_factor), int(box.col0 // self.col_factor)
+        r1 = min(math.ceil(box.row1 / self.row_factor), self.mask.shape[0])
+        c1 = min(math.ceil(box.col1 / self.col_factor), self.mask.shape[1])
+        rows, cols = np.arange(r0, r1), np.arange(c0, c1)
+        weight_r = np.clip(np.minimum(box.row1, (rows + 1) * self.row_factor)
+                           - np.maximum(box.row0, rows * self.row_factor), 0, None)
+        weight_c = np.clip(np.minimum(box.col1, (cols + 1) * self.col_factor)
+                           - np.maximum(box.col0, cols * self.col_factor), 0, None)
+        return float(weight_r @ self.mask[r0:r1, c0:c1] @ weight_c)
+
+    def without(self, boxes: list[Box]) -> "TissueMask":
+        """The same mask with the tissue inside `boxes` (disjoint, level-0 px: unreadable regions) taken off its
+        area, exactly, whatever the mask's resolution (the picture of the mask is unchanged)."""
+        if not boxes:
+            return self
+        note = f"{self.note}; " if self.note else ""
+        return dataclasses.replace(self, excluded_px=self.excluded_px + sum(self.area_in(b) for b in boxes),
+                                   note=f"{note}{len(boxes)} unreadable region(s) left out")
 
     def _mask_index(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mask rows and columns holding level-0 pixel rows and cols."""

@@ -278,3 +278,19 @@ def random_nuclei(shape: tuple[int, int], n: int, seed: int, max_radius: int = 6
         disc = ((rows - r) ** 2 + (cols - c) ** 2 <= radius ** 2) & (labels == 0)
         labels[disc] = cid
     return labels
+
+
+# --------------------------------------------------------------------------- slide files
+
+def write_ome_zarr(path: Path, data: np.ndarray, axes: str, version: str = "0.5", mpp: float = 0.5,
+                   unit: str = "micrometer", names: list[str] | None = None, levels: int = 3) -> Path:
+    """OME-Zarr's own writer (ome-zarr-py): a pyramid of `levels` levels halving y and x."""
+    import pytest
+    ome_zarr = pytest.importorskip("ome_zarr", reason="ome-zarr-py (the writer) needs Python 3.11+")
+    scale = {ax: (mpp if ax in "yx" else 1.0) for ax in axes}
+    image = ome_zarr.OMEZarrImage(data=data, axes=axes, scale=scale, axes_units={"y": unit, "x": unit})
+    ms = ome_zarr.OMEZarrMultiscale(image=image, scale_factors=[2 ** k for k in range(1, levels)],
+                                    channel_names=names, method="nearest")
+    chunks = tuple(1 if ax in "tcz" else 32 for ax in axes)
+    ms.to_ome_zarr(str(path), version=version, storage_options={"chunks": chunks})
+    return path

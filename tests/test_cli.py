@@ -372,7 +372,9 @@ def test_many_inputs_one_folder_each_and_summary_csv(tmp_path, small_png, fluo_p
     results = tmp_path / "results"
     result = invoke(["count", a, b, "-o", results, *model, *FAST])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in results.iterdir()) == ["a", "b", "summary.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["a", "b", "report.html", "summary.csv"]
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    assert 'href="a/report.html"' in cohort and 'href="b/report.html"' in cohort
     for name in "ab":
         assert all((results / name / f).is_file() for f in RESULT_FILES)
     rows = read_csv(results / "summary.csv")
@@ -393,7 +395,9 @@ def test_many_inputs_one_bad_still_counts_the_others(tmp_path, small_png, model)
     assert "Traceback" not in result.output
     assert all(line.startswith("cellseg: error: ") for line in result.stderr.splitlines())
     assert "bad.png" in result.stderr and "1 of 2 inputs failed" in result.stderr
-    assert sorted(p.name for p in results.iterdir()) == ["small", "summary.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["report.html", "small", "summary.csv"]
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    assert 'href="small/report.html"' in cohort and "bad.png" in cohort and "expected a slide image" in cohort
     rows = {Path(r["input"]).name: r for r in read_csv(results / "summary.csv")}
     assert rows["small.png"]["status"] == "ok" and rows["bad.png"]["status"] == "error"
     assert "expected a slide image" in rows["bad.png"]["error"]

@@ -28,7 +28,7 @@ from cellseg.slide_openslide import flatten_rgba
 from cellseg.tiling import Box, TileSpec, plan_tiles
 
 from .helpers import (FAST, LabelReadingDetector, assert_nothing_left, assert_user_error, count_with, invoke, listing,
-                      same_partition)
+                      same_partition, write_ome_zarr)
 
 DICOM = Path(__file__).parent / "data" / "dicom"
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw has no wheel for this platform")
@@ -301,19 +301,6 @@ def test_truncated_czi_is_one_line_exit_1_nothing_written(tmp_path, tiny_bundle,
 
 
 # --- OME-Zarr through zarr ------------------------------------------------------------------------------------
-
-def write_ome_zarr(path: Path, data: np.ndarray, axes: str, version: str = "0.5", mpp: float = 0.5,
-                   unit: str = "micrometer", names: list[str] | None = None, levels: int = 3) -> Path:
-    """OME-Zarr's own writer (ome-zarr-py): a pyramid of `levels` levels halving y and x."""
-    ome_zarr = pytest.importorskip("ome_zarr", reason="ome-zarr-py (the writer) needs Python 3.11+")
-    scale = {ax: (mpp if ax in "yx" else 1.0) for ax in axes}
-    image = ome_zarr.OMEZarrImage(data=data, axes=axes, scale=scale, axes_units={"y": unit, "x": unit})
-    ms = ome_zarr.OMEZarrMultiscale(image=image, scale_factors=[2 ** k for k in range(1, levels)],
-                                    channel_names=names, method="nearest")
-    chunks = tuple(1 if ax in "tcz" else 32 for ax in axes)
-    ms.to_ome_zarr(str(path), version=version, storage_options={"chunks": chunks})
-    return path
-
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_levels_channels_and_pixel_size(tmp_path, version):

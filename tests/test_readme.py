@@ -31,6 +31,8 @@ def test_wheel_ships_protocols_and_models(wheel):
     names = wheel.namelist()
     for protocol in (ROOT / "protocols").glob("*.toml"):
         assert f"cellseg/protocols/{protocol.name}" in names
+    for template in (ROOT / "cellseg" / "templates").glob("*.j2"):     # report.html's (cellseg/report.py)
+        assert f"cellseg/templates/{template.name}" in names
     for bundle_file in (ROOT / "cellseg" / "models").glob("*/*"):
         if bundle_file.suffix in (".toml", ".safetensors", ".md"):
             assert f"cellseg/models/{bundle_file.parent.name}/{bundle_file.name}" in names
