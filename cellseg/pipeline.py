@@ -118,8 +118,15 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
         if unreadable:
             # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask and the overlay's.
             plan = dataclasses.replace(plan, tissue=plan.tissue.without([r.box for r in unreadable]))
+        inside = None      # with regions: the tissue mask's pixels inside any region
+        analysed_tissue = plan.tissue
+        if plan.regions is not None:
+            inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor,
+                                            plan.tissue.col_factor).any(0)
+            # tissue_mask.png shows the tissue analysed: the report's per-tile densities and crops stay in the regions
+            analysed_tissue = dataclasses.replace(plan.tissue, mask=plan.tissue.mask & inside)
         with timer("write"):
-            panoptic = result.finish(plan.thumbnail, plan.thumb_factor, plan.tissue)
+            panoptic = result.finish(plan.thumbnail, plan.thumb_factor, analysed_tissue)
         summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
                                 panoptic.describe(), timer, started, result.all_cell_areas())
         if slide.skip_unreadable:
@@ -127,8 +134,7 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
             summary["unreadable_area_px"] = int(sum(r.box.height * r.box.width for r in unreadable))
         if tally is not None:
             table = tally.table(plan.tissue, info.mpp)
-            inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor, plan.tissue.col_factor)
-            regions_record(summary, table, float(np.count_nonzero(inside.any(0) & plan.tissue.mask))
+            regions_record(summary, table, float(np.count_nonzero(inside & plan.tissue.mask))
                            * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
             write_regions_csv(out_dir / "regions.csv", table)
         result.write_json("summary.json", summary)

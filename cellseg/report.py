@@ -169,10 +169,12 @@ def read_crops(grid: TileGrid, chosen, summary: dict, slide, labels_path: Path) 
     with open_slide(labels_path) as labels:
         for (r, c), why in chosen:
             core = grid.core(r, c, height, width)
-            # centred on the tile, moved inside the slide rather than cut by its edge
-            r0 = max(0, min((core.row0 + core.row1) // 2 - CROP_PX // 2, height - CROP_PX))
-            c0 = max(0, min((core.col0 + core.col1) // 2 - CROP_PX // 2, width - CROP_PX))
-            box = Box(r0, c0, min(height, r0 + CROP_PX), min(width, c0 + CROP_PX))
+            # centred on the tile and within its core (a tile smaller than a crop is shown whole: pixels beyond it may
+            # lie outside what was analysed, e.g. outside --regions), moved inside the slide rather than cut by its edge
+            side = min(CROP_PX, grid.tile_px)
+            r0 = max(core.row0, min((core.row0 + core.row1) // 2 - side // 2, height - side))
+            c0 = max(core.col0, min((core.col0 + core.col1) // 2 - side // 2, width - side))
+            box = Box(r0, c0, min(height, r0 + side, core.row1), min(width, c0 + side, core.col1))
             pixels = slide.read_region(box)
             png = outlined_png(pixels, labels.read_region(box)[..., 0])
             crops.append(Crop(f"tile ({r}, {c}): {int(grid.counts[r, c])} cells, rows {box.row0}:{box.row1} "

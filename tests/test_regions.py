@@ -60,7 +60,8 @@ def protocol(tile: int = 64, halo: int = 16) -> Protocol:
 def count(tmp_path, slide, labels, name, tile=64, halo=16, regions_path=QUPATH, units="px", mpp=None, reads=None,
           monkeypatch=None):
     if reads is not None:
-        monkeypatch.setattr(pipeline, "open_slide", lambda p, mpp=None: RecordingSlide(open_slide(p, mpp=mpp), reads))
+        monkeypatch.setattr(pipeline, "open_slide", lambda p, mpp=None, **kw: RecordingSlide(open_slide(p, mpp=mpp, **kw),
+                                                                                    reads))
     regions = load_regions(regions_path, units) if regions_path is not None else None
     out = tmp_path / name
     summary = count_with(LabelReadingDetector(labels), slide, out, protocol(tile, halo), regions=regions, mpp=mpp)
