@@ -60,12 +60,13 @@ class CellCounter:
         detector = Detector.from_bundle(bundle, device, score_threshold=model["score_threshold"],
                                         mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
                                         precision=protocol.precision)
+        precision = detector.precision_note
         if tta:
             from .tta import AugmentedDetector
             detector = AugmentedDetector(detector)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device),
-                                      "precision": detector.precision_note, "model": model},
+                                      "precision": precision, "model": model},
                    regions=regions, skip_unreadable=skip_unreadable)
 
     def settings(self) -> dict:
