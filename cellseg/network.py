@@ -80,7 +80,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     backbone = BackboneWithFPN(
         body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
         in_channels_list=stage_channels, out_channels=cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
-    # the same FPN computed in fp32 under bf16 autocast: tile-size invariance (rcnn_parts)
+    # its 3x3 output convolutions in fp32 under bf16 autocast: tile-size invariance (rcnn_parts)
     backbone.fpn = Fp32FeaturePyramidNetwork(stage_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
     if len(cfg.anchor_sizes) != 5:
         raise ValueError(f"expected 5 anchor sizes (one per FPN level), got {cfg.anchor_sizes}")

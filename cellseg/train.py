@@ -490,6 +490,7 @@ def prepare_for_training(model: torch.nn.Module, dev: torch.device, precision: s
     model = model.to(dev).train()
     chosen, why = resolve_precision(precision, dev.type,
                                     cuda_bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    model.backbone.fpn.in_fp32 = False   # rcnn_parts.Fp32FeaturePyramidNetwork: fp32 only for inference
     if dev.type == "cpu":
         thread_roi_pools(model)   # RoIAlign's backward was a fifth of a CPU step, on one core
         if channels_last:         # NHWC convolutions: 0.87 -> 0.72 s a step in fp32 on a 2-core Zen 5
