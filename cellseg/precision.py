@@ -1,11 +1,11 @@
 """Which arithmetic the network runs in: bf16 where the processor has it natively, fp32 elsewhere.
 
-bf16 autocast halves the bytes a convolution moves and, on CPUs with bf16 instructions (AVX512_BF16 on Zen 4/5 and
-Cooper Lake, AMX on Sapphire Rapids and later), doubles their rate; measured on a 2-core Zen 5, a training step fell
-from 0.72 to 0.57 s (benchmarks/train_speed.py). Without those instructions bf16 is emulated and slower than fp32, so `auto`
-takes it only where it is native. CUDA GPUs (compute capability >= 8) have it natively.
+bf16 autocast halves the bytes a convolution moves and, on CPUs with bf16 instructions (AVX512_BF16 on AMD Zen 4/5,
+AMX on Intel Sapphire Rapids and later), raises their rate: a training step and a count are faster with the same
+results (docs/training.md, README "Performance and memory"). Without those instructions bf16 is emulated and
+slower than fp32, so `auto` takes it only where it is native. CUDA GPUs (compute capability >= 8) have it natively.
 
-Torch-free: `cellseg info` reports the choice without loading torch.
+Torch-free: the processor's flags come from /proc/cpuinfo.
 """
 
 from __future__ import annotations
