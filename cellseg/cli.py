@@ -131,7 +131,7 @@ _POSITIVE = click.FloatRange(0, min_open=True)
               help="The same in px, for images without a pixel size (instead of --cell-expansion-um).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
-                   "About 8x the detection time (README, Performance).")
+                   "About 8x the detection time (docs/performance.md).")
 @click.option("--workers", type=click.IntRange(1), default=None, metavar="N",
               help="Count on a local Dask cluster of N worker processes: slides, and bands of tile rows of big "
                    "slides, are shared out among them.")

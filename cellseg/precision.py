@@ -2,7 +2,7 @@
 
 bf16 autocast halves the bytes a convolution moves and, on CPUs with bf16 instructions (AVX512_BF16 on AMD Zen 4/5,
 AMX on Intel Sapphire Rapids and later), raises their rate: a training step and a count are faster with the same
-results (docs/training.md, README "Performance and memory"). Without those instructions bf16 is emulated and
+results (docs/training.md, docs/performance.md). Without those instructions bf16 is emulated and
 slower than fp32, so `auto` takes it only where it is native. CUDA GPUs (compute capability >= 8) have it natively.
 
 Torch-free: the processor's flags come from /proc/cpuinfo.

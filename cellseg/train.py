@@ -133,7 +133,7 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
 
 
 # RPN objectness floor written into new bundles: on the example slides 0.7 sends 31-40 % fewer proposals through
-# the box head than 0.5 with the same F1 (README.md, Performance); 0 would keep all rpn_post_nms_top_n of them.
+# the box head than 0.5 with the same F1 (docs/performance.md); 0 would keep all rpn_post_nms_top_n of them.
 PROPOSAL_THRESHOLD = 0.7
 
 
