@@ -128,6 +128,7 @@ class ThresholdDetector:
 
     def detect(self, images, tiles, scale=1.0):
         from scipy import ndimage
+
         from cellseg.instances import TileDetections
         out = []
         for image in images:

@@ -183,6 +183,9 @@ class _TableOnly:
 
 def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expansion_px: float = 0.0,
         stains: bool = False) -> dict:
+    from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
+    from skimage.segmentation import expand_labels  # noqa: F401
+
     from cellseg.cell_tiles import CellExpansion
     from cellseg.cells_csv import CellsTableWriter
     from cellseg.expansion import context_rows
@@ -190,8 +193,6 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from cellseg.merge import SeamMerger, owned_instances
     from cellseg.pipeline import CellEmitter, merge_tiles
     from cellseg.tiling import seam_band_px
-    from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
-    from skimage.segmentation import expand_labels  # noqa: F401
 
     synth = SyntheticSlide(*grid, seed=seed)
     tiles = synth.tiles

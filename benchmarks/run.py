@@ -98,6 +98,7 @@ def choose_region(n_rows: int, n_cols: int, limit: int | None) -> tuple[int, int
 def crop_slide(src: Path, dst: Path, height: int, width: int) -> None:
     """The top-left height x width px of `src` as a one-level OME-TIFF, pixel size and channel names kept."""
     import tifffile
+
     from cellseg.slide import open_slide
     from cellseg.tiling import Box
     with open_slide(src) as slide:
@@ -122,6 +123,7 @@ def crop_slide(src: Path, dst: Path, height: int, width: int) -> None:
 
 def crop_labels(src: Path, dst: Path, height: int, width: int) -> None:
     import tifffile
+
     from cellseg.slide import open_slide
     from cellseg.tiling import Box
     with open_slide(src) as slide:
@@ -161,6 +163,7 @@ def instrument(model, timer, device) -> dict:
 
 def child_cellseg(spec: dict) -> dict:
     import torch
+
     from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
     from cellseg.summary import StageTimer
@@ -208,6 +211,7 @@ def build_naive_model(bundle):
 def child_naive(spec: dict) -> dict:
     import tifffile
     import torch
+
     from cellseg.bundle import load_bundle
     from cellseg.detect import resolve_device
     from cellseg.preprocess import IntensityRange, select_channels, to_network_input

@@ -30,10 +30,11 @@ def main() -> None:
     args = p.parse_args()
 
     import tifffile
-    from cellseg.cli import result_stem
-    from cellseg.evaluate import load_instances, match, pair_iou
+
     from cellseg.bundle import load_bundle
+    from cellseg.cli import result_stem
     from cellseg.counter import CellCounter
+    from cellseg.evaluate import load_instances, match, pair_iou
     from cellseg.preprocess import measure_range, select_channels
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
@@ -72,7 +73,7 @@ def main() -> None:
             runs.append((f"half size, --diameter {measured[0] / 2:.1f}", small, measured[0] / 2, gt_half))
         print(f"slide {args.slide.name} ({info.height} x {info.width}); model {bundle.name}, trained on nuclei of "
               f"{bundle.nucleus_diameter_px:.1f} px; measured on the original: "
-              f"{'%.1f px (%d nuclei)' % measured if measured else 'too few nuclei'}")
+              f"{f'{measured[0]:.1f} px ({measured[1]} nuclei)' if measured else 'too few nuclei'}")
         print(f"{'run':>34} {'cells':>6} {'vs original':>12} {'F1 vs GT':>9} {'scale':>6}")
         reference = None
         for name, path, diameter, truth in runs:

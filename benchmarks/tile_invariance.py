@@ -30,9 +30,9 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="network arithmetic (protocol's)")
     args = p.parse_args()
 
-    from cellseg.evaluate import load_instances, match, pair_iou
     from cellseg.bundle import load_bundle
     from cellseg.counter import CellCounter
+    from cellseg.evaluate import load_instances, match, pair_iou
     from cellseg.protocol import load_protocol
 
     protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model,

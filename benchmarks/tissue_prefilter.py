@@ -38,8 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     from cellseg.cli import result_stem
-    from cellseg.evaluate import load_instances, match, pair_iou
     from cellseg.counter import CellCounter
+    from cellseg.evaluate import load_instances, match, pair_iou
     from cellseg.protocol import load_protocol
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size)

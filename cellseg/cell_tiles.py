@@ -13,8 +13,9 @@ Coordinates are (row, col) level-0 px, boxes half-open (tiling.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class CellExpansion:
     stains: bool
 
     @classmethod
-    def for_slide(cls, plan: "SlidePlan", info: "SlideInfo", modality: str) -> "CellExpansion | None":
+    def for_slide(cls, plan: SlidePlan, info: SlideInfo, modality: str) -> CellExpansion | None:
         """The slide's expansion, or None when its plan draws nuclei only (D = 0)."""
         if not plan.cell_expansion_px:
             return None

@@ -67,7 +67,7 @@ class CellsTableWriter:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "CellsTableWriter":
+    def __enter__(self) -> CellsTableWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

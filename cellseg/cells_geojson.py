@@ -299,7 +299,7 @@ class CellsGeoJsonWriter:
                 log.info("cells.geojson is %.0f MB: written gzipped as %s", size / 1e6, gz.name)
         return self.written_path
 
-    def __enter__(self) -> "CellsGeoJsonWriter":
+    def __enter__(self) -> CellsGeoJsonWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -306,7 +306,7 @@ class _JobBar:
         else:
             click.echo(line)
 
-    def __enter__(self) -> "_JobBar":
+    def __enter__(self) -> _JobBar:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -376,6 +376,7 @@ def protocols_list() -> None:
 def protocols_show(name: str) -> None:
     """A protocol's settings, as TOML."""
     import tomli_w
+
     from .protocol import load_protocol
     protocol = load_protocol(name)
     click.echo(f"# {protocol.source}")
@@ -404,7 +405,8 @@ def protocols_show(name: str) -> None:
 def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
     from .detect import resolve_device
-    from .train import TrainSettings, check_output_folder, load_coco, train as run_training
+    from .train import TrainSettings, check_output_folder, load_coco
+    from .train import train as run_training
     if lr is None:
         lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
     check_output_folder(out, resume)
@@ -441,7 +443,8 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
               help="IoU for a predicted cell to count as found.")
 def evaluate(pred, gt, out, iou) -> None:
     """Score predictions (COCO JSON, label image or result folder) against ground truth."""
-    from .evaluate import evaluate as run_evaluation, summary_lines, write_report
+    from .evaluate import evaluate as run_evaluation
+    from .evaluate import summary_lines, write_report
     report = run_evaluation(pred, gt, iou=iou)
     for line in summary_lines(report):
         click.echo(line)

@@ -156,7 +156,7 @@ class CocoWriter:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "CocoWriter":
+    def __enter__(self) -> CocoWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -9,9 +9,10 @@ as Dask tasks. Both give a SlideOutcome per slide, in input order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from .errors import CellsegError
 from .journal import Journal, complete_result, fingerprint, fresh_result_folder

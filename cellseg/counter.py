@@ -45,7 +45,7 @@ class CellCounter:
     @classmethod
     def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
              mpp: float | None = None, run_info: dict | None = None, tta: bool = False,
-             regions: RegionFile | None = None, skip_unreadable: bool = False) -> "CellCounter":
+             regions: RegionFile | None = None, skip_unreadable: bool = False) -> CellCounter:
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality

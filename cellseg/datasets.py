@@ -202,7 +202,7 @@ class Split:
         return {"method": self.method, "train": self.train, "val": self.val, "groups": self.groups}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Split":
+    def from_json(cls, d: dict) -> Split:
         if not isinstance(d, dict) or not {"train", "val", "groups"} <= set(d):
             raise CellsegError("expected a split file with 'train', 'val' and 'groups' (a group hold-out split), "
                                f"found keys {sorted(d) if isinstance(d, dict) else type(d).__name__}")

@@ -9,8 +9,8 @@ and no torch.
 from __future__ import annotations
 
 from .protocol import Protocol
-from .slide_plan import Scale, choose_scale, tile_geometry
 from .slide import SlideInfo
+from .slide_plan import Scale, choose_scale, tile_geometry
 from .tiling import grid_shape, plan_tiles
 
 
@@ -28,7 +28,7 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",
-        f"  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp
+        "  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp
                              else f"unknown ({info.mpp_source.removeprefix('none: ')})"),
         f"  tiles       {n_tiles} ({rows} x {cols}) of {tile_px} px with a {halo_px} px halo (protocol {protocol.name}; "
         f"the tissue prefilter then skips background ones)",

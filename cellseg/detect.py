@@ -8,8 +8,8 @@ This is the only module (with the training adapter) that sees torchvision's conv
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ class Detector:
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
-                    batch_size: int = 4, precision: str = "fp32") -> "Detector":
+                    batch_size: int = 4, precision: str = "fp32") -> Detector:
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
         return cls(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,

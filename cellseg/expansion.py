@@ -25,7 +25,7 @@ boxes half-open, as in tiling.py.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from .tissue import TissueMask
 
 # Tissue for a region: a bool array over the region, TissueMask (level-0 px), or a function of level-0 pixel
 # rows and columns giving bool (len(rows), len(cols)), as TissueMask.at does. None: everything is tissue.
-TissueLike = Union[np.ndarray, TissueMask, Callable[[np.ndarray, np.ndarray], np.ndarray], None]
+TissueLike = np.ndarray | TissueMask | Callable[[np.ndarray, np.ndarray], np.ndarray] | None
 
 
 def expansion_distance_px(cell_expansion_um: float = 0.0, cell_expansion_px: float | None = None,

@@ -78,7 +78,7 @@ class ResultWriter:
         self.cell_areas: list[np.ndarray] = []   # cell_area_px of every cell (grown from its nucleus), per part
         self.class_ids: list[np.ndarray] = []    # per added part, in cell id order
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

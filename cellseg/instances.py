@@ -8,8 +8,9 @@ N full-tile masks). docs/architecture.md describes each stage's contract.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class TileDetections:
         return len(self.masks)
 
     @classmethod
-    def empty(cls) -> "TileDetections":
+    def empty(cls) -> TileDetections:
         return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
@@ -59,17 +60,17 @@ class Instances:
         return len(self.masks)
 
     @classmethod
-    def empty(cls) -> "Instances":
+    def empty(cls) -> Instances:
         return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64),
                    np.zeros(0, np.int64), np.zeros(0, bool))
 
-    def take(self, index: np.ndarray) -> "Instances":
+    def take(self, index: np.ndarray) -> Instances:
         index = np.asarray(index, np.int64)
         return Instances(self.boxes[index], [self.masks[i] for i in index], self.scores[index],
                          self.class_ids[index], self.tile_index[index], self.cut[index])
 
     @staticmethod
-    def concat(parts: list["Instances"]) -> "Instances":
+    def concat(parts: list[Instances]) -> Instances:
         parts = [p for p in parts if len(p)]
         if not parts:
             return Instances.empty()
@@ -95,7 +96,7 @@ class TileDetector(Protocol):
         same shape, taken where the slide's cells are) for the tiles that follow. Called once per slide before its
         tiles; a detector without slide-level statistics does nothing."""
 
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence["TileSpec"],
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
                scale: float = 1.0) -> list[TileDetections]:
         """One TileDetections per image, in the frame of its tile's read box at slide resolution.
 

@@ -189,6 +189,7 @@ def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
 def _load_label_image(path: Path, tile_size: int) -> ImageInstances:
     """Cells of a label image, read `tile_size` squares at a time: memory is one tile plus the RLEs."""
     from scipy import ndimage
+
     from .slide import open_slide
 
     with open_slide(path) as slide:

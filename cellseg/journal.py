@@ -31,11 +31,18 @@ from .errors import CellsegError, JournalError, OutputError, UnreadableRegionErr
 from .instances import Instances
 from .preprocess import IntensityRange
 from .regions import Regions
-from .resultdir import (RESULT_MARKER, atomic_write_bytes, commit_output, first_missing, partial_folder,
-                        prepare_parent, remove_made_parents)
+from .resultdir import (
+    RESULT_MARKER,
+    atomic_write_bytes,
+    commit_output,
+    first_missing,
+    partial_folder,
+    prepare_parent,
+    remove_made_parents,
+)
 from .slide import SlideInfo
-from .slide_unreadable import UnreadableRegion
 from .slide_plan import Scale, SlidePlan
+from .slide_unreadable import UnreadableRegion
 from .tiling import Band, Box, plan_tiles
 from .tissue import TissueMask
 
@@ -106,7 +113,7 @@ class Journal:
         self._made, self._lock_fd = made, lock_fd
 
     @classmethod
-    def open(cls, final: Path, print_: dict, *, resume: bool, band_rows: int | None = None) -> "Journal":
+    def open(cls, final: Path, print_: dict, *, resume: bool, band_rows: int | None = None) -> Journal:
         """The journal for result folder `final`, fingerprint `print_`: a new one, or with resume=True the
         unfinished one of an earlier run (its band split is kept). Refused (one line) when `final` holds files
         that are not cellseg's, when another run holds the journal, when an unfinished count exists and resume
@@ -173,7 +180,7 @@ class Journal:
                         len(done_bands(self.folder)), self.final, self.folder)
         self._release()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -42,7 +42,7 @@ class MaskRows:
         self.first = np.cumsum(self.count) - self.count       # each row's first entry in nz
 
     @classmethod
-    def of(cls, boxes: np.ndarray, masks: list[np.ndarray]) -> "MaskRows":
+    def of(cls, boxes: np.ndarray, masks: list[np.ndarray]) -> MaskRows:
         """From a list of box-cropped masks (one concatenation; the masks are not modified)."""
         flat = np.concatenate([m.reshape(-1) for m in masks]) if len(masks) else np.zeros(0, bool)
         return cls(boxes, flat)

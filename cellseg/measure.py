@@ -18,8 +18,8 @@ from math import sqrt
 
 import numpy as np
 
-from .maskrows import MaskRows
 from .instances import Instances
+from .maskrows import MaskRows
 from .tiling import Box
 
 _GEOMETRY = {

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -215,8 +215,9 @@ def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None],
 def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encode: Panoptic | None,
                    blocks: Iterator[tuple[int, int, int, np.ndarray]]) -> None:
     """One pyramidal OME-TIFF from `blocks` (_level_blocks order), through `encode` when given."""
-    import tifffile
     from itertools import islice
+
+    import tifffile
     # Tiles go to tifffile already deflate-compressed (_compressed_tiles): the same bytes tifffile would write.
     options = dict(dtype=np.uint32, tile=(tile, tile), compression="zlib", photometric="minisblack")
     with tifffile.TiffWriter(path, bigtiff=True, ome=True, byteorder="<") as tif:

@@ -39,9 +39,9 @@ from .measure import label_tile, measure_tile
 from .merge import SeamMerger, centroids_and_areas, owned_instances
 from .preprocess import as_network_input
 from .protocol import Protocol
+from .regions import RegionFile, RegionTally, write_regions_csv
 from .slide import Slide, open_slide
 from .slide_plan import SlidePlan, calibrate, plan_slide
-from .regions import RegionFile, RegionTally, write_regions_csv
 from .summary import StageTimer, build_summary, regions_record, run_record
 from .threads import in_background
 from .tiling import Band, Box, TileSpec, seam_band_px
@@ -98,7 +98,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
 
 def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
                  protocol: Protocol, class_names: list[str], tissue_info: dict, run_info: dict | None,
-                 timer: StageTimer, started: float, regions: "RecentRegions | None" = None) -> dict:
+                 timer: StageTimer, started: float, regions: RecentRegions | None = None) -> dict:
     """The final step of a slide: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids,
     measurements and result files in `out_dir`, then summary.json and run.json. Returns the summary.
     tissue_info: TissueFinder.describe(); started: time.time() when the slide's count began."""
@@ -148,7 +148,7 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
 
 
 def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, bands: list[Band], protocol: Protocol,
-                timer: StageTimer, regions: "RecentRegions | None", journal: Path | None = None
+                timer: StageTimer, regions: RecentRegions | None, journal: Path | None = None
                 ) -> Iterator[tuple[TileSpec, Instances]]:
     """Every tile of `bands`, in grid order, with the cells it owns (none for a skipped tile). A band finished in
     `journal` is read back; the others are detected (detect_owned) and, once complete, journaled."""
@@ -178,7 +178,7 @@ _NO_CELLS = Instances.empty()
 
 
 def detect_owned(slide: Slide, plan: SlidePlan, detector: TileDetector, tiles: list[TileSpec], protocol: Protocol,
-                 timer: StageTimer, regions: "RecentRegions | None") -> Iterator[tuple[TileSpec, Instances]]:
+                 timer: StageTimer, regions: RecentRegions | None) -> Iterator[tuple[TileSpec, Instances]]:
     """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order)."""
     shape = (slide.info.height, slide.info.width)
     band_px = seam_band_px(plan.halo_px)
@@ -208,7 +208,7 @@ def drop_unreadable(cells: Instances, regions) -> Instances:
 
 
 def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,
-                 regions: "RecentRegions | None", tiles: list[TileSpec] | None = None
+                 regions: RecentRegions | None, tiles: list[TileSpec] | None = None
                  ) -> Iterator[tuple[TileSpec, TileDetections]]:
     """(tile, detections) of `tiles` (default: the plan's analysed tiles), in their order, `batch_size` at a time.
 
@@ -256,7 +256,7 @@ def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,
 
 
 def merge_tiles(owned: Iterable[tuple[TileSpec, Instances]], tiles_per_row: int, merger: SeamMerger,
-                emitter: "CellEmitter", timer: StageTimer) -> None:
+                emitter: CellEmitter, timer: StageTimer) -> None:
     """Seam dedupe of every tile's owned cells, in grid order; each finished row of cells goes to `emitter`."""
     for tile, cells in owned:
         with timer("merge"):

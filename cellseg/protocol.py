@@ -7,11 +7,12 @@ unknown key or a bad value is an error that names the file and the key.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import ParameterError, ProtocolError
 from .tiling import check_halo
@@ -129,7 +130,7 @@ class Protocol:
                 out.update(values)
         return out
 
-    def replace(self, **overrides) -> "Protocol":
+    def replace(self, **overrides) -> Protocol:
         """A copy with command-line overrides (None = keep), validated like the file.
 
         A bad value is a usage error (ParameterError, exit code 2) naming the option.

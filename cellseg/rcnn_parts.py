@@ -53,7 +53,7 @@ class TileRoIHeads(RoIHeads):
         self.contiguous_features = False
 
     @classmethod
-    def replacing(cls, heads: RoIHeads) -> "TileRoIHeads":
+    def replacing(cls, heads: RoIHeads) -> TileRoIHeads:
         """The same heads (the very same submodules and settings) as a TileRoIHeads."""
         return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor,
                    heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
@@ -92,7 +92,7 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
     _pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def replacing(cls, pooler: MultiScaleRoIAlign) -> "ThreadedMultiScaleRoIAlign":
+    def replacing(cls, pooler: MultiScaleRoIAlign) -> ThreadedMultiScaleRoIAlign:
         threaded = cls(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio,
                        canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
         threaded.scales, threaded.map_levels = pooler.scales, pooler.map_levels

@@ -41,7 +41,7 @@ class RegionFile:
     geometries: tuple
     units: str = "px"
 
-    def in_pixels(self, mpp: float | None, height: int, width: int) -> "Regions":
+    def in_pixels(self, mpp: float | None, height: int, width: int) -> Regions:
         """The regions in level-0 px, clipped to the slide (height x width). µm need the pixel size; a region
         wholly outside the slide is left out with a logged note; none left is an error."""
         import shapely
@@ -144,7 +144,7 @@ class Regions:
         return json.dumps({"type": "FeatureCollection", "features": features})
 
     @classmethod
-    def from_json(cls, text: str) -> "Regions":
+    def from_json(cls, text: str) -> Regions:
         import shapely
         features = json.loads(text)["features"]
         return cls(tuple(f["properties"]["name"] for f in features),

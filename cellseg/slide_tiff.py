@@ -21,8 +21,7 @@ import tifffile
 import zarr
 
 from .errors import SlideError
-from .slide import (SCREEN_MPP_UM, UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis,
-                    mean_mpp)
+from .slide import SCREEN_MPP_UM, UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -73,14 +74,14 @@ def regions_record(summary: dict, table: list[dict], tissue_in_regions_px: float
         summary["cells_per_mm2_note"] = "cells per mm² of tissue inside the regions (--regions)"
 
 
-def expansion_record(plan: "SlidePlan", mpp: float | None) -> dict:
+def expansion_record(plan: SlidePlan, mpp: float | None) -> dict:
     """How far nuclei were grown into cells (D; 0: nuclei only), in px and, with a pixel size, µm."""
     distance = float(plan.cell_expansion_px)
     return {"cell_expansion_px": distance, "cell_expansion_um": distance * mpp if mpp else None}
 
 
-def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell_count: int, areas: np.ndarray,
-                  seams: "SeamStats", panoptic: dict, timer: StageTimer, started: float,
+def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_count: int, areas: np.ndarray,
+                  seams: SeamStats, panoptic: dict, timer: StageTimer, started: float,
                   cell_areas: np.ndarray | None = None) -> dict:
     """summary.json's content. areas: every cell's area in px (its nucleus's); cell_areas: with a cell expansion,
     every cell's grown area in px; started: time.time() when the count began."""
@@ -126,7 +127,7 @@ def build_summary(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", cell
     }
 
 
-def run_record(info: "SlideInfo", protocol: Protocol, plan: "SlidePlan", tissue: dict,
+def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict,
                run_info: dict | None) -> dict:
     """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: the caller's additions."""
     return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),

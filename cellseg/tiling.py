@@ -37,12 +37,12 @@ class Box(NamedTuple):
         r, c = origin
         return slice(self.row0 - r, self.row1 - r), slice(self.col0 - c, self.col1 - c)
 
-    def contains(self, other: "Box") -> bool:
+    def contains(self, other: Box) -> bool:
         """`other` lies wholly inside this box."""
         return (self.row0 <= other.row0 and self.col0 <= other.col0
                 and other.row1 <= self.row1 and other.col1 <= self.col1)
 
-    def grown(self, px: int) -> "Box":
+    def grown(self, px: int) -> Box:
         """This box with `px` more on every side (not clipped)."""
         return Box(self.row0 - px, self.col0 - px, self.row1 + px, self.col1 + px)
 

@@ -17,8 +17,8 @@ Coordinates: the mask's pixel [i, j] covers slide rows i*row_factor .. (i+1)*row
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 
@@ -91,7 +91,7 @@ class TissueMask:
                            - np.maximum(box.col0, cols * self.col_factor), 0, None)
         return float(weight_r @ self.mask[r0:r1, c0:c1] @ weight_c)
 
-    def without(self, boxes: list[Box]) -> "TissueMask":
+    def without(self, boxes: list[Box]) -> TissueMask:
         """The same mask with the tissue inside `boxes` (disjoint, level-0 px: unreadable regions) taken off its
         area, exactly, whatever the mask's resolution (the picture of the mask is unchanged)."""
         if not boxes:

@@ -12,9 +12,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -214,6 +214,7 @@ def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | 
     Returns (model config sized to `classes`, state dict or None for random, description for the card).
     """
     import dataclasses
+
     from .bundle import load_bundle
     if init == "none":
         return ModelConfig(classes=tuple(classes)), None, "random initialisation"

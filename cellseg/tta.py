@@ -19,7 +19,7 @@ goes to the wrapped detector as it is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -118,7 +118,7 @@ class Result:
     folder: Path
     run: dict
     summary: dict
-    cells: "object"               # pandas.DataFrame, one row per cell, cells.csv's columns
+    cells: object               # pandas.DataFrame, one row per cell, cells.csv's columns
     slide_path: Path | None       # the counted slide (or the original of a region), when it still exists
     offset: tuple[int, int] = (0, 0)   # level-0 (row, col) of the counted region in slide_path
     notes: list[str] = field(default_factory=list)

@@ -7,8 +7,8 @@ Coordinates are (row, col) level-0 pixels of the image a region or a cell lies i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

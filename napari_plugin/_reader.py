@@ -6,8 +6,8 @@ builds the layers with `_layers`, which never reads a whole slide.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ._layers import LayerData, find_result_folder, is_slide_path, result_layer_data, slide_layer_data
 from ._regions import regions_layer_data

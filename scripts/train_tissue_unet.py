@@ -32,8 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tissue_synth as ts  # noqa: E402
 
-from cellseg.tissue_unet import (TissueUNetConfig, build_tissue_unet, load_tissue_bundle,  # noqa: E402
-                                 predict_tissue, save_tissue_bundle, tissue_input)
+from cellseg.tissue_unet import (  # noqa: E402
+    TissueUNetConfig,
+    build_tissue_unet,
+    load_tissue_bundle,
+    predict_tissue,
+    save_tissue_bundle,
+    tissue_input,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "dsb2018-train"
 EXAMPLES = ROOT / "example_slides"

@@ -22,6 +22,7 @@ from .helpers import DATA, EXAMPLES, ROOT, oracle_result, tiny_model_config
 def tiny_bundle(tmp_path_factory) -> Path:
     """A random-init bundle with score threshold 0 so that it does emit (meaningless) cells."""
     import torch
+
     from cellseg.bundle import save_bundle
     from cellseg.network import build_model
     torch.manual_seed(0)

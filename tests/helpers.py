@@ -207,7 +207,7 @@ def coco_from_labels(tmp_path: Path, image_path: Path, labels_path: Path) -> tup
 
 # --------------------------------------------------------------------------- the CLI
 
-def invoke(args: list) -> "click.testing.Result":  # noqa: F821
+def invoke(args: list) -> click.testing.Result:  # noqa: F821
     """Run `cellseg ARGS` in-process, stderr kept apart from stdout."""
     from click.testing import CliRunner
 

@@ -10,11 +10,11 @@ import os
 import pickle
 import shutil
 import struct
-import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
+import tomllib
 import torch
 
 from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
@@ -22,7 +22,6 @@ from cellseg.errors import BundleError
 from cellseg.network import build_model
 
 from .helpers import tiny_model_config
-
 
 CARD = {"training": {"data": "DSB2018 stage 1 (CC0)", "steps": 3}, "metrics": {"ap50": 0.12}}
 

@@ -10,6 +10,7 @@ from skimage.measure import regionprops_table
 
 from cellseg.cell_measure import expanded_columns, measure_expanded, stain_densities, stains_apply
 from cellseg.expansion import expand_nuclei
+
 from .helpers import random_nuclei
 
 NAMES = ["dapi", "marker"]

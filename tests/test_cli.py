@@ -10,15 +10,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import tomllib
 from PIL import Image
 
 import cellseg
@@ -27,7 +26,6 @@ from cellseg.export import RESULT_FILES, result_files
 from cellseg.protocol import list_protocols, load_protocol, protocols_dir
 
 from .helpers import DATA, FAST, STAGING, assert_nothing_left, assert_user_error, invoke, listing, snapshot
-
 
 # --- helpers -----------------------------------------------------------------------------------------
 

@@ -26,8 +26,17 @@ from cellseg.distributed import count_on_dask
 from cellseg.errors import SlideError
 from cellseg.protocol import Protocol, load_protocol
 
-from .helpers import (DATA, FAST, LabelCounterSpec, Tally, assert_same_result, assert_user_error, invoke, listing,
-                      random_cells)
+from .helpers import (
+    DATA,
+    FAST,
+    LabelCounterSpec,
+    Tally,
+    assert_same_result,
+    assert_user_error,
+    invoke,
+    listing,
+    random_cells,
+)
 
 PROTOCOL = Protocol(name="test", tile_size=48, halo_px=12, batch_size=3, min_area_px=1, tissue_method="none")
 

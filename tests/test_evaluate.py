@@ -362,6 +362,7 @@ def test_coco_ap_equals_stock_cocoeval_at_the_last_maxdets(tmp_path):
     """Our COCOeval (IoUs fed from the box-pruned sparse table) gives stock COCOeval's precision array."""
     import contextlib
     import io
+
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     rng = np.random.default_rng(1)

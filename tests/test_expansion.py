@@ -8,8 +8,15 @@ import pytest
 from scipy import ndimage
 
 from cellseg.errors import CellsegError, ParameterError
-from cellseg.expansion import (context_margin_px, context_rows, expand_nuclei, expand_owned,
-                               expansion_distance_px, grow_box, tissue_in)
+from cellseg.expansion import (
+    context_margin_px,
+    context_rows,
+    expand_nuclei,
+    expand_owned,
+    expansion_distance_px,
+    grow_box,
+    tissue_in,
+)
 from cellseg.tiling import Box, plan_tiles
 from cellseg.tissue import TissueMask
 

@@ -21,14 +21,23 @@ import tifffile
 from scipy import ndimage
 
 from cellseg.errors import SlideError
-from cellseg.slide_plan import model_channel
 from cellseg.protocol import Protocol
 from cellseg.slide import looks_like_slide, open_slide, sniff
 from cellseg.slide_openslide import flatten_rgba
+from cellseg.slide_plan import model_channel
 from cellseg.tiling import Box, TileSpec, plan_tiles
 
-from .helpers import (FAST, LabelReadingDetector, assert_nothing_left, assert_user_error, count_with, invoke, listing,
-                      same_partition, write_ome_zarr)
+from .helpers import (
+    FAST,
+    LabelReadingDetector,
+    assert_nothing_left,
+    assert_user_error,
+    count_with,
+    invoke,
+    listing,
+    same_partition,
+    write_ome_zarr,
+)
 
 DICOM = Path(__file__).parent / "data" / "dicom"
 pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw has no wheel for this platform")

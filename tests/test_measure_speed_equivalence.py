@@ -18,8 +18,8 @@ import pytest
 from scipy import ndimage
 from skimage.measure import regionprops_table
 
-from cellseg.measure import cell_columns, label_tile, measure_tile
 from cellseg.instances import Instances
+from cellseg.measure import cell_columns, label_tile, measure_tile
 from cellseg.tiling import Box
 
 CHANNELS = ["dapi", "gfp"]

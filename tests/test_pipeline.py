@@ -222,6 +222,7 @@ def test_the_tiny_bundle_finds_the_same_cells_at_two_tile_sizes(tmp_path, tiny_b
     shipped model."""
     from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
+
     from .helpers import DATA
     results = {}
     for tile in (256, 512):
@@ -244,6 +245,7 @@ def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
     from cellseg.counter import CellCounter
     from cellseg.evaluate import load_instances, match
     from cellseg.protocol import load_protocol
+
     from .helpers import DATA
     cells = {}
     for tile in (64, 256):
@@ -258,6 +260,7 @@ def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
 
 def test_detector_pastes_at_slide_resolution_when_resampled():
     import torch
+
     from cellseg.detect import Detector
     from cellseg.network import build_model
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))

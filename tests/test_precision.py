@@ -47,11 +47,12 @@ def test_the_detector_takes_the_precision_it_is_given(monkeypatch, tiny_bundle):
 
 def test_bf16_finds_the_same_nuclei_as_fp32_with_the_shipped_model():
     """A real DSB2018 field through the shipped bundle: bf16 autocast keeps the count and the masks."""
+    from PIL import Image
+
     from cellseg.bundle import load_bundle
     from cellseg.detect import Detector
     from cellseg.evaluate import match, pair_iou
     from cellseg.preprocess import measure_range, to_network_input
-    from PIL import Image
     bundle = load_bundle("nuclei")
     pixels = np.asarray(Image.open(DATA / "dsb_fluo.png"))
     pixels = pixels[..., :3] if pixels.ndim == 3 else pixels[..., None]

@@ -3,11 +3,11 @@ names the file and the key, command-line overrides are validated the same way.""
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import cellseg.protocol as protocol_module
 from cellseg.errors import CellsegError, ParameterError, ProtocolError

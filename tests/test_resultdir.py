@@ -9,8 +9,14 @@ import pytest
 
 from cellseg import resultdir
 from cellseg.errors import OutputError
-from cellseg.resultdir import (RESULT_MARKER, abort_output, atomic_write_text, commit_output,
-                               prepare_output, staged_output)
+from cellseg.resultdir import (
+    RESULT_MARKER,
+    abort_output,
+    atomic_write_text,
+    commit_output,
+    prepare_output,
+    staged_output,
+)
 
 
 def _snapshot(folder):

@@ -31,8 +31,18 @@ from cellseg.summary import StageTimer
 from cellseg.tiling import Band
 from cellseg.tissue import TissueFinder
 
-from .helpers import (DATA, FAST, LabelCounterSpec, LabelReadingDetector, Tally, assert_same_result, assert_user_error,
-                      invoke, listing, random_cells)
+from .helpers import (
+    DATA,
+    FAST,
+    LabelCounterSpec,
+    LabelReadingDetector,
+    Tally,
+    assert_same_result,
+    assert_user_error,
+    invoke,
+    listing,
+    random_cells,
+)
 
 PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 

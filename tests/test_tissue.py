@@ -149,6 +149,7 @@ def test_protocol_tissue_settings_are_checked(tmp_path):
 @pytest.mark.parametrize("kind", ["glass", "dark"])
 def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_path, tiny_bundle, kind):
     from click.testing import CliRunner
+
     from cellseg.cli import main
     rng = np.random.default_rng(0)
     if kind == "glass":     # brightfield glass with dust specks, through the he-nuclei protocol
@@ -179,8 +180,8 @@ def test_unet_keeps_the_tiles_with_cells_and_skips_the_glass(tmp_path):
 
 
 def test_intensity_range_is_measured_on_tissue_not_on_the_glass():
-    from cellseg.slide_plan import tissue_pixels
     from cellseg.preprocess import measure_range
+    from cellseg.slide_plan import tissue_pixels
     thumb = np.full((200, 200, 1), 10, np.uint8)
     thumb[:4, :10] = 180                                    # 0.1 % of the slide holds (bright) cells
     mask = np.zeros((20, 20), bool)

@@ -7,17 +7,24 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import tomllib  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tomli_w  # noqa: E402
+import tomllib  # noqa: E402
 import torch  # noqa: E402
 
 from cellseg.errors import BundleError, ParameterError  # noqa: E402
-from cellseg.tissue_unet import (DEFAULT_TISSUE_BUNDLE, TissueBundle, TissueUNetConfig,  # noqa: E402
-                                 build_tissue_unet, for_inference, load_tissue_bundle, predict_tissue,
-                                 save_tissue_bundle, tissue_input)
+from cellseg.tissue_unet import (  # noqa: E402
+    DEFAULT_TISSUE_BUNDLE,
+    TissueBundle,
+    TissueUNetConfig,
+    build_tissue_unet,
+    for_inference,
+    load_tissue_bundle,
+    predict_tissue,
+    save_tissue_bundle,
+    tissue_input,
+)
 
 torch.set_num_threads(1)
 TINY = TissueUNetConfig(base_channels=4, depth=2)

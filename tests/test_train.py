@@ -154,8 +154,9 @@ def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
 
 def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
-    from cellseg.network import build_model
+
     from cellseg.errors import CellsegError
+    from cellseg.network import build_model
     from cellseg.train import initial_weights, load_matching
     with pytest.raises(CellsegError, match="nothing is downloaded"):
         initial_weights(f"coco:{tmp_path / 'missing.pth'}", ["nucleus"])

@@ -8,8 +8,16 @@ from scipy import ndimage
 
 from cellseg.instances import TileDetections
 from cellseg.tiling import Box, TileSpec
-from cellseg.tta import VIEWS, AugmentedDetector, merge_views, unview_array, unview_boxes, view_array, view_boxes, \
-    view_tile
+from cellseg.tta import (
+    VIEWS,
+    AugmentedDetector,
+    merge_views,
+    unview_array,
+    unview_boxes,
+    view_array,
+    view_boxes,
+    view_tile,
+)
 
 
 class ThresholdDetector:
@@ -120,9 +128,9 @@ def test_a_cell_seen_in_few_views_scores_low_and_is_dropped():
 def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
     """The shipped network on an image that every view leaves unchanged: TTA gives the cells of one view."""
     from cellseg.bundle import load_bundle
+    from cellseg.coco import crop_rle
     from cellseg.evaluate import match
     from cellseg.instances_io import ImageInstances
-    from cellseg.coco import crop_rle
     from cellseg.validate import validation_detector
 
     size = 128

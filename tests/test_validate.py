@@ -4,11 +4,11 @@ the real pipeline, the best-F1 score threshold is chosen and becomes the bundle'
 from __future__ import annotations
 
 import shutil
-import tomllib
 
 import numpy as np
 import pytest
 import tifffile
+import tomllib
 
 from cellseg.bundle import load_bundle
 from cellseg.instances import TileDetections
