@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlideError
-from .slide import Slide, SlideInfo, error_text, mean_mpp
+from .slide_base import Slide, SlideInfo, error_text, mean_mpp
 
 log = logging.getLogger(__name__)
 

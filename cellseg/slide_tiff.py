@@ -21,7 +21,16 @@ import tifffile
 import zarr
 
 from .errors import SlideError
-from .slide import SCREEN_MPP_UM, UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
+from .slide_base import (
+    SCREEN_MPP_UM,
+    UM_PER_UNIT,
+    ArrayLevel,
+    Slide,
+    SlideInfo,
+    error_text,
+    find_channel_axis,
+    mean_mpp,
+)
 
 log = logging.getLogger(__name__)
 

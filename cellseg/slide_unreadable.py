@@ -1,5 +1,5 @@
 """Damaged pixel data in a slide (`cellseg count --skip-unreadable`): the storage chunks a read meets, and the
-registry of the level-0 chunks found unreadable. slide.Slide reads around them; docs/report.md gives the rule."""
+registry of the level-0 chunks found unreadable. slide_base.Slide reads around them; docs/report.md gives the rule."""
 
 from __future__ import annotations
 

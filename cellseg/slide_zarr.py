@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from .errors import SlideError
-from .slide import UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
+from .slide_base import UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
 
 log = logging.getLogger(__name__)
 

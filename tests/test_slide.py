@@ -413,9 +413,9 @@ def test_regions_are_writable_copies(tmp_path, name, save):
 
 
 def test_png_over_pixel_limit_is_refused_with_advice(tmp_path, monkeypatch):
-    import cellseg.slide as slide_module
+    import cellseg.slide_pil as pil_backend
 
-    monkeypatch.setattr(slide_module, "MAX_PIL_PIXELS", 100)
+    monkeypatch.setattr(pil_backend, "MAX_PIL_PIXELS", 100)
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(SlideError, match=r"expected a PNG of 1 to 100 pixels .* tiled pyramidal TIFF"):
         open_slide(tmp_path / "a.png")
@@ -429,3 +429,41 @@ def test_concurrent_region_reads(tiled):
     with open_slide(path) as s, ThreadPoolExecutor(4) as pool:
         for box, region in zip(boxes, pool.map(s.read_region, boxes)):
             np.testing.assert_array_equal(region, a[box.slices()])
+
+
+# ---------------------------------------------------------------- import direction
+
+SLIDE_MODULES = ("slide_base", "slide_unreadable", "slide_tiff", "slide_openslide", "slide_czi", "slide_zarr",
+                 "slide_pil")
+BACKENDS = ("slide_tiff", "slide_openslide", "slide_czi", "slide_zarr", "slide_pil")
+
+
+def cellseg_imports(module: str) -> set[str]:
+    """The cellseg modules `module` imports anywhere in its source (top level or inside functions)."""
+    import ast
+
+    import cellseg
+    tree = ast.parse((Path(cellseg.__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cellseg."):
+            found.add(node.module.removeprefix("cellseg."))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("cellseg.") for a in node.names if a.name.startswith("cellseg."))
+    return found
+
+
+@pytest.mark.parametrize("module", SLIDE_MODULES)
+def test_slide_imports_go_one_way(module):
+    """slide.open_slide imports the backends; the backends and the interface they build never import it back,
+    and the interface imports no backend."""
+    imported = cellseg_imports(module)
+    assert "slide" not in imported
+    if module in ("slide_base", "slide_unreadable"):
+        assert not imported & set(BACKENDS)
+
+
+def test_open_slide_reaches_every_backend():
+    assert set(BACKENDS) <= cellseg_imports("slide")
