@@ -1,7 +1,8 @@
 """Model bundles: a folder with model.toml (architecture, classes, scale, thresholds, card) + safetensors weights.
 
 Weights are stored as float16 safetensors (half the size, never unpickled) and loaded as float32.
-The default bundle ships inside the package under cellseg/models/.
+The default bundle ships inside the package under cellseg/models/. The tissue U-Net's bundles (tissue_unet) are
+the same kind of folder in another format: both are found by `find_bundle` and checked by `read_bundle_folder`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ if TYPE_CHECKING:   # network imports torch; reading a bundle's model.toml must 
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
 _WEIGHTS = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class BundleKind:
+    """One kind of bundle: what messages call it, the format its model.toml declares, the shipped bundle used when
+    none is named, and how a user makes one (said when a name is unknown)."""
+
+    noun: str            # "model", "tissue": "expected a tissue bundle folder ..."
+    format: str          # model.toml's `format`
+    default_name: str    # a folder under cellseg/models/
+    how_to_make: str
+
+
+MODEL_BUNDLE = BundleKind("model", BUNDLE_FORMAT, DEFAULT_BUNDLE, "train one with `cellseg train` and pass --model PATH")
 
 
 @dataclass(frozen=True)
@@ -88,42 +103,46 @@ def packaged_bundles_root() -> Path:
     return Path(str(resources.files("cellseg") / "models"))
 
 
-def shipped_bundle_names() -> list[str]:
-    """Names of the cell-model bundles shipped in the package (not the tissue U-Net's)."""
+def shipped_bundle_names(kind: BundleKind = MODEL_BUNDLE) -> list[str]:
+    """Names of the bundles of `kind` shipped in the package (cell models by default: not the tissue U-Net's)."""
     root = packaged_bundles_root()
     names = []
     for toml_path in sorted(root.glob("*/model.toml")) if root.is_dir() else []:
         try:
-            if tomllib.loads(toml_path.read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT:
+            if tomllib.loads(toml_path.read_text(encoding="utf-8")).get("format") == kind.format:
                 names.append(toml_path.parent.name)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             continue
     return names
 
 
-def find_bundle(name_or_path: str | os.PathLike | None) -> Path:
-    """A bundle folder from a path, or the name of one shipped in the package (None -> the default)."""
-    name = DEFAULT_BUNDLE if name_or_path is None else str(name_or_path)
+def find_bundle(name_or_path: str | os.PathLike | None, kind: BundleKind = MODEL_BUNDLE) -> Path:
+    """A bundle folder from a path (the folder or its model.toml), or the name of a bundle of `kind` shipped in the
+    package (None -> kind's default). A path is returned as given: read_bundle_folder says what is wrong with it."""
+    name = kind.default_name if name_or_path is None else str(name_or_path)
     candidate = Path(name)
-    if candidate.is_dir() or os.sep in name or name.endswith(".toml"):
+    # "/" as well as os.sep: a path written the POSIX way is a path on Windows too, never a shipped name
+    if candidate.is_dir() or os.sep in name or "/" in name or name.endswith(".toml"):
         return candidate.parent if candidate.name == "model.toml" else candidate
     shipped = packaged_bundles_root() / name
     if not (shipped / "model.toml").is_file():
-        have = shipped_bundle_names()
-        hint = f"shipped bundles: {', '.join(have)}" if have else "this installation ships no trained model bundle"
-        raise BundleError(f"expected a model bundle folder or a shipped bundle name, got {name!r} ({hint}; "
-                          f"train one with `cellseg train` and pass --model PATH)")
+        have = shipped_bundle_names(kind)
+        hint = (f"shipped bundles: {', '.join(have)}" if have
+                else f"this installation ships no trained {kind.noun} bundle")
+        raise BundleError(f"expected a {kind.noun} bundle folder or a shipped bundle name, got {name!r} ({hint}; "
+                          f"{kind.how_to_make})")
     return shipped
 
 
-def read_bundle_folder(folder: Path, fmt: str, kind: str = "model", require_sha256: bool = False) -> tuple[dict, str]:
+def read_bundle_folder(folder: Path, fmt: str, noun: str = "model", require_sha256: bool = False) -> tuple[dict, str]:
     """Check a bundle folder (model.toml is TOML of format `fmt`, weights present and matching the recorded
-    sha256) and return (model.toml as a dict, the weights' sha256). Every failure is a one-line BundleError."""
+    sha256) and return (model.toml as a dict, the weights' sha256). Every failure is a one-line BundleError that
+    calls the bundle a `noun` bundle (BundleKind.noun)."""
     if not folder.is_dir():
-        raise BundleError(f"expected a {kind} bundle folder, found no bundle at {folder} (no such folder)")
+        raise BundleError(f"expected a {noun} bundle folder, found no bundle at {folder} (no such folder)")
     toml_path = folder / "model.toml"
     if not toml_path.is_file():
-        raise BundleError(f"expected a {kind} bundle folder with model.toml, found no {toml_path}")
+        raise BundleError(f"expected a {noun} bundle folder with model.toml, found no {toml_path}")
     try:
         meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

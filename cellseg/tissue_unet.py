@@ -24,11 +24,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .bundle import packaged_bundles_root, read_bundle_folder, read_weights, sha256_file, write_toml, write_weights
+from .bundle import BundleKind, find_bundle, read_bundle_folder, read_weights, sha256_file, write_toml, write_weights
 from .errors import BundleError, ParameterError
 
 DEFAULT_TISSUE_BUNDLE = "tissue"
 TISSUE_BUNDLE_FORMAT = "cellseg-tissue-bundle/1"
+TISSUE_BUNDLE = BundleKind("tissue", TISSUE_BUNDLE_FORMAT, DEFAULT_TISSUE_BUNDLE,
+                           "make one with tissue_unet.save_tissue_bundle and pass its folder")
 _WEIGHTS = "weights.safetensors"
 _LO_PCT, _HI_PCT = 1.0, 99.5    # robust intensity range of a view
 _MIN_RANGE = 0.25               # ... never narrower than 25 % of the data's nominal full scale
@@ -229,13 +231,8 @@ class TissueBundle:
 
 def load_tissue_bundle(name_or_path: str | os.PathLike | None = None) -> TissueBundle:
     """A tissue bundle by folder path, or by the name of one shipped in cellseg/models (None -> "tissue")."""
-    name = DEFAULT_TISSUE_BUNDLE if name_or_path is None else str(name_or_path)
-    folder = Path(name)
-    if folder.name == "model.toml":
-        folder = folder.parent
-    elif not folder.is_dir() and os.sep not in name and "/" not in name:
-        folder = packaged_bundles_root() / name
-    meta, digest = read_bundle_folder(folder, TISSUE_BUNDLE_FORMAT, kind="tissue", require_sha256=True)
+    folder = find_bundle(name_or_path, TISSUE_BUNDLE)
+    meta, digest = read_bundle_folder(folder, TISSUE_BUNDLE.format, TISSUE_BUNDLE.noun, require_sha256=True)
     toml_path = folder / "model.toml"
     try:
         view, inference = meta.get("view", {}), meta.get("inference", {})

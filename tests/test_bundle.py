@@ -17,7 +17,15 @@ import tomli_w
 import tomllib
 import torch
 
-from cellseg.bundle import BUNDLE_FORMAT, Bundle, find_bundle, load_bundle, save_bundle
+from cellseg.bundle import (
+    BUNDLE_FORMAT,
+    Bundle,
+    find_bundle,
+    load_bundle,
+    packaged_bundles_root,
+    save_bundle,
+    shipped_bundle_names,
+)
 from cellseg.errors import BundleError
 from cellseg.network import build_model
 
@@ -235,8 +243,23 @@ def test_unbuildable_model_settings(bundle_copy, value):
 
 
 def test_unknown_shipped_name():
-    with pytest.raises(BundleError, match="expected a model bundle folder or a shipped bundle name"):
+    with pytest.raises(BundleError, match=r"expected a model bundle folder or a shipped bundle name, got "
+                                          r"'no-such-bundle' \(shipped bundles: nuclei; train one with"):
         find_bundle("no-such-bundle")
+
+
+def test_one_lookup_for_every_kind_of_bundle(tmp_path):
+    """Cell models and tissue U-Nets are found by one find_bundle: a shipped name of the kind (None: its default),
+    or a path taken as given, whatever the kind."""
+    from cellseg.tissue_unet import TISSUE_BUNDLE
+    assert find_bundle(None) == packaged_bundles_root() / "nuclei"
+    assert find_bundle(None, TISSUE_BUNDLE) == packaged_bundles_root() / "tissue"
+    assert shipped_bundle_names() == ["nuclei"] and shipped_bundle_names(TISSUE_BUNDLE) == ["tissue"]
+    assert find_bundle(tmp_path / "nowhere", TISSUE_BUNDLE) == tmp_path / "nowhere"   # read_bundle_folder refuses it
+    assert find_bundle("elsewhere/nuclei") == Path("elsewhere/nuclei")   # a path, though it ends in a shipped name
+    with pytest.raises(BundleError, match=r"expected a tissue bundle folder .* got 'nuclei-typo' \(shipped bundles: "
+                                          r"tissue;"):
+        find_bundle("nuclei-typo", TISSUE_BUNDLE)
 
 
 def test_find_bundle_accepts_folder_or_its_model_toml(saved):

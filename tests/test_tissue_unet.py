@@ -192,9 +192,11 @@ def test_corrupted_weights_are_rejected(saved):
 
 
 def test_missing_folder_and_missing_parts(tmp_path, saved):
-    with pytest.raises(BundleError, match="no bundle"):
+    with pytest.raises(BundleError, match="expected a tissue bundle folder, found no bundle"):
         load_tissue_bundle(tmp_path / "nowhere")
-    with pytest.raises(BundleError, match="no bundle"):
+    # an unknown name lists the shipped tissue bundles (not the cell models): the cell model's lookup, its kind
+    with pytest.raises(BundleError, match=r"expected a tissue bundle folder or a shipped bundle name, got "
+                                          r"'no-such-shipped-bundle' \(shipped bundles: tissue; make one with"):
         load_tissue_bundle("no-such-shipped-bundle")
     _, folder, _ = saved
     (folder / "weights.safetensors").unlink()
@@ -270,6 +272,7 @@ def test_shipped_bundle_loads_and_is_small(shipped):
     bundle, net = shipped
     assert bundle.name == DEFAULT_TISSUE_BUNDLE and bundle.path.name == "tissue"
     assert load_tissue_bundle("tissue") == bundle
+    assert load_tissue_bundle(bundle.path / "model.toml") == bundle
     assert (bundle.path / "weights.safetensors").stat().st_size < 5 * 2 ** 20
     assert bundle.view_um_per_px == 8.0 and 0 < bundle.threshold < 1
     assert not net.training
