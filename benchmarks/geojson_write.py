@@ -2,7 +2,7 @@
 
 The nuclei are merge_measure.py's: ellipses 8-30 px across (log-normal around 14 px), here ~1000 per 512 px tile
 on a 16 x 16 grid (~254k cells). Each tile's cells go to the writer as pipeline.CellEmitter hands them to
-export.ResultWriter: ids, boxes, cropped masks, class ids and the cells.csv rows (measure.cell_columns for 3
+export.ResultWriter: ids, boxes, cropped masks, class ids and the cells.csv rows (measure.nucleus_columns for 3
 channels, values made up: the writer only formats them). Prints seconds, cells/s, the file's size, and how the
 polygons' areas agree with area_px (median and worst relative difference, %).
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from merge_measure import ellipse_bank  # noqa: E402
 
 from cellseg.cells_geojson import CellsGeoJsonWriter  # noqa: E402
-from cellseg.measure import cell_columns  # noqa: E402
+from cellseg.measure import nucleus_columns  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     bank = ellipse_bank(rng)
-    columns = cell_columns(["red", "green", "blue"])
+    columns = nucleus_columns(["red", "green", "blue"])
     tiles = args.grid[0] * args.grid[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cells.geojson"

@@ -16,7 +16,7 @@ SeamMerger.add_tile per tile and pop_final per completed grid row (pipeline.merg
 pipeline.CellEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
 cells_csv.CellsTableWriter ("write", optional).
 With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
-(cell_tiles.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
+(expansion_rows.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
 as `cellseg count --cell-expansion-px D` does. Detection generation is not timed.
 
     nice -n 5 python benchmarks/merge_measure.py [--grid 16 16] [--channels 3] [--csv] [--expansion-px 10 [--stains]]
@@ -176,7 +176,7 @@ class _TableOnly:
     def __init__(self, table):
         self.table = table
 
-    def add_cells(self, read, ids, cells, labels, rows, expanded=None):
+    def add_nuclei(self, read, ids, nuclei, labels, rows, expanded=None):
         if self.table is not None:
             self.table.append(rows)
 
@@ -186,10 +186,10 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
     from skimage.segmentation import expand_labels  # noqa: F401
 
-    from cellseg.cell_tiles import CellExpansion
     from cellseg.cells_csv import CellsTableWriter
     from cellseg.expansion import context_rows
-    from cellseg.measure import cell_columns
+    from cellseg.expansion_rows import CellExpansion
+    from cellseg.measure import nucleus_columns
     from cellseg.merge import SeamMerger, owned_instances
     from cellseg.pipeline import CellEmitter, merge_tiles
     from cellseg.tiling import seam_band_px
@@ -205,7 +205,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     expansion = (CellExpansion(expansion_px, context_rows(expansion_px, TILE, HALO), synth.shape, None, 0.5, names,
                                stains) if expansion_px else None)
     with tempfile.TemporaryDirectory() as tmp:
-        columns = {**cell_columns(names), **(expansion.columns if expansion else {})}
+        columns = {**nucleus_columns(names), **(expansion.columns if expansion else {})}
         table = CellsTableWriter(Path(tmp) / "cells.csv", columns) if write_csv else None
         emitter = CellEmitter(_FakeSlide(len(names), seed, rgb=stains), tiles, _TableOnly(table), names, ["nucleus"],
                               timer, expansion=expansion)

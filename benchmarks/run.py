@@ -319,8 +319,8 @@ def run_child(kind: str, spec: dict, workdir: Path) -> dict:
 
 
 def correct_cells(pred_labels: str, gt) -> dict:
-    from cellseg.evaluate import load_instances, match, pair_iou
-    pred = next(iter(load_instances(pred_labels).values()))
+    from cellseg.evaluate import load_image_masks, match, pair_iou
+    pred = next(iter(load_image_masks(pred_labels).values()))
     m = match(pred, gt, 0.5, ious=pair_iou(pred, gt))
     return {"correct": m.tp, "fp": m.fp, "fn": m.fn, "true_count": m.true_count, "precision": round(m.precision, 4),
             "recall": round(m.recall, 4), "f1": round(m.f1, 4),
@@ -470,8 +470,8 @@ def main() -> None:
                 "cells": v["summary"]["cell_count"], "peak_rss_mb": round(v["peak_rss_mb"], 1),
                 "network_seconds": v["network_seconds"], "labels": v["labels"]}
         if gt_path:
-            from cellseg.evaluate import load_instances
-            gt = next(iter(load_instances(gt_path).values()))
+            from cellseg.evaluate import load_image_masks
+            gt = next(iter(load_image_masks(gt_path).values()))
             result["ground_truth"] = str(gt_path if gt_path.parent != work else f"{_labels_next_to(args.slide)} "
                                                                                   f"(cropped to the region)")
             result["true_cells"] = int((~gt.iscrowd).sum())

@@ -34,7 +34,7 @@ def main() -> None:
     from cellseg.bundle import load_bundle
     from cellseg.cli import result_stem
     from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_instances, match, pair_iou
+    from cellseg.evaluate import load_image_masks, match, pair_iou
     from cellseg.preprocess import measure_range, select_channels
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
@@ -63,9 +63,9 @@ def main() -> None:
         gt = gt_half = None
         if gt_path.is_file():
             gt_labels = tifffile.imread(gt_path)
-            gt = next(iter(load_instances(gt_path).values()))
+            gt = next(iter(load_image_masks(gt_path).values()))
             tifffile.imwrite(tmp / "half_labels.tif", np.ascontiguousarray(gt_labels[:h:2, :w:2]))
-            gt_half = next(iter(load_instances(tmp / "half_labels.tif").values()))
+            gt_half = next(iter(load_image_masks(tmp / "half_labels.tif").values()))
 
         runs = [("original, as is", args.slide, None, gt), ("half size, as is", small, None, gt_half),
                 ("half size, --diameter auto", small, "auto", gt_half)]
@@ -84,7 +84,7 @@ def main() -> None:
             reference = reference if reference is not None else n
             f1 = "-"
             if truth is not None:
-                pred = next(iter(load_instances(out).values()))
+                pred = next(iter(load_image_masks(out).values()))
                 f1 = f"{match(pred, truth, 0.5, ious=pair_iou(pred, truth)).f1:.3f}"
             print(f"{name:>34} {n:>6} {100 * (n - reference) / max(reference, 1):>+11.1f}% {f1:>9} "
                   f"{summary['scale']['factor']:>6.2f}")

@@ -32,7 +32,7 @@ def main() -> None:
 
     from cellseg.bundle import load_bundle
     from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_instances, match, pair_iou
+    from cellseg.evaluate import load_image_masks, match, pair_iou
     from cellseg.protocol import load_protocol
 
     protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model,
@@ -46,7 +46,7 @@ def main() -> None:
             start = time.perf_counter()
             counter = CellCounter(protocol.replace(tile_size=tile), loaded.detector, tissue=loaded.tissue)
             summary = counter.count(args.slide, out)
-            instances = next(iter(load_instances(out).values()))
+            instances = next(iter(load_image_masks(out).values()))
             runs[tile] = (summary["cell_count"], instances, time.perf_counter() - start)
         ref_tile = args.tiles[0]
         ref_count, ref, _ = runs[ref_tile]

@@ -39,20 +39,20 @@ def main() -> None:
 
     from cellseg.cli import result_stem
     from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_instances, match, pair_iou
+    from cellseg.evaluate import load_image_masks, match, pair_iou
     from cellseg.protocol import load_protocol
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size)
     loaded = CellCounter.load(protocol, args.device)
     gt_path = args.slide.parent / f"{result_stem(args.slide)}_labels.tif"
-    gt = next(iter(load_instances(gt_path).values())) if gt_path.is_file() else None
+    gt = next(iter(load_image_masks(gt_path).values())) if gt_path.is_file() else None
     def run(name: str, method: str, min_fraction: float) -> dict:
         out = Path(tmp) / name
         start = time.perf_counter()
         counter = CellCounter(protocol.replace(min_tissue_fraction=min_fraction, tissue_method=method),
                               loaded.detector, model_diameter_px=loaded.model_diameter_px)
         summary = counter.count(args.slide, out)
-        return {"summary": summary, "cells": next(iter(load_instances(out).values())),
+        return {"summary": summary, "cells": next(iter(load_image_masks(out).values())),
                 "seconds": time.perf_counter() - start}
 
     def compare(got: dict, ref: dict) -> tuple[float, float | None, list]:

@@ -54,8 +54,7 @@ def expanded_columns(channel_names: list[str], stains: bool) -> dict[str, str]:
 
 
 class _Pixels(NamedTuple):
-    """Cells' pixels in a label image as measure._perimeters takes them: per pixel its flat index in the image,
-    its row and its cell (0 .. n - 1)."""
+    """Cells' pixels in a label image: per pixel its flat index in the image, its row and its cell (0 .. n - 1)."""
 
     index: np.ndarray
     row: np.ndarray
@@ -90,7 +89,7 @@ def measure_expanded(cell_ids: np.ndarray, cells: np.ndarray, nuclei: np.ndarray
     scale = np.nan if mpp is None else float(mpp)
     out: dict[str, np.ndarray] = {"cell_area_px": area.astype(np.int64)}
     out["cell_area_um2"] = area * scale ** 2
-    out["cell_perimeter_px"] = _perimeters(px, cells) if n else np.zeros(0)
+    out["cell_perimeter_px"] = _perimeters(cells, px.index, px.row, px.cell, n) if n else np.zeros(0)
     out["cell_perimeter_um"] = out["cell_perimeter_px"] * scale
     with np.errstate(invalid="ignore", divide="ignore"):
         out["nucleus_cell_area_ratio"] = counts[:n] / area

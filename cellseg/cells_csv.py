@@ -1,4 +1,5 @@
-"""cells.csv: one row per cell, streamed as the cells are measured (the columns: measure.cell_columns)."""
+"""cells.csv: one row per nucleus (and the cell grown from it), streamed as they are measured (the columns:
+measure.nucleus_columns, then cell_measure.expanded_columns when nuclei are grown into cells)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import numpy as np
 
 
 class CellsTableWriter:
-    """Streams cells.csv: the header is written at open (so zero cells still give a valid table),
+    """Streams cells.csv: the header is written at open (so zero nuclei still give a valid table),
     then rows per batch. `columns` maps column name -> numpy dtype string, in file order.
 
     Floats are written with 6 significant digits, NaN as an empty field. Rows are buffered and written
     `flush_rows` at a time (and at close): pandas' CSV writer costs ~5 ms a call whatever the rows, so one call
-    per tile of a few dozen cells made the table a third of a big slide's write time.
+    per tile of a few dozen nuclei made the table a third of a big slide's write time.
     """
 
     def __init__(self, path: Path, columns: dict[str, str], flush_rows: int = 20000):
@@ -38,7 +39,7 @@ class CellsTableWriter:
         if set(got) != set(self.columns):
             missing = [c for c in self.columns if c not in got]
             extra = [c for c in got if c not in self.columns]
-            raise ValueError(f"expected the declared cell columns, missing {missing}, unexpected {extra}")
+            raise ValueError(f"expected the declared cells.csv columns, missing {missing}, unexpected {extra}")
         data = {name: np.asarray(table[name]).astype(dt, copy=False) for name, dt in self.columns.items()}
         lengths = {len(v) for v in data.values()}
         if len(lengths) > 1:

@@ -1,4 +1,5 @@
-"""cells.geojson: every cell as a GeoJSON Feature the way QuPath (0.4+) writes its own objects, streamed.
+"""cells.geojson: every nucleus (or the cell grown from it) as a GeoJSON Feature the way QuPath (0.4+) writes its
+own objects, streamed.
 
 QuPath reads it with File > Import objects; shapely, geopandas and any GIS tool read it as plain GeoJSON.
 
@@ -10,7 +11,7 @@ QuPath reads it with File > Import objects; shapely, geopandas and any GIS tool 
                     "measurements": {"area_px": 80, "area_um2": 5.0, ...}}}   # cells.csv's numeric columns
 
 Coordinates are level-0 pixels with x = column, y = row (QuPath's convention), and polygons trace pixel *edges*:
-pixel (row, col) is the square [col, col + 1] x [row, row + 1], so a polygon's area is exactly the cell's pixel count
+pixel (row, col) is the square [col, col + 1] x [row, row + 1], so a polygon's area is exactly the mask's pixel count
 (a contour through pixel centres would lose about half a pixel along the whole outline: ~5 % of a 10 px nucleus).
 Holes are kept. The file is written as cells.csv is, tile by tile: memory holds one tile's features at a time.
 """
@@ -43,7 +44,7 @@ def mask_polygon(mask: np.ndarray, row0: int, col0: int):
 
 def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
     """mask_polygon's geometry as a GeoJSON dict (integer pixel-corner coordinates), built without shapely for the
-    common cell (one outline, its holes, no ring touching itself)."""
+    common mask (one outline, its holes, no ring touching itself)."""
     import shapely
     from skimage.measure import find_contours
 
@@ -70,7 +71,7 @@ def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
     elif not holes:
         geometry = shapely.MultiPolygon([shapely.Polygon(o) for o in outers])
     else:
-        # Parts, holes, islands in holes: the rings never cross, so the cell is their even-odd fill, and which
+        # Parts, holes, islands in holes: the rings never cross, so the mask is their even-odd fill, and which
         # hole lies in which part is GEOS's job.
         geometry = shapely.Polygon(outers[0])
         for ring in outers[1:] + holes:
@@ -111,35 +112,35 @@ def _run_ring(mask: np.ndarray) -> np.ndarray | None:
 def blob_geometries(boxes: np.ndarray, masks: list[np.ndarray]) -> list[dict | None]:
     """_run_ring for all of a tile's masks at once (whole-array numpy over their row runs, maskrows.MaskRows, as
     merge and measure do): each blob's GeoJSON Polygon in slide px, None for a mask that is not a blob (its
-    outline is traced by mask_geometry). The same polygons as _run_ring, without ~15 numpy calls per cell."""
+    outline is traced by mask_geometry). The same polygons as _run_ring, without ~15 numpy calls per mask."""
     from .maskrows import MaskRows
 
     out: list[dict | None] = [None] * len(masks)
     rows = MaskRows.of(boxes, masks)
-    if not len(rows.cell):
+    if not len(rows.mask):
         return out
-    cell, y = rows.cell, rows.y
+    mask, y = rows.mask, rows.y
     left, last = rows.ends()
     right = last + 1                                       # run [left, right)
-    first = np.r_[True, cell[1:] != cell[:-1]]             # a cell's first row
+    first = np.r_[True, mask[1:] != mask[:-1]]             # a mask's first row
     bad = rows.count != right - left                       # a row of more than one run
-    joined = ~first[1:]                                    # row k + 1 continues row k's cell
+    joined = ~first[1:]                                    # row k + 1 continues row k's mask
     gap = joined & ((y[1:] != y[:-1] + 1) | (left[1:] >= right[:-1]) | (left[:-1] >= right[1:]))
     bad[1:] |= gap
     starts = np.flatnonzero(first)
-    ok_cells = np.bincount(cell, weights=bad, minlength=len(masks)) == 0
-    ok_cells[np.setdiff1d(np.arange(len(masks)), cell[starts])] = False      # empty masks
-    keep = ok_cells[cell]
+    blobs = np.bincount(mask, weights=bad, minlength=len(masks)) == 0
+    blobs[np.setdiff1d(np.arange(len(masks)), mask[starts])] = False      # empty masks
+    keep = blobs[mask]
     if not keep.any():
         return out
-    cell, y, left, right = cell[keep], y[keep], left[keep], right[keep]
-    first = np.r_[True, cell[1:] != cell[:-1]]
+    mask, y, left, right = mask[keep], y[keep], left[keep], right[keep]
+    first = np.r_[True, mask[1:] != mask[:-1]]
     starts = np.flatnonzero(first)
-    h = np.diff(np.r_[starts, len(cell)])
-    index_in = np.arange(len(cell)) - np.repeat(starts, h)          # row k's place in its cell
+    h = np.diff(np.r_[starts, len(mask)])
+    index_in = np.arange(len(mask)) - np.repeat(starts, h)          # row k's place in its mask
     hk = np.repeat(h, h)
-    base = 4 * np.repeat(starts, h)                                # each cell's first point
-    points = np.empty((4 * len(cell), 2), np.int64)
+    base = 4 * np.repeat(starts, h)                                # each mask's first point
+    points = np.empty((4 * len(mask), 2), np.int64)
     down = base + 2 * index_in
     up = base + 2 * hk + 2 * (hk - 1 - index_in)
     points[down] = np.stack([left, y], 1)
@@ -150,11 +151,11 @@ def blob_geometries(boxes: np.ndarray, masks: list[np.ndarray]) -> list[dict | N
     points, group = _drop_cyclic(points, group, straight=False)
     points, group = _drop_cyclic(points, group, straight=True)
     bounds = np.flatnonzero(np.r_[True, group[1:] != group[:-1], True])
-    cells = cell[starts]
+    mask_of_ring = mask[starts]
     for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         ring = points[a:b].tolist()
         ring.append(ring[0])
-        out[int(cells[g])] = {"type": "Polygon", "coordinates": [ring]}
+        out[int(mask_of_ring[g])] = {"type": "Polygon", "coordinates": [ring]}
     return out
 
 
@@ -224,8 +225,9 @@ def label_masks(labels: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, i
 
 
 class CellsGeoJsonWriter:
-    """Streams cells.geojson: one Feature per cell, appended per tile (`append`); `close` ends the collection and,
-    when the file grew beyond `gzip_above_bytes` (None: never), replaces it by cells.geojson.gz.
+    """Streams cells.geojson: one Feature per nucleus (or the cell grown from it), appended per tile (`append`);
+    `close` ends the collection and, when the file grew beyond `gzip_above_bytes` (None: never), replaces it by
+    cells.geojson.gz.
 
     columns: cells.csv's columns (name -> dtype); the numeric ones (bools as 0/1) become each Feature's
     measurements, NaN (a µm column without a pixel size) left out. cells_expanded: features are QuPath cells
@@ -247,7 +249,7 @@ class CellsGeoJsonWriter:
 
     def append(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
                rows: dict[str, np.ndarray], expanded: tuple[tuple[int, int], np.ndarray] | None = None) -> None:
-        """One tile's cells: ids, nucleus boxes (row0, col0, row1, col1) and masks in slide px, class ids >= 1, their
+        """One tile's nuclei: ids, boxes (row0, col0, row1, col1) and masks in slide px, class ids >= 1, their
         cells.csv rows; with grown cells, ((row0, col0) of the cell label image, the image)."""
         if self._fh is None:
             raise ValueError(f"{self.path} is already closed")
@@ -262,14 +264,14 @@ class CellsGeoJsonWriter:
         columns = {n: v.tolist() for n, v in values.items()}
         lines = []
         blobs = blob_geometries(boxes, masks)
-        for k, cid in enumerate(ids.tolist()):
+        for k, nid in enumerate(ids.tolist()):
             nucleus = blobs[k] or mask_geometry(masks[k], int(boxes[k][0]), int(boxes[k][1]))
             if nucleus is None:
                 continue
             measurements = {n: col[k] for n, col in columns.items() if col[k] == col[k]}    # NaN left out
             properties = {"objectType": "cell" if self.cells_expanded else "detection",
                           "classification": self.classes[int(class_ids[k]) - 1], "measurements": measurements}
-            feature = {"type": "Feature", "id": cid}
+            feature = {"type": "Feature", "id": nid}
             if cell_masks is not None and cell_masks[k] is not None:
                 mask, r0, c0 = cell_masks[k]
                 feature["geometry"] = mask_geometry(mask, r0 + expanded[0][0], c0 + expanded[0][1])
@@ -315,7 +317,7 @@ def _qupath_class(name: str) -> str:
 
 
 def read_cells(path: Path) -> dict:
-    """A cells.geojson (or .geojson.gz) as a dict (for tests and small results: it holds every cell)."""
+    """A cells.geojson (or .geojson.gz) as a dict (for tests and small results: it holds every feature)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:

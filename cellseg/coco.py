@@ -4,7 +4,7 @@ Conventions (docs/architecture.md): coordinates are (row, col) in level-0 pixels
 `Box(row0, col0, row1, col1)`. `x, y` appear only where COCO demands them (its bbox).
 
 - `crop_rle`, `crop_rles`: COCO compressed RLE of full-image masks built from their crops alone (also used by
-  `cellseg.instances_io` to read label images).
+  `cellseg.image_masks` to read label images).
 - `CocoWriter`: streams predictions.coco.json one annotation at a time, memory flat in the slide size.
 """
 
@@ -17,22 +17,22 @@ from typing import IO
 import numpy as np
 
 
-def _rle_strings(counts: np.ndarray, cell_of: np.ndarray, n_cells: int) -> list[str]:
-    """COCO's compressed RLE strings (pycocotools maskApi.c rleToString) of the uncompressed counts of `n_cells`
-    masks at once: `counts` holds each mask's counts one after another, `cell_of` the mask of each.
+def _rle_strings(counts: np.ndarray, mask_of: np.ndarray, n_masks: int) -> list[str]:
+    """COCO's compressed RLE strings (pycocotools maskApi.c rleToString) of the uncompressed counts of `n_masks`
+    masks at once: `counts` holds each mask's counts one after another, `mask_of` the mask of each.
 
     Reimplemented with int64 because pycocotools stores counts as uint32: a slide over 2**32 pixels
     (65536²) has runs that overflow it. Each value (a delta to the count two back in its mask, from index 3 on —
     the C code's quirk) is written as 5-bit groups, least significant first, 0x20 = "more follows",
     plus 48 to land in printable ASCII. All groups of all values of all masks are made at once (a loop over
-    groups cost ~100 µs a cell, one call per cell ~50 µs).
+    groups cost ~100 µs a mask, one call per mask ~50 µs).
     """
     x = np.asarray(counts, dtype=np.int64).copy()
     if x.size == 0:
-        return [""] * n_cells
-    first = np.r_[True, cell_of[1:] != cell_of[:-1]]
-    index_in_cell = np.arange(x.size) - np.maximum.accumulate(np.where(first, np.arange(x.size), 0))
-    later = np.flatnonzero(index_in_cell >= 3)
+        return [""] * n_masks
+    first = np.r_[True, mask_of[1:] != mask_of[:-1]]
+    index_in_mask = np.arange(x.size) - np.maximum.accumulate(np.where(first, np.arange(x.size), 0))
+    later = np.flatnonzero(index_in_mask >= 3)
     x[later] -= np.asarray(counts, dtype=np.int64)[later - 2]
     # enough groups for the largest magnitude plus its sign bit, plus one spare; groups after a value's last are
     # masked out
@@ -44,7 +44,7 @@ def _rle_strings(counts: np.ndarray, cell_of: np.ndarray, n_cells: int) -> list[
     valid = np.ones(more.shape, bool)
     valid[:, 1:] = np.logical_and.accumulate(more, axis=1)[:, :-1]
     text = (np.where(more, c | 0x20, c) + 48)[valid].astype(np.uint8).tobytes().decode("ascii")  # value-major
-    ends = np.cumsum(np.bincount(cell_of, weights=valid.sum(1), minlength=n_cells).astype(np.int64))
+    ends = np.cumsum(np.bincount(mask_of, weights=valid.sum(1), minlength=n_masks).astype(np.int64))
     return [text[a:b] for a, b in zip(np.r_[0, ends[:-1]], ends)]
 
 
@@ -59,7 +59,7 @@ def crop_rles(crops: list[np.ndarray], row0s, col0s, height: int, width: int) ->
     in one pass (a run never spans two crops).
     """
     H, W = int(height), int(width)
-    vals, weights, cells = [], [], []
+    vals, weights, mask_of = [], [], []
     for k, (mask_crop, row0, col0) in enumerate(zip(crops, row0s, col0s)):
         crop = np.asarray(mask_crop, dtype=bool)
         row0, col0 = int(row0), int(col0)
@@ -85,13 +85,13 @@ def crop_rles(crops: list[np.ndarray], row0s, col0s, height: int, width: int) ->
                 v, wt = np.r_[False, v], np.r_[0, wt]
         vals.append(v)
         weights.append(wt)
-        cells.append(np.full(v.size, k, np.int64))
+        mask_of.append(np.full(v.size, k, np.int64))
     if not crops:
         return []
-    vals, weights, cells = np.concatenate(vals), np.concatenate(weights), np.concatenate(cells)
-    starts = np.flatnonzero(np.r_[True, (vals[1:] != vals[:-1]) | (cells[1:] != cells[:-1])])
+    vals, weights, mask_of = np.concatenate(vals), np.concatenate(weights), np.concatenate(mask_of)
+    starts = np.flatnonzero(np.r_[True, (vals[1:] != vals[:-1]) | (mask_of[1:] != mask_of[:-1])])
     counts = np.add.reduceat(weights, starts)
-    return [{"size": [H, W], "counts": text} for text in _rle_strings(counts, cells[starts], len(crops))]
+    return [{"size": [H, W], "counts": text} for text in _rle_strings(counts, mask_of[starts], len(crops))]
 
 
 def crop_rle(mask_crop: np.ndarray, row0: int, col0: int, height: int, width: int) -> dict:
@@ -103,7 +103,7 @@ class CocoWriter:
     """Streams predictions as a COCO instance JSON for one image (id 1).
 
     Masks are compressed RLE in full-image coordinates. The annotations array is written one
-    object at a time, so memory is independent of slide size and cell count. Annotations carry
+    object at a time, so memory is independent of slide size and nucleus count. Annotations carry
     "iscrowd": 0 so the file also serves as ground truth for COCOeval.
     """
 
@@ -124,7 +124,7 @@ class CocoWriter:
 
     def append(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray],
                scores: np.ndarray, class_ids: np.ndarray) -> None:
-        """Append N cells: ids (N,) int; boxes (N, 4) int (row0, col0, row1, col1) in slide px;
+        """Append N nuclei: ids (N,) int; boxes (N, 4) int (row0, col0, row1, col1) in slide px;
         masks[i] bool (row1-row0, col1-col0); scores (N,) float; class_ids (N,) int category ids."""
         if self._fh is None:
             raise ValueError(f"{self.path} is already closed")

@@ -6,7 +6,7 @@
   one 180-prediction image; its AP50/AP75 lines use maxDets[2]). Instead ap = mean of
   eval["precision"][:, :, 0, 0, -1] over entries > -1 (IoU .50:.05:.95, area "all", the last maxDets),
   ap50 / ap75 the same at IoU .50 / .75, ar the mean of eval["recall"][:, 0, 0, -1]. None when there
-  is no GT cell at all.
+  is no GT nucleus at all.
 - COCOeval is fed our IoU table and visits only overlapping pairs (`_SparseCOCOeval`), with the same
   results as the stock class.
 """
@@ -21,7 +21,7 @@ import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .instances_io import ImageInstances
+from .image_masks import ImageMasks
 from .overlap import PairIoU, pair_iou
 
 MIN_MAX_DETS = 1000
@@ -34,7 +34,7 @@ class _SparseCOCOeval(COCOeval):
     evaluateImg is pycocotools' own (BSD licence) loop restricted to each detection's nonzero IoUs. That
     restriction changes nothing: a zero IoU never makes a match and cannot trigger the loop's `break`
     sooner (GT are sorted ignored-last). The stock loop is O(T x dets x GT) in Python: 50 s for one
-    image of 1,600 cells; this one is O(T x (dets + overlapping pairs))."""
+    image of 1,600 nuclei; this one is O(T x (dets + overlapping pairs))."""
 
     pair_ious: dict[int, PairIoU]
 
@@ -101,7 +101,7 @@ class _SparseCOCOeval(COCOeval):
                 "dtScores": [d["score"] for d in dt], "gtIgnore": gtIg, "dtIgnore": dtIg}
 
 
-def coco_ap(pairs: list[tuple[str, ImageInstances, ImageInstances]], ious: list[PairIoU] | None = None) -> dict:
+def coco_ap(pairs: list[tuple[str, ImageMasks, ImageMasks]], ious: list[PairIoU] | None = None) -> dict:
     """COCO mask AP (COCOeval, segm, class-agnostic, area "all", maxDets >= 1000); see the module docstring."""
     ious = [pair_iou(p, g) for _, p, g in pairs] if ious is None else ious
     max_dets = [1, 100, max(MIN_MAX_DETS, max((len(p) for _, p, _ in pairs), default=0))]

@@ -1,15 +1,15 @@
-"""Score predicted cell masks against ground truth: COCO mask AP, TP/FP/FN at one IoU, count error,
+"""Score predicted nucleus masks against ground truth: COCO mask AP, TP/FP/FN at one IoU, count error,
 and a score-threshold sweep; write the report (metrics.json, per_image.csv, threshold_sweep.png).
 
 The parts live beside this module, which keeps the matching, the report, the sweep and the outputs:
-- `cellseg.instances_io`: loading PRED and GT (COCO JSON, label image or cellseg result folder) and
-  pairing their images (by file_name, then base name, then stem, then id).
+- `cellseg.image_masks`: loading PRED and GT (COCO JSON, label image or cellseg result folder) as `ImageMasks`
+  and pairing their images (by file_name, then base name, then stem, then id).
 - `cellseg.overlap`: the sparse IoU table of box-intersecting (prediction, GT) pairs.
 - `cellseg.cocoeval_sparse`: COCO mask AP, pycocotools' COCOeval fed that table.
-This module's `load_instances` reads label images in tiles of its LABEL_TILE; `pair_iou` and `EvaluationError`
+This module's `load_image_masks` reads label images in tiles of its LABEL_TILE; `pair_iou` and `EvaluationError`
 are importable from here too.
 
-Evaluation is class-agnostic (cellseg counts cells): categories are ignored.
+Evaluation is class-agnostic (cellseg counts nuclei): categories are ignored.
 
 Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all predictions as given):
 - Matching: one-to-one, Hungarian (scipy.optimize.linear_sum_assignment) on each connected group of
@@ -19,9 +19,9 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
   StarDist: ap_tp = TP/(TP+FP+FN) (not COCO's interpolated AP).
 - Convention for 0/0: a ratio is 1.0 when the image has nothing to find and nothing was found
   (TP = FP = FN = 0), else a zero denominator gives 0.0. So an empty image predicted empty scores 1
-  everywhere and enters the means over images; GT cells with no predictions score 0.
-- Crowd GT regions (iscrowd=1) are not cells to find; a prediction covering one (intersection over
-  the prediction's area >= `iou`) and matching no cell is neither TP nor FP.
+  everywhere and enters the means over images; GT nuclei with no predictions score 0.
+- Crowd GT regions (iscrowd=1) are not nuclei to find; a prediction covering one (intersection over
+  the prediction's area >= `iou`) and matching no nucleus is neither TP nor FP.
 - DSB2018 score per image: the mean over IoU thresholds 0.50, 0.55, ..., 0.95 of TP/(TP+FP+FN), each matched
   as above (the Kaggle 2018 Data Science Bowl metric); reported per image and as the mean over images.
 - Count error per image: pred count - true count; relative |error| / true count (0 when both are 0,
@@ -29,7 +29,7 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
 - COCO mask AP: pycocotools COCOeval, iouType "segm", useCats=0, maxDets = [1, 100, max(1000, the
   most predictions in one image)] so no prediction is dropped; ap = AP@[.5:.95], ap50, ap75, ar read
   from eval["precision"] / eval["recall"] at area "all" and the last maxDets, not from summarize()
-  (which looks up maxDets=100). None when there is no GT cell at all. Details: cellseg.cocoeval_sparse.
+  (which looks up maxDets=100). None when there is no GT nucleus at all. Details: cellseg.cocoeval_sparse.
 - Sweep: for score thresholds 0.3..0.9 (step 0.05), predictions with score >= threshold are kept and
   pooled counts, TP/FP/FN, F1 and ap_tp recomputed. best_threshold maximises pooled F1 (ties: the lower
   threshold) among the eligible thresholds: predictions are usually already cut at the pipeline's
@@ -52,17 +52,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import instances_io
+from . import image_masks
 from .cocoeval_sparse import coco_ap
 from .errors import EvaluationError
-from .instances_io import ImageInstances, pair_images
+from .image_masks import ImageMasks, pair_images
 from .overlap import PairIoU, pair_iou
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(13))  # 0.30, 0.35, ..., 0.90
 DSB_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))   # 0.50, 0.55, ..., 0.95
-LABEL_TILE = instances_io.LABEL_TILE  # label images are read in tiles of this many px a side (load_instances)
+LABEL_TILE = image_masks.LABEL_TILE  # label images are read in tiles of this many px a side (load_image_masks)
 DEFINITIONS = {
     "ap_tp": "TP/(TP+FP+FN) at iou_threshold (DSB2018 / StarDist 'AP'), not COCO's interpolated AP",
     "f1": "2TP/(2TP+FP+FN); precision TP/(TP+FP); recall TP/(TP+FN)",
@@ -156,16 +156,16 @@ def rel_count_error(pred: int, true: int) -> float | None:
 
 # --------------------------------------------------------------------------- loading
 
-def load_instances(path: str | Path) -> dict[str, ImageInstances]:
-    """Images with their cells from a COCO JSON, a label image or a cellseg result folder, keyed by name:
-    `cellseg.instances_io.load_instances` with label images read in tiles of this module's LABEL_TILE, so
+def load_image_masks(path: str | Path) -> dict[str, ImageMasks]:
+    """Images with their masks from a COCO JSON, a label image or a cellseg result folder, keyed by name:
+    `cellseg.image_masks.load_image_masks` with label images read in tiles of this module's LABEL_TILE, so
     setting `cellseg.evaluate.LABEL_TILE` still changes the tile size."""
-    return instances_io.load_instances(path, label_tile=LABEL_TILE)
+    return image_masks.load_image_masks(path, label_tile=LABEL_TILE)
 
 
 # --------------------------------------------------------------------------- matching
 
-def match(pred: ImageInstances, gt: ImageInstances, iou: float = 0.5, score_threshold: float | None = None,
+def match(pred: ImageMasks, gt: ImageMasks, iou: float = 0.5, score_threshold: float | None = None,
           ious: PairIoU | None = None) -> MatchResult:
     """One-to-one matching at IoU >= `iou` of the predictions with score >= `score_threshold` (all if None)."""
     from scipy.optimize import linear_sum_assignment
@@ -211,12 +211,12 @@ def match(pred: ImageInstances, gt: ImageInstances, iou: float = 0.5, score_thre
 # --------------------------------------------------------------------------- the whole evaluation
 
 def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> EvaluationReport:
-    """Evaluate `pred` against `gt` (each a path for `load_instances` or its result); see the module docstring."""
+    """Evaluate `pred` against `gt` (each a path for `load_image_masks` or its result); see the module docstring."""
     if not (isinstance(iou, (int, float)) and 0 < iou <= 1):
         raise EvaluationError(f"expected an IoU threshold in (0, 1], got {iou!r}")
     pred_source, gt_source = (str(x) if isinstance(x, (str, Path)) else "(in memory)" for x in (pred, gt))
-    pred = load_instances(pred) if isinstance(pred, (str, Path)) else pred
-    gt = load_instances(gt) if isinstance(gt, (str, Path)) else gt
+    pred = load_image_masks(pred) if isinstance(pred, (str, Path)) else pred
+    gt = load_image_masks(gt) if isinstance(gt, (str, Path)) else gt
     pairs = pair_images(pred, gt)
     used_p, used_g = {id(p) for _, p, _ in pairs}, {id(g) for _, _, g in pairs}
     unmatched_p = [im.name for im in pred.values() if id(im) not in used_p]
@@ -261,7 +261,7 @@ def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> Evalu
         images_unmatched_pred=unmatched_p, images_unmatched_gt=unmatched_g)
 
 
-def dsb_score(pred: ImageInstances, gt: ImageInstances, ious: PairIoU | None = None) -> float:
+def dsb_score(pred: ImageMasks, gt: ImageMasks, ious: PairIoU | None = None) -> float:
     """The DSB2018 score of one image: mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN) (module docstring)."""
     ious = pair_iou(pred, gt) if ious is None else ious
     return float(np.mean([match(pred, gt, t, ious=ious).ap_tp for t in DSB_IOU_THRESHOLDS]))
@@ -322,7 +322,7 @@ def per_image_csv(report: EvaluationReport) -> str:
 
 
 def plot_sweep(report: EvaluationReport, path: str | Path) -> None:
-    """Two-panel PNG: cell count vs score threshold (true count dashed), F1 and TP/(TP+FP+FN) below.
+    """Two-panel PNG: nucleus count vs score threshold (true count dashed), F1 and TP/(TP+FP+FN) below.
     Written to a temporary name, then renamed into place."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

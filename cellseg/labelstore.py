@@ -134,7 +134,7 @@ class LabelStore:
         """Write the NONZERO pixels of `labels` (uint32, shape box.shape) into `box`; keep the rest.
 
         Only the chunks under the bounding box of the nonzero pixels are touched, so painting a tile whose
-        cells sit in one corner touches one chunk, not the tile's four.
+        nuclei sit in one corner touches one chunk, not the tile's four.
         """
         box = Box(*box)
         self._check_box(box)

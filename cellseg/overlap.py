@@ -1,4 +1,4 @@
-"""Which predicted cells overlap which true cells, and by how much: a sparse IoU table.
+"""Which predicted nuclei overlap which true nuclei, and by how much: a sparse IoU table.
 
 Only pairs whose boxes intersect get an IoU (`box_pairs` finds them without comparing every pair),
 computed by pycocotools.mask.iou on the RLEs; pairs with IoU 0 are dropped. Against crowd GT the value
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from .instances_io import ImageInstances
+from .image_masks import ImageMasks
 
 
 @dataclass
@@ -30,7 +30,7 @@ def box_pairs(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarra
     """Indexes (i, j) of boxes a[i], b[j] ((N, 4) half-open row0, col0, row1, col1) that overlap.
 
     Both sorted by row0; each chunk of `a` is compared only with the `b` rows that can reach it, so the
-    work grows with the cells per band of rows, not with N x M."""
+    work grows with the masks per band of rows, not with N x M."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     ob, oa = np.argsort(b[:, 0], kind="stable"), np.argsort(a[:, 0], kind="stable")
@@ -51,7 +51,7 @@ def box_pairs(a: np.ndarray, b: np.ndarray, chunk: int = 256) -> tuple[np.ndarra
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-def pair_iou(pred: ImageInstances, gt: ImageInstances) -> PairIoU:
+def pair_iou(pred: ImageMasks, gt: ImageMasks) -> PairIoU:
     """IoU (pycocotools.mask.iou on RLEs) of every box-intersecting (prediction, GT) pair."""
     pi, gi = box_pairs(pred.boxes, gt.boxes)
     vals = np.zeros(len(pi), np.float64)

@@ -1,4 +1,5 @@
-"""The result folder's pictures: overlay.png (the slide's thumbnail with cell outlines) and area_histogram.png."""
+"""The result folder's pictures: overlay.png (the slide's thumbnail with nucleus outlines, and cell outlines when
+nuclei are grown into cells) and area_histogram.png (nucleus areas)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ NUCLEUS_OUTLINE = (255, 255, 0)    # yellow
 CELL_OUTLINE = (0, 255, 255)       # cyan: cells grown from the nuclei (cell_labels.ome.tif)
 
 
-def write_overlay_png(thumbnail: np.ndarray, label_thumb: np.ndarray, path: Path,
+def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Path,
                       cell_thumb: np.ndarray | None = None) -> None:
-    """PNG of `thumbnail` (h, w[, C], any dtype) with the outlines of `label_thumb` (h, w) in yellow and, when
-    given, those of the cells grown from them (`cell_thumb`, the same shape) in cyan beneath.
+    """PNG of `thumbnail` (h, w[, C], any dtype) with the outlines of the nuclei in `nucleus_thumb` (h, w labels)
+    in yellow and, when given, those of the cells grown from them (`cell_thumb`, the same shape) in cyan beneath.
 
     If the label thumbnails differ from the picture by rounding, they are resized by nearest neighbour.
     """
@@ -48,23 +49,24 @@ def write_overlay_png(thumbnail: np.ndarray, label_thumb: np.ndarray, path: Path
     from skimage.transform import resize
 
     rgb = _display_rgb(thumbnail)
-    for labels, colour in ((cell_thumb, CELL_OUTLINE), (label_thumb, NUCLEUS_OUTLINE)):
+    for labels, colour in ((cell_thumb, CELL_OUTLINE), (nucleus_thumb, NUCLEUS_OUTLINE)):
         if labels is None:
             continue
         labels = np.asarray(labels)
         if labels.shape != rgb.shape[:2]:
             labels = resize(labels, rgb.shape[:2], order=0, preserve_range=True,
                             anti_aliasing=False).astype(labels.dtype)
-        # mode="inner": the outline lies on the cell's own pixels, so touching cells keep separate lines
+        # mode="inner": the outline lies on the object's own pixels, so touching ones keep separate lines
         rgb[find_boundaries(labels, mode="inner")] = colour
     # Fast zlib level: a 2048² overlay takes ~0.3 s instead of ~4 s at PIL's default, for ~20 % more bytes.
     Image.fromarray(rgb).save(path, compress_level=1)
 
 
 def write_area_histogram(areas: np.ndarray, unit: str, path: Path) -> None:
-    """PNG histogram of cell `areas` (1-D, in `unit`: "µm²" or "px"), with the median marked.
+    """PNG histogram of nucleus `areas` (1-D, in `unit`: "µm²" or "px"), with the median marked. (The plot's labels
+    keep saying "cell area": that is what users have seen in area_histogram.png.)
 
-    Zero cells give an empty plot saying so, so the result folder always has the same files.
+    Zero nuclei give an empty plot saying so, so the result folder always has the same files.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

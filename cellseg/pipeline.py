@@ -7,7 +7,7 @@
        journal (journal.py) each finished band is kept there, and a resumed run reads it back instead
     -> write_result: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of cells goes to the
        CellEmitter: ids, measurements (measure.py), written (export.ResultWriter); with a cell expansion, each
-       nucleus is grown into a cell and measured too (cell_tiles.py), a tile row later; then label pyramids,
+       nucleus is grown into a cell and measured too (expansion_rows.py), a tile row later; then label pyramids,
        overlay, tissue mask, histogram, summary.json, run.json
 
 Detection runs in a thread of its own (threads.in_background), a batch ahead of merging, measuring and writing.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cell_tiles import CellExpansion, FinalNuclei, expand_tile
+from .expansion_rows import CellExpansion, FinalNuclei, expand_tile
 from .export import ResultWriter, start_writer_imports
 from .instances import Instances, TileDetections, TileDetector
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
@@ -313,7 +313,7 @@ class CellEmitter:
     """Gives final cells their ids (1, 2, ... in emission order), measures them per owning tile and hands them
     to the result writer.
 
-    With an expansion (cell_tiles.py) each tile's nuclei are also grown into cells, which needs the final nuclei of
+    With an expansion (expansion_rows.py) each tile's nuclei are also grown into cells, which needs the final nuclei of
     the rows around them: a row's tiles are then measured and written `expansion.rows` tile rows later (they wait,
     already numbered, so the ids are those of a count without expansion) and the nuclei of those rows are kept.
     """
@@ -395,4 +395,4 @@ class CellEmitter:
             rows.update(columns)
             expanded = (cells_box, cells)
         with self.timer("write"):
-            self.result.add_cells(tile.read, ids, part, labels, rows, expanded)
+            self.result.add_nuclei(tile.read, ids, part, labels, rows, expanded)

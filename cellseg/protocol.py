@@ -77,7 +77,7 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
         "dedupe_overlap": ((int, float), _Range(0.0, 1.0),
                            "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
     },
-    # Cells by expansion (expansion.py, cell_tiles.py). 0 = nuclei only. QuPath's cell detection grows nuclei by
+    # Cells by expansion (expansion.py, expansion_rows.py). 0 = nuclei only. QuPath's cell detection grows nuclei by
     # 5 µm by default (cellExpansionMicrons = 5.0); he-nuclei takes that default (it requires the pixel size, and
     # pathologists read the nucleus/cell area ratio and cytoplasmic stain off it).
     "cells": {

@@ -66,13 +66,13 @@ def _cells_table(folder: Path, summary: dict):
 
 @dataclass
 class TileGrid:
-    """The count's tile grid: cores of tile_px from (0, 0); per tile its cells, tissue share and density."""
+    """The count's tile grid: cores of tile_px from (0, 0); per tile its nuclei, tissue share and density."""
 
     tile_px: int
     rows: int
     cols: int
-    counts: np.ndarray        # (rows, cols) cells owned
-    cut: np.ndarray           # (rows, cols) cells cut at a seam
+    counts: np.ndarray        # (rows, cols) nuclei owned (cells.csv rows)
+    cut: np.ndarray           # (rows, cols) nuclei cut at a seam
     tissue: np.ndarray        # (rows, cols) tissue share of the core
     unreadable: np.ndarray    # (rows, cols) unreadable share of the core
 
@@ -82,7 +82,7 @@ class TileGrid:
 
 
 def tile_grid(summary: dict, cells, tissue_png: Path) -> TileGrid:
-    """The count's tile grid with each tile's owned and seam-cut cells (cells.csv), tissue share (the tissue mask's
+    """The count's tile grid with each tile's owned and seam-cut nuclei (cells.csv), tissue share (the tissue mask's
     pixels under its core) and unreadable share (summary.json's regions)."""
     from PIL import Image
     height, width, tile_px = summary["height_px"], summary["width_px"], int(summary["scale"]["tile_px"])
@@ -115,7 +115,7 @@ def tile_grid(summary: dict, cells, tissue_png: Path) -> TileGrid:
 
 
 def tile_densities(grid: TileGrid, summary: dict) -> tuple[np.ndarray, str]:
-    """Cells per mm² of (readable) tissue per tile (cells per 10⁶ px² without a pixel size); NaN without tissue."""
+    """Nuclei per mm² of (readable) tissue per tile (per 10⁶ px² without a pixel size); NaN without tissue."""
     height, width, mpp = summary["height_px"], summary["width_px"], summary.get("mpp")
     area = np.zeros((grid.rows, grid.cols))
     for r in range(grid.rows):
@@ -135,12 +135,12 @@ def tile_densities(grid: TileGrid, summary: dict) -> tuple[np.ndarray, str]:
 
 
 def choose_crops(grid: TileGrid, density: np.ndarray, seed: int = 0) -> list[tuple[tuple[int, int], str]]:
-    """Which tiles to show, and why: the densest, the sparsest tissue tiles, any with many seam-cut cells, and a few
+    """Which tiles to show, and why: the densest, the sparsest tissue tiles, any with many seam-cut nuclei, and a few
     at random (seeded); each tile once, MAX_CROPS at most."""
     chosen: dict[tuple[int, int], str] = {}
 
-    def add(cells, why: str, n: int) -> None:
-        for rc in cells:
+    def add(tiles, why: str, n: int) -> None:
+        for rc in tiles:
             if n == 0 or len(chosen) >= MAX_CROPS:
                 return
             rc = (int(rc[0]), int(rc[1]))
@@ -183,7 +183,7 @@ def read_crops(grid: TileGrid, chosen, summary: dict, slide, labels_path: Path) 
 
 
 def intensity_values(cells, summary: dict) -> tuple[np.ndarray | None, str]:
-    """The nuclear stain per cell: hematoxylin OD (grown cells measure it per nucleus; otherwise the OD of the
+    """The nuclear stain per nucleus: hematoxylin OD (grown cells measure it per nucleus; otherwise the OD of the
     nucleus's mean colour, skimage.color.rgb2hed) for brightfield RGB, else the model channel's mean intensity."""
     if "nucleus_hematoxylin_od_mean" in cells:
         return cells["nucleus_hematoxylin_od_mean"].to_numpy(float), "nucleus hematoxylin OD (mean)"

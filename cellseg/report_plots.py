@@ -79,7 +79,8 @@ def density_bars_png(names: list[str], values: list[float | None], unit: str) ->
 
 
 def outlined_png(pixels: np.ndarray, labels: np.ndarray) -> bytes:
-    """A full-resolution crop: `pixels` (h, w, C) of the slide with the outlines of `labels` (h, w) in yellow."""
+    """A full-resolution crop: `pixels` (h, w, C) of the slide with the outlines of the nuclei `labels` (h, w) in
+    yellow."""
     from PIL import Image
     from skimage.segmentation import find_boundaries
     rgb = _display_rgb(pixels)

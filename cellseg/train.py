@@ -81,7 +81,7 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
     the first image is read: one-line errors for a file that is not COCO, missing images, unknown categories."""
     import pycocotools.mask as mask_utils
 
-    from .instances_io import annotation_rle, coco_image_paths, coco_images, read_coco_json
+    from .image_masks import annotation_rle, coco_image_paths, coco_images, read_coco_json
     ann_path = Path(ann_path)
     if not ann_path.is_file():
         raise CellsegError(f"expected a COCO annotation JSON file, found no {ann_path}")

@@ -158,7 +158,7 @@ def merge_views(views: list, score_threshold: float, match_iou: float = MATCH_IO
     areas = rows.areas()
     f0, f1 = boxes[:, :2].min(0), boxes[:, 2:].max(0)
     width = int(f1[1] - f0[1])
-    a, b, shared, _, _ = overlapping_pairs(rows.pixel_cells(), rows.canvas_index(int(f0[0]), int(f0[1]), width),
+    a, b, shared, _, _ = overlapping_pairs(rows.pixel_masks(), rows.canvas_index(int(f0[0]), int(f0[1]), width),
                                             int((f1[0] - f0[0]) * width), n)
     iou = shared / (areas[a] + areas[b] - shared)
     ok = (iou >= match_iou) & (view_of[a] != view_of[b])

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .evaluate import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
-from .instances_io import ImageInstances, coco_image_paths, load_instances
+from .image_masks import ImageMasks, coco_image_paths, load_image_masks
 from .protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_th
     return detector
 
 
-def annotated_images(coco_json: Path) -> tuple[dict[str, ImageInstances], dict[str, Path]]:
+def annotated_images(coco_json: Path) -> tuple[dict[str, ImageMasks], dict[str, Path]]:
     """The annotations of a COCO file (keyed by file_name) and each image's path (file_name is relative to the
     file's folder). Every image must exist: checked here, before any work is done."""
-    gt = load_instances(coco_json)
+    gt = load_image_masks(coco_json)
     return gt, coco_image_paths(coco_json, gt)
 
 
@@ -94,7 +94,7 @@ def shared_images(train_json: Path, val_images) -> list[str]:
 
 def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: float | None = None,
             diameter_px: float | str | None = None, reuse: bool = False,
-            progress: bool = False) -> dict[str, ImageInstances]:
+            progress: bool = False) -> dict[str, ImageMasks]:
     """Count every image as `cellseg count` does (a CellCounter; result folders under `work`) and return its cells,
     keyed like `images`. reuse: an image whose folder already holds predictions is not counted again."""
     from tqdm import tqdm
@@ -107,19 +107,19 @@ def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: fl
         if not (reuse and (folder / "predictions.coco.json").is_file()):
             summary = counter.count(path, folder)
             log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])
-        (cells,) = load_instances(folder).values()
+        (cells,) = load_image_masks(folder).values()
         predictions[name] = dataclasses.replace(cells, file_name=name)   # paired with its annotations by name
     return predictions
 
 
-def above(instances: ImageInstances, threshold: float) -> ImageInstances:
+def above(instances: ImageMasks, threshold: float) -> ImageMasks:
     """The cells scoring >= threshold."""
     keep = np.flatnonzero(np.asarray(instances.scores) >= threshold)
     return dataclasses.replace(instances, rles=[instances.rles[i] for i in keep], boxes=instances.boxes[keep],
                                scores=instances.scores[keep], iscrowd=instances.iscrowd[keep])
 
 
-def score(predictions: dict[str, ImageInstances], gt: dict[str, ImageInstances],
+def score(predictions: dict[str, ImageMasks], gt: dict[str, ImageMasks],
           fallback_threshold: float) -> Validation:
     """Evaluate predictions made at SCORE_FLOOR: choose the best-F1 threshold, then score at it."""
     at_floor = evaluate(predictions, gt)

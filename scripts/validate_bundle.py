@@ -30,7 +30,7 @@ from model_card import card_readme  # noqa: E402  (scripts/model_card.py)
 
 from cellseg.bundle import load_bundle, update_bundle_metadata  # noqa: E402
 from cellseg.datasets import PROTOCOL_MODALITY, Split  # noqa: E402
-from cellseg.evaluate import evaluate, load_instances  # noqa: E402
+from cellseg.evaluate import evaluate, load_image_masks  # noqa: E402
 from cellseg.validate import above, card_figures, score, validation_detector  # noqa: E402
 from cellseg.validate import predict as predict_images  # noqa: E402
 
@@ -53,7 +53,7 @@ def ground_truth(data_root: Path, keys: list[str]) -> dict:
     """key -> annotations (each dataset's COCO annotations.json, every mask whole)."""
     by_key = {}
     for dataset in sorted({k.split("/")[0] for k in keys}):
-        for name, inst in load_instances(data_root / DATASET_FOLDERS[dataset] / "annotations.json").items():
+        for name, inst in load_image_masks(data_root / DATASET_FOLDERS[dataset] / "annotations.json").items():
             by_key[f"{dataset}/{Path(name).stem}"] = inst
     missing = [k for k in keys if k not in by_key]
     if missing:

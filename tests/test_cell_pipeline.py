@@ -1,6 +1,6 @@
-"""Cells by expansion through the real pipeline (cell_tiles.py driven by pipeline.CellEmitter), with a detector that
-reads known nuclei back: the cells are those of the slide expanded in one piece whatever the tiling, the nuclei and
-their ids are untouched, and the result folder gains cell_labels.ome.tif, the cell columns and cyan outlines."""
+"""Cells by expansion through the real pipeline (expansion_rows.py driven by pipeline.CellEmitter), with a detector
+that reads known nuclei back: the cells are those of the slide expanded in one piece whatever the tiling, the nuclei
+and their ids are untouched, and the result folder gains cell_labels.ome.tif, the cell columns and cyan outlines."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from PIL import Image
 from skimage.color import hed2rgb
 
 from cellseg.cell_measure import expanded_columns
-from cellseg.cell_tiles import FinalNuclei
 from cellseg.expansion import expand_nuclei, tissue_in
+from cellseg.expansion_rows import FinalNuclei
 from cellseg.export import result_files
-from cellseg.measure import cell_columns
+from cellseg.measure import nucleus_columns
 from cellseg.pictures import CELL_OUTLINE, NUCLEUS_OUTLINE
 from cellseg.protocol import Protocol
 from cellseg.tiling import Box
@@ -127,8 +127,8 @@ def test_expansion_leaves_the_nuclei_and_their_ids_as_they_were(tmp_path):
     _, plain = count(tmp_path, "plain", nuclei, 64, 16)
     _, grown = count(tmp_path, "grown", nuclei, 64, 16, cell_expansion_px=D)
     before, after = pd.read_csv(plain / "cells.csv"), pd.read_csv(grown / "cells.csv")
-    assert list(before.columns) == list(cell_columns(["c0"]))
-    assert list(after.columns) == list(cell_columns(["c0"])) + list(expanded_columns(["c0"], stains=False))
+    assert list(before.columns) == list(nucleus_columns(["c0"]))
+    assert list(after.columns) == list(nucleus_columns(["c0"])) + list(expanded_columns(["c0"], stains=False))
     pd.testing.assert_frame_equal(after[before.columns], before)       # same ids, same rows, same order
     np.testing.assert_array_equal(labels_of(plain), labels_of(grown))
     annotations = [json.loads((out / "predictions.coco.json").read_text())["annotations"] for out in (plain, grown)]
@@ -172,7 +172,7 @@ def test_zero_cells_give_the_same_columns(tmp_path, modality, channels):
     image = np.full((96, 80, 3), 230, np.uint8) if channels == 3 else None
     summary, out = count(tmp_path, "empty", empty, 64, 16, image=image, modality=modality, cell_expansion_px=5.0)
     names = ["red", "green", "blue"] if channels == 3 else ["c0"]
-    expected = list(cell_columns(names)) + list(expanded_columns(names, stains=channels == 3))
+    expected = list(nucleus_columns(names)) + list(expanded_columns(names, stains=channels == 3))
     assert (out / "cells.csv").read_text().splitlines() == [",".join(expected)]
     assert summary["cell_count"] == 0 and summary["cell_area_px"] is None
     assert not labels_of(out, "cell_labels.ome.tif").any()

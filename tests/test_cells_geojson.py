@@ -112,10 +112,10 @@ def test_small_disc_nuclei_areas_agree(radius):
 
 def test_no_cells_is_an_empty_feature_collection(tmp_path):
     from cellseg.cells_geojson import CellsGeoJsonWriter
-    from cellseg.measure import cell_columns
-    with CellsGeoJsonWriter(tmp_path / "cells.geojson", cell_columns(["gray"]), ["nucleus"]) as writer:
+    from cellseg.measure import nucleus_columns
+    with CellsGeoJsonWriter(tmp_path / "cells.geojson", nucleus_columns(["gray"]), ["nucleus"]) as writer:
         writer.append(np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64),
-                      {n: np.zeros(0) for n in cell_columns(["gray"])})
+                      {n: np.zeros(0) for n in nucleus_columns(["gray"])})
     assert read_cells(tmp_path / "cells.geojson") == {"type": "FeatureCollection", "features": []}
 
 

@@ -83,7 +83,7 @@ def test_dsb_score_is_the_mean_over_iou_thresholds(tmp_path):
     expected = (5 * 2 / 5 + 5 * 1 / 6) / 10
     assert r.images[0]["dsb_score"] == pytest.approx(expected)
     assert r.mean_over_images["dsb_score"] == pytest.approx(expected)
-    (pred,), (gt,) = (ev.load_instances(tmp_path / n).values() for n in ("pred.json", "gt.tif"))
+    (pred,), (gt,) = (ev.load_image_masks(tmp_path / n).values() for n in ("pred.json", "gt.tif"))
     assert ev.dsb_score(pred, gt) == pytest.approx(expected)
 
 
@@ -245,9 +245,9 @@ def test_label_image_read_in_tiles_gives_the_same_masks(tmp_path, monkeypatch):
     import pycocotools.mask as mu
     cells = [disc(10, 10, 13), rect(0, 14, 20, 4), disc(25, 28, 11), rect(33, 0, 7, 60)]
     path = write_labels(tmp_path / "gt.tif", SHAPE, cells)
-    whole = ev.load_instances(path)["gt.tif"]
+    whole = ev.load_image_masks(path)["gt.tif"]
     monkeypatch.setattr(ev, "LABEL_TILE", 16)  # every cell crosses a tile edge
-    tiled = ev.load_instances(path)["gt.tif"]
+    tiled = ev.load_image_masks(path)["gt.tif"]
     assert len(whole) == len(tiled) == 4
     assert np.array_equal(whole.boxes, tiled.boxes)
     labels = tifffile.imread(path)

@@ -6,7 +6,7 @@ regionprops_table call it replaced (same properties, intensities as float32 as b
   hull, counted exactly), cut flag;
 - rtol 1e-9: perimeter, equivalent diameter, axes, eccentricity (closed-form 2x2 eigenvalues instead of
   LAPACK; atol 1e-6 where the true value is 0 and regionprops returns rounding noise);
-- orientation: only where the cell is not isotropic (l1 - l2 > 1e-6 l1; otherwise the angle is rounding
+- orientation: only where the nucleus is not isotropic (l1 - l2 > 1e-6 l1; otherwise the angle is rounding
   noise in regionprops), modulo 180 degrees;
 - rtol 1e-5: intensity mean / std (regionprops accumulates the float32 image in float32).
 """
@@ -19,14 +19,14 @@ from scipy import ndimage
 from skimage.measure import regionprops_table
 
 from cellseg.instances import Instances
-from cellseg.measure import cell_columns, label_tile, measure_tile
+from cellseg.measure import label_tile, measure_tile, nucleus_columns
 from cellseg.tiling import Box
 
 CHANNELS = ["dapi", "gfp"]
 
 
 def random_label_tile(seed: int, height: int = 110, width: int = 130) -> np.ndarray:
-    """Touching ellipses of many sizes and angles, thin lines, ragged and two-piece cells, cells at the edges."""
+    """Touching ellipses of many sizes and angles, thin lines, ragged and two-piece nuclei, nuclei at the edges."""
     rng = np.random.default_rng(seed)
     labels = np.zeros((height, width), np.int32)
     rr, cc = np.mgrid[:height, :width]
@@ -52,14 +52,14 @@ def random_label_tile(seed: int, height: int = 110, width: int = 130) -> np.ndar
             blob = (u / a) ** 2 + (v / b) ** 2 <= 1
             if kind < 0.3:                      # ragged, with holes
                 blob &= rng.random(blob.shape) < 0.75
-            elif kind < 0.4:                    # two pieces, one cell
+            elif kind < 0.4:                    # two pieces, one nucleus
                 blob |= np.roll(blob, (rng.integers(5, 20), rng.integers(5, 20)), axis=(0, 1))
-        labels[blob] = k                        # later cells cover earlier ones: touching, cut shapes
+        labels[blob] = k                        # later nuclei cover earlier ones: touching, cut shapes
     return labels
 
 
-def cells_of(labels: np.ndarray, origin: tuple[int, int], rng: np.random.Generator):
-    """Instances (slide coordinates) and shuffled, non-consecutive ids of the cells of a label image."""
+def nuclei_of(labels: np.ndarray, origin: tuple[int, int], rng: np.random.Generator):
+    """Instances (slide coordinates) and shuffled, non-consecutive ids of the nuclei of a label image."""
     boxes, masks = [], []
     for value, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is not None:
@@ -68,13 +68,13 @@ def cells_of(labels: np.ndarray, origin: tuple[int, int], rng: np.random.Generat
             masks.append(labels[sl] == value)
     n = len(masks)
     order = rng.permutation(n)
-    cells = Instances(np.asarray(boxes, np.int64).reshape(-1, 4), masks, rng.random(n).astype(np.float32),
+    nuclei = Instances(np.asarray(boxes, np.int64).reshape(-1, 4), masks, rng.random(n).astype(np.float32),
                       rng.integers(1, 4, n), np.full(n, 7, np.int64), rng.random(n) < 0.2).take(order)
     ids = rng.choice(np.arange(1, 10 * n + 1), n, replace=False)
-    return cells, ids
+    return nuclei, ids
 
 
-def reference(cells: Instances, ids: np.ndarray, labels: np.ndarray, pixels: np.ndarray, box: Box) -> dict:
+def reference(nuclei: Instances, ids: np.ndarray, labels: np.ndarray, pixels: np.ndarray, box: Box) -> dict:
     """What the regionprops_table version of measure_tile returned (its columns that are measured)."""
     props = regionprops_table(
         labels, intensity_image=pixels.astype(np.float32, copy=False),
@@ -96,22 +96,22 @@ def reference(cells: Instances, ids: np.ndarray, labels: np.ndarray, pixels: np.
     return out
 
 
-def check_against_regionprops(cells: Instances, ids: np.ndarray, labels: np.ndarray, box: Box, seed: int):
+def check_against_regionprops(nuclei: Instances, ids: np.ndarray, labels: np.ndarray, box: Box, seed: int):
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 60000, (*labels.shape, len(CHANNELS))).astype(np.uint16)
-    got = measure_tile(cells, ids, labels, pixels, box, 0.25, CHANNELS, ["nucleus", "other"])
-    want = reference(cells, ids, labels, pixels, box)
-    assert list(got) == list(cell_columns(CHANNELS))
+    got = measure_tile(nuclei, ids, labels, pixels, box, 0.25, CHANNELS, ["nucleus", "other"])
+    want = reference(nuclei, ids, labels, pixels, box)
+    assert list(got) == list(nucleus_columns(CHANNELS))
     assert all(len(v) == len(ids) for v in got.values())
     # passed through or exact
     np.testing.assert_array_equal(got["cell_id"], ids)
-    np.testing.assert_array_equal(got["class_id"], cells.class_ids)
-    np.testing.assert_array_equal(got["class_name"], [("nucleus", "other", "3")[c - 1] for c in cells.class_ids])
-    np.testing.assert_array_equal(got["score"], cells.scores)
-    np.testing.assert_array_equal(got["tile_index"], cells.tile_index)
-    np.testing.assert_array_equal(got["cut_at_seam"], cells.cut)
+    np.testing.assert_array_equal(got["class_id"], nuclei.class_ids)
+    np.testing.assert_array_equal(got["class_name"], [("nucleus", "other", "3")[c - 1] for c in nuclei.class_ids])
+    np.testing.assert_array_equal(got["score"], nuclei.scores)
+    np.testing.assert_array_equal(got["tile_index"], nuclei.tile_index)
+    np.testing.assert_array_equal(got["cut_at_seam"], nuclei.cut)
     for k, name in enumerate(("bbox_row0_px", "bbox_col0_px", "bbox_row1_px", "bbox_col1_px")):
-        np.testing.assert_array_equal(got[name], cells.boxes[:, k])
+        np.testing.assert_array_equal(got[name], nuclei.boxes[:, k])
     for name in ("area_px", "centroid_row_px", "centroid_col_px", "solidity"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     for name in ("perimeter_px", "equivalent_diameter_px", "major_axis_px", "minor_axis_px", "eccentricity"):
@@ -136,44 +136,44 @@ def check_against_regionprops(cells: Instances, ids: np.ndarray, labels: np.ndar
 def test_every_column_matches_regionprops(seed):
     labels = random_label_tile(seed)
     box = Box(300, 700, 300 + labels.shape[0], 700 + labels.shape[1])
-    cells, ids = cells_of(labels, (box.row0, box.col0), np.random.default_rng(seed))
-    painted = label_tile(cells, ids, box)
+    nuclei, ids = nuclei_of(labels, (box.row0, box.col0), np.random.default_rng(seed))
+    painted = label_tile(nuclei, ids, box)
     assert painted.dtype == np.uint32 and painted.shape == box.shape
     relabelled = np.zeros_like(painted)
-    for cid, cbox, mask in zip(ids, cells.boxes, cells.masks):
+    for cid, cbox, mask in zip(ids, nuclei.boxes, nuclei.masks):
         relabelled[cbox[0] - box.row0:cbox[2] - box.row0, cbox[1] - box.col0:cbox[3] - box.col0][mask] = cid
     np.testing.assert_array_equal(painted, relabelled)
-    want = check_against_regionprops(cells, ids, painted, box, seed)
+    want = check_against_regionprops(nuclei, ids, painted, box, seed)
     assert want["solidity"].min() < 0.9 and want["eccentricity"].max() > 0.99   # the shapes were varied
 
 
 def test_overlapping_masks_are_measured_as_painted():
-    """Masks that overlap (not from merge.py): label_tile paints in order, the later cell wins, and
+    """Masks that overlap (not from merge.py): label_tile paints in order, the later nucleus wins, and
     measure_tile measures what the label image holds, as regionprops on it does."""
     box = Box(0, 0, 40, 50)
     disc = np.add.outer((np.arange(15) - 7) ** 2, (np.arange(15) - 7) ** 2) <= 49
     bar = np.ones((4, 30), bool)
-    cells = Instances(np.array([[5, 5, 20, 20], [10, 12, 25, 27], [14, 2, 18, 32]]), [disc, disc, bar],
+    nuclei = Instances(np.array([[5, 5, 20, 20], [10, 12, 25, 27], [14, 2, 18, 32]]), [disc, disc, bar],
                       np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 1, 1]), np.zeros(3, np.int64),
                       np.zeros(3, bool))
     ids = np.array([5, 9, 2])
-    labels = label_tile(cells, ids, box)
+    labels = label_tile(nuclei, ids, box)
     assert (labels == 2).sum() == bar.sum()                      # painted last: whole
     assert (labels == 5).sum() < disc.sum() and (labels == 9).sum() < disc.sum()
-    check_against_regionprops(cells, ids, labels, box, seed=1)
+    check_against_regionprops(nuclei, ids, labels, box, seed=1)
 
 
-def test_no_cells_gives_empty_columns():
+def test_no_nuclei_gives_empty_columns():
     box = Box(0, 0, 8, 9)
     labels = label_tile(Instances.empty(), np.zeros(0, np.int64), box)
     assert not labels.any()
     rows = measure_tile(Instances.empty(), np.zeros(0, np.int64), labels, np.zeros((8, 9, 2), np.uint8), box,
                         None, CHANNELS, ["nucleus"])
-    assert list(rows) == list(cell_columns(CHANNELS)) and all(len(v) == 0 for v in rows.values())
+    assert list(rows) == list(nucleus_columns(CHANNELS)) and all(len(v) == 0 for v in rows.values())
 
 
-def test_cells_outside_the_box_are_refused():
-    cells = Instances(np.array([[0, 0, 3, 3]]), [np.ones((3, 3), bool)], np.array([0.5], np.float32),
+def test_nuclei_outside_the_box_are_refused():
+    nuclei = Instances(np.array([[0, 0, 3, 3]]), [np.ones((3, 3), bool)], np.array([0.5], np.float32),
                       np.array([1]), np.array([0]), np.array([False]))
     with pytest.raises(ValueError, match="inside"):
-        label_tile(cells, np.array([1]), Box(1, 1, 10, 10))
+        label_tile(nuclei, np.array([1]), Box(1, 1, 10, 10))

@@ -1,10 +1,10 @@
-"""The vectorised SeamMerger against the plain per-cell version it replaced.
+"""The vectorised SeamMerger against the plain per-nucleus version it replaced.
 
 merge.py finds overlapping masks with a pixel canvas per tile and looks painter's-order rivals up from
 pairs recorded at add time; `ReferenceMerger` below is the straightforward statement of the same rule
-(the previous implementation: scan every alive cell per cell). On random tiled slides whose tiles see
-each cell slightly differently, with double detections, tied scores, cut cells, loose boxes and tiny
-remnants, both must hand back exactly the same cells (boxes, masks, scores, order) and statistics.
+(the previous implementation: scan every alive nucleus per nucleus). On random tiled slides whose tiles see
+each nucleus slightly differently, with double detections, tied scores, cut nuclei, loose boxes and tiny
+remnants, both must hand back exactly the same nuclei (boxes, masks, scores, order) and statistics.
 """
 
 from __future__ import annotations
@@ -33,26 +33,26 @@ def _overlap(box_a, mask_a, box_b, mask_b) -> int:
 
 
 class ReferenceMerger:
-    """The seam rule cell by cell: dedupe each new cell against every alive one, best new cell first;
-    then give every final cell's pixels claimed by a better alive cell away, and crop."""
+    """The seam rule nucleus by nucleus: dedupe each new nucleus against every alive one, best new nucleus first;
+    then give every final nucleus's pixels claimed by a better alive nucleus away, and crop."""
 
     def __init__(self, dedupe_overlap: float, min_area_px: int):
         self.dedupe_overlap, self.min_area_px = dedupe_overlap, max(min_area_px, 1)
         self.stats = dict(duplicates_removed=0, cells_cut=0, pixels_reassigned=0, cells_emptied=0)
-        self.cells = Instances.empty()
+        self.nuclei = Instances.empty()
         self.row, self.areas, self.priority, self.alive, self.emitted = [], [], [], [], []
         self.serial = 0
 
-    def add_tile(self, tile, cells: Instances) -> None:
-        areas = [int(m.sum()) for m in cells.masks]
-        priority = (~cells.cut).astype(float) * 2 + cells.scores - 1e-9 * (self.serial + np.arange(len(cells)))
-        self.serial += len(cells)
-        near = [j for j in _intersecting(self.cells.boxes, tile.read) if self.alive[j]]
-        boxes = np.concatenate([self.cells.boxes[near], cells.boxes])
-        masks = [self.cells.masks[j] for j in near] + cells.masks
+    def add_tile(self, tile, nuclei: Instances) -> None:
+        areas = [int(m.sum()) for m in nuclei.masks]
+        priority = (~nuclei.cut).astype(float) * 2 + nuclei.scores - 1e-9 * (self.serial + np.arange(len(nuclei)))
+        self.serial += len(nuclei)
+        near = [j for j in _intersecting(self.nuclei.boxes, tile.read) if self.alive[j]]
+        boxes = np.concatenate([self.nuclei.boxes[near], nuclei.boxes])
+        masks = [self.nuclei.masks[j] for j in near] + nuclei.masks
         local_areas = [self.areas[j] for j in near] + areas
         local_priority = np.concatenate([np.array([self.priority[j] for j in near]), priority])
-        alive = [True] * len(near) + [False] * len(cells)
+        alive = [True] * len(near) + [False] * len(nuclei)
         for i in np.argsort(-priority, kind="stable"):
             j_new, duplicate = len(near) + i, False
             for j in _intersecting(boxes, boxes[j_new]):
@@ -69,33 +69,33 @@ class ReferenceMerger:
             alive[j_new] = not duplicate
         for k, j in enumerate(near):
             self.alive[j] = alive[k]
-        self.cells = Instances.concat([self.cells, cells])
-        self.row += [tile.grid_row] * len(cells)
+        self.nuclei = Instances.concat([self.nuclei, nuclei])
+        self.row += [tile.grid_row] * len(nuclei)
         self.areas += areas
         self.priority += list(priority)
         self.alive += alive[len(near):]
-        self.emitted += [False] * len(cells)
+        self.emitted += [False] * len(nuclei)
 
     def pop_final(self, through_grid_row=None) -> Instances:
         last = np.iinfo(np.int64).max if through_grid_row is None else through_grid_row
-        final = [i for i in range(len(self.cells)) if self.alive[i] and not self.emitted[i] and self.row[i] <= last]
+        final = [i for i in range(len(self.nuclei)) if self.alive[i] and not self.emitted[i] and self.row[i] <= last]
         for i in final:
             self.emitted[i] = True
         final = np.array(final, np.int64)
-        boxes = self.cells.boxes
+        boxes = self.nuclei.boxes
         if len(final):
-            final = final[np.lexsort((boxes[final, 1], boxes[final, 0], self.cells.tile_index[final]))]
-        out, keep = self.cells.take(final), []
+            final = final[np.lexsort((boxes[final, 1], boxes[final, 0], self.nuclei.tile_index[final]))]
+        out, keep = self.nuclei.take(final), []
         for k, i in enumerate(final):
-            box, mask = boxes[i], self.cells.masks[i].copy()
-            for j in range(len(self.cells)):
+            box, mask = boxes[i], self.nuclei.masks[i].copy()
+            for j in range(len(self.nuclei)):
                 if not self.alive[j] or self.priority[j] <= self.priority[i]:
                     continue
                 rbox = boxes[j]
                 r0, c0, r1, c1 = max(box[0], rbox[0]), max(box[1], rbox[1]), min(box[2], rbox[2]), min(box[3], rbox[3])
                 if r0 < r1 and c0 < c1:
                     mine = mask[r0 - box[0]:r1 - box[0], c0 - box[1]:c1 - box[1]]
-                    theirs = self.cells.masks[j][r0 - rbox[0]:r1 - rbox[0], c0 - rbox[1]:c1 - rbox[1]]
+                    theirs = self.nuclei.masks[j][r0 - rbox[0]:r1 - rbox[0], c0 - rbox[1]:c1 - rbox[1]]
                     self.stats["pixels_reassigned"] += int(np.count_nonzero(mine & theirs))
                     mine &= ~theirs
             rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
@@ -108,19 +108,19 @@ class ReferenceMerger:
         out = out.take(np.array(keep, np.int64))
         self.stats["cells_cut"] += int(out.cut.sum())
         forget = np.flatnonzero(np.array(self.row) > last - 1)
-        self.cells = self.cells.take(forget)
+        self.nuclei = self.nuclei.take(forget)
         for name in ("row", "areas", "priority", "alive", "emitted"):
             setattr(self, name, [getattr(self, name)[i] for i in forget])
         return out
 
 
 def make_slide(seed: int, height: int, width: int, tile: int, halo: int):
-    """Per-tile detections of random cells: each tile sees them shifted by up to 1 px, with a slightly
-    different shape now and then, ~5 % reported twice, scores on a coarse grid (ties), a few cells larger
+    """Per-tile detections of random nuclei: each tile sees them shifted by up to 1 px, with a slightly
+    different shape now and then, ~5 % reported twice, scores on a coarse grid (ties), a few nuclei larger
     than the halo (cut), some masks in loose boxes, some tiny."""
     rng = np.random.default_rng(seed)
     rr, cc = np.mgrid[-40:41, -40:41]
-    cells = []
+    nuclei = []
     for _ in range(height * width // 120):
         big = rng.random() < 0.08
         a, b = rng.uniform(halo * 0.8, halo * 1.6, 2) if big else rng.uniform(0.7, halo / 2.5, 2)
@@ -129,17 +129,17 @@ def make_slide(seed: int, height: int, width: int, tile: int, halo: int):
         m = (u / a) ** 2 + (v / b) ** 2 <= 1
         rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
         m = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        cells.append((int(rng.integers(-5, height)), int(rng.integers(-5, width)), m))
+        nuclei.append((int(rng.integers(-5, height)), int(rng.integers(-5, width)), m))
     for _ in range(4):                          # bars longer than a tile: every view of them is cut
         bar = np.ones((int(rng.integers(3, 7)), int(rng.integers(2 * tile, 3 * tile))), bool)
-        cells.append((int(rng.integers(0, height - 6)), int(rng.integers(-tile, width - tile)), bar))
+        nuclei.append((int(rng.integers(0, height - 6)), int(rng.integers(-tile, width - tile)), bar))
     tiles = plan_tiles(height, width, tile, halo)
     detections = []
     for t in tiles:
         read = t.read
         dr, dc = rng.integers(-1, 2, 2)
         boxes, masks = [], []
-        for r0, c0, m in cells:
+        for r0, c0, m in nuclei:
             if rng.random() < 0.1:
                 m = np.pad(m, 1)[rng.integers(0, 3):, rng.integers(0, 3):]        # a slightly different view
             for _ in range(2 if rng.random() < 0.05 else 1):                       # double hits
@@ -172,7 +172,7 @@ def run_merger(merger, tiles, detections, shape, halo, min_area):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_same_cells_as_the_reference(seed):
+def test_same_nuclei_as_the_reference(seed):
     height, width, tile, halo = 150 + 10 * seed, 170, 48 + 8 * (seed % 3), 16
     tiles, detections = make_slide(seed, height, width, tile, halo)
     min_area = 3

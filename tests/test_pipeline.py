@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cellseg.errors import ParameterError
 from cellseg.instances import Instances, TileDetections
-from cellseg.measure import cell_columns, label_tile, measure_tile
+from cellseg.measure import label_tile, measure_tile, nucleus_columns
 from cellseg.merge import SeamMerger, owned_instances
 from cellseg.protocol import Protocol
 from cellseg.slide_plan import choose_scale
@@ -173,7 +173,7 @@ def test_measurements_in_px_and_um():
     pixels[2:6, 3:9, 1] = np.arange(24).reshape(4, 6)
     rows = measure_tile(cells, np.array([7]), labels, pixels, box, mpp=0.5, channel_names=["dapi", "gfp"],
                         class_names=["nucleus"])
-    assert list(rows) == list(cell_columns(["dapi", "gfp"]))
+    assert list(rows) == list(nucleus_columns(["dapi", "gfp"]))
     assert rows["cell_id"][0] == 7 and rows["area_px"][0] == 24 and rows["area_um2"][0] == pytest.approx(6.0)
     assert rows["centroid_row_px"][0] == pytest.approx(3.5) and rows["centroid_col_um"][0] == pytest.approx(2.75)
     assert rows["mean_intensity_dapi"][0] == pytest.approx(100)
@@ -243,7 +243,7 @@ def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
     With the shipped model: 45 cells in 16 tiles against 46 in one, 45 matched; without a halo the same tiles give
     55 cells against 46 (the doubles and cut halves of seams): the test sees seams."""
     from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_instances, match
+    from cellseg.evaluate import load_image_masks, match
     from cellseg.protocol import load_protocol
 
     from .helpers import DATA
@@ -252,7 +252,7 @@ def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
         protocol = load_protocol("fluorescence-nuclei").replace(tile_size=tile, halo_px=16, tissue_method="none")
         summary = CellCounter.load(protocol, "cpu").count(DATA / "dsb_fluo.png", tmp_path / f"t{tile}")
         assert summary["tiles_total"] == (256 // tile) ** 2
-        (cells[tile],) = load_instances(tmp_path / f"t{tile}").values()
+        (cells[tile],) = load_image_masks(tmp_path / f"t{tile}").values()
     tiled, whole = cells[64], cells[256]
     assert len(whole) > 20 and abs(len(tiled) - len(whole)) <= 0.03 * len(whole)
     assert match(tiled, whole, iou=0.5).tp >= 0.95 * len(whole)

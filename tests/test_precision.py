@@ -72,15 +72,15 @@ def test_bf16_finds_the_same_nuclei_as_fp32_with_the_shipped_model():
 def _instances(det, height: int, width: int):
     import pycocotools.mask as mask_utils
 
-    from cellseg.instances_io import ImageInstances
+    from cellseg.image_masks import ImageMasks
     rles = []
     for (r0, c0, r1, c1), m in zip(det.boxes, det.masks):
         full = np.zeros((height, width), np.uint8, order="F")
         full[r0:r1, c0:c1] = m
         rles.append(mask_utils.encode(full))
     n = len(rles)
-    return ImageInstances("x", None, height, width, rles, np.asarray(det.boxes).reshape(-1, 4), det.scores,
-                          np.zeros(n, bool), True)
+    return ImageMasks("x", None, height, width, rles, np.asarray(det.boxes).reshape(-1, 4), det.scores,
+                      np.zeros(n, bool), True)
 
 
 def test_precision_comes_from_the_protocol_and_the_command_line(tmp_path, tiny_bundle):

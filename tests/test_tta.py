@@ -130,7 +130,7 @@ def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
     from cellseg.bundle import load_bundle
     from cellseg.coco import crop_rle
     from cellseg.evaluate import match
-    from cellseg.instances_io import ImageInstances
+    from cellseg.image_masks import ImageMasks
     from cellseg.validate import validation_detector
 
     size = 128
@@ -147,9 +147,9 @@ def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
     assert len(plain) == len(centres)
 
     def instances(det):
-        return ImageInstances(None, None, size, size, [crop_rle(m, b[0], b[1], size, size)
-                                                        for b, m in zip(det.boxes, det.masks)],
-                              np.asarray(det.boxes), np.asarray(det.scores, float), np.zeros(len(det), bool), True)
+        return ImageMasks(None, None, size, size, [crop_rle(m, b[0], b[1], size, size)
+                                                    for b, m in zip(det.boxes, det.masks)],
+                          np.asarray(det.boxes), np.asarray(det.scores, float), np.zeros(len(det), bool), True)
     result = match(instances(augmented), instances(plain), iou=0.8)
     assert (result.tp, result.fp, result.fn) == (len(centres), 0, 0)
 

@@ -1,4 +1,4 @@
-"""Cells by expansion in the streaming pipeline: each owning tile's final nuclei grown into cells (expansion.py)
+"""Expansion row by row: in the streaming pipeline, each owning tile's final nuclei grown into cells (expansion.py)
 and measured (cell_measure.py), against the final nuclei of the tile rows around them.
 
     a tile's final nuclei (ids, label image over its read box) + FinalNuclei (rows r - k .. r + k)
@@ -64,7 +64,7 @@ class CellExpansion:
 
 
 class FinalNuclei:
-    """The final nuclei of the tile rows still needed as context, with their cell ids (pipeline.CellEmitter adds
+    """The final nuclei of the tile rows still needed as context, with their ids (pipeline.CellEmitter adds
     each owning tile's as they are numbered and forgets whole rows once no cell left to draw can reach them)."""
 
     def __init__(self) -> None:

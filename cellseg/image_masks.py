@@ -1,15 +1,15 @@
-"""Load the cells of predictions and ground truth for `cellseg evaluate`, and pair their images.
+"""Load the predicted and the annotated nuclei masks for `cellseg evaluate`, image by image, and pair the images.
 
-Inputs (`load_instances`): a COCO instance JSON (our predictions.coco.json or any COCO file with mask
+Inputs (`load_image_masks`): a COCO instance JSON (our predictions.coco.json or any COCO file with mask
 segmentations: RLE or polygons; or a COCO results list), a label image (TIFF/PNG, 0 = background,
-each other value one cell; read tile by tile) or a cellseg result folder (its predictions.coco.json).
-Each image becomes an `ImageInstances`: its masks as full-image COCO compressed RLEs, their boxes,
-scores and crowd flags.
+each other value one nucleus; read tile by tile) or a cellseg result folder (its predictions.coco.json).
+Each image becomes an `ImageMasks`: its masks as full-image COCO compressed RLEs, their boxes,
+scores and crowd flags. (Not the pipeline's instances.Instances, which hold box-cropped masks of one slide.)
 
 Images of PRED and GT are paired (`pair_images`) by file_name, then base name, then stem, then id;
 a single label image is paired with a single image on the other side whatever their names.
 
-Categories are ignored: evaluation is class-agnostic (cellseg counts cells).
+Categories are ignored: evaluation is class-agnostic (cellseg counts nuclei).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ LABEL_TILE = 2048  # label images are read in tiles of this many px a side
 
 
 @dataclass
-class ImageInstances:
-    """The cells of one image. Masks are COCO compressed RLEs of the full image; boxes (N, 4) int are
+class ImageMasks:
+    """The nuclei masks of one image (predicted or annotated). Masks are COCO compressed RLEs of the full image; boxes (N, 4) int are
     (row0, col0, row1, col1) half-open in px; scores (N,) float (1.0 when the source has none)."""
 
     file_name: str | None
@@ -54,8 +54,8 @@ class ImageInstances:
         return len(self.rles)
 
 
-def load_instances(path: str | Path, label_tile: int | None = None) -> dict[str, ImageInstances]:
-    """Images with their cells from a COCO JSON, a label image or a cellseg result folder, keyed by name.
+def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[str, ImageMasks]:
+    """Images with their masks from a COCO JSON, a label image or a cellseg result folder, keyed by name.
 
     A label image is read in squares of `label_tile` px a side (None: LABEL_TILE)."""
     path = Path(path)
@@ -74,7 +74,7 @@ def load_instances(path: str | Path, label_tile: int | None = None) -> dict[str,
         images = _load_coco(path)
     else:
         images = [_load_label_image(path, LABEL_TILE if label_tile is None else label_tile)]
-    out: dict[str, ImageInstances] = {}
+    out: dict[str, ImageMasks] = {}
     for im in images:
         key = im.name if im.name not in out else f"{im.name} (id {im.image_id})"
         out[key] = im
@@ -125,16 +125,16 @@ def coco_image_paths(path: Path, file_names) -> dict[str, Path]:
     return paths
 
 
-def _load_coco(path: Path) -> list[ImageInstances]:
+def _load_coco(path: Path) -> list[ImageMasks]:
     data = read_coco_json(path)
     if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):
         return _coco_results(path, data)  # a COCO results file: [{"image_id", "segmentation", "score"}]
     images = coco_images(path, data)
-    return [_instances(path, im["file_name"], iid, im["height"], im["width"], im["anns"])
+    return [_image_masks(path, im["file_name"], iid, im["height"], im["width"], im["anns"])
             for iid, im in images.items()]
 
 
-def _coco_results(path: Path, anns: list[dict]) -> list[ImageInstances]:
+def _coco_results(path: Path, anns: list[dict]) -> list[ImageMasks]:
     by_image: dict = {}
     for k, ann in enumerate(anns):
         seg = ann.get("segmentation")
@@ -142,11 +142,11 @@ def _coco_results(path: Path, anns: list[dict]) -> list[ImageInstances]:
             raise EvaluationError(f"expected RLE masks with a 'size' in the COCO results list {path}, result {k} "
                                   f"has segmentation {str(seg)[:60]}")
         by_image.setdefault(ann["image_id"], []).append(ann)
-    return [_instances(path, None, iid, *group[0]["segmentation"]["size"], group)
+    return [_image_masks(path, None, iid, *group[0]["segmentation"]["size"], group)
             for iid, group in by_image.items()]
 
 
-def _instances(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageInstances:
+def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageMasks:
     rles = [annotation_rle(path, a, height, width) for a in anns]
     with_score = sum("score" in a for a in anns)
     if with_score not in (0, len(anns)):
@@ -159,8 +159,8 @@ def _instances(path: Path, file_name, image_id, height: int, width: int, anns: l
         boxes = np.zeros((0, 4), np.int64)
     scores = np.array([float(a["score"]) for a in anns] if with_score else np.ones(len(anns)), np.float64)
     crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
-    return ImageInstances(None if file_name is None else str(file_name), image_id, int(height), int(width),
-                          rles, boxes, scores, crowd, bool(with_score))
+    return ImageMasks(None if file_name is None else str(file_name), image_id, int(height), int(width),
+                      rles, boxes, scores, crowd, bool(with_score))
 
 
 def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
@@ -186,8 +186,8 @@ def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
                           f"{str(seg)[:60]} (box-only COCO files cannot be scored for masks)")
 
 
-def _load_label_image(path: Path, tile_size: int) -> ImageInstances:
-    """Cells of a label image, read `tile_size` squares at a time: memory is one tile plus the RLEs."""
+def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
+    """The masks of a label image, read `tile_size` squares at a time: memory is one tile plus the RLEs."""
     from scipy import ndimage
 
     from .slide import open_slide
@@ -213,13 +213,13 @@ def _load_label_image(path: Path, tile_size: int) -> ImageInstances:
                     parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
     labels = sorted(parts)
     rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (parts[v] for v in labels)]
-    image = _instances(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
+    image = _image_masks(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
     log.info("%s: %d labelled cells", path.name, len(image))
     return image
 
 
-def pair_images(pred: dict[str, ImageInstances], gt: dict[str, ImageInstances]
-                ) -> list[tuple[str, ImageInstances, ImageInstances]]:
+def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]
+                ) -> list[tuple[str, ImageMasks, ImageMasks]]:
     """(GT name, pred image, gt image) for the images both sides share, sizes checked."""
     P, G = list(pred.values()), list(gt.values())
     pairs = None
