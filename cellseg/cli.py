@@ -1,9 +1,11 @@
 """The `cellseg` command. One group, one function per command; heavy imports inside commands so
-`--help` is instant. Options are checked by their click types (ranges from the protocol schema). A user mistake
-becomes one line on stderr and exit 1 (2 for usage errors). Counting goes through counter.CellCounter."""
+`--help` is instant. Options are checked by their click types; the options overriding protocol settings are made
+from the settings' declarations (protocol.SETTINGS: flag, type, range, help). A user mistake becomes one line on
+stderr and exit 1 (2 for usage errors). Counting goes through counter.CellCounter."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -13,7 +15,7 @@ import click
 
 from . import __version__
 from .errors import CellsegError, ParameterError
-from .protocol import setting_range
+from .protocol import SETTINGS, OneOf, Range, Setting
 
 
 class _Group(click.Group):
@@ -89,46 +91,56 @@ class _Diameter(click.ParamType):
         return diameter
 
 
-def _setting(key: str, kind: type = int) -> click.ParamType:
-    """The click type of an option that overrides protocol setting `key`: the range the protocol schema allows."""
-    lo, hi = setting_range(key)
-    return click.IntRange(lo, hi) if kind is int else click.FloatRange(lo, hi)
+def protocol_overrides(*keys: str):
+    """Decorator: an option for each protocol setting in `keys` (every setting with a flag when none are named),
+    made from its declaration in protocol.SETTINGS. The command receives the values given as one mapping,
+    `overrides` {protocol key: value}, for Protocol.replace."""
+    settings = [s for s in SETTINGS.values() if s.flag and (not keys or s.key in keys)]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def with_overrides(*args, **kwargs):
+            given = {s.key: kwargs.pop(s.key) for s in settings}
+            return command(*args, overrides={k: v for k, v in given.items() if v is not None}, **kwargs)
+        for setting in reversed(settings):   # as if stacked in SETTINGS' order
+            with_overrides = click.option(setting.flag, setting.key, type=_option_type(setting), default=None,
+                                          help=f"{setting.help} Default: the protocol's {setting.key}.")(with_overrides)
+        return with_overrides
+    return decorate
+
+
+def _option_type(setting: Setting) -> click.ParamType:
+    """The click type of the option overriding `setting`: the values the protocol schema allows, so a bad one is a
+    usage error naming the option before anything is loaded."""
+    if isinstance(setting.allowed, OneOf):
+        return click.Choice(setting.allowed.choices)
+    if setting.kind in (int, float):
+        lo, hi = (setting.allowed.lo, setting.allowed.hi) if isinstance(setting.allowed, Range) else (None, None)
+        return click.IntRange(lo, hi) if setting.kind is int else click.FloatRange(lo, hi)
+    if setting.kind is str:
+        return click.STRING
+    raise TypeError(f"expected an int, float or str setting for an option, got {setting.key} ({setting.kind})")
 
 
 _POSITIVE = click.FloatRange(0, min_open=True)
+# Options count and info share.
+_PROTOCOL_OPTION = click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei",
+                                show_default=True, help="Protocol name (see `cellseg protocols list`) or a .toml file.")
+_MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
+                           help="Pixel size in µm/px, overriding the file's.")
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Result folder (one input) or parent folder of one result folder per input.")
-@click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
-              help="Protocol name (see `cellseg protocols list`) or a .toml file.")
-@click.option("--tile-size", type=_setting("tile_size"), default=None, help="Tile core size in px (protocol default).")
-@click.option("--halo", "halo_px", type=_setting("halo_px"), default=None,
-              help="Tile halo in px, >= the largest cell diameter.")
-@click.option("--batch-size", type=_setting("batch_size"), default=None, help="Tiles per detector call.")
+@_PROTOCOL_OPTION
+@protocol_overrides()
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="The network's arithmetic on a CPU: bf16 where the processor has it natively (auto; protocol "
-                   "default), fp32, or bf16.")
-@click.option("--mpp", type=_POSITIVE, default=None, help="Pixel size in µm/px, overriding the file's.")
+@_MPP_OPTION
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
                    "so nuclei reach the model at its training size.")
-@click.option("--channel", type=_setting("channel"), default=None, help="Channel holding the nuclei (0-based).")
-@click.option("--tissue", "tissue_method", type=click.Choice(["unet", "otsu", "none"]), default=None,
-              help="Find tissue first and skip background tiles: the U-Net, Otsu, or none (protocol default: unet).")
-@click.option("--min-tissue-fraction", type=_setting("min_tissue_fraction", float), default=None,
-              help="Skip tiles whose core is less than this share tissue (protocol default).")
-@click.option("--model", "model_name", default=None, help="Model bundle folder or shipped name (protocol default).")
-@click.option("--score-threshold", type=_setting("score_threshold", float), default=None,
-              help="Minimum detection score (bundle default).")
-@click.option("--cell-expansion-um", type=_setting("cell_expansion_um", float), default=None, metavar="D",
-              help="Grow each nucleus by up to D µm into an estimated cell, stopping where it meets a neighbour's, "
-                   "and measure cells and cytoplasm too (0: nuclei only; protocol default). Needs the pixel size.")
-@click.option("--cell-expansion-px", type=_setting("cell_expansion_px", float), default=None, metavar="D",
-              help="The same in px, for images without a pixel size (instead of --cell-expansion-um).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
                    "About 8x the detection time (docs/performance.md).")
@@ -158,10 +170,8 @@ _POSITIVE = click.FloatRange(0, min_open=True)
                    "are left out of the count, the tissue area and the density, and listed in summary.json and "
                    "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device, precision, mpp, diameter, channel,
-          tissue_method, min_tissue_fraction, model_name, score_threshold, cell_expansion_um, cell_expansion_px, tta,
-          workers, scheduler, band_rows, resume, estimate, regions_file, regions_units, skip_unreadable,
-          quiet) -> None:
+def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, workers, scheduler, band_rows, resume,
+          estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .protocol import check_pixel_size, load_protocol
@@ -175,13 +185,8 @@ def count(inputs, output, protocol_name, tile_size, halo_px, batch_size, device,
         raise click.UsageError("expected --skip-unreadable in a count in this process, got it with "
                                f"{'--workers' if workers is not None else '--scheduler'}")
 
-    # The tile/halo rule across two options is the protocol's (tiling.check_halo).
-    protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px, batch_size=batch_size,
-                                                    channel=channel, model=model_name,
-                                                    score_threshold=score_threshold, tissue_method=tissue_method,
-                                                    min_tissue_fraction=min_tissue_fraction,
-                                                    cell_expansion_um=cell_expansion_um,
-                                                    cell_expansion_px=cell_expansion_px, precision=precision)
+    # The rules across two options (tile and halo, cell expansion in µm or px) are the protocol's.
+    protocol = load_protocol(protocol_name).replace(**overrides)
     regions = None
     if regions_file is not None:
         from .regions import load_regions
@@ -339,20 +344,18 @@ def _check_summary_csv(path: Path) -> None:
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei", show_default=True,
-              help="Protocol name or .toml file whose tiles to count.")
-@click.option("--tile-size", type=_setting("tile_size"), default=None, help="Tile core size in px (protocol default).")
-@click.option("--halo", "halo_px", type=_setting("halo_px"), default=None, help="Tile halo in px (protocol default).")
-@click.option("--mpp", type=_POSITIVE, default=None, help="Pixel size in µm/px, overriding the file's.")
+@_PROTOCOL_OPTION
+@protocol_overrides("tile_size", "halo_px")
+@_MPP_OPTION
 @click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
               help="Typical nucleus diameter in px, as `cellseg count --diameter` takes it (tiles are resampled).")
-def info(slide, protocol_name, tile_size, halo_px, mpp, diameter) -> None:
+def info(slide, protocol_name, overrides, mpp, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
     from .describe import describe_slide
     from .protocol import load_protocol
     from .slide import open_slide
-    protocol = load_protocol(protocol_name).replace(tile_size=tile_size, halo_px=halo_px)
+    protocol = load_protocol(protocol_name).replace(**overrides)
     with open_slide(slide, mpp=mpp) as opened:
         for line in describe_slide(opened.info, protocol, diameter):
             click.echo(line)

@@ -1,7 +1,9 @@
 """Protocols: named analysis presets stored as TOML (protocols/*.toml, installed as cellseg.protocols).
 
-A protocol is data with a schema: every key is declared below with its type and allowed range; an
-unknown key or a bad value is an error that names the file and the key.
+A protocol is data with a schema. Every setting is declared once, in SETTINGS, with its section of the file, its
+type and allowed values, its default and what it does; from that one declaration come the file's schema (an
+unknown key or a bad value is an error that names the file and the key), the fields and defaults of Protocol,
+and the `cellseg count` option that overrides it (cli.py), so adding a setting is one line.
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ import tomllib
 
 from .errors import ParameterError, ProtocolError
 from .tiling import check_halo
-
-# section -> key -> (type, check, description). The check returns an error text or None.
-_Rule = tuple[type | tuple[type, ...], Any, str]
+from .tissue_methods import METHODS as TISSUE_METHODS
 
 
 @dataclass(frozen=True)
-class _Range:
-    """A setting's allowed range (bounds included; None: open). Called with a value: the error text or None."""
+class Range:
+    """A setting's allowed range (bounds included; None: open). Called with a value: what was expected, or None."""
 
     lo: float | None = None
     hi: float | None = None
@@ -36,87 +36,119 @@ class _Range:
         return None
 
 
-def _one_of(*choices):
-    return lambda v: None if v in choices else "one of " + ", ".join(map(repr, choices))
+@dataclass(frozen=True)
+class OneOf:
+    """A setting's allowed values. Called with a value: what was expected, or None."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, v):
+        return None if v in self.choices else "one of " + ", ".join(map(repr, self.choices))
 
 
-SCHEMA: dict[str, dict[str, _Rule]] = {
-    "": {
-        "name": (str, None, "the protocol's name"),
-        "description": (str, None, "what it is for"),
-        "modality": (str, _one_of("fluorescence", "brightfield"), "imaging modality"),
-    },
-    "input": {
-        "channel": (int, _Range(0), "channel that holds the nuclei (omit: grayscale/RGB as is)"),
-        "require_mpp": (bool, None, "stop when the image has no pixel size and none is given"),
-    },
-    "tiling": {
-        "tile_size": (int, _Range(64, 8192), "tile core size in px"),
-        "halo_px": (int, _Range(0, 4096), "context around each tile, >= the largest cell diameter"),
-        "batch_size": (int, _Range(1, 256), "tiles per detector call"),
-    },
-    "detection": {
-        "model": (str, None, "bundle name shipped with cellseg, or a bundle folder"),
-        "score_threshold": ((int, float), _Range(0.0, 1.0), "minimum detection score (omit: the bundle's tuned default)"),
-        "mask_threshold": ((int, float), _Range(0.0, 1.0), "soft-mask probability threshold"),
-        "min_area_px": (int, _Range(0), "drop cells smaller than this (fragments)"),
-        "precision": (str, _one_of("auto", "fp32", "bf16"),
-                      "the network's arithmetic on a CPU: bf16 where the processor has it natively (auto), or "
-                      "fp32 / bf16 as given; GPUs use fp16 autocast unless fp32"),
-        "nucleus_diameter_um": ((int, float), _Range(0.5, 200.0),
-                                "typical nucleus diameter; with the slide's pixel size, tiles are resampled so "
-                                "nuclei reach the model at its training size (omit: no resampling)"),
-    },
-    "tissue": {
-        "tissue_method": (str, _one_of("unet", "otsu", "none"),
-                          "how background is found and skipped: the U-Net, Otsu on the thumbnail, or none"),
-        "min_tissue_fraction": ((int, float), _Range(0.0, 1.0),
-                                "tiles whose core holds less tissue than this share are skipped before detection"),
-    },
-    "seams": {
-        "dedupe_overlap": ((int, float), _Range(0.0, 1.0),
-                           "cells from neighbouring tiles overlapping more than this (intersection over smaller) are one cell"),
-    },
-    # Cells by expansion (expansion.py, expansion_rows.py). 0 = nuclei only. QuPath's cell detection grows nuclei by
-    # 5 µm by default (cellExpansionMicrons = 5.0); he-nuclei takes that default (it requires the pixel size, and
-    # pathologists read the nucleus/cell area ratio and cytoplasmic stain off it).
-    "cells": {
-        "cell_expansion_um": ((int, float), _Range(0.0, 100.0),
-                              "grow each nucleus by up to this many µm into an estimated cell, stopping where it "
-                              "meets a neighbour's (0: nuclei only); needs the pixel size"),
-        "cell_expansion_px": ((int, float), _Range(0.0, 2000.0),
-                              "the same in px, for images without a pixel size (instead of cell_expansion_um)"),
-    },
-    "export": {
-        "geojson_gzip_above_mb": ((int, float), _Range(0.0),
-                                  "cells.geojson is written gzipped (cells.geojson.gz) when larger than this many MB "
-                                  "(0: always)"),
-    },
-}
+REQUIRED = dataclasses.MISSING   # the default of a setting every protocol file must give
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One protocol setting: the [section] of the file it is written in ("": the top level), its key, type
+    (a float setting also takes an int, as TOML writes 5 for 5.0), allowed values, default and what it does; `flag`
+    is the `cellseg count` option overriding it (None: set in protocol files only)."""
+
+    section: str
+    key: str
+    kind: type
+    default: Any
+    help: str
+    allowed: Range | OneOf | None = None
+    flag: str | None = None
+
+    @property
+    def annotation(self) -> str:
+        """Protocol's type annotation of this field."""
+        return self.kind.__name__ + (" | None" if self.default is None else "")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` for this setting ("expected ..., got ..."), or None when it is allowed."""
+        accepts = (int, float) if self.kind is float else (self.kind,)
+        # bool is an int in Python; an integer setting must not accept `true`.
+        if not isinstance(value, accepts) or (isinstance(value, bool) and self.kind is not bool):
+            return f"expected {' or '.join(k.__name__ for k in accepts)}, got {value!r}"
+        expected = self.allowed(value) if self.allowed else None
+        return f"expected {expected}, got {value!r}" if expected else None
+
+
+SETTINGS: dict[str, Setting] = {s.key: s for s in (
+    Setting("", "name", str, REQUIRED, "The protocol's name."),
+    Setting("", "description", str, "", "What it is for."),
+    Setting("", "modality", str, "fluorescence", "Imaging modality.", OneOf(("fluorescence", "brightfield"))),
+    Setting("input", "channel", int, None,
+            "Channel holding the nuclei, 0-based (unset: one named like a nuclear stain, DAPI or Hoechst, else an "
+            "RGB image as is, else channel 0).", Range(0), "--channel"),
+    Setting("input", "require_mpp", bool, False, "Stop when the image has no pixel size and none is given."),
+    Setting("tiling", "tile_size", int, 512, "Tile core size in px.", Range(64, 8192), "--tile-size"),
+    Setting("tiling", "halo_px", int, 64,
+            "Tile halo in px (context read around each tile's core), >= the largest cell diameter.",
+            Range(0, 4096), "--halo"),
+    Setting("tiling", "batch_size", int, 4, "Tiles per detector call.", Range(1, 256), "--batch-size"),
+    Setting("detection", "model", str, "nuclei",
+            "Model bundle: a bundle folder, or the name of one shipped with cellseg.", None, "--model"),
+    Setting("detection", "score_threshold", float, None,
+            "Minimum detection score (unset: the bundle's, tuned for the modality).", Range(0.0, 1.0),
+            "--score-threshold"),
+    Setting("detection", "mask_threshold", float, 0.5, "Soft-mask probability threshold.", Range(0.0, 1.0)),
+    Setting("detection", "min_area_px", int, 10, "Drop cells smaller than this many px (fragments).", Range(0)),
+    Setting("detection", "precision", str, "auto",
+            "The network's arithmetic on a CPU: bf16 where the processor has it natively (auto), or fp32 / bf16 "
+            "as given; GPUs use fp16 autocast unless fp32.", OneOf(("auto", "fp32", "bf16")), "--precision"),
+    Setting("detection", "nucleus_diameter_um", float, None,
+            "Typical nucleus diameter in µm: with the slide's pixel size, tiles are resampled so nuclei reach the "
+            "model at its training size (unset: no resampling).", Range(0.5, 200.0)),
+    Setting("tissue", "tissue_method", str, "unet",
+            "How background is found and skipped before detection: "
+            + ", ".join(f"{name} ({what})" for name, what in TISSUE_METHODS.items()) + ".",
+            OneOf(tuple(TISSUE_METHODS)), "--tissue"),
+    Setting("tissue", "min_tissue_fraction", float, 0.01,
+            "Skip tiles whose core is less than this share tissue.", Range(0.0, 1.0), "--min-tissue-fraction"),
+    Setting("seams", "dedupe_overlap", float, 0.5,
+            "Cells from neighbouring tiles overlapping more than this (intersection over the smaller) are one "
+            "cell.", Range(0.0, 1.0)),
+    # Cells by expansion (expansion.py, expansion_rows.py). QuPath's cell detection grows nuclei by 5 µm by default
+    # (cellExpansionMicrons = 5.0); he-nuclei takes that default (it requires the pixel size, and pathologists
+    # read the nucleus/cell area ratio and cytoplasmic stain off it).
+    Setting("cells", "cell_expansion_um", float, 0.0,
+            "Grow each nucleus by up to this many µm into an estimated cell, stopping where it meets a "
+            "neighbour's, and measure cells and cytoplasm too (0: nuclei only). Needs the pixel size.",
+            Range(0.0, 100.0), "--cell-expansion-um"),
+    Setting("cells", "cell_expansion_px", float, None,
+            "The same in px, for images without a pixel size (in place of the expansion in µm).",
+            Range(0.0, 2000.0), "--cell-expansion-px"),
+    Setting("export", "geojson_gzip_above_mb", float, 500.0,
+            "cells.geojson is written gzipped (cells.geojson.gz) when larger than this many MB (0: always).",
+            Range(0.0)),
+)}
+
+# The file's layout: section -> key -> setting, in SETTINGS' order ("": the top level).
+SCHEMA: dict[str, dict[str, Setting]] = {
+    section: {s.key: s for s in SETTINGS.values() if s.section == section}
+    for section in dict.fromkeys(s.section for s in SETTINGS.values())}
+
+
+def _fields_from_settings(cls):
+    """Makes `cls` a frozen dataclass with one field per setting (in SETTINGS' order, with its default) before
+    the fields it declares itself."""
+    cls.__annotations__ = {**{s.key: s.annotation for s in SETTINGS.values()}, **cls.__annotations__}
+    for s in SETTINGS.values():
+        if s.default is not REQUIRED:
+            setattr(cls, s.key, s.default)
+    return dataclass(frozen=True)(cls)
+
+
+@_fields_from_settings
 class Protocol:
-    name: str
-    description: str = ""
-    modality: str = "fluorescence"
-    channel: int | None = None
-    require_mpp: bool = False
-    tile_size: int = 512
-    halo_px: int = 64
-    batch_size: int = 4
-    model: str = "nuclei"
-    score_threshold: float | None = None
-    mask_threshold: float = 0.5
-    min_area_px: int = 10
-    precision: str = "auto"
-    nucleus_diameter_um: float | None = None
-    tissue_method: str = "unet"
-    min_tissue_fraction: float = 0.01
-    dedupe_overlap: float = 0.5
-    cell_expansion_um: float = 0.0
-    cell_expansion_px: float | None = None
-    geojson_gzip_above_mb: float = 500.0
+    """A protocol's settings: one field per entry of SETTINGS (Protocol(name=..., tile_size=...)), and the file it
+    was read from."""
+
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -131,20 +163,17 @@ class Protocol:
         return out
 
     def replace(self, **overrides) -> Protocol:
-        """A copy with command-line overrides (None = keep), validated like the file.
+        """A copy with overrides (None = keep), validated like the file.
 
-        A bad value is a usage error (ParameterError, exit code 2) naming the option.
+        A bad value is a usage error (ParameterError, exit code 2) naming the setting by its protocol key.
         """
         given = {k: v for k, v in overrides.items() if v is not None}
         for key, value in given.items():
-            section = next((s for s, keys in SCHEMA.items() if key in keys), None)
-            if section is None:
+            if key not in SETTINGS:
                 raise ProtocolError(f"unknown protocol setting {key!r}")
-            try:
-                option = {"halo_px": "--halo", "tissue_method": "--tissue"}.get(key, f"--{key.replace('_', '-')}")  # as cli.py names it
-                _check("", option, value, SCHEMA[section][key])
-            except ProtocolError as e:
-                raise ParameterError(str(e)) from None
+            problem = SETTINGS[key].problem(value)
+            if problem:
+                raise ParameterError(f"{key}: {problem}")
         # The expansion is given in µm or in px: an override of one replaces the file's choice of the other.
         if "cell_expansion_px" in given and "cell_expansion_um" not in given:
             given["cell_expansion_um"] = 0.0
@@ -156,15 +185,6 @@ class Protocol:
                                  f"({new.cell_expansion_um:g} µm and {new.cell_expansion_px:g} px)")
         check_halo(new.tile_size, new.halo_px)
         return new
-
-
-def setting_range(key: str) -> tuple[float | None, float | None]:
-    """(lowest, highest) value the protocol setting `key` accepts (None: no bound), for the CLI's option types."""
-    for keys in SCHEMA.values():
-        if key in keys:
-            check = keys[key][1]
-            return (check.lo, check.hi) if isinstance(check, _Range) else (None, None)
-    raise KeyError(f"no protocol setting {key!r}")
 
 
 def check_pixel_size(protocol: Protocol, info) -> None:
@@ -217,16 +237,17 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
                 if sub not in SCHEMA[key]:
                     raise ProtocolError(f"{path}: unknown key {sub!r} in [{key}]; expected one of "
                                         + ", ".join(SCHEMA[key]))
-                _check(f"{path}: [{key}]", sub, subvalue, SCHEMA[key][sub])
+                _check(f"{path}: [{key}]", SCHEMA[key][sub], subvalue)
                 values[sub] = subvalue
         else:
             if key not in SCHEMA[""]:
                 raise ProtocolError(f"{path}: unknown key {key!r}; expected one of {', '.join(SCHEMA[''])} "
                                     f"or a section")
-            _check(f"{path}:", key, value, SCHEMA[""][key])
+            _check(f"{path}:", SCHEMA[""][key], value)
             values[key] = value
-    if "name" not in values:
-        raise ProtocolError(f"{path}: missing key 'name'")
+    for setting in SETTINGS.values():
+        if setting.default is REQUIRED and setting.key not in values:
+            raise ProtocolError(f"{path}: missing key {setting.key!r}")
     protocol = Protocol(**values, source=str(path))
     if protocol.cell_expansion_px is not None and protocol.cell_expansion_um:
         raise ProtocolError(f"{path}: [cells] expected cell_expansion_um or cell_expansion_px, got both")
@@ -237,12 +258,7 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
     return protocol
 
 
-def _check(where: str, key: str, value: Any, rule: _Rule) -> None:
-    kind, check, _ = rule
-    # bool is an int in Python; an integer setting must not accept `true`.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProtocolError(f"{where} {key}: expected {names}, got {value!r}".lstrip())
-    problem = check(value) if check else None
+def _check(where: str, setting: Setting, value: Any) -> None:
+    problem = setting.problem(value)
     if problem:
-        raise ProtocolError(f"{where} {key}: expected {problem}, got {value!r}".lstrip())
+        raise ProtocolError(f"{where} {setting.key}: {problem}")

@@ -26,10 +26,10 @@ import numpy as np
 
 from .errors import ParameterError
 from .tiling import Box
+from .tissue_methods import METHODS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("unet", "otsu", "none")
 VIEW_UM_PER_PX = 8.0        # resolution of the view tissue is judged on
 ASSUMED_MPP = 0.5           # µm/px assumed when the slide has no pixel size (a 20x scan)
 MIN_VIEW_SIDE = 64          # small images get a finer view, so the view is never a handful of pixels

@@ -63,10 +63,11 @@ def card_figures(report: EvaluationReport) -> dict:
 def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
                         tta: bool = False, precision: str = "fp32"):
     """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
-    when `tta`)."""
+    when `tta`). Its mask threshold is VALIDATION_PROTOCOL's unless `mask_threshold` overrides it: taken from the
+    protocol as `cellseg count` takes it, so validated cells are the cells a count makes."""
     from .detect import Detector
-    detector = Detector.from_bundle(bundle, device, score_threshold=floor,
-                                    mask_threshold=bundle.mask_threshold if mask_threshold is None else mask_threshold,
+    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)
+    detector = Detector.from_bundle(bundle, device, score_threshold=floor, mask_threshold=protocol.mask_threshold,
                                     precision=precision)
     if tta:
         from .tta import AugmentedDetector

@@ -31,7 +31,7 @@ from model_card import card_readme  # noqa: E402  (scripts/model_card.py)
 from cellseg.bundle import load_bundle, update_bundle_metadata  # noqa: E402
 from cellseg.datasets import PROTOCOL_MODALITY, Split  # noqa: E402
 from cellseg.evaluate import evaluate, load_image_masks  # noqa: E402
-from cellseg.validate import above, card_figures, score, validation_detector  # noqa: E402
+from cellseg.validate import VALIDATION_PROTOCOL, above, card_figures, score, validation_detector  # noqa: E402
 from cellseg.validate import predict as predict_images  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -95,7 +95,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
     p.add_argument("--mask-threshold", type=float, default=None,
-                   help="mask probability threshold (default: the bundle's); with --write-card it becomes the bundle's")
+                   help="mask probability threshold (default: the protocol's, as in a count); with --write-card it is "
+                        "recorded in the bundle")
     p.add_argument("--proposal-threshold", type=float, default=None, help="RPN objectness floor (default: bundle's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [model] key of the bundle for this run, e.g. box_nms_thresh=0.5")
@@ -137,7 +138,7 @@ def main() -> None:
                      "held_out_groups": sorted(g for g, t in split.groups.items() if t["side"] == "val"),
                      "threshold_chosen_on": "these held-out images, per protocol modality (pooled F1)",
                      "settings": {"tta": args.tta, "precision": args.precision,
-                                  "mask_threshold": args.mask_threshold or bundle.mask_threshold,
+                                  "mask_threshold": args.mask_threshold or VALIDATION_PROTOCOL.mask_threshold,
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
     for protocol_modality in sorted(set(PROTOCOL_MODALITY.values())):

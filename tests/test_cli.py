@@ -222,6 +222,8 @@ def test_many_inputs_do_not_overwrite_someone_elses_summary_csv(tmp_path, small_
     (["--diameter", "-3"], ("'--diameter'", "expected a diameter > 0 px", "-3")),
     (["--device", "bogus"], ("'--device'", "bogus")),
     (["--tile-size", "big"], ("'--tile-size'", "big")),
+    (["--tissue", "magic"], ("'--tissue'", "'magic' is not one of 'unet', 'otsu', 'none'")),
+    (["--precision", "fp8"], ("'--precision'", "'fp8' is not one of 'auto', 'fp32', 'bf16'")),
     (["--mpp", "abc"], ("'--mpp'", "abc")),
     (["--cell-expansion-um", "-1"], ("'--cell-expansion-um'", "-1.0 is not in the range 0.0<=x<=100.0")),
     (["--cell-expansion-px", "wide"], ("'--cell-expansion-px'", "wide")),
@@ -246,6 +248,26 @@ def test_other_commands_check_their_options_by_type(tmp_path, args, words):
     before = listing(tmp_path)
     assert_user_error(invoke(args), 2, *words)
     assert_nothing_left(tmp_path, before)
+
+
+def test_count_overrides_every_setting_with_a_flag_as_declared():
+    """The protocol overrides of `cellseg count` are made from protocol.SETTINGS: flag, values, help."""
+    from cellseg.cli import count
+    from cellseg.protocol import SETTINGS, OneOf, Range
+    options = {p.name: p for p in count.params}
+    flagged = [s for s in SETTINGS.values() if s.flag]
+    assert {"tile_size", "halo_px", "tissue_method", "cell_expansion_px"} <= {s.key for s in flagged}
+    for setting in SETTINGS.values():
+        if setting.flag is None:
+            assert setting.key not in options
+            continue
+        option = options[setting.key]
+        assert option.opts == [setting.flag] and option.default is None
+        assert setting.help in option.help and setting.key in option.help
+        if isinstance(setting.allowed, Range):
+            assert (option.type.min, option.type.max) == (setting.allowed.lo, setting.allowed.hi)
+        if isinstance(setting.allowed, OneOf):
+            assert tuple(option.type.choices) == setting.allowed.choices
 
 
 def test_no_inputs_is_usage_error():
@@ -322,7 +344,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_count_one_png_writes_a_complete_result_beside_it(tmp_path, fluo_png, tiny_bundle):
     image = shutil.copy(fluo_png, tmp_path / "dsb_fluo.png")  # 256 x 256: 4 tiles of 128 px
     result = invoke(["count", image, "--model", tiny_bundle, "--device", "cpu", "-q", "--tile-size", "128",
-                     "--halo", "16"])
+                     "--halo", "16", "--tissue", "none", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "dsb_fluo.cellseg"
     assert out.is_dir()
@@ -347,6 +369,7 @@ def test_count_one_png_writes_a_complete_result_beside_it(tmp_path, fluo_png, ti
     assert run["protocol"]["name"] == "fluorescence-nuclei"
     assert run["protocol"]["tiling"] == {"tile_size": 128, "halo_px": 16, "batch_size": 4}  # resolved
     assert run["protocol"]["detection"]["model"] == str(tiny_bundle)
+    assert run["protocol"]["detection"]["precision"] == "fp32" and run["protocol"]["tissue"]["tissue_method"] == "none"
     assert run["model"]["weights_sha256"] == hashlib.sha256(
         (tiny_bundle / "weights.safetensors").read_bytes()).hexdigest()
     # This run's command line, not the test runner's sys.argv.

@@ -1,8 +1,10 @@
 """Protocols are data with a schema: shipped presets load, every mistake in a file is a ProtocolError that
-names the file and the key, command-line overrides are validated the same way."""
+names the file and the key, overrides are validated the same way and named by their keys; every setting is
+declared once (SETTINGS), and the schema and Protocol's defaults are made from that."""
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import tomllib
 
 import cellseg.protocol as protocol_module
 from cellseg.errors import CellsegError, ParameterError, ProtocolError
-from cellseg.protocol import SCHEMA, Protocol, list_protocols, load_protocol, protocols_dir
+from cellseg.protocol import SCHEMA, SETTINGS, OneOf, Protocol, list_protocols, load_protocol, protocols_dir
 
 SHIPPED = ("fluorescence-nuclei", "he-nuclei")
 
@@ -212,22 +214,26 @@ def test_replace_applies_overrides_and_keeps_none():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    ({"tile_size": 10}, ("--tile-size", "between 64 and 8192", "got 10")),
-    ({"tile_size": "big"}, ("--tile-size", "expected int", "'big'")),
-    ({"halo_px": -1}, ("--halo", "got -1")),
-    ({"batch_size": 0}, ("--batch-size", "got 0")),
-    ({"channel": -2}, ("--channel", "got -2")),
-    ({"score_threshold": 2.0}, ("--score-threshold", "2.0")),
+    ({"tile_size": 10}, ("tile_size", "between 64 and 8192", "got 10")),
+    ({"tile_size": "big"}, ("tile_size", "expected int", "'big'")),
+    ({"halo_px": -1}, ("halo_px", "got -1")),
+    ({"batch_size": 0}, ("batch_size", "got 0")),
+    ({"channel": -2}, ("channel", "got -2")),
+    ({"score_threshold": 2.0}, ("score_threshold", "2.0")),
+    ({"mask_threshold": "high"}, ("mask_threshold", "expected int or float", "'high'")),
+    ({"tissue_method": "magic"}, ("tissue_method", "one of 'unet', 'otsu', 'none'", "'magic'")),
     ({"tile_size": 128, "halo_px": 100}, ("halo", "at most", "64", "got 100")),
     ({"halo_px": 300}, ("halo", "at most", "256", "got 300")),  # against the protocol's own tile size
 ])
-def test_replace_validates_overrides_as_usage_errors(overrides, words):
+def test_replace_validates_overrides_as_usage_errors_named_by_key(overrides, words):
+    """The napari widget shows these messages too: they name protocol keys, not `cellseg count`'s flags."""
     base = load_protocol("fluorescence-nuclei")
     with pytest.raises(ParameterError) as info:
         base.replace(**overrides)
     assert info.value.exit_code == 2
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+    assert "--" not in str(info.value)
 
 
 def test_cell_expansion_in_um_or_px(tmp_path):
@@ -251,7 +257,7 @@ def test_replace_cell_expansion_in_one_unit_drops_the_other():
     assert (in_um.cell_expansion_um, in_um.cell_expansion_px) == (3.0, None)
     with pytest.raises(ParameterError, match="got both"):
         base.replace(cell_expansion_um=2.0, cell_expansion_px=4.0)
-    with pytest.raises(ParameterError, match="--cell-expansion-um.*got -3"):
+    with pytest.raises(ParameterError, match="cell_expansion_um: .*got -3"):
         base.replace(cell_expansion_um=-3.0)
 
 
@@ -264,7 +270,35 @@ def test_schema_and_dataclass_agree():
     """Every schema key is a Protocol field, so to_dict/replace cannot silently drop one."""
     fields = set(Protocol.__dataclass_fields__) - {"source"}
     schema_keys = {key for keys in SCHEMA.values() for key in keys}
-    assert schema_keys == fields
+    assert schema_keys == fields == set(SETTINGS)
+
+
+def test_each_setting_is_declared_once_and_the_rest_is_made_from_it():
+    """Protocol's fields and defaults, the file's sections and the checks all come from SETTINGS."""
+    fields = {f.name: f for f in dataclasses.fields(Protocol)}
+    for key, setting in SETTINGS.items():
+        assert setting.key == key and SCHEMA[setting.section][key] is setting
+        assert fields[key].default is setting.default, key
+    assert list(fields) == [*SETTINGS, "source"]
+    assert Protocol(name="x").tile_size == SETTINGS["tile_size"].default == 512
+    assert list(SCHEMA) == ["", "input", "tiling", "detection", "tissue", "seams", "cells", "export"]
+
+
+def test_required_settings_have_no_default_and_optional_ones_say_none():
+    assert SETTINGS["name"].default is dataclasses.MISSING
+    with pytest.raises(TypeError):
+        Protocol()
+    assert Protocol.__dataclass_fields__["score_threshold"].type == "float | None"
+    assert Protocol.__dataclass_fields__["min_area_px"].type == "int"
+
+
+def test_tissue_methods_are_the_tissue_finders_own():
+    """One list of tissue methods: the finders', which the schema and the CLI take."""
+    from cellseg.tissue import TissueFinder
+    from cellseg.tissue_methods import METHODS
+    assert SETTINGS["tissue_method"].allowed == OneOf(tuple(METHODS))
+    with pytest.raises(ParameterError, match="expected a tissue method among unet, otsu, none, got 'magic'"):
+        TissueFinder("magic")
 
 
 def test_presets_are_found_from_a_source_tree_without_an_install(monkeypatch):

@@ -140,7 +140,7 @@ def test_protocol_tissue_settings_are_checked(tmp_path):
     bad.write_text('name = "x"\n[tissue]\nmin_tissue_fraction = 1.5\n')
     with pytest.raises(ProtocolError, match="min_tissue_fraction"):
         load_protocol(bad)
-    with pytest.raises(Exception, match="--min-tissue-fraction"):
+    with pytest.raises(Exception, match="min_tissue_fraction: expected between 0.0 and 1.0"):
         load_protocol("fluorescence-nuclei").replace(min_tissue_fraction=-0.1)
     with pytest.raises(Exception, match="tissue method"):
         TissueFinder("magic")

@@ -73,3 +73,20 @@ def test_missing_validation_images_fail_before_any_work(tmp_path):
     (tmp_path / "dsb_fluo.png").unlink()
     with pytest.raises(CellsegError, match="1 missing"):
         annotated_images(ann)
+
+
+def test_validation_takes_the_mask_threshold_from_the_protocol_as_counting_does(tiny_bundle):
+    """A bundle's own mask threshold does not change validated cells, as it does not change counted ones
+    (CellCounter.load takes the protocol's); an explicit one (scripts/validate_bundle.py --mask-threshold) does."""
+    import dataclasses
+
+    from cellseg.counter import CellCounter
+    from cellseg.errors import ParameterError
+    from cellseg.validate import VALIDATION_PROTOCOL, validation_detector
+    bundle = dataclasses.replace(load_bundle(tiny_bundle), mask_threshold=0.3)
+    counted = CellCounter.load(VALIDATION_PROTOCOL.replace(model=str(tiny_bundle)), "cpu").detector
+    assert validation_detector(bundle, "cpu").mask_threshold == counted.mask_threshold \
+        == VALIDATION_PROTOCOL.mask_threshold == 0.5
+    assert validation_detector(bundle, "cpu", mask_threshold=0.4).mask_threshold == 0.4
+    with pytest.raises(ParameterError, match="mask_threshold: expected between 0.0 and 1.0, got 1.5"):
+        validation_detector(bundle, "cpu", mask_threshold=1.5)
