@@ -1,8 +1,8 @@
 """Training augmentation for what users bring: other stains, focus, noise, contrast and dim nuclei.
 
 Applied to a training crop already in the network's input form (float32 (3, H, W) in ~[0, 1], see preprocess.py)
-with its instance masks. Geometry (scale 0.5-2x, flips, 90° rotations) is done by train.sample_crop; this module
-changes pixel values only, so the masks stay valid:
+with its instance masks. Geometry (scale 0.5-2x, flips, 90° rotations) is done by train_crops.sample_crop; this
+module changes pixel values only, so the masks stay valid:
 
 - H&E stain variation (colour images): jitter in HED space (colour deconvolution, skimage.color.rgb2hed), each
   stain's optical density scaled and shifted (Tellez et al., Med. Image Anal. 2019, "HED jitter").
@@ -23,7 +23,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Augmentation:
-    scale: tuple[float, float] = (0.5, 2.0)         # zoom, log-uniform (train.sample_crop)
+    scale: tuple[float, float] = (0.5, 2.0)         # zoom, log-uniform (train_crops.sample_crop)
     hed_p: float = 0.8                              # colour images only
     hed_gain: float = 0.15                          # each stain's OD x U(1 - g, 1 + g)
     hed_shift: float = 0.05                         # + U(-s, s) x the stain's 99th percentile OD
@@ -38,8 +38,9 @@ class Augmentation:
     dim_p: float = 0.3
     dim_fraction: float = 0.35                      # share of the crop's nuclei dimmed
     dim_factor: tuple[float, float] = (0.25, 0.7)   # their contrast against the background x U(a, b)
-    # Share of crops centred on a nucleus drawn at random (train.sample_crop): crops then land in proportion to
-    # nuclei, so dense clusters (where the model misses touching nuclei) are seen more often than empty background.
+    # Share of crops centred on a nucleus drawn at random (train_crops.sample_crop): crops then land in proportion
+    # to nuclei, so dense clusters (where the model misses touching nuclei) are seen more often than empty
+    # background.
     nucleus_centred_p: float = 0.5
     # Colour crops turned to gray (luminance): grayscale brightfield (dark nuclei on a light ground) is held out
     # whole, so without this the model never sees a gray image whose nuclei are dark.

@@ -408,8 +408,10 @@ def protocols_show(name: str) -> None:
 def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
     from .detect import resolve_device
-    from .train import TrainSettings, check_output_folder, load_coco
+    from .train import TrainSettings
     from .train import train as run_training
+    from .train_checkpoint import check_output_folder
+    from .train_data import load_coco
     if lr is None:
         lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
     check_output_folder(out, resume)

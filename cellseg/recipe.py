@@ -94,7 +94,9 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
     """Train the nuclei bundle on the split's training images into `out` (see cellseg.train.train; on_snapshot is
     its callback for settings.snapshot_every)."""
     from .bundle import load_bundle
-    from .train import check_output_folder, train, train_image_from_labels
+    from .train import train
+    from .train_checkpoint import check_output_folder
+    from .train_data import train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
     split = load_split(data_root, split_file or (out / "split.json" if resume else None))
     chosen = training_images(data_root, split)[:limit]

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from cellseg.bundle import load_bundle
-from cellseg.train import TrainImage, TrainSettings, load_coco, sample_crop, train
+from cellseg.train import TrainSettings, train
+from cellseg.train_crops import sample_crop
+from cellseg.train_data import TrainImage, load_coco
 
 from .helpers import DATA, assert_user_error, coco_from_labels, invoke, snapshot, tiny_model_config
 
@@ -31,7 +33,7 @@ def test_sample_crop_keeps_masks_and_boxes_consistent():
 
 
 def test_masks_cross_processes_bit_packed_and_come_back_equal():
-    from cellseg.train import pack_masks, unpack_masks
+    from cellseg.train_crops import pack_masks, unpack_masks
     rng = np.random.default_rng(1)
     for shape in [(3, 17, 29), (0, 8, 8), (5, 64, 64)]:
         masks = torch.from_numpy((rng.random(shape) > 0.5).astype(np.uint8))
@@ -96,18 +98,18 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
 
 
 def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
-    import cellseg.train as train_module
+    import cellseg.train_crops as crops_module
     from cellseg.errors import TrainingInterrupted
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     items, classes = load_coco(ann)
-    real_crop, calls = train_module.sample_crop, []
+    real_crop, calls = crops_module.sample_crop, []
 
     def crop_then_ctrl_c(item, size, rng, *aug):
         calls.append(1)
         if len(calls) == 5:              # during the third step (two crops a step)
             raise KeyboardInterrupt
         return real_crop(item, size, rng, *aug)
-    monkeypatch.setattr(train_module, "sample_crop", crop_then_ctrl_c)
+    monkeypatch.setattr(crops_module, "sample_crop", crop_then_ctrl_c)
     out = tmp_path / "b"
     settings = TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50)
     with pytest.raises(TrainingInterrupted, match="interrupted at step 2 of 6.*--resume"):
@@ -115,20 +117,20 @@ def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2     # not lost: saved at the interrupt
     bundle = load_bundle(out)
     assert bundle.card["training"]["steps"] == 2 and bundle.card["training"]["finished"] is False
-    monkeypatch.setattr(train_module, "sample_crop", real_crop)
+    monkeypatch.setattr(crops_module, "sample_crop", real_crop)
     train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
     assert load_bundle(out).card["training"]["finished"] is True
 
 
 def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
-    import cellseg.train as train_module
+    import cellseg.train_crops as crops_module
     from cellseg.errors import CellsegError
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     items, classes = load_coco(ann)
     blank = TrainImage(np.zeros_like(items[0].image), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
     drawn = []
-    real_crop = train_module.sample_crop
-    monkeypatch.setattr(train_module, "sample_crop", lambda item, size, rng, *aug: (drawn.append(item is blank),
+    real_crop = crops_module.sample_crop
+    monkeypatch.setattr(crops_module, "sample_crop", lambda item, size, rng, *aug: (drawn.append(item is blank),
                                                                                    real_crop(item, size, rng))[1])
     settings = TrainSettings(steps=3, batch_size=2, crop=64, checkpoint_every=3)
     train([items[0], blank], classes, tmp_path / "b", settings, model_cfg=tiny_model_config(), progress=False,
@@ -141,7 +143,7 @@ def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
 
 def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
     from cellseg.network import build_model
-    from cellseg.train import initial_weights, load_matching
+    from cellseg.train_init import initial_weights, load_matching
     cfg, state, note = initial_weights(str(tiny_bundle), ["nucleus"])
     assert "bundle tiny" in note and cfg.fpn_channels == tiny_model_config().fpn_channels
     model = build_model(cfg)
@@ -157,7 +159,7 @@ def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
 
     from cellseg.errors import CellsegError
     from cellseg.network import build_model
-    from cellseg.train import initial_weights, load_matching
+    from cellseg.train_init import initial_weights, load_matching
     with pytest.raises(CellsegError, match="nothing is downloaded"):
         initial_weights(f"coco:{tmp_path / 'missing.pth'}", ["nucleus"])
     # A checkpoint with the exact layout of torchvision's COCO file (91 classes), random values.
@@ -331,7 +333,7 @@ def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_
         items, classes, tmp_path / "a", settings(), model_cfg=tiny_model_config(), progress=False,
         on_snapshot=lambda path, step: straight_snaps.append(step)))
     # the same run stopped after 4 steps (a Ctrl-C or a session's end) and resumed
-    import cellseg.train as train_module
+    import cellseg.train_loop as loop_module
     calls = {"n": 0}
     real_isfinite = torch.isfinite
 
@@ -340,13 +342,13 @@ def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_
         if calls["n"] > 4:
             raise KeyboardInterrupt
         return real_isfinite(x)
-    monkeypatch.setattr(train_module.torch, "isfinite", interrupt_after_four)
+    monkeypatch.setattr(loop_module.torch, "isfinite", interrupt_after_four)
     from cellseg.errors import TrainingInterrupted
     with pytest.raises(TrainingInterrupted):
         _train_lrs(monkeypatch, lambda: train(
             items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), progress=False,
             on_snapshot=lambda path, step: split_snaps.append(step)))
-    monkeypatch.setattr(train_module.torch, "isfinite", real_isfinite)
+    monkeypatch.setattr(loop_module.torch, "isfinite", real_isfinite)
     second = _train_lrs(monkeypatch, lambda: train(
         items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), resume=True, progress=False,
         on_snapshot=lambda path, step: split_snaps.append(step)))
@@ -354,3 +356,39 @@ def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_
     assert len(second) == 4 and second == pytest.approx(straight[4:])
     assert straight_snaps == split_snaps == [3, 6]
     assert load_bundle(tmp_path / "b" / "snapshots" / "step0000006").card["training"]["steps"] == 6
+
+
+def test_the_schedule_warms_up_then_follows_steps_or_time_whichever_is_further():
+    from cellseg.train_loop import LoopSettings
+    s = LoopSettings(steps=110, lr=1.0, warmup=10)
+    assert [s.learning_rate(k, 0.0) for k in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert s.learning_rate(10, 0.0) == pytest.approx(1.0)
+    assert s.learning_rate(60, 0.0) == pytest.approx(0.05 + 0.95 * 0.5)       # half way: the cosine's middle
+    assert s.learning_rate(109, 0.0) > s.learning_rate(110, 0.0) == pytest.approx(0.05)
+    timed = LoopSettings(steps=10_000, lr=1.0, warmup=10, schedule_minutes=1, final_lr_fraction=0.03)
+    assert timed.learning_rate(20, 30.0) == pytest.approx(0.03 + 0.97 * 0.5)   # half the minute gone
+    assert not timed.time_schedule_done(5, 120.0) and timed.time_schedule_done(20, 60.0)
+    assert timed.finished(20, 60.0) and not timed.finished(20, 59.0)
+
+
+def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
+    """A checkpoint written before loss parts were named (and by the single-module trainer: the same keys) still
+    resumes, and its log names the parts by position."""
+    from cellseg.network import build_model
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "b"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    n_parts = 5
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": 2,
+                "history": [[1, 3.0] + [0.6] * n_parts, [2, 2.9] + [0.58] * n_parts], "wall_s": 4.5},
+               out / "checkpoint.pt")
+    train(items, classes, out, TrainSettings(steps=3, batch_size=1, crop=64), model_cfg=tiny_model_config(),
+          resume=True, progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["history"]) == 3 and ckpt["wall_s"] > 4.5
+    assert load_bundle(out).card["training"]["steps"] == 3
+    assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_classifier")
