@@ -33,13 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 from cellseg.augment import Augmentation  # noqa: E402
 from cellseg.bundle import load_bundle  # noqa: E402
-from cellseg.datasets import Split, read_pixels  # noqa: E402
 from cellseg.network import build_model  # noqa: E402
 from cellseg.precision import cpu_flags, cpu_has_native_bf16, cpu_model  # noqa: E402
-from cellseg.recipe import training_images  # noqa: E402
 from cellseg.train import prepare_for_training, training_step  # noqa: E402
 from cellseg.train_crops import sample_crop  # noqa: E402
 from cellseg.train_data import train_image_from_labels  # noqa: E402
+from references.nuclei.datasets import Split, read_pixels  # noqa: E402
+from references.nuclei.recipe import training_images  # noqa: E402
 
 
 def batches(bundle_dir: Path, data_root: Path, n_images: int, n_batches: int, batch_size: int, crop: int) -> list:

@@ -4,7 +4,7 @@ wall time, `--resume` from them, snapshots every N steps, Ctrl-C that keeps what
 bundle written at the end of every run.
 
 What differs between networks is a TrainingTask: its batches, its forward pass to loss parts, and how its bundle
-is written. cellseg.train gives one for the cell Mask R-CNN.
+is written. cellseg.train gives one for the cell Mask R-CNN; references/tissue/ one for the tissue U-Net.
 """
 
 from __future__ import annotations

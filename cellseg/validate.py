@@ -4,7 +4,7 @@
     `cellseg count` does) -> predictions -> cellseg.evaluate against the annotations, sweeping the score
     threshold (0.3-0.9) -> the threshold with the best pooled F1 -> figures at that threshold -> model.toml
 
-Used by `cellseg train --val` (a user's own held-out images) and scripts/validate_bundle.py (the shipped
+Used by `cellseg train --val` (a user's own held-out images) and references/nuclei/validate_bundle.py (the shipped
 bundle's DSB2018 split, per modality). The threshold is chosen on the images it is then reported on: the
 card says so.
 """

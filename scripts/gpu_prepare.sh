@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make what a lent GPU machine needs for the nuclei recipe, in .carry/ (ignored by git; see docs/gpu.md):
-#   .carry/train_data/      the split's training images (JPEG q95) + labels + split.json  (scripts/pack_training_data.py)
+#   .carry/train_data/      the split's training images (JPEG q95) + labels + split.json
+#                           (references/nuclei/pack_training_data.py)
 #   .carry/wheels_train/    cp312 wheels the machine lacks for training (tomli-w)
 #   .carry/wheels_bench/    ... and for benchmarks/run.py (zarr, numcodecs, pycocotools, OpenSlide, imagecodecs trimmed
 #                           to the codecs cellseg uses: the full wheel alone is 26 MB of the 64 MiB that may travel)
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SPLIT=${1:-}
 rm -rf .carry/train_data .carry/wheels_train .carry/wheels_bench
-python3 scripts/pack_training_data.py --out .carry/train_data ${SPLIT:+--split "$SPLIT"}
+python3 -m references.nuclei.pack_training_data --out .carry/train_data ${SPLIT:+--split "$SPLIT"}
 
 PLATFORM="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp"
 for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux1_x86_64 manylinux_2_5_x86_64; do

@@ -24,7 +24,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 RESUME=""
 [ -f "$RUN/checkpoint.pt" ] && RESUME="--resume"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 scripts/train_default_bundle.py --out "$RUN" --data-root .carry/train_data \
+python3 -m references.nuclei.train_default_bundle --out "$RUN" --data-root .carry/train_data \
     --split .carry/train_data/split.json --device "$DEVICE" --backbone "${GPU_BACKBONE:-resnet34}" \
     --batch-size "${GPU_BATCH:-16}" --crop "${GPU_CROP:-512}" --lr "${GPU_LR:-5e-4}" --warmup 300 \
     --workers "${GPU_WORKERS:-12}" --steps 1000000 --minutes "${GPU_MINUTES:-8.5}" \

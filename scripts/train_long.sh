@@ -39,7 +39,7 @@ else
     args=(--init "$INIT")
     echo "starting $RUN from $INIT"
 fi
-nohup nice -n 10 "$PYTHON" scripts/train_default_bundle.py --out "$RUN" --split "${SPLIT:-cellseg/models/nuclei/split.json}" \
+nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" --split "${SPLIT:-cellseg/models/nuclei/split.json}" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" "${args[@]}" \
     >> "$RUN.log" 2>&1 &

@@ -1,5 +1,6 @@
-"""Hold-out by acquisition group and patient (cellseg.datasets), the recipe that trains on it (cellseg.recipe),
-and the training augmentation (cellseg.augment)."""
+"""The nuclei reference recipe (references/nuclei/, outside the package): hold-out by acquisition group and patient
+(datasets.py) and the recipe that trains on it (recipe.py), on synthetic datasets; and the package's training
+augmentation (cellseg.augment)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import tifffile
 from PIL import Image
 
 from cellseg.augment import Augmentation, augment_pixels, dim_nuclei, hed_jitter
-from cellseg.datasets import AnnotatedImage, Split, acquisition_groups, holdout_split, make_split
 from cellseg.errors import CellsegError
+from references.nuclei.datasets import AnnotatedImage, Split, acquisition_groups, holdout_split, make_split
 
 from .helpers import tiny_model_config
 
@@ -34,7 +35,7 @@ def nuclei_image(rng, size, n, radius, background, brightness, colour=None):
 
 
 def write_dataset(root: Path, name: str, images: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> Path:
-    """A dataset folder in the layout cellseg.datasets reads: manifest.csv, images/, labels/."""
+    """A dataset folder in the layout references/nuclei/datasets.py reads: manifest.csv, images/, labels/."""
     folder = root / name
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
@@ -127,7 +128,7 @@ def test_acquisition_clustering_is_by_key_and_features():
 
 def test_the_recipe_trains_only_on_the_training_side(two_datasets, tmp_path, monkeypatch):
     """A tiny network trained by the recipe: it reads no held-out image, and its split keeps groups whole."""
-    import cellseg.recipe as recipe
+    import references.nuclei.recipe as recipe
     from cellseg.bundle import load_bundle
     from cellseg.train import TrainSettings
     read = []
@@ -150,6 +151,13 @@ def test_the_recipe_trains_only_on_the_training_side(two_datasets, tmp_path, mon
         recipe.training_images(pack, Split(split.train + split.val[:1], split.val[1:], {}, ""))
     with pytest.raises(CellsegError, match="new or empty folder"):
         recipe.pack_training_data(two_datasets, split, pack)
+
+
+def test_the_reference_recipes_are_not_in_the_wheel(wheel):
+    """A user's install holds the training code for their own data, not the recipes for DSB2018 and TNBC."""
+    names = wheel.namelist()
+    assert "cellseg/train.py" in names and "cellseg/train_loop.py" in names
+    assert not [n for n in names if n.startswith("references/") or n.split("/")[-1] in ("recipe.py", "datasets.py")]
 
 
 def test_hed_jitter_changes_stain_amounts_but_not_tint_direction():

@@ -1,5 +1,5 @@
 """The tissue U-Net: architecture on any size, the input normalisation, bundles (save / load / broken),
-windowed prediction, the shipped bundle on self-made views, and a training step that learns."""
+windowed prediction, the shipped bundle on self-made views, and the tissue recipe training in cellseg's loop."""
 
 from __future__ import annotations
 
@@ -319,20 +319,46 @@ def test_shipped_bundle_finds_no_tissue_on_empty_views(shipped, kind):
 
 # --- training ----------------------------------------------------------------------------------------------
 
-def test_a_few_training_steps_lower_the_loss():
-    from torch.nn import functional as F
-    torch.manual_seed(0)
-    net = build_tissue_unet(TINY).train()
-    yy, xx = np.mgrid[:64, :64]
-    target = torch.from_numpy(((yy - 30) ** 2 + (xx - 34) ** 2 < 15 ** 2).astype(np.float32))[None, None]
-    view = np.where(target[0, 0].numpy()[..., None] > 0, [150, 80, 170], [235, 232, 236]).astype(np.uint8)
-    x = torch.from_numpy(tissue_input(view))[None]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = F.binary_cross_entropy_with_logits(net(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+def _disc_pool(n: int = 4, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A pool of views as the tissue recipe keeps it: float16 network inputs (n, 3, S, S), uint8 labels (n, S, S);
+    each view a pink disc of tissue on bright glass."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    xs, ys = [], []
+    for _ in range(n):
+        r, c = rng.integers(20, size - 20, 2)
+        label = ((yy - r) ** 2 + (xx - c) ** 2 < 15 ** 2).astype(np.uint8)
+        view = np.where(label[..., None] > 0, [150, 80, 170], [235, 232, 236]).astype(np.uint8)
+        xs.append(tissue_input(view).astype(np.float16))
+        ys.append(label)
+    return np.stack(xs), np.stack(ys)
+
+
+def test_the_tissue_recipe_trains_in_cellsegs_loop_and_resumes(tmp_path):
+    """references/tissue/train_tissue_unet.py's U-Net task in cellseg.train_loop: the loss falls, the run stops and
+    resumes from its checkpoint, and its bundle loads."""
+    from cellseg.train_loop import LoopSettings, run_training
+    from references.tissue.train_tissue_unet import TissueTraining
+
+    x, y = _disc_pool()
+    out = tmp_path / "run"
+
+    def run(steps: int, resume: bool) -> None:
+        torch.manual_seed(0)
+        net = build_tissue_unet(TINY).train()
+        task = TissueTraining(net, TINY, x, y, batch_size=4, crop=48, seed=0, threshold=0.5, card={"seed": 0})
+        settings = LoopSettings(steps=steps, lr=1e-2, warmup=2, final_lr_fraction=0.03, checkpoint_every=5,
+                                clip_grad_norm=None)
+        optim = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=1e-4)
+        run_training(task, net, optim, settings, out, resume=resume, progress=False)
+
+    run(12, resume=False)
+    run(20, resume=True)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 20 and len(ckpt["history"]) == 20 and ckpt["loss_names"] == ["loss_bce", "loss_dice"]
+    losses = [row[1] for row in ckpt["history"]]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    bundle = load_tissue_bundle(out)
+    assert bundle.card["training"]["steps"] == 20 and bundle.card["training"]["finished"] is True
+    assert (out / "training_log.csv").read_text().startswith("step,loss,loss_bce,loss_dice")
+    assert predict_tissue(bundle.build(), np.full((32, 32, 3), 235, np.uint8)).shape == (32, 32)

@@ -1,5 +1,5 @@
-"""Validation of a bundle on held-out images (`cellseg train --val`, scripts/validate_bundle.py): images go through
-the real pipeline, the best-F1 score threshold is chosen and becomes the bundle's default."""
+"""Validation of a bundle on held-out images (`cellseg train --val`, references/nuclei/validate_bundle.py): images go
+through the real pipeline, the best-F1 score threshold is chosen and becomes the bundle's default."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The default nuclei bundle's training recipe: which data, which split, which draw shares, which credits.
 
-scripts/train_default_bundle.py is its command line (CPU and GPU runs alike); tests run it with a tiny network.
-Data: a folder holding `dsb2018-train/` and `tnbc-train/` (cellseg.datasets layout); the split holds out whole
-acquisition groups and patients and is written beside the bundle (split.json); only its "train" images are read.
+train_default_bundle.py is its command line (CPU and GPU runs alike); tests run it with a tiny network. It trains
+through cellseg's own training code (cellseg.train). Data: a folder holding `dsb2018-train/` and `tnbc-train/`
+(datasets.py's layout); the split holds out whole acquisition groups and patients and is written beside the bundle
+(split.json); only its "train" images are read.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import AnnotatedImage, Split, image_file, make_split, read_dataset, read_pixels
-from .errors import CellsegError
+from cellseg.errors import CellsegError
+
+from .datasets import DATASET_FOLDERS, AnnotatedImage, Split, image_file, make_split, read_dataset, read_pixels
 
 log = logging.getLogger(__name__)
 
-DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 # How often each modality's images are drawn (renormalised over the modalities present in training): fluorescence
 # is most of what users bring, but H&E is where the model was weakest; grayscale brightfield is held out whole.
 DEFAULT_MIX = {"fluorescence": 0.4, "stained_tissue": 0.25, "he_breast": 0.25, "brightfield_gray": 0.1}
@@ -93,10 +94,10 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
                limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None) -> Path:
     """Train the nuclei bundle on the split's training images into `out` (see cellseg.train.train; on_snapshot is
     its callback for settings.snapshot_every)."""
-    from .bundle import load_bundle
-    from .train import train
-    from .train_checkpoint import check_output_folder
-    from .train_data import train_image_from_labels
+    from cellseg.bundle import load_bundle
+    from cellseg.train import train
+    from cellseg.train_checkpoint import check_output_folder
+    from cellseg.train_data import train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
     split = load_split(data_root, split_file or (out / "split.json" if resume else None))
     chosen = training_images(data_root, split)[:limit]

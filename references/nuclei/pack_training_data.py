@@ -3,7 +3,7 @@
 Only the split's training images travel (JPEG q95 without chroma subsampling; labels as they are), with the split:
 the held-out images are scored later, here, through the full pipeline (validate_bundle.py).
 
-    python scripts/pack_training_data.py --out .carry/train_data [--split runs/split.json]
+    python -m references.nuclei.pack_training_data --out .carry/train_data [--split runs/split.json]
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 from cellseg.errors import CellsegError
-from cellseg.recipe import load_split, pack_training_data
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .datasets import PROJECT_DATA_ROOT
+from .recipe import load_split, pack_training_data
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
     p.add_argument("--split", type=Path, default=None, help="default: a new split, as the recipe makes it")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quality", type=int, default=95)

@@ -2,14 +2,14 @@
 its model card.
 
 Every held-out image (split.json's "val": whole DSB2018 acquisition groups and whole TNBC patients, see
-cellseg.datasets) goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low score floor;
+datasets.py) goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low score floor;
 `cellseg.evaluate` scores the predictions per modality. For each protocol modality (fluorescence; brightfield =
 stained tissue, H&E and grayscale brightfield) the score threshold with the best pooled F1 on its held-out images
 becomes the bundle's threshold for that modality (chosen on the same images it is reported on: the card says so).
 
-    python scripts/validate_bundle.py --bundle runs/nuclei --out runs/val --write-card
-    python scripts/validate_bundle.py --bundle cellseg/models/nuclei --split runs/nuclei/split.json --out runs/base \
-        --seen cellseg/models/nuclei/split.json          # also score the images no training stage has seen
+    python -m references.nuclei.validate_bundle --bundle runs/nuclei --out runs/val --write-card
+    python -m references.nuclei.validate_bundle --bundle cellseg/models/nuclei --split runs/nuclei/split.json \
+        --out runs/base --seen cellseg/models/nuclei/split.json    # also score the images no training stage has seen
 
 Inference settings can be tried without touching the bundle: --tta, --mask-threshold, --set box_nms_thresh=0.5
 (any [model] key of model.toml), --proposal-threshold. Predictions are kept in OUT/<n>_<image>/ so a rerun only
@@ -22,20 +22,16 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_card import card_readme  # noqa: E402  (scripts/model_card.py)
+from cellseg.bundle import load_bundle, update_bundle_metadata
+from cellseg.evaluate import evaluate, load_image_masks
+from cellseg.validate import VALIDATION_PROTOCOL, above, card_figures, score, validation_detector
+from cellseg.validate import predict as predict_images
 
-from cellseg.bundle import load_bundle, update_bundle_metadata  # noqa: E402
-from cellseg.datasets import PROTOCOL_MODALITY, Split  # noqa: E402
-from cellseg.evaluate import evaluate, load_image_masks  # noqa: E402
-from cellseg.validate import VALIDATION_PROTOCOL, above, card_figures, score, validation_detector  # noqa: E402
-from cellseg.validate import predict as predict_images  # noqa: E402
+from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, PROTOCOL_MODALITY, Split
+from .model_card import card_readme
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
 
 
@@ -90,7 +86,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--split", type=Path, default=None, help="default: the bundle's split.json")
-    p.add_argument("--data-root", type=Path, default=DATA_ROOT, help="folder holding dsb2018-train/ and tnbc-train/")
+    p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT,
+                   help="folder holding dsb2018-train/ and tnbc-train/")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")

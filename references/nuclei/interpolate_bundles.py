@@ -4,8 +4,9 @@ A fine-tune on new data (here: TNBC H&E, stain and focus augmentation) gains the
 start model knew (here: grayscale brightfield, which the new split holds out whole). Interpolated weights keep
 most of both; choose alpha on the held-out groups, then write the card:
 
-    python scripts/interpolate_bundles.py --start cellseg/models/nuclei --tuned runs/ft5 --alpha 0.3 --out runs/wise30
-    python scripts/validate_bundle.py --bundle runs/wise30 --out runs/val_wise30 --write-card
+    python -m references.nuclei.interpolate_bundles --start cellseg/models/nuclei --tuned runs/ft5 --alpha 0.3 \
+        --out runs/wise30
+    python -m references.nuclei.validate_bundle --bundle runs/wise30 --out runs/val_wise30 --write-card
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     p.add_argument("--name", default=None, help="the new bundle's name (default: the folder's)")
     args = p.parse_args()
-    command = "python scripts/interpolate_bundles.py " + shlex.join(sys.argv[1:])
+    command = "python -m references.nuclei.interpolate_bundles " + shlex.join(sys.argv[1:])
     try:
         bundle = interpolate_bundles(args.start, args.tuned, args.alpha, args.out, name=args.name or args.out.name,
                                      reproduce=command)

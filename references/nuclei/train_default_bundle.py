@@ -1,19 +1,20 @@
 """Train the default nuclei bundle on DSB2018 + TNBC, holding out whole acquisition groups and patients.
 
-The recipe (cellseg.recipe): DSB2018 images grouped by acquisition and TNBC by patient (cellseg.datasets), at least
-15 % of each modality's groups held out whole and written to OUT/split.json, so that validate_bundle.py scores
-exactly the held-out images; modalities drawn by fixed shares; augmentation for stains, focus, noise, contrast, dim
-nuclei and zoom (cellseg.augment). Resumable across runs (--resume); checkpoints by steps and by wall time.
+The recipe (recipe.py): DSB2018 images grouped by acquisition and TNBC by patient (datasets.py), at least 15 % of
+each modality's groups held out whole and written to OUT/split.json, so that validate_bundle.py scores exactly the
+held-out images; modalities drawn by fixed shares; augmentation for stains, focus, noise, contrast, dim nuclei and
+zoom (cellseg.augment). Resumable across runs (--resume); checkpoints by steps and by wall time. From the
+repository's root:
 
     # from scratch on a GPU (scripts/gpu_train.sh runs this on a lent machine, data from a pack):
-    python scripts/train_default_bundle.py --out runs/gpu --device cuda --backbone resnet34 --batch-size 16 \
-        --crop 512 --workers 12 --schedule-minutes 24 --checkpoint-minutes 3
+    python -m references.nuclei.train_default_bundle --out runs/gpu --device cuda --backbone resnet34 \
+        --batch-size 16 --crop 512 --workers 12 --schedule-minutes 24 --checkpoint-minutes 3
     # continue the shipped bundle on a CPU with the new data and augmentation:
-    python scripts/train_default_bundle.py --out runs/ft --init cellseg/models/nuclei --lr 1e-4 --steps 3000 \
-        --split runs/split.json --threads 2 [--resume]
+    python -m references.nuclei.train_default_bundle --out runs/ft --init cellseg/models/nuclei --lr 1e-4 \
+        --steps 3000 --split runs/split.json --threads 2 [--resume]
 
 Data: --data-root holds dsb2018-train/ and tnbc-train/ (each with manifest.csv, images/, labels/): the project's
-../shared/data, or a pack made by scripts/pack_training_data.py (what travels to a GPU machine).
+../shared/data, or a pack made by pack_training_data.py (what travels to a GPU machine).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -29,10 +31,12 @@ import torch
 
 from cellseg.augment import Augmentation
 from cellseg.errors import CellsegError
-from cellseg.recipe import parse_mix, run_recipe
 from cellseg.train import TrainSettings
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .datasets import PROJECT_DATA_ROOT
+from .recipe import parse_mix, run_recipe
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 HELDOUT_COLUMNS = ["step", "fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all",
@@ -49,10 +53,12 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
     import subprocess
     val_dir = out / "heldout" / snapshot.name
     shutil.rmtree(val_dir, ignore_errors=True)
-    subprocess.run([sys.executable, str(Path(__file__).with_name("validate_bundle.py")), "--bundle", str(snapshot),
+    # validate_bundle.py as a module of this repository, from wherever the training was started
+    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, "-m", "references.nuclei.validate_bundle", "--bundle", str(snapshot),
                     "--data-root", str(data_root), "--out", str(val_dir), "--device", "cpu",
                     "--per-modality", str(per_modality)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                   stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
     metrics = json.loads((val_dir / "metrics.json").read_text())
     row = {"step": step}
     for name in HELDOUT_COLUMNS[1:6]:
@@ -87,7 +93,7 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
     p.add_argument("--split", type=Path, default=None,
                    help="an existing split.json (default: made from the data, or OUT/split.json with --resume)")
     p.add_argument("--out", type=Path, required=True)
@@ -137,7 +143,8 @@ def main() -> None:
     try:
         run_recipe(args.data_root, args.out, settings, split_file=args.split, init=args.init,
                    mix=parse_mix(args.mix), model_cfg=model_cfg, resume=args.resume, device=args.device,
-                   limit=args.limit, reproduce="python " + shlex.join(sys.argv), on_snapshot=on_snapshot)
+                   limit=args.limit, on_snapshot=on_snapshot,
+                   reproduce="python -m references.nuclei.train_default_bundle " + shlex.join(sys.argv[1:]))
     except CellsegError as e:
         sys.exit(f"train_default_bundle: error: {e}")
 

@@ -1,13 +1,20 @@
-"""Train the small tissue U-Net on synthetic slide views built from the DSB2018 training split; write the bundle.
+"""Train the small tissue U-Net on synthetic slide views built from DSB2018 training images; write the bundle.
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/train_tissue_unet.py --out cellseg/models/tissue --minutes 22
-    python scripts/train_tissue_unet.py --out cellseg/models/tissue --eval-only   # re-measure, rewrite the card
+From the repository's root:
 
-Only `stratified_split(manifest, 0.1, seed=0)["train"]` images are used (the "val" images are held out for
-the nuclei model and fill the example slides). Views: scripts/tissue_synth.py. A pool of views is synthesised
-once (cached under runs/, git-ignored), then random 160² crops with flips / 90° rotations are drawn from it.
-Evaluation: a held-out synthetic set (another seed), the example slides in example_slides/ (never trained
-on) and tissue-free synthetic slides; the figures go into model.toml [metrics] and README.md.
+    OMP_WAIT_POLICY=PASSIVE python -m references.tissue.train_tissue_unet --out runs/tissue --minutes 22
+    python -m references.tissue.train_tissue_unet --out runs/tissue --resume    # continue a stopped run
+    python -m references.tissue.train_tissue_unet --out runs/tissue --eval-only # re-measure, rewrite the card
+
+--out is the training's folder (checkpoint.pt, training_log.csv) and the bundle's: copy its model.toml,
+weights.safetensors, README.md, training_loss.png and example.png to cellseg/models/tissue to ship it.
+
+Only `stratified_split(manifest, 0.1, seed=0)["train"]` images are used (the "val" images are held out for the
+first nuclei model and fill example_slides/). Views: tissue_synth.py. A pool of views is synthesised once (cached
+under runs/, git-ignored), then random 160² crops with flips / 90° rotations are drawn from it. Training goes
+through cellseg's training loop (cellseg.train_loop: schedule, checkpoints, --resume, the loss log). Evaluation: a
+held-out synthetic set (another seed), the example slides in example_slides/ (never trained on) and tissue-free
+synthetic slides; the figures go into model.toml [metrics] and README.md.
 """
 
 from __future__ import annotations
@@ -15,12 +22,10 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.util
 import logging
-import math
-import platform
-import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +33,9 @@ import torch
 from scipy import ndimage as ndi
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tissue_synth as ts  # noqa: E402
-
-from cellseg.tissue_unet import (  # noqa: E402
+from cellseg.errors import CellsegError
+from cellseg.precision import cpu_model
+from cellseg.tissue_unet import (
     TissueUNetConfig,
     build_tissue_unet,
     load_tissue_bundle,
@@ -40,21 +43,33 @@ from cellseg.tissue_unet import (  # noqa: E402
     save_tissue_bundle,
     tissue_input,
 )
+from cellseg.train_checkpoint import TrainingState, check_output_folder
+from cellseg.train_loop import LoopSettings, run_training
 
+from . import tissue_synth as ts
+
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "dsb2018-train"
 EXAMPLES = ROOT / "example_slides"
 VIEW_UM_PER_PX = 8.0
+WARMUP_STEPS = 50
 log = logging.getLogger("train_tissue_unet")
 
 
-def train_ids(data: Path) -> list[str]:
-    spec = importlib.util.spec_from_file_location("train_default_bundle", ROOT / "scripts" / "train_default_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    split = module.stratified_split(data / "manifest.csv", val_fraction=0.1, seed=0)
-    if set(split["train"]) & set(split["val"]):
-        raise RuntimeError("expected disjoint train and val splits, got overlapping ones")
-    return split["train"]
+def stratified_split(manifest: Path, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
+    """The first nuclei model's DSB2018 split: a seeded random `val_fraction` of each modality_guess held out. The
+    example slides (example_slides/) were cut from its "val" images, so the U-Net trains on its "train" side only."""
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rng = np.random.default_rng(seed)
+    split = {"train": [], "val": []}
+    for modality in sorted({r["modality_guess"] for r in rows}):
+        ids = sorted(r["image_id"] for r in rows if r["modality_guess"] == modality)
+        rng.shuffle(ids)
+        n_val = max(1, round(len(ids) * val_fraction))
+        split["val"] += ids[:n_val]
+        split["train"] += ids[n_val:]
+    return split
 
 
 def make_pool(src, n: int, seed: int, cache: Path | None):
@@ -79,7 +94,8 @@ def make_pool(src, n: int, seed: int, cache: Path | None):
     return x, y, infos
 
 
-def batch(rng, x, y, size: int, crop: int):
+def crop_batch(rng, x, y, size: int, crop: int):
+    """`size` random crop x crop windows of the pool with flips and 90° rotations: (inputs, targets) tensors."""
     idx = rng.integers(len(x), size=size)
     S = x.shape[-1]
     xb, yb = [], []
@@ -95,34 +111,44 @@ def batch(rng, x, y, size: int, crop: int):
     return torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(yb)[:, None].astype(np.float32))
 
 
-def loss_fn(logits, target):
+def tissue_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BCE + 0.5 Dice, as the loop's loss parts (loss_dice is the weighted term)."""
     p = torch.sigmoid(logits)
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + 0.5 * dice
+    return {"loss_bce": F.binary_cross_entropy_with_logits(logits, target), "loss_dice": 0.5 * dice}
 
 
-def train(net, x, y, *, steps: int, minutes: float, seed: int, batch_size: int, crop: int, lr: float):
-    rng = np.random.default_rng(seed + 7)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    history, t0, step = [], time.time(), 0
-    net.train()
-    while step < steps:
-        progress = max(step / steps, (time.time() - t0) / (60 * minutes))
-        if progress >= 1:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * progress)))
-        xb, yb = batch(rng, x, y, batch_size, crop)
-        loss = loss_fn(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-        step += 1
-        if step % 50 == 0:
-            log.info("step %d  loss %.4f (mean of last 50)  %.0f s", step, np.mean(history[-50:]), time.time() - t0)
-    net.eval()
-    return history, time.time() - t0
+@dataclass
+class TissueTraining:
+    """The U-Net's part of a training in cellseg's loop (cellseg.train_loop.TrainingTask): crops of the view pool,
+    its loss, its bundle. `card`: the training's facts for model.toml (steps and wall time added at each write)."""
+
+    net: torch.nn.Module
+    cfg: TissueUNetConfig
+    x: np.ndarray
+    y: np.ndarray
+    batch_size: int
+    crop: int
+    seed: int
+    threshold: float
+    card: dict
+
+    def batches(self, first_step: int) -> Iterator:
+        rng = np.random.default_rng(self.seed + 7 + first_step)
+        while True:
+            yield crop_batch(rng, self.x, self.y, self.batch_size, self.crop)
+
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        xb, yb = batch
+        return tissue_losses(self.net(xb), yb)
+
+    def write_bundle(self, folder: Path, state: TrainingState, finished: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        training = {**self.card, "steps": state.step, "train_wall_s": round(state.wall_s, 1), "finished": finished}
+        if state.history:
+            training["final_loss_mean_last_50"] = round(float(np.mean([row[1] for row in state.history[-50:]])), 4)
+        save_tissue_bundle(folder, self.cfg, self.net.state_dict(), name="tissue", view_um_per_px=VIEW_UM_PER_PX,
+                           threshold=self.threshold, card={"training": training})
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -248,23 +274,6 @@ def example_figure(net, threshold: float, path: Path) -> None:
     canvas.save(path, optimize=True)
 
 
-def plot_loss(history, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    h = np.asarray(history)
-    k = min(25, len(h))
-    ax.plot(h, lw=0.5, alpha=0.4, color="grey")
-    ax.plot(np.arange(k - 1, len(h)), np.convolve(h, np.ones(k) / k, mode="valid"), color="C0")
-    ax.set_xlabel("step")
-    ax.set_ylabel("BCE + 0.5 Dice")
-    ax.set_title("tissue U-Net training loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 # --- card -------------------------------------------------------------------------------------------------------
 
 def readme(bundle, card: dict) -> str:
@@ -288,7 +297,7 @@ pipeline uses it to skip background tiles before the cell detector. Input normal
 ## Data: synthetic views from real nuclei images
 
 No slide-level tissue annotations are available offline, and nothing can be downloaded here, so the
-training views are synthesised (`scripts/tissue_synth.py`) from real images: the **DSB2018 stage1_train**
+training views are synthesised (`references/tissue/tissue_synth.py`) from real images: the **DSB2018 stage1_train**
 set (BBBC038, Broad Institute; licence **CC0 1.0**; Caicedo et al., "Nucleus segmentation across imaging
 experiments: the 2018 Data Science Bowl", Nature Methods 16, 1247-1253 (2019)), **training split only**
 (`stratified_split(manifest.csv, val_fraction=0.1, seed=0)["train"]`, {t['train_images']} images; the 67
@@ -318,10 +327,12 @@ RGB or 2-4 channel fluorescence. Balanced brightfield / fluorescence.
 ## Recipe
 
 {t['pool_views']} views synthesised once (seed {t['seed']}, {t['synthesis_s']:.0f} s), then random {t['crop_px']}² crops with
-flips and 90° rotations; BCE + 0.5 Dice; AdamW lr {t['lr']}, 50 warm-up steps then cosine decay; batch
-{t['batch_size']}; {t['steps']} steps in {t['train_wall_s'] / 60:.1f} min on {t['hardware']}.
-Reproduce: `OMP_WAIT_POLICY=PASSIVE python scripts/train_tissue_unet.py --out cellseg/models/tissue
---minutes {t['minutes_budget']:g} --seed {t['seed']}` (`--eval-only` re-measures a bundle and rewrites this card).
+flips and 90° rotations; BCE + 0.5 Dice; AdamW lr {t['lr']}, {WARMUP_STEPS} warm-up steps then cosine decay to
+3 % over the time budget; batch {t['batch_size']}; {t['steps']} steps in {t['train_wall_s'] / 60:.1f} min on
+{t['hardware']}.
+Reproduce, from the repository's root: `OMP_WAIT_POLICY=PASSIVE python -m references.tissue.train_tissue_unet
+--out runs/tissue --minutes {t['minutes_budget']:g} --seed {t['seed']}`, then copy the bundle to
+`cellseg/models/tissue` (`--eval-only` re-measures a bundle and rewrites this card).
 
 ![training loss](training_loss.png)
 
@@ -352,21 +363,12 @@ nuclei in kept tiles {er['nuclei_kept']}.
 """
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the training's and the bundle's folder")
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--minutes", type=float, default=22.0)
+    p.add_argument("--minutes", type=float, default=22.0,
+                   help="training time over all runs: the learning-rate schedule's length")
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=3000)
@@ -377,14 +379,21 @@ def main() -> None:
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--resume", action="store_true", help="continue the training saved in --out")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the bundle in --out, rewrite its card")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    version = hashlib.sha256((ROOT / "scripts" / "tissue_synth.py").read_bytes()
+    if not args.eval_only:
+        try:
+            check_output_folder(args.out, args.resume)    # before minutes of synthesis, not after
+        except CellsegError as e:
+            raise SystemExit(f"train_tissue_unet: error: {e}") from None
+    version = hashlib.sha256(Path(ts.__file__).read_bytes()
                              + (ROOT / "cellseg" / "tissue_unet.py").read_bytes()).hexdigest()[:10]
-    ids = train_ids(args.data)
+    ids = stratified_split(args.data / "manifest.csv", val_fraction=0.1, seed=0)["train"]
     t0 = time.time()
     src = ts.Sources(args.data, ids)
     cache = ROOT / "runs" / "tissue_pool"
@@ -398,21 +407,27 @@ def main() -> None:
         net, cfg, card = bundle.build(), bundle.config, dict(bundle.card)
     else:
         cfg = TissueUNetConfig(base_channels=args.base_channels, depth=args.depth)
-        net = build_tissue_unet(cfg)
-        history, wall = train(net, x, y, steps=args.steps, minutes=args.minutes, seed=args.seed,
-                              batch_size=args.batch_size, crop=args.crop, lr=args.lr)
-        args.out.mkdir(parents=True, exist_ok=True)
-        plot_loss(history, args.out / "training_loss.png")
+        net = build_tissue_unet(cfg).train()
         n_params = sum(p.numel() for p in net.parameters())
-        card = {"training": {
-            "data": "DSB2018 stage1_train (BBBC038) training split, synthetic slide views (scripts/tissue_synth.py)",
+        facts = {
+            "data": "DSB2018 stage1_train (BBBC038) training split, synthetic slide views "
+                    "(references/tissue/tissue_synth.py)",
             "licence": "CC0 1.0", "citation": "Caicedo et al., Nature Methods 16, 1247-1253 (2019)",
             "train_images": len(ids), "pool_views": args.pool, "view_px": int(x.shape[-1]), "seed": args.seed,
             "synthesis_s": round(synthesis_s, 1), "crop_px": args.crop, "batch_size": args.batch_size, "lr": args.lr,
-            "loss": "BCE + 0.5 Dice", "steps": len(history), "train_wall_s": round(wall, 1),
-            "minutes_budget": args.minutes, "final_loss_mean_last_50": round(float(np.mean(history[-50:])), 4),
-            "hardware": f"{_cpu_name()}, 1 thread (no GPU)",
-            "parameters": n_params, "weights_mb": round(n_params * 2 / 1e6, 2)}}
+            "loss": "BCE + 0.5 Dice", "minutes_budget": args.minutes,
+            "hardware": f"{cpu_model()}, 1 thread (no GPU)",
+            "parameters": n_params, "weights_mb": round(n_params * 2 / 1e6, 2)}
+        task = TissueTraining(net, cfg, x, y, args.batch_size, args.crop, args.seed, args.threshold, facts)
+        # The schedule runs over the time budget (or --steps, whichever ends first), ends at 3 % of the peak rate,
+        # and leaves the gradients unclipped: the recipe as it was before it trained in cellseg's loop.
+        settings = LoopSettings(steps=args.steps, lr=args.lr, warmup=WARMUP_STEPS, final_lr_fraction=0.03,
+                                schedule_minutes=args.minutes, checkpoint_every=1000,
+                                checkpoint_minutes=args.checkpoint_minutes, clip_grad_norm=None)
+        optim = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+        run_training(task, net, optim, settings, args.out, resume=args.resume)
+        net.eval()
+        card = dict(load_tissue_bundle(args.out).card)
     metrics = {"synthetic_heldout": {"views": len(hx), **eval_synthetic(net, hx, hy, hinfos, args.threshold)},
                "no_tissue_slides": no_tissue_slides(net, args.threshold),
                "example_slides": eval_examples(net, args.threshold)}

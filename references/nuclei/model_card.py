@@ -69,7 +69,7 @@ divided by 8), on the same held-out images; score thresholds chosen the same way
 
 def _reproduce(stages: list[dict]) -> str:
     lines = [f"{k + 1}. `{s['reproduce']}`" for k, s in enumerate(stages) if s.get("reproduce")]
-    return "\n".join(lines) or "see scripts/train_default_bundle.py"
+    return "\n".join(lines) or "see references/nuclei/train_default_bundle.py"
 
 
 def card_readme(bundle) -> str:

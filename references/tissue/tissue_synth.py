@@ -7,7 +7,7 @@ images of the matching modality, downsampled 4-45x with area averaging, and arte
 background (dust, debris, fibres, pen marks, air bubbles, haze, the slide-label edge, tears). Folds are
 tissue. About 12 % of the views hold no tissue at all.
 
-    from tissue_synth import Sources, make_view
+    from references.tissue.tissue_synth import Sources, make_view
     src = Sources(data_dir, train_ids)                 # loads + pre-downsamples the images once
     view, label, info = make_view(np.random.default_rng(0), src)
     # view: (S, S, C) uint8 / uint16 / float32, C in {1, 3, 2-4}; label: (S, S) uint8 (1 = tissue)

@@ -1,4 +1,4 @@
-"""Annotated nucleus datasets for the cell model, and a hold-out split that predicts what a new lab sees.
+"""The nuclei recipe's datasets (DSB2018, TNBC), and a hold-out split that predicts what a new lab sees.
 
 Two layouts are read (both as in the project's training data): a folder with `manifest.csv`, `images/<id>.<ext>`
 and `labels/<id>.tif` (uint16 instance labels), for DSB2018 (`modality_guess` column) and TNBC (H&E, patient in the
@@ -30,7 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CellsegError
+from cellseg.errors import CellsegError
+
+# The project's checkout keeps the training data beside the repository (../shared/data); a pack made by
+# pack_training_data.py has the same layout.
+PROJECT_DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# dataset name -> its folder under a data root
+DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 
 # manifest.csv modality_guess (DSB2018) -> the modality the model card reports
 DSB_MODALITIES = {"fluorescence": "fluorescence", "brightfield_color_histology": "stained_tissue",

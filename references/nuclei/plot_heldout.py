@@ -1,7 +1,7 @@
 """The long run's held-out curve: AP50 pooled per modality against training steps (RUN/heldout.csv, written by
 train_default_bundle.py --snapshot-every), as RUN/heldout_curve.png for the model card, and whether it has been flat.
 
-    python scripts/plot_heldout.py runs/long [--flat-steps 15000 --flat-ap50 0.005]
+    python -m references.nuclei.plot_heldout runs/long [--flat-steps 15000 --flat-ap50 0.005]
 
 Flat: over the last --flat-steps steps no modality's AP50 moved by --flat-ap50 or more (the long run's stopping rule).
 """
