@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,7 +106,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
 
     Stops at settings.steps, at the end of the time schedule, or after settings.minutes in this run. Every run ends
     with a checkpoint, training_log.csv and training_loss.png, and task.write_bundle(out). Ctrl-C ends it the same
-    way, then raises TrainingInterrupted. on_snapshot(folder, step): with settings.snapshot_every, called every that
+    way, and so does SIGTERM (after the step under way: a run in the background ignores Ctrl-C, and `kill` must not
+    cost up to 10 minutes of training), then raises TrainingInterrupted. on_snapshot(folder, step): with settings.snapshot_every, called every that
     many steps with a bundle in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best).
     """
     from tqdm import tqdm
@@ -118,9 +121,13 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     wall0 = state.wall_s
     bar = tqdm(total=settings.steps, initial=state.step, disable=not progress, desc="train", unit="step")
     interrupted = False
+    stop = _StopRequest()
     batches = task.batches(state.step)
     try:
         while state.step < settings.steps:
+            if stop.requested:
+                interrupted = True
+                break
             now = time.monotonic()
             if settings.minutes is not None and now - started > settings.minutes * 60:
                 break
@@ -150,6 +157,7 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
         interrupted = True
     finally:
+        stop.release()
         if hasattr(batches, "close"):
             batches.close()     # stops crop workers
     bar.close()
@@ -161,6 +169,23 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
                                   f"and a bundle of it are saved in {out}: the same command with --resume continues "
                                   f"it")
     return state
+
+
+class _StopRequest:
+    """SIGTERM asks the loop to stop after the step under way; the previous handler comes back on release()."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():     # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def hardware_description(device: torch.device) -> str:

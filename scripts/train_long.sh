@@ -23,7 +23,8 @@ status)
     [ -f "$RUN/heldout.csv" ] && column -s, -t < "$RUN/heldout.csv"
     exit 0 ;;
 stop)
-    running && kill -INT "$(cat "$pid_file")" && echo "asked pid $(cat "$pid_file") to stop (it saves first)"
+    # SIGTERM, not SIGINT: a background job ignores Ctrl-C; the loop finishes its step and saves first.
+    running && kill -TERM "$(cat "$pid_file")" && echo "asked pid $(cat "$pid_file") to stop (it saves first)"
     exit 0 ;;
 start) ;;
 *) echo "train_long.sh: expected start, status or stop, found $1" >&2; exit 2 ;;

@@ -122,6 +122,33 @@ def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
     assert load_bundle(out).card["training"]["finished"] is True
 
 
+def test_sigterm_stops_after_the_step_under_way_and_saves_it(tmp_path, monkeypatch):
+    """scripts/train_long.sh stops its background run (which ignores Ctrl-C) with SIGTERM: the step under way is
+    finished and saved, not lost with up to 10 minutes of training."""
+    import os
+    import signal
+
+    import cellseg.train_crops as crops_module
+    from cellseg.errors import TrainingInterrupted
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    real_crop, calls = crops_module.sample_crop, []
+
+    def crop_then_sigterm(item, size, rng, *aug):
+        calls.append(1)
+        if len(calls) == 5:              # during the third step (two crops a step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_crop(item, size, rng, *aug)
+    monkeypatch.setattr(crops_module, "sample_crop", crop_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "b"
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 6"):
+        train(items, classes, out, TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50),
+              model_cfg=tiny_model_config(), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is before       # the handler is the loop's only while it runs
+
+
 def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
     import cellseg.train_crops as crops_module
     from cellseg.errors import CellsegError
