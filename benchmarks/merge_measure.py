@@ -152,7 +152,7 @@ class _FakeSlide:
 
 
 class _Timer:
-    """summary.StageTimer's interface, recording wall-clock and CPU seconds (this machine is shared: CPU
+    """timing.StageTimer's interface, recording wall-clock and CPU seconds (this machine is shared: CPU
     time shows what the code costs, wall time what a user waited)."""
 
     def __init__(self):

@@ -166,7 +166,7 @@ def child_cellseg(spec: dict) -> dict:
 
     from cellseg.counter import CellCounter
     from cellseg.protocol import load_protocol
-    from cellseg.summary import StageTimer
+    from cellseg.timing import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
                                                        tissue_method=spec["tissue"], precision=spec.get("precision"))
@@ -217,8 +217,8 @@ def child_naive(spec: dict) -> dict:
     from cellseg.preprocess import IntensityRange, select_channels, to_network_input
     from cellseg.protocol import load_protocol
     from cellseg.slide import open_slide
-    from cellseg.summary import StageTimer
     from cellseg.tiling import plan_tiles
+    from cellseg.timing import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"])
     device = resolve_device(spec["device"])

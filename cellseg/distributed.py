@@ -45,8 +45,8 @@ from .pipeline import detect_owned, owned_tiles, write_result
 from .protocol import Protocol
 from .slide import open_slide
 from .slide_plan import SlidePlan, calibrate, plan_slide
-from .summary import StageTimer
 from .tiling import Band
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     # Dask starts workers with 1 OpenMP thread each; a worker's network gets its share of the cores instead. And
     # without Dask's MALLOC_TRIM_THRESHOLD_: a fixed threshold turns glibc's adaptive mmap threshold off, so the
     # network's large buffers are mapped and faulted in anew at every allocation (measured: detection 15-25 % slower
-    # on a CPU); the pipeline trims where it frees much (slide_plan.release_freed_memory). Set for the cluster's
+    # on a CPU); the pipeline trims where it frees much (memory.release_freed_memory). Set for the cluster's
     # lifetime: a worker restarted after a crash gets the same.
     threads = max(1, (os.cpu_count() or 1) // workers)
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

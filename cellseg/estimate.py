@@ -25,7 +25,7 @@ from .precision import cpu_model
 from .protocol import Protocol
 from .slide import open_slide
 from .slide_plan import calibrate, plan_slide
-from .summary import StageTimer
+from .timing import StageTimer
 from .tissue import TissueFinder
 
 

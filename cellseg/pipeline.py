@@ -42,9 +42,10 @@ from .protocol import Protocol
 from .regions import RegionFile, RegionTally, write_regions_csv
 from .slide import Slide, open_slide
 from .slide_plan import SlidePlan, calibrate, plan_slide
-from .summary import StageTimer, build_summary, regions_record, run_record
+from .summary import build_summary, regions_record, run_record
 from .threads import in_background
 from .tiling import Band, Box, TileSpec, seam_band_px
+from .timing import StageTimer
 from .tissue import TissueFinder
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,13 @@ import numpy as np
 from .errors import ParameterError
 from .expansion import expansion_distance_px
 from .instances import TileDetector
+from .memory import release_freed_memory
 from .preprocess import IntensityRange, as_network_input, measure_range, select_channels
 from .protocol import Protocol, check_pixel_size
 from .regions import RegionFile, Regions
 from .slide import Slide
-from .summary import StageTimer
 from .tiling import Band, Box, TileSpec, plan_bands, plan_tiles
+from .timing import StageTimer
 from .tissue import TissueFinder, TissueMask
 
 THUMBNAIL_SIDE = 2048
@@ -283,18 +284,3 @@ def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width:
         return thumbnail.reshape(-1, thumbnail.shape[-1])
     return thumbnail[on]
 
-
-def release_freed_memory() -> None:
-    """Hand memory that Python and numpy have freed back to the OS (glibc's malloc_trim; elsewhere nothing).
-
-    glibc keeps freed heap blocks for reuse, fragmented: the few hundred MB a stage frees (the tissue view,
-    whose size follows the slide's) would otherwise stay in the process and sit under the detector's peak,
-    which then grows with the slide. Dask does the same for its workers' "unmanaged memory".
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

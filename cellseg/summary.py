@@ -9,12 +9,7 @@ device, model bundle).
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,27 +21,7 @@ if TYPE_CHECKING:
     from .merge import SeamStats
     from .slide import SlideInfo
     from .slide_plan import SlidePlan
-
-
-@dataclass
-class StageTimer:
-    """Seconds spent per stage. Detection runs in its own thread alongside merging, measuring and writing, so the
-    stages overlap and their sum can exceed the wall time."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.seconds[stage] += time.perf_counter() - start
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+    from .timing import StageTimer
 
 
 def _stats(values: np.ndarray) -> dict | None:

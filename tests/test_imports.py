@@ -30,3 +30,33 @@ def test_test_modules_do_not_import_each_other():
                 assert node.module not in modules, f"{path.name} imports from {node.module}: use tests/helpers.py"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[-1] in modules for a in node.names), path.name
+
+
+def test_the_modules_import_one_another_without_cycles():
+    """A module's imports at its top level (those for type checking included) never lead back to it: a lower layer
+    (the plan) does not import a higher one (the summary writer) for a helper they share."""
+    package = ROOT / "cellseg"
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = [n for n in tree.body] + [n for node in tree.body if isinstance(node, ast.If) for n in node.body]
+        names = set()
+        for node in top:
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        imports[path.stem] = names
+    modules = set(imports)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> list[str] | None:
+        for name in sorted(imports[start] & modules):
+            if name == goal:
+                return [name]
+            if name not in seen:
+                seen.add(name)
+                if (rest := reaches(name, goal, seen)) is not None:
+                    return [name, *rest]
+        return None
+
+    for module in sorted(modules):
+        cycle = reaches(module, module, set())
+        assert cycle is None, f"an import cycle: {' -> '.join([module, *cycle])}"

@@ -27,8 +27,8 @@ from cellseg.protocol import Protocol
 from cellseg.resultdir import partial_folder
 from cellseg.slide import open_slide
 from cellseg.slide_plan import plan_slide
-from cellseg.summary import StageTimer
 from cellseg.tiling import Band
+from cellseg.timing import StageTimer
 from cellseg.tissue import TissueFinder
 
 from .helpers import (
