@@ -137,8 +137,8 @@ class SyntheticSlide:
 
 
 class _FakeSlide:
-    """read_region + info.mpp, all CellEmitter needs: noise pixels of the box's size (C channels; 8-bit for RGB
-    stains, else 16-bit)."""
+    """read_region + info.mpp, all CellEmitter needs of a slide (through slide_cache.CachedSlide): noise pixels of
+    the box's size (C channels; 8-bit for RGB stains, else 16-bit)."""
 
     def __init__(self, channels: int, seed: int = 0, rgb: bool = False):
         rng = np.random.default_rng(seed)
@@ -192,6 +192,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from cellseg.measure import nucleus_columns
     from cellseg.merge import SeamMerger, owned_instances
     from cellseg.pipeline import CellEmitter, merge_tiles
+    from cellseg.slide_cache import CachedSlide
     from cellseg.tiling import seam_band_px
 
     synth = SyntheticSlide(*grid, seed=seed)
@@ -207,8 +208,8 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     with tempfile.TemporaryDirectory() as tmp:
         columns = {**nucleus_columns(names), **(expansion.columns if expansion else {})}
         table = CellsTableWriter(Path(tmp) / "cells.csv", columns) if write_csv else None
-        emitter = CellEmitter(_FakeSlide(len(names), seed, rgb=stains), tiles, _TableOnly(table), names, ["nucleus"],
-                              timer, expansion=expansion)
+        emitter = CellEmitter(CachedSlide(_FakeSlide(len(names), seed, rgb=stains)), tiles, _TableOnly(table), names,
+                              ["nucleus"], timer, expansion=expansion)
 
         def owned():                                # pipeline.detect_owned minus the network
             nonlocal generate

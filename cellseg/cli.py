@@ -206,9 +206,10 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
 
     from .cohort import count_serially
     from .counter import CounterSpec
+    from .summary import RunInfo
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
-                       run_info={"command": shlex.join(["cellseg", *argv])}, regions=regions,
+                       run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
                        skip_unreadable=skip_unreadable)
     if estimate:
         counter = spec.load()

@@ -11,7 +11,7 @@ the same result folder committed atomically.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .instances import TileDetector
@@ -19,6 +19,7 @@ from .pipeline import Progress, count_slide
 from .protocol import Protocol
 from .regions import RegionFile
 from .resultdir import staged_output
+from .summary import RunInfo
 from .tissue import TissueFinder
 
 
@@ -27,31 +28,31 @@ class CellCounter:
 
     model_diameter_px: the training nucleus size the detector expects (its bundle's); diameter_px: the slides'
     (--diameter), "auto" to measure it on each slide, or None; mpp: a pixel size overriding the slides' own;
-    run_info: what run.json records besides the count itself (command line, device, model bundle); regions: count
-    only inside these (regions.load_regions; --regions), on every slide.
+    run_info: what run.json records besides the count itself (summary.RunInfo: command line, device, model bundle);
+    regions: count only inside these (regions.load_regions; --regions), on every slide.
     """
 
     def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
                  model_diameter_px: float | None = None, diameter_px: float | str | None = None,
-                 mpp: float | None = None, run_info: dict | None = None, regions: RegionFile | None = None,
+                 mpp: float | None = None, run_info: RunInfo | None = None, regions: RegionFile | None = None,
                  skip_unreadable: bool = False):
         self.protocol, self.detector = protocol, detector
         self.regions = regions
         self.skip_unreadable = skip_unreadable     # count around damaged pixel data (pipeline.count_slide)
         self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
         self.model_diameter_px, self.diameter_px, self.mpp = model_diameter_px, diameter_px, mpp
-        self.run_info = dict(run_info or {})
+        self.run_info = run_info or RunInfo()
 
     @classmethod
     def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
-             mpp: float | None = None, run_info: dict | None = None, tta: bool = False,
+             mpp: float | None = None, run_info: RunInfo | None = None, tta: bool = False,
              regions: RegionFile | None = None, skip_unreadable: bool = False) -> CellCounter:
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
         (fluorescence | brightfield) when the bundle has one for it. tta: test-time augmentation (cellseg.tta: the
         8 flips and rotations of every tile, cells merged; thresholds tuned with TTA when the bundle has them).
-        run.json records the device and the bundle after `run_info`.
+        run.json records `run_info` (the caller's command) with the device, the precision and the bundle.
         """
         from .bundle import load_bundle
         from .detect import Detector
@@ -65,13 +66,13 @@ class CellCounter:
             from .tta import AugmentedDetector
             detector = AugmentedDetector(detector)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
-                   mpp=mpp, run_info={**(run_info or {}), "device": str(detector.device),
-                                      "precision": precision, "model": model},
+                   mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
+                                             model=model),
                    regions=regions, skip_unreadable=skip_unreadable)
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
-        return counting_settings(self.protocol, self.run_info.get("model"), self.mpp, self.diameter_px, self.regions)
+        return counting_settings(self.protocol, self.run_info.model, self.mpp, self.diameter_px, self.regions)
 
     def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
         """Count one slide into the result folder `out_dir`, committed only when complete (resultdir.staged_output:
@@ -94,7 +95,7 @@ class CellCounter:
         """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
         files of its own first). Returns the summary. journal, band_rows: pipeline.count_slide's; fingerprint:
         what run.json records for a later --resume to recognise the result (journal.fingerprint)."""
-        run_info = self.run_info if fingerprint is None else {**self.run_info, "fingerprint": fingerprint}
+        run_info = self.run_info if fingerprint is None else replace(self.run_info, fingerprint=fingerprint)
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
                            diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
@@ -130,7 +131,7 @@ class CounterSpec:
     diameter_px: float | str | None = None
     mpp: float | None = None
     tta: bool = False
-    run_info: dict = field(default_factory=dict)
+    run_info: RunInfo = field(default_factory=RunInfo)
     regions: RegionFile | None = None
     skip_unreadable: bool = False
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distributed import WorkerPlugin
@@ -44,7 +44,9 @@ from .journal import Journal, done_bands, fresh_result_folder, load_plan, save_b
 from .pipeline import detect_owned, owned_tiles, write_result
 from .protocol import Protocol
 from .slide import open_slide
+from .slide_cache import CachedSlide
 from .slide_plan import SlidePlan, calibrate, plan_slide
+from .summary import RunInfo
 from .tiling import Band
 from .timing import StageTimer
 
@@ -89,7 +91,7 @@ class PlannedSlide:
     plan: SlidePlan
     class_names: list[str]
     tissue_info: dict
-    run_info: dict
+    run_info: RunInfo
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,7 +120,7 @@ def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
             plan = plan_slide(opened, counter.protocol, counter.detector, counter.tissue, timer,
                               counter.model_diameter_px, counter.diameter_px, counter.regions)
             save_plan(Path(journal), plan, opened.info)
-    return PlannedSlide(plan, list(counter.detector.class_names), counter.tissue.describe(), dict(counter.run_info),
+    return PlannedSlide(plan, list(counter.detector.class_names), counter.tissue.describe(), counter.run_info,
                         timer.to_dict())
 
 
@@ -137,21 +139,24 @@ def band_task(plugin_name: str, slide: str, planned: PlannedSlide, band: Band, j
     timer = StageTimer()
     analysed = [t for t in band.tiles(plan.tiles, plan.tiles_per_row) if plan.keep[t.index]]
     with plugin.lock, open_slide(slide, mpp=counter.mpp) as opened:
-        key = (slide, tuple(plan.windows), plan.channel, plan.intensity, plan.scale.factor)
+        key = (slide, tuple(plan.windows), plan.network)
         if analysed and plan.windows and plugin.calibrated != key:
             with timer("detect"):
-                calibrate(counter.detector, opened, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
+                calibrate(counter.detector, opened, plan.windows, plan.network)
             plugin.calibrated = key
+        # Nothing here measures the cells: no pixels are kept.
         owned = {tile.index: cells for tile, cells in
-                 detect_owned(opened, plan, counter.detector, analysed, counter.protocol, timer, None)}
+                 detect_owned(CachedSlide(opened, max_bytes=0), plan, counter.detector, analysed, counter.protocol,
+                              timer)}
     save_band(Path(journal), band, owned)
     return BandDone(band.index, len(analysed), sum(len(c) for c in owned.values()), timer.to_dict(),
                     str(get_worker().name))
 
 
 def finish_task(slide: str, planned: PlannedSlide, bands: list[Band], journal: str, protocol: Protocol,
-                mpp: float | None, run_info: dict, started: float, done: list[BandDone]) -> dict:
-    """pipeline.write_result on the journaled bands; stage seconds include the plan's and the bands'."""
+                mpp: float | None, fingerprint: dict, distributed: dict, started: float, done: list[BandDone]) -> dict:
+    """pipeline.write_result on the journaled bands; stage seconds include the plan's and the bands'. run.json
+    records the journal's fingerprint and `distributed`, how the count was spread over the cluster."""
     folder = Path(journal)
     missing = sorted({b.index for b in bands} - done_bands(folder))
     if missing:
@@ -162,10 +167,12 @@ def finish_task(slide: str, planned: PlannedSlide, bands: list[Band], journal: s
         for stage, s in seconds.items():
             timer.seconds[stage] += s
     out = fresh_result_folder(folder)
+    run_info = replace(planned.run_info, fingerprint=fingerprint, distributed=distributed)
     with open_slide(slide, mpp=mpp) as opened:
-        owned = owned_tiles(opened, planned.plan, None, bands, protocol, timer, None, folder)
-        return write_result(opened, planned.plan, owned, out, protocol, planned.class_names, planned.tissue_info,
-                            {**planned.run_info, **run_info}, timer, started)
+        cached = CachedSlide(opened)
+        owned = owned_tiles(cached, planned.plan, None, bands, protocol, timer, folder)
+        return write_result(cached, planned.plan, owned, out, protocol, planned.class_names, planned.tissue_info,
+                            run_info, timer, started)
 
 
 # --------------------------------------------------------------------------- the client
@@ -336,11 +343,11 @@ class _Job:
         band_futures = [self._submit(slide, "band", band_task, self.plugin, slide.path, slide.planned,
                                      band, str(folder), resources=self.gpu)
                         for band, _ in bands if band.index not in done]
-        run_info = {"fingerprint": slide.journal.fingerprint,
-                    "distributed": {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
-                                    "bands_from_journal": len(bands) - len(band_futures)}}
+        spread = {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
+                  "bands_from_journal": len(bands) - len(band_futures)}
         self._submit(slide, "finish", finish_task, slide.path, slide.planned, [b for b, _ in bands],
-                     str(folder), self.spec.protocol, self.spec.mpp, run_info, slide.started, band_futures)
+                     str(folder), self.spec.protocol, self.spec.mpp, slide.journal.fingerprint, spread,
+                     slide.started, band_futures)
 
     def _advance(self, slide: _Slide, tiles: int) -> None:
         slide.tiles_done += tiles

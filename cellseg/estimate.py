@@ -24,6 +24,7 @@ from .pipeline import detect_owned
 from .precision import cpu_model
 from .protocol import Protocol
 from .slide import open_slide
+from .slide_cache import CachedSlide
 from .slide_plan import calibrate, plan_slide
 from .timing import StageTimer
 from .tissue import TissueFinder
@@ -60,15 +61,16 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
         plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
         analysed = plan.analysed
         if plan.windows:
-            calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
+            calibrate(detector, slide, plan.windows, plan.network)
         planning = time.perf_counter() - started
         picks = [analysed[i] for i in np.unique(np.linspace(0, len(analysed) - 1, min(sample_tiles + 1,
                                                                                        len(analysed))).round()
                                                           .astype(int))] if analysed else []
         seconds = []
+        unkept = CachedSlide(slide, max_bytes=0)     # nothing is measured here: no pixels are kept
         for k, tile in enumerate(picks):
             t = time.perf_counter()
-            for _ in detect_owned(slide, plan, detector, [tile], protocol, timer, regions=None):
+            for _ in detect_owned(unkept, plan, detector, [tile], protocol, timer):
                 pass
             if k > 0 or len(picks) == 1:     # the first tile warms the network up (allocations, kernel choice)
                 seconds.append(time.perf_counter() - t)

@@ -41,7 +41,7 @@ from .resultdir import (
     remove_made_parents,
 )
 from .slide import SlideInfo
-from .slide_plan import Scale, SlidePlan
+from .slide_plan import NetworkInput, Scale, SlidePlan
 from .slide_unreadable import UnreadableRegion
 from .tiling import Band, Box, plan_tiles
 from .tissue import TissueMask
@@ -259,8 +259,9 @@ def complete_result(final: Path, print_: dict) -> dict | None:
 
 def save_plan(folder: Path, plan: SlidePlan, info: SlideInfo) -> None:
     """plan.npz: the arrays, and every other field as JSON (floats round-trip exactly)."""
-    meta = {"height": info.height, "width": info.width, "channel": plan.channel, "channel_names": plan.channel_names,
-            "thumb_factor": plan.thumb_factor, "intensity": asdict(plan.intensity), "scale": asdict(plan.scale),
+    meta = {"height": info.height, "width": info.width, "channel": plan.network.channel,
+            "channel_names": plan.channel_names, "thumb_factor": plan.thumb_factor,
+            "intensity": asdict(plan.network.intensity), "scale": asdict(plan.network.scale),
             "tile_px": plan.tile_px, "halo_px": plan.halo_px, "windows": [list(map(int, b)) for b in plan.windows],
             "tissue": {k: v for k, v in asdict(plan.tissue).items() if k != "mask"},
             "regions": plan.regions.to_json() if plan.regions is not None else None,
@@ -276,10 +277,11 @@ def load_plan(folder: Path) -> SlidePlan | None:
         return None
     meta = json.loads(str(arrays["meta"]))
     tiles = plan_tiles(meta["height"], meta["width"], meta["tile_px"], meta["halo_px"])
-    return SlidePlan(meta["channel"], meta["channel_names"], arrays["thumbnail"], meta["thumb_factor"],
-                     TissueMask(arrays["tissue_mask"], **meta["tissue"]), IntensityRange(**meta["intensity"]),
-                     Scale(**meta["scale"]), meta["tile_px"], meta["halo_px"], tiles, arrays["keep"].tolist(),
-                     [Box(*b) for b in meta["windows"]], cell_expansion_px=meta.get("cell_expansion_px", 0.0),
+    network = NetworkInput(meta["channel"], IntensityRange(**meta["intensity"]), Scale(**meta["scale"]))
+    return SlidePlan(network, meta["channel_names"], arrays["thumbnail"], meta["thumb_factor"],
+                     TissueMask(arrays["tissue_mask"], **meta["tissue"]), meta["tile_px"], meta["halo_px"], tiles,
+                     arrays["keep"].tolist(), [Box(*b) for b in meta["windows"]],
+                     cell_expansion_px=meta.get("cell_expansion_px", 0.0),
                      regions=Regions.from_json(meta["regions"]) if meta.get("regions") else None)
 
 

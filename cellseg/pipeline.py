@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
@@ -37,14 +36,14 @@ from .instances import Instances, TileDetections, TileDetector
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
 from .measure import label_tile, measure_tile
 from .merge import SeamMerger, centroids_and_areas, owned_instances
-from .preprocess import as_network_input
 from .protocol import Protocol
 from .regions import RegionFile, RegionTally, write_regions_csv
-from .slide import Slide, open_slide
+from .slide import open_slide
+from .slide_cache import CachedSlide
 from .slide_plan import SlidePlan, calibrate, plan_slide
-from .summary import build_summary, regions_record, run_record
+from .summary import RunInfo, build_summary, regions_record, run_record
 from .threads import in_background
-from .tiling import Band, Box, TileSpec, seam_band_px
+from .tiling import Band, TileSpec, seam_band_px
 from .timing import StageTimer
 from .tissue import TissueFinder
 
@@ -58,7 +57,7 @@ the thread that called count_slide. An exception it raises (a cancel) stops the 
 
 
 def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder,
-                *, mpp: float | None = None, progress: Progress | None = None, run_info: dict | None = None,
+                *, mpp: float | None = None, progress: Progress | None = None, run_info: RunInfo | None = None,
                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
                 journal: Path | None = None, band_rows: int | None = None,
                 regions: RegionFile | None = None, skip_unreadable: bool = False) -> dict:
@@ -75,31 +74,30 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     start_writer_imports()
     timer = StageTimer()
     started = time.time()
-    with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as slide:
+    with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
+        slide = CachedSlide(opened)     # the raw pixels read for detection, measured again later
         if journal is not None and skip_unreadable:
-            slide.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
+            opened.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
         plan = load_plan(journal) if journal is not None else None
         if plan is None:
-            plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
+            plan = plan_slide(opened, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
             if journal is not None:
                 save_plan(journal, plan, slide.info)
         bands = plan.bands(band_rows)
         if plan.windows and len(done_bands(journal) if journal is not None else ()) < len(bands):
             with timer("detect"):
-                calibrate(detector, slide, plan.windows, plan.channel, plan.intensity, plan.scale.factor)
-        pixel_cache = RecentRegions(slide)     # raw pixels read for detection, measured again later
-        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, pixel_cache, journal)
+                calibrate(detector, opened, plan.windows, plan.network)
+        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, journal)
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
         # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
         with in_background(tiles, max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
             return write_result(slide, plan, reported(owned, plan, progress), out_dir, protocol,
-                                list(detector.class_names), tissue.describe(), run_info, timer, started,
-                                pixel_cache)
+                                list(detector.class_names), tissue.describe(), run_info or RunInfo(), timer, started)
 
 
-def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
-                 protocol: Protocol, class_names: list[str], tissue_info: dict, run_info: dict | None,
-                 timer: StageTimer, started: float, regions: RecentRegions | None = None) -> dict:
+def write_result(slide: CachedSlide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
+                 protocol: Protocol, class_names: list[str], tissue_info: dict, run_info: RunInfo,
+                 timer: StageTimer, started: float) -> dict:
     """The final step of a slide: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids,
     measurements and result files in `out_dir`, then summary.json and run.json. Returns the summary.
     tissue_info: TissueFinder.describe(); started: time.time() when the slide's count began."""
@@ -112,8 +110,8 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
                       expansion_columns=None if expansion is None else expansion.columns,
                       geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
                       extra_columns=REGION_COLUMNS if tally is not None else None) as result:
-        emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, regions=regions,
-                              expansion=expansion, tally=tally)
+        emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, expansion=expansion,
+                              tally=tally)
         merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
         unreadable = slide.unreadable
         if unreadable:
@@ -143,13 +141,13 @@ def write_result(slide: Slide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, 
     # The report reads the files just written (and the open slide for its crops); it adds its warnings to summary.json.
     from .report import write_report
     report_started = time.perf_counter()
-    summary["warnings"] = write_report(out_dir, slide)
+    summary["warnings"] = write_report(out_dir, slide.slide)
     log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
     return summary
 
 
-def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, bands: list[Band], protocol: Protocol,
-                timer: StageTimer, regions: RecentRegions | None, journal: Path | None = None
+def owned_tiles(slide: CachedSlide, plan: SlidePlan, detector: TileDetector | None, bands: list[Band],
+                protocol: Protocol, timer: StageTimer, journal: Path | None = None
                 ) -> Iterator[tuple[TileSpec, Instances]]:
     """Every tile of `bands`, in grid order, with the cells it owns (none for a skipped tile). A band finished in
     `journal` is read back; the others are detected (detect_owned) and, once complete, journaled."""
@@ -163,7 +161,7 @@ def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, ba
             continue
         kept = {}
         analysed = [t for t in tiles if plan.keep[t.index]]
-        with closing(detect_owned(slide, plan, detector, analysed, protocol, timer, regions)) as detected:
+        with closing(detect_owned(slide, plan, detector, analysed, protocol, timer)) as detected:
             for tile in tiles:
                 cells = next(detected)[1] if plan.keep[tile.index] else _NO_CELLS
                 if journal is not None and plan.keep[tile.index]:
@@ -178,12 +176,12 @@ def owned_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector | None, ba
 _NO_CELLS = Instances.empty()
 
 
-def detect_owned(slide: Slide, plan: SlidePlan, detector: TileDetector, tiles: list[TileSpec], protocol: Protocol,
-                 timer: StageTimer, regions: RecentRegions | None) -> Iterator[tuple[TileSpec, Instances]]:
+def detect_owned(slide: CachedSlide, plan: SlidePlan, detector: TileDetector, tiles: list[TileSpec],
+                 protocol: Protocol, timer: StageTimer) -> Iterator[tuple[TileSpec, Instances]]:
     """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order)."""
     shape = (slide.info.height, slide.info.width)
     band_px = seam_band_px(plan.halo_px)
-    for tile, det in detect_tiles(slide, plan, detector, protocol.batch_size, timer, regions, tiles):
+    for tile, det in detect_tiles(slide, plan, detector, protocol.batch_size, timer, tiles):
         with timer("merge"):
             cells = owned_instances(det, tile, shape, protocol.min_area_px, band_px)
             if slide.skip_unreadable:
@@ -208,22 +206,18 @@ def drop_unreadable(cells: Instances, regions) -> Instances:
     return cells if keep.all() else cells.take(np.flatnonzero(keep))
 
 
-def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,
-                 regions: RecentRegions | None, tiles: list[TileSpec] | None = None
-                 ) -> Iterator[tuple[TileSpec, TileDetections]]:
+def detect_tiles(slide: CachedSlide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,
+                 tiles: list[TileSpec] | None = None) -> Iterator[tuple[TileSpec, TileDetections]]:
     """(tile, detections) of `tiles` (default: the plan's analysed tiles), in their order, `batch_size` at a time.
 
     Reader threads decode the next batch while the detector works on this one (tifffile/imagecodecs release the
-    GIL); at most one batch waits in memory. The raw pixels read go to `regions` (if any), to be measured later.
+    GIL); at most one batch waits in memory. The raw pixels read stay with `slide`, to be measured later.
     """
     tiles = plan.analysed if tiles is None else tiles
     batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
 
     def read_tile(t: TileSpec) -> np.ndarray:
-        raw = slide.read_region(t.read)
-        if regions is not None:
-            regions.keep(t.read, t.grid_row, raw)     # measured later on these same pixels
-        return as_network_input(raw, t.read.shape, plan.channel, plan.intensity, plan.scale.factor)
+        return plan.network.of(slide.read_tile(t), t.read)     # measured later on these same pixels
 
     # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
     # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL).
@@ -237,7 +231,7 @@ def detect_tiles(slide: Slide, plan: SlidePlan, detector: TileDetector, batch_si
             if k + 1 < len(batches):
                 pending = [reader.submit(read_tile, t) for t in batches[k + 1]]
             with timer("detect"):
-                detections = detector.detect(images, batch, plan.scale.factor)
+                detections = detector.detect(images, batch, plan.network.scale.factor)
             yield from zip(batch, detections)
 
 
@@ -272,43 +266,6 @@ def merge_tiles(owned: Iterable[tuple[TileSpec, Instances]], tiles_per_row: int,
     emitter.emit(done)
 
 
-class RecentRegions:
-    """Raw pixels of tiles read for detection, kept (up to `max_bytes`) until their cells are measured.
-
-    A tile's cells are measured a tile row after it was read (when seams are settled); reading and decoding the
-    slide a second time for that cost ~8 ms a tile. A region is handed out once. When full, new regions are not
-    kept (the oldest are the next to be measured), and `take` reads the slide instead. Thread-safe: the reader
-    thread keeps, the pipeline takes.
-    """
-
-    def __init__(self, slide: Slide, max_bytes: int = 64 << 20):
-        self.slide, self.max_bytes = slide, max_bytes
-        self._regions: dict[Box, tuple[int, np.ndarray]] = {}   # box -> (tile grid row, pixels)
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def keep(self, box: Box, grid_row: int, pixels: np.ndarray) -> None:
-        with self._lock:
-            if box not in self._regions and self._bytes + pixels.nbytes <= self.max_bytes:
-                self._regions[box] = (grid_row, pixels)
-                self._bytes += pixels.nbytes
-
-    def take(self, box: Box) -> np.ndarray:
-        with self._lock:
-            kept = self._regions.pop(box, None)
-            if kept is not None:
-                self._bytes -= kept[1].nbytes
-                return kept[1]
-        return self.slide.read_region(box)
-
-    def release(self, through_row: int | None) -> None:
-        """Forget the regions of grid rows <= through_row (None: all): their cells are all measured, and a tile
-        without cells is never taken."""
-        with self._lock:
-            for box in [b for b, (row, _) in self._regions.items() if through_row is None or row <= through_row]:
-                self._bytes -= self._regions.pop(box)[1].nbytes
-
-
 @dataclass
 class CellEmitter:
     """Gives final cells their ids (1, 2, ... in emission order), measures them per owning tile and hands them
@@ -319,22 +276,17 @@ class CellEmitter:
     already numbered, so the ids are those of a count without expansion) and the nuclei of those rows are kept.
     """
 
-    slide: Slide
+    slide: CachedSlide          # the pixels of the tiles read for detection are measured again
     tiles: list[TileSpec]
     result: ResultWriter
     channel_names: list[str]
     class_names: list[str]
     timer: StageTimer
     next_id: int = 1
-    regions: RecentRegions | None = field(default=None)   # raw pixels of tiles read for detection
     expansion: CellExpansion | None = None
     tally: RegionTally | None = None     # counting in regions: only nuclei whose centroid lies in one are kept
     _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
     _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.regions is None:
-            self.regions = RecentRegions(self.slide)
 
     def emit(self, cells: Instances, through_row: int | None = None) -> None:
         """Measure and write `cells`, the final cells of the tile rows <= through_row (None: all rows)."""
@@ -359,7 +311,7 @@ class CellEmitter:
             self._write_tile(tile, ids, part)
         if self.expansion is not None and done_through is not None:
             self._nuclei.forget(done_through - self.expansion.rows)    # no cell still to draw can reach them
-        self.regions.release(done_through)
+        self.slide.release(done_through)
 
     def _number(self, cells: Instances) -> list[tuple[TileSpec, np.ndarray, Instances]]:
         """`cells` split by owning tile, each part with its cell ids (the next ones, in tile order)."""
@@ -381,7 +333,7 @@ class CellEmitter:
     def _write_tile(self, tile: TileSpec, ids: np.ndarray, part: Instances) -> None:
         with self.timer("measure"):
             labels = label_tile(part, ids, tile.read)
-            pixels = self.regions.take(tile.read)
+            pixels = self.slide.read_region(tile.read)
             rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
                                 self.channel_names, self.class_names)
         if self.tally is not None:

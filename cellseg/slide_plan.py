@@ -45,25 +45,46 @@ class Scale:
     image_diameter_px: float | None = None
 
 
+NATIVE = Scale(1.0, "native")
+
+
+@dataclass(frozen=True)
+class NetworkInput:
+    """How a slide's native pixels become the network's input: the model channel (None: grayscale or RGB as is),
+    the slide's intensity range and the scale. Every read for the network (calibration windows, tiles, --diameter
+    auto's samples) goes through one, so the three never part."""
+
+    channel: int | None
+    intensity: IntensityRange
+    scale: Scale = NATIVE
+
+    def of(self, raw: np.ndarray, box: Box) -> np.ndarray:
+        """`raw`, the slide's native pixels in `box`, as the network sees them (preprocess.as_network_input)."""
+        return as_network_input(raw, box.shape, self.channel, self.intensity, self.scale.factor)
+
+    def read(self, slide: Slide, box: Box) -> np.ndarray:
+        """The slide's pixels in `box` as the network sees them."""
+        return self.of(slide.read_region(box), box)
+
+
 @dataclass
 class SlidePlan:
     """The decisions for one slide (level-0 px throughout).
 
-    channel: the slide channel the detector sees (None: grayscale or RGB as is); channel_names: every channel's
-    name in cells.csv. thumbnail: (h, w, C) native pixels, thumb_factor slide px per thumbnail px. tiles: the whole
-    grid in row-major order (tile_px core, halo_px halo, in slide px); keep[i]: tile i is analysed (enough tissue).
+    network: the model channel, the intensity range and the scale the tiles reach the network with; channel_names:
+    every channel's name in cells.csv. thumbnail: (h, w, C) native pixels, thumb_factor slide px per thumbnail px.
+    tiles: the whole grid in row-major order (tile_px core, halo_px halo, in slide px); keep[i]: tile i is analysed
+    (enough tissue).
     windows: where the slide's normalisation is measured (empty when no tile is analysed). cell_expansion_px: D,
     how far nuclei are grown into cells (level-0 px; 0: nuclei only; expansion.py). regions: the count is restricted
     to these (regions.py; None: the whole slide): only tiles whose core meets one are analysed.
     """
 
-    channel: int | None
+    network: NetworkInput
     channel_names: list[str]
     thumbnail: np.ndarray
     thumb_factor: float
     tissue: TissueMask
-    intensity: IntensityRange
-    scale: Scale
     tile_px: int
     halo_px: int
     tiles: list[TileSpec]
@@ -138,16 +159,15 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
     if in_regions is not None and windows:
         # A window is read from the slide: one outside every region would read what must not be read.
         windows = [w for w, m in zip(windows, in_regions.meets(np.array([tuple(w) for w in windows]))) if m]
-    return SlidePlan(channel, channel_names(slide), thumbnail, thumb_factor, tissue_mask, intensity, scale, tile_px,
-                     halo_px, tiles, keep, windows,
+    return SlidePlan(NetworkInput(channel, intensity, scale), channel_names(slide), thumbnail, thumb_factor,
+                     tissue_mask, tile_px, halo_px, tiles, keep, windows,
                      expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp),
                      in_regions)
 
 
-def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], channel: int | None,
-              intensity: IntensityRange, scale: float) -> None:
+def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> None:
     """Fix the detector's slide-level statistics on the network input of `windows` (TileDetector.calibrate)."""
-    detector.calibrate([network_pixels(slide, b, channel, intensity, scale) for b in windows])
+    detector.calibrate([network.read(slide, b) for b in windows])
 
 
 def channel_names(slide: Slide) -> list[str]:
@@ -225,8 +245,9 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
     chosen = sorted(tiles, key=lambda t: thumbnail_contrast(gray, t.core, thumb_factor), reverse=True)[:n_tiles]
     windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, gray, thumb_factor,
                                   tissue)
-    calibrate(detector, slide, windows, channel, intensity, 1.0)
-    images = [network_pixels(slide, t.read, channel, intensity) for t in chosen]
+    native = NetworkInput(channel, intensity)
+    calibrate(detector, slide, windows, native)
+    images = [native.read(slide, t.read) for t in chosen]
     areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
     if areas.size < 10:
         return None
@@ -261,12 +282,6 @@ def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail:
 
     ranked = sorted(candidates, key=lambda b: (-score(b), b.row0, b.col0))
     return ranked[:n]
-
-
-def network_pixels(slide: Slide, box: Box, channel: int | None, intensity: IntensityRange,
-                   scale: float = 1.0) -> np.ndarray:
-    """The slide's pixels in `box` as the network sees them: model channel, resampled by `scale`, normalised."""
-    return as_network_input(slide.read_region(box), box.shape, channel, intensity, scale)
 
 
 def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,

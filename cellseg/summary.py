@@ -3,13 +3,14 @@
 summary.json: cell count, tiles, tissue area and density, area statistics (of the nuclei, and of the cells grown
 from them when they are), pixel size, seam diagnostics, scale, the panoptic encoding and seconds per stage. run.json:
 cellseg's version, the slide, the fully resolved protocol, the model channel and intensity range, the tissue method
-and model, the normalisation windows, the cell expansion in px and µm, and what the caller adds (command line,
-device, model bundle).
+and model, the normalisation windows, the cell expansion in px and µm, and what the caller records (`RunInfo`:
+command line, device, model bundle, fingerprint).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,32 @@ if TYPE_CHECKING:
     from .slide import SlideInfo
     from .slide_plan import SlidePlan
     from .timing import StageTimer
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What run.json records of a count besides the slide, the protocol and the plan: what started it, on which
+    device and precision, with which model; for a journaled count its fingerprint, and how it was distributed.
+    None: not recorded."""
+
+    command: str | None = None           # the command line, or the widget that started the count
+    extra: dict = field(default_factory=dict)   # a caller's own entries (the napari widget's interface, request)
+    device: str | None = None
+    precision: str | None = None         # detect.Detector.precision_note
+    model: dict | None = None            # counter.model_record: the bundle and its score threshold
+    fingerprint: dict | None = None      # journal.fingerprint: what a later --resume recognises the result by
+    distributed: dict | None = None      # the Dask cluster and the band split (distributed.py)
+
+    def to_dict(self) -> dict:
+        """run.json's entries, in field order (the caller's entries after the command)."""
+        record = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                record.update(value)
+            elif value is not None:
+                record[f.name] = value
+        return record
 
 
 def _stats(values: np.ndarray) -> dict | None:
@@ -72,10 +99,10 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
         density_note = "cells per mm² of tissue"
     seconds = timer.to_dict()
     seconds["total"] = round(time.time() - started, 3)
-    scale = plan.scale
+    scale = plan.network.scale
     return {
         "slide": info.path.name, "format": info.format, "height_px": info.height, "width_px": info.width,
-        "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": plan.channel,
+        "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": plan.network.channel,
         "mpp": mpp, "mpp_source": info.mpp_source,
         "units": "µm columns filled" if mpp else f"µm columns empty: no pixel size ({info.mpp_source})",
         "protocol": protocol.name,
@@ -102,11 +129,10 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
     }
 
 
-def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict,
-               run_info: dict | None) -> dict:
-    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: the caller's additions."""
+def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict, run_info: RunInfo) -> dict:
+    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: what the caller records."""
     return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
-            "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.channel,
-            "intensity_range": [plan.intensity.low, plan.intensity.high], "tissue": tissue,
+            "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.network.channel,
+            "intensity_range": [plan.network.intensity.low, plan.network.intensity.high], "tissue": tissue,
             "normalisation_windows": [list(map(int, b)) for b in plan.windows],
-            **expansion_record(plan, info.mpp), **(run_info or {})}
+            **expansion_record(plan, info.mpp), **run_info.to_dict()}

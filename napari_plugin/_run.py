@@ -94,6 +94,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
     from cellseg.protocol import check_pixel_size, load_protocol
     from cellseg.resultdir import staged_output
     from cellseg.slide import open_slide
+    from cellseg.summary import RunInfo
 
     from ._logic import write_region_tiff
 
@@ -131,8 +132,8 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
             with open_slide(slide_path, mpp=request.mpp) as slide:     # none on the image: said before the model
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
         report.check()
-        counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info={
-            "command": f"napari cellseg widget ({request.name})", "interface": "napari", **request.extra},
+        counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info=RunInfo(
+            command=f"napari cellseg widget ({request.name})", extra={"interface": "napari", **request.extra}),
             regions=regions)
         with staged_output(out) as staging:
             counter.count_into(slide_path, staging, progress=report)

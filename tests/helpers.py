@@ -113,12 +113,13 @@ class LabelCounterSpec:
         import tifffile
 
         from cellseg.counter import CellCounter
+        from cellseg.summary import RunInfo
         if self.loads is not None:
             with open(self.loads, "a") as fh:
                 fh.write(f"{os.getpid()}\n")
         detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
                                         seconds_per_tile=self.seconds_per_tile)
-        return CellCounter(self.protocol, detector, mpp=self.mpp, run_info={"model": self.model},
+        return CellCounter(self.protocol, detector, mpp=self.mpp, run_info=RunInfo(model=self.model),
                            regions=self.regions)
 
     @property

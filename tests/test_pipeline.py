@@ -326,30 +326,34 @@ def test_calibration_windows_lie_where_the_cells_are():
     assert calibration_windows(80, 120, 512, gray, 10.0, None) == [Box(0, 0, 80, 120)]   # smaller than a window
 
 
-def test_recent_regions_hand_out_detection_pixels_once_and_stay_bounded():
-    from cellseg.pipeline import RecentRegions
+def test_a_cached_slide_hands_out_detection_pixels_once_and_stays_bounded():
+    from cellseg.slide_cache import CachedSlide
+    from cellseg.tiling import TileSpec
 
     class CountingSlide:
         reads = 0
 
         def read_region(self, box):
             CountingSlide.reads += 1
-            return np.full(Box(*box).shape, 7, np.uint8)
+            return np.full(Box(*box).shape, 7 if CountingSlide.reads > 3 else 1, np.uint8)
 
-    regions = RecentRegions(CountingSlide(), max_bytes=2 * 10 * 10)
+    slide = CachedSlide(CountingSlide(), max_bytes=2 * 10 * 10)
     a, b, c = Box(0, 0, 10, 10), Box(0, 10, 10, 20), Box(10, 0, 20, 10)
-    kept_a = np.ones((10, 10), np.uint8)
-    regions.keep(a, 0, kept_a)
-    regions.keep(b, 0, np.ones((10, 10), np.uint8))
-    regions.keep(c, 1, np.ones((10, 10), np.uint8))       # over max_bytes: not kept
-    assert regions.take(a) is kept_a and CountingSlide.reads == 0
-    assert regions.take(a)[0, 0] == 7 and CountingSlide.reads == 1      # handed out once, then read again
-    assert regions.take(c)[0, 0] == 7 and CountingSlide.reads == 2
-    regions.release(0)                                     # row 0 measured: b (a tile without cells) is dropped
-    assert regions.take(b)[0, 0] == 7 and CountingSlide.reads == 3
-    regions.keep(c, 1, np.ones((10, 10), np.uint8))       # room again
-    regions.release(None)
-    assert regions.take(c)[0, 0] == 7 and CountingSlide.reads == 4
+    kept_a = slide.read_tile(TileSpec(0, 0, 0, a, a))
+    slide.read_tile(TileSpec(1, 0, 1, b, b))
+    slide.read_tile(TileSpec(2, 1, 0, c, c))               # over max_bytes: not kept
+    assert CountingSlide.reads == 3 and kept_a[0, 0] == 1
+    assert slide.read_region(a) is kept_a and CountingSlide.reads == 3
+    assert slide.read_region(a)[0, 0] == 7 and CountingSlide.reads == 4      # handed out once, then read again
+    assert slide.read_region(c)[0, 0] == 7 and CountingSlide.reads == 5
+    slide.release(0)                                       # row 0 measured: b (a tile without cells) is dropped
+    assert slide.read_region(b)[0, 0] == 7 and CountingSlide.reads == 6
+    slide.read_tile(TileSpec(2, 1, 0, c, c))               # room again
+    slide.release(None)
+    assert slide.read_region(c)[0, 0] == 7 and CountingSlide.reads == 8
+    nothing_kept = CachedSlide(CountingSlide(), max_bytes=0)
+    nothing_kept.read_tile(TileSpec(0, 0, 0, a, a))
+    assert nothing_kept.read_region(a)[0, 0] == 7 and CountingSlide.reads == 10
 
 
 def test_background_detection_keeps_order_and_hands_errors_over():
@@ -402,3 +406,11 @@ def test_background_detection_stops_when_the_consumer_fails():
                     raise RuntimeError("disk full")
     assert closed.is_set()                 # the producer was stopped and its generator closed before returning
     assert len(produced) <= 5 + 1 + 2 + 1  # at most what the queue held ahead of the consumer
+
+
+def test_run_info_records_what_is_set_in_run_json_order():
+    from cellseg.summary import RunInfo
+    info = RunInfo(command="cellseg count a.tif", extra={"interface": "napari"}, device="cpu", model={"name": "m"})
+    assert list(info.to_dict().items()) == [("command", "cellseg count a.tif"), ("interface", "napari"),
+                                            ("device", "cpu"), ("model", {"name": "m"})]
+    assert RunInfo().to_dict() == {}
