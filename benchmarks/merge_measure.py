@@ -11,8 +11,9 @@ made up here, with the TileDetections contract of Mask R-CNN output:
   neighbouring tiles see a seam nucleus as two slightly different masks;
 - ~2 % of detections get a near-duplicate (Mask R-CNN's double hits); scores are random.
 
-The stages then run exactly as pipeline.count_slide drives them: owned_instances per tile (pipeline.detect_owned),
-SeamMerger.add_tile per tile and pop_final per completed grid row (pipeline.merge_tiles; both "merge"), and
+The stages then run exactly as pipeline.count_slide drives them: owned_instances per tile
+(pipeline.SlideRun.detect_owned), SeamMerger.add_tile per tile and pop_final per completed grid row
+(pipeline.merge_tiles; both "merge"), and
 pipeline.CellEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
 cells_csv.CellsTableWriter ("write", optional).
 With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
@@ -211,7 +212,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
         emitter = CellEmitter(CachedSlide(_FakeSlide(len(names), seed, rgb=stains)), tiles, _TableOnly(table), names,
                               ["nucleus"], timer, expansion=expansion)
 
-        def owned():                                # pipeline.detect_owned minus the network
+        def owned():                                # pipeline.SlideRun.detect_owned minus the network
             nonlocal generate
             for tile in tiles:
                 start = time.perf_counter()

@@ -2,14 +2,15 @@
 processes) or `--scheduler tcp://HOST:PORT` (an existing one, however it was started: `dask scheduler` +
 `dask worker`, dask-jobqueue on Slurm or LSF, Kubernetes).
 
-Each slide becomes the steps of the single-process pipeline (pipeline.py) as tasks, its journal (journal.py)
+Each slide becomes the steps of the single-process pipeline (pipeline.SlideRun) as tasks, its journal (journal.py)
 holding what they hand on:
 
-    plan     slide_plan.plan_slide (or the journal's plan, on resume), journaled          GPU resource
-    band     one band of tile rows (tiling.Band): its analysed tiles detected, each
-             tile's owned cells journaled (journal.save_band); returns counts             GPU resource
-    finish   pipeline.write_result fed from the journaled bands in grid order: seam
-             merge, ids, measurements, result files; returns the summary                   no resource
+    plan     SlideRun.plan: slide_plan.plan_slide (or the journal's plan, on resume),
+             journaled                                                                     GPU resource
+    band     SlideRun.detect_band: one band of tile rows (tiling.Band), its analysed
+             tiles detected, each tile's owned cells journaled; returns counts             GPU resource
+    finish   SlideRun.finish fed from the journaled bands in grid order: seam merge,
+             ids, measurements, result files; returns the summary                          no resource
 
 so a distributed count gives the cells of a single-process one, band borders being tile borders. The client
 (this process) opens each slide's journal, submits its tasks, commits the finished result and counts progress;
@@ -40,15 +41,13 @@ from distributed import WorkerPlugin
 from .cohort import JobProgress, SlideOutcome, begin
 from .counter import CounterSpec
 from .errors import CellsegError, JournalError, ParameterError
-from .journal import Journal, done_bands, fresh_result_folder, load_plan, save_band, save_plan
-from .pipeline import detect_owned, owned_tiles, write_result
+from .journal import Journal, done_bands, fresh_result_folder
+from .pipeline import Calibration, SlideRun
 from .protocol import Protocol
 from .slide import open_slide
-from .slide_cache import CachedSlide
-from .slide_plan import SlidePlan, calibrate, plan_slide
+from .slide_plan import SlidePlan
 from .summary import RunInfo
 from .tiling import Band
-from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class CounterPlugin(WorkerPlugin):
     """A worker's CellCounter, loaded from `spec` at the first task that needs it and kept for the whole job.
 
     The detector's slide normalisation is state: `lock` serialises the tasks that calibrate and run it (a worker
-    with several threads shares one network), and `calibrated` remembers for which slide it is calibrated."""
+    with several threads shares one network), and `calibration` remembers for which slide it is calibrated."""
 
     def __init__(self, spec: CounterSpec):
         self.spec = spec
@@ -70,7 +69,7 @@ class CounterPlugin(WorkerPlugin):
     def setup(self, worker) -> None:
         self.lock = threading.Lock()
         self._counter = None
-        self.calibrated: tuple | None = None
+        self.calibration = Calibration()
         self.loads = 0
 
     def counter(self):
@@ -112,16 +111,13 @@ def _plugin(name: str) -> CounterPlugin:
 def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
-    timer = StageTimer()
-    plan = load_plan(Path(journal))
-    if plan is None:
-        with plugin.lock, open_slide(slide, mpp=counter.mpp) as opened:
-            plugin.calibrated = None      # --diameter auto runs the detector at native scale first
-            plan = plan_slide(opened, counter.protocol, counter.detector, counter.tissue, timer,
-                              counter.model_diameter_px, counter.diameter_px, counter.regions)
-            save_plan(Path(journal), plan, opened.info)
+    with plugin.lock, open_slide(slide, mpp=counter.mpp) as opened:
+        run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal),
+                       calibration=plugin.calibration)
+        plan = run.plan(counter.tissue, model_diameter_px=counter.model_diameter_px,
+                        diameter_px=counter.diameter_px, regions=counter.regions)
     return PlannedSlide(plan, list(counter.detector.class_names), counter.tissue.describe(), counter.run_info,
-                        timer.to_dict())
+                        run.timer.to_dict())
 
 
 def outline_task(planned: PlannedSlide, band_rows: int | None) -> list[tuple[Band, int]]:
@@ -136,43 +132,31 @@ def band_task(plugin_name: str, slide: str, planned: PlannedSlide, band: Band, j
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
     plan = planned.plan
-    timer = StageTimer()
-    analysed = [t for t in band.tiles(plan.tiles, plan.tiles_per_row) if plan.keep[t.index]]
     with plugin.lock, open_slide(slide, mpp=counter.mpp) as opened:
-        key = (slide, tuple(plan.windows), plan.network)
-        if analysed and plan.windows and plugin.calibrated != key:
-            with timer("detect"):
-                calibrate(counter.detector, opened, plan.windows, plan.network)
-            plugin.calibrated = key
-        # Nothing here measures the cells: no pixels are kept.
-        owned = {tile.index: cells for tile, cells in
-                 detect_owned(CachedSlide(opened, max_bytes=0), plan, counter.detector, analysed, counter.protocol,
-                              timer)}
-    save_band(Path(journal), band, owned)
-    return BandDone(band.index, len(analysed), sum(len(c) for c in owned.values()), timer.to_dict(),
-                    str(get_worker().name))
+        # Nothing here measures the cells: the pixels read are not kept.
+        run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal), plan=plan,
+                       keep_pixels=False, calibration=plugin.calibration)
+        cells = sum(len(c) for _, c in run.detect_band(band))
+    analysed = sum(plan.keep[t.index] for t in band.tiles(plan.tiles, plan.tiles_per_row))
+    return BandDone(band.index, analysed, cells, run.timer.to_dict(), str(get_worker().name))
 
 
-def finish_task(slide: str, planned: PlannedSlide, bands: list[Band], journal: str, protocol: Protocol,
+def finish_task(slide: str, planned: PlannedSlide, band_rows: int | None, journal: str, protocol: Protocol,
                 mpp: float | None, fingerprint: dict, distributed: dict, started: float, done: list[BandDone]) -> dict:
-    """pipeline.write_result on the journaled bands; stage seconds include the plan's and the bands'. run.json
-    records the journal's fingerprint and `distributed`, how the count was spread over the cluster."""
+    """SlideRun.finish on the journaled bands; stage seconds include the plan's and the bands'. run.json records
+    the journal's fingerprint and `distributed`, how the count was spread over the cluster."""
     folder = Path(journal)
-    missing = sorted({b.index for b in bands} - done_bands(folder))
-    if missing:
-        raise JournalError(f"expected every band of {slide} in {folder} before the final step, found band "
-                           f"{missing[0]} missing")
-    timer = StageTimer()
-    for seconds in [planned.seconds, *(d.seconds for d in done)]:
-        for stage, s in seconds.items():
-            timer.seconds[stage] += s
-    out = fresh_result_folder(folder)
-    run_info = replace(planned.run_info, fingerprint=fingerprint, distributed=distributed)
     with open_slide(slide, mpp=mpp) as opened:
-        cached = CachedSlide(opened)
-        owned = owned_tiles(cached, planned.plan, None, bands, protocol, timer, folder)
-        return write_result(cached, planned.plan, owned, out, protocol, planned.class_names, planned.tissue_info,
-                            run_info, timer, started)
+        run = SlideRun(opened, protocol, journal=folder, band_rows=band_rows, plan=planned.plan, started=started)
+        missing = sorted({b.index for b in run.bands()} - done_bands(folder))
+        if missing:
+            raise JournalError(f"expected every band of {slide} in {folder} before the final step, found band "
+                               f"{missing[0]} missing")
+        for seconds in [planned.seconds, *(d.seconds for d in done)]:
+            for stage, s in seconds.items():
+                run.timer.seconds[stage] += s
+        return run.finish(run.owned_tiles(), fresh_result_folder(folder), planned.class_names, planned.tissue_info,
+                          replace(planned.run_info, fingerprint=fingerprint, distributed=distributed))
 
 
 # --------------------------------------------------------------------------- the client
@@ -345,7 +329,7 @@ class _Job:
                         for band, _ in bands if band.index not in done]
         spread = {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
                   "bands_from_journal": len(bands) - len(band_futures)}
-        self._submit(slide, "finish", finish_task, slide.path, slide.planned, [b for b, _ in bands],
+        self._submit(slide, "finish", finish_task, slide.path, slide.planned, slide.journal.band_rows,
                      str(folder), self.spec.protocol, self.spec.mpp, slide.journal.fingerprint, spread,
                      slide.started, band_futures)
 

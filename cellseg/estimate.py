@@ -20,13 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .instances import TileDetector
-from .pipeline import detect_owned
+from .pipeline import SlideRun
 from .precision import cpu_model
 from .protocol import Protocol
 from .slide import open_slide
-from .slide_cache import CachedSlide
-from .slide_plan import calibrate, plan_slide
-from .timing import StageTimer
 from .tissue import TissueFinder
 
 
@@ -55,22 +52,20 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
                    diameter_px: float | str | None = None, regions=None, sample_tiles: int = 8) -> Estimate:
     """Plan `slide_path` and time `sample_tiles` of its analysed tiles (after one untimed warm-up tile); regions:
     counted only inside these (regions.RegionFile), as the count would be."""
-    timer = StageTimer()
     started = time.perf_counter()
     with open_slide(slide_path, mpp=mpp) as slide:
-        plan = plan_slide(slide, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
+        run = SlideRun(slide, protocol, detector, keep_pixels=False)      # nothing is measured: no pixels kept
+        plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions)
         analysed = plan.analysed
-        if plan.windows:
-            calibrate(detector, slide, plan.windows, plan.network)
+        run.calibrate()
         planning = time.perf_counter() - started
         picks = [analysed[i] for i in np.unique(np.linspace(0, len(analysed) - 1, min(sample_tiles + 1,
                                                                                        len(analysed))).round()
                                                           .astype(int))] if analysed else []
         seconds = []
-        unkept = CachedSlide(slide, max_bytes=0)     # nothing is measured here: no pixels are kept
         for k, tile in enumerate(picks):
             t = time.perf_counter()
-            for _ in detect_owned(unkept, plan, detector, [tile], protocol, timer):
+            for _ in run.detect_owned([tile]):
                 pass
             if k > 0 or len(picks) == 1:     # the first tile warms the network up (allocations, kernel choice)
                 seconds.append(time.perf_counter() - t)

@@ -1,11 +1,13 @@
-"""The pipeline: one slide in, its result files out, streaming tile by tile. `count_slide` composes the steps:
+"""The pipeline: one slide in, its result files out, streaming tile by tile. A `SlideRun` holds one slide's steps;
+`count_slide` runs them in one process:
 
-    plan_slide (slide_plan.py: channel, tissue, intensity range, scale, tiles, normalisation windows)
-    -> calibrate the detector on the plan's windows
-    -> owned_tiles, band after band of tile rows (tiling.Band): detect_tiles reads the analysed tiles in reader
-       threads and detects them in batches, and each tile keeps the cells it owns (merge.owned_instances); with a
-       journal (journal.py) each finished band is kept there, and a resumed run reads it back instead
-    -> write_result: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of cells goes to the
+    SlideRun.plan: slide_plan.plan_slide (channel, tissue, intensity range, scale, tiles, normalisation windows)
+    -> SlideRun.owned_tiles, band after band of tile rows (tiling.Band, SlideRun.detect_band): the detector is
+       calibrated on the plan's windows (once, when there is something to detect), detect_tiles reads the analysed
+       tiles in reader threads and detects them in batches, and each tile keeps the cells it owns
+       (merge.owned_instances); with a journal (journal.py) each finished band is kept there, and a resumed run
+       reads it back instead
+    -> SlideRun.finish: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of cells goes to the
        CellEmitter: ids, measurements (measure.py), written (export.ResultWriter); with a cell expansion, each
        nucleus is grown into a cell and measured too (expansion_rows.py), a tile row later; then label pyramids,
        overlay, tissue mask, histogram, summary.json, run.json
@@ -13,8 +15,8 @@
 Detection runs in a thread of its own (threads.in_background), a batch ahead of merging, measuring and writing.
 Memory holds three batches of tiles at most (being read, in the network, waiting to be merged) and three tile rows
 of cells; labels go to a disk-backed store. Callers count through counter.CellCounter, which loads the models once.
-A distributed run (distributed.py) runs the same steps as Dask tasks: the plan, the bands on any workers (each
-journaled), then write_result fed from the journal, in grid order: the same cells as one process.
+A distributed run (distributed.py) runs the same SlideRun steps as Dask tasks: the plan, the bands on any workers
+(each journaled), then the final step fed from the journal, in grid order: the same cells as one process.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from .measure import label_tile, measure_tile
 from .merge import SeamMerger, centroids_and_areas, owned_instances
 from .protocol import Protocol
 from .regions import RegionFile, RegionTally, write_regions_csv
-from .slide import open_slide
-from .slide_cache import CachedSlide
+from .slide import Slide, open_slide
+from .slide_cache import KEPT_BYTES, CachedSlide
 from .slide_plan import SlidePlan, calibrate, plan_slide
 from .summary import RunInfo, build_summary, regions_record, run_record
 from .threads import in_background
@@ -69,124 +71,211 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     journal: a journal folder (journal.py) where the plan and each finished band of tile rows are kept; what it
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
     regions: count only the nuclei inside these (regions.py); tiles outside them are never read.
-    skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and write_result.
+    skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and
+    SlideRun.finish.
     """
     start_writer_imports()
-    timer = StageTimer()
     started = time.time()
     with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
-        slide = CachedSlide(opened)     # the raw pixels read for detection, measured again later
-        if journal is not None and skip_unreadable:
-            opened.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
-        plan = load_plan(journal) if journal is not None else None
-        if plan is None:
-            plan = plan_slide(opened, protocol, detector, tissue, timer, model_diameter_px, diameter_px, regions)
-            if journal is not None:
-                save_plan(journal, plan, slide.info)
-        bands = plan.bands(band_rows)
-        if plan.windows and len(done_bands(journal) if journal is not None else ()) < len(bands):
-            with timer("detect"):
-                calibrate(detector, opened, plan.windows, plan.network)
-        tiles = owned_tiles(slide, plan, detector, bands, protocol, timer, journal)
+        run = SlideRun(opened, protocol, detector, journal=journal, band_rows=band_rows, started=started)
+        plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions)
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
         # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
-        with in_background(tiles, max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
-            return write_result(slide, plan, reported(owned, plan, progress), out_dir, protocol,
-                                list(detector.class_names), tissue.describe(), run_info or RunInfo(), timer, started)
+        with in_background(run.owned_tiles(), max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
+            return run.finish(reported(owned, plan, progress), out_dir, list(detector.class_names), tissue.describe(),
+                              run_info or RunInfo())
 
 
-def write_result(slide: CachedSlide, plan: SlidePlan, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path,
-                 protocol: Protocol, class_names: list[str], tissue_info: dict, run_info: RunInfo,
-                 timer: StageTimer, started: float) -> dict:
-    """The final step of a slide: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids,
-    measurements and result files in `out_dir`, then summary.json and run.json. Returns the summary.
-    tissue_info: TissueFinder.describe(); started: time.time() when the slide's count began."""
-    info = slide.info
-    merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
-    expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
-    tally = RegionTally(plan.regions) if plan.regions is not None else None
-    with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
-                      class_names, chunk_px=min(512, protocol.tile_size),
-                      expansion_columns=None if expansion is None else expansion.columns,
-                      geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
-                      extra_columns=REGION_COLUMNS if tally is not None else None) as result:
-        emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer, expansion=expansion,
-                              tally=tally)
-        merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
-        unreadable = slide.unreadable
-        if unreadable:
-            # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask and the overlay's.
-            plan = dataclasses.replace(plan, tissue=plan.tissue.without([r.box for r in unreadable]))
-        inside = None      # with regions: the tissue mask's pixels inside any region
-        analysed_tissue = plan.tissue
-        if plan.regions is not None:
-            inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor,
-                                            plan.tissue.col_factor).any(0)
-            # tissue_mask.png shows the tissue analysed: the report's per-tile densities and crops stay in the regions
-            analysed_tissue = dataclasses.replace(plan.tissue, mask=plan.tissue.mask & inside)
-        with timer("write"):
-            panoptic = result.finish(plan.thumbnail, plan.thumb_factor, analysed_tissue)
-        summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
-                                panoptic.describe(), timer, started, result.all_cell_areas())
-        if slide.skip_unreadable:
-            summary["unreadable"] = [r.to_dict() for r in unreadable]
-            summary["unreadable_area_px"] = int(sum(r.box.height * r.box.width for r in unreadable))
-        if tally is not None:
-            table = tally.table(plan.tissue, info.mpp)
-            regions_record(summary, table, float(np.count_nonzero(inside & plan.tissue.mask))
-                           * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
-            write_regions_csv(out_dir / "regions.csv", table)
-        result.write_json("summary.json", summary)
-        result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
-    # The report reads the files just written (and the open slide for its crops); it adds its warnings to summary.json.
-    from .report import write_report
-    report_started = time.perf_counter()
-    summary["warnings"] = write_report(out_dir, slide.slide)
-    log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
-    return summary
+@dataclass
+class Calibration:
+    """Which slide's statistics (slide, normalisation windows, network input) a detector holds, so that it is
+    calibrated once per slide: a count keeps one per slide; a Dask worker one for its detector, across tasks."""
+
+    holds: tuple | None = None
 
 
-def owned_tiles(slide: CachedSlide, plan: SlidePlan, detector: TileDetector | None, bands: list[Band],
-                protocol: Protocol, timer: StageTimer, journal: Path | None = None
-                ) -> Iterator[tuple[TileSpec, Instances]]:
-    """Every tile of `bands`, in grid order, with the cells it owns (none for a skipped tile). A band finished in
-    `journal` is read back; the others are detected (detect_owned) and, once complete, journaled."""
-    done = done_bands(journal) if journal is not None else set()
-    for band in bands:
+class SlideRun:
+    """One slide's count, step by step; the serial pipeline (count_slide), a resumed count and the Dask tasks
+    (distributed.py) all go through it:
+
+        plan()             the journal's plan, or slide_plan.plan_slide (then journaled)
+        owned_tiles()      detect_band(band) for each band: every tile of the band with the cells it owns
+                           (merge.owned_instances), read back from the journal or detected (the detector calibrated
+                           first, once, only when there is something to detect) and then journaled
+        finish(owned, ...) seam merge, ids, measurements, every result file; returns the summary
+
+    slide: the open slide; detector: None where nothing is detected (a final step fed from the journal); journal:
+    the journal folder (journal.py), or None; band_rows: tile rows per band; plan: a plan made already (a Dask task
+    gets the plan task's); keep_pixels: keep the pixels read for detection until their cells are measured (False
+    where this run measures nothing: a Dask band task, --estimate); calibration: what the detector was last
+    calibrated for (a Dask worker's, shared by its tasks); started: time.time() when the count began.
+    Stage seconds add up in `timer`.
+    """
+
+    def __init__(self, slide: Slide, protocol: Protocol, detector: TileDetector | None = None, *,
+                 journal: Path | None = None, band_rows: int | None = None, plan: SlidePlan | None = None,
+                 keep_pixels: bool = True, calibration: Calibration | None = None, started: float | None = None):
+        self.slide = CachedSlide(slide, KEPT_BYTES if keep_pixels else 0)
+        self.protocol, self.detector = protocol, detector
+        self.journal, self.band_rows = journal, band_rows
+        self.calibration = calibration or Calibration()
+        self.timer = StageTimer()
+        self.started = time.time() if started is None else started
+        self._plan = plan
+        if journal is not None and slide.skip_unreadable:
+            slide.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
+
+    def plan(self, tissue: TissueFinder | None = None, *, model_diameter_px: float | None = None,
+             diameter_px: float | str | None = None, regions: RegionFile | None = None) -> SlidePlan:
+        """The slide's plan: the one given or journaled, else made by slide_plan.plan_slide with `tissue` and the
+        other arguments (its parameters) and journaled."""
+        if self._plan is None and self.journal is not None:
+            self._plan = load_plan(self.journal)
+        if self._plan is None:
+            if tissue is None:
+                raise ValueError("expected a tissue finder to plan the slide with, got None")
+            self.calibration.holds = None      # --diameter auto runs the detector at native scale first
+            self._plan = plan_slide(self.slide.slide, self.protocol, self.detector, tissue, self.timer,
+                                    model_diameter_px, diameter_px, regions)
+            if self.journal is not None:
+                save_plan(self.journal, self._plan, self.slide.info)
+        return self._plan
+
+    def bands(self) -> list[Band]:
+        return self.plan().bands(self.band_rows)
+
+    def calibrate(self) -> None:
+        """Fix the detector's slide-level statistics on the plan's windows, unless it holds them already."""
+        plan = self.plan()
+        holds = (str(self.slide.info.path), tuple(plan.windows), plan.network)
+        if plan.windows and self.calibration.holds != holds:
+            with self.timer("detect"):
+                calibrate(self.detector, self.slide.slide, plan.windows, plan.network)
+            self.calibration.holds = holds
+
+    def owned_tiles(self) -> Iterator[tuple[TileSpec, Instances]]:
+        """Every tile of the slide, in grid order, with the cells it owns (none for a skipped tile)."""
+        for band in self.bands():
+            yield from self.detect_band(band)
+
+    def detect_band(self, band: Band) -> Iterator[tuple[TileSpec, Instances]]:
+        """Every tile of `band`, in grid order, with the cells it owns (none for a skipped tile): read back when the
+        journal holds the band, else detected (detect_owned) and, once the band is complete, journaled."""
+        plan = self.plan()
         tiles = band.tiles(plan.tiles, plan.tiles_per_row)
-        if band.index in done:
-            kept = load_band(journal, band)
+        if self.journal is not None and band.index in done_bands(self.journal):
+            kept = load_band(self.journal, band)
             for tile in tiles:
                 yield tile, kept.get(tile.index, _NO_CELLS)
-            continue
-        kept = {}
+            return
         analysed = [t for t in tiles if plan.keep[t.index]]
-        with closing(detect_owned(slide, plan, detector, analysed, protocol, timer)) as detected:
+        if analysed:
+            self.calibrate()
+        kept = {}
+        with closing(self.detect_owned(analysed)) as detected:
             for tile in tiles:
                 cells = next(detected)[1] if plan.keep[tile.index] else _NO_CELLS
-                if journal is not None and plan.keep[tile.index]:
+                if self.journal is not None and plan.keep[tile.index]:
                     kept[tile.index] = cells
                 yield tile, cells
-        if journal is not None:
-            if slide.skip_unreadable:    # first: a band on file must not lack the regions met while reading it
-                save_unreadable(journal, slide.unreadable)
-            save_band(journal, band, kept)
+        if self.journal is not None:
+            if self.slide.skip_unreadable:    # first: a band on file must not lack the regions met while reading it
+                save_unreadable(self.journal, self.slide.unreadable)
+            save_band(self.journal, band, kept)
+
+    def detect_owned(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, Instances]]:
+        """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order), with
+        the detector as it is calibrated."""
+        slide = self.slide
+        shape = (slide.info.height, slide.info.width)
+        band_px = seam_band_px(self.plan().halo_px)
+        for tile, det in self.detect_tiles(tiles):
+            with self.timer("merge"):
+                cells = owned_instances(det, tile, shape, self.protocol.min_area_px, band_px)
+                if slide.skip_unreadable:
+                    cells = drop_unreadable(cells, slide.unreadable)
+            yield tile, cells
+
+    def detect_tiles(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, TileDetections]]:
+        """(tile, detections) of `tiles`, in their order, the protocol's batch size at a time.
+
+        Reader threads decode the next batch while the detector works on this one (tifffile/imagecodecs release the
+        GIL); at most one batch waits in memory. The raw pixels read stay with the slide, to be measured later.
+        """
+        plan, timer, batch_size = self.plan(), self.timer, self.protocol.batch_size
+        batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+
+        def read_tile(t: TileSpec) -> np.ndarray:
+            return plan.network.of(self.slide.read_tile(t), t.read)     # measured later on these same pixels
+
+        # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
+        # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL).
+        from concurrent.futures import ThreadPoolExecutor
+        readers = max(1, min(4, (os.cpu_count() or 1) // 4))
+        with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cellseg-read") as reader:
+            pending = [reader.submit(read_tile, t) for t in batches[0]] if batches else []
+            for k, batch in enumerate(batches):
+                with timer("read"):      # time the pipeline waited for pixels, not the readers' busy time
+                    images = [f.result() for f in pending]
+                if k + 1 < len(batches):
+                    pending = [reader.submit(read_tile, t) for t in batches[k + 1]]
+                with timer("detect"):
+                    detections = self.detector.detect(images, batch, plan.network.scale.factor)
+                yield from zip(batch, detections)
+
+    def finish(self, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path, class_names: list[str],
+               tissue_info: dict, run_info: RunInfo) -> dict:
+        """The final step: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids, measurements
+        and result files in `out_dir`, then summary.json and run.json. Returns the summary.
+        class_names: the detector's; tissue_info: TissueFinder.describe(); run_info: what run.json records besides.
+        """
+        slide, plan, protocol, timer = self.slide, self.plan(), self.protocol, self.timer
+        info = slide.info
+        merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
+        expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
+        tally = RegionTally(plan.regions) if plan.regions is not None else None
+        with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
+                          class_names, chunk_px=min(512, protocol.tile_size),
+                          expansion_columns=None if expansion is None else expansion.columns,
+                          geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
+                          extra_columns=REGION_COLUMNS if tally is not None else None) as result:
+            emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
+                                  expansion=expansion, tally=tally)
+            merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
+            unreadable = slide.unreadable
+            if unreadable:
+                # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask, the overlay.
+                plan = dataclasses.replace(plan, tissue=plan.tissue.without([r.box for r in unreadable]))
+            inside = None      # with regions: the tissue mask's pixels inside any region
+            analysed_tissue = plan.tissue
+            if plan.regions is not None:
+                inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor,
+                                                plan.tissue.col_factor).any(0)
+                # tissue_mask.png shows the tissue analysed: the report's densities and crops stay in the regions
+                analysed_tissue = dataclasses.replace(plan.tissue, mask=plan.tissue.mask & inside)
+            with timer("write"):
+                panoptic = result.finish(plan.thumbnail, plan.thumb_factor, analysed_tissue)
+            summary = build_summary(info, protocol, plan, result.cell_count, result.all_areas(), merger.stats,
+                                    panoptic.describe(), timer, self.started, result.all_cell_areas())
+            if slide.skip_unreadable:
+                summary["unreadable"] = [r.to_dict() for r in unreadable]
+                summary["unreadable_area_px"] = int(sum(r.box.height * r.box.width for r in unreadable))
+            if tally is not None:
+                table = tally.table(plan.tissue, info.mpp)
+                regions_record(summary, table, float(np.count_nonzero(inside & plan.tissue.mask))
+                               * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
+                write_regions_csv(out_dir / "regions.csv", table)
+            result.write_json("summary.json", summary)
+            result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
+        # The report reads the files just written (and the open slide for its crops); its warnings go to summary.json.
+        from .report import write_report
+        report_started = time.perf_counter()
+        summary["warnings"] = write_report(out_dir, slide.slide)
+        log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
+        return summary
 
 
 _NO_CELLS = Instances.empty()
-
-
-def detect_owned(slide: CachedSlide, plan: SlidePlan, detector: TileDetector, tiles: list[TileSpec],
-                 protocol: Protocol, timer: StageTimer) -> Iterator[tuple[TileSpec, Instances]]:
-    """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order)."""
-    shape = (slide.info.height, slide.info.width)
-    band_px = seam_band_px(plan.halo_px)
-    for tile, det in detect_tiles(slide, plan, detector, protocol.batch_size, timer, tiles):
-        with timer("merge"):
-            cells = owned_instances(det, tile, shape, protocol.min_area_px, band_px)
-            if slide.skip_unreadable:
-                cells = drop_unreadable(cells, slide.unreadable)
-        yield tile, cells
 
 
 def drop_unreadable(cells: Instances, regions) -> Instances:
@@ -204,35 +293,6 @@ def drop_unreadable(cells: Instances, regions) -> Instances:
             row, col = box[0] + rows.mean(), box[1] + cols.mean()
             keep[k] = not any(b.row0 <= row < b.row1 and b.col0 <= col < b.col1 for b in near)
     return cells if keep.all() else cells.take(np.flatnonzero(keep))
-
-
-def detect_tiles(slide: CachedSlide, plan: SlidePlan, detector: TileDetector, batch_size: int, timer: StageTimer,
-                 tiles: list[TileSpec] | None = None) -> Iterator[tuple[TileSpec, TileDetections]]:
-    """(tile, detections) of `tiles` (default: the plan's analysed tiles), in their order, `batch_size` at a time.
-
-    Reader threads decode the next batch while the detector works on this one (tifffile/imagecodecs release the
-    GIL); at most one batch waits in memory. The raw pixels read stay with `slide`, to be measured later.
-    """
-    tiles = plan.analysed if tiles is None else tiles
-    batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
-
-    def read_tile(t: TileSpec) -> np.ndarray:
-        return plan.network.of(slide.read_tile(t), t.read)     # measured later on these same pixels
-
-    # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
-    # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL).
-    from concurrent.futures import ThreadPoolExecutor
-    readers = max(1, min(4, (os.cpu_count() or 1) // 4))
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cellseg-read") as reader:
-        pending = [reader.submit(read_tile, t) for t in batches[0]] if batches else []
-        for k, batch in enumerate(batches):
-            with timer("read"):      # time the pipeline waited for pixels, not the readers' busy time
-                images = [f.result() for f in pending]
-            if k + 1 < len(batches):
-                pending = [reader.submit(read_tile, t) for t in batches[k + 1]]
-            with timer("detect"):
-                detections = detector.detect(images, batch, plan.network.scale.factor)
-            yield from zip(batch, detections)
 
 
 def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,

@@ -258,3 +258,25 @@ def test_a_serial_journal_is_resumed_on_dask(tmp_path, slide):
     assert outcome.error is None and outcome.kept_bands == 1
     assert json.loads((out / "run.json").read_text())["distributed"]["bands_from_journal"] == 1
     assert_same_result(reference, out)
+
+
+def test_a_slide_run_reads_journaled_bands_back_and_calibrates_only_for_tiles_to_detect(tmp_path, slide):
+    from cellseg.pipeline import SlideRun
+    path, labels = slide
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    first = LabelReadingDetector(tifffile.imread(labels))
+    with open_slide(path) as opened:
+        run = SlideRun(opened, PROTOCOL, first, journal=journal, band_rows=2)
+        run.plan(TissueFinder("none"))
+        owned = list(run.owned_tiles())
+    assert first.windows and first.seen and done_bands(journal) == {0, 1, 2}
+    again = LabelReadingDetector(tifffile.imread(labels))
+    with open_slide(path) as opened:
+        run = SlideRun(opened, PROTOCOL, again, journal=journal, band_rows=2)
+        assert run.plan() is not None                   # the journal's: no tissue finder needed
+        back = list(run.owned_tiles())
+    assert again.seen == [] and again.windows == []     # nothing left to detect: not calibrated either
+    assert [t for t, _ in back] == [t for t, _ in owned]
+    for (_, a), (_, b) in zip(owned, back):
+        assert np.array_equal(a.boxes, b.boxes) and all(np.array_equal(m, n) for m, n in zip(a.masks, b.masks))
