@@ -1,7 +1,7 @@
 """Cost of cells.geojson (cells_geojson.CellsGeoJsonWriter) for a slide of ~250k nuclei (not part of the test suite).
 
 The nuclei are merge_measure.py's: ellipses 8-30 px across (log-normal around 14 px), here ~1000 per 512 px tile
-on a 16 x 16 grid (~254k cells). Each tile's cells go to the writer as pipeline.CellEmitter hands them to
+on a 16 x 16 grid (~254k cells). Each tile's cells go to the writer as pipeline.NucleusEmitter hands them to
 export.ResultWriter: ids, boxes, cropped masks, class ids and the cells.csv rows (measure.nucleus_columns for 3
 channels, values made up: the writer only formats them). Prints seconds, cells/s, the file's size, and how the
 polygons' areas agree with area_px (median and worst relative difference, %).

@@ -14,7 +14,7 @@ made up here, with the TileDetections contract of Mask R-CNN output:
 The stages then run exactly as pipeline.count_slide drives them: owned_instances per tile
 (pipeline.SlideRun.detect_owned), SeamMerger.add_tile per tile and pop_final per completed grid row
 (pipeline.merge_tiles; both "merge"), and
-pipeline.CellEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
+pipeline.NucleusEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
 cells_csv.CellsTableWriter ("write", optional).
 With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
 (expansion_rows.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
@@ -138,7 +138,7 @@ class SyntheticSlide:
 
 
 class _FakeSlide:
-    """read_region + info.mpp, all CellEmitter needs of a slide (through slide_cache.CachedSlide): noise pixels of
+    """read_region + info.mpp, all NucleusEmitter needs of a slide (through slide_cache.CachedSlide): noise pixels of
     the box's size (C channels; 8-bit for RGB stains, else 16-bit)."""
 
     def __init__(self, channels: int, seed: int = 0, rgb: bool = False):
@@ -192,7 +192,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from cellseg.expansion_rows import CellExpansion
     from cellseg.measure import nucleus_columns
     from cellseg.merge import SeamMerger, owned_instances
-    from cellseg.pipeline import CellEmitter, merge_tiles
+    from cellseg.pipeline import NucleusEmitter, merge_tiles
     from cellseg.slide_cache import CachedSlide
     from cellseg.tiling import seam_band_px
 
@@ -209,7 +209,7 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     with tempfile.TemporaryDirectory() as tmp:
         columns = {**nucleus_columns(names), **(expansion.columns if expansion else {})}
         table = CellsTableWriter(Path(tmp) / "cells.csv", columns) if write_csv else None
-        emitter = CellEmitter(CachedSlide(_FakeSlide(len(names), seed, rgb=stains)), tiles, _TableOnly(table), names,
+        emitter = NucleusEmitter(CachedSlide(_FakeSlide(len(names), seed, rgb=stains)), tiles, _TableOnly(table), names,
                               ["nucleus"], timer, expansion=expansion)
 
         def owned():                                # pipeline.SlideRun.detect_owned minus the network

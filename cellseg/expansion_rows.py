@@ -4,7 +4,7 @@ and measured (cell_measure.py), against the final nuclei of the tile rows around
     a tile's final nuclei (ids, label image over its read box) + FinalNuclei (rows r - k .. r + k)
         -> expand_tile -> cells (labels over the cells' box, the nuclei's ids) + the expanded cells.csv columns
 
-pipeline.CellEmitter drives it: the cells of grid row r are drawn once the nuclei of rows <= r + k are final
+pipeline.NucleusEmitter drives it: the cells of grid row r are drawn once the nuclei of rows <= r + k are final
 (k = expansion.context_rows: 1 with the shipped tiling), and only the nuclei of the rows still needed are kept, so
 memory holds 2k + 1 tile rows of nuclei (cropped masks) whatever the slide's size. Every cell is drawn against all
 the final nuclei that could reach it, so it is the cell the whole slide expanded in one piece would give it.
@@ -64,7 +64,7 @@ class CellExpansion:
 
 
 class FinalNuclei:
-    """The final nuclei of the tile rows still needed as context, with their ids (pipeline.CellEmitter adds
+    """The final nuclei of the tile rows still needed as context, with their ids (pipeline.NucleusEmitter adds
     each owning tile's as they are numbered and forgets whole rows once no cell left to draw can reach them)."""
 
     def __init__(self) -> None:

@@ -4,11 +4,11 @@
     SlideRun.plan: slide_plan.plan_slide (channel, tissue, intensity range, scale, tiles, normalisation windows)
     -> SlideRun.owned_tiles, band after band of tile rows (tiling.Band, SlideRun.detect_band): the detector is
        calibrated on the plan's windows (once, when there is something to detect), detect_tiles reads the analysed
-       tiles in reader threads and detects them in batches, and each tile keeps the cells it owns
+       tiles in reader threads and detects them in batches, and each tile keeps the nuclei it owns
        (merge.owned_instances); with a journal (journal.py) each finished band is kept there, and a resumed run
        reads it back instead
-    -> SlideRun.finish: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of cells goes to the
-       CellEmitter: ids, measurements (measure.py), written (export.ResultWriter); with a cell expansion, each
+    -> SlideRun.finish: merge_tiles dedupes the seams (merge.SeamMerger); each finished row of nuclei goes to the
+       NucleusEmitter: ids, measurements (measure.py), written (export.ResultWriter); with a cell expansion, each
        nucleus is grown into a cell and measured too (expansion_rows.py), a tile row later; then label pyramids,
        overlay, tissue mask, histogram, summary.json, run.json
 
@@ -154,19 +154,19 @@ class SlideRun:
             self.calibration.holds = holds
 
     def owned_tiles(self) -> Iterator[tuple[TileSpec, Instances]]:
-        """Every tile of the slide, in grid order, with the cells it owns (none for a skipped tile)."""
+        """Every tile of the slide, in grid order, with the nuclei it owns (none for a skipped tile)."""
         for band in self.bands():
             yield from self.detect_band(band)
 
     def detect_band(self, band: Band) -> Iterator[tuple[TileSpec, Instances]]:
-        """Every tile of `band`, in grid order, with the cells it owns (none for a skipped tile): read back when the
+        """Every tile of `band`, in grid order, with the nuclei it owns (none for a skipped tile): read back when the
         journal holds the band, else detected (detect_owned) and, once the band is complete, journaled."""
         plan = self.plan()
         tiles = band.tiles(plan.tiles, plan.tiles_per_row)
         if self.journal is not None and band.index in done_bands(self.journal):
             kept = load_band(self.journal, band)
             for tile in tiles:
-                yield tile, kept.get(tile.index, _NO_CELLS)
+                yield tile, kept.get(tile.index, _NO_NUCLEI)
             return
         analysed = [t for t in tiles if plan.keep[t.index]]
         if analysed:
@@ -174,27 +174,27 @@ class SlideRun:
         kept = {}
         with closing(self.detect_owned(analysed)) as detected:
             for tile in tiles:
-                cells = next(detected)[1] if plan.keep[tile.index] else _NO_CELLS
+                nuclei = next(detected)[1] if plan.keep[tile.index] else _NO_NUCLEI
                 if self.journal is not None and plan.keep[tile.index]:
-                    kept[tile.index] = cells
-                yield tile, cells
+                    kept[tile.index] = nuclei
+                yield tile, nuclei
         if self.journal is not None:
             if self.slide.skip_unreadable:    # first: a band on file must not lack the regions met while reading it
                 save_unreadable(self.journal, self.slide.unreadable)
             save_band(self.journal, band, kept)
 
     def detect_owned(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, Instances]]:
-        """(tile, the cells it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order), with
+        """(tile, the nuclei it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order), with
         the detector as it is calibrated."""
         slide = self.slide
         shape = (slide.info.height, slide.info.width)
         band_px = seam_band_px(self.plan().halo_px)
         for tile, det in self.detect_tiles(tiles):
             with self.timer("merge"):
-                cells = owned_instances(det, tile, shape, self.protocol.min_area_px, band_px)
+                nuclei = owned_instances(det, tile, shape, self.protocol.min_area_px, band_px)
                 if slide.skip_unreadable:
-                    cells = drop_unreadable(cells, slide.unreadable)
-            yield tile, cells
+                    nuclei = drop_unreadable(nuclei, slide.unreadable)
+            yield tile, nuclei
 
     def detect_tiles(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, TileDetections]]:
         """(tile, detections) of `tiles`, in their order, the protocol's batch size at a time.
@@ -225,7 +225,7 @@ class SlideRun:
 
     def finish(self, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path, class_names: list[str],
                tissue_info: dict, run_info: RunInfo) -> dict:
-        """The final step: every tile's owned cells in grid order (owned_tiles) -> seam merge -> ids, measurements
+        """The final step: every tile's owned nuclei in grid order (owned_tiles) -> seam merge -> ids, measurements
         and result files in `out_dir`, then summary.json and run.json. Returns the summary.
         class_names: the detector's; tissue_info: TissueFinder.describe(); run_info: what run.json records besides.
         """
@@ -239,7 +239,7 @@ class SlideRun:
                           expansion_columns=None if expansion is None else expansion.columns,
                           geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
                           extra_columns=REGION_COLUMNS if tally is not None else None) as result:
-            emitter = CellEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
+            emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
                                   expansion=expansion, tally=tally)
             merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
             unreadable = slide.unreadable
@@ -275,24 +275,24 @@ class SlideRun:
         return summary
 
 
-_NO_CELLS = Instances.empty()
+_NO_NUCLEI = Instances.empty()
 
 
-def drop_unreadable(cells: Instances, regions) -> Instances:
-    """`cells` less those whose mask centroid lies in an unreadable region (slide.UnreadableRegion): nothing was
-    seen there. The owning tile's read met every region its cells' centroids can lie in (a cell lies in its
-    tile's read box), so the regions are known by the time its cells are."""
-    if not regions or not len(cells):
-        return cells
-    keep = np.ones(len(cells), bool)
-    for k, (box, mask) in enumerate(zip(cells.boxes, cells.masks)):
+def drop_unreadable(nuclei: Instances, regions) -> Instances:
+    """`nuclei` less those whose mask centroid lies in an unreadable region (slide.UnreadableRegion): nothing was
+    seen there. The owning tile's read met every region its nuclei's centroids can lie in (a nucleus lies in its
+    tile's read box), so the regions are known by the time its nuclei are."""
+    if not regions or not len(nuclei):
+        return nuclei
+    keep = np.ones(len(nuclei), bool)
+    for k, (box, mask) in enumerate(zip(nuclei.boxes, nuclei.masks)):
         near = [r.box for r in regions if r.box.row0 < box[2] and box[0] < r.box.row1
                 and r.box.col0 < box[3] and box[1] < r.box.col1]
         if near:
             rows, cols = np.nonzero(mask)
             row, col = box[0] + rows.mean(), box[1] + cols.mean()
             keep[k] = not any(b.row0 <= row < b.row1 and b.col0 <= col < b.col1 for b in near)
-    return cells if keep.all() else cells.take(np.flatnonzero(keep))
+    return nuclei if keep.all() else nuclei.take(np.flatnonzero(keep))
 
 
 def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,
@@ -302,20 +302,20 @@ def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,
     if progress is not None:
         progress(0, total)
     done = 0
-    for tile, cells in owned:
+    for tile, nuclei in owned:
         if plan.keep[tile.index]:
             done += 1
             if progress is not None:
                 progress(done, total)
-        yield tile, cells
+        yield tile, nuclei
 
 
 def merge_tiles(owned: Iterable[tuple[TileSpec, Instances]], tiles_per_row: int, merger: SeamMerger,
-                emitter: CellEmitter, timer: StageTimer) -> None:
-    """Seam dedupe of every tile's owned cells, in grid order; each finished row of cells goes to `emitter`."""
-    for tile, cells in owned:
+                emitter: NucleusEmitter, timer: StageTimer) -> None:
+    """Seam dedupe of every tile's owned nuclei, in grid order; each finished row of nuclei goes to `emitter`."""
+    for tile, nuclei in owned:
         with timer("merge"):
-            merger.add_tile(tile, cells)
+            merger.add_tile(tile, nuclei)
             # Grid row r is complete: row r - 1 can no longer change.
             done = (merger.pop_final(tile.grid_row - 1)
                     if tile.grid_col == tiles_per_row - 1 and tile.grid_row > 0 else None)
@@ -327,8 +327,8 @@ def merge_tiles(owned: Iterable[tuple[TileSpec, Instances]], tiles_per_row: int,
 
 
 @dataclass
-class CellEmitter:
-    """Gives final cells their ids (1, 2, ... in emission order), measures them per owning tile and hands them
+class NucleusEmitter:
+    """Gives final nuclei their ids (1, 2, ... in emission order), measures them per owning tile and hands them
     to the result writer.
 
     With an expansion (expansion_rows.py) each tile's nuclei are also grown into cells, which needs the final nuclei of
@@ -348,14 +348,14 @@ class CellEmitter:
     _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
     _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
 
-    def emit(self, cells: Instances, through_row: int | None = None) -> None:
-        """Measure and write `cells`, the final cells of the tile rows <= through_row (None: all rows)."""
-        if self.tally is not None and len(cells):
+    def emit(self, nuclei: Instances, through_row: int | None = None) -> None:
+        """Measure and write `nuclei`, the final nuclei of the tile rows <= through_row (None: all rows)."""
+        if self.tally is not None and len(nuclei):
             # The seam rule has decided which tile keeps each nucleus; the regions only filter the final ones.
-            centroids, _ = centroids_and_areas(cells.boxes, cells.masks)
+            centroids, _ = centroids_and_areas(nuclei.boxes, nuclei.masks)
             inside = self.tally.regions.membership(centroids[:, 0], centroids[:, 1]).any(1)
-            cells = cells.take(np.flatnonzero(inside))
-        parts = self._number(cells)
+            nuclei = nuclei.take(np.flatnonzero(inside))
+        parts = self._number(nuclei)
         if self.expansion is None:
             ready, done_through = parts, through_row
         else:
@@ -373,18 +373,18 @@ class CellEmitter:
             self._nuclei.forget(done_through - self.expansion.rows)    # no cell still to draw can reach them
         self.slide.release(done_through)
 
-    def _number(self, cells: Instances) -> list[tuple[TileSpec, np.ndarray, Instances]]:
-        """`cells` split by owning tile, each part with its cell ids (the next ones, in tile order)."""
-        if not len(cells):
+    def _number(self, nuclei: Instances) -> list[tuple[TileSpec, np.ndarray, Instances]]:
+        """`nuclei` split by owning tile, each part with its ids (cells.csv's cell_id: the next ones, in tile order)."""
+        if not len(nuclei):
             return []
         # Cells come grouped by tile (pop_final sorts them so); a stable sort keeps any order safe and
-        # splits the groups in one pass instead of one scan of all cells per tile.
-        order = np.argsort(cells.tile_index, kind="stable")
-        tile_of = cells.tile_index[order]
+        # splits the groups in one pass instead of one scan of all nuclei per tile.
+        order = np.argsort(nuclei.tile_index, kind="stable")
+        tile_of = nuclei.tile_index[order]
         starts = np.flatnonzero(np.r_[True, tile_of[1:] != tile_of[:-1]])
         parts = []
         for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
-            part = cells.take(order[start:stop])
+            part = nuclei.take(order[start:stop])
             ids = np.arange(self.next_id, self.next_id + len(part), dtype=np.int64)
             self.next_id += len(part)
             parts.append((self.tiles[int(tile_of[start])], ids, part))

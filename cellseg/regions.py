@@ -6,7 +6,7 @@
 
 A tile is analysed only when its core meets a region (slide_plan.plan_slide); a tile outside every region is never
 read. The seam rule decides, as always, which tile keeps a nucleus; the regions then filter the final nuclei by
-centroid (pipeline.CellEmitter): a nucleus belongs to every region whose polygon contains its centroid (the centre
+centroid (pipeline.NucleusEmitter): a nucleus belongs to every region whose polygon contains its centroid (the centre
 of its pixels, shapely.contains_xy). cells.csv's "region" column names them, joined by ";" when regions overlap;
 regions.csv and summary.json's "regions" give per region its area, the tissue inside it, the cells and densities.
 """

@@ -85,7 +85,7 @@ def expansion_record(plan: SlidePlan, mpp: float | None) -> dict:
 def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_count: int, areas: np.ndarray,
                   seams: SeamStats, panoptic: dict, timer: StageTimer, started: float,
                   cell_areas: np.ndarray | None = None) -> dict:
-    """summary.json's content. areas: every cell's area in px (its nucleus's); cell_areas: with a cell expansion,
+    """summary.json's content. areas: every nucleus's area in px; cell_areas: with a cell expansion,
     every cell's grown area in px; started: time.time() when the count began."""
     mpp = info.mpp
     tissue = plan.tissue

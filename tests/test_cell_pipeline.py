@@ -1,4 +1,4 @@
-"""Cells by expansion through the real pipeline (expansion_rows.py driven by pipeline.CellEmitter), with a detector
+"""Cells by expansion through the real pipeline (expansion_rows.py driven by pipeline.NucleusEmitter), with a detector
 that reads known nuclei back: the cells are those of the slide expanded in one piece whatever the tiling, the nuclei
 and their ids are untouched, and the result folder gains cell_labels.ome.tif, the cell columns and cyan outlines."""
 
