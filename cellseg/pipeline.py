@@ -39,7 +39,8 @@ from .journal import done_bands, load_band, load_plan, load_unreadable, save_ban
 from .measure import label_tile, measure_tile
 from .merge import SeamMerger, centroids_and_areas, owned_instances
 from .protocol import Protocol
-from .regions import RegionFile, RegionTally, write_regions_csv
+from .region_table import RegionTally, write_regions_csv
+from .regions import RegionFile
 from .slide import Slide, open_slide
 from .slide_cache import KEPT_BYTES, CachedSlide
 from .slide_plan import SlidePlan, calibrate, plan_slide
@@ -232,7 +233,7 @@ class SlideRun:
         slide, plan, protocol, timer = self.slide, self.plan(), self.protocol, self.timer
         info = slide.info
         merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
-        expansion = CellExpansion.for_slide(plan, info, protocol.modality)    # None: nuclei only
+        expansion = plan.cell_expansion(info, protocol.modality)    # None: nuclei only
         tally = RegionTally(plan.regions) if plan.regions is not None else None
         with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
                           class_names, chunk_px=min(512, protocol.tile_size),
