@@ -15,25 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cell_measure import expanded_columns, measure_expanded, stains_apply
-from .expansion import context_margin_px, context_rows, expand_owned, grow_box
+from .cell_measure import expanded_columns, measure_expanded
+from .expansion import context_margin_px, expand_owned, grow_box
 from .instances import Instances
 from .measure import label_tile
 from .tiling import Box
 from .tissue import TissueMask
 
-if TYPE_CHECKING:
-    from .slide import SlideInfo
-    from .slide_plan import SlidePlan
-
 
 @dataclass(frozen=True)
 class CellExpansion:
-    """What drawing and measuring a slide's cells needs, decided once per slide.
+    """What drawing and measuring a slide's cells needs, decided once per slide (slide_plan.SlidePlan.cell_expansion).
 
     distance_px: D in level-0 px (> 0); rows: how many tile rows on each side a row's cells depend on
     (expansion.context_rows); tissue: cells stay on it (None: everywhere); mpp: µm/px or None; channel_names:
@@ -47,15 +42,6 @@ class CellExpansion:
     mpp: float | None
     channel_names: list[str]
     stains: bool
-
-    @classmethod
-    def for_slide(cls, plan: SlidePlan, info: SlideInfo, modality: str) -> CellExpansion | None:
-        """The slide's expansion, or None when its plan draws nuclei only (D = 0)."""
-        if not plan.cell_expansion_px:
-            return None
-        return cls(plan.cell_expansion_px, context_rows(plan.cell_expansion_px, plan.tile_px, plan.halo_px),
-                   (info.height, info.width), plan.tissue, info.mpp, list(plan.channel_names),
-                   stains_apply(modality, info.n_channels))
 
     @property
     def columns(self) -> dict[str, str]:

@@ -17,14 +17,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .cell_measure import stains_apply
 from .errors import ParameterError
-from .expansion import expansion_distance_px
+from .expansion import context_rows, expansion_distance_px
+from .expansion_rows import CellExpansion
 from .instances import TileDetector
 from .memory import release_freed_memory
 from .preprocess import IntensityRange, as_network_input, measure_range, select_channels
 from .protocol import Protocol, check_pixel_size
 from .regions import RegionFile, Regions
-from .slide import Slide
+from .slide import Slide, SlideInfo
 from .tiling import Band, Box, TileSpec, plan_bands, plan_tiles
 from .timing import StageTimer
 from .tissue import TissueFinder, TissueMask
@@ -105,6 +107,14 @@ class SlidePlan:
     def bands(self, band_rows: int | None = None) -> list[Band]:
         """The grid cut into bands of whole tile rows (tiling.plan_bands)."""
         return plan_bands(len(self.tiles) // self.tiles_per_row, self.tiles_per_row, band_rows)
+
+    def cell_expansion(self, info: SlideInfo, modality: str) -> CellExpansion | None:
+        """How this slide's nuclei are grown into cells, or None when the plan draws nuclei only (D = 0)."""
+        if not self.cell_expansion_px:
+            return None
+        return CellExpansion(self.cell_expansion_px, context_rows(self.cell_expansion_px, self.tile_px, self.halo_px),
+                             (info.height, info.width), self.tissue, info.mpp, list(self.channel_names),
+                             stains_apply(modality, info.n_channels))
 
 
 def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,
