@@ -138,8 +138,9 @@ def instrument(model, timer, device) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     counts = {"mask_head_rois": 0, "forward_calls": 0}
     rh = model.roi_heads
-    # (start module, end module): the mask branch is RoIAlign (mask_roi_pool) -> mask_head -> mask_predictor
-    parts = {"backbone": (model.backbone, model.backbone), "rpn": (model.rpn, model.rpn),
+    # (start module, end module): the mask branch is RoIAlign (mask_roi_pool) -> mask_head -> mask_predictor; the
+    # backbone starts where the transform ends, as its body may be a slide's copy (detect.Detector.calibrated)
+    parts = {"backbone": (model.transform, model.backbone.fpn), "rpn": (model.rpn, model.rpn),
              "roi_heads": (rh, rh), "mask_branch": (rh.mask_roi_pool, rh.mask_predictor)}
     starts = {}
     for name, (first, last) in parts.items():
@@ -154,7 +155,10 @@ def instrument(model, timer, device) -> dict:
                 counts["mask_head_rois"] += int(inp[0].shape[0])
             elif name == "backbone":
                 counts["forward_calls"] += 1
-        first.register_forward_pre_hook(pre)
+        if name == "backbone":
+            first.register_forward_hook(lambda mod, inp, out, pre=pre: pre(mod, inp))
+        else:
+            first.register_forward_pre_hook(pre)
         last.register_forward_hook(post)
     return counts
 

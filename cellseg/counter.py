@@ -57,14 +57,16 @@ class CellCounter:
         from .bundle import load_bundle
         from .detect import Detector
         bundle = load_bundle(protocol.model)
+        from .tta import AugmentedDetector, member_threshold
         model = model_record(bundle, protocol, tta)
-        detector = Detector.from_bundle(bundle, device, score_threshold=model["score_threshold"],
+        threshold = model["score_threshold"]     # with TTA the merged cells' (tta.member_threshold)
+        detector = Detector.from_bundle(bundle, device,
+                                        score_threshold=member_threshold(threshold) if tta else threshold,
                                         mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
                                         precision=protocol.precision)
         precision = detector.precision_note
         if tta:
-            from .tta import AugmentedDetector
-            detector = AugmentedDetector(detector)
+            detector = AugmentedDetector(detector, threshold)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
                                              model=model),

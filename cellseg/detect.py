@@ -7,9 +7,9 @@ This is the only module (with the training adapter) that sees torchvision's conv
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,11 +18,11 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 
 from .errors import ParameterError
-from .instances import TileDetections
+from .instances import TileDetections, detection_frames
 from .precision import resolve_precision
-from .rcnn_parts import thread_roi_pools
-from .slide_norm import fold_slide_norms, measure_slide_norms, reset_slide_norms
-from .tiling import TileSpec, owned_box, seam_band_px
+from .rcnn_parts import TileNetwork, thread_roi_pools
+from .slide_norm import fold_slide_norms, measure_slide_norms
+from .tiling import Box, TileSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,6 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     return boxes, out_masks, np.asarray(kept, np.int64)
 
 
-def owned_region_xyxy(tile: TileSpec, scale: float = 1.0) -> tuple[float, float, float, float]:
-    """tiling.owned_box of `tile` as torchvision sees it: (x0, y0, x1, y1) in the tile's network px.
-
-    A mask lies inside its (expanded) box, so a box that does not reach this region cannot hold an owned cell, and
-    its mask need not be computed. 2 px to spare: centroids are means of pixel indices.
-    """
-    own, read = owned_box(tile, seam_band_px(tile.halo_px), margin_px=2), tile.read
-    return ((own.col0 - read.col0) * scale, (own.row0 - read.row0) * scale,
-            (own.col1 - read.col0) * scale, (own.row1 - read.row0) * scale)
-
-
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a silent fallback."""
     if device == "auto":
@@ -89,45 +78,43 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-@dataclass
 class Detector:
-    """A loaded network on a device. Feed it normalised tiles, get TileDetections back (an instances.TileDetector).
+    """A loaded network on a device: feed it normalised tiles, get TileDetections back (an instances.TileDetector).
 
-    The model comes from network.build_model (bundle.Bundle.build): its RoI heads are rcnn_parts.TileRoIHeads.
+    The model comes from network.build_model (bundle.Bundle.build): its RoI heads are rcnn_parts.TileRoIHeads. The
+    detector takes the model over (eval mode, on `device`, its thresholds set) and is configured once, here:
+    score_threshold: detections scoring below are dropped (inside torchvision, before the mask head);
+    mask_threshold: soft-mask probability threshold; proposal_threshold: RPN objectness below this never reaches
+    the box head; batch_size: tiles per forward pass; precision: auto | fp32 | bf16 on a CPU (cellseg.precision),
+    a GPU runs fp16 autocast unless fp32. A slide's normalisation comes as another detector (`calibrated`).
     """
 
-    model: MaskRCNN
-    device: torch.device
-    class_names: tuple[str, ...] = ("nucleus",)
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    batch_size: int = 4
-    proposal_threshold: float = 0.0   # RPN objectness below this never reaches the box head
-    skip_unowned: bool = True         # boxes wholly outside what their tile can own skip the mask branch
-    precision: str = "fp32"           # auto | fp32 | bf16 on a CPU (cellseg.precision); a GPU runs fp16 unless fp32
-    _per_tile_body: nn.Module | None = field(default=None, init=False, repr=False)   # the body before folding
-
-    def __post_init__(self) -> None:
-        self.model.eval().to(self.device)
-        if self.device.type == "cuda":
-            self.autocast_dtype = None if self.precision == "fp32" else torch.float16
-            self.precision_note = "fp32 as asked" if self.precision == "fp32" else "fp16 autocast on the GPU"
+    def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
+                 score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
+                 batch_size: int = 4, precision: str = "fp32"):
+        self.model, self.device, self.class_names = model, device, tuple(class_names)
+        self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
+        self.proposal_threshold, self.batch_size, self.precision = proposal_threshold, batch_size, precision
+        model.eval().to(device)
+        if device.type == "cuda":
+            self.autocast_dtype = None if precision == "fp32" else torch.float16
+            self.precision_note = "fp32 as asked" if precision == "fp32" else "fp16 autocast on the GPU"
         else:
-            chosen, self.precision_note = resolve_precision(self.precision, "cpu")
+            chosen, self.precision_note = resolve_precision(precision, "cpu")
             # bf16 convolutions and linear layers; RoIAlign pools in fp32 and the predictors hand on fp32 logits
-            # and box deltas (rcnn_parts); the slide's GroupNorm statistics are measured in fp32 (calibrate).
+            # and box deltas (rcnn_parts); the slide's GroupNorm statistics are measured in fp32 (calibrated).
             self.autocast_dtype = torch.bfloat16 if chosen == "bf16" else None
-        if self.device.type == "cpu":
+        if device.type == "cpu":
             # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
-            self.model.to(memory_format=torch.channels_last)
-            self.model.roi_heads.contiguous_features = True
-            thread_roi_pools(self.model)
+            model.to(memory_format=torch.channels_last)
+            thread_roi_pools(model)
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
         # cells on the example mosaic) goes through the mask branch only to be thrown away here.
-        self.model.roi_heads.score_thresh = self.score_threshold
+        model.roi_heads.score_thresh = score_threshold
         # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
-        self.model.rpn.score_thresh = self.proposal_threshold
+        model.rpn.score_thresh = proposal_threshold
+        self.network = TileNetwork(model, contiguous_features=device.type == "cpu")   # per-tile statistics
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
@@ -137,40 +124,64 @@ class Detector:
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
                    proposal_threshold=bundle.proposal_threshold, precision=precision)
 
+    @property
+    def slide_calibrated(self) -> bool:
+        """Whether this detector runs with a slide's statistics (`calibrated`) rather than per-tile ones."""
+        return self.network.body is not self.model.backbone.body
+
     @torch.no_grad()
-    def calibrate(self, windows: Sequence[np.ndarray]) -> None:
-        """Fix the backbone's GroupNorm statistics for one slide from `windows` (normalised like tiles, all the
-        same shape), pooled over all of them. Until `reset_calibration`, every tile uses these statistics,
-        folded into the convolutions (slide_norm.fold_slide_norms). A network without SlideGroupNorm is left as is."""
-        self.reset_calibration()
+    def calibrated(self, windows: Sequence[np.ndarray]) -> Detector:
+        """This detector with one slide's GroupNorm statistics, measured on `windows` (normalised like tiles, all
+        the same shape) pooled over all of them and folded into a copy of the backbone's convolutions
+        (slide_norm.fold_slide_norms). Every other part of the network is shared; this detector and its model are
+        left as they are. Without windows, or for a network without SlideGroupNorm: per-tile statistics (as in
+        training)."""
         if not windows:
-            return
-        body = self.model.backbone.body
+            return self._with_body(None)
+        body = copy.deepcopy(self.model.backbone.body)   # measured on a copy: the shared model keeps per-tile ones
         batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             measured = measure_slide_norms(body, self.model.transform(batch)[0].tensors)
         if not measured:
-            return
+            return self._with_body(None)
         folded = fold_slide_norms(body)
         if self.device.type == "cpu":
             folded.to(memory_format=torch.channels_last)
-        self._per_tile_body, self.model.backbone.body = body, folded
+        return self._with_body(folded)
 
-    def reset_calibration(self) -> None:
-        """Back to per-tile GroupNorm statistics (as in training)."""
-        if self._per_tile_body is not None:
-            self.model.backbone.body, self._per_tile_body = self._per_tile_body, None
-        reset_slide_norms(self.model.backbone.body)
+    def _with_body(self, body: nn.Module | None) -> Detector:
+        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics)."""
+        if body is None and not self.slide_calibrated:
+            return self
+        other = copy.copy(self)
+        other.network = self.network.with_body(body)
+        return other
 
-    @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
                scale: float = 1.0) -> list[TileDetections]:
+        """The TileDetector's detect: `images` are the network input of `tiles` (resampled by `scale` network px
+        per slide px); each tile's detections come back in its read box at slide resolution, and boxes that cannot
+        hold a cell the tile owns skip the mask branch. Without tiles: detect_images(images) (scale 1)."""
+        if tiles is None:
+            return self.detect_images(images, scale)
+        frame_shapes, owned_boxes = detection_frames(tiles)
+        return self.detect_images(images, scale, frame_shapes=frame_shapes, owned_boxes=owned_boxes)
+
+    @torch.inference_mode()
+    def detect_images(self, images: Sequence[np.ndarray], scale: float = 1.0, *,
+                      frame_shapes: Sequence[tuple[int, int]] | None = None,
+                      owned_boxes: Sequence[Box] | None = None) -> list[TileDetections]:
         """images: float32 (3, h, w) arrays, already normalised (see preprocess.py); any sizes.
 
-        When the pipeline resampled the tiles by `scale` (network px per slide px), pass their TileSpecs:
-        masks are then pasted straight at slide resolution inside each tile's read box, so a cell is
-        never blocky from a nearest-neighbour upsampling of a thresholded mask.
+        frame_shapes: per image, the (height, width) its detections come back in: when the images were resampled by
+        `scale` (network px per slide px), their tiles' read boxes at slide resolution; masks are then pasted
+        straight at that resolution, so a cell is never blocky from a nearest-neighbour upsampling of a thresholded
+        mask. None: each image's own shape (scale must be 1).
+        owned_boxes: per image, the box (in its frame) that the cells its tile keeps are centred in (with a margin):
+        boxes that cannot reach it skip the mask branch and are not returned. None: every cell is returned.
         """
+        if frame_shapes is None and scale != 1.0:
+            raise ParameterError(f"expected the frame shapes of images resampled by {scale}, found none")
         results: list[TileDetections | None] = [None] * len(images)
         # Only same-size tiles share a forward pass: torchvision zero-pads a batch to its largest image, and
         # with GroupNorm the padding shifts every feature of the smaller tile, so a cell's mask would depend
@@ -181,33 +192,30 @@ class Detector:
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                for i, det in zip(chunk, self._detect_batch([images[i] for i in chunk],
-                                                            None if tiles is None else [tiles[i] for i in chunk],
-                                                            scale)):
+                found = self._detect_batch([images[i] for i in chunk], scale,
+                                           None if frame_shapes is None else [frame_shapes[i] for i in chunk],
+                                           None if owned_boxes is None else [owned_boxes[i] for i in chunk])
+                for i, det in zip(chunk, found):
                     results[i] = det
         return results
 
-    def _detect_batch(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None,
-                      scale: float) -> list[TileDetections]:
+    def _detect_batch(self, images: Sequence[np.ndarray], scale: float,
+                      frame_shapes: Sequence[tuple[int, int]] | None,
+                      owned_boxes: Sequence[Box] | None) -> list[TileDetections]:
         """One forward pass over same-size images."""
         batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
-        # Boxes that lie wholly outside what their tile can own skip the mask branch (rcnn_parts.TileRoIHeads).
-        self.model.roi_heads.owned_regions = (
-            [owned_region_xyxy(t, scale) for t in tiles] if tiles is not None and self.skip_unowned else None)
-        try:
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                outputs = self.model(batch)
-        finally:
-            self.model.roi_heads.owned_regions = None
+        # (x0, y0, x1, y1) in network px, as torchvision sees boxes (rcnn_parts.TileRoIHeads.detect)
+        owned_regions = None if owned_boxes is None else [
+            (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            outputs = self.network(batch, owned_regions)
         results = []
         for k, (image, out) in enumerate(zip(batch, outputs)):
-            if scale != 1.0 and tiles is not None:
-                read = tiles[k].read
+            height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
+            if scale != 1.0:
                 out = dict(out, boxes=out["boxes"] / scale)
-                results.append(self._to_tile_detections(out, read.height, read.width))
-            else:
-                results.append(self._to_tile_detections(out, image.shape[-2], image.shape[-1]))
+            results.append(self._to_tile_detections(out, height, width))
         return results
 
     def _to_tile_detections(self, out: dict, height: int, width: int) -> TileDetections:

@@ -60,8 +60,8 @@ CONNECT_TIMEOUT = "20s"   # to reach an existing scheduler
 class CounterPlugin(WorkerPlugin):
     """A worker's CellCounter, loaded from `spec` at the first task that needs it and kept for the whole job.
 
-    The detector's slide normalisation is state: `lock` serialises the tasks that calibrate and run it (a worker
-    with several threads shares one network), and `calibration` remembers for which slide it is calibrated."""
+    `lock` serialises the tasks that calibrate and run the detector (a worker with several threads shares one
+    network), and `calibration` keeps the detector calibrated for the last slide, with that slide's key."""
 
     def __init__(self, spec: CounterSpec):
         self.spec = spec

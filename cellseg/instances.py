@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .tiling import TileSpec
+from .tiling import Box, TileSpec, owned_box, seam_band_px
 
 
 @dataclass
@@ -91,15 +90,30 @@ class TileDetector(Protocol):
     device: object
     class_names: Sequence[str]
 
-    def calibrate(self, windows: Sequence[np.ndarray]) -> None:
-        """Fix any slide-level statistics from `windows` (network input like the tiles: float32 (3, h, w), all the
-        same shape, taken where the slide's cells are) for the tiles that follow. Called once per slide before its
-        tiles; a detector without slide-level statistics does nothing."""
+    def calibrated(self, windows: Sequence[np.ndarray]) -> TileDetector:
+        """The detector for one slide: slide-level statistics fixed from `windows` (network input like the tiles:
+        float32 (3, h, w), all the same shape, taken where the slide's cells are). Called once per slide, before
+        its tiles, which then go to the detector it returns; this one is left as it is. A detector without
+        slide-level statistics returns itself."""
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
                scale: float = 1.0) -> list[TileDetections]:
         """One TileDetections per image, in the frame of its tile's read box at slide resolution.
 
         images: network input (float32 (3, h, w), see preprocess.py) of `tiles`, resampled by `scale` network px
-        per slide px: each image is round(read.height * scale) x round(read.width * scale).
+        per slide px: each image is round(read.height * scale) x round(read.width * scale). The detector may leave
+        out cells its tile cannot own (`detection_frames`).
         """
+
+
+def detection_frames(tiles: Sequence[TileSpec]) -> tuple[list[tuple[int, int]], list[Box]]:
+    """What a detector needs to know of each tile besides its pixels: the shape of its read box (its detections come
+    back in that frame, at slide resolution) and, in that frame, the box its owned cells are centred in
+    (tiling.owned_box), with 2 px to spare: centroids are means of pixel indices. A cell whose mask cannot reach
+    that box is dropped by the seam merge anyway, so the detector need not finish it."""
+    shapes, owned = [], []
+    for tile in tiles:
+        own, read = owned_box(tile, seam_band_px(tile.halo_px), margin_px=2), tile.read
+        shapes.append(read.shape)
+        owned.append(Box(own.row0 - read.row0, own.col0 - read.col0, own.row1 - read.row0, own.col1 - read.col0))
+    return shapes, owned

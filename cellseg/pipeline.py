@@ -89,10 +89,11 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
 
 @dataclass
 class Calibration:
-    """Which slide's statistics (slide, normalisation windows, network input) a detector holds, so that it is
-    calibrated once per slide: a count keeps one per slide; a Dask worker one for its detector, across tasks."""
+    """A detector calibrated for one slide's statistics (slide, normalisation windows, network input): made once per
+    slide; a Dask worker keeps one for its detector, across the tasks of a slide."""
 
     holds: tuple | None = None
+    detector: TileDetector | None = None
 
 
 class SlideRun:
@@ -108,8 +109,8 @@ class SlideRun:
     slide: the open slide; detector: None where nothing is detected (a final step fed from the journal); journal:
     the journal folder (journal.py), or None; band_rows: tile rows per band; plan: a plan made already (a Dask task
     gets the plan task's); keep_pixels: keep the pixels read for detection until their cells are measured (False
-    where this run measures nothing: a Dask band task, --estimate); calibration: what the detector was last
-    calibrated for (a Dask worker's, shared by its tasks); started: time.time() when the count began.
+    where this run measures nothing: a Dask band task, --estimate); calibration: the detector calibrated for the
+    last slide (a Dask worker's, shared by its tasks); started: time.time() when the count began.
     Stage seconds add up in `timer`.
     """
 
@@ -135,7 +136,6 @@ class SlideRun:
         if self._plan is None:
             if tissue is None:
                 raise ValueError("expected a tissue finder to plan the slide with, got None")
-            self.calibration.holds = None      # --diameter auto runs the detector at native scale first
             self._plan = plan_slide(self.slide.slide, self.protocol, self.detector, tissue, self.timer,
                                     model_diameter_px, diameter_px, regions)
             if self.journal is not None:
@@ -145,14 +145,18 @@ class SlideRun:
     def bands(self) -> list[Band]:
         return self.plan().bands(self.band_rows)
 
-    def calibrate(self) -> None:
-        """Fix the detector's slide-level statistics on the plan's windows, unless it holds them already."""
+    def calibrate(self) -> TileDetector:
+        """The detector calibrated on the plan's windows (made once per slide); the detector as given when the plan
+        has no windows (per-tile statistics)."""
         plan = self.plan()
+        if not plan.windows:
+            return self.detector
         holds = (str(self.slide.info.path), tuple(plan.windows), plan.network)
-        if plan.windows and self.calibration.holds != holds:
+        if self.calibration.holds != holds:
             with self.timer("detect"):
-                calibrate(self.detector, self.slide.slide, plan.windows, plan.network)
+                self.calibration.detector = calibrate(self.detector, self.slide.slide, plan.windows, plan.network)
             self.calibration.holds = holds
+        return self.calibration.detector
 
     def owned_tiles(self) -> Iterator[tuple[TileSpec, Instances]]:
         """Every tile of the slide, in grid order, with the nuclei it owns (none for a skipped tile)."""
@@ -170,8 +174,6 @@ class SlideRun:
                 yield tile, kept.get(tile.index, _NO_NUCLEI)
             return
         analysed = [t for t in tiles if plan.keep[t.index]]
-        if analysed:
-            self.calibrate()
         kept = {}
         with closing(self.detect_owned(analysed)) as detected:
             for tile in tiles:
@@ -186,7 +188,7 @@ class SlideRun:
 
     def detect_owned(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, Instances]]:
         """(tile, the nuclei it owns: merge.owned_instances) for each of `tiles` (analysed ones, in grid order), with
-        the detector as it is calibrated."""
+        the detector calibrated for the slide (calibrate)."""
         slide = self.slide
         shape = (slide.info.height, slide.info.width)
         band_px = seam_band_px(self.plan().halo_px)
@@ -205,6 +207,7 @@ class SlideRun:
         """
         plan, timer, batch_size = self.plan(), self.timer, self.protocol.batch_size
         batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+        detector = self.calibrate() if tiles else None      # calibrated only when there is something to detect
 
         def read_tile(t: TileSpec) -> np.ndarray:
             return plan.network.of(self.slide.read_tile(t), t.read)     # measured later on these same pixels
@@ -221,7 +224,7 @@ class SlideRun:
                 if k + 1 < len(batches):
                     pending = [reader.submit(read_tile, t) for t in batches[k + 1]]
                 with timer("detect"):
-                    detections = self.detector.detect(images, batch, plan.network.scale.factor)
+                    detections = detector.detect(images, batch, plan.network.scale.factor)
                 yield from zip(batch, detections)
 
     def finish(self, owned: Iterable[tuple[TileSpec, Instances]], out_dir: Path, class_names: list[str],

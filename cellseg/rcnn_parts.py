@@ -2,8 +2,11 @@
 
 - `TileTransform`: normalise and batch only; no resize in (tiles run at the scale they are given), no pasting of
   masks onto full-image canvases out (detect.paste_masks_at_box_size pastes them at box size).
-- `TileRoIHeads`: boxes that cannot lie in the part of the tile whose cells it keeps (`owned_regions`) skip the mask
-  branch; on CPU the features reach RoIAlign in NCHW once per level (`contiguous_features`).
+- `TileRoIHeads`: given the part of each tile whose cells it keeps (`owned_regions`, an argument of its forward),
+  boxes that cannot lie in it skip the mask branch.
+- `TileNetwork`: the model's parts run for inference on tiles, `forward(images, owned_regions)`; its backbone body
+  may be a calibrated copy (slide_norm.py) while every other part is the model's own; on CPU the features reach
+  RoIAlign in NCHW once per level (`contiguous_features`).
 - `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads on CPU (torchvision's CPU kernel uses one core).
 
 Subclasses, never patched instances: each part is a module with the same parameters and state dict keys as the one
@@ -17,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+from .errors import ParameterError
 
 # paste_masks_at_box_size pads the M x M mask by 1 px: its extent is the box grown by (M + 2) / M (M = 28)
 MASK_EXPANSION = 30 / 28
@@ -38,19 +44,10 @@ class TileTransform(GeneralizedRCNNTransform):
 
 
 class TileRoIHeads(RoIHeads):
-    """torchvision's RoIHeads, plus two things for tiles (both off until set, so training sees plain RoIHeads):
-
-    owned_regions: per image of the next forward pass, (x0, y0, x1, y1) in its network px, the region whose cells
-        its tile may keep. Boxes whose mask extent misses it are dropped before the mask branch (which otherwise
-        runs on every box, only for ownership to throw most of a tile's halo cells away).
-    contiguous_features: RoIAlign's CPU kernel works on NCHW; given channels_last features it copies a whole level
-        per call, once for the box head and again for the mask head. True converts each level once instead.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.owned_regions: list[tuple[float, float, float, float]] | None = None
-        self.contiguous_features = False
+    """torchvision's RoIHeads whose forward also takes `owned_regions` (inference only; without them it is plain
+    RoIHeads, as in training): per image, (x0, y0, x1, y1) in its network px, the region whose cells its tile may
+    keep. Boxes whose mask extent misses it are dropped before the mask branch (which otherwise runs on every box,
+    only for ownership to throw most of a tile's halo cells away)."""
 
     @classmethod
     def replacing(cls, heads: RoIHeads) -> TileRoIHeads:
@@ -61,23 +58,66 @@ class TileRoIHeads(RoIHeads):
                    heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
                    mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor)
 
-    def forward(self, features, proposals, image_shapes, targets=None):
+    def forward(self, features, proposals, image_shapes, targets=None,
+                owned_regions: list[tuple[float, float, float, float]] | None = None):
+        if owned_regions is None:
+            return super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
+        # RoIHeads.forward in eval mode (no keypoints), with the unowned boxes dropped between boxes and masks
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        for i, region in enumerate(owned_regions):
+            keep = may_reach(boxes[i], region)
+            boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
+        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
+        return [{"boxes": b, "labels": lb, "scores": sc, "masks": m}
+                for b, lb, sc, m in zip(boxes, labels, scores, masks)], {}
+
+
+def may_reach(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
+    """Which xyxy `boxes` have a pasted mask extent (paste_masks_at_box_size's padded box, + 1 px) that overlaps
+    `region` (x0, y0, x1, y1): a mask lies inside that extent, so the others cannot hold a cell centred there."""
+    x0, y0, x1, y1 = region
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * MASK_EXPANSION + 1
+    return ((centre[:, 0] + half[:, 0] > x0) & (centre[:, 0] - half[:, 0] < x1)
+            & (centre[:, 1] + half[:, 1] > y0) & (centre[:, 1] - half[:, 1] < y1))
+
+
+class TileNetwork(nn.Module):
+    """A cell Mask R-CNN's parts (network.build_model) run for inference on tiles: MaskRCNN.forward in eval mode, with
+    two differences. The owned regions reach the RoI heads as an argument (TileRoIHeads). The backbone body
+    can be another than the model's (`with_body`: a copy with a slide's statistics folded in, slide_norm.py) while
+    the transform, FPN, RPN and RoI heads stay the model's own, shared.
+
+    contiguous_features: RoIAlign's CPU kernel works on NCHW; given channels_last features it copies a whole level
+    per call, once for the box head and again for the mask head. True converts each level once instead.
+    """
+
+    def __init__(self, model: MaskRCNN, body: nn.Module | None = None, contiguous_features: bool = False):
+        super().__init__()
+        self.model = model
+        self.body = model.backbone.body if body is None else body
+        self.contiguous_features = contiguous_features
+
+    def with_body(self, body: nn.Module | None) -> TileNetwork:
+        """The same network with `body` as its backbone body (None: the model's own)."""
+        return TileNetwork(self.model, body, self.contiguous_features)
+
+    def forward(self, images: list[torch.Tensor],
+                owned_regions: list[tuple[float, float, float, float]] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28)."""
+        model = self.model
+        batch, _ = model.transform(images)
+        features = model.backbone.fpn(self.body(batch.tensors))
+        proposals, _ = model.rpn(batch, features)
         if self.contiguous_features:
             features = {k: v.contiguous() for k, v in features.items()}
-        return super().forward(features, proposals, image_shapes, targets)
-
-    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
-        boxes, scores, labels = super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        if self.owned_regions is None:
-            return boxes, scores, labels
-        for i, (x0, y0, x1, y1) in enumerate(self.owned_regions):
-            b = boxes[i]
-            centre = (b[:, :2] + b[:, 2:]) / 2
-            half = (b[:, 2:] - b[:, :2]) / 2 * MASK_EXPANSION + 1   # the paste's padded extent, + 1 px
-            keep = ((centre[:, 0] + half[:, 0] > x0) & (centre[:, 0] - half[:, 0] < x1)
-                    & (centre[:, 1] + half[:, 1] > y0) & (centre[:, 1] - half[:, 1] < y1))
-            boxes[i], scores[i], labels[i] = b[keep], scores[i][keep], labels[i][keep]
-        return boxes, scores, labels
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions)
+        return detections
 
 
 class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):

@@ -2,7 +2,7 @@
 
 Plain GroupNorm normalises each tile by that tile's own mean and variance, so a cell's features depend on what else
 its tile holds: on the tile size, and on whether the tile is busy or sparse. `SlideGroupNorm` can instead use
-statistics measured once on a few windows of the slide (detect.Detector.calibrate), and `fold_slide_norms` then
+statistics measured once on a few windows of the slide (detect.Detector.calibrated), and `fold_slide_norms` then
 folds them into the preceding convolutions: the backbone becomes a plain convolution of the slide, and a cell is
 seen the same in any tile.
 """

@@ -175,9 +175,9 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
                      in_regions)
 
 
-def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> None:
-    """Fix the detector's slide-level statistics on the network input of `windows` (TileDetector.calibrate)."""
-    detector.calibrate([network.read(slide, b) for b in windows])
+def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> TileDetector:
+    """The detector with the slide-level statistics of the network input of `windows` (TileDetector.calibrated)."""
+    return detector.calibrated([network.read(slide, b) for b in windows])
 
 
 def channel_names(slide: Slide) -> list[str]:
@@ -256,9 +256,9 @@ def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, 
     windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, gray, thumb_factor,
                                   tissue)
     native = NetworkInput(channel, intensity)
-    calibrate(detector, slide, windows, native)
+    calibrated = calibrate(detector, slide, windows, native)
     images = [native.read(slide, t.read) for t in chosen]
-    areas = np.array([m.sum() for det in detector.detect(images, chosen) for m in det.masks], np.float64)
+    areas = np.array([m.sum() for det in calibrated.detect(images, chosen) for m in det.masks], np.float64)
     if areas.size < 10:
         return None
     return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)

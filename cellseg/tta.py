@@ -11,10 +11,12 @@ mapped back to the tile's frame, then cells of different views that overlap (mas
 
 The merged scores are thresholded like single-view scores, at thresholds tuned with TTA on held-out images when
 the bundle has them (bundle.Bundle.threshold_for(modality, tta=True)). Each view's detector keeps cells down to
-MEMBER_FLOOR, so a cell's merged score does not depend on where the final threshold sits.
+MEMBER_FLOOR (it is built with `member_threshold`), so a cell's merged score does not depend on where the final
+threshold sits.
 
-The normalisation is shared: flips and rotations do not change a slide's GroupNorm statistics, so `calibrate`
-goes to the wrapped detector as it is.
+Each view is detected in its own frame: the image, the frame its cells come back in and the box its tile owns are
+all viewed, and the cells unviewed. The normalisation is shared: flips and rotations do not change a slide's
+GroupNorm statistics, so `calibrated` goes to the wrapped detector as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import ParameterError
+from .instances import TileDetections, detection_frames
 from .maskrows import MaskRows
 from .tiling import Box, TileSpec
 
@@ -30,6 +34,12 @@ from .tiling import Box, TileSpec
 VIEWS: tuple[tuple[int, bool], ...] = tuple((k, flip) for flip in (False, True) for k in range(4))
 MATCH_IOU = 0.5
 MEMBER_FLOOR = 0.3
+
+
+def member_threshold(score_threshold: float) -> float:
+    """The score threshold of the detector whose views are merged and kept from `score_threshold`: each view's
+    cells are kept down to MEMBER_FLOOR (or to `score_threshold`, when that is lower)."""
+    return min(score_threshold, MEMBER_FLOOR)
 
 
 def view_array(a: np.ndarray, view: tuple[int, bool]) -> np.ndarray:
@@ -82,30 +92,33 @@ def unview_boxes(boxes: np.ndarray, shape: tuple[int, int], view: tuple[int, boo
     return out
 
 
-def view_tile(tile: TileSpec, view: tuple[int, bool]) -> TileSpec:
-    """The tile in its own viewed frame: read box at the origin, core where the view puts it (the detector uses
-    them for what the tile may own and for the size masks are pasted at)."""
-    read, core = tile.read, tile.core
-    core_local = np.array([[core.row0 - read.row0, core.col0 - read.col0, core.row1 - read.row0,
-                            core.col1 - read.col0]])
-    r0, c0, r1, c1 = view_boxes(core_local, read.shape, view)[0]
-    h, w = read.shape if view[0] % 2 == 0 else read.shape[::-1]
-    return TileSpec(tile.index, tile.grid_row, tile.grid_col, Box(0, 0, h, w), Box(int(r0), int(c0), int(r1), int(c1)))
+def view_shape(shape: tuple[int, int], view: tuple[int, bool]) -> tuple[int, int]:
+    """The (height, width) of a frame as seen in `view`."""
+    return tuple(shape) if view[0] % 2 == 0 else tuple(shape)[::-1]
+
+
+def view_box(box: Box, shape: tuple[int, int], view: tuple[int, bool]) -> Box:
+    """A box of an H x W frame, as seen in `view` (not clipped: it may reach beyond the frame)."""
+    return Box(*(int(v) for v in view_boxes(np.array([tuple(box)]), shape, view)[0]))
 
 
 class AugmentedDetector:
     """A TileDetector that runs `inner` on every view of each tile and merges the cells (module docstring).
 
-    score_threshold: kept cells' merged score floor; the inner detector keeps cells down to MEMBER_FLOOR.
+    inner: a detect.Detector (or anything with its `detect_images`, `calibrated`, `score_threshold`, `device`,
+        `class_names` and `batch_size`) built with score_threshold=member_threshold(score_threshold).
+    score_threshold: kept cells' merged score floor.
     """
 
-    def __init__(self, inner, score_threshold: float | None = None, views: Sequence[tuple[int, bool]] = VIEWS):
+    def __init__(self, inner, score_threshold: float, views: Sequence[tuple[int, bool]] = VIEWS):
+        expected = member_threshold(score_threshold)
+        if inner.score_threshold != expected:
+            raise ParameterError(f"expected a detector that keeps each view's cells down to a score of {expected} "
+                                 f"(tta.member_threshold({score_threshold})), found one that keeps them down to "
+                                 f"{inner.score_threshold}")
         self.inner = inner
+        self.score_threshold = float(score_threshold)
         self.views = tuple(views)
-        self.score_threshold = float(inner.score_threshold if score_threshold is None else score_threshold)
-        inner.score_threshold = min(inner.score_threshold, MEMBER_FLOOR)
-        if hasattr(inner, "model"):   # the Mask R-CNN filters inside torchvision too (Detector.__post_init__)
-            inner.model.roi_heads.score_thresh = inner.score_threshold
 
     @property
     def device(self):
@@ -119,19 +132,32 @@ class AugmentedDetector:
     def batch_size(self) -> int:
         return self.inner.batch_size
 
-    def calibrate(self, windows: Sequence[np.ndarray]) -> None:
-        self.inner.calibrate(windows)
+    def calibrated(self, windows: Sequence[np.ndarray]) -> AugmentedDetector:
+        return AugmentedDetector(self.inner.calibrated(windows), self.score_threshold, self.views)
 
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None, scale: float = 1.0):
-        from .instances import TileDetections
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
+               scale: float = 1.0) -> list[TileDetections]:
+        """The TileDetector's detect (detect.Detector.detect), each tile in every view."""
+        if tiles is None:
+            return self.detect_images(images, scale)
+        frame_shapes, owned_boxes = detection_frames(tiles)
+        return self.detect_images(images, scale, frame_shapes=frame_shapes, owned_boxes=owned_boxes)
+
+    def detect_images(self, images: Sequence[np.ndarray], scale: float = 1.0, *,
+                      frame_shapes: Sequence[tuple[int, int]] | None = None,
+                      owned_boxes: Sequence[Box] | None = None) -> list[TileDetections]:
+        """detect.Detector.detect_images, each image in every view: the inner detector sees the viewed images, frames
+        and owned boxes; its cells are mapped back to each image's frame and merged."""
+        shapes = [im.shape[-2:] for im in images] if frame_shapes is None else list(frame_shapes)
         per_view = []
         for view in self.views:
-            viewed_tiles = None if tiles is None else [view_tile(t, view) for t in tiles]
-            found = self.inner.detect([view_array(im, view) for im in images], viewed_tiles, scale)
-            per_view.append(found)
+            per_view.append(self.inner.detect_images(
+                [view_array(im, view) for im in images], scale,
+                frame_shapes=None if frame_shapes is None else [view_shape(s, view) for s in frame_shapes],
+                owned_boxes=None if owned_boxes is None else [view_box(b, s, view)
+                                                              for b, s in zip(owned_boxes, shapes)]))
         out = []
-        for i, image in enumerate(images):
-            shape = tiles[i].read.shape if tiles is not None and scale != 1.0 else image.shape[-2:]
+        for i, shape in enumerate(shapes):
             back = []
             for view, found in zip(self.views, per_view):
                 det = found[i]
@@ -143,7 +169,6 @@ class AugmentedDetector:
 
 def merge_views(views: list, score_threshold: float, match_iou: float = MATCH_IOU):
     """One set of cells from the detections of several views, all in the same frame (module docstring)."""
-    from .instances import TileDetections
     from .merge import overlapping_pairs
     n_views = len(views)
     boxes = np.concatenate([np.asarray(v.boxes, np.int64).reshape(-1, 4) for v in views])

@@ -66,13 +66,12 @@ def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_th
     when `tta`). Its mask threshold is VALIDATION_PROTOCOL's unless `mask_threshold` overrides it: taken from the
     protocol as `cellseg count` takes it, so validated cells are the cells a count makes."""
     from .detect import Detector
+    from .tta import AugmentedDetector, member_threshold
     protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)
-    detector = Detector.from_bundle(bundle, device, score_threshold=floor, mask_threshold=protocol.mask_threshold,
+    detector = Detector.from_bundle(bundle, device, score_threshold=member_threshold(floor) if tta else floor,
+                                    mask_threshold=protocol.mask_threshold,
                                     precision=precision)
-    if tta:
-        from .tta import AugmentedDetector
-        detector = AugmentedDetector(detector)
-    return detector
+    return AugmentedDetector(detector, floor) if tta else detector
 
 
 def annotated_images(coco_json: Path) -> tuple[dict[str, ImageMasks], dict[str, Path]]:

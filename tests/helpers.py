@@ -36,8 +36,8 @@ class LabelReadingDetector:
     score: every cell's score, or None for scores spread over 0.5..1.0 in label order.
     shift_px > 0 moves every mask by +-shift_px depending on the tile's grid parity, so neighbouring
     tiles see the same cell at slightly different places (as two Mask R-CNN views of it would).
-    It has no slide-level statistics (calibrate keeps the windows it is given, for tests to look at) and records
-    the index of every tile it is shown (`seen`).
+    It has no slide-level statistics (`calibrated` keeps the windows it is given, for tests to look at, and returns
+    the detector itself) and records the index of every tile it is shown (`seen`).
     """
 
     device = "cpu"
@@ -52,8 +52,9 @@ class LabelReadingDetector:
         self.windows: list[np.ndarray] = []
         self.seen: list[int] = []
 
-    def calibrate(self, windows) -> None:
+    def calibrated(self, windows) -> LabelReadingDetector:
         self.windows = [w.copy() for w in windows]
+        return self
 
     def detect(self, images, tiles, scale=1.0):
         for t, img in zip(tiles, images):      # the network sees the tile resampled by `scale`

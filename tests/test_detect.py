@@ -18,7 +18,7 @@ from .helpers import tiny_model_config
 
 def uses_slide_statistics(detector: Detector) -> bool:
     """The backbone runs with a slide's statistics folded into its convolutions (no SlideGroupNorm left)."""
-    return not any(isinstance(m, SlideGroupNorm) for m in detector.model.backbone.body.modules())
+    return not any(isinstance(m, SlideGroupNorm) for m in detector.network.body.modules())
 
 
 def test_default_config_suits_dense_cells():
@@ -86,13 +86,15 @@ def test_detector_on_cuda_with_autocast():
     det = detector.detect([image])[0]
     for box, mask in zip(det.boxes, det.masks):
         assert mask.shape == (box[2] - box[0], box[3] - box[1])
-    detector.calibrate([image])            # slide statistics under autocast, folded into the convolutions
-    calibrated = detector.detect([image])[0]
-    assert uses_slide_statistics(detector) and len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
+    slide_detector = detector.calibrated([image])      # slide statistics under autocast, folded into the convolutions
+    calibrated = slide_detector.detect([image])[0]
+    assert uses_slide_statistics(slide_detector) and not uses_slide_statistics(detector)
+    assert len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])
 def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_owned_cells(scale):
+    from cellseg.instances import detection_frames
     from cellseg.merge import owned_instances
     from cellseg.tiling import plan_tiles, seam_band_px
     torch.manual_seed(0)
@@ -103,11 +105,14 @@ def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_
               for t in tiles]
     mask_rois = []
     hook = detector.model.roi_heads.mask_roi_pool.register_forward_hook(lambda m, i, o: mask_rois.append(o.shape[0]))
-    filtered = detector.detect(images, tiles, scale)
+    filtered = detector.detect(images, tiles, scale)           # the tiles' owned boxes go with them
     n_filtered = sum(mask_rois)
     mask_rois.clear()
-    detector.skip_unowned = False
-    everything = detector.detect(images, tiles, scale)
+    frame_shapes, owned_boxes = detection_frames(tiles)
+    assert _same_cells(detector.detect_images(images, scale, frame_shapes=frame_shapes, owned_boxes=owned_boxes),
+                       filtered)
+    mask_rois.clear()
+    everything = detector.detect_images(images, scale, frame_shapes=frame_shapes)   # no owned boxes: every cell
     hook.remove()
     assert n_filtered < sum(mask_rois)                         # the filter did remove work ...
     for tile, a, b in zip(tiles, filtered, everything):        # ... and no cell the tile owns
@@ -115,6 +120,26 @@ def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_
         own_b = owned_instances(b, tile, (200, 200), 0, seam_band_px(24))
         assert np.array_equal(own_a.boxes, own_b.boxes) and len(own_b) > 0
         assert all(np.array_equal(x, y) for x, y in zip(own_a.masks, own_b.masks))
+
+
+def _same_cells(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x.boxes, y.boxes) and np.array_equal(x.scores, y.scores)
+                                    and all(np.array_equal(p, q) for p, q in zip(x.masks, y.masks))
+                                    for x, y in zip(a, b))
+
+
+def test_resampled_images_need_the_frames_their_cells_come_back_in():
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    with pytest.raises(ParameterError, match="expected the frame shapes of images resampled by 0.5, found none"):
+        detector.detect_images([np.zeros((3, 32, 32), np.float32)], 0.5)
+
+
+def test_the_detectors_thresholds_reach_torchvisions_filters_when_it_is_built():
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.3,
+                        proposal_threshold=0.1)
+    assert (detector.model.roi_heads.score_thresh, detector.model.rpn.score_thresh) == (0.3, 0.1)
+    slide_detector = detector.calibrated([np.zeros((3, 64, 64), np.float32)])
+    assert (slide_detector.score_threshold, slide_detector.model.roi_heads.score_thresh) == (0.3, 0.3)
 
 
 def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
@@ -130,15 +155,15 @@ def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
 
 
 def _body_features(detector: Detector, image: np.ndarray) -> torch.Tensor:
-    with torch.inference_mode():   # normalised and padded as in Detector.detect
+    with torch.inference_mode():   # normalised and padded as in Detector.detect, through the body it runs
         batch = detector.model.transform([torch.from_numpy(image)])[0].tensors
-        return detector.model.backbone.body(batch)["0"][0]   # stride 4
+        return detector.network.body(batch)["0"][0]   # stride 4
 
 
 def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
     """GroupNorm with per-tile statistics sees a cell differently depending on the rest of its tile; with the
-    slide's statistics (Detector.calibrate) the backbone is a plain convolution: a crop's interior features
-    are the full image's."""
+    slide's statistics (Detector.calibrated) the backbone is a plain convolution: a crop's interior features
+    are the full image's. Calibrating gives a new detector: the one calibrated stays per-tile."""
     torch.manual_seed(0)
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
     rng = np.random.default_rng(0)
@@ -151,14 +176,18 @@ def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
 
     per_tile = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
     assert not torch.allclose(*per_tile, atol=1e-3)       # the bright band changed the crop's neighbour stats
-    assert not uses_slide_statistics(detector)
-    detector.calibrate([image])     # ... and the statistics are folded into the convolutions:
-    assert uses_slide_statistics(detector)
-    calibrated = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
+    assert not uses_slide_statistics(detector) and not detector.slide_calibrated
+    slide_detector = detector.calibrated([image])     # ... and the statistics are folded into the convolutions:
+    assert uses_slide_statistics(slide_detector) and slide_detector.slide_calibrated
+    calibrated = (_body_features(slide_detector, crop)[inner_crop], _body_features(slide_detector, image)[inner_full])
     assert torch.allclose(*calibrated, atol=1e-4)
-    detector.reset_calibration()
-    assert not uses_slide_statistics(detector)
+    assert not uses_slide_statistics(detector)            # the detector calibrated, and its model, are as they were
+    assert not any(m.slide_stats is not None for m in detector.model.modules() if isinstance(m, SlideGroupNorm))
     assert torch.equal(_body_features(detector, crop)[inner_crop], per_tile[0])
+    assert slide_detector.model is detector.model          # every other part is shared
+    again = slide_detector.calibrated([crop])            # measured afresh on the model's own (per-tile) body
+    assert torch.allclose(_body_features(again, crop), _body_features(detector.calibrated([crop]), crop))
+    assert slide_detector.calibrated([]) is not slide_detector and not slide_detector.calibrated([]).slide_calibrated
 
 
 def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
@@ -167,8 +196,7 @@ def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
     image = np.random.default_rng(1).random((3, 128, 160), dtype=np.float32)
     plain = _body_features(detector, image)
-    detector.calibrate([image])
-    assert torch.allclose(_body_features(detector, image), plain, atol=1e-4)
+    assert torch.allclose(_body_features(detector.calibrated([image]), image), plain, atol=1e-4)
 
 
 def test_threaded_roi_align_gives_the_single_calls_output_exactly():

@@ -67,8 +67,8 @@ class ThresholdDetector:
     def __init__(self, dark: bool = False):
         self.dark = dark
 
-    def calibrate(self, windows) -> None:
-        pass
+    def calibrated(self, windows) -> ThresholdDetector:
+        return self
 
     def detect(self, images, tiles, scale=1.0):
         out = []

@@ -43,6 +43,10 @@ def test_the_detector_takes_the_precision_it_is_given(monkeypatch, tiny_bundle):
     image = np.random.default_rng(0).random((3, 128, 128), dtype=np.float32)
     (found,) = detector.detect([image])
     assert found.scores.dtype == np.float32 and np.isfinite(found.scores).all()
+    slide_detector = detector.calibrated([image])       # a slide's detector runs in the precision it was given
+    assert slide_detector.slide_calibrated and slide_detector.autocast_dtype == torch.bfloat16
+    (found,) = slide_detector.detect([image])
+    assert found.scores.dtype == np.float32 and np.isfinite(found.scores).all()
 
 
 def test_bf16_finds_the_same_nuclei_as_fp32_with_the_shipped_model():

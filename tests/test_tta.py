@@ -6,17 +6,21 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellseg.instances import TileDetections
+from cellseg.errors import ParameterError
+from cellseg.instances import TileDetections, detection_frames
 from cellseg.tiling import Box, TileSpec
 from cellseg.tta import (
+    MEMBER_FLOOR,
     VIEWS,
     AugmentedDetector,
+    member_threshold,
     merge_views,
     unview_array,
     unview_boxes,
     view_array,
+    view_box,
     view_boxes,
-    view_tile,
+    view_shape,
 )
 
 
@@ -30,13 +34,16 @@ class ThresholdDetector:
 
     def __init__(self, score_threshold: float = 0.5):
         self.score_threshold = score_threshold
-        self.tiles_seen: list = []
+        self.frames_seen: list = []      # (frame_shapes, owned_boxes) of each call
+        self.windows: list = []
 
-    def calibrate(self, windows) -> None:
-        pass
+    def calibrated(self, windows) -> ThresholdDetector:
+        calibrated = ThresholdDetector(self.score_threshold)
+        calibrated.windows = list(windows)
+        return calibrated
 
-    def detect(self, images, tiles=None, scale=1.0):
-        self.tiles_seen.append(tiles)
+    def detect_images(self, images, scale=1.0, *, frame_shapes=None, owned_boxes=None):
+        self.frames_seen.append((frame_shapes, owned_boxes))
         out = []
         for im in images:
             labels, n = ndimage.label(im[0] > 0.5)
@@ -79,33 +86,53 @@ def test_boxes_and_crops_follow_the_view(view):
 
 
 @pytest.mark.parametrize("view", VIEWS)
-def test_a_viewed_tile_owns_the_viewed_core(view):
-    tile = TileSpec(0, 0, 0, read=Box(100, 200, 130, 250), core=Box(110, 210, 125, 240))
-    marked = np.zeros(tile.read.shape, bool)
-    marked[tile.core.row0 - 100:tile.core.row1 - 100, tile.core.col0 - 200:tile.core.col1 - 200] = True
+def test_a_viewed_frame_owns_the_viewed_box(view):
+    """Owned boxes reach beyond their frame (tiling.owned_box is not clipped): marked on a canvas with room around
+    the frame, the viewed box is where the view puts the marked pixels."""
+    shape, owned = (30, 50), Box(-4, 6, 19, 54)
+    pad = 10
+    marked = np.zeros((shape[0] + 2 * pad, shape[1] + 2 * pad), bool)
+    marked[owned.row0 + pad:owned.row1 + pad, owned.col0 + pad:owned.col1 + pad] = True
     seen = view_array(marked, view)
     rows, cols = np.flatnonzero(seen.any(1)), np.flatnonzero(seen.any(0))
-    vt = view_tile(tile, view)
-    assert vt.read == Box(0, 0, *seen.shape)
-    assert vt.core == Box(rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+    assert view_shape(shape, view) == view_array(np.zeros(shape), view).shape
+    assert view_box(owned, shape, view) == Box(rows[0] - pad, cols[0] - pad, rows[-1] + 1 - pad, cols[-1] + 1 - pad)
+    assert all(isinstance(v, int) for v in view_box(owned, shape, view))
 
 
 def test_tta_finds_the_same_cells_as_one_view_with_an_equivariant_detector():
     image = blobs_image()
-    plain = ThresholdDetector().detect([image])[0]
+    plain = ThresholdDetector().detect_images([image])[0]
     assert len(plain) >= 5
-    augmented = AugmentedDetector(ThresholdDetector(), score_threshold=0.5).detect([image])[0]
+    augmented = AugmentedDetector(ThresholdDetector(member_threshold(0.5)), score_threshold=0.5).detect([image])[0]
     key = lambda det: sorted((tuple(b), m.tobytes(), round(float(s), 4))   # noqa: E731
                              for b, m, s in zip(det.boxes.tolist(), det.masks, det.scores))
     assert key(augmented) == key(plain)
 
 
-def test_tta_passes_each_view_its_own_tile_geometry():
+def test_tta_passes_each_view_its_own_frame_and_owned_box():
     image = blobs_image()
     tile = TileSpec(3, 0, 0, read=Box(0, 0, 40, 56), core=Box(0, 0, 30, 40))
-    inner = ThresholdDetector()
-    AugmentedDetector(inner).detect([image], [tile])
-    assert [t[0] for t in inner.tiles_seen] == [view_tile(tile, v) for v in VIEWS]
+    inner = ThresholdDetector(MEMBER_FLOOR)
+    AugmentedDetector(inner, 0.5).detect([image], [tile])
+    (shape,), (owned,) = detection_frames([tile])
+    assert (shape, owned) == ((40, 56), Box(-6, -6, 36, 46))     # the core grown by the seam band (4 px) + 2 px
+    assert inner.frames_seen == [([view_shape(shape, v)], [view_box(owned, shape, v)]) for v in VIEWS]
+    assert inner.frames_seen[1] == ([(56, 40)], [Box(10, -6, 62, 36)])   # a quarter turn counter-clockwise
+
+
+def test_tta_is_configured_by_its_constructor():
+    """The inner detector is built keeping each view's cells down to member_threshold: TTA does not change it."""
+    assert member_threshold(0.6) == MEMBER_FLOOR and member_threshold(0.1) == 0.1
+    with pytest.raises(ParameterError, match=r"down to a score of 0.3 .* found one that keeps them down to 0.6"):
+        AugmentedDetector(ThresholdDetector(0.6), 0.6)
+    inner = ThresholdDetector(MEMBER_FLOOR)
+    augmented = AugmentedDetector(inner, 0.6)
+    assert (augmented.score_threshold, inner.score_threshold) == (0.6, MEMBER_FLOOR)
+    windows = [blobs_image()]
+    calibrated = augmented.calibrated(windows)                  # the inner detector's calibration, wrapped alike
+    assert calibrated is not augmented and calibrated.inner.windows == windows and inner.windows == []
+    assert (calibrated.score_threshold, calibrated.views) == (augmented.score_threshold, augmented.views)
 
 
 def test_a_cell_seen_in_few_views_scores_low_and_is_dropped():
