@@ -202,7 +202,9 @@ def child_cellseg(spec: dict) -> dict:
 def build_naive_model(bundle):
     """The bundle's network with torchvision's defaults put back (docs/architecture.md); anchors stay the bundle's."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
-    model = bundle.build()
+
+    from cellseg.network import load_network
+    model = load_network(bundle)
     cfg = bundle.model
     model.transform = GeneralizedRCNNTransform(min_size=800, max_size=1333, image_mean=list(cfg.image_mean),
                                                image_std=list(cfg.image_std))

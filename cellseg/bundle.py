@@ -13,15 +13,11 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tomli_w
 import tomllib
 
 from .errors import BundleError
-
-if TYPE_CHECKING:   # network imports torch; reading a bundle's model.toml must not (`cellseg info`)
-    from .network import ModelConfig
 
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
@@ -40,6 +36,45 @@ class BundleKind:
 
 
 MODEL_BUNDLE = BundleKind("model", BUNDLE_FORMAT, DEFAULT_BUNDLE, "train one with `cellseg train` and pass --model PATH")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a cell Mask R-CNN (network.build_model builds it); a bundle's model.toml [model] table."""
+
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50
+    norm: str = "groupnorm"             # groupnorm (trains from scratch with small batches) | frozen_bn (COCO init)
+    fpn_channels: int = 128
+    box_head_size: int = 512
+    classes: tuple[str, ...] = ("nucleus",)   # foreground classes; class id k >= 1 is classes[k-1]
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    detections_per_tile: int = 3000
+    rpn_pre_nms_top_n_test: int = 6000
+    rpn_post_nms_top_n_test: int = 3000
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 256
+    box_nms_thresh: float = 0.4
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; expected some of {sorted(known)}")
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tupled)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -82,21 +117,6 @@ class Bundle:
 
     def state_dict(self) -> dict:
         return read_weights(self.weights_path)
-
-    def build(self):
-        """The network with this bundle's weights (on CPU, eval mode)."""
-        from .network import build_model
-        try:
-            net = build_model(self.model)
-        except (TypeError, ValueError, RuntimeError) as e:  # e.g. fpn_channels = "big" or -4 in model.toml
-            raise BundleError(f"expected a buildable network in {self.path / 'model.toml'} [model], got "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        try:
-            net.load_state_dict(self.state_dict())
-        except RuntimeError as e:
-            raise BundleError(f"weights in {self.weights_path} do not match the architecture in model.toml: "
-                              f"{str(e).splitlines()[0]}") from e
-        return net.eval()
 
 
 def packaged_bundles_root() -> Path:
@@ -166,7 +186,6 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
     folder = find_bundle(name_or_path)
     meta, digest = read_bundle_folder(folder, BUNDLE_FORMAT)
     toml_path = folder / "model.toml"
-    from .network import ModelConfig
     try:
         model = ModelConfig.from_dict(meta.get("model", {}))
         inference = meta.get("inference", {})

@@ -19,6 +19,7 @@ from torchvision.models.detection import MaskRCNN
 
 from .errors import ParameterError
 from .instances import TileDetections, detection_frames
+from .network import load_network
 from .precision import resolve_precision
 from .rcnn_parts import TileNetwork, thread_roi_pools
 from .slide_norm import fold_slide_norms, measure_slide_norms
@@ -120,7 +121,7 @@ class Detector:
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
                     batch_size: int = 4, precision: str = "fp32") -> Detector:
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
-        return cls(bundle.build(), resolve_device(device), class_names=tuple(bundle.model.classes),
+        return cls(load_network(bundle), resolve_device(device), class_names=tuple(bundle.model.classes),
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
                    proposal_threshold=bundle.proposal_threshold, precision=precision)
 

@@ -1,4 +1,5 @@
-"""The cell Mask R-CNN's architecture: `ModelConfig` (a bundle's [model] table) and `build_model`.
+"""The cell Mask R-CNN's architecture: `build_model` from a bundle's `ModelConfig`, and `load_network` (a bundle's
+network with its weights).
 
 torchvision's defaults silently break dense microscopy (docs/architecture.md, "Detection"), so the network is built
 with: no resize (tiles run at the scale they are given), thousands of detections per tile, anchors of 8-128 px,
@@ -8,8 +9,6 @@ the network on tiles is detect.py's job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -18,47 +17,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .bundle import Bundle, ModelConfig
+from .errors import BundleError
 from .rcnn_parts import Fp32FeaturePyramidNetwork, TileRoIHeads, TileTransform, keep_head_outputs_fp32
 from .slide_norm import SlideGroupNorm
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of a cell Mask R-CNN; stored in a bundle's model.toml [model] table."""
-
-    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50
-    norm: str = "groupnorm"             # groupnorm (trains from scratch with small batches) | frozen_bn (COCO init)
-    fpn_channels: int = 128
-    box_head_size: int = 512
-    classes: tuple[str, ...] = ("nucleus",)   # foreground classes; class id k >= 1 is classes[k-1]
-    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    detections_per_tile: int = 3000
-    rpn_pre_nms_top_n_test: int = 6000
-    rpn_post_nms_top_n_test: int = 3000
-    rpn_pre_nms_top_n_train: int = 4000
-    rpn_post_nms_top_n_train: int = 2000
-    box_batch_size_per_image: int = 256
-    box_nms_thresh: float = 0.4
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes) + 1
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model keys {sorted(unknown)}; expected some of {sorted(known)}")
-        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**tupled)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in self.__dict__.items()}
 
 
 def _norm_layer(kind: str):
@@ -109,3 +71,18 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     model.roi_heads = TileRoIHeads.replacing(model.roi_heads)
     keep_head_outputs_fp32(model)
     return model
+
+
+def load_network(bundle: Bundle) -> MaskRCNN:
+    """The bundle's network with its weights (on CPU, eval mode)."""
+    try:
+        net = build_model(bundle.model)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. fpn_channels = "big" or -4 in model.toml
+        raise BundleError(f"expected a buildable network in {bundle.path / 'model.toml'} [model], got "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    try:
+        net.load_state_dict(bundle.state_dict())
+    except RuntimeError as e:
+        raise BundleError(f"weights in {bundle.weights_path} do not match the architecture in model.toml: "
+                          f"{str(e).splitlines()[0]}") from e
+    return net.eval()

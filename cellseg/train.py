@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import save_bundle
+from .bundle import ModelConfig, save_bundle
 from .errors import CellsegError
-from .network import ModelConfig, build_model
+from .network import build_model
 from .precision import resolve_precision
 from .rcnn_parts import thread_roi_pools
 from .train_checkpoint import TrainingState, check_output_folder

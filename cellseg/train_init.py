@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .bundle import ModelConfig
 from .errors import CellsegError
-from .network import ModelConfig
 
 # torchvision's COCO Mask R-CNN (ResNet-50-FPN v1): the file name its weights enum downloads to.
 COCO_WEIGHTS_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"

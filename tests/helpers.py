@@ -21,7 +21,7 @@ EXAMPLES = ROOT / "example_slides"
 
 def tiny_model_config():
     """A small FPN and box head: quick to build and run, ~20 MB of float16 weights."""
-    from cellseg.network import ModelConfig
+    from cellseg.bundle import ModelConfig
     return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
                        rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300,
                        rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)

@@ -27,7 +27,7 @@ from cellseg.bundle import (
     shipped_bundle_names,
 )
 from cellseg.errors import BundleError
-from cellseg.network import build_model
+from cellseg.network import build_model, load_network
 
 from .helpers import tiny_model_config
 
@@ -128,7 +128,7 @@ def test_weights_load_without_pickle(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(pickle, "Unpickler", forbidden)
     bundle = load_bundle(folder)
-    net = bundle.build()
+    net = load_network(bundle)
     assert not net.training  # built for inference
     expected, got = bundle.state_dict(), net.state_dict()
     assert set(got) == set(expected)
@@ -231,7 +231,7 @@ def test_weights_for_another_architecture(bundle_copy):
     edit_toml(bundle_copy, lambda m: m["model"].update(fpn_channels=16))
     bundle = load_bundle(bundle_copy)
     with pytest.raises(BundleError, match="do not match the architecture"):
-        bundle.build()
+        load_network(bundle)
 
 
 @pytest.mark.parametrize("value", ["big", -4])
@@ -239,7 +239,7 @@ def test_unbuildable_model_settings(bundle_copy, value):
     edit_toml(bundle_copy, lambda m: m["model"].update(fpn_channels=value))
     bundle = load_bundle(bundle_copy)
     with pytest.raises(BundleError, match="expected a buildable network"):
-        bundle.build()
+        load_network(bundle)
 
 
 def test_unknown_shipped_name():

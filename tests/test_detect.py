@@ -8,9 +8,10 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from cellseg.bundle import ModelConfig
 from cellseg.detect import Detector, paste_masks_at_box_size, resolve_device
 from cellseg.errors import ParameterError
-from cellseg.network import ModelConfig, build_model
+from cellseg.network import build_model
 from cellseg.slide_norm import SlideGroupNorm
 
 from .helpers import tiny_model_config

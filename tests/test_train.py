@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cellseg.bundle import load_bundle
+from cellseg.network import load_network
 from cellseg.train import TrainSettings, train
 from cellseg.train_crops import sample_crop
 from cellseg.train_data import TrainImage, load_coco
@@ -76,7 +77,7 @@ def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
     assert bundle.card["training"]["steps"] == 24
     assert bundle.nucleus_diameter_px == pytest.approx(
         np.median([2 * np.sqrt(m.sum() / np.pi) for m in items[0].masks]))
-    bundle.build()      # weights load into the architecture the card describes
+    load_network(bundle)      # weights load into the architecture the card describes
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):

@@ -129,7 +129,7 @@ def main() -> None:
     if args.backbone:
         if args.init != "none":
             p.error("--backbone is for a training from scratch (--init none)")
-        from cellseg.network import ModelConfig
+        from cellseg.bundle import ModelConfig
         model_cfg = ModelConfig(backbone=args.backbone)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
