@@ -1,4 +1,4 @@
-"""Cost of cells.geojson (cells_geojson.CellsGeoJsonWriter) for a slide of ~250k nuclei (not part of the test suite).
+"""Cost of cells.geojson (results.CellsGeoJsonWriter) for a slide of ~250k nuclei (not part of the test suite).
 
 The nuclei are merge_measure.py's: ellipses 8-30 px across (log-normal around 14 px), here ~1000 per 512 px tile
 on a 16 x 16 grid (~254k cells). Each tile's cells go to the writer as pipeline.NucleusEmitter hands them to
@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from merge_measure import ellipse_bank  # noqa: E402
 
-from cellseg.cells_geojson import CellsGeoJsonWriter  # noqa: E402
-from cellseg.measure import nucleus_columns  # noqa: E402
+from cellseg.cells import nucleus_columns  # noqa: E402
+from cellseg.results import CellsGeoJsonWriter  # noqa: E402
 
 
 def main() -> None:

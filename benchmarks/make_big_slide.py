@@ -85,8 +85,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--labels", action="store_true", help="also write the mirrored ground truth as NAME_labels.tif")
     args = p.parse_args()
-    from cellseg.slide import open_slide
-    from cellseg.tiling import Box
+    from cellseg.geometry import Box
+    from cellseg.slides import open_slide
     with open_slide(SOURCE) as slide:
         info = slide.info
         if info.height != info.width or args.size % info.height:

@@ -129,7 +129,7 @@ class ThresholdDetector:
     def detect(self, images, tiles, scale=1.0):
         from scipy import ndimage
 
-        from cellseg.instances import TileDetections
+        from cellseg.geometry import TileDetections
         out = []
         for image in images:
             labels, n = ndimage.label(image[0] > 0.5)
@@ -143,8 +143,8 @@ class ThresholdDetector:
 
 
 def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansion_um: float) -> None:
-    from cellseg.counter import CellCounter
-    from cellseg.protocol import load_protocol
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
     protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, cell_expansion_um=cell_expansion_um)
     if detector_kind == "model":
         counter = CellCounter.load(protocol, "cpu")

@@ -15,9 +15,9 @@ The stages then run exactly as pipeline.count_slide drives them: owned_instances
 (pipeline.SlideRun.detect_owned), SeamMerger.add_tile per tile and pop_final per completed grid row
 (pipeline.merge_tiles; both "merge"), and
 pipeline.NucleusEmitter per owning tile: label_tile + measure_tile ("measure"), cells.csv through
-cells_csv.CellsTableWriter ("write", optional).
+results.CellsTableWriter ("write", optional).
 With --expansion-px D the emitter also grows every nucleus into a cell by up to D px and measures it
-(expansion_rows.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
+(cells.expand_tile: "expand"; with --stains, RGB hematoxylin and DAB optical densities too), a tile row later,
 as `cellseg count --cell-expansion-px D` does. Detection generation is not timed.
 
     nice -n 5 python benchmarks/merge_measure.py [--grid 16 16] [--channels 3] [--csv] [--expansion-px 10 [--stains]]
@@ -62,7 +62,7 @@ class SyntheticSlide:
     """Ground-truth nuclei of a grid of tiles, generated per tile core on demand (deterministic)."""
 
     def __init__(self, grid_rows: int, grid_cols: int, seed: int = 0):
-        from cellseg.tiling import plan_tiles
+        from cellseg.geometry import plan_tiles
         self.seed = seed
         self.shape = (grid_rows * TILE, grid_cols * TILE)
         self.tiles = plan_tiles(*self.shape, TILE, HALO)
@@ -93,7 +93,7 @@ class SyntheticSlide:
 
     def detections(self, tile_index: int):
         """What a detector would report for one tile, in its read-box frame (TileDetections)."""
-        from cellseg.instances import TileDetections
+        from cellseg.geometry import TileDetections
         tile = self.tiles[tile_index]
         rng = np.random.default_rng((self.seed, tile_index, 1))
         shift = rng.integers(-1, 2, size=2)               # this tile's view is off by up to 1 px
@@ -138,7 +138,7 @@ class SyntheticSlide:
 
 
 class _FakeSlide:
-    """read_region + info.mpp, all NucleusEmitter needs of a slide (through slide_cache.CachedSlide): noise pixels of
+    """read_region + info.mpp, all NucleusEmitter needs of a slide (through slides.CachedSlide): noise pixels of
     the box's size (C channels; 8-bit for RGB stains, else 16-bit)."""
 
     def __init__(self, channels: int, seed: int = 0, rgb: bool = False):
@@ -187,14 +187,11 @@ def run(grid: tuple[int, int], channels: int, write_csv: bool, seed: int, expans
     from skimage.color import rgb2hed  # noqa: F401  (imported here, not in the first timed tile)
     from skimage.segmentation import expand_labels  # noqa: F401
 
-    from cellseg.cells_csv import CellsTableWriter
-    from cellseg.expansion import context_rows
-    from cellseg.expansion_rows import CellExpansion
-    from cellseg.measure import nucleus_columns
-    from cellseg.merge import SeamMerger, owned_instances
-    from cellseg.pipeline import NucleusEmitter, merge_tiles
-    from cellseg.slide_cache import CachedSlide
-    from cellseg.tiling import seam_band_px
+    from cellseg.cells import CellExpansion, SeamMerger, context_rows, nucleus_columns, owned_instances
+    from cellseg.geometry import seam_band_px
+    from cellseg.results import CellsTableWriter
+    from cellseg.run import NucleusEmitter, merge_tiles
+    from cellseg.slides import CachedSlide
 
     synth = SyntheticSlide(*grid, seed=seed)
     tiles = synth.tiles

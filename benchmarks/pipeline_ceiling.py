@@ -34,9 +34,10 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
 
     from memory_flat import ThresholdDetector
 
-    from cellseg import cells_csv, coco, export, labelstore
-    from cellseg.counter import CellCounter
-    from cellseg.protocol import load_protocol
+    from cellseg.planning import load_protocol
+    from cellseg.results import cells_csv, coco, labelstore
+    from cellseg.results import writer as export
+    from cellseg.run import CellCounter
 
     parts: Counter = Counter()
 
@@ -51,7 +52,7 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
                 parts[label] += time.perf_counter() - start
         setattr(owner, name, wrapper)
 
-    # The write stage's parts (export.py looks these names up in its own namespace at call time).
+    # The write stage's parts (results/writer.py looks these names up in its own namespace at call time).
     timed(cells_csv.CellsTableWriter, "append", "cells.csv")
     timed(cells_csv.CellsTableWriter, "close", "cells.csv")
     timed(coco.CocoWriter, "append", "predictions.coco.json")

@@ -117,9 +117,9 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def measure(path: Path, force_openslide: bool, repeats: int) -> dict:
-    from cellseg.slide import open_slide
-    from cellseg.slide_openslide import open_openslide
-    from cellseg.tiling import plan_tiles
+    from cellseg.geometry import plan_tiles
+    from cellseg.slides import open_slide
+    from cellseg.slides._openslide import open_openslide
     best_open, best_read, best_cpu = float("inf"), float("inf"), float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """End-to-end throughput of `cellseg count` against the naive torchvision use of the same network (not a test).
 
 Two runs on the SAME pixels (same tile grid, core + halo reads, same normalisation through
-cellseg.preprocess with the intensity range cellseg measured) and the SAME weights (the shipped bundle):
+cellseg.planning.intensity with the intensity range cellseg measured) and the SAME weights (the shipped bundle):
 
 - cellseg: `counter.CellCounter` with the protocol's detector, exactly as `cellseg count` runs it
   (every result file written). Stage seconds come from count_slide's summary ("seconds").
@@ -24,7 +24,7 @@ image with --tissue none). `ratio` = cellseg MP/s / naive MP/s; `ratio_per_tile`
 tile, which leaves the tissue filter's skipping out.
 
 Where a ground-truth label image lies next to the slide (NAME_labels.tif for NAME.ome.tif / NAME.tif),
-both label images are matched to it one-to-one at IoU >= 0.5 (cellseg.evaluate.match): "correct" = TP.
+both label images are matched to it one-to-one at IoU >= 0.5 (cellseg.evaluation.scoring.match): "correct" = TP.
 
 --tiles N limits both runs to a region of at most N whole tiles at the top left of the slide (r x c tiles,
 as many as possible, as square as possible): the slide and its labels are cropped to it first, so both
@@ -99,8 +99,8 @@ def crop_slide(src: Path, dst: Path, height: int, width: int) -> None:
     """The top-left height x width px of `src` as a one-level OME-TIFF, pixel size and channel names kept."""
     import tifffile
 
-    from cellseg.slide import open_slide
-    from cellseg.tiling import Box
+    from cellseg.geometry import Box
+    from cellseg.slides import open_slide
     with open_slide(src) as slide:
         info = slide.info
         pixels = slide.read_region(Box(0, 0, height, width))
@@ -124,8 +124,8 @@ def crop_slide(src: Path, dst: Path, height: int, width: int) -> None:
 def crop_labels(src: Path, dst: Path, height: int, width: int) -> None:
     import tifffile
 
-    from cellseg.slide import open_slide
-    from cellseg.tiling import Box
+    from cellseg.geometry import Box
+    from cellseg.slides import open_slide
     with open_slide(src) as slide:
         labels = slide.read_region(Box(0, 0, height, width))[..., 0]
     tifffile.imwrite(dst, labels, tile=(256, 256), compression="zlib", compressionargs={"level": 1}, metadata=None)
@@ -168,15 +168,15 @@ def instrument(model, timer, device) -> dict:
 def child_cellseg(spec: dict) -> dict:
     import torch
 
-    from cellseg.counter import CellCounter
-    from cellseg.protocol import load_protocol
-    from cellseg.timing import StageTimer
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
+    from cellseg.util import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
                                                        tissue_method=spec["tissue"], precision=spec.get("precision"))
     t = time.perf_counter()
     counter = CellCounter.load(protocol, spec["device"], tta=spec.get("tta", False))   # network + tissue U-Net
-    from cellseg.tta import AugmentedDetector
+    from cellseg.detection import AugmentedDetector
     detector = counter.detector.inner if isinstance(counter.detector, AugmentedDetector) else counter.detector
     load_s = time.perf_counter() - t
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
@@ -203,7 +203,7 @@ def build_naive_model(bundle):
     """The bundle's network with torchvision's defaults put back (docs/architecture.md); anchors stay the bundle's."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from cellseg.network import load_network
+    from cellseg.detection import load_network
     model = load_network(bundle)
     cfg = bundle.model
     model.transform = GeneralizedRCNNTransform(min_size=800, max_size=1333, image_mean=list(cfg.image_mean),
@@ -218,13 +218,12 @@ def child_naive(spec: dict) -> dict:
     import tifffile
     import torch
 
-    from cellseg.bundle import load_bundle
-    from cellseg.detect import resolve_device
-    from cellseg.preprocess import IntensityRange, select_channels, to_network_input
-    from cellseg.protocol import load_protocol
-    from cellseg.slide import open_slide
-    from cellseg.tiling import plan_tiles
-    from cellseg.timing import StageTimer
+    from cellseg.bundles import load_bundle
+    from cellseg.detection import resolve_device
+    from cellseg.geometry import plan_tiles
+    from cellseg.planning import IntensityRange, load_protocol, select_channels, to_network_input
+    from cellseg.slides import open_slide
+    from cellseg.util import StageTimer
 
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"])
     device = resolve_device(spec["device"])
@@ -325,7 +324,7 @@ def run_child(kind: str, spec: dict, workdir: Path) -> dict:
 
 
 def correct_cells(pred_labels: str, gt) -> dict:
-    from cellseg.evaluate import load_image_masks, match, pair_iou
+    from cellseg.evaluation import load_image_masks, match, pair_iou
     pred = next(iter(load_image_masks(pred_labels).values()))
     m = match(pred, gt, 0.5, ious=pair_iou(pred, gt))
     return {"correct": m.tp, "fp": m.fp, "fn": m.fn, "true_count": m.true_count, "precision": round(m.precision, 4),
@@ -358,12 +357,11 @@ def main() -> None:
         print(json.dumps(result, default=float))
         return
 
-    from cellseg.bundle import load_bundle
-    from cellseg.precision import cpu_has_native_bf16, cpu_model
-    from cellseg.protocol import load_protocol
-    from cellseg.slide import open_slide
-    from cellseg.slide_plan import choose_scale, tile_geometry
-    from cellseg.tiling import grid_shape
+    from cellseg.bundles import load_bundle
+    from cellseg.detection import cpu_has_native_bf16, cpu_model
+    from cellseg.geometry import grid_shape
+    from cellseg.planning import choose_scale, load_protocol, tile_geometry
+    from cellseg.slides import open_slide
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size, model=args.model,
                                                     tissue_method=args.tissue)
@@ -476,7 +474,7 @@ def main() -> None:
                 "cells": v["summary"]["cell_count"], "peak_rss_mb": round(v["peak_rss_mb"], 1),
                 "network_seconds": v["network_seconds"], "labels": v["labels"]}
         if gt_path:
-            from cellseg.evaluate import load_image_masks
+            from cellseg.evaluation import load_image_masks
             gt = next(iter(load_image_masks(gt_path).values()))
             result["ground_truth"] = str(gt_path if gt_path.parent != work else f"{_labels_next_to(args.slide)} "
                                                                                   f"(cropped to the region)")

@@ -31,15 +31,13 @@ def main() -> None:
 
     import tifffile
 
-    from cellseg.bundle import load_bundle
+    from cellseg.bundles import load_bundle
     from cellseg.cli import result_stem
-    from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_image_masks, match, pair_iou
-    from cellseg.preprocess import measure_range, select_channels
-    from cellseg.protocol import load_protocol
-    from cellseg.slide import open_slide
-    from cellseg.slide_plan import measure_diameter
-    from cellseg.tiling import Box
+    from cellseg.evaluation import load_image_masks, match, pair_iou
+    from cellseg.geometry import Box
+    from cellseg.planning import load_protocol, measure_diameter, measure_range, select_channels
+    from cellseg.run import CellCounter
+    from cellseg.slides import open_slide
 
     protocol = load_protocol(args.protocol).replace(tissue_method="none")   # detection is what is measured here
     counter = CellCounter.load(protocol, args.device)

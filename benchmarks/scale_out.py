@@ -51,12 +51,12 @@ def _import_libraries() -> None:
     """What a fresh worker process imports on its first tasks (torch and the network, the writers' libraries): a
     cost of starting the worker, paid once whatever the cohort, and not timed (as run.py leaves out imports)."""
     import importlib
-    for name in ("cellseg.detect", "cellseg.tissue_unet", "skimage.measure", "matplotlib.figure", "pandas"):
+    for name in ("cellseg.detection.detector", "cellseg.tissue.unet", "skimage.measure", "matplotlib.figure", "pandas"):
         importlib.import_module(name)
 
 
 def on_dask(spec, slides: list[Path], workers: int, band_rows: int | None, folder: Path) -> dict:
-    from cellseg.distributed import connect, count_on_dask
+    from cellseg.run import connect, count_on_dask
     started = time.perf_counter()
     with connect(workers, None) as client:
         client.run(_import_libraries)
@@ -73,7 +73,7 @@ def on_dask(spec, slides: list[Path], workers: int, band_rows: int | None, folde
 
 
 def in_process(spec, slides: list[Path], band_rows: int | None, folder: Path) -> dict:
-    from cellseg.cohort import count_serially
+    from cellseg.run import count_serially
     counter = spec.load()
     t, cpu = time.perf_counter(), time.process_time()
     outcomes = list(count_serially(counter, [(s, folder / "serial" / s.name) for s in slides], band_rows=band_rows))
@@ -145,8 +145,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cellseg-scale-out")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    from cellseg.counter import CounterSpec
-    from cellseg.protocol import load_protocol
+    from cellseg.planning import load_protocol
+    from cellseg.run import CounterSpec
     spec = CounterSpec(load_protocol(args.protocol), args.device)
     report = {"cpus": os.cpu_count(), "band_rows": args.band_rows, "slides": [str(s) for s in args.slides]}
     print(f"{len(args.slides)} slides, band rows {args.band_rows}, {os.cpu_count()} CPUs, "

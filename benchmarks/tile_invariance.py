@@ -2,7 +2,7 @@
 
 Counts a slide (default: the example fluorescence mosaic) with the shipped bundle at each --tile-size,
 then compares every run with the first: cell counts (relative difference) and masks matched one-to-one
-at IoU >= 0.5 (cellseg.evaluate), reporting the share of cells matched and their median / 5th-percentile IoU.
+at IoU >= 0.5 (cellseg.evaluation.scoring), reporting the share of cells matched and their median / 5th-percentile IoU.
 
     python benchmarks/tile_invariance.py [--slide example_slides/fluo_mosaic.ome.tif] [--tiles 256 384 512] [--tissue none]
 """
@@ -30,10 +30,10 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None, help="network arithmetic (protocol's)")
     args = p.parse_args()
 
-    from cellseg.bundle import load_bundle
-    from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_image_masks, match, pair_iou
-    from cellseg.protocol import load_protocol
+    from cellseg.bundles import load_bundle
+    from cellseg.evaluation import load_image_masks, match, pair_iou
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
 
     protocol = load_protocol(args.protocol).replace(tissue_method=args.tissue, model=args.model,
                                                     precision=args.precision)

@@ -38,9 +38,9 @@ def main() -> None:
     args = p.parse_args()
 
     from cellseg.cli import result_stem
-    from cellseg.counter import CellCounter
-    from cellseg.evaluate import load_image_masks, match, pair_iou
-    from cellseg.protocol import load_protocol
+    from cellseg.evaluation import load_image_masks, match, pair_iou
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
 
     protocol = load_protocol(args.protocol).replace(tile_size=args.tile_size)
     loaded = CellCounter.load(protocol, args.device)

@@ -31,13 +31,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellseg.augment import Augmentation  # noqa: E402
-from cellseg.bundle import load_bundle  # noqa: E402
-from cellseg.network import build_model  # noqa: E402
-from cellseg.precision import cpu_flags, cpu_has_native_bf16, cpu_model  # noqa: E402
-from cellseg.train import prepare_for_training, training_step  # noqa: E402
-from cellseg.train_crops import sample_crop  # noqa: E402
-from cellseg.train_data import train_image_from_labels  # noqa: E402
+from cellseg.bundles import load_bundle  # noqa: E402
+from cellseg.detection import (  # noqa: E402
+    build_model,  # noqa: E402
+    cpu_flags,
+    cpu_has_native_bf16,
+    cpu_model,
+)
+from cellseg.training import (  # noqa: E402
+    Augmentation,  # noqa: E402
+    prepare_for_training,
+    sample_crop,  # noqa: E402
+    train_image_from_labels,  # noqa: E402
+    training_step,
+)
 from references.nuclei.datasets import Split, read_pixels  # noqa: E402
 from references.nuclei.recipe import training_images  # noqa: E402
 

@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .errors import CellsegError, ParameterError
-from .protocol import SETTINGS, OneOf, Range, Setting
+from .planning import SETTINGS, OneOf, Range, Setting
 
 
 class _Group(click.Group):
@@ -174,8 +174,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
           estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
-    from .protocol import check_pixel_size, load_protocol
-    from .resultdir import atomic_write_text
+    from .planning import check_pixel_size, load_protocol
+    from .results import atomic_write_text
 
     if workers is not None and scheduler is not None:
         raise click.UsageError(f"expected --workers N or --scheduler ADDRESS, got both (--workers {workers} "
@@ -189,7 +189,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     protocol = load_protocol(protocol_name).replace(**overrides)
     regions = None
     if regions_file is not None:
-        from .regions import load_regions
+        from .planning import load_regions
         regions = load_regions(regions_file, regions_units)
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
@@ -197,16 +197,15 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
         _check_summary_csv(summary_csv)
     if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
-        from .slide import open_slide
+        from .slides import open_slide
         with open_slide(inputs[0], mpp=mpp) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
     import shlex
 
-    from .cohort import count_serially
-    from .counter import CounterSpec
-    from .summary import RunInfo
+    from .results import RunInfo
+    from .run import CounterSpec, count_serially
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
                        run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
@@ -222,7 +221,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
         if workers is None and scheduler is None:
             outcomes = count_serially(spec.load(), jobs, resume=resume, band_rows=band_rows, progress=bar)
         else:
-            from .distributed import count_on_dask
+            from .run import count_on_dask
             # distributed sets its loggers to INFO when imported: its warnings (a worker restarted) show with -v.
             logging.getLogger("distributed").setLevel(logging.getLogger().getEffectiveLevel() + 10)
             outcomes = count_on_dask(spec, jobs, workers=workers, scheduler=scheduler, resume=resume,
@@ -255,7 +254,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
-        from .report import CohortRow, write_cohort_report
+        from .results import CohortRow, write_cohort_report
         cohort = [CohortRow(Path(r["input"]).name, Path(r["result"]) if r.get("result") else None,
                             _read_summary(Path(r["result"])) if r.get("result") else None, r.get("error"))
                   for r in rows]
@@ -277,7 +276,7 @@ def _read_summary(folder: Path) -> dict | None:
 def report(results) -> None:
     """Rebuild report.html in existing result folders; for several (or a folder of them) also the cohort report
     there (or in their common parent). The crops are read from the slide named in run.json."""
-    from .report import CohortRow, result_folders, write_cohort_report, write_report
+    from .results import CohortRow, result_folders, write_cohort_report, write_report
     folders, cohort = result_folders(list(results))
     rows = []
     for folder in folders:
@@ -354,8 +353,8 @@ def info(slide, protocol_name, overrides, mpp, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
     from .describe import describe_slide
-    from .protocol import load_protocol
-    from .slide import open_slide
+    from .planning import load_protocol
+    from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
     with open_slide(slide, mpp=mpp) as opened:
         for line in describe_slide(opened.info, protocol, diameter):
@@ -370,7 +369,7 @@ def protocols() -> None:
 @protocols.command("list")
 def protocols_list() -> None:
     """Names and descriptions of the shipped protocols."""
-    from .protocol import list_protocols, load_protocol
+    from .planning import list_protocols, load_protocol
     for name in list_protocols():
         click.echo(f"{name:24s} {load_protocol(name).description}")
 
@@ -381,7 +380,7 @@ def protocols_show(name: str) -> None:
     """A protocol's settings, as TOML."""
     import tomli_w
 
-    from .protocol import load_protocol
+    from .planning import load_protocol
     protocol = load_protocol(name)
     click.echo(f"# {protocol.source}")
     click.echo(tomli_w.dumps(protocol.to_dict()), nl=False)
@@ -408,16 +407,14 @@ def protocols_show(name: str) -> None:
               help="Starting weights: random, torchvision's COCO Mask R-CNN (local file), or a bundle to fine-tune.")
 def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
     """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
-    from .detect import resolve_device
-    from .train import TrainSettings
-    from .train import train as run_training
-    from .train_checkpoint import check_output_folder
-    from .train_data import load_coco
+    from .detection import resolve_device
+    from .training import TrainSettings, check_output_folder, load_coco
+    from .training import train as run_training
     if lr is None:
         lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
     check_output_folder(out, resume)
     if val is not None:   # a wrong --val fails now, not after hours of training
-        from .validate import annotated_images, shared_images
+        from .evaluation import annotated_images, shared_images
         _, val_paths = annotated_images(val)
         shared = shared_images(data, val_paths.values())
         if shared:
@@ -430,8 +427,7 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
                           resume=resume, device=torch_device, init=init)
     click.echo(f"bundle written to {bundle}")
     if val is not None:
-        from .evaluate import summary_lines
-        from .validate import validate_bundle
+        from .evaluation import summary_lines, validate_bundle
         validation = validate_bundle(bundle, val, bundle / "validation", device=torch_device)
         for line in summary_lines(validation.report):
             click.echo(line)
@@ -449,8 +445,8 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
               help="IoU for a predicted cell to count as found.")
 def evaluate(pred, gt, out, iou) -> None:
     """Score predictions (COCO JSON, label image or result folder) against ground truth."""
-    from .evaluate import evaluate as run_evaluation
-    from .evaluate import summary_lines, write_report
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import summary_lines, write_report
     report = run_evaluation(pred, gt, iou=iou)
     for line in summary_lines(report):
         click.echo(line)

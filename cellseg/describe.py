@@ -1,17 +1,16 @@
 """What `cellseg info` prints: a slide as cellseg sees it, before a long run.
 
 Format and backend, the size of every pyramid level, channels and their names, the pixel size and where it
-came from, the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.slide_plan and
-tiling.plan_tiles) and whether nuclei are grown into cells (expansion.py). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
+came from, the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.planning.plan and
+tiling.plan_tiles) and whether nuclei are grown into cells (cells/expansion.py). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
 and no torch.
 """
 
 from __future__ import annotations
 
-from .protocol import Protocol
-from .slide import SlideInfo
-from .slide_plan import Scale, choose_scale, tile_geometry
-from .tiling import grid_shape, plan_tiles
+from .geometry import grid_shape, plan_tiles
+from .planning import Protocol, Scale, choose_scale, tile_geometry
+from .slides import SlideInfo
 
 
 def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None) -> list[str]:
@@ -66,7 +65,7 @@ def _scale(protocol: Protocol, info: SlideInfo, diameter_px: float | None) -> Sc
     """The resampling `cellseg count` would choose; the model's nucleus size is read from its model.toml."""
     if diameter_px is None and not (protocol.nucleus_diameter_um and info.mpp):
         return choose_scale(None, None, protocol, info.mpp)   # native: nothing to compare with the model's size
-    from .bundle import BUNDLE_FORMAT, find_bundle, read_bundle_folder
+    from .bundles import BUNDLE_FORMAT, find_bundle, read_bundle_folder
     meta, _ = read_bundle_folder(find_bundle(protocol.model), BUNDLE_FORMAT)
     model_d = float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0))
     return choose_scale(model_d, diameter_px, protocol, info.mpp)

@@ -64,7 +64,7 @@ def validation_split(data: Path) -> list[str]:
     """The held-out image ids of the shipped model, from the training script itself."""
     spec = importlib.util.spec_from_file_location("train_default_bundle", TRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports torch and cellseg.train, as the training run does
+    spec.loader.exec_module(module)  # imports torch and cellseg.training.maskrcnn, as the training run does
     split = module.stratified_split(data / "manifest.csv", val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
     if set(split["val"]) & set(split["train"]):
         raise RuntimeError("expected disjoint train and val splits, got overlapping ones")

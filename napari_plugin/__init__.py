@@ -2,7 +2,7 @@
 
 Qt-free modules, tested without a display: `_lazy` (lazy pyramid levels), `_layers` (layer data from a
 result folder or a slide), `_logic` (table filtering, colours, regions), `_run` (a count run through the same
-`cellseg.counter.CellCounter` as the CLI). Qt modules: `_widget` (the dock widget), `_qtable` (the cell
+`cellseg.run.counter.CellCounter` as the CLI). Qt modules: `_widget` (the dock widget), `_qtable` (the cell
 table), `_reader` and `_sample_data` (npe2 entry points, thin).
 
 Importing this package does not import napari or Qt.

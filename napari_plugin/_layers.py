@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import CellsegError, SlideError
-from cellseg.resultdir import RESULT_MARKER
-from cellseg.slide import Slide, looks_like_slide, open_slide
+from cellseg.results import RESULT_MARKER
+from cellseg.slides import Slide, looks_like_slide, open_slide
 
 from ._lazy import display_range, slide_pyramid
 
@@ -101,7 +101,7 @@ def _channel_name(info, channel: int) -> str:
 
 
 def slide_layer_data(path: str | Path, name: str | None = None) -> list[LayerData]:
-    """Lazy image layer(s) of a slide in any format cellseg reads (cellseg.slide: TIFF family, DICOM, MRXS, CZI,
+    """Lazy image layer(s) of a slide in any format cellseg reads (cellseg.slides.opening: TIFF family, DICOM, MRXS, CZI,
     OME-Zarr, PNG, ...), through the same backends as `cellseg count`.
 
     The slide stays open as long as its layers hold its levels (closed when they are garbage collected).

@@ -17,8 +17,8 @@ import logging
 
 import numpy as np
 
-from cellseg.slide import Slide
-from cellseg.tiling import Box
+from cellseg.geometry import Box
+from cellseg.slides import Slide
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import ParameterError
-from cellseg.tiling import Box
+from cellseg.geometry import Box
 
 NAN_RGBA = (0.5, 0.5, 0.5, 1.0)          # cells without a value (e.g. µm columns without a pixel size)
 TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
@@ -147,7 +147,7 @@ def write_region_tiff(read: Callable[[Box], np.ndarray], box: Box, path: Path, *
     """
     import tifffile
 
-    from cellseg.ome import ome_metadata, resolution_tags
+    from cellseg.results import ome_metadata, resolution_tags
 
     dtype = np.dtype(dtype)
 

@@ -1,4 +1,4 @@
-"""Regions in napari, without Qt: a regions GeoJSON (QuPath's annotations, cellseg.regions) as a Shapes layer, and
+"""Regions in napari, without Qt: a regions GeoJSON (QuPath's annotations, cellseg.planning.regions) as a Shapes layer, and
 shapes drawn in napari back to a GeoJSON of annotations, to count in (`CountRequest.regions`) or to save.
 
 GeoJSON coordinates are level-0 px with x = column, y = row and pixel (r, c) the square [c, c+1] x [r, r+1];
@@ -21,16 +21,16 @@ REGION_COLOR = "#ff8c00"
 
 def regions_layer_data(path: str | Path, mpp: float | None = None, units: str = "px",
                        translate=(0.0, 0.0)) -> LayerData:
-    """A regions file (cellseg.regions.load_regions: named polygons, other QuPath objects left out) as Shapes.
+    """A regions file (cellseg.planning.regions.load_regions: named polygons, other QuPath objects left out) as Shapes.
     Regions in µm need `mpp`."""
     import shapely
 
-    from cellseg.regions import load_regions
+    from cellseg.planning import load_regions
 
     regions = load_regions(path, units)
     scale = 1.0 / mpp if units == "um" and mpp else 1.0
     if units == "um" and not mpp:
-        from cellseg.regions import RegionsError
+        from cellseg.planning import RegionsError
         raise RegionsError(f"expected a pixel size to show regions in µm ({path}), found none")
     shapes, names, colors = [], [], []
     for name, g in zip(regions.names, regions.geometries):

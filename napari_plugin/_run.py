@@ -1,4 +1,4 @@
-"""One count run for the widget: the CLI's own entry point (`cellseg.counter.CellCounter`), with progress and cancel.
+"""One count run for the widget: the CLI's own entry point (`cellseg.run.counter.CellCounter`), with progress and cancel.
 
 No Qt: the widget calls `run_count` in a napari thread worker and passes a progress callback and a
 threading.Event; tests call it directly. The counter reports (tiles done, tiles total) after each tile; when
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.errors import CellsegError
-from cellseg.tiling import Box
+from cellseg.geometry import Box
 
 from ._layers import REGION_FILE
 
@@ -89,12 +89,11 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
     a temporary TIFF, counts it into `staged_output(out)`. CellsegError for anything a user can
     fix; Cancelled when `cancel` was set (the previous result at `output`, if any, is left untouched).
     """
-    from cellseg.counter import CellCounter
-    from cellseg.detect import resolve_device
-    from cellseg.protocol import check_pixel_size, load_protocol
-    from cellseg.resultdir import staged_output
-    from cellseg.slide import open_slide
-    from cellseg.summary import RunInfo
+    from cellseg.detection import resolve_device
+    from cellseg.planning import check_pixel_size, load_protocol
+    from cellseg.results import RunInfo, staged_output
+    from cellseg.run import CellCounter
+    from cellseg.slides import open_slide
 
     from ._logic import write_region_tiff
 
@@ -152,13 +151,13 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
 
 
 def request_regions(geojson: dict, work: Path, box: Box | None):
-    """The widget's regions (GeoJSON in the image's px) as cellseg.regions.RegionFile, shifted onto the counted
+    """The widget's regions (GeoJSON in the image's px) as cellseg.planning.regions.RegionFile, shifted onto the counted
     copy of `box` when only a box of the image is counted. Written to `work` first: read as any --regions file."""
     from dataclasses import replace
 
     from shapely import affinity
 
-    from cellseg.regions import load_regions
+    from cellseg.planning import load_regions
     path = work / "regions.geojson"
     path.write_text(json.dumps(geojson), encoding="utf-8")
     regions = load_regions(path)

@@ -71,7 +71,7 @@ class CellsegWidget(QWidget):
         self.save_regions_button.setToolTip("Save the regions layer's shapes as GeoJSON (QuPath: File > Import "
                                             "objects)")
         self.protocol_combo = QComboBox()
-        from cellseg.protocol import list_protocols
+        from cellseg.planning import list_protocols
         self.protocol_combo.addItems(list_protocols())
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])

@@ -12,6 +12,6 @@ cat "$from"/weights.safetensors.part* > "$to/weights.safetensors"
 cp "$from/model.toml" "$to/"
 cp "$from/training_log.csv" "$to/" 2>/dev/null || true
 cp "$split_json" "$to/split.json"
-python3 -c "import sys; from cellseg.bundle import load_bundle; from cellseg.network import load_network; \
+python3 -c "import sys; from cellseg.bundles.bundle import load_bundle; from cellseg.detection.network import load_network; \
 b = load_bundle(sys.argv[1]); load_network(b); \
 print(f'{sys.argv[1]}: {b.model.backbone}, {b.card[\"training\"][\"steps\"]} steps, sha256 ok')" "$to"

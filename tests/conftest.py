@@ -23,8 +23,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A random-init bundle with score threshold 0 so that it does emit (meaningless) cells."""
     import torch
 
-    from cellseg.bundle import save_bundle
-    from cellseg.network import build_model
+    from cellseg.bundles import save_bundle
+    from cellseg.detection import build_model
     torch.manual_seed(0)
     cfg = tiny_model_config()
     folder = tmp_path_factory.mktemp("bundle") / "tiny"

@@ -21,7 +21,7 @@ EXAMPLES = ROOT / "example_slides"
 
 def tiny_model_config():
     """A small FPN and box head: quick to build and run, ~20 MB of float16 weights."""
-    from cellseg.bundle import ModelConfig
+    from cellseg.bundles import ModelConfig
     return ModelConfig(fpn_channels=32, box_head_size=64, detections_per_tile=300,
                        rpn_pre_nms_top_n_test=400, rpn_post_nms_top_n_test=300,
                        rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)
@@ -68,7 +68,7 @@ class LabelReadingDetector:
     def _tile(self, tile, shape):
         from scipy import ndimage
 
-        from cellseg.instances import TileDetections
+        from cellseg.geometry import TileDetections
         crop = self.labels[tile.read.slices()]
         boxes, masks = [], []
         dr = self.shift_px * (1 if tile.grid_row % 2 else -1)
@@ -97,7 +97,7 @@ class LabelReadingDetector:
 @dataclass(frozen=True)
 class LabelCounterSpec:
     """counter.CounterSpec's interface for counters whose detector reads the label image file `labels` back
-    (LabelReadingDetector), so that Dask workers load their own (distributed.py). Each load appends the loading
+    (LabelReadingDetector), so that Dask workers load their own (run/distributed.py). Each load appends the loading
     process's id to the file `loads`, when given."""
 
     protocol: object
@@ -113,8 +113,8 @@ class LabelCounterSpec:
 
         import tifffile
 
-        from cellseg.counter import CellCounter
-        from cellseg.summary import RunInfo
+        from cellseg.results import RunInfo
+        from cellseg.run import CellCounter
         if self.loads is not None:
             with open(self.loads, "a") as fh:
                 fh.write(f"{os.getpid()}\n")
@@ -128,7 +128,7 @@ class LabelCounterSpec:
         return {"name": "label reader", "labels": str(self.labels), "shift_px": self.shift_px}
 
     def settings(self) -> dict:
-        from cellseg.counter import counting_settings
+        from cellseg.run import counting_settings
         return counting_settings(self.protocol, self.model, self.mpp, None, self.regions)
 
 
@@ -147,7 +147,7 @@ class Tally:
 
 def count_with(detector, slide: Path, out: Path, protocol, **options) -> dict:
     """Count `slide` into the result folder `out` through the library's entry point (counter.CellCounter)."""
-    from cellseg.counter import CellCounter
+    from cellseg.run import CellCounter
     return CellCounter(protocol, detector, **options).count(slide, out)
 
 
@@ -155,7 +155,7 @@ def oracle_result(slide: Path, labels: Path, out: Path, protocol: str = "fluores
     """A real result folder of `slide` whose cells are those of the label image `labels`."""
     import tifffile
 
-    from cellseg.protocol import load_protocol
+    from cellseg.planning import load_protocol
     count_with(LabelReadingDetector(tifffile.imread(labels), score=None), slide, out, load_protocol(protocol))
     return out
 

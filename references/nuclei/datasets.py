@@ -42,7 +42,7 @@ DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 DSB_MODALITIES = {"fluorescence": "fluorescence", "brightfield_color_histology": "stained_tissue",
                   "brightfield_gray": "brightfield_gray"}
 TNBC_MODALITY = "he_breast"
-# Which images decide the score threshold of a protocol modality (cellseg.protocol: fluorescence | brightfield).
+# Which images decide the score threshold of a protocol modality (cellseg.planning.protocol: fluorescence | brightfield).
 PROTOCOL_MODALITY = {"fluorescence": "fluorescence", "stained_tissue": "brightfield",
                      "brightfield_gray": "brightfield", TNBC_MODALITY: "brightfield"}
 ACQUISITION_DISTANCE = 5.0     # Ward distance (standardised features) at which the clustering tree is cut

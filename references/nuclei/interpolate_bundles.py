@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cellseg.bundle import interpolate_bundles
+from cellseg.bundles import interpolate_bundles
 from cellseg.errors import CellsegError
 
 

@@ -1,7 +1,7 @@
 """The default nuclei bundle's training recipe: which data, which split, which draw shares, which credits.
 
 train_default_bundle.py is its command line (CPU and GPU runs alike); tests run it with a tiny network. It trains
-through cellseg's own training code (cellseg.train). Data: a folder holding `dsb2018-train/` and `tnbc-train/`
+through cellseg's own training code (cellseg.training.maskrcnn). Data: a folder holding `dsb2018-train/` and `tnbc-train/`
 (datasets.py's layout); the split holds out whole acquisition groups and patients and is written beside the bundle
 (split.json); only its "train" images are read.
 """
@@ -92,12 +92,10 @@ def training_images(data_root: Path, split: Split) -> list[AnnotatedImage]:
 def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None = None, init: str = "none",
                mix: dict[str, float] | None = None, model_cfg=None, resume: bool = False, device: str = "cpu",
                limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None) -> Path:
-    """Train the nuclei bundle on the split's training images into `out` (see cellseg.train.train; on_snapshot is
+    """Train the nuclei bundle on the split's training images into `out` (see cellseg.training.maskrcnn.train; on_snapshot is
     its callback for settings.snapshot_every)."""
-    from cellseg.bundle import load_bundle
-    from cellseg.train import train
-    from cellseg.train_checkpoint import check_output_folder
-    from cellseg.train_data import train_image_from_labels
+    from cellseg.bundles import load_bundle
+    from cellseg.training import check_output_folder, train, train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
     split = load_split(data_root, split_file or (out / "split.json" if resume else None))
     chosen = training_images(data_root, split)[:limit]

@@ -3,7 +3,7 @@
 The recipe (recipe.py): DSB2018 images grouped by acquisition and TNBC by patient (datasets.py), at least 15 % of
 each modality's groups held out whole and written to OUT/split.json, so that validate_bundle.py scores exactly the
 held-out images; modalities drawn by fixed shares; augmentation for stains, focus, noise, contrast, dim nuclei and
-zoom (cellseg.augment). Resumable across runs (--resume); checkpoints by steps and by wall time. From the
+zoom (cellseg.training.augment). Resumable across runs (--resume); checkpoints by steps and by wall time. From the
 repository's root:
 
     # from scratch on a GPU (scripts/gpu_train.sh runs this on a lent machine, data from a pack):
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cellseg.augment import Augmentation
 from cellseg.errors import CellsegError
-from cellseg.train import TrainSettings
+from cellseg.training import Augmentation, TrainSettings
 
 from .datasets import PROJECT_DATA_ROOT
 from .recipe import parse_mix, run_recipe
@@ -129,7 +128,7 @@ def main() -> None:
     if args.backbone:
         if args.init != "none":
             p.error("--backbone is for a training from scratch (--init none)")
-        from cellseg.bundle import ModelConfig
+        from cellseg.bundles import ModelConfig
         model_cfg = ModelConfig(backbone=args.backbone)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,

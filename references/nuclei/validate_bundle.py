@@ -3,7 +3,7 @@ its model card.
 
 Every held-out image (split.json's "val": whole DSB2018 acquisition groups and whole TNBC patients, see
 datasets.py) goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low score floor;
-`cellseg.evaluate` scores the predictions per modality. For each protocol modality (fluorescence; brightfield =
+`cellseg.evaluation.scoring` scores the predictions per modality. For each protocol modality (fluorescence; brightfield =
 stained tissue, H&E and grayscale brightfield) the score threshold with the best pooled F1 on its held-out images
 becomes the bundle's threshold for that modality (chosen on the same images it is reported on: the card says so).
 
@@ -24,10 +24,17 @@ import json
 import logging
 from pathlib import Path
 
-from cellseg.bundle import load_bundle, update_bundle_metadata
-from cellseg.evaluate import evaluate, load_image_masks
-from cellseg.validate import VALIDATION_PROTOCOL, above, card_figures, score, validation_detector
-from cellseg.validate import predict as predict_images
+from cellseg.bundles import load_bundle, update_bundle_metadata
+from cellseg.evaluation import (
+    VALIDATION_PROTOCOL,
+    above,
+    card_figures,
+    evaluate,
+    load_image_masks,
+    score,
+    validation_detector,
+)
+from cellseg.evaluation import predict as predict_images
 
 from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, PROTOCOL_MODALITY, Split
 from .model_card import card_readme

@@ -12,7 +12,7 @@ weights.safetensors, README.md, training_loss.png and example.png to cellseg/mod
 Only `stratified_split(manifest, 0.1, seed=0)["train"]` images are used (the "val" images are held out for the
 first nuclei model and fill example_slides/). Views: tissue_synth.py. A pool of views is synthesised once (cached
 under runs/, git-ignored), then random 160² crops with flips / 90° rotations are drawn from it. Training goes
-through cellseg's training loop (cellseg.train_loop: schedule, checkpoints, --resume, the loss log). Evaluation: a
+through cellseg's training loop (cellseg.training.loop: schedule, checkpoints, --resume, the loss log). Evaluation: a
 held-out synthetic set (another seed), the example slides in example_slides/ (never trained on) and tissue-free
 synthetic slides; the figures go into model.toml [metrics] and README.md.
 """
@@ -33,9 +33,9 @@ import torch
 from scipy import ndimage as ndi
 from torch.nn import functional as F
 
+from cellseg.detection import cpu_model
 from cellseg.errors import CellsegError
-from cellseg.precision import cpu_model
-from cellseg.tissue_unet import (
+from cellseg.tissue.unet import (
     TissueUNetConfig,
     build_tissue_unet,
     load_tissue_bundle,
@@ -43,8 +43,7 @@ from cellseg.tissue_unet import (
     save_tissue_bundle,
     tissue_input,
 )
-from cellseg.train_checkpoint import TrainingState, check_output_folder
-from cellseg.train_loop import LoopSettings, run_training
+from cellseg.training import LoopSettings, TrainingState, check_output_folder, run_training
 
 from . import tissue_synth as ts
 
@@ -120,7 +119,7 @@ def tissue_losses(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch
 
 @dataclass
 class TissueTraining:
-    """The U-Net's part of a training in cellseg's loop (cellseg.train_loop.TrainingTask): crops of the view pool,
+    """The U-Net's part of a training in cellseg's loop (cellseg.training.loop.TrainingTask): crops of the view pool,
     its loss, its bundle. `card`: the training's facts for model.toml (steps and wall time added at each write)."""
 
     net: torch.nn.Module
@@ -172,7 +171,7 @@ def eval_synthetic(net, x, y, infos, threshold: float) -> dict:
 
 
 def _read_view(path: Path, um_per_px: float):
-    from cellseg.slide import open_slide
+    from cellseg.slides import open_slide
     with open_slide(path) as s:
         max_side = max(1, round(max(s.info.height, s.info.width) * s.info.mpp / um_per_px))
         view, factor = s.read_thumbnail(max_side)
@@ -292,7 +291,7 @@ parameters, float16 weights {t['weights_mb']:.2f} MB) that labels each pixel of 
 (meant for {VIEW_UM_PER_PX:g} µm/px; trained on about 1.5-17 µm/px, evaluated at 2-16 µm/px below) as tissue (stained tissue in brightfield, cell-covered
 area in fluorescence) or background (glass, dark field, dust, pen marks, bubbles, haze, label edge). The
 pipeline uses it to skip background tiles before the cell detector. Input normalisation:
-`cellseg.tissue_unet.tissue_input` (the same in training and inference). Probability threshold {bundle.threshold}.
+`cellseg.tissue.unet.tissue_input` (the same in training and inference). Probability threshold {bundle.threshold}.
 
 ## Data: synthetic views from real nuclei images
 
@@ -392,7 +391,7 @@ def main() -> None:
         except CellsegError as e:
             raise SystemExit(f"train_tissue_unet: error: {e}") from None
     version = hashlib.sha256(Path(ts.__file__).read_bytes()
-                             + (ROOT / "cellseg" / "tissue_unet.py").read_bytes()).hexdigest()[:10]
+                             + (ROOT / "cellseg" / "tissue/unet.py").read_bytes()).hexdigest()[:10]
     ids = stratified_split(args.data / "manifest.csv", val_fraction=0.1, seed=0)["train"]
     t0 = time.time()
     src = ts.Sources(args.data, ids)

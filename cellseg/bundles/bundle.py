@@ -1,0 +1,345 @@
+"""Model bundles: a folder with model.toml (architecture, classes, scale, thresholds, card) + safetensors weights.
+
+Weights are stored as float16 safetensors (half the size, never unpickled) and loaded as float32.
+The default bundle ships inside the package under cellseg/models/. The tissue U-Net's bundles (tissue_unet) are
+the same kind of folder in another format: both are found by `find_bundle` and checked by `read_bundle_folder`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import tomli_w
+import tomllib
+
+from ..errors import BundleError
+
+BUNDLE_FORMAT = "cellseg-bundle/1"
+DEFAULT_BUNDLE = "nuclei"
+_WEIGHTS = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class BundleKind:
+    """One kind of bundle: what messages call it, the format its model.toml declares, the shipped bundle used when
+    none is named, and how a user makes one (said when a name is unknown)."""
+
+    noun: str            # "model", "tissue": "expected a tissue bundle folder ..."
+    format: str          # model.toml's `format`
+    default_name: str    # a folder under cellseg/models/
+    how_to_make: str
+
+
+MODEL_BUNDLE = BundleKind("model", BUNDLE_FORMAT, DEFAULT_BUNDLE, "train one with `cellseg train` and pass --model PATH")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a cell Mask R-CNN (network.build_model builds it); a bundle's model.toml [model] table."""
+
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50
+    norm: str = "groupnorm"             # groupnorm (trains from scratch with small batches) | frozen_bn (COCO init)
+    fpn_channels: int = 128
+    box_head_size: int = 512
+    classes: tuple[str, ...] = ("nucleus",)   # foreground classes; class id k >= 1 is classes[k-1]
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    detections_per_tile: int = 3000
+    rpn_pre_nms_top_n_test: int = 6000
+    rpn_post_nms_top_n_test: int = 3000
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 256
+    box_nms_thresh: float = 0.4
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) + 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; expected some of {sorted(known)}")
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**tupled)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loadable model: its folder, its architecture and what the card says about it."""
+
+    path: Path
+    name: str
+    model: ModelConfig
+    score_threshold: float
+    mask_threshold: float
+    nucleus_diameter_px: float          # typical nucleus diameter at the scale the model was trained on
+    weights_sha256: str
+    card: dict = field(default_factory=dict)   # [training], [metrics], ... free-form, for people
+    proposal_threshold: float = 0.0     # RPN objectness floor at inference (speed; 0 keeps every proposal)
+    # Score threshold tuned per imaging modality (a protocol's `modality`: fluorescence | brightfield) on held-out
+    # images of that modality; score_threshold is the fallback for a modality the bundle was not tuned on.
+    score_thresholds: dict[str, float] = field(default_factory=dict)
+    # The same, tuned with test-time augmentation (cellseg.detection.tta: merged scores of 8 views are another scale).
+    tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, modality: str | None, tta: bool = False) -> float:
+        """The score threshold tuned for `modality` (with TTA when `tta` and the bundle has one), else the
+        bundle's default."""
+        if tta and modality in self.tta_score_thresholds:
+            return self.tta_score_thresholds[modality]
+        return float(self.score_thresholds.get(modality, self.score_threshold))
+
+    def training_stages(self) -> list[dict]:
+        """Every training stage that made this bundle, oldest first, its own last: the `earlier_stages` of a
+        bundle made from this one (a fine-tune or an interpolation)."""
+        stages = list(self.card.get("earlier_stages")
+                      or ([self.card["base_training"]] if "base_training" in self.card else []))
+        stages.append({"bundle": self.name, "weights_sha256": self.weights_sha256, **self.card.get("training", {})})
+        return stages
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / _WEIGHTS
+
+    def state_dict(self) -> dict:
+        return read_weights(self.weights_path)
+
+
+def packaged_bundles_root() -> Path:
+    return Path(str(resources.files("cellseg") / "models"))
+
+
+def shipped_bundle_names(kind: BundleKind = MODEL_BUNDLE) -> list[str]:
+    """Names of the bundles of `kind` shipped in the package (cell models by default: not the tissue U-Net's)."""
+    root = packaged_bundles_root()
+    names = []
+    for toml_path in sorted(root.glob("*/model.toml")) if root.is_dir() else []:
+        try:
+            if tomllib.loads(toml_path.read_text(encoding="utf-8")).get("format") == kind.format:
+                names.append(toml_path.parent.name)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+    return names
+
+
+def find_bundle(name_or_path: str | os.PathLike | None, kind: BundleKind = MODEL_BUNDLE) -> Path:
+    """A bundle folder from a path (the folder or its model.toml), or the name of a bundle of `kind` shipped in the
+    package (None -> kind's default). A path is returned as given: read_bundle_folder says what is wrong with it."""
+    name = kind.default_name if name_or_path is None else str(name_or_path)
+    candidate = Path(name)
+    # "/" as well as os.sep: a path written the POSIX way is a path on Windows too, never a shipped name
+    if candidate.is_dir() or os.sep in name or "/" in name or name.endswith(".toml"):
+        return candidate.parent if candidate.name == "model.toml" else candidate
+    shipped = packaged_bundles_root() / name
+    if not (shipped / "model.toml").is_file():
+        have = shipped_bundle_names(kind)
+        hint = (f"shipped bundles: {', '.join(have)}" if have
+                else f"this installation ships no trained {kind.noun} bundle")
+        raise BundleError(f"expected a {kind.noun} bundle folder or a shipped bundle name, got {name!r} ({hint}; "
+                          f"{kind.how_to_make})")
+    return shipped
+
+
+def read_bundle_folder(folder: Path, fmt: str, noun: str = "model", require_sha256: bool = False) -> tuple[dict, str]:
+    """Check a bundle folder (model.toml is TOML of format `fmt`, weights present and matching the recorded
+    sha256) and return (model.toml as a dict, the weights' sha256). Every failure is a one-line BundleError that
+    calls the bundle a `noun` bundle (BundleKind.noun)."""
+    if not folder.is_dir():
+        raise BundleError(f"expected a {noun} bundle folder, found no bundle at {folder} (no such folder)")
+    toml_path = folder / "model.toml"
+    if not toml_path.is_file():
+        raise BundleError(f"expected a {noun} bundle folder with model.toml, found no {toml_path}")
+    try:
+        meta = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"expected valid TOML in {toml_path}, found a file that is not valid TOML: {e}") from e
+    if meta.get("format") != fmt:
+        raise BundleError(f"expected format = {fmt!r} in {toml_path}, found {meta.get('format')!r}")
+    weights = folder / _WEIGHTS
+    if not weights.is_file():
+        raise BundleError(f"expected weights at {weights}, found none (the bundle is incomplete)")
+    digest = sha256_file(weights)
+    recorded = meta.get("weights_sha256")
+    if recorded is None and require_sha256:
+        raise BundleError(f"expected weights_sha256 in {toml_path}, found none")
+    if recorded not in (None, digest):
+        raise BundleError(f"{weights} does not match the sha256 recorded in model.toml "
+                          f"(expected {str(recorded)[:12]}…, found {digest[:12]}…): the file is corrupt or replaced")
+    return meta, digest
+
+
+def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
+    folder = find_bundle(name_or_path)
+    meta, digest = read_bundle_folder(folder, BUNDLE_FORMAT)
+    toml_path = folder / "model.toml"
+    try:
+        model = ModelConfig.from_dict(meta.get("model", {}))
+        inference = meta.get("inference", {})
+        return Bundle(
+            path=folder, name=str(meta.get("name", folder.name)), model=model,
+            score_threshold=float(inference.get("score_threshold", 0.5)),
+            mask_threshold=float(inference.get("mask_threshold", 0.5)),
+            proposal_threshold=float(inference.get("proposal_threshold", 0.0)),
+            score_thresholds=_thresholds(inference.get("score_threshold_by_modality", {}), toml_path,
+                                         "score_threshold_by_modality"),
+            tta_score_thresholds=_thresholds(inference.get("tta_score_threshold_by_modality", {}), toml_path,
+                                             "tta_score_threshold_by_modality"),
+            nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
+            weights_sha256=digest,
+            card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
+        )
+    except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a table given as a plain value
+        raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
+
+
+def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
+    """[inference.<key>]: modality -> threshold in [0, 1]."""
+    if not isinstance(table, dict):
+        raise BundleError(f"expected [inference.{key}] in {toml_path} to be a table of modality = threshold, "
+                          f"found {type(table).__name__}")
+    out = {}
+    for modality, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BundleError(f"expected a score threshold between 0 and 1 for {modality!r} in [inference.{key}] "
+                              f"of {toml_path}, found {value!r}")
+        out[str(modality)] = float(value)
+    return out
+
+
+def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str,
+                score_threshold: float = 0.5, mask_threshold: float = 0.5,
+                nucleus_diameter_px: float = 0.0, card: dict | None = None,
+                proposal_threshold: float = 0.0) -> Bundle:
+    """Write weights (float16 safetensors) then model.toml, each atomically, and return the loaded bundle."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(folder / _WEIGHTS, state_dict)
+    meta = {"format": BUNDLE_FORMAT, "name": name, "weights_sha256": sha256_file(folder / _WEIGHTS),
+            "model": model.to_dict(),
+            "inference": {"score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold),
+                          "proposal_threshold": float(proposal_threshold)},
+            "scale": {"nucleus_diameter_px": float(nucleus_diameter_px)}}
+    meta.update(card or {})
+    write_toml(folder / "model.toml", meta)
+    return load_bundle(folder)
+
+
+def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alpha: float, out: Path,
+                        *, name: str, reproduce: str = "") -> Bundle:
+    """A bundle whose weights are (1 - alpha) x `start`'s + alpha x `tuned`'s, for `tuned` fine-tuned from `start`
+    (WiSE-FT, Wortsman et al., CVPR 2022): a fine-tune that gains on new data but forgets some of what `start`
+    knew keeps most of both. The card keeps every training stage of `tuned` and records the interpolation;
+    thresholds and validation figures are `tuned`'s until the new bundle is validated. `out` must be new or empty."""
+    if not 0.0 <= alpha <= 1.0:
+        raise BundleError(f"expected an interpolation weight between 0 and 1, found {alpha}")
+    a, b = load_bundle(start), load_bundle(tuned)
+    if a.model != b.model:
+        raise BundleError(f"expected two bundles of one architecture, found {a.path} and {b.path} differing in "
+                          f"[model]")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"expected a new or empty folder for the interpolated bundle, found {out} "
+                          f"{'holding files' if out.is_dir() else 'being a file'}")
+    wa, wb = a.state_dict(), b.state_dict()
+    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        raise BundleError(f"expected the same tensors in {a.weights_path} and {b.weights_path}, found others")
+    weights = {k: (1 - alpha) * wa[k] + alpha * wb[k] if wa[k].is_floating_point() else wb[k] for k in wa}
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(out / _WEIGHTS, weights)
+    meta, _ = read_bundle_folder(b.path, BUNDLE_FORMAT)
+    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=b.training_stages(),
+                training={"interpolation": {"alpha": float(alpha), "start": a.name,
+                                            "start_sha256": a.weights_sha256, "tuned": b.name,
+                                            "tuned_sha256": b.weights_sha256},
+                          "reproduce": reproduce})
+    if (b.path / "split.json").is_file():   # the hold-out split travels with the bundle (validate_bundle reads it)
+        (out / "split.json").write_bytes((b.path / "split.json").read_bytes())
+    write_toml(out / "model.toml", meta)
+    return load_bundle(out)
+
+
+def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None,
+                           mask_threshold: float | None = None, card: dict | None = None,
+                           score_thresholds: dict[str, float] | None = None,
+                           tta_score_thresholds: dict[str, float] | None = None) -> Bundle:
+    """Set the default thresholds (score_thresholds: per modality, replacing any earlier ones) and replace whole
+    card tables (e.g. [metrics]) in a bundle's model.toml, atomically; the weights are not touched."""
+    folder = find_bundle(folder)
+    meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
+    inference = dict(meta.get("inference", {}))
+    if score_threshold is not None:
+        inference["score_threshold"] = float(score_threshold)
+    if mask_threshold is not None:
+        inference["mask_threshold"] = float(mask_threshold)
+    for key, table in (("score_threshold_by_modality", score_thresholds),
+                       ("tta_score_threshold_by_modality", tta_score_thresholds)):
+        if table is not None:
+            inference[key] = {k: float(v) for k, v in sorted(table.items())}
+    meta["inference"] = inference
+    for key in (card or {}):
+        if key in ("format", "name", "weights_sha256", "model", "inference", "scale"):
+            raise BundleError(f"expected card tables, got the reserved model.toml key {key!r}")
+    meta.update(card or {})
+    write_toml(folder / "model.toml", meta)
+    return load_bundle(folder)
+
+
+def write_weights(path: Path, state_dict: dict) -> None:
+    """Save a state dict as float16 safetensors (other dtypes kept), atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.parent / f".{path.name}.tmp"
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, _file_mode())  # safetensors (like NamedTemporaryFile) creates 0600: others could not read it
+    os.replace(tmp, path)
+
+
+def read_weights(path: Path) -> dict:
+    """A safetensors file as a state dict with float32 floating-point tensors (never unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"expected safetensors weights at {path}, found an unreadable "
+                          f"file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def write_toml(path: Path, meta: dict) -> None:
+    """Write a TOML file atomically, readable by others (the umask decides, as for a plain open())."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".toml.tmp") as f:
+        tomli_w.dump(meta, f)
+    os.chmod(f.name, _file_mode())
+    os.replace(f.name, path)
+
+
+def _file_mode() -> int:
+    """0o666 minus the umask: the mode a plain open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,227 @@
+"""Running the cell Mask R-CNN on tiles: `Detector` (a loaded network on a device) turns normalised tiles into
+TileDetections. It provides what the pipeline needs of a detector (instances.TileDetector).
+
+This is the only module (with the training adapter) that sees torchvision's conventions: xyxy float boxes and
+28x28 soft masks. Everything it returns is in (row, col) tile pixels. The network is built in detection/network.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+
+from ..errors import ParameterError
+from ..geometry import Box, TileDetections, TileSpec, detection_frames
+from .network import load_network
+from .precision import resolve_precision
+from .rcnn_parts import TileNetwork, thread_roi_pools
+from .slide_norm import fold_slide_norms, measure_slide_norms
+
+log = logging.getLogger(__name__)
+
+
+def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, height: int, width: int,
+                            threshold: float = 0.5) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Turn torchvision's (N, 1, M, M) soft masks into tight boolean crops inside a height x width tile.
+
+    Same geometry as torchvision's paste_masks_in_image (1 px padding, box expanded to match) but each mask
+    is only as large as its box. Returns (boxes (K, 4) int row0,col0,row1,col1, masks, kept indices).
+    """
+    boxes_xyxy = boxes_xyxy.float().cpu()
+    mask_probs = mask_probs.float().cpu()  # one device->host copy for the whole tile
+    n = boxes_xyxy.shape[0]
+    if n == 0:
+        return np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64)
+    m = mask_probs.shape[-1]
+    scale = (m + 2) / m
+    padded = F.pad(mask_probs[:, 0], (1, 1, 1, 1))
+    centre = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
+    half = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]) / 2 * scale
+    # truncation toward zero, exactly like torchvision's paste_masks_in_image
+    exp = torch.cat([centre - half, centre + half], dim=1).to(torch.int64).numpy()
+    out_boxes, out_masks, kept = [], [], []
+    for i in range(n):
+        x0, y0, x1, y1 = exp[i]
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        prob = F.interpolate(padded[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        r0, c0 = max(int(y0), 0), max(int(x0), 0)
+        r1, c1 = min(int(y0) + h, height), min(int(x0) + w, width)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        crop = (prob[r0 - y0:r1 - y0, c0 - x0:c1 - x0] > threshold).numpy()
+        rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+        if rows.size == 0:
+            continue
+        tr0, tr1, tc0, tc1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        out_masks.append(np.ascontiguousarray(crop[tr0:tr1, tc0:tc1]))
+        out_boxes.append((r0 + tr0, c0 + tc0, r0 + tr1, c0 + tc1))
+        kept.append(i)
+    boxes = np.asarray(out_boxes, np.int64).reshape(-1, 4)
+    return boxes, out_masks, np.asarray(kept, np.int64)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("expected a CUDA GPU for --device cuda, found none (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ParameterError(f"expected --device auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+class Detector:
+    """A loaded network on a device: feed it normalised tiles, get TileDetections back (an instances.TileDetector).
+
+    The model comes from network.build_model (bundle.Bundle.build): its RoI heads are detection.rcnn_parts.TileRoIHeads. The
+    detector takes the model over (eval mode, on `device`, its thresholds set) and is configured once, here:
+    score_threshold: detections scoring below are dropped (inside torchvision, before the mask head);
+    mask_threshold: soft-mask probability threshold; proposal_threshold: RPN objectness below this never reaches
+    the box head; batch_size: tiles per forward pass; precision: auto | fp32 | bf16 on a CPU (cellseg.detection.precision),
+    a GPU runs fp16 autocast unless fp32. A slide's normalisation comes as another detector (`calibrated`).
+    """
+
+    def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
+                 score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
+                 batch_size: int = 4, precision: str = "fp32"):
+        self.model, self.device, self.class_names = model, device, tuple(class_names)
+        self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
+        self.proposal_threshold, self.batch_size, self.precision = proposal_threshold, batch_size, precision
+        model.eval().to(device)
+        if device.type == "cuda":
+            self.autocast_dtype = None if precision == "fp32" else torch.float16
+            self.precision_note = "fp32 as asked" if precision == "fp32" else "fp16 autocast on the GPU"
+        else:
+            chosen, self.precision_note = resolve_precision(precision, "cpu")
+            # bf16 convolutions and linear layers; RoIAlign pools in fp32 and the predictors hand on fp32 logits
+            # and box deltas (rcnn_parts); the slide's GroupNorm statistics are measured in fp32 (calibrated).
+            self.autocast_dtype = torch.bfloat16 if chosen == "bf16" else None
+        if device.type == "cpu":
+            # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
+            model.to(memory_format=torch.channels_last)
+            thread_roi_pools(model)
+        # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
+        # cells on the example mosaic) goes through the mask branch only to be thrown away here.
+        model.roi_heads.score_thresh = score_threshold
+        # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
+        # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
+        model.rpn.score_thresh = proposal_threshold
+        self.network = TileNetwork(model, contiguous_features=device.type == "cpu")   # per-tile statistics
+
+    @classmethod
+    def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
+                    batch_size: int = 4, precision: str = "fp32") -> Detector:
+        """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
+        return cls(load_network(bundle), resolve_device(device), class_names=tuple(bundle.model.classes),
+                   score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
+                   proposal_threshold=bundle.proposal_threshold, precision=precision)
+
+    @property
+    def slide_calibrated(self) -> bool:
+        """Whether this detector runs with a slide's statistics (`calibrated`) rather than per-tile ones."""
+        return self.network.body is not self.model.backbone.body
+
+    @torch.no_grad()
+    def calibrated(self, windows: Sequence[np.ndarray]) -> Detector:
+        """This detector with one slide's GroupNorm statistics, measured on `windows` (normalised like tiles, all
+        the same shape) pooled over all of them and folded into a copy of the backbone's convolutions
+        (detection.slide_norm.fold_slide_norms). Every other part of the network is shared; this detector and its model are
+        left as they are. Without windows, or for a network without SlideGroupNorm: per-tile statistics (as in
+        training)."""
+        if not windows:
+            return self._with_body(None)
+        body = copy.deepcopy(self.model.backbone.body)   # measured on a copy: the shared model keeps per-tile ones
+        batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            measured = measure_slide_norms(body, self.model.transform(batch)[0].tensors)
+        if not measured:
+            return self._with_body(None)
+        folded = fold_slide_norms(body)
+        if self.device.type == "cpu":
+            folded.to(memory_format=torch.channels_last)
+        return self._with_body(folded)
+
+    def _with_body(self, body: nn.Module | None) -> Detector:
+        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics)."""
+        if body is None and not self.slide_calibrated:
+            return self
+        other = copy.copy(self)
+        other.network = self.network.with_body(body)
+        return other
+
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
+               scale: float = 1.0) -> list[TileDetections]:
+        """The TileDetector's detect: `images` are the network input of `tiles` (resampled by `scale` network px
+        per slide px); each tile's detections come back in its read box at slide resolution, and boxes that cannot
+        hold a cell the tile owns skip the mask branch. Without tiles: detect_images(images) (scale 1)."""
+        if tiles is None:
+            return self.detect_images(images, scale)
+        frame_shapes, owned_boxes = detection_frames(tiles)
+        return self.detect_images(images, scale, frame_shapes=frame_shapes, owned_boxes=owned_boxes)
+
+    @torch.inference_mode()
+    def detect_images(self, images: Sequence[np.ndarray], scale: float = 1.0, *,
+                      frame_shapes: Sequence[tuple[int, int]] | None = None,
+                      owned_boxes: Sequence[Box] | None = None) -> list[TileDetections]:
+        """images: float32 (3, h, w) arrays, already normalised (see planning/intensity.py); any sizes.
+
+        frame_shapes: per image, the (height, width) its detections come back in: when the images were resampled by
+        `scale` (network px per slide px), their tiles' read boxes at slide resolution; masks are then pasted
+        straight at that resolution, so a cell is never blocky from a nearest-neighbour upsampling of a thresholded
+        mask. None: each image's own shape (scale must be 1).
+        owned_boxes: per image, the box (in its frame) that the cells its tile keeps are centred in (with a margin):
+        boxes that cannot reach it skip the mask branch and are not returned. None: every cell is returned.
+        """
+        if frame_shapes is None and scale != 1.0:
+            raise ParameterError(f"expected the frame shapes of images resampled by {scale}, found none")
+        results: list[TileDetections | None] = [None] * len(images)
+        # Only same-size tiles share a forward pass: torchvision zero-pads a batch to its largest image, and
+        # with GroupNorm the padding shifts every feature of the smaller tile, so a cell's mask would depend
+        # on which tiles happened to share its batch (and so on the tissue filter and the tile size).
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(tuple(im.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                found = self._detect_batch([images[i] for i in chunk], scale,
+                                           None if frame_shapes is None else [frame_shapes[i] for i in chunk],
+                                           None if owned_boxes is None else [owned_boxes[i] for i in chunk])
+                for i, det in zip(chunk, found):
+                    results[i] = det
+        return results
+
+    def _detect_batch(self, images: Sequence[np.ndarray], scale: float,
+                      frame_shapes: Sequence[tuple[int, int]] | None,
+                      owned_boxes: Sequence[Box] | None) -> list[TileDetections]:
+        """One forward pass over same-size images."""
+        batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
+        # (x0, y0, x1, y1) in network px, as torchvision sees boxes (detection.rcnn_parts.TileRoIHeads.detect)
+        owned_regions = None if owned_boxes is None else [
+            (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            outputs = self.network(batch, owned_regions)
+        results = []
+        for k, (image, out) in enumerate(zip(batch, outputs)):
+            height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
+            if scale != 1.0:
+                out = dict(out, boxes=out["boxes"] / scale)
+            results.append(self._to_tile_detections(out, height, width))
+        return results
+
+    def _to_tile_detections(self, out: dict, height: int, width: int) -> TileDetections:
+        keep = out["scores"] >= self.score_threshold
+        boxes, masks, kept = paste_masks_at_box_size(out["boxes"][keep], out["masks"][keep], height, width,
+                                                     self.mask_threshold)
+        scores = out["scores"][keep].float().cpu().numpy()[kept].astype(np.float32)
+        labels = out["labels"][keep].cpu().numpy()[kept].astype(np.int64)
+        return TileDetections(boxes, masks, scores, labels)

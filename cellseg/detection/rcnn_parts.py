@@ -1,0 +1,259 @@
+"""torchvision's detection parts, subclassed for tiles of dense cells (the network is assembled in detection/network.py).
+
+- `TileTransform`: normalise and batch only; no resize in (tiles run at the scale they are given), no pasting of
+  masks onto full-image canvases out (detect.paste_masks_at_box_size pastes them at box size).
+- `TileRoIHeads`: given the part of each tile whose cells it keeps (`owned_regions`, an argument of its forward),
+  boxes that cannot lie in it skip the mask branch.
+- `TileNetwork`: the model's parts run for inference on tiles, `forward(images, owned_regions)`; its backbone body
+  may be a calibrated copy (detection/slide_norm.py) while every other part is the model's own; on CPU the features reach
+  RoIAlign in NCHW once per level (`contiguous_features`).
+- `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads on CPU (torchvision's CPU kernel uses one core).
+
+Subclasses, never patched instances: each part is a module with the same parameters and state dict keys as the one
+it replaces, so a bundle's weights load into either.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+from ..errors import ParameterError
+
+# paste_masks_at_box_size pads the M x M mask by 1 px: its extent is the box grown by (M + 2) / M (M = 28)
+MASK_EXPANSION = 30 / 28
+
+
+class TileTransform(GeneralizedRCNNTransform):
+    """Normalise and batch only: no resize in, no full-image mask pasting out."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result  # boxes in input pixels (no resize happened), masks left at 28x28
+
+
+class TileRoIHeads(RoIHeads):
+    """torchvision's RoIHeads whose forward also takes `owned_regions` (inference only; without them it is plain
+    RoIHeads, as in training): per image, (x0, y0, x1, y1) in its network px, the region whose cells its tile may
+    keep. Boxes whose mask extent misses it are dropped before the mask branch (which otherwise runs on every box,
+    only for ownership to throw most of a tile's halo cells away)."""
+
+    @classmethod
+    def replacing(cls, heads: RoIHeads) -> TileRoIHeads:
+        """The same heads (the very same submodules and settings) as a TileRoIHeads."""
+        return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor,
+                   heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+                   heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+                   heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+                   mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor)
+
+    def forward(self, features, proposals, image_shapes, targets=None,
+                owned_regions: list[tuple[float, float, float, float]] | None = None):
+        if owned_regions is None:
+            return super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
+        # RoIHeads.forward in eval mode (no keypoints), with the unowned boxes dropped between boxes and masks
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        for i, region in enumerate(owned_regions):
+            keep = may_reach(boxes[i], region)
+            boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
+        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
+        return [{"boxes": b, "labels": lb, "scores": sc, "masks": m}
+                for b, lb, sc, m in zip(boxes, labels, scores, masks)], {}
+
+
+def may_reach(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
+    """Which xyxy `boxes` have a pasted mask extent (paste_masks_at_box_size's padded box, + 1 px) that overlaps
+    `region` (x0, y0, x1, y1): a mask lies inside that extent, so the others cannot hold a cell centred there."""
+    x0, y0, x1, y1 = region
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * MASK_EXPANSION + 1
+    return ((centre[:, 0] + half[:, 0] > x0) & (centre[:, 0] - half[:, 0] < x1)
+            & (centre[:, 1] + half[:, 1] > y0) & (centre[:, 1] - half[:, 1] < y1))
+
+
+class TileNetwork(nn.Module):
+    """A cell Mask R-CNN's parts (network.build_model) run for inference on tiles: MaskRCNN.forward in eval mode, with
+    two differences. The owned regions reach the RoI heads as an argument (TileRoIHeads). The backbone body
+    can be another than the model's (`with_body`: a copy with a slide's statistics folded in, detection/slide_norm.py) while
+    the transform, FPN, RPN and RoI heads stay the model's own, shared.
+
+    contiguous_features: RoIAlign's CPU kernel works on NCHW; given channels_last features it copies a whole level
+    per call, once for the box head and again for the mask head. True converts each level once instead.
+    """
+
+    def __init__(self, model: MaskRCNN, body: nn.Module | None = None, contiguous_features: bool = False):
+        super().__init__()
+        self.model = model
+        self.body = model.backbone.body if body is None else body
+        self.contiguous_features = contiguous_features
+
+    def with_body(self, body: nn.Module | None) -> TileNetwork:
+        """The same network with `body` as its backbone body (None: the model's own)."""
+        return TileNetwork(self.model, body, self.contiguous_features)
+
+    def forward(self, images: list[torch.Tensor],
+                owned_regions: list[tuple[float, float, float, float]] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28)."""
+        model = self.model
+        batch, _ = model.transform(images)
+        features = model.backbone.fpn(self.body(batch.tensors))
+        proposals, _ = model.rpn(batch, features)
+        if self.contiguous_features:
+            features = {k: v.contiguous() for k, v in features.items()}
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions)
+        return detections
+
+
+class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign that, on CPU, splits its RoIs across threads: torchvision's CPU RoIAlign kernels (forward
+    and backward) run on one core: ~14 % of a tile's CPU time in inference, mostly the box head's ~1000 proposals,
+    and ~21 % of a training step in the backward pass. The RoIs, in their image-major order, are cut into
+    contiguous runs, each pooled by a thread (the kernels release the GIL); the outputs concatenated in order are
+    exactly the single call's. In training the gradient of each run is computed in its thread too, and summed.
+    """
+
+    min_rois_per_thread = 32
+    _pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def replacing(cls, pooler: MultiScaleRoIAlign) -> ThreadedMultiScaleRoIAlign:
+        threaded = cls(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio,
+                       canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
+        threaded.scales, threaded.map_levels = pooler.scales, pooler.map_levels
+        return threaded
+
+    def forward(self, x, boxes, image_shapes):
+        n = [len(b) for b in boxes]
+        threads = min(torch.get_num_threads(), sum(n) // self.min_rois_per_thread)
+        first = x[self.featmap_names[0]]
+        if first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
+            # bf16 autocast: torchvision's CPU RoIAlign has no bf16 kernel, so pool in fp32 (the heads after it
+            # run in bf16 again); the cast is differentiable, gradients reach the bf16 features
+            x = {k: v.float() if k in self.featmap_names else v for k, v in x.items()}
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(x, [b.float() for b in boxes], image_shapes)
+        if threads < 2 or first.device.type != "cpu" or self.scales is None:   # scales are set on the first call
+            return super().forward(x, boxes, image_shapes)
+        cuts = np.linspace(0, sum(n), threads + 1).round().astype(int)
+        offsets = np.r_[0, np.cumsum(n)]
+        runs = [[b[max(lo - o, 0):max(min(hi - o, len(b)), 0)] for b, o in zip(boxes, offsets)]
+                for lo, hi in zip(cuts[:-1], cuts[1:])]
+        if ThreadedMultiScaleRoIAlign._pool is None:
+            ThreadedMultiScaleRoIAlign._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
+                                                                  thread_name_prefix="cellseg-roialign")
+        names = list(self.featmap_names)
+        levels = [x[k] for k in names]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in levels):
+            return _PoolRunsInThreads.apply(self, runs, image_shapes, names, *levels)
+        inference = torch.is_inference_mode_enabled()   # thread-local: carried into the workers
+
+        def pool(run):
+            with torch.inference_mode(inference), torch.no_grad():
+                return self._pool_one_run(dict(zip(names, levels)), run, image_shapes)
+        return torch.cat(list(self._pool.map(pool, runs)))
+
+    def _pool_one_run(self, x, run, image_shapes):
+        return super().forward(x, run, image_shapes)
+
+
+class _PoolRunsInThreads(torch.autograd.Function):
+    """ThreadedMultiScaleRoIAlign with gradients: forward pools each run in a thread; backward re-pools each run
+    in a thread with autograd on (the forward is ~1/8 of the backward's cost) and sums the runs' gradients."""
+
+    @staticmethod
+    def forward(ctx, pooler, runs, image_shapes, names, *levels):
+        ctx.pooler, ctx.runs, ctx.image_shapes, ctx.names = pooler, runs, image_shapes, names
+        ctx.save_for_backward(*levels)
+
+        def pool(run):
+            with torch.no_grad():
+                return pooler._pool_one_run(dict(zip(names, levels)), run, image_shapes)
+        outs = list(pooler._pool.map(pool, runs))
+        ctx.sizes = [len(o) for o in outs]
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        levels = ctx.saved_tensors
+
+        def grad_of(run, grad):
+            leaves = [t.detach().requires_grad_() for t in levels]
+            with torch.enable_grad():
+                out = ctx.pooler._pool_one_run(dict(zip(ctx.names, leaves)), run, ctx.image_shapes)
+            return torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        per_run = list(ctx.pooler._pool.map(grad_of, ctx.runs, grad_out.split(ctx.sizes)))
+        totals = []
+        for k in range(len(levels)):
+            parts = [g[k] for g in per_run if g[k] is not None]
+            total = parts[0] if parts else None
+            for g in parts[1:]:
+                total.add_(g)   # each run's gradient is a fresh full-size tensor: add in place, no stacked copy
+            totals.append(total)
+        return (None, None, None, None, *totals)
+
+
+def thread_roi_pools(model: MaskRCNN) -> None:
+    """Give the box and mask heads ThreadedMultiScaleRoIAlign poolers (CPU models; same results)."""
+    heads = model.roi_heads
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pooler = getattr(heads, name)
+        if type(pooler) is MultiScaleRoIAlign:
+            setattr(heads, name, ThreadedMultiScaleRoIAlign.replacing(pooler))
+
+
+class Fp32FeaturePyramidNetwork(FeaturePyramidNetwork):
+    """torchvision's FPN whose 3x3 output convolutions run in fp32 under bf16 autocast (its lateral 1x1
+    convolutions and top-down sums, and the ResNet body before it, stay in bf16).
+
+    Measured on the example mosaic (benchmarks/tile_invariance.py, 384 against 512 px tiles, bf16): with the whole FPN
+    in bf16 the cells differed (1384 against 1381, 99.5 % matched, 5th-percentile IoU 0.86); with its output
+    convolutions in fp32 they are the same, as in fp32 throughout (1379 and 1379, 100 %, 0.97), at the bf16 speed
+    (10.2 s against 10.3 s for the 512-px count; the whole FPN in fp32 took 13.4 s, its laterals alone in fp32 did not
+    help). The RPN head, the box head or the mask head in fp32 changed nothing. Same parameters and state dict keys
+    as FeaturePyramidNetwork.
+
+    in_fp32: False lets it run in bf16 like the rest: training does (tile-size invariance is an inference property).
+    """
+
+    in_fp32 = True
+
+    def get_result_from_layer_blocks(self, x, idx):
+        if not self.in_fp32 or x.dtype not in (torch.bfloat16, torch.float16):
+            return super().get_result_from_layer_blocks(x, idx)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().get_result_from_layer_blocks(x.float(), idx)
+
+
+def _outputs_as_fp32(module, inputs, output):
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, (list, tuple)):
+        return type(output)(_outputs_as_fp32(module, inputs, o) for o in output)
+    return output
+
+
+def keep_head_outputs_fp32(model: MaskRCNN) -> None:
+    """Under bf16 (or fp16) autocast, hand the RPN's box deltas and objectness, the box predictor's and the mask
+    predictor's logits on in fp32 (forward hooks: parameters and state dict keys unchanged; a no-op in fp32).
+    torchvision decodes boxes in the deltas' dtype: in bf16 (8 bits of mantissa) a coordinate near 500 px is
+    rounded to 2-4 px, which moves boxes, masks and seam ownership."""
+    heads = model.roi_heads
+    for module in (model.rpn.head, heads.box_predictor, heads.mask_predictor):
+        module.register_forward_hook(_outputs_as_fp32)
+

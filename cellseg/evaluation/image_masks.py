@@ -1,0 +1,272 @@
+"""Load the predicted and the annotated nuclei masks for `cellseg evaluate`, image by image, and pair the images.
+
+Inputs (`load_image_masks`): a COCO instance JSON (our predictions.coco.json or any COCO file with mask
+segmentations: RLE or polygons; or a COCO results list), a label image (TIFF/PNG, 0 = background,
+each other value one nucleus; read tile by tile) or a cellseg result folder (its predictions.coco.json).
+Each image becomes an `ImageMasks`: its masks as full-image COCO compressed RLEs, their boxes,
+scores and crowd flags. (Not the pipeline's instances.Instances, which hold box-cropped masks of one slide.)
+
+Images of PRED and GT are paired (`pair_images`) by file_name, then base name, then stem, then id;
+a single label image is paired with a single image on the other side whatever their names.
+
+Categories are ignored: evaluation is class-agnostic (cellseg counts nuclei).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from ..errors import EvaluationError
+from ..geometry import Box
+from ..results import crop_rle
+
+log = logging.getLogger(__name__)
+
+LABEL_TILE = 2048  # label images are read in tiles of this many px a side
+
+
+@dataclass
+class ImageMasks:
+    """The nuclei masks of one image (predicted or annotated). Masks are COCO compressed RLEs of the full image; boxes (N, 4) int are
+    (row0, col0, row1, col1) half-open in px; scores (N,) float (1.0 when the source has none)."""
+
+    file_name: str | None
+    image_id: int | None  # None for a label image
+    height: int
+    width: int
+    rles: list[dict]
+    boxes: np.ndarray
+    scores: np.ndarray
+    iscrowd: np.ndarray  # (N,) bool
+    has_scores: bool
+
+    @property
+    def name(self) -> str:
+        return self.file_name if self.file_name is not None else f"id {self.image_id}"
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+
+def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[str, ImageMasks]:
+    """Images with their masks from a COCO JSON, a label image or a cellseg result folder, keyed by name.
+
+    A label image is read in squares of `label_tile` px a side (None: LABEL_TILE)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"expected a COCO JSON, a label image or a cellseg result folder, {path} "
+                              "does not exist")
+    if path.is_dir():
+        coco = path / "predictions.coco.json"
+        if not coco.is_file():
+            raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, {path} "
+                                  "has none")
+        path = coco
+    with open(path, "rb") as fh:
+        head = fh.read(64).lstrip()
+    if path.suffix.lower() == ".json" or head[:1] in (b"{", b"["):
+        images = _load_coco(path)
+    else:
+        images = [_load_label_image(path, LABEL_TILE if label_tile is None else label_tile)]
+    out: dict[str, ImageMasks] = {}
+    for im in images:
+        key = im.name if im.name not in out else f"{im.name} (id {im.image_id})"
+        out[key] = im
+    return out
+
+
+def read_coco_json(path: Path) -> dict | list:
+    """A JSON file's content, or a one-line error saying it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvaluationError(f"expected a COCO instance JSON, {path} is not valid JSON: {e}") from e
+
+
+def coco_images(path: Path, data) -> dict[int, dict]:
+    """The images of a COCO instance dataset `data` (read from `path`), each {file_name, height, width, anns}
+    with its annotations, checked: one-line errors for a file that is not a COCO instance dataset."""
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        found = (f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict)
+                 else f"a JSON {type(data).__name__}")
+        raise EvaluationError(f"expected a COCO instance JSON (an object with 'images' and 'annotations' lists, "
+                              f"or a list of results), {path} holds {found}")
+    images: dict[int, dict] = {}
+    for k, im in enumerate(data["images"]):
+        try:
+            images[im["id"]] = {"file_name": im.get("file_name"), "height": int(im["height"]),
+                                "width": int(im["width"]), "anns": []}
+        except (TypeError, KeyError, ValueError) as e:
+            raise EvaluationError(f"expected COCO images with 'id', 'height' and 'width', image {k} of {path} "
+                                  f"is {str(im)[:80]}") from e
+    for k, ann in enumerate(data["annotations"]):
+        image = images.get(ann.get("image_id") if isinstance(ann, dict) else None)
+        if image is None:
+            raise EvaluationError(f"expected annotation {k} of {path} to refer to a listed image, found "
+                                  f"image_id {ann.get('image_id') if isinstance(ann, dict) else ann!r}")
+        image["anns"].append(ann)
+    return images
+
+
+def coco_image_paths(path: Path, file_names) -> dict[str, Path]:
+    """Where the images a COCO file names lie (file_name is relative to the file's folder); every one must exist."""
+    paths = {str(name): Path(path).parent / str(name) for name in file_names}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise EvaluationError(f"expected the images named in {path} next to it, found {len(missing)} of "
+                              f"{len(paths)} missing, e.g. {missing[0]}")
+    return paths
+
+
+def _load_coco(path: Path) -> list[ImageMasks]:
+    data = read_coco_json(path)
+    if isinstance(data, list) and all(isinstance(a, dict) and "image_id" in a for a in data):
+        return _coco_results(path, data)  # a COCO results file: [{"image_id", "segmentation", "score"}]
+    images = coco_images(path, data)
+    return [_image_masks(path, im["file_name"], iid, im["height"], im["width"], im["anns"])
+            for iid, im in images.items()]
+
+
+def _coco_results(path: Path, anns: list[dict]) -> list[ImageMasks]:
+    by_image: dict = {}
+    for k, ann in enumerate(anns):
+        seg = ann.get("segmentation")
+        if not (isinstance(seg, dict) and isinstance(seg.get("size"), list) and len(seg["size"]) == 2):
+            raise EvaluationError(f"expected RLE masks with a 'size' in the COCO results list {path}, result {k} "
+                                  f"has segmentation {str(seg)[:60]}")
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    return [_image_masks(path, None, iid, *group[0]["segmentation"]["size"], group)
+            for iid, group in by_image.items()]
+
+
+def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageMasks:
+    rles = [annotation_rle(path, a, height, width) for a in anns]
+    with_score = sum("score" in a for a in anns)
+    if with_score not in (0, len(anns)):
+        raise EvaluationError(f"expected a score on every prediction or on none, image {file_name or image_id} "
+                              f"of {path} has {with_score} of {len(anns)}")
+    if rles:
+        xywh = np.asarray(mask_utils.toBbox(rles), dtype=np.float64).round().astype(np.int64)
+        boxes = np.stack([xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], axis=1)
+    else:
+        boxes = np.zeros((0, 4), np.int64)
+    scores = np.array([float(a["score"]) for a in anns] if with_score else np.ones(len(anns)), np.float64)
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
+    return ImageMasks(None if file_name is None else str(file_name), image_id, int(height), int(width),
+                      rles, boxes, scores, crowd, bool(with_score))
+
+
+def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
+    """A COCO annotation's mask (RLE, compressed or not, or polygons) as a compressed RLE of its h x w image."""
+    seg = ann.get("segmentation")
+    where = f"annotation {ann.get('id', '?')} of {path}"
+    if isinstance(seg, dict) and "counts" in seg:
+        if list(seg.get("size", [])) != [h, w]:
+            raise EvaluationError(f"expected the mask size of {where} to be its image's {h} x {w} px, found "
+                                  f"{seg.get('size')}")
+        if isinstance(seg["counts"], list):  # uncompressed RLE
+            return mask_utils.frPyObjects(seg, h, w)
+        return {"size": [h, w], "counts": seg["counts"]}
+    if isinstance(seg, list):
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6]
+        if not polys:
+            return crop_rle(np.zeros((1, 1), bool), 0, 0, h, w)
+        try:
+            return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        except (TypeError, ValueError) as e:
+            raise EvaluationError(f"expected polygons of numbers in {where}, found {str(seg)[:60]}") from e
+    raise EvaluationError(f"expected a mask ('segmentation' as RLE or polygons) in {where}, found "
+                          f"{str(seg)[:60]} (box-only COCO files cannot be scored for masks)")
+
+
+def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
+    """The masks of a label image, read `tile_size` squares at a time: memory is one tile plus the RLEs."""
+    from scipy import ndimage
+
+    from ..slides import open_slide
+
+    with open_slide(path) as slide:
+        info = slide.info
+        if info.n_channels != 1 or np.dtype(info.dtype).kind not in "biu":
+            raise EvaluationError(f"expected a label image (one channel of integers, 0 = background), {path} has "
+                                  f"{info.n_channels} channel(s) of {info.dtype}")
+        H, W = info.height, info.width
+        parts: dict[int, list[dict]] = {}
+        for r0 in range(0, H, tile_size):
+            for c0 in range(0, W, tile_size):
+                tile = slide.read_region(Box(r0, c0, min(r0 + tile_size, H), min(c0 + tile_size, W)))[..., 0]
+                values, inverse = np.unique(tile, return_inverse=True)
+                dense = inverse.reshape(tile.shape) + (0 if values[0] == 0 else 1)  # 0 = background
+                offset = 0 if values[0] == 0 else 1
+                for k, sl in enumerate(ndimage.find_objects(dense)):
+                    if sl is None:
+                        continue
+                    label = int(values[k + 1 - offset])
+                    crop = dense[sl] == k + 1
+                    parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
+    labels = sorted(parts)
+    rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (parts[v] for v in labels)]
+    image = _image_masks(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
+    log.info("%s: %d labelled cells", path.name, len(image))
+    return image
+
+
+def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]
+                ) -> list[tuple[str, ImageMasks, ImageMasks]]:
+    """(GT name, pred image, gt image) for the images both sides share, sizes checked."""
+    P, G = list(pred.values()), list(gt.values())
+    pairs = None
+    if len(P) == 1 and len(G) == 1 and (P[0].image_id is None or G[0].image_id is None):
+        pairs = [(P[0], G[0])]  # a label image has no name to match: one image against one
+    else:
+        keys = (lambda im: im.file_name, lambda im: _base(im.file_name), lambda im: _stem(im.file_name),
+                lambda im: im.image_id)
+        for key in keys:
+            pk, gk = _index(P, key), _index(G, key)
+            if pk is not None and gk is not None and set(pk) & set(gk):
+                pairs = [(pk[k], gk[k]) for k in gk if k in pk]
+                break
+    if not pairs:
+        raise EvaluationError(f"expected PRED and GT to share images (by file_name or id), found none: PRED has "
+                              f"{_names(P)}, GT has {_names(G)}")
+    for p, g in pairs:
+        if (p.height, p.width) != (g.height, g.width):
+            raise EvaluationError(f"expected PRED and GT images of the same size, {g.name} is {g.height} x "
+                                  f"{g.width} px in GT but {p.name} is {p.height} x {p.width} px in PRED")
+    return [(g.name, p, g) for p, g in pairs]
+
+
+def _base(name):
+    return None if name is None else PurePosixPath(name.replace("\\", "/")).name
+
+
+def _stem(name):
+    base = _base(name)
+    if base is None:
+        return None
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return PurePosixPath(base).stem
+
+
+def _index(images, key) -> dict | None:
+    out = {}
+    for im in images:
+        k = key(im)
+        if k is None or k in out:
+            return None  # a key missing or ambiguous on one side cannot pair images
+        out[k] = im
+    return out
+
+
+def _names(images) -> str:
+    names = [im.name for im in images]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,0 +1,159 @@
+"""Validate a model on held-out annotated images, the way users will run it, and tune its score threshold.
+
+    bundle -> Detector at a low score floor -> CellCounter.count on every image (tiles, seams, measurement: what
+    `cellseg count` does) -> predictions -> cellseg.evaluation.scoring against the annotations, sweeping the score
+    threshold (0.3-0.9) -> the threshold with the best pooled F1 -> figures at that threshold -> model.toml
+
+Used by `cellseg train --val` (a user's own held-out images) and references/nuclei/validate_bundle.py (the shipped
+bundle's DSB2018 split, per modality). The threshold is chosen on the images it is then reported on: the
+card says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ..planning import Protocol
+from .image_masks import ImageMasks, coco_image_paths, load_image_masks
+from .scoring import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
+
+log = logging.getLogger(__name__)
+
+# Single annotated fields, not slides: every pixel is analysed (no tissue prefilter), in the default tiles.
+VALIDATION_PROTOCOL = Protocol(name="validation", description="held-out annotated images", tile_size=512,
+                               halo_px=64, min_area_px=10, tissue_method="none")
+SCORE_FLOOR = float(DEFAULT_THRESHOLDS[0])   # predictions are kept down to the bottom of the sweep
+
+
+@dataclass
+class Validation:
+    """What a validation measured: `at_floor` scores every prediction down to SCORE_FLOOR (its sweep and best
+    threshold); `report` scores those kept at `threshold`, the bundle's default from then on."""
+
+    at_floor: EvaluationReport
+    report: EvaluationReport
+    threshold: float
+
+    def sweep_table(self) -> dict:
+        return {"thresholds": [s["threshold"] for s in self.at_floor.sweep],
+                "f1": [round(s["f1"], 4) for s in self.at_floor.sweep],
+                "cell_count": [s["pred_count"] for s in self.at_floor.sweep]}
+
+
+def card_figures(report: EvaluationReport) -> dict:
+    """The figures a model card gives for one group of images (`report` scored at the chosen threshold)."""
+    return {"images": len(report.images),
+            "ap50_tp_fp_fn_mean_over_images": _round(report.mean_over_images["ap_tp"]),
+            "ap50_tp_fp_fn_pooled": _round(report.pooled["ap_tp"]),
+            "f1_pooled": _round(report.pooled["f1"]),
+            "dsb_score_mean_over_images": _round(report.mean_over_images.get("dsb_score")),
+            "coco_mask_ap": _round(report.coco.get("ap")), "coco_mask_ap50": _round(report.coco.get("ap50")),
+            "median_rel_count_error": _round(report.median_rel_count_error),
+            # pooled (predicted - true) / true: negative when the model undercounts
+            "count_bias_pooled": _round((report.pooled["pred_count"] - report.pooled["true_count"])
+                                        / report.pooled["true_count"]) if report.pooled["true_count"] else None}
+
+
+def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
+                        tta: bool = False, precision: str = "fp32"):
+    """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
+    when `tta`). Its mask threshold is VALIDATION_PROTOCOL's unless `mask_threshold` overrides it: taken from the
+    protocol as `cellseg count` takes it, so validated cells are the cells a count makes."""
+    from ..detection import AugmentedDetector, Detector, member_threshold
+    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)
+    detector = Detector.from_bundle(bundle, device, score_threshold=member_threshold(floor) if tta else floor,
+                                    mask_threshold=protocol.mask_threshold,
+                                    precision=precision)
+    return AugmentedDetector(detector, floor) if tta else detector
+
+
+def annotated_images(coco_json: Path) -> tuple[dict[str, ImageMasks], dict[str, Path]]:
+    """The annotations of a COCO file (keyed by file_name) and each image's path (file_name is relative to the
+    file's folder). Every image must exist: checked here, before any work is done."""
+    gt = load_image_masks(coco_json)
+    return gt, coco_image_paths(coco_json, gt)
+
+
+def shared_images(train_json: Path, val_images) -> list[str]:
+    """The validation images (paths) that the training COCO file also names: figures on them are optimistic."""
+    import json
+    try:
+        names = [im["file_name"] for im in json.loads(train_json.read_text(encoding="utf-8"))["images"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []   # reading the training file itself reports what is wrong with it
+    trained = {(train_json.parent / n).resolve() for n in names}
+    return [str(p) for p in val_images if Path(p).resolve() in trained]
+
+
+def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: float | None = None,
+            diameter_px: float | str | None = None, reuse: bool = False,
+            progress: bool = False) -> dict[str, ImageMasks]:
+    """Count every image as `cellseg count` does (a CellCounter; result folders under `work`) and return its cells,
+    keyed like `images`. reuse: an image whose folder already holds predictions is not counted again."""
+    from tqdm import tqdm
+
+    from ..run import CellCounter
+    counter = CellCounter(VALIDATION_PROTOCOL, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px)
+    predictions = {}
+    for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress)):
+        folder = work / f"{k:05d}_{PurePosixPath(name).stem}"
+        if not (reuse and (folder / "predictions.coco.json").is_file()):
+            summary = counter.count(path, folder)
+            log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])
+        (cells,) = load_image_masks(folder).values()
+        predictions[name] = dataclasses.replace(cells, file_name=name)   # paired with its annotations by name
+    return predictions
+
+
+def above(instances: ImageMasks, threshold: float) -> ImageMasks:
+    """The cells scoring >= threshold."""
+    keep = np.flatnonzero(np.asarray(instances.scores) >= threshold)
+    return dataclasses.replace(instances, rles=[instances.rles[i] for i in keep], boxes=instances.boxes[keep],
+                               scores=instances.scores[keep], iscrowd=instances.iscrowd[keep])
+
+
+def score(predictions: dict[str, ImageMasks], gt: dict[str, ImageMasks],
+          fallback_threshold: float) -> Validation:
+    """Evaluate predictions made at SCORE_FLOOR: choose the best-F1 threshold, then score at it."""
+    at_floor = evaluate(predictions, gt)
+    threshold = at_floor.best_threshold if at_floor.best_threshold is not None else fallback_threshold
+    report = evaluate({name: above(cells, threshold) for name, cells in predictions.items()}, gt)
+    return Validation(at_floor, report, float(threshold))
+
+
+def write_validation(validation: Validation, out_dir: Path) -> None:
+    """metrics.json and per_image.csv at the chosen threshold, threshold_sweep.png over the whole sweep."""
+    write_report(validation.report, out_dir)
+    plot_sweep(validation.at_floor, out_dir / "threshold_sweep.png")
+
+
+def validate_bundle(bundle_dir: Path, coco_json: Path, out_dir: Path, device: str = "auto",
+                    progress: bool = True) -> Validation:
+    """Run the bundle on the annotated images of `coco_json`, write the report to `out_dir`, and store the best
+    threshold (as the bundle's default) and the figures in its model.toml."""
+    from ..bundles import load_bundle, update_bundle_metadata
+    bundle = load_bundle(bundle_dir)
+    gt, paths = annotated_images(coco_json)
+    detector = validation_detector(bundle, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".work-", dir=out_dir) as work:   # result folders, then removed
+        predictions = predict(detector, paths, Path(work), bundle.nucleus_diameter_px, progress=progress)
+    validation = score(predictions, gt, bundle.score_threshold)
+    write_validation(validation, out_dir)
+    metrics = {"score_threshold": validation.threshold, "iou": 0.5, "val_images": len(gt),
+               "val_data": str(coco_json),
+               "threshold_chosen_on": "these validation images (pooled F1)",
+               "all": card_figures(validation.report)}
+    update_bundle_metadata(bundle_dir, score_threshold=validation.threshold,
+                           card={"metrics": metrics, "threshold_sweep": validation.sweep_table()})
+    return validation
+
+
+def _round(x):
+    return None if x is None else round(float(x), 4)

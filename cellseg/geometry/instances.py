@@ -1,0 +1,119 @@
+"""The cells that flow between the stages, as plain numpy, and what a detector provides. No torch here.
+
+    detector --TileDetections (one tile, tile frame)--> merge --Instances (slide frame)--> measure, export
+
+Coordinates are (row, col) pixels, boxes half-open (row0, col0, row1, col1), masks cropped to their boxes (never
+N full-tile masks). docs/architecture.md describes each stage's contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .tiling import Box, TileSpec, owned_box, seam_band_px
+
+
+@dataclass
+class TileDetections:
+    """Cells found in one tile, in that tile's read-box pixel frame (row, col), masks cropped to their boxes.
+
+    boxes: (N, 4) int64 half-open (row0, col0, row1, col1), tight around each mask.
+    masks: N bool arrays, masks[i].shape == (row1 - row0, col1 - col0).
+    scores: (N,) float32 in [0, 1]; class_ids: (N,) int64, >= 1.
+    """
+
+    boxes: np.ndarray
+    masks: list[np.ndarray]
+    scores: np.ndarray
+    class_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def empty(cls) -> TileDetections:
+        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass
+class Instances:
+    """N cells in slide coordinates (level-0 px), masks cropped to their boxes.
+
+    boxes: (N, 4) int64 half-open (row0, col0, row1, col1); masks[i] bool of shape boxes[i] size;
+    scores: (N,) float32; class_ids: (N,) int64 >= 1; tile_index: (N,) int64 owning tile;
+    cut: (N,) bool, True where the cell was larger than the halo and clipped at a read edge.
+    """
+
+    boxes: np.ndarray
+    masks: list[np.ndarray]
+    scores: np.ndarray
+    class_ids: np.ndarray
+    tile_index: np.ndarray
+    cut: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def empty(cls) -> Instances:
+        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64),
+                   np.zeros(0, np.int64), np.zeros(0, bool))
+
+    def take(self, index: np.ndarray) -> Instances:
+        index = np.asarray(index, np.int64)
+        return Instances(self.boxes[index], [self.masks[i] for i in index], self.scores[index],
+                         self.class_ids[index], self.tile_index[index], self.cut[index])
+
+    @staticmethod
+    def concat(parts: list[Instances]) -> Instances:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Instances.empty()
+        return Instances(np.concatenate([p.boxes for p in parts]), [m for p in parts for m in p.masks],
+                         np.concatenate([p.scores for p in parts]), np.concatenate([p.class_ids for p in parts]),
+                         np.concatenate([p.tile_index for p in parts]), np.concatenate([p.cut for p in parts]))
+
+
+class TileDetector(Protocol):
+    """What the pipeline needs of a detector: cellseg.detection.detector.Detector (the Mask R-CNN), a test-time-augmentation
+    wrapper around it, or a test double. Everything the pipeline uses is declared here; it probes for nothing.
+
+    device: where the network runs, as torch.device or its name ("cpu", "cuda", "cuda:1"); the tissue U-Net runs
+        there too.
+    class_names: the foreground classes; class id k >= 1 of a detection is class_names[k - 1].
+    """
+
+    device: object
+    class_names: Sequence[str]
+
+    def calibrated(self, windows: Sequence[np.ndarray]) -> TileDetector:
+        """The detector for one slide: slide-level statistics fixed from `windows` (network input like the tiles:
+        float32 (3, h, w), all the same shape, taken where the slide's cells are). Called once per slide, before
+        its tiles, which then go to the detector it returns; this one is left as it is. A detector without
+        slide-level statistics returns itself."""
+
+    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
+               scale: float = 1.0) -> list[TileDetections]:
+        """One TileDetections per image, in the frame of its tile's read box at slide resolution.
+
+        images: network input (float32 (3, h, w), see planning/intensity.py) of `tiles`, resampled by `scale` network px
+        per slide px: each image is round(read.height * scale) x round(read.width * scale). The detector may leave
+        out cells its tile cannot own (`detection_frames`).
+        """
+
+
+def detection_frames(tiles: Sequence[TileSpec]) -> tuple[list[tuple[int, int]], list[Box]]:
+    """What a detector needs to know of each tile besides its pixels: the shape of its read box (its detections come
+    back in that frame, at slide resolution) and, in that frame, the box its owned cells are centred in
+    (tiling.owned_box), with 2 px to spare: centroids are means of pixel indices. A cell whose mask cannot reach
+    that box is dropped by the seam merge anyway, so the detector need not finish it."""
+    shapes, owned = [], []
+    for tile in tiles:
+        own, read = owned_box(tile, seam_band_px(tile.halo_px), margin_px=2), tile.read
+        shapes.append(read.shape)
+        owned.append(Box(own.row0 - read.row0, own.col0 - read.col0, own.row1 - read.row0, own.col1 - read.col0))
+    return shapes, owned

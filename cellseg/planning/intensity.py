@@ -1,0 +1,81 @@
+"""Turn native slide pixels into the network's input: one channel or RGB, float32 (3, h, w) in ~[0, 1].
+
+The intensity range is measured once per slide (on the thumbnail), never per tile, so a cell gets the
+same input whatever tile it falls in — otherwise counts would depend on --tile-size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ParameterError
+
+
+@dataclass(frozen=True)
+class IntensityRange:
+    low: float
+    high: float
+
+
+def select_channels(image: np.ndarray, channel: int | None) -> np.ndarray:
+    """(h, w, C) -> (h, w, 1) for one chosen channel, or (h, w, 3) RGB when channel is None and C == 3.
+
+    channel None with a grayscale image keeps it; with C not in {1, 3} the first channel is used.
+    """
+    n = image.shape[-1]
+    if channel is not None:
+        if not 0 <= channel < n:
+            raise ParameterError(f"expected --channel between 0 and {n - 1} for this {n}-channel image, got {channel}")
+        return image[..., channel:channel + 1]
+    if n in (1, 3):
+        return image
+    return image[..., :1]
+
+
+def measure_range(image: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.8) -> IntensityRange:
+    """Percentile range over all pixels and channels (usually of a thumbnail); never a zero-width range."""
+    values = np.asarray(image, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return IntensityRange(0.0, 1.0)
+    low, high = np.percentile(finite, [low_pct, high_pct])
+    if high - low < 1e-6:
+        high = low + max(abs(low) * 1e-3, 1e-3)
+    return IntensityRange(float(low), float(high))
+
+
+def to_network_input(image: np.ndarray, rng: IntensityRange) -> np.ndarray:
+    """(h, w, 1 or 3) native pixels -> float32 (3, h, w) scaled so the range maps to [0, 1] (clipped)."""
+    image = np.asarray(image)
+    h, w, channels = image.shape
+    if channels not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels (select_channels), got {channels}")
+    # One plane at a time, in place: the same float32 arithmetic as (float32(x) - low) / (high - low) on the
+    # whole (h, w, C) array, at a third of the time (no interleaved temporaries, no strided transpose at the end).
+    out = np.empty((3, h, w), np.float32)
+    for k in range(channels):
+        plane = out[k]
+        np.copyto(plane, image[..., k], casting="unsafe")
+        plane -= rng.low
+        plane /= rng.high - rng.low
+        np.clip(plane, 0.0, 1.0, out=plane)
+        if image.dtype.kind == "f":
+            np.nan_to_num(plane, copy=False)
+    if channels == 1:
+        out[1] = out[0]
+        out[2] = out[0]
+    return out
+
+
+def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int | None, intensity: IntensityRange,
+                     scale: float = 1.0) -> np.ndarray:
+    """Native pixels (h, w, C) of a slide box of shape `box_shape` as the network sees them: the model channel,
+    resampled by `scale` network px per slide px, normalised (to_network_input)."""
+    pixels = select_channels(raw, channel)
+    if scale != 1.0:
+        from skimage.transform import resize
+        shape = (max(1, round(box_shape[0] * scale)), max(1, round(box_shape[1] * scale)))
+        pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    return to_network_input(pixels, intensity)

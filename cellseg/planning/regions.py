@@ -1,0 +1,241 @@
+"""Counting inside annotated regions (`--regions FILE`): QuPath's exported annotations, or any GIS tool's GeoJSON.
+
+    load_regions(path, units)  -> RegionFile: the named polygons as the file gives them (checked, repaired)
+    RegionFile.in_pixels(...)  -> Regions: level-0 px (x = column, y = row, pixel (r, c) = [c, c+1] x [r, r+1]),
+                                  clipped to the slide; what the plan (which tiles meet a region) and the count use
+
+A tile is analysed only when its core meets a region (planning.plan_slide); a tile outside every region is never
+read. The seam rule decides, as always, which tile keeps a nucleus; the regions then filter the final nuclei by
+centroid (pipeline.NucleusEmitter): a nucleus belongs to every region whose polygon contains its centroid (the centre
+of its pixels, shapely.contains_xy). cells.csv's "region" column names them, joined by ";" when regions overlap;
+regions.csv and summary.json's "regions" give per region its area, the tissue inside it, the cells and densities
+(results/region_table.py: the figures are the result's, the regions the plan's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CellsegError
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = ";"
+
+
+class RegionsError(CellsegError):
+    """A regions file that cannot be used: not GeoJSON, no polygon, or no region on the slide."""
+
+
+@dataclass(frozen=True)
+class RegionFile:
+    """The regions of a file: names and shapely (Multi)Polygons in the file's units ("px" or "um")."""
+
+    path: str
+    names: tuple[str, ...]
+    geometries: tuple
+    units: str = "px"
+
+    def in_pixels(self, mpp: float | None, height: int, width: int) -> Regions:
+        """The regions in level-0 px, clipped to the slide (height x width). µm need the pixel size; a region
+        wholly outside the slide is left out with a logged note; none left is an error."""
+        import shapely
+        from shapely import affinity
+
+        if self.units == "um":
+            if not mpp:
+                raise RegionsError(f"expected a pixel size for regions in µm ({self.path}), found none (give --mpp)")
+            geoms = [affinity.scale(g, 1 / mpp, 1 / mpp, origin=(0, 0)) for g in self.geometries]
+        else:
+            geoms = list(self.geometries)
+        slide = shapely.box(0, 0, width, height)
+        names, kept = [], []
+        for name, g in zip(self.names, geoms):
+            inside = shapely.intersection(g, slide)
+            if inside.is_empty or inside.area <= 0:
+                log.warning("region %r (%s) lies outside the slide (%d x %d px): left out", name, self.path,
+                            width, height)
+                continue
+            names.append(name)
+            kept.append(inside)
+        if not kept:
+            raise RegionsError(f"expected regions on the slide ({width} x {height} px, {self.units}), found "
+                               f"{len(self.names)} region(s) in {self.path} all outside it")
+        return Regions(tuple(names), tuple(kept))
+
+    def digest(self) -> dict:
+        """What a count's cells depend on (journal fingerprints): the regions as WKB hex, their names, units."""
+        import shapely
+        return {"names": list(self.names), "units": self.units,
+                "wkb": [shapely.to_wkb(g, hex=True) for g in self.geometries]}
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Named regions in level-0 px (x = column, y = row), on the slide."""
+
+    names: tuple[str, ...]
+    geometries: tuple
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def meets(self, boxes: np.ndarray) -> np.ndarray:
+        """(N,) bool: box (row0, col0, row1, col1) shares area with some region."""
+        import shapely
+
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        rects = shapely.box(boxes[:, 1], boxes[:, 0], boxes[:, 3], boxes[:, 2])
+        union = shapely.union_all(list(self.geometries))
+        shapely.prepare(union)
+        hit = shapely.intersects(union, rects)
+        # Touching along an edge only is no area: such a tile holds no centroid of the region.
+        touch = hit & shapely.touches(union, rects)
+        return hit & ~touch
+
+    def bounds(self, height: int, width: int):
+        """tiling.Box around every region (whole px, on the slide)."""
+        import math
+
+        from ..geometry import Box
+        x0, y0, x1, y1 = np.array([g.bounds for g in self.geometries]).T
+        return Box(max(0, math.floor(y0.min())), max(0, math.floor(x0.min())),
+                   min(height, math.ceil(y1.max())), min(width, math.ceil(x1.max())))
+
+    def membership(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(N, R) bool: the pixel centre (row, col) + 0.5 lies inside region r (centroids are pixel indices)."""
+        import shapely
+
+        x, y = np.asarray(cols, np.float64) + 0.5, np.asarray(rows, np.float64) + 0.5
+        out = np.zeros((len(x), len(self)), bool)
+        for r, g in enumerate(self.geometries):
+            shapely.prepare(g)
+            out[:, r] = shapely.contains_xy(g, x, y)
+        return out
+
+    def labels(self, member: np.ndarray) -> np.ndarray:
+        """cells.csv's "region" column: each row's region names joined by ";" (object array of str)."""
+        names = np.array(self.names, dtype=object)
+        return np.array([SEPARATOR.join(names[m]) for m in member], dtype=object)
+
+    def grid_mask(self, shape: tuple[int, int], row_factor: float, col_factor: float) -> np.ndarray:
+        """(R, h, w) bool: mask pixel (i, j) of a grid over the slide (row_factor, col_factor slide px per pixel)
+        has its centre inside region r. For the tissue inside each region (the tissue mask's grid)."""
+        import shapely
+
+        i, j = np.indices(shape)
+        x, y = (j.ravel() + 0.5) * col_factor, (i.ravel() + 0.5) * row_factor
+        out = np.zeros((len(self),) + tuple(shape), bool)
+        for r, g in enumerate(self.geometries):
+            out[r] = shapely.contains_xy(g, x, y).reshape(shape)
+        return out
+
+    def to_json(self) -> str:
+        """A GeoJSON FeatureCollection in level-0 px (journaled with the plan, read back by from_json)."""
+        import shapely
+        features = [{"type": "Feature", "geometry": json.loads(shapely.to_geojson(g)),
+                     "properties": {"objectType": "annotation", "name": n}}
+                    for n, g in zip(self.names, self.geometries)]
+        return json.dumps({"type": "FeatureCollection", "features": features})
+
+    @classmethod
+    def from_json(cls, text: str) -> Regions:
+        import shapely
+        features = json.loads(text)["features"]
+        return cls(tuple(f["properties"]["name"] for f in features),
+                   tuple(shapely.from_geojson(json.dumps(f["geometry"])) for f in features))
+
+
+# --------------------------------------------------------------------------- reading a file
+
+def load_regions(path: str | Path, units: str = "px") -> RegionFile:
+    """The polygons of a GeoJSON file (a FeatureCollection, a Feature, a list of Features as QuPath's older
+    exports, or a bare geometry), named by properties.name, else properties.classification.name, else the feature's
+    index. QuPath objects other than annotations (detections, cells, tiles) are left out with a logged note;
+    self-intersecting polygons are repaired (shapely.make_valid) with a note naming the feature."""
+    import shapely
+
+    path = Path(path)
+    if units not in ("px", "um"):
+        raise RegionsError(f"expected regions units px or um, found {units!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegionsError(f"expected a regions GeoJSON file, found no file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RegionsError(f"expected GeoJSON in {path}, found text that is not JSON ({e})") from None
+    features = _features(data, path)
+    names, geoms, skipped = [], [], {}
+    for index, feature in enumerate(features):
+        props = feature.get("properties") or {}
+        kind = props.get("objectType", "annotation")
+        if kind not in ("annotation", "PathAnnotationObject"):
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        geometry = feature.get("geometry")
+        if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+            kind = geometry.get("type") if isinstance(geometry, dict) else type(geometry).__name__
+            skipped[f"{kind} geometry"] = skipped.get(f"{kind} geometry", 0) + 1
+            continue
+        name = _name(props, index)
+        try:
+            g = shapely.from_geojson(json.dumps(geometry))
+        except Exception as e:          # GEOS's own message says what is wrong with the coordinates
+            raise RegionsError(f"expected a polygon in feature {name!r} of {path}, found {e}") from None
+        if not g.is_valid:
+            reason = shapely.is_valid_reason(g)
+            g = shapely.make_valid(g)
+            g = shapely.union_all(shapely.get_parts(g)[shapely.get_dimensions(shapely.get_parts(g)) == 2])
+            log.warning("region %r of %s was not a valid polygon (%s): repaired with shapely.make_valid",
+                        name, path, reason)
+        if g.is_empty or g.area <= 0:
+            log.warning("region %r of %s has no area: left out", name, path)
+            continue
+        names.append(name)
+        geoms.append(g)
+    for kind, n in skipped.items():
+        log.info("regions: %d %s object(s) in %s left out (only annotations' polygons are regions)", n, kind, path)
+    if not geoms:
+        raise RegionsError(f"expected Polygon or MultiPolygon annotations in {path}, found none "
+                           f"({len(features)} feature(s))")
+    return RegionFile(str(path), tuple(_unique(names)), tuple(geoms), units)
+
+
+def _features(data, path: Path) -> list[dict]:
+    if isinstance(data, list):           # QuPath before 0.4 exported a bare list of features
+        return [f for f in data if isinstance(f, dict)]
+    if not isinstance(data, dict):
+        raise RegionsError(f"expected a GeoJSON object in {path}, found {type(data).__name__}")
+    kind = data.get("type")
+    if kind == "FeatureCollection":
+        return [f for f in data.get("features") or [] if isinstance(f, dict)]
+    if kind == "Feature":
+        return [data]
+    if kind in ("Polygon", "MultiPolygon"):
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    raise RegionsError(f"expected a GeoJSON FeatureCollection, Feature or polygon in {path}, found type {kind!r}")
+
+
+def _name(props: dict, index: int) -> str:
+    name = props.get("name")
+    if not name:
+        classification = props.get("classification")
+        name = classification.get("name") if isinstance(classification, dict) else None
+    return str(name) if name else str(index)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Two regions of one name (two "Tumor" annotations) stay apart: "Tumor", "Tumor (2)"; ";" is the column's
+    separator, so it cannot be in a name."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        n = n.replace(SEPARATOR, ",")
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out

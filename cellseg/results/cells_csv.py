@@ -1,0 +1,77 @@
+"""cells.csv: one row per nucleus (and the cell grown from it), streamed as they are measured (the columns:
+measure.nucleus_columns, then cells.expanded_columns when nuclei are grown into cells)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+
+class CellsTableWriter:
+    """Streams cells.csv: the header is written at open (so zero nuclei still give a valid table),
+    then rows per batch. `columns` maps column name -> numpy dtype string, in file order.
+
+    Floats are written with 6 significant digits, NaN as an empty field. Rows are buffered and written
+    `flush_rows` at a time (and at close): pandas' CSV writer costs ~5 ms a call whatever the rows, so one call
+    per tile of a few dozen nuclei made the table a third of a big slide's write time.
+    """
+
+    def __init__(self, path: Path, columns: dict[str, str], flush_rows: int = 20000):
+        self.path = Path(path)
+        self.columns = {name: np.dtype(dt) for name, dt in columns.items()}
+        self.rows = 0
+        self.flush_rows = flush_rows
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_rows = 0
+        self._fh: IO[str] | None = open(self.path, "w", newline="", encoding="utf-8")
+        csv.writer(self._fh, lineterminator="\n").writerow(list(self.columns))
+
+    def append(self, table) -> None:
+        """Append rows from a dict of 1-D arrays or a DataFrame with exactly the declared columns."""
+        import pandas as pd
+
+        if self._fh is None:
+            raise ValueError(f"{self.path} is already closed")
+        got = list(table.columns) if isinstance(table, pd.DataFrame) else list(table)
+        if set(got) != set(self.columns):
+            missing = [c for c in self.columns if c not in got]
+            extra = [c for c in got if c not in self.columns]
+            raise ValueError(f"expected the declared cells.csv columns, missing {missing}, unexpected {extra}")
+        data = {name: np.asarray(table[name]).astype(dt, copy=False) for name, dt in self.columns.items()}
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"expected columns of one length, got lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
+        self._pending.append(data)
+        self._pending_rows += n
+        self.rows += n
+        if self._pending_rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows."""
+        import pandas as pd
+
+        if self._fh is None or not self._pending:
+            return
+        data = {name: np.concatenate([part[name] for part in self._pending]) for name in self.columns}
+        pd.DataFrame(data, columns=list(self.columns)).to_csv(
+            self._fh, header=False, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self.flush()
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> CellsTableWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self._pending = []   # a failed run: its staging folder is discarded, do not format what it buffered
+        self.close()

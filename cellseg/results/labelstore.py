@@ -1,0 +1,219 @@
+"""The label canvas: a disk-backed uint32 instance-label image the size of the slide, painted tile by tile.
+
+`LabelStore` is the canvas (a write-back cache of decoded chunks over `ChunkFiles`, one zstd-compressed file per
+chunk); memory stays a bounded number of chunks whatever the slide's size. results/ome_pyramid.py writes it out.
+Coordinates are (row, col) in level-0 pixels, boxes half-open `Box(row0, col0, row1, col1)`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..geometry import Box
+
+
+def chunks_under(start: int, stop: int, chunk: int) -> range:
+    """Indices of the chunks of size `chunk` that pixels start..stop-1 fall in."""
+    return range(start // chunk, (stop - 1) // chunk + 1)
+
+
+class ChunkFiles:
+    """A 2-D uint32 array on disk, one zstd-compressed file per `chunk` x `chunk` block; blocks never written are 0.
+    (The label canvas, and each level of the label pyramid while it is written: results/ome_pyramid.py.)
+
+    A scratch format private to one run. Not a zarr array: every call through zarr 3's asyncio bridge costs 1.2 ms
+    to read and ~5 ms to write a chunk, against 0.3-0.6 ms to compress or decompress a label chunk, and that
+    overhead would be most of the label-writing time of a big slide. Not thread-safe (one writer at a time).
+    """
+
+    def __init__(self, folder: Path, height: int, width: int, chunk: int):
+        self.folder, self.shape, self.chunk = Path(folder), (int(height), int(width)), int(chunk)
+        shutil.rmtree(self.folder, ignore_errors=True)   # the folder belongs to this store
+        self.folder.mkdir(parents=True)
+        self.written: set[tuple[int, int]] = set()      # blocks on disk; the rest are 0
+
+    def _path(self, i: int, j: int) -> Path:
+        return self.folder / f"{i}.{j}.zst"
+
+    def block_shape(self, i: int, j: int) -> tuple[int, int]:
+        c = self.chunk
+        return min(c, self.shape[0] - i * c), min(c, self.shape[1] - j * c)
+
+    def load(self, i: int, j: int) -> np.ndarray:
+        """Block (i, j), decoded (a fresh, writable array)."""
+        if (i, j) not in self.written:
+            return np.zeros(self.block_shape(i, j), np.uint32)
+        return self._decoded(i, j).astype(np.uint32)   # a copy, in native byte order
+
+    def _decoded(self, i: int, j: int) -> np.ndarray:
+        """Written block (i, j) as a read-only view of its decoded bytes (no copy: reads slice it straight away)."""
+        from imagecodecs import zstd_decode
+        raw = zstd_decode(self._path(i, j).read_bytes())
+        return np.frombuffer(raw, "<u4").reshape(self.block_shape(i, j))
+
+    def store(self, i: int, j: int, block: np.ndarray) -> None:
+        """Block (i, j) := `block` (its full shape); an all-zero block takes no disk."""
+        from imagecodecs import zstd_encode
+        if block.shape != self.block_shape(i, j):
+            raise ValueError(f"expected block ({i}, {j}) of shape {self.block_shape(i, j)}, got {block.shape}")
+        if not block.any():
+            if (i, j) in self.written:
+                self._path(i, j).unlink()
+                self.written.discard((i, j))
+            return
+        self._path(i, j).write_bytes(zstd_encode(np.ascontiguousarray(block, "<u4"), level=1))
+        self.written.add((i, j))
+
+    def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
+        """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the array), decoding only the blocks with
+        a sampled pixel."""
+        row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
+        out = np.zeros((max(0, -(-(row1 - row0) // step)), max(0, -(-(col1 - col0) // step))), np.uint32)
+        c = self.chunk
+        for i in chunks_under(row0, row1, c):
+            first_r = row0 + -(-(max(row0, i * c) - row0) // step) * step    # first sampled row in block row i
+            if first_r >= min(row1, (i + 1) * c):
+                continue
+            for j in chunks_under(col0, col1, c):
+                first_c = col0 + -(-(max(col0, j * c) - col0) // step) * step
+                if first_c >= min(col1, (j + 1) * c) or (i, j) not in self.written:
+                    continue
+                part = self._decoded(i, j)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
+                                       first_c - j * c:min(col1, (j + 1) * c) - j * c:step]
+                r, k = (first_r - row0) // step, (first_c - col0) // step
+                out[r:r + part.shape[0], k:k + part.shape[1]] = part
+        return out
+
+
+class LabelStore:
+    """Disk-backed uint32 instance-label canvas of shape (height, width) in level-0 pixels.
+
+    Blocks of `chunk` x `chunk` px, zstd-compressed, one file each in `folder` (ChunkFiles), fill 0.
+    Chunks that stay all zero are never written, so background costs no disk. `folder` belongs to
+    the store: anything already there is replaced (pass a fresh folder, e.g. inside the staging
+    folder, never a user's folder). Lives for one run:
+    the caller removes it with `remove()` (or by deleting its parent folder). Never holds the slide
+    in memory: every method touches a bounded number of chunks at a time.
+
+    Painting goes through a write-back cache of decoded chunks (at most `cache_bytes`, least recently painted
+    evicted first): tiles overlap by their halos, so a chunk is painted by up to nine tiles, and compressing it
+    to disk after each of them cost ~12 ms a tile (~3 s on an 8192² slide). Reads flush the cache first.
+    """
+
+    def __init__(self, folder: Path, height: int, width: int, chunk: int = 512, cache_bytes: int = 64 << 20):
+        if height <= 0 or width <= 0:
+            raise ParameterError(f"expected a label canvas of positive size, got {height} x {width} px")
+        if chunk <= 0:
+            raise ParameterError(f"expected a positive chunk size, got {chunk}")
+        self.folder = Path(folder)
+        self.chunk = int(chunk)
+        self._blocks = ChunkFiles(self.folder, height, width, self.chunk)
+        # (chunk row, chunk col) of every chunk ever painted: the rest is known to be 0 without reading it
+        self.written_chunks: set[tuple[int, int]] = set()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()   # decoded chunks not yet on disk
+        self._cache_chunks = max(1, cache_bytes // (self.chunk * self.chunk * 4))
+
+    @property
+    def height(self) -> int:
+        return self._blocks.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self._blocks.shape[1]
+
+    def _check_box(self, box: Box) -> None:
+        if not (0 <= box.row0 <= box.row1 <= self.height and 0 <= box.col0 <= box.col1 <= self.width):
+            raise ValueError(f"expected a box inside the {self.height} x {self.width} canvas, got {box}")
+
+    def paint(self, box: Box, labels: np.ndarray) -> None:
+        """Write the NONZERO pixels of `labels` (uint32, shape box.shape) into `box`; keep the rest.
+
+        Only the chunks under the bounding box of the nonzero pixels are touched, so painting a tile whose
+        nuclei sit in one corner touches one chunk, not the tile's four.
+        """
+        box = Box(*box)
+        self._check_box(box)
+        labels = np.asarray(labels)
+        if labels.shape != box.shape:
+            raise ValueError(f"expected labels of shape {box.shape} for {box}, got {labels.shape}")
+        if labels.dtype != np.uint32:
+            raise ValueError(f"expected uint32 labels, got {labels.dtype}")
+        rows = np.flatnonzero(labels.any(axis=1))
+        if rows.size == 0:
+            return
+        cols = np.flatnonzero(labels.any(axis=0))
+        top, bottom = box.row0 + int(rows[0]), box.row0 + int(rows[-1]) + 1
+        left, right = box.col0 + int(cols[0]), box.col0 + int(cols[-1]) + 1
+        c = self.chunk
+        for i in chunks_under(top, bottom, c):
+            for j in chunks_under(left, right, c):
+                chunk = self._cached_chunk(i, j)
+                r0, r1 = max(top, i * c), min(bottom, (i + 1) * c)
+                c0, c1 = max(left, j * c), min(right, (j + 1) * c)
+                sub = labels[r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+                np.copyto(chunk[r0 - i * c:r1 - i * c, c0 - j * c:c1 - j * c], sub, where=sub != 0)
+                self.written_chunks.add((i, j))
+
+    def _cached_chunk(self, i: int, j: int) -> np.ndarray:
+        """Chunk (i, j) decoded, in the cache and most recently used; the least recently used goes to disk."""
+        key = (i, j)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        chunk = self._blocks.load(i, j)
+        self._cache[key] = chunk
+        while len(self._cache) > self._cache_chunks:
+            self._store_chunk(*self._cache.popitem(last=False))
+        return chunk
+
+    def _store_chunk(self, key: tuple[int, int], chunk: np.ndarray) -> None:
+        self._blocks.store(*key, chunk)
+
+    def flush(self) -> None:
+        """Write every cached chunk to disk (reads do this first)."""
+        while self._cache:
+            self._store_chunk(*self._cache.popitem(last=False))
+
+    def read(self, box: Box, step: int = 1) -> np.ndarray:
+        """uint32 labels of `box`, every `step`-th row and column from its top-left corner.
+
+        Shape (ceil(box.height / step), ceil(box.width / step)); step > 1 is a nearest-neighbour
+        downsample (labels are never interpolated).
+        """
+        box = Box(*box)
+        self._check_box(box)
+        self.flush()
+        return self._blocks.read(box.row0, box.row1, box.col0, box.col1, step)
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """uint32 (ceil(height / factor), ceil(width / factor)): pixel [i, j] = canvas[i*factor, j*factor].
+
+        Read one band of chunk rows at a time, so memory is one band of the thumbnail plus one decoded chunk.
+        """
+        if factor < 1:
+            raise ParameterError(f"expected a thumbnail factor >= 1, got {factor}")
+        self.flush()
+        out = np.zeros((-(-self.height // factor), -(-self.width // factor)), np.uint32)
+        for b0 in range(0, self.height, self.chunk):
+            b1 = min(b0 + self.chunk, self.height)
+            first = -(-b0 // factor) * factor  # first sampled row inside this band
+            if first >= b1:
+                continue  # factor > chunk: this band holds no sampled row
+            band = self._blocks.read(first, b1, 0, self.width, factor)
+            out[first // factor:first // factor + band.shape[0]] = band
+        return out
+
+    def chunk_files(self) -> ChunkFiles:
+        """The canvas's chunk files, every painted chunk on disk (the pyramid writer reads them)."""
+        self.flush()
+        return self._blocks
+
+    def remove(self) -> None:
+        """Delete the store's folder (the end of its one-run lifetime)."""
+        self._cache.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,370 @@
+"""report.html: one self-contained page per result folder to look at before trusting its numbers, and one per job
+of slides (the cohort report).
+
+Everything comes from the result folder (summary.json, run.json, cells.csv, overlay.png, tissue_mask.png,
+labels.ome.tif) plus the slide itself for the full-resolution crops, read region by region at level 0 (never whole).
+Pictures are inlined as base64 PNG (results/report_plots.py) and the page is rendered from the package's Jinja2 template
+(templates/report.html.j2): no server, no network, no script fetched when it is viewed. `write_report` also adds the
+page's warnings to summary.json (key "warnings"), where the cohort report and scripts find them.
+
+Per-tile counts come from cells.csv's owning tile (tile_index) on the tile grid of summary.json ("scale": tile_px,
+cores from (0, 0)); a tile's tissue share from tissue_mask.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CellsegError, OutputError
+from ..geometry import Box
+
+log = logging.getLogger(__name__)
+
+CROP_PX = 256            # side of a full-resolution crop: nuclei big enough to judge, pages still a few MB
+MAX_CROPS = 12
+LOW_DENSITY, HIGH_DENSITY = 200.0, 20_000.0     # cells/mm² outside this is rare for nuclei in tissue
+NEAR_THRESHOLD = 0.1     # a score within this of the threshold is "near" it
+SCALE_RATIO = 2.0        # nuclei this many times larger or smaller than the model's training size
+SKIPPED_TISSUE = 0.1     # share of the tissue in tiles skipped as background
+ASSUMED_MPP = ("none", "image-dpi")   # pixel size sources that are a guess, not the microscope's
+
+
+@dataclass
+class Crop:
+    title: str
+    why: str
+    png: str      # base64
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OutputError(f"expected a cellseg result folder with a readable {path.name}, found {path} "
+                          f"unreadable ({e})") from e
+
+
+def _cells_table(folder: Path, summary: dict):
+    """The cells.csv columns the report needs, read as few as possible."""
+    import pandas as pd
+    header = pd.read_csv(folder / "cells.csv", nrows=0).columns
+    wanted = ["tile_index", "score", "area_px", "cut_at_seam", "cell_area_px", "nucleus_hematoxylin_od_mean",
+              "nucleus_dab_od_mean", *[c for c in header if c.startswith("mean_intensity_")]]
+    return pd.read_csv(folder / "cells.csv", usecols=[c for c in wanted if c in header])
+
+
+@dataclass
+class TileGrid:
+    """The count's tile grid: cores of tile_px from (0, 0); per tile its nuclei, tissue share and density."""
+
+    tile_px: int
+    rows: int
+    cols: int
+    counts: np.ndarray        # (rows, cols) nuclei owned (cells.csv rows)
+    cut: np.ndarray           # (rows, cols) nuclei cut at a seam
+    tissue: np.ndarray        # (rows, cols) tissue share of the core
+    unreadable: np.ndarray    # (rows, cols) unreadable share of the core
+
+    def core(self, r: int, c: int, height: int, width: int) -> Box:
+        t = self.tile_px
+        return Box(r * t, c * t, min((r + 1) * t, height), min((c + 1) * t, width))
+
+
+def tile_grid(summary: dict, cells, tissue_png: Path) -> TileGrid:
+    """The count's tile grid with each tile's owned and seam-cut nuclei (cells.csv), tissue share (the tissue mask's
+    pixels under its core) and unreadable share (summary.json's regions)."""
+    from PIL import Image
+    height, width, tile_px = summary["height_px"], summary["width_px"], int(summary["scale"]["tile_px"])
+    rows, cols = -(-height // tile_px), -(-width // tile_px)
+    index = cells["tile_index"].to_numpy(np.int64) if len(cells) else np.zeros(0, np.int64)
+    counts = np.bincount(index, minlength=rows * cols)[:rows * cols].reshape(rows, cols)
+    cut = (np.bincount(index, weights=cells["cut_at_seam"].to_numpy(bool), minlength=rows * cols)
+           [:rows * cols].reshape(rows, cols) if len(cells) else np.zeros((rows, cols)))
+    mask = np.asarray(Image.open(tissue_png)) > 0 if tissue_png.is_file() else np.ones((1, 1), bool)
+    unreadable = np.zeros((rows, cols))
+    tissue = np.zeros((rows, cols))
+    fr, fc = height / mask.shape[0], width / mask.shape[1]
+    for r in range(rows):
+        for c in range(cols):
+            r0, c0 = int(r * tile_px / fr), int(c * tile_px / fc)
+            r1 = max(r0 + 1, math.ceil(min((r + 1) * tile_px, height) / fr))
+            c1 = max(c0 + 1, math.ceil(min((c + 1) * tile_px, width) / fc))
+            tissue[r, c] = mask[r0:r1, c0:c1].mean()
+    grid = TileGrid(tile_px, rows, cols, counts, cut, tissue, unreadable)
+    for region in summary.get("unreadable") or []:     # level-0 boxes, disjoint: add up each tile's share
+        b = Box(*region["box"])
+        for r in range(b.row0 // tile_px, -(-b.row1 // tile_px)):
+            for c in range(b.col0 // tile_px, -(-b.col1 // tile_px)):
+                core = grid.core(r, c, height, width)
+                overlap = (max(0, min(b.row1, core.row1) - max(b.row0, core.row0))
+                           * max(0, min(b.col1, core.col1) - max(b.col0, core.col0)))
+                unreadable[r, c] += overlap / (core.height * core.width)
+    np.minimum(unreadable, 1.0, out=unreadable)
+    return grid
+
+
+def tile_densities(grid: TileGrid, summary: dict) -> tuple[np.ndarray, str]:
+    """Nuclei per mm² of (readable) tissue per tile (per 10⁶ px² without a pixel size); NaN without tissue."""
+    height, width, mpp = summary["height_px"], summary["width_px"], summary.get("mpp")
+    area = np.zeros((grid.rows, grid.cols))
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            core = grid.core(r, c, height, width)
+            area[r, c] = core.height * core.width
+    area = area * grid.tissue * (1 - grid.unreadable)
+    if mpp:
+        area_units, unit = area * mpp ** 2 / 1e6, "cells per mm² of tissue"
+    else:
+        area_units, unit = area / 1e6, "cells per 10⁶ px² of tissue"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density = np.where(area_units > 0, grid.counts / area_units, np.nan)
+    # a sliver of tissue at a tile's edge gives absurd densities: only tiles at least a tenth tissue
+    density[grid.tissue < 0.1] = np.nan
+    return density, unit
+
+
+def choose_crops(grid: TileGrid, density: np.ndarray, seed: int = 0) -> list[tuple[tuple[int, int], str]]:
+    """Which tiles to show, and why: the densest, the sparsest tissue tiles, any with many seam-cut nuclei, and a few
+    at random (seeded); each tile once, MAX_CROPS at most."""
+    chosen: dict[tuple[int, int], str] = {}
+
+    def add(tiles, why: str, n: int) -> None:
+        for rc in tiles:
+            if n == 0 or len(chosen) >= MAX_CROPS:
+                return
+            rc = (int(rc[0]), int(rc[1]))
+            if rc not in chosen:
+                chosen[rc] = why
+                n -= 1
+
+    finite = np.argwhere(np.isfinite(density))
+    by_density = sorted(map(tuple, finite), key=lambda rc: density[rc])
+    add(reversed(by_density), "densest tile", 3)
+    add(by_density, "sparsest tissue tile", 3)
+    cut = [tuple(rc) for rc in np.argwhere(grid.cut > 0)]
+    add(sorted(cut, key=lambda rc: -grid.cut[rc]), "many cells cut at a seam", 2)
+    rng = np.random.default_rng(seed)
+    pool = [tuple(rc) for rc in finite] or [tuple(rc) for rc in np.argwhere(grid.counts > 0)]
+    add([pool[k] for k in rng.permutation(len(pool))] if pool else [], "random tile (seed 0)", 3)
+    return list(chosen.items())
+
+
+def read_crops(grid: TileGrid, chosen, summary: dict, slide, labels_path: Path) -> list[Crop]:
+    """The chosen tiles' centre CROP_PX² at level 0 from the slide and from labels.ome.tif, outlined."""
+    from ..slides import open_slide
+    from .report_plots import outlined_png
+    height, width = summary["height_px"], summary["width_px"]
+    crops = []
+    with open_slide(labels_path) as labels:
+        for (r, c), why in chosen:
+            core = grid.core(r, c, height, width)
+            # centred on the tile and within its core (a tile smaller than a crop is shown whole: pixels beyond it may
+            # lie outside what was analysed, e.g. outside --regions), moved inside the slide rather than cut by its edge
+            side = min(CROP_PX, grid.tile_px)
+            r0 = max(core.row0, min((core.row0 + core.row1) // 2 - side // 2, height - side))
+            c0 = max(core.col0, min((core.col0 + core.col1) // 2 - side // 2, width - side))
+            box = Box(r0, c0, min(height, r0 + side, core.row1), min(width, c0 + side, core.col1))
+            pixels = slide.read_region(box)
+            png = outlined_png(pixels, labels.read_region(box)[..., 0])
+            crops.append(Crop(f"tile ({r}, {c}): {int(grid.counts[r, c])} cells, rows {box.row0}:{box.row1} "
+                              f"cols {box.col0}:{box.col1}", why, _b64(png)))
+    return crops
+
+
+def intensity_values(cells, summary: dict) -> tuple[np.ndarray | None, str]:
+    """The nuclear stain per nucleus: hematoxylin OD (grown cells measure it per nucleus; otherwise the OD of the
+    nucleus's mean colour, skimage.color.rgb2hed) for brightfield RGB, else the model channel's mean intensity."""
+    if "nucleus_hematoxylin_od_mean" in cells:
+        return cells["nucleus_hematoxylin_od_mean"].to_numpy(float), "nucleus hematoxylin OD (mean)"
+    rgb = [f"mean_intensity_{c}" for c in ("R", "G", "B")]
+    if all(c in cells for c in rgb) and summary.get("channels") == 3:
+        from ..cells import stain_densities
+        colours = np.stack([cells[c].to_numpy(float) for c in rgb], axis=1)
+        return stain_densities(np.clip(np.round(colours), 0, 255).astype(np.uint8))[:, 0], \
+            "hematoxylin OD of the nucleus's mean colour"
+    names = [c for c in cells.columns if c.startswith("mean_intensity_")]
+    channel = summary.get("model_channel")
+    if not names:
+        return None, ""
+    name = names[channel] if isinstance(channel, int) and channel < len(names) else names[0]
+    return cells[name].to_numpy(float), f"{name[len('mean_intensity_'):]} mean intensity"
+
+
+def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> list[str]:
+    """Why a number might not be trusted, each a sentence."""
+    warnings = []
+    source = str(summary.get("mpp_source") or "none")
+    if summary.get("mpp") is None or source.split(":")[0] in ASSUMED_MPP:
+        warnings.append(f"pixel size assumed or unknown ({source}): areas and densities depend on it; pass --mpp")
+    scale = summary.get("scale") or {}
+    area = summary.get("area_px") or {}
+    if area.get("median") and scale.get("model_diameter_px"):
+        network_diameter = 2 * math.sqrt(area["median"] / math.pi) * float(scale.get("factor") or 1)
+        ratio = network_diameter / scale["model_diameter_px"]
+        if not 1 / SCALE_RATIO <= ratio <= SCALE_RATIO:
+            warnings.append(f"nuclei reach the model at {network_diameter:.1f} px, {ratio:.2g}x its training size "
+                            f"({scale['model_diameter_px']:.1f} px): pass --diameter")
+    threshold = (run.get("model") or {}).get("score_threshold")
+    if threshold is not None and len(cells) and "score" in cells:
+        near = float(np.mean(cells["score"].to_numpy(float) < threshold + NEAR_THRESHOLD))
+        if near > 0.5:
+            warnings.append(f"{near:.0%} of the nuclei score within {NEAR_THRESHOLD} of the threshold {threshold:.2f}: "
+                            f"the count depends on it")
+    density = summary.get("cells_per_mm2")
+    if density is not None and not LOW_DENSITY <= density <= HIGH_DENSITY:
+        warnings.append(f"unusual density: {density:,.0f} cells per mm² of tissue (usual {LOW_DENSITY:,.0f} to "
+                        f"{HIGH_DENSITY:,.0f})")
+    fraction = summary.get("min_tissue_fraction")
+    if grid is not None and fraction is not None and grid.tissue.sum() > 0:
+        skipped = float(grid.tissue[(grid.tissue < fraction) & (grid.counts == 0)].sum() / grid.tissue.sum())
+        if skipped > SKIPPED_TISSUE:
+            warnings.append(f"{skipped:.0%} of the tissue lies in tiles skipped as background "
+                            f"(min tissue fraction {fraction})")
+    unreadable = summary.get("unreadable") or []
+    if unreadable:
+        warnings.append(f"{len(unreadable)} unreadable region(s), {summary.get('unreadable_area_px', 0):,} px, left "
+                        f"out of the count, the tissue area and the density (--skip-unreadable)")
+    return warnings
+
+
+def _template(name: str):
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cellseg", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    env.filters["num"] = _num
+    return env.get_template(name)
+
+
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return f"{float(value):,.{digits}g}" if abs(float(value)) < 1e6 else f"{float(value):,.0f}"
+
+
+def write_report(folder: Path, slide=None) -> list[str]:
+    """Write `folder`/report.html from the result files there, and its warnings into summary.json. slide: the open
+    slide for the crops (None: opened from run.json's path, and the crops left out when it is not there). Returns the
+    warnings."""
+    from .report_plots import heatmap_png, histogram_png
+    folder = Path(folder)
+    summary, run = _read_json(folder / "summary.json"), _read_json(folder / "run.json")
+    cells = _cells_table(folder, summary)
+    grid = tile_grid(summary, cells, folder / "tissue_mask.png")
+    density, unit = tile_densities(grid, summary)
+    warnings = slide_warnings(summary, run, cells, grid)
+    from PIL import Image
+    overlay = Image.open(folder / "overlay.png").convert("RGB")
+    overlay.thumbnail((800, 800))     # the heat map's backdrop: a 2048² overlay costs seconds to draw for nothing
+    overlay = np.asarray(overlay)
+    mpp = summary.get("mpp")
+    area_unit = "µm²" if mpp else "px"
+    areas = cells["area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1)
+    figures = [("Nucleus area", histogram_png(areas, f"nucleus area ({area_unit})", "Nucleus area"))]
+    if "cell_area_px" in cells:
+        figures.append(("Cell area", histogram_png(cells["cell_area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1),
+                                                   f"cell area ({area_unit})", "Cell area (grown from nuclei)")))
+    stain, stain_label = intensity_values(cells, summary)
+    if stain is not None:
+        figures.append(("Nuclear stain", histogram_png(stain, stain_label, "Nuclear stain")))
+    if len(cells):
+        threshold = (run.get("model") or {}).get("score_threshold")
+        figures.append(("Scores", histogram_png(cells["score"].to_numpy(float), "detection score", "Scores",
+                                                {"threshold": threshold} if threshold is not None else None)))
+    crops, crops_note = [], ""
+    chosen = choose_crops(grid, density)
+    if chosen:
+        try:
+            if slide is None:
+                from ..slides import open_slide
+                with open_slide(run["slide"], mpp=mpp) as opened:
+                    crops = read_crops(grid, chosen, summary, opened, folder / "labels.ome.tif")
+            else:
+                crops = read_crops(grid, chosen, summary, slide, folder / "labels.ome.tif")
+        except (CellsegError, OSError) as e:   # a report without crops beats no report; the page says why
+            crops_note = f"crops left out: the slide could not be read ({e})"
+            log.warning("%s: %s", folder.name, crops_note)
+    page = _template("report.html.j2").render(
+        summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
+        heatmap=_b64(heatmap_png(overlay, density, unit, summary["height_px"], summary["width_px"], grid.tile_px)),
+        density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
+        crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
+        model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
+        tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()))
+    from .folder import atomic_write_text
+    atomic_write_text(folder / "report.html", page)
+    summary["warnings"] = warnings
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str))
+    return warnings
+
+
+@dataclass
+class CohortRow:
+    """One slide of a job: its result folder and summary, or the error that failed it."""
+
+    name: str
+    folder: Path | None = None
+    summary: dict | None = None
+    error: str | None = None
+
+
+def result_folders(paths: list[Path]) -> tuple[list[Path], Path | None]:
+    """The result folders named by `paths` (a result folder itself, or a parent of several), and the cohort
+    report's folder: the one parent named, else the result folders' common parent when there are several (None
+    for one result folder)."""
+    import os
+    folders, parents = [], []
+    for path in paths:
+        path = Path(path)
+        if (path / "summary.json").is_file():
+            folders.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if (p / "summary.json").is_file())
+            if not found:
+                raise OutputError(f"expected a cellseg result folder or a folder of them, found none in {path}")
+            folders += found
+            parents.append(path)
+        else:
+            raise OutputError(f"expected a cellseg result folder (with summary.json), found {path}")
+    if len(parents) == 1 and len(paths) == 1:
+        return folders, parents[0]
+    if len(folders) < 2:
+        return folders, None
+    return folders, Path(os.path.commonpath([str(f.resolve().parent) for f in folders]))
+
+
+def write_cohort_report(folder: Path, rows: list[CohortRow]) -> Path:
+    """`folder`/report.html: one row per slide (count, density, tissue area, warnings or error, a link to its own
+    report) in a sortable table, and a plot of density per slide."""
+    import os
+
+    from .folder import atomic_write_text
+    from .report_plots import density_bars_png
+    folder = Path(folder)
+    table = []
+    for row in rows:
+        s = row.summary or {}
+        link = None
+        if row.folder is not None and (row.folder / "report.html").is_file():
+            link = Path(os.path.relpath(row.folder / "report.html", folder)).as_posix()
+        table.append({"name": row.name, "link": link, "error": row.error, "cells": s.get("cell_count"),
+                      "density": s.get("cells_per_mm2"), "tissue_mm2": s.get("tissue_area_mm2"),
+                      "mpp": s.get("mpp"), "unreadable": len(s.get("unreadable") or []),
+                      "warnings": s.get("warnings") or []})
+    plot = density_bars_png([r["name"] for r in table], [r["density"] for r in table], "cells per mm² of tissue")
+    page = _template("cohort.html.j2").render(rows=table, plot=_b64(plot),
+                                               failed=sum(r["error"] is not None for r in table))
+    atomic_write_text(folder / "report.html", page)
+    return folder / "report.html"

@@ -1,0 +1,90 @@
+"""The report's pictures (results/report.py): each one a PNG as bytes, drawn with matplotlib's Agg canvas (no pyplot, no
+global state, no display) or Pillow, to be inlined into report.html as base64."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .pictures import NUCLEUS_OUTLINE, _display_rgb
+
+
+def _figure(width: float = 6.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=90)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, float] | None = None) -> bytes:
+    """A histogram of `values` (non-finite ones dropped) with its median and any `marks` (label -> x) drawn as
+    vertical lines; an empty plot that says so when there are no values."""
+    values = np.asarray(values, np.float64).ravel()
+    values = values[np.isfinite(values)]
+    fig = _figure()
+    ax = fig.add_subplot()
+    if values.size:
+        edges = np.histogram_bin_edges(values, bins="auto")
+        ax.hist(values, bins=edges if len(edges) <= 101 else 100, color="#4878a8")   # outliers: "auto" too fine
+        median = float(np.median(values))
+        ax.axvline(median, color="#c03030", linestyle="--", label=f"median {median:.4g}")
+        for k, (label, x) in enumerate((marks or {}).items()):
+            ax.axvline(x, color=("#208020", "#a06000", "#606060")[k % 3], linestyle=":", label=label)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no cells", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("cells")
+    ax.set_title(f"{title} (n = {values.size})", fontsize=10)
+    return _png(fig)
+
+
+def heatmap_png(picture: np.ndarray, density: np.ndarray, unit: str, height: int, width: int, tile_px: int) -> bytes:
+    """The overview `picture` (h, w, 3 uint8) of a `height` x `width` px slide with `density` (tile rows, tile cols;
+    NaN: no tissue) drawn over it, one square of tile_px per tile, and a colour bar in `unit`."""
+    fig = _figure(7.0, min(9.0, 6.0 * height / max(width, 1) + 0.5))
+    ax = fig.add_subplot()
+    ax.imshow(picture, extent=(0, width, height, 0), interpolation="nearest")
+    shown = np.ma.masked_invalid(density)
+    if shown.count():
+        rows, cols = density.shape      # the last row and column of tiles may overhang the slide
+        image = ax.imshow(shown, extent=(0, cols * tile_px, rows * tile_px, 0), cmap="magma", alpha=0.55,
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label=unit)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    return _png(fig)
+
+
+def density_bars_png(names: list[str], values: list[float | None], unit: str) -> bytes:
+    """One bar per slide (None: no density, drawn as an empty slot) for the cohort report."""
+    fig = _figure(max(5.0, 0.35 * len(names) + 2), 3.6)
+    ax = fig.add_subplot()
+    heights = [v if v is not None else 0.0 for v in values]
+    ax.bar(range(len(names)), heights, color="#4878a8")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(unit)
+    ax.set_title("density per slide", fontsize=10)
+    return _png(fig)
+
+
+def outlined_png(pixels: np.ndarray, labels: np.ndarray) -> bytes:
+    """A full-resolution crop: `pixels` (h, w, C) of the slide with the outlines of the nuclei `labels` (h, w) in
+    yellow."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+    rgb = _display_rgb(pixels)
+    rgb[find_boundaries(labels, mode="inner")] = NUCLEUS_OUTLINE
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="png", compress_level=3)
+    return buf.getvalue()

@@ -1,0 +1,101 @@
+"""Many slides in one job, as `cellseg count SLIDES...` runs them: each slide's count journaled (run/journal.py) so that
+a killed job can be resumed, complete results skipped on resume, a bad slide reported without stopping the others,
+one progress count of tiles for the whole job.
+
+`count_serially` counts the slides one after another in this process; distributed.count_on_dask runs the same jobs
+as Dask tasks. Both give a SlideOutcome per slide, in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import CellsegError
+from ..slides import open_slide
+from .journal import Journal, complete_result, fingerprint, fresh_result_folder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideOutcome:
+    """How one slide of a job ended: a summary (counted, or skipped: its complete result was found on resume), or
+    the error that failed it. kept_bands: bands read back from the journal of an interrupted run."""
+
+    slide: Path
+    out: Path
+    summary: dict | None = None
+    error: CellsegError | None = None
+    skipped: bool = False
+    kept_bands: int = 0
+
+
+class JobProgress(Protocol):
+    """Progress of a whole job in analysed tiles: `planned` adds a slide's tiles to the total once it is planned
+    (or takes them off again when the slide fails), `analysed` reports tiles done."""
+
+    def planned(self, tiles: int) -> None: ...
+
+    def analysed(self, tiles: int) -> None: ...
+
+
+def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: bool,
+          band_rows: int | None) -> tuple[Journal | None, dict | None]:
+    """(the journal to count `slide` into `out` with, None), or (None, its summary) when resume finds the complete
+    result of this very count there. settings: CellCounter.settings(); errors are one-line CellsegErrors."""
+    with open_slide(slide, mpp=mpp) as opened:
+        print_ = fingerprint(opened.info, settings)
+    if resume:
+        summary = complete_result(out, print_)
+        if summary is not None:
+            return None, summary
+    return Journal.open(out, print_, resume=resume, band_rows=band_rows), None
+
+
+def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = False, band_rows: int | None = None,
+                   progress: JobProgress | None = None) -> Iterator[SlideOutcome]:
+    """Count each (slide, result folder) of `jobs` with `counter` (counter.CellCounter), one after another."""
+    settings = counter.settings()
+    for slide, out in jobs:
+        outcome = SlideOutcome(slide, out)
+        tiles = _SlideTiles(progress)
+        try:
+            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, resume=resume,
+                                             band_rows=band_rows)
+            outcome.skipped = journal is None
+            if journal is not None:
+                with journal:
+                    outcome.kept_bands = journal.kept_bands
+                    outcome.summary = counter.count_into(slide, fresh_result_folder(journal.folder), tiles,
+                                                         journal=journal.folder, band_rows=journal.band_rows,
+                                                         fingerprint=journal.fingerprint)
+                    journal.commit()
+        except CellsegError as e:
+            outcome.error = e
+            tiles.abandon()
+        yield outcome
+
+
+class _SlideTiles:
+    """One slide's pipeline progress(done, total) fed into the job's progress."""
+
+    def __init__(self, job: JobProgress | None):
+        self.job, self.done, self.total = job, 0, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.job is None:
+            return
+        if self.total is None:
+            self.total = total
+            self.job.planned(total)
+        self.job.analysed(done - self.done)
+        self.done = done
+
+    def abandon(self) -> None:
+        """The slide failed: its tiles still to do leave the job's total."""
+        if self.job is not None and self.total is not None:
+            self.job.planned(self.done - self.total)

@@ -1,0 +1,146 @@
+"""The library's entry point: `CellCounter` loads the models once, then counts slide after slide.
+
+    counter = CellCounter.load(load_protocol("fluorescence-nuclei"), device="auto")
+    summary = counter.count("slide.ome.tif", "slide.cellseg", progress=lambda done, total: ...)
+
+`cellseg count`, the napari widget and validation (`cellseg train --val`) all count through it, so they run the
+same pipeline: the same detector with its slide-level normalisation, the tissue U-Net on the detector's device,
+the same result folder committed atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..geometry import TileDetector
+from ..planning import Protocol, RegionFile
+from ..results import RunInfo, staged_output
+from ..tissue import TissueFinder
+from .pipeline import Progress, count_slide
+
+
+class CellCounter:
+    """A protocol and its loaded models (detector + tissue finder), ready to count any number of slides.
+
+    model_diameter_px: the training nucleus size the detector expects (its bundle's); diameter_px: the slides'
+    (--diameter), "auto" to measure it on each slide, or None; mpp: a pixel size overriding the slides' own;
+    run_info: what run.json records besides the count itself (summary.RunInfo: command line, device, model bundle);
+    regions: count only inside these (regions.load_regions; --regions), on every slide.
+    """
+
+    def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
+                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
+                 mpp: float | None = None, run_info: RunInfo | None = None, regions: RegionFile | None = None,
+                 skip_unreadable: bool = False):
+        self.protocol, self.detector = protocol, detector
+        self.regions = regions
+        self.skip_unreadable = skip_unreadable     # count around damaged pixel data (pipeline.count_slide)
+        self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
+        self.model_diameter_px, self.diameter_px, self.mpp = model_diameter_px, diameter_px, mpp
+        self.run_info = run_info or RunInfo()
+
+    @classmethod
+    def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
+             mpp: float | None = None, run_info: RunInfo | None = None, tta: bool = False,
+             regions: RegionFile | None = None, skip_unreadable: bool = False) -> CellCounter:
+        """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
+
+        Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
+        (fluorescence | brightfield) when the bundle has one for it. tta: test-time augmentation (cellseg.detection.tta: the
+        8 flips and rotations of every tile, cells merged; thresholds tuned with TTA when the bundle has them).
+        run.json records `run_info` (the caller's command) with the device, the precision and the bundle.
+        """
+        from ..bundles import load_bundle
+        from ..detection import Detector
+        bundle = load_bundle(protocol.model)
+        from ..detection import AugmentedDetector, member_threshold
+        model = model_record(bundle, protocol, tta)
+        threshold = model["score_threshold"]     # with TTA the merged cells' (tta.member_threshold)
+        detector = Detector.from_bundle(bundle, device,
+                                        score_threshold=member_threshold(threshold) if tta else threshold,
+                                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
+                                        precision=protocol.precision)
+        precision = detector.precision_note
+        if tta:
+            detector = AugmentedDetector(detector, threshold)
+        return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
+                   mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
+                                             model=model),
+                   regions=regions, skip_unreadable=skip_unreadable)
+
+    def settings(self) -> dict:
+        """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
+        return counting_settings(self.protocol, self.run_info.model, self.mpp, self.diameter_px, self.regions)
+
+    def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
+        """Count one slide into the result folder `out_dir`, committed only when complete (results.staged_output:
+        `out_dir` may be new, empty or an earlier result; a failure or a cancel leaves it as it was). Returns the
+        summary. progress(tiles analysed, tiles to analyse) may raise to cancel."""
+        with staged_output(Path(out_dir)) as staging:
+            return self.count_into(slide, staging, progress)
+
+    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8):
+        """How long `count(slide, ...)` would take here, from `sample_tiles` timed tiles (estimate.Estimate);
+        nothing is written."""
+        from .estimate import estimate_count
+        return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
+                              model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
+                              regions=self.regions, sample_tiles=sample_tiles)
+
+    def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
+                   journal: Path | None = None, band_rows: int | None = None,
+                   fingerprint: dict | None = None) -> dict:
+        """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
+        files of its own first). Returns the summary. journal, band_rows: pipeline.count_slide's; fingerprint:
+        what run.json records for a later --resume to recognise the result (journal.fingerprint)."""
+        run_info = self.run_info if fingerprint is None else replace(self.run_info, fingerprint=fingerprint)
+        return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
+                           progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
+                           diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
+                           skip_unreadable=self.skip_unreadable)
+
+
+def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
+    """run.json's "model": the bundle (bundle.Bundle) and the score threshold a protocol gets from it: the
+    protocol's own when it sets one, else the bundle's for the protocol's modality (and TTA)."""
+    threshold = (protocol.score_threshold if protocol.score_threshold is not None
+                 else bundle.threshold_for(protocol.modality, tta=tta))
+    return {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
+            "score_threshold": float(threshold), "test_time_augmentation": tta}
+
+
+def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,
+                      diameter_px: float | str | None, regions: RegionFile | None = None) -> dict:
+    """The settings a count's cells depend on, for journal.fingerprint (where the bundle lies does not count)."""
+    options = {"mpp": mpp, "diameter_px": diameter_px}
+    if regions is not None:       # a count without regions keeps the fingerprint it always had
+        options["regions"] = regions.digest()
+    return {"protocol": protocol.to_dict(), "model": {k: v for k, v in (model or {}).items() if k != "path"},
+            "options": options}
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """CellCounter.load's arguments as plain, picklable data: a Dask worker loads its own counter from it, once
+    (run/distributed.py). `settings()` gives CellCounter.settings() without building the network."""
+
+    protocol: Protocol
+    device: str = "auto"
+    diameter_px: float | str | None = None
+    mpp: float | None = None
+    tta: bool = False
+    run_info: RunInfo = field(default_factory=RunInfo)
+    regions: RegionFile | None = None
+    skip_unreadable: bool = False
+
+    def load(self) -> CellCounter:
+        return CellCounter.load(self.protocol, self.device, diameter_px=self.diameter_px, mpp=self.mpp,
+                                run_info=self.run_info, tta=self.tta, regions=self.regions,
+                                skip_unreadable=self.skip_unreadable)
+
+    def settings(self) -> dict:
+        from ..bundles import load_bundle
+        model = model_record(load_bundle(self.protocol.model), self.protocol, self.tta)
+        return counting_settings(self.protocol, model, self.mpp, self.diameter_px, self.regions)

@@ -1,0 +1,194 @@
+"""The tifffile backend: TIFF, BigTIFF, OME-TIFF, ImageJ hyperstacks, SVS, NDPI, SCN, QPTIFF, Philips TIFF.
+
+Regions are read through tifffile's zarr store: only the tiles/strips a region touches are decoded, so a
+100k x 100k slide opens in milliseconds and a region read costs what the region costs. Uncompressed
+contiguous TIFFs (ImageJ writes them as one strip) are memory-mapped instead, since one strip would
+otherwise be one chunk the size of the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import struct
+import xml.etree.ElementTree as ET
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+from ..errors import SlideError
+from .base import SCREEN_MPP_UM, UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
+
+log = logging.getLogger(__name__)
+
+BACKEND = "tifffile"
+# What tifffile, zarr and imagecodecs raise for damaged files. imagecodecs' codec errors
+# (DeflateError, JpegError, ...) derive from RuntimeError; corrupt IFDs can give struct.error.
+READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error)
+
+
+def open_tiff(path: Path) -> Slide:
+    with ExitStack() as stack:  # closes the file if anything below fails
+        collect = logging.handlers.BufferingHandler(10_000)  # what tifffile logs instead of raising
+        collect.setLevel(logging.ERROR)
+        tiff_log = logging.getLogger("tifffile")
+        tiff_log.addHandler(collect)
+        try:
+            tf = stack.enter_context(tifffile.TiffFile(path))
+            series = tf.series[0]  # SVS: the baseline; OME: the first image
+            levels = list(series.levels)
+        except READ_ERRORS as e:
+            raise SlideError(f"expected a readable TIFF, {path} is corrupt ({BACKEND}: {error_text(e)})") from e
+        finally:
+            tiff_log.removeHandler(collect)
+        # tifffile skips damaged tags and IFDs with a logged error. One pointing outside the file
+        # means truncation (a lost OME-XML or pyramid level would silently change the result);
+        # other logged problems (odd vendor tags) are passed on as warnings.
+        for msg in (record.getMessage() for record in collect.buffer):
+            if "offset" in msg:
+                raise SlideError(f"expected a complete TIFF, {path} is truncated or corrupt ({BACKEND}: {msg})")
+            log.warning("%s: tifffile: %s", path.name, msg)
+        if len(tf.series) > 1:
+            log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),
+                     series.name or series.kind)
+        if 0 in series.shape:
+            raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
+                             f"(axes {series.axes})")
+        channel_axis = find_channel_axis(series.axes, series.shape)
+        sizes = dict(zip(series.axes, series.shape))
+        if np.dtype(series.dtype).kind not in "biuf":
+            raise SlideError(f"expected integer or float pixels, {path} has {series.dtype}")
+        kept = []
+        for i, lv in enumerate(levels):
+            other = [(ax, n) for ax, n in zip(lv.axes, lv.shape) if ax not in "YX"]
+            if lv.axes != series.axes or other != [(ax, n) for ax, n in sizes.items() if ax not in "YX"]:
+                log.warning("%s: pyramid level %d has axes %s %s unlike level 0 (%s %s); ignoring "
+                            "it and smaller levels", path.name, i, lv.axes, lv.shape, series.axes,
+                            series.shape)
+                break
+            kept.append(_tiff_level(tf, series, i, lv, channel_axis, stack))
+        _check_complete(path, levels[:len(kept)])
+        n_channels = sizes[channel_axis] if channel_axis else 1
+        mpp, source, names = _tiff_metadata(tf, n_channels)
+        fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
+               else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
+               else "philips-tiff" if tf.is_philips else "tiff")
+        info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
+                         np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
+                         tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
+                               for lv in levels[:len(kept)]))
+        return Slide(info, kept, stack.pop_all(), READ_ERRORS)
+
+
+def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel:
+    try:
+        if lv.dataoffset is not None and lv.keyframe.is_memmappable:
+            # Uncompressed and contiguous: a memory map reads only the rows a region touches.
+            dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
+            arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
+            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024))
+        store = stack.enter_context(series.aszarr(level=i))
+        arr = zarr.open(store, mode="r")
+    except READ_ERRORS as e:
+        raise SlideError(f"expected a readable TIFF, level {i} of {tf.filehandle.path} is corrupt "
+                         f"({BACKEND}: {error_text(e)})") from e
+    chunks = dict(zip(lv.axes, arr.chunks))
+    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]))
+
+
+def _check_complete(path: Path, levels) -> None:
+    """Fail at open, not hours into a run, when the file is shorter than its tiles say."""
+    size = path.stat().st_size
+    for lv in levels:
+        for page in lv.pages:
+            if page is None or not len(page.dataoffsets):
+                continue
+            end = int(np.max(np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)))
+            if end > size:
+                raise SlideError(f"expected a complete TIFF, {path} is truncated: its image data ends at "
+                                 f"byte {end:,} but the file has {size:,} bytes ({BACKEND})")
+
+
+def _tiff_metadata(tf, n_channels: int) -> tuple[float | None, str, tuple[str, ...] | None]:
+    """Pixel size (µm), where it came from, and channel names, in order of trust."""
+    page = tf.pages.first
+    why = []
+    names = None
+    if tf.is_ome:
+        mpp, names, reason = _ome(tf.ome_metadata, n_channels)
+        if mpp:
+            return mpp, "ome", names
+        why.append(reason)
+    if tf.is_imagej:
+        ij = tf.imagej_metadata or {}
+        labels = ij.get("Labels")
+        if names is None and isinstance(labels, list) and len(labels) == n_channels:
+            names = tuple(str(x) for x in labels)
+        unit = str(ij.get("unit", "")).replace("\\u00B5", "µ").strip().lower()
+        res = page.resolution if 282 in page.tags else None
+        if unit in UM_PER_UNIT and res and min(res) > 0:
+            return mean_mpp(UM_PER_UNIT[unit] / res[0], UM_PER_UNIT[unit] / res[1]), "imagej", names
+        why.append(f"the ImageJ calibration unit is {unit or 'missing'!r}")
+    if tf.is_svs:
+        m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", page.description)
+        try:
+            if m and float(m.group(1)) > 0:
+                return float(m.group(1)), "svs", names
+        except ValueError:
+            pass  # a garbled MPP field: fall through to the resolution tags
+        why.append("the SVS description has no MPP")
+    mpp, reason = _resolution_mpp(page)
+    if mpp:
+        return mpp, "tiff-resolution", names
+    why.append(reason)
+    return None, "none: " + "; ".join(why) + "; pass --mpp", names
+
+
+def _ome(xml: str, n_channels: int) -> tuple[float | None, tuple[str, ...] | None, str]:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        log.warning("ignoring unreadable OME-XML: %s", e)
+        return None, None, "the OME-XML is unreadable"
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None, None, "the OME-XML has no Pixels element"
+    chans = [el.get("Name") for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]
+    names = tuple(chans) if len(chans) == n_channels and all(chans) else None
+    sizes = []
+    for ax in "XY":
+        value, unit = pixels.get(f"PhysicalSize{ax}"), pixels.get(f"PhysicalSize{ax}Unit", "µm")
+        if value is None:
+            return None, names, "the OME-XML has no PhysicalSizeX/Y"
+        if unit.lower() not in UM_PER_UNIT:
+            return None, names, f"the OME PhysicalSize{ax}Unit {unit!r} is not a length unit"
+        try:
+            sizes.append(float(value) * UM_PER_UNIT[unit.lower()])
+        except ValueError:
+            return None, names, f"the OME PhysicalSize{ax} {value!r} is not a number"
+    if min(sizes) <= 0:
+        return None, names, f"the OME PhysicalSizeX/Y {sizes} is not positive"
+    return mean_mpp(*sizes), names, ""
+
+
+def _resolution_mpp(page) -> tuple[float | None, str]:
+    """µm per pixel from XResolution/YResolution (pixels per ResolutionUnit), or why not."""
+    if 282 not in page.tags or 283 not in page.tags:
+        return None, "the TIFF has no pixel size (no OME/ImageJ metadata, no resolution tags)"
+    unit = int(page.resolutionunit)
+    # RESUNIT: 1 NONE, 2 INCH, 3 CENTIMETER; 4 MILLIMETER and 5 MICROMETER are tifffile extensions.
+    um = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}.get(unit)
+    if um is None:
+        return None, "the TIFF ResolutionUnit is NONE (no physical unit)"
+    xres, yres = page.resolution
+    if xres <= 0 or yres <= 0:
+        return None, f"the TIFF resolution {xres:g} x {yres:g} is not positive"
+    mpp = mean_mpp(um / xres, um / yres)
+    if mpp > SCREEN_MPP_UM:
+        what = f"{xres:g} dpi" if unit == 2 else f"{mpp:.4g} µm/px"
+        return None, f"the TIFF resolution {what} is a screen default, not a microscope pixel size"
+    return mpp, ""

@@ -1,0 +1,277 @@
+"""The Slide interface every backend builds, and what the backends share.
+
+`SlideInfo` says what an opened file is; a backend hands `Slide` one `Level` per pyramid level (an `ArrayLevel`
+when the level is an array); `Slide` does the reads on top: regions, thumbnails, and reading around damaged
+storage chunks (skip_unreadable). The backends (slide_tiff, slide_openslide, slide_czi, slide_zarr, slide_pil)
+import this module and `slide.open_slide` imports the backends, so imports go one way.
+
+Contract: coordinates are (row, col) in the pixel grid of the requested level, boxes half-open.
+`read_region` and `read_thumbnail` return (h, w, C) arrays in the file's dtype, channel-last even
+for one channel. Every failure a user can cause is a SlideError (bad file; the message names the file
+and the backend) or a ParameterError (impossible request), one line saying what was expected and found.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol as TypingProtocol
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ParameterError, SlideError, UnreadableRegionError
+from ..geometry import Box
+from .unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
+
+log = logging.getLogger(__name__)
+
+SCREEN_MPP_UM = 50.0  # coarser than this is a screen dpi default (72/96/300 dpi), not a microscope
+PIECE_PX = 1 << 20  # thumbnail reads go in pieces of about this many pixels (whole storage chunks)
+UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+               "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
+               "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6,
+               "in": 25400.0, "inch": 25400.0}
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: Path  # what the user named: a file, or a folder (OME-Zarr, a DICOM series)
+    format: str  # "ome-tiff", "svs", "ndpi", "tiff", "dicom", "mrxs", "czi", "ome-zarr", "png", ...
+    backend: str  # the library that reads it: "tifffile", "openslide", "pylibCZIrw", "zarr", "pillow"
+    height: int  # level 0, pixels
+    width: int
+    n_channels: int  # 1 grayscale, 3 RGB, C multichannel fluorescence
+    dtype: np.dtype
+    channel_names: tuple[str, ...] | None
+    mpp: float | None  # µm per pixel at level 0 (mean of x and y)
+    mpp_source: str  # "ome", "imagej", "tiff-resolution", "svs", "openslide", "czi", "ome-zarr",
+    #                  "image-dpi", "override", "none: <why>"
+    levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
+    details: tuple[str, ...] = ()  # what else the backend says, for `cellseg info` (scenes, vendor, ...)
+
+
+class Level(TypingProtocol):
+    """What a backend gives per pyramid level: pixels of a box as (h, w, C), and its storage chunk."""
+
+    chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
+
+    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray: ...
+
+
+@dataclass
+class ArrayLevel:
+    """One pyramid level held as an array (zarr, memory map or numpy) indexed in its own axis order."""
+
+    array: object  # zarr.Array, np.memmap or np.ndarray
+    axes: str  # e.g. "CYX", "YXS", "TCZYX"; axes other than Y, X, channel have size 1
+    channel_axis: str | None  # "C" or "S", or None for one channel
+    chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
+
+    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        index = tuple(slice(r0, r1) if ax == "Y" else slice(c0, c1) if ax == "X"
+                      else slice(None) if ax == self.channel_axis else 0 for ax in self.axes)
+        data = np.asarray(self.array[index])
+        kept = [ax for ax in self.axes if ax in ("Y", "X", self.channel_axis)]
+        data = data.transpose([kept.index(ax) for ax in ("Y", "X", self.channel_axis) if ax in kept])
+        if self.channel_axis is None:
+            data = data[..., None]
+        # zarr returns a fresh array; a numpy or memory-mapped level must not hand out views of
+        # itself (a caller writing into the region would change the slide, or hit a read-only map).
+        dtype = data.dtype.newbyteorder("=")
+        if isinstance(self.array, np.ndarray):
+            return np.array(data, dtype=dtype, order="C")  # always a copy
+        return np.ascontiguousarray(data, dtype=dtype)
+
+
+class Slide:
+    """An open image. Use as a context manager, or call close().
+
+    skip_unreadable (open_slide's): a read that meets damaged pixel data does not fail; it is read again chunk by
+    chunk, the damaged level-0 chunks come back as zeros and are listed in `unreadable` (a thumbnail piece of a
+    damaged lower level is made from level 0 instead). Without it such a read raises UnreadableRegionError.
+    """
+
+    def __init__(self, info: SlideInfo, levels: list[Level], stack: ExitStack | None = None,
+                 read_errors: tuple[type[BaseException], ...] = ()):
+        self.info = info
+        self._levels = levels
+        self._stack = stack
+        self._read_errors = read_errors  # what the backend raises for damaged pixel data
+        self._closed = False
+        self.skip_unreadable = False
+        self._unreadable = UnreadableRegions(info.path.name)
+
+    @property
+    def unreadable(self) -> list[UnreadableRegion]:
+        """The damaged level-0 chunks met so far (skip_unreadable), row-major."""
+        return self._unreadable.regions()
+
+    def add_unreadable(self, regions: list[UnreadableRegion]) -> None:
+        """Regions met by an earlier run of the same count (a journal: --resume)."""
+        self._unreadable.add(regions)
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<Slide {i.path.name} {i.format} ({i.backend}) {i.height}x{i.width}x{i.n_channels} {i.dtype}>"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._levels = []
+            if self._stack is not None:
+                self._stack.close()
+
+    def read_region(self, box: Box, level: int = 0) -> np.ndarray:
+        """Pixels of `box` (in `level`'s pixel grid) as (h, w, C) in the native dtype."""
+        if self._closed:
+            raise SlideError(f"expected an open slide, {self.info.path} was closed")
+        n = len(self.info.levels)
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or not 0 <= level < n:
+            raise ParameterError(f"expected a pyramid level 0..{n - 1}, got {level!r}")
+        r0, c0, r1, c1 = (int(v) for v in box)
+        h, w = self.info.levels[level]
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise ParameterError(f"expected a non-empty box inside the {h} x {w} px image at level "
+                                 f"{level}, got {Box(r0, c0, r1, c1)}")
+        try:
+            return self._levels[level].read(r0, c0, r1, c1)
+        except self._read_errors as e:
+            if not self.skip_unreadable:
+                # Name the damaged storage chunk, not the whole request (a thumbnail reads the whole image).
+                bad, error = self._first_damaged_chunk(level, r0, c0, r1, c1) or (Box(r0, c0, r1, c1), e)
+                raise UnreadableRegionError(f"expected readable pixel data, rows {bad.row0}:{bad.row1} cols "
+                                            f"{bad.col0}:{bad.col1} (level {level}) of {self.info.path} are corrupt "
+                                            f"({self.info.backend}: {error_text(error)}); --skip-unreadable counts "
+                                            f"the rest") from e
+        return self._read_in_chunks(level, r0, c0, r1, c1)
+
+    def _chunks(self, level: int, r0: int, c0: int, r1: int, c1: int):
+        return chunk_parts(self.info.levels[level], self._levels[level].chunk, Box(r0, c0, r1, c1))
+
+    def _first_damaged_chunk(self, level: int, r0: int, c0: int, r1: int, c1: int):
+        for chunk, part in self._chunks(level, r0, c0, r1, c1):
+            try:
+                self._levels[level].read(*part)
+            except self._read_errors as e:
+                return chunk, e
+        return None
+
+    def _read_in_chunks(self, level: int, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """The box read storage chunk by storage chunk (skip_unreadable): damaged chunks of level 0 are zeros and
+        listed; a damaged chunk of a lower level is made from level 0 (block mean), which may be intact."""
+        out = np.zeros((r1 - r0, c1 - c0, self.info.n_channels), self.info.dtype)
+        for chunk, part in self._chunks(level, r0, c0, r1, c1):
+            try:
+                piece = self._levels[level].read(*part)
+            except self._read_errors as e:
+                if level == 0:
+                    self._unreadable.note(chunk, error_text(e))
+                    continue
+                piece = self._from_level0(level, part)
+            out[part.row0 - r0:part.row1 - r0, part.col0 - c0:part.col1 - c0] = piece
+        return out
+
+    def _from_level0(self, level: int, box: Box) -> np.ndarray:
+        """`box` of a lower level as the block mean of level 0 (read tolerantly): for a damaged thumbnail level."""
+        h0, w0 = self.info.levels[0]
+        lh, lw = self.info.levels[level]
+        fr, fc = h0 / lh, w0 / lw
+        full = self.read_region(Box(int(box.row0 * fr), int(box.col0 * fc), min(h0, math.ceil(box.row1 * fr)),
+                                    min(w0, math.ceil(box.col1 * fc))))
+        small = [np.asarray(Image.fromarray(full[..., c].astype(np.float32)).resize(
+                 (box.width, box.height), Image.Resampling.BOX)) for c in range(full.shape[2])]
+        return cast_like(np.stack(small, axis=-1), self.info.dtype)
+
+    def read_thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """(h, w, C) overview with longer side <= max_side, and level-0 px per thumbnail px."""
+        if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or max_side < 1:
+            raise ParameterError(f"expected a thumbnail size >= 1 px, got {max_side!r}")
+        h0, w0 = self.info.levels[0]
+        if max(h0, w0) <= max_side:
+            return self.read_region(Box(0, 0, h0, w0)), 1.0
+        scale = max_side / max(h0, w0)
+        th, tw = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+        # The smallest level still at least the thumbnail's size, then an integer block mean that
+        # stays >= that size, then a < 2x box resize to the exact size.
+        level = max(i for i, (h, w) in enumerate(self.info.levels) if h >= th and w >= tw)
+        lh, lw = self.info.levels[level]
+        f = max(1, min(lh // th, lw // tw))
+        small = self._block_mean(level, f)
+        if small.shape[:2] != (th, tw):
+            small = np.stack([np.asarray(Image.fromarray(small[..., c].astype(np.float32))
+                                         .resize((tw, th), Image.Resampling.BOX))
+                              for c in range(small.shape[2])], axis=-1)
+        return cast_like(small, self.info.dtype), max(h0, w0) / max_side
+
+    def _block_mean(self, level: int, f: int) -> np.ndarray:
+        """Mean of each f x f block of a level, read piece by piece: memory ~ one piece + the result."""
+        lh, lw = self.info.levels[level]
+        ch, cw = self._levels[level].chunk
+        pc = cw * max(1, 1024 // cw)  # whole chunks only, so no chunk is decoded twice
+        pr = ch * max(1, PIECE_PX // (pc * ch))
+        # float32: a mean for a picture is exact enough, and the accumulator is the largest array of a view
+        acc = np.zeros((-(-lh // f), -(-lw // f), self.info.n_channels), np.float32)
+        for r0 in range(0, lh, pr):
+            rows = _block_starts(r0, min(r0 + pr, lh), f)
+            for c0 in range(0, lw, pc):
+                cols = _block_starts(c0, min(c0 + pc, lw), f)
+                piece = self.read_region(Box(r0, c0, min(r0 + pr, lh), min(c0 + pc, lw)), level)
+                s = np.add.reduceat(np.add.reduceat(piece, rows, axis=0, dtype=np.float32), cols, axis=1)
+                acc[r0 // f:r0 // f + len(rows), c0 // f:c0 // f + len(cols)] += s
+        n_r = np.minimum(f, lh - np.arange(acc.shape[0]) * f)  # edge blocks are partial
+        n_c = np.minimum(f, lw - np.arange(acc.shape[1]) * f)
+        acc /= (n_r[:, None] * n_c[None, :]).astype(np.float32)[..., None]
+        return acc
+
+
+def find_channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
+    """The one axis holding channels (C or samples S), or None; refuses stacks and odd shapes."""
+    sizes = dict(zip(axes, shape))
+    extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1]
+    channels = [ax for ax in extra if ax in "CS"]
+    if "Y" in sizes and "X" in sizes and len(extra) == len(channels) <= 1:
+        return channels[0] if channels else None
+    hint = ""
+    if any(ax in "ZT" for ax in extra):
+        hint = " (a Z-stack or time series: save the plane to count as its own file)"
+    elif any(ax in "IQ" for ax in extra):
+        hint = " (a multi-page TIFF without OME/ImageJ metadata saying the pages are channels)"
+    raise SlideError(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
+                     f"shape {tuple(shape)}{hint}")
+
+
+def _block_starts(a: int, b: int, f: int) -> np.ndarray:
+    """Offsets in [a, b) where an f-block starts, with 0 first (a partial block at a)."""
+    starts = np.arange(-(-a // f) * f, b, f) - a
+    return starts if len(starts) and starts[0] == 0 else np.concatenate([[0], starts]).astype(np.intp)
+
+
+def cast_like(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind == "b":
+        return x >= 0.5
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def mean_mpp(x: float, y: float) -> float:
+    if abs(x - y) > 0.01 * max(x, y):
+        log.warning("pixels are not square (%.4g x %.4g µm); using the mean", x, y)
+    return (x + y) / 2
+
+
+def error_text(e: BaseException) -> str:
+    """First line of an exception, for one-line error messages."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -1,0 +1,195 @@
+"""The training loop any of cellseg's networks trains in: AdamW steps under a warm-up + cosine learning-rate
+schedule (by steps or by wall time), bf16 autocast where chosen, a time budget per run, checkpoints by steps and by
+wall time, `--resume` from them, snapshots every N steps, Ctrl-C that keeps what was learnt, the loss log, and a
+bundle written at the end of every run.
+
+What differs between networks is a TrainingTask: its batches, its forward pass to loss parts, and how its bundle
+is written. cellseg.training.maskrcnn gives one for the cell Mask R-CNN; references/tissue/ one for the tissue U-Net.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..detection import cpu_model
+from ..errors import CellsegError, TrainingInterrupted
+from .checkpoint import CHECKPOINT_FILE, TrainingState, load_checkpoint, save_checkpoint
+from .log import write_training_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    """How long, how fast, and how often to save: the loop's part of a training's settings."""
+
+    steps: int = 2000
+    lr: float = 3e-4                  # the schedule's peak
+    warmup: int = 100                 # steps of linear warm-up to the peak
+    final_lr_fraction: float = 0.05   # the cosine ends at this fraction of the peak
+    minutes: float | None = None      # stop (with a checkpoint) after this much wall time in this run
+    checkpoint_every: int = 50        # steps
+    checkpoint_minutes: float | None = None   # and at least this often in wall time (a lease that can end)
+    # The learning-rate schedule's length in wall time over all runs (resumes included): the cosine follows
+    # whichever of steps and time is further along. For a GPU lease measured in minutes, not steps.
+    schedule_minutes: float | None = None
+    snapshot_every: int | None = None  # steps between snapshots handed to run_training()'s on_snapshot
+    clip_grad_norm: float | None = 10.0   # gradients' total norm clipped to this (None: not clipped)
+
+    def learning_rate(self, step: int, wall_s: float) -> float:
+        """The rate of step `step` (0-based) after `wall_s` seconds of training over all runs."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(self.steps - self.warmup, 1)
+        if self.schedule_minutes:
+            t = max(t, wall_s / (self.schedule_minutes * 60))
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+    def time_schedule_done(self, step: int, wall_s: float) -> bool:
+        """The wall-time schedule has run its course (never during the warm-up)."""
+        return bool(self.schedule_minutes and step >= self.warmup and wall_s >= self.schedule_minutes * 60)
+
+    def finished(self, step: int, wall_s: float) -> bool:
+        """The training is complete: all its steps, or its time schedule, done."""
+        return step >= self.steps or bool(self.schedule_minutes and wall_s >= self.schedule_minutes * 60)
+
+
+class TrainingTask(Protocol):
+    """What the loop needs of one kind of network."""
+
+    def batches(self, first_step: int) -> Iterator:
+        """Endless training batches, the first for step `first_step` (a resumed run draws on from there); a
+        generator is closed when the loop ends."""
+
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        """The forward pass on a batch: the loss parts, whose sum is minimised."""
+
+    def write_bundle(self, folder: Path, state: TrainingState, finished: bool) -> None:
+        """Write a bundle of the weights as they stand into `folder` (the run's folder, or a snapshot's)."""
+
+
+def optimiser_step(model: torch.nn.Module, optim: torch.optim.Optimizer,
+                   forward: Callable[[], dict[str, torch.Tensor]], precision: str, step: int = 0,
+                   clip_grad_norm: float | None = 10.0) -> tuple[torch.Tensor, dict]:
+    """One optimiser step: `forward()` under bf16 autocast when `precision` is 'bf16', its loss parts summed and
+    minimised. Returns the total loss and its parts. A non-finite loss stops the training with a one-line error."""
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        losses = forward()
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise CellsegError(f"training diverged at step {step} (loss {loss.item()}); lower the learning rate")
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optim.step()
+    return loss, losses
+
+
+def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.Optimizer, settings: LoopSettings,
+                 out: Path, *, precision: str = "fp32", resume: bool = False, device: str | torch.device = "cpu",
+                 on_snapshot: Callable[[Path, int], None] | None = None, progress: bool = True) -> TrainingState:
+    """Train `model` (on `device`, in training mode) in the folder `out` (checked by
+    training.check_output_folder), or resume the training saved there; returns where it stopped.
+
+    Stops at settings.steps, at the end of the time schedule, or after settings.minutes in this run. Every run ends
+    with a checkpoint, training_log.csv and training_loss.png, and task.write_bundle(out). Ctrl-C ends it the same
+    way, and so does SIGTERM (after the step under way: a run in the background ignores Ctrl-C, and `kill` must not
+    cost up to 10 minutes of training), then raises TrainingInterrupted. on_snapshot(folder, step): with settings.snapshot_every, called every that
+    many steps with a bundle in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best).
+    """
+    from tqdm import tqdm
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT_FILE
+    state = TrainingState()
+    if resume:
+        state = load_checkpoint(checkpoint, model, optim, torch.device(device))
+        log.info("resumed from step %d", state.step)
+    started = last_save = time.monotonic()
+    wall0 = state.wall_s
+    bar = tqdm(total=settings.steps, initial=state.step, disable=not progress, desc="train", unit="step")
+    interrupted = False
+    stop = _StopRequest()
+    batches = task.batches(state.step)
+    try:
+        while state.step < settings.steps:
+            if stop.requested:
+                interrupted = True
+                break
+            now = time.monotonic()
+            if settings.minutes is not None and now - started > settings.minutes * 60:
+                break
+            if settings.time_schedule_done(state.step, state.wall_s):
+                break
+            batch = next(batches)
+            for g in optim.param_groups:
+                g["lr"] = settings.learning_rate(state.step, state.wall_s)
+            loss, losses = optimiser_step(model, optim, lambda: task.losses(batch), precision, state.step,
+                                          settings.clip_grad_norm)
+            state.loss_names = list(losses)
+            state.step += 1
+            state.wall_s = wall0 + time.monotonic() - started
+            state.history.append([state.step, float(loss.detach())] + [float(v.detach()) for v in losses.values()])
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.history[-1][1]:.3f}")
+            if state.step % settings.checkpoint_every == 0 or (
+                    settings.checkpoint_minutes and time.monotonic() - last_save > settings.checkpoint_minutes * 60):
+                save_checkpoint(checkpoint, model, optim, state)
+                last_save = time.monotonic()
+            if on_snapshot is not None and settings.snapshot_every and state.step % settings.snapshot_every == 0:
+                snapshot = out / "snapshots" / f"step{state.step:07d}"
+                task.write_bundle(snapshot, state, finished=False)
+                save_checkpoint(checkpoint, model, optim, state)   # the snapshot's step is never trained again
+                last_save = time.monotonic()
+                on_snapshot(snapshot, state.step)
+    except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
+        interrupted = True
+    finally:
+        stop.release()
+        if hasattr(batches, "close"):
+            batches.close()     # stops crop workers
+    bar.close()
+    save_checkpoint(checkpoint, model, optim, state)
+    write_training_log(out, state.history, state.loss_names)
+    task.write_bundle(out, state, finished=settings.finished(state.step, state.wall_s))
+    if interrupted:
+        raise TrainingInterrupted(f"training interrupted at step {state.step} of {settings.steps}; its checkpoint "
+                                  f"and a bundle of it are saved in {out}: the same command with --resume continues "
+                                  f"it")
+    return state
+
+
+class _StopRequest:
+    """SIGTERM asks the loop to stop after the step under way; the previous handler comes back on release()."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():     # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def hardware_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU's and the threads torch uses: for a bundle's card."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"

@@ -1,0 +1,148 @@
+"""Train a cell Mask R-CNN on annotated images and write a model bundle (`cellseg train`).
+
+The pieces: train_data (annotated images), train_crops (training crops and batches), train_init (starting weights),
+train_loop (the loop: schedule, precision, checkpoints, resume, snapshots) with train_checkpoint and train_log. This
+module puts them together for the Mask R-CNN: its settings, its preparation for training, its forward pass and its
+bundle and model card.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..bundles import ModelConfig, save_bundle
+from ..detection import build_model, resolve_precision, thread_roi_pools
+from ..errors import CellsegError
+from .checkpoint import TrainingState, check_output_folder
+from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
+from .data import TrainImage, median_diameter_px
+from .loop import LoopSettings, hardware_description, optimiser_step, run_training
+from .warm_start import initial_weights, load_matching
+
+log = logging.getLogger(__name__)
+
+# RPN objectness floor written into new bundles: on the example slides 0.7 sends 31-40 % fewer proposals through
+# the box head than 0.5 with the same F1 (docs/performance.md); 0 would keep all rpn_post_nms_top_n of them.
+PROPOSAL_THRESHOLD = 0.7
+
+
+@dataclass
+class TrainSettings(LoopSettings, CropSettings):
+    """A Mask R-CNN training's settings: the loop's (steps, schedule, checkpoints), the crops' (batch, size,
+    workers, seed, augmentation), and the arithmetic."""
+
+    precision: str = "auto"           # auto | fp32 | bf16 (cellseg.detection.precision: bf16 where the processor has it)
+
+
+@dataclass
+class _MaskRCNNTraining:
+    """The Mask R-CNN's part of a training (training.loop.TrainingTask): crops of `items`, the network's own losses,
+    and its bundle with the model card."""
+
+    model: torch.nn.Module
+    cfg: ModelConfig
+    items: list[TrainImage]
+    draw_p: np.ndarray | None
+    settings: TrainSettings
+    device: torch.device
+    name: str
+    init_note: str                    # where the weights started (training.warm_start)
+    precision_note: str               # the arithmetic and why (cellseg.detection.precision.resolve_precision)
+    card: dict                        # the caller's model-card tables ("training" merged into the training's own)
+    files: dict[str, str]
+
+    def batches(self, first_step: int) -> Iterator:
+        return CropBatches(self.items, self.draw_p, self.settings, first_step).batches()
+
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        images = [b[0].to(self.device, non_blocking=True) for b in batch]
+        targets = [targets_to_device(b[1], self.device) for b in batch]
+        return self.model(images, targets)
+
+    def write_bundle(self, folder: Path, state: TrainingState, finished: bool) -> None:
+        s = self.settings
+        meta = {"training": {"init": self.init_note, "steps": state.step, "wall_seconds": round(state.wall_s, 1),
+                             "device": str(self.device), "hardware": hardware_description(self.device),
+                             "precision": self.precision_note, "batch_size": s.batch_size, "crop_px": s.crop,
+                             "lr": s.lr, "finished": finished, "augmentation": s.augmentation.describe()}}
+        for k, v in self.card.items():
+            if isinstance(v, dict) and isinstance(meta.get(k), dict):
+                meta[k].update(v)
+            else:
+                meta[k] = v
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files.items():
+            if not (folder / name).exists():
+                (folder / name).write_text(text, encoding="utf-8")
+        save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
+                    name=self.name, nucleus_diameter_px=median_diameter_px(self.items), card=meta,
+                    proposal_threshold=PROPOSAL_THRESHOLD)
+
+
+def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
+          model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
+          card: dict | None = None, progress: bool = True, init: str = "none",
+          sample_weights: Sequence[float] | None = None, files: dict[str, str] | None = None,
+          on_snapshot: Callable[[Path, int], None] | None = None) -> Path:
+    """Train (or resume) and write a bundle to `out`. Returns the bundle folder.
+
+    on_snapshot(bundle_dir, step): with settings.snapshot_every, called every that many steps with a bundle of the
+    weights as they stand in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best).
+
+    sample_weights: one per item, how often its crops are drawn (e.g. to balance modalities); uniform if None.
+    files: name -> text, written into `out` beside the bundle when the run starts (e.g. the data split).
+
+    init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
+    to fine-tune (its architecture; class heads re-initialised when the classes differ).
+    """
+    if not items:
+        raise CellsegError("expected at least one annotated image to train on, found none")
+    check_output_folder(out, resume)
+    init_cfg, init_state, init_note = initial_weights(init, classes)
+    cfg = model_cfg or init_cfg
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (out / name).write_text(text, encoding="utf-8")
+    dev = torch.device(device)
+    torch.manual_seed(settings.seed)
+    model = build_model(cfg)
+    if init_state is not None and not resume:
+        fresh = load_matching(model, init_state)
+        log.info("started from %s; %d tensors left at random init: %s", init_note, len(fresh), ", ".join(fresh[:6]))
+    model, precision, precision_note = prepare_for_training(model, dev, settings.precision)
+    log.info("training in %s", precision_note)
+    optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    draw_p = draw_probabilities(sample_weights, len(items))
+    task = _MaskRCNNTraining(model, cfg, items, draw_p, settings, dev, out.name, init_note, precision_note,
+                             dict(card or {}), dict(files or {}))
+    run_training(task, model, optim, settings, out, precision=precision, resume=resume, device=dev,
+                 on_snapshot=on_snapshot, progress=progress)
+    return out
+
+
+def prepare_for_training(model: torch.nn.Module, dev: torch.device, precision: str = "auto",
+                         channels_last: bool = True) -> tuple[torch.nn.Module, str, str]:
+    """The model on `dev` in training mode, set up for the CPU where it runs there; returns (model, precision,
+    why): precision 'bf16' or 'fp32' (cellseg.detection.precision.resolve_precision)."""
+    model = model.to(dev).train()
+    chosen, why = resolve_precision(precision, dev.type,
+                                    cuda_bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    model.backbone.fpn.in_fp32 = False   # detection.rcnn_parts.Fp32FeaturePyramidNetwork: fp32 only for inference
+    if dev.type == "cpu":
+        thread_roi_pools(model)   # RoIAlign's backward was a fifth of a CPU step, on one core
+        if channels_last:         # NHWC convolutions: 0.87 -> 0.72 s a step in fp32 on a 2-core Zen 5
+            model = model.to(memory_format=torch.channels_last)
+    return model, chosen, why
+
+
+def training_step(model: torch.nn.Module, optim: torch.optim.Optimizer, images: list, targets: list,
+                  precision: str, step: int = 0) -> tuple[torch.Tensor, dict]:
+    """One optimiser step of the Mask R-CNN on a batch (training.loop.optimiser_step: bf16 autocast when `precision`
+    is 'bf16', gradients clipped to a norm of 10); returns the total loss and its parts."""
+    return optimiser_step(model, optim, lambda: model(images, targets), precision, step, clip_grad_norm=10.0)

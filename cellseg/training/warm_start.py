@@ -1,0 +1,64 @@
+"""A training's starting weights (`--init none | coco | coco:FILE | BUNDLE`): the architecture they fit and the
+tensors to load, and loading them into a network whose class heads may differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..bundles import ModelConfig
+from ..errors import CellsegError
+
+# torchvision's COCO Mask R-CNN (ResNet-50-FPN v1): the file name its weights enum downloads to.
+COCO_WEIGHTS_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+COCO_ARCHITECTURE = ModelConfig(backbone="resnet50", norm="frozen_bn", fpn_channels=256, box_head_size=1024)
+
+
+def coco_weights_path() -> Path:
+    """Where torchvision keeps the COCO weights once downloaded (the torch hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / COCO_WEIGHTS_FILE
+
+
+def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | None, str]:
+    """Architecture and starting weights for `--init none | coco | coco:FILE | BUNDLE`.
+
+    Returns (model config sized to `classes`, state dict or None for random, description for the card).
+    """
+    import dataclasses
+
+    from ..bundles import load_bundle
+    if init == "none":
+        return ModelConfig(classes=tuple(classes)), None, "random initialisation"
+    if init == "coco" or init.startswith("coco:"):
+        path = Path(init[5:]) if init.startswith("coco:") else coco_weights_path()
+        if not path.is_file():
+            raise CellsegError(
+                f"expected torchvision's COCO Mask R-CNN weights at {path}, found none; nothing is downloaded "
+                f"here: on a machine with internet run `python -c \"import torchvision; torchvision.models."
+                f"detection.maskrcnn_resnet50_fpn(weights='DEFAULT')\"`, copy {COCO_WEIGHTS_FILE} from its torch "
+                f"hub cache, and pass --init coco:PATH")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)   # tensors only, never pickled code
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CellsegError(f"expected a torch state dict of COCO Mask R-CNN weights at {path}: {e}") from e
+        return dataclasses.replace(COCO_ARCHITECTURE, classes=tuple(classes)), state, f"torchvision COCO ({path.name})"
+    bundle = load_bundle(init)
+    return (dataclasses.replace(bundle.model, classes=tuple(classes)), bundle.state_dict(),
+            f"bundle {bundle.name} ({bundle.weights_sha256[:12]})")
+
+
+def load_matching(model: torch.nn.Module, state: dict) -> list[str]:
+    """Load every tensor whose name and shape fit; return the names left at random init (e.g. class heads)."""
+    # torchvision's v1 checkpoints name the mask head convs mask_fcn1..4; the module now calls them 0..3.
+    renamed = {}
+    for key, value in state.items():
+        for i in range(1, 5):
+            key = key.replace(f"roi_heads.mask_head.mask_fcn{i}.", f"roi_heads.mask_head.{i - 1}.0.")
+        renamed[key] = value
+    own = model.state_dict()
+    matched = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CellsegError("expected starting weights for this architecture, found no tensor that fits")
+    model.load_state_dict(matched, strict=False)
+    return sorted(set(own) - set(matched))

@@ -1,0 +1,234 @@
+"""The Mask R-CNN: dense-cell settings (detection/network.py), no resize, masks pasted at box size exactly as torchvision would,
+slide-level normalisation (detection/slide_norm.py), threaded RoIAlign (detection/rcnn_parts.py), and running it on tiles (detection/detector.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from cellseg.bundles import ModelConfig
+from cellseg.detection import Detector, SlideGroupNorm, build_model, paste_masks_at_box_size, resolve_device
+from cellseg.errors import ParameterError
+
+from ..helpers import tiny_model_config
+
+
+def uses_slide_statistics(detector: Detector) -> bool:
+    """The backbone runs with a slide's statistics folded into its convolutions (no SlideGroupNorm left)."""
+    return not any(isinstance(m, SlideGroupNorm) for m in detector.network.body.modules())
+
+
+def test_default_config_suits_dense_cells():
+    cfg = ModelConfig()
+    model = build_model(cfg)
+    assert model.roi_heads.detections_per_img >= 1000
+    assert model.rpn._post_nms_top_n["testing"] >= 1000
+    assert max(s[0] for s in model.rpn.anchor_generator.sizes) <= 128
+    assert min(s[0] for s in model.rpn.anchor_generator.sizes) <= 8
+    # no resize: an odd-sized tile keeps its size through the transform
+    images, _ = model.transform([torch.rand(3, 100, 300)])
+    assert images.image_sizes == [(100, 300)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_box_size_paste_equals_torchvision_full_canvas_paste(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w, n = 60, 80, 12
+    xy0 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 5
+    wh = torch.rand(n, 2, generator=g) * 25 + 1
+    boxes = torch.cat([xy0, xy0 + wh], 1)
+    probs = torch.rand(n, 1, 28, 28, generator=g)
+    ours_boxes, ours_masks, kept = paste_masks_at_box_size(boxes, probs, h, w, threshold=0.5)
+    full = paste_masks_in_image(probs, boxes, (h, w), padding=1)[:, 0] > 0.5
+    assert len(kept) == int(full.flatten(1).any(1).sum())
+    for (r0, c0, r1, c1), mask, i in zip(ours_boxes, ours_masks, kept):
+        canvas = np.zeros((h, w), bool)
+        canvas[r0:r1, c0:c1] = mask
+        assert np.array_equal(canvas, full[i].numpy())
+        assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()   # tight boxes
+
+
+def test_detector_on_tiles_of_different_sizes():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=2)
+    rng = np.random.default_rng(0)
+    images = [rng.random((3, 96, 128), dtype=np.float32), rng.random((3, 64, 64), dtype=np.float32),
+              rng.random((3, 80, 50), dtype=np.float32)]
+    results = detector.detect(images)
+    assert len(results) == 3
+    for image, det in zip(images, results):
+        h, w = image.shape[1:]
+        assert det.boxes.shape == (len(det), 4)
+        assert (det.boxes[:, :2] >= 0).all() and (det.boxes[:, 2] <= h).all() and (det.boxes[:, 3] <= w).all()
+        for box, mask in zip(det.boxes, det.masks):
+            assert mask.dtype == bool and mask.shape == (box[2] - box[0], box[3] - box[1])
+        assert (det.class_ids >= 1).all()
+    assert sum(len(d) for d in results) > 0      # a random net at threshold 0 does emit candidates
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detector_on_cuda_with_autocast():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cuda"), score_threshold=0.0)
+    image = np.random.rand(3, 128, 128).astype(np.float32)
+    det = detector.detect([image])[0]
+    for box, mask in zip(det.boxes, det.masks):
+        assert mask.shape == (box[2] - box[0], box[3] - box[1])
+    slide_detector = detector.calibrated([image])      # slide statistics under autocast, folded into the convolutions
+    calibrated = slide_detector.detect([image])[0]
+    assert uses_slide_statistics(slide_detector) and not uses_slide_statistics(detector)
+    assert len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.75])
+def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_owned_cells(scale):
+    from cellseg.cells import owned_instances
+    from cellseg.geometry import detection_frames, plan_tiles, seam_band_px
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
+    tiles = plan_tiles(200, 200, 96, 24)                       # 3 x 3 tiles: inner, edge and corner ones
+    rng = np.random.default_rng(1)
+    images = [rng.random((3, round(t.read.height * scale), round(t.read.width * scale)), dtype=np.float32)
+              for t in tiles]
+    mask_rois = []
+    hook = detector.model.roi_heads.mask_roi_pool.register_forward_hook(lambda m, i, o: mask_rois.append(o.shape[0]))
+    filtered = detector.detect(images, tiles, scale)           # the tiles' owned boxes go with them
+    n_filtered = sum(mask_rois)
+    mask_rois.clear()
+    frame_shapes, owned_boxes = detection_frames(tiles)
+    assert _same_cells(detector.detect_images(images, scale, frame_shapes=frame_shapes, owned_boxes=owned_boxes),
+                       filtered)
+    mask_rois.clear()
+    everything = detector.detect_images(images, scale, frame_shapes=frame_shapes)   # no owned boxes: every cell
+    hook.remove()
+    assert n_filtered < sum(mask_rois)                         # the filter did remove work ...
+    for tile, a, b in zip(tiles, filtered, everything):        # ... and no cell the tile owns
+        own_a = owned_instances(a, tile, (200, 200), 0, seam_band_px(24))
+        own_b = owned_instances(b, tile, (200, 200), 0, seam_band_px(24))
+        assert np.array_equal(own_a.boxes, own_b.boxes) and len(own_b) > 0
+        assert all(np.array_equal(x, y) for x, y in zip(own_a.masks, own_b.masks))
+
+
+def _same_cells(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x.boxes, y.boxes) and np.array_equal(x.scores, y.scores)
+                                    and all(np.array_equal(p, q) for p, q in zip(x.masks, y.masks))
+                                    for x, y in zip(a, b))
+
+
+def test_resampled_images_need_the_frames_their_cells_come_back_in():
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    with pytest.raises(ParameterError, match="expected the frame shapes of images resampled by 0.5, found none"):
+        detector.detect_images([np.zeros((3, 32, 32), np.float32)], 0.5)
+
+
+def test_the_detectors_thresholds_reach_torchvisions_filters_when_it_is_built():
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.3,
+                        proposal_threshold=0.1)
+    assert (detector.model.roi_heads.score_thresh, detector.model.rpn.score_thresh) == (0.3, 0.1)
+    slide_detector = detector.calibrated([np.zeros((3, 64, 64), np.float32)])
+    assert (slide_detector.score_threshold, slide_detector.model.roi_heads.score_thresh) == (0.3, 0.3)
+
+
+def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
+    rng = np.random.default_rng(2)
+    big, small = rng.random((3, 128, 128), dtype=np.float32), rng.random((3, 96, 64), dtype=np.float32)
+    alone = detector.detect([small])[0]
+    mixed = detector.detect([big, small, big])
+    assert len(alone) > 0 and np.array_equal(mixed[1].boxes, alone.boxes)
+    assert all(np.array_equal(a, b) for a, b in zip(mixed[1].masks, alone.masks))
+    assert np.array_equal(mixed[0].boxes, mixed[2].boxes)          # results come back in input order
+
+
+def _body_features(detector: Detector, image: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():   # normalised and padded as in Detector.detect, through the body it runs
+        batch = detector.model.transform([torch.from_numpy(image)])[0].tensors
+        return detector.network.body(batch)["0"][0]   # stride 4
+
+
+def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
+    """GroupNorm with per-tile statistics sees a cell differently depending on the rest of its tile; with the
+    slide's statistics (Detector.calibrated) the backbone is a plain convolution: a crop's interior features
+    are the full image's. Calibrating gives a new detector: the one calibrated stays per-tile."""
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    image = (rng.random((3, 256, 256), dtype=np.float32) * 0.3).astype(np.float32)
+    image[:, :32] += 2.0                                  # a bright band that the crop below leaves out
+    crop = np.ascontiguousarray(image[:, 32:224, 32:224])
+    # crop pixel (r, c) is image pixel (r + 32, c + 32): feature (i, j) <-> (i + 8, j + 8); compare 12 px (48
+    # image px, more than layer1's receptive field) away from the crop's borders
+    inner_crop, inner_full = np.s_[:, 12:36, 12:36], np.s_[:, 20:44, 20:44]
+
+    per_tile = (_body_features(detector, crop)[inner_crop], _body_features(detector, image)[inner_full])
+    assert not torch.allclose(*per_tile, atol=1e-3)       # the bright band changed the crop's neighbour stats
+    assert not uses_slide_statistics(detector) and not detector.slide_calibrated
+    slide_detector = detector.calibrated([image])     # ... and the statistics are folded into the convolutions:
+    assert uses_slide_statistics(slide_detector) and slide_detector.slide_calibrated
+    calibrated = (_body_features(slide_detector, crop)[inner_crop], _body_features(slide_detector, image)[inner_full])
+    assert torch.allclose(*calibrated, atol=1e-4)
+    assert not uses_slide_statistics(detector)            # the detector calibrated, and its model, are as they were
+    assert not any(m.slide_stats is not None for m in detector.model.modules() if isinstance(m, SlideGroupNorm))
+    assert torch.equal(_body_features(detector, crop)[inner_crop], per_tile[0])
+    assert slide_detector.model is detector.model          # every other part is shared
+    again = slide_detector.calibrated([crop])            # measured afresh on the model's own (per-tile) body
+    assert torch.allclose(_body_features(again, crop), _body_features(detector.calibrated([crop]), crop))
+    assert slide_detector.calibrated([]) is not slide_detector and not slide_detector.calibrated([]).slide_calibrated
+
+
+def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
+    """A field that fits in one calibration window is normalised exactly as in training (per-image GroupNorm)."""
+    torch.manual_seed(1)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"))
+    image = np.random.default_rng(1).random((3, 128, 160), dtype=np.float32)
+    plain = _body_features(detector, image)
+    assert torch.allclose(_body_features(detector.calibrated([image]), image), plain, atol=1e-4)
+
+
+def test_threaded_roi_align_gives_the_single_calls_output_exactly():
+    import torch
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from cellseg.detection import ThreadedMultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    features = {str(k): torch.randn(3, 8, 80 // 2 ** k, 80 // 2 ** k) for k in range(4)}
+    shapes = [(320, 320)] * 3
+    boxes = []
+    for n in (300, 0, 170):     # an image without boxes in the middle: runs cut across images
+        b = torch.rand(n, 4) * 250
+        b[:, 2:] = b[:, :2] + 4 + torch.rand(n, 2) * 60
+        boxes.append(b)
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = plain(features, boxes, shapes)
+    threaded = ThreadedMultiScaleRoIAlign.replacing(plain)
+    threaded.min_rois_per_thread = 50
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (2, 3, 7):
+            torch.set_num_threads(n_threads)
+            assert torch.equal(threaded(features, boxes, shapes), expected)
+        # training: the gradient, computed run by run in the threads and summed, is the single call's
+        levels = {k: v.double().requires_grad_() for k, v in features.items()}
+        weights = torch.randn(expected.shape, dtype=torch.float64)
+        out = plain(levels, [b.double() for b in boxes], shapes)
+        expected_grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
+        out = threaded(levels, [b.double() for b in boxes], shapes)
+        assert out.grad_fn is not None and torch.equal(out, plain(levels, [b.double() for b in boxes], shapes))
+        grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,92 @@
+"""Validation of a bundle on held-out images (`cellseg train --val`, references/nuclei/validate_bundle.py): images go
+through the real pipeline, the best-F1 score threshold is chosen and becomes the bundle's default."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+import tomllib
+
+from cellseg.bundles import load_bundle
+from cellseg.evaluation import above, annotated_images, card_figures, predict, score, validate_bundle
+from cellseg.geometry import TileDetections
+
+from ..helpers import DATA, LabelReadingDetector, coco_from_labels
+
+
+class DetectorWithFalseCells(LabelReadingDetector):
+    """The true cells at score 0.9, plus one made-up 8 x 8 cell on background in every tile at score 0.45."""
+
+    def _tile(self, tile, shape) -> TileDetections:
+        det = super()._tile(tile, shape)
+        crop = self.labels[tile.read.slices()]
+        for r in range(0, shape[0] - 8, 8):
+            for c in range(0, shape[1] - 8, 8):
+                row, col = tile.read.row0 + r + 4, tile.read.col0 + c + 4     # owned by this tile: its core
+                if not crop[r:r + 8, c:c + 8].any() and tile.core.row0 <= row < tile.core.row1 \
+                        and tile.core.col0 <= col < tile.core.col1:
+                    return TileDetections(np.vstack([det.boxes, [[r, c, r + 8, c + 8]]]),
+                                          det.masks + [np.ones((8, 8), bool)],
+                                          np.append(det.scores, np.float32(0.45)), np.append(det.class_ids, 1))
+        return det
+
+
+def test_the_threshold_that_drops_the_false_cells_is_chosen(tmp_path):
+    ann, n_cells = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    gt, paths = annotated_images(ann)
+    detector = DetectorWithFalseCells(tifffile.imread(DATA / "dsb_fluo_labels.tif"))
+    predictions = predict(detector, paths, tmp_path / "work")
+    (name,) = predictions
+    assert predictions[name].file_name == name and len(predictions[name]) > n_cells
+    validation = score(predictions, gt, fallback_threshold=0.5)
+    assert validation.at_floor.pooled["fp"] == len(predictions[name]) - n_cells > 0
+    assert 0.45 < validation.threshold <= 0.9
+    assert validation.report.pooled["f1"] == 1.0 and validation.report.pooled["pred_count"] == n_cells
+    assert card_figures(validation.report)["ap50_tp_fp_fn_mean_over_images"] == 1.0
+    assert len(above(predictions[name], 0.5)) == n_cells
+
+
+def test_validate_bundle_stores_the_threshold_and_figures(tmp_path, tiny_bundle):
+    bundle_dir = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    weights = (bundle_dir / "weights.safetensors").read_bytes()
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    validation = validate_bundle(bundle_dir, ann, bundle_dir / "validation", device="cpu", progress=False)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.score_threshold == validation.threshold
+    metrics = bundle.card["metrics"]
+    assert metrics["score_threshold"] == validation.threshold and metrics["val_images"] == 1
+    assert metrics["all"] == card_figures(validation.report)
+    assert bundle.card["threshold_sweep"]["thresholds"][0] == pytest.approx(0.3)
+    assert (bundle_dir / "weights.safetensors").read_bytes() == weights          # only model.toml changes
+    assert sorted(p.name for p in (bundle_dir / "validation").iterdir()) == [
+        "metrics.json", "per_image.csv", "threshold_sweep.png"]                    # result folders removed
+    meta = tomllib.loads((bundle_dir / "model.toml").read_text())
+    assert meta["inference"]["score_threshold"] == validation.threshold
+
+
+def test_missing_validation_images_fail_before_any_work(tmp_path):
+    from cellseg.errors import CellsegError
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    (tmp_path / "dsb_fluo.png").unlink()
+    with pytest.raises(CellsegError, match="1 missing"):
+        annotated_images(ann)
+
+
+def test_validation_takes_the_mask_threshold_from_the_protocol_as_counting_does(tiny_bundle):
+    """A bundle's own mask threshold does not change validated cells, as it does not change counted ones
+    (CellCounter.load takes the protocol's); an explicit one (scripts/validate_bundle.py --mask-threshold) does."""
+    import dataclasses
+
+    from cellseg.errors import ParameterError
+    from cellseg.evaluation import VALIDATION_PROTOCOL, validation_detector
+    from cellseg.run import CellCounter
+    bundle = dataclasses.replace(load_bundle(tiny_bundle), mask_threshold=0.3)
+    counted = CellCounter.load(VALIDATION_PROTOCOL.replace(model=str(tiny_bundle)), "cpu").detector
+    assert validation_detector(bundle, "cpu").mask_threshold == counted.mask_threshold \
+        == VALIDATION_PROTOCOL.mask_threshold == 0.5
+    assert validation_detector(bundle, "cpu", mask_threshold=0.4).mask_threshold == 0.4
+    with pytest.raises(ParameterError, match="mask_threshold: expected between 0.0 and 1.0, got 1.5"):
+        validation_detector(bundle, "cpu", mask_threshold=1.5)

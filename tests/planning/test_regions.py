@@ -1,0 +1,210 @@
+"""Counting inside annotated regions (planning/regions.py through the real pipeline, with a detector that reads known nuclei
+back): cells outside every region are left out, tiles outside every region are never read, the densities are those
+of the known cells, the seam rule is unchanged at region borders, and bad regions files fail in one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+import tifffile
+
+from cellseg.planning import Protocol, RegionsError, load_regions
+from cellseg.results import result_files
+from cellseg.run import pipeline
+from cellseg.slides import open_slide
+
+from ..helpers import DATA, LabelReadingDetector, assert_user_error, count_with, invoke, random_cells
+
+QUPATH = DATA / "qupath_annotations.geojson"
+
+
+class RecordingSlide:
+    """An open slide that records every box read from it."""
+
+    def __init__(self, slide, reads: list):
+        self._slide, self.reads = slide, reads
+
+    def __getattr__(self, name):
+        return getattr(self._slide, name)
+
+    def read_region(self, box):
+        self.reads.append(box)
+        return self._slide.read_region(box)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._slide.__exit__(*exc)
+
+
+def make_slide(tmp_path: Path, shape=(256, 256), n=120, seed=3) -> tuple[Path, np.ndarray]:
+    labels = random_cells(shape[0], shape[1], 12, n, seed)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
+    return slide, labels
+
+
+def protocol(tile: int = 64, halo: int = 16) -> Protocol:
+    return Protocol(name="test", tile_size=tile, halo_px=halo, batch_size=3, min_area_px=1, min_tissue_fraction=0.0,
+                    tissue_method="none")
+
+
+def count(tmp_path, slide, labels, name, tile=64, halo=16, regions_path=QUPATH, units="px", mpp=None, reads=None,
+          monkeypatch=None):
+    if reads is not None:
+        monkeypatch.setattr(pipeline, "open_slide", lambda p, mpp=None, **kw: RecordingSlide(open_slide(p, mpp=mpp, **kw),
+                                                                                    reads))
+    regions = load_regions(regions_path, units) if regions_path is not None else None
+    out = tmp_path / name
+    summary = count_with(LabelReadingDetector(labels), slide, out, protocol(tile, halo), regions=regions, mpp=mpp)
+    return summary, out
+
+
+def known_centroids(labels: np.ndarray) -> pd.DataFrame:
+    from scipy import ndimage
+    ids = np.unique(labels)[1:]
+    c = np.array(ndimage.center_of_mass(np.ones_like(labels), labels, ids))
+    return pd.DataFrame({"row": c[:, 0], "col": c[:, 1],
+                         "area": ndimage.sum(np.ones_like(labels), labels, ids)})
+
+
+def test_qupath_annotations_are_read_with_names_and_holes(caplog):
+    with caplog.at_level(logging.INFO):
+        regions = load_regions(QUPATH)
+    assert regions.names == ("Tumor core", "Stroma")    # name, else the classification's name
+    assert len(regions.geometries[1].interiors) == 1
+    assert regions.geometries[1].area == 150 * 110 - 50 * 50
+    assert "1 detection object(s)" in caplog.text      # not a region, and said so
+
+
+def test_cells_outside_every_region_are_left_out_and_densities_are_right(tmp_path, monkeypatch):
+    slide, labels = make_slide(tmp_path)
+    reads = []
+    summary, out = count(tmp_path, slide, labels, "r", reads=reads, monkeypatch=monkeypatch, mpp=0.5)
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
+    regions = load_regions(QUPATH).in_pixels(0.5, 256, 256)
+    known = known_centroids(labels)
+    member = regions.membership(known["row"].to_numpy(), known["col"].to_numpy())
+    assert len(cells) == int(member.any(1).sum()) > 0
+    assert len(cells) < len(known)                                # some cells lie outside every region
+    expected = {name: int(member[:, r].sum()) for r, name in enumerate(regions.names)}
+    got = {name: int(sum(name in v.split(";") for v in cells["region"])) for name in regions.names}
+    assert got == expected
+    both = member.all(1).sum()
+    assert both > 0 and (cells["region"] == "Tumor core;Stroma").sum() == both   # overlapping regions: both named
+    table = pd.read_csv(out / "regions.csv")
+    assert table["region"].tolist() == ["Tumor core", "Stroma"]
+    assert table["cells"].tolist() == [expected["Tumor core"], expected["Stroma"]]
+    area_mm2 = np.array([g.area for g in regions.geometries]) * 0.25 / 1e6
+    np.testing.assert_allclose(table["area_mm2"], area_mm2, rtol=1e-5)
+    np.testing.assert_allclose(table["cells_per_mm2_region"], table["cells"] / area_mm2, rtol=1e-5)
+    assert [r["cells"] for r in summary["regions"]] == table["cells"].tolist()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(result_files(False, True))
+    # Every box read (tiles, normalisation windows) meets a region.
+    union = shapely.union_all(list(regions.geometries))
+    assert reads and all(union.intersects(shapely.box(b.col0, b.row0, b.col1, b.row1)) for b in reads)
+
+
+def test_tiles_outside_every_region_are_never_read(tmp_path, monkeypatch):
+    slide, labels = make_slide(tmp_path)
+    small = tmp_path / "small.geojson"
+    small.write_text(json.dumps({"type": "Feature", "properties": {"name": "corner"},
+                                 "geometry": {"type": "Polygon",
+                                              "coordinates": [[[10, 10], [60, 10], [60, 50], [10, 50], [10, 10]]]}}))
+    reads = []
+    summary, out = count(tmp_path, slide, labels, "s", regions_path=small, reads=reads, monkeypatch=monkeypatch)
+    assert reads
+    # Only the top-left tile's core (0..64 x 0..64) meets the region: every read lies within its read box.
+    assert all(b.row1 <= 64 + 16 and b.col1 <= 64 + 16 for b in reads), reads
+    assert summary["tiles_total"] - summary["tiles_skipped"] == 1
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
+    assert set(cells["region"]) == {"corner"}
+    inside = (cells["centroid_col_px"] + 0.5 > 10) & (cells["centroid_col_px"] + 0.5 < 60)
+    assert inside.all() and len(cells) > 0
+
+
+def test_seam_rule_unchanged_at_region_borders(tmp_path):
+    slide, labels = make_slide(tmp_path, n=160, seed=5)
+    _, a = count(tmp_path, slide, labels, "a", tile=64, halo=16)
+    _, b = count(tmp_path, slide, labels, "b", tile=96, halo=24)
+    ca, cb = pd.read_csv(a / "cells.csv", keep_default_na=False), pd.read_csv(b / "cells.csv", keep_default_na=False)
+    key = ["centroid_row_px", "centroid_col_px", "area_px", "region"]
+    pd.testing.assert_frame_equal(ca[key].sort_values(key).reset_index(drop=True),
+                                  cb[key].sort_values(key).reset_index(drop=True))
+    # and they are the whole-slide count's cells whose centroid lies in a region
+    _, whole = count(tmp_path, slide, labels, "w", regions_path=None)
+    cw = pd.read_csv(whole / "cells.csv")
+    regions = load_regions(QUPATH).in_pixels(None, 256, 256)
+    inside = regions.membership(cw["centroid_row_px"].to_numpy(), cw["centroid_col_px"].to_numpy()).any(1)
+    assert inside.sum() == len(ca)
+
+
+def test_regions_in_um_need_the_pixel_size_and_are_scaled(tmp_path):
+    slide, labels = make_slide(tmp_path)
+    um = load_regions(QUPATH, "um")
+    with pytest.raises(RegionsError, match="pixel size"):
+        um.in_pixels(None, 256, 256)
+    px = um.in_pixels(0.5, 512, 512)
+    assert px.geometries[0].bounds == (16.0, 16.0, 240.0, 496.0)
+
+
+def test_bad_regions_files_fail_in_one_line_or_are_repaired(tmp_path, caplog):
+    slide, _ = make_slide(tmp_path)
+    cases = {"text.geojson": "not json {", "points.geojson": json.dumps(
+        {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                                                    "geometry": {"type": "Point", "coordinates": [1, 2]}}]}),
+             "outside.geojson": json.dumps({"type": "Polygon",
+                                            "coordinates": [[[1000, 1000], [1100, 1000], [1100, 1100], [1000, 1000]]]})}
+    words = {"text.geojson": "not JSON", "points.geojson": "found none", "outside.geojson": "outside"}
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = invoke(["count", str(slide), "-o", str(tmp_path / f"out-{name}"), "--regions", str(path),
+                         "--tissue", "none", "-q"])
+        assert_user_error(result, 1, words[name])
+        assert not (tmp_path / f"out-{name}").exists()
+    bowtie = tmp_path / "bowtie.geojson"
+    bowtie.write_text(json.dumps({"type": "Feature", "properties": {"name": "bow"}, "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}}))
+    with caplog.at_level(logging.WARNING):
+        regions = load_regions(bowtie)
+    assert "'bow'" in caplog.text and "make_valid" in caplog.text
+    assert regions.geometries[0].is_valid and regions.geometries[0].area == pytest.approx(5000)
+
+
+def test_dask_counts_the_same_cells_in_regions(tmp_path):
+    pytest.importorskip("distributed")
+    from cellseg.run import count_on_dask
+
+    from ..helpers import LabelCounterSpec
+    slide, labels = make_slide(tmp_path)
+    _, serial = count(tmp_path, slide, labels, "serial")
+    labels_path = tmp_path / "labels.tif"
+    tifffile.imwrite(labels_path, labels)
+    spec = LabelCounterSpec(protocol(), labels_path, regions=load_regions(QUPATH))
+    [outcome] = count_on_dask(spec, [(slide, tmp_path / "dask")], workers=1)
+    assert outcome.error is None
+    a = pd.read_csv(serial / "cells.csv", keep_default_na=False)
+    b = pd.read_csv(tmp_path / "dask" / "cells.csv", keep_default_na=False)
+    key = ["centroid_row_px", "centroid_col_px", "area_px", "region"]
+    pd.testing.assert_frame_equal(a[key].sort_values(key).reset_index(drop=True),
+                                  b[key].sort_values(key).reset_index(drop=True))
+    assert (tmp_path / "dask" / "regions.csv").read_text() == (serial / "regions.csv").read_text()
+
+
+def test_gis_polygons_without_names_are_named_by_index_and_names_stay_apart(tmp_path):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    path = tmp_path / "gis.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": square, "properties": None},
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [square["coordinates"]]},
+         "properties": {"name": "a;b"}},
+        {"type": "Feature", "geometry": square, "properties": {"name": "a,b"}}]}))
+    assert load_regions(path).names == ("0", "a,b", "a,b (2)")

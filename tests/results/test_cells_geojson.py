@@ -1,0 +1,181 @@
+"""cells.geojson: QuPath-style cell objects. Round trip (our file -> shapely: the same ids, areas and measurement
+values as cells.csv), pixel-edge polygons whose areas are the pixel counts (small nuclei included), holes, cells
+with their nucleusGeometry when nuclei are grown, and the gzip threshold."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+import tifffile
+
+from cellseg.planning import Protocol
+from cellseg.results import mask_polygon, read_cells
+
+from ..helpers import LabelReadingDetector, count_with, random_cells
+
+
+def count(tmp_path, labels, name="r", mpp=None, **protocol):
+    slide = tmp_path / f"{name}.tif"
+    tifffile.imwrite(slide, ((labels > 0) * 200 + 20).astype(np.uint8))
+    p = Protocol(name="test", tile_size=64, halo_px=16, batch_size=3, min_area_px=1, min_tissue_fraction=0.0,
+                 tissue_method="none", **protocol)
+    out = tmp_path / name
+    count_with(LabelReadingDetector(labels), slide, out, p, mpp=mpp)
+    return out
+
+
+def test_random_masks_become_valid_polygons_of_their_pixels():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        mask = rng.random((rng.integers(1, 14), rng.integers(1, 14))) < rng.uniform(0.3, 0.9)
+        if not mask.any():
+            continue
+        poly = mask_polygon(mask, 5, 7)
+        assert poly.is_valid and poly.area == mask.sum()
+        rows, cols = np.indices(mask.shape)
+        # pixel (r, c) is the square [c, c+1] x [r, r+1]: its centre is inside exactly when the pixel is set
+        assert (shapely.contains_xy(poly, cols.ravel() + 7.5, rows.ravel() + 5.5) == mask.ravel()).all()
+
+
+def test_a_ring_keeps_its_hole():
+    mask = np.ones((7, 7), bool)
+    mask[2:5, 2:5] = False
+    poly = mask_polygon(mask, 10, 20)
+    assert len(poly.interiors) == 1 and poly.area == 40
+    assert poly.bounds == (20, 10, 27, 17)          # x = column, y = row, pixel edges
+
+
+def test_round_trip_same_ids_areas_and_measurements(tmp_path):
+    labels = random_cells(160, 192, 12, 90, seed=4)
+    out = count(tmp_path, labels, mpp=0.25)
+    cells = pd.read_csv(out / "cells.csv")
+    collection = read_cells(out / "cells.geojson")
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert [f["id"] for f in features] == cells["cell_id"].tolist()
+    props = [f["properties"] for f in features]
+    assert {p["objectType"] for p in props} == {"detection"}
+    assert props[0]["classification"] == {"name": "Nucleus", "color": [255, 200, 0]}
+    geoms = shapely.from_geojson([json.dumps(f["geometry"]) for f in features])
+    assert shapely.is_valid(geoms).all()
+    areas = shapely.area(geoms)
+    np.testing.assert_array_equal(areas, cells["area_px"])   # pixel edges traced: exact, small nuclei too
+    for column in ("area_um2", "perimeter_px", "centroid_row_px", "eccentricity", "score", "cut_at_seam"):
+        got = np.array([p["measurements"][column] for p in props], float)
+        np.testing.assert_allclose(got, cells[column].astype(float), rtol=1e-5)
+    # the polygon lies where the cell is: its centroid is the cell's (pixel centres at +0.5)
+    c = shapely.centroid(geoms)
+    np.testing.assert_allclose(shapely.get_x(c) - 0.5, cells["centroid_col_px"], rtol=1e-5)
+    np.testing.assert_allclose(shapely.get_y(c) - 0.5, cells["centroid_row_px"], rtol=1e-5)
+
+
+def test_um_columns_are_left_out_without_a_pixel_size(tmp_path):
+    labels = random_cells(96, 96, 10, 20, seed=1)
+    out = count(tmp_path, labels)
+    props = read_cells(out / "cells.geojson")["features"][0]["properties"]["measurements"]
+    assert "area_px" in props and "area_um2" not in props        # NaN is not JSON: left out
+
+
+def test_grown_cells_are_qupath_cells_with_their_nucleus(tmp_path):
+    labels = random_cells(128, 128, 10, 40, seed=2)
+    out = count(tmp_path, labels, cell_expansion_px=4.0)
+    cells = pd.read_csv(out / "cells.csv")
+    features = read_cells(out / "cells.geojson")["features"]
+    assert {f["properties"]["objectType"] for f in features} == {"cell"}
+    nuclei = shapely.from_geojson([json.dumps(f["nucleusGeometry"]) for f in features])
+    grown = shapely.from_geojson([json.dumps(f["geometry"]) for f in features])
+    np.testing.assert_array_equal(shapely.area(nuclei), cells["area_px"])
+    np.testing.assert_array_equal(shapely.area(grown), cells["cell_area_px"])
+    assert shapely.covers(grown, nuclei).all()
+
+
+def test_gzipped_above_the_protocol_size(tmp_path):
+    labels = random_cells(96, 96, 10, 20, seed=1)
+    out = count(tmp_path, labels, geojson_gzip_above_mb=0.0)
+    assert not (out / "cells.geojson").exists()
+    with gzip.open(out / "cells.geojson.gz", "rt") as fh:
+        assert len(json.load(fh)["features"]) == len(pd.read_csv(out / "cells.csv"))
+
+
+@pytest.mark.parametrize("radius", [3, 5, 8])
+def test_small_disc_nuclei_areas_agree(radius):
+    from skimage.draw import disk
+    mask = np.zeros((2 * radius + 3,) * 2, bool)
+    mask[disk((radius + 1, radius + 1), radius + 0.5)] = True
+    assert mask_polygon(mask, 0, 0).area == mask.sum()
+
+
+def test_no_cells_is_an_empty_feature_collection(tmp_path):
+    from cellseg.cells import nucleus_columns
+    from cellseg.results import CellsGeoJsonWriter
+    with CellsGeoJsonWriter(tmp_path / "cells.geojson", nucleus_columns(["gray"]), ["nucleus"]) as writer:
+        writer.append(np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64),
+                      {n: np.zeros(0) for n in nucleus_columns(["gray"])})
+    assert read_cells(tmp_path / "cells.geojson") == {"type": "FeatureCollection", "features": []}
+
+
+def test_the_run_outline_of_blobs_is_the_traced_outline(monkeypatch):
+    """Blobs take the quick outline from their row runs; it is the same polygon as the traced one."""
+    from skimage.draw import ellipse
+
+    from cellseg.results import cells_geojson
+    rng = np.random.default_rng(7)
+    quick = 0
+    for _ in range(200):
+        mask = np.zeros((24, 24), bool)
+        rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
+        mask[rr, cc] = True
+        mask = mask[np.ix_(mask.any(1), mask.any(0))]
+        fast = cells_geojson._run_ring(mask)
+        quick += fast is not None
+        got = cells_geojson.mask_polygon(mask, 3, 4)
+        with monkeypatch.context() as m:
+            m.setattr(cells_geojson, "_run_ring", lambda mask: None)
+            traced = cells_geojson.mask_polygon(mask, 3, 4)
+        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
+    assert quick > 150
+
+
+def test_a_tiles_blobs_at_once_are_the_traced_polygons(monkeypatch):
+    """blob_geometries (all masks of a tile through their row runs) gives each blob the traced polygon, and leaves
+    the other masks (holes, pieces, rows of two runs) to the tracer."""
+    from skimage.draw import ellipse
+
+    from cellseg.results import cells_geojson
+    rng = np.random.default_rng(1)
+    masks, boxes = [], []
+    for i in range(600):
+        if i % 4 == 0:
+            mask = rng.random((rng.integers(1, 9), rng.integers(1, 9))) < 0.6
+        else:
+            mask = np.zeros((24, 24), bool)
+            rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
+            mask[rr, cc] = True
+            mask = mask[np.ix_(mask.any(1), mask.any(0))]
+        r0, c0 = rng.integers(0, 1000, 2)
+        masks.append(mask)
+        boxes.append((r0, c0, r0 + mask.shape[0], c0 + mask.shape[1]))
+    blobs = cells_geojson.blob_geometries(np.array(boxes), masks)
+    monkeypatch.setattr(cells_geojson, "_run_ring", lambda mask: None)     # trace every mask
+    found = 0
+    for geometry, mask, box in zip(blobs, masks, boxes):
+        traced = shapely.geometry.shape(cells_geojson.mask_geometry(mask, int(box[0]), int(box[1])))
+        if geometry is None:
+            assert not (len(traced.geoms) == 1 if hasattr(traced, "geoms") else
+                        not traced.interiors and _single_runs(mask))
+            continue
+        found += 1
+        got = shapely.geometry.shape(geometry)
+        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
+    assert found > 400
+
+
+def _single_runs(mask: np.ndarray) -> bool:
+    rows = mask[mask.any(1)]
+    return bool((np.count_nonzero(np.diff(rows.astype(np.int8), axis=1, prepend=0, append=0) == 1, axis=1) == 1)
+                .all())

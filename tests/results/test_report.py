@@ -1,0 +1,192 @@
+"""report.html: the slide report every count writes, `cellseg report`, the cohort report, and both rendered by a
+real headless Chromium (skipped where it is not installed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ..helpers import assert_user_error, invoke
+
+_IMG = re.compile(r'<img[^>]*src="([^"]*)"')
+
+
+def _images(page: str) -> list[str]:
+    return _IMG.findall(page)
+
+
+def _assert_self_contained(page: str) -> None:
+    """Nothing fetched when the page is viewed: every picture inline, no external script, style or link."""
+    assert all(src.startswith("data:image/png;base64,") for src in _images(page))
+    assert not re.search(r'<(script|link|iframe)[^>]*(src|href)=', page)
+    assert "http://" not in page and "https://" not in page
+
+
+def test_every_result_folder_has_a_self_contained_report(he_result):
+    page = (he_result / "report.html").read_text(encoding="utf-8")
+    summary = json.loads((he_result / "summary.json").read_text())
+    _assert_self_contained(page)
+    assert f"{summary['cell_count']:,} cells" in page and summary["mpp_source"] in page
+    assert "he-nuclei" in page
+    # overlay, density map, 4 histograms (nucleus, cell area: he-nuclei grows cells; stain; score), 6-12 crops
+    crops = page.count("<figcaption>")
+    assert 6 <= crops <= 12 and len(_images(page)) == 2 + 4 + crops
+    assert "densest tile" in page and "sparsest tissue tile" in page   # 6 tiles: all shown
+    assert summary["warnings"] == []      # a clean slide: real pixel size, usual density, scores spread
+
+
+def test_warnings_say_why_a_number_may_be_wrong():
+    import pandas as pd
+
+    from cellseg.results import TileGrid, slide_warnings
+    summary = {"mpp": None, "mpp_source": "none: no resolution tags", "cells_per_mm2": None,
+               "area_px": {"median": 3000.0}, "scale": {"factor": 1.0, "model_diameter_px": 12.0},
+               "unreadable": [{"box": [0, 0, 64, 64], "level": 0, "error": "x"}], "unreadable_area_px": 4096}
+    cells = pd.DataFrame({"score": np.full(10, 0.52)})
+    warnings = " | ".join(slide_warnings(summary, {"model": {"score_threshold": 0.5}}, cells, None))
+    for words in ("pixel size assumed", "training size", "of the threshold", "unreadable region"):
+        assert words in warnings, (words, warnings)
+    good = {"mpp": 0.5, "mpp_source": "ome", "cells_per_mm2": 3000.0, "area_px": {"median": 113.0},
+            "scale": {"factor": 1.0, "model_diameter_px": 12.0}}
+    spread = pd.DataFrame({"score": np.linspace(0.5, 1.0, 10)})
+    assert slide_warnings(good, {"model": {"score_threshold": 0.5}}, spread, None) == []
+    assert "unusual density" in slide_warnings({**good, "cells_per_mm2": 50.0}, {}, spread, None)[0]
+    # tissue in tiles skipped as background: 100 tiles each just under the minimum share, one analysed tile
+    tissue = np.full((10, 11), 0.009)
+    tissue[0, 0] = 1.0
+    counts = np.zeros((10, 11))
+    counts[0, 0] = 40
+    grid = TileGrid(512, 10, 11, counts, np.zeros_like(counts), tissue, np.zeros_like(counts))
+    warnings = slide_warnings({**good, "min_tissue_fraction": 0.01}, {}, spread, grid)
+    assert len(warnings) == 1 and "skipped as background" in warnings[0]
+    assert slide_warnings({**good, "min_tissue_fraction": 0.005}, {}, spread, grid) == []
+
+
+def test_report_command_rebuilds_slide_and_cohort_reports(he_result, tmp_path):
+    results = tmp_path / "results"
+    for name in ("a", "b"):
+        shutil.copytree(he_result, results / name)
+        (results / name / "report.html").unlink()
+    result = invoke(["report", results])
+    assert result.exit_code == 0, result.output
+    for name in ("a", "b"):
+        _assert_self_contained((results / name / "report.html").read_text(encoding="utf-8"))
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    _assert_self_contained(cohort)
+    assert 'href="a/report.html"' in cohort and 'href="b/report.html"' in cohort
+    assert cohort.count("<tr>") == 3 and "sortable" in cohort
+
+    one = invoke(["report", results / "a"])     # one result folder: its report only
+    assert one.exit_code == 0 and "cohort" not in one.output and "report of" not in one.output
+
+
+def test_report_of_a_folder_without_results_is_one_line(tmp_path):
+    assert_user_error(invoke(["report", tmp_path]), 1, "result folder", str(tmp_path))
+
+
+def test_crops_left_out_when_the_slide_is_gone(he_result, tmp_path):
+    folder = tmp_path / "moved"
+    shutil.copytree(he_result, folder)
+    run = json.loads((folder / "run.json").read_text())
+    run["slide"] = str(tmp_path / "gone.ome.tif")
+    (folder / "run.json").write_text(json.dumps(run))
+    assert invoke(["report", folder]).exit_code == 0
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "crops left out" in page and "<figcaption>" not in page
+
+
+# --------------------------------------------------------------------------- a real browser
+
+_CHECK = """<script>window.addEventListener("load", function () {
+  var imgs = Array.from(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
+  document.body.setAttribute("data-check", imgs.length + " " + broken);
+});</script>"""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("headless Chromium is not installed (apt-get install chromium): the reports are not rendered")
+
+
+def render(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Chromium headless on `page`, offline (no background networking), console messages on stderr."""
+    profile.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=10000", *extra, page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_renders(page: Path, tmp_path: Path) -> int:
+    """The page loads in Chromium with no console message and every <img> decoded; returns the image count."""
+    probe = page.with_name(page.stem + ".probe.html")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _CHECK + "</body>"), encoding="utf-8")
+    done = render(probe, tmp_path / f"profile-{page.parent.name}", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    check = re.search(r'data-check="(\d+) (\d+)"', done.stdout)
+    assert check is not None, "the page's load event never ran"
+    images, broken = map(int, check.groups())
+    assert images > 0 and broken == 0, (images, broken)
+    probe.unlink()
+    return images
+
+
+def test_reports_render_in_headless_chromium(he_result, tmp_path):
+    chromium()
+    results = tmp_path / "results"
+    for name in ("he_a", "he_b"):
+        shutil.copytree(he_result, results / name)
+    assert invoke(["report", results]).exit_code == 0
+    assert assert_renders(results / "he_a" / "report.html", tmp_path) >= 12
+    assert assert_renders(results / "report.html", tmp_path) == 1
+
+
+def test_the_browser_check_can_fail(tmp_path):
+    chromium()
+    page = tmp_path / "bad" / "report.html"
+    page.parent.mkdir()
+    page.write_text('<html><body><img src="data:image/png;base64,AAAA"></body></html>')
+    with pytest.raises(AssertionError):
+        assert_renders(page, tmp_path)
+    page.write_text('<html><body><img src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAA'
+                    'CklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="><script>console.error("x")</script></body></html>')
+    with pytest.raises(AssertionError, match="CONSOLE"):
+        assert_renders(page, tmp_path)
+
+
+def test_crops_densest_sparsest_seam_cut_then_seeded_random():
+    from cellseg.results import MAX_CROPS, TileGrid, choose_crops, tile_densities
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 50, (8, 9)).astype(float)
+    cut = np.zeros_like(counts)
+    cut[7, 8] = 5                    # the tile with most seam-cut cells
+    tissue = np.ones_like(counts)
+    tissue[0, :] = 0.05              # too little tissue for a density
+    unreadable = np.zeros_like(counts)
+    unreadable[3, 3] = 0.5           # half the tile unreadable: its density is over the other half
+    grid = TileGrid(100, 8, 9, counts, cut, tissue, unreadable)
+    summary = {"height_px": 800, "width_px": 900, "mpp": 0.5}
+    density, unit = tile_densities(grid, summary)
+    assert unit == "cells per mm² of tissue" and np.isnan(density[0]).all()
+    assert density[3, 3] == pytest.approx(counts[3, 3] / (100 * 100 * 0.5 * 0.25 / 1e6))
+    chosen = choose_crops(grid, density)
+    assert chosen == choose_crops(grid, density)          # seeded
+    tiles = [rc for rc, _ in chosen]
+    assert len(tiles) == len(set(tiles)) == 3 + 3 + 1 + 3 <= MAX_CROPS    # one tile has seam-cut cells
+    finite = np.where(np.isfinite(density), density, -1)
+    assert tiles[0] == tuple(np.unravel_index(np.argmax(finite), density.shape))
+    assert (7, 8) in tiles and dict(chosen)[(7, 8)] in ("many cells cut at a seam", "densest tile",
+                                                        "sparsest tissue tile")
+    assert all(rc[0] != 0 for rc in tiles)               # no tile without enough tissue

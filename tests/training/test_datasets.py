@@ -1,0 +1,193 @@
+"""The nuclei reference recipe (references/nuclei/, outside the package): hold-out by acquisition group and patient
+(datasets.py) and the recipe that trains on it (recipe.py), on synthetic datasets; and the package's training
+augmentation (cellseg.training.augment)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellseg.errors import CellsegError
+from cellseg.training import Augmentation, augment_pixels, dim_nuclei, hed_jitter
+from references.nuclei.datasets import AnnotatedImage, Split, acquisition_groups, holdout_split, make_split
+
+from ..helpers import tiny_model_config
+
+
+def nuclei_image(rng, size, n, radius, background, brightness, colour=None):
+    """A synthetic field of `n` discs: (pixels (H, W, C) uint8, labels (H, W) uint16)."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.uint16)
+    for k in range(n):
+        r, c = rng.integers(radius, size - radius, 2)
+        labels[((yy - r) ** 2 + (xx - c) ** 2 <= radius ** 2) & (labels == 0)] = k + 1
+    gray = np.where(labels > 0, brightness, background) + rng.normal(0, 2, labels.shape)
+    pixels = np.clip(gray, 0, 255).astype(np.uint8)[..., None]
+    if colour is not None:
+        pixels = np.clip(pixels * np.asarray(colour)[None, None], 0, 255).astype(np.uint8)
+    return pixels, labels
+
+
+def write_dataset(root: Path, name: str, images: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> Path:
+    """A dataset folder in the layout references/nuclei/datasets.py reads: manifest.csv, images/, labels/."""
+    folder = root / name
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "height", "width", "channels", "n_nuclei", "modality_guess"])
+        for image_id, (pixels, labels, modality) in images.items():
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+                folder / "images" / f"{image_id}.png")
+            tifffile.imwrite(folder / "labels" / f"{image_id}.tif", labels)
+            w.writerow([image_id, *pixels.shape, int(labels.max()), modality])
+    return folder
+
+
+@pytest.fixture
+def two_datasets(tmp_path) -> Path:
+    """DSB2018-like: 3 fluorescence experiments (dim/small, bright/large, mid) of 6 crops each, 2 stained
+    experiments of 3 (other colours, nucleus sizes); TNBC-like: 4 patients of 2 images each. (Ward's linkage merges
+    small clusters more readily than large ones, so few crops need clearly different experiments.)"""
+    rng = np.random.default_rng(0)
+    dsb = {}
+    for e, (bg, fg, radius) in enumerate([(2, 30, 2), (60, 250, 12), (8, 120, 5)]):
+        for k in range(6):
+            dsb[f"fl{e}_{k}"] = (*nuclei_image(rng, 64, 6, radius, bg, fg), "fluorescence")
+    for e, colour in enumerate([(0.6, 0.3, 0.8), (0.95, 0.6, 0.5)]):
+        for k in range(3):
+            dsb[f"st{e}_{k}"] = (*nuclei_image(rng, 64, 5, 4 + 4 * e, 220, 90, colour), "brightfield_color_histology")
+    tnbc = {f"tnbc_0{p}_{k}": (*nuclei_image(rng, 64, 5, 4, 210, 80, (0.8, 0.5, 0.8)), "brightfield_color_histology")
+            for p in range(1, 5) for k in range(1, 3)}
+    write_dataset(tmp_path / "data", "dsb2018-train", dsb)
+    write_dataset(tmp_path / "data", "tnbc-train", tnbc)
+    return tmp_path / "data"
+
+
+def test_groups_follow_acquisitions_and_patients(two_datasets):
+    split, images = make_split({"dsb2018": two_datasets / "dsb2018-train", "tnbc": two_datasets / "tnbc-train"})
+    group_of = {k: g for g, t in split.groups.items() for k in t["images"]}
+    experiment = {im.key: im.image_id.rsplit("_", 1)[0] for im in images}
+    # images of one experiment share a group, and a group never holds two experiments
+    for a in images:
+        for b in images:
+            assert (experiment[a.key] == experiment[b.key]) == (group_of[a.key] == group_of[b.key]), (a.key, b.key)
+    assert {t["modality"] for t in split.groups.values()} == {"fluorescence", "stained_tissue", "he_breast"}
+
+
+def test_whole_groups_are_held_out_per_modality(two_datasets):
+    split, _ = make_split({"dsb2018": two_datasets / "dsb2018-train", "tnbc": two_datasets / "tnbc-train"})
+    held = {m: [g for g, t in split.groups.items() if t["modality"] == m and t["side"] == "val"]
+            for m in ("fluorescence", "stained_tissue", "he_breast")}
+    assert {m: len(g) for m, g in held.items()} == {"fluorescence": 1, "stained_tissue": 1, "he_breast": 1}
+    assert set(split.train).isdisjoint(split.val)
+    assert Split.from_json(json.loads(json.dumps(split.to_json()))).val == split.val
+
+
+def test_a_split_with_a_group_on_both_sides_is_refused():
+    images = [AnnotatedImage("dsb2018", f"i{k}", "fluorescence", Path("x"), Path("y"), 8, 8, 1) for k in range(4)]
+    split = holdout_split(images, {im.key: f"g{int(im.image_id[1]) // 2}" for im in images}, fraction=0.4)
+    bad = split.to_json()
+    moved = bad["val"].pop()
+    bad["train"].append(moved)
+    with pytest.raises(CellsegError, match="on its side"):
+        Split.from_json(bad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_groupings_never_straddle_the_split(seed):
+    rng = np.random.default_rng(seed)
+    modalities = ["fluorescence", "stained_tissue", "he_breast"]
+    images = [AnnotatedImage("dsb2018", f"i{k}", modalities[k % 3], Path("x"), Path("y"), 8, 8, 1)
+              for k in range(120)]
+    groups = {im.key: f"{im.modality}-{rng.integers(0, 9)}" for im in images}
+    split = holdout_split(images, groups, fraction=0.15, seed=seed)
+    side = {k: "train" for k in split.train} | {k: "val" for k in split.val}
+    for g in set(groups.values()):
+        assert len({side[k] for k, gg in groups.items() if gg == g}) == 1
+    for m in modalities:       # at least 15 % of each modality's groups held out
+        names = {g for g in groups.values() if g.startswith(m)}
+        assert sum(split.groups[g]["side"] == "val" for g in names) >= np.ceil(0.15 * len(names))
+
+
+def test_acquisition_clustering_is_by_key_and_features():
+    ims = [AnnotatedImage("dsb2018", f"a{k}", "fluorescence", Path("x"), Path("y"), 64, 64, 1) for k in range(6)]
+    feats = {im.key: {"background": 5.0 if k < 3 else 60.0, "bright_end": 50.0 if k < 3 else 250.0,
+                      "nucleus_brightness": 40.0 if k < 3 else 200.0, "nucleus_area": 30.0 if k < 3 else 600.0}
+             for k, im in enumerate(ims)}
+    groups = acquisition_groups(ims, feats)
+    assert len({groups[im.key] for im in ims[:3]}) == 1 and len({groups[im.key] for im in ims[3:]}) == 1
+    assert groups[ims[0].key] != groups[ims[3].key]
+
+
+def test_the_recipe_trains_only_on_the_training_side(two_datasets, tmp_path, monkeypatch):
+    """A tiny network trained by the recipe: it reads no held-out image, and its split keeps groups whole."""
+    import references.nuclei.recipe as recipe
+    from cellseg.bundles import load_bundle
+    from cellseg.training import TrainSettings
+    read = []
+    real = recipe.read_pixels
+    monkeypatch.setattr(recipe, "read_pixels", lambda im: (read.append(im.key), real(im))[1])
+    out = tmp_path / "bundle"
+    recipe.run_recipe(two_datasets, out, TrainSettings(steps=2, batch_size=2, crop=48, warmup=1),
+                      model_cfg=tiny_model_config(), progress=False)
+    split = Split.from_json(json.loads((out / "split.json").read_text()))
+    assert split.val and sorted(read) == sorted(split.train)
+    card = load_bundle(out).card
+    assert card["data"]["train_images"] == len(split.train) and "CC BY 4.0" in " ".join(card["data"]["datasets"])
+    # the pack that travels to a GPU machine holds the training images alone, and trains the same
+    pack = tmp_path / "pack"
+    assert recipe.pack_training_data(two_datasets, split, pack) > 0
+    packed = recipe.training_images(pack, split)
+    assert [im.key for im in packed] == split.train and all(im.image_path.suffix == ".jpg" for im in packed)
+    assert not any((pack / "dsb2018-train" / "images" / f"{k.split('/')[1]}.jpg").exists() for k in split.val)
+    with pytest.raises(CellsegError, match="expected every training image"):
+        recipe.training_images(pack, Split(split.train + split.val[:1], split.val[1:], {}, ""))
+    with pytest.raises(CellsegError, match="new or empty folder"):
+        recipe.pack_training_data(two_datasets, split, pack)
+
+
+def test_the_reference_recipes_are_not_in_the_wheel(wheel):
+    """A user's install holds the training code for their own data, not the recipes for DSB2018 and TNBC."""
+    names = wheel.namelist()
+    assert "cellseg/training/maskrcnn.py" in names and "cellseg/training/loop.py" in names
+    assert not [n for n in names if n.startswith("references/") or n.split("/")[-1] in ("recipe.py", "datasets.py")]
+
+
+def test_hed_jitter_changes_stain_amounts_but_not_tint_direction():
+    rng = np.random.default_rng(2)
+    from skimage.color import hed2rgb
+    hed = np.zeros((32, 32, 3))
+    hed[8:24, 8:24, 0] = 0.3          # a haematoxylin square on eosin background
+    hed[..., 1] = 0.1
+    image = np.moveaxis(hed2rgb(hed), -1, 0).astype(np.float32)
+    for _ in range(10):
+        out = hed_jitter(image, rng, gain=0.15, shift=0.05)
+        assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+        # the background stays eosin-pink: red above green (a negative eosin would turn it green)
+        assert out[1, 0, 0] < out[0, 0, 0]
+
+
+def test_dimmed_nuclei_move_towards_the_background_and_nothing_else_changes():
+    rng = np.random.default_rng(3)
+    image = np.full((3, 20, 20), 0.1, np.float32)
+    masks = np.zeros((2, 20, 20), bool)
+    masks[0, 2:6, 2:6] = masks[1, 10:15, 10:15] = True
+    image[:, masks.any(0)] = 0.9
+    out = dim_nuclei(image, masks, rng, fraction=1.0, factor=(0.5, 0.5))
+    assert np.allclose(out[:, masks.any(0)], 0.5) and np.array_equal(out[:, ~masks.any(0)], image[:, ~masks.any(0)])
+
+
+def test_grayscale_stays_grayscale_under_augmentation():
+    rng = np.random.default_rng(4)
+    image = np.repeat(rng.random((1, 40, 40), dtype=np.float32), 3, axis=0)
+    aug = Augmentation(hed_p=1.0, blur_p=1.0, noise_p=1.0, dim_p=1.0)
+    for _ in range(5):
+        out = augment_pixels(image, np.zeros((0, 40, 40), bool), False, rng, aug)
+        assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])

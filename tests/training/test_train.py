@@ -1,0 +1,420 @@
+"""Training: crops and augmentations keep masks and boxes consistent; a tiny run learns; the bundle it
+writes loads and runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg.bundles import load_bundle
+from cellseg.detection import load_network
+from cellseg.training import TrainImage, TrainSettings, load_coco, sample_crop, train
+
+from ..helpers import DATA, assert_user_error, coco_from_labels, invoke, snapshot, tiny_model_config
+
+
+def test_sample_crop_keeps_masks_and_boxes_consistent():
+    rng = np.random.default_rng(0)
+    masks = [np.ones((10, 12), bool), np.ones((8, 8), bool)]
+    item = TrainImage(rng.random((3, 300, 280), dtype=np.float32), np.array([[20, 30, 30, 42], [100, 100, 108, 108]]),
+                      masks, np.array([1, 1]))
+    for _ in range(20):
+        image, target = sample_crop(item, 128, rng)
+        assert image.shape == (3, 128, 128) and 0 <= float(image.min()) and float(image.max()) <= 1
+        n = len(target["masks"])
+        assert target["boxes"].shape == (n, 4) and target["labels"].shape == (n,)
+        for box, m in zip(target["boxes"], target["masks"]):
+            ys, xs = torch.where(m.bool())
+            assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_masks_cross_processes_bit_packed_and_come_back_equal():
+    from cellseg.training import pack_masks, unpack_masks
+    rng = np.random.default_rng(1)
+    for shape in [(3, 17, 29), (0, 8, 8), (5, 64, 64)]:
+        masks = torch.from_numpy((rng.random(shape) > 0.5).astype(np.uint8))
+        back = unpack_masks(pack_masks(masks), torch.device("cpu"))
+        assert back.dtype == torch.uint8 and torch.equal(back, masks)
+
+
+def test_crop_workers_train_like_the_main_process(tmp_path):
+    """Crops made by DataLoader worker processes (a GPU run's --workers) reach the network intact."""
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "bundle"
+    train(items, classes, out, TrainSettings(steps=2, batch_size=2, crop=64, workers=1),
+          model_cfg=tiny_model_config(), progress=False)
+    assert load_bundle(out).card["training"]["steps"] == 2
+
+
+def test_sample_crop_without_cells():
+    item = TrainImage(np.zeros((3, 200, 200), np.float32), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
+    rng = np.random.default_rng(3)
+    for _ in range(10):           # scale jitter on an empty crop used to crash F.interpolate
+        image, target = sample_crop(item, 96, rng)
+        assert image.shape == (3, 96, 96) and target["masks"].shape == (0, 96, 96)
+
+
+def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
+    ann, n_cells = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    assert classes == ["nucleus"] and len(items[0].masks) == n_cells
+    out = tmp_path / "bundle"
+    torch.manual_seed(0)
+    train(items, classes, out, TrainSettings(steps=24, batch_size=2, crop=96, lr=1e-3, warmup=4,
+                                             checkpoint_every=12),
+          model_cfg=tiny_model_config(), progress=False)
+    history = np.loadtxt(out / "training_log.csv", delimiter=",", skiprows=1)
+    first, last = history[:6, 1].mean(), history[-6:, 1].mean()
+    assert last < 0.8 * first, (first, last)
+    assert (out / "training_loss.png").is_file()
+    bundle = load_bundle(out)
+    assert bundle.card["training"]["steps"] == 24
+    assert bundle.nucleus_diameter_px == pytest.approx(
+        np.median([2 * np.sqrt(m.sum() / np.pi) for m in items[0].masks]))
+    load_network(bundle)      # weights load into the architecture the card describes
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "bundle"
+    settings = TrainSettings(steps=6, batch_size=1, crop=64, checkpoint_every=3)
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), progress=False)
+    settings.steps = 9
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 9 and len(ckpt["history"]) == 9
+    # A resumed run stopped before its first step (time budget spent) still writes the bundle and its log.
+    (out / "weights.safetensors").unlink()
+    settings.steps, settings.minutes = 12, 0
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    assert (out / "weights.safetensors").is_file()
+    assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_")
+
+
+def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
+    import cellseg.training.crops as crops_module
+    from cellseg.errors import TrainingInterrupted
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    real_crop, calls = crops_module.sample_crop, []
+
+    def crop_then_ctrl_c(item, size, rng, *aug):
+        calls.append(1)
+        if len(calls) == 5:              # during the third step (two crops a step)
+            raise KeyboardInterrupt
+        return real_crop(item, size, rng, *aug)
+    monkeypatch.setattr(crops_module, "sample_crop", crop_then_ctrl_c)
+    out = tmp_path / "b"
+    settings = TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 2 of 6.*--resume"):
+        train(items, classes, out, settings, model_cfg=tiny_model_config(), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2     # not lost: saved at the interrupt
+    bundle = load_bundle(out)
+    assert bundle.card["training"]["steps"] == 2 and bundle.card["training"]["finished"] is False
+    monkeypatch.setattr(crops_module, "sample_crop", real_crop)
+    train(items, classes, out, settings, model_cfg=tiny_model_config(), resume=True, progress=False)
+    assert load_bundle(out).card["training"]["finished"] is True
+
+
+def test_sigterm_stops_after_the_step_under_way_and_saves_it(tmp_path, monkeypatch):
+    """scripts/train_long.sh stops its background run (which ignores Ctrl-C) with SIGTERM: the step under way is
+    finished and saved, not lost with up to 10 minutes of training."""
+    import os
+    import signal
+
+    import cellseg.training.crops as crops_module
+    from cellseg.errors import TrainingInterrupted
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    real_crop, calls = crops_module.sample_crop, []
+
+    def crop_then_sigterm(item, size, rng, *aug):
+        calls.append(1)
+        if len(calls) == 5:              # during the third step (two crops a step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_crop(item, size, rng, *aug)
+    monkeypatch.setattr(crops_module, "sample_crop", crop_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "b"
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 6"):
+        train(items, classes, out, TrainSettings(steps=6, batch_size=2, crop=64, checkpoint_every=50),
+              model_cfg=tiny_model_config(), progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is before       # the handler is the loop's only while it runs
+
+
+def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
+    import cellseg.training.crops as crops_module
+    from cellseg.errors import CellsegError
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    blank = TrainImage(np.zeros_like(items[0].image), np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64))
+    drawn = []
+    real_crop = crops_module.sample_crop
+    monkeypatch.setattr(crops_module, "sample_crop", lambda item, size, rng, *aug: (drawn.append(item is blank),
+                                                                                   real_crop(item, size, rng))[1])
+    settings = TrainSettings(steps=3, batch_size=2, crop=64, checkpoint_every=3)
+    train([items[0], blank], classes, tmp_path / "b", settings, model_cfg=tiny_model_config(), progress=False,
+          sample_weights=[0.0, 1.0])
+    assert drawn == [True] * 6
+    with pytest.raises(CellsegError, match="2 non-negative sample weights"):
+        train([items[0], blank], classes, tmp_path / "c", settings, model_cfg=tiny_model_config(), progress=False,
+              sample_weights=[1.0])
+
+
+def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
+    from cellseg.detection import build_model
+    from cellseg.training import initial_weights, load_matching
+    cfg, state, note = initial_weights(str(tiny_bundle), ["nucleus"])
+    assert "bundle tiny" in note and cfg.fpn_channels == tiny_model_config().fpn_channels
+    model = build_model(cfg)
+    assert load_matching(model, state) == []                       # same classes: every tensor loads
+    two = build_model(initial_weights(str(tiny_bundle), ["nucleus", "mitosis"])[0])
+    fresh = load_matching(two, state)                              # new classes: only the class heads restart
+    assert fresh and all("predictor" in k for k in fresh)
+    assert torch.equal(two.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
+
+
+def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from cellseg.detection import build_model
+    from cellseg.errors import CellsegError
+    from cellseg.training import initial_weights, load_matching
+    with pytest.raises(CellsegError, match="nothing is downloaded"):
+        initial_weights(f"coco:{tmp_path / 'missing.pth'}", ["nucleus"])
+    # A checkpoint with the exact layout of torchvision's COCO file (91 classes), random values.
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(reference, path)
+    cfg, state, note = initial_weights(f"coco:{path}", ["nucleus"])
+    assert cfg.backbone == "resnet50" and "COCO" in note
+    model = build_model(cfg)
+    fresh = load_matching(model, state)
+    assert fresh and all("predictor" in k for k in fresh)          # only the 91-class heads restart
+    assert torch.equal(model.state_dict()["roi_heads.mask_head.0.0.weight"],
+                       reference["roi_heads.mask_head.0.0.weight"])
+
+
+# --- `cellseg train` on the command line -----------------------------------------------------------------
+
+def test_cli_train_never_overwrites_a_folder_it_did_not_start(tmp_path, tiny_bundle):
+    import shutil
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    theirs = shutil.copytree(tiny_bundle, tmp_path / "my_model")
+    before = snapshot(theirs)
+    result = invoke(["train", "--data", ann, "--out", theirs, "--steps", 1, "--device", "cpu"])
+    assert_user_error(result, 1, "expected --out to be a new or empty folder", "my_model", "--resume")
+    assert snapshot(theirs) == before
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "new", "--resume", "--device", "cpu"])
+    assert_user_error(result, 1, "expected a training to resume", "checkpoint.pt")
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_train_checks_val_before_training(tmp_path):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    result = invoke(["train", "--data", ann, "--val", tmp_path / "val.json", "--out", tmp_path / "b", "--device", "cpu"])
+    assert_user_error(result, 1, "val.json")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    out = tmp_path / "b"
+    result = invoke(["train", "--data", ann, "--val", ann, "--out", out, "--steps", 2, "--batch-size", 1,
+                     "--crop", 64, "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "also in --data" in result.stderr and "optimistic" in result.stderr     # the same image twice
+    assert "default score threshold" in result.stdout
+    bundle = load_bundle(out)
+    assert bundle.card["metrics"]["val_images"] == 1
+    assert bundle.score_threshold == bundle.card["metrics"]["score_threshold"]
+    assert {p.name for p in (out / "validation").iterdir()} == {"metrics.json", "per_image.csv",
+                                                                "threshold_sweep.png"}
+    assert bundle.card["training"]["lr"] == 3e-4                    # from random weights
+
+
+def test_cli_fine_tuning_defaults_to_a_lower_learning_rate(tmp_path, tiny_bundle):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--init", tiny_bundle, "--steps", 1,
+                     "--batch-size", 1, "--crop", 64, "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    card = load_bundle(tmp_path / "b").card["training"]
+    assert card["lr"] == 1e-4 and "bundle tiny" in card["init"]
+
+
+def _bad_training_data(kind: str, folder) -> tuple:
+    """A broken annotation file of `kind` and the words its one-line error must hold."""
+    ann, _ = coco_from_labels(folder, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    coco = json.loads(ann.read_text())
+    if kind == "not-json":
+        ann.write_text("image,cells\nA1,12\n")
+        return ann, ("not valid JSON",)
+    if kind == "not-coco":
+        ann.write_text(json.dumps({"cells": [1, 2]}))
+        return ann, ("'images' and 'annotations'", "cells")
+    if kind == "no-categories":
+        del coco["categories"]
+    elif kind == "unknown-category":
+        coco["annotations"][3]["category_id"] = 7
+    elif kind == "missing-image":
+        (folder / "dsb_fluo.png").unlink()
+    elif kind == "wrong-size":
+        coco["images"][0]["height"] = coco["images"][0]["width"] = 300
+        for a in coco["annotations"]:
+            a["segmentation"] = [[10, 10, 40, 10, 40, 40]]
+    elif kind == "box-only":
+        del coco["annotations"][0]["segmentation"]
+    elif kind == "no-cells":
+        coco["annotations"] = []
+    ann.write_text(json.dumps(coco))
+    return ann, {"no-categories": ("'categories'",), "unknown-category": ("category ids [1]", "7"),
+                 "missing-image": ("1 of 1 missing", "dsb_fluo.png"), "wrong-size": ("300 x 300", "256 x 256"),
+                 "box-only": ("expected a mask", "box-only"),
+                 "no-cells": ("expected annotated cells", "1 image(s) with none")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["not-json", "not-coco", "no-categories", "unknown-category", "missing-image",
+                                  "wrong-size", "box-only", "no-cells"])
+def test_cli_train_bad_annotations_give_one_line(tmp_path, kind):
+    ann, words = _bad_training_data(kind, tmp_path)
+    result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--steps", 1, "--device", "cpu"])
+    assert_user_error(result, 1, *words)
+    assert not (tmp_path / "b").exists()
+
+
+def _train_lrs(monkeypatch, run) -> list[float]:
+    """The learning rate of every optimiser step `run()` takes."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    try:
+        run()
+    finally:
+        monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bf16_and_fp32_training_steps_give_finite_losses_of_one_order(tmp_path, precision):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    losses = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        out = tmp_path / f"bundle_{p}"
+        if out.exists():
+            continue
+        train(items, classes, out, TrainSettings(steps=3, batch_size=2, crop=96, precision=p),
+              model_cfg=tiny_model_config(), progress=False)
+        losses[p] = np.loadtxt(out / "training_log.csv", delimiter=",", skiprows=1)[:, 1]
+        assert np.isfinite(losses[p]).all()
+        assert load_bundle(out).card["training"]["precision"].startswith(p)
+    # the same seed, crops and weights: the first step's loss differs only by bf16 rounding
+    assert losses[precision][0] == pytest.approx(losses["fp32"][0], rel=0.1)
+
+
+def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    import cellseg.detection.precision as precision
+    from cellseg.detection import resolve_precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})     # a Xeon without bf16
+    assert resolve_precision("auto", "cpu")[0] == "fp32"
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    train(items, classes, tmp_path / "b", TrainSettings(steps=1, batch_size=1, crop=64),
+          model_cfg=tiny_model_config(), progress=False)
+    assert load_bundle(tmp_path / "b").card["training"]["precision"].startswith("fp32: this CPU has no native")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})   # a Zen 4/5
+    assert resolve_precision("auto", "cpu")[0] == "bf16"
+    assert resolve_precision("fp32", "cpu")[0] == "fp32"
+
+
+def test_precision_flags_come_from_cpuinfo(tmp_path):
+    from cellseg.detection import cpu_flags
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_path, monkeypatch):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+
+    def settings(steps_this_run=None):
+        return TrainSettings(steps=8, batch_size=1, crop=64, lr=1e-3, warmup=2, snapshot_every=3,
+                             minutes=None if steps_this_run is None else 0)
+    straight_snaps, split_snaps = [], []
+    straight = _train_lrs(monkeypatch, lambda: train(
+        items, classes, tmp_path / "a", settings(), model_cfg=tiny_model_config(), progress=False,
+        on_snapshot=lambda path, step: straight_snaps.append(step)))
+    # the same run stopped after 4 steps (a Ctrl-C or a session's end) and resumed
+    import cellseg.training.loop as loop_module
+    calls = {"n": 0}
+    real_isfinite = torch.isfinite
+
+    def interrupt_after_four(x):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_isfinite(x)
+    monkeypatch.setattr(loop_module.torch, "isfinite", interrupt_after_four)
+    from cellseg.errors import TrainingInterrupted
+    with pytest.raises(TrainingInterrupted):
+        _train_lrs(monkeypatch, lambda: train(
+            items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), progress=False,
+            on_snapshot=lambda path, step: split_snaps.append(step)))
+    monkeypatch.setattr(loop_module.torch, "isfinite", real_isfinite)
+    second = _train_lrs(monkeypatch, lambda: train(
+        items, classes, tmp_path / "b", settings(), model_cfg=tiny_model_config(), resume=True, progress=False,
+        on_snapshot=lambda path, step: split_snaps.append(step)))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert len(second) == 4 and second == pytest.approx(straight[4:])
+    assert straight_snaps == split_snaps == [3, 6]
+    assert load_bundle(tmp_path / "b" / "snapshots" / "step0000006").card["training"]["steps"] == 6
+
+
+def test_the_schedule_warms_up_then_follows_steps_or_time_whichever_is_further():
+    from cellseg.training import LoopSettings
+    s = LoopSettings(steps=110, lr=1.0, warmup=10)
+    assert [s.learning_rate(k, 0.0) for k in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert s.learning_rate(10, 0.0) == pytest.approx(1.0)
+    assert s.learning_rate(60, 0.0) == pytest.approx(0.05 + 0.95 * 0.5)       # half way: the cosine's middle
+    assert s.learning_rate(109, 0.0) > s.learning_rate(110, 0.0) == pytest.approx(0.05)
+    timed = LoopSettings(steps=10_000, lr=1.0, warmup=10, schedule_minutes=1, final_lr_fraction=0.03)
+    assert timed.learning_rate(20, 30.0) == pytest.approx(0.03 + 0.97 * 0.5)   # half the minute gone
+    assert not timed.time_schedule_done(5, 120.0) and timed.time_schedule_done(20, 60.0)
+    assert timed.finished(20, 60.0) and not timed.finished(20, 59.0)
+
+
+def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
+    """A checkpoint written before loss parts were named (and by the single-module trainer: the same keys) still
+    resumes, and its log names the parts by position."""
+    from cellseg.detection import build_model
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "b"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    n_parts = 5
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": 2,
+                "history": [[1, 3.0] + [0.6] * n_parts, [2, 2.9] + [0.58] * n_parts], "wall_s": 4.5},
+               out / "checkpoint.pt")
+    train(items, classes, out, TrainSettings(steps=3, batch_size=1, crop=64), model_cfg=tiny_model_config(),
+          resume=True, progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["history"]) == 3 and ckpt["wall_s"] > 4.5
+    assert load_bundle(out).card["training"]["steps"] == 3
+    assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_classifier")
