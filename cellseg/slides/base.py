@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,9 @@ class Slide:
         self.info = info
         self._levels = levels
         self._stack = stack
+        # A slide nobody closed (napari's lazy layers hold one as long as they live) closes its files when it is
+        # garbage collected, instead of leaving them to the interpreter (a ResourceWarning, and open handles).
+        self._release = weakref.finalize(self, stack.close) if stack is not None else None
         self._read_errors = read_errors  # what the backend raises for damaged pixel data
         self._closed = False
         self.skip_unreadable = False
@@ -128,8 +132,8 @@ class Slide:
         if not self._closed:
             self._closed = True
             self._levels = []
-            if self._stack is not None:
-                self._stack.close()
+            if self._release is not None:
+                self._release()     # stack.close(), once
 
     def read_region(self, box: Box, level: int = 0) -> np.ndarray:
         """Pixels of `box` (in `level`'s pixel grid) as (h, w, C) in the native dtype."""
