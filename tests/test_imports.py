@@ -9,6 +9,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
 
 PACKAGE = ROOT / "cellseg"
@@ -103,6 +105,7 @@ def test_the_modules_import_one_another_without_cycles():
         assert cycle is None, f"an import cycle: {' -> '.join([module, *cycle])}"
 
 
+@pytest.mark.slow
 def test_the_core_does_not_import_torch():
     """Every module of the torch-free layers, and the packages' re-exports, import without torch (a machine that
     only reads results, merges or writes never loads it)."""

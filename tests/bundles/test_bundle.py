@@ -62,6 +62,7 @@ def edit_toml(folder: Path, change) -> None:
 
 # --- round trip ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_round_trip_keeps_config_and_card(saved):
     cfg, _, folder = saved
     bundle = load_bundle(folder)

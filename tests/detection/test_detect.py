@@ -91,6 +91,7 @@ def test_detector_on_cuda_with_autocast():
     assert len(calibrated.boxes) == len(calibrated.masks) == len(calibrated.scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [1.0, 0.75])
 def test_boxes_outside_the_owned_region_skip_the_mask_head_without_changing_the_owned_cells(scale):
     from cellseg.cells import owned_instances
@@ -158,6 +159,7 @@ def _body_features(detector: Detector, image: np.ndarray) -> torch.Tensor:
         return detector.network.body(batch)["0"][0]   # stride 4
 
 
+@pytest.mark.slow
 def test_slide_normalisation_shows_a_region_the_same_in_any_tile():
     """GroupNorm with per-tile statistics sees a cell differently depending on the rest of its tile; with the
     slide's statistics (Detector.calibrated) the backbone is a plain convolution: a crop's interior features

@@ -26,6 +26,7 @@ def test_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
         precision.resolve_precision("fp16", "cpu")
 
 
+@pytest.mark.slow
 def test_the_detector_takes_the_precision_it_is_given(monkeypatch, tiny_bundle):
     import torch
 
@@ -49,6 +50,7 @@ def test_the_detector_takes_the_precision_it_is_given(monkeypatch, tiny_bundle):
     assert found.scores.dtype == np.float32 and np.isfinite(found.scores).all()
 
 
+@pytest.mark.slow
 def test_bf16_finds_the_same_nuclei_as_fp32_with_the_shipped_model():
     """A real DSB2018 field through the shipped bundle: bf16 autocast keeps the count and the masks."""
     from PIL import Image
@@ -87,6 +89,7 @@ def _instances(det, height: int, width: int):
                       np.zeros(n, bool), True)
 
 
+@pytest.mark.slow
 def test_precision_comes_from_the_protocol_and_the_command_line(tmp_path, tiny_bundle):
     image = shutil.copy(DATA / "dsb_fluo.png", tmp_path / "field.png")
     protocol = tmp_path / "p.toml"
@@ -127,6 +130,7 @@ def test_estimate_times_sample_tiles_and_extrapolates(tmp_path):
     assert "24 of 24 tiles to analyse" in est.describe() and "a count would take about" in est.describe()
 
 
+@pytest.mark.slow
 def test_count_estimate_writes_nothing(tmp_path, tiny_bundle):
     image = shutil.copy(DATA / "dsb_fluo.png", tmp_path / "field.png")
     before = set(p.name for p in tmp_path.iterdir())

@@ -151,6 +151,7 @@ def test_a_cell_seen_in_few_views_scores_low_and_is_dropped():
     assert merged.scores[0] == pytest.approx(0.9)
 
 
+@pytest.mark.slow
 def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
     """The shipped network on an image that every view leaves unchanged: TTA gives the cells of one view."""
     from cellseg.bundles import load_bundle
@@ -178,6 +179,7 @@ def test_tta_on_a_symmetric_image_keeps_the_shipped_models_cells():
     assert (result.tp, result.fp, result.fn) == (len(centres), 0, 0)
 
 
+@pytest.mark.slow
 def test_cellseg_count_tta_runs_the_augmented_detector(tmp_path, fluo_png, tiny_bundle):
     """`cellseg count --tta`: every tile seen in 8 views, merged; run.json says so."""
     import json

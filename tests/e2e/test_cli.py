@@ -341,6 +341,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_count_one_png_writes_a_complete_result_beside_it(tmp_path, fluo_png, tiny_bundle):
     image = shutil.copy(fluo_png, tmp_path / "dsb_fluo.png")  # 256 x 256: 4 tiles of 128 px
     result = invoke(["count", image, "--model", tiny_bundle, "--device", "cpu", "-q", "--tile-size", "128",
@@ -387,6 +388,7 @@ def test_count_one_png_writes_a_complete_result_beside_it(tmp_path, fluo_png, ti
     assert len(np.unique(labels[labels > 0])) == summary["cell_count"]
 
 
+@pytest.mark.slow
 def test_many_inputs_one_folder_each_and_summary_csv(tmp_path, small_png, fluo_png, model):
     a = shutil.copy(small_png, tmp_path / "a.png")
     b = crop_png(fluo_png, tmp_path / "b.png", offset=100)
@@ -407,6 +409,7 @@ def test_many_inputs_one_folder_each_and_summary_csv(tmp_path, small_png, fluo_p
         assert Path(row["result"]) == results / name
 
 
+@pytest.mark.slow
 def test_many_inputs_one_bad_still_counts_the_others(tmp_path, small_png, model):
     bad = tmp_path / "bad.png"
     bad.write_text("not a picture")
@@ -433,6 +436,7 @@ def test_many_inputs_with_the_same_name_is_refused(tmp_path, small_png, model):
     assert_nothing_left(tmp_path, before)
 
 
+@pytest.mark.slow
 def test_rerun_replaces_the_previous_result(tmp_path, small_png, model):
     out = tmp_path / "out"
     first = invoke(["count", small_png, "-o", out, *model, *FAST])
@@ -460,6 +464,7 @@ def test_rerun_replaces_the_previous_result(tmp_path, small_png, model):
         assert float(r["centroid_row_um"]) == pytest.approx(float(r["centroid_row_px"]) * 0.5, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_protocol_that_needs_pixel_size(tmp_path, he_png, model, monkeypatch):
     image = crop_png(he_png, tmp_path / "he.png")
     before = listing(tmp_path)
@@ -481,6 +486,7 @@ def test_protocol_that_needs_pixel_size(tmp_path, he_png, model, monkeypatch):
     assert {"cell_area_um2", "cytoplasm_dab_od_mean", "nucleus_hematoxylin_od_mean"} <= set(header)
 
 
+@pytest.mark.slow
 def test_cell_expansion_options(tmp_path, small_png, model, monkeypatch):
     out = tmp_path / "px"
     result = invoke(["count", small_png, "-o", out, "--cell-expansion-px", "3", *model, *FAST])

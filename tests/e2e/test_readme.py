@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from ..helpers import ROOT
 
 
@@ -27,6 +29,7 @@ def test_quickstart_counts_a_shipped_example_slide():
     assert (ROOT / slide).is_file()
 
 
+@pytest.mark.slow
 def test_wheel_ships_protocols_and_models(wheel):
     names = wheel.namelist()
     for protocol in (ROOT / "protocols").glob("*.toml"):

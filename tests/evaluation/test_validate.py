@@ -34,6 +34,7 @@ class DetectorWithFalseCells(LabelReadingDetector):
         return det
 
 
+@pytest.mark.slow
 def test_the_threshold_that_drops_the_false_cells_is_chosen(tmp_path):
     ann, n_cells = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     gt, paths = annotated_images(ann)
@@ -49,6 +50,7 @@ def test_the_threshold_that_drops_the_false_cells_is_chosen(tmp_path):
     assert len(above(predictions[name], 0.5)) == n_cells
 
 
+@pytest.mark.slow
 def test_validate_bundle_stores_the_threshold_and_figures(tmp_path, tiny_bundle):
     bundle_dir = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     weights = (bundle_dir / "weights.safetensors").read_bytes()
@@ -75,6 +77,7 @@ def test_missing_validation_images_fail_before_any_work(tmp_path):
         annotated_images(ann)
 
 
+@pytest.mark.slow
 def test_validation_takes_the_mask_threshold_from_the_protocol_as_counting_does(tiny_bundle):
     """A bundle's own mask threshold does not change validated cells, as it does not change counted ones
     (CellCounter.load takes the protocol's); an explicit one (scripts/validate_bundle.py --mask-threshold) does."""

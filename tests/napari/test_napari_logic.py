@@ -100,6 +100,7 @@ def test_slide_layer_data_is_a_lazy_multiscale_of_the_pyramid():
     assert kw["multiscale"] is False and png.shape == (256, 320, 3) and png.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_result_folder_layers(he_result):
     layers = _layers.result_layer_data(he_result)
     assert [(kw["name"], kind) for _, kw, kind in layers] == [
@@ -177,6 +178,7 @@ def test_get_reader_claims_results_and_slides_only(he_result, tmp_path):
 
 # --------------------------------------------------------------------------- the count run
 
+@pytest.mark.slow
 def test_run_count_writes_the_cli_result(png_result, tiny_bundle):
     assert (png_result / RESULT_MARKER).is_file() and not (png_result / _layers.REGION_FILE).exists()
     summary = json.loads((png_result / "summary.json").read_text())
@@ -191,6 +193,7 @@ def test_run_count_writes_the_cli_result(png_result, tiny_bundle):
     assert labels.shape == (256, 256) and labels.dtype == np.uint32 and labels.max() == summary["cell_count"]
 
 
+@pytest.mark.slow
 def test_run_count_on_a_region_of_a_slide_and_an_array(tmp_path, tiny_bundle):
     seen = []
     out = _run.run_count(_run.CountRequest(slide=EXAMPLES / "he_mosaic.ome.tif", protocol="he-nuclei",
@@ -236,6 +239,7 @@ def test_run_count_user_errors(tmp_path, tiny_bundle):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_widget_and_cli_count_the_same_cells(png_result, tiny_bundle, tmp_path):
     """The widget runs the pipeline of `cellseg count` (the slide's normalisation, the tissue U-Net on the
     detector's device): the same image gives the same cells.csv, byte for byte."""

@@ -57,6 +57,7 @@ def test_regions_of_a_counted_box_are_shifted_onto_it(tmp_path):
     assert regions.geometries[0].bounds == pytest.approx((20.5, 10.5, 80.5, 60.5))
 
 
+@pytest.mark.slow
 def test_run_count_counts_inside_drawn_regions(tmp_path, tiny_bundle):
     image = DATA / "dsb_fluo.png"
     geojson = _regions.shapes_to_geojson([np.array([[0, 0], [0, 127], [255, 127], [255, 0]])], ["rectangle"],

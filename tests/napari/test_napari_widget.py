@@ -25,6 +25,7 @@ from ..helpers import DATA, EXAMPLES  # noqa: E402
 PLUGIN = "cellseg-toolkit"
 
 
+@pytest.mark.slow
 def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):
     viewer = make_napari_viewer()
     layers = viewer.open(he_result, plugin=PLUGIN)
@@ -62,6 +63,7 @@ def test_reader_layers_in_the_viewer(make_napari_viewer, he_result):
     assert 0 < slide.data[0].pixels_read < 4096 * 4096 // 8
 
 
+@pytest.mark.slow
 def test_widget_counts_a_small_image_and_the_table_drives_the_view(make_napari_viewer, qtbot, tiny_bundle,
                                                                      tmp_path):
     from PIL import Image
@@ -121,6 +123,7 @@ def test_widget_counts_a_small_image_and_the_table_drives_the_view(make_napari_v
     assert len(np.unique(rgb, axis=0)) > 20
 
 
+@pytest.mark.slow
 def test_widget_counts_a_drawn_rectangle_and_can_cancel(make_napari_viewer, qtbot, tiny_bundle, tmp_path):
     viewer = make_napari_viewer()
     slide, = viewer.open(EXAMPLES / "he_mosaic.ome.tif", plugin=PLUGIN)
@@ -164,6 +167,7 @@ def test_widget_counts_a_drawn_rectangle_and_can_cancel(make_napari_viewer, qtbo
     shutil.rmtree(tmp_path / "roi.cellseg")
 
 
+@pytest.mark.slow
 def test_widget_is_discovered_by_napari(make_napari_viewer):
     viewer = make_napari_viewer()
     dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Count cells")
@@ -171,6 +175,7 @@ def test_widget_is_discovered_by_napari(make_napari_viewer):
     assert widget.protocol_combo.count() >= 2
 
 
+@pytest.mark.slow
 def test_regions_open_as_shapes_and_are_counted_in_and_saved(make_napari_viewer, tmp_path):
     from cellseg.planning import load_regions
     viewer = make_napari_viewer()

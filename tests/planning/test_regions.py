@@ -84,6 +84,7 @@ def test_qupath_annotations_are_read_with_names_and_holes(caplog):
     assert "1 detection object(s)" in caplog.text      # not a region, and said so
 
 
+@pytest.mark.slow
 def test_cells_outside_every_region_are_left_out_and_densities_are_right(tmp_path, monkeypatch):
     slide, labels = make_slide(tmp_path)
     reads = []
@@ -112,6 +113,7 @@ def test_cells_outside_every_region_are_left_out_and_densities_are_right(tmp_pat
     assert reads and all(union.intersects(shapely.box(b.col0, b.row0, b.col1, b.row1)) for b in reads)
 
 
+@pytest.mark.slow
 def test_tiles_outside_every_region_are_never_read(tmp_path, monkeypatch):
     slide, labels = make_slide(tmp_path)
     small = tmp_path / "small.geojson"
@@ -130,6 +132,7 @@ def test_tiles_outside_every_region_are_never_read(tmp_path, monkeypatch):
     assert inside.all() and len(cells) > 0
 
 
+@pytest.mark.slow
 def test_seam_rule_unchanged_at_region_borders(tmp_path):
     slide, labels = make_slide(tmp_path, n=160, seed=5)
     _, a = count(tmp_path, slide, labels, "a", tile=64, halo=16)
@@ -179,6 +182,7 @@ def test_bad_regions_files_fail_in_one_line_or_are_repaired(tmp_path, caplog):
     assert regions.geometries[0].is_valid and regions.geometries[0].area == pytest.approx(5000)
 
 
+@pytest.mark.slow
 def test_dask_counts_the_same_cells_in_regions(tmp_path):
     pytest.importorskip("distributed")
     from cellseg.run import count_on_dask

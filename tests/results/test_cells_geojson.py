@@ -29,6 +29,7 @@ def count(tmp_path, labels, name="r", mpp=None, **protocol):
     return out
 
 
+@pytest.mark.slow
 def test_random_masks_become_valid_polygons_of_their_pixels():
     rng = np.random.default_rng(0)
     for _ in range(500):
@@ -50,6 +51,7 @@ def test_a_ring_keeps_its_hole():
     assert poly.bounds == (20, 10, 27, 17)          # x = column, y = row, pixel edges
 
 
+@pytest.mark.slow
 def test_round_trip_same_ids_areas_and_measurements(tmp_path):
     labels = random_cells(160, 192, 12, 90, seed=4)
     out = count(tmp_path, labels, mpp=0.25)
@@ -74,6 +76,7 @@ def test_round_trip_same_ids_areas_and_measurements(tmp_path):
     np.testing.assert_allclose(shapely.get_y(c) - 0.5, cells["centroid_row_px"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_um_columns_are_left_out_without_a_pixel_size(tmp_path):
     labels = random_cells(96, 96, 10, 20, seed=1)
     out = count(tmp_path, labels)
@@ -81,6 +84,7 @@ def test_um_columns_are_left_out_without_a_pixel_size(tmp_path):
     assert "area_px" in props and "area_um2" not in props        # NaN is not JSON: left out
 
 
+@pytest.mark.slow
 def test_grown_cells_are_qupath_cells_with_their_nucleus(tmp_path):
     labels = random_cells(128, 128, 10, 40, seed=2)
     out = count(tmp_path, labels, cell_expansion_px=4.0)
@@ -94,6 +98,7 @@ def test_grown_cells_are_qupath_cells_with_their_nucleus(tmp_path):
     assert shapely.covers(grown, nuclei).all()
 
 
+@pytest.mark.slow
 def test_gzipped_above_the_protocol_size(tmp_path):
     labels = random_cells(96, 96, 10, 20, seed=1)
     out = count(tmp_path, labels, geojson_gzip_above_mb=0.0)

@@ -308,6 +308,7 @@ def _placed_crops(draw):
     return crop, row0, col0, height, width
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(_placed_crops())
 @example((np.ones((5, 4), bool), 0, 0, 5, 4))                       # the whole image

@@ -68,6 +68,7 @@ def test_warnings_say_why_a_number_may_be_wrong():
     assert slide_warnings({**good, "min_tissue_fraction": 0.005}, {}, spread, grid) == []
 
 
+@pytest.mark.slow
 def test_report_command_rebuilds_slide_and_cohort_reports(he_result, tmp_path):
     results = tmp_path / "results"
     for name in ("a", "b"):
@@ -90,6 +91,7 @@ def test_report_of_a_folder_without_results_is_one_line(tmp_path):
     assert_user_error(invoke(["report", tmp_path]), 1, "result folder", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_crops_left_out_when_the_slide_is_gone(he_result, tmp_path):
     folder = tmp_path / "moved"
     shutil.copytree(he_result, folder)

@@ -65,6 +65,7 @@ def by_position(table: pd.DataFrame) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
+@pytest.mark.slow
 def test_expanded_cells_are_the_same_at_two_tile_sizes_and_untiled(tmp_path):
     nuclei = random_cells(300, 260, max_diameter=18, n=450, seed=7)
     mask = np.random.default_rng(2).random((30, 26)) < 0.75            # coarse tissue: 10 x 10 px per mask pixel
@@ -88,6 +89,7 @@ def test_expanded_cells_are_the_same_at_two_tile_sizes_and_untiled(tmp_path):
     np.testing.assert_allclose(table["nucleus_cell_area_ratio"], table["area_px"] / table["cell_area_px"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_tile_row_waits_for_the_nuclei_rows_further_down(tmp_path):
     """Tiles of 32 px with an 8 px halo and D = 30 px: a nucleus of row 0 (at row 28) and one of row 2 (at row 70)
     share the gap between them, with nothing in row 1; row 0's cells can only be drawn once row 2's nuclei are
@@ -102,6 +104,7 @@ def test_a_tile_row_waits_for_the_nuclei_rows_further_down(tmp_path):
     assert grown[49, 20] == 1 and grown[50, 20] == 2            # the midline between rows 28 and 70
 
 
+@pytest.mark.slow
 def test_only_the_nuclei_rows_still_needed_are_held(tmp_path, monkeypatch):
     """Memory stays flat in the slide's height: 2k + 1 tile rows of nuclei at most (k = 1 here), not the slide's 12."""
     held = []
@@ -118,6 +121,7 @@ def test_only_the_nuclei_rows_still_needed_are_held(tmp_path, monkeypatch):
     assert len(held) > 12 and max(held) == 3
 
 
+@pytest.mark.slow
 def test_expansion_leaves_the_nuclei_and_their_ids_as_they_were(tmp_path):
     nuclei = random_cells(200, 180, max_diameter=16, n=250, seed=9)
     _, plain = count(tmp_path, "plain", nuclei, 64, 16)
@@ -133,6 +137,7 @@ def test_expansion_leaves_the_nuclei_and_their_ids_as_they_were(tmp_path):
     assert sorted(p.name for p in grown.iterdir() if not p.name.startswith(".")) == sorted(result_files(True))
 
 
+@pytest.mark.slow
 def test_cell_labels_share_the_nuclei_geometry_and_the_overlay_outlines_both(tmp_path):
     patch = random_cells(150, 140, max_diameter=16, n=150, seed=4)       # 4 x 5 patches, ids kept distinct
     nuclei = np.block([[np.where(patch > 0, patch + 1000 * (5 * i + j), 0) for j in range(5)] for i in range(4)])
@@ -153,6 +158,7 @@ def test_cell_labels_share_the_nuclei_geometry_and_the_overlay_outlines_both(tmp
     assert "expand" in summary["seconds"]
 
 
+@pytest.mark.slow
 def test_nuclei_only_counts_draw_no_cells(tmp_path):
     nuclei = random_cells(100, 120, max_diameter=16, n=60, seed=1)
     summary, out = count(tmp_path, "plain", nuclei, 64, 16)
@@ -162,6 +168,7 @@ def test_nuclei_only_counts_draw_no_cells(tmp_path):
     assert summary["cell_expansion_px"] == 0 and summary["cell_area_px"] is None and "expand" not in summary["seconds"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality, channels", [("fluorescence", 1), ("brightfield", 3)])
 def test_zero_cells_give_the_same_columns(tmp_path, modality, channels):
     empty = np.zeros((96, 80), np.int32)
@@ -176,6 +183,7 @@ def test_zero_cells_give_the_same_columns(tmp_path, modality, channels):
         assert {"cytoplasm_dab_od_mean", "nucleus_hematoxylin_od_mean"} <= set(expected)
 
 
+@pytest.mark.slow
 def test_dab_rings_are_measured_in_the_cytoplasm_across_tiles(tmp_path):
     """An IHC-like brightfield slide: hematoxylin nuclei (OD 0.5) on a grid crossing the tile seams, every other one
     inside a DAB ring (OD 0.4) wider than the expansion; the pipeline's cytoplasm DAB tells them apart."""

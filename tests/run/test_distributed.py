@@ -67,6 +67,7 @@ def one_process(spec, slide: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_distributed_count_equals_one_process_at_any_band_size(tmp_path, cluster, slides):
     paths, labels = slides
     loads = tmp_path / "loads.txt"
@@ -99,6 +100,7 @@ def json_summary(folder: Path, name: str = "summary.json") -> dict:
     return json.loads((folder / name).read_text())
 
 
+@pytest.mark.slow
 def test_detection_runs_where_the_gpu_resource_is_and_merging_anywhere(tmp_path, slides):
     """A cluster of a worker offering GPU=1 and one offering nothing: plan and band tasks (which load the
     counter) all run on the first; the result is still the one-process result."""
@@ -121,6 +123,7 @@ def test_detection_runs_where_the_gpu_resource_is_and_merging_anywhere(tmp_path,
     assert_same_result(one_process(spec, paths[0], tmp_path / "one"), jobs[0][1])
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_time_not_results(tmp_path, cluster, slides):
     paths, labels = slides
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2, seconds_per_tile=0.05)
@@ -152,6 +155,7 @@ def test_a_killed_worker_costs_time_not_results(tmp_path, cluster, slides):
         assert killed[0] not in client.run(os.getpid).values()
 
 
+@pytest.mark.slow
 def test_a_slide_failing_in_a_task_fails_alone(tmp_path, cluster, slides):
     """A slide whose pixel data is corrupt (it opens; its tiles do not decode) fails with its one-line error; the
     slides before and after it are counted, and nothing of the failed one is left behind."""
@@ -180,6 +184,7 @@ def corrupt_tiff(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_workers_count_like_one_process_and_report_a_bad_slide(tmp_path, tiny_bundle, capfd):
     """`cellseg count A B BAD --workers 2`: the tiny Mask R-CNN on a local cluster gives the cells of the
     single-process command; the bad slide is an error row of summary.csv (one line on stderr, no worker log), the
@@ -223,6 +228,7 @@ def test_cli_workers_and_scheduler_together_is_a_usage_error(tmp_path):
     assert "--workers" in result.stderr and "--scheduler" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_scheduler_is_one_line(tmp_path, tiny_bundle, monkeypatch):
     import cellseg.run.distributed
     monkeypatch.setattr(cellseg.run.distributed, "CONNECT_TIMEOUT", "1s")
@@ -232,6 +238,7 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, tiny_bundle, monkeypatch
     assert listing(tmp_path) == {"a.png"}
 
 
+@pytest.mark.slow
 def test_the_spec_settings_are_the_loaded_counters(tiny_bundle):
     """What the client fingerprints a journal with (no network built) equals what a worker's counter says."""
     spec = CounterSpec(load_protocol("fluorescence-nuclei").replace(model=str(tiny_bundle)), "cpu", mpp=0.5)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellseg.cells import SeamMerger, label_tile, measure_tile, nucleus_columns, owned_instances
 from cellseg.errors import ParameterError
-from cellseg.geometry import Box, Instances, TileDetections, plan_tiles
+from cellseg.geometry import Box, Instances, TileDetections, plan_tiles, seam_band_px
 from cellseg.planning import Protocol, choose_scale
 
 from ..helpers import LabelReadingDetector, count_with, random_cells, same_partition, tiny_model_config
@@ -35,18 +35,58 @@ def run(tmp_path: Path, labels: np.ndarray, tile: int, halo: int, shift_px: int 
     return summary, tifffile.imread(out / "labels.ome.tif"), out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def seams_in_memory(labels: np.ndarray, tile: int, halo: int, shift_px: int = 0) -> tuple[np.ndarray, int]:
+    """The seam rule alone (no slide, no files): every tile's detections of `labels` (LabelReadingDetector) ->
+    cells.owned_instances -> cells.SeamMerger, rows popped as run.merge_tiles pops them, the final nuclei painted
+    with ids 1, 2, ... Returns the label image and the number of final nuclei."""
+    p = Protocol(name="test", tile_size=tile, halo_px=halo, min_area_px=1, tissue_method="none")
+    tiles = plan_tiles(*labels.shape, tile, halo)
+    per_row = sum(t.grid_row == 0 for t in tiles)
+    detector = LabelReadingDetector(labels, shift_px)
+    merger = SeamMerger(p.dedupe_overlap, p.min_area_px)
+    out, count = np.zeros(labels.shape, np.int64), 0
+
+    def paint(final: Instances) -> None:
+        nonlocal count
+        for box, mask in zip(final.boxes, final.masks):
+            count += 1
+            region = out[box[0]:box[2], box[1]:box[3]]
+            assert not region[mask].any(), "final nuclei overlap"
+            region[mask] = count
+
+    for tile_spec in tiles:
+        det = detector.detect([np.zeros((1, *tile_spec.read.shape), np.float32)], [tile_spec])[0]
+        merger.add_tile(tile_spec, owned_instances(det, tile_spec, labels.shape, p.min_area_px, seam_band_px(halo)))
+        if tile_spec.grid_col == per_row - 1 and tile_spec.grid_row > 0:
+            paint(merger.pop_final(tile_spec.grid_row - 1))
+    paint(merger.pop_final(None))
+    return out, count
+
+
+@settings(max_examples=200, deadline=None)
 @given(height=st.integers(20, 200), width=st.integers(20, 200), tile=st.integers(16, 96),
        halo_fraction=st.floats(0.25, 0.5), seed=st.integers(0, 10_000))
-def test_tiled_ground_truth_comes_back_exactly(tmp_path_factory, height, width, tile, halo_fraction, seed):
+def test_the_seam_rule_gives_a_tiled_ground_truth_back_exactly(height, width, tile, halo_fraction, seed):
+    """Ownership + seam merge, in memory: whatever the slide, tile and halo sizes, every nucleus comes back once,
+    with exactly its pixels."""
     halo = max(4, int(tile * halo_fraction))
     labels = random_cells(height, width, max_diameter=halo, n=height * width // 150, seed=seed)
-    summary, out_labels, _ = run(tmp_path_factory.mktemp("gt"), labels, tile, halo)
+    out, count = seams_in_memory(labels, tile, halo)
+    assert count == len(np.unique(labels[labels > 0]))
+    assert same_partition(labels, out)
+
+
+def test_a_tiled_ground_truth_comes_back_exactly_through_the_pipeline(tmp_path):
+    """The same invariant end to end (slide file -> result folder), on one case with seams in both directions and
+    a halo near its lower bound; the in-memory test above covers the sizes."""
+    labels = random_cells(173, 151, max_diameter=12, n=173 * 151 // 150, seed=7)
+    summary, out_labels, _ = run(tmp_path, labels, 40, 12)
     assert out_labels.shape == labels.shape and out_labels.dtype == np.uint32
-    assert summary["cell_count"] == len(np.unique(labels[labels > 0]))
+    assert summary["cell_count"] == len(np.unique(labels[labels > 0])) > 100
     assert same_partition(labels, out_labels)
 
 
+@pytest.mark.slow
 def test_untiled_and_tiled_give_the_same_cells(tmp_path):
     labels = random_cells(300, 260, max_diameter=20, n=600, seed=3)
     results = [run(tmp_path / f"t{t}", labels, t, 24)[1] for t in (48, 64, 100)]
@@ -56,6 +96,7 @@ def test_untiled_and_tiled_give_the_same_cells(tmp_path):
     assert same_partition(labels, whole)
 
 
+@pytest.mark.slow
 def test_cells_seen_differently_by_neighbours_are_kept_once(tmp_path):
     """Masks moved by 1 px (diagonally) in opposite directions in neighbouring tiles: a cell on a seam gets its centroid
     in both cores, so ownership alone counts it twice; the seam-band dedupe must keep one."""
@@ -197,6 +238,7 @@ def test_choose_scale_sources():
         choose_scale(15.0, 500.0, p, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("diameter", [30.0, 8.0])
 def test_resampled_tiles_still_give_the_ground_truth_back(tmp_path, diameter):
     """At scale != 1 tiles are planned in slide px (tile/scale, halo/scale) and the network gets resampled
@@ -210,6 +252,7 @@ def test_resampled_tiles_still_give_the_ground_truth_back(tmp_path, diameter):
     assert same_partition(labels, out_labels)
 
 
+@pytest.mark.slow
 def test_the_tiny_bundle_finds_the_same_cells_at_two_tile_sizes(tmp_path, tiny_bundle):
     """The real network through the whole pipeline (CellCounter.load: calibration, owned-region filter, masks at
     slide resolution) at tile sizes 256 and 512. Each layout is one tile that reads the whole 256 x 256 field, so the
@@ -233,6 +276,7 @@ def test_the_tiny_bundle_finds_the_same_cells_at_two_tile_sizes(tmp_path, tiny_b
     assert cells_a == cells_b and np.array_equal(labels_a, labels_b)
 
 
+@pytest.mark.slow
 def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
     """The shipped network on a real field cut into 16 tiles with seams through its nuclei, and in one tile: the
     halo gives each cell its context and the seam rule keeps it once, so the same cells come back (a trained
@@ -273,6 +317,7 @@ def test_detector_pastes_at_slide_resolution_when_resampled():
     assert tile.read.shape == (128, 128)
 
 
+@pytest.mark.slow
 def test_diameter_auto_measures_the_nuclei_first(tmp_path):
     labels = random_cells(300, 300, max_diameter=44, n=300, seed=8)
     summary, out_labels, _ = run(tmp_path, labels, 96, 48,
@@ -293,6 +338,7 @@ def test_nuclear_channel_is_found_by_name(tmp_path):
         assert model_channel(Protocol(name="t", channel=2), slide) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [48, 96, 160])
 def test_the_slide_normalisation_is_measured_on_the_same_windows_whatever_the_tile_size(tmp_path, tile):
     labels = random_cells(300, 420, max_diameter=16, n=300, seed=4)

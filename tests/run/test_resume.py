@@ -89,6 +89,7 @@ def uninterrupted_then_interrupted(spec: LabelCounterSpec, slide: Path, folder: 
     return reference, folder / "out", interrupted(spec, slide, folder / "out", tiles)
 
 
+@pytest.mark.slow
 def test_a_resumed_count_detects_only_the_missing_bands_and_equals_an_uninterrupted_one(tmp_path, slide):
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
@@ -137,6 +138,7 @@ def test_a_journal_of_another_run_is_refused_in_one_line(tmp_path, slide, change
     assert {p.name: p.read_bytes() for p in partial.iterdir() if p.is_file()} == before    # left as it was
 
 
+@pytest.mark.slow
 def test_complete_results_are_skipped_on_resume_and_reported(tmp_path, slide, tiny_bundle):
     """Two inputs counted, then the same command with --resume: nothing is counted again, both are reported as
     skipped and summary.csv still lists both. A result of another protocol is not taken for this one's."""
@@ -209,6 +211,7 @@ def test_a_journal_held_by_a_running_count_is_refused(tmp_path, slide):
     assert not partial_folder(out).exists()      # ended without a result or an error: nothing kept
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_slide_then_resume(tmp_path, tiny_bundle):
     """A real `cellseg count` process killed with SIGKILL while it counts; `--resume` then reads back the bands it
     finished, detects the rest, and writes the result of an uninterrupted run."""
@@ -243,6 +246,7 @@ def test_sigkill_in_the_middle_of_a_slide_then_resume(tmp_path, tiny_bundle):
     assert_same_result(tmp_path / "uninterrupted", out)
 
 
+@pytest.mark.slow
 def test_a_serial_journal_is_resumed_on_dask(tmp_path, slide):
     import distributed
 

@@ -167,6 +167,7 @@ def test_dicom_of_another_modality_is_refused(tmp_path):
         open_slide(tmp_path / "ct.dcm")
 
 
+@pytest.mark.slow
 def test_dicom_counts_end_to_end_on_the_command_line(tmp_path, tiny_bundle):
     folder = shutil.copytree(DICOM, tmp_path / "case_17")
     result = invoke(["count", folder, "--model", tiny_bundle, *FAST])
@@ -251,6 +252,7 @@ def test_czi_brightfield_scenes_read_in_place(tmp_path):
         assert thumb.shape == (32, 37, 3) and factor == 10
 
 
+@pytest.mark.slow
 def test_czi_fluorescence_channels_by_name(tmp_path):
     labels = cell_grid(100, 130)
     dapi = np.where(labels > 0, 3000, 200).astype(np.uint16)
@@ -266,6 +268,7 @@ def test_czi_fluorescence_channels_by_name(tmp_path):
     assert summary["model_channel"] == 1 and summary["mpp"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_czi_brightfield_counted_end_to_end(tmp_path):
     labels = cell_grid(150, 170)
     path = write_czi(tmp_path / "he.czi", {(0, 0, 0): (he_like(labels), (0, 0))}, mpp_um=0.5)
@@ -311,6 +314,7 @@ def test_truncated_czi_is_one_line_exit_1_nothing_written(tmp_path, tiny_bundle,
 
 # --- OME-Zarr through zarr ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_levels_channels_and_pixel_size(tmp_path, version):
     rng = np.random.default_rng(3)
@@ -348,6 +352,7 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
         assert s.info.levels == ((32, 48),) and any("series 0" in d for d in s.info.details)
 
 
+@pytest.mark.slow
 def test_ome_zarr_counted_end_to_end_with_the_nuclear_channel(tmp_path):
     labels = cell_grid(140, 120)
     other = np.where(cell_grid(140, 120, pitch=17, radius=4) > 0, 250, 0).astype(np.uint8)  # other cells elsewhere
@@ -377,6 +382,7 @@ def test_corrupt_ome_zarr_is_one_line_exit_1_nothing_written(tmp_path, tiny_bund
 
 # --- cellseg info ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_info_says_what_cellseg_sees(tmp_path):
     data = np.zeros((2, 600, 700), np.uint16)
     path = write_ome_zarr(tmp_path / "big.ome.zarr", data, "cyx", names=["DAPI", "GFP"], mpp=0.4)
@@ -433,6 +439,7 @@ def test_napari_reader_opens_every_format_lazily(tmp_path):
     assert get_reader(str(tmp_path / "notes")) is None
 
 
+@pytest.mark.slow
 def test_concurrent_region_reads_in_every_backend(tmp_path):
     """The pipeline reads tiles in a thread of its own and napari in several: every backend must allow it."""
     from concurrent.futures import ThreadPoolExecutor

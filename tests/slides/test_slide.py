@@ -263,6 +263,7 @@ def test_thumbnail_uses_smallest_sufficient_pyramid_level(tmp_path):
         assert (thumb == 7).all()
 
 
+@pytest.mark.slow
 def test_big_tiled_tiff_is_read_lazily(tmp_path):
     """An 8000 x 8000 uint8 slide (64 MB of pixels) opens, reads a region and a thumbnail in a
     few MB: nothing ever loads the whole image."""

@@ -83,6 +83,7 @@ def _intact_cells(tmp_path, path) -> np.ndarray:
 BAD_BOX = [BAD[0] * TILE, BAD[1] * TILE, (BAD[0] + 1) * TILE, (BAD[1] + 1) * TILE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["zlib", "zstd", "jpeg"])
 def test_a_damaged_tile_is_left_out_with_skip_unreadable(tmp_path, compression):
     path, labels = _slide(tmp_path, compression)
@@ -105,6 +106,7 @@ def test_a_damaged_tile_is_left_out_with_skip_unreadable(tmp_path, compression):
     assert "unreadable region" in page and f"rows {BAD_BOX[0]}:{BAD_BOX[2]} cols {BAD_BOX[1]}:{BAD_BOX[3]}" in page
 
 
+@pytest.mark.slow
 def test_a_damaged_tile_stops_the_count_by_default_and_keeps_the_bands(tmp_path, monkeypatch):
     # As on a big slide: the thumbnail comes from an intact lower level, so the count meets the bad tile mid-run.
     # (and the normalisation windows, read before any band, small: a few cells each)
@@ -131,6 +133,7 @@ def test_a_damaged_tile_stops_the_count_by_default_and_keeps_the_bands(tmp_path,
     assert [r["box"] for r in resumed.summary["unreadable"]] == [[256, 64, 320, 128]]
 
 
+@pytest.mark.slow
 def test_cli_default_error_then_skip_unreadable_warns_and_exits_0(tmp_path, tiny_bundle):
     path, _ = _slide(tmp_path, "zlib")
     _damage(path, BAD)
@@ -160,6 +163,7 @@ def test_a_damaged_lower_level_is_read_from_level_0(tmp_path):
         assert np.array_equal(thumb[64:, :, 0], image[::4, ::4][64:])     # the intact tiles as written
 
 
+@pytest.mark.slow
 def test_a_damaged_ome_zarr_chunk_is_left_out(tmp_path):
     labels = random_cells(192, 192, 12, 150, seed=5)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
@@ -180,6 +184,7 @@ def test_a_damaged_ome_zarr_chunk_is_left_out(tmp_path):
     assert outcome.summary["cell_count"] == len(_outside(intact, box)) < len(intact)
 
 
+@pytest.mark.slow
 def test_brightfield_with_grown_cells_counts_around_a_damaged_tile(tmp_path):
     """RGB JPEG tiles, he-nuclei (nuclei grown into cells: expansion reads context around each tile, measurement
     reads stain densities): the damaged tile is left out and every other cell is grown and measured."""

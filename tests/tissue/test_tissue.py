@@ -76,6 +76,7 @@ def test_otsu_finds_the_cells_and_not_the_glass():
     assert mask[12:28, 12:38].all() and mask[40:].sum() == 0
 
 
+@pytest.mark.slow
 def test_background_tiles_are_skipped_and_no_cell_is_lost(tmp_path):
     labels = cells_in_corner()
     image = fluorescence_slide(labels)
@@ -97,6 +98,7 @@ def test_background_tiles_are_skipped_and_no_cell_is_lost(tmp_path):
     assert png[: png.shape[0] // 5, : png.shape[1] // 5].mean() > 200 and png[-10:, -10:].max() == 0
 
 
+@pytest.mark.slow
 def test_panoptic_image_combines_tissue_and_cells(tmp_path):
     labels = cells_in_corner()
     summary, out, _ = count(tmp_path, labels, fluorescence_slide(labels), "otsu")
@@ -146,6 +148,7 @@ def test_protocol_tissue_settings_are_checked(tmp_path):
         TissueFinder("magic")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["glass", "dark"])
 def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_path, tiny_bundle, kind):
     from click.testing import CliRunner
@@ -171,6 +174,7 @@ def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_pat
     assert "no tissue" in summary["cells_per_mm2_note"]
 
 
+@pytest.mark.slow
 def test_unet_keeps_the_tiles_with_cells_and_skips_the_glass(tmp_path):
     labels = cells_in_corner(size=1024, corner=300)
     summary, out, seen = count(tmp_path, labels, fluorescence_slide(labels), "unet", tile=128, halo=16)

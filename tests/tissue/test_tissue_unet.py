@@ -335,6 +335,7 @@ def _disc_pool(n: int = 4, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
+@pytest.mark.slow
 def test_the_tissue_recipe_trains_in_cellsegs_loop_and_resumes(tmp_path):
     """references/tissue/train_tissue_unet.py's U-Net task in cellseg.training.loop: the loss falls, the run stops and
     resumes from its checkpoint, and its bundle loads."""

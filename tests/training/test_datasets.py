@@ -126,6 +126,7 @@ def test_acquisition_clustering_is_by_key_and_features():
     assert groups[ims[0].key] != groups[ims[3].key]
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_only_on_the_training_side(two_datasets, tmp_path, monkeypatch):
     """A tiny network trained by the recipe: it reads no held-out image, and its split keeps groups whole."""
     import references.nuclei.recipe as recipe

@@ -40,6 +40,7 @@ def test_masks_cross_processes_bit_packed_and_come_back_equal():
         assert back.dtype == torch.uint8 and torch.equal(back, masks)
 
 
+@pytest.mark.slow
 def test_crop_workers_train_like_the_main_process(tmp_path):
     """Crops made by DataLoader worker processes (a GPU run's --workers) reach the network intact."""
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
@@ -58,6 +59,7 @@ def test_sample_crop_without_cells():
         assert image.shape == (3, 96, 96) and target["masks"].shape == (0, 96, 96)
 
 
+@pytest.mark.slow
 def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
     ann, n_cells = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     items, classes = load_coco(ann)
@@ -78,6 +80,7 @@ def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
     load_network(bundle)      # weights load into the architecture the card describes
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(tmp_path):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     items, classes = load_coco(ann)
@@ -96,6 +99,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_")
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
     import cellseg.training.crops as crops_module
     from cellseg.errors import TrainingInterrupted
@@ -121,6 +125,7 @@ def test_ctrl_c_keeps_what_was_learnt_and_resume_goes_on(tmp_path, monkeypatch):
     assert load_bundle(out).card["training"]["finished"] is True
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_under_way_and_saves_it(tmp_path, monkeypatch):
     """scripts/train_long.sh stops its background run (which ignores Ctrl-C) with SIGTERM: the step under way is
     finished and saved, not lost with up to 10 minutes of training."""
@@ -148,6 +153,7 @@ def test_sigterm_stops_after_the_step_under_way_and_saves_it(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is before       # the handler is the loop's only while it runs
 
 
+@pytest.mark.slow
 def test_sample_weights_decide_which_images_are_drawn(tmp_path, monkeypatch):
     import cellseg.training.crops as crops_module
     from cellseg.errors import CellsegError
@@ -223,6 +229,7 @@ def test_cli_train_checks_val_before_training(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     out = tmp_path / "b"
@@ -239,6 +246,7 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
     assert bundle.card["training"]["lr"] == 3e-4                    # from random weights
 
 
+@pytest.mark.slow
 def test_cli_fine_tuning_defaults_to_a_lower_learning_rate(tmp_path, tiny_bundle):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--init", tiny_bundle, "--steps", 1,
@@ -304,6 +312,7 @@ def _train_lrs(monkeypatch, run) -> list[float]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_bf16_and_fp32_training_steps_give_finite_losses_of_one_order(tmp_path, precision):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
@@ -347,6 +356,7 @@ def test_precision_flags_come_from_cpuinfo(tmp_path):
     assert cpu_flags(tmp_path / "missing") == set()
 
 
+@pytest.mark.slow
 def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_path, monkeypatch):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     items, classes = load_coco(ann)
@@ -397,6 +407,7 @@ def test_the_schedule_warms_up_then_follows_steps_or_time_whichever_is_further()
     assert timed.finished(20, 60.0) and not timed.finished(20, 59.0)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
     """A checkpoint written before loss parts were named (and by the single-module trainer: the same keys) still
     resumes, and its log names the parts by position."""
