@@ -271,6 +271,7 @@ def test_find_bundle_accepts_folder_or_its_model_toml(saved):
 
 # --- thresholds per modality ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
     """A protocol without its own threshold runs at its modality's tuned threshold (TTA's own when asked), else
     the bundle's default; the protocol's explicit threshold wins."""
@@ -296,6 +297,7 @@ def test_bad_threshold_table_is_one_line(bundle_copy):
         load_bundle(bundle_copy)
 
 
+@pytest.mark.slow
 def test_interpolated_weights_are_the_weighted_mean_and_the_card_keeps_every_stage(tmp_path):
     from cellseg.bundles import interpolate_bundles
     cfg = tiny_model_config()

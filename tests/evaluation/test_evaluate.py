@@ -314,6 +314,7 @@ def test_result_folder_is_read_through_its_predictions(tmp_path):
     assert (r.pooled["tp"], r.pooled["fn"]) == (3, 2)
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_plot_and_table(tmp_path):
     gt = write_labels(tmp_path / "gt.tif", SHAPE, grid(5))
     pred = write_pred(tmp_path / "pred.json", SHAPE, grid(4) + [rect(30, 50, 5, 5, 0.4)])
@@ -330,6 +331,7 @@ def test_cli_writes_metrics_plot_and_table(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_image.csv", "threshold_sweep.png"]
 
 
+@pytest.mark.slow
 def test_cli_never_overwrites_files_it_did_not_write(tmp_path):
     gt = write_labels(tmp_path / "gt.tif", SHAPE, grid(5))
     pred = write_pred(tmp_path / "pred.json", SHAPE, grid(4))

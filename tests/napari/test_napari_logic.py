@@ -367,6 +367,7 @@ def test_sample_data_are_the_example_slides():
         assert kind == "image" and (data[0] if kwargs["multiscale"] else data).shape == expect
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_manifest_and_sample_slides(wheel):
     names = wheel.namelist()
     assert "cellseg_napari/napari.yaml" in names and "cellseg_napari/_widget.py" in names

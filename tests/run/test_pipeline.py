@@ -63,7 +63,7 @@ def seams_in_memory(labels: np.ndarray, tile: int, halo: int, shift_px: int = 0)
     return out, count
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(height=st.integers(20, 200), width=st.integers(20, 200), tile=st.integers(16, 96),
        halo_fraction=st.floats(0.25, 0.5), seed=st.integers(0, 10_000))
 def test_the_seam_rule_gives_a_tiled_ground_truth_back_exactly(height, width, tile, halo_fraction, seed):
@@ -76,6 +76,7 @@ def test_the_seam_rule_gives_a_tiled_ground_truth_back_exactly(height, width, ti
     assert same_partition(labels, out)
 
 
+@pytest.mark.slow
 def test_a_tiled_ground_truth_comes_back_exactly_through_the_pipeline(tmp_path):
     """The same invariant end to end (slide file -> result folder), on one case with seams in both directions and
     a halo near its lower bound; the in-memory test above covers the sizes."""
@@ -128,6 +129,7 @@ def test_cells_seen_differently_by_neighbours_are_kept_once(tmp_path):
     assert summary_off["cell_count"] > n
 
 
+@pytest.mark.slow
 def test_result_files_and_summary(tmp_path):
     labels = random_cells(150, 170, max_diameter=16, n=200, seed=1)
     summary, _, out = run(tmp_path, labels, 64, 20)

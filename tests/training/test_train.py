@@ -186,6 +186,7 @@ def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
     assert torch.equal(two.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
@@ -332,6 +333,7 @@ def test_bf16_and_fp32_training_steps_give_finite_losses_of_one_order(tmp_path, 
     assert losses[precision][0] == pytest.approx(losses["fp32"][0], rel=0.1)
 
 
+@pytest.mark.slow
 def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
     import cellseg.detection.precision as precision
     from cellseg.detection import resolve_precision
