@@ -1,13 +1,14 @@
-"""The README's two set-up commands stay true: CI runs the same test command; the example exists;
-protocols ship inside the wheel, not only in a checkout."""
+"""The README's two set-up commands stay true: CI runs the same test command; the quickstart counts the cells the
+README says it does; protocols, models and every module ship inside the wheel, not only in a checkout."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from ..helpers import ROOT
+from ..helpers import ROOT, invoke
 
 
 def readme_command(marker: str) -> str:
@@ -23,10 +24,26 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in readme_command("test-command")
 
 
-def test_quickstart_counts_a_shipped_example_slide():
+@pytest.mark.slow
+def test_quickstart_counts_the_cells_the_readme_shows(tmp_path):
+    """The quickstart's `cellseg count` on the shipped example, with the shipped model and defaults: the count the
+    README's worked example prints, and a cells.csv with a row per cell."""
+    import shutil
+
+    import pandas as pd
     command = readme_command("quickstart-command")
     slide = re.search(r"cellseg count (\S+)", command).group(1)
     assert (ROOT / slide).is_file()
+    shown = re.search(rf"\$ cellseg count {re.escape(slide)}\n{re.escape(slide)}: (\d+) cells ->",
+                      (ROOT / "README.md").read_text())
+    assert shown, "README.md's worked example shows no count of the quickstart slide"
+    copy = tmp_path / Path(slide).name
+    shutil.copy(ROOT / slide, copy)
+    result = invoke(["count", copy])
+    assert result.exit_code == 0, result.output
+    assert f"{copy}: {shown.group(1)} cells ->" in result.output
+    cells = pd.read_csv(copy.parent / "fluo_mosaic.cellseg" / "cells.csv")
+    assert len(cells) == int(shown.group(1)) and cells["cell_id"].is_unique
 
 
 @pytest.mark.slow
@@ -36,6 +53,8 @@ def test_wheel_ships_protocols_and_models(wheel):
         assert f"cellseg/protocols/{protocol.name}" in names
     for template in (ROOT / "cellseg" / "templates").glob("*.j2"):     # report.html's (cellseg/results/report.py)
         assert f"cellseg/templates/{template.name}" in names
+    for module in (ROOT / "cellseg").rglob("*.py"):      # every subpackage listed in pyproject's packages
+        assert module.relative_to(ROOT).as_posix() in names, module
     for bundle_file in (ROOT / "cellseg" / "models").glob("*/*"):
         if bundle_file.suffix in (".toml", ".safetensors", ".md"):
             assert f"cellseg/models/{bundle_file.parent.name}/{bundle_file.name}" in names

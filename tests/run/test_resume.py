@@ -232,7 +232,9 @@ def test_sigkill_in_the_middle_of_a_slide_then_resume(tmp_path, tiny_bundle):
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, stderr
     kept = done_bands(partial)
     assert 0 < len(kept) < 6 and not out.exists()
     refused = invoke(args)

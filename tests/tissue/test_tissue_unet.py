@@ -27,8 +27,17 @@ from cellseg.tissue.unet import (
     tissue_input,
 )
 
-torch.set_num_threads(1)
 TINY = TissueUNetConfig(base_channels=4, depth=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny nets run fastest on one thread; restored after each test, so that the tests that compare a
+    subprocess's arithmetic with this process's (test_resume, test_distributed) see torch's own thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_net(seed: int = 0, cfg: TissueUNetConfig = TINY) -> torch.nn.Module:
