@@ -1,44 +1,16 @@
 """Scoring predictions against ground truth: matching, COCO AP, counts, and bundle validation.
 
-The names below load their module on first use (PEP 562, as scikit-image does): importing one module of the
-package does not import the rest (torch, numpy), and `cellseg --help` stays instant."""
+The names below load their module on first use (lazy_loader, as scikit-image does): importing one module of
+the package does not import the rest (torch, numpy), and `cellseg --help` stays instant."""
 
-import importlib
+import lazy_loader
 
-_WHERE = {
-    "ImageMasks": "image_masks",
-    "VALIDATION_PROTOCOL": "validate",
-    "above": "validate",
-    "annotated_images": "validate",
-    "annotation_rle": "image_masks",
-    "box_pairs": "overlap",
-    "card_figures": "validate",
-    "coco_image_paths": "image_masks",
-    "coco_images": "image_masks",
-    "evaluate": "scoring",
-    "load_image_masks": "scoring",
-    "match": "scoring",
-    "pair_iou": "scoring",
-    "predict": "validate",
-    "read_coco_json": "image_masks",
-    "score": "validate",
-    "shared_images": "validate",
-    "summary_lines": "scoring",
-    "validate_bundle": "validate",
-    "validation_detector": "validate",
-    "write_report": "scoring",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "image_masks": ["ImageMasks", "annotation_rle", "coco_image_paths", "coco_images", "read_coco_json"],
+    "overlap": ["box_pairs"],
+    "scoring": ["evaluate", "load_image_masks", "match", "pair_iou", "summary_lines", "write_report"],
+    "validate": [
+        "VALIDATION_PROTOCOL", "above", "annotated_images", "card_figures", "predict", "score", "shared_images",
+        "validate_bundle", "validation_detector",
+    ],
+})

@@ -1,53 +1,20 @@
 """Before any detection: the protocol (every setting), the slide's plan (tiles, tissue, intensity,
 scale, windows), network input, and the annotated regions to count in.
 
-The names below load their module on first use (PEP 562, as scikit-image does): importing one module of the
-package does not import the rest (torch, numpy), and `cellseg --help` stays instant."""
+The names below load their module on first use (lazy_loader, as scikit-image does): importing one module of
+the package does not import the rest (torch, numpy), and `cellseg --help` stays instant."""
 
-import importlib
+import lazy_loader
 
-_WHERE = {
-    "IntensityRange": "intensity",
-    "NetworkInput": "plan",
-    "OneOf": "protocol",
-    "Protocol": "protocol",
-    "Range": "protocol",
-    "RegionFile": "regions",
-    "Regions": "regions",
-    "RegionsError": "regions",
-    "SCHEMA": "protocol",
-    "SETTINGS": "protocol",
-    "Scale": "plan",
-    "Setting": "protocol",
-    "SlidePlan": "plan",
-    "calibrate": "plan",
-    "calibration_windows": "plan",
-    "check_pixel_size": "protocol",
-    "choose_scale": "plan",
-    "list_protocols": "protocol",
-    "load_protocol": "protocol",
-    "load_regions": "regions",
-    "measure_diameter": "plan",
-    "measure_range": "intensity",
-    "model_channel": "plan",
-    "plan_slide": "plan",
-    "protocols_dir": "protocol",
-    "select_channels": "intensity",
-    "tile_geometry": "plan",
-    "tissue_pixels": "plan",
-    "to_network_input": "intensity",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "intensity": ["IntensityRange", "measure_range", "select_channels", "to_network_input"],
+    "plan": [
+        "NetworkInput", "Scale", "SlidePlan", "calibrate", "calibration_windows", "choose_scale", "measure_diameter",
+        "model_channel", "plan_slide", "tile_geometry", "tissue_pixels",
+    ],
+    "protocol": [
+        "OneOf", "Protocol", "Range", "SCHEMA", "SETTINGS", "Setting", "check_pixel_size", "list_protocols",
+        "load_protocol", "protocols_dir",
+    ],
+    "regions": ["RegionFile", "Regions", "RegionsError", "load_regions"],
+})
