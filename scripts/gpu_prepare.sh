@@ -2,7 +2,7 @@
 # Make what a lent GPU machine needs for the nuclei recipe, in .carry/ (ignored by git; see docs/gpu.md):
 #   .carry/train_data/      the split's training images (JPEG q95) + labels + split.json
 #                           (references/nuclei/pack_training_data.py)
-#   .carry/wheels_train/    cp312 wheels the machine lacks for training (tomli-w)
+#   .carry/wheels_train/    cp312 wheels the machine may lack for training (tomli-w, lazy-loader)
 #   .carry/wheels_bench/    ... and for benchmarks/run.py (zarr, numcodecs, pycocotools, OpenSlide, imagecodecs trimmed
 #                           to the codecs cellseg uses: the full wheel alone is 26 MB of the 64 MiB that may travel)
 # Then prints what each device call would send (the tracked tree + the carried folder) against the 64 MiB limit.
@@ -17,8 +17,8 @@ PLATFORM="--only-binary=:all: --no-deps --python-version 3.12 --implementation c
 for p in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux1_x86_64 manylinux_2_5_x86_64; do
     PLATFORM="$PLATFORM --platform $p"
 done
-python3 -m pip download -q $PLATFORM -d .carry/wheels_train "tomli-w==1.2.0"
-python3 -m pip download -q $PLATFORM -d .carry/wheels_bench "tomli-w==1.2.0" "zarr==3.1.6" "numcodecs==0.16.6" \
+python3 -m pip download -q $PLATFORM -d .carry/wheels_train "tomli-w==1.2.0" "lazy-loader==0.6"
+python3 -m pip download -q $PLATFORM -d .carry/wheels_bench "tomli-w==1.2.0" "lazy-loader==0.6" "zarr==3.1.6" "numcodecs==0.16.6" \
     "donfig==0.8.1.post1" "google-crc32c==1.9.0" "pycocotools==2.0.11" "openslide-python==1.4.7" \
     "openslide-bin==4.0.1.2" "imagecodecs==2026.3.6"
 
