@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -210,7 +211,24 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
         level = logging.getLogger("distributed").getEffectiveLevel()
         client.register_plugin(_WorkerLogLevel(level if level < logging.ERROR else logging.CRITICAL),
                                 name="cellseg-log-level")
+        client.register_plugin(_WorkerThreads(threads), name="cellseg-threads")
         yield client
+
+
+class _WorkerThreads(WorkerPlugin):
+    """A local worker's share of the cores for the network's threads, set in the worker itself: the pre-spawn
+    environment alone is not enough, because a worker forked from a process that an earlier cluster started (a
+    forkserver) keeps that cluster's environment, and a torch already imported keeps its thread count."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def setup(self, worker) -> None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(self.threads)         # for a torch imported later, by the first task
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(self.threads)
 
 
 class _WorkerLogLevel(WorkerPlugin):
