@@ -1,5 +1,5 @@
-"""The result folder's pictures: overlay.png (the slide's thumbnail with nucleus outlines, and cell outlines when
-nuclei are grown into cells) and area_histogram.png (nucleus areas)."""
+"""The result folder's overlay.png: the slide's thumbnail with nucleus outlines, and cell outlines when nuclei are
+grown into cells. (area_histogram.png is report_plots.histogram_png's, the report's own nucleus area plot.)"""
 
 from __future__ import annotations
 
@@ -60,33 +60,3 @@ def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Pa
         rgb[find_boundaries(labels, mode="inner")] = colour
     # Fast zlib level: a 2048² overlay takes ~0.3 s instead of ~4 s at PIL's default, for ~20 % more bytes.
     Image.fromarray(rgb).save(path, compress_level=1)
-
-
-def write_area_histogram(areas: np.ndarray, unit: str, path: Path) -> None:
-    """PNG histogram of nucleus `areas` (1-D, in `unit`: "µm²" or "px"), with the median marked. (The plot's labels
-    keep saying "cell area": that is what users have seen in area_histogram.png.)
-
-    Zero nuclei give an empty plot saying so, so the result folder always has the same files.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    areas = np.asarray(areas, dtype=np.float64).ravel()
-    areas = areas[np.isfinite(areas)]
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)  # Agg canvas without pyplot: no global state, no display needed
-    ax = fig.add_subplot()
-    if areas.size:
-        edges = np.histogram_bin_edges(areas, bins="auto")
-        bins = edges if len(edges) <= 101 else 100  # outliers can make "auto" absurdly fine
-        ax.hist(areas, bins=bins, color="#4878a8")
-        median = float(np.median(areas))
-        ax.axvline(median, color="#c03030", linestyle="--", label=f"median {median:.4g} {unit}")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no cells detected", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"cell area ({unit})")
-    ax.set_ylabel("cells")
-    ax.set_title(f"Cell area distribution (n = {areas.size})")
-    fig.tight_layout()
-    fig.savefig(path)

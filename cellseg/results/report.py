@@ -2,7 +2,7 @@
 of slides (the cohort report).
 
 Everything comes from the result folder (summary.json, run.json, cells.csv, overlay.png, tissue_mask.png,
-labels.ome.tif) plus the slide itself for the full-resolution crops, read region by region at level 0 (never whole).
+area_histogram.png, labels.ome.tif) plus the slide itself for the full-resolution crops, read region by region at level 0 (never whole).
 Pictures are inlined as base64 PNG (results/report_plots.py) and the page is rendered from the package's Jinja2 template
 (templates/report.html.j2): no server, no network, no script fetched when it is viewed. `write_report` also adds the
 page's warnings to summary.json (key "warnings"), where the cohort report and scripts find them.
@@ -271,8 +271,7 @@ def write_report(folder: Path, slide=None) -> list[str]:
     overlay = np.asarray(overlay)
     mpp = summary.get("mpp")
     area_unit = "µm²" if mpp else "px"
-    areas = cells["area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1)
-    figures = [("Nucleus area", histogram_png(areas, f"nucleus area ({area_unit})", "Nucleus area"))]
+    figures = [("Nucleus area", (folder / "area_histogram.png").read_bytes())]   # the writer's, same plot
     if "cell_area_px" in cells:
         figures.append(("Cell area", histogram_png(cells["cell_area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1),
                                                    f"cell area ({area_unit})", "Cell area (grown from nuclei)")))

@@ -18,9 +18,12 @@ def _figure(width: float = 6.0, height: float = 3.6):
     return fig
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = True) -> bytes:
+    """The figure as PNG bytes; tight=False keeps the margins already set (tight_layout draws the figure once more
+    to measure its text: ~40 % of a histogram's time)."""
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
@@ -31,10 +34,13 @@ def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, 
     values = np.asarray(values, np.float64).ravel()
     values = values[np.isfinite(values)]
     fig = _figure()
+    # fixed margins (in figure fractions) that fit six-digit counts on the y axis, instead of tight_layout
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.91)
     ax = fig.add_subplot()
     if values.size:
         edges = np.histogram_bin_edges(values, bins="auto")
-        ax.hist(values, bins=edges if len(edges) <= 101 else 100, color="#4878a8")   # outliers: "auto" too fine
+        counts, edges = np.histogram(values, bins=edges if len(edges) <= 101 else 100)   # outliers: "auto" too fine
+        ax.stairs(counts, edges, fill=True, color="#4878a8")   # one artist, not a rectangle per bin
         median = float(np.median(values))
         ax.axvline(median, color="#c03030", linestyle="--", label=f"median {median:.4g}")
         for k, (label, x) in enumerate((marks or {}).items()):
@@ -45,7 +51,7 @@ def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cells")
     ax.set_title(f"{title} (n = {values.size})", fontsize=10)
-    return _png(fig)
+    return _png(fig, tight=False)
 
 
 def heatmap_png(picture: np.ndarray, density: np.ndarray, unit: str, height: int, width: int, tile_px: int) -> bytes:

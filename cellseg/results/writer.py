@@ -9,7 +9,7 @@ predictions.coco.json, the label canvases) and, at the end, writes the pictures 
 - results/labelstore.py: the disk-backed label canvases, painted tile by tile;
 - results/ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas (and cell_labels.ome.tif
   from a second canvas when nuclei are grown into cells: cells/expansion_rows.py);
-- results/pictures.py: overlay.png and area_histogram.png; tissue/finder.py: tissue_mask.png.
+- results/pictures.py: overlay.png; results/report_plots.py: area_histogram.png; tissue/finder.py: tissue_mask.png.
 
 The folder is a staging folder (results.staged_output): a failed run's files are discarded, never half-kept.
 Conventions: coordinates are (row, col) in level-0 pixels, boxes half-open `Box(row0, col0, row1, col1)`.
@@ -32,7 +32,8 @@ from .cells_geojson import CellsGeoJsonWriter
 from .coco import CocoWriter
 from .labelstore import LabelStore
 from .ome_pyramid import Panoptic, write_label_images
-from .pictures import write_area_histogram, write_overlay_png
+from .pictures import write_overlay_png
+from .report_plots import histogram_png
 
 RESULT_FILES = ("cells.csv", "cells.geojson", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png",
                 "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json", "report.html")
@@ -144,8 +145,9 @@ class ResultWriter:
                 write_label_images(self.cell_store, {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
             write_tissue_png(tissue, self.out_dir / "tissue_mask.png")
             area_unit = "µm²" if self.mpp else "px"
-            write_area_histogram(self.all_areas() * (self.mpp ** 2 if self.mpp else 1), area_unit,
-                                 self.out_dir / "area_histogram.png")
+            # the report shows this file as its nucleus area plot rather than drawing it again
+            (self.out_dir / "area_histogram.png").write_bytes(histogram_png(
+                self.all_areas() * (self.mpp ** 2 if self.mpp else 1), f"nucleus area ({area_unit})", "Nucleus area"))
             overlay.result()
         self.nucleus_store.remove()
         if self.cell_store is not None:

@@ -24,7 +24,6 @@ from cellseg.results import (
     LabelStore,
     Panoptic,
     crop_rle,
-    write_area_histogram,
     write_label_images,
     write_overlay_png,
 )
@@ -235,11 +234,14 @@ def test_overlay_png_resizes_labels_off_by_rounding(tmp_path):
 
 
 @pytest.mark.parametrize("areas", [np.array([30.5, 42.0, 55.1, np.nan, 61.0]), np.array([])])
-def test_area_histogram(tmp_path, areas):
-    path = tmp_path / "hist.png"
-    write_area_histogram(areas, "µm²", path)
-    with Image.open(path) as img:
-        assert img.size == (600, 400)
+def test_area_histogram(areas):
+    from io import BytesIO
+
+    from cellseg.results.report_plots import histogram_png
+    with Image.open(BytesIO(histogram_png(areas, "nucleus area (µm²)", "Nucleus area"))) as img:
+        assert img.size == (540, 324)
+        bars = np.all(np.asarray(img.convert("RGB")) == (0x48, 0x78, 0xA8), axis=2)
+    assert bars.any() == bool(np.isfinite(areas).any())   # bars drawn for the finite values, none without
 
 
 # --------------------------------------------------------------------------- cells.csv
