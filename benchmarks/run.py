@@ -30,6 +30,10 @@ both label images are matched to it one-to-one at IoU >= 0.5 (cellseg.evaluation
 as many as possible, as square as possible): the slide and its labels are cropped to it first, so both
 runs see exactly the same pixels (halos stop at the crop edge).
 
+--rounds N (default 3) runs every variant and the naive run N times, interleaved, each a fresh subprocess: the
+seconds reported are each run's median and the ratio is the ratio of medians; every round's own ratio is printed
+too, so the spread is seen (a shared 2-core machine varies up to 2x from minute to minute).
+
 --tta runs cellseg with test-time augmentation (cellseg count --tta), to state its cost against the same naive run.
 
     nice -n 5 python benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cpu \
@@ -323,6 +327,12 @@ def run_child(kind: str, spec: dict, workdir: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _with_medians(runs: list[dict]) -> dict:
+    """The last of `runs` (the same run repeated) with the median wall and CPU seconds of all of them."""
+    return {**runs[-1], "wall_s": float(np.median([r["wall_s"] for r in runs])),
+            "cpu_s": float(np.median([r["cpu_s"] for r in runs])), "wall_s_runs": [r["wall_s"] for r in runs]}
+
+
 def correct_cells(pred_labels: str, gt) -> dict:
     from cellseg.evaluation import load_image_masks, match, pair_iou
     pred = next(iter(load_image_masks(pred_labels).values()))
@@ -348,6 +358,10 @@ def main() -> None:
     p.add_argument("--precisions", default=None,
                    help="cellseg runs, comma-separated, in this order (default on a CPU: fp32, then bf16 where the "
                         "CPU has native bf16; the last is the full report's); on a GPU: auto (fp16)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every run, interleaved (cellseg variants, then naive, each round): seconds are "
+                        "each run's median, the ratio the ratio of medians, with each round's ratio printed too "
+                        "(2-core machines vary up to 2x from minute to minute)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -394,21 +408,35 @@ def main() -> None:
                   "tile_size": protocol.tile_size, "device": args.device, "tissue": protocol.tissue_method}
         precisions = (args.precisions.split(",") if args.precisions else
                       ["auto"] if args.device == "cuda" else ["fp32"] + (["bf16"] if cpu_has_native_bf16() else []))
-        variants = {}
-        for precision in precisions:
-            variants[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision}"),
+        rounds: list[tuple[dict, dict]] = []   # (cellseg runs by precision, naive run), one per round
+        for k in range(args.rounds):
+            runs = {}
+            for precision in precisions:
+                runs[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision}"),
                                                         "tta": args.tta, "precision": precision}, work)
-            done = variants[precision]     # said at once: a run cut short by a time limit still leaves figures
-            print(f"  cellseg {precision} ({done['precision']}): {done['wall_s']:.1f} s, "
-                  f"{done['summary']['cell_count']} cells, {done['summary']['tissue_area_px'] / 1e6 / done['wall_s']:.3f} "
-                  f"MP of tissue/s, stages {done['summary']['seconds']}", flush=True)
+                done = runs[precision]     # said at once: a run cut short by a time limit still leaves figures
+                print(f"  round {k + 1}: cellseg {precision} ({done['precision']}): {done['wall_s']:.1f} s, "
+                      f"{done['summary']['cell_count']} cells, "
+                      f"{done['summary']['tissue_area_px'] / 1e6 / done['wall_s']:.3f} MP of tissue/s, "
+                      f"stages {done['summary']['seconds']}", flush=True)
+            summary = runs[precisions[-1]]["summary"]
+            if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
+                raise SystemExit(f"expected cellseg to tile at {tile_px}+{halo_px} px, it used {summary['scale']}")
+            naive_run = run_child("naive", {**common, "out": str(work / "naive_labels.tif"), "tile_px": tile_px,
+                                            "halo_px": halo_px,
+                                            "intensity_range": runs[precisions[-1]]["intensity_range"],
+                                            "model_channel": runs[precisions[-1]]["model_channel"]}, work)
+            print(f"  round {k + 1}: naive: {naive_run['wall_s']:.1f} s; ratio " + ", ".join(
+                f"{precision} {naive_run['wall_s'] / runs[precision]['wall_s']:.2f}x" for precision in precisions),
+                flush=True)
+            rounds.append((runs, naive_run))
+        # each variant: its last round's run (stages, cells, labels) with the median wall and CPU seconds
+        variants = {precision: _with_medians([r[precision] for r, _ in rounds]) for precision in precisions}
+        nv = _with_medians([n for _, n in rounds])
+        round_ratios = {precision: [round(n["wall_s"] / r[precision]["wall_s"], 3) for r, n in rounds]
+                        for precision in precisions}
         cs = variants[precisions[-1]]
         summary = cs["summary"]
-        if (summary["scale"]["tile_px"], summary["scale"]["halo_px"]) != (tile_px, halo_px):
-            raise SystemExit(f"expected cellseg to tile at {tile_px}+{halo_px} px, it used {summary['scale']}")
-        nv = run_child("naive", {**common, "out": str(work / "naive_labels.tif"), "tile_px": tile_px,
-                                 "halo_px": halo_px, "intensity_range": cs["intensity_range"],
-                                 "model_channel": cs["model_channel"]}, work)
         n_tiles = summary["tiles_total"]
         assert n_tiles == nv["tiles"], (n_tiles, nv["tiles"])
         analysed = n_tiles - summary["tiles_skipped"]
@@ -424,6 +452,7 @@ def main() -> None:
             "tta": args.tta,
             "cpu_count": os.cpu_count(), "torch_threads": cs["torch_threads"], "cpu": cpu_model(),
             "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
+            "rounds": args.rounds, "round_ratios": round_ratios,
             "mp_per_s": round(tissue_mp / cs["wall_s"], 4),
             "seconds_total": round(cs["wall_s"], 3), "cpu_seconds": round(cs["cpu_s"], 2),
             "seconds": {k: summary["seconds"].get(k, 0.0) for k in ("read", "tissue", "detect", "merge", "measure", "write",
@@ -533,7 +562,9 @@ def print_report(r: dict) -> None:
           f"100-detection cap; {nv['cells_visible_in_labels']} of {nv['cells']} kept cells visible in its label image")
     print(f"tissue {r['tissue_method']}: {r['tissue_megapixels']:.3f} MP of {r['megapixels']:.3f}; {r['cpu_count']} CPU cores, torch threads {r['torch_threads']}, "
           f"1-min load average at the end {r['load_avg_1min_at_end']}")
-    print(f"CPU {r['cpu']}; the full report above is cellseg in {r['precision']}")
+    print(f"CPU {r['cpu']}; the full report above is cellseg in {r['precision']}; seconds are medians of "
+          f"{r['rounds']} interleaved round(s); each round's ratio: "
+          + "; ".join(f"{k} " + ", ".join(f"{x:.2f}x" for x in v) for k, v in r["round_ratios"].items()))
     print(f"{'variant':<16}{'MP/s':>8}{'ratio':>8}{'seconds':>9}{'detect s':>10}{'cells':>7}{'F1':>7}{'peak RSS':>10}")
     rows = [(f"cellseg {name}", v["mp_per_s"], v["ratio"], v["seconds_total"], v["seconds"]["detect"], v["cells"],
              v.get("eval", {}).get("f1"), v["peak_rss_mb"]) for name, v in r["variants"].items()]
