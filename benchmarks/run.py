@@ -137,7 +137,10 @@ def crop_labels(src: Path, dst: Path, height: int, width: int) -> None:
 
 def instrument(model, timer, device) -> dict:
     """Time the network's parts with forward hooks (seconds into `timer` as "net.<part>") and count the
-    RoIs that reach the mask head. Returns the counter dict."""
+    RoIs that reach the mask head. Returns the counter dict. Where forward passes run side by side on a CPU
+    (detection.streams) the seconds are summed over them: thread-seconds, not wall time."""
+    import threading
+
     import torch
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     counts = {"mask_head_rois": 0, "forward_calls": 0}
@@ -146,19 +149,20 @@ def instrument(model, timer, device) -> dict:
     # backbone starts where the transform ends, as its body may be a slide's copy (detect.Detector.calibrated)
     parts = {"backbone": (model.transform, model.backbone.fpn), "rpn": (model.rpn, model.rpn),
              "roi_heads": (rh, rh), "mask_branch": (rh.mask_roi_pool, rh.mask_predictor)}
-    starts = {}
+    starts, adding = threading.local(), threading.Lock()    # each stream's pass has its own start times
     for name, (first, last) in parts.items():
         def pre(mod, inp, name=name):
             sync()
-            starts[name] = time.perf_counter()
+            setattr(starts, name, time.perf_counter())
 
         def post(mod, inp, out, name=name):
             sync()
-            timer.seconds[f"net.{name}"] += time.perf_counter() - starts[name]
-            if name == "mask_branch":
-                counts["mask_head_rois"] += int(inp[0].shape[0])
-            elif name == "backbone":
-                counts["forward_calls"] += 1
+            with adding:
+                timer.seconds[f"net.{name}"] += time.perf_counter() - getattr(starts, name)
+                if name == "mask_branch":
+                    counts["mask_head_rois"] += int(inp[0].shape[0])
+                elif name == "backbone":
+                    counts["forward_calls"] += 1
         if name == "backbone":
             first.register_forward_hook(lambda mod, inp, out, pre=pre: pre(mod, inp))
         else:
@@ -554,6 +558,7 @@ def print_report(r: dict) -> None:
           + f"; {r['mask_head_rois']} RoIs through the mask head")
     print("network parts, naive:   " + ", ".join(f"{k[4:]} {v:.2f}" for k, v in nv["network_seconds"].items())
           + f"; {nv['mask_head_rois']} RoIs through the mask head")
+    print("  (seconds summed over the forward passes that run side by side on a CPU: thread-seconds)")
     print("  (roi_heads includes mask_branch = RoIAlign + mask head + predictor, on every detection above "
           "roi_heads.score_thresh (cellseg: the bundle threshold; naive: 0.05); rpn = objectness, proposals, NMS)")
     print(f"like for like (read + detect + merge/keep, no measure/write): naive / cellseg = "

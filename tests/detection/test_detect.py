@@ -141,9 +141,11 @@ def test_the_detectors_thresholds_reach_torchvisions_filters_when_it_is_built():
     assert (slide_detector.score_threshold, slide_detector.model.roi_heads.score_thresh) == (0.3, 0.3)
 
 
-def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it():
+@pytest.mark.parametrize("cpu_streams", [1, 2])     # 1: batches of 4 tiles; 2: passes of one tile side by side
+def test_a_tiles_cells_do_not_depend_on_the_tiles_batched_with_it(cpu_streams):
     torch.manual_seed(0)
-    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=4,
+                        cpu_streams=cpu_streams)
     rng = np.random.default_rng(2)
     big, small = rng.random((3, 128, 128), dtype=np.float32), rng.random((3, 96, 64), dtype=np.float32)
     alone = detector.detect([small])[0]
