@@ -180,12 +180,15 @@ def child_cellseg(spec: dict) -> dict:
     from cellseg.run import CellCounter
     from cellseg.util import StageTimer
 
+    precision, _, option = spec.get("precision", "").partition(":")
     protocol = load_protocol(spec["protocol"]).replace(tile_size=spec["tile_size"], model=spec["model"],
-                                                       tissue_method=spec["tissue"], precision=spec.get("precision"))
+                                                       tissue_method=spec["tissue"], precision=precision or None)
     t = time.perf_counter()
     counter = CellCounter.load(protocol, spec["device"], tta=spec.get("tta", False))   # network + tissue U-Net
     from cellseg.detection import AugmentedDetector
     detector = counter.detector.inner if isinstance(counter.detector, AugmentedDetector) else counter.detector
+    if option == "1stream":      # the variant before detection.streams: one forward pass at a time
+        detector.streams = None
     load_s = time.perf_counter() - t
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
     net_timer = StageTimer()
@@ -361,7 +364,9 @@ def main() -> None:
     p.add_argument("--tta", action="store_true", help="cellseg with test-time augmentation (cellseg count --tta)")
     p.add_argument("--precisions", default=None,
                    help="cellseg runs, comma-separated, in this order (default on a CPU: fp32, then bf16 where the "
-                        "CPU has native bf16; the last is the full report's); on a GPU: auto (fp16)")
+                        "CPU has native bf16; the last is the full report's); on a GPU: auto (fp16). A CPU variant "
+                        "PRECISION:1stream runs one forward pass at a time (no detection.streams), e.g. "
+                        "--precisions fp32:1stream,fp32")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of every run, interleaved (cellseg variants, then naive, each round): seconds are "
                         "each run's median, the ratio the ratio of medians, with each round's ratio printed too "
@@ -416,7 +421,7 @@ def main() -> None:
         for k in range(args.rounds):
             runs = {}
             for precision in precisions:
-                runs[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision}"),
+                runs[precision] = run_child("cellseg", {**common, "out": str(work / f"cellseg_out_{precision.replace(':', '_')}"),
                                                         "tta": args.tta, "precision": precision}, work)
                 done = runs[precision]     # said at once: a run cut short by a time limit still leaves figures
                 print(f"  round {k + 1}: cellseg {precision} ({done['precision']}): {done['wall_s']:.1f} s, "
