@@ -86,7 +86,7 @@ class Detector:
     detector takes the model over (eval mode, on `device`, its thresholds set) and is configured once, here:
     score_threshold: detections scoring below are dropped (inside torchvision, before the mask head);
     mask_threshold: soft-mask probability threshold; proposal_threshold: RPN objectness below this never reaches
-    the box head; batch_size: tiles per forward pass on a GPU; precision: auto | fp32 | bf16 on a CPU
+    the box head; batch_size: tiles per forward pass (on a CPU with streams, one); precision: auto | fp32 | bf16 on a CPU
     (cellseg.detection.precision), a GPU runs fp16 autocast unless fp32. A slide's normalisation comes as another
     detector (`calibrated`).
     cpu_streams: on a CPU, forward passes of one tile each run side by side, each on its share of torch's threads
