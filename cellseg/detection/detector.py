@@ -153,7 +153,10 @@ class Detector:
         body = copy.deepcopy(self.model.backbone.body)   # measured on a copy: the shared model keeps per-tile ones
         batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            measured = measure_slide_norms(body, self.model.transform(batch)[0].tensors)
+            windows_in = self.model.transform(batch)[0].tensors
+            if self.device.type == "cpu":   # the body's weights are channels_last there (__init__): so its input
+                windows_in = windows_in.contiguous(memory_format=torch.channels_last)
+            measured = measure_slide_norms(body, windows_in)
         if not measured:
             return self._with_body(None)
         folded = fold_slide_norms(body)

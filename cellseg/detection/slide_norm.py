@@ -30,13 +30,17 @@ class SlideGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:   # one set of statistics for the whole batch of calibration windows
-            grouped = x.float().reshape(x.shape[0], self.num_groups, -1)
-            var, mean = torch.var_mean(grouped, dim=(0, 2), unbiased=False)
+            # Per channel first, then per group (the law of total variance; every channel of a group has as many
+            # values): no regrouping copy of a channels_last feature map, ~15 % of the calibration pass.
+            channel_var, channel_mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+            channel_mean = channel_mean.view(self.num_groups, -1)
+            mean = channel_mean.mean(1)
+            var = (channel_var.view(self.num_groups, -1) + (channel_mean - mean[:, None]) ** 2).mean(1)
             self.slide_stats = (mean, var)
         if self.slide_stats is None:
             return super().forward(x)
         scale, shift = (t.to(x.dtype) for t in self.affine_terms())
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
     def affine_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """With the slide's statistics the layer is y = x * scale + shift per channel: (scale, shift)."""

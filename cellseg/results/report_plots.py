@@ -69,7 +69,9 @@ def heatmap_png(picture: np.ndarray, density: np.ndarray, unit: str, height: int
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
-    return _png(fig)
+    # fixed margins, room for the colour bar's ticks and label (tight_layout would draw the figure twice)
+    fig.subplots_adjust(left=0.01, right=0.9, bottom=0.01, top=0.99)
+    return _png(fig, tight=False)
 
 
 def density_bars_png(names: list[str], values: list[float | None], unit: str) -> bytes:

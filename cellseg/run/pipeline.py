@@ -84,11 +84,13 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and
     SlideRun.finish.
     """
-    start_writer_imports()
     started = time.time()
     with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
         run = SlideRun(opened, protocol, detector, journal=journal, band_rows=band_rows, started=started)
         plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions)
+        # After the plan, not before: on the way to the first tile they competed with it for the interpreter (~1 s
+        # more before the first tile on 2 cores); beside the network, whose threads leave the GIL, they cost little.
+        start_writer_imports()
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
         # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
         with in_background(run.owned_tiles(), max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:

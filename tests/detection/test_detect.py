@@ -201,6 +201,25 @@ def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
     assert torch.allclose(_body_features(detector.calibrated([image]), image), plain, atol=1e-4)
 
 
+def test_slide_statistics_pool_every_value_of_a_group_over_all_windows():
+    """Measured per channel and pooled per group (no regrouping copy), the statistics are those of all the group's
+    values in all windows, on a channels_last map too, and y = x * scale + shift is GroupNorm with them."""
+    torch.manual_seed(2)
+    norm = SlideGroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 16, 9, 7) * torch.linspace(0.5, 4, 16)[None, :, None, None] + torch.arange(16.)[None, :, None, None]
+    norm.calibrating = True
+    norm(x.contiguous(memory_format=torch.channels_last))
+    norm.calibrating = False
+    grouped = x.transpose(0, 1).reshape(4, -1)           # every value of each group of 4 channels, all windows
+    var, mean = torch.var_mean(grouped, dim=1, unbiased=False)
+    assert torch.allclose(norm.slide_stats[0], mean, atol=1e-5) and torch.allclose(norm.slide_stats[1], var, rtol=1e-5)
+    pooled = (grouped - mean[:, None]) / torch.sqrt(var[:, None] + norm.eps)
+    expected = pooled.reshape(16, 3, 9, 7).transpose(0, 1) * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
 def test_threaded_roi_align_gives_the_single_calls_output_exactly():
     import torch
     from torchvision.ops import MultiScaleRoIAlign

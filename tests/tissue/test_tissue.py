@@ -12,7 +12,7 @@ from PIL import Image
 from cellseg.errors import ProtocolError
 from cellseg.geometry import Box
 from cellseg.planning import Protocol, load_protocol
-from cellseg.tissue.finder import TissueFinder, TissueMask, otsu_tissue, view_side
+from cellseg.tissue.finder import TissueFinder, TissueMask, disk, otsu_tissue, view_side
 
 from ..helpers import LabelReadingDetector, count_with, random_cells
 
@@ -52,6 +52,12 @@ def test_mask_geometry():
     assert t.box_fraction(Box(20, 40, 40, 80)) == 0.0
     assert t.box_fraction(Box(5, 15, 6, 16)) == 1.0   # a box inside one mask pixel
     assert t.at(np.array([0, 9, 10]), np.array([19, 20])).tolist() == [[True, False], [True, False], [False, False]]
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3, 7, 16])
+def test_the_tissue_margin_disk_is_scikit_images(radius):
+    from skimage.morphology import disk as skimage_disk
+    assert np.array_equal(disk(radius), skimage_disk(radius).astype(bool))
 
 
 def test_view_side_is_about_8_um_per_px_and_never_tiny():
