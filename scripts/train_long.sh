@@ -9,7 +9,8 @@
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
 # subset of the held-out groups through the real pipeline (RUN/heldout.csv) and the best is kept in RUN/best.
 # A new run starts from INIT (default: runs/gpu_call2, the ResNet-34 trained on the H100; else the shipped bundle).
-# STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak.
+# STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak; a new run writes both to
+# RUN.settings and every resume reads them back, so the schedule stays the one the run started with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/long}
@@ -31,14 +32,23 @@ start) ;;
 esac
 if running; then echo "already running (pid $(cat "$pid_file")): bash $0 status"; exit 0; fi
 mkdir -p "$(dirname "$RUN")"
+settings_file="$RUN.settings"    # the schedule a run started with: a resume must not change its peak or length
 if [ -f "$RUN/checkpoint.pt" ]; then
     args=(--resume)
-    echo "resuming $RUN from its checkpoint"
+    if [ -f "$settings_file" ]; then
+        # shellcheck disable=SC1090
+        source "$settings_file"
+        echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS, from $settings_file)"
+    else
+        echo "resuming $RUN from its checkpoint"
+    fi
 else
     INIT=${INIT:-runs/gpu_call2}
     [ -d "$INIT" ] || INIT=cellseg/models/nuclei
     args=(--init "$INIT")
-    echo "starting $RUN from $INIT"
+    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}
+    printf 'LR=%s\nSTEPS=%s\n' "$LR" "$STEPS" > "$settings_file"
+    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS, kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" --split "${SPLIT:-cellseg/models/nuclei/split.json}" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \

@@ -4,6 +4,7 @@ writes loads and runs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,3 +432,37 @@ def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
     assert ckpt["step"] == 3 and len(ckpt["history"]) == 3 and ckpt["wall_s"] > 4.5
     assert load_bundle(out).card["training"]["steps"] == 3
     assert (out / "training_log.csv").read_text().splitlines()[0].startswith("step,loss,loss_classifier")
+
+
+def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
+    """scripts/train_long.sh: a new run keeps its learning rate and length beside it, and a resume started without
+    them (the next session's plain command) trains on that schedule, not the defaults."""
+    import os
+    import subprocess
+    import time
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_long.sh"
+    recorder = tmp_path / "python"      # stands in for the trainer: records its arguments
+    recorder.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {tmp_path / 'calls'}\n")
+    recorder.chmod(0o755)
+    run = tmp_path / "long"
+
+    def start(**env) -> tuple[str, list[str]]:
+        before = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+        out = subprocess.run(["bash", str(script)], env={**os.environ, "RUN": str(run), "PYTHON": str(recorder),
+                                                         **env}, capture_output=True, text=True, check=True).stdout
+        for _ in range(100):            # the trainer runs in the background
+            calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+            if len(calls) > len(before):
+                return out, calls[-1].split()
+            time.sleep(0.05)
+        raise AssertionError(f"the trainer was not started: {out}")
+
+    out, args = start(LR="2e-4", STEPS="1234")
+    assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
+    assert "--resume" not in args
+    run.mkdir(exist_ok=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "long.pid").unlink()    # the next session: the last one's processes are gone
+    out, args = start()
+    assert "resuming" in out and "--resume" in args
+    assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
