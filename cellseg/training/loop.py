@@ -108,7 +108,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     with a checkpoint, training_log.csv and training_loss.png, and task.write_bundle(out). Ctrl-C ends it the same
     way, and so does SIGTERM (after the step under way: a run in the background ignores Ctrl-C, and `kill` must not
     cost up to 10 minutes of training), then raises TrainingInterrupted. on_snapshot(folder, step): with settings.snapshot_every, called every that
-    many steps with a bundle in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best).
+    many steps with a bundle in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best), and
+    for a new run once before its first step, with the starting weights (step 0).
     """
     from tqdm import tqdm
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,9 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     stop = _StopRequest()
     batches = task.batches(state.step)
     try:
+        if on_snapshot is not None and settings.snapshot_every and state.step == 0:
+            # the starting weights are the curve's first point: what the run is measured against
+            _snapshot(task, out, state, on_snapshot)
         while state.step < settings.steps:
             if stop.requested:
                 interrupted = True
@@ -149,11 +153,9 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
                 save_checkpoint(checkpoint, model, optim, state)
                 last_save = time.monotonic()
             if on_snapshot is not None and settings.snapshot_every and state.step % settings.snapshot_every == 0:
-                snapshot = out / "snapshots" / f"step{state.step:07d}"
-                task.write_bundle(snapshot, state, finished=False)
                 save_checkpoint(checkpoint, model, optim, state)   # the snapshot's step is never trained again
                 last_save = time.monotonic()
-                on_snapshot(snapshot, state.step)
+                _snapshot(task, out, state, on_snapshot)
     except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
         interrupted = True
     finally:
@@ -169,6 +171,13 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
                                   f"and a bundle of it are saved in {out}: the same command with --resume continues "
                                   f"it")
     return state
+
+
+def _snapshot(task: TrainingTask, out: Path, state: TrainingState,
+              on_snapshot: Callable[[Path, int], None]) -> None:
+    snapshot = out / "snapshots" / f"step{state.step:07d}"
+    task.write_bundle(snapshot, state, finished=False)
+    on_snapshot(snapshot, state.step)
 
 
 class _StopRequest:

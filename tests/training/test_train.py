@@ -393,8 +393,9 @@ def test_a_resumed_long_run_continues_its_step_count_schedule_and_snapshots(tmp_
         on_snapshot=lambda path, step: split_snaps.append(step)))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 8
     assert len(second) == 4 and second == pytest.approx(straight[4:])
-    assert straight_snaps == split_snaps == [3, 6]
+    assert straight_snaps == split_snaps == [0, 3, 6]       # 0: the starting weights, the curve's first point
     assert load_bundle(tmp_path / "b" / "snapshots" / "step0000006").card["training"]["steps"] == 6
+    assert load_bundle(tmp_path / "b" / "snapshots" / "step0000000").card["training"]["steps"] == 0
 
 
 def test_the_schedule_warms_up_then_follows_steps_or_time_whichever_is_further():
