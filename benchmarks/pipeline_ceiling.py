@@ -35,7 +35,8 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
     from memory_flat import ThresholdDetector
 
     from cellseg.planning import load_protocol
-    from cellseg.results import cells_csv, coco, labelstore
+    import cellseg.results as results
+    from cellseg.results import cells_csv, cells_geojson, coco, labelstore
     from cellseg.results import writer as export
     from cellseg.run import CellCounter
 
@@ -59,7 +60,10 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
     timed(labelstore.LabelStore, "paint", "label canvas")
     timed(export, "write_label_images", "labels + panoptic TIFF")
     timed(export, "write_overlay_png", "overlay.png")
-    timed(export, "write_area_histogram", "area_histogram.png")
+    timed(cells_geojson.CellsGeoJsonWriter, "append", "cells.geojson")
+    timed(cells_geojson.CellsGeoJsonWriter, "close", "cells.geojson")
+    timed(export, "histogram_png", "area_histogram.png")
+    timed(results, "write_report", "report.html")     # after summary.json: not in its stages, in the wall time
 
     class Replay(ThresholdDetector):
         """The stand-in's detections, recorded on a first run and handed back instantly on the timed one."""
