@@ -90,6 +90,24 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
             shutil.rmtree(folder)
 
 
+def score_leftover_snapshots(out: Path, score) -> None:
+    """Score the snapshots an earlier run of OUT left unscored (`score(folder, step)`, e.g. score_snapshot): scoring
+    removes a snapshot's folder, so one still there was being scored when that run was killed (a session's end; the
+    checkpoint had moved past its step, so no later snapshot stands in for it). A snapshot that cannot be scored (a
+    half-written or half-removed folder) is removed, with a warning, rather than stopping the run."""
+    import shutil
+    import subprocess
+    for snapshot in sorted((out / "snapshots").glob("step*")):
+        if not snapshot.is_dir() or not snapshot.name[4:].isdigit():
+            continue
+        logging.info("scoring %s, left unscored by the last run", snapshot)
+        try:
+            score(snapshot, int(snapshot.name[4:]))
+        except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
+            logging.warning("could not score %s (%s: %s); removed", snapshot, type(e).__name__, e)
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
@@ -139,6 +157,8 @@ def main() -> None:
     if args.snapshot_every:
         on_snapshot = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
                                         per_modality=args.heldout_per_modality)
+    if on_snapshot is not None and args.resume:
+        score_leftover_snapshots(args.out, on_snapshot)
     try:
         run_recipe(args.data_root, args.out, settings, split_file=args.split, init=args.init,
                    mix=parse_mix(args.mix), model_cfg=model_cfg, resume=args.resume, device=args.device,

@@ -192,3 +192,27 @@ def test_grayscale_stays_grayscale_under_augmentation():
     for _ in range(5):
         out = augment_pixels(image, np.zeros((0, 40, 40), bool), False, rng, aug)
         assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
+
+
+def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
+    """Scoring removes a snapshot; one still on disk was being scored when the run was killed: the resume scores it
+    (in step order), and one that cannot be scored is removed instead of stopping the run."""
+    import subprocess
+
+    from references.nuclei.train_default_bundle import score_leftover_snapshots
+    for name in ("step0005000", "step0000000", "step0010000"):
+        (tmp_path / "snapshots" / name).mkdir(parents=True)
+    (tmp_path / "snapshots" / "notes.txt").write_text("not a snapshot")
+    scored = []
+
+    def score(folder, step):
+        if step == 10000:        # a half-written bundle: validation fails
+            raise subprocess.CalledProcessError(1, ["validate_bundle"])
+        scored.append(step)
+        folder.rmdir()
+
+    score_leftover_snapshots(tmp_path, score)
+    assert scored == [0, 5000]
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["notes.txt"]
+    score_leftover_snapshots(tmp_path / "never-trained", score)     # no snapshots folder: nothing to do
+    assert scored == [0, 5000]
