@@ -1,0 +1,27 @@
+"""The benchmark scripts still run against the code they measure (they are not part of the test run otherwise, and
+one once failed for a release because a function it timed had moved)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_pipeline_ceiling_runs_and_times_every_write_part(tmp_path):
+    slide, out = tmp_path / "dense.ome.tif", tmp_path / "ceiling.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "make_big_slide.py"), "--size", "2048", "--out", str(slide)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(BENCHMARKS / "pipeline_ceiling.py"), "--slide", str(slide), "--json", str(out)],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["cells"] > 100 and result["ceiling_mp_per_s"] > 0
+    assert set(result["write_parts_s"]) == {"cells.csv", "cells.geojson", "predictions.coco.json", "label canvas",
+                                            "labels + panoptic TIFF", "overlay.png", "area_histogram.png",
+                                            "report.html"}
