@@ -34,8 +34,8 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
 
     from memory_flat import ThresholdDetector
 
-    from cellseg.planning import load_protocol
     import cellseg.results as results
+    from cellseg.planning import load_protocol
     from cellseg.results import cells_csv, cells_geojson, coco, labelstore
     from cellseg.results import writer as export
     from cellseg.run import CellCounter
