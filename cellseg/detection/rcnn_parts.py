@@ -44,10 +44,15 @@ class TileTransform(GeneralizedRCNNTransform):
 
 
 class TileRoIHeads(RoIHeads):
-    """torchvision's RoIHeads whose forward also takes `owned_regions` (inference only; without them it is plain
-    RoIHeads, as in training): per image, (x0, y0, x1, y1) in its network px, the region whose cells its tile may
-    keep. Boxes whose mask extent misses it are dropped before the mask branch (which otherwise runs on every box,
-    only for ownership to throw most of a tile's halo cells away)."""
+    """torchvision's RoIHeads (as is in training) whose inference forward also takes `owned_regions`: per image,
+    (x0, y0, x1, y1) in its network px, the region whose cells its tile may keep. Boxes whose mask extent misses it
+    are dropped before the mask branch (which otherwise runs on every box, only for ownership to throw most of a
+    tile's halo cells away).
+
+    In inference the mask features reach the mask head in the memory format of its weights: RoIAlign's CPU kernel
+    gives NCHW, and oneDNN's 3x3 convolutions with channels_last weights (detect.Detector on a CPU) ran 28 % faster
+    on channels_last input (211 RoIs of the example mosaic: 0.29 against 0.41 s). Training keeps torchvision's
+    path: there the fwd + bwd pass was no faster."""
 
     @classmethod
     def replacing(cls, heads: RoIHeads) -> TileRoIHeads:
@@ -60,18 +65,22 @@ class TileRoIHeads(RoIHeads):
 
     def forward(self, features, proposals, image_shapes, targets=None,
                 owned_regions: list[tuple[float, float, float, float]] | None = None):
-        if owned_regions is None:
-            return super().forward(features, proposals, image_shapes, targets)
         if self.training:
-            raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
+            if owned_regions is not None:
+                raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
+            return super().forward(features, proposals, image_shapes, targets)
         # RoIHeads.forward in eval mode (no keypoints), with the unowned boxes dropped between boxes and masks
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        for i, region in enumerate(owned_regions):
+        for i, region in enumerate(owned_regions or ()):
             keep = may_reach(boxes[i], region)
             boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
-        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        mask_features = self.mask_roi_pool(features, boxes, image_shapes)
+        first_conv = next((m for m in self.mask_head.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None and first_conv.weight.is_contiguous(memory_format=torch.channels_last):
+            mask_features = mask_features.contiguous(memory_format=torch.channels_last)
+        mask_features = self.mask_head(mask_features)
         masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
         return [{"boxes": b, "labels": lb, "scores": sc, "masks": m}
                 for b, lb, sc, m in zip(boxes, labels, scores, masks)], {}

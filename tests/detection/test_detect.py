@@ -255,3 +255,26 @@ def test_threaded_roi_align_gives_the_single_calls_output_exactly():
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tile_heads_in_inference_are_torchvisions_with_the_mask_features_in_the_weights_memory_format():
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=1)
+    model = detector.model                        # channels_last on a CPU (Detector.__init__)
+    formats = []
+    hook = model.roi_heads.mask_head.register_forward_pre_hook(
+        lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    image = torch.rand(3, 96, 96)
+    with torch.inference_mode():
+        batch, _ = model.transform([image])
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        ours, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        hook.remove()
+        theirs, _ = RoIHeads.forward(model.roi_heads, features, proposals, batch.image_sizes)
+    assert formats == [True] and len(ours[0]["boxes"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(ours[0][key], theirs[0][key])
+    torch.testing.assert_close(ours[0]["masks"], theirs[0]["masks"], rtol=0, atol=1e-5)
