@@ -50,13 +50,14 @@ class SlideGroupNorm(nn.GroupNorm):
         return scale, self.bias - mean.repeat_interleave(per_group) * scale
 
 
-def fold_slide_norms(body: nn.Module) -> nn.Module:
+def fold_slide_norms(body: nn.Module, *, in_place: bool = False) -> nn.Module:
     """A copy of `body` in which each calibrated SlideGroupNorm that directly follows a convolution (torchvision's
     ResNet layout: conv1/bn1, conv2/bn2, downsample 0/1) is folded into that convolution's weights and bias.
 
     Same output (to float rounding), one pass over each feature map less: ~13 % of the backbone's CPU time.
+    in_place: fold into `body` itself and return it (a caller's own copy: a deep copy of the body is ~0.1 s).
     """
-    folded = copy.deepcopy(body)
+    folded = body if in_place else copy.deepcopy(body)
     for parent in folded.modules():
         previous = None
         for name, child in list(parent.named_children()):
