@@ -14,12 +14,18 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..bundles import Bundle, ModelConfig
 from ..errors import BundleError
-from .rcnn_parts import Fp32FeaturePyramidNetwork, TileRoIHeads, TileTransform, keep_head_outputs_fp32
+from .rcnn_parts import (
+    Fp32FeaturePyramidNetwork,
+    TileMaskPredictor,
+    TileRoIHeads,
+    TileTransform,
+    keep_head_outputs_fp32,
+)
 from .slide_norm import SlideGroupNorm
 
 
@@ -56,7 +62,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_size),
         box_predictor=FastRCNNPredictor(cfg.box_head_size, cfg.num_classes),
         mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
-        mask_predictor=MaskRCNNPredictor(c, c, cfg.num_classes),
+        mask_predictor=TileMaskPredictor(c, c, cfg.num_classes),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,

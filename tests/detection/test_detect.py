@@ -278,3 +278,24 @@ def test_tile_heads_in_inference_are_torchvisions_with_the_mask_features_in_the_
     for key in ("boxes", "scores", "labels"):
         assert torch.equal(ours[0][key], theirs[0][key])
     torch.testing.assert_close(ours[0]["masks"], theirs[0]["masks"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_mask_predictors_matrix_products_give_the_transposed_convolutions_logits(channels_last):
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from cellseg.detection.rcnn_parts import TileMaskPredictor
+
+    torch.manual_seed(0)
+    ours = TileMaskPredictor(16, 12, 3).eval()
+    theirs = MaskRCNNPredictor(16, 12, 3).eval()
+    theirs.load_state_dict(ours.state_dict())
+    ours.rows_per_chunk = 100          # 7 x 14 x 14 rows: several chunks and a short last one
+    x = torch.randn(7, 16, 14, 14)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, want = ours(x), theirs(x)
+        assert got.shape == want.shape == (7, 3, 28, 28)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert ours(x[:0]).shape == (0, 3, 28, 28)
