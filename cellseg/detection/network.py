@@ -14,7 +14,6 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..bundles import Bundle, ModelConfig
@@ -24,6 +23,7 @@ from .rcnn_parts import (
     TileMaskPredictor,
     TileRoIHeads,
     TileTransform,
+    WeightFormatMaskHead,
     keep_head_outputs_fp32,
 )
 from .slide_norm import SlideGroupNorm
@@ -61,7 +61,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         rpn_anchor_generator=anchors,
         box_head=TwoMLPHead(c * 7 * 7, cfg.box_head_size),
         box_predictor=FastRCNNPredictor(cfg.box_head_size, cfg.num_classes),
-        mask_head=MaskRCNNHeads(c, (c, c, c, c), 1),
+        mask_head=WeightFormatMaskHead(c, (c, c, c, c), 1),
         mask_predictor=TileMaskPredictor(c, c, cfg.num_classes),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,

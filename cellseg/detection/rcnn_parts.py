@@ -7,6 +7,7 @@
 - `TileNetwork`: the model's parts run for inference on tiles, `forward(images, owned_regions)`; its backbone body
   may be a calibrated copy (detection/slide_norm.py) while every other part is the model's own; on CPU the features reach
   RoIAlign in NCHW once per level (`contiguous_features`).
+- `WeightFormatMaskHead`: in inference the mask head takes its RoI features in its weights' memory format.
 - `TileMaskPredictor`: the mask predictor's inference on a CPU as chunked matrix products.
 - `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads on CPU (torchvision's CPU kernel uses one core).
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -49,12 +50,7 @@ class TileRoIHeads(RoIHeads):
     """torchvision's RoIHeads (as is in training) whose inference forward also takes `owned_regions`: per image,
     (x0, y0, x1, y1) in its network px, the region whose cells its tile may keep. Boxes whose mask extent misses it
     are dropped before the mask branch (which otherwise runs on every box, only for ownership to throw most of a
-    tile's halo cells away).
-
-    In inference the mask features reach the mask head in the memory format of its weights: RoIAlign's CPU kernel
-    gives NCHW, and oneDNN's 3x3 convolutions with channels_last weights (detect.Detector on a CPU) ran 28 % faster
-    on channels_last input (211 RoIs of the example mosaic: 0.29 against 0.41 s). Training keeps torchvision's
-    path: there the fwd + bwd pass was no faster."""
+    tile's halo cells away)."""
 
     @classmethod
     def replacing(cls, heads: RoIHeads) -> TileRoIHeads:
@@ -78,11 +74,7 @@ class TileRoIHeads(RoIHeads):
         for i, region in enumerate(owned_regions or ()):
             keep = may_reach(boxes[i], region)
             boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
-        mask_features = self.mask_roi_pool(features, boxes, image_shapes)
-        first_conv = next((m for m in self.mask_head.modules() if isinstance(m, nn.Conv2d)), None)
-        if first_conv is not None and first_conv.weight.is_contiguous(memory_format=torch.channels_last):
-            mask_features = mask_features.contiguous(memory_format=torch.channels_last)
-        mask_features = self.mask_head(mask_features)
+        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
         return [{"boxes": b, "labels": lb, "scores": sc, "masks": m}
                 for b, lb, sc, m in zip(boxes, labels, scores, masks)], {}
@@ -129,6 +121,20 @@ class TileNetwork(nn.Module):
             features = {k: v.contiguous() for k, v in features.items()}
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions)
         return detections
+
+
+class WeightFormatMaskHead(MaskRCNNHeads):
+    """torchvision's MaskRCNNHeads (same parameters and state dict keys) that, in inference, takes its RoI features in
+    the memory format of its weights. RoIAlign's CPU kernel gives NCHW, and oneDNN's 3x3 convolutions with
+    channels_last weights (a CPU Detector's) ran 28 % slower on NCHW input: 211 RoIs of the example mosaic took
+    0.41 s against 0.29 s. Training keeps torchvision's path: there a step was no faster (benchmarks/train_speed.py
+    on a Zen 3, 4 rounds of 5 steps: 2.46 s against 2.37 s a step).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
 
 class TileMaskPredictor(MaskRCNNPredictor):

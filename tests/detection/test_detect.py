@@ -258,13 +258,15 @@ def test_threaded_roi_align_gives_the_single_calls_output_exactly():
 
 
 def test_tile_heads_in_inference_are_torchvisions_with_the_mask_features_in_the_weights_memory_format():
+    """Inference through TileRoIHeads equals torchvision's RoIHeads; the mask head's convolutions see channels_last
+    input on a CPU detector (WeightFormatMaskHead)."""
     from torchvision.models.detection.roi_heads import RoIHeads
 
     torch.manual_seed(0)
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=1)
     model = detector.model                        # channels_last on a CPU (Detector.__init__)
     formats = []
-    hook = model.roi_heads.mask_head.register_forward_pre_hook(
+    hook = model.roi_heads.mask_head[0][0].register_forward_pre_hook(      # the mask head's first convolution
         lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     image = torch.rand(3, 96, 96)
     with torch.inference_mode():
@@ -299,3 +301,17 @@ def test_the_mask_predictors_matrix_products_give_the_transposed_convolutions_lo
         assert got.shape == want.shape == (7, 3, 28, 28)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert ours(x[:0]).shape == (0, 3, 28, 28)
+
+
+
+def test_the_mask_head_matches_its_weights_format_in_inference_only():
+    from cellseg.detection.rcnn_parts import WeightFormatMaskHead
+
+    head = WeightFormatMaskHead(8, (8, 8), 1).to(memory_format=torch.channels_last)
+    seen = []
+    head[0][0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(3, 8, 14, 14)
+    head.train()(x)
+    with torch.no_grad():
+        head.eval()(x)
+    assert seen == [False, True]      # training: RoIAlign's NCHW as torchvision has it; inference: channels_last
