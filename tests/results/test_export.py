@@ -226,6 +226,37 @@ def test_overlay_png_draws_outlines(tmp_path, thumb):
     assert not yellow[15, 15] and not yellow[0, 0]
 
 
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(np.uint16, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
+                  elements=st.integers(0, 3)))
+@example(np.array([[5]], np.uint16))
+def test_outline_pixels_are_scikit_images_inner_boundaries(labels):
+    from skimage.segmentation import find_boundaries
+
+    from cellseg.results.pictures import outline_pixels
+    assert np.array_equal(outline_pixels(labels), find_boundaries(labels, mode="inner"))
+
+
+@pytest.mark.parametrize("image", [
+    np.random.default_rng(3).integers(0, 256, (30, 40), dtype=np.uint8),
+    np.random.default_rng(4).integers(0, 4096, (30, 40, 3)).astype(np.uint16),
+    np.random.default_rng(5).integers(-50, 50, (30, 40)).astype(np.int16),
+    np.random.default_rng(6).random((30, 40)).astype(np.float32),
+    np.where(np.random.default_rng(7).random((30, 40)) < 0.1, np.nan, 5.0),
+    np.random.default_rng(8).random((30, 40)) < 0.5,
+    np.full((30, 40), 7, np.uint8),
+])
+def test_the_display_stretch_by_table_lookup_is_the_arithmetic_on_every_pixel(image):
+    from cellseg.results.pictures import _display_rgb
+    values = image.astype(np.float32)      # the stretch written out, pixel by pixel
+    finite = values[np.isfinite(values)]
+    lo, hi = np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0)
+    hi = lo + 1.0 if hi <= lo else hi
+    expected = (np.clip(np.nan_to_num((values - lo) / (hi - lo), nan=0.0), 0, 1) * 255).astype(np.uint8)
+    expected = np.repeat(expected[..., None], 3, axis=2) if expected.ndim == 2 else expected
+    assert np.array_equal(_display_rgb(image), expected)
+
+
 def test_overlay_png_resizes_labels_off_by_rounding(tmp_path):
     labels = np.zeros((21, 26), np.uint32)
     labels[5:15, 5:15] = 3
