@@ -7,7 +7,7 @@
 #     bash scripts/train_long.sh stop       stop it (the checkpoint of the last <= 10 minutes is kept)
 #
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
-# subset of the held-out groups through the real pipeline (RUN/heldout.csv) and the best is kept in RUN/best.
+# subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
 # A new run starts from INIT (default: runs/gpu_call2, the ResNet-34 trained on the H100; else the shipped bundle).
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak; a new run writes both to
 # RUN.settings and every resume reads them back, so the schedule stays the one the run started with.

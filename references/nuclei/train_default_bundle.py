@@ -44,9 +44,7 @@ HELDOUT_COLUMNS = ["step", "fluorescence", "stained_tissue", "brightfield_gray",
 
 def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int) -> None:
     """Score a training snapshot on a fixed subset of the held-out images through the real pipeline
-    (validate_bundle.py), append AP50 pooled per modality to OUT/heldout.csv, and keep the best snapshot (by the mean
-    of the modalities' AP50) as OUT/best. The snapshot folder is removed once scored."""
-    import csv
+    (validate_bundle.py), then record the score (record_snapshot_score)."""
     import json
     import shutil
     import subprocess
@@ -58,7 +56,20 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
                     "--data-root", str(data_root), "--out", str(val_dir), "--device", "cpu",
                     "--per-modality", str(per_modality)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
-    metrics = json.loads((val_dir / "metrics.json").read_text())
+    record_snapshot_score(snapshot, step, json.loads((val_dir / "metrics.json").read_text()), out)
+    shutil.rmtree(val_dir / ".work", ignore_errors=True)
+    for folder in val_dir.iterdir():     # the predictions are re-made at will; keep the figures
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -> dict:
+    """Append a scored snapshot's AP50 pooled per modality (validate_bundle.py's `metrics`) to OUT/heldout.csv, copy
+    it to OUT/best when its mean over the modalities beats every earlier row, and move it to OUT/scored: out of
+    OUT/snapshots, which holds only unscored ones (score_leftover_snapshots), and kept, so that any point of the curve
+    can be interpolated with the start later (scripts/interpolate_bundles.py; ~31 MB a snapshot). Returns the row."""
+    import csv
+    import shutil
     row = {"step": step}
     for name in HELDOUT_COLUMNS[1:6]:
         row[name] = metrics.get(name, {}).get("ap50_tp_fp_fn_pooled")
@@ -66,7 +77,10 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
     per = [row[m] for m in HELDOUT_COLUMNS[1:5] if row[m] is not None]
     row["mean_of_modalities"] = round(sum(per) / len(per), 4)
     log_path = out / "heldout.csv"
-    rows = list(csv.DictReader(open(log_path, newline=""))) if log_path.is_file() else []
+    rows = []
+    if log_path.is_file():
+        with open(log_path, newline="") as f:
+            rows = list(csv.DictReader(f))
     best_before = max((float(r["mean_of_modalities"]) for r in rows), default=-1.0)
     rows = [r for r in rows if int(r["step"]) != step] + [row]
     tmp = log_path.with_suffix(".tmp")
@@ -83,16 +97,16 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
         shutil.rmtree(out / "best", ignore_errors=True)
         staged.rename(out / "best")
         logging.info("step %d is the best so far (mean AP50 %.4f): %s", step, row["mean_of_modalities"], out / "best")
-    shutil.rmtree(snapshot)
-    shutil.rmtree(val_dir / ".work", ignore_errors=True)
-    for folder in val_dir.iterdir():     # the predictions are re-made at will; keep the figures
-        if folder.is_dir():
-            shutil.rmtree(folder)
+    kept = out / "scored" / snapshot.name
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.rename(kept)
+    return row
 
 
 def score_leftover_snapshots(out: Path, score) -> None:
     """Score the snapshots an earlier run of OUT left unscored (`score(folder, step)`, e.g. score_snapshot): scoring
-    removes a snapshot's folder, so one still there was being scored when that run was killed (a session's end; the
+    moves a snapshot out of OUT/snapshots, so one still there was being scored when that run was killed (a session's end; the
     checkpoint had moved past its step, so no later snapshot stands in for it). A snapshot that cannot be scored (a
     half-written or half-removed folder) is removed, with a warning, rather than stopping the run."""
     import shutil

@@ -195,7 +195,7 @@ def test_grayscale_stays_grayscale_under_augmentation():
 
 
 def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
-    """Scoring removes a snapshot; one still on disk was being scored when the run was killed: the resume scores it
+    """Scoring moves a snapshot out of snapshots/; one still there was being scored when the run was killed: the resume scores it
     (in step order), and one that cannot be scored is removed instead of stopping the run."""
     import subprocess
 
@@ -216,3 +216,28 @@ def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["notes.txt"]
     score_leftover_snapshots(tmp_path / "never-trained", score)     # no snapshots folder: nothing to do
     assert scored == [0, 5000]
+
+
+def test_a_scored_snapshot_goes_on_the_curve_is_kept_and_becomes_best_only_when_better(tmp_path):
+    import csv
+
+    from references.nuclei.train_default_bundle import record_snapshot_score
+
+    def metrics(ap50: float) -> dict:
+        per = {m: {"ap50_tp_fp_fn_pooled": ap50} for m in
+               ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all")}
+        return {**per, "all": {"ap50_tp_fp_fn_pooled": ap50, "median_rel_count_error": 0.1}}
+
+    for step, ap50 in ((0, 0.60), (5000, 0.58), (10000, 0.65)):
+        snapshot = tmp_path / "snapshots" / f"step{step:07d}"
+        snapshot.mkdir(parents=True)
+        (snapshot / "weights.safetensors").write_text(f"weights of step {step}")
+        row = record_snapshot_score(snapshot, step, metrics(ap50), tmp_path)
+        assert row["mean_of_modalities"] == ap50 and not snapshot.exists()
+        assert (tmp_path / "scored" / snapshot.name / "weights.safetensors").read_text() == f"weights of step {step}"
+        best = "weights of step 0" if step < 10000 else "weights of step 10000"     # 5000 was worse than 0
+        assert (tmp_path / "best" / "weights.safetensors").read_text() == best
+    with open(tmp_path / "heldout.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 5000, 10000]
+    assert list((tmp_path / "snapshots").iterdir()) == []
