@@ -159,7 +159,7 @@ class Detector:
             measured = measure_slide_norms(body, windows_in)
         if not measured:
             return self._with_body(None)
-        folded = fold_slide_norms(body, in_place=True)     # body is this call's own copy
+        folded = fold_slide_norms(body)     # in place: body is this call's own copy
         if self.device.type == "cpu":
             folded.to(memory_format=torch.channels_last)
         return self._with_body(folded)
