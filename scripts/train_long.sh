@@ -5,6 +5,8 @@
 #     bash scripts/train_long.sh            start or resume (RUN, default runs/long)
 #     bash scripts/train_long.sh status     running or not, steps so far, held-out scores
 #     bash scripts/train_long.sh stop       stop it (the checkpoint of the last <= 10 minutes is kept)
+#     bash scripts/train_long.sh pause      freeze it (SIGSTOP), with a held-out scoring it has started: before timing
+#     bash scripts/train_long.sh resume     let it go on (SIGCONT)                                        a benchmark
 #
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
 # subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
@@ -17,6 +19,9 @@ RUN=${RUN:-runs/long}
 PYTHON=${PYTHON:-python3}
 pid_file="$RUN.pid"
 running() { [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; }
+# The trainer and the validate_bundle child it starts for a snapshot's scoring: signalling the trainer alone
+# would leave a scoring running, and a benchmark timed beside it.
+signal_tree() { local pid; for pid in "$@"; do kill "-$signal" "$pid" 2>/dev/null || true; signal_tree $(pgrep -P "$pid" || true); done; }
 case "${1:-start}" in
 status)
     if running; then echo "running (pid $(cat "$pid_file"))"; else echo "not running"; fi
@@ -27,8 +32,14 @@ stop)
     # SIGTERM, not SIGINT: a background job ignores Ctrl-C; the loop finishes its step and saves first.
     running && kill -TERM "$(cat "$pid_file")" && echo "asked pid $(cat "$pid_file") to stop (it saves first)"
     exit 0 ;;
+pause|resume)
+    running || { echo "not running"; exit 0; }
+    signal=$([ "$1" = pause ] && echo STOP || echo CONT)
+    signal_tree "$(cat "$pid_file")"
+    echo "${1}d pid $(cat "$pid_file") and its children"
+    exit 0 ;;
 start) ;;
-*) echo "train_long.sh: expected start, status or stop, found $1" >&2; exit 2 ;;
+*) echo "train_long.sh: expected start, status, stop, pause or resume, found $1" >&2; exit 2 ;;
 esac
 if running; then echo "already running (pid $(cat "$pid_file")): bash $0 status"; exit 0; fi
 mkdir -p "$(dirname "$RUN")"

@@ -467,3 +467,38 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     out, args = start()
     assert "resuming" in out and "--resume" in args
     assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
+
+
+def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
+    """scripts/train_long.sh pause stops the trainer and the held-out scoring it started (a child process), so a
+    benchmark is not timed beside either; resume lets both go on."""
+    import os
+    import subprocess
+    import time
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_long.sh"
+    trainer = tmp_path / "python"       # stands in for the trainer: a child that keeps running (the scoring)
+    trainer.write_text(f"#!/usr/bin/env bash\nsleep 60 &\necho $! > {tmp_path / 'child'}\nwait\n")
+    trainer.chmod(0o755)
+    env = {**os.environ, "RUN": str(tmp_path / "long"), "PYTHON": str(trainer)}
+
+    def call(*args: str) -> str:
+        return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    def state(pid: str) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    call()
+    for _ in range(100):
+        if (tmp_path / "child").exists() and (tmp_path / "child").read_text().strip():
+            break
+        time.sleep(0.05)
+    pids = [(tmp_path / "long.pid").read_text().strip(), (tmp_path / "child").read_text().strip()]
+    try:
+        assert "paused" in call("pause")
+        assert [state(p) for p in pids] == ["T", "T"]
+        assert "resumed" in call("resume")
+        assert all(state(p) != "T" for p in pids)
+    finally:
+        for p in pids:
+            subprocess.run(["kill", "-CONT", p]), subprocess.run(["kill", "-KILL", p])
