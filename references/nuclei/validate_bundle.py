@@ -111,6 +111,9 @@ def main() -> None:
                    help="a split.json whose 'train' images a training stage of this bundle used: figures are also "
                         "given on the held-out images no stage has seen")
     p.add_argument("--write-card", action="store_true", help="store thresholds + figures in the bundle")
+    p.add_argument("--bundle-thresholds", action="store_true",
+                   help="score at the bundle's own thresholds per modality instead of tuning them on these images: "
+                        "two runs of one bundle (precisions, settings) then compare at the same thresholds")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out images (smoke test)")
     p.add_argument("--per-modality", type=int, default=None,
                    help="only the first N held-out images of each modality (a fixed subset, e.g. a long run's "
@@ -118,6 +121,8 @@ def main() -> None:
     p.add_argument("--modality", choices=MODALITIES, action="append", default=None,
                    help="only the held-out images of this modality (repeatable; a quick look, not a card)")
     args = p.parse_args()
+    if args.bundle_thresholds and args.write_card:
+        p.error("--bundle-thresholds scores at the thresholds the card already has: it cannot also --write-card")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
     modality = split.modality_of()
@@ -148,14 +153,20 @@ def main() -> None:
     for protocol_modality in sorted(set(PROTOCOL_MODALITY.values())):
         pred, truth = subset(lambda k: PROTOCOL_MODALITY[modality[k]] == protocol_modality)
         if truth:
-            thresholds[protocol_modality] = score(pred, truth, bundle.score_threshold).threshold
-    overall = score(*subset(lambda k: True), fallback_threshold=bundle.score_threshold)
-    metrics["score_threshold"] = overall.threshold
+            thresholds[protocol_modality] = (bundle.threshold_for(protocol_modality, tta=args.tta)
+                                             if args.bundle_thresholds
+                                             else score(pred, truth, bundle.score_threshold).threshold)
+    overall = None if args.bundle_thresholds else score(*subset(lambda k: True),
+                                                        fallback_threshold=bundle.score_threshold)
+    overall_threshold = bundle.score_threshold if overall is None else overall.threshold
+    if args.bundle_thresholds:
+        metrics["threshold_chosen_on"] = "the bundle's own thresholds (--bundle-thresholds), not these images"
+    metrics["score_threshold"] = overall_threshold
     metrics["score_threshold_by_modality"] = thresholds
-    logging.info("score thresholds: %s (all together %.2f)", thresholds, overall.threshold)
+    logging.info("score thresholds: %s (all together %.2f)", thresholds, overall_threshold)
 
     def at_thresholds(pred: dict) -> dict:
-        return {k: above(v, thresholds.get(PROTOCOL_MODALITY[modality[k]], overall.threshold))
+        return {k: above(v, thresholds.get(PROTOCOL_MODALITY[modality[k]], overall_threshold))
                 for k, v in pred.items()}
 
     for name in MODALITIES + ("all",):
@@ -175,7 +186,7 @@ def main() -> None:
         update_bundle_metadata(args.bundle, tta_score_thresholds=thresholds,
                                card={"metrics_tta": metrics})
     elif args.write_card:
-        update_bundle_metadata(args.bundle, score_threshold=overall.threshold, score_thresholds=thresholds,
+        update_bundle_metadata(args.bundle, score_threshold=overall_threshold, score_thresholds=thresholds,
                                mask_threshold=args.mask_threshold,
                                card={"metrics": metrics, "threshold_sweep": overall.sweep_table()})
         (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
