@@ -58,13 +58,22 @@ def resolve_precision(requested: str, device_type: str, cuda_bf16: bool = True) 
     return "fp32", "fp32: this CPU has no native bf16 (avx512_bf16 or amx_bf16)"
 
 
-def cpu_model() -> str:
-    """The processor's model name (/proc/cpuinfo; platform.processor() elsewhere)."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name (/proc/cpuinfo; platform.processor() elsewhere), with its x86 family and model
+    numbers where the name alone does not tell the generation: a cloud "AMD EPYC" is Zen 3 (family 25 model 1),
+    Zen 4 (25, 17) or Zen 5 (26, ...), whose speeds and bf16 support differ."""
     import platform
     try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if not line.strip():
+                break                       # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = (f" (family {fields['cpu family']} model {fields['model']})"
+                       if "cpu family" in fields and "model" in fields else "")
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or "unknown"

@@ -26,6 +26,18 @@ def test_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
         precision.resolve_precision("fp16", "cpu")
 
 
+
+def test_the_cpu_model_names_its_generation(tmp_path):
+    """Cloud AMD processors are all "AMD EPYC": the family and model numbers tell Zen 3 from Zen 4 and 5."""
+    from cellseg.detection import cpu_model
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nflags\t\t: avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 99\n")
+    assert cpu_model(info) == "AMD EPYC (family 25 model 17)"
+    info.write_text("model name\t: Apple M2\n")
+    assert cpu_model(info) == "Apple M2"
+
+
 @pytest.mark.slow
 def test_the_detector_takes_the_precision_it_is_given(monkeypatch, tiny_bundle):
     import torch
