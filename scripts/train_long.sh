@@ -21,7 +21,10 @@ pid_file="$RUN.pid"
 running() { [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; }
 # The trainer and the validate_bundle child it starts for a snapshot's scoring: signalling the trainer alone
 # would leave a scoring running, and a benchmark timed beside it.
-signal_tree() { local pid; for pid in "$@"; do kill "-$signal" "$pid" 2>/dev/null || true; signal_tree $(pgrep -P "$pid" || true); done; }
+signal_tree() {    # SIGNAL PID...: each PID and, depth first, its children
+    local signal=$1 pid; shift
+    for pid in "$@"; do kill "-$signal" "$pid" 2>/dev/null || true; signal_tree "$signal" $(pgrep -P "$pid" || true); done
+}
 case "${1:-start}" in
 status)
     if running; then echo "running (pid $(cat "$pid_file"))"; else echo "not running"; fi
@@ -34,8 +37,7 @@ stop)
     exit 0 ;;
 pause|resume)
     running || { echo "not running"; exit 0; }
-    signal=$([ "$1" = pause ] && echo STOP || echo CONT)
-    signal_tree "$(cat "$pid_file")"
+    signal_tree "$([ "$1" = pause ] && echo STOP || echo CONT)" "$(cat "$pid_file")"
     echo "${1}d pid $(cat "$pid_file") and its children"
     exit 0 ;;
 start) ;;

@@ -67,7 +67,8 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
     """Append a scored snapshot's AP50 pooled per modality (validate_bundle.py's `metrics`) to OUT/heldout.csv, copy
     it to OUT/best when its mean over the modalities beats every earlier row, and move it to OUT/scored: out of
     OUT/snapshots, which holds only unscored ones (score_leftover_snapshots), and kept, so that any point of the curve
-    can be interpolated with the start later (`python -m references.nuclei.interpolate_bundles`; ~31 MB a snapshot). Returns the row."""
+    can be interpolated with the start later (`python -m references.nuclei.interpolate_bundles`; ~31 MB a
+    snapshot). Returns the row."""
     import csv
     import shutil
     row = {"step": step}

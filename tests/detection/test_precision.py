@@ -26,7 +26,6 @@ def test_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
         precision.resolve_precision("fp16", "cpu")
 
 
-
 def test_the_cpu_model_names_its_generation(tmp_path):
     """Cloud AMD processors are all "AMD EPYC": the family and model numbers tell Zen 3 from Zen 4 and 5."""
     from cellseg.detection import cpu_model
