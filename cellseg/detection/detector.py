@@ -127,6 +127,7 @@ class Detector:
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
         model.rpn.score_thresh = proposal_threshold
         self.network = TileNetwork(model, contiguous_features=device.type == "cpu")   # per-tile statistics
+        self.seen_input: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None      # see calibrated
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
@@ -147,7 +148,12 @@ class Detector:
         the same shape) pooled over all of them and folded into a copy of the backbone's convolutions
         (detection.slide_norm.fold_slide_norms). Every other part of the network is shared; this detector and its model are
         left as they are. Without windows, or for a network without SlideGroupNorm: per-tile statistics (as in
-        training)."""
+        training).
+
+        A single window is kept with the body's output on it: a slide no larger than a window is also a single
+        tile, the same pixels, and detecting it then skips the body pass that calibrating has just made
+        (`_detect_batch`). Several windows never equal a tile (those are 512 px, a tile's read box is larger), so
+        nothing is kept for them."""
         if not windows:
             return self._with_body(None)
         body = copy.deepcopy(self.model.backbone.body)   # measured on a copy: the shared model keeps per-tile ones
@@ -157,20 +163,31 @@ class Detector:
             if self.device.type == "cpu":   # the body's weights are channels_last there (__init__): so its input
                 windows_in = windows_in.contiguous(memory_format=torch.channels_last)
             measured = measure_slide_norms(body, windows_in)
-        if not measured:
+        if measured is None:
             return self._with_body(None)
         folded = fold_slide_norms(body)     # in place: body is this call's own copy
         if self.device.type == "cpu":
             folded.to(memory_format=torch.channels_last)
-        return self._with_body(folded)
+        return self._with_body(folded, (windows[0], measured) if len(windows) == 1 else None)
 
-    def _with_body(self, body: nn.Module | None) -> Detector:
-        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics)."""
+    def _with_body(self, body: nn.Module | None,
+                   seen: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None) -> Detector:
+        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics); seen: an
+        input and the body's output on it, reused when that input comes to be detected."""
         if body is None and not self.slide_calibrated:
             return self
         other = copy.copy(self)
         other.network = self.network.with_body(body)
+        other.seen_input = seen
         return other
+
+    def _seen_body_output(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor] | None:
+        """The body's output on `images` when they are the one input it has already run on (calibrated), else None."""
+        if self.seen_input is None or len(images) != 1:
+            return None
+        seen, output = self.seen_input
+        image = images[0]
+        return output if image.shape == seen.shape and np.array_equal(image, seen) else None
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
                scale: float = 1.0) -> list[TileDetections]:
@@ -230,7 +247,7 @@ class Detector:
             (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            outputs = self.network(batch, owned_regions)
+            outputs = self.network(batch, owned_regions, body_output=self._seen_body_output(images))
         results = []
         for k, (image, out) in enumerate(zip(batch, outputs)):
             height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]

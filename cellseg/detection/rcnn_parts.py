@@ -111,11 +111,13 @@ class TileNetwork(nn.Module):
         return TileNetwork(self.model, body, self.contiguous_features)
 
     def forward(self, images: list[torch.Tensor],
-                owned_regions: list[tuple[float, float, float, float]] | None = None) -> list[dict[str, torch.Tensor]]:
-        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28)."""
+                owned_regions: list[tuple[float, float, float, float]] | None = None,
+                body_output: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28).
+        body_output: the body's output on these images when it has been computed already (Detector.calibrated)."""
         model = self.model
         batch, _ = model.transform(images)
-        features = model.backbone.fpn(self.body(batch.tensors))
+        features = model.backbone.fpn(self.body(batch.tensors) if body_output is None else body_output)
         proposals, _ = model.rpn(batch, features)
         if self.contiguous_features:
             features = {k: v.contiguous() for k, v in features.items()}

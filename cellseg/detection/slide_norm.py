@@ -68,20 +68,21 @@ def fold_slide_norms(body: nn.Module) -> nn.Module:
     return body
 
 
-def measure_slide_norms(body: nn.Module, batch: torch.Tensor) -> bool:
+def measure_slide_norms(body: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """One forward pass of `body` over `batch` (the slide's windows) in which every SlideGroupNorm measures and keeps
-    its slide statistics. False, and no pass, when `body` has no SlideGroupNorm (nothing to calibrate)."""
+    its slide statistics. Returns that pass's output: each layer normalised by the statistics it has just measured,
+    so what the calibrated body gives for these windows. None, and no pass, when `body` has no SlideGroupNorm
+    (nothing to calibrate)."""
     norms = [m for m in body.modules() if isinstance(m, SlideGroupNorm)]
     if not norms:
-        return False
+        return None
     for m in norms:
         m.calibrating = True
     try:
-        body(batch)
+        return body(batch)
     finally:
         for m in norms:
             m.calibrating = False
-    return True
 
 
 def reset_slide_norms(body: nn.Module) -> None:

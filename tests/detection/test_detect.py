@@ -3,6 +3,8 @@ slide-level normalisation (detection/slide_norm.py), threaded RoIAlign (detectio
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -199,6 +201,37 @@ def test_slide_normalisation_on_one_whole_image_is_plain_groupnorm():
     image = np.random.default_rng(1).random((3, 128, 160), dtype=np.float32)
     plain = _body_features(detector, image)
     assert torch.allclose(_body_features(detector.calibrated([image]), image), plain, atol=1e-4)
+
+
+def test_a_field_that_is_its_own_window_is_detected_without_a_second_body_pass():
+    """A slide no larger than a calibration window is one tile of the same pixels: detecting it reuses the body's
+    output from calibrating (no second body pass) and finds what a fresh body pass finds; any other image, or the
+    window among others, runs the body."""
+    torch.manual_seed(3)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, cpu_streams=1)
+    rng = np.random.default_rng(3)
+    field = rng.random((3, 96, 128), dtype=np.float32)
+    other = rng.random((3, 96, 128), dtype=np.float32)
+    slide_detector = detector.calibrated([field])
+    body_passes = []
+    slide_detector.network.body.register_forward_hook(lambda *_: body_passes.append(1))
+
+    reused = slide_detector.detect([field.copy()])[0]     # equal pixels, another array (as a tile read gives)
+    assert body_passes == []
+    fresh_detector = copy.copy(slide_detector)
+    fresh_detector.seen_input = None
+    fresh = fresh_detector.detect([field])[0]
+    assert body_passes == [1]
+    assert len(fresh.scores) > 0 and len(reused.scores) == len(fresh.scores)
+    # to float rounding (the calibrating pass normalises, the calibrated body has the statistics folded in), which
+    # can swap near-tied scores and move a box edge by a pixel
+    assert np.allclose(np.sort(reused.scores), np.sort(fresh.scores), atol=1e-4)
+    nearest = np.abs(reused.boxes[:, None] - fresh.boxes[None]).max(-1).min(1)
+    assert nearest.max() <= 1
+    slide_detector.detect([other])
+    slide_detector.detect([field, other])
+    assert body_passes == [1, 1, 1]
+    assert detector.calibrated([field, other]).seen_input is None   # several windows: nothing kept
 
 
 def test_slide_statistics_pool_every_value_of_a_group_over_all_windows():
