@@ -297,7 +297,9 @@ def write_report(folder: Path, slide=None) -> list[str]:
             log.warning("%s: %s", folder.name, crops_note)
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
-        heatmap=_b64(heatmap_png(overlay, density, unit, summary["height_px"], summary["width_px"], grid.tile_px)),
+        # one tile: its density is the slide's (above), and the map would be one square over the overlay
+        heatmap=(_b64(heatmap_png(overlay, density, unit, summary["height_px"], summary["width_px"], grid.tile_px))
+                 if grid.rows * grid.cols > 1 else None),
         density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},

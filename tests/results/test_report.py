@@ -41,6 +41,20 @@ def test_every_result_folder_has_a_self_contained_report(he_result):
     assert summary["warnings"] == []      # a clean slide: real pixel size, usual density, scores spread
 
 
+def test_a_one_tile_field_has_no_density_map(tmp_path):
+    """A field no larger than a tile has one density, the slide's: the page says so instead of drawing one square."""
+    import tifffile
+
+    from ..helpers import EXAMPLES, oracle_result
+    tifffile.imwrite(tmp_path / "field.tif", tifffile.imread(EXAMPLES / "fluo_mosaic.ome.tif")[:384, :448])
+    tifffile.imwrite(tmp_path / "field_labels.tif", tifffile.imread(EXAMPLES / "fluo_mosaic_labels.tif")[:384, :448])
+    folder = oracle_result(tmp_path / "field.tif", tmp_path / "field_labels.tif", tmp_path / "field.cellseg")
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    _assert_self_contained(page)
+    assert 'id="heatmap"' not in page and "is one tile of" in page
+    assert 'id="overlay"' in page and "<figcaption>" in page     # the overlay and the crop are still there
+
+
 def test_warnings_say_why_a_number_may_be_wrong():
     import pandas as pd
 
