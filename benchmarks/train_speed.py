@@ -7,6 +7,8 @@ recipe's augmentation, from the first training images of the bundle's split), so
     cl          fp32, channels_last
     bf16_cl     bf16 autocast + channels_last      (RoIAlign pools in fp32; only where bf16 is native, or --force-bf16)
     bf16_cl_rpn ... and RPN training proposals 2000/1000 instead of 4000/2000 (with --rpn-trim)
+    recipe_B    the recipe (bf16_cl where native, else cl) on a fresh network with backbone B, random weights
+                (with --backbone B, e.g. resnet34): what a step of a larger network costs here
 
 Rounds alternate the variants (a few steps each), so a machine that slows down slows all of them alike; the table
 gives the median seconds per step, steps per hour and the ratio to `shipped`.
@@ -71,6 +73,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force-bf16", action="store_true", help="time bf16 where it is emulated too")
     p.add_argument("--rpn-trim", action="store_true", help="also time RPN training proposals 2000/1000")
+    p.add_argument("--backbone", default=None, help="also time the recipe on a fresh network with this backbone")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.threads:
@@ -83,6 +86,9 @@ def main() -> None:
         if args.rpn_trim:
             variants["bf16_cl_rpn"] = ("bf16", True, dataclasses.replace(
                 bundle.model, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000))
+    if args.backbone:
+        variants[f"recipe_{args.backbone}"] = ("bf16" if native or args.force_bf16 else "fp32", True,
+                                               dataclasses.replace(bundle.model, backbone=args.backbone))
     total = args.rounds * args.steps + 2
     data = batches(args.bundle, args.data_root, 24, total, args.batch_size, args.crop)
     dev = torch.device("cpu")
@@ -91,7 +97,8 @@ def main() -> None:
     for name, (precision, channels_last, cfg) in variants.items():
         torch.manual_seed(0)
         model = build_model(cfg)
-        model.load_state_dict(state)
+        if not name.startswith("recipe_"):     # recipe_B: a fresh network, its own random weights
+            model.load_state_dict(state)
         model, chosen, _ = prepare_for_training(model, dev, precision, channels_last=channels_last)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
         runs[name] = {"model": model, "optim": optim, "precision": chosen, "times": [], "losses": []}
