@@ -258,17 +258,13 @@ def write_report(folder: Path, slide=None) -> list[str]:
     """Write `folder`/report.html from the result files there, and its warnings into summary.json. slide: the open
     slide for the crops (None: opened from run.json's path, and the crops left out when it is not there). Returns the
     warnings."""
-    from .report_plots import heatmap_png, histogram_png
+    from .report_plots import histogram_png
     folder = Path(folder)
     summary, run = _read_json(folder / "summary.json"), _read_json(folder / "run.json")
     cells = _cells_table(folder, summary)
     grid = tile_grid(summary, cells, folder / "tissue_mask.png")
     density, unit = tile_densities(grid, summary)
     warnings = slide_warnings(summary, run, cells, grid)
-    from PIL import Image
-    overlay = Image.open(folder / "overlay.png").convert("RGB")
-    overlay.thumbnail((800, 800))     # the heat map's backdrop: a 2048² overlay costs seconds to draw for nothing
-    overlay = np.asarray(overlay)
     mpp = summary.get("mpp")
     area_unit = "µm²" if mpp else "px"
     figures = [("Nucleus area", (folder / "area_histogram.png").read_bytes())]   # the writer's, same plot
@@ -297,9 +293,7 @@ def write_report(folder: Path, slide=None) -> list[str]:
             log.warning("%s: %s", folder.name, crops_note)
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
-        # one tile: its density is the slide's (above), and the map would be one square over the overlay
-        heatmap=(_b64(heatmap_png(overlay, density, unit, summary["height_px"], summary["width_px"], grid.tile_px))
-                 if grid.rows * grid.cols > 1 else None),
+        heatmap=_density_map(folder, grid, density, unit, summary),
         density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
@@ -309,6 +303,20 @@ def write_report(folder: Path, slide=None) -> list[str]:
     summary["warnings"] = warnings
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str))
     return warnings
+
+
+def _density_map(folder: Path, grid: TileGrid, density: np.ndarray, unit: str, summary: dict) -> str | None:
+    """The density per tile over the overlay, as base64 PNG; None for a one-tile slide, whose density is the slide's
+    (the page states it) and whose map would be one square."""
+    if grid.rows * grid.cols == 1:
+        return None
+    from PIL import Image
+
+    from .report_plots import heatmap_png
+    overlay = Image.open(folder / "overlay.png").convert("RGB")
+    overlay.thumbnail((800, 800))     # the map's backdrop: a 2048² overlay costs seconds to draw for nothing
+    return _b64(heatmap_png(np.asarray(overlay), density, unit, summary["height_px"], summary["width_px"],
+                            grid.tile_px))
 
 
 @dataclass
