@@ -10,6 +10,8 @@ module changes pixel values only, so the masks stay valid:
 - contrast, gamma, brightness and per-channel gain.
 - dim nuclei: some nuclei pulled towards the background level (weakly stained or out of the focal plane), the
   misses that make counts low on dense tissue sections.
+- polarity: colour crops turned gray (dark nuclei on a light ground, as grayscale brightfield), and grayscale crops
+  inverted (fluorescence's bright nuclei on a dark ground become dark ones on a light ground).
 
 Every probability and range lives in `Augmentation`, recorded in the model card.
 """
@@ -45,6 +47,11 @@ class Augmentation:
     # Colour crops turned to gray (luminance): grayscale brightfield (dark nuclei on a light ground) is held out
     # whole, so without this the model never sees a gray image whose nuclei are dark.
     gray_p: float = 0.15
+    # Grayscale crops inverted (1 - x): in training data, fluorescence is nearly every gray image, so a gray image's
+    # bright blobs are nuclei; on a grayscale brightfield smear that rule outlines the pale cytoplasm between dark
+    # regions. Inverted fluorescence shows dark nuclei on a light ground instead. Off in the recipe until a held-out
+    # comparison keeps it (docs/training.md).
+    invert_p: float = 0.0
 
     def describe(self) -> str:
         return (f"zoom {self.scale[0]}-{self.scale[1]}x, flips, 90° rotations; HED stain jitter (p {self.hed_p}, gain "
@@ -54,7 +61,7 @@ class Augmentation:
                 f"±{self.brightness}, per-channel gain ±{self.channel_gain}; {int(self.dim_fraction * 100)} % of nuclei "
                 f"dimmed to {self.dim_factor[0]}-{self.dim_factor[1]} of their contrast (p {self.dim_p}); "
                 f"{int(self.nucleus_centred_p * 100)} % of crops centred on a random nucleus; colour crops turned "
-                f"gray (p {self.gray_p})")
+                f"gray (p {self.gray_p})" + (f"; grayscale crops inverted (p {self.invert_p})" if self.invert_p else ""))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -62,7 +69,7 @@ class Augmentation:
 
 NO_AUGMENTATION = Augmentation(scale=(1.0, 1.0), hed_p=0.0, blur_p=0.0, noise_p=0.0, gamma=(1.0, 1.0),
                                contrast=(1.0, 1.0), brightness=0.0, channel_gain=0.0, dim_p=0.0,
-                               nucleus_centred_p=0.0, gray_p=0.0)
+                               nucleus_centred_p=0.0, gray_p=0.0, invert_p=0.0)
 
 
 def is_colour(image: np.ndarray) -> bool:
@@ -110,6 +117,8 @@ def augment_pixels(image: np.ndarray, masks: np.ndarray, colour: bool, rng: np.r
     if colour and rng.random() < aug.gray_p:
         out = np.repeat((0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None], 3, axis=0).astype(np.float32)
         colour = False    # from here on treated as the grayscale image it now is
+    elif not colour and aug.invert_p and rng.random() < aug.invert_p:   # a converted crop already has brightfield's polarity
+        out = 1.0 - out
     if rng.random() < aug.dim_p:
         out = dim_nuclei(out, masks, rng, aug.dim_fraction, aug.dim_factor)
     if rng.random() < aug.blur_p:

@@ -50,6 +50,30 @@ def parse_mix(text: str | None) -> dict[str, float]:
     return mix
 
 
+def parse_augmentation(text: str | None):
+    """'invert_p=0.2,gray_p=0.1' -> the default Augmentation with those scalar fields changed; None -> the default."""
+    import dataclasses
+
+    from cellseg.training import Augmentation
+    default = Augmentation()
+    if not text:
+        return default
+    scalars = {f.name for f in dataclasses.fields(Augmentation) if isinstance(getattr(default, f.name), float)}
+    changes = {}
+    for part in text.split(","):
+        name, sep, value = (t.strip() for t in part.partition("="))
+        if name not in scalars:
+            raise CellsegError(f"expected augmentation settings as one of {', '.join(sorted(scalars))}=number, "
+                               f"found {part!r}")
+        try:
+            changes[name] = float(value)
+        except ValueError:
+            raise CellsegError(f"expected augmentation settings as name=number, found {part!r}") from None
+        if name.endswith("_p") and not 0 <= changes[name] <= 1:
+            raise CellsegError(f"expected a probability between 0 and 1 for {name}, found {value}")
+    return dataclasses.replace(default, **changes)
+
+
 def modality_weights(images: list[AnnotatedImage], mix: dict[str, float]) -> tuple[np.ndarray, str]:
     """Per-image draw weights giving each modality its share of `mix` (renormalised over those present)."""
     present = sorted({im.modality for im in images})

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from cellseg.errors import CellsegError
-from cellseg.training import Augmentation, TrainSettings
+from cellseg.training import TrainSettings
 
 from .datasets import PROJECT_DATA_ROOT
-from .recipe import parse_mix, run_recipe
+from .recipe import parse_augmentation, parse_mix, run_recipe
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -145,6 +145,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init", default="none", help="none | coco | coco:FILE | BUNDLE to fine-tune")
     p.add_argument("--mix", default=None, help="draw shares by modality, e.g. fluorescence=0.45,he_breast=0.25,...")
+    p.add_argument("--augment", default=None,
+                   help="augmentation settings changed from cellseg.training.Augmentation's, e.g. invert_p=0.2")
     p.add_argument("--limit", type=int, default=None, help="only the first N training images (smoke test)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast where the processor has it natively (auto), or as given")
@@ -163,11 +165,15 @@ def main() -> None:
             p.error("--backbone is for a training from scratch (--init none)")
         from cellseg.bundles import ModelConfig
         model_cfg = ModelConfig(backbone=args.backbone)
+    try:
+        augmentation = parse_augmentation(args.augment)
+    except CellsegError as e:
+        p.error(str(e))
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
                              schedule_minutes=args.schedule_minutes, workers=args.workers,
                              precision=args.precision, snapshot_every=args.snapshot_every,
-                             augmentation=Augmentation())
+                             augmentation=augmentation)
     on_snapshot = None
     if args.snapshot_every:
         on_snapshot = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,

@@ -194,6 +194,42 @@ def test_grayscale_stays_grayscale_under_augmentation():
         assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
 
 
+def test_inverted_grayscale_crops_turn_bright_nuclei_dark_and_leave_colour_crops_alone():
+    """invert_p: a fluorescence crop's bright nuclei on a dark ground become dark nuclei on a light ground (the
+    polarity of grayscale brightfield); a colour crop keeps its polarity (turned gray, it has brightfield's already)."""
+    rng = np.random.default_rng(5)
+    image = np.full((3, 20, 20), 0.1, np.float32)
+    nucleus = np.zeros((1, 20, 20), bool)
+    nucleus[0, 5:12, 5:12] = True
+    image[:, nucleus[0]] = 0.8
+    plain = dict(hed_p=0.0, gray_p=0.0, blur_p=0.0, noise_p=0.0, dim_p=0.0, gamma=(1.0, 1.0), contrast=(1.0, 1.0),
+                 brightness=0.0, channel_gain=0.0)
+    out = augment_pixels(image, nucleus, False, rng, Augmentation(**plain, invert_p=1.0))
+    assert np.allclose(out[:, nucleus[0]], 0.2) and np.allclose(out[:, ~nucleus[0]], 0.9)
+    colour = image * np.array([1.0, 0.8, 0.6], np.float32)[:, None, None]
+    assert np.array_equal(augment_pixels(colour, nucleus, True, rng, Augmentation(**plain, invert_p=1.0)), colour)
+    # off (the recipe's default until measured): no draw from the generator, so earlier runs' crops are unchanged
+    a, b = np.random.default_rng(6), np.random.default_rng(6)
+    augment_pixels(image, nucleus, False, a, Augmentation(**plain, invert_p=0.0))
+    augment_pixels(image, nucleus, False, b, Augmentation(**plain))
+    assert a.random() == b.random()
+
+
+def test_recipe_augmentation_settings_change_named_fields_only():
+    from references.nuclei.recipe import parse_augmentation
+    assert parse_augmentation(None) == Augmentation()
+    changed = parse_augmentation("invert_p=0.2, gray_p=0.1")
+    assert (changed.invert_p, changed.gray_p, changed.dim_p) == (0.2, 0.1, Augmentation().dim_p)
+    with pytest.raises(CellsegError, match="expected augmentation settings as one of .*invert_p"):
+        parse_augmentation("invert=0.2")
+    with pytest.raises(CellsegError, match="expected augmentation settings as one of"):
+        parse_augmentation("scale=0.2")      # a range, not a number
+    with pytest.raises(CellsegError, match="expected a probability between 0 and 1 for invert_p, found 1.5"):
+        parse_augmentation("invert_p=1.5")
+    with pytest.raises(CellsegError, match="expected augmentation settings as name=number, found 'gray_p=x'"):
+        parse_augmentation("gray_p=x")
+
+
 def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
     """Scoring moves a snapshot out of snapshots/; one still there was being scored when the run was killed: the resume scores it
     (in step order), and one that cannot be scored is removed instead of stopping the run."""
