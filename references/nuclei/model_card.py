@@ -67,6 +67,40 @@ divided by 8), on the same held-out images; score thresholds chosen the same way
 """
 
 
+CURVE_COLUMNS = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all", "median_count_error_all")
+
+
+def curve_table(rows: list[dict], run) -> dict:
+    """The card's [heldout_curve] (model.toml): a long run's held-out rows (plot_heldout.read_curve) as one array
+    per column; a column some snapshot lacks is left out (TOML has no null)."""
+    table = {"run": str(run), "steps": [r["step"] for r in rows]}
+    table.update({c: [r[c] for r in rows] for c in CURVE_COLUMNS if all(r.get(c) is not None for r in rows)})
+    return table
+
+
+def _curve_section(curve: dict | None) -> str:
+    if not curve:
+        return ""
+    columns = [c for c in CURVE_COLUMNS if c in curve]
+    header = ["step"] + [LABELS.get(c, "median count error, all") for c in columns]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k, step in enumerate(curve["steps"]):
+        rows.append(f"| {step:,} | " + " | ".join(_fmt(curve[c][k], pct=c.startswith("median")) for c in columns)
+                    + " |")
+    table = "\n".join(rows)
+    return f"""
+## Held-out AP50 against training steps
+
+The long run this bundle's last training stage comes from (`{curve['run']}`): every 5,000 steps a snapshot scored
+through the `cellseg count` pipeline on a fixed subset of the held-out groups (the same first images of each modality),
+AP50 pooled, thresholds tuned per snapshot; a smaller set than the figures above, so its values differ from theirs.
+
+![held-out AP50 per modality against training steps](heldout_curve.png)
+
+{table}
+"""
+
+
 def _reproduce(stages: list[dict]) -> str:
     lines = [f"{k + 1}. `{s['reproduce']}`" for k, s in enumerate(stages) if s.get("reproduce")]
     return "\n".join(lines) or "see references/nuclei/train_default_bundle.py"
@@ -117,7 +151,7 @@ images: {threshold_text}.
 {figures_table(m)}
 
 {c.get('validation_note', '')}
-{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}
+{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}{_curve_section(c.get('heldout_curve'))}
 ## Limitations
 
 2D nuclei at the native pixel sizes of the training data (nuclei ~10-40 px across; the pipeline resamples to

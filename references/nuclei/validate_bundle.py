@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 from cellseg.bundles import load_bundle, update_bundle_metadata
+from cellseg.errors import CellsegError
 from cellseg.evaluation import (
     VALIDATION_PROTOCOL,
     above,
@@ -37,7 +38,8 @@ from cellseg.evaluation import (
 from cellseg.evaluation import predict as predict_images
 
 from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, PROTOCOL_MODALITY, Split
-from .model_card import card_readme
+from .model_card import card_readme, curve_table
+from .plot_heldout import plot_curve, read_curve
 
 MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
 
@@ -111,6 +113,9 @@ def main() -> None:
                    help="a split.json whose 'train' images a training stage of this bundle used: figures are also "
                         "given on the held-out images no stage has seen")
     p.add_argument("--write-card", action="store_true", help="store thresholds + figures in the bundle")
+    p.add_argument("--heldout-curve", type=Path, default=None, metavar="RUN",
+                   help="with --write-card: the long run this bundle comes from; its held-out curve (RUN/heldout.csv) "
+                        "goes into the card, as a table and heldout_curve.png")
     p.add_argument("--bundle-thresholds", action="store_true",
                    help="score at the bundle's own thresholds per modality instead of tuning them on these images: "
                         "two runs of one bundle (precisions, settings) then compare at the same thresholds")
@@ -123,6 +128,14 @@ def main() -> None:
     args = p.parse_args()
     if args.bundle_thresholds and args.write_card:
         p.error("--bundle-thresholds scores at the thresholds the card already has: it cannot also --write-card")
+    if args.heldout_curve and not args.write_card:
+        p.error("--heldout-curve goes into a card: it needs --write-card")
+    curve = None
+    if args.heldout_curve:
+        try:   # before minutes of scoring, not after
+            curve = read_curve(args.heldout_curve)
+        except CellsegError as e:
+            p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
     modality = split.modality_of()
@@ -186,9 +199,12 @@ def main() -> None:
         update_bundle_metadata(args.bundle, tta_score_thresholds=thresholds,
                                card={"metrics_tta": metrics})
     elif args.write_card:
+        card = {"metrics": metrics, "threshold_sweep": overall.sweep_table()}
+        if curve is not None:
+            card["heldout_curve"] = curve_table(curve, args.heldout_curve)
+            plot_curve(curve, args.bundle / "heldout_curve.png")
         update_bundle_metadata(args.bundle, score_threshold=overall_threshold, score_thresholds=thresholds,
-                               mask_threshold=args.mask_threshold,
-                               card={"metrics": metrics, "threshold_sweep": overall.sweep_table()})
+                               mask_threshold=args.mask_threshold, card=card)
         (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
         logging.info("card updated in %s", args.bundle / "model.toml")
 

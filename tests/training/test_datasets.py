@@ -230,6 +230,50 @@ def test_recipe_augmentation_settings_change_named_fields_only():
         parse_augmentation("gray_p=x")
 
 
+def test_the_long_runs_heldout_curve_goes_into_the_card_and_says_when_it_is_flat(tmp_path):
+    """plot_heldout reads RUN/heldout.csv (train_default_bundle's rows), knows flatness only once the curve spans the
+    window, and validate_bundle --heldout-curve puts it in the card: a table in model.toml, the plot and a table in
+    README.md."""
+    import os
+    import shutil
+
+    from cellseg.bundles import load_bundle, update_bundle_metadata
+    from references.nuclei.model_card import card_readme, curve_table
+    from references.nuclei.plot_heldout import flat_ranges, plot_curve, read_curve
+    from references.nuclei.train_default_bundle import HELDOUT_COLUMNS
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CellsegError, match="expected .*heldout.csv \\(a run with --snapshot-every\\), found none"):
+        read_curve(run)
+    values = {0: (0.775, 0.686, 0.544, 0.574), 5000: (0.773, 0.659, 0.480, 0.693),
+              10000: (0.787, 0.682, 0.384, 0.670), 20000: (0.789, 0.684, 0.386, 0.672)}
+    lines = [",".join(HELDOUT_COLUMNS)] + [f"{step},{','.join(map(str, v))},0.65,0.1,0.64" for step, v in
+                                           sorted(values.items(), reverse=True)]
+    (run / "heldout.csv").write_text("\n".join(lines) + "\n")
+    rows = read_curve(run)
+    assert [r["step"] for r in rows] == [0, 5000, 10000, 20000] and rows[1]["he_breast"] == 0.693
+    assert flat_ranges(rows[:3], 15000) is None                 # spans 10,000 steps: not yet known
+    ranges = flat_ranges(rows, 15000)                           # 5,000 to 20,000
+    assert ranges["brightfield_gray"] == pytest.approx(0.480 - 0.384) and ranges["fluorescence"] == pytest.approx(0.016)
+    assert flat_ranges(rows, 10000)["fluorescence"] == pytest.approx(0.002)    # 10,000 to 20,000: flat
+
+    shipped = Path(__file__).resolve().parents[2] / "cellseg" / "models" / "nuclei"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in shipped.iterdir():     # the weights linked, not copied: the card is all that changes
+        os.link(f, bundle / f.name) if f.suffix == ".safetensors" else shutil.copy(f, bundle / f.name)
+    table = curve_table(rows, run)
+    update_bundle_metadata(bundle, card={"heldout_curve": table})
+    plot_curve(rows, bundle / "heldout_curve.png")
+    loaded = load_bundle(bundle)
+    assert loaded.card["heldout_curve"]["steps"] == [0, 5000, 10000, 20000]
+    readme = card_readme(loaded)
+    assert "## Held-out AP50 against training steps" in readme and "](heldout_curve.png)" in readme
+    assert "| 5,000 | 0.773 | 0.659 | 0.480 | 0.693 | 0.650 | 10.0 % |" in readme
+    assert (bundle / "heldout_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Held-out AP50 against training steps" not in card_readme(load_bundle(shipped))
+
+
 def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
     """Scoring moves a snapshot out of snapshots/; one still there was being scored when the run was killed: the resume scores it
     (in step order), and one that cannot be scored is removed instead of stopping the run."""
