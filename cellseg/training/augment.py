@@ -49,8 +49,8 @@ class Augmentation:
     gray_p: float = 0.15
     # Grayscale crops inverted (1 - x): in training data, fluorescence is nearly every gray image, so a gray image's
     # bright blobs are nuclei; on a grayscale brightfield smear that rule outlines the pale cytoplasm between dark
-    # regions. Inverted fluorescence shows dark nuclei on a light ground instead. Off in the recipe until a held-out
-    # comparison keeps it (docs/training.md).
+    # regions. Inverted fluorescence shows dark nuclei on a light ground instead. Off in the recipe: a held-out
+    # comparison found more gray nuclei and as many more false positives (docs/training.md).
     invert_p: float = 0.0
 
     def describe(self) -> str:

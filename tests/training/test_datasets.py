@@ -208,7 +208,7 @@ def test_inverted_grayscale_crops_turn_bright_nuclei_dark_and_leave_colour_crops
     assert np.allclose(out[:, nucleus[0]], 0.2) and np.allclose(out[:, ~nucleus[0]], 0.9)
     colour = image * np.array([1.0, 0.8, 0.6], np.float32)[:, None, None]
     assert np.array_equal(augment_pixels(colour, nucleus, True, rng, Augmentation(**plain, invert_p=1.0)), colour)
-    # off (the recipe's default until measured): no draw from the generator, so earlier runs' crops are unchanged
+    # off (the recipe's default): no draw from the generator, so earlier runs' crops are unchanged
     a, b = np.random.default_rng(6), np.random.default_rng(6)
     augment_pixels(image, nucleus, False, a, Augmentation(**plain, invert_p=0.0))
     augment_pixels(image, nucleus, False, b, Augmentation(**plain))
