@@ -61,7 +61,8 @@ class Augmentation:
                 f"±{self.brightness}, per-channel gain ±{self.channel_gain}; {int(self.dim_fraction * 100)} % of nuclei "
                 f"dimmed to {self.dim_factor[0]}-{self.dim_factor[1]} of their contrast (p {self.dim_p}); "
                 f"{int(self.nucleus_centred_p * 100)} % of crops centred on a random nucleus; colour crops turned "
-                f"gray (p {self.gray_p})" + (f"; grayscale crops inverted (p {self.invert_p})" if self.invert_p else ""))
+                f"gray (p {self.gray_p})"
+                + (f"; grayscale crops inverted (p {self.invert_p})" if self.invert_p else ""))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -117,8 +118,8 @@ def augment_pixels(image: np.ndarray, masks: np.ndarray, colour: bool, rng: np.r
     if colour and rng.random() < aug.gray_p:
         out = np.repeat((0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None], 3, axis=0).astype(np.float32)
         colour = False    # from here on treated as the grayscale image it now is
-    elif not colour and aug.invert_p and rng.random() < aug.invert_p:   # a converted crop already has brightfield's polarity
-        out = 1.0 - out
+    elif not colour and aug.invert_p and rng.random() < aug.invert_p:
+        out = 1.0 - out   # a gray crop only: one converted from colour already has brightfield's polarity
     if rng.random() < aug.dim_p:
         out = dim_nuclei(out, masks, rng, aug.dim_fraction, aug.dim_factor)
     if rng.random() < aug.blur_p:

@@ -6,6 +6,8 @@ training stage with its hardware and time, the hold-out split, and the validatio
 
 from __future__ import annotations
 
+from .plot_heldout import MODALITIES
+
 LABELS = {"fluorescence": "fluorescence (DSB2018)", "stained_tissue": "stained tissue (DSB2018, H&E-like)",
           "brightfield_gray": "grayscale brightfield (DSB2018)", "he_breast": "H&E breast cancer, 40x (TNBC)",
           "all": "all"}
@@ -67,7 +69,7 @@ divided by 8), on the same held-out images; score thresholds chosen the same way
 """
 
 
-CURVE_COLUMNS = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all", "median_count_error_all")
+CURVE_COLUMNS = MODALITIES + ("all", "median_count_error_all")     # heldout.csv's, as plot_heldout reads them
 
 
 def curve_table(rows: list[dict], run) -> dict:
