@@ -123,7 +123,7 @@ class ThresholdDetector:
     device = "cpu"
     class_names = ("nucleus",)
 
-    def calibrated(self, windows):
+    def calibrated(self, windows, gray=False):
         return self
 
     def detect(self, images, tiles, scale=1.0):

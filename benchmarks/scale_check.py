@@ -35,7 +35,7 @@ def main() -> None:
     from cellseg.cli import result_stem
     from cellseg.evaluation import load_image_masks, match, pair_iou
     from cellseg.geometry import Box
-    from cellseg.planning import load_protocol, measure_diameter, measure_range, select_channels
+    from cellseg.planning import NetworkInput, load_protocol, measure_diameter, measure_range, select_channels
     from cellseg.run import CellCounter
     from cellseg.slides import open_slide
 
@@ -49,7 +49,8 @@ def main() -> None:
             info = slide.info
             pixels = slide.read_region(Box(0, 0, info.height, info.width))
             thumb, factor = slide.read_thumbnail(2048)
-            measured = measure_diameter(slide, detector, None, measure_range(select_channels(thumb, None)),
+            measured = measure_diameter(slide, detector,
+                                        NetworkInput(None, measure_range(select_channels(thumb, None))),
                                         protocol, thumb, factor)
         h, w = info.height // 2 * 2, info.width // 2 * 2
         half = pixels[:h, :w].reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3)).round().astype(pixels.dtype)

@@ -50,10 +50,12 @@ class LabelReadingDetector:
         self.score = score
         self.seconds_per_tile = seconds_per_tile     # a count slow enough to be interrupted on purpose
         self.windows: list[np.ndarray] = []
+        self.gray: bool | None = None          # what the last calibration was told of the slide's input
         self.seen: list[int] = []
 
-    def calibrated(self, windows) -> LabelReadingDetector:
+    def calibrated(self, windows, gray=False) -> LabelReadingDetector:
         self.windows = [w.copy() for w in windows]
+        self.gray = gray
         return self
 
     def detect(self, images, tiles, scale=1.0):

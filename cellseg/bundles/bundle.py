@@ -22,6 +22,7 @@ from ..errors import BundleError
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
 _WEIGHTS = "weights.safetensors"
+GRAY_SUFFIX = "_gray"      # [inference.score_threshold_by_modality] brightfield_gray: for gray network input
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,23 @@ class Bundle:
     card: dict = field(default_factory=dict)   # [training], [metrics], ... free-form, for people
     proposal_threshold: float = 0.0     # RPN objectness floor at inference (speed; 0 keeps every proposal)
     # Score threshold tuned per imaging modality (a protocol's `modality`: fluorescence | brightfield) on held-out
-    # images of that modality; score_threshold is the fallback for a modality the bundle was not tuned on.
+    # images of that modality, and per modality + GRAY_SUFFIX ("brightfield_gray") for a slide whose network input
+    # has no colour (detection.detector.gray_input): grayscale smears and colour tissue are both brightfield, but
+    # their false positives differ; score_threshold is the fallback for a modality the bundle was not tuned on.
     score_thresholds: dict[str, float] = field(default_factory=dict)
     # The same, tuned with test-time augmentation (cellseg.detection.tta: merged scores of 8 views are another scale).
     tta_score_thresholds: dict[str, float] = field(default_factory=dict)
 
-    def threshold_for(self, modality: str | None, tta: bool = False) -> float:
-        """The score threshold tuned for `modality` (with TTA when `tta` and the bundle has one), else the
-        bundle's default."""
-        if tta and modality in self.tta_score_thresholds:
-            return self.tta_score_thresholds[modality]
-        return float(self.score_thresholds.get(modality, self.score_threshold))
+    def threshold_for(self, modality: str | None, tta: bool = False, gray: bool = False) -> float:
+        """The score threshold tuned for `modality` (with TTA when `tta` and the bundle has one; for a gray network
+        input when `gray` and the bundle has one), else the one for `modality`, else the bundle's default."""
+        tables = [self.tta_score_thresholds, self.score_thresholds] if tta else [self.score_thresholds]
+        keys = [f"{modality}{GRAY_SUFFIX}", modality] if gray else [modality]
+        for table in tables:        # a gray threshold without TTA is no stand-in for a TTA one
+            for key in keys:
+                if key in table:
+                    return float(table[key])
+        return float(self.score_threshold)
 
     def training_stages(self) -> list[dict]:
         """Every training stage that made this bundle, oldest first, its own last: the `earlier_stages` of a

@@ -85,6 +85,8 @@ class Detector:
     The model comes from network.build_model (bundle.Bundle.build): its RoI heads are detection.rcnn_parts.TileRoIHeads. The
     detector takes the model over (eval mode, on `device`, its thresholds set) and is configured once, here:
     score_threshold: detections scoring below are dropped (inside torchvision, before the mask head);
+    gray_score_threshold: the score threshold instead for a slide whose network input has no colour (`calibrated`
+    with gray=True; None: score_threshold);
     mask_threshold: soft-mask probability threshold; proposal_threshold: RPN objectness below this never reaches
     the box head; batch_size: tiles per forward pass (on a CPU with streams, one); precision: auto | fp32 | bf16 on a CPU
     (cellseg.detection.precision), a GPU runs fp16 autocast unless fp32. A slide's normalisation comes as another
@@ -95,9 +97,13 @@ class Detector:
 
     def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
                  score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
-                 batch_size: int = 4, precision: str = "fp32", cpu_streams: int | None = None):
+                 batch_size: int = 4, precision: str = "fp32", cpu_streams: int | None = None,
+                 gray_score_threshold: float | None = None):
         self.model, self.device, self.class_names = model, device, tuple(class_names)
+        # score_threshold: the one in force (a calibrated detector's is its slide's); the pair: both to choose from
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
+        self.colour_and_gray_thresholds = (score_threshold, score_threshold if gray_score_threshold is None
+                                           else gray_score_threshold)
         self.proposal_threshold, self.batch_size, self.precision = proposal_threshold, batch_size, precision
         self.streams = None
         if device.type == "cpu":
@@ -121,8 +127,9 @@ class Detector:
             model.to(memory_format=torch.channels_last)
             thread_roi_pools(model)
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
-        # cells on the example mosaic) goes through the mask branch only to be thrown away here.
-        model.roi_heads.score_thresh = score_threshold
+        # cells on the example mosaic) goes through the mask branch only to be thrown away here. At the lower of the
+        # two thresholds: the shared model serves slides of either; _to_tile_detections applies the slide's.
+        model.roi_heads.score_thresh = min(self.colour_and_gray_thresholds)
         # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
         model.rpn.score_thresh = proposal_threshold
@@ -131,11 +138,13 @@ class Detector:
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
-                    batch_size: int = 4, precision: str = "fp32") -> Detector:
+                    batch_size: int = 4, precision: str = "fp32",
+                    gray_score_threshold: float | None = None) -> Detector:
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
         return cls(load_network(bundle), resolve_device(device), class_names=tuple(bundle.model.classes),
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
-                   proposal_threshold=bundle.proposal_threshold, precision=precision)
+                   proposal_threshold=bundle.proposal_threshold, precision=precision,
+                   gray_score_threshold=gray_score_threshold)
 
     @property
     def slide_calibrated(self) -> bool:
@@ -143,10 +152,11 @@ class Detector:
         return self.network.body is not self.model.backbone.body
 
     @torch.no_grad()
-    def calibrated(self, windows: Sequence[np.ndarray]) -> Detector:
+    def calibrated(self, windows: Sequence[np.ndarray], gray: bool = False) -> Detector:
         """This detector with one slide's GroupNorm statistics, measured on `windows` (normalised like tiles, all
         the same shape) pooled over all of them and folded into a copy of the backbone's convolutions
-        (detection.slide_norm.fold_slide_norms). Every other part of the network is shared; this detector and its model are
+        (detection.slide_norm.fold_slide_norms), and the slide's score threshold: the gray one when `gray`, the
+        slide's network input having no colour (planning.NetworkInput.gray). Every other part of the network is shared; this detector and its model are
         left as they are. Without windows, or for a network without SlideGroupNorm: per-tile statistics (as in
         training).
 
@@ -154,8 +164,10 @@ class Detector:
         tile, the same pixels, and detecting it then skips the body pass that calibrating has just made
         (`_detect_batch`). Several windows never equal a tile (those are 512 px, a tile's read box is larger), so
         nothing is kept for them."""
+        colour_threshold, gray_threshold = self.colour_and_gray_thresholds
+        threshold = gray_threshold if gray else colour_threshold
         if not windows:
-            return self._with_body(None)
+            return self._with_body(None, threshold)
         body = copy.deepcopy(self.model.backbone.body)   # measured on a copy: the shared model keeps per-tile ones
         batch = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in windows]
         with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
@@ -164,21 +176,22 @@ class Detector:
                 windows_in = windows_in.contiguous(memory_format=torch.channels_last)
             measured = measure_slide_norms(body, windows_in)
         if measured is None:
-            return self._with_body(None)
+            return self._with_body(None, threshold)
         folded = fold_slide_norms(body)     # in place: body is this call's own copy
         if self.device.type == "cpu":
             folded.to(memory_format=torch.channels_last)
-        return self._with_body(folded, (windows[0], measured) if len(windows) == 1 else None)
+        return self._with_body(folded, threshold, (windows[0], measured) if len(windows) == 1 else None)
 
-    def _with_body(self, body: nn.Module | None,
+    def _with_body(self, body: nn.Module | None, threshold: float,
                    seen: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None) -> Detector:
-        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics); seen: an
-        input and the body's output on it, reused when that input comes to be detected."""
-        if body is None and not self.slide_calibrated:
+        """This detector running `body` as its backbone body (None: the model's own, per-tile statistics) at score
+        `threshold`; seen: an input and the body's output on it, reused when that input comes to be detected."""
+        if body is None and not self.slide_calibrated and threshold == self.score_threshold:
             return self
         other = copy.copy(self)
         other.network = self.network.with_body(body)
         other.seen_input = seen
+        other.score_threshold = threshold
         return other
 
     def _seen_body_output(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor] | None:

@@ -10,7 +10,8 @@ mapped back to the tile's frame, then cells of different views that overlap (mas
 - mask: the pixels that at least half of the members cover (a pixel vote); class: the seed's.
 
 The merged scores are thresholded like single-view scores, at thresholds tuned with TTA on held-out images when
-the bundle has them (bundle.Bundle.threshold_for(modality, tta=True)). Each view's detector keeps cells down to
+the bundle has them (bundle.Bundle.threshold_for(modality, tta=True)), the gray one for a slide whose network input
+has no colour (planning.NetworkInput.gray), as without TTA. Each view's detector keeps cells down to
 MEMBER_FLOOR (it is built with `member_threshold`), so a cell's merged score does not depend on where the final
 threshold sits.
 
@@ -21,6 +22,7 @@ GroupNorm statistics, so `calibrated` goes to the wrapped detector as it is.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,18 +106,23 @@ class AugmentedDetector:
     """A TileDetector that runs `inner` on every view of each tile and merges the cells (module docstring).
 
     inner: a detect.Detector (or anything with its `detect_images`, `calibrated`, `score_threshold`, `device`,
-        `class_names` and `batch_size`) built with score_threshold=member_threshold(score_threshold).
-    score_threshold: kept cells' merged score floor.
+        `class_names` and `batch_size`) built with score_threshold=member_threshold(the lower of the two below).
+    score_threshold: kept cells' merged score floor; gray_score_threshold: the floor instead for a slide whose network
+        input has no colour (chosen by `calibrated`; None: score_threshold).
     """
 
-    def __init__(self, inner, score_threshold: float, views: Sequence[tuple[int, bool]] = VIEWS):
-        expected = member_threshold(score_threshold)
+    def __init__(self, inner, score_threshold: float, views: Sequence[tuple[int, bool]] = VIEWS,
+                 gray_score_threshold: float | None = None):
+        colour = float(score_threshold)
+        gray = colour if gray_score_threshold is None else float(gray_score_threshold)
+        expected = member_threshold(min(colour, gray))
         if inner.score_threshold != expected:
             raise ParameterError(f"expected a detector that keeps each view's cells down to a score of {expected} "
-                                 f"(tta.member_threshold({score_threshold})), found one that keeps them down to "
+                                 f"(tta.member_threshold({min(colour, gray)})), found one that keeps them down to "
                                  f"{inner.score_threshold}")
         self.inner = inner
-        self.score_threshold = float(score_threshold)
+        self.score_threshold = colour       # the one in force: a calibrated detector's is its slide's
+        self.colour_and_gray_thresholds = (colour, gray)
         self.views = tuple(views)
 
     @property
@@ -130,8 +137,13 @@ class AugmentedDetector:
     def batch_size(self) -> int:
         return self.inner.batch_size
 
-    def calibrated(self, windows: Sequence[np.ndarray]) -> AugmentedDetector:
-        return AugmentedDetector(self.inner.calibrated(windows), self.score_threshold, self.views)
+    def calibrated(self, windows: Sequence[np.ndarray], gray: bool = False) -> AugmentedDetector:
+        """The inner detector calibrated for a slide, and the slide's merged score floor (Detector.calibrated)."""
+        other = copy.copy(self)
+        other.inner = self.inner.calibrated(windows)    # built with one threshold: keeps its views' floor
+        colour_threshold, gray_threshold = self.colour_and_gray_thresholds
+        other.score_threshold = gray_threshold if gray else colour_threshold
+        return other
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
                scale: float = 1.0) -> list[TileDetections]:

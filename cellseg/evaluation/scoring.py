@@ -30,7 +30,7 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
   most predictions in one image)] so no prediction is dropped; ap = AP@[.5:.95], ap50, ap75, ar read
   from eval["precision"] / eval["recall"] at area "all" and the last maxDets, not from summarize()
   (which looks up maxDets=100). None when there is no GT nucleus at all. Details: cellseg.evaluation.cocoeval_sparse.
-- Sweep: for score thresholds 0.3..0.9 (step 0.05), predictions with score >= threshold are kept and
+- Sweep: for score thresholds 0.3..0.95 (step 0.05), predictions with score >= threshold are kept and
   pooled counts, TP/FP/FN, F1 and ap_tp recomputed. best_threshold maximises pooled F1 (ties: the lower
   threshold) among the eligible thresholds: predictions are usually already cut at the pipeline's
   threshold, so thresholds below the highest one <= the lowest score all look the same and say nothing
@@ -60,7 +60,8 @@ from .overlap import PairIoU, pair_iou
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(13))  # 0.30, 0.35, ..., 0.90
+# 0.30, 0.35, ..., 0.95: up to 0.95 since a grayscale smear's best threshold lies there (its own threshold key)
+DEFAULT_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(14))
 DSB_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))   # 0.50, 0.55, ..., 0.95
 LABEL_TILE = image_masks.LABEL_TILE  # label images are read in tiles of this many px a side (load_image_masks)
 DEFINITIONS = {

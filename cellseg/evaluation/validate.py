@@ -2,7 +2,7 @@
 
     bundle -> Detector at a low score floor -> CellCounter.count on every image (tiles, seams, measurement: what
     `cellseg count` does) -> predictions -> cellseg.evaluation.scoring against the annotations, sweeping the score
-    threshold (0.3-0.9) -> the threshold with the best pooled F1 -> figures at that threshold -> model.toml
+    threshold (0.3-0.95) -> the threshold with the best pooled F1 -> figures at that threshold -> model.toml
 
 Used by `cellseg train --val` (a user's own held-out images) and references/nuclei/validate_bundle.py (the shipped
 bundle's DSB2018 split, per modality). The threshold is chosen on the images it is then reported on: the

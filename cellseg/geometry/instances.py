@@ -90,11 +90,12 @@ class TileDetector(Protocol):
     device: object
     class_names: Sequence[str]
 
-    def calibrated(self, windows: Sequence[np.ndarray]) -> TileDetector:
+    def calibrated(self, windows: Sequence[np.ndarray], gray: bool = False) -> TileDetector:
         """The detector for one slide: slide-level statistics fixed from `windows` (network input like the tiles:
-        float32 (3, h, w), all the same shape, taken where the slide's cells are). Called once per slide, before
-        its tiles, which then go to the detector it returns; this one is left as it is. A detector without
-        slide-level statistics returns itself."""
+        float32 (3, h, w), all the same shape, taken where the slide's cells are), and the score threshold for a
+        slide whose network input has colour, or none (`gray`: planning.NetworkInput.gray). Called once per slide,
+        before its tiles, which then go to the detector it returns; this one is left as it is. A detector without
+        slide-level statistics or thresholds of its own returns itself."""
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
                scale: float = 1.0) -> list[TileDetections]:

@@ -7,7 +7,9 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "intensity": ["IntensityRange", "measure_range", "select_channels", "to_network_input"],
+    "intensity": [
+        "GRAY_INPUT_CHROMA", "IntensityRange", "gray_input", "measure_range", "select_channels", "to_network_input",
+    ],
     "plan": [
         "NetworkInput", "Scale", "SlidePlan", "calibrate", "calibration_windows", "choose_scale", "measure_diameter",
         "model_channel", "plan_slide", "tile_geometry", "tissue_pixels",

@@ -23,7 +23,7 @@ from ..geometry import Band, Box, TileDetector, TileSpec, plan_bands, plan_tiles
 from ..slides import Slide, SlideInfo
 from ..tissue import TissueFinder, TissueMask
 from ..util import StageTimer, release_freed_memory
-from .intensity import IntensityRange, as_network_input, measure_range, select_channels
+from .intensity import IntensityRange, as_network_input, gray_input, measure_range, select_channels, to_network_input
 from .protocol import Protocol, check_pixel_size
 from .regions import RegionFile, Regions
 
@@ -50,11 +50,13 @@ NATIVE = Scale(1.0, "native")
 class NetworkInput:
     """How a slide's native pixels become the network's input: the model channel (None: grayscale or RGB as is),
     the slide's intensity range and the scale. Every read for the network (calibration windows, tiles, --diameter
-    auto's samples) goes through one, so the three never part."""
+    auto's samples) goes through one, so the three never part. gray: that input has no colour (intensity.gray_input
+    on the tissue of the thumbnail), so the slide gets its modality's gray score threshold (TileDetector.calibrated)."""
 
     channel: int | None
     intensity: IntensityRange
     scale: Scale = NATIVE
+    gray: bool = False
 
     def of(self, raw: np.ndarray, box: Box) -> np.ndarray:
         """`raw`, the slide's native pixels in `box`, as the network sees them (preprocess.as_network_input)."""
@@ -130,13 +132,15 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
         tissue_mask = tissue.find(slide, protocol.modality)
         release_freed_memory()   # the view grows with the slide; detection must not start on top of it
     with timer("read"):
-        intensity = measure_range(tissue_pixels(select_channels(thumbnail, channel), tissue_mask,
-                                                info.height, info.width))
-    gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
+        on_tissue = tissue_pixels(select_channels(thumbnail, channel), tissue_mask, info.height, info.width)
+        intensity = measure_range(on_tissue)
+        # every k-th tissue pixel: a whole-slide thumbnail's millions say no more about colour than a million
+        gray = gray_input(to_network_input(on_tissue[::max(1, len(on_tissue) >> 20)][None], intensity))
+    luminance = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
     if diameter_px == "auto":
         with timer("detect"):
-            measured = measure_diameter(slide, detector, channel, intensity, protocol, thumbnail, thumb_factor,
-                                        tissue_mask)
+            measured = measure_diameter(slide, detector, NetworkInput(channel, intensity, gray=gray), protocol,
+                                        thumbnail, thumb_factor, tissue_mask)
         scale = (choose_scale(model_diameter_px, measured[0], protocol, info.mpp,
                               source=f"measured on {measured[1]} nuclei of the slide (--diameter auto)")
                  if measured else Scale(1.0, "native: too few nuclei found to measure their size",
@@ -161,11 +165,11 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
     # One normalisation for the whole slide, measured where the cells are: a cell then looks the same to the
     # network whatever tile it falls in (detection/slide_norm.py). Nothing to measure when no tile is analysed.
     windows = (calibration_windows(info.height, info.width, max(16, round(CALIBRATION_WINDOW_PX / scale.factor)),
-                                   gray, thumb_factor, window_tissue, within=within) if any(keep) else [])
+                                   luminance, thumb_factor, window_tissue, within=within) if any(keep) else [])
     if in_regions is not None and windows:
         # A window is read from the slide: one outside every region would read what must not be read.
         windows = [w for w, m in zip(windows, in_regions.meets(np.array([tuple(w) for w in windows]))) if m]
-    return SlidePlan(NetworkInput(channel, intensity, scale), channel_names(slide), thumbnail, thumb_factor,
+    return SlidePlan(NetworkInput(channel, intensity, scale, gray), channel_names(slide), thumbnail, thumb_factor,
                      tissue_mask, tile_px, halo_px, tiles, keep, windows,
                      expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp),
                      in_regions)
@@ -173,7 +177,7 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
 
 def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> TileDetector:
     """The detector with the slide-level statistics of the network input of `windows` (TileDetector.calibrated)."""
-    return detector.calibrated([network.read(slide, b) for b in windows])
+    return detector.calibrated([network.read(slide, b) for b in windows], gray=network.gray)
 
 
 def channel_names(slide: Slide) -> list[str]:
@@ -238,20 +242,20 @@ def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
     return tile_px, min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
 
 
-def measure_diameter(slide: Slide, detector: TileDetector, channel: int | None, intensity: IntensityRange,
-                     protocol: Protocol, thumbnail: np.ndarray, thumb_factor: float,
-                     tissue: TissueMask | None = None, n_tiles: int = 6) -> tuple[float, int] | None:
+def measure_diameter(slide: Slide, detector: TileDetector, native: NetworkInput, protocol: Protocol,
+                     thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask | None = None,
+                     n_tiles: int = 6) -> tuple[float, int] | None:
     """Median equivalent diameter (px) of the nuclei found at native scale on the slide's busiest tiles.
 
     Tiles are ranked by pixel contrast on the thumbnail, so glass and empty background are not sampled.
-    Returns (diameter, number of nuclei) or None when fewer than 10 nuclei were found.
+    native: the slide's network input at native scale. Returns (diameter, number of nuclei) or None when fewer than
+    10 nuclei were found.
     """
     tiles = plan_tiles(slide.info.height, slide.info.width, protocol.tile_size, protocol.halo_px)
-    gray = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
-    chosen = sorted(tiles, key=lambda t: thumbnail_contrast(gray, t.core, thumb_factor), reverse=True)[:n_tiles]
-    windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, gray, thumb_factor,
-                                  tissue)
-    native = NetworkInput(channel, intensity)
+    luminance = select_channels(thumbnail, native.channel).astype(np.float32).mean(-1)
+    chosen = sorted(tiles, key=lambda t: thumbnail_contrast(luminance, t.core, thumb_factor), reverse=True)[:n_tiles]
+    windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, luminance,
+                                  thumb_factor, tissue)
     calibrated = calibrate(detector, slide, windows, native)
     images = [native.read(slide, t.read) for t in chosen]
     areas = np.array([m.sum() for det in calibrated.detect(images, chosen) for m in det.masks], np.float64)

@@ -35,7 +35,7 @@ class RunInfo:
     extra: dict = field(default_factory=dict)   # a caller's own entries (the napari widget's interface, request)
     device: str | None = None
     precision: str | None = None         # detect.Detector.precision_note
-    model: dict | None = None            # counter.model_record: the bundle and its score threshold
+    model: dict | None = None            # counter.model_record: the bundle and its score thresholds
     fingerprint: dict | None = None      # journal.fingerprint: what a later --resume recognises the result by
     distributed: dict | None = None      # the Dask cluster and the band split (run/distributed.py)
 
@@ -130,9 +130,16 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
 
 
 def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict, run_info: RunInfo) -> dict:
-    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: what the caller records."""
-    return {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
-            "protocol": protocol.to_dict(), "protocol_source": protocol.source, "model_channel": plan.network.channel,
-            "intensity_range": [plan.network.intensity.low, plan.network.intensity.high], "tissue": tissue,
-            "normalisation_windows": [list(map(int, b)) for b in plan.windows],
-            **expansion_record(plan, info.mpp), **run_info.to_dict()}
+    """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: what the caller records (its model,
+    counter.model_record, gets the score threshold this slide was counted at: its gray or its colour one)."""
+    record = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()),
+              "protocol": protocol.to_dict(), "protocol_source": protocol.source,
+              "model_channel": plan.network.channel, "gray_input": plan.network.gray,
+              "intensity_range": [plan.network.intensity.low, plan.network.intensity.high], "tissue": tissue,
+              "normalisation_windows": [list(map(int, b)) for b in plan.windows],
+              **expansion_record(plan, info.mpp), **run_info.to_dict()}
+    thresholds = (record.get("model") or {}).get("score_thresholds")
+    if thresholds:
+        slide_threshold = thresholds["gray" if plan.network.gray else "colour"]
+        record["model"] = {**record["model"], "score_threshold": slide_threshold}
+    return record

@@ -48,23 +48,25 @@ class CellCounter:
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
-        (fluorescence | brightfield) when the bundle has one for it. tta: test-time augmentation (cellseg.detection.tta: the
+        (fluorescence | brightfield) when the bundle has one for it, and for a slide whose network input has no
+        colour its modality's gray one (brightfield_gray) when the bundle has that. tta: test-time augmentation (cellseg.detection.tta: the
         8 flips and rotations of every tile, cells merged; thresholds tuned with TTA when the bundle has them).
         run.json records `run_info` (the caller's command) with the device, the precision and the bundle.
         """
         from ..bundles import load_bundle
-        from ..detection import Detector
+        from ..detection import AugmentedDetector, Detector, member_threshold
         bundle = load_bundle(protocol.model)
-        from ..detection import AugmentedDetector, member_threshold
         model = model_record(bundle, protocol, tta)
-        threshold = model["score_threshold"]     # with TTA the merged cells' (tta.member_threshold)
-        detector = Detector.from_bundle(bundle, device,
-                                        score_threshold=member_threshold(threshold) if tta else threshold,
-                                        mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
-                                        precision=protocol.precision)
+        # with TTA these are the merged cells' (the views' detector keeps cells down to tta.member_threshold)
+        threshold, gray_threshold = model["score_thresholds"]["colour"], model["score_thresholds"]["gray"]
+        detector = Detector.from_bundle(
+            bundle, device, mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
+            precision=protocol.precision,
+            score_threshold=member_threshold(min(threshold, gray_threshold)) if tta else threshold,
+            gray_score_threshold=None if tta else gray_threshold)
         precision = detector.precision_note
         if tta:
-            detector = AugmentedDetector(detector, threshold)
+            detector = AugmentedDetector(detector, threshold, gray_score_threshold=gray_threshold)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
                                              model=model),
@@ -103,12 +105,18 @@ class CellCounter:
 
 
 def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
-    """run.json's "model": the bundle (bundle.Bundle) and the score threshold a protocol gets from it: the
-    protocol's own when it sets one, else the bundle's for the protocol's modality (and TTA)."""
-    threshold = (protocol.score_threshold if protocol.score_threshold is not None
-                 else bundle.threshold_for(protocol.modality, tta=tta))
+    """run.json's "model": the bundle (bundle.Bundle) and the score thresholds a protocol gets from it, for a slide
+    whose network input has colour and for one without (planning.NetworkInput.gray): the protocol's own for both
+    when it sets one, else the bundle's for the protocol's modality (and TTA). Each slide's run.json adds the one
+    it was counted at (results.run_record)."""
+    if protocol.score_threshold is not None:
+        threshold = gray_threshold = protocol.score_threshold
+    else:
+        threshold = bundle.threshold_for(protocol.modality, tta=tta)
+        gray_threshold = bundle.threshold_for(protocol.modality, tta=tta, gray=True)
     return {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
-            "score_threshold": float(threshold), "test_time_augmentation": tta}
+            "score_thresholds": {"colour": float(threshold), "gray": float(gray_threshold)},
+            "test_time_augmentation": tta}
 
 
 def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,

@@ -258,7 +258,7 @@ def save_plan(folder: Path, plan: SlidePlan, info: SlideInfo) -> None:
     meta = {"height": info.height, "width": info.width, "channel": plan.network.channel,
             "channel_names": plan.channel_names, "thumb_factor": plan.thumb_factor,
             "intensity": asdict(plan.network.intensity), "scale": asdict(plan.network.scale),
-            "tile_px": plan.tile_px, "halo_px": plan.halo_px, "windows": [list(map(int, b)) for b in plan.windows],
+            "gray": plan.network.gray, "tile_px": plan.tile_px, "halo_px": plan.halo_px, "windows": [list(map(int, b)) for b in plan.windows],
             "tissue": {k: v for k, v in asdict(plan.tissue).items() if k != "mask"},
             "regions": plan.regions.to_json() if plan.regions is not None else None,
             "cell_expansion_px": plan.cell_expansion_px}
@@ -273,7 +273,7 @@ def load_plan(folder: Path) -> SlidePlan | None:
         return None
     meta = json.loads(str(arrays["meta"]))
     tiles = plan_tiles(meta["height"], meta["width"], meta["tile_px"], meta["halo_px"])
-    network = NetworkInput(meta["channel"], IntensityRange(**meta["intensity"]), Scale(**meta["scale"]))
+    network = NetworkInput(meta["channel"], IntensityRange(**meta["intensity"]), Scale(**meta["scale"]), meta["gray"])
     return SlidePlan(network, meta["channel_names"], arrays["thumbnail"], meta["thumb_factor"],
                      TissueMask(arrays["tissue_mask"], **meta["tissue"]), meta["tile_px"], meta["halo_px"], tiles,
                      arrays["keep"].tolist(), [Box(*b) for b in meta["windows"]],

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.bundles import GRAY_SUFFIX
 from cellseg.errors import CellsegError
 
 # The project's checkout keeps the training data beside the repository (../shared/data); a pack made by
@@ -42,9 +43,12 @@ DATASET_FOLDERS = {"dsb2018": "dsb2018-train", "tnbc": "tnbc-train"}
 DSB_MODALITIES = {"fluorescence": "fluorescence", "brightfield_color_histology": "stained_tissue",
                   "brightfield_gray": "brightfield_gray"}
 TNBC_MODALITY = "he_breast"
-# Which images decide the score threshold of a protocol modality (cellseg.planning.protocol: fluorescence | brightfield).
-PROTOCOL_MODALITY = {"fluorescence": "fluorescence", "stained_tissue": "brightfield",
-                     "brightfield_gray": "brightfield", TNBC_MODALITY: "brightfield"}
+# Which images decide each score threshold of a bundle ([inference.score_threshold_by_modality]): a protocol
+# modality's (cellseg.planning.protocol: fluorescence | brightfield), or its gray one (GRAY_SUFFIX), which a count
+# takes for a slide whose network input has no colour (cellseg.planning.NetworkInput.gray). Fluorescence is gray
+# anyway: its one threshold serves both.
+THRESHOLD_KEY = {"fluorescence": "fluorescence", "stained_tissue": "brightfield",
+                 "brightfield_gray": "brightfield" + GRAY_SUFFIX, TNBC_MODALITY: "brightfield"}
 ACQUISITION_DISTANCE = 5.0     # Ward distance (standardised features) at which the clustering tree is cut
 GRAY_FEATURES = ("background", "bright_end", "nucleus_brightness", "nucleus_area")
 COLOUR_FEATURES = GRAY_FEATURES + ("lab_l", "lab_a", "lab_b")

@@ -148,7 +148,7 @@ each through the full `cellseg count` pipeline (512 px tiles, 64 px halo). AP50 
 StarDist definition), pooled over all cells and as the mean over images; the DSB2018 score is, per image, the mean
 of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95; COCO AP is mask AP@[.5:.95] at maxDets >= 1000; count bias is the pooled
 (predicted - true) / true. Score thresholds, chosen per protocol modality for the best pooled F1 on these same
-images: {threshold_text}.
+images (brightfield_gray: a count's threshold for a slide whose network input has no colour): {threshold_text}.
 
 {figures_table(m)}
 

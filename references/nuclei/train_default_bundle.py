@@ -44,7 +44,14 @@ HELDOUT_COLUMNS = ["step", "fluorescence", "stained_tissue", "brightfield_gray",
 
 def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int) -> None:
     """Score a training snapshot on a fixed subset of the held-out images through the real pipeline
-    (validate_bundle.py), then record the score (record_snapshot_score)."""
+    (heldout_metrics), then record the score (record_snapshot_score)."""
+    record_snapshot_score(snapshot, step, heldout_metrics(snapshot, out=out, data_root=data_root,
+                                                          per_modality=per_modality), out)
+
+
+def heldout_metrics(snapshot: Path, *, out: Path, data_root: Path, per_modality: int) -> dict:
+    """validate_bundle.py's metrics of a snapshot on the first `per_modality` held-out images of each modality; its
+    figures stay in OUT/heldout/<snapshot>, its predictions do not."""
     import json
     import shutil
     import subprocess
@@ -56,19 +63,20 @@ def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per
                     "--data-root", str(data_root), "--out", str(val_dir), "--device", "cpu",
                     "--per-modality", str(per_modality)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
-    record_snapshot_score(snapshot, step, json.loads((val_dir / "metrics.json").read_text()), out)
+    metrics = json.loads((val_dir / "metrics.json").read_text())
     shutil.rmtree(val_dir / ".work", ignore_errors=True)
     for folder in val_dir.iterdir():     # the predictions are re-made at will; keep the figures
         if folder.is_dir():
             shutil.rmtree(folder)
+    return metrics
 
 
 def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -> dict:
-    """Append a scored snapshot's AP50 pooled per modality (validate_bundle.py's `metrics`) to OUT/heldout.csv, copy
-    it to OUT/best when its mean over the modalities beats every earlier row, and move it to OUT/scored: out of
-    OUT/snapshots, which holds only unscored ones (score_leftover_snapshots), and kept, so that any point of the curve
-    can be interpolated with the start later (`python -m references.nuclei.interpolate_bundles`; ~31 MB a
-    snapshot). Returns the row."""
+    """Put a scored snapshot's AP50 pooled per modality (validate_bundle.py's `metrics`) on the curve, OUT/heldout.csv
+    (replacing an earlier score of its step), move it to OUT/scored (unless it is there: a rescore): out of
+    OUT/snapshots, which holds only unscored ones (score_leftover_snapshots), and kept, so that any point of the
+    curve can be interpolated with the start later (`python -m references.nuclei.interpolate_bundles`; ~31 MB a
+    snapshot), and copy the curve's best (keep_best) to OUT/best. Returns the row."""
     import csv
     import shutil
     row = {"step": step}
@@ -82,8 +90,7 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
     if log_path.is_file():
         with open(log_path, newline="") as f:
             rows = list(csv.DictReader(f))
-    best_before = max((float(r["mean_of_modalities"]) for r in rows), default=-1.0)
-    rows = [r for r in rows if int(r["step"]) != step] + [row]
+    rows = sorted([r for r in rows if int(r["step"]) != step] + [row], key=lambda r: int(r["step"]))
     tmp = log_path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HELDOUT_COLUMNS)
@@ -91,18 +98,44 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
         writer.writerows(rows)
     tmp.replace(log_path)
     logging.info("held-out at step %d: %s", step, row)
-    if row["mean_of_modalities"] > best_before:
-        staged = out / "best.tmp"
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(snapshot, staged)
-        shutil.rmtree(out / "best", ignore_errors=True)
-        staged.rename(out / "best")
-        logging.info("step %d is the best so far (mean AP50 %.4f): %s", step, row["mean_of_modalities"], out / "best")
     kept = out / "scored" / snapshot.name
-    shutil.rmtree(kept, ignore_errors=True)
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.rename(kept)
+    if snapshot.resolve() != kept.resolve():
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.rename(kept)
+    keep_best(out, rows)
     return row
+
+
+def keep_best(out: Path, rows: list[dict]) -> None:
+    """Copy the scored snapshot with the highest mean AP50 over the modalities (the earliest of equals) to OUT/best,
+    unless OUT/best holds its weights already."""
+    import shutil
+    best = max(rows, key=lambda r: (float(r["mean_of_modalities"]), -int(r["step"])))
+    snapshot = out / "scored" / f"step{int(best['step']):07d}"
+    if not snapshot.is_dir():
+        return
+    held = out / "best" / "weights.safetensors"
+    if held.is_file() and held.read_bytes() == (snapshot / "weights.safetensors").read_bytes():
+        return
+    staged = out / "best.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(snapshot, staged)
+    shutil.rmtree(out / "best", ignore_errors=True)
+    staged.rename(out / "best")
+    logging.info("step %s is the best so far (mean AP50 %s): %s", best["step"], best["mean_of_modalities"],
+                 out / "best")
+
+
+def rescore_snapshots(out: Path, *, data_root: Path, per_modality: int) -> None:
+    """Score every kept snapshot (OUT/scored) again and rewrite its point of the curve: after the scoring itself
+    changed (how thresholds are chosen, the sweep), so that the curve stays one measurement."""
+    for snapshot in sorted((out / "scored").glob("step*")):
+        if snapshot.is_dir() and snapshot.name[4:].isdigit():
+            logging.info("rescoring %s", snapshot)
+            record_snapshot_score(snapshot, int(snapshot.name[4:]),
+                                  heldout_metrics(snapshot, out=out, data_root=data_root, per_modality=per_modality),
+                                  out)
 
 
 def score_leftover_snapshots(out: Path, score) -> None:
@@ -155,8 +188,14 @@ def main() -> None:
                         "OUT/best")
     p.add_argument("--heldout-per-modality", type=int, default=24,
                    help="held-out images of each modality a snapshot is scored on (a fixed subset)")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score every snapshot OUT/scored keeps again and rewrite the curve "
+                        "(after the scoring changed); may run beside the training of OUT")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.rescore:
+        rescore_snapshots(args.out, data_root=args.data_root, per_modality=args.heldout_per_modality)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     model_cfg = None

@@ -3,9 +3,10 @@ its model card.
 
 Every held-out image (split.json's "val": whole DSB2018 acquisition groups and whole TNBC patients, see
 datasets.py) goes through the real `count_slide` pipeline (tiling, seams, measurement) at a low score floor;
-`cellseg.evaluation.scoring` scores the predictions per modality. For each protocol modality (fluorescence; brightfield =
-stained tissue, H&E and grayscale brightfield) the score threshold with the best pooled F1 on its held-out images
-becomes the bundle's threshold for that modality (chosen on the same images it is reported on: the card says so).
+`cellseg.evaluation.scoring` scores the predictions per modality. For each threshold key (datasets.THRESHOLD_KEY:
+fluorescence; brightfield = stained tissue and H&E; brightfield_gray = grayscale brightfield, for a slide whose network
+input has no colour) the score threshold with the best pooled F1 on its held-out images becomes the bundle's
+threshold for it (chosen on the same images it is reported on: the card says so).
 
     python -m references.nuclei.validate_bundle --bundle runs/nuclei --out runs/val --write-card
     python -m references.nuclei.validate_bundle --bundle cellseg/models/nuclei --split runs/nuclei/split.json \
@@ -24,7 +25,7 @@ import json
 import logging
 from pathlib import Path
 
-from cellseg.bundles import load_bundle, update_bundle_metadata
+from cellseg.bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
 from cellseg.errors import CellsegError
 from cellseg.evaluation import (
     VALIDATION_PROTOCOL,
@@ -37,7 +38,7 @@ from cellseg.evaluation import (
 )
 from cellseg.evaluation import predict as predict_images
 
-from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, PROTOCOL_MODALITY, Split
+from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
 from .model_card import card_readme, curve_table
 from .plot_heldout import plot_curve, read_curve
 
@@ -158,17 +159,18 @@ def main() -> None:
 
     metrics: dict = {"iou": 0.5, "val_images": len(keys), "split_method": split.method,
                      "held_out_groups": sorted(g for g, t in split.groups.items() if t["side"] == "val"),
-                     "threshold_chosen_on": "these held-out images, per protocol modality (pooled F1)",
+                     "threshold_chosen_on": "these held-out images, per protocol modality, gray input apart "
+                                            "(pooled F1)",
                      "settings": {"tta": args.tta, "precision": args.precision,
                                   "mask_threshold": args.mask_threshold or VALIDATION_PROTOCOL.mask_threshold,
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
-    for protocol_modality in sorted(set(PROTOCOL_MODALITY.values())):
-        pred, truth = subset(lambda k: PROTOCOL_MODALITY[modality[k]] == protocol_modality)
+    for key in sorted(set(THRESHOLD_KEY.values())):
+        pred, truth = subset(lambda k: THRESHOLD_KEY[modality[k]] == key)
         if truth:
-            thresholds[protocol_modality] = (bundle.threshold_for(protocol_modality, tta=args.tta)
-                                             if args.bundle_thresholds
-                                             else score(pred, truth, bundle.score_threshold).threshold)
+            thresholds[key] = (bundle.threshold_for(key.removesuffix(GRAY_SUFFIX), tta=args.tta,
+                                                    gray=key.endswith(GRAY_SUFFIX))
+                               if args.bundle_thresholds else score(pred, truth, bundle.score_threshold).threshold)
     overall = None if args.bundle_thresholds else score(*subset(lambda k: True),
                                                         fallback_threshold=bundle.score_threshold)
     overall_threshold = bundle.score_threshold if overall is None else overall.threshold
@@ -179,7 +181,7 @@ def main() -> None:
     logging.info("score thresholds: %s (all together %.2f)", thresholds, overall_threshold)
 
     def at_thresholds(pred: dict) -> dict:
-        return {k: above(v, thresholds.get(PROTOCOL_MODALITY[modality[k]], overall_threshold))
+        return {k: above(v, thresholds.get(THRESHOLD_KEY[modality[k]], overall_threshold))
                 for k, v in pred.items()}
 
     for name in MODALITIES + ("all",):

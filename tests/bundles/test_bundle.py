@@ -12,6 +12,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomli_w
 import tomllib
@@ -278,17 +279,32 @@ def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
     from cellseg.bundles import update_bundle_metadata
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
-    update_bundle_metadata(bundle_copy, score_thresholds={"fluorescence": 0.65, "brightfield": 0.8},
+    update_bundle_metadata(bundle_copy, score_thresholds={"fluorescence": 0.65, "brightfield": 0.8,
+                                                          "brightfield_gray": 0.95},
                            tta_score_thresholds={"brightfield": 0.55})
     bundle = load_bundle(bundle_copy)
     assert bundle.threshold_for("fluorescence") == 0.65 and bundle.threshold_for("brightfield") == 0.8
+    assert bundle.threshold_for("brightfield", gray=True) == 0.95
+    assert bundle.threshold_for("fluorescence", gray=True) == 0.65    # no gray threshold: the modality's
     assert bundle.threshold_for("brightfield", tta=True) == 0.55
+    assert bundle.threshold_for("brightfield", tta=True, gray=True) == 0.55   # TTA's, not the plain gray one
     assert bundle.threshold_for("fluorescence", tta=True) == 0.65     # no TTA threshold: the plain one
     assert bundle.threshold_for("other") == 0.3                       # the bundle's default
-    for name, expected in (("fluorescence-nuclei", 0.65), ("he-nuclei", 0.8)):
+    window = [np.zeros((3, 64, 64), np.float32)]
+    for name, colour, gray in (("fluorescence-nuclei", 0.65, 0.65), ("he-nuclei", 0.8, 0.95)):
         protocol = load_protocol(name).replace(model=str(bundle_copy))
-        assert CellCounter.load(protocol, "cpu").detector.score_threshold == expected
-        assert CellCounter.load(protocol.replace(score_threshold=0.42), "cpu").detector.score_threshold == 0.42
+        detector = CellCounter.load(protocol, "cpu").detector
+        assert detector.score_threshold == colour and detector.calibrated(window).score_threshold == colour
+        assert detector.calibrated(window, gray=True).score_threshold == gray
+        chosen = CellCounter.load(protocol.replace(score_threshold=0.42), "cpu").detector   # the protocol's wins
+        assert chosen.calibrated(window).score_threshold == chosen.calibrated(window, gray=True).score_threshold == 0.42
+    protocol = load_protocol("he-nuclei").replace(model=str(bundle_copy))
+    augmented = CellCounter.load(protocol, "cpu", tta=True).detector
+    assert augmented.calibrated(window, gray=True).score_threshold == augmented.score_threshold == 0.55
+    update_bundle_metadata(bundle_copy, tta_score_thresholds={"brightfield": 0.55, "brightfield_gray": 0.7})
+    augmented = CellCounter.load(protocol, "cpu", tta=True).detector
+    assert augmented.calibrated(window, gray=True).score_threshold == 0.7
+    assert augmented.calibrated(window).score_threshold == 0.55 and augmented.inner.score_threshold == 0.3
 
 
 def test_bad_threshold_table_is_one_line(bundle_copy):

@@ -141,6 +141,26 @@ def test_the_detectors_thresholds_reach_torchvisions_filters_when_it_is_built():
     assert (detector.model.roi_heads.score_thresh, detector.model.rpn.score_thresh) == (0.3, 0.1)
     slide_detector = detector.calibrated([np.zeros((3, 64, 64), np.float32)])
     assert (slide_detector.score_threshold, slide_detector.model.roi_heads.score_thresh) == (0.3, 0.3)
+    assert detector.calibrated([], gray=True).score_threshold == 0.3      # no gray threshold of its own
+
+
+def test_a_gray_slide_keeps_the_cells_at_or_above_its_own_threshold_and_only_those():
+    """The model filters at the lower of the two thresholds (it serves slides of both kinds); a slide's detector
+    applies its own. Greedy NMS only lets a higher score suppress a lower one, so the cells at or above the gray
+    threshold are those the colour detector finds there: the same boxes, masks and scores."""
+    torch.manual_seed(0)
+    image = np.random.default_rng(1).random((3, 96, 96), dtype=np.float32)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0,
+                        gray_score_threshold=0.0)
+    scores = detector.detect([image])[0].scores
+    gray_threshold = float(np.median(scores))
+    detector = Detector(detector.model, torch.device("cpu"), score_threshold=0.0, gray_score_threshold=gray_threshold)
+    assert detector.model.roi_heads.score_thresh == 0.0
+    colour, gray = detector.calibrated([image]).detect([image])[0], detector.calibrated([image], gray=True).detect([image])[0]
+    kept = colour.scores >= gray_threshold
+    assert 0 < kept.sum() < len(colour) and np.array_equal(gray.scores, colour.scores[kept])
+    assert np.array_equal(gray.boxes, colour.boxes[kept])
+    assert all(np.array_equal(a, b) for a, b in zip(gray.masks, [m for m, k in zip(colour.masks, kept) if k]))
 
 
 @pytest.mark.parametrize("cpu_streams", [1, 2])     # 1: batches of 4 tiles; 2: passes of one tile side by side

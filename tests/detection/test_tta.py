@@ -36,7 +36,7 @@ class ThresholdDetector:
         self.frames_seen: list = []      # (frame_shapes, owned_boxes) of each call
         self.windows: list = []
 
-    def calibrated(self, windows) -> ThresholdDetector:
+    def calibrated(self, windows, gray=False) -> ThresholdDetector:
         calibrated = ThresholdDetector(self.score_threshold)
         calibrated.windows = list(windows)
         return calibrated

@@ -184,7 +184,7 @@ def test_sweep_picks_the_threshold_above_the_false_positives(tmp_path):
     r = run(tmp_path, good + bad, gt_cells=grid(4))
     f1 = {s["threshold"]: s["f1"] for s in r.sweep}
     count = {s["threshold"]: s["pred_count"] for s in r.sweep}
-    assert [s["threshold"] for s in r.sweep] == pytest.approx(np.arange(0.3, 0.901, 0.05))
+    assert [s["threshold"] for s in r.sweep] == pytest.approx(np.arange(0.3, 0.951, 0.05))
     assert f1[0.3] == f1[0.4] == pytest.approx(8 / 10) and f1[0.45] == pytest.approx(8 / 9)
     assert f1[0.5] == f1[0.55] == f1[0.6] == 1.0 and f1[0.65] == pytest.approx(6 / 7) and f1[0.85] == 0.0
     assert count[0.3] == 6 and count[0.6] == 4 and count[0.9] == 0
@@ -324,7 +324,7 @@ def test_cli_writes_metrics_plot_and_table(tmp_path):
     assert "TP 4 FP 1 FN 1" in result.stdout and "best score threshold (max F1): 0.45" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pooled"]["tp"] == 4 and metrics["best_threshold"] == 0.45
-    assert metrics["coco"]["max_dets"] >= 1000 and len(metrics["sweep"]) == 13
+    assert metrics["coco"]["max_dets"] >= 1000 and len(metrics["sweep"]) == 14
     assert (out / "threshold_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (out / "per_image.csv").read_text().splitlines()
     assert rows[0].startswith("image,height,width,true_count,pred_count") and rows[1].startswith("gt.tif,40,60,5,5,")

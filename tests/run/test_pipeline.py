@@ -458,3 +458,34 @@ def test_run_info_records_what_is_set_in_run_json_order():
     assert list(info.to_dict().items()) == [("command", "cellseg count a.tif"), ("interface", "napari"),
                                             ("device", "cpu"), ("model", {"name": "m"})]
     assert RunInfo().to_dict() == {}
+
+
+@pytest.mark.parametrize("kind", ["one channel", "rgb without colour", "rgb"])
+def test_a_slide_without_colour_is_counted_at_its_gray_threshold(tmp_path, kind):
+    """A bundle tunes grayscale smears apart from colour tissue (bundle.threshold_for(gray=True)): the plan says
+    whether the slide's network input has colour, the detector is calibrated with it, and run.json gives the
+    threshold the slide was counted at, beside the two it was chosen from. A gray image saved as RGB is gray."""
+    from cellseg.results import RunInfo
+    labels = random_cells(96, 96, 12, 12, seed=3)
+    gray = ((labels > 0) * 150 + 40).astype(np.uint8)
+    pixels = {"one channel": gray, "rgb without colour": np.stack([gray] * 3, -1),
+              "rgb": np.stack([gray, gray // 2 + 60, 255 - gray], -1)}[kind]
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, pixels, photometric="minisblack" if pixels.ndim == 2 else "rgb")
+    detector = LabelReadingDetector(labels)
+    model = {"name": "m", "score_thresholds": {"colour": 0.6, "gray": 0.9}}
+    count_with(detector, slide, tmp_path / "out", Protocol(name="t", tissue_method="none", min_area_px=1),
+               run_info=RunInfo(model=model))
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    expect_gray = kind != "rgb"
+    assert detector.gray is expect_gray and run_json["gray_input"] is expect_gray
+    assert run_json["model"] == {**model, "score_threshold": 0.9 if expect_gray else 0.6}
+
+
+def test_gray_input_tells_colour_from_none_whatever_the_brightness():
+    from cellseg.planning import gray_input
+    rng = np.random.default_rng(0)
+    plane = rng.random((1, 64, 64), dtype=np.float32)
+    assert gray_input(np.repeat(plane, 3, 0)) and gray_input(np.repeat(plane * 0.1, 3, 0))
+    tinted = np.concatenate([plane, plane * 0.9, plane * 0.8])       # a faint stain: mean chroma ~0.03
+    assert not gray_input(tinted) and not gray_input(np.zeros((3, 0, 0), np.float32))

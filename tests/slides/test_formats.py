@@ -67,7 +67,7 @@ class ThresholdDetector:
     def __init__(self, dark: bool = False):
         self.dark = dark
 
-    def calibrated(self, windows) -> ThresholdDetector:
+    def calibrated(self, windows, gray=False) -> ThresholdDetector:
         return self
 
     def detect(self, images, tiles, scale=1.0):

@@ -321,3 +321,10 @@ def test_a_scored_snapshot_goes_on_the_curve_is_kept_and_becomes_best_only_when_
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 5000, 10000]
     assert list((tmp_path / "snapshots").iterdir()) == []
+    # A rescore (rescore_snapshots: the scoring changed) replaces a point where it is and may change the best.
+    record_snapshot_score(tmp_path / "scored" / "step0005000", 5000, metrics(0.70), tmp_path)
+    with open(tmp_path / "heldout.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), float(r["all"])) for r in rows] == [(0, 0.60), (5000, 0.70), (10000, 0.65)]
+    assert (tmp_path / "scored" / "step0005000" / "weights.safetensors").read_text() == "weights of step 5000"
+    assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 5000"
