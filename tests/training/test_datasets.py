@@ -328,3 +328,38 @@ def test_a_scored_snapshot_goes_on_the_curve_is_kept_and_becomes_best_only_when_
     assert [(int(r["step"]), float(r["all"])) for r in rows] == [(0, 0.60), (5000, 0.70), (10000, 0.65)]
     assert (tmp_path / "scored" / "step0005000" / "weights.safetensors").read_text() == "weights of step 5000"
     assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 5000"
+
+
+def test_a_rescore_scores_every_kept_snapshot_again_in_place(tmp_path, monkeypatch):
+    """After the scoring changed (thresholds, sweep), every kept snapshot is scored again and its point rewritten; the
+    snapshots stay where they are and the best follows the new figures."""
+    import csv
+
+    import references.nuclei.train_default_bundle as train
+    old = {0: 0.60, 5000: 0.62}
+    new = {0: 0.61, 5000: 0.59}
+
+    def metrics(ap50: float) -> dict:
+        per = {m: {"ap50_tp_fp_fn_pooled": ap50} for m in ("fluorescence", "stained_tissue", "brightfield_gray",
+                                                           "he_breast")}
+        return {**per, "all": {"ap50_tp_fp_fn_pooled": ap50, "median_rel_count_error": 0.1}}
+
+    for step, ap50 in old.items():
+        snapshot = tmp_path / "snapshots" / f"step{step:07d}"
+        snapshot.mkdir(parents=True)
+        (snapshot / "weights.safetensors").write_text(f"weights of step {step}")
+        train.record_snapshot_score(snapshot, step, metrics(ap50), tmp_path)
+    assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 5000"
+    scored = []
+
+    def heldout_metrics(snapshot, *, out, data_root, per_modality):
+        scored.append((snapshot.name, out, per_modality))
+        return metrics(new[int(snapshot.name[4:])])
+
+    monkeypatch.setattr(train, "heldout_metrics", heldout_metrics)
+    train.rescore_snapshots(tmp_path, data_root=tmp_path / "data", per_modality=24)
+    assert scored == [("step0000000", tmp_path, 24), ("step0005000", tmp_path, 24)]
+    with open(tmp_path / "heldout.csv", newline="") as f:
+        assert [(int(r["step"]), float(r["all"])) for r in csv.DictReader(f)] == [(0, 0.61), (5000, 0.59)]
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["step0000000", "step0005000"]
+    assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 0"
