@@ -480,6 +480,9 @@ def test_a_slide_without_colour_is_counted_at_its_gray_threshold(tmp_path, kind)
     expect_gray = kind != "rgb"
     assert detector.gray is expect_gray and run_json["gray_input"] is expect_gray
     assert run_json["model"] == {**model, "score_threshold": 0.9 if expect_gray else 0.6}
+    report = (tmp_path / "out" / "report.html").read_text()
+    said = "score threshold 0.9 (gray input's" if expect_gray else "score threshold 0.6 (colour input's"
+    assert f"{said}: 0.6 for colour, 0.9 for gray)" in report
 
 
 def test_gray_input_tells_colour_from_none_whatever_the_brightness():
