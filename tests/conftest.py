@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads starve
@@ -16,6 +17,30 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 from .helpers import DATA, EXAMPLES, ROOT, oracle_result, tiny_model_config
+
+
+@contextmanager
+def _environment_kept():
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+# A test's or a test module's changes to os.environ end with it: a local Dask cluster started there (distributed's
+# Nanny) sets 1 OpenMP/MKL thread in this process's environment, and a later test's subprocess would inherit it.
+# Module scope too: a module's cluster fixture is started before any test's own fixtures.
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment_kept():
+    with _environment_kept():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_environment_kept():
+    with _environment_kept():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     # lifetime: a worker restarted after a crash gets the same.
     threads = max(1, (os.cpu_count() or 1) // workers)
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+    with _caller_environment_kept(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                          silence_logs=logging.ERROR) as cluster, \
             Client(cluster, set_as_default=False) as client:
@@ -213,6 +213,23 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
                                 name="cellseg-log-level")
         client.register_plugin(_WorkerThreads(threads), name="cellseg-threads")
         yield client
+
+
+@contextmanager
+def _caller_environment_kept(names) -> Iterator[None]:
+    """Put this process's environment variables `names` back as they were when the block ends. A Nanny sets its
+    pre-spawn environment in the process that starts the workers, this one (distributed's nanny.py), and leaves it:
+    a napari session or a notebook would run every later subprocess with 1 OpenMP/MKL thread, and their arithmetic
+    would differ from its own (torch's results depend on the thread count)."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _WorkerThreads(WorkerPlugin):

@@ -206,8 +206,11 @@ def test_cli_workers_count_like_one_process_and_report_a_bad_slide(tmp_path, tin
     finally:
         torch.set_num_threads(threads)
     capfd.readouterr()
+    thread_settings = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     dask = invoke(["count", *common, "-o", tmp_path / "dask", "--workers", "2"])
     assert "Compute Failed" not in capfd.readouterr().err          # the workers' own log stays quiet
+    # the workers' thread settings stay theirs: not left in the environment of the process that started them
+    assert {k: os.environ.get(k) for k in thread_settings} == thread_settings
     for result in (serial, dask):
         assert result.exit_code == 1, result.output
         lines = result.stderr.splitlines()
