@@ -156,9 +156,9 @@ class Detector:
         """This detector with one slide's GroupNorm statistics, measured on `windows` (normalised like tiles, all
         the same shape) pooled over all of them and folded into a copy of the backbone's convolutions
         (detection.slide_norm.fold_slide_norms), and the slide's score threshold: the gray one when `gray`, the
-        slide's network input having no colour (planning.NetworkInput.gray). Every other part of the network is shared; this detector and its model are
-        left as they are. Without windows, or for a network without SlideGroupNorm: per-tile statistics (as in
-        training).
+        slide's network input having no colour (planning.NetworkInput.gray). Every other part of the network is
+        shared; this detector and its model are left as they are. Without windows, or for a network without
+        SlideGroupNorm: per-tile statistics (as in training).
 
         A single window is kept with the body's output on it: a slide no larger than a window is also a single
         tile, the same pixels, and detecting it then skips the body pass that calibrating has just made
