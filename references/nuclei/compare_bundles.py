@@ -1,0 +1,119 @@
+"""Whether a candidate bundle beats the shipped one on the held-out groups, modality by modality: the ship rule.
+
+Both bundles are scored first by validate_bundle.py on the same held-out images (same split, each at thresholds
+tuned its own way, gray input apart), each into its own --out folder; this reads the two metrics.json and prints one
+table. A candidate ships only if, on every modality, no figure is worse (AP50 pooled, F1 pooled, median count error,
+DSB2018 score) and at least one is better. Rows on the images no training stage saw (validate_bundle --seen) are
+printed too, for the reader, but the rule is decided on every held-out image of each modality.
+
+    python -m references.nuclei.compare_bundles --current runs/final/shipped --candidate runs/final/candidate
+
+Exit status 0 when the candidate ships by that rule, 1 when it does not (2: the inputs are not usable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
+LABELS = {"fluorescence": "fluorescence", "stained_tissue": "stained tissue",
+          "brightfield_gray": "grayscale brightfield", "he_breast": "H&E (TNBC)", "all": "all"}
+# card_figures' key, its name, and whether a higher value is better
+FIGURES = (("ap50_tp_fp_fn_pooled", "AP50 pooled", True), ("f1_pooled", "F1", True),
+           ("median_rel_count_error", "median count error", False),
+           ("dsb_score_mean_over_images", "DSB2018 score", True))
+
+
+def read_metrics(folder: Path) -> dict:
+    """validate_bundle.py's metrics.json in `folder`."""
+    path = folder / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"expected validate_bundle.py's metrics.json in {folder}, found no such file") from None
+    except ValueError as e:
+        raise SystemExit(f"expected JSON in {path}, found unreadable text ({e})") from None
+    missing = [m for m in MODALITIES if m not in metrics]
+    if missing:
+        raise SystemExit(f"expected figures for every modality in {path}, found none for {', '.join(missing)}")
+    return metrics
+
+
+def compare_row(current: dict, candidate: dict) -> dict:
+    """Per figure: 'better', 'same' or 'worse' for the candidate (figures as card_figures gives them)."""
+    verdicts = {}
+    for key, _, higher_is_better in FIGURES:
+        a, b = current.get(key), candidate.get(key)
+        if a is None or b is None:
+            verdicts[key] = "missing"
+        elif a == b:
+            verdicts[key] = "same"
+        else:
+            verdicts[key] = "better" if (b > a) == higher_is_better else "worse"
+    return verdicts
+
+
+def beats(verdicts: dict) -> bool:
+    """The ship rule for one modality: nothing worse (or missing), something better."""
+    values = set(verdicts.values())
+    return not values & {"worse", "missing"} and "better" in values
+
+
+def ships(current: dict, candidate: dict) -> tuple[bool, list[str]]:
+    """Whether the candidate ships, and the modalities where it does not beat the current bundle."""
+    losing = [m for m in MODALITIES if not beats(compare_row(current[m], candidate[m]))]
+    return not losing, losing
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f} %" if key == "median_rel_count_error" else f"{value:.3f}"
+
+
+def table(current: dict, candidate: dict) -> str:
+    """Markdown: every modality (and its 'images no training stage saw' row where both have one), each figure as
+    current -> candidate, and the rule's verdict."""
+    header = ["modality", "images"] + [name for _, name, _ in FIGURES] + ["candidate beats current"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in MODALITIES + ("all",):
+        for suffix, note in (("", ""), ("_unseen", ", images no training stage saw")):
+            if name + suffix not in current or name + suffix not in candidate:
+                continue
+            a, b = current[name + suffix], candidate[name + suffix]
+            verdicts = compare_row(a, b)
+            cells = [LABELS[name] + note, str(b.get("images", "-"))]
+            cells += [f"{_fmt(k, a.get(k))} → {_fmt(k, b.get(k))}" + ("" if verdicts[k] == "same" else
+                                                                    f" ({verdicts[k]})") for k, _, _ in FIGURES]
+            cells.append(("yes" if beats(verdicts) else "no") + ("" if name in MODALITIES and not suffix
+                                                                 else " (not part of the rule)"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--current", type=Path, required=True, help="validate_bundle.py --out folder of the shipped bundle")
+    p.add_argument("--candidate", type=Path, required=True, help="the same for the candidate")
+    args = p.parse_args(argv)
+    try:
+        current, candidate = read_metrics(args.current), read_metrics(args.candidate)
+    except SystemExit as e:
+        print(f"compare_bundles: {e}", file=sys.stderr)
+        return 2
+    for key in ("val_images", "held_out_groups"):   # the same images, or the comparison means nothing
+        if current.get(key) != candidate.get(key):
+            print(f"compare_bundles: expected both scored on the same held-out images, found different {key} "
+                  f"({args.current} and {args.candidate})", file=sys.stderr)
+            return 2
+    print(table(current, candidate))
+    ok, losing = ships(current, candidate)
+    print("\nships: yes" if ok else "\nships: no (not better on " + ", ".join(LABELS[m] for m in losing) + ")")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The ship rule (references/nuclei/compare_bundles.py): a candidate bundle ships only if it beats the current one on
+every modality of the held-out groups."""
+
+import json
+
+import pytest
+
+from references.nuclei import compare_bundles as cb
+
+
+def figures(ap50, f1, count_error, dsb, images=10):
+    return {"images": images, "ap50_tp_fp_fn_pooled": ap50, "f1_pooled": f1, "median_rel_count_error": count_error,
+            "dsb_score_mean_over_images": dsb}
+
+
+def metrics(**by_modality):
+    base = {m: figures(0.7, 0.8, 0.10, 0.4) for m in cb.MODALITIES}
+    base.update(by_modality)
+    return {"val_images": 40, "held_out_groups": ["a", "b"], "all": figures(0.7, 0.8, 0.1, 0.4, 40), **base}
+
+
+def write(folder, m):
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_a_lower_count_error_is_better_and_a_lower_ap50_is_worse():
+    current = figures(0.70, 0.80, 0.10, 0.40)
+    assert cb.compare_row(current, figures(0.70, 0.80, 0.08, 0.40))["median_rel_count_error"] == "better"
+    assert cb.compare_row(current, figures(0.69, 0.80, 0.10, 0.40))["ap50_tp_fp_fn_pooled"] == "worse"
+    assert cb.compare_row(current, dict(figures(0.7, 0.8, 0.1, 0.4), f1_pooled=None))["f1_pooled"] == "missing"
+
+
+def test_ships_only_when_every_modality_is_better_and_none_is_worse():
+    better = figures(0.75, 0.85, 0.08, 0.45)
+    current = metrics()
+    assert cb.ships(current, metrics(**{m: better for m in cb.MODALITIES})) == (True, [])
+    # better everywhere but one figure of one modality: does not ship, and says where
+    mixed = {m: better for m in cb.MODALITIES}
+    mixed["brightfield_gray"] = figures(0.75, 0.85, 0.12, 0.45)
+    assert cb.ships(current, metrics(**mixed)) == (False, ["brightfield_gray"])
+    # equal is not better
+    assert cb.ships(current, metrics()) == (False, list(cb.MODALITIES))
+
+
+def test_the_command_prints_the_table_and_its_exit_status_is_the_verdict(tmp_path, capsys):
+    better = {m: figures(0.75, 0.85, 0.08, 0.45) for m in cb.MODALITIES}
+    current = write(tmp_path / "current", metrics())
+    winner = write(tmp_path / "winner", metrics(**better))
+    loser = write(tmp_path / "loser", metrics(**dict(better, he_breast=figures(0.6, 0.85, 0.08, 0.45))))
+    assert cb.main(["--current", str(current), "--candidate", str(winner)]) == 0
+    out = capsys.readouterr().out
+    assert "| fluorescence | 10 | 0.700 → 0.750 (better)" in out and "10.0 % → 8.0 % (better)" in out
+    assert out.rstrip().endswith("ships: yes")
+    assert cb.main(["--current", str(current), "--candidate", str(loser)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("ships: no (not better on H&E (TNBC))")
+
+
+@pytest.mark.parametrize("change", [{"val_images": 39}, {"held_out_groups": ["a"]}])
+def test_bundles_scored_on_different_images_are_not_compared(tmp_path, capsys, change):
+    current = write(tmp_path / "current", metrics())
+    other = write(tmp_path / "other", {**metrics(), **change})
+    assert cb.main(["--current", str(current), "--candidate", str(other)]) == 2
+    assert "expected both scored on the same held-out images" in capsys.readouterr().err
+
+
+def test_a_folder_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    current = write(tmp_path / "current", metrics())
+    assert cb.main(["--current", str(current), "--candidate", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compare_bundles: expected validate_bundle.py's metrics.json in") and "\n" not in err
