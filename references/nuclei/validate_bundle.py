@@ -14,7 +14,8 @@ threshold for it (chosen on the same images it is reported on: the card says so)
 
 Inference settings can be tried without touching the bundle: --tta, --mask-threshold, --set box_nms_thresh=0.5
 (any [model] key of model.toml), --proposal-threshold. Predictions are kept in OUT/<n>_<image>/ so a rerun only
-scores; give each setting its own --out.
+scores; OUT/predictions_made_with.json records the weights and settings that made them, and another bundle or
+setting is refused there: give each its own --out.
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def tuned_bundle(bundle, overrides: list[str]):
     return dataclasses.replace(bundle, model=dataclasses.replace(bundle.model, **changes))
 
 
+PREDICTIONS_MADE_WITH = "predictions_made_with.json"
+
+
+def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
+    """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
+    return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
+            "proposal_threshold": bundle.proposal_threshold, "floor": args.floor, "mask_threshold": args.mask_threshold,
+            "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve())}
+
+
+def claim_predictions_folder(out: Path, made_with: dict) -> None:
+    """OUT keeps its predictions so that a rerun only scores (predict's reuse): they must then be the predictions of
+    the same bundle weights, settings and images, which OUT/predictions_made_with.json records. A folder holding
+    another's predictions, or predictions of unknown origin, is refused before any work, and nothing in it changes."""
+    made_with = json.loads(json.dumps(made_with))   # as it reads back (tuples become lists)
+    record = out / PREDICTIONS_MADE_WITH
+    if record.is_file():
+        found = json.loads(record.read_text(encoding="utf-8"))
+        if found != made_with:
+            differ = sorted(k for k in made_with.keys() | found.keys() if found.get(k) != made_with.get(k))
+            raise SystemExit(f"expected {out} to hold predictions of this bundle and these settings (or none), found "
+                             f"ones with another {', '.join(differ)}: give this run its own --out")
+        return
+    if any(out.glob("*/predictions.coco.json")):
+        raise SystemExit(f"expected {out} to hold no predictions of unknown origin, found some without "
+                         f"{PREDICTIONS_MADE_WITH}: give this run its own --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made_with, indent=1), encoding="utf-8")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
@@ -146,6 +177,7 @@ def main() -> None:
     bundle = tuned_bundle(load_bundle(args.bundle), args.set)
     if args.proposal_threshold is not None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
+    claim_predictions_folder(args.out, predictions_made_with(bundle, args))
     detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
                                    precision=args.precision)
     preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,

@@ -1,0 +1,38 @@
+"""references/nuclei/validate_bundle.py reuses the predictions in its --out folder: only those of the same weights and
+settings (a stale folder once meant a new snapshot would be scored on an older one's predictions)."""
+
+import json
+
+import pytest
+
+from references.nuclei.validate_bundle import PREDICTIONS_MADE_WITH, claim_predictions_folder
+
+MADE_WITH = {"weights_sha256": "aa", "model": {"anchor_sizes": (8, 16)}, "floor": 0.3, "tta": False}
+
+
+def test_a_new_folder_records_what_made_its_predictions_and_a_rerun_is_let_through(tmp_path):
+    out = tmp_path / "val"
+    claim_predictions_folder(out, MADE_WITH)
+    assert json.loads((out / PREDICTIONS_MADE_WITH).read_text())["weights_sha256"] == "aa"
+    (out / "00000_img").mkdir()
+    (out / "00000_img" / "predictions.coco.json").write_text("{}")
+    claim_predictions_folder(out, dict(MADE_WITH))        # the same bundle and settings (tuples read back as lists)
+
+
+@pytest.mark.parametrize("change", [{"weights_sha256": "bb"}, {"tta": True}, {"model": {"anchor_sizes": (8, 32)}}])
+def test_another_bundle_or_setting_is_refused_and_the_folder_is_left_as_it_was(tmp_path, change):
+    out = tmp_path / "val"
+    claim_predictions_folder(out, MADE_WITH)
+    before = (out / PREDICTIONS_MADE_WITH).read_text()
+    with pytest.raises(SystemExit, match=f"found ones with another {next(iter(change))}: give this run its own --out"):
+        claim_predictions_folder(out, {**MADE_WITH, **change})
+    assert (out / PREDICTIONS_MADE_WITH).read_text() == before
+
+
+def test_predictions_of_unknown_origin_are_refused(tmp_path):
+    out = tmp_path / "val"
+    (out / "00000_img").mkdir(parents=True)
+    (out / "00000_img" / "predictions.coco.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no predictions of unknown origin"):
+        claim_predictions_folder(out, MADE_WITH)
+    assert not (out / PREDICTIONS_MADE_WITH).exists()
