@@ -71,7 +71,7 @@ def ships(current: dict, candidate: dict) -> tuple[bool, list[str]]:
 def _fmt(key: str, value) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f} %" if key == "median_rel_count_error" else f"{value:.3f}"
+    return f"{100 * value:.1f} %" if key == "median_rel_count_error" else f"{value:.4f}"
 
 
 def table(current: dict, candidate: dict) -> str:

@@ -51,7 +51,7 @@ def test_the_command_prints_the_table_and_its_exit_status_is_the_verdict(tmp_pat
     loser = write(tmp_path / "loser", metrics(**dict(better, he_breast=figures(0.6, 0.85, 0.08, 0.45))))
     assert cb.main(["--current", str(current), "--candidate", str(winner)]) == 0
     out = capsys.readouterr().out
-    assert "| fluorescence | 10 | 0.700 → 0.750 (better)" in out and "10.0 % → 8.0 % (better)" in out
+    assert "| fluorescence | 10 | 0.7000 → 0.7500 (better)" in out and "10.0 % → 8.0 % (better)" in out
     assert out.rstrip().endswith("ships: yes")
     assert cb.main(["--current", str(current), "--candidate", str(loser)]) == 1
     assert capsys.readouterr().out.rstrip().endswith("ships: no (not better on H&E (TNBC))")
