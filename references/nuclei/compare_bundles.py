@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
+from .plot_heldout import MODALITIES
+
 LABELS = {"fluorescence": "fluorescence", "stained_tissue": "stained tissue",
           "brightfield_gray": "grayscale brightfield", "he_breast": "H&E (TNBC)", "all": "all"}
 # card_figures' key, its name, and whether a higher value is better
@@ -28,17 +29,17 @@ FIGURES = (("ap50_tp_fp_fn_pooled", "AP50 pooled", True), ("f1_pooled", "F1", Tr
 
 
 def read_metrics(folder: Path) -> dict:
-    """validate_bundle.py's metrics.json in `folder`."""
+    """validate_bundle.py's metrics.json in `folder` (ValueError, with a one-line message, when it is unusable)."""
     path = folder / "metrics.json"
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(f"expected validate_bundle.py's metrics.json in {folder}, found no such file") from None
+        raise ValueError(f"expected validate_bundle.py's metrics.json in {folder}, found no such file") from None
     except ValueError as e:
-        raise SystemExit(f"expected JSON in {path}, found unreadable text ({e})") from None
+        raise ValueError(f"expected JSON in {path}, found unreadable text ({e})") from None
     missing = [m for m in MODALITIES if m not in metrics]
     if missing:
-        raise SystemExit(f"expected figures for every modality in {path}, found none for {', '.join(missing)}")
+        raise ValueError(f"expected figures for every modality in {path}, found none for {', '.join(missing)}")
     return metrics
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         current, candidate = read_metrics(args.current), read_metrics(args.candidate)
-    except SystemExit as e:
+    except ValueError as e:
         print(f"compare_bundles: {e}", file=sys.stderr)
         return 2
     for key in ("val_images", "held_out_groups"):   # the same images, or the comparison means nothing

@@ -41,9 +41,7 @@ from cellseg.evaluation import predict as predict_images
 
 from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
 from .model_card import card_readme, curve_table
-from .plot_heldout import plot_curve, read_curve
-
-MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
+from .plot_heldout import MODALITIES, plot_curve, read_curve
 
 
 def seen_images(split_files: list[Path]) -> set[str]:
@@ -105,8 +103,9 @@ def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
 
 def claim_predictions_folder(out: Path, made_with: dict) -> None:
     """OUT keeps its predictions so that a rerun only scores (predict's reuse): they must then be the predictions of
-    the same bundle weights, settings and images, which OUT/predictions_made_with.json records. A folder holding
-    another's predictions, or predictions of unknown origin, is refused before any work, and nothing in it changes."""
+    the same bundle weights, settings and data, which OUT/predictions_made_with.json records (the folders are
+    named by image). A folder holding another's predictions, or predictions of unknown origin, is refused before any
+    work, and nothing in it changes."""
     made_with = json.loads(json.dumps(made_with))   # as it reads back (tuples become lists)
     record = out / PREDICTIONS_MADE_WITH
     if record.is_file():
