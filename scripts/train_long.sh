@@ -12,8 +12,9 @@
 # subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
 # A new run starts from INIT (default: runs/gpu_call2, the ResNet-34 trained on the H100; else the shipped bundle).
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
-# augmentation settings changed from the recipe's (e.g. invert_p=0.25); a new run writes the three to RUN.settings
-# and every resume reads them back, so the schedule stays the one the run started with.
+# augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default the shipped bundle's
+# split.json) the images it trains on; a new run writes the four to RUN.settings and every resume reads them back, so
+# the schedule and data stay the ones the run started with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/long}
@@ -50,10 +51,12 @@ settings_file="$RUN.settings"    # the schedule a run started with: a resume mus
 if [ -f "$RUN/checkpoint.pt" ]; then
     args=(--resume)
     if [ -f "$settings_file" ]; then
-        AUGMENT=    # a settings file from before AUGMENT was kept means none, whatever the environment says
+        AUGMENT=    # a settings file from before AUGMENT or SPLIT was kept means none / the default,
+        SPLIT=      # whatever the environment says
         # shellcheck disable=SC1090
         source "$settings_file"
-        echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}, from $settings_file)"
+        echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
+             "SPLIT=${SPLIT:-default}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
@@ -61,9 +64,10 @@ else
     INIT=${INIT:-runs/gpu_call2}
     [ -d "$INIT" ] || INIT=cellseg/models/nuclei
     args=(--init "$INIT")
-    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\n' "$LR" "$STEPS" "$AUGMENT" > "$settings_file"
-    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT, kept in $settings_file for its resumes)"
+    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" > "$settings_file"
+    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default}," \
+         "kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" --split "${SPLIT:-cellseg/models/nuclei/split.json}" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \

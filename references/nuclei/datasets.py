@@ -24,6 +24,7 @@ and how it was made) is written into the bundle's split.json.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,41 @@ class Split:
 
     def modality_of(self) -> dict[str, str]:
         return {k: g["modality"] for g in self.groups.values() for k in g["images"]}
+
+    def train_on_seen(self, seen: set[str], modality: str) -> Split:
+        """This split with the held-out images of `modality` that an earlier training stage of the same lineage
+        already trained on (`seen`, see seen_images) moved to the training side.
+
+        For a fine-tune that must win back what its lineage knew and forgot: the images any stage of the lineage
+        trained on stay the same, so figures on the images no stage saw stay honest. A held-out group that is
+        partly seen becomes two: GROUP-seen (training) and GROUP (held out, the unseen rest)."""
+        groups, moved = {}, []
+        for name, g in self.groups.items():
+            taken = [k for k in g["images"] if k in seen] if g["side"] == "val" and g["modality"] == modality else []
+            rest = [k for k in g["images"] if k not in taken]
+            if taken:
+                groups[f"{name}-seen"] = {**g, "side": "train", "images": taken}
+                moved += taken
+            if rest:
+                groups[name] = {**g, "images": rest}
+        if not moved:
+            raise CellsegError(f"expected held-out {modality} images that the seen split trained on, found none "
+                               f"(held out: {sum(1 for k, m in self.modality_of().items() if m == modality and k in self.val)})")
+        method = (f"{self.method} Then the {len(moved)} held-out {modality} images that an earlier training stage of "
+                  "this lineage trained on were moved to the training side (Split.train_on_seen).")
+        split = Split(self.train + moved, [k for k in self.val if k not in set(moved)], groups, method.strip())
+        split.check()
+        return split
+
+
+def seen_images(split_files: list[Path]) -> set[str]:
+    """Image keys ('dataset/id') that a training stage used: the "train" list of each split file (an old
+    random-image split lists bare DSB2018 ids)."""
+    seen = set()
+    for path in split_files:
+        for k in json.loads(Path(path).read_text())["train"]:
+            seen.add(k if "/" in k else f"dsb2018/{k}")
+    return seen
 
 
 def holdout_split(images: list[AnnotatedImage], groups: dict[str, str], fraction: float = 0.15, seed: int = 0,

@@ -39,19 +39,9 @@ from cellseg.evaluation import (
 )
 from cellseg.evaluation import predict as predict_images
 
-from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
+from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split, seen_images
 from .model_card import card_readme, curve_table
 from .plot_heldout import MODALITIES, plot_curve, read_curve
-
-
-def seen_images(split_files: list[Path]) -> set[str]:
-    """Image keys ('dataset/id') that a training stage used: the "train" list of each split file (an old
-    random-image split lists bare DSB2018 ids)."""
-    seen = set()
-    for path in split_files:
-        for k in json.loads(path.read_text())["train"]:
-            seen.add(k if "/" in k else f"dsb2018/{k}")
-    return seen
 
 
 def ground_truth(data_root: Path, keys: list[str]) -> dict:

@@ -363,3 +363,42 @@ def test_a_rescore_scores_every_kept_snapshot_again_in_place(tmp_path, monkeypat
         assert [(int(r["step"]), float(r["all"])) for r in csv.DictReader(f)] == [(0, 0.61), (5000, 0.59)]
     assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["step0000000", "step0005000"]
     assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 0"
+
+
+def test_train_on_seen_moves_only_the_seen_held_out_images_of_one_modality(tmp_path):
+    """A fine-tune that wins back a forgotten modality trains on the held-out images its lineage already saw: a
+    partly seen group splits in two (GROUP-seen trains, the unseen rest stays held out), nothing else moves, and the
+    command writes the split without overwriting one."""
+    import subprocess
+    import sys
+    from references.nuclei.datasets import seen_images
+    gray = [f"dsb2018/g{i}" for i in range(4)]
+    split = Split(["dsb2018/f0", "dsb2018/f1"], gray + ["dsb2018/f2", "tnbc/p1"], {
+        "dsb2018/brightfield_gray-1": {"modality": "brightfield_gray", "side": "val", "images": gray},
+        "dsb2018/fluorescence-1": {"modality": "fluorescence", "side": "train", "images": ["dsb2018/f0", "dsb2018/f1"]},
+        "dsb2018/fluorescence-2": {"modality": "fluorescence", "side": "val", "images": ["dsb2018/f2"]},
+        "tnbc/patient-1": {"modality": "he_breast", "side": "val", "images": ["tnbc/p1"]}}, "grouped.")
+    old = tmp_path / "stage1_split.json"     # an old random-image split: bare DSB2018 ids
+    old.write_text(json.dumps({"train": ["g0", "g1", "g2", "f2", "f0"], "val": ["g3", "f1"]}))
+    seen = seen_images([old])
+    assert seen == {"dsb2018/g0", "dsb2018/g1", "dsb2018/g2", "dsb2018/f2", "dsb2018/f0"}
+    moved = split.train_on_seen(seen, "brightfield_gray")
+    assert moved.train == split.train + gray[:3] and moved.val == ["dsb2018/g3", "dsb2018/f2", "tnbc/p1"]
+    assert moved.groups["dsb2018/brightfield_gray-1-seen"]["side"] == "train"
+    assert moved.groups["dsb2018/brightfield_gray-1"]["images"] == ["dsb2018/g3"]
+    assert moved.groups["dsb2018/fluorescence-2"] == split.groups["dsb2018/fluorescence-2"]    # seen, other modality
+    assert "3 held-out brightfield_gray images" in moved.method and moved.method.startswith("grouped.")
+    with pytest.raises(CellsegError, match="expected held-out he_breast images that the seen split trained on, "
+                                           "found none \\(held out: 1\\)"):
+        split.train_on_seen(seen, "he_breast")
+
+    (tmp_path / "split.json").write_text(json.dumps(split.to_json()))
+    command = [sys.executable, "-m", "references.nuclei.train_on_seen", "--split", str(tmp_path / "split.json"),
+               "--seen", str(old), "--modality", "brightfield_gray", "--out", str(tmp_path / "gray_split.json")]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Split.from_json(json.loads((tmp_path / "gray_split.json").read_text())).train == moved.train
+    again = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert again.returncode != 0 and "expected a new file for --out, found" in again.stderr
+    assert Split.from_json(json.loads((tmp_path / "gray_split.json").read_text())).train == moved.train

@@ -436,8 +436,9 @@ def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
 
 
 def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
-    """scripts/train_long.sh: a new run keeps its learning rate, length and augmentation changes beside it, and a
-    resume started without them (the next session's plain command) trains on that schedule, not the defaults."""
+    """scripts/train_long.sh: a new run keeps its learning rate, length, augmentation changes and split beside it,
+    and a resume started without them (the next session's plain command) trains on that schedule and those images,
+    not the defaults."""
     import os
     import subprocess
     import time
@@ -458,9 +459,10 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
             time.sleep(0.05)
         raise AssertionError(f"the trainer was not started: {out}")
 
-    out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25")
+    out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json")
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert "--resume" not in args and args[args.index("--augment") + 1] == "invert_p=0.25"
+    assert args[args.index("--split") + 1] == "runs/branch_split.json"
     run.mkdir(exist_ok=True)
     (run / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "long.pid").unlink()    # the next session: the last one's processes are gone
@@ -468,11 +470,13 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert "resuming" in out and "--resume" in args
     assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert args[args.index("--augment") + 1] == "invert_p=0.25"
-    # a run started before AUGMENT was kept: none, even with one in the environment
+    assert args[args.index("--split") + 1] == "runs/branch_split.json"
+    # a run started before AUGMENT and SPLIT were kept: none and the default, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
-    out, args = start(AUGMENT="gray_p=0")
+    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json")
     assert "--resume" in args and "--augment" not in args
+    assert args[args.index("--split") + 1] == "cellseg/models/nuclei/split.json"
 
 
 def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
