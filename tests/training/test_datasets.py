@@ -371,6 +371,7 @@ def test_train_on_seen_moves_only_the_seen_held_out_images_of_one_modality(tmp_p
     command writes the split without overwriting one."""
     import subprocess
     import sys
+
     from references.nuclei.datasets import seen_images
     gray = [f"dsb2018/g{i}" for i in range(4)]
     split = Split(["dsb2018/f0", "dsb2018/f1"], gray + ["dsb2018/f2", "tnbc/p1"], {
