@@ -23,7 +23,7 @@ from .checkpoint import TrainingState, check_output_folder
 from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
 from .data import TrainImage, median_diameter_px
 from .loop import LoopSettings, hardware_description, optimiser_step, run_training
-from .warm_start import initial_weights, load_matching
+from .warm_start import initial_weights, load_matching, run_lineage
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     files: name -> text, written into `out` beside the bundle when the run starts (e.g. the data split).
 
     init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
-    to fine-tune (its architecture; class heads re-initialised when the classes differ).
+    to fine-tune (its architecture; class heads re-initialised when the classes differ). The card names it and
+    keeps the bundle's own training stages (earlier_stages), also after --resume (training.warm_start.run_lineage).
     """
     if not items:
         raise CellsegError("expected at least one annotated image to train on, found none")
@@ -107,6 +108,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     init_cfg, init_state, init_note = initial_weights(init, classes)
     cfg = model_cfg or init_cfg
     out.mkdir(parents=True, exist_ok=True)
+    lineage = run_lineage(out, resume, init, init_note)
+    card = {**(card or {}), **({"earlier_stages": lineage["earlier_stages"]} if lineage["earlier_stages"] else {})}
     for name, text in (files or {}).items():
         (out / name).write_text(text, encoding="utf-8")
     dev = torch.device(device)
@@ -119,8 +122,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     log.info("training in %s", precision_note)
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
     draw_p = draw_probabilities(sample_weights, len(items))
-    task = _MaskRCNNTraining(model, cfg, items, draw_p, settings, dev, out.name, init_note, precision_note,
-                             dict(card or {}), dict(files or {}))
+    task = _MaskRCNNTraining(model, cfg, items, draw_p, settings, dev, out.name, lineage["init"], precision_note,
+                             card, dict(files or {}))
     run_training(task, model, optim, settings, out, precision=precision, resume=resume, device=dev,
                  on_snapshot=on_snapshot, progress=progress)
     return out

@@ -3,6 +3,8 @@ tensors to load, and loading them into a network whose class heads may differ.""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +15,11 @@ from ..errors import CellsegError
 # torchvision's COCO Mask R-CNN (ResNet-50-FPN v1): the file name its weights enum downloads to.
 COCO_WEIGHTS_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 COCO_ARCHITECTURE = ModelConfig(backbone="resnet50", norm="frozen_bn", fpn_channels=256, box_head_size=1024)
+log = logging.getLogger(__name__)
+
+# Where a run's weights started, kept in its folder: --resume needs no --init, and the card must still name the bundle
+# the run continued and that bundle's own training stages.
+LINEAGE_FILE = "lineage.json"
 
 
 def coco_weights_path() -> Path:
@@ -46,6 +53,33 @@ def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | 
     bundle = load_bundle(init)
     return (dataclasses.replace(bundle.model, classes=tuple(classes)), bundle.state_dict(),
             f"bundle {bundle.name} ({bundle.weights_sha256[:12]})")
+
+
+def init_lineage(init: str, init_note: str) -> dict:
+    """What the card says about a run's start: {"init": init_note, "earlier_stages": [...]}, the latter every
+    training stage of the bundle it starts from (none for random or COCO weights)."""
+    from ..bundles import load_bundle
+    is_bundle = init not in ("none", "coco") and not init.startswith("coco:")
+    return {"init": init_note, "earlier_stages": load_bundle(init).training_stages() if is_bundle else []}
+
+
+def run_lineage(out: Path, resume: bool, init: str, init_note: str) -> dict:
+    """The lineage (init_lineage) of the run in `out`: a new run writes it there (LINEAGE_FILE); a resumed one reads
+    it back, or, for a run begun before the file existed, takes `init`'s (pass the run's first --init once)."""
+    path = out / LINEAGE_FILE
+    if resume and path.is_file():
+        try:
+            lineage = json.loads(path.read_text(encoding="utf-8"))
+            return {"init": str(lineage["init"]), "earlier_stages": list(lineage["earlier_stages"])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CellsegError(f"expected {path} to hold the run's starting weights (init, earlier_stages), "
+                               f"found unreadable JSON: {e}") from e
+    if resume:
+        log.warning("%s has no %s (a run begun before it existed): its card says it started from %s (--init)",
+                    out, LINEAGE_FILE, init_note)
+    lineage = init_lineage(init, init_note)
+    path.write_text(json.dumps(lineage, indent=1), encoding="utf-8")
+    return lineage
 
 
 def load_matching(model: torch.nn.Module, state: dict) -> list[str]:

@@ -118,7 +118,6 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
                limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None) -> Path:
     """Train the nuclei bundle on the split's training images into `out` (see cellseg.training.maskrcnn.train; on_snapshot is
     its callback for settings.snapshot_every)."""
-    from cellseg.bundles import load_bundle
     from cellseg.training import check_output_folder, train, train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
     split = load_split(data_root, split_file or (out / "split.json" if resume else None))
@@ -134,9 +133,6 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
                               + " See split.json.",
                      "sampling": f"images drawn by modality: {mix_text}"},
             "training": {"mix": mix_text, "reproduce": reproduce}}
-    if init not in ("none", "coco") and not init.startswith("coco:"):
-        # fine-tuning: the card keeps every earlier stage's recipe
-        card["earlier_stages"] = load_bundle(init).training_stages()
     return train(items, ["nucleus"], out, settings, model_cfg=model_cfg, resume=resume, device=device, card=card,
                  init=init, sample_weights=weights, progress=progress, on_snapshot=on_snapshot,
                  files={"split.json": json.dumps(split.to_json(), indent=1)})

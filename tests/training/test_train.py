@@ -187,6 +187,35 @@ def test_init_from_a_bundle_fine_tunes_its_weights(tmp_path, tiny_bundle):
     assert torch.equal(two.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
 
 
+def test_a_resumed_fine_tune_keeps_the_bundle_it_started_from_in_its_card(tmp_path, tiny_bundle):
+    """--resume takes no --init: the run's card must still name the bundle it continued and that bundle's stages
+    (the long run's card once said "random initialisation" after its first resume)."""
+    from cellseg.bundles import save_bundle
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    start = load_bundle(tiny_bundle)
+    parent = tmp_path / "parent"   # a bundle that is itself a fine-tune: its stage and its parent's both count
+    save_bundle(parent, start.model, start.state_dict(), name="parent", nucleus_diameter_px=12.0,
+                card={"training": {"init": "random initialisation", "steps": 7},
+                      "earlier_stages": [{"bundle": "grandparent", "steps": 5}]})
+    out = tmp_path / "run"
+    settings = TrainSettings(steps=2, batch_size=1, crop=64, checkpoint_every=1)
+    train(items, classes, out, settings, init=str(parent), progress=False)
+    settings.steps = 3
+    train(items, classes, out, settings, resume=True, model_cfg=start.model, progress=False)   # no init
+    card = load_bundle(out).card
+    digest = load_bundle(parent).weights_sha256
+    assert card["training"]["steps"] == 3 and card["training"]["init"] == f"bundle parent ({digest[:12]})"
+    assert [s["bundle"] for s in card["earlier_stages"]] == ["grandparent", "parent"]
+    assert card["earlier_stages"][1]["weights_sha256"] == digest
+    # a run begun before lineage.json existed takes the --init given with its resume, once, and keeps it
+    (out / "lineage.json").unlink()
+    settings.steps = 4
+    train(items, classes, out, settings, resume=True, init=str(parent), progress=False)
+    assert load_bundle(out).card["earlier_stages"][1]["bundle"] == "parent"
+    assert (out / "lineage.json").is_file()
+
+
 @pytest.mark.slow
 def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
