@@ -233,6 +233,7 @@ def child_naive(spec: dict) -> dict:
     from cellseg.detection import resolve_device
     from cellseg.geometry import plan_tiles
     from cellseg.planning import IntensityRange, load_protocol, select_channels, to_network_input
+    from cellseg.run.counter import mask_threshold_for
     from cellseg.slides import open_slide
     from cellseg.util import StageTimer
 
@@ -243,7 +244,7 @@ def child_naive(spec: dict) -> dict:
     model = build_naive_model(bundle).to(device)
     load_s = time.perf_counter() - t
     score_thr = protocol.score_threshold if protocol.score_threshold is not None else bundle.score_threshold
-    mask_thr = protocol.mask_threshold
+    mask_thr = mask_threshold_for(bundle, protocol)
     timer = StageTimer()
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
 

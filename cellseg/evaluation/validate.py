@@ -63,12 +63,13 @@ def card_figures(report: EvaluationReport) -> dict:
 def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
                         tta: bool = False, precision: str = "fp32"):
     """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
-    when `tta`). Its mask threshold is VALIDATION_PROTOCOL's unless `mask_threshold` overrides it: taken from the
-    protocol as `cellseg count` takes it, so validated cells are the cells a count makes."""
+    when `tta`). Its mask threshold is the bundle's unless `mask_threshold` overrides it, as `cellseg count` takes
+    it (run.counter.mask_threshold_for), so validated cells are the cells a count makes."""
     from ..detection import AugmentedDetector, Detector, member_threshold
-    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)
+    from ..run.counter import mask_threshold_for
+    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)   # checks the range
     detector = Detector.from_bundle(bundle, device, score_threshold=member_threshold(floor) if tta else floor,
-                                    mask_threshold=protocol.mask_threshold,
+                                    mask_threshold=mask_threshold_for(bundle, protocol),
                                     precision=precision)
     return AugmentedDetector(detector, floor) if tta else detector
 

@@ -96,7 +96,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("detection", "score_threshold", float, None,
             "Minimum detection score (unset: the bundle's, tuned for the modality).", Range(0.0, 1.0),
             "--score-threshold"),
-    Setting("detection", "mask_threshold", float, 0.5, "Soft-mask probability threshold.", Range(0.0, 1.0)),
+    Setting("detection", "mask_threshold", float, None,
+            "Soft-mask probability threshold (unset: the bundle's, chosen with its score thresholds).",
+            Range(0.0, 1.0)),
     Setting("detection", "min_area_px", int, 10, "Drop cells smaller than this many px (fragments).", Range(0)),
     Setting("detection", "precision", str, "auto",
             "The network's arithmetic on a CPU: bf16 where the processor has it natively (auto), or fp32 / bf16 "

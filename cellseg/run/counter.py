@@ -60,7 +60,7 @@ class CellCounter:
         # with TTA these are the merged cells' (the views' detector keeps cells down to tta.member_threshold)
         threshold, gray_threshold = model["score_thresholds"]["colour"], model["score_thresholds"]["gray"]
         detector = Detector.from_bundle(
-            bundle, device, mask_threshold=protocol.mask_threshold, batch_size=protocol.batch_size,
+            bundle, device, mask_threshold=model["mask_threshold"], batch_size=protocol.batch_size,
             precision=protocol.precision,
             score_threshold=member_threshold(min(threshold, gray_threshold)) if tta else threshold,
             gray_score_threshold=None if tta else gray_threshold)
@@ -104,11 +104,17 @@ class CellCounter:
                            skip_unreadable=self.skip_unreadable)
 
 
+def mask_threshold_for(bundle, protocol: Protocol) -> float:
+    """The mask probability threshold a count uses: the protocol's when it sets one, else the bundle's (tuned with
+    its score thresholds on held-out images: a bundle's masks are only as tight as its own threshold makes them)."""
+    return protocol.mask_threshold if protocol.mask_threshold is not None else bundle.mask_threshold
+
+
 def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
     """run.json's "model": the bundle (bundle.Bundle) and the score thresholds a protocol gets from it, for a slide
     whose network input has colour and for one without (planning.NetworkInput.gray): the protocol's own for both
     when it sets one, else the bundle's for the protocol's modality (and TTA). Each slide's run.json adds the one
-    it was counted at (results.run_record)."""
+    it was counted at (results.run_record). The mask threshold likewise: the protocol's, else the bundle's."""
     if protocol.score_threshold is not None:
         threshold = gray_threshold = protocol.score_threshold
     else:
@@ -116,6 +122,7 @@ def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
         gray_threshold = bundle.threshold_for(protocol.modality, tta=tta, gray=True)
     return {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
             "score_thresholds": {"colour": float(threshold), "gray": float(gray_threshold)},
+            "mask_threshold": float(mask_threshold_for(bundle, protocol)),
             "test_time_augmentation": tta}
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from cellseg.bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
 from cellseg.errors import CellsegError
 from cellseg.evaluation import (
-    VALIDATION_PROTOCOL,
     above,
     card_figures,
     evaluate,
@@ -87,7 +86,8 @@ PREDICTIONS_MADE_WITH = "predictions_made_with.json"
 def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
-            "proposal_threshold": bundle.proposal_threshold, "floor": args.floor, "mask_threshold": args.mask_threshold,
+            "proposal_threshold": bundle.proposal_threshold, "floor": args.floor,
+            "mask_threshold": args.mask_threshold if args.mask_threshold is not None else bundle.mask_threshold,
             "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve())}
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
     p.add_argument("--mask-threshold", type=float, default=None,
-                   help="mask probability threshold (default: the protocol's, as in a count); with --write-card it is "
+                   help="mask probability threshold (default: the bundle's, as in a count); with --write-card it is "
                         "recorded in the bundle")
     p.add_argument("--proposal-threshold", type=float, default=None, help="RPN objectness floor (default: bundle's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -167,6 +167,8 @@ def main() -> None:
     if args.proposal_threshold is not None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
     claim_predictions_folder(args.out, predictions_made_with(bundle, args))
+    # the mask threshold a count of this bundle uses unless --mask-threshold overrides it
+    detector_mask_threshold = predictions_made_with(bundle, args)["mask_threshold"]
     detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
                                    precision=args.precision)
     preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,
@@ -183,7 +185,7 @@ def main() -> None:
                      "threshold_chosen_on": "these held-out images, per protocol modality, gray input apart "
                                             "(pooled F1)",
                      "settings": {"tta": args.tta, "precision": args.precision,
-                                  "mask_threshold": args.mask_threshold or VALIDATION_PROTOCOL.mask_threshold,
+                                  "mask_threshold": detector_mask_threshold,
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
     for key in sorted(set(THRESHOLD_KEY.values())):

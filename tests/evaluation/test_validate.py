@@ -78,18 +78,25 @@ def test_missing_validation_images_fail_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_validation_takes_the_mask_threshold_from_the_protocol_as_counting_does(tiny_bundle):
-    """A bundle's own mask threshold does not change validated cells, as it does not change counted ones
-    (CellCounter.load takes the protocol's); an explicit one (scripts/validate_bundle.py --mask-threshold) does."""
+def test_validation_takes_the_mask_threshold_of_the_bundle_as_counting_does(tiny_bundle, tmp_path):
+    """A count takes the bundle's mask threshold (chosen with its score thresholds) unless the protocol sets one, and
+    run.json says which; validation takes it the same way, so validated cells are counted cells; an explicit one
+    (validate_bundle.py --mask-threshold) overrides it."""
     import dataclasses
 
+    from cellseg.bundles import update_bundle_metadata
     from cellseg.errors import ParameterError
     from cellseg.evaluation import VALIDATION_PROTOCOL, validation_detector
     from cellseg.run import CellCounter
-    bundle = dataclasses.replace(load_bundle(tiny_bundle), mask_threshold=0.3)
-    counted = CellCounter.load(VALIDATION_PROTOCOL.replace(model=str(tiny_bundle)), "cpu").detector
-    assert validation_detector(bundle, "cpu").mask_threshold == counted.mask_threshold \
-        == VALIDATION_PROTOCOL.mask_threshold == 0.5
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, folder)
+    bundle = update_bundle_metadata(folder, mask_threshold=0.3)
+    counter = CellCounter.load(VALIDATION_PROTOCOL.replace(model=str(folder)), "cpu")
+    assert validation_detector(bundle, "cpu").mask_threshold == counter.detector.mask_threshold == 0.3
+    assert counter.run_info.model["mask_threshold"] == 0.3
+    protocol_says = CellCounter.load(VALIDATION_PROTOCOL.replace(model=str(folder), mask_threshold=0.6), "cpu")
+    assert protocol_says.detector.mask_threshold == protocol_says.run_info.model["mask_threshold"] == 0.6
     assert validation_detector(bundle, "cpu", mask_threshold=0.4).mask_threshold == 0.4
+    assert validation_detector(dataclasses.replace(bundle, mask_threshold=0.5), "cpu").mask_threshold == 0.5
     with pytest.raises(ParameterError, match="mask_threshold: expected between 0.0 and 1.0, got 1.5"):
         validation_detector(bundle, "cpu", mask_threshold=1.5)
