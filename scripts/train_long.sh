@@ -49,6 +49,8 @@ if running; then echo "already running (pid $(cat "$pid_file")): bash $0 status"
 mkdir -p "$(dirname "$RUN")"
 settings_file="$RUN.settings"    # the schedule a run started with: a resume must not change its peak or length
 if [ -f "$RUN/checkpoint.pt" ]; then
+    # a resume trains on the run's own split.json, written when it started: the shipped bundle's split may have
+    # changed since (a new bundle ships its own), and the held-out curve must stay one measurement
     args=(--resume)
     if [ -f "$settings_file" ]; then
         AUGMENT=    # a settings file from before AUGMENT or SPLIT was kept means none / the default,
@@ -63,13 +65,13 @@ if [ -f "$RUN/checkpoint.pt" ]; then
 else
     INIT=${INIT:-runs/gpu_call2}
     [ -d "$INIT" ] || INIT=cellseg/models/nuclei
-    args=(--init "$INIT")
+    args=(--init "$INIT" --split "${SPLIT:-cellseg/models/nuclei/split.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}
     printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" > "$settings_file"
     echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default}," \
          "kept in $settings_file for its resumes)"
 fi
-nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" --split "${SPLIT:-cellseg/models/nuclei/split.json}" \
+nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
     ${AUGMENT:+--augment "$AUGMENT"} "${args[@]}" \

@@ -201,4 +201,5 @@ def hardware_description(device: torch.device) -> str:
     """The GPU's name, or the CPU's and the threads torch uses: for a bundle's card."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU {cpu_model()}, {n} torch thread{'s' if n != 1 else ''}"

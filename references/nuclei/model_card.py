@@ -143,8 +143,9 @@ Reproduce, stage by stage:
 
 ## Validation on held-out acquisition groups and patients (IoU 0.5)
 
-Images of experiments (DSB2018 acquisition groups) and patients (TNBC) that the training of this stage never saw,
-each through the full `cellseg count` pipeline (512 px tiles, 64 px halo). AP50 is TP/(TP+FP+FN) (the DSB2018 /
+Images of experiments (DSB2018 acquisition groups) and patients (TNBC) held out from training (which of them an
+earlier training stage saw, if any, is said below the table and in the "images no training stage saw" rows), each
+through the full `cellseg count` pipeline (512 px tiles, 64 px halo), masks at probability >= {bundle.mask_threshold:.2f}. AP50 is TP/(TP+FP+FN) (the DSB2018 /
 StarDist definition), pooled over all cells and as the mean over images; the DSB2018 score is, per image, the mean
 of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95; COCO AP is mask AP@[.5:.95] at maxDets >= 1000; count bias is the pooled
 (predicted - true) / true. Score thresholds, chosen per protocol modality for the best pooled F1 on these same

@@ -2,9 +2,9 @@
 trained on (datasets.Split.train_on_seen), for a fine-tune that wins back what the lineage forgot:
 
     git show 32cb52f:cellseg/models/nuclei/split.json > runs/final/stage12_split.json   # the first stages' split
-    python -m references.nuclei.train_on_seen --split cellseg/models/nuclei/split.json \
+    python -m references.nuclei.train_on_seen --split runs/long/split.json \
         --seen runs/final/stage12_split.json --modality brightfield_gray --out runs/gray_split.json
-    RUN=runs/gray INIT=runs/long/scored/step0050000 SPLIT=runs/gray_split.json LR=2e-5 STEPS=5000 \
+    RUN=runs/gray INIT=runs/long/scored/step0030000 SPLIT=runs/gray_split.json LR=2e-5 STEPS=5000 \
         bash scripts/train_long.sh
 
 The images every stage of the lineage trained on stay the same, so `validate_bundle --seen` still reports honest

@@ -223,6 +223,7 @@ def main() -> None:
     if args.write_card and args.tta:   # TTA's merged scores get thresholds of their own; the card stays
         update_bundle_metadata(args.bundle, tta_score_thresholds=thresholds,
                                card={"metrics_tta": metrics})
+        (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
     elif args.write_card:
         card = {"metrics": metrics, "threshold_sweep": overall.sweep_table()}
         if curve is not None:

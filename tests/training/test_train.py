@@ -469,6 +469,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     and a resume started without them (the next session's plain command) trains on that schedule and those images,
     not the defaults."""
     import os
+    import shutil
     import subprocess
     import time
     script = Path(__file__).resolve().parents[2] / "scripts" / "train_long.sh"
@@ -499,13 +500,18 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert "resuming" in out and "--resume" in args
     assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert args[args.index("--augment") + 1] == "invert_p=0.25"
-    assert args[args.index("--split") + 1] == "runs/branch_split.json"
-    # a run started before AUGMENT and SPLIT were kept: none and the default, even with them in the environment
+    assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
+    # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
     out, args = start(AUGMENT="gray_p=0", SPLIT="other.json")
-    assert "--resume" in args and "--augment" not in args
-    assert args[args.index("--split") + 1] == "cellseg/models/nuclei/split.json"
+    assert "--resume" in args and "--augment" not in args and "--split" not in args
+    # a new run without SPLIT holds out what the shipped bundle's split holds out
+    shutil.rmtree(run)
+    (tmp_path / "long.settings").unlink()
+    (tmp_path / "long.pid").unlink()
+    out, args = start()
+    assert "starting" in out and args[args.index("--split") + 1] == "cellseg/models/nuclei/split.json"
 
 
 def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
