@@ -3,6 +3,7 @@ README says it does; protocols, models and every module ship inside the wheel, n
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,13 +38,18 @@ def test_quickstart_counts_the_cells_the_readme_shows(tmp_path):
     shown = re.search(rf"\$ cellseg count {re.escape(slide)}\n{re.escape(slide)}: (\d+) cells ->",
                       (ROOT / "README.md").read_text())
     assert shown, "README.md's worked example shows no count of the quickstart slide"
+    in_bf16 = re.search(r"the network runs in bf16 by default\s+and finds (\d+) cells", (ROOT / "README.md").read_text())
+    assert in_bf16, "README.md's worked example does not say what a CPU with bf16 counts"
     copy = tmp_path / Path(slide).name
     shutil.copy(ROOT / slide, copy)
     result = invoke(["count", copy])
     assert result.exit_code == 0, result.output
-    assert f"{copy}: {shown.group(1)} cells ->" in result.output
-    cells = pd.read_csv(copy.parent / "fluo_mosaic.cellseg" / "cells.csv")
-    assert len(cells) == int(shown.group(1)) and cells["cell_id"].is_unique
+    folder = copy.parent / "fluo_mosaic.cellseg"
+    precision = json.loads((folder / "run.json").read_text())["precision"]
+    expected = (in_bf16 if precision.startswith("bf16") else shown).group(1)   # the default: bf16 where native
+    assert f"{copy}: {expected} cells ->" in result.output, precision
+    cells = pd.read_csv(folder / "cells.csv")
+    assert len(cells) == int(expected) and cells["cell_id"].is_unique
 
 
 @pytest.mark.slow
