@@ -59,6 +59,7 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000
     box_batch_size_per_image: int = 256
     box_nms_thresh: float = 0.4
+    roi_sampling_ratio: int = 2         # RoIAlign samples per bin side (torchvision's 2); 1: a quarter of the reads
 
     @property
     def num_classes(self) -> int:

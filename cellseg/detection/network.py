@@ -14,6 +14,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..bundles import Bundle, ModelConfig
@@ -71,6 +72,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_nms_thresh=cfg.box_nms_thresh,
         box_score_thresh=0.05,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, cfg.roi_sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, cfg.roi_sampling_ratio),
     )
     model.transform = TileTransform(min_size=1, max_size=1 << 30, image_mean=list(cfg.image_mean),
                                     image_std=list(cfg.image_std), size_divisible=32)

@@ -76,6 +76,17 @@ def test_round_trip_keeps_config_and_card(saved):
     assert sorted(p.name for p in folder.iterdir()) == ["model.toml", "weights.safetensors"]  # no temp files
 
 
+def test_roi_sampling_ratio_reaches_both_poolers_and_defaults_to_torchvisions():
+    """[model] roi_sampling_ratio sets RoIAlign's samples per bin in the box and the mask pooler; a bundle written
+    before the key existed keeps torchvision's 2 (what it was trained with)."""
+    from cellseg.bundles import ModelConfig
+    cfg = tiny_model_config()
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "roi_sampling_ratio"}) == cfg
+    heads = build_model(dataclasses.replace(cfg, roi_sampling_ratio=1)).roi_heads
+    assert heads.box_roi_pool.sampling_ratio == heads.mask_roi_pool.sampling_ratio == 1
+    assert build_model(cfg).roi_heads.mask_roi_pool.sampling_ratio == 2
+
+
 def test_round_trip_state_dict_within_float16_precision(saved):
     _, state, folder = saved
     loaded = load_bundle(folder).state_dict()
