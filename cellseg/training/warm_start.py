@@ -27,6 +27,11 @@ def coco_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / COCO_WEIGHTS_FILE
 
 
+def starts_from_bundle(init: str) -> bool:
+    """Whether `--init` names a bundle (a folder or a shipped name) rather than random or COCO weights."""
+    return init != "none" and init != "coco" and not init.startswith("coco:")
+
+
 def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | None, str]:
     """Architecture and starting weights for `--init none | coco | coco:FILE | BUNDLE`.
 
@@ -37,7 +42,7 @@ def initial_weights(init: str, classes: list[str]) -> tuple[ModelConfig, dict | 
     from ..bundles import load_bundle
     if init == "none":
         return ModelConfig(classes=tuple(classes)), None, "random initialisation"
-    if init == "coco" or init.startswith("coco:"):
+    if not starts_from_bundle(init):   # COCO
         path = Path(init[5:]) if init.startswith("coco:") else coco_weights_path()
         if not path.is_file():
             raise CellsegError(
@@ -59,8 +64,8 @@ def init_lineage(init: str, init_note: str) -> dict:
     """What the card says about a run's start: {"init": init_note, "earlier_stages": [...]}, the latter every
     training stage of the bundle it starts from (none for random or COCO weights)."""
     from ..bundles import load_bundle
-    is_bundle = init not in ("none", "coco") and not init.startswith("coco:")
-    return {"init": init_note, "earlier_stages": load_bundle(init).training_stages() if is_bundle else []}
+    return {"init": init_note,
+            "earlier_stages": load_bundle(init).training_stages() if starts_from_bundle(init) else []}
 
 
 def run_lineage(out: Path, resume: bool, init: str, init_note: str) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 from cellseg.bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
 from cellseg.errors import CellsegError
 from cellseg.evaluation import (
+    VALIDATION_PROTOCOL,
     above,
     card_figures,
     evaluate,
@@ -37,6 +38,7 @@ from cellseg.evaluation import (
     validation_detector,
 )
 from cellseg.evaluation import predict as predict_images
+from cellseg.run.counter import mask_threshold_for
 
 from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split, seen_images
 from .model_card import card_readme, curve_table
@@ -87,7 +89,7 @@ def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
             "proposal_threshold": bundle.proposal_threshold, "floor": args.floor,
-            "mask_threshold": args.mask_threshold if args.mask_threshold is not None else bundle.mask_threshold,
+            "mask_threshold": mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=args.mask_threshold)),
             "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve())}
 
 
@@ -166,9 +168,8 @@ def main() -> None:
     bundle = tuned_bundle(load_bundle(args.bundle), args.set)
     if args.proposal_threshold is not None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
-    claim_predictions_folder(args.out, predictions_made_with(bundle, args))
-    # the mask threshold a count of this bundle uses unless --mask-threshold overrides it
-    detector_mask_threshold = predictions_made_with(bundle, args)["mask_threshold"]
+    made_with = predictions_made_with(bundle, args)
+    claim_predictions_folder(args.out, made_with)
     detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
                                    precision=args.precision)
     preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,
@@ -185,7 +186,7 @@ def main() -> None:
                      "threshold_chosen_on": "these held-out images, per protocol modality, gray input apart "
                                             "(pooled F1)",
                      "settings": {"tta": args.tta, "precision": args.precision,
-                                  "mask_threshold": detector_mask_threshold,
+                                  "mask_threshold": made_with["mask_threshold"],
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
     for key in sorted(set(THRESHOLD_KEY.values())):
