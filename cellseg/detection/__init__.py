@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "network": ["build_model", "load_network"],
     "precision": ["cpu_flags", "cpu_has_native_bf16", "cpu_model", "resolve_precision"],
     "rcnn_parts": ["ThreadedMultiScaleRoIAlign", "thread_roi_pools"],
+    "roi_align": ["MatrixMultiScaleRoIAlign", "matrix_roi_pools", "roi_align_rows"],
     "slide_norm": ["SlideGroupNorm"],
     "tta": [
         "AugmentedDetector", "MEMBER_FLOOR", "VIEWS", "member_threshold", "merge_views", "unview_array",

@@ -21,7 +21,8 @@ from ..errors import ParameterError
 from ..geometry import Box, TileDetections, TileSpec, detection_frames
 from .network import load_network
 from .precision import resolve_precision
-from .rcnn_parts import TileNetwork, thread_roi_pools
+from .rcnn_parts import TileNetwork
+from .roi_align import matrix_roi_pools
 from .slide_norm import fold_slide_norms, measure_slide_norms
 from .streams import ForwardStreams, cpu_stream_count
 
@@ -125,7 +126,7 @@ class Detector:
         if device.type == "cpu":
             # oneDNN convolutions run ~20 % faster on NHWC than NCHW here (measured on the backbone).
             model.to(memory_format=torch.channels_last)
-            thread_roi_pools(model)
+            matrix_roi_pools(model)   # RoIAlign as matrix products on the channels_last features
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
         # cells on the example mosaic) goes through the mask branch only to be thrown away here. At the lower of the
         # two thresholds: the shared model serves slides of either; _to_tile_detections applies the slide's.
@@ -133,7 +134,7 @@ class Detector:
         # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
         model.rpn.score_thresh = proposal_threshold
-        self.network = TileNetwork(model, contiguous_features=device.type == "cpu")   # per-tile statistics
+        self.network = TileNetwork(model)   # per-tile statistics
         self.seen_input: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None      # see calibrated
 
     @classmethod

@@ -5,11 +5,11 @@
 - `TileRoIHeads`: given the part of each tile whose cells it keeps (`owned_regions`, an argument of its forward),
   boxes that cannot lie in it skip the mask branch.
 - `TileNetwork`: the model's parts run for inference on tiles, `forward(images, owned_regions)`; its backbone body
-  may be a calibrated copy (detection/slide_norm.py) while every other part is the model's own; on CPU the features reach
-  RoIAlign in NCHW once per level (`contiguous_features`).
+  may be a calibrated copy (detection/slide_norm.py) while every other part is the model's own.
 - `WeightFormatMaskHead`: in inference the mask head takes its RoI features in its weights' memory format.
 - `TileMaskPredictor`: the mask predictor's inference on a CPU as chunked matrix products.
-- `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads on CPU (torchvision's CPU kernel uses one core).
+- `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads for training on a CPU (torchvision's CPU kernel uses
+  one core); inference on a CPU pools with detection/roi_align.py instead.
 
 Subclasses, never patched instances: each part is a module with the same parameters and state dict keys as the one
 it replaces, so a bundle's weights load into either.
@@ -95,20 +95,16 @@ class TileNetwork(nn.Module):
     two differences. The owned regions reach the RoI heads as an argument (TileRoIHeads). The backbone body
     can be another than the model's (`with_body`: a copy with a slide's statistics folded in, detection/slide_norm.py) while
     the transform, FPN, RPN and RoI heads stay the model's own, shared.
-
-    contiguous_features: RoIAlign's CPU kernel works on NCHW; given channels_last features it copies a whole level
-    per call, once for the box head and again for the mask head. True converts each level once instead.
     """
 
-    def __init__(self, model: MaskRCNN, body: nn.Module | None = None, contiguous_features: bool = False):
+    def __init__(self, model: MaskRCNN, body: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.body = model.backbone.body if body is None else body
-        self.contiguous_features = contiguous_features
 
     def with_body(self, body: nn.Module | None) -> TileNetwork:
         """The same network with `body` as its backbone body (None: the model's own)."""
-        return TileNetwork(self.model, body, self.contiguous_features)
+        return TileNetwork(self.model, body)
 
     def forward(self, images: list[torch.Tensor],
                 owned_regions: list[tuple[float, float, float, float]] | None = None,
@@ -119,8 +115,6 @@ class TileNetwork(nn.Module):
         batch, _ = model.transform(images)
         features = model.backbone.fpn(self.body(batch.tensors) if body_output is None else body_output)
         proposals, _ = model.rpn(batch, features)
-        if self.contiguous_features:
-            features = {k: v.contiguous() for k, v in features.items()}
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions)
         return detections
 
