@@ -3,10 +3,10 @@
 Runs the shipped bundle's Detector on TILES tiles of 512 px + 64 px halo cut from the example mosaic (each tile
 scaled by its own 1st / 99.8th percentiles: close to a count's normalisation, and the operator shares hardly depend
 on it), all in one forward pass on torch's thread pool (no side-by-side streams, so torch.profiler sees every
-operator; RoIAlign, which a count spreads over a thread pool, runs on the calling thread here), once per precision
+operator), once per precision
 after a warm-up pass, and prints each operator group's share of the CPU time:
-convolutions, matrix products (the box head's fully connected layers), RoIAlign, NMS, GroupNorm, copies and
-concatenations, the rest.
+convolutions, matrix products (the box head's fully connected layers), RoIAlign (every operator the poolers run,
+detection/roi_align.py), NMS, GroupNorm, copies and concatenations, the rest.
 
     python benchmarks/network_ops.py [--precisions fp32,bf16] [--tiles 4]
 
@@ -33,6 +33,16 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def group_of_event(event) -> str:
+    """An operator's group; anything run inside a RoI pooler's range (its gathers and products) is RoIAlign."""
+    node = event
+    while node is not None:
+        if "roi_align" in node.name:
+            return "RoIAlign"
+        node = node.cpu_parent
+    return group_of(event.name)
+
+
 def tiles(slide_path: str, n: int) -> list[np.ndarray]:
     from cellseg.geometry import Box
     from cellseg.slides import open_slide
@@ -57,13 +67,9 @@ def main() -> None:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from torchvision.ops import MultiScaleRoIAlign
 
     from cellseg.bundles import load_bundle
-    from cellseg.detection import Detector, ThreadedMultiScaleRoIAlign, cpu_has_native_bf16, cpu_model
-    # RoIAlign pooled on the calling thread, as torchvision does (a count spreads it over a thread pool, which the
-    # profiler does not see): its share here is its single-threaded cost
-    ThreadedMultiScaleRoIAlign.forward = MultiScaleRoIAlign.forward
+    from cellseg.detection import Detector, cpu_has_native_bf16, cpu_model
     bundle = load_bundle(args.model)
     images = tiles(args.slide, args.tiles)
     print(f"CPU {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; model {bundle.name} "
@@ -80,8 +86,8 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             cells = sum(len(d) for d in detector.detect_images(images))
         by_group: dict[str, float] = collections.Counter()
-        for event in prof.key_averages():
-            by_group[group_of(event.key)] += event.self_cpu_time_total / 1e6
+        for event in prof.events():
+            by_group[group_of_event(event)] += event.self_cpu_time_total / 1e6
         total = sum(by_group.values())
         print(f"\n{precision} ({detector.precision_note}): {cells} cells, {total:.2f} s of operator CPU time")
         for group, seconds in sorted(by_group.items(), key=lambda kv: -kv[1]):

@@ -118,6 +118,10 @@ class MatrixMultiScaleRoIAlign(MultiScaleRoIAlign):
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(levels, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
+        with torch.profiler.record_function("cellseg::roi_align"):    # benchmarks/network_ops.py groups by it
+            return self._pool(levels, boxes)
+
+    def _pool(self, levels, boxes):
         rois = _convert_to_roi_format([b.float() for b in boxes])
         level_of = self.map_levels(boxes)
         autocast = torch.is_autocast_enabled("cpu")
