@@ -3,9 +3,11 @@
 Every variant starts from the same bundle's weights and trains on the same batches (crops drawn once, with the
 recipe's augmentation, from the first training images of the bundle's split), so only the arithmetic differs:
 
-    shipped     fp32, NCHW                         (the recipe before bf16 and channels_last)
+    shipped     fp32, NCHW, torchvision's RoIAlign (the recipe before bf16, channels_last and RoIAlign as matrices)
     cl          fp32, channels_last
-    bf16_cl     bf16 autocast + channels_last      (RoIAlign pools in fp32; only where bf16 is native, or --force-bf16)
+    bf16_cl_tv  bf16 autocast + channels_last, torchvision's RoIAlign kernel (only where bf16 is native, or
+                --force-bf16; like bf16_cl)
+    bf16_cl     bf16 autocast + channels_last      (the recipe: RoIAlign as matrix products, detection/roi_align.py)
     bf16_cl_rpn ... and RPN training proposals 2000/1000 instead of 4000/2000 (with --rpn-trim)
     recipe_B    the recipe (bf16_cl where native, else cl) on a fresh network with backbone B, random weights
                 (with --backbone B, e.g. resnet34): what a step of a larger network costs here
@@ -80,26 +82,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.bundle)
     native = cpu_has_native_bf16()
-    variants = {"shipped": ("fp32", False, bundle.model), "cl": ("fp32", True, bundle.model)}
+    # name: (precision, channels_last, matrix RoIAlign, network config)
+    variants = {"shipped": ("fp32", False, False, bundle.model), "cl": ("fp32", True, True, bundle.model)}
     if native or args.force_bf16:
-        variants["bf16_cl"] = ("bf16", True, bundle.model)
+        variants["bf16_cl_tv"] = ("bf16", True, False, bundle.model)
+        variants["bf16_cl"] = ("bf16", True, True, bundle.model)
         if args.rpn_trim:
-            variants["bf16_cl_rpn"] = ("bf16", True, dataclasses.replace(
+            variants["bf16_cl_rpn"] = ("bf16", True, True, dataclasses.replace(
                 bundle.model, rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000))
     if args.backbone:
-        variants[f"recipe_{args.backbone}"] = ("bf16" if native or args.force_bf16 else "fp32", True,
+        variants[f"recipe_{args.backbone}"] = ("bf16" if native or args.force_bf16 else "fp32", True, True,
                                                dataclasses.replace(bundle.model, backbone=args.backbone))
     total = args.rounds * args.steps + 2
     data = batches(args.bundle, args.data_root, 24, total, args.batch_size, args.crop)
     dev = torch.device("cpu")
     state = bundle.state_dict()
     runs = {}
-    for name, (precision, channels_last, cfg) in variants.items():
+    for name, (precision, channels_last, matrix_roi_align, cfg) in variants.items():
         torch.manual_seed(0)
         model = build_model(cfg)
         if not name.startswith("recipe_"):     # recipe_B: a fresh network, its own random weights
             model.load_state_dict(state)
-        model, chosen, _ = prepare_for_training(model, dev, precision, channels_last=channels_last)
+        model, chosen, _ = prepare_for_training(model, dev, precision, channels_last=channels_last,
+                                                matrix_roi_align=matrix_roi_align)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
         runs[name] = {"model": model, "optim": optim, "precision": chosen, "times": [], "losses": []}
 

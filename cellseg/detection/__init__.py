@@ -10,7 +10,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "detector": ["Detector", "paste_masks_at_box_size", "resolve_device"],
     "network": ["build_model", "load_network"],
     "precision": ["cpu_flags", "cpu_has_native_bf16", "cpu_model", "resolve_precision"],
-    "rcnn_parts": ["ThreadedMultiScaleRoIAlign", "thread_roi_pools"],
     "roi_align": ["MatrixMultiScaleRoIAlign", "matrix_roi_pools", "roi_align_rows"],
     "slide_norm": ["SlideGroupNorm"],
     "tta": [

@@ -8,8 +8,6 @@
   may be a calibrated copy (detection/slide_norm.py) while every other part is the model's own.
 - `WeightFormatMaskHead`: in inference the mask head takes its RoI features in its weights' memory format.
 - `TileMaskPredictor`: the mask predictor's inference on a CPU as chunked matrix products.
-- `ThreadedMultiScaleRoIAlign`: RoIAlign split across threads for training on a CPU (torchvision's CPU kernel uses
-  one core); inference on a CPU pools with detection/roi_align.py instead.
 
 Subclasses, never patched instances: each part is a module with the same parameters and state dict keys as the one
 it replaces, so a bundle's weights load into either.
@@ -17,17 +15,12 @@ it replaces, so a bundle's weights load into either.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from ..errors import ParameterError
@@ -160,103 +153,6 @@ class TileMaskPredictor(MaskRCNNPredictor):
                   for s in range(0, rows.shape[0], self.rows_per_chunk)]
         # rows were (n, y, x), each now 2 x 2 sub-pixels (dy, dx) of `classes` logits: (n, classes, 2y + dy, 2x + dx)
         return torch.cat(logits).view(n, h, w, 2, 2, classes).permute(0, 5, 1, 3, 2, 4).reshape(n, classes, 2 * h, 2 * w)
-
-
-class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign that, on CPU, splits its RoIs across threads: torchvision's CPU RoIAlign kernels (forward
-    and backward) run on one core: ~14 % of a tile's CPU time in inference, mostly the box head's ~1000 proposals,
-    and ~21 % of a training step in the backward pass. The RoIs, in their image-major order, are cut into
-    contiguous runs, each pooled by a thread (the kernels release the GIL); the outputs concatenated in order are
-    exactly the single call's. In training the gradient of each run is computed in its thread too, and summed.
-    """
-
-    min_rois_per_thread = 32
-    _pool: ThreadPoolExecutor | None = None
-
-    @classmethod
-    def replacing(cls, pooler: MultiScaleRoIAlign) -> ThreadedMultiScaleRoIAlign:
-        threaded = cls(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio,
-                       canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
-        threaded.scales, threaded.map_levels = pooler.scales, pooler.map_levels
-        return threaded
-
-    def forward(self, x, boxes, image_shapes):
-        n = [len(b) for b in boxes]
-        threads = min(torch.get_num_threads(), sum(n) // self.min_rois_per_thread)
-        first = x[self.featmap_names[0]]
-        if first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
-            # bf16 autocast: torchvision's CPU RoIAlign has no bf16 kernel, so pool in fp32 (the heads after it
-            # run in bf16 again); the cast is differentiable, gradients reach the bf16 features
-            x = {k: v.float() if k in self.featmap_names else v for k, v in x.items()}
-            with torch.autocast("cpu", enabled=False):
-                return self.forward(x, [b.float() for b in boxes], image_shapes)
-        if threads < 2 or first.device.type != "cpu" or self.scales is None:   # scales are set on the first call
-            return super().forward(x, boxes, image_shapes)
-        cuts = np.linspace(0, sum(n), threads + 1).round().astype(int)
-        offsets = np.r_[0, np.cumsum(n)]
-        runs = [[b[max(lo - o, 0):max(min(hi - o, len(b)), 0)] for b, o in zip(boxes, offsets)]
-                for lo, hi in zip(cuts[:-1], cuts[1:])]
-        if ThreadedMultiScaleRoIAlign._pool is None:
-            ThreadedMultiScaleRoIAlign._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
-                                                                  thread_name_prefix="cellseg-roialign")
-        names = list(self.featmap_names)
-        levels = [x[k] for k in names]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in levels):
-            return _PoolRunsInThreads.apply(self, runs, image_shapes, names, *levels)
-        inference = torch.is_inference_mode_enabled()   # thread-local: carried into the workers
-
-        def pool(run):
-            with torch.inference_mode(inference), torch.no_grad():
-                return self._pool_one_run(dict(zip(names, levels)), run, image_shapes)
-        return torch.cat(list(self._pool.map(pool, runs)))
-
-    def _pool_one_run(self, x, run, image_shapes):
-        return super().forward(x, run, image_shapes)
-
-
-class _PoolRunsInThreads(torch.autograd.Function):
-    """ThreadedMultiScaleRoIAlign with gradients: forward pools each run in a thread; backward re-pools each run
-    in a thread with autograd on (the forward is ~1/8 of the backward's cost) and sums the runs' gradients."""
-
-    @staticmethod
-    def forward(ctx, pooler, runs, image_shapes, names, *levels):
-        ctx.pooler, ctx.runs, ctx.image_shapes, ctx.names = pooler, runs, image_shapes, names
-        ctx.save_for_backward(*levels)
-
-        def pool(run):
-            with torch.no_grad():
-                return pooler._pool_one_run(dict(zip(names, levels)), run, image_shapes)
-        outs = list(pooler._pool.map(pool, runs))
-        ctx.sizes = [len(o) for o in outs]
-        return torch.cat(outs)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        levels = ctx.saved_tensors
-
-        def grad_of(run, grad):
-            leaves = [t.detach().requires_grad_() for t in levels]
-            with torch.enable_grad():
-                out = ctx.pooler._pool_one_run(dict(zip(ctx.names, leaves)), run, ctx.image_shapes)
-            return torch.autograd.grad(out, leaves, grad, allow_unused=True)
-        per_run = list(ctx.pooler._pool.map(grad_of, ctx.runs, grad_out.split(ctx.sizes)))
-        totals = []
-        for k in range(len(levels)):
-            parts = [g[k] for g in per_run if g[k] is not None]
-            total = parts[0] if parts else None
-            for g in parts[1:]:
-                total.add_(g)   # each run's gradient is a fresh full-size tensor: add in place, no stacked copy
-            totals.append(total)
-        return (None, None, None, None, *totals)
-
-
-def thread_roi_pools(model: MaskRCNN) -> None:
-    """Give the box and mask heads ThreadedMultiScaleRoIAlign poolers (CPU models; same results)."""
-    heads = model.roi_heads
-    for name in ("box_roi_pool", "mask_roi_pool"):
-        pooler = getattr(heads, name)
-        if type(pooler) is MultiScaleRoIAlign:
-            setattr(heads, name, ThreadedMultiScaleRoIAlign.replacing(pooler))
 
 
 class Fp32FeaturePyramidNetwork(FeaturePyramidNetwork):

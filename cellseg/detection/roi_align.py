@@ -1,4 +1,4 @@
-"""RoIAlign for inference on a CPU as gathers and small matrix products: `MatrixMultiScaleRoIAlign`.
+"""RoIAlign on a CPU as gathers and small matrix products: `MatrixMultiScaleRoIAlign`.
 
 torchvision's CPU RoIAlign kernel loops over RoIs, channels and bins one float at a time, on one core; with cells'
 RoIs it was ~15 % of the network's CPU time in fp32 and ~23 % in bf16 (benchmarks/network_ops.py). It computes
@@ -16,11 +16,14 @@ falls between. A nucleus's RoI covers a few feature pixels (median ~3 at stride 
 crop is small: RoIs are grouped by the crop size they need, each group gathered from the NHWC features at once
 (channels contiguous: the convolutions' own channels_last layout, no conversion) and multiplied in batches.
 Same samples, same weights, same edge rules as the kernel (aligned=False, sampling_ratio > 0); only the order of
-the sums differs (outputs within ~1e-6 of torchvision's). On 8 mosaic tiles, detection took 2.28 s against 2.85 s
-in bf16 and 3.95 s against 4.38 s in fp32 with the same detections (Zen 4, one forward stream per core).
+the sums differs (outputs within ~1e-6 of torchvision's). On the example mosaic (Zen 4) RoIAlign's share of the
+network's CPU time fell from 15 % to 5 % in fp32 and from 23 % to 7 % in bf16, with the same cells
+(docs/performance.md).
 
-Training keeps torchvision's kernel (detection/rcnn_parts.py: its backward, threaded), and so do GPUs and adaptive
-sampling (sampling_ratio <= 0, whose sample count varies per RoI).
+Training uses it too: autograd runs back through the gathers and products (gradients within ~1e-5 of the kernel's,
+the same losses to 6 decimals), where torchvision's backward loops on one core. A bf16 training step of the nuclei
+recipe took 0.75 s against 0.93 s (benchmarks/train_speed.py's batches, Zen 4). GPUs and adaptive sampling
+(sampling_ratio <= 0, whose sample count varies per RoI) keep torchvision's kernel.
 """
 
 from __future__ import annotations
@@ -99,10 +102,9 @@ def roi_align_rows(out: torch.Tensor, rows: torch.Tensor, features: torch.Tensor
 
 
 class MatrixMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign (same levels, same level mapping) that in inference on a CPU pools with
+    """torchvision's MultiScaleRoIAlign (same levels, same level mapping, same state) that on a CPU pools with
     `roi_align_rows` and returns channels_last output; under bf16 autocast in bf16 (the heads after it cast their
-    input to bf16 anyway: the same values, half the memory). Anything else (gradients, GPUs, adaptive sampling)
-    goes to torchvision's."""
+    input to bf16 anyway: the same values, half the memory). GPUs and adaptive sampling go to torchvision's."""
 
     @classmethod
     def replacing(cls, pooler: MultiScaleRoIAlign) -> MatrixMultiScaleRoIAlign:
@@ -113,7 +115,7 @@ class MatrixMultiScaleRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x, boxes, image_shapes):
         levels = [x[k] for k in self.featmap_names]
-        if torch.is_grad_enabled() or levels[0].device.type != "cpu" or self.sampling_ratio <= 0:
+        if levels[0].device.type != "cpu" or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(levels, image_shapes, self.canonical_scale,
@@ -136,7 +138,7 @@ class MatrixMultiScaleRoIAlign(MultiScaleRoIAlign):
 
 
 def matrix_roi_pools(model) -> None:
-    """Give a Mask R-CNN's box and mask heads MatrixMultiScaleRoIAlign poolers (CPU inference; same results)."""
+    """Give a Mask R-CNN's box and mask heads MatrixMultiScaleRoIAlign poolers (CPU models; same results)."""
     heads = model.roi_heads
     for name in ("box_roi_pool", "mask_roi_pool"):
         pooler = getattr(heads, name)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..bundles import ModelConfig, save_bundle
-from ..detection import build_model, resolve_precision, thread_roi_pools
+from ..detection import build_model, matrix_roi_pools, resolve_precision
 from ..errors import CellsegError
 from .checkpoint import TrainingState, check_output_folder
 from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
@@ -130,15 +130,18 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
 
 
 def prepare_for_training(model: torch.nn.Module, dev: torch.device, precision: str = "auto",
-                         channels_last: bool = True) -> tuple[torch.nn.Module, str, str]:
+                         channels_last: bool = True, matrix_roi_align: bool = True) -> tuple[torch.nn.Module, str, str]:
     """The model on `dev` in training mode, set up for the CPU where it runs there; returns (model, precision,
-    why): precision 'bf16' or 'fp32' (cellseg.detection.precision.resolve_precision)."""
+    why): precision 'bf16' or 'fp32' (cellseg.detection.precision.resolve_precision). channels_last and
+    matrix_roi_align (RoIAlign as matrix products, detection/roi_align.py) apply on a CPU; False keeps torchvision's
+    layout or kernel (benchmarks/train_speed.py compares them)."""
     model = model.to(dev).train()
     chosen, why = resolve_precision(precision, dev.type,
                                     cuda_bf16=dev.type == "cuda" and torch.cuda.is_bf16_supported())
     model.backbone.fpn.in_fp32 = False   # detection.rcnn_parts.Fp32FeaturePyramidNetwork: fp32 only for inference
     if dev.type == "cpu":
-        thread_roi_pools(model)   # RoIAlign's backward was a fifth of a CPU step, on one core
+        if matrix_roi_align:      # torchvision's one-core RoIAlign backward was a fifth of a CPU step
+            matrix_roi_pools(model)
         if channels_last:         # NHWC convolutions: 0.87 -> 0.72 s a step in fp32 on a 2-core Zen 5
             model = model.to(memory_format=torch.channels_last)
     return model, chosen, why

@@ -273,43 +273,6 @@ def test_slide_statistics_pool_every_value_of_a_group_over_all_windows():
     assert torch.allclose(norm(x), expected, atol=1e-5)
 
 
-def test_threaded_roi_align_gives_the_single_calls_output_exactly():
-    import torch
-    from torchvision.ops import MultiScaleRoIAlign
-
-    from cellseg.detection import ThreadedMultiScaleRoIAlign
-
-    torch.manual_seed(0)
-    features = {str(k): torch.randn(3, 8, 80 // 2 ** k, 80 // 2 ** k) for k in range(4)}
-    shapes = [(320, 320)] * 3
-    boxes = []
-    for n in (300, 0, 170):     # an image without boxes in the middle: runs cut across images
-        b = torch.rand(n, 4) * 250
-        b[:, 2:] = b[:, :2] + 4 + torch.rand(n, 2) * 60
-        boxes.append(b)
-    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    expected = plain(features, boxes, shapes)
-    threaded = ThreadedMultiScaleRoIAlign.replacing(plain)
-    threaded.min_rois_per_thread = 50
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in (2, 3, 7):
-            torch.set_num_threads(n_threads)
-            assert torch.equal(threaded(features, boxes, shapes), expected)
-        # training: the gradient, computed run by run in the threads and summed, is the single call's
-        levels = {k: v.double().requires_grad_() for k, v in features.items()}
-        weights = torch.randn(expected.shape, dtype=torch.float64)
-        out = plain(levels, [b.double() for b in boxes], shapes)
-        expected_grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
-        out = threaded(levels, [b.double() for b in boxes], shapes)
-        assert out.grad_fn is not None and torch.equal(out, plain(levels, [b.double() for b in boxes], shapes))
-        grads = torch.autograd.grad((out * weights).sum(), list(levels.values()))
-        for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_tile_heads_in_inference_are_torchvisions_with_the_mask_features_in_the_weights_memory_format():
     """Inference through TileRoIHeads equals torchvision's RoIHeads; the mask head's convolutions see channels_last
     input on a CPU detector (WeightFormatMaskHead)."""

@@ -83,13 +83,23 @@ def test_matrix_pooler_under_bf16_autocast_hands_on_its_fp32_result_rounded():
     torch.testing.assert_close(bf16.float(), fp32, rtol=2e-2, atol=2e-2)
 
 
-def test_matrix_pooler_leaves_gradients_and_adaptive_sampling_to_torchvision():
-    features, boxes, shapes = _pyramid(False)
-    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+def test_matrix_pooler_gradients_match_torchvisions():
+    features, boxes, shapes = _pyramid(True)
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
     matrix = MatrixMultiScaleRoIAlign.replacing(plain)
-    levels = {k: v.requires_grad_() for k, v in features.items()}
-    out = matrix(levels, boxes, shapes)          # grad mode: torchvision's kernel, differentiable
-    assert out.grad_fn is not None and torch.equal(out, plain(levels, boxes, shapes))
+    weights = torch.randn(470, 8, 14, 14, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for pooler in (plain, matrix):
+        levels = {k: v.detach().clone().requires_grad_() for k, v in features.items()}
+        out = pooler(levels, boxes, shapes)
+        grads.append(torch.autograd.grad((out * weights).sum(), list(levels.values())))
+    for want, got in zip(*grads):
+        assert want.abs().max() > 1
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
+
+
+def test_matrix_pooler_leaves_adaptive_sampling_to_torchvision():
+    features, boxes, shapes = _pyramid(False)
     adaptive = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 0)
     with torch.inference_mode():
         assert torch.equal(MatrixMultiScaleRoIAlign.replacing(adaptive)(features, boxes, shapes),

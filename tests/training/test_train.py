@@ -547,3 +547,40 @@ def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
     finally:
         for p in pids:
             subprocess.run(["kill", "-CONT", p]), subprocess.run(["kill", "-KILL", p])
+
+
+def test_a_training_step_with_roialign_as_matrices_is_torchvisions_step():
+    """prepare_for_training pools with detection/roi_align.py on a CPU: the same losses and, through its gathers and
+    products, the same gradients as torchvision's kernel."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from cellseg.detection import MatrixMultiScaleRoIAlign, build_model
+    from cellseg.training import prepare_for_training
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
+    targets = []
+    for _ in images:
+        corners = torch.randint(0, 70, (5, 2), generator=g).float()
+        boxes = torch.cat([corners, corners + 8 + torch.randint(0, 16, (5, 2), generator=g)], 1)
+        masks = torch.zeros(5, 96, 96, dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            masks[k, y0:y1, x0:x1] = 1
+        targets.append({"boxes": boxes, "labels": torch.ones(5, dtype=torch.int64), "masks": masks})
+    results = []
+    for matrix in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = prepare_for_training(build_model(tiny_model_config()), torch.device("cpu"), "fp32",
+                                           matrix_roi_align=matrix)
+        pooler = MatrixMultiScaleRoIAlign if matrix else MultiScaleRoIAlign
+        assert type(model.roi_heads.box_roi_pool) is pooler and type(model.roi_heads.mask_roi_pool) is pooler
+        torch.manual_seed(1)     # the proposal and RoI samplers draw at random
+        losses = model([i.clone() for i in images], [dict(t) for t in targets])
+        total = sum(losses.values())
+        total.backward()
+        results.append((float(total.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_tv, grads_tv), (loss_matrix, grads_matrix) = results
+    assert loss_matrix == pytest.approx(loss_tv, rel=1e-5)
+    assert len(grads_tv) == len(grads_matrix) > 0
+    for want, got in zip(grads_tv, grads_matrix):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
