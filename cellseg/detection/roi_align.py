@@ -34,6 +34,7 @@ from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 # crop sizes (feature px, both axes) RoIs are grouped by: a RoI goes to the first that holds it
 CROP_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+WORK_BYTES = 64 << 20
 
 
 def _axis_samples(start: torch.Tensor, length: torch.Tensor, pooled: int, grid: int, size: int):
@@ -87,18 +88,29 @@ def roi_align_rows(out: torch.Tensor, rows: torch.Tensor, features: torch.Tensor
         if len(group) == 0:
             continue
         span_h, span_w = min(size, h), min(size, w)
-        first_y = (y_samples[0][group, 0, 0]).clamp(max=h - span_h)     # the crop stays inside the map
-        first_x = (x_samples[0][group, 0, 0]).clamp(max=w - span_w)
-        wy = _weight_matrix(*(t[group] for t in y_samples), first_y, span_h)
-        wx = _weight_matrix(*(t[group] for t in x_samples), first_x, span_w)
-        corner = image[group] * (h * w) + first_y * w + first_x
-        at = (corner[:, None, None] + torch.arange(span_h)[None, :, None] * w
-              + torch.arange(span_w)[None, None, :])
-        m = len(group)
-        crops = pixels.index_select(0, at.flatten()).view(m, span_h, span_w, c)
-        across = torch.matmul(wx[:, None], crops)                                  # (m, span_h, Q, C)
-        pooled = torch.bmm(wy, across.view(m, span_h, pooled_w * c))               # (m, P, Q * C)
-        out_rows.index_copy_(0, rows[group], pooled.view(m, -1).to(out.dtype))
+        # at most WORK_BYTES of crops and products at a time: flat memory however many large RoIs a tile proposes
+        per_roi = (span_h * span_w + span_h * pooled_w + pooled_h * pooled_w) * c * features.element_size()
+        per_chunk = max(1, WORK_BYTES // per_roi)
+        for chunk in group.split(per_chunk):
+            _pool_group(out_rows, rows[chunk], pixels, (h, w), image[chunk],
+                        [t[chunk] for t in y_samples], [t[chunk] for t in x_samples], span_h, span_w)
+
+
+def _pool_group(out_rows, rows, pixels, shape, image, y_samples, x_samples, span_h: int, span_w: int) -> None:
+    """RoIAlign of RoIs whose samples lie within span_h x span_w feature pixels, into rows `rows` of `out_rows`."""
+    h, w = shape
+    m, c = len(rows), pixels.shape[1]
+    pooled_w = x_samples[0].shape[1]
+    first_y = y_samples[0][:, 0, 0].clamp(max=h - span_h)     # the crop stays inside the map
+    first_x = x_samples[0][:, 0, 0].clamp(max=w - span_w)
+    wy = _weight_matrix(*y_samples, first_y, span_h)
+    wx = _weight_matrix(*x_samples, first_x, span_w)
+    corner = image * (h * w) + first_y * w + first_x
+    at = corner[:, None, None] + torch.arange(span_h)[None, :, None] * w + torch.arange(span_w)[None, None, :]
+    crops = pixels.index_select(0, at.flatten()).view(m, span_h, span_w, c)
+    across = torch.matmul(wx[:, None], crops)                                  # (m, span_h, Q, C)
+    pooled = torch.bmm(wy, across.view(m, span_h, pooled_w * c))               # (m, P, Q * C)
+    out_rows.index_copy_(0, rows, pooled.view(m, -1).to(out_rows.dtype))
 
 
 class MatrixMultiScaleRoIAlign(MultiScaleRoIAlign):

@@ -35,6 +35,24 @@ def test_roi_align_rows_matches_torchvisions_kernel(sampling_ratio, output_size)
         assert out[others].isnan().all()                      # rows it was not given are left as they were
 
 
+def test_roi_align_rows_in_small_chunks_gives_the_same_output(monkeypatch):
+    import cellseg.detection.roi_align as matrix
+
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(2, 6, 37, 83, generator=g).contiguous(memory_format=torch.channels_last)
+    rois = torch.cat([torch.randint(0, 2, (200, 1), generator=g).float(), _boxes(200, 83 * 4, g)], 1)
+    outs = []
+    for budget in (matrix.WORK_BYTES, 1, 50_000):      # all at once, one RoI at a time, a few dozen at a time
+        monkeypatch.setattr(matrix, "WORK_BYTES", budget)
+        out = torch.empty(200, 7, 7, 6)
+        roi_align_rows(out, torch.arange(200), features, rois, 0.25, 2)
+        outs.append(out)
+    for other in outs[1:]:   # batched products may sum in another order: equal to float rounding
+        torch.testing.assert_close(other, outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[0].permute(0, 3, 1, 2), roi_align(features.contiguous(), rois, (7, 7), 0.25, 2),
+                               rtol=0, atol=2e-5)
+
+
 def test_roi_align_rows_wants_a_fixed_sampling_ratio():
     with pytest.raises(ValueError, match="fixed sampling ratio"):
         roi_align_rows(torch.empty(1, 7, 7, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, 8, 8),
