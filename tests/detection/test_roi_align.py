@@ -35,6 +35,17 @@ def test_roi_align_rows_matches_torchvisions_kernel(sampling_ratio, output_size)
         assert out[others].isnan().all()                      # rows it was not given are left as they were
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (1, 5)])
+def test_roi_align_rows_on_maps_of_a_pixel_or_two(shape):
+    """The coarsest FPN levels of a small crop: every sample clamped to the last row or column."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 4, *shape, generator=g)
+    rois = torch.cat([torch.zeros(50, 1), _boxes(50, 40, g)], 1)
+    out = torch.empty(50, 7, 7, 4)
+    roi_align_rows(out, torch.arange(50), features, rois, 1 / 8, 2)
+    torch.testing.assert_close(out.permute(0, 3, 1, 2), roi_align(features, rois, (7, 7), 1 / 8, 2), rtol=0, atol=2e-5)
+
+
 def test_roi_align_rows_in_small_chunks_gives_the_same_output(monkeypatch):
     import cellseg.detection.roi_align as matrix
 
