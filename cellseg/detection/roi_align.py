@@ -16,8 +16,8 @@ falls between. A nucleus's RoI covers a few feature pixels (median ~3 at stride 
 crop is small: RoIs are grouped by the crop size they need, each group gathered from the NHWC features at once
 (channels contiguous: the convolutions' own channels_last layout, no conversion) and multiplied in batches.
 Same samples, same weights, same edge rules as the kernel (aligned=False, sampling_ratio > 0); only the order of
-the sums differs (outputs within 2e-5 of torchvision's in the tests). On the example mosaic (Zen 4) RoIAlign's share of the
-network's CPU time fell from 15 % to 5 % in fp32 and from 23 % to 7 % in bf16, with the same cells
+the sums differs (outputs within 2e-5 of torchvision's in the tests). On the example mosaic (Zen 4) RoIAlign's
+share of the network's CPU time fell from 15 % to 5 % in fp32 and from 23 % to 7 % in bf16, with the same cells
 (docs/performance.md).
 
 Training uses it too: autograd runs back through the gathers and products (gradients within ~1e-5 of the kernel's,
