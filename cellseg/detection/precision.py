@@ -10,6 +10,7 @@ Torch-free: the processor's flags come from /proc/cpuinfo.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CellsegError
@@ -17,6 +18,11 @@ from ..errors import CellsegError
 PRECISIONS = ("auto", "fp32", "bf16")
 # /proc/cpuinfo flags that mean native bf16 arithmetic (any one suffices)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Environment variables that cap the instruction sets torch's kernels use (oneDNN's convolutions, ATen's
+# vectorised operators): set, they make a CPU run the code paths of an older one, e.g. a Zen 4 those of a Zen 3.
+KERNEL_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+# ONEDNN_MAX_CPU_ISA values below avx512_core_bf16: oneDNN then has no bf16 instructions, whatever the CPU has
+ONEDNN_ISAS_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -32,8 +38,19 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def kernel_isa_caps() -> dict[str, str]:
+    """The instruction-set caps in force for torch's CPU kernels (KERNEL_ISA_VARIABLES that are set)."""
+    return {name: os.environ[name] for name in KERNEL_ISA_VARIABLES if os.environ.get(name)}
+
+
+def onednn_bf16_capped() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA keeps oneDNN below its bf16 instructions."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() in ONEDNN_ISAS_WITHOUT_BF16
+
+
 def cpu_has_native_bf16() -> bool:
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    """The CPU has bf16 instructions (NATIVE_BF16_FLAGS) and oneDNN may use them (onednn_bf16_capped)."""
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS) and not onednn_bf16_capped()
 
 
 def resolve_precision(requested: str, device_type: str, cuda_bf16: bool = True) -> tuple[str, str]:
@@ -52,16 +69,25 @@ def resolve_precision(requested: str, device_type: str, cuda_bf16: bool = True) 
         return "fp32", "fp32 as asked"
     if requested == "bf16":
         return "bf16", ("bf16 as asked (native on this CPU)" if native
-                        else "bf16 as asked, emulated on this CPU (no avx512_bf16/amx_bf16): slower than fp32")
+                        else "bf16 as asked, emulated here (no avx512_bf16/amx_bf16 for oneDNN): slower than fp32")
     if native:
         return "bf16", "bf16 autocast: this CPU has native bf16 (avx512_bf16 or amx_bf16)"
+    if onednn_bf16_capped():
+        return "fp32", f"fp32: ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']} leaves oneDNN no bf16 instructions"
     return "fp32", "fp32: this CPU has no native bf16 (avx512_bf16 or amx_bf16)"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The processor's model name (/proc/cpuinfo; platform.processor() elsewhere), with its x86 family and model
     numbers where the name alone does not tell the generation: a cloud "AMD EPYC" is Zen 3 (family 25 model 1),
-    Zen 4 (25, 17) or Zen 5 (26, ...), whose speeds and bf16 support differ."""
+    Zen 4 (25, 17) or Zen 5 (26, ...), whose speeds and bf16 support differ. Caps on torch's kernels
+    (kernel_isa_caps) are named after it: a figure taken under them is not the processor's own."""
+    caps = ", ".join(f"{name}={value}" for name, value in kernel_isa_caps().items())
+    return processor_name(cpuinfo) + (f", kernels capped: {caps}" if caps else "")
+
+
+def processor_name(cpuinfo: Path) -> str:
+    """cpu_model's processor part: the model name, with the family and model numbers where /proc/cpuinfo has them."""
     import platform
     try:
         fields: dict[str, str] = {}

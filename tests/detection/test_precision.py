@@ -16,6 +16,7 @@ from ..helpers import DATA, LabelReadingDetector, invoke
 
 def test_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     import cellseg.detection.precision as precision
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"sse4_2", "avx2", "avx512f", "avx512_vnni"})
     assert precision.resolve_precision("auto", "cpu")[0] == "fp32"
     assert precision.resolve_precision("bf16", "cpu") == ("bf16", precision.resolve_precision("bf16", "cpu")[1])
@@ -26,13 +27,37 @@ def test_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
         precision.resolve_precision("fp16", "cpu")
 
 
-def test_the_cpu_model_names_its_generation(tmp_path):
-    """Cloud AMD processors are all "AMD EPYC": the family and model numbers tell Zen 3 from Zen 4 and 5."""
+def test_a_cap_on_onednn_below_bf16_means_fp32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below avx512_core_bf16 (a Zen 4 made to run a Zen 3's code paths) leaves oneDNN without
+    bf16 instructions: auto must not pick bf16, which would then be emulated and slower than fp32."""
+    import cellseg.detection.precision as precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})    # Zen 4
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.resolve_precision("auto", "cpu") == (
+        "fp32", "fp32: ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bf16 instructions")
+    assert "emulated" in precision.resolve_precision("bf16", "cpu")[1]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert precision.resolve_precision("auto", "cpu")[0] == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert precision.resolve_precision("auto", "cpu")[0] == "bf16"
+
+
+def test_the_cpu_model_names_its_generation(tmp_path, monkeypatch):
+    """Cloud AMD processors are all "AMD EPYC": the family and model numbers tell Zen 3 from Zen 4 and 5; caps on
+    torch's kernels are named with it, so that a figure taken under them is not passed off as the processor's."""
     from cellseg.detection import cpu_model
+    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
                     "model name\t: AMD EPYC\nflags\t\t: avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 99\n")
     assert cpu_model(info) == "AMD EPYC (family 25 model 17)"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert cpu_model(info) == ("AMD EPYC (family 25 model 17), kernels capped: ONEDNN_MAX_CPU_ISA=AVX2, "
+                               "ATEN_CPU_CAPABILITY=avx2")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     info.write_text("model name\t: Apple M2\n")
     assert cpu_model(info) == "Apple M2"
 
