@@ -367,7 +367,7 @@ def test_bf16_and_fp32_training_steps_give_finite_losses_of_one_order(tmp_path, 
 def test_auto_precision_falls_back_to_fp32_on_a_cpu_without_bf16(tmp_path, monkeypatch):
     import cellseg.detection.precision as precision
     from cellseg.detection import resolve_precision
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)   # a cap would make the Zen 4 below fp32 too
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)   # a cap would turn the bf16 CPU below to fp32 too
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})     # a Xeon without bf16
     assert resolve_precision("auto", "cpu")[0] == "fp32"
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
