@@ -38,7 +38,8 @@ too, so the spread is seen (a shared 2-core machine varies up to 2x from minute 
 
 --isa avx2 caps every run's kernels at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): a CPU with AVX-512
 and bf16 then runs the code paths of one without either, such as a Zen 3 (not its clock, caches or FMA width), and
-cellseg runs fp32 only. Caps set in the environment are honoured the same way; the CPU line names them.
+cellseg runs fp32 only. --isa avx512 (ONEDNN_MAX_CPU_ISA=AVX512_CORE ATEN_CPU_CAPABILITY=avx512) keeps AVX-512 but
+not VNNI, bf16 or AMX: the code paths of a Skylake-class Xeon. Caps set in the environment are honoured the same way; the CPU line names them.
 
     nice -n 5 python benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cpu \
         --json /tmp/bench.json [--tiles 4] [--tta]
@@ -62,6 +63,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- helpers
+
+# --isa: the environment that caps torch's kernels (oneDNN's and ATen's) at an older CPU's instruction sets
+ISA_CAPS = {"native": {},
+            "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+            "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"}}
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -376,12 +383,12 @@ def main() -> None:
                    help="rounds of every run, interleaved (cellseg variants, then naive, each round): seconds are "
                         "each run's median, the ratio the ratio of medians, with each round's ratio printed too "
                         "(2-core machines vary up to 2x from minute to minute)")
-    p.add_argument("--isa", choices=["native", "avx2"], default="native",
-                   help="avx2: cap every run's kernels at AVX2 (the code paths of a CPU without AVX-512 or bf16)")
+    p.add_argument("--isa", choices=sorted(ISA_CAPS), default="native",
+                   help="avx2: cap every run's kernels at AVX2 (the code paths of a CPU without AVX-512 or bf16, "
+                        "such as a Zen 3); avx512: at AVX-512 without VNNI, bf16 or AMX (those of a Skylake Xeon)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.isa == "avx2":     # before torch is imported here, and inherited by every child run
-        os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    os.environ.update(ISA_CAPS[args.isa])    # before torch is imported here, and inherited by every child run
     if args.child:
         kind, spec_path = args.child
         spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
