@@ -39,7 +39,8 @@ too, so the spread is seen (a shared 2-core machine varies up to 2x from minute 
 --isa avx2 caps every run's kernels at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): a CPU with AVX-512
 and bf16 then runs the code paths of one without either, such as a Zen 3 (not its clock, caches or FMA width), and
 cellseg runs fp32 only. --isa avx512 (ONEDNN_MAX_CPU_ISA=AVX512_CORE ATEN_CPU_CAPABILITY=avx512) keeps AVX-512 but
-not VNNI, bf16 or AMX: the code paths of a Skylake-class Xeon. Caps set in the environment are honoured the same way; the CPU line names them.
+not VNNI, bf16 or AMX: the code paths of a Skylake-class Xeon. Caps set in the environment are honoured the same
+way; the CPU line names them.
 
     nice -n 5 python benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cpu \
         --json /tmp/bench.json [--tiles 4] [--tta]
