@@ -46,7 +46,8 @@ def test_the_cpu_model_names_its_generation(tmp_path, monkeypatch):
     """Cloud AMD processors are all "AMD EPYC": the family and model numbers tell Zen 3 from Zen 4 and 5; caps on
     torch's kernels are named with it, so that a figure taken under them is not passed off as the processor's."""
     from cellseg.detection import cpu_model
-    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+    from cellseg.detection.precision import KERNEL_ISA_VARIABLES
+    for name in KERNEL_ISA_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
