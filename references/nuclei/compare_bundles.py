@@ -21,7 +21,8 @@ from pathlib import Path
 from .plot_heldout import MODALITIES
 
 LABELS = {"fluorescence": "fluorescence", "stained_tissue": "stained tissue",
-          "brightfield_gray": "grayscale brightfield", "he_breast": "H&E (TNBC)", "all": "all"}
+          "brightfield_gray": "grayscale brightfield", "he_breast": "H&E (TNBC)",
+          "fluorescence_kromp": "fluorescence (Kromp)", "he_nuinsseg": "H&E (NuInsSeg)", "all": "all"}
 # card_figures' key, its name, and whether a higher value is better
 FIGURES = (("ap50_tp_fp_fn_pooled", "AP50 pooled", True), ("f1_pooled", "F1", True),
            ("median_rel_count_error", "median count error", False),

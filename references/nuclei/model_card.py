@@ -10,6 +10,7 @@ from .plot_heldout import MODALITIES
 
 LABELS = {"fluorescence": "fluorescence (DSB2018)", "stained_tissue": "stained tissue (DSB2018, H&E-like)",
           "brightfield_gray": "grayscale brightfield (DSB2018)", "he_breast": "H&E breast cancer, 40x (TNBC)",
+          "fluorescence_kromp": "DAPI sections, imprints, cytospins (Kromp)", "he_nuinsseg": "H&E, other organs (NuInsSeg)",
           "all": "all"}
 TNBC_CREDIT = ("TNBC nuclei (Naylor P, Laé M, Reyal F, Walter T, \"Segmentation of Nuclei in Histopathology Images by "
                "Deep Regression of the Distance Map\", IEEE Transactions on Medical Imaging 38(2):448-459, 2019; "

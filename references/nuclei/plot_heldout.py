@@ -15,7 +15,9 @@ from pathlib import Path
 
 from cellseg.errors import CellsegError
 
-MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast")
+# The held-out modalities, in the curve's column order: the first four are the v1-v3 bundles' (DSB2018 and TNBC),
+# the last two the datasets added for v4 (Kromp, NuInsSeg; datasets.py).
+MODALITIES = ("fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "fluorescence_kromp", "he_nuinsseg")
 
 
 def read_curve(run: Path) -> list[dict]:

@@ -33,13 +33,13 @@ from cellseg.errors import CellsegError
 from cellseg.training import TrainSettings
 
 from .datasets import PROJECT_DATA_ROOT
+from .plot_heldout import MODALITIES
 from .recipe import parse_augmentation, parse_mix, run_recipe
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-HELDOUT_COLUMNS = ["step", "fluorescence", "stained_tissue", "brightfield_gray", "he_breast", "all",
-                   "median_count_error_all", "mean_of_modalities"]
+HELDOUT_COLUMNS = ["step", *MODALITIES, "all", "median_count_error_all", "mean_of_modalities"]
 
 
 def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int) -> None:
@@ -80,10 +80,10 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
     import csv
     import shutil
     row = {"step": step}
-    for name in HELDOUT_COLUMNS[1:6]:
+    for name in (*MODALITIES, "all"):
         row[name] = metrics.get(name, {}).get("ap50_tp_fp_fn_pooled")
     row["median_count_error_all"] = metrics["all"]["median_rel_count_error"]
-    per = [row[m] for m in HELDOUT_COLUMNS[1:5] if row[m] is not None]
+    per = [row[m] for m in MODALITIES if row[m] is not None]
     row["mean_of_modalities"] = round(sum(per) / len(per), 4)
     log_path = out / "heldout.csv"
     rows = []

@@ -40,7 +40,7 @@ from cellseg.evaluation import (
 from cellseg.evaluation import predict as predict_images
 from cellseg.run.counter import mask_threshold_for
 
-from .datasets import DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split, seen_images
+from .datasets import DATASET_DIAMETER, DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split, seen_images
 from .model_card import card_readme, curve_table
 from .plot_heldout import MODALITIES, plot_curve, read_curve
 
@@ -172,8 +172,13 @@ def main() -> None:
     claim_predictions_folder(args.out, made_with)
     detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
                                    precision=args.precision)
-    preds = predict_images(detector, image_paths(args.data_root, keys), args.out, bundle.nucleus_diameter_px,
-                           reuse=True, progress=True)
+    paths = image_paths(args.data_root, keys)
+    preds = {}
+    # Each dataset counted as its DATASET_DIAMETER says (native unless given), each scale in a folder of its own
+    for diameter in sorted({DATASET_DIAMETER.get(k.split("/")[0]) for k in keys}, key=str):
+        chosen = {k: p for k, p in paths.items() if DATASET_DIAMETER.get(k.split("/")[0]) == diameter}
+        preds |= predict_images(detector, chosen, args.out / f"diameter_{diameter}" if diameter else args.out,
+                                bundle.nucleus_diameter_px, diameter_px=diameter, reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)
     seen = seen_images(args.seen) if args.seen else set()
 

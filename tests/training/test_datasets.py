@@ -90,6 +90,83 @@ def test_whole_groups_are_held_out_per_modality(two_datasets):
     assert Split.from_json(json.loads(json.dumps(split.to_json()))).val == split.val
 
 
+def write_manifest_dataset(folder: Path, columns: list[str], rows: dict[str, tuple[np.ndarray, np.ndarray, list]]):
+    """A Kromp- or NuInsSeg-like folder: manifest.csv with `columns` after the id and size (no channels column)."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "height", "width", *columns])
+        for image_id, (pixels, labels, values) in rows.items():
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(folder / "images" / f"{image_id}.png")
+            tifffile.imwrite(folder / "labels" / f"{image_id}.tif", labels)
+            w.writerow([image_id, *labels.shape, *values])
+
+
+def test_kromp_and_nuinsseg_join_a_split_by_preparation_and_organ_and_the_old_groups_stay(two_datasets):
+    """The later datasets are grouped by their manifests (Kromp: preparation + diagnosis; NuInsSeg: organ, species
+    apart) and added to an existing split: its groups and sides unchanged, Kromp's listed preparations and whole
+    NuInsSeg organs of each species held out, no group on both sides."""
+    from references.nuclei.datasets import KROMP_HELD_OUT, extend_with_new_datasets, read_dataset
+    rng = np.random.default_rng(1)
+    preparations = [("tissue section", "Neuroblastoma"), ("tissue section", "Wilms"),
+                    ("Tumor touch imprint", "Neuroblastoma"), ("cellline cytospin", "Neuroblastoma"),
+                    ("tissue section", "Ganglioneuroblastoma"), ("BM cytospin", "Neuroblastoma")]
+    kromp = {f"{d}_{k}_{p[:4]}": (*nuclei_image(rng, 48, 4, 4, 10, 200), [p, d])
+             for p, d in preparations for k in range(2)}
+    write_manifest_dataset(two_datasets / "kromp-fluo", ["preparation", "diagnosis"], kromp)
+    organs = [f"human {o}" for o in ("liver", "lung", "brain", "skin", "bladder", "tongue", "colon")] + \
+        ["mouse heart", "mouse liver"]
+    nuinsseg = {f"{o.replace(' ', '_')}_{k}": (*nuclei_image(rng, 48, 4, 4, 220, 90, (0.8, 0.5, 0.8)), [o])
+                for o in organs for k in range(3)}
+    write_manifest_dataset(two_datasets / "nuinsseg-he", ["organ"], nuinsseg)
+    base, _ = make_split({"dsb2018": two_datasets / "dsb2018-train", "tnbc": two_datasets / "tnbc-train"})
+    split = extend_with_new_datasets(base, two_datasets)
+
+    assert {g: t for g, t in split.groups.items() if g in base.groups} == base.groups
+    assert set(base.train) <= set(split.train) and set(base.val) <= set(split.val)
+    assert {g for g, t in split.groups.items() if g.startswith("kromp/") and t["side"] == "val"} == set(KROMP_HELD_OUT)
+    assert split.groups["kromp/tissue_section-ganglioneuroblastoma"]["side"] == "train"
+    held_organs = [g for g, t in split.groups.items() if g.startswith("nuinsseg/") and t["side"] == "val"]
+    assert sum(g.startswith("nuinsseg/human_") for g in held_organs) == 2          # ceil(0.15 x 7)
+    assert sum(g.startswith("nuinsseg/mouse_") for g in held_organs) == 1          # ceil(0.15 x 2)
+    assert all(len(t["images"]) == 3 for g, t in split.groups.items() if g.startswith("nuinsseg/"))
+    modality = split.modality_of()
+    assert {modality[k] for k in split.val if k.startswith("kromp/")} == {"fluorescence_kromp"}
+    assert {modality[k] for k in split.val if k.startswith("nuinsseg/")} == {"he_nuinsseg"}
+    assert Split.from_json(json.loads(json.dumps(split.to_json()))).val == split.val
+    images = read_dataset(two_datasets / "kromp-fluo", "kromp")
+    assert {im.channels for im in images} == {1}
+    with pytest.raises(CellsegError, match="expected new groups only"):
+        extend_with_new_datasets(split, two_datasets)
+
+
+def test_kromp_scale_images_are_resampled_to_the_models_nucleus_size():
+    """Kromp's 63x nuclei (50-180 px) are brought to the model's diameter as --diameter auto brings a slide; every
+    nucleus keeps one label, and an image already at the size is left as it is."""
+    from references.nuclei.recipe import at_training_scale
+    rng = np.random.default_rng(2)
+    pixels, labels = nuclei_image(rng, 400, 6, 40, 10, 200)        # ~80 px nuclei
+    small_pixels, small_labels = at_training_scale(pixels, labels, 20.0)
+    assert small_labels.shape == small_pixels.shape[:2] == (100, 100)
+    areas = np.bincount(small_labels.ravel())[1:]
+    areas = areas[areas > 0]
+    assert np.median(2 * np.sqrt(areas / np.pi)) == pytest.approx(20.0, rel=0.1)
+    assert set(np.unique(small_labels)) == set(np.unique(labels))
+    same = at_training_scale(pixels, labels, 79.0)
+    assert same[0] is pixels and same[1] is labels
+
+
+def test_group_weights_raise_a_group_within_its_modality_and_keep_the_modality_share():
+    from references.nuclei.recipe import modality_weights
+    images = [AnnotatedImage("kromp", f"i{k}", "fluorescence_kromp", Path("x"), Path("y"), 8, 8, 1) for k in range(4)]
+    images += [AnnotatedImage("dsb2018", f"d{k}", "fluorescence", Path("x"), Path("y"), 8, 8, 1) for k in range(2)]
+    groups = {images[0].key: "kromp/tissue_section-wilms"} | {im.key: "kromp/bm_cytospin-x" for im in images[1:4]}
+    weights, text = modality_weights(images, {"fluorescence_kromp": 0.5, "fluorescence": 0.5}, groups)
+    assert weights[:4].sum() == pytest.approx(0.5) and weights[4:].sum() == pytest.approx(0.5)
+    assert weights[0] == pytest.approx(3 * weights[1]) and "x3" in text
+
+
 def test_a_split_with_a_group_on_both_sides_is_refused():
     images = [AnnotatedImage("dsb2018", f"i{k}", "fluorescence", Path("x"), Path("y"), 8, 8, 1) for k in range(4)]
     split = holdout_split(images, {im.key: f"g{int(im.image_id[1]) // 2}" for im in images}, fraction=0.4)
@@ -248,7 +325,8 @@ def test_the_long_runs_heldout_curve_goes_into_the_card_and_says_when_it_is_flat
         read_curve(run)
     values = {0: (0.775, 0.686, 0.544, 0.574), 5000: (0.773, 0.659, 0.480, 0.693),
               10000: (0.787, 0.682, 0.384, 0.670), 20000: (0.789, 0.684, 0.386, 0.672)}
-    lines = [",".join(HELDOUT_COLUMNS)] + [f"{step},{','.join(map(str, v))},0.65,0.1,0.64" for step, v in
+    # a curve of the v1-v3 runs: no Kromp or NuInsSeg column values
+    lines = [",".join(HELDOUT_COLUMNS)] + [f"{step},{','.join(map(str, v))},,,0.65,0.1,0.64" for step, v in
                                            sorted(values.items(), reverse=True)]
     (run / "heldout.csv").write_text("\n".join(lines) + "\n")
     rows = read_curve(run)
