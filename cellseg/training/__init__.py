@@ -9,6 +9,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "augment": ["Augmentation", "augment_pixels", "dim_nuclei", "hed_jitter"],
     "checkpoint": ["TrainingState", "check_output_folder"],
+    "copy_paste": ["paste_nuclei"],
     "crops": ["pack_masks", "sample_crop", "unpack_masks"],
     "data": ["TrainImage", "load_coco", "train_image_from_labels"],
     "loop": ["LoopSettings", "run_training"],

@@ -1,8 +1,9 @@
 """Training augmentation for what users bring: other stains, focus, noise, contrast and dim nuclei.
 
 Applied to a training crop already in the network's input form (float32 (3, H, W) in ~[0, 1], see planning/intensity.py)
-with its instance masks. Geometry (scale 0.5-2x, flips, 90° rotations) is done by training.sample_crop; this
-module changes pixel values only, so the masks stay valid:
+with its instance masks. Geometry (scale 0.5-2x, anisotropic zoom, flips, 90° rotations) is done by
+training.sample_crop, and copy-paste of nuclei by training.copy_paste; this module changes pixel values only, so the
+masks stay valid:
 
 - H&E stain variation (colour images): jitter in HED space (colour deconvolution, skimage.color.rgb2hed), each
   stain's optical density scaled and shifted (Tellez et al., Med. Image Anal. 2019, "HED jitter").
@@ -52,6 +53,19 @@ class Augmentation:
     # regions. Inverted fluorescence shows dark nuclei on a light ground instead. Off in the recipe: a held-out
     # comparison found more gray nuclei and as many more false positives (docs/training.md).
     invert_p: float = 0.0
+    # Anisotropic zoom (training.sample_crop): with this probability rows and columns are zoomed by factors whose
+    # ratio is log-uniform up to `aspect`, so round nuclei also appear elongated (the dense bands of elongated
+    # nuclei the v3 model missed in stained tissue, issue 47). Off until a held-out comparison keeps it.
+    aspect_p: float = 0.0
+    aspect: float = 1.8
+    # Copy-paste (training.copy_paste): with paste_p, U(paste_count) nuclei of the crop's own image pasted into it,
+    # a share paste_touch_p against a nucleus already there (touching, clusters), a share paste_dim_p blended in at
+    # alpha U(paste_dim_alpha) (dim or pale nuclei). Off until a held-out comparison keeps it.
+    paste_p: float = 0.0
+    paste_count: tuple[int, int] = (3, 15)
+    paste_touch_p: float = 0.6
+    paste_dim_p: float = 0.3
+    paste_dim_alpha: tuple[float, float] = (0.3, 0.7)
 
     def describe(self) -> str:
         return (f"zoom {self.scale[0]}-{self.scale[1]}x, flips, 90° rotations; HED stain jitter (p {self.hed_p}, gain "
@@ -62,7 +76,13 @@ class Augmentation:
                 f"dimmed to {self.dim_factor[0]}-{self.dim_factor[1]} of their contrast (p {self.dim_p}); "
                 f"{int(self.nucleus_centred_p * 100)} % of crops centred on a random nucleus; colour crops turned "
                 f"gray (p {self.gray_p})"
-                + (f"; grayscale crops inverted (p {self.invert_p})" if self.invert_p else ""))
+                + (f"; grayscale crops inverted (p {self.invert_p})" if self.invert_p else "")
+                + (f"; anisotropic zoom, row/column ratio up to {self.aspect}x (p {self.aspect_p})"
+                   if self.aspect_p else "")
+                + (f"; copy-paste of {self.paste_count[0]}-{self.paste_count[1]} nuclei of the same image (p "
+                   f"{self.paste_p}; {int(self.paste_touch_p * 100)} % touching a nucleus, "
+                   f"{int(self.paste_dim_p * 100)} % blended at alpha {self.paste_dim_alpha[0]}-"
+                   f"{self.paste_dim_alpha[1]})" if self.paste_p else ""))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -70,7 +90,7 @@ class Augmentation:
 
 NO_AUGMENTATION = Augmentation(scale=(1.0, 1.0), hed_p=0.0, blur_p=0.0, noise_p=0.0, gamma=(1.0, 1.0),
                                contrast=(1.0, 1.0), brightness=0.0, channel_gain=0.0, dim_p=0.0,
-                               nucleus_centred_p=0.0, gray_p=0.0, invert_p=0.0)
+                               nucleus_centred_p=0.0, gray_p=0.0, invert_p=0.0, aspect_p=0.0, paste_p=0.0)
 
 
 def is_colour(image: np.ndarray) -> bool:

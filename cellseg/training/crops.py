@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import CellsegError
 from .augment import Augmentation, augment_pixels
+from .copy_paste import paste_nuclei
 from .data import TrainImage
 
 
@@ -29,8 +30,9 @@ class CropSettings:
 
 def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
                 aug: Augmentation = Augmentation()) -> tuple[torch.Tensor, dict]:
-    """A random training crop of at most size x size: zoom, flips, 90° rotations, then the photometric
-    augmentations of cellseg.training.augment. A crop never reaches beyond its image (no padding that the network would
+    """A random training crop of at most size x size: zoom (anisotropic with aug.aspect_p), copy-paste of nuclei
+    (aug.paste_p, training.copy_paste), flips, 90° rotations, then the photometric augmentations of
+    cellseg.training.augment. A crop never reaches beyond its image (no padding that the network would
     learn to see as an edge): an image smaller than `size` after zooming gives a smaller crop.
 
     Masks are resampled one instance at a time, at their own box (nearest pixel centre, as the bilinear image
@@ -38,8 +40,12 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
     data on dense crops."""
     _, H, W = item.image.shape
     scale = float(np.exp(rng.uniform(np.log(aug.scale[0]), np.log(aug.scale[1]))))
-    out_h, out_w = min(size, max(8, round(H * scale))), min(size, max(8, round(W * scale)))
-    src_h, src_w = min(H, max(4, round(out_h / scale))), min(W, max(4, round(out_w / scale)))
+    # rows and columns zoomed alike, or (aspect_p) by factors whose ratio is up to `aspect`: elongated nuclei
+    ratio = float(np.exp(rng.uniform(-1, 1) * np.log(aug.aspect) / 2)) if aug.aspect_p and rng.random() < aug.aspect_p \
+        else 1.0
+    scale_r, scale_c = scale * ratio, scale / ratio
+    out_h, out_w = min(size, max(8, round(H * scale_r))), min(size, max(8, round(W * scale_c)))
+    src_h, src_w = min(H, max(4, round(out_h / scale_r))), min(W, max(4, round(out_w / scale_c)))
     if len(item.boxes) and rng.random() < aug.nucleus_centred_p:
         # centred on a random nucleus, up to a quarter of the window off centre
         b = item.boxes[int(rng.integers(len(item.boxes)))]
@@ -53,7 +59,7 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
     img = torch.from_numpy(np.ascontiguousarray(item.image[:, r0:r1, c0:c1]))
     if (src_h, src_w) != (out_h, out_w):
         img = F.interpolate(img[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
-                            antialias=scale < 1)[0]
+                            antialias=min(scale_r, scale_c) < 1)[0]
     # Source row/column (in the window) of each output pixel; monotonic, so an instance's output rows are a range.
     src_row = np.minimum(((np.arange(out_h) + 0.5) * src_h / out_h).astype(np.int64), src_h - 1)
     src_col = np.minimum(((np.arange(out_w) + 0.5) * src_w / out_w).astype(np.int64), src_w - 1)
@@ -68,6 +74,11 @@ def sample_crop(item: TrainImage, size: int, rng: np.random.Generator,
         if a0 < a1 and b0 < b1:
             masks[n, a0:a1, b0:b1] = item.masks[i][np.ix_(src_row[a0:a1] + r0 - br0, src_col[b0:b1] + c0 - bc0)]
     classes = np.asarray(item.class_ids, np.int64)[chosen]
+    if aug.paste_p and rng.random() < aug.paste_p:
+        # the crop's zoom as the output/source size ratio actually used (rounding), so pasted nuclei match
+        pasted, masks, classes = paste_nuclei(img.numpy(), masks, classes, item, (out_h / src_h, out_w / src_w),
+                                              rng, aug)
+        img = torch.from_numpy(pasted)
     k = int(rng.integers(4))
     img, masks = torch.rot90(img, k, (1, 2)), np.rot90(masks, k, (1, 2))
     if rng.random() < 0.5:
