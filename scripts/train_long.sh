@@ -13,8 +13,9 @@
 # A new run starts from INIT (default: runs/gpu_call2, the ResNet-34 trained on the H100; else the shipped bundle).
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
 # augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default the shipped bundle's
-# split.json) the images it trains on; a new run writes the four to RUN.settings and every resume reads them back, so
-# the schedule and data stay the ones the run started with.
+# split.json) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
+# ResNet-18 bundle: its new blocks start as the identity); a new run writes the five to RUN.settings and every resume
+# reads them back, so the schedule, data and network stay the ones the run started with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/long}
@@ -53,12 +54,13 @@ if [ -f "$RUN/checkpoint.pt" ]; then
     # changed since (a new bundle ships its own), and the held-out curve must stay one measurement
     args=(--resume)
     if [ -f "$settings_file" ]; then
-        AUGMENT=    # a settings file from before AUGMENT or SPLIT was kept means none / the default,
+        AUGMENT=    # a settings file from before AUGMENT, SPLIT or BACKBONE was kept means none / the default,
         SPLIT=      # whatever the environment says
+        BACKBONE=
         # shellcheck disable=SC1090
         source "$settings_file"
         echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
-             "SPLIT=${SPLIT:-default}, from $settings_file)"
+             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
@@ -66,15 +68,16 @@ else
     INIT=${INIT:-runs/gpu_call2}
     [ -d "$INIT" ] || INIT=cellseg/models/nuclei
     args=(--init "$INIT" --split "${SPLIT:-cellseg/models/nuclei/split.json}")
-    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" > "$settings_file"
-    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default}," \
+    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" \
+        > "$settings_file"
+    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE," \
          "kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
-    ${AUGMENT:+--augment "$AUGMENT"} "${args[@]}" \
+    ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} "${args[@]}" \
     >> "$RUN.log" 2>&1 &
 echo $! > "$pid_file"
 echo "pid $! (log $RUN.log)"

@@ -23,7 +23,7 @@ from .checkpoint import TrainingState, check_output_folder
 from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
 from .data import TrainImage, median_diameter_px
 from .loop import LoopSettings, hardware_description, optimiser_step, run_training
-from .warm_start import initial_weights, load_matching, run_lineage
+from .warm_start import deepen_as_identity, initial_weights, load_matching, run_lineage
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     check_output_folder(out, resume)
     init_cfg, init_state, init_note = initial_weights(init, classes)
     cfg = model_cfg or init_cfg
+    if init_state is not None and cfg.backbone != init_cfg.backbone:
+        init_note += f", deepened to {cfg.backbone} (its new residual blocks starting as the identity)"
     out.mkdir(parents=True, exist_ok=True)
     lineage = run_lineage(out, resume, init, init_note)
     card = {**(card or {}), **({"earlier_stages": lineage["earlier_stages"]} if lineage["earlier_stages"] else {})}
@@ -118,6 +120,9 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     if init_state is not None and not resume:
         fresh = load_matching(model, init_state)
         log.info("started from %s; %d tensors left at random init: %s", init_note, len(fresh), ", ".join(fresh[:6]))
+        if cfg.backbone != init_cfg.backbone:     # a deeper backbone than the bundle's: its new blocks start as identity
+            log.info("%d new residual blocks start as the identity: %s", len(deepened := deepen_as_identity(
+                model, fresh)), ", ".join(deepened))
     model, precision, precision_note = prepare_for_training(model, dev, settings.precision)
     log.info("training in %s", precision_note)
     optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)

@@ -101,3 +101,24 @@ def load_matching(model: torch.nn.Module, state: dict) -> list[str]:
         raise CellsegError("expected starting weights for this architecture, found no tensor that fits")
     model.load_state_dict(matched, strict=False)
     return sorted(set(own) - set(matched))
+
+
+def deepen_as_identity(model: torch.nn.Module, fresh: list[str]) -> list[str]:
+    """Make the residual blocks a deeper backbone has beyond its starting weights' (e.g. a ResNet-34 started from a
+    ResNet-18 bundle: blocks 3-6 of each stage) compute the identity, so the deeper network starts as exactly the
+    function it was given and training grows into the new blocks (net2net's idea; torchvision's
+    zero_init_residual). Each new block's last normalisation scale is zeroed: its residual branch then adds 0, and
+    the block passes on its input, already >= 0 after the previous block's ReLU. Returns the blocks so set."""
+    body = model.backbone.body
+    new_blocks = sorted({".".join(name.split(".")[2:4]) for name in fresh
+                         if name.startswith("backbone.body.layer")})
+    for block_name in new_blocks:
+        block = body.get_submodule(block_name)
+        last_norm = getattr(block, "bn3", None) or block.bn2     # Bottleneck's bn3, BasicBlock's bn2
+        if getattr(block, "downsample", None) is not None:
+            raise CellsegError(f"expected the deeper backbone's new block {block_name} to keep its input's shape "
+                               f"(no downsampling), found one that changes it: it cannot start as the identity")
+        with torch.no_grad():
+            last_norm.weight.zero_()
+            last_norm.bias.zero_()
+    return new_blocks

@@ -200,10 +200,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_cfg = None
     if args.backbone:
-        if args.init != "none":
-            p.error("--backbone is for a training from scratch (--init none)")
         from cellseg.bundles import ModelConfig
-        model_cfg = ModelConfig(backbone=args.backbone)
+        from cellseg.training.warm_start import starts_from_bundle
+        if starts_from_bundle(args.init) and not args.resume:
+            # a deeper backbone than the bundle's: the bundle's settings, its weights, the new blocks as identity
+            import dataclasses
+
+            from cellseg.bundles import load_bundle
+            model_cfg = dataclasses.replace(load_bundle(args.init).model, backbone=args.backbone)
+        elif args.init != "none":
+            p.error("--backbone is for a training from scratch (--init none) or deepening a bundle (--init BUNDLE)")
+        else:
+            model_cfg = ModelConfig(backbone=args.backbone)
     try:
         augmentation = parse_augmentation(args.augment)
     except CellsegError as e:

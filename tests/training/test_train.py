@@ -490,10 +490,12 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
             time.sleep(0.05)
         raise AssertionError(f"the trainer was not started: {out}")
 
-    out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json")
+    out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
+                      BACKBONE="resnet34")
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert "--resume" not in args and args[args.index("--augment") + 1] == "invert_p=0.25"
     assert args[args.index("--split") + 1] == "runs/branch_split.json"
+    assert args[args.index("--backbone") + 1] == "resnet34"
     run.mkdir(exist_ok=True)
     (run / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "long.pid").unlink()    # the next session: the last one's processes are gone
@@ -501,12 +503,13 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert "resuming" in out and "--resume" in args
     assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert args[args.index("--augment") + 1] == "invert_p=0.25"
+    assert args[args.index("--backbone") + 1] == "resnet34"    # the network the run started with
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
-    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json")
-    assert "--resume" in args and "--augment" not in args and "--split" not in args
+    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50")
+    assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
     # a new run without SPLIT holds out what the shipped bundle's split holds out
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
@@ -585,3 +588,47 @@ def test_a_training_step_with_roialign_as_matrices_is_torchvisions_step():
     assert len(grads_tv) == len(grads_matrix) > 0
     for want, got in zip(grads_tv, grads_matrix):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_a_deeper_backbone_started_from_a_bundle_computes_the_bundles_function(tmp_path, tiny_bundle):
+    """--init BUNDLE with a deeper backbone (ResNet-34 from a ResNet-18 bundle): the blocks the bundle has are its
+    own, the new ones start as the identity, so the deeper network's features and detections are the bundle's; the
+    card says where it started."""
+    import dataclasses
+
+    import torch
+
+    from cellseg.bundles import load_bundle
+    from cellseg.detection import build_model
+    from cellseg.training.warm_start import deepen_as_identity, load_matching
+    bundle = load_bundle(tiny_bundle)
+    torch.manual_seed(1)
+    shallow = build_model(bundle.model)
+    shallow.load_state_dict(bundle.state_dict())
+    for name, p in shallow.named_parameters():       # norms away from their init (1, 0): a trained network's
+        if "bn" in name:
+            p.data.uniform_(0.5, 1.5)
+    deep = build_model(dataclasses.replace(bundle.model, backbone="resnet34"))
+    fresh = load_matching(deep, shallow.state_dict())
+    new = deepen_as_identity(deep, fresh)
+    assert new == ["layer1.2", "layer2.2", "layer2.3", "layer3.2", "layer3.3", "layer3.4", "layer3.5", "layer4.2"]
+    assert all(".layer" in n and any(n.startswith(f"backbone.body.{b}.") for b in new) for n in fresh)
+    shallow.eval(), deep.eval()
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        a, b = shallow.backbone(x), deep.backbone(x)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+        da, db = shallow([x[0]])[0], deep([x[0]])[0]
+    assert torch.equal(da["boxes"], db["boxes"]) or torch.allclose(da["boxes"], db["boxes"], atol=1e-3)
+
+    from cellseg.training import TrainSettings, train
+    from cellseg.training.data import train_image_from_labels
+    yy, xx = np.mgrid[:64, :64]
+    labels = ((yy - 30) ** 2 + (xx - 30) ** 2 < 64).astype(np.int32)
+    item = train_image_from_labels(np.where(labels > 0, 200, 20).astype(np.uint8)[..., None], labels)
+    out = train([item], ["nucleus"], tmp_path / "deep", TrainSettings(steps=1, batch_size=1, crop=64, warmup=1),
+                model_cfg=dataclasses.replace(bundle.model, backbone="resnet34"), init=str(tiny_bundle),
+                progress=False)
+    trained = load_bundle(out)
+    assert trained.model.backbone == "resnet34"
+    assert "deepened to resnet34" in trained.card["training"]["init"]
