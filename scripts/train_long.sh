@@ -10,10 +10,11 @@
 #
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
 # subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
-# A new run starts from INIT (default: runs/gpu_call2, the ResNet-34 trained on the H100; else the shipped bundle).
+# A new run starts from INIT (default: the newest committed candidate bundle, references/nuclei/candidates/*, by its
+# last commit; else the shipped bundle): a machine replaced with runs/ gone loses no more than the uncommitted steps.
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
-# augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default the shipped bundle's
-# split.json) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
+# augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default references/nuclei/splits/v4.json:
+# the v3 bundle's split with Kromp and NuInsSeg added) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
 # ResNet-18 bundle: its new blocks start as the identity); a new run writes the five to RUN.settings and every resume
 # reads them back, so the schedule, data and network stay the ones the run started with.
 set -euo pipefail
@@ -65,9 +66,17 @@ if [ -f "$RUN/checkpoint.pt" ]; then
         echo "resuming $RUN from its checkpoint"
     fi
 else
-    INIT=${INIT:-runs/gpu_call2}
-    [ -d "$INIT" ] || INIT=cellseg/models/nuclei
-    args=(--init "$INIT" --split "${SPLIT:-cellseg/models/nuclei/split.json}")
+    if [ -z "${INIT:-}" ]; then
+        INIT=cellseg/models/nuclei
+        newest=0
+        for candidate in references/nuclei/candidates/*/; do
+            [ -f "$candidate/model.toml" ] || continue
+            when=$(git log -1 --format=%ct -- "$candidate" 2>/dev/null || echo 0)
+            if [ "${when:-0}" -gt "$newest" ]; then newest=$when; INIT=${candidate%/}; fi
+        done
+    fi
+    [ -d "$INIT" ] || { echo "train_long.sh: expected INIT to be a bundle folder, found no $INIT" >&2; exit 2; }
+    args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
     printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" \
         > "$settings_file"

@@ -510,12 +510,14 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     (tmp_path / "long.pid").unlink()
     out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50")
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
-    # a new run without SPLIT holds out what the shipped bundle's split holds out
+    # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
     (tmp_path / "long.pid").unlink()
     out, args = start()
-    assert "starting" in out and args[args.index("--split") + 1] == "cellseg/models/nuclei/split.json"
+    assert "starting" in out and args[args.index("--split") + 1] == "references/nuclei/splits/v4.json"
+    init = args[args.index("--init") + 1]      # the newest committed candidate, else the shipped bundle
+    assert init == "cellseg/models/nuclei" or init.startswith("references/nuclei/candidates/")
 
 
 def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
