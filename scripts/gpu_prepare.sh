@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Make what a lent GPU machine needs for the nuclei recipe, in .carry/ (ignored by git; see docs/gpu.md):
 #   .carry/train_data/      the split's training images (JPEG q95) + labels + split.json
-#                           (references/nuclei/pack_training_data.py)
+#                           (references/nuclei/pack_training_data.py), and the same in parts that each fit one call
+#                           beside the tracked tree (.carry/train_part1, 2, ...: the v4 data is ~61 MB)
 #   .carry/wheels_train/    cp312 wheels the machine may lack for training (tomli-w, lazy-loader)
 #   .carry/wheels_bench/    ... and for benchmarks/run.py (zarr, numcodecs, pycocotools, OpenSlide, imagecodecs trimmed
 #                           to the codecs cellseg uses: the full wheel alone is 26 MB of the 64 MiB that may travel)
 # Then prints what each device call would send (the tracked tree + the carried folder) against the 64 MiB limit.
-#   bash scripts/gpu_prepare.sh [SPLIT_JSON]      (default: a new split of ../shared/data, as the recipe makes)
+#   bash scripts/gpu_prepare.sh [SPLIT_JSON]      (e.g. references/nuclei/splits/v4.json; default: a new split of
+#                                                 ../shared/data, as the recipe makes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPLIT=${1:-}
-rm -rf .carry/train_data .carry/wheels_train .carry/wheels_bench
+rm -rf .carry/train_data .carry/train_part* .carry/wheels_train .carry/wheels_bench
 python3 -m references.nuclei.pack_training_data --out .carry/train_data ${SPLIT:+--split "$SPLIT"}
 
 PLATFORM="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp"
@@ -38,7 +40,11 @@ rm -rf "$work"
 
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | tail -1 | cut -f1)
-for carried in .carry/train_data .carry/wheels_train .carry/wheels_bench; do
+# Parts of the pack that fit beside the tree and the training wheels, 2 MiB to spare
+wheels=$(du -sb .carry/wheels_train | cut -f1)
+part_mib=$(( (64 * 1048576 - tree - ${untracked:-0} - wheels) / 1048576 - 2 ))
+python3 -m references.nuclei.pack_training_data --parts .carry/train_data --part-mib "$part_mib"
+for carried in .carry/train_data .carry/train_part* .carry/wheels_train .carry/wheels_bench; do
     size=$(du -sb "$carried" | cut -f1)
     echo "$carried: $((size / 1048576)) MiB; with the tree ($(((tree + ${untracked:-0}) / 1048576)) MiB): $(((tree + ${untracked:-0} + size) / 1048576)) MiB of 64"
 done

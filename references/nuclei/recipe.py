@@ -201,11 +201,13 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
 def pack_training_data(data_root: Path, split: Split, out: Path, jpeg_quality: int = 95) -> int:
     """Copy the split's training images into `out` (same layout, manifests listing only them) for a machine that
     cannot read `data_root`: images re-encoded as JPEG at `jpeg_quality` (no chroma subsampling; DSB2018's noisy
-    PNGs are 3x larger), labels as they are; split.json beside them. Returns the bytes written."""
+    PNGs are 3x larger), labels as they are; the images of a DATASET_DIAMETER "auto" dataset (Kromp) at the training
+    scale, with their labels; split.json beside them. Returns the bytes written."""
     import shutil
 
     from PIL import Image
     out = Path(out)
+    target_px = training_diameter_px("none")
     if out.exists() and any(out.iterdir()):
         raise CellsegError(f"expected a new or empty folder for the training data pack, found {out} holding files")
     wanted = set(split.train)
@@ -219,22 +221,33 @@ def pack_training_data(data_root: Path, split: Split, out: Path, jpeg_quality: i
         keep = [r for r in rows if f"{name}/{r['image_id']}" in wanted]
         (out / folder / "images").mkdir(parents=True, exist_ok=True)
         (out / folder / "labels").mkdir(exist_ok=True)
-        with open(out / folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(keep)
+        resample = DATASET_DIAMETER.get(name) == "auto"
+        annotated = {im.image_id: im for im in read_dataset(source, name)} if resample else {}
         for row in keep:
             image_id = row["image_id"]
             src = image_file(source, image_id)
             target = out / folder / "images" / f"{image_id}.jpg"
-            if src.suffix.lower() in (".jpg", ".jpeg"):
+            labels_target = out / folder / "labels" / f"{image_id}.tif"
+            if resample:      # packed at the training scale run_recipe would bring it to (a few times smaller)
+                import tifffile
+                pixels, labels = at_training_scale(*read_pixels(annotated[image_id]), target_px)
+                row.update(height=labels.shape[0], width=labels.shape[1])
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+                    target, quality=jpeg_quality, subsampling=0)
+                tifffile.imwrite(labels_target, labels, compression="zlib")
+            elif src.suffix.lower() in (".jpg", ".jpeg"):
                 shutil.copyfile(src, target)           # already JPEG: never re-encoded twice
             else:
                 with Image.open(src) as im:
                     pixels = np.asarray(im)
                 pixels = pixels[..., :3] if pixels.ndim == 3 else pixels
                 Image.fromarray(pixels).save(target, quality=jpeg_quality, subsampling=0)
-            shutil.copyfile(source / "labels" / f"{image_id}.tif", out / folder / "labels" / f"{image_id}.tif")
-            total += target.stat().st_size + (out / folder / "labels" / f"{image_id}.tif").stat().st_size
+            if not resample:
+                shutil.copyfile(source / "labels" / f"{image_id}.tif", labels_target)
+            total += target.stat().st_size + labels_target.stat().st_size
+        with open(out / folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:   # sizes as packed
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(keep)
     (out / "split.json").write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
     return total

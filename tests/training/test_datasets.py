@@ -229,6 +229,20 @@ def test_the_recipe_trains_only_on_the_training_side(two_datasets, tmp_path, mon
         recipe.training_images(pack, Split(split.train + split.val[:1], split.val[1:], {}, ""))
     with pytest.raises(CellsegError, match="new or empty folder"):
         recipe.pack_training_data(two_datasets, split, pack)
+    # in parts that each fit a device call, gathered on the machine until the pack is whole
+    import shutil
+
+    from references.nuclei.pack_training_data import missing_files, pack_parts
+    total = sum(p.stat().st_size for p in pack.rglob("*") if p.is_file())
+    parts = pack_parts(pack, total // 3 + 4096)
+    assert len(parts) >= 3 and all(sum(p.stat().st_size for p in part.rglob("*") if p.is_file()) <= total // 3 + 4096
+                                   for part in parts)
+    gathered = tmp_path / "gathered"
+    for part in parts:
+        assert missing_files(gathered) if gathered.exists() else True
+        shutil.copytree(part, gathered, dirs_exist_ok=True)
+    assert missing_files(gathered) == []
+    assert [im.key for im in recipe.training_images(gathered, split)] == split.train
 
 
 def test_the_reference_recipes_are_not_in_the_wheel(wheel):
