@@ -634,3 +634,40 @@ def test_a_deeper_backbone_started_from_a_bundle_computes_the_bundles_function(t
     trained = load_bundle(out)
     assert trained.model.backbone == "resnet34"
     assert "deepened to resnet34" in trained.card["training"]["init"]
+
+
+@pytest.mark.slow
+def test_a_committed_candidate_counts_and_a_run_from_it_continues_its_lineage(tmp_path, tiny_bundle):
+    """references/nuclei/make_candidate: a trained bundle kept as a candidate (float16 weights, model.toml, card) is a
+    bundle `cellseg count --model` counts with, and a training started from it (what train_long.sh does when runs/
+    is gone) names it and its own stages in the card."""
+    from click.testing import CliRunner
+
+    from cellseg.bundles import save_bundle
+    from cellseg.cli import main
+    from cellseg.errors import CellsegError
+    from references.nuclei.make_candidate import make_candidate
+    start = load_bundle(tiny_bundle)
+    trained = tmp_path / "runs" / "best"
+    save_bundle(trained, start.model, start.state_dict(), name="best", nucleus_diameter_px=12.0, score_threshold=0.0,
+                card={"training": {"init": "bundle tiny", "steps": 9}, "earlier_stages": [{"bundle": "v3", "steps": 5}]})
+    (tmp_path / "runs" / "heldout.csv").write_text("step,all\n0,0.5\n")
+    root = tmp_path / "candidates"
+    candidate = make_candidate(trained, "v4-cpu", tmp_path / "runs", root=root)
+    assert sorted(p.name for p in candidate.iterdir()) == ["README.md", "heldout.csv", "model.toml",
+                                                            "weights.safetensors"]
+    assert load_bundle(candidate).weights_sha256 == load_bundle(trained).weights_sha256
+    with pytest.raises(CellsegError, match="expected a new candidate name"):
+        make_candidate(trained, "v4-cpu", root=root)
+    result = CliRunner().invoke(main, ["count", str(DATA / "dsb_fluo.png"), "--model", str(candidate),
+                                       "--output", str(tmp_path / "counted")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "counted" / "cells.csv").is_file()
+
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = train(items, classes, tmp_path / "resumed", TrainSettings(steps=1, batch_size=1, crop=64),
+                init=str(candidate), progress=False)
+    card = load_bundle(out).card
+    assert [s["bundle"] for s in card["earlier_stages"]] == ["v3", "best"]
+    assert card["earlier_stages"][1]["weights_sha256"] == load_bundle(candidate).weights_sha256

@@ -1,0 +1,69 @@
+"""Keep a trained bundle that does not ship (yet) as a committed candidate, so that a replaced machine loses none of
+its training: `references/nuclei/candidates/NAME/` with its float16 weights, model.toml, split.json, its card
+(README.md) and, from a long run, the run's held-out curve (heldout.csv). scripts/train_long.sh starts a new run
+from the newest committed candidate.
+
+    python -m references.nuclei.make_candidate --bundle runs/v4/best --name v4-cpu --run runs/v4
+    git add references/nuclei/candidates/v4-cpu && git commit -m "..."    # at most one weights commit a day
+
+A candidate is a bundle: `cellseg count --model references/nuclei/candidates/NAME` counts with it, and a training
+started from it (`--init` the folder) continues its lineage in the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from cellseg.bundles import load_bundle
+from cellseg.errors import CellsegError
+
+from .model_card import card_readme
+
+CANDIDATES = Path(__file__).resolve().parent / "candidates"
+MAX_WEIGHTS_BYTES = 60_000_000      # every shipped float16 weight file together stays under 60 MB (issue 47)
+
+
+def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: Path = CANDIDATES) -> Path:
+    """Copy the bundle in `bundle_dir` to ROOT/NAME as a candidate; returns the folder. Refuses a name in use, weights
+    that are not float16 or over MAX_WEIGHTS_BYTES, and a folder that is not a bundle."""
+    bundle = load_bundle(bundle_dir)        # a one-line error for anything that is not a loadable bundle
+    if not name or "/" in name or name.startswith("."):
+        raise CellsegError(f"expected a candidate name without slashes, found {name!r}")
+    target = root / name
+    if target.exists():
+        raise CellsegError(f"expected a new candidate name, found {target} already there: choose another")
+    size = bundle.weights_path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise CellsegError(f"expected weights of at most {MAX_WEIGHTS_BYTES / 1e6:.0f} MB, found {size / 1e6:.1f} MB "
+                           f"in {bundle.weights_path}")
+    staged = root / f".{name}.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for f in ("model.toml", "weights.safetensors", "split.json", "heldout_curve.png"):
+        if (bundle_dir / f).is_file():
+            shutil.copy2(bundle_dir / f, staged / f)
+    if run is not None and (run / "heldout.csv").is_file():
+        shutil.copy2(run / "heldout.csv", staged / "heldout.csv")
+    (staged / "README.md").write_text(card_readme(load_bundle(staged)), encoding="utf-8")
+    staged.rename(target)
+    return target
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--run", type=Path, default=None, help="the long run the bundle comes from (its heldout.csv)")
+    args = p.parse_args()
+    try:
+        folder = make_candidate(args.bundle, args.name, args.run)
+    except CellsegError as e:
+        sys.exit(f"make_candidate: error: {e}")
+    print(f"candidate in {folder}; commit it today unless a weights commit was made today already")
+
+
+if __name__ == "__main__":
+    main()
