@@ -13,7 +13,9 @@ QuPath reads it with File > Import objects; shapely, geopandas and any GIS tool 
 Coordinates are level-0 pixels with x = column, y = row (QuPath's convention), and polygons trace pixel *edges*:
 pixel (row, col) is the square [col, col + 1] x [row, row + 1], so a polygon's area is exactly the mask's pixel count
 (a contour through pixel centres would lose about half a pixel along the whole outline: ~5 % of a 10 px nucleus).
-Holes are kept. The file is written as cells.csv is, tile by tile: memory holds one tile's features at a time.
+Holes are kept; the polygons of a tile's masks are made all at once from their pixels' edges (results/polygons.py), and
+the features' text is formatted column by column. The file is written as cells.csv is, tile by tile: memory holds one
+tile's features at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from .polygons import mask_geometries, mask_geometry
 
 log = logging.getLogger(__name__)
 
@@ -40,167 +44,6 @@ def mask_polygon(mask: np.ndarray, row0: int, col0: int):
 
     geometry = mask_geometry(mask, row0, col0)
     return None if geometry is None else shapely.geometry.shape(geometry)
-
-
-def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
-    """mask_polygon's geometry as a GeoJSON dict (integer pixel-corner coordinates), built without shapely for the
-    common mask (one outline, its holes, no ring touching itself)."""
-    import shapely
-    from skimage.measure import find_contours
-
-    mask = np.asarray(mask, bool)
-    ring = _run_ring(mask)
-    if ring is not None:
-        return {"type": "Polygon", "coordinates": [(ring + np.array([col0, row0])).tolist()]}
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)     # np.pad costs ~20x more
-    padded[1:-1, 1:-1] = mask
-    rings = [r for r in map(_edge_ring, find_contours(padded, 0.5)) if r is not None]
-    if not rings:
-        return None
-    # find_contours sits its 0.5 level halfway between pixel centres: on pixel edges. Outer rings and holes wind
-    # in opposite senses; the largest ring is an outer one.
-    signed = np.array([_signed_area(r) for r in rings])
-    outer_sign = np.sign(signed[np.argmax(np.abs(signed))])
-    offset = np.array([col0 - 1, row0 - 1], np.int64)       # the padding, then the box's place on the slide
-    outers = [r[:, ::-1] + offset for r, a in zip(rings, signed) if np.sign(a) == outer_sign]
-    holes = [r[:, ::-1] + offset for r, a in zip(rings, signed) if np.sign(a) != outer_sign]
-    if len(outers) == 1 and not any(_touches_itself(r) for r in outers + holes):
-        return {"type": "Polygon", "coordinates": [r.tolist() for r in outers + holes]}
-    if len(outers) == 1:
-        geometry = shapely.Polygon(outers[0], holes)
-    elif not holes:
-        geometry = shapely.MultiPolygon([shapely.Polygon(o) for o in outers])
-    else:
-        # Parts, holes, islands in holes: the rings never cross, so the mask is their even-odd fill, and which
-        # hole lies in which part is GEOS's job.
-        geometry = shapely.Polygon(outers[0])
-        for ring in outers[1:] + holes:
-            geometry = shapely.symmetric_difference(geometry, shapely.Polygon(ring))
-    if not geometry.is_valid:
-        # A ring that touches itself at a pixel corner (a hole meeting the outline diagonally): same area, split.
-        geometry = shapely.make_valid(geometry)
-    return json.loads(shapely.to_geojson(geometry))
-
-
-def _run_ring(mask: np.ndarray) -> np.ndarray | None:
-    """The pixel-edge ring (x, y) of a mask whose every row is one run of pixels overlapping the next row's (most
-    nuclei: convex-ish blobs), straight from the runs: down the left ends, up the right ends, ~20x quicker than
-    tracing contours. None for any other mask (holes, several pieces, a row of two runs)."""
-    h = mask.shape[0]
-    if h == 0:
-        return None
-    step = np.diff(mask.view(np.int8), axis=1, prepend=0, append=0)
-    starts, ends = step == 1, step == -1
-    if not (np.count_nonzero(starts, axis=1) == 1).all():
-        return None
-    left, right = starts.argmax(1), ends.argmax(1)        # run [left, right) of each row
-    if h > 1 and not ((left[1:] < right[:-1]) & (left[:-1] < right[1:])).all():
-        return None                                       # rows meeting only at a corner: two pieces
-    rows = np.arange(h)
-    down = np.stack([np.repeat(left, 2), np.stack([rows, rows + 1], 1).ravel()], 1)
-    up = np.stack([np.repeat(right[::-1], 2), np.stack([rows[::-1] + 1, rows[::-1]], 1).ravel()], 1)
-    ring = np.vstack([down, up])
-    # Keep the corners only: drop repeated points, then points in the middle of a straight edge.
-    ring = ring[np.any(ring != np.roll(ring, 1, axis=0), axis=1)]
-    before, after = np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0)
-    straight = ((before[:, 0] == ring[:, 0]) & (after[:, 0] == ring[:, 0])) | (
-        (before[:, 1] == ring[:, 1]) & (after[:, 1] == ring[:, 1]))
-    ring = ring[~straight]
-    return np.vstack([ring, ring[:1]])
-
-
-def blob_geometries(boxes: np.ndarray, masks: list[np.ndarray]) -> list[dict | None]:
-    """_run_ring for all of a tile's masks at once (whole-array numpy over their row runs, maskrows.MaskRows, as
-    merge and measure do): each blob's GeoJSON Polygon in slide px, None for a mask that is not a blob (its
-    outline is traced by mask_geometry). The same polygons as _run_ring, without ~15 numpy calls per mask."""
-    from ..geometry import MaskRows
-
-    out: list[dict | None] = [None] * len(masks)
-    rows = MaskRows.of(boxes, masks)
-    if not len(rows.mask):
-        return out
-    mask, y = rows.mask, rows.y
-    left, last = rows.ends()
-    right = last + 1                                       # run [left, right)
-    first = np.r_[True, mask[1:] != mask[:-1]]             # a mask's first row
-    bad = rows.count != right - left                       # a row of more than one run
-    joined = ~first[1:]                                    # row k + 1 continues row k's mask
-    gap = joined & ((y[1:] != y[:-1] + 1) | (left[1:] >= right[:-1]) | (left[:-1] >= right[1:]))
-    bad[1:] |= gap
-    starts = np.flatnonzero(first)
-    blobs = np.bincount(mask, weights=bad, minlength=len(masks)) == 0
-    blobs[np.setdiff1d(np.arange(len(masks)), mask[starts])] = False      # empty masks
-    keep = blobs[mask]
-    if not keep.any():
-        return out
-    mask, y, left, right = mask[keep], y[keep], left[keep], right[keep]
-    first = np.r_[True, mask[1:] != mask[:-1]]
-    starts = np.flatnonzero(first)
-    h = np.diff(np.r_[starts, len(mask)])
-    index_in = np.arange(len(mask)) - np.repeat(starts, h)          # row k's place in its mask
-    hk = np.repeat(h, h)
-    base = 4 * np.repeat(starts, h)                                # each mask's first point
-    points = np.empty((4 * len(mask), 2), np.int64)
-    down = base + 2 * index_in
-    up = base + 2 * hk + 2 * (hk - 1 - index_in)
-    points[down] = np.stack([left, y], 1)
-    points[down + 1] = np.stack([left, y + 1], 1)
-    points[up] = np.stack([right, y + 1], 1)
-    points[up + 1] = np.stack([right, y], 1)
-    group = np.repeat(np.arange(len(starts)), 4 * h)
-    points, group = _drop_cyclic(points, group, straight=False)
-    points, group = _drop_cyclic(points, group, straight=True)
-    bounds = np.flatnonzero(np.r_[True, group[1:] != group[:-1], True])
-    mask_of_ring = mask[starts]
-    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        ring = points[a:b].tolist()
-        ring.append(ring[0])
-        out[int(mask_of_ring[g])] = {"type": "Polygon", "coordinates": [ring]}
-    return out
-
-
-def _drop_cyclic(points: np.ndarray, group: np.ndarray, straight: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Drop, within each group's closed ring, points equal to the one before (straight=False) or lying midway on a
-    straight edge (straight=True)."""
-    n = len(points)
-    first = np.r_[True, group[1:] != group[:-1]]
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], n] - 1
-    prev = np.arange(n) - 1
-    prev[starts] = ends
-    if not straight:
-        drop = np.all(points == points[prev], axis=1)
-    else:
-        nxt = np.arange(n) + 1
-        nxt[ends] = starts
-        before, after = points[prev], points[nxt]
-        drop = (((before[:, 0] == points[:, 0]) & (after[:, 0] == points[:, 0]))
-                | ((before[:, 1] == points[:, 1]) & (after[:, 1] == points[:, 1])))
-    return points[~drop], group[~drop]
-
-
-def _touches_itself(ring: np.ndarray) -> bool:
-    """A ring through one pixel corner twice (diagonal pixels): not a valid GeoJSON/shapely ring."""
-    return len(np.unique(ring[:-1], axis=0)) < len(ring) - 1
-
-
-def _edge_ring(contour: np.ndarray) -> np.ndarray | None:
-    """The pixel-corner ring of a closed find_contours contour (row, col at pixel-edge midpoints): each diagonal step
-    of the contour cuts a pixel corner, which is the centre of the marching-squares cell it crosses; the ring is
-    those corners (the midpoints between them are collinear and dropped). Coordinates: padded-array edge frame."""
-    step = np.diff(contour, axis=0)
-    diagonal = (np.abs(step[:, 0]) > 0.25) & (np.abs(step[:, 1]) > 0.25)
-    if not diagonal.any():
-        return None
-    low = np.minimum(contour[:-1], contour[1:])[diagonal]
-    # Cell centre in pixel-centre coordinates is floor(low) + 0.5; in edge coordinates (+0.5) an integer.
-    corners = (np.floor(low + 1e-9) + 1.0).astype(np.int64)
-    return np.vstack([corners, corners[:1]])
-
-
-def _signed_area(ring: np.ndarray) -> float:
-    y, x = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))   # exact: integer coordinates
 
 
 def label_masks(labels: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, int, int] | None]:
@@ -242,6 +85,10 @@ class CellsGeoJsonWriter:
         self.numeric = [n for n, dt in columns.items() if np.dtype(dt).kind in "iufb"]
         color = CELL_COLOR if cells_expanded else NUCLEUS_COLOR
         self.classes = [{"name": _qupath_class(n), "color": list(color)} for n in class_names]
+        object_type = "cell" if cells_expanded else "detection"
+        # each class's "properties" up to its measurements' members
+        self._properties = [f'"properties":{{"objectType":"{object_type}","classification":'
+                            f'{json.dumps(c, separators=(",", ":"))},"measurements":{{' for c in self.classes]
         self.features = 0
         self.written_path: Path | None = None
         self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
@@ -256,32 +103,49 @@ class CellsGeoJsonWriter:
         if (expanded is not None) != self.cells_expanded:
             raise ValueError("expected grown cells exactly when the writer was made with cells_expanded")
         ids = np.asarray(ids, np.int64)
-        cell_masks = label_masks(expanded[1], ids) if expanded is not None else None
-        values = {n: np.asarray(rows[n]) for n in self.numeric}
-        for name in [n for n, v in values.items() if v.dtype.kind == "b"]:
-            values[name] = values[name].astype(np.int64)
-        # Python scalars column by column (one tolist per column, not one conversion per value).
-        columns = {n: v.tolist() for n, v in values.items()}
+        nuclei = mask_geometries(boxes, masks)
+        cells: list[dict | None] = [None] * len(ids)
+        if expanded is not None:
+            (row0, col0), image = expanded
+            found = [(k, m) for k, m in enumerate(label_masks(image, ids)) if m is not None]
+            cell_boxes = np.array([(row0 + r, col0 + c, row0 + r + m.shape[0], col0 + c + m.shape[1])
+                                   for _, (m, r, c) in found], np.int64).reshape(-1, 4)
+            for (k, _), geometry in zip(found, mask_geometries(cell_boxes, [m for _, (m, _, _) in found])):
+                cells[k] = geometry
+        measurements = self._measurements(rows, len(ids))
+        dumps = json.JSONEncoder(separators=(",", ":")).encode
+        separator = ",\n"
         lines = []
-        blobs = blob_geometries(boxes, masks)
         for k, nid in enumerate(ids.tolist()):
-            nucleus = blobs[k] or mask_geometry(masks[k], int(boxes[k][0]), int(boxes[k][1]))
+            nucleus = nuclei[k]
             if nucleus is None:
                 continue
-            measurements = {n: col[k] for n, col in columns.items() if col[k] == col[k]}    # NaN left out
-            properties = {"objectType": "cell" if self.cells_expanded else "detection",
-                          "classification": self.classes[int(class_ids[k]) - 1], "measurements": measurements}
-            feature = {"type": "Feature", "id": nid}
-            if cell_masks is not None and cell_masks[k] is not None:
-                mask, r0, c0 = cell_masks[k]
-                feature["geometry"] = mask_geometry(mask, r0 + expanded[0][0], c0 + expanded[0][1])
-                feature["nucleusGeometry"] = nucleus
+            # Written as json.dumps writes {"type", "id", "geometry", ["nucleusGeometry"], "properties"}.
+            if cells[k] is not None:
+                shapes = f'"geometry":{dumps(cells[k])},"nucleusGeometry":{dumps(nucleus)}'
             else:
-                feature["geometry"] = nucleus
-            feature["properties"] = properties
-            lines.append(("" if self.features == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
+                shapes = f'"geometry":{dumps(nucleus)}'
+            lines.append(f'{separator if self.features else ""}{{"type":"Feature","id":{nid},{shapes},'
+                         f'{self._properties[int(class_ids[k]) - 1]}{measurements[k]}}}}}}}')
             self.features += 1
         self._fh.write("".join(lines))
+
+    def _measurements(self, rows: dict[str, np.ndarray], n: int) -> list[str]:
+        """Each row's "measurements" members as json.dumps writes them ("name":value,...; NaN left out), formatted
+        column by column: one json.dumps per feature cost more than tracing its outline."""
+        parts = []
+        for name in self.numeric:
+            values = np.asarray(rows[name])
+            if values.dtype.kind == "b":
+                values = values.astype(np.int64)
+            key = json.dumps(name) + ":"
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                parts.append([key + _json_float(v) if v == v else "" for v in values.tolist()])
+            else:
+                parts.append([key + repr(v) for v in values.tolist()])
+        if not parts:
+            return [""] * n
+        return [",".join(filter(None, row)) for row in zip(*parts)]
 
     def close(self) -> Path:
         """End the collection; gzip it above the size threshold. Returns the file written."""
@@ -309,6 +173,11 @@ class CellsGeoJsonWriter:
             self._fh.close()          # a failed run: the staging folder is discarded
             self._fh = None
         self.close()
+
+
+def _json_float(value: float) -> str:
+    """A float as json.dumps writes it (inf as Infinity)."""
+    return json.dumps(value)
 
 
 def _qupath_class(name: str) -> str:

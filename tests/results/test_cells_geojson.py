@@ -124,39 +124,23 @@ def test_no_cells_is_an_empty_feature_collection(tmp_path):
     assert read_cells(tmp_path / "cells.geojson") == {"type": "FeatureCollection", "features": []}
 
 
-def test_the_run_outline_of_blobs_is_the_traced_outline(monkeypatch):
-    """Blobs take the quick outline from their row runs; it is the same polygon as the traced one."""
+def _pixel_union(mask: np.ndarray, row0: int, col0: int):
+    """The reference: the union of the set pixels' squares, pixel (r, c) = [c, c + 1] x [r, r + 1]."""
+    rows, cols = np.nonzero(mask)
+    return shapely.union_all(shapely.box(col0 + cols, row0 + rows, col0 + cols + 1, row0 + rows + 1))
+
+
+def test_a_tiles_masks_at_once_are_the_union_of_their_pixels():
+    """mask_geometries (all masks of a tile at once, from their pixels' cracks): each polygon is valid and is the
+    union of its pixel squares, for blobs, holes, pieces, pinches and empty masks alike."""
     from skimage.draw import ellipse
 
-    from cellseg.results import cells_geojson
-    rng = np.random.default_rng(7)
-    quick = 0
-    for _ in range(200):
-        mask = np.zeros((24, 24), bool)
-        rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
-        mask[rr, cc] = True
-        mask = mask[np.ix_(mask.any(1), mask.any(0))]
-        fast = cells_geojson._run_ring(mask)
-        quick += fast is not None
-        got = cells_geojson.mask_polygon(mask, 3, 4)
-        with monkeypatch.context() as m:
-            m.setattr(cells_geojson, "_run_ring", lambda mask: None)
-            traced = cells_geojson.mask_polygon(mask, 3, 4)
-        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
-    assert quick > 150
-
-
-def test_a_tiles_blobs_at_once_are_the_traced_polygons(monkeypatch):
-    """blob_geometries (all masks of a tile through their row runs) gives each blob the traced polygon, and leaves
-    the other masks (holes, pieces, rows of two runs) to the tracer."""
-    from skimage.draw import ellipse
-
-    from cellseg.results import cells_geojson
+    from cellseg.results.polygons import mask_geometries
     rng = np.random.default_rng(1)
     masks, boxes = [], []
-    for i in range(600):
+    for i in range(400):
         if i % 4 == 0:
-            mask = rng.random((rng.integers(1, 9), rng.integers(1, 9))) < 0.6
+            mask = rng.random((rng.integers(0, 12), rng.integers(1, 12))) < rng.uniform(0.2, 0.9)
         else:
             mask = np.zeros((24, 24), bool)
             rr, cc = ellipse(12, 12, rng.uniform(1, 10), rng.uniform(1, 10), rotation=rng.uniform(0, np.pi))
@@ -165,22 +149,50 @@ def test_a_tiles_blobs_at_once_are_the_traced_polygons(monkeypatch):
         r0, c0 = rng.integers(0, 1000, 2)
         masks.append(mask)
         boxes.append((r0, c0, r0 + mask.shape[0], c0 + mask.shape[1]))
-    blobs = cells_geojson.blob_geometries(np.array(boxes), masks)
-    monkeypatch.setattr(cells_geojson, "_run_ring", lambda mask: None)     # trace every mask
-    found = 0
-    for geometry, mask, box in zip(blobs, masks, boxes):
-        traced = shapely.geometry.shape(cells_geojson.mask_geometry(mask, int(box[0]), int(box[1])))
-        if geometry is None:
-            assert not (len(traced.geoms) == 1 if hasattr(traced, "geoms") else
-                        not traced.interiors and _single_runs(mask))
+    geometries = mask_geometries(np.array(boxes), masks)
+    shapes = {"Polygon": 0, "MultiPolygon": 0}
+    for geometry, mask, box in zip(geometries, masks, boxes):
+        if not mask.any():
+            assert geometry is None
             continue
-        found += 1
+        shapes[geometry["type"]] += 1
         got = shapely.geometry.shape(geometry)
-        assert got.is_valid and got.area == mask.sum() and shapely.equals(got, traced)
-    assert found > 400
+        assert got.is_valid and got.area == mask.sum()
+        assert shapely.equals(got, _pixel_union(mask, int(box[0]), int(box[1])))
+    assert shapes["Polygon"] > 300 and shapes["MultiPolygon"] > 10
 
 
-def _single_runs(mask: np.ndarray) -> bool:
-    rows = mask[mask.any(1)]
-    return bool((np.count_nonzero(np.diff(rows.astype(np.int8), axis=1, prepend=0, append=0) == 1, axis=1) == 1)
-                .all())
+def test_a_blob_ring_starts_top_left_and_runs_down_its_left_side():
+    """Corners only, from the top-left corner down the left side (anticlockwise on screen, y down); a hole runs the
+    other way, after its outline."""
+    from cellseg.results.polygons import mask_geometry
+    mask = np.array([[0, 1, 1, 0],
+                     [1, 1, 1, 1],
+                     [1, 0, 1, 1],
+                     [1, 1, 1, 0]], bool)
+    geometry = mask_geometry(mask, 10, 20)
+    outline, hole = geometry["coordinates"]
+    assert outline == [[21, 10], [21, 11], [20, 11], [20, 14], [23, 14], [23, 13], [24, 13], [24, 11], [23, 11],
+                       [23, 10], [21, 10]]
+    assert hole == [[21, 12], [22, 12], [22, 13], [21, 13], [21, 12]]
+
+
+@pytest.mark.parametrize("rows, kind, parts, holes", [
+    # a hole whose only way out is a diagonal: a polygon whose hole touches its outline at one corner
+    (["111", "101", "110"], "Polygon", 1, 1),
+    # two pixels meeting at a corner: two polygons touching there
+    (["10", "01"], "MultiPolygon", 2, 0),
+    # a piece inside another's hole: the hole goes with the outer piece
+    (["11111", "10001", "10101", "10001", "11111"], "MultiPolygon", 2, 1),
+    # two holes meeting at a corner
+    (["1111", "1011", "1101", "1111"], "Polygon", 1, 2),
+])
+def test_pinches_and_nesting_give_valid_polygons(rows, kind, parts, holes):
+    from cellseg.results.polygons import mask_geometry
+    mask = np.array([[c == "1" for c in row] for row in rows])
+    geometry = mask_geometry(mask, 3, 4)
+    got = shapely.geometry.shape(geometry)
+    assert geometry["type"] == kind and got.is_valid and got.area == mask.sum()
+    assert shapely.equals(got, _pixel_union(mask, 3, 4))
+    polygons = list(got.geoms) if kind == "MultiPolygon" else [got]
+    assert len(polygons) == parts and sum(len(p.interiors) for p in polygons) == holes
