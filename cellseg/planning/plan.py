@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -152,23 +152,18 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
     # A tile is skipped when its core holds too little tissue: none of its cells could be real.
     keep = [tissue.method == "none" or tissue_mask.box_fraction(t.core) >= protocol.min_tissue_fraction
             for t in tiles]
-    in_regions, window_tissue, within = None, tissue_mask, None
+    in_regions = None
     if regions is not None:
-        # Regions: a tile is analysed only when its core meets one (it is never read otherwise), and the
-        # normalisation windows are chosen on the tissue inside them.
+        # Regions: a tile is analysed only when its core meets one (it is never read otherwise).
         in_regions = regions.in_pixels(info.mpp, info.height, info.width)
         meets = in_regions.meets(np.array([tuple(t.core) for t in tiles], np.int64))
         keep = [bool(k and m) for k, m in zip(keep, meets)]
-        inside = in_regions.grid_mask(tissue_mask.mask.shape, tissue_mask.row_factor, tissue_mask.col_factor)
-        window_tissue = replace(tissue_mask, mask=tissue_mask.mask & inside.any(0))
-        within = in_regions.bounds(info.height, info.width)
     # One normalisation for the whole slide, measured where the cells are: a cell then looks the same to the
-    # network whatever tile it falls in (detection/slide_norm.py). Nothing to measure when no tile is analysed.
+    # network whatever tile it falls in (detection/slide_norm.py). Chosen on the whole slide's tissue even when
+    # counting in regions: a region's nuclei must not depend on what else was asked (4 windows, read wherever they
+    # lie). Nothing to measure when no tile is analysed.
     windows = (calibration_windows(info.height, info.width, max(16, round(CALIBRATION_WINDOW_PX / scale.factor)),
-                                   luminance, thumb_factor, window_tissue, within=within) if any(keep) else [])
-    if in_regions is not None and windows:
-        # A window is read from the slide: one outside every region would read what must not be read.
-        windows = [w for w, m in zip(windows, in_regions.meets(np.array([tuple(w) for w in windows]))) if m]
+                                   luminance, thumb_factor, tissue_mask) if any(keep) else [])
     return SlidePlan(NetworkInput(channel, intensity, scale, gray), channel_names(slide), thumbnail, thumb_factor,
                      tissue_mask, tile_px, halo_px, tiles, keep, windows,
                      expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp),
@@ -272,19 +267,17 @@ def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float
 
 
 def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,
-                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS, within: Box | None = None
-                        ) -> list[Box]:
+                        tissue: TissueMask | None, n: int = CALIBRATION_WINDOWS) -> list[Box]:
     """Up to `n` windows of window_px x window_px (slide px) on a fixed grid, where the cells are.
 
     They depend on the slide only (not on the tile size): the normalisation measured on them is the same
     whatever tiles the slide is cut into. Ranked by thumbnail contrast times tissue share, so glass and empty
-    dark field are not chosen. A slide smaller than a window gives one window: the whole slide. within: only windows
-    inside this box (the regions' bounds, when counting in regions).
+    dark field are not chosen. A slide smaller than a window gives one window: the whole slide. Counting in regions
+    does not change them (plan_slide).
     """
-    within = within or Box(0, 0, height, width)
-    wh, ww = min(window_px, within.height), min(window_px, within.width)
-    candidates = [Box(r, c, r + wh, c + ww) for r in range(within.row0, within.row1 - wh + 1, wh)
-                  for c in range(within.col0, within.col1 - ww + 1, ww)]
+    wh, ww = min(window_px, height), min(window_px, width)
+    candidates = [Box(r, c, r + wh, c + ww) for r in range(0, height - wh + 1, wh)
+                  for c in range(0, width - ww + 1, ww)]
 
     def score(box: Box) -> float:
         share = tissue.box_fraction(box) if tissue is not None else 1.0

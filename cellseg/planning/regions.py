@@ -98,15 +98,6 @@ class Regions:
         touch = hit & shapely.touches(union, rects)
         return hit & ~touch
 
-    def bounds(self, height: int, width: int):
-        """tiling.Box around every region (whole px, on the slide)."""
-        import math
-
-        from ..geometry import Box
-        x0, y0, x1, y1 = np.array([g.bounds for g in self.geometries]).T
-        return Box(max(0, math.floor(y0.min())), max(0, math.floor(x0.min())),
-                   min(height, math.ceil(y1.max())), min(width, math.ceil(x1.max())))
-
     def membership(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(N, R) bool: the pixel centre (row, col) + 0.5 lies inside region r (centroids are pixel indices)."""
         import shapely
