@@ -19,7 +19,7 @@ import numpy as np
 
 from ..cells import CellExpansion, context_rows, expansion_distance_px, stains_apply
 from ..errors import ParameterError
-from ..geometry import Band, Box, TileDetector, TileSpec, plan_bands, plan_tiles
+from ..geometry import Band, Box, TileDetector, TileSpec, plan_bands, plan_tiles, seam_band_px
 from ..slides import Slide, SlideInfo
 from ..tissue import TissueFinder, TissueMask
 from ..util import StageTimer, release_freed_memory
@@ -77,7 +77,7 @@ class SlidePlan:
     (enough tissue).
     windows: where the slide's normalisation is measured (empty when no tile is analysed). cell_expansion_px: D,
     how far nuclei are grown into cells (level-0 px; 0: nuclei only; cells/expansion.py). regions: the count is restricted
-    to these (planning/regions.py; None: the whole slide): only tiles whose core meets one are analysed.
+    to these (planning/regions.py; None: the whole slide): only tiles near one are analysed (region_tiles).
     """
 
     network: NetworkInput
@@ -154,10 +154,9 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
             for t in tiles]
     in_regions = None
     if regions is not None:
-        # Regions: a tile is analysed only when its core meets one (it is never read otherwise).
+        # Regions: a tile is analysed only when it is near one (region_tiles; it is never read otherwise).
         in_regions = regions.in_pixels(info.mpp, info.height, info.width)
-        meets = in_regions.meets(np.array([tuple(t.core) for t in tiles], np.int64))
-        keep = [bool(k and m) for k, m in zip(keep, meets)]
+        keep = [bool(k and m) for k, m in zip(keep, region_tiles(tiles, in_regions, halo_px))]
     # One normalisation for the whole slide, measured where the cells are: a cell then looks the same to the
     # network whatever tile it falls in (detection/slide_norm.py). Chosen on the whole slide's tissue even when
     # counting in regions: a region's nuclei must not depend on what else was asked (4 windows, read wherever they
@@ -168,6 +167,19 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
                      tissue_mask, tile_px, halo_px, tiles, keep, windows,
                      expansion_distance_px(protocol.cell_expansion_um, protocol.cell_expansion_px, info.mpp),
                      in_regions)
+
+
+def region_tiles(tiles: list[TileSpec], regions: Regions, halo_px: int) -> list[bool]:
+    """Which tiles a count in `regions` analyses: those whose core comes within 2 halos and the seam band of one.
+
+    A nucleus whose centroid lies in a region (no wider than the halo, as the seam rule asks) reaches at most a halo
+    beyond it; a nucleus that could duplicate it or share its pixels then has its centroid within 2 halos of the
+    region, and is kept by a tile whose core grown by the seam band holds that centroid. The merge so sees, around
+    each nucleus of a region, what a whole-slide count sees: a region's nuclei are the whole slide's, mask for mask
+    (a tile whose core merely meets the region would leave out a neighbour's view of a nucleus on its border).
+    """
+    margin = 2 * halo_px + seam_band_px(halo_px)
+    return [bool(m) for m in regions.meets(np.array([tuple(t.core.grown(margin)) for t in tiles], np.int64))]
 
 
 def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> TileDetector:

@@ -2,14 +2,14 @@
 
     load_regions(path, units)  -> RegionFile: the named polygons as the file gives them (checked, repaired)
     RegionFile.in_pixels(...)  -> Regions: level-0 px (x = column, y = row, pixel (r, c) = [c, c+1] x [r, r+1]),
-                                  clipped to the slide; what the plan (which tiles meet a region) and the count use
+                                  clipped to the slide; what the plan (which tiles are near a region) and the count use
 
-A tile is analysed only when its core meets a region (planning.plan_slide); a tile outside every region is never
-read. The seam rule decides, as always, which tile keeps a nucleus; the regions then filter the final nuclei by
-centroid (pipeline.NucleusEmitter): a nucleus belongs to every region whose polygon contains its centroid (the centre
-of its pixels, shapely.contains_xy). cells.csv's "region" column names them, joined by ";" when regions overlap;
-regions.csv and summary.json's "regions" give per region its area, the tissue inside it, the cells and densities
-(results/region_table.py: the figures are the result's, the regions the plan's).
+A tile is analysed only when its core comes within 2 halos and the seam band of a region (plan.region_tiles); a
+tile farther from every region is never read. The seam rule decides, as always, which tile keeps a nucleus; the
+regions then filter the final nuclei by centroid (pipeline.NucleusEmitter): a nucleus belongs to every region whose
+polygon contains its centroid (the centre of its pixels, shapely.contains_xy). cells.csv's "region" column names them,
+joined by ";" when regions overlap; regions.csv and summary.json's "regions" give per region its area, the tissue
+inside it, the cells and densities (results/region_table.py: the figures are the result's, the regions the plan's).
 """
 
 from __future__ import annotations

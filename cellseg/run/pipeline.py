@@ -80,7 +80,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to measure it first.
     journal: a journal folder (run/journal.py) where the plan and each finished band of tile rows are kept; what it
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
-    regions: count only the nuclei inside these (planning/regions.py); tiles outside them are never read.
+    regions: count only the nuclei inside these (planning/regions.py); tiles far from them are never read.
     skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and
     SlideRun.finish.
     """
