@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QTableView,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -34,6 +35,7 @@ from cellseg.errors import CellsegError
 from . import _logic, _regions
 from ._layers import load_result, result_layer_data
 from ._qtable import CellsTableModel
+from ._qtparts import fill_combo, with_browse
 from ._run import Cancelled, CountRequest, run_count
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,8 @@ class CellsegWidget(QWidget):
         form.addRow("Regions", regions_row)
         form.addRow("Protocol", self.protocol_combo)
         form.addRow("Device", self.device_combo)
-        form.addRow("Model", _with_browse(self.model_edit, self, "Model bundle folder"))
-        form.addRow("Results", _with_browse(self.output_edit, self, "Result folder"))
+        form.addRow("Model", with_browse(self.model_edit, self, "Model bundle folder"))
+        form.addRow("Results", with_browse(self.output_edit, self, "Result folder"))
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -140,8 +142,15 @@ class CellsegWidget(QWidget):
         cells_layout.addWidget(self.summary)
         cells_layout.addWidget(self.table)
 
+        # ---- correct, train, recount (its own tab: _correct_widget)
+        from ._correct_widget import CorrectPanel
+        self.correct = CorrectPanel(self)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(count_box, "Count")
+        self.tabs.addTab(self.correct, "Correct && train")
+
         layout = QVBoxLayout(self)
-        layout.addWidget(count_box)
+        layout.addWidget(self.tabs)
         layout.addWidget(cells_box, 1)
 
         self.run_button.clicked.connect(self.run)
@@ -172,11 +181,11 @@ class CellsegWidget(QWidget):
     def _refresh_layers(self, event=None) -> None:
         inserted = getattr(event, "type", None) == "inserted"
         new = getattr(event, "value", None) if inserted else None
-        _fill(self.image_combo, self._layers_of("image"), prefer=new)
-        _fill(self.region_combo, self._layers_of("shapes"), first=WHOLE_IMAGE, prefer=None)
+        fill_combo(self.image_combo, self._layers_of("image"), prefer=new)
+        fill_combo(self.region_combo, self._layers_of("shapes"), first=WHOLE_IMAGE, prefer=None)
         opened = new if getattr(new, "metadata", {}).get("cellseg", {}).get("kind") == "regions" else None
-        _fill(self.regions_combo, self._layers_of("shapes"), first=NO_REGIONS, prefer=opened)
-        _fill(self.cells_combo, self._layers_of("cells"), prefer=new)
+        fill_combo(self.regions_combo, self._layers_of("shapes"), first=NO_REGIONS, prefer=opened)
+        fill_combo(self.cells_combo, self._layers_of("cells"), prefer=new)
 
     def _current(self, combo: QComboBox):
         layer = combo.currentData()
@@ -246,8 +255,10 @@ class CellsegWidget(QWidget):
         if path:
             self.save_regions(path)
 
-    def run(self):
-        """Start a count in a worker thread; returns the worker (None when the form is incomplete)."""
+    def run(self, model: str | None = None, output: Path | None = None):
+        """Start a count in a worker thread; returns the worker (None when the form is incomplete).
+
+        model, output: instead of the form's (the Correct & train tab's recount with a new bundle)."""
         from napari.qt.threading import create_worker
 
         if self.worker is not None:
@@ -257,6 +268,8 @@ class CellsegWidget(QWidget):
         except CellsegError as e:
             self._say(str(e), error=True)
             return None
+        request.model = model or request.model
+        request.output = Path(output) if output is not None else request.output
         image = self._current(self.image_combo)
         self._placement = (tuple(image.scale), tuple(image.translate))
         self._cancel = threading.Event()
@@ -418,37 +431,3 @@ def _count(request: CountRequest, progress, cancel):
         return run_count(request, progress, cancel)
     except CellsegError as e:
         return e
-
-
-def _fill(combo: QComboBox, layers: list, first: str | None = None, prefer=None) -> None:
-    """Refill a layer combo, keeping the current choice (or choosing `prefer`, a newly added layer)."""
-    current = combo.currentData()
-    combo.blockSignals(True)
-    combo.clear()
-    if first:
-        combo.addItem(first, None)
-    for layer in layers:
-        combo.addItem(layer.name, layer)
-    target = prefer if prefer is not None and prefer in layers else current
-    index = next((i for i in range(combo.count()) if combo.itemData(i) is target), -1) if target is not None else -1
-    combo.setCurrentIndex(index if index >= 0 else (0 if combo.count() else -1))
-    combo.blockSignals(False)
-    if combo.currentData() is not current:
-        combo.currentIndexChanged.emit(combo.currentIndex())
-
-
-def _with_browse(edit: QLineEdit, parent: QWidget, title: str) -> QWidget:
-    box = QWidget()
-    row = QHBoxLayout(box)
-    row.setContentsMargins(0, 0, 0, 0)
-    row.addWidget(edit, 1)
-    button = QPushButton("…")
-    button.setMaximumWidth(28)
-
-    def browse() -> None:
-        folder = QFileDialog.getExistingDirectory(parent, title, edit.text() or str(Path.home()))
-        if folder:
-            edit.setText(folder)
-    button.clicked.connect(browse)
-    row.addWidget(button)
-    return box

@@ -196,3 +196,128 @@ def test_regions_open_as_shapes_and_are_counted_in_and_saved(make_napari_viewer,
     widget.regions_combo.setCurrentIndex(widget.regions_combo.findText("drawn"))
     [feature] = widget.request().regions["features"]
     assert feature["geometry"]["coordinates"][0][0] == [10.5, 10.5]
+
+
+def _nucleus_alone_on_its_column(labels: np.ndarray) -> tuple[int, np.ndarray]:
+    """A nucleus inside the field that a vertical line through its centre, from just above it to just below it,
+    crosses alone: (its id, that line in the field's pixels)."""
+    from skimage.measure import regionprops
+    for region in sorted(regionprops(labels.astype(np.int32)), key=lambda r: -r.area):
+        r0, c0, r1, c1 = region.bbox
+        col = int(round(region.centroid[1]))
+        if r0 < 2 or c0 < 1 or r1 > labels.shape[0] - 2 or c1 > labels.shape[1] - 1 or region.area < 30:
+            continue
+        column = labels[r0 - 1:r1 + 1, col]
+        if set(np.unique(column)) == {0, region.label} and column[0] == column[-1] == 0:
+            return region.label, np.array([[r0 - 1.0, col], [r1 + 0.0, col]])
+    raise AssertionError("no nucleus to split in the field")
+
+
+@pytest.mark.slow
+def test_correct_export_train_and_recount_without_leaving_napari(make_napari_viewer, qtbot, he_result, tiny_bundle,
+                                                                 tmp_path):
+    """Issue 49 item 4: open a result, correct two fields (paint, erase, split, merge, delete), export them as COCO
+    (decoded, it is the painted labels: item 6), fine-tune from the Count tab's model with a progress bar, recount
+    with the new bundle: all in the viewer."""
+    import json
+
+    from PIL import Image
+    from skimage.segmentation import relabel_sequential
+
+    from cellseg.bundles import load_bundle
+
+    from .coco_labels import decoded_labels
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open(he_result, plugin=PLUGIN)
+    slide, result_labels = layers[0], viewer.layers["he_mosaic labels"]
+    widget = CellsegWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    panel = widget.correct
+    widget.tabs.setCurrentWidget(panel)
+    # two fields of 160 x 200 px, where the nuclei are many (the fine-tune holds a band of each out to check it)
+    fields = viewer.add_shapes([[[360, 40], [360, 239], [519, 239], [519, 40]],
+                                [[680, 120], [680, 319], [839, 319], [839, 120]]], shape_type="rectangle",
+                               name="fields")
+    widget.image_combo.setCurrentIndex(widget.image_combo.findText(slide.name))
+    panel.fields_combo.setCurrentIndex(panel.fields_combo.findText(fields.name))
+    assert panel.labels_combo.currentText() == result_labels.name        # the result's nuclei, to start from
+
+    # edit: one editable Labels layer per field, the result's nuclei copied in, placed on the slide
+    first, second = panel.edit_fields()
+    assert [layer.name for layer in panel.correction_layers()] == ["he_mosaic field 1", "he_mosaic field 2"]
+    level0 = np.asarray(result_labels.data[0][360:520, 40:240])
+    assert np.array_equal(first.data, level0) and first.data.dtype == np.uint32
+    assert tuple(first.translate) == (360, 40) and tuple(second.translate) == (680, 120)
+    assert viewer.layers.selection.active is first and first.mode == "paint"
+    lines = panel.lines_layer()
+    assert lines is not None and lines.name == "edit lines"
+
+    # split a nucleus along a line drawn across it
+    target, cut = _nucleus_alone_on_its_column(first.data)
+    before_max = int(first.data.max())
+    lines.add_lines(cut + (360, 40))                                      # world = field pixels + its place
+    assert panel.split(), panel.status.text()
+    assert set(np.unique(first.data[first.data > before_max])) == {before_max + 1}
+    assert (first.data == target).any() and len(lines.data) == 0          # the line is used up
+    # merge the two nuclei a line joins, delete the picked one, and undo / redo like any brush stroke
+    ids = [int(v) for v in np.unique(first.data) if v and v != target and v <= before_max]
+    a, b = ids[0], ids[1]
+    ca, cb = (np.argwhere(first.data == k).mean(0) for k in (a, b))
+    crossed = [int(v) for v in np.unique(first.data[[int(round(t)) for t in np.linspace(ca[0], cb[0], 50)],
+                                                    [int(round(t)) for t in np.linspace(ca[1], cb[1], 50)]]) if v]
+    lines.add_lines(np.array([ca, cb]) + (360, 40))
+    assert panel.merge(), panel.status.text()
+    survivor = int(first.data[tuple(np.round(ca).astype(int))])
+    assert all(not (first.data == k).any() for k in crossed if k != survivor) and (first.data == survivor).any()
+    deleted = ids[-1]
+    first.selected_label = deleted
+    assert panel.delete() and not (first.data == deleted).any()
+    first.undo()
+    assert (first.data == deleted).any()
+    first.redo()
+    assert not (first.data == deleted).any()
+    # paint a nucleus the count missed and erase part of another, with napari's own brush
+    second.brush_size = 7
+    new_id = int(second.data.max()) + 1
+    second.paint((40, 50), new_id)
+    second.paint((10, 10), 0)
+    assert (second.data == new_id).sum() > 20
+
+    # export: COCO + crops; decoded, each field is its painted labels
+    panel.export_edit.setText(str(tmp_path / "corrections"))
+    exported = panel.export()
+    assert exported is not None and exported.fields == 2, panel.status.text()
+    decoded = decoded_labels(exported.annotations)
+    for layer, (name, labels) in zip((first, second), decoded.items()):
+        assert name == f"images/{layer.name.replace(' ', '_')}.png"
+        assert np.array_equal(labels, relabel_sequential(np.asarray(layer.data).astype(np.int64))[0]), name
+    crop = np.asarray(Image.open(tmp_path / "corrections" / "images" / "he_mosaic_field_2.png"))
+    assert np.array_equal(crop, np.asarray(slide.data[0][680:840, 120:320]))          # the slide's pixels
+
+    # train: fine-tune the Count tab's model on them, in a child process, with a progress bar
+    widget.protocol_combo.setCurrentText("he-nuclei")
+    widget.device_combo.setCurrentText("cpu")
+    widget.model_edit.setText(str(tiny_bundle))
+    panel.steps_spin.setValue(1)
+    panel.options_edit.setText("--crop 64 --batch-size 1")
+    steps = []
+    panel._signals.progress.connect(lambda what, done, total: steps.append((what, done, total)))
+    worker = panel.train()
+    assert worker is not None and panel.train_cancel_button.isEnabled() and not panel.train_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=900_000)
+    outcome = panel.outcome
+    assert outcome is not None and outcome.usable, (panel.status.text(), outcome and outcome.output[-8:])
+    assert ("train", 1, 1) in steps and panel.train_progress.maximum() == panel.train_progress.value() == 1
+    assert outcome.bundle == tmp_path / "corrections" / "bundle" and (outcome.bundle / "model.toml").is_file()
+    assert "--init" in outcome.command and str(tiny_bundle) in outcome.command
+    assert panel.recount_button.isEnabled() and panel.train_button.isEnabled()
+
+    # recount the slide's second field with the new bundle: new layers on the slide
+    widget.region_combo.setCurrentIndex(widget.region_combo.findText(fields.name))     # its last rectangle
+    assert panel.recount() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    recounted = viewer.layers["he_mosaic-retrained labels"]
+    assert tuple(recounted.translate) == (680, 120) and recounted.data.shape == (160, 200)
+    assert "he_mosaic-retrained cells" in viewer.layers
+    run = json.loads((outcome.bundle / "recount" / "he_mosaic-retrained.cellseg" / "run.json").read_text())
+    assert run["model"]["weights_sha256"] == load_bundle(outcome.bundle).weights_sha256
