@@ -52,51 +52,79 @@ def crop_rles(crops: list[np.ndarray], row0s, col0s, height: int, width: int) ->
     """COCO compressed RLE {"size": [height, width], "counts": str} of each of several full images, each zero
     except for its `crops[k]` (bool (h, w)) placed with its top-left pixel at (row0s[k], col0s[k]).
 
-    COCO RLE runs column-major over the whole image, starting with a run of zeros. Never builds the
-    full image: each crop is padded with one sentinel row whose run weight stands for the gap of
-    (height - h) zeros down to the next column's crop; a leading pixel carries col0*height + row0
-    zeros, and the last sentinel the trailing zeros. Runs are weighted sums over equal values, for all crops
-    in one pass (a run never spans two crops).
+    COCO RLE runs column-major over the whole image, starting with a run of zeros. Never builds the full image:
+    each crop's set pixels get their column-major index in the full image (column * height + row), and the runs
+    of ones are the stretches of consecutive indices (a run may go on from one column's last row into the next
+    column's first), the runs of zeros the gaps between them; for all crops at once.
     """
     H, W = int(height), int(width)
-    vals, weights, mask_of = [], [], []
-    for k, (mask_crop, row0, col0) in enumerate(zip(crops, row0s, col0s)):
-        crop = np.asarray(mask_crop, dtype=bool)
-        row0, col0 = int(row0), int(col0)
-        if crop.ndim != 2:
-            raise ValueError(f"expected a 2-D mask crop, got shape {crop.shape}")
-        h, w = crop.shape
-        if H <= 0 or W <= 0 or not (0 <= row0 and row0 + h <= H and 0 <= col0 and col0 + w <= W):
-            raise ValueError(f"expected a crop of shape {crop.shape} at ({row0}, {col0}) inside a "
-                             f"{H} x {W} image")
-        if not crop.any():   # one run of H * W zeros
-            v, wt = np.zeros(1, bool), np.array([H * W], np.int64)
-        else:
-            padded = np.zeros((h + 1, w), bool)
-            padded[:h] = crop
-            wts = np.ones((h + 1, w), np.int64)
-            wts[h, :] = H - h
-            wts[h, -1] = (H - row0 - h) + (W - col0 - w) * H
-            v = np.concatenate([[False], padded.ravel(order="F")])
-            wt = np.concatenate([[col0 * H + row0], wts.ravel(order="F")])
-            keep = wt > 0  # a zero-weight gap (full-height crop, or a crop at the origin) must not split a run
-            v, wt = v[keep], wt[keep]
-            if v[0]:   # COCO counts start with a run of zeros: here an empty one
-                v, wt = np.r_[False, v], np.r_[0, wt]
-        vals.append(v)
-        weights.append(wt)
-        mask_of.append(np.full(v.size, k, np.int64))
     if not crops:
         return []
-    vals, weights, mask_of = np.concatenate(vals), np.concatenate(weights), np.concatenate(mask_of)
-    starts = np.flatnonzero(np.r_[True, (vals[1:] != vals[:-1]) | (mask_of[1:] != mask_of[:-1])])
-    counts = np.add.reduceat(weights, starts)
-    return [{"size": [H, W], "counts": text} for text in _rle_strings(counts, mask_of[starts], len(crops))]
+    crops = [np.asarray(c, dtype=bool) for c in crops]
+    if any(c.ndim != 2 for c in crops):
+        bad = next(c for c in crops if c.ndim != 2)
+        raise ValueError(f"expected a 2-D mask crop, got shape {bad.shape}")
+    shapes = np.array([c.shape for c in crops], np.int64).reshape(-1, 2)
+    row0s, col0s = np.asarray(row0s, np.int64).reshape(-1), np.asarray(col0s, np.int64).reshape(-1)
+    outside = (row0s < 0) | (col0s < 0) | (row0s + shapes[:, 0] > H) | (col0s + shapes[:, 1] > W)
+    if H <= 0 or W <= 0 or outside.any():
+        k = int(np.flatnonzero(outside)[0]) if outside.any() else 0
+        raise ValueError(f"expected a crop of shape {tuple(shapes[k])} at ({row0s[k]}, {col0s[k]}) inside a "
+                         f"{H} x {W} image")
+    n = len(crops)
+    flat = np.concatenate([c.ravel(order="F") for c in crops])       # column-major, crop after crop
+    where = np.flatnonzero(flat)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = np.cumsum(sizes) - sizes
+    k = np.searchsorted(starts, where, side="right") - 1              # the crop of each set pixel
+    local = where - starts[k]
+    h = shapes[k, 0]
+    index = (col0s[k] + local // h) * H + row0s[k] + local % h        # column-major index in the full image
+    # Runs of ones: consecutive indices of one crop.
+    new_run = np.r_[True, (k[1:] != k[:-1]) | (index[1:] != index[:-1] + 1)] if len(index) else np.zeros(0, bool)
+    first = np.flatnonzero(new_run)
+    last = np.r_[first[1:], len(index)] - 1 if len(first) else first
+    run_crop, run_start, run_end = k[first], index[first], index[last] + 1
+    # Each crop's counts: zeros before its first run, then (ones, zeros up to the next run) per run, the last zeros
+    # up to H * W (none when a run ends the image); a crop without set pixels is H * W zeros.
+    first_of_crop = np.r_[True, run_crop[1:] != run_crop[:-1]] if len(first) else np.zeros(0, bool)
+    previous_end = np.r_[0, run_end[:-1]]
+    previous_end[first_of_crop] = 0
+    zeros = run_start - previous_end
+    ones = run_end - run_start
+    has = np.zeros(n, bool)
+    has[run_crop] = True
+    last_of_crop = np.r_[run_crop[1:] != run_crop[:-1], True] if len(first) else np.zeros(0, bool)
+    tail = H * W - run_end[last_of_crop]
+    # Interleave: per run [zeros, ones], then the crop's tail zeros; empty crops: [H * W].
+    counts = np.empty(2 * len(first) + n, np.int64)
+    mask_of = np.empty(len(counts), np.int64)
+    runs_before = np.cumsum(np.bincount(run_crop, minlength=n)) - np.bincount(run_crop, minlength=n)
+    crop_begin = 2 * runs_before + np.arange(n)          # each crop's first count
+    rank = np.arange(len(first)) - runs_before[run_crop]
+    at = crop_begin[run_crop] + 2 * rank
+    counts[at], counts[at + 1] = zeros, ones
+    mask_of[at] = mask_of[at + 1] = run_crop
+    tail_at = crop_begin + 2 * np.bincount(run_crop, minlength=n)
+    counts[tail_at] = H * W
+    counts[tail_at[has]] = tail
+    mask_of[tail_at] = np.arange(n)
+    keep = np.ones(len(counts), bool)
+    keep[tail_at] = counts[tail_at] > 0          # no trailing empty run of zeros (pycocotools writes none)
+    return [{"size": [H, W], "counts": text} for text in _rle_strings(counts[keep], mask_of[keep], n)]
 
 
 def crop_rle(mask_crop: np.ndarray, row0: int, col0: int, height: int, width: int) -> dict:
     """crop_rles of one crop."""
     return crop_rles([mask_crop], [row0], [col0], height, width)[0]
+
+
+_json_text = json.encoder.encode_basestring_ascii     # a str as json.dumps writes it
+
+
+def _json_float(value: float) -> str:
+    """A float as json.dumps writes it (repr; NaN and inf as json.dumps spells them)."""
+    return repr(value) if value == value and abs(value) != float("inf") else json.dumps(value)
 
 
 class CocoWriter:
@@ -134,27 +162,35 @@ class CocoWriter:
             raise ValueError(f"expected N ids, boxes, masks, scores and class ids, got {len(ids)}, "
                              f"{n}, {len(masks)}, {len(scores)}, {len(class_ids)}")
         masks = [np.asarray(m, dtype=bool) for m in masks]
-        for i, mask in enumerate(masks):
-            r0, c0, r1, c1 = (int(v) for v in boxes[i])
-            if mask.shape != (r1 - r0, c1 - c0):
-                raise ValueError(f"expected mask {i} of its box's shape {(r1 - r0, c1 - c0)}, "
-                                 f"got {mask.shape}")
+        shapes = np.array([m.shape for m in masks], np.int64).reshape(-1, 2)
+        wrong = np.flatnonzero((shapes != boxes[:, 2:] - boxes[:, :2]).any(1))
+        if len(wrong):
+            i = int(wrong[0])
+            raise ValueError(f"expected mask {i} of its box's shape {tuple(boxes[i, 2:] - boxes[i, :2])}, "
+                             f"got {masks[i].shape}")
         rles = crop_rles(masks, boxes[:, 0], boxes[:, 1], self.height, self.width)
-        for i, (mask, rle) in enumerate(zip(masks, rles)):
-            r0, c0, r1, c1 = (int(v) for v in boxes[i])
-            ann = {"id": int(ids[i]), "image_id": 1, "category_id": int(class_ids[i]),
-                   "bbox": [c0, r0, c1 - c0, r1 - r0],  # COCO: [x, y, w, h]
-                   "area": int(mask.sum()), "score": float(f"{float(scores[i]):.6g}"),
-                   "iscrowd": 0, "segmentation": rle}
-            self._fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(ann))
+        areas = [int(np.count_nonzero(m)) for m in masks]
+        # Each annotation as json.dumps writes {"id", "image_id", "category_id", "bbox", "area", "score", "iscrowd",
+        # "segmentation"}, by one format per annotation rather than one json.dumps of a dict.
+        size = f'{{"size": [{self.height}, {self.width}], "counts": '
+        lines = []
+        for i, (r0, c0, r1, c1) in enumerate(boxes.tolist()):
+            score = float(f"{float(scores[i]):.6g}")
+            lines.append(f'{"" if self.count == 0 else ","}\n{{"id": {int(ids[i])}, "image_id": 1, '
+                         f'"category_id": {int(class_ids[i])}, "bbox": [{c0}, {r0}, {c1 - c0}, {r1 - r0}], '
+                         f'"area": {areas[i]}, "score": {_json_float(score)}, "iscrowd": 0, "segmentation": '
+                         f'{size}{_json_text(rles[i]["counts"])}}}}}')   # COCO's bbox: [x, y, w, h]
             self.count += 1
+        self._fh.write("".join(lines))
 
     def close(self) -> None:
         """Finish the JSON document. Idempotent."""
         if self._fh is not None:
-            self._fh.write("\n]}\n")
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.write("\n]}\n")
+            finally:       # closed even when the writing fails (a full disk)
+                fh.close()
 
     def __enter__(self) -> CocoWriter:
         return self

@@ -24,6 +24,7 @@ from cellseg.results import (
     LabelStore,
     Panoptic,
     crop_rle,
+    crop_rles,
     write_label_images,
     write_overlay_png,
 )
@@ -420,6 +421,49 @@ def test_coco_writer_loads_and_decodes_in_place(tmp_path):
     res = coco.loadRes(coco.dataset["annotations"])
     assert len(res.anns) == 3 and res.anns[3]["area"] == 6
     np.testing.assert_array_equal(np.nonzero(res.annToMask(res.anns[3]))[0], [0, 0, 0, 1, 1, 1])
+
+
+def test_cells_table_text_is_pandas_to_csv_text(tmp_path):
+    """The table is formatted column by column; its text is the text pandas' to_csv(float_format="%.6g") wrote
+    before, NaN, inf, -0, float32, bools and strings to be quoted included."""
+    import io
+    rng = np.random.default_rng(5)
+    n = 3000
+    floats = rng.standard_normal(n) * 10.0 ** rng.integers(-40, 40, n)
+    floats[rng.integers(0, n, 300)] = np.nan
+    floats[:6] = [np.inf, -np.inf, -0.0, 0.0, 1e16, 123456.5]
+    data = {"id": rng.integers(-10 ** 12, 10 ** 12, n), "class": rng.choice(["", "a", "a,b", 'q"x', "x\ny", "x\ry"], n),
+            "area_px": rng.integers(0, 1000, n).astype(np.int32), "centroid_row_um": floats,
+            "score": np.where(rng.random(n) < 0.1, np.nan, rng.random(n)).astype(np.float32),
+            "cut": rng.random(n) < 0.5}
+    columns = {**COLUMNS, "cut": "bool"}
+    with CellsTableWriter(tmp_path / "cells.csv", columns, flush_rows=1000) as writer:
+        writer.append(data)
+    expected = io.StringIO()
+    pd.DataFrame(data, columns=list(columns)).to_csv(expected, index=False, float_format="%.6g", na_rep="",
+                                                     lineterminator="\n")
+    assert (tmp_path / "cells.csv").read_bytes().decode() == expected.getvalue()
+
+
+def test_coco_annotations_are_json_dumps_text(tmp_path):
+    """Annotations are formatted by one template each; the text is json.dumps' of the same dicts."""
+    path = tmp_path / "predictions.json"
+    rng = np.random.default_rng(2)
+    masks = [rng.random((rng.integers(1, 30), rng.integers(1, 30))) < 0.7 for _ in range(40)]
+    boxes = np.array([(r, c, r + m.shape[0], c + m.shape[1]) for m, (r, c) in
+                      zip(masks, rng.integers(0, 200, (40, 2)))])
+    scores, classes = rng.random(40).astype(np.float32), rng.integers(1, 3, 40)
+    with CocoWriter(path, "s.tif", 300, 300, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]) as writer:
+        writer.append(np.arange(1, 41), boxes, masks, scores, classes)
+    rles = crop_rles(masks, boxes[:, 0], boxes[:, 1], 300, 300)
+    assert any("\\" in r["counts"] for r in rles)        # a backslash to escape
+    lines = path.read_text().split("\n")[1:-2]
+    for k, line in enumerate(lines):
+        r0, c0, r1, c1 = boxes[k].tolist()
+        ann = {"id": k + 1, "image_id": 1, "category_id": int(classes[k]), "bbox": [c0, r0, c1 - c0, r1 - r0],
+               "area": int(masks[k].sum()), "score": float(f"{float(scores[k]):.6g}"), "iscrowd": 0,
+               "segmentation": rles[k]}
+        assert line.rstrip(",") == json.dumps(ann)
 
 
 def test_coco_writer_zero_cells_is_valid_json(tmp_path):
