@@ -94,13 +94,15 @@ def shared_images(train_json: Path, val_images) -> list[str]:
 
 def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: float | None = None,
             diameter_px: float | str | None = None, reuse: bool = False,
-            progress: bool = False) -> dict[str, ImageMasks]:
-    """Count every image as `cellseg count` does (a CellCounter; result folders under `work`) and return its cells,
-    keyed like `images`. reuse: an image whose folder already holds predictions is not counted again."""
+            progress: bool = False, protocol: Protocol = VALIDATION_PROTOCOL,
+            mpp: float | None = None) -> dict[str, ImageMasks]:
+    """Count every image as `cellseg count` does (a CellCounter with `protocol` and `mpp` as --mpp; result folders
+    under `work`) and return its cells, keyed like `images`. reuse: an image whose folder already holds predictions
+    is not counted again."""
     from tqdm import tqdm
 
     from ..run import CellCounter
-    counter = CellCounter(VALIDATION_PROTOCOL, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px)
+    counter = CellCounter(protocol, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px, mpp=mpp)
     predictions = {}
     for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress)):
         folder = work / f"{k:05d}_{PurePosixPath(name).stem}"

@@ -26,6 +26,7 @@ class TrainImage:
     masks: list[np.ndarray]    # N bool crops
     class_ids: np.ndarray      # (N,) int64 >= 1
     colour: bool | None = None  # channels differ (None: found from the pixels); grayscale stays gray in training
+    source: str | None = None   # the image file it came from (load_coco), for messages and held-out windows
 
     def __post_init__(self) -> None:
         if self.colour is None:
@@ -111,7 +112,8 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
             masks.append(full[r0:r1, c0:c1].copy())
             cls.append(cat_to_class[ann["category_id"]])
         items.append(TrainImage(to_network_input(image, measure_range(image)),
-                                np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.asarray(cls, np.int64)))
+                                np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.asarray(cls, np.int64),
+                                source=str(path)))
     if items and not any(len(it.masks) for it in items):
         raise CellsegError(f"expected annotated cells (masks) in {ann_path}, found {len(items)} image(s) with none: "
                            f"a model trained on them would find nothing")
@@ -122,3 +124,59 @@ def median_diameter_px(items: list[TrainImage]) -> float:
     """The median equivalent-circle diameter of all instances (px): the bundle's nucleus_diameter_px."""
     areas = [m.sum() for it in items for m in it.masks]
     return float(np.median(2 * np.sqrt(np.asarray(areas) / np.pi))) if areas else 0.0
+
+
+def window_of(item: TrainImage, row0: int, col0: int, row1: int, col1: int) -> TrainImage:
+    """The part of `item` inside the half-open window: its pixels, and its instances clipped to it (those left
+    without a pixel dropped)."""
+    boxes, masks, keep = [], [], []
+    for k, (box, mask) in enumerate(zip(item.boxes, item.masks)):
+        r0, c0, r1, c1 = (int(v) for v in box)
+        a0, b0, a1, b1 = max(r0, row0), max(c0, col0), min(r1, row1), min(c1, col1)
+        if a0 >= a1 or b0 >= b1:
+            continue
+        clipped = mask[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
+        if clipped.any():
+            t0, t1, u0, u1 = _tight(clipped)
+            boxes.append((a0 - row0 + t0, b0 - col0 + u0, a0 - row0 + t1, b0 - col0 + u1))
+            masks.append(np.ascontiguousarray(clipped[t0:t1, u0:u1]))
+            keep.append(k)
+    return TrainImage(np.ascontiguousarray(item.image[:, row0:row1, col0:col1]),
+                      np.asarray(boxes, np.int64).reshape(-1, 4), masks, np.asarray(item.class_ids)[keep],
+                      colour=item.colour, source=item.source)
+
+
+def resample(item: TrainImage, factor: float) -> TrainImage:
+    """`item` resampled by `factor` (2: twice as many px a side), as `cellseg count` resamples a slide for the
+    network (bilinear, smoothed before shrinking: planning.intensity.as_network_input); each mask is sampled at its
+    own box at the output pixels' centres, and a nucleus left without a pixel is dropped."""
+    if factor == 1:
+        return item
+    from skimage.transform import resize
+    _, height, width = item.image.shape
+    h, w = max(1, round(height * factor)), max(1, round(width * factor))
+    image = resize(np.moveaxis(item.image, 0, -1), (h, w), order=1, anti_aliasing=factor < 1,
+                   preserve_range=True).astype(np.float32)
+    src_row = np.minimum(((np.arange(h) + 0.5) * height / h).astype(np.int64), height - 1)
+    src_col = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
+    boxes, masks, keep = [], [], []
+    for k, (box, mask) in enumerate(zip(item.boxes, item.masks)):
+        r0, c0, r1, c1 = (int(v) for v in box)
+        a0, a1 = np.searchsorted(src_row, [r0, r1])         # output rows whose source row is in the box
+        b0, b1 = np.searchsorted(src_col, [c0, c1])
+        if a0 >= a1 or b0 >= b1:
+            continue
+        m = mask[np.ix_(src_row[a0:a1] - r0, src_col[b0:b1] - c0)]
+        if m.any():
+            t0, t1, u0, u1 = _tight(m)
+            boxes.append((a0 + t0, b0 + u0, a0 + t1, b0 + u1))
+            masks.append(np.ascontiguousarray(m[t0:t1, u0:u1]))
+            keep.append(k)
+    return TrainImage(np.ascontiguousarray(np.moveaxis(image, -1, 0)), np.asarray(boxes, np.int64).reshape(-1, 4),
+                      masks, np.asarray(item.class_ids)[keep], colour=item.colour, source=item.source)
+
+
+def _tight(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """A non-empty mask's own bounding rows and columns (r0, r1, c0, c1), half-open."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1

@@ -44,6 +44,7 @@ class LoopSettings:
     # whichever of steps and time is further along. For a GPU lease measured in minutes, not steps.
     schedule_minutes: float | None = None
     snapshot_every: int | None = None  # steps between snapshots handed to run_training()'s on_snapshot
+    snapshot_minutes: float | None = None   # and at least this often in wall time (a run with a time budget)
     clip_grad_norm: float | None = 10.0   # gradients' total norm clipped to this (None: not clipped)
 
     def learning_rate(self, step: int, wall_s: float) -> float:
@@ -59,6 +60,10 @@ class LoopSettings:
     def time_schedule_done(self, step: int, wall_s: float) -> bool:
         """The wall-time schedule has run its course (never during the warm-up)."""
         return bool(self.schedule_minutes and step >= self.warmup and wall_s >= self.schedule_minutes * 60)
+
+    def snapshots(self) -> bool:
+        """Whether the run hands snapshots to on_snapshot (by steps, by wall time, or both)."""
+        return bool(self.snapshot_every or self.snapshot_minutes)
 
     def finished(self, step: int, wall_s: float) -> bool:
         """The training is complete: all its steps, or its time schedule, done."""
@@ -100,16 +105,20 @@ def optimiser_step(model: torch.nn.Module, optim: torch.optim.Optimizer,
 
 def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.Optimizer, settings: LoopSettings,
                  out: Path, *, precision: str = "fp32", resume: bool = False, device: str | torch.device = "cpu",
-                 on_snapshot: Callable[[Path, int], None] | None = None, progress: bool = True) -> TrainingState:
+                 on_snapshot: Callable[[Path, int], bool | None] | None = None,
+                 progress: bool = True) -> TrainingState:
     """Train `model` (on `device`, in training mode) in the folder `out` (checked by
     training.check_output_folder), or resume the training saved there; returns where it stopped.
 
     Stops at settings.steps, at the end of the time schedule, or after settings.minutes in this run. Every run ends
     with a checkpoint, training_log.csv and training_loss.png, and task.write_bundle(out). Ctrl-C ends it the same
     way, and so does SIGTERM (after the step under way: a run in the background ignores Ctrl-C, and `kill` must not
-    cost up to 10 minutes of training), then raises TrainingInterrupted. on_snapshot(folder, step): with settings.snapshot_every, called every that
-    many steps with a bundle in out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best), and
-    for a new run once before its first step, with the starting weights (step 0).
+    cost up to 10 minutes of training), then raises TrainingInterrupted. on_snapshot(folder, step): with
+    settings.snapshot_every (steps) or snapshot_minutes (wall time), called that often with a bundle in
+    out/snapshots/ (e.g. to score it on held-out images; a long run keeps the best), and for a new run once before its
+    first step, with the starting weights (step 0); when it returns True the run ends there (early stopping: its
+    bundle and checkpoint are written as at any other end). An optimiser's param group with an "lr_scale" takes that share of
+    the schedule's rate (e.g. a backbone fine-tuned more slowly than the heads).
     """
     from tqdm import tqdm
     out.mkdir(parents=True, exist_ok=True)
@@ -118,16 +127,17 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     if resume:
         state = load_checkpoint(checkpoint, model, optim, torch.device(device))
         log.info("resumed from step %d", state.step)
-    started = last_save = time.monotonic()
+    started = last_save = last_snapshot = time.monotonic()
     wall0 = state.wall_s
     bar = tqdm(total=settings.steps, initial=state.step, disable=not progress, desc="train", unit="step")
     interrupted = False
     stop = _StopRequest()
     batches = task.batches(state.step)
     try:
-        if on_snapshot is not None and settings.snapshot_every and state.step == 0:
+        if on_snapshot is not None and settings.snapshots() and state.step == 0:
             # the starting weights are the curve's first point: what the run is measured against
             _snapshot(task, out, state, on_snapshot)
+            last_snapshot = time.monotonic()
         while state.step < settings.steps:
             if stop.requested:
                 interrupted = True
@@ -138,8 +148,9 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
             if settings.time_schedule_done(state.step, state.wall_s):
                 break
             batch = next(batches)
-            for g in optim.param_groups:
-                g["lr"] = settings.learning_rate(state.step, state.wall_s)
+            rate = settings.learning_rate(state.step, state.wall_s)
+            for g in optim.param_groups:   # a group's "lr_scale": its share of the schedule's rate (1 if none)
+                g["lr"] = rate * g.get("lr_scale", 1.0)
             loss, losses = optimiser_step(model, optim, lambda: task.losses(batch), precision, state.step,
                                           settings.clip_grad_norm)
             state.loss_names = list(losses)
@@ -152,10 +163,15 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
                     settings.checkpoint_minutes and time.monotonic() - last_save > settings.checkpoint_minutes * 60):
                 save_checkpoint(checkpoint, model, optim, state)
                 last_save = time.monotonic()
-            if on_snapshot is not None and settings.snapshot_every and state.step % settings.snapshot_every == 0:
+            if on_snapshot is not None and (
+                    (settings.snapshot_every and state.step % settings.snapshot_every == 0)
+                    or (settings.snapshot_minutes and time.monotonic() - last_snapshot > settings.snapshot_minutes * 60)):
                 save_checkpoint(checkpoint, model, optim, state)   # the snapshot's step is never trained again
                 last_save = time.monotonic()
-                _snapshot(task, out, state, on_snapshot)
+                stop_now = _snapshot(task, out, state, on_snapshot)
+                last_snapshot = time.monotonic()
+                if stop_now:   # early stopping: the caller has seen enough
+                    break
     except KeyboardInterrupt:   # Ctrl-C: keep what was learnt (below), then say how to go on
         interrupted = True
     finally:
@@ -174,10 +190,10 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
 
 
 def _snapshot(task: TrainingTask, out: Path, state: TrainingState,
-              on_snapshot: Callable[[Path, int], None]) -> None:
+              on_snapshot: Callable[[Path, int], bool | None]) -> bool:
     snapshot = out / "snapshots" / f"step{state.step:07d}"
     task.write_bundle(snapshot, state, finished=False)
-    on_snapshot(snapshot, state.step)
+    return bool(on_snapshot(snapshot, state.step))
 
 
 class _StopRequest:

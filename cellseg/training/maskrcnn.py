@@ -38,6 +38,9 @@ class TrainSettings(LoopSettings, CropSettings):
     workers, seed, augmentation), and the arithmetic."""
 
     precision: str = "auto"           # auto | fp32 | bf16 (cellseg.detection.precision: bf16 where the processor has it)
+    # The ResNet body's share of the learning rate (0: frozen, its gradients never computed): a fine-tune on a few
+    # images keeps what the bundle's features learnt on many (cellseg.training.finetune).
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -56,6 +59,7 @@ class _MaskRCNNTraining:
     precision_note: str               # the arithmetic and why (cellseg.detection.precision.resolve_precision)
     card: dict                        # the caller's model-card tables ("training" merged into the training's own)
     files: dict[str, str]
+    keep_settings_of: Path | None = None   # a bundle whose [inference] and [scale] the bundles written keep
 
     def batches(self, first_step: int) -> Iterator:
         return CropBatches(self.items, self.draw_p, self.settings, first_step).batches()
@@ -71,6 +75,8 @@ class _MaskRCNNTraining:
                              "device": str(self.device), "hardware": hardware_description(self.device),
                              "precision": self.precision_note, "batch_size": s.batch_size, "crop_px": s.crop,
                              "lr": s.lr, "finished": finished, "augmentation": s.augmentation.describe()}}
+        if s.backbone_lr_scale != 1.0:
+            meta["training"]["backbone_lr_scale"] = s.backbone_lr_scale
         for k, v in self.card.items():
             if isinstance(v, dict) and isinstance(meta.get(k), dict):
                 meta[k].update(v)
@@ -83,13 +89,29 @@ class _MaskRCNNTraining:
         save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
                     name=self.name, nucleus_diameter_px=median_diameter_px(self.items), card=meta,
                     proposal_threshold=PROPOSAL_THRESHOLD)
+        if self.keep_settings_of is not None:
+            keep_bundle_settings(folder, self.keep_settings_of)
+
+
+def keep_bundle_settings(folder: Path, start: Path) -> None:
+    """Give the bundle in `folder` the [inference] and [scale] tables of the bundle `start` it was fine-tuned from:
+    its score thresholds (per modality, with and without TTA), mask and proposal thresholds, and the nucleus size
+    (and any pixel size) its weights expect, which a fine-tune at that scale keeps."""
+    from ..bundles import BUNDLE_FORMAT, read_bundle_folder, write_toml
+    theirs, _ = read_bundle_folder(Path(start), BUNDLE_FORMAT)
+    meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
+    for table in ("inference", "scale"):
+        if table in theirs:
+            meta[table] = theirs[table]
+    write_toml(folder / "model.toml", meta)
 
 
 def train(items: list[TrainImage], classes: list[str], out: Path, settings: TrainSettings,
           model_cfg: ModelConfig | None = None, resume: bool = False, device: str = "cpu",
           card: dict | None = None, progress: bool = True, init: str = "none",
           sample_weights: Sequence[float] | None = None, files: dict[str, str] | None = None,
-          on_snapshot: Callable[[Path, int], None] | None = None) -> Path:
+          on_snapshot: Callable[[Path, int], bool | None] | None = None, keep_settings_of: Path | None = None,
+          folder_checked: bool = False) -> Path:
     """Train (or resume) and write a bundle to `out`. Returns the bundle folder.
 
     on_snapshot(bundle_dir, step): with settings.snapshot_every, called every that many steps with a bundle of the
@@ -101,10 +123,14 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     init: "none" (random), "coco" / "coco:FILE" (torchvision's COCO weights, ResNet-50-FPN), or a bundle
     to fine-tune (its architecture; class heads re-initialised when the classes differ). The card names it and
     keeps the bundle's own training stages (earlier_stages), also after --resume (training.warm_start.run_lineage).
+    keep_settings_of: a bundle (usually the one fine-tuned) whose thresholds and scale the written bundles keep
+    (keep_bundle_settings); without it they get the defaults and the training images' median nucleus size.
+    folder_checked: the caller checked `out` (training.check_output_folder) before writing into it itself.
     """
     if not items:
         raise CellsegError("expected at least one annotated image to train on, found none")
-    check_output_folder(out, resume)
+    if not folder_checked:
+        check_output_folder(out, resume)
     init_cfg, init_state, init_note = initial_weights(init, classes)
     cfg = model_cfg or init_cfg
     if init_state is not None and cfg.backbone != init_cfg.backbone:
@@ -125,13 +151,31 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
                 model, fresh)), ", ".join(deepened))
     model, precision, precision_note = prepare_for_training(model, dev, settings.precision)
     log.info("training in %s", precision_note)
-    optim = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+    optim = torch.optim.AdamW(parameter_groups(model, settings.backbone_lr_scale), lr=settings.lr,
+                              weight_decay=1e-4)
     draw_p = draw_probabilities(sample_weights, len(items))
     task = _MaskRCNNTraining(model, cfg, items, draw_p, settings, dev, out.name, lineage["init"], precision_note,
-                             card, dict(files or {}))
+                             card, dict(files or {}), keep_settings_of)
     run_training(task, model, optim, settings, out, precision=precision, resume=resume, device=dev,
                  on_snapshot=on_snapshot, progress=progress)
     return out
+
+
+def parameter_groups(model: torch.nn.Module, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """The optimiser's parameter groups: the ResNet body at `backbone_lr_scale` of the schedule's rate (its
+    "lr_scale", training.loop), everything else (FPN, RPN, box and mask heads) at the full rate. At 0 the body is
+    frozen: left out of the optimiser, its gradients never computed."""
+    if not backbone_lr_scale >= 0:
+        raise CellsegError(f"expected a backbone learning-rate scale >= 0, got {backbone_lr_scale}")
+    body = [p for name, p in model.named_parameters() if name.startswith("backbone.body.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.body.")]
+    if backbone_lr_scale == 1.0:
+        return [{"params": body + rest}]
+    if backbone_lr_scale == 0.0:
+        for p in body:
+            p.requires_grad_(False)
+        return [{"params": rest}]
+    return [{"params": rest}, {"params": body, "lr_scale": backbone_lr_scale}]
 
 
 def prepare_for_training(model: torch.nn.Module, dev: torch.device, precision: str = "auto",
