@@ -389,13 +389,23 @@ def protocols_show(name: str) -> None:
 @main.command()
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="COCO instance JSON to train on.")
 @click.option("--val", type=click.Path(path_type=Path), default=None,
-              help="COCO instance JSON of held-out images: after training the bundle counts them as `cellseg count` "
-                   "would, the score threshold with the best F1 becomes its default, and the figures go into its "
-                   "model.toml and OUT/validation/.")
+              help="COCO instance JSON of held-out images (default when fine-tuning: part of --data is held out). "
+                   "They are counted as `cellseg count` would; the score threshold with the best F1 on them becomes "
+                   "the bundle's for the protocol's modality, and the figures go into its model.toml.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Bundle folder to write: new or empty, or the folder of the training to --resume.")
-@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True)
-@click.option("--minutes", type=float, default=None, help="Stop with a checkpoint after this long.")
+@_PROTOCOL_OPTION
+@_MPP_OPTION
+@click.option("--init", "init", default="protocol", show_default=True,
+              metavar="protocol|none|coco|coco:FILE|BUNDLE",
+              help="Starting weights: the protocol's bundle, fine-tuned (its thresholds, scale and normalisation kept; "
+                   "checked against it on held-out images); random; torchvision's COCO Mask R-CNN (local file); or "
+                   "another bundle to fine-tune.")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Training steps (default: scaled to the annotated nuclei when fine-tuning, 2000 otherwise).")
+@click.option("--minutes", type=_POSITIVE, default=None,
+              help="Time budget: the learning-rate schedule and the held-out checks fit in it; stops with a "
+                   "checkpoint after this long.")
 @click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--crop", type=click.IntRange(64), default=256, show_default=True, help="Training crop size in px.")
 @click.option("--lr", type=_POSITIVE, default=None,
@@ -403,15 +413,19 @@ def protocols_show(name: str) -> None:
                    "which a higher rate partly undoes).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
-@click.option("--init", "init", default="none", show_default=True, metavar="none|coco|coco:FILE|BUNDLE",
-              help="Starting weights: random, torchvision's COCO Mask R-CNN (local file), or a bundle to fine-tune.")
-def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, init) -> None:
-    """Train a cell Mask R-CNN on COCO annotations and write a model bundle."""
+@click.option("--keep-anyway", is_flag=True,
+              help="Exit 0 even when the fine-tuned bundle does not beat the one it started from on the held-out "
+                   "images (its card says so either way).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, crop, lr, device, resume,
+          keep_anyway, quiet) -> None:
+    """Train a cell Mask R-CNN on COCO annotations and write a model bundle: by default the protocol's bundle
+    fine-tuned on them (docs/finetune.md)."""
     from .detection import resolve_device
-    from .training import TrainSettings, check_output_folder, load_coco
-    from .training import train as run_training
-    if lr is None:
-        lr = 3e-4 if init == "none" or init.startswith("coco") else 1e-4
+    from .planning import load_protocol
+    from .training import check_output_folder, load_coco, starts_from_bundle
+    protocol = load_protocol(protocol_name)
+    start = protocol.model if init == "protocol" else init
     check_output_folder(out, resume)
     if val is not None:   # a wrong --val fails now, not after hours of training
         from .evaluation import annotated_images, shared_images
@@ -420,15 +434,54 @@ def train(data, val, out, steps, minutes, batch_size, crop, lr, device, resume, 
         if shared:
             click.echo(f"cellseg: warning: {len(shared)} of the {len(val_paths)} --val images are also in --data "
                        f"(e.g. {shared[0]}): the validation figures will be optimistic", err=True)
+    if starts_from_bundle(start):
+        from .bundles import find_bundle
+        find_bundle(start)   # an unknown bundle fails before the images are read
     torch_device = str(resolve_device(device))
     items, classes = load_coco(data)
-    bundle = run_training(items, classes, out, TrainSettings(steps=steps, batch_size=batch_size, crop=crop,
-                                                              lr=lr, minutes=minutes),
-                          resume=resume, device=torch_device, init=init)
+    if not starts_from_bundle(start):
+        _train_from_scratch(items, classes, out, val, start, steps, minutes, batch_size, crop, lr, resume,
+                            torch_device, quiet)
+        return
+    from .planning import gray_input
+    from .training import finetune
+    if protocol.modality == "fluorescence" and not all(gray_input(it.image) for it in items):
+        click.echo(f"cellseg: warning: the images are in colour but protocol {protocol.name} is for fluorescence: "
+                   f"for H&E or other stained tissue pass -p he-nuclei (its threshold is the one retuned)", err=True)
+    verdict = finetune(items, classes, out, start, protocol, val=val, mpp=mpp, steps=steps, minutes=minutes, lr=lr,
+                       batch_size=batch_size, crop=crop, device=torch_device, resume=resume, progress=not quiet)
+    from .bundles import load_bundle
+    card = load_bundle(out).card["finetune"]
+    click.echo(f"held out: {card['heldout']} ({card['heldout_nuclei']} nuclei); trained on {card['training_nuclei']} "
+               f"nuclei, {card['steps_run']} steps{' (stopped early)' if verdict.stopped_early else ''}")
+    for line in verdict.lines():
+        click.echo("  " + line)
+    options = card["scale"]["count_options"]
+    count_hint = f"cellseg count -p {protocol.name} --model {out}{' ' + options if options else ''}"
+    if verdict.better:
+        click.echo(f"bundle written to {out}: the fine-tuned step {verdict.chosen_step}, score threshold "
+                   f"{verdict.threshold:.2f} for {card['threshold_key']}; count with `{count_hint}`")
+        return
+    click.echo(f"the fine-tuned bundle does NOT beat {start} on the held-out images (AP50 "
+               f"{verdict.table[2]['ap50_tp_fp_fn_pooled']:.3f} against {verdict.table[1]['ap50_tp_fp_fn_pooled']:.3f}"
+               f"): keep counting with {start}; {out} keeps it for inspection and its card says so", err=True)
+    if not keep_anyway:
+        click.get_current_context().exit(1)
+    click.echo(f"kept anyway (--keep-anyway): count with `{count_hint}`")
+
+
+def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_size, crop, lr, resume, device,
+                        quiet) -> None:
+    """`cellseg train --init none | coco`: a network trained from random or COCO weights, then --val."""
+    from .training import TrainSettings
+    from .training import train as run_training
+    settings = TrainSettings(steps=steps or 2000, batch_size=batch_size, crop=crop, lr=lr or 3e-4, minutes=minutes)
+    bundle = run_training(items, classes, out, settings, resume=resume, device=device, init=init,
+                          progress=not quiet, folder_checked=True)
     click.echo(f"bundle written to {bundle}")
     if val is not None:
         from .evaluation import summary_lines, validate_bundle
-        validation = validate_bundle(bundle, val, bundle / "validation", device=torch_device)
+        validation = validate_bundle(bundle, val, bundle / "validation", device=device, progress=not quiet)
         for line in summary_lines(validation.report):
             click.echo(line)
         click.echo(f"default score threshold {validation.threshold:.2f} (best F1 on --val) stored in "

@@ -265,7 +265,7 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     out = tmp_path / "b"
     result = invoke(["train", "--data", ann, "--val", ann, "--out", out, "--steps", 2, "--batch-size", 1,
-                     "--crop", 64, "--device", "cpu"])
+                     "--crop", 64, "--device", "cpu", "--init", "none"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "also in --data" in result.stderr and "optimistic" in result.stderr     # the same image twice
     assert "default score threshold" in result.stdout
@@ -281,7 +281,7 @@ def test_cli_train_with_val_tunes_the_threshold_of_the_bundle(tmp_path):
 def test_cli_fine_tuning_defaults_to_a_lower_learning_rate(tmp_path, tiny_bundle):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
     result = invoke(["train", "--data", ann, "--out", tmp_path / "b", "--init", tiny_bundle, "--steps", 1,
-                     "--batch-size", 1, "--crop", 64, "--device", "cpu"])
+                     "--batch-size", 1, "--crop", 64, "--device", "cpu", "--keep-anyway"])
     assert result.exit_code == 0, (result.output, result.exception)
     card = load_bundle(tmp_path / "b").card["training"]
     assert card["lr"] == 1e-4 and "bundle tiny" in card["init"]

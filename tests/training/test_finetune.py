@@ -1,0 +1,225 @@
+"""Fine-tuning a bundle on a user's few annotated images (`cellseg train`'s default, training.finetune): it starts
+from the protocol's bundle, trains at the bundle's scale, keeps the bundle's settings but the retuned threshold, holds
+images out, and refuses (exit 1) a fine-tune that does not beat the bundle it started from."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg.bundles import load_bundle, update_bundle_metadata
+from cellseg.training import TrainSettings, load_coco, resample, split_heldout, train, training_scale, window_of
+
+from ..helpers import DATA, coco_from_labels, invoke
+
+
+@pytest.fixture
+def start_bundle(tmp_path, tiny_bundle) -> Path:
+    """The tiny random bundle with the settings a shipped bundle has: per-modality and TTA thresholds, a mask
+    threshold, a nucleus size about half the test image's (median 11.6 px), so a fine-tune resamples by 0.58."""
+    folder = shutil.copytree(tiny_bundle, tmp_path / "start")
+    text = (folder / "model.toml").read_text()
+    (folder / "model.toml").write_text(re.sub(r"nucleus_diameter_px = [0-9.]+", "nucleus_diameter_px = 6.7", text)
+                                       .replace('name = "tiny"', 'name = "start"'))
+    update_bundle_metadata(folder, mask_threshold=0.45,
+                           score_thresholds={"fluorescence": 0.05, "fluorescence_gray": 0.1, "brightfield": 0.2},
+                           tta_score_thresholds={"fluorescence": 0.3})
+    return folder
+
+
+def _protocol(tmp_path: Path, bundle: Path) -> Path:
+    """A protocol file whose model is `bundle` (the shipped protocols name the shipped bundle)."""
+    path = tmp_path / "mine.toml"
+    path.write_text(f'name = "mine"\nmodality = "fluorescence"\n\n[detection]\nmodel = "{bundle.as_posix()}"\n')
+    return path
+
+
+def _train_args(ann, out, protocol, *more) -> list:
+    return ["train", "--data", ann, "--out", out, "-p", protocol, "--steps", 2, "--batch-size", 1, "--crop", 64,
+            "--device", "cpu", "-q", *more]
+
+
+@pytest.mark.slow
+def test_cli_train_fine_tunes_the_protocols_bundle_at_its_scale_keeping_its_settings(tmp_path, start_bundle):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    out = tmp_path / "mine"
+    result = invoke(_train_args(ann, out, _protocol(tmp_path, start_bundle), "--keep-anyway"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    start, tuned = load_bundle(start_bundle), load_bundle(out)
+    card = tuned.card["finetune"]
+    assert tuned.card["training"]["init"] == f"bundle start ({start.weights_sha256[:12]})"   # no --init needed
+    # the start bundle's scale, thresholds and normalisation, but the retuned threshold of the user's images' key
+    assert tuned.model == start.model and tuned.nucleus_diameter_px == pytest.approx(6.7)
+    assert (tuned.mask_threshold, tuned.proposal_threshold) == (0.45, start.proposal_threshold)
+    assert tuned.tta_score_thresholds == {"fluorescence": 0.3}
+    assert card["threshold_key"] == "fluorescence_gray"                    # a one-channel image: gray input
+    assert tuned.score_thresholds == {"fluorescence": 0.05, "brightfield": 0.2,
+                                      "fluorescence_gray": card["table"][2]["score_threshold"]}
+    assert card["table"][0]["score_threshold"] == 0.1                     # the start's own, for gray fluorescence
+    # trained at the bundle's scale: the image's nuclei (median 11.6 px) resampled to its 6.7 px
+    assert card["scale"]["factor"] == pytest.approx(6.7 / 11.617, abs=0.001)
+    assert card["scale"]["count_options"] == "--diameter 11.6" and "--diameter 11.6" in result.stdout
+    # one image: a band of it held out (the last quarter of its 256 columns), counted as `cellseg count` would
+    heldout = json.loads((out / "heldout" / "annotations.json").read_text())
+    assert [(im["height"], im["width"]) for im in heldout["images"]] == [(256, 64)]
+    assert card["heldout_nuclei"] == len(heldout["annotations"]) > 0
+    assert [s["step"] for s in card["scorings"]] == [0, 1, 2]             # the start, then every step of 2
+    for words in ("its threshold", "threshold retuned", "fine-tuned (step", "AP50", "median count error"):
+        assert words in result.stdout
+    assert not (out / "snapshots").exists()
+
+
+def _scored_by_step(monkeypatch, ap50_of_step) -> dict:
+    """Held-out scoring replaced by a table: the AP50 of a snapshot is ap50_of_step(step) (the run's folder scores
+    as its last step). Returns {step: sha256 of the weights scored}."""
+    from cellseg.bundles import sha256_file
+    from cellseg.training.finetune import HeldOutScorer
+    seen = {}
+
+    def predictions(self, bundle_dir):
+        bundle_dir = Path(bundle_dir)
+        found = re.fullmatch(r"step(\d+)", bundle_dir.name)
+        step = int(found.group(1)) if found else load_bundle(bundle_dir).card["training"]["steps"]
+        seen[step] = sha256_file(bundle_dir / "weights.safetensors")
+        return {"step": step}
+
+    def figures(self, predictions, threshold):
+        ap = ap50_of_step(predictions["step"])
+        return {"score_threshold": threshold, "images": 1, "ap50_tp_fp_fn_pooled": ap, "f1_pooled": ap,
+                "median_rel_count_error": 0.1, "dsb_score_mean_over_images": ap / 2, "coco_mask_ap": ap / 2}
+
+    monkeypatch.setattr(HeldOutScorer, "predictions", predictions)
+    monkeypatch.setattr(HeldOutScorer, "figures", figures)
+    monkeypatch.setattr(HeldOutScorer, "best", lambda self, p, fallback: figures(self, p, 0.6))
+    return seen
+
+
+@pytest.mark.slow
+def test_a_fine_tune_worse_than_its_start_is_refused_unless_kept_anyway(tmp_path, start_bundle, monkeypatch):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    protocol = _protocol(tmp_path, start_bundle)
+    _scored_by_step(monkeypatch, lambda step: 0.8 - 0.1 * step)             # every step makes it worse
+    result = invoke(_train_args(ann, tmp_path / "a", protocol))
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "does NOT beat" in result.stderr and "0.700 against 0.800" in result.stderr
+    card = load_bundle(tmp_path / "a").card["finetune"]
+    assert card["better"] is False and card["verdict"].startswith("NOT better")
+    result = invoke(_train_args(ann, tmp_path / "b", protocol, "--keep-anyway"))
+    assert result.exit_code == 0 and "kept anyway" in result.stdout
+    assert load_bundle(tmp_path / "b").card["finetune"]["better"] is False   # the card says so all the same
+
+
+@pytest.mark.slow
+def test_the_best_snapshot_becomes_the_bundle_and_the_run_stops_when_it_stops_improving(tmp_path, start_bundle,
+                                                                                        monkeypatch):
+    from cellseg.planning import load_protocol
+    from cellseg.training import Recipe, finetune
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    seen = _scored_by_step(monkeypatch, lambda step: {0: 0.5, 1: 0.6, 2: 0.7}.get(step, 0.55))
+    out = tmp_path / "mine"
+    verdict = finetune(items, classes, out, str(start_bundle), load_protocol(_protocol(tmp_path, start_bundle)),
+                       steps=20, batch_size=1, crop=64, progress=False, recipe=Recipe(scorings=20, patience=2))
+    assert verdict.better and verdict.chosen_step == 2 and verdict.stopped_early
+    assert sorted(seen) == [0, 1, 2, 3, 4]                  # steps 3 and 4 not better than 2: patience 2, stopped
+    tuned = load_bundle(out)
+    assert tuned.weights_sha256 == seen[2] != seen[4]       # step 2's weights, not the last ones
+    assert tuned.card["training"]["steps"] == 2 and tuned.card["finetune"]["steps_run"] == 4
+    assert tuned.score_thresholds["fluorescence_gray"] == 0.6
+
+
+def test_training_scale_is_the_one_count_would_choose(tmp_path, start_bundle):
+    from cellseg.planning import load_protocol
+    ann_items = _items(tmp_path)
+    bundle = load_bundle(start_bundle)
+    protocol = load_protocol("fluorescence-nuclei")
+    scale = training_scale(bundle, ann_items, protocol, None)           # no pixel size: the annotated nuclei
+    assert scale.diameter_px == pytest.approx(_diameter(ann_items[0].masks)) == pytest.approx(11.6, abs=0.05)
+    assert scale.factor == pytest.approx(6.7 / scale.diameter_px)
+    in_um = training_scale(bundle, ann_items, protocol.replace(nucleus_diameter_um=5.0), 0.5)   # 10 px at 0.5 µm/px
+    assert in_um.factor == pytest.approx(0.67) and in_um.diameter_px is None and in_um.count_options() == ""
+    near = training_scale(bundle, ann_items, protocol.replace(nucleus_diameter_um=3.5), 0.5)
+    assert near.factor == 1.0                                             # within 10 %: count does not resample
+
+
+def _items(folder: Path):
+    """The test image's annotated nuclei, as `cellseg train` reads them from a COCO file in `folder`."""
+    ann, _ = coco_from_labels(folder, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    return load_coco(ann)[0]
+
+
+def _diameter(masks) -> float:
+    return float(np.median([2 * np.sqrt(m.sum() / np.pi) for m in masks]))
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.6])
+def test_resampling_keeps_masks_on_their_nuclei(tmp_path, factor):
+    (item,) = _items(tmp_path)
+    small = resample(item, factor)
+    assert small.image.shape == (3, round(256 * factor), round(256 * factor)) and small.image.dtype == np.float32
+    assert _diameter(small.masks) == pytest.approx(factor * _diameter(item.masks), rel=0.08)
+    assert len(small.masks) >= 0.95 * len(item.masks)
+    for box, mask in zip(small.boxes, small.masks):
+        assert mask.shape == (box[2] - box[0], box[3] - box[1]) and mask[0].any() and mask[:, 0].any()
+        # a nucleus is darker or brighter than the ground it lies on; its pixels must be the nucleus's
+    inside = np.concatenate([small.image[0, b[0]:b[2], b[1]:b[3]][m] for b, m in zip(small.boxes, small.masks)])
+    outside = small.image[0].mean()
+    assert inside.mean() > outside + 0.1                                  # fluorescence: bright nuclei
+
+
+def test_held_out_parts_partition_the_annotated_nuclei(tmp_path):
+    (item,) = _items(tmp_path)
+    train_items, held, how = split_heldout([item], 0.25)
+    assert "25 %" in how and train_items[0].image.shape == (3, 256, 192) and held[0][1].shape[:2] == (256, 64)
+    area = sum(int(m.sum()) for m in item.masks)
+    assert sum(int(m.sum()) for m in train_items[0].masks) + sum(int(m.sum()) for m in held[0][2].masks) == area
+    left = window_of(item, 0, 0, 256, 192)
+    assert [b.tolist() for b in left.boxes] == [b.tolist() for b in train_items[0].boxes]
+    many = [item] * 8
+    train_items, held, how = split_heldout(many, 0.25)
+    assert (len(train_items), len(held)) == (6, 2) and "whole" in how
+
+
+def test_a_frozen_or_slower_backbone_gets_its_share_of_the_schedule(tmp_path, monkeypatch):
+    from cellseg.detection import build_model
+    from cellseg.training import parameter_groups
+
+    from ..helpers import tiny_model_config
+    model = build_model(tiny_model_config())
+    groups = parameter_groups(model, 0.0)
+    assert len(groups) == 1 and not any(p.requires_grad for p in model.backbone.body.parameters())
+    assert sum(p.numel() for p in groups[0]["params"]) == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("backbone.body."))
+    (item,) = _items(tmp_path)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    from ..helpers import tiny_model_config as cfg
+    train([item], ["nucleus"], tmp_path / "b", TrainSettings(steps=3, warmup=1, lr=1e-3, batch_size=1, crop=64,
+                                                            backbone_lr_scale=0.1),
+          model_cfg=cfg(), progress=False)
+    assert all(body == pytest.approx(0.1 * rest) for rest, body in seen) and len(seen) == 3
+    assert load_bundle(tmp_path / "b").card["training"]["backbone_lr_scale"] == 0.1
+
+
+def test_a_snapshot_callback_can_stop_the_run(tmp_path):
+    from ..helpers import tiny_model_config
+    (item,) = _items(tmp_path)
+    steps = []
+
+    def on_snapshot(folder, step):
+        steps.append(step)
+        return step == 2
+    train([item], ["nucleus"], tmp_path / "b", TrainSettings(steps=10, batch_size=1, crop=64, snapshot_every=1),
+          model_cfg=tiny_model_config(), progress=False, on_snapshot=on_snapshot)
+    assert steps == [0, 1, 2] and load_bundle(tmp_path / "b").card["training"]["steps"] == 2
