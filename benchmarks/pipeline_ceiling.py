@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,41 +30,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def child(slide: Path, out: Path, tissue: str) -> dict:
-    from collections import Counter
-
+def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all") -> dict:
+    if cpus:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
     from memory_flat import ThresholdDetector
 
     import cellseg.results as results
+    import cellseg.run.pipeline as pipeline
     from cellseg.planning import load_protocol
-    from cellseg.results import cells_csv, cells_geojson, coco, labelstore
-    from cellseg.results import writer as export
     from cellseg.run import CellCounter
 
-    parts: Counter = Counter()
+    writers = []
 
-    def timed(owner, name: str, label: str) -> None:
-        original = getattr(owner, name)
+    class KeptWriter(pipeline.ResultWriter):
+        """The pipeline's result writer, kept to read its threads' seconds afterwards."""
 
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                parts[label] += time.perf_counter() - start
-        setattr(owner, name, wrapper)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
 
-    # The write stage's parts (results/writer.py looks these names up in its own namespace at call time).
-    timed(cells_csv.CellsTableWriter, "append", "cells.csv")
-    timed(cells_csv.CellsTableWriter, "close", "cells.csv")
-    timed(coco.CocoWriter, "append", "predictions.coco.json")
-    timed(labelstore.LabelStore, "paint", "label canvas")
-    timed(export, "write_label_images", "labels + panoptic TIFF")
-    timed(export, "write_overlay_png", "overlay.png")
-    timed(cells_geojson.CellsGeoJsonWriter, "append", "cells.geojson")
-    timed(cells_geojson.CellsGeoJsonWriter, "close", "cells.geojson")
-    timed(export, "histogram_png", "area_histogram.png")
-    timed(results, "write_report", "report.html")     # after summary.json: not in its stages, in the wall time
+    pipeline.ResultWriter = KeptWriter
+    report_s = []
+    write_report = results.write_report
+
+    def timed_report(*args, **kwargs):      # after summary.json: not in its stages, in the wall time
+        start = time.perf_counter()
+        try:
+            return write_report(*args, **kwargs)
+        finally:
+            report_s.append(time.perf_counter() - start)
+    results.write_report = timed_report
 
     class Replay(ThresholdDetector):
         """The stand-in's detections, recorded on a first run and handed back instantly on the timed one."""
@@ -79,48 +75,77 @@ def child(slide: Path, out: Path, tissue: str) -> dict:
             return found
 
     detector = Replay()
-    counter = CellCounter(load_protocol("fluorescence-nuclei").replace(tissue_method=tissue), detector)
-    counter.count(slide, out.with_name("record"))
+    counter = CellCounter(load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, outputs=outputs), detector)
+    counter.count(slide, out.with_name(out.name + "-record"))
     detector.replaying = True
-    parts.clear()
-    start = time.perf_counter()
+    report_s.clear()
+    def children_cpu() -> float:      # the tables' process (results/writer_process.py), once it has ended
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    start, cpu_start, children_start = time.perf_counter(), time.process_time(), children_cpu()
     summary = counter.count(slide, out)
-    wall = pipeline_s = time.perf_counter() - start
+    pipeline_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start + children_cpu() - children_start
     tissue_mp = summary["tissue_area_px"] / 1e6
+    parts = {name: round(s, 2) for name, s in writers[-1].seconds().items()}
+    parts["report.html"] = round(sum(report_s), 2)
     return {"slide": slide.name, "slide_mp": summary["height_px"] * summary["width_px"] / 1e6,
             "tissue_mp": round(tissue_mp, 2), "tiles_analysed": summary["tiles_total"] - summary["tiles_skipped"],
-            "cells": summary["cell_count"], "wall_s": round(wall, 2),
-            "pipeline_s": round(pipeline_s, 2),
+            "cells": summary["cell_count"], "wall_s": round(pipeline_s, 2), "pipeline_s": round(pipeline_s, 2),
+            "cpu_s": round(cpu_s, 2),
             "ceiling_mp_per_s": round(tissue_mp / pipeline_s, 2), "cells_per_s": round(summary["cell_count"] / pipeline_s),
-            "stages_s": summary["seconds"], "write_parts_s": {k: round(v, 2) for k, v in parts.items()},
+            "stages_s": summary["seconds"], "write_parts_s": parts,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "cpu_cores": os.cpu_count()}
+            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model()}
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, family and model (the figures depend on the processor)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return "unknown"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slide", type=Path, required=True)
     p.add_argument("--tissue", choices=["unet", "otsu", "none"], default="unet")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="run on this many of the machine's cores (taskset; default: all it may use)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="keep the timed run's result folder here (to compare with another run: same_results.py)")
+    p.add_argument("--outputs", default="all", help="the result files to write (cellseg count --outputs)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.child[2])))
+        slide, out, tissue, cpus, outputs = args.child
+        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs)))
         return
     if not args.slide.is_file():
         sys.exit(f"expected a slide file, found no {args.slide}")
     with tempfile.TemporaryDirectory(prefix="cellseg-ceiling-") as tmp:
+        out = args.out.resolve() if args.out is not None else Path(tmp) / "out"
         res = subprocess.run([sys.executable, __file__, "--slide", str(args.slide), "--child", str(args.slide),
-                              str(Path(tmp) / "out"), args.tissue], capture_output=True, text=True)
+                              str(out), args.tissue, str(args.cpus or 0), args.outputs], capture_output=True, text=True)
+        shutil.rmtree(out.with_name(out.name + "-record"), ignore_errors=True)
     if res.returncode:
         sys.exit(f"the pipeline run failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"{r['slide']}: {r['slide_mp']:.0f} MP, {r['tissue_mp']:.0f} MP of tissue, {r['tiles_analysed']} tiles analysed, "
-          f"{r['cells']} cells (threshold stand-in), {r['cpu_cores']} CPU cores")
-    print(f"pipeline without the network: {r['pipeline_s']} s -> {r['ceiling_mp_per_s']} MP of tissue/s, "
-          f"{r['cells_per_s']} cells/s (detections replayed at no cost)")
-    print("stages (s):", ", ".join(f"{k} {v}" for k, v in r["stages_s"].items()), "(detect: handing back the replayed detections)")
-    print("write parts (s):", ", ".join(f"{k} {v}" for k, v in r["write_parts_s"].items()))
+          f"{r['cells']} cells (threshold stand-in), {r['cpu_cores']} CPU cores of {r['cpu_model']}")
+    print(f"pipeline without the network: {r['pipeline_s']} s ({r['cpu_s']} s of CPU) -> {r['ceiling_mp_per_s']} MP of "
+          f"tissue/s, {r['cells_per_s']} cells/s (detections replayed at no cost)")
+    print("stages (s):", ", ".join(f"{k} {v}" for k, v in r["stages_s"].items()),
+          "(detect: handing back the replayed detections; write: the count's own thread, adding tiles to the "
+          "writers and waiting for them at the end)")
+    print("writer threads, busy (s):", ", ".join(f"{k} {v}" for k, v in r["write_parts_s"].items()),
+          "(labels: the label canvases, then the label pyramids and the overlay; report.html after summary.json)")
     print(f"peak RSS {r['peak_rss_mb']} MB")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))

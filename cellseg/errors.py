@@ -31,6 +31,11 @@ class OutputError(CellsegError):
     """The output folder cannot be written safely."""
 
 
+class WriteError(OutputError):
+    """A result file could not be written (no space left, no permission, a quota): one line naming the file, the
+    folder and the space left there. A journaled count keeps its finished bands for --resume."""
+
+
 class ParameterError(CellsegError):
     """An impossible parameter value (a usage error)."""
 

@@ -15,8 +15,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "model_channel", "plan_slide", "tile_geometry", "tissue_pixels",
     ],
     "protocol": [
-        "OneOf", "Protocol", "Range", "SCHEMA", "SETTINGS", "Setting", "check_pixel_size", "list_protocols",
-        "load_protocol", "protocols_dir",
+        "FileList", "OUTPUT_FILES", "OneOf", "Protocol", "Range", "SCHEMA", "SETTINGS", "Setting", "check_pixel_size",
+        "list_protocols", "load_protocol", "protocols_dir",
     ],
     "regions": ["RegionFile", "Regions", "RegionsError", "load_regions"],
 })

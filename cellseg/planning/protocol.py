@@ -46,6 +46,25 @@ class OneOf:
         return None if v in self.choices else "one of " + ", ".join(map(repr, self.choices))
 
 
+@dataclass(frozen=True)
+class FileList:
+    """A setting naming files: "all", or some of `choices` separated by commas. Called with a value: what was
+    expected, or None."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, v):
+        names = [n.strip() for n in v.split(",")]
+        if v.strip() == "all" or (all(names) and set(names) <= set(self.choices)):
+            return None
+        return "all, or names separated by commas out of " + ", ".join(self.choices)
+
+
+# The result files `outputs` can pick (results/writer.py writes them; summary.json and run.json always).
+OUTPUT_FILES = ("cells.csv", "cells.geojson", "predictions.coco.json", "labels.ome.tif", "panoptic.ome.tif",
+                "cell_labels.ome.tif", "overlay.png", "tissue_mask.png", "area_histogram.png", "report.html",
+                "regions.csv")
+
 REQUIRED = dataclasses.MISSING   # the default of a setting every protocol file must give
 
 
@@ -128,6 +147,11 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("export", "geojson_gzip_above_mb", float, 500.0,
             "cells.geojson is written gzipped (cells.geojson.gz) when larger than this many MB (0: always).",
             Range(0.0)),
+    Setting("export", "outputs", str, "all",
+            "The result files to write: all, or their names separated by commas (e.g. cells.csv,cells.geojson); "
+            "summary.json and run.json are always written, and report.html brings the files it is drawn from "
+            "(cells.csv, overlay.png, tissue_mask.png, area_histogram.png, labels.ome.tif).",
+            FileList(OUTPUT_FILES), "--outputs"),
 )}
 
 # The file's layout: section -> key -> setting, in SETTINGS' order ("": the top level).

@@ -24,5 +24,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "write_cohort_report", "write_report",
     ],
     "summary": ["RunInfo", "build_summary", "regions_record", "run_record"],
-    "writer": ["RESULT_FILES", "ResultWriter", "result_files", "start_writer_imports"],
+    "writer": [
+        "RESULT_FILES", "ResultWriter", "chosen_outputs", "result_files", "start_writer_imports", "write_error",
+        "write_errors",
+    ],
 })

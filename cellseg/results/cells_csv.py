@@ -49,11 +49,9 @@ class CellsTableWriter:
 
     def append(self, table) -> None:
         """Append rows from a dict of 1-D arrays or a DataFrame with exactly the declared columns."""
-        import pandas as pd
-
         if self._fh is None:
             raise ValueError(f"{self.path} is already closed")
-        got = list(table.columns) if isinstance(table, pd.DataFrame) else list(table)
+        got = list(table) if isinstance(table, dict) else list(table.columns)     # a dict, or a DataFrame
         if set(got) != set(self.columns):
             missing = [c for c in self.columns if c not in got]
             extra = [c for c in got if c not in self.columns]

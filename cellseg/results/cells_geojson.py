@@ -150,9 +150,11 @@ class CellsGeoJsonWriter:
     def close(self) -> Path:
         """End the collection; gzip it above the size threshold. Returns the file written."""
         if self._fh is not None:
-            self._fh.write("\n]}\n")
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.write("\n]}\n")
+            finally:       # closed even when the writing fails (a full disk)
+                fh.close()
             self.written_path = self.path
             size = self.path.stat().st_size
             if self.gzip_above_bytes is not None and size > self.gzip_above_bytes:

@@ -17,16 +17,28 @@ Conventions: coordinates are (row, col) in level-0 pixels, boxes half-open `Box(
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import queue
 import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ..cells import nucleus_columns
+from ..errors import WriteError
 from ..geometry import Box, Instances
+from ..planning import OUTPUT_FILES
 from ..tissue import TissueMask, write_tissue_png
+from ..util.threads import put_while
 from .cells_csv import CellsTableWriter
 from .cells_geojson import CellsGeoJsonWriter
 from .coco import CocoWriter
@@ -34,17 +46,110 @@ from .labelstore import LabelStore
 from .ome_pyramid import Panoptic, write_label_images
 from .pictures import write_overlay_png
 from .report_plots import histogram_png
+from .writer_process import TablesProcess, TableWriteError
+
+log = logging.getLogger(__name__)
 
 RESULT_FILES = ("cells.csv", "cells.geojson", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png",
                 "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json", "report.html")
 CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grown into cells
 REGION_FILES = ("regions.csv",)           # written besides when the count was restricted to regions (planning/regions.py)
+ALWAYS = ("summary.json", "run.json")     # whatever `outputs` picks
+# What report.html is drawn from (results/report.py): asking for the report writes these too.
+REPORT_NEEDS = ("cells.csv", "overlay.png", "tissue_mask.png", "area_histogram.png", "labels.ome.tif")
+_LABEL_FILES = ("labels.ome.tif", "panoptic.ome.tif", "overlay.png", "cell_labels.ome.tif")   # from the canvases
 
 
-def result_files(cells_expanded: bool, regions: bool = False) -> tuple[str, ...]:
+def result_files(cells_expanded: bool, regions: bool = False, outputs: str | frozenset[str] = "all") -> tuple[str, ...]:
     """The files of a result folder: RESULT_FILES, CELL_FILES when nuclei were grown into cells, REGION_FILES when
-    counted in regions. cells.geojson is cells.geojson.gz when larger than the protocol's geojson_gzip_above_mb."""
-    return RESULT_FILES + (CELL_FILES if cells_expanded else ()) + (REGION_FILES if regions else ())
+    counted in regions, less those `outputs` (the protocol's setting, or chosen_outputs' set) leaves out.
+    cells.geojson is cells.geojson.gz when larger than the protocol's geojson_gzip_above_mb."""
+    chosen = chosen_outputs(outputs) if isinstance(outputs, str) else outputs
+    files = RESULT_FILES + (CELL_FILES if cells_expanded else ()) + (REGION_FILES if regions else ())
+    return tuple(f for f in files if f in chosen)
+
+
+def chosen_outputs(outputs: str) -> frozenset[str]:
+    """The files a protocol's `outputs` setting asks for ("all", or names separated by commas; planning.protocol
+    checks them): with summary.json and run.json always, and what report.html is drawn from when it is asked for."""
+    if outputs.strip() == "all":
+        names = set(OUTPUT_FILES)
+    else:
+        names = {n.strip() for n in outputs.split(",") if n.strip()}
+    if "report.html" in names:
+        names.update(REPORT_NEEDS)
+    return frozenset(names | set(ALWAYS))
+
+
+class _Worker:
+    """One output's writer in a thread of its own, fed tile by tile through a bounded queue (memory: a few tiles),
+    so the result files are written side by side and beside the count.
+
+    handle(*item) writes one item; done(*args) ends the file (args: those given to `end`); abort() closes it after
+    a failure elsewhere. A failure in the thread is kept and raised in the caller by the next put, end or join.
+    `seconds`: the time the thread spent working (not waiting for items).
+    """
+
+    def __init__(self, name: str, handle: Callable, done: Callable, abort: Callable[[], None], max_waiting: int = 4,
+                 what: str | None = None):
+        self.name, self.what = name, what or name
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._handle, self._done, self._abort = handle, done, abort
+        self._queue: queue.Queue = queue.Queue(maxsize=max_waiting)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"cellseg-write-{name}", daemon=True)
+        self._thread.start()
+
+    _END = object()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if self._stopped.is_set():
+                    break
+                start = time.perf_counter()
+                if item[0] is self._END:
+                    self._done(*item[1:])
+                    self.seconds += time.perf_counter() - start
+                    return
+                self._handle(*item)
+                self.seconds += time.perf_counter() - start
+        except BaseException as e:      # raised in the caller's thread (put, end, join)
+            self.error = e
+        try:
+            self._abort()
+        except BaseException as e:      # the first failure is the one reported
+            self.error = self.error or e
+
+    def _offer(self, item: tuple) -> None:
+        if self.error is None:
+            put_while(self._queue, item, lambda: self._thread.is_alive() and self.error is None)
+        if self.error is not None:
+            raise self.error
+
+    def put(self, *item) -> None:
+        self._offer(item)
+
+    def end(self, *args) -> None:
+        """No more items: the thread writes what is queued, then done(*args)."""
+        self._offer((self._END, *args))
+
+    def join(self) -> BaseException | None:
+        self._thread.join()
+        return self.error
+
+    def stop(self) -> None:
+        """Leave what is queued unwritten, close the file (abort) and wait for the thread."""
+        self._stopped.set()
+        while True:
+            try:
+                self._queue.get_nowait()        # make room, so the thread's next get sees the stop
+            except queue.Empty:
+                break
+        put_while(self._queue, (self._END,), self._thread.is_alive)
+        self._thread.join()
 
 
 class ResultWriter:
@@ -55,46 +160,104 @@ class ResultWriter:
     expansion_columns: the columns cells.csv gains when nuclei are grown into cells (cells.CellExpansion);
     the cells' labels then go into cell_labels.ome.tif and their outlines onto the overlay too.
     geojson_gzip_above_mb: cells.geojson is gzipped when larger (None: never). extra_columns: more cells.csv columns
-    (the regions' "region" column), given in each tile's rows.
+    (the regions' "region" column), given in each tile's rows. outputs: the files to write (chosen_outputs; None:
+    all of them).
+
+    Each file is written by a thread of its own (cells.csv, cells.geojson, predictions.coco.json, and the label
+    canvases, which at the end become the label pyramids and the overlay), fed through a bounded queue: the files
+    are written side by side, beside the count, with memory a few tiles per file. The arrays handed to add_nuclei
+    are kept until written: callers do not change them afterwards. A file that cannot be written (no space left,
+    no permission) stops the count with a WriteError naming it, the folder and the space left there.
     """
 
     def __init__(self, out_dir: Path, slide_name: str, height: int, width: int, mpp: float | None,
                  channel_names: list[str], class_names: list[str], chunk_px: int = 512,
                  expansion_columns: dict[str, str] | None = None, geojson_gzip_above_mb: float | None = None,
-                 extra_columns: dict[str, str] | None = None):
+                 extra_columns: dict[str, str] | None = None, outputs: frozenset[str] | None = None):
         self.out_dir, self.mpp, self.class_names = Path(out_dir), mpp, list(class_names)
+        self.outputs = frozenset(OUTPUT_FILES) | frozenset(ALWAYS) if outputs is None else frozenset(outputs)
+        self.cells_expanded = expansion_columns is not None
         self._work = self.out_dir / ".work"
-        self.nucleus_store = LabelStore(self._work / "labels", height, width, chunk=chunk_px)
-        self.cell_store = (LabelStore(self._work / "cell_labels", height, width, chunk=chunk_px)
-                           if expansion_columns is not None else None)
-        columns = {**nucleus_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
-        self.table = CellsTableWriter(self.out_dir / "cells.csv", columns)
-        self.geojson = CellsGeoJsonWriter(
-            self.out_dir / "cells.geojson", columns, self.class_names, cells_expanded=expansion_columns is not None,
-            gzip_above_bytes=None if geojson_gzip_above_mb is None else int(geojson_gzip_above_mb * 1e6))
-        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
-        self.coco = CocoWriter(self.out_dir / "predictions.coco.json", slide_name, height, width, categories)
         self.areas: list[np.ndarray] = []        # area_px of every nucleus, per added part
         self.cell_areas: list[np.ndarray] = []   # cell_area_px of every cell (grown from its nucleus), per part
         self.class_ids: list[np.ndarray] = []    # per added part, in id order
+        self.rows = 0
+        self.workers: dict[str, _Worker] = {}
+        self.nucleus_store = self.cell_store = None
+        self._process: TablesProcess | None = None
+        want = self.outputs.__contains__
+        columns = {**nucleus_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
+        tables = {name: spec for name, spec in (
+            ("cells.csv", (self.table_writer, (self.out_dir / "cells.csv", columns), {})),
+            ("cells.geojson", (self.geojson_writer, (self.out_dir / "cells.geojson", columns, self.class_names), {
+                "cells_expanded": self.cells_expanded,
+                "gzip_above_bytes": None if geojson_gzip_above_mb is None else int(geojson_gzip_above_mb * 1e6)})),
+            ("predictions.coco.json", (self.coco_writer, (self.out_dir / "predictions.coco.json", slide_name, height,
+                                                          width, categories), {}))) if want(name)}
+        try:
+            if tables and self._tables_in_a_process():
+                process = TablesProcess(tables)
+                self._process = process
+                self.workers["tables"] = _Worker("tables", process.tile, process.end, process.stop,
+                                                 what="the result tables")
+            else:
+                for name, (make, args, kwargs) in tables.items():
+                    writer = self._opened(name, make, *args, **kwargs)
+                    self._start(name, writer)
+            if any(want(f) for f in _LABEL_FILES):
+                self.nucleus_store = self._opened("the label canvas", LabelStore, self._work / "labels", height,
+                                                  width, chunk=chunk_px)
+                if self.cells_expanded:
+                    self.cell_store = self._opened("the label canvas", LabelStore, self._work / "cell_labels",
+                                                   height, width, chunk=chunk_px)
+                self.workers["labels"] = _Worker("labels", self._paint, self._finish_labels, lambda: None,
+                                                 what="labels.ome.tif (its label canvas)")
+        except BaseException:
+            self.__exit__(*(True, None, None))
+            raise
+
+    # The tables' writers (a test may put failing ones here); where they run: in a process of their own when there
+    # are cores for it (None), or always (True) or never (False: a thread each).
+    table_writer, geojson_writer, coco_writer = CellsTableWriter, CellsGeoJsonWriter, CocoWriter
+    tables_in_a_process: bool | None = None
+
+    def _tables_in_a_process(self) -> bool:
+        if self.tables_in_a_process is not None:
+            return self.tables_in_a_process
+        import multiprocessing
+        return (len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1) \
+            and bool(sys.executable) and not multiprocessing.current_process().daemon
+
+    def _opened(self, what: str, make, *args, **kwargs):
+        try:
+            return make(*args, **kwargs)
+        except OSError as e:
+            raise self._write_error(what, e) from e
+
+    def _start(self, name: str, writer) -> None:
+        """A thread writing the table `name` with `writer` (a CellsTableWriter, CellsGeoJsonWriter or CocoWriter)."""
+        def write(ids, boxes, masks, class_ids, scores, rows, cell_image):
+            if name == "cells.csv":
+                writer.append(rows)
+            elif name == "cells.geojson":
+                writer.append(ids, boxes, masks, class_ids, rows, cell_image)
+            else:
+                writer.append(ids, boxes, masks, scores, class_ids)
+        self.workers[name] = _Worker(name, write, writer.close, lambda: writer.__exit__(RuntimeError, None, None))
 
     def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.table.__exit__(exc_type, exc, tb)
-        self.geojson.__exit__(exc_type, exc, tb)
-        self.coco.__exit__(exc_type, exc, tb)
+        for worker in self.workers.values():
+            worker.stop()       # nothing left to do after finish; else what is queued is dropped, the files closed
         shutil.rmtree(self._work, ignore_errors=True)
 
     @property
     def cell_count(self) -> int:
         """The rows of cells.csv so far (summary.json's cell_count): one per nucleus."""
-        return self.table.rows
-
-    @property
-    def cells_expanded(self) -> bool:
-        return self.cell_store is not None
+        return self.rows
 
     def all_areas(self) -> np.ndarray:
         """area_px of every nucleus so far, in id order."""
@@ -107,56 +270,148 @@ class ResultWriter:
             return None
         return np.concatenate(self.cell_areas) if self.cell_areas else np.zeros(0, np.int64)
 
+    def seconds(self) -> dict[str, float]:
+        """The time each file's thread has spent writing so far (the label canvases: "labels", their pyramids and
+        the overlay included; with the tables in a process of their own, "tables" is the time spent handing them
+        over and each table's the process's time, known once they are closed)."""
+        out = {name: worker.seconds for name, worker in self.workers.items()}
+        return {**out, **(self._process.seconds if self._process is not None else {})}
+
     def add_nuclei(self, read: Box, ids: np.ndarray, nuclei: Instances, labels: np.ndarray,
                    rows: dict[str, np.ndarray], expanded: tuple[Box, np.ndarray] | None = None) -> None:
         """One tile's final nuclei: their ids, their label image over the tile's read box, their measured rows;
         with an expansion, (box, labels) of the cells grown from these nuclei."""
         if (expanded is not None) != self.cells_expanded:
             raise ValueError("expected grown cells exactly when the writer was made with expansion_columns")
-        self.table.append(rows)
-        cell_image = None if expanded is None else ((expanded[0].row0, expanded[0].col0), expanded[1])
-        self.geojson.append(ids, nuclei.boxes, nuclei.masks, nuclei.class_ids, rows, cell_image)
-        self.coco.append(ids, nuclei.boxes, nuclei.masks, nuclei.scores, nuclei.class_ids)
-        self.nucleus_store.paint(read, labels)
+        self.rows += len(ids)
         self.areas.append(rows["area_px"])
         self.class_ids.append(np.asarray(nuclei.class_ids))
         if expanded is not None:
-            self.cell_store.paint(*expanded)
             self.cell_areas.append(rows["cell_area_px"])
+        cell_image = None if expanded is None else ((expanded[0].row0, expanded[0].col0), expanded[1])
+        table_rows = (ids, nuclei.boxes, nuclei.masks, nuclei.class_ids, nuclei.scores, rows, cell_image)
+        for name, worker in self.workers.items():
+            self._checked(worker.what, worker.put, *((read, labels, expanded) if name == "labels" else table_rows))
+
+    def _paint(self, read: Box, labels: np.ndarray, expanded: tuple[Box, np.ndarray] | None) -> None:
+        self.nucleus_store.paint(read, labels)
+        if expanded is not None and self.cell_store is not None:
+            self.cell_store.paint(*expanded)
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
-        """Close the tables, then write the label images, the overlay, the tissue mask and the histogram.
-        Returns the panoptic encoding used (summary.json describes it)."""
-        self.table.close()
-        self.geojson.close()
-        self.coco.close()
+        """End every file: the tables close in their threads while the label pyramids, the overlay, the tissue
+        mask and the histogram are written. Returns the panoptic encoding used (summary.json describes it)."""
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
-        factor = max(1, int(round(thumb_factor)))
-        nucleus_thumbnail = self.nucleus_store.thumbnail(factor)
-        cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
-        # The overlay (boundaries + PNG encoding, which release the GIL) is drawn while the label pyramids are
-        # written: ~0.5 s of a small slide's write time.
-        with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
-            overlay = background.submit(write_overlay_png, thumbnail, nucleus_thumbnail, self.out_dir / "overlay.png",
-                                        cell_thumbnail)
-            write_label_images(self.nucleus_store, {self.out_dir / "labels.ome.tif": None,
-                                            self.out_dir / "panoptic.ome.tif": panoptic}, self.mpp)
-            if self.cell_store is not None:
-                write_label_images(self.cell_store, {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
-            write_tissue_png(tissue, self.out_dir / "tissue_mask.png")
+        for name, worker in self.workers.items():
+            args = (panoptic, thumbnail, thumb_factor, tissue) if name == "labels" else ()
+            self._checked(worker.what, worker.end, *args)
+        if "tissue_mask.png" in self.outputs:
+            self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
+        if "area_histogram.png" in self.outputs:
             area_unit = "µm²" if self.mpp else "px"
             # the report shows this file as its nucleus area plot rather than drawing it again
-            (self.out_dir / "area_histogram.png").write_bytes(histogram_png(
-                self.all_areas() * (self.mpp ** 2 if self.mpp else 1), f"nucleus area ({area_unit})", "Nucleus area"))
-            overlay.result()
+            png = histogram_png(self.all_areas() * (self.mpp ** 2 if self.mpp else 1), f"nucleus area ({area_unit})",
+                                "Nucleus area")
+            self._checked("area_histogram.png", (self.out_dir / "area_histogram.png").write_bytes, png)
+        for worker in self.workers.values():
+            self._checked(worker.what, lambda w=worker: _raise(w.join()))
+        return panoptic
+
+    def _finish_labels(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float,
+                       tissue: TissueMask) -> None:
+        """The label canvases' files: the pyramids, while the overlay is drawn (boundaries + PNG encoding, which
+        release the GIL) beside them."""
+        want = self.outputs.__contains__
+        with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
+            overlay = None
+            if want("overlay.png"):
+                factor = max(1, int(round(thumb_factor)))
+                nucleus_thumbnail = self.nucleus_store.thumbnail(factor)
+                cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
+                overlay = background.submit(_named, "overlay.png", write_overlay_png, thumbnail, nucleus_thumbnail,
+                                            self.out_dir / "overlay.png", cell_thumbnail)
+            targets = {self.out_dir / name: encode for name, encode in
+                       (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
+            if targets:
+                _named(", ".join(p.name for p in targets), write_label_images, self.nucleus_store, targets, self.mpp)
+            if self.cell_store is not None and want("cell_labels.ome.tif"):
+                _named("cell_labels.ome.tif", write_label_images, self.cell_store,
+                       {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
+            if overlay is not None:
+                overlay.result()
         self.nucleus_store.remove()
         if self.cell_store is not None:
             self.cell_store.remove()
-        return panoptic
+
+    def _checked(self, what: str, call, *args):
+        """call(*args), an OSError (no space, no permission, a quota) made a WriteError naming `what`."""
+        try:
+            return call(*args)
+        except (_NamedOSError, TableWriteError) as e:
+            if not isinstance(e.error, OSError):
+                raise e.error from None
+            raise self._write_error(e.what, e.error) from e.error
+        except OSError as e:
+            raise self._write_error(what, e) from e
+
+    def _write_error(self, what: str, error: OSError) -> WriteError:
+        return write_error(what, self.out_dir, error)
 
     def write_json(self, name: str, record: dict) -> None:
         """summary.json or run.json (values json cannot write, such as paths, as their text)."""
-        (self.out_dir / name).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        self._checked(name, (self.out_dir / name).write_text, json.dumps(record, indent=2, default=str), "utf-8")
+
+    def write_file(self, name: str, write: Callable, *args) -> None:
+        """write(*args), which writes the result file `name` (regions.csv): an OSError made a WriteError."""
+        self._checked(name, write, *args)
+
+
+class _NamedOSError(Exception):
+    """An OSError met writing `what` in a writer thread (the label canvas's worker writes several files)."""
+
+    def __init__(self, what: str, error: OSError):
+        super().__init__(f"{what}: {error}")
+        self.what, self.error = what, error
+
+
+def _named(what: str, call, *args):
+    try:
+        return call(*args)
+    except OSError as e:
+        raise _NamedOSError(what, e) from e
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
+# Errors only writing can meet: no space left, a quota, a file too large, a read-only file system.
+_WRITING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+@contextmanager
+def write_errors(folder: Path) -> Iterator[None]:
+    """Within: an OSError that only writing meets (no space left, a quota, ...) becomes a WriteError naming the file
+    (or `folder`) and the space left (a count's journal and scratch files, written outside ResultWriter)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITING_ERRNOS:
+            raise
+        where = Path(e.filename) if e.filename else None
+        raise write_error(where.name if where else "the result files", where.parent if where else Path(folder),
+                          e) from e
+
+
+def write_error(what: str, folder: Path, error: OSError) -> WriteError:
+    """A WriteError for an OSError met writing `what` into `folder`: what failed, why, and the space left there."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = error.strerror or str(error)
+    return WriteError(f"cannot write {what} into {folder}: {reason} ({free})")
 
 
 def start_writer_imports() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import CellsegError, JournalError, OutputError, UnreadableRegionError
+from ..errors import CellsegError, JournalError, OutputError, UnreadableRegionError, WriteError
 from ..geometry import Band, Box, Instances, plan_tiles
 from ..planning import IntensityRange, NetworkInput, Regions, Scale, SlidePlan
 from ..results import (
@@ -100,7 +100,8 @@ def _first_change(a, b, where: str = "") -> str:
 class Journal:
     """The partial folder of one result folder, held (locked) by this run. Use `open`, then `commit` the result
     written into `result_folder()`, or `end(error)`: a bad input (CellsegError) discards the work, anything else
-    (a crash, Ctrl-C, a lost cluster) or a damaged tile met after finished bands keeps it for --resume."""
+    (a crash, Ctrl-C, a lost cluster), a damaged tile or a result file that could not be written (no space left)
+    met after finished bands keeps it for --resume."""
 
     def __init__(self, final: Path, folder: Path, print_: dict, band_rows: int | None, made: Path | None,
                  lock_fd: int, kept_bands: int):
@@ -164,10 +165,11 @@ class Journal:
     def end(self, error: BaseException | None) -> None:
         """Stop without a result. `error` a CellsegError (bad input: resuming cannot help) or None: the work is
         discarded and the folders made for it removed; anything else, or damaged pixel data (UnreadableRegionError)
-        after finished bands: it is kept for --resume."""
+        or a result file that could not be written (WriteError: no space left, no permission) after finished
+        bands: it is kept for --resume."""
         # A damaged tile is a bad input too, but the bands before it are sound: kept (if any) for --resume
-        # --skip-unreadable.
-        keep = isinstance(error, UnreadableRegionError) and bool(done_bands(self.folder))
+        # --skip-unreadable. A full disk: kept for --resume once there is room.
+        keep = isinstance(error, (UnreadableRegionError, WriteError)) and bool(done_bands(self.folder))
         if error is None or (isinstance(error, CellsegError) and not keep):
             shutil.rmtree(self.folder, ignore_errors=True)
             remove_made_parents(self.final, self._made)

@@ -49,9 +49,11 @@ from ..results import (
     ResultWriter,
     RunInfo,
     build_summary,
+    chosen_outputs,
     regions_record,
     run_record,
     start_writer_imports,
+    write_errors,
     write_regions_csv,
 )
 from ..slides import KEPT_BYTES, CachedSlide, Slide, open_slide
@@ -85,7 +87,8 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     SlideRun.finish.
     """
     started = time.time()
-    with open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
+    # a full disk (the journal's files too): one line, and the journal kept for --resume
+    with write_errors(out_dir), open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
         run = SlideRun(opened, protocol, detector, journal=journal, band_rows=band_rows, started=started)
         plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions)
         # After the plan, not before: on the way to the first tile they competed with it for the interpreter (~1 s
@@ -249,11 +252,12 @@ class SlideRun:
         merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
         expansion = plan.cell_expansion(info, protocol.modality)    # None: nuclei only
         tally = RegionTally(plan.regions) if plan.regions is not None else None
+        outputs = chosen_outputs(protocol.outputs)      # the result files asked for (--outputs)
         with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
                           class_names, chunk_px=min(512, protocol.tile_size),
                           expansion_columns=None if expansion is None else expansion.columns,
                           geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
-                          extra_columns=REGION_COLUMNS if tally is not None else None) as result:
+                          extra_columns=REGION_COLUMNS if tally is not None else None, outputs=outputs) as result:
             emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
                                   expansion=expansion, tally=tally)
             merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
@@ -279,13 +283,19 @@ class SlideRun:
                 table = tally.table(plan.tissue, info.mpp)
                 regions_record(summary, table, float(np.count_nonzero(inside & plan.tissue.mask))
                                * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
-                write_regions_csv(out_dir / "regions.csv", table)
+                if "regions.csv" in outputs:
+                    result.write_file("regions.csv", write_regions_csv, out_dir / "regions.csv", table)
             result.write_json("summary.json", summary)
             result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
+        if "report.html" not in outputs:
+            return summary
         # The report reads the files just written (and the open slide for its crops); its warnings go to summary.json.
-        from ..results import write_report
+        from ..results import write_error, write_report
         report_started = time.perf_counter()
-        summary["warnings"] = write_report(out_dir, slide.slide)
+        try:
+            summary["warnings"] = write_report(out_dir, slide.slide)
+        except OSError as e:     # no space left, no permission: one line, as for the other result files
+            raise write_error("report.html", out_dir, e) from e
         log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)
         return summary
 

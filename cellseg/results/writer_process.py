@@ -1,0 +1,179 @@
+"""The result tables (cells.csv, cells.geojson, predictions.coco.json) written by a process of their own.
+
+Formatting text is Python work that holds the interpreter lock: in a thread beside the count it ran by turns with
+merging and measuring instead of beside them. A child interpreter (`python -m cellseg.results.writer_process`,
+started by `TablesProcess` with the parent's import path) writes them on another core; the parent sends each
+tile's nuclei through a pipe (pickled: ids, boxes, the masks in one flat array, class ids, scores, the cells.csv
+rows, and with cells their label image), which also bounds memory: a send waits while the child is a pipe's
+worth of tiles behind. The child ends when the pipe closes (its parent ended, or died).
+
+Messages to the child: the writers to open, then ("tile", ...) per tile, then ("end",) (close the files, reply
+("done", seconds per file)) or ("stop",) (close them as a failed run does). A failure in the child is sent back as
+("error", file, exception) before it exits: the parent raises it (results/writer.py makes an OSError a WriteError
+naming the file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+
+class TablesProcess:
+    """The child process writing `writers`: {file name: (writer class, args, kwargs)}, each class importable by its
+    module and name (CellsTableWriter, CellsGeoJsonWriter, CocoWriter or a subclass) with the append/close/
+    __exit__ of those."""
+
+    def __init__(self, writers: dict[str, tuple[type, tuple, dict]]):
+        to_child, self._to_child = os.pipe()
+        self._from_child, from_child = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "cellseg.results.writer_process", str(to_child), str(from_child)],
+            pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self._send = Connection(self._to_child, readable=False)
+        self._reply = Connection(self._from_child, writable=False)
+        self.seconds: dict[str, float] = {}
+        specs = {name: (cls.__module__, cls.__qualname__, args, kwargs) for name, (cls, args, kwargs) in
+                 writers.items()}
+        self._message(("open", specs))
+
+    def _message(self, message: tuple) -> None:
+        """Send `message`; a failure the child has reported is raised instead."""
+        self._check()
+        try:
+            self._send.send_bytes(pickle.dumps(message, protocol=5))
+        except OSError:         # the child has gone: say why, if it said
+            self._wait_reply()
+            raise
+        self._check()
+
+    def _check(self) -> None:
+        if self._reply.poll():
+            self._answer(pickle.loads(self._reply.recv_bytes()))
+
+    def _wait_reply(self) -> None:
+        try:
+            self._answer(pickle.loads(self._reply.recv_bytes()))
+        except EOFError:
+            code = self._process.wait()
+            raise RuntimeError(f"the process writing the result tables ended (exit code {code}) without a word")
+
+    def _answer(self, reply: tuple) -> None:
+        if reply[0] == "error":
+            _, what, error = reply
+            raise TableWriteError(what, error)
+        if reply[0] == "done":
+            self.seconds = reply[1]
+
+    def tile(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
+             scores: np.ndarray, rows: dict[str, np.ndarray], cell_image) -> None:
+        flat = np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
+        self._message(("tile", ids, np.asarray(boxes), flat, np.asarray(class_ids), np.asarray(scores), rows,
+                       cell_image))
+
+    def end(self) -> None:
+        """Close the files and wait for the child's answer."""
+        self._message(("end",))
+        self._wait_reply()
+        self._close()
+
+    def stop(self) -> None:
+        """Close the files as a failed run does, and let the child go."""
+        try:
+            self._send.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        self._send.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._reply.close()
+
+
+class TableWriteError(Exception):
+    """A failure in the tables' process: `what` (the file) and the exception it met."""
+
+    def __init__(self, what: str, error: BaseException):
+        super().__init__(f"{what}: {error}")
+        self.what, self.error = what, error
+
+
+def _masks(boxes: np.ndarray, flat: np.ndarray) -> list[np.ndarray]:
+    shapes = (boxes[:, 2:] - boxes[:, :2]).tolist()
+    ends = np.cumsum([h * w for h, w in shapes]).tolist()
+    return [flat[e - h * w:e].reshape(h, w) for (h, w), e in zip(shapes, ends)]
+
+
+def _serve(receive: Connection, reply: Connection) -> None:
+    """The child's loop: open the writers, write each tile, close them."""
+    writers: dict = {}
+    seconds: dict[str, float] = {}
+    name = "the result tables"
+    try:
+        while True:
+            name = "the result tables"
+            try:
+                message = pickle.loads(receive.recv_bytes())
+            except EOFError:             # the parent has gone without a word: a failed run
+                message = ("stop",)
+            kind = message[0]
+            if kind == "open":
+                for name, (module, qualname, args, kwargs) in message[1].items():
+                    cls = importlib.import_module(module)
+                    for part in qualname.split("."):
+                        cls = getattr(cls, part)
+                    writers[name] = cls(*args, **kwargs)
+                    seconds[name] = 0.0
+            elif kind == "tile":
+                _, ids, boxes, flat, class_ids, scores, rows, cell_image = message
+                masks = _masks(boxes, flat)
+                for name, writer in writers.items():
+                    start = time.perf_counter()
+                    if name == "cells.csv":
+                        writer.append(rows)
+                    elif name == "cells.geojson":
+                        writer.append(ids, boxes, masks, class_ids, rows, cell_image)
+                    else:
+                        writer.append(ids, boxes, masks, scores, class_ids)
+                    seconds[name] += time.perf_counter() - start
+            elif kind == "end":
+                for name, writer in writers.items():
+                    start = time.perf_counter()
+                    writer.close()
+                    seconds[name] += time.perf_counter() - start
+                writers = {}
+                reply.send_bytes(pickle.dumps(("done", seconds)))
+                return
+            else:       # stop
+                return
+    except BaseException as e:      # sent to the parent, which raises it
+        try:
+            reply.send_bytes(pickle.dumps(("error", name, e)))
+        except Exception:           # an exception that does not pickle: its text
+            reply.send_bytes(pickle.dumps(("error", name, RuntimeError(repr(e)))))
+    finally:
+        for writer in writers.values():
+            try:
+                writer.__exit__(RuntimeError, None, None)
+            except Exception:       # the first failure is the one reported
+                pass
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
+    sys.exit(0)

@@ -1,0 +1,148 @@
+"""A result file that cannot be written (a full disk, no permission) ends the count with one line naming the file, the
+folder and the space left there; a journaled count keeps its finished bands for --resume, which then gives the
+result of an uninterrupted count. The writers are made to fail (a disk cannot be filled portably); `--outputs`
+picks the files written."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.errors import WriteError
+from cellseg.planning import Protocol
+from cellseg.results import CellsGeoJsonWriter, CellsTableWriter, CocoWriter, ResultWriter, partial_folder, result_files
+from cellseg.run import count_serially, done_bands
+
+from ..helpers import LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+
+ALL_FILES = set(result_files(True, True))
+PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
+
+
+@pytest.fixture
+def slide(tmp_path):
+    """A 200 x 170 px slide (5 rows of 40 px tiles) and its label image."""
+    labels = random_cells(200, 170, max_diameter=10, n=500, seed=11)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    tifffile.imwrite(tmp_path / "slide.tif", ((labels > 0) * 200 + 20).astype(np.uint8))
+    return tmp_path / "slide.tif", tmp_path / "labels.tif"
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# Writers on a full disk (the tables' process imports them from here, by name).
+class FullGeoJson(CellsGeoJsonWriter):
+    append = _no_space
+
+
+class FullCoco(CocoWriter):
+    append = _no_space
+
+
+class FullTable(CellsTableWriter):
+    def flush(self):
+        if self._pending:
+            _no_space()
+
+
+@pytest.mark.parametrize("name, process", [("cells.geojson", True), ("cells.geojson", False),
+                                           ("predictions.coco.json", True), ("cells.csv", False),
+                                           ("labels.ome.tif", None)])
+def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path, slide, monkeypatch, name, process):
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    reference = tmp_path / "reference"
+    spec.load().count(path, reference)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(ResultWriter, "tables_in_a_process", process)
+        if name == "labels.ome.tif":
+            m.setattr("cellseg.results.labelstore.ChunkFiles.store", _no_space)
+        else:
+            attribute = {"cells.geojson": "geojson_writer", "predictions.coco.json": "coco_writer",
+                         "cells.csv": "table_writer"}[name]
+            m.setattr(ResultWriter, attribute, {"cells.geojson": FullGeoJson, "predictions.coco.json": FullCoco,
+                                                "cells.csv": FullTable}[name])
+        (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
+    message = str(outcome.error)
+    assert isinstance(outcome.error, WriteError) and "\n" not in message
+    assert name in message and "No space left on device" in message and "MB free there" in message
+    partial = partial_folder(out)
+    kept = done_bands(partial)
+    assert kept and not out.exists()          # the finished bands are kept for --resume
+    (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == len(kept)
+    assert_same_result(reference, out)
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, slide, monkeypatch, process):
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    monkeypatch.setattr(ResultWriter, "tables_in_a_process", process)
+    spec.load().count(path, tmp_path / "a")
+    monkeypatch.setattr(ResultWriter, "tables_in_a_process", not process)
+    spec.load().count(path, tmp_path / "b")
+    for name in ("cells.csv", "cells.geojson", "predictions.coco.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_journal_file_on_a_full_disk_is_one_line_too(tmp_path, slide, monkeypatch):
+    """The journal's own files (a finished band) are written outside the result writer: the same one line."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels)
+
+    def save_band(folder, band, owned):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"band-{band.index}.npz"))
+    monkeypatch.setattr("cellseg.run.pipeline.save_band", save_band)
+    (outcome,) = count_serially(spec.load(), [(path, tmp_path / "out")], band_rows=1)
+    assert isinstance(outcome.error, WriteError)
+    assert "cannot write band-0.npz into" in str(outcome.error) and "MB free there" in str(outcome.error)
+
+
+@pytest.mark.slow
+def test_the_command_line_says_it_in_one_line_and_offers_resume(tmp_path, tiny_bundle, monkeypatch, caplog):
+    """`cellseg count` on a full disk: exit code 1, one line on stderr, no traceback; the journal's warning names
+    the kept partial folder and --resume."""
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, ((random_cells(160, 160, 10, 60, seed=3) > 0) * 200 + 20).astype(np.uint8))
+    monkeypatch.setattr(ResultWriter, "geojson_writer", FullGeoJson)
+    out = tmp_path / "out"
+    result = invoke(["count", str(slide), "-o", str(out), "--model", str(tiny_bundle), "--tile-size", "64",
+                     "--halo", "16", "--tissue", "none", "--band-rows", "1", "-q"])
+    assert_user_error(result, 1, "cannot write cells.geojson into", "No space left on device", "MB free there")
+    assert done_bands(partial_folder(out))
+    assert any("--resume" in r.getMessage() for r in caplog.records)
+
+
+def test_outputs_picks_the_files_written(tmp_path, slide):
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL.replace(outputs="cells.csv,labels.ome.tif"), labels)
+    out = tmp_path / "some"
+    summary = spec.load().count(path, out)
+    written = {p.name for p in out.iterdir() if p.name in ALL_FILES}
+    assert written == set(result_files(False, outputs="cells.csv,labels.ome.tif"))
+    assert {"cells.csv", "labels.ome.tif", "run.json", "summary.json"} <= written
+    assert not written & {"cells.geojson", "predictions.coco.json", "panoptic.ome.tif", "overlay.png", "report.html"}
+    assert summary["cell_count"] == len(np.unique(tifffile.imread(out / "labels.ome.tif"))) - 1
+    assert json.loads((out / "run.json").read_text())["protocol"]["export"]["outputs"] == "cells.csv,labels.ome.tif"
+    # the report brings what it is drawn from
+    spec = LabelCounterSpec(PROTOCOL.replace(outputs="report.html"), labels)
+    spec.load().count(path, tmp_path / "report")
+    written = {p.name for p in (tmp_path / "report").iterdir() if p.name in ALL_FILES}
+    assert written == set(result_files(False, outputs="report.html"))
+    assert {"report.html", "cells.csv", "overlay.png", "tissue_mask.png", "area_histogram.png",
+            "labels.ome.tif"} <= written
+    assert not written & {"cells.geojson", "predictions.coco.json", "panoptic.ome.tif"}
+
+
+def test_an_unknown_output_is_a_usage_error():
+    result = invoke(["count", "slide.tif", "--outputs", "cells.csv,cells.xlsx"])
+    assert_user_error(result, 2, "outputs", "cells.xlsx")
