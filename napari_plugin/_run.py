@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -81,6 +82,28 @@ class CancellableProgress:
         self.check()
 
 
+def keep_triton_out(maps: Path = Path("/proc/self/maps")) -> bool:
+    """Keep torch from loading Triton into a napari whose OpenGL is Mesa's software renderer; True when it did.
+
+    Mesa's llvmpipe (a virtual machine, a remote desktop, Xvfb) maps its libLLVM into the process; Triton's own
+    LLVM (in the CUDA builds of torch, imported by torchvision through torch._dynamo) then crashes the process as
+    it loads (a segmentation fault on the first count after the viewer is up). Counting never uses Triton (it is
+    torch.compile's GPU code generator), so when libLLVM is mapped and Triton is not loaded yet, `import triton`
+    is made to fail (sys.modules["triton"] = None), which torch takes as "no Triton". Linux only (/proc)."""
+    if "triton" in sys.modules:
+        return False
+    try:
+        mapped = maps.read_text(errors="replace")
+    except OSError:
+        return False
+    if "libLLVM" not in mapped:
+        return False
+    sys.modules["triton"] = None
+    log.info("Mesa's LLVM is loaded (software OpenGL): torch will count without Triton, whose own LLVM would "
+             "crash this process")
+    return True
+
+
 def run_count(request: CountRequest, progress: ProgressCallback | None = None,
               cancel: threading.Event | None = None) -> Path:
     """Count cells as `cellseg count` does and return the result folder (committed atomically).
@@ -89,6 +112,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
     a temporary TIFF, counts it into `staged_output(out)`. CellsegError for anything a user can
     fix; Cancelled when `cancel` was set (the previous result at `output`, if any, is left untouched).
     """
+    keep_triton_out()          # before torch loads: see there
     from cellseg.detection import resolve_device
     from cellseg.planning import check_pixel_size, load_protocol
     from cellseg.results import RunInfo, staged_output

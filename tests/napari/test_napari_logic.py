@@ -375,3 +375,37 @@ def test_wheel_ships_the_manifest_and_sample_slides(wheel):
         assert f"cellseg_napari/example_slides/{slide}" in names
     entry_points = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "[napari.manifest]" in entry_points and "cellseg-toolkit = cellseg_napari:napari.yaml" in entry_points
+
+
+def test_triton_is_kept_out_only_where_mesas_llvm_is_loaded(tmp_path, monkeypatch):
+    """A napari on software OpenGL (Mesa's llvmpipe maps libLLVM) crashes when torch then loads Triton's own LLVM;
+    run_count keeps Triton out there, and only there."""
+    import sys
+    had = "triton" in sys.modules
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libGL.so.1\n")
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    try:
+        assert not _run.keep_triton_out(maps) and "triton" not in sys.modules        # no LLVM mapped: untouched
+        assert not _run.keep_triton_out(tmp_path / "no-proc")                         # not Linux: untouched
+        maps.write_text(maps.read_text() + "7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n")
+        assert _run.keep_triton_out(maps) and sys.modules["triton"] is None
+        with pytest.raises(ImportError):
+            import triton  # noqa: F401
+        assert not _run.keep_triton_out(maps)                                         # once is enough
+    finally:
+        if not had:
+            sys.modules.pop("triton", None)
+
+
+def test_count_message_gives_the_interval_and_the_warnings():
+    """The widget's line after a count (issue 48): the interval as an estimate from validation data, or why none."""
+    summary = {"cell_count": 1386, "warnings": ["the count moves 12% between ..."],
+               "count_estimate": {"estimated_true_count": 1356.4, "interval_low": 856.0, "interval_high": 1786.6,
+                                  "interval_level": 0.9, "note": "an estimate from validation data"}}
+    text = _logic.count_message(summary)
+    assert text.startswith("1,386 cells; estimated true count 1,356 (90 % interval 856–1,787")
+    assert "estimate from validation data" in text and "\nwarning: the count moves 12%" in text
+    bare = _logic.count_message({"cell_count": 12, "count_estimate": {"estimated_true_count": None,
+                                                                     "note": "no calibration in this bundle"}}, 12)
+    assert bare == "12 cells (no calibration in this bundle)"
