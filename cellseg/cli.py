@@ -212,8 +212,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                        skip_unreadable=skip_unreadable)
     if estimate:
         counter = spec.load()
-        for path in inputs:
-            click.echo(counter.estimate(path).describe())
+        for path, out in zip(inputs, outputs):
+            click.echo(counter.estimate(path).describe() + _free_space(out))
         return
     jobs = list(zip(inputs, outputs))
     rows, failures = [], 0
@@ -331,6 +331,20 @@ def _summary_csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def _free_space(out: Path) -> str:
+    """"; N GB free in FOLDER": the space left where the result folder `out` would go (--estimate)."""
+    import shutil
+
+    from .results import describe_size
+    where = Path(out).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return f"; {describe_size(shutil.disk_usage(where).free)} free in {where}"
+    except OSError:
+        return ""
 
 
 def _check_summary_csv(path: Path) -> None:

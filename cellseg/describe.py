@@ -33,6 +33,7 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"the tissue prefilter then skips background ones)",
         f"  scale       {scale.factor:.3g}: {scale.source}",
         f"  cells       {_cells(protocol, info)}",
+        f"  results     {_results(protocol, info)}",
     ]
     lines += [f"  note        {d}" for d in info.details]
     return lines
@@ -49,6 +50,27 @@ def _cells(protocol: Protocol, info: SlideInfo) -> str:
         return f"a {um:g} µm cell expansion needs the pixel size: pass --mpp, or give it with --cell-expansion-px"
     return (f"nuclei grown by up to {um:g} µm = {um / info.mpp:.3g} px into cells (cell_labels.ome.tif, cell and "
             f"cytoplasm columns)")
+
+
+DENSE_PER_MM2 = 4000     # nuclei per mm² of densely cellular tissue: the size of a count of the whole slide at that
+
+
+def _results(protocol: Protocol, info: SlideInfo) -> str:
+    """The result folder's size in words: per nucleus, and for the whole slide as dense tissue (cellseg count
+    --estimate counts a sample of tiles for the slide's own)."""
+    from .results import describe_size, expected_size
+    grown = bool(protocol.cell_expansion_px or protocol.cell_expansion_um)
+    fixed = expected_size(0, grown, protocol.outputs, info.height, info.width)
+    each = (expected_size(1e6, grown, protocol.outputs, info.height, info.width) - fixed) / 1e6
+    text = (f"about {describe_size(each)} a {'cell' if grown else 'nucleus'} + {describe_size(fixed)} "
+            f"(outputs: {protocol.outputs})")
+    if info.mpp:
+        area_mm2 = info.height * info.width * info.mpp ** 2 / 1e6
+        dense = expected_size(area_mm2 * DENSE_PER_MM2, grown, protocol.outputs, info.height, info.width)
+        text += (f"; {describe_size(dense)} if all "
+                 f"{area_mm2:,.1f} mm² were tissue at {DENSE_PER_MM2:,} nuclei/mm² (`cellseg count --estimate` "
+                 f"says for this slide)")
+    return text
 
 
 def _channels(info: SlideInfo) -> str:

@@ -25,7 +25,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     ],
     "summary": ["RunInfo", "build_summary", "regions_record", "run_record"],
     "writer": [
-        "RESULT_FILES", "ResultWriter", "chosen_outputs", "result_files", "start_writer_imports", "write_error",
-        "write_errors",
+        "RESULT_FILES", "ResultWriter", "chosen_outputs", "describe_size", "expected_size", "result_files",
+        "start_writer_imports", "write_error", "write_errors",
     ],
 })

@@ -69,6 +69,43 @@ def result_files(cells_expanded: bool, regions: bool = False, outputs: str | fro
     return tuple(f for f in files if f in chosen)
 
 
+# What each result file costs, measured on cellseg's own results (docs/performance.md, "Result folder size"): bytes
+# a nucleus (its row, outline, COCO mask, label pixels) and, when nuclei are grown into cells, a cell's more; the
+# overlay and the report a thumbnail pixel (its longer side at most 2048 px: a 2048² overlay ~3 MB), the report's
+# crops besides, and the small files.
+BYTES_PER_NUCLEUS = {"cells.csv": 210, "cells.geojson": 1450, "predictions.coco.json": 220, "labels.ome.tif": 115,
+                     "panoptic.ome.tif": 260}
+BYTES_PER_CELL = {"cells.csv": 250, "cells.geojson": 3000, "cell_labels.ome.tif": 400}
+BYTES_PER_THUMBNAIL_PX = {"overlay.png": 0.75, "report.html": 1.1}
+BYTES_FIXED = {"report.html": 5e5, "tissue_mask.png": 5e3, "area_histogram.png": 2e4, "summary.json": 5e3,
+               "run.json": 5e3}
+THUMBNAIL_SIDE = 2048       # planning.plan's: the overlay's longer side at most
+
+
+def expected_size(nuclei: float, cells_expanded: bool = False, outputs: str | frozenset[str] = "all",
+                  height: int = THUMBNAIL_SIDE, width: int = THUMBNAIL_SIDE) -> float:
+    """About how many bytes the result folder of a height x width px slide with `nuclei` nuclei (grown into cells
+    or not) takes, for the files `outputs` asks for. While counting, the scratch label canvas and the journal beside
+    it take less than its label images and tables."""
+    chosen = chosen_outputs(outputs) if isinstance(outputs, str) else outputs
+    scale = min(1.0, THUMBNAIL_SIDE / max(height, width, 1))
+    thumbnail_px = max(1, round(height * scale)) * max(1, round(width * scale))
+    size = sum(b for f, b in BYTES_FIXED.items() if f in chosen)
+    size += thumbnail_px * sum(b for f, b in BYTES_PER_THUMBNAIL_PX.items() if f in chosen)
+    size += nuclei * sum(b for f, b in BYTES_PER_NUCLEUS.items() if f in chosen)
+    if cells_expanded:
+        size += nuclei * sum(b for f, b in BYTES_PER_CELL.items() if f in chosen)
+    return float(size)
+
+
+def describe_size(size: float) -> str:
+    """A size in bytes for people: 812 kB, 31 MB, 2.4 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if size < 10 * scale else 0}f} {unit}".replace(".00 ", " ")
+    return f"{size:.0f} B"
+
+
 def chosen_outputs(outputs: str) -> frozenset[str]:
     """The files a protocol's `outputs` setting asks for ("all", or names separated by commas; planning.protocol
     checks them): with summary.json and run.json always, and what report.html is drawn from when it is asked for."""

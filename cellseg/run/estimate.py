@@ -22,6 +22,7 @@ import numpy as np
 from ..detection import cpu_model
 from ..geometry import TileDetector
 from ..planning import Protocol
+from ..results import describe_size, expected_size
 from ..slides import open_slide
 from ..tissue import TissueFinder
 from .pipeline import SlideRun
@@ -37,14 +38,18 @@ class Estimate:
     seconds_planning: float      # thumbnail, tissue, intensity range, calibration
     seconds_total: float
     hardware: str
+    nuclei: float = 0.0          # expected: the sample tiles' nuclei per tile x the tiles to analyse
+    result_bytes: float = 0.0    # the result folder's expected size (results.expected_size)
 
     def describe(self) -> str:
+        size = f"; its result folder about {describe_size(self.result_bytes)}"
         if self.tiles_analysed == 0:
             return (f"{self.slide}: no tile holds tissue; a count would take about {_duration(self.seconds_total)} "
-                    f"(planning only)")
+                    f"(planning only){size}")
         return (f"{self.slide}: {self.tiles_analysed} of {self.tiles_total} tiles to analyse; {self.tiles_timed} "
                 f"sample tiles took {self.seconds_per_tile:.2f} s each ({self.hardware}): a count would take about "
-                f"{_duration(self.seconds_total)} (planning {self.seconds_planning:.0f} s included)")
+                f"{_duration(self.seconds_total)} (planning {self.seconds_planning:.0f} s included){size} "
+                f"(~{self.nuclei:,.0f} nuclei at the sample tiles' density)")
 
 
 def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, *,
@@ -62,21 +67,25 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
         picks = [analysed[i] for i in np.unique(np.linspace(0, len(analysed) - 1, min(sample_tiles + 1,
                                                                                        len(analysed))).round()
                                                           .astype(int))] if analysed else []
-        seconds = []
+        seconds, found = [], 0
         for k, tile in enumerate(picks):
             t = time.perf_counter()
-            for _ in run.detect_owned([tile]):
-                pass
+            for _, nuclei in run.detect_owned([tile]):
+                found += len(nuclei)
             if k > 0 or len(picks) == 1:     # the first tile warms the network up (allocations, kernel choice)
                 seconds.append(time.perf_counter() - t)
+        cells_expanded = plan.cell_expansion(slide.info, protocol.modality) is not None
     per_tile = statistics.median(seconds) if seconds else 0.0
     on_cpu = str(getattr(detector, "device", "cpu")).startswith("cpu")
     hardware = (f"CPU {cpu_model()}" if on_cpu else f"GPU ({detector.device}); merging and writing not included: "
                                                     f"a lower bound") + \
         (f", {detector.precision_note}" if hasattr(detector, "precision_note") else "")
+    nuclei = found / len(picks) * len(analysed) if picks else 0.0
     return Estimate(slide=str(slide_path), tiles_total=len(plan.tiles), tiles_analysed=len(analysed),
                     tiles_timed=len(seconds), seconds_per_tile=per_tile, seconds_planning=planning,
-                    seconds_total=planning + per_tile * len(analysed), hardware=hardware)
+                    seconds_total=planning + per_tile * len(analysed), hardware=hardware, nuclei=nuclei,
+                    result_bytes=expected_size(nuclei, cells_expanded, protocol.outputs,
+                                                 slide.info.height, slide.info.width))
 
 
 def _duration(seconds: float) -> str:

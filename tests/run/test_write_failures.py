@@ -146,3 +146,38 @@ def test_outputs_picks_the_files_written(tmp_path, slide):
 def test_an_unknown_output_is_a_usage_error():
     result = invoke(["count", "slide.tif", "--outputs", "cells.csv,cells.xlsx"])
     assert_user_error(result, 2, "outputs", "cells.xlsx")
+
+
+def test_the_expected_size_is_about_the_result_folders(tmp_path, slide):
+    """results.expected_size (what --estimate and `cellseg info` state) against a real result folder."""
+    from cellseg.results import expected_size
+    path, labels = slide
+    out = tmp_path / "out"
+    summary = LabelCounterSpec(PROTOCOL, labels).load().count(path, out)
+    n = summary["cell_count"]
+
+    def size(names):
+        return sum((out / name).stat().st_size for name in names)
+    tables = "cells.csv,cells.geojson,predictions.coco.json,labels.ome.tif,panoptic.ome.tif"
+    per_nucleus = expected_size(n, False, tables, 200, 170) - expected_size(0, False, tables, 200, 170)
+    actual = size(tables.split(","))
+    assert actual / 2 < per_nucleus < 2 * actual, (per_nucleus, actual)
+    whole = size([p.name for p in out.iterdir() if p.name in ALL_FILES])
+    assert whole < expected_size(n, False, "all", 200, 170) < 3 * whole
+
+
+def test_the_estimate_and_info_state_the_result_folders_size(tmp_path, slide):
+    from cellseg.run import estimate_count
+    from cellseg.tissue.finder import TissueFinder
+
+    from ..helpers import LabelReadingDetector
+    path, labels = slide
+    image = tifffile.imread(labels)
+    est = estimate_count(path, PROTOCOL, LabelReadingDetector(image), TissueFinder("none"), sample_tiles=8)
+    cells = len(np.unique(image)) - 1
+    assert cells / 2 < est.nuclei < 2 * cells and est.result_bytes > 0
+    assert "its result folder about" in est.describe() and "nuclei at the sample tiles' density" in est.describe()
+    result = invoke(["info", str(path), "--mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("results"))
+    assert "a nucleus" in line and "nuclei/mm²" in line
