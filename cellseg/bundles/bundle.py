@@ -80,6 +80,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MicronScale:
+    """A bundle's scale in µm for one imaging modality: the pixel size its training images of that modality had
+    (`mpp`, µm per px) and their nuclei's median equivalent diameter there (px). A slide of the modality whose
+    pixel size is known is resampled to `mpp` (planning.plan_slide): its nuclei then reach the network at the size
+    they had in training, whatever the scanner's magnification. Only for training data with a known pixel size."""
+
+    mpp: float
+    nucleus_diameter_px: float
+    source: str = ""        # which images, which pixel size and where it comes from (for people)
+
+    @property
+    def nucleus_diameter_um(self) -> float:
+        return self.nucleus_diameter_px * self.mpp
+
+    def to_dict(self) -> dict:
+        """model.toml's [scale.<modality>] table (nucleus_diameter_um written too, for people)."""
+        return {"mpp": float(self.mpp), "nucleus_diameter_px": float(self.nucleus_diameter_px),
+                "nucleus_diameter_um": round(self.nucleus_diameter_um, 4), "source": self.source}
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A loadable model: its folder, its architecture and what the card says about it."""
 
@@ -99,6 +120,13 @@ class Bundle:
     score_thresholds: dict[str, float] = field(default_factory=dict)
     # The same, tuned with test-time augmentation (cellseg.detection.tta: merged scores of 8 views are another scale).
     tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+    # [scale.<modality>]: the scale in µm of the modalities whose training images had a pixel size (MicronScale);
+    # none in a bundle made before it existed, or for a modality whose training data had no pixel size
+    micron_scales: dict[str, MicronScale] = field(default_factory=dict)
+
+    def micron_scale(self, modality: str | None) -> MicronScale | None:
+        """The scale in µm of `modality` (a protocol's: fluorescence | brightfield), or None when the bundle has none."""
+        return self.micron_scales.get(str(modality))
 
     def threshold_for(self, modality: str | None, tta: bool = False, gray: bool = False) -> float:
         """The score threshold tuned for `modality` (with TTA when `tta` and the bundle has one; for a gray network
@@ -207,11 +235,28 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
             tta_score_thresholds=_thresholds(inference.get("tta_score_threshold_by_modality", {}), toml_path,
                                              "tta_score_threshold_by_modality"),
             nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
+            micron_scales=_micron_scales(meta.get("scale", {}), toml_path),
             weights_sha256=digest,
             card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
         )
     except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a table given as a plain value
         raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
+
+
+def _micron_scales(scale, toml_path: Path) -> dict[str, MicronScale]:
+    """[scale.<modality>] tables: modality -> MicronScale (a bundle without them has no scale in µm)."""
+    if not isinstance(scale, dict):
+        raise BundleError(f"expected [scale] in {toml_path} to be a table, found {type(scale).__name__}")
+    out = {}
+    for modality, table in scale.items():
+        if not isinstance(table, dict):
+            continue                        # nucleus_diameter_px, the size in px of all training data
+        mpp, px = table.get("mpp"), table.get("nucleus_diameter_px")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (mpp, px)):
+            raise BundleError(f"expected [scale.{modality}] in {toml_path} to give mpp (µm per px) and "
+                              f"nucleus_diameter_px, both > 0, found mpp = {mpp!r}, nucleus_diameter_px = {px!r}")
+        out[str(modality)] = MicronScale(float(mpp), float(px), str(table.get("source", "")))
+    return out
 
 
 def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
@@ -231,8 +276,9 @@ def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
 def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str,
                 score_threshold: float = 0.5, mask_threshold: float = 0.5,
                 nucleus_diameter_px: float = 0.0, card: dict | None = None,
-                proposal_threshold: float = 0.0) -> Bundle:
-    """Write weights (float16 safetensors) then model.toml, each atomically, and return the loaded bundle."""
+                proposal_threshold: float = 0.0, micron_scales: dict[str, MicronScale] | None = None) -> Bundle:
+    """Write weights (float16 safetensors) then model.toml, each atomically, and return the loaded bundle.
+    micron_scales: the scale in µm per modality whose training images had a pixel size (MicronScale)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_weights(folder / _WEIGHTS, state_dict)
@@ -240,7 +286,8 @@ def save_bundle(folder: Path, model: ModelConfig, state_dict: dict, *, name: str
             "model": model.to_dict(),
             "inference": {"score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold),
                           "proposal_threshold": float(proposal_threshold)},
-            "scale": {"nucleus_diameter_px": float(nucleus_diameter_px)}}
+            "scale": {"nucleus_diameter_px": float(nucleus_diameter_px),
+                      **{k: v.to_dict() for k, v in sorted((micron_scales or {}).items())}}}
     meta.update(card or {})
     write_toml(folder / "model.toml", meta)
     return load_bundle(folder)
@@ -302,6 +349,17 @@ def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None
         if key in ("format", "name", "weights_sha256", "model", "inference", "scale"):
             raise BundleError(f"expected card tables, got the reserved model.toml key {key!r}")
     meta.update(card or {})
+    write_toml(folder / "model.toml", meta)
+    return load_bundle(folder)
+
+
+def update_bundle_scale(folder: Path, micron_scales: dict[str, MicronScale]) -> Bundle:
+    """Set a bundle's scale in µm per modality ([scale.<modality>]: MicronScale), replacing any earlier ones, in its
+    model.toml, atomically; [scale] nucleus_diameter_px and the weights are not touched."""
+    folder = find_bundle(folder)
+    meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
+    scale = {k: v for k, v in meta.get("scale", {}).items() if not isinstance(v, dict)}
+    meta["scale"] = {**scale, **{k: v.to_dict() for k, v in sorted(micron_scales.items())}}
     write_toml(folder / "model.toml", meta)
     return load_bundle(folder)
 

@@ -356,3 +356,42 @@ def test_interpolated_weights_are_the_weighted_mean_and_the_card_keeps_every_sta
     other = save_bundle(tmp_path / "wide", other_cfg, build_model(other_cfg).state_dict(), name="wide")
     with pytest.raises(BundleError, match="one architecture"):
         interpolate_bundles(start.path, other.path, 0.5, tmp_path / "other", name="other")
+
+
+# --- the scale in µm (issue 51) ------------------------------------------------------------------------
+
+def test_a_bundle_with_a_scale_in_micrometres_round_trips_and_one_without_still_loads(saved, tmp_path):
+    """[scale.<modality>] (MicronScale): saved, loaded, replaced by update_bundle_scale; a bundle made before it
+    existed (no such table) loads with none, so its counts measure their nuclei (planning.decide_scale)."""
+    from cellseg.bundles import MicronScale, update_bundle_scale
+    cfg, state, old = saved
+    assert load_bundle(old).micron_scales == {} and load_bundle(old).micron_scale("brightfield") is None
+    scale = MicronScale(0.25, 19.8, "40x H&E")
+    bundle = save_bundle(tmp_path / "um", cfg, state, name="um", nucleus_diameter_px=12.5,
+                         micron_scales={"brightfield": scale})
+    assert bundle.micron_scale("brightfield") == scale and bundle.micron_scale("fluorescence") is None
+    assert bundle.nucleus_diameter_px == 12.5 and scale.nucleus_diameter_um == pytest.approx(4.95)
+    written = tomllib.loads((tmp_path / "um" / "model.toml").read_text(encoding="utf-8"))["scale"]
+    assert written["nucleus_diameter_px"] == 12.5 and written["brightfield"]["nucleus_diameter_um"] == 4.95
+    assert "scale" not in bundle.card
+    replaced = update_bundle_scale(tmp_path / "um", {"fluorescence": MicronScale(0.5, 20.0)})
+    assert set(replaced.micron_scales) == {"fluorescence"} and replaced.nucleus_diameter_px == 12.5
+    assert replaced.weights_sha256 == bundle.weights_sha256
+
+
+@pytest.mark.parametrize("table", [{"mpp": 0, "nucleus_diameter_px": 20.0}, {"nucleus_diameter_px": 20.0},
+                                   {"mpp": 0.25, "nucleus_diameter_px": "big"}])
+def test_a_broken_scale_in_micrometres_is_one_line(bundle_copy, table):
+    edit_toml(bundle_copy, lambda m: m["scale"].update(brightfield=table))
+    with pytest.raises(BundleError, match=r"\[scale.brightfield\].*mpp .* nucleus_diameter_px, both > 0"):
+        load_bundle(bundle_copy)
+
+
+def test_the_shipped_bundle_has_a_scale_in_micrometres_for_brightfield_only():
+    """TNBC (40x, 0.25 µm/px) gives brightfield its scale; DSB2018 has no pixel size, so fluorescence has none
+    (references/nuclei/micron_scale.py)."""
+    bundle = load_bundle("nuclei")
+    scale = bundle.micron_scale("brightfield")
+    assert scale is not None and scale.mpp == 0.25 and 15 < scale.nucleus_diameter_px < 25
+    assert 4 < scale.nucleus_diameter_um < 6 and "TNBC" in scale.source
+    assert bundle.micron_scale("fluorescence") is None
