@@ -75,17 +75,18 @@ def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
 
 
 class _Diameter(click.ParamType):
-    """--diameter PX|auto: the nuclei's typical diameter in px (> 0), or "auto" to measure it."""
+    """--diameter PX|auto|native: the nuclei's typical diameter in px (> 0), "auto" to measure it, or "native" for
+    no resampling."""
 
-    name = "PX|auto"
+    name = "PX|auto|native"
 
     def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, float):
+        if value in ("auto", "native") or isinstance(value, float):
             return value
         try:
             diameter = float(value)
         except ValueError:
-            self.fail(f"expected a number of px or 'auto', got {value!r}", param, ctx)
+            self.fail(f"expected a number of px or 'auto' (or 'native'), got {value!r}", param, ctx)
         if not (math.isfinite(diameter) and diameter > 0):
             self.fail(f"expected a diameter > 0 px, got {value}", param, ctx)
         return diameter
@@ -139,8 +140,10 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_MPP_OPTION
 @click.option("--diameter", type=_Diameter(), default=None,
-              help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled "
-                   "so nuclei reach the model at its training size.")
+              help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled so "
+                   "nuclei reach the model at its training size; 'native': not resampled. Default: the pixel size "
+                   "sets the scale where the model has one in µm for the protocol's modality (checked against the "
+                   "measured nuclei), else as 'auto' (docs/pipeline.md, Scale).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: every tile also flipped and rotated (8 views), cells merged by vote. "
                    "About 8x the detection time (docs/performance.md).")
@@ -204,10 +207,11 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
     import shlex
 
+    from .planning import DEFAULT_SCALE
     from .results import RunInfo
     from .run import CounterSpec, count_serially
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
-    spec = CounterSpec(protocol, device, diameter_px=diameter, mpp=mpp, tta=tta,
+    spec = CounterSpec(protocol, device, diameter_px=DEFAULT_SCALE if diameter is None else diameter, mpp=mpp, tta=tta,
                        run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
                        skip_unreadable=skip_unreadable)
     if estimate:

@@ -9,7 +9,7 @@ and no torch.
 from __future__ import annotations
 
 from .geometry import grid_shape, plan_tiles
-from .planning import Protocol, Scale, choose_scale, tile_geometry
+from .planning import NATIVE_WITHIN, Protocol, Scale, choose_scale, pixel_size_diameter, tile_geometry
 from .slides import SlideInfo
 
 
@@ -84,10 +84,17 @@ def _channels(info: SlideInfo) -> str:
 
 
 def _scale(protocol: Protocol, info: SlideInfo, diameter_px: float | None) -> Scale:
-    """The resampling `cellseg count` would choose; the model's nucleus size is read from its model.toml."""
-    if diameter_px is None and not (protocol.nucleus_diameter_um and info.mpp):
-        return choose_scale(None, None, protocol, info.mpp)   # native: nothing to compare with the model's size
-    from .bundles import BUNDLE_FORMAT, find_bundle, read_bundle_folder
-    meta, _ = read_bundle_folder(find_bundle(protocol.model), BUNDLE_FORMAT)
-    model_d = float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0))
-    return choose_scale(model_d, diameter_px, protocol, info.mpp)
+    """The resampling `cellseg count` would choose (its nucleus size and scale in µm read from the model bundle):
+    with --diameter, that; without, the pixel size's (planning.pixel_size_diameter), which the count checks against
+    the nuclei it measures, or, with no pixel size to go by, the nuclei measured when counting (planning.decide_scale)."""
+    from .bundles import load_bundle
+    bundle = load_bundle(protocol.model)
+    if diameter_px is not None:
+        return choose_scale(bundle.nucleus_diameter_px, diameter_px, protocol, info.mpp)
+    implied = pixel_size_diameter(bundle.micron_scale(protocol.modality), protocol, info, bundle.nucleus_diameter_px)
+    if isinstance(implied, str):
+        return Scale(1.0, f"set when counting, by the nuclei measured on the busiest tiles ({implied}); the tiles "
+                          f"above are those at native scale")
+    expected, target, how = implied
+    factor = target / expected if abs(target / expected - 1) >= NATIVE_WITHIN else 1.0
+    return Scale(factor, f"{how}; `cellseg count` checks it against the nuclei it measures")

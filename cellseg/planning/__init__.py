@@ -11,8 +11,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "GRAY_INPUT_CHROMA", "IntensityRange", "gray_input", "measure_range", "select_channels", "to_network_input",
     ],
     "plan": [
-        "NetworkInput", "Scale", "SlidePlan", "calibrate", "calibration_windows", "choose_scale", "measure_diameter",
-        "model_channel", "plan_slide", "tile_geometry", "tissue_pixels",
+        "DEFAULT_SCALE", "NATIVE_WITHIN", "Calibration", "NetworkInput", "Scale", "SlidePlan", "calibrate", "calibration_windows",
+        "choose_scale", "decide_scale", "measure_diameter", "model_channel", "plan_slide", "pixel_size_diameter",
+        "tile_geometry", "tissue_pixels",
     ],
     "protocol": [
         "FileList", "OUTPUT_FILES", "OneOf", "Protocol", "Range", "SCHEMA", "SETTINGS", "Setting", "check_pixel_size",

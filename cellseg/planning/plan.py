@@ -11,9 +11,11 @@ detector calibrated on `plan.windows` (calibrate), and give the same cells.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,20 +29,55 @@ from .intensity import IntensityRange, as_network_input, gray_input, measure_ran
 from .protocol import Protocol, check_pixel_size
 from .regions import RegionFile, Regions
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..bundles import MicronScale
+    from ..geometry import TileDetections
+
 THUMBNAIL_SIDE = 2048
 CALIBRATION_WINDOW_PX = 512   # network px; the side of each window the slide's normalisation is measured on
 CALIBRATION_WINDOWS = 4
 _NUCLEAR_STAINS = re.compile(r"dapi|hoechst|nuc|draq|sytox|hematox", re.IGNORECASE)
 
 
+# The scale a count chooses by itself (diameter_px, `cellseg count` without --diameter): decide_scale.
+DEFAULT_SCALE = "default"
+NATIVE_WITHIN = 0.1       # a given or pixel-size scale within 10 % of 1: native (resampling would gain nothing)
+# A measured size within 20 % of the model's (1/1.2 to 1.2 times it): native. A measurement is a sample (the busiest
+# tiles' nuclei) and depends on the scale measured at (the smallest nuclei are found only once enlarged); the example
+# mosaic's count moves 1-2 % within 20 % (docs/pipeline.md, Scale).
+MEASURED_WITHIN = 0.2
+MEASURE_ROUNDS = 2        # measured again, resampled, at most this often (measured_scale)
+# The measured nucleus size and the one the pixel size implies disagree when one is more than 1.5x the other: single
+# 40x TNBC fields' medians lie within 0.81-1.42x of their training median at one pixel size, and a wrong magnification
+# (20x for 40x) is 2x.
+SCALE_MISMATCH = 1.5
+MEASURE_TILES = 6         # tiles whose nuclei are measured (the busiest)
+MIN_MEASURED = 10         # fewer nuclei than this found there: no measurement
+FACTOR_RANGE = (1 / 8, 4)  # how far a slide is resampled at most (network px per slide px)
+UNRELIABLE_MPP = ("image-dpi",)   # SlideInfo.mpp_source: a PNG/JPEG's dpi, seldom a microscope's pixel size
+
+
 @dataclass(frozen=True)
 class Scale:
-    """How the slide is resampled for the network: `factor` network px per slide px."""
+    """How the slide is resampled for the network: `factor` network px per slide px, and why (`source`).
+
+    method: what decided it: "--diameter", "pixel size" (the slide's, with the model's scale in µm), "measured"
+    (the nuclei of the slide's busiest tiles), "protocol" (its nucleus_diameter_um) or "native" (nothing to go
+    by); "" in a plan journaled before it was recorded. measured_diameter_px / measured_nuclei: the median nucleus
+    measured on the slide (slide px) and how many; pixel_size_diameter_px: the nucleus size the pixel size implies
+    (slide px); warning: the two disagree by more than SCALE_MISMATCH (which was used is in `source`)."""
 
     factor: float
     source: str
     model_diameter_px: float | None = None
     image_diameter_px: float | None = None
+    method: str = ""
+    measured_diameter_px: float | None = None
+    measured_nuclei: int | None = None
+    pixel_size_diameter_px: float | None = None
+    warning: str | None = None
 
 
 NATIVE = Scale(1.0, "native")
@@ -117,11 +154,17 @@ class SlidePlan:
 
 def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,
                model_diameter_px: float | None = None, diameter_px: float | str | None = None,
-               regions: RegionFile | None = None) -> SlidePlan:
-    """Decide everything about `slide` before detection (the detector runs here only for --diameter auto).
+               regions: RegionFile | None = None, micron_scale: MicronScale | None = None,
+               calibration: Calibration | None = None) -> SlidePlan:
+    """Decide everything about `slide` before detection (the detector runs here only to measure the nuclei).
 
-    model_diameter_px: the bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to
-    measure it on a few tiles first (measure_diameter). regions: count only there (planning/regions.py).
+    model_diameter_px: the bundle's training nucleus size; micron_scale: its scale in µm for the protocol's modality
+    (Bundle.micron_scale), if any. diameter_px: this image's (--diameter); "auto" to measure it on a few tiles first
+    (measure_diameter); DEFAULT_SCALE for the scale `cellseg count` chooses by itself (decide_scale: the pixel size,
+    checked against the measured nuclei, else the measured nuclei); "native" for none; None: the protocol's
+    nucleus_diameter_um at the slide's pixel size, else native (nothing measured). regions: count only there
+    (planning/regions.py). calibration: where the detector calibrated while measuring, and the tiles it detected,
+    are kept for the count (Calibration).
     """
     info = slide.info
     check_pixel_size(protocol, info)
@@ -137,14 +180,17 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
         # every k-th tissue pixel: a whole-slide thumbnail's millions say no more about colour than a million
         gray = gray_input(to_network_input(on_tissue[::max(1, len(on_tissue) >> 20)][None], intensity))
     luminance = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
-    if diameter_px == "auto":
-        with timer("detect"):
-            measured = measure_diameter(slide, detector, NetworkInput(channel, intensity, gray=gray), protocol,
-                                        thumbnail, thumb_factor, tissue_mask)
-        scale = (choose_scale(model_diameter_px, measured[0], protocol, info.mpp,
-                              source=f"measured on {measured[1]} nuclei of the slide (--diameter auto)")
-                 if measured else Scale(1.0, "native: too few nuclei found to measure their size",
-                                        model_diameter_px or None))
+    if diameter_px in ("auto", DEFAULT_SCALE):
+        native = NetworkInput(channel, intensity, gray=gray)
+        calibration = calibration if calibration is not None else Calibration()
+
+        def measure(factor: float) -> tuple[float, int] | None:
+            return measure_diameter(slide, detector, dataclasses.replace(native, scale=Scale(factor, "")), protocol,
+                                    thumbnail, thumb_factor, tissue_mask, calibration=calibration)
+        with timer("scale"):
+            scale = decide_scale(model_diameter_px, micron_scale, protocol, info, measure, auto=diameter_px == "auto")
+    elif diameter_px == "native":
+        scale = Scale(1.0, "native: --diameter native", model_diameter_px or None, method="native")
     else:
         scale = choose_scale(model_diameter_px, diameter_px, protocol, info.mpp)
     tile_px, halo_px = tile_geometry(protocol, scale)
@@ -185,6 +231,47 @@ def region_tiles(tiles: list[TileSpec], regions: Regions, halo_px: int) -> list[
 def calibrate(detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput) -> TileDetector:
     """The detector with the slide-level statistics of the network input of `windows` (TileDetector.calibrated)."""
     return detector.calibrated([network.read(slide, b) for b in windows], gray=network.gray)
+
+
+@dataclass
+class Calibration:
+    """A detector calibrated for one slide's network input on its normalisation windows (calibrate), made once, and
+    the tiles it detected that no count has taken yet.
+
+    Planning measures the nuclei of a few tiles (measure_diameter) with the detector calibrated as a count at that
+    scale calibrates it: when the plan keeps that scale, the count takes those tiles' detections (take) instead of
+    detecting them again, so that measuring costs next to nothing then. A Dask worker keeps one for its detector,
+    across the tasks of a slide (run/distributed.py)."""
+
+    holds: tuple | None = None
+    detector: TileDetector | None = None
+    detected: dict[TileSpec, TileDetections] = dataclasses.field(default_factory=dict)
+
+    def calibrated(self, detector: TileDetector, slide: Slide, windows: list[Box],
+                   network: NetworkInput) -> TileDetector:
+        """`detector` calibrated on `windows` of `slide` for `network` (the same as last time when nothing changed;
+        the scale's reason is no change)."""
+        holds = (id(detector), str(slide.info.path), tuple(windows), network.channel, network.intensity,
+                 network.scale.factor, network.gray)
+        if self.holds != holds:
+            self.detector = calibrate(detector, slide, windows, network)
+            self.holds, self.detected = holds, {}
+        return self.detector
+
+    def detect(self, detector: TileDetector, slide: Slide, windows: list[Box], network: NetworkInput,
+               tiles: list[TileSpec]) -> dict[TileSpec, TileDetections]:
+        """Each of `tiles` detected with `detector` calibrated (calibrated), kept for `take`."""
+        calibrated = self.calibrated(detector, slide, windows, network)
+        todo = [t for t in tiles if t not in self.detected]
+        if todo:
+            found = calibrated.detect([network.read(slide, t.read) for t in todo], todo, network.scale.factor)
+            self.detected.update(zip(todo, found))
+        return {t: self.detected[t] for t in tiles}
+
+    def take(self, tiles: list[TileSpec]) -> dict[TileSpec, TileDetections]:
+        """The detections of those of `tiles` detected already by the detector as calibrated now, each handed over
+        once."""
+        return {t: self.detected.pop(t) for t in tiles if t in self.detected}
 
 
 def channel_names(slide: Slide) -> list[str]:
@@ -231,16 +318,132 @@ def choose_scale(model_diameter_px: float | None, diameter_px: float | None, pro
         source = f"protocol nucleus_diameter_um {protocol.nucleus_diameter_um} µm at {mpp:g} µm/px"
     else:
         return Scale(1.0, "native: no nucleus diameter given (--diameter or the protocol's nucleus_diameter_um)",
-                     model_diameter_px or None)
+                     model_diameter_px or None, method="native")
     if not model_diameter_px:
-        return Scale(1.0, "native: the model bundle records no training nucleus size", None, image_d)
+        return Scale(1.0, "native: the model bundle records no training nucleus size", None, image_d, method="native")
     factor = model_diameter_px / image_d
     if not 1 / 8 <= factor <= 4:
         raise ParameterError(f"expected a nucleus diameter within 1/4 to 8 times the model's "
                              f"{model_diameter_px:.1f} px, got {image_d:.1f} px ({source})")
-    if abs(factor - 1) < 0.1:   # within 10 %: resampling would cost time and gain nothing
-        return Scale(1.0, f"native: {source} is within 10 % of the model's size", model_diameter_px, image_d)
-    return Scale(factor, source, model_diameter_px, image_d)
+    method = "--diameter" if diameter_px is not None else "protocol"
+    if abs(factor - 1) < NATIVE_WITHIN:   # within 10 %: resampling would cost time and gain nothing
+        return Scale(1.0, f"native: {source} is within 10 % of the model's size", model_diameter_px, image_d,
+                     method=method)
+    return Scale(factor, source, model_diameter_px, image_d, method=method)
+
+
+def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | None, protocol: Protocol,
+                 info: SlideInfo, measure: Callable[[float], tuple[float, int] | None], auto: bool = False) -> Scale:
+    """The scale of a count given no --diameter (auto: given --diameter auto), so that a slide's nuclei reach the
+    network at the same size whatever the scanner's magnification.
+
+    With a pixel size to go by (pixel_size_diameter: the slide's, not a guess, and the model's scale in µm for the
+    protocol's modality or the protocol's nucleus_diameter_um), the slide is resampled to the size it implies, once
+    checked: the nuclei of the busiest tiles are measured at the slide's own scale (measure(1.0)), and when their median
+    and the size the pixel size implies disagree by more than SCALE_MISMATCH (a wrong pixel size in the metadata is
+    common) the measured size is used and the scale's `warning` says so. Without one, or with --diameter auto, the
+    measured size decides (measured_scale); with too few nuclei to measure, native.
+
+    measure(factor): (median nucleus diameter in slide px, number of nuclei) found with the slide resampled by
+    `factor` network px per slide px (measure_diameter), or None when too few.
+    """
+    if not model_diameter_px:
+        return Scale(1.0, "native: the model bundle records no training nucleus size", method="native")
+    implied = "--diameter auto" if auto else pixel_size_diameter(micron_scale, protocol, info, model_diameter_px)
+    measured = measure(1.0)
+    warning = None
+    expected = None
+    if not isinstance(implied, str):
+        expected, target, how = implied
+        factor = target / expected
+        pixel = (Scale(1.0, f"native: {how}, within 10 % of the model's scale", model_diameter_px, expected,
+                       method="pixel size", pixel_size_diameter_px=expected)
+                 if abs(factor - 1) < NATIVE_WITHIN else
+                 Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, expected,
+                       method="pixel size", pixel_size_diameter_px=expected))
+        if measured is None:
+            return dataclasses.replace(pixel, source=f"{pixel.source}; not checked: fewer than {MIN_MEASURED} "
+                                                     f"nuclei found to measure")
+        ratio = measured[0] / expected
+        if 1 / SCALE_MISMATCH <= ratio <= SCALE_MISMATCH:
+            return dataclasses.replace(pixel, measured_diameter_px=measured[0], measured_nuclei=measured[1],
+                                       source=f"{pixel.source}; checked: {measured[1]} nuclei of the busiest tiles "
+                                              f"measure {measured[0]:.1f} px, {ratio:.2f}x the {expected:.1f} px "
+                                              f"it implies")
+        warning = (f"the pixel size {info.mpp:g} µm/px ({info.mpp_source}) implies nuclei of {expected:.1f} px, but "
+                   f"{measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px ({ratio:.2g}x, beyond "
+                   f"the {SCALE_MISMATCH:g}x nuclei vary by): the measured size set the scale. Check the pixel size "
+                   f"(--mpp); --diameter N overrides both")
+        implied = f"the measured size: the pixel size's {expected:.1f} px disagrees"
+    if measured is None:
+        return Scale(1.0, f"native: too few nuclei found to measure their size ({implied})", model_diameter_px,
+                     method="native", pixel_size_diameter_px=expected, warning=warning)
+    return dataclasses.replace(measured_scale(model_diameter_px, measured, measure, implied),
+                               pixel_size_diameter_px=expected, warning=warning)
+
+
+def pixel_size_diameter(micron_scale: MicronScale | None, protocol: Protocol, info: SlideInfo,
+                        model_diameter_px: float) -> tuple[float, float, str] | str:
+    """The nucleus diameter the slide's pixel size implies (slide px), the size the network should see it at
+    (network px) and how, or why the pixel size cannot set the scale.
+
+    The protocol's nucleus_diameter_um when it gives one (at the model's nucleus_diameter_px), else the model's scale
+    in µm for the protocol's modality (MicronScale: resampled to the pixel size its training images had). A pixel size
+    that is a guess (UNRELIABLE_MPP: a PNG/JPEG's dpi) or would resample beyond FACTOR_RANGE is not used; screen
+    defaults (72 dpi, a TIFF resolution of 1) never become a pixel size (slides: SCREEN_MPP_UM)."""
+    if protocol.nucleus_diameter_um is not None:
+        um, target = protocol.nucleus_diameter_um, model_diameter_px
+        how = f"protocol nucleus_diameter_um {um:g} µm"
+    elif micron_scale is not None:
+        um, target = micron_scale.nucleus_diameter_um, micron_scale.nucleus_diameter_px
+        how = f"the {micron_scale.mpp:g} µm/px of the model's {protocol.modality} training images"
+    else:
+        return f"the model has no scale in µm for {protocol.modality} (its training images had no pixel size)"
+    if info.mpp is None:
+        return "the slide has no pixel size"
+    if info.mpp_source.split(":")[0] in UNRELIABLE_MPP:
+        return f"the pixel size comes from the image's {info.mpp_source}, seldom a microscope's"
+    expected = um / info.mpp
+    if not FACTOR_RANGE[0] <= target / expected <= FACTOR_RANGE[1]:
+        return (f"the pixel size {info.mpp:g} µm/px would resample by {target / expected:.3g}, beyond "
+                f"{FACTOR_RANGE[0]:g}-{FACTOR_RANGE[1]:g}")
+    return expected, target, f"pixel size {info.mpp:g} µm/px ({info.mpp_source}) and {how}"
+
+
+def measured_scale(model_diameter_px: float, measured: tuple[float, int],
+                   measure: Callable[[float], tuple[float, int] | None], why: str) -> Scale:
+    """The scale the nuclei measured at the slide's own scale (`measured`: median diameter in slide px, count) call
+    for: native when the network sees them within MEASURED_WITHIN of the model's size; else the slide is resampled and
+    measured again there (measure(factor)), up to MEASURE_ROUNDS times, until it does.
+
+    A measurement far from the model's size is biased (the smallest nuclei are missed, the largest split), so the
+    first one alone would resample a slide at 20x and the same at 40x differently; measured again nearer the model's
+    size, both end where the nuclei the network finds have its size, whatever the magnification."""
+    diameter, n = measured
+    how = f"measured: {n} nuclei of the busiest tiles, median {diameter:.1f} px ({why})"
+    if _within(model_diameter_px / diameter, MEASURED_WITHIN):
+        return Scale(1.0, f"native: {how}, within 20 % of the model's {model_diameter_px:.1f} px", model_diameter_px,
+                     diameter, method="measured", measured_diameter_px=diameter, measured_nuclei=n)
+    factor, decided_by = _in_range(model_diameter_px / diameter), diameter    # the size the factor is for
+    for _ in range(MEASURE_ROUNDS):
+        again = measure(factor)
+        if again is None:
+            break
+        diameter, n = again
+        how += f"; resampled by {factor:.3g}, {n} nuclei measure {diameter * factor:.1f} px"
+        if _within(model_diameter_px / (diameter * factor), MEASURED_WITHIN):
+            break
+        factor, decided_by = _in_range(model_diameter_px / diameter), diameter
+    return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, decided_by, method="measured",
+                 measured_diameter_px=diameter, measured_nuclei=n)
+
+
+def _within(ratio: float, band: float) -> bool:
+    return 1 / (1 + band) < ratio < 1 + band
+
+
+def _in_range(factor: float) -> float:
+    return min(max(factor, FACTOR_RANGE[0]), FACTOR_RANGE[1])
 
 
 def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
@@ -249,26 +452,43 @@ def tile_geometry(protocol: Protocol, scale: Scale) -> tuple[int, int]:
     return tile_px, min(math.ceil(protocol.halo_px / scale.factor), tile_px // 2)
 
 
-def measure_diameter(slide: Slide, detector: TileDetector, native: NetworkInput, protocol: Protocol,
+def measure_diameter(slide: Slide, detector: TileDetector, network: NetworkInput, protocol: Protocol,
                      thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask | None = None,
-                     n_tiles: int = 6) -> tuple[float, int] | None:
-    """Median equivalent diameter (px) of the nuclei found at native scale on the slide's busiest tiles.
+                     n_tiles: int = MEASURE_TILES, calibration: Calibration | None = None) -> tuple[float, int] | None:
+    """Median equivalent diameter (slide px) of the nuclei found on the slide's busiest tiles with `network`, the
+    slide's network input at the scale to measure at (network.scale).
 
-    Tiles are ranked by pixel contrast on the thumbnail, so glass and empty background are not sampled.
-    native: the slide's network input at native scale. Returns (diameter, number of nuclei) or None when fewer than
-    10 nuclei were found.
+    The tiles are those a count at that scale detects (tile_geometry), ranked by thumbnail contrast times tissue share
+    so that glass and empty background are not sampled; a nucleus counts in the tile whose core holds its centroid, so
+    none counts twice and none cut by a read edge. The detector is calibrated on the windows a count at that scale is,
+    and its detections stay in `calibration` (Calibration): a count at this network input takes them rather than
+    detecting these tiles again. Returns (diameter, number of nuclei), or None when fewer than MIN_MEASURED were found.
     """
-    tiles = plan_tiles(slide.info.height, slide.info.width, protocol.tile_size, protocol.halo_px)
-    luminance = select_channels(thumbnail, native.channel).astype(np.float32).mean(-1)
-    chosen = sorted(tiles, key=lambda t: thumbnail_contrast(luminance, t.core, thumb_factor), reverse=True)[:n_tiles]
-    windows = calibration_windows(slide.info.height, slide.info.width, CALIBRATION_WINDOW_PX, luminance,
+    info = slide.info
+    tiles = plan_tiles(info.height, info.width, *tile_geometry(protocol, network.scale))
+    luminance = select_channels(thumbnail, network.channel).astype(np.float32).mean(-1)
+
+    def busy(t: TileSpec) -> float:
+        share = tissue.box_fraction(t.core) if tissue is not None else 1.0
+        return thumbnail_contrast(luminance, t.core, thumb_factor) * share
+
+    chosen = sorted(sorted(tiles, key=lambda t: (-busy(t), t.index))[:n_tiles], key=lambda t: t.index)
+    windows = calibration_windows(info.height, info.width,
+                                  max(16, round(CALIBRATION_WINDOW_PX / network.scale.factor)), luminance,
                                   thumb_factor, tissue)
-    calibrated = calibrate(detector, slide, windows, native)
-    images = [native.read(slide, t.read) for t in chosen]
-    areas = np.array([m.sum() for det in calibrated.detect(images, chosen) for m in det.masks], np.float64)
-    if areas.size < 10:
+    calibration = calibration if calibration is not None else Calibration()
+    detected = calibration.detect(detector, slide, windows, network, chosen)
+    diameters = []
+    for tile in chosen:
+        det, core, read = detected[tile], tile.core, tile.read
+        for box, mask in zip(det.boxes, det.masks):
+            rows, cols = np.nonzero(mask)
+            if rows.size and core.row0 <= read.row0 + box[0] + rows.mean() < core.row1 \
+                    and core.col0 <= read.col0 + box[1] + cols.mean() < core.col1:
+                diameters.append(2 * math.sqrt(rows.size / math.pi))
+    if len(diameters) < MIN_MEASURED:
         return None
-    return float(np.median(2 * np.sqrt(areas / np.pi))), int(areas.size)
+    return float(np.median(diameters)), len(diameters)
 
 
 def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float) -> float:

@@ -208,6 +208,8 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
     if summary.get("mpp") is None or source.split(":")[0] in ASSUMED_MPP:
         warnings.append(f"pixel size assumed or unknown ({source}): areas and densities depend on it; pass --mpp")
     scale = summary.get("scale") or {}
+    if scale.get("warning"):       # the pixel size and the measured nuclei disagree (planning.decide_scale)
+        warnings.append(scale["warning"])
     area = summary.get("area_px") or {}
     if area.get("median") and scale.get("model_diameter_px"):
         network_diameter = 2 * math.sqrt(area["median"] / math.pi) * float(scale.get("factor") or 1)

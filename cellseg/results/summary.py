@@ -82,6 +82,15 @@ def expansion_record(plan: SlidePlan, mpp: float | None) -> dict:
     return {"cell_expansion_px": distance, "cell_expansion_um": distance * mpp if mpp else None}
 
 
+def scale_record(plan: SlidePlan) -> dict:
+    """How a count chose its scale (planning.Scale; its `source` says why): what decided it, the nuclei measured on
+    the slide, the size the pixel size implies, and the warning when the two disagree."""
+    scale = plan.network.scale
+    return {"method": scale.method, "measured_diameter_px": scale.measured_diameter_px,
+            "measured_nuclei": scale.measured_nuclei, "pixel_size_diameter_px": scale.pixel_size_diameter_px,
+            "warning": scale.warning}
+
+
 def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_count: int, areas: np.ndarray,
                   seams: SeamStats, panoptic: dict, timer: StageTimer, started: float,
                   cell_areas: np.ndarray | None = None) -> dict:
@@ -125,7 +134,8 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
         "seconds": seconds,
         "panoptic": panoptic,
         "scale": {"factor": scale.factor, "source": scale.source, "tile_px": plan.tile_px, "halo_px": plan.halo_px,
-                  "model_diameter_px": scale.model_diameter_px, "image_diameter_px": scale.image_diameter_px},
+                  "model_diameter_px": scale.model_diameter_px, "image_diameter_px": scale.image_diameter_px,
+                  **scale_record(plan)},
     }
 
 
@@ -137,7 +147,9 @@ def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dic
               "model_channel": plan.network.channel, "gray_input": plan.network.gray,
               "intensity_range": [plan.network.intensity.low, plan.network.intensity.high], "tissue": tissue,
               "normalisation_windows": [list(map(int, b)) for b in plan.windows],
-              **expansion_record(plan, info.mpp), **run_info.to_dict()}
+              **expansion_record(plan, info.mpp), "scale": {"factor": plan.network.scale.factor, "source": plan.network.scale.source,
+                                                              **scale_record(plan)},
+              **run_info.to_dict()}
     thresholds = (record.get("model") or {}).get("score_thresholds")
     if thresholds:
         slide_threshold = thresholds["gray" if plan.network.gray else "colour"]

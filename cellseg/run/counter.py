@@ -13,19 +13,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..geometry import TileDetector
-from ..planning import Protocol, RegionFile
+from ..planning import DEFAULT_SCALE, Protocol, RegionFile
 from ..results import RunInfo, staged_output
 from ..tissue import TissueFinder
 from .pipeline import Progress, count_slide
+
+if TYPE_CHECKING:
+    from ..bundles import MicronScale
 
 
 class CellCounter:
     """A protocol and its loaded models (detector + tissue finder), ready to count any number of slides.
 
-    model_diameter_px: the training nucleus size the detector expects (its bundle's); diameter_px: the slides'
-    (--diameter), "auto" to measure it on each slide, or None; mpp: a pixel size overriding the slides' own;
+    model_diameter_px: the training nucleus size the detector expects (its bundle's), micron_scale its bundle's scale
+    in µm for the protocol's modality (Bundle.micron_scale); diameter_px: the slides' (--diameter), "auto" to measure
+    it on each slide, planning.DEFAULT_SCALE for the scale a count chooses itself (CellCounter.load's and `cellseg
+    count`'s default: the pixel size, checked, else measured), "native", or None (no measuring: native, or the
+    protocol's nucleus_diameter_um at the pixel size; planning.plan_slide); mpp: a pixel size overriding the slides' own;
     run_info: what run.json records besides the count itself (summary.RunInfo: command line, device, model bundle);
     regions: count only inside these (regions.load_regions; --regions), on every slide.
     """
@@ -33,8 +40,9 @@ class CellCounter:
     def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
                  model_diameter_px: float | None = None, diameter_px: float | str | None = None,
                  mpp: float | None = None, run_info: RunInfo | None = None, regions: RegionFile | None = None,
-                 skip_unreadable: bool = False):
+                 skip_unreadable: bool = False, micron_scale: MicronScale | None = None):
         self.protocol, self.detector = protocol, detector
+        self.micron_scale = micron_scale
         self.regions = regions
         self.skip_unreadable = skip_unreadable     # count around damaged pixel data (pipeline.count_slide)
         self.tissue = tissue or TissueFinder(protocol.tissue_method, device=str(detector.device))
@@ -42,7 +50,7 @@ class CellCounter:
         self.run_info = run_info or RunInfo()
 
     @classmethod
-    def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = None,
+    def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = DEFAULT_SCALE,
              mpp: float | None = None, run_info: RunInfo | None = None, tta: bool = False,
              regions: RegionFile | None = None, skip_unreadable: bool = False) -> CellCounter:
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
@@ -70,7 +78,8 @@ class CellCounter:
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
                                              model=model),
-                   regions=regions, skip_unreadable=skip_unreadable)
+                   regions=regions, skip_unreadable=skip_unreadable,
+                   micron_scale=bundle.micron_scale(protocol.modality))
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
@@ -89,7 +98,7 @@ class CellCounter:
         from .estimate import estimate_count
         return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                               model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
-                              regions=self.regions, sample_tiles=sample_tiles)
+                              regions=self.regions, sample_tiles=sample_tiles, micron_scale=self.micron_scale)
 
     def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
                    journal: Path | None = None, band_rows: int | None = None,
@@ -101,7 +110,7 @@ class CellCounter:
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
                            diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
-                           skip_unreadable=self.skip_unreadable)
+                           skip_unreadable=self.skip_unreadable, micron_scale=self.micron_scale)
 
 
 def mask_threshold_for(bundle, protocol: Protocol) -> float:
@@ -120,9 +129,12 @@ def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
     else:
         threshold = bundle.threshold_for(protocol.modality, tta=tta)
         gray_threshold = bundle.threshold_for(protocol.modality, tta=tta, gray=True)
+    micron = bundle.micron_scale(protocol.modality)
     return {"name": bundle.name, "path": str(bundle.path), "weights_sha256": bundle.weights_sha256,
             "score_thresholds": {"colour": float(threshold), "gray": float(gray_threshold)},
             "mask_threshold": float(mask_threshold_for(bundle, protocol)),
+            # the bundle's scale in µm for the protocol's modality (bundles.MicronScale), None without one
+            "micron_scale": micron.to_dict() if micron is not None else None,
             "test_time_augmentation": tta}
 
 
@@ -143,7 +155,7 @@ class CounterSpec:
 
     protocol: Protocol
     device: str = "auto"
-    diameter_px: float | str | None = None
+    diameter_px: float | str | None = DEFAULT_SCALE
     mpp: float | None = None
     tta: bool = False
     run_info: RunInfo = field(default_factory=RunInfo)

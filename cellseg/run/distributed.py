@@ -115,7 +115,7 @@ def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal),
                        calibration=plugin.calibration)
         plan = run.plan(counter.tissue, model_diameter_px=counter.model_diameter_px,
-                        diameter_px=counter.diameter_px, regions=counter.regions)
+                        diameter_px=counter.diameter_px, regions=counter.regions, micron_scale=counter.micron_scale)
     return PlannedSlide(plan, list(counter.detector.class_names), counter.tissue.describe(), counter.run_info,
                         run.timer.to_dict())
 

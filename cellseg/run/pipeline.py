@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from ..cells import (
     owned_instances,
 )
 from ..geometry import Band, Instances, TileDetections, TileDetector, TileSpec, seam_band_px
-from ..planning import Protocol, RegionFile, SlidePlan, calibrate, plan_slide
+from ..planning import Calibration, Protocol, RegionFile, SlidePlan, plan_slide
 from ..results import (
     RegionTally,
     ResultWriter,
@@ -61,6 +62,9 @@ from ..tissue import TissueFinder
 from ..util import StageTimer, in_background
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
 
+if TYPE_CHECKING:
+    from ..bundles import MicronScale
+
 log = logging.getLogger(__name__)
 
 REGION_COLUMNS = {"region": "str"}    # cells.csv's column when counted in regions: names joined by ";"
@@ -74,12 +78,15 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                 *, mpp: float | None = None, progress: Progress | None = None, run_info: RunInfo | None = None,
                 model_diameter_px: float | None = None, diameter_px: float | str | None = None,
                 journal: Path | None = None, band_rows: int | None = None,
-                regions: RegionFile | None = None, skip_unreadable: bool = False) -> dict:
+                regions: RegionFile | None = None, skip_unreadable: bool = False,
+                micron_scale: MicronScale | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`. Returns the summary.
 
     `out_dir` is a staging folder owned by the caller (results.staged_output; CellCounter.count does this).
     tissue: a loaded TissueFinder; mpp: the pixel size in µm/px, overriding the file's; model_diameter_px: the
-    bundle's training nucleus size; diameter_px: this image's (--diameter), or "auto" to measure it first.
+    bundle's training nucleus size, micron_scale its scale in µm for the protocol's modality; diameter_px: this
+    image's (--diameter), "auto" to measure it first, planning.DEFAULT_SCALE for the scale a count chooses itself, or
+    "native" (planning.plan_slide).
     journal: a journal folder (run/journal.py) where the plan and each finished band of tile rows are kept; what it
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
     regions: count only the nuclei inside these (planning/regions.py); tiles far from them are never read.
@@ -90,7 +97,8 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     # a full disk (the journal's files too): one line, and the journal kept for --resume
     with write_errors(out_dir), open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable) as opened:
         run = SlideRun(opened, protocol, detector, journal=journal, band_rows=band_rows, started=started)
-        plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions)
+        plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions,
+                        micron_scale=micron_scale)
         # After the plan, not before: on the way to the first tile they competed with it for the interpreter (~1 s
         # more before the first tile on 2 cores); beside the network, whose threads leave the GIL, they cost little.
         start_writer_imports()
@@ -99,15 +107,6 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         with in_background(run.owned_tiles(), max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
             return run.finish(reported(owned, plan, progress), out_dir, list(detector.class_names), tissue.describe(),
                               run_info or RunInfo())
-
-
-@dataclass
-class Calibration:
-    """A detector calibrated for one slide's statistics (slide, normalisation windows, network input): made once per
-    slide; a Dask worker keeps one for its detector, across the tasks of a slide."""
-
-    holds: tuple | None = None
-    detector: TileDetector | None = None
 
 
 class SlideRun:
@@ -142,16 +141,18 @@ class SlideRun:
             slide.add_unreadable(load_unreadable(journal))     # met by the interrupted run, in bands read back
 
     def plan(self, tissue: TissueFinder | None = None, *, model_diameter_px: float | None = None,
-             diameter_px: float | str | None = None, regions: RegionFile | None = None) -> SlidePlan:
+             diameter_px: float | str | None = None, regions: RegionFile | None = None,
+             micron_scale: MicronScale | None = None) -> SlidePlan:
         """The slide's plan: the one given or journaled, else made by planning.plan_slide with `tissue` and the
-        other arguments (its parameters) and journaled."""
+        other arguments (its parameters) and journaled. The tiles it detected to measure the nuclei are kept in
+        the calibration, for detect_tiles."""
         if self._plan is None and self.journal is not None:
             self._plan = load_plan(self.journal)
         if self._plan is None:
             if tissue is None:
                 raise ValueError("expected a tissue finder to plan the slide with, got None")
             self._plan = plan_slide(self.slide.slide, self.protocol, self.detector, tissue, self.timer,
-                                    model_diameter_px, diameter_px, regions)
+                                    model_diameter_px, diameter_px, regions, micron_scale, self.calibration)
             if self.journal is not None:
                 save_plan(self.journal, self._plan, self.slide.info)
         return self._plan
@@ -165,12 +166,8 @@ class SlideRun:
         plan = self.plan()
         if not plan.windows:
             return self.detector
-        holds = (str(self.slide.info.path), tuple(plan.windows), plan.network)
-        if self.calibration.holds != holds:
-            with self.timer("detect"):
-                self.calibration.detector = calibrate(self.detector, self.slide.slide, plan.windows, plan.network)
-            self.calibration.holds = holds
-        return self.calibration.detector
+        with self.timer("detect"):
+            return self.calibration.calibrated(self.detector, self.slide.slide, plan.windows, plan.network)
 
     def owned_tiles(self) -> Iterator[tuple[TileSpec, Instances]]:
         """Every tile of the slide, in grid order, with the nuclei it owns (none for a skipped tile)."""
@@ -214,14 +211,23 @@ class SlideRun:
             yield tile, nuclei
 
     def detect_tiles(self, tiles: list[TileSpec]) -> Iterator[tuple[TileSpec, TileDetections]]:
-        """(tile, detections) of `tiles`, in their order, the protocol's batch size at a time.
+        """(tile, detections) of `tiles`, in their order: those detected while planning, to measure the nuclei, with
+        the detector calibrated as now (planning.Calibration.take), as they are; the others read and detected."""
+        detector = self.calibrate() if tiles else None      # calibrated only when there is something to detect
+        known = self.calibration.take(tiles) if detector is not None and self.plan().windows else {}
+        with closing(self.read_and_detect([t for t in tiles if t not in known], detector)) as fresh:
+            for tile in tiles:
+                yield (tile, known[tile]) if tile in known else next(fresh)
+
+    def read_and_detect(self, tiles: list[TileSpec], detector: TileDetector | None
+                        ) -> Iterator[tuple[TileSpec, TileDetections]]:
+        """(tile, detections) of `tiles`, in their order, the protocol's batch size at a time, with `detector`.
 
         Reader threads decode the next batch while the detector works on this one (tifffile/imagecodecs release the
         GIL); at most one batch waits in memory. The raw pixels read stay with the slide, to be measured later.
         """
         plan, timer, batch_size = self.plan(), self.timer, self.protocol.batch_size
         batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
-        detector = self.calibrate() if tiles else None      # calibrated only when there is something to detect
 
         def read_tile(t: TileSpec) -> np.ndarray:
             return plan.network.of(self.slide.read_tile(t), t.read)     # measured later on these same pixels

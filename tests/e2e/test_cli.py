@@ -344,8 +344,9 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_count_one_png_writes_a_complete_result_beside_it(tmp_path, fluo_png, tiny_bundle):
     image = shutil.copy(fluo_png, tmp_path / "dsb_fluo.png")  # 256 x 256: 4 tiles of 128 px
+    # native: a random network's "nuclei" would otherwise set the scale (planning.decide_scale)
     result = invoke(["count", image, "--model", tiny_bundle, "--device", "cpu", "-q", "--tile-size", "128",
-                     "--halo", "16", "--tissue", "none", "--precision", "fp32"])
+                     "--halo", "16", "--tissue", "none", "--precision", "fp32", "--diameter", "native"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "dsb_fluo.cellseg"
     assert out.is_dir()

@@ -269,7 +269,9 @@ def test_the_tiny_bundle_finds_the_same_cells_at_two_tile_sizes(tmp_path, tiny_b
     results = {}
     for tile in (256, 512):
         protocol = load_protocol("fluorescence-nuclei").replace(model=str(tiny_bundle), tile_size=tile)
-        summary = CellCounter.load(protocol, "cpu").count(DATA / "dsb_fluo.png", tmp_path / f"t{tile}")
+        # native: what a random network finds must not choose the scale (planning.decide_scale)
+        summary = CellCounter.load(protocol, "cpu", diameter_px="native").count(DATA / "dsb_fluo.png",
+                                                                                 tmp_path / f"t{tile}")
         assert summary["tiles_total"] == 1 and summary["scale"]["tile_px"] == tile
         results[tile] = (summary, (tmp_path / f"t{tile}" / "cells.csv").read_bytes(),
                          tifffile.imread(tmp_path / f"t{tile}" / "labels.ome.tif"))
@@ -293,7 +295,9 @@ def test_the_shipped_model_finds_the_same_cells_across_seams(tmp_path):
     cells = {}
     for tile in (64, 256):
         protocol = load_protocol("fluorescence-nuclei").replace(tile_size=tile, halo_px=16, tissue_method="none")
-        summary = CellCounter.load(protocol, "cpu").count(DATA / "dsb_fluo.png", tmp_path / f"t{tile}")
+        # native: the same pixels in both layouts (the measured scale would depend on the tiles measured)
+        summary = CellCounter.load(protocol, "cpu", diameter_px="native").count(DATA / "dsb_fluo.png",
+                                                                                 tmp_path / f"t{tile}")
         assert summary["tiles_total"] == (256 // tile) ** 2
         (cells[tile],) = load_image_masks(tmp_path / f"t{tile}").values()
     tiled, whole = cells[64], cells[256]

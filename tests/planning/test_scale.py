@@ -1,0 +1,113 @@
+"""The scale a count chooses by itself (issue 51, planning.decide_scale): the pixel size with the model's scale in µm,
+checked against the measured nuclei; the measured nuclei where there is no pixel size to go by."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.bundles import MicronScale
+from cellseg.planning import Protocol, decide_scale, pixel_size_diameter
+from cellseg.slides import SlideInfo
+
+MODEL_PX = 20.0
+HE = MicronScale(0.25, 20.0, "40x H&E")       # nuclei of 5 µm, 20 px at 0.25 µm/px
+BRIGHTFIELD = Protocol(name="t", modality="brightfield")
+
+
+def info(mpp: float | None, source: str = "ome") -> SlideInfo:
+    return SlideInfo(Path("s.ome.tif"), "ome-tiff", "tifffile", 1000, 1000, 3, np.dtype(np.uint8), None, mpp,
+                     source if mpp else "none: no pixel size", ((1000, 1000),))
+
+
+class Nuclei:
+    """measure(factor) for a slide whose nuclei are `diameter` slide px: what the network finds once the slide is
+    resampled by `factor`, biased as a real one is far from its training size (nuclei seen smaller than 10 px are
+    missed, so the median rises; larger than 30 px are split, so it falls). Records the factors measured at."""
+
+    def __init__(self, diameter: float | None, n: int = 300):
+        self.diameter, self.n, self.at = diameter, n, []
+
+    def __call__(self, factor: float):
+        self.at.append(factor)
+        if self.diameter is None:
+            return None
+        seen = self.diameter * factor
+        biased = seen + 0.5 * (10 - seen) if seen < 10 else seen - 0.5 * (seen - 30) if seen > 30 else seen
+        return biased / factor, self.n
+
+
+@pytest.mark.parametrize("mpp, factor", [(0.25, 1.0), (0.5, 2.0), (0.333, 1.332), (0.125, 0.5)])
+def test_a_known_pixel_size_resamples_to_the_models_training_pixel_size(mpp, factor):
+    nuclei = Nuclei(5.0 / mpp)                  # the pixel size is right
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(mpp), nuclei)
+    assert scale.factor == pytest.approx(factor, rel=1e-3) and scale.method == "pixel size"
+    assert scale.warning is None and "checked" in scale.source and f"{mpp:g} µm/px" in scale.source
+    assert scale.pixel_size_diameter_px == pytest.approx(5.0 / mpp) and nuclei.at == [1.0]   # measured once, natively
+
+
+def test_a_pixel_size_off_by_two_warns_and_the_measured_size_sets_the_scale():
+    """A 20x scan (0.5 µm/px, nuclei of 10 px) whose metadata says 0.25 µm/px: the pixel size would leave it native,
+    the nuclei say 2x; the warning says which was used."""
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(10.0))
+    assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2)
+    assert scale.warning and "0.25 µm/px" in scale.warning and "the measured size set the scale" in scale.warning
+    assert scale.pixel_size_diameter_px == pytest.approx(20.0) and scale.measured_diameter_px < 15
+    too_big = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.5), Nuclei(20.0))      # 40x said to be 20x
+    assert too_big.warning and too_big.factor == 1.0 and "measured" in too_big.source
+
+
+def test_within_the_stated_factor_the_pixel_size_is_trusted():
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(27.0))       # 1.35x the 20 px implied
+    assert scale.method == "pixel size" and scale.factor == 1.0 and scale.warning is None
+    assert scale.measured_diameter_px == pytest.approx(27.0)
+
+
+@pytest.mark.parametrize("micron, protocol, slide, why", [
+    (None, BRIGHTFIELD, info(0.5), "no scale in µm for brightfield"),
+    (None, Protocol(name="t", modality="fluorescence"), info(0.5), "no scale in µm for fluorescence"),
+    (HE, BRIGHTFIELD, info(None), "no pixel size"),
+    (HE, BRIGHTFIELD, info(0.5, "image-dpi"), "image-dpi"),
+    (HE, BRIGHTFIELD, info(3.0), "beyond"),
+])
+def test_without_a_pixel_size_to_go_by_the_nuclei_are_measured(micron, protocol, slide, why):
+    """No scale in µm for the modality (a bundle made before it existed, or fluorescence), no pixel size, one that is
+    a guess (a PNG's dpi) or one that would resample too far: --diameter auto by default."""
+    implied = pixel_size_diameter(micron, protocol, slide, MODEL_PX)
+    assert isinstance(implied, str) and why in implied
+    scale = decide_scale(MODEL_PX, micron, protocol, slide, Nuclei(10.0))
+    assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2) and scale.warning is None
+    assert why in scale.source
+
+
+def test_a_measurement_far_from_the_models_size_is_measured_again_nearer_it():
+    """Nuclei of 60 px are measured 45 px natively (split); once resampled they measure right, so a 40x slide and
+    its 20x copy end at the same network size."""
+    for diameter in (60.0, 30.0):        # a 40x slide and its 20x copy
+        nuclei = Nuclei(diameter)
+        scale = decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), nuclei)
+        assert len(nuclei.at) >= 2 and scale.factor * diameter == pytest.approx(MODEL_PX, rel=0.2)
+    native = Nuclei(18.0)
+    assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), native).factor == 1.0 and native.at == [1.0]
+
+
+def test_too_few_nuclei_leave_the_pixel_size_unchecked_or_the_slide_native():
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.5), Nuclei(None))
+    assert scale.factor == 2.0 and "not checked" in scale.source
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(None), Nuclei(None))
+    assert scale.factor == 1.0 and "too few nuclei" in scale.source
+
+
+def test_diameter_auto_ignores_the_pixel_size_and_no_model_size_means_native():
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(10.0), auto=True)
+    assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2) and scale.warning is None
+    nuclei = Nuclei(10.0)
+    assert decide_scale(0.0, HE, BRIGHTFIELD, info(0.25), nuclei).factor == 1.0 and nuclei.at == []
+
+
+def test_the_protocols_nucleus_size_in_micrometres_counts_as_a_pixel_size_scale():
+    protocol = Protocol(name="t", modality="fluorescence", nucleus_diameter_um=10.0)
+    scale = decide_scale(MODEL_PX, None, protocol, info(0.25), Nuclei(40.0))       # 10 µm at 0.25 µm/px: 40 px
+    assert scale.method == "pixel size" and scale.factor == pytest.approx(0.5) and "nucleus_diameter_um" in scale.source
