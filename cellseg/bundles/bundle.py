@@ -18,6 +18,7 @@ import tomli_w
 import tomllib
 
 from ..errors import BundleError
+from .calibration import NO_CALIBRATION, BundleCalibration
 
 BUNDLE_FORMAT = "cellseg-bundle/1"
 DEFAULT_BUNDLE = "nuclei"
@@ -120,6 +121,10 @@ class Bundle:
     score_thresholds: dict[str, float] = field(default_factory=dict)
     # The same, tuned with test-time augmentation (cellseg.detection.tta: merged scores of 8 views are another scale).
     tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+    # [calibration] (bundles.calibration): p_nucleus and the count's interval, fitted on held-out images for these
+    # weights; None without one, or when it was fitted for other weights (calibration_note says which)
+    calibration: BundleCalibration | None = None
+    calibration_note: str = NO_CALIBRATION
     # [scale.<modality>]: the scale in µm of the modalities whose training images had a pixel size (MicronScale);
     # none in a bundle made before it existed, or for a modality whose training data had no pixel size
     micron_scales: dict[str, MicronScale] = field(default_factory=dict)
@@ -237,7 +242,8 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
             nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
             micron_scales=_micron_scales(meta.get("scale", {}), toml_path),
             weights_sha256=digest,
-            card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format")},
+            card={k: v for k, v in meta.items() if k not in ("model", "inference", "scale", "format", "calibration")},
+            **_calibration(meta.get("calibration"), digest, toml_path),
         )
     except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a table given as a plain value
         raise BundleError(f"invalid model.toml at {toml_path}: {e}") from e
@@ -257,6 +263,18 @@ def _micron_scales(scale, toml_path: Path) -> dict[str, MicronScale]:
                               f"nucleus_diameter_px, both > 0, found mpp = {mpp!r}, nucleus_diameter_px = {px!r}")
         out[str(modality)] = MicronScale(float(mpp), float(px), str(table.get("source", "")))
     return out
+
+
+def _calibration(table, digest: str, toml_path: Path) -> dict:
+    """Bundle's calibration and calibration_note from model.toml's [calibration] (checked: BundleError)."""
+    if table is None:
+        return {"calibration": None, "calibration_note": NO_CALIBRATION}
+    calibration = BundleCalibration.from_dict(table, str(toml_path))
+    if calibration.weights_sha256 != digest:
+        return {"calibration": None,
+                "calibration_note": f"{NO_CALIBRATION} for these weights (its calibration was fitted for "
+                                    f"{calibration.weights_sha256[:12]}…, these are {digest[:12]}…: refit it)"}
+    return {"calibration": calibration, "calibration_note": f"calibrated on held-out images ({calibration.method})"}
 
 
 def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
@@ -330,9 +348,11 @@ def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alph
 def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None,
                            mask_threshold: float | None = None, card: dict | None = None,
                            score_thresholds: dict[str, float] | None = None,
-                           tta_score_thresholds: dict[str, float] | None = None) -> Bundle:
-    """Set the default thresholds (score_thresholds: per modality, replacing any earlier ones) and replace whole
-    card tables (e.g. [metrics]) in a bundle's model.toml, atomically; the weights are not touched."""
+                           tta_score_thresholds: dict[str, float] | None = None,
+                           calibration: BundleCalibration | None = None) -> Bundle:
+    """Set the default thresholds (score_thresholds: per modality, replacing any earlier ones), replace whole
+    card tables (e.g. [metrics]) and the [calibration] (bundles.calibration) in a bundle's model.toml, atomically;
+    the weights are not touched."""
     folder = find_bundle(folder)
     meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
     inference = dict(meta.get("inference", {}))
@@ -345,8 +365,10 @@ def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None
         if table is not None:
             inference[key] = {k: float(v) for k, v in sorted(table.items())}
     meta["inference"] = inference
+    if calibration is not None:
+        meta["calibration"] = calibration.to_dict()
     for key in (card or {}):
-        if key in ("format", "name", "weights_sha256", "model", "inference", "scale"):
+        if key in ("format", "name", "weights_sha256", "model", "inference", "scale", "calibration"):
             raise BundleError(f"expected card tables, got the reserved model.toml key {key!r}")
     meta.update(card or {})
     write_toml(folder / "model.toml", meta)
