@@ -27,7 +27,7 @@ so pop_final resolves painter's order without searching again.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,9 +49,12 @@ def centroids_and_areas(boxes: np.ndarray, masks: list[np.ndarray]) -> tuple[np.
 
 def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int, int],
                     min_area_px: int = 0, band_px: int = 0) -> Instances:
-    """The nuclei of one tile's detections that this tile keeps (centroid in core + band), in slide coordinates."""
+    """The nuclei of one tile's detections that this tile keeps (centroid in core + band), in slide coordinates,
+    with its below-threshold candidates (boxes only) whose box centre lies in its core: cores partition the slide,
+    so each candidate is kept by one tile (two tiles' views of one are not deduped: the count curve is an estimate)."""
+    below = owned_candidates(det.below, tile)
     if len(det) == 0:
-        return Instances.empty()
+        return Instances.empty() if not len(below) else replace(Instances.empty(), below=below)
     boxes = np.asarray(det.boxes, np.int64).reshape(-1, 4) + np.array([tile.read.row0, tile.read.col0] * 2)
     centroids, areas = centroids_and_areas(boxes, det.masks)
     own = owned_box(tile, band_px)
@@ -65,7 +68,20 @@ def owned_instances(det: TileDetections, tile: TileSpec, slide_shape: tuple[int,
                | ((boxes[:, 1] <= read.col0) & (read.col0 > 0)) | ((boxes[:, 3] >= read.col1) & (read.col1 < width)))
     keep = np.flatnonzero(owned)
     return Instances(boxes[keep], [det.masks[i] for i in keep], det.scores[keep].astype(np.float32),
-                     det.class_ids[keep], np.full(len(keep), tile.index, np.int64), touches[keep])
+                     det.class_ids[keep], np.full(len(keep), tile.index, np.int64), touches[keep], below)
+
+
+def owned_candidates(below: np.ndarray, tile: TileSpec) -> np.ndarray:
+    """A tile's below-threshold candidates ((K, 5) row0, col0, row1, col1, score in its read box) in slide
+    coordinates, those whose box centre lies in its core."""
+    if not len(below):
+        return below
+    out = below.copy()
+    out[:, [0, 2]] += tile.read.row0
+    out[:, [1, 3]] += tile.read.col0
+    row, col = (out[:, 0] + out[:, 2]) / 2, (out[:, 1] + out[:, 3]) / 2
+    core = tile.core
+    return out[(row >= core.row0) & (row < core.row1) & (col >= core.col0) & (col < core.col1)]
 
 
 def _intersecting(boxes: np.ndarray, box) -> np.ndarray:

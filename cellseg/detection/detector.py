@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 
 from ..errors import ParameterError
-from ..geometry import Box, TileDetections, TileSpec, detection_frames
+from ..geometry import Box, TileDetections, TileSpec, detection_frames, no_candidates
 from .network import load_network
 from .precision import resolve_precision
 from .rcnn_parts import TileNetwork
@@ -27,6 +27,10 @@ from .slide_norm import fold_slide_norms, measure_slide_norms
 from .streams import ForwardStreams, cpu_stream_count
 
 log = logging.getLogger(__name__)
+
+# Detections from this score up to the threshold come back as boxes and scores (no masks): the count against the
+# threshold from 0.3 (the bottom of validation's sweep) up, at the cost of a few more boxes through the box NMS.
+CANDIDATE_FLOOR = 0.3
 
 
 def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, height: int, width: int,
@@ -94,13 +98,16 @@ class Detector:
     detector (`calibrated`).
     cpu_streams: on a CPU, forward passes of one tile each run side by side, each on its share of torch's threads
     (detection.streams; None: two where there are two threads to share, as measured there).
+    candidate_floor: detections scoring from this floor up to the threshold come back as boxes and scores without
+    masks (TileDetections.below: the count against the threshold, issue 48); None: none come back.
     """
 
     def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
                  score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
                  batch_size: int = 4, precision: str = "fp32", cpu_streams: int | None = None,
-                 gray_score_threshold: float | None = None):
+                 gray_score_threshold: float | None = None, candidate_floor: float | None = CANDIDATE_FLOOR):
         self.model, self.device, self.class_names = model, device, tuple(class_names)
+        self.candidate_floor = candidate_floor
         # score_threshold: the one in force (a calibrated detector's is its slide's); the pair: both to choose from
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.colour_and_gray_thresholds = (score_threshold, score_threshold if gray_score_threshold is None
@@ -128,9 +135,11 @@ class Detector:
             model.to(memory_format=torch.channels_last)
             matrix_roi_pools(model)   # RoIAlign as matrix products on the channels_last features
         # Filter inside torchvision, before the mask head: otherwise every box scoring > 0.05 (4x the kept
-        # cells on the example mosaic) goes through the mask branch only to be thrown away here. At the lower of the
-        # two thresholds: the shared model serves slides of either; _to_tile_detections applies the slide's.
-        model.roi_heads.score_thresh = min(self.colour_and_gray_thresholds)
+        # cells on the example mosaic) goes through the mask branch only to be thrown away here. At the lowest of the
+        # two thresholds and the candidate floor: the shared model serves slides of either; only boxes at the slide's
+        # threshold go on to the mask branch (TileRoIHeads' mask_score), the others come back as boxes and scores.
+        model.roi_heads.score_thresh = min(*self.colour_and_gray_thresholds,
+                                           *(() if candidate_floor is None else (candidate_floor,)))
         # Proposals: a cell-free tile needs few, a dense one many; an objectness floor scales the box head's
         # work with the cells present instead of always running it on rpn_post_nms_top_n proposals.
         model.rpn.score_thresh = proposal_threshold
@@ -140,12 +149,13 @@ class Detector:
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
                     batch_size: int = 4, precision: str = "fp32",
-                    gray_score_threshold: float | None = None) -> Detector:
+                    gray_score_threshold: float | None = None,
+                    candidate_floor: float | None = CANDIDATE_FLOOR) -> Detector:
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
         return cls(load_network(bundle), resolve_device(device), class_names=tuple(bundle.model.classes),
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
                    proposal_threshold=bundle.proposal_threshold, precision=precision,
-                   gray_score_threshold=gray_score_threshold)
+                   gray_score_threshold=gray_score_threshold, candidate_floor=candidate_floor)
 
     @property
     def slide_calibrated(self) -> bool:
@@ -261,12 +271,13 @@ class Detector:
             (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            outputs = self.network(batch, owned_regions, body_output=self._seen_body_output(images))
+            outputs = self.network(batch, owned_regions, body_output=self._seen_body_output(images),
+                                   mask_score=self.score_threshold)
         results = []
         for k, (image, out) in enumerate(zip(batch, outputs)):
             height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
             if scale != 1.0:
-                out = dict(out, boxes=out["boxes"] / scale)
+                out = dict(out, boxes=out["boxes"] / scale, below_boxes=out["below_boxes"] / scale)
             results.append(self._to_tile_detections(out, height, width))
         return results
 
@@ -276,4 +287,20 @@ class Detector:
                                                      self.mask_threshold)
         scores = out["scores"][keep].float().cpu().numpy()[kept].astype(np.float32)
         labels = out["labels"][keep].cpu().numpy()[kept].astype(np.int64)
-        return TileDetections(boxes, masks, scores, labels)
+        return TileDetections(boxes, masks, scores, labels, self._below(out, height, width))
+
+    def _below(self, out: dict, height: int, width: int) -> np.ndarray:
+        """The boxes scoring from the candidate floor up to the threshold (no masks): (K, 5) float32 row0, col0,
+        row1, col1 (clipped to the height x width frame), score."""
+        if self.candidate_floor is None or "below_boxes" not in out:
+            return no_candidates()
+        scores = out["below_scores"].float().cpu().numpy()
+        keep = (scores >= self.candidate_floor) & (scores < self.score_threshold)
+        xyxy = out["below_boxes"].float().cpu().numpy()[keep]
+        below = np.empty((len(xyxy), 5), np.float32)
+        below[:, 0] = np.clip(xyxy[:, 1], 0, height)
+        below[:, 1] = np.clip(xyxy[:, 0], 0, width)
+        below[:, 2] = np.clip(xyxy[:, 3], 0, height)
+        below[:, 3] = np.clip(xyxy[:, 2], 0, width)
+        below[:, 4] = scores[keep]
+        return below

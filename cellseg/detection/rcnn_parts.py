@@ -55,7 +55,11 @@ class TileRoIHeads(RoIHeads):
                    mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor)
 
     def forward(self, features, proposals, image_shapes, targets=None,
-                owned_regions: list[tuple[float, float, float, float]] | None = None):
+                owned_regions: list[tuple[float, float, float, float]] | None = None,
+                mask_score: float | None = None):
+        """mask_score (inference): boxes scoring below it (but at least score_thresh, the candidate floor) skip the
+        mask branch and come back as "below_boxes" and "below_scores" (their count against the threshold costs no
+        masks); None: every box kept gets its mask."""
         if self.training:
             if owned_regions is not None:
                 raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
@@ -67,10 +71,16 @@ class TileRoIHeads(RoIHeads):
         for i, region in enumerate(owned_regions or ()):
             keep = may_reach(boxes[i], region)
             boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
+        below_boxes, below_scores = [], []
+        for i in range(len(boxes)):
+            masked = scores[i] >= (mask_score if mask_score is not None else -1.0)
+            below_boxes.append(boxes[i][~masked])
+            below_scores.append(scores[i][~masked])
+            boxes[i], scores[i], labels[i] = boxes[i][masked], scores[i][masked], labels[i][masked]
         mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
-        return [{"boxes": b, "labels": lb, "scores": sc, "masks": m}
-                for b, lb, sc, m in zip(boxes, labels, scores, masks)], {}
+        return [{"boxes": b, "labels": lb, "scores": sc, "masks": m, "below_boxes": bb, "below_scores": bs}
+                for b, lb, sc, m, bb, bs in zip(boxes, labels, scores, masks, below_boxes, below_scores)], {}
 
 
 def may_reach(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
@@ -101,14 +111,17 @@ class TileNetwork(nn.Module):
 
     def forward(self, images: list[torch.Tensor],
                 owned_regions: list[tuple[float, float, float, float]] | None = None,
-                body_output: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
-        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28).
+                body_output: dict[str, torch.Tensor] | None = None,
+                mask_score: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """One dict per image: boxes (xyxy, input px: no resize), labels, scores, masks (N, 1, 28, 28), and the
+        boxes scoring under `mask_score` without masks (below_boxes, below_scores: TileRoIHeads.forward).
         body_output: the body's output on these images when it has been computed already (Detector.calibrated)."""
         model = self.model
         batch, _ = model.transform(images)
         features = model.backbone.fpn(self.body(batch.tensors) if body_output is None else body_output)
         proposals, _ = model.rpn(batch, features)
-        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions,
+                                        mask_score=mask_score)
         return detections
 
 

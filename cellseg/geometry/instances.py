@@ -9,7 +9,7 @@ N full-tile masks). docs/architecture.md describes each stage's contract.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -24,12 +24,16 @@ class TileDetections:
     boxes: (N, 4) int64 half-open (row0, col0, row1, col1), tight around each mask.
     masks: N bool arrays, masks[i].shape == (row1 - row0, col1 - col0).
     scores: (N,) float32 in [0, 1]; class_ids: (N,) int64, >= 1.
+    below: the detections scoring under the detector's threshold down to its candidate floor, boxes and scores
+    only (no mask was made for them): (K, 5) float32 row0, col0, row1, col1, score, in the same frame (`no_candidates`
+    when the detector keeps none). The count against the score threshold (summary.json "score_curve") comes from them.
     """
 
     boxes: np.ndarray
     masks: list[np.ndarray]
     scores: np.ndarray
     class_ids: np.ndarray
+    below: np.ndarray = field(default_factory=lambda: no_candidates())
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -39,6 +43,11 @@ class TileDetections:
         return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
+def no_candidates() -> np.ndarray:
+    """No below-threshold candidates: a (0, 5) float32 array (TileDetections.below, Instances.below)."""
+    return np.zeros((0, 5), np.float32)
+
+
 @dataclass
 class Instances:
     """N cells in slide coordinates (level-0 px), masks cropped to their boxes.
@@ -46,6 +55,8 @@ class Instances:
     boxes: (N, 4) int64 half-open (row0, col0, row1, col1); masks[i] bool of shape boxes[i] size;
     scores: (N,) float32; class_ids: (N,) int64 >= 1; tile_index: (N,) int64 owning tile;
     cut: (N,) bool, True where the cell was larger than the halo and clipped at a read edge.
+    below: the owning tile's below-threshold candidates (TileDetections.below) whose box centre lies in its core,
+    in slide coordinates: (K, 5) float32. They belong to the tile, not to its cells: `take` leaves them out.
     """
 
     boxes: np.ndarray
@@ -54,6 +65,7 @@ class Instances:
     class_ids: np.ndarray
     tile_index: np.ndarray
     cut: np.ndarray
+    below: np.ndarray = field(default_factory=lambda: no_candidates())
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -70,12 +82,15 @@ class Instances:
 
     @staticmethod
     def concat(parts: list[Instances]) -> Instances:
+        """The parts' cells one after the other, and all their below-threshold candidates."""
+        below = [p.below for p in parts if len(p.below)]
         parts = [p for p in parts if len(p)]
         if not parts:
-            return Instances.empty()
+            return Instances.empty() if not below else replace(Instances.empty(), below=np.concatenate(below))
         return Instances(np.concatenate([p.boxes for p in parts]), [m for p in parts for m in p.masks],
                          np.concatenate([p.scores for p in parts]), np.concatenate([p.class_ids for p in parts]),
-                         np.concatenate([p.tile_index for p in parts]), np.concatenate([p.cut for p in parts]))
+                         np.concatenate([p.tile_index for p in parts]), np.concatenate([p.cut for p in parts]),
+                         np.concatenate(below) if below else no_candidates())
 
 
 class TileDetector(Protocol):

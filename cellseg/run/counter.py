@@ -62,7 +62,7 @@ class CellCounter:
         run.json records `run_info` (the caller's command) with the device, the precision and the bundle.
         """
         from ..bundles import load_bundle
-        from ..detection import AugmentedDetector, Detector, member_threshold
+        from ..detection import CANDIDATE_FLOOR, AugmentedDetector, Detector, member_threshold
         bundle = load_bundle(protocol.model)
         model = model_record(bundle, protocol, tta)
         # with TTA these are the merged cells' (the views' detector keeps cells down to tta.member_threshold)
@@ -71,7 +71,8 @@ class CellCounter:
             bundle, device, mask_threshold=model["mask_threshold"], batch_size=protocol.batch_size,
             precision=protocol.precision,
             score_threshold=member_threshold(min(threshold, gray_threshold)) if tta else threshold,
-            gray_score_threshold=None if tta else gray_threshold)
+            gray_score_threshold=None if tta else gray_threshold,
+            candidate_floor=None if tta else CANDIDATE_FLOOR)     # TTA's merged scores: no count curve
         precision = detector.precision_note
         if tta:
             detector = AugmentedDetector(detector, threshold, gray_score_threshold=gray_threshold)

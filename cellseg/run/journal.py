@@ -21,14 +21,14 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from ..errors import CellsegError, JournalError, OutputError, UnreadableRegionError, WriteError
-from ..geometry import Band, Box, Instances, plan_tiles
+from ..geometry import Band, Box, Instances, no_candidates, plan_tiles
 from ..planning import IntensityRange, NetworkInput, Regions, Scale, SlidePlan
 from ..results import (
     RESULT_MARKER,
@@ -323,9 +323,12 @@ def save_band(folder: Path, band: Band, owned: dict[int, Instances]) -> None:
     cells = Instances.concat([owned[int(t)] for t in tiles])
     flat = (np.concatenate([m.reshape(-1) for m in cells.masks]).astype(bool, copy=False) if len(cells)
             else np.zeros(0, bool))
+    below_tile = np.concatenate([np.full(len(owned[int(t)].below), t, np.int64) for t in tiles]) if len(tiles) \
+        else np.zeros(0, np.int64)
     _save_npz(band_path(folder, band.index), band=np.array([band.index, band.row0, band.row1], np.int64),
               tiles=tiles, boxes=cells.boxes, scores=cells.scores, class_ids=cells.class_ids,
-              tile_index=cells.tile_index, cut=cells.cut, masks=np.packbits(flat), mask_bits=np.int64(flat.size))
+              tile_index=cells.tile_index, cut=cells.cut, masks=np.packbits(flat), mask_bits=np.int64(flat.size),
+              below=cells.below, below_tile=below_tile)
 
 
 def load_band(folder: Path, band: Band) -> dict[int, Instances]:
@@ -343,7 +346,10 @@ def load_band(folder: Path, band: Band) -> dict[int, Instances]:
     masks = [flat[starts[i]:starts[i + 1]].reshape(int(h), int(w))
              for i, (h, w) in enumerate(zip(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))]
     cells = Instances(boxes, masks, arrays["scores"], arrays["class_ids"], arrays["tile_index"], arrays["cut"])
-    return {int(t): cells.take(np.flatnonzero(cells.tile_index == t)) for t in arrays["tiles"]}
+    below = arrays.get("below", no_candidates())       # the below-threshold candidates (Instances.below) per tile
+    below_tile = arrays.get("below_tile", np.zeros(0, np.int64))
+    return {int(t): replace(cells.take(np.flatnonzero(cells.tile_index == t)), below=below[below_tile == t])
+            for t in arrays["tiles"]}
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -331,3 +331,30 @@ def test_the_mask_head_matches_its_weights_format_in_inference_only():
     with torch.no_grad():
         head.eval()(x)
     assert seen == [False, True]      # training: RoIAlign's NCHW as torchvision has it; inference: channels_last
+
+
+def test_detections_under_the_threshold_come_back_as_boxes_without_masks():
+    """Issue 48: boxes from the candidate floor up to the threshold skip the mask branch and come back as
+    TileDetections.below; those at or above it are exactly what a detector without candidates returns."""
+    torch.manual_seed(0)
+    image = np.random.default_rng(0).random((3, 96, 96), dtype=np.float32)
+    probe = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=1)
+    scores = probe.detect_images([image])[0].scores
+    assert len(scores) > 4
+    floor, threshold = (float(v) for v in np.quantile(scores, [0.2, 0.6]))
+    torch.manual_seed(0)
+    with_candidates = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=threshold,
+                               batch_size=1, candidate_floor=floor)
+    torch.manual_seed(0)
+    without = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=threshold,
+                       batch_size=1, candidate_floor=None)
+    (ours,), (theirs,) = with_candidates.detect_images([image]), without.detect_images([image])
+    assert np.array_equal(ours.boxes, theirs.boxes) and np.array_equal(ours.scores, theirs.scores)
+    assert all(np.array_equal(a, b) for a, b in zip(ours.masks, theirs.masks))
+    assert len(theirs.below) == 0 and ours.below.shape[1] == 5 and len(ours.below) > 0
+    below = ours.below[:, 4]
+    assert np.all((below >= floor) & (below < threshold))
+    # the probe's cells are those whose mask kept a pixel; a box without a mask has no such test
+    assert len(below) >= np.count_nonzero((scores >= floor) & (scores < threshold))
+    assert np.all(ours.below[:, 2] > ours.below[:, 0]) and np.all(ours.below[:, 3] > ours.below[:, 1])
+    assert ours.below[:, :4].min() >= 0 and ours.below[:, [0, 2]].max() <= 96
