@@ -245,6 +245,12 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                 kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
                         if outcome.kept_bands else "")
                 bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}")
+                estimate = summary.get("count_estimate") or {}
+                if estimate.get("estimated_true_count") is not None:     # results/uncertainty.py
+                    bar.echo(f"  estimated true count {round(estimate['estimated_true_count']):,} "
+                             f"({round(100 * estimate['interval_level'])} % interval "
+                             f"{round(estimate['interval_low']):,}-{round(estimate['interval_high']):,}): an estimate "
+                             f"from validation data (report.html says how)")
             if summary.get("unreadable"):
                 click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
                            f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
@@ -252,6 +258,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
                          "cells_per_mm2": summary["cells_per_mm2"],
+                         **{k: (summary.get("count_estimate") or {}).get(k) for k in _ESTIMATE_COLUMNS},
                          "median_area_px": (summary["area_px"] or {}).get("median"),
                          "tiles_total": summary["tiles_total"], "tiles_skipped": summary["tiles_skipped"],
                          "seconds": summary["seconds"]["total"]})
@@ -323,8 +330,9 @@ class _JobBar:
             self.bar.close()
 
 
+_ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
-                    "median_area_px", "tiles_total", "tiles_skipped", "seconds", "error"]
+                    *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds", "error"]
 
 
 def _summary_csv_text(rows: list[dict]) -> str:

@@ -175,3 +175,24 @@ def place_on_image(kwargs: dict, image_scale, image_translate) -> dict:
     scale = np.asarray(kwargs.get("scale", (1.0, 1.0)), np.float64)
     translate = np.asarray(kwargs.get("translate", (0.0, 0.0)), np.float64)
     return {**kwargs, "scale": tuple(scale * s_img), "translate": tuple(t_img + translate * s_img)}
+
+
+# --------------------------------------------------------------------------- the count's uncertainty
+
+def count_message(summary: dict, shown: int | None = None) -> str:
+    """What the widget says of a finished count (summary.json): the nuclei counted, the estimated true count with
+    its interval (an estimate from validation data) or why there is none, and the count's warnings."""
+    count = int(summary.get("cell_count", shown or 0)) if shown is None else shown
+    text = f"{count:,} cells"
+    estimate = summary.get("count_estimate") or {}
+    if estimate.get("estimated_true_count") is not None:
+        level = round(100 * float(estimate.get("interval_level", 0.9)))
+        text += (f"; estimated true count {round(estimate['estimated_true_count']):,} ({level} % interval "
+                 f"{round(estimate['interval_low']):,}–{round(estimate['interval_high']):,}; an estimate from "
+                 f"validation data)")
+    elif estimate.get("note"):
+        text += f" ({estimate['note']})"
+    warnings = summary.get("warnings") or []
+    if warnings:
+        text += "\nwarning: " + "\nwarning: ".join(warnings)
+    return text

@@ -301,14 +301,16 @@ class CellsegWidget(QWidget):
             self._say(str(outcome), error=True)
             return
         folder = outcome
-        offset = load_result(folder).offset
+        result = load_result(folder)
         scale, translate = self._placement
-        layers = result_layer_data(folder, with_slide=False, translate=offset)
+        layers = result_layer_data(folder, with_slide=False, translate=result.offset)
         for data, kwargs, layer_type in layers:
             kwargs = _logic.place_on_image(kwargs, scale, translate)
             getattr(self.viewer, f"add_{layer_type}")(data, **kwargs)
         n = len(layers[-1][0])
-        self._say(f"{n} cells → {folder}")
+        # the count with its interval and warnings (summary.json), as report.html gives them
+        self._say(f"{_logic.count_message(result.summary, n)} → {folder}",
+                  error=bool(result.summary.get("warnings")))
 
     def _on_error(self, exc: Exception) -> None:
         self._say(f"error: {type(exc).__name__}: {exc}", error=True)

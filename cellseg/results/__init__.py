@@ -24,6 +24,10 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "write_cohort_report", "write_report",
     ],
     "summary": ["RunInfo", "build_summary", "regions_record", "run_record"],
+    "uncertainty": [
+        "BELOW_FILE", "CURVE_THRESHOLDS", "ScoreTally", "count_calibration", "curve_warning", "estimate_record",
+        "region_estimates", "slide_threshold",
+    ],
     "writer": [
         "RESULT_FILES", "ResultWriter", "chosen_outputs", "describe_size", "expected_size", "result_files",
         "start_writer_imports", "write_error", "write_errors",

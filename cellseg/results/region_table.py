@@ -21,11 +21,23 @@ class RegionTally:
         self.regions = regions
         self._region: list[np.ndarray] = []
         self._area: list[np.ndarray] = []
+        self._p: list[np.ndarray] = []
 
-    def add(self, member: np.ndarray, area_px: np.ndarray) -> None:
+    def add(self, member: np.ndarray, area_px: np.ndarray, p_nucleus: np.ndarray | None = None) -> None:
         cell, region = np.nonzero(member)
         self._region.append(region.astype(np.int32))
         self._area.append(np.asarray(area_px, np.int64)[cell])
+        if p_nucleus is not None:
+            self._p.append(np.nan_to_num(np.asarray(p_nucleus, np.float64)[cell]))
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per region: the sum of its nuclei's p_nucleus (0 where none was given) and of their areas (px)."""
+        n = len(self.regions.names)
+        region = np.concatenate(self._region) if self._region else np.zeros(0, np.int32)
+        area = np.concatenate(self._area) if self._area else np.zeros(0, np.int64)
+        p = np.concatenate(self._p) if self._p and len(self._p) == len(self._region) else np.zeros(len(region))
+        return (np.bincount(region, weights=p, minlength=n)[:n],
+                np.bincount(region, weights=area.astype(np.float64), minlength=n)[:n])
 
     def table(self, tissue, mpp: float | None) -> list[dict]:
         """One record per region: area, tissue inside it (tissue: tissue.TissueMask), cells, densities, area

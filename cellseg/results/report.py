@@ -34,6 +34,10 @@ NEAR_THRESHOLD = 0.1     # a score within this of the threshold is "near" it
 SCALE_RATIO = 2.0        # nuclei this many times larger or smaller than the model's training size
 SKIPPED_TISSUE = 0.1     # share of the tissue in tiles skipped as background
 ASSUMED_MPP = ("none", "image-dpi")   # pixel size sources that are a guess, not the microscope's
+NEAR_CROPS = 6           # crops of detections near the threshold when the count moves with it (uncertainty)
+NEAR_CROP_PX = 96
+NEAR_STEP = 0.05         # "near": within one step of the score curve
+KEPT_BOX, BELOW_BOX = (0, 200, 255), (255, 0, 200)
 
 
 @dataclass
@@ -260,7 +264,8 @@ def write_report(folder: Path, slide=None) -> list[str]:
     """Write `folder`/report.html from the result files there, and its warnings into summary.json. slide: the open
     slide for the crops (None: opened from run.json's path, and the crops left out when it is not there). Returns the
     warnings."""
-    from .report_plots import histogram_png
+    from .report_plots import histogram_png, score_curve_png
+    from .uncertainty import curve_warning
     folder = Path(folder)
     summary, run = _read_json(folder / "summary.json"), _read_json(folder / "run.json")
     cells = _cells_table(folder, summary)
@@ -280,7 +285,12 @@ def write_report(folder: Path, slide=None) -> list[str]:
         threshold = (run.get("model") or {}).get("score_threshold")
         figures.append(("Scores", histogram_png(cells["score"].to_numpy(float), "detection score", "Scores",
                                                 {"threshold": threshold} if threshold is not None else None)))
-    crops, crops_note = [], ""
+    curve, estimate = summary.get("score_curve"), summary.get("count_estimate")
+    moved = curve_warning(curve) if curve else None
+    if moved:
+        warnings.append(moved)
+    curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
+    crops, crops_note, near_crops = [], "", []
     chosen = choose_crops(grid, density)
     if chosen:
         try:
@@ -290,6 +300,8 @@ def write_report(folder: Path, slide=None) -> list[str]:
                     crops = read_crops(grid, chosen, summary, opened, folder / "labels.ome.tif")
             else:
                 crops = read_crops(grid, chosen, summary, slide, folder / "labels.ome.tif")
+            if moved:
+                near_crops = _with_slide(slide, run, mpp, lambda s: near_threshold_crops(folder, summary, curve, s))
         except (CellsegError, OSError) as e:   # a report without crops beats no report; the page says why
             crops_note = f"crops left out: the slide could not be read ({e})"
             log.warning("%s: %s", folder.name, crops_note)
@@ -298,6 +310,7 @@ def write_report(folder: Path, slide=None) -> list[str]:
         heatmap=_density_map(folder, grid, density, unit, summary),
         density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
+        estimate=estimate, curve=curve, curve_png=curve_png, near_crops=near_crops, curve_moved=moved,
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
         tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()))
     from .folder import atomic_write_text
@@ -305,6 +318,58 @@ def write_report(folder: Path, slide=None) -> list[str]:
     summary["warnings"] = warnings
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str))
     return warnings
+
+
+def _with_slide(slide, run: dict, mpp, read):
+    """read(slide) with the open slide, or the slide run.json names opened for it."""
+    if slide is not None:
+        return read(slide)
+    from ..slides import open_slide
+    with open_slide(run["slide"], mpp=mpp) as opened:
+        return read(opened)
+
+
+def near_threshold_crops(folder: Path, summary: dict, curve: dict, slide, seed: int = 0) -> list[Crop]:
+    """Crops of detections scoring within NEAR_STEP of the threshold, half kept (cells.csv, boxed in blue) and half
+    not (below_threshold.csv, boxed in magenta), chosen at random (seeded); NEAR_CROPS at most."""
+    import pandas as pd
+
+    from .report_plots import boxed_png
+    from .uncertainty import BELOW_FILE
+    threshold = float(curve["threshold"])
+    box_columns = ["bbox_row0_px", "bbox_col0_px", "bbox_row1_px", "bbox_col1_px"]
+    cells = pd.read_csv(folder / "cells.csv", usecols=["score", *box_columns])
+    kept = cells[(cells["score"] >= threshold) & (cells["score"] < threshold + NEAR_STEP)]
+    below = pd.read_csv(folder / BELOW_FILE) if (folder / BELOW_FILE).is_file() else pd.DataFrame()
+    if len(below):
+        below = below[below["score"] >= threshold - NEAR_STEP]
+    rng = np.random.default_rng(seed)
+    picks = []
+    for table, columns, kind in ((kept, box_columns, "kept"),
+                                 (below, ["row0_px", "col0_px", "row1_px", "col1_px"], "not kept")):
+        rows = rng.permutation(len(table))[:NEAR_CROPS // 2] if len(table) else []
+        picks += [(table.iloc[int(k)][columns].to_numpy(float), float(table.iloc[int(k)]["score"]), kind)
+                  for k in rows]
+    height, width = summary["height_px"], summary["width_px"]
+    out = []
+    with _open_labels(folder) as labels:
+        for box, score, kind in picks:
+            centre_row, centre_col = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            r0 = int(max(0, min(height - NEAR_CROP_PX, centre_row - NEAR_CROP_PX / 2)))
+            c0 = int(max(0, min(width - NEAR_CROP_PX, centre_col - NEAR_CROP_PX / 2)))
+            crop = Box(r0, c0, min(height, r0 + NEAR_CROP_PX), min(width, c0 + NEAR_CROP_PX))
+            png = boxed_png(slide.read_region(crop), labels.read_region(crop)[..., 0],
+                            (box[0] - r0, box[1] - c0, box[2] - r0, box[3] - c0),
+                            KEPT_BOX if kind == "kept" else BELOW_BOX)
+            out.append(Crop(f"score {score:.3f} at rows {int(box[0])}:{int(np.ceil(box[2]))} cols "
+                            f"{int(box[1])}:{int(np.ceil(box[3]))}",
+                            f"{kind} at the threshold {threshold:.2f}", _b64(png)))
+    return out
+
+
+def _open_labels(folder: Path):
+    from ..slides import open_slide
+    return open_slide(folder / "labels.ome.tif")
 
 
 def _density_map(folder: Path, grid: TileGrid, density: np.ndarray, unit: str, summary: dict) -> str | None:

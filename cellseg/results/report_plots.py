@@ -95,3 +95,49 @@ def outlined_png(pixels: np.ndarray, labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="png", compress_level=3)
     return buf.getvalue()
+
+
+def score_curve_png(curve: dict, estimate: dict | None = None) -> bytes:
+    """The count against the score threshold (summary.json's "score_curve"): the counts at and above the count's
+    threshold solid (exact), those under it dashed (the detections scored there, boxes only: an approximation), the
+    threshold marked; with an estimate, the estimated true count and its interval as a band."""
+    thresholds = np.asarray(curve["thresholds"], float)
+    counts = np.asarray(curve["counts"], float)
+    threshold = curve.get("threshold")
+    fig = _figure(6.0, 3.6)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.91)
+    ax = fig.add_subplot()
+    at_or_above = thresholds >= (threshold if threshold is not None else -1) - 1e-9
+    ax.plot(thresholds[at_or_above], counts[at_or_above], color="#4878a8", marker="o", label="nuclei kept")
+    if (~at_or_above).any():
+        k = np.flatnonzero(~at_or_above)
+        k = np.r_[k, k[-1] + 1] if k[-1] + 1 < len(thresholds) else k
+        ax.plot(thresholds[k], counts[k], color="#4878a8", marker="o", linestyle="--", fillstyle="none",
+                label="with detections under the threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="#208020", linestyle=":", label=f"threshold {threshold:.2f}")
+    if estimate and estimate.get("estimated_true_count") is not None:
+        ax.axhspan(estimate["interval_low"], estimate["interval_high"], color="#c03030", alpha=0.12,
+                   label=f"estimated true count, {estimate['interval_level']:.0%} interval")
+        ax.axhline(estimate["estimated_true_count"], color="#c03030", linestyle="--", linewidth=1)
+    ax.set_xlabel("score threshold")
+    ax.set_ylabel("nuclei")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("The count against the score threshold", fontsize=10)
+    return _png(fig, tight=False)
+
+
+def boxed_png(pixels: np.ndarray, labels: np.ndarray, box: tuple[int, int, int, int], colour) -> bytes:
+    """outlined_png with one detection's box (row0, col0, row1, col1 in the crop, half-open) drawn in `colour`."""
+    from PIL import Image
+    rgb = _display_rgb(pixels)
+    rgb[outline_pixels(labels)] = NUCLEUS_OUTLINE
+    h, w = rgb.shape[:2]
+    r0, c0 = max(0, int(box[0]) - 1), max(0, int(box[1]) - 1)
+    r1, c1 = min(h - 1, int(np.ceil(box[2]))), min(w - 1, int(np.ceil(box[3])))
+    rgb[r0, c0:c1 + 1] = rgb[r1, c0:c1 + 1] = colour
+    rgb[r0:r1 + 1, c0] = rgb[r0:r1 + 1, c1] = colour
+    buf = io.BytesIO()
+    Image.fromarray(rgb).resize((w * 2, h * 2), Image.NEAREST).save(buf, format="png", compress_level=3)
+    return buf.getvalue()

@@ -51,10 +51,11 @@ from .writer_process import TablesProcess, TableWriteError
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("cells.csv", "cells.geojson", "summary.json", "labels.ome.tif", "panoptic.ome.tif", "overlay.png",
-                "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json", "report.html")
+                "tissue_mask.png", "area_histogram.png", "predictions.coco.json", "run.json", "report.html",
+                "below_threshold.csv")    # uncertainty.BELOW_FILE: the detections scoring under the threshold
 CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grown into cells
 REGION_FILES = ("regions.csv",)           # written besides when the count was restricted to regions (planning/regions.py)
-ALWAYS = ("summary.json", "run.json")     # whatever `outputs` picks
+ALWAYS = ("summary.json", "run.json", "below_threshold.csv")     # whatever `outputs` picks (the last: small)
 # What report.html is drawn from (results/report.py): asking for the report writes these too.
 REPORT_NEEDS = ("cells.csv", "overlay.png", "tissue_mask.png", "area_histogram.png", "labels.ome.tif")
 _LABEL_FILES = ("labels.ome.tif", "panoptic.ome.tif", "overlay.png", "cell_labels.ome.tif")   # from the canvases

@@ -46,13 +46,19 @@ from ..cells import (
 from ..geometry import Band, Instances, TileDetections, TileDetector, TileSpec, seam_band_px
 from ..planning import Calibration, Protocol, RegionFile, SlidePlan, plan_slide
 from ..results import (
+    BELOW_FILE,
     RegionTally,
     ResultWriter,
     RunInfo,
+    ScoreTally,
     build_summary,
     chosen_outputs,
+    count_calibration,
+    estimate_record,
+    region_estimates,
     regions_record,
     run_record,
+    slide_threshold,
     start_writer_imports,
     write_errors,
     write_regions_csv,
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REGION_COLUMNS = {"region": "str"}    # cells.csv's column when counted in regions: names joined by ";"
+P_NUCLEUS_COLUMN = {"p_nucleus": "float32"}   # cells.csv: the calibrated probability of a true nucleus (empty: none)
 
 Progress = Callable[[int, int], None]
 """progress(tiles analysed, tiles to analyse): called once the tiles are planned, then after each analysed tile, in
@@ -258,15 +265,20 @@ class SlideRun:
         merger = SeamMerger(protocol.dedupe_overlap, protocol.min_area_px)
         expansion = plan.cell_expansion(info, protocol.modality)    # None: nuclei only
         tally = RegionTally(plan.regions) if plan.regions is not None else None
+        # p_nucleus and the count's interval (results/uncertainty.py), from the bundle's calibration when it has one
+        calibration, calibration_note = count_calibration(run_info.model, protocol.modality, plan.network.gray)
+        threshold = slide_threshold(run_info.model, plan.network.gray)
+        scores = ScoreTally(None if calibration is None else calibration.score_map, threshold)
         outputs = chosen_outputs(protocol.outputs)      # the result files asked for (--outputs)
         with ResultWriter(out_dir, info.path.name, info.height, info.width, info.mpp, plan.channel_names,
                           class_names, chunk_px=min(512, protocol.tile_size),
                           expansion_columns=None if expansion is None else expansion.columns,
                           geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
-                          extra_columns=REGION_COLUMNS if tally is not None else None, outputs=outputs) as result:
+                          extra_columns={**P_NUCLEUS_COLUMN, **(REGION_COLUMNS if tally is not None else {})},
+                          outputs=outputs) as result:
             emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
-                                  expansion=expansion, tally=tally)
-            merge_tiles(owned, plan.tiles_per_row, merger, emitter, timer)
+                                  expansion=expansion, tally=tally, scores=scores)
+            merge_tiles(gathered_below(owned, scores, plan.regions), plan.tiles_per_row, merger, emitter, timer)
             unreadable = slide.unreadable
             if unreadable:
                 # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask, the overlay.
@@ -285,12 +297,20 @@ class SlideRun:
             if slide.skip_unreadable:
                 summary["unreadable"] = [r.to_dict() for r in unreadable]
                 summary["unreadable_area_px"] = int(sum(r.box.height * r.box.width for r in unreadable))
+            tissue_px = float(plan.tissue.area_px())
             if tally is not None:
                 table = tally.table(plan.tissue, info.mpp)
-                regions_record(summary, table, float(np.count_nonzero(inside & plan.tissue.mask))
-                               * plan.tissue.row_factor * plan.tissue.col_factor, info.mpp)
+                tissue_px = float(np.count_nonzero(inside & plan.tissue.mask)) * plan.tissue.row_factor \
+                    * plan.tissue.col_factor
+                regions_record(summary, table, tissue_px, info.mpp)
+                region_estimates(table, calibration, calibration_note, *tally.sums(), threshold)
                 if "regions.csv" in outputs:
                     result.write_file("regions.csv", write_regions_csv, out_dir / "regions.csv", table)
+            summary["count_estimate"] = estimate_record(calibration, calibration_note, result.cell_count,
+                                                        scores.expected_true, float(result.all_areas().sum()),
+                                                        tissue_px, threshold)
+            summary["score_curve"] = scores.curve(available=not (run_info.model or {}).get("test_time_augmentation"))
+            result.write_file(BELOW_FILE, scores.write_below, out_dir / BELOW_FILE)
             result.write_json("summary.json", summary)
             result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
         if "report.html" not in outputs:
@@ -313,8 +333,18 @@ def drop_unreadable(nuclei: Instances, regions) -> Instances:
     """`nuclei` less those whose mask centroid lies in an unreadable region (slide.UnreadableRegion): nothing was
     seen there. The owning tile's read met every region its nuclei's centroids can lie in (a nucleus lies in its
     tile's read box), so the regions are known by the time its nuclei are."""
-    if not regions or not len(nuclei):
+    if not regions:
         return nuclei
+    below = nuclei.below
+    if len(below):
+        centre_row, centre_col = (below[:, 0] + below[:, 2]) / 2, (below[:, 1] + below[:, 3]) / 2
+        seen = np.ones(len(below), bool)
+        for r in regions:
+            b = r.box
+            seen &= ~((centre_row >= b.row0) & (centre_row < b.row1) & (centre_col >= b.col0) & (centre_col < b.col1))
+        below = below[seen]
+    if not len(nuclei):
+        return dataclasses.replace(nuclei, below=below)
     keep = np.ones(len(nuclei), bool)
     for k, (box, mask) in enumerate(zip(nuclei.boxes, nuclei.masks)):
         near = [r.box for r in regions if r.box.row0 < box[2] and box[0] < r.box.row1
@@ -323,7 +353,19 @@ def drop_unreadable(nuclei: Instances, regions) -> Instances:
             rows, cols = np.nonzero(mask)
             row, col = box[0] + rows.mean(), box[1] + cols.mean()
             keep[k] = not any(b.row0 <= row < b.row1 and b.col0 <= col < b.col1 for b in near)
-    return nuclei if keep.all() else nuclei.take(np.flatnonzero(keep))
+    return dataclasses.replace(nuclei if keep.all() else nuclei.take(np.flatnonzero(keep)), below=below)
+
+
+def gathered_below(owned: Iterable[tuple[TileSpec, Instances]], scores: ScoreTally,
+                   regions=None) -> Iterator[tuple[TileSpec, Instances]]:
+    """The same tiles, their below-threshold candidates (Instances.below) handed to `scores` on the way (with
+    regions, those whose box centre lies in one)."""
+    for tile, nuclei in owned:
+        below = nuclei.below
+        if len(below) and regions is not None:
+            below = below[regions.membership((below[:, 0] + below[:, 2]) / 2, (below[:, 1] + below[:, 3]) / 2).any(1)]
+        scores.add_below(below)
+        yield tile, nuclei
 
 
 def reported(owned: Iterable[tuple[TileSpec, Instances]], plan: SlidePlan,
@@ -376,6 +418,7 @@ class NucleusEmitter:
     next_id: int = 1
     expansion: CellExpansion | None = None
     tally: RegionTally | None = None     # counting in regions: only nuclei whose centroid lies in one are kept
+    scores: ScoreTally | None = None     # p_nucleus (cells.csv) and what the count's uncertainty needs
     _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
     _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
 
@@ -427,10 +470,14 @@ class NucleusEmitter:
             pixels = self.slide.read_region(tile.read)
             rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
                                 self.channel_names, self.class_names)
+        p_nucleus = None
+        if self.scores is not None:
+            rows["p_nucleus"] = p_nucleus = self.scores.p_nucleus(rows["score"])
+            self.scores.add_nuclei(rows["score"], p_nucleus)
         if self.tally is not None:
             member = self.tally.regions.membership(rows["centroid_row_px"], rows["centroid_col_px"])
             rows["region"] = self.tally.regions.labels(member)
-            self.tally.add(member, rows["area_px"])
+            self.tally.add(member, rows["area_px"], p_nucleus)
         expanded = None
         if self.expansion is not None:
             with self.timer("expand"):

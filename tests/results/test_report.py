@@ -34,9 +34,11 @@ def test_every_result_folder_has_a_self_contained_report(he_result):
     _assert_self_contained(page)
     assert f"{summary['cell_count']:,} cells" in page and summary["mpp_source"] in page
     assert "he-nuclei" in page
-    # overlay, density map, 4 histograms (nucleus, cell area: he-nuclei grows cells; stain; score), 6-12 crops
+    # overlay, density map, 4 histograms (nucleus, cell area: he-nuclei grows cells; stain; score), the count
+    # against the score threshold, 6-12 crops
     crops = page.count("<figcaption>")
-    assert 6 <= crops <= 12 and len(_images(page)) == 2 + 4 + crops
+    assert 6 <= crops <= 12 and len(_images(page)) == 2 + 4 + 1 + crops
+    assert 'id="score-curve"' in page and 'id="estimate-line"' in page
     assert "densest tile" in page and "sparsest tissue tile" in page   # 6 tiles: all shown
     assert summary["warnings"] == []      # a clean slide: real pixel size, usual density, scores spread
 
@@ -206,3 +208,54 @@ def test_crops_densest_sparsest_seam_cut_then_seeded_random():
     assert (7, 8) in tiles and dict(chosen)[(7, 8)] in ("many cells cut at a seam", "densest tile",
                                                         "sparsest tissue tile")
     assert all(rc[0] != 0 for rc in tiles)               # no tile without enough tissue
+
+
+# --------------------------------------------------------------------------- the count's uncertainty (issue 48)
+
+def test_curve_warning_when_the_count_moves_with_the_threshold():
+    from cellseg.results import CURVE_THRESHOLDS, curve_warning
+    t = list(CURVE_THRESHOLDS)
+    counts = [2000 - 50 * k for k in range(len(t))]             # 50 nuclei per step: ~3 % of ~1,700
+    steady = {"thresholds": t, "counts": counts, "threshold": 0.65, "below_threshold_kept": True}
+    assert curve_warning(steady) is None
+    jump = dict(steady, counts=counts[:8] + [c - 400 for c in counts[8:]])       # 0.65 -> 0.7 loses 400 of 1,650
+    words = curve_warning(jump)
+    assert words is not None and "moves" in words and "0.65" in words and "0.70" in words
+    tiny = dict(steady, counts=[30, 29, 28, 27, 26, 25, 24, 20, 18, 17, 16, 15, 14])   # 20 % but 4 nuclei
+    assert curve_warning(tiny) is None
+    assert curve_warning(dict(jump, below_threshold_kept=False)) is None           # TTA: no curve under it
+    assert curve_warning(dict(jump, threshold=None)) is None
+
+
+def test_report_shows_the_estimate_the_curve_and_crops_near_the_threshold(he_result, tmp_path):
+    """A slide whose count moves with the threshold: the warning, and crops of kept and not-kept detections near it."""
+    import pandas as pd
+
+    from cellseg.results import write_report
+    folder = tmp_path / "moved"
+    shutil.copytree(he_result, folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    cells = pd.read_csv(folder / "cells.csv")
+    t = [round(0.3 + 0.05 * k, 2) for k in range(13)]
+    summary["score_curve"] = {"thresholds": t, "threshold": 0.9, "below_threshold_kept": True, "note": "test",
+                              "counts": [int((cells["score"] >= x - 1e-6).sum()) + (60 if x < 0.9 else 0) for x in t]}
+    summary["count_estimate"] = {"count": len(cells), "expected_true_positives": 230.5, "estimated_missed": 20.25,
+                                 "estimated_true_count": 250.75, "interval_low": 201.0, "interval_high": 312.0,
+                                 "interval_level": 0.9, "held_out_recall": 0.919, "nuclear_area_fraction": 0.12,
+                                 "threshold": 0.9, "calibration_key": "brightfield", "calibration": "test map",
+                                 "note": "an estimate from validation data"}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    below = cells[cells["score"] < 0.9].head(5)      # stand-ins for detections just under the threshold
+    pd.DataFrame({"row0_px": below["bbox_row0_px"], "col0_px": below["bbox_col0_px"], "row1_px": below["bbox_row1_px"],
+                  "col1_px": below["bbox_col1_px"], "score": 0.87}).to_csv(folder / "below_threshold.csv", index=False)
+    warnings = write_report(folder)
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    _assert_self_contained(page)
+    assert any("moves" in w for w in warnings)
+    assert "Estimated true count <strong>251</strong>" in page and "interval 201–312" in page
+    assert 'id="score-curve"' in page and "How sure is the count" in page
+    near = page.count('<figure class="near">')
+    assert near == 6 and page.count("not kept at the threshold 0.90") == 3 and page.count("kept at the threshold") == 6
+    assert json.loads((folder / "summary.json").read_text())["warnings"] == warnings
+    if shutil.which("chromium"):
+        assert assert_renders(folder / "report.html", tmp_path) >= 12
