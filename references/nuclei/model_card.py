@@ -104,6 +104,65 @@ AP50 pooled, thresholds tuned per snapshot; a smaller set than the figures above
 """
 
 
+def _calibration_section(bundle) -> str:
+    """The card's calibration section (references/nuclei/calibrate_bundle.py): p_nucleus's calibration error and the
+    count interval's coverage per held-out modality, cross-validated by group, and the reliability diagram."""
+    calibration = bundle.calibration
+    if calibration is None:
+        return f"""
+## Calibrated scores and the count's interval
+
+{bundle.calibration_note}: counts with these weights give no p_nucleus and no estimated true count (run
+`python -m references.nuclei.calibrate_bundle` after validate_bundle to fit them).
+"""
+    report = calibration.report
+    rows = ["| modality | images (groups) | ECE of p_nucleus | ECE at IoU 0.5 | 90 % interval: coverage (without the "
+            "widening) | median relative width | median error: estimate / count | groups covered as slides |",
+            "|---|---|---|---|---|---|---|---|"]
+    left_out = []
+    for key, table in sorted(report.get("keys", {}).items()):
+        if "left_out" in table:
+            left_out.append(f"{key}: {table['left_out']}")
+            continue
+        for m, f in sorted(table.get("by_modality", {}).items()):
+            rows.append(f"| {LABELS.get(m, m)} ({key}, threshold {table['threshold']:.2f}) | {f['images']} "
+                        f"({f['groups']}) | {_fmt(f['ece'])} | {_fmt(f.get('ece_iou_0.5'))} | "
+                        f"{_fmt(f['coverage'], pct=True)} ({_fmt(f.get('coverage_without_widening'), pct=True)}) | "
+                        f"{_fmt(f['median_relative_width'], pct=True)} | "
+                        f"{_fmt(f['median_rel_error_estimate'], pct=True)} / {_fmt(f['median_rel_error_count'], pct=True)} "
+                        f"| {f.get('groups_covered', 'n/a')} of {f['groups']} |")
+    spreads = ", ".join(f"{k}: sigma² {v.spread.sigma2:.4f}, tau² {v.spread.tau2:.3f}, z {v.spread.z_low:.2f} to "
+                        f"{v.spread.z_high:.2f}" for k, v in sorted(calibration.keys.items()))
+    missing = ("\n\nNot calibrated: " + "; ".join(left_out) + ". Slides of that kind are counted without p_nucleus "
+               "or an estimated true count.") if left_out else ""
+    return f"""
+## Calibrated scores and the count's interval
+
+`cells.csv`'s `p_nucleus` is the probability that a detection is an annotated nucleus (overlapping one at IoU >=
+{report.get('match_iou', 0.3)}, highest scores first): an isotonic map of the detection score per threshold key,
+fitted on the held-out groups counted by the `cellseg count` pipeline, each held-out modality weighing the same.
+`summary.json`'s `count_estimate` (and `regions.csv`) gives the count at the threshold, the expected true nuclei among
+them (the sum of p_nucleus), the nuclei estimated missed (held-out recall at that threshold and nuclear area
+fraction), the estimated true count and its 90 % interval: an estimate from validation data, not from the slide's
+own annotations. Fitted on {report.get('fitted_on', 'the held-out images')}.
+
+Checked by cross-validation by group: each group's images get p_nucleus and intervals from a fit on the other groups
+only (the interval's spread itself from a cross-validation inside those). ECE: expected calibration error over the
+detections kept at the threshold (10 bins). Coverage: the share of held-out images whose true count lies in their 90 %
+interval; the interval takes the widest of the held-out modalities' quantiles (the figure without that widening in
+brackets). Width: (high - low) / true count on these small images (tens to hundreds of nuclei); a slide's interval is
+narrower, down to the spread between whole groups. Groups covered: each held-out group counted as one slide.
+
+{chr(10).join(rows)}
+
+Spread per key ({spreads}). The estimated true count is not a better point estimate than the count itself where a
+modality's false detections and misses cancel (DSB2018 fluorescence, TNBC, stained tissue): its use is the interval,
+which holds the true count where the count alone says nothing of its error.{missing}
+
+![reliability of p_nucleus per held-out modality, out of fold](reliability.png)
+"""
+
+
 def _reproduce(stages: list[dict]) -> str:
     lines = [f"{k + 1}. `{s['reproduce']}`" for k, s in enumerate(stages) if s.get("reproduce")]
     return "\n".join(lines) or "see references/nuclei/train_default_bundle.py"
@@ -155,7 +214,7 @@ images (brightfield_gray: a count's threshold for a slide whose network input ha
 {figures_table(m)}
 
 {c.get('validation_note', '')}
-{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}{_curve_section(c.get('heldout_curve'))}
+{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}{_curve_section(c.get('heldout_curve'))}{_calibration_section(bundle)}
 ## Limitations
 
 2D nuclei at the native pixel sizes of the training data (nuclei ~10-40 px across; the pipeline resamples to
