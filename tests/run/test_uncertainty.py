@@ -139,10 +139,12 @@ def test_without_calibration_the_count_stands_alone(slide, tmp_path, model, word
 
 def test_below_threshold_candidates_travel_with_a_journaled_band(tmp_path):
     """--resume and Dask read bands back from the journal: each tile gets its own candidates again."""
+    import dataclasses
+
     from cellseg.geometry import Band, Instances
     from cellseg.run.journal import load_band, save_band
-    import dataclasses
-    one = dataclasses.replace(Instances.empty(), below=np.array([[1, 2, 11, 12, 0.41], [5, 5, 9, 9, 0.33]], np.float32))
+    below = np.array([[1, 2, 11, 12, 0.41], [5, 5, 9, 9, 0.33]], np.float32)
+    one = dataclasses.replace(Instances.empty(), below=below)
     two = Instances(np.array([[0, 0, 2, 2]]), [np.ones((2, 2), bool)], np.array([0.9], np.float32),
                     np.array([1]), np.array([4]), np.array([False]), np.array([[20, 20, 30, 30, 0.5]], np.float32))
     band = Band(0, 0, 1)
