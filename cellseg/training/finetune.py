@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import CellsegError
 from .augment import Augmentation
-from .data import TrainImage, median_diameter_px, resample, window_of
+from .data import TrainImage, resample, window_of
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +79,60 @@ class HeldOut:
 
 @dataclass
 class TrainingScale:
-    """How the user's images are resampled for training, and what `cellseg count` must be told to do the same."""
+    """How the user's images are resampled for training (planning.Scale: network px per image px, and why), and what
+    `cellseg count` is told to count them at exactly that scale."""
 
-    factor: float            # network px per image px
+    factor: float
     source: str
-    diameter_px: float | None   # --diameter for count (None: count needs nothing, e.g. the protocol's µm and --mpp)
+    method: str                   # what decided it, as a count's scale says: "pixel size", "measured", "native"
+    model_diameter_px: float      # the bundle's nucleus size (its [scale]), which the fine-tuned bundle keeps
+    mpp_option: float | None = None   # the --mpp the user gave
+
+    @property
+    def count_diameter(self) -> float | str:
+        """The --diameter that makes a count resample by `factor` (planning.choose_scale), or "native"."""
+        return "native" if self.factor == 1.0 else self.model_diameter_px / self.factor
 
     def count_options(self) -> str:
-        return f"--diameter {self.diameter_px:.1f}" if self.diameter_px is not None else ""
+        """What to add to `cellseg count` for this scale: --mpp when the pixel size decided it and was given on the
+        command line; --diameter when the annotated nuclei decided it (a count would measure them itself, with the
+        network, and may land nearby); nothing when the images' own pixel size decided it or nothing was resampled."""
+        if self.method == "pixel size":
+            return f"--mpp {self.mpp_option:g}" if self.mpp_option else ""
+        return "" if self.factor == 1.0 else f"--diameter {self.count_diameter:.1f}"
 
 
-def training_scale(bundle, items: list[TrainImage], protocol, mpp: float | None) -> TrainingScale:
-    """The scale `cellseg count` would choose for these images (planning.choose_scale): the protocol's
-    nucleus_diameter_um at the pixel size when both are known, else their median annotated nucleus diameter as
-    --diameter. The bundle's scale (nucleus_diameter_px) is kept: its weights learnt their nuclei at that size."""
-    from ..planning import choose_scale
-    diameter = None if (protocol.nucleus_diameter_um is not None and mpp) else median_diameter_px(items)
-    if diameter is not None and diameter <= 0:
-        diameter = None
-    scale = choose_scale(bundle.nucleus_diameter_px or None, diameter, protocol, mpp,
-                         source=f"the median annotated nucleus, {diameter or 0:.1f} px")
-    return TrainingScale(float(scale.factor), scale.source, diameter)
+def training_scale(bundle, items: list[TrainImage], protocol, mpp: float | None = None) -> TrainingScale:
+    """The scale `cellseg count` would choose for these images (planning.decide_scale, its default), with their
+    annotated nuclei as the measurement: the pixel size (`mpp`, --mpp, else the images' own when they all share one)
+    with the bundle's scale in µm for the protocol's modality (or the protocol's nucleus_diameter_um), when the
+    annotated nuclei do not contradict it; else their median diameter, native within 20 % of the bundle's size.
+    The bundle's own scale is kept: its weights learnt their nuclei at that size."""
+    import dataclasses
+
+    from ..planning import decide_scale
+    from ..slides import open_slide
+    sizes = [2 * np.sqrt(m.sum() / np.pi) for it in items for m in it.masks]
+    measured = (float(np.median(sizes)), len(sizes)) if len(sizes) >= 10 else None
+    with open_slide(Path(items[0].source)) as slide:
+        info = slide.info
+    if mpp is not None:
+        info = dataclasses.replace(info, mpp=float(mpp), mpp_source="override")
+    else:
+        pixel_sizes = set()
+        for it in items[1:]:
+            with open_slide(Path(it.source)) as slide:
+                pixel_sizes.add((slide.info.mpp, slide.info.mpp_source))
+        if pixel_sizes - {(info.mpp, info.mpp_source)}:   # images of several pixel sizes: their nuclei decide
+            info = dataclasses.replace(info, mpp=None, mpp_source="none: the images' pixel sizes differ")
+    model_d = bundle.nucleus_diameter_px
+    scale = decide_scale(model_d, bundle.micron_scale(protocol.modality), protocol, info,
+                         lambda factor: measured)    # annotated nuclei: the same size (image px) at any factor
+    if scale.warning:
+        log.warning("%s (here: the annotated nuclei)", scale.warning.split(". Check")[0])
+    source = scale.source.replace("nuclei of the busiest tiles", "annotated nuclei")
+    return TrainingScale(float(scale.factor), source, scale.method or "native", model_d,
+                         mpp if scale.method == "pixel size" else None)
 
 
 def split_heldout(items: list[TrainImage], share: float) -> tuple[list[TrainImage], list[tuple], str]:
@@ -184,7 +217,7 @@ class HeldOutScorer:
         bundle = load_bundle(bundle_dir)
         detector = validation_detector(bundle, self.device, mask_threshold=self.mask_threshold)
         with tempfile.TemporaryDirectory(prefix=".count-", dir=self.heldout.annotations.parent) as work:
-            return predict(detector, self.paths, Path(work), bundle.nucleus_diameter_px, self.scale.diameter_px,
+            return predict(detector, self.paths, Path(work), bundle.nucleus_diameter_px, self.scale.count_diameter,
                            protocol=self.protocol, mpp=self.mpp)
 
     def figures(self, predictions: dict, threshold: float) -> dict:
@@ -300,8 +333,8 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
 
     card = {"finetune": {"start": f"{bundle.name} ({bundle.weights_sha256[:12]})", "heldout": heldout.description,
                          "heldout_nuclei": scorer.nuclei, "training_nuclei": n_nuclei,
-                         "scale": {"factor": round(scale.factor, 4), "source": scale.source,
-                                   "count_options": scale.count_options()},
+                         "scale": {"factor": round(scale.factor, 4), "method": scale.method,
+                                   "source": scale.source, "count_options": scale.count_options()},
                          "threshold_key": key, "recipe": recipe.describe()}}
     train(resampled, classes, out, settings, device=device, card=card, progress=progress, init=start,
           resume=resume, on_snapshot=on_snapshot, keep_settings_of=bundle.path, folder_checked=True)

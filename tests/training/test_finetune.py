@@ -135,17 +135,20 @@ def test_the_best_snapshot_becomes_the_bundle_and_the_run_stops_when_it_stops_im
 
 
 def test_training_scale_is_the_one_count_would_choose(tmp_path, start_bundle):
+    """planning.decide_scale (a count's default) with the annotated nuclei as its measurement."""
     from cellseg.planning import load_protocol
-    ann_items = _items(tmp_path)
+    items = _items(tmp_path)
     bundle = load_bundle(start_bundle)
     protocol = load_protocol("fluorescence-nuclei")
-    scale = training_scale(bundle, ann_items, protocol, None)           # no pixel size: the annotated nuclei
-    assert scale.diameter_px == pytest.approx(_diameter(ann_items[0].masks)) == pytest.approx(11.6, abs=0.05)
-    assert scale.factor == pytest.approx(6.7 / scale.diameter_px)
-    in_um = training_scale(bundle, ann_items, protocol.replace(nucleus_diameter_um=5.0), 0.5)   # 10 px at 0.5 µm/px
-    assert in_um.factor == pytest.approx(0.67) and in_um.diameter_px is None and in_um.count_options() == ""
-    near = training_scale(bundle, ann_items, protocol.replace(nucleus_diameter_um=3.5), 0.5)
-    assert near.factor == 1.0                                             # within 10 %: count does not resample
+    scale = training_scale(bundle, items, protocol)            # a PNG without a pixel size: the annotated nuclei
+    assert scale.method == "measured" and _diameter(items[0].masks) == pytest.approx(11.617, abs=0.001)
+    assert scale.factor == pytest.approx(6.7 / 11.617, abs=1e-3) and scale.count_diameter == pytest.approx(11.617, abs=1e-3)
+    assert scale.count_options() == "--diameter 11.6"
+    # the protocol's nucleus size at --mpp: 5 µm at 0.5 µm/px is 10 px (the annotated 11.6 px do not contradict it)
+    in_um = training_scale(bundle, items, protocol.replace(nucleus_diameter_um=5.0), mpp=0.5)
+    assert (in_um.method, in_um.factor, in_um.count_options()) == ("pixel size", pytest.approx(0.67), "--mpp 0.5")
+    wrong = training_scale(bundle, items, protocol.replace(nucleus_diameter_um=2.0), mpp=0.5)   # 4 px: 2.9x off
+    assert wrong.method == "measured" and wrong.factor == pytest.approx(scale.factor)   # the nuclei decide, as count
 
 
 def _items(folder: Path):
