@@ -3,8 +3,8 @@
     the user's COCO file -> annotated images at their own scale
       -> held-out images: --val, or split off automatically (whole images when there are enough, else a band of
          each image), written as image files + annotations.json into OUT/heldout/
-      -> the rest resampled to the bundle's scale, as `cellseg count` resamples a slide (--diameter: the median
-         annotated nucleus; a protocol's nucleus_diameter_um with the pixel size)
+      -> the rest resampled to the bundle's scale as `cellseg count` would resample them by default
+         (planning.decide_scale: the pixel size with the bundle's scale in µm, else the median annotated nucleus)
       -> trained from the bundle by the Recipe; the held-out images are counted through CellCounter (what
          `cellseg count` does) at the start (step 0: the bundle as it is) and every so often, early stopping when
          they stop improving
@@ -170,8 +170,8 @@ def _held_name(k: int, item: TrainImage) -> str:
 
 
 def write_heldout(held: list[tuple[str, np.ndarray, TrainImage]], folder: Path) -> Path:
-    """Each held-out image as images/NAME.tif and its instances as COCO RLEs in annotations.json (the COCO file's
-    path is returned)."""
+    """Each held-out image as images/NAME.tif (its native pixels) and its nuclei as COCO RLEs in annotations.json
+    (the COCO file's path is returned)."""
     import pycocotools.mask as mask_utils
     import tifffile
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -183,13 +183,13 @@ def write_heldout(held: list[tuple[str, np.ndarray, TrainImage]], folder: Path) 
                          photometric="rgb" if pixels.shape[-1] == 3 else "minisblack")
         h, w = pixels.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for box, mask, cls in zip(item.boxes, item.masks, item.class_ids):
+        for box, mask in zip(item.boxes, item.masks):      # class-agnostic, as the scoring is
             full = np.zeros((h, w), np.uint8, order="F")
             r0, c0, r1, c1 = (int(v) for v in box)
             full[r0:r1, c0:c1] = mask
             rle = mask_utils.encode(full)
             rle["counts"] = rle["counts"].decode("ascii")
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(cls), "iscrowd": 0,
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
                          "segmentation": rle, "area": int(mask.sum()), "bbox": [c0, r0, c1 - c0, r1 - r0]})
     path = folder / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": anns,
@@ -352,8 +352,8 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
     better = (tuned["step"] > 0
               and (tuned["ap50_tp_fp_fn_pooled"] or 0) > (start_row["ap50_tp_fp_fn_pooled"] or 0))
     table = [{"model": f"{bundle.name} (start), its threshold", **record["start_own_threshold"]},
-                   {"model": f"{bundle.name} (start), threshold retuned", **_figures_only(start_row)}]
-    table.append({"model": f"fine-tuned (step {tuned['step']})", **_figures_only(tuned)})
+             {"model": f"{bundle.name} (start), threshold retuned", **_figures_only(start_row)},
+             {"model": f"fine-tuned (step {tuned['step']})", **_figures_only(tuned)}]
     verdict = Verdict(table, int(tuned["step"]), float(tuned["score_threshold"]), better, record["scorings"],
                       stopped_early=bool(stopped))
     thresholds = {**bundle.score_thresholds, key: verdict.threshold}
