@@ -251,6 +251,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                              f"({round(100 * estimate['interval_level'])} % interval "
                              f"{round(estimate['interval_low']):,}-{round(estimate['interval_high']):,}): an estimate "
                              f"from validation data (report.html says how)")
+                if (summary.get("appearance") or {}).get("unlike"):       # results/appearance.py: its warning first
+                    click.echo(f"cellseg: warning: {path}: {summary['warnings'][0]}", err=True)
             if summary.get("unreadable"):
                 click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
                            f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "

@@ -64,7 +64,7 @@ def _cells_table(folder: Path, summary: dict):
     import pandas as pd
     header = pd.read_csv(folder / "cells.csv", nrows=0).columns
     wanted = ["tile_index", "score", "area_px", "cut_at_seam", "cell_area_px", "nucleus_hematoxylin_od_mean",
-              "nucleus_dab_od_mean", *[c for c in header if c.startswith("mean_intensity_")]]
+              "nucleus_dab_od_mean", *[c for c in header if c.startswith(("mean_intensity_", "std_intensity_"))]]
     return pd.read_csv(folder / "cells.csv", usecols=[c for c in wanted if c in header])
 
 
@@ -260,10 +260,12 @@ def _num(value, digits: int = 4) -> str:
     return f"{float(value):,.{digits}g}" if abs(float(value)) < 1e6 else f"{float(value):,.0f}"
 
 
-def write_report(folder: Path, slide=None) -> list[str]:
-    """Write `folder`/report.html from the result files there, and its warnings into summary.json. slide: the open
-    slide for the crops (None: opened from run.json's path, and the crops left out when it is not there). Returns the
+def write_report(folder: Path, slide=None, record: dict | None = None) -> list[str]:
+    """Write `folder`/report.html from the result files there, and its warnings (and the appearance check,
+    results/appearance.py) into summary.json. slide: the open slide for the crops (None: opened from run.json's path,
+    and the crops left out when it is not there); record: a summary dict to update the same way. Returns the
     warnings."""
+    from .appearance import appearance_check, appearance_warning
     from .report_plots import histogram_png, score_curve_png
     from .uncertainty import curve_warning
     folder = Path(folder)
@@ -289,6 +291,10 @@ def write_report(folder: Path, slide=None) -> list[str]:
     moved = curve_warning(curve) if curve else None
     if moved:
         warnings.append(moved)
+    appearance = appearance_check(summary, run, cells)      # unlike anything validated (results/appearance.py)
+    unlike = appearance_warning(appearance)
+    if unlike:
+        warnings.insert(0, unlike)
     curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
     crops, crops_note, near_crops = [], "", []
     chosen = choose_crops(grid, density)
@@ -316,7 +322,11 @@ def write_report(folder: Path, slide=None) -> list[str]:
     from .folder import atomic_write_text
     atomic_write_text(folder / "report.html", page)
     summary["warnings"] = warnings
+    if appearance is not None:
+        summary["appearance"] = appearance
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str))
+    if record is not None:      # the caller's summary gains what the report added
+        record.update(warnings=warnings, **({"appearance": appearance} if appearance is not None else {}))
     return warnings
 
 

@@ -319,7 +319,7 @@ class SlideRun:
         from ..results import write_error, write_report
         report_started = time.perf_counter()
         try:
-            summary["warnings"] = write_report(out_dir, slide.slide)
+            write_report(out_dir, slide.slide, record=summary)      # its warnings and appearance check
         except OSError as e:     # no space left, no permission: one line, as for the other result files
             raise write_error("report.html", out_dir, e) from e
         log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)

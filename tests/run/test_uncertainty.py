@@ -152,3 +152,59 @@ def test_below_threshold_candidates_travel_with_a_journaled_band(tmp_path):
     back = load_band(tmp_path, band)
     assert np.array_equal(back[3].below, one.below) and np.array_equal(back[4].below, two.below)
     assert len(back[5].below) == 0 and len(back[4]) == 1 and len(back[3]) == 0
+
+
+# --------------------------------------------------------------------------- unlike anything validated (item 4)
+
+class BlindDetector(LabelReadingDetector):
+    """A detector that cannot see the slide's nuclei: of the label image it finds only every 40th nucleus, and
+    scores it just over the threshold; the rest it scores under it (boxes only)."""
+
+    def detect(self, images, tiles, scale=1.0):
+        out = super().detect(images, tiles, scale)
+        for det in out:
+            keep = np.arange(len(det)) % 40 == 0
+            below = np.concatenate([det.boxes[~keep].astype(np.float32),
+                                    np.full((int((~keep).sum()), 1), 0.35, np.float32)], axis=1)
+            det.boxes, det.scores, det.class_ids = det.boxes[keep], np.full(int(keep.sum()), 0.52, np.float32), \
+                det.class_ids[keep]
+            det.masks = [m for m, k in zip(det.masks, keep) if k]
+            det.below = below
+        return out
+
+
+def test_a_slide_whose_nuclei_the_model_cannot_see_is_unlike_anything_validated(slide, tmp_path):
+    """The bundle's appearance reference made of counts of slides like the test slide (other seeds); a new one of
+    them does not warn, the same nuclei seen by a detector that cannot see them do."""
+    from cellseg.bundles.appearance import BundleAppearance
+    from cellseg.evaluation.appearance import fit_appearance
+    from cellseg.results.appearance import appearance_features, feature_names
+    folder, _, _, bundle = slide
+    protocol = load_protocol("fluorescence-nuclei").replace(tile_size=256, halo_px=64)
+    rows, names = [], feature_names(False)
+    for seed in range(6):
+        labels = random_cells(400, 500, 18, 150 + 40 * seed, seed=10 + seed)
+        tifffile.imwrite(tmp_path / f"v{seed}.tif", np.where(labels > 0, 150 + 15 * seed, 20).astype(np.uint8))
+        out = tmp_path / f"v{seed}.cellseg"
+        summary = count_with(LabelReadingDetector(labels, score=None), tmp_path / f"v{seed}.tif", out, protocol,
+                             run_info=RunInfo(model=_model(bundle)))
+        run = json.loads((out / "run.json").read_text())
+        features = appearance_features(summary, run, pd.read_csv(out / "cells.csv"))
+        rows.append([features[n] for n in names])
+    reference, report = fit_appearance(np.array(rows), [f"g{s}" for s in range(6)], ["test"] * 6, names)
+    BundleAppearance(SHA, {"fluorescence": reference}, report).write(bundle)
+    try:
+        labels = random_cells(400, 500, 18, 230, seed=40)
+        tifffile.imwrite(tmp_path / "new.tif", np.where(labels > 0, 190, 20).astype(np.uint8))
+        seen = count_with(LabelReadingDetector(labels, score=None), tmp_path / "new.tif", tmp_path / "seen",
+                          protocol, run_info=RunInfo(model=_model(bundle)))
+        blind = count_with(BlindDetector(labels, score=None), tmp_path / "new.tif", tmp_path / "blind",
+                           protocol, run_info=RunInfo(model=_model(bundle)))
+    finally:
+        (bundle / "appearance.json").unlink()
+    assert not seen["appearance"]["unlike"] and not any("unlike anything" in w for w in seen["warnings"])
+    assert blind["appearance"]["unlike"] and blind["appearance"]["score"] > seen["appearance"]["score"]
+    assert "unlike anything the model was validated on" in blind["warnings"][0]
+    saved = json.loads((tmp_path / "blind" / "summary.json").read_text())
+    assert saved["appearance"] == blind["appearance"] and saved["warnings"] == blind["warnings"]
+    assert "unlike anything the model was validated on" in (tmp_path / "blind" / "report.html").read_text()
