@@ -27,8 +27,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cellseg.bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
+from cellseg.bundles.appearance import BundleAppearance
 from cellseg.evaluation import load_image_masks
+from cellseg.evaluation.appearance import fit_appearance
 from cellseg.evaluation.calibration import LEVEL, MATCH_IOU, fit_bundle_calibration, image_outcomes, reliability
+from cellseg.results.appearance import appearance_features, feature_names
 from cellseg.results.uncertainty import CURVE_WARN, CURVE_WARN_MIN
 
 from .datasets import DATASET_DIAMETER, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
@@ -98,6 +101,47 @@ def curve_warning_share(images: list, threshold: float) -> float | None:
     return round(float(np.mean(warned)), 4) if warned else None
 
 
+def folder_features(folder: Path, threshold: float) -> dict[str, float]:
+    """A validation result folder's appearance features (results.appearance) at `threshold`: its cells.csv holds
+    every detection from the floor up, so the nuclei kept and the kept share are those of a count at `threshold`."""
+    import pandas as pd
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    cells = pd.read_csv(folder / "cells.csv")
+    kept = cells[cells["score"].to_numpy(np.float32) >= np.float32(threshold)]
+    return appearance_features(summary, run, kept, kept_share=len(kept) / len(cells) if len(cells) else 0.0)
+
+
+def fit_appearance_reference(folders: dict, keys: list[str], modality: dict, group_of: dict, thresholds: dict,
+                             calibrated: dict, weights_sha256: str, examples: list[Path]) -> BundleAppearance:
+    """The held-out images' appearance per calibrated threshold key (bundles.appearance), checked by holding each
+    modality out whole; the example slides' result folders scored against it."""
+    by_key: dict[str, list] = {}
+    for key in keys:
+        tkey = THRESHOLD_KEY[modality[key]]
+        if tkey in calibrated:
+            by_key.setdefault(tkey, []).append((folder_features(folders[key], thresholds[tkey]), group_of[key],
+                                                modality[key]))
+    references, report = {}, {"keys": {}, "examples": {}}
+    for tkey, rows in sorted(by_key.items()):
+        names = feature_names(tkey.startswith("brightfield"))
+        x = np.array([[f[n] for n in names] for f, _, _ in rows])
+        references[tkey], report["keys"][tkey] = fit_appearance(x, [g for _, g, _ in rows], [m for _, _, m in rows],
+                                                                names)
+    import pandas as pd
+    for folder in examples:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        features = appearance_features(summary, run, pd.read_csv(folder / "cells.csv"))
+        tkey = (summary.get("count_estimate") or {}).get("calibration_key")
+        if tkey in references:
+            score = references[tkey].score(features)
+            report["examples"][folder.name] = {"key": tkey, "score": round(score, 3),
+                                               "threshold": round(references[tkey].threshold, 3),
+                                               "warns": bool(score > references[tkey].threshold)}
+    return BundleAppearance(weights_sha256, references, report)
+
+
 def _toml_safe(x):
     """TOML has no null: None values left out of tables."""
     if isinstance(x, dict):
@@ -115,6 +159,9 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
     p.add_argument("--per-modality", type=int, default=None, help="as given to validate_bundle")
     p.add_argument("--write", action="store_true", help="store the calibration and its figures in the bundle")
+    p.add_argument("--examples", type=Path, nargs="*", default=[],
+                   help="result folders of slides counted with this bundle (the example slides) whose appearance "
+                        "score is reported: they should not warn")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bundle = load_bundle(args.bundle)
@@ -155,6 +202,9 @@ def main() -> None:
                  f"predictions {args.predictions} (score floor {made_with['floor']}, {made_with['precision']})")
     report = {"fitted_on": fitted_on, "level": LEVEL, "match_iou": MATCH_IOU,
               "curve_warn": CURVE_WARN, "keys": report}
+    appearance = fit_appearance_reference(folders, keys, modality, group_of, thresholds, calibration.keys,
+                                          bundle.weights_sha256, args.examples)
+    report["appearance"] = appearance.report
     print(json.dumps(report, indent=1))
     (args.predictions / "calibration.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     if args.write:
@@ -162,6 +212,7 @@ def main() -> None:
         calibration = dataclasses.replace(calibration, report=_toml_safe(report))
         plot_reliability(validations, args.bundle / "reliability.png")
         update_bundle_metadata(args.bundle, calibration=calibration)
+        appearance.write(args.bundle)
         (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
         logging.info("calibration stored in %s", args.bundle / "model.toml")
 

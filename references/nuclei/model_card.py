@@ -135,6 +135,7 @@ def _calibration_section(bundle) -> str:
                         f"{v.spread.z_high:.2f}" for k, v in sorted(calibration.keys.items()))
     missing = ("\n\nNot calibrated: " + "; ".join(left_out) + ". Slides of that kind are counted without p_nucleus "
                "or an estimated true count.") if left_out else ""
+    missing += _appearance_paragraph(report.get("appearance") or {})
     return f"""
 ## Calibrated scores and the count's interval
 
@@ -161,6 +162,30 @@ which holds the true count where the count alone says nothing of its error.{miss
 
 ![reliability of p_nucleus per held-out modality, out of fold](reliability.png)
 """
+
+
+def _appearance_paragraph(appearance: dict) -> str:
+    """The "unlike anything validated" check (appearance.json): each modality held out whole, the example slides."""
+    if not appearance.get("keys"):
+        return ""
+    rows = ["| threshold key | modality held out whole | images | ROC AUC against the validated kinds | warned | "
+            "validated images warned |", "|---|---|---|---|---|---|"]
+    for key, table in sorted(appearance["keys"].items()):
+        for m, f in sorted(table.get("held_out_whole", {}).items()):
+            rows.append(f"| {key} | {LABELS.get(m, m)} | {f['images']} | {_fmt(f['roc_auc'])} | "
+                        f"{_fmt(f['warned'], pct=True)} | {_fmt(f['others_warned'], pct=True)} |")
+    examples = ", ".join(f"{name} {e['score']:.2f} (threshold {e['threshold']:.2f}: "
+                         f"{'warns' if e['warns'] else 'no warning'})" for name, e in appearance.get("examples", {}).items())
+    return f"""
+
+A slide unlike anything validated is said to be (`appearance.json`, docs/uncertainty.md): its nucleus size,
+brightness, texture and stain, the model's confidence and the nuclear area fraction, against the held-out images of its
+kind (mean robust distance to the 3 nearest); the threshold lets 95 % of held-out images, each against the other
+groups', through. A modality held out whole, scored against the others:
+
+{chr(10).join(rows)}
+
+The example slides: {examples or 'not checked'}."""
 
 
 def _reproduce(stages: list[dict]) -> str:
