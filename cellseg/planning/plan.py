@@ -374,7 +374,7 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
                    f"{measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px ({ratio:.2g}x, beyond "
                    f"the {SCALE_MISMATCH:g}x nuclei vary by): the measured size set the scale. Check the pixel size "
                    f"(--mpp); --diameter N overrides both")
-        implied = f"the measured size: the pixel size's {expected:.1f} px disagrees"
+        implied = f"the pixel size's {expected:.1f} px disagrees with it"
     if measured is None:
         return Scale(1.0, f"native: too few nuclei found to measure their size ({implied})", model_diameter_px,
                      method="native", pixel_size_diameter_px=expected, warning=warning)
