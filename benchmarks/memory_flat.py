@@ -4,7 +4,8 @@ Builds synthetic whole-slide-like pyramidal TIFFs of N x N px: a dark fluorescen
 "tissue" islands of bright nuclei-like discs (the same islands, in the same place, whatever N, so every
 slide holds the same cells and the run time stays bounded), written tile by tile, level by level. Each
 slide is counted in a fresh subprocess through `counter.CellCounter` (every result file written) and its
-peak RSS (ru_maxrss, the whole run: reading, tissue view, detection, merging, measuring, writing) printed.
+peak RSS (ru_maxrss, the whole run: reading, tissue view, detection, merging, measuring, writing) printed, with the
+result files' own process's (results/writer_process.py) added: the sum bounds the two together.
 
 --detector model: the shipped Mask R-CNN with the tissue prefilter (--tissue, default unet), as
 `cellseg count` runs; background tiles are skipped, so a 40k x 40k slide finishes in minutes on a CPU.
@@ -143,8 +144,20 @@ class ThresholdDetector:
 
 
 def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansion_um: float) -> None:
+    import cellseg.run.pipeline as pipeline
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
+
+    writers = []
+
+    class KeptWriter(pipeline.ResultWriter):
+        """The pipeline's result writer, kept to read its process's peak memory afterwards."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    pipeline.ResultWriter = KeptWriter
     protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, cell_expansion_um=cell_expansion_um)
     if detector_kind == "model":
         counter = CellCounter.load(protocol, "cpu")
@@ -152,9 +165,13 @@ def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansio
         counter = CellCounter(protocol, ThresholdDetector())
     start = time.perf_counter()
     summary = counter.count(slide, out)
+    # the result files' process (results/writer_process.py), its own peak (not RUSAGE_CHILDREN's: that counts the
+    # parent's pages it shared between fork and exec)
+    writers = writers[-1].writer_process_rss_mb() or 0.0
+    count = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"cells": summary["cell_count"], "seconds": round(time.perf_counter() - start, 1),
                       "tiles": summary["tiles_total"], "skipped": summary["tiles_skipped"],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_mb": count + writers, "count_rss_mb": count, "writers_rss_mb": writers,
                       "stages": summary["seconds"]}))
 
 
@@ -173,7 +190,8 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"detector {args.detector}, tissue {args.tissue}, cell expansion {args.cell_expansion_um:g} µm")
-    print(f"{'slide':>12} {'tiles':>7} {'skipped':>8} {'cells':>7} {'seconds':>8} {'peak RSS MB':>12}")
+    print(f"{'slide':>12} {'tiles':>7} {'skipped':>8} {'cells':>7} {'seconds':>8} {'peak RSS MB':>12}   (count process "
+          f"+ result files' process, each at its peak)")
     for size in args.sizes:
         slide = args.workdir / f"islands_{size}.tif"
         if not slide.exists():
@@ -185,7 +203,8 @@ def main() -> None:
                               str(args.cell_expansion_um)], check=True, capture_output=True, text=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{size:>6}x{size:<5} {r['tiles']:>7} {r['skipped']:>8} {r['cells']:>7} {r['seconds']:>8} "
-              f"{r['peak_rss_mb']:>12.0f}   {r['stages']}", flush=True)
+              f"{r['peak_rss_mb']:>12.0f}   ({r['count_rss_mb']:.0f} + {r['writers_rss_mb']:.0f}) {r['stages']}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             "ceiling_mp_per_s": round(tissue_mp / pipeline_s, 2), "cells_per_s": round(summary["cell_count"] / pipeline_s),
             "stages_s": summary["seconds"], "write_parts_s": parts,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "writer_process_rss_mb": round(writers[-1].writer_process_rss_mb() or 0),
             "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model()}
 
 
@@ -146,7 +147,7 @@ def main() -> None:
           "writers and waiting for them at the end)")
     print("writer threads, busy (s):", ", ".join(f"{k} {v}" for k, v in r["write_parts_s"].items()),
           "(labels: the label canvases, then the label pyramids and the overlay; report.html after summary.json)")
-    print(f"peak RSS {r['peak_rss_mb']} MB")
+    print(f"peak RSS {r['peak_rss_mb']} MB (the count), {r['writer_process_rss_mb']} MB (the result files' process)")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
         print(f"wrote {args.json}")

@@ -1,14 +1,20 @@
 """A result folder: every file `cellseg count` writes for one slide, with memory flat in the slide's size.
 
 `ResultWriter` takes the measured nuclei (and the cells grown from them) tile by tile (cells.csv, cells.geojson,
-predictions.coco.json, the label canvases) and, at the end, writes the pictures and label images and the two JSON records. The files themselves are written by:
+predictions.coco.json, the label canvases) and, at the end, writes the pictures and label images and the two JSON
+records; `outputs` (the protocol's, --outputs) picks the files. It hands each tile to the files' writers, which run
+beside the count: a child process (results/writer_process.py) for the tables and, in a thread of its own, the label
+canvases (LabelFiles), or threads of the count where it has one core (or no POSIX pipes). A file that cannot be written is a WriteError:
+one line naming it, the folder and the space left there. `expected_size` says how big a result folder will be. The
+files themselves are written by:
 
 - results/cells_csv.py: cells.csv (the columns: measure.nucleus_columns, cells.expanded_columns);
-- results/cells_geojson.py: cells.geojson, the nuclei or cells as QuPath objects (gzipped above a protocol's size);
+- results/cells_geojson.py: cells.geojson, the nuclei or cells as QuPath objects (gzipped above a protocol's size;
+  their polygons: results/polygons.py);
 - results/coco.py: predictions.coco.json (COCO RLE masks in full-slide coordinates);
 - results/labelstore.py: the disk-backed label canvases, painted tile by tile;
-- results/ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas (and cell_labels.ome.tif
-  from a second canvas when nuclei are grown into cells: cells/expansion_rows.py);
+- results/ome_pyramid.py: labels.ome.tif and panoptic.ome.tif, pyramids written from the canvas (and
+  cell_labels.ome.tif from a second canvas when nuclei are grown into cells: cells/expansion_rows.py);
 - results/pictures.py: overlay.png; results/report_plots.py: area_histogram.png; tissue/finder.py: tissue_mask.png.
 
 The folder is a staging folder (results.staged_output): a failed run's files are discarded, never half-kept.
@@ -190,6 +196,71 @@ class _Worker:
         self._thread.join()
 
 
+class LabelFiles:
+    """The label canvases of one slide (results/labelstore.py) and the files drawn from them: labels.ome.tif,
+    panoptic.ome.tif, cell_labels.ome.tif when nuclei are grown into cells, overlay.png (those `outputs` asks for),
+    in `out_dir`. Painted tile by tile (`paint` a tile's label image, or `paint_masks` its nuclei's masks, as the
+    tables' process does), then written by `close`; `remove` drops the canvases (a failed run)."""
+
+    def __init__(self, out_dir: Path, height: int, width: int, mpp: float | None, chunk_px: int,
+                 cells_expanded: bool, outputs: frozenset[str]):
+        self.out_dir, self.mpp, self.outputs = Path(out_dir), mpp, frozenset(outputs)
+        work = self.out_dir / ".work"
+        self.nucleus_store = LabelStore(work / "labels", height, width, chunk=chunk_px)
+        self.cell_store = LabelStore(work / "cell_labels", height, width, chunk=chunk_px) if cells_expanded else None
+
+    def paint(self, read: Box, labels: np.ndarray, expanded: tuple[Box, np.ndarray] | None) -> None:
+        """A tile's nuclei as their label image over its read box; with cells, (box, labels) of the cells."""
+        self.nucleus_store.paint(read, labels)
+        if expanded is not None and self.cell_store is not None:
+            self.cell_store.paint(*expanded)
+
+    def paint_masks(self, read: tuple, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray],
+                    cell_image: tuple[tuple[int, int], np.ndarray] | None) -> None:
+        """paint, the tile's label image drawn from its nuclei's masks as the count draws it (cells.label_tile)."""
+        from types import SimpleNamespace
+
+        from ..cells import label_tile
+        read = Box(*read)
+        labels = label_tile(SimpleNamespace(boxes=boxes, masks=masks), ids, read)
+        expanded = None
+        if cell_image is not None:
+            (row0, col0), image = cell_image
+            expanded = (Box(row0, col0, row0 + image.shape[0], col0 + image.shape[1]), image)
+        self.paint(read, labels, expanded)
+
+    def close(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> None:
+        """The files: the pyramids, while the overlay is drawn (boundaries + PNG encoding, which release the GIL)
+        beside them; then the canvases go."""
+        want = self.outputs.__contains__
+        with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
+            overlay = None
+            if want("overlay.png"):
+                factor = max(1, int(round(thumb_factor)))
+                nucleus_thumbnail = self.nucleus_store.thumbnail(factor)
+                cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
+                overlay = background.submit(_named, "overlay.png", write_overlay_png, thumbnail, nucleus_thumbnail,
+                                            self.out_dir / "overlay.png", cell_thumbnail)
+            targets = {self.out_dir / name: encode for name, encode in
+                       (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
+            if targets:
+                _named(", ".join(p.name for p in targets), write_label_images, self.nucleus_store, targets, self.mpp)
+            if self.cell_store is not None and want("cell_labels.ome.tif"):
+                _named("cell_labels.ome.tif", write_label_images, self.cell_store,
+                       {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
+            if overlay is not None:
+                overlay.result()
+        self.remove()
+
+    def remove(self) -> None:
+        self.nucleus_store.remove()
+        if self.cell_store is not None:
+            self.cell_store.remove()
+
+    def __exit__(self, *exc) -> None:      # as the tables' writers: a failed run
+        self.remove()
+
+
 class ResultWriter:
     """The result files of one slide (height x width level-0 px, pixel size `mpp`) in `out_dir`.
 
@@ -221,7 +292,6 @@ class ResultWriter:
         self.class_ids: list[np.ndarray] = []    # per added part, in id order
         self.rows = 0
         self.workers: dict[str, _Worker] = {}
-        self.nucleus_store = self.cell_store = None
         self._process: TablesProcess | None = None
         want = self.outputs.__contains__
         columns = {**nucleus_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
@@ -233,39 +303,38 @@ class ResultWriter:
                 "gzip_above_bytes": None if geojson_gzip_above_mb is None else int(geojson_gzip_above_mb * 1e6)})),
             ("predictions.coco.json", (self.coco_writer, (self.out_dir / "predictions.coco.json", slide_name, height,
                                                           width, categories), {}))) if want(name)}
+        labels = (self.label_files, (self.out_dir, height, width, mpp, chunk_px, self.cells_expanded, self.outputs),
+                  {}) if any(want(f) for f in _LABEL_FILES) else None
         try:
-            if tables and self._tables_in_a_process():
-                process = TablesProcess(tables)
+            if (tables or labels) and self._tables_in_a_process():
+                # The tables and the label canvases in a process of their own (its threads), fed the tiles' masks.
+                process = TablesProcess({**tables, **({"labels": labels} if labels else {})})
                 self._process = process
                 self.workers["tables"] = _Worker("tables", process.tile, process.end, process.stop,
-                                                 what="the result tables")
+                                                 what="the result files")
             else:
                 for name, (make, args, kwargs) in tables.items():
                     writer = self._opened(name, make, *args, **kwargs)
                     self._start(name, writer)
-            if any(want(f) for f in _LABEL_FILES):
-                self.nucleus_store = self._opened("the label canvas", LabelStore, self._work / "labels", height,
-                                                  width, chunk=chunk_px)
-                if self.cells_expanded:
-                    self.cell_store = self._opened("the label canvas", LabelStore, self._work / "cell_labels",
-                                                   height, width, chunk=chunk_px)
-                self.workers["labels"] = _Worker("labels", self._paint, self._finish_labels, lambda: None,
-                                                 what="labels.ome.tif (its label canvas)")
+                if labels is not None:
+                    files = self._opened("the label canvas", self.label_files, *labels[1])
+                    self.workers["labels"] = _Worker("labels", files.paint, files.close, files.remove,
+                                                     what="labels.ome.tif (its label canvas)")
         except BaseException:
             self.__exit__(*(True, None, None))
             raise
 
-    # The tables' writers (a test may put failing ones here); where they run: in a process of their own when there
-    # are cores for it (None), or always (True) or never (False: a thread each).
+    # The writers (a test may put failing ones here); where they run: in a process of their own when there are cores
+    # for it (None), or always (True) or never (False: a thread each).
     table_writer, geojson_writer, coco_writer = CellsTableWriter, CellsGeoJsonWriter, CocoWriter
+    label_files = LabelFiles
     tables_in_a_process: bool | None = None
 
     def _tables_in_a_process(self) -> bool:
         if self.tables_in_a_process is not None:
             return self.tables_in_a_process
-        import multiprocessing
-        return (len(os.sched_getaffinity(0)) > 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1) \
-            and bool(sys.executable) and not multiprocessing.current_process().daemon
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cores > 1 and os.name == "posix" and bool(sys.executable)     # a child interpreter handed pipes
 
     def _opened(self, what: str, make, *args, **kwargs):
         try:
@@ -308,6 +377,10 @@ class ResultWriter:
             return None
         return np.concatenate(self.cell_areas) if self.cell_areas else np.zeros(0, np.int64)
 
+    def writer_process_rss_mb(self) -> float | None:
+        """The peak memory of the result files' process (None: none, or not known)."""
+        return self._process.peak_rss_mb if self._process is not None else None
+
     def seconds(self) -> dict[str, float]:
         """The time each file's thread has spent writing so far (the label canvases: "labels", their pyramids and
         the overlay included; with the tables in a process of their own, "tables" is the time spent handing them
@@ -327,21 +400,17 @@ class ResultWriter:
         if expanded is not None:
             self.cell_areas.append(rows["cell_area_px"])
         cell_image = None if expanded is None else ((expanded[0].row0, expanded[0].col0), expanded[1])
-        table_rows = (ids, nuclei.boxes, nuclei.masks, nuclei.class_ids, nuclei.scores, rows, cell_image)
+        tile = (ids, nuclei.boxes, nuclei.masks, nuclei.class_ids, nuclei.scores, rows, cell_image)
         for name, worker in self.workers.items():
-            self._checked(worker.what, worker.put, *((read, labels, expanded) if name == "labels" else table_rows))
-
-    def _paint(self, read: Box, labels: np.ndarray, expanded: tuple[Box, np.ndarray] | None) -> None:
-        self.nucleus_store.paint(read, labels)
-        if expanded is not None and self.cell_store is not None:
-            self.cell_store.paint(*expanded)
+            items = {"labels": (read, labels, expanded), "tables": (tuple(read), *tile)}.get(name, tile)
+            self._checked(worker.what, worker.put, *items)
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
         """End every file: the tables close in their threads while the label pyramids, the overlay, the tissue
         mask and the histogram are written. Returns the panoptic encoding used (summary.json describes it)."""
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
         for name, worker in self.workers.items():
-            args = (panoptic, thumbnail, thumb_factor, tissue) if name == "labels" else ()
+            args = (panoptic, thumbnail, thumb_factor, tissue) if name in ("labels", "tables") else ()
             self._checked(worker.what, worker.end, *args)
         if "tissue_mask.png" in self.outputs:
             self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
@@ -354,32 +423,6 @@ class ResultWriter:
         for worker in self.workers.values():
             self._checked(worker.what, lambda w=worker: _raise(w.join()))
         return panoptic
-
-    def _finish_labels(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float,
-                       tissue: TissueMask) -> None:
-        """The label canvases' files: the pyramids, while the overlay is drawn (boundaries + PNG encoding, which
-        release the GIL) beside them."""
-        want = self.outputs.__contains__
-        with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
-            overlay = None
-            if want("overlay.png"):
-                factor = max(1, int(round(thumb_factor)))
-                nucleus_thumbnail = self.nucleus_store.thumbnail(factor)
-                cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
-                overlay = background.submit(_named, "overlay.png", write_overlay_png, thumbnail, nucleus_thumbnail,
-                                            self.out_dir / "overlay.png", cell_thumbnail)
-            targets = {self.out_dir / name: encode for name, encode in
-                       (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
-            if targets:
-                _named(", ".join(p.name for p in targets), write_label_images, self.nucleus_store, targets, self.mpp)
-            if self.cell_store is not None and want("cell_labels.ome.tif"):
-                _named("cell_labels.ome.tif", write_label_images, self.cell_store,
-                       {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
-            if overlay is not None:
-                overlay.result()
-        self.nucleus_store.remove()
-        if self.cell_store is not None:
-            self.cell_store.remove()
 
     def _checked(self, what: str, call, *args):
         """call(*args), an OSError (no space, no permission, a quota) made a WriteError naming `what`."""

@@ -1,16 +1,19 @@
-"""The result tables (cells.csv, cells.geojson, predictions.coco.json) written by a process of their own.
+"""The result files written by a process of their own: the tables (cells.csv, cells.geojson, predictions.coco.json)
+and, in a thread of it, the label canvases and the files drawn from them (results.writer.LabelFiles: the label
+pyramids, the overlay).
 
 Formatting text is Python work that holds the interpreter lock: in a thread beside the count it ran by turns with
 merging and measuring instead of beside them. A child interpreter (`python -m cellseg.results.writer_process`,
-started by `TablesProcess` with the parent's import path) writes them on another core; the parent sends each
-tile's nuclei through a pipe (pickled: ids, boxes, the masks in one flat array, class ids, scores, the cells.csv
-rows, and with cells their label image), which also bounds memory: a send waits while the child is a pipe's
-worth of tiles behind. The child ends when the pipe closes (its parent ended, or died).
+started by `TablesProcess` with the parent's import path) writes the files on another core; the parent sends each
+tile's nuclei through a pipe (pickled: the read box, ids, boxes, the masks in one flat array, class ids, scores, the
+cells.csv rows, and with cells their label image; the child paints the label canvas from the masks as the count
+does), which also bounds memory: a send waits while the child is a pipe's worth of tiles behind. The child ends when
+the pipe closes (its parent ended, or died).
 
-Messages to the child: the writers to open, then ("tile", ...) per tile, then ("end",) (close the files, reply
-("done", seconds per file)) or ("stop",) (close them as a failed run does). A failure in the child is sent back as
-("error", file, exception) before it exits: the parent raises it (results/writer.py makes an OSError a WriteError
-naming the file).
+Messages to the child: the writers to open, then ("tile", ...) per tile, then ("end", the label files' closing
+arguments) (close the files, reply ("done", seconds per file, its peak memory)) or ("stop",) (close them as a failed run does). A
+failure in the child is sent back as ("error", file, exception) before it exits: the parent raises it
+(results/writer.py makes an OSError a WriteError naming the file).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import numpy as np
 
 class TablesProcess:
     """The child process writing `writers`: {file name: (writer class, args, kwargs)}, each class importable by its
-    module and name (CellsTableWriter, CellsGeoJsonWriter, CocoWriter or a subclass) with the append/close/
-    __exit__ of those."""
+    module and name (CellsTableWriter, CellsGeoJsonWriter, CocoWriter or a subclass, with the append/close/
+    __exit__ of those), and "labels": results.writer.LabelFiles, the label canvases and their files."""
 
     def __init__(self, writers: dict[str, tuple[type, tuple, dict]]):
         to_child, self._to_child = os.pipe()
@@ -43,6 +46,7 @@ class TablesProcess:
         self._send = Connection(self._to_child, readable=False)
         self._reply = Connection(self._from_child, writable=False)
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: float | None = None      # the child's, once it has closed the files (Linux)
         specs = {name: (cls.__module__, cls.__qualname__, args, kwargs) for name, (cls, args, kwargs) in
                  writers.items()}
         self._message(("open", specs))
@@ -73,17 +77,19 @@ class TablesProcess:
             _, what, error = reply
             raise TableWriteError(what, error)
         if reply[0] == "done":
-            self.seconds = reply[1]
+            self.seconds, self.peak_rss_mb = reply[1], reply[2]
 
-    def tile(self, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
+    def tile(self, read: tuple, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
              scores: np.ndarray, rows: dict[str, np.ndarray], cell_image) -> None:
+        """One tile's nuclei (as ResultWriter.add_nuclei has them; read: the tile's read box)."""
         flat = np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks]) if masks else np.zeros(0, bool)
-        self._message(("tile", ids, np.asarray(boxes), flat, np.asarray(class_ids), np.asarray(scores), rows,
+        self._message(("tile", read, ids, np.asarray(boxes), flat, np.asarray(class_ids), np.asarray(scores), rows,
                        cell_image))
 
-    def end(self) -> None:
-        """Close the files and wait for the child's answer."""
-        self._message(("end",))
+    def end(self, *labels) -> None:
+        """Close the files (the label files with `labels`: LabelFiles.close's arguments) and wait for the child's
+        answer."""
+        self._message(("end", labels))
         self._wait_reply()
         self._close()
 
@@ -113,6 +119,16 @@ class TableWriteError(Exception):
         self.what, self.error = what, error
 
 
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory since it began running this program (VmHWM: unlike ru_maxrss, not the
+    parent's pages it shared between fork and exec); None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _masks(boxes: np.ndarray, flat: np.ndarray) -> list[np.ndarray]:
     shapes = (boxes[:, 2:] - boxes[:, :2]).tolist()
     ends = np.cumsum([h * w for h, w in shapes]).tolist()
@@ -120,8 +136,11 @@ def _masks(boxes: np.ndarray, flat: np.ndarray) -> list[np.ndarray]:
 
 
 def _serve(receive: Connection, reply: Connection) -> None:
-    """The child's loop: open the writers, write each tile, close them."""
+    """The child's loop: open the writers, write each tile, close them. The tables are written here, the label
+    canvases (results.writer.LabelFiles: painted from the masks, then the pyramids and the overlay) by a thread."""
+    from .writer import _NamedOSError, _Worker
     writers: dict = {}
+    labels = None           # the label files' thread
     seconds: dict[str, float] = {}
     name = "the result tables"
     try:
@@ -137,11 +156,19 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     cls = importlib.import_module(module)
                     for part in qualname.split("."):
                         cls = getattr(cls, part)
-                    writers[name] = cls(*args, **kwargs)
-                    seconds[name] = 0.0
+                    writer = cls(*args, **kwargs)
+                    if name == "labels":
+                        labels = _Worker("labels", writer.paint_masks, writer.close, writer.remove,
+                                         what="labels.ome.tif (its label canvas)")
+                    else:
+                        writers[name] = writer
+                        seconds[name] = 0.0
             elif kind == "tile":
-                _, ids, boxes, flat, class_ids, scores, rows, cell_image = message
+                _, read, ids, boxes, flat, class_ids, scores, rows, cell_image = message
                 masks = _masks(boxes, flat)
+                if labels is not None:
+                    name = labels.what
+                    labels.put(read, ids, boxes, masks, cell_image)
                 for name, writer in writers.items():
                     start = time.perf_counter()
                     if name == "cells.csv":
@@ -152,21 +179,33 @@ def _serve(receive: Connection, reply: Connection) -> None:
                         writer.append(ids, boxes, masks, scores, class_ids)
                     seconds[name] += time.perf_counter() - start
             elif kind == "end":
+                if labels is not None:
+                    name = labels.what
+                    labels.end(*message[1])
                 for name, writer in writers.items():
                     start = time.perf_counter()
                     writer.close()
                     seconds[name] += time.perf_counter() - start
                 writers = {}
-                reply.send_bytes(pickle.dumps(("done", seconds)))
+                if labels is not None:
+                    name = labels.what
+                    if labels.join() is not None:
+                        raise labels.error
+                    seconds["labels"] = labels.seconds
+                reply.send_bytes(pickle.dumps(("done", seconds, _peak_rss_mb())))
                 return
             else:       # stop
                 return
     except BaseException as e:      # sent to the parent, which raises it
+        if isinstance(e, _NamedOSError):
+            name, e = e.what, e.error
         try:
             reply.send_bytes(pickle.dumps(("error", name, e)))
         except Exception:           # an exception that does not pickle: its text
             reply.send_bytes(pickle.dumps(("error", name, RuntimeError(repr(e)))))
     finally:
+        if labels is not None:
+            labels.stop()
         for writer in writers.values():
             try:
                 writer.__exit__(RuntimeError, None, None)
@@ -175,5 +214,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops this process
     _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
     sys.exit(0)

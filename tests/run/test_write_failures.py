@@ -15,6 +15,7 @@ import tifffile
 from cellseg.errors import WriteError
 from cellseg.planning import Protocol
 from cellseg.results import CellsGeoJsonWriter, CellsTableWriter, CocoWriter, ResultWriter, partial_folder, result_files
+from cellseg.results.writer import LabelFiles
 from cellseg.run import count_serially, done_bands
 
 from ..helpers import LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
@@ -51,9 +52,15 @@ class FullTable(CellsTableWriter):
             _no_space()
 
 
+class FullLabels(LabelFiles):
+    def close(self, *args):
+        self.nucleus_store.chunk_files()           # the canvas goes to disk first (LabelStore.flush)
+        _no_space()
+
+
 @pytest.mark.parametrize("name, process", [("cells.geojson", True), ("cells.geojson", False),
                                            ("predictions.coco.json", True), ("cells.csv", False),
-                                           ("labels.ome.tif", None)])
+                                           ("labels.ome.tif", True), ("labels.ome.tif", False)])
 def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path, slide, monkeypatch, name, process):
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
@@ -62,13 +69,10 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         m.setattr(ResultWriter, "tables_in_a_process", process)
-        if name == "labels.ome.tif":
-            m.setattr("cellseg.results.labelstore.ChunkFiles.store", _no_space)
-        else:
-            attribute = {"cells.geojson": "geojson_writer", "predictions.coco.json": "coco_writer",
-                         "cells.csv": "table_writer"}[name]
-            m.setattr(ResultWriter, attribute, {"cells.geojson": FullGeoJson, "predictions.coco.json": FullCoco,
-                                                "cells.csv": FullTable}[name])
+        attribute = {"cells.geojson": "geojson_writer", "predictions.coco.json": "coco_writer",
+                     "cells.csv": "table_writer", "labels.ome.tif": "label_files"}[name]
+        m.setattr(ResultWriter, attribute, {"cells.geojson": FullGeoJson, "predictions.coco.json": FullCoco,
+                                            "cells.csv": FullTable, "labels.ome.tif": FullLabels}[name])
         (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
     message = str(outcome.error)
     assert isinstance(outcome.error, WriteError) and "\n" not in message
@@ -90,8 +94,9 @@ def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, sl
     spec.load().count(path, tmp_path / "a")
     monkeypatch.setattr(ResultWriter, "tables_in_a_process", not process)
     spec.load().count(path, tmp_path / "b")
-    for name in ("cells.csv", "cells.geojson", "predictions.coco.json"):
+    for name in ("cells.csv", "cells.geojson", "predictions.coco.json", "overlay.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert_same_result(tmp_path / "a", tmp_path / "b")      # labels.ome.tif's pixels too
 
 
 def test_a_journal_file_on_a_full_disk_is_one_line_too(tmp_path, slide, monkeypatch):
