@@ -492,7 +492,14 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
         return
     click.echo(f"the fine-tuned bundle does NOT beat {start} on the held-out images (AP50 "
                f"{verdict.table[2]['ap50_tp_fp_fn_pooled']:.3f} against {verdict.table[1]['ap50_tp_fp_fn_pooled']:.3f}"
-               f"): keep counting with {start}; {out} keeps it for inspection and its card says so", err=True)
+               f", {verdict.gain:+.3f} where chance alone moves it by {verdict.margin:.3f}): keep counting with "
+               f"{start}; {out} keeps it for inspection and its card says so", err=True)
+    own, retuned = verdict.table[0], verdict.table[1]
+    if (retuned["ap50_tp_fp_fn_pooled"] or 0) > (own["ap50_tp_fp_fn_pooled"] or 0):
+        click.echo(f"{start} itself scored AP50 {retuned['ap50_tp_fp_fn_pooled']:.3f} on them at score threshold "
+                   f"{retuned['score_threshold']:.2f} (retuned there), {own['ap50_tp_fp_fn_pooled']:.3f} at its own "
+                   f"{own['score_threshold']:.2f}: `cellseg count --score-threshold {retuned['score_threshold']:.2f}` "
+                   f"uses it", err=True)
     if not keep_anyway:
         click.get_current_context().exit(1)
     click.echo(f"kept anyway (--keep-anyway): count with `{count_hint}`")

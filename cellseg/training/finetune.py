@@ -224,7 +224,9 @@ class HeldOutScorer:
         """The card's figures (evaluation.card_figures) of the cells scoring >= threshold."""
         from ..evaluation import above, card_figures, evaluate
         report = evaluate({name: above(cells, threshold) for name, cells in predictions.items()}, self.gt)
-        return {"score_threshold": round(float(threshold), 4), **card_figures(report)}
+        pooled = report.pooled
+        return {"score_threshold": round(float(threshold), 4), **card_figures(report),
+                "tp_fp_fn": int(pooled["tp"] + pooled["fp"] + pooled["fn"])}
 
     def best(self, predictions: dict, fallback: float) -> dict:
         """The figures at the score threshold with the best pooled F1 on these images (evaluation.score)."""
@@ -243,9 +245,12 @@ class Verdict:
     table: list[dict]            # rows: {"model", "score_threshold", figures...}
     chosen_step: int
     threshold: float             # the retuned score threshold of the user's modality
-    better: bool                 # the fine-tune's AP50 beats the start bundle's, both at their retuned thresholds
+    better: bool                 # the fine-tune's AP50 beats the start bundle's by more than the noise margin, both
+    #                              at thresholds retuned on the held-out images
     scorings: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    gain: float = 0.0            # held-out AP50, fine-tuned - start
+    margin: float = 0.0          # noise_margin: what the gain must exceed
 
     def lines(self) -> list[str]:
         head = ["model", "threshold", "AP50", "F1", "median count error", "DSB2018 score", "COCO mask AP"]
@@ -349,26 +354,36 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
     if tuned["step"] != steps_run and tuned["step"] > 0:
         _take_snapshot_weights(out, out / "snapshots" / f"step{tuned['step']:07d}")
     shutil.rmtree(out / "snapshots", ignore_errors=True)
-    better = (tuned["step"] > 0
-              and (tuned["ap50_tp_fp_fn_pooled"] or 0) > (start_row["ap50_tp_fp_fn_pooled"] or 0))
+    gain = (tuned["ap50_tp_fp_fn_pooled"] or 0) - (start_row["ap50_tp_fp_fn_pooled"] or 0)
+    margin = noise_margin(start_row)
+    better = tuned["step"] > 0 and gain > margin
     table = [{"model": f"{bundle.name} (start), its threshold", **record["start_own_threshold"]},
              {"model": f"{bundle.name} (start), threshold retuned", **_figures_only(start_row)},
              {"model": f"fine-tuned (step {tuned['step']})", **_figures_only(tuned)}]
     verdict = Verdict(table, int(tuned["step"]), float(tuned["score_threshold"]), better, record["scorings"],
-                      stopped_early=bool(stopped))
+                      stopped_early=bool(stopped), gain=gain, margin=margin)
     thresholds = {**bundle.score_thresholds, key: verdict.threshold}
     card["finetune"].update(
         chosen_step=verdict.chosen_step, steps_run=steps_run, planned_steps=settings.steps,
         stopped_early=verdict.stopped_early,
         verdict=("better than the start bundle on the held-out images" if better else
                  "NOT better than the start bundle on the held-out images: use the start bundle"),
-        better=better, table=verdict.table,
+        better=better, ap50_gain=round(gain, 4), noise_margin=round(margin, 4), table=verdict.table,
         scorings=[{"step": s["step"], "ap50": s["ap50_tp_fp_fn_pooled"], "threshold": s["score_threshold"]}
                   for s in record["scorings"]],
         note="the held-out images chose the snapshot and the score threshold and are reported on: optimistic for "
              "the fine-tune; count other images to know")
     update_bundle_metadata(out, score_thresholds=thresholds, card=card)
     return verdict
+
+
+def noise_margin(start: dict) -> float:
+    """How much the held-out AP50 of the start bundle could move by chance: one binomial standard error,
+    sqrt(p (1 - p) / n), p its AP50 = TP / (TP + FP + FN), n = TP + FP + FN on the held-out images. A fine-tune must
+    gain more than this to count as better: a gain within it (a few nuclei of a small held-out part) was measured to
+    come with a loss on other fields of the same patient (docs/finetune.md)."""
+    p, n = start.get("ap50_tp_fp_fn_pooled") or 0.0, start.get("tp_fp_fn") or 0
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def _figures_only(scoring: dict) -> dict:

@@ -92,7 +92,8 @@ def _scored_by_step(monkeypatch, ap50_of_step) -> dict:
     def figures(self, predictions, threshold):
         ap = ap50_of_step(predictions["step"])
         return {"score_threshold": threshold, "images": 1, "ap50_tp_fp_fn_pooled": ap, "f1_pooled": ap,
-                "median_rel_count_error": 0.1, "dsb_score_mean_over_images": ap / 2, "coco_mask_ap": ap / 2}
+                "median_rel_count_error": 0.1, "dsb_score_mean_over_images": ap / 2, "coco_mask_ap": ap / 2,
+                "tp_fp_fn": 100}
 
     monkeypatch.setattr(HeldOutScorer, "predictions", predictions)
     monkeypatch.setattr(HeldOutScorer, "figures", figures)
@@ -113,6 +114,12 @@ def test_a_fine_tune_worse_than_its_start_is_refused_unless_kept_anyway(tmp_path
     result = invoke(_train_args(ann, tmp_path / "b", protocol, "--keep-anyway"))
     assert result.exit_code == 0 and "kept anyway" in result.stdout
     assert load_bundle(tmp_path / "b").card["finetune"]["better"] is False   # the card says so all the same
+    # a gain within the held-out noise (AP50 0.8 on 100 nuclei found, missed or false: 0.04) is no gain
+    _scored_by_step(monkeypatch, lambda step: 0.8 + 0.01 * step)
+    result = invoke(_train_args(ann, tmp_path / "c", protocol))
+    assert result.exit_code == 1 and "+0.020 where chance alone moves it by 0.040" in result.stderr
+    card = load_bundle(tmp_path / "c").card["finetune"]
+    assert (card["better"], card["ap50_gain"], card["noise_margin"]) == (False, 0.02, 0.04)
 
 
 @pytest.mark.slow
