@@ -22,7 +22,9 @@ import numpy as np
 from ..geometry import Box, Instances, MaskRows
 
 _GEOMETRY = {
-    "cell_id": "int64", "class_id": "int64", "class_name": "str", "score": "float32", "tile_index": "int64",
+    "cell_id": "int64", "class_id": "int64", "class_name": "str", "score": "float32",
+    "p_nucleus": "float32",     # the score's calibrated probability of a true nucleus: the count fills it in
+    "tile_index": "int64",
     "centroid_row_px": "float64", "centroid_col_px": "float64",
     "centroid_row_um": "float64", "centroid_col_um": "float64",
     "bbox_row0_px": "int64", "bbox_col0_px": "int64", "bbox_row1_px": "int64", "bbox_col1_px": "int64",
@@ -90,6 +92,8 @@ def measure_tile(nuclei: Instances, ids: np.ndarray, labels: np.ndarray, pixels:
         "class_id": nuclei.class_ids,
         "class_name": class_name,
         "score": nuclei.scores,
+        # filled in by the count from the bundle's calibration (results/uncertainty.py); empty without one
+        "p_nucleus": np.full(n, np.nan, np.float32),
         "tile_index": nuclei.tile_index,
         "centroid_row_px": geo["centroid_row"] + box.row0,
         "centroid_col_px": geo["centroid_col"] + box.col0,

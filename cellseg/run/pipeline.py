@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REGION_COLUMNS = {"region": "str"}    # cells.csv's column when counted in regions: names joined by ";"
-P_NUCLEUS_COLUMN = {"p_nucleus": "float32"}   # cells.csv: the calibrated probability of a true nucleus (empty: none)
 
 Progress = Callable[[int, int], None]
 """progress(tiles analysed, tiles to analyse): called once the tiles are planned, then after each analysed tile, in
@@ -274,7 +273,7 @@ class SlideRun:
                           class_names, chunk_px=min(512, protocol.tile_size),
                           expansion_columns=None if expansion is None else expansion.columns,
                           geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
-                          extra_columns={**P_NUCLEUS_COLUMN, **(REGION_COLUMNS if tally is not None else {})},
+                          extra_columns=REGION_COLUMNS if tally is not None else None,
                           outputs=outputs) as result:
             emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
                                   expansion=expansion, tally=tally, scores=scores)
