@@ -458,9 +458,10 @@ def measure_diameter(slide: Slide, detector: TileDetector, network: NetworkInput
     """Median equivalent diameter (slide px) of the nuclei found on the slide's busiest tiles with `network`, the
     slide's network input at the scale to measure at (network.scale).
 
-    The tiles are those a count at that scale detects (tile_geometry), ranked by thumbnail contrast times tissue share
-    so that glass and empty background are not sampled; a nucleus counts in the tile whose core holds its centroid, so
-    none counts twice and none cut by a read edge. The detector is calibrated on the windows a count at that scale is,
+    The tiles are those a count at that scale detects (tile_geometry) and analyses (tissue enough: none on a slide
+    without tissue), ranked by thumbnail contrast times tissue share so that glass and empty background are not
+    sampled; a nucleus counts in the tile whose core holds its centroid, so none counts twice and none cut by a read
+    edge. The detector is calibrated on the windows a count at that scale is,
     and its detections stay in `calibration` (Calibration): a count at this network input takes them rather than
     detecting these tiles again. Returns (diameter, number of nuclei), or None when fewer than MIN_MEASURED were found.
     """
@@ -468,9 +469,14 @@ def measure_diameter(slide: Slide, detector: TileDetector, network: NetworkInput
     tiles = plan_tiles(info.height, info.width, *tile_geometry(protocol, network.scale))
     luminance = select_channels(thumbnail, network.channel).astype(np.float32).mean(-1)
 
+    share = {t.index: tissue.box_fraction(t.core) if tissue is not None and tissue.method != "none" else 1.0
+             for t in tiles}
+    tiles = [t for t in tiles if share[t.index] >= protocol.min_tissue_fraction and share[t.index] > 0]
+    if not tiles:
+        return None
+
     def busy(t: TileSpec) -> float:
-        share = tissue.box_fraction(t.core) if tissue is not None else 1.0
-        return thumbnail_contrast(luminance, t.core, thumb_factor) * share
+        return thumbnail_contrast(luminance, t.core, thumb_factor) * share[t.index]
 
     chosen = sorted(sorted(tiles, key=lambda t: (-busy(t), t.index))[:n_tiles], key=lambda t: t.index)
     windows = calibration_windows(info.height, info.width,
