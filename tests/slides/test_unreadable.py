@@ -61,7 +61,9 @@ def _count(tmp_path, path, *extra):
 
 def _centroids(out) -> np.ndarray:
     """(row, col) of every cell in a result's cells.csv."""
-    return np.loadtxt(out / "cells.csv", delimiter=",", skiprows=1, usecols=(5, 6), ndmin=2)
+    import pandas as pd
+    table = pd.read_csv(out / "cells.csv")     # by name: the column order grows with the table
+    return table[["centroid_row_px", "centroid_col_px"]].to_numpy(float).reshape(-1, 2)
 
 
 def _outside(centres: np.ndarray, box) -> np.ndarray:
