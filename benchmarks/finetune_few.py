@@ -70,9 +70,9 @@ def recipes() -> dict:
         "default": base,
         # the fine-tune before issue 49: whole network at 1e-4 with the long warm-up, zoom 0.5-2x, no early stop
         "naive": replace(base, backbone_lr_scale=1.0, warmup=100, augmentation=Augmentation(), patience=10 ** 6),
-        "frozen": replace(base, backbone_lr_scale=0.0),
+        "backbone-0.1": replace(base, backbone_lr_scale=0.1),
         "full": replace(base, backbone_lr_scale=1.0),
-        "frozen-3e-4": replace(base, backbone_lr_scale=0.0, lr=3e-4),
+        "3e-4": replace(base, lr=3e-4),
         "wide-zoom": replace(base, augmentation=Augmentation()),
         # copy-paste of the image's own nuclei (training.copy_paste) on half the crops
         "paste": replace(base, augmentation=Augmentation(scale=(0.75, 1.33), paste_p=0.5)),
@@ -172,7 +172,8 @@ def run_case(case: str, args, recipe_name: str, out: Path) -> dict:
     result = {"case": case, "recipe": recipe_name, "protocol": protocol_name, "train_fields": train_names,
               "test_fields": len(test_names), "test_nuclei": _nuclei(test_json),
               "train_nuclei": _nuclei(train_json), "steps_run": card["finetune"]["steps_run"],
-              "chosen_step": verdict.chosen_step, "kept": verdict.better, "train_wall_s": round(train_s, 1),
+              "chosen_step": verdict.chosen_step, "kept": verdict.better, "heldout_gain": round(verdict.gain, 4),
+              "noise_margin": round(verdict.margin, 4), "train_wall_s": round(train_s, 1),
               "count_wall_s": round(count_s, 1), "scale": card["finetune"]["scale"],
               "heldout_table": verdict.table, "shipped": shipped, "shipped_retuned": shipped_retuned,
               "tuned": tuned, "tuned_at_training_scale": tuned_hint,

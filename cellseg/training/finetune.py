@@ -45,7 +45,7 @@ class Recipe:
     """How a bundle is fine-tuned on a few images (docs/finetune.md gives the measurements behind each choice)."""
 
     lr: float = 1e-4                  # peak rate of the heads, RPN and FPN
-    backbone_lr_scale: float = 0.1    # the ResNet body's share of it (0: frozen)
+    backbone_lr_scale: float = 0.0    # the ResNet body's share of it: frozen (its gradients never computed)
     warmup: int = 10                  # steps: the bundle's weights are already good, a long warm-up wastes a short run
     # zoom 0.75-1.33x around the bundle's scale (the training images are resampled to it); the photometric
     # augmentations of the bundle's own training
