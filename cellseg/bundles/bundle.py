@@ -410,12 +410,22 @@ def read_weights(path: Path) -> dict:
 
 
 def write_toml(path: Path, meta: dict) -> None:
-    """Write a TOML file atomically, readable by others (the umask decides, as for a plain open())."""
+    """Write a TOML file atomically, readable by others (the umask decides, as for a plain open()). TOML has no
+    null: a None (a figure not measured, e.g. on images without nuclei) is left out, and reads back as missing."""
     path = Path(path)
+    data = tomli_w.dumps(_without_none(meta)).encode("utf-8")    # first: a bad value writes nothing
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".toml.tmp") as f:
-        tomli_w.dump(meta, f)
+        f.write(data)
     os.chmod(f.name, _file_mode())
     os.replace(f.name, path)
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(v) for v in value if v is not None]
+    return value
 
 
 def _file_mode() -> int:

@@ -237,6 +237,16 @@ class HeldOutScorer:
     def nuclei(self) -> int:
         return int(sum(int((~m.iscrowd).sum()) for m in self.gt.values()))
 
+    @staticmethod
+    def count_nuclei(annotations: Path) -> int:
+        """The annotated nuclei (not crowd regions) in a COCO file, without reading its images."""
+        try:
+            coco = json.loads(Path(annotations).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CellsegError(f"expected a COCO annotation file at {annotations}, found one that cannot be read "
+                               f"({e})") from e
+        return sum(1 for a in coco.get("annotations", []) if not a.get("iscrowd", 0))
+
 
 @dataclass
 class Verdict:
@@ -292,16 +302,21 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
     bundle = load_bundle(start)
     if not items:
         raise CellsegError("expected at least one annotated image to fine-tune on, found none")
-    out.mkdir(parents=True, exist_ok=True)
     if val is not None:
-        heldout, train_items = HeldOut(Path(val), f"the --val images ({val})"), items
+        heldout, train_items, held = HeldOut(Path(val), f"the --val images ({val})"), items, None
     else:
         train_items, held, description = split_heldout(items, recipe.heldout_share)
-        annotations = out / HELDOUT_DIR / "annotations.json"
-        if not (resume and annotations.is_file()):    # a resumed run keeps the images it was judged on
-            write_heldout(held, out / HELDOUT_DIR)
-        heldout = HeldOut(annotations, description)
+        heldout = HeldOut(out / HELDOUT_DIR / "annotations.json", description)
+        if not any(len(item.masks) for _, _, item in held):     # checked before anything is written
+            raise CellsegError(f"expected annotated nuclei in the held-out part ({description}) to judge the "
+                               f"fine-tune on, found none; annotate nuclei there too, or give --val annotated images")
     scale = training_scale(bundle, items, protocol, mpp)    # all annotated nuclei, uncut by the held-out band
+    if val is not None and HeldOutScorer.count_nuclei(heldout.annotations) == 0:
+        raise CellsegError(f"expected annotated nuclei in the --val images ({val}) to judge the fine-tune on, "
+                           f"found none")
+    out.mkdir(parents=True, exist_ok=True)
+    if held is not None and not (resume and heldout.annotations.is_file()):   # a resumed run keeps its judges
+        write_heldout(held, out / HELDOUT_DIR)
     gray = all(gray_input(it.image) for it in items)
     key = f"{protocol.modality}{GRAY_SUFFIX}" if gray else protocol.modality
     before_threshold = bundle.threshold_for(protocol.modality, gray=gray)

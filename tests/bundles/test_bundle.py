@@ -395,3 +395,15 @@ def test_the_shipped_bundle_has_a_scale_in_micrometres_for_brightfield_only():
     assert scale is not None and scale.mpp == 0.25 and 15 < scale.nucleus_diameter_px < 25
     assert 4 < scale.nucleus_diameter_um < 6 and "TNBC" in scale.source
     assert bundle.micron_scale("fluorescence") is None
+
+
+def test_a_card_figure_not_measured_is_left_out_of_model_toml(tiny_bundle, tmp_path):
+    """TOML has no null: a None in the card (a figure on images without nuclei) is dropped, not a TypeError that
+    leaves a half-written bundle."""
+    from cellseg.bundles import load_bundle, update_bundle_metadata
+    folder = shutil.copytree(tiny_bundle, tmp_path / "b")
+    update_bundle_metadata(folder, card={"finetune": {"gain": None, "table": [{"ap50": None, "model": "start"}],
+                                                      "scorings": [None, {"step": 3}]}})
+    card = load_bundle(folder).card["finetune"]
+    assert card == {"table": [{"model": "start"}], "scorings": [{"step": 3}]}
+    assert not list(folder.glob("*.tmp"))

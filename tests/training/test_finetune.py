@@ -141,6 +141,22 @@ def test_the_best_snapshot_becomes_the_bundle_and_the_run_stops_when_it_stops_im
     assert tuned.score_thresholds["fluorescence_gray"] == 0.6
 
 
+def test_a_held_out_part_without_nuclei_is_one_line_and_writes_nothing(tmp_path, start_bundle):
+    """Nuclei annotated only on the left of the image: the held-out band (its right quarter) could judge nothing."""
+    import tifffile
+    labels = tifffile.imread(DATA / "dsb_fluo_labels.tif")
+    right = np.unique(labels[:, 180:])
+    labels[np.isin(labels, right[right > 0])] = 0
+    tifffile.imwrite(tmp_path / "left_only.tif", labels)
+    ann, n = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", tmp_path / "left_only.tif")
+    assert n > 10
+    out = tmp_path / "mine"
+    result = invoke(_train_args(ann, out, _protocol(tmp_path, start_bundle)))
+    assert result.exit_code != 0 and not out.exists()
+    message = result.stderr.strip()
+    assert "\n" not in message and "expected annotated nuclei in the held-out part" in message and "found none" in message
+
+
 def test_training_scale_is_the_one_count_would_choose(tmp_path, start_bundle):
     """planning.decide_scale (a count's default) with the annotated nuclei as its measurement."""
     from cellseg.planning import load_protocol
