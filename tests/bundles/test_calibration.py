@@ -198,3 +198,16 @@ def test_cross_validation_by_group_covers_the_truth():
     assert set(calibration.keys) == {"fluorescence"}
     assert "left_out" in report["brightfield_gray"]
     assert report["fluorescence"]["groups"] == 5
+
+
+def test_the_shipped_bundle_is_calibrated_for_its_own_weights():
+    """Shipping new weights without rerunning references/nuclei/calibrate_bundle.py (which refits model.toml's
+    [calibration] and appearance.json) fails here, instead of counts that silently lose p_nucleus and the interval."""
+    from cellseg.bundles.appearance import BundleAppearance
+    bundle = load_bundle("nuclei")
+    assert bundle.calibration is not None, bundle.calibration_note
+    assert bundle.calibration.weights_sha256 == bundle.weights_sha256
+    assert {"fluorescence", "brightfield"} <= set(bundle.calibration.keys)
+    appearance = BundleAppearance.read(bundle.path)
+    assert appearance is not None and appearance.weights_sha256 == bundle.weights_sha256
+    assert set(bundle.calibration.keys) <= set(appearance.keys)
