@@ -47,6 +47,7 @@ class TablesProcess:
         self._reply = Connection(self._from_child, writable=False)
         self.seconds: dict[str, float] = {}
         self.peak_rss_mb: float | None = None      # the child's, once it has closed the files (Linux)
+        self._done = False                         # its ("done", ...) has come (maybe read by _message's check)
         specs = {name: (cls.__module__, cls.__qualname__, args, kwargs) for name, (cls, args, kwargs) in
                  writers.items()}
         self._message(("open", specs))
@@ -77,7 +78,7 @@ class TablesProcess:
             _, what, error = reply
             raise TableWriteError(what, error)
         if reply[0] == "done":
-            self.seconds, self.peak_rss_mb = reply[1], reply[2]
+            self.seconds, self.peak_rss_mb, self._done = reply[1], reply[2], True
 
     def tile(self, read: tuple, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray], class_ids: np.ndarray,
              scores: np.ndarray, rows: dict[str, np.ndarray], cell_image) -> None:
@@ -90,7 +91,8 @@ class TablesProcess:
         """Close the files (the label files with `labels`: LabelFiles.close's arguments) and wait for the child's
         answer."""
         self._message(("end", labels))
-        self._wait_reply()
+        if not self._done:    # a quick child's answer may already have been read by the check after the send
+            self._wait_reply()
         self._close()
 
     def stop(self) -> None:
