@@ -75,10 +75,25 @@ def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int |
     resampled by `scale` network px per slide px, normalised (to_network_input)."""
     pixels = select_channels(raw, channel)
     if scale != 1.0:
-        from skimage.transform import resize
         shape = (max(1, round(box_shape[0] * scale)), max(1, round(box_shape[1] * scale)))
-        pixels = resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+        pixels = enlarged(pixels, shape) if scale > 1 else _shrunk(pixels, shape)
     return to_network_input(pixels, intensity)
+
+
+def enlarged(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) pixels enlarged to `shape` by bicubic interpolation (torch's, pixel centres as skimage's resize):
+    a slide coarser than the model's training images loses less of its nuclei's edges than with bilinear (the example
+    mosaic at half size, AP50 0.726 -> 0.747; benchmarks/scale_check.py), at a quarter of skimage's bilinear time. The
+    overshoot at edges is clipped by the normalisation that follows."""
+    import torch
+    planes = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(planes, size=shape, mode="bicubic", align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def _shrunk(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from skimage.transform import resize
+    return resize(pixels.astype(np.float32), shape, order=1, anti_aliasing=True, preserve_range=True)
 
 
 # Mean distance of a pixel's three input planes from their mean, below which a slide's network input counts as gray.

@@ -111,3 +111,26 @@ def test_the_protocols_nucleus_size_in_micrometres_counts_as_a_pixel_size_scale(
     protocol = Protocol(name="t", modality="fluorescence", nucleus_diameter_um=10.0)
     scale = decide_scale(MODEL_PX, None, protocol, info(0.25), Nuclei(40.0))       # 10 µm at 0.25 µm/px: 40 px
     assert scale.method == "pixel size" and scale.factor == pytest.approx(0.5) and "nucleus_diameter_um" in scale.source
+
+
+def test_a_slide_enlarged_for_the_network_keeps_its_pixel_centres_and_levels():
+    """planning.intensity.enlarged (bicubic): the shape asked for, a flat image stays flat, and a spot stays where it
+    was in slide coordinates (pixel centres as skimage's resize, which the masks are mapped back with)."""
+    from skimage.transform import resize
+
+    from cellseg.planning.intensity import enlarged
+    flat = np.full((20, 30, 3), 0.4, np.float32)
+    out = enlarged(flat, (43, 65))
+    assert out.shape == (43, 65, 3) and out.dtype == np.float32 and np.allclose(out, 0.4, atol=1e-6)
+    spot = np.zeros((40, 40, 1), np.float32)
+    spot[10:13, 25:28] = 1.0                              # centred on pixel (11, 26)
+    for factor in (2.0, 2.5):
+        size = round(40 * factor)
+        big = enlarged(spot, (size, size))[..., 0]
+        rows, cols = np.indices(big.shape)
+        weights = np.clip(big, 0, None)
+        centre = np.array([(rows * weights).sum(), (cols * weights).sum()]) / weights.sum()
+        assert centre == pytest.approx(((11 + 0.5) * factor - 0.5, (26 + 0.5) * factor - 0.5), abs=0.05)
+        reference = resize(spot[..., 0], (size, size), order=1, preserve_range=True)
+        difference = np.abs(big - reference)               # the same picture as bilinear, sharper at the edges
+        assert difference.max() < 0.3 and difference.mean() < 0.01
