@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # GPU throughput of `cellseg count` on a lent machine (docs/gpu.md), with .carry/wheels_bench carried:
 #     bash scripts/gpu_benchmark.sh [BUNDLE]
-# Runs benchmarks/run.py --device cuda on the example mosaic, then builds a BENCH_SIZE x BENCH_SIZE dense slide there
-# (benchmarks/make_big_slide.py; default 10240: on an H100 cellseg analysed ~3 tiles/s of the mosaic, so a 20480²
-# slide's 1600 tiles plus the naive loop outlast a 10-minute call) and runs it on that (cellseg's stage split, MP/s of
-# tissue, peak GPU memory, against the naive torchvision loop), leaving the JSON figures in $OUT. The mosaic goes
-# first: its figures come back even when the big slide runs out of time.
+# 1. benchmarks/run.py on the example mosaic (cellseg against the naive torchvision loop, 3 rounds);
+# 2. a BENCH_SIZE x BENCH_SIZE dense slide built there (benchmarks/make_big_slide.py, default 20480: > 300 MP of
+#    tissue), one round: cellseg's MP/s of tissue, stage split and peak GPU memory against the naive loop.
+# Each run's GPU utilisation and memory are sampled every 250 ms (benchmarks/gpu_sampler.py: util_*.json). Every
+# figure lands in $OUT as it is made, the mosaic's first, so what finished comes back even when the 10-minute call
+# ends the big slide early (BENCH_BIG_SECONDS caps it: default 420 s).
+# A dry run on a CPU, to check the script before a lease: BENCH_DEVICE=cpu BENCH_SIZE=2048 OUT=/tmp/gb bash ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_out}
+DEVICE=${BENCH_DEVICE:-cuda}
+SIZE=${BENCH_SIZE:-20480}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cellseg-site .carry/wheels_bench/*.whl
-export PYTHONPATH=$PWD:/tmp/cellseg-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-SIZE=${BENCH_SIZE:-10240}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device cuda ${1:+--model "$1"} \
+if [ -d .carry/wheels_bench ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cellseg-site .carry/wheels_bench/*.whl
+    export PYTHONPATH=$PWD:/tmp/cellseg-site${PYTHONPATH:+:$PYTHONPATH}
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_name.txt"
+fi
+python3 -c "import os, torch; print('torch', torch.__version__, 'cores', os.cpu_count())" | tee "$OUT/host.txt"
+python3 benchmarks/gpu_sampler.py --csv "$OUT/util_mosaic.csv" --json "$OUT/util_mosaic.json" -- \
+    python3 benchmarks/run.py --slide example_slides/fluo_mosaic.ome.tif --device "$DEVICE" ${1:+--model "$1"} \
     --json "$OUT/gpu_mosaic.json" 2>&1 | tee "$OUT/gpu_mosaic.log"
 python3 benchmarks/make_big_slide.py --size "$SIZE" --out /tmp/big.ome.tif --labels
-python3 benchmarks/run.py --slide /tmp/big.ome.tif --device cuda ${1:+--model "$1"} --json "$OUT/gpu_big.json" \
-    2>&1 | tee "$OUT/gpu_big.log"
+timeout "${BENCH_BIG_SECONDS:-420}" \
+    python3 benchmarks/gpu_sampler.py --csv "$OUT/util_big.csv" --json "$OUT/util_big.json" -- \
+    python3 benchmarks/run.py --slide /tmp/big.ome.tif --device "$DEVICE" --rounds 1 ${1:+--model "$1"} \
+    --json "$OUT/gpu_big.json" 2>&1 | tee "$OUT/gpu_big.log"
