@@ -143,21 +143,26 @@ class ThresholdDetector:
         return out
 
 
-def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansion_um: float) -> None:
+def keep_result_writers() -> list:
+    """The list every result writer the pipeline makes from now on is appended to (to read its process's peak memory
+    and its threads' seconds afterwards)."""
     import cellseg.run.pipeline as pipeline
-    from cellseg.planning import load_protocol
-    from cellseg.run import CellCounter
-
     writers = []
 
     class KeptWriter(pipeline.ResultWriter):
-        """The pipeline's result writer, kept to read its process's peak memory afterwards."""
-
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             writers.append(self)
 
     pipeline.ResultWriter = KeptWriter
+    return writers
+
+
+def child(slide: Path, out: Path, detector_kind: str, tissue: str, cell_expansion_um: float) -> None:
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
+
+    writers = keep_result_writers()
     protocol = load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, cell_expansion_um=cell_expansion_um)
     if detector_kind == "model":
         counter = CellCounter.load(protocol, "cpu")

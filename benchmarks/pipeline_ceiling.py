@@ -33,23 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all") -> dict:
     if cpus:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
-    from memory_flat import ThresholdDetector
+    from memory_flat import ThresholdDetector, keep_result_writers
 
     import cellseg.results as results
-    import cellseg.run.pipeline as pipeline
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
 
-    writers = []
-
-    class KeptWriter(pipeline.ResultWriter):
-        """The pipeline's result writer, kept to read its threads' seconds afterwards."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            writers.append(self)
-
-    pipeline.ResultWriter = KeptWriter
+    writers = keep_result_writers()
     report_s = []
     write_report = results.write_report
 
