@@ -83,7 +83,7 @@ def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int |
 def enlarged(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(h, w, C) pixels enlarged to `shape` by bicubic interpolation (torch's, pixel centres as skimage's resize):
     a slide coarser than the model's training images loses less of its nuclei's edges than with bilinear (the example
-    mosaic at half size, AP50 0.726 -> 0.747; benchmarks/scale_check.py), at a quarter of skimage's bilinear time. The
+    mosaic at half size, AP50 0.726 -> 0.750; benchmarks/scale_check.py), at a quarter of skimage's bilinear time. The
     overshoot at edges is clipped by the normalisation that follows."""
     import torch
     planes = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1)[None]

@@ -239,15 +239,15 @@ class HeldOutScorer:
     def nuclei(self) -> int:
         return int(sum(int((~m.iscrowd).sum()) for m in self.gt.values()))
 
-    @staticmethod
-    def count_nuclei(annotations: Path) -> int:
-        """The annotated nuclei (not crowd regions) in a COCO file, without reading its images."""
-        try:
-            coco = json.loads(Path(annotations).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CellsegError(f"expected a COCO annotation file at {annotations}, found one that cannot be read "
-                               f"({e})") from e
-        return sum(1 for a in coco.get("annotations", []) if not a.get("iscrowd", 0))
+
+def annotated_nuclei(annotations: Path) -> int:
+    """The annotated nuclei (not crowd regions) in a COCO file, without reading its images."""
+    try:
+        coco = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CellsegError(f"expected a COCO annotation file at {annotations}, found one that cannot be read "
+                           f"({e})") from e
+    return sum(1 for a in coco.get("annotations", []) if not a.get("iscrowd", 0))
 
 
 @dataclass
@@ -306,6 +306,9 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
         raise CellsegError("expected at least one annotated image to fine-tune on, found none")
     if val is not None:
         heldout, train_items, held = HeldOut(Path(val), f"the --val images ({val})"), items, None
+        if annotated_nuclei(heldout.annotations) == 0:
+            raise CellsegError(f"expected annotated nuclei in the --val images ({val}) to judge the fine-tune on, "
+                               f"found none")
     else:
         train_items, held, description = split_heldout(items, recipe.heldout_share)
         heldout = HeldOut(out / HELDOUT_DIR / "annotations.json", description)
@@ -313,9 +316,6 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
             raise CellsegError(f"expected annotated nuclei in the held-out part ({description}) to judge the "
                                f"fine-tune on, found none; annotate nuclei there too, or give --val annotated images")
     scale = training_scale(bundle, items, protocol, mpp)    # all annotated nuclei, uncut by the held-out band
-    if val is not None and HeldOutScorer.count_nuclei(heldout.annotations) == 0:
-        raise CellsegError(f"expected annotated nuclei in the --val images ({val}) to judge the fine-tune on, "
-                           f"found none")
     out.mkdir(parents=True, exist_ok=True)
     if held is not None and not (resume and heldout.annotations.is_file()):   # a resumed run keeps its judges
         write_heldout(held, out / HELDOUT_DIR)

@@ -157,6 +157,16 @@ def test_a_held_out_part_without_nuclei_is_one_line_and_writes_nothing(tmp_path,
     assert "\n" not in message and "expected annotated nuclei in the held-out part" in message and "found none" in message
 
 
+def test_val_images_without_nuclei_are_one_line_and_write_nothing(tmp_path, start_bundle):
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps({**json.loads(ann.read_text()), "annotations": []}))
+    out = tmp_path / "mine"
+    result = invoke(_train_args(ann, out, _protocol(tmp_path, start_bundle), "--val", val))
+    assert result.exit_code != 0 and not out.exists()
+    assert "expected annotated nuclei in the --val images" in result.stderr and "found none" in result.stderr
+
+
 def test_training_scale_is_the_one_count_would_choose(tmp_path, start_bundle):
     """planning.decide_scale (a count's default) with the annotated nuclei as its measurement."""
     from cellseg.planning import load_protocol
