@@ -1,18 +1,22 @@
 """The tifffile backend: TIFF, BigTIFF, OME-TIFF, ImageJ hyperstacks, SVS, NDPI, SCN, QPTIFF, Philips TIFF.
 
-Regions are read through tifffile's zarr store: only the tiles/strips a region touches are decoded, so a
-100k x 100k slide opens in milliseconds and a region read costs what the region costs. Uncompressed
-contiguous TIFFs (ImageJ writes them as one strip) are memory-mapped instead, since one strip would
-otherwise be one chunk the size of the image.
+Only the tiles/strips a region touches are decoded, so a 100k x 100k slide opens in milliseconds and a region read
+costs what the region costs. Tiled levels (pyramidal OME-TIFF, SVS, most scanners' TIFFs) are read tile by tile
+with tifffile's own decoder (`TiledLevel`); other layouts through tifffile's zarr store. Uncompressed contiguous
+TIFFs (ImageJ writes them as one strip) are memory-mapped instead, since one strip would otherwise be one chunk the
+size of the image.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import struct
+import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -84,13 +88,16 @@ def open_tiff(path: Path) -> Slide:
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
-def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel:
+def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel | TiledLevel:
     try:
         if lv.dataoffset is not None and lv.keyframe.is_memmappable:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
             dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
             arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
             return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024))
+        tiled = TiledLevel.of(tf, lv, channel_axis, stack)
+        if tiled is not None:
+            return tiled
         store = stack.enter_context(series.aszarr(level=i))
         arr = zarr.open(store, mode="r")
     except READ_ERRORS as e:
@@ -98,6 +105,106 @@ def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel:
                          f"({BACKEND}: {error_text(e)})") from e
     chunks = dict(zip(lv.axes, arr.chunks))
     return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]))
+
+
+class TiledLevel:
+    """A tiled pyramid level read tile by tile: each tile's bytes with os.pread (no shared file position, so reader
+    threads need no lock), decoded by tifffile's own decoder (compression, predictor, byte order, JPEG tables: the
+    pixels its zarr store gives, tests/slides/test_tiled_level.py). Why not the zarr store: zarr 3 reads through an
+    asyncio loop in a thread of its own, pure Python that takes turns with the pipeline's for the interpreter; on the
+    8192² benchmark slide the pipeline waited 2.0 s for 256 tiles of pixels its reader thread had spent 0.07 s of CPU
+    on (benchmarks/pipeline_ceiling.py)."""
+
+    # Decoded tiles kept, least recently used out first: a count's read box with its halo (576² for a 512² core)
+    # spans 3 x 3 of a slide's 512² tiles, so without them every tile was decoded up to 9 times. Reads come row by
+    # row: 12 MB holds three rows of tiles across an 8192 px wide 8-bit slide (each tile decoded once); on a wider
+    # slide the tiles still shared along a row are kept (3 decodes instead of 9). A bound, not a share of the slide:
+    # memory stays flat (a thumbnail of a level without a pyramid passes through it once).
+    CACHE_BYTES = 12 << 20
+
+    def __init__(self, fd: int, keyframe, pages: list, height: int, width: int, samples: int):
+        self._fd, self._keyframe = fd, keyframe
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()
+        self._offsets = [np.asarray(page.dataoffsets, np.int64) for page in pages]   # one page a channel
+        self._counts = [np.asarray(page.databytecounts, np.int64) for page in pages]
+        self._height, self._width, self._samples = height, width, samples
+        self._tile = (keyframe.tilelength, keyframe.tilewidth)
+        self._across = -(-width // keyframe.tilewidth)
+        self._fill = keyframe.nodata or 0
+        self.chunk = self._tile
+        self.dtype = np.dtype(keyframe.dtype).newbyteorder("=")
+
+    @classmethod
+    def of(cls, tf, lv, channel_axis: str | None, stack: ExitStack) -> TiledLevel | None:
+        """The level as a TiledLevel where its layout allows (tiled, chunky samples or one page a channel, no
+        depth, a file of its own), else None (the zarr store reads it)."""
+        key = lv.keyframe
+        pages = list(lv.pages)
+        sizes = dict(zip(lv.axes, lv.shape))
+        one_page = lv.axes in ("YX", "YXS") and len(pages) == 1
+        page_a_channel = lv.axes == "CYX" and channel_axis == "C" and len(pages) == sizes["C"] \
+            and key.samplesperpixel == 1
+        if not (key.is_tiled and key.imagedepth == 1 and (one_page or page_a_channel)
+                and (key.planarconfig == 1 or key.samplesperpixel == 1) and tf.filehandle.is_file
+                and all(p is not None and len(p.dataoffsets) == len(key.dataoffsets) for p in pages)):
+            return None
+        fd = os.open(tf.filehandle.path, os.O_RDONLY)
+        stack.callback(os.close, fd)
+        samples = sizes["C"] if page_a_channel else sizes.get("S", 1)
+        return cls(fd, key, pages, sizes["Y"], sizes["X"], samples)
+
+    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        out = np.empty((r1 - r0, c1 - c0, self._samples), self.dtype)
+        th, tw = self._tile
+        for ty in range(r0 // th, (r1 - 1) // th + 1):
+            for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+                rows = slice(max(r0, ty * th), min(r1, (ty + 1) * th))
+                cols = slice(max(c0, tx * tw), min(c1, (tx + 1) * tw))
+                index = ty * self._across + tx
+                for k, (offsets, counts) in enumerate(zip(self._offsets, self._counts)):
+                    target = out[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
+                    if len(self._offsets) > 1:
+                        target = target[..., k:k + 1]     # one page a channel
+                    tile = self._cached_tile(k, index)
+                    if tile is None:
+                        target[...] = self._fill
+                    else:
+                        target[...] = tile[rows.start - ty * th:rows.stop - ty * th,
+                                           cols.start - tx * tw:cols.stop - tx * tw]
+        return out
+
+    def _cached_tile(self, page: int, index: int) -> np.ndarray | None:
+        key = (page, index)
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        # decoded outside the lock: reader threads decode side by side (imagecodecs releases the GIL); two that
+        # want the same tile at once both decode it, harmlessly
+        tile = self._tile_pixels(self._offsets[page], self._counts[page], index)
+        if tile is None:
+            return None
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cache_bytes += tile.nbytes
+                while self._cache_bytes > self.CACHE_BYTES and len(self._cache) > 1:
+                    self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return tile
+
+    def _tile_pixels(self, offsets: np.ndarray, counts: np.ndarray, index: int) -> np.ndarray | None:
+        """The decoded tile `index` as (rows, cols, samples), None where the file stores none (a sparse TIFF)."""
+        count = int(counts[index])
+        if count == 0 or offsets[index] == 0:
+            return None
+        data = os.pread(self._fd, count, int(offsets[index]))
+        if len(data) < count:
+            raise OSError(f"expected {count} bytes of tile {index}, the file ends after {len(data)}")
+        segment = self._keyframe.decode(data, index, jpegtables=self._keyframe.jpegtables)[0]
+        return segment[0]
 
 
 def _check_complete(path: Path, levels) -> None:
