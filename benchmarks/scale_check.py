@@ -150,10 +150,10 @@ def run_set(name: str, mags: list[float], modes: list[str], device: str, tmp: Pa
     for mag in mags:
         copies = []
         for field, pixels, labels, mpp in items:
-            path, truth = tmp / f"{field}_{mag}.ome.tif", tmp / f"{field}_{mag}_labels.tif"
+            path, truth_path = tmp / f"{field}_{mag}.ome.tif", tmp / f"{field}_{mag}_labels.tif"
             write_field(path, resample(pixels, mag), mpp / mag * mpp_error)
-            tifffile.imwrite(truth, resample(labels, mag, labels=True, truth=truth), compression="zlib")
-            copies.append((path, truth, labels))
+            tifffile.imwrite(truth_path, resample(labels, mag, labels=True, truth=truth), compression="zlib")
+            copies.append((path, truth_path, labels))
         for mode in modes:
             counter = CellCounter(protocol, loaded.detector, tissue=loaded.tissue,
                                   model_diameter_px=loaded.model_diameter_px, micron_scale=loaded.micron_scale,
@@ -162,10 +162,10 @@ def run_set(name: str, mags: list[float], modes: list[str], device: str, tmp: Pa
             at_1x = np.zeros(3, np.int64)     # tp, fp, fn of the nuclei mapped back onto the original's ground truth
             factors, methods, warnings, errors = [], set(), 0, []
             started = time.perf_counter()
-            for path, truth, original in copies:
+            for path, truth_path, original in copies:
                 out = tmp / f"{path.stem}_{mode}"
                 summary = counter.count(path, out)
-                m = ap50(out, truth)
+                m = ap50(out, truth_path)
                 if mag != 1:
                     back = tmp / f"{path.stem}_{mode}_at_1x.tif"
                     tifffile.imwrite(back, to_shape(tifffile.imread(out / "labels.ome.tif"), original.shape),

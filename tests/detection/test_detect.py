@@ -52,6 +52,46 @@ def test_box_size_paste_equals_torchvision_full_canvas_paste(seed):
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()   # tight boxes
 
 
+def _blob(m: int = 28) -> torch.Tensor:
+    """A nucleus-like soft mask: 1 at the centre of the M x M grid, falling to 0 at its inscribed circle."""
+    y, x = torch.meshgrid(torch.arange(m) + 0.5, torch.arange(m) + 0.5, indexing="ij")
+    return (1 - ((y - m / 2) ** 2 + (x - m / 2) ** 2) / (m / 2) ** 2).clamp(0, 1)[None, None]
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.5, 0.5])
+def test_paste_on_a_resampled_tile_keeps_the_masks_place_and_size(scale):
+    """A mask found on a tile the network saw at `scale` network px per tile px, pasted into the tile, covers what
+    torchvision's paste covers in network px: no bias in area, centroids within a fraction of a network px. (Boxes
+    divided by the scale and pasted in tile px, as before issue 51 was resolved, grew masks by 14 % at scale 2 and
+    moved them 0.43 network px on average.)"""
+    g = torch.Generator().manual_seed(0)
+    shifts, area_ratios = [], []
+    for _ in range(60):
+        xy0 = torch.rand(2, generator=g) * 60 + 20
+        box = torch.cat([xy0, xy0 + torch.rand(2, generator=g) * 14 + 10])[None]       # 10-24 network px
+        (ref_box,), (ref_mask,), _ = paste_masks_at_box_size(box, _blob(), 200, 200)
+        frame = int(200 / scale)
+        (tile_box,), (tile_mask,), _ = paste_masks_at_box_size(box, _blob(), frame, frame, scale=scale)
+        ref_rows, ref_cols = np.nonzero(ref_mask)
+        rows, cols = np.nonzero(tile_mask)
+        # tile px j has its centre at network px (j + 0.5) * scale
+        shifts.append(np.hypot((ref_box[0] + ref_rows + 0.5).mean() - ((tile_box[0] + rows + 0.5) * scale).mean(),
+                               (ref_box[1] + ref_cols + 0.5).mean() - ((tile_box[1] + cols + 0.5) * scale).mean()))
+        area_ratios.append(tile_mask.sum() * scale ** 2 / ref_mask.sum())
+    assert np.mean(shifts) < 0.25
+    assert abs(np.mean(area_ratios) - 1) < 0.03
+
+
+def test_paste_weights_at_scale_1_are_torch_bilinear_resize():
+    from cellseg.detection.detector import _bilinear_weights
+    mask = torch.rand(30, 30, generator=torch.Generator().manual_seed(1))
+    for h, w in ((7, 13), (45, 22), (1, 5)):
+        resized = torch.nn.functional.interpolate(mask[None, None], size=(h, w), mode="bilinear",
+                                                  align_corners=False)[0, 0]
+        sampled = _bilinear_weights(0, h, 0, h, 30, 1.0) @ mask @ _bilinear_weights(0, w, 0, w, 30, 1.0).T
+        assert torch.allclose(resized, sampled, atol=1e-5)
+
+
 def test_detector_on_tiles_of_different_sizes():
     torch.manual_seed(0)
     detector = Detector(build_model(tiny_model_config()), torch.device("cpu"), score_threshold=0.0, batch_size=2)
