@@ -63,7 +63,7 @@ def paste_nuclei(image: np.ndarray, masks: np.ndarray, classes: np.ndarray, dono
     _, H, W = image.shape
     out = image.copy()
     occupied = masks.any(0) if len(masks) else np.zeros((H, W), bool)
-    anchors = list(masks)
+    anchors = [m for m in masks if m.any()]     # a crop may keep a nucleus it cut to no pixels: no anchor
     added, added_classes = [], []
     for _ in range(int(rng.integers(aug.paste_count[0], aug.paste_count[1] + 1))):
         index = int(rng.integers(len(donor.boxes)))
