@@ -34,21 +34,58 @@ def test_default_config_suits_dense_cells():
     assert images.image_sizes == [(100, 300)]
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_box_size_paste_equals_torchvision_full_canvas_paste(seed):
-    g = torch.Generator().manual_seed(seed)
-    h, w, n = 60, 80, 12
-    xy0 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 5
-    wh = torch.rand(n, 2, generator=g) * 25 + 1
-    boxes = torch.cat([xy0, xy0 + wh], 1)
+def _ellipses(seed: int, n: int = 60, size: int = 96):
+    """Annotated nuclei at sub-pixel positions: (truth mask, tight box xyxy) pairs on a size x size canvas."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    for _ in range(n):
+        cy, cx = rng.uniform(30, size - 30, 2)
+        ry, rx = rng.uniform(4, 14, 2)
+        truth = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        rows, cols = np.nonzero(truth)
+        yield truth, torch.tensor([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], dtype=torch.float32)
+
+
+def _on_canvas(box, mask, size):
+    canvas = np.zeros((size, size), bool)
+    canvas[box[0]:box[2], box[1]:box[3]] = mask
+    return canvas
+
+
+def test_pasted_masks_land_where_their_training_targets_were_cut():
+    """A nucleus's mask target, cut from its annotation as torchvision trains the mask head (project_masks_on_boxes:
+    RoIAlign at aligned=False), pasted back for its tight box, is the annotation again: no shift, no growth.
+    torchvision's own paste of the same targets lands 0.37 px up and left and 6 % too large (IoU 0.918), as the
+    trained network's masks did on the example mosaic (0.44 px, 3-5 %)."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+    size = 96
+    ours, theirs = [], []
+    for truth, box in _ellipses(0, size=size):
+        target = project_masks_on_boxes(torch.from_numpy(truth)[None].float(), box, torch.tensor([0]), 28)
+        (pasted_box,), (mask,), kept = paste_masks_at_box_size(box, target[:, None], size, size)
+        assert list(kept) == [0] and mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()
+        canvas = _on_canvas(pasted_box, mask, size)
+        torchvision = paste_masks_in_image(target[:, None], box, (size, size), padding=1)[0, 0].numpy() > 0.5
+        for found, out in ((canvas, ours), (torchvision, theirs)):
+            rows, cols = np.nonzero(found)
+            true_rows, true_cols = np.nonzero(truth)
+            out.append(((found & truth).sum() / (found | truth).sum(), rows.mean() - true_rows.mean(),
+                        cols.mean() - true_cols.mean(), found.sum() / truth.sum()))
+    iou, row_shift, col_shift, area = np.mean(ours, 0)
+    assert iou > 0.97 and abs(row_shift) < 0.2 and abs(col_shift) < 0.2 and abs(area - 1) < 0.04
+    assert np.mean(theirs, 0)[0] < 0.93       # the measure tells the two apart
+
+
+def test_masks_reaching_past_the_tile_are_cropped_to_it():
+    g = torch.Generator().manual_seed(3)
+    h, w, n = 60, 80, 40
+    xy0 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 10
+    boxes = torch.cat([xy0, xy0 + torch.rand(n, 2, generator=g) * 25 + 1], 1)
     probs = torch.rand(n, 1, 28, 28, generator=g)
-    ours_boxes, ours_masks, kept = paste_masks_at_box_size(boxes, probs, h, w, threshold=0.5)
-    full = paste_masks_in_image(probs, boxes, (h, w), padding=1)[:, 0] > 0.5
-    assert len(kept) == int(full.flatten(1).any(1).sum())
-    for (r0, c0, r1, c1), mask, i in zip(ours_boxes, ours_masks, kept):
-        canvas = np.zeros((h, w), bool)
-        canvas[r0:r1, c0:c1] = mask
-        assert np.array_equal(canvas, full[i].numpy())
+    out_boxes, masks, kept = paste_masks_at_box_size(boxes, probs, h, w)
+    assert len(out_boxes) == len(masks) == len(kept) > 0 and list(kept) == sorted(set(kept.tolist()))
+    for (r0, c0, r1, c1), mask in zip(out_boxes, masks):
+        assert 0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w and mask.shape == (r1 - r0, c1 - c0)
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()   # tight boxes
 
 
@@ -61,9 +98,9 @@ def _blob(m: int = 28) -> torch.Tensor:
 @pytest.mark.parametrize("scale", [2.0, 1.5, 0.5])
 def test_paste_on_a_resampled_tile_keeps_the_masks_place_and_size(scale):
     """A mask found on a tile the network saw at `scale` network px per tile px, pasted into the tile, covers what
-    torchvision's paste covers in network px: no bias in area, centroids within a fraction of a network px. (Boxes
-    divided by the scale and pasted in tile px, as before issue 51 was resolved, grew masks by 14 % at scale 2 and
-    moved them 0.43 network px on average.)"""
+    the same paste in network px: no bias in area, centroids within a third of a tile px. (Boxes divided by the scale
+    and pasted in tile px, as before issue 51 was resolved, grew masks by 14 % at scale 2 and moved them 0.43 network
+    px on average.)"""
     g = torch.Generator().manual_seed(0)
     shifts, area_ratios = [], []
     for _ in range(60):
@@ -78,18 +115,22 @@ def test_paste_on_a_resampled_tile_keeps_the_masks_place_and_size(scale):
         shifts.append(np.hypot((ref_box[0] + ref_rows + 0.5).mean() - ((tile_box[0] + rows + 0.5) * scale).mean(),
                                (ref_box[1] + ref_cols + 0.5).mean() - ((tile_box[1] + cols + 0.5) * scale).mean()))
         area_ratios.append(tile_mask.sum() * scale ** 2 / ref_mask.sum())
-    assert np.mean(shifts) < 0.25
+    assert np.mean(shifts) < 0.05 + 0.16 * scale     # the tile's pixels are scale network px: 0.255 at 2, 0.079 at 0.5
     assert abs(np.mean(area_ratios) - 1) < 0.03
 
 
 def test_paste_weights_at_scale_1_are_torch_bilinear_resize():
     from cellseg.detection.detector import _bilinear_weights
     mask = torch.rand(30, 30, generator=torch.Generator().manual_seed(1))
+
+    def weights(n):
+        one = torch.tensor([0.0], dtype=torch.float64)
+        return _bilinear_weights(one, torch.tensor([float(n)]), one, torch.tensor([float(n)], dtype=torch.float64),
+                                 30, 1.0)[0]
     for h, w in ((7, 13), (45, 22), (1, 5)):
         resized = torch.nn.functional.interpolate(mask[None, None], size=(h, w), mode="bilinear",
                                                   align_corners=False)[0, 0]
-        sampled = _bilinear_weights(0, h, 0, h, 30, 1.0) @ mask @ _bilinear_weights(0, w, 0, w, 30, 1.0).T
-        assert torch.allclose(resized, sampled, atol=1e-5)
+        assert torch.allclose(resized, weights(h) @ mask @ weights(w).T, atol=1e-5)
 
 
 def test_detector_on_tiles_of_different_sizes():
