@@ -11,7 +11,8 @@
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
 # subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
 # A new run starts from INIT (default: the newest committed candidate bundle, references/nuclei/candidates/*, by its
-# last commit; else the shipped bundle): a machine replaced with runs/ gone loses no more than the uncommitted steps.
+# last commit; else the shipped bundle), with a candidate's run.settings (its run's LR, STEPS, AUGMENT and SPLIT) where
+# the environment gives none: a machine replaced with runs/ gone loses no more than the uncommitted steps.
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
 # augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default references/nuclei/splits/v4.json:
 # the v3 bundle's split with Kromp and NuInsSeg added) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
@@ -76,6 +77,14 @@ else
         done
     fi
     [ -d "$INIT" ] || { echo "train_long.sh: expected INIT to be a bundle folder, found no $INIT" >&2; exit 2; }
+    if [ -f "$INIT/run.settings" ]; then
+        # a candidate kept from a long run (make_candidate): the branch goes on with its learning rate, length,
+        # augmentation and split, unless the environment gives them
+        while IFS='=' read -r key value; do
+            case "$key" in LR|STEPS|AUGMENT|SPLIT) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
+        done < "$INIT/run.settings"
+        echo "taking up $INIT's run settings (LR=${LR:-} STEPS=${STEPS:-} AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default})"
+    fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
     printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" \

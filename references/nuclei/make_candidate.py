@@ -1,7 +1,8 @@
 """Keep a trained bundle that does not ship (yet) as a committed candidate, so that a replaced machine loses none of
 its training: `references/nuclei/candidates/NAME/` with its float16 weights, model.toml, split.json, its card
-(README.md) and, from a long run, the run's held-out curve (heldout.csv). scripts/train_long.sh starts a new run
-from the newest committed candidate.
+(README.md) and, from a long run, the run's held-out curve (heldout.csv) and settings (run.settings: its learning rate,
+length, augmentation and split). scripts/train_long.sh starts a new run from the newest committed candidate, with
+those settings unless the environment gives others.
 
     python -m references.nuclei.make_candidate --bundle runs/v4/best --name v4-cpu --run runs/v4
     git add references/nuclei/candidates/v4-cpu && git commit -m "..."    # at most one weights commit a day
@@ -47,6 +48,12 @@ def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: P
             shutil.copy2(bundle_dir / f, staged / f)
     if run is not None and (run / "heldout.csv").is_file():
         shutil.copy2(run / "heldout.csv", staged / "heldout.csv")
+    settings = None if run is None else run.with_name(run.name + ".settings")    # scripts/train_long.sh's RUN.settings
+    if settings is not None and settings.is_file():
+        # the run's schedule, augmentation and split, which train_long.sh takes up when it starts from the candidate
+        # (runs/ gone); not BACKBONE: the candidate is already the network the run trained
+        kept = [line for line in settings.read_text().splitlines() if not line.startswith("BACKBONE=")]
+        (staged / "run.settings").write_text("\n".join(kept) + "\n")
     (staged / "README.md").write_text(card_readme(load_bundle(staged)), encoding="utf-8")
     staged.rename(target)
     return target

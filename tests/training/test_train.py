@@ -518,6 +518,19 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert "starting" in out and args[args.index("--split") + 1] == "references/nuclei/splits/v4.json"
     init = args[args.index("--init") + 1]      # the newest committed candidate, else the shipped bundle
     assert init == "cellseg/models/nuclei" or init.startswith("references/nuclei/candidates/")
+    # runs/ gone, a candidate kept from a branch: the new run goes on with the branch's settings, unless told others
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    (candidate / "run.settings").write_text("LR=3e-5\nSTEPS=777\nAUGMENT=paste_p=0.5,aspect_p=0.3\nSPLIT=b.json\n")
+    for env, lr, augment in (({}, "3e-5", "paste_p=0.5,aspect_p=0.3"), ({"LR": "1e-5", "AUGMENT": "gray_p=0"}, "1e-5",
+                                                                         "gray_p=0")):
+        shutil.rmtree(run, ignore_errors=True)
+        (tmp_path / "long.settings").unlink()
+        (tmp_path / "long.pid").unlink()
+        out, args = start(INIT=str(candidate), **env)
+        assert "starting" in out and args[args.index("--init") + 1] == str(candidate) and "--backbone" not in args
+        assert args[args.index("--lr") + 1] == lr and args[args.index("--steps") + 1] == "777"
+        assert args[args.index("--augment") + 1] == augment and args[args.index("--split") + 1] == "b.json"
 
 
 def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
@@ -652,10 +665,13 @@ def test_a_committed_candidate_counts_and_a_run_from_it_continues_its_lineage(tm
     save_bundle(trained, start.model, start.state_dict(), name="best", nucleus_diameter_px=12.0, score_threshold=0.0,
                 card={"training": {"init": "bundle tiny", "steps": 9}, "earlier_stages": [{"bundle": "v3", "steps": 5}]})
     (tmp_path / "runs" / "heldout.csv").write_text("step,all\n0,0.5\n")
+    (tmp_path / "runs.settings").write_text("LR=5e-5\nSTEPS=40000\nAUGMENT=paste_p=0.5\nSPLIT=s.json\nBACKBONE=resnet34\n")
     root = tmp_path / "candidates"
     candidate = make_candidate(trained, "v4-cpu", tmp_path / "runs", root=root)
-    assert sorted(p.name for p in candidate.iterdir()) == ["README.md", "heldout.csv", "model.toml",
+    assert sorted(p.name for p in candidate.iterdir()) == ["README.md", "heldout.csv", "model.toml", "run.settings",
                                                             "weights.safetensors"]
+    # the run's schedule and data go with it, not its BACKBONE: the candidate is already that network
+    assert (candidate / "run.settings").read_text() == "LR=5e-5\nSTEPS=40000\nAUGMENT=paste_p=0.5\nSPLIT=s.json\n"
     assert load_bundle(candidate).weights_sha256 == load_bundle(trained).weights_sha256
     with pytest.raises(CellsegError, match="expected a new candidate name"):
         make_candidate(trained, "v4-cpu", root=root)
