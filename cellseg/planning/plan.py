@@ -44,10 +44,13 @@ _NUCLEAR_STAINS = re.compile(r"dapi|hoechst|nuc|draq|sytox|hematox", re.IGNORECA
 # The scale a count chooses by itself (diameter_px, `cellseg count` without --diameter): decide_scale.
 DEFAULT_SCALE = "default"
 NATIVE_WITHIN = 0.1       # a given or pixel-size scale within 10 % of 1: native (resampling would gain nothing)
-# A measured size within 20 % of the model's (1/1.2 to 1.2 times it): native. A measurement is a sample (the busiest
-# tiles' nuclei) and depends on the scale measured at (the smallest nuclei are found only once enlarged); the example
-# mosaic's count moves 1-2 % within 20 % (docs/pipeline.md, Scale).
-MEASURED_WITHIN = 0.2
+# A measured size from 1/1.2 to 1.1 times the model's: native. A measurement is a sample (the busiest tiles' nuclei)
+# and depends on the scale measured at (the smallest nuclei are found only once enlarged); the example mosaic's count
+# moves 1-2 % within 20 % (docs/pipeline.md, Scale). Above the model's size the band is narrower: nuclei larger than
+# the network learnt are split or missed, so their median reads low, toward the model's (the mosaic at 2x, nuclei of
+# ~36 px, measured 24.6 px: 1.18x the model's 20.8).
+MEASURED_WITHIN = 0.2     # below the model's size
+MEASURED_ABOVE = 0.1      # above it
 MEASURE_ROUNDS = 2        # measured again, resampled, at most this often (measured_scale)
 # The measured nucleus size and the one the pixel size implies disagree when one is more than 1.5x the other: single
 # 40x TNBC fields' medians lie within 0.81-1.42x of their training median at one pixel size, and a wrong magnification
@@ -413,7 +416,7 @@ def pixel_size_diameter(micron_scale: MicronScale | None, protocol: Protocol, in
 def measured_scale(model_diameter_px: float, measured: tuple[float, int],
                    measure: Callable[[float], tuple[float, int] | None], why: str) -> Scale:
     """The scale the nuclei measured at the slide's own scale (`measured`: median diameter in slide px, count) call
-    for: native when the network sees them within MEASURED_WITHIN of the model's size; else the slide is resampled and
+    for: native when the network sees them near the model's size (_measured_native); else the slide is resampled and
     measured again there (measure(factor)), up to MEASURE_ROUNDS times, until it does.
 
     A measurement far from the model's size is biased (the smallest nuclei are missed, the largest split), so the
@@ -421,9 +424,9 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
     size, both end where the nuclei the network finds have its size, whatever the magnification."""
     diameter, n = measured
     how = f"measured: {n} nuclei of the busiest tiles, median {diameter:.1f} px ({why})"
-    if _within(model_diameter_px / diameter, MEASURED_WITHIN):
-        return Scale(1.0, f"native: {how}, within 20 % of the model's {model_diameter_px:.1f} px", model_diameter_px,
-                     diameter, method="measured", measured_diameter_px=diameter, measured_nuclei=n)
+    if _measured_native(model_diameter_px / diameter):
+        return Scale(1.0, f"native: {how}, within 1/1.2-1.1x the model's {model_diameter_px:.1f} px",
+                     model_diameter_px, diameter, method="measured", measured_diameter_px=diameter, measured_nuclei=n)
     factor, decided_by = _in_range(model_diameter_px / diameter), diameter    # the size the factor is for
     for _ in range(MEASURE_ROUNDS):
         again = measure(factor)
@@ -431,15 +434,17 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
             break
         diameter, n = again
         how += f"; resampled by {factor:.3g}, {n} nuclei measure {diameter * factor:.1f} px"
-        if _within(model_diameter_px / (diameter * factor), MEASURED_WITHIN):
+        if _measured_native(model_diameter_px / (diameter * factor)):
             break
         factor, decided_by = _in_range(model_diameter_px / diameter), diameter
     return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, decided_by, method="measured",
                  measured_diameter_px=diameter, measured_nuclei=n)
 
 
-def _within(ratio: float, band: float) -> bool:
-    return 1 / (1 + band) < ratio < 1 + band
+def _measured_native(ratio: float) -> bool:
+    """Whether nuclei measured at model size / `ratio` are close enough to the model's (MEASURED_WITHIN below it,
+    MEASURED_ABOVE above it)."""
+    return 1 / (1 + MEASURED_ABOVE) < ratio < 1 + MEASURED_WITHIN
 
 
 def _in_range(factor: float) -> float:
