@@ -54,9 +54,29 @@ def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: P
         # (runs/ gone); not BACKBONE: the candidate is already the network the run trained
         kept = [line for line in settings.read_text().splitlines() if not line.startswith("BACKBONE=")]
         (staged / "run.settings").write_text("\n".join(kept) + "\n")
-    (staged / "README.md").write_text(card_readme(load_bundle(staged)), encoding="utf-8")
+    card = card_readme(load_bundle(staged))
+    if (staged / "heldout.csv").is_file():
+        card += heldout_section(staged / "heldout.csv")
+    (staged / "README.md").write_text(card, encoding="utf-8")
     staged.rename(target)
     return target
+
+
+def heldout_section(curve: Path) -> str:
+    """The long run's held-out curve (heldout.csv: AP50 pooled per modality on its fixed subset, by step) as a section
+    of the candidate's card: a candidate is seldom validated in full, and its card must still say how it scores."""
+    import csv
+    with open(curve, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return ""
+    columns = [c for c in rows[0] if c != "step"]
+    lines = ["", "## Held-out curve of its run", "",
+             "AP50 pooled (TP/(TP+FP+FN) at IoU 0.5) per modality on the run's fixed held-out subset (the first 24 "
+             "held-out images of each modality), by training step (`heldout.csv`; step 0 is the starting bundle):", "",
+             "| step | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([r["step"]] + [r[c] or "" for c in columns]) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

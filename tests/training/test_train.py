@@ -672,6 +672,8 @@ def test_a_committed_candidate_counts_and_a_run_from_it_continues_its_lineage(tm
                                                             "weights.safetensors"]
     # the run's schedule and data go with it, not its BACKBONE: the candidate is already that network
     assert (candidate / "run.settings").read_text() == "LR=5e-5\nSTEPS=40000\nAUGMENT=paste_p=0.5\nSPLIT=s.json\n"
+    assert "| step | all |" in (candidate / "README.md").read_text()     # its held-out curve in the card
+    assert "| 0 | 0.5 |" in (candidate / "README.md").read_text()
     assert load_bundle(candidate).weights_sha256 == load_bundle(trained).weights_sha256
     with pytest.raises(CellsegError, match="expected a new candidate name"):
         make_candidate(trained, "v4-cpu", root=root)
