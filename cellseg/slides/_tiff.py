@@ -122,14 +122,14 @@ class TiledLevel:
     # memory stays flat (a thumbnail of a level without a pyramid passes through it once).
     CACHE_BYTES = 12 << 20
 
-    def __init__(self, fd: int, keyframe, pages: list, height: int, width: int, samples: int):
+    def __init__(self, fd: int, keyframe, pages: list, width: int, samples: int):
         self._fd, self._keyframe = fd, keyframe
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
         self._offsets = [np.asarray(page.dataoffsets, np.int64) for page in pages]   # one page a channel
         self._counts = [np.asarray(page.databytecounts, np.int64) for page in pages]
-        self._height, self._width, self._samples = height, width, samples
+        self._samples = samples
         self._tile = (keyframe.tilelength, keyframe.tilewidth)
         self._across = -(-width // keyframe.tilewidth)
         self._fill = keyframe.nodata or 0
@@ -153,7 +153,7 @@ class TiledLevel:
         fd = os.open(tf.filehandle.path, os.O_RDONLY)
         stack.callback(os.close, fd)
         samples = sizes["C"] if page_a_channel else sizes.get("S", 1)
-        return cls(fd, key, pages, sizes["Y"], sizes["X"], samples)
+        return cls(fd, key, pages, sizes["X"], samples)
 
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         out = np.empty((r1 - r0, c1 - c0, self._samples), self.dtype)
@@ -163,11 +163,10 @@ class TiledLevel:
                 rows = slice(max(r0, ty * th), min(r1, (ty + 1) * th))
                 cols = slice(max(c0, tx * tw), min(c1, (tx + 1) * tw))
                 index = ty * self._across + tx
-                for k, (offsets, counts) in enumerate(zip(self._offsets, self._counts)):
-                    target = out[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
-                    if len(self._offsets) > 1:
-                        target = target[..., k:k + 1]     # one page a channel
-                    tile = self._cached_tile(k, index)
+                region = out[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
+                for page in range(len(self._offsets)):
+                    target = region[..., page:page + 1] if len(self._offsets) > 1 else region   # one page a channel
+                    tile = self._cached_tile(page, index)
                     if tile is None:
                         target[...] = self._fill
                     else:
@@ -184,7 +183,7 @@ class TiledLevel:
                 return tile
         # decoded outside the lock: reader threads decode side by side (imagecodecs releases the GIL); two that
         # want the same tile at once both decode it, harmlessly
-        tile = self._tile_pixels(self._offsets[page], self._counts[page], index)
+        tile = self._tile_pixels(page, index)
         if tile is None:
             return None
         with self._lock:
@@ -195,12 +194,12 @@ class TiledLevel:
                     self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
 
-    def _tile_pixels(self, offsets: np.ndarray, counts: np.ndarray, index: int) -> np.ndarray | None:
-        """The decoded tile `index` as (rows, cols, samples), None where the file stores none (a sparse TIFF)."""
-        count = int(counts[index])
-        if count == 0 or offsets[index] == 0:
+    def _tile_pixels(self, page: int, index: int) -> np.ndarray | None:
+        """The decoded tile `index` of `page` as (rows, cols, samples), None where the file stores none (sparse)."""
+        count, offset = int(self._counts[page][index]), int(self._offsets[page][index])
+        if count == 0 or offset == 0:
             return None
-        data = os.pread(self._fd, count, int(offsets[index]))
+        data = os.pread(self._fd, count, offset)
         if len(data) < count:
             raise OSError(f"expected {count} bytes of tile {index}, the file ends after {len(data)}")
         segment = self._keyframe.decode(data, index, jpegtables=self._keyframe.jpegtables)[0]
