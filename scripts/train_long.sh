@@ -16,8 +16,9 @@
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
 # augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default references/nuclei/splits/v4.json:
 # the v3 bundle's split with Kromp and NuInsSeg added) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
-# ResNet-18 bundle: its new blocks start as the identity); a new run writes the five to RUN.settings and every resume
-# reads them back, so the schedule, data and network stay the ones the run started with.
+# ResNet-18 bundle: its new blocks start as the identity); a new run writes the five and INIT to RUN.settings and every resume
+# (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
+# stay the ones the run started with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/long}
@@ -66,6 +67,19 @@ if [ -f "$RUN/checkpoint.pt" ]; then
     else
         echo "resuming $RUN from its checkpoint"
     fi
+elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
+    # a run stopped before its first checkpoint: it starts again as it was started (its INIT and schedule, not the
+    # environment's or a newer candidate's); what it left (a step-0 snapshot and its scoring) is set aside
+    INIT=; AUGMENT=; SPLIT=; BACKBONE=
+    # shellcheck disable=SC1090
+    source "$settings_file"
+    INIT=${INIT:-cellseg/models/nuclei}
+    [ -d "$INIT" ] || { echo "train_long.sh: expected INIT to be a bundle folder, found no $INIT" >&2; exit 2; }
+    rm -rf "$RUN.before-checkpoint" && mv "$RUN" "$RUN.before-checkpoint"
+    args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
+    echo "restarting $RUN, which stopped before its first checkpoint, from $INIT (LR=$LR STEPS=$STEPS" \
+         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-}, from $settings_file; what it left is" \
+         "in $RUN.before-checkpoint)"
 else
     if [ -z "${INIT:-}" ]; then
         INIT=cellseg/models/nuclei
@@ -87,8 +101,8 @@ else
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" \
-        > "$settings_file"
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nINIT=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" \
+        "$BACKBONE" "$INIT" > "$settings_file"
     echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE," \
          "kept in $settings_file for its resumes)"
 fi

@@ -531,6 +531,14 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         assert "starting" in out and args[args.index("--init") + 1] == str(candidate) and "--backbone" not in args
         assert args[args.index("--lr") + 1] == lr and args[args.index("--steps") + 1] == "777"
         assert args[args.index("--augment") + 1] == augment and args[args.index("--split") + 1] == "b.json"
+    # the session ended before the run's first checkpoint (only its step-0 scoring there): the plain command starts
+    # it again as it was started, not from the newest candidate with that candidate's settings
+    (run / "snapshots").mkdir(parents=True)
+    (tmp_path / "long.pid").unlink()
+    out, args = start()
+    assert "restarting" in out and "--resume" not in args and args[args.index("--init") + 1] == str(candidate)
+    assert args[args.index("--lr") + 1] == "1e-5" and args[args.index("--augment") + 1] == "gray_p=0"
+    assert (tmp_path / "long.before-checkpoint" / "snapshots").is_dir() and not run.exists()
 
 
 def test_train_long_pause_freezes_the_trainer_and_its_scoring_child(tmp_path):
