@@ -46,17 +46,20 @@ DEFAULT_SCALE = "default"
 NATIVE_WITHIN = 0.1       # a given or pixel-size scale within 10 % of 1: native (resampling would gain nothing)
 # A measured size from 1/1.2 to 1.1 times the model's: native. A measurement is a sample (the busiest tiles' nuclei)
 # and depends on the scale measured at (the smallest nuclei are found only once enlarged); the example mosaic's count
-# moves 1-2 % within 20 % (docs/pipeline.md, Scale). Above the model's size the band is narrower: nuclei larger than
-# the network learnt are split or missed, so their median reads low, toward the model's (the mosaic at 2x, nuclei of
-# ~36 px, measured 24.6 px: 1.18x the model's 20.8).
+# moves 1-2 % within 20 % (docs/pipeline.md, Scale). Above the model's size a median reads low (nuclei larger than the
+# network learnt are split or missed: the mosaic at 2x, nuclei of ~35 px, reads 22.6 px), so a first read above it is
+# measured again smaller (LARGE_PROBE, _measure_large), and the band for that measurement is narrower.
 MEASURED_WITHIN = 0.2     # below the model's size
 MEASURED_ABOVE = 0.1      # above it
 MEASURE_ROUNDS = 2        # measured again, resampled, at most this often (measured_scale)
+LARGE_PROBE = 0.5         # a median above the model's size is measured again at this share of the size it implies
 # The measured nucleus size and the one the pixel size implies disagree when one is more than 1.5x the other: single
 # 40x TNBC fields' medians lie within 0.81-1.42x of their training median at one pixel size, and a wrong magnification
 # (20x for 40x) is 2x.
 SCALE_MISMATCH = 1.5
-MEASURE_TILES = 6         # tiles whose nuclei are measured (the busiest)
+MEASURE_TILES = 6         # tiles whose nuclei are measured (the busiest), at a time
+MEASURE_NUCLEI = 400      # more tiles measured until this many nuclei are, up to MEASURE_TILES_MAX tiles
+MEASURE_TILES_MAX = 24
 MIN_MEASURED = 10         # fewer nuclei than this found there: no measurement
 FACTOR_RANGE = (1 / 8, 4)  # how far a slide is resampled at most (network px per slide px)
 UNRELIABLE_MPP = ("image-dpi",)   # SlideInfo.mpp_source: a PNG/JPEG's dpi, seldom a microscope's pixel size
@@ -421,9 +424,22 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
 
     A measurement far from the model's size is biased (the smallest nuclei are missed, the largest split), so the
     first one alone would resample a slide at 20x and the same at 40x differently; measured again nearer the model's
-    size, both end where the nuclei the network finds have its size, whatever the magnification."""
+    size, both end where the nuclei the network finds have its size, whatever the magnification. A median above the
+    model's size is measured again at LARGE_PROBE of the size it implies (_measure_large), not at it."""
     diameter, n = measured
     how = f"measured: {n} nuclei of the busiest tiles, median {diameter:.1f} px ({why})"
+    if diameter > model_diameter_px:
+        probed = _measure_large(model_diameter_px, diameter, measure)
+        if probed is not None:
+            probe, (diameter, n) = probed
+            how += (f"; above the model's {model_diameter_px:.1f} px, so measured again resampled by {probe:.3g}: "
+                    f"{n} nuclei, median {diameter:.1f} px")
+            if _measured_native(model_diameter_px / diameter):
+                return Scale(1.0, f"native: {how}, within 1/1.2-1.1x the model's size", model_diameter_px, diameter,
+                             method="measured", measured_diameter_px=diameter, measured_nuclei=n)
+            factor = _in_range(model_diameter_px / diameter)
+            return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, diameter, method="measured",
+                         measured_diameter_px=diameter, measured_nuclei=n)
     if _measured_native(model_diameter_px / diameter):
         return Scale(1.0, f"native: {how}, within 1/1.2-1.1x the model's {model_diameter_px:.1f} px",
                      model_diameter_px, diameter, method="measured", measured_diameter_px=diameter, measured_nuclei=n)
@@ -439,6 +455,21 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
         factor, decided_by = _in_range(model_diameter_px / diameter), diameter
     return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, decided_by, method="measured",
                  measured_diameter_px=diameter, measured_nuclei=n)
+
+
+def _measure_large(model_diameter_px: float, diameter: float,
+                   measure: Callable[[float], tuple[float, int] | None]) -> tuple[float, tuple[float, int]] | None:
+    """Nuclei whose median reads `diameter` slide px, above the model's size, measured again where the network reads
+    them faithfully: (the factor, the measurement), or None when too few are found there.
+
+    Nuclei larger than the network learnt are split or missed, so their median reads toward its size whatever their
+    own (the example mosaic at 2x: ~35 px read as 22.6-24.6 px, and still as 19.5-22 px once resampled by 0.75-0.85),
+    while nuclei smaller than its size read within ~10 % down to half of it (the mosaic at 1x resampled by 0.64: 16.2
+    px for 17.6). Resampled to LARGE_PROBE of the size the first read implies, nuclei up to 1/LARGE_PROBE times larger
+    than read reach the network no larger than its size."""
+    probe = _in_range(LARGE_PROBE * model_diameter_px / diameter)
+    again = measure(probe)
+    return None if again is None else (probe, again)
 
 
 def _measured_native(ratio: float) -> bool:
@@ -483,20 +514,26 @@ def measure_diameter(slide: Slide, detector: TileDetector, network: NetworkInput
     def busy(t: TileSpec) -> float:
         return thumbnail_contrast(luminance, t.core, thumb_factor) * share[t.index]
 
-    chosen = sorted(sorted(tiles, key=lambda t: (-busy(t), t.index))[:n_tiles], key=lambda t: t.index)
+    ranked = sorted(tiles, key=lambda t: (-busy(t), t.index))
     windows = calibration_windows(info.height, info.width,
                                   max(16, round(CALIBRATION_WINDOW_PX / network.scale.factor)), luminance,
                                   thumb_factor, tissue)
     calibration = calibration if calibration is not None else Calibration()
-    detected = calibration.detect(detector, slide, windows, network, chosen)
-    diameters = []
-    for tile in chosen:
-        det, core, read = detected[tile], tile.core, tile.read
-        for box, mask in zip(det.boxes, det.masks):
-            rows, cols = np.nonzero(mask)
-            if rows.size and core.row0 <= read.row0 + box[0] + rows.mean() < core.row1 \
-                    and core.col0 <= read.col0 + box[1] + cols.mean() < core.col1:
-                diameters.append(2 * math.sqrt(rows.size / math.pi))
+    diameters: list[float] = []
+    taken = 0
+    # n_tiles at a time until the sample holds MEASURE_NUCLEI: a fixed number of tiles would cover 4x less of the
+    # slide at 2x the magnification, its busiest corner, whose nuclei are not the slide's
+    while taken < min(len(ranked), MEASURE_TILES_MAX) and (taken == 0 or len(diameters) < MEASURE_NUCLEI):
+        chosen = sorted(ranked[taken:min(taken + n_tiles, MEASURE_TILES_MAX)], key=lambda t: t.index)
+        taken += len(chosen)
+        detected = calibration.detect(detector, slide, windows, network, chosen)
+        for tile in chosen:
+            det, core, read = detected[tile], tile.core, tile.read
+            for box, mask in zip(det.boxes, det.masks):
+                rows, cols = np.nonzero(mask)
+                if rows.size and core.row0 <= read.row0 + box[0] + rows.mean() < core.row1 \
+                        and core.col0 <= read.col0 + box[1] + cols.mean() < core.col1:
+                    diameters.append(2 * math.sqrt(rows.size / math.pi))
     if len(diameters) < MIN_MEASURED:
         return None
     return float(np.median(diameters)), len(diameters)
