@@ -16,7 +16,8 @@
 # STEPS (default 60000) is the total the cosine schedule spans, LR (default 5e-5) its peak, AUGMENT (default none)
 # augmentation settings changed from the recipe's (e.g. invert_p=0.25), SPLIT (default references/nuclei/splits/v4.json:
 # the v3 bundle's split with Kromp and NuInsSeg added) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
-# ResNet-18 bundle: its new blocks start as the identity); a new run writes the five and INIT to RUN.settings and every resume
+# ResNet-18 bundle: its new blocks start as the identity), ANCHORS (default: INIT's) the RPN's anchor ratios (e.g.
+# 0.33,0.5,1,2,3: each new ratio starts as its nearest old one); a new run writes the six and INIT to RUN.settings and every resume
 # (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
 # stay the ones the run started with.
 set -euo pipefail
@@ -57,20 +58,21 @@ if [ -f "$RUN/checkpoint.pt" ]; then
     # changed since (a new bundle ships its own), and the held-out curve must stay one measurement
     args=(--resume)
     if [ -f "$settings_file" ]; then
-        AUGMENT=    # a settings file from before AUGMENT, SPLIT or BACKBONE was kept means none / the default,
-        SPLIT=      # whatever the environment says
+        AUGMENT=    # a settings file from before AUGMENT, SPLIT, BACKBONE or ANCHORS was kept means none / the
+        SPLIT=      # default, whatever the environment says
         BACKBONE=
+        ANCHORS=
         # shellcheck disable=SC1090
         source "$settings_file"
         echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
-             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-}, from $settings_file)"
+             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
 elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     # a run stopped before its first checkpoint: it starts again as it was started (its INIT and schedule, not the
     # environment's or a newer candidate's); what it left (a step-0 snapshot and its scoring) is set aside
-    INIT=; AUGMENT=; SPLIT=; BACKBONE=
+    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=
     # shellcheck disable=SC1090
     source "$settings_file"
     INIT=${INIT:-cellseg/models/nuclei}
@@ -78,7 +80,8 @@ elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     rm -rf "$RUN.before-checkpoint" && mv "$RUN" "$RUN.before-checkpoint"
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     echo "restarting $RUN, which stopped before its first checkpoint, from $INIT (LR=$LR STEPS=$STEPS" \
-         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-}, from $settings_file; what it left is" \
+         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-}, from" \
+         "$settings_file; what it left is" \
          "in $RUN.before-checkpoint)"
 else
     if [ -z "${INIT:-}" ]; then
@@ -101,15 +104,17 @@ else
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nINIT=%s\n' "$LR" "$STEPS" "$AUGMENT" "$SPLIT" \
-        "$BACKBONE" "$INIT" > "$settings_file"
-    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE," \
-         "kept in $settings_file for its resumes)"
+    ANCHORS=${ANCHORS:-}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nINIT=%s\n' "$LR" "$STEPS" "$AUGMENT" \
+        "$SPLIT" "$BACKBONE" "$ANCHORS" "$INIT" > "$settings_file"
+    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE" \
+         "ANCHORS=$ANCHORS, kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
-    ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} "${args[@]}" \
+    ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} ${ANCHORS:+--aspect-ratios "$ANCHORS"} \
+    "${args[@]}" \
     >> "$RUN.log" 2>&1 &
 echo $! > "$pid_file"
 echo "pid $! (log $RUN.log)"

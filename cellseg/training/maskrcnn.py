@@ -23,7 +23,7 @@ from .checkpoint import TrainingState, check_output_folder
 from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
 from .data import TrainImage, median_diameter_px
 from .loop import LoopSettings, hardware_description, optimiser_step, run_training
-from .warm_start import deepen_as_identity, initial_weights, load_matching, run_lineage
+from .warm_start import deepen_as_identity, initial_weights, load_matching, run_lineage, widen_anchor_ratios
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     cfg = model_cfg or init_cfg
     if init_state is not None and cfg.backbone != init_cfg.backbone:
         init_note += f", deepened to {cfg.backbone} (its new residual blocks starting as the identity)"
+    if init_state is not None and tuple(cfg.aspect_ratios) != tuple(init_cfg.aspect_ratios):
+        init_note += (f", RPN anchor ratios {'/'.join(f'{r:g}' for r in init_cfg.aspect_ratios)} -> "
+                      f"{'/'.join(f'{r:g}' for r in cfg.aspect_ratios)} (each new one from the nearest)")
+        if not resume:
+            init_state = widen_anchor_ratios(init_state, init_cfg.aspect_ratios, cfg.aspect_ratios)
     out.mkdir(parents=True, exist_ok=True)
     lineage = run_lineage(out, resume, init, init_note)
     card = {**(card or {}), **({"earlier_stages": lineage["earlier_stages"]} if lineage["earlier_stages"] else {})}

@@ -122,3 +122,30 @@ def deepen_as_identity(model: torch.nn.Module, fresh: list[str]) -> list[str]:
             last_norm.weight.zero_()
             last_norm.bias.zero_()
     return new_blocks
+
+
+RPN_HEAD_OUTPUTS = {"rpn.head.cls_logits": 1, "rpn.head.bbox_pred": 4}   # channels per anchor
+
+
+def widen_anchor_ratios(state: dict, old_ratios: tuple[float, ...], new_ratios: tuple[float, ...]) -> dict:
+    """`state` (a bundle's weights for RPN anchors of `old_ratios`) with the RPN head's outputs laid out for
+    `new_ratios`: each new ratio's objectness and box deltas are those of the nearest old ratio (in log scale), so the
+    network starts proposing as before (a 3:1 anchor as the 2:1 one did) and training specialises the copies.
+    torchvision orders a location's anchors by ratio (one size per FPN level here), and the head's channels so."""
+    import math
+    if tuple(old_ratios) == tuple(new_ratios):
+        return state
+    nearest = [min(range(len(old_ratios)), key=lambda i: abs(math.log(r / old_ratios[i]))) for r in new_ratios]
+    widened = dict(state)
+    for layer, per_anchor in RPN_HEAD_OUTPUTS.items():
+        for part in ("weight", "bias"):
+            key = f"{layer}.{part}"
+            if key not in state:
+                raise CellsegError(f"expected the starting weights to hold the RPN head's {key}, found none")
+            tensor = state[key]
+            if tensor.shape[0] != per_anchor * len(old_ratios):
+                raise CellsegError(f"expected {key} to have {per_anchor * len(old_ratios)} outputs for the anchor "
+                                   f"ratios {old_ratios}, found {tensor.shape[0]}")
+            blocks = tensor.reshape(len(old_ratios), per_anchor, *tensor.shape[1:])
+            widened[key] = blocks[nearest].reshape(len(new_ratios) * per_anchor, *tensor.shape[1:]).clone()
+    return widened

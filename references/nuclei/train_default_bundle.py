@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--backbone", default=None, help="resnet18 | resnet34 | resnet50 (from scratch; default resnet18)")
+    p.add_argument("--aspect-ratios", default=None, metavar="R,R,...",
+                   help="the RPN's anchor ratios (height / width), e.g. 0.33,0.5,1,2,3 for elongated nuclei; from a "
+                        "bundle with others, each new ratio's outputs start as its nearest old one's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=0, help="crop-making processes (GPU runs)")
@@ -212,6 +215,21 @@ def main() -> None:
             p.error("--backbone is for a training from scratch (--init none) or deepening a bundle (--init BUNDLE)")
         else:
             model_cfg = ModelConfig(backbone=args.backbone)
+    if args.aspect_ratios:
+        import dataclasses
+
+        from cellseg.bundles import ModelConfig, load_bundle
+        from cellseg.training.warm_start import starts_from_bundle
+        try:
+            ratios = tuple(float(r) for r in args.aspect_ratios.split(","))
+        except ValueError:
+            p.error(f"expected --aspect-ratios as numbers separated by commas (e.g. 0.33,0.5,1,2,3), found "
+                    f"{args.aspect_ratios!r}")
+        if not ratios or min(ratios) <= 0:
+            p.error(f"expected positive anchor ratios, found {args.aspect_ratios!r}")
+        base = model_cfg or (load_bundle(args.init).model if starts_from_bundle(args.init) and not args.resume
+                             else ModelConfig())
+        model_cfg = dataclasses.replace(base, aspect_ratios=ratios)
     try:
         augmentation = parse_augmentation(args.augment)
     except CellsegError as e:

@@ -491,7 +491,8 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         raise AssertionError(f"the trainer was not started: {out}")
 
     out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
-                      BACKBONE="resnet34")
+                      BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3")
+    assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert "--resume" not in args and args[args.index("--augment") + 1] == "invert_p=0.25"
     assert args[args.index("--split") + 1] == "runs/branch_split.json"
@@ -504,12 +505,14 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert args[args.index("--augment") + 1] == "invert_p=0.25"
     assert args[args.index("--backbone") + 1] == "resnet34"    # the network the run started with
+    assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
     out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50")
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
+    assert "--aspect-ratios" not in args
     # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
@@ -655,6 +658,47 @@ def test_a_deeper_backbone_started_from_a_bundle_computes_the_bundles_function(t
     trained = load_bundle(out)
     assert trained.model.backbone == "resnet34"
     assert "deepened to resnet34" in trained.card["training"]["init"]
+
+
+def test_anchor_ratios_widened_from_a_bundle_start_as_its_nearest_old_ones(tmp_path, tiny_bundle):
+    """--aspect-ratios 0.33,0.5,1,2,3 from a bundle with 0.5,1,2: the RPN's objectness and box deltas for each new
+    ratio are those of its nearest old one (3:1 from 2:1), the old ratios' are unchanged, and the card says so."""
+    import dataclasses
+
+    import torch
+
+    from cellseg.bundles import load_bundle
+    from cellseg.detection import build_model
+    from cellseg.errors import CellsegError
+    from cellseg.training.warm_start import load_matching, widen_anchor_ratios
+    bundle = load_bundle(tiny_bundle)
+    assert tuple(bundle.model.aspect_ratios) == (0.5, 1.0, 2.0)
+    ratios = (0.33, 0.5, 1.0, 2.0, 3.0)
+    wide = build_model(dataclasses.replace(bundle.model, aspect_ratios=ratios))
+    assert load_matching(wide, widen_anchor_ratios(bundle.state_dict(), (0.5, 1.0, 2.0), ratios)) == []
+    narrow = build_model(bundle.model)
+    narrow.load_state_dict(bundle.state_dict())
+    features = [torch.rand(1, bundle.model.fpn_channels, 12, 12)]
+    with torch.no_grad():
+        (old_logits,), (old_deltas,) = narrow.rpn.head(features)
+        (new_logits,), (new_deltas,) = wide.rpn.head(features)
+    for new, old in enumerate([0, 0, 1, 2, 2]):
+        assert torch.allclose(new_logits[:, new], old_logits[:, old], atol=1e-6)
+        assert torch.allclose(new_deltas[:, 4 * new:4 * new + 4], old_deltas[:, 4 * old:4 * old + 4], atol=1e-6)
+    with pytest.raises(CellsegError, match="outputs for the anchor ratios"):
+        widen_anchor_ratios(bundle.state_dict(), (0.5, 1.0), ratios)
+
+    from cellseg.training import TrainSettings, train
+    from cellseg.training.data import train_image_from_labels
+    yy, xx = np.mgrid[:64, :64]
+    labels = ((yy - 30) ** 2 + (xx - 30) ** 2 < 64).astype(np.int32)
+    item = train_image_from_labels(np.where(labels > 0, 200, 20).astype(np.uint8)[..., None], labels)
+    out = train([item], ["nucleus"], tmp_path / "wide", TrainSettings(steps=1, batch_size=1, crop=64, warmup=1),
+                model_cfg=dataclasses.replace(bundle.model, aspect_ratios=ratios), init=str(tiny_bundle),
+                progress=False)
+    trained = load_bundle(out)
+    assert tuple(trained.model.aspect_ratios) == ratios
+    assert "anchor ratios 0.5/1/2 -> 0.33/0.5/1/2/3" in trained.card["training"]["init"]
 
 
 @pytest.mark.slow
