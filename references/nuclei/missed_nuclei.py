@@ -114,6 +114,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True, help="the bundle whose thresholds the predictions are cut at")
     p.add_argument("--predictions", type=Path, required=True, help="validate_bundle's --out folder")
+    p.add_argument("--thresholds-of", type=Path, default=None, metavar="BUNDLE",
+                   help="cut the predictions at this bundle's score thresholds instead (a training snapshot, whose "
+                        "own are untuned, against the bundle it started from)")
     p.add_argument("--split", type=Path, default=None, help="default: the bundle's split.json")
     p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
     p.add_argument("--json", type=Path, default=None)
@@ -121,6 +124,7 @@ def main() -> None:
     from PIL import Image
 
     bundle = load_bundle(args.bundle)
+    judge = load_bundle(args.thresholds_of) if args.thresholds_of else bundle
     split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
     modality = split.modality_of()
     keys = sorted(split.val)
@@ -141,7 +145,7 @@ def main() -> None:
     for k in keys:
         m = modality[k]
         key = THRESHOLD_KEY[m]
-        threshold = bundle.threshold_for(key.removesuffix(GRAY_SUFFIX), gray=key.endswith(GRAY_SUFFIX))
+        threshold = judge.threshold_for(key.removesuffix(GRAY_SUFFIX), gray=key.endswith(GRAY_SUFFIX))
         pred = above(next(iter(load_image_masks(folders[k]).values())), threshold)
         truth = truth_by_key[k]
         ious = pair_iou(pred, truth)
