@@ -120,10 +120,26 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
     return items, classes
 
 
-def median_diameter_px(items: list[TrainImage]) -> float:
-    """The median equivalent-circle diameter of all instances (px): the bundle's nucleus_diameter_px."""
-    areas = [m.sum() for it in items for m in it.masks]
-    return float(np.median(2 * np.sqrt(np.asarray(areas) / np.pi))) if areas else 0.0
+def median_diameter_px(items: list[TrainImage], draw_p: np.ndarray | None = None) -> float:
+    """The median equivalent-circle diameter (px) of the nuclei the network is shown: the bundle's
+    nucleus_diameter_px, the size a count resamples nuclei to. Each image's nuclei share the probability that a crop
+    comes from it (draw_p; all images alike when None), so a dataset of many large nuclei that is seldom drawn does not
+    set it: pooled over nuclei, the v4 data's median was 25.6 px (NuInsSeg's ~23,000 nuclei of ~33 px, 13 % of the
+    draws) against v3's 20.8."""
+    draw_p = np.full(len(items), 1 / max(len(items), 1)) if draw_p is None else np.asarray(draw_p, float)
+    diameters, weights = [], []
+    for item, p in zip(items, draw_p):
+        if item.masks and p > 0:
+            d = 2 * np.sqrt(np.array([m.sum() for m in item.masks], float) / np.pi)
+            diameters.append(d)
+            weights.append(np.full(len(d), p / len(d)))
+    if not diameters:
+        return 0.0
+    d, w = np.concatenate(diameters), np.concatenate(weights)
+    order = np.argsort(d, kind="stable")
+    d, w = d[order], w[order]
+    # each nucleus at the middle of its share of the weight: with equal weights this is np.median
+    return float(np.interp(0.5, (np.cumsum(w) - w / 2) / w.sum(), d))
 
 
 def window_of(item: TrainImage, row0: int, col0: int, row1: int, col1: int) -> TrainImage:

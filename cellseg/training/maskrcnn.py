@@ -87,7 +87,7 @@ class _MaskRCNNTraining:
             if not (folder / name).exists():
                 (folder / name).write_text(text, encoding="utf-8")
         save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
-                    name=self.name, nucleus_diameter_px=median_diameter_px(self.items), card=meta,
+                    name=self.name, nucleus_diameter_px=median_diameter_px(self.items, self.draw_p), card=meta,
                     proposal_threshold=PROPOSAL_THRESHOLD)
         if self.keep_settings_of is not None:
             keep_bundle_settings(folder, self.keep_settings_of)
