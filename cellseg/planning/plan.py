@@ -384,15 +384,6 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
     if measured is None:
         return Scale(1.0, f"native: too few nuclei found to measure their size ({implied})", model_diameter_px,
                      method="native", pixel_size_diameter_px=expected, warning=warning)
-    if protocol.modality == "brightfield" and not auto and measured[0] > model_diameter_px and warning is None:
-        # Brightfield nuclei larger than the model's count better at their own scale: held out, the stained tissue
-        # of DSB2018 (nuclei of ~35 px) lost 0.048 AP50 resampled by 0.41-0.76, NuInsSeg's organs 0.039, TNBC 0.004
-        # (docs/pipeline.md, "Scale"); fluorescence nuclei do not (the example mosaic at 2x: native -0.036)
-        return Scale(1.0, f"native: brightfield nuclei of the busiest tiles measure {measured[0]:.1f} px "
-                          f"({measured[1]} nuclei), above the model's {model_diameter_px:.1f} px, and such count "
-                          f"better at their own scale ({implied})", model_diameter_px, measured[0],
-                     method="measured", measured_diameter_px=measured[0], measured_nuclei=measured[1],
-                     pixel_size_diameter_px=expected)
     return dataclasses.replace(measured_scale(model_diameter_px, measured, measure, implied),
                                pixel_size_diameter_px=expected, warning=warning)
 

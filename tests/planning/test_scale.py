@@ -15,7 +15,6 @@ from cellseg.slides import SlideInfo
 MODEL_PX = 20.0
 HE = MicronScale(0.25, 20.0, "40x H&E")       # nuclei of 5 µm, 20 px at 0.25 µm/px
 BRIGHTFIELD = Protocol(name="t", modality="brightfield")
-FLUORESCENCE = Protocol(name="t", modality="fluorescence")
 
 
 def info(mpp: float | None, source: str = "ome") -> SlideInfo:
@@ -90,7 +89,7 @@ def test_a_measurement_far_from_the_models_size_is_measured_again_nearer_it():
     its 20x copy end at the same network size."""
     for diameter in (60.0, 30.0):        # a 40x slide and its 20x copy
         nuclei = Nuclei(diameter)
-        scale = decide_scale(MODEL_PX, None, FLUORESCENCE, info(None), nuclei)
+        scale = decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), nuclei)
         assert len(nuclei.at) >= 2 and scale.factor * diameter == pytest.approx(MODEL_PX, rel=0.2)
     native = Nuclei(18.0)
     assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), native).factor == 1.0 and native.at == [1.0]
@@ -103,25 +102,12 @@ def test_a_median_above_the_models_size_is_measured_again_where_large_nuclei_rea
     the model's size is measured again at half the size it implies: nuclei of 35 px end at the model's size, not
     native (where they were, 1.75x it, before), and nuclei at the model's size stay native."""
     nuclei = Nuclei(diameter, split_above=0.9 * MODEL_PX, kept=0.25)
-    scale = decide_scale(MODEL_PX, None, FLUORESCENCE, info(None), nuclei)
+    scale = decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), nuclei)
     if diameter <= 22.0:
         assert scale.factor == 1.0
     else:
         assert nuclei.at[1] < 0.5 * MODEL_PX / 18 and scale.factor * diameter == pytest.approx(MODEL_PX, rel=0.15)
         assert "above the model's" in scale.source
-
-
-def test_brightfield_nuclei_larger_than_the_models_stay_native_unless_asked_to_measure():
-    """The count's own choice leaves brightfield nuclei above the model's size at their scale (held out, they scored
-    better so: DSB2018's stained tissue, NuInsSeg); --diameter auto still resamples them, and small ones are still
-    enlarged."""
-    big = Nuclei(40.0)
-    scale = decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), big)
-    assert scale.factor == 1.0 and big.at == [1.0] and scale.method == "measured" and "own scale" in scale.source
-    assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), Nuclei(40.0), auto=True).factor < 0.7
-    assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), Nuclei(10.0)).factor > 1.5
-    # a pixel size the nuclei disagree with: the measurement decides, and resamples
-    assert decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.5), Nuclei(40.0)).factor < 0.7
 
 
 def test_a_median_below_the_models_size_is_not_measured_again_within_its_band():
