@@ -8,7 +8,9 @@ side first), holes the other way. Where two set pixels meet only at a corner the
 along (4-connected pieces, as scikit-image's find_contours does by default), so a mask's separate pieces are
 separate polygons and rings never cross.
 
-Everything is whole-array numpy over the set pixels of all the masks of a tile (no per-mask tracing): the cracks,
+Most nuclei are one run of pixels per row, each run sharing an edge with the next: their ring comes straight from
+the runs' ends (down the left ends, up the right ends), a few numbers per row for all of a tile's masks at once. The
+others are traced. Tracing is whole-array numpy over the set pixels of all those masks (no per-mask loop): the cracks,
 each crack's successor (three local cases: turn left onto the same pixel, go straight on, turn right onto the
 diagonal pixel), then one pass of a Python loop over the successor links to put each ring's corners in order.
 The rare ring that passes twice through a corner (a hole whose only way out is a diagonal) is split there, so every
@@ -65,7 +67,11 @@ def mask_geometry(mask: np.ndarray, row0: int, col0: int) -> dict | None:
 
 def _rings(boxes: np.ndarray, masks: list[np.ndarray]):
     """(mask of each ring, each ring's closed [[x, y], ...] corner list, whether it is an outline), rings sorted by
-    mask then first corner; None when every mask is empty."""
+    mask then first corner; None when every mask is empty.
+
+    Most nuclei are one run of pixels per row, each run sharing an edge with the next: their outline comes straight
+    from the runs' ends (_run_outlines, a few numbers per row instead of four cracks per pixel). The others (holes,
+    notches that split a row, pieces) are traced crack by crack (_traced_rings); both give the same rings."""
     heights = (boxes[:, 2] - boxes[:, 0]).astype(np.int64)
     widths = (boxes[:, 3] - boxes[:, 1]).astype(np.int64)
     sizes = heights * widths
@@ -76,6 +82,88 @@ def _rings(boxes: np.ndarray, masks: list[np.ndarray]):
     nz = np.flatnonzero(flat)
     if not len(nz):
         return None
+    rest, outlines = _run_outlines(boxes, heights, widths, flat, nz)
+    if not len(rest):
+        return outlines
+    traced = _traced_rings(boxes[rest], [masks[i] for i in rest.tolist()])
+    ring_mask = np.concatenate([outlines[0], rest[traced[0]]])
+    points = outlines[1] + traced[1]
+    outer = np.concatenate([outlines[2], traced[2]])
+    order = np.argsort(ring_mask, kind="stable")       # each mask's rings stay in their order
+    return ring_mask[order], [points[i] for i in order.tolist()], outer[order]
+
+
+def _run_outlines(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, flat: np.ndarray, nz: np.ndarray):
+    """The masks with pixels that are not one run per row, their rows unbroken and each run sharing an edge with
+    the next (they need tracing), and the outlines of those that are, as _rings gives them: one ring, down the
+    runs' left ends and up their right ends. flat: the masks' pixels, row-major, one after another; nz: flat's set
+    pixels."""
+    row_len = np.repeat(widths, heights)                    # every row of every mask
+    row_start = np.cumsum(row_len) - row_len
+    row_mask = np.repeat(np.arange(len(widths)), heights)
+    # Runs per row: set pixels whose left neighbour in the row is unset.
+    first_col = np.zeros(len(flat), bool)
+    first_col[row_start[row_len > 0]] = True
+    begins = np.flatnonzero(flat & (first_col | ~np.r_[False, flat[:-1]]))
+    runs = np.bincount(np.searchsorted(row_start, begins, side="right") - 1, minlength=len(row_len))
+    # Each row with pixels: its first and last set pixel.
+    nz_row = np.searchsorted(row_start, nz, side="right") - 1
+    head = np.flatnonzero(np.r_[True, nz_row[1:] != nz_row[:-1]])
+    tail = np.r_[head[1:], len(nz)] - 1
+    rows = nz_row[head]                                     # the rows with pixels, ascending
+    left = nz[head] - row_start[rows]
+    right = nz[tail] - row_start[rows] + 1
+    mask = row_mask[rows]
+    # A mask qualifies when its rows with pixels are consecutive, each one run, each overlapping the next.
+    same = mask[1:] == mask[:-1]
+    bad_step = same & ((rows[1:] != rows[:-1] + 1) | (np.maximum(left[1:], left[:-1]) >= np.minimum(right[1:],
+                                                                                                  right[:-1])))
+    bad = np.zeros(len(widths), bool)
+    bad[mask[1:][bad_step]] = True
+    bad[mask[runs[rows] != 1]] = True
+    has_pixels = np.zeros(len(widths), bool)
+    has_pixels[mask] = True
+    keep = ~bad[mask]
+    rows, left, right, mask = rows[keep], left[keep], right[keep], mask[keep]
+    rest = np.flatnonzero(has_pixels & bad)
+    if not len(rows):
+        return rest, (np.zeros(0, np.int64), [], np.zeros(0, bool))
+    y = boxes[mask, 0] + rows - (np.cumsum(heights) - heights)[mask]     # the row within the mask, in slide px
+    x0, xe = boxes[mask, 1] + left, boxes[mask, 1] + right
+    top = np.r_[True, mask[1:] != mask[:-1]]                # each mask's first row
+    bottom = np.r_[mask[1:] != mask[:-1], True]
+    new_left = top | np.r_[True, x0[1:] != x0[:-1]]         # A: (x0, y) at a row whose left end moved (or the top)
+    leaves_left = bottom | np.r_[x0[1:] != x0[:-1], True]   # B: (x0, y + 1) where the next row's left end moves
+    leaves_right = bottom | np.r_[xe[1:] != xe[:-1], True]  # C: (xe, y + 1), going up
+    new_right = top | np.r_[True, xe[1:] != xe[:-1]]        # D: (xe, y)
+    # Slots: per mask of n rows, A0 B0 A1 B1 ... then C(n-1) D(n-1) ... C0 D0, then A0 again to close the ring.
+    n = np.bincount(mask, minlength=len(widths))[mask]
+    first = np.flatnonzero(top)
+    i = np.arange(len(mask)) - np.repeat(first, np.diff(np.r_[first, len(mask)]))   # row within its mask's runs
+    start = np.repeat(np.cumsum(4 * n[first] + 1) - (4 * n[first] + 1), np.diff(np.r_[first, len(mask)]))
+    slots = int((4 * n[first] + 1).sum())
+    sx = np.zeros(slots, np.int64)
+    sy = np.zeros(slots, np.int64)
+    keep_slot = np.zeros(slots, bool)
+    for offset, xs, ys, kept in ((start + 2 * i, x0, y, new_left), (start + 2 * i + 1, x0, y + 1, leaves_left),
+                                 (start + 2 * n + 2 * (n - 1 - i), xe, y + 1, leaves_right),
+                                 (start + 2 * n + 2 * (n - 1 - i) + 1, xe, y, new_right),
+                                 ((start + 4 * n)[first], x0[first], y[first], top[first])):
+        sx[offset], sy[offset], keep_slot[offset] = xs, ys, kept
+    slot_mask = np.repeat(mask[first], 4 * n[first] + 1)[keep_slot]
+    points = np.stack([sx[keep_slot], sy[keep_slot]], 1).tolist()
+    ends = np.flatnonzero(np.r_[slot_mask[1:] != slot_mask[:-1], True]) + 1
+    rings = [points[a:b] for a, b in zip(np.r_[0, ends[:-1]].tolist(), ends.tolist())]
+    return rest, (mask[first], rings, np.ones(len(first), bool))
+
+
+def _traced_rings(boxes: np.ndarray, masks: list[np.ndarray]):
+    """_rings of masks with pixels, traced crack by crack."""
+    heights = (boxes[:, 2] - boxes[:, 0]).astype(np.int64)
+    widths = (boxes[:, 3] - boxes[:, 1]).astype(np.int64)
+    sizes = heights * widths
+    flat = np.concatenate([np.asarray(m, bool).reshape(-1) for m in masks])
+    nz = np.flatnonzero(flat)
     # Each mask padded by one unset pixel all round, all of them in one flat array: a set pixel's four neighbours
     # are p -/+ 1 and p -/+ W (W its mask's padded width) and never another mask's.
     pw = widths + 2
