@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,11 +261,13 @@ def _num(value, digits: int = 4) -> str:
     return f"{float(value):,.{digits}g}" if abs(float(value)) < 1e6 else f"{float(value):,.0f}"
 
 
-def write_report(folder: Path, slide=None, record: dict | None = None) -> list[str]:
+def write_report(folder: Path, slide=None, record: dict | None = None,
+                 label_images: Callable[[], None] | None = None) -> list[str]:
     """Write `folder`/report.html from the result files there, and its warnings (and the appearance check,
     results/appearance.py) into summary.json. slide: the open slide for the crops (None: opened from run.json's path,
-    and the crops left out when it is not there); record: a summary dict to update the same way. Returns the
-    warnings."""
+    and the crops left out when it is not there); record: a summary dict to update the same way; label_images: waits
+    until labels.ome.tif is written (a count draws the rest of the report while it is), called before the crops.
+    Returns the warnings."""
     from .appearance import appearance_check, appearance_warning
     from .report_plots import histogram_png, score_curve_png
     from .uncertainty import curve_warning
@@ -296,6 +299,9 @@ def write_report(folder: Path, slide=None, record: dict | None = None) -> list[s
     if unlike:
         warnings.insert(0, unlike)
     curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
+    heatmap = _density_map(folder, grid, density, unit, summary)
+    if label_images is not None:
+        label_images()
     crops, crops_note, near_crops = [], "", []
     chosen = choose_crops(grid, density)
     if chosen:
@@ -313,7 +319,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None) -> list[s
             log.warning("%s: %s", folder.name, crops_note)
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
-        heatmap=_density_map(folder, grid, density, unit, summary),
+        heatmap=heatmap,
         density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         estimate=estimate, curve=curve, curve_png=curve_png, near_crops=near_crops, curve_moved=moved,

@@ -184,6 +184,15 @@ class _Worker:
         self._thread.join()
         return self.error
 
+    def wait_for(self, event: threading.Event) -> None:
+        """Wait until `event` is set by the thread's work, or the thread has ended; raise the thread's failure."""
+        while not event.wait(0.05) and self._thread.is_alive():
+            pass
+        if self.error is not None:
+            raise self.error
+        if not event.is_set():      # ended without setting it: stopped
+            raise RuntimeError(f"{self.what} stopped before it was written")
+
     def stop(self) -> None:
         """Leave what is queued unwritten, close the file (abort) and wait for the thread."""
         self._stopped.set()
@@ -229,9 +238,11 @@ class LabelFiles:
             expanded = (Box(row0, col0, row0 + image.shape[0], col0 + image.shape[1]), image)
         self.paint(read, labels, expanded)
 
-    def close(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> None:
+    def close(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask,
+              pictures_done: Callable[[], None] | None = None) -> None:
         """The files: the pyramids, while the overlay is drawn (boundaries + PNG encoding, which release the GIL)
-        beside them; then the canvases go."""
+        beside them; then the canvases go. pictures_done() is called once overlay.png is written (at once when it
+        is not asked for): what reads it (report.html) need not wait for the pyramids."""
         want = self.outputs.__contains__
         with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
             overlay = None
@@ -241,6 +252,11 @@ class LabelFiles:
                 cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
                 overlay = background.submit(_named, "overlay.png", write_overlay_png, thumbnail, nucleus_thumbnail,
                                             self.out_dir / "overlay.png", cell_thumbnail)
+            if pictures_done is not None:
+                if overlay is None:
+                    pictures_done()
+                else:       # only once written: a failure is raised below, after the pyramids
+                    overlay.add_done_callback(lambda done: done.exception() is None and pictures_done())
             targets = {self.out_dir / name: encode for name, encode in
                        (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
             if targets:
@@ -293,6 +309,7 @@ class ResultWriter:
         self.rows = 0
         self.workers: dict[str, _Worker] = {}
         self._process: TablesProcess | None = None
+        self._label_images_pending = False     # finish has left them being written
         want = self.outputs.__contains__
         columns = {**nucleus_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(self.class_names)]
@@ -357,9 +374,15 @@ class ResultWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for worker in self.workers.values():
-            worker.stop()       # nothing left to do after finish; else what is queued is dropped, the files closed
-        shutil.rmtree(self._work, ignore_errors=True)
+        try:
+            if exc_type is None:
+                self.wait_label_images()
+        finally:
+            for worker in self.workers.values():
+                worker.stop()   # nothing left to do after finish; else what is queued is dropped, the files closed
+            if self._process is not None:
+                self._process.stop()
+            shutil.rmtree(self._work, ignore_errors=True)
 
     @property
     def cell_count(self) -> int:
@@ -409,9 +432,10 @@ class ResultWriter:
         """End every file: the tables close in their threads while the label pyramids, the overlay, the tissue
         mask and the histogram are written. Returns the panoptic encoding used (summary.json describes it)."""
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
+        pictures = threading.Event()        # overlay.png written (the label images may still be)
         for name, worker in self.workers.items():
             args = (panoptic, thumbnail, thumb_factor, tissue) if name in ("labels", "tables") else ()
-            self._checked(worker.what, worker.end, *args)
+            self._checked(worker.what, worker.end, *args, *((pictures.set,) if name == "labels" else ()))
         if "tissue_mask.png" in self.outputs:
             self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
         if "area_histogram.png" in self.outputs:
@@ -420,9 +444,25 @@ class ResultWriter:
             png = histogram_png(self.all_areas() * (self.mpp ** 2 if self.mpp else 1), f"nucleus area ({area_unit})",
                                 "Nucleus area")
             self._checked("area_histogram.png", (self.out_dir / "area_histogram.png").write_bytes, png)
-        for worker in self.workers.values():
-            self._checked(worker.what, lambda w=worker: _raise(w.join()))
+        for name, worker in self.workers.items():
+            if name == "labels":
+                self._checked(worker.what, worker.wait_for, pictures)
+            else:
+                self._checked(worker.what, lambda w=worker: _raise(w.join()))
+        self._label_images_pending = True
         return panoptic
+
+    def wait_label_images(self) -> None:
+        """Wait for the label images (labels.ome.tif, panoptic.ome.tif, cell_labels.ome.tif), which `finish` leaves
+        being written so that summary.json and report.html are drawn beside them; leaving the block calls it."""
+        if not self._label_images_pending:
+            return
+        self._label_images_pending = False
+        if self._process is not None:
+            self._checked("the result files", self._process.finish_labels)
+        elif "labels" in self.workers:
+            worker = self.workers["labels"]
+            self._checked(worker.what, lambda: _raise(worker.join()))
 
     def _checked(self, what: str, call, *args):
         """call(*args), an OSError (no space, no permission, a quota) made a WriteError naming `what`."""

@@ -11,7 +11,9 @@ does), which also bounds memory: a send waits while the child is a pipe's worth 
 the pipe closes (its parent ended, or died).
 
 Messages to the child: the writers to open, then ("tile", ...) per tile, then ("end", the label files' closing
-arguments) (close the files, reply ("done", seconds per file, its peak memory)) or ("stop",) (close them as a failed run does). A
+arguments) (close the files: reply ("tables", seconds per file) once the tables and overlay.png are written, so that
+the parent draws the report while the label images are written, then ("done", seconds per file, its peak memory)) or
+("stop",) (close them as a failed run does; after "end" the parent kills the child instead). A
 failure in the child is sent back as ("error", file, exception) before it exits: the parent raises it
 (results/writer.py makes an OSError a WriteError naming the file).
 """
@@ -23,6 +25,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -47,7 +50,9 @@ class TablesProcess:
         self._reply = Connection(self._from_child, writable=False)
         self.seconds: dict[str, float] = {}
         self.peak_rss_mb: float | None = None      # the child's, once it has closed the files (Linux)
+        self._tables_done = False                  # its ("tables", ...) has come: the tables and overlay.png
         self._done = False                         # its ("done", ...) has come (maybe read by _message's check)
+        self._closed = False
         specs = {name: (cls.__module__, cls.__qualname__, args, kwargs) for name, (cls, args, kwargs) in
                  writers.items()}
         self._message(("open", specs))
@@ -77,6 +82,8 @@ class TablesProcess:
         if reply[0] == "error":
             _, what, error = reply
             raise TableWriteError(what, error)
+        if reply[0] == "tables":
+            self.seconds, self._tables_done = reply[1], True
         if reply[0] == "done":
             self.seconds, self.peak_rss_mb, self._done = reply[1], reply[2], True
 
@@ -88,15 +95,24 @@ class TablesProcess:
                        cell_image))
 
     def end(self, *labels) -> None:
-        """Close the files (the label files with `labels`: LabelFiles.close's arguments) and wait for the child's
-        answer."""
+        """Close the files (the label files with `labels`: LabelFiles.close's arguments) and wait until the tables
+        and overlay.png are written; the label images go on (finish_labels waits for them)."""
         self._message(("end", labels))
-        if not self._done:    # a quick child's answer may already have been read by the check after the send
+        while not (self._tables_done or self._done):  # a quick answer may have been read by the check after the send
+            self._wait_reply()
+
+    def finish_labels(self) -> None:
+        """Wait for the label images, the child's last files, and let it go."""
+        while not self._done:
             self._wait_reply()
         self._close()
 
     def stop(self) -> None:
-        """Close the files as a failed run does, and let the child go."""
+        """Close the files as a failed run does, and let the child go (nothing, once it has ended)."""
+        if self._closed:
+            return
+        if self._tables_done:       # past "end", writing the label images: no longer listening
+            self._process.kill()
         try:
             self._send.send_bytes(pickle.dumps(("stop",)))
         except OSError:
@@ -104,6 +120,7 @@ class TablesProcess:
         self._close()
 
     def _close(self) -> None:
+        self._closed = True
         self._send.close()
         try:
             self._process.wait(timeout=60)
@@ -181,9 +198,10 @@ def _serve(receive: Connection, reply: Connection) -> None:
                         writer.append(ids, boxes, masks, scores, class_ids)
                     seconds[name] += time.perf_counter() - start
             elif kind == "end":
+                pictures = threading.Event()     # overlay.png written: the parent may draw the report
                 if labels is not None:
                     name = labels.what
-                    labels.end(*message[1])
+                    labels.end(*message[1], pictures.set)
                 for name, writer in writers.items():
                     start = time.perf_counter()
                     writer.close()
@@ -191,6 +209,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
                 writers = {}
                 if labels is not None:
                     name = labels.what
+                    labels.wait_for(pictures)
+                reply.send_bytes(pickle.dumps(("tables", dict(seconds))))
+                if labels is not None:
                     if labels.join() is not None:
                         raise labels.error
                     seconds["labels"] = labels.seconds

@@ -119,6 +119,24 @@ def test_crops_left_out_when_the_slide_is_gone(he_result, tmp_path):
     assert "crops left out" in page and "<figcaption>" not in page
 
 
+def test_the_report_waits_for_the_label_images_only_before_its_crops(he_result, tmp_path):
+    """A count draws the report while labels.ome.tif is still being written: write_report calls `label_images`
+    once, after the pictures and before it reads the crops from labels.ome.tif."""
+    from cellseg.results import write_report
+    folder = tmp_path / "writing"
+    shutil.copytree(he_result, folder)
+    (folder / "labels.ome.tif").rename(tmp_path / "labels.ome.tif")     # "still being written"
+    calls = []
+
+    def label_images():
+        calls.append((folder / "report.html").exists())
+        (tmp_path / "labels.ome.tif").rename(folder / "labels.ome.tif")
+    (folder / "report.html").unlink()
+    write_report(folder, label_images=label_images)
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert calls == [False] and "crops left out" not in page and page.count("<figcaption>") >= 6
+
+
 # --------------------------------------------------------------------------- a real browser
 
 _CHECK = """<script>window.addEventListener("load", function () {

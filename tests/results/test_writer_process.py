@@ -12,8 +12,8 @@ from cellseg.results.writer_process import TablesProcess
 
 def test_a_child_that_answers_before_the_parent_looks_is_heard(tmp_path, monkeypatch):
     """The child may close its files and answer "done" before the parent's check after the send has run: that
-    check reads the answer, and end() must not then wait for a second one (it used to fail: "ended (exit code 0)
-    without a word", seen on a loaded machine)."""
+    check reads the answer, and end() and finish_labels() must not then wait for another (it used to fail: "ended
+    (exit code 0) without a word", seen on a loaded machine)."""
     check = TablesProcess._check
 
     def late_check(self):
@@ -24,6 +24,7 @@ def test_a_child_that_answers_before_the_parent_looks_is_heard(tmp_path, monkeyp
     process = TablesProcess({"cells.csv": (CellsTableWriter, (tmp_path / "cells.csv", {"id": "int64"}), {})})
     process.tile((0, 0, 8, 8), np.array([1]), np.array([[0, 0, 2, 2]]), [np.ones((2, 2), bool)], np.array([0]),
                  np.array([0.9]), {"id": np.array([1])}, None)
-    process.end()
+    process.end()       # returns once the tables are written ("tables"); the label images go on
     assert (tmp_path / "cells.csv").read_text() == "id\n1\n"
+    process.finish_labels()     # "done" may have been read already: no second wait
     assert set(process.seconds) == {"cells.csv"}

@@ -86,6 +86,34 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     assert not partial.exists()
 
 
+class FullPyramids(LabelFiles):
+    """The disk fills once overlay.png is written, while the label images are: the count has gone on to its
+    report by then."""
+
+    def close(self, *args):
+        import cellseg.results.writer as writer
+        write_label_images = writer.write_label_images
+        writer.write_label_images = _no_space
+        try:
+            super().close(*args)
+        finally:
+            writer.write_label_images = write_label_images
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_label_images_failing_beside_the_report_stop_the_count_in_one_line(tmp_path, slide, monkeypatch, process):
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ResultWriter, "tables_in_a_process", process)
+    monkeypatch.setattr(ResultWriter, "label_files", FullPyramids)
+    (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
+    message = str(outcome.error)
+    assert isinstance(outcome.error, WriteError) and "\n" not in message
+    assert "labels.ome.tif" in message and "No space left on device" in message
+    assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
+
+
 @pytest.mark.parametrize("process", [True, False])
 def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, slide, monkeypatch, process):
     path, labels = slide
