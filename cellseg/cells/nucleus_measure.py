@@ -213,32 +213,38 @@ def _perimeters(labels: np.ndarray, index: np.ndarray, row: np.ndarray, owner: n
     nuclei here, grown cells in cells/cell_measure.py.
 
     Per pixel of the objects: `index` (flat, in `labels`), `row` (in `labels`) and `owner`, its object (0 .. n - 1).
-    An object's border pixels are its pixels with a 4-neighbour of another label; codes are read off a
-    padded image of border labels, so neighbours are compared as the per-object crop would see them.
+    An object's border pixels are its pixels with a 4-neighbour of another label (or off the image); a border
+    pixel's code counts its neighbours that are border pixels of the same object, as the per-object crop would see
+    them. Everything is read at the objects' pixels only (a tile's nuclei cover a few % of it).
     """
     height, width = labels.shape
-    padded = np.zeros((height + 2, width + 2), labels.dtype)
-    padded[1:-1, 1:-1] = labels
-    centre = padded[1:-1, 1:-1]
-    interior = centre == padded[:-2, 1:-1]
-    interior &= centre == padded[2:, 1:-1]
-    interior &= centre == padded[1:-1, :-2]
-    interior &= centre == padded[1:-1, 2:]
-    border = np.zeros_like(padded)                   # label on border pixels, 0 elsewhere
-    np.copyto(border[1:-1, 1:-1], centre, where=~interior)
-    on_border = ~interior.reshape(-1)[index]
-    w2 = width + 2
-    # q: index of each border pixel in `border` shifted by one row and column, so that the neighbour
-    # at `offset` is border.flat[w2 + 1 + offset + q], read from a view without index arithmetic
-    q = index[on_border] + 2 * row[on_border]
-    flat = border.reshape(-1)
-    mine = flat[w2 + 1:][q]
-    straight = np.zeros(len(q), np.uint8)
-    diagonal = np.zeros(len(q), np.uint8)
-    for offset, count in ((-w2, straight), (w2, straight), (-1, straight), (1, straight),
-                          (-w2 - 1, diagonal), (-w2 + 1, diagonal), (w2 - 1, diagonal), (w2 + 1, diagonal)):
-        count += flat[w2 + 1 + offset:][q] == mine
-    code = 1 + 2 * straight.astype(np.intp) + 10 * diagonal
+    flat = labels.reshape(-1)
+    index = np.asarray(index, np.int64)
+    row = np.asarray(row, np.int64)
+    col = index - row * width
+    mine = flat[index]
+    # (offset, whether that neighbour is inside the image) for the 4-neighbours, then the diagonals
+    up, down, left, right = row > 0, row < height - 1, col > 0, col < width - 1
+    straight = ((-width, up), (width, down), (-1, left), (1, right))
+    diagonal = ((-width - 1, up & left), (-width + 1, up & right), (width - 1, down & left),
+                (width + 1, down & right))
+
+    def same(offset: int, at: np.ndarray, label: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Whether the neighbour at `offset` of pixels `at` (inside the image where `where`) carries `label`."""
+        return (flat.take(at + offset, mode="clip") == label) & where    # clipped: off the image, `where` is False
+
+    interior = np.ones(len(index), bool)
+    for offset, inside in straight:
+        interior &= same(offset, index, mine, inside)
+    on_border = ~interior
+    border = np.zeros(height * width, bool)         # the objects' border pixels
+    border[index[on_border]] = True
+    at, label = index[on_border], mine[on_border]
+    code = np.ones(len(at), np.intp)
+    for weight, offsets in ((2, straight), (10, diagonal)):
+        for offset, inside in offsets:
+            where = inside[on_border]
+            code += weight * (same(offset, at, label, where) & border.take(at + offset, mode="clip"))
     return np.bincount(owner[on_border], weights=_PERIMETER_WEIGHTS[code], minlength=n)
 
 
