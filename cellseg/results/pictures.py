@@ -22,9 +22,12 @@ def _display_rgb(image: np.ndarray) -> np.ndarray:
     if img.ndim not in (2, 3):
         raise ValueError(f"expected a thumbnail of shape (h, w) or (h, w, C), got {img.shape}")
     integer = img.dtype.kind == "u" and img.dtype.itemsize <= 2
-    values = img.astype(np.float32)
-    finite = values if integer else values[np.isfinite(values)]      # integers are all finite
-    lo, hi = (np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0))
+    if integer:     # all finite, and a histogram gives their percentiles without sorting 12 M floats
+        lo, hi = _integer_percentiles(img, (1, 99.8)) if img.size else (0.0, 1.0)
+    else:
+        values = img.astype(np.float32)
+        finite = values[np.isfinite(values)]
+        lo, hi = (np.percentile(finite, [1, 99.8]) if finite.size else (0.0, 1.0))
     if hi <= lo:  # flat image: any stretch is fine, avoid dividing by zero
         hi = lo + 1.0
 
@@ -37,6 +40,22 @@ def _display_rgb(image: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return img
+
+
+def _integer_percentiles(img: np.ndarray, percents: tuple[float, ...]) -> list[float]:
+    """np.percentile(img, percents) (linear interpolation) of 8- or 16-bit unsigned pixels, from their histogram:
+    the same two order statistics per percentile and numpy's own interpolation, so the same values to the bit."""
+    cumulative = np.cumsum(np.bincount(img.reshape(-1), minlength=1 << (8 * img.dtype.itemsize)))
+    n = int(cumulative[-1])
+    out = []
+    for percent in percents:
+        position = np.float64(percent) / 100 * (n - 1)
+        below = int(np.floor(position))
+        t = position - below
+        a = float(np.searchsorted(cumulative, below, side="right"))     # the value of order statistic `below`
+        b = float(np.searchsorted(cumulative, min(below + 1, n - 1), side="right"))
+        out.append(a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t))     # numpy's _lerp
+    return out
 
 
 def outline_pixels(labels: np.ndarray) -> np.ndarray:

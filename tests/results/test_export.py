@@ -258,6 +258,15 @@ def test_the_display_stretch_by_table_lookup_is_the_arithmetic_on_every_pixel(im
     assert np.array_equal(_display_rgb(image), expected)
 
 
+@given(st.integers(1, 3000), st.integers(1, 65535), st.sampled_from([np.uint8, np.uint16]), st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_integer_percentiles_from_a_histogram_are_numpys_to_the_bit(size, top, dtype, seed):
+    from cellseg.results.pictures import _integer_percentiles
+    image = np.random.default_rng(seed).integers(0, min(top, np.iinfo(dtype).max) + 1, size).astype(dtype)
+    percents = (0, 1, 37.5, 50, 99.8, 100)
+    assert _integer_percentiles(image, percents) == np.percentile(image.astype(np.float32), percents).tolist()
+
+
 def test_overlay_png_resizes_labels_off_by_rounding(tmp_path):
     labels = np.zeros((21, 26), np.uint32)
     labels[5:15, 5:15] = 3
