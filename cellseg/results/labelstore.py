@@ -159,6 +159,32 @@ class LabelStore:
                 np.copyto(chunk[r0 - i * c:r1 - i * c, c0 - j * c:c1 - j * c], sub, where=sub != 0)
                 self.written_chunks.add((i, j))
 
+    def paint_pixels(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> bool:
+        """Write `values` (nonzero uint32) at canvas pixels (rows, cols), chunk by chunk: a tile's nuclei cover a
+        few % of it, and painting their pixels skips the tile-sized label image `paint` takes. Returns False,
+        painting nothing, when a pixel is given twice (overlapping masks: which one wins is `paint`'s to say)."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        if not len(rows):
+            return True
+        if rows.min() < 0 or rows.max() >= self.height or cols.min() < 0 or cols.max() >= self.width:
+            raise ValueError(f"expected pixels inside the {self.height} x {self.width} canvas")
+        c = self.chunk
+        i, j = rows // c, cols // c
+        widths = np.minimum(c, self.width - j * c)
+        key = (i * -(-self.width // c) + j) * (c * c) + (rows - i * c) * widths + (cols - j * c)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        if (key[1:] == key[:-1]).any():
+            return False
+        values = np.asarray(values, np.uint32)[order]
+        chunk_of = key // (c * c)
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(key)].tolist()):
+            ci, cj = int(i[order[a]]), int(j[order[a]])
+            self._cached_chunk(ci, cj).reshape(-1)[key[a:b] % (c * c)] = values[a:b]
+            self.written_chunks.add((ci, cj))
+        return True
+
     def _cached_chunk(self, i: int, j: int) -> np.ndarray:
         """Chunk (i, j) decoded, in the cache and most recently used; the least recently used goes to disk."""
         key = (i, j)

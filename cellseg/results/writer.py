@@ -226,17 +226,23 @@ class LabelFiles:
 
     def paint_masks(self, read: tuple, ids: np.ndarray, boxes: np.ndarray, masks: list[np.ndarray],
                     cell_image: tuple[tuple[int, int], np.ndarray] | None) -> None:
-        """paint, the tile's label image drawn from its nuclei's masks as the count draws it (cells.label_tile)."""
+        """paint, the tile's label image drawn from its nuclei's masks as the count draws it (cells.label_tile):
+        their pixels straight into the canvas where no two masks overlap."""
         from types import SimpleNamespace
 
         from ..cells import label_tile
+        from ..geometry.maskrows import MaskRows
         read = Box(*read)
-        labels = label_tile(SimpleNamespace(boxes=boxes, masks=masks), ids, read)
-        expanded = None
-        if cell_image is not None:
+        rows = MaskRows.of(boxes, masks)
+        y = np.repeat(rows.y, rows.count)
+        x = rows.nz + np.repeat(rows.x0, rows.count)
+        if len(y) and (y.min() < read.row0 or y.max() >= read.row1 or x.min() < read.col0 or x.max() >= read.col1):
+            raise ValueError(f"expected nuclei inside {read}")
+        if not self.nucleus_store.paint_pixels(y, x, np.repeat(np.asarray(ids, np.uint32)[rows.mask], rows.count)):
+            self.nucleus_store.paint(read, label_tile(SimpleNamespace(boxes=boxes, masks=masks), ids, read))
+        if cell_image is not None and self.cell_store is not None:
             (row0, col0), image = cell_image
-            expanded = (Box(row0, col0, row0 + image.shape[0], col0 + image.shape[1]), image)
-        self.paint(read, labels, expanded)
+            self.cell_store.paint(Box(row0, col0, row0 + image.shape[0], col0 + image.shape[1]), image)
 
     def close(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask,
               pictures_done: Callable[[], None] | None = None) -> None:

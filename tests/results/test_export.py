@@ -80,6 +80,44 @@ def test_label_store_write_back_cache_evicts_and_reloads_chunks(tmp_path, cached
     assert store.written_chunks == painted
 
 
+def test_painting_masks_pixel_by_pixel_is_painting_their_label_image(tmp_path):
+    """LabelFiles.paint_masks puts the nuclei's pixels straight into the canvas; the canvas is the one painted from
+    each tile's label image (cells.label_tile), overlapping masks (painted as label_tile paints them) and chunks at
+    the canvas's edges included."""
+    from types import SimpleNamespace
+
+    from cellseg.cells import label_tile
+    from cellseg.results.writer import LabelFiles
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        height, width = (int(v) for v in rng.integers(150, 700, 2))
+        chunk = int(rng.choice([32, 64, 128]))
+        reference = LabelStore(tmp_path / f"reference{trial}", height, width, chunk)
+        files = LabelFiles(tmp_path / f"files{trial}", height, width, None, chunk, False, frozenset())
+        next_id = 1
+        for _ in range(5):
+            row0, col0 = int(rng.integers(0, height - 60)), int(rng.integers(0, width - 60))
+            read = Box(row0, col0, min(height, row0 + 200), min(width, col0 + 200))
+            boxes, masks = [], []
+            for _ in range(int(rng.integers(0, 30))):
+                h, w = (int(v) for v in rng.integers(1, 16, 2))
+                r = int(rng.integers(read.row0, read.row1 - h + 1))
+                c = int(rng.integers(read.col0, read.col1 - w + 1))
+                boxes.append((r, c, r + h, c + w))
+                masks.append(rng.random((h, w)) < 0.7)
+            boxes = np.array(boxes, np.int64).reshape(-1, 4)
+            ids = np.arange(next_id, next_id + len(masks))
+            next_id += len(masks)
+            reference.paint(read, label_tile(SimpleNamespace(boxes=boxes, masks=masks), ids, read))
+            files.paint_masks(tuple(read), ids, boxes, masks, None)
+        whole = Box(0, 0, height, width)
+        assert np.array_equal(files.nucleus_store.read(whole), reference.read(whole))
+    apart = LabelStore(tmp_path / "apart", 100, 100, 32)
+    assert apart.paint_pixels(np.array([1, 40]), np.array([1, 70]), np.array([5, 6], np.uint32))
+    assert not apart.paint_pixels(np.array([3, 3]), np.array([4, 4]), np.array([7, 8], np.uint32))   # overlap
+    assert apart.read(Box(0, 0, 100, 100))[[1, 40, 3], [1, 70, 4]].tolist() == [5, 6, 0]
+
+
 def test_label_store_paint_keeps_zero_pixels_and_rejects_bad_input(tmp_path):
     store = LabelStore(tmp_path / "s", 20, 30, chunk=8)
     store.paint(Box(0, 0, 20, 30), np.full((20, 30), 5, np.uint32))
