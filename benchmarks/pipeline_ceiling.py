@@ -136,7 +136,8 @@ def main() -> None:
           "(detect: handing back the replayed detections; write: the count's own thread, adding tiles to the "
           "writers and waiting for them at the end)")
     print("writer threads, busy (s):", ", ".join(f"{k} {v}" for k, v in r["write_parts_s"].items()),
-          "(labels: the label canvases, then the label pyramids and the overlay; report.html after summary.json)")
+          "(labels: the label canvases, then the label pyramids and the overlay; report.html after summary.json, drawn "
+          "while the label images are written, its wait for them before its crops included)")
     print(f"peak RSS {r['peak_rss_mb']} MB (the count), {r['writer_process_rss_mb']} MB (the result files' process)")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
