@@ -30,12 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all") -> dict:
+def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all",
+          writer_processes: str = "auto") -> dict:
     if cpus:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
     from memory_flat import ThresholdDetector, keep_result_writers
 
     import cellseg.results as results
+    results.ResultWriter.process_per_output = {"auto": None, "one": False, "per-output": True}[writer_processes]
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
 
@@ -111,19 +113,22 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="keep the timed run's result folder here (to compare with another run: same_results.py)")
     p.add_argument("--outputs", default="all", help="the result files to write (cellseg count --outputs)")
+    p.add_argument("--writer-processes", choices=["auto", "one", "per-output"], default="auto",
+                   help="the result files in one child process, one per heavy output, or as the cores say (auto)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        slide, out, tissue, cpus, outputs = args.child
-        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs)))
+        slide, out, tissue, cpus, outputs, writer_processes = args.child
+        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs, writer_processes)))
         return
     if not args.slide.is_file():
         sys.exit(f"expected a slide file, found no {args.slide}")
     with tempfile.TemporaryDirectory(prefix="cellseg-ceiling-") as tmp:
         out = args.out.resolve() if args.out is not None else Path(tmp) / "out"
         res = subprocess.run([sys.executable, __file__, "--slide", str(args.slide), "--child", str(args.slide),
-                              str(out), args.tissue, str(args.cpus or 0), args.outputs], capture_output=True, text=True)
+                              str(out), args.tissue, str(args.cpus or 0), args.outputs, args.writer_processes],
+                             capture_output=True, text=True)
         shutil.rmtree(out.with_name(out.name + "-record"), ignore_errors=True)
     if res.returncode:
         sys.exit(f"the pipeline run failed:\n{res.stderr[-3000:]}")
@@ -138,7 +143,7 @@ def main() -> None:
     print("writer threads, busy (s):", ", ".join(f"{k} {v}" for k, v in r["write_parts_s"].items()),
           "(labels: the label canvases, then the label pyramids and the overlay; report.html after summary.json, drawn "
           "while the label images are written, its wait for them before its crops included)")
-    print(f"peak RSS {r['peak_rss_mb']} MB (the count), {r['writer_process_rss_mb']} MB (the result files' process)")
+    print(f"peak RSS {r['peak_rss_mb']} MB (the count), {r['writer_process_rss_mb']} MB (the result files' processes, summed)")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
         print(f"wrote {args.json}")

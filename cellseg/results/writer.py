@@ -3,8 +3,10 @@
 `ResultWriter` takes the measured nuclei (and the cells grown from them) tile by tile (cells.csv, cells.geojson,
 predictions.coco.json, the label canvases) and, at the end, writes the pictures and label images and the two JSON
 records; `outputs` (the protocol's, --outputs) picks the files. It hands each tile to the files' writers, which run
-beside the count: a child process (results/writer_process.py) for the tables and, in a thread of its own, the label
-canvases (LabelFiles), or threads of the count where it has one core (or no POSIX pipes). A file that cannot be written is a WriteError:
+beside the count: a child process (results/writer_process.py) for the tables and, in a thread of it, the label
+canvases (LabelFiles); from 4 cores one process per heavy output (cells.geojson; cells.csv with the COCO file; the
+label canvases), as a process's Python runs on one core at a time; threads of the count where it has one core (or
+no POSIX pipes). A file that cannot be written is a WriteError:
 one line naming it, the folder and the space left there. `expected_size` says how big a result folder will be. The
 files themselves are written by:
 
@@ -295,8 +297,10 @@ class ResultWriter:
     all of them).
 
     Each file is written by a thread of its own (cells.csv, cells.geojson, predictions.coco.json, and the label
-    canvases, which at the end become the label pyramids and the overlay), fed through a bounded queue: the files
-    are written side by side, beside the count, with memory a few tiles per file. The arrays handed to add_nuclei
+    canvases, which at the end become the label pyramids and the overlay), in the child processes described above or
+    in this one, fed through bounded queues: the files are written side by side, beside the count, with memory a few
+    tiles per file. `finish` returns once the tables and overlay.png are written; the label images are waited for
+    by `wait_label_images` (or on leaving the block), so the report is drawn meanwhile. The arrays handed to add_nuclei
     are kept until written: callers do not change them afterwards. A file that cannot be written (no space left,
     no permission) stops the count with a WriteError naming it, the folder and the space left there.
     """
@@ -314,7 +318,7 @@ class ResultWriter:
         self.class_ids: list[np.ndarray] = []    # per added part, in id order
         self.rows = 0
         self.workers: dict[str, _Worker] = {}
-        self._process: TablesProcess | None = None
+        self._processes: dict[str, TablesProcess] = {}     # worker name -> the child process it feeds
         self._label_images_pending = False     # finish has left them being written
         want = self.outputs.__contains__
         columns = {**nucleus_columns(channel_names), **(expansion_columns or {}), **(extra_columns or {})}
@@ -330,11 +334,16 @@ class ResultWriter:
                   {}) if any(want(f) for f in _LABEL_FILES) else None
         try:
             if (tables or labels) and self._tables_in_a_process():
-                # The tables and the label canvases in a process of their own (its threads), fed the tiles' masks.
-                process = TablesProcess({**tables, **({"labels": labels} if labels else {})})
-                self._process = process
-                self.workers["tables"] = _Worker("tables", process.tile, process.end, process.stop,
-                                                 what="the result files")
+                # The tables and the label canvases in processes of their own (threads of them), fed the tiles'
+                # masks: one for all where there are few cores, else one per heavy output, since each process's
+                # Python runs on one core at a time.
+                files = {**tables, **({"labels": labels} if labels else {})}
+                for group in self._process_groups(files):
+                    process = TablesProcess({name: files[name] for name in group})
+                    key = "process: " + ", ".join(group)
+                    self._processes[key] = process
+                    what = ", ".join("labels.ome.tif (its label canvas)" if n == "labels" else n for n in group)
+                    self.workers[key] = _Worker(key, process.tile, process.end, process.stop, what=what)
             else:
                 for name, (make, args, kwargs) in tables.items():
                     writer = self._opened(name, make, *args, **kwargs)
@@ -347,17 +356,37 @@ class ResultWriter:
             self.__exit__(*(True, None, None))
             raise
 
-    # The writers (a test may put failing ones here); where they run: in a process of their own when there are cores
-    # for it (None), or always (True) or never (False: a thread each).
+    # The writers (a test may put failing ones here); where they run: in processes of their own when there are cores
+    # for it (None), or always (True) or never (False: a thread each); with processes, one per heavy output from
+    # PROCESS_PER_OUTPUT_CORES cores on (None), or always (True) or never (False: one for all).
     table_writer, geojson_writer, coco_writer = CellsTableWriter, CellsGeoJsonWriter, CocoWriter
     label_files = LabelFiles
     tables_in_a_process: bool | None = None
+    process_per_output: bool | None = None
+    # Measured on 2 cores, a process per output cost 0.3 s more CPU on an 8192² slide (each tile pickled once per
+    # process) for no gain: the one process's work then fits the second core. With more cores that process is what
+    # limits the count (its Python runs on one core: on a 16384² slide 14 of the count's 22 s of CPU).
+    PROCESS_PER_OUTPUT_CORES = 4
+    OUTPUT_GROUPS = (("cells.geojson",), ("cells.csv", "predictions.coco.json"), ("labels",))
+
+    @staticmethod
+    def _cores() -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def _tables_in_a_process(self) -> bool:
         if self.tables_in_a_process is not None:
             return self.tables_in_a_process
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return cores > 1 and os.name == "posix" and bool(sys.executable)     # a child interpreter handed pipes
+        return self._cores() > 1 and os.name == "posix" and bool(sys.executable)   # a child interpreter handed pipes
+
+    def _process_groups(self, files: dict) -> list[tuple[str, ...]]:
+        """The writers of `files` ("labels": the label canvases) grouped by the process that runs them."""
+        apart = self.process_per_output
+        if apart is None:
+            apart = self._cores() >= self.PROCESS_PER_OUTPUT_CORES
+        if not apart:
+            return [tuple(files)]
+        groups = [tuple(n for n in group if n in files) for group in self.OUTPUT_GROUPS]
+        return [group for group in groups if group]
 
     def _opened(self, what: str, make, *args, **kwargs):
         try:
@@ -386,8 +415,8 @@ class ResultWriter:
         finally:
             for worker in self.workers.values():
                 worker.stop()   # nothing left to do after finish; else what is queued is dropped, the files closed
-            if self._process is not None:
-                self._process.stop()
+            for process in self._processes.values():
+                process.stop()
             shutil.rmtree(self._work, ignore_errors=True)
 
     @property
@@ -407,15 +436,19 @@ class ResultWriter:
         return np.concatenate(self.cell_areas) if self.cell_areas else np.zeros(0, np.int64)
 
     def writer_process_rss_mb(self) -> float | None:
-        """The peak memory of the result files' process (None: none, or not known)."""
-        return self._process.peak_rss_mb if self._process is not None else None
+        """The peak memory of the result files' processes, summed (each at its own peak: the sum bounds them
+        together); None: none, or not known."""
+        peaks = [p.peak_rss_mb for p in self._processes.values()]
+        return sum(peaks) if peaks and None not in peaks else None
 
     def seconds(self) -> dict[str, float]:
         """The time each file's thread has spent writing so far (the label canvases: "labels", their pyramids and
         the overlay included; with the tables in a process of their own, "tables" is the time spent handing them
         over and each table's the process's time, known once they are closed)."""
         out = {name: worker.seconds for name, worker in self.workers.items()}
-        return {**out, **(self._process.seconds if self._process is not None else {})}
+        for process in self._processes.values():
+            out.update(process.seconds)
+        return out
 
     def add_nuclei(self, read: Box, ids: np.ndarray, nuclei: Instances, labels: np.ndarray,
                    rows: dict[str, np.ndarray], expanded: tuple[Box, np.ndarray] | None = None) -> None:
@@ -431,7 +464,8 @@ class ResultWriter:
         cell_image = None if expanded is None else ((expanded[0].row0, expanded[0].col0), expanded[1])
         tile = (ids, nuclei.boxes, nuclei.masks, nuclei.class_ids, nuclei.scores, rows, cell_image)
         for name, worker in self.workers.items():
-            items = {"labels": (read, labels, expanded), "tables": (tuple(read), *tile)}.get(name, tile)
+            items = ((tuple(read), *tile) if name in self._processes else
+                     (read, labels, expanded) if name == "labels" else tile)
             self._checked(worker.what, worker.put, *items)
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
@@ -440,7 +474,8 @@ class ResultWriter:
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
         pictures = threading.Event()        # overlay.png written (the label images may still be)
         for name, worker in self.workers.items():
-            args = (panoptic, thumbnail, thumb_factor, tissue) if name in ("labels", "tables") else ()
+            labels = name == "labels" or (name in self._processes and "labels" in self._processes[name].writers)
+            args = (panoptic, thumbnail, thumb_factor, tissue) if labels else ()
             self._checked(worker.what, worker.end, *args, *((pictures.set,) if name == "labels" else ()))
         if "tissue_mask.png" in self.outputs:
             self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
@@ -464,9 +499,9 @@ class ResultWriter:
         if not self._label_images_pending:
             return
         self._label_images_pending = False
-        if self._process is not None:
-            self._checked("the result files", self._process.finish_labels)
-        elif "labels" in self.workers:
+        for name, process in self._processes.items():
+            self._checked(self.workers[name].what, process.finish_labels)
+        if "labels" in self.workers:
             worker = self.workers["labels"]
             self._checked(worker.what, lambda: _raise(worker.join()))
 

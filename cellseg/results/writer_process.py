@@ -53,6 +53,7 @@ class TablesProcess:
         self._tables_done = False                  # its ("tables", ...) has come: the tables and overlay.png
         self._done = False                         # its ("done", ...) has come (maybe read by _message's check)
         self._closed = False
+        self.writers = frozenset(writers)         # their names ("labels": the label canvases)
         specs = {name: (cls.__module__, cls.__qualname__, args, kwargs) for name, (cls, args, kwargs) in
                  writers.items()}
         self._message(("open", specs))

@@ -60,7 +60,8 @@ class FullLabels(LabelFiles):
 
 @pytest.mark.parametrize("name, process", [("cells.geojson", True), ("cells.geojson", False),
                                            ("predictions.coco.json", True), ("cells.csv", False),
-                                           ("labels.ome.tif", True), ("labels.ome.tif", False)])
+                                           ("labels.ome.tif", True), ("labels.ome.tif", False),
+                                           ("cells.csv", "per output"), ("labels.ome.tif", "per output")])
 def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path, slide, monkeypatch, name, process):
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
@@ -68,7 +69,8 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     spec.load().count(path, reference)
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        m.setattr(ResultWriter, "tables_in_a_process", process)
+        m.setattr(ResultWriter, "tables_in_a_process", bool(process))
+        m.setattr(ResultWriter, "process_per_output", process == "per output")
         attribute = {"cells.geojson": "geojson_writer", "predictions.coco.json": "coco_writer",
                      "cells.csv": "table_writer", "labels.ome.tif": "label_files"}[name]
         m.setattr(ResultWriter, attribute, {"cells.geojson": FullGeoJson, "predictions.coco.json": FullCoco,
@@ -100,12 +102,13 @@ class FullPyramids(LabelFiles):
             writer.write_label_images = write_label_images
 
 
-@pytest.mark.parametrize("process", [True, False])
+@pytest.mark.parametrize("process", [True, False, "per output"])
 def test_label_images_failing_beside_the_report_stop_the_count_in_one_line(tmp_path, slide, monkeypatch, process):
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
     out = tmp_path / "out"
-    monkeypatch.setattr(ResultWriter, "tables_in_a_process", process)
+    monkeypatch.setattr(ResultWriter, "tables_in_a_process", bool(process))
+    monkeypatch.setattr(ResultWriter, "process_per_output", process == "per output")
     monkeypatch.setattr(ResultWriter, "label_files", FullPyramids)
     (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
     message = str(outcome.error)
@@ -114,10 +117,13 @@ def test_label_images_failing_beside_the_report_stop_the_count_in_one_line(tmp_p
     assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
 
 
-@pytest.mark.parametrize("process", [True, False])
-def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, slide, monkeypatch, process):
+@pytest.mark.parametrize("process, per_output", [(True, False), (False, False), (True, True)])
+def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, slide, monkeypatch, process,
+                                                                     per_output):
+    """Threads of the count, one process for all the result files, or one per heavy output (with more cores)."""
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    monkeypatch.setattr(ResultWriter, "process_per_output", per_output)
     monkeypatch.setattr(ResultWriter, "tables_in_a_process", process)
     spec.load().count(path, tmp_path / "a")
     monkeypatch.setattr(ResultWriter, "tables_in_a_process", not process)
