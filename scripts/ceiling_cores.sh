@@ -8,12 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/ceiling_out}
 mkdir -p "$OUT"
-if [ -d .carry/wheels_bench ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cellseg-site .carry/wheels_bench/*.whl
-    export PYTHONPATH=$PWD:/tmp/cellseg-site${PYTHONPATH:+:$PYTHONPATH}
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/bench_env.sh
 [ -f /tmp/big8k.ome.tif ] || python3 benchmarks/make_big_slide.py --size 8192 --out /tmp/big8k.ome.tif
 all=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
 runs=""

@@ -14,12 +14,7 @@ OUT=${OUT:-runs/gpu_out}
 DEVICE=${BENCH_DEVICE:-cuda}
 SIZE=${BENCH_SIZE:-20480}
 mkdir -p "$OUT"
-if [ -d .carry/wheels_bench ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cellseg-site .carry/wheels_bench/*.whl
-    export PYTHONPATH=$PWD:/tmp/cellseg-site${PYTHONPATH:+:$PYTHONPATH}
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/bench_env.sh
 export PYTHONUNBUFFERED=1
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_name.txt"
