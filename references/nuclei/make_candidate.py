@@ -18,18 +18,24 @@ import shutil
 import sys
 from pathlib import Path
 
-from cellseg.bundles import load_bundle
+from cellseg.bundles import load_bundle, update_bundle_scale
 from cellseg.errors import CellsegError
 
+from .datasets import PROJECT_DATA_ROOT
+from .micron_scale import micron_scales
 from .model_card import card_readme
 
 CANDIDATES = Path(__file__).resolve().parent / "candidates"
 MAX_WEIGHTS_BYTES = 60_000_000      # every shipped float16 weight file together stays under 60 MB (issue 47)
 
 
-def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: Path = CANDIDATES) -> Path:
+def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: Path = CANDIDATES,
+                   data_root: Path | None = PROJECT_DATA_ROOT) -> Path:
     """Copy the bundle in `bundle_dir` to ROOT/NAME as a candidate; returns the folder. Refuses a name in use, weights
-    that are not float16 or over MAX_WEIGHTS_BYTES, and a folder that is not a bundle."""
+    that are not float16 or over MAX_WEIGHTS_BYTES, and a folder that is not a bundle. With its split.json and the
+    training data under `data_root`, its scale in µm (micron_scale.py: [scale.brightfield] from its TNBC training
+    patients) is written into its model.toml, so that the candidate counts a slide with a pixel size as it would
+    ship."""
     bundle = load_bundle(bundle_dir)        # a one-line error for anything that is not a loadable bundle
     if not name or "/" in name or name.startswith("."):
         raise CellsegError(f"expected a candidate name without slashes, found {name!r}")
@@ -46,6 +52,10 @@ def make_candidate(bundle_dir: Path, name: str, run: Path | None = None, root: P
     for f in ("model.toml", "weights.safetensors", "split.json", "heldout_curve.png"):
         if (bundle_dir / f).is_file():
             shutil.copy2(bundle_dir / f, staged / f)
+    if data_root is not None and (staged / "split.json").is_file():
+        scales = micron_scales(staged, data_root)      # {} when the data is not there
+        if scales:
+            update_bundle_scale(staged, scales)
     if run is not None and (run / "heldout.csv").is_file():
         shutil.copy2(run / "heldout.csv", staged / "heldout.csv")
     settings = None if run is None else run.with_name(run.name + ".settings")    # scripts/train_long.sh's RUN.settings
@@ -84,9 +94,11 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--run", type=Path, default=None, help="the long run the bundle comes from (its heldout.csv)")
+    p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT,
+                   help="the training data, for the bundle's scale in µm (its TNBC training patients' labels)")
     args = p.parse_args()
     try:
-        folder = make_candidate(args.bundle, args.name, args.run)
+        folder = make_candidate(args.bundle, args.name, args.run, data_root=args.data_root)
     except CellsegError as e:
         sys.exit(f"make_candidate: error: {e}")
     print(f"candidate in {folder}; commit it today unless a weights commit was made today already")

@@ -43,11 +43,14 @@ def median_diameter_px(label_files: list[Path]) -> tuple[float, int]:
 
 
 def micron_scales(bundle: Path, data_root: Path) -> dict:
-    """Protocol modality -> bundles.MicronScale, from the training side of the bundle's split.json."""
+    """Protocol modality -> bundles.MicronScale, from the training side of the bundle's split.json (none from a
+    dataset that is not under `data_root`)."""
     from cellseg.bundles import MicronScale
     split = json.loads((bundle / "split.json").read_text())
     scales = {}
     for folder, split_modality, mpp, modality, source in KNOWN_PIXEL_SIZES:
+        if not (data_root / folder).is_dir():      # that dataset is not here: no scale from it
+            continue
         keys = [key for group in split["groups"].values()
                 if group["modality"] == split_modality and group["side"] == "train" for key in group["images"]]
         files = [data_root / folder / "labels" / f"{key.split('/', 1)[1]}.tif" for key in keys]

@@ -743,6 +743,34 @@ def test_a_committed_candidate_counts_and_a_run_from_it_continues_its_lineage(tm
     assert card["earlier_stages"][1]["weights_sha256"] == load_bundle(candidate).weights_sha256
 
 
+def test_a_candidate_gets_its_scale_in_microns_from_its_tnbc_training_patients(tmp_path, tiny_bundle):
+    """make_candidate writes [scale.brightfield] (micron_scale.py) from the labels of the split's H&E training
+    patients at 0.25 µm/px; the held-out patients do not count, and without the data there is no scale."""
+    import json
+
+    import tifffile
+
+    from cellseg.bundles import save_bundle
+    from references.nuclei.make_candidate import make_candidate
+    start = load_bundle(tiny_bundle)
+    trained = tmp_path / "best"
+    save_bundle(trained, start.model, start.state_dict(), name="best", nucleus_diameter_px=12.0, score_threshold=0.0)
+    groups = {"tnbc/patient-01": {"modality": "he_breast", "side": "train", "images": ["tnbc/a"]},
+              "tnbc/patient-02": {"modality": "he_breast", "side": "val", "images": ["tnbc/b"]}}
+    (trained / "split.json").write_text(json.dumps({"method": "test", "train": [], "val": [], "groups": groups}))
+    labels = tmp_path / "data" / "tnbc-train" / "labels"
+    labels.mkdir(parents=True)
+    a = np.zeros((64, 64), np.uint16)
+    a[10:20, 10:20], a[30:40, 30:40], a[50:60, 5:15] = 1, 2, 3       # three nuclei of 100 px
+    tifffile.imwrite(labels / "a.tif", a)
+    tifffile.imwrite(labels / "b.tif", np.ones((64, 64), np.uint16))    # held out: not counted
+    candidate = make_candidate(trained, "scaled", root=tmp_path / "candidates", data_root=tmp_path / "data")
+    scale = load_bundle(candidate).micron_scale("brightfield")
+    assert scale.mpp == 0.25 and scale.nucleus_diameter_px == pytest.approx(2 * np.sqrt(100 / np.pi))
+    bare = make_candidate(trained, "bare", root=tmp_path / "candidates", data_root=tmp_path / "nowhere")
+    assert load_bundle(bare).micron_scale("brightfield") is None
+
+
 def test_the_bundles_nucleus_size_weighs_each_image_by_how_often_it_is_drawn():
     """median_diameter_px: an image of many large nuclei drawn seldom does not set the size counts aim at (v4:
     NuInsSeg's ~23,000 nuclei of ~33 px made the pooled median 25.6 px); all images alike, it is np.median's."""
