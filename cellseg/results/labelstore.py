@@ -28,7 +28,8 @@ class ChunkFiles:
 
     A scratch format private to one run. Not a zarr array: every call through zarr 3's asyncio bridge costs 1.2 ms
     to read and ~5 ms to write a chunk, against 0.3-0.6 ms to compress or decompress a label chunk, and that
-    overhead would be most of the label-writing time of a big slide. Not thread-safe (one writer at a time).
+    overhead would be most of the label-writing time of a big slide. Threads may store distinct blocks at once
+    (the pyramid's levels are built so); one block is written by one thread at a time.
     """
 
     def __init__(self, folder: Path, height: int, width: int, chunk: int):

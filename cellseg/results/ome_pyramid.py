@@ -62,19 +62,25 @@ def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
     one output chunk at a time: the whole pyramid costs ~4/3 of one read of the slide, where striding
     level 0 directly for every level would decode the full slide once per level.
     """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     levels = [_SparseLevel(store.chunk_files())]
     h, w = store.height, store.width
     c = store.chunk
-    while max(h, w) > tile:
-        prev = levels[-1]
-        h, w = -(-h // 2), -(-w // 2)
-        blocks = ChunkFiles(store.folder / f"_level{len(levels)}", h, w, c)
-        for r in range(0, h, c):
-            for col in range(0, w, c):
+    # A level's chunks are built on all cores (decoding and encoding them release the GIL); each writes its own file.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cellseg-pyramid") as pool:
+        while max(h, w) > tile:
+            prev = levels[-1]
+            h, w = -(-h // 2), -(-w // 2)
+            blocks = ChunkFiles(store.folder / f"_level{len(levels)}", h, w, c)
+
+            def build(r: int, col: int, prev=prev, blocks=blocks) -> None:
                 block = prev.read(2 * r, 2 * (r + c), 2 * col, 2 * (col + c), step=2)
                 if not isinstance(block, _Constant):   # zero chunks stay unwritten (store skips them)
                     blocks.store(r // c, col // c, block)
-        levels.append(_SparseLevel(blocks))
+            list(pool.map(lambda rc: build(*rc), [(r, col) for r in range(0, h, c) for col in range(0, w, c)]))
+            levels.append(_SparseLevel(blocks))
     return levels
 
 
