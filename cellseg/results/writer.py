@@ -363,8 +363,8 @@ class ResultWriter:
     label_files = LabelFiles
     tables_in_a_process: bool | None = None
     process_per_output: bool | None = None
-    # Measured on 2 cores, a process per output cost 0.3 s more CPU on an 8192² slide (each tile pickled once per
-    # process) for no gain: the one process's work then fits the second core. With more cores that process is what
+    # Measured on 2 cores, a process per output cost 0.4-0.6 s more CPU on an 8192² slide (each tile pickled once
+    # per process) and ran 5 % slower: the one process's work fits the second core. With more cores that process is what
     # limits the count (its Python runs on one core: on a 16384² slide 14 of the count's 22 s of CPU).
     PROCESS_PER_OUTPUT_CORES = 4
     OUTPUT_GROUPS = (("cells.geojson",), ("cells.csv", "predictions.coco.json"), ("labels",))
@@ -443,8 +443,8 @@ class ResultWriter:
 
     def seconds(self) -> dict[str, float]:
         """The time each file's thread has spent writing so far (the label canvases: "labels", their pyramids and
-        the overlay included; with the tables in a process of their own, "tables" is the time spent handing them
-        over and each table's the process's time, known once they are closed)."""
+        the overlay included; with child processes, "process: <its files>" is the time spent handing them the tiles
+        and each file's the process's own, known once it is closed)."""
         out = {name: worker.seconds for name, worker in self.workers.items()}
         for process in self._processes.values():
             out.update(process.seconds)
@@ -469,8 +469,9 @@ class ResultWriter:
             self._checked(worker.what, worker.put, *items)
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
-        """End every file: the tables close in their threads while the label pyramids, the overlay, the tissue
-        mask and the histogram are written. Returns the panoptic encoding used (summary.json describes it)."""
+        """End every file: the tables close in their threads while the overlay, the tissue mask and the histogram
+        are written; returns once they are, the label pyramids still being written (wait_label_images). Returns the
+        panoptic encoding used (summary.json describes it)."""
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
         pictures = threading.Event()        # overlay.png written (the label images may still be)
         for name, worker in self.workers.items():
