@@ -491,8 +491,9 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         raise AssertionError(f"the trainer was not started: {out}")
 
     out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
-                      BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3")
+                      BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3", MIX="fluorescence=0.5,he_nuinsseg=0")
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
+    assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
     assert "--resume" not in args and args[args.index("--augment") + 1] == "invert_p=0.25"
     assert args[args.index("--split") + 1] == "runs/branch_split.json"
@@ -506,13 +507,14 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert args[args.index("--augment") + 1] == "invert_p=0.25"
     assert args[args.index("--backbone") + 1] == "resnet34"    # the network the run started with
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
+    assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"     # the draw shares it started with
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
-    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50")
+    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50", MIX="fluorescence=1")
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
-    assert "--aspect-ratios" not in args
+    assert "--aspect-ratios" not in args and "--mix" not in args
     # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
