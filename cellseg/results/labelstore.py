@@ -49,9 +49,9 @@ class ChunkFiles:
         """Block (i, j), decoded (a fresh, writable array)."""
         if (i, j) not in self.written:
             return np.zeros(self.block_shape(i, j), np.uint32)
-        return self._decoded(i, j).astype(np.uint32)   # a copy, in native byte order
+        return self.decoded(i, j).astype(np.uint32)   # a copy, in native byte order
 
-    def _decoded(self, i: int, j: int) -> np.ndarray:
+    def decoded(self, i: int, j: int) -> np.ndarray:
         """Written block (i, j) as a read-only view of its decoded bytes (no copy: reads slice it straight away)."""
         from imagecodecs import zstd_decode
         raw = zstd_decode(self._path(i, j).read_bytes())
@@ -84,7 +84,7 @@ class ChunkFiles:
                 first_c = col0 + -(-(max(col0, j * c) - col0) // step) * step
                 if first_c >= min(col1, (j + 1) * c) or (i, j) not in self.written:
                     continue
-                part = self._decoded(i, j)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
+                part = self.decoded(i, j)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
                                        first_c - j * c:min(col1, (j + 1) * c) - j * c:step]
                 r, k = (first_r - row0) // step, (first_c - col0) // step
                 out[r:r + part.shape[0], k:k + part.shape[1]] = part

@@ -50,6 +50,11 @@ class _SparseLevel:
         was ever written."""
         row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
         c = self.chunk
+        if step == 1 and row0 % c == 0 and col0 % c == 0 and (row1 - row0, col1 - col0) == self.blocks.block_shape(
+                row0 // c, col0 // c) and (row0 // c, col0 // c) in self.blocks.written:
+            # one whole chunk, as the TIFF tiles are read when they are the chunks' size: its decoded bytes as they
+            # are (read-only), not copied into a fresh array (the copy was most of a tile's read)
+            return self.blocks.decoded(row0 // c, col0 // c)
         if any((i, j) in self.blocks.written for i in chunks_under(row0, row1, c) for j in chunks_under(col0, col1, c)):
             return self.blocks.read(row0, row1, col0, col1, step)
         return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
@@ -124,10 +129,12 @@ class Panoptic:
             labels = labels.materialise()
         rows = row0 + np.arange(labels.shape[0]) * step
         cols = col0 + np.arange(labels.shape[1]) * step
-        out = self.tissue.at(rows, cols).astype(np.uint32) * np.uint32(self.label_divisor)
-        cells = labels > 0
-        ids = labels[cells]
-        out[cells] = self.semantic_of_cell[ids] * np.uint32(self.label_divisor) + ids
+        out = np.empty(labels.shape, np.uint32)     # C order, so that its flat view below is a view
+        np.multiply(self.tissue.at(rows, cols), np.uint32(self.label_divisor), out=out)
+        # the cells' pixels by their flat indices: a few percent of a tile, where boolean masks cost whole-tile passes
+        cells = np.flatnonzero(labels > 0)
+        ids = labels.reshape(-1)[cells]
+        out.reshape(-1)[cells] = self.semantic_of_cell[ids] * np.uint32(self.label_divisor) + ids
         return out
 
 

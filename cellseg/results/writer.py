@@ -54,7 +54,7 @@ from .labelstore import LabelStore
 from .ome_pyramid import Panoptic, write_label_images
 from .pictures import write_overlay_png
 from .report_plots import histogram_png
-from .writer_process import TablesProcess, TableWriteError
+from .writer_process import TablesProcess, TableWriteError, start_spares
 
 log = logging.getLogger(__name__)
 
@@ -373,19 +373,28 @@ class ResultWriter:
     def _cores() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def _tables_in_a_process(self) -> bool:
-        if self.tables_in_a_process is not None:
-            return self.tables_in_a_process
-        return self._cores() > 1 and os.name == "posix" and bool(sys.executable)   # a child interpreter handed pipes
+    @classmethod
+    def start_spare_processes(cls) -> None:
+        """Start, now, the child processes a count with every output would use (writer_process.start_spares), so
+        that their start overlaps the caller's own (CellCounter.load: the network's loading)."""
+        if cls._tables_in_a_process():
+            start_spares(len(cls._process_groups({**dict.fromkeys(OUTPUT_FILES), "labels": None})))
 
-    def _process_groups(self, files: dict) -> list[tuple[str, ...]]:
+    @classmethod
+    def _tables_in_a_process(cls) -> bool:
+        if cls.tables_in_a_process is not None:
+            return cls.tables_in_a_process
+        return cls._cores() > 1 and os.name == "posix" and bool(sys.executable)   # a child interpreter handed pipes
+
+    @classmethod
+    def _process_groups(cls, files: dict) -> list[tuple[str, ...]]:
         """The writers of `files` ("labels": the label canvases) grouped by the process that runs them."""
-        apart = self.process_per_output
+        apart = cls.process_per_output
         if apart is None:
-            apart = self._cores() >= self.PROCESS_PER_OUTPUT_CORES
+            apart = cls._cores() >= cls.PROCESS_PER_OUTPUT_CORES
         if not apart:
             return [tuple(files)]
-        groups = [tuple(n for n in group if n in files) for group in self.OUTPUT_GROUPS]
+        groups = [tuple(n for n in group if n in files) for group in cls.OUTPUT_GROUPS]
         return [group for group in groups if group]
 
     def _opened(self, what: str, make, *args, **kwargs):

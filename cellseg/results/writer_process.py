@@ -20,6 +20,7 @@ failure in the child is sent back as ("error", file, exception) before it exits:
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import pickle
@@ -38,16 +39,7 @@ class TablesProcess:
     __exit__ of those), and "labels": results.writer.LabelFiles, the label canvases and their files."""
 
     def __init__(self, writers: dict[str, tuple[type, tuple, dict]]):
-        to_child, self._to_child = os.pipe()
-        self._from_child, from_child = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "cellseg.results.writer_process", str(to_child), str(from_child)],
-            pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
-        os.close(to_child)
-        os.close(from_child)
-        self._send = Connection(self._to_child, readable=False)
-        self._reply = Connection(self._from_child, writable=False)
+        self._process, self._send, self._reply = _taken_spare() or _started_child()
         self.seconds: dict[str, float] = {}
         self.peak_rss_mb: float | None = None      # the child's, once it has closed the files (Linux)
         self._tables_done = False                  # its ("tables", ...) has come: the tables and overlay.png
@@ -80,6 +72,8 @@ class TablesProcess:
             raise RuntimeError(f"the process writing the result tables ended (exit code {code}) without a word")
 
     def _answer(self, reply: tuple) -> None:
+        if reply[0] == "ready":     # its modules imported (start_spares): nothing to do
+            return
         if reply[0] == "error":
             _, what, error = reply
             raise TableWriteError(what, error)
@@ -129,6 +123,80 @@ class TablesProcess:
             self._process.kill()
             self._process.wait()
         self._reply.close()
+
+
+# Interpreters started ahead of a count (start_spares), their imports done by the time a count needs one:
+# (the parent's pid, the import path they were given, the child, its two pipe ends)
+_spares: list[tuple[int, tuple[str, ...], subprocess.Popen, Connection, Connection]] = []
+_spares_lock = threading.Lock()
+
+
+def _import_path() -> tuple[str, ...]:
+    return tuple(p for p in sys.path if p)
+
+
+def _started_child() -> tuple[subprocess.Popen, Connection, Connection]:
+    """A new child interpreter running _serve, and the pipe ends that talk to it (to it, from it)."""
+    to_child, to_child_end = os.pipe()
+    from_child_end, from_child = os.pipe()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cellseg.results.writer_process", str(to_child), str(from_child)],
+        pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
+    os.close(to_child)
+    os.close(from_child)
+    return process, Connection(to_child_end, readable=False), Connection(from_child_end, writable=False)
+
+
+def start_spares(count: int) -> None:
+    """Have `count` child interpreters started and importing their modules now, so that the next counts find them
+    ready: starting one costs ~0.3 s of a core (numpy, tifffile, imagecodecs, Pillow and the writers imported), which
+    `CellCounter.load` overlaps with loading the network instead of a count's first tiles. Spares left unused
+    end with this process."""
+    with _spares_lock:
+        _spares[:] = [s for s in _spares if s[0] == os.getpid() and s[2].poll() is None]
+        while len(_spares) < count:
+            _spares.append((os.getpid(), _import_path(), *_started_child()))
+
+
+def wait_for_spares() -> None:
+    """Wait until every spare has imported its modules (a benchmark that leaves a process's start out of its timing)."""
+    with _spares_lock:
+        for pid, _, process, _, reply in _spares:
+            if pid == os.getpid() and process.poll() is None and reply.poll(60):
+                assert pickle.loads(reply.recv_bytes())[0] == "ready"
+
+
+def _taken_spare() -> tuple[subprocess.Popen, Connection, Connection] | None:
+    """A spare started by this process with this import path and still running, else None (a forked process's
+    copy of its parent's spares is never taken: their pipes are the parent's)."""
+    with _spares_lock:
+        while _spares:
+            pid, path, process, send, reply = _spares.pop(0)
+            if pid == os.getpid() and path == _import_path() and process.poll() is None:
+                return process, send, reply
+            if pid == os.getpid():
+                _end_spare(process, send, reply)
+    return None
+
+
+def _end_spare(process: subprocess.Popen, send: Connection, reply: Connection) -> None:
+    send.close()        # the child reads the end of its pipe and leaves
+    reply.close()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@atexit.register
+def _end_spares() -> None:
+    with _spares_lock:
+        mine = [s for s in _spares if s[0] == os.getpid()]
+        _spares.clear()
+    for _, _, process, send, reply in mine:
+        _end_spare(process, send, reply)
 
 
 class TableWriteError(Exception):
@@ -240,5 +308,11 @@ def _serve(receive: Connection, reply: Connection) -> None:
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops this process
-    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
+    receive, reply = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    # What every writer needs, imported before the first message (a spare does this while the parent loads its
+    # network): the writers' own modules, and through them numpy, tifffile, imagecodecs and Pillow.
+    from . import cells_csv, cells_geojson, coco, ome_pyramid, pictures, writer  # noqa: F401
+    import imagecodecs, PIL.PngImagePlugin, tifffile  # noqa: E401, F401
+    reply.send_bytes(pickle.dumps(("ready",)))
+    _serve(receive, reply)
     sys.exit(0)
