@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from cellseg.results.cells_csv import CellsTableWriter
 from cellseg.results import writer_process
+from cellseg.results.cells_csv import CellsTableWriter
 from cellseg.results.writer_process import TablesProcess
 
 
