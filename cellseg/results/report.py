@@ -397,7 +397,9 @@ def _density_map(folder: Path, grid: TileGrid, density: np.ndarray, unit: str, s
 
     from .report_plots import heatmap_png
     overlay = Image.open(folder / "overlay.png").convert("RGB")
-    overlay.thumbnail((800, 800))     # the map's backdrop: a 2048² overlay costs seconds to draw for nothing
+    # the map's backdrop at most ~800 px (a 2048² overlay costs seconds to draw for nothing), by averaging whole
+    # blocks of pixels: a quarter of the time of a filtered thumbnail, and the same picture under the map's squares
+    overlay = overlay.reduce(max(1, -(-max(overlay.size) // 800)))
     return _b64(heatmap_png(np.asarray(overlay), density, unit, summary["height_px"], summary["width_px"],
                             grid.tile_px))
 

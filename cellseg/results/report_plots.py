@@ -24,7 +24,8 @@ def _png(fig, tight: bool = True) -> bytes:
     buf = io.BytesIO()
     if tight:
         fig.tight_layout()
-    fig.savefig(buf, format="png")
+    # zlib level 1: a third of a plot's time went to level 6's search, for ~15 % smaller flat-coloured pictures
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
     return buf.getvalue()
 
 
