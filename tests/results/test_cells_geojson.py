@@ -224,3 +224,26 @@ def test_pinches_and_nesting_give_valid_polygons(rows, kind, parts, holes):
     assert shapely.equals(got, _pixel_union(mask, 3, 4))
     polygons = list(got.geoms) if kind == "MultiPolygon" else [got]
     assert len(polygons) == parts and sum(len(p.interiors) for p in polygons) == holes
+
+
+def test_measurements_are_written_as_json_dumps_writes_them(tmp_path):
+    """Rows are formatted a whole row at a time (their values' repr); rows with NaN (left out) or infinities
+    (Infinity) value by value: either way each row is json.dumps's text of its finite members."""
+    from cellseg.results import CellsGeoJsonWriter
+    columns = {"id": "int64", "area_px": "int64", "odd%name": "float64", "edge": "bool", "mean": "float32",
+               "label": "object"}
+    rng = np.random.default_rng(0)
+    n = 120
+    wide = rng.normal(size=n) * 1e6
+    wide[::7], wide[::11], wide[::13] = np.nan, np.inf, -np.inf
+    narrow = rng.normal(size=n).astype(np.float32)
+    narrow[::5] = np.nan
+    rows = {"id": np.arange(n), "area_px": rng.integers(0, 10**6, n), "odd%name": wide, "edge": rng.random(n) > 0.5,
+            "mean": narrow, "label": np.array(["x"] * n, object)}
+    with CellsGeoJsonWriter(tmp_path / "c.geojson", columns, ["nucleus"]) as writer:
+        written = writer._measurements(rows, n)
+    for k in range(n):
+        members = {name: rows[name][k].item() for name in ("id", "area_px", "odd%name", "edge", "mean")}
+        members["edge"] = int(members["edge"])
+        expected = json.dumps({a: v for a, v in members.items() if v == v}, separators=(",", ":"))[1:-1]
+        assert written[k] == expected
