@@ -90,7 +90,24 @@ def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
             "proposal_threshold": bundle.proposal_threshold, "floor": args.floor,
             "mask_threshold": mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=args.mask_threshold)),
-            "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve())}
+            "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve()),
+            "nucleus_diameter_px": bundle.nucleus_diameter_px, "count_at": counted_at(args.count_at)}
+
+
+def counted_at(overrides: list[str]) -> dict[str, str]:
+    """Each dataset's scale in a count (DATASET_DIAMETER: "auto", --diameter auto's; absent: native), with the
+    --count-at DATASET=auto|native overrides."""
+    scales = dict(DATASET_DIAMETER)
+    for item in overrides:
+        dataset, _, scale = item.partition("=")
+        if dataset not in DATASET_FOLDERS or scale not in ("auto", "native"):
+            raise SystemExit(f"expected --count-at DATASET=auto|native with DATASET one of {', '.join(DATASET_FOLDERS)}, "
+                             f"found {item!r}")
+        if scale == "native":
+            scales.pop(dataset, None)
+        else:
+            scales[dataset] = scale
+    return scales
 
 
 def claim_predictions_folder(out: Path, made_with: dict) -> None:
@@ -102,6 +119,11 @@ def claim_predictions_folder(out: Path, made_with: dict) -> None:
     record = out / PREDICTIONS_MADE_WITH
     if record.is_file():
         found = json.loads(record.read_text(encoding="utf-8"))
+        # a record from before these keys were: predictions made at the bundle's scale, the datasets as they were
+        for key, then in (("nucleus_diameter_px", made_with.get("nucleus_diameter_px")),
+                          ("count_at", dict(DATASET_DIAMETER))):
+            if key in made_with:
+                found.setdefault(key, then)
         if found != made_with:
             differ = sorted(k for k in made_with.keys() | found.keys() if found.get(k) != made_with.get(k))
             raise SystemExit(f"expected {out} to hold predictions of this bundle and these settings (or none), found "
@@ -148,6 +170,9 @@ def main() -> None:
                         "snapshots)")
     p.add_argument("--modality", choices=MODALITIES, action="append", default=None,
                    help="only the held-out images of this modality (repeatable; a quick look, not a card)")
+    p.add_argument("--count-at", action="append", default=[], metavar="DATASET=auto|native",
+                   help="count a dataset's images at --diameter auto's scale or at their own (default: Kromp auto, "
+                        "the others native): what a user without a pixel size gets, e.g. dsb2018=auto")
     args = p.parse_args()
     if args.bundle_thresholds and args.write_card:
         p.error("--bundle-thresholds scores at the thresholds the card already has: it cannot also --write-card")
@@ -175,8 +200,9 @@ def main() -> None:
     paths = image_paths(args.data_root, keys)
     preds = {}
     # Each dataset counted as its DATASET_DIAMETER says (native unless given), each scale in a folder of its own
-    for diameter in sorted({DATASET_DIAMETER.get(k.split("/")[0]) for k in keys}, key=str):
-        chosen = {k: p for k, p in paths.items() if DATASET_DIAMETER.get(k.split("/")[0]) == diameter}
+    scale_of = counted_at(args.count_at)
+    for diameter in sorted({scale_of.get(k.split("/")[0]) for k in keys}, key=str):
+        chosen = {k: p for k, p in paths.items() if scale_of.get(k.split("/")[0]) == diameter}
         preds |= predict_images(detector, chosen, args.out / f"diameter_{diameter}" if diameter else args.out,
                                 bundle.nucleus_diameter_px, diameter_px=diameter, reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)

@@ -36,3 +36,22 @@ def test_predictions_of_unknown_origin_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="no predictions of unknown origin"):
         claim_predictions_folder(out, MADE_WITH)
     assert not (out / PREDICTIONS_MADE_WITH).exists()
+
+
+def test_a_folder_from_before_the_scale_was_recorded_is_taken_as_made_at_the_bundles_scale(tmp_path):
+    """Records written before nucleus_diameter_px and count_at were kept hold predictions made at the bundle's own
+    scale with the datasets' default scales: reused by such a run, refused by one at another dataset scale."""
+    from references.nuclei.datasets import DATASET_DIAMETER
+    out = tmp_path / "val"
+    claim_predictions_folder(out, MADE_WITH)          # an old record: neither key
+    now = {**MADE_WITH, "nucleus_diameter_px": 20.8, "count_at": dict(DATASET_DIAMETER)}
+    claim_predictions_folder(out, now)
+    with pytest.raises(SystemExit, match="found ones with another count_at"):
+        claim_predictions_folder(out, {**now, "count_at": {**DATASET_DIAMETER, "dsb2018": "auto"}})
+
+
+def test_count_at_names_a_dataset_and_a_scale():
+    from references.nuclei.validate_bundle import counted_at
+    assert counted_at(["dsb2018=auto", "kromp=native"]) == {"dsb2018": "auto"}
+    with pytest.raises(SystemExit, match="expected --count-at DATASET=auto|native"):
+        counted_at(["dsb=auto"])
