@@ -261,11 +261,12 @@ def _num(value, digits: int = 4) -> str:
     return f"{float(value):,.{digits}g}" if abs(float(value)) < 1e6 else f"{float(value):,.0f}"
 
 
-def write_report(folder: Path, slide=None, record: dict | None = None,
+def write_report(folder: Path, slide=None, record: dict | None = None, pictures: Callable[[], None] | None = None,
                  label_images: Callable[[], None] | None = None) -> list[str]:
     """Write `folder`/report.html from the result files there, and its warnings (and the appearance check,
     results/appearance.py) into summary.json. slide: the open slide for the crops (None: opened from run.json's path,
-    and the crops left out when it is not there); record: a summary dict to update the same way; label_images: waits
+    and the crops left out when it is not there); record: a summary dict to update the same way; pictures: waits until
+    overlay.png is written, called before it is read (a count draws the figures meanwhile); label_images: waits
     until labels.ome.tif is written (a count draws the rest of the report while it is), called before the crops.
     Returns the warnings."""
     from .appearance import appearance_check, appearance_warning
@@ -299,6 +300,8 @@ def write_report(folder: Path, slide=None, record: dict | None = None,
     if unlike:
         warnings.insert(0, unlike)
     curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
+    if pictures is not None:
+        pictures()
     heatmap = _density_map(folder, grid, density, unit, summary)
     if label_images is not None:
         label_images()

@@ -478,15 +478,16 @@ class ResultWriter:
             self._checked(worker.what, worker.put, *items)
 
     def finish(self, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask) -> Panoptic:
-        """End every file: the tables close in their threads while the overlay, the tissue mask and the histogram
-        are written; returns once they are, the label pyramids still being written (wait_label_images). Returns the
-        panoptic encoding used (summary.json describes it)."""
+        """End every file: the tables close in their threads while the tissue mask and the histogram are written;
+        returns once they are, overlay.png (wait_pictures) and the label pyramids (wait_label_images) still being
+        written, so that the report draws its other figures meanwhile. Returns the panoptic encoding used
+        (summary.json describes it)."""
         panoptic = Panoptic(tissue, np.concatenate([[0], *self.class_ids]).astype(np.uint32) + 1, self.class_names)
-        pictures = threading.Event()        # overlay.png written (the label images may still be)
+        self._pictures = threading.Event()      # overlay.png written by the labels' thread (the label images may not be)
         for name, worker in self.workers.items():
             labels = name == "labels" or (name in self._processes and "labels" in self._processes[name].writers)
             args = (panoptic, thumbnail, thumb_factor, tissue) if labels else ()
-            self._checked(worker.what, worker.end, *args, *((pictures.set,) if name == "labels" else ()))
+            self._checked(worker.what, worker.end, *args, *((self._pictures.set,) if name == "labels" else ()))
         if "tissue_mask.png" in self.outputs:
             self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
         if "area_histogram.png" in self.outputs:
@@ -496,12 +497,21 @@ class ResultWriter:
                                 "Nucleus area")
             self._checked("area_histogram.png", (self.out_dir / "area_histogram.png").write_bytes, png)
         for name, worker in self.workers.items():
-            if name == "labels":
-                self._checked(worker.what, worker.wait_for, pictures)
-            else:
+            if name != "labels":
                 self._checked(worker.what, lambda w=worker: _raise(w.join()))
         self._label_images_pending = True
         return panoptic
+
+    def wait_pictures(self) -> None:
+        """Wait for overlay.png, which `finish` leaves being written (at once when no labels are written)."""
+        if not self._label_images_pending:
+            return
+        for name, process in self._processes.items():
+            if "labels" in process.writers:
+                self._checked(self.workers[name].what, process.wait_pictures)
+        if "labels" in self.workers:
+            worker = self.workers["labels"]
+            self._checked(worker.what, worker.wait_for, self._pictures)
 
     def wait_label_images(self) -> None:
         """Wait for the label images (labels.ome.tif, panoptic.ome.tif, cell_labels.ome.tif), which `finish` leaves

@@ -11,8 +11,9 @@ does), which also bounds memory: a send waits while the child is a pipe's worth 
 the pipe closes (its parent ended, or died).
 
 Messages to the child: the writers to open, then ("tile", ...) per tile, then ("end", the label files' closing
-arguments) (close the files: reply ("tables", seconds per file) once the tables and overlay.png are written, so that
-the parent draws the report while the label images are written, then ("done", seconds per file, its peak memory)) or
+arguments) (close the files: reply ("tables", seconds per file) once the tables are written and ("pictures",) once
+overlay.png is, so that the parent draws the report while the overlay and the label images are written, then
+("done", seconds per file, its peak memory)) or
 ("stop",) (close them as a failed run does; after "end" the parent kills the child instead). A
 failure in the child is sent back as ("error", file, exception) before it exits: the parent raises it
 (results/writer.py makes an OSError a WriteError naming the file).
@@ -42,7 +43,8 @@ class TablesProcess:
         self._process, self._send, self._reply = _taken_spare() or _started_child()
         self.seconds: dict[str, float] = {}
         self.peak_rss_mb: float | None = None      # the child's, once it has closed the files (Linux)
-        self._tables_done = False                  # its ("tables", ...) has come: the tables and overlay.png
+        self._tables_done = False                  # its ("tables", ...) has come: the tables are written
+        self._pictures_done = False                # its ("pictures",) has come: overlay.png is written
         self._done = False                         # its ("done", ...) has come (maybe read by _message's check)
         self._closed = False
         self.writers = frozenset(writers)         # their names ("labels": the label canvases)
@@ -79,6 +81,8 @@ class TablesProcess:
             raise TableWriteError(what, error)
         if reply[0] == "tables":
             self.seconds, self._tables_done = reply[1], True
+        if reply[0] == "pictures":
+            self._pictures_done = True
         if reply[0] == "done":
             self.seconds, self.peak_rss_mb, self._done = reply[1], reply[2], True
 
@@ -91,9 +95,14 @@ class TablesProcess:
 
     def end(self, *labels) -> None:
         """Close the files (the label files with `labels`: LabelFiles.close's arguments) and wait until the tables
-        and overlay.png are written; the label images go on (finish_labels waits for them)."""
+        are written; overlay.png and the label images go on (wait_pictures, finish_labels wait for them)."""
         self._message(("end", labels))
         while not (self._tables_done or self._done):  # a quick answer may have been read by the check after the send
+            self._wait_reply()
+
+    def wait_pictures(self) -> None:
+        """Wait until overlay.png is written (after end)."""
+        while not (self._pictures_done or self._done):
             self._wait_reply()
 
     def finish_labels(self) -> None:
@@ -276,10 +285,11 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     writer.close()
                     seconds[name] += time.perf_counter() - start
                 writers = {}
+                reply.send_bytes(pickle.dumps(("tables", dict(seconds))))
                 if labels is not None:
                     name = labels.what
                     labels.wait_for(pictures)
-                reply.send_bytes(pickle.dumps(("tables", dict(seconds))))
+                reply.send_bytes(pickle.dumps(("pictures",)))
                 if labels is not None:
                     if labels.join() is not None:
                         raise labels.error

@@ -313,13 +313,14 @@ class SlideRun:
             result.write_json("summary.json", summary)
             result.write_json("run.json", run_record(info, protocol, plan, tissue_info, run_info))
             if "report.html" in outputs:
-                # The report reads the files just written (and the open slide for its crops) while the label
-                # images are still being written; it waits for labels.ome.tif only for its crops. Its warnings go
-                # to summary.json.
+                # The report reads the files just written (and the open slide for its crops) while overlay.png and
+                # the label images are still being written; it waits for overlay.png only for the density map and
+                # for labels.ome.tif only for its crops. Its warnings go to summary.json.
                 from ..results import write_error, write_report
                 report_started = time.perf_counter()
                 try:
-                    write_report(out_dir, slide.slide, record=summary, label_images=result.wait_label_images)
+                    write_report(out_dir, slide.slide, record=summary, pictures=result.wait_pictures,
+                                 label_images=result.wait_label_images)
                 except OSError as e:     # no space left, no permission: one line, as for the other result files
                     raise write_error("report.html", out_dir, e) from e
                 log.info("%s: report.html in %.2f s", info.path.name, time.perf_counter() - report_started)

@@ -117,6 +117,35 @@ def test_label_images_failing_beside_the_report_stop_the_count_in_one_line(tmp_p
     assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
 
 
+class FullOverlay(LabelFiles):
+    """The disk fills as overlay.png is written: the count has gone on to its report's figures by then (it waits for
+    overlay.png only before the density map)."""
+
+    def close(self, *args):
+        import cellseg.results.writer as writer
+        write_overlay_png = writer.write_overlay_png
+        writer.write_overlay_png = _no_space
+        try:
+            super().close(*args)
+        finally:
+            writer.write_overlay_png = write_overlay_png
+
+
+@pytest.mark.parametrize("process", [True, False, "per output"])
+def test_the_overlay_failing_beside_the_report_stops_the_count_in_one_line(tmp_path, slide, monkeypatch, process):
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ResultWriter, "tables_in_a_process", bool(process))
+    monkeypatch.setattr(ResultWriter, "process_per_output", process == "per output")
+    monkeypatch.setattr(ResultWriter, "label_files", FullOverlay)
+    (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
+    message = str(outcome.error)
+    assert isinstance(outcome.error, WriteError) and "\n" not in message
+    assert "overlay.png" in message and "No space left on device" in message
+    assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
+
+
 @pytest.mark.parametrize("process, per_output", [(True, False), (False, False), (True, True)])
 def test_the_tables_are_the_same_written_in_a_process_or_in_threads(tmp_path, slide, monkeypatch, process,
                                                                      per_output):
