@@ -299,8 +299,8 @@ class ResultWriter:
     Each file is written by a thread of its own (cells.csv, cells.geojson, predictions.coco.json, and the label
     canvases, which at the end become the label pyramids and the overlay), in the child processes described above or
     in this one, fed through bounded queues: the files are written side by side, beside the count, with memory a few
-    tiles per file. `finish` returns once the tables and overlay.png are written; the label images are waited for
-    by `wait_label_images` (or on leaving the block), so the report is drawn meanwhile. The arrays handed to add_nuclei
+    tiles per file. `finish` returns once the tables are written; overlay.png and the label images are waited for
+    by `wait_pictures` and `wait_label_images` (or on leaving the block), so the report is drawn meanwhile. The arrays handed to add_nuclei
     are kept until written: callers do not change them afterwards. A file that cannot be written (no space left,
     no permission) stops the count with a WriteError naming it, the folder and the space left there.
     """
