@@ -315,17 +315,21 @@ def _serve(receive: Connection, reply: Connection) -> None:
                 pass
 
 
-if __name__ == "__main__":
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops this process
-    receive, reply = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
-    # What every writer needs, imported before the first message (a spare does this while the parent loads its
-    # network): the writers' own modules, and through them numpy, tifffile, imagecodecs and Pillow.
+def _import_writers() -> None:
+    """What every writer needs, imported before the first message (a spare does this while the parent loads its
+    network): the writers' own modules, and through them numpy, tifffile, imagecodecs and Pillow."""
     import imagecodecs  # noqa: F401
     import PIL.PngImagePlugin  # noqa: F401
     import tifffile  # noqa: F401
 
     from . import cells_csv, cells_geojson, coco, ome_pyramid, pictures, writer  # noqa: F401
+
+
+if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops this process
+    receive, reply = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    _import_writers()
     reply.send_bytes(pickle.dumps(("ready",)))
     _serve(receive, reply)
     sys.exit(0)
