@@ -9,7 +9,15 @@ and no torch.
 from __future__ import annotations
 
 from .geometry import grid_shape, plan_tiles
-from .planning import NATIVE_WITHIN, Protocol, Scale, choose_scale, pixel_size_diameter, tile_geometry
+from .planning import (
+    NATIVE_WITHIN,
+    Protocol,
+    Scale,
+    choose_scale,
+    network_nucleus_px,
+    pixel_size_diameter,
+    tile_geometry,
+)
 from .slides import SlideInfo
 
 
@@ -89,9 +97,10 @@ def _scale(protocol: Protocol, info: SlideInfo, diameter_px: float | None) -> Sc
     the nuclei it measures, or, with no pixel size to go by, the nuclei measured when counting (planning.decide_scale)."""
     from .bundles import load_bundle
     bundle = load_bundle(protocol.model)
+    target = network_nucleus_px(protocol, bundle.nucleus_diameter_px)
     if diameter_px is not None:
-        return choose_scale(bundle.nucleus_diameter_px, diameter_px, protocol, info.mpp)
-    implied = pixel_size_diameter(bundle.micron_scale(protocol.modality), protocol, info, bundle.nucleus_diameter_px)
+        return choose_scale(target, diameter_px, protocol, info.mpp)
+    implied = pixel_size_diameter(bundle.micron_scale(protocol.modality), protocol, info, target)
     if isinstance(implied, str):
         return Scale(1.0, f"set when counting, by the nuclei measured on the busiest tiles ({implied}); the tiles "
                           f"above are those at native scale")

@@ -12,7 +12,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     ],
     "plan": [
         "DEFAULT_SCALE", "NATIVE_WITHIN", "Calibration", "NetworkInput", "Scale", "SlidePlan", "calibrate", "calibration_windows",
-        "choose_scale", "decide_scale", "measure_diameter", "model_channel", "plan_slide", "pixel_size_diameter",
+        "choose_scale", "decide_scale", "measure_diameter", "model_channel", "network_nucleus_px", "plan_slide",
+        "pixel_size_diameter",
         "tile_geometry", "tissue_pixels",
     ],
     "protocol": [

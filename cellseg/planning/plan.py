@@ -186,6 +186,7 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
         # every k-th tissue pixel: a whole-slide thumbnail's millions say no more about colour than a million
         gray = gray_input(to_network_input(on_tissue[::max(1, len(on_tissue) >> 20)][None], intensity))
     luminance = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
+    model_diameter_px = network_nucleus_px(protocol, model_diameter_px)
     if diameter_px in ("auto", DEFAULT_SCALE):
         native = NetworkInput(channel, intensity, gray=gray)
         calibration = calibration if calibration is not None else Calibration()
@@ -310,6 +311,13 @@ def model_channel(protocol: Protocol, slide: Slide) -> int | None:
     return None if info.n_channels == 3 else 0
 
 
+def network_nucleus_px(protocol: Protocol, model_diameter_px: float | None) -> float | None:
+    """The nucleus size (px) a count brings a slide's nuclei to: the protocol's network_nucleus_px when it sets one,
+    else the model's training size (its bundle's nucleus_diameter_px). The scale's decisions below take it as "the
+    model's size"."""
+    return protocol.network_nucleus_px if protocol.network_nucleus_px is not None else model_diameter_px
+
+
 def choose_scale(model_diameter_px: float | None, diameter_px: float | None, protocol: Protocol,
                  mpp: float | None, source: str = "--diameter") -> Scale:
     """Resample so nuclei reach the network at the size it was trained on (Cellpose's --diameter idea).
@@ -401,7 +409,8 @@ def pixel_size_diameter(micron_scale: MicronScale | None, protocol: Protocol, in
         um, target = protocol.nucleus_diameter_um, model_diameter_px
         how = f"protocol nucleus_diameter_um {um:g} µm"
     elif micron_scale is not None:
-        um, target = micron_scale.nucleus_diameter_um, micron_scale.nucleus_diameter_px
+        um = micron_scale.nucleus_diameter_um
+        target = network_nucleus_px(protocol, micron_scale.nucleus_diameter_px)
         how = f"the {micron_scale.mpp:g} µm/px of the model's {protocol.modality} training images"
     else:
         return f"the model has no scale in µm for {protocol.modality} (its training images had no pixel size)"

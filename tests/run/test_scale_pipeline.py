@@ -120,3 +120,21 @@ def test_the_tiles_measured_to_decide_are_not_detected_again(tmp_path):
     plain = count(LabelReadingDetector(full), slide, tmp_path / "b", diameter_px=None)
     assert plain["scale"]["method"] == "native"
     assert (tmp_path / "a" / "cells.csv").read_bytes() == (tmp_path / "b" / "cells.csv").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["pixel size", "measured"])
+def test_network_nucleus_px_brings_the_nuclei_to_that_size_instead_of_the_models(tmp_path, how):
+    """A protocol's network_nucleus_px (--network-nucleus-px) is the size every scale decision brings nuclei to, in
+    place of the model's training size: at 0.25 µm/px (nuclei of MODEL_PX) and 30 px asked, the slide is resampled
+    by 2 whether the pixel size or the measured nuclei decide, and the same cells are found."""
+    full = discs(512)
+    slide = write_slide(tmp_path / "x40.ome.tif", full, 0.25)
+    protocol = PROTOCOL.replace(network_nucleus_px=2 * MODEL_PX)
+    detector = LabelReadingDetector(full)
+    summary = CellCounter(protocol, detector, model_diameter_px=MODEL_PX, micron_scale=HE,
+                          diameter_px="auto" if how == "measured" else DEFAULT_SCALE).count(slide, tmp_path / "out")
+    assert summary["scale"]["method"] == how and summary["scale"]["factor"] == pytest.approx(2.0, rel=0.1)
+    assert summary["scale"]["model_diameter_px"] == pytest.approx(2 * MODEL_PX)
+    assert summary["cell_count"] == len(np.unique(full)) - 1
+    plain = count(LabelReadingDetector(full), slide, tmp_path / "plain")
+    assert plain["scale"]["factor"] == 1.0
