@@ -88,62 +88,46 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     assert not partial.exists()
 
 
-class FullPyramids(LabelFiles):
-    """The disk fills once overlay.png is written, while the label images are: the count has gone on to its
-    report by then."""
+class FullAt(LabelFiles):
+    """LabelFiles whose disk fills when `function` (of results.writer) writes, once the tables are written: the
+    count has gone on to its report by then (the tables' process imports the subclasses from here, by name)."""
+    function = ""
 
     def close(self, *args):
         import cellseg.results.writer as writer
-        write_label_images = writer.write_label_images
-        writer.write_label_images = _no_space
+        kept = getattr(writer, self.function)
+        setattr(writer, self.function, _no_space)
         try:
             super().close(*args)
         finally:
-            writer.write_label_images = write_label_images
+            setattr(writer, self.function, kept)
 
 
+class FullPyramids(FullAt):
+    function = "write_label_images"
+
+
+class FullOverlay(FullAt):
+    function = "write_overlay_png"
+
+
+@pytest.mark.parametrize("full, name", [(FullPyramids, "labels.ome.tif"), (FullOverlay, "overlay.png")])
 @pytest.mark.parametrize("process", [True, False, "per output"])
-def test_label_images_failing_beside_the_report_stop_the_count_in_one_line(tmp_path, slide, monkeypatch, process):
+def test_label_files_failing_beside_the_report_stop_the_count_in_one_line(tmp_path, slide, monkeypatch, process,
+                                                                          full, name):
+    """The label pyramids or overlay.png fail while the report is drawn (it waits for overlay.png before its
+    density map, for labels.ome.tif before its crops): one line, nothing half-kept, --resume offered."""
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
     out = tmp_path / "out"
     monkeypatch.setattr(ResultWriter, "tables_in_a_process", bool(process))
     monkeypatch.setattr(ResultWriter, "process_per_output", process == "per output")
-    monkeypatch.setattr(ResultWriter, "label_files", FullPyramids)
+    monkeypatch.setattr(ResultWriter, "label_files", full)
     (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
     message = str(outcome.error)
     assert isinstance(outcome.error, WriteError) and "\n" not in message
-    assert "labels.ome.tif" in message and "No space left on device" in message
-    assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
-
-
-class FullOverlay(LabelFiles):
-    """The disk fills as overlay.png is written: the count has gone on to its report's figures by then (it waits for
-    overlay.png only before the density map)."""
-
-    def close(self, *args):
-        import cellseg.results.writer as writer
-        write_overlay_png = writer.write_overlay_png
-        writer.write_overlay_png = _no_space
-        try:
-            super().close(*args)
-        finally:
-            writer.write_overlay_png = write_overlay_png
-
-
-@pytest.mark.parametrize("process", [True, False, "per output"])
-def test_the_overlay_failing_beside_the_report_stops_the_count_in_one_line(tmp_path, slide, monkeypatch, process):
-    path, labels = slide
-    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
-    out = tmp_path / "out"
-    monkeypatch.setattr(ResultWriter, "tables_in_a_process", bool(process))
-    monkeypatch.setattr(ResultWriter, "process_per_output", process == "per output")
-    monkeypatch.setattr(ResultWriter, "label_files", FullOverlay)
-    (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
-    message = str(outcome.error)
-    assert isinstance(outcome.error, WriteError) and "\n" not in message
-    assert "overlay.png" in message and "No space left on device" in message
-    assert not out.exists() and done_bands(partial_folder(out))      # nothing half-kept; --resume offered
+    assert name in message and "No space left on device" in message
+    assert not out.exists() and done_bands(partial_folder(out))
 
 
 @pytest.mark.parametrize("process, per_output", [(True, False), (False, False), (True, True)])
