@@ -81,7 +81,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
     from cellseg.results import writer_process
     writer_process.wait_for_spares()
     start, cpu_start = time.perf_counter(), time.process_time()
-    children_start = children_cpu() + sum(process_cpu(s[2].pid) for s in writer_process._spares)
+    children_start = children_cpu() + sum(process_cpu(s.process.pid) for s in writer_process._spares)
     summary = counter.count(slide, out)
     pipeline_s = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start + children_cpu() - children_start

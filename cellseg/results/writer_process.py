@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -134,9 +135,22 @@ class TablesProcess:
         self._reply.close()
 
 
-# Interpreters started ahead of a count (start_spares), their imports done by the time a count needs one:
-# (the parent's pid, the import path they were given, the child, its two pipe ends)
-_spares: list[tuple[int, tuple[str, ...], subprocess.Popen, Connection, Connection]] = []
+@dataclass
+class _Spare:
+    """An interpreter started ahead of a count (start_spares), its imports done by the time a count needs it."""
+
+    parent: int                     # the pid that started it: a forked copy of this list is not that process's
+    import_path: tuple[str, ...]    # the sys.path it was given
+    process: subprocess.Popen
+    send: Connection
+    reply: Connection
+    ready: bool = False             # its ("ready",) has been read (wait_for_spares)
+
+    def mine(self) -> bool:
+        return self.parent == os.getpid()
+
+
+_spares: list[_Spare] = []
 _spares_lock = threading.Lock()
 
 
@@ -163,17 +177,20 @@ def start_spares(count: int) -> None:
     `CellCounter.load` overlaps with loading the network instead of a count's first tiles. Spares left unused
     end with this process."""
     with _spares_lock:
-        _spares[:] = [s for s in _spares if s[0] == os.getpid() and s[2].poll() is None]
+        _spares[:] = [s for s in _spares if s.mine() and s.process.poll() is None]
         while len(_spares) < count:
-            _spares.append((os.getpid(), _import_path(), *_started_child()))
+            _spares.append(_Spare(os.getpid(), _import_path(), *_started_child()))
 
 
-def wait_for_spares() -> None:
+def wait_for_spares(timeout: float = 60.0) -> None:
     """Wait until every spare has imported its modules (a benchmark that leaves a process's start out of its timing)."""
     with _spares_lock:
-        for pid, _, process, _, reply in _spares:
-            if pid == os.getpid() and process.poll() is None and reply.poll(60):
-                assert pickle.loads(reply.recv_bytes())[0] == "ready"
+        for spare in _spares:
+            if spare.mine() and not spare.ready and spare.process.poll() is None and spare.reply.poll(timeout):
+                reply = pickle.loads(spare.reply.recv_bytes())
+                if reply[0] != "ready":
+                    raise RuntimeError(f"expected a spare writer process to say it is ready, it said {reply[0]!r}")
+                spare.ready = True
 
 
 def _taken_spare() -> tuple[subprocess.Popen, Connection, Connection] | None:
@@ -181,11 +198,11 @@ def _taken_spare() -> tuple[subprocess.Popen, Connection, Connection] | None:
     copy of its parent's spares is never taken: their pipes are the parent's)."""
     with _spares_lock:
         while _spares:
-            pid, path, process, send, reply = _spares.pop(0)
-            if pid == os.getpid() and path == _import_path() and process.poll() is None:
-                return process, send, reply
-            if pid == os.getpid():
-                _end_spare(process, send, reply)
+            spare = _spares.pop(0)
+            if spare.mine() and spare.import_path == _import_path() and spare.process.poll() is None:
+                return spare.process, spare.send, spare.reply
+            if spare.mine():
+                _end_spare(spare.process, spare.send, spare.reply)
     return None
 
 
@@ -202,10 +219,10 @@ def _end_spare(process: subprocess.Popen, send: Connection, reply: Connection) -
 @atexit.register
 def _end_spares() -> None:
     with _spares_lock:
-        mine = [s for s in _spares if s[0] == os.getpid()]
+        mine = [s for s in _spares if s.mine()]
         _spares.clear()
-    for _, _, process, send, reply in mine:
-        _end_spare(process, send, reply)
+    for spare in mine:
+        _end_spare(spare.process, spare.send, spare.reply)
 
 
 class TableWriteError(Exception):

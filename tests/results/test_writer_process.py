@@ -45,8 +45,10 @@ def test_a_spare_started_ahead_writes_the_next_files_and_a_dead_one_is_passed_ov
     """start_spares starts children that import their modules before a count needs them (CellCounter.load, while
     the network loads); the next TablesProcess takes one, and one that has died meanwhile is never handed out."""
     writer_process.start_spares(2)
-    dead, alive = writer_process._spares[0][2], writer_process._spares[1][2]
+    dead, alive = writer_process._spares[0].process, writer_process._spares[1].process
     writer_process.wait_for_spares()     # both have imported their modules and said so
+    assert all(spare.ready for spare in writer_process._spares)
+    writer_process.wait_for_spares(timeout=0)     # read once: a second wait has nothing left to read
     dead.kill()
     dead.wait()
     process = _write_one_cell(tmp_path / "cells.csv")
@@ -60,7 +62,7 @@ def test_a_spare_started_ahead_writes_the_next_files_and_a_dead_one_is_passed_ov
 def test_a_forked_process_never_takes_its_parents_spares(tmp_path):
     """The spares' pipes are the parent's: a process forked from it (Dask's, multiprocessing's) starts its own."""
     writer_process.start_spares(1)
-    spare = writer_process._spares[0][2]
+    spare = writer_process._spares[0].process
     pid = os.fork()
     if pid == 0:        # the child: write a file through a process of its own, and say whose it was
         code = 1
@@ -71,6 +73,6 @@ def test_a_forked_process_never_takes_its_parents_spares(tmp_path):
             os._exit(code)
     assert os.waitpid(pid, 0)[1] == 0
     assert (tmp_path / "child.csv").read_text() == "id\n1\n"
-    assert writer_process._spares and writer_process._spares[0][2] is spare   # still the parent's to take
+    assert writer_process._spares and writer_process._spares[0].process is spare   # still the parent's to take
     writer_process._end_spares()
     assert spare.poll() is not None
