@@ -50,11 +50,13 @@ class _SparseLevel:
         was ever written."""
         row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
         c = self.chunk
-        if step == 1 and row0 % c == 0 and col0 % c == 0 and (row1 - row0, col1 - col0) == self.blocks.block_shape(
-                row0 // c, col0 // c) and (row0 // c, col0 // c) in self.blocks.written:
-            # one whole chunk, as the TIFF tiles are read when they are the chunks' size: its decoded bytes as they
-            # are (read-only), not copied into a fresh array (the copy was most of a tile's read)
-            return self.blocks.decoded(row0 // c, col0 // c)
+        i, j = row0 // c, col0 // c
+        whole_chunk = (step == 1 and (row0, col0) == (i * c, j * c)
+                       and (row1 - row0, col1 - col0) == self.blocks.block_shape(i, j))
+        if whole_chunk and (i, j) in self.blocks.written:
+            # as the TIFF tiles are read when they are the chunks' size: the chunk's decoded bytes as they are
+            # (read-only), not copied into a fresh array (the copy was most of a tile's read)
+            return self.blocks.decoded(i, j)
         if any((i, j) in self.blocks.written for i in chunks_under(row0, row1, c) for j in chunks_under(col0, col1, c)):
             return self.blocks.read(row0, row1, col0, col1, step)
         return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
