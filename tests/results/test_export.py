@@ -193,13 +193,14 @@ def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_pa
 
 
 def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path):
-    # Glass and cell-free tissue tiles take a shortcut (never materialised); every level must still equal the
-    # encoding of each pixel from the tissue mask and the labels.
+    # Glass and cell-free tissue tiles take a shortcut (never materialised), and so do tiles with cells inside the
+    # tissue (the tissue value filled, not sampled); every level must still equal the encoding of each pixel from
+    # the tissue mask and the labels.
     from cellseg.tissue.finder import TissueMask
     height, width = 300, 410
     store = LabelStore(tmp_path / "labels", height, width, chunk=64)
     ref = np.zeros((height, width), np.uint32)
-    ref[10:30, 20:45], ref[200:230, 350:380] = 1, 2
+    ref[10:30, 20:45], ref[200:230, 350:380] = 1, 2       # cell 1 in a tile of tissue, cell 2 at its edge
     store.paint(Box(0, 0, height, width), ref)
     mask = np.zeros((30, 41), bool)
     mask[:, :15] = True                       # tissue on the left: whole tiles of tissue, no cells
