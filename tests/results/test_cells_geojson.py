@@ -231,22 +231,26 @@ def test_measurements_are_written_as_json_dumps_writes_them(tmp_path):
     (Infinity) value by value: either way each row is json.dumps's text of its finite members."""
     from cellseg.results import CellsGeoJsonWriter
     columns = {"id": "int64", "area_px": "int64", "odd%name": "float64", "edge": "bool", "mean": "float32",
-               "label": "object"}
+               "label": "object", "area_um2": "float64", "tiny": "float64"}
     rng = np.random.default_rng(0)
     n = 120
     wide = rng.normal(size=n) * 1e6
     wide[::7], wide[::11], wide[::13] = np.nan, np.inf, -np.inf
     narrow = rng.normal(size=n).astype(np.float32)
     narrow[::5] = np.nan
+    tiny = rng.normal(size=n)       # values json.dumps writes with an exponent (1e-05, 1e+16), orjson not alike
+    tiny[::3], tiny[1::9], tiny[2::9] = 1e-05, 2.5e16, -3e-7
     rows = {"id": np.arange(n), "area_px": rng.integers(0, 10**6, n), "odd%name": wide, "edge": rng.random(n) > 0.5,
-            "mean": narrow, "label": np.array(["x"] * n, object)}
-    with CellsGeoJsonWriter(tmp_path / "c.geojson", columns, ["nucleus"]) as writer:
-        written = writer._measurements(rows, n)
-    for k in range(n):
-        members = {name: rows[name][k].item() for name in ("id", "area_px", "odd%name", "edge", "mean")}
-        members["edge"] = int(members["edge"])
-        expected = json.dumps({a: v for a, v in members.items() if v == v}, separators=(",", ":"))[1:-1]
-        assert written[k] == expected
+            "mean": narrow, "label": np.array(["x"] * n, object), "area_um2": np.full(n, np.nan), "tiny": tiny}
+    numeric = ("id", "area_px", "odd%name", "edge", "mean", "area_um2", "tiny")
+    for extra in ({}, {"mean_intensity_µ-DAPI": "float64"}):     # a name json.dumps escapes
+        with CellsGeoJsonWriter(tmp_path / "c.geojson", {**columns, **extra}, ["nucleus"]) as writer:
+            written = writer._measurements({**rows, **{name: narrow * 2 for name in extra}}, n)
+        for k in range(n):
+            members = {name: rows[name][k].item() for name in numeric} | {name: (narrow[k] * 2).item() for name in extra}
+            members["edge"] = int(members["edge"])
+            expected = json.dumps({a: v for a, v in members.items() if v == v}, separators=(",", ":"))[1:-1]
+            assert written[k] == expected
 
 
 def test_outlines_are_written_as_json_dumps_writes_them():
