@@ -134,10 +134,10 @@ class CellsGeoJsonWriter:
     def _measurements(self, rows: dict[str, np.ndarray], n: int) -> list[str]:
         """Each row's "measurements" members as json.dumps writes them ("name":value,...; NaN left out).
 
-        A row at a time by orjson (half the time of formatting each value by repr), where its text is json.dumps's: columns
-        with no finite value (a µm column without a pixel size) left out of every row, and the rows with a NaN or an
-        infinity (json.dumps writes Infinity, orjson null) or a float json.dumps writes with an exponent (|v| < 1e-4
-        or >= 1e16; orjson writes 1e-05 as 0.00001) formatted value by value, as json.dumps does."""
+        A row at a time by orjson (half the time of formatting each value by repr), where its text is json.dumps's:
+        columns with no finite value (a µm column without a pixel size) left out of every row, and the rows with a
+        NaN or an infinity (json.dumps writes Infinity, orjson null) or a float json.dumps writes with an exponent
+        (|v| < 1e-4 or >= 1e16; orjson writes 1e-05 as 0.00001) formatted value by value, as json.dumps does."""
         names, columns = [], []
         for name in self.numeric:
             values = np.asarray(rows[name])
