@@ -18,7 +18,8 @@
 # the v3 bundle's split with Kromp and NuInsSeg added) the images it trains on, BACKBONE (default: INIT's) a deeper backbone than INIT's (e.g. resnet34 from a
 # ResNet-18 bundle: its new blocks start as the identity), ANCHORS (default: INIT's) the RPN's anchor ratios (e.g.
 # 0.33,0.5,1,2,3: each new ratio starts as its nearest old one), MIX (default: the recipe's) the draw shares by modality
-# (e.g. fluorescence=0.4,stained_tissue=0.35,he_nuinsseg=0: --mix); a new run writes the seven and INIT to RUN.settings and every resume
+# (e.g. fluorescence=0.4,stained_tissue=0.35,he_nuinsseg=0: --mix), AVERAGE (default none) the decay of the moving average
+# of the weights its bundles get (e.g. 0.999: --weight-average); a new run writes the eight and INIT to RUN.settings and every resume
 # (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
 # stay the ones the run started with.
 set -euo pipefail
@@ -64,17 +65,19 @@ if [ -f "$RUN/checkpoint.pt" ]; then
         BACKBONE=
         ANCHORS=
         MIX=
+        AVERAGE=
         # shellcheck disable=SC1090
         source "$settings_file"
         echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
-             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}, from $settings_file)"
+             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
+             "AVERAGE=${AVERAGE:-}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
 elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     # a run stopped before its first checkpoint: it starts again as it was started (its INIT and schedule, not the
     # environment's or a newer candidate's); what it left (a step-0 snapshot and its scoring) is set aside
-    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=; MIX=
+    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=; MIX=; AVERAGE=
     # shellcheck disable=SC1090
     source "$settings_file"
     INIT=${INIT:-cellseg/models/nuclei}
@@ -82,7 +85,8 @@ elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     rm -rf "$RUN.before-checkpoint" && mv "$RUN" "$RUN.before-checkpoint"
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     echo "restarting $RUN, which stopped before its first checkpoint, from $INIT (LR=$LR STEPS=$STEPS" \
-         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}, from" \
+         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
+         "AVERAGE=${AVERAGE:-}, from" \
          "$settings_file; what it left is" \
          "in $RUN.before-checkpoint)"
 else
@@ -100,24 +104,24 @@ else
         # a candidate kept from a long run (make_candidate): the branch goes on with its learning rate, length,
         # augmentation and split, unless the environment gives them
         while IFS='=' read -r key value; do
-            case "$key" in LR|STEPS|AUGMENT|SPLIT|MIX) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
+            case "$key" in LR|STEPS|AUGMENT|SPLIT|MIX|AVERAGE) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
         done < "$INIT/run.settings"
         echo "taking up $INIT's run settings (LR=${LR:-} STEPS=${STEPS:-} AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default}" \
-             "MIX=${MIX:-})"
+             "MIX=${MIX:-} AVERAGE=${AVERAGE:-})"
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nINIT=%s\n' "$LR" "$STEPS" \
-        "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$INIT" > "$settings_file"
+    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nINIT=%s\n' "$LR" \
+        "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$INIT" > "$settings_file"
     echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE" \
-         "ANCHORS=$ANCHORS MIX=$MIX, kept in $settings_file for its resumes)"
+         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE, kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
     ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} ${ANCHORS:+--aspect-ratios "$ANCHORS"} \
-    ${MIX:+--mix "$MIX"} \
+    ${MIX:+--mix "$MIX"} ${AVERAGE:+--weight-average "$AVERAGE"} \
     "${args[@]}" \
     >> "$RUN.log" 2>&1 &
 echo $! > "$pid_file"

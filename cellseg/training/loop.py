@@ -1,7 +1,8 @@
 """The training loop any of cellseg's networks trains in: AdamW steps under a warm-up + cosine learning-rate
 schedule (by steps or by wall time), bf16 autocast where chosen, a time budget per run, checkpoints by steps and by
-wall time, `--resume` from them, snapshots every N steps, Ctrl-C that keeps what was learnt, the loss log, and a
-bundle written at the end of every run.
+wall time, `--resume` from them, snapshots every N steps, Ctrl-C that keeps what was learnt, the loss log, a
+bundle written at the end of every run, and, where chosen, an exponential moving average of the weights that the
+bundles get instead of the last step's.
 
 What differs between networks is a TrainingTask: its batches, its forward pass to loss parts, and how its bundle
 is written. cellseg.training.maskrcnn gives one for the cell Mask R-CNN; references/tissue/ one for the tissue U-Net.
@@ -9,6 +10,7 @@ is written. cellseg.training.maskrcnn gives one for the cell Mask R-CNN; referen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -46,6 +48,16 @@ class LoopSettings:
     snapshot_every: int | None = None  # steps between snapshots handed to run_training()'s on_snapshot
     snapshot_minutes: float | None = None   # and at least this often in wall time (a run with a time budget)
     clip_grad_norm: float | None = 10.0   # gradients' total norm clipped to this (None: not clipped)
+    # The bundles (snapshots and the run's own) get an exponential moving average of the weights, updated after
+    # every step with this decay (0.999: about the last 1,000 steps), instead of the last step's weights: an
+    # average lies in a flatter part of the loss surface than any one step (Izmailov et al., UAI 2018), and one
+    # snapshot's held-out score no longer swings with the last few hundred crops. None: the last step's weights.
+    weight_average_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
+            raise CellsegError(f"expected a weight-average decay between 0 and 1 (e.g. 0.999), "
+                               f"found {self.weight_average_decay}")
 
     def learning_rate(self, step: int, wall_s: float) -> float:
         """The rate of step `step` (0-based) after `wall_s` seconds of training over all runs."""
@@ -124,8 +136,9 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_FILE
     state = TrainingState()
+    average = _weight_average(model, settings.weight_average_decay)
     if resume:
-        state = load_checkpoint(checkpoint, model, optim, torch.device(device))
+        state = load_checkpoint(checkpoint, model, optim, torch.device(device), average)
         log.info("resumed from step %d", state.step)
     started = last_save = last_snapshot = time.monotonic()
     wall0 = state.wall_s
@@ -136,7 +149,7 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     try:
         if on_snapshot is not None and settings.snapshots() and state.step == 0:
             # the starting weights are the curve's first point: what the run is measured against
-            _snapshot(task, out, state, on_snapshot)
+            _snapshot(task, out, state, on_snapshot, model, average)
             last_snapshot = time.monotonic()
         while state.step < settings.steps:
             if stop.requested:
@@ -153,6 +166,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
                 g["lr"] = rate * g.get("lr_scale", 1.0)
             loss, losses = optimiser_step(model, optim, lambda: task.losses(batch), precision, state.step,
                                           settings.clip_grad_norm)
+            if average is not None:
+                average.update_parameters(model)
             state.loss_names = list(losses)
             state.step += 1
             state.wall_s = wall0 + time.monotonic() - started
@@ -161,14 +176,14 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
             bar.set_postfix(loss=f"{state.history[-1][1]:.3f}")
             if state.step % settings.checkpoint_every == 0 or (
                     settings.checkpoint_minutes and time.monotonic() - last_save > settings.checkpoint_minutes * 60):
-                save_checkpoint(checkpoint, model, optim, state)
+                save_checkpoint(checkpoint, model, optim, state, average)
                 last_save = time.monotonic()
             if on_snapshot is not None and (
                     (settings.snapshot_every and state.step % settings.snapshot_every == 0)
                     or (settings.snapshot_minutes and time.monotonic() - last_snapshot > settings.snapshot_minutes * 60)):
-                save_checkpoint(checkpoint, model, optim, state)   # the snapshot's step is never trained again
+                save_checkpoint(checkpoint, model, optim, state, average)   # the snapshot's step is never trained again
                 last_save = time.monotonic()
-                stop_now = _snapshot(task, out, state, on_snapshot)
+                stop_now = _snapshot(task, out, state, on_snapshot, model, average)
                 last_snapshot = time.monotonic()
                 if stop_now:   # early stopping: the caller has seen enough
                     break
@@ -179,9 +194,10 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
         if hasattr(batches, "close"):
             batches.close()     # stops crop workers
     bar.close()
-    save_checkpoint(checkpoint, model, optim, state)
+    save_checkpoint(checkpoint, model, optim, state, average)
     write_training_log(out, state.history, state.loss_names)
-    task.write_bundle(out, state, finished=settings.finished(state.step, state.wall_s))
+    with _averaged_weights_in(model, average):
+        task.write_bundle(out, state, finished=settings.finished(state.step, state.wall_s))
     if interrupted:
         raise TrainingInterrupted(f"training interrupted at step {state.step} of {settings.steps}; its checkpoint "
                                   f"and a bundle of it are saved in {out}: the same command with --resume continues "
@@ -189,11 +205,36 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     return state
 
 
-def _snapshot(task: TrainingTask, out: Path, state: TrainingState,
-              on_snapshot: Callable[[Path, int], bool | None]) -> bool:
+def _snapshot(task: TrainingTask, out: Path, state: TrainingState, on_snapshot: Callable[[Path, int], bool | None],
+              model: torch.nn.Module, average: torch.optim.swa_utils.AveragedModel | None) -> bool:
     snapshot = out / "snapshots" / f"step{state.step:07d}"
-    task.write_bundle(snapshot, state, finished=False)
+    with _averaged_weights_in(model, average):
+        task.write_bundle(snapshot, state, finished=False)
     return bool(on_snapshot(snapshot, state.step))
+
+
+def _weight_average(model: torch.nn.Module, decay: float | None) -> torch.optim.swa_utils.AveragedModel | None:
+    """torch's exponential moving average of `model`'s parameters and buffers (None without a decay); it starts
+    as a copy of the weights at its first update."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@contextlib.contextmanager
+def _averaged_weights_in(model: torch.nn.Module, average: torch.optim.swa_utils.AveragedModel | None):
+    """`model` holds the averaged weights inside the block (for a task writing its bundle from the model), its
+    own after it. Before the average's first update (a new run's step 0) it holds its own throughout."""
+    if average is None or int(average.n_averaged) == 0:
+        yield
+        return
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(average.module.state_dict())
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)
 
 
 class _StopRequest:

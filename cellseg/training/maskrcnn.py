@@ -77,6 +77,8 @@ class _MaskRCNNTraining:
                              "lr": s.lr, "finished": finished, "augmentation": s.augmentation.describe()}}
         if s.backbone_lr_scale != 1.0:
             meta["training"]["backbone_lr_scale"] = s.backbone_lr_scale
+        if s.weight_average_decay is not None:   # training.loop: these weights are the run's moving average
+            meta["training"]["weight_average_decay"] = s.weight_average_decay
         for k, v in self.card.items():
             if isinstance(v, dict) and isinstance(meta.get(k), dict):
                 meta[k].update(v)

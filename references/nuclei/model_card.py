@@ -51,9 +51,11 @@ def _recipe(t: dict) -> str:
                                     "colour jitter")
     mix = f" Images drawn by modality: {t['mix']}." if t.get("mix") else (
         f" Stained images drawn with probability {t['stained_share']}." if t.get("stained_share") else "")
+    average = (f" The weights are the moving average of the training's (decay {t['weight_average_decay']:g} a step), "
+               f"not its last step's." if t.get("weight_average_decay") else "")
     return (f"{t.get('init', 'random initialisation')}; random {t.get('crop_px')}² crops with {aug}; AdamW, lr "
             f"{t.get('lr')}, warm-up then cosine decay; batch {t.get('batch_size')}; {t.get('steps')} steps in "
-            f"{t.get('wall_seconds', 0) / 60:.0f} min on {t.get('hardware')} ({t.get('device')}).{mix}")
+            f"{t.get('wall_seconds', 0) / 60:.0f} min on {t.get('hardware')} ({t.get('device')}).{mix}{average}")
 
 
 def _tta_section(m: dict | None, thresholds: dict) -> str:

@@ -186,6 +186,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N training images (smoke test)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast where the processor has it natively (auto), or as given")
+    p.add_argument("--weight-average", type=float, default=None, metavar="DECAY",
+                   help="the bundles get an exponential moving average of the weights with this decay per step "
+                        "(e.g. 0.999: about the last 1,000 steps) instead of the last step's")
     p.add_argument("--snapshot-every", type=int, default=None,
                    help="every N steps, score a snapshot on held-out images (OUT/heldout.csv) and keep the best in "
                         "OUT/best")
@@ -232,13 +235,13 @@ def main() -> None:
         model_cfg = dataclasses.replace(base, aspect_ratios=ratios)
     try:
         augmentation = parse_augmentation(args.augment)
+        settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                                 warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
+                                 schedule_minutes=args.schedule_minutes, workers=args.workers,
+                                 precision=args.precision, snapshot_every=args.snapshot_every,
+                                 augmentation=augmentation, weight_average_decay=args.weight_average)
     except CellsegError as e:
         p.error(str(e))
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                             warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
-                             schedule_minutes=args.schedule_minutes, workers=args.workers,
-                             precision=args.precision, snapshot_every=args.snapshot_every,
-                             augmentation=augmentation)
     on_snapshot = None
     if args.snapshot_every:
         on_snapshot = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,

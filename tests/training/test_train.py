@@ -81,6 +81,30 @@ def test_tiny_training_run_learns_and_writes_a_bundle(tmp_path):
     load_network(bundle)      # weights load into the architecture the card describes
 
 
+def test_a_run_with_a_moving_average_ships_the_average_and_its_card_says_so(tmp_path):
+    """--weight-average: the Mask R-CNN's bundle holds the moving average of its weights (not the last step's, which
+    the checkpoint keeps for the next step), and its card names it."""
+    from references.nuclei.model_card import _recipe
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    out = tmp_path / "bundle"
+    torch.manual_seed(0)
+    train(items, classes, out, TrainSettings(steps=6, batch_size=1, crop=64, lr=1e-3, warmup=2, checkpoint_every=6,
+                                             weight_average_decay=0.5),
+          model_cfg=tiny_model_config(), progress=False)
+    bundle = load_bundle(out)
+    assert bundle.card["training"]["weight_average_decay"] == 0.5
+    assert "moving average" in _recipe(bundle.card["training"])
+    last = torch.load(out / "checkpoint.pt", weights_only=True)
+    shipped = bundle.state_dict()
+    differs = [k for k, v in last["average"].items() if k.startswith("module.") and v.is_floating_point()
+               and not torch.equal(shipped[k.removeprefix("module.")].float(), last["model"][k.removeprefix("module.")])]
+    assert differs     # the bundle is not the last step's weights
+    for k, v in last["average"].items():
+        if k.startswith("module.") and v.is_floating_point():
+            assert torch.allclose(shipped[k.removeprefix("module.")].float(), v.float(), atol=1e-3), k
+
+
 @pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(tmp_path):
     ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
@@ -491,7 +515,9 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         raise AssertionError(f"the trainer was not started: {out}")
 
     out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
-                      BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3", MIX="fluorescence=0.5,he_nuinsseg=0")
+                      BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3", MIX="fluorescence=0.5,he_nuinsseg=0",
+                      AVERAGE="0.999")
+    assert args[args.index("--weight-average") + 1] == "0.999"
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
@@ -508,13 +534,15 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert args[args.index("--backbone") + 1] == "resnet34"    # the network the run started with
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"     # the draw shares it started with
+    assert args[args.index("--weight-average") + 1] == "0.999"     # and its moving average of the weights
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
-    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50", MIX="fluorescence=1")
+    out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50", MIX="fluorescence=1",
+                      AVERAGE="0.99")
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
-    assert "--aspect-ratios" not in args and "--mix" not in args
+    assert "--aspect-ratios" not in args and "--mix" not in args and "--weight-average" not in args
     # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
@@ -526,7 +554,8 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     # runs/ gone, a candidate kept from a branch: the new run goes on with the branch's settings, unless told others
     candidate = tmp_path / "candidate"
     candidate.mkdir()
-    (candidate / "run.settings").write_text("LR=3e-5\nSTEPS=777\nAUGMENT=paste_p=0.5,aspect_p=0.3\nSPLIT=b.json\n")
+    (candidate / "run.settings").write_text("LR=3e-5\nSTEPS=777\nAUGMENT=paste_p=0.5,aspect_p=0.3\nSPLIT=b.json\n"
+                                            "AVERAGE=0.998\n")
     for env, lr, augment in (({}, "3e-5", "paste_p=0.5,aspect_p=0.3"), ({"LR": "1e-5", "AUGMENT": "gray_p=0"}, "1e-5",
                                                                          "gray_p=0")):
         shutil.rmtree(run, ignore_errors=True)
@@ -536,6 +565,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         assert "starting" in out and args[args.index("--init") + 1] == str(candidate) and "--backbone" not in args
         assert args[args.index("--lr") + 1] == lr and args[args.index("--steps") + 1] == "777"
         assert args[args.index("--augment") + 1] == augment and args[args.index("--split") + 1] == "b.json"
+        assert args[args.index("--weight-average") + 1] == "0.998"
     # the session ended before the run's first checkpoint (only its step-0 scoring there): the plain command starts
     # it again as it was started, not from the newest candidate with that candidate's settings
     (run / "snapshots").mkdir(parents=True)
