@@ -9,7 +9,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "bundle": [
         "BUNDLE_FORMAT", "Bundle", "GRAY_SUFFIX", "BundleKind", "MicronScale", "ModelConfig", "find_bundle",
-        "interpolate_bundles", "load_bundle", "packaged_bundles_root", "read_bundle_folder", "read_weights",
+        "average_bundles", "interpolate_bundles", "load_bundle", "packaged_bundles_root", "read_bundle_folder", "read_weights",
         "save_bundle", "sha256_file", "shipped_bundle_names", "update_bundle_metadata", "update_bundle_scale",
         "write_toml", "write_weights",
     ],

@@ -320,27 +320,57 @@ def interpolate_bundles(start: str | os.PathLike, tuned: str | os.PathLike, alph
     if not 0.0 <= alpha <= 1.0:
         raise BundleError(f"expected an interpolation weight between 0 and 1, found {alpha}")
     a, b = load_bundle(start), load_bundle(tuned)
-    if a.model != b.model:
-        raise BundleError(f"expected two bundles of one architecture, found {a.path} and {b.path} differing in "
-                          f"[model]")
+    return _write_weighted_mean([a, b], [1 - alpha, alpha], out, name=name, template=b,
+                                training={"interpolation": {"alpha": float(alpha), "start": a.name,
+                                                            "start_sha256": a.weights_sha256, "tuned": b.name,
+                                                            "tuned_sha256": b.weights_sha256},
+                                          "reproduce": reproduce})
+
+
+def average_bundles(bundles: list[str | os.PathLike], out: Path, *, name: str, reproduce: str = "") -> Bundle:
+    """A bundle whose weights are the mean of `bundles`' (a uniform model soup, Wortsman et al., ICML 2022): fine-tunes
+    of one start, each left by its last steps somewhere noisy, average to weights in a flatter region that keep what
+    each of them lost. The card records each ingredient (name, sha256, its training) and keeps the first one's earlier
+    stages; its thresholds, scale and split are the first bundle's until the new bundle is validated. `out` must be
+    new or empty."""
+    if len(bundles) < 2:
+        raise BundleError(f"expected at least two bundles to average, found {len(bundles)}")
+    loaded = [load_bundle(b) for b in bundles]
+    ingredients = [{"bundle": b.name, "sha256": b.weights_sha256, **({"training": b.card["training"]}
+                                                                      if "training" in b.card else {})}
+                   for b in loaded]
+    return _write_weighted_mean(loaded, [1 / len(loaded)] * len(loaded), out, name=name, template=loaded[0],
+                                training={"soup": ingredients, "reproduce": reproduce})
+
+
+def _write_weighted_mean(bundles: list[Bundle], weights: list[float], out: Path, *, name: str, template: Bundle,
+                         training: dict) -> Bundle:
+    """Write sum(weights[k] x bundles[k]'s float tensors) (other tensors: the template's) into the new or empty
+    folder `out`, with the template's model.toml and split.json, `training` as the card's training table and the
+    template's training stages as its earlier ones."""
+    first = bundles[0]
+    for other in bundles[1:]:
+        if other.model != first.model:
+            raise BundleError(f"expected bundles of one architecture, found {first.path} and {other.path} differing "
+                              f"in [model]")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BundleError(f"expected a new or empty folder for the interpolated bundle, found {out} "
+        raise BundleError(f"expected a new or empty folder for the combined bundle, found {out} "
                           f"{'holding files' if out.is_dir() else 'being a file'}")
-    wa, wb = a.state_dict(), b.state_dict()
-    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
-        raise BundleError(f"expected the same tensors in {a.weights_path} and {b.weights_path}, found others")
-    weights = {k: (1 - alpha) * wa[k] + alpha * wb[k] if wa[k].is_floating_point() else wb[k] for k in wa}
+    states = [b.state_dict() for b in bundles]
+    for b, state in zip(bundles[1:], states[1:]):
+        if state.keys() != states[0].keys() or any(state[k].shape != states[0][k].shape for k in state):
+            raise BundleError(f"expected the same tensors in {first.weights_path} and {b.weights_path}, found others")
+    own = states[bundles.index(template)]
+    mean = {k: sum(w * state[k] for w, state in zip(weights, states)) if own[k].is_floating_point() else own[k]
+            for k in own}
     out.mkdir(parents=True, exist_ok=True)
-    write_weights(out / _WEIGHTS, weights)
-    meta, _ = read_bundle_folder(b.path, BUNDLE_FORMAT)
-    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=b.training_stages(),
-                training={"interpolation": {"alpha": float(alpha), "start": a.name,
-                                            "start_sha256": a.weights_sha256, "tuned": b.name,
-                                            "tuned_sha256": b.weights_sha256},
-                          "reproduce": reproduce})
-    if (b.path / "split.json").is_file():   # the hold-out split travels with the bundle (validate_bundle reads it)
-        (out / "split.json").write_bytes((b.path / "split.json").read_bytes())
+    write_weights(out / _WEIGHTS, mean)
+    meta, _ = read_bundle_folder(template.path, BUNDLE_FORMAT)
+    meta.update(name=name, weights_sha256=sha256_file(out / _WEIGHTS), earlier_stages=template.training_stages(),
+                training=training)
+    if (template.path / "split.json").is_file():   # the hold-out split travels with the bundle (validate_bundle reads it)
+        (out / "split.json").write_bytes((template.path / "split.json").read_bytes())
     write_toml(out / "model.toml", meta)
     return load_bundle(out)
 

@@ -42,6 +42,9 @@ def figures_table(m: dict) -> str:
 
 
 def _recipe(t: dict) -> str:
+    if t.get("soup"):
+        parts = ", ".join(f"{i['bundle']} ({str(i['sha256'])[:12]})" for i in t["soup"])
+        return f"weights averaged (model soup) of {len(t['soup'])} bundles with equal weights: {parts}; no training."
     if t.get("interpolation"):
         w = t["interpolation"]
         return (f"weights interpolated (WiSE-FT): {1 - w['alpha']:g} x bundle {w['start']} "

@@ -358,6 +358,38 @@ def test_interpolated_weights_are_the_weighted_mean_and_the_card_keeps_every_sta
         interpolate_bundles(start.path, other.path, 0.5, tmp_path / "other", name="other")
 
 
+
+@pytest.mark.slow
+def test_a_soup_is_the_mean_of_its_bundles_and_its_card_names_each(tmp_path):
+    from cellseg.bundles import average_bundles
+    from references.nuclei.model_card import _recipe
+    cfg = tiny_model_config()
+    made = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        made.append(save_bundle(tmp_path / f"b{seed}", cfg, build_model(cfg).state_dict(), name=f"b{seed}",
+                                card={"training": {"steps": seed}, "earlier_stages": [{"bundle": "v3", "steps": 9}]}))
+    (made[0].path / "split.json").write_text('{"val": []}')
+    soup = average_bundles([b.path for b in made], tmp_path / "soup", name="soup", reproduce="cmd")
+    states = [b.state_dict() for b in made]
+    key = next(k for k in states[0] if states[0][k].is_floating_point() and not torch.equal(states[0][k], states[1][k]))
+    mean = (states[0][key] + states[1][key] + states[2][key]) / 3
+    assert torch.allclose(soup.state_dict()[key], mean.half().float(), atol=1e-3)
+    assert [i["bundle"] for i in soup.card["training"]["soup"]] == ["b1", "b2", "b3"]
+    assert [i["training"]["steps"] for i in soup.card["training"]["soup"]] == [1, 2, 3]
+    assert soup.card["earlier_stages"][0]["bundle"] == "v3"
+    assert (soup.path / "split.json").read_text() == '{"val": []}'
+    assert "(model soup) of 3 bundles" in _recipe(soup.card["training"])
+    with pytest.raises(BundleError, match="at least two bundles"):
+        average_bundles([made[0].path], tmp_path / "one", name="one")
+    with pytest.raises(BundleError, match="new or empty folder"):
+        average_bundles([b.path for b in made], tmp_path / "soup", name="again")
+    other_cfg = dataclasses.replace(cfg, fpn_channels=cfg.fpn_channels * 2)
+    other = save_bundle(tmp_path / "wide", other_cfg, build_model(other_cfg).state_dict(), name="wide")
+    with pytest.raises(BundleError, match="one architecture"):
+        average_bundles([made[0].path, other.path], tmp_path / "other", name="other")
+    assert not (tmp_path / "other").exists()
+
 # --- the scale in µm (issue 51) ------------------------------------------------------------------------
 
 def test_a_bundle_with_a_scale_in_micrometres_round_trips_and_one_without_still_loads(saved, tmp_path):
