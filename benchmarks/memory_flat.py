@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.geometry import HostInput
+
 TILE = 256
 ISLANDS = [(0.25, 0.3, 700), (0.6, 0.7, 500), (0.8, 0.2, 350)]   # (row, col) as slide fractions, radius px
 ALIGN = 1024
@@ -117,7 +119,7 @@ def write_synthetic_slide(path: Path, size: int) -> None:
             tif.write(level_tiles(k), shape=(side, side), resolution=res, resolutionunit="CENTIMETER", **extra, **opts)
 
 
-class ThresholdDetector:
+class ThresholdDetector(HostInput):
     """Connected components of pixels above a threshold: a cheap stand-in for the network (a TileDetector without
     slide-level statistics)."""
 

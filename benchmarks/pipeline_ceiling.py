@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -59,6 +61,14 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
 
         def __init__(self):
             self.recorded, self.replaying = {}, False
+
+        def prepare(self, raw, box, network):
+            if self.replaying:
+                # what a GPU detector's readers do (Detector.prepare, PinnedTile): the model channel copied into
+                # page-locked memory; normalising it is the GPU's work
+                from cellseg.planning import select_channels
+                return np.array(select_channels(raw, network.channel))
+            return network.of(raw, box)
 
         def detect(self, images, tiles, scale=1.0):
             if self.replaying:

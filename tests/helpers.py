@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.geometry import HostInput
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 EXAMPLES = ROOT / "example_slides"
@@ -29,7 +31,7 @@ def tiny_model_config():
 
 # --------------------------------------------------------------------------- detectors that read labels back
 
-class LabelReadingDetector:
+class LabelReadingDetector(HostInput):
     """A TileDetector that 'detects' the cells of a ground-truth label image visible in each tile's read box
     (clipped): a real result from the real pipeline in seconds, with known cells (no network).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torchvision.models.detection import MaskRCNN
 
 from ..errors import ParameterError
 from ..geometry import Box, TileDetections, TileSpec, detection_frames, no_candidates
+from ..planning.intensity import IntensityRange, network_input_on_device, select_channels
 from .network import load_network
 from .precision import resolve_precision
 from .rcnn_parts import TileNetwork, mask_extent
@@ -46,8 +48,10 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     (j + 0.5) * scale. All of a tile's masks are sampled at once (two batched matrix products: 6-10x faster than
     resizing each mask). Returns (boxes (K, 4) int row0, col0, row1, col1, masks, kept indices).
     """
-    boxes = boxes_xyxy.detach().to("cpu", torch.float64)
-    probs = mask_probs.detach().float().cpu()  # one device->host copy for the whole tile
+    # Sampled and thresholded where the masks are (on a GPU: there), only the boolean masks cross to the host.
+    device = mask_probs.device
+    boxes = boxes_xyxy.detach().to(device, torch.float64)
+    probs = mask_probs.detach().float()
     n = boxes.shape[0]
     if n == 0:
         return np.zeros((0, 4), np.int64), [], np.zeros(0, np.int64)
@@ -55,24 +59,28 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     padded = F.pad(probs[:, 0], (1, 1, 1, 1))
     low, high = mask_extent(boxes, probs.shape[-1])     # (x, y) network px
     first = torch.floor(low / scale).clamp(min=0)                                    # (col, row) tile px
-    count = (torch.minimum(torch.ceil(high / scale), torch.tensor([float(width), float(height)])) - first).clamp(min=0)
+    frame = torch.tensor([float(width), float(height)], dtype=torch.float64, device=device)
+    count = (torch.minimum(torch.ceil(high / scale), frame) - first).clamp(min=0)
+    first_at, count_at = first.long().tolist(), count.long().tolist()    # one copy to the host, not one a mask
     pasted: dict[int, tuple[tuple[int, int, int, int], np.ndarray]] = {}
     # masks of like size together, a few million samples at a time: one large box among a thousand small ones does
     # not make every mask its size
-    order = torch.argsort(count.amax(1)).tolist()
+    largest = [max(c) for c in count_at]
+    order = sorted(range(n), key=largest.__getitem__)
     start = 0
     while start < n:
-        side = max(1, int(count[order[start]].amax()))
+        side = max(1, largest[order[start]])
         stop = start + 1
-        while stop < n and (stop - start + 1) * max(side, int(count[order[stop]].amax())) ** 2 <= _SAMPLES_AT_ONCE:
-            side = max(side, int(count[order[stop]].amax()))
+        while stop < n and (stop - start + 1) * max(side, largest[order[stop]]) ** 2 <= _SAMPLES_AT_ONCE:
+            side = max(side, largest[order[stop]])
             stop += 1
         part = order[start:stop]
-        rows = _bilinear_weights(first[part, 1], count[part, 1], low[part, 1], high[part, 1] - low[part, 1], cells, scale)
-        cols = _bilinear_weights(first[part, 0], count[part, 0], low[part, 0], high[part, 0] - low[part, 0], cells, scale)
-        above = (torch.bmm(torch.bmm(rows, padded[part]), cols.transpose(1, 2)) > threshold).numpy()
+        at = torch.tensor(part, device=device)
+        rows = _bilinear_weights(first[at, 1], count[at, 1], low[at, 1], high[at, 1] - low[at, 1], cells, scale)
+        cols = _bilinear_weights(first[at, 0], count[at, 0], low[at, 0], high[at, 0] - low[at, 0], cells, scale)
+        above = (torch.bmm(torch.bmm(rows, padded[at]), cols.transpose(1, 2)) > threshold).cpu().numpy()
         for k, i in enumerate(part):
-            (col0, row0), (cols_in, rows_in) = first[i].long().tolist(), count[i].long().tolist()
+            (col0, row0), (cols_in, rows_in) = first_at[i], count_at[i]
             crop = above[k, :rows_in, :cols_in]
             in_rows, in_cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
             if in_rows.size:
@@ -93,17 +101,35 @@ def _bilinear_weights(first: torch.Tensor, count: torch.Tensor, start: torch.Ten
     extent, at the centres of its tile px first .. first + count - 1 (tile px j: network px (j + 0.5) * scale);
     F.interpolate's bilinear rule (align_corners=False, edges clamped); rows past a mask's count are 0."""
     size = max(1, int(count.max()))
-    j = torch.arange(size, dtype=torch.float64)
+    j = torch.arange(size, dtype=torch.float64, device=first.device)
     centres = (first[:, None] + j + 0.5) * scale - start[:, None]
     source = (centres * (cells / extent[:, None]) - 0.5).clamp(min=0)
     low = source.floor().clamp(max=cells - 1)
     frac = (source - low).float()
     low = low.long()
     inside = (j < count[:, None]).float()
-    weights = torch.zeros(len(first), size, cells)
+    weights = torch.zeros(len(first), size, cells, device=first.device)
     weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
     weights.scatter_add_(2, (low + 1).clamp(max=cells - 1)[..., None], (frac * inside)[..., None])
     return weights
+
+
+@dataclass(frozen=True)
+class PinnedTile:
+    """A tile as a GPU detector takes it from the reader threads (Detector.prepare): its native pixels (h, w, 1 or 3:
+    the model channel or RGB) in page-locked host memory, copied to the device asynchronously and made into the
+    network input there (planning.intensity.network_input_on_device). `shape` is the network input's (3, h', w')."""
+
+    pixels: torch.Tensor
+    intensity: IntensityRange
+    scale: float
+    shape: tuple[int, int, int]
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The network input, float32 (3, h', w') on `device` (the copy queued behind the device's work, not waited
+        for: the pixels are page-locked)."""
+        pixels = self.pixels.to(device, non_blocking=True)
+        return network_input_on_device(pixels, self.shape[1:], self.intensity, self.scale)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -133,13 +159,17 @@ class Detector:
     (detection.streams; None: two where there are two threads to share, as measured there).
     candidate_floor: detections scoring from this floor up to the threshold come back as boxes and scores without
     masks (TileDetections.below: the count against the threshold, issue 48); None: none come back.
+    input_on_device: tiles reach `detect` as their native pixels (PinnedTile, page-locked on a GPU) and become the
+    network input on the device; None: on a GPU (a CPU prepares them in the reader threads, where they wait anyway).
     """
 
     def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
                  score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
                  batch_size: int = 4, precision: str = "fp32", cpu_streams: int | None = None,
-                 gray_score_threshold: float | None = None, candidate_floor: float | None = CANDIDATE_FLOOR):
+                 gray_score_threshold: float | None = None, candidate_floor: float | None = CANDIDATE_FLOOR,
+                 input_on_device: bool | None = None):
         self.model, self.device, self.class_names = model, device, tuple(class_names)
+        self.input_on_device = device.type == "cuda" if input_on_device is None else input_on_device
         self.candidate_floor = candidate_floor
         # score_threshold: the one in force (a calibrated detector's is its slide's); the pair: both to choose from
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
@@ -189,6 +219,24 @@ class Detector:
                    score_threshold=score_threshold, mask_threshold=mask_threshold, batch_size=batch_size,
                    proposal_threshold=bundle.proposal_threshold, precision=precision,
                    gray_score_threshold=gray_score_threshold, candidate_floor=candidate_floor)
+
+    def prepare(self, raw: np.ndarray, box: Box, network) -> np.ndarray | PinnedTile:
+        """The TileDetector's prepare, in a reader thread: on a CPU the network input (`network.of`); with
+        input_on_device the native pixels as a PinnedTile (on a GPU page-locked, so that their copy overlaps the
+        network's work), unless the slide is shrunk for the network (scikit-image's anti-aliased resize, on the host)."""
+        if not self.input_on_device or network.scale.factor < 1:
+            return network.of(raw, box)
+        pixels = torch.from_numpy(np.ascontiguousarray(select_channels(raw, network.channel)))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        scale = network.scale.factor
+        shape = (3, *((max(1, round(n * scale)) for n in box.shape) if scale != 1.0 else box.shape))
+        return PinnedTile(pixels, network.intensity, scale, shape)
+
+    def _on_device(self, image: np.ndarray | PinnedTile) -> torch.Tensor:
+        if isinstance(image, PinnedTile):
+            return image.on(self.device)
+        return torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
 
     @property
     def slide_calibrated(self) -> bool:
@@ -244,6 +292,8 @@ class Detector:
             return None
         seen, output = self.seen_input
         image = images[0]
+        if not isinstance(image, np.ndarray):   # a PinnedTile: a GPU, where the body pass costs little
+            return None
         return output if image.shape == seen.shape and np.array_equal(image, seen) else None
 
     def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec] | None = None,
@@ -260,7 +310,8 @@ class Detector:
     def detect_images(self, images: Sequence[np.ndarray], scale: float = 1.0, *,
                       frame_shapes: Sequence[tuple[int, int]] | None = None,
                       owned_boxes: Sequence[Box] | None = None) -> list[TileDetections]:
-        """images: float32 (3, h, w) arrays, already normalised (see planning/intensity.py); any sizes.
+        """images: float32 (3, h, w) arrays, already normalised (see planning/intensity.py), or PinnedTiles
+        (`prepare`); any sizes.
 
         frame_shapes: per image, the (height, width) its detections come back in: when the images were resampled by
         `scale` (network px per slide px), their tiles' read boxes at slide resolution; masks are then pasted
@@ -297,8 +348,8 @@ class Detector:
     def _detect_batch(self, images: Sequence[np.ndarray], scale: float,
                       frame_shapes: Sequence[tuple[int, int]] | None,
                       owned_boxes: Sequence[Box] | None) -> list[TileDetections]:
-        """One forward pass over same-size images."""
-        batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True) for im in images]
+        """One forward pass over same-size images (network input, or PinnedTiles)."""
+        batch = [self._on_device(im) for im in images]
         # (x0, y0, x1, y1) in network px, as torchvision sees boxes (detection.rcnn_parts.TileRoIHeads.detect)
         owned_regions = None if owned_boxes is None else [
             (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]

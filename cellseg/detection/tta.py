@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ParameterError
-from ..geometry import Box, MaskRows, TileDetections, TileSpec, detection_frames
+from ..geometry import Box, HostInput, MaskRows, TileDetections, TileSpec, detection_frames
 
 # (rotations by 90° counter-clockwise, flip left-right first): the 8 symmetries of the square.
 VIEWS: tuple[tuple[int, bool], ...] = tuple((k, flip) for flip in (False, True) for k in range(4))
@@ -102,7 +102,7 @@ def view_box(box: Box, shape: tuple[int, int], view: tuple[int, bool]) -> Box:
     return Box(*(int(v) for v in view_boxes(np.array([tuple(box)]), shape, view)[0]))
 
 
-class AugmentedDetector:
+class AugmentedDetector(HostInput):
     """A TileDetector that runs `inner` on every view of each tile and merges the cells (module docstring).
 
     inner: a detect.Detector (or anything with its `detect_images`, `calibrated`, `score_threshold`, `device`,

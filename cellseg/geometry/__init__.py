@@ -6,7 +6,7 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "instances": ["Instances", "TileDetections", "TileDetector", "detection_frames", "no_candidates"],
+    "instances": ["HostInput", "Instances", "TileDetections", "TileDetector", "detection_frames", "no_candidates"],
     "maskrows": ["MaskRows"],
     "tiling": [
         "Band", "Box", "TileSpec", "check_halo", "grid_shape", "owned_box", "plan_bands", "plan_tiles",

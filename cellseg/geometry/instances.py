@@ -112,14 +112,29 @@ class TileDetector(Protocol):
         before its tiles, which then go to the detector it returns; this one is left as it is. A detector without
         slide-level statistics or thresholds of its own returns itself."""
 
-    def detect(self, images: Sequence[np.ndarray], tiles: Sequence[TileSpec],
+    def prepare(self, raw: np.ndarray, box: Box, network) -> object:
+        """A tile's native pixels `raw` (h, w, C) of slide box `box`, made ready for `detect` by `network`
+        (planning.NetworkInput): called in the pipeline's reader threads, so that the detector's own thread only
+        detects. On a CPU, the network input itself (`network.of(raw, box)`: HostInput); on a GPU, the native pixels
+        in page-locked memory, turned into the network input on the device (detection.detector.PinnedTile): a
+        quarter of the bytes to transfer for 8-bit RGB, and no float arithmetic on the host."""
+
+    def detect(self, images: Sequence[object], tiles: Sequence[TileSpec],
                scale: float = 1.0) -> list[TileDetections]:
         """One TileDetections per image, in the frame of its tile's read box at slide resolution.
 
-        images: network input (float32 (3, h, w), see planning/intensity.py) of `tiles`, resampled by `scale` network px
-        per slide px: each image is round(read.height * scale) x round(read.width * scale). The detector may leave
-        out cells its tile cannot own (`detection_frames`).
+        images: what `prepare` made of `tiles` (or their network input: float32 (3, h, w), see
+        planning/intensity.py), resampled by `scale` network px per slide px: each image is round(read.height *
+        scale) x round(read.width * scale). The detector may leave out cells its tile cannot own
+        (`detection_frames`).
         """
+
+
+class HostInput:
+    """A detector whose tiles are prepared on the host: its `prepare` is the network input itself."""
+
+    def prepare(self, raw: np.ndarray, box: Box, network) -> np.ndarray:
+        return network.of(raw, box)
 
 
 def detection_frames(tiles: Sequence[TileSpec]) -> tuple[list[tuple[int, int]], list[Box]]:

@@ -80,6 +80,25 @@ def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int |
     return to_network_input(pixels, intensity)
 
 
+def network_input_on_device(pixels, shape: tuple[int, int], intensity: IntensityRange, scale: float = 1.0):
+    """as_network_input for native pixels already on a torch device (a GPU): `pixels` (h, w, 1 or 3), the model
+    channel or RGB (select_channels), any dtype torch converts to float32 as numpy does; `shape` the network input's
+    (h', w'); `scale` >= 1 (enlarged by the same bicubic interpolation; shrinking stays on the host, with
+    scikit-image's anti-aliasing). The same float32 arithmetic as the host's, so on a CPU the same values to the bit
+    (tests/planning/test_intensity_device.py). Returns float32 (3, h', w') on the pixels' device."""
+    import torch
+    if scale < 1:
+        raise ParameterError(f"expected a scale >= 1 for network input made on the device, got {scale}")
+    planes = pixels.permute(2, 0, 1).float()
+    if scale != 1.0:
+        planes = torch.nn.functional.interpolate(planes[None], size=tuple(shape), mode="bicubic",
+                                                 align_corners=False)[0]
+    planes = ((planes - intensity.low) / (intensity.high - intensity.low)).clamp_(0.0, 1.0)
+    if pixels.is_floating_point():
+        planes = torch.nan_to_num(planes)
+    return planes.expand(3, -1, -1).contiguous() if planes.shape[0] == 1 else planes
+
+
 def enlarged(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(h, w, C) pixels enlarged to `shape` by bicubic interpolation (torch's, pixel centres as skimage's resize):
     a slide coarser than the model's training images loses less of its nuclei's edges than with bilinear (the example

@@ -235,11 +235,13 @@ class SlideRun:
         plan, timer, batch_size = self.plan(), self.timer, self.protocol.batch_size
         batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
 
-        def read_tile(t: TileSpec) -> np.ndarray:
-            return plan.network.of(self.slide.read_tile(t), t.read)     # measured later on these same pixels
+        def read_tile(t: TileSpec) -> object:
+            # the raw pixels are measured later; the detector gets them made ready for it (TileDetector.prepare)
+            return detector.prepare(self.slide.read_tile(t), t.read, plan.network)
 
         # Reading + normalising a 640² tile costs ~10 ms of CPU: one thread keeps up with a CPU network, but a GPU
-        # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL).
+        # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL; on a GPU
+        # a reader only decodes and copies the pixels into page-locked memory, the normalising is the GPU's).
         from concurrent.futures import ThreadPoolExecutor
         readers = max(1, min(4, (os.cpu_count() or 1) // 4))
         with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cellseg-read") as reader:

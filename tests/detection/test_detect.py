@@ -439,3 +439,45 @@ def test_detections_under_the_threshold_come_back_as_boxes_without_masks():
     assert len(below) >= np.count_nonzero((scores >= floor) & (scores < threshold))
     assert np.all(ours.below[:, 2] > ours.below[:, 0]) and np.all(ours.below[:, 3] > ours.below[:, 1])
     assert ours.below[:, :4].min() >= 0 and ours.below[:, [0, 2]].max() <= 96
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5, 0.75])
+def test_tiles_made_ready_on_the_device_give_the_hosts_detections(scale):
+    """A GPU detector's readers hand it native pixels (PinnedTile) that it normalises on the device; run that way on
+    the CPU, the same cells come back as from the host's network input. A shrunk slide stays on the host."""
+    from cellseg.detection.detector import PinnedTile
+    from cellseg.geometry import plan_tiles
+    from cellseg.planning import IntensityRange
+    from cellseg.planning.plan import NetworkInput, Scale
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    host = Detector(copy.deepcopy(model), torch.device("cpu"), score_threshold=0.0, batch_size=2)
+    on_device = Detector(model, torch.device("cpu"), score_threshold=0.0, batch_size=2, input_on_device=True)
+    raw = np.random.default_rng(3).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    network = NetworkInput(None, IntensityRange(10.0, 240.0), Scale(scale, "test"))
+    tiles = plan_tiles(160, 160, 64, 16)
+    pixels = [raw[t.read.row0:t.read.row1, t.read.col0:t.read.col1] for t in tiles]
+    host_in = [host.prepare(p, t.read, network) for p, t in zip(pixels, tiles)]
+    device_in = [on_device.prepare(p, t.read, network) for p, t in zip(pixels, tiles)]
+    assert all(isinstance(im, np.ndarray) for im in host_in)
+    assert all(isinstance(im, PinnedTile) == (scale >= 1) for im in device_in)
+    assert [tuple(a.shape) for a in host_in] == [tuple(b.shape) for b in device_in]
+    found = host.detect(host_in, tiles, scale)
+    assert sum(len(d) for d in found) > 0
+    assert _same_cells(found, on_device.detect(device_in, tiles, scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_detector_takes_page_locked_native_pixels():
+    from cellseg.geometry import plan_tiles
+    from cellseg.planning import IntensityRange
+    from cellseg.planning.plan import NATIVE, NetworkInput
+    torch.manual_seed(0)
+    detector = Detector(build_model(tiny_model_config()), torch.device("cuda"), score_threshold=0.0)
+    raw = np.random.default_rng(3).integers(0, 256, (96, 96, 1), dtype=np.uint8)
+    tile = plan_tiles(96, 96, 96, 0)[0]
+    prepared = detector.prepare(raw, tile.read, NetworkInput(None, IntensityRange(0.0, 255.0), NATIVE))
+    assert prepared.pixels.is_pinned() and prepared.pixels.dtype == torch.uint8
+    (det,) = detector.detect([prepared], [tile])
+    assert len(det.boxes) == len(det.masks)

@@ -20,10 +20,10 @@ from cellseg.detection import (
     view_shape,
 )
 from cellseg.errors import ParameterError
-from cellseg.geometry import Box, TileDetections, TileSpec, detection_frames
+from cellseg.geometry import Box, HostInput, TileDetections, TileSpec, detection_frames
 
 
-class ThresholdDetector:
+class ThresholdDetector(HostInput):
     """An exactly rotation- and flip-equivariant stand-in for the network: bright connected blobs are cells,
     scored by their mean brightness. Whatever view it is shown, it finds the same blobs."""
 

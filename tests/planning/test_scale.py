@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cellseg.bundles import MicronScale
+from cellseg.geometry import HostInput
 from cellseg.planning import Protocol, decide_scale, pixel_size_diameter
 from cellseg.slides import SlideInfo
 
@@ -160,7 +161,7 @@ def test_a_slide_enlarged_for_the_network_keeps_its_pixel_centres_and_levels():
         assert difference.max() < 0.3 and difference.mean() < 0.01
 
 
-class OneNucleusPerTile:
+class OneNucleusPerTile(HostInput):
     """Stands in for a calibrated TileDetector: one round nucleus of `diameter` slide px at the centre of each tile's
     core; records the tiles it was asked to detect."""
 

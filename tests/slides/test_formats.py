@@ -21,7 +21,7 @@ import tifffile
 from scipy import ndimage
 
 from cellseg.errors import SlideError
-from cellseg.geometry import Box, TileSpec, plan_tiles
+from cellseg.geometry import Box, HostInput, TileSpec, plan_tiles
 from cellseg.planning import Protocol, model_channel
 from cellseg.slides import looks_like_slide, open_slide, sniff
 from cellseg.slides._openslide import flatten_rgba
@@ -57,7 +57,7 @@ def cell_grid(height: int, width: int, pitch: int = 24, radius: int = 7) -> np.n
     return labels
 
 
-class ThresholdDetector:
+class ThresholdDetector(HostInput):
     """Cells = connected regions brighter (or, for brightfield, darker) than mid-range in what the network sees:
     the count depends on the pixels the backend read, not on a ground truth handed over."""
 
