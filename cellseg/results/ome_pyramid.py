@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -154,8 +154,12 @@ def _level_blocks(levels: list[_SparseLevel], tile: int) -> Iterator[tuple[int, 
                 yield k, r, c, level.read(r, r + tile, c, c + tile)
 
 
-def _compressed_tiles(blocks: Iterator[np.ndarray], tile: int, level: int = 3) -> Iterator[bytes]:
+def _compressed_tiles(blocks: Iterator[np.ndarray | _Constant | Callable[[], np.ndarray | _Constant]], tile: int,
+                      level: int = 3) -> Iterator[bytes]:
     """Each block zero-padded to tile x tile and deflate-compressed, in order, as TIFF tiles (little-endian uint32).
+    A block may come as a function that makes it (panoptic.ome.tif's encoding of a label block): it is then made
+    on the compressing threads too, not in the file's writer thread, which would otherwise be the slowest link of
+    the last file's chain at the end of a count.
 
     Most of a whole slide's label tiles are constant (glass: 0; tissue without cells: the panoptic tissue value):
     a constant tile is compressed once and its bytes reused. The other tiles are compressed on all cores (the
@@ -183,25 +187,34 @@ def _compressed_tiles(blocks: Iterator[np.ndarray], tile: int, level: int = 3) -
             block = padded
         return zlibng_encode(np.ascontiguousarray(block, dtype="<u4"), level=level)
 
-    constant: dict[tuple, bytes] = {}
+    constant: dict[tuple, bytes] = {}    # shared by the threads: at worst a constant tile is compressed twice
+
+    def constant_key(block: np.ndarray | _Constant) -> tuple | None:
+        if isinstance(block, _Constant):
+            return block.value, block.shape
+        first = block.flat[0] if block.size else 0
+        return (int(first), block.shape) if block.size and not (block != first).any() else None
+
+    def tile_bytes(block: np.ndarray | _Constant) -> bytes:
+        key = constant_key(block)
+        if key is None:
+            return compress(block)
+        if key not in constant:
+            constant[key] = compress(block.materialise() if isinstance(block, _Constant) else block)
+        return constant[key]
+
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="cellseg-deflate") as pool:
         pending: deque[Future] = deque()
         for block in blocks:
-            if isinstance(block, _Constant):
-                key = (block.value, block.shape)
-                block = block if key in constant else block.materialise()
-            else:
-                first = block.flat[0] if block.size else 0
-                key = (int(first), block.shape) if block.size and not (block != first).any() else None
-            if key is not None:
-                if key not in constant:
-                    constant[key] = compress(block)
-                done: Future = Future()
-                done.set_result(constant[key])
+            if isinstance(block, _Constant) and constant_key(block) in constant:
+                done: Future = Future()     # glass, and tissue without cells: no thread needed
+                done.set_result(constant[constant_key(block)])
                 pending.append(done)
+            elif callable(block):
+                pending.append(pool.submit(lambda make: tile_bytes(make()), block))
             else:
-                pending.append(pool.submit(compress, block))
+                pending.append(pool.submit(tile_bytes, block))
             while len(pending) > 2 * workers or (pending and pending[0].done()):
                 yield pending.popleft().result()
         while pending:
@@ -251,7 +264,7 @@ def _write_pyramid(levels: list, path: Path, mpp: float | None, tile: int, encod
             res = resolution_tags(mpp, 2 ** k)
             n_tiles = -(-arr.shape[0] // tile) * -(-arr.shape[1] // tile)
             level_blocks = islice(blocks, n_tiles)
-            raw = (block if encode is None else encode.encode(block, r * 2 ** k, c * 2 ** k, 2 ** k)
+            raw = (block if encode is None else partial(encode.encode, block, r * 2 ** k, c * 2 ** k, 2 ** k)
                    for _, r, c, block in level_blocks)
             tiles = _compressed_tiles(raw, tile)
             if k == 0:
