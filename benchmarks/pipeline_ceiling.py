@@ -6,13 +6,17 @@ the second, timed, gets them back at no cost (detection runs in a thread of its 
 writing, so a stand-in's time could not simply be subtracted). What the timed run spends (reading, tissue,
 merging, measuring, every result file written) is the part of an end-to-end run that no GPU makes faster: its
 megapixels of tissue per second are the ceiling of the GPU path on this machine, and its stage split says which
-stage to work on. Run on a dense slide built by make_big_slide.py:
+stage to work on. By default (`--path gpu`) it is the GPU path's host work: the tissue U-Net, which runs on the GPU
+there, is recorded and replayed like the detections (the thumbnail is still read and scaled for it, the mask
+still made), and tiles reach the stand-in as a GPU detector's readers hand them over (the model channel copied, to
+be page-locked; normalised on the device). `--path cpu` times what a CPU count does besides the cell network: the
+U-Net run, tiles normalised by the readers. Run on a dense slide built by make_big_slide.py:
 
     python benchmarks/make_big_slide.py --size 8192 --out /tmp/big8k.ome.tif
-    python benchmarks/pipeline_ceiling.py --slide /tmp/big8k.ome.tif [--json out.json]
+    python benchmarks/pipeline_ceiling.py --slide /tmp/big8k.ome.tif [--path gpu|cpu] [--json out.json]
 
 Each run is a fresh subprocess (imports, the tissue U-Net's loading and the start of the result files' processes,
-which `CellCounter.load` overlaps with the network's loading, are not timed; the U-Net's use is).
+which `CellCounter.load` overlaps with the network's loading, are not timed).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all",
-          writer_processes: str = "auto") -> dict:
+          writer_processes: str = "auto", path: str = "gpu") -> dict:
     if cpus:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
     from memory_flat import ThresholdDetector, keep_result_writers
@@ -56,6 +60,22 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             report_s.append(time.perf_counter() - start)
     results.write_report = timed_report
 
+    replaying = [False]
+    if path == "gpu":
+        # On a GPU the tissue U-Net runs there (TileDetector.device): its probabilities too are recorded on the first
+        # run and handed back on the timed one; the view it is given is still read and scaled, its mask still made.
+        import cellseg.tissue.unet as unet
+        run_unet, unet_output = unet.predict_tissue, {}
+
+        def predict_tissue(net, view, **kwargs):
+            key = (view.shape, str(view.dtype))
+            if not replaying[0]:
+                unet_output[key] = run_unet(net, view, **kwargs)
+            else:       # the host's part of it on a GPU: the view scaled for the network
+                unet._apply(view, *unet._scaling(view))
+            return unet_output[key].copy()
+        unet.predict_tissue = predict_tissue
+
     class Replay(ThresholdDetector):
         """The stand-in's detections, recorded on a first run and handed back instantly on the timed one."""
 
@@ -63,7 +83,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             self.recorded, self.replaying = {}, False
 
         def prepare(self, raw, box, network):
-            if self.replaying:
+            if self.replaying and path == "gpu":
                 # what a GPU detector's readers do (Detector.prepare, PinnedTile): the model channel copied into
                 # page-locked memory; normalising it is the GPU's work
                 from cellseg.planning import select_channels
@@ -80,7 +100,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
     detector = Replay()
     counter = CellCounter(load_protocol("fluorescence-nuclei").replace(tissue_method=tissue, outputs=outputs), detector)
     counter.count(slide, out.with_name(out.name + "-record"))
-    detector.replaying = True
+    detector.replaying = replaying[0] = True
     report_s.clear()
     def children_cpu() -> float:      # the tables' process (results/writer_process.py), once it has ended
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -106,7 +126,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             "stages_s": summary["seconds"], "write_parts_s": parts,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "writer_process_rss_mb": round(writers[-1].writer_process_rss_mb() or 0),
-            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model()}
+            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "path": path}
 
 
 def process_cpu(pid: int) -> float:
@@ -137,19 +157,24 @@ def main() -> None:
     p.add_argument("--outputs", default="all", help="the result files to write (cellseg count --outputs)")
     p.add_argument("--writer-processes", choices=["auto", "one", "per-output"], default="auto",
                    help="the result files in one child process, one per heavy output, or as the cores say (auto)")
+    p.add_argument("--path", choices=["gpu", "cpu"], default="gpu",
+                   help="whose host work to time: the GPU path's (default: the tissue U-Net's output replayed too, "
+                        "tiles handed over as native pixels, normalised on the device) or the CPU path's (the U-Net "
+                        "run, tiles normalised by the readers), each without the cell network")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        slide, out, tissue, cpus, outputs, writer_processes = args.child
-        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs, writer_processes)))
+        slide, out, tissue, cpus, outputs, writer_processes, path = args.child
+        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs, writer_processes, path)))
         return
     if not args.slide.is_file():
         sys.exit(f"expected a slide file, found no {args.slide}")
     with tempfile.TemporaryDirectory(prefix="cellseg-ceiling-") as tmp:
         out = args.out.resolve() if args.out is not None else Path(tmp) / "out"
         res = subprocess.run([sys.executable, __file__, "--slide", str(args.slide), "--child", str(args.slide),
-                              str(out), args.tissue, str(args.cpus or 0), args.outputs, args.writer_processes],
+                              str(out), args.tissue, str(args.cpus or 0), args.outputs, args.writer_processes,
+                              args.path],
                              capture_output=True, text=True)
         shutil.rmtree(out.with_name(out.name + "-record"), ignore_errors=True)
     if res.returncode:
@@ -157,8 +182,9 @@ def main() -> None:
     r = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"{r['slide']}: {r['slide_mp']:.0f} MP, {r['tissue_mp']:.0f} MP of tissue, {r['tiles_analysed']} tiles analysed, "
           f"{r['cells']} cells (threshold stand-in), {r['cpu_cores']} CPU cores of {r['cpu_model']}")
-    print(f"pipeline without the network: {r['pipeline_s']} s ({r['cpu_s']} s of CPU) -> {r['ceiling_mp_per_s']} MP of "
-          f"tissue/s, {r['cells_per_s']} cells/s (detections replayed at no cost)")
+    print(f"pipeline without the network ({r['path']} path): {r['pipeline_s']} s ({r['cpu_s']} s of CPU) -> "
+          f"{r['ceiling_mp_per_s']} MP of tissue/s, {r['cells_per_s']} cells/s (detections replayed at no cost"
+          + ("; the tissue U-Net's output too" if r["path"] == "gpu" else "") + ")")
     print("stages (s):", ", ".join(f"{k} {v}" for k, v in r["stages_s"].items()),
           "(detect: handing back the replayed detections; write: the count's own thread, adding tiles to the "
           "writers and waiting for them at the end)")
