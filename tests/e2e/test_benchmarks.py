@@ -22,6 +22,8 @@ def test_pipeline_ceiling_runs_and_times_every_write_part(tmp_path):
                    check=True, capture_output=True)
     result = json.loads(out.read_text())
     assert result["cells"] > 100 and result["ceiling_mp_per_s"] > 0 and result["cpu_s"] > 0
+    assert result["path"] == "gpu"      # the GPU path's host work: the U-Net's output replayed, tiles as native pixels
+    cells = result["cells"]
     # each table's writer, the label canvases' (their pyramids and the overlay), the report; "process: ...": handing
     # the files to the process that writes them
     parts = set(result["write_parts_s"])
@@ -33,6 +35,7 @@ def test_pipeline_ceiling_runs_and_times_every_write_part(tmp_path):
         "process: cells.geojson", "process: cells.csv, predictions.coco.json", "process: labels"}
     # --outputs: only what is asked for
     subprocess.run([sys.executable, str(BENCHMARKS / "pipeline_ceiling.py"), "--slide", str(slide), "--json", str(out),
-                    "--outputs", "cells.csv", "--cpus", "1"], check=True, capture_output=True)
+                    "--outputs", "cells.csv", "--cpus", "1", "--path", "cpu"], check=True, capture_output=True)
     result = json.loads(out.read_text())
     assert set(result["write_parts_s"]) == {"cells.csv", "report.html"} and result["cpu_cores"] == 1
+    assert result["path"] == "cpu" and result["cells"] == cells       # the CPU path's host work: the same count
