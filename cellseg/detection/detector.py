@@ -114,6 +114,10 @@ def _bilinear_weights(first: torch.Tensor, count: torch.Tensor, start: torch.Ten
     return weights
 
 
+# Pixel types a tile crosses to the device in (others, rare in slides, are normalised on the host as on a CPU).
+_DEVICE_INPUT_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "float16", "float32", "float64")}
+
+
 @dataclass(frozen=True)
 class PinnedTile:
     """A tile as a GPU detector takes it from the reader threads (Detector.prepare): its native pixels (h, w, 1 or 3:
@@ -128,7 +132,11 @@ class PinnedTile:
     def on(self, device: torch.device) -> torch.Tensor:
         """The network input, float32 (3, h', w') on `device` (the copy queued behind the device's work, not waited
         for: the pixels are page-locked)."""
-        pixels = self.pixels.to(device, non_blocking=True)
+        if self.pixels.dtype == torch.uint16:
+            # 16-bit pixels cross as they are but as int16 bit patterns: CUDA's uint16 has few operators, int16 all
+            pixels = self.pixels.view(torch.int16).to(device, non_blocking=True).to(torch.int32).bitwise_and_(0xFFFF)
+        else:
+            pixels = self.pixels.to(device, non_blocking=True)
         return network_input_on_device(pixels, self.shape[1:], self.intensity, self.scale)
 
 
@@ -224,7 +232,7 @@ class Detector:
         """The TileDetector's prepare, in a reader thread: on a CPU the network input (`network.of`); with
         input_on_device the native pixels as a PinnedTile (on a GPU page-locked, so that their copy overlaps the
         network's work), unless the slide is shrunk for the network (scikit-image's anti-aliased resize, on the host)."""
-        if not self.input_on_device or network.scale.factor < 1:
+        if not self.input_on_device or network.scale.factor < 1 or raw.dtype not in _DEVICE_INPUT_DTYPES:
             return network.of(raw, box)
         pixels = torch.from_numpy(np.ascontiguousarray(select_channels(raw, network.channel)))
         if self.device.type == "cuda":

@@ -441,8 +441,8 @@ def test_detections_under_the_threshold_come_back_as_boxes_without_masks():
     assert ours.below[:, :4].min() >= 0 and ours.below[:, [0, 2]].max() <= 96
 
 
-@pytest.mark.parametrize("scale", [1.0, 1.5, 0.75])
-def test_tiles_made_ready_on_the_device_give_the_hosts_detections(scale):
+@pytest.mark.parametrize("scale, dtype", [(1.0, np.uint8), (1.5, np.uint8), (0.75, np.uint8), (1.0, np.uint16)])
+def test_tiles_made_ready_on_the_device_give_the_hosts_detections(scale, dtype):
     """A GPU detector's readers hand it native pixels (PinnedTile) that it normalises on the device; run that way on
     the CPU, the same cells come back as from the host's network input. A shrunk slide stays on the host."""
     from cellseg.detection.detector import PinnedTile
@@ -453,8 +453,9 @@ def test_tiles_made_ready_on_the_device_give_the_hosts_detections(scale):
     model = build_model(tiny_model_config())
     host = Detector(copy.deepcopy(model), torch.device("cpu"), score_threshold=0.0, batch_size=2)
     on_device = Detector(model, torch.device("cpu"), score_threshold=0.0, batch_size=2, input_on_device=True)
-    raw = np.random.default_rng(3).integers(0, 256, (160, 160, 3), dtype=np.uint8)
-    network = NetworkInput(None, IntensityRange(10.0, 240.0), Scale(scale, "test"))
+    top = np.iinfo(dtype).max
+    raw = np.random.default_rng(3).integers(0, top, (160, 160, 3), dtype=dtype, endpoint=True)
+    network = NetworkInput(None, IntensityRange(0.04 * top, 0.94 * top), Scale(scale, "test"))
     tiles = plan_tiles(160, 160, 64, 16)
     pixels = [raw[t.read.row0:t.read.row1, t.read.col0:t.read.col1] for t in tiles]
     host_in = [host.prepare(p, t.read, network) for p, t in zip(pixels, tiles)]
