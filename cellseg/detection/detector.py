@@ -20,7 +20,7 @@ from torchvision.models.detection import MaskRCNN
 
 from ..errors import ParameterError
 from ..geometry import Box, TileDetections, TileSpec, detection_frames, no_candidates
-from ..planning.intensity import IntensityRange, network_input_on_device, select_channels
+from ..planning.intensity import IntensityRange, network_input_on_device, network_shape, select_channels
 from .network import load_network
 from .precision import resolve_precision
 from .rcnn_parts import TileNetwork, mask_extent
@@ -238,8 +238,7 @@ class Detector:
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
         scale = network.scale.factor
-        shape = (3, *((max(1, round(n * scale)) for n in box.shape) if scale != 1.0 else box.shape))
-        return PinnedTile(pixels, network.intensity, scale, shape)
+        return PinnedTile(pixels, network.intensity, scale, (3, *network_shape(box.shape, scale)))
 
     def _on_device(self, image: np.ndarray | PinnedTile) -> torch.Tensor:
         if isinstance(image, PinnedTile):

@@ -75,9 +75,16 @@ def as_network_input(raw: np.ndarray, box_shape: tuple[int, int], channel: int |
     resampled by `scale` network px per slide px, normalised (to_network_input)."""
     pixels = select_channels(raw, channel)
     if scale != 1.0:
-        shape = (max(1, round(box_shape[0] * scale)), max(1, round(box_shape[1] * scale)))
+        shape = network_shape(box_shape, scale)
         pixels = enlarged(pixels, shape) if scale > 1 else _shrunk(pixels, shape)
     return to_network_input(pixels, intensity)
+
+
+def network_shape(box_shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(h, w) of the network input of a slide box of `box_shape` resampled by `scale` network px per slide px."""
+    if scale == 1.0:
+        return tuple(box_shape)
+    return max(1, round(box_shape[0] * scale)), max(1, round(box_shape[1] * scale))
 
 
 def network_input_on_device(pixels, shape: tuple[int, int], intensity: IntensityRange, scale: float = 1.0):

@@ -207,9 +207,10 @@ def _compressed_tiles(blocks: Iterator[np.ndarray | _Constant | Callable[[], np.
     with ThreadPoolExecutor(workers, thread_name_prefix="cellseg-deflate") as pool:
         pending: deque[Future] = deque()
         for block in blocks:
-            if isinstance(block, _Constant) and constant_key(block) in constant:
+            known = constant.get(constant_key(block)) if isinstance(block, _Constant) else None
+            if known is not None:
                 done: Future = Future()     # glass, and tissue without cells: no thread needed
-                done.set_result(constant[constant_key(block)])
+                done.set_result(known)
                 pending.append(done)
             elif callable(block):
                 pending.append(pool.submit(lambda make: tile_bytes(make()), block))
