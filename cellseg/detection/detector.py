@@ -21,6 +21,7 @@ from torchvision.models.detection import MaskRCNN
 from ..errors import ParameterError
 from ..geometry import Box, TileDetections, TileSpec, detection_frames, no_candidates
 from ..planning.intensity import IntensityRange, network_input_on_device, network_shape, select_channels
+from ..planning.protocol import tiles_per_pass
 from .network import load_network
 from .precision import resolve_precision
 from .rcnn_parts import TileNetwork, mask_extent
@@ -160,7 +161,8 @@ class Detector:
     gray_score_threshold: the score threshold instead for a slide whose network input has no colour (`calibrated`
     with gray=True; None: score_threshold);
     mask_threshold: soft-mask probability threshold; proposal_threshold: RPN objectness below this never reaches
-    the box head; batch_size: tiles per forward pass (on a CPU with streams, one); precision: auto | fp32 | bf16 on a CPU
+    the box head; batch_size: tiles per forward pass (on a CPU with streams, one; None: the device's,
+    planning.tiles_per_pass), halved for the rest of the slide when a GPU runs out of memory; precision: auto | fp32 | bf16 on a CPU
     (cellseg.detection.precision), a GPU runs fp16 autocast unless fp32. A slide's normalisation comes as another
     detector (`calibrated`).
     cpu_streams: on a CPU, forward passes of one tile each run side by side, each on its share of torch's threads
@@ -173,7 +175,7 @@ class Detector:
 
     def __init__(self, model: MaskRCNN, device: torch.device, *, class_names: tuple[str, ...] = ("nucleus",),
                  score_threshold: float = 0.5, mask_threshold: float = 0.5, proposal_threshold: float = 0.0,
-                 batch_size: int = 4, precision: str = "fp32", cpu_streams: int | None = None,
+                 batch_size: int | None = None, precision: str = "fp32", cpu_streams: int | None = None,
                  gray_score_threshold: float | None = None, candidate_floor: float | None = CANDIDATE_FLOOR,
                  input_on_device: bool | None = None):
         self.model, self.device, self.class_names = model, device, tuple(class_names)
@@ -183,7 +185,8 @@ class Detector:
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.colour_and_gray_thresholds = (score_threshold, score_threshold if gray_score_threshold is None
                                            else gray_score_threshold)
-        self.proposal_threshold, self.batch_size, self.precision = proposal_threshold, batch_size, precision
+        self.proposal_threshold, self.precision = proposal_threshold, precision
+        self.batch_size = tiles_per_pass(device) if batch_size is None else batch_size
         self.streams = None
         if device.type == "cpu":
             threads = torch.get_num_threads()
@@ -219,7 +222,7 @@ class Detector:
 
     @classmethod
     def from_bundle(cls, bundle, device: str, *, score_threshold: float, mask_threshold: float,
-                    batch_size: int = 4, precision: str = "fp32",
+                    batch_size: int | None = None, precision: str = "fp32",
                     gray_score_threshold: float | None = None,
                     candidate_floor: float | None = CANDIDATE_FLOOR) -> Detector:
         """A bundle's network (bundle.Bundle) on `device` (auto|cpu|cuda), with its classes and proposal floor."""
@@ -342,9 +345,24 @@ class Detector:
 
         def detect_chunk(chunk: list[int]) -> list[TileDetections]:
             with torch.inference_mode():    # thread-local: a stream's thread needs it too
-                return self._detect_batch([images[i] for i in chunk], scale,
-                                          None if frame_shapes is None else [frame_shapes[i] for i in chunk],
-                                          None if owned_boxes is None else [owned_boxes[i] for i in chunk])
+                try:
+                    return self._detect_batch([images[i] for i in chunk], scale,
+                                              None if frame_shapes is None else [frame_shapes[i] for i in chunk],
+                                              None if owned_boxes is None else [owned_boxes[i] for i in chunk])
+                except torch.OutOfMemoryError:
+                    if len(chunk) == 1:
+                        raise ParameterError(
+                            f"expected one tile of {'x'.join(map(str, images[chunk[0]].shape[-2:]))} px to fit the "
+                            f"GPU's memory, found it does not: use a smaller --tile-size, or --device cpu") from None
+            # A GPU shared with other work, or smaller than the batch needs: halves, for this slide's later
+            # passes too. The cells are the same (a tile's forward pass never depends on its batch: see above).
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = (len(chunk) + 1) // 2
+            if half < self.batch_size:
+                log.warning("the GPU ran out of memory at %d tiles a pass: %d from now on", len(chunk), half)
+                self.batch_size = half
+            return detect_chunk(chunk[:half]) + detect_chunk(chunk[half:])
         found = (self.streams.map(detect_chunk, chunks) if self.streams is not None and len(chunks) > 1
                  else [detect_chunk(chunk) for chunk in chunks])
         for chunk, detections in zip(chunks, found):

@@ -18,7 +18,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     ],
     "protocol": [
         "FileList", "OUTPUT_FILES", "OneOf", "Protocol", "Range", "SCHEMA", "SETTINGS", "Setting", "check_pixel_size",
-        "list_protocols", "load_protocol", "protocols_dir",
+        "list_protocols", "load_protocol", "protocols_dir", "tiles_per_pass",
     ],
     "regions": ["RegionFile", "Regions", "RegionsError", "load_regions"],
 })

@@ -44,7 +44,7 @@ from ..cells import (
     owned_instances,
 )
 from ..geometry import Band, Instances, TileDetections, TileDetector, TileSpec, seam_band_px
-from ..planning import Calibration, Protocol, RegionFile, SlidePlan, plan_slide
+from ..planning import Calibration, Protocol, RegionFile, SlidePlan, plan_slide, tiles_per_pass
 from ..results import (
     BELOW_FILE,
     RegionTally,
@@ -110,7 +110,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         start_writer_imports()
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
         # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
-        with in_background(run.owned_tiles(), max_waiting=max(1, protocol.batch_size), name="cellseg-detect") as owned:
+        with in_background(run.owned_tiles(), max_waiting=max(1, run.protocol.batch_size), name="cellseg-detect") as owned:
             return run.finish(reported(owned, plan, progress), out_dir, list(detector.class_names), tissue.describe(),
                               run_info or RunInfo())
 
@@ -137,6 +137,8 @@ class SlideRun:
                  journal: Path | None = None, band_rows: int | None = None, plan: SlidePlan | None = None,
                  keep_pixels: bool = True, calibration: Calibration | None = None, started: float | None = None):
         self.slide = CachedSlide(slide, KEPT_BYTES if keep_pixels else 0)
+        if protocol.batch_size is None and detector is not None:   # the device's; run.json records it
+            protocol = protocol.replace(batch_size=tiles_per_pass(detector.device))
         self.protocol, self.detector = protocol, detector
         self.journal, self.band_rows = journal, band_rows
         self.calibration = calibration or Calibration()

@@ -482,3 +482,43 @@ def test_a_gpu_detector_takes_page_locked_native_pixels():
     assert prepared.pixels.is_pinned() and prepared.pixels.dtype == torch.uint8
     (det,) = detector.detect([prepared], [tile])
     assert len(det.boxes) == len(det.masks)
+
+
+def test_a_pass_that_runs_out_of_gpu_memory_is_halved_for_the_rest_of_the_slide_with_the_same_cells(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config())
+    images = list(np.random.default_rng(3).random((5, 3, 96, 96), dtype=np.float32))
+    whole = Detector(copy.deepcopy(model), torch.device("cpu"), score_threshold=0.0, batch_size=4,
+                     cpu_streams=1).detect(images)
+    detector = Detector(model, torch.device("cpu"), score_threshold=0.0, batch_size=4, cpu_streams=1)
+    forward, passes = detector.network.forward, []
+
+    def short_of_memory(batch, *args, **kwargs):     # a GPU that holds two tiles a pass, not four
+        passes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(batch, *args, **kwargs)
+    monkeypatch.setattr(detector.network, "forward", short_of_memory)
+    halved = detector.detect(images)
+    assert passes == [4, 2, 2, 1] and detector.batch_size == 2
+    assert sum(len(d) for d in whole) > 0
+    for a, b in zip(whole, halved):
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+        assert all(np.array_equal(m, n) for m, n in zip(a.masks, b.masks))
+    passes.clear()
+    detector.detect(images)
+    assert passes == [2, 2, 1]          # the slide's later batches start at the size that fitted
+
+    def no_memory(batch, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(detector.network, "forward", no_memory)
+    with pytest.raises(ParameterError, match=r"expected one tile of 96x96 px to fit the GPU's memory.*--tile-size"):
+        detector.detect(images[:1])
+
+
+def test_the_batch_size_a_protocol_leaves_unset_is_the_devices():
+    from cellseg.planning import load_protocol, tiles_per_pass
+    assert load_protocol("fluorescence-nuclei").batch_size is None
+    assert (tiles_per_pass("cpu"), tiles_per_pass(torch.device("cuda", 1)), tiles_per_pass("cuda")) == (4, 16, 16)
+    assert Detector(build_model(tiny_model_config()), torch.device("cpu")).batch_size == 4
+    assert Detector(build_model(tiny_model_config()), torch.device("cpu"), batch_size=7).batch_size == 7

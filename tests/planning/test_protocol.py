@@ -210,7 +210,8 @@ def test_replace_applies_overrides_and_keeps_none():
     assert (p.tile_size, p.halo_px, p.model, p.score_threshold) == (128, 16, "/some/bundle", 0.3)
     assert p.batch_size == base.batch_size and p.name == base.name
     assert base.tile_size == 512  # the original is unchanged (frozen)
-    assert p.to_dict()["tiling"] == {"tile_size": 128, "halo_px": 16, "batch_size": base.batch_size}
+    assert p.to_dict()["tiling"] == {"tile_size": 128, "halo_px": 16}     # batch_size unset: the device's
+    assert p.replace(batch_size=8).to_dict()["tiling"] == {"tile_size": 128, "halo_px": 16, "batch_size": 8}
 
 
 @pytest.mark.parametrize("overrides, words", [
