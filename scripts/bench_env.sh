@@ -7,6 +7,6 @@ else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 # Fail at once, not minutes into a lease, when a codec or package a count imports did not travel.
-python3 -c "import orjson; from imagecodecs import png_decode, zlibng_encode, zstd_decode, zstd_encode" \
-    || { echo "bench_env.sh: expected orjson and imagecodecs' png, zlib-ng and zstd codecs importable" \
+python3 -c "import orjson, shapely; from imagecodecs import png_decode, zlibng_encode, zstd_decode, zstd_encode" \
+    || { echo "bench_env.sh: expected orjson, shapely and imagecodecs' png, zlib-ng and zstd codecs importable" \
               "(bash scripts/gpu_prepare.sh makes .carry/wheels_bench), found the error above" >&2; exit 1; }

@@ -23,7 +23,7 @@ python3 -m pip download -q $PLATFORM -d .carry/wheels_train "tomli-w==1.2.0" "la
 python3 -m pip download -q $PLATFORM -d .carry/wheels_bench "tomli-w==1.2.0" "lazy-loader==0.6" "orjson==3.13.0" \
     "zarr==3.1.6" "numcodecs==0.16.6" \
     "donfig==0.8.1.post1" "google-crc32c==1.9.0" "pycocotools==2.0.11" "openslide-python==1.4.7" \
-    "openslide-bin==4.0.1.2" "imagecodecs==2026.3.6"
+    "openslide-bin==4.0.1.2" "shapely==2.2.0" "imagecodecs==2026.3.6"
 
 # imagecodecs: keep the modules cellseg and tifffile use here (zstd, deflate/zlib, zlib-ng for the label pyramids, JPEG,
 # PNG) and their libraries (zlib-ng is linked into its module). bench_env.sh checks on the machine that they import.
