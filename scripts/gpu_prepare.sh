@@ -6,6 +6,7 @@
 #   .carry/wheels_train/    cp312 wheels the machine may lack for training (tomli-w, lazy-loader, orjson)
 #   .carry/wheels_bench/    ... and for benchmarks/run.py (zarr, numcodecs, pycocotools, OpenSlide, imagecodecs trimmed
 #                           to the codecs cellseg uses: the full wheel alone is 26 MB of the 64 MiB that may travel)
+# Run `bash scripts/gpu_travel_light.sh on` first (the tracked tree alone is over the limit with the candidates).
 # Then prints what each device call would send (the tracked tree + the carried folder) against the 64 MiB limit.
 #   bash scripts/gpu_prepare.sh [SPLIT_JSON]      (e.g. references/nuclei/splits/v4.json; default: a new split of
 #                                                 ../shared/data, as the recipe makes)
@@ -45,6 +46,11 @@ untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb | t
 # Parts of the pack that fit beside the tree and the training wheels, 2 MiB to spare
 wheels=$(du -sb .carry/wheels_train | cut -f1)
 part_mib=$(( (64 * 1048576 - tree - ${untracked:-0} - wheels) / 1048576 - 2 ))
+if [ "$part_mib" -lt 8 ]; then
+    echo "gpu_prepare: expected the tree that travels to leave room for the data, found $((tree / 1048576)) MiB of 64:" \
+         "run 'bash scripts/gpu_travel_light.sh on' first (candidates' weights and screenshots stay here)" >&2
+    exit 1
+fi
 python3 -m references.nuclei.pack_training_data --parts .carry/train_data --part-mib "$part_mib"
 for carried in .carry/train_data .carry/train_part* .carry/wheels_train .carry/wheels_bench; do
     size=$(du -sb "$carried" | cut -f1)
