@@ -560,7 +560,7 @@ def print_report(r: dict) -> None:
 
     print(f"{'':24} {'cellseg':>12} {'naive':>12}")
     print(f"{'tissue MP/s (end to end)':24} {r['mp_per_s']:>12.4f} {nv['mp_per_s']:>12.4f}   ratio {r['ratio']:.2f}x")
-    print(f"{'tiles analysed':24} {r['tiles_analysed']:>12} {nv.get('tiles', r['tiles']):>12}   "
+    print(f"{'tiles analysed':24} {r['tiles_analysed']:>12} {nv['tiles']:>12}   "
           f"seconds per analysed tile: ratio {r['ratio_per_tile']:.2f}x")
     print(f"{'seconds':24} {r['seconds_total']:>12.1f} {nv['seconds_total']:>12.1f}")
     print(f"{'CPU seconds':24} {r['cpu_seconds']:>12.1f} {nv['cpu_seconds']:>12.1f}   ratio {r['ratio_cpu_time']:.2f}x")
