@@ -38,13 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = "all",
-          writer_processes: str = "auto", path: str = "gpu") -> dict:
+          writer_processes: str = "auto", path: str = "gpu", measure_processes: str = "auto") -> dict:
     if cpus:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cpus]))
     from memory_flat import ThresholdDetector, keep_result_writers
 
     import cellseg.results as results
     results.ResultWriter.process_per_output = {"auto": None, "one": False, "per-output": True}[writer_processes]
+    from cellseg.run import measuring
+    measuring.measure_processes = None if measure_processes == "auto" else int(measure_processes)
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
 
@@ -108,25 +110,40 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
 
     # as CellCounter.load does while the network loads: the result files' processes started (not timed, like imports)
     results.ResultWriter.start_spare_processes()
+    measuring.start_spare_measurers()      # as CellCounter.load does: the measuring processes, where there are cores
     from cellseg.results import writer_process
     writer_process.wait_for_spares()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    children_start = children_cpu() + sum(process_cpu(s.process.pid) for s in writer_process._spares)
+    measurers = measuring_pids()
+    start, cpu_start, main_start = time.perf_counter(), time.process_time(), time.thread_time()
+    children_start = (children_cpu() + sum(process_cpu(s.process.pid) for s in writer_process._spares)
+                      + sum(process_cpu(pid) for pid in measurers))
     summary = counter.count(slide, out)
     pipeline_s = time.perf_counter() - start
-    cpu_s = time.process_time() - cpu_start + children_cpu() - children_start
+    main_thread_cpu_s = time.thread_time() - main_start
+    cpu_s = (time.process_time() - cpu_start + children_cpu() + sum(process_cpu(pid) for pid in measuring_pids())
+             - children_start)
     tissue_mp = summary["tissue_area_px"] / 1e6
     parts = {name: round(s, 2) for name, s in writers[-1].seconds().items()}
     parts["report.html"] = round(sum(report_s), 2)
     return {"slide": slide.name, "slide_mp": summary["height_px"] * summary["width_px"] / 1e6,
             "tissue_mp": round(tissue_mp, 2), "tiles_analysed": summary["tiles_total"] - summary["tiles_skipped"],
             "cells": summary["cell_count"], "wall_s": round(pipeline_s, 2), "pipeline_s": round(pipeline_s, 2),
-            "cpu_s": round(cpu_s, 2),
+            "cpu_s": round(cpu_s, 2), "main_thread_cpu_s": round(main_thread_cpu_s, 2),
             "ceiling_mp_per_s": round(tissue_mp / pipeline_s, 2), "cells_per_s": round(summary["cell_count"] / pipeline_s),
             "stages_s": summary["seconds"], "write_parts_s": parts,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "writer_process_rss_mb": round(writers[-1].writer_process_rss_mb() or 0),
-            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "path": path}
+            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "path": path,
+            "measure_processes": measuring.measure_processes_for(measuring.cores())}
+
+
+def measuring_pids() -> list[int]:
+    """The measuring processes' ids (run/measuring.py), once started; they live on after a count."""
+    from cellseg.run import measuring
+    if measuring._pool is None:
+        return []
+    measuring._pool.submit(measuring._ready).result()       # its processes started
+    return list(measuring._pool._processes)
 
 
 def process_cpu(pid: int) -> float:
@@ -161,12 +178,16 @@ def main() -> None:
                    help="whose host work to time: the GPU path's (default: the tissue U-Net's output replayed too, "
                         "tiles handed over as native pixels, normalised on the device) or the CPU path's (the U-Net "
                         "run, tiles normalised by the readers), each without the cell network")
+    p.add_argument("--measure-processes", default="auto",
+                   help="measure the tiles' nuclei in this many processes of their own (0: in the count's thread; "
+                        "auto: as the cores say, run/measuring.py)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        slide, out, tissue, cpus, outputs, writer_processes, path = args.child
-        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs, writer_processes, path)))
+        slide, out, tissue, cpus, outputs, writer_processes, path, measure_processes = args.child
+        print(json.dumps(child(Path(slide), Path(out), tissue, int(cpus) or None, outputs, writer_processes, path,
+                               measure_processes)))
         return
     if not args.slide.is_file():
         sys.exit(f"expected a slide file, found no {args.slide}")
@@ -174,15 +195,17 @@ def main() -> None:
         out = args.out.resolve() if args.out is not None else Path(tmp) / "out"
         res = subprocess.run([sys.executable, __file__, "--slide", str(args.slide), "--child", str(args.slide),
                               str(out), args.tissue, str(args.cpus or 0), args.outputs, args.writer_processes,
-                              args.path],
+                              args.path, args.measure_processes],
                              capture_output=True, text=True)
         shutil.rmtree(out.with_name(out.name + "-record"), ignore_errors=True)
     if res.returncode:
         sys.exit(f"the pipeline run failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"{r['slide']}: {r['slide_mp']:.0f} MP, {r['tissue_mp']:.0f} MP of tissue, {r['tiles_analysed']} tiles analysed, "
-          f"{r['cells']} cells (threshold stand-in), {r['cpu_cores']} CPU cores of {r['cpu_model']}")
-    print(f"pipeline without the network ({r['path']} path): {r['pipeline_s']} s ({r['cpu_s']} s of CPU) -> "
+          f"{r['cells']} cells (threshold stand-in), {r['cpu_cores']} CPU cores of {r['cpu_model']}, "
+          f"{r['measure_processes']} measuring processes")
+    print(f"pipeline without the network ({r['path']} path): {r['pipeline_s']} s ({r['cpu_s']} s of CPU, "
+          f"{r['main_thread_cpu_s']} s of it the count's main thread) -> "
           f"{r['ceiling_mp_per_s']} MP of tissue/s, {r['cells_per_s']} cells/s (detections replayed at no cost"
           + ("; the tissue U-Net's output too" if r["path"] == "gpu" else "") + ")")
     print("stages (s):", ", ".join(f"{k} {v}" for k, v in r["stages_s"].items()),

@@ -123,6 +123,13 @@ def measure_tile(nuclei: Instances, ids: np.ndarray, labels: np.ndarray, pixels:
     return out
 
 
+def label_and_measure(nuclei: Instances, ids: np.ndarray, box: Box, pixels: np.ndarray, mpp: float | None,
+                      channel_names: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
+    """measure_tile on the label image label_tile paints: one tile's measurements from its nuclei and pixels alone
+    (what a measuring process is handed: run/measuring.py)."""
+    return measure_tile(nuclei, ids, label_tile(nuclei, ids, box), pixels, box, mpp, channel_names, class_names)
+
+
 class _NucleusPixels:
     """Each nucleus's pixels in the label image, as mask rows (maskrows.MaskRows) in the tile's frame.
 

@@ -459,7 +459,13 @@ class ResultWriter:
             out.update(process.seconds)
         return out
 
-    def add_nuclei(self, read: Box, ids: np.ndarray, nuclei: Instances, labels: np.ndarray,
+    @property
+    def takes_label_tiles(self) -> bool:
+        """Whether add_nuclei needs each tile's label image (the label canvas painted in this process); else its
+        `labels` may be None (the label images' process paints the masks it is handed)."""
+        return "labels" in self.workers     # in processes, its worker is named "process: ..."
+
+    def add_nuclei(self, read: Box, ids: np.ndarray, nuclei: Instances, labels: np.ndarray | None,
                    rows: dict[str, np.ndarray], expanded: tuple[Box, np.ndarray] | None = None) -> None:
         """One tile's final nuclei: their ids, their label image over the tile's read box, their measured rows;
         with an expansion, (box, labels) of the cells grown from these nuclei."""

@@ -64,7 +64,9 @@ class CellCounter:
         from ..bundles import load_bundle
         from ..detection import CANDIDATE_FLOOR, AugmentedDetector, Detector, member_threshold
         from ..results import ResultWriter
+        from .measuring import start_spare_measurers
         ResultWriter.start_spare_processes()    # the result files' processes start while the network loads
+        start_spare_measurers()                 # and the measuring ones, where there are the cores for them
         bundle = load_bundle(protocol.model)
         model = model_record(bundle, protocol, tta)
         # with TTA these are the merged cells' (the views' detector keeps cells down to tta.member_threshold)

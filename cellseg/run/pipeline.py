@@ -67,6 +67,7 @@ from ..slides import KEPT_BYTES, CachedSlide, Slide, open_slide
 from ..tissue import TissueFinder
 from ..util import StageTimer, in_background
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
+from .measuring import TileMeasurer, cores, measure_processes_for
 
 if TYPE_CHECKING:
     from ..bundles import MicronScale
@@ -279,8 +280,13 @@ class SlideRun:
                           geojson_gzip_above_mb=protocol.geojson_gzip_above_mb,
                           extra_columns=REGION_COLUMNS if tally is not None else None,
                           outputs=outputs) as result:
+            # Measuring in processes of their own where there are the cores for it; cells grown from the nuclei
+            # need the tiles' label images and pixels here, so they are measured in this thread.
+            processes = measure_processes_for(cores()) if expansion is None else 0
+            measurer = TileMeasurer(processes, info.path, slide.skip_unreadable, info.mpp, plan.channel_names,
+                                    class_names) if processes else None
             emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
-                                  expansion=expansion, tally=tally, scores=scores)
+                                     expansion=expansion, tally=tally, scores=scores, measurer=measurer)
             merge_tiles(gathered_below(owned, scores, plan.regions), plan.tiles_per_row, merger, emitter, timer)
             unreadable = slide.unreadable
             if unreadable:
@@ -428,11 +434,13 @@ class NucleusEmitter:
     expansion: CellExpansion | None = None
     tally: RegionTally | None = None     # counting in regions: only nuclei whose centroid lies in one are kept
     scores: ScoreTally | None = None     # p_nucleus (cells.csv) and what the count's uncertainty needs
+    measurer: TileMeasurer | None = None     # measuring processes (run/measuring.py); None: in this thread
     _waiting: list[tuple[TileSpec, np.ndarray, Instances]] = field(default_factory=list, init=False, repr=False)
     _nuclei: FinalNuclei = field(default_factory=FinalNuclei, init=False, repr=False)
 
     def emit(self, nuclei: Instances, through_row: int | None = None) -> None:
-        """Measure and write `nuclei`, the final nuclei of the tile rows <= through_row (None: all rows)."""
+        """Measure and write `nuclei`, the final nuclei of the tile rows <= through_row (None: all rows, the last
+        call: every tile still being measured is written too)."""
         if self.tally is not None and len(nuclei):
             # The seam rule has decided which tile keeps each nucleus; the regions only filter the final ones.
             centroids, _ = centroids_and_areas(nuclei.boxes, nuclei.masks)
@@ -452,6 +460,8 @@ class NucleusEmitter:
             self._waiting = [p for p, d in zip(self._waiting, due) if not d]
         for tile, ids, part in ready:
             self._write_tile(tile, ids, part)
+        if through_row is None:
+            self._flush()
         if self.expansion is not None and done_through is not None:
             self._nuclei.forget(done_through - self.expansion.rows)    # no cell still to draw can reach them
         self.slide.release(done_through)
@@ -474,11 +484,33 @@ class NucleusEmitter:
         return parts
 
     def _write_tile(self, tile: TileSpec, ids: np.ndarray, part: Instances) -> None:
+        if self.measurer is not None and self.expansion is None:
+            # measured in a process of its own (run/measuring.py): the rows come back later, in tile order
+            with self.timer("measure"):
+                measured = self.measurer.measure((tile, ids, part), part, ids, tile.read)
+            for (done_tile, done_ids, done_part), rows in measured:
+                self._write_rows(done_tile, done_ids, done_part, rows)
+            return
         with self.timer("measure"):
             labels = label_tile(part, ids, tile.read)
             pixels = self.slide.read_region(tile.read)
             rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
                                 self.channel_names, self.class_names)
+        self._write_rows(tile, ids, part, rows, labels, pixels)
+
+    def _flush(self) -> None:
+        """Write the tiles still being measured in the measuring processes."""
+        if self.measurer is None:
+            return
+        with self.timer("measure"):
+            measured = self.measurer.flush()
+        for (tile, ids, part), rows in measured:
+            self._write_rows(tile, ids, part, rows)
+
+    def _write_rows(self, tile: TileSpec, ids: np.ndarray, part: Instances, rows: dict[str, np.ndarray],
+                    labels: np.ndarray | None = None, pixels: np.ndarray | None = None) -> None:
+        """One tile's measured nuclei to the result files, with p_nucleus, their regions and (labels and pixels
+        given: measured in this thread) the cells grown from them."""
         p_nucleus = None
         if self.scores is not None:
             rows["p_nucleus"] = p_nucleus = self.scores.p_nucleus(rows["score"])
@@ -494,5 +526,8 @@ class NucleusEmitter:
                                                         pixels, self.slide.read_region)
             rows.update(columns)
             expanded = (cells_box, cells)
+        if labels is None and self.result.takes_label_tiles:
+            with self.timer("measure"):
+                labels = label_tile(part, ids, tile.read)
         with self.timer("write"):
             self.result.add_nuclei(tile.read, ids, part, labels, rows, expanded)

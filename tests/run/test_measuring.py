@@ -1,0 +1,81 @@
+"""Tiles measured in processes of their own (run/measuring.py): the same result files as measured in the count's
+thread, errors handed back, a slide replaced at the same path read anew."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.cells import label_and_measure
+from cellseg.geometry import Box, Instances
+from cellseg.planning import Protocol
+from cellseg.run import measuring
+
+from ..helpers import LabelReadingDetector, count_with, random_cells
+
+
+def test_the_cores_decide_how_many_processes_measure(monkeypatch):
+    monkeypatch.setattr(measuring, "measure_processes", None)
+    assert [measuring.measure_processes_for(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 0, 1, 2, 4, 4]
+    monkeypatch.setattr(measuring, "measure_processes", 2)
+    assert measuring.measure_processes_for(1) == 2
+
+
+def rgb_slide(path, labels: np.ndarray, seed: int) -> None:
+    """An RGB slide whose cells are brighter, with noise: every intensity column has something to measure."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 60, (*labels.shape, 3), dtype=np.uint8)
+    pixels[labels > 0] += rng.integers(100, 190, (int((labels > 0).sum()), 3), dtype=np.uint8)
+    tifffile.imwrite(path, pixels, photometric="rgb")
+
+
+@pytest.mark.slow
+def test_measured_in_processes_the_result_files_are_the_same(tmp_path, monkeypatch):
+    labels = random_cells(230, 190, max_diameter=16, n=300, seed=5)
+    slide = tmp_path / "slide.tif"
+    rgb_slide(slide, labels, seed=5)
+    protocol = Protocol(name="test", tile_size=64, halo_px=20, batch_size=3, min_area_px=1, tissue_method="none")
+    outs = {}
+    for processes in (0, 2):
+        monkeypatch.setattr(measuring, "measure_processes", processes)
+        outs[processes] = tmp_path / f"out{processes}"
+        summary = count_with(LabelReadingDetector(labels), slide, outs[processes], protocol)
+        assert summary["cell_count"] == len(np.unique(labels[labels > 0])) > 100
+    for name in ("cells.csv", "cells.geojson", "predictions.coco.json"):
+        assert (outs[2] / name).read_bytes() == (outs[0] / name).read_bytes(), name
+    assert np.array_equal(tifffile.imread(outs[2] / "labels.ome.tif"), tifffile.imread(outs[0] / "labels.ome.tif"))
+
+
+def one_nucleus(row0: int, col0: int) -> Instances:
+    mask = np.ones((4, 5), bool)
+    return Instances(np.array([[row0, col0, row0 + 4, col0 + 5]], np.int64), [mask], np.ones(1, np.float32),
+                     np.ones(1, np.int64), np.zeros(1, np.int64), np.zeros(1, bool))
+
+
+@pytest.mark.slow
+def test_a_process_reads_a_slide_replaced_at_the_same_path_anew_and_hands_errors_back(tmp_path):
+    slide = tmp_path / "slide.tif"
+    box = Box(0, 0, 20, 20)
+    means = []
+    for value in (50, 200):
+        tifffile.imwrite(slide, np.full((20, 20), value, np.uint8))
+        os.utime(slide, ns=(value * 10**9, value * 10**9))     # a new time, whatever the clock's resolution
+        measurer = measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"])
+        measured = measurer.measure("tile", one_nucleus(3, 4), np.array([7]), box) + measurer.flush()
+        assert [key for key, _ in measured] == ["tile"]
+        rows = measured[0][1]
+        expected = label_and_measure(one_nucleus(3, 4), np.array([7]), box, np.full((20, 20, 1), value, np.uint8),
+                                     None, ["gray"], ["nucleus"])
+        assert rows.keys() == expected.keys()
+        for column in rows:
+            assert np.array_equal(rows[column], expected[column], equal_nan=rows[column].dtype.kind == "f"), column
+        means.append(float(rows["mean_intensity_gray"][0]))
+    assert means == [50.0, 200.0]
+    # a nucleus outside the tile: the process's error comes back to the count
+    measurer = measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"])
+    with pytest.raises(ValueError, match="expected nuclei inside"):
+        measurer.measure("tile", one_nucleus(18, 18), np.array([1]), box)
+        measurer.flush()
