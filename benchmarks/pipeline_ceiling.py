@@ -113,6 +113,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
     measuring.start_spare_measurers()      # as CellCounter.load does: the measuring processes, where there are cores
     from cellseg.results import writer_process
     writer_process.wait_for_spares()
+    measuring.wait_for_spare_measurers()
     measurers = measuring_pids()
     start, cpu_start, main_start = time.perf_counter(), time.process_time(), time.thread_time()
     children_start = (children_cpu() + sum(process_cpu(s.process.pid) for s in writer_process._spares)
@@ -138,12 +139,9 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
 
 
 def measuring_pids() -> list[int]:
-    """The measuring processes' ids (run/measuring.py), once started; they live on after a count."""
+    """The idle measuring processes' ids (run/measuring.py): a count takes them and gives them back."""
     from cellseg.run import measuring
-    if measuring._pool is None:
-        return []
-    measuring._pool.submit(measuring._ready).result()       # its processes started
-    return list(measuring._pool._processes)
+    return [child.process.pid for child in measuring._idle]
 
 
 def process_cpu(pid: int) -> float:

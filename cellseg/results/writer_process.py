@@ -34,6 +34,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from ..util import child_pipes, import_path, started_child
+
 
 class TablesProcess:
     """The child process writing `writers`: {file name: (writer class, args, kwargs)}, each class importable by its
@@ -155,20 +157,12 @@ _spares_lock = threading.Lock()
 
 
 def _import_path() -> tuple[str, ...]:
-    return tuple(p for p in sys.path if p)
+    return import_path()
 
 
 def _started_child() -> tuple[subprocess.Popen, Connection, Connection]:
     """A new child interpreter running _serve, and the pipe ends that talk to it (to it, from it)."""
-    to_child, to_child_end = os.pipe()
-    from_child_end, from_child = os.pipe()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_import_path())}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cellseg.results.writer_process", str(to_child), str(from_child)],
-        pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
-    os.close(to_child)
-    os.close(from_child)
-    return process, Connection(to_child_end, readable=False), Connection(from_child_end, writable=False)
+    return started_child("cellseg.results.writer_process")
 
 
 def start_spares(count: int) -> None:
@@ -345,7 +339,7 @@ def _import_writers() -> None:
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it stops this process
-    receive, reply = Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
+    receive, reply = child_pipes()
     _import_writers()
     reply.send_bytes(pickle.dumps(("ready",)))
     _serve(receive, reply)

@@ -5,27 +5,36 @@ from Python. In the count's own process it shares one interpreter with the seam 
 detection thread that feeds the GPU: on a lent H100 (16 cores) a 20480² count spent 9.3 s measuring and 7.1 s
 merging in its main thread while the detection thread, busy 2/3 of the time, waited for the interpreter, and the
 network-free pipeline stopped growing past 8 cores (docs/performance.md). So from MEASURE_PROCESS_CORES cores on,
-`TileMeasurer` hands each tile's final nuclei (masks at box size, a few kB) and its pixels to a pool of processes and
-takes their rows back in the order given: the same cells.csv, byte for byte, as measured in the thread. On fewer
-cores the second core is already busy with the result files' process, and a tile measured in the thread costs less
-than one pickled to a process and back.
+`TileMeasurer` hands each tile's final nuclei (masks at box size, a few kB) to child interpreters
+(run/measure_process.py), which read the tile's pixels from the slide themselves, and takes the rows back in the
+order the tiles came: the same cells.csv, byte for byte, as measured in the count's thread. On fewer cores the
+second core is already busy with the result files' process, and measuring in the thread costs less.
+
+Each child has a courier thread here that sends it one tile, waits for its rows and resolves the tile's future:
+pickling happens off the count's thread, and a child that replies with a large tile's rows is always read (no pipe
+fills both ways). Tiles go to the children in turn, so each child's tiles come back in the order sent. Children
+are started once (as spares while CellCounter.load loads the network) and kept for the next slides; a count holds
+its children alone while it runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-import multiprocessing
 import os
+import pickle
+import queue
+import subprocess
 import threading
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
+from multiprocessing import current_process
 from pathlib import Path
 
 import numpy as np
 
-from ..cells import label_and_measure
 from ..geometry import Box, Instances
+from ..util import started_child
 
 log = logging.getLogger(__name__)
 
@@ -45,103 +54,157 @@ def measure_processes_for(n_cores: int) -> int:
     """How many measuring processes a count on `n_cores` cores uses (0: it measures in its own thread)."""
     if measure_processes is not None:
         return measure_processes
-    # a daemonic process (a Dask worker's, by default) may not start processes of its own
-    if n_cores < MEASURE_PROCESS_CORES or multiprocessing.current_process().daemon:
+    # a daemonic process (a Dask worker's, by default) is not to leave children behind
+    if n_cores < MEASURE_PROCESS_CORES or current_process().daemon:
         return 0
     return min(MAX_MEASURE_PROCESSES, n_cores // 4)
 
 
-_pool: ProcessPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
+class MeasuringProcessError(RuntimeError):
+    """A measuring process ended without measuring a tile it was given (killed for memory, say)."""
 
 
-def _ready() -> None:
-    """A spare process's first task: its imports done (cellseg.cells's measuring) before a tile needs it."""
+class _Child:
+    """One measuring process and the courier thread that talks to it (see the module's docstring)."""
+
+    def __init__(self):
+        self.parent = os.getpid()     # a forked copy of this object is not that process's
+        self.process, self._send, self._reply = started_child("cellseg.run.measure_process")
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.broken = False
+        threading.Thread(target=self._courier, name="cellseg-measure-courier", daemon=True).start()
+        self.ready = self.submit(("ready",))     # its imports done (a spare's, while the network loads)
+
+    def alive(self) -> bool:
+        return not self.broken and self.parent == os.getpid() and self.process.poll() is None
+
+    def submit(self, message: tuple) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, message))
+        return future
+
+    def _courier(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            future, message = item
+            if self.broken:
+                future.set_exception(MeasuringProcessError("a measuring process had ended"))
+                continue
+            try:
+                self._send.send_bytes(pickle.dumps(message, protocol=5))
+                kind, value = pickle.loads(self._reply.recv_bytes())
+            except (OSError, EOFError):
+                self.broken = True
+                code = self.process.wait()
+                future.set_exception(MeasuringProcessError(
+                    f"a measuring process ended (exit code {code}) without measuring its tile"))
+                continue
+            if kind == "error":
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+    def close(self) -> None:
+        """Let the process go: it reads the end of its pipe and leaves (after the tiles it was given)."""
+        self._tasks.put(None)
+        self._send.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reply.close()
 
 
-def measuring_pool(processes: int) -> ProcessPoolExecutor:
-    """The processes tiles are measured in, started once and kept for the next slides (a CellCounter counts many)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != processes:
-            if _pool is not None:
-                _pool.shutdown(wait=False, cancel_futures=True)
-            # spawn, not fork: the count's process has threads (detection, readers, writers) and maybe a CUDA context
-            _pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-            _pool_size = processes
-            for _ in range(processes):
-                _pool.submit(_ready)
-        return _pool
+_idle: list[_Child] = []
+_idle_lock = threading.Lock()
 
 
-def _forget_pool() -> None:
-    """After a process died (killed for memory): the next count starts new ones."""
-    global _pool
-    with _pool_lock:
-        if _pool is not None:
-            _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None
+def _take_children(count: int) -> list[_Child]:
+    """`count` measuring processes for one count alone: idle ones (spares, or a finished count's), else new."""
+    with _idle_lock:
+        taken = []
+        while _idle and len(taken) < count:
+            child = _idle.pop()
+            if child.alive():
+                taken.append(child)
+            elif child.parent == os.getpid():
+                child.close()
+    return taken + [_Child() for _ in range(count - len(taken))]
+
+
+def _give_back(children: list[_Child]) -> None:
+    with _idle_lock:
+        _idle.extend(c for c in children if c.alive())
 
 
 def start_spare_measurers() -> None:
-    """Start, now, the measuring processes a count on this machine would use, so that their start overlaps the
-    caller's own (CellCounter.load: the network's loading)."""
-    processes = measure_processes_for(cores())
-    if processes:
-        measuring_pool(processes)
+    """Start, now, the measuring processes a count on this machine would use, so that their start (~0.3 s of a core:
+    numpy, the slide readers) overlaps the caller's own (CellCounter.load: the network's loading)."""
+    _give_back(_take_children(measure_processes_for(cores())))
 
 
-_opened: dict[tuple, object] = {}     # in a measuring process: the slide its last tile came from, kept open
+def wait_for_spare_measurers(timeout: float = 60.0) -> None:
+    """Wait until every idle measuring process has its imports done (a benchmark that leaves starts out of its time)."""
+    with _idle_lock:
+        ready = [c.ready for c in _idle]
+    for future in ready:
+        future.result(timeout)
 
 
-def _measure_tile(slide_key: tuple, nuclei: Instances, ids: np.ndarray, box: Box, mpp: float | None,
-                  channel_names: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
-    """In a measuring process: one tile's measurements (cells.label_and_measure), its pixels read here from the
-    slide (open_slide's path and skip_unreadable, then the file's size and time, in `slide_key`)."""
-    slide = _opened.get(slide_key)
-    if slide is None:
-        for other in _opened.values():
-            other.close()
-        _opened.clear()
-        from ..slides import open_slide
-        slide = _opened[slide_key] = open_slide(slide_key[0], skip_unreadable=slide_key[1])
-    return label_and_measure(nuclei, ids, box, slide.read_region(box), mpp, channel_names, class_names)
+@atexit.register
+def _end_children() -> None:
+    with _idle_lock:
+        mine = [c for c in _idle if c.parent == os.getpid()]
+        _idle.clear()
+    for child in mine:
+        child.close()
 
 
 class TileMeasurer:
-    """Measures tiles' nuclei in `processes` processes (cells.label_and_measure) and hands their rows back in the
-    order the tiles came, with at most IN_FLIGHT_PER_PROCESS x processes tiles handed over and not taken back.
+    """Measures tiles' nuclei in `processes` child processes (cells.label_and_measure, run/measure_process.py) and
+    hands their rows back in the order the tiles came, with at most IN_FLIGHT_PER_PROCESS x processes tiles handed
+    over and not taken back. A context manager: leaving it without an error keeps the processes for the next count;
+    with one, they are let go (what they were given is not waited for).
 
-    A tile crosses as its nuclei alone (a few kB): the processes read its pixels from the slide themselves (decoding
-    a tile costs a process ~2 ms; pickling its pixels cost the count's thread ~1.3 ms of the ~4 ms it saves).
-    slide_path, skip_unreadable: as the count opened the slide (slides.open_slide); mpp, channel_names,
-    class_names: as cells.measure_tile takes them.
+    A tile crosses as its nuclei alone: the processes read its pixels from the slide themselves (pickling a 640² RGB
+    tile's pixels cost ~1.3 ms of the ~4 ms its measuring takes). slide_path, skip_unreadable: as the count opened
+    the slide (slides.open_slide); mpp, channel_names, class_names: as cells.measure_tile takes them.
     """
 
     def __init__(self, processes: int, slide_path: Path, skip_unreadable: bool, mpp: float | None,
                  channel_names: list[str], class_names: list[str]):
         if processes < 1:
             raise ValueError(f"expected at least one measuring process, got {processes}")
-        self.processes = processes
         stat = os.stat(slide_path)    # a file replaced at the same path is opened anew
         self.slide_key = (str(slide_path), bool(skip_unreadable), stat.st_size, stat.st_mtime_ns)
         self.mpp, self.channel_names, self.class_names = mpp, list(channel_names), list(class_names)
-        self._pool = measuring_pool(processes)
+        self._children = _take_children(processes)
         self._pending: deque[tuple[object, Future]] = deque()
+        self._sent = 0
+
+    def __enter__(self) -> TileMeasurer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._pending:
+            _give_back(self._children)
+        else:
+            for child in self._children:
+                child.close()
+        self._children = []
 
     def measure(self, key: object, nuclei: Instances, ids: np.ndarray, box: Box
                 ) -> list[tuple[object, dict[str, np.ndarray]]]:
         """Hand over one tile's nuclei (`ids` theirs, `box` its read box). Returns (key, rows) of the tiles measured
         by now, in the order given."""
-        try:
-            future = self._pool.submit(_measure_tile, self.slide_key, nuclei, ids, box, self.mpp, self.channel_names,
-                                       self.class_names)
-        except BrokenProcessPool:
-            _forget_pool()
-            raise
-        self._pending.append((key, future))
-        return self._taken(wait=len(self._pending) > IN_FLIGHT_PER_PROCESS * self.processes)
+        child = self._children[self._sent % len(self._children)]
+        self._sent += 1
+        self._pending.append((key, child.submit(("tile", self.slide_key, nuclei, ids, box, self.mpp,
+                                                 self.channel_names, self.class_names))))
+        return self._taken(wait=len(self._pending) > IN_FLIGHT_PER_PROCESS * len(self._children))
 
     def flush(self) -> list[tuple[object, dict[str, np.ndarray]]]:
         """(key, rows) of every tile still being measured, in the order given."""
@@ -154,11 +217,10 @@ class TileMeasurer:
         """The tiles measured, from the oldest on; with `wait`, at least the oldest (waited for)."""
         done = []
         while self._pending and (wait or self._pending[0][1].done()):
-            key, future = self._pending.popleft()
-            try:
-                done.append((key, future.result()))
-            except BrokenProcessPool:
-                _forget_pool()
-                raise
+            key, future = self._pending[0]
+            rows = future.result()          # a failure to measure is raised here, in the count's thread
+            self._pending.popleft()
+            done.append((key, rows))
             wait = False
         return done
+

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -285,9 +285,10 @@ class SlideRun:
             processes = measure_processes_for(cores()) if expansion is None else 0
             measurer = TileMeasurer(processes, info.path, slide.skip_unreadable, info.mpp, plan.channel_names,
                                     class_names) if processes else None
-            emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
-                                     expansion=expansion, tally=tally, scores=scores, measurer=measurer)
-            merge_tiles(gathered_below(owned, scores, plan.regions), plan.tiles_per_row, merger, emitter, timer)
+            with measurer or nullcontext():
+                emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
+                                         expansion=expansion, tally=tally, scores=scores, measurer=measurer)
+                merge_tiles(gathered_below(owned, scores, plan.regions), plan.tiles_per_row, merger, emitter, timer)
             unreadable = slide.unreadable
             if unreadable:
                 # Unreadable regions are no tissue: out of the tissue area, the density, the tissue mask, the overlay.

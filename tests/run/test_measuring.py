@@ -4,6 +4,9 @@ thread, errors handed back, a slide replaced at the same path read anew."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,8 +66,8 @@ def test_a_process_reads_a_slide_replaced_at_the_same_path_anew_and_hands_errors
     for value in (50, 200):
         tifffile.imwrite(slide, np.full((20, 20), value, np.uint8))
         os.utime(slide, ns=(value * 10**9, value * 10**9))     # a new time, whatever the clock's resolution
-        measurer = measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"])
-        measured = measurer.measure("tile", one_nucleus(3, 4), np.array([7]), box) + measurer.flush()
+        with measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"]) as measurer:
+            measured = measurer.measure("tile", one_nucleus(3, 4), np.array([7]), box) + measurer.flush()
         assert [key for key, _ in measured] == ["tile"]
         rows = measured[0][1]
         expected = label_and_measure(one_nucleus(3, 4), np.array([7]), box, np.full((20, 20, 1), value, np.uint8),
@@ -75,7 +78,39 @@ def test_a_process_reads_a_slide_replaced_at_the_same_path_anew_and_hands_errors
         means.append(float(rows["mean_intensity_gray"][0]))
     assert means == [50.0, 200.0]
     # a nucleus outside the tile: the process's error comes back to the count
-    measurer = measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"])
-    with pytest.raises(ValueError, match="expected nuclei inside"):
+    with pytest.raises(ValueError, match="expected nuclei inside"), \
+            measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"]) as measurer:
         measurer.measure("tile", one_nucleus(18, 18), np.array([1]), box)
         measurer.flush()
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np, tifffile
+from cellseg.planning import Protocol
+from cellseg.run import CellCounter, measuring
+from tests.helpers import LabelReadingDetector, random_cells
+
+print("top level ran", flush=True)
+measuring.measure_processes = 1
+labels = random_cells(120, 100, max_diameter=12, n=80, seed=2)
+tifffile.imwrite({slide!r}, ((labels > 0) * 200 + 20).astype(np.uint8))
+protocol = Protocol(name="test", tile_size=48, halo_px=14, batch_size=2, min_area_px=1, tissue_method="none")
+summary = CellCounter(protocol, LabelReadingDetector(labels)).count({slide!r}, {out!r})
+print("cells", summary["cell_count"], len(np.unique(labels[labels > 0])), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_counts_once(tmp_path):
+    """A user's script that counts at its top level: the measuring processes must not run it again (as
+    multiprocessing's spawn would: it imports the parent's main script first)."""
+    script = tmp_path / "count.py"
+    root = str(Path(__file__).resolve().parents[2])
+    script.write_text(SCRIPT.format(root=root, slide=str(tmp_path / "slide.tif"), out=str(tmp_path / "out")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("top level ran") == 1
+    found, true = done.stdout.split("cells")[1].split()
+    assert int(found) == int(true) > 20
