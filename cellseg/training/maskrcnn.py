@@ -23,7 +23,14 @@ from .checkpoint import TrainingState, check_output_folder
 from .crops import CropBatches, CropSettings, draw_probabilities, targets_to_device
 from .data import TrainImage, median_diameter_px
 from .loop import LoopSettings, hardware_description, optimiser_step, run_training
-from .warm_start import deepen_as_identity, initial_weights, load_matching, run_lineage, widen_anchor_ratios
+from .warm_start import (
+    deepen_as_identity,
+    initial_weights,
+    load_matching,
+    resumed_model,
+    run_lineage,
+    widen_anchor_ratios,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +150,14 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
         if not resume:
             init_state = widen_anchor_ratios(init_state, init_cfg.aspect_ratios, cfg.aspect_ratios)
     out.mkdir(parents=True, exist_ok=True)
-    lineage = run_lineage(out, resume, init, init_note)
+    lineage = run_lineage(out, resume, init, init_note, cfg.to_dict())
+    if resume and (started := resumed_model(out, lineage)) is not None:
+        # the checkpoint's network is the one the run started with (e.g. a candidate's ResNet-34), whatever the
+        # resuming command says or leaves out
+        if model_cfg is not None and model_cfg != started:
+            log.warning("resuming %s with the network it started with (%s), not the one given (%s)", out,
+                        started.backbone, model_cfg.backbone)
+        cfg = started
     card = {**(card or {}), **({"earlier_stages": lineage["earlier_stages"]} if lineage["earlier_stages"] else {})}
     for name, text in (files or {}).items():
         (out / name).write_text(text, encoding="utf-8")

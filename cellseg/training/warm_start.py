@@ -68,14 +68,18 @@ def init_lineage(init: str, init_note: str) -> dict:
             "earlier_stages": load_bundle(init).training_stages() if starts_from_bundle(init) else []}
 
 
-def run_lineage(out: Path, resume: bool, init: str, init_note: str) -> dict:
-    """The lineage (init_lineage) of the run in `out`: a new run writes it there (LINEAGE_FILE); a resumed one reads
-    it back, or, for a run begun before the file existed, takes `init`'s (pass the run's first --init once)."""
+def run_lineage(out: Path, resume: bool, init: str, init_note: str, model: dict | None = None) -> dict:
+    """The lineage (init_lineage) of the run in `out`: a new run writes it there (LINEAGE_FILE), with `model`, its
+    architecture (ModelConfig.to_dict); a resumed one reads it back, or, for a run begun before the file existed,
+    takes `init`'s (pass the run's first --init once)."""
     path = out / LINEAGE_FILE
     if resume and path.is_file():
         try:
             lineage = json.loads(path.read_text(encoding="utf-8"))
-            return {"init": str(lineage["init"]), "earlier_stages": list(lineage["earlier_stages"])}
+            kept = {"init": str(lineage["init"]), "earlier_stages": list(lineage["earlier_stages"])}
+            if "model" in lineage:
+                kept["model"] = dict(lineage["model"])
+            return kept
         except (ValueError, KeyError, TypeError) as e:
             raise CellsegError(f"expected {path} to hold the run's starting weights (init, earlier_stages), "
                                f"found unreadable JSON: {e}") from e
@@ -83,8 +87,21 @@ def run_lineage(out: Path, resume: bool, init: str, init_note: str) -> dict:
         log.warning("%s has no %s (a run begun before it existed): its card says it started from %s (--init)",
                     out, LINEAGE_FILE, init_note)
     lineage = init_lineage(init, init_note)
+    if model is not None and not resume:
+        lineage["model"] = model
     path.write_text(json.dumps(lineage, indent=1), encoding="utf-8")
     return lineage
+
+
+def resumed_model(out: Path, lineage: dict):
+    """The architecture (bundles.ModelConfig) a run resumed in `out` was started with: its lineage's, else (a run
+    begun before lineages recorded it) the bundle its last stop wrote there; None when neither says."""
+    from ..bundles import ModelConfig, load_bundle
+    if "model" in lineage:
+        return ModelConfig.from_dict(lineage["model"])
+    if (out / "model.toml").is_file():
+        return load_bundle(out).model
+    return None
 
 
 def load_matching(model: torch.nn.Module, state: dict) -> list[str]:

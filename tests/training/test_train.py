@@ -240,6 +240,31 @@ def test_a_resumed_fine_tune_keeps_the_bundle_it_started_from_in_its_card(tmp_pa
     assert (out / "lineage.json").is_file()
 
 
+def test_a_run_from_a_bundle_of_another_network_resumes_without_being_told_it(tmp_path, tiny_bundle):
+    """train_long.sh resumes with --resume alone: a run started from a bundle whose network is not the default (on
+    2026-11-27 a ResNet-34 candidate, resumed as a ResNet-18: "Unexpected key(s) in state_dict") goes on with the
+    network it started with, recorded in its lineage.json; a run begun before that was recorded, with the bundle
+    its last stop wrote."""
+    import json
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    start = load_bundle(tiny_bundle).model
+    assert start != type(start)()          # not the default network: a resume that builds the default fails
+    out = tmp_path / "run"
+    settings = TrainSettings(steps=2, batch_size=1, crop=64, checkpoint_every=1)
+    train(items, classes, out, settings, init=str(tiny_bundle), progress=False)
+    assert json.loads((out / "lineage.json").read_text())["model"] == start.to_dict()
+    settings.steps = 3
+    train(items, classes, out, settings, resume=True, progress=False)      # no init, no network
+    assert load_bundle(out).model == start and load_bundle(out).card["training"]["steps"] == 3
+    lineage = json.loads((out / "lineage.json").read_text())
+    del lineage["model"]
+    (out / "lineage.json").write_text(json.dumps(lineage))
+    settings.steps = 4
+    train(items, classes, out, settings, resume=True, progress=False)
+    assert load_bundle(out).model == start and load_bundle(out).card["training"]["steps"] == 4
+
+
 @pytest.mark.slow
 def test_init_coco_uses_a_local_torchvision_checkpoint(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
