@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from ..util import child_pipes, import_path, started_child
+from ..util import child_pipes, end_child, import_path, started_child
 
 
 class TablesProcess:
@@ -128,13 +128,7 @@ class TablesProcess:
 
     def _close(self) -> None:
         self._closed = True
-        self._send.close()
-        try:
-            self._process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._reply.close()
+        end_child(self._process, self._send, self._reply, timeout=60)
 
 
 @dataclass
@@ -201,13 +195,7 @@ def _taken_spare() -> tuple[subprocess.Popen, Connection, Connection] | None:
 
 
 def _end_spare(process: subprocess.Popen, send: Connection, reply: Connection) -> None:
-    send.close()        # the child reads the end of its pipe and leaves
-    reply.close()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    end_child(process, send, reply)
 
 
 @atexit.register

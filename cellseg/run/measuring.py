@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import queue
-import subprocess
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import Box, Instances
-from ..util import started_child
+from ..util import end_child, started_child
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +108,7 @@ class _Child:
     def close(self) -> None:
         """Let the process go: it reads the end of its pipe and leaves (after the tiles it was given)."""
         self._tasks.put(None)
-        self._send.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reply.close()
+        end_child(self.process, self._send, self._reply)
 
 
 _idle: list[_Child] = []

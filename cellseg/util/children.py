@@ -31,6 +31,17 @@ def started_child(module: str) -> tuple[subprocess.Popen, Connection, Connection
     return process, Connection(to_child_end, readable=False), Connection(from_child_end, writable=False)
 
 
+def end_child(process: subprocess.Popen, send: Connection, reply: Connection, timeout: float = 10.0) -> None:
+    """Let a child go: it reads the end of its pipe and leaves; killed if it has not within `timeout` seconds."""
+    send.close()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    reply.close()
+
+
 def child_pipes() -> tuple[Connection, Connection]:
     """In the child: the pipe ends from and to the parent (started_child's arguments)."""
     return Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False)
