@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import queue
+import subprocess
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -92,13 +93,24 @@ class _Child:
                 future.set_exception(MeasuringProcessError("a measuring process had ended"))
                 continue
             try:
-                self._send.send_bytes(pickle.dumps(message, protocol=5))
+                payload = pickle.dumps(message, protocol=5)
+            except Exception as e:      # the count's to raise: this thread must go on, or the count waits forever
+                future.set_exception(e)
+                continue
+            try:
+                self._send.send_bytes(payload)
                 kind, value = pickle.loads(self._reply.recv_bytes())
             except (OSError, EOFError):
                 self.broken = True
-                code = self.process.wait()
+                try:
+                    code = self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = "none yet"
                 future.set_exception(MeasuringProcessError(
                     f"a measuring process ended (exit code {code}) without measuring its tile"))
+                continue
+            except Exception as e:      # a reply that does not unpickle
+                future.set_exception(e)
                 continue
             if kind == "error":
                 future.set_exception(value)

@@ -114,3 +114,21 @@ def test_a_script_without_a_main_guard_counts_once(tmp_path):
     assert done.stdout.count("top level ran") == 1
     found, true = done.stdout.split("cells")[1].split()
     assert int(found) == int(true) > 20
+
+
+@pytest.mark.slow
+def test_a_measuring_process_that_dies_is_an_error_not_a_hang_and_is_replaced(tmp_path):
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, np.full((20, 20), 90, np.uint8))
+    box = Box(0, 0, 20, 20)
+    with pytest.raises(measuring.MeasuringProcessError, match="ended"), \
+            measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"]) as measurer:
+        killed = measurer._children[0]
+        killed.process.kill()      # as the kernel's out-of-memory killer would
+        killed.process.wait()
+        measurer.measure("tile", one_nucleus(3, 4), np.array([1]), box)
+        measurer.flush()
+    with measuring.TileMeasurer(1, slide, False, None, ["gray"], ["nucleus"]) as measurer:
+        assert measurer._children[0] is not killed
+        measured = measurer.measure("tile", one_nucleus(3, 4), np.array([1]), box) + measurer.flush()
+    assert measured[0][1]["mean_intensity_gray"][0] == 90.0
