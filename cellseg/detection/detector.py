@@ -80,13 +80,20 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
         rows = _bilinear_weights(first[at, 1], count[at, 1], low[at, 1], high[at, 1] - low[at, 1], cells, scale)
         cols = _bilinear_weights(first[at, 0], count[at, 0], low[at, 0], high[at, 0] - low[at, 0], cells, scale)
         above = (torch.bmm(torch.bmm(rows, padded[at]), cols.transpose(1, 2)) > threshold).cpu().numpy()
-        for k, i in enumerate(part):
-            (col0, row0), (cols_in, rows_in) = first_at[i], count_at[i]
-            crop = above[k, :rows_in, :cols_in]
-            in_rows, in_cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
-            if in_rows.size:
-                r0, r1, c0, c1 = in_rows[0], in_rows[-1] + 1, in_cols[0], in_cols[-1] + 1
-                pasted[i] = ((row0 + r0, col0 + c0, row0 + r1, col0 + c1), np.ascontiguousarray(crop[r0:r1, c0:c1]))
+        # each mask's tight bounds inside its own rows_in x cols_in, for the part at once (a loop over masks cost
+        # ~16 us a mask in Python: ~2 s of a 20480² slide's detection thread)
+        counts = np.asarray([count_at[i] for i in part]).reshape(-1, 2)     # (cols_in, rows_in)
+        above &= np.arange(above.shape[1])[None, :, None] < counts[:, 1, None, None]
+        above &= np.arange(above.shape[2])[None, None, :] < counts[:, 0, None, None]
+        in_rows, in_cols = above.any(2), above.any(1)
+        r0, c0 = in_rows.argmax(1), in_cols.argmax(1)
+        r1, c1 = in_rows.shape[1] - in_rows[:, ::-1].argmax(1), in_cols.shape[1] - in_cols[:, ::-1].argmax(1)
+        bounds = np.stack([r0, c0, r1, c1], axis=1).tolist()
+        for k in np.flatnonzero(in_rows.any(1)).tolist():
+            i, (b_r0, b_c0, b_r1, b_c1) = part[k], bounds[k]
+            col0, row0 = first_at[i]
+            pasted[i] = ((row0 + b_r0, col0 + b_c0, row0 + b_r1, col0 + b_c1),
+                         np.ascontiguousarray(above[k, b_r0:b_r1, b_c0:b_c1]))
         start = stop
     kept = sorted(pasted)
     boxes_out = np.asarray([pasted[i][0] for i in kept], np.int64).reshape(-1, 4)
