@@ -41,15 +41,21 @@ def test_measured_in_processes_the_result_files_are_the_same(tmp_path, monkeypat
     slide = tmp_path / "slide.tif"
     rgb_slide(slide, labels, seed=5)
     protocol = Protocol(name="test", tile_size=64, halo_px=20, batch_size=3, min_area_px=1, tissue_method="none")
+    from cellseg.results import ResultWriter
     outs = {}
-    for processes in (0, 2):
+    # measured in the thread; in 2 processes; in 2 processes with the result files written in this process (the
+    # label canvas then takes each tile's label image, painted here)
+    for key, processes, writers_apart in (("thread", 0, None), ("processes", 2, None), ("writers here", 2, False)):
         monkeypatch.setattr(measuring, "measure_processes", processes)
-        outs[processes] = tmp_path / f"out{processes}"
-        summary = count_with(LabelReadingDetector(labels), slide, outs[processes], protocol)
+        monkeypatch.setattr(ResultWriter, "tables_in_a_process", writers_apart)
+        outs[key] = tmp_path / key.replace(" ", "_")
+        summary = count_with(LabelReadingDetector(labels), slide, outs[key], protocol)
         assert summary["cell_count"] == len(np.unique(labels[labels > 0])) > 100
-    for name in ("cells.csv", "cells.geojson", "predictions.coco.json"):
-        assert (outs[2] / name).read_bytes() == (outs[0] / name).read_bytes(), name
-    assert np.array_equal(tifffile.imread(outs[2] / "labels.ome.tif"), tifffile.imread(outs[0] / "labels.ome.tif"))
+    for key in ("processes", "writers here"):
+        for name in ("cells.csv", "cells.geojson", "predictions.coco.json"):
+            assert (outs[key] / name).read_bytes() == (outs["thread"] / name).read_bytes(), (key, name)
+        assert np.array_equal(tifffile.imread(outs[key] / "labels.ome.tif"),
+                              tifffile.imread(outs["thread"] / "labels.ome.tif")), key
 
 
 def one_nucleus(row0: int, col0: int) -> Instances:
