@@ -135,7 +135,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "writer_process_rss_mb": round(writers[-1].writer_process_rss_mb() or 0),
             "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "path": path,
-            "measure_processes": measuring.measure_processes_for(measuring.cores())}
+            "measure_processes": measuring.measure_processes_for(len(os.sched_getaffinity(0)))}
 
 
 def measuring_pids() -> list[int]:

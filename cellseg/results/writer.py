@@ -46,6 +46,7 @@ from ..errors import WriteError
 from ..geometry import Box, Instances
 from ..planning import OUTPUT_FILES
 from ..tissue import TissueMask, write_tissue_png
+from ..util import usable_cores
 from ..util.threads import put_while
 from .cells_csv import CellsTableWriter
 from .cells_geojson import CellsGeoJsonWriter
@@ -371,7 +372,7 @@ class ResultWriter:
 
     @staticmethod
     def _cores() -> int:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return usable_cores()
 
     @classmethod
     def start_spare_processes(cls) -> None:

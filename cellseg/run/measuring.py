@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import Box, Instances
-from ..util import end_child, started_child
+from ..util import end_child, started_child, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,6 @@ IN_FLIGHT_PER_PROCESS = 4       # tiles handed over and not yet taken back, per 
 
 # None: by the cores (measure_processes_for); 0: in the count's thread; N: N processes (tests, benchmarks).
 measure_processes: int | None = None
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def measure_processes_for(n_cores: int) -> int:
@@ -148,7 +144,7 @@ def _give_back(children: list[_Child]) -> None:
 def start_spare_measurers() -> None:
     """Start, now, the measuring processes a count on this machine would use, so that their start (~0.3 s of a core:
     numpy, the slide readers) overlaps the caller's own (CellCounter.load: the network's loading)."""
-    _give_back(_take_children(measure_processes_for(cores())))
+    _give_back(_take_children(measure_processes_for(usable_cores())))
 
 
 def wait_for_spare_measurers(timeout: float = 60.0) -> None:

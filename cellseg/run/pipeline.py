@@ -65,9 +65,9 @@ from ..results import (
 )
 from ..slides import KEPT_BYTES, CachedSlide, Slide, open_slide
 from ..tissue import TissueFinder
-from ..util import StageTimer, in_background
+from ..util import StageTimer, in_background, usable_cores
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
-from .measuring import TileMeasurer, cores, measure_processes_for
+from .measuring import TileMeasurer, measure_processes_for
 
 if TYPE_CHECKING:
     from ..bundles import MicronScale
@@ -282,7 +282,7 @@ class SlideRun:
                           outputs=outputs) as result:
             # Measuring in processes of their own where there are the cores for it; cells grown from the nuclei
             # need the tiles' label images and pixels here, so they are measured in this thread.
-            processes = measure_processes_for(cores()) if expansion is None else 0
+            processes = measure_processes_for(usable_cores()) if expansion is None else 0
             measurer = TileMeasurer(processes, info.path, slide.skip_unreadable, info.mpp, plan.channel_names,
                                     class_names) if processes else None
             with measurer or nullcontext():

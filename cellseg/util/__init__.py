@@ -6,7 +6,7 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "children": ["child_pipes", "end_child", "import_path", "started_child"],
+    "children": ["child_pipes", "end_child", "import_path", "started_child", "usable_cores"],
     "memory": ["release_freed_memory"],
     "threads": ["fan_out", "in_background"],
     "timing": ["StageTimer"],
