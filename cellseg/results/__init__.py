@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     ],
     "labelstore": ["ChunkFiles", "LabelStore"],
     "ome": ["ome_metadata", "resolution_tags"],
-    "ome_pyramid": ["Panoptic", "write_label_images"],
+    "ome_pyramid": ["LabelPyramid", "Panoptic", "write_label_images"],
     "pictures": ["CELL_OUTLINE", "NUCLEUS_OUTLINE", "write_overlay_png"],
     "region_table": ["RegionTally", "write_regions_csv"],
     "report": [

@@ -222,6 +222,44 @@ def _compressed_tiles(blocks: Iterator[np.ndarray | _Constant | Callable[[], np.
             yield pending.popleft().result()
 
 
+class LabelPyramid:
+    """The label canvas's pyramid, built once: level k = level0[::2**k, ::2**k] (nearest, never interpolated) until
+    the longer side <= `tile`, levels >= 1 as chunk files inside the store's folder (_pyramid). It writes the label
+    images (`write`) and gives overlay.png its label thumbnail (`thumbnail`) from the deepest level that holds it,
+    so the thumbnail does not decode the whole canvas once more before the pyramids can start."""
+
+    def __init__(self, store: LabelStore, tile: int = 512):
+        if tile <= 0 or tile % 16:
+            raise ParameterError(f"expected a TIFF tile size that is a positive multiple of 16, got {tile}")
+        self.store, self.tile = store, int(tile)
+        self.levels = _pyramid(store, self.tile)
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """The same pixels as LabelStore.thumbnail(factor): canvas[::factor, ::factor], read from level k with
+        2**k the largest power of two dividing `factor` (a 2048² overlay of an 8192² slide is level 2 as it is)."""
+        if factor < 1:
+            raise ParameterError(f"expected a thumbnail factor >= 1, got {factor}")
+        k = 0
+        while k + 1 < len(self.levels) and factor % 2 ** (k + 1) == 0:
+            k += 1
+        if k == 0:
+            return self.store.thumbnail(factor)
+        level, step = self.levels[k], factor // 2 ** k
+        return level.blocks.read(0, level.shape[0], 0, level.shape[1], step)
+
+    def write(self, targets: dict[Path, Panoptic | None], mpp: float | None) -> None:
+        """Each path of `targets` as a pyramidal OME-TIFF: the labels as they are (None) or through a Panoptic
+        encoding (write_label_images)."""
+        if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+            raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
+        _write_pyramids_together(self.levels, targets, mpp, self.tile)
+
+    def remove(self) -> None:
+        """Delete the levels' chunk files (level 0 is the canvas: its store removes it)."""
+        for k in range(1, len(self.levels)):
+            shutil.rmtree(self.store.folder / f"_level{k}", ignore_errors=True)
+
+
 def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], mpp: float | None,
                        tile: int = 512) -> None:
     """Write the label canvas as a uint32 tiled pyramidal OME-TIFF (BigTIFF) to each path of `targets`: as is
@@ -232,16 +270,13 @@ def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], 
     PhysicalSizeX/Y = `mpp` in µm when known (and the TIFF resolution tags to match). Tiles are streamed from the
     store; peak memory is a few tiles per file.
     """
-    if tile <= 0 or tile % 16:
-        raise ParameterError(f"expected a TIFF tile size that is a positive multiple of 16, got {tile}")
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
-    levels = _pyramid(store, tile)
+    pyramid = LabelPyramid(store, tile)
     try:
-        _write_pyramids_together(levels, targets, mpp, tile)
+        pyramid.write(targets, mpp)
     finally:
-        for k in range(1, len(levels)):
-            shutil.rmtree(store.folder / f"_level{k}", ignore_errors=True)
+        pyramid.remove()
 
 
 def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None], mpp: float | None,

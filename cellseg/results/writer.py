@@ -52,7 +52,7 @@ from .cells_csv import CellsTableWriter
 from .cells_geojson import CellsGeoJsonWriter
 from .coco import CocoWriter
 from .labelstore import LabelStore
-from .ome_pyramid import Panoptic, write_label_images
+from .ome_pyramid import LabelPyramid, Panoptic
 from .pictures import write_overlay_png
 from .report_plots import histogram_png
 from .writer_process import TablesProcess, TableWriteError, start_spares
@@ -249,16 +249,23 @@ class LabelFiles:
 
     def close(self, panoptic: Panoptic, thumbnail: np.ndarray, thumb_factor: float, tissue: TissueMask,
               pictures_done: Callable[[], None] | None = None) -> None:
-        """The files: the pyramids, while the overlay is drawn (boundaries + PNG encoding, which release the GIL)
-        beside them; then the canvases go. pictures_done() is called once overlay.png is written (at once when it
-        is not asked for): what reads it (report.html) need not wait for the pyramids."""
+        """The files: each canvas's pyramid built once (LabelPyramid), then the label images written from it while
+        the overlay is drawn (boundaries + PNG encoding, which release the GIL) beside them, its label thumbnails
+        taken from the pyramid's levels; then the canvases go. pictures_done() is called once overlay.png is
+        written (at once when it is not asked for): what reads it (report.html) need not wait for the pyramids."""
         want = self.outputs.__contains__
+        targets = {self.out_dir / name: encode for name, encode in
+                   (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
+        cell_target = self.cell_store is not None and want("cell_labels.ome.tif")
+        names = ", ".join(p.name for p in targets)
+        nuclei = _named(names, LabelPyramid, self.nucleus_store) if targets else self.nucleus_store
+        cells = _named("cell_labels.ome.tif", LabelPyramid, self.cell_store) if cell_target else self.cell_store
         with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:
             overlay = None
             if want("overlay.png"):
                 factor = max(1, int(round(thumb_factor)))
-                nucleus_thumbnail = self.nucleus_store.thumbnail(factor)
-                cell_thumbnail = self.cell_store.thumbnail(factor) if self.cell_store is not None else None
+                nucleus_thumbnail = nuclei.thumbnail(factor)
+                cell_thumbnail = cells.thumbnail(factor) if cells is not None else None
                 overlay = background.submit(_named, "overlay.png", write_overlay_png, thumbnail, nucleus_thumbnail,
                                             self.out_dir / "overlay.png", cell_thumbnail)
             if pictures_done is not None:
@@ -266,13 +273,10 @@ class LabelFiles:
                     pictures_done()
                 else:       # only once written: a failure is raised below, after the pyramids
                     overlay.add_done_callback(lambda done: done.exception() is None and pictures_done())
-            targets = {self.out_dir / name: encode for name, encode in
-                       (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
             if targets:
-                _named(", ".join(p.name for p in targets), write_label_images, self.nucleus_store, targets, self.mpp)
-            if self.cell_store is not None and want("cell_labels.ome.tif"):
-                _named("cell_labels.ome.tif", write_label_images, self.cell_store,
-                       {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
+                _named(names, nuclei.write, targets, self.mpp)
+            if cell_target:
+                _named("cell_labels.ome.tif", cells.write, {self.out_dir / "cell_labels.ome.tif": None}, self.mpp)
             if overlay is not None:
                 overlay.result()
         self.remove()

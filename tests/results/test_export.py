@@ -21,6 +21,7 @@ from cellseg.results import (
     CellsTableWriter,
     ChunkFiles,
     CocoWriter,
+    LabelPyramid,
     LabelStore,
     Panoptic,
     crop_rle,
@@ -62,6 +63,19 @@ def test_label_store_paint_read_thumbnail(tmp_path):
         thumb = store.thumbnail(factor)
         assert thumb.dtype == np.uint32
         np.testing.assert_array_equal(thumb, ref[::factor, ::factor])
+
+
+def test_the_pyramid_gives_the_overlay_the_same_label_thumbnail_as_the_canvas(tmp_path):
+    # overlay.png's labels come from the deepest pyramid level that holds them (a factor of 4: level 2 read as it
+    # is; 12: level 2 every third pixel; odd: the canvas): the same pixels as the canvas's own thumbnail
+    store, ref = _painted_store(tmp_path, height=700, width=530, chunk=64)
+    pyramid = LabelPyramid(store, tile=128)
+    assert len(pyramid.levels) == 4                       # 700 -> 350 -> 175 -> 88 px
+    for factor in (1, 2, 3, 4, 6, 8, 12, 16, 24, 48, 1000):
+        np.testing.assert_array_equal(pyramid.thumbnail(factor), ref[::factor, ::factor])
+        np.testing.assert_array_equal(pyramid.thumbnail(factor), store.thumbnail(factor))
+    pyramid.remove()
+    assert not list(store.folder.glob("_level*"))
 
 
 @pytest.mark.parametrize("cached_chunks", [1, 3])

@@ -104,7 +104,7 @@ class FullAt(LabelFiles):
 
 
 class FullPyramids(FullAt):
-    function = "write_label_images"
+    function = "LabelPyramid"       # building the label pyramids (their chunk files) fills the disk
 
 
 class FullOverlay(FullAt):

@@ -54,6 +54,25 @@ def test_mask_geometry():
     assert t.at(np.array([0, 9, 10]), np.array([19, 20])).tolist() == [[True, False], [True, False], [False, False]]
 
 
+def test_tissue_at_any_pixels_is_the_mask_pixel_each_falls_in():
+    # `at` repeats the mask pixels that runs of equal indices sample (panoptic.ome.tif's tiles): the same as
+    # indexing the mask once per level-0 pixel, for any factors, strides, orders and empty selections
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        mask = rng.random((int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < 0.5
+        row_factor, col_factor = float(rng.uniform(0.3, 20)), float(rng.uniform(0.3, 20))
+        t = TissueMask(mask, row_factor, col_factor, "otsu")
+        height = max(1, int(mask.shape[0] * row_factor))
+        rows = rng.integers(0, height, int(rng.integers(0, 300)))
+        if trial % 2:
+            rows = np.sort(rows)
+        cols = np.arange(int(rng.integers(0, 300))) * int(rng.integers(1, 4))
+        ri = np.minimum((rows // row_factor).astype(int), mask.shape[0] - 1)
+        ci = np.minimum((cols // col_factor).astype(int), mask.shape[1] - 1)
+        got = t.at(rows, cols)
+        assert got.dtype == bool and np.array_equal(got, mask[ri][:, ci]), trial
+
+
 @pytest.mark.parametrize("radius", [0, 1, 2, 3, 7, 16])
 def test_the_tissue_margin_disk_is_scikit_images(radius):
     from skimage.morphology import disk as skimage_disk
