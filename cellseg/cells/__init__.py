@@ -14,5 +14,5 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     ],
     "expansion_rows": ["CellExpansion", "FinalNuclei", "expand_tile"],
     "merge": ["SeamMerger", "SeamStats", "centroids_and_areas", "overlapping_pairs", "owned_instances"],
-    "nucleus_measure": ["label_and_measure", "label_tile", "measure_tile", "nucleus_columns"],
+    "nucleus_measure": ["label_and_measure", "label_tile", "measure_tile", "nucleus_columns", "painted_tile"],
 })

@@ -52,35 +52,44 @@ def nucleus_columns(channel_names: list[str]) -> dict[str, str]:
 
 def label_tile(nuclei: Instances, ids: np.ndarray, box: Box) -> np.ndarray:
     """uint32 label image over `box` with each nucleus painted as its id (nuclei must lie inside box)."""
+    return painted_tile(nuclei, ids, box)[0]
+
+
+def painted_tile(nuclei: Instances, ids: np.ndarray, box: Box) -> tuple[np.ndarray, MaskRows | None]:
+    """label_tile's image, and the nuclei's masks as MaskRows in the box's frame when they were painted whole (no
+    two overlap, every id nonzero: each labelled pixel is its nucleus's mask pixel, which measure_tile then need not
+    check again); None when a later nucleus painted over an earlier one."""
     labels = np.zeros(box.shape, np.uint32)
-    rows = MaskRows.of(nuclei.boxes, nuclei.masks)
+    boxes = np.asarray(nuclei.boxes, np.int64).reshape(-1, 4) - np.array([box.row0, box.col0] * 2)
+    rows = MaskRows.of(boxes, nuclei.masks)
     if len(rows.mask):
         left, right = rows.ends()
-        if (rows.y.min() < box.row0 or rows.y.max() >= box.row1 or left.min() < box.col0
-                or right.max() >= box.col1):
+        if rows.y.min() < 0 or rows.y.max() >= box.height or left.min() < 0 or right.max() >= box.width:
             raise ValueError(f"expected nuclei inside {box}")
-    index = rows.canvas_index(box.row0, box.col0, box.width)
+    index = rows.canvas_index(0, 0, box.width)
     labels.reshape(-1)[index] = np.repeat(np.asarray(ids)[rows.mask], rows.count)
-    if np.count_nonzero(labels) != len(index):
-        # Overlapping masks: paint one by one so that the later nucleus wins, as documented.
-        labels[:] = 0
-        for nid, nbox, mask in zip(ids, nuclei.boxes, nuclei.masks):
-            view = labels[nbox[0] - box.row0:nbox[2] - box.row0, nbox[1] - box.col0:nbox[3] - box.col0]
-            view[mask] = nid
-    return labels
+    if np.count_nonzero(labels) == len(index):
+        return labels, rows
+    # Overlapping masks: paint one by one so that the later nucleus wins, as documented.
+    labels[:] = 0
+    for nid, nbox, mask in zip(ids, boxes, nuclei.masks):
+        labels[nbox[0]:nbox[2], nbox[1]:nbox[3]][mask] = nid
+    return labels, None
 
 
 def measure_tile(nuclei: Instances, ids: np.ndarray, labels: np.ndarray, pixels: np.ndarray, box: Box,
-                 mpp: float | None, channel_names: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
+                 mpp: float | None, channel_names: list[str], class_names: list[str],
+                 rows: MaskRows | None = None) -> dict[str, np.ndarray]:
     """Measure the nuclei of one tile.
 
-    labels: uint32 (h, w) from label_tile over `box`; pixels: (h, w, C) original slide pixels of `box`.
+    labels: uint32 (h, w) from label_tile over `box`; pixels: (h, w, C) original slide pixels of `box`; rows: the
+    MaskRows painted_tile gives with `labels` (the labels then known to be exactly the masks), or None.
     Returns columns in nucleus_columns() order, rows in the order of `ids`.
     """
     ids = np.asarray(ids, np.int64)
     n = len(ids)
     height, width = labels.shape
-    px = _NucleusPixels(nuclei, ids, labels, box)
+    px = _NucleusPixels(nuclei, ids, labels, box, rows)
     geo = _moments(px)
     scale = np.nan if mpp is None else float(mpp)
     class_ids = np.asarray(nuclei.class_ids, np.int64)
@@ -127,7 +136,8 @@ def label_and_measure(nuclei: Instances, ids: np.ndarray, box: Box, pixels: np.n
                       channel_names: list[str], class_names: list[str]) -> dict[str, np.ndarray]:
     """measure_tile on the label image label_tile paints: one tile's measurements from its nuclei and pixels alone
     (what a measuring process is handed: run/measuring.py)."""
-    return measure_tile(nuclei, ids, label_tile(nuclei, ids, box), pixels, box, mpp, channel_names, class_names)
+    labels, rows = painted_tile(nuclei, ids, box)
+    return measure_tile(nuclei, ids, labels, pixels, box, mpp, channel_names, class_names, rows)
 
 
 class _NucleusPixels:
@@ -140,23 +150,29 @@ class _NucleusPixels:
     Per pixel: `index` (flat, in the label image), `nucleus` (0 .. n - 1), `row`.
     """
 
-    def __init__(self, nuclei: Instances, ids: np.ndarray, labels: np.ndarray, box: Box):
+    def __init__(self, nuclei: Instances, ids: np.ndarray, labels: np.ndarray, box: Box,
+                 painted: MaskRows | None = None):
         self.n = len(ids)
         self.boxes = boxes = np.asarray(nuclei.boxes, np.int64).reshape(-1, 4) - np.array([box.row0, box.col0] * 2)
         width = labels.shape[1]
+        if painted is not None:     # painted_tile's: the labels are these masks, painted whole
+            self._set(painted, painted.canvas_index(0, 0, width))
+            return
         rows = MaskRows.of(boxes, nuclei.masks)
-        painted = np.repeat(ids[rows.mask], rows.count)
         index = rows.canvas_index(0, 0, width)
         left, right = rows.ends()
         inside = len(index) == 0 or (rows.y.min() >= 0 and rows.y.max() < labels.shape[0] and left.min() >= 0
                                      and right.max() < width)
         if not (inside and np.count_nonzero(labels) == len(index)
-                and np.array_equal(labels.reshape(-1)[index], painted)):
+                and np.array_equal(labels.reshape(-1)[index], np.repeat(ids[rows.mask], rows.count))):
             if (boxes[:, :2] < 0).any() or (boxes[:, 2] > labels.shape[0]).any() or (boxes[:, 3] > width).any():
                 raise ValueError(f"expected nuclei inside {box}")
             masks = [labels[b[0]:b[2], b[1]:b[3]] == nid for b, nid in zip(boxes, ids)]
             rows = MaskRows.of(boxes, masks)
             index = rows.canvas_index(0, 0, width)
+        self._set(rows, index)
+
+    def _set(self, rows: MaskRows, index: np.ndarray) -> None:
         self.rows, self.index = rows, index
         self.nucleus = rows.pixel_masks()                # per pixel: its nucleus
         self.row = np.repeat(rows.y, rows.count)         # per pixel: its row in the tile

@@ -42,6 +42,7 @@ from ..cells import (
     label_tile,
     measure_tile,
     owned_instances,
+    painted_tile,
 )
 from ..geometry import Band, Instances, TileDetections, TileDetector, TileSpec, seam_band_px
 from ..planning import Calibration, Protocol, RegionFile, SlidePlan, plan_slide, tiles_per_pass
@@ -493,10 +494,10 @@ class NucleusEmitter:
                 self._write_rows(done_tile, done_ids, done_part, rows)
             return
         with self.timer("measure"):
-            labels = label_tile(part, ids, tile.read)
+            labels, painted = painted_tile(part, ids, tile.read)
             pixels = self.slide.read_region(tile.read)
             rows = measure_tile(part, ids, labels, pixels, tile.read, self.slide.info.mpp,
-                                self.channel_names, self.class_names)
+                                self.channel_names, self.class_names, painted)
         self._write_rows(tile, ids, part, rows, labels, pixels)
 
     def _flush(self) -> None:

@@ -18,7 +18,7 @@ import pytest
 from scipy import ndimage
 from skimage.measure import regionprops_table
 
-from cellseg.cells import label_tile, measure_tile, nucleus_columns
+from cellseg.cells import label_tile, measure_tile, nucleus_columns, painted_tile
 from cellseg.geometry import Box, Instances
 
 CHANNELS = ["dapi", "gfp"]
@@ -146,6 +146,23 @@ def test_every_column_matches_regionprops(seed):
     assert want["solidity"].min() < 0.9 and want["eccentricity"].max() > 0.99   # the shapes were varied
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_masks_painted_whole_are_measured_without_checking_them_again(seed):
+    # painted_tile hands measure_tile the masks' rows when no two overlapped: every column is what measure_tile
+    # gives after checking the label image against the masks itself
+    labels = random_label_tile(seed)
+    box = Box(300, 700, 300 + labels.shape[0], 700 + labels.shape[1])
+    nuclei, ids = nuclei_of(labels, (box.row0, box.col0), np.random.default_rng(seed))
+    painted, rows = painted_tile(nuclei, ids, box)
+    assert rows is not None
+    np.testing.assert_array_equal(painted, label_tile(nuclei, ids, box))
+    pixels = np.random.default_rng(seed).integers(0, 60000, (*labels.shape, len(CHANNELS))).astype(np.uint16)
+    checked = measure_tile(nuclei, ids, painted, pixels, box, 0.25, CHANNELS, ["nucleus", "other"])
+    trusted = measure_tile(nuclei, ids, painted, pixels, box, 0.25, CHANNELS, ["nucleus", "other"], rows)
+    for column, values in checked.items():
+        np.testing.assert_array_equal(trusted[column], values, err_msg=column)
+
+
 def test_overlapping_masks_are_measured_as_painted():
     """Masks that overlap (not from cells/merge.py): label_tile paints in order, the later nucleus wins, and
     measure_tile measures what the label image holds, as regionprops on it does."""
@@ -156,7 +173,8 @@ def test_overlapping_masks_are_measured_as_painted():
                       np.array([0.9, 0.8, 0.7], np.float32), np.array([1, 1, 1]), np.zeros(3, np.int64),
                       np.zeros(3, bool))
     ids = np.array([5, 9, 2])
-    labels = label_tile(nuclei, ids, box)
+    labels, rows = painted_tile(nuclei, ids, box)
+    assert rows is None                                          # not the masks as they are: measured as painted
     assert (labels == 2).sum() == bar.sum()                      # painted last: whole
     assert (labels == 5).sum() < disc.sum() and (labels == 9).sum() < disc.sum()
     check_against_regionprops(nuclei, ids, labels, box, seed=1)
