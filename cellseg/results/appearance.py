@@ -114,7 +114,7 @@ def appearance_check(summary: dict, run: dict, cells) -> dict | None:
     features = appearance_features(summary, run, cells)
     score = reference.score(features)
     return {"score": round(score, 3), "threshold": round(reference.threshold, 3), "unlike": bool(score > reference.threshold),
-            "key": key, "features": {k: round(v, 4) for k, v in features.items()},
+            "key": key, "features": {k: round(v, 4) for k, v in features.items()}, "nuclei": len(cells),
             "note": "mean robust distance to the 3 nearest validation images of this kind; the threshold: 95 % of "
                     "validation images, each against the other groups', stay under it"}
 
@@ -122,6 +122,13 @@ def appearance_check(summary: dict, run: dict, cells) -> dict | None:
 def appearance_warning(check: dict | None) -> str | None:
     if not check or not check.get("unlike"):
         return None
+    if check.get("nuclei", MIN_NUCLEI) < MIN_NUCLEI:
+        # no nuclei to compare: the score says only that the model found (almost) none, which a truly empty field
+        # (glass, an empty well) also gives
+        return (f"{check['nuclei']} nuclei found, which is unlike anything the model was validated on: if the slide "
+                f"holds nuclei, the model does not see them (another stain, modality or magnification: check the "
+                f"protocol, e.g. --protocol he-nuclei for H&E, and the pixel size, --mpp); if it holds none, ignore "
+                f"this")
     return (f"this slide is unlike anything the model was validated on (appearance score {check['score']:.1f}, above "
             f"the {check['threshold']:.1f} that 95 % of validation images stay under: its stain, nucleus size or the "
             f"model's confidence differ): the count and its interval may be off by more than they say. Look at the "

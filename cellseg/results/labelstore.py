@@ -17,7 +17,6 @@ import numpy as np
 from ..errors import ParameterError
 from ..geometry import Box
 
-
 _scratch = threading.local()       # ChunkFiles._decoded_scratch's buffer, one per thread
 
 

@@ -200,6 +200,8 @@ def test_a_slide_whose_nuclei_the_model_cannot_see_is_unlike_anything_validated(
                           protocol, run_info=RunInfo(model=_model(bundle)))
         blind = count_with(BlindDetector(labels, score=None), tmp_path / "new.tif", tmp_path / "blind",
                            protocol, run_info=RunInfo(model=_model(bundle)))
+        nothing = count_with(LabelReadingDetector(np.zeros_like(labels), score=None), tmp_path / "new.tif",
+                             tmp_path / "nothing", protocol, run_info=RunInfo(model=_model(bundle)))
     finally:
         (bundle / "appearance.json").unlink()
     assert not seen["appearance"]["unlike"] and not any("unlike anything" in w for w in seen["warnings"])
@@ -208,3 +210,8 @@ def test_a_slide_whose_nuclei_the_model_cannot_see_is_unlike_anything_validated(
     saved = json.loads((tmp_path / "blind" / "summary.json").read_text())
     assert saved["appearance"] == blind["appearance"] and saved["warnings"] == blind["warnings"]
     assert "unlike anything the model was validated on" in (tmp_path / "blind" / "report.html").read_text()
+    # no nucleus found: the warning says so, and that an empty field gives it too (no score to quote)
+    assert nothing["cell_count"] == 0 and nothing["appearance"]["unlike"] and nothing["appearance"]["nuclei"] == 0
+    (warning,) = [w for w in nothing["warnings"] if "unlike anything" in w]
+    assert warning.startswith("0 nuclei found") and "if it holds none, ignore this" in warning
+    assert "appearance score" not in warning
