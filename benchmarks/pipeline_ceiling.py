@@ -49,6 +49,7 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
     measuring.measure_processes = None if measure_processes == "auto" else int(measure_processes)
     from cellseg.planning import load_protocol
     from cellseg.run import CellCounter
+    from cellseg.util import usable_cores
 
     writers = keep_result_writers()
     report_s = []
@@ -134,8 +135,8 @@ def child(slide: Path, out: Path, tissue: str, cpus: int | None, outputs: str = 
             "stages_s": summary["seconds"], "write_parts_s": parts,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "writer_process_rss_mb": round(writers[-1].writer_process_rss_mb() or 0),
-            "cpu_cores": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(), "path": path,
-            "measure_processes": measuring.measure_processes_for(len(os.sched_getaffinity(0)))}
+            "cpu_cores": usable_cores(), "cpu_model": cpu_model(), "path": path,
+            "measure_processes": measuring.measure_processes_for(usable_cores())}
 
 
 def measuring_pids() -> list[int]:

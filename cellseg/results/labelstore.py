@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ParameterError
 from ..geometry import Box
 
-_scratch = threading.local()       # ChunkFiles._decoded_scratch's buffer, one per thread
+_scratch = threading.local()       # ChunkFiles.decoded's scratch buffer, one per thread
 
 
 def chunks_under(start: int, stop: int, chunk: int) -> range:
@@ -54,23 +54,21 @@ class ChunkFiles:
             return np.zeros(self.block_shape(i, j), np.uint32)
         return self.decoded(i, j).astype(np.uint32)   # a copy, in native byte order
 
-    def decoded(self, i: int, j: int) -> np.ndarray:
-        """Written block (i, j) as a read-only view of its decoded bytes (no copy: reads slice it straight away)."""
-        from imagecodecs import zstd_decode
-        raw = zstd_decode(self._path(i, j).read_bytes())
-        return np.frombuffer(raw, "<u4").reshape(self.block_shape(i, j))
-
-    def _decoded_scratch(self, i: int, j: int) -> np.ndarray:
-        """Written block (i, j) decoded into this thread's scratch buffer: valid until the thread's next call. For
-        reads that copy out of it at once: decoding a 1 MB chunk into fresh memory cost 0.8 ms, most of it the
-        kernel handing out new pages, against 0.12 ms into memory used before."""
+    def decoded(self, i: int, j: int, scratch: bool = False) -> np.ndarray:
+        """Written block (i, j) as a read-only view of its decoded bytes (no copy: reads slice it straight away).
+        scratch: decoded into this thread's scratch buffer, valid until the thread's next such call, for reads that
+        copy out of it at once: decoding a 1 MB chunk into fresh memory cost 0.8 ms, most of it the kernel handing
+        out new pages, against 0.12 ms into memory used before."""
         from imagecodecs import zstd_decode
         shape = self.block_shape(i, j)
         size = shape[0] * shape[1] * 4
-        scratch = getattr(_scratch, "buffer", None)
-        if scratch is None or len(scratch) < size:
-            scratch = _scratch.buffer = np.empty(size, np.uint8)
-        raw = zstd_decode(self._path(i, j).read_bytes(), out=scratch[:size])
+        out = None
+        if scratch:
+            out = getattr(_scratch, "buffer", None)
+            if out is None or len(out) < size:
+                out = _scratch.buffer = np.empty(size, np.uint8)
+            out = out[:size]
+        raw = zstd_decode(self._path(i, j).read_bytes(), out=out)
         return np.frombuffer(raw, "<u4", count=shape[0] * shape[1]).reshape(shape)
 
     def store(self, i: int, j: int, block: np.ndarray) -> None:
@@ -100,8 +98,8 @@ class ChunkFiles:
                 first_c = col0 + -(-(max(col0, j * c) - col0) // step) * step
                 if first_c >= min(col1, (j + 1) * c) or (i, j) not in self.written:
                     continue
-                part = self._decoded_scratch(i, j)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
-                                                   first_c - j * c:min(col1, (j + 1) * c) - j * c:step]
+                part = self.decoded(i, j, scratch=True)[first_r - i * c:min(row1, (i + 1) * c) - i * c:step,
+                                                        first_c - j * c:min(col1, (j + 1) * c) - j * c:step]
                 r, k = (first_r - row0) // step, (first_c - col0) // step
                 out[r:r + part.shape[0], k:k + part.shape[1]] = part
         return out

@@ -250,8 +250,7 @@ class LabelPyramid:
     def write(self, targets: dict[Path, Panoptic | None], mpp: float | None) -> None:
         """Each path of `targets` as a pyramidal OME-TIFF: the labels as they are (None) or through a Panoptic
         encoding (write_label_images)."""
-        if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-            raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
+        _check_mpp(mpp)
         _write_pyramids_together(self.levels, targets, mpp, self.tile)
 
     def remove(self) -> None:
@@ -270,13 +269,17 @@ def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], 
     PhysicalSizeX/Y = `mpp` in µm when known (and the TIFF resolution tags to match). Tiles are streamed from the
     store; peak memory is a few tiles per file.
     """
-    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
-        raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
+    _check_mpp(mpp)      # before the pyramid is built
     pyramid = LabelPyramid(store, tile)
     try:
         pyramid.write(targets, mpp)
     finally:
         pyramid.remove()
+
+
+def _check_mpp(mpp: float | None) -> None:
+    if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
+        raise ParameterError(f"expected a positive pixel size in µm/px, got {mpp}")
 
 
 def _write_pyramids_together(levels: list, targets: dict[Path, Panoptic | None], mpp: float | None,

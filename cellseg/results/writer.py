@@ -258,6 +258,7 @@ class LabelFiles:
                    (("labels.ome.tif", None), ("panoptic.ome.tif", panoptic)) if want(name)}
         cell_target = self.cell_store is not None and want("cell_labels.ome.tif")
         names = ", ".join(p.name for p in targets)
+        # a canvas's pyramid where its label image is written, else the canvas itself: both give the thumbnail
         nuclei = _named(names, LabelPyramid, self.nucleus_store) if targets else self.nucleus_store
         cells = _named("cell_labels.ome.tif", LabelPyramid, self.cell_store) if cell_target else self.cell_store
         with ThreadPoolExecutor(1, thread_name_prefix="cellseg-overlay") as background:

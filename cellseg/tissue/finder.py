@@ -69,10 +69,8 @@ class TissueMask:
         ri, ci = self._mask_index(rows, cols)
         # Each mask pixel covers many level-0 pixels: the mask pixels the runs of equal indices sample, repeated
         # (0.1 ms for a 512² tile at 16 px per mask pixel, against 0.75 ms for a gather of every pixel)
-        r_starts = np.flatnonzero(np.r_[True, ri[1:] != ri[:-1]]) if len(ri) else ri
-        c_starts = np.flatnonzero(np.r_[True, ci[1:] != ci[:-1]]) if len(ci) else ci
-        sampled = self.mask[ri[r_starts]][:, ci[c_starts]]
-        return sampled.repeat(np.diff(np.r_[c_starts, len(ci)]), 1).repeat(np.diff(np.r_[r_starts, len(ri)]), 0)
+        (r_first, r_len), (c_first, c_len) = _runs(ri), _runs(ci)
+        return self.mask[ri[r_first]][:, ci[c_first]].repeat(c_len, 1).repeat(r_len, 0)
 
     def constant(self, rows: np.ndarray, cols: np.ndarray) -> bool | None:
         """For level-0 pixel rows rows[0]..rows[-1] x cols[0]..cols[-1] (ascending): True (False) when every mask
@@ -110,6 +108,12 @@ class TissueMask:
         ri = np.minimum((np.asarray(rows) // self.row_factor).astype(np.int64), self.mask.shape[0] - 1)
         ci = np.minimum((np.asarray(cols) // self.col_factor).astype(np.int64), self.mask.shape[1] - 1)
         return ri, ci
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of equal consecutive values starts, and its length."""
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.zeros(0, np.int64)
+    return starts, np.diff(np.r_[starts, len(values)])
 
 
 def view_side(height: int, width: int, mpp: float | None, um_per_px: float = VIEW_UM_PER_PX) -> int:
