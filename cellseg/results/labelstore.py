@@ -33,13 +33,21 @@ class ChunkFiles:
     to read and ~5 ms to write a chunk, against 0.3-0.6 ms to compress or decompress a label chunk, and that
     overhead would be most of the label-writing time of a big slide. Threads may store distinct blocks at once
     (the pyramid's levels are built so); one block is written by one thread at a time.
+
+    The first `memory_bytes` of compressed blocks stay in memory and only the rest go to files: creating a file
+    cost 0.8 ms a block on our VMs' disks against 0.4 ms to compress it, and label blocks compress to a few kB
+    (2 kB each on a dense 8192² slide), so a whole slide's canvas usually never touches the disk, and memory
+    stays bounded by the budget whatever the slide's size.
     """
 
-    def __init__(self, folder: Path, height: int, width: int, chunk: int):
+    def __init__(self, folder: Path, height: int, width: int, chunk: int, memory_bytes: int = 64 << 20):
         self.folder, self.shape, self.chunk = Path(folder), (int(height), int(width)), int(chunk)
         shutil.rmtree(self.folder, ignore_errors=True)   # the folder belongs to this store
         self.folder.mkdir(parents=True)
-        self.written: set[tuple[int, int]] = set()      # blocks on disk; the rest are 0
+        self.written: set[tuple[int, int]] = set()      # blocks stored (in memory or on disk); the rest are 0
+        self._held: dict[tuple[int, int], bytes] = {}   # compressed blocks kept in memory
+        self._held_bytes, self._memory_bytes = 0, int(memory_bytes)
+        self._lock = threading.Lock()                   # the budget's bookkeeping, for threads storing at once
 
     def _path(self, i: int, j: int) -> Path:
         return self.folder / f"{i}.{j}.zst"
@@ -68,7 +76,8 @@ class ChunkFiles:
             if out is None or len(out) < size:
                 out = _scratch.buffer = np.empty(size, np.uint8)
             out = out[:size]
-        raw = zstd_decode(self._path(i, j).read_bytes(), out=out)
+        data = self._held.get((i, j))
+        raw = zstd_decode(data if data is not None else self._path(i, j).read_bytes(), out=out)
         return np.frombuffer(raw, "<u4", count=shape[0] * shape[1]).reshape(shape)
 
     def store(self, i: int, j: int, block: np.ndarray) -> None:
@@ -76,12 +85,22 @@ class ChunkFiles:
         from imagecodecs import zstd_encode
         if block.shape != self.block_shape(i, j):
             raise ValueError(f"expected block ({i}, {j}) of shape {self.block_shape(i, j)}, got {block.shape}")
-        if not block.any():
-            if (i, j) in self.written:
-                self._path(i, j).unlink()
-                self.written.discard((i, j))
+        data = zstd_encode(np.ascontiguousarray(block, "<u4"), level=1) if block.any() else None
+        with self._lock:
+            old = self._held.pop((i, j), None)
+            if old is not None:
+                self._held_bytes -= len(old)
+            in_memory = data is not None and self._held_bytes + len(data) <= self._memory_bytes
+            if in_memory:
+                self._held[(i, j)] = data
+                self._held_bytes += len(data)
+        if old is None and (i, j) in self.written and (data is None or in_memory):
+            self._path(i, j).unlink()       # its older version was on disk
+        if data is None:
+            self.written.discard((i, j))
             return
-        self._path(i, j).write_bytes(zstd_encode(np.ascontiguousarray(block, "<u4"), level=1))
+        if not in_memory:
+            self._path(i, j).write_bytes(data)
         self.written.add((i, j))
 
     def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
@@ -115,19 +134,24 @@ class LabelStore:
     the caller removes it with `remove()` (or by deleting its parent folder). Never holds the slide
     in memory: every method touches a bounded number of chunks at a time.
 
+    memory_bytes: how much of the compressed canvas stays in memory (the rest in files), and as much for each
+    level of the pyramid written from it (ChunkFiles).
+
     Painting goes through a write-back cache of decoded chunks (at most `cache_bytes`, least recently painted
     evicted first): tiles overlap by their halos, so a chunk is painted by up to nine tiles, and compressing it
     to disk after each of them cost ~12 ms a tile (~3 s on an 8192² slide). Reads flush the cache first.
     """
 
-    def __init__(self, folder: Path, height: int, width: int, chunk: int = 512, cache_bytes: int = 64 << 20):
+    def __init__(self, folder: Path, height: int, width: int, chunk: int = 512, cache_bytes: int = 64 << 20,
+                 memory_bytes: int = 64 << 20):
         if height <= 0 or width <= 0:
             raise ParameterError(f"expected a label canvas of positive size, got {height} x {width} px")
         if chunk <= 0:
             raise ParameterError(f"expected a positive chunk size, got {chunk}")
         self.folder = Path(folder)
         self.chunk = int(chunk)
-        self._blocks = ChunkFiles(self.folder, height, width, self.chunk)
+        self.memory_bytes = int(memory_bytes)      # compressed chunks held in memory (ChunkFiles), per level
+        self._blocks = ChunkFiles(self.folder, height, width, self.chunk, self.memory_bytes)
         # (chunk row, chunk col) of every chunk ever painted: the rest is known to be 0 without reading it
         self.written_chunks: set[tuple[int, int]] = set()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()   # decoded chunks not yet on disk

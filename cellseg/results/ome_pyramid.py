@@ -80,7 +80,7 @@ def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
         while max(h, w) > tile:
             prev = levels[-1]
             h, w = -(-h // 2), -(-w // 2)
-            blocks = ChunkFiles(store.folder / f"_level{len(levels)}", h, w, c)
+            blocks = ChunkFiles(store.folder / f"_level{len(levels)}", h, w, c, store.memory_bytes)
 
             def build(r: int, col: int, prev=prev, blocks=blocks) -> None:
                 block = prev.read(2 * r, 2 * (r + c), 2 * col, 2 * (col + c), step=2)
@@ -192,8 +192,14 @@ def _compressed_tiles(blocks: Iterator[np.ndarray | _Constant | Callable[[], np.
     def constant_key(block: np.ndarray | _Constant) -> tuple | None:
         if isinstance(block, _Constant):
             return block.value, block.shape
-        first = block.flat[0] if block.size else 0
-        return (int(first), block.shape) if block.size and not (block != first).any() else None
+        if not block.size:
+            return None
+        first = block.flat[0]
+        # a sparse sample first: a tile with cells almost always differs there, and the full pass over 1 MB is
+        # then skipped (it was ~0.3 ms a tile)
+        if (block[::31, ::37] != first).any() or (block != first).any():
+            return None
+        return int(first), block.shape
 
     def tile_bytes(block: np.ndarray | _Constant) -> bytes:
         key = constant_key(block)

@@ -235,8 +235,9 @@ def test_panoptic_tiles_without_cells_match_the_pixel_by_pixel_encoding(tmp_path
 
 
 def test_labels_ome_tiff_memory_is_a_few_tiles(tmp_path):
-    # 1024 x 1024 uint32 = 4 MiB of labels; writing must not hold the canvas (or a level) at once.
-    store = LabelStore(tmp_path / "big", 1024, 1024, chunk=128)
+    # 1024 x 1024 uint32 = 4 MiB of labels; writing must not hold the canvas (or a level) at once (no compressed
+    # chunks held in memory here: these labels hardly compress, so the budget would be most of the peak).
+    store = LabelStore(tmp_path / "big", 1024, 1024, chunk=128, memory_bytes=0)
     for r in range(0, 1024, 256):
         labels = np.arange(r * 1024, (r + 256) * 1024, dtype=np.uint32).reshape(256, 1024) + 1
         store.paint(Box(r, 0, r + 256, 1024), labels)
@@ -536,12 +537,13 @@ def test_coco_writer_zero_cells_is_valid_json(tmp_path):
     assert doc["annotations"] == [] and doc["images"][0]["width"] == 10
 
 
-def test_chunk_files_read_any_strided_window_and_keep_zero_blocks_off_disk(tmp_path):
+@pytest.mark.parametrize("memory_bytes", [0, 64 << 20])
+def test_chunk_files_read_any_strided_window_and_keep_zero_blocks_off_disk(tmp_path, memory_bytes):
 
     rng = np.random.default_rng(3)
     ref = np.zeros((150, 230), np.uint32)
     ref[20:100, 40:180] = rng.integers(0, 5, (80, 140))
-    blocks = ChunkFiles(tmp_path / "c", *ref.shape, chunk=64)
+    blocks = ChunkFiles(tmp_path / "c", *ref.shape, chunk=64, memory_bytes=memory_bytes)
     for i in range(3):
         for j in range(4):
             blocks.store(i, j, ref[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].copy())
@@ -556,3 +558,23 @@ def test_chunk_files_read_any_strided_window_and_keep_zero_blocks_off_disk(tmp_p
     assert not blocks.read(64, 128, 64, 128).any()
     with pytest.raises(ValueError, match="shape"):
         blocks.store(2, 3, np.ones((64, 64), np.uint32))           # the edge block is 22 x 38
+
+
+def test_chunk_files_hold_compressed_blocks_in_memory_up_to_their_budget(tmp_path):
+    rng = np.random.default_rng(4)
+    ref = rng.integers(1, 1 << 30, (128, 256)).astype(np.uint32)   # incompressible: 16 kB a 64² block
+    blocks = ChunkFiles(tmp_path / "c", *ref.shape, chunk=64, memory_bytes=40_000)
+    for i in range(2):
+        for j in range(4):
+            blocks.store(i, j, ref[i * 64:(i + 1) * 64, j * 64:(j + 1) * 64].copy())
+    on_disk = sorted(f.name for f in (tmp_path / "c").iterdir())
+    assert len(on_disk) == 6 and len(blocks.written) == 8            # two blocks fit the budget, six went to files
+    np.testing.assert_array_equal(blocks.read(0, 128, 0, 256), ref)
+    # overwriting a block held in memory with one that no longer fits moves it to a file, and back
+    held = next((i, j) for i in range(2) for j in range(4) if f"{i}.{j}.zst" not in on_disk)
+    blocks.store(*held, np.zeros((64, 64), np.uint32))
+    assert held not in blocks.written and not blocks.read(held[0] * 64, held[0] * 64 + 64, held[1] * 64,
+                                                          held[1] * 64 + 64).any()
+    blocks.store(1, 3, np.ones((64, 64), np.uint32))                 # was on disk; now fits in memory
+    assert not (tmp_path / "c" / "1.3.zst").exists()
+    np.testing.assert_array_equal(blocks.load(1, 3), 1)
