@@ -267,3 +267,43 @@ def test_outlines_are_written_as_json_dumps_writes_them():
     assert any(len(p) > 1 for g in geometries if g["type"] == "Polygon" for p in [g["coordinates"]])   # a hole
     for g in geometries:
         assert _compact_json(g) == json.dumps(g, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("cells_expanded", [False, True])
+def test_tiles_written_a_few_at_a_time_give_the_same_file(tmp_path, cells_expanded):
+    """Features are made several tiles at once (batch_nuclei): the file is byte for byte the one written a tile at
+    a time, whatever the batch, with empty tiles, tiles without a cell and a NaN column between them."""
+    from cellseg.cells import nucleus_columns
+    from cellseg.results import CellsGeoJsonWriter
+    columns = nucleus_columns(["gray"])
+    rng = np.random.default_rng(5)
+    tiles = []
+    for t in range(9):
+        n = [0, 3, 17, 1, 40, 0, 8, 25, 2][t]
+        masks = [rng.random((rng.integers(1, 9), rng.integers(1, 9))) < 0.7 for _ in range(n)]
+        r0, c0 = rng.integers(0, 500, (2, n))
+        boxes = np.stack([r0, c0, r0 + [m.shape[0] for m in masks], c0 + [m.shape[1] for m in masks]], 1) if n \
+            else np.zeros((0, 4), np.int64)
+        rows = {name: rng.normal(size=n) * 100 if np.dtype(dt).kind == "f" else rng.integers(0, 9, n)
+                for name, dt in columns.items()}
+        rows["area_um2"] = np.full(n, np.nan) if t % 2 else rows["area_um2"]
+        ids = np.arange(100 * t, 100 * t + n)
+        expanded = None
+        if cells_expanded:
+            image = np.zeros((520, 520), np.uint32)
+            for k in range(0, n, 2):       # every other nucleus has a cell
+                image[r0[k] % 500:r0[k] % 500 + 6, c0[k] % 500:c0[k] % 500 + 7] = ids[k]
+            expanded = ((3, 4), image)
+        tiles.append((ids, boxes, masks, np.ones(n, np.int64), rows, expanded))
+    texts = []
+    for batch in (1, 30, 10_000):
+        path = tmp_path / f"b{batch}.geojson"
+        with CellsGeoJsonWriter(path, columns, ["nucleus"], cells_expanded=cells_expanded,
+                                batch_nuclei=batch) as writer:
+            for tile in tiles:
+                writer.append(*tile)
+        texts.append(path.read_bytes())
+    assert texts[0] == texts[1] == texts[2]
+    features = json.loads(texts[0])["features"]
+    assert len(features) == sum(int(np.sum([m.any() for m in t[2]])) for t in tiles)
+    assert any("nucleusGeometry" in f for f in features) == cells_expanded
