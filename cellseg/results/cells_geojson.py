@@ -122,8 +122,9 @@ class CellsGeoJsonWriter:
                                    for _, (m, r, c) in found], np.int64).reshape(-1, 4)
             cell_masks = [m for _, (m, _, _) in found]
             has_cell[[k for k, _ in found]] = True
-        self._pending.append((ids, boxes, list(masks), np.asarray(class_ids), self._measurements(rows, len(ids)),
-                              cell_boxes, cell_masks, has_cell))
+        numeric = {name: np.asarray(rows[name]) for name in self.numeric}   # made into text with the batch's
+        self._pending.append((ids, boxes, list(masks), np.asarray(class_ids), numeric, cell_boxes, cell_masks,
+                              has_cell))
         self._pending_nuclei += len(ids)
         if self._pending_nuclei >= self.batch_nuclei:
             self._write_pending()
@@ -142,7 +143,10 @@ class CellsGeoJsonWriter:
                                mask_geometries(np.concatenate([p[5] for p in pending]),
                                                [m for p in pending for m in p[6]])):
             cells[k] = geometry
-        measurements = [m for p in pending for m in p[4]]
+        # the batch's rows at once: a 36-row tile's call spent ~40 % of its time on its own checks; the text is
+        # the same as a tile at a time (json.dumps's, NaN left out)
+        measurements = self._measurements({name: np.concatenate([p[4][name] for p in pending])
+                                           for name in self.numeric}, len(ids))
         dumps = _compact_json
         separator = ",\n"
         lines = []

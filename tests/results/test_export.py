@@ -508,16 +508,20 @@ def test_cells_table_text_is_pandas_to_csv_text(tmp_path):
     assert (tmp_path / "cells.csv").read_bytes().decode() == expected.getvalue()
 
 
-def test_coco_annotations_are_json_dumps_text(tmp_path):
-    """Annotations are formatted by one template each; the text is json.dumps' of the same dicts."""
+@pytest.mark.parametrize("batch_nuclei", [1, 7, 256])
+def test_coco_annotations_are_json_dumps_text(tmp_path, batch_nuclei):
+    """Annotations are formatted by one template each; the text is json.dumps' of the same dicts, whether tiles are
+    written one by one or several at once (batch_nuclei)."""
     path = tmp_path / "predictions.json"
     rng = np.random.default_rng(2)
     masks = [rng.random((rng.integers(1, 30), rng.integers(1, 30))) < 0.7 for _ in range(40)]
     boxes = np.array([(r, c, r + m.shape[0], c + m.shape[1]) for m, (r, c) in
                       zip(masks, rng.integers(0, 200, (40, 2)))])
     scores, classes = rng.random(40).astype(np.float32), rng.integers(1, 3, 40)
-    with CocoWriter(path, "s.tif", 300, 300, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]) as writer:
-        writer.append(np.arange(1, 41), boxes, masks, scores, classes)
+    with CocoWriter(path, "s.tif", 300, 300, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+                    batch_nuclei=batch_nuclei) as writer:
+        for a, b in ((0, 3), (3, 3), (3, 20), (20, 21), (21, 40)):     # tiles of 3, 0, 17, 1 and 19 nuclei
+            writer.append(np.arange(a + 1, b + 1), boxes[a:b], masks[a:b], scores[a:b], classes[a:b])
     rles = crop_rles(masks, boxes[:, 0], boxes[:, 1], 300, 300)
     assert any("\\" in r["counts"] for r in rles)        # a backslash to escape
     lines = path.read_text().split("\n")[1:-2]
