@@ -103,6 +103,14 @@ class ChunkFiles:
             self._path(i, j).write_bytes(data)
         self.written.add((i, j))
 
+    def remove(self) -> None:
+        """Delete the folder and let go of the blocks held in memory: every block is 0 again."""
+        with self._lock:
+            self._held.clear()
+            self._held_bytes = 0
+        self.written.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def read(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> np.ndarray:
         """uint32 self[row0:row1:step, col0:col1:step] (ends clipped to the array), decoding only the blocks with
         a sampled pixel."""
@@ -279,6 +287,6 @@ class LabelStore:
         return self._blocks
 
     def remove(self) -> None:
-        """Delete the store's folder (the end of its one-run lifetime)."""
+        """Delete the store's folder and what it holds in memory (the end of its one-run lifetime)."""
         self._cache.clear()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._blocks.remove()      # the folder is the canvas's, the pyramid's levels inside it

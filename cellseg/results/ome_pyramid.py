@@ -9,7 +9,6 @@ panoptic.ome.tif encodes tissue, background and cells in one label image.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -260,9 +259,10 @@ class LabelPyramid:
         _write_pyramids_together(self.levels, targets, mpp, self.tile)
 
     def remove(self) -> None:
-        """Delete the levels' chunk files (level 0 is the canvas: its store removes it)."""
-        for k in range(1, len(self.levels)):
-            shutil.rmtree(self.store.folder / f"_level{k}", ignore_errors=True)
+        """Delete the levels' chunk files and what they hold in memory (level 0 is the canvas: its store removes
+        it)."""
+        for level in self.levels[1:]:
+            level.blocks.remove()
 
 
 def write_label_images(store: LabelStore, targets: dict[Path, Panoptic | None], mpp: float | None,

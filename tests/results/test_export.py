@@ -582,3 +582,13 @@ def test_chunk_files_hold_compressed_blocks_in_memory_up_to_their_budget(tmp_pat
     blocks.store(1, 3, np.ones((64, 64), np.uint32))                 # was on disk; now fits in memory
     assert not (tmp_path / "c" / "1.3.zst").exists()
     np.testing.assert_array_equal(blocks.load(1, 3), 1)
+
+
+def test_a_removed_canvas_lets_go_of_its_chunks(tmp_path):
+    store = LabelStore(tmp_path / "labels", 64, 64, chunk=32)
+    store.paint(Box(0, 0, 64, 64), np.arange(1, 64 * 64 + 1, dtype=np.uint32).reshape(64, 64))
+    blocks = store.chunk_files()
+    assert len(blocks.written) == 4 and blocks._held_bytes > 0 and (tmp_path / "labels").is_dir()
+    store.remove()
+    assert not blocks.written and not blocks._held and blocks._held_bytes == 0
+    assert not (tmp_path / "labels").exists()
