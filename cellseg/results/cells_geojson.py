@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from .polygons import mask_geometries, mask_geometry
+from .tile_batch import TileBatch
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,7 @@ class CellsGeoJsonWriter:
         # Tiles are turned into features a few at a time, `batch_nuclei` nuclei or more at once: the polygons of a
         # dense 8192² slide's 9136 nuclei took 0.75 s a tile at a time (~36 nuclei a call, most of it numpy's
         # per-call cost) and 0.31 s eight tiles at a time (Zen 3).
-        self.batch_nuclei = int(batch_nuclei)
-        self._pending: list[tuple] = []         # tiles appended, not yet written
-        self._pending_nuclei = 0
+        self._batch = TileBatch(batch_nuclei)
         self.gzip_above_bytes = gzip_above_bytes
         self.cells_expanded = cells_expanded
         self.numeric = [n for n, dt in columns.items() if np.dtype(dt).kind in "iufb"]
@@ -123,17 +122,13 @@ class CellsGeoJsonWriter:
             cell_masks = [m for _, (m, _, _) in found]
             has_cell[[k for k, _ in found]] = True
         numeric = {name: np.asarray(rows[name]) for name in self.numeric}   # made into text with the batch's
-        self._pending.append((ids, boxes, list(masks), np.asarray(class_ids), numeric, cell_boxes, cell_masks,
-                              has_cell))
-        self._pending_nuclei += len(ids)
-        if self._pending_nuclei >= self.batch_nuclei:
-            self._write_pending()
+        self._write(self._batch.add((ids, boxes, list(masks), np.asarray(class_ids), numeric, cell_boxes,
+                                     cell_masks, has_cell), len(ids)))
 
-    def _write_pending(self) -> None:
-        """The tiles appended so far as features, in their order: their polygons made all at once."""
-        if not self._pending:
+    def _write(self, pending: list[tuple]) -> None:
+        """Tiles (append's, held by TileBatch) as features, in their order: their polygons made all at once."""
+        if not pending:
             return
-        pending, self._pending, self._pending_nuclei = self._pending, [], 0
         ids = np.concatenate([p[0] for p in pending])
         nuclei = mask_geometries(np.concatenate([p[1] for p in pending]), [m for p in pending for m in p[2]])
         class_ids = np.concatenate([p[3] for p in pending])
@@ -201,16 +196,12 @@ class CellsGeoJsonWriter:
     def close(self) -> Path:
         """End the collection; gzip it above the size threshold. Returns the file written."""
         if self._fh is not None:
+            fh = self._fh
             try:
-                self._write_pending()
-            except BaseException:
-                fh, self._fh = self._fh, None
-                fh.close()
-                raise
-            fh, self._fh = self._fh, None
-            try:
+                self._write(self._batch.take())
                 fh.write("\n]}\n")
             finally:       # closed even when the writing fails (a full disk)
+                self._fh = None
                 fh.close()
             self.written_path = self.path
             size = self.path.stat().st_size
@@ -230,7 +221,8 @@ class CellsGeoJsonWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if self._fh is not None and exc_type is not None:
             self._fh.close()          # a failed run: the staging folder is discarded
-            self._fh, self._pending = None, []
+            self._fh = None
+            self._batch.take()
         self.close()
 
 

@@ -16,6 +16,8 @@ from typing import IO
 
 import numpy as np
 
+from .tile_batch import TileBatch
+
 
 def _rle_strings(counts: np.ndarray, mask_of: np.ndarray, n_masks: int) -> list[str]:
     """COCO's compressed RLE strings (pycocotools maskApi.c rleToString) of the uncompressed counts of `n_masks`
@@ -145,9 +147,7 @@ class CocoWriter:
         self.count = 0
         # tiles are encoded a few at a time (`batch_nuclei` nuclei or more): a tile's ~36 masks a call spent a third
         # of the RLE's time on numpy's per-call costs
-        self.batch_nuclei = int(batch_nuclei)
-        self._pending: list[tuple] = []
-        self._pending_nuclei = 0
+        self._batch = TileBatch(batch_nuclei)
         self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
         head = {"info": {"description": "cellseg predictions"},
                 "images": [{"id": 1, "file_name": str(file_name), "height": self.height,
@@ -174,16 +174,12 @@ class CocoWriter:
             i = int(wrong[0])
             raise ValueError(f"expected mask {i} of its box's shape {tuple(boxes[i, 2:] - boxes[i, :2])}, "
                              f"got {masks[i].shape}")
-        self._pending.append((np.asarray(ids), boxes, masks, np.asarray(scores), np.asarray(class_ids)))
-        self._pending_nuclei += n
-        if self._pending_nuclei >= self.batch_nuclei:
-            self._write_pending()
+        self._write(self._batch.add((np.asarray(ids), boxes, masks, np.asarray(scores), np.asarray(class_ids)), n))
 
-    def _write_pending(self) -> None:
-        """The annotations appended so far, in their order, their masks encoded all at once."""
-        if not self._pending:
+    def _write(self, pending: list[tuple]) -> None:
+        """Tiles (append's, held by TileBatch) as annotations, in their order, their masks encoded all at once."""
+        if not pending:
             return
-        pending, self._pending, self._pending_nuclei = self._pending, [], 0
         ids, boxes, scores, class_ids = (np.concatenate([p[k] for p in pending]) for k in (0, 1, 3, 4))
         masks = [m for p in pending for m in p[2]]
         rles = crop_rles(masks, boxes[:, 0], boxes[:, 1], self.height, self.width)
@@ -204,16 +200,12 @@ class CocoWriter:
     def close(self) -> None:
         """Finish the JSON document. Idempotent."""
         if self._fh is not None:
+            fh = self._fh
             try:
-                self._write_pending()
-            except BaseException:
-                fh, self._fh = self._fh, None
-                fh.close()
-                raise
-            fh, self._fh = self._fh, None
-            try:
+                self._write(self._batch.take())
                 fh.write("\n]}\n")
             finally:       # closed even when the writing fails (a full disk)
+                self._fh = None
                 fh.close()
 
     def __enter__(self) -> CocoWriter:
@@ -226,4 +218,5 @@ class CocoWriter:
             # A failed run: leave the file visibly unfinished rather than a valid-looking partial
             # result; the staging folder holding it is discarded anyway.
             self._fh.close()
-            self._fh, self._pending = None, []
+            self._fh = None
+            self._batch.take()
