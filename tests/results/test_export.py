@@ -592,3 +592,12 @@ def test_a_removed_canvas_lets_go_of_its_chunks(tmp_path):
     store.remove()
     assert not blocks.written and not blocks._held and blocks._held_bytes == 0
     assert not (tmp_path / "labels").exists()
+
+
+def test_tile_batch_hands_out_tiles_in_order_once_enough_nuclei_wait():
+    from cellseg.results.tile_batch import TileBatch
+    batch = TileBatch(10)
+    assert batch.add(("a",), 4) == [] and batch.add(("b",), 0) == []
+    assert batch.add(("c",), 6) == [("a",), ("b",), ("c",)]      # 10 nuclei wait
+    assert batch.add(("d",), 3) == [] and batch.take() == [("d",)] and batch.take() == []
+    assert batch.add(("e",), 25) == [("e",)]                       # one big tile is a batch of its own
