@@ -185,7 +185,7 @@ def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_pa
     store, ref = _painted_store(tmp_path, height=300, width=410, chunk=64)
 
     class Doubled:                          # a Panoptic's part: new values from the labels
-        def encode(self, labels, row0, col0, step):
+        def encode(self, labels, row0, col0, step, out=None):
             return labels * 2
 
     a, b = tmp_path / "a.ome.tif", tmp_path / "b.ome.tif"
@@ -197,7 +197,7 @@ def test_label_images_are_written_together_and_one_failure_stops_them_all(tmp_pa
             np.testing.assert_array_equal(lb.asarray(), ref[::2 ** k, ::2 ** k] * 2)
 
     class Broken:
-        def encode(self, labels, row0, col0, step):
+        def encode(self, labels, row0, col0, step, out=None):
             if row0 >= 128:
                 raise RuntimeError("encoder broke")
             return labels
