@@ -210,6 +210,8 @@ class Slide:
         level = max(i for i, (h, w) in enumerate(self.info.levels) if h >= th and w >= tw)
         lh, lw = self.info.levels[level]
         f = max(1, min(lh // th, lw // tw))
+        if f == 1 and (lh, lw) == (th, tw):     # a level of the thumbnail's size (a 2048² view of an 8192² slide)
+            return self.read_region(Box(0, 0, lh, lw), level), max(h0, w0) / max_side
         small = self._block_mean(level, f)
         if small.shape[:2] != (th, tw):
             small = np.stack([np.asarray(Image.fromarray(small[..., c].astype(np.float32))

@@ -261,6 +261,13 @@ def test_thumbnail_uses_smallest_sufficient_pyramid_level(tmp_path):
         thumb, factor = s.read_thumbnail(200)  # 128 < 200 <= 256: level 1
         assert thumb.shape == (200, 200, 1) and factor == pytest.approx(2.56)
         assert (thumb == 7).all()
+    rng = np.random.default_rng(0)
+    level1 = rng.integers(0, 65536, (256, 256), dtype=np.uint16)
+    write_ome_pyramid(tmp_path / "q.ome.tif", [np.zeros((512, 512), np.uint16), level1], axes="YX")
+    with open_slide(tmp_path / "q.ome.tif") as s:
+        thumb, factor = s.read_thumbnail(256)  # a level of exactly the thumbnail's size: its pixels as they are
+        assert thumb.dtype == np.uint16 and factor == 2.0
+        np.testing.assert_array_equal(thumb[..., 0], level1)
 
 
 @pytest.mark.slow
