@@ -58,8 +58,15 @@ class _SparseLevel:
             # as the TIFF tiles are read when they are the chunks' size: the chunk's decoded bytes as they are
             # (read-only), not copied into a fresh array (the copy was most of a tile's read)
             return self.blocks.decoded(i, j, scratch=scratch)
+        blank = self.blank(row0, row1, col0, col1, step)
+        return self.blocks.read(row0, row1, col0, col1, step) if blank is None else blank
+
+    def blank(self, row0: int, row1: int, col0: int, col1: int, step: int = 1) -> _Constant | None:
+        """read's _Constant(0) where the region touches no written chunk, without reading; else None."""
+        row1, col1 = min(row1, self.shape[0]), min(col1, self.shape[1])
+        c = self.chunk
         if any((i, j) in self.blocks.written for i in chunks_under(row0, row1, c) for j in chunks_under(col0, col1, c)):
-            return self.blocks.read(row0, row1, col0, col1, step)
+            return None
         return _Constant(0, (-(-(row1 - row0) // step), -(-(col1 - col0) // step)))
 
 
@@ -121,16 +128,22 @@ class Panoptic:
                 "label_divisor": self.label_divisor, "semantic": {str(k): v for k, v in semantic.items()},
                 "things": [str(k + 2) for k in range(len(self.class_names))], "stuff": ["0", "1"]}
 
+    def blank(self, shape: tuple[int, int], row0: int, col0: int, step: int) -> _Constant | None:
+        """The panoptic values of a block without cells (as `encode` places it) when they are one value, all tissue or
+        all background; None at the tissue's edge."""
+        rows = row0 + np.array([0, shape[0] - 1]) * step
+        cols = col0 + np.array([0, shape[1] - 1]) * step
+        tissue = self.tissue.constant(rows, cols)
+        return None if tissue is None else _Constant(int(tissue) * self.label_divisor, shape)
+
     def encode(self, labels: np.ndarray | _Constant, row0: int, col0: int, step: int,
                out: np.ndarray | None = None) -> np.ndarray | _Constant:
         """Panoptic values for a block of instance labels whose [i, j] is level-0 pixel (row0 + i*step, col0 + j*step),
         into `out` when given (a C-ordered uint32 array of the block's size, e.g. a thread's scratch)."""
         if isinstance(labels, _Constant):   # no cells here (only ever 0): constant where the tissue is
-            rows = row0 + np.array([0, labels.shape[0] - 1]) * step
-            cols = col0 + np.array([0, labels.shape[1] - 1]) * step
-            tissue = self.tissue.constant(rows, cols)
-            if tissue is not None:
-                return _Constant(int(tissue) * self.label_divisor, labels.shape)
+            blank = self.blank(labels.shape, row0, col0, step)
+            if blank is not None:
+                return blank
             labels = labels.materialise()
         rows = row0 + np.arange(labels.shape[0]) * step
         cols = col0 + np.arange(labels.shape[1]) * step
@@ -220,6 +233,21 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
         block = levels[k].read(r, r + tile, c, c + tile, scratch=True)     # valid until this thread's next read
         return [tile_bytes(encoded(block, encode, r, c, k)) for encode in encodings]
 
+    def known(k: int, r: int, c: int) -> list[bytes] | None:
+        """Every image's bytes of a tile without cells whose images are constants compressed before (glass, most
+        of a whole slide; tissue without cells), made without a thread; else None."""
+        blank = levels[k].blank(r, r + tile, c, c + tile)
+        if blank is None:
+            return None
+        made = []
+        for encode in encodings:
+            value = blank if encode is None else encode.blank(blank.shape, r * 2 ** k, c * 2 ** k, 2 ** k)
+            data = None if value is None else constant.get(constant_key(value))
+            if data is None:
+                return None
+            made.append(data)
+        return made
+
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="cellseg-deflate") as pool:
         pending: deque[Future] = deque()
@@ -227,7 +255,12 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
             h, w = lev.shape
             for r in range(0, h, tile):
                 for c in range(0, w, tile):
-                    pending.append(pool.submit(task, k, r, c))
+                    made = known(k, r, c)
+                    if made is None:
+                        pending.append(pool.submit(task, k, r, c))
+                    else:
+                        pending.append(done := Future())
+                        done.set_result(made)
                     while len(pending) > 2 * workers or (pending and pending[0].done()):
                         yield pending.popleft().result()
         while pending:
