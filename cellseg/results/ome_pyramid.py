@@ -1,9 +1,10 @@
 """labels.ome.tif and panoptic.ome.tif: the label canvas (results/labelstore.py) as tiled, pyramidal OME-TIFFs.
 
-The pyramid is built as chunk files beside the canvas, one level from the previous; its blocks are read once and
-handed to one writer thread per file (threads.fan_out), which compresses them (zlib-ng deflate) on all cores and
-streams them into tifffile. Blocks that hold no cell (most of a whole slide) are constants, never materialised. `Panoptic` says how
-panoptic.ome.tif encodes tissue, background and cells in one label image.
+The pyramid is built as chunk files beside the canvas, one level from the previous; each of its tiles is read once
+and made into every file's compressed bytes (zlib-ng deflate) by one task on all cores, and the bytes are streamed
+into tifffile by one writer thread per file (threads.fan_out). Tiles that hold no cell (most of a whole slide) are
+constants, never materialised. `Panoptic` says how panoptic.ome.tif encodes tissue, background and cells in one
+label image.
 """
 
 from __future__ import annotations
