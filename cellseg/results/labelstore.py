@@ -1,7 +1,7 @@
-"""The label canvas: a disk-backed uint32 instance-label image the size of the slide, painted tile by tile.
+"""The label canvas: a uint32 instance-label image the size of the slide, painted tile by tile, compressed.
 
-`LabelStore` is the canvas (a write-back cache of decoded chunks over `ChunkFiles`, one zstd-compressed file per
-chunk); memory stays a bounded number of chunks whatever the slide's size. results/ome_pyramid.py writes it out.
+`LabelStore` is the canvas (a write-back cache of decoded chunks over `ChunkFiles`: zstd-compressed chunks, in
+memory up to a budget and in files past it); memory stays bounded whatever the slide's size. results/ome_pyramid.py writes it out.
 Coordinates are (row, col) in level-0 pixels, boxes half-open `Box(row0, col0, row1, col1)`.
 """
 
@@ -26,7 +26,8 @@ def chunks_under(start: int, stop: int, chunk: int) -> range:
 
 
 class ChunkFiles:
-    """A 2-D uint32 array on disk, one zstd-compressed file per `chunk` x `chunk` block; blocks never written are 0.
+    """A 2-D uint32 array of zstd-compressed `chunk` x `chunk` blocks (in memory up to a budget, then one file each
+    in `folder`); blocks never written are 0.
     (The label canvas, and each level of the label pyramid while it is written: results/ome_pyramid.py.)
 
     A scratch format private to one run. Not a zarr array: every call through zarr 3's asyncio bridge costs 1.2 ms
@@ -133,17 +134,15 @@ class ChunkFiles:
 
 
 class LabelStore:
-    """Disk-backed uint32 instance-label canvas of shape (height, width) in level-0 pixels.
+    """The uint32 instance-label canvas of shape (height, width) in level-0 pixels, compressed (ChunkFiles).
 
-    Blocks of `chunk` x `chunk` px, zstd-compressed, one file each in `folder` (ChunkFiles), fill 0.
-    Chunks that stay all zero are never written, so background costs no disk. `folder` belongs to
+    Blocks of `chunk` x `chunk` px, zstd-compressed, in memory up to `memory_bytes` and in files in `folder` past
+    it (ChunkFiles), fill 0; the pyramid written from the canvas gets as much memory for each of its levels.
+    Chunks that stay all zero are never written, so background costs nothing. `folder` belongs to
     the store: anything already there is replaced (pass a fresh folder, e.g. inside the staging
     folder, never a user's folder). Lives for one run:
     the caller removes it with `remove()` (or by deleting its parent folder). Never holds the slide
-    in memory: every method touches a bounded number of chunks at a time.
-
-    memory_bytes: how much of the compressed canvas stays in memory (the rest in files), and as much for each
-    level of the pyramid written from it (ChunkFiles).
+    in memory uncompressed: every method touches a bounded number of chunks at a time.
 
     Painting goes through a write-back cache of decoded chunks (at most `cache_bytes`, least recently painted
     evicted first): tiles overlap by their halos, so a chunk is painted by up to nine tiles, and compressing it
