@@ -121,7 +121,7 @@ class CellsGeoJsonWriter:
                                    for _, (m, r, c) in found], np.int64).reshape(-1, 4)
             cell_masks = [m for _, (m, _, _) in found]
             has_cell[[k for k, _ in found]] = True
-        numeric = {name: np.asarray(rows[name]) for name in self.numeric}   # made into text with the batch's
+        numeric = {name: np.asarray(rows[name]) for name in self.numeric}   # text made for the whole batch
         self._write(self._batch.add((ids, boxes, list(masks), np.asarray(class_ids), numeric, cell_boxes,
                                      cell_masks, has_cell), len(ids)))
 

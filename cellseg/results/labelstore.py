@@ -16,8 +16,7 @@ import numpy as np
 
 from ..errors import ParameterError
 from ..geometry import Box
-
-_scratch = threading.local()       # ChunkFiles.decoded's scratch buffer, one per thread
+from ..util import thread_scratch
 
 
 def chunks_under(start: int, stop: int, chunk: int) -> range:
@@ -65,18 +64,12 @@ class ChunkFiles:
 
     def decoded(self, i: int, j: int, scratch: bool = False) -> np.ndarray:
         """Written block (i, j) as a read-only view of its decoded bytes (no copy: reads slice it straight away).
-        scratch: decoded into this thread's scratch buffer, valid until the thread's next such call, for reads that
-        copy out of it at once: decoding a 1 MB chunk into fresh memory cost 0.8 ms, most of it the kernel handing
-        out new pages, against 0.12 ms into memory used before."""
+        scratch: decoded into this thread's scratch buffer (util.thread_scratch), valid until the thread's next such
+        call, for reads done with it at once."""
         from imagecodecs import zstd_decode
         shape = self.block_shape(i, j)
         size = shape[0] * shape[1] * 4
-        out = None
-        if scratch:
-            out = getattr(_scratch, "buffer", None)
-            if out is None or len(out) < size:
-                out = _scratch.buffer = np.empty(size, np.uint8)
-            out = out[:size]
+        out = thread_scratch("chunk", size, np.uint8) if scratch else None
         data = self._held.get((i, j))
         raw = zstd_decode(data if data is not None else self._path(i, j).read_bytes(), out=out)
         return np.frombuffer(raw, "<u4", count=shape[0] * shape[1]).reshape(shape)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ParameterError
-from ..util import fan_out
+from ..util import fan_out, thread_scratch
 from .labelstore import ChunkFiles, LabelStore, chunks_under
 from .ome import ome_metadata, resolution_tags
 
@@ -171,8 +171,8 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
 
     Each tile is read once and made into every image's bytes by one task on a pool of threads (the codecs release
     the GIL), a bounded number ahead of the files' writers: the block is decoded, and panoptic values are written,
-    into the thread's own scratch buffers, because fresh memory for each 1 MB block cost more than decoding it
-    (0.79 against 0.12 ms a chunk on a Zen 3 virtual machine, the kernel handing out new pages). Most of a whole
+    into the thread's own scratch buffers (util.thread_scratch: fresh memory for each 1 MB block cost more than
+    decoding it). Most of a whole
     slide's tiles are constant (glass: 0; tissue without cells: the panoptic tissue value): a constant tile is
     compressed once and its bytes reused, and a region with no cell is never read.
 
@@ -186,14 +186,12 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
     (compression 50000), while deflate it reads in every version.
     """
     import os
-    import threading
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from imagecodecs import zlibng_encode
 
     constant: dict[tuple, bytes] = {}    # shared by the threads: at worst a constant tile is compressed twice
-    scratch = threading.local()          # each thread's buffer for panoptic values
 
     def compress(block: np.ndarray) -> bytes:
         if block.shape != (tile, tile):
@@ -225,10 +223,8 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
     def encoded(block: np.ndarray | _Constant, encode: Panoptic | None, r: int, c: int, k: int):
         if encode is None:
             return block
-        out = getattr(scratch, "out", None)
-        if out is None:
-            out = scratch.out = np.empty(tile * tile, np.uint32)
-        return encode.encode(block, r * 2 ** k, c * 2 ** k, 2 ** k, out=out[:block.shape[0] * block.shape[1]])
+        out = thread_scratch("panoptic", block.shape[0] * block.shape[1], np.uint32)
+        return encode.encode(block, r * 2 ** k, c * 2 ** k, 2 ** k, out=out)
 
     def task(k: int, r: int, c: int) -> list[bytes]:
         block = levels[k].read(r, r + tile, c, c + tile, scratch=True)     # valid until this thread's next read

@@ -1,6 +1,24 @@
-"""The process's memory: handing what Python and numpy have freed back to the operating system."""
+"""The process's memory: handing what Python and numpy have freed back to the operating system, and per-thread
+scratch buffers for hot loops."""
 
 from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_scratch = threading.local()
+
+
+def thread_scratch(name: str, size: int, dtype) -> np.ndarray:
+    """A 1-D array of `size` elements that this thread reuses for `name`, valid until the thread's next call with
+    that name: on our virtual machines fresh memory for a 1 MB block cost more than decoding it into memory used
+    before (0.79 against 0.12 ms), the kernel handing out new pages."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size or buffer.dtype != np.dtype(dtype):
+        buffer = buffers[name] = np.empty(size, dtype)
+    return buffer[:size]
 
 
 def release_freed_memory() -> None:

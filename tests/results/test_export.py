@@ -601,3 +601,20 @@ def test_tile_batch_hands_out_tiles_in_order_once_enough_nuclei_wait():
     assert batch.add(("c",), 6) == [("a",), ("b",), ("c",)]      # 10 nuclei wait
     assert batch.add(("d",), 3) == [] and batch.take() == [("d",)] and batch.take() == []
     assert batch.add(("e",), 25) == [("e",)]                       # one big tile is a batch of its own
+
+
+def test_thread_scratch_is_reused_per_thread_and_name():
+    import threading
+
+    from cellseg.util import thread_scratch
+    a = thread_scratch("t", 100, np.uint32)
+    a[:] = 7
+    b = thread_scratch("t", 50, np.uint32)
+    assert b.size == 50 and np.shares_memory(a, b) and (b == 7).all()     # the same memory, not fresh
+    assert not np.shares_memory(a, thread_scratch("other", 50, np.uint32))
+    assert thread_scratch("t", 200, np.uint32).size == 200               # grows when asked for more
+    elsewhere = []
+    t = threading.Thread(target=lambda: elsewhere.append(thread_scratch("t", 50, np.uint32)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(elsewhere[0], thread_scratch("t", 50, np.uint32))
