@@ -78,6 +78,15 @@ NUCLEUS_OUTLINE = (255, 255, 0)    # yellow
 CELL_OUTLINE = (0, 255, 255)       # cyan: cells grown from the nuclei (cell_labels.ome.tif)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 (h, w) or (h, w, 3) image as PNG bytes, fast: libpng (imagecodecs) at zlib level 1 with every row
+    filtered by "sub". Pillow at level 1 tries all five filters on every row and keeps the best, and that search
+    was most of the time: a 2048² RGB overlay 0.16-0.25 s -> 0.06-0.11 s (Zen 3), for -0.4 to +1.4 % bytes on
+    the fluorescence and ceiling overlays and +10 % on the H&E example's. The same pixels (any PNG reader)."""
+    from imagecodecs import PNG, png_encode
+    return bytes(png_encode(np.ascontiguousarray(image, np.uint8), level=1, filter=PNG.FILTER.SUB))
+
+
 def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Path,
                       cell_thumb: np.ndarray | None = None) -> None:
     """PNG of `thumbnail` (h, w[, C], any dtype) with the outlines of the nuclei in `nucleus_thumb` (h, w labels)
@@ -85,8 +94,6 @@ def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Pa
 
     If the label thumbnails differ from the picture by rounding, they are resized by nearest neighbour.
     """
-    from PIL import Image
-
     rgb = _display_rgb(thumbnail)
     for labels, colour in ((cell_thumb, CELL_OUTLINE), (nucleus_thumb, NUCLEUS_OUTLINE)):
         if labels is None:
@@ -97,5 +104,4 @@ def write_overlay_png(thumbnail: np.ndarray, nucleus_thumb: np.ndarray, path: Pa
             labels = resize(labels, rgb.shape[:2], order=0, preserve_range=True,
                             anti_aliasing=False).astype(labels.dtype)
         rgb[outline_pixels(labels)] = colour
-    # Fast zlib level: a 2048² overlay takes ~0.3 s instead of ~4 s at PIL's default, for ~20 % more bytes.
-    Image.fromarray(rgb).save(path, compress_level=1)
+    Path(path).write_bytes(png_bytes(rgb))

@@ -321,6 +321,23 @@ def test_integer_percentiles_from_a_histogram_are_numpys_to_the_bit(size, top, d
     assert _integer_percentiles(image, percents) == np.percentile(image.astype(np.float32), percents).tolist()
 
 
+@pytest.mark.parametrize("image", [
+    np.random.default_rng(9).integers(0, 256, (37, 53, 3), dtype=np.uint8),      # RGB
+    np.random.default_rng(10).integers(0, 256, (1, 70), dtype=np.uint8),         # grayscale, one row
+    np.full((20, 9, 3), 255, np.uint8),
+])
+def test_png_bytes_are_the_same_pixels_to_any_png_reader(image):
+    import io
+
+    import imagecodecs
+
+    from cellseg.results.pictures import png_bytes
+    data = png_bytes(image)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+    assert np.array_equal(imagecodecs.png_decode(data), image)
+
+
 def test_overlay_png_resizes_labels_off_by_rounding(tmp_path):
     labels = np.zeros((21, 26), np.uint32)
     labels[5:15, 5:15] = 3
@@ -618,3 +635,18 @@ def test_thread_scratch_is_reused_per_thread_and_name():
     t.start()
     t.join()
     assert not np.shares_memory(elsewhere[0], thread_scratch("t", 50, np.uint32))
+
+
+def test_boxed_crop_is_twice_the_size_with_its_box_and_outlines():
+    import io
+
+    from cellseg.results.report_plots import boxed_png
+    labels = np.zeros((30, 40), np.uint32)
+    labels[10:20, 12:22] = 1
+    picture = np.asarray(Image.open(io.BytesIO(boxed_png(np.full((30, 40), 100, np.uint8), labels, (5, 6, 25, 30),
+                                                          (255, 0, 0)))))
+    assert picture.shape == (60, 80, 3)
+    assert np.array_equal(picture[2 * 4, 2 * 10], (255, 0, 0)) and np.array_equal(picture[2 * 4 + 1, 2 * 10 + 1],
+                                                                                   (255, 0, 0))
+    assert np.array_equal(picture[2 * 10, 2 * 15], (255, 255, 0))          # the nucleus's outline, 2 x 2 px
+    assert np.array_equal(picture[2 * 15, 2 * 15], picture[0, 0])          # inside it and outside: the picture
