@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -232,30 +232,49 @@ def patient_groups(images: list[AnnotatedImage]) -> dict[str, str]:
 
 @dataclass
 class Split:
-    """Which images train and which are held out, by whole groups. `groups`: group -> (modality, side, keys)."""
+    """Which images train and which are held out, by whole groups. `groups`: group -> (modality, side, keys).
+
+    `seen`: held-out images that an earlier training stage of the lineage trained on (its own split drew them
+    differently). They stay held out, so that figures compare with that stage's, but they are not images no stage
+    saw: validate_bundle leaves them out of its "_unseen" figures without being told (`--seen`).
+    """
 
     train: list[str]
     val: list[str]
     groups: dict[str, dict]
     method: str
+    seen: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"method": self.method, "train": self.train, "val": self.val, "groups": self.groups}
+        return {"method": self.method, "train": self.train, "val": self.val, "groups": self.groups,
+                **({"seen": self.seen} if self.seen else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Split:
         if not isinstance(d, dict) or not {"train", "val", "groups"} <= set(d):
             raise CellsegError("expected a split file with 'train', 'val' and 'groups' (a group hold-out split), "
                                f"found keys {sorted(d) if isinstance(d, dict) else type(d).__name__}")
-        split = cls(list(d["train"]), list(d["val"]), dict(d["groups"]), str(d.get("method", "")))
+        split = cls(list(d["train"]), list(d["val"]), dict(d["groups"]), str(d.get("method", "")),
+                    list(d.get("seen", [])))
+        split.check()
+        return split
+
+    def with_seen(self, seen: set[str]) -> Split:
+        """This split recording, as `seen`, its held-out images that `seen` (seen_images of an earlier stage's
+        splits) lists."""
+        split = replace(self, seen=sorted((set(self.seen) | seen) & set(self.val)))
         split.check()
         return split
 
     def check(self) -> None:
-        """No image on both sides, and no group with members on both sides."""
+        """No image on both sides, no group with members on both sides, and `seen` among the held-out images."""
         both = set(self.train) & set(self.val)
         if both:
             raise CellsegError(f"expected no image on both sides of the split, found {len(both)} (e.g. {min(both)})")
+        stray = set(self.seen) - set(self.val)
+        if stray:
+            raise CellsegError(f"expected the 'seen' images among the held-out ones, found {len(stray)} that are not "
+                               f"(e.g. {min(stray)})")
         side = {k: "train" for k in self.train} | {k: "val" for k in self.val}
         for name, g in self.groups.items():
             sides = {side.get(k) for k in g["images"]}
@@ -287,17 +306,19 @@ class Split:
                                f"(held out: {sum(1 for k, m in self.modality_of().items() if m == modality and k in self.val)})")
         method = (f"{self.method} Then the {len(moved)} held-out {modality} images that an earlier training stage of "
                   "this lineage trained on were moved to the training side (Split.train_on_seen).")
-        split = Split(self.train + moved, [k for k in self.val if k not in set(moved)], groups, method.strip())
+        split = Split(self.train + moved, [k for k in self.val if k not in set(moved)], groups, method.strip(),
+                      [k for k in self.seen if k not in set(moved)])
         split.check()
         return split
 
 
 def seen_images(split_files: list[Path]) -> set[str]:
     """Image keys ('dataset/id') that a training stage used: the "train" list of each split file (an old
-    random-image split lists bare DSB2018 ids)."""
+    random-image split lists bare DSB2018 ids), and its "seen" list (held-out images an earlier stage trained on)."""
     seen = set()
     for path in split_files:
-        for k in json.loads(Path(path).read_text())["train"]:
+        d = json.loads(Path(path).read_text())
+        for k in d["train"] + d.get("seen", []):
             seen.add(k if "/" in k else f"dsb2018/{k}")
     return seen
 
@@ -406,7 +427,7 @@ def add_groups(base: Split, images: list[AnnotatedImage], groups: dict[str, str]
     new = [im.key for im in images]
     split = Split(train=sorted(base.train + [k for k in new if groups[k] not in held]),
                   val=sorted(base.val + [k for k in new if groups[k] in held]),
-                  groups=dict(sorted(table.items())), method=f"{base.method} {method}".strip())
+                  groups=dict(sorted(table.items())), method=f"{base.method} {method}".strip(), seen=base.seen)
     split.check()
     return split
 
@@ -429,18 +450,24 @@ def extend_with_new_datasets(base: Split, data_root: Path, seed: int = 0, fracti
 
 
 def main() -> None:
-    """python -m references.nuclei.datasets --extend BASE_SPLIT --out NEW_SPLIT: the base split with Kromp and NuInsSeg."""
+    """python -m references.nuclei.datasets --extend BASE_SPLIT --out NEW_SPLIT [--seen EARLIER_SPLIT ...]: the base
+    split with Kromp and NuInsSeg; with --seen, its held-out images that an earlier stage's split trained on recorded
+    as "seen"."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--extend", type=Path, required=True, help="a split.json to extend (e.g. the shipped bundle's)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-root", type=Path, default=PROJECT_DATA_ROOT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seen", type=Path, action="append", default=[],
+                   help="a split.json whose 'train' images an earlier stage of the lineage trained on (repeatable)")
     args = p.parse_args()
     if args.out.exists():
         p.error(f"{args.out} exists: not overwritten")
     split = extend_with_new_datasets(Split.from_json(json.loads(args.extend.read_text(encoding="utf-8"))),
                                      args.data_root, args.seed)
+    if args.seen:
+        split = split.with_seen(seen_images(args.seen))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(split.to_json(), indent=1), encoding="utf-8")
     by = {}

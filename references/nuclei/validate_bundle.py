@@ -156,7 +156,8 @@ def main() -> None:
                    help="the network's arithmetic on a CPU (default fp32: figures comparable across machines)")
     p.add_argument("--seen", type=Path, action="append", default=[],
                    help="a split.json whose 'train' images a training stage of this bundle used: figures are also "
-                        "given on the held-out images no stage has seen")
+                        "given on the held-out images no stage has seen (the split's own 'seen' images, which "
+                        "earlier stages of the lineage trained on, count as seen without it)")
     p.add_argument("--write-card", action="store_true", help="store thresholds + figures in the bundle")
     p.add_argument("--heldout-curve", type=Path, default=None, metavar="RUN",
                    help="with --write-card: the long run this bundle comes from; its held-out curve (RUN/heldout.csv) "
@@ -206,7 +207,8 @@ def main() -> None:
         preds |= predict_images(detector, chosen, args.out / f"diameter_{diameter}" if diameter else args.out,
                                 bundle.nucleus_diameter_px, diameter_px=diameter, reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)
-    seen = seen_images(args.seen) if args.seen else set()
+    # the split's own record of what earlier stages of the lineage saw, and any --seen split's training images
+    seen = (seen_images(args.seen) if args.seen else set()) | set(split.seen)
 
     def subset(wanted) -> tuple[dict, dict]:
         chosen = [k for k in keys if wanted(k)]

@@ -497,3 +497,39 @@ def test_train_on_seen_moves_only_the_seen_held_out_images_of_one_modality(tmp_p
     again = subprocess.run(command, cwd=root, capture_output=True, text=True)
     assert again.returncode != 0 and "expected a new file for --out, found" in again.stderr
     assert Split.from_json(json.loads((tmp_path / "gray_split.json").read_text())).train == moved.train
+
+
+def test_a_split_records_the_held_out_images_an_earlier_stage_saw_and_keeps_them_through_its_changes(tmp_path):
+    """`seen`: held-out images an earlier stage of the lineage trained on. It round-trips, must lie among the held-out
+    images, counts as seen for seen_images (so validate_bundle's "_unseen" figures leave it out), and images
+    train_on_seen moves to the training side leave it."""
+    from references.nuclei.datasets import seen_images
+    gray, fluo = [f"dsb2018/g{i}" for i in range(3)], [f"dsb2018/f{i}" for i in range(3)]
+    split = Split(["dsb2018/t0"], gray + fluo, {
+        "dsb2018/train-1": {"modality": "fluorescence", "side": "train", "images": ["dsb2018/t0"]},
+        "dsb2018/brightfield_gray-1": {"modality": "brightfield_gray", "side": "val", "images": gray},
+        "dsb2018/fluorescence-2": {"modality": "fluorescence", "side": "val", "images": fluo}}, "grouped.")
+    stage1 = tmp_path / "stage1_split.json"      # an old random-image split: bare DSB2018 ids
+    stage1.write_text(json.dumps({"train": ["g0", "f1", "t0", "elsewhere"], "val": ["g1"]}))
+    recorded = split.with_seen(seen_images([stage1]))
+    assert recorded.seen == ["dsb2018/f1", "dsb2018/g0"]            # only held-out images are recorded
+    assert "seen" not in split.to_json() and Split.from_json(recorded.to_json()) == recorded
+    (tmp_path / "split.json").write_text(json.dumps(recorded.to_json()))
+    assert seen_images([tmp_path / "split.json"]) == {"dsb2018/t0", "dsb2018/f1", "dsb2018/g0"}
+    moved = recorded.train_on_seen({"dsb2018/g0"}, "brightfield_gray")
+    assert "dsb2018/g0" in moved.train and moved.seen == ["dsb2018/f1"]
+    bad = recorded.to_json() | {"seen": ["dsb2018/t0"]}
+    with pytest.raises(CellsegError, match="expected the 'seen' images among the held-out ones, found 1"):
+        Split.from_json(bad)
+
+
+def test_the_v4_split_records_every_held_out_image_the_lineages_first_stages_trained_on():
+    """The v3 and v4 bundles descend from stages 1-2 trained on a random-image split of DSB2018 (splits/stage12.json):
+    137 of the v4 split's held-out images were on its training side, and the v4 split says so, so figures on "images
+    no training stage saw" leave them out whichever --seen is given."""
+    from references.nuclei.datasets import seen_images
+    splits = Path(__file__).resolve().parents[2] / "references" / "nuclei" / "splits"
+    v4 = Split.from_json(json.loads((splits / "v4.json").read_text()))
+    first_stages = seen_images([splits / "stage12.json"])
+    assert set(v4.seen) == first_stages & set(v4.val) and len(v4.seen) == 137
+    assert not first_stages & set(v4.val) - set(v4.seen)
