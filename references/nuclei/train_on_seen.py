@@ -1,9 +1,8 @@
 """Write a split that also trains on the held-out images of one modality that an earlier stage of the lineage
 trained on (datasets.Split.train_on_seen), for a fine-tune that wins back what the lineage forgot:
 
-    git show 32cb52f:cellseg/models/nuclei/split.json > runs/final/stage12_split.json   # the first stages' split
     python -m references.nuclei.train_on_seen --split runs/long/split.json \
-        --seen runs/final/stage12_split.json --modality brightfield_gray --out runs/gray_split.json
+        --seen references/nuclei/splits/stage12.json --modality brightfield_gray --out runs/gray_split.json
     RUN=runs/gray INIT=runs/long/scored/step0030000 SPLIT=runs/gray_split.json LR=2e-5 STEPS=5000 \
         bash scripts/train_long.sh
 

@@ -10,7 +10,10 @@ threshold for it (chosen on the same images it is reported on: the card says so)
 
     python -m references.nuclei.validate_bundle --bundle runs/nuclei --out runs/val --write-card
     python -m references.nuclei.validate_bundle --bundle cellseg/models/nuclei --split runs/nuclei/split.json \
-        --out runs/base --seen cellseg/models/nuclei/split.json    # also score the images no training stage has seen
+        --out runs/base --seen references/nuclei/splits/stage12.json   # also score the images no stage has seen
+
+A split's own "seen" list (held-out images an earlier stage of the lineage trained on: the v4 split records the 137
+that stages 1-2 did) counts as seen without --seen.
 
 Inference settings can be tried without touching the bundle: --tta, --mask-threshold, --set box_nms_thresh=0.5
 (any [model] key of model.toml), --proposal-threshold. Predictions are kept in OUT/<n>_<image>/ so a rerun only
