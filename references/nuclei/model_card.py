@@ -96,10 +96,12 @@ def _curve_section(curve: dict | None) -> str:
         rows.append(f"| {step:,} | " + " | ".join(_fmt(curve[c][k], pct=c.startswith("median")) for c in columns)
                     + " |")
     table = "\n".join(rows)
+    gaps = {b - a for a, b in zip(curve["steps"], curve["steps"][1:])}
+    when = f"every {gaps.pop():,} steps" if len(gaps) == 1 else "at each step of the table"   # the run's --snapshot-every
     return f"""
 ## Held-out AP50 against training steps
 
-The long run this bundle's last training stage comes from (`{curve['run']}`): every 5,000 steps a snapshot scored
+The long run this bundle's last training stage comes from (`{curve['run']}`): {when} a snapshot scored
 through the `cellseg count` pipeline on a fixed subset of the held-out groups (the same first images of each modality),
 AP50 pooled, thresholds tuned per snapshot; a smaller set than the figures above, so its values differ from theirs.
 

@@ -363,6 +363,9 @@ def test_the_long_runs_heldout_curve_goes_into_the_card_and_says_when_it_is_flat
     readme = card_readme(loaded)
     assert "## Held-out AP50 against training steps" in readme and "](heldout_curve.png)" in readme
     assert "| 5,000 | 0.773 | 0.659 | 0.480 | 0.693 | 0.650 | 10.0 % |" in readme
+    assert "at each step of the table a snapshot scored" in readme          # 5,000 then 10,000 steps apart
+    update_bundle_metadata(bundle, card={"heldout_curve": curve_table(rows[:3], run)})
+    assert "every 5,000 steps a snapshot scored" in card_readme(load_bundle(bundle))   # the run's own interval
     assert (bundle / "heldout_curve.png").read_bytes()[:4] == b"\x89PNG"
     without = dataclasses.replace(loaded, card={k: v for k, v in loaded.card.items() if k != "heldout_curve"})
     assert "Held-out AP50 against training steps" not in card_readme(without)   # a bundle of no long run
