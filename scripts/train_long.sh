@@ -19,7 +19,8 @@
 # ResNet-18 bundle: its new blocks start as the identity), ANCHORS (default: INIT's) the RPN's anchor ratios (e.g.
 # 0.33,0.5,1,2,3: each new ratio starts as its nearest old one), MIX (default: the recipe's) the draw shares by modality
 # (e.g. fluorescence=0.4,stained_tissue=0.35,he_nuinsseg=0: --mix), AVERAGE (default none) the decay of the moving average
-# of the weights its bundles get (e.g. 0.999: --weight-average); a new run writes the eight and INIT to RUN.settings and every resume
+# of the weights its bundles get (e.g. 0.999: --weight-average), SNAPSHOT_EVERY (default 5000) the steps between
+# scored snapshots; a new run writes the nine and INIT to RUN.settings and every resume
 # (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
 # stay the ones the run started with.
 set -euo pipefail
@@ -68,9 +69,10 @@ if [ -f "$RUN/checkpoint.pt" ]; then
         AVERAGE=
         # shellcheck disable=SC1090
         source "$settings_file"
+        # SNAPSHOT_EVERY is not reset: a settings file from before it was kept takes the environment's
         echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
              "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
-             "AVERAGE=${AVERAGE:-}, from $settings_file)"
+             "AVERAGE=${AVERAGE:-} SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
@@ -111,11 +113,13 @@ else
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nINIT=%s\n' "$LR" \
-        "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$INIT" > "$settings_file"
+    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}; SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nSNAPSHOT_EVERY=%s\nINIT=%s\n' \
+        "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$SNAPSHOT_EVERY" "$INIT" \
+        > "$settings_file"
     echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE" \
-         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE, kept in $settings_file for its resumes)"
+         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE SNAPSHOT_EVERY=$SNAPSHOT_EVERY, kept in $settings_file for its" \
+         "resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
