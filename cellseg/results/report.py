@@ -310,7 +310,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
     if pictures is not None:
         pictures()
-    heatmap = _density_map(folder, grid, density, unit, summary)
+    heatmap, heatmap_scale = _density_map(folder, grid, density, summary)
     if label_images is not None:
         label_images()
     crops, crops_note, near_crops = [], "", []
@@ -330,7 +330,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
             log.warning("%s: %s", folder.name, crops_note)
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
-        heatmap=heatmap,
+        heatmap=heatmap, heatmap_scale=heatmap_scale,
         density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         estimate=estimate, curve=curve, curve_png=curve_png, near_crops=near_crops, curve_moved=moved,
@@ -399,20 +399,22 @@ def _open_labels(folder: Path):
     return open_slide(folder / "labels.ome.tif")
 
 
-def _density_map(folder: Path, grid: TileGrid, density: np.ndarray, unit: str, summary: dict) -> str | None:
-    """The density per tile over the overlay, as base64 PNG; None for a one-tile slide, whose density is the slide's
-    (the page states it) and whose map would be one square."""
+def _density_map(folder: Path, grid: TileGrid, density: np.ndarray, summary: dict) -> tuple[str | None, dict | None]:
+    """The density per tile over the overlay, as base64 PNG, and its colour scale (report_plots.density_scale);
+    None for a one-tile slide, whose density is the slide's (the page states it) and whose map would be one square."""
     if grid.rows * grid.cols == 1:
-        return None
+        return None, None
+    from imagecodecs import png_decode
     from PIL import Image
 
-    from .report_plots import heatmap_png
-    overlay = Image.open(folder / "overlay.png").convert("RGB")
+    from .report_plots import density_scale, heatmap_png
+    overlay = png_decode((folder / "overlay.png").read_bytes())     # libpng: half of Pillow's time for the overlay
+    overlay = overlay if overlay.ndim == 3 else np.repeat(overlay[..., None], 3, axis=2)
     # the map's backdrop at most ~800 px (a 2048² overlay costs seconds to draw for nothing), by averaging whole
     # blocks of pixels: a quarter of the time of a filtered thumbnail, and the same picture under the map's squares
-    overlay = overlay.reduce(max(1, -(-max(overlay.size) // 800)))
-    return _b64(heatmap_png(np.asarray(overlay), density, unit, summary["height_px"], summary["width_px"],
-                            grid.tile_px))
+    backdrop = Image.fromarray(np.ascontiguousarray(overlay[..., :3])).reduce(max(1, -(-max(overlay.shape[:2]) // 800)))
+    png = heatmap_png(np.asarray(backdrop), density, summary["height_px"], summary["width_px"], grid.tile_px)
+    return _b64(png), density_scale(density)
 
 
 @dataclass

@@ -230,6 +230,35 @@ def test_crops_densest_sparsest_seam_cut_then_seeded_random():
 
 # --------------------------------------------------------------------------- the count's uncertainty (issue 48)
 
+def test_density_map_colours_each_tile_over_the_picture_and_its_scale_spans_the_densities():
+    """Each tile's square takes magma at the density's place in the range, blended over the picture; tiles without a
+    density keep the picture; the page's colour bar has round ticks inside the range."""
+    from imagecodecs import png_decode
+    from matplotlib import colormaps
+
+    from cellseg.results.report_plots import HEATMAP_ALPHA, density_scale, heatmap_png
+    picture = np.full((60, 90, 3), 200, np.uint8)
+    picture[:, 45:] = 40
+    density = np.array([[0.0, 500.0, np.nan], [1000.0, 250.0, 750.0]])
+    # a 300 x 400 px slide in 150 px tiles: a tile is 30 px of the 60 x 90 picture's rows, ~34 of its columns; the
+    # last column of tiles overhangs the slide
+    shown = png_decode(heatmap_png(picture, density, 300, 400, 150))
+    assert shown.shape == picture.shape
+    for (r, c), value in np.ndenumerate(density):
+        at = shown[30 * r + 15, 34 * c + 10 if c < 2 else 80]
+        under = picture[30 * r + 15, 34 * c + 10 if c < 2 else 80].astype(float)
+        if np.isnan(value):
+            assert (at == under).all()
+        else:
+            want = under * (1 - HEATMAP_ALPHA) + np.array(colormaps["magma"](value / 1000)[:3]) * 255 * HEATMAP_ALPHA
+            assert np.abs(at - want).max() <= 1, (r, c, at, want)
+    scale = density_scale(density)
+    assert (scale["low"], scale["high"]) == (0.0, 1000.0)
+    assert [v for v, _ in scale["ticks"]] == [0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]
+    assert [at for _, at in scale["ticks"]] == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+    assert density_scale(np.full((2, 2), np.nan)) is None
+
+
 def test_curve_warning_when_the_count_moves_with_the_threshold():
     from cellseg.results import CURVE_THRESHOLDS, curve_warning
     t = list(CURVE_THRESHOLDS)
