@@ -129,8 +129,10 @@ def keep_best(out: Path, rows: list[dict]) -> None:
 
 def rescore_snapshots(out: Path, *, data_root: Path, per_modality: int) -> None:
     """Score every kept snapshot (OUT/scored) again and rewrite its point of the curve: after the scoring itself
-    changed (how thresholds are chosen, the sweep), so that the curve stays one measurement."""
-    for snapshot in sorted((out / "scored").glob("step*")):
+    changed (how thresholds are chosen, the sweep), so that the curve stays one measurement. Snapshots whose
+    scoring failed (OUT/unscored, score_leftover_snapshots) are scored too, and join OUT/scored."""
+    snapshots = [*(out / "scored").glob("step*"), *(out / "unscored").glob("step*")]
+    for snapshot in sorted(snapshots, key=lambda p: p.name):
         if snapshot.is_dir() and snapshot.name[4:].isdigit():
             logging.info("rescoring %s", snapshot)
             record_snapshot_score(snapshot, int(snapshot.name[4:]),
@@ -141,10 +143,14 @@ def rescore_snapshots(out: Path, *, data_root: Path, per_modality: int) -> None:
 def score_leftover_snapshots(out: Path, score) -> None:
     """Score the snapshots an earlier run of OUT left unscored (`score(folder, step)`, e.g. score_snapshot): scoring
     moves a snapshot out of OUT/snapshots, so one still there was being scored when that run was killed (a session's end; the
-    checkpoint had moved past its step, so no later snapshot stands in for it). A snapshot that cannot be scored (a
-    half-written or half-removed folder) is removed, with a warning, rather than stopping the run."""
+    checkpoint had moved past its step, so no later snapshot stands in for it). A snapshot that cannot be scored does
+    not stop the run: a whole bundle (its weights those model.toml records) is kept in OUT/unscored, to be scored
+    by `--rescore` (the scoring can fail for reasons of its own: on 2026-11-27 a half-edited working tree failed
+    one, and a good snapshot was removed); a half-written folder (a run killed while writing it) is removed."""
     import shutil
     import subprocess
+
+    from cellseg.bundles import load_bundle
     for snapshot in sorted((out / "snapshots").glob("step*")):
         if not snapshot.is_dir() or not snapshot.name[4:].isdigit():
             continue
@@ -152,8 +158,19 @@ def score_leftover_snapshots(out: Path, score) -> None:
         try:
             score(snapshot, int(snapshot.name[4:]))
         except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
-            logging.warning("could not score %s (%s: %s); removed", snapshot, type(e).__name__, e)
-            shutil.rmtree(snapshot, ignore_errors=True)
+            try:
+                load_bundle(snapshot)
+            except CellsegError as broken:
+                logging.warning("could not score %s (%s: %s), a half-written bundle (%s); removed", snapshot,
+                                type(e).__name__, e, broken)
+                shutil.rmtree(snapshot, ignore_errors=True)
+                continue
+            kept = out / "unscored" / snapshot.name
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.rename(kept)
+            logging.warning("could not score %s (%s: %s); kept in %s: `python -m references.nuclei.train_default_bundle "
+                            "--out %s --rescore` scores it", snapshot, type(e).__name__, e, kept, out)
 
 
 def main() -> None:
@@ -195,8 +212,9 @@ def main() -> None:
     p.add_argument("--heldout-per-modality", type=int, default=24,
                    help="held-out images of each modality a snapshot is scored on (a fixed subset)")
     p.add_argument("--rescore", action="store_true",
-                   help="train nothing: score every snapshot OUT/scored keeps again and rewrite the curve "
-                        "(after the scoring changed); may run beside the training of OUT")
+                   help="train nothing: score every snapshot OUT/scored keeps again, and those whose scoring failed "
+                        "(OUT/unscored), and rewrite the curve (after the scoring changed); may run beside the "
+                        "training of OUT")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.rescore:

@@ -371,19 +371,32 @@ def test_the_long_runs_heldout_curve_goes_into_the_card_and_says_when_it_is_flat
     assert "Held-out AP50 against training steps" not in card_readme(without)   # a bundle of no long run
 
 
+def _whole_bundle(folder: Path) -> None:
+    """A bundle folder load_bundle accepts (model.toml recording its weights' sha256), with a token tensor."""
+    import torch
+
+    from cellseg.bundles.bundle import BUNDLE_FORMAT, sha256_file, write_toml, write_weights
+    folder.mkdir(parents=True)
+    write_weights(folder / "weights.safetensors", {"w": torch.zeros(2)})
+    write_toml(folder / "model.toml", {"format": BUNDLE_FORMAT, "name": folder.name,
+                                       "weights_sha256": sha256_file(folder / "weights.safetensors")})
+
+
 def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
     """Scoring moves a snapshot out of snapshots/; one still there was being scored when the run was killed: the resume scores it
-    (in step order), and one that cannot be scored is removed instead of stopping the run."""
+    (in step order). One that cannot be scored does not stop the run: a whole bundle is kept in unscored/ (no trained
+    weight lost to a failing scorer), a half-written one removed."""
     import subprocess
 
     from references.nuclei.train_default_bundle import score_leftover_snapshots
     for name in ("step0005000", "step0000000", "step0010000"):
         (tmp_path / "snapshots" / name).mkdir(parents=True)
+    _whole_bundle(tmp_path / "snapshots" / "step0015000")
     (tmp_path / "snapshots" / "notes.txt").write_text("not a snapshot")
     scored = []
 
     def score(folder, step):
-        if step == 10000:        # a half-written bundle: validation fails
+        if step >= 10000:        # validation fails: on a half-written bundle (10,000) or for its own reasons
             raise subprocess.CalledProcessError(1, ["validate_bundle"])
         scored.append(step)
         folder.rmdir()
@@ -391,6 +404,8 @@ def test_a_resumed_long_run_scores_the_snapshots_its_killed_run_left(tmp_path):
     score_leftover_snapshots(tmp_path, score)
     assert scored == [0, 5000]
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["notes.txt"]
+    assert [p.name for p in (tmp_path / "unscored").iterdir()] == ["step0015000"]
+    assert (tmp_path / "unscored" / "step0015000" / "weights.safetensors").is_file()
     score_leftover_snapshots(tmp_path / "never-trained", score)     # no snapshots folder: nothing to do
     assert scored == [0, 5000]
 
@@ -453,13 +468,19 @@ def test_a_rescore_scores_every_kept_snapshot_again_in_place(tmp_path, monkeypat
         scored.append((snapshot.name, out, per_modality))
         return metrics(new[int(snapshot.name[4:])])
 
+    # a snapshot whose scoring failed when its run resumed (score_leftover_snapshots) is scored too
+    (tmp_path / "unscored" / "step0002000").mkdir(parents=True)
+    (tmp_path / "unscored" / "step0002000" / "weights.safetensors").write_text("weights of step 2000")
+    new[2000] = 0.63
     monkeypatch.setattr(train, "heldout_metrics", heldout_metrics)
     train.rescore_snapshots(tmp_path, data_root=tmp_path / "data", per_modality=24)
-    assert scored == [("step0000000", tmp_path, 24), ("step0005000", tmp_path, 24)]
+    assert scored == [("step0000000", tmp_path, 24), ("step0002000", tmp_path, 24), ("step0005000", tmp_path, 24)]
     with open(tmp_path / "heldout.csv", newline="") as f:
-        assert [(int(r["step"]), float(r["all"])) for r in csv.DictReader(f)] == [(0, 0.61), (5000, 0.59)]
-    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["step0000000", "step0005000"]
-    assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 0"
+        assert [(int(r["step"]), float(r["all"])) for r in csv.DictReader(f)] == [(0, 0.61), (2000, 0.63),
+                                                                                  (5000, 0.59)]
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["step0000000", "step0002000", "step0005000"]
+    assert not any((tmp_path / "unscored").iterdir())
+    assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 2000"
 
 
 def test_train_on_seen_moves_only_the_seen_held_out_images_of_one_modality(tmp_path):
