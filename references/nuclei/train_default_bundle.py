@@ -143,34 +143,39 @@ def rescore_snapshots(out: Path, *, data_root: Path, per_modality: int) -> None:
 def score_leftover_snapshots(out: Path, score) -> None:
     """Score the snapshots an earlier run of OUT left unscored (`score(folder, step)`, e.g. score_snapshot): scoring
     moves a snapshot out of OUT/snapshots, so one still there was being scored when that run was killed (a session's end; the
-    checkpoint had moved past its step, so no later snapshot stands in for it). A snapshot that cannot be scored does
-    not stop the run: a whole bundle (its weights those model.toml records) is kept in OUT/unscored, to be scored
-    by `--rescore` (the scoring can fail for reasons of its own: on 2026-11-27 a half-edited working tree failed
-    one, and a good snapshot was removed); a half-written folder (a run killed while writing it) is removed."""
+    checkpoint had moved past its step, so no later snapshot stands in for it). One that cannot be scored is set aside
+    (score_or_set_aside)."""
+    for snapshot in sorted((out / "snapshots").glob("step*")):
+        if snapshot.is_dir() and snapshot.name[4:].isdigit():
+            logging.info("scoring %s, left unscored by the last run", snapshot)
+            score_or_set_aside(snapshot, int(snapshot.name[4:]), score, out)
+
+
+def score_or_set_aside(snapshot: Path, step: int, score, out: Path) -> None:
+    """score(snapshot, step); a snapshot that cannot be scored does not stop the run: a whole bundle (the weights
+    its model.toml records) is kept in OUT/unscored, to be scored by `--rescore` (the scoring can fail for reasons
+    of its own: on 2026-11-27 a working tree edited during a scoring failed it, and a good snapshot was removed); a
+    half-written folder (a run killed while writing it) is removed."""
     import shutil
     import subprocess
 
     from cellseg.bundles import load_bundle
-    for snapshot in sorted((out / "snapshots").glob("step*")):
-        if not snapshot.is_dir() or not snapshot.name[4:].isdigit():
-            continue
-        logging.info("scoring %s, left unscored by the last run", snapshot)
+    try:
+        score(snapshot, step)
+    except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
         try:
-            score(snapshot, int(snapshot.name[4:]))
-        except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
-            try:
-                load_bundle(snapshot)
-            except CellsegError as broken:
-                logging.warning("could not score %s (%s: %s), a half-written bundle (%s); removed", snapshot,
-                                type(e).__name__, e, broken)
-                shutil.rmtree(snapshot, ignore_errors=True)
-                continue
-            kept = out / "unscored" / snapshot.name
-            shutil.rmtree(kept, ignore_errors=True)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            snapshot.rename(kept)
-            logging.warning("could not score %s (%s: %s); kept in %s: `python -m references.nuclei.train_default_bundle "
-                            "--out %s --rescore` scores it", snapshot, type(e).__name__, e, kept, out)
+            load_bundle(snapshot)
+        except CellsegError as broken:
+            logging.warning("could not score %s (%s: %s), a half-written bundle (%s); removed", snapshot,
+                            type(e).__name__, e, broken)
+            shutil.rmtree(snapshot, ignore_errors=True)
+            return
+        kept = out / "unscored" / snapshot.name
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.rename(kept)
+        logging.warning("could not score %s (%s: %s); kept in %s: `python -m references.nuclei.train_default_bundle "
+                        "--out %s --rescore` scores it", snapshot, type(e).__name__, e, kept, out)
 
 
 def main() -> None:
@@ -262,10 +267,12 @@ def main() -> None:
         p.error(str(e))
     on_snapshot = None
     if args.snapshot_every:
-        on_snapshot = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
-                                        per_modality=args.heldout_per_modality)
+        score = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
+                                  per_modality=args.heldout_per_modality)
+        # a scoring that fails sets the snapshot aside and the training goes on (it ended the run before)
+        on_snapshot = functools.partial(score_or_set_aside, score=score, out=args.out)
     if on_snapshot is not None and args.resume:
-        score_leftover_snapshots(args.out, on_snapshot)
+        score_leftover_snapshots(args.out, score)
     try:
         run_recipe(args.data_root, args.out, settings, split_file=args.split, init=args.init,
                    mix=parse_mix(args.mix), model_cfg=model_cfg, resume=args.resume, device=args.device,
