@@ -9,7 +9,8 @@
 #     bash scripts/train_long.sh resume     let it go on (SIGCONT)                                        a benchmark
 #
 # Checkpoints every 10 minutes (RUN/checkpoint.pt, git-ignored); every 5,000 steps a snapshot is scored on a fixed
-# subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best.
+# subset of the held-out groups through the real pipeline (RUN/heldout.csv), kept in RUN/scored, and the best copied to RUN/best;
+# scorings run on RUN.code, the code as it was when the trainer started, so edits beside the run cannot fail one.
 # A new run starts from INIT (default: the newest committed candidate bundle, references/nuclei/candidates/*, by its
 # last commit; else the shipped bundle), with a candidate's run.settings (its run's LR, STEPS, AUGMENT and SPLIT) where
 # the environment gives none: a machine replaced with runs/ gone loses no more than the uncommitted steps.

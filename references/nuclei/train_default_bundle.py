@@ -42,33 +42,62 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 HELDOUT_COLUMNS = ["step", *MODALITIES, "all", "median_count_error_all", "mean_of_modalities"]
 
 
-def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int) -> None:
+def score_snapshot(snapshot: Path, step: int, *, out: Path, data_root: Path, per_modality: int,
+                   code: Path = REPOSITORY) -> None:
     """Score a training snapshot on a fixed subset of the held-out images through the real pipeline
-    (heldout_metrics), then record the score (record_snapshot_score)."""
+    (heldout_metrics, on `code`), then record the score (record_snapshot_score)."""
     record_snapshot_score(snapshot, step, heldout_metrics(snapshot, out=out, data_root=data_root,
-                                                          per_modality=per_modality), out)
+                                                          per_modality=per_modality, code=code), out)
 
 
-def heldout_metrics(snapshot: Path, *, out: Path, data_root: Path, per_modality: int) -> dict:
-    """validate_bundle.py's metrics of a snapshot on the first `per_modality` held-out images of each modality; its
-    figures stay in OUT/heldout/<snapshot>, its predictions do not."""
+def heldout_metrics(snapshot: Path, *, out: Path, data_root: Path, per_modality: int,
+                    code: Path = REPOSITORY) -> dict:
+    """validate_bundle.py's metrics of a snapshot on the first `per_modality` held-out images of each modality, run
+    from `code` (a checkout, or frozen_code's copy of one); its figures stay in OUT/heldout/<snapshot>, its
+    predictions do not, and its output goes to OUT/heldout/<snapshot>.log."""
     import json
     import shutil
     import subprocess
     val_dir = out / "heldout" / snapshot.name
     shutil.rmtree(val_dir, ignore_errors=True)
-    # validate_bundle.py as a module of this repository, from wherever the training was started
-    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "references.nuclei.validate_bundle", "--bundle", str(snapshot),
-                    "--data-root", str(data_root), "--out", str(val_dir), "--device", "cpu",
-                    "--per-modality", str(per_modality)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
+    val_dir.parent.mkdir(parents=True, exist_ok=True)
+    # validate_bundle.py as a module of `code`, whatever the working directory the training was started from:
+    # `python -m` puts its working directory first on sys.path, so it runs in `code`, with absolute paths
+    python_path = os.pathsep.join(filter(None, [str(code.resolve()), os.environ.get("PYTHONPATH")]))
+    log_path = val_dir.with_name(snapshot.name + ".log")
+    with open(log_path, "w") as log_file:
+        done = subprocess.run([sys.executable, "-m", "references.nuclei.validate_bundle",
+                               "--bundle", str(snapshot.resolve()), "--data-root", str(data_root.resolve()),
+                               "--out", str(val_dir.resolve()), "--device", "cpu", "--per-modality", str(per_modality)],
+                              cwd=code, stdout=log_file, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": python_path})
+    if done.returncode != 0:
+        last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        raise subprocess.CalledProcessError(done.returncode, f"validate_bundle (log {log_path}: {' '.join(last)})")
     metrics = json.loads((val_dir / "metrics.json").read_text())
     shutil.rmtree(val_dir / ".work", ignore_errors=True)
     for folder in val_dir.iterdir():     # the predictions are re-made at will; keep the figures
         if folder.is_dir():
             shutil.rmtree(folder)
     return metrics
+
+
+def frozen_code(out: Path) -> Path:
+    """A copy of this checkout's code (cellseg, references without its candidate bundles, protocols) in OUT.code
+    beside OUT (as train_long.sh keeps OUT.settings and OUT.log: OUT itself must be new or empty for a new run), made
+    when the trainer starts: its held-out scorings run on it (heldout_metrics), so that a working tree edited
+    during a scoring (a session's work beside the run) cannot fail one half-way (on 2026-11-27 a half-edited tree
+    did, in a result files' process started mid-scoring), and every point of the curve is scored by the code the
+    run was (re)started with. `--rescore` scores with the checkout as it is."""
+    import shutil
+    code, staged = out.with_name(out.name + ".code"), out.with_name(out.name + ".code.tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "candidates")
+    for name in ("cellseg", "references", "protocols"):
+        shutil.copytree(REPOSITORY / name, staged / name, ignore=ignore)
+    shutil.rmtree(code, ignore_errors=True)
+    staged.rename(code)
+    return code
 
 
 def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -> dict:
@@ -268,7 +297,7 @@ def main() -> None:
     on_snapshot = None
     if args.snapshot_every:
         score = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
-                                  per_modality=args.heldout_per_modality)
+                                  per_modality=args.heldout_per_modality, code=frozen_code(args.out))
         # a scoring that fails sets the snapshot aside and the training goes on (it ended the run before)
         on_snapshot = functools.partial(score_or_set_aside, score=score, out=args.out)
     if on_snapshot is not None and args.resume:

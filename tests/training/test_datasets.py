@@ -442,6 +442,37 @@ def test_a_scored_snapshot_goes_on_the_curve_is_kept_and_becomes_best_only_when_
     assert (tmp_path / "best" / "weights.safetensors").read_text() == "weights of step 5000"
 
 
+def test_snapshots_are_scored_by_the_code_the_run_started_with(tmp_path):
+    """The trainer freezes the checkout's code beside OUT (frozen_code) and the scorer runs from that copy, so an edit
+    of the working tree during a scoring cannot fail it; a failed scoring names its log and last line."""
+    import subprocess
+
+    import references.nuclei.train_default_bundle as train
+    code = train.frozen_code(tmp_path / "run")
+    assert code == tmp_path / "run.code" and not (tmp_path / "run").exists()     # OUT stays new for a new run
+    assert (code / "cellseg" / "templates" / "report.html.j2").is_file()
+    assert (code / "references" / "nuclei" / "validate_bundle.py").is_file()
+    assert not (code / "references" / "nuclei" / "candidates").exists()     # candidate weights are not code
+    # the scorer is whatever validate_bundle the frozen copy holds: here one that writes its arguments as metrics
+    (code / "references" / "nuclei" / "validate_bundle.py").write_text(
+        "import json, sys, pathlib\n"
+        "args = sys.argv[1:]\n"
+        "out = pathlib.Path(args[args.index('--out') + 1])\n"
+        "out.mkdir(parents=True)\n"
+        "(out / 'metrics.json').write_text(json.dumps({'args': args, 'module': __file__}))\n")
+    snapshot = tmp_path / "run" / "snapshots" / "step0001000"
+    snapshot.mkdir(parents=True)
+    metrics = train.heldout_metrics(snapshot, out=tmp_path / "run", data_root=tmp_path / "data", per_modality=3,
+                                    code=code)
+    assert metrics["module"] == str(code / "references" / "nuclei" / "validate_bundle.py")
+    assert metrics["args"][metrics["args"].index("--bundle") + 1] == str(snapshot)
+    assert metrics["args"][-2:] == ["--per-modality", "3"]
+    (code / "references" / "nuclei" / "validate_bundle.py").write_text("raise SystemExit('no held-out images')\n")
+    with pytest.raises(subprocess.CalledProcessError, match="no held-out images"):
+        train.heldout_metrics(snapshot, out=tmp_path / "run", data_root=tmp_path / "data", per_modality=3, code=code)
+    assert (tmp_path / "run" / "heldout" / "step0001000.log").is_file()
+
+
 def test_a_rescore_scores_every_kept_snapshot_again_in_place(tmp_path, monkeypatch):
     """After the scoring changed (thresholds, sweep), every kept snapshot is scored again and its point rewritten; the
     snapshots stay where they are and the best follows the new figures."""
