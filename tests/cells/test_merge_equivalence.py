@@ -202,3 +202,32 @@ def test_centroids_equal_numpy_means_exactly():
     centroids, areas = centroids_and_areas(boxes, masks)
     np.testing.assert_array_equal(centroids, want)
     np.testing.assert_array_equal(areas, [m.sum() for m in masks])
+
+
+def test_overlapping_pairs_match_a_count_of_every_pair_call_after_call():
+    """Every pair of masks sharing pixels, its shared pixel count and the pixels, against a plain count; the thread's
+    scratch canvas is reused from call to call (its earlier contents must not matter), pixels shared by 3 masks too."""
+    from cellseg.cells.merge import overlapping_pairs
+    rng = np.random.default_rng(3)
+    triples = False
+    for size, n in ((400, 30), (900, 60), (100, 12), (900, 2)):
+        masks, pixels = [], []
+        for k in range(n):
+            painted = np.unique(rng.integers(0, size, rng.integers(1, 40)))
+            masks.append(np.full(len(painted), k))
+            pixels.append(painted)
+        mask, pix = np.concatenate(masks), np.concatenate(pixels)
+        a, b, shared, pair_of_pixel, pair_pix = overlapping_pairs(mask, pix, size, n)
+        want = {}
+        for p in np.unique(pix):
+            owners = sorted(mask[pix == p].tolist())
+            for i in range(len(owners)):
+                for j in range(i + 1, len(owners)):
+                    want.setdefault((owners[i], owners[j]), []).append(int(p))
+        assert {(int(x), int(y)): int(c) for x, y, c in zip(a, b, shared)} == {k: len(v) for k, v in want.items()}
+        got = {}
+        for pair, p in zip(pair_of_pixel, pair_pix):
+            got.setdefault((int(a[pair]), int(b[pair])), []).append(int(p))
+        assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+        triples |= bool((np.bincount(pix) >= 3).any())
+    assert triples
