@@ -86,8 +86,8 @@ def frozen_code(out: Path) -> Path:
     """A copy of this checkout's code (cellseg, references without its candidate bundles, protocols) in OUT.code
     beside OUT (as train_long.sh keeps OUT.settings and OUT.log: OUT itself must be new or empty for a new run), made
     when the trainer starts: its held-out scorings run on it (heldout_metrics), so that a working tree edited
-    during a scoring (a session's work beside the run) cannot fail one half-way (on 2026-11-27 a half-edited tree
-    did, in a result files' process started mid-scoring), and every point of the curve is scored by the code the
+    during a scoring (a session's work beside the run) cannot fail one half-way (on 2026-11-27 one failed while
+    report.py and report_plots.py were being changed: processes a scoring starts import the tree as it is then), and every point of the curve is scored by the code the
     run was (re)started with. `--rescore` scores with the checkout as it is."""
     import shutil
     code, staged = out.with_name(out.name + ".code"), out.with_name(out.name + ".code.tmp")
