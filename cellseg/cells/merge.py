@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..geometry import Box, Instances, MaskRows, TileDetections, TileSpec, owned_box
+from ..util import thread_scratch
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ def overlapping_pairs(mask: np.ndarray, pix: np.ndarray, canvas_size: int, n_mas
     per canvas pixel, np.bincount, needs a fresh canvas of a few MB a tile: ~0.8 ms of the kernel's new pages on our
     virtual machines, most of this function's time.)
     """
-    from ..util import thread_scratch
     ordinal = np.arange(len(pix), dtype=np.int32 if len(pix) < 2 ** 31 else np.int64)
     canvas = thread_scratch("overlapping_pairs", canvas_size, ordinal.dtype)
     canvas[pix] = ordinal               # whichever of a pixel's writes lands, it is one of them

@@ -59,16 +59,22 @@ def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, 
 HEATMAP_ALPHA = 0.55       # the density's opacity over the slide's picture
 
 
+def _density_range(density: np.ndarray) -> tuple[float, float] | None:
+    """The lowest and highest density of the tiles that have one (not NaN); None when none has."""
+    valid = density[np.isfinite(density)]
+    return (float(valid.min()), float(valid.max())) if valid.size else None
+
+
 def density_scale(density: np.ndarray, stops: int = 9) -> dict | None:
     """The heat map's colour scale (magma from the lowest to the highest density; None when no tile has one) for
     the page's colour bar: the bar's CSS gradient, its range and tick marks at matplotlib's round values."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
     from matplotlib.ticker import MaxNLocator
-    valid = density[np.isfinite(density)]
-    if not valid.size:
+    extent = _density_range(density)
+    if extent is None:
         return None
-    low, high = float(valid.min()), float(valid.max())
+    low, high = extent
     magma = colormaps["magma"]
     gradient = ", ".join(f"{to_hex(magma(k / (stops - 1)))} {100 * k / (stops - 1):.0f}%" for k in range(stops))
     span = high - low
@@ -90,10 +96,11 @@ def heatmap_png(picture: np.ndarray, density: np.ndarray, height: int, width: in
     # the tile under the centre of each picture row and column
     tile_row = np.minimum(((np.arange(ph) + 0.5) * height / ph // tile_px).astype(np.intp), rows - 1)
     tile_col = np.minimum(((np.arange(pw) + 0.5) * width / pw // tile_px).astype(np.intp), cols - 1)
-    valid = np.isfinite(density)
-    if not valid.any():
+    extent = _density_range(density)
+    if extent is None:
         return png_bytes(picture)
-    low, high = float(density[valid].min()), float(density[valid].max())
+    low, high = extent
+    valid = np.isfinite(density)
     scaled = np.where(valid, (density - low) / (high - low) if high > low else 0.0, 0.0)
     tile_rgb = colormaps["magma"](scaled)[..., :3] * 255                        # (rows, cols, 3)
     tile_alpha = np.where(valid, HEATMAP_ALPHA, 0.0)[..., None]

@@ -107,7 +107,6 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
     curve can be interpolated with the start later (`python -m references.nuclei.interpolate_bundles`; ~31 MB a
     snapshot), and copy the curve's best (keep_best) to OUT/best. Returns the row."""
     import csv
-    import shutil
     row = {"step": step}
     for name in (*MODALITIES, "all"):
         row[name] = metrics.get(name, {}).get("ap50_tp_fp_fn_pooled")
@@ -127,13 +126,20 @@ def record_snapshot_score(snapshot: Path, step: int, metrics: dict, out: Path) -
         writer.writerows(rows)
     tmp.replace(log_path)
     logging.info("held-out at step %d: %s", step, row)
-    kept = out / "scored" / snapshot.name
-    if snapshot.resolve() != kept.resolve():
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.rename(kept)
+    if snapshot.resolve() != (out / "scored" / snapshot.name).resolve():
+        _move_into(snapshot, out / "scored")
     keep_best(out, rows)
     return row
+
+
+def _move_into(snapshot: Path, folder: Path) -> Path:
+    """Move a snapshot folder into `folder` (replacing an older one of its name there); returns where it now is."""
+    import shutil
+    kept = folder / snapshot.name
+    shutil.rmtree(kept, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    snapshot.rename(kept)
+    return kept
 
 
 def keep_best(out: Path, rows: list[dict]) -> None:
@@ -199,10 +205,7 @@ def score_or_set_aside(snapshot: Path, step: int, score, out: Path) -> None:
                             type(e).__name__, e, broken)
             shutil.rmtree(snapshot, ignore_errors=True)
             return
-        kept = out / "unscored" / snapshot.name
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.rename(kept)
+        kept = _move_into(snapshot, out / "unscored")
         logging.warning("could not score %s (%s: %s); kept in %s: `python -m references.nuclei.train_default_bundle "
                         "--out %s --rescore` scores it", snapshot, type(e).__name__, e, kept, out)
 
