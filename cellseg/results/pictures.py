@@ -1,5 +1,5 @@
 """The result folder's overlay.png: the slide's thumbnail with nucleus outlines, and cell outlines when nuclei are
-grown into cells. (area_histogram.png is report_plots.histogram_png's, the report's own nucleus area plot.)"""
+grown into cells. (area_histogram.png is report_plots.histogram_png's; the report draws the same plot as a chart.)"""
 
 from __future__ import annotations
 

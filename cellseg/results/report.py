@@ -278,7 +278,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     until labels.ome.tif is written (a count draws the rest of the report while it is), called before the crops.
     Returns the warnings."""
     from .appearance import appearance_check, appearance_warning
-    from .report_plots import histogram_png, score_curve_png
+    from .report_plots import histogram_chart, score_curve_chart
     from .uncertainty import curve_warning
     folder = Path(folder)
     summary, run = _read_json(folder / "summary.json"), _read_json(folder / "run.json")
@@ -288,17 +288,20 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     warnings = slide_warnings(summary, run, cells, grid)
     mpp = summary.get("mpp")
     area_unit = "µm²" if mpp else "px"
-    figures = [("Nucleus area", (folder / "area_histogram.png").read_bytes())]   # the writer's, same plot
+    area_scale = mpp ** 2 if mpp else 1
+    # drawn by the page (inline SVG); the nucleus area chart is area_histogram.png's plot
+    charts = [histogram_chart(cells["area_px"].to_numpy(float) * area_scale, f"nucleus area ({area_unit})",
+                              "Nucleus area")]
     if "cell_area_px" in cells:
-        figures.append(("Cell area", histogram_png(cells["cell_area_px"].to_numpy(float) * (mpp ** 2 if mpp else 1),
-                                                   f"cell area ({area_unit})", "Cell area (grown from nuclei)")))
+        charts.append(histogram_chart(cells["cell_area_px"].to_numpy(float) * area_scale, f"cell area ({area_unit})",
+                                      "Cell area (grown from nuclei)"))
     stain, stain_label = intensity_values(cells, summary)
     if stain is not None:
-        figures.append(("Nuclear stain", histogram_png(stain, stain_label, "Nuclear stain")))
+        charts.append(histogram_chart(stain, stain_label, "Nuclear stain"))
     if len(cells):
         threshold = (run.get("model") or {}).get("score_threshold")
-        figures.append(("Scores", histogram_png(cells["score"].to_numpy(float), "detection score", "Scores",
-                                                {"threshold": threshold} if threshold is not None else None)))
+        charts.append(histogram_chart(cells["score"].to_numpy(float), "detection score", "Scores",
+                                      {"threshold": threshold} if threshold is not None else None))
     curve, estimate = summary.get("score_curve"), summary.get("count_estimate")
     moved = curve_warning(curve) if curve else None
     if moved:
@@ -307,7 +310,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     unlike = appearance_warning(appearance)
     if unlike:
         warnings.insert(0, unlike)
-    curve_png = _b64(score_curve_png(curve, estimate)) if curve else None
+    curve_chart = score_curve_chart(curve, estimate) if curve else None
     if pictures is not None:
         pictures()
     heatmap, heatmap_scale = _density_map(folder, grid, density, summary)
@@ -331,9 +334,9 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
         heatmap=heatmap, heatmap_scale=heatmap_scale,
-        density_unit=unit, figures=[(t, _b64(p)) for t, p in figures],
+        density_unit=unit, charts=charts,
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
-        estimate=estimate, curve=curve, curve_png=curve_png, near_crops=near_crops, curve_moved=moved,
+        estimate=estimate, curve=curve, curve_chart=curve_chart, near_crops=near_crops, curve_moved=moved,
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
         tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()))
     from .folder import atomic_write_text

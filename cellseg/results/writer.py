@@ -66,7 +66,7 @@ CELL_FILES = ("cell_labels.ome.tif",)     # written besides when nuclei are grow
 REGION_FILES = ("regions.csv",)           # written besides when the count was restricted to regions (planning/regions.py)
 ALWAYS = ("summary.json", "run.json", "below_threshold.csv")     # whatever `outputs` picks (the last: small)
 # What report.html is drawn from (results/report.py): asking for the report writes these too.
-REPORT_NEEDS = ("cells.csv", "overlay.png", "tissue_mask.png", "area_histogram.png", "labels.ome.tif")
+REPORT_NEEDS = ("cells.csv", "overlay.png", "tissue_mask.png", "labels.ome.tif")
 _LABEL_FILES = ("labels.ome.tif", "panoptic.ome.tif", "overlay.png", "cell_labels.ome.tif")   # from the canvases
 
 

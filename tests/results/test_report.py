@@ -34,11 +34,12 @@ def test_every_result_folder_has_a_self_contained_report(he_result):
     _assert_self_contained(page)
     assert f"{summary['cell_count']:,} cells" in page and summary["mpp_source"] in page
     assert "he-nuclei" in page
-    # overlay, density map, 4 histograms (nucleus, cell area: he-nuclei grows cells; stain; score), the count
-    # against the score threshold, 6-12 crops
+    # pictures: overlay, density map, 6-12 crops; charts (inline SVG): 4 histograms (nucleus, cell area: he-nuclei
+    # grows cells; stain; score) and the count against the score threshold
     crops = page.count("<figcaption>")
-    assert 6 <= crops <= 12 and len(_images(page)) == 2 + 4 + 1 + crops
-    assert 'id="score-curve"' in page and 'id="estimate-line"' in page
+    assert 6 <= crops <= 12 and len(_images(page)) == 2 + crops
+    assert page.count('<svg class="chart"') == 4 + 1 and '<svg class="chart" id="score-curve"' in page
+    assert 'id="estimate-line"' in page
     assert "densest tile" in page and "sparsest tissue tile" in page   # 6 tiles: all shown
     assert summary["warnings"] == []      # a clean slide: real pixel size, usual density, scores spread
 
@@ -185,7 +186,7 @@ def test_reports_render_in_headless_chromium(he_result, tmp_path):
     for name in ("he_a", "he_b"):
         shutil.copytree(he_result, results / name)
     assert invoke(["report", results]).exit_code == 0
-    assert assert_renders(results / "he_a" / "report.html", tmp_path) >= 12
+    assert assert_renders(results / "he_a" / "report.html", tmp_path) >= 8      # overlay, density map, crops
     assert assert_renders(results / "report.html", tmp_path) == 1
 
 
@@ -257,6 +258,50 @@ def test_density_map_colours_each_tile_over_the_picture_and_its_scale_spans_the_
     assert [v for v, _ in scale["ticks"]] == [0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]
     assert [at for _, at in scale["ticks"]] == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
     assert density_scale(np.full((2, 2), np.nan)) is None
+
+
+def test_histogram_chart_draws_the_bins_the_median_and_the_marks_where_they_hide_no_bar():
+    from cellseg.results.report_plots import histogram_chart
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.normal(50, 5, 900), [np.nan, np.inf]]        # non-finite values dropped
+    chart = histogram_chart(values, "nucleus area (µm²)", "Nucleus area", {"threshold": 60.0, "none": None})
+    assert chart.title == "Nucleus area (n = 900)" and chart.note is None
+    left, top, right, bottom = chart.plot
+    # the bars as one outline from the axis up and back; its highest point is the tallest bin, near the top
+    d = chart.areas[0]["d"]
+    ys = [float(p.split(",")[1]) for p in d[1:-1].replace("M", "L").split("L")]
+    assert ys[0] == ys[-1] == bottom and top <= min(ys) < top + 0.1 * (bottom - top)
+    labels = [e["label"] for e in chart.legend]
+    assert labels == [f"median {np.median(values[:900]):.4g}", "threshold"]
+    median_x = float(chart.lines[0]["points"].split()[0].split(",")[0])
+    (x0, _), (x1, _) = chart.x_ticks[0], chart.x_ticks[-1]
+    assert left <= x0 < median_x < x1 <= right
+    assert all(left <= at <= right for at, _ in chart.x_ticks) and all(top <= at <= bottom for at, _ in chart.y_ticks)
+    assert chart.y_ticks[0][1] == "0" and chart.y_ticks[0][0] == bottom      # counts from 0, thousands with commas
+    # a normal hump in the middle: the legend goes in a top corner, clear of the bars
+    lx, ly, lw, lh = chart.legend_at
+    assert ly == top + 6 and (lx + lw < median_x - 60 or lx > median_x + 60)
+    empty = histogram_chart(np.zeros(0), "x", "Scores")
+    assert empty.note == "no cells" and empty.areas == [] and empty.title == "Scores (n = 0)"
+
+
+def test_score_curve_chart_is_solid_at_and_above_the_threshold_and_shows_the_estimate():
+    from cellseg.results.report_plots import score_curve_chart
+    curve = {"thresholds": [0.3, 0.4, 0.5, 0.6, 0.7], "counts": [1500, 1300, 1200, 1000, 600], "threshold": 0.5}
+    estimate = {"estimated_true_count": 1400.0, "interval_low": 1100.0, "interval_high": 1900.0,
+                "interval_level": 0.9}
+    chart = score_curve_chart(curve, estimate)
+    solid = [line for line in chart.lines if line["dash"] is None]
+    dashed_blue = [line for line in chart.lines if line["dash"] == "6 4" and line["stroke"] == "#4878a8"]
+    assert len(solid) == 1 and len(solid[0]["points"].split()) == 3           # 0.5, 0.6, 0.7
+    assert len(dashed_blue) == 1 and len(dashed_blue[0]["points"].split()) == 3      # 0.3, 0.4 joined to 0.5
+    assert sum(m["fill"] == "white" for m in chart.markers) == 2 and len(chart.markers) == 5
+    left, top, right, bottom = chart.plot
+    band = chart.bands[0]
+    assert top <= band["y"] < band["y"] + band["height"] < bottom        # 1100..1900 of an axis to ~2,000
+    assert [e["label"] for e in chart.legend] == ["nuclei kept", "estimated true count, 90% interval",
+                                                  "with detections under the threshold", "threshold 0.50"]
+    assert score_curve_chart({"thresholds": [], "counts": [], "threshold": None}).note == "no score curve"
 
 
 def test_curve_warning_when_the_count_moves_with_the_threshold():
