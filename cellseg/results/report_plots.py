@@ -177,7 +177,7 @@ def histogram_chart(values: np.ndarray, xlabel: str, title: str, marks: dict[str
 
 
 def score_curve_chart(curve: dict, estimate: dict | None = None) -> Chart:
-    """score_curve_png's plot as a Chart: the count against the score threshold (summary.json's "score_curve"),
+    """The count against the score threshold (summary.json's "score_curve") as a Chart:
     solid at and above the count's threshold (exact), dashed with open markers under it (detections scored there,
     boxes only: an approximation), the threshold marked; with an estimate, the estimated true count and its
     interval as a band."""
@@ -194,7 +194,7 @@ def score_curve_chart(curve: dict, estimate: dict | None = None) -> Chart:
     y = _Axis(0, top * 1.05, _PLOT_BOTTOM, _PLOT_TOP, integer=True)
     chart.x_ticks, chart.y_ticks = x.ticks, y.ticks
     if known:
-        low, high = y.px(estimate["interval_low"]), y.px(min(estimate["interval_high"], top * 1.05))
+        low, high = y.px(estimate["interval_low"]), y.px(estimate["interval_high"])
         chart.bands.append({"x": _PLOT_LEFT, "y": round(float(high), 1), "width": _PLOT_RIGHT - _PLOT_LEFT,
                             "height": round(float(low - high), 1), "fill": _RED, "opacity": 0.12})
         at = float(y.px(estimate["estimated_true_count"]))
