@@ -461,7 +461,7 @@ def write_cohort_report(folder: Path, rows: list[CohortRow]) -> Path:
     import os
 
     from .folder import atomic_write_text
-    from .report_plots import density_bars_png
+    from .report_plots import density_bars_chart
     folder = Path(folder)
     table = []
     for row in rows:
@@ -473,8 +473,8 @@ def write_cohort_report(folder: Path, rows: list[CohortRow]) -> Path:
                       "density": s.get("cells_per_mm2"), "tissue_mm2": s.get("tissue_area_mm2"),
                       "mpp": s.get("mpp"), "unreadable": len(s.get("unreadable") or []),
                       "warnings": s.get("warnings") or []})
-    plot = density_bars_png([r["name"] for r in table], [r["density"] for r in table], "cells per mm² of tissue")
-    page = _template("cohort.html.j2").render(rows=table, plot=_b64(plot),
+    plot = density_bars_chart([r["name"] for r in table], [r["density"] for r in table], "cells per mm² of tissue")
+    page = _template("cohort.html.j2").render(rows=table, plot=plot,
                                                failed=sum(r["error"] is not None for r in table))
     atomic_write_text(folder / "report.html", page)
     return folder / "report.html"

@@ -143,7 +143,9 @@ def test_the_report_waits_for_the_label_images_only_before_its_crops(he_result, 
 _CHECK = """<script>window.addEventListener("load", function () {
   var imgs = Array.from(document.images);
   var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
-  document.body.setAttribute("data-check", imgs.length + " " + broken);
+  var charts = Array.from(document.querySelectorAll("svg.chart"));
+  var blank = charts.filter(function (c) { var b = c.getBBox(); return !(b.width > 0 && b.height > 0); }).length;
+  document.body.setAttribute("data-check", imgs.length + " " + broken + " " + charts.length + " " + blank);
 });</script>"""
 
 
@@ -164,20 +166,21 @@ def render(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=120)
 
 
-def assert_renders(page: Path, tmp_path: Path) -> int:
-    """The page loads in Chromium with no console message and every <img> decoded; returns the image count."""
+def assert_renders(page: Path, tmp_path: Path) -> tuple[int, int]:
+    """The page loads in Chromium with no console message, every <img> decoded and every chart (inline SVG) drawn
+    with a size; returns the counts of images and charts."""
     probe = page.with_name(page.stem + ".probe.html")
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _CHECK + "</body>"), encoding="utf-8")
     done = render(probe, tmp_path / f"profile-{page.parent.name}", "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
-    check = re.search(r'data-check="(\d+) (\d+)"', done.stdout)
+    check = re.search(r'data-check="(\d+) (\d+) (\d+) (\d+)"', done.stdout)
     assert check is not None, "the page's load event never ran"
-    images, broken = map(int, check.groups())
-    assert images > 0 and broken == 0, (images, broken)
+    images, broken, charts, blank = map(int, check.groups())
+    assert images + charts > 0 and broken == 0 and blank == 0, (images, broken, charts, blank)
     probe.unlink()
-    return images
+    return images, charts
 
 
 def test_reports_render_in_headless_chromium(he_result, tmp_path):
@@ -186,8 +189,9 @@ def test_reports_render_in_headless_chromium(he_result, tmp_path):
     for name in ("he_a", "he_b"):
         shutil.copytree(he_result, results / name)
     assert invoke(["report", results]).exit_code == 0
-    assert assert_renders(results / "he_a" / "report.html", tmp_path) >= 8      # overlay, density map, crops
-    assert assert_renders(results / "report.html", tmp_path) == 1
+    images, charts = assert_renders(results / "he_a" / "report.html", tmp_path)
+    assert images >= 8 and charts == 5           # overlay, density map, crops; 4 histograms, the score curve
+    assert assert_renders(results / "report.html", tmp_path) == (0, 1)       # the cohort's density per slide
 
 
 def test_the_browser_check_can_fail(tmp_path):
@@ -201,6 +205,12 @@ def test_the_browser_check_can_fail(tmp_path):
                     'CklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="><script>console.error("x")</script></body></html>')
     with pytest.raises(AssertionError, match="CONSOLE"):
         assert_renders(page, tmp_path)
+    page.write_text('<html><body><svg class="chart" width="50" height="50"></svg></body></html>')     # nothing drawn
+    with pytest.raises(AssertionError):
+        assert_renders(page, tmp_path)
+    page.write_text('<html><body><svg class="chart" width="50" height="50"><rect width="9" height="9"/></svg>'
+                    '</body></html>')
+    assert assert_renders(page, tmp_path) == (0, 1)
 
 
 def test_crops_densest_sparsest_seam_cut_then_seeded_random():
@@ -304,6 +314,19 @@ def test_score_curve_chart_is_solid_at_and_above_the_threshold_and_shows_the_est
     assert score_curve_chart({"thresholds": [], "counts": [], "threshold": None}).note == "no score curve"
 
 
+def test_density_bars_chart_has_a_slot_per_slide_and_room_for_their_names():
+    from cellseg.results.report_plots import CHART_WIDTH, density_bars_chart
+    names = ["a", "b" * 60, "c"]
+    chart = density_bars_chart(names, [1000.0, None, 250.0], "cells per mm² of tissue")
+    assert [label for _, label in chart.x_ticks] == ["a", "b" * 40 + "…", "c"]
+    assert chart.areas[0]["d"].count("M") == 2                 # no bar for the slide without a density
+    left, top, right, bottom = chart.plot
+    assert chart.height - bottom > 0.87 * 6 * 40 and left >= 0.5 * 6 * 40 - 14     # the 60-degree names fit
+    many = density_bars_chart([f"s{k}" for k in range(100)], list(np.linspace(1, 2, 100)), "x")
+    assert many.width > 100 * 28 > CHART_WIDTH and len(many.x_ticks) == 100
+    assert density_bars_chart(["a"], [None], "x").note == "no slide with a density"
+
+
 def test_curve_warning_when_the_count_moves_with_the_threshold():
     from cellseg.results import CURVE_THRESHOLDS, curve_warning
     t = list(CURVE_THRESHOLDS)
@@ -350,4 +373,5 @@ def test_report_shows_the_estimate_the_curve_and_crops_near_the_threshold(he_res
     assert near == 6 and page.count("not kept at the threshold 0.90") == 3 and page.count("kept at the threshold") == 6
     assert json.loads((folder / "summary.json").read_text())["warnings"] == warnings
     if shutil.which("chromium"):
-        assert assert_renders(folder / "report.html", tmp_path) >= 12
+        images, charts = assert_renders(folder / "report.html", tmp_path)
+        assert images >= 2 + 6 + 6 and charts == 5     # overlay, density map, crops near the threshold, crops
