@@ -11,6 +11,9 @@ import numpy as np
 
 from .pictures import NUCLEUS_OUTLINE, _display_rgb, outline_pixels, png_bytes
 
+# the plots' colours: bars and curves, the median and the estimate, other marks
+_BLUE, _RED, _MARKS = "#4878a8", "#c03030", ("#208020", "#a06000", "#606060")
+
 
 def _figure(width: float = 6.0, height: float = 3.6):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -29,23 +32,39 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finite(values) -> np.ndarray:
+    values = np.asarray(values, np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+def _bins(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and edges of the histograms (the PNG's and the chart's): numpy's "auto" bins, at most 100."""
+    edges = np.histogram_bin_edges(values, bins="auto")
+    return np.histogram(values, bins=edges if len(edges) <= 101 else 100)   # outliers: "auto" too fine
+
+
+def _round_values(lo: float, hi: float, integer: bool = False) -> list[float]:
+    """matplotlib's round tick values (MaxNLocator, as its own plots place them) from lo to hi."""
+    from matplotlib.ticker import MaxNLocator
+    slack = 1e-9 * max(abs(lo), abs(hi), hi - lo)
+    return [float(v) for v in MaxNLocator(nbins=6, integer=integer).tick_values(lo, hi) if lo - slack <= v <= hi + slack]
+
+
 def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, float] | None = None) -> bytes:
     """A histogram of `values` (non-finite ones dropped) with its median and any `marks` (label -> x) drawn as
     vertical lines; an empty plot that says so when there are no values."""
-    values = np.asarray(values, np.float64).ravel()
-    values = values[np.isfinite(values)]
+    values = _finite(values)
     fig = _figure()
     # fixed margins (in figure fractions) that fit six-digit counts on the y axis, instead of tight_layout
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.91)
     ax = fig.add_subplot()
     if values.size:
-        edges = np.histogram_bin_edges(values, bins="auto")
-        counts, edges = np.histogram(values, bins=edges if len(edges) <= 101 else 100)   # outliers: "auto" too fine
-        ax.stairs(counts, edges, fill=True, color="#4878a8")   # one artist, not a rectangle per bin
+        counts, edges = _bins(values)
+        ax.stairs(counts, edges, fill=True, color=_BLUE)   # one artist, not a rectangle per bin
         median = float(np.median(values))
-        ax.axvline(median, color="#c03030", linestyle="--", label=f"median {median:.4g}")
+        ax.axvline(median, color=_RED, linestyle="--", label=f"median {median:.4g}")
         for k, (label, x) in enumerate((marks or {}).items()):
-            ax.axvline(x, color=("#208020", "#a06000", "#606060")[k % 3], linestyle=":", label=label)
+            ax.axvline(x, color=_MARKS[k % 3], linestyle=":", label=label)
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no cells", ha="center", va="center", transform=ax.transAxes)
@@ -59,7 +78,6 @@ def histogram_png(values: np.ndarray, xlabel: str, title: str, marks: dict[str, 
 # A chart's size and its plot area in SVG px (the page scales them): the PNG plots' 6 x 3.6 inches at 90 dpi
 CHART_WIDTH, CHART_HEIGHT = 540, 324
 _PLOT_LEFT, _PLOT_RIGHT, _PLOT_TOP, _PLOT_BOTTOM = 70, 528, 30, 278
-_BLUE, _RED, _MARKS = "#4878a8", "#c03030", ("#208020", "#a06000", "#606060")
 
 
 @dataclass
@@ -100,14 +118,10 @@ class _Axis:
     (MaxNLocator, as its own plots place them)."""
 
     def __init__(self, lo: float, hi: float, start: float, stop: float, integer: bool = False):
-        from matplotlib.ticker import MaxNLocator
         if not hi > lo:         # one value: a unit span around it
             lo, hi = lo - 0.5, hi + 0.5
         self.lo, self.hi, self.start, self.stop = float(lo), float(hi), float(start), float(stop)
-        values = MaxNLocator(nbins=6, integer=integer).tick_values(self.lo, self.hi)
-        span = self.hi - self.lo
-        self.ticks = [(round(self.px(v), 1), _tick_label(v)) for v in values
-                      if self.lo - 1e-9 * span <= v <= self.hi + 1e-9 * span]
+        self.ticks = [(round(float(self.px(v)), 1), _tick_label(v)) for v in _round_values(self.lo, self.hi, integer)]
 
     def px(self, value):
         return self.start + (np.asarray(value, float) - self.lo) * (self.stop - self.start) / (self.hi - self.lo)
@@ -141,14 +155,12 @@ def _points(xs: np.ndarray, ys: np.ndarray) -> str:
 def histogram_chart(values: np.ndarray, xlabel: str, title: str, marks: dict[str, float] | None = None) -> Chart:
     """histogram_png's plot as a Chart: the histogram of `values` (non-finite ones dropped; the same bins), their
     median and any `marks` (label -> x) as vertical lines; a note that says so when there are no values."""
-    values = np.asarray(values, np.float64).ravel()
-    values = values[np.isfinite(values)]
+    values = _finite(values)
     chart = Chart(f"{title} (n = {values.size:,})", xlabel, "cells")
     if not values.size:
         chart.note = "no cells"
         return chart
-    edges = np.histogram_bin_edges(values, bins="auto")
-    counts, edges = np.histogram(values, bins=edges if len(edges) <= 101 else 100)   # outliers: "auto" too fine
+    counts, edges = _bins(values)
     median = float(np.median(values))
     marks = {label: float(x) for label, x in (marks or {}).items() if x is not None and np.isfinite(x)}
     lo, hi = min([edges[0], *marks.values()]), max([edges[-1], *marks.values()])
@@ -245,7 +257,6 @@ def density_scale(density: np.ndarray, stops: int = 9) -> dict | None:
     the page's colour bar: the bar's CSS gradient, its range and tick marks at matplotlib's round values."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
-    from matplotlib.ticker import MaxNLocator
     extent = _density_range(density)
     if extent is None:
         return None
@@ -253,8 +264,7 @@ def density_scale(density: np.ndarray, stops: int = 9) -> dict | None:
     magma = colormaps["magma"]
     gradient = ", ".join(f"{to_hex(magma(k / (stops - 1)))} {100 * k / (stops - 1):.0f}%" for k in range(stops))
     span = high - low
-    ticks = [(float(v), 100 * (v - low) / span if span else 0.0)
-             for v in MaxNLocator(nbins=6).tick_values(low, high) if low - 1e-9 * abs(low) <= v <= high + 1e-9 * abs(high)]
+    ticks = [(v, 100 * (v - low) / span if span else 0.0) for v in _round_values(low, high)]
     return {"low": low, "high": high, "gradient": gradient, "opacity": HEATMAP_ALPHA, "ticks": ticks}
 
 
