@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What travels to a lent GPU machine is the tracked tree plus the carried folders, 64 MiB in all (docs/gpu.md). The
-# committed candidate bundles' weights and the docs' screenshots are not needed there, and with them the tree alone is
+# committed candidate bundles' weights and the docs' screenshots and figures are not needed there, and with them the tree alone is
 # over the limit. This takes them out of what travels, without touching the files or the commits:
 #     bash scripts/gpu_travel_light.sh on [--without-shipped]   # before the lease's calls
 #     bash scripts/gpu_travel_light.sh off                      # after them, before any commit
@@ -14,7 +14,7 @@ exclude=.git/info/exclude
 case "${1:-}" in
 on)
     grep -qF "$marker" "$exclude" 2>/dev/null && { echo "gpu_travel_light: already on ('off' first)" >&2; exit 1; }
-    files=$(git ls-files 'references/nuclei/candidates/*/weights.safetensors' 'docs/*.png')
+    files=$(git ls-files 'references/nuclei/candidates/*/weights.safetensors' 'docs/*.png' 'docs/*.jpg')
     [ "${2:-}" = --without-shipped ] && files="$files cellseg/models/nuclei/weights.safetensors"
     mkdir -p "$(dirname "$exclude")"
     echo "$marker" >> "$exclude"
