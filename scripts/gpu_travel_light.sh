@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What travels to a lent GPU machine is the tracked tree plus the carried folders, 64 MiB in all (docs/gpu.md). The
-# committed candidate bundles' weights and the docs' screenshots and figures are not needed there, and with them the tree alone is
-# over the limit. This takes them out of what travels, without touching the files or the commits:
+# committed candidate bundles' weights and the docs' screenshots and figures are not needed there, and with them the
+# tree alone is over the limit. This takes them out of what travels, without touching the files or the commits:
 #     bash scripts/gpu_travel_light.sh on [--without-shipped]   # before the lease's calls
 #     bash scripts/gpu_travel_light.sh off                      # after them, before any commit
 # `on` unstages them (git rm --cached) and ignores them in .git/info/exclude (an ignored untracked file stays behind);
