@@ -2,10 +2,11 @@
 of slides (the cohort report).
 
 Everything comes from the result folder (summary.json, run.json, cells.csv, overlay.png, tissue_mask.png,
-area_histogram.png, labels.ome.tif) plus the slide itself for the full-resolution crops, read region by region at level 0 (never whole).
-Pictures are inlined as base64 PNG (results/report_plots.py) and the page is rendered from the package's Jinja2 template
-(templates/report.html.j2): no server, no network, no script fetched when it is viewed. `write_report` also adds the
-page's warnings to summary.json (key "warnings"), where the cohort report and scripts find them.
+labels.ome.tif) plus the slide itself for the full-resolution crops, read region by region at level 0 (never whole).
+Pictures are inlined as base64 PNG, charts as SVG drawn from plain data (results/report_plots.py: Chart), and the
+page is rendered from the package's Jinja2 template (templates/report.html.j2): no server, no network, no script
+fetched when it is viewed. `write_report` also adds the page's warnings to summary.json (key "warnings"), where the
+cohort report and scripts find them.
 
 Per-tile counts come from cells.csv's owning tile (tile_index) on the tile grid of summary.json ("scale": tile_px,
 cores from (0, 0)); a tile's tissue share from tissue_mask.png.
@@ -289,7 +290,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     mpp = summary.get("mpp")
     area_unit = "µm²" if mpp else "px"
     area_scale = mpp ** 2 if mpp else 1
-    # drawn by the page (inline SVG); the nucleus area chart is area_histogram.png's plot
+    # drawn by the page (inline SVG); the nucleus area chart is the plot area_histogram.png holds
     charts = [histogram_chart(cells["area_px"].to_numpy(float) * area_scale, f"nucleus area ({area_unit})",
                               "Nucleus area")]
     if "cell_area_px" in cells:

@@ -504,7 +504,7 @@ class ResultWriter:
             self._checked("tissue_mask.png", write_tissue_png, tissue, self.out_dir / "tissue_mask.png")
         if "area_histogram.png" in self.outputs:
             area_unit = "µm²" if self.mpp else "px"
-            # the report shows this file as its nucleus area plot rather than drawing it again
+            # a file of its own for users who want the plot without the report (the report draws it as a chart)
             png = histogram_png(self.all_areas() * (self.mpp ** 2 if self.mpp else 1), f"nucleus area ({area_unit})",
                                 "Nucleus area")
             self._checked("area_histogram.png", (self.out_dir / "area_histogram.png").write_bytes, png)
