@@ -20,8 +20,9 @@
 # ResNet-18 bundle: its new blocks start as the identity), ANCHORS (default: INIT's) the RPN's anchor ratios (e.g.
 # 0.33,0.5,1,2,3: each new ratio starts as its nearest old one), MIX (default: the recipe's) the draw shares by modality
 # (e.g. fluorescence=0.4,stained_tissue=0.35,he_nuinsseg=0: --mix), AVERAGE (default none) the decay of the moving average
-# of the weights its bundles get (e.g. 0.999: --weight-average), SNAPSHOT_EVERY (default 5000) the steps between
-# scored snapshots; a new run writes the nine and INIT to RUN.settings and every resume
+# of the weights its bundles get (e.g. 0.999: --weight-average), BODY_LR (default 1) the ResNet body's share of the
+# rate (e.g. 0.1: --backbone-lr-scale), SNAPSHOT_EVERY (default 5000) the steps between scored snapshots; a new run
+# writes the ten and INIT to RUN.settings and every resume
 # (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
 # stay the ones the run started with.
 set -euo pipefail
@@ -68,19 +69,20 @@ if [ -f "$RUN/checkpoint.pt" ]; then
         ANCHORS=
         MIX=
         AVERAGE=
+        BODY_LR=
         # shellcheck disable=SC1090
         source "$settings_file"
         # SNAPSHOT_EVERY is not reset: a settings file from before it was kept takes the environment's
         echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
              "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
-             "AVERAGE=${AVERAGE:-} SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}, from $settings_file)"
+             "AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-} SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}, from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
 elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     # a run stopped before its first checkpoint: it starts again as it was started (its INIT and schedule, not the
     # environment's or a newer candidate's); what it left (a step-0 snapshot and its scoring) is set aside
-    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=; MIX=; AVERAGE=
+    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=; MIX=; AVERAGE=; BODY_LR=
     # shellcheck disable=SC1090
     source "$settings_file"
     INIT=${INIT:-cellseg/models/nuclei}
@@ -89,7 +91,7 @@ elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     echo "restarting $RUN, which stopped before its first checkpoint, from $INIT (LR=$LR STEPS=$STEPS" \
          "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
-         "AVERAGE=${AVERAGE:-}, from" \
+         "AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-}, from" \
          "$settings_file; what it left is" \
          "in $RUN.before-checkpoint)"
 else
@@ -107,26 +109,27 @@ else
         # a candidate kept from a long run (make_candidate): the branch goes on with its learning rate, length,
         # augmentation and split, unless the environment gives them
         while IFS='=' read -r key value; do
-            case "$key" in LR|STEPS|AUGMENT|SPLIT|MIX|AVERAGE) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
+            case "$key" in LR|STEPS|AUGMENT|SPLIT|MIX|AVERAGE|BODY_LR) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
         done < "$INIT/run.settings"
         echo "taking up $INIT's run settings (LR=${LR:-} STEPS=${STEPS:-} AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default}" \
-             "MIX=${MIX:-} AVERAGE=${AVERAGE:-})"
+             "MIX=${MIX:-} AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-})"
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
     LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}; SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nSNAPSHOT_EVERY=%s\nINIT=%s\n' \
-        "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$SNAPSHOT_EVERY" "$INIT" \
+    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}; BODY_LR=${BODY_LR:-}; SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}
+    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nBODY_LR=%s\nSNAPSHOT_EVERY=%s\nINIT=%s\n' \
+        "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$BODY_LR" "$SNAPSHOT_EVERY" "$INIT" \
         > "$settings_file"
     echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE" \
-         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE SNAPSHOT_EVERY=$SNAPSHOT_EVERY, kept in $settings_file for its" \
+         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE BODY_LR=$BODY_LR SNAPSHOT_EVERY=$SNAPSHOT_EVERY, kept in" \
+         "$settings_file for its" \
          "resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
     ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} ${ANCHORS:+--aspect-ratios "$ANCHORS"} \
-    ${MIX:+--mix "$MIX"} ${AVERAGE:+--weight-average "$AVERAGE"} \
+    ${MIX:+--mix "$MIX"} ${AVERAGE:+--weight-average "$AVERAGE"} ${BODY_LR:+--backbone-lr-scale "$BODY_LR"} \
     "${args[@]}" \
     >> "$RUN.log" 2>&1 &
 echo $! > "$pid_file"

@@ -243,6 +243,9 @@ def main() -> None:
     p.add_argument("--weight-average", type=float, default=None, metavar="DECAY",
                    help="the bundles get an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.999: about the last 1,000 steps) instead of the last step's")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0, metavar="S",
+                   help="the ResNet body trains at S times the schedule's rate (the FPN and heads at the full rate): "
+                        "e.g. 0.1 to keep the features a bundle has while its heads adapt; 0 freezes it")
     p.add_argument("--snapshot-every", type=int, default=None,
                    help="every N steps, score a snapshot on held-out images (OUT/heldout.csv) and keep the best in "
                         "OUT/best")
@@ -294,7 +297,8 @@ def main() -> None:
                                  warmup=args.warmup, minutes=args.minutes, checkpoint_minutes=args.checkpoint_minutes,
                                  schedule_minutes=args.schedule_minutes, workers=args.workers,
                                  precision=args.precision, snapshot_every=args.snapshot_every,
-                                 augmentation=augmentation, weight_average_decay=args.weight_average)
+                                 augmentation=augmentation, weight_average_decay=args.weight_average,
+                                 backbone_lr_scale=args.backbone_lr_scale)
     except CellsegError as e:
         p.error(str(e))
     on_snapshot = None

@@ -541,8 +541,9 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
 
     out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
                       BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3", MIX="fluorescence=0.5,he_nuinsseg=0",
-                      AVERAGE="0.999", SNAPSHOT_EVERY="1000")
+                      AVERAGE="0.999", BODY_LR="0.1", SNAPSHOT_EVERY="1000")
     assert args[args.index("--weight-average") + 1] == "0.999" and args[args.index("--snapshot-every") + 1] == "1000"
+    assert args[args.index("--backbone-lr-scale") + 1] == "0.1"
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"
     assert "starting" in out and args[args.index("--lr") + 1] == "2e-4" and args[args.index("--steps") + 1] == "1234"
@@ -560,16 +561,18 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"     # the draw shares it started with
     assert args[args.index("--weight-average") + 1] == "0.999"     # and its moving average of the weights
+    assert args[args.index("--backbone-lr-scale") + 1] == "0.1"    # and its body's share of the rate
     assert args[args.index("--snapshot-every") + 1] == "1000"      # and its held-out curve's interval
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
     (tmp_path / "long.pid").unlink()
     out, args = start(AUGMENT="gray_p=0", SPLIT="other.json", BACKBONE="resnet50", MIX="fluorescence=1",
-                      AVERAGE="0.99", SNAPSHOT_EVERY="2000")
+                      AVERAGE="0.99", BODY_LR="0.5", SNAPSHOT_EVERY="2000")
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
     assert args[args.index("--snapshot-every") + 1] == "2000"      # none kept: the environment's
     assert "--aspect-ratios" not in args and "--mix" not in args and "--weight-average" not in args
+    assert "--backbone-lr-scale" not in args
     # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
@@ -582,7 +585,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     candidate = tmp_path / "candidate"
     candidate.mkdir()
     (candidate / "run.settings").write_text("LR=3e-5\nSTEPS=777\nAUGMENT=paste_p=0.5,aspect_p=0.3\nSPLIT=b.json\n"
-                                            "AVERAGE=0.998\n")
+                                            "AVERAGE=0.998\nBODY_LR=0.2\n")
     for env, lr, augment in (({}, "3e-5", "paste_p=0.5,aspect_p=0.3"), ({"LR": "1e-5", "AUGMENT": "gray_p=0"}, "1e-5",
                                                                          "gray_p=0")):
         shutil.rmtree(run, ignore_errors=True)
@@ -593,6 +596,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
         assert args[args.index("--lr") + 1] == lr and args[args.index("--steps") + 1] == "777"
         assert args[args.index("--augment") + 1] == augment and args[args.index("--split") + 1] == "b.json"
         assert args[args.index("--weight-average") + 1] == "0.998"
+        assert args[args.index("--backbone-lr-scale") + 1] == "0.2"
     # the session ended before the run's first checkpoint (only its step-0 scoring there): the plain command starts
     # it again as it was started, not from the newest candidate with that candidate's settings
     (run / "snapshots").mkdir(parents=True)
