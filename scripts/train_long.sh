@@ -37,6 +37,15 @@ signal_tree() {    # SIGNAL PID...: each PID and, depth first, its children
     local signal=$1 pid; shift
     for pid in "$@"; do kill "-$signal" "$pid" 2>/dev/null || true; signal_tree "$signal" $(pgrep -P "$pid" || true); done
 }
+# The settings a run keeps in RUN.settings besides LR, STEPS and INIT (one list, so a new one is added in one place);
+# a settings file from before one of them was kept means none / the default for it, whatever the environment says.
+KEPT="AUGMENT SPLIT BACKBONE ANCHORS MIX AVERAGE BODY_LR"
+clear_kept() { local key; for key in $KEPT; do printf -v "$key" '%s' ""; done; }
+described() {    # the run's settings, for its log line
+    local key text="LR=${LR:-} STEPS=${STEPS:-}"
+    for key in $KEPT; do text="$text $key=${!key:-}"; done
+    echo "$text SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}" | sed 's/SPLIT= /SPLIT=default /'
+}
 case "${1:-start}" in
 status)
     if running; then echo "running (pid $(cat "$pid_file"))"; else echo "not running"; fi
@@ -63,37 +72,26 @@ if [ -f "$RUN/checkpoint.pt" ]; then
     # changed since (a new bundle ships its own), and the held-out curve must stay one measurement
     args=(--resume)
     if [ -f "$settings_file" ]; then
-        AUGMENT=    # a settings file from before AUGMENT, SPLIT, BACKBONE or ANCHORS was kept means none / the
-        SPLIT=      # default, whatever the environment says
-        BACKBONE=
-        ANCHORS=
-        MIX=
-        AVERAGE=
-        BODY_LR=
+        clear_kept
         # shellcheck disable=SC1090
         source "$settings_file"
         # SNAPSHOT_EVERY is not reset: a settings file from before it was kept takes the environment's
-        echo "resuming $RUN from its checkpoint (its schedule: LR=$LR STEPS=$STEPS AUGMENT=${AUGMENT:-}" \
-             "SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
-             "AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-} SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}, from $settings_file)"
+        echo "resuming $RUN from its checkpoint (its schedule: $(described), from $settings_file)"
     else
         echo "resuming $RUN from its checkpoint"
     fi
 elif [ -f "$settings_file" ] && [ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ]; then
     # a run stopped before its first checkpoint: it starts again as it was started (its INIT and schedule, not the
     # environment's or a newer candidate's); what it left (a step-0 snapshot and its scoring) is set aside
-    INIT=; AUGMENT=; SPLIT=; BACKBONE=; ANCHORS=; MIX=; AVERAGE=; BODY_LR=
+    INIT=; clear_kept
     # shellcheck disable=SC1090
     source "$settings_file"
     INIT=${INIT:-cellseg/models/nuclei}
     [ -d "$INIT" ] || { echo "train_long.sh: expected INIT to be a bundle folder, found no $INIT" >&2; exit 2; }
     rm -rf "$RUN.before-checkpoint" && mv "$RUN" "$RUN.before-checkpoint"
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
-    echo "restarting $RUN, which stopped before its first checkpoint, from $INIT (LR=$LR STEPS=$STEPS" \
-         "AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default} BACKBONE=${BACKBONE:-} ANCHORS=${ANCHORS:-} MIX=${MIX:-}" \
-         "AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-}, from" \
-         "$settings_file; what it left is" \
-         "in $RUN.before-checkpoint)"
+    echo "restarting $RUN, which stopped before its first checkpoint, from $INIT ($(described), from" \
+         "$settings_file; what it left is in $RUN.before-checkpoint)"
 else
     if [ -z "${INIT:-}" ]; then
         INIT=cellseg/models/nuclei
@@ -111,19 +109,16 @@ else
         while IFS='=' read -r key value; do
             case "$key" in LR|STEPS|AUGMENT|SPLIT|MIX|AVERAGE|BODY_LR) [ -n "${!key:-}" ] || printf -v "$key" '%s' "$value" ;; esac
         done < "$INIT/run.settings"
-        echo "taking up $INIT's run settings (LR=${LR:-} STEPS=${STEPS:-} AUGMENT=${AUGMENT:-} SPLIT=${SPLIT:-default}" \
-             "MIX=${MIX:-} AVERAGE=${AVERAGE:-} BODY_LR=${BODY_LR:-})"
+        echo "taking up $INIT's run settings ($(described))"
     fi
     args=(--init "$INIT" --split "${SPLIT:-references/nuclei/splits/v4.json}")
-    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; AUGMENT=${AUGMENT:-}; SPLIT=${SPLIT:-}; BACKBONE=${BACKBONE:-}
-    ANCHORS=${ANCHORS:-}; MIX=${MIX:-}; AVERAGE=${AVERAGE:-}; BODY_LR=${BODY_LR:-}; SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}
-    printf 'LR=%s\nSTEPS=%s\nAUGMENT=%s\nSPLIT=%s\nBACKBONE=%s\nANCHORS=%s\nMIX=%s\nAVERAGE=%s\nBODY_LR=%s\nSNAPSHOT_EVERY=%s\nINIT=%s\n' \
-        "$LR" "$STEPS" "$AUGMENT" "$SPLIT" "$BACKBONE" "$ANCHORS" "$MIX" "$AVERAGE" "$BODY_LR" "$SNAPSHOT_EVERY" "$INIT" \
-        > "$settings_file"
-    echo "starting $RUN from $INIT (LR=$LR STEPS=$STEPS AUGMENT=$AUGMENT SPLIT=${SPLIT:-default} BACKBONE=$BACKBONE" \
-         "ANCHORS=$ANCHORS MIX=$MIX AVERAGE=$AVERAGE BODY_LR=$BODY_LR SNAPSHOT_EVERY=$SNAPSHOT_EVERY, kept in" \
-         "$settings_file for its" \
-         "resumes)"
+    LR=${LR:-5e-5}; STEPS=${STEPS:-60000}; SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5000}
+    {
+        printf 'LR=%s\nSTEPS=%s\n' "$LR" "$STEPS"
+        for key in $KEPT; do printf '%s=%s\n' "$key" "${!key:-}"; done
+        printf 'SNAPSHOT_EVERY=%s\nINIT=%s\n' "$SNAPSHOT_EVERY" "$INIT"
+    } > "$settings_file"
+    echo "starting $RUN from $INIT ($(described), kept in $settings_file for its resumes)"
 fi
 nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN" \
     --lr "${LR:-5e-5}" --warmup 200 --steps "${STEPS:-60000}" --threads "${THREADS:-2}" --checkpoint-minutes 10 \
