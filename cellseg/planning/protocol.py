@@ -140,9 +140,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("detection", "network_nucleus_px", float, None,
             "The nucleus diameter in px the network sees: slides are resampled so their nuclei reach it (unset: the "
             "model's training size, its bundle's nucleus_diameter_px). Larger finds more of the small, dim and "
-            "crowded nuclei of fluorescence images at more compute: held out, v3 at 27 px against its 20.8 counted "
-            "DSB2018's fluorescence 0.837 against 0.823 AP50 and Kromp's sections 0.813 against 0.776, at ~1.7x "
-            "the pixels (docs/training.md).", Range(4.0, 200.0), "--network-nucleus-px"),
+            "crowded nuclei of fluorescence images at more compute: held out, the v4 model at 27 px against its 20.3 "
+            "counted DSB2018's fluorescence 0.855 against 0.848 AP50 and Kromp's 0.815 against 0.797, at ~1.8x the "
+            "pixels (docs/training.md).", Range(4.0, 200.0), "--network-nucleus-px"),
     Setting("tissue", "tissue_method", str, "unet",
             "How background is found and skipped before detection: "
             + ", ".join(f"{name} ({what})" for name, what in TISSUE_METHODS.items()) + ".",
