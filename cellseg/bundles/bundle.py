@@ -121,6 +121,10 @@ class Bundle:
     score_thresholds: dict[str, float] = field(default_factory=dict)
     # The same, tuned with test-time augmentation (cellseg.detection.tta: merged scores of 8 views are another scale).
     tta_score_thresholds: dict[str, float] = field(default_factory=dict)
+    # Mask probability threshold per protocol modality (fluorescence | brightfield), chosen on held-out images:
+    # fluorescence nuclei have sharp edges the network's soft masks overshoot, H&E ones soft edges;
+    # mask_threshold is the fallback for a modality without one.
+    mask_thresholds: dict[str, float] = field(default_factory=dict)
     # [calibration] (bundles.calibration): p_nucleus and the count's interval, fitted on held-out images for these
     # weights; None without one, or when it was fitted for other weights (calibration_note says which)
     calibration: BundleCalibration | None = None
@@ -143,6 +147,10 @@ class Bundle:
                 if key in table:
                     return float(table[key])
         return float(self.score_threshold)
+
+    def mask_threshold_for(self, modality: str | None) -> float:
+        """The mask probability threshold chosen for `modality` (a protocol's), else the bundle's default."""
+        return float(self.mask_thresholds.get(str(modality), self.mask_threshold))
 
     def training_stages(self) -> list[dict]:
         """Every training stage that made this bundle, oldest first, its own last: the `earlier_stages` of a
@@ -239,6 +247,8 @@ def load_bundle(name_or_path: str | os.PathLike | None = None) -> Bundle:
                                          "score_threshold_by_modality"),
             tta_score_thresholds=_thresholds(inference.get("tta_score_threshold_by_modality", {}), toml_path,
                                              "tta_score_threshold_by_modality"),
+            mask_thresholds=_thresholds(inference.get("mask_threshold_by_modality", {}), toml_path,
+                                        "mask_threshold_by_modality", what="a mask probability threshold"),
             nucleus_diameter_px=float(meta.get("scale", {}).get("nucleus_diameter_px", 0.0)),
             micron_scales=_micron_scales(meta.get("scale", {}), toml_path),
             weights_sha256=digest,
@@ -277,7 +287,7 @@ def _calibration(table, digest: str, toml_path: Path) -> dict:
     return {"calibration": calibration, "calibration_note": f"calibrated on held-out images ({calibration.method})"}
 
 
-def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
+def _thresholds(table, toml_path: Path, key: str, what: str = "a score threshold") -> dict[str, float]:
     """[inference.<key>]: modality -> threshold in [0, 1]."""
     if not isinstance(table, dict):
         raise BundleError(f"expected [inference.{key}] in {toml_path} to be a table of modality = threshold, "
@@ -285,7 +295,7 @@ def _thresholds(table, toml_path: Path, key: str) -> dict[str, float]:
     out = {}
     for modality, value in table.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise BundleError(f"expected a score threshold between 0 and 1 for {modality!r} in [inference.{key}] "
+            raise BundleError(f"expected {what} between 0 and 1 for {modality!r} in [inference.{key}] "
                               f"of {toml_path}, found {value!r}")
         out[str(modality)] = float(value)
     return out
@@ -379,8 +389,10 @@ def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None
                            mask_threshold: float | None = None, card: dict | None = None,
                            score_thresholds: dict[str, float] | None = None,
                            tta_score_thresholds: dict[str, float] | None = None,
+                           mask_thresholds: dict[str, float] | None = None,
                            calibration: BundleCalibration | None = None) -> Bundle:
-    """Set the default thresholds (score_thresholds: per modality, replacing any earlier ones), replace whole
+    """Set the default thresholds (score_thresholds, mask_thresholds: per modality, replacing any earlier ones; an
+    empty mask_thresholds removes the table), replace whole
     card tables (e.g. [metrics]) and the [calibration] (bundles.calibration) in a bundle's model.toml, atomically;
     the weights are not touched."""
     folder = find_bundle(folder)
@@ -391,9 +403,12 @@ def update_bundle_metadata(folder: Path, *, score_threshold: float | None = None
     if mask_threshold is not None:
         inference["mask_threshold"] = float(mask_threshold)
     for key, table in (("score_threshold_by_modality", score_thresholds),
-                       ("tta_score_threshold_by_modality", tta_score_thresholds)):
+                       ("tta_score_threshold_by_modality", tta_score_thresholds),
+                       ("mask_threshold_by_modality", mask_thresholds)):
         if table is not None:
             inference[key] = {k: float(v) for k, v in sorted(table.items())}
+            if not table:
+                del inference[key]
     meta["inference"] = inference
     if calibration is not None:
         meta["calibration"] = calibration.to_dict()

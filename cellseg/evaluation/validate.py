@@ -61,13 +61,14 @@ def card_figures(report: EvaluationReport) -> dict:
 
 
 def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_threshold: float | None = None,
-                        tta: bool = False, precision: str = "fp32"):
+                        tta: bool = False, precision: str = "fp32", modality: str | None = None):
     """The bundle's network as a Detector that keeps every cell scoring >= `floor` (with test-time augmentation
-    when `tta`). Its mask threshold is the bundle's unless `mask_threshold` overrides it, as `cellseg count` takes
-    it (run.counter.mask_threshold_for), so validated cells are the cells a count makes."""
+    when `tta`). Its mask threshold is the bundle's for `modality` (a protocol's; None: VALIDATION_PROTOCOL's)
+    unless `mask_threshold` overrides it, as `cellseg count` takes it (run.counter.mask_threshold_for), so validated
+    cells are the cells a count makes."""
     from ..detection import AugmentedDetector, Detector, member_threshold
     from ..run.counter import mask_threshold_for
-    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold)   # checks the range
+    protocol = VALIDATION_PROTOCOL.replace(mask_threshold=mask_threshold, modality=modality)   # checks the range
     detector = Detector.from_bundle(bundle, device, score_threshold=member_threshold(floor) if tta else floor,
                                     mask_threshold=mask_threshold_for(bundle, protocol),
                                     precision=precision)

@@ -128,7 +128,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "Minimum detection score (unset: the bundle's, tuned for the modality).", Range(0.0, 1.0),
             "--score-threshold"),
     Setting("detection", "mask_threshold", float, None,
-            "Soft-mask probability threshold (unset: the bundle's, chosen with its score thresholds).",
+            "Soft-mask probability threshold (unset: the bundle's for the modality, chosen on held-out images).",
             Range(0.0, 1.0)),
     Setting("detection", "min_area_px", int, 10, "Drop cells smaller than this many px (fragments).", Range(0)),
     Setting("detection", "precision", str, "auto",

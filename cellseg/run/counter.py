@@ -119,9 +119,10 @@ class CellCounter:
 
 
 def mask_threshold_for(bundle, protocol: Protocol) -> float:
-    """The mask probability threshold a count uses: the protocol's when it sets one, else the bundle's (tuned with
-    its score thresholds on held-out images: a bundle's masks are only as tight as its own threshold makes them)."""
-    return protocol.mask_threshold if protocol.mask_threshold is not None else bundle.mask_threshold
+    """The mask probability threshold a count uses: the protocol's when it sets one, else the bundle's for the
+    protocol's modality (chosen on held-out images: a bundle's masks are only as tight as its own threshold makes
+    them), else the bundle's default."""
+    return protocol.mask_threshold if protocol.mask_threshold is not None else bundle.mask_threshold_for(protocol.modality)
 
 
 def model_record(bundle, protocol: Protocol, tta: bool) -> dict:

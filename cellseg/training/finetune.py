@@ -217,7 +217,8 @@ class HeldOutScorer:
         from ..bundles import load_bundle
         from ..evaluation import predict, validation_detector
         bundle = load_bundle(bundle_dir)
-        detector = validation_detector(bundle, self.device, mask_threshold=self.mask_threshold)
+        detector = validation_detector(bundle, self.device, mask_threshold=self.mask_threshold,
+                                       modality=self.protocol.modality)
         with tempfile.TemporaryDirectory(prefix=".count-", dir=self.heldout.annotations.parent) as work:
             return predict(detector, self.paths, Path(work), bundle.nucleus_diameter_px, self.scale.count_diameter,
                            protocol=self.protocol, mpp=self.mpp)

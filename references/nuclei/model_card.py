@@ -200,6 +200,18 @@ def _reproduce(stages: list[dict]) -> str:
     return "\n".join(lines) or "see references/nuclei/train_default_bundle.py"
 
 
+def _mask_text(bundle) -> str:
+    """The mask thresholds a count uses: one, or per protocol modality (references/nuclei/mask_thresholds.py)."""
+    if not bundle.mask_thresholds:
+        return f"{bundle.mask_threshold:.2f}"
+    choice = bundle.card.get("mask_threshold_choice", {})
+    tried = sorted({t for rows in choice.values() if isinstance(rows, dict) for t in rows.get("mask_threshold", [])})
+    how = (f" (chosen per protocol modality for the best {choice.get('criterion')} on these same images, among "
+           f"{', '.join(f'{t:g}' for t in tried)})" if tried else "")
+    return (", ".join(f"{bundle.mask_threshold_for(m):.2f} for {m}" for m in sorted(bundle.mask_thresholds))
+            + how)
+
+
 def card_readme(bundle) -> str:
     c, m, t = bundle.card, bundle.card.get("metrics", {}), bundle.card.get("training", {})
     data = c.get("data", {})
@@ -237,7 +249,7 @@ Reproduce, stage by stage:
 
 Images of experiments (DSB2018 acquisition groups) and patients (TNBC) held out from training (which of them an
 earlier training stage saw, if any, is said below the table and in the "images no training stage saw" rows), each
-through the full `cellseg count` pipeline (512 px tiles, 64 px halo), masks at probability >= {bundle.mask_threshold:.2f}. AP50 is TP/(TP+FP+FN) (the DSB2018 /
+through the full `cellseg count` pipeline (512 px tiles, 64 px halo), masks at probability >= {_mask_text(bundle)}. AP50 is TP/(TP+FP+FN) (the DSB2018 /
 StarDist definition), pooled over all cells and as the mean over images; the DSB2018 score is, per image, the mean
 of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95; COCO AP is mask AP@[.5:.95] at maxDets >= 1000; count bias is the pooled
 (predicted - true) / true. Score thresholds, chosen per protocol modality for the best pooled F1 on these same

@@ -88,11 +88,31 @@ def tuned_bundle(bundle, overrides: list[str]):
 PREDICTIONS_MADE_WITH = "predictions_made_with.json"
 
 
+PROTOCOL_MODALITIES = ("fluorescence", "brightfield")     # what a protocol's `modality` may be
+
+
+def protocol_modality(modality: str) -> str:
+    """The protocol modality (fluorescence | brightfield) a held-out image of a dataset `modality` is counted with."""
+    return THRESHOLD_KEY[modality].removesuffix(GRAY_SUFFIX)
+
+
+def mask_thresholds(bundle, args: argparse.Namespace) -> dict[str, float]:
+    """The mask threshold a count of each protocol modality uses (run.counter.mask_threshold_for): --mask-threshold
+    for all, else the bundle's per modality."""
+    return {m: mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=args.mask_threshold, modality=m))
+            for m in PROTOCOL_MODALITIES}
+
+
+def mask_threshold_record(thresholds: dict[str, float]) -> float | dict[str, float]:
+    """One figure when every modality has the same (as records had before thresholds per modality), else the table."""
+    return next(iter(thresholds.values())) if len(set(thresholds.values())) == 1 else dict(thresholds)
+
+
 def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
             "proposal_threshold": bundle.proposal_threshold, "floor": args.floor,
-            "mask_threshold": mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=args.mask_threshold)),
+            "mask_threshold": mask_threshold_record(mask_thresholds(bundle, args)),
             "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve()),
             "nucleus_diameter_px": bundle.nucleus_diameter_px, "count_at": counted_at(args.count_at)}
 
@@ -199,16 +219,26 @@ def main() -> None:
         bundle = dataclasses.replace(bundle, proposal_threshold=args.proposal_threshold)
     made_with = predictions_made_with(bundle, args)
     claim_predictions_folder(args.out, made_with)
-    detector = validation_detector(bundle, args.device, args.floor, args.mask_threshold, tta=args.tta,
-                                   precision=args.precision)
+    # A detector per mask threshold: each image's masks at its protocol modality's, as a count of it would be
+    mask_of = mask_thresholds(bundle, args)
+    detectors = {t: validation_detector(bundle, args.device, args.floor, t, tta=args.tta, precision=args.precision)
+                 for t in sorted(set(mask_of.values()))}
     paths = image_paths(args.data_root, keys)
     preds = {}
-    # Each dataset counted as its DATASET_DIAMETER says (native unless given), each scale in a folder of its own
+    # Each dataset counted as its DATASET_DIAMETER says (native unless given), each scale in a folder of its own,
+    # and each mask threshold too where the modalities' differ
     scale_of = counted_at(args.count_at)
     for diameter in sorted({scale_of.get(k.split("/")[0]) for k in keys}, key=str):
-        chosen = {k: p for k, p in paths.items() if scale_of.get(k.split("/")[0]) == diameter}
-        preds |= predict_images(detector, chosen, args.out / f"diameter_{diameter}" if diameter else args.out,
-                                bundle.nucleus_diameter_px, diameter_px=diameter, reuse=True, progress=True)
+        for threshold, detector in detectors.items():
+            chosen = {k: p for k, p in paths.items() if scale_of.get(k.split("/")[0]) == diameter
+                      and mask_of[protocol_modality(modality[k])] == threshold}
+            if not chosen:
+                continue
+            folder = args.out / f"diameter_{diameter}" if diameter else args.out
+            if len(detectors) > 1:
+                folder = folder / f"mask_{threshold:g}"
+            preds |= predict_images(detector, chosen, folder, bundle.nucleus_diameter_px, diameter_px=diameter,
+                                    reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)
     # the split's own record of what earlier stages of the lineage saw, and any --seen split's training images
     seen = (seen_images(args.seen) if args.seen else set()) | set(split.seen)
@@ -244,11 +274,18 @@ def main() -> None:
         return {k: above(v, thresholds.get(THRESHOLD_KEY[modality[k]], overall_threshold))
                 for k, v in pred.items()}
 
-    for name in MODALITIES + ("all",):
+    def in_group(k: str, name: str) -> bool:
+        """Whether image `k` is one of `name`'s: a dataset modality, protocol_<modality> (every image a protocol of
+        that modality counts), or all."""
+        if name.startswith("protocol_"):
+            return protocol_modality(modality[k]) == name.removeprefix("protocol_")
+        return name == "all" or modality[k] == name
+
+    for name in MODALITIES + tuple(f"protocol_{m}" for m in PROTOCOL_MODALITIES) + ("all",):
         for suffix, extra in (("", lambda k: True), ("_unseen", lambda k: k not in seen)):
             if suffix and not seen:
                 continue
-            pred, truth = subset(lambda k: (name == "all" or modality[k] == name) and extra(k))
+            pred, truth = subset(lambda k: in_group(k, name) and extra(k))
             if not truth:
                 continue
             report = evaluate(at_thresholds(pred), truth)

@@ -318,6 +318,31 @@ def test_score_thresholds_per_modality_reach_the_detector(bundle_copy):
     assert augmented.calibrated(window).score_threshold == 0.55 and augmented.inner.score_threshold == 0.3
 
 
+def test_mask_thresholds_per_modality_reach_the_detector_and_run_json(bundle_copy):
+    """A protocol without its own mask threshold counts at its modality's, else the bundle's default; the protocol's
+    wins; an empty table removes it."""
+    from cellseg.bundles import update_bundle_metadata
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
+    update_bundle_metadata(bundle_copy, mask_thresholds={"fluorescence": 0.6})
+    bundle = load_bundle(bundle_copy)
+    assert (bundle.mask_threshold_for("fluorescence"), bundle.mask_threshold_for("brightfield")) == (0.6, 0.45)
+    for name, expected in (("fluorescence-nuclei", 0.6), ("he-nuclei", 0.45)):
+        protocol = load_protocol(name).replace(model=str(bundle_copy))
+        counter = CellCounter.load(protocol, "cpu")
+        assert counter.detector.mask_threshold == counter.run_info.model["mask_threshold"] == expected
+        assert CellCounter.load(protocol.replace(mask_threshold=0.3), "cpu").detector.mask_threshold == 0.3
+    update_bundle_metadata(bundle_copy, mask_thresholds={})
+    assert load_bundle(bundle_copy).mask_thresholds == {}
+    assert "mask_threshold_by_modality" not in tomllib.loads((bundle_copy / "model.toml").read_text())["inference"]
+
+
+def test_bad_mask_threshold_table_is_one_line(bundle_copy):
+    edit_toml(bundle_copy, lambda m: m["inference"].update(mask_threshold_by_modality={"brightfield": -0.1}))
+    with pytest.raises(BundleError, match=r"mask probability threshold between 0 and 1 for 'brightfield'"):
+        load_bundle(bundle_copy)
+
+
 def test_bad_threshold_table_is_one_line(bundle_copy):
     edit_toml(bundle_copy, lambda m: m["inference"].update(score_threshold_by_modality={"fluorescence": 1.5}))
     with pytest.raises(BundleError, match=r"between 0 and 1 for 'fluorescence'.*score_threshold_by_modality"):

@@ -55,3 +55,23 @@ def test_count_at_names_a_dataset_and_a_scale():
     assert counted_at(["dsb2018=auto", "kromp=native"]) == {"dsb2018": "auto"}
     with pytest.raises(SystemExit, match="expected --count-at DATASET=auto|native"):
         counted_at(["dsb=auto"])
+
+
+def test_each_image_is_counted_at_its_protocol_modalitys_mask_threshold(tiny_bundle, tmp_path):
+    """validate_bundle counts a held-out image with the mask threshold a count of its protocol modality would use;
+    the record stays one figure where every modality has the same (as records from before the table)."""
+    import argparse
+    import shutil
+
+    from cellseg.bundles import load_bundle, update_bundle_metadata
+    from references.nuclei.validate_bundle import mask_threshold_record, mask_thresholds, protocol_modality
+    assert [protocol_modality(m) for m in ("fluorescence", "fluorescence_kromp", "brightfield_gray", "he_nuinsseg",
+                                           "stained_tissue", "he_breast")] == ["fluorescence"] * 2 + ["brightfield"] * 4
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    update_bundle_metadata(bundle, mask_thresholds={"fluorescence": 0.6})
+    thresholds = mask_thresholds(load_bundle(bundle), argparse.Namespace(mask_threshold=None))
+    assert thresholds == {"fluorescence": 0.6, "brightfield": 0.5}
+    assert mask_threshold_record(thresholds) == {"fluorescence": 0.6, "brightfield": 0.5}
+    forced = mask_thresholds(load_bundle(bundle), argparse.Namespace(mask_threshold=0.55))
+    assert forced == {"fluorescence": 0.55, "brightfield": 0.55} and mask_threshold_record(forced) == 0.55

@@ -1,0 +1,78 @@
+"""Mask thresholds per protocol modality (references/nuclei/mask_thresholds.py): chosen from validate_bundle runs at
+several thresholds, by the DSB2018 score over every image a protocol of that modality counts."""
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from cellseg.bundles import load_bundle
+from references.nuclei import mask_thresholds as mt
+
+
+def run_folder(tmp_path, threshold, fluorescence_dsb, brightfield_dsb, weights, tta=False, name=None):
+    folder = tmp_path / (name or f"val_{threshold}")
+    folder.mkdir()
+    (folder / mt.PREDICTIONS_MADE_WITH).write_text(json.dumps(
+        {"weights_sha256": weights, "mask_threshold": threshold, "tta": tta}))
+    rows = {"protocol_fluorescence": fluorescence_dsb, "protocol_brightfield": brightfield_dsb}
+    (folder / "metrics.json").write_text(json.dumps({name: {
+        "images": 10, "ap50_tp_fp_fn_pooled": 0.7, mt.CRITERION: dsb, "coco_mask_ap": 0.4,
+        "median_rel_count_error": 0.1} for name, dsb in rows.items() if dsb is not None}))
+    return folder
+
+
+def test_each_modality_gets_its_best_threshold_and_a_tie_keeps_the_default():
+    runs = {0.5: {"protocol_fluorescence": {mt.CRITERION: 0.57}, "protocol_brightfield": {mt.CRITERION: 0.30}},
+            0.6: {"protocol_fluorescence": {mt.CRITERION: 0.58}, "protocol_brightfield": {mt.CRITERION: 0.30}},
+            0.4: {"protocol_fluorescence": {mt.CRITERION: 0.55}, "protocol_brightfield": {mt.CRITERION: 0.29}}}
+    chosen, table = mt.choose(runs, default=0.5)
+    assert chosen == {"fluorescence": 0.6, "brightfield": 0.5}
+    assert table["fluorescence"]["mask_threshold"] == [0.4, 0.5, 0.6]
+    assert table["fluorescence"][mt.CRITERION] == [0.55, 0.57, 0.58]
+
+
+def test_write_stores_the_choice_and_its_table_in_the_bundle(tiny_bundle, tmp_path, monkeypatch):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    sha = load_bundle(bundle).weights_sha256
+    folders = [run_folder(tmp_path, t, f, b, sha) for t, f, b in ((0.5, 0.50, 0.31), (0.65, 0.53, 0.28))]
+    monkeypatch.setattr(sys, "argv", ["mask_thresholds", "--bundle", str(bundle), *map(str, folders), "--write"])
+    mt.main()
+    written = load_bundle(bundle)
+    assert written.mask_thresholds == {"fluorescence": 0.65, "brightfield": 0.5}
+    assert written.card["mask_threshold_choice"]["brightfield"][mt.CRITERION] == [0.31, 0.28]
+
+
+def test_runs_of_one_threshold_on_different_modalities_are_combined(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """validate_bundle --modality runs: fluorescence alone at 0.6, brightfield alone at 0.6, both at 0.5."""
+    sha = load_bundle(tiny_bundle).weights_sha256
+    folders = [run_folder(tmp_path, 0.5, 0.50, 0.31, sha), run_folder(tmp_path, 0.6, 0.52, None, sha, name="f"),
+               run_folder(tmp_path, 0.6, None, 0.33, sha, name="b")]
+    monkeypatch.setattr(sys, "argv", ["mask_thresholds", "--bundle", str(tiny_bundle), *map(str, folders)])
+    mt.main()    # no --write: the shared bundle is left alone
+    printed = capsys.readouterr().out
+    assert "fluorescence: chosen 0.6" in printed and "brightfield: chosen 0.6" in printed
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("weights", "predictions of weights"), ("tta", "without --tta"), ("mixed", "one mask threshold for every"),
+    ("twice", "one run per mask threshold and modality")])
+def test_runs_it_cannot_compare_are_refused_and_the_bundle_is_left_as_it_was(tiny_bundle, tmp_path, monkeypatch,
+                                                                            problem, message):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = (bundle / "model.toml").read_bytes()
+    sha = load_bundle(bundle).weights_sha256
+    folders = [run_folder(tmp_path, 0.5, 0.5, 0.3, "0" * 64 if problem == "weights" else sha, tta=problem == "tta")]
+    if problem == "mixed":
+        made_with = folders[0] / mt.PREDICTIONS_MADE_WITH
+        made_with.write_text(json.dumps({**json.loads(made_with.read_text()),
+                                         "mask_threshold": {"fluorescence": 0.6, "brightfield": 0.5}}))
+    if problem == "twice":
+        folders.append(shutil.copytree(folders[0], tmp_path / "again"))
+    monkeypatch.setattr(sys, "argv", ["mask_thresholds", "--bundle", str(bundle), *map(str, folders), "--write"])
+    with pytest.raises(SystemExit, match=message):
+        mt.main()
+    assert (bundle / "model.toml").read_bytes() == before
