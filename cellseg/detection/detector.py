@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torchvision.models.detection import MaskRCNN
 
 from ..errors import ParameterError
@@ -381,7 +382,8 @@ class Detector:
                       frame_shapes: Sequence[tuple[int, int]] | None,
                       owned_boxes: Sequence[Box] | None) -> list[TileDetections]:
         """One forward pass over same-size images (network input, or PinnedTiles)."""
-        batch = [self._on_device(im) for im in images]
+        with record_function("cellseg.input"):
+            batch = [self._on_device(im) for im in images]
         # (x0, y0, x1, y1) in network px, as torchvision sees boxes (detection.rcnn_parts.TileRoIHeads.detect)
         owned_regions = None if owned_boxes is None else [
             (b.col0 * scale, b.row0 * scale, b.col1 * scale, b.row1 * scale) for b in owned_boxes]
@@ -390,11 +392,12 @@ class Detector:
             outputs = self.network(batch, owned_regions, body_output=self._seen_body_output(images),
                                    mask_score=self.score_threshold)
         results = []
-        for k, (image, out) in enumerate(zip(batch, outputs)):
-            height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
-            if scale != 1.0:
-                out = dict(out, below_boxes=out["below_boxes"] / scale)     # the masks' boxes: when pasted
-            results.append(self._to_tile_detections(out, height, width, scale))
+        with record_function("cellseg.paste"):       # masks pasted, thresholded, and brought to the host
+            for k, (image, out) in enumerate(zip(batch, outputs)):
+                height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
+                if scale != 1.0:
+                    out = dict(out, below_boxes=out["below_boxes"] / scale)     # the masks' boxes: when pasted
+                results.append(self._to_tile_detections(out, height, width, scale))
         return results
 
     def _to_tile_detections(self, out: dict, height: int, width: int, scale: float = 1.0) -> TileDetections:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
@@ -131,11 +132,16 @@ class TileNetwork(nn.Module):
         boxes scoring under `mask_score` without masks (below_boxes, below_scores: TileRoIHeads.forward).
         body_output: the body's output on these images when it has been computed already (Detector.calibrated)."""
         model = self.model
-        batch, _ = model.transform(images)
-        features = model.backbone.fpn(self.body(batch.tensors) if body_output is None else body_output)
-        proposals, _ = model.rpn(batch, features)
-        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions,
-                                        mask_score=mask_score)
+        # named ranges for torch.profiler (benchmarks/detect_profile.py): where a pass's time goes, by part
+        with record_function("cellseg.transform"):
+            batch, _ = model.transform(images)
+        with record_function("cellseg.backbone"):
+            features = model.backbone.fpn(self.body(batch.tensors) if body_output is None else body_output)
+        with record_function("cellseg.rpn"):
+            proposals, _ = model.rpn(batch, features)
+        with record_function("cellseg.roi_heads"):
+            detections, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=owned_regions,
+                                            mask_score=mask_score)
         return detections
 
 
