@@ -66,11 +66,11 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+    from network_ops import tiles as dense_tiles
     from torch.profiler import ProfilerActivity, profile
 
     from cellseg.bundles import load_bundle
     from cellseg.detection import Detector, cpu_model
-    from network_ops import tiles as dense_tiles
 
     bundle = load_bundle(args.model)
     with tempfile.TemporaryDirectory() as work:

@@ -93,6 +93,11 @@ def shared_images(train_json: Path, val_images) -> list[str]:
     return [str(p) for p in val_images if Path(p).resolve() in trained]
 
 
+def image_folder(work: Path, index: int, name: str) -> Path:
+    """The result folder `predict` counts the index-th of its images, named `name`, into."""
+    return work / f"{index:05d}_{PurePosixPath(name).stem}"
+
+
 def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: float | None = None,
             diameter_px: float | str | None = None, reuse: bool = False,
             progress: bool = False, protocol: Protocol = VALIDATION_PROTOCOL,
@@ -106,7 +111,7 @@ def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: fl
     counter = CellCounter(protocol, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px, mpp=mpp)
     predictions = {}
     for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress)):
-        folder = work / f"{k:05d}_{PurePosixPath(name).stem}"
+        folder = image_folder(work, k, name)
         if not (reuse and (folder / "predictions.coco.json").is_file()):
             summary = counter.count(path, folder)
             log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from cellseg.bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
 from cellseg.bundles.appearance import BundleAppearance
-from cellseg.evaluation import load_image_masks
+from cellseg.evaluation import image_folder, load_image_masks
 from cellseg.evaluation.appearance import fit_appearance
 from cellseg.evaluation.calibration import LEVEL, MATCH_IOU, fit_bundle_calibration, image_outcomes, reliability
 from cellseg.results.appearance import appearance_features, feature_names
@@ -37,7 +37,13 @@ from cellseg.results.uncertainty import CURVE_WARN, CURVE_WARN_MIN
 from .datasets import DATASET_DIAMETER, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
 from .model_card import LABELS, card_readme
 from .plot_heldout import MODALITIES
-from .validate_bundle import PREDICTIONS_MADE_WITH, ground_truth
+from .validate_bundle import (
+    PREDICTIONS_MADE_WITH,
+    PROTOCOL_MODALITIES,
+    ground_truth,
+    mask_threshold_record,
+    prediction_groups,
+)
 
 METHOD = ("isotonic regression of 'matched to an annotated nucleus at IoU 0.3' on the detection score per threshold "
           "key, each held-out modality weighing the same, on the held-out groups counted by the cellseg count "
@@ -45,15 +51,16 @@ METHOD = ("isotonic regression of 'matched to an annotated nucleus at IoU 0.3' o
           "fraction; 90 % interval from out-of-fold errors by group, the widest of the modalities'")
 
 
-def prediction_folders(out: Path, keys: list[str]) -> dict[str, Path]:
-    """Where validate_bundle kept each image's predictions: OUT (or OUT/diameter_D for a dataset counted at
-    --diameter D), one folder per image numbered in the order of `keys` within that folder."""
+def prediction_folders(out: Path, keys: list[str], modality: dict[str, str], made_with: dict) -> dict[str, Path]:
+    """Where validate_bundle kept each image's predictions (validate_bundle.prediction_groups, with the count scales
+    and mask thresholds its PREDICTIONS_MADE_WITH records)."""
+    scale_of = made_with.get("count_at", dict(DATASET_DIAMETER))     # a record from before the key: the defaults
+    recorded = made_with["mask_threshold"]
+    mask_of = dict(recorded) if isinstance(recorded, dict) else {m: recorded for m in PROTOCOL_MODALITIES}
     folders = {}
-    for diameter in sorted({DATASET_DIAMETER.get(k.split("/")[0]) for k in keys}, key=str):
-        root = out / f"diameter_{diameter}" if diameter else out
-        chosen = [k for k in keys if DATASET_DIAMETER.get(k.split("/")[0]) == diameter]
+    for root, _, _, chosen in prediction_groups(out, keys, modality, scale_of, mask_of):
         for n, key in enumerate(chosen):
-            folder = root / f"{n:05d}_{PurePosixPath(key).stem}"
+            folder = image_folder(root, n, key)
             if not (folder / "predictions.coco.json").is_file():
                 raise SystemExit(f"expected validate_bundle's predictions for {key} in {folder}, found none: run "
                                  f"validate_bundle with the same --split and subset and --out {out}")
@@ -169,13 +176,18 @@ def main() -> None:
     if made_with["weights_sha256"] != bundle.weights_sha256 or made_with.get("tta"):
         raise SystemExit(f"expected predictions of this bundle's weights without TTA in {args.predictions}, found "
                          f"weights {made_with['weights_sha256'][:12]}… (tta {made_with.get('tta')})")
+    # the calibration describes a count's cells: their masks must be at the thresholds a count uses
+    counted_masks = mask_threshold_record({m: bundle.mask_threshold_for(m) for m in PROTOCOL_MODALITIES})
+    if made_with["mask_threshold"] != counted_masks:
+        raise SystemExit(f"expected predictions made at the bundle's mask thresholds ({counted_masks}) in "
+                         f"{args.predictions}, found {made_with['mask_threshold']}: validate the bundle as it is")
     split = Split.from_json(json.loads((args.split or args.bundle / "split.json").read_text()))
     modality = split.modality_of()
     group_of = {k: g for g, t in split.groups.items() for k in t["images"]}
     keys = sorted(split.val)
     if args.per_modality:     # validate_bundle's fixed subset
         keys = [k for m in MODALITIES for k in [k for k in keys if modality[k] == m][:args.per_modality]]
-    folders = prediction_folders(args.predictions, keys)
+    folders = prediction_folders(args.predictions, keys, modality, made_with)
     truth = ground_truth(args.data_root, keys)
     images = {iou: [] for iou in (MATCH_IOU, 0.5)}
     for key in keys:

@@ -108,6 +108,24 @@ def mask_threshold_record(thresholds: dict[str, float]) -> float | dict[str, flo
     return next(iter(thresholds.values())) if len(set(thresholds.values())) == 1 else dict(thresholds)
 
 
+def prediction_groups(out: Path, keys: list[str], modality: dict[str, str], scale_of: dict[str, str],
+                      mask_of: dict[str, float]) -> list[tuple[Path, str | None, float, list[str]]]:
+    """How a run lays out its predictions: (folder, the count's --diameter, mask threshold, images), each image's
+    result folder numbered in its group's order (evaluation.image_folder). A folder per count scale (scale_of: a
+    dataset's, counted_at; native: OUT itself), and within it one per mask threshold where the protocol modalities'
+    (mask_of) differ. calibrate_bundle finds the predictions by it."""
+    several = len(set(mask_of.values())) > 1
+    groups = []
+    for diameter in sorted({scale_of.get(k.split("/")[0]) for k in keys}, key=str):
+        for threshold in sorted(set(mask_of.values())):
+            chosen = [k for k in keys if scale_of.get(k.split("/")[0]) == diameter
+                      and mask_of[protocol_modality(modality[k])] == threshold]
+            if chosen:
+                folder = out / f"diameter_{diameter}" if diameter else out
+                groups.append((folder / f"mask_{threshold:g}" if several else folder, diameter, threshold, chosen))
+    return groups
+
+
 def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
@@ -225,20 +243,10 @@ def main() -> None:
                  for t in sorted(set(mask_of.values()))}
     paths = image_paths(args.data_root, keys)
     preds = {}
-    # Each dataset counted as its DATASET_DIAMETER says (native unless given), each scale in a folder of its own,
-    # and each mask threshold too where the modalities' differ
-    scale_of = counted_at(args.count_at)
-    for diameter in sorted({scale_of.get(k.split("/")[0]) for k in keys}, key=str):
-        for threshold, detector in detectors.items():
-            chosen = {k: p for k, p in paths.items() if scale_of.get(k.split("/")[0]) == diameter
-                      and mask_of[protocol_modality(modality[k])] == threshold}
-            if not chosen:
-                continue
-            folder = args.out / f"diameter_{diameter}" if diameter else args.out
-            if len(detectors) > 1:
-                folder = folder / f"mask_{threshold:g}"
-            preds |= predict_images(detector, chosen, folder, bundle.nucleus_diameter_px, diameter_px=diameter,
-                                    reuse=True, progress=True)
+    for folder, diameter, threshold, chosen in prediction_groups(args.out, keys, modality, made_with["count_at"],
+                                                                 mask_of):
+        preds |= predict_images(detectors[threshold], {k: paths[k] for k in chosen}, folder,
+                                bundle.nucleus_diameter_px, diameter_px=diameter, reuse=True, progress=True)
     gt = ground_truth(args.data_root, keys)
     # the split's own record of what earlier stages of the lineage saw, and any --seen split's training images
     seen = (seen_images(args.seen) if args.seen else set()) | set(split.seen)

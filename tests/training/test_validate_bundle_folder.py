@@ -75,3 +75,27 @@ def test_each_image_is_counted_at_its_protocol_modalitys_mask_threshold(tiny_bun
     assert mask_threshold_record(thresholds) == {"fluorescence": 0.6, "brightfield": 0.5}
     forced = mask_thresholds(load_bundle(bundle), argparse.Namespace(mask_threshold=0.55))
     assert forced == {"fluorescence": 0.55, "brightfield": 0.55} and mask_threshold_record(forced) == 0.55
+
+
+def test_calibrate_bundle_finds_each_images_predictions_where_validate_bundle_put_them(tmp_path):
+    """One layout for both (validate_bundle.prediction_groups): a folder per count scale, and one per mask threshold
+    where the modalities' differ; a record from before thresholds per modality is one threshold for all."""
+    from references.nuclei.calibrate_bundle import prediction_folders
+    from references.nuclei.validate_bundle import prediction_groups
+    keys = ["dsb2018/b_fluo", "dsb2018/a_tissue", "kromp/c", "tnbc/d"]
+    modality = {"dsb2018/b_fluo": "fluorescence", "dsb2018/a_tissue": "stained_tissue", "kromp/c": "fluorescence_kromp",
+                "tnbc/d": "he_breast"}
+    made_with = {"count_at": {"kromp": "auto"}, "mask_threshold": {"fluorescence": 0.6, "brightfield": 0.5}}
+    groups = prediction_groups(tmp_path, keys, modality, made_with["count_at"], made_with["mask_threshold"])
+    assert [(g[0].relative_to(tmp_path).as_posix(), g[1], g[2], g[3]) for g in groups] == [
+        ("mask_0.5", None, 0.5, ["dsb2018/a_tissue", "tnbc/d"]), ("mask_0.6", None, 0.6, ["dsb2018/b_fluo"]),
+        ("diameter_auto/mask_0.6", "auto", 0.6, ["kromp/c"])]
+    expected = {"dsb2018/a_tissue": "mask_0.5/00000_a_tissue", "tnbc/d": "mask_0.5/00001_d",
+                "dsb2018/b_fluo": "mask_0.6/00000_b_fluo", "kromp/c": "diameter_auto/mask_0.6/00000_c"}
+    for folder in expected.values():
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "predictions.coco.json").write_text("{}")
+    found = prediction_folders(tmp_path, keys, modality, made_with)
+    assert {k: v.relative_to(tmp_path).as_posix() for k, v in found.items()} == expected
+    with pytest.raises(SystemExit, match="expected validate_bundle's predictions for tnbc/d in .*/old/00000_d,"):
+        prediction_folders(tmp_path / "old", ["tnbc/d"], modality, {"mask_threshold": 0.5})
