@@ -66,7 +66,7 @@ from ..results import (
 )
 from ..slides import KEPT_BYTES, CachedSlide, Slide, open_slide
 from ..tissue import TissueFinder
-from ..util import StageTimer, in_background, usable_cores
+from ..util import StageTimer, in_background, quick_handoff, usable_cores
 from .journal import done_bands, load_band, load_plan, load_unreadable, save_band, save_plan, save_unreadable
 from .measuring import TileMeasurer, measure_processes_for
 
@@ -111,8 +111,10 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
         # more before the first tile on 2 cores); beside the network, whose threads leave the GIL, they cost little.
         start_writer_imports()
         # The network runs in its own thread, a batch ahead of merging, measuring and writing: a GPU is not idle
-        # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps.
-        with in_background(run.owned_tiles(), max_waiting=max(1, run.protocol.batch_size), name="cellseg-detect") as owned:
+        # while the host handles the cells of the previous batch, and on a CPU its threads fill the gaps. Each
+        # thread gets the interpreter back soon after a wait (on the device, a decoder): threads.quick_handoff.
+        with quick_handoff(), in_background(run.owned_tiles(), max_waiting=max(1, run.protocol.batch_size),
+                                            name="cellseg-detect") as owned:
             return run.finish(reported(owned, plan, progress), out_dir, list(detector.class_names), tissue.describe(),
                               run_info or RunInfo())
 

@@ -8,6 +8,6 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "children": ["child_pipes", "end_child", "import_path", "started_child", "usable_cores"],
     "memory": ["release_freed_memory", "thread_scratch"],
-    "threads": ["fan_out", "in_background"],
+    "threads": ["fan_out", "in_background", "quick_handoff"],
     "timing": ["StageTimer"],
 })

@@ -3,11 +3,13 @@ reaches the caller, and no thread runs on after the caller has stopped.
 
 - `in_background`: one producer thread ahead of the caller (the pipeline's detection thread).
 - `fan_out`: one producer (the caller) feeding several consumer threads (the label pyramid writers, one per file).
+- `quick_handoff`: the interpreter lock handed back within a short interval while threads share it.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
@@ -117,3 +119,33 @@ def fan_out(items: Iterable, consumers: list[Callable[[Iterator], None]], names:
             t.join()
     if failures:
         raise failures[0]
+
+
+# A thread that leaves the interpreter lock to wait (a GPU synchronisation, a decoder) and wants it back waits until
+# the thread holding it is made to drop it: CPython's switch interval, 5 ms by default. The detection thread of a GPU
+# count waits on the device a dozen times a tile (torchvision's per-image filtering, NMS, the masks' copies) while
+# the main thread merges and measures in Python: up to 5 ms each, ~10x a 0.5-ms wait's own time
+# (docs/performance.md, "The interpreter lock").
+HANDOFF_SECONDS = 0.0005
+_handoff_lock = threading.Lock()
+_handoff_users = 0
+_handoff_before = 0.0
+
+
+@contextmanager
+def quick_handoff(seconds: float | None = None) -> Iterator[None]:
+    """Within it the switch interval is at most `seconds` (None: HANDOFF_SECONDS), process-wide: counts running
+    side by side share it, and the interval before is restored when the last one ends."""
+    global _handoff_users, _handoff_before
+    with _handoff_lock:
+        if _handoff_users == 0:
+            _handoff_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(HANDOFF_SECONDS if seconds is None else seconds, _handoff_before))
+        _handoff_users += 1
+    try:
+        yield
+    finally:
+        with _handoff_lock:
+            _handoff_users -= 1
+            if _handoff_users == 0:
+                sys.setswitchinterval(_handoff_before)

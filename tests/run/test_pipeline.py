@@ -430,6 +430,58 @@ def test_background_detection_keeps_order_and_hands_errors_over():
             list(stream)
 
 
+def test_quick_handoff_shortens_the_switch_interval_while_in_use_and_restores_it(tmp_path, tiny_bundle, monkeypatch):
+    """Within a count the interpreter's switch interval is HANDOFF_SECONDS; overlapping users share it, and the
+    interval before comes back when the last one ends, an error included."""
+    import sys
+    import threading
+
+    from cellseg.util import quick_handoff
+    from cellseg.util.threads import HANDOFF_SECONDS
+    before = sys.getswitchinterval()
+    assert before > HANDOFF_SECONDS
+    first_in, second_done = threading.Event(), threading.Event()
+    seen = []
+
+    def other():
+        first_in.wait()
+        with quick_handoff():
+            seen.append(sys.getswitchinterval())
+        second_done.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with pytest.raises(RuntimeError):
+        with quick_handoff():
+            first_in.set()
+            second_done.wait()
+            seen.append(sys.getswitchinterval())        # the other user has ended: still short for this one
+            raise RuntimeError("a count fails")
+    worker.join()
+    assert seen == [HANDOFF_SECONDS, HANDOFF_SECONDS] and sys.getswitchinterval() == before
+
+    # a count sets it while its detection thread runs, and leaves it as it was
+    import imageio.v3 as iio
+
+    from cellseg.detection.detector import Detector
+    from cellseg.planning import load_protocol
+    from cellseg.run import CellCounter
+    intervals = []
+    detect_images = Detector.detect_images
+
+    def watched(self, *args, **kwargs):
+        intervals.append(sys.getswitchinterval())
+        return detect_images(self, *args, **kwargs)
+
+    monkeypatch.setattr(Detector, "detect_images", watched)
+    protocol = load_protocol("fluorescence-nuclei").replace(model=str(tiny_bundle), tissue_method="none",
+                                                             tile_size=128, halo_px=16)
+    image = tmp_path / "field.png"
+    iio.imwrite(image, (np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8))
+    CellCounter.load(protocol, "cpu", diameter_px="native").count(image, tmp_path / "out")
+    assert intervals and set(intervals) == {HANDOFF_SECONDS} and sys.getswitchinterval() == before
+
+
 def test_background_detection_stops_when_the_consumer_fails():
     import threading
 
