@@ -10,8 +10,9 @@
 A count's masks are the network's soft masks above the threshold: fluorescence nuclei have sharp edges that a
 threshold of 0.5 overshoots, H&E nuclei soft ones, so one threshold cannot serve both. For each protocol modality
 (fluorescence | brightfield: every held-out image a protocol of that modality counts, validate_bundle's
-protocol_<modality> figures) the threshold with the highest DSB2018 score (mean over images of TP/(TP+FP+FN) over
-IoU 0.5-0.95: how tight the masks are, counts included) is chosen; a tie keeps the one nearer the bundle's default.
+protocol_<modality> figures) the threshold with the highest COCO mask AP@[.5:.95] is chosen (pooled over the cells:
+how tight the masks are as well as which nuclei are found; the DSB2018 score, a mean over images, lets a few small
+images weigh as much as a dense one); a tie keeps the one nearer the bundle's default.
 Chosen on the held-out images it is then reported on, as the score thresholds are: `--write` stores the table in
 the card. Then `validate_bundle --write-card` (the bundle's own thresholds per modality) and `calibrate_bundle`.
 """
@@ -26,8 +27,8 @@ from cellseg.bundles import load_bundle, update_bundle_metadata
 
 from .validate_bundle import PREDICTIONS_MADE_WITH, PROTOCOL_MODALITIES
 
-CRITERION = "dsb_score_mean_over_images"
-SHOWN = ("images", "ap50_tp_fp_fn_pooled", CRITERION, "coco_mask_ap", "median_rel_count_error")
+CRITERION = "coco_mask_ap"
+SHOWN = ("images", "ap50_tp_fp_fn_pooled", "dsb_score_mean_over_images", CRITERION, "median_rel_count_error")
 
 
 def read_validation(folder: Path, weights_sha256: str) -> tuple[float, dict]:
@@ -88,7 +89,7 @@ def main() -> None:
         print(f"{modality}: chosen {chosen.get(modality, 'none')} (best {CRITERION})")
         print("  " + "  ".join(f"{key:>24}" for key in ("mask_threshold",) + SHOWN))
         for i, threshold in enumerate(rows["mask_threshold"]):
-            print("  " + "  ".join(f"{v:>24}" for v in [threshold] + [rows[key][i] for key in SHOWN]))
+            print("  " + "  ".join(f"{'-' if v is None else v:>24}" for v in [threshold] + [rows[key][i] for key in SHOWN]))
     if not chosen:
         raise SystemExit("expected protocol_<modality> figures in the runs' metrics.json (validate_bundle writes "
                          "them), found none: rerun them")

@@ -1,5 +1,5 @@
 """Mask thresholds per protocol modality (references/nuclei/mask_thresholds.py): chosen from validate_bundle runs at
-several thresholds, by the DSB2018 score over every image a protocol of that modality counts."""
+several thresholds, by the COCO mask AP over every image a protocol of that modality counts."""
 
 import json
 import shutil
@@ -11,15 +11,17 @@ from cellseg.bundles import load_bundle
 from references.nuclei import mask_thresholds as mt
 
 
-def run_folder(tmp_path, threshold, fluorescence_dsb, brightfield_dsb, weights, tta=False, name=None):
+def run_folder(tmp_path, threshold, fluorescence, brightfield, weights, tta=False, name=None):
+    """A validate_bundle run at one mask threshold whose criterion figure per protocol modality is given (None: no
+    images of it)."""
     folder = tmp_path / (name or f"val_{threshold}")
     folder.mkdir()
     (folder / mt.PREDICTIONS_MADE_WITH).write_text(json.dumps(
         {"weights_sha256": weights, "mask_threshold": threshold, "tta": tta}))
-    rows = {"protocol_fluorescence": fluorescence_dsb, "protocol_brightfield": brightfield_dsb}
+    rows = {"protocol_fluorescence": fluorescence, "protocol_brightfield": brightfield}
     (folder / "metrics.json").write_text(json.dumps({name: {
-        "images": 10, "ap50_tp_fp_fn_pooled": 0.7, mt.CRITERION: dsb, "coco_mask_ap": 0.4,
-        "median_rel_count_error": 0.1} for name, dsb in rows.items() if dsb is not None}))
+        "images": 10, "ap50_tp_fp_fn_pooled": 0.7, "dsb_score_mean_over_images": 0.4, "coco_mask_ap": 0.45,
+        "median_rel_count_error": 0.1, mt.CRITERION: value} for name, value in rows.items() if value is not None}))
     return folder
 
 
