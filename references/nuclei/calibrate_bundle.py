@@ -170,6 +170,10 @@ def main() -> None:
                    help="result folders of slides counted with this bundle (the example slides) whose appearance "
                         "score is reported: they should not warn")
     args = p.parse_args()
+    for folder in args.examples:     # checked before the minutes of fitting, not after
+        if not (folder / "summary.json").is_file():
+            p.error(f"expected --examples to be result folders of `cellseg count` (with summary.json), found "
+                    f"{folder} without one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bundle = load_bundle(args.bundle)
     made_with = json.loads((args.predictions / PREDICTIONS_MADE_WITH).read_text(encoding="utf-8"))
