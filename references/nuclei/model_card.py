@@ -61,7 +61,22 @@ def _recipe(t: dict) -> str:
             f"{t.get('wall_seconds', 0) / 60:.0f} min on {t.get('hardware')} ({t.get('device')}).{mix}{average}")
 
 
-def _tta_section(m: dict | None, thresholds: dict) -> str:
+def _masks_measured_at(m: dict, bundle) -> str:
+    """The mask thresholds a validation's figures were measured at (its settings), and whether a count of the bundle
+    as it is now uses others."""
+    measured = m.get("settings", {}).get("mask_threshold")
+    if measured is None:
+        return ""
+    per_modality = measured if isinstance(measured, dict) else {k: measured for k in ("brightfield", "fluorescence")}
+    text = ", ".join(f"{float(v):.2f} for {k}" for k, v in sorted(per_modality.items()))
+    now = {k: bundle.mask_threshold_for(k) for k in per_modality}
+    stale = any(abs(float(v) - now[k]) > 1e-9 for k, v in per_modality.items())
+    return f" Masks at probability >= {text}" + (
+        f": not the bundle's now ({', '.join(f'{v:.2f} for {k}' for k, v in sorted(now.items()))}); these figures are "
+        f"from before they changed (`validate_bundle --tta --write-card` measures them again)." if stale else ".")
+
+
+def _tta_section(m: dict | None, thresholds: dict, bundle) -> str:
     if not m:
         return ""
     chosen = ", ".join(f"{k} {v:.2f}" for k, v in sorted(thresholds.items()))
@@ -69,7 +84,7 @@ def _tta_section(m: dict | None, thresholds: dict) -> str:
 ## With test-time augmentation (`cellseg count --tta`)
 
 The 8 flips and 90° rotations of every tile, their cells merged (a cell's score is its summed score over the views
-divided by 8), on the same held-out images; score thresholds chosen the same way for the merged scores: {chosen}.
+divided by 8), on the same held-out images; score thresholds chosen the same way for the merged scores: {chosen}.{_masks_measured_at(m, bundle)}
 
 {figures_table(m)}
 """
@@ -208,8 +223,8 @@ def _mask_text(bundle) -> str:
     tried = sorted({t for rows in choice.values() if isinstance(rows, dict) for t in rows.get("mask_threshold", [])})
     how = (f" (chosen per protocol modality for the best {choice.get('criterion')} on these same images, among "
            f"{', '.join(f'{t:g}' for t in tried)})" if tried else "")
-    return (", ".join(f"{bundle.mask_threshold_for(m):.2f} for {m}" for m in sorted(bundle.mask_thresholds))
-            + how)
+    modalities = sorted({"brightfield", "fluorescence", *bundle.mask_thresholds})    # a protocol's, every one
+    return ", ".join(f"{bundle.mask_threshold_for(m):.2f} for {m}" for m in modalities) + how
 
 
 def card_readme(bundle) -> str:
@@ -258,7 +273,7 @@ images (brightfield_gray: a count's threshold for a slide whose network input ha
 {figures_table(m)}
 
 {c.get('validation_note', '')}
-{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds)}{_curve_section(c.get('heldout_curve'))}{_calibration_section(bundle)}
+{_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds, bundle)}{_curve_section(c.get('heldout_curve'))}{_calibration_section(bundle)}
 ## Limitations
 
 2D nuclei at the native pixel sizes of the training data (nuclei ~10-40 px across; the pipeline resamples to
