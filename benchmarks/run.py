@@ -201,6 +201,11 @@ def child_cellseg(spec: dict) -> dict:
     detector = counter.detector.inner if isinstance(counter.detector, AugmentedDetector) else counter.detector
     if option == "1stream":      # the variant before detection.streams: one forward pass at a time
         detector.streams = None
+    elif option.startswith("switch"):   # the interpreter's switch interval in a count, in ms (util.threads.quick_handoff)
+        import cellseg.util.threads as threads
+        threads.HANDOFF_SECONDS = float(option.removeprefix("switch")) / 1000
+    elif option:
+        raise SystemExit(f"expected a variant option 1stream or switchMS (e.g. switch5), found {option!r}")
     load_s = time.perf_counter() - t
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
     net_timer = StageTimer()
@@ -379,7 +384,9 @@ def main() -> None:
                    help="cellseg runs, comma-separated, in this order (default on a CPU: fp32, then bf16 where the "
                         "CPU has native bf16; the last is the full report's); on a GPU: auto (fp16). A CPU variant "
                         "PRECISION:1stream runs one forward pass at a time (no detection.streams), e.g. "
-                        "--precisions fp32:1stream,fp32")
+                        "--precisions fp32:1stream,fp32; PRECISION:switchMS counts with the interpreter's switch "
+                        "interval at MS ms (CPython's default 5, cellseg's 0.5: util.threads.quick_handoff), e.g. "
+                        "--precisions auto:switch5,auto on a GPU")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds of every run, interleaved (cellseg variants, then naive, each round): seconds are "
                         "each run's median, the ratio the ratio of medians, with each round's ratio printed too "

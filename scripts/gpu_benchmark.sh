@@ -6,7 +6,9 @@
 # 1. benchmarks/run.py on the example mosaic (cellseg against the naive torchvision loop, BENCH_MOSAIC_ROUNDS rounds,
 #    default 3; 0 skips it: ~45 s a round on an H100 machine);
 # 2. a BENCH_SIZE x BENCH_SIZE dense slide built there (benchmarks/make_big_slide.py, default 20480: > 300 MP of
-#    tissue), one round: cellseg's MP/s of tissue, stage split and peak GPU memory against the naive loop.
+#    tissue), one round: cellseg's MP/s of tissue, stage split and peak GPU memory against the naive loop; the
+#    variants BENCH_BIG_VARIANTS (run.py --precisions; default auto:switch5,auto: the count at CPython's 5 ms switch
+#    interval, then at cellseg's 0.5 ms, util.threads.quick_handoff). On a CPU dry run: BENCH_BIG_VARIANTS=bf16
 # Each run's GPU utilisation and memory are sampled every 250 ms (benchmarks/gpu_sampler.py: util_*.json). Every
 # figure lands in $OUT as it is made, the mosaic's first, so what finished comes back even when the 10-minute call
 # ends the big slide early (BENCH_BIG_SECONDS caps it: default 420 s).
@@ -42,4 +44,4 @@ python3 benchmarks/make_big_slide.py --size "$SIZE" --out /tmp/big.ome.tif --lab
 timeout "${BENCH_BIG_SECONDS:-420}" \
     python3 benchmarks/gpu_sampler.py --csv "$OUT/util_big.csv" --json "$OUT/util_big.json" -- \
     python3 benchmarks/run.py --slide /tmp/big.ome.tif --device "$DEVICE" --rounds 1 --model "$bundle" \
-    --json "$OUT/gpu_big.json" 2>&1 | tee "$OUT/gpu_big.log"
+    --precisions "${BENCH_BIG_VARIANTS:-auto:switch5,auto}" --json "$OUT/gpu_big.json" 2>&1 | tee "$OUT/gpu_big.log"
