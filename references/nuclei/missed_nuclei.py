@@ -132,7 +132,9 @@ def main() -> None:
     for k in keys:
         diameter = DATASET_DIAMETER.get(k.split("/")[0])
         base = args.predictions / f"diameter_{diameter}" if diameter else args.predictions
-        found = sorted(base.glob(f"*_{Path(k).name}"))
+        # by name, so that a run of a subset (--modality) is found too; mask_T/: a run whose modalities' mask
+        # thresholds differ (validate_bundle.prediction_groups)
+        found = sorted(base.glob(f"*_{Path(k).name}")) + sorted(base.glob(f"mask_*/*_{Path(k).name}"))
         if found:
             folders[k] = found[0]
     if not folders:
