@@ -187,8 +187,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--floor", type=float, default=0.3, help="lowest score kept, the bottom of the sweep")
     p.add_argument("--mask-threshold", type=float, default=None,
-                   help="mask probability threshold (default: the bundle's, as in a count); with --write-card it is "
-                        "recorded in the bundle")
+                   help="mask probability threshold for every modality (default: the bundle's for each image's "
+                        "protocol modality, as in a count); with --write-card it is recorded in the bundle as the "
+                        "default (mask_thresholds.py chooses one per modality from such runs)")
     p.add_argument("--proposal-threshold", type=float, default=None, help="RPN objectness floor (default: bundle's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [model] key of the bundle for this run, e.g. box_nms_thresh=0.5")
