@@ -189,7 +189,8 @@ def main() -> None:
     p.add_argument("--mask-threshold", type=float, default=None,
                    help="mask probability threshold for every modality (default: the bundle's for each image's "
                         "protocol modality, as in a count); with --write-card it is recorded in the bundle as the "
-                        "default (mask_thresholds.py chooses one per modality from such runs)")
+                        "default for every modality, replacing any per-modality ones (mask_thresholds.py chooses those "
+                        "from such runs)")
     p.add_argument("--proposal-threshold", type=float, default=None, help="RPN objectness floor (default: bundle's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [model] key of the bundle for this run, e.g. box_nms_thresh=0.5")
@@ -312,8 +313,11 @@ def main() -> None:
         if curve is not None:
             card["heldout_curve"] = curve_table(curve, args.heldout_curve)
             plot_curve(curve, args.bundle / "heldout_curve.png")
+        # a card measured at one --mask-threshold for every modality: the count's masks become that, per-modality
+        # ones dropped, or the card would describe masks no count makes
         update_bundle_metadata(args.bundle, score_threshold=overall_threshold, score_thresholds=thresholds,
-                               mask_threshold=args.mask_threshold, card=card)
+                               mask_threshold=args.mask_threshold,
+                               mask_thresholds=None if args.mask_threshold is None else {}, card=card)
         (args.bundle / "README.md").write_text(card_readme(load_bundle(args.bundle)), encoding="utf-8")
         logging.info("card updated in %s", args.bundle / "model.toml")
 
