@@ -34,14 +34,14 @@ from cellseg.evaluation.calibration import LEVEL, MATCH_IOU, fit_bundle_calibrat
 from cellseg.results.appearance import appearance_features, feature_names
 from cellseg.results.uncertainty import CURVE_WARN, CURVE_WARN_MIN
 
-from .datasets import DATASET_DIAMETER, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split
+from .datasets import DATASET_DIAMETER, PROJECT_DATA_ROOT, PROTOCOL_MODALITIES, THRESHOLD_KEY, Split
 from .model_card import LABELS, card_readme
 from .plot_heldout import MODALITIES
 from .validate_bundle import (
     PREDICTIONS_MADE_WITH,
-    PROTOCOL_MODALITIES,
     ground_truth,
     mask_threshold_record,
+    mask_thresholds,
     prediction_groups,
 )
 
@@ -181,7 +181,7 @@ def main() -> None:
         raise SystemExit(f"expected predictions of this bundle's weights without TTA in {args.predictions}, found "
                          f"weights {made_with['weights_sha256'][:12]}… (tta {made_with.get('tta')})")
     # the calibration describes a count's cells: their masks must be at the thresholds a count uses
-    counted_masks = mask_threshold_record({m: bundle.mask_threshold_for(m) for m in PROTOCOL_MODALITIES})
+    counted_masks = mask_threshold_record(mask_thresholds(bundle))
     if made_with["mask_threshold"] != counted_masks:
         raise SystemExit(f"expected predictions made at the bundle's mask thresholds ({counted_masks}) in "
                          f"{args.predictions}, found {made_with['mask_threshold']}: validate the bundle as it is")

@@ -58,6 +58,7 @@ DATASET_CHANNELS = {"kromp": 1, "nuinsseg": 3}
 # Kromp, whose 63x images hold nuclei of 50-180 px (4-9x the model's): counted with --diameter auto, as a user with
 # such an image and no pixel size does (the image carries none).
 DATASET_DIAMETER = {"kromp": "auto"}
+PROTOCOL_MODALITIES = ("fluorescence", "brightfield")     # what a protocol's `modality` may be
 # Which images decide each score threshold of a bundle ([inference.score_threshold_by_modality]): a protocol
 # modality's (cellseg.planning.protocol: fluorescence | brightfield), or its gray one (GRAY_SUFFIX), which a count
 # takes for a slide whose network input has no colour (cellseg.planning.NetworkInput.gray). Fluorescence is gray

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from cellseg.bundles import load_bundle, update_bundle_metadata
 
-from .validate_bundle import PREDICTIONS_MADE_WITH, PROTOCOL_MODALITIES
+from .datasets import PROTOCOL_MODALITIES
+from .validate_bundle import PREDICTIONS_MADE_WITH
 
 CRITERION = "coco_mask_ap"
 SHOWN = ("images", "ap50_tp_fp_fn_pooled", "dsb_score_mean_over_images", CRITERION, "median_rel_count_error")

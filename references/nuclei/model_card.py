@@ -6,6 +6,7 @@ training stage with its hardware and time, the hold-out split, and the validatio
 
 from __future__ import annotations
 
+from .datasets import PROTOCOL_MODALITIES
 from .plot_heldout import MODALITIES
 
 LABELS = {"fluorescence": "fluorescence (DSB2018)", "stained_tissue": "stained tissue (DSB2018, H&E-like)",
@@ -67,7 +68,7 @@ def _masks_measured_at(m: dict, bundle) -> str:
     measured = m.get("settings", {}).get("mask_threshold")
     if measured is None:
         return ""
-    per_modality = measured if isinstance(measured, dict) else {k: measured for k in ("brightfield", "fluorescence")}
+    per_modality = measured if isinstance(measured, dict) else {k: measured for k in PROTOCOL_MODALITIES}
     text = ", ".join(f"{float(v):.2f} for {k}" for k, v in sorted(per_modality.items()))
     now = {k: bundle.mask_threshold_for(k) for k in per_modality}
     stale = any(abs(float(v) - now[k]) > 1e-9 for k, v in per_modality.items())
@@ -223,7 +224,7 @@ def _mask_text(bundle) -> str:
     tried = sorted({t for rows in choice.values() if isinstance(rows, dict) for t in rows.get("mask_threshold", [])})
     how = (f" (chosen per protocol modality for the best {choice.get('criterion')} on these same images, among "
            f"{', '.join(f'{t:g}' for t in tried)})" if tried else "")
-    modalities = sorted({"brightfield", "fluorescence", *bundle.mask_thresholds})    # a protocol's, every one
+    modalities = sorted({*PROTOCOL_MODALITIES, *bundle.mask_thresholds})    # a protocol's, every one
     return ", ".join(f"{bundle.mask_threshold_for(m):.2f} for {m}" for m in modalities) + how
 
 

@@ -43,7 +43,15 @@ from cellseg.evaluation import (
 from cellseg.evaluation import predict as predict_images
 from cellseg.run.counter import mask_threshold_for
 
-from .datasets import DATASET_DIAMETER, DATASET_FOLDERS, PROJECT_DATA_ROOT, THRESHOLD_KEY, Split, seen_images
+from .datasets import (
+    DATASET_DIAMETER,
+    DATASET_FOLDERS,
+    PROJECT_DATA_ROOT,
+    PROTOCOL_MODALITIES,
+    THRESHOLD_KEY,
+    Split,
+    seen_images,
+)
 from .model_card import card_readme, curve_table
 from .plot_heldout import MODALITIES, plot_curve, read_curve
 
@@ -88,18 +96,15 @@ def tuned_bundle(bundle, overrides: list[str]):
 PREDICTIONS_MADE_WITH = "predictions_made_with.json"
 
 
-PROTOCOL_MODALITIES = ("fluorescence", "brightfield")     # what a protocol's `modality` may be
-
-
 def protocol_modality(modality: str) -> str:
     """The protocol modality (fluorescence | brightfield) a held-out image of a dataset `modality` is counted with."""
     return THRESHOLD_KEY[modality].removesuffix(GRAY_SUFFIX)
 
 
-def mask_thresholds(bundle, args: argparse.Namespace) -> dict[str, float]:
-    """The mask threshold a count of each protocol modality uses (run.counter.mask_threshold_for): --mask-threshold
-    for all, else the bundle's per modality."""
-    return {m: mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=args.mask_threshold, modality=m))
+def mask_thresholds(bundle, override: float | None = None) -> dict[str, float]:
+    """The mask threshold a count of each protocol modality uses (run.counter.mask_threshold_for): `override`
+    (--mask-threshold) for all, else the bundle's per modality."""
+    return {m: mask_threshold_for(bundle, VALIDATION_PROTOCOL.replace(mask_threshold=override, modality=m))
             for m in PROTOCOL_MODALITIES}
 
 
@@ -130,7 +135,7 @@ def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
     """What a prediction of this run depends on: the weights, the [model] keys, the inference settings, the data."""
     return {"weights_sha256": bundle.weights_sha256, "model": dataclasses.asdict(bundle.model),
             "proposal_threshold": bundle.proposal_threshold, "floor": args.floor,
-            "mask_threshold": mask_threshold_record(mask_thresholds(bundle, args)),
+            "mask_threshold": mask_threshold_record(mask_thresholds(bundle, args.mask_threshold)),
             "tta": args.tta, "precision": args.precision, "data_root": str(args.data_root.resolve()),
             "nucleus_diameter_px": bundle.nucleus_diameter_px, "count_at": counted_at(args.count_at)}
 
@@ -240,7 +245,7 @@ def main() -> None:
     made_with = predictions_made_with(bundle, args)
     claim_predictions_folder(args.out, made_with)
     # A detector per mask threshold: each image's masks at its protocol modality's, as a count of it would be
-    mask_of = mask_thresholds(bundle, args)
+    mask_of = mask_thresholds(bundle, args.mask_threshold)
     detectors = {t: validation_detector(bundle, args.device, args.floor, t, tta=args.tta, precision=args.precision)
                  for t in sorted(set(mask_of.values()))}
     paths = image_paths(args.data_root, keys)

@@ -60,7 +60,6 @@ def test_count_at_names_a_dataset_and_a_scale():
 def test_each_image_is_counted_at_its_protocol_modalitys_mask_threshold(tiny_bundle, tmp_path):
     """validate_bundle counts a held-out image with the mask threshold a count of its protocol modality would use;
     the record stays one figure where every modality has the same (as records from before the table)."""
-    import argparse
     import shutil
 
     from cellseg.bundles import load_bundle, update_bundle_metadata
@@ -70,10 +69,10 @@ def test_each_image_is_counted_at_its_protocol_modalitys_mask_threshold(tiny_bun
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     update_bundle_metadata(bundle, mask_thresholds={"fluorescence": 0.6})
-    thresholds = mask_thresholds(load_bundle(bundle), argparse.Namespace(mask_threshold=None))
+    thresholds = mask_thresholds(load_bundle(bundle))
     assert thresholds == {"fluorescence": 0.6, "brightfield": 0.5}
     assert mask_threshold_record(thresholds) == {"fluorescence": 0.6, "brightfield": 0.5}
-    forced = mask_thresholds(load_bundle(bundle), argparse.Namespace(mask_threshold=0.55))
+    forced = mask_thresholds(load_bundle(bundle), 0.55)
     assert forced == {"fluorescence": 0.55, "brightfield": 0.55} and mask_threshold_record(forced) == 0.55
 
 
