@@ -35,6 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+# Operators whose output size depends on the data: on a GPU each makes the host wait for every kernel queued before it
+# (as does every copy to the host, which a CPU profile cannot see): counted on either device
+DATA_DEPENDENT = ("aten::nonzero", "aten::_local_scalar_dense", "torchvision::nms", "aten::unique_consecutive",
+                  "aten::_unique2", "aten::masked_select")
 PARTS = ("cellseg.input", "cellseg.transform", "cellseg.backbone", "cellseg.rpn", "cellseg.roi_heads", "cellseg.paste")
 
 
@@ -111,6 +115,11 @@ def main() -> None:
     for part in PARTS:
         if part in by_key:
             print(f"  {part.removeprefix('cellseg.'):10s} {by_key[part].cpu_time_total / 1e3 / n:8.2f}")
+    operators = [e for e in averages if "::" in e.key]
+    waits = collections.Counter({e.key: e.count / n for e in operators if e.key in DATA_DEPENDENT})
+    print(f"operator calls a tile: {sum(e.count for e in operators) / n:.0f}; of them with a data-dependent output "
+          f"size (a GPU's waits, copies to the host not counted): {sum(waits.values()):.1f} "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in waits.most_common())})")
     if cuda:
         kernels = sum(device_seconds(e) for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
         launches = sum(e.count for e in averages if e.key in LAUNCHES)

@@ -229,11 +229,15 @@ def child_cellseg(spec: dict) -> dict:
 
 def build_naive_model(bundle):
     """The bundle's network with torchvision's defaults put back (docs/architecture.md); anchors stay the bundle's."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from cellseg.detection import load_network
     model = load_network(bundle)
     cfg = bundle.model
+    # torchvision's own inference of the RPN and the RoI heads (cellseg's subclasses add no state, only a forward)
+    model.rpn.__class__, model.roi_heads.__class__ = RegionProposalNetwork, RoIHeads
     model.transform = GeneralizedRCNNTransform(min_size=800, max_size=1333, image_mean=list(cfg.image_mean),
                                                image_std=list(cfg.image_std))
     model.roi_heads.detections_per_img = 100            # torchvision's box_detections_per_img default

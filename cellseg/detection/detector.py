@@ -25,7 +25,7 @@ from ..planning.intensity import IntensityRange, network_input_on_device, networ
 from ..planning.protocol import tiles_per_pass
 from .network import load_network
 from .precision import resolve_precision
-from .rcnn_parts import TileNetwork, mask_extent
+from .rcnn_parts import TileNetwork, host_to_device, mask_extent
 from .roi_align import matrix_roi_pools
 from .slide_norm import fold_slide_norms, measure_slide_norms
 from .streams import ForwardStreams, cpu_stream_count
@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 CANDIDATE_FLOOR = 0.3
 
 
-def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, height: int, width: int,
-                            threshold: float = 0.5, scale: float = 1.0) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """Turn the network's (N, 1, M, M) soft masks into tight boolean crops inside a height x width tile.
+def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, height: int | Sequence[int],
+                            width: int | Sequence[int], threshold: float = 0.5,
+                            scale: float = 1.0) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Turn the network's (N, 1, M, M) soft masks into tight boolean crops inside a height x width tile (or, given
+    one height and width a mask, each inside its own: a batch's tiles pasted together).
 
     Each mask, with a 1-cell zero border, is laid out where its training target was cut (rcnn_parts.mask_extent),
     and every tile pixel centre inside takes the bilinear value of the cells there (F.interpolate's rule,
@@ -47,10 +49,11 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     modality, against torchvision's paste: IoU 0.5-0.95 (the DSB2018 score) +0.028 pooled, AP50 +0.001
     (docs/model.md). scale: network px per tile px, when the network saw the tile resampled
     (`boxes_xyxy` are then in network px, the height x width frame in tile px): tile px j is network px
-    (j + 0.5) * scale. All of a tile's masks are sampled at once (two batched matrix products: 6-10x faster than
+    (j + 0.5) * scale. All the masks are sampled at once (two batched matrix products: 6-10x faster than
     resizing each mask). Returns (boxes (K, 4) int row0, col0, row1, col1, masks, kept indices).
     """
-    # Sampled and thresholded where the masks are (on a GPU: there), only the boolean masks cross to the host.
+    # Sampled and thresholded where the masks are (on a GPU: there), only the boolean masks cross to the host, and
+    # the host waits for the device once plus once per part of like-sized masks.
     device = mask_probs.device
     boxes = boxes_xyxy.detach().to(device, torch.float64)
     probs = mask_probs.detach().float()
@@ -61,7 +64,8 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     padded = F.pad(probs[:, 0], (1, 1, 1, 1))
     low, high = mask_extent(boxes, probs.shape[-1])     # (x, y) network px
     first = torch.floor(low / scale).clamp(min=0)                                    # (col, row) tile px
-    frame = torch.tensor([float(width), float(height)], dtype=torch.float64, device=device)
+    frames = np.stack(np.broadcast_arrays(np.asarray(width, np.float64), np.asarray(height, np.float64)), -1)
+    frame = host_to_device(np.broadcast_to(frames, (n, 2)), device, torch.float64)
     count = (torch.minimum(torch.ceil(high / scale), frame) - first).clamp(min=0)
     first_at, count_at = first.long().tolist(), count.long().tolist()    # one copy to the host, not one a mask
     pasted: dict[int, tuple[tuple[int, int, int, int], np.ndarray]] = {}
@@ -69,6 +73,7 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
     # not make every mask its size
     largest = [max(c) for c in count_at]
     order = sorted(range(n), key=largest.__getitem__)
+    order_on_device = host_to_device(order, device, torch.int64)
     start = 0
     while start < n:
         side = max(1, largest[order[start]])
@@ -77,7 +82,7 @@ def paste_masks_at_box_size(boxes_xyxy: torch.Tensor, mask_probs: torch.Tensor, 
             side = max(side, largest[order[stop]])
             stop += 1
         part = order[start:stop]
-        at = torch.tensor(part, device=device)
+        at = order_on_device[start:stop]
         rows = _bilinear_weights(first[at, 1], count[at, 1], low[at, 1], high[at, 1] - low[at, 1], cells, scale)
         cols = _bilinear_weights(first[at, 0], count[at, 0], low[at, 0], high[at, 0] - low[at, 0], cells, scale)
         above = (torch.bmm(torch.bmm(rows, padded[at]), cols.transpose(1, 2)) > threshold).cpu().numpy()
@@ -391,35 +396,69 @@ class Detector:
                             enabled=self.autocast_dtype is not None):
             outputs = self.network(batch, owned_regions, body_output=self._seen_body_output(images),
                                    mask_score=self.score_threshold)
-        results = []
+        frames = [image.shape[-2:] for image in batch] if frame_shapes is None else frame_shapes
         with record_function("cellseg.paste"):       # masks pasted, thresholded, and brought to the host
-            for k, (image, out) in enumerate(zip(batch, outputs)):
-                height, width = image.shape[-2:] if frame_shapes is None else frame_shapes[k]
-                if scale != 1.0:
-                    out = dict(out, below_boxes=out["below_boxes"] / scale)     # the masks' boxes: when pasted
-                results.append(self._to_tile_detections(out, height, width, scale))
-        return results
+            # the heads gave masks only to boxes at the threshold (mask_score): none to drop
+            return self._to_tile_detections_of(outputs, frames, scale, thresholded=True)
 
     def _to_tile_detections(self, out: dict, height: int, width: int, scale: float = 1.0) -> TileDetections:
-        keep = out["scores"] >= self.score_threshold
-        boxes, masks, kept = paste_masks_at_box_size(out["boxes"][keep], out["masks"][keep], height, width,
-                                                     self.mask_threshold, scale)
-        scores = out["scores"][keep].float().cpu().numpy()[kept].astype(np.float32)
-        labels = out["labels"][keep].cpu().numpy()[kept].astype(np.int64)
-        return TileDetections(boxes, masks, scores, labels, self._below(out, height, width))
+        """One image's network output (TileNetwork) as TileDetections in its height x width frame."""
+        return self._to_tile_detections_of([out], [(height, width)], scale)[0]
 
-    def _below(self, out: dict, height: int, width: int) -> np.ndarray:
-        """The boxes scoring from the candidate floor up to the threshold (no masks): (K, 5) float32 row0, col0,
-        row1, col1 (clipped to the height x width frame), score."""
-        if self.candidate_floor is None or "below_boxes" not in out:
-            return no_candidates()
-        scores = out["below_scores"].float().cpu().numpy()
-        keep = (scores >= self.candidate_floor) & (scores < self.score_threshold)
-        xyxy = out["below_boxes"].float().cpu().numpy()[keep]
-        below = np.empty((len(xyxy), 5), np.float32)
-        below[:, 0] = np.clip(xyxy[:, 1], 0, height)
-        below[:, 1] = np.clip(xyxy[:, 0], 0, width)
-        below[:, 2] = np.clip(xyxy[:, 3], 0, height)
-        below[:, 3] = np.clip(xyxy[:, 2], 0, width)
-        below[:, 4] = scores[keep]
-        return below
+    def _to_tile_detections_of(self, outputs: Sequence[dict], frames: Sequence[tuple[int, int]], scale: float,
+                               thresholded: bool = False) -> list[TileDetections]:
+        """A pass's network outputs as TileDetections, image i's in its frames[i] (height, width): the detections
+        scoring at the threshold with their masks pasted, those from the candidate floor up as boxes (`_below_of`).
+        The pass's masks are pasted together and its numbers cross to the host in one copy: each crossing makes
+        the host wait for the device (issue 50). thresholded: the outputs' masked detections all score at the
+        threshold already (no boolean indexing, which waits for the device too)."""
+        if not thresholded:
+            outputs = [dict(out, **{key: out[key][out["scores"] >= self.score_threshold]
+                                    for key in ("boxes", "masks", "scores", "labels")}) for out in outputs]
+        per_image = [len(out["scores"]) for out in outputs]
+        boxes_xyxy, probs, scores, labels = (torch.cat([out[key] for out in outputs])
+                                             for key in ("boxes", "masks", "scores", "labels"))
+        wants_below = self.candidate_floor is not None and all("below_boxes" in out for out in outputs)
+        image_of = np.repeat(np.arange(len(outputs)), per_image)
+        heights, widths = (np.asarray([f[axis] for f in frames], np.int64)[image_of] for axis in (0, 1))
+        boxes, masks, kept = paste_masks_at_box_size(boxes_xyxy, probs, heights, widths, self.mask_threshold, scale)
+        # scores, labels and the boxes below the threshold: one copy to the host
+        numbers = [scores.float(), labels.float()]
+        below_per_image = [len(out["below_scores"]) for out in outputs] if wants_below else []
+        if wants_below:      # the masks' boxes were scaled when pasted; these are scaled here
+            numbers += [torch.cat([out["below_scores"] for out in outputs]).float(),
+                        torch.cat([out["below_boxes"] for out in outputs]).float().reshape(-1) / scale]
+        host = torch.cat(numbers).cpu().numpy()
+        n = len(scores)
+        scores_np, labels_np = host[:n].astype(np.float32), host[n:2 * n].astype(np.int64)
+        belows = self._below_of(host[2 * n:], below_per_image, frames) if wants_below else None
+        kept_image = image_of[kept]
+        results = []
+        for i in range(len(outputs)):
+            mine = np.flatnonzero(kept_image == i)
+            results.append(TileDetections(boxes[mine], [masks[k] for k in mine.tolist()],
+                                          scores_np[kept[mine]], labels_np[kept[mine]],
+                                          no_candidates() if belows is None else belows[i]))
+        return results
+
+    def _below_of(self, numbers: np.ndarray, per_image: list[int], frames: Sequence[tuple[int, int]]
+                  ) -> list[np.ndarray]:
+        """Per image, the boxes scoring from the candidate floor up to the threshold (no masks): (K, 5) float32 row0,
+        col0, row1, col1 (clipped to the image's frame), score; `numbers`: the pass's below scores, then its below
+        boxes (xyxy) flattened."""
+        total = sum(per_image)
+        scores_all, xyxy_all = numbers[:total], numbers[total:].reshape(-1, 4)
+        out, start = [], 0
+        for count, (height, width) in zip(per_image, frames):
+            scores, xyxy = scores_all[start:start + count], xyxy_all[start:start + count]
+            start += count
+            keep = (scores >= self.candidate_floor) & (scores < self.score_threshold)
+            xyxy = xyxy[keep]
+            below = np.empty((len(xyxy), 5), np.float32)
+            below[:, 0] = np.clip(xyxy[:, 1], 0, height)
+            below[:, 1] = np.clip(xyxy[:, 0], 0, width)
+            below[:, 2] = np.clip(xyxy[:, 3], 0, height)
+            below[:, 3] = np.clip(xyxy[:, 2], 0, width)
+            below[:, 4] = scores[keep]
+            out.append(below)
+        return out

@@ -23,6 +23,7 @@ from .rcnn_parts import (
     Fp32FeaturePyramidNetwork,
     TileMaskPredictor,
     TileRoIHeads,
+    TileRPN,
     TileTransform,
     WeightFormatMaskHead,
     keep_head_outputs_fp32,
@@ -77,6 +78,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     )
     model.transform = TileTransform(min_size=1, max_size=1 << 30, image_mean=list(cfg.image_mean),
                                     image_std=list(cfg.image_std), size_divisible=32)
+    model.rpn = TileRPN.replacing(model.rpn)
     model.roi_heads = TileRoIHeads.replacing(model.roi_heads)
     keep_head_outputs_fp32(model)
     return model

@@ -2,6 +2,7 @@
 
 - `TileTransform`: normalise and batch only; no resize in (tiles run at the scale they are given), no pasting of
   masks onto full-image canvases out (detect.paste_masks_at_box_size pastes them at box size).
+- `TileRPN`: in inference, each image's proposals filtered with fewer waits for a GPU.
 - `TileRoIHeads`: given the part of each tile whose cells it keeps (`owned_regions`, an argument of its forward),
   boxes that cannot lie in it skip the mask branch.
 - `TileNetwork`: the model's parts run for inference on tiles, `forward(images, owned_regions)`; its backbone body
@@ -15,13 +16,16 @@ it replaces, so a bundle's weights load into either.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.profiler import record_function
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from ..errors import ParameterError
@@ -47,13 +51,71 @@ def mask_extent(boxes: torch.Tensor, mask_size: int = MASK_SIZE) -> tuple[torch.
 
 
 class TileTransform(GeneralizedRCNNTransform):
-    """Normalise and batch only: no resize in, no full-image mask pasting out."""
+    """Normalise and batch only: no resize in, no full-image mask pasting out. On a GPU the mean and spread are
+    copied there once, not for every image (torchvision's copy from pageable memory made the host wait for the
+    device twice a tile)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stats_on_device: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def normalize(self, image):
+        if image.device.type != "cuda" or not image.is_floating_point():
+            return super().normalize(image)
+        key = (image.device, image.dtype)
+        if key not in self._stats_on_device:
+            self._stats_on_device[key] = tuple(host_to_device(stat, image.device, image.dtype)[:, None, None]
+                                               for stat in (self.image_mean, self.image_std))
+        mean, std = self._stats_on_device[key]
+        return (image - mean) / std
 
     def resize(self, image, target=None):
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         return result  # boxes in input pixels (no resize happened), masks left at 28x28
+
+
+class TileRPN(RegionProposalNetwork):
+    """torchvision's RegionProposalNetwork (as is in training) whose inference filters each image's proposals with
+    two waits for a GPU instead of four: one selection of the boxes large and likely enough (torchvision makes
+    two), and NMS by levels without a copy from the host (torchvision's batched_nms makes one; nms_apart). The same
+    proposals, tested against torchvision's."""
+
+    @classmethod
+    def replacing(cls, rpn: RegionProposalNetwork) -> TileRPN:
+        """The same RPN (the very same submodules and settings) as a TileRPN."""
+        other = cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                    rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                    rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                    rpn.nms_thresh, rpn.score_thresh)
+        other.min_size = rpn.min_size
+        return other
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        if self.training:
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        num_images, device = proposals.shape[0], proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=device)
+                            for idx, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+        # each level's pre_nms_top_n best, as torchvision
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        objectness, levels = objectness[batch_idx, top_n_idx], levels[batch_idx, top_n_idx]
+        proposals = proposals[batch_idx, top_n_idx]
+        probabilities = torch.sigmoid(objectness)
+        final_boxes, final_scores = [], []
+        for boxes, scores, level, image_shape in zip(proposals, probabilities, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            wide, tall = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+            keep = torch.nonzero((wide >= self.min_size) & (tall >= self.min_size)
+                                 & (scores >= self.score_thresh)).squeeze(1)
+            boxes, scores, level = boxes[keep], scores[keep], level[keep]
+            keep = nms_apart(boxes, scores, level, self.nms_thresh)[:self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
 
 class TileRoIHeads(RoIHeads):
@@ -76,34 +138,98 @@ class TileRoIHeads(RoIHeads):
                 mask_score: float | None = None):
         """mask_score (inference): boxes scoring below it (but at least score_thresh, the candidate floor) skip the
         mask branch and come back as "below_boxes" and "below_scores" (their count against the threshold costs no
-        masks); None: every box kept gets its mask."""
+        masks); None: every box kept gets its mask.
+
+        Inference handles the batch's boxes together, not image by image as torchvision does: on a GPU each
+        image's filtering waited for the device several times (boolean indexing, NMS, copies), ~10 waits a tile in
+        all, each leaving the GPU idle while the host caught up (issue 50). Here the whole batch waits 4 times.
+        The boxes, scores and order are torchvision's (tested), NMS being computed in float64 (each image and
+        class apart), so a box's fate never depends on the other tiles of its batch."""
         if self.training:
             if owned_regions is not None:
                 raise ParameterError("expected owned regions in inference (eval mode) only, found them in training")
             return super().forward(features, proposals, image_shapes, targets)
-        # RoIHeads.forward in eval mode (no keypoints), with the unowned boxes dropped between boxes and masks
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        for i, region in enumerate(owned_regions or ()):
-            keep = may_reach(boxes[i], region)
-            boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
-        below_boxes, below_scores = [], []
-        for i in range(len(boxes)):
-            masked = scores[i] >= (mask_score if mask_score is not None else -1.0)
-            below_boxes.append(boxes[i][~masked])
-            below_scores.append(scores[i][~masked])
-            boxes[i], scores[i], labels[i] = boxes[i][masked], scores[i][masked], labels[i][masked]
-        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-        masks = maskrcnn_inference(self.mask_predictor(mask_features), labels)
+        boxes, scores, labels, image = self.batch_detections(class_logits, box_regression, proposals, image_shapes)
+        kept = torch.ones_like(scores, dtype=torch.bool)
+        if owned_regions is not None:
+            # the unowned boxes dropped between boxes and masks
+            kept = may_reach(boxes, host_to_device(owned_regions, boxes.device, boxes.dtype)[image])
+        masked = scores >= (mask_score if mask_score is not None else -1.0)
+        with_mask, without = torch.nonzero(kept & masked).squeeze(1), torch.nonzero(kept & ~masked).squeeze(1)
+        n = len(proposals)
+        per_image = torch.stack([_count_by(image[with_mask], n), _count_by(image[without], n)]).tolist()
+        boxes_by, scores_by, labels_by = (x[with_mask].split(per_image[0]) for x in (boxes, scores, labels))
+        below_boxes, below_scores = (x[without].split(per_image[1]) for x in (boxes, scores))
+        mask_features = self.mask_head(self.mask_roi_pool(features, list(boxes_by), image_shapes))
+        masks = maskrcnn_inference(self.mask_predictor(mask_features), list(labels_by))
         return [{"boxes": b, "labels": lb, "scores": sc, "masks": m, "below_boxes": bb, "below_scores": bs}
-                for b, lb, sc, m, bb, bs in zip(boxes, labels, scores, masks, below_boxes, below_scores)], {}
+                for b, lb, sc, m, bb, bs in zip(boxes_by, labels_by, scores_by, masks, below_boxes, below_scores)], {}
+
+    def batch_detections(self, class_logits: torch.Tensor, box_regression: torch.Tensor,
+                         proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """torchvision's RoIHeads.postprocess_detections for the whole batch at once: boxes decoded and clipped to
+        their image, one candidate per box and foreground class, those scoring above score_thresh and not empty,
+        NMS per image and class, each image's detections_per_img best. Returns boxes (K, 4), scores, labels and
+        image (K,): grouped by image, each image's in decreasing score, as torchvision's lists concatenated."""
+        device, classes = class_logits.device, class_logits.shape[-1]
+        n = len(proposals)
+        pred_boxes = self.box_coder.decode(box_regression, proposals)            # (R, classes, 4)
+        pred_scores = torch.softmax(class_logits, -1)
+        image_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64, device=device)
+                              for i, p in enumerate(proposals)])
+        sizes = host_to_device([(w, h) for h, w in image_shapes], device, pred_boxes.dtype)[image_of]   # (R, 2)
+        low = pred_boxes[..., 0::2].clamp(min=0), pred_boxes[..., 1::2].clamp(min=0)
+        x = torch.minimum(low[0], sizes[:, None, 0:1])
+        y = torch.minimum(low[1], sizes[:, None, 1:2])
+        boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)[:, 1:].reshape(-1, 4)
+        scores = pred_scores[:, 1:].reshape(-1)
+        labels = torch.arange(1, classes, device=device).repeat(len(pred_scores))
+        image = image_of.repeat_interleave(classes - 1)
+        wide, tall = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        candidate = torch.nonzero((scores > self.score_thresh) & (wide >= 1e-2) & (tall >= 1e-2)).squeeze(1)
+        boxes, scores, labels, image = boxes[candidate], scores[candidate], labels[candidate], image[candidate]
+        keep = nms_apart(boxes, scores, image * classes + labels, self.nms_thresh)   # decreasing score
+        keep = keep[torch.sort(image[keep], stable=True).indices]        # by image, each in decreasing score
+        counts = _count_by(image[keep], n)
+        rank = torch.arange(len(keep), device=device) - (counts.cumsum(0) - counts)[image[keep]]
+        keep = keep[torch.nonzero(rank < self.detections_per_img).squeeze(1)]
+        return boxes[keep], scores[keep], labels[keep], image[keep]
 
 
-def may_reach(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
-    """Which xyxy `boxes` have a pasted mask extent (mask_extent, + 1 px) that overlaps `region` (x0, y0, x1, y1): a
-    mask lies inside that extent, so the others cannot hold a cell centred there."""
-    x0, y0, x1, y1 = region
+def _count_by(index: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of `index` are 0, 1, .. n - 1 (torch.bincount waits for a GPU to find the largest first)."""
+    return torch.zeros(n, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+def nms_apart(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's batched NMS (no box suppresses one of another group), kept indices in decreasing score, by one
+    NMS call: the groups moved apart, in float64 so the move changes no overlap (torchvision's coordinate trick in
+    float32 rounds coordinates more the more groups there are)."""
+    from torchvision.ops import nms
+    if len(boxes) == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    wide = boxes.double()
+    apart = wide + (groups.double() * (wide.max() + 1))[:, None]
+    return nms(apart, scores.double(), iou_threshold)
+
+
+def host_to_device(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host array on `device` without waiting for the device: on a GPU through page-locked memory (a
+    plain copy from pageable memory makes the host wait for every kernel queued before it)."""
+    tensor = torch.tensor(np.asarray(values), dtype=dtype)      # a copy of its own
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def may_reach(boxes: torch.Tensor, region: tuple[float, float, float, float] | torch.Tensor) -> torch.Tensor:
+    """Which xyxy `boxes` have a pasted mask extent (mask_extent, + 1 px) that overlaps `region` (x0, y0, x1, y1; or
+    a (K, 4) tensor of them, one a box): a mask lies inside that extent, so the others cannot hold a cell centred
+    there."""
+    x0, y0, x1, y1 = region.unbind(-1) if isinstance(region, torch.Tensor) else region
     low, high = mask_extent(boxes)
     return (high[:, 0] + 1 > x0) & (low[:, 0] - 1 < x1) & (high[:, 1] + 1 > y0) & (low[:, 1] - 1 < y1)
 

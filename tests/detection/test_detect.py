@@ -89,6 +89,31 @@ def test_masks_reaching_past_the_tile_are_cropped_to_it():
         assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any()   # tight boxes
 
 
+def test_masks_of_several_tiles_pasted_together_are_each_tiles_own_paste():
+    """A pass's masks are pasted in one call, each in its own tile's frame (issue 50: one wait for the device a
+    pass, not one a tile): the same boxes and masks as pasting each tile's alone."""
+    g = torch.Generator().manual_seed(5)
+    frames = [(60, 80), (70, 50), (60, 80)]
+    per_tile = [12, 0, 9]
+    boxes, probs = [], []
+    for (h, w), n in zip(frames, per_tile):
+        xy0 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 10
+        boxes.append(torch.cat([xy0, xy0 + torch.rand(n, 2, generator=g) * 25 + 1], 1))
+        probs.append(torch.rand(n, 1, 28, 28, generator=g))
+    heights = np.repeat([f[0] for f in frames], per_tile)
+    widths = np.repeat([f[1] for f in frames], per_tile)
+    together = paste_masks_at_box_size(torch.cat(boxes), torch.cat(probs), heights, widths, 0.5, 1.5)
+    start = 0
+    for (h, w), n, b, pr in zip(frames, per_tile, boxes, probs):
+        alone = paste_masks_at_box_size(b, pr, h, w, 0.5, 1.5)
+        mine = (together[2] >= start) & (together[2] < start + n)
+        assert np.array_equal(together[2][mine] - start, alone[2])
+        assert np.array_equal(together[0][mine], alone[0])
+        for k, mask in zip(np.flatnonzero(mine), alone[1]):
+            assert np.array_equal(together[1][k], mask)
+        start += n
+
+
 def _blob(m: int = 28) -> torch.Tensor:
     """A nucleus-like soft mask: 1 at the centre of the M x M grid, falling to 0 at its inscribed circle."""
     y, x = torch.meshgrid(torch.arange(m) + 0.5, torch.arange(m) + 0.5, indexing="ij")
@@ -379,6 +404,68 @@ def test_tile_heads_in_inference_are_torchvisions_with_the_mask_features_in_the_
     torch.testing.assert_close(ours[0]["masks"], theirs[0]["masks"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("score_thresh, post_nms", [(0.0, 150), (0.5, 150), (0.0, 100_000)])
+def test_the_rpns_proposals_are_torchvisions(score_thresh, post_nms):
+    """TileRPN filters each image's proposals with fewer waits for a GPU (issue 50), the same proposals as
+    torchvision's RegionProposalNetwork, whether the post-NMS cap binds or NMS alone decides."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(2)
+    model = build_model(tiny_model_config()).eval()
+    model.rpn.score_thresh = score_thresh
+    model.rpn._post_nms_top_n = dict(training=2000, testing=post_nms)
+    images = [torch.rand(3, 96, 128) for _ in range(3)]
+    with torch.inference_mode():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        ours, _ = model.rpn(batch, features)
+        theirs, _ = RegionProposalNetwork.forward(model.rpn, batch, features)
+    assert [len(b) for b in ours] == [len(b) for b in theirs]
+    assert all(len(b) == 150 for b in ours) if post_nms == 150 else all(150 < len(b) < post_nms for b in ours)
+    for mine, their in zip(ours, theirs):
+        assert torch.equal(mine, their)
+
+
+def test_a_batchs_heads_give_each_image_torchvisions_detections_with_its_owned_region_and_mask_score():
+    """TileRoIHeads handles a pass's boxes together (issue 50: the host waits for a GPU 4 times a pass instead of ~10
+    times a tile); each image gets what torchvision's RoIHeads gives it alone, less the boxes that cannot reach its
+    owned region, split at mask_score into boxes with masks and boxes without."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    from cellseg.detection.rcnn_parts import may_reach
+
+    torch.manual_seed(1)
+    config = tiny_model_config()
+    model = build_model(config).eval()
+    model.roi_heads.score_thresh = 0.0
+    model.roi_heads.detections_per_img = 25          # the per-image cap binds on some images
+    images = [torch.rand(3, 96, 96) for _ in range(3)]
+    regions = [(10.0, 10.0, 60.0, 60.0), (0.0, 0.0, 96.0, 96.0), (40.0, 30.5, 90.0, 80.0)]
+    with torch.inference_mode():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        theirs, _ = RoIHeads.forward(model.roi_heads, features, proposals, batch.image_sizes)
+        middle = float(torch.cat([t["scores"] for t in theirs]).median())
+        ours, _ = model.roi_heads(features, proposals, batch.image_sizes, owned_regions=regions, mask_score=middle)
+        alone = [model.roi_heads({k: v[i:i + 1] for k, v in features.items()}, [proposals[i]],
+                                 [batch.image_sizes[i]], owned_regions=[regions[i]], mask_score=middle)[0][0]
+                 for i in range(3)]
+    assert sum(len(t["boxes"]) for t in theirs) > 30 and any(len(t["boxes"]) == 25 for t in theirs)
+    for mine, single, their, region in zip(ours, alone, theirs, regions):
+        owned = may_reach(their["boxes"], region)
+        high = their["scores"] >= middle
+        assert torch.equal(mine["boxes"], their["boxes"][owned & high])
+        assert torch.equal(mine["scores"], their["scores"][owned & high])
+        assert torch.equal(mine["labels"], their["labels"][owned & high])
+        assert torch.equal(mine["below_boxes"], their["boxes"][owned & ~high])
+        assert torch.equal(mine["below_scores"], their["scores"][owned & ~high])
+        assert len(mine["masks"]) == len(mine["boxes"]) and 0 < len(mine["boxes"]) < len(their["boxes"])
+        for key in ("boxes", "scores", "below_boxes"):
+            assert torch.equal(mine[key], single[key])     # its batch changes nothing
+        torch.testing.assert_close(mine["masks"], single["masks"], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_mask_predictors_matrix_products_give_the_transposed_convolutions_logits(channels_last):
     from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
@@ -469,6 +556,32 @@ def test_tiles_made_ready_on_the_device_give_the_hosts_detections(scale, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_pass_gives_each_tile_the_proposals_and_boxes_of_torchvisions_per_image_inference():
+    """On a GPU too (fp32): the batched RPN filtering, heads and transform (issue 50) give torchvision's proposals and
+    boxes, and the transform's normalising the host's."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    torch.manual_seed(4)
+    model = build_model(tiny_model_config()).eval().cuda()
+    model.roi_heads.score_thresh = 0.0
+    images = [torch.rand(3, 96, 96, device="cuda") for _ in range(4)]
+    with torch.inference_mode():
+        batch, _ = model.transform(images)
+        theirs_batch, _ = GeneralizedRCNNTransform.forward(model.transform, images)
+        assert torch.equal(batch.tensors, theirs_batch.tensors)
+        features = model.backbone(batch.tensors)
+        ours, _ = model.rpn(batch, features)
+        theirs, _ = RegionProposalNetwork.forward(model.rpn, batch, features)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        heads, _ = model.roi_heads(features, ours, batch.image_sizes)
+        their_heads, _ = RoIHeads.forward(model.roi_heads, features, ours, batch.image_sizes)
+    for mine, their in zip(heads, their_heads):
+        assert torch.equal(mine["boxes"], their["boxes"]) and torch.equal(mine["scores"], their["scores"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_detector_takes_page_locked_native_pixels():
     from cellseg.geometry import plan_tiles
