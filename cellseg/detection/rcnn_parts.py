@@ -142,7 +142,7 @@ class TileRoIHeads(RoIHeads):
 
         Inference handles the batch's boxes together, not image by image as torchvision does: on a GPU each
         image's filtering waited for the device several times (boolean indexing, NMS, copies), ~10 waits a tile in
-        all, each leaving the GPU idle while the host caught up (issue 50). Here the whole batch waits 4 times.
+        all, each leaving the GPU idle while the host caught up (issue 50). Here the whole batch waits 5 times.
         The boxes, scores and order are torchvision's (tested), NMS being computed in float64 (each image and
         class apart), so a box's fate never depends on the other tiles of its batch."""
         if self.training:
@@ -207,13 +207,14 @@ def _count_by(index: torch.Tensor, n: int) -> torch.Tensor:
 def nms_apart(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """torchvision's batched NMS (no box suppresses one of another group), kept indices in decreasing score, by one
     NMS call: the groups moved apart, in float64 so the move changes no overlap (torchvision's coordinate trick in
-    float32 rounds coordinates more the more groups there are)."""
+    float32 rounds coordinates more the more groups there are). Outside autocast, which would cast them to float32."""
     from torchvision.ops import nms
     if len(boxes) == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    wide = boxes.double()
-    apart = wide + (groups.double() * (wide.max() + 1))[:, None]
-    return nms(apart, scores.double(), iou_threshold)
+    with torch.autocast(boxes.device.type, enabled=False):
+        wide = boxes.double()
+        apart = wide + (groups.double() * (wide.max() + 1))[:, None]
+        return nms(apart, scores.double(), iou_threshold)
 
 
 def host_to_device(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
