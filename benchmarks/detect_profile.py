@@ -12,6 +12,9 @@ prints, per tile:
 - on a GPU: the kernels' own time (the GPU's busy share of the wall time), the kernel launches, and the host time
   blocked in synchronisations (a `.cpu()`, `.item()`, `nonzero` or `torch.where` on a device tensor waits for every
   kernel queued before it, so the GPU idles while the host then runs the next Python);
+- operator calls a tile, those whose output size depends on the data (each a wait on a GPU), and where in the pass
+  those waits (and on a GPU the synchronisations and copies) are; on a CPU RoIAlign runs as matrix products
+  (detection/roi_align.py, CPU-only), whose selections count under roi_heads too;
 - the 15 operators with the most host time of their own.
 
     python benchmarks/detect_profile.py --device cuda [--tiles 96] [--slide SLIDE]   # a lent GPU (gpu_benchmark.sh)
@@ -58,6 +61,20 @@ def device_seconds(event) -> float:
         if hasattr(event, name):
             return getattr(event, name) / 1e6
     return 0.0
+
+
+def waits_by_part(events, names: tuple[str, ...]) -> dict[str, int]:
+    """How many of the profiled `events` named in `names` ran inside each part of the pass (the PARTS ranges, on the
+    same thread), "other" for those outside every part: where the waits for the device are."""
+    parts = [(e.time_range.start, e.time_range.end, e.thread, e.name) for e in events if e.name in PARTS]
+    counts = {part: 0 for part in (*PARTS, "other")}
+    for e in events:
+        if e.name not in names:
+            continue
+        start = e.time_range.start
+        inside = [name for (s, end, thread, name) in parts if s <= start < end and thread == e.thread]
+        counts[inside[0] if inside else "other"] += 1
+    return {part: count for part, count in counts.items() if count}
 
 
 def main() -> None:
@@ -120,6 +137,9 @@ def main() -> None:
     print(f"operator calls a tile: {sum(e.count for e in operators) / n:.0f}; of them with a data-dependent output "
           f"size (a GPU's waits, copies to the host not counted): {sum(waits.values()):.1f} "
           f"({', '.join(f'{k} {v:.1f}' for k, v in waits.most_common())})")
+    by_part = waits_by_part(prof.events(), DATA_DEPENDENT + (SYNCS if cuda else ()))
+    print("of those" + (" and the synchronisations and copies" if cuda else "") + ", a tile by part of the pass: "
+          + ", ".join(f"{part.removeprefix('cellseg.')} {count / n:.1f}" for part, count in by_part.items()))
     if cuda:
         kernels = sum(device_seconds(e) for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
         launches = sum(e.count for e in averages if e.key in LAUNCHES)
