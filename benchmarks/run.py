@@ -207,6 +207,17 @@ def child_cellseg(spec: dict) -> dict:
     elif option:
         raise SystemExit(f"expected a variant option 1stream or switchMS (e.g. switch5), found {option!r}")
     load_s = time.perf_counter() - t
+    # when the count's last analysed tile came out, and each result file's busy seconds: what follows the tiles
+    # (the tail: the result files finishing, the label images, the report) against the count's whole time
+    import cellseg.run.pipeline as pipeline
+    from memory_flat import keep_result_writers
+    writers, last_tile = keep_result_writers(), []
+    reported = pipeline.reported
+
+    def timed_reported(*args, **kwargs):
+        yield from reported(*args, **kwargs)
+        last_tile.append(time.perf_counter())
+    pipeline.reported = timed_reported
     detector.detect([np.zeros((3, 128, 128), np.float32)])  # warm-up (allocators, kernels): not timed
     net_timer = StageTimer()
     counts = instrument(detector.model, net_timer, detector.device)
@@ -216,9 +227,13 @@ def child_cellseg(spec: dict) -> dict:
     summary = counter.count(Path(spec["slide"]), out)
     if detector.device.type == "cuda":
         torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    end = time.perf_counter()
+    wall, cpu = end - t, time.process_time() - cpu
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "summary": summary, "intensity_range": run["intensity_range"],
+    tail = {"after_last_tile_s": round(end - last_tile[-1], 2) if last_tile else None,
+            "result_files_busy_s": {name: round(s, 2) for name, s in writers[-1].seconds().items()} if writers else {}}
+    return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "summary": summary, "tail": tail,
+            "intensity_range": run["intensity_range"],
             "model_channel": run["model_channel"], "labels": str(out / "labels.ome.tif"),
             "network_seconds": net_timer.to_dict(), **counts,
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(detector.device),
@@ -501,7 +516,7 @@ def main() -> None:
             "peak_rss_mb": round(cs["peak_rss_mb"], 1),
             "peak_gpu_mb": None if cs["peak_gpu_mb"] is None else round(cs["peak_gpu_mb"], 1),
             "model_load_s": round(cs["load_s"], 2),
-            "network_seconds": cs["network_seconds"], "mask_head_rois": cs["mask_head_rois"],
+            "network_seconds": cs["network_seconds"], "mask_head_rois": cs["mask_head_rois"], "tail": cs["tail"],
             "naive": {
                 "what": "bundle weights + torchvision defaults: GeneralizedRCNNTransform(800, 1333), full-canvas "
                         "paste_masks_in_image, detections_per_img 100, RPN top-n 1000/1000 at test; bundle anchors, "
@@ -540,7 +555,7 @@ def main() -> None:
                 "seconds": {k: v["summary"]["seconds"].get(k, 0.0) for k in ("read", "tissue", "detect", "merge",
                                                                             "measure", "write", "total")},
                 "cells": v["summary"]["cell_count"], "peak_rss_mb": round(v["peak_rss_mb"], 1),
-                "network_seconds": v["network_seconds"], "labels": v["labels"]}
+                "network_seconds": v["network_seconds"], "tail": v["tail"], "labels": v["labels"]}
         if gt_path:
             from cellseg.evaluation import load_image_masks
             gt = next(iter(load_image_masks(gt_path).values()))
@@ -588,6 +603,11 @@ def print_report(r: dict) -> None:
     print("cellseg seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
     print("  (read + detect run in a thread of their own, a batch ahead of merge + measure + write: the stages overlap,"
           " and the busier of the two paths sets the wall time)")
+    tail = r.get("tail") or {}
+    if tail.get("after_last_tile_s") is not None:
+        print(f"cellseg after its last tile: {tail['after_last_tile_s']:.2f} s (the result files finishing, the label "
+              f"images, the report); the result files' busy seconds: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in tail["result_files_busy_s"].items()))
     print("naive seconds by stage:   " + ", ".join(f"{k} {v:.2f}" for k, v in nv["seconds"].items()))
     print("network parts, cellseg: " + ", ".join(f"{k[4:]} {v:.2f}" for k, v in r["network_seconds"].items())
           + f"; {r['mask_head_rois']} RoIs through the mask head")
@@ -605,14 +625,19 @@ def print_report(r: dict) -> None:
     print(f"CPU {r['cpu']}; the full report above is cellseg in {r['precision']}; seconds are medians of "
           f"{r['rounds']} interleaved round(s); each round's ratio: "
           + "; ".join(f"{k} " + ", ".join(f"{x:.2f}x" for x in v) for k, v in r["round_ratios"].items()))
-    print(f"{'variant':<16}{'MP/s':>8}{'ratio':>8}{'seconds':>9}{'detect s':>10}{'cells':>7}{'F1':>7}{'peak RSS':>10}")
-    rows = [(f"cellseg {name}", v["mp_per_s"], v["ratio"], v["seconds_total"], v["seconds"]["detect"], v["cells"],
-             v.get("eval", {}).get("f1"), v["peak_rss_mb"]) for name, v in r["variants"].items()]
-    rows.append(("naive", nv["mp_per_s"], 1.0, nv["seconds_total"], nv["seconds"].get("detect", 0.0), nv["cells"],
-                 r.get("naive_eval", {}).get("f1"), nv["peak_rss_mb"]))
-    for name, mps, ratio, secs, det, cells, f1, rss in rows:
+    print(f"{'variant':<16}{'MP/s':>8}{'ratio':>8}{'seconds':>9}{'detect s':>10}{'tail s':>8}{'cells':>7}{'F1':>7}"
+          f"{'peak RSS':>10}")
+    rows = [(f"cellseg {name}", v["mp_per_s"], v["ratio"], v["seconds_total"], v["seconds"]["detect"],
+             (v.get("tail") or {}).get("after_last_tile_s"), v["cells"], v.get("eval", {}).get("f1"), v["peak_rss_mb"])
+            for name, v in r["variants"].items()]
+    rows.append(("naive", nv["mp_per_s"], 1.0, nv["seconds_total"], nv["seconds"].get("detect", 0.0), None,
+                 nv["cells"], r.get("naive_eval", {}).get("f1"), nv["peak_rss_mb"]))
+    for name, mps, ratio, secs, det, tail, cells, f1, rss in rows:
         f1_text = "" if f1 is None else f"{f1:.3f}"
-        print(f"{name:<16}{mps:>8.3f}{ratio:>7.2f}x{secs:>9.1f}{det:>10.1f}{cells:>7}{f1_text:>7}{rss:>7.0f} MB")
+        tail_text = "" if tail is None else f"{tail:.1f}"
+        print(f"{name:<16}{mps:>8.3f}{ratio:>7.2f}x{secs:>9.1f}{det:>10.1f}{tail_text:>8}{cells:>7}{f1_text:>7}"
+              f"{rss:>7.0f} MB")
+    print("  (tail s: from the count's last tile to its end: the result files finishing, the label images, the report)")
 
 
 if __name__ == "__main__":
