@@ -209,8 +209,9 @@ def child_cellseg(spec: dict) -> dict:
     load_s = time.perf_counter() - t
     # when the count's last analysed tile came out, and each result file's busy seconds: what follows the tiles
     # (the tail: the result files finishing, the label images, the report) against the count's whole time
-    import cellseg.run.pipeline as pipeline
     from memory_flat import keep_result_writers
+
+    import cellseg.run.pipeline as pipeline
     writers, last_tile = keep_result_writers(), []
     reported = pipeline.reported
 
