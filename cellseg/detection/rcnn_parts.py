@@ -106,9 +106,7 @@ class TileRPN(RegionProposalNetwork):
         probabilities = torch.sigmoid(objectness)
         # clipped to each image, then the boxes large and likely enough, for every image at once: each image's
         # first (stable order: torchvision's), and how many, in one wait
-        sizes = host_to_device([(w, h) for h, w in image_shapes], device, proposals.dtype)[:, None, :]   # (N, 1, 2)
-        low = proposals.clamp(min=0)
-        proposals = torch.minimum(low, sizes.repeat(1, 1, 2))
+        proposals = clipped(proposals, image_limits(image_shapes, device, proposals.dtype)[:, None, :])
         wide, tall = proposals[..., 2] - proposals[..., 0], proposals[..., 3] - proposals[..., 1]
         selected = (wide >= self.min_size) & (tall >= self.min_size) & (probabilities >= self.score_thresh)
         first = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)
@@ -185,11 +183,8 @@ class TileRoIHeads(RoIHeads):
         pred_scores = torch.softmax(class_logits, -1)
         image_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64, device=device)
                               for i, p in enumerate(proposals)])
-        sizes = host_to_device([(w, h) for h, w in image_shapes], device, pred_boxes.dtype)[image_of]   # (R, 2)
-        low = pred_boxes[..., 0::2].clamp(min=0), pred_boxes[..., 1::2].clamp(min=0)
-        x = torch.minimum(low[0], sizes[:, None, 0:1])
-        y = torch.minimum(low[1], sizes[:, None, 1:2])
-        boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)[:, 1:].reshape(-1, 4)
+        limits = image_limits(image_shapes, device, pred_boxes.dtype)[image_of][:, None, :]     # (R, 1, 4)
+        boxes = clipped(pred_boxes, limits)[:, 1:].reshape(-1, 4)
         scores = pred_scores[:, 1:].reshape(-1)
         labels = torch.arange(1, classes, device=device).repeat(len(pred_scores))
         image = image_of.repeat_interleave(classes - 1)
@@ -202,6 +197,18 @@ class TileRoIHeads(RoIHeads):
         rank = torch.arange(len(keep), device=device) - (counts.cumsum(0) - counts)[image[keep]]
         keep = keep[torch.nonzero(rank < self.detections_per_img).squeeze(1)]
         return boxes[keep], scores[keep], labels[keep], image[keep]
+
+
+def image_limits(image_shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 4): each image's (width, height, width, height), the largest xyxy a box in it may have (no wait for a
+    GPU: host_to_device)."""
+    return host_to_device([(w, h, w, h) for h, w in image_shapes], device, dtype)
+
+
+def clipped(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """xyxy `boxes` clipped to [0, limits] (image_limits, broadcast against them): torchvision's
+    clip_boxes_to_image for many images at once."""
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 def _count_by(index: torch.Tensor, n: int) -> torch.Tensor:

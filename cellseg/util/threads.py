@@ -123,8 +123,8 @@ def fan_out(items: Iterable, consumers: list[Callable[[Iterator], None]], names:
 
 # A thread that leaves the interpreter lock to wait (a GPU synchronisation, a decoder) and wants it back waits until
 # the thread holding it is made to drop it: CPython's switch interval, 5 ms by default. The detection thread of a GPU
-# count waits on the device a dozen times a tile (torchvision's per-image filtering, NMS, the masks' copies) while
-# the main thread merges and measures in Python: up to 5 ms each, ~10x a 0.5-ms wait's own time
+# count waits on the device several times a pass (NMS, selections, the masks' copies) while the main thread merges
+# and measures in Python: up to 5 ms each, ~10x a 0.5-ms wait's own time
 # (docs/performance.md, "The interpreter lock").
 HANDOFF_SECONDS = 0.0005
 _handoff_lock = threading.Lock()
