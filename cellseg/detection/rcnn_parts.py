@@ -179,7 +179,8 @@ class TileRoIHeads(RoIHeads):
         image (K,): grouped by image, each image's in decreasing score, as torchvision's lists concatenated."""
         device, classes = class_logits.device, class_logits.shape[-1]
         n = len(proposals)
-        pred_boxes = self.box_coder.decode(box_regression, proposals)            # (R, classes, 4)
+        # (R, classes, 4); torchvision's decode leaves no proposals at all as (0, classes * 4)
+        pred_boxes = self.box_coder.decode(box_regression, proposals).reshape(len(class_logits), classes, 4)
         pred_scores = torch.softmax(class_logits, -1)
         image_of = torch.cat([torch.full((len(p),), i, dtype=torch.int64, device=device)
                               for i, p in enumerate(proposals)])

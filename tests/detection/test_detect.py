@@ -474,6 +474,20 @@ def test_a_batchs_heads_give_each_image_torchvisions_detections_with_its_owned_r
         torch.testing.assert_close(mine["masks"], single["masks"], rtol=0, atol=1e-5)
 
 
+def test_a_pass_without_any_proposal_gives_every_image_no_detections():
+    """A pass whose tiles hold no proposal at all (blank tiles above the RPN's floor): empty detections, not an error
+    (torchvision's box decoding leaves zero boxes in another shape)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config()).eval()
+    with torch.inference_mode():
+        batch, _ = model.transform([torch.rand(3, 64, 64) for _ in range(2)])
+        features = model.backbone(batch.tensors)
+        out, _ = model.roi_heads(features, [torch.zeros(0, 4), torch.zeros(0, 4)], batch.image_sizes,
+                                 owned_regions=[(0.0, 0.0, 64.0, 64.0)] * 2, mask_score=0.5)
+    assert [len(o["boxes"]) for o in out] == [0, 0] and [len(o["below_scores"]) for o in out] == [0, 0]
+    assert all(o["masks"].shape[0] == 0 for o in out)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_mask_predictors_matrix_products_give_the_transposed_convolutions_logits(channels_last):
     from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
