@@ -42,6 +42,30 @@ def figures_table(m: dict) -> str:
     return "\n".join(rows)
 
 
+def _groups_section(groups: dict | None) -> str:
+    """Figures per held-out group (validate_bundle.heldout_group_figures), modality by modality."""
+    if not groups:
+        return ""
+    order = {key: k for k, key in enumerate(LABELS)}
+    rows = ["| held-out group | modality | images | nuclei | AP50 pooled | recall | F1 | median count error | count bias |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, g in sorted(groups.items(), key=lambda item: (order.get(item[1]["modality"], len(order)), item[0])):
+        rows.append(f"| `{name}` | {LABELS.get(g['modality'], g['modality'])} | {g['images']} | {g.get('nuclei', 'n/a')} | "
+                    f"{_fmt(g['ap50_tp_fp_fn_pooled'])} | {_fmt(g.get('recall_pooled'))} | {_fmt(g['f1_pooled'])} | "
+                    f"{_fmt(g['median_rel_count_error'], pct=True)} | {_fmt(g.get('count_bias_pooled'), 'signed')} |")
+    table = "\n".join(rows)
+    return f"""
+### By held-out group
+
+Each held-out group is one whole acquisition (DSB2018: images of one size, channel count and look), patient (TNBC),
+preparation (Kromp) or organ (NuInsSeg), at the thresholds above. A new lab's images are most like one group, not
+like the pool, so the spread between groups is what a lab may see; a group of one or two images moves by single
+nuclei.
+
+{table}
+"""
+
+
 def _recipe(t: dict) -> str:
     if t.get("soup"):
         parts = ", ".join(f"{i['bundle']} ({str(i['sha256'])[:12]})" for i in t["soup"])
@@ -272,7 +296,7 @@ of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95; COCO AP is mask AP@[.5:.95] at maxDets
 images (brightfield_gray: a count's threshold for a slide whose network input has no colour): {threshold_text}.
 
 {figures_table(m)}
-
+{_groups_section(m.get('by_group'))}
 {c.get('validation_note', '')}
 {_tta_section(c.get('metrics_tta'), bundle.tta_score_thresholds, bundle)}{_curve_section(c.get('heldout_curve'))}{_calibration_section(bundle)}
 ## Limitations

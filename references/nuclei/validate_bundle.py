@@ -51,17 +51,22 @@ from .datasets import (
     THRESHOLD_KEY,
     Split,
     seen_images,
+    separated_annotations,
 )
 from .model_card import card_readme, curve_table
 from .plot_heldout import MODALITIES, plot_curve, read_curve
 
 
 def ground_truth(data_root: Path, keys: list[str]) -> dict:
-    """key -> annotations (each dataset's COCO annotations.json, every mask whole)."""
+    """key -> annotations (each dataset's COCO annotations.json, every mask whole, the nuclei of a shared id apart:
+    datasets.separated_annotations)."""
+    wanted = set(keys)
     by_key = {}
     for dataset in sorted({k.split("/")[0] for k in keys}):
         for name, inst in load_image_masks(data_root / DATASET_FOLDERS[dataset] / "annotations.json").items():
-            by_key[f"{dataset}/{Path(name).stem}"] = inst
+            key = f"{dataset}/{Path(name).stem}"
+            if key in wanted:
+                by_key[key] = separated_annotations(inst)
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise SystemExit(f"expected annotations for every held-out image, found none for {len(missing)} "
@@ -129,6 +134,19 @@ def prediction_groups(out: Path, keys: list[str], modality: dict[str, str], scal
                 folder = out / f"diameter_{diameter}" if diameter else out
                 groups.append((folder / f"mask_{threshold:g}" if several else folder, diameter, threshold, chosen))
     return groups
+
+
+def heldout_group_figures(split: Split, keys: list[str], figures_of) -> dict[str, dict]:
+    """The card's figures for each held-out group among `keys` (a DSB2018 acquisition, a TNBC patient, a Kromp
+    preparation, a NuInsSeg organ): a new lab's images are most like one of them, so the spread between groups is
+    what a lab may see, which a modality's pooled figure hides. figures_of(image keys) -> that group's figures."""
+    chosen = set(keys)
+    out = {}
+    for name, group in sorted(split.groups.items()):
+        members = [k for k in group["images"] if k in chosen]
+        if group["side"] == "val" and members:
+            out[name] = {"modality": group["modality"], **figures_of(members)}
+    return out
 
 
 def predictions_made_with(bundle, args: argparse.Namespace) -> dict:
@@ -307,6 +325,17 @@ def main() -> None:
             (args.out / f"metrics_{name}{suffix}.json").write_text(json.dumps(report.to_dict(), indent=1,
                                                                               default=str))
             metrics[name + suffix] = card_figures(report)
+
+    def group_figures(members: list[str]) -> dict:
+        wanted = set(members)
+        pred, truth = subset(wanted.__contains__)
+        report = evaluate(at_thresholds(pred), truth)
+        figures = {**card_figures(report), "nuclei": int(report.pooled["true_count"])}
+        if report.pooled["true_count"]:
+            figures["recall_pooled"] = round(float(report.pooled["recall"]), 4)
+        return figures
+
+    metrics["by_group"] = heldout_group_figures(split, keys, group_figures)
     print(json.dumps(metrics, indent=1))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.write_card and args.tta:   # TTA's merged scores get thresholds of their own; the card stays

@@ -588,3 +588,47 @@ def test_the_v4_split_records_every_held_out_image_the_lineages_first_stages_tra
     first_stages = seen_images([splits / "stage12.json"])
     assert set(v4.seen) == first_stages & set(v4.val) and len(v4.seen) == 137
     assert not first_stages & set(v4.val) - set(v4.seen)
+
+
+def test_an_id_given_to_nuclei_apart_is_read_as_that_many_nuclei_and_a_nucleus_drawn_under_another_as_one(tmp_path):
+    """datasets.separate_shared_ids: Kromp's held-out Wilms section gives 48 of its 55 ids to two nuclei each; read as
+    one, every such nucleus the model finds counted as a false one. Parts lying apart on background are nuclei of
+    their own; the two visible sides of a nucleus drawn under another, and stray pixels, stay one nucleus. The same
+    for annotations as COCO masks (validate_bundle's ground truth)."""
+    import pycocotools.mask as mask_utils
+
+    from cellseg.evaluation import ImageMasks
+    from references.nuclei.datasets import read_pixels, separate_shared_ids, separated_annotations
+
+    labels = np.zeros((60, 80), np.uint16)
+    labels[5:15, 5:15] = 7          # id 7: two nuclei far apart on background
+    labels[40:50, 50:60] = 7
+    labels[30:38, 5:25] = 3         # id 3: one nucleus under id 4, its two sides visible
+    labels[28:40, 12:18] = 4
+    labels[5:15, 40:50] = 9         # id 9: one nucleus with 2 stray pixels apart
+    labels[20, 60:62] = 9
+    out = separate_shared_ids(labels)
+    assert out.dtype == np.int32 and sorted(np.unique(out)) == [0, 3, 4, 7, 9, 10]
+    assert (out[5:15, 5:15] == 7).all() and (out[40:50, 50:60] == 10).all()     # the larger part keeps its id
+    for kept in (3, 4, 9):
+        assert ((out == kept) == (labels == kept)).all()
+    assert separate_shared_ids(out).tolist() == out.tolist()                  # nothing left to separate
+
+    def rle(mask):
+        return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+    ids = (3, 4, 7, 9)
+    truth = ImageMasks("a.png", 1, 60, 80, [rle(labels == k) for k in ids], np.zeros((4, 4), np.int64), np.ones(4),
+                       np.zeros(4, bool), False)
+    separated = separated_annotations(truth)
+    assert len(separated) == 5 and separated.rles[:2] == truth.rles[:2] and separated.rles[3] == truth.rles[3]
+    assert (mask_utils.decode(separated.rles[2]) == (out == 7)).all()
+    assert (mask_utils.decode(separated.rles[4]) == (out == 10)).all()
+    assert separated.boxes[4].tolist() == [40, 50, 50, 60] and not separated.iscrowd.any()
+    assert separated_annotations(separated) is separated                      # one nucleus an id: unchanged
+
+    # training reads an image's labels this way too
+    image = AnnotatedImage("kromp", "x", "fluorescence_kromp", tmp_path / "x.png", tmp_path / "x.tif", 60, 80, 1)
+    Image.fromarray(np.zeros((60, 80), np.uint8)).save(image.image_path)
+    tifffile.imwrite(image.labels_path, labels)
+    assert read_pixels(image)[1].tolist() == out.tolist()

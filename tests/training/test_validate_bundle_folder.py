@@ -2,7 +2,10 @@
 settings (a stale folder once meant a new snapshot would be scored on an older one's predictions)."""
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 
 from references.nuclei.validate_bundle import PREDICTIONS_MADE_WITH, claim_predictions_folder
@@ -98,3 +101,65 @@ def test_calibrate_bundle_finds_each_images_predictions_where_validate_bundle_pu
     assert {k: v.relative_to(tmp_path).as_posix() for k, v in found.items()} == expected
     with pytest.raises(SystemExit, match="expected validate_bundle's predictions for tnbc/d in .*/old/00000_d,"):
         prediction_folders(tmp_path / "old", ["tnbc/d"], modality, {"mask_threshold": 0.5})
+
+
+def test_each_held_out_group_gets_its_own_figures_and_a_row_of_the_card(tmp_path):
+    """validate_bundle scores every held-out group apart (a lab's images are like one group, not like the pool): only
+    held-out groups, only their images among those scored, and the card lists them modality by modality."""
+    import dataclasses
+
+    from cellseg.bundles import load_bundle
+    from cellseg.evaluation import ImageMasks, card_figures, evaluate
+    from references.nuclei.datasets import Split
+    from references.nuclei.model_card import card_readme
+    from references.nuclei.validate_bundle import heldout_group_figures
+
+    def masks(*corners):     # square nuclei at these (row, col) corners, 6 px a side, in a 40 x 40 image (named below)
+        rles, boxes = [], []
+        for r, c in corners:
+            mask = np.zeros((40, 40), np.uint8, order="F")
+            mask[r:r + 6, c:c + 6] = 1
+            rles.append(mask_utils.encode(mask))
+            boxes.append((r, c, r + 6, c + 6))
+        n = len(corners)
+        return ImageMasks("", None, 40, 40, rles, np.array(boxes, np.int64).reshape(n, 4), np.ones(n),
+                          np.zeros(n, bool), True)
+
+    truth = {"spleen_1": masks((2, 2), (20, 20)), "spleen_2": masks((2, 2)), "liver_1": masks((2, 2), (20, 20)),
+             "liver_2": masks((10, 10)), "train_1": masks((2, 2))}
+    pred = {"spleen_1": masks((2, 2)), "spleen_2": masks((2, 2)), "liver_1": masks((2, 2), (20, 20)),
+            "liver_2": masks((10, 10), (30, 30)), "train_1": masks((2, 2))}
+    for images in (truth, pred):
+        for key, image in images.items():
+            image.file_name = key
+    split = Split(["train_1"], ["spleen_1", "spleen_2", "liver_1", "liver_2"],
+                  {"nuinsseg/human_spleen": {"modality": "he_nuinsseg", "side": "val", "images": ["spleen_1", "spleen_2"]},
+                   "nuinsseg/mouse_liver": {"modality": "he_nuinsseg", "side": "val", "images": ["liver_1", "liver_2"]},
+                   "tnbc/patient-01": {"modality": "he_breast", "side": "val", "images": ["tnbc_1"]},
+                   "nuinsseg/human_liver": {"modality": "he_nuinsseg", "side": "train", "images": ["train_1"]}}, "test")
+    asked = []
+
+    def figures_of(members):
+        asked.append(sorted(members))
+        report = evaluate({k: pred[k] for k in members}, {k: truth[k] for k in members})
+        return {**card_figures(report), "nuclei": int(report.pooled["true_count"]),
+                "recall_pooled": round(float(report.pooled["recall"]), 4)}
+
+    # tnbc_1 was not scored (e.g. --per-modality): its group has no images here and is left out
+    groups = heldout_group_figures(split, ["liver_1", "liver_2", "spleen_1", "spleen_2"], figures_of)
+    assert list(groups) == ["nuinsseg/human_spleen", "nuinsseg/mouse_liver"]
+    assert asked == [["spleen_1", "spleen_2"], ["liver_1", "liver_2"]]
+    spleen, liver = groups["nuinsseg/human_spleen"], groups["nuinsseg/mouse_liver"]
+    assert spleen["modality"] == "he_nuinsseg" and spleen["images"] == 2 and spleen["nuclei"] == 3
+    assert spleen["recall_pooled"] == pytest.approx(2 / 3, abs=1e-4) and spleen["ap50_tp_fp_fn_pooled"] == pytest.approx(2 / 3, abs=1e-4)
+    assert liver["recall_pooled"] == 1.0 and liver["ap50_tp_fp_fn_pooled"] == pytest.approx(3 / 4, abs=1e-4)   # one false
+
+    shipped = load_bundle(Path(__file__).resolve().parents[2] / "cellseg" / "models" / "nuclei")
+    metrics = {**shipped.card["metrics"], "by_group": groups}
+    readme = card_readme(dataclasses.replace(shipped, card={**shipped.card, "metrics": metrics}))
+    assert "### By held-out group" in readme
+    assert ("| `nuinsseg/human_spleen` | H&E, other organs (NuInsSeg) | 2 | 3 | 0.667 | 0.667 | 0.800 |"
+            in readme)
+    without = {k: v for k, v in shipped.card["metrics"].items() if k != "by_group"}
+    assert "By held-out group" not in card_readme(dataclasses.replace(shipped, card={**shipped.card,
+                                                                                      "metrics": without}))
