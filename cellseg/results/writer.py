@@ -55,7 +55,7 @@ from .labelstore import LabelStore
 from .ome_pyramid import LabelPyramid, Panoptic
 from .pictures import write_overlay_png
 from .report_plots import histogram_png
-from .writer_process import TablesProcess, TableWriteError, start_spares
+from .writer_process import TablesProcess, TableWriteError, append_to_table, start_spares
 
 log = logging.getLogger(__name__)
 
@@ -412,12 +412,7 @@ class ResultWriter:
     def _start(self, name: str, writer) -> None:
         """A thread writing the table `name` with `writer` (a CellsTableWriter, CellsGeoJsonWriter or CocoWriter)."""
         def write(ids, boxes, masks, class_ids, scores, rows, cell_image):
-            if name == "cells.csv":
-                writer.append(rows)
-            elif name == "cells.geojson":
-                writer.append(ids, boxes, masks, class_ids, rows, cell_image)
-            else:
-                writer.append(ids, boxes, masks, scores, class_ids)
+            append_to_table(name, writer, ids, boxes, masks, class_ids, scores, rows, cell_image)
         self.workers[name] = _Worker(name, write, writer.close, lambda: writer.__exit__(RuntimeError, None, None))
 
     def __enter__(self) -> ResultWriter:

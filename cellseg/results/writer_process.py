@@ -225,6 +225,17 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
+def append_to_table(name: str, writer, ids, boxes, masks, class_ids, scores, rows, cell_image) -> None:
+    """One tile's nuclei to the writer of table `name` (CellsTableWriter, CellsGeoJsonWriter or CocoWriter), each
+    given the columns it writes."""
+    if name == "cells.csv":
+        writer.append(rows)
+    elif name == "cells.geojson":
+        writer.append(ids, boxes, masks, class_ids, rows, cell_image)
+    else:
+        writer.append(ids, boxes, masks, scores, class_ids)
+
+
 def _masks(boxes: np.ndarray, flat: np.ndarray) -> list[np.ndarray]:
     shapes = (boxes[:, 2:] - boxes[:, :2]).tolist()
     ends = np.cumsum([h * w for h, w in shapes]).tolist()
@@ -267,12 +278,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     labels.put(read, ids, boxes, masks, cell_image)
                 for name, writer in writers.items():
                     start = time.perf_counter()
-                    if name == "cells.csv":
-                        writer.append(rows)
-                    elif name == "cells.geojson":
-                        writer.append(ids, boxes, masks, class_ids, rows, cell_image)
-                    else:
-                        writer.append(ids, boxes, masks, scores, class_ids)
+                    append_to_table(name, writer, ids, boxes, masks, class_ids, scores, rows, cell_image)
                     seconds[name] += time.perf_counter() - start
             elif kind == "end":
                 pictures = threading.Event()     # overlay.png written: the parent may draw the report
