@@ -29,6 +29,7 @@ from ..results import crop_rle
 log = logging.getLogger(__name__)
 
 LABEL_TILE = 2048  # label images are read in tiles of this many px a side
+SHARED_LABEL_PX = 30   # a label in separate pieces this large may be nuclei sharing one label (a warning says so)
 
 
 @dataclass
@@ -199,6 +200,7 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
                                   f"{info.n_channels} channel(s) of {info.dtype}")
         H, W = info.height, info.width
         parts: dict[int, list[dict]] = {}
+        apart: set[int] = set()       # labels seen as separate pieces of SHARED_LABEL_PX or more
         for r0 in range(0, H, tile_size):
             for c0 in range(0, W, tile_size):
                 tile = slide.read_region(Box(r0, c0, min(r0 + tile_size, H), min(c0 + tile_size, W)))[..., 0]
@@ -210,12 +212,28 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
                         continue
                     label = int(values[k + 1 - offset])
                     crop = dense[sl] == k + 1
+                    if _pieces(crop) > 1:
+                        apart.add(label)
                     parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
     labels = sorted(parts)
     rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (parts[v] for v in labels)]
     image = _image_masks(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
     log.info("%s: %d labelled cells", path.name, len(image))
+    if apart:
+        log.warning("%s: %d of its %d labels are each made of separate pieces of %d px or more (e.g. label %d): "
+                    "each is scored as one cell; if they are nuclei sharing a label, give each its own "
+                    "(skimage.measure.label) or every one found counts as false", path.name, len(apart), len(labels),
+                    SHARED_LABEL_PX, min(apart))
     return image
+
+
+def _pieces(mask: np.ndarray) -> int:
+    """How many separate pieces of SHARED_LABEL_PX px or more a label's mask has (8-connected)."""
+    from scipy import ndimage
+    if mask.sum() < 2 * SHARED_LABEL_PX:
+        return 1
+    pieces, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    return 1 if n < 2 else int((np.bincount(pieces.ravel())[1:] >= SHARED_LABEL_PX).sum())
 
 
 def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]

@@ -392,3 +392,26 @@ def test_coco_ap_equals_stock_cocoeval_at_the_last_maxdets(tmp_path):
     assert mine["ap50"] == pytest.approx(p[0][p[0] > -1].mean())
     assert mine["ap75"] == pytest.approx(p[5][p[5] > -1].mean())
     assert 0.1 < mine["ap"] < 0.5 < mine["ap50"] < 0.9  # a case with partial credit
+
+
+def test_a_label_in_separate_pieces_is_scored_as_one_cell_with_a_warning(tmp_path, caplog):
+    """A label image whose label covers two nuclei apart (a dataset's Wilms tumour section had 48 of 55 so) is scored
+    as it says, one cell a label, and `cellseg evaluate` warns: each nucleus found there would count as false."""
+    labels = np.zeros((60, 60), np.uint16)
+    labels[2:12, 2:12] = 1
+    labels[40:50, 40:50] = 1          # label 1: two pieces of 100 px
+    labels[20:30, 2:12] = 2
+    labels[35, 2] = 2                 # label 2: one piece and a stray pixel, no warning for it
+    tifffile.imwrite(tmp_path / "gt.tif", labels)
+    with caplog.at_level("WARNING"):
+        (gt,) = ev.load_image_masks(tmp_path / "gt.tif").values()
+    assert len(gt) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "1 of its 2 labels are each made of separate pieces of 30 px or more (e.g. label 1)" \
+        in warned[0]
+    caplog.clear()
+    labels[40:50, 40:50] = 3
+    tifffile.imwrite(tmp_path / "gt.tif", labels)
+    with caplog.at_level("WARNING"):
+        ev.load_image_masks(tmp_path / "gt.tif")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
