@@ -11,7 +11,8 @@
 # scratch); every later call while the machine is held resumes it from runs/gpu/checkpoint.pt. Each call trains GPU_MINUTES (default 8.5, inside the 10-minute
 # limit of a call) and checkpoints every 3 minutes; the learning-rate schedule spans GPU_SCHEDULE_MINUTES of
 # training over all calls (default 24: three calls). GPU_MIX: the draw shares by modality (train_default_bundle --mix;
-# default the recipe's); GPU_BODY_LR: the ResNet body's share of the rate (--backbone-lr-scale; default 1). At the end
+# default the recipe's); GPU_BODY_LR: the ResNet body's share of the rate (--backbone-lr-scale; default 1);
+# GPU_AUGMENT: augmentation settings beside the recipe's (--augment, e.g. paste_p=0.5,paste_touch_p=0.8). At the end
 # of each call the bundle as it stands goes to $OUT with its weights in parts of at most 15 MiB (results come back in
 # files of at most 16 MiB); scripts/gpu_collect.sh puts them together here.
 set -euo pipefail
@@ -49,7 +50,7 @@ python3 -m references.nuclei.train_default_bundle --out "$RUN" --data-root "$DAT
     --workers "${GPU_WORKERS:-12}" --steps 1000000 --minutes "${GPU_MINUTES:-8.5}" \
     --schedule-minutes "${GPU_SCHEDULE_MINUTES:-24}" --checkpoint-minutes 3 \
     ${AVERAGE:+--weight-average "$AVERAGE"} ${GPU_MIX:+--mix "$GPU_MIX"} \
-    ${GPU_BODY_LR:+--backbone-lr-scale "$GPU_BODY_LR"} $RESUME 2>&1 | tr '\r' '\n' | \
+    ${GPU_BODY_LR:+--backbone-lr-scale "$GPU_BODY_LR"} ${GPU_AUGMENT:+--augment "$GPU_AUGMENT"} $RESUME 2>&1 | tr '\r' '\n' | \
     grep -v '^train: ' | tee "$OUT/train.log"
 # The bundle as it stands, for scripts/gpu_collect.sh: weights in parts, model card, log, split.
 split -b 15M -d -a 1 "$RUN/weights.safetensors" "$OUT/weights.safetensors.part"
