@@ -228,11 +228,12 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
 
 
 def _pieces(mask: np.ndarray) -> int:
-    """How many separate pieces of SHARED_LABEL_PX px or more a label's mask has (8-connected)."""
+    """How many separate pieces of SHARED_LABEL_PX px or more a label's mask has (4-connected, as
+    references/nuclei/datasets.separate_shared_ids reads them)."""
     from scipy import ndimage
     if mask.sum() < 2 * SHARED_LABEL_PX:
         return 1
-    pieces, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    pieces, n = ndimage.label(mask)
     return 1 if n < 2 else int((np.bincount(pieces.ravel())[1:] >= SHARED_LABEL_PX).sum())
 
 
