@@ -6,7 +6,8 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "image_masks": ["ImageMasks", "annotation_rle", "coco_image_paths", "coco_images", "read_coco_json"],
+    "image_masks": ["ImageMasks", "SHARED_LABEL_PX", "annotation_rle", "coco_image_paths", "coco_images", "label_pieces",
+                    "read_coco_json"],
     "overlap": ["box_pairs"],
     "scoring": ["evaluate", "load_image_masks", "match", "pair_iou", "summary_lines", "write_report"],
     "validate": [

@@ -212,7 +212,7 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
                         continue
                     label = int(values[k + 1 - offset])
                     crop = dense[sl] == k + 1
-                    if _pieces(crop) > 1:
+                    if len(label_pieces(crop)[1]) > 1:
                         apart.add(label)
                     parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
     labels = sorted(parts)
@@ -227,14 +227,16 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
     return image
 
 
-def _pieces(mask: np.ndarray) -> int:
-    """How many separate pieces of SHARED_LABEL_PX px or more a label's mask has (4-connected, as
-    references/nuclei/datasets.separate_shared_ids reads them)."""
+def label_pieces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A label's mask in separate pieces: (their labels, 4-connected: 1, 2, ...; the piece numbers of those of
+    SHARED_LABEL_PX px or more, as indices from 0). One piece, or one of that size: nothing to say of it."""
     from scipy import ndimage
     if mask.sum() < 2 * SHARED_LABEL_PX:
-        return 1
+        return mask.astype(np.int32), np.zeros(1, np.int64)
     pieces, n = ndimage.label(mask)
-    return 1 if n < 2 else int((np.bincount(pieces.ravel())[1:] >= SHARED_LABEL_PX).sum())
+    if n < 2:
+        return pieces, np.zeros(1, np.int64)
+    return pieces, np.flatnonzero(np.bincount(pieces.ravel())[1:] >= SHARED_LABEL_PX)
 
 
 def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]

@@ -165,15 +165,15 @@ def read_pixels(image: AnnotatedImage) -> tuple[np.ndarray, np.ndarray]:
     return pixels, separate_shared_ids(labels)
 
 
-# An id made of separate parts of at least this many px, with mostly background between them, is that many nuclei
-SHARED_ID_MIN_PX = 30
+# An id whose separate pieces of cellseg's SHARED_LABEL_PX or more have mostly background between them is that many nuclei
 SHARED_ID_GAP_BACKGROUND = 0.5
 
 
 def separate_shared_ids(labels: np.ndarray) -> np.ndarray:
-    """`labels` (int32) with every nucleus an id of its own: an id whose separate parts of SHARED_ID_MIN_PX px or
-    more lie apart on background (over SHARED_ID_GAP_BACKGROUND of the gap in their convex hull unlabelled) gives its
-    extra parts new ids; smaller stray parts stay with it.
+    """`labels` (int32) with every nucleus an id of its own: an id whose separate pieces of SHARED_LABEL_PX px or more
+    (cellseg.evaluation.label_pieces, which `cellseg evaluate` warns of) lie apart on background (over
+    SHARED_ID_GAP_BACKGROUND of the gap in their convex hull unlabelled) gives its extra pieces new ids; smaller stray
+    pieces stay with it.
 
     Some annotations give one id to nuclei apart from each other: 44 of the 55 ids of Kromp's held-out Wilms tumour
     section (otherspecimen_3: 99 nuclei read so), and an id or two in a few DSB2018 and TNBC images. Read as one, each such
@@ -181,26 +181,24 @@ def separate_shared_ids(labels: np.ndarray) -> np.ndarray:
     on either side of it (most such ids of NuInsSeg): the gap between its parts is the other nucleus, not background."""
     from scipy import ndimage
     from skimage.morphology import convex_hull_image
+
+    from cellseg.evaluation import label_pieces
     out = labels.astype(np.int32, copy=True)
     next_id = int(out.max()) + 1
     for k, box in enumerate(ndimage.find_objects(out)):
         if box is None:
             continue
         mask = out[box] == k + 1
-        parts, n = ndimage.label(mask)    # 4-connected: two nuclei touching at a corner are two pieces
-        if n < 2:
-            continue
-        sizes = np.bincount(parts.ravel())[1:]
-        nuclei = np.flatnonzero(sizes >= SHARED_ID_MIN_PX)
+        pieces, nuclei = label_pieces(mask)
         if len(nuclei) < 2:
             continue
         gap = convex_hull_image(mask) & ~mask
         if not gap.any() or (out[box][gap] == 0).mean() <= SHARED_ID_GAP_BACKGROUND:
             continue
-        largest = int(np.argmax(sizes))
-        for part in nuclei:
-            if part != largest:
-                out[box][parts == part + 1] = next_id
+        largest = int(np.argmax(np.bincount(pieces.ravel())[1:]))
+        for piece in nuclei:
+            if piece != largest:
+                out[box][pieces == piece + 1] = next_id
                 next_id += 1
     return out
 
