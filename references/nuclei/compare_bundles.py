@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .plot_heldout import MODALITIES
+from .validate_bundle import PREDICTIONS_MADE_WITH
 
 LABELS = {"fluorescence": "fluorescence", "stained_tissue": "stained tissue",
           "brightfield_gray": "grayscale brightfield", "he_breast": "H&E (TNBC)",
@@ -27,6 +28,35 @@ LABELS = {"fluorescence": "fluorescence", "stained_tissue": "stained tissue",
 FIGURES = (("ap50_tp_fp_fn_pooled", "AP50 pooled", True), ("f1_pooled", "F1", True),
            ("median_rel_count_error", "median count error", False),
            ("dsb_score_mean_over_images", "DSB2018 score", True))
+
+
+# Settings of a validation that move its figures besides the weights (predictions_made_with.json): where the two
+# differ, a figure that depends on them (the DSB2018 score on the mask threshold, Kromp on the count size) is not
+# like for like. A bundle's own count size is part of what it is; the rest are choices of the validation.
+SCORING_SETTINGS = (("mask_threshold", "mask threshold"), ("nucleus_diameter_px", "count size (px)"),
+                    ("count_at", "datasets counted at --diameter auto"), ("precision", "precision"),
+                    ("tta", "test-time augmentation"), ("floor", "score floor"),
+                    ("proposal_threshold", "proposal threshold"))
+
+
+def scoring_differences(current: Path, candidate: Path) -> list[str]:
+    """One line per setting the two validations were scored with differently (from each folder's
+    predictions_made_with.json; nothing when either lacks one)."""
+    made_with = []
+    for folder in (current, candidate):
+        try:
+            made_with.append(json.loads((folder / PREDICTIONS_MADE_WITH).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return []
+    a, b = made_with
+    return [f"{name}: {_setting(a.get(key))} (current) against {_setting(b.get(key))} (candidate)"
+            for key, name in SCORING_SETTINGS if a.get(key) != b.get(key)]
+
+
+def _setting(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting(v)}" for k, v in sorted(value.items())) or "none"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def read_metrics(folder: Path) -> dict:
@@ -112,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({args.current} and {args.candidate})", file=sys.stderr)
             return 2
     print(table(current, candidate))
+    differences = scoring_differences(args.current, args.candidate)
+    if differences:
+        print("\nscored differently (figures that depend on these are not like for like):\n"
+              + "\n".join(f"- {line}" for line in differences))
     ok, losing = ships(current, candidate)
     print("\nships: yes" if ok else "\nships: no (not better on " + ", ".join(LABELS[m] for m in losing) + ")")
     return 0 if ok else 1

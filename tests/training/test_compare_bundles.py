@@ -70,3 +70,21 @@ def test_a_folder_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert cb.main(["--current", str(current), "--candidate", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("compare_bundles: expected validate_bundle.py's metrics.json in") and "\n" not in err
+
+
+def test_the_command_says_which_scoring_settings_differ_between_the_two_validations(tmp_path, capsys):
+    current = write(tmp_path / "current", metrics())
+    candidate = write(tmp_path / "candidate", metrics())
+    made_with = {"mask_threshold": {"fluorescence": 0.6, "brightfield": 0.5}, "nucleus_diameter_px": 20.279,
+                 "precision": "fp32", "tta": False, "count_at": {"kromp": "auto"}}
+    (current / "predictions_made_with.json").write_text(json.dumps(made_with))
+    (candidate / "predictions_made_with.json").write_text(json.dumps(made_with))
+    cb.main(["--current", str(current), "--candidate", str(candidate)])
+    assert "scored differently" not in capsys.readouterr().out
+    (candidate / "predictions_made_with.json").write_text(
+        json.dumps(dict(made_with, mask_threshold=0.5, nucleus_diameter_px=22.08)))
+    cb.main(["--current", str(current), "--candidate", str(candidate)])
+    out = capsys.readouterr().out
+    assert "- mask threshold: brightfield 0.5, fluorescence 0.6 (current) against 0.5 (candidate)" in out
+    assert "- count size (px): 20.3 (current) against 22.1 (candidate)" in out
+    assert "precision" not in out.split("scored differently")[1]
