@@ -88,3 +88,31 @@ def test_the_command_says_which_scoring_settings_differ_between_the_two_validati
     assert "- mask threshold: brightfield 0.5, fluorescence 0.6 (current) against 0.5 (candidate)" in out
     assert "- count size (px): 20.3 (current) against 22.1 (candidate)" in out
     assert "precision" not in out.split("scored differently")[1]
+
+
+def test_the_ap50_change_interval_is_a_paired_bootstrap_over_the_images():
+    current = {f"img{i}": (8, 1, 1) for i in range(20)}
+    assert cb.ap50_change_interval(current, dict(current)) == (0.0, 0.0)
+    # one more nucleus found on every image: the change is positive on every resample
+    better = {k: (9, 1, 0) for k in current}
+    low, high = cb.ap50_change_interval(current, better)
+    assert 0 < low <= high and high == pytest.approx(0.9 - 0.8)
+    # a gain on two images and a loss on two: the interval spans zero
+    mixed = dict(current, img0=(10, 0, 0), img1=(10, 0, 0), img2=(6, 2, 3), img3=(6, 2, 3))
+    low, high = cb.ap50_change_interval(current, mixed)
+    assert low < 0 < high
+    # not the same images: no interval
+    assert cb.ap50_change_interval(current, {k: v for k, v in current.items() if k != "img0"}) is None
+
+
+def test_the_table_gives_each_modalitys_interval_from_the_per_image_figures(tmp_path, capsys):
+    current = write(tmp_path / "current", metrics())
+    candidate = write(tmp_path / "candidate", metrics())
+    images = [{"image": f"images/{i}.png", "tp": 8, "fp": 1, "fn": 1} for i in range(10)]
+    (current / "metrics_fluorescence.json").write_text(json.dumps({"images": images}))
+    (candidate / "metrics_fluorescence.json").write_text(
+        json.dumps({"images": [dict(im, tp=9, fn=0) for im in images]}))
+    cb.main(["--current", str(current), "--candidate", str(candidate)])
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert rows["| fluorescence"].endswith("| +0.100 to +0.100 | no |")
+    assert rows["| stained tissue"].endswith("| - | no |")     # no per-image figures: no interval
