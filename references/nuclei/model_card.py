@@ -252,6 +252,15 @@ def _mask_text(bundle) -> str:
     return ", ".join(f"{bundle.mask_threshold_for(m):.2f} for {m}" for m in modalities) + how
 
 
+def _count_size_text(bundle, training: dict) -> str:
+    """What the card says of `[scale] nucleus_diameter_px`: the training data's median nucleus, or, where a count size
+    was set apart from it ([training] count_size says why), that."""
+    why = training.get("count_size")
+    if why:
+        return f"Nuclei are brought to {bundle.nucleus_diameter_px:.1f} px in a count without a pixel size (count size: {why})."
+    return f"Typical nucleus diameter in the training data: {bundle.nucleus_diameter_px:.1f} px."
+
+
 def card_readme(bundle) -> str:
     c, m, t = bundle.card, bundle.card.get("metrics", {}), bundle.card.get("training", {})
     data = c.get("data", {})
@@ -275,7 +284,7 @@ Weights: `weights.safetensors` (float16, sha256 `{bundle.weights_sha256[:16]}…
 {chr(10).join('- ' + d for d in datasets)}
 
 Training images: {data.get('train_images', '?')}; held out: {data.get('val_images', '?')}. {data.get('split', '')}
-Typical nucleus diameter in the training data: {bundle.nucleus_diameter_px:.1f} px.
+{_count_size_text(bundle, t)}
 
 ## Recipe
 
