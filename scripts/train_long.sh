@@ -21,8 +21,9 @@
 # 0.33,0.5,1,2,3: each new ratio starts as its nearest old one), MIX (default: the recipe's) the draw shares by modality
 # (e.g. fluorescence=0.4,stained_tissue=0.35,he_nuinsseg=0: --mix), AVERAGE (default none) the decay of the moving average
 # of the weights its bundles get (e.g. 0.999: --weight-average), BODY_LR (default 1) the ResNet body's share of the
-# rate (e.g. 0.1: --backbone-lr-scale), SNAPSHOT_EVERY (default 5000) the steps between scored snapshots; a new run
-# writes the ten and INIT to RUN.settings and every resume
+# rate (e.g. 0.1: --backbone-lr-scale), KEEP_INIT_SETTINGS (default none; 1: --keep-init-settings) its bundles keep
+# INIT's thresholds and count size, so that snapshots are scored as they would ship, SNAPSHOT_EVERY (default 5000)
+# the steps between scored snapshots; a new run writes the eleven and INIT to RUN.settings and every resume
 # (or restart of a run that stopped before its first checkpoint) reads them back, so the schedule, data and network
 # stay the ones the run started with.
 set -euo pipefail
@@ -39,7 +40,7 @@ signal_tree() {    # SIGNAL PID...: each PID and, depth first, its children
 }
 # The settings a run keeps in RUN.settings besides LR, STEPS and INIT (one list, so a new one is added in one place);
 # a settings file from before one of them was kept means none / the default for it, whatever the environment says.
-KEPT="AUGMENT SPLIT BACKBONE ANCHORS MIX AVERAGE BODY_LR"
+KEPT="AUGMENT SPLIT BACKBONE ANCHORS MIX AVERAGE BODY_LR KEEP_INIT_SETTINGS"
 clear_kept() { local key; for key in $KEPT; do printf -v "$key" '%s' ""; done; }
 described() {    # the run's settings, for its log line
     local key text="LR=${LR:-} STEPS=${STEPS:-}"
@@ -125,6 +126,7 @@ nohup nice -n 10 "$PYTHON" -m references.nuclei.train_default_bundle --out "$RUN
     --snapshot-every "${SNAPSHOT_EVERY:-5000}" --heldout-per-modality "${HELDOUT_PER_MODALITY:-24}" \
     ${AUGMENT:+--augment "$AUGMENT"} ${BACKBONE:+--backbone "$BACKBONE"} ${ANCHORS:+--aspect-ratios "$ANCHORS"} \
     ${MIX:+--mix "$MIX"} ${AVERAGE:+--weight-average "$AVERAGE"} ${BODY_LR:+--backbone-lr-scale "$BODY_LR"} \
+    ${KEEP_INIT_SETTINGS:+--keep-init-settings} \
     "${args[@]}" \
     >> "$RUN.log" 2>&1 &
 echo $! > "$pid_file"

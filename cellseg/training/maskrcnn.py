@@ -66,7 +66,7 @@ class _MaskRCNNTraining:
     precision_note: str               # the arithmetic and why (cellseg.detection.precision.resolve_precision)
     card: dict                        # the caller's model-card tables ("training" merged into the training's own)
     files: dict[str, str]
-    keep_settings_of: Path | None = None   # a bundle whose [inference] and [scale] the bundles written keep
+    kept_settings: dict | None = None   # the [inference] and [scale] tables the bundles written keep (run_kept_settings)
 
     def batches(self, first_step: int) -> Iterator:
         return CropBatches(self.items, self.draw_p, self.settings, first_step).batches()
@@ -95,23 +95,54 @@ class _MaskRCNNTraining:
         for name, text in self.files.items():
             if not (folder / name).exists():
                 (folder / name).write_text(text, encoding="utf-8")
+        median_px = median_diameter_px(self.items, self.draw_p)
+        kept_px = (self.kept_settings or {}).get("scale", {}).get("nucleus_diameter_px")
+        if kept_px is not None and abs(kept_px - median_px) > 0.05 and "count_size" not in meta["training"]:
+            # the card says why the bundle counts at a size other than its training images' (model_card)
+            meta["training"]["count_size"] = (f"the bundle it started from's, kept by the training, not the "
+                                              f"{median_px:.1f} px median of this training's images")
         save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
-                    name=self.name, nucleus_diameter_px=median_diameter_px(self.items, self.draw_p), card=meta,
-                    proposal_threshold=PROPOSAL_THRESHOLD)
-        if self.keep_settings_of is not None:
-            keep_bundle_settings(folder, self.keep_settings_of)
+                    name=self.name, nucleus_diameter_px=median_px, card=meta, proposal_threshold=PROPOSAL_THRESHOLD)
+        if self.kept_settings is not None:
+            keep_bundle_settings(folder, self.kept_settings)
 
 
-def keep_bundle_settings(folder: Path, start: Path) -> None:
-    """Give the bundle in `folder` the [inference] and [scale] tables of the bundle `start` it was fine-tuned from:
-    its score thresholds (per modality, with and without TTA), mask and proposal thresholds, and the nucleus size
-    (and any pixel size) its weights expect, which a fine-tune at that scale keeps."""
+KEPT_SETTINGS_FILE = "kept_settings.toml"   # in a training's folder: the settings its bundles keep (run_kept_settings)
+KEPT_TABLES = ("inference", "scale")
+
+
+def bundle_settings(bundle: Path) -> dict:
+    """A bundle's [inference] and [scale] tables: its score thresholds (per modality, with and without TTA), mask and
+    proposal thresholds, and the nucleus size (and any pixel size) its weights expect."""
+    from ..bundles import BUNDLE_FORMAT, read_bundle_folder
+    meta, _ = read_bundle_folder(Path(bundle), BUNDLE_FORMAT)
+    return {table: meta[table] for table in KEPT_TABLES if table in meta}
+
+
+def run_kept_settings(out: Path, start: Path | None, resume: bool) -> dict | None:
+    """The settings (bundle_settings) the bundles a training in `out` writes keep: those of the bundle `start` it was
+    started from, copied into OUT/kept_settings.toml when it starts, so that a resume keeps them even after `start`
+    changed (a new bundle shipped in its place, a lab's bundle refitted). A resumed training reads them back from
+    there; one that started without them (`start` None) keeps none."""
+    import tomllib
+
+    from ..bundles import write_toml
+    stored = out / KEPT_SETTINGS_FILE
+    if resume and stored.is_file():
+        return tomllib.loads(stored.read_text(encoding="utf-8"))
+    if start is None:
+        return None
+    settings = bundle_settings(start)
+    write_toml(stored, settings)
+    return settings
+
+
+def keep_bundle_settings(folder: Path, settings: dict) -> None:
+    """Give the bundle in `folder` the [inference] and [scale] tables in `settings` (bundle_settings of the bundle it
+    was fine-tuned from, which a fine-tune at that scale keeps)."""
     from ..bundles import BUNDLE_FORMAT, read_bundle_folder, write_toml
-    theirs, _ = read_bundle_folder(Path(start), BUNDLE_FORMAT)
     meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
-    for table in ("inference", "scale"):
-        if table in theirs:
-            meta[table] = theirs[table]
+    meta.update({table: settings[table] for table in KEPT_TABLES if table in settings})
     write_toml(folder / "model.toml", meta)
 
 
@@ -133,7 +164,8 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     to fine-tune (its architecture; class heads re-initialised when the classes differ). The card names it and
     keeps the bundle's own training stages (earlier_stages), also after --resume (training.warm_start.run_lineage).
     keep_settings_of: a bundle (usually the one fine-tuned) whose thresholds and scale the written bundles keep
-    (keep_bundle_settings); without it they get the defaults and the training images' median nucleus size.
+    (keep_bundle_settings), as it was when the training started (run_kept_settings: a resume keeps what the start
+    kept); without it they get the defaults and the training images' median nucleus size.
     folder_checked: the caller checked `out` (training.check_output_folder) before writing into it itself.
     """
     if not items:
@@ -175,7 +207,7 @@ def train(items: list[TrainImage], classes: list[str], out: Path, settings: Trai
     optim = adamw(parameter_groups(model, settings.backbone_lr_scale), lr=settings.lr, weight_decay=1e-4)
     draw_p = draw_probabilities(sample_weights, len(items))
     task = _MaskRCNNTraining(model, cfg, items, draw_p, settings, dev, out.name, lineage["init"], precision_note,
-                             card, dict(files or {}), keep_settings_of)
+                             card, dict(files or {}), run_kept_settings(out, keep_settings_of, resume))
     run_training(task, model, optim, settings, out, precision=precision, resume=resume, device=dev,
                  on_snapshot=on_snapshot, progress=progress)
     return out

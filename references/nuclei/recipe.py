@@ -167,9 +167,10 @@ def training_diameter_px(init: str) -> float:
 
 def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None = None, init: str = "none",
                mix: dict[str, float] | None = None, model_cfg=None, resume: bool = False, device: str = "cpu",
-               limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None) -> Path:
+               limit: int | None = None, reproduce: str = "", progress: bool = True, on_snapshot=None,
+               keep_settings_of: Path | None = None) -> Path:
     """Train the nuclei bundle on the split's training images into `out` (see cellseg.training.maskrcnn.train; on_snapshot is
-    its callback for settings.snapshot_every)."""
+    its callback for settings.snapshot_every, keep_settings_of the bundle whose thresholds and count size its bundles keep)."""
     from cellseg.training import check_output_folder, train, train_image_from_labels
     check_output_folder(out, resume)   # before minutes of loading, not after
     split = load_split(data_root, split_file or (out / "split.json" if resume else None))
@@ -195,7 +196,7 @@ def run_recipe(data_root: Path, out: Path, settings, *, split_file: Path | None 
                                  f"{target_px:.1f} px, as --diameter auto counts them; the others at their native scale")
     return train(items, ["nucleus"], out, settings, model_cfg=model_cfg, resume=resume, device=device, card=card,
                  init=init, sample_weights=weights, progress=progress, on_snapshot=on_snapshot,
-                 files={"split.json": json.dumps(split.to_json(), indent=1)})
+                 keep_settings_of=keep_settings_of, files={"split.json": json.dumps(split.to_json(), indent=1)})
 
 
 def pack_training_data(data_root: Path, split: Split, out: Path, jpeg_quality: int = 95) -> int:

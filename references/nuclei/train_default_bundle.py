@@ -31,6 +31,7 @@ import torch
 
 from cellseg.errors import CellsegError
 from cellseg.training import TrainSettings
+from cellseg.training.maskrcnn import KEPT_SETTINGS_FILE
 
 from .datasets import PROJECT_DATA_ROOT
 from .plot_heldout import MODALITIES
@@ -246,6 +247,11 @@ def main() -> None:
     p.add_argument("--backbone-lr-scale", type=float, default=1.0, metavar="S",
                    help="the ResNet body trains at S times the schedule's rate (the FPN and heads at the full rate): "
                         "e.g. 0.1 to keep the features a bundle has while its heads adapt; 0 freezes it")
+    p.add_argument("--keep-init-settings", action="store_true",
+                   help="the bundles written (snapshots, best, final) keep --init's [inference] and [scale]: its mask "
+                        "and score thresholds and the nucleus size it counts at, so that a snapshot is scored as it "
+                        "would ship, not at the training mix's median size (kept in OUT/kept_settings.toml: a resume "
+                        "keeps them without the flag)")
     p.add_argument("--snapshot-every", type=int, default=None,
                    help="every N steps, score a snapshot on held-out images (OUT/heldout.csv) and keep the best in "
                         "OUT/best")
@@ -301,6 +307,19 @@ def main() -> None:
                                  backbone_lr_scale=args.backbone_lr_scale)
     except CellsegError as e:
         p.error(str(e))
+    keep_settings_of = None
+    if args.keep_init_settings and not args.resume:
+        from cellseg.training.warm_start import starts_from_bundle
+        if not starts_from_bundle(args.init):
+            p.error(f"expected --init to be a bundle folder with --keep-init-settings, found {args.init!r}")
+        from cellseg.bundles import find_bundle
+        try:
+            keep_settings_of = find_bundle(args.init)
+        except CellsegError as e:
+            p.error(str(e))
+    elif args.keep_init_settings and not (args.out / KEPT_SETTINGS_FILE).is_file():
+        p.error(f"expected {args.out / KEPT_SETTINGS_FILE} with --keep-init-settings --resume (written when a run "
+                f"starts with the flag), found none: this run started without it")
     on_snapshot = None
     if args.snapshot_every:
         score = functools.partial(score_snapshot, out=args.out, data_root=args.data_root,
@@ -312,7 +331,7 @@ def main() -> None:
     try:
         run_recipe(args.data_root, args.out, settings, split_file=args.split, init=args.init,
                    mix=parse_mix(args.mix), model_cfg=model_cfg, resume=args.resume, device=args.device,
-                   limit=args.limit, on_snapshot=on_snapshot,
+                   limit=args.limit, on_snapshot=on_snapshot, keep_settings_of=keep_settings_of,
                    reproduce="python -m references.nuclei.train_default_bundle " + shlex.join(sys.argv[1:]))
     except CellsegError as e:
         sys.exit(f"train_default_bundle: error: {e}")

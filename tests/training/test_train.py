@@ -240,6 +240,52 @@ def test_a_resumed_fine_tune_keeps_the_bundle_it_started_from_in_its_card(tmp_pa
     assert (out / "lineage.json").is_file()
 
 
+def test_a_run_keeps_its_starts_settings_as_they_were_when_it_started(tmp_path, tiny_bundle):
+    """keep_settings_of: the bundles a run writes keep the start's thresholds and count size (its snapshots are
+    scored as they would ship), also after a resume when the start bundle has since changed (a new one shipped in
+    its place); without it a bundle counts at its training images' median size."""
+    from cellseg.bundles import save_bundle
+    from cellseg.training.maskrcnn import KEPT_SETTINGS_FILE
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    tiny = load_bundle(tiny_bundle)
+    start = tmp_path / "start"
+    save_bundle(start, tiny.model, tiny.state_dict(), name="start", score_threshold=0.8, mask_threshold=0.6,
+                nucleus_diameter_px=12.5)
+    settings = TrainSettings(steps=2, batch_size=1, crop=64, checkpoint_every=1)
+    out = tmp_path / "kept"
+    train(items, classes, out, settings, init=str(start), keep_settings_of=start, progress=False)
+    kept = load_bundle(out)
+    assert (kept.nucleus_diameter_px, kept.score_threshold, kept.mask_threshold) == (12.5, 0.8, 0.6)
+    assert "not the" in kept.card["training"]["count_size"] and (out / KEPT_SETTINGS_FILE).is_file()
+
+    save_bundle(start, tiny.model, tiny.state_dict(), name="start", score_threshold=0.3, nucleus_diameter_px=40.0)
+    settings.steps = 3
+    train(items, classes, out, settings, resume=True, keep_settings_of=start, progress=False)
+    resumed = load_bundle(out)
+    assert resumed.card["training"]["steps"] == 3
+    assert (resumed.nucleus_diameter_px, resumed.score_threshold) == (12.5, 0.8)
+
+    plain = tmp_path / "plain"
+    train(items, classes, plain, TrainSettings(steps=2, batch_size=1, crop=64), init=str(start), progress=False)
+    own = load_bundle(plain)
+    assert own.nucleus_diameter_px not in (12.5, 40.0) and "count_size" not in own.card["training"]
+    assert not (plain / KEPT_SETTINGS_FILE).exists()
+
+
+@pytest.mark.parametrize("extra, expected", [((), "expected --init to be a bundle folder"),
+                                             (("--init", "coco"), "expected --init to be a bundle folder"),
+                                             (("--resume",), "this run started without it")])
+def test_keep_init_settings_needs_a_bundle_to_keep_them_from(tmp_path, monkeypatch, capsys, extra, expected):
+    import references.nuclei.train_default_bundle as train_default
+    monkeypatch.setattr("sys.argv", ["train_default_bundle", "--out", str(tmp_path / "run"), "--keep-init-settings",
+                                     *extra])
+    with pytest.raises(SystemExit) as exit_info:
+        train_default.main()
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_from_a_bundle_of_another_network_resumes_without_being_told_it(tmp_path, tiny_bundle):
     """train_long.sh resumes with --resume alone: a run started from a bundle whose network is not the default (on
     2026-11-27 a ResNet-34 candidate, resumed as a ResNet-18: "Unexpected key(s) in state_dict") goes on with the
@@ -541,8 +587,9 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
 
     out, args = start(LR="2e-4", STEPS="1234", AUGMENT="invert_p=0.25", SPLIT="runs/branch_split.json",
                       BACKBONE="resnet34", ANCHORS="0.33,0.5,1,2,3", MIX="fluorescence=0.5,he_nuinsseg=0",
-                      AVERAGE="0.999", BODY_LR="0.1", SNAPSHOT_EVERY="1000")
+                      AVERAGE="0.999", BODY_LR="0.1", SNAPSHOT_EVERY="1000", KEEP_INIT_SETTINGS="1")
     assert args[args.index("--weight-average") + 1] == "0.999" and args[args.index("--snapshot-every") + 1] == "1000"
+    assert "--keep-init-settings" in args
     assert args[args.index("--backbone-lr-scale") + 1] == "0.1"
     assert args[args.index("--aspect-ratios") + 1] == "0.33,0.5,1,2,3"
     assert args[args.index("--mix") + 1] == "fluorescence=0.5,he_nuinsseg=0"
@@ -563,6 +610,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert args[args.index("--weight-average") + 1] == "0.999"     # and its moving average of the weights
     assert args[args.index("--backbone-lr-scale") + 1] == "0.1"    # and its body's share of the rate
     assert args[args.index("--snapshot-every") + 1] == "1000"      # and its held-out curve's interval
+    assert "--keep-init-settings" in args                          # and its start's thresholds and count size
     assert "--split" not in args    # the run's own split.json, not whatever the shipped bundle's is now
     # a run started before AUGMENT and SPLIT were kept: none and its own split, even with them in the environment
     (tmp_path / "long.settings").write_text("LR=2e-4\nSTEPS=1234\n")
@@ -572,7 +620,7 @@ def test_train_long_resumes_with_the_schedule_its_run_started_with(tmp_path):
     assert "--resume" in args and "--augment" not in args and "--split" not in args and "--backbone" not in args
     assert args[args.index("--snapshot-every") + 1] == "2000"      # none kept: the environment's
     assert "--aspect-ratios" not in args and "--mix" not in args and "--weight-average" not in args
-    assert "--backbone-lr-scale" not in args
+    assert "--backbone-lr-scale" not in args and "--keep-init-settings" not in args
     # a new run without SPLIT holds out what the v4 split holds out (the v3 bundle's, with Kromp and NuInsSeg)
     shutil.rmtree(run)
     (tmp_path / "long.settings").unlink()
