@@ -2,11 +2,15 @@
 
 Fine-tunes of one start (other data mixes, other seeds), each at a snapshot where its last steps left it, average
 to weights that keep most of what each of them lost (docs/training.md: the soup of four 5,000-step fine-tunes of
-v3). The new bundle takes the first bundle's thresholds, scale and split until it is validated:
+v3). The new bundle takes the first bundle's thresholds, scale and split until it is validated, or with
+--settings-of BUNDLE that bundle's thresholds and count size (its [inference] and [scale]): e.g. the shipped bundle a
+run's snapshots were fine-tuned from, so that the soup is scored as it would ship:
 
     python -m references.nuclei.average_bundles --out runs/soup4 runs/v4_paste/scored/step0005000 \
         runs/v3mix_ctl/scored/step0005000 runs/v4_nokromp/scored/step0005000 runs/v4_nonuin/scored/step0005000
     python -m references.nuclei.validate_bundle --bundle runs/soup4 --out runs/val_soup4 --per-modality 24
+    python -m references.nuclei.average_bundles --out runs/soup_run --settings-of cellseg/models/nuclei \
+        runs/run/scored/step0003000 runs/run/scored/step0004500
 """
 
 from __future__ import annotations
@@ -16,8 +20,22 @@ import shlex
 import sys
 from pathlib import Path
 
-from cellseg.bundles import average_bundles
+from cellseg.bundles import BUNDLE_FORMAT, Bundle, average_bundles, load_bundle, read_bundle_folder, write_toml
 from cellseg.errors import CellsegError
+from cellseg.training.maskrcnn import bundle_settings, keep_bundle_settings
+
+
+def keep_settings_of(soup: Bundle, kept: Bundle, settings: dict) -> None:
+    """Give the soup `kept`'s thresholds and count size (`settings`: its bundle_settings), and say so in its card
+    ([training] count_size, where the size differs from its ingredients')."""
+    keep_bundle_settings(soup.path, settings)
+    new_px = float(settings.get("scale", {}).get("nucleus_diameter_px", soup.nucleus_diameter_px))
+    if abs(new_px - soup.nucleus_diameter_px) > 0.05:
+        meta, _ = read_bundle_folder(soup.path, BUNDLE_FORMAT)
+        meta["training"]["count_size"] = (f"bundle {kept.name}'s ({kept.weights_sha256[:12]}), given by "
+                                          f"--settings-of, not the {soup.nucleus_diameter_px:.1f} px of its "
+                                          f"ingredients")
+        write_toml(soup.path / "model.toml", meta)
 
 
 def main() -> None:
@@ -25,10 +43,20 @@ def main() -> None:
     p.add_argument("bundles", nargs="+", help="two or more bundles of one architecture (folders or shipped names)")
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     p.add_argument("--name", default=None, help="the new bundle's name (default: the folder's)")
+    p.add_argument("--settings-of", default=None, metavar="BUNDLE",
+                   help="the new bundle takes this bundle's [inference] and [scale] (score and mask thresholds, count "
+                        "size) instead of the first bundle's")
     args = p.parse_args()
     command = "python -m references.nuclei.average_bundles " + shlex.join(sys.argv[1:])
     try:
+        settings = kept = None
+        if args.settings_of:     # read before anything is written: a wrong bundle leaves no half-made soup
+            kept = load_bundle(args.settings_of)
+            settings = bundle_settings(kept.path)
         bundle = average_bundles(args.bundles, args.out, name=args.name or args.out.name, reproduce=command)
+        if settings is not None:
+            keep_settings_of(bundle, kept, settings)
+            bundle = load_bundle(bundle.path)
     except CellsegError as e:
         sys.exit(f"average_bundles: error: {e}")
     print(f"{bundle.path}: the mean of {len(args.bundles)} bundles (sha256 {bundle.weights_sha256[:12]})")

@@ -415,6 +415,29 @@ def test_a_soup_is_the_mean_of_its_bundles_and_its_card_names_each(tmp_path):
         average_bundles([made[0].path, other.path], tmp_path / "other", name="other")
     assert not (tmp_path / "other").exists()
 
+
+def test_a_soup_takes_the_thresholds_and_count_size_of_the_bundle_it_is_told(tmp_path, monkeypatch, capsys):
+    """average_bundles --settings-of: a run's snapshots (at the size of the run's draw) averaged into a bundle with
+    the shipped bundle's thresholds and count size, its card saying why; a wrong bundle writes nothing."""
+    import references.nuclei.average_bundles as script
+    cfg = tiny_model_config()
+    snaps = [save_bundle(tmp_path / f"s{k}", cfg, build_model(cfg).state_dict(), name="run",
+                         nucleus_diameter_px=22.1) for k in (1, 2)]
+    shipped = save_bundle(tmp_path / "shipped", cfg, build_model(cfg).state_dict(), name="nuclei",
+                          score_threshold=0.8, mask_threshold=0.6, nucleus_diameter_px=20.3)
+    monkeypatch.setattr("sys.argv", ["average_bundles", "--out", str(tmp_path / "soup"), "--settings-of",
+                                     str(shipped.path), *(str(s.path) for s in snaps)])
+    script.main()
+    soup = load_bundle(tmp_path / "soup")
+    assert (soup.nucleus_diameter_px, soup.score_threshold, soup.mask_threshold) == (20.3, 0.8, 0.6)
+    assert "not the 22.1 px of its ingredients" in soup.card["training"]["count_size"]
+    assert [i["bundle"] for i in soup.card["training"]["soup"]] == ["run", "run"]
+    monkeypatch.setattr("sys.argv", ["average_bundles", "--out", str(tmp_path / "none"), "--settings-of",
+                                     str(tmp_path / "missing"), *(str(s.path) for s in snaps)])
+    with pytest.raises(SystemExit, match="average_bundles: error: expected a model bundle folder"):
+        script.main()
+    assert not (tmp_path / "none").exists()
+
 # --- the scale in µm (issue 51) ------------------------------------------------------------------------
 
 def test_a_bundle_with_a_scale_in_micrometres_round_trips_and_one_without_still_loads(saved, tmp_path):
