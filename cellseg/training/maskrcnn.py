@@ -99,8 +99,8 @@ class _MaskRCNNTraining:
         kept_px = (self.kept_settings or {}).get("scale", {}).get("nucleus_diameter_px")
         if kept_px is not None and abs(kept_px - median_px) > 0.05 and "count_size" not in meta["training"]:
             # the card says why the bundle counts at a size other than its training images' (model_card)
-            meta["training"]["count_size"] = (f"the bundle it started from's, kept by the training, not the "
-                                              f"{median_px:.1f} px median of this training's images")
+            meta["training"]["count_size"] = (f"the size of the bundle it started from, kept by the training, not "
+                                              f"the {median_px:.1f} px median of this training's images")
         save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
                     name=self.name, nucleus_diameter_px=median_px, card=meta, proposal_threshold=PROPOSAL_THRESHOLD)
         if self.kept_settings is not None:
