@@ -1,18 +1,23 @@
-"""Whether a candidate bundle beats the shipped one on the held-out groups, modality by modality: the ship rule.
+"""Whether a candidate bundle may replace the shipped one, from both bundles' figures on the held-out groups.
 
 Both bundles are scored first by validate_bundle.py on the same held-out images (same split, each at thresholds
 tuned its own way, gray input apart), each into its own --out folder; this reads the two metrics.json and prints one
-table. A candidate ships only if, on every modality, no figure is worse (AP50 pooled, F1 pooled, median count error,
-DSB2018 score) and at least one is better. Rows on the images no training stage saw (validate_bundle --seen) are
-printed too, for the reader, but the rule is decided on every held-out image of each modality.
+table and two verdicts:
+
+- the ship rule (issue 47, item 5): AP50 pooled better on the held-out images no training stage saw (validate_bundle
+  --seen or the split's own record; every held-out image where none is recorded), and no modality's AP50 pooled down
+  by more than 0.01. This decides the exit status, and is the rule the shipped bundles since v4 were chosen by.
+- the stricter comparison: on every modality no figure worse (AP50 pooled, F1 pooled, median count error, DSB2018
+  score) and at least one better. Printed for the reader (no bundle since v3 has met it: the DSB2018 score or a
+  count error somewhere moves the other way).
 
 Beside each AP50 change, its 90 % interval from a paired bootstrap over the modality's images (both bundles' per-image
 TP/FP/FN resampled together): a change of 0.02 on 29 images may be a few nuclei either way, and the interval says how
-far the figure would move on another draw of such images. The verdict stays the rule's.
+far the figure would move on another draw of such images. The verdicts stay the rules'.
 
     python -m references.nuclei.compare_bundles --current runs/final/shipped --candidate runs/final/candidate
 
-Exit status 0 when the candidate ships by that rule, 1 when it does not (2: the inputs are not usable).
+Exit status 0 when the candidate ships by the ship rule, 1 when it does not (2: the inputs are not usable).
 """
 
 from __future__ import annotations
@@ -132,9 +137,37 @@ def beats(verdicts: dict) -> bool:
 
 
 def ships(current: dict, candidate: dict) -> tuple[bool, list[str]]:
-    """Whether the candidate ships, and the modalities where it does not beat the current bundle."""
+    """The stricter comparison: whether the candidate beats the current bundle on every modality (beats), and the
+    modalities where it does not."""
     losing = [m for m in MODALITIES if not beats(compare_row(current[m], candidate[m]))]
     return not losing, losing
+
+
+MAX_MODALITY_LOSS = 0.01   # issue 47's ship rule: no modality's AP50 pooled down by more than this
+AP50 = "ap50_tp_fp_fn_pooled"
+
+
+def ship_rule(current: dict, candidate: dict) -> tuple[bool, str]:
+    """Issue 47's ship rule: AP50 pooled better on the held-out images no training stage saw ("all_unseen"; "all"
+    where the validations record none) and no modality's AP50 pooled down by more than MAX_MODALITY_LOSS (a
+    modality without a figure fails it). Returns the verdict and why, in words."""
+    key = "all_unseen" if "all_unseen" in current and "all_unseen" in candidate else "all"
+    before, after = current[key].get(AP50), candidate[key].get(AP50)
+    what = (f"the {candidate[key].get('images', '?')} images "
+            + ("no training stage saw" if key == "all_unseen" else "held out (no record of what training saw)"))
+    changes = {m: (None if current[m].get(AP50) is None or candidate[m].get(AP50) is None
+                   else round(candidate[m][AP50] - current[m][AP50], 4)) for m in MODALITIES}
+    missing = [LABELS[m] for m, c in changes.items() if c is None]
+    if before is None or after is None or missing:
+        return False, f"no AP50 pooled for {', '.join(missing) or what}"
+    worst = min(changes, key=changes.get)
+    pooled = f"{what} {before:.4f} -> {after:.4f} pooled"
+    if after <= before:
+        return False, f"{pooled}, not better"
+    if changes[worst] < -MAX_MODALITY_LOSS:
+        return False, f"{LABELS[worst]} down by {-changes[worst]:.4f}, more than {MAX_MODALITY_LOSS}"
+    loss = (f"the most {LABELS[worst]} {changes[worst]:+.4f}" if changes[worst] < 0 else "none down")
+    return True, f"{pooled}; no modality down by more than {MAX_MODALITY_LOSS} ({loss})"
 
 
 def _fmt(key: str, value) -> str:
@@ -145,8 +178,8 @@ def _fmt(key: str, value) -> str:
 
 def table(current: dict, candidate: dict, intervals: dict[str, tuple[float, float] | None] | None = None) -> str:
     """Markdown: every modality (and its 'images no training stage saw' row where both have one), each figure as
-    current -> candidate, the AP50 change's bootstrap interval where `intervals` has one (by row key), and the rule's
-    verdict."""
+    current -> candidate, the AP50 change's bootstrap interval where `intervals` has one (by row key), and the stricter
+    comparison's verdict (beats)."""
     intervals = intervals or {}
     header = (["modality", "images"] + [name for _, name, _ in FIGURES]
               + [f"AP50 change, {BOOTSTRAP_LEVEL:.0%} interval", "candidate beats current"])
@@ -163,7 +196,7 @@ def table(current: dict, candidate: dict, intervals: dict[str, tuple[float, floa
             interval = intervals.get(name + suffix)
             cells.append("-" if interval is None else f"{interval[0]:+.3f} to {interval[1]:+.3f}")
             cells.append(("yes" if beats(verdicts) else "no") + ("" if name in MODALITIES and not suffix
-                                                                 else " (not part of the rule)"))
+                                                                 else " (not part of the comparison)"))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -193,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if differences:
         print("\nscored differently (figures that depend on these are not like for like):\n"
               + "\n".join(f"- {line}" for line in differences))
-    ok, losing = ships(current, candidate)
-    print("\nships: yes" if ok else "\nships: no (not better on " + ", ".join(LABELS[m] for m in losing) + ")")
+    better_everywhere, losing = ships(current, candidate)
+    print("\nbetter on every figure of every modality (the stricter comparison): "
+          + ("yes" if better_everywhere else "no (not on " + ", ".join(LABELS[m] for m in losing) + ")"))
+    ok, why = ship_rule(current, candidate)
+    print(f"ships: {'yes' if ok else 'no'} (issue 47's rule: {why})")
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
-"""The ship rule (references/nuclei/compare_bundles.py): a candidate bundle ships only if it beats the current one on
-every modality of the held-out groups."""
+"""The ship rule (references/nuclei/compare_bundles.py, issue 47): a candidate ships when it is better pooled on the
+held-out images no training stage saw and no modality loses more than 0.01 AP50; the stricter comparison (better on
+every figure of every modality) is printed beside it."""
 
 import json
 
@@ -44,17 +45,36 @@ def test_ships_only_when_every_modality_is_better_and_none_is_worse():
     assert cb.ships(current, metrics()) == (False, list(cb.MODALITIES))
 
 
-def test_the_command_prints_the_table_and_its_exit_status_is_the_verdict(tmp_path, capsys):
+def test_the_command_prints_the_table_and_its_exit_status_is_the_ship_rules_verdict(tmp_path, capsys):
     better = {m: figures(0.75, 0.85, 0.08, 0.45) for m in cb.MODALITIES}
     current = write(tmp_path / "current", metrics())
-    winner = write(tmp_path / "winner", metrics(**better))
-    loser = write(tmp_path / "loser", metrics(**dict(better, he_breast=figures(0.6, 0.85, 0.08, 0.45))))
+    winner = write(tmp_path / "winner", metrics(**better, all=figures(0.75, 0.85, 0.08, 0.45, 40)))
+    loser = write(tmp_path / "loser", metrics(**dict(better, he_breast=figures(0.6, 0.85, 0.08, 0.45)),
+                                              all=figures(0.74, 0.85, 0.08, 0.45, 40)))
     assert cb.main(["--current", str(current), "--candidate", str(winner)]) == 0
     out = capsys.readouterr().out
     assert "| fluorescence | 10 | 0.7000 → 0.7500 (better)" in out and "10.0 % → 8.0 % (better)" in out
-    assert out.rstrip().endswith("ships: yes")
+    assert "(the stricter comparison): yes" in out and "ships: yes (issue 47's rule: the 40 images held out" in out
     assert cb.main(["--current", str(current), "--candidate", str(loser)]) == 1
-    assert capsys.readouterr().out.rstrip().endswith("ships: no (not better on H&E (TNBC))")
+    out = capsys.readouterr().out
+    assert "(the stricter comparison): no (not on H&E (TNBC))" in out
+    assert out.rstrip().endswith("ships: no (issue 47's rule: H&E (TNBC) down by 0.1000, more than 0.01)")
+
+
+def test_the_ship_rule_is_the_unseen_images_pooled_and_no_modality_down_by_more_than_a_hundredth():
+    current = metrics(all_unseen=figures(0.60, 0.75, 0.15, 0.32, 20))
+    gain = figures(0.62, 0.75, 0.15, 0.32, 20)
+    # a figure worse here and there, a modality down by exactly 0.01: ships (the stricter comparison would not)
+    ok, why = cb.ship_rule(current, metrics(all_unseen=gain, he_breast=figures(0.69, 0.7, 0.2, 0.3)))
+    assert ok and "the 20 images no training stage saw 0.6000 -> 0.6200" in why and "H&E (TNBC) -0.0100" in why
+    assert not cb.ships(current, metrics(all_unseen=gain, he_breast=figures(0.69, 0.7, 0.2, 0.3)))[0]
+    # one modality down by more than 0.01, or the unseen images not better, or a figure missing: does not
+    assert cb.ship_rule(current, metrics(all_unseen=gain, brightfield_gray=figures(0.6889, 0.8, 0.1, 0.4))) == (
+        False, "grayscale brightfield down by 0.0111, more than 0.01")
+    assert cb.ship_rule(current, metrics(all_unseen=figures(0.60, 0.8, 0.1, 0.4, 20)))[1].endswith("not better")
+    assert not cb.ship_rule(current, metrics(all_unseen=gain, fluorescence=figures(None, 0.8, 0.1, 0.4)))[0]
+    # the pooled row of every held-out image where neither validation records what training saw
+    assert cb.ship_rule(metrics(), metrics(all=figures(0.71, 0.8, 0.1, 0.4, 40)))[0]
 
 
 @pytest.mark.parametrize("change", [{"val_images": 39}, {"held_out_groups": ["a"]}])
