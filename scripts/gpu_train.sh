@@ -8,7 +8,8 @@
 # has arrived it stops there ("staged"), so the first calls only bring data. (A pack small enough to travel whole as
 # .carry/train_data is used as it is.) The first training call starts in runs/gpu from GPU_INIT (default the shipped
 # bundle, deepened to GPU_BACKBONE, default resnet34: its new blocks start as the identity; GPU_INIT=none: from
-# scratch); every later call while the machine is held resumes it from runs/gpu/checkpoint.pt. Each call trains GPU_MINUTES (default 8.5, inside the 10-minute
+# scratch); a run from a bundle keeps that bundle's thresholds and count size (--keep-init-settings), so the bundle it
+# brings back is scored as it would ship; every later call while the machine is held resumes it from runs/gpu/checkpoint.pt. Each call trains GPU_MINUTES (default 8.5, inside the 10-minute
 # limit of a call) and checkpoints every 3 minutes; the learning-rate schedule spans GPU_SCHEDULE_MINUTES of
 # training over all calls (default 24: three calls). GPU_MIX: the draw shares by modality (train_default_bundle --mix;
 # default the recipe's); GPU_BODY_LR: the ResNet body's share of the rate (--backbone-lr-scale; default 1);
@@ -40,7 +41,7 @@ RESUME=""
 # the bundles get the moving average of the weights (docs/training.md: on the CPU it kept stained tissue that the last
 # step's weights lost); GPU_AVERAGE= (empty) writes the last step's
 AVERAGE=${GPU_AVERAGE-0.999}
-INIT=(--init "${GPU_INIT:-cellseg/models/nuclei}")
+INIT=(--init "${GPU_INIT:-cellseg/models/nuclei}" --keep-init-settings)
 [ "${GPU_INIT:-}" = none ] && INIT=()
 [ -f "$RUN/checkpoint.pt" ] && RESUME="--resume" && INIT=()
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
