@@ -96,15 +96,12 @@ class _MaskRCNNTraining:
             if not (folder / name).exists():
                 (folder / name).write_text(text, encoding="utf-8")
         median_px = median_diameter_px(self.items, self.draw_p)
-        kept_px = (self.kept_settings or {}).get("scale", {}).get("nucleus_diameter_px")
-        if kept_px is not None and abs(kept_px - median_px) > 0.05 and "count_size" not in meta["training"]:
-            # the card says why the bundle counts at a size other than its training images' (model_card)
-            meta["training"]["count_size"] = (f"the size of the bundle it started from, kept by the training, not "
-                                              f"the {median_px:.1f} px median of this training's images")
         save_bundle(folder, self.cfg, {k: v.contiguous() for k, v in self.model.state_dict().items()},
                     name=self.name, nucleus_diameter_px=median_px, card=meta, proposal_threshold=PROPOSAL_THRESHOLD)
         if self.kept_settings is not None:
-            keep_bundle_settings(folder, self.kept_settings)
+            keep_bundle_settings(folder, self.kept_settings,
+                                 count_size_why=f"the size of the bundle it started from, kept by the training, not "
+                                                f"the {median_px:.1f} px median of this training's images")
 
 
 KEPT_SETTINGS_FILE = "kept_settings.toml"   # in a training's folder: the settings its bundles keep (run_kept_settings)
@@ -137,12 +134,18 @@ def run_kept_settings(out: Path, start: Path | None, resume: bool) -> dict | Non
     return settings
 
 
-def keep_bundle_settings(folder: Path, settings: dict) -> None:
+def keep_bundle_settings(folder: Path, settings: dict, count_size_why: str | None = None) -> None:
     """Give the bundle in `folder` the [inference] and [scale] tables in `settings` (bundle_settings of the bundle it
-    was fine-tuned from, which a fine-tune at that scale keeps)."""
+    was fine-tuned from, which a fine-tune at that scale keeps). Where that changes its nucleus size, `count_size_why`
+    goes into its card as [training] count_size (unless one is there), so the card says why it counts at that size
+    rather than its own (model_card)."""
     from ..bundles import BUNDLE_FORMAT, read_bundle_folder, write_toml
     meta, _ = read_bundle_folder(folder, BUNDLE_FORMAT)
+    own_px = meta.get("scale", {}).get("nucleus_diameter_px")
+    kept_px = settings.get("scale", {}).get("nucleus_diameter_px")
     meta.update({table: settings[table] for table in KEPT_TABLES if table in settings})
+    if count_size_why and None not in (own_px, kept_px) and abs(kept_px - own_px) > 0.05:
+        meta.setdefault("training", {}).setdefault("count_size", count_size_why)
     write_toml(folder / "model.toml", meta)
 
 

@@ -20,22 +20,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from cellseg.bundles import BUNDLE_FORMAT, Bundle, average_bundles, load_bundle, read_bundle_folder, write_toml
+from cellseg.bundles import average_bundles, load_bundle
 from cellseg.errors import CellsegError
 from cellseg.training.maskrcnn import bundle_settings, keep_bundle_settings
-
-
-def keep_settings_of(soup: Bundle, kept: Bundle, settings: dict) -> None:
-    """Give the soup `kept`'s thresholds and count size (`settings`: its bundle_settings), and say so in its card
-    ([training] count_size, where the size differs from its ingredients')."""
-    keep_bundle_settings(soup.path, settings)
-    new_px = float(settings.get("scale", {}).get("nucleus_diameter_px", soup.nucleus_diameter_px))
-    if abs(new_px - soup.nucleus_diameter_px) > 0.05:
-        meta, _ = read_bundle_folder(soup.path, BUNDLE_FORMAT)
-        meta["training"]["count_size"] = (f"bundle {kept.name}'s ({kept.weights_sha256[:12]}), given by "
-                                          f"--settings-of, not the {soup.nucleus_diameter_px:.1f} px of its "
-                                          f"ingredients")
-        write_toml(soup.path / "model.toml", meta)
 
 
 def main() -> None:
@@ -55,7 +42,10 @@ def main() -> None:
             settings = bundle_settings(kept.path)
         bundle = average_bundles(args.bundles, args.out, name=args.name or args.out.name, reproduce=command)
         if settings is not None:
-            keep_settings_of(bundle, kept, settings)
+            keep_bundle_settings(bundle.path, settings,
+                                 count_size_why=f"bundle {kept.name}'s ({kept.weights_sha256[:12]}), given by "
+                                                f"--settings-of, not the {bundle.nucleus_diameter_px:.1f} px of its "
+                                                f"ingredients")
             bundle = load_bundle(bundle.path)
     except CellsegError as e:
         sys.exit(f"average_bundles: error: {e}")
