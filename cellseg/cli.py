@@ -471,11 +471,12 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
         _train_from_scratch(items, classes, out, val, start, steps, minutes, batch_size, crop, lr, resume,
                             torch_device, quiet)
         return
-    from .planning import gray_input
+    from .planning import gray_input, images_warning, slide_look
     from .training import finetune
-    if protocol.modality == "fluorescence" and not all(gray_input(it.image) for it in items):
-        click.echo(f"cellseg: warning: the images are in colour but protocol {protocol.name} is for fluorescence: "
-                   f"for H&E or other stained tissue pass -p he-nuclei (its threshold is the one retuned)", err=True)
+    looks = [slide_look(it.image.transpose(1, 2, 0), colour=not gray_input(it.image)) for it in items]
+    mismatch = images_warning(looks, protocol.name, protocol.modality)
+    if mismatch:
+        click.echo(f"cellseg: warning: {mismatch}", err=True)
     verdict = finetune(items, classes, out, start, protocol, val=val, mpp=mpp, steps=steps, minutes=minutes, lr=lr,
                        batch_size=batch_size, crop=crop, device=torch_device, resume=resume, progress=not quiet)
     from .bundles import load_bundle

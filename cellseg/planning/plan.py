@@ -26,6 +26,7 @@ from ..slides import Slide, SlideInfo
 from ..tissue import TissueFinder, TissueMask
 from ..util import StageTimer, release_freed_memory
 from .intensity import IntensityRange, as_network_input, gray_input, measure_range, select_channels, to_network_input
+from .modality import Look, slide_look
 from .protocol import Protocol, check_pixel_size
 from .regions import RegionFile, Regions
 
@@ -136,6 +137,12 @@ class SlidePlan:
     cell_expansion_px: float = 0.0
     regions: Regions | None = None
 
+    def look(self, height: int, width: int) -> Look:
+        """What the slide (`height` x `width` level-0 px) looks like, fluorescence or brightfield
+        (planning/modality.py), from the thumbnail's tissue in the model channel, as its intensity was measured."""
+        on_tissue = tissue_pixels(select_channels(self.thumbnail, self.network.channel), self.tissue, height, width)
+        return slide_look(on_tissue, colour=not self.network.gray)
+
     @property
     def analysed(self) -> list[TileSpec]:
         """The tiles the detector sees, in grid order."""
@@ -181,10 +188,7 @@ def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue:
         tissue_mask = tissue.find(slide, protocol.modality)
         release_freed_memory()   # the view grows with the slide; detection must not start on top of it
     with timer("read"):
-        on_tissue = tissue_pixels(select_channels(thumbnail, channel), tissue_mask, info.height, info.width)
-        intensity = measure_range(on_tissue)
-        # every k-th tissue pixel: a whole-slide thumbnail's millions say no more about colour than a million
-        gray = gray_input(to_network_input(on_tissue[::max(1, len(on_tissue) >> 20)][None], intensity))
+        _, intensity, gray = tissue_input(thumbnail, channel, tissue_mask, info.height, info.width)
     luminance = select_channels(thumbnail, channel).astype(np.float32).mean(-1)
     model_diameter_px = network_nucleus_px(protocol, model_diameter_px)
     if diameter_px in ("auto", DEFAULT_SCALE):
@@ -574,6 +578,17 @@ def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail:
 
     ranked = sorted(candidates, key=lambda b: (-score(b), b.row0, b.col0))
     return ranked[:n]
+
+
+def tissue_input(thumbnail: np.ndarray, channel: int | None, tissue: TissueMask, height: int,
+                 width: int) -> tuple[np.ndarray, IntensityRange, bool]:
+    """The thumbnail's pixels on tissue in the model channel (tissue_pixels), the intensity range measured on them,
+    and whether they reach the network without colour (intensity.gray_input)."""
+    on_tissue = tissue_pixels(select_channels(thumbnail, channel), tissue, height, width)
+    intensity = measure_range(on_tissue)
+    # every k-th tissue pixel: a whole-slide thumbnail's millions say no more about colour than a million
+    gray = gray_input(to_network_input(on_tissue[::max(1, len(on_tissue) >> 20)][None], intensity))
+    return on_tissue, intensity, gray
 
 
 def tissue_pixels(thumbnail: np.ndarray, tissue: TissueMask, height: int, width: int,

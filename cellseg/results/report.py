@@ -217,6 +217,9 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
     scale = summary.get("scale") or {}
     if scale.get("warning"):       # the pixel size and the measured nuclei disagree (planning.decide_scale)
         warnings.append(scale["warning"])
+    looks = summary.get("looks_like") or {}
+    if looks.get("warning"):       # a brightfield slide counted as fluorescence, or back (planning/modality.py)
+        warnings.insert(0, looks["warning"])
     area = summary.get("area_px") or {}
     if area.get("median") and scale.get("model_diameter_px"):
         network_diameter = 2 * math.sqrt(area["median"] / math.pi) * float(scale.get("factor") or 1)

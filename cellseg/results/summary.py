@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..planning import Protocol
+from ..planning import Protocol, modality_warning
 
 if TYPE_CHECKING:
     from ..cells import SeamStats
@@ -136,7 +136,15 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
         "scale": {"factor": scale.factor, "source": scale.source, "tile_px": plan.tile_px, "halo_px": plan.halo_px,
                   "model_diameter_px": scale.model_diameter_px, "image_diameter_px": scale.image_diameter_px,
                   **scale_record(plan)},
+        "looks_like": look_record(plan, info, protocol),
     }
+
+
+def look_record(plan: SlidePlan, info: SlideInfo, protocol: Protocol) -> dict:
+    """What the slide looks like (planning/modality.py) and the warning when it is not the protocol's modality."""
+    look = plan.look(info.height, info.width)
+    return {**look.to_dict(), "protocol_modality": protocol.modality,
+            "warning": modality_warning(look, protocol.name, protocol.modality)}
 
 
 def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict, run_info: RunInfo) -> dict:

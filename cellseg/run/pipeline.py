@@ -56,6 +56,7 @@ from ..results import (
     chosen_outputs,
     count_calibration,
     estimate_record,
+    look_record,
     region_estimates,
     regions_record,
     run_record,
@@ -167,6 +168,9 @@ class SlideRun:
                                     model_diameter_px, diameter_px, regions, micron_scale, self.calibration)
             if self.journal is not None:
                 save_plan(self.journal, self._plan, self.slide.info)
+            looks = look_record(self._plan, self.slide.info, self.protocol)
+            if looks["warning"]:    # now, not after hours of counting with the wrong protocol
+                log.warning("%s: %s", self.slide.info.path.name, looks["warning"])
         return self._plan
 
     def bands(self) -> list[Band]:
