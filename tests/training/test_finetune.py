@@ -72,6 +72,7 @@ def test_cli_train_fine_tunes_the_protocols_bundle_at_its_scale_keeping_its_sett
     assert [s["step"] for s in card["scorings"]] == [0, 1, 2]             # the start, then every step of 2
     for words in ("its threshold", "threshold retuned", "fine-tuned (step", "AP50", "median count error"):
         assert words in result.stdout
+    assert "look like" not in result.output          # fluorescence images, a fluorescence protocol: no warning
     assert not (out / "snapshots").exists()
 
 
