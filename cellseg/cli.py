@@ -263,7 +263,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                          **{k: (summary.get("count_estimate") or {}).get(k) for k in _ESTIMATE_COLUMNS},
                          "median_area_px": (summary["area_px"] or {}).get("median"),
                          "tiles_total": summary["tiles_total"], "tiles_skipped": summary["tiles_skipped"],
-                         "seconds": summary["seconds"]["total"]})
+                         "seconds": summary["seconds"]["total"],
+                         "warnings": "; ".join(summary.get("warnings") or [])})   # the report's, for a filter
     if summary_csv is not None:
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
@@ -334,7 +335,8 @@ class _JobBar:
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
-                    *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds", "error"]
+                    *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds", "warnings",
+                    "error"]
 
 
 def _summary_csv_text(rows: list[dict]) -> str:

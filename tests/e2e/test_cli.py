@@ -408,6 +408,8 @@ def test_many_inputs_one_folder_each_and_summary_csv(tmp_path, small_png, fluo_p
         assert row["status"] == "ok"
         assert int(row["cell_count"]) == summary["cell_count"]
         assert Path(row["result"]) == results / name
+        assert row["warnings"] == "; ".join(summary["warnings"])      # the report's, filterable in a spreadsheet
+    assert rows[0]["warnings"]        # a.png: a PNG without a pixel size, said among them
 
 
 @pytest.mark.slow
