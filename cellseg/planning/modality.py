@@ -53,8 +53,9 @@ class Look:
 def slide_look(pixels: np.ndarray, colour: bool) -> Look:
     """The look of `pixels` (n, C) or (h, w, C): a slide's thumbnail pixels on tissue in the model's channels
     (plan.tissue_pixels of intensity.select_channels); colour: the network input has colour (not gray_input)."""
-    values = np.asarray(pixels, np.float32)
-    luminance = values.reshape(-1, values.shape[-1]).mean(-1)
+    flat = np.asarray(pixels).reshape(-1, np.shape(pixels)[-1])
+    # every k-th pixel: a whole-slide thumbnail's millions say no more about its ground than a million
+    luminance = flat[::max(1, len(flat) >> 20)].astype(np.float32).mean(-1)
     luminance = luminance[np.isfinite(luminance)]
     if luminance.size == 0:
         return Look(None, float("nan"), colour)
