@@ -209,6 +209,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
 
     from .planning import DEFAULT_SCALE
     from .results import RunInfo
+    from .results.appearance import appearance_warning
     from .run import CounterSpec, count_serially
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=DEFAULT_SCALE if diameter is None else diameter, mpp=mpp, tta=tta,
@@ -251,8 +252,9 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                              f"({round(100 * estimate['interval_level'])} % interval "
                              f"{round(estimate['interval_low']):,}-{round(estimate['interval_high']):,}): an estimate "
                              f"from validation data (report.html says how)")
-                if (summary.get("appearance") or {}).get("unlike"):       # results/appearance.py: its warning first
-                    click.echo(f"cellseg: warning: {path}: {summary['warnings'][0]}", err=True)
+                unlike = appearance_warning(summary.get("appearance"))     # results/appearance.py
+                if unlike:
+                    click.echo(f"cellseg: warning: {path}: {unlike}", err=True)
             if summary.get("unreadable"):
                 click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
                            f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "

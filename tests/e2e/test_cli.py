@@ -572,3 +572,16 @@ def test_help_is_instant_in_a_fresh_process():
     assert done.returncode == 0, done.stderr
     assert "--tile-size" in done.stdout
     assert "HEAVY []" in done.stdout, done.stdout
+
+
+def test_an_h_and_e_image_counted_with_the_fluorescence_protocol_is_warned(tmp_path, he_png, model, caplog):
+    """The default protocol is fluorescence's: a user counting an H&E image without --protocol is told which to use
+    (logged as a warning when the slide is planned: stderr in a shell; the runner here leaves logging to pytest), and
+    the count still completes (a warning, not an error)."""
+    image = crop_png(he_png, tmp_path / "he.png", size=128)
+    with caplog.at_level("WARNING", logger="cellseg"):
+        result = invoke(["count", image, *model, *FAST])
+    assert result.exit_code == 0, result.output
+    (logged,) = [r.getMessage() for r in caplog.records if "looks like brightfield" in r.getMessage()]
+    assert logged.startswith("he.png: ") and "--protocol he-nuclei" in logged
+    assert "--protocol he-nuclei" in ";".join(json.loads((tmp_path / "he.cellseg" / "summary.json").read_text())["warnings"])
