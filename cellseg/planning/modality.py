@@ -74,13 +74,20 @@ def slide_look(pixels: np.ndarray, colour: bool) -> Look:
     return Look(modality, ground, colour)
 
 
-def modality_warning(look: Look, protocol_name: str, protocol_modality: str) -> str | None:
-    """A sentence when the slide looks like another modality than its protocol's, else None."""
+def modality_warning(look: Look, protocol_name: str, protocol_modality: str, mpp: float | None = None) -> str | None:
+    """A sentence when the slide looks like another modality than its protocol's, else None. mpp: the slide's pixel
+    size; without one the sentence says to give it where the protocol it names needs it (he-nuclei does)."""
     if look.modality is None or look.modality == protocol_modality:
         return None
+    suggested = PROTOCOL_FOR[look.modality]
+    give_mpp = ""
+    if mpp is None:
+        from .protocol import load_protocol
+        if load_protocol(suggested).require_mpp:
+            give_mpp = f" --mpp <µm per pixel> ({suggested} needs the pixel size; this image gives none)"
     return (f"the slide looks like {look.modality}: {look.describe()}; protocol {protocol_name} is for "
             f"{protocol_modality}: its score threshold, scale and count interval are {protocol_modality}'s; count it "
-            f"with --protocol {PROTOCOL_FOR[look.modality]} (or a protocol of your own for {look.modality})")
+            f"with --protocol {suggested}{give_mpp}, or with a protocol of your own for {look.modality}")
 
 
 def images_warning(looks: list[Look], protocol_name: str, protocol_modality: str) -> str | None:

@@ -144,7 +144,7 @@ def look_record(plan: SlidePlan, info: SlideInfo, protocol: Protocol) -> dict:
     """What the slide looks like (planning/modality.py) and the warning when it is not the protocol's modality."""
     look = plan.look(info.height, info.width)
     return {**look.to_dict(), "protocol_modality": protocol.modality,
-            "warning": modality_warning(look, protocol.name, protocol.modality)}
+            "warning": modality_warning(look, protocol.name, protocol.modality, info.mpp)}
 
 
 def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dict, run_info: RunInfo) -> dict:

@@ -48,10 +48,14 @@ def test_the_warning_names_the_protocol_to_use():
     he, _ = _image((235, 190, 220), (90, 60, 150))
     look = slide_look(he, True)
     assert modality_warning(look, "he-nuclei", "brightfield") is None
-    text = modality_warning(look, "fluorescence-nuclei", "fluorescence")
+    text = modality_warning(look, "fluorescence-nuclei", "fluorescence", mpp=0.25)
     assert "looks like brightfield" in text and "--protocol he-nuclei" in text and "fluorescence-nuclei" in text
+    assert "--mpp" not in text
+    # he-nuclei needs the pixel size: an image without one is told to give it, or the suggested count would fail
+    assert "--protocol he-nuclei --mpp" in modality_warning(look, "fluorescence-nuclei", "fluorescence", mpp=None)
     fluo, _ = _image((10,), (200,))
-    assert "--protocol fluorescence-nuclei" in modality_warning(slide_look(fluo, False), "he-nuclei", "brightfield")
+    to_fluorescence = modality_warning(slide_look(fluo, False), "he-nuclei", "brightfield")
+    assert "--protocol fluorescence-nuclei, or" in to_fluorescence      # no pixel size needed there
 
 
 def test_a_fine_tune_s_images_are_checked_together():
