@@ -42,8 +42,9 @@ class Look:
     colour: bool
 
     def describe(self) -> str:
-        nuclei = "dark nuclei on a light" if self.light_ground >= 0.5 else "bright nuclei on a dark"
-        return (f"{nuclei} ground, {'in colour' if self.colour else 'gray'} (the median tissue pixel at "
+        dark_nuclei = self.modality == "brightfield" if self.modality else self.light_ground >= 0.5
+        nuclei = "nuclei darker than their ground" if dark_nuclei else "nuclei brighter than their ground"
+        return (f"{nuclei}, {'in colour' if self.colour else 'gray'} (the median tissue pixel at "
                 f"{self.light_ground:.2f} of the range)")
 
     def to_dict(self) -> dict:

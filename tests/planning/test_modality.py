@@ -36,6 +36,16 @@ def test_what_a_slide_looks_like(ground, nuclei, colour, expected):
     assert (look.light_ground > 0.5) == (expected == "brightfield")
 
 
+def test_a_pale_h_and_e_patch_full_of_nuclei_is_still_described_as_brightfield():
+    """Dense H&E: the median pixel low in the range (NuInsSeg's lowest is 0.235), still colour brightfield, and the
+    warning's words agree with it."""
+    nuclei = np.tile([[90, 60, 150]], (4500, 1))                                 # 45 % of the pixels
+    stroma = np.linspace([150, 110, 150], [240, 200, 230], 5500)                  # pale to pink
+    look = slide_look(np.concatenate([nuclei, stroma]).astype(np.uint8), True)
+    assert look.modality == "brightfield" and look.light_ground < 0.5
+    assert "darker than their ground" in look.describe()
+
+
 def test_nothing_claimed_where_it_cannot_be_told():
     assert slide_look(np.full((64, 64, 1), 7, np.uint8), False).modality is None     # flat: no nuclei
     # a gray field whose median lies mid-range: dense fluorescence sections and pale smears both do
