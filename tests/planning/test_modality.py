@@ -80,6 +80,7 @@ def test_a_fine_tune_s_images_are_checked_together():
     assert "--protocol fluorescence-nuclei" in images_warning([he, fluo], "he-nuclei", "brightfield")
 
 
+@pytest.mark.slow
 def test_a_count_with_the_wrong_protocol_warns_at_once_and_in_the_summary(tmp_path, he_png, caplog):
     """The stained-tissue test image counted with the default fluorescence protocol: warned when planned (before any
     tile is detected), in summary.json and among the report's warnings; with he-nuclei, not."""
