@@ -313,7 +313,10 @@ class _JobBar:
     def planned(self, tiles: int) -> None:
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=0, desc=self.name, unit="tile", disable=not self.enabled)
+
+            from .util import progress_interval
+            self.bar = tqdm(total=0, desc=self.name, unit="tile", disable=not self.enabled,
+                            mininterval=progress_interval())
         self.bar.total += tiles
         self.bar.refresh()
 

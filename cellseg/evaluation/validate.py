@@ -108,9 +108,11 @@ def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: fl
     from tqdm import tqdm
 
     from ..run import CellCounter
+    from ..util import progress_interval
     counter = CellCounter(protocol, detector, model_diameter_px=model_diameter_px, diameter_px=diameter_px, mpp=mpp)
     predictions = {}
-    for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress)):
+    for k, (name, path) in enumerate(tqdm(images.items(), desc="validate", unit="image", disable=not progress,
+                                                      mininterval=progress_interval())):
         folder = image_folder(work, k, name)
         if not (reuse and (folder / "predictions.coco.json").is_file()):
             summary = counter.count(path, folder)

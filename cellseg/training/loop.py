@@ -133,6 +133,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     the schedule's rate (e.g. a backbone fine-tuned more slowly than the heads).
     """
     from tqdm import tqdm
+
+    from ..util import progress_interval
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_FILE
     state = TrainingState()
@@ -142,7 +144,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
         log.info("resumed from step %d", state.step)
     started = last_save = last_snapshot = time.monotonic()
     wall0 = state.wall_s
-    bar = tqdm(total=settings.steps, initial=state.step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=settings.steps, initial=state.step, disable=not progress, desc="train", unit="step",
+               mininterval=progress_interval())
     interrupted = False
     stop = _StopRequest()
     batches = task.batches(state.step)
