@@ -136,12 +136,16 @@ class SlidePlan:
     windows: list[Box]
     cell_expansion_px: float = 0.0
     regions: Regions | None = None
+    _look: Look | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def look(self, height: int, width: int) -> Look:
         """What the slide (`height` x `width` level-0 px) looks like, fluorescence or brightfield
-        (planning/modality.py), from the thumbnail's tissue in the model channel, as its intensity was measured."""
-        on_tissue = tissue_pixels(select_channels(self.thumbnail, self.network.channel), self.tissue, height, width)
-        return slide_look(on_tissue, colour=not self.network.gray)
+        (planning/modality.py), from the thumbnail's tissue in the model channel, as its intensity was measured.
+        Worked out once: the count warns with it when planning and records it in the summary."""
+        if self._look is None:
+            on_tissue = tissue_pixels(select_channels(self.thumbnail, self.network.channel), self.tissue, height, width)
+            self._look = slide_look(on_tissue, colour=not self.network.gray)
+        return self._look
 
     @property
     def analysed(self) -> list[TileSpec]:
