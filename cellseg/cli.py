@@ -315,8 +315,10 @@ class _JobBar:
             from tqdm import tqdm
 
             from .util import progress_interval
-            self.bar = tqdm(total=0, desc=self.name, unit="tile", disable=not self.enabled,
+            # created with the first slide's tiles: a bar made with total 0 draws a meaningless "0tile" first
+            self.bar = tqdm(total=tiles, desc=self.name, unit="tile", disable=not self.enabled,
                             mininterval=progress_interval())
+            return
         self.bar.total += tiles
         self.bar.refresh()
 

@@ -23,9 +23,11 @@ def test_a_terminal_redraws_often_a_log_file_rarely():
 
 def test_a_count_into_a_log_leaves_a_few_bar_updates_not_one_per_tile(tmp_path, fluo_png, tiny_bundle):
     """The fluorescence fixture in 64 px tiles (16 of them) with stderr a file: the bar is drawn when it starts and
-    when it ends, not after every tile."""
+    when it ends, not after every tile, and
+    never as an empty bar before the slide's tiles are known."""
     result = invoke(["count", fluo_png, "-o", tmp_path / "out", "--model", str(tiny_bundle),
                      *[a for a in FAST if a != "-q"]])
     assert result.exit_code == 0, result.output
     draws = result.stderr.count("tile/s]") + result.stderr.count("s/tile]")
     assert 1 <= draws <= 4, result.stderr
+    assert " 0tile [" not in result.stderr, result.stderr     # the bar starts with the slide's tiles, not at 0 of 0
