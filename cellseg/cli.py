@@ -208,7 +208,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     import shlex
 
     from .planning import DEFAULT_SCALE
-    from .results import RunInfo
+    from .results import RESULT_MARKER, RunInfo
     from .results.appearance import appearance_warning
     from .run import CounterSpec, count_serially
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
@@ -221,6 +221,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
             click.echo(counter.estimate(path).describe() + _free_space(out))
         return
     jobs = list(zip(inputs, outputs))
+    # an earlier count's result in the way is replaced (results.folder): the count's line says so
+    earlier = {Path(out) for out in outputs if (Path(out) / RESULT_MARKER).is_file()}
     rows, failures = [], 0
     with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
         if workers is None and scheduler is None:
@@ -245,7 +247,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
             else:
                 kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
                         if outcome.kept_bands else "")
-                bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}")
+                replaced = " (it held an earlier result: replaced)" if Path(out) in earlier else ""
+                bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}{replaced}")
                 estimate = summary.get("count_estimate") or {}
                 if estimate.get("estimated_true_count") is not None:     # results/uncertainty.py
                     bar.echo(f"  estimated true count {round(estimate['estimated_true_count']):,} "

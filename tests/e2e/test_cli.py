@@ -453,6 +453,7 @@ def test_rerun_replaces_the_previous_result(tmp_path, small_png, model):
     (out / "cells.csv").write_text("old table\n")
     second = invoke(["count", small_png, "-o", out, "--mpp", "0.5", *model, *FAST])
     assert second.exit_code == 0, second.output
+    assert "held an earlier result: replaced" in second.stdout and "replaced" not in first.stdout
     assert (out / "cells.csv").read_text() != "old table\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small.png"]  # no .old / .tmp siblings
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(RESULT_FILES)
