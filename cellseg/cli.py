@@ -222,7 +222,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
         return
     jobs = list(zip(inputs, outputs))
     # an earlier count's result in the way is replaced (results.folder): the count's line says so
-    earlier = {Path(out) for out in outputs if (Path(out) / RESULT_MARKER).is_file()}
+    earlier = {out for out in outputs if (out / RESULT_MARKER).is_file()}
     rows, failures = [], 0
     with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
         if workers is None and scheduler is None:
@@ -247,7 +247,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
             else:
                 kept = (f" ({outcome.kept_bands} band(s) read back from the interrupted run)"
                         if outcome.kept_bands else "")
-                replaced = " (it held an earlier result: replaced)" if Path(out) in earlier else ""
+                replaced = " (it held an earlier result: replaced)" if out in earlier else ""
                 bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}{replaced}")
                 estimate = summary.get("count_estimate") or {}
                 if estimate.get("estimated_true_count") is not None:     # results/uncertainty.py
