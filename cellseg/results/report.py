@@ -274,13 +274,14 @@ def _num(value, digits: int = 4) -> str:
 
 
 def write_report(folder: Path, slide=None, record: dict | None = None, pictures: Callable[[], None] | None = None,
-                 label_images: Callable[[], None] | None = None) -> list[str]:
+                 label_images: Callable[[], None] | None = None, times_final: bool = True) -> list[str]:
     """Write `folder`/report.html from the result files there, and its warnings (and the appearance check,
     results/appearance.py) into summary.json. slide: the open slide for the crops (None: opened from run.json's path,
     and the crops left out when it is not there); record: a summary dict to update the same way; pictures: waits until
     overlay.png is written, called before it is read (a count draws the figures meanwhile); label_images: waits
-    until labels.ome.tif is written (a count draws the rest of the report while it is), called before the crops.
-    Returns the warnings."""
+    until labels.ome.tif is written (a count draws the rest of the report while it is), called before the crops;
+    times_final: False when summary.json's times are not yet the count's last (a count writes its report before
+    it ends: the page says its total is the time until then). Returns the warnings."""
     from .appearance import appearance_check, appearance_warning
     from .report_plots import histogram_chart, score_curve_chart
     from .uncertainty import curve_warning
@@ -342,7 +343,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         estimate=estimate, curve=curve, curve_chart=curve_chart, near_crops=near_crops, curve_moved=moved,
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
-        tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()))
+        tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()), times_final=times_final)
     from .folder import atomic_write_text
     atomic_write_text(folder / "report.html", page)
     summary["warnings"] = warnings

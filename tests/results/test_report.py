@@ -44,6 +44,24 @@ def test_every_result_folder_has_a_self_contained_report(he_result):
     assert summary["warnings"] == []      # a clean slide: real pixel size, usual density, scores spread
 
 
+def _time_rows(page: str) -> dict[str, str]:
+    table = page.split("<h2>Time</h2>", 1)[1].split("</table>", 1)[0]
+    return dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*) s</td></tr>", table))
+
+
+def test_the_counts_report_says_its_total_is_the_time_until_it_a_rebuilt_one_the_final_total(he_result, tmp_path):
+    # a count writes its report before it ends: the page cannot show summary.json's final total, and says so
+    rows = _time_rows((he_result / "report.html").read_text(encoding="utf-8"))
+    final = json.loads((he_result / "summary.json").read_text())["seconds"]
+    assert "total" not in rows and float(rows["total until this report"]) < final["total"]
+    assert "report" in final and "report" not in rows
+    folder = tmp_path / "a"
+    shutil.copytree(he_result, folder)
+    assert invoke(["report", folder]).exit_code == 0
+    rebuilt = _time_rows((folder / "report.html").read_text(encoding="utf-8"))
+    assert rebuilt["total"] == f"{final['total']}" and rebuilt["report"] == f"{final['report']}"
+
+
 def test_a_one_tile_field_has_no_density_map(tmp_path):
     """A field no larger than a tile has one density, the slide's: the page says so instead of drawing one square."""
     import tifffile
