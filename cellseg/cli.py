@@ -197,7 +197,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     outputs = plan_outputs(inputs, output)
     summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
     if summary_csv is not None:
-        _check_summary_csv(summary_csv)
+        _check_cohort_folder(output, len(inputs))
     if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
@@ -373,13 +373,24 @@ def _free_space(out: Path) -> str:
         return ""
 
 
-def _check_summary_csv(path: Path) -> None:
-    """Refuse to overwrite a summary.csv that cellseg did not write."""
+def _check_cohort_folder(folder: Path, slides: int) -> None:
+    """Before a count of several slides into -o `folder`: it can hold their result folders, summary.csv and the
+    cohort's report.html, and nothing of the user's is replaced (a summary.csv or report.html cellseg did not
+    write, one slide's result folder)."""
     from .errors import OutputError
-    if path.is_dir() or (path.exists() and not path.read_text(errors="replace").startswith(
-            ",".join(_SUMMARY_COLUMNS[:3]))):
-        raise OutputError(f"expected {path} to be absent or a cellseg summary, found another file; "
-                          f"choose another output folder with -o")
+    from .results import RESULT_MARKER
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"expected a folder at {folder} to hold the results of {slides} slides, found a file")
+    if (folder / RESULT_MARKER).exists():
+        raise OutputError(f"expected a folder to hold the results of {slides} slides, found one slide's result in "
+                          f"{folder}; choose another output folder with -o")
+    # cellseg's own: summary.csv by its header, the cohort page by its title (templates/cohort.html.j2)
+    for name, ours in (("summary.csv", lambda text: text.startswith(",".join(_SUMMARY_COLUMNS[:3]))),
+                       ("report.html", lambda text: "<title>cellseg cohort report:" in text[:1000])):
+        path = folder / name
+        if path.is_dir() or (path.exists() and not ours(path.read_text(errors="replace"))):
+            raise OutputError(f"expected {path} to be absent or cellseg's, found another file; choose another "
+                              f"output folder with -o")
 
 
 @main.command()

@@ -193,16 +193,34 @@ def test_output_folder_with_someone_elses_files_is_left_alone(tmp_path, small_pn
     assert_nothing_left(tmp_path, before)
 
 
-def test_many_inputs_do_not_overwrite_someone_elses_summary_csv(tmp_path, small_png, model):
+@pytest.mark.parametrize("theirs", ["summary.csv", "report.html"])
+def test_many_inputs_do_not_overwrite_someone_elses_summary_or_report(tmp_path, small_png, model, theirs):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "summary.csv").write_text("sample,weight\nmouse1,21.5\n")
+    (results / theirs).write_text("sample,weight\nmouse1,21.5\n" if theirs == "summary.csv" else "<html>mine</html>")
     other = shutil.copy(small_png, tmp_path / "other.png")
     files_before = snapshot(results)
     before = listing(tmp_path)
     result = invoke(["count", small_png, other, "-o", results, *model, *FAST])
-    assert_user_error(result, 1, "summary.csv", "expected", "found another file")
+    assert_user_error(result, 1, theirs, "expected", "found another file")
     assert snapshot(results) == files_before
+    assert_nothing_left(tmp_path, before)
+
+
+def test_many_inputs_into_one_slides_result_or_a_file_are_refused_before_counting(tmp_path, small_png, model):
+    one = tmp_path / "one"
+    assert invoke(["count", small_png, "-o", one, *model, *FAST]).exit_code == 0
+    other = shutil.copy(small_png, tmp_path / "other.png")
+    files_before = snapshot(one)
+    result = invoke(["count", small_png, other, "-o", one, *model, *FAST])
+    assert_user_error(result, 1, "expected a folder to hold the results of 2 slides", "found one slide's result")
+    assert snapshot(one) == files_before          # its report.html not replaced by a cohort page, nothing added
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    before = listing(tmp_path)
+    result = invoke(["count", small_png, other, "-o", a_file, *model, *FAST])
+    assert_user_error(result, 1, "expected a folder at", "found a file")
+    assert a_file.read_text() == "mine"
     assert_nothing_left(tmp_path, before)
 
 
