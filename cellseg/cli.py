@@ -117,13 +117,23 @@ def _option_type(setting: Setting) -> click.ParamType:
         return click.Choice(setting.allowed.choices)
     if setting.kind in (int, float):
         lo, hi = (setting.allowed.lo, setting.allowed.hi) if isinstance(setting.allowed, Range) else (None, None)
-        return click.IntRange(lo, hi) if setting.kind is int else click.FloatRange(lo, hi)
+        return click.IntRange(lo, hi) if setting.kind is int else _FiniteFloatRange(lo, hi)
     if setting.kind is str:
         return click.STRING
     raise TypeError(f"expected an int, float or str setting for an option, got {setting.key} ({setting.kind})")
 
 
-_POSITIVE = click.FloatRange(0, min_open=True)
+class _FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN (which passes every bound's comparison) and infinity."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"expected a finite number, got {value}", param, ctx)
+        return number
+
+
+_POSITIVE = _FiniteFloatRange(0, min_open=True)
 # Options count and info share.
 _PROTOCOL_OPTION = click.option("-p", "--protocol", "protocol_name", default="fluorescence-nuclei",
                                 show_default=True, help="Protocol name (see `cellseg protocols list`) or a .toml file.")
@@ -553,7 +563,7 @@ def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_si
               help="Ground truth: COCO instance JSON, label image (0 = background) or cellseg result folder.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for metrics.json, per_image.csv and threshold_sweep.png.")
-@click.option("--iou", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+@click.option("--iou", type=_FiniteFloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="IoU for a predicted cell to count as found.")
 def evaluate(pred, gt, out, iou) -> None:
     """Score predictions (COCO JSON, label image or result folder) against ground truth."""

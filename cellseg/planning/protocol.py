@@ -9,6 +9,7 @@ and the `cellseg count` option that overrides it (cli.py), so adding a setting i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,9 +31,10 @@ class Range:
 
     def __call__(self, v):
         lo, hi = self.lo, self.hi
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        # NaN compares false with every bound, so it is refused by name (as is infinity)
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
             return f"between {lo} and {hi}" if lo is not None and hi is not None else (
-                f">= {lo}" if lo is not None else f"<= {hi}")
+                f">= {lo}" if lo is not None else f"<= {hi}" if hi is not None else "a finite number")
         return None
 
 

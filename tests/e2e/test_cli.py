@@ -236,6 +236,12 @@ def test_many_inputs_into_one_slides_result_or_a_file_are_refused_before_countin
     (["--channel", "-1"], ("'--channel'", "-1 is not in the range x>=0")),
     (["--score-threshold", "1.5"], ("'--score-threshold'", "1.5 is not in the range 0.0<=x<=1.0")),
     (["--min-tissue-fraction", "2"], ("'--min-tissue-fraction'", "0.0<=x<=1.0")),
+    # NaN passes every bound's comparison: refused by name
+    (["--score-threshold", "nan"], ("'--score-threshold'", "expected a finite number", "nan")),
+    (["--min-tissue-fraction", "nan"], ("'--min-tissue-fraction'", "expected a finite number")),
+    (["--cell-expansion-px", "nan"], ("'--cell-expansion-px'", "expected a finite number")),
+    (["--network-nucleus-px", "nan"], ("'--network-nucleus-px'", "expected a finite number")),
+    (["--mpp", "nan"], ("'--mpp'", "expected a finite number")),
     (["--diameter", "big"], ("'--diameter'", "expected a number of px or 'auto'", "big")),
     (["--diameter", "-3"], ("'--diameter'", "expected a diameter > 0 px", "-3")),
     (["--device", "bogus"], ("'--device'", "bogus")),

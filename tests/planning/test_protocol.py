@@ -150,6 +150,8 @@ def test_missing_sections_take_defaults(tmp_path):
     # out of range
     (with_line("tiling", "tile_size = 10"), ("tile_size", "between 64 and 8192", "got 10")),
     (with_line("detection", "score_threshold = 1.5"), ("score_threshold", "between 0.0 and 1.0", "1.5")),
+    (with_line("detection", "score_threshold = nan"), ("score_threshold", "between 0.0 and 1.0", "nan")),
+    (with_line("seams", "dedupe_overlap = inf"), ("dedupe_overlap", "inf")),
     (with_line("input", "channel = -1"), ("channel", ">= 0", "-1")),
     (with_line("seams", "dedupe_overlap = -0.1"), ("dedupe_overlap", "-0.1")),
     # halo larger than half a tile
