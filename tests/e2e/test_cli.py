@@ -294,6 +294,17 @@ def test_count_overrides_every_setting_with_a_flag_as_declared():
             assert tuple(option.type.choices) == setting.allowed.choices
 
 
+@pytest.mark.parametrize("image, channel, words", [
+    ("small_png", "5", ("expected --channel 0 (or none) for this 1-channel image", "got 5")),
+    ("he_png", "7", ("expected --channel between 0 and 2 for this 3-channel image", "got 7")),
+])
+def test_a_channel_the_image_lacks_is_a_usage_error(request, tmp_path, model, image, channel, words):
+    path = request.getfixturevalue(image)
+    before = listing(tmp_path)
+    assert_user_error(invoke(["count", path, "-o", tmp_path / "out", *model, "-q", "--channel", channel]), 2, *words)
+    assert_nothing_left(tmp_path, before)
+
+
 def test_no_inputs_is_usage_error():
     assert_user_error(invoke(["count"]), 2, "Missing argument 'INPUTS...'")
 
