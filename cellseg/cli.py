@@ -305,8 +305,10 @@ def _read_summary(folder: Path) -> dict | None:
 def report(results) -> None:
     """Rebuild report.html in existing result folders; for several (or a folder of them) also the cohort report
     there (or in their common parent). The crops are read from the slide named in run.json."""
-    from .results import CohortRow, result_folders, write_cohort_report, write_report
+    from .results import CohortRow, check_cohort_report_target, result_folders, write_cohort_report, write_report
     folders, cohort = result_folders(list(results))
+    if cohort is not None:      # before any slide's report is rebuilt
+        check_cohort_report_target(cohort, "move it, or rebuild the slides' reports one at a time")
     rows = []
     for folder in folders:
         warnings = write_report(folder)
@@ -388,19 +390,18 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
     cohort's report.html, and nothing of the user's is replaced (a summary.csv or report.html cellseg did not
     write, one slide's result folder)."""
     from .errors import OutputError
-    from .results import RESULT_MARKER
+    from .results import RESULT_MARKER, check_cohort_report_target
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"expected a folder at {folder} to hold the results of {slides} slides, found a file")
     if (folder / RESULT_MARKER).exists():
         raise OutputError(f"expected a folder to hold the results of {slides} slides, found one slide's result in "
                           f"{folder}; choose another output folder with -o")
-    # cellseg's own: summary.csv by its header, the cohort page by its title (templates/cohort.html.j2)
-    for name, ours in (("summary.csv", lambda text: text.startswith(",".join(_SUMMARY_COLUMNS[:3]))),
-                       ("report.html", lambda text: "<title>cellseg cohort report:" in text[:1000])):
-        path = folder / name
-        if path.is_dir() or (path.exists() and not ours(path.read_text(errors="replace"))):
-            raise OutputError(f"expected {path} to be absent or cellseg's, found another file; choose another "
-                              f"output folder with -o")
+    summary_csv = folder / "summary.csv"       # cellseg's own by its header
+    if summary_csv.is_dir() or (summary_csv.exists() and not summary_csv.read_text(errors="replace").startswith(
+            ",".join(_SUMMARY_COLUMNS[:3]))):
+        raise OutputError(f"expected {summary_csv} to be absent or a cellseg summary, found another file; choose "
+                          f"another output folder with -o")
+    check_cohort_report_target(folder, "choose another output folder with -o")
 
 
 @main.command()

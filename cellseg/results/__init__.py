@@ -20,8 +20,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "pictures": ["CELL_OUTLINE", "NUCLEUS_OUTLINE", "write_overlay_png"],
     "region_table": ["RegionTally", "write_regions_csv"],
     "report": [
-        "CohortRow", "MAX_CROPS", "TileGrid", "choose_crops", "result_folders", "slide_warnings", "tile_densities",
-        "write_cohort_report", "write_report",
+        "CohortRow", "MAX_CROPS", "TileGrid", "check_cohort_report_target", "choose_crops", "result_folders",
+        "slide_warnings", "tile_densities", "write_cohort_report", "write_report",
     ],
     "summary": ["RunInfo", "build_summary", "look_record", "regions_record", "run_record"],
     "uncertainty": [

@@ -460,6 +460,16 @@ def result_folders(paths: list[Path]) -> tuple[list[Path], Path | None]:
     return folders, Path(os.path.commonpath([str(f.resolve().parent) for f in folders]))
 
 
+def check_cohort_report_target(folder: Path, hint: str) -> None:
+    """Refuse to replace a `folder`/report.html that is not a cohort report cellseg wrote (the user's own page, or
+    a slide's report where a slide's result folder is asked to hold a cohort's): by its title, templates/
+    cohort.html.j2. hint: what the user can do instead."""
+    path = Path(folder) / "report.html"
+    if path.is_dir() or (path.exists()
+                         and "<title>cellseg cohort report:" not in path.read_text(errors="replace")[:1000]):
+        raise OutputError(f"expected {path} to be absent or a cellseg cohort report, found another file; {hint}")
+
+
 def write_cohort_report(folder: Path, rows: list[CohortRow]) -> Path:
     """`folder`/report.html: one row per slide (count, density, tissue area, warnings or error, a link to its own
     report) in a sortable table, and a plot of density per slide."""

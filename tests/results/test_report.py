@@ -122,6 +122,20 @@ def test_report_command_rebuilds_slide_and_cohort_reports(he_result, tmp_path):
     assert one.exit_code == 0 and "cohort" not in one.output and "report of" not in one.output
 
 
+def test_report_command_never_replaces_a_report_html_it_did_not_write(he_result, tmp_path):
+    results = tmp_path / "results"
+    for name in ("a", "b"):
+        shutil.copytree(he_result, results / name)
+    (results / "report.html").write_text("<html>my notes</html>")
+    slide_pages = {name: (results / name / "report.html").stat().st_mtime_ns for name in ("a", "b")}
+    result = invoke(["report", results / "a", results / "b"])
+    assert_user_error(result, 1, "expected", "report.html", "to be absent or a cellseg cohort report",
+                      "found another file")
+    assert (results / "report.html").read_text() == "<html>my notes</html>"
+    # refused before any slide's page was rebuilt
+    assert {name: (results / name / "report.html").stat().st_mtime_ns for name in ("a", "b")} == slide_pages
+
+
 def test_report_of_a_folder_without_results_is_one_line(tmp_path):
     assert_user_error(invoke(["report", tmp_path]), 1, "result folder", str(tmp_path))
 
