@@ -82,7 +82,7 @@ def difference(there: dict, here: dict) -> str | None:
         return f"the slide {b.get('path')} changed since (its size or modification time differs)"
     for key in sorted(set(there) | set(here)):
         if there.get(key) != here.get(key):
-            return f"another {key} ({_first_change(there.get(key), here.get(key))})"
+            return f"other {key} settings ({_first_change(there.get(key), here.get(key))})"
     return "another run"
 
 
@@ -238,8 +238,9 @@ def fresh_result_folder(folder: Path) -> Path:
 
 def complete_result(final: Path, print_: dict) -> dict | None:
     """The summary of the finished result in `final` when it was made from the same slide, protocol, model and
-    cellseg version (fingerprint `print_`), None when there is no finished result there; JournalError when there
-    is one made otherwise."""
+    cellseg version (fingerprint `print_`), None when there is no finished result there, or when there is one made
+    otherwise but an unfinished run of this very count beside it (resumed, it replaces that result); JournalError
+    when there is one made otherwise and nothing of this count to resume."""
     final = Path(final)
     if not (final / RESULT_MARKER).is_file():
         return None
@@ -248,6 +249,10 @@ def complete_result(final: Path, print_: dict) -> dict | None:
         return None
     changed = difference(run.get("fingerprint") or {}, print_)
     if changed is not None:
+        # a recount with other settings into an earlier result's folder, interrupted: its bands are the ones to use
+        header = _read_json(partial_folder(final) / HEADER)
+        if header is not None and difference(header.get("fingerprint") or {}, print_) is None:
+            return None
         raise JournalError(f"expected the result in {final} to be of this slide with the same protocol, model and "
                            f"cellseg version, found {changed}; rerun without --resume to replace it")
     return summary

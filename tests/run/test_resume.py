@@ -117,7 +117,7 @@ def test_a_journal_of_another_run_is_refused_in_one_line(tmp_path, slide, change
     out = tmp_path / "out"
     partial = interrupted(spec, path, out, tiles=6)
     before = {p.name: p.read_bytes() for p in partial.iterdir() if p.is_file()}
-    words = {"protocol": "dedupe_overlap", "model": "another model (shift_px: 0 there, 3 here)",
+    words = {"protocol": "dedupe_overlap", "model": "other model settings (shift_px: 0 there, 3 here)",
              "slide": "changed since", "version": "cellseg 0.0.1 there"}[change]
     if change == "protocol":
         spec = dataclasses.replace(spec, protocol=PROTOCOL.replace(dedupe_overlap=0.3))
@@ -136,6 +136,27 @@ def test_a_journal_of_another_run_is_refused_in_one_line(tmp_path, slide, change
     assert isinstance(outcome.error, JournalError) and "\n" not in message
     assert words in message and str(partial) in message
     assert {p.name: p.read_bytes() for p in partial.iterdir() if p.is_file()} == before    # left as it was
+
+
+def test_an_interrupted_recount_with_other_settings_into_an_earlier_result_resumes_and_replaces_it(tmp_path, slide):
+    path, labels = slide
+    earlier = LabelCounterSpec(PROTOCOL, labels)
+    out = tmp_path / "out"
+    earlier.load().count(path, out)
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)     # other settings, e.g. another score threshold
+    reference = tmp_path / "reference"
+    spec.load().count(path, reference)
+    partial = interrupted(spec, path, out, tiles=12)
+    assert done_bands(partial) == {0, 1}
+    counter = spec.load()
+    (outcome,) = count_serially(counter, [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == 2 and not outcome.skipped
+    assert sorted(counter.detector.seen) == list(range(10, 25))     # only the bands not yet done
+    assert_same_result(reference, out)
+    assert not partial.exists()
+    # with nothing of this count to resume, the earlier result is not taken for it: refused, pointing at the way
+    (outcome,) = count_serially(LabelCounterSpec(PROTOCOL, labels, shift_px=4).load(), [(path, out)], resume=True)
+    assert isinstance(outcome.error, JournalError) and "rerun without --resume to replace it" in str(outcome.error)
 
 
 @pytest.mark.slow
