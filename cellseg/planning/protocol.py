@@ -169,8 +169,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             Range(0.0)),
     Setting("export", "outputs", str, "all",
             "The result files to write: all, or their names separated by commas (e.g. cells.csv,cells.geojson); "
-            "summary.json and run.json are always written, and report.html brings the files it is drawn from "
-            "(cells.csv, overlay.png, tissue_mask.png, area_histogram.png, labels.ome.tif).",
+            "summary.json, run.json and below_threshold.csv are always written, and report.html brings the files "
+            "it is drawn from (cells.csv, overlay.png, tissue_mask.png, labels.ome.tif).",
             FileList(OUTPUT_FILES), "--outputs"),
 )}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 
 import numpy as np
 import pytest
@@ -192,6 +193,16 @@ def test_outputs_picks_the_files_written(tmp_path, slide):
     assert written == set(result_files(False, outputs="report.html"))
     assert {"report.html", "cells.csv", "overlay.png", "tissue_mask.png", "labels.ome.tif"} <= written
     assert not written & {"cells.geojson", "predictions.coco.json", "panoptic.ome.tif", "area_histogram.png"}
+
+
+def test_the_outputs_help_names_the_files_always_written_and_those_the_report_brings():
+    from cellseg.planning import SETTINGS
+    from cellseg.results.writer import ALWAYS, REPORT_NEEDS
+    text = SETTINGS["outputs"].help
+    always, brings = text.split("always written", 1)
+    named = {name: set(re.findall(r"[a-z_]+\.(?:json|csv|png|html|ome\.tif)", part))
+             for name, part in (("always", always.split(";", 1)[1]), ("brings", brings.split("(", 1)[1]))}
+    assert named == {"always": set(ALWAYS), "brings": set(REPORT_NEEDS)}
 
 
 def test_an_unknown_output_is_a_usage_error():
