@@ -568,8 +568,10 @@ def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_si
               help="IoU for a predicted cell to count as found.")
 def evaluate(pred, gt, out, iou) -> None:
     """Score predictions (COCO JSON, label image or result folder) against ground truth."""
+    from .evaluation import check_report_folder, summary_lines, write_report
     from .evaluation import evaluate as run_evaluation
-    from .evaluation import summary_lines, write_report
+    if out is not None:     # before the scoring, which can take long
+        check_report_folder(out)
     report = run_evaluation(pred, gt, iou=iou)
     for line in summary_lines(report):
         click.echo(line)

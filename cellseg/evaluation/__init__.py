@@ -9,7 +9,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "image_masks": ["ImageMasks", "SHARED_LABEL_PX", "annotation_rle", "coco_image_paths", "coco_images", "label_pieces",
                     "read_coco_json"],
     "overlap": ["box_pairs"],
-    "scoring": ["evaluate", "load_image_masks", "match", "pair_iou", "summary_lines", "write_report"],
+    "scoring": ["check_report_folder", "evaluate", "load_image_masks", "match", "pair_iou", "summary_lines",
+                "write_report"],
     "validate": [
         "VALIDATION_PROTOCOL", "above", "annotated_images", "card_figures", "image_folder", "predict", "score",
         "shared_images", "validate_bundle", "validation_detector",

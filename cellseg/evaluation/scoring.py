@@ -366,8 +366,13 @@ REPORT_FILES = ("metrics.json", "per_image.csv", "threshold_sweep.png")
 
 
 def check_report_folder(out_dir: Path) -> None:
-    """Refuse to write a report over files of those names that an earlier cellseg evaluation did not write."""
+    """Refuse to write a report into a file, or over files of those names that an earlier cellseg evaluation did
+    not write (`cellseg evaluate` checks before it scores, write_report again before it writes)."""
     from ..errors import OutputError
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"expected a folder at {out_dir} for the evaluation's files, found a file; choose another "
+                          f"--out folder")
     clash = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if not clash:
         return

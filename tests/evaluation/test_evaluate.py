@@ -341,8 +341,15 @@ def test_cli_never_overwrites_files_it_did_not_write(tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(pred), "--gt", str(gt), "--out", str(out)])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "metrics.json" in result.stderr and "did not write" in result.stderr
+    assert result.stdout == ""          # refused before scoring, not after
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
     assert (out / "metrics.json").read_text() == '{"my": "statistics"}'
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    result = CliRunner().invoke(main, ["evaluate", str(pred), "--gt", str(gt), "--out", str(a_file)])
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert "expected a folder at" in result.stderr and "found a file" in result.stderr
+    assert a_file.read_text() == "mine"
     (out / "metrics.json").unlink()
     for _ in range(2):            # an earlier evaluation of its own is replaced
         result = CliRunner().invoke(main, ["evaluate", str(pred), "--gt", str(gt), "--out", str(out)])
