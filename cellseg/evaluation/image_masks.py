@@ -149,6 +149,15 @@ def _coco_results(path: Path, anns: list[dict]) -> list[ImageMasks]:
 
 def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns: list[dict]) -> ImageMasks:
     rles = [annotation_rle(path, a, height, width) for a in anns]
+    # a mask with no pixel in its image (polygons outside it, an empty RLE) is no nucleus that could be found or
+    # matched: left out, as training leaves it out, and said, as it changes the counts
+    kept = [k for k, rle in enumerate(rles) if mask_utils.area(rle) > 0]
+    if len(kept) < len(rles):
+        empty = [str(a.get("id", k)) for k, a in enumerate(anns) if k not in set(kept)]
+        log.warning("%s: %d mask(s) of image %s with no pixel inside its %d x %d px left out (annotation ids %s)",
+                    path, len(empty), file_name or image_id, height, width, ", ".join(empty[:5])
+                    + (", ..." if len(empty) > 5 else ""))
+        rles, anns = [rles[k] for k in kept], [anns[k] for k in kept]
     with_score = sum("score" in a for a in anns)
     if with_score not in (0, len(anns)):
         raise EvaluationError(f"expected a score on every prediction or on none, image {file_name or image_id} "

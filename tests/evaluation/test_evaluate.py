@@ -107,6 +107,19 @@ def test_one_missed_cell(tmp_path):
     assert r.coco["ap50"] == pytest.approx(0.8, abs=0.01)  # COCO's 101-point recall grid
 
 
+def test_a_true_mask_with_no_pixel_in_its_image_is_left_out_and_said(tmp_path, caplog):
+    gt = write_coco(tmp_path / "gt.json", [("img.png", 1, SHAPE, grid(5))])
+    data = json.loads(gt.read_text())
+    data["annotations"].append({"id": 99, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                "segmentation": [[70, 50, 80, 50, 80, 60, 70, 60]]})     # beyond the 60 x 40 image
+    gt.write_text(json.dumps(data))
+    pred = write_pred(tmp_path / "pred.json", SHAPE, grid(5))
+    r = ev.evaluate(pred, gt)
+    p = r.pooled
+    assert (p["tp"], p["fp"], p["fn"], p["true_count"]) == (5, 0, 0, 5)   # not a nucleus missed
+    assert any("1 mask(s)" in m and "no pixel inside" in m and "99" in m for m in caplog.messages)
+
+
 def test_one_false_positive(tmp_path):
     r = run(tmp_path, grid(5) + [rect(30, 50, 5, 5, 0.3)])  # on background
     p = r.pooled
