@@ -164,7 +164,10 @@ def load_regions(path: str | Path, units: str = "px") -> RegionFile:
     names, geoms, skipped = [], [], {}
     for index, feature in enumerate(features):
         props = feature.get("properties") or {}
-        kind = props.get("objectType", "annotation")
+        if not isinstance(props, dict):
+            raise RegionsError(f"expected the properties of feature {index} of {path} to be an object, found "
+                               f"{type(props).__name__} {str(props)[:40]}")
+        kind = _object_type(feature, props)
         if kind not in ("annotation", "PathAnnotationObject"):
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
@@ -195,6 +198,16 @@ def load_regions(path: str | Path, units: str = "px") -> RegionFile:
         raise RegionsError(f"expected Polygon or MultiPolygon annotations in {path}, found none "
                            f"({len(features)} feature(s))")
     return RegionFile(str(path), tuple(_unique(names)), tuple(geoms), units)
+
+
+def _object_type(feature: dict, props: dict) -> str:
+    """The QuPath object type of a feature, read as QuPath reads it: properties.objectType, its older spelling
+    object_type, or (QuPath 0.2's exports) the feature's id, e.g. PathDetectionObject; an annotation when none."""
+    kind = props.get("objectType", props.get("object_type"))
+    legacy = feature.get("id")
+    if kind is None and isinstance(legacy, str) and legacy.startswith("Path") and legacy.endswith("Object"):
+        kind = legacy
+    return kind or "annotation"
 
 
 def _features(data, path: Path) -> list[dict]:

@@ -156,6 +156,30 @@ def test_regions_in_um_need_the_pixel_size_and_are_scaled(tmp_path):
     assert px.geometries[0].bounds == (16.0, 16.0, 240.0, 496.0)
 
 
+def test_qupath_object_types_of_older_exports_are_read_as_qupath_reads_them(tmp_path, caplog):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    features = [  # QuPath 0.2: the type as the feature's id; object_type, the older spelling of objectType
+        {"type": "Feature", "id": "PathAnnotationObject", "geometry": square,
+         "properties": {"classification": {"name": "Tumor"}}},
+        {"type": "Feature", "id": "PathDetectionObject", "geometry": square, "properties": {}},
+        {"type": "Feature", "geometry": square, "properties": {"object_type": "cell"}},
+        {"type": "Feature", "geometry": square, "properties": {"object_type": "annotation", "name": "Stroma"}}]
+    path = tmp_path / "older.geojson"
+    path.write_text(json.dumps(features))
+    with caplog.at_level(logging.INFO):
+        regions = load_regions(path)
+    assert regions.names == ("Tumor", "Stroma")
+    assert "1 PathDetectionObject object(s)" in caplog.text and "1 cell object(s)" in caplog.text
+
+
+def test_properties_that_are_not_an_object_fail_in_one_line(tmp_path):
+    path = tmp_path / "odd.geojson"
+    path.write_text(json.dumps({"type": "Feature", "properties": ["Tumor"], "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 0]]]}}))
+    with pytest.raises(RegionsError, match=r"expected the properties of feature 0 .* to be an object, found list"):
+        load_regions(path)
+
+
 def test_bad_regions_files_fail_in_one_line_or_are_repaired(tmp_path, caplog):
     slide, _ = make_slide(tmp_path)
     cases = {"text.geojson": "not json {", "points.geojson": json.dumps(
