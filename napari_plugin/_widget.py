@@ -226,12 +226,12 @@ class CellsegWidget(QWidget):
         return request
 
     def regions_geojson(self, shapes, image) -> dict:
-        """The shapes of a Shapes layer as GeoJSON regions in `image`'s pixels (holes drawn from a file left out)."""
+        """The shapes of a Shapes layer as GeoJSON regions in `image`'s pixels (a file's regions as they were: its
+        holes and parts, drawn as shapes of their own, put back together by _regions.shapes_to_geojson)."""
         features = shapes.features
         names = list(features["name"]) if "name" in features else [None] * len(shapes.data)
-        keep = [k for k, n in enumerate(names) if not str(n or "").startswith("hole of ")]
-        data = [np.array([image.world_to_data(shapes.data_to_world(v)) for v in shapes.data[k]]) for k in keep]
-        return _regions.shapes_to_geojson(data, [shapes.shape_type[k] for k in keep], [names[k] for k in keep])
+        data = [np.array([image.world_to_data(shapes.data_to_world(v)) for v in vertices]) for vertices in shapes.data]
+        return _regions.shapes_to_geojson(data, list(shapes.shape_type), names)
 
     def save_regions(self, path) -> Path | None:
         """Write the chosen regions layer to `path` as GeoJSON (in the chosen image's pixels)."""

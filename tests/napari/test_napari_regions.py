@@ -49,6 +49,28 @@ def test_drawn_shapes_round_trip_to_the_same_regions(tmp_path):
         _regions.shapes_to_geojson([np.array([[0, 0], [5, 5]])], ["line"])
 
 
+def test_a_files_regions_with_holes_and_parts_come_back_whole_from_the_layer(tmp_path):
+    # what the widget counts in: the layer's every shape (holes and parts drawn as shapes of their own) to GeoJSON
+    square = [[0, 0], [320, 0], [320, 320], [0, 320], [0, 0]]
+    hole = [[100, 100], [200, 100], [200, 200], [100, 200], [100, 100]]
+    path = tmp_path / "regions.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"objectType": "annotation", "name": "Tumor"},
+         "geometry": {"type": "Polygon", "coordinates": [square, hole]}},
+        {"type": "Feature", "properties": {"objectType": "annotation", "name": "Stroma"},
+         "geometry": {"type": "MultiPolygon", "coordinates": [[[[400, 0], [560, 0], [560, 160], [400, 160], [400, 0]]],
+                                                              [[[400, 200], [500, 200], [500, 410], [400, 410],
+                                                                [400, 200]]]]}}]}))
+    data, kwargs, _ = _regions.regions_layer_data(path)
+    assert kwargs["features"]["name"] == ["Tumor", "hole of Tumor", "Stroma", "Stroma"]
+    back = tmp_path / "back.geojson"
+    back.write_text(json.dumps(_regions.shapes_to_geojson(data, ["polygon"] * len(data), kwargs["features"]["name"])))
+    again, original = load_regions(back), load_regions(path)
+    assert again.names == original.names == ("Tumor", "Stroma")
+    assert [g.area for g in again.geometries] == [320 * 320 - 100 * 100, 160 * 160 + 100 * 210]
+    assert all(shapely.equals(a, b) for a, b in zip(again.geometries, original.geometries))
+
+
 def test_regions_of_a_counted_box_are_shifted_onto_it(tmp_path):
     from cellseg.geometry import Box
     geojson = _regions.shapes_to_geojson([np.array([[100, 200], [100, 260], [150, 260], [150, 200]])],
