@@ -503,8 +503,15 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
     items, classes = load_coco(data)
     if not starts_from_bundle(start):
         _train_from_scratch(items, classes, out, val, start, steps, minutes, batch_size, crop, lr, resume,
-                            torch_device, quiet)
+                            torch_device, quiet, protocol)
         return
+    if protocol.require_mpp and mpp is None:
+        # refused as `cellseg count -p PROTOCOL` refuses them: the count the fine-tune ends with must work on them
+        from .planning import check_pixel_size
+        from .slides import open_slide
+        for item in items:
+            with open_slide(Path(item.source)) as slide:
+                check_pixel_size(protocol, slide.info)
     from .planning import gray_input, images_warning, slide_look
     from .training import finetune
     looks = [slide_look(it.image.transpose(1, 2, 0), colour=not gray_input(it.image)) for it in items]
@@ -541,8 +548,9 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
 
 
 def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_size, crop, lr, resume, device,
-                        quiet) -> None:
-    """`cellseg train --init none | coco`: a network trained from random or COCO weights, then --val."""
+                        quiet, protocol) -> None:
+    """`cellseg train --init none | coco`: a network trained from random or COCO weights, then --val (counted as
+    `protocol` counts)."""
     from .training import TrainSettings
     from .training import train as run_training
     settings = TrainSettings(steps=steps or 2000, batch_size=batch_size, crop=crop, lr=lr or 3e-4, minutes=minutes)
@@ -550,12 +558,15 @@ def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_si
                           progress=not quiet, folder_checked=True)
     click.echo(f"bundle written to {bundle}")
     if val is not None:
-        from .evaluation import summary_lines, validate_bundle
-        validation = validate_bundle(bundle, val, bundle / "validation", device=device, progress=not quiet)
-        for line in summary_lines(validation.report):
+        from .evaluation import validate_bundle
+        validation = validate_bundle(bundle, val, bundle / "validation", device=device, progress=not quiet,
+                                     protocol=protocol)
+        for line in validation.lines():
             click.echo(line)
-        click.echo(f"default score threshold {validation.threshold:.2f} (best F1 on --val) stored in "
-                   f"{bundle / 'model.toml'}; validation report -> {bundle / 'validation'}")
+        chosen = ("(best F1 on --val) stored in" if validation.tuned else
+                  "(not tuned: nothing on --val to choose it by) kept in")
+        click.echo(f"default score threshold {validation.threshold:.2f} {chosen} {bundle / 'model.toml'}; "
+                   f"validation report -> {bundle / 'validation'}")
 
 
 @main.command()

@@ -40,6 +40,23 @@ class Validation:
     report: EvaluationReport
     threshold: float
 
+    @property
+    def tuned(self) -> bool:
+        """Whether `threshold` is the best-F1 one on these images; else it is the fallback `score` was given (nothing
+        to choose by: a model that found no cells, or cells without scores)."""
+        return _best_threshold(self.at_floor) is not None
+
+    def lines(self) -> list[str]:
+        """What it measured, for a person: summary_lines of `report`, whose last line (the best threshold of its own
+        sweep) says instead how `threshold` was chosen, true also when there was nothing to choose by."""
+        from .scoring import summary_lines
+        figures = summary_lines(self.report)[:-1]
+        if self.tuned:
+            return figures + [f"best score threshold (max F1): {self.threshold:.2f} (F1 {self.at_floor.best_f1:.3f})"]
+        why = ("no cells were found in these images" if self.at_floor.pooled["pred_count"] == 0 else
+               "the cells found carry no scores")
+        return figures + [f"best score threshold: none ({why})"]
+
     def sweep_table(self) -> dict:
         return {"thresholds": [s["threshold"] for s in self.at_floor.sweep],
                 "f1": [round(s["f1"], 4) for s in self.at_floor.sweep],
@@ -119,6 +136,10 @@ def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: fl
             log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])
         (cells,) = load_image_masks(folder).values()
         predictions[name] = dataclasses.replace(cells, file_name=name)   # paired with its annotations by name
+    if any(len(cells) for cells in predictions.values()):
+        # the pipeline scores every cell it makes: an image without cells must not leave the whole sweep without
+        # a best threshold (scoring.evaluate wants scores on every image)
+        predictions = {name: dataclasses.replace(cells, has_scores=True) for name, cells in predictions.items()}
     return predictions
 
 
@@ -133,9 +154,15 @@ def score(predictions: dict[str, ImageMasks], gt: dict[str, ImageMasks],
           fallback_threshold: float) -> Validation:
     """Evaluate predictions made at SCORE_FLOOR: choose the best-F1 threshold, then score at it."""
     at_floor = evaluate(predictions, gt)
-    threshold = at_floor.best_threshold if at_floor.best_threshold is not None else fallback_threshold
+    best = _best_threshold(at_floor)
+    threshold = best if best is not None else fallback_threshold
     report = evaluate({name: above(cells, threshold) for name, cells in predictions.items()}, gt)
     return Validation(at_floor, report, float(threshold))
+
+
+def _best_threshold(at_floor: EvaluationReport) -> float | None:
+    """The sweep's best-F1 threshold; None without a single cell (every threshold ties at F1 0: nothing chose it)."""
+    return at_floor.best_threshold if at_floor.pooled["pred_count"] else None
 
 
 def write_validation(validation: Validation, out_dir: Path) -> None:
@@ -145,21 +172,28 @@ def write_validation(validation: Validation, out_dir: Path) -> None:
 
 
 def validate_bundle(bundle_dir: Path, coco_json: Path, out_dir: Path, device: str = "auto",
-                    progress: bool = True) -> Validation:
+                    progress: bool = True, protocol: Protocol | None = None) -> Validation:
     """Run the bundle on the annotated images of `coco_json`, write the report to `out_dir`, and store the best
-    threshold (as the bundle's default) and the figures in its model.toml."""
+    threshold (as the bundle's default) and the figures in its model.toml. protocol: the user's (`cellseg train
+    -p`), whose name, modality, channel and mask threshold the images are counted with, as a count with it would
+    (and its warnings name it); None: VALIDATION_PROTOCOL's."""
     from ..bundles import load_bundle, update_bundle_metadata
     bundle = load_bundle(bundle_dir)
     gt, paths = annotated_images(coco_json)
-    detector = validation_detector(bundle, device)
+    counting = VALIDATION_PROTOCOL if protocol is None else VALIDATION_PROTOCOL.replace(
+        name=protocol.name, modality=protocol.modality, channel=protocol.channel)
+    detector = validation_detector(bundle, device, mask_threshold=None if protocol is None else protocol.mask_threshold,
+                                   modality=counting.modality)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".work-", dir=out_dir) as work:   # result folders, then removed
-        predictions = predict(detector, paths, Path(work), bundle.nucleus_diameter_px, progress=progress)
+        predictions = predict(detector, paths, Path(work), bundle.nucleus_diameter_px, progress=progress,
+                              protocol=counting)
     validation = score(predictions, gt, bundle.score_threshold)
     write_validation(validation, out_dir)
     metrics = {"score_threshold": validation.threshold, "iou": 0.5, "val_images": len(gt),
                "val_data": str(coco_json),
-               "threshold_chosen_on": "these validation images (pooled F1)",
+               "threshold_chosen_on": ("these validation images (pooled F1)" if validation.tuned else
+                                       "none: no scored cell found in these images, the bundle's default kept"),
                "all": card_figures(validation.report)}
     update_bundle_metadata(bundle_dir, score_threshold=validation.threshold,
                            card={"metrics": metrics, "threshold_sweep": validation.sweep_table()})

@@ -96,19 +96,22 @@ class TrainingScale:
         return "native" if self.factor == 1.0 else self.model_diameter_px / self.factor
 
     def count_options(self) -> str:
-        """What to add to `cellseg count` for this scale: --mpp when the pixel size decided it and was given on the
-        command line; --diameter when the annotated nuclei decided it (a count would measure them itself, with the
-        network, and may land nearby); nothing when the images' own pixel size decided it or nothing was resampled."""
-        if self.method == "pixel size":
-            return f"--mpp {self.mpp_option:g}" if self.mpp_option else ""
-        return "" if self.factor == 1.0 else f"--diameter {self.count_diameter:.1f}"
+        """What to add to `cellseg count` for this scale: --mpp whenever it was given on the command line (the
+        count must see the pixel size the training saw; a protocol that needs one refuses these images without it);
+        --diameter when the annotated nuclei decided it (a count would measure them itself, with the network, and
+        may land nearby); nothing more when the pixel size decided it or nothing was resampled."""
+        options = [f"--mpp {self.mpp_option:g}"] if self.mpp_option else []
+        if self.method != "pixel size" and self.factor != 1.0:
+            options.append(f"--diameter {self.count_diameter:.1f}")
+        return " ".join(options)
 
 
 def training_scale(bundle, items: list[TrainImage], protocol, mpp: float | None = None) -> TrainingScale:
     """The scale `cellseg count` would choose for these images (planning.decide_scale, its default), with their
     annotated nuclei as the measurement: the pixel size (`mpp`, --mpp, else the images' own when they all share one)
     with the bundle's scale in µm for the protocol's modality (or the protocol's nucleus_diameter_um), when the
-    annotated nuclei do not contradict it; else their median diameter, native within 20 % of the bundle's size.
+    annotated nuclei do not contradict it; else their median diameter, native from 1/1.2 to 1.1 times the bundle's
+    size.
     The bundle's own scale is kept: its weights learnt their nuclei at that size."""
     import dataclasses
 
@@ -128,13 +131,14 @@ def training_scale(bundle, items: list[TrainImage], protocol, mpp: float | None 
         if pixel_sizes - {(info.mpp, info.mpp_source)}:   # images of several pixel sizes: their nuclei decide
             info = dataclasses.replace(info, mpp=None, mpp_source="none: the images' pixel sizes differ")
     model_d = bundle.nucleus_diameter_px
+    # The annotated sizes are exact at the images' own scale: nothing to measure again resampled (a count's network
+    # reads nuclei far from its size biased; annotations are not), so only measure(1.0) answers.
     scale = decide_scale(model_d, bundle.micron_scale(protocol.modality), protocol, info,
-                         lambda factor: measured)    # annotated nuclei: the same size (image px) at any factor
+                         lambda factor: measured if factor == 1.0 else None)
     if scale.warning:
         log.warning("%s (here: the annotated nuclei)", scale.warning.split(". Check")[0])
     source = scale.source.replace("nuclei of the busiest tiles", "annotated nuclei")
-    return TrainingScale(float(scale.factor), source, scale.method or "native", model_d,
-                         mpp if scale.method == "pixel size" else None)
+    return TrainingScale(float(scale.factor), source, scale.method or "native", model_d, mpp)
 
 
 def split_heldout(items: list[TrainImage], share: float) -> tuple[list[TrainImage], list[tuple], str]:
@@ -208,7 +212,9 @@ class HeldOutScorer:
         from ..evaluation import VALIDATION_PROTOCOL, annotated_images
         self.heldout, self.threshold_key, self.scale, self.mpp, self.device = (heldout, threshold_key, scale, mpp,
                                                                                device)
-        self.protocol = VALIDATION_PROTOCOL.replace(modality=protocol.modality, channel=protocol.channel,
+        # the user's protocol's name too: a count's warnings name the protocol it counted with
+        self.protocol = VALIDATION_PROTOCOL.replace(name=protocol.name, modality=protocol.modality,
+                                                    channel=protocol.channel,
                                                     nucleus_diameter_um=protocol.nucleus_diameter_um)
         self.mask_threshold = protocol.mask_threshold
         self.gt, self.paths = annotated_images(heldout.annotations)
@@ -349,8 +355,10 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
             folder_k = out / "snapshots" / f"step{s['step']:07d}"
             if s["step"] != best and folder_k.is_dir():
                 shutil.rmtree(folder_k, ignore_errors=True)
-        if best is not None and sum(s["step"] > best for s in tuned) >= recipe.patience:
-            stopped.append(step)     # early stopping: `patience` scorings without a better one
+        # early stopping: `patience` scorings without a better one, with planned steps still to run (the last
+        # scoring ends the run anyway)
+        if step < settings.steps and best is not None and sum(s["step"] > best for s in tuned) >= recipe.patience:
+            stopped.append(step)
             return True
         return False
 

@@ -100,3 +100,68 @@ def test_validation_takes_the_mask_threshold_of_the_bundle_as_counting_does(tiny
     assert validation_detector(dataclasses.replace(bundle, mask_threshold=0.5), "cpu").mask_threshold == 0.5
     with pytest.raises(ParameterError, match="mask_threshold: expected between 0.0 and 1.0, got 1.5"):
         validation_detector(bundle, "cpu", mask_threshold=1.5)
+
+
+def _coco_of(folder, fields) -> object:
+    """A COCO file of several images: fields are (file name, pixels, instance labels)."""
+    import json
+
+    import pycocotools.mask as mask_utils
+    from PIL import Image
+    images, anns = [], []
+    for image_id, (name, pixels, labels) in enumerate(fields, start=1):
+        Image.fromarray(pixels).save(folder / name)
+        images.append({"id": image_id, "file_name": name, "height": labels.shape[0], "width": labels.shape[1]})
+        for k in np.unique(labels[labels > 0]):
+            rle = mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "segmentation": rle,
+                         "iscrowd": 0, "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle))})
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}))
+    return path
+
+
+@pytest.mark.slow
+def test_an_image_without_cells_leaves_the_threshold_chosen_on_the_others(tmp_path):
+    """The model finds cells in one held-out image and none in another: the threshold is still the best-F1 one
+    (an image without cells has no scores to lack)."""
+    from PIL import Image
+    pixels = np.asarray(Image.open(DATA / "dsb_fluo.png"))
+    labels = tifffile.imread(DATA / "dsb_fluo_labels.tif")
+    found = labels.copy()
+    found[:128, :128] = 0                           # what the detector finds: nothing in the top-left corner
+    ann = _coco_of(tmp_path, [("a.png", pixels, found), ("corner.png", pixels[:100, :100], labels[:100, :100])])
+    gt, paths = annotated_images(ann)
+    predictions = predict(LabelReadingDetector(found, score=0.9), paths, tmp_path / "work")
+    assert len(predictions["corner.png"]) == 0 and len(predictions["a.png"]) > 0
+    validation = score(predictions, gt, fallback_threshold=0.5)
+    assert validation.threshold == pytest.approx(0.9) and validation.tuned    # the cells' score, not the fallback
+    assert validation.lines()[-1].startswith("best score threshold (max F1): 0.90")
+
+
+@pytest.mark.slow
+def test_train_val_of_a_model_that_finds_no_cells_says_no_threshold_was_chosen(tmp_path, tiny_bundle, monkeypatch,
+                                                                                caplog):
+    """`cellseg train --init none --val` of a network that finds nothing: no line may say its predictions carry no
+    scores or that the default threshold is the best F1, and the counts' warnings name the user's protocol."""
+    from ..helpers import invoke
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_he.png", DATA / "dsb_he_labels.tif")   # H&E: warned about
+
+    def trained(items, classes, out, settings, **kwargs):       # the training itself is not what is tested
+        shutil.copytree(tiny_bundle, out)
+        return out
+    monkeypatch.setattr("cellseg.training.train", trained)
+    monkeypatch.setattr("cellseg.evaluation.validate.validation_detector",
+                        lambda bundle, device, **kwargs: LabelReadingDetector(np.zeros((256, 320), np.uint16)))
+    out = tmp_path / "scratch"
+    result = invoke(["train", "--data", ann, "--val", ann, "--init", "none", "--steps", 1, "--out", out,
+                     "--device", "cpu", "-q"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "0 predicted" in result.stdout and "carry no scores" not in result.stdout
+    assert "best score threshold: none (no cells were found in these images)" in result.stdout
+    assert "best F1" not in result.stdout
+    assert "default score threshold 0.00 (not tuned: nothing on --val to choose it by) kept in" in result.stdout
+    assert load_bundle(out).card["metrics"]["threshold_chosen_on"].startswith("none: ")
+    assert "protocol fluorescence-nuclei is for fluorescence" in caplog.text
+    assert "protocol validation" not in caplog.text

@@ -142,6 +142,74 @@ def test_the_best_snapshot_becomes_the_bundle_and_the_run_stops_when_it_stops_im
     assert tuned.score_thresholds["fluorescence_gray"] == 0.6
 
 
+@pytest.mark.slow
+def test_a_run_that_ran_every_planned_step_did_not_stop_early(tmp_path, start_bundle, monkeypatch):
+    """Patience runs out at the last scoring (steps 3 and 4 not better than 2, patience 2): the run ended where it
+    was planned to, not early."""
+    from cellseg.planning import load_protocol
+    from cellseg.training import Recipe, finetune
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    items, classes = load_coco(ann)
+    seen = _scored_by_step(monkeypatch, lambda step: {0: 0.5, 1: 0.6, 2: 0.7}.get(step, 0.55))
+    out = tmp_path / "mine"
+    verdict = finetune(items, classes, out, str(start_bundle), load_protocol(_protocol(tmp_path, start_bundle)),
+                       steps=4, batch_size=1, crop=64, progress=False, recipe=Recipe(scorings=4, patience=2))
+    assert sorted(seen) == [0, 1, 2, 3, 4] and verdict.chosen_step == 2
+    card = load_bundle(out).card["finetune"]
+    assert card["steps_run"] == card["planned_steps"] == 4
+    assert not verdict.stopped_early and card["stopped_early"] is False
+
+
+def test_a_protocol_that_needs_the_pixel_size_refuses_images_without_one_before_training(tmp_path, start_bundle):
+    """As `cellseg count -p PROTOCOL` refuses them: the count the fine-tune would end by printing could not run."""
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")   # a PNG: no pixel size
+    protocol = tmp_path / "needs_mpp.toml"
+    protocol.write_text(f'name = "needs-mpp"\nmodality = "fluorescence"\n\n[input]\nrequire_mpp = true\n\n'
+                        f'[detection]\nmodel = "{start_bundle.as_posix()}"\n')
+    out = tmp_path / "mine"
+    result = invoke(_train_args(ann, out, protocol, "--keep-anyway"))
+    assert result.exit_code == 1 and not out.exists(), (result.output, result.exception)
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("cellseg: error: protocol needs-mpp needs the pixel size")
+    assert "dsb_fluo.png has none" in message and message.endswith("pass --mpp")
+
+
+def test_the_count_options_carry_the_mpp_the_training_was_given(tmp_path, start_bundle):
+    """--mpp given and the annotated nuclei deciding the scale (they contradict the pixel size): the count needs
+    both, --mpp for a protocol that requires the pixel size, --diameter for the scale."""
+    from cellseg.planning import load_protocol
+    items = _items(tmp_path)
+    bundle = load_bundle(start_bundle)
+    protocol = load_protocol("fluorescence-nuclei").replace(nucleus_diameter_um=2.0)   # 4 px at 0.5 µm/px: 2.9x off
+    scale = training_scale(bundle, items, protocol, mpp=0.5)
+    assert scale.method == "measured" and scale.count_options() == "--mpp 0.5 --diameter 11.6"
+
+
+def test_the_scale_note_says_the_annotated_nuclei_were_measured_once(tmp_path, start_bundle):
+    """Annotated nuclei above the bundle's size: a count measures such nuclei again, resampled (its network reads
+    them biased); the annotated sizes are exact and are not measured again, and the note must not say they were."""
+    from cellseg.planning import load_protocol
+    items = _items(tmp_path)
+    bundle = load_bundle(start_bundle)
+    scale = training_scale(bundle, items, load_protocol("fluorescence-nuclei"))
+    assert _diameter(items[0].masks) > bundle.nucleus_diameter_px        # 11.6 px against 6.7
+    n = sum(len(it.masks) for it in items)
+    assert scale.source.startswith(f"measured: {n} annotated nuclei, median 11.6 px (")
+    assert "again" not in scale.source and scale.source.endswith(f": resampled by {6.7 / 11.617:.3g}")
+
+
+def test_held_out_counts_name_the_users_protocol(tmp_path, start_bundle):
+    """A held-out image's count warns in the words of a count (e.g. 'protocol X is for fluorescence'): X must be
+    the protocol the user gave, not the internal validation settings."""
+    from cellseg.planning import load_protocol
+    from cellseg.training.finetune import HeldOut, HeldOutScorer
+    ann, _ = coco_from_labels(tmp_path, DATA / "dsb_fluo.png", DATA / "dsb_fluo_labels.tif")
+    protocol = load_protocol(_protocol(tmp_path, start_bundle))
+    scale = training_scale(load_bundle(start_bundle), load_coco(ann)[0], protocol)
+    scorer = HeldOutScorer(HeldOut(ann, "test"), protocol, "fluorescence", scale, None, "cpu")
+    assert (scorer.protocol.name, scorer.protocol.modality) == ("mine", "fluorescence")
+
+
 def test_a_held_out_part_without_nuclei_is_one_line_and_writes_nothing(tmp_path, start_bundle):
     """Nuclei annotated only on the left of the image: the held-out band (its right quarter) could judge nothing."""
     import tifffile
