@@ -527,7 +527,9 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
     for line in verdict.lines():
         click.echo("  " + line)
     options = card["scale"]["count_options"]
-    count_hint = f"cellseg count -p {protocol.name} --model {out}{' ' + options if options else ''}"
+    import shlex
+    given = shlex.quote(str(protocol_name))     # as typed: a protocol file is named by its path, not its name
+    count_hint = f"cellseg count -p {given} --model {shlex.quote(str(out))}{' ' + options if options else ''}"
     if verdict.better:
         click.echo(f"bundle written to {out}: the fine-tuned step {verdict.chosen_step}, score threshold "
                    f"{verdict.threshold:.2f} for {card['threshold_key']}; count with `{count_hint}`")
@@ -538,10 +540,13 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
                f"{start}; {out} keeps it for inspection and its card says so", err=True)
     own, retuned = verdict.table[0], verdict.table[1]
     if (retuned["ap50_tp_fp_fn_pooled"] or 0) > (own["ap50_tp_fp_fn_pooled"] or 0):
+        # the start bundle counted as these images need (the protocol, its own bundle unless --init named another,
+        # the scale's options), at the retuned threshold
+        start_hint = (f"cellseg count -p {given}{'' if init == 'protocol' else f' --model {shlex.quote(str(start))}'}"
+                      f"{' ' + options if options else ''} --score-threshold {retuned['score_threshold']:.2f}")
         click.echo(f"{start} itself scored AP50 {retuned['ap50_tp_fp_fn_pooled']:.3f} on them at score threshold "
                    f"{retuned['score_threshold']:.2f} (retuned there), {own['ap50_tp_fp_fn_pooled']:.3f} at its own "
-                   f"{own['score_threshold']:.2f}: `cellseg count --score-threshold {retuned['score_threshold']:.2f}` "
-                   f"uses it", err=True)
+                   f"{own['score_threshold']:.2f}: `{start_hint}` uses it", err=True)
     if not keep_anyway:
         click.get_current_context().exit(1)
     click.echo(f"kept anyway (--keep-anyway): count with `{count_hint}`")

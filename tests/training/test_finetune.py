@@ -15,6 +15,7 @@ import torch
 
 from cellseg.bundles import load_bundle, update_bundle_metadata
 from cellseg.training import TrainSettings, load_coco, resample, split_heldout, train, training_scale, window_of
+from cellseg.training.finetune import HeldOutScorer
 
 from ..helpers import DATA, coco_from_labels, invoke
 
@@ -80,7 +81,6 @@ def _scored_by_step(monkeypatch, ap50_of_step) -> dict:
     """Held-out scoring replaced by a table: the AP50 of a snapshot is ap50_of_step(step) (the run's folder scores
     as its last step). Returns {step: sha256 of the weights scored}."""
     from cellseg.bundles import sha256_file
-    from cellseg.training.finetune import HeldOutScorer
     seen = {}
 
     def predictions(self, bundle_dir):
@@ -114,6 +114,15 @@ def test_a_fine_tune_worse_than_its_start_is_refused_unless_kept_anyway(tmp_path
     assert card["better"] is False and card["verdict"].startswith("NOT better")
     result = invoke(_train_args(ann, tmp_path / "b", protocol, "--keep-anyway"))
     assert result.exit_code == 0 and "kept anyway" in result.stdout
+    assert f"count with `cellseg count -p {protocol} --model {tmp_path / 'b'}" in result.stdout   # the file, by path
+    # the start bundle better at a retuned threshold: the count that uses it, with the protocol that names it
+    figures = HeldOutScorer.figures
+    monkeypatch.setattr(HeldOutScorer, "best", lambda self, p, fallback: {
+        **figures(self, p, 0.55), "ap50_tp_fp_fn_pooled": figures(self, p, 0.55)["ap50_tp_fp_fn_pooled"] + 0.05})
+    result = invoke(_train_args(ann, tmp_path / "d", protocol))
+    assert result.exit_code == 1
+    assert re.search(rf"`cellseg count -p {re.escape(str(protocol))} (--diameter [0-9.]+ )?--score-threshold 0.55` "
+                     "uses it", result.stderr)
     assert load_bundle(tmp_path / "b").card["finetune"]["better"] is False   # the card says so all the same
     # a gain within the held-out noise (AP50 0.8 on 100 nuclei found, missed or false: 0.04) is no gain
     _scored_by_step(monkeypatch, lambda step: 0.8 + 0.01 * step)
