@@ -232,7 +232,8 @@ def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> Evalu
               for (name, _, g), r, d in zip(pairs, results, dsb)]
     pooled = _pool(results)
     rel = [im["rel_count_error"] for im in images if im["rel_count_error"] is not None]
-    scored = all(p.has_scores for _, p, _ in pairs)
+    # an image without predictions has no score to lack: it leaves the sweep to the images that have them
+    scored = any(p.has_scores for _, p, _ in pairs) and all(p.has_scores or not len(p) for _, p, _ in pairs)
     sweep = []
     for t in thresholds:
         swept = [match(p, g, iou, score_threshold=t, ious=x) for (_, p, g), x in zip(pairs, ious)]

@@ -136,10 +136,6 @@ def predict(detector, images: dict[str, Path], work: Path, model_diameter_px: fl
             log.info("%d/%d %s: %d cells", k + 1, len(images), name, summary["cell_count"])
         (cells,) = load_image_masks(folder).values()
         predictions[name] = dataclasses.replace(cells, file_name=name)   # paired with its annotations by name
-    if any(len(cells) for cells in predictions.values()):
-        # the pipeline scores every cell it makes: an image without cells must not leave the whole sweep without
-        # a best threshold (scoring.evaluate wants scores on every image)
-        predictions = {name: dataclasses.replace(cells, has_scores=True) for name, cells in predictions.items()}
     return predictions
 
 

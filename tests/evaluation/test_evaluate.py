@@ -120,6 +120,15 @@ def test_a_true_mask_with_no_pixel_in_its_image_is_left_out_and_said(tmp_path, c
     assert any("1 mask(s)" in m and "no pixel inside" in m and "99" in m for m in caplog.messages)
 
 
+def test_an_image_without_predictions_leaves_the_best_threshold_to_the_others(tmp_path):
+    shape = SHAPE
+    gt = write_coco(tmp_path / "gt.json", [("a.png", 1, shape, grid(5)), ("b.png", 2, shape, grid(3))])
+    cells = grid(5, score=0.9)[:4] + [rect(30, 50, 6, 6, 0.3)]           # 4 found, 1 false at a low score
+    pred = write_coco(tmp_path / "pred.json", [("a.png", 1, shape, cells), ("b.png", 2, shape, [])], scores=True)
+    r = ev.evaluate(pred, gt)
+    assert r.best_threshold is not None and r.best_threshold > 0.3        # the false one cut
+
+
 def test_one_false_positive(tmp_path):
     r = run(tmp_path, grid(5) + [rect(30, 50, 5, 5, 0.3)])  # on background
     p = r.pooled
