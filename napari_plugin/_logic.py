@@ -139,10 +139,13 @@ def array_reader(data) -> Callable[[Box], np.ndarray]:
 
 
 def write_region_tiff(read: Callable[[Box], np.ndarray], box: Box, path: Path, *, n_channels: int, dtype,
-                      mpp: float | None = None, rgb: bool = False, tile: int = 512) -> Path:
+                      mpp: float | None = None, rgb: bool = False, tile: int = 512,
+                      channel_names: list[str] | None = None) -> Path:
     """Write the pixels of `box` to a tiled OME-TIFF at `path`, one tile at a time (memory: a few tiles).
 
-    read(box) -> (h, w, n_channels) in `dtype`. One channel: YX; RGB: YXS; several: YXS minisblack.
+    read(box) -> (h, w, n_channels) in `dtype`. One channel: YX; RGB: YXS; several: YXS minisblack, or, with
+    `channel_names` (the slide's), CYX planes whose OME channels carry them, as the count of the whole slide
+    names its intensity columns (each tile then read once per channel).
     The TIFF is the input of a count of the region (cellseg reads it lazily like any slide).
     """
     import tifffile
@@ -158,12 +161,27 @@ def write_region_tiff(read: Callable[[Box], np.ndarray], box: Box, path: Path, *
                 part = np.asarray(part, dtype=dtype)
                 yield part[..., 0] if n_channels == 1 else part
 
-    shape = box.shape if n_channels == 1 else (*box.shape, n_channels)
-    metadata = ome_metadata("YX" if n_channels == 1 else "YXS", mpp)
+    named = n_channels > 1 and bool(channel_names) and len(channel_names) == n_channels
+
+    def planes():
+        for k in range(n_channels):
+            for r in range(box.row0, box.row1, tile):
+                for c in range(box.col0, box.col1, tile):
+                    part = read(Box(r, c, min(r + tile, box.row1), min(c + tile, box.col1)))
+                    yield np.asarray(part, dtype=dtype)[..., k]
+
+    if named:
+        shape, metadata = (n_channels, *box.shape), ome_metadata("CYX", mpp)
+        metadata["Channel"] = {"Name": [str(n) for n in channel_names]}
+    else:
+        shape = box.shape if n_channels == 1 else (*box.shape, n_channels)
+        metadata = ome_metadata("YX" if n_channels == 1 else "YXS", mpp)
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        tif.write(tiles(), shape=shape, dtype=dtype, tile=(tile, tile), compression="zlib",
-                  compressionargs={"level": 1}, photometric="rgb" if rgb and n_channels == 3 else "minisblack",
-                  planarconfig="contig", metadata=metadata, **resolution_tags(mpp))
+        # named: one page per channel (a page of several samples carries one OME channel, so one name)
+        tif.write(planes() if named else tiles(), shape=shape, dtype=dtype, tile=(tile, tile), compression="zlib",
+                  compressionargs={"level": 1},
+                  photometric="rgb" if rgb and n_channels == 3 and not named else "minisblack",
+                  planarconfig=None if named else "contig", metadata=metadata, **resolution_tags(mpp))
     return path
 
 

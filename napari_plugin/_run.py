@@ -138,7 +138,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
                     box = request.region or Box(0, 0, src.info.height, src.info.width)
                     write_region_tiff(lambda b: src.read_region(b), box, slide_path, n_channels=src.info.n_channels,
                                       dtype=src.info.dtype, mpp=src.info.mpp, rgb=src.info.n_channels == 3
-                                      and not src.info.channel_names)
+                                      and not src.info.channel_names, channel_names=src.info.channel_names)
             else:
                 if request.read is None or request.shape is None:
                     raise CellsegError("expected a slide file or an image to read the pixels from, got neither")

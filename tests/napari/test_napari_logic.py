@@ -323,17 +323,20 @@ def test_place_on_image():
     assert kw == {"translate": (210.0, 420.0), "scale": (2.0, 2.0), "name": "x"}
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_write_region_tiff_round_trip(tmp_path, channels):
+@pytest.mark.parametrize("channels, names", [(1, None), (3, None), (3, ["CD3", "DAPI", "CK"])])
+def test_write_region_tiff_round_trip(tmp_path, channels, names):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (700, 600, channels), dtype=np.uint8)
     read = _logic.array_reader(image[..., 0] if channels == 1 else image)
     path = _logic.write_region_tiff(read, Box(50, 40, 650, 590), tmp_path / "r.ome.tif", n_channels=channels,
-                                    dtype=np.uint8, mpp=0.5, rgb=channels == 3, tile=256)
+                                    dtype=np.uint8, mpp=0.5, rgb=channels == 3 and not names, tile=256,
+                                    channel_names=names)
     with open_slide(path) as slide:
         assert (slide.info.height, slide.info.width, slide.info.n_channels) == (600, 550, channels)
         assert slide.info.mpp == pytest.approx(0.5)
         assert np.array_equal(slide.read_region(Box(0, 0, 600, 550)), image[50:650, 40:590])
+        # a region of a slide with named channels keeps them: its count names its intensity columns as the slide's
+        assert (list(slide.info.channel_names or []) or None) == names
 
 
 def test_array_reader_refuses_stacks():
