@@ -214,7 +214,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
         with open_slide(inputs[0], mpp=mpp) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide
-                regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
+                regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width, note=False)
     import shlex
 
     from .planning import DEFAULT_SCALE

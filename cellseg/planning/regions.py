@@ -41,9 +41,10 @@ class RegionFile:
     geometries: tuple
     units: str = "px"
 
-    def in_pixels(self, mpp: float | None, height: int, width: int) -> Regions:
+    def in_pixels(self, mpp: float | None, height: int, width: int, note: bool = True) -> Regions:
         """The regions in level-0 px, clipped to the slide (height x width). µm need the pixel size; a region
-        wholly outside the slide is left out with a logged note; none left is an error."""
+        wholly outside the slide is left out with a logged note (note=False: a check before the count, which
+        notes it itself); none left is an error."""
         import shapely
         from shapely import affinity
 
@@ -58,8 +59,9 @@ class RegionFile:
         for name, g in zip(self.names, geoms):
             inside = shapely.intersection(g, slide)
             if inside.is_empty or inside.area <= 0:
-                log.warning("region %r (%s) lies outside the slide (%d x %d px): left out", name, self.path,
-                            width, height)
+                if note:
+                    log.warning("region %r (%s) lies outside the slide (%d x %d px): left out", name, self.path,
+                                width, height)
                 continue
             names.append(name)
             kept.append(inside)

@@ -172,6 +172,19 @@ def test_qupath_object_types_of_older_exports_are_read_as_qupath_reads_them(tmp_
     assert "1 PathDetectionObject object(s)" in caplog.text and "1 cell object(s)" in caplog.text
 
 
+def test_a_region_off_the_slide_is_noted_once(tmp_path, tiny_bundle, caplog):
+    slide, _ = make_slide(tmp_path)
+    path = tmp_path / "regions.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": name}, "geometry": {"type": "Polygon", "coordinates": [
+            [[x, 0], [x + 50, 0], [x + 50, 50], [x, 50], [x, 0]]]}} for name, x in (("on", 10), ("off", 1000))]}))
+    with caplog.at_level(logging.WARNING):
+        result = invoke(["count", str(slide), "-o", str(tmp_path / "out"), "--regions", str(path),
+                         "--model", str(tiny_bundle), "--tissue", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sum("'off'" in r.getMessage() and "outside the slide" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_properties_that_are_not_an_object_fail_in_one_line(tmp_path):
     path = tmp_path / "odd.geojson"
     path.write_text(json.dumps({"type": "Feature", "properties": ["Tumor"], "geometry": {
