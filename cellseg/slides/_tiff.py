@@ -37,10 +37,13 @@ READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError
 
 def open_tiff(path: Path) -> Slide:
     with ExitStack() as stack:  # closes the file if anything below fails
-        collect = logging.handlers.BufferingHandler(10_000)  # what tifffile logs instead of raising
-        collect.setLevel(logging.ERROR)
+        # what tifffile logs instead of raising, kept from the console (propagate off) and judged below: the user
+        # gets one line for a damaged file, not tifffile's records before it
+        collect = logging.handlers.BufferingHandler(10_000)
+        collect.setLevel(logging.WARNING)
         tiff_log = logging.getLogger("tifffile")
         tiff_log.addHandler(collect)
+        propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
             series = tf.series[0]  # SVS: the baseline; OME: the first image
@@ -49,12 +52,15 @@ def open_tiff(path: Path) -> Slide:
             raise SlideError(f"expected a readable TIFF, {path} is corrupt ({BACKEND}: {error_text(e)})") from e
         finally:
             tiff_log.removeHandler(collect)
+            tiff_log.propagate = propagate
         # tifffile skips damaged tags and IFDs with a logged error. One pointing outside the file
         # means truncation (a lost OME-XML or pyramid level would silently change the result);
         # other logged problems (odd vendor tags) are passed on as warnings.
-        for msg in (record.getMessage() for record in collect.buffer):
+        messages = [record.getMessage() for record in collect.buffer]
+        for msg in messages:
             if "offset" in msg:
                 raise SlideError(f"expected a complete TIFF, {path} is truncated or corrupt ({BACKEND}: {msg})")
+        for msg in messages:
             log.warning("%s: tifffile: %s", path.name, msg)
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),

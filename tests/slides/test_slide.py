@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tracemalloc
 from pathlib import Path
 
@@ -332,6 +333,16 @@ def test_truncated_tiff_fails_at_open(tmp_path, fraction):
     with pytest.raises(SlideError, match="expected a .*TIFF") as info:
         open_slide(tmp_path / "cut.tif")
     assert "\n" not in str(info.value)
+
+
+def test_a_truncated_tiff_is_one_line_without_tifffiles_records_before_it(tmp_path, caplog):
+    a = ramp((1024, 1024), np.uint8)
+    write_ome_pyramid(tmp_path / "p.ome.tif", [a, a[::2, ::2].copy()], axes="YX")
+    data = (tmp_path / "p.ome.tif").read_bytes()
+    (tmp_path / "cut.ome.tif").write_bytes(data[: len(data) // 3])
+    with caplog.at_level(logging.DEBUG), pytest.raises(SlideError, match="truncated or corrupt"):
+        open_slide(tmp_path / "cut.ome.tif")
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]     # kept from the console
 
 
 def test_truncated_pyramid_losing_its_ifds_fails_at_open(tmp_path):
