@@ -410,7 +410,8 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
 @protocol_overrides("tile_size", "halo_px")
 @_MPP_OPTION
 @click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
-              help="Typical nucleus diameter in px, as `cellseg count --diameter` takes it (tiles are resampled).")
+              help="Typical nucleus diameter in px: the tiles as `cellseg count --diameter PX` resamples them "
+                   "(count's `auto` measures the nuclei with the network, which info does not load).")
 def info(slide, protocol_name, overrides, mpp, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
