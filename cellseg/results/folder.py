@@ -13,6 +13,7 @@ removed once the process that made them is gone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,21 @@ def abort_output(staging: Path) -> None:
         log.warning("could not fully remove the staging folder %s", staging)
 
 
+# What only writing meets: a full disk or quota, a file too large, a file system gone read-only, a permission
+# taken away mid-run. Such a failure keeps a journaled count's finished bands for --resume (run/journal.py).
+WRITING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error(what: str, folder: Path, error: OSError) -> WriteError:
+    """A WriteError for an OSError met writing `what` into `folder`: what failed, why, and the space left there."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = error.strerror or str(error)
+    return WriteError(f"cannot write {what} into {folder}: {reason} ({free})")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` so readers see the old file or the new one, never a part."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -215,6 +231,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITING_ERRNOS:
+            raise write_error(path.name, path.parent, exc) from exc
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise

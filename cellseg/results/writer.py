@@ -25,7 +25,6 @@ Conventions: coordinates are (row, col) in level-0 pixels, boxes half-open `Box(
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from ..util.threads import put_while
 from .cells_csv import CellsTableWriter
 from .cells_geojson import CellsGeoJsonWriter
 from .coco import CocoWriter
+from .folder import WRITING_ERRNOS, write_error
 from .labelstore import LabelStore
 from .ome_pyramid import LabelPyramid, Panoptic
 from .pictures import write_overlay_png
@@ -575,10 +575,6 @@ def _raise(error: BaseException | None) -> None:
         raise error
 
 
-# Errors only writing can meet: no space left, a quota, a file too large, a read-only file system.
-_WRITING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-
-
 @contextmanager
 def write_errors(folder: Path) -> Iterator[None]:
     """Within: an OSError that only writing meets (no space left, a quota, ...) becomes a WriteError naming the file
@@ -586,21 +582,11 @@ def write_errors(folder: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _WRITING_ERRNOS:
+        if e.errno not in WRITING_ERRNOS:
             raise
         where = Path(e.filename) if e.filename else None
         raise write_error(where.name if where else "the result files", where.parent if where else Path(folder),
                           e) from e
-
-
-def write_error(what: str, folder: Path, error: OSError) -> WriteError:
-    """A WriteError for an OSError met writing `what` into `folder`: what failed, why, and the space left there."""
-    try:
-        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
-    except OSError:
-        free = "free space unknown"
-    reason = error.strerror or str(error)
-    return WriteError(f"cannot write {what} into {folder}: {reason} ({free})")
 
 
 def start_writer_imports() -> None:

@@ -108,6 +108,7 @@ class Journal:
         self.final, self.folder, self.fingerprint = final, folder, print_
         self.band_rows, self.kept_bands = band_rows, kept_bands
         self._made, self._lock_fd = made, lock_fd
+        self._keep = False      # the finished result failed to move into place: kept for --resume whatever the error
 
     @classmethod
     def open(cls, final: Path, print_: dict, *, resume: bool, band_rows: int | None = None) -> Journal:
@@ -156,9 +157,22 @@ class Journal:
 
     def commit(self) -> None:
         """Move the finished result into place (results.commit_output), then drop the journal. The header goes
-        first: a run killed in between leaves no journal that a later run would take for unfinished work."""
-        (self.folder / HEADER).unlink(missing_ok=True)
-        commit_output(self.folder / RESULT, self.final)
+        first: a run killed in between leaves no journal that a later run would take for unfinished work. A move
+        that fails (files added to the earlier result meanwhile, a permission taken away) puts the header back and
+        keeps the whole journal: --resume writes the result again from its bands."""
+        header = self.folder / HEADER
+        saved = header.read_bytes()
+        header.unlink()
+        try:
+            commit_output(self.folder / RESULT, self.final)
+        except BaseException:
+            self._keep = True
+            try:
+                atomic_write_bytes(header, saved)
+            except CellsegError as e:
+                log.error("could not put back the journal's header in %s (%s): a rerun will start over",
+                          self.folder, e)
+            raise
         shutil.rmtree(self.folder, ignore_errors=True)
         self._release()
 
@@ -169,7 +183,7 @@ class Journal:
         bands: it is kept for --resume."""
         # A damaged tile is a bad input too, but the bands before it are sound: kept (if any) for --resume
         # --skip-unreadable. A full disk: kept for --resume once there is room.
-        keep = isinstance(error, (UnreadableRegionError, WriteError)) and bool(done_bands(self.folder))
+        keep = self._keep or isinstance(error, (UnreadableRegionError, WriteError)) and bool(done_bands(self.folder))
         if error is None or (isinstance(error, CellsegError) and not keep):
             shutil.rmtree(self.folder, ignore_errors=True)
             remove_made_parents(self.final, self._made)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,62 @@ def test_a_journal_file_on_a_full_disk_is_one_line_too(tmp_path, slide, monkeypa
     (outcome,) = count_serially(spec.load(), [(path, tmp_path / "out")], band_rows=1)
     assert isinstance(outcome.error, WriteError)
     assert "cannot write band-0.npz into" in str(outcome.error) and "MB free there" in str(outcome.error)
+
+
+def test_a_band_file_written_on_a_full_disk_keeps_the_bands_before_it(tmp_path, slide, monkeypatch):
+    """The journal's own write (atomic_write_bytes) failing for lack of space, as on a real full disk: the finished
+    bands are kept, and --resume with room again gives the result of an uninterrupted count."""
+    import os
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    spec.load().count(path, tmp_path / "reference")
+    replace = os.replace
+
+    def full_after_two_bands(src, dst, *args, **kwargs):
+        if Path(dst).name.startswith("band-") and Path(dst).name not in ("band-00000.npz", "band-00001.npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", full_after_two_bands)
+    out = tmp_path / "out"
+    (outcome,) = count_serially(spec.load(), [(path, out)], band_rows=1)
+    assert isinstance(outcome.error, WriteError) and "MB free there" in str(outcome.error)
+    assert done_bands(partial_folder(out)) == {0, 1}
+    monkeypatch.setattr(os, "replace", replace)
+    (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == 2
+    assert_same_result(tmp_path / "reference", out)
+
+
+def test_a_finished_result_that_cannot_move_into_place_is_kept_for_resume(tmp_path, slide):
+    """Files added to the earlier result while the count ran (or a permission taken away): the move into place is
+    refused, and the finished work is kept, not thrown away with the refusal."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    out = tmp_path / "out"
+    spec.load().count(path, out)
+    reference = {p.name: p.read_bytes() for p in out.iterdir() if p.name == "cells.csv"}
+
+    class AddsANote(LabelCounterSpec):
+        def load(self):
+            counter = super().load()
+            count_into = counter.count_into
+
+            def count_then_note(*args, **kwargs):
+                summary = count_into(*args, **kwargs)
+                (out / "notes.txt").write_text("mine")       # the user, while the count was finishing
+                return summary
+            counter.count_into = count_then_note
+            return counter
+    (outcome,) = count_serially(AddsANote(PROTOCOL, labels).load(), [(path, out)], band_rows=1)
+    assert outcome.error is not None and "notes.txt" in str(outcome.error)
+    partial = partial_folder(out)
+    assert (partial / "journal.json").is_file() and done_bands(partial) == {0, 1, 2, 3, 4}
+    (out / "notes.txt").unlink()
+    counter = spec.load()
+    (outcome,) = count_serially(counter, [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == 5 and not counter.detector.seen   # nothing detected again
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name == "cells.csv"} == reference
+    assert not partial.exists()
 
 
 @pytest.mark.slow
