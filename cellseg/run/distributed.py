@@ -167,14 +167,23 @@ def count_on_dask(spec: CounterSpec, jobs: list[tuple[Path, Path]], *, workers: 
     """Count each (slide, result folder) of `jobs` on a Dask cluster: a local one of `workers` processes, or the
     one whose scheduler is at `scheduler`. One SlideOutcome per job, in order (cohort.count_serially's)."""
     settings = spec.settings()
-    with connect(workers, scheduler) as client:
-        name = f"cellseg-counter-{uuid.uuid4().hex[:8]}"
-        client.register_plugin(CounterPlugin(spec), name=name)
-        try:
-            return _Job(client, spec, name, settings, resume, band_rows, progress).run(jobs)
-        finally:
-            with suppress(Exception):
-                client.unregister_worker_plugin(name)
+    job = None
+    try:
+        with connect(workers, scheduler) as client:
+            name = f"cellseg-counter-{uuid.uuid4().hex[:8]}"
+            client.register_plugin(CounterPlugin(spec), name=name)
+            try:
+                job = _Job(client, spec, name, settings, resume, band_rows, progress)
+                return job.run(jobs)
+            finally:
+                with suppress(Exception):
+                    client.unregister_worker_plugin(name)
+    except BaseException as exc:    # Ctrl-C or a lost scheduler: the journals are kept for --resume
+        # once a local cluster has stopped: its workers' bands under way are all in, or none of them, when the
+        # journal is let go and its finished bands are told
+        if job is not None:
+            job.end_unfinished(exc)
+        raise
 
 
 @contextmanager
@@ -204,15 +213,33 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     # lifetime: a worker restarted after a crash gets the same.
     threads = max(1, (os.cpu_count() or 1) // workers)
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with _caller_environment_kept(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                         silence_logs=logging.ERROR) as cluster, \
-            Client(cluster, set_as_default=False) as client:
-        level = logging.getLogger("distributed").getEffectiveLevel()
-        client.register_plugin(_WorkerLogLevel(level if level < logging.ERROR else logging.CRITICAL),
-                                name="cellseg-log-level")
-        client.register_plugin(_WorkerThreads(threads), name="cellseg-threads")
-        yield client
+    with _caller_environment_kept(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        with _ctrl_c_left_to_this_process():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
+        with cluster, Client(cluster, set_as_default=False) as client:
+            level = logging.getLogger("distributed").getEffectiveLevel()
+            client.register_plugin(_WorkerLogLevel(level if level < logging.ERROR else logging.CRITICAL),
+                                   name="cellseg-log-level")
+            client.register_plugin(_WorkerThreads(threads), name="cellseg-threads")
+            yield client
+
+
+@contextmanager
+def _ctrl_c_left_to_this_process() -> Iterator[None]:
+    """Local workers started within ignore Ctrl-C. A terminal's Ctrl-C reaches every process of its group: each
+    worker printed a traceback and went on with its band after this process had kept the journal and let it go.
+    Ignored when a process starts, SIGINT stays ignored in Python; this process stops the cluster itself. (Only
+    the main thread may set a handler: elsewhere, napari's for one, there is no terminal to press Ctrl-C in.)"""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @contextmanager
@@ -287,6 +314,7 @@ class _Job:
         self.record = {"scheduler": info.get("address"), "workers": len(info["workers"]),
                        "gpu_resource": offers_gpu}
         self.owner: dict[str, tuple[_Slide, str]] = {}      # future key -> (slide, what it computes)
+        self.unfinished: list[_Slide] = []                   # in flight when the job was stopped
 
     def run(self, jobs: list[tuple[Path, Path]]) -> list[SlideOutcome]:
         from distributed import as_completed
@@ -311,12 +339,17 @@ class _Job:
                 if slide.journal is None:
                     in_flight -= 1
                     in_flight = self._start(waiting, in_flight)
-        except BaseException as exc:   # Ctrl-C or a lost scheduler: journals are kept for --resume
-            for slide in slides:
-                if slide.journal is not None:
-                    slide.journal.end(exc)
+        except BaseException:   # the journals of the slides in flight are ended by count_on_dask
+            self.unfinished = [slide for slide in slides if slide.journal is not None]
             raise
         return [s.outcome for s in slides]
+
+    def end_unfinished(self, error: BaseException) -> None:
+        """End the journals of the slides in flight when the job was stopped by `error` (Journal.end)."""
+        for slide in self.unfinished:
+            slide.journal.end(error)
+            slide.journal = None
+        self.unfinished = []
 
     def _start(self, waiting: list[_Slide], in_flight: int) -> int:
         while waiting and in_flight < self.max_in_flight:

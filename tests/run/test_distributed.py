@@ -246,3 +246,19 @@ def test_the_spec_settings_are_the_loaded_counters(tiny_bundle):
     """What the client fingerprints a journal with (no network built) equals what a worker's counter says."""
     spec = CounterSpec(load_protocol("fluorescence-nuclei").replace(model=str(tiny_bundle)), "cpu", mpp=0.5)
     assert spec.settings() == spec.load().settings()
+
+
+def test_local_workers_are_started_ignoring_ctrl_c_which_this_process_keeps():
+    """A terminal's Ctrl-C reaches the whole process group: local workers started within ignore it (Python keeps
+    an ignored SIGINT ignored), so they print no traceback and do not go on alone; this process still gets it."""
+    import subprocess
+    import sys
+
+    from cellseg.run.distributed import _ctrl_c_left_to_this_process
+    before = signal.getsignal(signal.SIGINT)
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+    with _ctrl_c_left_to_this_process():
+        started_within = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert started_within == "True"
+    assert signal.getsignal(signal.SIGINT) is before
+    assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "False"
