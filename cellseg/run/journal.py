@@ -180,10 +180,10 @@ class Journal:
         """Stop without a result. `error` a CellsegError (bad input: resuming cannot help) or None: the work is
         discarded and the folders made for it removed; anything else, or damaged pixel data (UnreadableRegionError)
         or a result file that could not be written (WriteError: no space left, no permission) after finished
-        bands: it is kept for --resume."""
+        bands, or a finished result that could not be moved into place (commit): it is kept for --resume."""
         # A damaged tile is a bad input too, but the bands before it are sound: kept (if any) for --resume
         # --skip-unreadable. A full disk: kept for --resume once there is room.
-        keep = self._keep or isinstance(error, (UnreadableRegionError, WriteError)) and bool(done_bands(self.folder))
+        keep = self._keep or (isinstance(error, (UnreadableRegionError, WriteError)) and bool(done_bands(self.folder)))
         if error is None or (isinstance(error, CellsegError) and not keep):
             shutil.rmtree(self.folder, ignore_errors=True)
             remove_made_parents(self.final, self._made)
