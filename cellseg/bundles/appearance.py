@@ -24,6 +24,9 @@ APPEARANCE_FILE = "appearance.json"
 APPEARANCE_FORMAT = "cellseg-appearance/1"
 
 
+_RENAMED = {"stain_e": "stain_dab"}
+
+
 @dataclass(frozen=True)
 class AppearanceReference:
     """One threshold key's validation images: feature names, their rows, median, spread, k, threshold."""
@@ -52,7 +55,9 @@ class AppearanceReference:
     @classmethod
     def from_dict(cls, d: dict, where: str) -> AppearanceReference:
         try:
-            features = tuple(str(f) for f in d["features"])
+            # "stain_e", as bundles before 2026-11-29 name it, always held the DAB density (stain_densities' second
+            # column): the same feature, its true name
+            features = tuple(_RENAMED.get(str(f), str(f)) for f in d["features"])
             reference = np.asarray(d["reference"], np.float64).reshape(-1, len(features))
             center, spread = np.asarray(d["center"], np.float64), np.asarray(d["spread"], np.float64)
             k, threshold = int(d["k"]), float(d["threshold"])

@@ -107,6 +107,18 @@ def measure_expanded(cell_ids: np.ndarray, cells: np.ndarray, nuclei: np.ndarray
     return {name: out[name] for name in expanded_columns(channel_names, stains)}
 
 
+def mean_colour_stains(colours: np.ndarray, dtype) -> np.ndarray:
+    """(k, 3) mean RGB colours (cells.csv's mean intensities, floats in the slide's units) -> (k, 2) hematoxylin
+    and DAB optical densities of those colours, the pixel type `dtype` (summary.json's "dtype") giving their range:
+    an 8- or 16-bit slide's means rounded back into it."""
+    colours = np.asarray(colours, np.float64).reshape(-1, 3)
+    dtype = np.dtype(dtype)
+    if dtype in (np.uint8, np.uint16):
+        top = np.iinfo(dtype).max
+        return stain_densities(np.clip(np.round(colours), 0, top).astype(dtype))
+    return stain_densities(colours)
+
+
 def stain_densities(rgb: np.ndarray) -> np.ndarray:
     """(k, 3) RGB -> (k, 2) hematoxylin and DAB optical densities: skimage.color.rgb2hed x 6.
 

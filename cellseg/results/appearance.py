@@ -8,7 +8,8 @@ with the bundle's validation images (bundles.appearance), a slide unlike all of 
 - nucleus_brightness: the median nucleus's mean intensity in the model channel, on the slide's intensity range as
   the network input has it (0: the range's low end, 1: its high end);
 - nucleus_texture: the median of a nucleus's standard deviation over its mean intensity (model channel);
-- stain_h, stain_e (colour slides): hematoxylin and eosin optical density of the median nucleus colour (rgb2hed);
+- stain_h, stain_dab (colour slides): hematoxylin and DAB optical density of the median nucleus colour (rgb2hed,
+  in the slide's pixel range; bundles before 2026-11-29 call the second stain_e);
 - median_score: the median detection score of the nuclei kept;
 - kept_share: the nuclei kept over the detections scoring 0.3 or more (summary.json's score_curve);
 - nuclear_area_fraction: the detected nuclei's area over the tissue analysed.
@@ -25,7 +26,7 @@ import numpy as np
 
 GRAY_FEATURES = ("nucleus_size", "nucleus_brightness", "nucleus_texture", "median_score", "kept_share",
                  "nuclear_area_fraction")
-COLOUR_FEATURES = GRAY_FEATURES + ("stain_h", "stain_e")
+COLOUR_FEATURES = GRAY_FEATURES + ("stain_h", "stain_dab")
 MIN_NUCLEI = 5            # fewer nuclei: the features are the empty slide's (no nucleus to measure)
 
 
@@ -46,7 +47,7 @@ def appearance_features(summary: dict, run: dict, cells, kept_share: float | Non
         out = {"nucleus_size": -3.0, "nucleus_brightness": 0.0, "nucleus_texture": 0.0, "median_score": 0.0,
                "kept_share": float(kept_share if kept_share is not None else 0.0), "nuclear_area_fraction": 0.0}
         if colour:
-            out.update(stain_h=0.0, stain_e=0.0)
+            out.update(stain_h=0.0, stain_dab=0.0)
         return out
     scale = summary.get("scale") or {}
     factor = float(scale.get("factor") or 1.0)
@@ -66,17 +67,17 @@ def appearance_features(summary: dict, run: dict, cells, kept_share: float | Non
            "kept_share": float(kept_share if kept_share is not None else 1.0),
            "nuclear_area_fraction": float(area.sum() / tissue_px) if tissue_px > 0 else 0.0}
     if colour:
-        from ..cells import stain_densities
-        rgb = np.stack([np.median(cells[f"mean_intensity_{c}"].to_numpy(float)) for c in ("R", "G", "B")]
-                       if "mean_intensity_R" in cells else
-                       [np.median(cells[f"mean_intensity_{c}"].to_numpy(float)) for c in ("red", "green", "blue")])
-        hed = stain_densities(np.clip(np.round(rgb), 0, 255).astype(np.uint8)[None, :])[0]
-        out.update(stain_h=float(hed[0]), stain_e=float(hed[1]))
+        from ..cells import mean_colour_stains
+        from .report import colour_columns
+        rgb = np.array([np.median(cells[c].to_numpy(float)) for c in colour_columns(cells)])
+        hematoxylin, dab = mean_colour_stains(rgb, summary.get("dtype") or "uint8")[0]
+        out.update(stain_h=float(hematoxylin), stain_dab=float(dab))
     return out
 
 
 def _colour(summary: dict, cells) -> bool:
-    return summary.get("channels") == 3 and ("mean_intensity_R" in cells or "mean_intensity_red" in cells)
+    from .report import colour_columns
+    return summary.get("channels") == 3 and colour_columns(cells) is not None
 
 
 def _model_channel(summary: dict, run: dict, cells) -> str | None:

@@ -189,16 +189,26 @@ def read_crops(grid: TileGrid, chosen, summary: dict, slide, labels_path: Path) 
     return crops
 
 
+def colour_columns(cells) -> list[str] | None:
+    """cells.csv's mean intensity columns of a colour slide's red, green and blue (named as planning.channel_names
+    names them: R, G, B in files of old versions), None when it has none."""
+    for names in (("red", "green", "blue"), ("R", "G", "B")):
+        columns = [f"mean_intensity_{c}" for c in names]
+        if all(c in cells for c in columns):
+            return columns
+    return None
+
+
 def intensity_values(cells, summary: dict) -> tuple[np.ndarray | None, str]:
     """The nuclear stain per nucleus: hematoxylin OD (grown cells measure it per nucleus; otherwise the OD of the
     nucleus's mean colour, skimage.color.rgb2hed) for brightfield RGB, else the model channel's mean intensity."""
     if "nucleus_hematoxylin_od_mean" in cells:
         return cells["nucleus_hematoxylin_od_mean"].to_numpy(float), "nucleus hematoxylin OD (mean)"
-    rgb = [f"mean_intensity_{c}" for c in ("R", "G", "B")]
-    if all(c in cells for c in rgb) and summary.get("channels") == 3:
-        from ..cells import stain_densities
+    rgb = colour_columns(cells)
+    if rgb and summary.get("channels") == 3:
+        from ..cells import mean_colour_stains
         colours = np.stack([cells[c].to_numpy(float) for c in rgb], axis=1)
-        return stain_densities(np.clip(np.round(colours), 0, 255).astype(np.uint8))[:, 0], \
+        return mean_colour_stains(colours, summary.get("dtype") or "uint8")[:, 0], \
             "hematoxylin OD of the nucleus's mean colour"
     names = [c for c in cells.columns if c.startswith("mean_intensity_")]
     channel = summary.get("model_channel")
