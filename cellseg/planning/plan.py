@@ -394,16 +394,52 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
                                        source=f"{pixel.source}; checked: {measured[1]} nuclei of the busiest tiles "
                                               f"measure {measured[0]:.1f} px, {ratio:.2f}x the {expected:.1f} px "
                                               f"it implies")
-        warning = (f"the pixel size {info.mpp:g} µm/px ({info.mpp_source}) implies nuclei of {expected:.1f} px, but "
-                   f"{measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px ({ratio:.2g}x, beyond "
-                   f"the {SCALE_MISMATCH:g}x nuclei vary by): the measured size set the scale. Check the pixel size "
-                   f"(--mpp); --diameter N overrides both")
+        warning = _mismatch_warning(info, expected, measured)
         implied = f"the pixel size's {expected:.1f} px disagrees with it"
     if measured is None:
         return Scale(1.0, f"native: too few nuclei found to measure their size ({implied})", model_diameter_px,
                      method="native", pixel_size_diameter_px=expected, warning=warning)
-    return dataclasses.replace(measured_scale(model_diameter_px, measured, measure, implied),
-                               pixel_size_diameter_px=expected, warning=warning)
+    scale = measured_scale(model_diameter_px, measured, measure, implied)
+    if warning is None and not auto:
+        # a pixel size that would resample beyond FACTOR_RANGE sets no scale, but the µm columns are in it: one 10x
+        # off (a wrong objective in the metadata) is said as one 2x off is, against the measurement the scale
+        # settled on (nuclei far from the model's size read biased at first)
+        beyond = _diameter_beyond_range(micron_scale, protocol, info, model_diameter_px)
+        final = (scale.measured_diameter_px or measured[0], scale.measured_nuclei or measured[1])
+        if beyond is not None and not 1 / SCALE_MISMATCH <= final[0] / beyond <= SCALE_MISMATCH:
+            warning = _mismatch_warning(info, beyond, final)
+    return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning=warning)
+
+
+def _mismatch_warning(info: SlideInfo, expected: float, measured: tuple[float, int]) -> str:
+    ratio = measured[0] / expected
+    return (f"the pixel size {info.mpp:g} µm/px ({info.mpp_source}) implies nuclei of {expected:.1f} px, but "
+            f"{measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px ({ratio:.2g}x, beyond "
+            f"the {SCALE_MISMATCH:g}x nuclei vary by): the measured size set the scale. Check the pixel size "
+            f"(--mpp); --diameter N overrides both")
+
+
+def _diameter_beyond_range(micron_scale: MicronScale | None, protocol: Protocol, info: SlideInfo,
+                           model_diameter_px: float) -> float | None:
+    """The nucleus diameter (slide px) a usable pixel size implies when pixel_size_diameter refused it only for
+    resampling beyond FACTOR_RANGE; None otherwise."""
+    if info.mpp is None or info.mpp_source.split(":")[0] in UNRELIABLE_MPP:
+        return None
+    basis = _micron_basis(micron_scale, protocol, model_diameter_px)
+    return None if isinstance(basis, str) else basis[0] / info.mpp
+
+
+def _micron_basis(micron_scale: MicronScale | None, protocol: Protocol,
+                  model_diameter_px: float) -> tuple[float, float, str] | str:
+    """(the nucleus diameter in µm, the network px it should reach, how), or why there is none: the protocol's
+    nucleus_diameter_um (at the model's size), else the model's scale in µm for the protocol's modality."""
+    if protocol.nucleus_diameter_um is not None:
+        return (protocol.nucleus_diameter_um, model_diameter_px,
+                f"protocol nucleus_diameter_um {protocol.nucleus_diameter_um:g} µm")
+    if micron_scale is not None:
+        return (micron_scale.nucleus_diameter_um, network_nucleus_px(protocol, micron_scale.nucleus_diameter_px),
+                f"the {micron_scale.mpp:g} µm/px of the model's {protocol.modality} training images")
+    return f"the model has no scale in µm for {protocol.modality} (its training images had no pixel size)"
 
 
 def pixel_size_diameter(micron_scale: MicronScale | None, protocol: Protocol, info: SlideInfo,
@@ -415,15 +451,10 @@ def pixel_size_diameter(micron_scale: MicronScale | None, protocol: Protocol, in
     in µm for the protocol's modality (MicronScale: resampled to the pixel size its training images had). A pixel size
     that is a guess (UNRELIABLE_MPP: a PNG/JPEG's dpi) or would resample beyond FACTOR_RANGE is not used; screen
     defaults (72 dpi, a TIFF resolution of 1) never become a pixel size (slides: SCREEN_MPP_UM)."""
-    if protocol.nucleus_diameter_um is not None:
-        um, target = protocol.nucleus_diameter_um, model_diameter_px
-        how = f"protocol nucleus_diameter_um {um:g} µm"
-    elif micron_scale is not None:
-        um = micron_scale.nucleus_diameter_um
-        target = network_nucleus_px(protocol, micron_scale.nucleus_diameter_px)
-        how = f"the {micron_scale.mpp:g} µm/px of the model's {protocol.modality} training images"
-    else:
-        return f"the model has no scale in µm for {protocol.modality} (its training images had no pixel size)"
+    basis = _micron_basis(micron_scale, protocol, model_diameter_px)
+    if isinstance(basis, str):
+        return basis
+    um, target, how = basis
     if info.mpp is None:
         return "the slide has no pixel size"
     if info.mpp_source.split(":")[0] in UNRELIABLE_MPP:

@@ -62,6 +62,17 @@ def test_a_pixel_size_off_by_two_warns_and_the_measured_size_sets_the_scale():
     assert too_big.warning and too_big.factor == 1.0 and "measured" in too_big.source
 
 
+@pytest.mark.parametrize("mpp, implied", [(2.5, 2.0), (0.025, 200.0)])
+def test_a_pixel_size_off_by_ten_warns_as_one_off_by_two_does(mpp, implied):
+    """A 40x scan (nuclei of 20 px) said to be 2.5 or 0.025 µm/px: resampling by the pixel size would go beyond
+    1/8-4x, so it sets no scale, but the µm columns are in it: warned all the same."""
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(mpp), Nuclei(20.0))
+    assert scale.method == "measured" and scale.factor == 1.0
+    assert scale.warning and f"{mpp:g} µm/px" in scale.warning and f"implies nuclei of {implied:.1f} px" in scale.warning
+    right = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(2.5), Nuclei(2.0))       # a 4x scan: the pixel size is right
+    assert right.warning is None
+
+
 def test_within_the_stated_factor_the_pixel_size_is_trusted():
     scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(27.0))       # 1.35x the 20 px implied
     assert scale.method == "pixel size" and scale.factor == 1.0 and scale.warning is None
@@ -81,8 +92,10 @@ def test_without_a_pixel_size_to_go_by_the_nuclei_are_measured(micron, protocol,
     implied = pixel_size_diameter(micron, protocol, slide, MODEL_PX)
     assert isinstance(implied, str) and why in implied
     scale = decide_scale(MODEL_PX, micron, protocol, slide, Nuclei(10.0))
-    assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2) and scale.warning is None
+    assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2)
     assert why in scale.source
+    # 3 µm/px implies nuclei of 1.7 px, these measure 10: a pixel size that wrong is said, though it set no scale
+    assert (scale.warning is None) == (why != "beyond")
 
 
 def test_a_measurement_far_from_the_models_size_is_measured_again_nearer_it():
