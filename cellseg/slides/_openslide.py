@@ -48,13 +48,14 @@ class OpenSlideLevel:
         return flatten_rgba(rgba, self._background)
 
 
-def flatten_rgba(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """(h, w, 4) un-premultiplied RGBA uint8 -> (h, w, 3) RGB composited onto `background` (3 uint values)."""
-    alpha = rgba[..., 3:]
+def flatten_rgba(rgba: np.ndarray, background) -> np.ndarray:
+    """(h, w, C + 1) un-premultiplied colour (or gray) and alpha, uint8 -> (h, w, C) composited onto `background`
+    (C values, or one for all)."""
+    alpha = rgba[..., -1:]
     if alpha.min() == 255:   # the usual case: scanned everywhere
-        return np.ascontiguousarray(rgba[..., :3])
+        return np.ascontiguousarray(rgba[..., :-1])
     a = alpha.astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * a + background * (255 - a) + 127) // 255
+    rgb = (rgba[..., :-1].astype(np.uint16) * a + np.asarray(background, np.uint16) * (255 - a) + 127) // 255
     return rgb.astype(np.uint8)
 
 

@@ -52,6 +52,22 @@ def open_pil(path: Path) -> Slide:
     return Slide(info, [ArrayLevel(arr, "YXC", "C", (1024, 1024))])
 
 
+def _flattened(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """An image with alpha (h, w, C + 1) as (h, w, C): transparent pixels take the colour of the image's own ground,
+    white when its opaque pixels are mostly light (brightfield: glass), black when mostly dark (fluorescence), as
+    OpenSlide's unscanned areas become the slide's background (_openslide.flatten_rgba). Measured as black, a
+    transparent margin read as dark tissue and its stain."""
+    from ._openslide import flatten_rgba
+    alpha = pixels[..., -1]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(pixels[..., :-1])
+    opaque = pixels[..., :-1][alpha == 255]
+    ground = 255 if opaque.size and float(np.median(opaque)) > 127 else 0
+    log.info("%s: %.1f %% of it is (partly) transparent: laid on %s", path.name, 100 * float(np.mean(alpha < 255)),
+             "white" if ground else "black")
+    return flatten_rgba(pixels, ground)
+
+
 def _pil_pixels(im: Image.Image, path: Path) -> np.ndarray:
     """Decode to a native numpy array: L, I;16, I, F, RGB; alpha and palettes resolved."""
     if im.format == "PNG" and im.mode in ("RGB", "RGBA"):
@@ -62,8 +78,8 @@ def _pil_pixels(im: Image.Image, path: Path) -> np.ndarray:
             arr = imagecodecs.png_decode(path.read_bytes())
             return arr[..., :3]
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        log.info("%s: dropping the alpha channel", path.name)
-    convert = {"1": "L", "P": "RGB", "PA": "RGB", "LA": "L", "RGBA": "RGB", "CMYK": "RGB",
+        return _flattened(np.asarray(im.convert("LA" if im.mode == "LA" else "RGBA")), path)
+    convert = {"1": "L", "P": "RGB", "LA": "L", "CMYK": "RGB",
                "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
     if im.mode in convert:
         im = im.convert(convert[im.mode])

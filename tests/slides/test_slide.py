@@ -183,10 +183,25 @@ def test_png_roundtrip(tmp_path, array, mode_shape):
 
 def test_png_alpha_dropped_and_dpi_used(tmp_path):
     rgba = ramp((20, 30, 4), np.uint8)
+    rgba[..., 3] = 255                                                   # opaque: the colour as it is
     Image.fromarray(rgba).save(tmp_path / "a.png", dpi=(50800, 50800))  # 0.5 µm per pixel
     with open_slide(tmp_path / "a.png") as s:
         np.testing.assert_array_equal(full(s), rgba[..., :3])
         assert s.info.mpp == pytest.approx(0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("light", [True, False])
+def test_transparent_pixels_take_the_images_own_ground(tmp_path, light):
+    """A brightfield PNG's transparent margin is glass (white), a fluorescence one's dark ground (black): never
+    black 'tissue' on a light image, nor bright 'nuclei' on a dark one."""
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = 200 if light else 30
+    rgba[:, :10, 3] = 255                        # the left third opaque, the rest transparent (RGB 0 there)
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    with open_slide(tmp_path / "a.png") as s:
+        pixels = full(s)
+    assert s.info.n_channels == 3
+    assert (pixels[:, :10] == (200 if light else 30)).all() and (pixels[:, 10:] == (255 if light else 0)).all()
 
 
 def test_jpeg(tmp_path):
