@@ -239,9 +239,11 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
                             f"({scale['model_diameter_px']:.1f} px): pass --diameter")
     threshold = (run.get("model") or {}).get("score_threshold")
     if threshold is not None and len(cells) and "score" in cells:
-        near = float(np.mean(cells["score"].to_numpy(float) < threshold + NEAR_THRESHOLD))
+        # at most half the room above the threshold: from 0.9 up, "within 0.1" would hold every score there is
+        band = min(NEAR_THRESHOLD, (1.0 - threshold) / 2)
+        near = float(np.mean(cells["score"].to_numpy(float) < threshold + band))
         if near > 0.5:
-            warnings.append(f"{near:.0%} of the nuclei score within {NEAR_THRESHOLD} of the threshold {threshold:.2f}: "
+            warnings.append(f"{near:.0%} of the nuclei score within {band:.2g} of the threshold {threshold:.2f}: "
                             f"the count depends on it")
     density = summary.get("cells_per_mm2")
     if density is not None and not LOW_DENSITY <= density <= HIGH_DENSITY:

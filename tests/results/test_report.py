@@ -76,6 +76,22 @@ def test_a_one_tile_field_has_no_density_map(tmp_path):
     assert 'id="overlay"' in page and "<figcaption>" in page     # the overlay and the crop are still there
 
 
+@pytest.mark.parametrize("threshold, scores, warned", [
+    (0.9, [0.96, 0.98, 0.99, 0.985, 0.97], False),     # a gray brightfield's threshold: every score is within 0.1
+    (0.9, [0.91, 0.92, 0.93, 0.99, 0.94], True),
+    (0.5, [0.52, 0.55, 0.58, 0.9, 0.95], True),
+])
+def test_the_near_threshold_warning_needs_scores_crowding_the_threshold(threshold, scores, warned):
+    import pandas as pd
+
+    from cellseg.results import slide_warnings
+    summary = {"mpp": 0.5, "mpp_source": "ome", "cells_per_mm2": 2000.0, "area_px": {"median": 300.0},
+               "scale": {"factor": 1.0, "model_diameter_px": 20.0}}
+    warnings = slide_warnings(summary, {"model": {"score_threshold": threshold}},
+                              pd.DataFrame({"score": scores}), None)
+    assert any("of the threshold" in w for w in warnings) == warned, warnings
+
+
 def test_warnings_say_why_a_number_may_be_wrong():
     import pandas as pd
 
