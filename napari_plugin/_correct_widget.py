@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
+    QApplication,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -40,6 +41,7 @@ from cellseg.geometry import Box
 from . import _edit, _logic
 from ._export import Exported, Field, check_field_size, crop, export_coco, safe_name
 from ._qtparts import fill_combo, with_browse
+from ._run import Failed
 from ._train import TrainOutcome, TrainRequest, next_free, run_training
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,10 @@ class CorrectPanel(QWidget):
         self.worker = None
         self.exported: Exported | None = None
         self.outcome: TrainOutcome | None = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()       # one flag, cleared at each start: the teardown below holds it
+        # closing the viewer (or the dock) mid-training stops `cellseg train` (its child process) as Cancel does
+        self.destroyed.connect(self._cancel.set)
+        QApplication.instance().lastWindowClosed.connect(self._cancel.set)
         self._signals = _TrainSignals()
         self._signals.progress.connect(self._on_progress)
 
@@ -242,7 +247,7 @@ class CorrectPanel(QWidget):
             return np.zeros(box.shape, np.uint32)
         if not np.allclose(np.asarray(source.scale)[-2:], np.asarray(image.scale)[-2:]):
             raise CellsegError(f"expected the labels {source.name!r} at the pixel size of the image {image.name!r}, "
-                               f"got scales {tuple(source.scale)} and {tuple(image.scale)}")
+                               f"got scales {_scale_text(source)} and {_scale_text(image)}")
         r, c = np.round(source.world_to_data(image.data_to_world(np.array([box.row0, box.col0], float))))[-2:]
         data = source.data[0] if source.multiscale else source.data
         return crop(data, Box(int(r), int(c), int(r) + box.height, int(c) + box.width)).astype(np.uint32)
@@ -367,7 +372,7 @@ class CorrectPanel(QWidget):
         except CellsegError as e:
             self._say(str(e), error=True)
             return None
-        self._cancel = threading.Event()
+        self._cancel.clear()
         self.train_progress.setRange(0, 0)
         self.train_button.setEnabled(False)
         self.train_cancel_button.setEnabled(True)
@@ -396,8 +401,8 @@ class CorrectPanel(QWidget):
             self.status.setText(what.split(": ", 1)[-1] if what.startswith("INFO") else what)
 
     def _on_trained(self, outcome) -> None:
-        if isinstance(outcome, CellsegError):
-            self._say(str(outcome), error=True)
+        if isinstance(outcome, Failed):
+            self._say(str(outcome.error), error=True)
             return
         self.outcome = outcome
         self.recount_button.setEnabled(outcome.usable)
@@ -441,9 +446,15 @@ class CorrectPanel(QWidget):
         (log.warning if error else log.info)("%s", text)
 
 
+def _scale_text(layer) -> str:
+    """A layer's pixel size in the viewer, as a person reads it: "0.5 x 0.5"."""
+    return " x ".join(f"{float(v):g}" for v in layer.scale[-2:])
+
+
 def _train(request: TrainRequest, progress, cancel):
-    """Worker body: the TrainOutcome, or the CellsegError a user can act on (shown in the widget)."""
+    """Worker body: the TrainOutcome, or the CellsegError a user can act on as Failed (shown in the widget, not as
+    a traceback)."""
     try:
         return run_training(request, progress, cancel)
     except CellsegError as e:
-        return e
+        return Failed(e)

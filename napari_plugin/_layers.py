@@ -12,13 +12,15 @@ Layers of a result folder (each optional part only when present):
   beneath the nuclei;
 - `cells.csv`: Points at the centroids, the whole per-cell table as the layer's `features`;
 - `tissue_mask.png`: a translucent image scaled onto the slide.
-Every layer's metadata["cellseg"] says what it is (kind), which result folder it came from and where.
+Every layer's metadata["cellseg"] says what it is (kind), which result folder it came from and where, and which
+opening of it (result_id: the layers of a result counted again into the same folder are another result).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,4 +246,7 @@ def result_layer_data(path: str | Path, with_slide: bool = True, translate=None)
     tissue = tissue_layer_data(result, offset)
     layers += [layer for layer in (tissue, *labels) if layer is not None]
     layers.append(points_layer_data(result, offset))
+    result_id = uuid.uuid4().hex
+    for _, kwargs, _ in layers:
+        kwargs["metadata"]["cellseg"]["result_id"] = result_id
     return layers

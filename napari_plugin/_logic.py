@@ -197,9 +197,10 @@ def place_on_image(kwargs: dict, image_scale, image_translate) -> dict:
 
 # --------------------------------------------------------------------------- the count's uncertainty
 
-def count_message(summary: dict, shown: int | None = None) -> str:
+def count_message(summary: dict, shown: int | None = None, folder: Path | str | None = None) -> str:
     """What the widget says of a finished count (summary.json): the nuclei counted, the estimated true count with
-    its interval (an estimate from validation data) or why there is none, and the count's warnings."""
+    its interval (an estimate from validation data) or why there is none, and `folder` (the result) on that line;
+    then the count's warnings, one a line."""
     count = int(summary.get("cell_count", shown or 0)) if shown is None else shown
     text = f"{count:,} cells"
     estimate = summary.get("count_estimate") or {}
@@ -210,6 +211,8 @@ def count_message(summary: dict, shown: int | None = None) -> str:
                  f"validation data)")
     elif estimate.get("note"):
         text += f" ({estimate['note']})"
+    if folder is not None:
+        text += f" → {folder}"
     warnings = summary.get("warnings") or []
     if warnings:
         text += "\nwarning: " + "\nwarning: ".join(warnings)

@@ -36,6 +36,14 @@ class Cancelled(CellsegError):
 
 
 @dataclass
+class Failed:
+    """A worker body's CellsegError (a cancel too), returned as a value: superqt re-raises a returned exception as
+    the worker's error, which napari shows as a traceback."""
+
+    error: CellsegError
+
+
+@dataclass
 class CountRequest:
     """What the widget asks for. `slide` is a file to count whole, or the source of `region`.
 

@@ -15,6 +15,7 @@ import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QApplication,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -36,7 +37,7 @@ from . import _logic, _regions
 from ._layers import load_result, result_layer_data
 from ._qtable import CellsTableModel
 from ._qtparts import fill_combo, with_browse
-from ._run import Cancelled, CountRequest, run_count
+from ._run import Cancelled, CountRequest, Failed, run_count
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,11 @@ class CellsegWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.worker = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()       # one flag, cleared at each start: the teardown below holds it
+        # closing the viewer (or this dock) mid-count stops the count, which removes its half-written output; the
+        # last window closing comes first, as napari then waits for every worker before it quits
+        self.destroyed.connect(self._cancel.set)
+        QApplication.instance().lastWindowClosed.connect(self._cancel.set)
         self._progress = _Progress()
         self._progress.tiles.connect(self._on_progress)
         self._original_colormaps: dict[int, object] = {}
@@ -181,7 +186,8 @@ class CellsegWidget(QWidget):
     def _refresh_layers(self, event=None) -> None:
         inserted = getattr(event, "type", None) == "inserted"
         new = getattr(event, "value", None) if inserted else None
-        fill_combo(self.image_combo, self._layers_of("image"), prefer=new)
+        # a new slide or image is chosen, never a result's own layer (its tissue mask): that is not what to count
+        fill_combo(self.image_combo, self._layers_of("image"), prefer=None if _of_a_result(new) else new)
         fill_combo(self.region_combo, self._layers_of("shapes"), first=WHOLE_IMAGE, prefer=None)
         opened = new if getattr(new, "metadata", {}).get("cellseg", {}).get("kind") == "regions" else None
         fill_combo(self.regions_combo, self._layers_of("shapes"), first=NO_REGIONS, prefer=opened)
@@ -272,7 +278,7 @@ class CellsegWidget(QWidget):
         request.output = Path(output) if output is not None else request.output
         image = self._current(self.image_combo)
         self._placement = (tuple(image.scale), tuple(image.translate))
-        self._cancel = threading.Event()
+        self._cancel.clear()
         self.progress_bar.setRange(0, 0)       # busy until the first tile count arrives
         self._say(f"counting {request.name} ({request.protocol}, {request.device})…")
         self.run_button.setEnabled(False)
@@ -294,11 +300,9 @@ class CellsegWidget(QWidget):
         self.progress_bar.setValue(done)
 
     def _on_done(self, outcome) -> None:
-        if isinstance(outcome, Cancelled):
-            self._say("cancelled; nothing was written")
-            return
-        if isinstance(outcome, CellsegError):
-            self._say(str(outcome), error=True)
+        if isinstance(outcome, Failed):
+            cancelled = isinstance(outcome.error, Cancelled)
+            self._say("cancelled; nothing was written" if cancelled else str(outcome.error), error=not cancelled)
             return
         folder = outcome
         result = load_result(folder)
@@ -309,8 +313,7 @@ class CellsegWidget(QWidget):
             getattr(self.viewer, f"add_{layer_type}")(data, **kwargs)
         n = len(layers[-1][0])
         # the count with its interval and warnings (summary.json), as report.html gives them
-        self._say(f"{_logic.count_message(result.summary, n)} → {folder}",
-                  error=bool(result.summary.get("warnings")))
+        self._say(_logic.count_message(result.summary, n, folder), error=bool(result.summary.get("warnings")))
 
     def _on_error(self, exc: Exception) -> None:
         self._say(f"error: {type(exc).__name__}: {exc}", error=True)
@@ -399,11 +402,14 @@ class CellsegWidget(QWidget):
         self.table.scrollTo(self.model.index(max(current.row(), 0), list(layer.features.columns).index(column)))
 
     def _labels_for(self, cells_layer) -> list:
-        """The Labels layers (nuclei, and cells when grown) of the result a cells layer came from."""
+        """The Labels layers (nuclei, and cells when grown) of the result a cells layer came from: the same opening
+        of it (result_id), as a count into the same folder again leaves the earlier result's layers in the viewer."""
         from napari.layers import Labels
-        result = cells_layer.metadata.get("cellseg", {}).get("result")
+        meta = cells_layer.metadata.get("cellseg", {})
+        key = (meta.get("result"), meta.get("result_id"))
         return [layer for layer in self.viewer.layers if isinstance(layer, Labels)
-                and layer.metadata.get("cellseg", {}).get("result") == result]
+                and (layer.metadata.get("cellseg", {}).get("result"),
+                     layer.metadata.get("cellseg", {}).get("result_id")) == key]
 
     def select_row(self, row: int) -> None:
         """Select view row `row` of the table (as a click does)."""
@@ -420,6 +426,12 @@ class CellsegWidget(QWidget):
         layer.selected_data = {position}
 
 
+def _of_a_result(layer) -> bool:
+    """A layer a result brought (its tissue mask, labels, cells), not the slide it was counted on."""
+    meta = getattr(layer, "metadata", {}).get("cellseg", {})
+    return meta.get("result") is not None and meta.get("kind") != "slide"
+
+
 def camera(viewer):
     """The viewer's camera: viewer.scene.camera from napari 0.9, viewer.camera before."""
     scene = getattr(viewer, "scene", None)
@@ -427,9 +439,9 @@ def camera(viewer):
 
 
 def _count(request: CountRequest, progress, cancel):
-    """Worker body: the result folder, or the CellsegError a user can act on (shown in the widget, not as a
-    traceback); anything else propagates to napari's error notification."""
+    """Worker body: the result folder, or the CellsegError a user can act on as Failed (shown in the widget, not as
+    a traceback); anything else propagates to napari's error notification."""
     try:
         return run_count(request, progress, cancel)
     except CellsegError as e:
-        return e
+        return Failed(e)

@@ -127,7 +127,11 @@ def test_result_folder_layers(he_result):
     r, c = points.round().astype(int).T
     assert (labels[0][:, :][r, c] == cells["cell_id"].to_numpy()).mean() > 0.9
     assert np.all(pkw["size"] >= 3)
+    result_id = pkw["metadata"]["cellseg"].pop("result_id")
     assert pkw["metadata"]["cellseg"] == {"kind": "cells", "result": str(he_result), "mpp": 0.25, "offset": [0, 0]}
+    # one id for the layers of one opening, another for the next (a result counted again into its folder)
+    assert all(kw["metadata"]["cellseg"]["result_id"] == result_id for _, kw, _ in layers[:-1])
+    assert _layers.result_layer_data(he_result)[-1][1]["metadata"]["cellseg"]["result_id"] != result_id
 
 
 def test_run_json_opens_the_same_and_a_moved_result_finds_or_misses_its_slide(he_result, tmp_path):
@@ -412,3 +416,7 @@ def test_count_message_gives_the_interval_and_the_warnings():
     bare = _logic.count_message({"cell_count": 12, "count_estimate": {"estimated_true_count": None,
                                                                      "note": "no calibration in this bundle"}}, 12)
     assert bare == "12 cells (no calibration in this bundle)"
+    # the result folder ends the count's line, not the last warning
+    lines = _logic.count_message(summary, folder="/results/x.cellseg").split("\n")
+    assert lines[0].endswith("validation data) → /results/x.cellseg") and lines[1:] == [
+        "warning: the count moves 12% between ..."]

@@ -321,3 +321,116 @@ def test_correct_export_train_and_recount_without_leaving_napari(make_napari_vie
     assert "he_mosaic-retrained cells" in viewer.layers
     run = json.loads((outcome.bundle / "recount" / "he_mosaic-retrained.cellseg" / "run.json").read_text())
     assert run["model"]["weights_sha256"] == load_bundle(outcome.bundle).weights_sha256
+
+
+@pytest.mark.slow
+def test_the_image_box_never_switches_to_a_results_tissue_mask(make_napari_viewer, he_result):
+    """A result's tissue mask (added after a count, or opened with the result) is not what to count: chosen, the next
+    count, Edit fields and Recount would take it for the slide."""
+    viewer = make_napari_viewer()
+    field = viewer.add_image(np.zeros((64, 64), np.uint8), name="field")
+    widget = CellsegWidget(viewer)
+    viewer.add_image(np.ones((8, 8), np.uint8), name="field tissue",       # as _on_done adds it
+                     metadata={"cellseg": {"kind": "tissue", "result": "/results/field.cellseg"}})
+    assert widget.image_combo.currentData() is field
+    slide, tissue, *_ = viewer.open(he_result, plugin=PLUGIN)
+    assert tissue.name == "he_mosaic tissue" and widget.image_combo.currentData() is slide   # a newly opened slide is chosen
+
+
+@pytest.mark.slow
+def test_colour_by_colours_the_labels_of_its_own_result_only(make_napari_viewer, he_result):
+    """A count into the same Results folder again leaves the earlier result's layers, with the same folder in their
+    metadata: colouring the new cells must leave the old labels alone."""
+    viewer = make_napari_viewer()
+    widget = CellsegWidget(viewer)
+    old = viewer.open(he_result, plugin=PLUGIN)
+    new = viewer.open(he_result, plugin=PLUGIN)
+    assert widget.cells_combo.currentData() is new[-1]
+    widget.color_combo.setCurrentText("area_px")
+    assert [type(layer.colormap).__name__ for layer in new[2:4]] == ["DirectLabelColormap"] * 2
+    assert [type(layer.colormap).__name__ for layer in old[2:4]] != ["DirectLabelColormap"] * 2
+
+
+@pytest.mark.slow
+def test_a_cancel_and_a_mistake_found_by_the_worker_are_one_plain_line(make_napari_viewer, qtbot, tmp_path):
+    """superqt raises an exception the worker returns: the widget's own messages, not "error: Cancelled: ..."."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 80), np.uint8), name="field")
+    widget = CellsegWidget(viewer)
+    widget.device_combo.setCurrentText("cpu")
+    widget.model_edit.setText(str(tmp_path / "no-bundle"))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    text = widget.status.text()
+    assert "no-bundle" in text and not text.startswith("error:") and "\n" not in text, text
+    widget.model_edit.setText("")
+    widget.run()
+    widget.cancel()                    # seen before the model loads
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.status.text() == "cancelled; nothing was written"
+
+
+@pytest.mark.slow
+def test_correct_panel_messages_are_plain(make_napari_viewer, qtbot, tmp_path):
+    """A training refused in the worker is its one line (not "error: CellsegError: ..."); scales read as numbers."""
+    from cellseg_napari._export import Exported
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="field")
+    viewer.add_labels(np.zeros((32, 32), np.uint32), name="coarse", scale=(2, 2))
+    widget = CellsegWidget(viewer)
+    panel = widget.correct
+    panel.labels_combo.setCurrentIndex(panel.labels_combo.findText("coarse"))
+    assert panel.edit_fields() == []
+    assert panel.status.text().endswith("got scales 2 x 2 and 1 x 1"), panel.status.text()
+
+    annotations = tmp_path / "corrections" / "annotations.json"
+    annotations.parent.mkdir()
+    annotations.write_text("{}")
+    panel.exported = Exported(annotations, 1, 1)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "model.toml").write_text("")
+    panel.bundle_edit.setText(str(tmp_path / "bundle"))
+    assert panel.train() is not None
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=30_000)
+    assert panel.status.text().startswith("expected a new or empty folder for the trained bundle"), \
+        panel.status.text()
+
+
+@pytest.mark.slow
+def test_closing_the_viewer_stops_a_count_and_a_training(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """A count (or training) left running after its viewer closed keeps its thread, writes its result, and napari's
+    quit waits for it: the widget's teardown sets the cancel flags."""
+    import time
+
+    from cellseg_napari import _correct_widget, _widget
+    from cellseg_napari._export import Exported
+    from cellseg_napari._run import Cancelled
+    stopped = []
+
+    def slow(what):                                  # 15 s unless cancelled
+        def run(request, progress, cancel):
+            for k in range(1500):
+                if cancel.is_set():
+                    stopped.append(what)
+                    raise Cancelled("cancelled by the user; no result was written")
+                if what == "count":
+                    progress(k, 1500)
+                time.sleep(0.01)
+            raise AssertionError("not cancelled")
+        return run
+
+    monkeypatch.setattr(_widget, "run_count", slow("count"))
+    monkeypatch.setattr(_correct_widget, "run_training", slow("training"))
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="field")
+    widget = CellsegWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    worker = widget.run()
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text("{}")
+    widget.correct.exported = Exported(annotations, 1, 1)
+    training = widget.correct.train()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=10_000)
+    with qtbot.waitSignals([worker.finished, training.finished], timeout=10_000):
+        viewer.close()
+    assert sorted(stopped) == ["count", "training"]
