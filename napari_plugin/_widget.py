@@ -8,6 +8,7 @@ from `_layers.result_layer_data`, filtering and colours from `_logic`. Everythin
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -84,6 +85,10 @@ class CellsegWidget(QWidget):
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.model_edit = QLineEdit()
         self.model_edit.setPlaceholderText("the protocol's model")
+        self.mpp_edit = QLineEdit()
+        self.mpp_edit.setPlaceholderText("the image's own")
+        self.mpp_edit.setToolTip("Pixel size in µm/px, as cellseg count --mpp: for an image that records none (a PNG, "
+                                 "a JPEG, an array) or records a wrong one. H&E's protocol needs one.")
         self.output_edit = QLineEdit()
         self.output_edit.setPlaceholderText("a temporary folder")
         self.run_button = QPushButton("Count cells")
@@ -103,6 +108,7 @@ class CellsegWidget(QWidget):
         regions_row.addWidget(self.save_regions_button)
         form.addRow("Regions", regions_row)
         form.addRow("Protocol", self.protocol_combo)
+        form.addRow("Pixel size (µm/px)", self.mpp_edit)
         form.addRow("Device", self.device_combo)
         form.addRow("Model", with_browse(self.model_edit, self, "Model bundle folder"))
         form.addRow("Results", with_browse(self.output_edit, self, "Result folder"))
@@ -210,7 +216,8 @@ class CellsegWidget(QWidget):
         output = self.output_edit.text().strip()
         request = CountRequest(slide=None, protocol=self.protocol_combo.currentText(),
                                device=self.device_combo.currentText(), model=self.model_edit.text().strip() or None,
-                               output=Path(output) if output else None, name=image.name)
+                               output=Path(output) if output else None, name=image.name,
+                               mpp=_pixel_size(self.mpp_edit.text()))
         if meta.get("kind") == "slide" and meta.get("path") and Path(meta["path"]).is_file():
             request.slide = Path(meta["path"])
             request.channel = meta.get("channel")
@@ -302,7 +309,9 @@ class CellsegWidget(QWidget):
     def _on_done(self, outcome) -> None:
         if isinstance(outcome, Failed):
             cancelled = isinstance(outcome.error, Cancelled)
-            self._say("cancelled; nothing was written" if cancelled else str(outcome.error), error=not cancelled)
+            # the count's own words name its command-line option; here it is a field of the form
+            text = str(outcome.error).replace("pass --mpp", "give it in Pixel size (µm/px)")
+            self._say("cancelled; nothing was written" if cancelled else text, error=not cancelled)
             return
         folder = outcome
         result = load_result(folder)
@@ -424,6 +433,20 @@ class CellsegWidget(QWidget):
         world = layer.data_to_world(layer.data[position])
         camera(self.viewer).center = tuple(float(v) for v in world)
         layer.selected_data = {position}
+
+
+def _pixel_size(text: str) -> float | None:
+    """The Pixel size field: None when empty (the image's own), else a number of µm/px > 0."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = math.nan
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise CellsegError(f"expected a pixel size in µm/px (a number > 0) or nothing, got {text!r}")
+    return mpp
 
 
 def _of_a_result(layer) -> bool:

@@ -17,6 +17,7 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os
     pytest.skip("no X server: install xvfb (see .ci/run) so that pytest-xvfb can start one",
                 allow_module_level=True)
 
+from cellseg.errors import CellsegError  # noqa: E402
 from cellseg_napari._lazy import LazyLevel  # noqa: E402
 from cellseg_napari._widget import WHOLE_IMAGE, CellsegWidget, camera  # noqa: E402
 
@@ -368,6 +369,25 @@ def test_a_cancel_and_a_mistake_found_by_the_worker_are_one_plain_line(make_napa
     widget.cancel()                    # seen before the model loads
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text() == "cancelled; nothing was written"
+
+
+def test_the_pixel_size_field_gives_an_image_without_one_its_pixel_size(make_napari_viewer, qtbot):
+    """H&E's protocol needs a pixel size, which an array (or a PNG) does not carry: the form's field gives it, and
+    the message asking for one names the field, not the command line's --mpp."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((64, 80, 3), 200, np.uint8), name="he field", rgb=True)
+    widget = CellsegWidget(viewer)
+    widget.protocol_combo.setCurrentText("he-nuclei")
+    widget.device_combo.setCurrentText("cpu")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    text = widget.status.text()
+    assert "needs the pixel size" in text and "Pixel size (µm/px)" in text and "--mpp" not in text, text
+    widget.mpp_edit.setText("0.25")
+    assert widget.request().mpp == 0.25
+    widget.mpp_edit.setText("quarter")
+    with pytest.raises(CellsegError, match="expected a pixel size in µm/px"):
+        widget.request()
 
 
 @pytest.mark.slow
