@@ -40,7 +40,7 @@ from cellseg.geometry import Box
 
 from . import _edit, _logic
 from ._export import Exported, Field, check_field_size, crop, export_coco, safe_name
-from ._qtparts import fill_combo, with_browse
+from ._qtparts import fill_combo, follow_layer_names, with_browse
 from ._run import Failed
 from ._train import TrainOutcome, TrainRequest, next_free, run_training
 
@@ -169,6 +169,7 @@ class CorrectPanel(QWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                       self.viewer.layers.events.moved):
             event.connect(self._refresh_layers)
+        follow_layer_names(self.viewer, self._refresh_layers)
         self._refresh_layers()
         results = [i for i in range(self.labels_combo.count())
                    if getattr(self.labels_combo.itemData(i), "metadata", {}).get("cellseg", {}).get("kind") == "labels"]

@@ -24,6 +24,14 @@ def fill_combo(combo: QComboBox, layers: list, first: str | None = None, prefer=
         combo.currentIndexChanged.emit(combo.currentIndex())
 
 
+def follow_layer_names(viewer, refresh) -> None:
+    """Call `refresh` when any layer of `viewer`, now or added later, is renamed: the layer combos show names, and
+    the layer list itself says nothing of a rename."""
+    for layer in viewer.layers:
+        layer.events.name.connect(refresh)
+    viewer.layers.events.inserted.connect(lambda event: event.value.events.name.connect(refresh))
+
+
 def with_browse(edit: QLineEdit, parent: QWidget, title: str) -> QWidget:
     box = QWidget()
     row = QHBoxLayout(box)

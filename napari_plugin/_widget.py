@@ -37,7 +37,7 @@ from cellseg.errors import CellsegError
 from . import _logic, _regions
 from ._layers import load_result, result_layer_data
 from ._qtable import CellsTableModel
-from ._qtparts import fill_combo, with_browse
+from ._qtparts import fill_combo, follow_layer_names, with_browse
 from ._run import Cancelled, CountRequest, Failed, run_count
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class CellsegWidget(QWidget):
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
                       napari_viewer.layers.events.moved):
             event.connect(self._refresh_layers)
+        follow_layer_names(napari_viewer, self._refresh_layers)
         self._refresh_layers()
 
     # ------------------------------------------------------------------ layer lists

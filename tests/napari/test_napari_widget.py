@@ -371,6 +371,19 @@ def test_a_cancel_and_a_mistake_found_by_the_worker_are_one_plain_line(make_napa
     assert widget.status.text() == "cancelled; nothing was written"
 
 
+def test_a_renamed_layer_is_shown_by_its_new_name(make_napari_viewer):
+    viewer = make_napari_viewer()
+    before = viewer.add_image(np.zeros((32, 32), np.uint8), name="he_patch")
+    widget = CellsegWidget(viewer)
+    after = viewer.add_image(np.zeros((32, 32), np.uint8), name="second")
+    before.name, after.name = "my slide", "my other slide"
+    names = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    assert names == ["my slide", "my other slide"] and widget.image_combo.currentText() == "my other slide"
+    viewer.add_labels(np.zeros((32, 32), np.uint32), name="nuclei").name = "corrected nuclei"
+    panel = widget.correct
+    assert "corrected nuclei" in [panel.labels_combo.itemText(i) for i in range(panel.labels_combo.count())]
+
+
 def test_the_pixel_size_field_gives_an_image_without_one_its_pixel_size(make_napari_viewer, qtbot):
     """H&E's protocol needs a pixel size, which an array (or a PNG) does not carry: the form's field gives it, and
     the message asking for one names the field, not the command line's --mpp."""
