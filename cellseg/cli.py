@@ -415,12 +415,12 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
 def info(slide, protocol_name, overrides, mpp, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
-    from .describe import describe_slide
+    from .describe import describe_slide, slide_look_of
     from .planning import load_protocol
     from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
     with open_slide(slide, mpp=mpp) as opened:
-        for line in describe_slide(opened.info, protocol, diameter):
+        for line in describe_slide(opened.info, protocol, diameter, slide_look_of(opened, protocol)):
             click.echo(line)
 
 

@@ -2,8 +2,9 @@
 
 Format and backend, the size of every pyramid level, channels and their names, the pixel size and where it
 came from, the tiles the protocol would cut (the same geometry as `cellseg count`: cellseg.planning.plan and
-tiling.plan_tiles) and whether nuclei are grown into cells (cells/expansion.py). Plain arithmetic on the slide's metadata: no pixels beyond what opening the slide reads,
-and no torch.
+tiling.plan_tiles) and whether nuclei are grown into cells (cells/expansion.py). Plain arithmetic on the slide's
+metadata, and what a small thumbnail looks like (planning/modality.py: a slide counted with the other modality's
+protocol is said here, before the count): no torch.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ from .planning import (
 from .slides import SlideInfo
 
 
-def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None) -> list[str]:
-    """Lines of text about `info` and the tiles `protocol` cuts it into (at --diameter `diameter_px`, if given)."""
+def slide_look_of(slide, protocol: Protocol):
+    """What an open slide looks like (planning.Look) from a 512 px thumbnail of the protocol's channel: all of it,
+    as there is no tissue mask without the tissue network (glass, where much of it is, is the ground too)."""
+    from .planning import gray_input, measure_range, model_channel, select_channels, slide_look, to_network_input
+    thumbnail, _ = slide.read_thumbnail(512)
+    pixels = select_channels(thumbnail, model_channel(protocol, slide))
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    return slide_look(flat, colour=not gray_input(to_network_input(flat[None], measure_range(flat))),
+                      measured_on="thumbnail")
+
+
+def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None, look=None) -> list[str]:
+    """Lines of text about `info` and the tiles `protocol` cuts it into (at --diameter `diameter_px`, if given), and
+    what it looks like (`look`, slide_look_of) with a warning when that is another modality than the protocol's."""
     scale = _scale(protocol, info, diameter_px)
     tile_px, halo_px = tile_geometry(protocol, scale)
     n_tiles = len(plan_tiles(info.height, info.width, tile_px, halo_px))
@@ -43,6 +56,12 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"  cells       {_cells(protocol, info)}",
         f"  results     {_results(protocol, info)}",
     ]
+    if look is not None:
+        from .planning import modality_warning
+        lines.append(f"  looks like  {look.modality or 'either modality'}: {look.describe()}")
+        warning = modality_warning(look, protocol.name, protocol.modality, info.mpp)
+        if warning:
+            lines.append(f"  warning     {warning}")
     lines += [f"  note        {d}" for d in info.details]
     return lines
 

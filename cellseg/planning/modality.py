@@ -40,18 +40,19 @@ class Look:
     modality: str | None
     light_ground: float
     colour: bool
+    measured_on: str = "tissue"     # the pixels looked at: the thumbnail's on tissue, or (cellseg info) all of it
 
     def describe(self) -> str:
         dark_nuclei = self.modality == "brightfield" if self.modality else self.light_ground >= 0.5
         nuclei = "nuclei darker than their ground" if dark_nuclei else "nuclei brighter than their ground"
-        return (f"{nuclei}, {'in colour' if self.colour else 'gray'} (the median tissue pixel at "
+        return (f"{nuclei}, {'in colour' if self.colour else 'gray'} (the median {self.measured_on} pixel at "
                 f"{self.light_ground:.2f} of the range)")
 
     def to_dict(self) -> dict:
         return {"modality": self.modality, "light_ground": round(self.light_ground, 4), "colour": self.colour}
 
 
-def slide_look(pixels: np.ndarray, colour: bool) -> Look:
+def slide_look(pixels: np.ndarray, colour: bool, measured_on: str = "tissue") -> Look:
     """The look of `pixels` (n, C) or (h, w, C): a slide's thumbnail pixels on tissue in the model's channels
     (plan.tissue_pixels of intensity.select_channels); colour: the network input has colour (not gray_input)."""
     flat = np.asarray(pixels).reshape(-1, np.shape(pixels)[-1])
@@ -59,10 +60,10 @@ def slide_look(pixels: np.ndarray, colour: bool) -> Look:
     luminance = flat[::max(1, len(flat) >> 20)].astype(np.float32).mean(-1)
     luminance = luminance[np.isfinite(luminance)]
     if luminance.size == 0:
-        return Look(None, float("nan"), colour)
+        return Look(None, float("nan"), colour, measured_on)
     dark, median, light = np.percentile(luminance, [1, 50, 99])
     if light - dark <= 0:       # a flat image: no nuclei to tell by
-        return Look(None, float("nan"), colour)
+        return Look(None, float("nan"), colour, measured_on)
     ground = float((median - dark) / (light - dark))
     if colour:
         modality = "brightfield" if ground >= LIGHT_GROUND_COLOUR else "fluorescence"
@@ -72,7 +73,7 @@ def slide_look(pixels: np.ndarray, colour: bool) -> Look:
         modality = "fluorescence"
     else:
         modality = None
-    return Look(modality, ground, colour)
+    return Look(modality, ground, colour, measured_on)
 
 
 def modality_warning(look: Look, protocol_name: str, protocol_modality: str, mpp: float | None = None) -> str | None:

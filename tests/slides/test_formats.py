@@ -407,6 +407,17 @@ def test_info_says_what_cellseg_sees(tmp_path):
     assert_user_error(result, 1, "no such file")
 
 
+def test_info_says_when_a_slide_looks_like_the_other_protocols_modality():
+    """An H&E slide with the default (fluorescence) protocol: said before a long count, as the count would say it."""
+    from ..helpers import EXAMPLES
+    text = invoke(["info", EXAMPLES / "he_mosaic.ome.tif"]).stdout
+    assert "looks like  brightfield" in text and "count it with --protocol he-nuclei" in text, text
+    text = invoke(["info", EXAMPLES / "he_mosaic.ome.tif", "-p", "he-nuclei"]).stdout
+    assert "looks like  brightfield" in text and "warning" not in text, text
+    text = invoke(["info", EXAMPLES / "fluo_mosaic.ome.tif"]).stdout
+    assert "looks like  fluorescence" in text and "warning" not in text, text
+
+
 def test_info_loads_no_torch():
     code = ("import sys; from cellseg.cli import main; "
             f"main(['info', {str(DICOM)!r}, '--diameter', '30'], standalone_mode=False); "
