@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -151,7 +152,13 @@ def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns:
     rles = [annotation_rle(path, a, height, width) for a in anns]
     # a mask with no pixel in its image (polygons outside it, an empty RLE) is no nucleus that could be found or
     # matched: left out, as training leaves it out, and said, as it changes the counts
-    kept = [k for k, rle in enumerate(rles) if mask_utils.area(rle) > 0]
+    areas = [int(mask_utils.area(rle)) for rle in rles]
+    for a, area in zip(anns, areas):
+        if area > height * width:    # counts that are not an RLE (a careless str(bytes), a typo) decode to nonsense
+            raise EvaluationError(f"expected a valid RLE mask in annotation {a.get('id', '?')} of image "
+                                  f"{file_name or image_id} of {path}, found counts covering {area:,} px of its "
+                                  f"{height} x {width}")
+    kept = [k for k, area in enumerate(areas) if area > 0]
     if len(kept) < len(rles):
         empty = [str(a.get("id", k)) for k, a in enumerate(anns) if k not in set(kept)]
         log.warning("%s: %d mask(s) of image %s with no pixel inside its %d x %d px left out (annotation ids %s)",
@@ -167,10 +174,21 @@ def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns:
         boxes = np.stack([xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], axis=1)
     else:
         boxes = np.zeros((0, 4), np.int64)
-    scores = np.array([float(a["score"]) for a in anns] if with_score else np.ones(len(anns)), np.float64)
+    scores = np.array([_score(a, path) for a in anns] if with_score else np.ones(len(anns)), np.float64)
     crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
     return ImageMasks(None if file_name is None else str(file_name), image_id, int(height), int(width),
                       rles, boxes, scores, crowd, bool(with_score))
+
+
+def _score(ann: dict, path: Path) -> float:
+    try:
+        score = float(ann["score"])
+    except (TypeError, ValueError):
+        score = math.nan
+    if not math.isfinite(score):
+        raise EvaluationError(f"expected a number as the score of annotation {ann.get('id', '?')} (image "
+                              f"{ann.get('image_id', '?')}) of {path}, found {ann['score']!r}")
+    return score
 
 
 def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
@@ -252,6 +270,12 @@ def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]
                 ) -> list[tuple[str, ImageMasks, ImageMasks]]:
     """(GT name, pred image, gt image) for the images both sides share, sizes checked."""
     P, G = list(pred.values()), list(gt.values())
+    if all(p.file_name is None and p.image_id is not None for p in P) and all(g.image_id is not None for g in G):
+        # a COCO results list (pycocotools', detectron2's) names only the images with detections: the ground
+        # truth's others had none, and their nuclei count as missed, as COCOeval counts them
+        named = {p.image_id for p in P}
+        P = P + [ImageMasks(None, g.image_id, g.height, g.width, [], np.zeros((0, 4), np.int64), np.zeros(0),
+                            np.zeros(0, bool), True) for g in G if g.image_id not in named]
     pairs = None
     if len(P) == 1 and len(G) == 1 and (P[0].image_id is None or G[0].image_id is None):
         pairs = [(P[0], G[0])]  # a label image has no name to match: one image against one

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import cellseg.evaluation.scoring as ev
 from cellseg.cli import main
-from cellseg.errors import CellsegError
+from cellseg.errors import CellsegError, EvaluationError
 from cellseg.evaluation import box_pairs
 from cellseg.results import CocoWriter, crop_rle
 
@@ -127,6 +127,40 @@ def test_an_image_without_predictions_leaves_the_best_threshold_to_the_others(tm
     pred = write_coco(tmp_path / "pred.json", [("a.png", 1, shape, cells), ("b.png", 2, shape, [])], scores=True)
     r = ev.evaluate(pred, gt)
     assert r.best_threshold is not None and r.best_threshold > 0.3        # the false one cut
+
+
+def _results_list(path: Path, images) -> Path:
+    """A COCO results list as pycocotools and detectron2 write it: [{image_id, segmentation, score}], no entry for
+    an image without detections. images = [(id, (h, w), cells)]."""
+    results = [{"image_id": iid, "category_id": 1, "score": s, "segmentation": crop_rle(m, r0, c0, h, w)}
+               for iid, (h, w), cells in images for r0, c0, m, s in cells]
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_an_image_a_results_list_leaves_out_had_no_detections_its_nuclei_are_missed(tmp_path):
+    gt = write_coco(tmp_path / "gt.json", [("a.png", 1, SHAPE, grid(5)), ("b.png", 2, SHAPE, grid(3))])
+    r = ev.evaluate(_results_list(tmp_path / "res.json", [(1, SHAPE, grid(5))]), gt)
+    p = r.pooled
+    assert len(r.images) == 2 and (p["tp"], p["fp"], p["fn"], p["true_count"]) == (5, 0, 3, 8)
+    assert r.coco["ap50"] == pytest.approx(5 / 8, abs=0.02)
+    nothing = ev.evaluate(_results_list(tmp_path / "none.json", []), gt)        # a model that found nothing
+    assert (nothing.pooled["tp"], nothing.pooled["fn"]) == (0, 8)
+
+
+@pytest.mark.parametrize("score, counts, words", [
+    (None, None, "expected a number as the score"), ("high", None, "expected a number as the score"),
+    (float("nan"), None, "expected a number as the score"), (0.9, "!!!garbage", "expected a valid RLE mask"),
+])
+def test_a_bad_score_or_rle_in_a_results_list_is_one_line(tmp_path, score, counts, words):
+    results = json.loads(_results_list(tmp_path / "res.json", [(1, SHAPE, grid(2))]).read_text())
+    results[1]["score"] = score
+    if counts is not None:
+        results[1]["segmentation"]["counts"] = counts
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    gt = write_coco(tmp_path / "gt.json", [("a.png", 1, SHAPE, grid(2))])
+    with pytest.raises(EvaluationError, match=words):
+        ev.evaluate(tmp_path / "res.json", gt)
 
 
 def test_one_false_positive(tmp_path):
