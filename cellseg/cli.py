@@ -281,6 +281,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                          "seconds": summary["seconds"]["total"],
                          "warnings": "; ".join(summary.get("warnings") or [])})   # the report's, for a filter
     if summary_csv is not None:
+        output.mkdir(parents=True, exist_ok=True)      # every input failed: no result made it, the summary says why
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
         from .results import CohortRow, write_cohort_report
@@ -309,13 +310,23 @@ def report(results) -> None:
     folders, cohort = result_folders(list(results))
     if cohort is not None:      # before any slide's report is rebuilt
         check_cohort_report_target(cohort, "move it, or rebuild the slides' reports one at a time")
-    rows = []
+    rows, failures = [], 0
     for folder in folders:
-        warnings = write_report(folder)
+        try:
+            warnings = write_report(folder)
+        except CellsegError as e:
+            if len(folders) == 1:
+                raise
+            failures += 1      # one folder's page not drawn: the others are, and the cohort lists it with why
+            click.echo(f"cellseg: error: {folder}: {e}", err=True)
+            rows.append(CohortRow(folder.name, folder, _read_summary(folder), str(e)))
+            continue
         click.echo(f"{folder / 'report.html'}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
         rows.append(CohortRow(folder.name, folder, _read_summary(folder)))
     if cohort is not None:
         click.echo(f"report of {len(rows)} results -> {write_cohort_report(cohort, rows)}")
+    if failures:
+        raise CellsegError(f"{failures} of {len(folders)} reports could not be drawn (see the errors above)")
 
 
 class _JobBar:

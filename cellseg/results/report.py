@@ -298,6 +298,12 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     from .report_plots import histogram_chart, score_curve_chart
     from .uncertainty import curve_warning
     folder = Path(folder)
+    # a count with --outputs that left out what the page is drawn from (results/writer.REPORT_NEEDS)
+    missing = [name for name in ("cells.csv", "overlay.png") if not (folder / name).is_file()]
+    if missing:
+        raise OutputError(f"expected {' and '.join(missing)} in {folder} to draw its report, found "
+                          f"{'them' if len(missing) > 1 else 'it'} missing (a count with --outputs leaving "
+                          f"{'them' if len(missing) > 1 else 'it'} out writes no report)")
     summary, run = _read_json(folder / "summary.json"), _read_json(folder / "run.json")
     cells = _cells_table(folder, summary)
     grid = tile_grid(summary, cells, folder / "tissue_mask.png")
@@ -465,6 +471,8 @@ def result_folders(paths: list[Path]) -> tuple[list[Path], Path | None]:
             parents.append(path)
         else:
             raise OutputError(f"expected a cellseg result folder (with summary.json), found {path}")
+    # a folder named twice (itself and through its parent) is one slide of the cohort
+    folders = list({f.resolve(): f for f in folders}.values())
     if len(parents) == 1 and len(paths) == 1:
         return folders, parents[0]
     if len(folders) < 2:

@@ -465,6 +465,16 @@ def test_many_inputs_one_bad_still_counts_the_others(tmp_path, small_png, model)
     assert "expected a slide image" in rows["bad.png"]["error"]
 
 
+def test_many_inputs_all_bad_still_get_their_summary(tmp_path, model):
+    for name in ("bad.png", "worse.png"):
+        (tmp_path / name).write_text("not a picture")
+    results = tmp_path / "results"
+    result = invoke(["count", tmp_path / "bad.png", tmp_path / "worse.png", "-o", results, *model, *FAST])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "2 of 2 inputs failed" in result.stderr
+    rows = read_csv(results / "summary.csv")
+    assert [r["status"] for r in rows] == ["error", "error"]
+
+
 def test_many_inputs_with_the_same_name_is_refused(tmp_path, small_png, model):
     (tmp_path / "x").mkdir()
     twin = shutil.copy(small_png, tmp_path / "x" / "small.png")

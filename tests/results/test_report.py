@@ -152,6 +152,21 @@ def test_report_command_never_replaces_a_report_html_it_did_not_write(he_result,
     assert {name: (results / name / "report.html").stat().st_mtime_ns for name in ("a", "b")} == slide_pages
 
 
+def test_report_of_folders_without_what_the_page_is_drawn_from(he_result, tmp_path):
+    """A count with --outputs cells.csv wrote no overlay.png: one line for it; in a cohort the others' pages are
+    drawn and the cohort lists it with why; a folder named twice is one slide."""
+    results = tmp_path / "results"
+    for name in ("a", "b", "c"):
+        shutil.copytree(he_result, results / name)
+    (results / "b" / "overlay.png").unlink()
+    assert_user_error(invoke(["report", results / "b"]), 1, "expected overlay.png in", "to draw its report")
+    result = invoke(["report", results, results / "a"])
+    assert result.exit_code == 1 and "1 of 3 reports could not be drawn" in result.stderr
+    assert "report of 3 results" in result.stdout                    # a, b (its error), c: a not twice
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    assert "expected overlay.png in" in cohort and cohort.count('href="a/report.html"') == 1
+
+
 def test_report_of_a_folder_without_results_is_one_line(tmp_path):
     assert_user_error(invoke(["report", tmp_path]), 1, "result folder", str(tmp_path))
 
