@@ -298,8 +298,10 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
     from .report_plots import histogram_chart, score_curve_chart
     from .uncertainty import curve_warning
     folder = Path(folder)
-    # a count with --outputs that left out what the page is drawn from (results/writer.REPORT_NEEDS)
-    missing = [name for name in ("cells.csv", "overlay.png") if not (folder / name).is_file()]
+    # a finished count with --outputs that left out what the page is drawn from (results/writer.REPORT_NEEDS); a
+    # count drawing its page (pictures given) writes overlay.png meanwhile
+    missing = [name for name in ("cells.csv", "overlay.png")
+               if not (folder / name).is_file() and not (name == "overlay.png" and pictures is not None)]
     if missing:
         raise OutputError(f"expected {' and '.join(missing)} in {folder} to draw its report, found "
                           f"{'them' if len(missing) > 1 else 'it'} missing (a count with --outputs leaving "
