@@ -282,11 +282,14 @@ def pair_images(pred: dict[str, ImageMasks], gt: dict[str, ImageMasks]
     else:
         keys = (lambda im: im.file_name, lambda im: _base(im.file_name), lambda im: _stem(im.file_name),
                 lambda im: im.image_id)
+        # the key that pairs the most images (the first on a tie): one image named alike on both sides must not
+        # keep the others, named apart by folder or extension, from pairing by their stems
         for key in keys:
             pk, gk = _index(P, key), _index(G, key)
-            if pk is not None and gk is not None and set(pk) & set(gk):
-                pairs = [(pk[k], gk[k]) for k in gk if k in pk]
-                break
+            if pk is not None and gk is not None:
+                found = [(pk[k], gk[k]) for k in gk if k in pk]
+                if len(found) > len(pairs or []):
+                    pairs = found
     if not pairs:
         raise EvaluationError(f"expected PRED and GT to share images (by file_name or id), found none: PRED has "
                               f"{_names(P)}, GT has {_names(G)}")

@@ -163,6 +163,15 @@ def test_a_bad_score_or_rle_in_a_results_list_is_one_line(tmp_path, score, count
         ev.evaluate(tmp_path / "res.json", gt)
 
 
+def test_images_pair_by_the_name_that_pairs_the_most(tmp_path):
+    """One prediction named as its ground truth, the others by stem only (another folder and extension): all pair."""
+    gt = write_coco(tmp_path / "gt.json", [(f"images/f{k}.jpg", k, SHAPE, grid(3)) for k in (1, 2, 3)])
+    names = ["images/f1.jpg", "preds/f2.png", "preds/f3.png"]
+    pred = write_coco(tmp_path / "pred.json", [(n, k, SHAPE, grid(3)) for n, k in zip(names, (7, 8, 9))], scores=True)
+    r = ev.evaluate(pred, gt)
+    assert len(r.images) == 3 and r.pooled["tp"] == 9
+
+
 def test_one_false_positive(tmp_path):
     r = run(tmp_path, grid(5) + [rect(30, 50, 5, 5, 0.3)])  # on background
     p = r.pooled
