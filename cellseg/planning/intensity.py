@@ -27,7 +27,8 @@ def select_channels(image: np.ndarray, channel: int | None) -> np.ndarray:
     n = image.shape[-1]
     if channel is not None:
         if not 0 <= channel < n:
-            raise ParameterError(f"expected --channel between 0 and {n - 1} for this {n}-channel image, got {channel}")
+            raise ParameterError(f"expected a channel between 0 and {n - 1} for this {n}-channel image, got {channel} "
+                                 f"(--channel, or the protocol's [input] channel)")
         return image[..., channel:channel + 1]
     if n in (1, 3):
         return image

@@ -311,7 +311,8 @@ def model_channel(protocol: Protocol, slide: Slide) -> int | None:
     info = slide.info
     if info.n_channels == 1:
         if protocol.channel not in (None, 0):     # as select_channels refuses a channel a colour image lacks
-            raise ParameterError(f"expected --channel 0 (or none) for this 1-channel image, got {protocol.channel}")
+            raise ParameterError(f"expected channel 0 (or none) for this 1-channel image, got {protocol.channel} "
+                                 f"(--channel, or the protocol's [input] channel)")
         return 0
     if protocol.channel is not None:
         return protocol.channel

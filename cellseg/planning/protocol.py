@@ -125,7 +125,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "Tiles per detector call (unset: 16 on a GPU, 4 on a CPU; a GPU short of memory halves it as it "
             "goes).", Range(1, 256), "--batch-size"),
     Setting("detection", "model", str, "nuclei",
-            "Model bundle: a bundle folder, or the name of one shipped with cellseg.", None, "--model"),
+            "Model bundle: a bundle folder (in a protocol file, a relative path is from the file's folder), or the "
+            "name of one shipped with cellseg.", None, "--model"),
     Setting("detection", "score_threshold", float, None,
             "Minimum detection score (unset: the bundle's, tuned for the modality).", Range(0.0, 1.0),
             "--score-threshold"),
@@ -166,7 +167,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             Range(0.0, 2000.0), "--cell-expansion-px"),
     Setting("export", "geojson_gzip_above_mb", float, 500.0,
             "cells.geojson is written gzipped (cells.geojson.gz) when larger than this many MB (0: always).",
-            Range(0.0)),
+            Range(0.0, 1e9)),
     Setting("export", "outputs", str, "all",
             "The result files to write: all, or their names separated by commas (e.g. cells.csv,cells.geojson); "
             "summary.json, run.json and below_threshold.csv are always written, and report.html brings the files "
@@ -270,7 +271,7 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
     if not path.is_file():
         raise ProtocolError(f"no such protocol file: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))     # a byte-order mark (Windows editors) is no statement
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"{path}: not valid TOML ({e})") from e
     values: dict[str, Any] = {}
@@ -294,7 +295,12 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
     for setting in SETTINGS.values():
         if setting.default is REQUIRED and setting.key not in values:
             raise ProtocolError(f"{path}: missing key {setting.key!r}")
-    protocol = Protocol(**values, source=str(path))
+    model = values.get("model")
+    if isinstance(model, str) and not Path(model).is_absolute() and (path.parent / model).is_dir():
+        # a bundle path relative to the protocol file, as a file's paths are read: the same from any folder, and
+        # recorded absolute in run.json
+        values["model"] = str((path.parent / model).resolve())
+    protocol = Protocol(**values, source=str(path.resolve()))
     if protocol.cell_expansion_px is not None and protocol.cell_expansion_um:
         raise ProtocolError(f"{path}: [cells] expected cell_expansion_um or cell_expansion_px, got both")
     try:

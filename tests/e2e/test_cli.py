@@ -295,8 +295,8 @@ def test_count_overrides_every_setting_with_a_flag_as_declared():
 
 
 @pytest.mark.parametrize("image, channel, words", [
-    ("small_png", "5", ("expected --channel 0 (or none) for this 1-channel image", "got 5")),
-    ("he_png", "7", ("expected --channel between 0 and 2 for this 3-channel image", "got 7")),
+    ("small_png", "5", ("expected channel 0 (or none) for this 1-channel image", "got 5", "--channel")),
+    ("he_png", "7", ("expected a channel between 0 and 2 for this 3-channel image", "got 7", "[input] channel")),
 ])
 def test_a_channel_the_image_lacks_is_a_usage_error(request, tmp_path, model, image, channel, words):
     path = request.getfixturevalue(image)

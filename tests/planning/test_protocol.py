@@ -169,6 +169,25 @@ def test_bad_file_raises_protocol_error_naming_file_and_key(tmp_path, text, word
     assert info.value.exit_code == 1
 
 
+def test_a_byte_order_mark_is_read_past_and_an_endless_gzip_threshold_refused(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())           # as Windows editors save UTF-8
+    assert load_protocol(path).name == "mine"
+    with pytest.raises(ProtocolError, match="geojson_gzip_above_mb"):
+        load_protocol(write(tmp_path, GOOD + "\n[export]\ngeojson_gzip_above_mb = 1e308\n"))
+
+
+def test_a_relative_model_path_is_read_from_the_protocol_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "protos" / "bundles" / "mine").mkdir(parents=True)
+    path = tmp_path / "protos" / "p.toml"
+    path.write_text(GOOD.replace('model = "nuclei"', 'model = "bundles/mine"'))
+    monkeypatch.chdir(tmp_path)                                          # not the file's folder
+    protocol = load_protocol(path)
+    assert protocol.model == str((tmp_path / "protos" / "bundles" / "mine").resolve())
+    assert protocol.source == str(path.resolve())
+    assert load_protocol(write(tmp_path, GOOD)).model == "nuclei"        # a shipped name stays a name
+
+
 def test_helper_really_changes_the_file():
     """The parametrised cases above are only meaningful if with_line() edits GOOD."""
     text = with_line("tiling", "tile_size = 10")
