@@ -160,7 +160,8 @@ def _image_masks(path: Path, file_name, image_id, height: int, width: int, anns:
                                   f"{height} x {width}")
     kept = [k for k, area in enumerate(areas) if area > 0]
     if len(kept) < len(rles):
-        empty = [str(a.get("id", k)) for k, a in enumerate(anns) if k not in set(kept)]
+        kept_set = set(kept)
+        empty = [str(a.get("id", k)) for k, a in enumerate(anns) if k not in kept_set]
         log.warning("%s: %d mask(s) of image %s with no pixel inside its %d x %d px left out (annotation ids %s)",
                     path, len(empty), file_name or image_id, height, width, ", ".join(empty[:5])
                     + (", ..." if len(empty) > 5 else ""))
