@@ -324,9 +324,32 @@ def report(results) -> None:
         click.echo(f"{folder / 'report.html'}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
         rows.append(CohortRow(folder.name, folder, _read_summary(folder)))
     if cohort is not None:
+        rows += _inputs_that_failed(cohort, folders)
         click.echo(f"report of {len(rows)} results -> {write_cohort_report(cohort, rows)}")
     if failures:
         raise CellsegError(f"{failures} of {len(folders)} reports could not be drawn (see the errors above)")
+
+
+def _inputs_that_failed(cohort: Path, folders: list[Path]):
+    """The inputs a count of several slides into `cohort` listed as failed in its summary.csv (its own, by the
+    header) and that have no result folder there since: a rebuilt cohort report keeps them with their error, as the
+    count's did."""
+    import csv
+
+    from .results import CohortRow
+    summary_csv = cohort / "summary.csv"
+    try:
+        with open(summary_csv, newline="", encoding="utf-8") as f:
+            if not f.readline().startswith(",".join(_SUMMARY_COLUMNS[:3])):
+                return []
+            f.seek(0)
+            listed = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []       # no summary (a folder of results gathered by hand): nothing more to list
+    found = {f.resolve() for f in folders}
+    return [CohortRow(Path(row["input"]).name, None, None, row.get("error") or "failed (summary.csv)")
+            for row in listed if row.get("status") == "error" and row.get("input")
+            and (cohort / result_stem(Path(row["input"]))).resolve() not in found]
 
 
 class _JobBar:

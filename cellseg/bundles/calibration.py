@@ -192,19 +192,19 @@ class BundleCalibration:
     report: dict = field(default_factory=dict)    # figures for the model card (calibration error, coverage)
 
     def for_slide(self, modality: str | None, gray: bool = False,
-                  threshold: float | None = None) -> KeyCalibration | None:
+                  gray_is_own_kind: bool = False) -> KeyCalibration | None:
         """The calibration of a slide's threshold key: `modality`, or for a slide whose network input is gray
-        `modality` + "_gray" when there is one, else `modality`'s only when the slide is counted at its threshold
-        (`threshold`: the bundle has no gray threshold of its own for that modality, as for fluorescence, where every
-        slide is gray). A gray smear counted at brightfield_gray's threshold gets no stand-in: the scores of a smear
-        and of stained tissue mean different things. None when the bundle has none for the slide."""
+        `modality` + "_gray" when there is one, else `modality`'s unless the bundle tunes gray slides of that
+        modality as a kind of their own (`gray_is_own_kind`: it has a `modality`_gray score threshold, as for
+        brightfield's smears): the scores of a smear and of stained tissue mean different things. Fluorescence, where
+        every slide is gray, keeps its calibration at any threshold (the recall table is per threshold). None when
+        the bundle has none for the slide."""
         from .bundle import GRAY_SUFFIX
         if gray and f"{modality}{GRAY_SUFFIX}" in self.keys:
             return self.keys[f"{modality}{GRAY_SUFFIX}"]
-        key = self.keys.get(str(modality))
-        if key is not None and gray and threshold is not None and abs(threshold - key.threshold) > 1e-9:
+        if gray and gray_is_own_kind:
             return None
-        return key
+        return self.keys.get(str(modality))
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "weights_sha256": self.weights_sha256, "method": self.method,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
+from ..bundles.bundle import GRAY_SUFFIX
 from ..bundles.calibration import (
     ESTIMATE_NOTE,
     NO_CALIBRATION,
@@ -54,15 +55,17 @@ def count_calibration(model: dict | None, modality: str | None, gray: bool) -> t
         return None, "no calibration with test-time augmentation (the bundle's was fitted without it)"
     toml_path = Path(model["path"]) / "model.toml"
     try:
-        table = tomllib.loads(toml_path.read_text(encoding="utf-8")).get("calibration")
+        bundle_toml = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise BundleError(f"expected the bundle's model.toml at {toml_path} readable, found {e}") from e
+    table = bundle_toml.get("calibration")
     if table is None:
         return None, NO_CALIBRATION
     calibration = BundleCalibration.from_dict(table, str(toml_path))
     if calibration.weights_sha256 != model.get("weights_sha256"):
         return None, f"{NO_CALIBRATION} for these weights (it was fitted for other weights: refit it)"
-    key = calibration.for_slide(modality, gray, slide_threshold(model, gray))
+    thresholds = bundle_toml.get("inference", {}).get("score_threshold_by_modality", {})
+    key = calibration.for_slide(modality, gray, gray_is_own_kind=f"{modality}{GRAY_SUFFIX}" in thresholds)
     if key is None:
         kind = f"{modality}{' (gray input)' if gray else ''}"
         return None, f"{NO_CALIBRATION} for {kind} slides (it has {', '.join(sorted(calibration.keys)) or 'none'})"

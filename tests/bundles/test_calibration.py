@@ -119,9 +119,11 @@ def test_calibration_stored_in_model_toml_and_loaded_without_pickle(tiny_bundle,
     assert loaded.calibration == stored
     assert "calibration" not in loaded.card
     assert loaded.calibration.for_slide("fluorescence") == stored.keys["fluorescence"]
-    # gray input: the modality's calibration only at its threshold (fluorescence: every slide is gray)
-    assert loaded.calibration.for_slide("fluorescence", gray=True, threshold=0.6) == stored.keys["fluorescence"]
-    assert loaded.calibration.for_slide("brightfield", gray=True, threshold=0.9) is None    # a smear's own threshold
+    # gray input: the modality's calibration unless gray slides of it are a kind of their own (fluorescence: every
+    # slide is gray, at whatever threshold; brightfield: a smear is tuned apart from stained tissue)
+    assert loaded.calibration.for_slide("fluorescence", gray=True) == stored.keys["fluorescence"]
+    assert loaded.calibration.for_slide("brightfield", gray=True) == stored.keys["brightfield"]
+    assert loaded.calibration.for_slide("brightfield", gray=True, gray_is_own_kind=True) is None
     assert loaded.calibration.for_slide("other") is None
 
 

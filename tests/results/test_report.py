@@ -3,6 +3,7 @@ real headless Chromium (skipped where it is not installed)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -165,6 +166,32 @@ def test_report_of_folders_without_what_the_page_is_drawn_from(he_result, tmp_pa
     assert "report of 3 results" in result.stdout                    # a, b (its error), c: a not twice
     cohort = (results / "report.html").read_text(encoding="utf-8")
     assert "expected overlay.png in" in cohort and cohort.count('href="a/report.html"') == 1
+
+
+def test_a_rebuilt_cohort_report_keeps_the_inputs_the_count_failed(he_result, tmp_path):
+    """summary.csv of a count of several slides lists an input that failed (no result folder): the rebuilt cohort
+    page lists it with its error, as the count's did, until a result folder for it is there."""
+    from cellseg.cli import _SUMMARY_COLUMNS
+    results = tmp_path / "results"
+    for name in ("a", "b"):
+        shutil.copytree(he_result, results / name)
+    with open(results / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{"input": "/data/a.tif", "status": "ok", "result": results / "a"},
+                          {"input": "/data/b.tif", "status": "ok", "result": results / "b"},
+                          {"input": "/data/c.ome.tif", "status": "error",
+                           "error": "expected a TIFF file, found 12 bytes"}])
+    result = invoke(["report", results])
+    assert result.exit_code == 0, result.output
+    assert "report of 3 results" in result.stdout
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    assert "c.ome.tif" in cohort and "expected a TIFF file, found 12 bytes" in cohort
+
+    shutil.copytree(he_result, results / "c")           # counted again since, on its own
+    result = invoke(["report", results])
+    assert result.exit_code == 0 and "report of 3 results" in result.stdout
+    assert "expected a TIFF file" not in (results / "report.html").read_text(encoding="utf-8")
 
 
 def test_report_of_a_folder_without_results_is_one_line(tmp_path):

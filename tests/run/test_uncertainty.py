@@ -215,3 +215,32 @@ def test_a_slide_whose_nuclei_the_model_cannot_see_is_unlike_anything_validated(
     (warning,) = [w for w in nothing["warnings"] if "unlike anything" in w]
     assert warning.startswith("0 nuclei found") and "if it holds none, ignore this" in warning
     assert "appearance score" not in warning
+
+
+def test_a_fluorescence_count_at_its_own_threshold_keeps_its_estimate(slide, tmp_path):
+    """Every fluorescence slide is gray: a protocol's own score threshold reads the recall table at that threshold,
+    while a gray brightfield slide, tuned apart from stained tissue, gets no stand-in."""
+    from cellseg.results.uncertainty import count_calibration
+    folder, labels, candidates, bundle = slide
+    own = 0.7
+    protocol = load_protocol("fluorescence-nuclei").replace(score_threshold=own)
+    model = {**_model(bundle), "score_thresholds": {"colour": own, "gray": own}}
+    summary = count_with(CandidateDetector(labels, candidates), folder / "slide.tif", tmp_path / "out", protocol,
+                         run_info=RunInfo(model=model))
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    est = summary["count_estimate"]
+    density = cells["area_px"].sum() / (600 * 700)
+    assert est["threshold"] == own and est["calibration_key"] == "fluorescence"
+    assert est["held_out_recall"] == pytest.approx(CALIBRATION.recall(own, density), abs=1e-4)
+
+    gray_tuned = tmp_path / "gray-tuned"
+    gray_tuned.mkdir()
+    write_toml(gray_tuned / "model.toml", {
+        "format": "cellseg-bundle/1", "inference": {"score_threshold_by_modality": {"brightfield_gray": 0.9}},
+        "calibration": BundleCalibration(SHA, {"brightfield": CALIBRATION, "fluorescence": CALIBRATION},
+                                         "test calibration").to_dict()})
+    record = _model(gray_tuned)
+    assert count_calibration(record, "brightfield", gray=False)[0].key == "brightfield"
+    key, note = count_calibration(record, "brightfield", gray=True)
+    assert key is None and "brightfield (gray input)" in note
+    assert count_calibration(record, "fluorescence", gray=True)[0].key == "fluorescence"
