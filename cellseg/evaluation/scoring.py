@@ -25,7 +25,8 @@ Definitions (`evaluate`, all at the IoU threshold `iou`, default 0.5, on all pre
 - DSB2018 score per image: the mean over IoU thresholds 0.50, 0.55, ..., 0.95 of TP/(TP+FP+FN), each matched
   as above (the Kaggle 2018 Data Science Bowl metric); reported per image and as the mean over images.
 - Count error per image: pred count - true count; relative |error| / true count (0 when both are 0,
-  undefined (None) when only the true count is 0; undefined values are left out of the median).
+  undefined (None) when only the true count is 0; undefined values are left out of the median). Both counts leave
+  crowd regions out: the pred count is TP + FP, the detections on crowd regions are the `ignored` column.
 - COCO mask AP: pycocotools COCOeval, iouType "segm", useCats=0, maxDets = [1, 100, max(1000, the
   most predictions in one image)] so no prediction is dropped; ap = AP@[.5:.95], ap50, ap75, ar read
   from eval["precision"] / eval["recall"] at area "all" and the last maxDets, not from summarize()
@@ -70,6 +71,7 @@ DEFINITIONS = {
     "empty": "a ratio is 1.0 when TP=FP=FN=0 (nothing to find, nothing found), else 0.0 when its denominator is 0",
     "dsb_score": "per image, the mean of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95 (DSB2018); mean over images",
     "rel_count_error": "|pred - true| / true; 0 when both are 0, null when only true is 0 (left out of the median)",
+    "pred_count": "TP + FP: detections on crowd regions (ignored) are left out, as the true count leaves them out",
     "coco": "pycocotools COCOeval segm, class-agnostic, area all, at maxDets=max_dets (>= 1000): ap = AP@[.5:.95]",
     "best_threshold": "score threshold with the highest pooled F1 (ties: the lower) among eligible thresholds: "
                       "those not below the highest threshold <= min_score (lower ones were never measured)",
@@ -89,7 +91,8 @@ class MatchResult:
 
     @property
     def pred_count(self) -> int:
-        return self.tp + self.fp + self.ignored
+        # the detections the true count is compared with: those on crowd regions (ignored) are left out of both
+        return self.tp + self.fp
 
     @property
     def true_count(self) -> int:

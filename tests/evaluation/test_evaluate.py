@@ -336,6 +336,9 @@ def test_prediction_on_a_crowd_region_is_not_a_false_positive(tmp_path):
     pred = write_pred(tmp_path / "pred.json", SHAPE, grid(2) + [rect(27, 33, 6, 6)])
     r = ev.evaluate(pred, gt)
     assert (r.pooled["tp"], r.pooled["fp"], r.pooled["fn"], r.pooled["ignored"]) == (2, 0, 0, 1)
+    # nor a counted nucleus: the true count leaves the crowd region out, so the count compared does too
+    assert (r.pooled["true_count"], r.pooled["pred_count"], r.pooled["count_error"]) == (2, 2, 0)
+    assert r.images[0]["rel_count_error"] == 0
 
 
 def test_box_pairs_matches_brute_force():
