@@ -272,9 +272,15 @@ def cast_like(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def mean_mpp(x: float, y: float) -> float:
+    """One pixel size for pixels `x` µm wide and `y` µm high: their geometric mean, whose square is the pixel's
+    area, so that areas, densities and the tissue area in µm² stay exact (the arithmetic mean overstated them: 12 %
+    for 0.25 x 0.5 µm); lengths and the size the slide is brought to are off by the pixels' aspect."""
+    mean = math.sqrt(x * y)
     if abs(x - y) > 0.01 * max(x, y):
-        log.warning("pixels are not square (%.4g x %.4g µm); using the mean", x, y)
-    return (x + y) / 2
+        off = 100 * max(abs(mean / x - 1), abs(mean / y - 1))
+        log.warning("pixels are not square (%.4g x %.4g µm): measuring with their geometric mean %.4g µm, so areas "
+                    "in µm² are exact and lengths off by up to %.0f %% along one axis", x, y, mean, off)
+    return mean
 
 
 def error_text(e: BaseException) -> str:

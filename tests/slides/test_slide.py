@@ -155,6 +155,17 @@ def test_tiff_resolution_tags(tmp_path, resolution, unit, mpp, reason):
             assert s.info.mpp == pytest.approx(mpp) and s.info.mpp_source == "tiff-resolution"
 
 
+def test_non_square_pixels_keep_their_area(tmp_path, caplog):
+    """0.25 x 0.5 µm pixels: one size whose square is the pixel's area (areas and densities in µm² exact; the
+    arithmetic mean overstated them by 12.5 %), and a warning that says what is off."""
+    tifffile.imwrite(tmp_path / "r.tif", np.zeros((8, 8), np.uint8), resolution=(40000, 20000),
+                     resolutionunit="CENTIMETER", metadata=None)
+    with caplog.at_level("WARNING"), open_slide(tmp_path / "r.tif") as s:
+        assert s.info.mpp ** 2 == pytest.approx(0.25 * 0.5)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "not square (0.25 x 0.5 µm)" in said and "areas in µm² are exact" in said and "41 %" in said
+
+
 def test_mpp_override_and_validation(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     with open_slide(tmp_path / "a.png", mpp=0.3) as s:
