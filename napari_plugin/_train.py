@@ -17,6 +17,7 @@ import codecs
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -177,8 +178,13 @@ def run_training(request: TrainRequest, progress: TrainProgress | None = None,
     bundle = out if (out / "model.toml").is_file() else None
     errors = [line.removeprefix("cellseg: error: ") for line in lines if line.startswith("cellseg: error:")]
     if cancelled:
-        return TrainOutcome("cancelled", None, "training cancelled" + (f": {errors[-1]}" if errors else ""),
-                            lines, command)
+        message = "training cancelled" + (f": {errors[-1]}" if errors else "")
+        if (out / "checkpoint.pt").is_file():
+            # the command line's "the same command with --resume" means nothing here: the widget has no resume
+            said = message.split("; its checkpoint")[0]
+            message = (f"{said}; its checkpoint is saved in {out}: `{shlex.join(['cellseg', *command[4:], '--resume'])}`"
+                       f" in a terminal continues it")
+        return TrainOutcome("cancelled", None, message, lines, command)
     if code == 0 and bundle is not None:
         written = [line for line in lines if line.startswith("bundle written to")]
         return TrainOutcome("better", bundle, written[-1] if written else f"bundle written to {bundle}", lines,

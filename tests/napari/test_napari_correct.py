@@ -296,3 +296,6 @@ def test_real_training_stops_on_cancel_with_its_checkpoint(tmp_path, tiny_bundle
     assert steps and steps[0][1] == 500 and max(d for d, _ in steps) < 500
     assert "interrupted at step" in outcome.message
     assert (tmp_path / "bundle" / "checkpoint.pt").is_file()
+    # what to type: the widget has no resume of its own, and its command starts with this Python
+    assert f"`cellseg train --data {exported.annotations}" in outcome.message
+    assert outcome.message.endswith("--resume` in a terminal continues it") and "same command" not in outcome.message
