@@ -7,7 +7,9 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "cell_measure": ["expanded_columns", "mean_colour_stains", "measure_expanded", "stain_densities", "stains_apply"],
+    "cell_measure": [
+        "expanded_columns", "mean_colour_stains", "measure_expanded", "stain_densities", "stain_white", "stains_apply",
+    ],
     "expansion": [
         "context_margin_px", "context_rows", "expand_nuclei", "expand_owned", "expansion_distance_px", "grow_box",
         "tissue_in",

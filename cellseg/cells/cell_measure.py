@@ -63,12 +63,14 @@ class _Pixels(NamedTuple):
 
 
 def measure_expanded(cell_ids: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, pixels: np.ndarray,
-                     mpp: float | None, channel_names: list[str], stains: bool) -> dict[str, np.ndarray]:
+                     mpp: float | None, channel_names: list[str], stains: bool,
+                     white: float | None = None) -> dict[str, np.ndarray]:
     """Measure the cells `cell_ids` (rows in this order) of one box.
 
     cells: (h, w) labels from expansion.expand_owned; labels not in cell_ids are ignored. nuclei: (h, w) labels
     over the same box, holding these cells' nuclei with the same ids. pixels: (h, w, C) original pixels of the
-    box, C = len(channel_names); with stains, RGB (C = 3), uint8 / uint16 full range or float in 0..1.
+    box, C = len(channel_names); with stains, RGB (C = 3), uint8 / uint16 or float in 0..1, the optical densities
+    taken against `white` (stain_white; None: the pixel type's full scale).
     Returns expanded_columns(channel_names, stains) in order.
     """
     cell_ids = np.asarray(cell_ids, np.int64).reshape(-1)
@@ -99,7 +101,7 @@ def measure_expanded(cell_ids: np.ndarray, cells: np.ndarray, nuclei: np.ndarray
         for which in ("cell", "cytoplasm"):
             out[f"{which}_mean_intensity_{name}"], out[f"{which}_std_intensity_{name}"] = stats[which]
     if stains:
-        od = stain_densities(values)
+        od = stain_densities(values, white)
         for k, stain in enumerate(STAINS):
             stats = _part_stats(part, od[:, k], counts)
             for which in ("nucleus", "cytoplasm"):
@@ -107,20 +109,35 @@ def measure_expanded(cell_ids: np.ndarray, cells: np.ndarray, nuclei: np.ndarray
     return {name: out[name] for name in expanded_columns(channel_names, stains)}
 
 
-def mean_colour_stains(colours: np.ndarray, dtype) -> np.ndarray:
+def stain_white(dtype, brightest: float | None) -> float | None:
+    """The light level a slide's optical densities are taken against: 255 for 8-bit pixels; for 16-bit ones the full
+    scale of the bits they use (the smallest 2^k - 1, k >= 8, at or above `brightest`, the slide's brightest pixels:
+    the intensity range's high end), so that a 12-bit camera's white (4095) stored in 16 bits is glass, not an OD of
+    1.2; None for other types (floats in 0..1, skimage's convention)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return 255.0
+    if dtype != np.uint16:
+        return None
+    bits = 16 if brightest is None or not np.isfinite(brightest) else int(np.ceil(np.log2(max(brightest, 1) + 1)))
+    return float(2 ** min(16, max(8, bits)) - 1)
+
+
+def mean_colour_stains(colours: np.ndarray, dtype, white: float | None = None) -> np.ndarray:
     """(k, 3) mean RGB colours (cells.csv's mean intensities, floats in the slide's units) -> (k, 2) hematoxylin
     and DAB optical densities of those colours, the pixel type `dtype` (summary.json's "dtype") giving their range:
-    an 8- or 16-bit slide's means rounded back into it."""
+    an 8- or 16-bit slide's means rounded back into it, against `white` (summary.json's "stain_white")."""
     colours = np.asarray(colours, np.float64).reshape(-1, 3)
     dtype = np.dtype(dtype)
     if dtype in (np.uint8, np.uint16):
         top = np.iinfo(dtype).max
-        return stain_densities(np.clip(np.round(colours), 0, top).astype(dtype))
+        return stain_densities(np.clip(np.round(colours), 0, top).astype(dtype), white)
     return stain_densities(colours)
 
 
-def stain_densities(rgb: np.ndarray) -> np.ndarray:
-    """(k, 3) RGB -> (k, 2) hematoxylin and DAB optical densities: skimage.color.rgb2hed x 6.
+def stain_densities(rgb: np.ndarray, white: float | None = None) -> np.ndarray:
+    """(k, 3) RGB -> (k, 2) hematoxylin and DAB optical densities: skimage.color.rgb2hed x 6, of the pixels as a
+    share of `white` (stain_white; None: the pixel type's full scale, as rgb2hed).
 
     8- and 16-bit pixels look up each channel's share of both densities in a table of every possible value (the
     same arithmetic as rgb2hed's, in a fifth of its time); other types go through rgb2hed itself.
@@ -128,7 +145,7 @@ def stain_densities(rgb: np.ndarray) -> np.ndarray:
     from skimage.color import rgb2hed
     rgb = np.asarray(rgb).reshape(-1, 3)
     if rgb.dtype in (np.uint8, np.uint16):
-        red, green, blue = _stain_tables(rgb.dtype)
+        red, green, blue = _stain_tables(rgb.dtype, float(white or np.iinfo(rgb.dtype).max))
         stains = red[rgb[:, 0]]
         stains += green[rgb[:, 1]]
         stains += blue[rgb[:, 2]]
@@ -138,13 +155,13 @@ def stain_densities(rgb: np.ndarray) -> np.ndarray:
     return stains * _OD_PER_HED_UNIT
 
 
-@lru_cache(maxsize=2)
-def _stain_tables(dtype: np.dtype) -> np.ndarray:
+@lru_cache(maxsize=4)
+def _stain_tables(dtype: np.dtype, white: float) -> np.ndarray:
     """(3, values, 2): what each value of each channel adds to rgb2hed's hematoxylin and DAB, before clipping at 0:
-    log(max(value / max, 1e-6)) / log(1e-6) times that channel's row of skimage's hed_from_rgb."""
+    log(max(value / white, 1e-6)) / log(1e-6) times that channel's row of skimage's hed_from_rgb; values above
+    `white` count as white."""
     from skimage.color import hed_from_rgb
-    from skimage.util import img_as_float
-    light = np.maximum(img_as_float(np.arange(np.iinfo(dtype).max + 1, dtype=dtype)), 1e-6)
+    light = np.clip(np.arange(np.iinfo(dtype).max + 1, dtype=np.float64) / white, 1e-6, 1.0)
     log_light = np.log(light) / np.log(1e-6)
     return log_light[None, :, None] * hed_from_rgb[:, _HED_COLUMNS][:, None, :]
 

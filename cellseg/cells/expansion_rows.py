@@ -31,7 +31,8 @@ class CellExpansion:
 
     distance_px: D in level-0 px (> 0); rows: how many tile rows on each side a row's cells depend on
     (expansion.context_rows); tissue: cells stay on it (None: everywhere); mpp: µm/px or None; channel_names:
-    the cells.csv channel names; stains: hematoxylin and DAB optical densities too (brightfield RGB).
+    the cells.csv channel names; stains: hematoxylin and DAB optical densities too (brightfield RGB), taken against
+    the light level `stain_white` (cell_measure.stain_white; None: the pixel type's full scale).
     """
 
     distance_px: float
@@ -41,6 +42,7 @@ class CellExpansion:
     mpp: float | None
     channel_names: list[str]
     stains: bool
+    stain_white: float | None = None
 
     @property
     def columns(self) -> dict[str, str]:
@@ -109,5 +111,5 @@ def expand_tile(expansion: CellExpansion, nuclei: FinalNuclei, ids: np.ndarray, 
                                     expansion.distance_px, expansion.slide_shape, expansion.tissue)
     cell_pixels = pixels[cells_box.slices(read[:2])] if read.contains(cells_box) else read_region(cells_box)
     columns = measure_expanded(ids, cells, context[cells_box.slices(context_box[:2])], cell_pixels, expansion.mpp,
-                               expansion.channel_names, expansion.stains)
+                               expansion.channel_names, expansion.stains, expansion.stain_white)
     return cells.astype(np.uint32, copy=False), cells_box, columns

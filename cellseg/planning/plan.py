@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cells import CellExpansion, context_rows, expansion_distance_px, stains_apply
+from ..cells import CellExpansion, context_rows, expansion_distance_px, stain_white, stains_apply
 from ..errors import ParameterError
 from ..geometry import Band, Box, TileDetector, TileSpec, plan_bands, plan_tiles, seam_band_px
 from ..slides import Slide, SlideInfo
@@ -164,9 +164,15 @@ class SlidePlan:
         """How this slide's nuclei are grown into cells, or None when the plan draws nuclei only (D = 0)."""
         if not self.cell_expansion_px:
             return None
+        stains = stains_apply(modality, info.n_channels)
         return CellExpansion(self.cell_expansion_px, context_rows(self.cell_expansion_px, self.tile_px, self.halo_px),
-                             (info.height, info.width), self.tissue, info.mpp, list(self.channel_names),
-                             stains_apply(modality, info.n_channels))
+                             (info.height, info.width), self.tissue, info.mpp, list(self.channel_names), stains,
+                             self.stain_white(info) if stains else None)
+
+    def stain_white(self, info: SlideInfo) -> float | None:
+        """The light level this slide's optical densities are taken against (cells.stain_white: a 16-bit slide's
+        by the bits its brightest pixels use)."""
+        return stain_white(info.dtype, self.network.intensity.high)
 
 
 def plan_slide(slide: Slide, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, timer: StageTimer,

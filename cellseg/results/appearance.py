@@ -70,7 +70,7 @@ def appearance_features(summary: dict, run: dict, cells, kept_share: float | Non
         from ..cells import mean_colour_stains
         from .report import colour_columns
         rgb = np.array([np.median(cells[c].to_numpy(float)) for c in colour_columns(cells)])
-        hematoxylin, dab = mean_colour_stains(rgb, summary.get("dtype") or "uint8")[0]
+        hematoxylin, dab = mean_colour_stains(rgb, summary.get("dtype") or "uint8", summary.get("stain_white"))[0]
         out.update(stain_h=float(hematoxylin), stain_dab=float(dab))
     return out
 

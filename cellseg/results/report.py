@@ -208,7 +208,8 @@ def intensity_values(cells, summary: dict) -> tuple[np.ndarray | None, str]:
     if rgb and summary.get("channels") == 3:
         from ..cells import mean_colour_stains
         colours = np.stack([cells[c].to_numpy(float) for c in rgb], axis=1)
-        return mean_colour_stains(colours, summary.get("dtype") or "uint8")[:, 0], \
+        return mean_colour_stains(colours, summary.get("dtype") or "uint8",
+                                  summary.get("stain_white"))[:, 0], \
             "hematoxylin OD of the nucleus's mean colour"
     names = [c for c in cells.columns if c.startswith("mean_intensity_")]
     channel = summary.get("model_channel")

@@ -112,6 +112,8 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
     return {
         "slide": info.path.name, "format": info.format, "height_px": info.height, "width_px": info.width,
         "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": plan.network.channel,
+        # the light level a colour slide's stain optical densities are taken against (report, appearance, cells.csv)
+        "stain_white": plan.stain_white(info) if info.n_channels == 3 else None,
         "mpp": mpp, "mpp_source": info.mpp_source,
         "units": "µm columns filled" if mpp else f"µm columns empty: no pixel size ({info.mpp_source})",
         "protocol": protocol.name,

@@ -8,7 +8,14 @@ import pytest
 from skimage.color import hed2rgb, rgb2hed
 from skimage.measure import regionprops_table
 
-from cellseg.cells import expand_nuclei, expanded_columns, measure_expanded, stain_densities, stains_apply
+from cellseg.cells import (
+    expand_nuclei,
+    expanded_columns,
+    measure_expanded,
+    stain_densities,
+    stain_white,
+    stains_apply,
+)
 
 from ..helpers import random_nuclei
 
@@ -101,9 +108,11 @@ def test_labels_not_asked_for_are_left_out_and_absent_cells_are_empty():
     assert out["cell_area_px"][2] == 0 and np.isnan(out["cell_mean_intensity_c0"][2])
 
 
-def test_dab_and_hematoxylin_optical_densities_of_a_synthetic_ihc_image():
+@pytest.mark.parametrize("bits", [8, 12])
+def test_dab_and_hematoxylin_optical_densities_of_a_synthetic_ihc_image(bits):
     """Nuclei of hematoxylin OD 0.5; around each a DAB ring of OD 0.4 (positive cells) or none (negative),
-    wider than the expansion; glass elsewhere. An 8-bit RGB made with skimage's hed2rgb from those densities."""
+    wider than the expansion; glass elsewhere. An 8-bit RGB made with skimage's hed2rgb from those densities, or a
+    12-bit camera's stored in 16 bits (white 4095: stain_white finds it from the brightest pixels)."""
     shape = (64, 96)
     rows, cols = np.indices(shape)
     nuclei = np.zeros(shape, np.int32)
@@ -117,10 +126,13 @@ def test_dab_and_hematoxylin_optical_densities_of_a_synthetic_ihc_image():
     hed = np.zeros(shape + (3,))
     hed[..., 0] = np.where(nuclei > 0, 0.5, 0.0) / 6           # rgb2hed / hed2rgb units are OD / 6
     hed[..., 2] = dab / 6
-    rgb = np.round(hed2rgb(hed) * 255).astype(np.uint8)
+    top = 2 ** bits - 1
+    rgb = np.round(hed2rgb(hed) * top).astype(np.uint8 if bits == 8 else np.uint16)
+    white = stain_white(rgb.dtype, float(rgb.max()))
+    assert white == top
     cells = expand_nuclei(nuclei, 6.0)
     ids = np.array(sorted(centres))
-    out = measure_expanded(ids, cells, nuclei, rgb, 0.25, ["red", "green", "blue"], stains=True)
+    out = measure_expanded(ids, cells, nuclei, rgb, 0.25, ["red", "green", "blue"], stains=True, white=white)
     ring = np.array([centres[i][2] for i in ids])
     np.testing.assert_allclose(out["cytoplasm_dab_od_mean"], ring, atol=0.02)
     np.testing.assert_allclose(out["nucleus_hematoxylin_od_mean"], 0.5, atol=0.02)
@@ -129,6 +141,16 @@ def test_dab_and_hematoxylin_optical_densities_of_a_synthetic_ihc_image():
     assert (out["cytoplasm_dab_od_std"] < 0.02).all() and (out["nucleus_hematoxylin_od_std"] < 0.02).all()
     positive = out["cytoplasm_dab_od_mean"] > 0.2              # a usual DAB positivity threshold
     np.testing.assert_array_equal(positive, ring > 0)
+    if bits == 12:      # against the 16-bit full scale the glass itself reads as stain
+        full_scale = measure_expanded(ids, cells, nuclei, rgb, 0.25, ["red", "green", "blue"], stains=True)
+        assert (full_scale["cytoplasm_dab_od_mean"] > 0.2).all()
+
+
+def test_stain_white_is_the_full_scale_of_the_bits_used():
+    assert stain_white(np.uint8, 100.0) == 255
+    assert [stain_white(np.uint16, b) for b in (200.0, 4000.0, 4095.0, 4096.0, 30000.0, 65535.0, None)] == [
+        255, 4095, 4095, 8191, 32767, 65535, 65535]
+    assert stain_white(np.float32, 0.9) is None
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float64])
