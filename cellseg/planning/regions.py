@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,17 +117,24 @@ class Regions:
         names = np.array(self.names, dtype=object)
         return np.array([SEPARATOR.join(names[m]) for m in member], dtype=object)
 
-    def grid_mask(self, shape: tuple[int, int], row_factor: float, col_factor: float) -> np.ndarray:
-        """(R, h, w) bool: mask pixel (i, j) of a grid over the slide (row_factor, col_factor slide px per pixel)
-        has its centre inside region r. For the tissue inside each region (the tissue mask's grid)."""
+    def covers_grid(self, shape: tuple[int, int], row_factor: float, col_factor: float) -> np.ndarray:
+        """(h, w) bool: pixel (i, j) of a grid over the slide (row_factor, col_factor slide px per pixel) has its
+        centre inside some region (tissue_mask.png's tissue analysed). One pass over the grid for all the regions:
+        a mask per region would hold regions x grid pixels (thousands of tiny regions on a slide's 4096² grid)."""
         import shapely
 
         i, j = np.indices(shape)
-        x, y = (j.ravel() + 0.5) * col_factor, (i.ravel() + 0.5) * row_factor
-        out = np.zeros((len(self),) + tuple(shape), bool)
-        for r, g in enumerate(self.geometries):
-            out[r] = shapely.contains_xy(g, x, y).reshape(shape)
-        return out
+        union = shapely.union_all(list(self.geometries))
+        return shapely.contains_xy(union, (j.ravel() + 0.5) * col_factor, (i.ravel() + 0.5) * row_factor).reshape(shape)
+
+    def tissue_areas(self, tissue) -> np.ndarray:
+        """(R,) float: the tissue inside each region (level-0 px), tissue: a tissue.TissueMask."""
+        return np.array([tissue_in(g, tissue) for g in self.geometries], np.float64)
+
+    def tissue_area(self, tissue) -> float:
+        """The tissue inside any region (level-0 px), overlaps once."""
+        import shapely
+        return tissue_in(shapely.union_all(list(self.geometries)), tissue)
 
     def to_json(self) -> str:
         """A GeoJSON FeatureCollection in level-0 px (journaled with the plan, read back by from_json)."""
@@ -142,6 +150,40 @@ class Regions:
         features = json.loads(text)["features"]
         return cls(tuple(f["properties"]["name"] for f in features),
                    tuple(shapely.from_geojson(json.dumps(f["geometry"])) for f in features))
+
+
+def tissue_in(geometry, tissue) -> float:
+    """The area (level-0 px) `geometry` shares with the tissue of `tissue` (a tissue.TissueMask: a grid of pixels
+    row_factor x col_factor slide px, ~8 µm): mask pixels the outline crosses count by the share inside it, the
+    others wholly or not at all. Counting a mask pixel by its centre alone gave a region of a few mask pixels more
+    tissue than its own area, or none under its nuclei."""
+    import shapely
+
+    mask, rf, cf = tissue.mask, tissue.row_factor, tissue.col_factor
+    if geometry.is_empty:
+        return 0.0
+    x0, y0, x1, y1 = geometry.bounds
+    i0, j0 = max(int(y0 // rf), 0), max(int(x0 // cf), 0)
+    i1, j1 = min(math.ceil(y1 / rf), mask.shape[0]), min(math.ceil(x1 / cf), mask.shape[1])
+    sub = mask[i0:i1, j0:j1]
+    if not sub.any():
+        return 0.0
+    # The mask pixels the outline passes through: points along it at most half a mask pixel apart, each marking its
+    # pixel and the 8 around (the outline between two points stays within them).
+    xy = shapely.get_coordinates(shapely.segmentize(geometry, min(rf, cf) / 2))
+    crossed = np.zeros((sub.shape[0] + 2, sub.shape[1] + 2), bool)
+    crossed[np.clip((xy[:, 1] // rf).astype(np.int64) - i0, -1, sub.shape[0]) + 1,
+            np.clip((xy[:, 0] // cf).astype(np.int64) - j0, -1, sub.shape[1]) + 1] = True
+    near = np.zeros_like(crossed)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            near[1:-1, 1:-1] |= crossed[1 + di:crossed.shape[0] - 1 + di, 1 + dj:crossed.shape[1] - 1 + dj]
+    near = near[1:-1, 1:-1]
+    ci, cj = np.nonzero(sub & ~near)          # wholly inside or wholly outside: the centre says which
+    whole = np.count_nonzero(shapely.contains_xy(geometry, (j0 + cj + 0.5) * cf, (i0 + ci + 0.5) * rf))
+    ei, ej = np.nonzero(sub & near)
+    boxes = shapely.box((j0 + ej) * cf, (i0 + ei) * rf, (j0 + ej + 1) * cf, (i0 + ei + 1) * rf)
+    return float(whole * rf * cf + shapely.area(shapely.intersection(boxes, geometry)).sum())
 
 
 # --------------------------------------------------------------------------- reading a file

@@ -44,13 +44,12 @@ class RegionTally:
         statistics (regions.csv's rows and summary.json's "regions")."""
         region = np.concatenate(self._region) if self._region else np.zeros(0, np.int32)
         area = np.concatenate(self._area) if self._area else np.zeros(0, np.int64)
-        inside = self.regions.grid_mask(tissue.mask.shape, tissue.row_factor, tissue.col_factor)
-        px_area = tissue.row_factor * tissue.col_factor
+        tissue_in = self.regions.tissue_areas(tissue)
         um2 = mpp ** 2 if mpp else None
         out = []
         for r, (name, g) in enumerate(zip(self.regions.names, self.regions.geometries)):
             cells = int(np.count_nonzero(region == r))
-            tissue_px = float(np.count_nonzero(inside[r] & tissue.mask)) * px_area
+            tissue_px = float(tissue_in[r])
             area_mm2 = g.area * um2 / 1e6 if um2 else None
             tissue_mm2 = tissue_px * um2 / 1e6 if um2 else None
             areas = area[region == r]

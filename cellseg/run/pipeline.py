@@ -303,8 +303,8 @@ class SlideRun:
             inside = None      # with regions: the tissue mask's pixels inside any region
             analysed_tissue = plan.tissue
             if plan.regions is not None:
-                inside = plan.regions.grid_mask(plan.tissue.mask.shape, plan.tissue.row_factor,
-                                                plan.tissue.col_factor).any(0)
+                inside = plan.regions.covers_grid(plan.tissue.mask.shape, plan.tissue.row_factor,
+                                                  plan.tissue.col_factor)
                 # tissue_mask.png shows the tissue analysed: the report's densities and crops stay in the regions
                 analysed_tissue = dataclasses.replace(plan.tissue, mask=plan.tissue.mask & inside)
             with timer("write"):
@@ -317,8 +317,7 @@ class SlideRun:
             tissue_px = float(plan.tissue.area_px())
             if tally is not None:
                 table = tally.table(plan.tissue, info.mpp)
-                tissue_px = float(np.count_nonzero(inside & plan.tissue.mask)) * plan.tissue.row_factor \
-                    * plan.tissue.col_factor
+                tissue_px = plan.regions.tissue_area(plan.tissue)
                 regions_record(summary, table, tissue_px, info.mpp)
                 region_estimates(table, calibration, calibration_note, *tally.sums(), threshold)
                 if "regions.csv" in outputs:

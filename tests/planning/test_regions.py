@@ -247,3 +247,25 @@ def test_gis_polygons_without_names_are_named_by_index_and_names_stay_apart(tmp_
          "properties": {"name": "a;b"}},
         {"type": "Feature", "geometry": square, "properties": {"name": "a,b"}}]}))
     assert load_regions(path).names == ("0", "a,b", "a,b (2)")
+
+
+def test_the_tissue_in_a_region_is_its_share_of_the_tissue_mask_never_more_than_its_area():
+    import shapely
+
+    from cellseg.planning.regions import RegionFile
+    from cellseg.results import RegionTally
+    from cellseg.tissue import TissueMask
+
+    # 16 slide px per mask pixel, the left half tissue: regions of a few mask pixels, or smaller than one
+    mask = np.zeros((16, 16), bool)
+    mask[:, :8] = True
+    tissue = TissueMask(mask, 16.0, 16.0, "otsu")
+    squares = {"on a nucleus": (40, 40, 42, 42), "small": (4, 4, 34, 34), "across the edge": (100, 20, 156, 60),
+               "glass": (200, 200, 230, 230)}
+    regions = RegionFile("squares", tuple(squares), tuple(shapely.box(*b) for b in squares.values())).in_pixels(
+        None, 256, 256)
+    table = RegionTally(regions).table(tissue, None)
+    # before, a mask pixel counted whole when its centre lay in the region: 0, 1024 (of 900), 1536 (of 1120)
+    assert [r["tissue_area_px"] for r in table] == [4.0, 900.0, 28 * 40, 0.0]
+    assert all(r["tissue_area_px"] <= r["area_px"] for r in table)
+    assert regions.tissue_area(tissue) == 4.0 + 900.0 + 28 * 40
