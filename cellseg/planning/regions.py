@@ -280,10 +280,18 @@ def _name(props: dict, index: int) -> str:
 def _unique(names: list[str]) -> list[str]:
     """Two regions of one name (two "Tumor" annotations) stay apart: "Tumor", "Tumor (2)"; ";" is the column's
     separator, so it cannot be in a name."""
-    seen: dict[str, int] = {}
+    names = [n.replace(SEPARATOR, ",") for n in names]
+    taken, seen = set(names), {}
     out = []
     for n in names:
-        n = n.replace(SEPARATOR, ",")
         seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+        if seen[n] == 1:
+            out.append(n)
+            continue
+        k = seen[n]
+        while f"{n} ({k})" in taken:     # a region of the file may be called "Tumor (2)" already
+            k += 1
+        seen[n] = k
+        taken.add(f"{n} ({k})")
+        out.append(f"{n} ({k})")
     return out

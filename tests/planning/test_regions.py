@@ -269,3 +269,12 @@ def test_the_tissue_in_a_region_is_its_share_of_the_tissue_mask_never_more_than_
     assert [r["tissue_area_px"] for r in table] == [4.0, 900.0, 28 * 40, 0.0]
     assert all(r["tissue_area_px"] <= r["area_px"] for r in table)
     assert regions.tissue_area(tissue) == 4.0 + 900.0 + 28 * 40
+
+
+def test_a_region_named_as_a_renamed_duplicate_keeps_its_name_and_the_duplicate_gets_another(tmp_path):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    path = tmp_path / "three.geojson"
+    path.write_text(json.dumps([{"type": "Feature", "geometry": square, "properties": {"name": n}}
+                                for n in ("Tumor", "Tumor", "Tumor (2)")]))
+    # the second "Tumor" was "Tumor (2)" as well: two regions of one name in cells.csv's region column
+    assert load_regions(path).names == ("Tumor", "Tumor (3)", "Tumor (2)")
