@@ -199,7 +199,8 @@ def load_regions(path: str | Path, units: str = "px") -> RegionFile:
     if units not in ("px", "um"):
         raise RegionsError(f"expected regions units px or um, found {units!r}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows Notepad (before 1903) and PowerShell 5 save UTF-8 with a byte order mark
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise RegionsError(f"expected a regions GeoJSON file, found no file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

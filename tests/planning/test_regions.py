@@ -278,3 +278,11 @@ def test_a_region_named_as_a_renamed_duplicate_keeps_its_name_and_the_duplicate_
                                 for n in ("Tumor", "Tumor", "Tumor (2)")]))
     # the second "Tumor" was "Tumor (2)" as well: two regions of one name in cells.csv's region column
     assert load_regions(path).names == ("Tumor", "Tumor (3)", "Tumor (2)")
+
+
+def test_a_regions_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    path = tmp_path / "notepad.geojson"
+    path.write_text(json.dumps({"type": "Feature", "geometry": square, "properties": {"name": "Tumör"}},
+                               ensure_ascii=False), encoding="utf-8-sig")
+    assert load_regions(path).names == ("Tumör",)     # was: expected GeoJSON, found text that is not JSON
