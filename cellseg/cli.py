@@ -274,6 +274,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                            f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
+                         # --regions: cells_per_mm2 is per mm² of the tissue inside them
+                         "tissue_area_in_regions_mm2": summary.get("tissue_area_in_regions_mm2"),
                          "cells_per_mm2": summary["cells_per_mm2"],
                          **{k: (summary.get("count_estimate") or {}).get(k) for k in _ESTIMATE_COLUMNS},
                          "median_area_px": (summary["area_px"] or {}).get("median"),
@@ -390,9 +392,9 @@ class _JobBar:
 
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
-_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "cells_per_mm2",
-                    *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds", "warnings",
-                    "error"]
+_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "tissue_area_in_regions_mm2",
+                    "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
+                    "warnings", "error"]
 
 
 def _summary_csv_text(rows: list[dict]) -> str:

@@ -507,8 +507,10 @@ def write_cohort_report(folder: Path, rows: list[CohortRow]) -> Path:
         link = None
         if row.folder is not None and (row.folder / "report.html").is_file():
             link = Path(os.path.relpath(row.folder / "report.html", folder)).as_posix()
+        in_regions = "tissue_area_in_regions_mm2" in s      # --regions: the density is per mm² of the tissue in them
         table.append({"name": row.name, "link": link, "error": row.error, "cells": s.get("cell_count"),
-                      "density": s.get("cells_per_mm2"), "tissue_mm2": s.get("tissue_area_mm2"),
+                      "density": s.get("cells_per_mm2"), "in_regions": in_regions,
+                      "tissue_mm2": s.get("tissue_area_in_regions_mm2" if in_regions else "tissue_area_mm2"),
                       "mpp": s.get("mpp"), "unreadable": len(s.get("unreadable") or []),
                       "warnings": s.get("warnings") or []})
     plot = density_bars_chart([r["name"] for r in table], [r["density"] for r in table], "cells per mm² of tissue")

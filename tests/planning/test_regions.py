@@ -4,8 +4,10 @@ of the known cells, the seam rule is unchanged at region borders, and bad region
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +185,20 @@ def test_a_region_off_the_slide_is_noted_once(tmp_path, tiny_bundle, caplog):
                          "--model", str(tiny_bundle), "--tissue", "none", "-q"])
     assert result.exit_code == 0, result.output
     assert sum("'off'" in r.getMessage() and "outside the slide" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_batch_in_regions_lists_the_tissue_its_density_is_per(tmp_path, tiny_bundle):
+    slide, _ = make_slide(tmp_path)
+    shutil.copy(slide, tmp_path / "other.tif")
+    result = invoke(["count", str(slide), str(tmp_path / "other.tif"), "-o", str(tmp_path / "out"), "--regions",
+                     str(QUPATH), "--mpp", "0.5", "--model", str(tiny_bundle), "--tissue", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    row = next(csv.DictReader((tmp_path / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()))
+    summary = json.loads(next((tmp_path / "out").glob("*/summary.json")).read_text())
+    # cells_per_mm2 is per mm² of the tissue in the regions: summary.csv gave only the slide's beside it
+    assert float(row["tissue_area_in_regions_mm2"]) == pytest.approx(summary["tissue_area_in_regions_mm2"])
+    assert float(row["cells_per_mm2"]) * float(row["tissue_area_in_regions_mm2"]) == pytest.approx(
+        int(row["cell_count"]))
 
 
 def test_properties_that_are_not_an_object_fail_in_one_line(tmp_path):

@@ -465,3 +465,23 @@ def test_report_shows_the_estimate_the_curve_and_crops_near_the_threshold(he_res
     if shutil.which("chromium"):
         images, charts = assert_renders(folder / "report.html", tmp_path)
         assert images >= 2 + 6 + 6 and charts == 5     # overlay, density map, crops near the threshold, crops
+
+
+def test_a_count_in_regions_gives_the_tissue_its_density_is_per(he_result, tmp_path):
+    """With --regions cells_per_mm2 is per mm² of the tissue inside them: the pages gave the whole slide's tissue
+    beside it (240 cells, 8,407 per mm², 0.0548 mm² of tissue)."""
+    results = tmp_path / "results"
+    folder = results / "a"
+    shutil.copytree(he_result, folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(regions=[{"region": "Tumor", "cells": 40}, {"region": "Stroma", "cells": 10}],
+                   tissue_area_in_regions_px=80000, tissue_area_in_regions_mm2=0.005, cells_per_mm2=10000.0)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    shutil.copytree(folder, results / "b")
+    assert invoke(["report", results]).exit_code == 0
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert "in 2 region(s)" in page and "per mm² of tissue in them" in page
+    assert re.search(r"<th>tissue area in the regions</th><td>0.005 mm² \(80,000 px", page)
+    assert "<th>tissue area of the slide</th>" in page
+    cohort = (results / "report.html").read_text(encoding="utf-8")
+    assert cohort.count('<td data-value="0.005">0.005 in regions</td>') == 2
