@@ -40,6 +40,8 @@ CURVE_WARN_MIN = 10      # ... and at least this many nuclei (a field of 20 move
 BELOW_FILE = "below_threshold.csv"
 BELOW_NOTE = ("counts under the threshold add the detections the network scored there (boxes only, not "
               "seam-deduped or mask-checked: an approximation of a count made at that threshold)")
+NO_TISSUE_NOTE = ("no tissue was analysed (the tissue prefilter found none there): a count of 0 says nothing of the "
+                  "nuclei it may hold; --tissue none analyses every tile")
 ESTIMATE_COLUMNS = ("expected_true_positives", "estimated_missed", "estimated_true_count", "interval_low",
                     "interval_high", "interval_level", "nuclear_area_fraction", "estimate_note")
 
@@ -156,6 +158,9 @@ def estimate_record(calibration: KeyCalibration | None, note: str, count: int, e
     there is no estimate."""
     if calibration is None:
         return {"count": int(count), "estimated_true_count": None, "note": note}
+    if count == 0 and tissue_px <= 0:
+        # nothing was looked at: 0 is no measurement, and an interval of 0 to a few would read as one
+        return {"count": 0, "estimated_true_count": None, "note": NO_TISSUE_NOTE, "calibration": note}
     density = float(area_px / tissue_px) if tissue_px > 0 else 0.0
     record = estimate_count(calibration, count, expected_true, density, threshold).to_dict()
     record["calibration"] = note

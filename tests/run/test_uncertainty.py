@@ -244,3 +244,27 @@ def test_a_fluorescence_count_at_its_own_threshold_keeps_its_estimate(slide, tmp
     key, note = count_calibration(record, "brightfield", gray=True)
     assert key is None and "brightfield (gray input)" in note
     assert count_calibration(record, "fluorescence", gray=True)[0].key == "fluorescence"
+
+
+def test_no_estimate_where_no_tissue_was_analysed(slide, tmp_path):
+    """A region on glass (or a slide whose every tile the tissue prefilter skipped) holds 0 nuclei because nothing was
+    looked at there: it got 'estimated true count 0 (90 % interval 0-2)', which reads as a measurement."""
+    from cellseg.planning import load_regions
+    folder, labels, candidates, bundle = slide
+    pixels, labels = tifffile.imread(folder / "slide.tif"), labels.copy()
+    pixels[:, 500:], labels[:, 500:] = 0, 0          # a band of glass on the right
+    tifffile.imwrite(tmp_path / "slide.tif", pixels)
+    geojson = tmp_path / "regions.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"name": name},
+         "geometry": {"type": "Polygon", "coordinates": [[[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]]}}
+        for name, (r0, c0, r1, c1) in (("cells", (0, 0, 600, 300)), ("glass", (100, 600, 500, 700)))]}))
+    summary = count_with(CandidateDetector(labels, np.zeros((0, 5))), tmp_path / "slide.tif", tmp_path / "out",
+                         load_protocol("fluorescence-nuclei").replace(tissue_method="otsu"),
+                         run_info=RunInfo(model=_model(bundle)), regions=load_regions(geojson, "px"))
+    cells, glass = pd.read_csv(tmp_path / "out" / "regions.csv").itertuples()
+    assert glass.tissue_area_px == 0 and glass.cells == 0
+    assert np.isnan(glass.estimated_true_count) and np.isnan(glass.interval_high)
+    assert "no tissue was analysed" in glass.estimate_note
+    assert cells.cells > 0 and cells.interval_low < cells.estimated_true_count < cells.interval_high
+    assert summary["count_estimate"]["estimated_true_count"] is not None
