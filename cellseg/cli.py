@@ -261,10 +261,12 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                 bar.echo(f"{path}: {summary['cell_count']} cells -> {out}{kept}{replaced}")
                 estimate = summary.get("count_estimate") or {}
                 if estimate.get("estimated_true_count") is not None:     # results/uncertainty.py
+                    # --outputs may have left the report out
+                    how = "report.html" if (out / "report.html").is_file() else "docs/uncertainty.md"
                     bar.echo(f"  estimated true count {round(estimate['estimated_true_count']):,} "
                              f"({round(100 * estimate['interval_level'])} % interval "
                              f"{round(estimate['interval_low']):,}-{round(estimate['interval_high']):,}): an estimate "
-                             f"from validation data (report.html says how)")
+                             f"from validation data ({how} says how)")
                 unlike = appearance_warning(summary.get("appearance"))     # results/appearance.py
                 if unlike:
                     click.echo(f"cellseg: warning: {path}: {unlike}", err=True)

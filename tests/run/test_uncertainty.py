@@ -268,3 +268,25 @@ def test_no_estimate_where_no_tissue_was_analysed(slide, tmp_path):
     assert "no tissue was analysed" in glass.estimate_note
     assert cells.cells > 0 and cells.interval_low < cells.estimated_true_count < cells.interval_high
     assert summary["count_estimate"]["estimated_true_count"] is not None
+
+
+def test_the_estimate_line_points_to_the_report_only_when_there_is_one(tmp_path, tiny_bundle):
+    import hashlib
+    import shutil
+
+    from ..helpers import invoke
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    sha = hashlib.sha256((bundle / "weights.safetensors").read_bytes()).hexdigest()
+    write_toml(tmp_path / "calibration.toml", {"calibration": BundleCalibration(
+        sha, {"fluorescence": CALIBRATION}, "test calibration").to_dict()})
+    with open(bundle / "model.toml", "a", encoding="utf-8") as f:      # the tiny bundle, calibrated
+        f.write("\n" + (tmp_path / "calibration.toml").read_text(encoding="utf-8"))
+    field = np.where(random_cells(128, 128, 8, 20, seed=1) > 0, 200, 20).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "field.tif", field)
+    for outputs, how in (("cells.csv", "docs/uncertainty.md says how"), ("all", "report.html says how")):
+        result = invoke(["count", str(tmp_path / "field.tif"), "-o", str(tmp_path / outputs), "--outputs", outputs,
+                         "--model", str(bundle), "--tissue", "none", "--tile-size", "128", "-q"])
+        assert result.exit_code == 0, result.output
+        assert "estimated true count" in result.output and how in result.output
