@@ -263,6 +263,9 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
     return warnings
 
 
+REGION_ROWS = 200      # regions listed on the page; the rest only in regions.csv (a page of thousands is no table)
+
+
 def _template(name: str):
     return _templates().get_template(name)
 
@@ -364,7 +367,8 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],
         estimate=estimate, curve=curve, curve_chart=curve_chart, near_crops=near_crops, curve_moved=moved,
         model={"name": None, "weights_sha256": None, "score_threshold": None, **(run.get("model") or {})},
-        tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()), times_final=times_final)
+        tile_px=grid.tile_px, tiles_with_cells=int((grid.counts > 0).sum()), times_final=times_final,
+        region_rows=REGION_ROWS)
     from .folder import atomic_write_text
     atomic_write_text(folder / "report.html", page)
     summary["warnings"] = warnings

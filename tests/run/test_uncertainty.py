@@ -98,7 +98,7 @@ def test_count_estimate_curve_and_p_nucleus(slide, tmp_path, tile_size):
     assert saved["count_estimate"] == est and "warnings" in saved
 
 
-def test_regions_get_their_estimates(slide, tmp_path):
+def test_regions_get_their_estimates(slide, tmp_path, monkeypatch):
     from cellseg.planning import load_regions
     folder, labels, candidates, bundle = slide
     geojson = tmp_path / "regions.geojson"
@@ -117,6 +117,18 @@ def test_regions_get_their_estimates(slide, tmp_path):
         assert row.interval_low < row.estimated_true_count < row.interval_high
         assert "validation data" in row.estimate_note
     assert summary["count_estimate"]["count"] == len(cells)
+    # the page lists them too: each region's cells and its estimate with the interval
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert '<h2 id="regions">Regions</h2>' in page and "Also in regions.csv" in page
+    for row in table.itertuples():
+        assert (f"<tr><td>{row.region}</td><td>{row.cells:,}</td>" in page
+                and f"{round(row.estimated_true_count):,} ({round(row.interval_low):,}–{round(row.interval_high):,})"
+                in page)
+    from cellseg.results import report
+    monkeypatch.setattr(report, "REGION_ROWS", 1)       # a slide of thousands of regions: the page lists the first
+    report.write_report(tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "The first 1 of 2 regions" in page and page.count("<tr><td>right</td>") == 0
     # the curve counts only the candidates inside a region
     centres = [((r0 + r1) / 2, (c0 + c1) / 2) for r0, c0, r1, c1, _ in candidates]
     inside = sum(1 for r, c in centres if c + 0.5 < 300 or (100 <= r + 0.5 < 500 and 400 <= c + 0.5 < 700))
