@@ -371,8 +371,9 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
     With a pixel size to go by (pixel_size_diameter: the slide's, not a guess, and the model's scale in µm for the
     protocol's modality or the protocol's nucleus_diameter_um), the slide is resampled to the size it implies, once
     checked: the nuclei of the busiest tiles are measured at the slide's own scale (measure(1.0)), and when their median
-    and the size the pixel size implies disagree by more than SCALE_MISMATCH (a wrong pixel size in the metadata is
-    common) the measured size is used and the scale's `warning` says so. Without one, or with --diameter auto, the
+    and the size the pixel size implies disagree by more than SCALE_MISMATCH they are measured again nearer the model's
+    size (measured_scale: a first read far from it is biased); when that measurement disagrees too (a wrong pixel size
+    in the metadata is common) the measured size is used and the scale's `warning` says so. Without one, or with --diameter auto, the
     measured size decides (measured_scale); with too few nuclei to measure, native.
 
     measure(factor): (median nucleus diameter in slide px, number of nuclei) found with the slide resampled by
@@ -401,12 +402,23 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
                                        source=f"{pixel.source}; checked: {measured[1]} nuclei of the busiest tiles "
                                               f"measure {measured[0]:.1f} px, {ratio:.2f}x the {expected:.1f} px "
                                               f"it implies")
-        warning = _mismatch_warning(info, expected, measured)
         implied = f"the pixel size's {expected:.1f} px disagrees with it"
     if measured is None:
         return Scale(1.0, f"native: too few nuclei found to measure their size ({implied})", model_diameter_px,
                      method="native", pixel_size_diameter_px=expected, warning=warning)
     scale = measured_scale(model_diameter_px, measured, measure, implied)
+    if expected is not None:
+        # The first read is at the slide's own scale, biased where the nuclei are far from the model's size (a 10x
+        # H&E slide's nuclei of ~7 px read 10.9): only the measurement the scale settled on can overrule the pixel size
+        final = (scale.measured_diameter_px or measured[0], scale.measured_nuclei or measured[1])
+        ratio = final[0] / expected
+        if 1 / SCALE_MISMATCH <= ratio <= SCALE_MISMATCH:
+            return dataclasses.replace(pixel, measured_diameter_px=final[0], measured_nuclei=final[1],
+                                       source=f"{pixel.source}; checked: {measured[1]} nuclei of the busiest tiles "
+                                              f"measure {measured[0]:.1f} px at the slide's own scale, measured "
+                                              f"again nearer the model's size {final[1]} measure {final[0]:.1f} px, "
+                                              f"{ratio:.2f}x the {expected:.1f} px it implies")
+        warning = _mismatch_warning(info, expected, final)
     if warning is None and not auto:
         # a pixel size that would resample beyond FACTOR_RANGE sets no scale, but the µm columns are in it: one 10x
         # off (a wrong objective in the metadata) is said as one 2x off is, against the measurement the scale

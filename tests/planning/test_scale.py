@@ -73,6 +73,19 @@ def test_a_pixel_size_off_by_ten_warns_as_one_off_by_two_does(mpp, implied):
     assert right.warning is None
 
 
+def test_a_right_pixel_size_far_from_the_models_is_not_overruled_by_a_biased_first_read():
+    """A 10x scan (1 µm/px) whose nuclei are 1.35x the model's in µm, 6.75 px: at the slide's own scale only the
+    largest are found, so they first read 8.4 px, 1.7x the 5 px implied (the H&E mosaic at 0.25x read 10.9 px for
+    ~6.9); measured again nearer the model's size they read true, and the right pixel size stands, unwarned."""
+    nuclei = Nuclei(6.75)
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(1.0), nuclei)
+    assert scale.method == "pixel size" and scale.factor == pytest.approx(4.0) and scale.warning is None
+    assert len(nuclei.at) > 1 and scale.measured_diameter_px == pytest.approx(6.75, rel=0.05)
+    assert "measured again nearer the model's size" in scale.source
+    wrong = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(1.0), Nuclei(13.5))    # a 20x scan said to be 10x
+    assert wrong.method == "measured" and wrong.warning and wrong.factor * 13.5 == pytest.approx(MODEL_PX, rel=0.2)
+
+
 def test_within_the_stated_factor_the_pixel_size_is_trusted():
     scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(27.0))       # 1.35x the 20 px implied
     assert scale.method == "pixel size" and scale.factor == 1.0 and scale.warning is None
