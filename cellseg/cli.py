@@ -267,6 +267,10 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                              f"({round(100 * estimate['interval_level'])} % interval "
                              f"{round(estimate['interval_low']):,}-{round(estimate['interval_high']):,}): an estimate "
                              f"from validation data ({how} says how)")
+                # a pixel size the nuclei contradict makes every µm figure wrong: said here, not only in the report
+                scale_warning = (summary.get("scale") or {}).get("warning")
+                if scale_warning:
+                    click.echo(f"cellseg: warning: {path}: {scale_warning}", err=True)
                 unlike = appearance_warning(summary.get("appearance"))     # results/appearance.py
                 if unlike:
                     click.echo(f"cellseg: warning: {path}: {unlike}", err=True)

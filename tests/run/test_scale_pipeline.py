@@ -138,3 +138,20 @@ def test_network_nucleus_px_brings_the_nuclei_to_that_size_instead_of_the_models
     assert summary["cell_count"] == len(np.unique(full)) - 1
     plain = count(LabelReadingDetector(full), slide, tmp_path / "plain")
     assert plain["scale"]["factor"] == 1.0
+
+
+def test_the_count_says_a_wrong_pixel_size_on_the_terminal(tmp_path, monkeypatch):
+    """Every µm figure of a slide whose pixel size the nuclei contradict is wrong: `cellseg count` says so on stderr,
+    as it says a slide unlike the validation data, not only in summary.json and the report."""
+    from cellseg.run import CounterSpec
+
+    from ..helpers import invoke
+    half = halved(discs(512))
+    slide = write_slide(tmp_path / "wrong.ome.tif", half, 0.25)
+    counter = CellCounter(PROTOCOL, LabelReadingDetector(half), model_diameter_px=MODEL_PX, micron_scale=HE,
+                          diameter_px=DEFAULT_SCALE)
+    monkeypatch.setattr(CounterSpec, "load", lambda self: counter)
+    result = invoke(["count", slide, "-o", tmp_path / "out", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "cellseg: warning: " in result.stderr and "0.25 µm/px (ome) implies nuclei of" in result.stderr
+    assert "the measured size set the scale" in result.stderr
