@@ -427,7 +427,7 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
         final = (scale.measured_diameter_px or measured[0], scale.measured_nuclei or measured[1])
         if beyond is not None and not 1 / SCALE_MISMATCH <= final[0] / beyond <= SCALE_MISMATCH:
             warning = _mismatch_warning(info, beyond, final)
-    return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning=warning)
+    return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning="; ".join(w for w in (warning, scale.warning) if w) or None)
 
 
 def _mismatch_warning(info: SlideInfo, expected: float, measured: tuple[float, int]) -> str:
@@ -508,7 +508,8 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
                              method="measured", measured_diameter_px=diameter, measured_nuclei=n)
             factor = _in_range(model_diameter_px / diameter)
             return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, diameter, method="measured",
-                         measured_diameter_px=diameter, measured_nuclei=n)
+                         measured_diameter_px=diameter, measured_nuclei=n,
+                         warning=_beyond_range_warning(model_diameter_px, diameter, factor))
     if _measured_native(model_diameter_px / diameter):
         return Scale(1.0, f"native: {how}, within 1/1.2-1.1x the model's {model_diameter_px:.1f} px",
                      model_diameter_px, diameter, method="measured", measured_diameter_px=diameter, measured_nuclei=n)
@@ -523,7 +524,21 @@ def measured_scale(model_diameter_px: float, measured: tuple[float, int],
             break
         factor, decided_by = _in_range(model_diameter_px / diameter), diameter
     return Scale(factor, f"{how}: resampled by {factor:.3g}", model_diameter_px, decided_by, method="measured",
-                 measured_diameter_px=diameter, measured_nuclei=n)
+                 measured_diameter_px=diameter, measured_nuclei=n,
+                 warning=_beyond_range_warning(model_diameter_px, decided_by, factor))
+
+
+def _beyond_range_warning(model_diameter_px: float, diameter: float, factor: float) -> str | None:
+    """What a count must say when the nuclei measured (`diameter` slide px) would need resampling beyond FACTOR_RANGE
+    to reach the model's size, and `factor` (the range's end) leaves them far from it: the count then misses and
+    merges nuclei (the fluorescence mosaic at 2 µm/px, nuclei of 3.4 px: 210 cells for 447, median area 2.7x)."""
+    wanted = model_diameter_px / diameter
+    if FACTOR_RANGE[0] <= wanted <= FACTOR_RANGE[1]:
+        return None
+    return (f"the nuclei measure {diameter:.1f} px: bringing them to the model's {model_diameter_px:.1f} px would take "
+            f"resampling by {wanted:.3g}, beyond the {FACTOR_RANGE[0]:g}-{FACTOR_RANGE[1]:g} a count goes to, so they "
+            f"reach the network at {diameter * factor:.1f} px and the count and areas are not to be trusted: "
+            f"scan at a {'higher' if wanted > 1 else 'lower'} magnification")
 
 
 def _measure_large(model_diameter_px: float, diameter: float,

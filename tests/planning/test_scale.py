@@ -70,7 +70,7 @@ def test_a_pixel_size_off_by_ten_warns_as_one_off_by_two_does(mpp, implied):
     assert scale.method == "measured" and scale.factor == 1.0
     assert scale.warning and f"{mpp:g} µm/px" in scale.warning and f"implies nuclei of {implied:.1f} px" in scale.warning
     right = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(2.5), Nuclei(2.0))       # a 4x scan: the pixel size is right
-    assert right.warning is None
+    assert "implies nuclei" not in right.warning and "higher magnification" in right.warning   # nuclei of 2 px: too small
 
 
 def test_a_right_pixel_size_far_from_the_models_is_not_overruled_by_a_biased_first_read():
@@ -231,3 +231,13 @@ def test_a_measurement_takes_more_tiles_until_it_holds_enough_nuclei(tmp_path):
         diameter, n = plan.measure_diameter(slide, detector, network, protocol, thumbnail, thumb_factor)
         assert n == len(detector.detected) == min(64, plan.MEASURE_TILES_MAX) > plan.MEASURE_TILES
         assert diameter == pytest.approx(12, rel=0.1)
+
+
+@pytest.mark.parametrize("diameter, words", [(3.0, "higher magnification"), (400.0, "lower magnification")])
+def test_nuclei_too_far_from_the_models_size_for_the_range_are_warned(diameter, words):
+    """Nuclei of 3 px (fluorescence at 2 µm/px) would need resampling by ~6.7, beyond the 4 a count goes to: counted
+    at 4, they reach the network at 12 px and many are missed or merged, which the scale says."""
+    scale = decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), Nuclei(diameter, split_above=1e9))
+    assert scale.factor in (4.0, 1 / 8) and scale.warning and words in scale.warning
+    assert "beyond the 0.125-4" in scale.warning
+    assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), Nuclei(6.0)).warning is None    # 3.3x: within
