@@ -130,7 +130,10 @@ def appearance_warning(check: dict | None) -> str | None:
                 f"holds nuclei, the model does not see them (another stain, modality or magnification: check the "
                 f"protocol, e.g. --protocol he-nuclei for H&E, and the pixel size, --mpp); if it holds none, ignore "
                 f"this")
-    return (f"this slide is unlike anything the model was validated on (appearance score {check['score']:.1f}, above "
-            f"the {check['threshold']:.1f} that 95 % of validation images stay under: its stain, nucleus size or the "
-            f"model's confidence differ): the count and its interval may be off by more than they say. Look at the "
-            f"crops; count a few fields by hand or annotate them and fine-tune the model on them (cellseg train)")
+    # as many decimals as tell the score from the threshold: "3.7, above the 3.7" read as a contradiction
+    digits = next((d for d in (1, 2) if round(check["score"], d) != round(check["threshold"], d)), 3)
+    return (f"this slide is unlike anything the model was validated on (appearance score {check['score']:.{digits}f}, "
+            f"above the {check['threshold']:.{digits}f} that 95 % of validation images stay under: its stain, "
+            f"nucleus size or the model's confidence differ): the count and its interval may be off by more than they "
+            f"say. Look at the crops; count a few fields by hand or annotate them and fine-tune the model on them "
+            f"(cellseg train)")

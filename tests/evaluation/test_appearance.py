@@ -48,3 +48,14 @@ def test_a_broken_reference_is_a_bundle_error():
     with pytest.raises(BundleError, match="consistent"):
         AppearanceReference.from_dict({"features": ["a"], "reference": [[1.0]], "center": [0.0], "spread": [0.0],
                                        "k": 1, "threshold": 1.0}, "test")
+
+
+def test_the_warning_tells_the_score_from_the_threshold():
+    """A score of 3.672 over a threshold of 3.658 was said as "3.7, above the 3.7": as many decimals as tell them
+    apart."""
+    from cellseg.results.appearance import appearance_warning
+    close = appearance_warning({"score": 3.672, "threshold": 3.658, "unlike": True, "nuclei": 447})
+    assert "appearance score 3.67, above the 3.66 that" in close
+    far = appearance_warning({"score": 4.412, "threshold": 3.658, "unlike": True, "nuclei": 447})
+    assert "appearance score 4.4, above the 3.7 that" in far
+    assert appearance_warning({"score": 3.0, "threshold": 3.658, "unlike": False, "nuclei": 447}) is None
