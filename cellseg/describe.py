@@ -94,8 +94,10 @@ def _results(protocol: Protocol, info: SlideInfo) -> str:
     if info.mpp:
         area_mm2 = info.height * info.width * info.mpp ** 2 / 1e6
         dense = expected_size(area_mm2 * DENSE_PER_MM2, grown, protocol.outputs, info.height, info.width)
+        # two significant digits below 1 mm²: a 864 x 1056 field at 0.25 µm/px (0.057 mm²) read as 0.1
+        area = f"{area_mm2:.2g}" if area_mm2 < 1 else f"{area_mm2:,.1f}"
         text += (f"; {describe_size(dense)} if all "
-                 f"{area_mm2:,.1f} mm² were tissue at {DENSE_PER_MM2:,} nuclei/mm² (`cellseg count --estimate` "
+                 f"{area} mm² were tissue at {DENSE_PER_MM2:,} nuclei/mm² (`cellseg count --estimate` "
                  f"says for this slide)")
     return text
 

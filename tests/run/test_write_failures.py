@@ -300,3 +300,13 @@ def test_the_estimate_and_info_state_the_result_folders_size(tmp_path, slide):
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.strip().startswith("results"))
     assert "a nucleus" in line and "nuclei/mm²" in line
+
+
+def test_info_states_a_small_fields_area_as_it_is(tmp_path):
+    """864 x 1056 px at 0.25 µm/px is 0.057 mm², which `cellseg info` said as 0.1."""
+    path = tmp_path / "field.tif"
+    tifffile.imwrite(path, np.zeros((864, 1056), np.uint8))
+    result = invoke(["info", str(path), "--mpp", "0.25"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("results"))
+    assert "if all 0.057 mm² were tissue" in line
