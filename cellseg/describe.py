@@ -87,13 +87,14 @@ def _results(protocol: Protocol, info: SlideInfo) -> str:
     --estimate counts a sample of tiles for the slide's own)."""
     from .results import describe_size, expected_size
     grown = bool(protocol.cell_expansion_px or protocol.cell_expansion_um)
-    fixed = expected_size(0, grown, protocol.outputs, info.height, info.width)
-    each = (expected_size(1e6, grown, protocol.outputs, info.height, info.width) - fixed) / 1e6
+    colour = info.n_channels == 3       # an RGB overlay and crops compress less than gray ones
+    fixed = expected_size(0, grown, protocol.outputs, info.height, info.width, colour)
+    each = (expected_size(1e6, grown, protocol.outputs, info.height, info.width, colour) - fixed) / 1e6
     text = (f"about {describe_size(each)} a {'cell' if grown else 'nucleus'} + {describe_size(fixed)} "
             f"(outputs: {protocol.outputs})")
     if info.mpp:
         area_mm2 = info.height * info.width * info.mpp ** 2 / 1e6
-        dense = expected_size(area_mm2 * DENSE_PER_MM2, grown, protocol.outputs, info.height, info.width)
+        dense = expected_size(area_mm2 * DENSE_PER_MM2, grown, protocol.outputs, info.height, info.width, colour)
         # two significant digits below 1 mm²: a 864 x 1056 field at 0.25 µm/px (0.057 mm²) read as 0.1
         area = f"{area_mm2:.2g}" if area_mm2 < 1 else f"{area_mm2:,.1f}"
         text += (f"; {describe_size(dense)} if all "

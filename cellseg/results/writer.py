@@ -79,29 +79,39 @@ def result_files(cells_expanded: bool, regions: bool = False, outputs: str | fro
     return tuple(f for f in files if f in chosen)
 
 
-# What each result file costs, measured on cellseg's own results (docs/performance.md, "Result folder size"): bytes
-# a nucleus (its row, outline, COCO mask, label pixels) and, when nuclei are grown into cells, a cell's more; the
-# overlay and the report a thumbnail pixel (its longer side at most 2048 px: a 2048² overlay ~3 MB), the report's
-# crops besides, and the small files.
+# What each result file costs, measured on cellseg's own results: bytes a nucleus (its row, outline, COCO mask, label
+# pixels) and, when nuclei are grown into cells, a cell's more; the overlay and the report a thumbnail pixel (its
+# longer side at most 2048 px: a 2048² gray overlay ~3 MB), the report's crops besides, and the small files. A colour
+# slide's overlay and crops compress less: on the H&E example at 0.25, 0.5 and 0.167 µm/px its overlay took 1.7-2.1 B
+# a pixel against 0.5-0.6 for the fluorescence one, and its report 1.8-6.3 MB, which the gray figures put at half;
+# its report is then the overlay in base64, a colour crop pixel's 1.2 B (up to 12 crops of 256² px) and 0.2 MB.
 BYTES_PER_NUCLEUS = {"cells.csv": 210, "cells.geojson": 1450, "predictions.coco.json": 220, "labels.ome.tif": 115,
                      "panoptic.ome.tif": 260}
 BYTES_PER_CELL = {"cells.csv": 250, "cells.geojson": 3000, "cell_labels.ome.tif": 400}
 BYTES_PER_THUMBNAIL_PX = {"overlay.png": 0.75, "report.html": 1.1}
+BYTES_PER_THUMBNAIL_PX_COLOUR = {"overlay.png": 1.9, "report.html": 2.5}    # the report holds the overlay in base64
 BYTES_FIXED = {"report.html": 5e5, "tissue_mask.png": 5e3, "area_histogram.png": 2e4, "summary.json": 5e3,
                "run.json": 5e3}
+BYTES_FIXED_COLOUR = {**BYTES_FIXED, "report.html": 2e5}
+BYTES_PER_COLOUR_CROP_PX = 1.2
+REPORT_CROP_PX = 12 * 256 * 256     # report.choose_crops' 12 crops of 256² px at most
 THUMBNAIL_SIDE = 2048       # planning.plan's: the overlay's longer side at most
 
 
 def expected_size(nuclei: float, cells_expanded: bool = False, outputs: str | frozenset[str] = "all",
-                  height: int = THUMBNAIL_SIDE, width: int = THUMBNAIL_SIDE) -> float:
-    """About how many bytes the result folder of a height x width px slide with `nuclei` nuclei (grown into cells
-    or not) takes, for the files `outputs` asks for. While counting, the scratch label canvas and the journal beside
-    it take less than its label images and tables."""
+                  height: int = THUMBNAIL_SIDE, width: int = THUMBNAIL_SIDE, colour: bool = False) -> float:
+    """About how many bytes the result folder of a height x width px slide (a colour one: RGB) with `nuclei` nuclei
+    (grown into cells or not) takes, for the files `outputs` asks for. While counting, the scratch label canvas and
+    the journal beside it take less than its label images and tables."""
     chosen = chosen_outputs(outputs) if isinstance(outputs, str) else outputs
     scale = min(1.0, THUMBNAIL_SIDE / max(height, width, 1))
     thumbnail_px = max(1, round(height * scale)) * max(1, round(width * scale))
-    size = sum(b for f, b in BYTES_FIXED.items() if f in chosen)
-    size += thumbnail_px * sum(b for f, b in BYTES_PER_THUMBNAIL_PX.items() if f in chosen)
+    fixed, per_px = (BYTES_FIXED_COLOUR, BYTES_PER_THUMBNAIL_PX_COLOUR) if colour else (BYTES_FIXED,
+                                                                                         BYTES_PER_THUMBNAIL_PX)
+    size = sum(b for f, b in fixed.items() if f in chosen)
+    size += thumbnail_px * sum(b for f, b in per_px.items() if f in chosen)
+    if colour and "report.html" in chosen:
+        size += min(REPORT_CROP_PX, height * width) * BYTES_PER_COLOUR_CROP_PX
     size += nuclei * sum(b for f, b in BYTES_PER_NUCLEUS.items() if f in chosen)
     if cells_expanded:
         size += nuclei * sum(b for f, b in BYTES_PER_CELL.items() if f in chosen)

@@ -89,7 +89,7 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
                     tiles_timed=len(seconds), seconds_per_tile=per_tile, seconds_planning=planning,
                     seconds_total=planning + per_tile * len(analysed), hardware=hardware, nuclei=nuclei,
                     result_bytes=expected_size(nuclei, cells_expanded, protocol.outputs,
-                                                 slide.info.height, slide.info.width))
+                                                 slide.info.height, slide.info.width, slide.info.n_channels == 3))
 
 
 def _duration(seconds: float) -> str:

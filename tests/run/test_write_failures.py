@@ -285,6 +285,27 @@ def test_the_expected_size_is_about_the_result_folders(tmp_path, slide):
     assert whole < expected_size(n, False, "all", 200, 170) < 3 * whole
 
 
+def test_the_expected_size_of_a_colour_slide_is_about_its_result_folder(tmp_path):
+    """An H&E slide's overlay and report crops compress less than a fluorescence one's: the real H&E patch tiled 3 x 3
+    (768 x 960 px) against what expected_size states for a colour slide (the gray figures said half)."""
+    from PIL import Image
+
+    from cellseg.results import expected_size
+    examples = Path(__file__).resolve().parents[2] / "example_slides"
+    patch = np.asarray(Image.open(examples / "he_patch.png").convert("RGB"))
+    labels = tifffile.imread(examples / "he_patch_labels.tif").astype(np.int32)
+    tiles = [np.where(labels > 0, labels + k * (labels.max() + 1), 0) for k in range(9)]
+    tiled = np.block([[tiles[3 * r + c] for c in range(3)] for r in range(3)])
+    Image.fromarray(np.tile(patch, (3, 3, 1))).save(tmp_path / "he.png")
+    tifffile.imwrite(tmp_path / "labels.tif", tiled)
+    protocol = PROTOCOL.replace(modality="brightfield", tile_size=256, halo_px=32)
+    summary = LabelCounterSpec(protocol, tmp_path / "labels.tif").load().count(tmp_path / "he.png", tmp_path / "out")
+    whole = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if p.name in ALL_FILES)
+    colour = expected_size(summary["cell_count"], False, "all", *tiled.shape, colour=True)
+    assert whole / 1.5 < colour < 1.5 * whole, (colour, whole)
+    assert expected_size(summary["cell_count"], False, "all", *tiled.shape) < whole / 1.5     # the gray figures
+
+
 def test_the_estimate_and_info_state_the_result_folders_size(tmp_path, slide):
     from cellseg.run import estimate_count
     from cellseg.tissue.finder import TissueFinder
