@@ -271,11 +271,14 @@ def _features(data, path: Path) -> list[dict]:
 
 
 def _name(props: dict, index: int) -> str:
-    name = props.get("name")
-    if not name:
-        classification = props.get("classification")
-        name = classification.get("name") if isinstance(classification, dict) else None
-    return str(name) if name else str(index)
+    """properties.name, else the classification's name (QuPath's {"name": ...}, or a plain string as other tools
+    write it), else the feature's index; a name of 0 is a name."""
+    def given(value) -> str | None:
+        return str(value).strip() or None if value is not None and not isinstance(value, (dict, list)) else None
+    classification = props.get("classification")
+    return (given(props.get("name"))
+            or given(classification.get("name") if isinstance(classification, dict) else classification)
+            or str(index))
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -85,6 +85,16 @@ def test_qupath_annotations_are_read_with_names_and_holes(caplog):
     assert "1 detection object(s)" in caplog.text      # not a region, and said so
 
 
+def test_a_region_named_0_or_by_a_plain_classification_keeps_that_name(tmp_path):
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    path = tmp_path / "r.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": square, "properties": props}
+        for props in ({"classification": "Tumor"}, {"name": 0}, {"name": " ", "classification": {"name": "Stroma"}},
+                      {"name": {"odd": 1}})]}))
+    assert load_regions(path).names == ("Tumor", "0", "Stroma", "3")     # the second feature's name, not its index
+
+
 @pytest.mark.slow
 def test_cells_outside_every_region_are_left_out_and_densities_are_right(tmp_path):
     slide, labels = make_slide(tmp_path)
