@@ -249,7 +249,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                 if len(inputs) == 1:
                     raise outcome.error
                 failures += 1
-                click.echo(f"cellseg: error: {path}: {outcome.error}", err=True)
+                bar.echo(f"cellseg: error: {path}: {outcome.error}", err=True)
                 rows.append({"input": str(path), "status": "error", "error": str(outcome.error)})
                 continue
             if outcome.skipped:
@@ -270,14 +270,14 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
                 # a pixel size the nuclei contradict makes every µm figure wrong: said here, not only in the report
                 scale_warning = (summary.get("scale") or {}).get("warning")
                 if scale_warning:
-                    click.echo(f"cellseg: warning: {path}: {scale_warning}", err=True)
+                    bar.echo(f"cellseg: warning: {path}: {scale_warning}", err=True)
                 unlike = appearance_warning(summary.get("appearance"))     # results/appearance.py
                 if unlike:
-                    click.echo(f"cellseg: warning: {path}: {unlike}", err=True)
+                    bar.echo(f"cellseg: warning: {path}: {unlike}", err=True)
             if summary.get("unreadable"):
-                click.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
-                           f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
-                           f"density (listed in {out / 'summary.json'})", err=True)
+                bar.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
+                         f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
+                         f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
                          # --regions: cells_per_mm2 is per mm² of the tissue inside them
@@ -383,11 +383,13 @@ class _JobBar:
         if self.bar is not None and tiles:
             self.bar.update(tiles)
 
-    def echo(self, line: str) -> None:
+    def echo(self, line: str, err: bool = False) -> None:
+        """A line on stdout (err: stderr) that clears the bar's line first and redraws it after: printed beside it,
+        a warning would follow the bar's last redraw on its line."""
         if self.bar is not None and self.enabled:
-            self.bar.write(line, file=sys.stdout)
+            self.bar.write(line, file=sys.stderr if err else sys.stdout)
         else:
-            click.echo(line)
+            click.echo(line, err=err)
 
     def __enter__(self) -> _JobBar:
         return self

@@ -631,3 +631,19 @@ def test_an_h_and_e_image_counted_with_the_fluorescence_protocol_is_warned(tmp_p
     (logged,) = [r.getMessage() for r in caplog.records if "looks like brightfield" in r.getMessage()]
     assert logged.startswith("he.png: ") and "--protocol he-nuclei" in logged
     assert "--protocol he-nuclei" in ";".join(json.loads((tmp_path / "he.cellseg" / "summary.json").read_text())["warnings"])
+
+
+def test_a_warning_beside_the_progress_bar_starts_its_own_line(capsys):
+    """Said while the job's bar is drawn (stderr to a log file, or a terminal): the bar's line is cleared first, so the
+    warning is not glued to the bar's last redraw."""
+    import re
+
+    from cellseg.cli import _JobBar
+    with _JobBar("2 slides", enabled=True) as bar:
+        bar.planned(10)
+        bar.analysed(3)
+        bar.echo("cellseg: warning: a.tif: check the pixel size", err=True)
+        bar.echo("a.tif: 12 cells -> a.cellseg")
+    captured = capsys.readouterr()
+    assert "cellseg: warning: a.tif: check the pixel size" in re.split(r"[\r\n]", captured.err)
+    assert "a.tif: 12 cells -> a.cellseg" in captured.out.splitlines()
