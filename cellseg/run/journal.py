@@ -252,21 +252,22 @@ def fresh_result_folder(folder: Path) -> Path:
 
 def complete_result(final: Path, print_: dict) -> dict | None:
     """The summary of the finished result in `final` when it was made from the same slide, protocol, model and
-    cellseg version (fingerprint `print_`), None when there is no finished result there, or when there is one made
-    otherwise but an unfinished run of this very count beside it (resumed, it replaces that result); JournalError
-    when there is one made otherwise and nothing of this count to resume."""
+    cellseg version (fingerprint `print_`) and no unfinished count of `final` lies beside it; None when there is no
+    finished result there, or when an unfinished count lies beside it (a recount into an earlier result's folder,
+    interrupted: Journal.open resumes it, replacing that result, or refuses it in one line); JournalError when there
+    is one made otherwise and nothing to resume."""
     final = Path(final)
     if not (final / RESULT_MARKER).is_file():
         return None
     run, summary = _read_json(final / "run.json"), _read_json(final / "summary.json")
     if run is None or summary is None:
         return None
+    # The unfinished count decides, whatever the result's settings: skipped, it would stay there, and a count
+    # without --resume would be refused for it ("add --resume") again and again.
+    if (partial_folder(final) / HEADER).exists():
+        return None
     changed = difference(run.get("fingerprint") or {}, print_)
     if changed is not None:
-        # a recount with other settings into an earlier result's folder, interrupted: its bands are the ones to use
-        header = _read_json(partial_folder(final) / HEADER)
-        if header is not None and difference(header.get("fingerprint") or {}, print_) is None:
-            return None
         raise JournalError(f"expected the result in {final} to be of this slide with the same protocol, model and "
                            f"cellseg version, found {changed}; rerun without --resume to replace it")
     return summary

@@ -159,6 +159,31 @@ def test_an_interrupted_recount_with_other_settings_into_an_earlier_result_resum
     assert isinstance(outcome.error, JournalError) and "rerun without --resume to replace it" in str(outcome.error)
 
 
+def test_an_interrupted_recount_of_the_same_count_is_resumed_not_skipped(tmp_path, slide):
+    """The same count again into its earlier result, killed: --resume finishes it (it was skipped, its unfinished
+    count left beside the result, and every count without --resume refused for it)."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    spec.load().count(path, reference)
+    (outcome,) = count_serially(spec.load(), [(path, out)])         # as `cellseg count` does: run.json's fingerprint
+    assert outcome.error is None
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    partial = interrupted(spec, path, out, tiles=12)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier      # the earlier result is untouched
+    (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
+    assert outcome.error is None and not outcome.skipped and outcome.kept_bands == 2
+    assert not partial.exists() and listing(out) == listing(reference)
+    assert_same_result(reference, out)
+    (outcome,) = count_serially(spec.load(), [(path, out)])         # and a plain recount is not refused
+    assert outcome.error is None
+    # an unfinished count of other settings beside it: refused in one line naming it, not skipped
+    partial = interrupted(dataclasses.replace(spec, shift_px=3), path, out, tiles=12)
+    (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
+    assert isinstance(outcome.error, JournalError) and str(partial) in str(outcome.error)
+    assert "\n" not in str(outcome.error) and done_bands(partial) == {0, 1}
+
+
 @pytest.mark.slow
 def test_complete_results_are_skipped_on_resume_and_reported(tmp_path, slide, tiny_bundle):
     """Two inputs counted, then the same command with --resume: nothing is counted again, both are reported as
