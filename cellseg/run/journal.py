@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import shutil
+import zipfile
+import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -128,6 +130,10 @@ class Journal:
         lock_fd = _lock(folder, final)
         try:
             header = None if fresh else _read_json(folder / HEADER)
+            if header is None and not fresh and (folder / HEADER).exists():
+                # written atomically: damaged from outside (a disk error, a copy cut short); its bands are kept
+                raise JournalError(f"expected a readable {HEADER} in {folder}, found a damaged one; remove that "
+                                   f"folder to start over")
             if header is not None:
                 done = len(done_bands(folder))
                 if not resume:
@@ -139,6 +145,12 @@ class Journal:
                     raise JournalError(f"expected the unfinished count in {folder} to be of this slide with the same "
                                        f"protocol, model and cellseg version, found {changed}; remove that folder "
                                        f"to start over")
+                load_plan(folder)       # damaged: refused in one line, the folder kept (as the message says)
+                for index in sorted(done_bands(folder)):
+                    if not _intact(band_path(folder, index)):    # a cache of detections: detected again
+                        log.warning("band %d of %s in %s is damaged: it is detected again", index, final, folder)
+                        band_path(folder, index).unlink()
+                done = len(done_bands(folder))
                 log.info("resuming %s: %d band(s) done", final, done)
                 return cls(final, folder, print_, header.get("band_rows"), made, lock_fd, done)
             # New, or left by a run killed before it wrote its header: nothing in it is worth keeping.
@@ -379,12 +391,22 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _intact(path: Path) -> bool:
+    """Whether the numpy archive at `path` reads back whole (every member's checksum)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return False
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # opened here: np.load leaves the file open when it is not an archive
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:   # truncated, bit-flipped
         raise JournalError(f"expected a readable journal file at {path}, found a damaged one ({exc}); remove "
                            f"{path.parent} to start over") from exc

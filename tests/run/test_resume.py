@@ -184,6 +184,39 @@ def test_an_interrupted_recount_of_the_same_count_is_resumed_not_skipped(tmp_pat
     assert "\n" not in str(outcome.error) and done_bands(partial) == {0, 1}
 
 
+def test_a_damaged_band_file_is_detected_again_on_resume(tmp_path, slide, caplog):
+    """A band file cut short (written atomically: damaged from outside) was a traceback (BadZipFile), and then, once
+    one line, the whole journal thrown away while the line said to remove it."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    reference, out, partial = uninterrupted_then_interrupted(spec, path, tmp_path, tiles=12)
+    band = partial / "band-00001.npz"
+    band.write_bytes(band.read_bytes()[:-40])
+    counter = spec.load()
+    (outcome,) = count_serially(counter, [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == 1
+    assert sorted(counter.detector.seen) == list(range(5, 25))      # band 1 again, then rows 2-4
+    assert "band 1 of" in caplog.text and "damaged" in caplog.text
+    assert_same_result(reference, out)
+
+
+@pytest.mark.parametrize("name", ["journal.json", "plan.npz"])
+def test_a_damaged_journal_or_plan_is_refused_in_one_line_and_kept(tmp_path, slide, name):
+    """A journal.json cut short made the journal look new: its bands were thrown away silently and the count started
+    over; a damaged plan.npz was refused with "remove ... to start over", the folder removed already."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    out = tmp_path / "out"
+    partial = interrupted(spec, path, out, tiles=12)
+    (partial / name).write_bytes((partial / name).read_bytes()[:30])
+    for resume in (True, False):     # without --resume an unfinished count is refused too, whichever way
+        (outcome,) = count_serially(spec.load(), [(path, out)], resume=resume)
+        message = str(outcome.error)
+        assert isinstance(outcome.error, JournalError) and "\n" not in message and str(partial) in message
+        assert not resume or (name in message and "damaged" in message and "remove" in message)
+        assert done_bands(partial) == {0, 1} and not out.exists()
+
+
 @pytest.mark.slow
 def test_complete_results_are_skipped_on_resume_and_reported(tmp_path, slide, tiny_bundle):
     """Two inputs counted, then the same command with --resume: nothing is counted again, both are reported as
