@@ -122,9 +122,13 @@ class Journal:
         made = first_missing(final.parent)
         prepare_parent(final)
         folder = partial_folder(final)
-        fresh = not folder.is_dir()
         try:
-            folder.mkdir(exist_ok=True)
+            # made here, or there already: decided by the mkdir itself, for two counts started at once (the one that
+            # only looked first would remove the other's folder when refused its lock)
+            folder.mkdir()
+            fresh = True
+        except FileExistsError:
+            fresh = False
         except OSError as exc:
             raise OutputError(f"cannot write results into {folder.parent}: {exc.strerror or exc}") from exc
         lock_fd = _lock(folder, final)

@@ -24,6 +24,7 @@ from cellseg.geometry import Band, Instances
 from cellseg.planning import Protocol, plan_slide
 from cellseg.results import partial_folder
 from cellseg.run import Journal, count_serially, done_bands, load_band, load_plan, save_band, save_plan
+from cellseg.run.journal import fingerprint
 from cellseg.slides import open_slide
 from cellseg.tissue.finder import TissueFinder
 from cellseg.util import StageTimer
@@ -288,6 +289,21 @@ def test_a_journal_held_by_a_running_count_is_refused(tmp_path, slide):
             Journal.open(out, print_, resume=True)
         assert listing(tmp_path) == before
     assert not partial_folder(out).exists()      # ended without a result or an error: nothing kept
+
+
+def test_a_count_started_at_the_same_moment_leaves_the_running_ones_folder(tmp_path, slide, monkeypatch):
+    """Two counts of one result folder started at once: the second looked for the partial folder before the first
+    made it, took itself for its maker, and when refused the lock removed the folder the first was counting in."""
+    path, labels = slide
+    out = tmp_path / "out"
+    with open_slide(path) as opened:
+        print_ = fingerprint(opened.info, LabelCounterSpec(PROTOCOL, labels).settings())
+    first = Journal.open(out, print_, resume=False)
+    monkeypatch.setattr(Path, "is_dir", lambda self: False if self == first.folder else os.path.isdir(self))
+    with pytest.raises(OutputError, match="expected no other cellseg count writing"):
+        Journal.open(out, print_, resume=False)
+    assert (first.folder / "journal.json").is_file() and (first.folder / "lock").is_file()
+    first.end(None)
 
 
 @pytest.mark.slow
