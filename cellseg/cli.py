@@ -5,6 +5,7 @@ stderr and exit 1 (2 for usage errors). Counting goes through counter.CellCounte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -234,7 +235,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     # an earlier count's result in the way is replaced (results.folder): the count's line says so
     earlier = {out for out in outputs if (out / RESULT_MARKER).is_file()}
     rows, failures = [], 0
-    with _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
+    with _terminate_as_interrupt(), \
+            _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
         if workers is None and scheduler is None:
             outcomes = count_serially(spec.load(), jobs, resume=resume, band_rows=band_rows, progress=bar)
         else:
@@ -358,6 +360,25 @@ def _inputs_that_failed(cohort: Path, folders: list[Path]):
     return [CohortRow(Path(row["input"]).name, None, None, row.get("error") or "failed (summary.csv)")
             for row in listed if row.get("status") == "error" and row.get("input")
             and (cohort / result_stem(Path(row["input"]))).resolve() not in found]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a batch scheduler's time limit, `kill`) ends a count as Ctrl-C does: its workers stopped, the finished
+    bands kept for --resume with a line that says so, exit 1; by default the process died where it stood, silently."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():     # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _JobBar:

@@ -647,3 +647,37 @@ def test_a_warning_beside_the_progress_bar_starts_its_own_line(capsys):
     captured = capsys.readouterr()
     assert "cellseg: warning: a.tif: check the pixel size" in re.split(r"[\r\n]", captured.err)
     assert "a.tif: 12 cells -> a.cellseg" in captured.out.splitlines()
+
+
+def test_sigterm_ends_a_count_as_ctrl_c_does(tmp_path, fluo_png, model, monkeypatch):
+    """A batch scheduler's time limit (SIGTERM) mid-count: the finished band kept for --resume with a line that says
+    so, exit 1, nothing half-written; by default the process died where it stood, silently. The handler is the
+    count's only: the previous one comes back."""
+    import os
+    import signal
+
+    from cellseg.run import pipeline
+    slide = crop_png(fluo_png, tmp_path / "slide.png", size=256)
+    saved = pipeline.save_band
+
+    def save_then_terminated(folder, band, owned):
+        saved(folder, band, owned)
+        os.kill(os.getpid(), signal.SIGTERM)        # delivered to the main thread at its next bytecode
+    monkeypatch.setattr(pipeline, "save_band", save_then_terminated)
+
+    def ignored(signum, frame):     # this test's own: a count that does not take SIGTERM up finishes (and fails here)
+        pass
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        result = invoke(["count", slide, "-o", tmp_path / "out", *model, *FAST, "--band-rows", "1"])
+        assert signal.getsignal(signal.SIGTERM) is ignored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 1 and "Aborted!" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    kept = tmp_path / ".out.partial"
+    assert kept.is_dir() and any(kept.glob("band-*.npz"))
+    monkeypatch.setattr(pipeline, "save_band", saved)
+    resumed = invoke(["count", slide, "-o", tmp_path / "out", *model, *FAST, "--band-rows", "1", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "out" / "cells.csv").is_file() and not kept.exists()
