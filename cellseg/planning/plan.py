@@ -373,8 +373,8 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
     checked: the nuclei of the busiest tiles are measured at the slide's own scale (measure(1.0)), and when their median
     and the size the pixel size implies disagree by more than SCALE_MISMATCH they are measured again nearer the model's
     size (measured_scale: a first read far from it is biased); when that measurement disagrees too (a wrong pixel size
-    in the metadata is common) the measured size is used and the scale's `warning` says so. Without one, or with --diameter auto, the
-    measured size decides (measured_scale); with too few nuclei to measure, native.
+    in the metadata is common) the measured size is used and the scale's `warning` says so. Without one, or with
+    --diameter auto, the measured size decides (measured_scale); with too few nuclei to measure, native.
 
     measure(factor): (median nucleus diameter in slide px, number of nuclei) found with the slide resampled by
     `factor` network px per slide px (measure_diameter), or None when too few.
@@ -427,7 +427,8 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
         final = (scale.measured_diameter_px or measured[0], scale.measured_nuclei or measured[1])
         if beyond is not None and not 1 / SCALE_MISMATCH <= final[0] / beyond <= SCALE_MISMATCH:
             warning = _mismatch_warning(info, beyond, final)
-    return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning="; ".join(w for w in (warning, scale.warning) if w) or None)
+    warnings = [w for w in (warning, scale.warning) if w]       # a wrong pixel size, nuclei beyond the range
+    return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning="; ".join(warnings) or None)
 
 
 def _mismatch_warning(info: SlideInfo, expected: float, measured: tuple[float, int]) -> str:
