@@ -350,7 +350,7 @@ def _inputs_that_failed(cohort: Path, folders: list[Path]):
     summary_csv = cohort / "summary.csv"
     try:
         with open(summary_csv, newline="", encoding="utf-8") as f:
-            if not f.readline().startswith(",".join(_SUMMARY_COLUMNS[:3])):
+            if not f.readline().startswith(_SUMMARY_HEADER_START):
                 return []
             f.seek(0)
             listed = list(csv.DictReader(f))
@@ -424,6 +424,7 @@ _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]   
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "tissue_area_in_regions_mm2",
                     "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
                     "warnings", "error"]
+_SUMMARY_HEADER_START = ",".join(_SUMMARY_COLUMNS[:3])    # how a summary.csv cellseg wrote is told from the user's
 
 
 def _summary_csv_text(rows: list[dict]) -> str:
@@ -463,7 +464,7 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
                           f"{folder}; choose another output folder with -o")
     summary_csv = folder / "summary.csv"       # cellseg's own by its header
     if summary_csv.is_dir() or (summary_csv.exists() and not summary_csv.read_text(errors="replace").startswith(
-            ",".join(_SUMMARY_COLUMNS[:3]))):
+            _SUMMARY_HEADER_START)):
         raise OutputError(f"expected {summary_csv} to be absent or a cellseg summary, found another file; choose "
                           f"another output folder with -o")
     check_cohort_report_target(folder, "choose another output folder with -o")

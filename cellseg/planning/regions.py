@@ -14,6 +14,7 @@ inside it, the cells and densities (results/region_table.py: the figures are the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -88,14 +89,23 @@ class Regions:
     def __len__(self) -> int:
         return len(self.names)
 
+    @functools.cached_property
+    def union(self):
+        """Every region as one geometry, overlaps once (prepared for repeated tests): made once, not per call (a
+        slide's tiles ask meets() batch after batch, with thousands of regions)."""
+        import shapely
+
+        union = shapely.union_all(list(self.geometries))
+        shapely.prepare(union)
+        return union
+
     def meets(self, boxes: np.ndarray) -> np.ndarray:
         """(N,) bool: box (row0, col0, row1, col1) shares area with some region."""
         import shapely
 
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         rects = shapely.box(boxes[:, 1], boxes[:, 0], boxes[:, 3], boxes[:, 2])
-        union = shapely.union_all(list(self.geometries))
-        shapely.prepare(union)
+        union = self.union
         hit = shapely.intersects(union, rects)
         # Touching along an edge only is no area: such a tile holds no centroid of the region.
         touch = hit & shapely.touches(union, rects)
@@ -124,8 +134,8 @@ class Regions:
         import shapely
 
         i, j = np.indices(shape)
-        union = shapely.union_all(list(self.geometries))
-        return shapely.contains_xy(union, (j.ravel() + 0.5) * col_factor, (i.ravel() + 0.5) * row_factor).reshape(shape)
+        return shapely.contains_xy(self.union, (j.ravel() + 0.5) * col_factor,
+                                   (i.ravel() + 0.5) * row_factor).reshape(shape)
 
     def tissue_areas(self, tissue) -> np.ndarray:
         """(R,) float: the tissue inside each region (level-0 px), tissue: a tissue.TissueMask."""
@@ -133,8 +143,7 @@ class Regions:
 
     def tissue_area(self, tissue) -> float:
         """The tissue inside any region (level-0 px), overlaps once."""
-        import shapely
-        return tissue_in(shapely.union_all(list(self.geometries)), tissue)
+        return tissue_in(self.union, tissue)
 
     def to_json(self) -> str:
         """A GeoJSON FeatureCollection in level-0 px (journaled with the plan, read back by from_json)."""
