@@ -9,7 +9,8 @@
 
 Nothing here is ever presented as a result: the folder is hidden, and NAME only ever receives a complete result
 (results.commit_output). A journal is trusted only when its fingerprint equals this run's (same cellseg version,
-slide file, protocol, model and options); anything else is refused with a one-line error, never mixed. Files are
+slide file, protocol, model and options; the protocol's export settings may differ: they choose the files the
+bands become); anything else is refused with a one-line error, never mixed. Files are
 numpy archives read with allow_pickle=False and JSON: nothing is unpickled.
 """
 
@@ -71,6 +72,17 @@ def slide_signature(info: SlideInfo) -> dict:
     return signature
 
 
+# Protocol sections a journal's bands do not depend on: the bands hold detected cells, the files they become are
+# chosen and written by the final step, so a resumed count may pick other ones (fewer, after a full disk).
+_NOT_IN_BANDS = ("export",)
+
+
+def bands_fingerprint(print_: dict) -> dict:
+    """`print_` without what the bands of a journal do not depend on (_NOT_IN_BANDS)."""
+    protocol = {k: v for k, v in (print_.get("protocol") or {}).items() if k not in _NOT_IN_BANDS}
+    return {**print_, "protocol": protocol} if "protocol" in print_ else print_
+
+
 def difference(there: dict, here: dict) -> str | None:
     """The first way two fingerprints differ, in words (None: they are the same)."""
     if there == here:
@@ -117,7 +129,8 @@ class Journal:
         """The journal for result folder `final`, fingerprint `print_`: a new one, or with resume=True the
         unfinished one of an earlier run (its band split is kept). Refused (one line) when `final` holds files
         that are not cellseg's, when another run holds the journal, when an unfinished count exists and resume
-        is False, or when it belongs to another slide, protocol, model or cellseg version."""
+        is False, or when it belongs to another slide, protocol, model or cellseg version (the protocol's export
+        settings aside: a resumed count may write other files than the run it resumes)."""
         final = Path(os.path.abspath(final))
         made = first_missing(final.parent)
         prepare_parent(final)
@@ -144,12 +157,17 @@ class Journal:
                     raise JournalError(
                         f"expected no unfinished count of {final}, found one in {folder} ({done} band(s) done): "
                         f"add --resume to continue it, or remove that folder to start over")
-                changed = difference(header.get("fingerprint") or {}, print_)
+                there = header.get("fingerprint") or {}
+                changed = difference(bands_fingerprint(there), bands_fingerprint(print_))
                 if changed is not None:
                     raise JournalError(f"expected the unfinished count in {folder} to be of this slide with the same "
                                        f"protocol, model and cellseg version, found {changed}; remove that folder "
                                        f"to start over")
                 load_plan(folder)       # damaged: refused in one line, the folder kept (as the message says)
+                if there != print_:     # other files asked for: the header (and so run.json) says this run's
+                    atomic_write_bytes(folder / HEADER, json.dumps({**header, "fingerprint": print_},
+                                                                   indent=2).encode())
+                    log.info("resuming %s with other export settings (%s)", final, difference(there, print_))
                 for index in sorted(done_bands(folder)):
                     if not _intact(band_path(folder, index)):    # a cache of detections: detected again
                         log.warning("band %d of %s in %s is damaged: it is detected again", index, final, folder)

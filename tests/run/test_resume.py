@@ -139,6 +139,33 @@ def test_a_journal_of_another_run_is_refused_in_one_line(tmp_path, slide, change
     assert {p.name: p.read_bytes() for p in partial.iterdir() if p.is_file()} == before    # left as it was
 
 
+def test_a_resumed_count_may_write_other_files_than_the_run_it_resumes(tmp_path, slide):
+    """A count that filled the disk is resumed with fewer files (`--outputs cells.csv`): the bands hold detected
+    cells, not files, so they are used, and the result is the files asked for now. It was refused ("other protocol
+    settings"), leaving the choice of making room or counting again from the start."""
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    reference, out, partial = uninterrupted_then_interrupted(spec, path, tmp_path, tiles=12)
+    fewer = dataclasses.replace(spec, protocol=PROTOCOL.replace(outputs="cells.csv"))
+    counter = fewer.load()
+    (outcome,) = count_serially(counter, [(path, out)], resume=True)
+    assert outcome.error is None and outcome.kept_bands == 2
+    assert sorted(counter.detector.seen) == list(range(10, 25))     # the kept bands were used
+    assert (out / "cells.csv").read_bytes() == (reference / "cells.csv").read_bytes()
+    assert not (out / "labels.ome.tif").exists() and not partial.exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["fingerprint"]["protocol"] == fewer.protocol.to_dict()       # what this result was made with
+    # and the result is this count's: --resume with the same settings skips it
+    (outcome,) = count_serially(fewer.load(), [(path, out)], resume=True)
+    assert outcome.error is None and outcome.skipped
+    # anything the cells depend on still refuses the journal
+    partial = interrupted(spec, path, tmp_path / "again", tiles=12)
+    other = dataclasses.replace(spec, protocol=PROTOCOL.replace(outputs="cells.csv", min_area_px=2))
+    (outcome,) = count_serially(other.load(), [(path, tmp_path / "again")], resume=True)
+    assert isinstance(outcome.error, JournalError) and "min_area_px" in str(outcome.error)
+    assert done_bands(partial) == {0, 1}
+
+
 def test_an_interrupted_recount_with_other_settings_into_an_earlier_result_resumes_and_replaces_it(tmp_path, slide):
     path, labels = slide
     earlier = LabelCounterSpec(PROTOCOL, labels)
