@@ -64,6 +64,11 @@ MEASURE_TILES_MAX = 24
 MIN_MEASURED = 10         # fewer nuclei than this found there: no measurement
 FACTOR_RANGE = (1 / 8, 4)  # how far a slide is resampled at most (network px per slide px)
 UNRELIABLE_MPP = ("image-dpi",)   # SlideInfo.mpp_source: a PNG/JPEG's dpi, seldom a microscope's pixel size
+# The median nucleus of a slide lies within this many µm across (lymphocytes ~5, cultured cell lines ~10-20): a
+# pixel size that puts it outside is wrong, most likely by a power of ten (a 10x objective recorded for a 100x one).
+# The one check of a pixel size where the model has no scale in µm for the modality (fluorescence: DSB2018 and
+# Kromp record none), whose µm columns are in it all the same.
+PLAUSIBLE_NUCLEUS_UM = (3.0, 35.0)
 
 
 @dataclass(frozen=True)
@@ -427,6 +432,9 @@ def decide_scale(model_diameter_px: float | None, micron_scale: MicronScale | No
         final = (scale.measured_diameter_px or measured[0], scale.measured_nuclei or measured[1])
         if beyond is not None and not 1 / SCALE_MISMATCH <= final[0] / beyond <= SCALE_MISMATCH:
             warning = _mismatch_warning(info, beyond, final)
+    if warning is None and expected is None:
+        warning = _implausible_size_warning(info, (scale.measured_diameter_px or measured[0],
+                                                   scale.measured_nuclei or measured[1]))
     warnings = [w for w in (warning, scale.warning) if w]       # a wrong pixel size, nuclei beyond the range
     return dataclasses.replace(scale, pixel_size_diameter_px=expected, warning="; ".join(warnings) or None)
 
@@ -437,6 +445,20 @@ def _mismatch_warning(info: SlideInfo, expected: float, measured: tuple[float, i
             f"{measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px ({ratio:.2g}x, beyond "
             f"the {SCALE_MISMATCH:g}x nuclei vary by): the measured size set the scale. Check the pixel size "
             f"(--mpp); --diameter N overrides both")
+
+
+def _implausible_size_warning(info: SlideInfo, measured: tuple[float, int]) -> str | None:
+    """Where no nucleus size in µm checks the pixel size: a warning when it makes the measured median nucleus
+    implausible (PLAUSIBLE_NUCLEUS_UM), else None."""
+    if info.mpp is None or info.mpp_source.split(":")[0] in UNRELIABLE_MPP:
+        return None
+    um = measured[0] * info.mpp
+    low, high = PLAUSIBLE_NUCLEUS_UM
+    if low <= um <= high:
+        return None
+    return (f"the pixel size {info.mpp:g} µm/px ({info.mpp_source}) makes the median nucleus {um:.3g} µm across "
+            f"({measured[1]} nuclei of the busiest tiles measure {measured[0]:.1f} px), where nuclei are "
+            f"{low:g}-{high:g} µm: the µm columns are likely off (by 10x?). Check the pixel size (--mpp)")
 
 
 def _diameter_beyond_range(micron_scale: MicronScale | None, protocol: Protocol, info: SlideInfo,

@@ -152,7 +152,8 @@ def test_too_few_nuclei_leave_the_pixel_size_unchecked_or_the_slide_native():
 
 
 def test_diameter_auto_ignores_the_pixel_size_and_no_model_size_means_native():
-    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.25), Nuclei(10.0), auto=True)
+    # 0.32 µm/px would resample by 1.28; the nuclei (3.2 µm at it: plausible, so nothing is said) by 2
+    scale = decide_scale(MODEL_PX, HE, BRIGHTFIELD, info(0.32), Nuclei(10.0), auto=True)
     assert scale.method == "measured" and scale.factor == pytest.approx(2.0, rel=0.2) and scale.warning is None
     nuclei = Nuclei(10.0)
     assert decide_scale(0.0, HE, BRIGHTFIELD, info(0.25), nuclei).factor == 1.0 and nuclei.at == []
@@ -241,3 +242,21 @@ def test_nuclei_too_far_from_the_models_size_for_the_range_are_warned(diameter, 
     assert scale.factor in (4.0, 1 / 8) and scale.warning and words in scale.warning
     assert "beyond the 0.125-4" in scale.warning
     assert decide_scale(MODEL_PX, None, BRIGHTFIELD, info(None), Nuclei(6.0)).warning is None    # 3.3x: within
+
+
+FLUORESCENCE = Protocol(name="t", modality="fluorescence")
+
+
+@pytest.mark.parametrize("mpp, warned", [(0.65, False), (0.3, False), (6.5, True), (0.065, True)])
+def test_a_pixel_size_that_makes_the_nuclei_implausible_is_warned_without_a_scale_in_um(mpp, warned):
+    """Fluorescence has no nucleus size in µm to check a pixel size against (its training images record none), yet
+    the µm columns are in it: a 20x field (nuclei of 15 px, ~10 µm at 0.65 µm/px) said to be 6.5 or 0.065 µm/px makes
+    them 98 or 1 µm across, which is said; at 0.3 µm/px they are 4.5 µm, small but plausible: nothing said."""
+    scale = decide_scale(MODEL_PX, None, FLUORESCENCE, info(mpp), Nuclei(15.0))
+    assert scale.method == "measured"                       # the scale is the measurement's, as before
+    assert (scale.warning is not None) == warned
+    if warned:
+        assert f"{mpp:g} µm/px" in scale.warning and "Check the pixel size" in scale.warning
+    # a guessed pixel size (a PNG's dpi) is not one to check; --diameter auto checks it all the same
+    assert decide_scale(MODEL_PX, None, FLUORESCENCE, info(mpp, "image-dpi"), Nuclei(15.0)).warning is None
+    assert (decide_scale(MODEL_PX, None, FLUORESCENCE, info(mpp), Nuclei(15.0), auto=True).warning is None) != warned
