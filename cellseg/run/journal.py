@@ -222,8 +222,11 @@ class Journal:
             shutil.rmtree(self.folder, ignore_errors=True)
             remove_made_parents(self.final, self._made)
         else:
-            log.warning("kept %d finished band(s) of %s in %s: rerun with --resume to continue",
-                        len(done_bands(self.folder)), self.final, self.folder)
+            # a write that failed: the bands do not depend on the files chosen, so fewer may finish it
+            how = (" once there is room, or with fewer files (--outputs, e.g. cells.csv)"
+                   if isinstance(error, WriteError) else "")
+            log.warning("kept %d finished band(s) of %s in %s: rerun with --resume to continue%s",
+                        len(done_bands(self.folder)), self.final, self.folder, how)
         self._release()
 
     def __enter__(self) -> Journal:
@@ -286,7 +289,8 @@ def fresh_result_folder(folder: Path) -> Path:
 
 def complete_result(final: Path, print_: dict) -> dict | None:
     """The summary of the finished result in `final` when it was made from the same slide, protocol, model and
-    cellseg version (fingerprint `print_`) and no unfinished count of `final` lies beside it; None when there is no
+    cellseg version (fingerprint `print_`; the protocol's export settings may differ: the same cells, other files,
+    said in a warning) and no unfinished count of `final` lies beside it; None when there is no
     finished result there, or when an unfinished count lies beside it (a recount into an earlier result's folder,
     interrupted: Journal.open resumes it, replacing that result, or refuses it in one line); JournalError when there
     is one made otherwise and nothing to resume."""
@@ -300,10 +304,14 @@ def complete_result(final: Path, print_: dict) -> dict | None:
     # without --resume would be refused for it ("add --resume") again and again.
     if (partial_folder(final) / HEADER).exists():
         return None
-    changed = difference(run.get("fingerprint") or {}, print_)
+    there = run.get("fingerprint") or {}
+    changed = difference(bands_fingerprint(there), bands_fingerprint(print_))
     if changed is not None:
         raise JournalError(f"expected the result in {final} to be of this slide with the same protocol, model and "
                            f"cellseg version, found {changed}; rerun without --resume to replace it")
+    if there != print_:     # the same cells in other files (a batch finished with fewer after a full disk)
+        log.warning("the complete result in %s was written with %s: kept as it is (rerun without --resume to "
+                    "write it again)", final, difference(there, print_))
     return summary
 
 

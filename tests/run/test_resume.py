@@ -139,7 +139,7 @@ def test_a_journal_of_another_run_is_refused_in_one_line(tmp_path, slide, change
     assert {p.name: p.read_bytes() for p in partial.iterdir() if p.is_file()} == before    # left as it was
 
 
-def test_a_resumed_count_may_write_other_files_than_the_run_it_resumes(tmp_path, slide):
+def test_a_resumed_count_may_write_other_files_than_the_run_it_resumes(tmp_path, slide, caplog):
     """A count that filled the disk is resumed with fewer files (`--outputs cells.csv`): the bands hold detected
     cells, not files, so they are used, and the result is the files asked for now. It was refused ("other protocol
     settings"), leaving the choice of making room or counting again from the start."""
@@ -155,9 +155,13 @@ def test_a_resumed_count_may_write_other_files_than_the_run_it_resumes(tmp_path,
     assert not (out / "labels.ome.tif").exists() and not partial.exists()
     run = json.loads((out / "run.json").read_text())
     assert run["fingerprint"]["protocol"] == fewer.protocol.to_dict()       # what this result was made with
-    # and the result is this count's: --resume with the same settings skips it
+    # and the result is this count's: --resume with the same settings skips it; so does a batch resumed with other
+    # files after a full disk (its complete results hold the same cells), saying so
     (outcome,) = count_serially(fewer.load(), [(path, out)], resume=True)
     assert outcome.error is None and outcome.skipped
+    (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
+    assert outcome.error is None and outcome.skipped and not (out / "labels.ome.tif").exists()
+    assert "written with other protocol settings (export.outputs: 'cells.csv' there, 'all' here)" in caplog.text
     # anything the cells depend on still refuses the journal
     partial = interrupted(spec, path, tmp_path / "again", tiles=12)
     other = dataclasses.replace(spec, protocol=PROTOCOL.replace(outputs="cells.csv", min_area_px=2))

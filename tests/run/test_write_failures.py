@@ -64,7 +64,8 @@ class FullLabels(LabelFiles):
                                            ("predictions.coco.json", True), ("cells.csv", False),
                                            ("labels.ome.tif", True), ("labels.ome.tif", False),
                                            ("cells.csv", "per output"), ("labels.ome.tif", "per output")])
-def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path, slide, monkeypatch, name, process):
+def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path, slide, monkeypatch, name, process,
+                                                                       caplog):
     path, labels = slide
     spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
     reference = tmp_path / "reference"
@@ -84,6 +85,8 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     partial = partial_folder(out)
     kept = done_bands(partial)
     assert kept and not out.exists()          # the finished bands are kept for --resume
+    # ... with room again, or with fewer files (the bands do not depend on them): the warning says both
+    assert "rerun with --resume to continue once there is room, or with fewer files (--outputs" in caplog.text
     (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
     assert outcome.error is None and outcome.kept_bands == len(kept)
     assert_same_result(reference, out)
