@@ -169,7 +169,8 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
                    "(default: the fewest rows holding 64 tiles; a resumed count keeps its own).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted count: its finished bands are read back, not computed again, and "
-                   "slides whose results are complete are skipped.")
+                   "slides whose results are complete are skipped. Of the settings only the export ones (--outputs) "
+                   "may differ from the count resumed (e.g. fewer files after a full disk).")
 @click.option("--estimate", is_flag=True,
               help="Only say how long the count would take on this machine, from a few timed tiles of each "
                    "slide; nothing is written.")
