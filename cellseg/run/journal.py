@@ -16,6 +16,7 @@ numpy archives read with allow_pickle=False and JSON: nothing is unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -242,6 +243,9 @@ class Journal:
             self._lock_fd = None
 
 
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)    # flock's "another process holds it"
+
+
 def _lock(folder: Path, final: Path) -> int:
     """Hold `folder`'s lock file for this process (released when it ends, however it ends)."""
     try:
@@ -255,11 +259,18 @@ def _lock(folder: Path, final: Path) -> int:
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputError(f"expected no other cellseg count writing {final}, found one (process {holder}) "
-                              f"working in {folder}") from None
+        except OSError as exc:
+            if exc.errno not in _HELD:
+                # a file system without locks (Lustre mounted without flock, NFS without its lock daemon): every
+                # count there would be refused as if another held it; two counts into one folder are the user's
+                # to avoid there, as where there is no fcntl
+                log.warning("cannot lock %s (%s): nothing keeps two counts into %s apart on this file system",
+                            folder / LOCK, exc.strerror or exc, final)
+            else:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"expected no other cellseg count writing {final}, found one (process {holder}) "
+                                  f"working in {folder}") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd

@@ -322,6 +322,28 @@ def test_a_journal_held_by_a_running_count_is_refused(tmp_path, slide):
     assert not partial_folder(out).exists()      # ended without a result or an error: nothing kept
 
 
+def test_a_file_system_without_locks_counts_with_a_warning_not_a_refusal(tmp_path, slide, monkeypatch, caplog):
+    """Lustre mounted without flock (ENOSYS), NFS without its lock daemon (ENOLCK): flock fails there for every
+    count, which was refused as if another count held the folder ("found one (process ?)"), so no count could run on
+    such a file system. Only "held by another" refuses; anything else counts, with a warning."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    path, labels = slide
+    spec = LabelCounterSpec(PROTOCOL, labels, shift_px=2)
+    reference = tmp_path / "reference"
+    spec.load().count(path, reference)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    (outcome,) = count_serially(spec.load(), [(path, out)])
+    assert outcome.error is None
+    assert_same_result(reference, out)
+    assert "cannot lock" in caplog.text and "Function not implemented" in caplog.text
+
+
 def test_a_count_started_at_the_same_moment_leaves_the_running_ones_folder(tmp_path, slide, monkeypatch):
     """Two counts of one result folder started at once: the second looked for the partial folder before the first
     made it, took itself for its maker, and when refused the lock removed the folder the first was counting in."""
