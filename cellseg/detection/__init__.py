@@ -12,6 +12,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "precision": ["cpu_flags", "cpu_has_native_bf16", "cpu_model", "resolve_precision"],
     "roi_align": ["MatrixMultiScaleRoIAlign", "matrix_roi_pools", "roi_align_rows"],
     "slide_norm": ["SlideGroupNorm"],
+    "streams": ["cpu_threads"],
     "tta": [
         "AugmentedDetector", "MEMBER_FLOOR", "VIEWS", "member_threshold", "merge_views", "unview_array",
         "unview_boxes", "view_array", "view_box", "view_boxes", "view_shape",

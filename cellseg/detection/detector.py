@@ -28,7 +28,7 @@ from .precision import resolve_precision
 from .rcnn_parts import TileNetwork, host_to_device, mask_extent
 from .roi_align import matrix_roi_pools
 from .slide_norm import fold_slide_norms, measure_slide_norms
-from .streams import ForwardStreams, cpu_stream_count
+from .streams import ForwardStreams, cpu_stream_count, cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Detector:
         self.batch_size = tiles_per_pass(device) if batch_size is None else batch_size
         self.streams = None
         if device.type == "cpu":
-            threads = torch.get_num_threads()
+            threads = cpu_threads()
             streams = cpu_stream_count(threads) if cpu_streams is None else cpu_streams
             if streams > 1:
                 # one tile per pass: as fast as 4 on both cores (7.9 against 8.1 s for 8 tiles), and no stream

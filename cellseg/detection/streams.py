@@ -21,8 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..util import usable_cores
+
 _pools: dict[tuple[int, int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+
+
+def cpu_threads() -> int:
+    """torch's intra-op threads for work on the CPU, brought down first to the cores this process may use
+    (util.usable_cores: torch reads no cgroup CPU quota, so in a container limited to 4 CPUs of a 64-core server it
+    would run 64 threads, most of them waiting for the quota's next period)."""
+    cores = usable_cores()
+    if torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+    return torch.get_num_threads()
 
 
 def cpu_stream_count(threads: int) -> int:

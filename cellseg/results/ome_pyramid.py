@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ParameterError
-from ..util import fan_out, thread_scratch
+from ..util import fan_out, thread_scratch, usable_cores
 from .labelstore import ChunkFiles, LabelStore, chunks_under
 from .ome import ome_metadata, resolution_tags
 
@@ -78,14 +78,13 @@ def _pyramid(store: LabelStore, tile: int) -> list[_SparseLevel]:
     one output chunk at a time: the whole pyramid costs ~4/3 of one read of the slide, where striding
     level 0 directly for every level would decode the full slide once per level.
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     levels = [_SparseLevel(store.chunk_files())]
     h, w = store.height, store.width
     c = store.chunk
     # A level's chunks are built on all cores (decoding and encoding them release the GIL); each writes its own file.
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="cellseg-pyramid") as pool:
+    with ThreadPoolExecutor(max(1, min(8, usable_cores())), thread_name_prefix="cellseg-pyramid") as pool:
         while max(h, w) > tile:
             prev = levels[-1]
             h, w = -(-h // 2), -(-w // 2)
@@ -185,7 +184,6 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
     OME-TIFF through Bio-Formats, whose zstd decoding came for CZI files and is not known for TIFF tiles
     (compression 50000), while deflate it reads in every version.
     """
-    import os
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -245,7 +243,7 @@ def _encoded_tiles(levels: list[_SparseLevel], encodings: list[Panoptic | None],
             made.append(data)
         return made
 
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = max(1, min(8, usable_cores()))
     with ThreadPoolExecutor(workers, thread_name_prefix="cellseg-deflate") as pool:
         pending: deque[Future] = deque()
         for k, lev in enumerate(levels):

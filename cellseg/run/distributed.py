@@ -44,6 +44,7 @@ from ..geometry import Band
 from ..planning import Protocol, SlidePlan
 from ..results import RunInfo
 from ..slides import open_slide
+from ..util import usable_cores
 from .cohort import JobProgress, SlideOutcome, begin
 from .counter import CounterSpec
 from .journal import Journal, done_bands, fresh_result_folder
@@ -211,7 +212,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator:
     # network's large buffers are mapped and faulted in anew at every allocation (measured: detection 15-25 % slower
     # on a CPU); the pipeline trims where it frees much (memory.release_freed_memory). Set for the cluster's
     # lifetime: a worker restarted after a crash gets the same.
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)      # its affinity and CPU quota: not every core of the server
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     with _caller_environment_kept(environ), dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         with _ctrl_c_left_to_this_process():

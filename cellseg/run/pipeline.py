@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, nullcontext
@@ -253,7 +252,7 @@ class SlideRun:
         # analyses a tile in a few ms, so big machines read with more threads (decoders release the GIL; on a GPU
         # a reader only decodes and copies the pixels into page-locked memory, the normalising is the GPU's).
         from concurrent.futures import ThreadPoolExecutor
-        readers = max(1, min(4, (os.cpu_count() or 1) // 4))
+        readers = max(1, min(4, usable_cores() // 4))
         with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="cellseg-read") as reader:
             pending = [reader.submit(read_tile, t) for t in batches[0]] if batches else []
             for k, batch in enumerate(batches):

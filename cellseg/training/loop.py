@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from ..detection import cpu_model
+from ..detection import cpu_model, cpu_threads
 from ..errors import CellsegError, TrainingInterrupted
 from .checkpoint import CHECKPOINT_FILE, TrainingState, load_checkpoint, save_checkpoint
 from .log import write_training_log
@@ -135,6 +135,8 @@ def run_training(task: TrainingTask, model: torch.nn.Module, optim: torch.optim.
     from tqdm import tqdm
 
     from ..util import progress_interval
+    if torch.device(device).type == "cpu":
+        cpu_threads()       # within the cores this process may use (a container's CPU limit)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_FILE
     state = TrainingState()

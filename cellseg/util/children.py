@@ -13,11 +13,6 @@ import sys
 from multiprocessing.connection import Connection
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system says; else all of them)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def import_path() -> tuple[str, ...]:
     """The import path a child is given: this process's (a checkout used without installing it included)."""
     return tuple(p for p in sys.path if p)
