@@ -9,7 +9,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "detector": ["CANDIDATE_FLOOR", "Detector", "paste_masks_at_box_size", "resolve_device"],
     "network": ["build_model", "load_network"],
-    "precision": ["cpu_flags", "cpu_has_native_bf16", "cpu_model", "resolve_precision"],
+    "precision": ["cpu_flags", "cpu_has_native_bf16", "cpu_model", "resolve_precision", "runtime_environment"],
     "roi_align": ["MatrixMultiScaleRoIAlign", "matrix_roi_pools", "roi_align_rows"],
     "slide_norm": ["SlideGroupNorm"],
     "streams": ["cpu_threads"],

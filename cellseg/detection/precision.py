@@ -103,3 +103,22 @@ def processor_name(cpuinfo: Path) -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def runtime_environment(device: str) -> dict:
+    """What run.json records of the software and hardware a count ran on (a count's cells can differ in their last
+    digits between torch versions, CPUs and GPUs): Python, torch, torchvision and numpy versions, the system, and the
+    processor (CPU model and torch's threads, or the GPU's name)."""
+    import platform
+
+    import numpy
+    import torch
+    import torchvision
+    environment = {"python": platform.python_version(), "torch": torch.__version__,
+                   "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+                   "system": platform.platform(terse=True), "cpu": cpu_model()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        environment["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        environment["torch_threads"] = torch.get_num_threads()
+    return environment

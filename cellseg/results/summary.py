@@ -35,6 +35,7 @@ class RunInfo:
     extra: dict = field(default_factory=dict)   # a caller's own entries (the napari widget's interface, request)
     device: str | None = None
     precision: str | None = None         # detect.Detector.precision_note
+    environment: dict | None = None      # detection.runtime_environment: versions, processor, threads or GPU
     model: dict | None = None            # counter.model_record: the bundle and its score thresholds
     fingerprint: dict | None = None      # journal.fingerprint: what a later --resume recognises the result by
     distributed: dict | None = None      # the Dask cluster and the band split (run/distributed.py)

@@ -62,7 +62,7 @@ class CellCounter:
         run.json records `run_info` (the caller's command) with the device, the precision and the bundle.
         """
         from ..bundles import load_bundle
-        from ..detection import CANDIDATE_FLOOR, AugmentedDetector, Detector, member_threshold
+        from ..detection import CANDIDATE_FLOOR, AugmentedDetector, Detector, member_threshold, runtime_environment
         from ..results import ResultWriter
         from .measuring import start_spare_measurers
         ResultWriter.start_spare_processes()    # the result files' processes start while the network loads
@@ -82,7 +82,7 @@ class CellCounter:
             detector = AugmentedDetector(detector, threshold, gray_score_threshold=gray_threshold)
         return cls(protocol, detector, model_diameter_px=bundle.nucleus_diameter_px, diameter_px=diameter_px,
                    mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
-                                             model=model),
+                                             environment=runtime_environment(str(detector.device)), model=model),
                    regions=regions, skip_unreadable=skip_unreadable,
                    micron_scale=bundle.micron_scale(protocol.modality))
 

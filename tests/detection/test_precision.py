@@ -134,7 +134,13 @@ def test_precision_comes_from_the_protocol_and_the_command_line(tmp_path, tiny_b
     result = invoke(["count", image, "--model", tiny_bundle, "-p", protocol, "-q", "--tile-size", "128",
                      "--halo", "16", "-o", tmp_path / "a"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["precision"] == "fp32 as asked"
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["precision"] == "fp32 as asked"
+    # the software and hardware it ran on, for whoever has to reproduce the count
+    import torch
+    assert run["environment"]["torch"] == torch.__version__ and run["environment"]["cpu"]
+    assert run["environment"]["torch_threads"] >= 1 and {"python", "torchvision", "numpy", "system"} <= set(
+        run["environment"])
     result = invoke(["count", image, "--model", tiny_bundle, "-p", protocol, "-q", "--tile-size", "128",
                      "--halo", "16", "-o", tmp_path / "b", "--precision", "bf16"])
     assert result.exit_code == 0, result.output
