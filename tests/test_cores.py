@@ -25,6 +25,8 @@ def cgroup(root: Path, files: dict[str, str], own: str = "0::/\n") -> Path:
     ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),
     ({"cpu.max": "max 100000\n"}, "0::/\n", None),                                        # no limit
     ({"kubepods/pod1/cpu.max": "200000 100000\n"}, "0::/kubepods/pod1\n", 2.0),           # its own cgroup's folder
+    ({"kubepods/pod1/cpu.max": "300000 100000\n", "kubepods/pod1/c1/cpu.max": "max 100000\n"},  # a parent's limit
+     "0::/kubepods/pod1/c1\n", 3.0),
     ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu,cpuacct:/\n", 3.0),   # v1
     ({"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
      "4:cpu,cpuacct:/docker/abc\n", 2.0),

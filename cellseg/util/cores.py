@@ -24,31 +24,40 @@ def usable_cores() -> int:
 
 
 def cgroup_cpu_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """The CPUs' worth of time this process's cgroup may use (quota / period: 1.5 for `docker --cpus 1.5`), or None
-    where none is set or none can be read (not Linux, no cgroup file system)."""
+    """The CPUs' worth of time this process's cgroup may use (quota / period: 1.5 for `docker --cpus 1.5`; the
+    smallest along its cgroup's ancestors, whose limits hold for it too), or None where none is set or none can be
+    read (not Linux, no cgroup file system)."""
+    quotas = []
     for folder in _cgroup_folders(root, self_cgroup):
         limit = _read(folder / "cpu.max")                                          # cgroup v2: "QUOTA PERIOD"
         if limit is not None:
             quota, _, period = limit.partition(" ")
-            return None if quota == "max" else _ratio(quota, period)
+            quotas.append(None if quota == "max" else _ratio(quota, period))
+            continue
         quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")    # cgroup v1
         if quota is not None and period is not None:
-            return None if quota.startswith("-") else _ratio(quota, period)
-    return None
+            quotas.append(None if quota.startswith("-") else _ratio(quota, period))
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
 
 
 def _cgroup_folders(root: Path, self_cgroup: Path) -> list[Path]:
     """Where this process's CPU limits may be: its own cgroup's folder (from /proc/self/cgroup; inside a container
-    the namespace's root is the container's cgroup), then the file system's root, for v2 and v1 (cpu controller)."""
+    the namespace's root is the container's cgroup) and its ancestors up to the file system's root, for v2 and v1
+    (the cpu controller's mount)."""
     folders = []
     text = _read(self_cgroup) or ""
     for line in text.splitlines():
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":                                       # v2: "0::/user.slice/..."
-            folders.append(root / path.lstrip("/"))
+            mounts = [root]
         elif "cpu" in controllers.split(","):                       # v1: "4:cpu,cpuacct:/docker/..."
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                folders.append(root / mount / path.lstrip("/"))
+            mounts = [root / m for m in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+        else:
+            continue
+        parts = [part for part in path.split("/") if part and part != ".."]
+        for mount in mounts:
+            folders += [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
     folders += [root, root / "cpu", root / "cpu,cpuacct"]
     return list(dict.fromkeys(folders))
 
