@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..detection import cpu_model
+from ..detection import cpu_model, cpu_threads
 from ..geometry import TileDetector
 from ..planning import Protocol
 from ..results import describe_size, expected_size
@@ -81,7 +81,7 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
         cells_expanded = plan.cell_expansion(slide.info, protocol.modality) is not None
     per_tile = statistics.median(seconds) if seconds else 0.0
     on_cpu = str(getattr(detector, "device", "cpu")).startswith("cpu")
-    hardware = (f"CPU {cpu_model()}" if on_cpu else f"GPU ({detector.device}); merging and writing not included: "
+    hardware = (f"CPU {cpu_model()}, {cpu_threads()} threads" if on_cpu else f"GPU ({detector.device}); merging and writing not included: "
                                                     f"a lower bound") + \
         (f", {detector.precision_note}" if hasattr(detector, "precision_note") else "")
     nuclei = found / len(picks) * len(analysed) if picks else 0.0

@@ -180,4 +180,6 @@ def test_count_estimate_writes_nothing(tmp_path, tiny_bundle):
     result = invoke(["count", image, "--model", tiny_bundle, "--estimate", "--tile-size", "128", "--halo", "16"])
     assert result.exit_code == 0, result.output
     assert "tiles to analyse" in result.output and "a count would take about" in result.output
+    import torch
+    assert f"{torch.get_num_threads()} threads" in result.output      # what the machine gave it (a container's quota)
     assert set(p.name for p in tmp_path.iterdir()) == before
