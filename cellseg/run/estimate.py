@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..detection import cpu_model, cpu_threads
+from ..detection import cpu_model
 from ..geometry import TileDetector
 from ..planning import Protocol
 from ..results import describe_size, expected_size
@@ -80,6 +80,9 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
                 seconds.append(time.perf_counter() - t)
         cells_expanded = plan.cell_expansion(slide.info, protocol.modality) is not None
     per_tile = statistics.median(seconds) if seconds else 0.0
+    # detection's torch module, imported here: the run layer imports without torch
+    from ..detection import cpu_threads
+
     on_cpu = str(getattr(detector, "device", "cpu")).startswith("cpu")
     hardware = (f"CPU {cpu_model()}, {cpu_threads()} threads" if on_cpu else f"GPU ({detector.device}); merging and writing not included: "
                                                     f"a lower bound") + \
