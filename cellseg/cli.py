@@ -414,11 +414,20 @@ class _JobBar:
             click.echo(line, err=err)
 
     def __enter__(self) -> _JobBar:
+        self._logging = None
+        if self.enabled:
+            # the library's warnings (a band kept for --resume, a slide unlike the training images) go through the
+            # bar too: written straight to stderr they were glued to its last redraw, and a terminal overwrote them
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._logging = logging_redirect_tqdm()
+            self._logging.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self._logging is not None:
+            self._logging.__exit__(*exc)
 
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate

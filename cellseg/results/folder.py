@@ -200,12 +200,16 @@ WRITING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EA
 
 def write_error(what: str, folder: Path, error: OSError) -> WriteError:
     """A WriteError for an OSError met writing `what` into `folder`: what failed, why, and the space left there."""
-    try:
-        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
-    except OSError:
-        free = "free space unknown"
     reason = error.strerror or str(error)
-    return WriteError(f"cannot write {what} into {folder}: {reason} ({free})")
+    return WriteError(f"cannot write {what} into {folder}: {reason} ({free_space(folder)})")
+
+
+def free_space(folder: Path) -> str:
+    """"N MB free there": the space left on `folder`'s file system, in words."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -39,6 +39,7 @@ from ..results import (
     atomic_write_bytes,
     commit_output,
     first_missing,
+    free_space,
     partial_folder,
     prepare_parent,
     remove_made_parents,
@@ -226,8 +227,14 @@ class Journal:
             # a write that failed: the bands do not depend on the files chosen, so fewer may finish it
             how = (" once there is room, or with fewer files (--outputs, e.g. cells.csv)"
                    if isinstance(error, WriteError) else "")
-            log.warning("kept %d finished band(s) of %s in %s: rerun with --resume to continue%s",
-                        len(done_bands(self.folder)), self.final, self.folder, how)
+            freed = ""
+            if isinstance(error, WriteError) and not self._keep:
+                # the result files written so far (label pyramids, GeoJSON: gigabytes on a whole slide) are of no
+                # use to --resume, which writes them again from the bands: removed, so the disk is not left full
+                shutil.rmtree(self.folder / RESULT, ignore_errors=True)
+                freed = f" (the result files written so far removed: {free_space(self.folder)})"
+            log.warning("kept %d finished band(s) of %s in %s%s: rerun with --resume to continue%s",
+                        len(done_bands(self.folder)), self.final, self.folder, freed, how)
         self._release()
 
     def __enter__(self) -> Journal:

@@ -649,6 +649,30 @@ def test_a_warning_beside_the_progress_bar_starts_its_own_line(capsys):
     assert "a.tif: 12 cells -> a.cellseg" in captured.out.splitlines()
 
 
+def test_a_logged_warning_beside_the_progress_bar_starts_its_own_line(capsys):
+    """The library's warnings (a band kept for --resume) logged while the bar is drawn clear its line too: written
+    straight to stderr they followed the bar's last redraw, and a terminal's next redraw overwrote them."""
+    import logging
+    import re
+
+    from cellseg.cli import _JobBar
+    root = logging.getLogger()
+    handler = logging.StreamHandler()       # what `cellseg`'s basicConfig installs: stderr at the time of the call
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    try:
+        with _JobBar("a.tif", enabled=True) as bar:
+            bar.planned(10)
+            bar.analysed(3)
+            logging.getLogger("cellseg.run.journal").warning("kept 1 finished band(s)")
+        logging.getLogger("cellseg.run.journal").warning("after the bar")
+    finally:
+        root.removeHandler(handler)
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    assert "WARNING cellseg.run.journal: kept 1 finished band(s)" in lines
+    assert "WARNING cellseg.run.journal: after the bar" in lines      # the handler given back after the bar
+
+
 def test_sigterm_ends_a_count_as_ctrl_c_does(tmp_path, fluo_png, model, monkeypatch):
     """A batch scheduler's time limit (SIGTERM) mid-count: the finished band kept for --resume with a line that says
     so, exit 1, nothing half-written; by default the process died where it stood, silently. The handler is the

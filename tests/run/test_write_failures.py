@@ -85,6 +85,8 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     partial = partial_folder(out)
     kept = done_bands(partial)
     assert kept and not out.exists()          # the finished bands are kept for --resume
+    # ... not the result files written before the disk filled: --resume writes them again, and they held the space
+    assert not (partial / "result").exists() and "the result files written so far removed" in caplog.text
     # ... with room again, or with fewer files (the bands do not depend on them): the warning says both
     assert "rerun with --resume to continue once there is room, or with fewer files (--outputs" in caplog.text
     (outcome,) = count_serially(spec.load(), [(path, out)], resume=True)
