@@ -647,10 +647,15 @@ def measure_diameter(slide: Slide, detector: TileDetector, network: NetworkInput
 
 
 def thumbnail_contrast(gray_thumbnail: np.ndarray, box: Box, thumb_factor: float) -> float:
-    """Standard deviation of the thumbnail over `box` (level-0 px): high where cells are, ~0 on glass."""
+    """Standard deviation of the thumbnail over `box` (level-0 px): high where cells are, ~0 on glass. A float
+    slide's NaN or infinite pixels (a registered image's padding, a ratio's division by zero) are left out: they
+    would make the box's contrast NaN, which ranks anywhere."""
     r0, c0 = int(box.row0 / thumb_factor), int(box.col0 / thumb_factor)
     r1, c1 = max(int(box.row1 / thumb_factor), r0 + 1), max(int(box.col1 / thumb_factor), c0 + 1)
-    return float(gray_thumbnail[r0:r1, c0:c1].std())
+    values = gray_thumbnail[r0:r1, c0:c1]
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        values = values[np.isfinite(values)]
+    return float(values.std()) if values.size else 0.0
 
 
 def calibration_windows(height: int, width: int, window_px: int, gray_thumbnail: np.ndarray, thumb_factor: float,

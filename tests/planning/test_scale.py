@@ -260,3 +260,21 @@ def test_a_pixel_size_that_makes_the_nuclei_implausible_is_warned_without_a_scal
     # a guessed pixel size (a PNG's dpi) is not one to check; --diameter auto checks it all the same
     assert decide_scale(MODEL_PX, None, FLUORESCENCE, info(mpp, "image-dpi"), Nuclei(15.0)).warning is None
     assert (decide_scale(MODEL_PX, None, FLUORESCENCE, info(mpp), Nuclei(15.0), auto=True).warning is None) != warned
+
+
+def test_non_finite_pixels_leave_a_tiles_contrast_ranked_on_its_finite_ones():
+    """A float slide's NaN or infinite pixels (a registered image's padding) made a tile's contrast NaN, which ranks
+    anywhere among the tiles measured (and printed numpy's warnings); they are left out, a tile of nothing else is
+    as flat as glass."""
+    import warnings
+
+    from cellseg.geometry import Box
+    from cellseg.planning.plan import thumbnail_contrast
+    thumb = np.zeros((8, 8), np.float32)
+    thumb[:4, :4] = np.arange(16, dtype=np.float32).reshape(4, 4)
+    thumb[0, 0], thumb[1, 1] = np.inf, np.nan
+    thumb[4:, 4:] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert thumbnail_contrast(thumb, Box(0, 0, 4, 4), 1.0) == pytest.approx(np.delete(np.arange(16), [0, 5]).std())
+        assert thumbnail_contrast(thumb, Box(4, 4, 8, 8), 1.0) == 0.0
