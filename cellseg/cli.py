@@ -388,6 +388,7 @@ class _JobBar:
 
     def __init__(self, name: str, enabled: bool):
         self.name, self.enabled, self.bar = name, enabled, None
+        self._logging = None
 
     def planned(self, tiles: int) -> None:
         if self.bar is None:
@@ -414,7 +415,6 @@ class _JobBar:
             click.echo(line, err=err)
 
     def __enter__(self) -> _JobBar:
-        self._logging = None
         if self.enabled:
             # the library's warnings (a band kept for --resume, a slide unlike the training images) go through the
             # bar too: written straight to stderr they were glued to its last redraw, and a terminal overwrote them

@@ -12,7 +12,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "coco": ["CocoWriter", "crop_rle", "crop_rles"],
     "folder": [
         "RESULT_MARKER", "abort_output", "atomic_write_bytes", "atomic_write_text", "commit_output", "first_missing",
-        "free_space", "partial_folder", "prepare_output", "prepare_parent", "remove_made_parents", "staged_output", "write_error",
+        "free_space", "partial_folder", "prepare_output", "prepare_parent", "remove_made_parents", "staged_output",
+        "write_error",
     ],
     "labelstore": ["ChunkFiles", "LabelStore"],
     "ome": ["ome_metadata", "resolution_tags"],
