@@ -84,9 +84,9 @@ def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector,
     from ..detection import cpu_threads
 
     on_cpu = str(getattr(detector, "device", "cpu")).startswith("cpu")
-    hardware = (f"CPU {cpu_model()}, {cpu_threads()} threads" if on_cpu else f"GPU ({detector.device}); merging and writing not included: "
-                                                    f"a lower bound") + \
-        (f", {detector.precision_note}" if hasattr(detector, "precision_note") else "")
+    hardware = (f"CPU {cpu_model()}, {cpu_threads()} threads" if on_cpu else
+                f"GPU ({detector.device}); merging and writing not included: a lower bound")
+    hardware += f", {detector.precision_note}" if hasattr(detector, "precision_note") else ""
     nuclei = found / len(picks) * len(analysed) if picks else 0.0
     return Estimate(slide=str(slide_path), tiles_total=len(plan.tiles), tiles_analysed=len(analysed),
                     tiles_timed=len(seconds), seconds_per_tile=per_tile, seconds_planning=planning,
