@@ -3,6 +3,10 @@
 Every message says what was expected and what was found.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class CellsegError(Exception):
     """Base of all errors cellseg raises for bad input or an impossible request."""
@@ -34,6 +38,22 @@ class OutputError(CellsegError):
 class WriteError(OutputError):
     """A result file could not be written (no space left, no permission, a quota): one line naming the file, the
     folder and the space left there. A journaled count keeps its finished bands for --resume."""
+
+    def __init__(self, what: str, folder: Path, reason: str, space: str):
+        self.what, self.folder, self.reason, self.space = what, Path(folder), reason, space
+        super().__init__(f"cannot write {what} into {self.folder}: {reason} ({space})")
+
+    def __reduce__(self):     # a Dask worker's error, pickled to the client
+        return type(self), (self.what, self.folder, self.reason, self.space)
+
+    def seen_from(self, staging: Path, final: Path) -> WriteError:
+        """This failure named in the result folder `final` where it was met in `final`'s staging folder, which is
+        gone (or left for --resume) by the time the line is read: the user knows the folder they asked for."""
+        try:
+            inside = self.folder.relative_to(staging)
+        except ValueError:       # not a result file: a journal's own file, say, in the folder kept
+            return self
+        return WriteError(self.what, Path(final) / inside, self.reason, self.space)
 
 
 class ParameterError(CellsegError):

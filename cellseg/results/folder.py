@@ -200,8 +200,7 @@ WRITING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EA
 
 def write_error(what: str, folder: Path, error: OSError) -> WriteError:
     """A WriteError for an OSError met writing `what` into `folder`: what failed, why, and the space left there."""
-    reason = error.strerror or str(error)
-    return WriteError(f"cannot write {what} into {folder}: {reason} ({free_space(folder)})")
+    return WriteError(what, folder, error.strerror or str(error), free_space(folder))
 
 
 def free_space(folder: Path) -> str:
@@ -247,16 +246,18 @@ def staged_output(final: Path) -> Iterator[Path]:
     """Yield a staging folder for results destined for `final`; commit on success.
 
     On any exception (KeyboardInterrupt included) the staging folder is removed, the previous
-    result at `final` is left untouched, and the exception propagates.
+    result at `final` is left untouched, and the exception propagates (a WriteError naming `final`'s files).
     """
     made = first_missing(_canonical(final).parent)
     staging = prepare_output(final)
     try:
         yield staging
         commit_output(staging, final)
-    except BaseException:
+    except BaseException as e:
         abort_output(staging)
         remove_made_parents(final, made)
+        if isinstance(e, WriteError):
+            raise e.seen_from(staging, final) from e
         raise
 
 

@@ -63,6 +63,7 @@ def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = Fal
     for slide, out in jobs:
         outcome = SlideOutcome(slide, out)
         tiles = _SlideTiles(progress)
+        journal = None
         try:
             journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, resume=resume,
                                              band_rows=band_rows)
@@ -75,7 +76,7 @@ def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = Fal
                                                          fingerprint=journal.fingerprint)
                     journal.commit()
         except CellsegError as e:
-            outcome.error = e
+            outcome.error = journal.told(e) if journal is not None else e
             tiles.abandon()
         yield outcome
 

@@ -411,14 +411,14 @@ class _Job:
             slide.journal.commit()
             slide.outcome.summary = summary
         except CellsegError as e:
-            slide.outcome.error = e
+            slide.outcome.error = slide.journal.told(e)
             slide.journal.end(e)
         self._release(slide)
 
     def _fail(self, slide: _Slide, future) -> None:
         error = future.exception() if future.status == "error" else None
         if isinstance(error, CellsegError):
-            slide.outcome.error = error
+            slide.outcome.error = slide.journal.told(error)
         else:
             what = f"{type(error).__name__}: {error}" if error is not None else f"a task was {future.status}"
             log.debug("slide %s failed", slide.outcome.slide, exc_info=error)

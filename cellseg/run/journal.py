@@ -237,6 +237,11 @@ class Journal:
                         len(done_bands(self.folder)), self.final, self.folder, freed, how)
         self._release()
 
+    def told(self, error: BaseException) -> BaseException:
+        """`error` as the user reads it: a result file that could not be written (WriteError) named in the result
+        folder, not in this journal's staging folder for it (removed by end)."""
+        return error.seen_from(self.folder / RESULT, self.final) if isinstance(error, WriteError) else error
+
     def __enter__(self) -> Journal:
         return self
 

@@ -82,6 +82,8 @@ def test_a_full_disk_stops_the_count_in_one_line_and_resume_finishes_it(tmp_path
     message = str(outcome.error)
     assert isinstance(outcome.error, WriteError) and "\n" not in message
     assert name in message and "No space left on device" in message and "MB free there" in message
+    # named in the result folder asked for, not in the staging folder it was written in (removed below)
+    assert message.startswith(f"cannot write {name}") and f" into {out}: " in message and ".partial" not in message
     partial = partial_folder(out)
     kept = done_bands(partial)
     assert kept and not out.exists()          # the finished bands are kept for --resume
@@ -163,7 +165,9 @@ def test_a_journal_file_on_a_full_disk_is_one_line_too(tmp_path, slide, monkeypa
     monkeypatch.setattr("cellseg.run.pipeline.save_band", save_band)
     (outcome,) = count_serially(spec.load(), [(path, tmp_path / "out")], band_rows=1)
     assert isinstance(outcome.error, WriteError)
-    assert "cannot write band-0.npz into" in str(outcome.error) and "MB free there" in str(outcome.error)
+    # the journal's folder, kept for --resume, is where that file was to be
+    assert f"cannot write band-0.npz into {partial_folder(tmp_path / 'out')}: " in str(outcome.error)
+    assert "MB free there" in str(outcome.error)
 
 
 def test_a_band_file_written_on_a_full_disk_keeps_the_bands_before_it(tmp_path, slide, monkeypatch):
@@ -222,6 +226,29 @@ def test_a_finished_result_that_cannot_move_into_place_is_kept_for_resume(tmp_pa
     assert not partial.exists()
 
 
+def test_a_count_without_a_journal_names_the_result_folder_too(tmp_path, slide, monkeypatch):
+    """CellCounter.count (the Python API: no journal) on a full disk: the same line, naming the folder asked for
+    (its staging folder is removed), and nothing left behind."""
+    path, labels = slide
+    monkeypatch.setattr(ResultWriter, "geojson_writer", FullGeoJson)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(WriteError) as caught:
+        LabelCounterSpec(PROTOCOL, labels).load().count(path, out)
+    assert str(caught.value).startswith(f"cannot write cells.geojson into {out}: No space left on device (")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_write_error_crosses_processes_whole():
+    """A Dask worker's WriteError reaches the client pickled: the same line, and still placed in its folder."""
+    import pickle
+    error = WriteError("cells.csv", Path("/data/.out.partial/result"), "No space left on device", "0.0 MB free there")
+    back = pickle.loads(pickle.dumps(error))
+    assert str(back) == str(error) and back.folder == error.folder
+    moved = back.seen_from(Path("/data/.out.partial/result"), Path("/data/out"))
+    assert str(moved) == "cannot write cells.csv into /data/out: No space left on device (0.0 MB free there)"
+    assert error.seen_from(Path("/elsewhere"), Path("/data/out")) is error
+
+
 @pytest.mark.slow
 def test_the_command_line_says_it_in_one_line_and_offers_resume(tmp_path, tiny_bundle, monkeypatch, caplog):
     """`cellseg count` on a full disk: exit code 1, one line on stderr, no traceback; the journal's warning names
@@ -232,7 +259,8 @@ def test_the_command_line_says_it_in_one_line_and_offers_resume(tmp_path, tiny_b
     out = tmp_path / "out"
     result = invoke(["count", str(slide), "-o", str(out), "--model", str(tiny_bundle), "--tile-size", "64",
                      "--halo", "16", "--tissue", "none", "--band-rows", "1", "-q"])
-    assert_user_error(result, 1, "cannot write cells.geojson into", "No space left on device", "MB free there")
+    assert_user_error(result, 1, f"cannot write cells.geojson into {out}:", "No space left on device",
+                      "MB free there")
     assert done_bands(partial_folder(out))
     assert any("--resume" in r.getMessage() for r in caplog.records)
 
