@@ -24,7 +24,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
         "CohortRow", "MAX_CROPS", "TileGrid", "check_cohort_report_target", "choose_crops", "result_folders",
         "slide_warnings", "tile_densities", "write_cohort_report", "write_report",
     ],
-    "summary": ["RunInfo", "build_summary", "look_record", "regions_record", "run_record"],
+    "summary": ["RunInfo", "build_summary", "look_record", "no_tissue_warning", "regions_record", "run_record"],
     "uncertainty": [
         "BELOW_FILE", "CURVE_THRESHOLDS", "ScoreTally", "count_calibration", "curve_warning", "estimate_record",
         "region_estimates", "slide_threshold",

@@ -221,6 +221,7 @@ def intensity_values(cells, summary: dict) -> tuple[np.ndarray | None, str]:
 
 def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> list[str]:
     """Why a number might not be trusted, each a sentence."""
+    from .summary import no_tissue_warning
     warnings = []
     source = str(summary.get("mpp_source") or "none")
     if summary.get("mpp") is None or source.split(":")[0] in ASSUMED_MPP:
@@ -231,6 +232,8 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
     looks = summary.get("looks_like") or {}
     if looks.get("warning"):       # a brightfield slide counted as fluorescence, or back (planning/modality.py)
         warnings.insert(0, looks["warning"])
+    if summary.get("tissue_area_px") == 0 and summary.get("tiles_total"):
+        warnings.insert(0, no_tissue_warning(summary.get("tissue_method") or "tissue"))
     area = summary.get("area_px") or {}
     if area.get("median") and scale.get("model_diameter_px"):
         network_diameter = 2 * math.sqrt(area["median"] / math.pi) * float(scale.get("factor") or 1)

@@ -92,6 +92,13 @@ def scale_record(plan: SlidePlan) -> dict:
             "warning": scale.warning}
 
 
+def no_tissue_warning(tissue_method: str) -> str:
+    """What a count says whose tissue prefilter found no tissue: its 0 cells are no finding (a dim slide, the wrong
+    channel, a stain the prefilter does not know; or truly bare glass)."""
+    return (f"no tissue found by the {tissue_method} prefilter: every tile was skipped, so the count of 0 says nothing "
+            f"of the nuclei the slide may hold; if it holds some, --tissue none analyses every tile")
+
+
 def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_count: int, areas: np.ndarray,
                   seams: SeamStats, panoptic: dict, timer: StageTimer, started: float,
                   cell_areas: np.ndarray | None = None) -> dict:

@@ -56,6 +56,7 @@ from ..results import (
     count_calibration,
     estimate_record,
     look_record,
+    no_tissue_warning,
     region_estimates,
     regions_record,
     run_record,
@@ -170,6 +171,8 @@ class SlideRun:
             looks = look_record(self._plan, self.slide.info, self.protocol)
             if looks["warning"]:    # now, not after hours of counting with the wrong protocol
                 log.warning("%s: %s", self.slide.info.path.name, looks["warning"])
+            if not self._plan.tissue.area_px():      # else a bare "0 cells" would read as a finding
+                log.warning("%s: %s", self.slide.info.path.name, no_tissue_warning(self.protocol.tissue_method))
         return self._plan
 
     def bands(self) -> list[Band]:

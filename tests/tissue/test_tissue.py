@@ -175,7 +175,7 @@ def test_protocol_tissue_settings_are_checked(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["glass", "dark"])
-def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_path, tiny_bundle, kind):
+def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_path, tiny_bundle, kind, caplog):
     from click.testing import CliRunner
 
     from cellseg.cli import main
@@ -197,6 +197,11 @@ def test_cellseg_count_on_a_slide_with_no_tissue_exits_0_with_zero_cells(tmp_pat
     assert summary["tiles_skipped"] == summary["tiles_total"] == 16
     assert summary["tissue_area_mm2"] == 0.0 and summary["cells_per_mm2"] is None
     assert "no tissue" in summary["cells_per_mm2_note"]
+    # said as the count starts and first on the report: a bare "0 cells" reads as a finding (a dim slide, the
+    # wrong channel), which it is not
+    said = "no tissue found by the unet prefilter: every tile was skipped, so the count of 0 says nothing"
+    assert any(said in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert summary["warnings"][0].startswith(said)
 
 
 @pytest.mark.slow
