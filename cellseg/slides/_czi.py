@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
-from .base import Slide, SlideInfo, error_text, mean_mpp
+from .base import STACK_HINT, Slide, SlideInfo, error_text, mean_mpp
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def open_czi(path: Path) -> Slide:
                              f"{error_text(e)})") from e
         extra = {ax: hi - lo for ax, (lo, hi) in dims.items() if ax not in "XYC" and hi - lo > 1}
         if extra:
-            hint = " (a Z-stack or time series: save the plane to count as its own file)" if set(extra) & set("ZT") else ""
+            hint = STACK_HINT if set(extra) & set("ZT") else ""
             raise SlideError(f"expected a 2-D CZI (Y, X) with optional channels, {path} has "
                              f"{', '.join(f'{ax}={n}' for ax, n in extra.items())}{hint}")
         if box.w <= 0 or box.h <= 0:

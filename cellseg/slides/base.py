@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SCREEN_MPP_UM = 50.0  # coarser than this is a screen dpi default (72/96/300 dpi), not a microscope
 PIECE_PX = 1 << 20  # thumbnail reads go in pieces of about this many pixels (whole storage chunks)
+# a count is of one 2-D image: what a stack's user does instead (a projection merges nuclei that overlap in depth,
+# a plane misses those out of it; which is theirs to choose)
+STACK_HINT = (" (a Z-stack or time series: save the plane to count, or a projection of the stack such as Fiji's "
+              "Image > Stacks > Z Project, as its own file)")
 UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
                "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
                "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6,
@@ -249,7 +253,7 @@ def find_channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
         return channels[0] if channels else None
     hint = ""
     if any(ax in "ZT" for ax in extra):
-        hint = " (a Z-stack or time series: save the plane to count as its own file)"
+        hint = STACK_HINT
     elif any(ax in "IQ" for ax in extra):
         hint = " (a multi-page TIFF without OME/ImageJ metadata saying the pages are channels)"
     raise SlideError(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "

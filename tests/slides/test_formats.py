@@ -296,7 +296,7 @@ def test_czi_pyramid_levels_are_zoomed_reads(tmp_path, monkeypatch):
 def test_czi_z_stack_is_refused(tmp_path):
     plane = np.zeros((32, 32), np.uint8)
     path = write_czi(tmp_path / "z.czi", {(0, 0, 0): (plane, (0, 0)), (0, 0, 1): (plane, (0, 0))})
-    with pytest.raises(SlideError, match=r"expected a 2-D CZI .* has Z=2 \(a Z-stack"):
+    with pytest.raises(SlideError, match=r"expected a 2-D CZI .* has Z=2 \(a Z-stack .* save the plane to count, or a projection .* Z Project"):
         open_slide(path)
 
 
@@ -341,7 +341,7 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
         assert s.info.mpp == pytest.approx(0.325) and s.info.n_channels == 1
         assert_regions_match(s, data[0, 0, 0][..., None])
     stack = write_ome_zarr(tmp_path / "z.zarr", np.zeros((3, 40, 40), np.uint8), "zyx", levels=1)
-    with pytest.raises(SlideError, match=r"expected a 2-D image .* axes ZYX .* Z-stack"):
+    with pytest.raises(SlideError, match=r"expected a 2-D image .* axes ZYX .* Z-stack .* save the plane to count, or a projection .* Z Project"):
         open_slide(stack)
     # bioformats2raw writes the image as series 0 below a root group that only says so
     import zarr
