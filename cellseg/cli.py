@@ -93,6 +93,19 @@ class _Diameter(click.ParamType):
         return diameter
 
 
+class _Z(click.ParamType):
+    """--z max|mean|N: what of a Z-stack is counted (slides.z_choice)."""
+
+    name = "max|mean|N"
+
+    def convert(self, value, param, ctx):
+        from .slides import z_choice
+        try:
+            return z_choice(value)
+        except ParameterError as e:
+            self.fail(str(e), param, ctx)
+
+
 def protocol_overrides(*keys: str):
     """Decorator: an option for each protocol setting in `keys` (every setting with a flag when none are named),
     made from its declaration in protocol.SETTINGS. The command receives the values given as one mapping,
@@ -140,6 +153,9 @@ _PROTOCOL_OPTION = click.option("-p", "--protocol", "protocol_name", default="fl
                                 show_default=True, help="Protocol name (see `cellseg protocols list`) or a .toml file.")
 _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
                            help="Pixel size in µm/px, overriding the file's.")
+_Z_OPTION = click.option("--z", "z", type=_Z(), default=None,
+                         help="A Z-stack's plane to count, from 1 as Fiji counts (napari's slider counts from 0), or "
+                              "max or mean for a projection of all its planes. Without it a Z-stack is refused.")
 
 
 @main.command()
@@ -150,6 +166,7 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
 @protocol_overrides()
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_MPP_OPTION
+@_Z_OPTION
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled so "
                    "nuclei reach the model at its training size; 'native': not resampled. Default: the pixel size "
@@ -185,8 +202,8 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
                    "are left out of the count, the tissue area and the density, and listed in summary.json and "
                    "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, workers, scheduler, band_rows, resume,
-          estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
+def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tta, workers, scheduler, band_rows,
+          resume, estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .planning import check_pixel_size, load_protocol
@@ -213,7 +230,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
-        with open_slide(inputs[0], mpp=mpp) as slide:
+        with open_slide(inputs[0], mpp=mpp, z=z) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width, note=False)
@@ -226,7 +243,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, diameter, tta, 
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=DEFAULT_SCALE if diameter is None else diameter, mpp=mpp, tta=tta,
                        run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
-                       skip_unreadable=skip_unreadable)
+                       skip_unreadable=skip_unreadable, z=z)
     if estimate:
         counter = spec.load()
         for path, out in zip(inputs, outputs):
@@ -485,17 +502,18 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
 @_PROTOCOL_OPTION
 @protocol_overrides("tile_size", "halo_px")
 @_MPP_OPTION
+@_Z_OPTION
 @click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
               help="Typical nucleus diameter in px: the tiles as `cellseg count --diameter PX` resamples them "
                    "(count's `auto` measures the nuclei with the network, which info does not load).")
-def info(slide, protocol_name, overrides, mpp, diameter) -> None:
+def info(slide, protocol_name, overrides, mpp, z, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
     from .describe import describe_slide, slide_look_of
     from .planning import load_protocol
     from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
-    with open_slide(slide, mpp=mpp) as opened:
+    with open_slide(slide, mpp=mpp, z=z) as opened:
         for line in describe_slide(opened.info, protocol, diameter, slide_look_of(opened, protocol)):
             click.echo(line)
 

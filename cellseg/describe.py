@@ -46,6 +46,9 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         str(info.path),
         f"  format      {info.format}, read by {info.backend}",
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
+        *([f"  z-stack     {info.z_planes} planes: counting "
+           + (f"plane {info.z}" if isinstance(info.z, int) else f"their {info.z} projection")]
+          if info.z_planes > 1 else []),
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",
         "  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp

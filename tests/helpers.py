@@ -111,6 +111,7 @@ class LabelCounterSpec:
     seconds_per_tile: float = 0.0
     mpp: float | None = None
     regions: object = None          # regions.RegionFile
+    z: int | str | None = None      # what of a Z-stack is counted (slides.open_slide)
 
     def load(self):
         import os
@@ -125,7 +126,7 @@ class LabelCounterSpec:
         detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
                                         seconds_per_tile=self.seconds_per_tile)
         return CellCounter(self.protocol, detector, mpp=self.mpp, run_info=RunInfo(model=self.model),
-                           regions=self.regions)
+                           regions=self.regions, z=self.z)
 
     @property
     def model(self) -> dict:
@@ -133,7 +134,7 @@ class LabelCounterSpec:
 
     def settings(self) -> dict:
         from cellseg.run import counting_settings
-        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions)
+        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions, self.z)
 
 
 class Tally:

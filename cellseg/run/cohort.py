@@ -44,10 +44,11 @@ class JobProgress(Protocol):
 
 
 def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: bool,
-          band_rows: int | None) -> tuple[Journal | None, dict | None]:
+          band_rows: int | None, z: int | str | None = None) -> tuple[Journal | None, dict | None]:
     """(the journal to count `slide` into `out` with, None), or (None, its summary) when resume finds the complete
-    result of this very count there. settings: CellCounter.settings(); errors are one-line CellsegErrors."""
-    with open_slide(slide, mpp=mpp) as opened:
+    result of this very count there. settings: CellCounter.settings(); mpp, z: as the count opens the slide; errors
+    are one-line CellsegErrors."""
+    with open_slide(slide, mpp=mpp, z=z) as opened:
         print_ = fingerprint(opened.info, settings)
     if resume:
         summary = complete_result(out, print_)
@@ -65,7 +66,7 @@ def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = Fal
         tiles = _SlideTiles(progress)
         journal = None
         try:
-            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, resume=resume,
+            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, z=counter.z, resume=resume,
                                              band_rows=band_rows)
             outcome.skipped = journal is None
             if journal is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
-from .base import STACK_HINT, Slide, SlideInfo, error_text, mean_mpp
+from .base import STACK_HINT, TIME_HINT, Slide, SlideInfo, check_plane, error_text, mean_mpp, projected
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ class CziLevel:
     """One pyramid level (factor f): a region of it is the level-0 rectangle f times larger, zoomed by 1/f."""
 
     def __init__(self, reader, lock: threading.Lock, origin: tuple[int, int], factor: int, channels: int,
-                 rgb: bool, chunk: tuple[int, int]):
+                 rgb: bool, chunk: tuple[int, int], planes: tuple[int | None, ...] = (None,),
+                 projection: str | None = None):
         self._reader = reader
+        # the Z indices read (None: the file has no Z), and how several become one ("max", "mean")
+        self._planes, self._projection = planes, projection
         self._lock = lock
         self._x0, self._y0 = origin
         self._factor = factor
@@ -49,11 +52,19 @@ class CziLevel:
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         f = self._factor
         roi = (self._x0 + c0 * f, self._y0 + r0 * f, (c1 - c0) * f, (r1 - r0) * f)
+        zoom = 1.0 / f if f > 1 else None
         with self._lock:   # one libCZI accessor per file: reads are serialised
-            planes = [self._reader.read(roi=roi, plane={"C": c}, zoom=1.0 / f if f > 1 else None,
-                                        background_pixel=self._background) for c in range(self._channels)]
-        data = planes[0][..., ::-1] if self._rgb else np.concatenate(planes, axis=-1)   # BGR -> RGB
+            stack = np.stack([np.concatenate([self._reader.read(roi=roi, plane=_plane(c, z), zoom=zoom,
+                                                                background_pixel=self._background)
+                                              for c in range(self._channels)], axis=-1) for z in self._planes])
+        data = projected(stack, 0, self._projection) if self._projection else stack[0]
+        if self._rgb:
+            data = data[..., ::-1]    # BGR -> RGB
         return np.ascontiguousarray(_exact(data, r1 - r0, c1 - c0))
+
+
+def _plane(c: int, z: int | None) -> dict:
+    return {"C": c} if z is None else {"C": c, "Z": z}
 
 
 def _exact(data: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -64,7 +75,8 @@ def _exact(data: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(data, ((0, h - data.shape[0]), (0, w - data.shape[1]), (0, 0)), mode="edge")
 
 
-def open_czi(path: Path) -> Slide:
+def open_czi(path: Path, z: int | str | None = None) -> Slide:
+    """The CZI at `path`; `z` (base.z_choice): what of a Z-stack to read."""
     try:
         from pylibCZIrw import czi as pyczi
     except ImportError as e:
@@ -83,9 +95,10 @@ def open_czi(path: Path) -> Slide:
         except READ_ERRORS + (AttributeError, TypeError) as e:
             raise SlideError(f"expected a readable CZI, {path} is corrupt or truncated ({BACKEND}: "
                              f"{error_text(e)})") from e
-        extra = {ax: hi - lo for ax, (lo, hi) in dims.items() if ax not in "XYC" and hi - lo > 1}
+        extra = {ax: hi - lo for ax, (lo, hi) in dims.items() if ax not in "XYC" and hi - lo > 1
+                 and not (ax == "Z" and z is not None)}
         if extra:
-            hint = STACK_HINT if set(extra) & set("ZT") else ""
+            hint = TIME_HINT if "T" in extra else STACK_HINT if "Z" in extra else ""
             raise SlideError(f"expected a 2-D CZI (Y, X) with optional channels, {path} has "
                              f"{', '.join(f'{ax}={n}' for ax, n in extra.items())}{hint}")
         if box.w <= 0 or box.h <= 0:
@@ -103,14 +116,20 @@ def open_czi(path: Path) -> Slide:
         names = None if rgb else _channel_names(metadata, n_c)
         lock = threading.Lock()
         chunk = (1024, 1024)
-        levels = [CziLevel(reader, lock, (box.x, box.y), f, n_c, rgb, chunk) for f in factors]
+        z0, z1 = dims.get("Z", (0, 1))
+        check_plane(z, z1 - z0)
+        planes = ((None,) if "Z" not in dims else tuple(range(z0, z1)) if isinstance(z, str)
+                  else (z0 + (z or 1) - 1,))
+        projection = z if isinstance(z, str) and z1 - z0 > 1 else None
+        levels = [CziLevel(reader, lock, (box.x, box.y), f, n_c, rgb, chunk, planes, projection) for f in factors]
         sizes = tuple((max(1, box.h // f), max(1, box.w // f)) for f in factors)
         details = [f"plane origin (x, y) = ({box.x}, {box.y}); pyramid factors {list(factors)}"]
         if len(scenes) > 1:
             details.append(f"{len(scenes)} scenes read in place: " + "; ".join(
                 f"#{k} {r.h} x {r.w} px at row {r.y - box.y}, col {r.x - box.x}" for k, r in sorted(scenes.items())))
         info = SlideInfo(path, "czi", BACKEND, box.h, box.w, 3 if rgb else n_c,
-                         np.dtype(_DTYPES[pixel_type]), names, mpp, source, sizes, tuple(details))
+                         np.dtype(_DTYPES[pixel_type]), names, mpp, source, sizes, tuple(details),
+                         z_planes=z1 - z0, z=z if z1 - z0 > 1 else None)
         return Slide(info, levels, stack.pop_all(), READ_ERRORS)
 
 

@@ -35,7 +35,8 @@ BACKEND = "tifffile"
 READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error)
 
 
-def open_tiff(path: Path) -> Slide:
+def open_tiff(path: Path, z: int | str | None = None) -> Slide:
+    """The TIFF at `path`; `z` (base.z_choice): what of a Z-stack to read."""
     with ExitStack() as stack:  # closes the file if anything below fails
         # what tifffile logs instead of raising, kept from the console (propagate off) and judged below: the user
         # gets one line for a damaged file, not tifffile's records before it
@@ -68,7 +69,7 @@ def open_tiff(path: Path) -> Slide:
         if 0 in series.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
                              f"(axes {series.axes})")
-        channel_axis = find_channel_axis(series.axes, series.shape)
+        channel_axis = find_channel_axis(series.axes, series.shape, z)
         sizes = dict(zip(series.axes, series.shape))
         if np.dtype(series.dtype).kind not in "biuf":
             raise SlideError(f"expected integer or float pixels, {path} has {series.dtype}")
@@ -80,7 +81,7 @@ def open_tiff(path: Path) -> Slide:
                             "it and smaller levels", path.name, i, lv.axes, lv.shape, series.axes,
                             series.shape)
                 break
-            kept.append(_tiff_level(tf, series, i, lv, channel_axis, stack))
+            kept.append(_tiff_level(tf, series, i, lv, channel_axis, stack, z))
         _check_complete(path, levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
         mpp, source, names = _tiff_metadata(tf, n_channels)
@@ -90,17 +91,18 @@ def open_tiff(path: Path) -> Slide:
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
-                               for lv in levels[:len(kept)]))
+                               for lv in levels[:len(kept)]),
+                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None)
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
-def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel | TiledLevel:
+def _tiff_level(tf, series, i, lv, channel_axis, stack, z) -> ArrayLevel | TiledLevel:
     try:
         if lv.dataoffset is not None and lv.keyframe.is_memmappable:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
             dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
             arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
-            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024))
+            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z)
         tiled = TiledLevel.of(tf, lv, channel_axis, stack)
         if tiled is not None:
             return tiled
@@ -110,7 +112,7 @@ def _tiff_level(tf, series, i, lv, channel_axis, stack) -> ArrayLevel | TiledLev
         raise SlideError(f"expected a readable TIFF, level {i} of {tf.filehandle.path} is corrupt "
                          f"({BACKEND}: {error_text(e)})") from e
     chunks = dict(zip(lv.axes, arr.chunks))
-    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]))
+    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]), z)
 
 
 class TiledLevel:

@@ -32,14 +32,42 @@ log = logging.getLogger(__name__)
 
 SCREEN_MPP_UM = 50.0  # coarser than this is a screen dpi default (72/96/300 dpi), not a microscope
 PIECE_PX = 1 << 20  # thumbnail reads go in pieces of about this many pixels (whole storage chunks)
-# a count is of one 2-D image: what a stack's user does instead (a projection merges nuclei that overlap in depth,
-# a plane misses those out of it; which is theirs to choose)
-STACK_HINT = (" (a Z-stack or time series: save the plane to count, or a projection of the stack such as Fiji's "
-              "Image > Stacks > Z Project, as its own file)")
+# a count is of one 2-D image: a Z-stack is counted as one of its planes or as a projection of them (`z`), which
+# is the user's to choose (a projection merges nuclei that overlap in depth, a plane misses those out of it)
+Z_PROJECTIONS = ("max", "mean")
+STACK_HINT = (" (a Z-stack: pass --z max or --z mean to count a projection of its planes, or --z N to count "
+              "plane N, counted from 1 as Fiji does)")
+TIME_HINT = (" (a time series: save the time point to count as its own file, e.g. with Fiji's Image > "
+             "Duplicate)")
 UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
                "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
                "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6,
                "in": 25400.0, "inch": 25400.0}
+
+
+def z_choice(value) -> int | str | None:
+    """`z` as open_slide takes it, checked: None (a 2-D image), "max" or "mean" (a projection of a Z-stack's
+    planes), or the plane's number counted from 1 (as Fiji counts; napari's slider counts from 0). Text as the
+    command line gives it ("max", "3") is read too."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in Z_PROJECTIONS:
+            return text
+        value = int(text) if text.isdigit() else text
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ParameterError(f"expected --z max, mean or a plane number from 1, got {value!r}")
+
+
+def z_text(z: int | str | None, planes: int) -> str:
+    """What of an image is read, in words: 'plane 5 of a 12-plane Z-stack', 'max projection of a 12-plane
+    Z-stack', 'a 2-D image'."""
+    if z is None or planes <= 1:
+        return "a 2-D image"
+    return (f"plane {z} of a {planes}-plane Z-stack" if isinstance(z, int)
+            else f"{z} projection of a {planes}-plane Z-stack")
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,8 @@ class SlideInfo:
     #                  "image-dpi", "override", "none: <why>"
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
     details: tuple[str, ...] = ()  # what else the backend says, for `cellseg info` (scenes, vendor, ...)
+    z_planes: int = 1  # planes of a Z-stack (1: a 2-D image)
+    z: int | str | None = None  # what of a Z-stack is read (z_choice): a plane from 1, "max" or "mean"; None if 2-D
 
 
 class Level(TypingProtocol):
@@ -72,15 +102,22 @@ class ArrayLevel:
     """One pyramid level held as an array (zarr, memory map or numpy) indexed in its own axis order."""
 
     array: object  # zarr.Array, np.memmap or np.ndarray
-    axes: str  # e.g. "CYX", "YXS", "TCZYX"; axes other than Y, X, channel have size 1
+    axes: str  # e.g. "CYX", "YXS", "TCZYX"; axes other than Y, X, channel and a read Z have size 1
     channel_axis: str | None  # "C" or "S", or None for one channel
     chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
+    z: int | str | None = None  # a Z-stack's plane (from 1) or projection ("max", "mean"): z_choice
 
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        project = self.z in Z_PROJECTIONS and "Z" in self.axes
+        plane = self.z - 1 if isinstance(self.z, int) else 0
         index = tuple(slice(r0, r1) if ax == "Y" else slice(c0, c1) if ax == "X"
-                      else slice(None) if ax == self.channel_axis else 0 for ax in self.axes)
+                      else slice(None) if ax == self.channel_axis or (ax == "Z" and project)
+                      else plane if ax == "Z" else 0 for ax in self.axes)
         data = np.asarray(self.array[index])
-        kept = [ax for ax in self.axes if ax in ("Y", "X", self.channel_axis)]
+        kept = [ax for ax in self.axes if ax in ("Y", "X", self.channel_axis) or (ax == "Z" and project)]
+        if project:
+            data = projected(data, kept.index("Z"), self.z)
+            kept.remove("Z")
         data = data.transpose([kept.index(ax) for ax in ("Y", "X", self.channel_axis) if ax in kept])
         if self.channel_axis is None:
             data = data[..., None]
@@ -244,20 +281,38 @@ class Slide:
         return acc
 
 
-def find_channel_axis(axes: str, shape: tuple[int, ...]) -> str | None:
-    """The one axis holding channels (C or samples S), or None; refuses stacks and odd shapes."""
+def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = None) -> str | None:
+    """The one axis holding channels (C or samples S), or None; refuses odd shapes, time series, and Z-stacks
+    unless `z` (z_choice) says what of the stack to read."""
     sizes = dict(zip(axes, shape))
-    extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1]
+    extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1 and not (ax == "Z" and z is not None)]
     channels = [ax for ax in extra if ax in "CS"]
     if "Y" in sizes and "X" in sizes and len(extra) == len(channels) <= 1:
+        check_plane(z, sizes.get("Z", 1))
         return channels[0] if channels else None
     hint = ""
-    if any(ax in "ZT" for ax in extra):
+    if "T" in extra:
+        hint = TIME_HINT
+    elif "Z" in extra:
         hint = STACK_HINT
     elif any(ax in "IQ" for ax in extra):
         hint = " (a multi-page TIFF without OME/ImageJ metadata saying the pages are channels)"
     raise SlideError(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
                      f"shape {tuple(shape)}{hint}")
+
+
+def check_plane(z: int | str | None, planes: int) -> None:
+    """A plane number beyond the stack's planes is the user's mistake: one line saying how many there are."""
+    if isinstance(z, int) and not 1 <= z <= planes:
+        what = f"1-{planes} (the Z-stack's planes)" if planes > 1 else "1, max or mean on a 2-D image (one plane)"
+        raise ParameterError(f"expected --z {what}, got --z {z}")
+
+
+def projected(data: np.ndarray, axis: int, how: str) -> np.ndarray:
+    """A Z-stack's planes along `axis` made one: their maximum, or their mean in the planes' own dtype."""
+    if how == "max":
+        return data.max(axis=axis)
+    return cast_like(data.mean(axis=axis, dtype=np.float32), data.dtype)
 
 
 def _block_starts(a: int, b: int, f: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from ..errors import ParameterError, SlideError
-from .base import Slide, SlideInfo, error_text
+from .base import Slide, SlideInfo, check_plane, error_text, z_choice, z_text
 
 __all__ = ["Slide", "SlideInfo", "looks_like_slide", "open_slide", "sniff"]   # what callers use; the rest is sniffing
 
@@ -50,9 +50,13 @@ ZARR_METADATA = ("zarr.json", ".zattrs", ".zgroup")
 _OPENSLIDE_TIFF_VENDORS = ("ventana", "trestle")
 
 
-def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool = False) -> Slide:
+def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool = False,
+               z: int | str | None = None) -> Slide:
     """Open a slide lazily: a file, or a folder (OME-Zarr, a DICOM series). `mpp` (µm per pixel) overrides
-    the file's pixel size; skip_unreadable: damaged pixel data reads as zeros and is listed (Slide)."""
+    the file's pixel size; skip_unreadable: damaged pixel data reads as zeros and is listed (Slide); `z`: what of
+    a Z-stack is read, one plane counted from 1 or a projection of them all, "max" or "mean" (a 2-D image reads as
+    it is; a stack without `z` is refused, saying so)."""
+    z = z_choice(z)
     if mpp is not None:
         if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
             raise ParameterError(f"expected --mpp > 0 (µm per pixel), got {mpp!r}")
@@ -60,19 +64,25 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
     kind, target = sniff(path)
     if kind == "tiff":
         from ._tiff import open_tiff
-        slide = open_tiff(path)
+        slide = open_tiff(path, z)
     elif kind in ("openslide", "dicom-folder"):
         from ._openslide import open_openslide
         slide = open_openslide(path, target)
     elif kind == "czi":
         from ._czi import open_czi
-        slide = open_czi(path)
+        slide = open_czi(path, z)
     elif kind == "zarr":
         from ._zarr import open_ome_zarr
-        slide = open_ome_zarr(path, target)
+        slide = open_ome_zarr(path, target, z)
     else:
         from ._pil import open_pil
         slide = open_pil(path)
+    if slide.info.z_planes == 1:
+        try:
+            check_plane(z, 1)      # a 2-D image has plane 1 only: --z 2 on one is a mistake
+        except ParameterError:
+            slide.close()
+            raise
     if mpp is not None:
         if slide.info.mpp is not None and abs(slide.info.mpp - mpp) > 1e-6 * mpp:
             log.info("%s: overriding the file's pixel size %.4g µm with %.4g µm", path.name,
@@ -80,8 +90,9 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
         slide.info = dataclasses.replace(slide.info, mpp=float(mpp), mpp_source="override")
     slide.skip_unreadable = bool(skip_unreadable)
     i = slide.info
-    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)", path.name, i.format,
-             i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels))
+    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)%s", path.name, i.format,
+             i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels),
+             f", {z_text(i.z, i.z_planes)}" if i.z_planes > 1 else "")
     return slide
 
 

@@ -15,13 +15,14 @@ import tifffile
 
 from cellseg.errors import CellsegError, ParameterError
 from cellseg.geometry import Box
+from cellseg.planning import Protocol
 from cellseg.results import RESULT_MARKER
 from cellseg.slides import open_slide
 from cellseg_napari import _layers, _logic, _run
 from cellseg_napari._lazy import LazyLevel, slide_pyramid
 from cellseg_napari._reader import get_reader
 
-from ..helpers import DATA, EXAMPLES, ROOT, invoke
+from ..helpers import DATA, EXAMPLES, ROOT, LabelCounterSpec, invoke, random_cells
 
 PLUGIN = ROOT / "napari_plugin"
 
@@ -420,3 +421,19 @@ def test_count_message_gives_the_interval_and_the_warnings():
     lines = _logic.count_message(summary, folder="/results/x.cellseg").split("\n")
     assert lines[0].endswith("validation data) → /results/x.cellseg") and lines[1:] == [
         "warning: the count moves 12% between ..."]
+
+
+def test_a_z_stack_result_shows_the_stack_as_it_was_counted(tmp_path):
+    """The slide layer of a Z-stack's result is the plane or projection counted (run.json's z), not a refusal."""
+    labels = random_cells(80, 90, max_diameter=10, n=60, seed=2)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    planes = np.stack([(labels > 0).astype(np.uint8) * v + 10 for v in (40, 200, 90)])
+    tifffile.imwrite(tmp_path / "stack.ome.tif", planes, metadata={"axes": "ZYX"})
+    protocol = Protocol(name="test", tile_size=40, halo_px=10, min_area_px=1, tissue_method="none")
+    LabelCounterSpec(protocol, tmp_path / "labels.tif", z="max").load().count(tmp_path / "stack.ome.tif",
+                                                                               tmp_path / "out")
+    layers = _layers.result_layer_data(tmp_path / "out")
+    (image, kw, kind) = layers[0]
+    assert kind == "image" and kw["name"] == "stack"
+    shown = image[0] if isinstance(image, list) else image
+    np.testing.assert_array_equal(np.asarray(shown).squeeze(), planes.max(axis=0))

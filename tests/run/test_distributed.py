@@ -172,6 +172,21 @@ def test_a_slide_failing_in_a_task_fails_alone(tmp_path, cluster, slides):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
 
 
+@pytest.mark.slow
+def test_a_z_stack_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
+    """Every task opens the stack at the same --z (plan, bands, the final step): the one-process result."""
+    paths, labels = slides
+    flat = tifffile.imread(paths[0])
+    stack = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(stack, np.stack([flat // 4, flat, flat // 2]), metadata={"axes": "ZYX"})
+    spec = LabelCounterSpec(PROTOCOL, labels, z="mean")
+    reference = one_process(spec, stack, tmp_path / "one")
+    (outcome,) = count_on_dask(spec, [(stack, tmp_path / "dask")], scheduler=cluster.scheduler_address, band_rows=2)
+    assert outcome.error is None and outcome.summary["z"] == "mean"
+    assert_same_result(reference, tmp_path / "dask")
+    assert json_summary(tmp_path / "dask", "run.json")["fingerprint"]["options"]["z"] == "mean"
+
+
 def corrupt_tiff(path: Path) -> Path:
     """A tiled TIFF whose header is sound and whose last tile's compressed bytes are zeros."""
     rng = np.random.default_rng(0)

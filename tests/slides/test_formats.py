@@ -20,7 +20,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from cellseg.errors import SlideError
+from cellseg.errors import ParameterError, SlideError
 from cellseg.geometry import Box, HostInput, TileSpec, plan_tiles
 from cellseg.planning import Protocol, model_channel
 from cellseg.slides import looks_like_slide, open_slide, sniff
@@ -293,11 +293,20 @@ def test_czi_pyramid_levels_are_zoomed_reads(tmp_path, monkeypatch):
         np.testing.assert_array_equal(s.read_region(Box(8, 16, 40, 56), 1)[..., 0], a[16:80:2, 32:112:2])
 
 
-def test_czi_z_stack_is_refused(tmp_path):
-    plane = np.zeros((32, 32), np.uint8)
-    path = write_czi(tmp_path / "z.czi", {(0, 0, 0): (plane, (0, 0)), (0, 0, 1): (plane, (0, 0))})
-    with pytest.raises(SlideError, match=r"expected a 2-D CZI .* has Z=2 \(a Z-stack .* save the plane to count, or a projection .* Z Project"):
+def test_czi_z_stack_reads_as_one_plane_or_a_projection(tmp_path):
+    rng = np.random.default_rng(1)
+    planes = {(0, c, z): (rng.integers(0, 4000, (32, 40), dtype=np.uint16), (0, 0)) for c in range(2) for z in range(3)}
+    path = write_czi(tmp_path / "z.czi", planes)
+    with pytest.raises(SlideError, match=r"expected a 2-D CZI .* has Z=3 \(a Z-stack: pass --z max or --z mean .* --z N"):
         open_slide(path)
+    stack = np.stack([np.stack([planes[(0, c, z)][0] for c in range(2)], axis=-1) for z in range(3)])
+    for z, expected in ((1, stack[0]), (3, stack[2]), ("max", stack.max(axis=0)),
+                        ("mean", np.rint(stack.mean(axis=0)).astype(np.uint16))):
+        with open_slide(path, z=z) as s:
+            assert (s.info.z_planes, s.info.z, s.info.n_channels) == (3, z, 2)
+            np.testing.assert_array_equal(s.read_region(Box(0, 0, 32, 40)), expected)
+    with pytest.raises(ParameterError, match=r"expected --z 1-3 \(the Z-stack's planes\), got --z 4"):
+        open_slide(path, z=4)
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.5, 0.9])
@@ -340,9 +349,16 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
     with open_slide(nm) as s:
         assert s.info.mpp == pytest.approx(0.325) and s.info.n_channels == 1
         assert_regions_match(s, data[0, 0, 0][..., None])
-    stack = write_ome_zarr(tmp_path / "z.zarr", np.zeros((3, 40, 40), np.uint8), "zyx", levels=1)
-    with pytest.raises(SlideError, match=r"expected a 2-D image .* axes ZYX .* Z-stack .* save the plane to count, or a projection .* Z Project"):
+    planes = np.random.default_rng(0).integers(0, 250, (3, 2, 64, 64), dtype=np.uint8)
+    stack = write_ome_zarr(tmp_path / "z.zarr", planes.transpose(1, 0, 2, 3), "czyx", levels=2)
+    with pytest.raises(SlideError, match=r"expected a 2-D image .* axes CZYX .* Z-stack: pass --z max or --z mean"):
         open_slide(stack)
+    for z, expected in ((2, planes[1]), ("max", planes.max(axis=0)),
+                        ("mean", np.rint(planes.mean(axis=0)).astype(np.uint8))):
+        with open_slide(stack, z=z) as s:      # every pyramid level reads the same plane or projection
+            assert (s.info.z_planes, s.info.z, s.info.n_channels) == (3, z, 2)
+            assert_regions_match(s, np.moveaxis(expected, 0, -1))
+            assert s.read_region(Box(0, 0, 32, 32), level=1).shape == (32, 32, 2)
     # bioformats2raw writes the image as series 0 below a root group that only says so
     import zarr
     root = tmp_path / "converted.zarr"

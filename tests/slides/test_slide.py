@@ -72,11 +72,59 @@ def test_tczyx_with_single_t_and_z_is_squeezed(tmp_path):
         np.testing.assert_array_equal(full(s), np.moveaxis(a[0, :, 0], 0, -1))
 
 
-@pytest.mark.parametrize("shape, axes", [((3, 2, 40, 50), "ZCYX"), ((4, 40, 50), "TYX")])
-def test_stacks_are_refused(tmp_path, shape, axes):
+@pytest.mark.parametrize("shape, axes, hint", [((3, 2, 40, 50), "ZCYX", r"a Z-stack: pass --z max or --z mean .* --z N"),
+                                               ((4, 40, 50), "TYX", r"a time series: save the time point"),
+                                               ((4, 3, 40, 50), "TZYX", r"a time series")])
+def test_stacks_without_z_and_time_series_are_refused(tmp_path, shape, axes, hint):
     tifffile.imwrite(tmp_path / "a.ome.tif", np.zeros(shape, np.uint8), metadata={"axes": axes})
-    with pytest.raises(SlideError, match=rf"expected a 2-D image .* got axes {axes} with shape"):
+    with pytest.raises(SlideError, match=rf"expected a 2-D image .* got axes {axes} with shape .*\({hint}"):
         open_slide(tmp_path / "a.ome.tif")
+    if "T" in axes:     # --z reads a Z-stack, not a time series
+        with pytest.raises(SlideError, match=r"a time series"):
+            open_slide(tmp_path / "a.ome.tif", z="max")
+
+
+@pytest.mark.parametrize("imagej", [False, True])   # OME-TIFF through tifffile's zarr store; ImageJ memory-mapped
+def test_a_z_stack_reads_as_one_plane_or_a_projection(tmp_path, imagej):
+    stack = ramp((4, 2, 40, 50), np.uint16)[::-1].copy()     # planes differ, and the brightest is not the last
+    stack[2, 0, 5:9, 7:12] = 65535
+    path = tmp_path / ("ij.tif" if imagej else "z.ome.tif")
+    if imagej:
+        tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZCYX"})
+    else:
+        tifffile.imwrite(path, stack, metadata={"axes": "ZCYX"}, tile=(16, 16))
+    box = Box(3, 4, 31, 45)
+    expected = {"max": stack.max(axis=0), 1: stack[0], 3: stack[2], "4": stack[3],
+                "mean": np.rint(stack.mean(axis=0, dtype=np.float64)).astype(np.uint16)}
+    for z, planes in expected.items():
+        with open_slide(path, z=z) as s:
+            assert (s.info.z_planes, s.info.n_channels, s.info.dtype) == (4, 2, np.uint16)
+            assert s.info.z == (int(z) if str(z).isdigit() else z)
+            np.testing.assert_array_equal(s.read_region(box), np.moveaxis(planes, 0, -1)[3:31, 4:45])
+            thumbnail, _ = s.read_thumbnail(25)     # read through the same levels
+            assert thumbnail.shape == (20, 25, 2)
+    with pytest.raises(ParameterError, match=r"expected --z 1-4 \(the Z-stack's planes\), got --z 5"):
+        open_slide(path, z=5)
+
+
+@pytest.mark.parametrize("z", [0, -1, "first", "max2", 1.5, True])
+def test_a_z_that_is_neither_a_plane_nor_a_projection_is_refused(tmp_path, z):
+    tifffile.imwrite(tmp_path / "a.ome.tif", np.zeros((3, 40, 50), np.uint8), metadata={"axes": "ZYX"})
+    with pytest.raises(ParameterError, match=r"expected --z max, mean or a plane number from 1, got "):
+        open_slide(tmp_path / "a.ome.tif", z=z)
+
+
+def test_a_2d_image_reads_as_it_is_with_z_1_or_a_projection_and_refuses_another_plane(tmp_path):
+    a = ramp((40, 50), np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", a)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    for name in ("a.tif", "a.png"):
+        for z in (1, "max", "mean", None):
+            with open_slide(tmp_path / name, z=z) as s:      # a cohort of stacks and flat images with one --z
+                assert (s.info.z_planes, s.info.z) == (1, None)
+                np.testing.assert_array_equal(full(s)[..., 0], a)
+        with pytest.raises(ParameterError, match=r"expected --z 1, max or mean on a 2-D image \(one plane\), got --z 2"):
+            open_slide(tmp_path / name, z=2)
 
 
 def write_ome_pyramid(path, levels, **meta):

@@ -1,0 +1,84 @@
+"""Counting a Z-stack (`cellseg count --z`): one plane or a projection of them all gives the result of counting that
+2-D image, measured in processes or in the count's thread; the result records what was counted, the report reads
+the same planes back, and --resume refuses a journal of another --z."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.errors import JournalError
+from cellseg.planning import Protocol
+from cellseg.run import count_serially, measuring
+
+from ..helpers import LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+
+PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
+
+
+@pytest.fixture
+def stack(tmp_path) -> tuple[Path, Path, np.ndarray]:
+    """A 3-plane Z-stack (ZYX OME-TIFF, 0.5 µm px) whose planes differ in every pixel, its label image, its planes."""
+    labels = random_cells(120, 100, max_diameter=10, n=200, seed=3)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    rng = np.random.default_rng(3)
+    planes = np.stack([((labels > 0) * level + rng.integers(0, 40, labels.shape)).astype(np.uint8)
+                       for level in (60, 200, 120)])
+    tifffile.imwrite(tmp_path / "stack.ome.tif", planes,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    return tmp_path / "stack.ome.tif", tmp_path / "labels.tif", planes
+
+
+@pytest.mark.parametrize("processes", [0, 1])     # measured in the count's thread, and in a process of its own
+@pytest.mark.parametrize("z", [2, "max", "mean"])
+def test_a_plane_or_a_projection_counts_as_that_2d_image(tmp_path, stack, monkeypatch, z, processes):
+    path, labels, planes = stack
+    monkeypatch.setattr(measuring, "measure_processes", processes)
+    image = {2: planes[1], "max": planes.max(axis=0), "mean": np.rint(planes.mean(axis=0)).astype(np.uint8)}[z]
+    flat = tmp_path / "flat.ome.tif"
+    tifffile.imwrite(flat, image, metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    (reference,) = count_serially(spec.load(), [(flat, tmp_path / "flat")])
+    (outcome,) = count_serially(dataclasses.replace(spec, z=z).load(), [(path, tmp_path / "z")])
+    assert reference.error is None and outcome.error is None
+    assert_same_result(tmp_path / "flat", tmp_path / "z")      # cells.csv's intensities are the plane's
+    summary = json.loads((tmp_path / "z" / "summary.json").read_text())
+    assert (summary["z_planes"], summary["z"]) == (3, z) and summary["cell_count"] > 50
+    assert json.loads((tmp_path / "z" / "run.json").read_text())["z"] == z
+    said = "plane 2 of a 3-plane Z-stack" if z == 2 else f"{z} projection of a 3-plane Z-stack"
+    assert said in (tmp_path / "z" / "report.html").read_text()
+    rebuilt = invoke(["report", tmp_path / "z"])     # the crops read again from the stack, as counted
+    assert rebuilt.exit_code == 0, rebuilt.output
+    page = (tmp_path / "z" / "report.html").read_text()
+    assert said in page and "crops left out" not in page and "data:image/png;base64" in page
+
+
+def test_resume_refuses_a_journal_of_another_z(tmp_path, stack):
+    path, labels, _ = stack
+    out = tmp_path / "out"
+    spec = LabelCounterSpec(PROTOCOL, labels, z="max")
+    (done,) = count_serially(spec.load(), [(path, out)])
+    (again,) = count_serially(spec.load(), [(path, out)], resume=True)     # the same count: skipped
+    assert done.error is None and again.skipped
+    (other,) = count_serially(dataclasses.replace(spec, z=1).load(), [(path, out)], resume=True)
+    assert isinstance(other.error, JournalError)
+    assert "z: 'max' there, 1 here" in str(other.error)
+
+
+def test_the_command_line_says_what_z_is_expected_and_info_what_is_counted(tmp_path, stack):
+    path, _, _ = stack
+    assert_user_error(invoke(["count", path, "-o", tmp_path / "out"]), 1, "a Z-stack: pass --z max")
+    assert_user_error(invoke(["count", path, "--z", "4", "-o", tmp_path / "out"]), 2,
+                      "expected --z 1-3 (the Z-stack's planes), got --z 4")
+    result = invoke(["count", path, "--z", "top", "-o", tmp_path / "out"])
+    assert result.exit_code == 2 and "expected --z max, mean or a plane number from 1, got 'top'" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = invoke(["info", path, "--z", "mean"])
+    assert result.exit_code == 0, result.output
+    assert "z-stack     3 planes: counting their mean projection" in result.output
+    assert "plane 2" in invoke(["info", path, "--z", "2"]).output
