@@ -6,6 +6,7 @@ stderr and exit 1 (2 for usage errors). Counting goes through counter.CellCounte
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CellsegError, ParameterError
+from .errors import CellsegError, ParameterError, ZStackError
 from .planning import SETTINGS, OneOf, Range, Setting
 
 
@@ -513,7 +514,12 @@ def info(slide, protocol_name, overrides, mpp, z, diameter) -> None:
     from .planning import load_protocol
     from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
-    with open_slide(slide, mpp=mpp, z=z) as opened:
+    try:
+        opened = open_slide(slide, mpp=mpp, z=z)
+    except ZStackError:     # what info is for: the stack described (its max projection), and what a count needs
+        opened = open_slide(slide, mpp=mpp, z="max")
+        opened.info = dataclasses.replace(opened.info, z=None)
+    with opened:
         for line in describe_slide(opened.info, protocol, diameter, slide_look_of(opened, protocol)):
             click.echo(line)
 

@@ -33,6 +33,12 @@ def slide_look_of(slide, protocol: Protocol):
                       measured_on="thumbnail")
 
 
+def _z_line(z: int | str | None) -> str:
+    if z is None:       # cellseg info without --z: what follows describes the max projection
+        return "a count needs --z max, --z mean or --z N (plane N); described below as their max projection"
+    return f"counting plane {z}" if isinstance(z, int) else f"counting their {z} projection"
+
+
 def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None, look=None) -> list[str]:
     """Lines of text about `info` and the tiles `protocol` cuts it into (at --diameter `diameter_px`, if given), and
     what it looks like (`look`, slide_look_of) with a warning when that is another modality than the protocol's."""
@@ -46,9 +52,7 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         str(info.path),
         f"  format      {info.format}, read by {info.backend}",
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
-        *([f"  z-stack     {info.z_planes} planes: counting "
-           + (f"plane {info.z}" if isinstance(info.z, int) else f"their {info.z} projection")]
-          if info.z_planes > 1 else []),
+        *([f"  z-stack     {info.z_planes} planes (1-{info.z_planes}): " + _z_line(info.z)] if info.z_planes > 1 else []),
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",
         "  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp

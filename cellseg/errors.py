@@ -23,6 +23,10 @@ class UnreadableRegionError(SlideError):
     --resume, and --skip-unreadable counts the rest."""
 
 
+class ZStackError(SlideError):
+    """A Z-stack opened without saying which plane or projection to read (open_slide's z, --z)."""
+
+
 class ProtocolError(CellsegError):
     """A protocol file is unknown or invalid."""
 

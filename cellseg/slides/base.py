@@ -24,7 +24,7 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from PIL import Image
 
-from ..errors import ParameterError, SlideError, UnreadableRegionError
+from ..errors import ParameterError, SlideError, UnreadableRegionError, ZStackError
 from ..geometry import Box
 from .unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
 
@@ -290,15 +290,15 @@ def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = N
     if "Y" in sizes and "X" in sizes and len(extra) == len(channels) <= 1:
         check_plane(z, sizes.get("Z", 1))
         return channels[0] if channels else None
-    hint = ""
+    hint, error = "", SlideError
     if "T" in extra:
         hint = TIME_HINT
     elif "Z" in extra:
-        hint = STACK_HINT
+        hint, error = STACK_HINT, ZStackError
     elif any(ax in "IQ" for ax in extra):
         hint = " (a multi-page TIFF without OME/ImageJ metadata saying the pages are channels)"
-    raise SlideError(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
-                     f"shape {tuple(shape)}{hint}")
+    raise error(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
+                f"shape {tuple(shape)}{hint}")
 
 
 def check_plane(z: int | str | None, planes: int) -> None:

@@ -78,7 +78,10 @@ def test_the_command_line_says_what_z_is_expected_and_info_what_is_counted(tmp_p
     result = invoke(["count", path, "--z", "top", "-o", tmp_path / "out"])
     assert result.exit_code == 2 and "expected --z max, mean or a plane number from 1, got 'top'" in result.stderr
     assert not (tmp_path / "out").exists()
+    result = invoke(["info", path])     # info describes a stack without --z, saying what a count needs
+    assert result.exit_code == 0, result.output
+    assert "z-stack     3 planes (1-3): a count needs --z max, --z mean or --z N" in result.output
     result = invoke(["info", path, "--z", "mean"])
     assert result.exit_code == 0, result.output
-    assert "z-stack     3 planes: counting their mean projection" in result.output
-    assert "plane 2" in invoke(["info", path, "--z", "2"]).output
+    assert "z-stack     3 planes (1-3): counting their mean projection" in result.output
+    assert "z-stack     3 planes (1-3): counting plane 2\n" in invoke(["info", path, "--z", "2"]).output
