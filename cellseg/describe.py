@@ -69,6 +69,7 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         warning = modality_warning(look, protocol.name, protocol.modality, info.mpp)
         if warning:
             lines.append(f"  warning     {warning}")
+    lines += [f"  warning     {w}" for w in info.warnings]
     lines += [f"  note        {d}" for d in info.details]
     return lines
 

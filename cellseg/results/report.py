@@ -234,6 +234,7 @@ def slide_warnings(summary: dict, run: dict, cells, grid: TileGrid | None) -> li
         warnings.insert(0, looks["warning"])
     if summary.get("tissue_area_px") == 0 and summary.get("tiles_total"):
         warnings.insert(0, no_tissue_warning(summary.get("tissue_method") or "tissue"))
+    warnings[:0] = summary.get("file_warnings") or []     # first: part of the file was not counted at all
     area = summary.get("area_px") or {}
     if area.get("median") and scale.get("model_diameter_px"):
         network_diameter = 2 * math.sqrt(area["median"] / math.pi) * float(scale.get("factor") or 1)

@@ -122,6 +122,7 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
         "channels": info.n_channels, "dtype": str(info.dtype), "model_channel": plan.network.channel,
         # a Z-stack's planes, and what of them was counted: a plane from 1, "max" or "mean" (None: a 2-D image)
         "z_planes": info.z_planes, "z": info.z,
+        "file_warnings": list(info.warnings),   # what of the file was not counted (slides.SlideInfo.warnings)
         # the light level a colour slide's stain optical densities are taken against (report, appearance, cells.csv)
         "stain_white": plan.stain_white(info) if info.n_channels == 3 else None,
         "mpp": mpp, "mpp_source": info.mpp_source,

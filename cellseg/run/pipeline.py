@@ -168,6 +168,8 @@ class SlideRun:
                                     model_diameter_px, diameter_px, regions, micron_scale, self.calibration)
             if self.journal is not None:
                 save_plan(self.journal, self._plan, self.slide.info)
+            for warning in self.slide.info.warnings:    # what of the file is not counted (other positions)
+                log.warning("%s", warning)
             looks = look_record(self._plan, self.slide.info, self.protocol)
             if looks["warning"]:    # now, not after hours of counting with the wrong protocol
                 log.warning("%s: %s", self.slide.info.path.name, looks["warning"])

@@ -25,7 +25,17 @@ import tifffile
 import zarr
 
 from ..errors import SlideError
-from .base import SCREEN_MPP_UM, UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
+from .base import (
+    SCREEN_MPP_UM,
+    UM_PER_UNIT,
+    ArrayLevel,
+    Slide,
+    SlideInfo,
+    error_text,
+    find_channel_axis,
+    mean_mpp,
+    other_images_warning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,9 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),
                      series.name or series.kind)
+        alike = [s for s in tf.series if _alike(s, series)]
+        warnings = (other_images_warning(path, [s.name or f"series {k}" for k, s in enumerate(alike)], "OME images"),) \
+            if tf.is_ome and len(alike) > 1 else ()
         if 0 in series.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
                              f"(axes {series.axes})")
@@ -92,8 +105,17 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
                          np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
                                for lv in levels[:len(kept)]),
-                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None)
+                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings)
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
+
+
+def _alike(other, series) -> bool:
+    """An image of the file like the one read (a position of one acquisition), not its label or overview: the same
+    axes, channels and pixel type, and within 4x of its size each way."""
+    a, b = dict(zip(other.axes, other.shape)), dict(zip(series.axes, series.shape))
+    return (other.axes == series.axes and other.dtype == series.dtype
+            and all(a[ax] == b[ax] for ax in b if ax not in "YX")
+            and all(b[ax] / 4 <= a[ax] <= 4 * b[ax] for ax in "YX"))
 
 
 def _tiff_level(tf, series, i, lv, channel_axis, stack, z) -> ArrayLevel | TiledLevel:

@@ -15,7 +15,16 @@ import numpy as np
 import zarr
 
 from ..errors import SlideError
-from .base import UM_PER_UNIT, ArrayLevel, Slide, SlideInfo, error_text, find_channel_axis, mean_mpp
+from .base import (
+    UM_PER_UNIT,
+    ArrayLevel,
+    Slide,
+    SlideInfo,
+    error_text,
+    find_channel_axis,
+    mean_mpp,
+    other_images_warning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +44,28 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None) -> Slide
                          f"{error_text(e)})") from e
     ome = attrs.get("ome", attrs)   # 0.5 nests the metadata under "ome"
     details = [f"zarr v{group.metadata.zarr_format}"]
+    warnings: tuple[str, ...] = ()
     if "multiscales" not in ome and "bioformats2raw.layout" in ome and "0" in group:
         log.info("%s is a bioformats2raw folder; reading its series 0", path.name)
         details.append("bioformats2raw layout: series 0")
-        group = group["0"]
+        root, group = group, group["0"]
         attrs = group.attrs.asdict()
         ome = attrs.get("ome", attrs)
+        alike = _series_alike(root, _level0(group, ome))
+        if len(alike) > 1:
+            warnings = (other_images_warning(path, [f"series {k}" for k in alike], "bioformats2raw series"),)
     if "multiscales" not in ome:
         kind = "an HCS plate" if "plate" in ome else "a well" if "well" in ome else "no multiscale image"
         raise SlideError(f"expected OME-Zarr multiscales metadata (an NGFF image), {path} holds {kind}; "
                          f"name the image's own folder (e.g. plate/A/1/0)")
     try:
-        return _open(path, group, ome, details, z)
+        return _open(path, group, ome, details, z, warnings)
     except (*READ_ERRORS, AttributeError) as e:
         raise SlideError(f"expected valid OME-Zarr multiscales metadata in {path} ({BACKEND}: "
                          f"{error_text(e)})") from e
 
 
-def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None) -> Slide:
+def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None, warnings: tuple[str, ...]) -> Slide:
     ms = ome["multiscales"][0]
     version = ome.get("version") or ms.get("version", "?")
     details.insert(0, f"NGFF {version}, {len(ms['datasets'])} level(s): " + ", ".join(d["path"] for d in ms["datasets"]))
@@ -84,8 +97,37 @@ def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None)
     mpp, source = _mpp(ms, axes_meta, names)
     info = SlideInfo(path, "ome-zarr", BACKEND, sizes[0][0], sizes[0][1], n_channels,
                      np.dtype(first.dtype).newbyteorder("="), _channel_names(ome, n_channels), mpp, source,
-                     tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None)
+                     tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None, warnings=warnings)
     return Slide(info, levels, None, READ_ERRORS)
+
+
+def _level0(group, ome: dict):
+    """A multiscale image group's first level (array), or None where its metadata or array cannot be read."""
+    try:
+        return group[ome["multiscales"][0]["datasets"][0]["path"]]
+    except (*READ_ERRORS, AttributeError):
+        return None
+
+
+def _series_alike(root, first) -> list[int]:
+    """The bioformats2raw series (0, 1, ...) like series 0 (`first`, its level 0): the same shape but for y and x,
+    the same pixel type, within 4x of its size each way; not its label or overview images."""
+    if first is None:
+        return []
+    alike = []
+    for k in range(10_000):
+        if str(k) not in root:
+            break
+        try:
+            attrs = root[str(k)].attrs.asdict()
+        except (*READ_ERRORS, AttributeError):
+            continue
+        level0 = _level0(root[str(k)], attrs.get("ome", attrs))
+        if level0 is not None and level0.dtype == first.dtype and len(level0.shape) == len(first.shape) \
+                and level0.shape[:-2] == first.shape[:-2] \
+                and all(b / 4 <= a <= 4 * b for a, b in zip(level0.shape[-2:], first.shape[-2:])):
+            alike.append(k)
+    return alike
 
 
 def _mpp(ms: dict, axes_meta: list, names: list[str]) -> tuple[float | None, str]:

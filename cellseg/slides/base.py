@@ -87,6 +87,8 @@ class SlideInfo:
     details: tuple[str, ...] = ()  # what else the backend says, for `cellseg info` (scenes, vendor, ...)
     z_planes: int = 1  # planes of a Z-stack (1: a 2-D image)
     z: int | str | None = None  # what of a Z-stack is read (z_choice): a plane from 1, "max" or "mean"; None if 2-D
+    # what of the file is not read that a user must know of (other positions of a multi-image file), each a sentence
+    warnings: tuple[str, ...] = ()
 
 
 class Level(TypingProtocol):
@@ -299,6 +301,14 @@ def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = N
         hint = " (a multi-page TIFF without OME/ImageJ metadata saying the pages are channels)"
     raise error(f"expected a 2-D image (Y, X) with optional channels, got axes {axes} with "
                 f"shape {tuple(shape)}{hint}")
+
+
+def other_images_warning(path: Path, names: list[str], how: str) -> str:
+    """The sentence for a file holding several images like the one read (positions of one acquisition): only the
+    first is counted. names: every such image's name, the one read first; how: how the file names its images."""
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"{path.name} holds {len(names)} images like the one counted ({how}: {shown}): only the first, "
+            f"{names[0]}, is counted; to count the others, save each as a file of its own (e.g. bfconvert -series N)")
 
 
 def check_plane(z: int | str | None, planes: int) -> None:

@@ -366,6 +366,16 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
     zarr.open_group(str(root), mode="a").attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
     with open_slide(root) as s:
         assert s.info.levels == ((32, 48),) and any("series 0" in d for d in s.info.details)
+        assert s.info.warnings == ()
+    # a multi-position acquisition: series 1 is another position, series 2 a small overview; one warning names both
+    # positions, since only series 0 is counted
+    write_ome_zarr(root / "1", np.ones((30, 50), np.uint8), "yx", levels=1)
+    write_ome_zarr(root / "2", np.ones((6, 8), np.uint8), "yx", levels=1)
+    with open_slide(root) as s:
+        assert s.info.warnings == (
+            "converted.zarr holds 2 images like the one counted (bioformats2raw series: series 0, series 1): only the "
+            "first, series 0, is counted; to count the others, save each as a file of its own (e.g. bfconvert "
+            "-series N)",)
 
 
 @pytest.mark.slow

@@ -162,6 +162,23 @@ def test_reduced_pages_as_series_levels(tmp_path):
         np.testing.assert_array_equal(s.read_region(Box(0, 0, 128, 160), level=1)[..., 0], a[::2, ::2])
 
 
+def test_a_multi_image_ome_tiff_warns_that_only_its_first_image_is_counted(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "m.ome.tif", ome=True) as tw:
+        for k in range(3):      # three positions of one acquisition, then a small RGB overview
+            tw.write(np.full((64, 80), 10 * k, np.uint8), metadata={"axes": "YX", "Name": f"pos{k}"})
+        tw.write(np.zeros((8, 10, 3), np.uint8), photometric="rgb", metadata={"axes": "YXS", "Name": "overview"})
+    with open_slide(tmp_path / "m.ome.tif") as s:
+        assert s.info.warnings == (
+            "m.ome.tif holds 3 images like the one counted (OME images: pos0, pos1, pos2): only the first, pos0, is "
+            "counted; to count the others, save each as a file of its own (e.g. bfconvert -series N)",)
+        assert full(s).max() == 0      # the first position's pixels
+    with tifffile.TiffWriter(tmp_path / "one.ome.tif", ome=True) as tw:     # an image and its overview: no warning
+        tw.write(np.ones((64, 80), np.uint8), metadata={"axes": "YX"})
+        tw.write(np.zeros((8, 10, 3), np.uint8), photometric="rgb", metadata={"axes": "YXS"})
+    with open_slide(tmp_path / "one.ome.tif") as s:
+        assert s.info.warnings == ()
+
+
 def test_svs_mpp_from_description(tmp_path):
     rgb = ramp((300, 400, 3), np.uint8)
     desc = "Aperio Image Library v12.0.15 \r\n400x300 (256x256) JPEG/RGB Q=70|AppMag = 20|MPP = 0.2520"
