@@ -76,9 +76,6 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),
                      series.name or series.kind)
-        alike = [s for s in tf.series if _alike(s, series)]
-        warnings = (other_images_warning(path, [s.name or f"series {k}" for k, s in enumerate(alike)], "OME images"),) \
-            if tf.is_ome and len(alike) > 1 else ()
         if 0 in series.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
                              f"(axes {series.axes})")
@@ -101,6 +98,8 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
         fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
                else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
                else "philips-tiff" if tf.is_philips else "tiff")
+        alike = [s.name or f"series {k}" for k, s in enumerate(tf.series) if _alike(s, series)] if tf.is_ome else []
+        warnings = (other_images_warning(path, alike, "OME images"),) if len(alike) > 1 else ()
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
@@ -113,7 +112,7 @@ def _alike(other, series) -> bool:
     """An image of the file like the one read (a position of one acquisition), not its label or overview: the same
     axes, channels and pixel type, and within 4x of its size each way."""
     a, b = dict(zip(other.axes, other.shape)), dict(zip(series.axes, series.shape))
-    return (other.axes == series.axes and other.dtype == series.dtype
+    return (other.axes == series.axes and other.dtype == series.dtype and "Y" in b and "X" in b
             and all(a[ax] == b[ax] for ax in b if ax not in "YX")
             and all(b[ax] / 4 <= a[ax] <= 4 * b[ax] for ax in "YX"))
 
