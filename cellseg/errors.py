@@ -23,7 +23,11 @@ class UnreadableRegionError(SlideError):
     --resume, and --skip-unreadable counts the rest."""
 
 
-class ZStackError(SlideError):
+class StackError(SlideError):
+    """A Z-stack or a time series where one 2-D image is read: the user says which (a Z-stack) or saves it."""
+
+
+class ZStackError(StackError):
     """A Z-stack opened without saying which plane or projection to read (open_slide's z, --z)."""
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideError, ZStackError
+from ..errors import SlideError, StackError, ZStackError
 from .base import STACK_HINT, TIME_HINT, Slide, SlideInfo, check_plane, error_text, mean_mpp, projected
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def open_czi(path: Path, z: int | str | None = None) -> Slide:
                  and not (ax == "Z" and z is not None)}
         if extra:
             hint = TIME_HINT if "T" in extra else STACK_HINT if "Z" in extra else ""
-            raise (ZStackError if set(extra) == {"Z"} else SlideError)(f"expected a 2-D CZI (Y, X) with optional channels, {path} has "
+            error = ZStackError if set(extra) == {"Z"} else StackError if set(extra) & set("ZT") else SlideError
+            raise error(f"expected a 2-D CZI (Y, X) with optional channels, {path} has "
                              f"{', '.join(f'{ax}={n}' for ax, n in extra.items())}{hint}")
         if box.w <= 0 or box.h <= 0:
             raise SlideError(f"expected an image of positive size, {path} has {box.h} x {box.w} px ({BACKEND})")

@@ -24,7 +24,7 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from PIL import Image
 
-from ..errors import ParameterError, SlideError, UnreadableRegionError, ZStackError
+from ..errors import ParameterError, SlideError, StackError, UnreadableRegionError, ZStackError
 from ..geometry import Box
 from .unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
 
@@ -294,7 +294,7 @@ def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = N
         return channels[0] if channels else None
     hint, error = "", SlideError
     if "T" in extra:
-        hint = TIME_HINT
+        hint, error = TIME_HINT, StackError
     elif "Z" in extra:
         hint, error = STACK_HINT, ZStackError
     elif any(ax in "IQ" for ax in extra):

@@ -181,6 +181,17 @@ def test_get_reader_claims_results_and_slides_only(he_result, tmp_path):
     assert layers[0][0].shape == (256, 320, 3)
 
 
+def test_get_reader_leaves_z_stacks_and_time_series_to_napari(tmp_path):
+    """napari's own readers show a stack's planes; cellseg's would refuse it (it counts one plane or projection)."""
+    tifffile.imwrite(tmp_path / "z.ome.tif", np.zeros((3, 20, 20), np.uint8), metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "t.ome.tif", np.zeros((3, 20, 20), np.uint8), metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "flat.tif", np.zeros((20, 20), np.uint8))
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00" + bytes(20))     # damaged: cellseg's reader says so in one line
+    assert get_reader(str(tmp_path / "z.ome.tif")) is None
+    assert get_reader([str(tmp_path / "flat.tif"), str(tmp_path / "t.ome.tif")]) is None
+    assert get_reader(str(tmp_path / "flat.tif")) is not None and get_reader(str(tmp_path / "bad.tif")) is not None
+
+
 # --------------------------------------------------------------------------- the count run
 
 @pytest.mark.slow
