@@ -300,7 +300,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tt
                          f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
                          f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
-                         "mpp": summary["mpp"], "tissue_area_mm2": summary["tissue_area_mm2"],
+                         "mpp": summary["mpp"], "z": summary.get("z"),     # a Z-stack's plane or projection
+                         "tissue_area_mm2": summary["tissue_area_mm2"],
                          # --regions: cells_per_mm2 is per mm² of the tissue inside them
                          "tissue_area_in_regions_mm2": summary.get("tissue_area_in_regions_mm2"),
                          "cells_per_mm2": summary["cells_per_mm2"],
@@ -449,7 +450,7 @@ class _JobBar:
 
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
-_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "tissue_area_mm2", "tissue_area_in_regions_mm2",
+_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "tissue_area_mm2", "tissue_area_in_regions_mm2",
                     "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
                     "warnings", "error"]
 _SUMMARY_HEADER_START = ",".join(_SUMMARY_COLUMNS[:3])    # how a summary.csv cellseg wrote is told from the user's

@@ -4,6 +4,7 @@ the same planes back, and --resume refuses a journal of another --z."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from cellseg.errors import JournalError
 from cellseg.planning import Protocol
 from cellseg.run import count_serially, measuring
 
-from ..helpers import LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+from ..helpers import FAST, LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
 
 PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 
@@ -85,3 +86,15 @@ def test_the_command_line_says_what_z_is_expected_and_info_what_is_counted(tmp_p
     assert result.exit_code == 0, result.output
     assert "z-stack     3 planes (1-3): counting their mean projection" in result.output
     assert "z-stack     3 planes (1-3): counting plane 2\n" in invoke(["info", path, "--z", "2"]).output
+
+
+def test_a_cohort_of_stacks_and_2d_images_says_what_each_row_counted(tmp_path, stack, tiny_bundle):
+    """One --z for the whole cohort: the stack's row of summary.csv has it, a 2-D image's row has none."""
+    path, _, planes = stack
+    tifffile.imwrite(tmp_path / "flat.tif", planes[1])
+    result = invoke(["count", path, tmp_path / "flat.tif", "--z", "max", "--mpp", "0.5", *FAST, "--model", tiny_bundle,
+                     "-o", tmp_path / "cohort"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "cohort" / "summary.csv", newline="") as f:
+        rows = {row["input"]: row for row in csv.DictReader(f)}
+    assert rows[str(path)]["z"] == "max" and rows[str(tmp_path / "flat.tif")]["z"] == ""
