@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import CellsegError, OutputError
 from ..geometry import Box
+from ..slides import z_text
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,7 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
             log.warning("%s: %s", folder.name, crops_note)
     page = _template("report.html.j2").render(
         summary=summary, run=run, warnings=warnings, overlay=_b64((folder / "overlay.png").read_bytes()),
+        z_read=z_text(summary.get("z"), summary["z_planes"]) if (summary.get("z_planes") or 1) > 1 else None,
         heatmap=heatmap, heatmap_scale=heatmap_scale,
         density_unit=unit, charts=charts,
         crops=crops, crops_note=crops_note, unreadable=summary.get("unreadable") or [],

@@ -54,10 +54,11 @@ class CziLevel:
         roi = (self._x0 + c0 * f, self._y0 + r0 * f, (c1 - c0) * f, (r1 - r0) * f)
         zoom = 1.0 / f if f > 1 else None
         with self._lock:   # one libCZI accessor per file: reads are serialised
-            stack = np.stack([np.concatenate([self._reader.read(roi=roi, plane=_plane(c, z), zoom=zoom,
-                                                                background_pixel=self._background)
-                                              for c in range(self._channels)], axis=-1) for z in self._planes])
-        data = projected(stack, 0, self._projection) if self._projection else stack[0]
+            planes = [np.concatenate([self._reader.read(roi=roi, plane=_plane(c, z), zoom=zoom,
+                                                        background_pixel=self._background)
+                                      for c in range(self._channels)], axis=-1) for z in self._planes]
+        # one plane (a 2-D file, or --z N) as read; several (a projection) made one
+        data = projected(np.stack(planes), 0, self._projection) if len(planes) > 1 else planes[0]
         if self._rgb:
             data = data[..., ::-1]    # BGR -> RGB
         return np.ascontiguousarray(_exact(data, r1 - r0, c1 - c0))
