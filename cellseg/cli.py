@@ -157,6 +157,10 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
 _Z_OPTION = click.option("--z", "z", type=_Z(), default=None,
                          help="A Z-stack's plane to count, from 1 as Fiji counts (napari's slider counts from 0), or "
                               "max or mean for a projection of all its planes. Without it a Z-stack is refused.")
+_SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, metavar="N",
+                              help="Which image of a file holding several to count (an OME-TIFF's positions, a "
+                                   "bioformats2raw folder's series), from 0 as its OME-XML and bfconvert number them. "
+                                   "Default: the first, with a warning naming the others.")
 
 
 @main.command()
@@ -168,6 +172,7 @@ _Z_OPTION = click.option("--z", "z", type=_Z(), default=None,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_MPP_OPTION
 @_Z_OPTION
+@_SERIES_OPTION
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled so "
                    "nuclei reach the model at its training size; 'native': not resampled. Default: the pixel size "
@@ -203,8 +208,8 @@ _Z_OPTION = click.option("--z", "z", type=_Z(), default=None,
                    "are left out of the count, the tissue area and the density, and listed in summary.json and "
                    "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tta, workers, scheduler, band_rows,
-          resume, estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
+def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diameter, tta, workers, scheduler,
+          band_rows, resume, estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
     from .planning import check_pixel_size, load_protocol
@@ -231,7 +236,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tt
     if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
-        with open_slide(inputs[0], mpp=mpp, z=z) as slide:
+        with open_slide(inputs[0], mpp=mpp, z=z, series=series) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width, note=False)
@@ -244,7 +249,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tt
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=DEFAULT_SCALE if diameter is None else diameter, mpp=mpp, tta=tta,
                        run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
-                       skip_unreadable=skip_unreadable, z=z)
+                       skip_unreadable=skip_unreadable, z=z, series=series)
     if estimate:
         counter = spec.load()
         for path, out in zip(inputs, outputs):
@@ -301,6 +306,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, diameter, tt
                          f"density (listed in {out / 'summary.json'})", err=True)
             rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "z": summary.get("z"),     # a Z-stack's plane or projection
+                         "series": summary.get("series"),                  # a multi-image file's image counted
                          "tissue_area_mm2": summary["tissue_area_mm2"],
                          # --regions: cells_per_mm2 is per mm² of the tissue inside them
                          "tissue_area_in_regions_mm2": summary.get("tissue_area_in_regions_mm2"),
@@ -450,8 +456,8 @@ class _JobBar:
 
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
-_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "tissue_area_mm2", "tissue_area_in_regions_mm2",
-                    "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
+_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "series", "tissue_area_mm2",
+                    "tissue_area_in_regions_mm2", "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
                     "warnings", "error"]
 _SUMMARY_HEADER_START = ",".join(_SUMMARY_COLUMNS[:3])    # how a summary.csv cellseg wrote is told from the user's
 
@@ -505,10 +511,11 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
 @protocol_overrides("tile_size", "halo_px")
 @_MPP_OPTION
 @_Z_OPTION
+@_SERIES_OPTION
 @click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
               help="Typical nucleus diameter in px: the tiles as `cellseg count --diameter PX` resamples them "
                    "(count's `auto` measures the nuclei with the network, which info does not load).")
-def info(slide, protocol_name, overrides, mpp, z, diameter) -> None:
+def info(slide, protocol_name, overrides, mpp, z, series, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
     from .describe import describe_slide, slide_look_of
@@ -516,9 +523,9 @@ def info(slide, protocol_name, overrides, mpp, z, diameter) -> None:
     from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
     try:
-        opened = open_slide(slide, mpp=mpp, z=z)
+        opened = open_slide(slide, mpp=mpp, z=z, series=series)
     except ZStackError:     # what info is for: the stack described (its max projection), and what a count needs
-        opened = open_slide(slide, mpp=mpp, z="max")
+        opened = open_slide(slide, mpp=mpp, z="max", series=series)
         opened.info = dataclasses.replace(opened.info, z=None)
     with opened:
         for line in describe_slide(opened.info, protocol, diameter, slide_look_of(opened, protocol)):

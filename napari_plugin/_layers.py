@@ -236,7 +236,8 @@ def result_layer_data(path: str | Path, with_slide: bool = True, translate=None)
     layers: list[LayerData] = []
     if with_slide and result.slide_path is not None:
         try:
-            slide = open_slide(result.slide_path, z=result.run.get("z"))     # a Z-stack as it was counted
+            slide = open_slide(result.slide_path, z=result.run.get("z"),     # a Z-stack as it was counted
+                               series=result.run.get("series"))
         except SlideError as e:
             log.warning("%s: cannot show the slide: %s", result.folder, e)
         else:   # a region's result sits at its offset on the whole slide

@@ -112,6 +112,7 @@ class LabelCounterSpec:
     mpp: float | None = None
     regions: object = None          # regions.RegionFile
     z: int | str | None = None      # what of a Z-stack is counted (slides.open_slide)
+    series: int | None = None       # which image of a multi-image file is counted (slides.open_slide)
 
     def load(self):
         import os
@@ -126,7 +127,7 @@ class LabelCounterSpec:
         detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
                                         seconds_per_tile=self.seconds_per_tile)
         return CellCounter(self.protocol, detector, mpp=self.mpp, run_info=RunInfo(model=self.model),
-                           regions=self.regions, z=self.z)
+                           regions=self.regions, z=self.z, series=self.series)
 
     @property
     def model(self) -> dict:
@@ -134,7 +135,7 @@ class LabelCounterSpec:
 
     def settings(self) -> dict:
         from cellseg.run import counting_settings
-        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions, self.z)
+        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions, self.z, self.series)
 
 
 class Tally:

@@ -44,11 +44,12 @@ class JobProgress(Protocol):
 
 
 def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: bool,
-          band_rows: int | None, z: int | str | None = None) -> tuple[Journal | None, dict | None]:
+          band_rows: int | None, z: int | str | None = None,
+          series: int | None = None) -> tuple[Journal | None, dict | None]:
     """(the journal to count `slide` into `out` with, None), or (None, its summary) when resume finds the complete
-    result of this very count there. settings: CellCounter.settings(); mpp, z: as the count opens the slide; errors
+    result of this very count there. settings: CellCounter.settings(); mpp, z, series: as the count opens the slide; errors
     are one-line CellsegErrors."""
-    with open_slide(slide, mpp=mpp, z=z) as opened:
+    with open_slide(slide, mpp=mpp, z=z, series=series) as opened:
         print_ = fingerprint(opened.info, settings)
     if resume:
         summary = complete_result(out, print_)
@@ -66,8 +67,8 @@ def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = Fal
         tiles = _SlideTiles(progress)
         journal = None
         try:
-            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, z=counter.z, resume=resume,
-                                             band_rows=band_rows)
+            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, z=counter.z,
+                                             series=counter.series, resume=resume, band_rows=band_rows)
             outcome.skipped = journal is None
             if journal is not None:
                 with journal:

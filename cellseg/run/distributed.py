@@ -112,7 +112,7 @@ def _plugin(name: str) -> CounterPlugin:
 def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=counter.series) as opened:
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal),
                        calibration=plugin.calibration)
         plan = run.plan(counter.tissue, model_diameter_px=counter.model_diameter_px,
@@ -133,7 +133,7 @@ def band_task(plugin_name: str, slide: str, planned: PlannedSlide, band: Band, j
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
     plan = planned.plan
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=counter.series) as opened:
         # Nothing here measures the cells: the pixels read are not kept.
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal), plan=plan,
                        keep_pixels=False, calibration=plugin.calibration)
@@ -143,12 +143,12 @@ def band_task(plugin_name: str, slide: str, planned: PlannedSlide, band: Band, j
 
 
 def finish_task(slide: str, planned: PlannedSlide, band_rows: int | None, journal: str, protocol: Protocol,
-                mpp: float | None, z: int | str | None, fingerprint: dict, distributed: dict, started: float,
-                done: list[BandDone]) -> dict:
+                mpp: float | None, z: int | str | None, series: int | None, fingerprint: dict, distributed: dict,
+                started: float, done: list[BandDone]) -> dict:
     """SlideRun.finish on the journaled bands; stage seconds include the plan's and the bands'. run.json records
     the journal's fingerprint and `distributed`, how the count was spread over the cluster."""
     folder = Path(journal)
-    with open_slide(slide, mpp=mpp, z=z) as opened:
+    with open_slide(slide, mpp=mpp, z=z, series=series) as opened:
         run = SlideRun(opened, protocol, journal=folder, band_rows=band_rows, plan=planned.plan, started=started)
         missing = sorted({b.index for b in run.bands()} - done_bands(folder))
         if missing:
@@ -359,7 +359,8 @@ class _Job:
             outcome = slide.outcome
             try:
                 slide.journal, outcome.summary = begin(outcome.slide, outcome.out, self.settings, mpp=self.spec.mpp,
-                                                       z=self.spec.z, resume=self.resume, band_rows=self.band_rows)
+                                                       z=self.spec.z, series=self.spec.series, resume=self.resume,
+                                                       band_rows=self.band_rows)
             except CellsegError as e:
                 outcome.error = e
                 continue
@@ -399,8 +400,8 @@ class _Job:
         spread = {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
                   "bands_from_journal": len(bands) - len(band_futures)}
         self._submit(slide, "finish", finish_task, slide.path, slide.planned, slide.journal.band_rows,
-                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, slide.journal.fingerprint, spread,
-                     slide.started, band_futures)
+                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, self.spec.series,
+                     slide.journal.fingerprint, spread, slide.started, band_futures)
 
     def _advance(self, slide: _Slide, tiles: int) -> None:
         slide.tiles_done += tiles

@@ -31,6 +31,7 @@ from .base import (
     ArrayLevel,
     Slide,
     SlideInfo,
+    check_series,
     error_text,
     find_channel_axis,
     mean_mpp,
@@ -45,8 +46,9 @@ BACKEND = "tifffile"
 READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error)
 
 
-def open_tiff(path: Path, z: int | str | None = None) -> Slide:
-    """The TIFF at `path`; `z` (base.z_choice): what of a Z-stack to read."""
+def open_tiff(path: Path, z: int | str | None = None, series: int | None = None) -> Slide:
+    """The TIFF at `path`; `z` (base.z_choice): what of a Z-stack to read; `series` (base.series_choice): which of
+    its images (tifffile's series: an OME-TIFF's Image elements in order), the first if None."""
     with ExitStack() as stack:  # closes the file if anything below fails
         # what tifffile logs instead of raising, kept from the console (propagate off) and judged below: the user
         # gets one line for a damaged file, not tifffile's records before it
@@ -57,8 +59,10 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
         propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
-            series = tf.series[0]  # SVS: the baseline; OME: the first image
-            levels = list(series.levels)
+            check_series(series, len(tf.series))
+            index = series or 0
+            image = tf.series[index]  # SVS: the baseline first; OME: the Image elements in order
+            levels = list(image.levels)
         except READ_ERRORS as e:
             raise SlideError(f"expected a readable TIFF, {path} is corrupt ({BACKEND}: {error_text(e)})") from e
         finally:
@@ -74,37 +78,41 @@ def open_tiff(path: Path, z: int | str | None = None) -> Slide:
         for msg in messages:
             log.warning("%s: tifffile: %s", path.name, msg)
         if len(tf.series) > 1:
-            log.info("%s holds %d image series; reading the first (%s)", path.name, len(tf.series),
-                     series.name or series.kind)
-        if 0 in series.shape:
-            raise SlideError(f"expected an image of positive size, {path} has shape {series.shape} "
-                             f"(axes {series.axes})")
-        channel_axis = find_channel_axis(series.axes, series.shape, z)
-        sizes = dict(zip(series.axes, series.shape))
-        if np.dtype(series.dtype).kind not in "biuf":
-            raise SlideError(f"expected integer or float pixels, {path} has {series.dtype}")
+            log.info("%s holds %d image series; reading series %d (%s)", path.name, len(tf.series), index,
+                     image.name or image.kind)
+        if 0 in image.shape:
+            raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
+                             f"(axes {image.axes})")
+        channel_axis = find_channel_axis(image.axes, image.shape, z)
+        sizes = dict(zip(image.axes, image.shape))
+        if np.dtype(image.dtype).kind not in "biuf":
+            raise SlideError(f"expected integer or float pixels, {path} has {image.dtype}")
         kept = []
         for i, lv in enumerate(levels):
             other = [(ax, n) for ax, n in zip(lv.axes, lv.shape) if ax not in "YX"]
-            if lv.axes != series.axes or other != [(ax, n) for ax, n in sizes.items() if ax not in "YX"]:
+            if lv.axes != image.axes or other != [(ax, n) for ax, n in sizes.items() if ax not in "YX"]:
                 log.warning("%s: pyramid level %d has axes %s %s unlike level 0 (%s %s); ignoring "
-                            "it and smaller levels", path.name, i, lv.axes, lv.shape, series.axes,
-                            series.shape)
+                            "it and smaller levels", path.name, i, lv.axes, lv.shape, image.axes,
+                            image.shape)
                 break
-            kept.append(_tiff_level(tf, series, i, lv, channel_axis, stack, z))
+            kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z))
         _check_complete(path, levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
-        mpp, source, names = _tiff_metadata(tf, n_channels)
+        mpp, source, names = _tiff_metadata(tf, image, index, n_channels)
         fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
                else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
                else "philips-tiff" if tf.is_philips else "tiff")
-        alike = [s.name or f"series {k}" for k, s in enumerate(tf.series) if _alike(s, series)] if tf.is_ome else []
-        warnings = (other_images_warning(path, alike, "OME images"),) if len(alike) > 1 else ()
+        alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome and series is None else []
+        warnings = (other_images_warning(path, [tf.series[k].name or f"series {k}" for k in alike], "OME images",
+                                         alike[0], alike[-1]),) if len(alike) > 1 else ()
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
-                         np.dtype(series.dtype).newbyteorder("="), names, mpp, source,
+                         np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
                                for lv in levels[:len(kept)]),
-                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings)
+                         details=(f"image {index} of 0-{len(tf.series) - 1}: {image.name or image.kind}",)
+                         if len(tf.series) > 1 and (tf.is_ome or series is not None) else (),
+                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings,
+                         series=series)
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
@@ -248,13 +256,14 @@ def _check_complete(path: Path, levels) -> None:
                                  f"byte {end:,} but the file has {size:,} bytes ({BACKEND})")
 
 
-def _tiff_metadata(tf, n_channels: int) -> tuple[float | None, str, tuple[str, ...] | None]:
-    """Pixel size (µm), where it came from, and channel names, in order of trust."""
-    page = tf.pages.first
+def _tiff_metadata(tf, image, index: int, n_channels: int) -> tuple[float | None, str, tuple[str, ...] | None]:
+    """Pixel size (µm), where it came from, and channel names, in order of trust, of tifffile's series `index`
+    (`image`)."""
+    page = image.keyframe
     why = []
     names = None
     if tf.is_ome:
-        mpp, names, reason = _ome(tf.ome_metadata, n_channels)
+        mpp, names, reason = _ome(tf.ome_metadata, n_channels, index)
         if mpp:
             return mpp, "ome", names
         why.append(reason)
@@ -283,13 +292,17 @@ def _tiff_metadata(tf, n_channels: int) -> tuple[float | None, str, tuple[str, .
     return None, "none: " + "; ".join(why) + "; pass --mpp", names
 
 
-def _ome(xml: str, n_channels: int) -> tuple[float | None, tuple[str, ...] | None, str]:
+def _ome(xml: str, n_channels: int, index: int = 0) -> tuple[float | None, tuple[str, ...] | None, str]:
+    """The pixel size and channel names of the OME-XML's Image `index` (tifffile makes one series of each, in
+    order)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
         log.warning("ignoring unreadable OME-XML: %s", e)
         return None, None, "the OME-XML is unreadable"
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    images = [el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
+    image = images[index] if index < len(images) else root
+    pixels = next((el for el in image.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     if pixels is None:
         return None, None, "the OME-XML has no Pixels element"
     chans = [el.get("Name") for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]

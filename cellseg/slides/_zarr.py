@@ -20,6 +20,7 @@ from .base import (
     ArrayLevel,
     Slide,
     SlideInfo,
+    check_series,
     error_text,
     find_channel_axis,
     mean_mpp,
@@ -34,8 +35,9 @@ READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, TypeError, IndexErro
 _DEFAULT_AXES = "tczyx"   # NGFF 0.1/0.2 had no axes metadata: always 5-D in this order
 
 
-def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None) -> Slide:
-    """The OME-Zarr image in `folder` (`path`: what the user named); `z` (base.z_choice): what of a Z-stack to read."""
+def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: int | None = None) -> Slide:
+    """The OME-Zarr image in `folder` (`path`: what the user named); `z` (base.z_choice): what of a Z-stack to read;
+    `series` (base.series_choice): which series of a bioformats2raw folder, the first (0) if None."""
     try:
         group = zarr.open_group(str(folder), mode="r")
         attrs = group.attrs.asdict()
@@ -46,26 +48,35 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None) -> Slide
     details = [f"zarr v{group.metadata.zarr_format}"]
     warnings: tuple[str, ...] = ()
     if "multiscales" not in ome and "bioformats2raw.layout" in ome and "0" in group:
-        log.info("%s is a bioformats2raw folder; reading its series 0", path.name)
-        details.append("bioformats2raw layout: series 0")
-        root, group = group, group["0"]
+        count = 1
+        while str(count) in group:      # the series are the folders 0, 1, ... in order
+            count += 1
+        check_series(series, count)
+        index = series or 0
+        log.info("%s is a bioformats2raw folder of %d series; reading series %d", path.name, count, index)
+        details.append(f"bioformats2raw layout: series {index} of 0-{count - 1}")
+        root, group = group, group[str(index)]
         attrs = group.attrs.asdict()
         ome = attrs.get("ome", attrs)
-        alike = _series_alike(root, _level0(group, ome))
+        alike = _series_alike(root, _level0(group, ome)) if series is None else []
         if len(alike) > 1:
-            warnings = (other_images_warning(path, [f"series {k}" for k in alike], "bioformats2raw series"),)
+            warnings = (other_images_warning(path, [f"series {k}" for k in alike], "bioformats2raw series",
+                                             alike[0], alike[-1]),)
+    else:
+        check_series(series, 1)
     if "multiscales" not in ome:
         kind = "an HCS plate" if "plate" in ome else "a well" if "well" in ome else "no multiscale image"
         raise SlideError(f"expected OME-Zarr multiscales metadata (an NGFF image), {path} holds {kind}; "
                          f"name the image's own folder (e.g. plate/A/1/0)")
     try:
-        return _open(path, group, ome, details, z, warnings)
+        return _open(path, group, ome, details, z, warnings, series)
     except (*READ_ERRORS, AttributeError) as e:
         raise SlideError(f"expected valid OME-Zarr multiscales metadata in {path} ({BACKEND}: "
                          f"{error_text(e)})") from e
 
 
-def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None, warnings: tuple[str, ...]) -> Slide:
+def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None, warnings: tuple[str, ...],
+          series: int | None) -> Slide:
     ms = ome["multiscales"][0]
     version = ome.get("version") or ms.get("version", "?")
     details.insert(0, f"NGFF {version}, {len(ms['datasets'])} level(s): " + ", ".join(d["path"] for d in ms["datasets"]))
@@ -97,7 +108,8 @@ def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None,
     mpp, source = _mpp(ms, axes_meta, names)
     info = SlideInfo(path, "ome-zarr", BACKEND, sizes[0][0], sizes[0][1], n_channels,
                      np.dtype(first.dtype).newbyteorder("="), _channel_names(ome, n_channels), mpp, source,
-                     tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None, warnings=warnings)
+                     tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None, warnings=warnings,
+                     series=series)
     return Slide(info, levels, None, READ_ERRORS)
 
 

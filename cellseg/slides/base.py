@@ -61,6 +61,26 @@ def z_choice(value) -> int | str | None:
     raise ParameterError(f"expected --z max, mean or a plane number from 1, got {value!r}")
 
 
+def series_choice(value) -> int | None:
+    """`series` as open_slide takes it, checked: None (the file's first image), or the number of one of the images
+    of a multi-image file (the positions of an OME-TIFF, a bioformats2raw folder's series), counted from 0 as the
+    OME-XML (Image:0), bioformats2raw's folders and `bfconvert -series` count them. Text ("3") is read too."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = int(value.strip()) if value.strip().isdigit() else value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ParameterError(f"expected --series N, an image of the file counted from 0, got {value!r}")
+
+
+def check_series(series: int | None, images: int) -> None:
+    """An image number beyond the file's images is the user's mistake: one line saying how many there are."""
+    if series is not None and not 0 <= series < images:
+        what = f"0-{images - 1} (the file's {images} images)" if images > 1 else "0 (the file holds one image)"
+        raise ParameterError(f"expected --series {what}, got --series {series}")
+
+
 def z_text(z: int | str | None, planes: int) -> str:
     """What of an image is read, in words: 'plane 5 of a 12-plane Z-stack', 'max projection of a 12-plane
     Z-stack', 'a 2-D image'."""
@@ -89,6 +109,7 @@ class SlideInfo:
     z: int | str | None = None  # what of a Z-stack is read (z_choice): a plane from 1, "max" or "mean"; None if 2-D
     # what of the file is not read that a user must know of (other positions of a multi-image file), each a sentence
     warnings: tuple[str, ...] = ()
+    series: int | None = None  # the image read of a file holding several (series_choice, from 0); None: the first
 
 
 class Level(TypingProtocol):
@@ -303,12 +324,13 @@ def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = N
                 f"shape {tuple(shape)}{hint}")
 
 
-def other_images_warning(path: Path, names: list[str], how: str) -> str:
-    """The sentence for a file holding several images like the one read (positions of one acquisition): only the
-    first is counted. names: every such image's name, the one read first; how: how the file names its images."""
+def other_images_warning(path: Path, names: list[str], how: str, first: int, last: int) -> str:
+    """The sentence for a file holding several images like the one read (positions of one acquisition) when no
+    --series chose one: only the first is counted. names: every such image's name, the one read first; how: how
+    the file names its images; first, last: the --series numbers of the first and last of them."""
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     return (f"{path.name} holds {len(names)} images like the one counted ({how}: {shown}): only the first, "
-            f"{names[0]}, is counted; to count the others, save each as a file of its own (e.g. bfconvert -series N)")
+            f"{names[0]}, is counted; to count another, pass --series N ({first}-{last})")
 
 
 def check_plane(z: int | str | None, planes: int) -> None:

@@ -187,6 +187,24 @@ def test_a_z_stack_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
     assert json_summary(tmp_path / "dask", "run.json")["fingerprint"]["options"]["z"] == "mean"
 
 
+@pytest.mark.slow
+def test_a_chosen_image_of_a_multi_image_file_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
+    """Every task opens the same --series (plan, bands, the final step): the one-process result, not the first's."""
+    paths, labels = slides
+    flat = tifffile.imread(paths[0])
+    plate = tmp_path / "plate.ome.tif"
+    with tifffile.TiffWriter(plate, ome=True) as tw:
+        for k, image in enumerate((flat // 3, flat)):
+            tw.write(image, metadata={"axes": "YX", "Name": f"pos{k}"})
+    spec = LabelCounterSpec(PROTOCOL, labels, series=1)
+    reference = one_process(spec, plate, tmp_path / "one")
+    assert_same_result(one_process(LabelCounterSpec(PROTOCOL, labels), paths[0], tmp_path / "flat"), reference)
+    (outcome,) = count_on_dask(spec, [(plate, tmp_path / "dask")], scheduler=cluster.scheduler_address, band_rows=2)
+    assert outcome.error is None and outcome.summary["series"] == 1
+    assert_same_result(reference, tmp_path / "dask")
+    assert json_summary(tmp_path / "dask", "run.json")["fingerprint"]["options"]["series"] == 1
+
+
 def corrupt_tiff(path: Path) -> Path:
     """A tiled TIFF whose header is sound and whose last tile's compressed bytes are zeros."""
     rng = np.random.default_rng(0)

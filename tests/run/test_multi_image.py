@@ -1,33 +1,101 @@
 """A file holding several images like the one counted (the positions of a multi-position acquisition in one
-OME-TIFF): the count says, as it starts and first among the report's warnings, that only the first was counted."""
+OME-TIFF): without --series the count says, as it starts and first among the report's warnings, that only the first
+was counted; with --series N it counts image N as that image saved on its own, and the result says which."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import logging
 
 import numpy as np
+import pytest
 import tifffile
 
+from cellseg.errors import JournalError
 from cellseg.planning import Protocol
+from cellseg.run import count_serially, measuring
 
-from ..helpers import LabelCounterSpec, random_cells
+from ..helpers import FAST, LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
 
 PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 
 
-def test_a_count_of_a_multi_position_file_says_only_the_first_position_was_counted(tmp_path, caplog):
+@pytest.fixture
+def plate(tmp_path):
+    """An OME-TIFF of two positions (0.5 µm px) whose pixels differ everywhere, and the label image of both."""
     labels = random_cells(80, 90, max_diameter=10, n=60, seed=4)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
+    rng = np.random.default_rng(4)
+    images = [((labels > 0) * level + rng.integers(0, 40, labels.shape)).astype(np.uint8) for level in (150, 90)]
     with tifffile.TiffWriter(tmp_path / "plate.ome.tif", ome=True) as tw:
-        for k in range(2):
-            tw.write(((labels > 0) * 150 + 10 * k).astype(np.uint8), metadata={"axes": "YX", "Name": f"A{k + 1}"})
+        for k, image in enumerate(images):
+            tw.write(image, metadata={"axes": "YX", "Name": f"A{k + 1}", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    return tmp_path / "plate.ome.tif", tmp_path / "labels.tif", images
+
+
+def test_a_count_of_a_multi_position_file_says_only_the_first_position_was_counted(tmp_path, plate, caplog):
+    path, labels, _ = plate
     with caplog.at_level(logging.WARNING):
-        summary = LabelCounterSpec(PROTOCOL, tmp_path / "labels.tif").load().count(tmp_path / "plate.ome.tif",
-                                                                                   tmp_path / "out")
+        summary = LabelCounterSpec(PROTOCOL, labels).load().count(path, tmp_path / "out")
     said = ("plate.ome.tif holds 2 images like the one counted (OME images: A1, A2): only the first, A1, is counted; "
-            "to count the others, save each as a file of its own (e.g. bfconvert -series N)")
+            "to count another, pass --series N (0-1)")
     assert [r.getMessage() for r in caplog.records].count(said) == 1      # once, as the count starts
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written["file_warnings"] == [said] and written["warnings"][0] == said == summary["warnings"][0]
+    assert written["series"] is None
     assert said in (tmp_path / "out" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("processes", [0, 1])     # measured in the count's thread, and in a process of its own
+def test_series_counts_that_image_as_if_saved_on_its_own(tmp_path, plate, monkeypatch, processes):
+    path, labels, images = plate
+    monkeypatch.setattr(measuring, "measure_processes", processes)
+    flat = tmp_path / "flat.ome.tif"
+    tifffile.imwrite(flat, images[1], metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    (reference,) = count_serially(spec.load(), [(flat, tmp_path / "flat")])
+    (outcome,) = count_serially(dataclasses.replace(spec, series=1).load(), [(path, tmp_path / "s1")])
+    assert reference.error is None and outcome.error is None
+    assert_same_result(tmp_path / "flat", tmp_path / "s1")      # cells.csv's intensities are the second image's
+    summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
+    assert (summary["series"], summary["file_warnings"], summary["cell_count"] > 30) == (1, [], True)
+    assert json.loads((tmp_path / "s1" / "run.json").read_text())["series"] == 1
+    said = "image 1 of the file (--series)"
+    assert said in (tmp_path / "s1" / "report.html").read_text()
+    rebuilt = invoke(["report", tmp_path / "s1"])     # the crops read again from the image counted
+    assert rebuilt.exit_code == 0, rebuilt.output
+    page = (tmp_path / "s1" / "report.html").read_text()
+    assert said in page and "crops left out" not in page and "data:image/png;base64" in page
+
+
+def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):
+    path, labels, _ = plate
+    out = tmp_path / "out"
+    spec = LabelCounterSpec(PROTOCOL, labels, series=1)
+    (done,) = count_serially(spec.load(), [(path, out)])
+    (again,) = count_serially(spec.load(), [(path, out)], resume=True)     # the same count: skipped
+    assert done.error is None and again.skipped
+    (other,) = count_serially(dataclasses.replace(spec, series=0).load(), [(path, out)], resume=True)
+    assert isinstance(other.error, JournalError)
+    assert "series: 1 there, 0 here" in str(other.error)
+
+
+def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate, tiny_bundle):
+    path, _, images = plate
+    assert_user_error(invoke(["count", path, "--series", "2", "-o", tmp_path / "out"]), 2,
+                      "expected --series 0-1 (the file's 2 images), got --series 2")
+    assert not (tmp_path / "out").exists()
+    result = invoke(["count", path, "--series", "-1", "-o", tmp_path / "out"])
+    assert result.exit_code == 2 and "--series" in result.stderr and not (tmp_path / "out").exists()
+    result = invoke(["info", path, "--series", "1"])
+    assert result.exit_code == 0, result.output
+    assert "image       1 of the file's images (--series)" in result.output and "warning" not in result.output
+    tifffile.imwrite(tmp_path / "flat.tif", images[0])      # a cohort: the plate's row says which image it counted
+    result = invoke(["count", path, tmp_path / "flat.tif", "--series", "0", "--mpp", "0.5", *FAST,
+                     "--model", tiny_bundle, "-o", tmp_path / "cohort"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "cohort" / "summary.csv", newline="") as f:
+        rows = {row["input"]: row for row in csv.DictReader(f)}
+    assert rows[str(path)]["series"] == "0" and rows[str(tmp_path / "flat.tif")]["series"] == "0"

@@ -374,8 +374,14 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
     with open_slide(root) as s:
         assert s.info.warnings == (
             "converted.zarr holds 2 images like the one counted (bioformats2raw series: series 0, series 1): only the "
-            "first, series 0, is counted; to count the others, save each as a file of its own (e.g. bfconvert "
-            "-series N)",)
+            "first, series 0, is counted; to count another, pass --series N (0-1)",)
+    with open_slide(root, series=1) as s:   # another position, chosen: read, said, and no warning
+        assert (s.info.levels, s.info.series, s.info.warnings) == (((30, 50),), 1, ())
+        assert any("series 1 of 0-2" in d for d in s.info.details)
+    with pytest.raises(ParameterError, match=r"^expected --series 0-2 \(the file's 3 images\), got --series 3$"):
+        open_slide(root, series=3)
+    with pytest.raises(ParameterError, match=r"^expected --series 0 \(the file holds one image\), got --series 1$"):
+        open_slide(root / "1", series=1)    # an OME-Zarr image of its own
 
 
 @pytest.mark.slow

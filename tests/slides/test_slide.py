@@ -162,16 +162,32 @@ def test_reduced_pages_as_series_levels(tmp_path):
         np.testing.assert_array_equal(s.read_region(Box(0, 0, 128, 160), level=1)[..., 0], a[::2, ::2])
 
 
-def test_a_multi_image_ome_tiff_warns_that_only_its_first_image_is_counted(tmp_path):
+def test_a_multi_image_ome_tiff_warns_that_only_its_first_image_is_counted_unless_series_picks_one(tmp_path):
     with tifffile.TiffWriter(tmp_path / "m.ome.tif", ome=True) as tw:
-        for k in range(3):      # three positions of one acquisition, then a small RGB overview
-            tw.write(np.full((64, 80), 10 * k, np.uint8), metadata={"axes": "YX", "Name": f"pos{k}"})
+        for k in range(3):      # three positions of one acquisition, each its own pixel size, then an overview
+            tw.write(np.full((64, 80 + k), 10 * k, np.uint8), metadata={
+                "axes": "YX", "Name": f"pos{k}", "PhysicalSizeX": 0.5 * (k + 1), "PhysicalSizeY": 0.5 * (k + 1)})
         tw.write(np.zeros((8, 10, 3), np.uint8), photometric="rgb", metadata={"axes": "YXS", "Name": "overview"})
     with open_slide(tmp_path / "m.ome.tif") as s:
         assert s.info.warnings == (
             "m.ome.tif holds 3 images like the one counted (OME images: pos0, pos1, pos2): only the first, pos0, is "
-            "counted; to count the others, save each as a file of its own (e.g. bfconvert -series N)",)
-        assert full(s).max() == 0      # the first position's pixels
+            "counted; to count another, pass --series N (0-2)",)
+        assert full(s).max() == 0 and s.info.mpp == 0.5 and s.info.series is None     # the first position's
+    for k in (0, 2):        # the position chosen: its pixels, size and pixel size; no warning
+        with open_slide(tmp_path / "m.ome.tif", series=k) as s:
+            assert (s.info.series, s.info.width, s.info.mpp, s.info.warnings) == (k, 80 + k, 0.5 * (k + 1), ())
+            assert np.all(full(s) == 10 * k)
+    with open_slide(tmp_path / "m.ome.tif", series="3") as s:    # the overview, as the command line names it
+        assert s.info.n_channels == 3 and s.info.height == 8
+    with pytest.raises(ParameterError, match=r"^expected --series 0-3 \(the file's 4 images\), got --series 4$"):
+        open_slide(tmp_path / "m.ome.tif", series=4)
+    with pytest.raises(ParameterError, match=r"^expected --series N, an image of the file counted from 0, got -1$"):
+        open_slide(tmp_path / "m.ome.tif", series=-1)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "one.png")     # a format of one image
+    with open_slide(tmp_path / "one.png", series=0) as s:
+        assert s.info.series == 0
+    with pytest.raises(ParameterError, match=r"^expected --series 0 \(the file holds one image\), got --series 1$"):
+        open_slide(tmp_path / "one.png", series=1)
     with tifffile.TiffWriter(tmp_path / "one.ome.tif", ome=True) as tw:     # an image and its overview: no warning
         tw.write(np.ones((64, 80), np.uint8), metadata={"axes": "YX"})
         tw.write(np.zeros((8, 10, 3), np.uint8), photometric="rgb", metadata={"axes": "YXS"})
