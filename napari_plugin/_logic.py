@@ -125,6 +125,18 @@ def region_box(vertices, image_shape: tuple[int, int]) -> Box:
     return box
 
 
+def displayed_plane(data, rgb: bool, point) -> tuple[object, tuple[int, ...]]:
+    """The 2-D image (h, w) or RGB (h, w, 3|4) of an n-D layer's `data` that the viewer shows at `point` (the
+    layer's data coordinates, Layer.world_to_data of the viewer's dims.point), and its indices along the leading
+    axes (napari's, from 0; () for a 2-D image). A Z-stack or time series opened by napari's own reader is counted as
+    the plane on screen, as `cellseg count --z N` counts plane N; lazy data (dask, zarr) stays lazy."""
+    leading = data.ndim - (3 if rgb else 2)
+    if leading <= 0:
+        return data, ()
+    at = tuple(min(max(int(round(float(p))), 0), n - 1) for p, n in zip(list(point)[:leading], data.shape))
+    return data[at], at
+
+
 def array_reader(data) -> Callable[[Box], np.ndarray]:
     """read(box) -> (h, w, C) pixels of a 2-D (h, w) or RGB(A) (h, w, 3|4) array-like (numpy, dask, zarr,
     LazyLevel), one region at a time; alpha is dropped."""

@@ -212,13 +212,17 @@ class CellsegWidget(QWidget):
         if image is None:
             raise CellsegError("expected an image layer to count, found none (open a slide first)")
         meta = image.metadata.get("cellseg", {})
-        level0 = image.data[0] if image.multiscale else image.data
+        # a stack (Z, time) from napari's own reader: the plane on screen
+        level0, plane = _logic.displayed_plane(image.data[0] if image.multiscale else image.data, image.rgb,
+                                               image.world_to_data(self.viewer.dims.point))
         shape = tuple(int(n) for n in level0.shape[:2])
         output = self.output_edit.text().strip()
         request = CountRequest(slide=None, protocol=self.protocol_combo.currentText(),
                                device=self.device_combo.currentText(), model=self.model_edit.text().strip() or None,
-                               output=Path(output) if output else None, name=image.name,
-                               mpp=_pixel_size(self.mpp_edit.text()))
+                               output=Path(output) if output else None,
+                               name=image.name + "".join(f"_{k}" for k in plane),
+                               mpp=_pixel_size(self.mpp_edit.text()),
+                               extra={"plane": list(plane)} if plane else {})
         if meta.get("kind") == "slide" and meta.get("path") and Path(meta["path"]).is_file():
             request.slide = Path(meta["path"])
             request.channel = meta.get("channel")

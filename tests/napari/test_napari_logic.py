@@ -355,6 +355,18 @@ def test_write_region_tiff_round_trip(tmp_path, channels, names):
         assert (list(slide.info.channel_names or []) or None) == names
 
 
+def test_a_stack_is_counted_at_the_plane_on_screen():
+    stack = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)       # (T, Z, Y, X)
+    plane, at = _logic.displayed_plane(stack, False, (1.2, 2.0, 0.0, 0.0))
+    assert at == (1, 2) and np.array_equal(plane, stack[1, 2])
+    plane, at = _logic.displayed_plane(stack, False, (-3, 9, 0, 0))       # beyond the axes: their first and last
+    assert at == (0, 2) and np.array_equal(_logic.array_reader(plane)(Box(0, 0, 4, 5))[..., 0], stack[0, 2])
+    rgb = np.zeros((3, 4, 5, 3))
+    assert _logic.displayed_plane(rgb, True, (2, 0, 0, 0))[1] == (2,)
+    assert _logic.displayed_plane(rgb[0], True, (0, 0, 0))[1] == () and _logic.displayed_plane(stack[0, 0], False,
+                                                                                               (0, 0))[1] == ()
+
+
 def test_array_reader_refuses_stacks():
     with pytest.raises(ParameterError, match="2-D"):
         _logic.array_reader(np.zeros((3, 10, 10, 2)))

@@ -18,6 +18,7 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os
                 allow_module_level=True)
 
 from cellseg.errors import CellsegError  # noqa: E402
+from cellseg.geometry import Box  # noqa: E402
 from cellseg_napari._lazy import LazyLevel  # noqa: E402
 from cellseg_napari._widget import WHOLE_IMAGE, CellsegWidget, camera  # noqa: E402
 
@@ -401,6 +402,17 @@ def test_the_pixel_size_field_gives_an_image_without_one_its_pixel_size(make_nap
     widget.mpp_edit.setText("quarter")
     with pytest.raises(CellsegError, match="expected a pixel size in µm/px"):
         widget.request()
+
+
+def test_a_stack_from_napari_s_own_reader_is_counted_at_the_plane_on_screen(make_napari_viewer):
+    """A Z-stack layer (not cellseg's reader: an array) gives the widget the plane the viewer shows, as --z would."""
+    viewer = make_napari_viewer()
+    stack = np.stack([np.full((64, 80), 10 * k, np.uint8) for k in range(4)])
+    viewer.add_image(stack, name="confocal")
+    viewer.dims.set_current_step(0, 2)
+    request = CellsegWidget(viewer).request()
+    assert (request.name, request.shape, request.extra, request.n_channels) == ("confocal_2", (64, 80), {"plane": [2]}, 1)
+    assert np.all(request.read(Box(0, 0, 64, 80)) == 20)
 
 
 @pytest.mark.slow
