@@ -52,7 +52,6 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         str(info.path),
         f"  format      {info.format}, read by {info.backend}",
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
-        *([f"  image       {info.series} of the file's images (--series)"] if info.series is not None else []),
         *([f"  z-stack     {info.z_planes} planes (1-{info.z_planes}): " + _z_line(info.z)] if info.z_planes > 1 else []),
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",

@@ -95,10 +95,10 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
         slide.info = dataclasses.replace(slide.info, mpp=float(mpp), mpp_source="override")
     slide.skip_unreadable = bool(skip_unreadable)
     i = slide.info
-    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)%s", path.name, i.format,
+    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)%s%s", path.name, i.format,
              i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels),
-             f", {z_text(i.z, i.z_planes)}" if i.z_planes > 1 else "") if i.series is None else \
-        log.info("opened %s series %d: %s (%s) %dx%d px", path.name, i.series, i.format, i.backend, i.height, i.width)
+             f", {z_text(i.z, i.z_planes)}" if i.z_planes > 1 else "",
+             f", image {i.series} of the file" if i.series is not None else "")
     return slide
 
 

@@ -91,7 +91,7 @@ def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate,
     assert result.exit_code == 2 and "--series" in result.stderr and not (tmp_path / "out").exists()
     result = invoke(["info", path, "--series", "1"])
     assert result.exit_code == 0, result.output
-    assert "image       1 of the file's images (--series)" in result.output and "warning" not in result.output
+    assert "note        image 1 of 0-1 (--series): A2" in result.output and "warning" not in result.output
     tifffile.imwrite(tmp_path / "flat.tif", images[0])      # a cohort: the plate's row says which image it counted
     result = invoke(["count", path, tmp_path / "flat.tif", "--series", "0", "--mpp", "0.5", *FAST,
                      "--model", tiny_bundle, "-o", tmp_path / "cohort"])
