@@ -265,6 +265,27 @@ def assert_same_result(a: Path, b: Path) -> None:
     assert np.array_equal(tifffile.imread(a / "labels.ome.tif"), tifffile.imread(b / "labels.ome.tif"))
 
 
+def assert_report_reads_the_slide_as_counted(folder: Path, said: str) -> None:
+    """The report of the result in `folder` says `said` (what of the file was counted), and says it again with its
+    crops when `cellseg report` rebuilds it, reading the slide back as run.json says it was counted."""
+    assert said in (folder / "report.html").read_text()
+    rebuilt = invoke(["report", folder])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    page = (folder / "report.html").read_text()
+    assert said in page and "crops left out" not in page and "data:image/png;base64" in page
+
+
+def resumed_with_other_settings(spec, other, slide: Path, out: Path):
+    """The outcome of resuming `spec`'s count of `slide` into `out` with the counter spec `other` (after checking that
+    resuming with `spec` itself skips the complete result)."""
+    from cellseg.run import count_serially
+    (done,) = count_serially(spec.load(), [(slide, out)])
+    (again,) = count_serially(spec.load(), [(slide, out)], resume=True)     # the same count: skipped
+    assert done.error is None and again.skipped
+    (resumed,) = count_serially(other.load(), [(slide, out)], resume=True)
+    return resumed
+
+
 def assert_nothing_left(folder: Path, before: set[str]) -> None:
     after = listing(folder)
     assert after == before, f"left behind: {sorted(after - before)}, removed: {sorted(before - after)}"

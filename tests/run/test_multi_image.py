@@ -17,7 +17,16 @@ from cellseg.errors import JournalError
 from cellseg.planning import Protocol
 from cellseg.run import count_serially, measuring
 
-from ..helpers import FAST, LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+from ..helpers import (
+    FAST,
+    LabelCounterSpec,
+    assert_report_reads_the_slide_as_counted,
+    assert_same_result,
+    assert_user_error,
+    invoke,
+    random_cells,
+    resumed_with_other_settings,
+)
 
 PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 
@@ -62,22 +71,13 @@ def test_series_counts_that_image_as_if_saved_on_its_own(tmp_path, plate, monkey
     summary = json.loads((tmp_path / "s1" / "summary.json").read_text())
     assert (summary["series"], summary["file_warnings"], summary["cell_count"] > 30) == (1, [], True)
     assert json.loads((tmp_path / "s1" / "run.json").read_text())["series"] == 1
-    said = "image 1 of the file (--series)"
-    assert said in (tmp_path / "s1" / "report.html").read_text()
-    rebuilt = invoke(["report", tmp_path / "s1"])     # the crops read again from the image counted
-    assert rebuilt.exit_code == 0, rebuilt.output
-    page = (tmp_path / "s1" / "report.html").read_text()
-    assert said in page and "crops left out" not in page and "data:image/png;base64" in page
+    assert_report_reads_the_slide_as_counted(tmp_path / "s1", "image 1 of the file (--series)")
 
 
 def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):
     path, labels, _ = plate
-    out = tmp_path / "out"
     spec = LabelCounterSpec(PROTOCOL, labels, series=1)
-    (done,) = count_serially(spec.load(), [(path, out)])
-    (again,) = count_serially(spec.load(), [(path, out)], resume=True)     # the same count: skipped
-    assert done.error is None and again.skipped
-    (other,) = count_serially(dataclasses.replace(spec, series=0).load(), [(path, out)], resume=True)
+    other = resumed_with_other_settings(spec, dataclasses.replace(spec, series=0), path, tmp_path / "out")
     assert isinstance(other.error, JournalError)
     assert "series: 1 there, 0 here" in str(other.error)
 

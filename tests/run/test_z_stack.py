@@ -17,7 +17,16 @@ from cellseg.errors import JournalError
 from cellseg.planning import Protocol
 from cellseg.run import count_serially, measuring
 
-from ..helpers import FAST, LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+from ..helpers import (
+    FAST,
+    LabelCounterSpec,
+    assert_report_reads_the_slide_as_counted,
+    assert_same_result,
+    assert_user_error,
+    invoke,
+    random_cells,
+    resumed_with_other_settings,
+)
 
 PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 
@@ -51,22 +60,14 @@ def test_a_plane_or_a_projection_counts_as_that_2d_image(tmp_path, stack, monkey
     summary = json.loads((tmp_path / "z" / "summary.json").read_text())
     assert (summary["z_planes"], summary["z"]) == (3, z) and summary["cell_count"] > 50
     assert json.loads((tmp_path / "z" / "run.json").read_text())["z"] == z
-    said = "plane 2 of a 3-plane Z-stack" if z == 2 else f"{z} projection of a 3-plane Z-stack"
-    assert said in (tmp_path / "z" / "report.html").read_text()
-    rebuilt = invoke(["report", tmp_path / "z"])     # the crops read again from the stack, as counted
-    assert rebuilt.exit_code == 0, rebuilt.output
-    page = (tmp_path / "z" / "report.html").read_text()
-    assert said in page and "crops left out" not in page and "data:image/png;base64" in page
+    assert_report_reads_the_slide_as_counted(
+        tmp_path / "z", "plane 2 of a 3-plane Z-stack" if z == 2 else f"{z} projection of a 3-plane Z-stack")
 
 
 def test_resume_refuses_a_journal_of_another_z(tmp_path, stack):
     path, labels, _ = stack
-    out = tmp_path / "out"
     spec = LabelCounterSpec(PROTOCOL, labels, z="max")
-    (done,) = count_serially(spec.load(), [(path, out)])
-    (again,) = count_serially(spec.load(), [(path, out)], resume=True)     # the same count: skipped
-    assert done.error is None and again.skipped
-    (other,) = count_serially(dataclasses.replace(spec, z=1).load(), [(path, out)], resume=True)
+    other = resumed_with_other_settings(spec, dataclasses.replace(spec, z=1), path, tmp_path / "out")
     assert isinstance(other.error, JournalError)
     assert "z: 'max' there, 1 here" in str(other.error)
 
