@@ -59,21 +59,42 @@ def result_stem(path: Path) -> str:
     return path.stem
 
 
-def plan_outputs(inputs: tuple[Path, ...], output: Path | None) -> list[Path]:
-    """The result folder of each input: beside it as STEM.cellseg/, -o DIR for one input, DIR/STEM/ for many."""
-    if len(inputs) == 1:
-        return [output if output is not None else inputs[0].parent / f"{result_stem(inputs[0])}.cellseg"]
+def plan_outputs(images: list[tuple[Path, int | None]], output: Path | None) -> list[Path]:
+    """The result folder of each (input, image of it) to count: beside it as STEM.cellseg/, -o DIR for one, DIR/STEM/
+    for many; an image N of a multi-image file (`--series all`, else None) is STEM_sN."""
+    stems = [result_stem(p) + (f"_s{k}" if k is not None else "") for p, k in images]
+    if len(images) == 1:
+        return [output if output is not None else images[0][0].parent / f"{stems[0]}.cellseg"]
     if output is None:
-        outs = [p.parent / f"{result_stem(p)}.cellseg" for p in inputs]
+        outs = [p.parent / f"{stem}.cellseg" for (p, _), stem in zip(images, stems)]
     else:
-        outs = [output / result_stem(p) for p in inputs]
+        outs = [output / stem for stem in stems]
     seen: dict[Path, Path] = {}
-    for p, o in zip(inputs, outs):
+    for (p, _), o in zip(images, outs):
         if o in seen:
             raise ParameterError(f"expected inputs with distinct names, got {seen[o]} and {p} which would both "
                                  f"write {o}")
         seen[o] = p
     return outs
+
+
+def images_to_count(inputs: tuple[Path, ...], series: int | str | None, mpp: float | None,
+                    z: int | str | None) -> list[tuple[Path, int | None]]:
+    """(input, image) of each count: with `--series all` one for each position of a multi-image file
+    (slides.SlideInfo.positions), else (or for a file of one image, or one that cannot be opened, whose count will say
+    why) the input itself with None: the counter's --series."""
+    if series != "all":
+        return [(p, None) for p in inputs]
+    from .slides import open_slide
+    images = []
+    for path in inputs:
+        try:
+            with open_slide(path, mpp=mpp, z=z) as slide:
+                positions = slide.info.positions
+        except CellsegError:
+            positions = ()
+        images += [(path, k) for k in positions] or [(path, None)]
+    return images
 
 
 class _Diameter(click.ParamType):
@@ -92,6 +113,21 @@ class _Diameter(click.ParamType):
         if not (math.isfinite(diameter) and diameter > 0):
             self.fail(f"expected a diameter > 0 px, got {value}", param, ctx)
         return diameter
+
+
+class _Series(click.ParamType):
+    """--series N|all: which image of a multi-image file is counted (slides.series_choice), or each of its positions."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        from .slides import series_choice
+        if value == "all":
+            return value
+        try:
+            return series_choice(value)
+        except ParameterError as e:
+            self.fail(f"{e} or all", param, ctx)
 
 
 class _Z(click.ParamType):
@@ -157,10 +193,10 @@ _MPP_OPTION = click.option("--mpp", type=_POSITIVE, default=None,
 _Z_OPTION = click.option("--z", "z", type=_Z(), default=None,
                          help="A Z-stack's plane to count, from 1 as Fiji counts (napari's slider counts from 0), or "
                               "max or mean for a projection of all its planes. Without it a Z-stack is refused.")
-_SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, metavar="N",
-                              help="Which image of a file holding several to count (an OME-TIFF's positions, a "
-                                   "bioformats2raw folder's series), from 0 as its OME-XML and bfconvert number them. "
-                                   "Default: the first, with a warning naming the others.")
+_SERIES_HELP = ("Which image of a file holding several to count (an OME-TIFF's positions, a bioformats2raw folder's "
+                "series), from 0 as its OME-XML and bfconvert number them. Default: the first, with a warning naming "
+                "the others.")
+_SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, metavar="N", help=_SERIES_HELP)
 
 
 @main.command()
@@ -172,7 +208,8 @@ _SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_MPP_OPTION
 @_Z_OPTION
-@_SERIES_OPTION
+@click.option("--series", type=_Series(), default=None,
+              help=_SERIES_HELP + " 'all': each of its positions, a result folder STEM_sN each (and summary.csv).")
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled so "
                    "nuclei reach the model at its training size; 'native': not resampled. Default: the pixel size "
@@ -229,11 +266,13 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
     if regions_file is not None:
         from .planning import load_regions
         regions = load_regions(regions_file, regions_units)
-    outputs = plan_outputs(inputs, output)
-    summary_csv = output / "summary.csv" if output is not None and len(inputs) > 1 else None
+    images = images_to_count(inputs, series, mpp, z)
+    series = None if series == "all" else series        # the counter's; each position of `all` is its job's
+    outputs = plan_outputs(images, output)
+    summary_csv = output / "summary.csv" if output is not None and len(images) > 1 else None
     if summary_csv is not None:
-        _check_cohort_folder(output, len(inputs))
-    if len(inputs) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
+        _check_cohort_folder(output, len(images))
+    if len(images) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
         with open_slide(inputs[0], mpp=mpp, z=z, series=series) as slide:
@@ -252,15 +291,15 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
                        skip_unreadable=skip_unreadable, z=z, series=series)
     if estimate:
         counter = spec.load()
-        for path, out in zip(inputs, outputs):
-            click.echo(counter.estimate(path).describe() + _free_space(out))
+        for (path, image), out in zip(images, outputs):
+            click.echo(counter.estimate(path, series=image).describe() + _free_space(out))
         return
-    jobs = list(zip(inputs, outputs))
+    jobs = [(path, out) if image is None else (path, out, image) for (path, image), out in zip(images, outputs)]
     # an earlier count's result in the way is replaced (results.folder): the count's line says so
     earlier = {out for out in outputs if (out / RESULT_MARKER).is_file()}
     rows, failures = [], 0
     with _terminate_as_interrupt(), \
-            _JobBar(inputs[0].name if len(inputs) == 1 else f"{len(inputs)} slides", enabled=not quiet) as bar:
+            _JobBar(inputs[0].name if len(images) == 1 else f"{len(images)} slides", enabled=not quiet) as bar:
         if workers is None and scheduler is None:
             outcomes = count_serially(spec.load(), jobs, resume=resume, band_rows=band_rows, progress=bar)
         else:
@@ -270,13 +309,15 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
             outcomes = count_on_dask(spec, jobs, workers=workers, scheduler=scheduler, resume=resume,
                                      band_rows=band_rows, progress=bar)
         for outcome in outcomes:
-            path, out, summary = outcome.slide, outcome.out, outcome.summary
+            out, summary = outcome.out, outcome.summary
+            path = outcome.slide if outcome.series is None else f"{outcome.slide} (--series {outcome.series})"
             if outcome.error is not None:
-                if len(inputs) == 1:
+                if len(images) == 1:
                     raise outcome.error
                 failures += 1
                 bar.echo(f"cellseg: error: {path}: {outcome.error}", err=True)
-                rows.append({"input": str(path), "status": "error", "error": str(outcome.error)})
+                rows.append({"input": str(outcome.slide), "series": outcome.series, "status": "error",
+                             "error": str(outcome.error)})
                 continue
             if outcome.skipped:
                 bar.echo(f"{path}: complete result in {out}, skipped (--resume): {summary['cell_count']} cells")
@@ -304,7 +345,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
                 bar.echo(f"cellseg: warning: {path}: {len(summary['unreadable'])} unreadable region(s), "
                          f"{summary['unreadable_area_px']:,} px, left out of the count, the tissue area and the "
                          f"density (listed in {out / 'summary.json'})", err=True)
-            rows.append({"input": str(path), "status": "ok", "result": str(out), "cell_count": summary["cell_count"],
+            rows.append({"input": str(outcome.slide), "status": "ok", "result": str(out),
+                         "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "z": summary.get("z"),     # a Z-stack's plane or projection
                          "series": summary.get("series"),                  # a multi-image file's image counted
                          "tissue_area_mm2": summary["tissue_area_mm2"],
@@ -321,12 +363,13 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
         from .results import CohortRow, write_cohort_report
-        cohort = [CohortRow(Path(r["input"]).name, Path(r["result"]) if r.get("result") else None,
+        cohort = [CohortRow(Path(r["input"]).name + (f" #{r['series']}" if r.get("series") is not None else ""),
+                            Path(r["result"]) if r.get("result") else None,
                             _read_summary(Path(r["result"])) if r.get("result") else None, r.get("error"))
                   for r in rows]
         click.echo(f"report of {len(rows)} inputs -> {write_cohort_report(output, cohort)}")
     if failures:
-        raise CellsegError(f"{failures} of {len(inputs)} inputs failed (see the errors above)")
+        raise CellsegError(f"{failures} of {len(images)} inputs failed (see the errors above)")
 
 
 def _read_summary(folder: Path) -> dict | None:

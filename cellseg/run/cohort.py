@@ -28,6 +28,7 @@ class SlideOutcome:
 
     slide: Path
     out: Path
+    series: int | None = None     # the image of a multi-image file this job counted (--series all), None: the counter's
     summary: dict | None = None
     error: CellsegError | None = None
     skipped: bool = False
@@ -58,24 +59,40 @@ def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: 
     return Journal.open(out, print_, resume=resume, band_rows=band_rows), None
 
 
-def count_serially(counter, jobs: list[tuple[Path, Path]], *, resume: bool = False, band_rows: int | None = None,
+def job_outcome(job: tuple) -> SlideOutcome:
+    """The outcome to fill of a job: (slide, result folder), or (slide, result folder, series) for one image of a
+    multi-image file (`--series all`), counted instead of the counter's own --series."""
+    slide, out, *image = job
+    return SlideOutcome(slide, out, image[0] if image else None)
+
+
+def image_settings(settings: dict, series: int | None) -> dict:
+    """A counter's settings (CellCounter.settings) for one job's image of a multi-image file, as the counter's own
+    --series would give them (counter.counting_settings); `settings` itself for None."""
+    return settings if series is None else {**settings, "options": {**settings["options"], "series": series}}
+
+
+def count_serially(counter, jobs: list[tuple], *, resume: bool = False, band_rows: int | None = None,
                    progress: JobProgress | None = None) -> Iterator[SlideOutcome]:
-    """Count each (slide, result folder) of `jobs` with `counter` (counter.CellCounter), one after another."""
+    """Count each (slide, result folder) of `jobs` with `counter` (counter.CellCounter), one after another; a job
+    (slide, result folder, series) counts that image of the file (job_outcome)."""
     settings = counter.settings()
-    for slide, out in jobs:
-        outcome = SlideOutcome(slide, out)
+    for job in jobs:
+        outcome = job_outcome(job)
+        slide, out, series = outcome.slide, outcome.out, outcome.series
         tiles = _SlideTiles(progress)
         journal = None
         try:
-            journal, outcome.summary = begin(slide, out, settings, mpp=counter.mpp, z=counter.z,
-                                             series=counter.series, resume=resume, band_rows=band_rows)
+            journal, outcome.summary = begin(slide, out, image_settings(settings, series), mpp=counter.mpp,
+                                             z=counter.z, series=counter.series if series is None else series,
+                                             resume=resume, band_rows=band_rows)
             outcome.skipped = journal is None
             if journal is not None:
                 with journal:
                     outcome.kept_bands = journal.kept_bands
                     outcome.summary = counter.count_into(slide, fresh_result_folder(journal.folder), tiles,
                                                          journal=journal.folder, band_rows=journal.band_rows,
-                                                         fingerprint=journal.fingerprint)
+                                                         fingerprint=journal.fingerprint, series=series)
                     journal.commit()
         except CellsegError as e:
             outcome.error = journal.told(e) if journal is not None else e

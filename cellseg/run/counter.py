@@ -104,27 +104,28 @@ class CellCounter:
         with staged_output(Path(out_dir)) as staging:
             return self.count_into(slide, staging, progress)
 
-    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8):
+    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8, series: int | None = None):
         """How long `count(slide, ...)` would take here, from `sample_tiles` timed tiles (estimate.Estimate);
-        nothing is written."""
+        nothing is written. series: the file's image to count, else the counter's own."""
         from .estimate import estimate_count
         return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                               model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
                               regions=self.regions, sample_tiles=sample_tiles, micron_scale=self.micron_scale,
-                              z=self.z, series=self.series)
+                              z=self.z, series=self.series if series is None else series)
 
     def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
                    journal: Path | None = None, band_rows: int | None = None,
-                   fingerprint: dict | None = None) -> dict:
+                   fingerprint: dict | None = None, series: int | None = None) -> dict:
         """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
         files of its own first). Returns the summary. journal, band_rows: pipeline.count_slide's; fingerprint:
-        what run.json records for a later --resume to recognise the result (journal.fingerprint)."""
+        what run.json records for a later --resume to recognise the result (journal.fingerprint); series: the
+        file's image to count (one job of `--series all`), else the counter's own."""
         run_info = self.run_info if fingerprint is None else replace(self.run_info, fingerprint=fingerprint)
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
                            diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
                            skip_unreadable=self.skip_unreadable, micron_scale=self.micron_scale, z=self.z,
-                           series=self.series)
+                           series=self.series if series is None else series)
 
 
 def mask_threshold_for(bundle, protocol: Protocol) -> float:

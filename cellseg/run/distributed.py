@@ -45,7 +45,7 @@ from ..planning import Protocol, SlidePlan
 from ..results import RunInfo
 from ..slides import open_slide
 from ..util import usable_cores
-from .cohort import JobProgress, SlideOutcome, begin
+from .cohort import JobProgress, SlideOutcome, begin, image_settings, job_outcome
 from .counter import CounterSpec
 from .journal import Journal, done_bands, fresh_result_folder
 from .pipeline import Calibration, SlideRun
@@ -109,10 +109,11 @@ def _plugin(name: str) -> CounterPlugin:
     return get_worker().plugins[name]
 
 
-def plan_task(plugin_name: str, slide: str, journal: str) -> PlannedSlide:
+def plan_task(plugin_name: str, slide: str, journal: str, series: int | None) -> PlannedSlide:
+    """The slide's plan (series: the file's image counted: the job's, else the counter's --series)."""
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=counter.series) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=series) as opened:
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal),
                        calibration=plugin.calibration)
         plan = run.plan(counter.tissue, model_diameter_px=counter.model_diameter_px,
@@ -128,12 +129,13 @@ def outline_task(planned: PlannedSlide, band_rows: int | None) -> list[tuple[Ban
             for band in plan.bands(band_rows)]
 
 
-def band_task(plugin_name: str, slide: str, planned: PlannedSlide, band: Band, journal: str) -> BandDone:
+def band_task(plugin_name: str, slide: str, series: int | None, planned: PlannedSlide, band: Band,
+              journal: str) -> BandDone:
     from distributed import get_worker
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
     plan = planned.plan
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=counter.series) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=series) as opened:
         # Nothing here measures the cells: the pixels read are not kept.
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal), plan=plan,
                        keep_pixels=False, calibration=plugin.calibration)
@@ -163,11 +165,12 @@ def finish_task(slide: str, planned: PlannedSlide, band_rows: int | None, journa
 
 # --------------------------------------------------------------------------- the client
 
-def count_on_dask(spec: CounterSpec, jobs: list[tuple[Path, Path]], *, workers: int | None = None,
+def count_on_dask(spec: CounterSpec, jobs: list[tuple], *, workers: int | None = None,
                   scheduler: str | None = None, resume: bool = False, band_rows: int | None = None,
                   progress: JobProgress | None = None) -> list[SlideOutcome]:
     """Count each (slide, result folder) of `jobs` on a Dask cluster: a local one of `workers` processes, or the
-    one whose scheduler is at `scheduler`. One SlideOutcome per job, in order (cohort.count_serially's)."""
+    one whose scheduler is at `scheduler`; a job (slide, result folder, series) counts that image of the file
+    (cohort.job_outcome). One SlideOutcome per job, in order (cohort.count_serially's)."""
     settings = spec.settings()
     job = None
     try:
@@ -296,6 +299,7 @@ class _Slide:
     outcome: SlideOutcome
     journal: Journal | None = None
     path: str = ""                            # the slide's absolute path
+    series: int | None = None                 # the file's image counted: the job's, else the counter's --series
     started: float = 0.0
     planned: object = None                    # the plan task's future
     bands: list[tuple[Band, int]] = field(default_factory=list)
@@ -318,9 +322,11 @@ class _Job:
         self.owner: dict[str, tuple[_Slide, str]] = {}      # future key -> (slide, what it computes)
         self.unfinished: list[_Slide] = []                   # in flight when the job was stopped
 
-    def run(self, jobs: list[tuple[Path, Path]]) -> list[SlideOutcome]:
+    def run(self, jobs: list[tuple]) -> list[SlideOutcome]:
         from distributed import as_completed
-        slides = [_Slide(i, SlideOutcome(s, o)) for i, (s, o) in enumerate(jobs)]
+        slides = [_Slide(i, job_outcome(job)) for i, job in enumerate(jobs)]
+        for slide in slides:
+            slide.series = self.spec.series if slide.outcome.series is None else slide.outcome.series
         waiting = list(slides)
         self.pending = as_completed(loop=self.client.loop)
         in_flight = self._start(waiting, 0)
@@ -358,9 +364,10 @@ class _Job:
             slide = waiting.pop(0)
             outcome = slide.outcome
             try:
-                slide.journal, outcome.summary = begin(outcome.slide, outcome.out, self.settings, mpp=self.spec.mpp,
-                                                       z=self.spec.z, series=self.spec.series, resume=self.resume,
-                                                       band_rows=self.band_rows)
+                slide.journal, outcome.summary = begin(outcome.slide, outcome.out,
+                                                       image_settings(self.settings, outcome.series),
+                                                       mpp=self.spec.mpp, z=self.spec.z, series=slide.series,
+                                                       resume=self.resume, band_rows=self.band_rows)
             except CellsegError as e:
                 outcome.error = e
                 continue
@@ -371,7 +378,7 @@ class _Job:
             slide.started = time.time()
             slide.path = os.path.abspath(outcome.slide)      # workers may run in another folder, or machine
             folder = str(slide.journal.folder)              # absolute
-            slide.planned = self._submit(slide, "plan", plan_task, self.plugin, slide.path, folder,
+            slide.planned = self._submit(slide, "plan", plan_task, self.plugin, slide.path, folder, slide.series,
                                          resources=self.gpu, watch=False)
             self._submit(slide, "outline", outline_task, slide.planned, slide.journal.band_rows)
             in_flight += 1
@@ -394,13 +401,13 @@ class _Job:
         if self.progress is not None:
             self.progress.planned(slide.tiles_planned)
         self._advance(slide, sum(n for b, n in bands if b.index in done))
-        band_futures = [self._submit(slide, "band", band_task, self.plugin, slide.path, slide.planned,
+        band_futures = [self._submit(slide, "band", band_task, self.plugin, slide.path, slide.series, slide.planned,
                                      band, str(folder), resources=self.gpu)
                         for band, _ in bands if band.index not in done]
         spread = {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
                   "bands_from_journal": len(bands) - len(band_futures)}
         self._submit(slide, "finish", finish_task, slide.path, slide.planned, slide.journal.band_rows,
-                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, self.spec.series,
+                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, slide.series,
                      slide.journal.fingerprint, spread, slide.started, band_futures)
 
     def _advance(self, slide: _Slide, tiles: int) -> None:

@@ -102,9 +102,9 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None)
         fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
                else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
                else "philips-tiff" if tf.is_philips else "tiff")
-        alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome and series is None else []
+        alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome else []
         warnings = (other_images_warning(path, [tf.series[k].name or f"series {k}" for k in alike], "OME images",
-                                         alike[0], alike[-1]),) if len(alike) > 1 else ()
+                                         alike[0], alike[-1]),) if len(alike) > 1 and series is None else ()
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
@@ -113,7 +113,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None)
                                   f"{image.name or image.kind}",)
                          if len(tf.series) > 1 and (tf.is_ome or series is not None) else (),
                          z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings,
-                         series=series)
+                         series=series, positions=tuple(alike) if len(alike) > 1 else ())
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 

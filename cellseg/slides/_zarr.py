@@ -47,6 +47,7 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: 
     ome = attrs.get("ome", attrs)   # 0.5 nests the metadata under "ome"
     details = [f"zarr v{group.metadata.zarr_format}"]
     warnings: tuple[str, ...] = ()
+    positions: tuple[int, ...] = ()
     if "multiscales" not in ome and "bioformats2raw.layout" in ome and "0" in group:
         count = 1
         while str(count) in group:      # the series are the folders 0, 1, ... in order
@@ -58,10 +59,12 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: 
         root, group = group, group[str(index)]
         attrs = group.attrs.asdict()
         ome = attrs.get("ome", attrs)
-        alike = _series_alike(root, _level0(group, ome)) if series is None else []
+        alike = _series_alike(root, _level0(group, ome))
         if len(alike) > 1:
-            warnings = (other_images_warning(path, [f"series {k}" for k in alike], "bioformats2raw series",
-                                             alike[0], alike[-1]),)
+            positions = tuple(alike)
+            if series is None:
+                warnings = (other_images_warning(path, [f"series {k}" for k in alike], "bioformats2raw series",
+                                                 alike[0], alike[-1]),)
     else:
         check_series(series, 1)
     if "multiscales" not in ome:
@@ -69,14 +72,14 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: 
         raise SlideError(f"expected OME-Zarr multiscales metadata (an NGFF image), {path} holds {kind}; "
                          f"name the image's own folder (e.g. plate/A/1/0)")
     try:
-        return _open(path, group, ome, details, z, warnings, series)
+        return _open(path, group, ome, details, z, warnings, series, positions)
     except (*READ_ERRORS, AttributeError) as e:
         raise SlideError(f"expected valid OME-Zarr multiscales metadata in {path} ({BACKEND}: "
                          f"{error_text(e)})") from e
 
 
 def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None, warnings: tuple[str, ...],
-          series: int | None) -> Slide:
+          series: int | None, positions: tuple[int, ...]) -> Slide:
     ms = ome["multiscales"][0]
     version = ome.get("version") or ms.get("version", "?")
     details.insert(0, f"NGFF {version}, {len(ms['datasets'])} level(s): " + ", ".join(d["path"] for d in ms["datasets"]))
@@ -109,7 +112,7 @@ def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None,
     info = SlideInfo(path, "ome-zarr", BACKEND, sizes[0][0], sizes[0][1], n_channels,
                      np.dtype(first.dtype).newbyteorder("="), _channel_names(ome, n_channels), mpp, source,
                      tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None, warnings=warnings,
-                     series=series)
+                     series=series, positions=positions)
     return Slide(info, levels, None, READ_ERRORS)
 
 

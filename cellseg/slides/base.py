@@ -110,6 +110,9 @@ class SlideInfo:
     # what of the file is not read that a user must know of (other positions of a multi-image file), each a sentence
     warnings: tuple[str, ...] = ()
     series: int | None = None  # the image read of a file holding several (series_choice, from 0); None: the first
+    # the --series numbers of the file's images like the one read (the positions of one acquisition, it among them),
+    # when there are several: what `--series all` counts; () for a file of one such image
+    positions: tuple[int, ...] = ()
 
 
 class Level(TypingProtocol):

@@ -10,6 +10,7 @@ loads the tiny bundle's Mask R-CNN in its workers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import signal
@@ -199,10 +200,14 @@ def test_a_chosen_image_of_a_multi_image_file_counts_on_dask_as_in_one_process(t
     spec = LabelCounterSpec(PROTOCOL, labels, series=1)
     reference = one_process(spec, plate, tmp_path / "one")
     assert_same_result(one_process(LabelCounterSpec(PROTOCOL, labels), paths[0], tmp_path / "flat"), reference)
-    (outcome,) = count_on_dask(spec, [(plate, tmp_path / "dask")], scheduler=cluster.scheduler_address, band_rows=2)
-    assert outcome.error is None and outcome.summary["series"] == 1
+    # the spec's --series, and a job's own image (--series all makes a job per position)
+    outcomes = count_on_dask(spec, [(plate, tmp_path / "dask"), (plate, tmp_path / "dask0", 0)],
+                             scheduler=cluster.scheduler_address, band_rows=2)
+    assert [(o.error, o.series, o.summary["series"]) for o in outcomes] == [(None, None, 1), (None, 0, 0)]
     assert_same_result(reference, tmp_path / "dask")
+    assert_same_result(one_process(dataclasses.replace(spec, series=0), plate, tmp_path / "one0"), tmp_path / "dask0")
     assert json_summary(tmp_path / "dask", "run.json")["fingerprint"]["options"]["series"] == 1
+    assert json_summary(tmp_path / "dask0", "run.json")["fingerprint"]["options"]["series"] == 0
 
 
 def corrupt_tiff(path: Path) -> Path:

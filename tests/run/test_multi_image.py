@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,19 @@ def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):
     assert "series: 1 there, 0 here" in str(other.error)
 
 
+def test_a_job_of_one_image_counts_it_whatever_the_counter_s_series(tmp_path, plate):
+    """`--series all` gives each position a job (slide, result folder, series): counted as --series N counts it."""
+    path, labels, _ = plate
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    (one,) = count_serially(dataclasses.replace(spec, series=1).load(), [(path, tmp_path / "one")])
+    outcomes = list(count_serially(spec.load(), [(path, tmp_path / "s0", 0), (path, tmp_path / "s1", 1)]))
+    assert [(o.error, o.series, o.summary["series"]) for o in outcomes] == [(None, 0, 0), (None, 1, 1)]
+    assert_same_result(tmp_path / "one", tmp_path / "s1")
+    assert json.loads((tmp_path / "s1" / "run.json").read_text())["fingerprint"]["options"]["series"] == 1
+    (again,) = count_serially(spec.load(), [(path, tmp_path / "s1", 1)], resume=True)     # its own, complete
+    assert again.skipped
+
+
 def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate, tiny_bundle):
     path, _, images = plate
     assert_user_error(invoke(["count", path, "--series", "2", "-o", tmp_path / "out"]), 2,
@@ -99,3 +113,17 @@ def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate,
     with open(tmp_path / "cohort" / "summary.csv", newline="") as f:
         rows = {row["input"]: row for row in csv.DictReader(f)}
     assert rows[str(path)]["series"] == "0" and rows[str(tmp_path / "flat.tif")]["series"] == "0"
+    # every position: a result folder each, a row each, and the 2-D image once
+    result = invoke(["count", path, tmp_path / "flat.tif", "--series", "all", "--mpp", "0.5", *FAST,
+                     "--model", tiny_bundle, "-o", tmp_path / "all"])
+    assert result.exit_code == 0, result.output
+    assert "plate.ome.tif (--series 1): " in result.output
+    with open(tmp_path / "all" / "summary.csv", newline="") as f:
+        rows = [(row["input"], row["series"], Path(row["result"]).name) for row in csv.DictReader(f)]
+    assert rows == [(str(path), "0", "plate_s0"), (str(path), "1", "plate_s1"), (str(tmp_path / "flat.tif"), "", "flat")]
+    for k in (0, 1):
+        assert json.loads((tmp_path / "all" / f"plate_s{k}" / "summary.json").read_text())["series"] == k
+    result = invoke(["count", path, "--series", "all", "--estimate", "--mpp", "0.5", *FAST, "--model", tiny_bundle])
+    assert result.exit_code == 0 and result.output.count("plate.ome.tif: ") == 2, result.output
+    result = invoke(["count", path, "--series", "first", "-o", tmp_path / "out"])
+    assert result.exit_code == 2 and "or all" in result.stderr
