@@ -376,7 +376,7 @@ def test_ome_zarr_units_z_stacks_and_bioformats2raw(tmp_path):
             "converted.zarr holds 2 images like the one counted (bioformats2raw series: series 0, series 1): only the "
             "first, series 0, is counted; to count another, pass --series N (0-1)",)
     with open_slide(root, series=1) as s:   # another position, chosen: read, said, and no warning
-        assert (s.info.levels, s.info.series, s.info.warnings) == (((30, 50),), 1, ())
+        assert (s.info.levels, s.info.series, s.info.warnings, s.info.positions) == (((30, 50),), 1, (), (0, 1))
         assert any("series 1 of 0-2" in d for d in s.info.details)
     with pytest.raises(ParameterError, match=r"^expected --series 0-2 \(the file's 3 images\), got --series 3$"):
         open_slide(root, series=3)

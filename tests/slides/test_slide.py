@@ -173,9 +173,11 @@ def test_a_multi_image_ome_tiff_warns_that_only_its_first_image_is_counted_unles
             "m.ome.tif holds 3 images like the one counted (OME images: pos0, pos1, pos2): only the first, pos0, is "
             "counted; to count another, pass --series N (0-2)",)
         assert full(s).max() == 0 and s.info.mpp == 0.5 and s.info.series is None     # the first position's
+        assert s.info.positions == (0, 1, 2)        # what --series all counts
     for k in (0, 2):        # the position chosen: its pixels, size and pixel size; no warning
         with open_slide(tmp_path / "m.ome.tif", series=k) as s:
             assert (s.info.series, s.info.width, s.info.mpp, s.info.warnings) == (k, 80 + k, 0.5 * (k + 1), ())
+            assert s.info.positions == (0, 1, 2)
             assert np.all(full(s) == 10 * k)
     with open_slide(tmp_path / "m.ome.tif", series="3") as s:    # the overview, as the command line names it
         assert s.info.n_channels == 3 and s.info.height == 8
