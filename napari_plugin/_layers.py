@@ -106,9 +106,21 @@ def slide_layer_data(path: str | Path, name: str | None = None) -> list[LayerDat
     """Lazy image layer(s) of a slide in any format cellseg reads (cellseg.slides.opening: TIFF family, DICOM, MRXS, CZI,
     OME-Zarr, PNG, ...), through the same backends as `cellseg count`.
 
-    The slide stays open as long as its layers hold its levels (closed when they are garbage collected).
+    The slide stays open as long as its layers hold its levels (closed when they are garbage collected). A file of
+    several positions (SlideInfo.positions) gives each position's layers, named "NAME #N" after its --series number
+    and counted as that image by Count cells; the first shown, the others hidden, as they lie on one another.
     """
-    return slide_layers_from(open_slide(path), name)
+    slide = open_slide(path)
+    positions = slide.info.positions
+    if not positions:
+        return slide_layers_from(slide, name)
+    name = name or _stem(Path(path))
+    layers = []
+    for k in positions:
+        opened = slide if k == positions[0] else open_slide(path, series=k)
+        for data, kwargs, kind in slide_layers_from(opened, f"{name} #{k}", meta={"series": k}):
+            layers.append((data, {**kwargs, "visible": k == positions[0]}, kind))
+    return layers
 
 
 # --------------------------------------------------------------------------- result folders
@@ -123,6 +135,7 @@ class Result:
     cells: object               # pandas.DataFrame, one row per cell, cells.csv's columns
     slide_path: Path | None       # the counted slide (or the original of a region), when it still exists
     offset: tuple[int, int] = (0, 0)   # level-0 (row, col) of the counted region in slide_path
+    series: int | None = None          # the image of a multi-image slide_path counted (--series), None: the first
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -148,10 +161,12 @@ def load_result(path: str | Path) -> Result:
     notes: list[str] = []
     offset = (0, 0)
     slide_path = None
+    series = run.get("series")
     region_file = folder / REGION_FILE
     if region_file.is_file():
         region = json.loads(region_file.read_text(encoding="utf-8"))
         offset = (int(region["box_px"][0]), int(region["box_px"][1]))
+        series = region.get("series")      # the image of the original the region was copied from
         if region.get("slide"):
             slide_path = Path(region["slide"])
         else:
@@ -166,7 +181,7 @@ def load_result(path: str | Path) -> Result:
     if slide_path is not None and not slide_path.is_file():
         notes.append(f"the slide {slide_path} is missing; showing the results without it")
         slide_path = None
-    return Result(folder, run, summary, cells, slide_path, offset, notes)
+    return Result(folder, run, summary, cells, slide_path, offset, series, notes)
 
 
 def points_layer_data(result: Result, translate=(0.0, 0.0)) -> LayerData:
@@ -237,7 +252,7 @@ def result_layer_data(path: str | Path, with_slide: bool = True, translate=None)
     if with_slide and result.slide_path is not None:
         try:
             slide = open_slide(result.slide_path, z=result.run.get("z"),     # a Z-stack as it was counted
-                               series=result.run.get("series"))
+                               series=result.series)
         except SlideError as e:
             log.warning("%s: cannot show the slide: %s", result.folder, e)
         else:   # a region's result sits at its offset on the whole slide

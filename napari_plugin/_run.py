@@ -54,6 +54,7 @@ class CountRequest:
     """
 
     slide: Path | None
+    series: int | None = None                # the image of a multi-image `slide` (a position's layer), from 0
     protocol: str = "fluorescence-nuclei"
     device: str = "auto"
     model: str | None = None                 # bundle folder or shipped name; None: the protocol's
@@ -142,7 +143,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
         if request.region is not None or slide_path is None:
             slide_path = work / f"{name}.ome.tif"
             if request.slide is not None:
-                with open_slide(request.slide) as src:
+                with open_slide(request.slide, series=request.series) as src:
                     box = request.region or Box(0, 0, src.info.height, src.info.width)
                     write_region_tiff(lambda b: src.read_region(b), box, slide_path, n_channels=src.info.n_channels,
                                       dtype=src.info.dtype, mpp=src.info.mpp, rgb=src.info.n_channels == 3
@@ -155,23 +156,24 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
                                   dtype=request.dtype, mpp=request.mpp, rgb=request.n_channels == 3)
         else:
             box = None
-        with open_slide(slide_path, mpp=request.mpp) as slide:   # cheap: a user mistake fails before the model loads
+        series = request.series if slide_path == request.slide else None     # a region's copy holds one image
+        with open_slide(slide_path, mpp=request.mpp, series=series) as slide:   # cheap: a user mistake fails first
             check_pixel_size(protocol, slide.info)
         regions = None
         if request.regions is not None:
             regions = request_regions(request.regions, work, box)
-            with open_slide(slide_path, mpp=request.mpp) as slide:     # none on the image: said before the model
+            with open_slide(slide_path, mpp=request.mpp, series=series) as slide:     # none on it: said before the model
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
         report.check()
         counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info=RunInfo(
             command=f"napari cellseg widget ({request.name})", extra={"interface": "napari", **request.extra}),
-            regions=regions)
+            regions=regions, series=series)
         with staged_output(out) as staging:
             counter.count_into(slide_path, staging, progress=report)
             if box is not None:
                 # The counted image was a temporary copy: say where its pixels came from.
                 region = {"slide": str(Path(request.slide).resolve()) if request.slide else None,
-                          "box_px": [int(v) for v in box], "source": request.name}
+                          "series": request.series, "box_px": [int(v) for v in box], "source": request.name}
                 (staging / REGION_FILE).write_text(json.dumps(region, indent=2), encoding="utf-8")
         return out
     except BaseException:

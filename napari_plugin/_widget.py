@@ -226,6 +226,7 @@ class CellsegWidget(QWidget):
         if meta.get("kind") == "slide" and meta.get("path") and Path(meta["path"]).is_file():
             request.slide = Path(meta["path"])
             request.channel = meta.get("channel")
+            request.series = meta.get("series")      # a position of a multi-image file
         else:
             request.read = _logic.array_reader(level0)
             request.shape = shape

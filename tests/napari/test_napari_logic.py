@@ -77,6 +77,31 @@ def test_one_channel_of_a_multichannel_slide_and_reads_stay_small(tmp_path):
     assert np.array_equal(layers[1][0], data[1])     # one small level: a plain array
 
 
+@pytest.mark.slow
+def test_a_multi_position_file_opens_a_layer_each_and_counts_the_position_chosen(tmp_path, tiny_bundle):
+    with open_slide(EXAMPLES / "fluo_mosaic.ome.tif") as mosaic:
+        nuclei = mosaic.read_region(Box(400, 300, 560, 500))[..., 0]
+    images = [np.zeros_like(nuclei), nuclei]        # an empty position first: counted, it would have no cells
+    path = tmp_path / "plate.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for k, image in enumerate(images):
+            tw.write(image, metadata={"axes": "YX", "Name": f"pos{k}", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    layers = _layers.slide_layer_data(path)
+    assert [(kw["name"], kw["visible"], kw["metadata"]["cellseg"]["series"]) for _, kw, _ in layers] == [
+        ("plate #0", True, 0), ("plate #1", False, 1)]     # one on the other: the first shown
+    assert all(np.array_equal(data, image) for (data, _, _), image in zip(layers, images))
+    whole = _run.run_count(_run.CountRequest(slide=path, series=1, model=str(tiny_bundle), device="cpu",
+                                             output=tmp_path / "whole"))
+    assert json.loads((whole / "summary.json").read_text())["series"] == 1
+    assert np.array_equal(_layers.result_layer_data(whole)[0][0], images[1])    # the result shows position 1
+    region = _run.run_count(_run.CountRequest(slide=path, series=1, model=str(tiny_bundle), device="cpu",
+                                              output=tmp_path / "region", region=Box(20, 30, 120, 150)))
+    assert json.loads((region / _layers.REGION_FILE).read_text())["series"] == 1
+    (shown, kwargs, _), *_ = _layers.result_layer_data(region)      # the original position, the region on it
+    assert np.array_equal(shown, images[1]) and kwargs["translate"] == (0.0, 0.0)
+    assert json.loads((region / "summary.json").read_text())["cell_count"] > 5     # position 1's nuclei
+
+
 def test_a_big_slide_without_pyramid_gets_an_overview_level(tmp_path):
     path = tmp_path / "flat.tif"
     tifffile.imwrite(path, np.full((2600, 2200), 7, np.uint8), tile=(256, 256))

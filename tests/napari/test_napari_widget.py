@@ -415,6 +415,22 @@ def test_a_stack_from_napari_s_own_reader_is_counted_at_the_plane_on_screen(make
     assert np.all(request.read(Box(0, 0, 64, 80)) == 20)
 
 
+def test_a_position_of_a_multi_position_file_is_counted_as_that_image(make_napari_viewer, tmp_path):
+    import tifffile
+    path = tmp_path / "plate.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for k in range(3):
+            tw.write(np.full((64, 80), 10 * k, np.uint8), metadata={"axes": "YX", "Name": f"pos{k}"})
+    viewer = make_napari_viewer()
+    layers = viewer.open(path, plugin=PLUGIN)
+    assert [(layer.name, layer.visible) for layer in layers] == [("plate #0", True), ("plate #1", False),
+                                                                 ("plate #2", False)]
+    widget = CellsegWidget(viewer)
+    widget.image_combo.setCurrentIndex(widget.image_combo.findText("plate #2"))
+    request = widget.request()
+    assert (request.slide, request.series) == (path, 2)
+
+
 @pytest.mark.slow
 def test_correct_panel_messages_are_plain(make_napari_viewer, qtbot, tmp_path):
     """A training refused in the worker is its one line (not "error: CellsegError: ..."); scales read as numbers."""
