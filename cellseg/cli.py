@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import CellsegError, ParameterError, ZStackError
+from .errors import CellsegError, ParameterError, TimeSeriesError, ZStackError
 from .planning import SETTINGS, OneOf, Range, Setting
 
 
@@ -59,18 +59,20 @@ def result_stem(path: Path) -> str:
     return path.stem
 
 
-def plan_outputs(images: list[tuple[Path, int | None]], output: Path | None) -> list[Path]:
-    """The result folder of each (input, image of it) to count: beside it as STEM.cellseg/, -o DIR for one, DIR/STEM/
-    for many; an image N of a multi-image file (`--series all`, else None) is STEM_sN."""
-    stems = [result_stem(p) + (f"_s{k}" if k is not None else "") for p, k in images]
+def plan_outputs(images: list[tuple[Path, int | None, int | None]], output: Path | None) -> list[Path]:
+    """The result folder of each (input, series, time point) to count: beside it as STEM.cellseg/, -o DIR for one,
+    DIR/STEM/ for many; an image N of a multi-image file (`--series all`, else None) adds _sN to STEM, a time point M
+    (`--t all`) _tM."""
+    stems = [result_stem(p) + (f"_s{k}" if k is not None else "") + (f"_t{n}" if n is not None else "")
+             for p, k, n in images]
     if len(images) == 1:
         return [output if output is not None else images[0][0].parent / f"{stems[0]}.cellseg"]
     if output is None:
-        outs = [p.parent / f"{stem}.cellseg" for (p, _), stem in zip(images, stems)]
+        outs = [image[0].parent / f"{stem}.cellseg" for image, stem in zip(images, stems)]
     else:
         outs = [output / stem for stem in stems]
     seen: dict[Path, Path] = {}
-    for (p, _), o in zip(images, outs):
+    for (p, *_), o in zip(images, outs):
         if o in seen:
             raise ParameterError(f"expected inputs with distinct names, got {seen[o]} and {p} which would both "
                                  f"write {o}")
@@ -78,22 +80,25 @@ def plan_outputs(images: list[tuple[Path, int | None]], output: Path | None) -> 
     return outs
 
 
-def images_to_count(inputs: tuple[Path, ...], series: int | str | None, mpp: float | None,
-                    z: int | str | None) -> list[tuple[Path, int | None]]:
-    """(input, image) of each count: with `--series all` one for each position of a multi-image file
-    (slides.SlideInfo.positions), else (or for a file of one image, or one that cannot be opened, whose count will say
-    why) the input itself with None: the counter's --series."""
-    if series != "all":
-        return [(p, None) for p in inputs]
+def images_to_count(inputs: tuple[Path, ...], series: int | str | None, t: int | str | None, mpp: float | None,
+                    z: int | str | None) -> list[tuple[Path, int | None, int | None]]:
+    """(input, series, time point) of each count: with `--series all` one for each position of a multi-image file
+    (slides.SlideInfo.positions), with `--t all` one for each time point of a time series; else (or for a file of one
+    image, one without time points, or one that cannot be opened, whose count will say why) None: the counter's
+    --series and --t."""
+    if series != "all" and t != "all":
+        return [(p, None, None) for p in inputs]
     from .slides import open_slide
     images = []
     for path in inputs:
         try:
-            with open_slide(path, mpp=mpp, z=z) as slide:
-                positions = slide.info.positions
+            with open_slide(path, mpp=mpp, z=z, series=None if series == "all" else series,
+                            t=1 if t == "all" else t) as slide:
+                positions = slide.info.positions if series == "all" else ()
+                points = range(1, slide.info.t_points + 1) if t == "all" and slide.info.t_points > 1 else ()
         except CellsegError:
-            positions = ()
-        images += [(path, k) for k in positions] or [(path, None)]
+            positions, points = (), ()
+        images += [(path, k, n) for k in positions or [None] for n in points or [None]]
     return images
 
 
@@ -126,6 +131,21 @@ class _Series(click.ParamType):
             return value
         try:
             return series_choice(value)
+        except ParameterError as e:
+            self.fail(f"{e} or all", param, ctx)
+
+
+class _T(click.ParamType):
+    """--t N|all: which time point of a time series is counted (slides.t_choice), or each of them."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        from .slides import t_choice
+        if value == "all":
+            return value
+        try:
+            return t_choice(value)
         except ParameterError as e:
             self.fail(f"{e} or all", param, ctx)
 
@@ -210,6 +230,10 @@ _SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, 
 @_Z_OPTION
 @click.option("--series", type=_Series(), default=None,
               help=_SERIES_HELP + " 'all': each of its positions, a result folder STEM_sN each (and summary.csv).")
+@click.option("--t", "t", type=_T(), default=None,
+              help="A time series' time point to count, from 1 as Fiji counts (napari's slider counts from 0), or "
+                   "'all': each of them, a result folder STEM_tN each (and summary.csv). Without it a time series is "
+                   "refused.")
 @click.option("--diameter", type=_Diameter(), default=None,
               help="Typical nucleus diameter in this image (px), or 'auto' to measure it: tiles are resampled so "
                    "nuclei reach the model at its training size; 'native': not resampled. Default: the pixel size "
@@ -245,7 +269,7 @@ _SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, 
                    "are left out of the count, the tissue area and the density, and listed in summary.json and "
                    "report.html (docs/report.md). Not with --workers/--scheduler.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diameter, tta, workers, scheduler,
+def count(inputs, output, protocol_name, overrides, device, mpp, z, series, t, diameter, tta, workers, scheduler,
           band_rows, resume, estimate, regions_file, regions_units, skip_unreadable, quiet) -> None:
     """Count and measure cells in one or more slides: TIFF family, DICOM (file or folder), MRXS, VMS, BIF, CZI,
     OME-Zarr, PNG, JPEG."""
@@ -266,8 +290,9 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
     if regions_file is not None:
         from .planning import load_regions
         regions = load_regions(regions_file, regions_units)
-    images = images_to_count(inputs, series, mpp, z)
-    series = None if series == "all" else series        # the counter's; each position of `all` is its job's
+    images = images_to_count(inputs, series, t, mpp, z)
+    # the counter's; each position or time point of `all` is its job's
+    series, t = (None if series == "all" else series), (None if t == "all" else t)
     outputs = plan_outputs(images, output)
     summary_csv = output / "summary.csv" if output is not None and len(images) > 1 else None
     if summary_csv is not None:
@@ -275,7 +300,9 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
     if len(images) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
-        with open_slide(inputs[0], mpp=mpp, z=z, series=series) as slide:
+        _, one_series, one_t = images[0]
+        with open_slide(inputs[0], mpp=mpp, z=z, series=series if one_series is None else one_series,
+                        t=t if one_t is None else one_t) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width, note=False)
@@ -288,13 +315,13 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
     argv = main.invoked_args if main.invoked_args is not None else sys.argv[1:]
     spec = CounterSpec(protocol, device, diameter_px=DEFAULT_SCALE if diameter is None else diameter, mpp=mpp, tta=tta,
                        run_info=RunInfo(command=shlex.join(["cellseg", *argv])), regions=regions,
-                       skip_unreadable=skip_unreadable, z=z, series=series)
+                       skip_unreadable=skip_unreadable, z=z, series=series, t=t)
     if estimate:
         counter = spec.load()
-        for (path, image), out in zip(images, outputs):
-            click.echo(counter.estimate(path, series=image).describe() + _free_space(out))
+        for (path, image, point), out in zip(images, outputs):
+            click.echo(counter.estimate(path, series=image, t=point).describe() + _free_space(out))
         return
-    jobs = [(path, out) if image is None else (path, out, image) for (path, image), out in zip(images, outputs)]
+    jobs = [(path, out, image, point) for (path, image, point), out in zip(images, outputs)]
     # an earlier count's result in the way is replaced (results.folder): the count's line says so
     earlier = {out for out in outputs if (out / RESULT_MARKER).is_file()}
     rows, failures = [], 0
@@ -310,13 +337,14 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
                                      band_rows=band_rows, progress=bar)
         for outcome in outcomes:
             out, summary = outcome.out, outcome.summary
-            path = outcome.slide if outcome.series is None else f"{outcome.slide} (--series {outcome.series})"
+            path = str(outcome.slide) + (f" (--series {outcome.series})" if outcome.series is not None else "") \
+                + (f" (--t {outcome.t})" if outcome.t is not None else "")
             if outcome.error is not None:
                 if len(images) == 1:
                     raise outcome.error
                 failures += 1
                 bar.echo(f"cellseg: error: {path}: {outcome.error}", err=True)
-                rows.append({"input": str(outcome.slide), "series": outcome.series, "status": "error",
+                rows.append({"input": str(outcome.slide), "series": outcome.series, "t": outcome.t, "status": "error",
                              "error": str(outcome.error)})
                 continue
             if outcome.skipped:
@@ -349,6 +377,7 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
                          "cell_count": summary["cell_count"],
                          "mpp": summary["mpp"], "z": summary.get("z"),     # a Z-stack's plane or projection
                          "series": summary.get("series"),                  # a multi-image file's image counted
+                         "t": summary.get("t"),                            # a time series' point counted
                          "tissue_area_mm2": summary["tissue_area_mm2"],
                          # --regions: cells_per_mm2 is per mm² of the tissue inside them
                          "tissue_area_in_regions_mm2": summary.get("tissue_area_in_regions_mm2"),
@@ -363,7 +392,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, diam
         atomic_write_text(summary_csv, _summary_csv_text(rows))
         click.echo(f"summary of {len(rows)} inputs -> {summary_csv}")
         from .results import CohortRow, write_cohort_report
-        cohort = [CohortRow(Path(r["input"]).name + (f" #{r['series']}" if r.get("series") is not None else ""),
+        cohort = [CohortRow(Path(r["input"]).name + (f" #{r['series']}" if r.get("series") is not None else "")
+                            + (f" t{r['t']}" if r.get("t") is not None else ""),
                             Path(r["result"]) if r.get("result") else None,
                             _read_summary(Path(r["result"])) if r.get("result") else None, r.get("error"))
                   for r in rows]
@@ -499,7 +529,7 @@ class _JobBar:
 
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
-_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "series", "tissue_area_mm2",
+_SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "series", "t", "tissue_area_mm2",
                     "tissue_area_in_regions_mm2", "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
                     "warnings", "error"]
 _SUMMARY_HEADER_START = ",".join(_SUMMARY_COLUMNS[:3])    # how a summary.csv cellseg wrote is told from the user's
@@ -555,21 +585,35 @@ def _check_cohort_folder(folder: Path, slides: int) -> None:
 @_MPP_OPTION
 @_Z_OPTION
 @_SERIES_OPTION
+@click.option("--t", "t", type=click.IntRange(1), default=None, metavar="N",
+              help="A time series' time point to describe, from 1 (default: the first, saying what a count needs).")
 @click.option("--diameter", type=_POSITIVE, default=None, metavar="PX",
               help="Typical nucleus diameter in px: the tiles as `cellseg count --diameter PX` resamples them "
                    "(count's `auto` measures the nuclei with the network, which info does not load).")
-def info(slide, protocol_name, overrides, mpp, z, series, diameter) -> None:
+def info(slide, protocol_name, overrides, mpp, z, series, t, diameter) -> None:
     """What cellseg sees in a slide before a long run: format and backend, pyramid levels, channels, pixel
     size and its source, and the protocol's tile count. Fast: reads metadata, loads no model."""
     from .describe import describe_slide, slide_look_of
     from .planning import load_protocol
     from .slides import open_slide
     protocol = load_protocol(protocol_name).replace(**overrides)
-    try:
-        opened = open_slide(slide, mpp=mpp, z=z, series=series)
-    except ZStackError:     # what info is for: the stack described (its max projection), and what a count needs
-        opened = open_slide(slide, mpp=mpp, z="max", series=series)
-        opened.info = dataclasses.replace(opened.info, z=None)
+    # what info is for: a Z-stack described as its max projection and a time series at its first point, saying what
+    # a count needs
+    read_z, read_t = z, t
+    while True:
+        try:
+            opened = open_slide(slide, mpp=mpp, z=read_z, series=series, t=read_t)
+            break
+        except ZStackError:
+            if read_z is not None:
+                raise
+            read_z = "max"
+        except TimeSeriesError:
+            if read_t is not None:
+                raise
+            read_t = 1
+    opened.info = dataclasses.replace(opened.info, z=z if opened.info.z_planes > 1 else None,
+                                      t=t if opened.info.t_points > 1 else None)
     with opened:
         for line in describe_slide(opened.info, protocol, diameter, slide_look_of(opened, protocol)):
             click.echo(line)

@@ -39,6 +39,12 @@ def _z_line(z: int | str | None) -> str:
     return f"counting plane {z}" if isinstance(z, int) else f"counting their {z} projection"
 
 
+def _t_line(t: int | None) -> str:
+    if t is None:       # cellseg info without --t: what follows describes the first time point
+        return "a count needs --t N (time point N) or --t all; described below at time point 1"
+    return f"counting time point {t}"
+
+
 def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | None = None, look=None) -> list[str]:
     """Lines of text about `info` and the tiles `protocol` cuts it into (at --diameter `diameter_px`, if given), and
     what it looks like (`look`, slide_look_of) with a warning when that is another modality than the protocol's."""
@@ -53,6 +59,7 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"  format      {info.format}, read by {info.backend}",
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
         *([f"  z-stack     {info.z_planes} planes (1-{info.z_planes}): " + _z_line(info.z)] if info.z_planes > 1 else []),
+        *([f"  time        {info.t_points} points (1-{info.t_points}): " + _t_line(info.t)] if info.t_points > 1 else []),
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",
         "  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp

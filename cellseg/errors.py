@@ -24,11 +24,15 @@ class UnreadableRegionError(SlideError):
 
 
 class StackError(SlideError):
-    """A Z-stack or a time series where one 2-D image is read: the user says which (a Z-stack) or saves it."""
+    """A Z-stack or a time series where one 2-D image is read: the user says which."""
 
 
 class ZStackError(StackError):
     """A Z-stack opened without saying which plane or projection to read (open_slide's z, --z)."""
+
+
+class TimeSeriesError(StackError):
+    """A time series opened without saying which time point to read (open_slide's t, --t)."""
 
 
 class ProtocolError(CellsegError):

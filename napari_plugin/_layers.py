@@ -252,7 +252,7 @@ def result_layer_data(path: str | Path, with_slide: bool = True, translate=None)
     if with_slide and result.slide_path is not None:
         try:
             slide = open_slide(result.slide_path, z=result.run.get("z"),     # a Z-stack as it was counted
-                               series=result.series)
+                               series=result.series, t=result.run.get("t"))
         except SlideError as e:
             log.warning("%s: cannot show the slide: %s", result.folder, e)
         else:   # a region's result sits at its offset on the whole slide

@@ -113,6 +113,7 @@ class LabelCounterSpec:
     regions: object = None          # regions.RegionFile
     z: int | str | None = None      # what of a Z-stack is counted (slides.open_slide)
     series: int | None = None       # which image of a multi-image file is counted (slides.open_slide)
+    t: int | None = None            # which time point of a time series is counted (slides.open_slide)
 
     def load(self):
         import os
@@ -127,7 +128,7 @@ class LabelCounterSpec:
         detector = LabelReadingDetector(tifffile.imread(self.labels), self.shift_px, score=None,
                                         seconds_per_tile=self.seconds_per_tile)
         return CellCounter(self.protocol, detector, mpp=self.mpp, run_info=RunInfo(model=self.model),
-                           regions=self.regions, z=self.z, series=self.series)
+                           regions=self.regions, z=self.z, series=self.series, t=self.t)
 
     @property
     def model(self) -> dict:
@@ -135,7 +136,7 @@ class LabelCounterSpec:
 
     def settings(self) -> dict:
         from cellseg.run import counting_settings
-        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions, self.z, self.series)
+        return counting_settings(self.protocol, self.model, self.mpp, None, self.regions, self.z, self.series, self.t)
 
 
 class Tally:

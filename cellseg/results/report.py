@@ -356,7 +356,8 @@ def write_report(folder: Path, slide=None, record: dict | None = None, pictures:
         try:
             if slide is None:
                 from ..slides import open_slide
-                with open_slide(run["slide"], mpp=mpp, z=run.get("z"), series=run.get("series")) as opened:
+                with open_slide(run["slide"], mpp=mpp, z=run.get("z"), series=run.get("series"),
+                                t=run.get("t")) as opened:
                     crops = read_crops(grid, chosen, summary, opened, folder / "labels.ome.tif")
             else:
                 crops = read_crops(grid, chosen, summary, slide, folder / "labels.ome.tif")
@@ -391,7 +392,7 @@ def _with_slide(slide, run: dict, mpp, read):
     if slide is not None:
         return read(slide)
     from ..slides import open_slide
-    with open_slide(run["slide"], mpp=mpp, z=run.get("z"), series=run.get("series")) as opened:
+    with open_slide(run["slide"], mpp=mpp, z=run.get("z"), series=run.get("series"), t=run.get("t")) as opened:
         return read(opened)
 
 

@@ -123,6 +123,7 @@ def build_summary(info: SlideInfo, protocol: Protocol, plan: SlidePlan, cell_cou
         # a Z-stack's planes, and what of them was counted: a plane from 1, "max" or "mean" (None: a 2-D image)
         "z_planes": info.z_planes, "z": info.z,
         "series": info.series,    # which image of a multi-image file was counted (--series), None: the first
+        "t_points": info.t_points, "t": info.t,   # a time series' points, and the one counted (from 1; None: none)
         "file_warnings": list(info.warnings),   # what of the file was not counted (slides.SlideInfo.warnings)
         # the light level a colour slide's stain optical densities are taken against (report, appearance, cells.csv)
         "stain_white": plan.stain_white(info) if info.n_channels == 3 else None,
@@ -165,7 +166,7 @@ def run_record(info: SlideInfo, protocol: Protocol, plan: SlidePlan, tissue: dic
     """run.json's content. tissue: tissue.TissueFinder.describe(); run_info: what the caller records (its model,
     counter.model_record, gets the score threshold this slide was counted at: its gray or its colour one)."""
     record = {"tool": "cellseg", "cellseg_version": __version__, "slide": str(info.path.resolve()), "z": info.z,
-              "series": info.series,
+              "series": info.series, "t": info.t,
               "protocol": protocol.to_dict(), "protocol_source": protocol.source,
               "model_channel": plan.network.channel, "gray_input": plan.network.gray,
               "intensity_range": [plan.network.intensity.low, plan.network.intensity.high], "tissue": tissue,

@@ -29,6 +29,7 @@ class SlideOutcome:
     slide: Path
     out: Path
     series: int | None = None     # the image of a multi-image file this job counted (--series all), None: the counter's
+    t: int | None = None          # the time point of a time series this job counted (--t all), None: the counter's
     summary: dict | None = None
     error: CellsegError | None = None
     skipped: bool = False
@@ -45,12 +46,12 @@ class JobProgress(Protocol):
 
 
 def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: bool,
-          band_rows: int | None, z: int | str | None = None,
-          series: int | None = None) -> tuple[Journal | None, dict | None]:
+          band_rows: int | None, z: int | str | None = None, series: int | None = None,
+          t: int | None = None) -> tuple[Journal | None, dict | None]:
     """(the journal to count `slide` into `out` with, None), or (None, its summary) when resume finds the complete
-    result of this very count there. settings: CellCounter.settings(); mpp, z, series: as the count opens the slide; errors
+    result of this very count there. settings: CellCounter.settings(); mpp, z, series, t: as the count opens the slide; errors
     are one-line CellsegErrors."""
-    with open_slide(slide, mpp=mpp, z=z, series=series) as opened:
+    with open_slide(slide, mpp=mpp, z=z, series=series, t=t) as opened:
         print_ = fingerprint(opened.info, settings)
     if resume:
         summary = complete_result(out, print_)
@@ -60,39 +61,42 @@ def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: 
 
 
 def job_outcome(job: tuple) -> SlideOutcome:
-    """The outcome to fill of a job: (slide, result folder), or (slide, result folder, series) for one image of a
-    multi-image file (`--series all`), counted instead of the counter's own --series."""
+    """The outcome to fill of a job: (slide, result folder), or (slide, result folder, series, t) for one image of a
+    multi-image file (`--series all`) and one time point of a time series (`--t all`), each counted instead of the
+    counter's own --series and --t unless None."""
     slide, out, *image = job
-    return SlideOutcome(slide, out, image[0] if image else None)
+    series, t = (*image, None, None)[:2]
+    return SlideOutcome(slide, out, series, t)
 
 
-def image_settings(settings: dict, series: int | None) -> dict:
-    """A counter's settings (CellCounter.settings) for one job's image of a multi-image file, as the counter's own
-    --series would give them (counter.counting_settings); `settings` itself for None."""
-    return settings if series is None else {**settings, "options": {**settings["options"], "series": series}}
+def image_settings(settings: dict, series: int | None, t: int | None = None) -> dict:
+    """A counter's settings (CellCounter.settings) for one job's image of a multi-image file and time point, as the
+    counter's own --series and --t would give them (counter.counting_settings); `settings` itself for None."""
+    chosen = {k: v for k, v in (("series", series), ("t", t)) if v is not None}
+    return {**settings, "options": {**settings["options"], **chosen}} if chosen else settings
 
 
 def count_serially(counter, jobs: list[tuple], *, resume: bool = False, band_rows: int | None = None,
                    progress: JobProgress | None = None) -> Iterator[SlideOutcome]:
     """Count each (slide, result folder) of `jobs` with `counter` (counter.CellCounter), one after another; a job
-    (slide, result folder, series) counts that image of the file (job_outcome)."""
+    (slide, result folder, series, t) counts that image and time point of the file (job_outcome)."""
     settings = counter.settings()
     for job in jobs:
         outcome = job_outcome(job)
-        slide, out, series = outcome.slide, outcome.out, outcome.series
+        slide, out, series, t = outcome.slide, outcome.out, outcome.series, outcome.t
         tiles = _SlideTiles(progress)
         journal = None
         try:
-            journal, outcome.summary = begin(slide, out, image_settings(settings, series), mpp=counter.mpp,
+            journal, outcome.summary = begin(slide, out, image_settings(settings, series, t), mpp=counter.mpp,
                                              z=counter.z, series=counter.series if series is None else series,
-                                             resume=resume, band_rows=band_rows)
+                                             t=counter.t if t is None else t, resume=resume, band_rows=band_rows)
             outcome.skipped = journal is None
             if journal is not None:
                 with journal:
                     outcome.kept_bands = journal.kept_bands
                     outcome.summary = counter.count_into(slide, fresh_result_folder(journal.folder), tiles,
                                                          journal=journal.folder, band_rows=journal.band_rows,
-                                                         fingerprint=journal.fingerprint, series=series)
+                                                         fingerprint=journal.fingerprint, series=series, t=t)
                     journal.commit()
         except CellsegError as e:
             outcome.error = journal.told(e) if journal is not None else e

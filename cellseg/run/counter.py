@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..geometry import TileDetector
 from ..planning import DEFAULT_SCALE, Protocol, RegionFile
 from ..results import RunInfo, staged_output
-from ..slides import series_choice, z_choice
+from ..slides import series_choice, t_choice, z_choice
 from ..tissue import TissueFinder
 from .pipeline import Progress, count_slide
 
@@ -37,16 +37,17 @@ class CellCounter:
     run_info: what run.json records besides the count itself (summary.RunInfo: command line, device, model bundle);
     regions: count only inside these (regions.load_regions; --regions), on every slide; z: what of a Z-stack is
     counted, a plane from 1 or a projection, "max" or "mean" (slides.open_slide; --z), on every slide; series: which
-    image of a file holding several is counted, from 0 (slides.open_slide; --series), on every slide.
+    image of a file holding several is counted, from 0 (slides.open_slide; --series), on every slide; t: which time
+    point of a time series, from 1 (--t).
     """
 
     def __init__(self, protocol: Protocol, detector: TileDetector, *, tissue: TissueFinder | None = None,
                  model_diameter_px: float | None = None, diameter_px: float | str | None = None,
                  mpp: float | None = None, run_info: RunInfo | None = None, regions: RegionFile | None = None,
                  skip_unreadable: bool = False, micron_scale: MicronScale | None = None, z: int | str | None = None,
-                 series: int | None = None):
+                 series: int | None = None, t: int | None = None):
         self.protocol, self.detector = protocol, detector
-        self.z, self.series = z_choice(z), series_choice(series)
+        self.z, self.series, self.t = z_choice(z), series_choice(series), t_choice(t)
         self.micron_scale = micron_scale
         self.regions = regions
         self.skip_unreadable = skip_unreadable     # count around damaged pixel data (pipeline.count_slide)
@@ -58,7 +59,7 @@ class CellCounter:
     def load(cls, protocol: Protocol, device: str = "auto", *, diameter_px: float | str | None = DEFAULT_SCALE,
              mpp: float | None = None, run_info: RunInfo | None = None, tta: bool = False,
              regions: RegionFile | None = None, skip_unreadable: bool = False,
-             z: int | str | None = None, series: int | None = None) -> CellCounter:
+             z: int | str | None = None, series: int | None = None, t: int | None = None) -> CellCounter:
         """The protocol's model bundle as a Detector on `device` (auto|cpu|cuda), and its tissue finder there too.
 
         Score threshold: the protocol's when it sets one, else the bundle's, tuned for the protocol's modality
@@ -90,12 +91,12 @@ class CellCounter:
                    mpp=mpp, run_info=replace(run_info or RunInfo(), device=str(detector.device), precision=precision,
                                              environment=runtime_environment(str(detector.device)), model=model),
                    regions=regions, skip_unreadable=skip_unreadable,
-                   micron_scale=bundle.micron_scale(protocol.modality), z=z, series=series)
+                   micron_scale=bundle.micron_scale(protocol.modality), z=z, series=series, t=t)
 
     def settings(self) -> dict:
         """What this counter's cells depend on besides the slide (journal.fingerprint): protocol, model, options."""
         return counting_settings(self.protocol, self.run_info.model, self.mpp, self.diameter_px, self.regions, self.z,
-                                 self.series)
+                                 self.series, self.t)
 
     def count(self, slide: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> dict:
         """Count one slide into the result folder `out_dir`, committed only when complete (results.staged_output:
@@ -104,28 +105,30 @@ class CellCounter:
         with staged_output(Path(out_dir)) as staging:
             return self.count_into(slide, staging, progress)
 
-    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8, series: int | None = None):
+    def estimate(self, slide: str | os.PathLike, sample_tiles: int = 8, series: int | None = None,
+                 t: int | None = None):
         """How long `count(slide, ...)` would take here, from `sample_tiles` timed tiles (estimate.Estimate);
-        nothing is written. series: the file's image to count, else the counter's own."""
+        nothing is written. series, t: the file's image and time point to count, else the counter's own."""
         from .estimate import estimate_count
         return estimate_count(Path(slide), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                               model_diameter_px=self.model_diameter_px, diameter_px=self.diameter_px,
                               regions=self.regions, sample_tiles=sample_tiles, micron_scale=self.micron_scale,
-                              z=self.z, series=self.series if series is None else series)
+                              z=self.z, series=self.series if series is None else series,
+                              t=self.t if t is None else t)
 
     def count_into(self, slide: str | os.PathLike, folder: Path, progress: Progress | None = None, *,
                    journal: Path | None = None, band_rows: int | None = None,
-                   fingerprint: dict | None = None, series: int | None = None) -> dict:
+                   fingerprint: dict | None = None, series: int | None = None, t: int | None = None) -> dict:
         """Count one slide, writing its result files into `folder`, a staging folder the caller commits (to add
         files of its own first). Returns the summary. journal, band_rows: pipeline.count_slide's; fingerprint:
-        what run.json records for a later --resume to recognise the result (journal.fingerprint); series: the
-        file's image to count (one job of `--series all`), else the counter's own."""
+        what run.json records for a later --resume to recognise the result (journal.fingerprint); series, t: the
+        file's image and time point to count (one job of `--series all`, `--t all`), else the counter's own."""
         run_info = self.run_info if fingerprint is None else replace(self.run_info, fingerprint=fingerprint)
         return count_slide(Path(slide), Path(folder), self.protocol, self.detector, self.tissue, mpp=self.mpp,
                            progress=progress, run_info=run_info, model_diameter_px=self.model_diameter_px,
                            diameter_px=self.diameter_px, journal=journal, band_rows=band_rows, regions=self.regions,
                            skip_unreadable=self.skip_unreadable, micron_scale=self.micron_scale, z=self.z,
-                           series=self.series if series is None else series)
+                           series=self.series if series is None else series, t=self.t if t is None else t)
 
 
 def mask_threshold_for(bundle, protocol: Protocol) -> float:
@@ -156,7 +159,7 @@ def model_record(bundle, protocol: Protocol, tta: bool) -> dict:
 
 def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,
                       diameter_px: float | str | None, regions: RegionFile | None = None,
-                      z: int | str | None = None, series: int | None = None) -> dict:
+                      z: int | str | None = None, series: int | None = None, t: int | None = None) -> dict:
     """The settings a count's cells depend on, for journal.fingerprint (where the bundle lies does not count)."""
     options = {"mpp": mpp, "diameter_px": diameter_px}
     if regions is not None:       # a count without regions keeps the fingerprint it always had
@@ -165,6 +168,8 @@ def counting_settings(protocol: Protocol, model: dict | None, mpp: float | None,
         options["z"] = z
     if series is not None:        # and one of a file's first image
         options["series"] = series
+    if t is not None:             # and one without time points
+        options["t"] = t
     return {"protocol": protocol.to_dict(), "model": {k: v for k, v in (model or {}).items() if k != "path"},
             "options": options}
 
@@ -184,13 +189,15 @@ class CounterSpec:
     skip_unreadable: bool = False
     z: int | str | None = None
     series: int | None = None
+    t: int | None = None
 
     def load(self) -> CellCounter:
         return CellCounter.load(self.protocol, self.device, diameter_px=self.diameter_px, mpp=self.mpp,
                                 run_info=self.run_info, tta=self.tta, regions=self.regions,
-                                skip_unreadable=self.skip_unreadable, z=self.z, series=self.series)
+                                skip_unreadable=self.skip_unreadable, z=self.z, series=self.series, t=self.t)
 
     def settings(self) -> dict:
         from ..bundles import load_bundle
         model = model_record(load_bundle(self.protocol.model), self.protocol, self.tta)
-        return counting_settings(self.protocol, model, self.mpp, self.diameter_px, self.regions, self.z, self.series)
+        return counting_settings(self.protocol, model, self.mpp, self.diameter_px, self.regions, self.z, self.series,
+                                 self.t)

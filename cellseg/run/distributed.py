@@ -109,11 +109,11 @@ def _plugin(name: str) -> CounterPlugin:
     return get_worker().plugins[name]
 
 
-def plan_task(plugin_name: str, slide: str, journal: str, series: int | None) -> PlannedSlide:
-    """The slide's plan (series: the file's image counted: the job's, else the counter's --series)."""
+def plan_task(plugin_name: str, slide: str, journal: str, image: tuple[int | None, int | None]) -> PlannedSlide:
+    """The slide's plan (image: the file's (series, t) counted: the job's, else the counter's --series and --t)."""
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=series) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=image[0], t=image[1]) as opened:
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal),
                        calibration=plugin.calibration)
         plan = run.plan(counter.tissue, model_diameter_px=counter.model_diameter_px,
@@ -129,13 +129,13 @@ def outline_task(planned: PlannedSlide, band_rows: int | None) -> list[tuple[Ban
             for band in plan.bands(band_rows)]
 
 
-def band_task(plugin_name: str, slide: str, series: int | None, planned: PlannedSlide, band: Band,
+def band_task(plugin_name: str, slide: str, image: tuple[int | None, int | None], planned: PlannedSlide, band: Band,
               journal: str) -> BandDone:
     from distributed import get_worker
     plugin = _plugin(plugin_name)
     counter = plugin.counter()
     plan = planned.plan
-    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=series) as opened:
+    with plugin.lock, open_slide(slide, mpp=counter.mpp, z=counter.z, series=image[0], t=image[1]) as opened:
         # Nothing here measures the cells: the pixels read are not kept.
         run = SlideRun(opened, counter.protocol, counter.detector, journal=Path(journal), plan=plan,
                        keep_pixels=False, calibration=plugin.calibration)
@@ -145,12 +145,12 @@ def band_task(plugin_name: str, slide: str, series: int | None, planned: Planned
 
 
 def finish_task(slide: str, planned: PlannedSlide, band_rows: int | None, journal: str, protocol: Protocol,
-                mpp: float | None, z: int | str | None, series: int | None, fingerprint: dict, distributed: dict,
-                started: float, done: list[BandDone]) -> dict:
+                mpp: float | None, z: int | str | None, image: tuple[int | None, int | None], fingerprint: dict,
+                distributed: dict, started: float, done: list[BandDone]) -> dict:
     """SlideRun.finish on the journaled bands; stage seconds include the plan's and the bands'. run.json records
     the journal's fingerprint and `distributed`, how the count was spread over the cluster."""
     folder = Path(journal)
-    with open_slide(slide, mpp=mpp, z=z, series=series) as opened:
+    with open_slide(slide, mpp=mpp, z=z, series=image[0], t=image[1]) as opened:
         run = SlideRun(opened, protocol, journal=folder, band_rows=band_rows, plan=planned.plan, started=started)
         missing = sorted({b.index for b in run.bands()} - done_bands(folder))
         if missing:
@@ -169,8 +169,8 @@ def count_on_dask(spec: CounterSpec, jobs: list[tuple], *, workers: int | None =
                   scheduler: str | None = None, resume: bool = False, band_rows: int | None = None,
                   progress: JobProgress | None = None) -> list[SlideOutcome]:
     """Count each (slide, result folder) of `jobs` on a Dask cluster: a local one of `workers` processes, or the
-    one whose scheduler is at `scheduler`; a job (slide, result folder, series) counts that image of the file
-    (cohort.job_outcome). One SlideOutcome per job, in order (cohort.count_serially's)."""
+    one whose scheduler is at `scheduler`; a job (slide, result folder, series, t) counts that image and time point
+    of the file (cohort.job_outcome). One SlideOutcome per job, in order (cohort.count_serially's)."""
     settings = spec.settings()
     job = None
     try:
@@ -299,7 +299,7 @@ class _Slide:
     outcome: SlideOutcome
     journal: Journal | None = None
     path: str = ""                            # the slide's absolute path
-    series: int | None = None                 # the file's image counted: the job's, else the counter's --series
+    image: tuple = (None, None)               # the file's (series, t) counted: the job's, else the counter's
     started: float = 0.0
     planned: object = None                    # the plan task's future
     bands: list[tuple[Band, int]] = field(default_factory=list)
@@ -326,7 +326,9 @@ class _Job:
         from distributed import as_completed
         slides = [_Slide(i, job_outcome(job)) for i, job in enumerate(jobs)]
         for slide in slides:
-            slide.series = self.spec.series if slide.outcome.series is None else slide.outcome.series
+            outcome = slide.outcome
+            slide.image = (self.spec.series if outcome.series is None else outcome.series,
+                           self.spec.t if outcome.t is None else outcome.t)
         waiting = list(slides)
         self.pending = as_completed(loop=self.client.loop)
         in_flight = self._start(waiting, 0)
@@ -365,9 +367,9 @@ class _Job:
             outcome = slide.outcome
             try:
                 slide.journal, outcome.summary = begin(outcome.slide, outcome.out,
-                                                       image_settings(self.settings, outcome.series),
-                                                       mpp=self.spec.mpp, z=self.spec.z, series=slide.series,
-                                                       resume=self.resume, band_rows=self.band_rows)
+                                                       image_settings(self.settings, outcome.series, outcome.t),
+                                                       mpp=self.spec.mpp, z=self.spec.z, series=slide.image[0],
+                                                       t=slide.image[1], resume=self.resume, band_rows=self.band_rows)
             except CellsegError as e:
                 outcome.error = e
                 continue
@@ -378,7 +380,7 @@ class _Job:
             slide.started = time.time()
             slide.path = os.path.abspath(outcome.slide)      # workers may run in another folder, or machine
             folder = str(slide.journal.folder)              # absolute
-            slide.planned = self._submit(slide, "plan", plan_task, self.plugin, slide.path, folder, slide.series,
+            slide.planned = self._submit(slide, "plan", plan_task, self.plugin, slide.path, folder, slide.image,
                                          resources=self.gpu, watch=False)
             self._submit(slide, "outline", outline_task, slide.planned, slide.journal.band_rows)
             in_flight += 1
@@ -401,13 +403,13 @@ class _Job:
         if self.progress is not None:
             self.progress.planned(slide.tiles_planned)
         self._advance(slide, sum(n for b, n in bands if b.index in done))
-        band_futures = [self._submit(slide, "band", band_task, self.plugin, slide.path, slide.series, slide.planned,
+        band_futures = [self._submit(slide, "band", band_task, self.plugin, slide.path, slide.image, slide.planned,
                                      band, str(folder), resources=self.gpu)
                         for band, _ in bands if band.index not in done]
         spread = {**self.record, "band_rows": slide.journal.band_rows, "bands": len(bands),
                   "bands_from_journal": len(bands) - len(band_futures)}
         self._submit(slide, "finish", finish_task, slide.path, slide.planned, slide.journal.band_rows,
-                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, slide.series,
+                     str(folder), self.spec.protocol, self.spec.mpp, self.spec.z, slide.image,
                      slide.journal.fingerprint, spread, slide.started, band_futures)
 
     def _advance(self, slide: _Slide, tiles: int) -> None:

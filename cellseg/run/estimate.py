@@ -55,12 +55,13 @@ class Estimate:
 def estimate_count(slide_path: Path, protocol: Protocol, detector: TileDetector, tissue: TissueFinder, *,
                    mpp: float | None = None, model_diameter_px: float | None = None,
                    diameter_px: float | str | None = None, regions=None, sample_tiles: int = 8,
-                   micron_scale=None, z: int | str | None = None, series: int | None = None) -> Estimate:
+                   micron_scale=None, z: int | str | None = None, series: int | None = None,
+                   t: int | None = None) -> Estimate:
     """Plan `slide_path` and time `sample_tiles` of its analysed tiles (after one untimed warm-up tile); regions:
     counted only inside these (regions.RegionFile), as the count would be. micron_scale, model_diameter_px and
-    diameter_px: the scale, and z and series, what of the file is counted, as count_slide takes them."""
+    diameter_px: the scale, and z, series and t, what of the file is counted, as count_slide takes them."""
     started = time.perf_counter()
-    with open_slide(slide_path, mpp=mpp, z=z, series=series) as slide:
+    with open_slide(slide_path, mpp=mpp, z=z, series=series, t=t) as slide:
         run = SlideRun(slide, protocol, detector, keep_pixels=False)      # nothing is measured: no pixels kept
         plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions,
                         micron_scale=micron_scale)

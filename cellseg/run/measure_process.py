@@ -2,8 +2,8 @@
 
 Messages from the parent, one at a time: ("ready",) -> ("ready", None) once its modules are imported; ("tile",
 slide_key, nuclei, ids, box, mpp, channel_names, class_names) -> ("rows", the tile's cells.csv columns) or ("error",
-the exception). The tile's pixels are read here from the slide (slide_key: open_slide's path, skip_unreadable, z and
-series, then the file's size and time), which stays open for the next tiles. The process ends when its pipe closes.
+the exception). The tile's pixels are read here from the slide (slide_key: open_slide's path, skip_unreadable, z,
+series and t, then the file's size and time), which stays open for the next tiles. The process ends when its pipe closes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def measured(slide_key: tuple, nuclei, ids, box, mpp, channel_names, class_names
             other.close()
         _opened.clear()
         slide = _opened[slide_key] = open_slide(slide_key[0], skip_unreadable=slide_key[1], z=slide_key[2],
-                                                      series=slide_key[3])
+                                                      series=slide_key[3], t=slide_key[4])
     return label_and_measure(nuclei, ids, box, slide.read_region(box), mpp, channel_names, class_names)
 
 

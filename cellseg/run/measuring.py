@@ -171,17 +171,17 @@ class TileMeasurer:
     with one, they are let go (what they were given is not waited for).
 
     A tile crosses as its nuclei alone: the processes read its pixels from the slide themselves (pickling a 640² RGB
-    tile's pixels cost ~1.3 ms of the ~4 ms its measuring takes). slide_path, skip_unreadable, z, series: as the count
-    opened the slide (slides.open_slide); mpp, channel_names, class_names: as cells.measure_tile takes them.
+    tile's pixels cost ~1.3 ms of the ~4 ms its measuring takes). slide_path, skip_unreadable, z, series, t: as the
+    count opened the slide (slides.open_slide); mpp, channel_names, class_names: as cells.measure_tile takes them.
     """
 
     def __init__(self, processes: int, slide_path: Path, skip_unreadable: bool, mpp: float | None,
                  channel_names: list[str], class_names: list[str], z: int | str | None = None,
-                 series: int | None = None):
+                 series: int | None = None, t: int | None = None):
         if processes < 1:
             raise ValueError(f"expected at least one measuring process, got {processes}")
         stat = os.stat(slide_path)    # a file replaced at the same path is opened anew
-        self.slide_key = (str(slide_path), bool(skip_unreadable), z, series, stat.st_size, stat.st_mtime_ns)
+        self.slide_key = (str(slide_path), bool(skip_unreadable), z, series, t, stat.st_size, stat.st_mtime_ns)
         self.mpp, self.channel_names, self.class_names = mpp, list(channel_names), list(class_names)
         self._children = _take_children(processes)
         self._pending: deque[tuple[object, Future]] = deque()

@@ -89,7 +89,7 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
                 journal: Path | None = None, band_rows: int | None = None,
                 regions: RegionFile | None = None, skip_unreadable: bool = False,
                 micron_scale: MicronScale | None = None, z: int | str | None = None,
-                series: int | None = None) -> dict:
+                series: int | None = None, t: int | None = None) -> dict:
     """Count and measure the cells of one slide, writing every result file into `out_dir`. Returns the summary.
 
     `out_dir` is a staging folder owned by the caller (results.staged_output; CellCounter.count does this).
@@ -101,12 +101,13 @@ def count_slide(slide_path: Path, out_dir: Path, protocol: Protocol, detector: T
     holds already (a resumed run) is read back, not computed again. band_rows: tile rows per band (tiling.plan_bands).
     regions: count only the nuclei inside these (planning/regions.py); tiles far from them are never read.
     skip_unreadable: damaged pixel data (slide.Slide) does not stop the count: see `drop_unreadable` and
-    SlideRun.finish. z, series: what of a Z-stack, which image of a multi-image file is counted (slides.open_slide).
+    SlideRun.finish. z, series, t: what of a Z-stack, which image of a multi-image file and which time point of a time
+    series is counted (slides.open_slide).
     """
     started = time.time()
     # a full disk (the journal's files too): one line, and the journal kept for --resume
     with write_errors(out_dir), open_slide(slide_path, mpp=mpp, skip_unreadable=skip_unreadable, z=z,
-                                           series=series) as opened:
+                                           series=series, t=t) as opened:
         run = SlideRun(opened, protocol, detector, journal=journal, band_rows=band_rows, started=started)
         plan = run.plan(tissue, model_diameter_px=model_diameter_px, diameter_px=diameter_px, regions=regions,
                         micron_scale=micron_scale)
@@ -297,7 +298,8 @@ class SlideRun:
             # need the tiles' label images and pixels here, so they are measured in this thread.
             processes = measure_processes_for(usable_cores()) if expansion is None else 0
             measurer = TileMeasurer(processes, info.path, slide.skip_unreadable, info.mpp, plan.channel_names,
-                                    class_names, z=info.z, series=info.series) if processes else None
+                                    class_names, z=info.z, series=info.series, t=info.t) \
+                if processes else None
             with measurer or nullcontext():
                 emitter = NucleusEmitter(slide, plan.tiles, result, plan.channel_names, class_names, timer,
                                          expansion=expansion, tally=tally, scores=scores, measurer=measurer)

@@ -7,7 +7,7 @@ the package does not import the rest (torch, numpy), and `cellseg --help` stays 
 import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "base": ["Slide", "SlideInfo", "series_choice", "z_choice", "z_text"],
+    "base": ["Slide", "SlideInfo", "series_choice", "t_choice", "z_choice", "z_text"],
     "cache": ["CachedSlide", "KEPT_BYTES"],
     "opening": ["looks_like_slide", "open_slide", "sniff"],
     "unreadable": ["UnreadableRegion"],

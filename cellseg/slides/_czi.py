@@ -20,8 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideError, StackError, ZStackError
-from .base import STACK_HINT, TIME_HINT, Slide, SlideInfo, check_plane, error_text, mean_mpp, projected
+from ..errors import SlideError, TimeSeriesError, ZStackError
+from .base import (
+    STACK_HINT,
+    TIME_HINT,
+    Slide,
+    SlideInfo,
+    check_plane,
+    check_time,
+    error_text,
+    mean_mpp,
+    projected,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +46,10 @@ class CziLevel:
     """One pyramid level (factor f): a region of it is the level-0 rectangle f times larger, zoomed by 1/f."""
 
     def __init__(self, reader, lock: threading.Lock, origin: tuple[int, int], factor: int, channels: int,
-                 rgb: bool, chunk: tuple[int, int], planes: tuple[int | None, ...] = (None,),
+                 rgb: bool, chunk: tuple[int, int], planes: tuple[dict, ...] = ({},),
                  projection: str | None = None):
         self._reader = reader
-        # the Z indices read (None: the file has no Z), and how several become one ("max", "mean")
+        # the planes read (libCZI's Z and T indices, {} for a 2-D file), and how several become one ("max", "mean")
         self._planes, self._projection = planes, projection
         self._lock = lock
         self._x0, self._y0 = origin
@@ -54,18 +64,14 @@ class CziLevel:
         roi = (self._x0 + c0 * f, self._y0 + r0 * f, (c1 - c0) * f, (r1 - r0) * f)
         zoom = 1.0 / f if f > 1 else None
         with self._lock:   # one libCZI accessor per file: reads are serialised
-            planes = [np.concatenate([self._reader.read(roi=roi, plane=_plane(c, z), zoom=zoom,
+            planes = [np.concatenate([self._reader.read(roi=roi, plane={"C": c, **plane}, zoom=zoom,
                                                         background_pixel=self._background)
-                                      for c in range(self._channels)], axis=-1) for z in self._planes]
+                                      for c in range(self._channels)], axis=-1) for plane in self._planes]
         # one plane (a 2-D file, or --z N) as read; several (a projection) made one
         data = projected(np.stack(planes), 0, self._projection) if len(planes) > 1 else planes[0]
         if self._rgb:
             data = data[..., ::-1]    # BGR -> RGB
         return np.ascontiguousarray(_exact(data, r1 - r0, c1 - c0))
-
-
-def _plane(c: int, z: int | None) -> dict:
-    return {"C": c} if z is None else {"C": c, "Z": z}
 
 
 def _exact(data: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -76,8 +82,8 @@ def _exact(data: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(data, ((0, h - data.shape[0]), (0, w - data.shape[1]), (0, 0)), mode="edge")
 
 
-def open_czi(path: Path, z: int | str | None = None) -> Slide:
-    """The CZI at `path`; `z` (base.z_choice): what of a Z-stack to read."""
+def open_czi(path: Path, z: int | str | None = None, t: int | None = None) -> Slide:
+    """The CZI at `path`; `z` (base.z_choice): what of a Z-stack to read; `t` (base.t_choice): which time point."""
     try:
         from pylibCZIrw import czi as pyczi
     except ImportError as e:
@@ -97,10 +103,10 @@ def open_czi(path: Path, z: int | str | None = None) -> Slide:
             raise SlideError(f"expected a readable CZI, {path} is corrupt or truncated ({BACKEND}: "
                              f"{error_text(e)})") from e
         extra = {ax: hi - lo for ax, (lo, hi) in dims.items() if ax not in "XYC" and hi - lo > 1
-                 and not (ax == "Z" and z is not None)}
+                 and not (ax == "Z" and z is not None) and not (ax == "T" and t is not None)}
         if extra:
             hint = TIME_HINT if "T" in extra else STACK_HINT if "Z" in extra else ""
-            error = ZStackError if set(extra) == {"Z"} else StackError if set(extra) & set("ZT") else SlideError
+            error = TimeSeriesError if "T" in extra else ZStackError if "Z" in extra else SlideError
             raise error(f"expected a 2-D CZI (Y, X) with optional channels, {path} has "
                              f"{', '.join(f'{ax}={n}' for ax, n in extra.items())}{hint}")
         if box.w <= 0 or box.h <= 0:
@@ -119,9 +125,12 @@ def open_czi(path: Path, z: int | str | None = None) -> Slide:
         lock = threading.Lock()
         chunk = (1024, 1024)
         z0, z1 = dims.get("Z", (0, 1))
+        t0, t1 = dims.get("T", (0, 1))
         check_plane(z, z1 - z0)
-        planes = ((None,) if "Z" not in dims else tuple(range(z0, z1)) if isinstance(z, str)
-                  else (z0 + (z or 1) - 1,))
+        check_time(t, t1 - t0)
+        at = {"T": t0 + (t or 1) - 1} if "T" in dims else {}
+        planes = (({**at},) if "Z" not in dims else tuple({**at, "Z": k} for k in range(z0, z1)) if isinstance(z, str)
+                  else ({**at, "Z": z0 + (z or 1) - 1},))
         projection = z if isinstance(z, str) and z1 - z0 > 1 else None
         levels = [CziLevel(reader, lock, (box.x, box.y), f, n_c, rgb, chunk, planes, projection) for f in factors]
         sizes = tuple((max(1, box.h // f), max(1, box.w // f)) for f in factors)
@@ -131,7 +140,8 @@ def open_czi(path: Path, z: int | str | None = None) -> Slide:
                 f"#{k} {r.h} x {r.w} px at row {r.y - box.y}, col {r.x - box.x}" for k, r in sorted(scenes.items())))
         info = SlideInfo(path, "czi", BACKEND, box.h, box.w, 3 if rgb else n_c,
                          np.dtype(_DTYPES[pixel_type]), names, mpp, source, sizes, tuple(details),
-                         z_planes=z1 - z0, z=z if z1 - z0 > 1 else None)
+                         z_planes=z1 - z0, z=z if z1 - z0 > 1 else None, t_points=t1 - t0,
+                         t=t if t1 - t0 > 1 else None)
         return Slide(info, levels, stack.pop_all(), READ_ERRORS)
 
 

@@ -46,9 +46,10 @@ BACKEND = "tifffile"
 READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error)
 
 
-def open_tiff(path: Path, z: int | str | None = None, series: int | None = None) -> Slide:
+def open_tiff(path: Path, z: int | str | None = None, series: int | None = None, t: int | None = None) -> Slide:
     """The TIFF at `path`; `z` (base.z_choice): what of a Z-stack to read; `series` (base.series_choice): which of
-    its images (tifffile's series: an OME-TIFF's Image elements in order), the first if None."""
+    its images (tifffile's series: an OME-TIFF's Image elements in order), the first if None; `t` (base.t_choice):
+    which time point of a time series."""
     with ExitStack() as stack:  # closes the file if anything below fails
         # what tifffile logs instead of raising, kept from the console (propagate off) and judged below: the user
         # gets one line for a damaged file, not tifffile's records before it
@@ -83,7 +84,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None)
         if 0 in image.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
                              f"(axes {image.axes})")
-        channel_axis = find_channel_axis(image.axes, image.shape, z)
+        channel_axis = find_channel_axis(image.axes, image.shape, z, t)
         sizes = dict(zip(image.axes, image.shape))
         if np.dtype(image.dtype).kind not in "biuf":
             raise SlideError(f"expected integer or float pixels, {path} has {image.dtype}")
@@ -95,7 +96,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None)
                             "it and smaller levels", path.name, i, lv.axes, lv.shape, image.axes,
                             image.shape)
                 break
-            kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z))
+            kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z, t))
         _check_complete(path, levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
         mpp, source, names = _tiff_metadata(tf, image, index, n_channels)
@@ -113,7 +114,8 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None)
                                   f"{image.name or image.kind}",)
                          if len(tf.series) > 1 and (tf.is_ome or series is not None) else (),
                          z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings,
-                         series=series, positions=tuple(alike) if len(alike) > 1 else ())
+                         series=series, positions=tuple(alike) if len(alike) > 1 else (),
+                         t_points=sizes.get("T", 1), t=t if sizes.get("T", 1) > 1 else None)
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
@@ -126,13 +128,13 @@ def _alike(other, series) -> bool:
             and all(b[ax] / 4 <= a[ax] <= 4 * b[ax] for ax in "YX"))
 
 
-def _tiff_level(tf, series, i, lv, channel_axis, stack, z) -> ArrayLevel | TiledLevel:
+def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t) -> ArrayLevel | TiledLevel:
     try:
         if lv.dataoffset is not None and lv.keyframe.is_memmappable:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
             dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
             arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
-            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z)
+            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z, t)
         tiled = TiledLevel.of(tf, lv, channel_axis, stack)
         if tiled is not None:
             return tiled
@@ -142,7 +144,7 @@ def _tiff_level(tf, series, i, lv, channel_axis, stack, z) -> ArrayLevel | Tiled
         raise SlideError(f"expected a readable TIFF, level {i} of {tf.filehandle.path} is corrupt "
                          f"({BACKEND}: {error_text(e)})") from e
     chunks = dict(zip(lv.axes, arr.chunks))
-    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]), z)
+    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]), z, t)
 
 
 class TiledLevel:

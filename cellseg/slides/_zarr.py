@@ -35,9 +35,11 @@ READ_ERRORS = (ValueError, RuntimeError, OSError, KeyError, TypeError, IndexErro
 _DEFAULT_AXES = "tczyx"   # NGFF 0.1/0.2 had no axes metadata: always 5-D in this order
 
 
-def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: int | None = None) -> Slide:
+def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: int | None = None,
+                  t: int | None = None) -> Slide:
     """The OME-Zarr image in `folder` (`path`: what the user named); `z` (base.z_choice): what of a Z-stack to read;
-    `series` (base.series_choice): which series of a bioformats2raw folder, the first (0) if None."""
+    `series` (base.series_choice): which series of a bioformats2raw folder, the first (0) if None; `t`
+    (base.t_choice): which time point of a time series."""
     try:
         group = zarr.open_group(str(folder), mode="r")
         attrs = group.attrs.asdict()
@@ -72,14 +74,15 @@ def open_ome_zarr(path: Path, folder: Path, z: int | str | None = None, series: 
         raise SlideError(f"expected OME-Zarr multiscales metadata (an NGFF image), {path} holds {kind}; "
                          f"name the image's own folder (e.g. plate/A/1/0)")
     try:
-        return _open(path, group, ome, details, z, warnings, series, positions)
+        return _open(path, group, ome, details, (z, t), warnings, series, positions)
     except (*READ_ERRORS, AttributeError) as e:
         raise SlideError(f"expected valid OME-Zarr multiscales metadata in {path} ({BACKEND}: "
                          f"{error_text(e)})") from e
 
 
-def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None, warnings: tuple[str, ...],
-          series: int | None, positions: tuple[int, ...]) -> Slide:
+def _open(path: Path, group, ome: dict, details: list[str], plane: tuple[int | str | None, int | None],
+          warnings: tuple[str, ...], series: int | None, positions: tuple[int, ...]) -> Slide:
+    z, t = plane     # what of a Z-stack and which time point are read (base.z_choice, base.t_choice)
     ms = ome["multiscales"][0]
     version = ome.get("version") or ms.get("version", "?")
     details.insert(0, f"NGFF {version}, {len(ms['datasets'])} level(s): " + ", ".join(d["path"] for d in ms["datasets"]))
@@ -95,7 +98,7 @@ def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None,
                          f"shape {first.shape}")
     if np.dtype(first.dtype).kind not in "biuf":
         raise SlideError(f"expected integer or float pixels, {path} has {first.dtype}")
-    channel_axis = find_channel_axis(axes, first.shape, z)
+    channel_axis = find_channel_axis(axes, first.shape, z, t)
     levels, sizes = [], []
     for k, arr in enumerate(arrays):
         other = [(ax, n) for ax, n in zip(axes, arr.shape) if ax not in "YX"]
@@ -104,15 +107,16 @@ def _open(path: Path, group, ome: dict, details: list[str], z: int | str | None,
                         path.name, k, arr.shape, first.shape)
             break
         shape, chunks = dict(zip(axes, arr.shape)), dict(zip(axes, arr.chunks))
-        levels.append(ArrayLevel(arr, axes, channel_axis, (chunks["Y"], chunks["X"]), z))
+        levels.append(ArrayLevel(arr, axes, channel_axis, (chunks["Y"], chunks["X"]), z, t))
         sizes.append((shape["Y"], shape["X"]))
     n_channels = dict(zip(axes, first.shape))[channel_axis] if channel_axis else 1
     planes = dict(zip(axes, first.shape)).get("Z", 1)
+    points = dict(zip(axes, first.shape)).get("T", 1)
     mpp, source = _mpp(ms, axes_meta, names)
     info = SlideInfo(path, "ome-zarr", BACKEND, sizes[0][0], sizes[0][1], n_channels,
                      np.dtype(first.dtype).newbyteorder("="), _channel_names(ome, n_channels), mpp, source,
                      tuple(sizes), tuple(details), z_planes=planes, z=z if planes > 1 else None, warnings=warnings,
-                     series=series, positions=positions)
+                     series=series, positions=positions, t_points=points, t=t if points > 1 else None)
     return Slide(info, levels, None, READ_ERRORS)
 
 

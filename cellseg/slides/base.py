@@ -24,7 +24,7 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from PIL import Image
 
-from ..errors import ParameterError, SlideError, StackError, UnreadableRegionError, ZStackError
+from ..errors import ParameterError, SlideError, TimeSeriesError, UnreadableRegionError, ZStackError
 from ..geometry import Box
 from .unreadable import UnreadableRegion, UnreadableRegions, chunk_parts
 
@@ -37,8 +37,8 @@ PIECE_PX = 1 << 20  # thumbnail reads go in pieces of about this many pixels (wh
 Z_PROJECTIONS = ("max", "mean")
 STACK_HINT = (" (a Z-stack: pass --z max or --z mean to count a projection of its planes, or --z N to count "
               "plane N, counted from 1 as Fiji does)")
-TIME_HINT = (" (a time series: save the time point to count as its own file, e.g. with Fiji's Image > "
-             "Duplicate)")
+TIME_HINT = (" (a time series: pass --t N to count time point N, counted from 1 as Fiji does, or --t all to count "
+             "each)")
 UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
                "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
                "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6, "picometer": 1e-6,
@@ -81,6 +81,25 @@ def check_series(series: int | None, images: int) -> None:
         raise ParameterError(f"expected --series {what}, got --series {series}")
 
 
+def t_choice(value) -> int | None:
+    """`t` as open_slide takes it, checked: None (an image without time points), or the time point counted from 1
+    (as Fiji counts frames; napari's slider counts from 0). Text ("3") is read too."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = int(value.strip()) if value.strip().isdigit() else value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ParameterError(f"expected --t N, a time point counted from 1, got {value!r}")
+
+
+def check_time(t: int | None, points: int) -> None:
+    """A time point beyond the series' is the user's mistake: one line saying how many there are."""
+    if t is not None and not 1 <= t <= points:
+        what = f"1-{points} (the time series' points)" if points > 1 else "1 on an image without time points"
+        raise ParameterError(f"expected --t {what}, got --t {t}")
+
+
 def z_text(z: int | str | None, planes: int) -> str:
     """What of an image is read, in words: 'plane 5 of a 12-plane Z-stack', 'max projection of a 12-plane
     Z-stack', 'a 2-D image'."""
@@ -113,6 +132,8 @@ class SlideInfo:
     # the --series numbers of the file's images like the one read (the positions of one acquisition, it among them),
     # when there are several: what `--series all` counts; () for a file of one such image
     positions: tuple[int, ...] = ()
+    t_points: int = 1  # time points of a time series (1: none)
+    t: int | None = None  # the time point read (t_choice, from 1); None without time points
 
 
 class Level(TypingProtocol):
@@ -132,13 +153,14 @@ class ArrayLevel:
     channel_axis: str | None  # "C" or "S", or None for one channel
     chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
     z: int | str | None = None  # a Z-stack's plane (from 1) or projection ("max", "mean"): z_choice
+    t: int | None = None  # a time series' point (from 1): t_choice
 
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         project = self.z in Z_PROJECTIONS and "Z" in self.axes
         plane = self.z - 1 if isinstance(self.z, int) else 0
         index = tuple(slice(r0, r1) if ax == "Y" else slice(c0, c1) if ax == "X"
                       else slice(None) if ax == self.channel_axis or (ax == "Z" and project)
-                      else plane if ax == "Z" else 0 for ax in self.axes)
+                      else plane if ax == "Z" else (self.t or 1) - 1 if ax == "T" else 0 for ax in self.axes)
         data = np.asarray(self.array[index])
         kept = [ax for ax in self.axes if ax in ("Y", "X", self.channel_axis) or (ax == "Z" and project)]
         if project:
@@ -307,18 +329,21 @@ class Slide:
         return acc
 
 
-def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = None) -> str | None:
-    """The one axis holding channels (C or samples S), or None; refuses odd shapes, time series, and Z-stacks
-    unless `z` (z_choice) says what of the stack to read."""
+def find_channel_axis(axes: str, shape: tuple[int, ...], z: int | str | None = None,
+                      t: int | None = None) -> str | None:
+    """The one axis holding channels (C or samples S), or None; refuses odd shapes, and time series and Z-stacks
+    unless `t` (t_choice) and `z` (z_choice) say what of them to read."""
     sizes = dict(zip(axes, shape))
-    extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1 and not (ax == "Z" and z is not None)]
+    extra = [ax for ax, n in sizes.items() if ax not in "YX" and n > 1
+             and not (ax == "Z" and z is not None) and not (ax == "T" and t is not None)]
     channels = [ax for ax in extra if ax in "CS"]
     if "Y" in sizes and "X" in sizes and len(extra) == len(channels) <= 1:
         check_plane(z, sizes.get("Z", 1))
+        check_time(t, sizes.get("T", 1))
         return channels[0] if channels else None
     hint, error = "", SlideError
     if "T" in extra:
-        hint, error = TIME_HINT, StackError
+        hint, error = TIME_HINT, TimeSeriesError
     elif "Z" in extra:
         hint, error = STACK_HINT, ZStackError
     elif any(ax in "IQ" for ax in extra):

@@ -27,7 +27,18 @@ import math
 from pathlib import Path
 
 from ..errors import ParameterError, SlideError
-from .base import Slide, SlideInfo, check_plane, check_series, error_text, series_choice, z_choice, z_text
+from .base import (
+    Slide,
+    SlideInfo,
+    check_plane,
+    check_series,
+    check_time,
+    error_text,
+    series_choice,
+    t_choice,
+    z_choice,
+    z_text,
+)
 
 __all__ = ["Slide", "SlideInfo", "looks_like_slide", "open_slide", "sniff"]   # what callers use; the rest is sniffing
 
@@ -51,14 +62,15 @@ _OPENSLIDE_TIFF_VENDORS = ("ventana", "trestle")
 
 
 def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool = False,
-               z: int | str | None = None, series: int | None = None) -> Slide:
+               z: int | str | None = None, series: int | None = None, t: int | None = None) -> Slide:
     """Open a slide lazily: a file, or a folder (OME-Zarr, a DICOM series). `mpp` (µm per pixel) overrides
     the file's pixel size; skip_unreadable: damaged pixel data reads as zeros and is listed (Slide); `z`: what of
     a Z-stack is read, one plane counted from 1 or a projection of them all, "max" or "mean" (a 2-D image reads as
     it is; a stack without `z` is refused, saying so); `series`: which image of a file holding several (an
     OME-TIFF's positions, a bioformats2raw folder's series), counted from 0; the first if None, with a warning in
-    SlideInfo.warnings naming the others."""
-    z, series = z_choice(z), series_choice(series)
+    SlideInfo.warnings naming the others; `t`: which time point of a time series, counted from 1 (a time series
+    without it is refused, saying so)."""
+    z, series, t = z_choice(z), series_choice(series), t_choice(t)
     if mpp is not None:
         if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
             raise ParameterError(f"expected --mpp > 0 (µm per pixel), got {mpp!r}")
@@ -66,10 +78,10 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
     kind, target = sniff(path)
     if kind == "tiff":
         from ._tiff import open_tiff
-        slide = open_tiff(path, z, series)
+        slide = open_tiff(path, z, series, t)
     elif kind == "zarr":
         from ._zarr import open_ome_zarr
-        slide = open_ome_zarr(path, target, z, series)
+        slide = open_ome_zarr(path, target, z, series, t)
     else:
         check_series(series, 1)     # these formats hold one image (a CZI's scenes are all read, in place)
         if kind in ("openslide", "dicom-folder"):
@@ -77,14 +89,15 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
             slide = open_openslide(path, target)
         elif kind == "czi":
             from ._czi import open_czi
-            slide = open_czi(path, z)
+            slide = open_czi(path, z, t)
         else:
             from ._pil import open_pil
             slide = open_pil(path)
         slide.info = dataclasses.replace(slide.info, series=series)
-    if slide.info.z_planes == 1:
-        try:
-            check_plane(z, 1)      # a 2-D image has plane 1 only: --z 2 on one is a mistake
+    if slide.info.z_planes == 1 or slide.info.t_points == 1:
+        try:    # a 2-D image has plane 1 only, an image without time points point 1: --z 2 or --t 2 on it is a mistake
+            check_plane(z, slide.info.z_planes)
+            check_time(t, slide.info.t_points)
         except ParameterError:
             slide.close()
             raise
@@ -95,10 +108,11 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
         slide.info = dataclasses.replace(slide.info, mpp=float(mpp), mpp_source="override")
     slide.skip_unreadable = bool(skip_unreadable)
     i = slide.info
-    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)%s%s", path.name, i.format,
+    log.info("opened %s: %s (%s) %dx%d px, %d channel(s) %s, mpp %s (%s), %d level(s)%s%s%s", path.name, i.format,
              i.backend, i.height, i.width, i.n_channels, i.dtype, i.mpp, i.mpp_source, len(i.levels),
              f", {z_text(i.z, i.z_planes)}" if i.z_planes > 1 else "",
-             f", image {i.series} of the file" if i.series is not None else "")
+             f", image {i.series} of the file" if i.series is not None else "",
+             f", time point {i.t} of {i.t_points}" if i.t is not None else "")
     return slide
 
 

@@ -189,8 +189,9 @@ def test_a_z_stack_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
 
 
 @pytest.mark.slow
-def test_a_chosen_image_of_a_multi_image_file_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
-    """Every task opens the same --series (plan, bands, the final step): the one-process result, not the first's."""
+def test_a_chosen_image_or_time_point_counts_on_dask_as_in_one_process(tmp_path, cluster, slides):
+    """Every task opens the same --series and --t (plan, bands, the final step): the one-process result, not the
+    first image's."""
     paths, labels = slides
     flat = tifffile.imread(paths[0])
     plate = tmp_path / "plate.ome.tif"
@@ -200,12 +201,18 @@ def test_a_chosen_image_of_a_multi_image_file_counts_on_dask_as_in_one_process(t
     spec = LabelCounterSpec(PROTOCOL, labels, series=1)
     reference = one_process(spec, plate, tmp_path / "one")
     assert_same_result(one_process(LabelCounterSpec(PROTOCOL, labels), paths[0], tmp_path / "flat"), reference)
-    # the spec's --series, and a job's own image (--series all makes a job per position)
-    outcomes = count_on_dask(spec, [(plate, tmp_path / "dask"), (plate, tmp_path / "dask0", 0)],
+    movie = tmp_path / "movie.tif"
+    tifffile.imwrite(movie, np.stack([flat // 3, flat, flat // 2]), imagej=True, metadata={"axes": "TYX"})
+    # the spec's --series, a job's own image (--series all makes a job per position) and time point (--t all)
+    outcomes = count_on_dask(spec, [(plate, tmp_path / "dask"), (plate, tmp_path / "dask0", 0),
+                                    (movie, tmp_path / "dask_t3", 0, 3)],     # (the spec's series 1 is not its)
                              scheduler=cluster.scheduler_address, band_rows=2)
-    assert [(o.error, o.series, o.summary["series"]) for o in outcomes] == [(None, None, 1), (None, 0, 0)]
+    assert [(o.error, o.series, o.summary["series"], o.t) for o in outcomes] == [
+        (None, None, 1, None), (None, 0, 0, None), (None, 0, 0, 3)]
     assert_same_result(reference, tmp_path / "dask")
     assert_same_result(one_process(dataclasses.replace(spec, series=0), plate, tmp_path / "one0"), tmp_path / "dask0")
+    assert_same_result(one_process(dataclasses.replace(spec, series=0, t=3), movie, tmp_path / "one_t3"),
+                       tmp_path / "dask_t3")
     assert json_summary(tmp_path / "dask", "run.json")["fingerprint"]["options"]["series"] == 1
     assert json_summary(tmp_path / "dask0", "run.json")["fingerprint"]["options"]["series"] == 0
 

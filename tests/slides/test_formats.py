@@ -216,11 +216,13 @@ def test_tiffs_that_need_stitching_go_to_openslide(tmp_path, monkeypatch):
 # --- CZI through pylibCZIrw -------------------------------------------------------------------------------------
 
 def write_czi(path: Path, planes: dict, mpp_um: float | None = 0.5, names: dict | None = None) -> Path:
-    """planes: {(scene, channel, z): (array (h, w) gray or (h, w, 3) RGB, (x, y))}; RGB is stored BGR, as CZI does."""
+    """planes: {(scene, channel, z[, t]): (array (h, w) gray or (h, w, 3) RGB, (x, y))}; RGB is stored BGR, as CZI
+    does."""
     with pyczi.create_czi(str(path), exist_ok=True) as czi:
-        for (scene, c, z), (data, location) in planes.items():
+        for (scene, c, z, *t), (data, location) in planes.items():
             data = data[..., ::-1] if data.ndim == 3 else data[..., None]
-            czi.write(np.ascontiguousarray(data), plane={"C": c, "Z": z}, location=location, scene=scene)
+            czi.write(np.ascontiguousarray(data), plane={"C": c, "Z": z, **({"T": t[0]} if t else {})},
+                      location=location, scene=scene)
         scale = mpp_um * 1e-6 if mpp_um else 0.0
         czi.write_metadata(document_name=path.stem, channel_names=names or {}, scale_x=scale, scale_y=scale)
     return path
@@ -307,6 +309,27 @@ def test_czi_z_stack_reads_as_one_plane_or_a_projection(tmp_path):
             np.testing.assert_array_equal(s.read_region(Box(0, 0, 32, 40)), expected)
     with pytest.raises(ParameterError, match=r"expected --z 1-3 \(the Z-stack's planes\), got --z 4"):
         open_slide(path, z=4)
+
+
+def test_czi_and_ome_zarr_time_series_read_one_time_point(tmp_path):
+    rng = np.random.default_rng(2)
+    planes = {(0, 0, 0, t): (rng.integers(0, 4000, (32, 40), dtype=np.uint16), (0, 0)) for t in range(3)}
+    path = write_czi(tmp_path / "t.czi", planes)
+    with pytest.raises(SlideError, match=r"expected a 2-D CZI .* has T=3 \(a time series: pass --t N"):
+        open_slide(path)
+    with open_slide(path, t=3) as s:
+        assert (s.info.t_points, s.info.t) == (3, 3)
+        np.testing.assert_array_equal(s.read_region(Box(0, 0, 32, 40))[..., 0], planes[(0, 0, 0, 2)][0])
+    with pytest.raises(ParameterError, match=r"expected --t 1-3 \(the time series' points\), got --t 4"):
+        open_slide(path, t=4)
+    frames = rng.integers(0, 250, (4, 48, 64), dtype=np.uint8)
+    series = write_ome_zarr(tmp_path / "t.zarr", frames, "tyx", levels=2)
+    with pytest.raises(SlideError, match=r"axes TYX .*\(a time series: pass --t N"):
+        open_slide(series)
+    with open_slide(series, t=2) as s:      # every pyramid level reads the same time point
+        assert (s.info.t_points, s.info.t) == (4, 2)
+        assert_regions_match(s, frames[1][..., None])
+        assert s.read_region(Box(0, 0, 24, 32), level=1).shape == (24, 32, 1)
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.5, 0.9])

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cellseg.errors import ParameterError, SlideError
+from cellseg.errors import ParameterError, SlideError, TimeSeriesError, ZStackError
 from cellseg.geometry import Box
 from cellseg.slides import open_slide
 
@@ -73,7 +73,7 @@ def test_tczyx_with_single_t_and_z_is_squeezed(tmp_path):
 
 
 @pytest.mark.parametrize("shape, axes, hint", [((3, 2, 40, 50), "ZCYX", r"a Z-stack: pass --z max or --z mean .* --z N"),
-                                               ((4, 40, 50), "TYX", r"a time series: save the time point"),
+                                               ((4, 40, 50), "TYX", r"a time series: pass --t N to count time point N"),
                                                ((4, 3, 40, 50), "TZYX", r"a time series")])
 def test_stacks_without_z_and_time_series_are_refused(tmp_path, shape, axes, hint):
     tifffile.imwrite(tmp_path / "a.ome.tif", np.zeros(shape, np.uint8), metadata={"axes": axes})
@@ -105,6 +105,34 @@ def test_a_z_stack_reads_as_one_plane_or_a_projection(tmp_path, imagej):
             assert thumbnail.shape == (20, 25, 2)
     with pytest.raises(ParameterError, match=r"expected --z 1-4 \(the Z-stack's planes\), got --z 5"):
         open_slide(path, z=5)
+
+
+@pytest.mark.parametrize("imagej", [False, True])
+def test_a_time_series_reads_one_time_point_and_its_z_stack_as_asked(tmp_path, imagej):
+    planes = ramp((40, 50), np.uint16) + (1000 * np.arange(3, dtype=np.uint16))[:, None, None]
+    data = np.stack([planes, planes + 7])       # TZYX: 2 time points of 3 planes, each plane its own
+    path = tmp_path / ("ij.tif" if imagej else "t.ome.tif")
+    if imagej:
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TZYX"})
+    else:
+        tifffile.imwrite(path, data, metadata={"axes": "TZYX"}, tile=(16, 16))
+    with pytest.raises(TimeSeriesError, match=r"a time series: pass --t N to count time point N, counted from 1"):
+        open_slide(path, z="max")
+    with pytest.raises(ZStackError):
+        open_slide(path, t=2)
+    for t, z, expected in ((2, 1, data[1, 0]), (1, 3, data[0, 2]), (2, "max", data[1].max(axis=0))):
+        with open_slide(path, t=t, z=z) as s:
+            assert (s.info.t_points, s.info.t, s.info.z_planes, s.info.z) == (2, t, 3, z)
+            np.testing.assert_array_equal(full(s)[..., 0], expected)
+    with pytest.raises(ParameterError, match=r"^expected --t 1-2 \(the time series' points\), got --t 3$"):
+        open_slide(path, t=3, z=1)
+    with pytest.raises(ParameterError, match=r"^expected --t N, a time point counted from 1, got 0$"):
+        open_slide(path, t=0, z=1)
+    tifffile.imwrite(tmp_path / "flat.tif", data[0, 0])       # an image without time points: --t 1 only
+    with open_slide(tmp_path / "flat.tif", t=1) as s:
+        assert (s.info.t_points, s.info.t) == (1, None)
+    with pytest.raises(ParameterError, match=r"^expected --t 1 on an image without time points, got --t 2$"):
+        open_slide(tmp_path / "flat.tif", t=2)
 
 
 @pytest.mark.parametrize("z", [0, -1, "first", "max2", 1.5, True])
