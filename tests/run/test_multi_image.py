@@ -127,3 +127,15 @@ def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate,
     assert result.exit_code == 0 and result.output.count("plate.ome.tif: ") == 2, result.output
     result = invoke(["count", path, "--series", "first", "-o", tmp_path / "out"])
     assert result.exit_code == 2 and "or all" in result.stderr
+
+
+def test_the_report_of_a_result_from_before_series_and_t_is_rebuilt(tmp_path, plate):
+    """A result folder written before --series and --t (its summary.json has neither) still gets its report."""
+    path, labels, _ = plate
+    LabelCounterSpec(PROTOCOL, labels).load().count(path, tmp_path / "out")
+    summary_file = tmp_path / "out" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary_file.write_text(json.dumps({k: v for k, v in summary.items() if k not in ("series", "t", "t_points")}))
+    rebuilt = invoke(["report", tmp_path / "out"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "of the file (--series)" not in (tmp_path / "out" / "report.html").read_text()
