@@ -530,8 +530,8 @@ class _JobBar:
 
 _ESTIMATE_COLUMNS = ["estimated_true_count", "interval_low", "interval_high"]    # summary.json's count_estimate
 _SUMMARY_COLUMNS = ["input", "status", "result", "cell_count", "mpp", "z", "series", "t", "tissue_area_mm2",
-                    "tissue_area_in_regions_mm2", "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px", "tiles_total", "tiles_skipped", "seconds",
-                    "warnings", "error"]
+                    "tissue_area_in_regions_mm2", "cells_per_mm2", *_ESTIMATE_COLUMNS, "median_area_px",
+                    "tiles_total", "tiles_skipped", "seconds", "warnings", "error"]
 _SUMMARY_HEADER_START = ",".join(_SUMMARY_COLUMNS[:3])    # how a summary.csv cellseg wrote is told from the user's
 
 

@@ -59,7 +59,8 @@ def describe_slide(info: SlideInfo, protocol: Protocol, diameter_px: float | Non
         f"  format      {info.format}, read by {info.backend}",
         f"  size        {info.height} x {info.width} px (rows x columns), {info.dtype}",
         *([f"  z-stack     {info.z_planes} planes (1-{info.z_planes}): " + _z_line(info.z)] if info.z_planes > 1 else []),
-        *([f"  time        {info.t_points} points (1-{info.t_points}): " + _t_line(info.t)] if info.t_points > 1 else []),
+        *([f"  time        {info.t_points} points (1-{info.t_points}): " + _t_line(info.t)]
+          if info.t_points > 1 else []),
         f"  pyramid     {len(info.levels)} level(s): {levels}",
         f"  channels    {_channels(info)}",
         "  pixel size  " + (f"{info.mpp:.4g} µm/px (from {info.mpp_source})" if info.mpp

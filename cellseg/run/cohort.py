@@ -49,8 +49,8 @@ def begin(slide: Path, out: Path, settings: dict, *, mpp: float | None, resume: 
           band_rows: int | None, z: int | str | None = None, series: int | None = None,
           t: int | None = None) -> tuple[Journal | None, dict | None]:
     """(the journal to count `slide` into `out` with, None), or (None, its summary) when resume finds the complete
-    result of this very count there. settings: CellCounter.settings(); mpp, z, series, t: as the count opens the slide; errors
-    are one-line CellsegErrors."""
+    result of this very count there. settings: CellCounter.settings(); mpp, z, series, t: as the count opens the
+    slide; errors are one-line CellsegErrors."""
     with open_slide(slide, mpp=mpp, z=z, series=series, t=t) as opened:
         print_ = fingerprint(opened.info, settings)
     if resume:

@@ -3,7 +3,8 @@
 Messages from the parent, one at a time: ("ready",) -> ("ready", None) once its modules are imported; ("tile",
 slide_key, nuclei, ids, box, mpp, channel_names, class_names) -> ("rows", the tile's cells.csv columns) or ("error",
 the exception). The tile's pixels are read here from the slide (slide_key: open_slide's path, skip_unreadable, z,
-series and t, then the file's size and time), which stays open for the next tiles. The process ends when its pipe closes.
+series and t, then the file's size and time), which stays open for the next tiles. The process ends when its pipe
+closes.
 """
 
 from __future__ import annotations
