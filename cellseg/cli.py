@@ -120,32 +120,21 @@ class _Diameter(click.ParamType):
         return diameter
 
 
-class _Series(click.ParamType):
-    """--series N|all: which image of a multi-image file is counted (slides.series_choice), or each of its positions."""
+class _NumberOrAll(click.ParamType):
+    """--series N|all, --t N|all: one image or time point of a file (slides.series_choice, slides.t_choice, by the
+    name `choice`), or "all" of them."""
 
     name = "N|all"
 
+    def __init__(self, choice: str):
+        self.choice = choice
+
     def convert(self, value, param, ctx):
-        from .slides import series_choice
+        from . import slides
         if value == "all":
             return value
         try:
-            return series_choice(value)
-        except ParameterError as e:
-            self.fail(f"{e} or all", param, ctx)
-
-
-class _T(click.ParamType):
-    """--t N|all: which time point of a time series is counted (slides.t_choice), or each of them."""
-
-    name = "N|all"
-
-    def convert(self, value, param, ctx):
-        from .slides import t_choice
-        if value == "all":
-            return value
-        try:
-            return t_choice(value)
+            return getattr(slides, self.choice)(value)
         except ParameterError as e:
             self.fail(f"{e} or all", param, ctx)
 
@@ -228,9 +217,9 @@ _SERIES_OPTION = click.option("--series", type=click.IntRange(0), default=None, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_MPP_OPTION
 @_Z_OPTION
-@click.option("--series", type=_Series(), default=None,
+@click.option("--series", type=_NumberOrAll("series_choice"), default=None,
               help=_SERIES_HELP + " 'all': each of its positions, a result folder STEM_sN each (and summary.csv).")
-@click.option("--t", "t", type=_T(), default=None,
+@click.option("--t", "t", type=_NumberOrAll("t_choice"), default=None,
               help="A time series' time point to count, from 1 as Fiji counts (napari's slider counts from 0), or "
                    "'all': each of them, a result folder STEM_tN each (and summary.csv). Without it a time series is "
                    "refused.")

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.geometry import HostInput
+from cellseg.planning import Protocol
+
+# small tiles, no tissue prefilter: a count of a label-reading detector over a few hundred px in a second
+SMALL_TILES = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

@@ -61,17 +61,22 @@ def z_choice(value) -> int | str | None:
     raise ParameterError(f"expected --z max, mean or a plane number from 1, got {value!r}")
 
 
-def series_choice(value) -> int | None:
-    """`series` as open_slide takes it, checked: None (the file's first image), or the number of one of the images
-    of a multi-image file (the positions of an OME-TIFF, a bioformats2raw folder's series), counted from 0 as the
-    OME-XML (Image:0), bioformats2raw's folders and `bfconvert -series` count them. Text ("3") is read too."""
+def _count_from(value, first: int, expected: str) -> int | None:
+    """None, or a whole number >= `first` (text such as "3" too); else the one-line ParameterError `expected`."""
     if value is None:
         return None
     if isinstance(value, str):
         value = int(value.strip()) if value.strip().isdigit() else value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= first:
         return int(value)
-    raise ParameterError(f"expected --series N, an image of the file counted from 0, got {value!r}")
+    raise ParameterError(f"expected {expected}, got {value!r}")
+
+
+def series_choice(value) -> int | None:
+    """`series` as open_slide takes it, checked: None (the file's first image), or the number of one of the images
+    of a multi-image file (the positions of an OME-TIFF, a bioformats2raw folder's series), counted from 0 as the
+    OME-XML (Image:0), bioformats2raw's folders and `bfconvert -series` count them. Text ("3") is read too."""
+    return _count_from(value, 0, "--series N, an image of the file counted from 0")
 
 
 def check_series(series: int | None, images: int) -> None:
@@ -84,13 +89,7 @@ def check_series(series: int | None, images: int) -> None:
 def t_choice(value) -> int | None:
     """`t` as open_slide takes it, checked: None (an image without time points), or the time point counted from 1
     (as Fiji counts frames; napari's slider counts from 0). Text ("3") is read too."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = int(value.strip()) if value.strip().isdigit() else value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise ParameterError(f"expected --t N, a time point counted from 1, got {value!r}")
+    return _count_from(value, 1, "--t N, a time point counted from 1")
 
 
 def check_time(t: int | None, points: int) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cellseg.errors import JournalError, OutputError
 from cellseg.geometry import Band, Instances
-from cellseg.planning import Protocol, plan_slide
+from cellseg.planning import plan_slide
 from cellseg.results import partial_folder
 from cellseg.run import Journal, count_serially, done_bands, load_band, load_plan, save_band, save_plan
 from cellseg.run.journal import fingerprint
@@ -32,6 +32,7 @@ from cellseg.util import StageTimer
 from ..helpers import (
     DATA,
     FAST,
+    SMALL_TILES,
     LabelCounterSpec,
     LabelReadingDetector,
     Tally,
@@ -42,7 +43,7 @@ from ..helpers import (
     random_cells,
 )
 
-PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
+PROTOCOL = SMALL_TILES
 
 
 @pytest.fixture

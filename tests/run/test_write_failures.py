@@ -15,15 +15,14 @@ import pytest
 import tifffile
 
 from cellseg.errors import WriteError
-from cellseg.planning import Protocol
 from cellseg.results import CellsGeoJsonWriter, CellsTableWriter, CocoWriter, ResultWriter, partial_folder, result_files
 from cellseg.results.writer import LabelFiles
 from cellseg.run import count_serially, done_bands
 
-from ..helpers import LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
+from ..helpers import SMALL_TILES, LabelCounterSpec, assert_same_result, assert_user_error, invoke, random_cells
 
 ALL_FILES = set(result_files(True, True))
-PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
+PROTOCOL = SMALL_TILES
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import pytest
 import tifffile
 
 from cellseg.errors import JournalError
-from cellseg.planning import Protocol
 from cellseg.run import count_serially, measuring
 
 from ..helpers import (
     FAST,
+    SMALL_TILES,
     LabelCounterSpec,
     assert_report_reads_the_slide_as_counted,
     assert_same_result,
@@ -28,7 +28,7 @@ from ..helpers import (
     resumed_with_other_settings,
 )
 
-PROTOCOL = Protocol(name="test", tile_size=40, halo_px=10, batch_size=2, min_area_px=1, tissue_method="none")
+PROTOCOL = SMALL_TILES
 
 
 @pytest.fixture
