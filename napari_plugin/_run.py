@@ -162,7 +162,7 @@ def run_count(request: CountRequest, progress: ProgressCallback | None = None,
         regions = None
         if request.regions is not None:
             regions = request_regions(request.regions, work, box)
-            with open_slide(slide_path, mpp=request.mpp, series=series) as slide:     # none on it: said before the model
+            with open_slide(slide_path, mpp=request.mpp, series=series) as slide:     # none on it: said first
                 regions.in_pixels(slide.info.mpp, slide.info.height, slide.info.width)
         report.check()
         counter = CellCounter.load(protocol, request.device, mpp=request.mpp, run_info=RunInfo(

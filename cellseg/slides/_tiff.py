@@ -110,8 +110,8 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
                                for lv in levels[:len(kept)]),
-                         details=(f"image {index} of 0-{len(tf.series) - 1}{' (--series)' if series is not None else ''}: "
-                                  f"{image.name or image.kind}",)
+                         details=(f"image {index} of 0-{len(tf.series) - 1}"
+                                  f"{' (--series)' if series is not None else ''}: {image.name or image.kind}",)
                          if len(tf.series) > 1 and (tf.is_ome or series is not None) else (),
                          z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings,
                          series=series, positions=tuple(alike) if len(alike) > 1 else (),

@@ -411,7 +411,8 @@ def test_a_stack_from_napari_s_own_reader_is_counted_at_the_plane_on_screen(make
     viewer.add_image(stack, name="confocal")
     viewer.dims.set_current_step(0, 2)
     request = CellsegWidget(viewer).request()
-    assert (request.name, request.shape, request.extra, request.n_channels) == ("confocal_2", (64, 80), {"plane": [2]}, 1)
+    assert (request.name, request.shape, request.extra, request.n_channels) == ("confocal_2", (64, 80), {"plane": [2]},
+                                                                                1)
     assert np.all(request.read(Box(0, 0, 64, 80)) == 20)
 
 

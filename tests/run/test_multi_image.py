@@ -120,7 +120,8 @@ def test_the_command_line_takes_series_and_says_what_it_expects(tmp_path, plate,
     assert "plate.ome.tif (--series 1): " in result.output
     with open(tmp_path / "all" / "summary.csv", newline="") as f:
         rows = [(row["input"], row["series"], Path(row["result"]).name) for row in csv.DictReader(f)]
-    assert rows == [(str(path), "0", "plate_s0"), (str(path), "1", "plate_s1"), (str(tmp_path / "flat.tif"), "", "flat")]
+    assert rows == [(str(path), "0", "plate_s0"), (str(path), "1", "plate_s1"),
+                    (str(tmp_path / "flat.tif"), "", "flat")]
     for k in (0, 1):
         assert json.loads((tmp_path / "all" / f"plate_s{k}" / "summary.json").read_text())["series"] == k
     result = invoke(["count", path, "--series", "all", "--estimate", "--mpp", "0.5", *FAST, "--model", tiny_bundle])
