@@ -45,22 +45,6 @@ UM_PER_UNIT = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
                "in": 25400.0, "inch": 25400.0}
 
 
-def z_choice(value) -> int | str | None:
-    """`z` as open_slide takes it, checked: None (a 2-D image), "max" or "mean" (a projection of a Z-stack's
-    planes), or the plane's number counted from 1 (as Fiji counts; napari's slider counts from 0). Text as the
-    command line gives it ("max", "3") is read too."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in Z_PROJECTIONS:
-            return text
-        value = int(text) if text.isdigit() else text
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise ParameterError(f"expected --z max, mean or a plane number from 1, got {value!r}")
-
-
 def _count_from(value, first: int, expected: str) -> int | None:
     """None, or a whole number >= `first` (text such as "3" too); else the one-line ParameterError `expected`."""
     if value is None:
@@ -70,6 +54,15 @@ def _count_from(value, first: int, expected: str) -> int | None:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= first:
         return int(value)
     raise ParameterError(f"expected {expected}, got {value!r}")
+
+
+def z_choice(value) -> int | str | None:
+    """`z` as open_slide takes it, checked: None (a 2-D image), "max" or "mean" (a projection of a Z-stack's
+    planes), or the plane's number counted from 1 (as Fiji counts; napari's slider counts from 0). Text as the
+    command line gives it ("max", "3") is read too."""
+    if isinstance(value, str) and value.strip().lower() in Z_PROJECTIONS:
+        return value.strip().lower()
+    return _count_from(value, 1, "--z max, mean or a plane number from 1")
 
 
 def series_choice(value) -> int | None:

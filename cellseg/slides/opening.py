@@ -94,13 +94,12 @@ def open_slide(path: str | Path, mpp: float | None = None, skip_unreadable: bool
             from ._pil import open_pil
             slide = open_pil(path)
         slide.info = dataclasses.replace(slide.info, series=series)
-    if slide.info.z_planes == 1 or slide.info.t_points == 1:
-        try:    # a 2-D image has plane 1 only, an image without time points point 1: --z 2 or --t 2 on it is a mistake
-            check_plane(z, slide.info.z_planes)
-            check_time(t, slide.info.t_points)
-        except ParameterError:
-            slide.close()
-            raise
+    try:    # for every backend: a 2-D image has plane 1 only, one without time points point 1 (--z 2, --t 2 on it)
+        check_plane(z, slide.info.z_planes)
+        check_time(t, slide.info.t_points)
+    except ParameterError:
+        slide.close()
+        raise
     if mpp is not None:
         if slide.info.mpp is not None and abs(slide.info.mpp - mpp) > 1e-6 * mpp:
             log.info("%s: overriding the file's pixel size %.4g µm with %.4g µm", path.name,
