@@ -328,3 +328,39 @@ def write_ome_zarr(path: Path, data: np.ndarray, axes: str, version: str = "0.5"
     chunks = tuple(1 if ax in "tcz" else 32 for ax in axes)
     ms.to_ome_zarr(str(path), version=version, storage_options={"chunks": chunks})
     return path
+
+
+def write_micromanager_set(folder: Path, stem: str, positions: list[np.ndarray], mpp: float = 0.5,
+                           layout: str = "planes", split_from: int | None = None) -> list[Path]:
+    """A multi-file OME-TIFF as Micro-Manager writes one: each position's time points (`positions`: T x Y x X each)
+    in a file of their own, `STEM_MMStack_PosN.ome.tif`, every file holding the OME-XML of the whole set (Micro-Manager
+    1.4) whose TiffData elements name the file (UUID and FileName) each plane is in. `layout`: "planes" (each plane's
+    strips after its own IFD, as Micro-Manager writes), "contiguous" (one uncompressed block: memory-mappable) or
+    "tiled" (32² tiles). `split_from`: a position's time points from there on go into a second file,
+    `STEM_MMStack_PosN_1.ome.tif`, as Micro-Manager starts one every 4 GB. The paths, first file first."""
+    import uuid
+
+    import tifffile
+    files = []     # (name, uuid, position, first time point, last + 1)
+    for p, stack in enumerate(positions):
+        cut = split_from if split_from is not None else len(stack)
+        files.append((f"{stem}_MMStack_Pos{p}.ome.tif", f"urn:uuid:{uuid.uuid4()}", p, 0, cut))
+        if cut < len(stack):
+            files.append((f"{stem}_MMStack_Pos{p}_1.ome.tif", f"urn:uuid:{uuid.uuid4()}", p, cut, len(stack)))
+    images = []
+    for p, stack in enumerate(positions):
+        tiff_data = "".join(f'<TiffData FirstT="{t}" FirstZ="0" FirstC="0" IFD="{t - t0}" PlaneCount="1">'
+                            f'<UUID FileName="{name}">{uid}</UUID></TiffData>'
+                            for name, uid, q, t0, t1 in files if q == p for t in range(t0, t1))
+        images.append(f'<Image ID="Image:{p}" Name="Pos{p}"><Pixels ID="Pixels:{p}" DimensionOrder="XYCZT" '
+                      f'Type="{stack.dtype.name}" SizeX="{stack.shape[2]}" SizeY="{stack.shape[1]}" SizeC="1" '
+                      f'SizeZ="1" SizeT="{len(stack)}" PhysicalSizeX="{mpp}" PhysicalSizeY="{mpp}">'
+                      f'<Channel ID="Channel:{p}:0" Name="DAPI" SamplesPerPixel="1"/>{tiff_data}</Pixels></Image>')
+    for name, uid, p, t0, t1 in files:
+        xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+               f'UUID="{uid}">{"".join(images)}</OME>')
+        with tifffile.TiffWriter(folder / name) as tw:
+            for t in range(t0, t1):
+                tw.write(positions[p][t], description=xml if t == t0 else None, metadata=None,
+                         contiguous=layout == "contiguous", tile=(32, 32) if layout == "tiled" else None)
+    return [folder / name for name, *_ in files]

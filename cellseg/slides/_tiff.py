@@ -60,6 +60,11 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
+            missing = _missing_files(tf, path)
+            if missing and series is not None:
+                # tifffile drops the images in a missing file: the others' numbers would no longer be the OME-XML's
+                raise SlideError(f"expected every file of the multi-file OME-TIFF {path.name} beside it to count "
+                                 f"--series {series}, {_missing_text(missing, path)}")
             check_series(series, len(tf.series))
             index = series or 0
             image = tf.series[index]  # SVS: the baseline first; OME: the Image elements in order
@@ -72,7 +77,8 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         # tifffile skips damaged tags and IFDs with a logged error. One pointing outside the file
         # means truncation (a lost OME-XML or pyramid level would silently change the result);
         # other logged problems (odd vendor tags) are passed on as warnings.
-        messages = [record.getMessage() for record in collect.buffer]
+        messages = [record.getMessage() for record in collect.buffer
+                    if not (missing and "failed to read" in record.getMessage())]   # said once, below
         for msg in messages:
             if "offset" in msg:
                 raise SlideError(f"expected a complete TIFF, {path} is truncated or corrupt ({BACKEND}: {msg})")
@@ -81,6 +87,10 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading series %d (%s)", path.name, len(tf.series), index,
                      image.name or image.kind)
+        if missing and any(page is None for page in image.pages):
+            raise SlideError(f"expected every file of the multi-file OME-TIFF {path.name} beside it, "
+                             f"{_missing_text(missing, path)}: planes of image {index} ({image.name or image.kind}) "
+                             f"are in them")
         if 0 in image.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
                              f"(axes {image.axes})")
@@ -97,7 +107,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
                             image.shape)
                 break
             kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z, t))
-        _check_complete(path, levels[:len(kept)])
+        _check_complete(levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
         mpp, source, names = _tiff_metadata(tf, image, index, n_channels)
         fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
@@ -106,6 +116,9 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome else []
         warnings = (other_images_warning(path, [tf.series[k].name or f"series {k}" for k in alike], "OME images",
                                          alike[0], alike[-1]),) if len(alike) > 1 and series is None else ()
+        if missing:
+            warnings += (f"{path.name} is one file of a multi-file OME-TIFF; {_missing_text(missing, path)}, so the "
+                         f"images in them are not read (image {index}, counted, is whole)",)
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
@@ -119,6 +132,34 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
+def _missing_files(tf, path: Path) -> list[str]:
+    """The files a multi-file OME-TIFF's OME-XML puts planes in (Micro-Manager writes a file per position, and a new
+    one every 4 GB) that are not beside `path`. tifffile warns and reads on without them: the images wholly in them
+    are dropped, which renumbers the rest, and their planes in an image read are zeros."""
+    if not tf.is_ome:
+        return []
+    try:
+        root = ET.fromstring(tf.ome_metadata)
+    except ET.ParseError:
+        return []       # said where the pixel size is read
+    own = root.get("UUID")
+    names = {el.get("FileName") for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "UUID"
+             and el.get("FileName") and (el.text or "").strip() != own}     # its own planes: found by UUID
+    return sorted(name for name in names if not (path.parent / name).is_file())
+
+
+def _missing_text(missing: list[str], path: Path) -> str:
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"{shown} {'is' if len(missing) == 1 else 'are'} not in {path.absolute().parent}"
+
+
+def _own_file(pages) -> str | None:
+    """The one file a level's pages are in, or None where they span files: a multi-file OME-TIFF's image can be in
+    another file of the set than the one opened, or in several."""
+    files = {page.parent.filehandle.path for page in pages if page is not None}
+    return files.pop() if len(files) == 1 else None
+
+
 def _alike(other, series) -> bool:
     """An image of the file like the one read (a position of one acquisition), not its label or overview: the same
     axes, channels and pixel type, and within 4x of its size each way."""
@@ -130,12 +171,13 @@ def _alike(other, series) -> bool:
 
 def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t) -> ArrayLevel | TiledLevel:
     try:
-        if lv.dataoffset is not None and lv.keyframe.is_memmappable:
+        own_file = _own_file(lv.pages)
+        if lv.dataoffset is not None and lv.keyframe.is_memmappable and own_file is not None:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
             dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
-            arr = np.memmap(tf.filehandle.path, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
+            arr = np.memmap(own_file, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
             return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z, t)
-        tiled = TiledLevel.of(tf, lv, channel_axis, stack)
+        tiled = TiledLevel.of(lv, channel_axis, stack)
         if tiled is not None:
             return tiled
         store = stack.enter_context(series.aszarr(level=i))
@@ -177,20 +219,22 @@ class TiledLevel:
         self.dtype = np.dtype(keyframe.dtype).newbyteorder("=")
 
     @classmethod
-    def of(cls, tf, lv, channel_axis: str | None, stack: ExitStack) -> TiledLevel | None:
+    def of(cls, lv, channel_axis: str | None, stack: ExitStack) -> TiledLevel | None:
         """The level as a TiledLevel where its layout allows (tiled, chunky samples or one page a channel, no
-        depth, a file of its own), else None (the zarr store reads it)."""
+        depth, all in one file), else None (the zarr store reads it)."""
         key = lv.keyframe
         pages = list(lv.pages)
+        own_file = _own_file(pages)
         sizes = dict(zip(lv.axes, lv.shape))
         one_page = lv.axes in ("YX", "YXS") and len(pages) == 1
         page_a_channel = lv.axes == "CYX" and channel_axis == "C" and len(pages) == sizes["C"] \
             and key.samplesperpixel == 1
         if not (key.is_tiled and key.imagedepth == 1 and (one_page or page_a_channel)
-                and (key.planarconfig == 1 or key.samplesperpixel == 1) and tf.filehandle.is_file
+                and (key.planarconfig == 1 or key.samplesperpixel == 1)
+                and own_file is not None and os.path.isfile(own_file)     # a file, not bytes in memory
                 and all(p is not None and len(p.dataoffsets) == len(key.dataoffsets) for p in pages)):
             return None
-        fd = os.open(tf.filehandle.path, os.O_RDONLY)
+        fd = os.open(own_file, os.O_RDONLY)
         stack.callback(os.close, fd)
         samples = sizes["C"] if page_a_channel else sizes.get("S", 1)
         return cls(fd, key, pages, sizes["X"], samples)
@@ -246,16 +290,18 @@ class TiledLevel:
         return segment[0]
 
 
-def _check_complete(path: Path, levels) -> None:
-    """Fail at open, not hours into a run, when the file is shorter than its tiles say."""
-    size = path.stat().st_size
+def _check_complete(levels) -> None:
+    """Fail at open, not hours into a run, when a file is shorter than its tiles say (each page against its own
+    file: a multi-file OME-TIFF's image can be in the set's other files)."""
     for lv in levels:
         for page in lv.pages:
             if page is None or not len(page.dataoffsets):
                 continue
             end = int(np.max(np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)))
+            file = Path(page.parent.filehandle.path)
+            size = file.stat().st_size
             if end > size:
-                raise SlideError(f"expected a complete TIFF, {path} is truncated: its image data ends at "
+                raise SlideError(f"expected a complete TIFF, {file} is truncated: its image data ends at "
                                  f"byte {end:,} but the file has {size:,} bytes ({BACKEND})")
 
 

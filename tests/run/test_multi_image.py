@@ -27,6 +27,7 @@ from ..helpers import (
     invoke,
     random_cells,
     resumed_with_other_settings,
+    write_micromanager_set,
 )
 
 PROTOCOL = SMALL_TILES
@@ -73,6 +74,20 @@ def test_series_counts_that_image_as_if_saved_on_its_own(tmp_path, plate, monkey
     assert (summary["series"], summary["file_warnings"], summary["cell_count"] > 30) == (1, [], True)
     assert json.loads((tmp_path / "s1" / "run.json").read_text())["series"] == 1
     assert_report_reads_the_slide_as_counted(tmp_path / "s1", "image 1 of the file (--series)")
+
+
+def test_a_position_in_another_file_of_a_micro_manager_set_counts_as_saved_on_its_own(tmp_path, plate):
+    """Micro-Manager writes a file per position, each holding the OME-XML of all: --series 1 of the first file counts
+    position 1 from its own file (tiled: until 2026-11-29 its tiles were read from the file opened, position 0's)."""
+    _, labels, images = plate
+    first, _ = write_micromanager_set(tmp_path, "plate", [image[None] for image in images], layout="tiled")
+    flat = tmp_path / "flat.ome.tif"
+    tifffile.imwrite(flat, images[1], metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
+                                                "Channel": {"Name": ["DAPI"]}})      # the set's channel name
+    spec = LabelCounterSpec(PROTOCOL, labels)
+    outcomes = count_serially(spec.load(), [(flat, tmp_path / "flat"), (first, tmp_path / "s1", 1)])
+    assert [o.error for o in outcomes] == [None, None]
+    assert_same_result(tmp_path / "flat", tmp_path / "s1")      # intensities of position 1's pixels
 
 
 def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):

@@ -1,0 +1,80 @@
+"""A multi-file OME-TIFF (Micro-Manager writes a file per position and starts another every 4 GB): each image and
+plane is read from the file of the set its OME-XML puts it in, whichever file is opened, and a file missing from the
+set is said, not read as zeros or silently renumbering the images."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from cellseg.errors import SlideError
+from cellseg.slides import open_slide
+from cellseg.slides.base import Box
+
+from ..helpers import write_micromanager_set
+
+
+def positions(frames: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [(rng.integers(0, 4000, (frames, 64, 80)) + 1000 * p).astype(np.uint16) for p in range(2)]
+
+
+def read(path, **choice) -> np.ndarray:
+    with open_slide(path, **choice) as slide:
+        return slide.read_region(Box(0, 0, slide.info.height, slide.info.width))[..., 0]
+
+
+@pytest.mark.parametrize("layout", ["planes", "contiguous", "tiled"])
+def test_each_position_is_read_from_its_own_file_whichever_file_is_opened(tmp_path, layout):
+    stacks = positions(1)      # one plane a position: a tiled one is read tile by tile from its file
+    files = write_micromanager_set(tmp_path, "plate", [s[:1] for s in stacks], layout=layout)
+    for opened in files:
+        for k, stack in enumerate(stacks):
+            assert np.array_equal(read(opened, series=k), stack[0]), (opened.name, k)
+        with open_slide(opened) as slide:
+            assert (slide.info.positions, slide.info.mpp, slide.info.channel_names) == ((0, 1), 0.5, ("DAPI",))
+
+
+@pytest.mark.parametrize("layout", ["planes", "contiguous"])
+def test_a_position_split_over_two_files_reads_every_time_point(tmp_path, layout):
+    stacks = positions(3)
+    files = write_micromanager_set(tmp_path, "movie", stacks, layout=layout, split_from=2)
+    assert [f.name for f in files] == ["movie_MMStack_Pos0.ome.tif", "movie_MMStack_Pos0_1.ome.tif",
+                                       "movie_MMStack_Pos1.ome.tif", "movie_MMStack_Pos1_1.ome.tif"]
+    for k, stack in enumerate(stacks):
+        for t in (1, 2, 3):
+            assert np.array_equal(read(files[0], series=k, t=t), stack[t - 1]), (k, t)
+
+
+def test_a_file_missing_from_the_set_is_said_not_read_as_zeros(tmp_path, caplog):
+    stacks = positions(3)
+    first, continued, second, second_continued = write_micromanager_set(tmp_path, "movie", stacks, split_from=2)
+    second.unlink()      # position 1's files: tifffile drops that image, and image 2 would be image 1
+    second_continued.unlink()
+    with caplog.at_level(logging.WARNING), open_slide(first, t=1) as slide:    # position 0 is whole: counted, said
+        assert slide.info.warnings == (f"movie_MMStack_Pos0.ome.tif is one file of a multi-file OME-TIFF; "
+                                       f"movie_MMStack_Pos1.ome.tif, movie_MMStack_Pos1_1.ome.tif are not in {tmp_path}, so "
+                                       f"the images in them are "
+                                       f"not read (image 0, counted, is whole)",)
+    assert not [r for r in caplog.records if "failed to read" in r.getMessage()]     # tifffile's lines: said once
+    with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF movie_MMStack_Pos0.ome.tif "
+                                         r"beside it to count --series 1, movie_MMStack_Pos1.ome.tif, "
+                                         r"movie_MMStack_Pos1_1.ome.tif are not in "):
+        open_slide(first, series=1, t=1)
+    continued.unlink()   # position 0's last time point: its plane would be zeros
+    with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF movie_MMStack_Pos0.ome.tif "
+                                         r"beside it, movie_MMStack_Pos0_1.ome.tif, movie_MMStack_Pos1.ome.tif, "
+                                         r"movie_MMStack_Pos1_1.ome.tif are not in .*: planes of image 0 \(Pos0\) "
+                                         r"are in them$"):
+        open_slide(first, t=1)
+
+
+def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
+    files = write_micromanager_set(tmp_path, "plate", [s[:1] for s in positions(1)], layout="tiled")
+    with open(files[1], "r+b") as f:     # position 1's file, cut in its pixels; the one opened is whole
+        f.truncate(files[1].stat().st_size - 2000)
+    with pytest.raises(SlideError, match=rf"^expected a complete TIFF, {files[1]} is truncated"):
+        open_slide(files[0], series=1)
+    assert np.array_equal(read(files[0], series=0), positions(1)[0][0])
