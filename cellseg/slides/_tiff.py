@@ -87,10 +87,10 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading series %d (%s)", path.name, len(tf.series), index,
                      image.name or image.kind)
-        if missing and any(page is None for page in image.pages):
+        if 0 in missing or (missing and any(page is None for page in image.pages)):
             raise SlideError(f"expected every file of the multi-file OME-TIFF {path.name} beside it, "
-                             f"{_missing_text(missing, path)}: planes of image {index} ({image.name or image.kind}) "
-                             f"are in them")
+                             f"{_missing_text(missing.get(0, missing), path)}: the first image, the one counted "
+                             f"without --series, has planes in them")
         if 0 in image.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
                              f"(axes {image.axes})")
@@ -132,23 +132,30 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
-def _missing_files(tf, path: Path) -> list[str]:
+def _missing_files(tf, path: Path) -> dict[int, list[str]]:
     """The files a multi-file OME-TIFF's OME-XML puts planes in (Micro-Manager writes a file per position, and a new
-    one every 4 GB) that are not beside `path`. tifffile warns and reads on without them: the images wholly in them
-    are dropped, which renumbers the rest, and their planes in an image read are zeros."""
+    one every 4 GB) that are not beside `path`, by the OME-XML's Image they hold planes of. tifffile warns and reads
+    on without them: an image wholly in them is dropped, which renumbers the rest (the first one left becomes image 0),
+    and their planes in an image read are zeros."""
     if not tf.is_ome:
-        return []
+        return {}
     try:
         root = ET.fromstring(tf.ome_metadata)
     except ET.ParseError:
-        return []       # said where the pixel size is read
+        return {}       # said where the pixel size is read
     own = root.get("UUID")
-    names = {el.get("FileName") for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "UUID"
-             and el.get("FileName") and (el.text or "").strip() != own}     # its own planes: found by UUID
-    return sorted(name for name in names if not (path.parent / name).is_file())
+    missing = {}
+    for k, image in enumerate(el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"):
+        names = {el.get("FileName") for el in image.iter() if el.tag.rsplit("}", 1)[-1] == "UUID"
+                 and el.get("FileName") and (el.text or "").strip() != own}     # its own planes: found by UUID
+        if gone := sorted(name for name in names if not (path.parent / name).is_file()):
+            missing[k] = gone
+    return missing
 
 
-def _missing_text(missing: list[str], path: Path) -> str:
+def _missing_text(missing: dict[int, list[str]] | list[str], path: Path) -> str:
+    if isinstance(missing, dict):
+        missing = sorted({name for names in missing.values() for name in names})
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return f"{shown} {'is' if len(missing) == 1 else 'are'} not in {path.absolute().parent}"
 
@@ -174,7 +181,7 @@ def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t) -> ArrayLevel | Ti
         own_file = _own_file(lv.pages)
         if lv.dataoffset is not None and lv.keyframe.is_memmappable and own_file is not None:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
-            dtype = np.dtype(lv.dtype).newbyteorder(tf.byteorder)
+            dtype = np.dtype(lv.dtype).newbyteorder(lv.keyframe.parent.byteorder)     # its own file's
             arr = np.memmap(own_file, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
             return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z, t)
         tiled = TiledLevel.of(lv, channel_axis, stack)

@@ -65,10 +65,20 @@ def test_a_file_missing_from_the_set_is_said_not_read_as_zeros(tmp_path, caplog)
         open_slide(first, series=1, t=1)
     continued.unlink()   # position 0's last time point: its plane would be zeros
     with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF movie_MMStack_Pos0.ome.tif "
-                                         r"beside it, movie_MMStack_Pos0_1.ome.tif, movie_MMStack_Pos1.ome.tif, "
-                                         r"movie_MMStack_Pos1_1.ome.tif are not in .*: planes of image 0 \(Pos0\) "
-                                         r"are in them$"):
+                                         r"beside it, movie_MMStack_Pos0_1.ome.tif is not in .*: the first image, the "
+                                         r"one counted without --series, has planes in them$"):
         open_slide(first, t=1)
+
+
+def test_a_file_of_another_position_opened_without_the_first_s_file_is_not_counted_as_the_first(tmp_path):
+    """Every file of a Micro-Manager 1.4 set holds the OME-XML of all: position 1's file opened without position
+    0's is read by tifffile as if position 1 were the first image; said instead."""
+    first, second = write_micromanager_set(tmp_path, "plate", [s[:1] for s in positions(1)])
+    first.unlink()
+    with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF plate_MMStack_Pos1.ome.tif "
+                                         r"beside it, plate_MMStack_Pos0.ome.tif is not in .*: the first image, the "
+                                         r"one counted without --series, has planes in them$"):
+        open_slide(second)
 
 
 def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
