@@ -19,6 +19,8 @@ from . import __version__
 from .errors import CellsegError, ParameterError, TimeSeriesError, ZStackError
 from .planning import SETTINGS, OneOf, Range, Setting
 
+log = logging.getLogger(__name__)
+
 
 class _Group(click.Group):
     """Turns CellsegError into `cellseg: error: ...` and its exit code, without a traceback."""
@@ -85,21 +87,40 @@ def images_to_count(inputs: tuple[Path, ...], series: int | str | None, t: int |
     """(input, series, time point) of each count: with `--series all` one for each position of a multi-image file
     (slides.SlideInfo.positions), with `--t all` one for each time point of a time series; else (or for a file of one
     image, one without time points, or one that cannot be opened, whose count will say why) None: the counter's
-    --series and --t."""
-    if series != "all" and t != "all":
+    --series and --t. Inputs that are files of one multi-file OME-TIFF (Micro-Manager's file per position, and its
+    next file every 4 GB) count each of the set's images once, from the first input naming it."""
+    if series != "all" and t != "all" and sum(_may_be_ome_tiff(p) for p in inputs) < 2:
         return [(p, None, None) for p in inputs]
     from .slides import open_slide
-    images = []
+    images, counted = [], {}
     for path in inputs:
         try:
             with open_slide(path, mpp=mpp, z=z, series=None if series == "all" else series,
                             t=1 if t == "all" else t) as slide:
                 positions = slide.info.positions if series == "all" else ()
                 points = range(1, slide.info.t_points + 1) if t == "all" and slide.info.t_points > 1 else ()
+                file_set, image = slide.info.file_set, slide.info.series or 0
         except CellsegError:
-            positions, points = (), ()
-        images += [(path, k, n) for k in positions or [None] for n in points or [None]]
+            positions, points, file_set, image = (), (), (), 0
+        again = []
+        for k in positions or [None]:
+            for n in points or [None]:
+                key = (file_set, image if k is None else k, n)
+                if file_set and key in counted:
+                    again.append(counted[key])
+                    continue
+                counted[key] = path
+                images.append((path, k, n))
+        if again:     # one line an input, not one an image
+            log.warning("%s: not counted again: %s of its multi-file OME-TIFF %s counted from %s", path.name,
+                        "the image" if len(again) == 1 else f"{len(again)} images", "is" if len(again) == 1 else "are",
+                        ", ".join(sorted({other.name for other in again})))
     return images
+
+
+def _may_be_ome_tiff(path: Path) -> bool:
+    """Named as an OME-TIFF is (a batch of them is opened first: its files may be one multi-file set)."""
+    return path.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.tf2", ".ome.tf8", ".ome.btf"))
 
 
 class _Diameter(click.ParamType):
@@ -289,8 +310,8 @@ def count(inputs, output, protocol_name, overrides, device, mpp, z, series, t, d
     if len(images) == 1:   # cheap (lazy): a wrong path or a missing pixel size fails before torch and the model load
         # (a missing pixel size: the protocol's require_mpp, or a cell expansion in µm)
         from .slides import open_slide
-        _, one_series, one_t = images[0]
-        with open_slide(inputs[0], mpp=mpp, z=z, series=series if one_series is None else one_series,
+        one, one_series, one_t = images[0]
+        with open_slide(one, mpp=mpp, z=z, series=series if one_series is None else one_series,
                         t=t if one_t is None else one_t) as slide:
             check_pixel_size(protocol, slide.info)
             if regions is not None:     # regions in µm without a pixel size, or none on the slide

@@ -18,6 +18,7 @@ import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,12 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
-            missing = _missing_files(tf, path)
-            if missing and series is not None:
-                # tifffile drops the images in a missing file: the others' numbers would no longer be the OME-XML's
-                raise SlideError(f"expected every file of the multi-file OME-TIFF {path.name} beside it to count "
-                                 f"--series {series}, {_missing_text(missing, path)}")
-            check_series(series, len(tf.series))
-            index = series or 0
-            image = tf.series[index]  # SVS: the baseline first; OME: the Image elements in order
+            file_set = FileSet.of(tf, path)
+            # a file of a multi-file set is read as the image it holds (Micro-Manager: its position), not the first
+            index = series if series is not None else file_set.own_image if file_set else 0
+            check_series(series, len(file_set.files) if file_set else len(tf.series))
+            # SVS: the baseline first; OME: the Image elements in order (of a set, those tifffile found files for)
+            image = tf.series[file_set.series_of(index, tf) if file_set else index]
             levels = list(image.levels)
         except READ_ERRORS as e:
             raise SlideError(f"expected a readable TIFF, {path} is corrupt ({BACKEND}: {error_text(e)})") from e
@@ -77,6 +76,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         # tifffile skips damaged tags and IFDs with a logged error. One pointing outside the file
         # means truncation (a lost OME-XML or pyramid level would silently change the result);
         # other logged problems (odd vendor tags) are passed on as warnings.
+        missing = file_set.missing if file_set else {}
         messages = [record.getMessage() for record in collect.buffer
                     if not (missing and "failed to read" in record.getMessage())]   # said once, below
         for msg in messages:
@@ -87,10 +87,6 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         if len(tf.series) > 1:
             log.info("%s holds %d image series; reading series %d (%s)", path.name, len(tf.series), index,
                      image.name or image.kind)
-        if 0 in missing or (missing and any(page is None for page in image.pages)):
-            raise SlideError(f"expected every file of the multi-file OME-TIFF {path.name} beside it, "
-                             f"{_missing_text(missing.get(0, missing), path)}: the first image, the one counted "
-                             f"without --series, has planes in them")
         if 0 in image.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
                              f"(axes {image.axes})")
@@ -114,43 +110,135 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
                else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
                else "philips-tiff" if tf.is_philips else "tiff")
         alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome else []
-        warnings = (other_images_warning(path, [tf.series[k].name or f"series {k}" for k in alike], "OME images",
-                                         alike[0], alike[-1]),) if len(alike) > 1 and series is None else ()
-        if missing:
-            warnings += (f"{path.name} is one file of a multi-file OME-TIFF; {_missing_text(missing, path)}, so the "
-                         f"images in them are not read (image {index}, counted, is whole)",)
+        position_names = [tf.series[k].name or f"series {k}" for k in alike]
+        if file_set:    # --series numbers are the OME-XML's
+            alike = [file_set.image_of(k) for k in alike]
+        # the other positions of a multi-file set are in files of their own: said in the details, not warned of
+        warnings = (other_images_warning(path, position_names, "OME images", alike[0], alike[-1]),) \
+            if len(alike) > 1 and series is None and not file_set else ()
+        images = len(file_set.files) if file_set else len(tf.series)
+        details = ((f"image {index} of 0-{images - 1}{' (--series)' if series is not None else ''}: "
+                    f"{image.name or image.kind}",) if images > 1 and (tf.is_ome or series is not None) else ())
+        if file_set:
+            details += (file_set.describe(index),)
+            warnings += file_set.warnings(index, series is not None)
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
                                for lv in levels[:len(kept)]),
-                         details=(f"image {index} of 0-{len(tf.series) - 1}"
-                                  f"{' (--series)' if series is not None else ''}: {image.name or image.kind}",)
-                         if len(tf.series) > 1 and (tf.is_ome or series is not None) else (),
-                         z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None, warnings=warnings,
-                         series=series, positions=tuple(alike) if len(alike) > 1 else (),
-                         t_points=sizes.get("T", 1), t=t if sizes.get("T", 1) > 1 else None)
+                         details=details, z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None,
+                         warnings=warnings, series=series if series is not None else index or None,
+                         positions=tuple(alike) if len(alike) > 1 else (), t_points=sizes.get("T", 1),
+                         t=t if sizes.get("T", 1) > 1 else None, file_set=file_set.paths if file_set else ())
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
-def _missing_files(tf, path: Path) -> dict[int, list[str]]:
-    """The files a multi-file OME-TIFF's OME-XML puts planes in (Micro-Manager writes a file per position, and a new
-    one every 4 GB) that are not beside `path`, by the OME-XML's Image they hold planes of. tifffile warns and reads
-    on without them: an image wholly in them is dropped, which renumbers the rest (the first one left becomes image 0),
-    and their planes in an image read are zeros."""
-    if not tf.is_ome:
-        return {}
-    try:
-        root = ET.fromstring(tf.ome_metadata)
-    except ET.ParseError:
-        return {}       # said where the pixel size is read
-    own = root.get("UUID")
-    missing = {}
-    for k, image in enumerate(el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"):
-        names = {el.get("FileName") for el in image.iter() if el.tag.rsplit("}", 1)[-1] == "UUID"
-                 and el.get("FileName") and (el.text or "").strip() != own}     # its own planes: found by UUID
-        if gone := sorted(name for name in names if not (path.parent / name).is_file()):
-            missing[k] = gone
-    return missing
+@dataclass(frozen=True)
+class FileSet:
+    """Where the images of a multi-file OME-TIFF are (Micro-Manager writes a file per position, each holding the
+    OME-XML of the whole set, and starts another file every 4 GB): for each of the OME-XML's images, the file of each
+    of its planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which
+    renumbers the rest, and the planes of an image read that were in one are zeros."""
+
+    path: Path                                  # the file opened
+    names: tuple[str | None, ...]               # the OME-XML's images' names (tifffile's series names)
+    files: tuple[tuple[str, ...], ...]          # for each image, the file of each of its planes, in order
+
+    @classmethod
+    def of(cls, tf, path: Path) -> FileSet | None:
+        """The set `path` is a file of, None if it is not (not OME, or every plane in the file itself)."""
+        if not tf.is_ome:
+            return None
+        try:
+            root = ET.fromstring(tf.ome_metadata)
+        except ET.ParseError:
+            return None      # said where the pixel size is read
+        own = root.get("UUID")
+        images = [el for el in root if _tag(el) == "Image"]
+        files = tuple(tuple(_plane_file(data, own, path.name) for data in image.iter() if _tag(data) == "TiffData")
+                      for image in images)
+        if all(name == path.name for planes in files for name in planes):
+            return None
+        return cls(path, tuple(image.get("Name") for image in images), files)
+
+    @property
+    def missing(self) -> dict[int, list[str]]:
+        """The files not beside the one opened, by the image they hold planes of."""
+        gone = {k: sorted({name for name in planes if not (self.path.parent / name).is_file()})
+                for k, planes in enumerate(self.files)}
+        return {k: names for k, names in gone.items() if names}
+
+    @property
+    def own_image(self) -> int:
+        """The image this file is the file of: the first whose first plane is in it, else the first with a plane in
+        it (a file Micro-Manager continued an image in), else 0."""
+        mine = self.path.name
+        first = [k for k, planes in enumerate(self.files) if planes and planes[0] == mine]
+        some = [k for k, planes in enumerate(self.files) if mine in planes]
+        return (first or some or [0])[0]
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every file of the set (absolute paths, sorted): the set's identity, whichever file was opened."""
+        names = {name for planes in self.files for name in planes} | {self.path.name}
+        return tuple(sorted(str(self.path.absolute().parent / name) for name in names))
+
+    @property
+    def _found(self) -> list[int]:
+        """The images tifffile makes a series of, in order: those with a plane in a file that is there."""
+        return [k for k, planes in enumerate(self.files)
+                if any((self.path.parent / name).is_file() for name in planes)]
+
+    def series_of(self, index: int, tf) -> int:
+        """tifffile's series number of the OME-XML's image `index`; a SlideError where a file holding planes of it
+        is missing (tifffile would drop it, or read those planes as zeros)."""
+        if missing := self.missing.get(index):
+            raise SlideError(f"expected every file of the multi-file OME-TIFF {self.path.name} beside it, "
+                             f"{_missing_text(missing, self.path)}: image {index} ({self.names[index]}), the one "
+                             f"read, has planes in {'it' if len(missing) == 1 else 'them'}")
+        found = self._found
+        number = found.index(index)
+        if len(found) != len(tf.series) or tf.series[number].name != self.names[index]:
+            raise SlideError(f"expected {self.path.name}'s images where its OME-XML puts them, tifffile reads "
+                             f"{len(tf.series)} images of its {len(self.files)} ({BACKEND})")
+        return number
+
+    def image_of(self, number: int) -> int:
+        """The OME-XML's image number of tifffile's series `number`."""
+        return self._found[number]
+
+    def describe(self, index: int) -> str:
+        """The details line of `cellseg info`."""
+        files = len(self.paths)
+        if self.files[index] and self.files[index][0] != self.path.name:
+            return (f"image {index} continues here from {self.files[index][0]} (a multi-file OME-TIFF of {files} "
+                    f"files); every plane of it is read, from the file it is in")
+        return (f"a multi-file OME-TIFF of {files} files, {len(self.files)} images; each image is read from the "
+                f"files its planes are in; --series N reads another, --series all every one")
+
+    def warnings(self, index: int, chosen: bool) -> tuple[str, ...]:
+        said = []
+        if not chosen and self.files[index] and self.files[index][0] != self.path.name:
+            said.append(f"{self.path.name} continues image {index} ({self.names[index]}) of a multi-file OME-TIFF "
+                        f"whose first planes are in {self.files[index][0]}: that image is counted, all its planes "
+                        f"(a count of both files would count it twice; a batch of both counts it once)")
+        if missing := self.missing:
+            said.append(f"{self.path.name} is one file of a multi-file OME-TIFF; {_missing_text(missing, self.path)}, "
+                        f"so the images in them are not read (image {index}, counted, is whole)")
+        return tuple(said)
+
+
+def _tag(element) -> str:
+    return element.tag.rsplit("}", 1)[-1]
+
+
+def _plane_file(tiff_data, own_uuid: str | None, own_name: str) -> str:
+    """The file a TiffData element's planes are in: its UUID's FileName, the file itself where the UUID is the
+    file's own (a renamed file is still found by it) or there is none."""
+    uuid = next((el for el in tiff_data if _tag(el) == "UUID"), None)
+    if uuid is None or (uuid.text or "").strip() == own_uuid or not uuid.get("FileName"):
+        return own_name
+    return uuid.get("FileName")
 
 
 def _missing_text(missing: dict[int, list[str]] | list[str], path: Path) -> str:

@@ -121,11 +121,15 @@ class SlideInfo:
     # what of the file is not read that a user must know of (other positions of a multi-image file), each a sentence
     warnings: tuple[str, ...] = ()
     series: int | None = None  # the image read of a file holding several (series_choice, from 0); None: the first
+    #                            (a file of a multi-file OME-TIFF: its own image, given here where it is not the first)
     # the --series numbers of the file's images like the one read (the positions of one acquisition, it among them),
     # when there are several: what `--series all` counts; () for a file of one such image
     positions: tuple[int, ...] = ()
     t_points: int = 1  # time points of a time series (1: none)
     t: int | None = None  # the time point read (t_choice, from 1); None without time points
+    # the files of a multi-file OME-TIFF the one read belongs to (absolute paths, sorted; () for any other slide):
+    # a batch naming several of them counts each of the set's images once (cli.images_to_count)
+    file_set: tuple[str, ...] = ()
 
 
 class Level(TypingProtocol):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellseg.cli import images_to_count
 from cellseg.errors import JournalError
 from cellseg.run import count_serially, measuring
 
@@ -88,6 +89,28 @@ def test_a_position_in_another_file_of_a_micro_manager_set_counts_as_saved_on_it
     outcomes = count_serially(spec.load(), [(flat, tmp_path / "flat"), (first, tmp_path / "s1", 1)])
     assert [o.error for o in outcomes] == [None, None]
     assert_same_result(tmp_path / "flat", tmp_path / "s1")      # intensities of position 1's pixels
+
+
+def test_a_batch_of_files_of_one_micro_manager_set_counts_each_image_once(tmp_path, plate, tiny_bundle, caplog):
+    """Every file of a Micro-Manager set is an input of `cellseg count *.ome.tif`: each position, and each time
+    point of --t all, is counted once, from the first file naming it; a file alone counts its own position."""
+    _, _, images = plate
+    files = write_micromanager_set(tmp_path, "movie", [np.stack([image] * 3) for image in images], split_from=2)
+    pos0, pos0_more, pos1, pos1_more = files
+    assert images_to_count(tuple(files), None, "all", None, None) == [(pos0, None, n) for n in (1, 2, 3)] + [
+        (pos1, None, n) for n in (1, 2, 3)]
+    with caplog.at_level(logging.WARNING):
+        assert images_to_count(tuple(files), "all", 2, None, None) == [(pos0, 0, None), (pos0, 1, None)]
+    assert "movie_MMStack_Pos1.ome.tif: not counted again: 2 images of its multi-file OME-TIFF are counted from " \
+           "movie_MMStack_Pos0.ome.tif" in caplog.messages
+    assert images_to_count((pos1_more, pos0_more), None, 3, None, None) == [(pos1_more, None, None),
+                                                                            (pos0_more, None, None)]
+    result = invoke(["count", pos1_more, pos0, pos0_more, pos1, "--t", "3", "--mpp", "0.5", *FAST,
+                     "--model", tiny_bundle, "-o", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = [(Path(row["input"]).name, row["series"], row["t"]) for row in csv.DictReader(f)]
+    assert rows == [("movie_MMStack_Pos1_1.ome.tif", "1", "3"), ("movie_MMStack_Pos0.ome.tif", "", "3")]
 
 
 def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):

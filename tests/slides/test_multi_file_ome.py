@@ -33,8 +33,15 @@ def test_each_position_is_read_from_its_own_file_whichever_file_is_opened(tmp_pa
     for opened in files:
         for k, stack in enumerate(stacks):
             assert np.array_equal(read(opened, series=k), stack[0]), (opened.name, k)
+    for k, opened in enumerate(files):    # without --series a file is read as its own position, not the first
+        assert np.array_equal(read(opened), stacks[k][0])
         with open_slide(opened) as slide:
-            assert (slide.info.positions, slide.info.mpp, slide.info.channel_names) == ((0, 1), 0.5, ("DAPI",))
+            info = slide.info
+        assert (info.series, info.positions, info.mpp, info.channel_names) == (k or None, (0, 1), 0.5, ("DAPI",))
+        assert info.warnings == () and info.file_set == tuple(str(f) for f in files)
+        assert info.details == (f"image {k} of 0-1: Pos{k}", "a multi-file OME-TIFF of 2 files, 2 images; each "
+                                "image is read from the files its planes are in; --series N reads another, --series "
+                                "all every one")
 
 
 @pytest.mark.parametrize("layout", ["planes", "contiguous"])
@@ -46,39 +53,49 @@ def test_a_position_split_over_two_files_reads_every_time_point(tmp_path, layout
     for k, stack in enumerate(stacks):
         for t in (1, 2, 3):
             assert np.array_equal(read(files[0], series=k, t=t), stack[t - 1]), (k, t)
+    # the file Micro-Manager continued position 1 in, opened: position 1, every time point, said
+    assert np.array_equal(read(files[3], t=1), stacks[1][0])
+    with open_slide(files[3], t=3) as slide:
+        assert slide.info.series == 1 and slide.info.warnings == (
+            "movie_MMStack_Pos1_1.ome.tif continues image 1 (Pos1) of a multi-file OME-TIFF whose first planes are in "
+            "movie_MMStack_Pos1.ome.tif: that image is counted, all its planes (a count of both files would count it "
+            "twice; a batch of both counts it once)",)
 
 
 def test_a_file_missing_from_the_set_is_said_not_read_as_zeros(tmp_path, caplog):
     stacks = positions(3)
     first, continued, second, second_continued = write_micromanager_set(tmp_path, "movie", stacks, split_from=2)
-    second.unlink()      # position 1's files: tifffile drops that image, and image 2 would be image 1
+    second.unlink()      # position 1's files: tifffile drops that image
     second_continued.unlink()
     with caplog.at_level(logging.WARNING), open_slide(first, t=1) as slide:    # position 0 is whole: counted, said
         assert slide.info.warnings == (f"movie_MMStack_Pos0.ome.tif is one file of a multi-file OME-TIFF; "
-                                       f"movie_MMStack_Pos1.ome.tif, movie_MMStack_Pos1_1.ome.tif are not in {tmp_path}, so "
-                                       f"the images in them are "
-                                       f"not read (image 0, counted, is whole)",)
+                                       f"movie_MMStack_Pos1.ome.tif, movie_MMStack_Pos1_1.ome.tif are not in {tmp_path}, "
+                                       f"so the images in them are not read (image 0, counted, is whole)",)
     assert not [r for r in caplog.records if "failed to read" in r.getMessage()]     # tifffile's lines: said once
     with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF movie_MMStack_Pos0.ome.tif "
-                                         r"beside it to count --series 1, movie_MMStack_Pos1.ome.tif, "
-                                         r"movie_MMStack_Pos1_1.ome.tif are not in "):
+                                         r"beside it, movie_MMStack_Pos1.ome.tif, movie_MMStack_Pos1_1.ome.tif are "
+                                         r"not in .*: image 1 \(Pos1\), the one read, has planes in them$"):
         open_slide(first, series=1, t=1)
     continued.unlink()   # position 0's last time point: its plane would be zeros
     with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF movie_MMStack_Pos0.ome.tif "
-                                         r"beside it, movie_MMStack_Pos0_1.ome.tif is not in .*: the first image, the "
-                                         r"one counted without --series, has planes in them$"):
+                                         r"beside it, movie_MMStack_Pos0_1.ome.tif is not in .*: image 0 \(Pos0\), "
+                                         r"the one read, has planes in it$"):
         open_slide(first, t=1)
 
 
-def test_a_file_of_another_position_opened_without_the_first_s_file_is_not_counted_as_the_first(tmp_path):
-    """Every file of a Micro-Manager 1.4 set holds the OME-XML of all: position 1's file opened without position
-    0's is read by tifffile as if position 1 were the first image; said instead."""
-    first, second = write_micromanager_set(tmp_path, "plate", [s[:1] for s in positions(1)])
+def test_a_position_s_file_on_its_own_is_read_as_that_position(tmp_path):
+    """A file of a Micro-Manager 1.4 set holds the OME-XML of all: position 1's file without position 0's is still
+    position 1 (tifffile numbers it 0 then), and position 0 is said to be missing."""
+    stacks = positions(1)
+    first, second = write_micromanager_set(tmp_path, "plate", [s[:1] for s in stacks])
     first.unlink()
-    with pytest.raises(SlideError, match=r"^expected every file of the multi-file OME-TIFF plate_MMStack_Pos1.ome.tif "
-                                         r"beside it, plate_MMStack_Pos0.ome.tif is not in .*: the first image, the "
-                                         r"one counted without --series, has planes in them$"):
-        open_slide(second)
+    assert np.array_equal(read(second), stacks[1][0])
+    with open_slide(second) as slide:
+        assert (slide.info.series, slide.info.positions, slide.info.mpp) == (1, (), 0.5)
+        assert "plate_MMStack_Pos0.ome.tif is not in" in slide.info.warnings[0]
+    assert np.array_equal(read(second, series=1), stacks[1][0])
+    with pytest.raises(SlideError, match=r"plate_MMStack_Pos0.ome.tif is not in .*: image 0 \(Pos0\), the one read"):
+        open_slide(second, series=0)
 
 
 def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
