@@ -108,18 +108,20 @@ def slide_layer_data(path: str | Path, name: str | None = None) -> list[LayerDat
 
     The slide stays open as long as its layers hold its levels (closed when they are garbage collected). A file of
     several positions (SlideInfo.positions) gives each position's layers, named "NAME #N" after its --series number
-    and counted as that image by Count cells; the first shown, the others hidden, as they lie on one another.
+    and counted as that image by Count cells; the one the file is opened at shown (the first; a file of a
+    multi-file OME-TIFF, its own position), the others hidden, as they lie on one another.
     """
     slide = open_slide(path)
     positions = slide.info.positions
     if not positions:
         return slide_layers_from(slide, name)
     name = name or _stem(Path(path))
+    shown = slide.info.series or 0
     layers = []
     for k in positions:
-        opened = slide if k == positions[0] else open_slide(path, series=k)
+        opened = slide if k == shown else open_slide(path, series=k)
         for data, kwargs, kind in slide_layers_from(opened, f"{name} #{k}", meta={"series": k}):
-            layers.append((data, {**kwargs, "visible": k == positions[0]}, kind))
+            layers.append((data, {**kwargs, "visible": k == shown}, kind))
     return layers
 
 
