@@ -87,8 +87,8 @@ def images_to_count(inputs: tuple[Path, ...], series: int | str | None, t: int |
     """(input, series, time point) of each count: with `--series all` one for each position of a multi-image file
     (slides.SlideInfo.positions), with `--t all` one for each time point of a time series; else (or for a file of one
     image, one without time points, or one that cannot be opened, whose count will say why) None: the counter's
-    --series and --t. Inputs that are files of one multi-file OME-TIFF (Micro-Manager's file per position, and its
-    next file every 4 GB) count each of the set's images once, from the first input naming it."""
+    --series and --t. Inputs that are files of one multi-file OME-TIFF or Micro-Manager acquisition (a file per
+    position, and another every 4 GB) count each image once, from the first input naming it."""
     if series != "all" and t != "all" and sum(_may_be_ome_tiff(p) for p in inputs) < 2:
         return [(p, None, None) for p in inputs]
     from .slides import open_slide

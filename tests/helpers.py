@@ -364,3 +364,65 @@ def write_micromanager_set(folder: Path, stem: str, positions: list[np.ndarray],
                 tw.write(positions[p][t], description=xml if t == t0 else None, metadata=None,
                          contiguous=layout == "contiguous", tile=(32, 32) if layout == "tiled" else None)
     return [folder / name for name, *_ in files]
+
+
+def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarray], mpp: float = 0.5,
+                             per_file: bool = True, frames_planned: int | None = None) -> list[Path]:
+    """A Micro-Manager acquisition saved as "image stack file" (MMStack), laid out as Micro-Manager writes it and as
+    tifffile's MMStack reader reads it: after the TIFF header, Micro-Manager's own (index map, display settings,
+    comments and summary offsets) and the summary (JSON); each plane's IFD of 13 entries (162 bytes) followed by its
+    pixels; at the end the index map (channel, slice, frame, position, IFD offset of each plane). `positions`: uint16
+    T x Y x X each; a file per position, PREFIX_MMStack_PosN.ome.tif (Micro-Manager's default), or all in
+    PREFIX_MMStack.ome.tif; `frames_planned`: the summary's frame count, more than written for an acquisition
+    stopped early. The paths."""
+    import struct
+    frames, height, width = positions[0].shape
+    summary = {"MicroManagerVersion": "2.0.0", "Prefix": prefix, "Frames": frames_planned or frames,
+               "Positions": len(positions),
+               "Channels": 1, "Slices": 1, "Width": width, "Height": height, "PixelType": "GRAY16",
+               "PixelSize_um": mpp, "TimeFirst": False, "SlicesFirst": True,
+               "StagePositions": [{"Label": f"Pos{p}"} for p in range(len(positions))]}
+    groups = [[p] for p in range(len(positions))] if per_file else [list(range(len(positions)))]
+    paths = []
+    for group in groups:
+        name = f"{prefix}_MMStack_Pos{group[0]}.ome.tif" if per_file else f"{prefix}_MMStack.ome.tif"
+        s = json.dumps(summary).encode()
+        out = bytearray(b"II*\0" + b"\0" * 4)       # first IFD offset patched below
+        out += struct.pack("<II", 54773648, 0)      # index map header, offset patched below
+        out += struct.pack("<IIIIII", 483765892, 0, 99384722, 0, 2355492, len(s)) + s
+        entries = []
+        for p in group:
+            for t in range(frames):
+                if len(out) % 2:
+                    out += b"\0"
+                ifd = len(out)
+                data = positions[p][t].astype("<u2").tobytes()
+                meta = json.dumps({"PositionIndex": p, "FrameIndex": t, "PixelSizeUm": mpp}).encode() + b"\0"
+                after = ifd + 162 + len(data)
+                tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 16), (259, 3, 1, 1), (262, 3, 1, 1),
+                        (273, 4, 1, ifd + 162), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(data)),
+                        (282, 5, 1, after), (283, 5, 1, after + 8), (296, 3, 1, 3), (51123, 2, len(meta), after + 16)]
+                body = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *tag) for tag in tags)
+                next_at = after + 16 + len(meta)
+                next_at += next_at % 2
+                body += struct.pack("<I", next_at)
+                assert len(body) == 162
+                out += body + data + struct.pack("<IIII", int(1e4 / mpp), 1, int(1e4 / mpp), 1) + meta
+                if len(out) % 2:
+                    out += b"\0"
+                entries.append((0, 0, t, p, ifd))
+        struct.pack_into("<I", out, entries[-1][4] + 2 + 13 * 12, 0)
+        struct.pack_into("<I", out, 4, entries[0][4])
+        index_at = len(out)
+        out += struct.pack("<II", 3453623, len(entries)) + b"".join(struct.pack("<5I", *e) for e in entries)
+        display, comments = json.dumps([{"Color": -1}]).encode(), json.dumps({"Summary": ""}).encode()
+        display_at = len(out)
+        out += struct.pack("<II", 347834724, len(display)) + display
+        comments_at = len(out)
+        out += struct.pack("<II", 84720485, len(comments)) + comments
+        struct.pack_into("<I", out, 12, index_at)
+        struct.pack_into("<I", out, 20, display_at)
+        struct.pack_into("<I", out, 28, comments_at)
+        (folder / name).write_bytes(bytes(out))
+        paths.append(folder / name)
+    return paths

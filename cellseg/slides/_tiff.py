@@ -61,12 +61,14 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
-            file_set = FileSet.of(tf, path)
+            file_set, stage = FileSet.of(tf, path), StagePositions.of(tf, path)
             # a file of a multi-file set is read as the image it holds (Micro-Manager: its position), not the first
-            index = series if series is not None else file_set.own_image if file_set else 0
-            check_series(series, len(file_set.files) if file_set else len(tf.series))
-            # SVS: the baseline first; OME: the Image elements in order (of a set, those tifffile found files for)
-            image = tf.series[file_set.series_of(index, tf) if file_set else index]
+            index = (series if series is not None else stage.own if stage else file_set.own_image if file_set
+                     else 0)
+            check_series(series, stage.count if stage else len(file_set.files) if file_set else len(tf.series))
+            # SVS: the baseline first; OME: the Image elements in order (of a set, those tifffile found files for);
+            # a Micro-Manager stack: one image, its positions an axis
+            image = tf.series[0 if stage else file_set.series_of(index, tf) if file_set else index]
             levels = list(image.levels)
         except READ_ERRORS as e:
             raise SlideError(f"expected a readable TIFF, {path} is corrupt ({BACKEND}: {error_text(e)})") from e
@@ -77,8 +79,9 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         # means truncation (a lost OME-XML or pyramid level would silently change the result);
         # other logged problems (odd vendor tags) are passed on as warnings.
         missing = file_set.missing if file_set else {}
-        messages = [record.getMessage() for record in collect.buffer
-                    if not (missing and "failed to read" in record.getMessage())]   # said once, below
+        said_below = missing or (stage and stage.absent.any())       # missing files: said once, below
+        messages = [record.getMessage() for record in collect.buffer if not (said_below and any(
+            words in record.getMessage() for words in ("failed to read", "MMStack is missing", "missing files")))]
         for msg in messages:
             if "offset" in msg:
                 raise SlideError(f"expected a complete TIFF, {path} is truncated or corrupt ({BACKEND}: {msg})")
@@ -90,8 +93,11 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         if 0 in image.shape:
             raise SlideError(f"expected an image of positive size, {path} has shape {image.shape} "
                              f"(axes {image.axes})")
-        channel_axis = find_channel_axis(image.axes, image.shape, z, t)
         sizes = dict(zip(image.axes, image.shape))
+        if stage:
+            stage.check(index, z, t)
+        plane = {ax: n for ax, n in sizes.items() if ax != "R" or not stage}     # a position is read, as --series
+        channel_axis = find_channel_axis("".join(plane), tuple(plane.values()), z, t)
         if np.dtype(image.dtype).kind not in "biuf":
             raise SlideError(f"expected integer or float pixels, {path} has {image.dtype}")
         kept = []
@@ -102,14 +108,14 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
                             "it and smaller levels", path.name, i, lv.axes, lv.shape, image.axes,
                             image.shape)
                 break
-            kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z, t))
+            kept.append(_tiff_level(tf, image, i, lv, channel_axis, stack, z, t, index if stage else 0))
         _check_complete(levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
         mpp, source, names = _tiff_metadata(tf, image, index, n_channels)
         fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
                else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
-               else "philips-tiff" if tf.is_philips else "tiff")
-        alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome else []
+               else "philips-tiff" if tf.is_philips else "micromanager-tiff" if stage else "tiff")
+        alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome and not stage else []
         position_names = [tf.series[k].name or f"series {k}" for k in alike]
         if file_set:    # --series numbers are the OME-XML's
             alike = [file_set.image_of(k) for k in alike]
@@ -122,6 +128,10 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         if file_set:
             details += (file_set.describe(index),)
             warnings += file_set.warnings(index, series is not None)
+        if stage:
+            alike = list(range(stage.count))
+            details += (stage.describe(index, series is not None),)
+            warnings += stage.warnings(index, series is not None)
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,
                          tuple((dict(zip(lv.axes, lv.shape))["Y"], dict(zip(lv.axes, lv.shape))["X"])
@@ -129,7 +139,8 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
                          details=details, z_planes=sizes.get("Z", 1), z=z if sizes.get("Z", 1) > 1 else None,
                          warnings=warnings, series=series if series is not None else index or None,
                          positions=tuple(alike) if len(alike) > 1 else (), t_points=sizes.get("T", 1),
-                         t=t if sizes.get("T", 1) > 1 else None, file_set=file_set.paths if file_set else ())
+                         t=t if sizes.get("T", 1) > 1 else None,
+                         file_set=file_set.paths if file_set else stage.files if stage and stage.files[1:] else ())
         return Slide(info, kept, stack.pop_all(), READ_ERRORS)
 
 
@@ -146,8 +157,9 @@ class FileSet:
 
     @classmethod
     def of(cls, tf, path: Path) -> FileSet | None:
-        """The set `path` is a file of, None if it is not (not OME, or every plane in the file itself)."""
-        if not tf.is_ome:
+        """The set `path` is a file of, None if it is not (not read as OME, or every plane in the file itself). A
+        Micro-Manager file with its own index map is read by tifffile's MMStack reader instead, positions an axis."""
+        if not tf.is_ome or not tf.series or tf.series[0].kind != "ome":
             return None
         try:
             root = ET.fromstring(tf.ome_metadata)
@@ -197,6 +209,9 @@ class FileSet:
                              f"{_missing_text(missing, self.path)}: image {index} ({self.names[index]}), the one "
                              f"read, has planes in {'it' if len(missing) == 1 else 'them'}")
         found = self._found
+        if index not in found:
+            raise SlideError(f"expected planes of image {index} in {self.path.name}'s set, its OME-XML puts none of "
+                             f"them in a file")
         number = found.index(index)
         if len(found) != len(tf.series) or tf.series[number].name != self.names[index]:
             raise SlideError(f"expected {self.path.name}'s images where its OME-XML puts them, tifffile reads "
@@ -225,6 +240,75 @@ class FileSet:
         if missing := self.missing:
             said.append(f"{self.path.name} is one file of a multi-file OME-TIFF; {_missing_text(missing, self.path)}, "
                         f"so the images in them are not read (image {index}, counted, is whole)")
+        return tuple(said)
+
+
+@dataclass(frozen=True, eq=False)
+class StagePositions:
+    """The stage positions of a Micro-Manager stack as tifffile's MMStack reader reads it (its index map, not the
+    OME-XML): one image whose axis R is the position, from the acquisition's files, found by their name's prefix
+    (Micro-Manager writes a file per position by default, or all in one file), numbered as Micro-Manager does."""
+
+    path: Path                         # the file opened
+    labels: tuple[str, ...]            # each position's label (Micro-Manager's StagePositions), R's order
+    own: int                           # the position this file holds (its first), 0 for one file of all
+    files: tuple[str, ...]             # the files the positions' planes are in (absolute paths, sorted)
+    frame_axes: str                    # the image's axes but the plane's (e.g. "RTZC" squeezed to "RT")
+    absent: np.ndarray                 # over frame_axes: planes in no file found (tifffile zeroes them)
+
+    @classmethod
+    def of(cls, tf, path: Path) -> StagePositions | None:
+        image = tf.series[0] if tf.series else None
+        if image is None or image.kind != "mmstack" or "R" not in image.axes:
+            return None
+        sizes = dict(zip(image.axes, image.shape))
+        frames = [(ax, n) for ax, n in sizes.items() if ax not in image.keyframe.axes]
+        absent = np.array([page is None for page in image.pages]).reshape([n for _, n in frames])
+        meta = tf.micromanager_metadata or {}
+        stored = [p.get("Label") for p in meta.get("Summary", {}).get("StagePositions", []) if isinstance(p, dict)]
+        labels = tuple(stored) if len(stored) == sizes["R"] and all(stored) else tuple(
+            f"Pos{k}" for k in range(sizes["R"]))
+        mine = sorted({int(k) for k in meta["IndexMap"][:, 3]}) if "IndexMap" in meta else [0]
+        files = tuple(sorted({str(Path(page.parent.filehandle.path).absolute())
+                              for page in image.pages if page is not None}))
+        return cls(path, labels, mine[0] if mine[0] < sizes["R"] else 0, files, "".join(ax for ax, _ in frames),
+                   absent)
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    @property
+    def missing(self) -> list[int]:
+        """The positions none of whose planes are in a file found."""
+        others = tuple(k for k, ax in enumerate(self.frame_axes) if ax != "R")
+        return [int(k) for k in np.flatnonzero(self.absent.all(axis=others))]
+
+    def check(self, index: int, z: int | str | None, t: int | None) -> None:
+        """Refuse to read planes that are in no file found (tifffile would read them as zeros): a file of the
+        acquisition left behind, or time points an acquisition stopped early never took."""
+        chosen = tuple(index if ax == "R" else (t or 1) - 1 if ax == "T" else z - 1 if ax == "Z" and isinstance(z, int)
+                       else slice(None) for ax in self.frame_axes)
+        if self.absent[chosen].any():
+            at = f", time point {t}" if t is not None and "T" in self.frame_axes else ""
+            raise SlideError(f"expected the planes of position {index} ({self.labels[index]}){at} in the files of "
+                             f"the Micro-Manager acquisition {self.path.name} is one of, they are in none of the "
+                             f"{len(self.files)} found in {self.path.absolute().parent}: a file of it is not there, "
+                             f"or the acquisition stopped before taking them")
+
+    def describe(self, index: int, chosen: bool) -> str:
+        return (f"position {index} of 0-{self.count - 1}{' (--series)' if chosen else ''}: {self.labels[index]}, "
+                f"of a Micro-Manager acquisition in {len(self.files)} file(s); --series N reads another, --series "
+                f"all every one")
+
+    def warnings(self, index: int, chosen: bool) -> tuple[str, ...]:
+        said = []
+        if not chosen and len(self.files) == 1:     # all positions in this file: the others are left out
+            said.append(other_images_warning(self.path, list(self.labels), "Micro-Manager positions", 0,
+                                             self.count - 1))
+        if others := [k for k in self.missing if k != index]:
+            said.append(f"{self.path.name} is one file of a Micro-Manager acquisition whose files for position(s) "
+                        f"{', '.join(map(str, others))} are not in {self.path.absolute().parent}: not read")
         return tuple(said)
 
 
@@ -264,14 +348,14 @@ def _alike(other, series) -> bool:
             and all(b[ax] / 4 <= a[ax] <= 4 * b[ax] for ax in "YX"))
 
 
-def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t) -> ArrayLevel | TiledLevel:
+def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t, position: int) -> ArrayLevel | TiledLevel:
     try:
         own_file = _own_file(lv.pages)
         if lv.dataoffset is not None and lv.keyframe.is_memmappable and own_file is not None:
             # Uncompressed and contiguous: a memory map reads only the rows a region touches.
             dtype = np.dtype(lv.dtype).newbyteorder(lv.keyframe.parent.byteorder)     # its own file's
             arr = np.memmap(own_file, dtype=dtype, mode="r", offset=lv.dataoffset, shape=lv.shape)
-            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z, t)
+            return ArrayLevel(arr, lv.axes, channel_axis, (1024, 1024), z, t, position)
         tiled = TiledLevel.of(lv, channel_axis, stack)
         if tiled is not None:
             return tiled
@@ -281,7 +365,7 @@ def _tiff_level(tf, series, i, lv, channel_axis, stack, z, t) -> ArrayLevel | Ti
         raise SlideError(f"expected a readable TIFF, level {i} of {tf.filehandle.path} is corrupt "
                          f"({BACKEND}: {error_text(e)})") from e
     chunks = dict(zip(lv.axes, arr.chunks))
-    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]), z, t)
+    return ArrayLevel(arr, lv.axes, channel_axis, (chunks["Y"], chunks["X"]), z, t, position)
 
 
 class TiledLevel:

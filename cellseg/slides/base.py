@@ -121,14 +121,15 @@ class SlideInfo:
     # what of the file is not read that a user must know of (other positions of a multi-image file), each a sentence
     warnings: tuple[str, ...] = ()
     series: int | None = None  # the image read of a file holding several (series_choice, from 0); None: the first
-    #                            (a file of a multi-file OME-TIFF: its own image, given here where it is not the first)
+    #                            (a file of a multi-file OME-TIFF or Micro-Manager acquisition: its own image or
+    #                            position, given here where it is not the first)
     # the --series numbers of the file's images like the one read (the positions of one acquisition, it among them),
     # when there are several: what `--series all` counts; () for a file of one such image
     positions: tuple[int, ...] = ()
     t_points: int = 1  # time points of a time series (1: none)
     t: int | None = None  # the time point read (t_choice, from 1); None without time points
-    # the files of a multi-file OME-TIFF the one read belongs to (absolute paths, sorted; () for any other slide):
-    # a batch naming several of them counts each of the set's images once (cli.images_to_count)
+    # the files of a multi-file OME-TIFF or Micro-Manager acquisition the one read belongs to (absolute paths,
+    # sorted; () for any other slide): a batch naming several of them counts each image once (cli.images_to_count)
     file_set: tuple[str, ...] = ()
 
 
@@ -150,13 +151,15 @@ class ArrayLevel:
     chunk: tuple[int, int]  # (rows, cols) of one storage chunk: thumbnails read whole chunks
     z: int | str | None = None  # a Z-stack's plane (from 1) or projection ("max", "mean"): z_choice
     t: int | None = None  # a time series' point (from 1): t_choice
+    position: int = 0  # a Micro-Manager stack's stage position (axis R, from 0): series_choice
 
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         project = self.z in Z_PROJECTIONS and "Z" in self.axes
         plane = self.z - 1 if isinstance(self.z, int) else 0
         index = tuple(slice(r0, r1) if ax == "Y" else slice(c0, c1) if ax == "X"
                       else slice(None) if ax == self.channel_axis or (ax == "Z" and project)
-                      else plane if ax == "Z" else (self.t or 1) - 1 if ax == "T" else 0 for ax in self.axes)
+                      else plane if ax == "Z" else (self.t or 1) - 1 if ax == "T"
+                      else self.position if ax == "R" else 0 for ax in self.axes)
         data = np.asarray(self.array[index])
         kept = [ax for ax in self.axes if ax in ("Y", "X", self.channel_axis) or (ax == "Z" and project)]
         if project:

@@ -29,6 +29,7 @@ from ..helpers import (
     random_cells,
     resumed_with_other_settings,
     write_micromanager_set,
+    write_micromanager_stack,
 )
 
 PROTOCOL = SMALL_TILES
@@ -111,6 +112,22 @@ def test_a_batch_of_files_of_one_micro_manager_set_counts_each_image_once(tmp_pa
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         rows = [(Path(row["input"]).name, row["series"], row["t"]) for row in csv.DictReader(f)]
     assert rows == [("movie_MMStack_Pos1_1.ome.tif", "1", "3"), ("movie_MMStack_Pos0.ome.tif", "", "3")]
+
+
+def test_a_micro_manager_stack_counts_each_position_once_and_as_saved_on_its_own(tmp_path, plate):
+    """Micro-Manager's own stack layout (tifffile's MMStack reader: positions an axis of one image, found in the
+    acquisition's files by their prefix) was refused ("expected a 2-D image, got axes RYX"): each position is now
+    counted as that image saved on its own, a batch of the files counts each position once."""
+    _, labels, images = plate
+    files = write_micromanager_stack(tmp_path, "run", [image[None].astype(np.uint16) for image in images])
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, images[1].astype(np.uint16), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    outcomes = count_serially(LabelCounterSpec(PROTOCOL, labels).load(), [(flat, tmp_path / "flat"),
+                                                                          (files[0], tmp_path / "s1", 1)])
+    assert [o.error for o in outcomes] == [None, None]
+    assert_same_result(tmp_path / "flat", tmp_path / "s1")
+    assert images_to_count(tuple(files), None, None, None, None) == [(files[0], None, None), (files[1], None, None)]
+    assert images_to_count(tuple(files), "all", None, None, None) == [(files[0], 0, None), (files[0], 1, None)]
 
 
 def test_resume_refuses_a_journal_of_another_series(tmp_path, plate):

@@ -1,6 +1,8 @@
-"""A multi-file OME-TIFF (Micro-Manager writes a file per position and starts another every 4 GB): each image and
-plane is read from the file of the set its OME-XML puts it in, whichever file is opened, and a file missing from the
-set is said, not read as zeros or silently renumbering the images."""
+"""Multi-file acquisitions. A multi-file OME-TIFF (Micro-Manager writes a file per position and starts another every
+4 GB): each image and plane is read from the file of the set its OME-XML puts it in, whichever file is opened, and a
+file missing from the set is said, not read as zeros or silently renumbering the images. A Micro-Manager stack read
+through its own index map (tifffile's MMStack reader, the positions an axis of one image): its positions are
+--series numbers, a file is read as its own position, and planes in no file found are refused, not read as zeros."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from cellseg.errors import SlideError
 from cellseg.slides import open_slide
 from cellseg.slides.base import Box
 
-from ..helpers import write_micromanager_set
+from ..helpers import write_micromanager_set, write_micromanager_stack
 
 
 def positions(frames: int) -> list[np.ndarray]:
@@ -105,3 +107,48 @@ def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
     with pytest.raises(SlideError, match=rf"^expected a complete TIFF, {files[1]} is truncated"):
         open_slide(files[0], series=1)
     assert np.array_equal(read(files[0], series=0), positions(1)[0][0])
+
+
+@pytest.mark.parametrize("per_file", [True, False])
+def test_a_micro_manager_stack_s_positions_are_read_as_its_series(tmp_path, per_file):
+    stacks = positions(3) + [positions(3)[0] // 2]
+    files = write_micromanager_stack(tmp_path, "run", stacks, per_file=per_file)
+    for opened in files:
+        for k, stack in enumerate(stacks):
+            for t in (1, 3):
+                assert np.array_equal(read(opened, series=k, t=t), stack[t - 1]), (opened.name, k, t)
+    for k, opened in enumerate(files):    # without --series: the file's own position (all in one file: the first)
+        assert np.array_equal(read(opened, t=2), stacks[k][1])
+        with open_slide(opened, t=2) as slide:
+            info = slide.info
+        assert (info.format, info.series, info.positions, info.mpp) == ("micromanager-tiff", k or None, (0, 1, 2),
+                                                                          0.5)
+        assert info.details == (f"position {k} of 0-2: Pos{k}, of a Micro-Manager acquisition in {len(files)} file(s); "
+                                "--series N reads another, --series all every one",)
+        assert info.file_set == (tuple(str(f) for f in files) if per_file else ())
+        assert info.warnings == (() if per_file else (
+            "run_MMStack.ome.tif holds 3 images like the one counted (Micro-Manager positions: Pos0, Pos1, Pos2): only "
+            "the first, Pos0, is counted; to count another, pass --series N (0-2)",))
+
+
+def test_a_micro_manager_position_in_no_file_found_is_refused_not_read_as_zeros(tmp_path, caplog):
+    stacks = positions(3) + [positions(3)[1] // 2]
+    files = write_micromanager_stack(tmp_path, "run", stacks)
+    files[1].unlink()
+    with caplog.at_level(logging.WARNING), open_slide(files[0], series=2, t=1) as slide:
+        assert np.array_equal(slide.read_region(Box(0, 0, 64, 80))[..., 0], stacks[2][0])
+        assert slide.info.warnings == (f"run_MMStack_Pos0.ome.tif is one file of a Micro-Manager acquisition whose "
+                                       f"files for position(s) 1 are not in {tmp_path}: not read",)
+    assert not [r for r in caplog.records if "missing" in r.getMessage() and "tifffile" in r.getMessage()]
+    with pytest.raises(SlideError, match=r"^expected the planes of position 1 \(Pos1\), time point 1 in the files of "
+                                         r"the Micro-Manager acquisition run_MMStack_Pos0.ome.tif is one of, they are "
+                                         r"in none of the 2 found in .*: a file of it is not there"):
+        open_slide(files[0], series=1, t=1)
+
+
+def test_a_micro_manager_acquisition_stopped_early_reads_the_time_points_it_took(tmp_path):
+    stacks = positions(2)      # 2 time points taken of the 5 planned
+    first, _ = write_micromanager_stack(tmp_path, "run", stacks, frames_planned=5)
+    assert np.array_equal(read(first, series=1, t=2), stacks[1][1])
+    with pytest.raises(SlideError, match=r"position 1 \(Pos1\), time point 3 .* or the acquisition stopped before"):
+        open_slide(first, series=1, t=3)
