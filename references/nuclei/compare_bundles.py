@@ -51,17 +51,28 @@ SCORING_SETTINGS = (("mask_threshold", "mask threshold"), ("nucleus_diameter_px"
 
 
 def scoring_differences(current: Path, candidate: Path) -> list[str]:
-    """One line per setting the two validations were scored with differently (from each folder's
-    predictions_made_with.json; nothing when either lacks one)."""
+    """One line per setting the two validations were scored with differently: how the score thresholds were chosen
+    (metrics.json), and what made the predictions (predictions_made_with.json; nothing when either lacks one)."""
+    chosen_on = [_threshold_choice(folder) for folder in (current, candidate)]
+    lines = ([f"score thresholds chosen on: {chosen_on[0]} (current) against {chosen_on[1]} (candidate)"]
+             if None not in chosen_on and chosen_on[0] != chosen_on[1] else [])
     made_with = []
     for folder in (current, candidate):
         try:
             made_with.append(json.loads((folder / PREDICTIONS_MADE_WITH).read_text(encoding="utf-8")))
         except (OSError, ValueError):
-            return []
+            return lines
     a, b = made_with
-    return [f"{name}: {_setting(a.get(key))} (current) against {_setting(b.get(key))} (candidate)"
-            for key, name in SCORING_SETTINGS if a.get(key) != b.get(key)]
+    return lines + [f"{name}: {_setting(a.get(key))} (current) against {_setting(b.get(key))} (candidate)"
+                    for key, name in SCORING_SETTINGS if a.get(key) != b.get(key)]
+
+
+def _threshold_choice(folder: Path) -> str | None:
+    """How the validation in `folder` chose its score thresholds (metrics.json's threshold_chosen_on)."""
+    try:
+        return json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("threshold_chosen_on")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _setting(value) -> str:

@@ -106,6 +106,19 @@ def protocol_modality(modality: str) -> str:
     return THRESHOLD_KEY[modality].removesuffix(GRAY_SUFFIX)
 
 
+def modality_mean_threshold(reports: list, fallback: float) -> float:
+    """The score threshold with the best mean F1 over `reports` (each one dataset modality's held-out images scored
+    at the floor: evaluation.scoring's sweep), each modality weighted alike, not by its nuclei; among thresholds
+    every modality measured (eligible), ties to the lower; `fallback` when no modality has a scored cell."""
+    sweeps = [{s["threshold"]: s for s in report.sweep} for report in reports if report.pooled["pred_count"]]
+    if not sweeps:
+        return fallback
+    common = set.intersection(*({t for t, s in sweep.items() if s.get("eligible", True)} for sweep in sweeps))
+    if not common:
+        return fallback
+    return float(max(sorted(common), key=lambda t: (sum(sweep[t]["f1"] for sweep in sweeps) / len(sweeps), -t)))
+
+
 def mask_thresholds(bundle, override: float | None = None) -> dict[str, float]:
     """The mask threshold a count of each protocol modality uses (run.counter.mask_threshold_for): `override`
     (--mask-threshold) for all, else the bundle's per modality."""
@@ -231,6 +244,11 @@ def main() -> None:
     p.add_argument("--bundle-thresholds", action="store_true",
                    help="score at the bundle's own thresholds per modality instead of tuning them on these images: "
                         "two runs of one bundle (precisions, settings) then compare at the same thresholds")
+    p.add_argument("--threshold-by", choices=["pooled", "modality"], default="pooled",
+                   help="how a threshold key's score threshold is tuned on its held-out images: the best F1 of them "
+                        "all pooled (default; brightfield's is then mostly NuInsSeg's 158 images'), or the best "
+                        "mean of its dataset modalities' pooled F1, each weighted alike (stained tissue, TNBC and "
+                        "NuInsSeg for brightfield), as the ship rule weighs them")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out images (smoke test)")
     p.add_argument("--per-modality", type=int, default=None,
                    help="only the first N held-out images of each modality (a fixed subset, e.g. a long run's "
@@ -283,17 +301,25 @@ def main() -> None:
     metrics: dict = {"iou": 0.5, "val_images": len(keys), "split_method": split.method,
                      "held_out_groups": sorted(g for g, t in split.groups.items() if t["side"] == "val"),
                      "threshold_chosen_on": "these held-out images, per protocol modality, gray input apart "
-                                            "(pooled F1)",
-                     "settings": {"tta": args.tta, "precision": args.precision,
+                                            + ("(pooled F1)" if args.threshold_by == "pooled" else
+                                               "(the mean of its dataset modalities' pooled F1, each alike)"),
+                     "settings": {"tta": args.tta, "precision": args.precision, "threshold_by": args.threshold_by,
                                   "mask_threshold": made_with["mask_threshold"],
                                   "proposal_threshold": bundle.proposal_threshold, "model_overrides": args.set}}
     thresholds = {}
     for key in sorted(set(THRESHOLD_KEY.values())):
         pred, truth = subset(lambda k: THRESHOLD_KEY[modality[k]] == key)
-        if truth:
-            thresholds[key] = (bundle.threshold_for(key.removesuffix(GRAY_SUFFIX), tta=args.tta,
-                                                    gray=key.endswith(GRAY_SUFFIX))
-                               if args.bundle_thresholds else score(pred, truth, bundle.score_threshold).threshold)
+        if not truth:
+            continue
+        if args.bundle_thresholds:
+            thresholds[key] = bundle.threshold_for(key.removesuffix(GRAY_SUFFIX), tta=args.tta,
+                                                   gray=key.endswith(GRAY_SUFFIX))
+        elif args.threshold_by == "modality":
+            members = sorted({modality[k] for k in keys if THRESHOLD_KEY[modality[k]] == key})
+            thresholds[key] = modality_mean_threshold(
+                [evaluate(*subset(lambda k, m=m: modality[k] == m)) for m in members], bundle.score_threshold)
+        else:
+            thresholds[key] = score(pred, truth, bundle.score_threshold).threshold
     overall = None if args.bundle_thresholds else score(*subset(lambda k: True),
                                                         fallback_threshold=bundle.score_threshold)
     overall_threshold = bundle.score_threshold if overall is None else overall.threshold

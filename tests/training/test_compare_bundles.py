@@ -108,6 +108,12 @@ def test_the_command_says_which_scoring_settings_differ_between_the_two_validati
     assert "- mask threshold: brightfield 0.5, fluorescence 0.6 (current) against 0.5 (candidate)" in out
     assert "- count size (px): 20.3 (current) against 22.1 (candidate)" in out
     assert "precision" not in out.split("scored differently")[1]
+    tuned = {"threshold_chosen_on": "these held-out images, per protocol modality, gray input apart (pooled F1)"}
+    (current / "metrics.json").write_text(json.dumps(dict(metrics(), **tuned)))
+    (candidate / "metrics.json").write_text(json.dumps(dict(metrics(), threshold_chosen_on="the bundle's own")))
+    cb.main(["--current", str(current), "--candidate", str(candidate)])
+    assert ("- score thresholds chosen on: these held-out images, per protocol modality, gray input apart (pooled "
+            "F1) (current) against the bundle's own (candidate)") in capsys.readouterr().out
 
 
 def test_the_ap50_change_interval_is_a_paired_bootstrap_over_the_images():
