@@ -112,7 +112,7 @@ def images_to_count(inputs: tuple[Path, ...], series: int | str | None, t: int |
                 counted[key] = path
                 images.append((path, k, n))
         if again:     # one line an input, not one an image
-            log.warning("%s: not counted again: %s of its multi-file OME-TIFF %s counted from %s", path.name,
+            log.warning("%s: not counted again: %s of its multi-file acquisition %s counted from %s", path.name,
                         "the image" if len(again) == 1 else f"{len(again)} images", "is" if len(again) == 1 else "are",
                         ", ".join(sorted({other.name for other in again})))
     return images

@@ -102,7 +102,7 @@ def test_a_batch_of_files_of_one_micro_manager_set_counts_each_image_once(tmp_pa
         (pos1, None, n) for n in (1, 2, 3)]
     with caplog.at_level(logging.WARNING):
         assert images_to_count(tuple(files), "all", 2, None, None) == [(pos0, 0, None), (pos0, 1, None)]
-    assert "movie_MMStack_Pos1.ome.tif: not counted again: 2 images of its multi-file OME-TIFF are counted from " \
+    assert "movie_MMStack_Pos1.ome.tif: not counted again: 2 images of its multi-file acquisition are counted from " \
            "movie_MMStack_Pos0.ome.tif" in caplog.messages
     assert images_to_count((pos1_more, pos0_more), None, 3, None, None) == [(pos1_more, None, None),
                                                                             (pos0_more, None, None)]
