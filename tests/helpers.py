@@ -367,14 +367,16 @@ def write_micromanager_set(folder: Path, stem: str, positions: list[np.ndarray],
 
 
 def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarray], mpp: float = 0.5,
-                             per_file: bool = True, frames_planned: int | None = None) -> list[Path]:
+                             per_file: bool = True, frames_planned: int | None = None,
+                             split_from: int | None = None) -> list[Path]:
     """A Micro-Manager acquisition saved as "image stack file" (MMStack), laid out as Micro-Manager writes it and as
     tifffile's MMStack reader reads it: after the TIFF header, Micro-Manager's own (index map, display settings,
     comments and summary offsets) and the summary (JSON); each plane's IFD of 13 entries (162 bytes) followed by its
     pixels; at the end the index map (channel, slice, frame, position, IFD offset of each plane). `positions`: uint16
     T x Y x X each; a file per position, PREFIX_MMStack_PosN.ome.tif (Micro-Manager's default), or all in
     PREFIX_MMStack.ome.tif; `frames_planned`: the summary's frame count, more than written for an acquisition
-    stopped early. The paths."""
+    stopped early; `split_from`: a file's time points from there on go into a next file, PREFIX_MMStack_PosN_1.ome.tif,
+    as Micro-Manager starts one every 4 GB. The paths, each file's first file before it."""
     import struct
     frames, height, width = positions[0].shape
     summary = {"MicroManagerVersion": "2.0.0", "Prefix": prefix, "Frames": frames_planned or frames,
@@ -383,16 +385,18 @@ def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarr
                "PixelSize_um": mpp, "TimeFirst": False, "SlicesFirst": True,
                "StagePositions": [{"Label": f"Pos{p}"} for p in range(len(positions))]}
     groups = [[p] for p in range(len(positions))] if per_file else [list(range(len(positions)))]
+    cut = split_from if split_from is not None else frames
+    files = [(group, f"{prefix}_MMStack{f'_Pos{group[0]}' if per_file else ''}{suffix}.ome.tif", times)
+             for group in groups for suffix, times in (("", range(cut)), ("_1", range(cut, frames))) if times]
     paths = []
-    for group in groups:
-        name = f"{prefix}_MMStack_Pos{group[0]}.ome.tif" if per_file else f"{prefix}_MMStack.ome.tif"
+    for group, name, times in files:
         s = json.dumps(summary).encode()
         out = bytearray(b"II*\0" + b"\0" * 4)       # first IFD offset patched below
         out += struct.pack("<II", 54773648, 0)      # index map header, offset patched below
         out += struct.pack("<IIIIII", 483765892, 0, 99384722, 0, 2355492, len(s)) + s
         entries = []
         for p in group:
-            for t in range(frames):
+            for t in times:
                 if len(out) % 2:
                     out += b"\0"
                 ifd = len(out)

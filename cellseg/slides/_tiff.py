@@ -25,7 +25,7 @@ import tifffile
 import zarr
 
 from ..errors import SlideError
-from ._tiff_multifile import FileSet, StagePositions
+from ._tiff_multifile import FileSet, MicroManagerStack
 from .base import (
     SCREEN_MPP_UM,
     UM_PER_UNIT,
@@ -61,7 +61,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         propagate, tiff_log.propagate = tiff_log.propagate, False
         try:
             tf = stack.enter_context(tifffile.TiffFile(path))
-            file_set, stage = FileSet.of(tf, path), StagePositions.of(tf, path)
+            file_set, stage = FileSet.of(tf, path), MicroManagerStack.of(tf, path)
             # a file of a multi-file set is read as the image it holds (Micro-Manager: its position), not the first
             index = (series if series is not None else stage.own if stage else file_set.own_image if file_set
                      else 0)
@@ -130,7 +130,7 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
             warnings += file_set.warnings(index, series is not None)
         if stage:
             alike = list(range(stage.count))
-            details += (stage.describe(index, series is not None),)
+            details += (stage.describe(index, series is not None),) if stage.count > 1 else ()
             warnings += stage.warnings(index, series is not None)
         info = SlideInfo(path, fmt, BACKEND, sizes["Y"], sizes["X"], n_channels,
                          np.dtype(image.dtype).newbyteorder("="), names, mpp, source,

@@ -115,35 +115,35 @@ class FileSet:
 
 
 @dataclass(frozen=True, eq=False)
-class StagePositions:
-    """The stage positions of a Micro-Manager stack as tifffile's MMStack reader reads it (its index map, not the
-    OME-XML): one image whose axis R is the position, from the acquisition's files, found by their name's prefix
-    (Micro-Manager writes a file per position by default, or all in one file), numbered as Micro-Manager does."""
+class MicroManagerStack:
+    """A Micro-Manager stack as tifffile's MMStack reader reads it (its index map, not the OME-XML): one image from
+    the acquisition's files, found by their name's prefix (Micro-Manager writes a file per stage position by default,
+    or all in one file, and another file every 4 GB), whose axis R, where there are several, is the position,
+    numbered as Micro-Manager does."""
 
     path: Path                         # the file opened
-    labels: tuple[str, ...]            # each position's label (Micro-Manager's StagePositions), R's order
+    labels: tuple[str, ...]            # each position's label (Micro-Manager's StagePositions), R's order; one
     own: int                           # the position this file holds (its first), 0 for one file of all
     files: tuple[str, ...]             # the files the positions' planes are in (absolute paths, sorted)
     frame_axes: str                    # the image's axes but the plane's (e.g. "RTZC" squeezed to "RT")
     absent: np.ndarray                 # over frame_axes: planes in no file found (tifffile zeroes them)
 
     @classmethod
-    def of(cls, tf, path: Path) -> StagePositions | None:
+    def of(cls, tf, path: Path) -> MicroManagerStack | None:
         image = tf.series[0] if tf.series else None
-        if image is None or image.kind != "mmstack" or "R" not in image.axes:
+        if image is None or image.kind != "mmstack":
             return None
         sizes = dict(zip(image.axes, image.shape))
+        count = sizes.get("R", 1)
         frames = [(ax, n) for ax, n in sizes.items() if ax not in image.keyframe.axes]
         absent = np.array([page is None for page in image.pages]).reshape([n for _, n in frames])
         meta = tf.micromanager_metadata or {}
         stored = [p.get("Label") for p in meta.get("Summary", {}).get("StagePositions", []) if isinstance(p, dict)]
-        labels = tuple(stored) if len(stored) == sizes["R"] and all(stored) else tuple(
-            f"Pos{k}" for k in range(sizes["R"]))
+        labels = tuple(stored) if len(stored) == count and all(stored) else tuple(f"Pos{k}" for k in range(count))
         mine = sorted({int(k) for k in meta["IndexMap"][:, 3]}) if "IndexMap" in meta else [0]
         files = tuple(sorted({str(Path(page.parent.filehandle.path).absolute())
                               for page in image.pages if page is not None}))
-        return cls(path, labels, mine[0] if mine[0] < sizes["R"] else 0, files, "".join(ax for ax, _ in frames),
-                   absent)
+        return cls(path, labels, mine[0] if mine[0] < count else 0, files, "".join(ax for ax, _ in frames), absent)
 
     @property
     def count(self) -> int:
@@ -152,6 +152,8 @@ class StagePositions:
     @property
     def missing(self) -> list[int]:
         """The positions none of whose planes are in a file found."""
+        if "R" not in self.frame_axes:
+            return []
         others = tuple(k for k, ax in enumerate(self.frame_axes) if ax != "R")
         return [int(k) for k in np.flatnonzero(self.absent.all(axis=others))]
 
@@ -161,8 +163,9 @@ class StagePositions:
         chosen = tuple(index if ax == "R" else (t or 1) - 1 if ax == "T" else z - 1 if ax == "Z" and isinstance(z, int)
                        else slice(None) for ax in self.frame_axes)
         if self.absent[chosen].any():
-            at = f", time point {t}" if t is not None and "T" in self.frame_axes else ""
-            raise SlideError(f"expected the planes of position {index} ({self.labels[index]}){at} in the files of "
+            what = ", ".join(([f"position {index} ({self.labels[index]})"] if "R" in self.frame_axes else [])
+                             + ([f"time point {t}"] if t is not None and "T" in self.frame_axes else []))
+            raise SlideError(f"expected the planes of {what or 'the image'} in the files of "
                              f"the Micro-Manager acquisition {self.path.name} is one of, they are in none of the "
                              f"{len(self.files)} found in {self.path.absolute().parent}: a file of it is not there, "
                              f"or the acquisition stopped before taking them")
@@ -174,7 +177,7 @@ class StagePositions:
 
     def warnings(self, index: int, chosen: bool) -> tuple[str, ...]:
         said = []
-        if not chosen and len(self.files) == 1:     # all positions in this file: the others are left out
+        if not chosen and len(self.files) == 1 and self.count > 1:     # all positions here: the others left out
             said.append(other_images_warning(self.path, list(self.labels), "Micro-Manager positions", 0,
                                              self.count - 1))
         if others := [k for k in self.missing if k != index]:

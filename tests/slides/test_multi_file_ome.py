@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 
+from cellseg.cli import images_to_count
 from cellseg.errors import SlideError
 from cellseg.slides import open_slide
 from cellseg.slides.base import Box
@@ -152,3 +153,25 @@ def test_a_micro_manager_acquisition_stopped_early_reads_the_time_points_it_took
     assert np.array_equal(read(first, series=1, t=2), stacks[1][1])
     with pytest.raises(SlideError, match=r"position 1 \(Pos1\), time point 3 .* or the acquisition stopped before"):
         open_slide(first, series=1, t=3)
+
+
+def test_a_micro_manager_position_split_over_two_files_reads_as_one_and_a_missing_part_is_said(tmp_path):
+    """Micro-Manager starts a new file every 4 GB: one position's time points in two files, read as one image
+    whichever is opened; a batch of both counts it once; without its second file, time points there are refused."""
+    stacks = positions(3)[:1]
+    first, second = write_micromanager_stack(tmp_path, "run", stacks, split_from=2)
+    assert second.name == "run_MMStack_Pos0_1.ome.tif"
+    for opened in (first, second):
+        for t in (1, 2, 3):
+            assert np.array_equal(read(opened, t=t), stacks[0][t - 1]), (opened.name, t)
+        with open_slide(opened, t=1) as slide:
+            assert (slide.info.positions, slide.info.series, slide.info.t_points) == ((), None, 3)
+            assert slide.info.file_set == (str(first), str(second))
+    assert images_to_count((first, second), None, "all", None, None) == [(first, None, t) for t in (1, 2, 3)]
+    (tmp_path / "two").mkdir()
+    two = write_micromanager_stack(tmp_path / "two", "run", positions(3), split_from=2)
+    two[1].unlink()      # position 0's second file
+    assert np.array_equal(read(two[0], t=2), positions(3)[0][1])
+    with pytest.raises(SlideError, match=r"^expected the planes of position 0 \(Pos0\), time point 3 in the files"):
+        open_slide(two[0], t=3)
+    assert np.array_equal(read(two[0], series=1, t=3), positions(3)[1][2])
