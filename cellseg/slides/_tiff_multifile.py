@@ -17,10 +17,11 @@ from .base import other_images_warning
 
 @dataclass(frozen=True)
 class FileSet:
-    """Where the images of a multi-file OME-TIFF are (Micro-Manager writes a file per position, each holding the
-    OME-XML of the whole set, and starts another file every 4 GB): for each of the OME-XML's images, the file of each
-    of its planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which
-    renumbers the rest, and the planes of an image read that were in one are zeros."""
+    """Where the images of a multi-file OME-TIFF are (each file holding the OME-XML of the whole set, as OME writers
+    and Micro-Manager 1.4 write a file per position, and a new file every 4 GB; Micro-Manager's own index map, where
+    there is one, is read as MicroManagerStack instead): for each of the OME-XML's images, the file of each of its
+    planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which renumbers
+    the rest, and the planes of an image read that were in one are zeros."""
 
     path: Path                                  # the file opened
     names: tuple[str | None, ...]               # the OME-XML's images' names (tifffile's series names)
@@ -86,7 +87,7 @@ class FileSet:
         number = found.index(index)
         if len(found) != len(tf.series) or tf.series[number].name != self.names[index]:
             raise SlideError(f"expected {self.path.name}'s images where its OME-XML puts them, tifffile reads "
-                             f"{len(tf.series)} images of its {len(self.files)} (tifffile)")
+                             f"{len(tf.series)} of its {len(self.files)} images otherwise")
         return number
 
     def image_of(self, number: int) -> int:
