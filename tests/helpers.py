@@ -330,14 +330,14 @@ def write_ome_zarr(path: Path, data: np.ndarray, axes: str, version: str = "0.5"
     return path
 
 
-def write_micromanager_set(folder: Path, stem: str, positions: list[np.ndarray], mpp: float = 0.5,
+def write_multi_file_ome(folder: Path, stem: str, positions: list[np.ndarray], mpp: float = 0.5,
                            layout: str = "planes", split_from: int | None = None) -> list[Path]:
-    """A multi-file OME-TIFF as Micro-Manager writes one: each position's time points (`positions`: T x Y x X each)
-    in a file of their own, `STEM_MMStack_PosN.ome.tif`, every file holding the OME-XML of the whole set (Micro-Manager
-    1.4) whose TiffData elements name the file (UUID and FileName) each plane is in. `layout`: "planes" (each plane's
-    strips after its own IFD, as Micro-Manager writes), "contiguous" (one uncompressed block: memory-mappable) or
-    "tiled" (32² tiles). `split_from`: a position's time points from there on go into a second file,
-    `STEM_MMStack_PosN_1.ome.tif`, as Micro-Manager starts one every 4 GB. The paths, first file first."""
+    """A multi-file OME-TIFF: each position's time points (`positions`: T x Y x X each) in a file of their own, named
+    as Micro-Manager names them (`STEM_MMStack_PosN.ome.tif`) but without its index map, so read as OME; every file
+    holding the OME-XML of the whole set, whose TiffData elements name the file (UUID and FileName) each plane is in.
+    `layout`: "planes" (each plane's strips after its own IFD), "contiguous" (one uncompressed block:
+    memory-mappable) or "tiled" (32² tiles). `split_from`: a position's time points from there on go into a second
+    file, `STEM_MMStack_PosN_1.ome.tif`, as a writer starting one every 4 GB does. The paths, first file first."""
     import uuid
 
     import tifffile

@@ -18,9 +18,8 @@ from .base import other_images_warning
 @dataclass(frozen=True)
 class FileSet:
     """Where the images of a multi-file OME-TIFF are (each file holding the OME-XML of the whole set, as OME writers
-    and Micro-Manager 1.4 write a file per position, and a new file every 4 GB; Micro-Manager's own index map, where
-    there is one, is read as MicroManagerStack instead): for each of the OME-XML's images, the file of each of its
-    planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which renumbers
+    write a file per position, or start a new file every 4 GB; a Micro-Manager file, with its own index map, is read
+    as MicroManagerStack instead): for each of the OME-XML's images, the file of each of its planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which renumbers
     the rest, and the planes of an image read that were in one are zeros."""
 
     path: Path                                  # the file opened

@@ -22,7 +22,7 @@ from cellseg_napari import _layers, _logic, _run
 from cellseg_napari._lazy import LazyLevel, slide_pyramid
 from cellseg_napari._reader import get_reader
 
-from ..helpers import DATA, EXAMPLES, ROOT, LabelCounterSpec, invoke, random_cells, write_micromanager_set
+from ..helpers import DATA, EXAMPLES, ROOT, LabelCounterSpec, invoke, random_cells, write_multi_file_ome
 
 PLUGIN = ROOT / "napari_plugin"
 
@@ -77,10 +77,10 @@ def test_one_channel_of_a_multichannel_slide_and_reads_stay_small(tmp_path):
     assert np.array_equal(layers[1][0], data[1])     # one small level: a plain array
 
 
-def test_a_file_of_a_micro_manager_set_opens_with_its_own_position_shown(tmp_path):
+def test_a_file_of_a_multi_file_ome_tiff_opens_with_its_own_position_shown(tmp_path):
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 255, (1, 40, 50)).astype(np.uint8) for _ in range(2)]
-    _, second = write_micromanager_set(tmp_path, "plate", images)
+    _, second = write_multi_file_ome(tmp_path, "plate", images)
     layers = _layers.slide_layer_data(second)
     assert [(kw["name"], kw["visible"], kw["metadata"]["cellseg"]["series"]) for _, kw, _ in layers] == [
         ("plate_MMStack_Pos1 #0", False, 0), ("plate_MMStack_Pos1 #1", True, 1)]

@@ -28,8 +28,8 @@ from ..helpers import (
     invoke,
     random_cells,
     resumed_with_other_settings,
-    write_micromanager_set,
     write_micromanager_stack,
+    write_multi_file_ome,
 )
 
 PROTOCOL = SMALL_TILES
@@ -78,11 +78,11 @@ def test_series_counts_that_image_as_if_saved_on_its_own(tmp_path, plate, monkey
     assert_report_reads_the_slide_as_counted(tmp_path / "s1", "image 1 of the file (--series)")
 
 
-def test_a_position_in_another_file_of_a_micro_manager_set_counts_as_saved_on_its_own(tmp_path, plate):
+def test_an_image_in_another_file_of_a_multi_file_ome_tiff_counts_as_saved_on_its_own(tmp_path, plate):
     """Micro-Manager writes a file per position, each holding the OME-XML of all: --series 1 of the first file counts
     position 1 from its own file (tiled: until 2026-11-29 its tiles were read from the file opened, position 0's)."""
     _, labels, images = plate
-    first, _ = write_micromanager_set(tmp_path, "plate", [image[None] for image in images], layout="tiled")
+    first, _ = write_multi_file_ome(tmp_path, "plate", [image[None] for image in images], layout="tiled")
     flat = tmp_path / "flat.ome.tif"
     tifffile.imwrite(flat, images[1], metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
                                                 "Channel": {"Name": ["DAPI"]}})      # the set's channel name
@@ -92,11 +92,11 @@ def test_a_position_in_another_file_of_a_micro_manager_set_counts_as_saved_on_it
     assert_same_result(tmp_path / "flat", tmp_path / "s1")      # intensities of position 1's pixels
 
 
-def test_a_batch_of_files_of_one_micro_manager_set_counts_each_image_once(tmp_path, plate, tiny_bundle, caplog):
+def test_a_batch_of_files_of_one_multi_file_ome_tiff_counts_each_image_once(tmp_path, plate, tiny_bundle, caplog):
     """Every file of a Micro-Manager set is an input of `cellseg count *.ome.tif`: each position, and each time
     point of --t all, is counted once, from the first file naming it; a file alone counts its own position."""
     _, _, images = plate
-    files = write_micromanager_set(tmp_path, "movie", [np.stack([image] * 3) for image in images], split_from=2)
+    files = write_multi_file_ome(tmp_path, "movie", [np.stack([image] * 3) for image in images], split_from=2)
     pos0, pos0_more, pos1, pos1_more = files
     assert images_to_count(tuple(files), None, "all", None, None) == [(pos0, None, n) for n in (1, 2, 3)] + [
         (pos1, None, n) for n in (1, 2, 3)]

@@ -16,7 +16,7 @@ from cellseg.errors import SlideError
 from cellseg.slides import open_slide
 from cellseg.slides.base import Box
 
-from ..helpers import write_micromanager_set, write_micromanager_stack
+from ..helpers import write_micromanager_stack, write_multi_file_ome
 
 
 def positions(frames: int) -> list[np.ndarray]:
@@ -32,7 +32,7 @@ def read(path, **choice) -> np.ndarray:
 @pytest.mark.parametrize("layout", ["planes", "contiguous", "tiled"])
 def test_each_position_is_read_from_its_own_file_whichever_file_is_opened(tmp_path, layout):
     stacks = positions(1)      # one plane a position: a tiled one is read tile by tile from its file
-    files = write_micromanager_set(tmp_path, "plate", [s[:1] for s in stacks], layout=layout)
+    files = write_multi_file_ome(tmp_path, "plate", [s[:1] for s in stacks], layout=layout)
     for opened in files:
         for k, stack in enumerate(stacks):
             assert np.array_equal(read(opened, series=k), stack[0]), (opened.name, k)
@@ -50,7 +50,7 @@ def test_each_position_is_read_from_its_own_file_whichever_file_is_opened(tmp_pa
 @pytest.mark.parametrize("layout", ["planes", "contiguous"])
 def test_a_position_split_over_two_files_reads_every_time_point(tmp_path, layout):
     stacks = positions(3)
-    files = write_micromanager_set(tmp_path, "movie", stacks, layout=layout, split_from=2)
+    files = write_multi_file_ome(tmp_path, "movie", stacks, layout=layout, split_from=2)
     assert [f.name for f in files] == ["movie_MMStack_Pos0.ome.tif", "movie_MMStack_Pos0_1.ome.tif",
                                        "movie_MMStack_Pos1.ome.tif", "movie_MMStack_Pos1_1.ome.tif"]
     for k, stack in enumerate(stacks):
@@ -67,7 +67,7 @@ def test_a_position_split_over_two_files_reads_every_time_point(tmp_path, layout
 
 def test_a_file_missing_from_the_set_is_said_not_read_as_zeros(tmp_path, caplog):
     stacks = positions(3)
-    first, continued, second, second_continued = write_micromanager_set(tmp_path, "movie", stacks, split_from=2)
+    first, continued, second, second_continued = write_multi_file_ome(tmp_path, "movie", stacks, split_from=2)
     second.unlink()      # position 1's files: tifffile drops that image
     second_continued.unlink()
     with caplog.at_level(logging.WARNING), open_slide(first, t=1) as slide:    # position 0 is whole: counted, said
@@ -90,7 +90,7 @@ def test_a_position_s_file_on_its_own_is_read_as_that_position(tmp_path):
     """A file of a Micro-Manager 1.4 set holds the OME-XML of all: position 1's file without position 0's is still
     position 1 (tifffile numbers it 0 then), and position 0 is said to be missing."""
     stacks = positions(1)
-    first, second = write_micromanager_set(tmp_path, "plate", [s[:1] for s in stacks])
+    first, second = write_multi_file_ome(tmp_path, "plate", [s[:1] for s in stacks])
     first.unlink()
     assert np.array_equal(read(second), stacks[1][0])
     with open_slide(second) as slide:
@@ -102,7 +102,7 @@ def test_a_position_s_file_on_its_own_is_read_as_that_position(tmp_path):
 
 
 def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
-    files = write_micromanager_set(tmp_path, "plate", [s[:1] for s in positions(1)], layout="tiled")
+    files = write_multi_file_ome(tmp_path, "plate", [s[:1] for s in positions(1)], layout="tiled")
     with open(files[1], "r+b") as f:     # position 1's file, cut in its pixels; the one opened is whole
         f.truncate(files[1].stat().st_size - 2000)
     with pytest.raises(SlideError, match=rf"^expected a complete TIFF, {files[1]} is truncated"):
