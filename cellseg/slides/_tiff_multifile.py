@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ class FileSet:
             return None
         return cls(path, tuple(image.get("Name") for image in images), files)
 
-    @property
+    @cached_property     # files looked for once an opening
     def missing(self) -> dict[int, list[str]]:
         """The files not beside the one opened, by the image they hold planes of."""
         gone = {k: sorted({name for name in planes if not (self.path.parent / name).is_file()})
@@ -66,7 +67,7 @@ class FileSet:
         names = {name for planes in self.files for name in planes} | {self.path.name}
         return tuple(sorted(str(self.path.absolute().parent / name) for name in names))
 
-    @property
+    @cached_property     # files looked for once an opening
     def _found(self) -> list[int]:
         """The images tifffile makes a series of, in order: those with a plane in a file that is there."""
         return [k for k, planes in enumerate(self.files)
