@@ -6,6 +6,8 @@ training stage with its hardware and time, the hold-out split, and the validatio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .datasets import PROTOCOL_MODALITIES
 from .plot_heldout import MODALITIES
 
@@ -118,10 +120,21 @@ divided by 8), on the same held-out images; score thresholds chosen the same way
 CURVE_COLUMNS = MODALITIES + ("all", "median_count_error_all")     # heldout.csv's, as plot_heldout reads them
 
 
+def run_in_checkout(run: Path) -> str:
+    """`run`'s path from the root of the git checkout holding it (the first folder above it with a .git), or as
+    given when no checkout holds it."""
+    absolute = run.resolve()
+    for folder in absolute.parents:
+        if (folder / ".git").exists():
+            return absolute.relative_to(folder).as_posix()
+    return str(run)
+
+
 def curve_table(rows: list[dict], run) -> dict:
     """The card's [heldout_curve] (model.toml): a long run's held-out rows (plot_heldout.read_curve) as one array
-    per column; a column some snapshot lacks is left out (TOML has no null)."""
-    table = {"run": str(run), "steps": [r["step"] for r in rows]}
+    per column; a column some snapshot lacks is left out (TOML has no null). The run is named by its path within
+    the checkout it lies in (runs/NAME), not by where that checkout was on the machine that wrote the card."""
+    table = {"run": run_in_checkout(Path(run)), "steps": [r["step"] for r in rows]}
     table.update({c: [r[c] for r in rows] for c in CURVE_COLUMNS if all(r.get(c) is not None for r in rows)})
     return table
 

@@ -356,6 +356,9 @@ def test_the_long_runs_heldout_curve_goes_into_the_card_and_says_when_it_is_flat
     for f in shipped.iterdir():     # the weights linked, not copied: the card is all that changes
         os.link(f, bundle / f.name) if f.suffix == ".safetensors" else shutil.copy(f, bundle / f.name)
     table = curve_table(rows, run)
+    assert table["run"] == str(run)                 # no checkout holds it: as given
+    (tmp_path / ".git").mkdir()                     # in a checkout: named from its root, not by the machine's path
+    assert curve_table(rows, run)["run"] == "run" == curve_table(rows, run / ".." / "run")["run"]
     update_bundle_metadata(bundle, card={"heldout_curve": table})
     plot_curve(rows, bundle / "heldout_curve.png")
     loaded = load_bundle(bundle)
