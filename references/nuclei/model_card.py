@@ -103,6 +103,13 @@ def _masks_measured_at(m: dict, bundle) -> str:
         f"from before they changed (`validate_bundle --tta --write-card` measures them again)." if stale else ".")
 
 
+def _chosen_by(m: dict) -> str:
+    """What a score threshold was tuned on, as validate_bundle's --threshold-by chose (metrics' settings)."""
+    if m.get("settings", {}).get("threshold_by") == "modality":
+        return "mean of a threshold key's dataset modalities' pooled F1 (each alike, as the ship rule weighs them)"
+    return "pooled F1"
+
+
 def _tta_section(m: dict | None, thresholds: dict, bundle) -> str:
     if not m:
         return ""
@@ -314,8 +321,8 @@ earlier training stage saw, if any, is said below the table and in the "images n
 through the full `cellseg count` pipeline (512 px tiles, 64 px halo), masks at probability >= {_mask_text(bundle)}. AP50 is TP/(TP+FP+FN) (the DSB2018 /
 StarDist definition), pooled over all cells and as the mean over images; the DSB2018 score is, per image, the mean
 of TP/(TP+FP+FN) over IoU 0.50:0.05:0.95; COCO AP is mask AP@[.5:.95] at maxDets >= 1000; count bias is the pooled
-(predicted - true) / true. Score thresholds, chosen per protocol modality for the best pooled F1 on these same
-images (brightfield_gray: a count's threshold for a slide whose network input has no colour): {threshold_text}.
+(predicted - true) / true. Score thresholds, chosen per protocol modality for the best {_chosen_by(m)} on these
+same images (brightfield_gray: a count's threshold for a slide whose network input has no colour): {threshold_text}.
 
 {figures_table(m)}
 {_groups_section(m.get('by_group'))}

@@ -43,3 +43,21 @@ def test_it_reads_the_sweep_evaluate_makes():
     found = evaluate(masks("a", [mask], [0.6]), masks("a", [mask]))
     false = evaluate(masks("b", [mask, other], [0.9, 0.5]), masks("b", [mask]))
     assert 0.5 < modality_mean_threshold([found, false], 0.3) <= 0.6
+
+
+def test_the_card_says_how_its_thresholds_were_chosen():
+    """The model card's README names the criterion validate_bundle recorded in its metrics' settings."""
+    import dataclasses
+    from pathlib import Path
+
+    from cellseg.bundles import load_bundle
+    from references.nuclei.model_card import card_readme
+    shipped = load_bundle(Path(__file__).resolve().parents[2] / "cellseg" / "models" / "nuclei")
+
+    def readme(threshold_by: str | None) -> str:
+        metrics = {**shipped.card.get("metrics", {}), "settings": {"threshold_by": threshold_by} if threshold_by else {}}
+        return card_readme(dataclasses.replace(shipped, card={**shipped.card, "metrics": metrics}))
+    assert "for the best pooled F1 on these" in readme("pooled") and "for the best pooled F1 on these" in readme(None)
+    by_modality = readme("modality")
+    assert "for the best mean of a threshold key's dataset modalities' pooled F1" in by_modality
+    assert "for the best pooled F1 on these" not in by_modality
