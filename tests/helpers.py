@@ -368,7 +368,7 @@ def write_multi_file_ome(folder: Path, stem: str, positions: list[np.ndarray], m
 
 def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarray], mpp: float = 0.5,
                              per_file: bool = True, frames_planned: int | None = None,
-                             split_from: int | None = None) -> list[Path]:
+                             split_from: int | None = None, ome_xml: bool = False) -> list[Path]:
     """A Micro-Manager acquisition saved as "image stack file" (MMStack), laid out as Micro-Manager writes it and as
     tifffile's MMStack reader reads it: after the TIFF header, Micro-Manager's own (index map, display settings,
     comments and summary offsets) and the summary (JSON); each plane's IFD of 13 entries (162 bytes) followed by its
@@ -376,8 +376,11 @@ def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarr
     T x Y x X each; a file per position, PREFIX_MMStack_PosN.ome.tif (Micro-Manager's default), or all in
     PREFIX_MMStack.ome.tif; `frames_planned`: the summary's frame count, more than written for an acquisition
     stopped early; `split_from`: a file's time points from there on go into a next file, PREFIX_MMStack_PosN_1.ome.tif,
-    as Micro-Manager starts one every 4 GB. The paths, each file's first file before it."""
+    as Micro-Manager starts one every 4 GB. `ome_xml`: as Micro-Manager 2 writes its files, the first file's first IFD
+    also holds the acquisition's OME-XML (an image a position, its planes placed by file name and UUID) and every other
+    file's a BinaryOnly OME-XML naming that file. The paths, each file's first file before it."""
     import struct
+    import uuid
     frames, height, width = positions[0].shape
     summary = {"MicroManagerVersion": "2.0.0", "Prefix": prefix, "Frames": frames_planned or frames,
                "Positions": len(positions),
@@ -388,6 +391,26 @@ def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarr
     cut = split_from if split_from is not None else frames
     files = [(group, f"{prefix}_MMStack{f'_Pos{group[0]}' if per_file else ''}{suffix}.ome.tif", times)
              for group in groups for suffix, times in (("", range(cut)), ("_1", range(cut, frames))) if times]
+    uuids = {name: f"urn:uuid:{uuid.UUID(int=k + 1)}" for k, (_, name, _) in enumerate(files)}
+    ns = 'xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"'
+
+    def description(name: str) -> bytes:
+        if name != files[0][1]:
+            return (f'<?xml version="1.0" encoding="UTF-8"?><OME {ns} UUID="{uuids[name]}"><BinaryOnly '
+                    f'MetadataFile="{files[0][1]}" UUID="{uuids[files[0][1]]}"/></OME>').encode() + b"\0"
+        images = []
+        for p in range(len(positions)):
+            planes = "".join(
+                f'<TiffData FirstT="{t}" FirstZ="0" FirstC="0" IFD="{list(times).index(t) + group.index(p) * len(times)}"'
+                f' PlaneCount="1"><UUID FileName="{file}">{uuids[file]}</UUID></TiffData>'
+                for group, file, times in files if p in group for t in times)
+            images.append(f'<Image ID="Image:{p}" Name="Pos{p}"><Pixels ID="Pixels:{p}" DimensionOrder="XYCZT" '
+                          f'Type="uint16" SizeX="{width}" SizeY="{height}" SizeZ="1" SizeC="1" SizeT="{frames}" '
+                          f'PhysicalSizeX="{mpp}" PhysicalSizeY="{mpp}"><Channel ID="Channel:{p}:0" '
+                          f'SamplesPerPixel="1"/>{planes}</Pixels></Image>')
+        return (f'<?xml version="1.0" encoding="UTF-8"?><OME {ns} UUID="{uuids[files[0][1]]}">{"".join(images)}'
+                f'</OME>').encode() + b"\0"
+
     paths = []
     for group, name, times in files:
         s = json.dumps(summary).encode()
@@ -402,20 +425,24 @@ def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarr
                 ifd = len(out)
                 data = positions[p][t].astype("<u2").tobytes()
                 meta = json.dumps({"PositionIndex": p, "FrameIndex": t, "PixelSizeUm": mpp}).encode() + b"\0"
-                after = ifd + 162 + len(data)
+                text = description(name) if ome_xml and not entries else b""
+                size = 162 + 12 * bool(text)      # 13 entries, 14 with the OME-XML
+                after = ifd + size + len(data)
                 tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 16), (259, 3, 1, 1), (262, 3, 1, 1),
-                        (273, 4, 1, ifd + 162), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(data)),
+                        *([(270, 2, len(text), after + 16 + len(meta))] if text else []),
+                        (273, 4, 1, ifd + size), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(data)),
                         (282, 5, 1, after), (283, 5, 1, after + 8), (296, 3, 1, 3), (51123, 2, len(meta), after + 16)]
                 body = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *tag) for tag in tags)
-                next_at = after + 16 + len(meta)
+                next_at = after + 16 + len(meta) + len(text)
                 next_at += next_at % 2
                 body += struct.pack("<I", next_at)
-                assert len(body) == 162
-                out += body + data + struct.pack("<IIII", int(1e4 / mpp), 1, int(1e4 / mpp), 1) + meta
+                assert len(body) == size
+                out += body + data + struct.pack("<IIII", int(1e4 / mpp), 1, int(1e4 / mpp), 1) + meta + text
                 if len(out) % 2:
                     out += b"\0"
                 entries.append((0, 0, t, p, ifd))
-        struct.pack_into("<I", out, entries[-1][4] + 2 + 13 * 12, 0)
+        last = entries[-1][4]
+        struct.pack_into("<I", out, last + 2 + 12 * struct.unpack_from("<H", out, last)[0], 0)
         struct.pack_into("<I", out, 4, entries[0][4])
         index_at = len(out)
         out += struct.pack("<II", 3453623, len(entries)) + b"".join(struct.pack("<5I", *e) for e in entries)

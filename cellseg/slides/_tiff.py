@@ -112,9 +112,10 @@ def open_tiff(path: Path, z: int | str | None = None, series: int | None = None,
         _check_complete(levels[:len(kept)])
         n_channels = sizes[channel_axis] if channel_axis else 1
         mpp, source, names = _tiff_metadata(tf, image, index, n_channels)
-        fmt = ("ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej else "svs" if tf.is_svs
-               else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
-               else "philips-tiff" if tf.is_philips else "micromanager-tiff" if stage else "tiff")
+        # Micro-Manager 2 writes OME-XML into its files too; they are read (and named) as Micro-Manager's
+        fmt = ("micromanager-tiff" if stage else "ome-tiff" if tf.is_ome else "imagej-tiff" if tf.is_imagej
+               else "svs" if tf.is_svs else "ndpi" if tf.is_ndpi else "scn" if tf.is_scn else "qptiff" if tf.is_qpi
+               else "philips-tiff" if tf.is_philips else "tiff")
         alike = [k for k, s in enumerate(tf.series) if _alike(s, image)] if tf.is_ome and not stage else []
         position_names = [tf.series[k].name or f"series {k}" for k in alike]
         if file_set:    # --series numbers are the OME-XML's

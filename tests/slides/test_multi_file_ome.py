@@ -110,10 +110,12 @@ def test_a_truncated_file_of_the_set_is_named_when_opened(tmp_path):
     assert np.array_equal(read(files[0], series=0), positions(1)[0][0])
 
 
-@pytest.mark.parametrize("per_file", [True, False])
-def test_a_micro_manager_stack_s_positions_are_read_as_its_series(tmp_path, per_file):
+@pytest.mark.parametrize("per_file, ome_xml", [(True, False), (False, False), (True, True)])
+def test_a_micro_manager_stack_s_positions_are_read_as_its_series(tmp_path, per_file, ome_xml):
+    """Micro-Manager 2's files also hold OME-XML (the whole acquisition in the first, BinaryOnly in the others): read
+    and named as Micro-Manager's all the same."""
     stacks = positions(3) + [positions(3)[0] // 2]
-    files = write_micromanager_stack(tmp_path, "run", stacks, per_file=per_file)
+    files = write_micromanager_stack(tmp_path, "run", stacks, per_file=per_file, ome_xml=ome_xml)
     for opened in files:
         for k, stack in enumerate(stacks):
             for t in (1, 3):
