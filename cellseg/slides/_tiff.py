@@ -326,11 +326,31 @@ def _tiff_metadata(tf, image, index: int, n_channels: int) -> tuple[float | None
         except ValueError:
             pass  # a garbled MPP field: fall through to the resolution tags
         why.append("the SVS description has no MPP")
+    if image.kind == "mmstack":     # Micro-Manager's own figure; its TIFF resolution is that rounded to whole units
+        mpp = _micromanager_mpp(tf, page)
+        if mpp:
+            return mpp, "micromanager", names
+        why.append("the Micro-Manager metadata has no pixel size")
     mpp, reason = _resolution_mpp(page)
     if mpp:
         return mpp, "tiff-resolution", names
     why.append(reason)
     return None, "none: " + "; ".join(why) + "; pass --mpp", names
+
+
+def _micromanager_mpp(tf, page) -> float | None:
+    """The pixel size (µm) Micro-Manager recorded: its summary's (PixelSize_um in 1.4), else the plane's own
+    metadata's (PixelSizeUm, Micro-Manager 2 records it a plane)."""
+    summary = (tf.micromanager_metadata or {}).get("Summary") or {}
+    plane = page.tags[51123].value if 51123 in page.tags else {}
+    for value in (summary.get("PixelSize_um"), summary.get("PixelSizeUm"),
+                  plane.get("PixelSizeUm") if isinstance(plane, dict) else None):
+        try:
+            if value is not None and float(value) > 0:
+                return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _ome(xml: str, n_channels: int, index: int = 0) -> tuple[float | None, tuple[str, ...] | None, str]:

@@ -112,7 +112,7 @@ class SlideInfo:
     dtype: np.dtype
     channel_names: tuple[str, ...] | None
     mpp: float | None  # µm per pixel at level 0 (mean of x and y)
-    mpp_source: str  # "ome", "imagej", "tiff-resolution", "svs", "openslide", "czi", "ome-zarr",
+    mpp_source: str  # "ome", "imagej", "tiff-resolution", "svs", "micromanager", "openslide", "czi", "ome-zarr",
     #                  "image-dpi", "override", "none: <why>"
     levels: tuple[tuple[int, int], ...]  # (height, width) of each pyramid level, level 0 first
     details: tuple[str, ...] = ()  # what else the backend says, for `cellseg info` (scenes, vendor, ...)

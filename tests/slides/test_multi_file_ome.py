@@ -134,6 +134,19 @@ def test_a_micro_manager_stack_s_positions_are_read_as_its_series(tmp_path, per_
             "the first, Pos0, is counted; to count another, pass --series N (0-2)",))
 
 
+@pytest.mark.parametrize("ome_xml", [False, True])
+def test_every_file_of_a_micro_manager_acquisition_has_its_pixel_size(tmp_path, ome_xml):
+    """The pixel size Micro-Manager recorded, not its TIFF resolution (that rounded to whole pixels a centimetre:
+    0.3250024 µm), so that every position of one acquisition is measured alike."""
+    files = write_micromanager_stack(tmp_path, "run", positions(2), mpp=0.325, ome_xml=ome_xml)
+    sources = []
+    for opened in files:
+        with open_slide(opened, t=1) as slide:
+            assert slide.info.mpp == 0.325
+            sources.append(slide.info.mpp_source)
+    assert sources == (["ome", "micromanager"] if ome_xml else ["micromanager", "micromanager"])
+
+
 def test_a_micro_manager_position_in_no_file_found_is_refused_not_read_as_zeros(tmp_path, caplog):
     stacks = positions(3) + [positions(3)[1] // 2]
     files = write_micromanager_stack(tmp_path, "run", stacks)
