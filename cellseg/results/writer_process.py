@@ -60,9 +60,9 @@ class TablesProcess:
         self._check()
         try:
             self._send.send_bytes(pickle.dumps(message, protocol=5))
-        except OSError:         # the child has gone: say why, if it said
-            self._wait_reply()
-            raise
+        except OSError:         # the child has gone: say why, if it said (its error may follow other replies)
+            while True:
+                self._wait_reply()      # raises the child's error, or says it ended without a word
         self._check()
 
     def _check(self) -> None:

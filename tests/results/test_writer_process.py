@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 import numpy as np
+import pytest
 
 from cellseg.results import writer_process
 from cellseg.results.cells_csv import CellsTableWriter
@@ -30,6 +32,28 @@ def test_a_child_that_answers_before_the_parent_looks_is_heard(tmp_path, monkeyp
     assert (tmp_path / "cells.csv").read_text() == "id\n1\n"
     process.finish_labels()     # "done" may have been read already: no second wait
     assert set(process.seconds) == {"cells.csv"}
+
+
+class FullTable(CellsTableWriter):
+    """A table on a full disk (the child imports it from here, by name)."""
+
+    def append(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_child_s_error_is_heard_behind_its_earlier_answers(tmp_path, monkeypatch):
+    """A child that fails and ends breaks the pipe to it: the parent then reads what the child said, and its error
+    may come behind an answer not yet read (its "ready"): the error is raised, not the broken pipe (seen once in
+    the full-disk tests: "cannot write cells.csv, cells.geojson, ...: Broken pipe")."""
+    monkeypatch.setattr(TablesProcess, "_check", lambda self: None)     # the parent never looked before the send
+    process = TablesProcess({"cells.csv": (FullTable, (tmp_path / "cells.csv", {"id": "int64"}), {})})
+    with pytest.raises(writer_process.TableWriteError) as caught:
+        for _ in range(1000):           # until a send meets the pipe the ended child broke
+            process.tile((0, 0, 8, 8), np.array([1]), np.array([[0, 0, 2, 2]]), [np.ones((2, 2), bool)],
+                         np.array([0]), np.array([0.9]), {"id": np.array([1])}, None)
+            time.sleep(0.01)
+    assert caught.value.what == "cells.csv" and caught.value.error.errno == errno.ENOSPC
+    process.stop()
 
 
 def _write_one_cell(path):
