@@ -308,6 +308,11 @@ def _tiff_metadata(tf, image, index: int, n_channels: int) -> tuple[float | None
         if mpp:
             return mpp, "ome", names
         why.append(reason)
+    if image.kind == "mmstack":     # Micro-Manager's own figure (any ImageJ or TIFF resolution rounds it)
+        mpp = _micromanager_mpp(tf, page)
+        if mpp:
+            return mpp, "micromanager", names
+        why.append("the Micro-Manager metadata has no pixel size")
     if tf.is_imagej:
         ij = tf.imagej_metadata or {}
         labels = ij.get("Labels")
@@ -326,11 +331,6 @@ def _tiff_metadata(tf, image, index: int, n_channels: int) -> tuple[float | None
         except ValueError:
             pass  # a garbled MPP field: fall through to the resolution tags
         why.append("the SVS description has no MPP")
-    if image.kind == "mmstack":     # Micro-Manager's own figure; its TIFF resolution is that rounded to whole units
-        mpp = _micromanager_mpp(tf, page)
-        if mpp:
-            return mpp, "micromanager", names
-        why.append("the Micro-Manager metadata has no pixel size")
     mpp, reason = _resolution_mpp(page)
     if mpp:
         return mpp, "tiff-resolution", names
