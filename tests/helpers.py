@@ -401,7 +401,7 @@ def write_micromanager_stack(folder: Path, prefix: str, positions: list[np.ndarr
         images = []
         for p in range(len(positions)):
             planes = "".join(
-                f'<TiffData FirstT="{t}" FirstZ="0" FirstC="0" IFD="{list(times).index(t) + group.index(p) * len(times)}"'
+                f'<TiffData FirstT="{t}" FirstZ="0" FirstC="0" IFD="{group.index(p) * len(times) + t - times.start}"'
                 f' PlaneCount="1"><UUID FileName="{file}">{uuids[file]}</UUID></TiffData>'
                 for group, file, times in files if p in group for t in times)
             images.append(f'<Image ID="Image:{p}" Name="Pos{p}"><Pixels ID="Pixels:{p}" DimensionOrder="XYCZT" '

@@ -20,8 +20,9 @@ from .base import other_images_warning
 class FileSet:
     """Where the images of a multi-file OME-TIFF are (each file holding the OME-XML of the whole set, as OME writers
     write a file per position, or start a new file every 4 GB; a Micro-Manager file, with its own index map, is read
-    as MicroManagerStack instead): for each of the OME-XML's images, the file of each of its planes. tifffile reads on without a missing file: an image wholly in missing files is dropped, which renumbers
-    the rest, and the planes of an image read that were in one are zeros."""
+    as MicroManagerStack instead): for each of the OME-XML's images, the file of each of its planes. tifffile reads
+    on without a missing file: an image wholly in missing files is dropped, which renumbers the rest, and the planes
+    of an image read that were in one are zeros."""
 
     path: Path                                  # the file opened
     names: tuple[str | None, ...]               # the OME-XML's images' names (tifffile's series names)

@@ -79,8 +79,8 @@ def test_series_counts_that_image_as_if_saved_on_its_own(tmp_path, plate, monkey
 
 
 def test_an_image_in_another_file_of_a_multi_file_ome_tiff_counts_as_saved_on_its_own(tmp_path, plate):
-    """Micro-Manager writes a file per position, each holding the OME-XML of all: --series 1 of the first file counts
-    position 1 from its own file (tiled: until 2026-11-29 its tiles were read from the file opened, position 0's)."""
+    """A file per position, each holding the OME-XML of all: --series 1 of the first file counts position 1 from its
+    own file (tiled: until 2026-11-29 its tiles were read from the file opened, position 0's)."""
     _, labels, images = plate
     first, _ = write_multi_file_ome(tmp_path, "plate", [image[None] for image in images], layout="tiled")
     flat = tmp_path / "flat.ome.tif"
