@@ -655,9 +655,12 @@ def protocols_show(name: str) -> None:
 
 
 @main.command()
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="COCO instance JSON to train on.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Annotated images to train on: a COCO instance JSON, or a folder of images with their instance "
+                   "label images (NAME.tif + NAME_masks.tif as Cellpose saves them, NAME-labels.png, or images/ "
+                   "beside labels/ or masks/).")
 @click.option("--val", type=click.Path(path_type=Path), default=None,
-              help="COCO instance JSON of held-out images (default when fine-tuning: part of --data is held out). "
+              help="Held-out annotated images, as --data (default when fine-tuning: part of --data is held out). "
                    "They are counted as `cellseg count` would; the score threshold with the best F1 on them becomes "
                    "the bundle's for the protocol's modality, and the figures go into its model.toml.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -687,11 +690,11 @@ def protocols_show(name: str) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, crop, lr, device, resume,
           keep_anyway, quiet) -> None:
-    """Train a cell Mask R-CNN on COCO annotations and write a model bundle: by default the protocol's bundle
-    fine-tuned on them (docs/finetune.md)."""
+    """Train a cell Mask R-CNN on annotated images (COCO, or label images) and write a model bundle: by default
+    the protocol's bundle fine-tuned on them (docs/finetune.md)."""
     from .detection import resolve_device
     from .planning import load_protocol
-    from .training import check_output_folder, load_coco, starts_from_bundle
+    from .training import check_output_folder, load_annotations, starts_from_bundle
     protocol = load_protocol(protocol_name)
     start = protocol.model if init == "protocol" else init
     check_output_folder(out, resume)
@@ -706,7 +709,7 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
         from .bundles import find_bundle
         find_bundle(start)   # an unknown bundle fails before the images are read
     torch_device = str(resolve_device(device))
-    items, classes = load_coco(data)
+    items, classes = load_annotations(data)
     if not starts_from_bundle(start):
         _train_from_scratch(items, classes, out, val, start, steps, minutes, batch_size, crop, lr, resume,
                             torch_device, quiet, protocol)

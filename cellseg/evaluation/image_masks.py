@@ -74,6 +74,9 @@ def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[st
         head = fh.read(64).lstrip()
     if path.suffix.lower() == ".json" or head[:1] in (b"{", b"["):
         images = _load_coco(path)
+    elif _palette_png(path):    # its values are its indices, which reading it as a slide would turn into colours
+        from .label_pairs import read_label_pixels
+        images = [label_array_masks(read_label_pixels(path), path, path.name)]
     else:
         images = [_load_label_image(path, LABEL_TILE if label_tile is None else label_tile)]
     out: dict[str, ImageMasks] = {}
@@ -81,6 +84,15 @@ def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[st
         key = im.name if im.name not in out else f"{im.name} (id {im.image_id})"
         out[key] = im
     return out
+
+
+def _palette_png(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.mode == "P"
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def read_coco_json(path: Path) -> dict | list:
@@ -217,8 +229,6 @@ def annotation_rle(path: Path, ann: dict, h: int, w: int) -> dict:
 
 def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
     """The masks of a label image, read `tile_size` squares at a time: memory is one tile plus the RLEs."""
-    from scipy import ndimage
-
     from ..slides import open_slide
 
     with open_slide(path) as slide:
@@ -227,32 +237,56 @@ def _load_label_image(path: Path, tile_size: int) -> ImageMasks:
             raise EvaluationError(f"expected a label image (one channel of integers, 0 = background), {path} has "
                                   f"{info.n_channels} channel(s) of {info.dtype}")
         H, W = info.height, info.width
-        parts: dict[int, list[dict]] = {}
-        apart: set[int] = set()       # labels seen as separate pieces of SHARED_LABEL_PX or more
+        pieces = _LabelPieces(H, W)
         for r0 in range(0, H, tile_size):
             for c0 in range(0, W, tile_size):
-                tile = slide.read_region(Box(r0, c0, min(r0 + tile_size, H), min(c0 + tile_size, W)))[..., 0]
-                values, inverse = np.unique(tile, return_inverse=True)
-                dense = inverse.reshape(tile.shape) + (0 if values[0] == 0 else 1)  # 0 = background
-                offset = 0 if values[0] == 0 else 1
-                for k, sl in enumerate(ndimage.find_objects(dense)):
-                    if sl is None:
-                        continue
-                    label = int(values[k + 1 - offset])
-                    crop = dense[sl] == k + 1
-                    if len(label_pieces(crop)[1]) > 1:
-                        apart.add(label)
-                    parts.setdefault(label, []).append(crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, H, W))
-    labels = sorted(parts)
-    rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (parts[v] for v in labels)]
-    image = _image_masks(path, path.name, None, H, W, [{"segmentation": r} for r in rles])
-    log.info("%s: %d labelled cells", path.name, len(image))
-    if apart:
-        log.warning("%s: %d of its %d labels are each made of separate pieces of %d px or more (e.g. label %d): "
-                    "each is scored as one cell; if they are nuclei sharing a label, give each its own "
-                    "(skimage.measure.label) or every one found counts as false", path.name, len(apart), len(labels),
-                    SHARED_LABEL_PX, min(apart))
-    return image
+                pieces.add(slide.read_region(Box(r0, c0, min(r0 + tile_size, H), min(c0 + tile_size, W)))[..., 0],
+                           r0, c0)
+    return pieces.image_masks(path, path.name)
+
+
+def label_array_masks(labels: np.ndarray, path: Path, name: str) -> ImageMasks:
+    """The masks of a label image already read whole (label_pairs.read_label_image), as the image `name`."""
+    pieces = _LabelPieces(*labels.shape)
+    pieces.add(labels, 0, 0)
+    return pieces.image_masks(path, name)
+
+
+class _LabelPieces:
+    """A label image's masks gathered tile by tile: each label's pieces as RLEs of the whole image, and the labels
+    seen as separate pieces of SHARED_LABEL_PX or more (nuclei sharing a label?)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+        self.parts: dict[int, list[dict]] = {}
+        self.apart: set[int] = set()
+
+    def add(self, tile: np.ndarray, r0: int, c0: int) -> None:
+        from scipy import ndimage
+        values, inverse = np.unique(tile, return_inverse=True)
+        offset = 0 if values[0] == 0 else 1
+        dense = inverse.reshape(tile.shape) + offset  # 0 = background
+        for k, sl in enumerate(ndimage.find_objects(dense)):
+            if sl is None:
+                continue
+            label = int(values[k + 1 - offset])
+            crop = dense[sl] == k + 1
+            if len(label_pieces(crop)[1]) > 1:
+                self.apart.add(label)
+            self.parts.setdefault(label, []).append(
+                crop_rle(crop, r0 + sl[0].start, c0 + sl[1].start, self.height, self.width))
+
+    def image_masks(self, path: Path, name: str) -> ImageMasks:
+        labels = sorted(self.parts)
+        rles = [p[0] if len(p) == 1 else mask_utils.merge(p) for p in (self.parts[v] for v in labels)]
+        image = _image_masks(path, name, None, self.height, self.width, [{"segmentation": r} for r in rles])
+        log.info("%s: %d labelled cells", path.name, len(image))
+        if self.apart:
+            log.warning("%s: %d of its %d labels are each made of separate pieces of %d px or more (e.g. label %d): "
+                        "each is scored as one cell; if they are nuclei sharing a label, give each its own "
+                        "(skimage.measure.label) or every one found counts as false", path.name, len(self.apart),
+                        len(labels), SHARED_LABEL_PX, min(self.apart))
+        return image
 
 
 def label_pieces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ..errors import EvaluationError
 from ..planning import Protocol
-from .image_masks import ImageMasks, coco_image_paths, load_image_masks
+from .image_masks import ImageMasks, coco_image_paths, label_array_masks, load_image_masks
+from .label_pairs import find_label_pairs, is_label_folder, read_label_image
 from .scoring import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
 
 log = logging.getLogger(__name__)
@@ -92,21 +94,43 @@ def validation_detector(bundle, device: str, floor: float = SCORE_FLOOR, mask_th
     return AugmentedDetector(detector, floor) if tta else detector
 
 
-def annotated_images(coco_json: Path) -> tuple[dict[str, ImageMasks], dict[str, Path]]:
-    """The annotations of a COCO file (keyed by file_name) and each image's path (file_name is relative to the
-    file's folder). Every image must exist: checked here, before any work is done."""
-    gt = load_image_masks(coco_json)
-    return gt, coco_image_paths(coco_json, gt)
+def annotated_images(source: Path) -> tuple[dict[str, ImageMasks], dict[str, Path]]:
+    """The annotations of a COCO file (keyed by file_name; images relative to the file's folder) or of a folder of
+    images with their label images (label_pairs; keyed by the image's path in the folder), and each image's path.
+    Every image must exist and every label image fit its image: checked here, before any work is done."""
+    if is_label_folder(source):
+        from ..slides import open_slide
+        gt, paths = {}, {}
+        for pair in find_label_pairs(source):
+            with open_slide(pair.image) as slide:
+                shape = (slide.info.height, slide.info.width)
+            gt[pair.name] = label_array_masks(read_label_image(pair.labels, shape), pair.labels, pair.name)
+            paths[pair.name] = pair.image
+        return gt, paths
+    gt = load_image_masks(source)
+    return gt, coco_image_paths(source, gt)
 
 
-def shared_images(train_json: Path, val_images) -> list[str]:
-    """The validation images (paths) that the training COCO file also names: figures on them are optimistic."""
+def annotated_paths(source: Path) -> list[Path]:
+    """The images a COCO file or a folder of label pairs annotates, without reading them; [] when `source` cannot
+    be read (reading it for training says what is wrong)."""
     import json
+    if is_label_folder(source):
+        try:
+            return [pair.image for pair in find_label_pairs(source)]
+        except EvaluationError:
+            return []
     try:
-        names = [im["file_name"] for im in json.loads(train_json.read_text(encoding="utf-8"))["images"]]
+        names = [im["file_name"] for im in json.loads(Path(source).read_text(encoding="utf-8"))["images"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return []   # reading the training file itself reports what is wrong with it
-    trained = {(train_json.parent / n).resolve() for n in names}
+        return []
+    return [Path(source).parent / n for n in names]
+
+
+def shared_images(train_source: Path, val_images) -> list[str]:
+    """The validation images (paths) that the training data (a COCO file or a folder of label pairs) also
+    annotates: figures on them are optimistic."""
+    trained = {p.resolve() for p in annotated_paths(train_source)}
     return [str(p) for p in val_images if Path(p).resolve() in trained]
 
 

@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "checkpoint": ["TrainingState", "check_output_folder"],
     "copy_paste": ["paste_nuclei"],
     "crops": ["pack_masks", "sample_crop", "unpack_masks"],
-    "data": ["TrainImage", "load_coco", "resample", "train_image_from_labels", "window_of"],
+    "data": ["TrainImage", "load_annotations", "load_coco", "resample", "train_image_from_labels", "window_of"],
     "finetune": ["HeldOut", "Recipe", "Verdict", "finetune", "split_heldout", "training_scale"],
     "loop": ["LoopSettings", "run_training"],
     "maskrcnn": ["TrainSettings", "keep_bundle_settings", "parameter_groups", "prepare_for_training", "train",

@@ -1,5 +1,5 @@
-"""Annotated images to train on: a user's COCO instance file (`cellseg train --data`) or an image with its instance
-label image (the reference recipes' datasets), read into TrainImages.
+"""Annotated images to train on: a user's COCO instance file or folder of images with label images (`cellseg train
+--data`), or an image with its instance label image (the reference recipes' datasets), read into TrainImages.
 
 Each instance is kept as a mask cropped to its box (never N full-image masks); pixels are normalised as slides are
 (preprocess.measure_range, to_network_input), so the network trains on what it will count.
@@ -33,10 +33,13 @@ class TrainImage:
             self.colour = is_colour(self.image)
 
 
-def train_image_from_labels(pixels: np.ndarray, labels: np.ndarray) -> TrainImage:
+def train_image_from_labels(pixels: np.ndarray, labels: np.ndarray, source: str | None = None) -> TrainImage:
     """A TrainImage from native pixels (H, W, 1 or 3) and an instance label image (H, W; 0 = background), every
     nucleus of class 1; normalised as slides are (preprocess.measure_range on the image)."""
     from scipy import ndimage
+    values, inverse = np.unique(labels, return_inverse=True)
+    if values.size and values[-1] > values.size:    # sparse values (65535, 2**31): find_objects lists every one
+        labels = (inverse.reshape(labels.shape) + (0 if values[0] == 0 else 1)).astype(np.int32)
     boxes, masks = [], []
     for k, found in enumerate(ndimage.find_objects(labels), start=1):
         if found is None:
@@ -45,7 +48,7 @@ def train_image_from_labels(pixels: np.ndarray, labels: np.ndarray) -> TrainImag
         boxes.append((found[0].start, found[1].start, found[0].stop, found[1].stop))
         masks.append(np.ascontiguousarray(m))
     return TrainImage(to_network_input(pixels, measure_range(pixels)), np.asarray(boxes, np.int64).reshape(-1, 4),
-                      masks, np.ones(len(masks), np.int64))
+                      masks, np.ones(len(masks), np.int64), source=source)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -118,6 +121,27 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
         raise CellsegError(f"expected annotated cells (masks) in {ann_path}, found {len(items)} image(s) with none: "
                            f"a model trained on them would find nothing")
     return items, classes
+
+
+def load_annotations(source: Path) -> tuple[list[TrainImage], list[str]]:
+    """The annotated images to train on: a COCO instance file (load_coco) or a folder of images with their label
+    images (evaluation.label_pairs: Cellpose's, StarDist's, QuPath's layouts), every nucleus of class "nucleus".
+    Each label image is checked against its image before any is used."""
+    from ..evaluation.label_pairs import LAYOUT_TEXT, find_label_pairs, is_label_folder, read_label_image
+    source = Path(source)
+    if not source.exists():
+        raise CellsegError(f"expected {LAYOUT_TEXT}, found no {source}")
+    if not is_label_folder(source):
+        return load_coco(source)
+    items = []
+    for pair in find_label_pairs(source):
+        pixels = read_image(pair.image)
+        labels = read_label_image(pair.labels, pixels.shape[:2])
+        items.append(train_image_from_labels(pixels, labels, source=str(pair.image)))
+    if not any(len(it.masks) for it in items):
+        raise CellsegError(f"expected annotated cells in the label images of {source}, found {len(items)} image(s) "
+                           f"with none: a model trained on them would find nothing")
+    return items, ["nucleus"]
 
 
 def median_diameter_px(items: list[TrainImage], draw_p: np.ndarray | None = None) -> float:

@@ -248,7 +248,12 @@ class HeldOutScorer:
 
 
 def annotated_nuclei(annotations: Path) -> int:
-    """The annotated nuclei (not crowd regions) in a COCO file, without reading its images."""
+    """The annotated nuclei (not crowd regions) in a COCO file, without reading its images, or in the label images
+    of a folder of label pairs."""
+    from ..evaluation.label_pairs import find_label_pairs, is_label_folder, read_label_image
+    if is_label_folder(annotations):
+        return sum(int((np.unique(read_label_image(pair.labels)) != 0).sum())
+                   for pair in find_label_pairs(annotations))
     try:
         coco = json.loads(Path(annotations).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -1,0 +1,203 @@
+"""Annotated images given as a folder of images with their instance label images, the way Cellpose, StarDist,
+QuPath's and napari's label exports leave them, instead of a COCO file (`cellseg train --data/--val FOLDER`).
+
+Two layouts, decided by the folder:
+- `images/` beside `labels/` or `masks/`: each image pairs with the label image of the same stem (or the stem with a
+  label tag, below), as StarDist's training folders and its QuPath export script write them;
+- one folder: each label image is named after its image with a tag, `NAME_masks.png` (Cellpose), `NAME_cp_masks.png`,
+  `NAME-labels.png` (QuPath), `NAME_labels.tif`, `NAME_label(l)ed.tif`, ...; images without one are left out, and said.
+
+A label image holds one channel of whole numbers: 0 background, each other value one nucleus (a palette PNG's
+indices are its values). A binary or class mask (one value over many separate nuclei) is refused, as are labels in
+JPEG (its compression changes values) and labels of another size than their image.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EvaluationError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+LABEL_FOLDERS = ("labels", "masks")
+# NAME + separator + tag: Cellpose's _masks and _cp_masks, QuPath's -labels, napari's and others' _labels, _label...
+_LABEL_TAG = re.compile(r"^(?P<stem>.+?)[_-](?:cp_)?(?:masks?|labels?|labell?ed)$", re.IGNORECASE)
+LAYOUT_TEXT = ("a COCO instance JSON, or a folder of images with their label images (NAME.tif with NAME_masks.tif "
+               "or NAME-labels.png beside it, or images/ with labels/ or masks/)")
+MIN_PIECE_PX = 5    # separate pieces smaller than this are specks, not nuclei, when telling a binary mask apart
+
+
+@dataclass(frozen=True)
+class LabelPair:
+    """One annotated image: `name` (its path in the folder, the key scores and messages use), the image and its
+    label image."""
+
+    name: str
+    image: Path
+    labels: Path
+
+
+def is_label_folder(path: Path) -> bool:
+    """A folder of images with label images (not a cellseg result folder, which holds predictions.coco.json)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "predictions.coco.json").is_file()
+
+
+def find_label_pairs(folder: Path) -> list[LabelPair]:
+    """The images of `folder` that have a label image, by the layouts above; a one-line error when there are none,
+    when a label image has no image or two images share a name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"expected {LAYOUT_TEXT}, found no folder {folder}")
+    label_dirs = [folder / d for d in LABEL_FOLDERS if (folder / d).is_dir()]
+    if (folder / "images").is_dir() and label_dirs:
+        if len(label_dirs) > 1:
+            raise EvaluationError(f"expected one folder of label images beside {folder / 'images'}, found both "
+                                  f"labels/ and masks/ in {folder}: keep the one to train on")
+        pairs, unlabelled = _pairs_in_two_folders(folder / "images", label_dirs[0], folder)
+    else:
+        pairs, unlabelled = _pairs_in_one_folder(folder)
+    if not pairs:
+        images = len(_files(folder, IMAGE_SUFFIXES)) + len(_files(folder / "images", IMAGE_SUFFIXES))
+        raise EvaluationError(f"expected {LAYOUT_TEXT}, found no image with a label image in {folder} "
+                              f"({images} image file(s))")
+    if unlabelled:
+        log.warning("%s: %d image(s) without a label image left out (e.g. %s); %d annotated", folder,
+                    len(unlabelled), unlabelled[0], len(pairs))
+    return pairs
+
+
+def _files(folder: Path, suffixes) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in suffixes)
+
+
+def _by_stem(paths: list[Path], what: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in out:
+            raise EvaluationError(f"expected one {what} named {p.stem}, found {out[p.stem].name} and {p.name} in "
+                                  f"{p.parent}: which one the labels belong to is unclear")
+        out[p.stem] = p
+    return out
+
+
+def _label_stem(path: Path) -> str | None:
+    found = _LABEL_TAG.match(path.stem)
+    return found["stem"] if found else None
+
+
+def _pairs_in_two_folders(image_dir: Path, label_dir: Path, root: Path) -> tuple[list[LabelPair], list[str]]:
+    images = _by_stem(_files(image_dir, IMAGE_SUFFIXES), "image")
+    labels: dict[str, Path] = {}
+    for p in _files(label_dir, LABEL_SUFFIXES):
+        stem = p.stem if p.stem in images else (_label_stem(p) or p.stem)
+        if stem in labels:
+            raise EvaluationError(f"expected one label image for image {stem}, found {labels[stem].name} and "
+                                  f"{p.name} in {label_dir}")
+        labels[stem] = p
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise EvaluationError(f"expected an image in {image_dir} for each label image in {label_dir}, found "
+                              f"{len(orphans)} without one (e.g. {labels[orphans[0]].name})")
+    pairs = [LabelPair(p.relative_to(root).as_posix(), p, labels[s]) for s, p in images.items() if s in labels]
+    return pairs, [images[s].name for s in images if s not in labels]
+
+
+def _pairs_in_one_folder(folder: Path) -> tuple[list[LabelPair], list[str]]:
+    files = _files(folder, IMAGE_SUFFIXES)
+    labels: dict[str, Path] = {}
+    for p in files:
+        stem = _label_stem(p)
+        if stem is None:
+            continue
+        if p.suffix.lower() not in LABEL_SUFFIXES:
+            raise EvaluationError(f"expected label images as PNG or TIFF, found {p.name} in {folder}: JPEG's "
+                                  f"compression changes label values; save them losslessly")
+        if stem in labels:
+            raise EvaluationError(f"expected one label image for image {stem}, found {labels[stem].name} and "
+                                  f"{p.name} in {folder}")
+        labels[stem] = p
+    label_files = set(labels.values())
+    images = _by_stem([p for p in files if p not in label_files], "image")
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise EvaluationError(f"expected an image named {orphans[0]} (.tif, .png, .jpg) beside its label image "
+                              f"{labels[orphans[0]].name} in {folder}, found none")
+    pairs = [LabelPair(p.name, p, labels[s]) for s, p in images.items() if s in labels]
+    return pairs, [images[s].name for s in images if s not in labels]
+
+
+def read_label_image(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A label image as (H, W) whole numbers (0 background), checked: one channel, whole non-negative values, the
+    image's `shape` (rows, columns) when given, and one value per nucleus, not a binary or class mask."""
+    path = Path(path)
+    labels = read_label_pixels(path)
+    if shape is not None and labels.shape != tuple(shape):
+        raise EvaluationError(f"expected label image {path} to be {shape[0]} x {shape[1]} px like its image, found "
+                              f"{labels.shape[0]} x {labels.shape[1]} px")
+    if labels.size and labels.min() < 0:
+        raise EvaluationError(f"expected label values of 0 (background) and above in {path}, found {labels.min()}")
+    check_instance_labels(labels, path)
+    return labels
+
+
+def read_label_pixels(path: Path) -> np.ndarray:
+    """A PNG or TIFF label image's values as (H, W) whole numbers, unchecked beyond that."""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise EvaluationError(f"expected a label image as PNG or TIFF, found JPEG {path}: its compression changes "
+                              f"label values; save the labels losslessly")
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+        with Image.open(path) as im:
+            array = np.asarray(im)   # a palette PNG's values are its indices (QuPath's coloured label exports)
+    else:
+        import tifffile
+        try:
+            array = tifffile.imread(path)
+        except Exception as e:  # noqa: BLE001 (tifffile raises many kinds for a file that is not a TIFF)
+            raise EvaluationError(f"expected a label image (PNG or TIFF), cannot read {path}: {e}") from e
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise EvaluationError(f"expected a label image of one channel (0 = background, each nucleus its own "
+                              f"number), found {path} of shape {array.shape} (a coloured rendering or a stack?)")
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    elif array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and np.array_equal(array, np.round(array))):
+            raise EvaluationError(f"expected whole-number labels in {path}, found fractional values ({array.dtype}): "
+                                  f"a probability map, not labels")
+        array = array.astype(np.int64)
+    elif array.dtype.kind not in "iu":
+        raise EvaluationError(f"expected a label image of integers in {path}, found {array.dtype}")
+    return array
+
+
+def check_instance_labels(labels: np.ndarray, path: Path) -> None:
+    """Refuse a binary or class mask: fewer label values than half its separate pieces (of MIN_PIECE_PX px or
+    more), four pieces or more. Instance labels have a value for each nucleus, so touching nuclei make fewer pieces
+    than values, never more."""
+    from scipy import ndimage
+    values = np.unique(labels)
+    values = int((values != 0).sum())
+    if values == 0:
+        return
+    pieces, n = ndimage.label(labels != 0)
+    if n < 4:
+        return
+    sizes = np.bincount(pieces.ravel())[1:]
+    n = int((sizes >= MIN_PIECE_PX).sum())
+    if n >= 4 and values * 2 <= n:
+        raise EvaluationError(f"expected an instance label image (each nucleus its own number) in {path}, found "
+                              f"{values} value(s) over {n} separate objects: a binary or class mask; give each "
+                              f"nucleus its own label (e.g. skimage.measure.label, or QuPath's instance labels)")
