@@ -658,7 +658,8 @@ def protocols_show(name: str) -> None:
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Annotated images to train on: a COCO instance JSON, or a folder of images with their instance "
                    "label images (NAME.tif + NAME_masks.tif as Cellpose saves them, NAME-labels.png, or images/ "
-                   "beside labels/ or masks/).")
+                   "beside labels/ or masks/) or their QuPath GeoJSON (NAME.geojson: its rectangle annotations are "
+                   "the fields annotated in full).")
 @click.option("--val", type=click.Path(path_type=Path), default=None,
               help="Held-out annotated images, as --data (default when fine-tuning: part of --data is held out). "
                    "They are counted as `cellseg count` would; the score threshold with the best F1 on them becomes "
@@ -690,8 +691,8 @@ def protocols_show(name: str) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, crop, lr, device, resume,
           keep_anyway, quiet) -> None:
-    """Train a cell Mask R-CNN on annotated images (COCO, or label images) and write a model bundle: by default
-    the protocol's bundle fine-tuned on them (docs/finetune.md)."""
+    """Train a cell Mask R-CNN on annotated images (COCO, label images or QuPath GeoJSON) and write a model bundle:
+    by default the protocol's bundle fine-tuned on them (docs/finetune.md)."""
     from .detection import resolve_device
     from .planning import load_protocol
     from .training import check_output_folder, load_annotations, starts_from_bundle

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import EvaluationError
 from ..planning import Protocol
 from .image_masks import ImageMasks, coco_image_paths, label_array_masks, load_image_masks
-from .label_pairs import find_label_pairs, is_label_folder, read_label_image
+from .label_pairs import annotated_fields, find_label_pairs, is_label_folder
 from .scoring import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,15 @@ def annotated_images(source: Path) -> tuple[dict[str, ImageMasks], dict[str, Pat
     if is_label_folder(source):
         from ..slides import open_slide
         gt, paths = {}, {}
-        for pair in find_label_pairs(source):
-            with open_slide(pair.image) as slide:
+        for field in annotated_fields(source):
+            if field.window is not None:    # counted as a whole slide, its unannotated nuclei would count as false
+                raise EvaluationError(f"expected held-out images annotated in full, found the field {field.name} "
+                                      f"of a larger image in {source}: give it as --data (part of it is held out), "
+                                      f"or export the field as an image")
+            with open_slide(field.image) as slide:
                 shape = (slide.info.height, slide.info.width)
-            gt[pair.name] = label_array_masks(read_label_image(pair.labels, shape), pair.labels, pair.name)
-            paths[pair.name] = pair.image
+            gt[field.name] = label_array_masks(field.labels(shape), field.annotations, field.name)
+            paths[field.name] = field.image
         return gt, paths
     gt = load_image_masks(source)
     return gt, coco_image_paths(source, gt)
@@ -117,7 +121,7 @@ def annotated_paths(source: Path) -> list[Path]:
     import json
     if is_label_folder(source):
         try:
-            return [pair.image for pair in find_label_pairs(source)]
+            return [pair.image for pair in find_label_pairs(source)]    # a slide's fields: the slide
         except EvaluationError:
             return []
     try:

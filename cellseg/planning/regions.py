@@ -214,14 +214,14 @@ def load_regions(path: str | Path, units: str = "px") -> RegionFile:
         raise RegionsError(f"expected a regions GeoJSON file, found no file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RegionsError(f"expected GeoJSON in {path}, found text that is not JSON ({e})") from None
-    features = _features(data, path)
+    features = geojson_features(data, path)
     names, geoms, skipped = [], [], {}
     for index, feature in enumerate(features):
         props = feature.get("properties") or {}
         if not isinstance(props, dict):
             raise RegionsError(f"expected the properties of feature {index} of {path} to be an object, found "
                                f"{type(props).__name__} {str(props)[:40]}")
-        kind = _object_type(feature, props)
+        kind = object_type(feature, props)
         if kind not in ("annotation", "PathAnnotationObject"):
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
@@ -254,7 +254,7 @@ def load_regions(path: str | Path, units: str = "px") -> RegionFile:
     return RegionFile(str(path), tuple(_unique(names)), tuple(geoms), units)
 
 
-def _object_type(feature: dict, props: dict) -> str:
+def object_type(feature: dict, props: dict) -> str:
     """The QuPath object type of a feature, read as QuPath reads it: properties.objectType, its older spelling
     object_type, or (QuPath 0.2's exports) the feature's id, e.g. PathDetectionObject; an annotation when none."""
     kind = props.get("objectType", props.get("object_type"))
@@ -264,7 +264,7 @@ def _object_type(feature: dict, props: dict) -> str:
     return kind or "annotation"
 
 
-def _features(data, path: Path) -> list[dict]:
+def geojson_features(data, path: Path) -> list[dict]:
     if isinstance(data, list):           # QuPath before 0.4 exported a bare list of features
         return [f for f in data if isinstance(f, dict)]
     if not isinstance(data, dict):

@@ -27,6 +27,9 @@ class TrainImage:
     class_ids: np.ndarray      # (N,) int64 >= 1
     colour: bool | None = None  # channels differ (None: found from the pixels); grayscale stays gray in training
     source: str | None = None   # the image file it came from (load_coco), for messages and held-out windows
+    # the window (row0, col0, row1, col1) of `source` it is, where a slide's field; None: all of it (or an image
+    # made from another by window_of or resample, which is neither)
+    window: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.colour is None:
@@ -51,13 +54,14 @@ def train_image_from_labels(pixels: np.ndarray, labels: np.ndarray, source: str 
                       masks, np.ones(len(masks), np.int64), source=source)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, C) array for a training image (PNG/JPEG/TIFF), alpha dropped."""
+def read_image(path: Path, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """(H, W, C) array for a training image (PNG/JPEG/TIFF, or the `window` (row0, col0, row1, col1) of any slide),
+    alpha dropped."""
     from ..geometry import Box
     from ..slides import open_slide
     with open_slide(path) as slide:
         info = slide.info
-        image = slide.read_region(Box(0, 0, info.height, info.width))
+        image = slide.read_region(Box(*window) if window else Box(0, 0, info.height, info.width))
     if image.shape[-1] == 4:
         image = image[..., :3]
     if image.shape[-1] not in (1, 3):
@@ -125,22 +129,24 @@ def load_coco(ann_path: Path, image_ids: set[int] | None = None) -> tuple[list[T
 
 def load_annotations(source: Path) -> tuple[list[TrainImage], list[str]]:
     """The annotated images to train on: a COCO instance file (load_coco) or a folder of images with their label
-    images (evaluation.label_pairs: Cellpose's, StarDist's, QuPath's layouts), every nucleus of class "nucleus".
-    Each label image is checked against its image before any is used."""
-    from ..evaluation.label_pairs import LAYOUT_TEXT, find_label_pairs, is_label_folder, read_label_image
+    images or QuPath GeoJSON (evaluation.label_pairs: Cellpose's, StarDist's, QuPath's layouts; a slide's field
+    rectangles), every nucleus of class "nucleus". Each label image is checked against its image before any is
+    used."""
+    from ..evaluation.label_pairs import LAYOUT_TEXT, annotated_fields, is_label_folder
     source = Path(source)
     if not source.exists():
         raise CellsegError(f"expected {LAYOUT_TEXT}, found no {source}")
     if not is_label_folder(source):
         return load_coco(source)
     items = []
-    for pair in find_label_pairs(source):
-        pixels = read_image(pair.image)
-        labels = read_label_image(pair.labels, pixels.shape[:2])
-        items.append(train_image_from_labels(pixels, labels, source=str(pair.image)))
+    for field in annotated_fields(source):
+        pixels = read_image(field.image, field.window)
+        item = train_image_from_labels(pixels, field.labels(pixels.shape[:2]), source=str(field.image))
+        item.window = field.window
+        items.append(item)
     if not any(len(it.masks) for it in items):
-        raise CellsegError(f"expected annotated cells in the label images of {source}, found {len(items)} image(s) "
-                           f"with none: a model trained on them would find nothing")
+        raise CellsegError(f"expected annotated cells in {source}, found {len(items)} image(s) with none: a model "
+                           f"trained on them would find nothing")
     return items, ["nucleus"]
 
 

@@ -152,13 +152,13 @@ def split_heldout(items: list[TrainImage], share: float) -> tuple[list[TrainImag
         every = max(2, round(1 / share))
         for k, item in enumerate(items):
             if k % every == every // 2:
-                held.append((_held_name(k, item), read_image(Path(item.source)), item))
+                held.append((_held_name(k, item), read_image(Path(item.source), item.window), item))
             else:
                 train.append(item)
         return train, held, f"{len(held)} of the {len(items)} images, whole (every {every}th)"
     for k, item in enumerate(items):
         _, h, w = item.image.shape
-        pixels = read_image(Path(item.source))
+        pixels = read_image(Path(item.source), item.window)
         if w >= h:
             cut = w - max(1, round(w * share))
             train.append(window_of(item, 0, 0, h, cut))
@@ -248,12 +248,11 @@ class HeldOutScorer:
 
 
 def annotated_nuclei(annotations: Path) -> int:
-    """The annotated nuclei (not crowd regions) in a COCO file, without reading its images, or in the label images
-    of a folder of label pairs."""
-    from ..evaluation.label_pairs import find_label_pairs, is_label_folder, read_label_image
+    """The annotated nuclei (not crowd regions) in a COCO file, without reading its images, or in a folder of
+    label pairs."""
+    from ..evaluation.label_pairs import annotated_fields, is_label_folder
     if is_label_folder(annotations):
-        return sum(int((np.unique(read_label_image(pair.labels)) != 0).sum())
-                   for pair in find_label_pairs(annotations))
+        return sum(field.count() for field in annotated_fields(annotations))
     try:
         coco = json.loads(Path(annotations).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

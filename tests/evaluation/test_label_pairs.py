@@ -32,13 +32,16 @@ def _touch(folder: Path, *names: str) -> None:
 def test_a_flat_folder_pairs_each_image_with_its_tagged_label_image(tmp_path, caplog):
     # Cellpose's NAME_masks and NAME_cp_masks, QuPath's NAME-labels, NAME_labelled; an image with none is left out
     _touch(tmp_path, "a.png", "a_masks.png", "b.tif", "b-labels.png", "c.jpg", "c_cp_masks.png", "d.png",
-           "e.tif", "e_Labelled.tif")
+           "e.tif", "e_Labelled.tif", "f.ome.tif", "f_labels.tif", "g.ome.tif", "h.tif")
+    (tmp_path / "g.ome.tif.geojson").write_text("{}")     # QuPath's export, named with the image's extension
+    (tmp_path / "h.geojson").write_text("{}")             # or without it
     (tmp_path / "a_seg.npy").write_bytes(b"")              # Cellpose's own file: not an image, not a pair
     with caplog.at_level(logging.WARNING):
         pairs = find_label_pairs(tmp_path)
-    assert [(p.name, p.labels.name) for p in pairs] == [("a.png", "a_masks.png"), ("b.tif", "b-labels.png"),
-                                                         ("c.jpg", "c_cp_masks.png"), ("e.tif", "e_Labelled.tif")]
-    assert "1 image(s) without a label image left out (e.g. d.png); 4 annotated" in caplog.text
+    assert [(p.name, p.labels.name) for p in pairs] == [
+        ("a.png", "a_masks.png"), ("b.tif", "b-labels.png"), ("c.jpg", "c_cp_masks.png"), ("e.tif", "e_Labelled.tif"),
+        ("f.ome.tif", "f_labels.tif"), ("g.ome.tif", "g.ome.tif.geojson"), ("h.tif", "h.geojson")]
+    assert "1 image(s) without a label image left out (e.g. d.png); 7 annotated" in caplog.text
 
 
 def test_images_beside_labels_or_masks_pair_by_name(tmp_path):
@@ -53,9 +56,9 @@ def test_images_beside_labels_or_masks_pair_by_name(tmp_path):
 @pytest.mark.parametrize("files, expected", [
     ((), "found no image with a label image in"),
     (("a.png",), "found no image with a label image in"),
-    (("a_masks.png",), "expected an image named a (.tif, .png, .jpg) beside its label image a_masks.png"),
+    (("a_masks.png",), "expected an image named a (.tif, .png, .jpg, a slide) beside a_masks.png"),
     (("a.png", "a.tif", "a_masks.png"), "expected one image named a, found a.png and a.tif"),
-    (("a.png", "a_masks.png", "a-labels.tif"), "expected one label image for image a"),
+    (("a.png", "a_masks.png", "a-labels.tif"), "expected one label image or GeoJSON file for image a"),
     (("a.png", "a_masks.jpg"), "expected label images as PNG or TIFF, found a_masks.jpg"),
 ])
 def test_a_folder_that_pairs_nothing_or_ambiguously_is_refused_in_one_line(tmp_path, files, expected):
@@ -214,3 +217,126 @@ def test_evaluate_reads_a_palette_png_label_image_by_its_indices(tmp_path):
     result = invoke(["evaluate", tmp_path / "pred.tif", "--gt", tmp_path / "gt.png"])
     assert result.exit_code == 0, result.output
     assert "1 image: 2 true cells, 1 predicted" in result.stdout and "TP 1 FP 0 FN 1" in result.stdout
+
+
+# --------------------------------------------------------------------------- QuPath GeoJSON beside an image
+
+def _geometries(labels: np.ndarray, row0: int = 0, col0: int = 0) -> list[dict]:
+    """Each label's outline as cellseg's cells.geojson writes it (pixel-edge polygons), shifted by (row0, col0)."""
+    from cellseg.results.polygons import mask_geometries
+    from cellseg.training import train_image_from_labels
+    item = train_image_from_labels(np.zeros(labels.shape + (1,), np.uint8), labels)
+    return mask_geometries(item.boxes + [row0, col0, row0, col0], item.masks)
+
+
+def _feature(geometry: dict, kind: str = "detection", **more) -> dict:
+    return {"type": "Feature", "geometry": geometry, "properties": {"objectType": kind}, **more}
+
+
+def _rectangle(x0, y0, x1, y1) -> dict:
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+def _write_geojson(path: Path, features: list[dict]) -> Path:
+    import json
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def test_cellseg_s_own_geojson_trains_as_the_label_image_it_was_written_from(tmp_path):
+    # a count's cells.geojson, opened in QuPath and exported again: the same masks, pixel for pixel
+    labels = tifffile.imread(LABELS)
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    shutil.copy(IMAGE, folder / IMAGE.name)
+    _write_geojson(folder / f"{IMAGE.name}.geojson", [_feature(g) for g in _geometries(labels)])
+    (item,), classes = load_annotations(folder)
+    (want,), _ = load_annotations(_pair_folder(tmp_path))
+    assert classes == ["nucleus"] and item.window is None and len(item.masks) == 56
+    np.testing.assert_array_equal(item.boxes, want.boxes)
+    assert all(np.array_equal(a, b) for a, b in zip(item.masks, want.masks))
+    gt, paths = annotated_images(folder)                                      # and as held-out images (--val)
+    assert [len(v) for v in gt.values()] == [56] and paths == {IMAGE.name: folder / IMAGE.name}
+
+
+def _slide_with_fields(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A 512 x 768 "slide" of the test image's pixels tiled 2 x 3 with the nuclei of five copies as QuPath cells (the
+    nucleus in nucleusGeometry), two field rectangles (the top-left copy, the bottom-right one, each 4 px inside
+    it) and a counting region left in the export on the sixth: (folder, pixels, labels of the slide)."""
+    image, labels = np.asarray(Image.open(IMAGE)), tifffile.imread(LABELS)
+    slide = np.tile(image, (2, 3))
+    slide_labels = np.zeros(slide.shape, np.int32)
+    features = []
+    for r in range(2):
+        for c in range(3):
+            copy = np.where(labels > 0, labels + 100 * (3 * r + c + 1), 0)
+            slide_labels[256 * r:256 * (r + 1), 256 * c:256 * (c + 1)] = copy
+            if (r, c) != (1, 0):    # the bottom-left copy is left unannotated: a counting region lies there
+                features += [_feature(_rectangle(0, 0, 1, 1), "cell", nucleusGeometry=g)
+                             for g in _geometries(labels, 256 * r, 256 * c)]
+    features += [_feature(_rectangle(4, 4, 252, 252), "annotation"), _feature(_rectangle(516, 260, 764, 508),
+                                                                                "annotation"),
+                 _feature(_rectangle(20, 276, 236, 492), "annotation", id="region without nuclei")]
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    tifffile.imwrite(folder / "slide.tif", slide)
+    _write_geojson(folder / "slide.geojson", features)
+    return folder, slide, slide_labels
+
+
+def test_field_rectangles_of_a_slide_train_on_their_windows_with_every_nucleus_meeting_them(tmp_path, caplog):
+    folder, slide, slide_labels = _slide_with_fields(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        items, _ = load_annotations(folder)
+    assert "1 polygon(s) of more than 25 times the median nucleus' area and holding none left out" in caplog.text
+    assert [it.window for it in items] == [(4, 4, 252, 252), (260, 516, 508, 764)]
+    for item in items:
+        r0, c0, r1, c1 = item.window
+        assert item.image.shape[1:] == (r1 - r0, c1 - c0)
+        want = slide_labels[r0:r1, c0:c1]       # every nucleus meeting the field, cut at its edge
+        assert len(item.masks) == len(np.unique(want)) - 1
+        got = np.zeros(want.shape, np.int32)
+        for k, (box, mask) in enumerate(zip(item.boxes, item.masks), start=1):
+            got[box[0]:box[2], box[1]:box[3]][mask] = k
+        np.testing.assert_array_equal(got > 0, want > 0)
+    # a fine-tune's held-out band is read from the field, not from the whole slide
+    from cellseg.training import split_heldout
+    _, held, _ = split_heldout(items, 0.25)
+    np.testing.assert_array_equal(held[1][1][..., 0], slide[260:508, 702:764])
+    # a field is no held-out image to count whole: --val refuses it in one line
+    with pytest.raises(EvaluationError, match=r"found the field slide.tif \(x 4, y 4, 248 x 248 px\) of a larger"):
+        annotated_images(folder)
+
+
+@pytest.mark.parametrize("features, expected", [
+    ([_feature({"type": "Polygon", "coordinates": [[[0, 0], [300, 0], [0, 300], [0, 0]]]}, "annotation")],
+     "expected a rectangle around the annotated nuclei of slide.tif, found a polygon holding"),
+    ([_feature(_rectangle(0, 0, 200, 200), "annotation"), _feature(_rectangle(100, 100, 300, 300), "annotation")],
+     "expected the field rectangles of slide.geojson apart, found two that overlap"),
+    ([], "expected rectangle annotations around the annotated nuclei of slide.tif"),
+])
+def test_fields_that_cannot_be_trained_on_are_refused(tmp_path, monkeypatch, features, expected):
+    from cellseg.evaluation import label_pairs
+    folder, _, _ = _slide_with_fields(tmp_path)
+    import json
+    data = json.loads((folder / "slide.geojson").read_text())
+    nuclei = [f for f in data["features"] if f["properties"]["objectType"] == "cell"]
+    _write_geojson(folder / "slide.geojson", nuclei + features)
+    monkeypatch.setattr(label_pairs, "WHOLE_IMAGE_PX", 256 * 256)    # the test slide stands for a large one
+    with pytest.raises(EvaluationError, match=expected):
+        load_annotations(folder)
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_on_the_fields_of_a_slide(tmp_path, tiny_bundle):
+    folder, slide, _ = _slide_with_fields(tmp_path)
+    protocol = tmp_path / "mine.toml"
+    protocol.write_text(f'name = "mine"\nmodality = "fluorescence"\n\n[detection]\nmodel = "{tiny_bundle.as_posix()}"\n')
+    out = tmp_path / "mine"
+    result = invoke(["train", "--data", folder, "--out", out, "-p", protocol, "--steps", 2, "--batch-size", 1,
+                     "--crop", 64, "--device", "cpu", "-q", "--keep-anyway"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    # each field's last quarter held out, written as its own image: the slide's pixels of that band
+    held = sorted((out / "heldout" / "images").iterdir())
+    assert [tifffile.imread(p).shape for p in held] == [(248, 62), (248, 62)]
+    np.testing.assert_array_equal(tifffile.imread(held[1]), slide[260:508, 702:764])
