@@ -51,11 +51,11 @@ MIN_PIECE_PX = 5    # separate pieces smaller than this are specks, not nuclei, 
 @dataclass(frozen=True)
 class LabelPair:
     """One annotated image: `name` (its path in the folder, the key scores and messages use), the image and its
-    label image."""
+    annotations (a label image or a GeoJSON file)."""
 
     name: str
     image: Path
-    labels: Path
+    annotations: Path
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,10 @@ def annotated_fields(folder: Path) -> list[AnnotatedField]:
     rectangle of a GeoJSON file (or its whole image)."""
     fields = []
     for pair in find_label_pairs(folder):
-        if pair.labels.suffix.lower() == GEOJSON_SUFFIX:
+        if pair.annotations.suffix.lower() == GEOJSON_SUFFIX:
             fields.extend(geojson_fields(pair))
         else:
-            fields.append(AnnotatedField(pair.name, pair.image, pair.labels))
+            fields.append(AnnotatedField(pair.name, pair.image, pair.annotations))
     return fields
 
 
@@ -105,8 +105,8 @@ def is_label_folder(path: Path) -> bool:
 
 
 def find_label_pairs(folder: Path) -> list[LabelPair]:
-    """The images of `folder` that have a label image, by the layouts above; a one-line error when there are none,
-    when a label image has no image or two images share a name."""
+    """The images of `folder` that have a label image or a GeoJSON file, by the layouts above; a one-line error when
+    there are none, when annotations have no image or two images share a name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"expected {LAYOUT_TEXT}, found no folder {folder}")
@@ -123,7 +123,7 @@ def find_label_pairs(folder: Path) -> list[LabelPair]:
         raise EvaluationError(f"expected {LAYOUT_TEXT}, found no image with a label image in {folder} "
                               f"({images} image file(s))")
     if unlabelled:
-        log.warning("%s: %d image(s) without a label image left out (e.g. %s); %d annotated", folder,
+        log.warning("%s: %d image(s) without annotations left out (e.g. %s); %d annotated", folder,
                     len(unlabelled), unlabelled[0], len(pairs))
     return pairs
 
@@ -283,7 +283,7 @@ def geojson_fields(pair: LabelPair) -> list[AnnotatedField]:
     from ..slides import open_slide
     with open_slide(pair.image) as slide:
         height, width = slide.info.height, slide.info.width
-    shapes, annotation = _geojson_polygons(pair.labels)
+    shapes, annotation = _geojson_polygons(pair.annotations)
     points = shapely.point_on_surface(shapes)
     tree = shapely.STRtree(points)
     field = np.zeros(len(shapes), bool)
@@ -293,7 +293,7 @@ def geojson_fields(pair: LabelPair) -> list[AnnotatedField]:
         rectangle = shapes[k].area >= RECTANGLE_FILL * (x1 - x0) * (y1 - y0)
         if inside >= 2 and not rectangle:
             raise EvaluationError(f"expected a rectangle around the annotated nuclei of {pair.image.name}, found a "
-                                  f"polygon holding {inside} at x {x0:.0f}, y {y0:.0f} in {pair.labels.name} (every "
+                                  f"polygon holding {inside} at x {x0:.0f}, y {y0:.0f} in {pair.annotations.name} (every "
                                   f"nucleus of a field is taken as drawn): draw fields with the rectangle tool")
         field[k] = inside >= 1 and rectangle    # a nucleus drawn over another (a correction) is no field
     nuclei = shapes[~field]
@@ -302,7 +302,7 @@ def geojson_fields(pair: LabelPair) -> list[AnnotatedField]:
         outsized = areas > OUTSIZED * np.median(areas)
         if outsized.any():
             log.warning("%s: %d polygon(s) of more than %d times the median nucleus' area and holding none left out "
-                        "(regions, not nuclei)", pair.labels.name, int(outsized.sum()), OUTSIZED)
+                        "(regions, not nuclei)", pair.annotations.name, int(outsized.sum()), OUTSIZED)
             nuclei = nuclei[~outsized]
     nucleus_tree = shapely.STRtree(nuclei)
     windows = []
@@ -311,63 +311,62 @@ def geojson_fields(pair: LabelPair) -> list[AnnotatedField]:
         window = (max(0, int(np.floor(y0))), max(0, int(np.floor(x0))), min(height, int(np.ceil(y1))),
                   min(width, int(np.ceil(x1))))
         if window[0] >= window[2] or window[1] >= window[3]:
-            raise EvaluationError(f"expected the field at x {x0:.0f}, y {y0:.0f} of {pair.labels.name} on its image "
+            raise EvaluationError(f"expected the field at x {x0:.0f}, y {y0:.0f} of {pair.annotations.name} on its image "
                                   f"{pair.image.name} ({width} x {height} px), found it outside")
         windows.append(window)
     for a in range(len(windows)):
         for b in range(a):
             (r0, c0, r1, c1), (s0, d0, s1, d1) = windows[a], windows[b]
             if max(r0, s0) < min(r1, s1) and max(c0, d0) < min(c1, d1):
-                raise EvaluationError(f"expected the field rectangles of {pair.labels.name} apart, found two that "
+                raise EvaluationError(f"expected the field rectangles of {pair.annotations.name} apart, found two that "
                                       f"overlap (at x {max(c0, d0)}, y {max(r0, s0)}): their nuclei would be "
                                       f"trained on twice, or trained on and judged on")
     if not windows:
         if height * width > WHOLE_IMAGE_PX:
             raise EvaluationError(f"expected rectangle annotations around the annotated nuclei of {pair.image.name} "
                                   f"({width} x {height} px, too large to be annotated in full) in "
-                                  f"{pair.labels.name}, found none")
-        return [AnnotatedField(pair.name, pair.image, pair.labels, None, tuple(nuclei))]
+                                  f"{pair.annotations.name}, found none")
+        return [AnnotatedField(pair.name, pair.image, pair.annotations, None, tuple(nuclei))]
     fields = []
     for r0, c0, r1, c1 in windows:
         meeting = nuclei[nucleus_tree.query(shapely.box(c0, r0, c1, r1), predicate="intersects")]
         fields.append(AnnotatedField(f"{pair.name} (x {c0}, y {r0}, {c1 - c0} x {r1 - r0} px)", pair.image,
-                                     pair.labels, (r0, c0, r1, c1), tuple(meeting)))
+                                     pair.annotations, (r0, c0, r1, c1), tuple(meeting)))
     return fields
 
 
 def _geojson_polygons(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every polygon of a GeoJSON file (a QuPath cell's nucleusGeometry in place of the cell), repaired where
     invalid, and whether each is an annotation (a field may be; detections and cells are nuclei)."""
-    import json
-
+    import orjson  # a slide's export holds hundreds of thousands of objects: 100,000 of cellseg's in 150 MB
     import shapely
 
     from ..planning.regions import RegionsError, geojson_features, object_type
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = orjson.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))     # Windows tools' byte order mark
         features = geojson_features(data, path)
-    except (json.JSONDecodeError, UnicodeDecodeError, RegionsError) as e:
+    except (orjson.JSONDecodeError, RegionsError) as e:
         raise EvaluationError(f"expected GeoJSON objects in {path}, found {e}") from None
-    shapes, annotation = [], []
+    texts, annotation = [], []
     for feature in features:
         props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
         geometry = feature.get("nucleusGeometry") or feature.get("geometry")
         if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
             continue    # points, lines: not outlines
-        try:
-            g = shapely.from_geojson(json.dumps(geometry))
-        except Exception as e:  # noqa: BLE001 (GEOS's own message says what is wrong with the coordinates)
-            raise EvaluationError(f"expected polygons in {path}, found {e}") from None
-        if not g.is_valid:
-            g = shapely.make_valid(g)
-            g = shapely.union_all(shapely.get_parts(g)[shapely.get_dimensions(shapely.get_parts(g)) == 2])
-        if g.is_empty or g.area <= 0:
-            continue
-        shapes.append(g)
+        texts.append(orjson.dumps(geometry).decode())
         annotation.append(object_type(feature, props) in ("annotation", "PathAnnotationObject"))
-    if not shapes:
+    try:
+        shapes = shapely.from_geojson(np.asarray(texts, dtype=object))
+    except Exception as e:  # noqa: BLE001 (GEOS's own message says what is wrong with the coordinates)
+        raise EvaluationError(f"expected polygons in {path}, found {e}") from None
+    for k in np.flatnonzero(~shapely.is_valid(shapes)):
+        parts = shapely.get_parts(shapely.make_valid(shapes[k]))
+        shapes[k] = shapely.union_all(parts[shapely.get_dimensions(parts) == 2])
+    kept = ~shapely.is_empty(shapes) & (shapely.area(shapes) > 0)
+    shapes, annotation = shapes[kept], np.asarray(annotation, bool)[kept]
+    if not len(shapes):
         raise EvaluationError(f"expected nucleus polygons in {path}, found none ({len(features)} feature(s))")
-    return np.asarray(shapes, dtype=object), np.asarray(annotation, bool)
+    return shapes, annotation
 
 
 def rasterise(polygons, row0: int, col0: int, shape: tuple[int, int]) -> np.ndarray:

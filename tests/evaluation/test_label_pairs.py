@@ -38,10 +38,10 @@ def test_a_flat_folder_pairs_each_image_with_its_tagged_label_image(tmp_path, ca
     (tmp_path / "a_seg.npy").write_bytes(b"")              # Cellpose's own file: not an image, not a pair
     with caplog.at_level(logging.WARNING):
         pairs = find_label_pairs(tmp_path)
-    assert [(p.name, p.labels.name) for p in pairs] == [
+    assert [(p.name, p.annotations.name) for p in pairs] == [
         ("a.png", "a_masks.png"), ("b.tif", "b-labels.png"), ("c.jpg", "c_cp_masks.png"), ("e.tif", "e_Labelled.tif"),
         ("f.ome.tif", "f_labels.tif"), ("g.ome.tif", "g.ome.tif.geojson"), ("h.tif", "h.geojson")]
-    assert "1 image(s) without a label image left out (e.g. d.png); 7 annotated" in caplog.text
+    assert "1 image(s) without annotations left out (e.g. d.png); 7 annotated" in caplog.text
 
 
 def test_images_beside_labels_or_masks_pair_by_name(tmp_path):
@@ -49,7 +49,7 @@ def test_images_beside_labels_or_masks_pair_by_name(tmp_path):
     _touch(tmp_path / "images", "x.tif", "y.tif")
     _touch(tmp_path / "masks", "x.tif", "y_masks.tif")
     pairs = find_label_pairs(tmp_path)
-    assert [(p.name, p.labels.relative_to(tmp_path).as_posix()) for p in pairs] == [
+    assert [(p.name, p.annotations.relative_to(tmp_path).as_posix()) for p in pairs] == [
         ("images/x.tif", "masks/x.tif"), ("images/y.tif", "masks/y_masks.tif")]
 
 
