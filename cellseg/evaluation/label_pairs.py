@@ -13,12 +13,7 @@ A label image holds one channel of whole numbers: 0 background, each other value
 indices are its values). A binary or class mask (one value over many separate nuclei) is refused, as are labels in
 JPEG (its compression changes values) and labels of another size than their image.
 
-In a GeoJSON file (QuPath's "Export objects as GeoJSON", or cellseg's own cells.geojson, corrected) the nuclei are its
-polygons: detections, annotations, a cell's nucleusGeometry. A rectangle annotation around some of them makes a
-field: the nuclei are taken as annotated in full there and nowhere else, so a slide can be trained on where someone
-checked it. Without a rectangle the whole image is the field (an image of at most WHOLE_IMAGE_PX). Polygons are
-rasterised by their pixel centres (pixel (row, col) is the square [col, col + 1] x [row, row + 1]), so cellseg's own
-cells.geojson gives back exactly the masks it was written from.
+A GeoJSON file's nuclei and field rectangles: geojson_fields.
 """
 
 from __future__ import annotations
@@ -37,9 +32,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 GEOJSON_SUFFIX = ".geojson"
-WHOLE_IMAGE_PX = 25_000_000   # an image with a GeoJSON but no field rectangle is taken as annotated in full up to this
-RECTANGLE_FILL = 0.99         # a field's polygon covers this share of its bounding box (QuPath's rectangles: all)
-OUTSIZED = 25                 # a polygon holding no nucleus this many times the median nucleus' area is a region
 LABEL_FOLDERS = ("labels", "masks")
 # NAME + separator + tag: Cellpose's _masks and _cp_masks, QuPath's -labels, napari's and others' _labels, _label...
 _LABEL_TAG = re.compile(r"^(?P<stem>.+?)[_-](?:cp_)?(?:masks?|labels?|labell?ed)$", re.IGNORECASE)
@@ -76,6 +68,7 @@ class AnnotatedField:
         """The field's instance labels, (rows, columns) = `shape`, the size of its pixels."""
         if not self.from_geojson:
             return read_label_image(self.annotations, shape)
+        from .geojson_fields import rasterise
         row0, col0 = self.window[:2] if self.window else (0, 0)
         return rasterise(self.nuclei, row0, col0, shape)
 
@@ -89,6 +82,7 @@ class AnnotatedField:
 def annotated_fields(folder: Path) -> list[AnnotatedField]:
     """The annotated images of a folder of label pairs (find_label_pairs): one field per label image, one per field
     rectangle of a GeoJSON file (or its whole image)."""
+    from .geojson_fields import geojson_fields
     fields = []
     for pair in find_label_pairs(folder):
         if pair.annotations.suffix.lower() == GEOJSON_SUFFIX:
@@ -273,115 +267,3 @@ def check_instance_labels(labels: np.ndarray, path: Path) -> None:
         raise EvaluationError(f"expected an instance label image (each nucleus its own number) in {path}, found "
                               f"{values} value(s) over {n} separate objects: a binary or class mask; give each "
                               f"nucleus its own label (e.g. skimage.measure.label, or QuPath's instance labels)")
-
-
-def geojson_fields(pair: LabelPair) -> list[AnnotatedField]:
-    """The fields of an image with a GeoJSON file: one per rectangle annotation around nuclei (clipped to the image),
-    else the whole image (at most WHOLE_IMAGE_PX), each with the nucleus polygons that meet it."""
-    import shapely
-
-    from ..slides import open_slide
-    with open_slide(pair.image) as slide:
-        height, width = slide.info.height, slide.info.width
-    shapes, annotation = _geojson_polygons(pair.annotations)
-    points = shapely.point_on_surface(shapes)
-    tree = shapely.STRtree(points)
-    field = np.zeros(len(shapes), bool)
-    for k in np.flatnonzero(annotation):
-        inside = int((tree.query(shapes[k], predicate="contains") != k).sum())
-        x0, y0, x1, y1 = shapes[k].bounds
-        rectangle = shapes[k].area >= RECTANGLE_FILL * (x1 - x0) * (y1 - y0)
-        if inside >= 2 and not rectangle:
-            raise EvaluationError(f"expected a rectangle around the annotated nuclei of {pair.image.name}, found a "
-                                  f"polygon holding {inside} at x {x0:.0f}, y {y0:.0f} in {pair.annotations.name} (every "
-                                  f"nucleus of a field is taken as drawn): draw fields with the rectangle tool")
-        field[k] = inside >= 1 and rectangle    # a nucleus drawn over another (a correction) is no field
-    nuclei = shapes[~field]
-    if len(nuclei) >= 5:        # a counting region left in the export (no nucleus inside it) is no nucleus
-        areas = shapely.area(nuclei)
-        outsized = areas > OUTSIZED * np.median(areas)
-        if outsized.any():
-            log.warning("%s: %d polygon(s) of more than %d times the median nucleus' area and holding none left out "
-                        "(regions, not nuclei)", pair.annotations.name, int(outsized.sum()), OUTSIZED)
-            nuclei = nuclei[~outsized]
-    nucleus_tree = shapely.STRtree(nuclei)
-    windows = []
-    for k in np.flatnonzero(field):
-        x0, y0, x1, y1 = shapes[k].bounds
-        window = (max(0, int(np.floor(y0))), max(0, int(np.floor(x0))), min(height, int(np.ceil(y1))),
-                  min(width, int(np.ceil(x1))))
-        if window[0] >= window[2] or window[1] >= window[3]:
-            raise EvaluationError(f"expected the field at x {x0:.0f}, y {y0:.0f} of {pair.annotations.name} on its image "
-                                  f"{pair.image.name} ({width} x {height} px), found it outside")
-        windows.append(window)
-    for a in range(len(windows)):
-        for b in range(a):
-            (r0, c0, r1, c1), (s0, d0, s1, d1) = windows[a], windows[b]
-            if max(r0, s0) < min(r1, s1) and max(c0, d0) < min(c1, d1):
-                raise EvaluationError(f"expected the field rectangles of {pair.annotations.name} apart, found two that "
-                                      f"overlap (at x {max(c0, d0)}, y {max(r0, s0)}): their nuclei would be "
-                                      f"trained on twice, or trained on and judged on")
-    if not windows:
-        if height * width > WHOLE_IMAGE_PX:
-            raise EvaluationError(f"expected rectangle annotations around the annotated nuclei of {pair.image.name} "
-                                  f"({width} x {height} px, too large to be annotated in full) in "
-                                  f"{pair.annotations.name}, found none")
-        return [AnnotatedField(pair.name, pair.image, pair.annotations, None, tuple(nuclei))]
-    fields = []
-    for r0, c0, r1, c1 in windows:
-        meeting = nuclei[nucleus_tree.query(shapely.box(c0, r0, c1, r1), predicate="intersects")]
-        fields.append(AnnotatedField(f"{pair.name} (x {c0}, y {r0}, {c1 - c0} x {r1 - r0} px)", pair.image,
-                                     pair.annotations, (r0, c0, r1, c1), tuple(meeting)))
-    return fields
-
-
-def _geojson_polygons(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every polygon of a GeoJSON file (a QuPath cell's nucleusGeometry in place of the cell), repaired where
-    invalid, and whether each is an annotation (a field may be; detections and cells are nuclei)."""
-    import orjson  # a slide's export holds hundreds of thousands of objects: 100,000 of cellseg's in 150 MB
-    import shapely
-
-    from ..planning.regions import RegionsError, geojson_features, object_type
-    try:
-        data = orjson.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))     # Windows tools' byte order mark
-        features = geojson_features(data, path)
-    except (orjson.JSONDecodeError, RegionsError) as e:
-        raise EvaluationError(f"expected GeoJSON objects in {path}, found {e}") from None
-    texts, annotation = [], []
-    for feature in features:
-        props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
-        geometry = feature.get("nucleusGeometry") or feature.get("geometry")
-        if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
-            continue    # points, lines: not outlines
-        texts.append(orjson.dumps(geometry).decode())
-        annotation.append(object_type(feature, props) in ("annotation", "PathAnnotationObject"))
-    try:
-        shapes = shapely.from_geojson(np.asarray(texts, dtype=object))
-    except Exception as e:  # noqa: BLE001 (GEOS's own message says what is wrong with the coordinates)
-        raise EvaluationError(f"expected polygons in {path}, found {e}") from None
-    for k in np.flatnonzero(~shapely.is_valid(shapes)):
-        parts = shapely.get_parts(shapely.make_valid(shapes[k]))
-        shapes[k] = shapely.union_all(parts[shapely.get_dimensions(parts) == 2])
-    kept = ~shapely.is_empty(shapes) & (shapely.area(shapes) > 0)
-    shapes, annotation = shapes[kept], np.asarray(annotation, bool)[kept]
-    if not len(shapes):
-        raise EvaluationError(f"expected nucleus polygons in {path}, found none ({len(features)} feature(s))")
-    return shapes, annotation
-
-
-def rasterise(polygons, row0: int, col0: int, shape: tuple[int, int]) -> np.ndarray:
-    """Instance labels (1, 2, ... in the order given) of polygons in image px on the window of `shape` at (row0,
-    col0): a pixel is a polygon's when its centre is inside it (the first polygon's, where two overlap)."""
-    import shapely
-    labels = np.zeros(shape, np.int32)
-    for k, g in enumerate(polygons, start=1):
-        x0, y0, x1, y1 = g.bounds
-        r0, r1 = max(row0, int(np.floor(y0))), min(row0 + shape[0], int(np.ceil(y1)))
-        c0, c1 = max(col0, int(np.floor(x0))), min(col0 + shape[1], int(np.ceil(x1)))
-        if r0 >= r1 or c0 >= c1:
-            continue
-        rows, cols = np.mgrid[r0:r1, c0:c1]
-        inside = shapely.contains_xy(g, cols + 0.5, rows + 0.5)
-        window = labels[r0 - row0:r1 - row0, c0 - col0:c1 - col0]
-        window[inside & (window == 0)] = k
-    return labels

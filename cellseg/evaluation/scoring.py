@@ -4,6 +4,8 @@ and a score-threshold sweep; write the report (metrics.json, per_image.csv, thre
 The parts live beside this module, which keeps the matching, the report, the sweep and the outputs:
 - `cellseg.evaluation.image_masks`: loading PRED and GT (COCO JSON, label image or cellseg result folder) as `ImageMasks`
   and pairing their images (by file_name, then base name, then stem, then id).
+- `cellseg.evaluation.geojson_fields`: GT as a GeoJSON file (QuPath's, or a corrected cells.geojson): PRED and GT
+  cut to its field rectangles, each one image.
 - `cellseg.evaluation.overlap`: the sparse IoU table of box-intersecting (prediction, GT) pairs.
 - `cellseg.evaluation.cocoeval_sparse`: COCO mask AP, pycocotools' COCOeval fed that table.
 This module's `load_image_masks` reads label images in tiles of its LABEL_TILE; `pair_iou` and `EvaluationError`
@@ -219,6 +221,9 @@ def evaluate(pred, gt, iou: float = 0.5, thresholds=DEFAULT_THRESHOLDS) -> Evalu
     if not (isinstance(iou, (int, float)) and 0 < iou <= 1):
         raise EvaluationError(f"expected an IoU threshold in (0, 1], got {iou!r}")
     pred_source, gt_source = (str(x) if isinstance(x, (str, Path)) else "(in memory)" for x in (pred, gt))
+    if isinstance(gt, (str, Path)) and Path(gt).suffix.lower() == ".geojson" and isinstance(pred, (str, Path)):
+        from .geojson_fields import field_masks
+        pred, gt = field_masks(pred, Path(gt))   # scored on GT's field rectangles, where someone checked the slide
     pred = load_image_masks(pred) if isinstance(pred, (str, Path)) else pred
     gt = load_image_masks(gt) if isinstance(gt, (str, Path)) else gt
     pairs = pair_images(pred, gt)

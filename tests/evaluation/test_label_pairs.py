@@ -317,13 +317,13 @@ def test_field_rectangles_of_a_slide_train_on_their_windows_with_every_nucleus_m
     ([], "expected rectangle annotations around the annotated nuclei of slide.tif"),
 ])
 def test_fields_that_cannot_be_trained_on_are_refused(tmp_path, monkeypatch, features, expected):
-    from cellseg.evaluation import label_pairs
+    from cellseg.evaluation import geojson_fields
     folder, _, _ = _slide_with_fields(tmp_path)
     import json
     data = json.loads((folder / "slide.geojson").read_text())
     nuclei = [f for f in data["features"] if f["properties"]["objectType"] == "cell"]
     _write_geojson(folder / "slide.geojson", nuclei + features)
-    monkeypatch.setattr(label_pairs, "WHOLE_IMAGE_PX", 256 * 256)    # the test slide stands for a large one
+    monkeypatch.setattr(geojson_fields, "WHOLE_IMAGE_PX", 256 * 256)    # the test slide stands for a large one
     with pytest.raises(EvaluationError, match=expected):
         load_annotations(folder)
 
@@ -341,3 +341,40 @@ def test_cli_fine_tunes_on_the_fields_of_a_slide(tmp_path, tiny_bundle):
     held = sorted((out / "heldout" / "images").iterdir())
     assert [tifffile.imread(p).shape for p in held] == [(248, 62), (248, 62)]
     np.testing.assert_array_equal(tifffile.imread(held[1]), slide[260:508, 702:764])
+
+
+def test_evaluate_scores_a_count_on_the_fields_someone_checked_in_qupath(tmp_path):
+    # PRED: a count's cells.geojson (scores kept) that missed 3 nuclei of the first field and found 2 specks in the
+    # second and many nuclei outside both; GT: the same slide corrected in QuPath with two field rectangles
+    folder, _, slide_labels = _slide_with_fields(tmp_path)
+    import json
+    truth = json.loads((folder / "slide.geojson").read_text())["features"]
+    nuclei = [f["nucleusGeometry"] for f in truth if f["properties"]["objectType"] == "cell"]
+    missed = {0, 1, 2}                                   # the top-left copy's first three nuclei
+    specks = []
+    for r, c in zip(*np.nonzero(slide_labels[300:500, 560:760] == 0)):
+        if len(specks) == 2:
+            break
+        if (slide_labels[300 + r - 2:300 + r + 5, 560 + c - 2:560 + c + 5] == 0).all() and \
+                all(abs(r - a) > 10 for a, _ in specks):
+            specks.append((int(r), int(c)))
+    found = [{**_feature(g), "properties": {"objectType": "detection", "measurements": {"score": 0.9}}}
+             for k, g in enumerate(nuclei) if k not in missed]
+    found += [{**_feature(_rectangle(560 + c, 300 + r, 563 + c, 303 + r)),
+               "properties": {"objectType": "detection", "measurements": {"score": 0.4}}} for r, c in specks]
+    result = tmp_path / "slide.cellseg"
+    result.mkdir()
+    _write_geojson(result / "cells.geojson", found)
+    out = tmp_path / "report"
+    cli = invoke(["evaluate", result, "--gt", folder / "slide.geojson", "--out", out])
+    assert cli.exit_code == 0, cli.output
+    in_fields = [len(np.unique(slide_labels[4:252, 4:252])) - 1, len(np.unique(slide_labels[260:508, 516:764])) - 1]
+    assert f"2 images: {sum(in_fields)} true cells, {sum(in_fields) - 3 + 2} predicted" in cli.stdout
+    assert "TP %d FP 2 FN 3" % (sum(in_fields) - 3) in cli.stdout
+    assert "best score threshold (max F1): 0.45" in cli.stdout           # the specks scored 0.4
+    per_image = (out / "per_image.csv").read_text()
+    assert "slide (x 4, y 4, 248 x 248 px)" in per_image and "slide (x 516, y 260, 248 x 248 px)" in per_image
+    # a result folder without cells.geojson says so
+    (result / "cells.geojson").unlink()
+    cli = invoke(["evaluate", result, "--gt", folder / "slide.geojson"])
+    assert cli.exit_code != 0 and "holding cells.geojson as PRED" in cli.stderr
