@@ -370,7 +370,7 @@ def test_evaluate_scores_a_count_on_the_fields_someone_checked_in_qupath(tmp_pat
     assert cli.exit_code == 0, cli.output
     in_fields = [len(np.unique(slide_labels[4:252, 4:252])) - 1, len(np.unique(slide_labels[260:508, 516:764])) - 1]
     assert f"2 images: {sum(in_fields)} true cells, {sum(in_fields) - 3 + 2} predicted" in cli.stdout
-    assert "TP %d FP 2 FN 3" % (sum(in_fields) - 3) in cli.stdout
+    assert f"TP {sum(in_fields) - 3} FP 2 FN 3" in cli.stdout
     assert "best score threshold (max F1): 0.45" in cli.stdout           # the specks scored 0.4
     per_image = (out / "per_image.csv").read_text()
     assert "slide (x 4, y 4, 248 x 248 px)" in per_image and "slide (x 516, y 260, 248 x 248 px)" in per_image
