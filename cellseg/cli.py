@@ -700,11 +700,11 @@ def train(data, val, out, protocol_name, mpp, init, steps, minutes, batch_size, 
     start = protocol.model if init == "protocol" else init
     check_output_folder(out, resume)
     if val is not None:   # a wrong --val fails now, not after hours of training
-        from .evaluation import annotated_images, shared_images
-        _, val_paths = annotated_images(val)
-        shared = shared_images(data, val_paths.values())
+        from .evaluation import annotated_regions, shared_images
+        val_regions = annotated_regions(val)
+        shared = shared_images(data, val_regions)
         if shared:
-            click.echo(f"cellseg: warning: {len(shared)} of the {len(val_paths)} --val images are also in --data "
+            click.echo(f"cellseg: warning: {len(shared)} of the {len(val_regions)} --val images are also in --data "
                        f"(e.g. {shared[0]}): the validation figures will be optimistic", err=True)
     if starts_from_bundle(start):
         from .bundles import find_bundle

@@ -12,7 +12,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "scoring": ["check_report_folder", "evaluate", "load_image_masks", "match", "pair_iou", "summary_lines",
                 "write_report"],
     "validate": [
-        "VALIDATION_PROTOCOL", "above", "annotated_images", "card_figures", "image_folder", "predict", "score",
+        "VALIDATION_PROTOCOL", "above", "annotated_images", "annotated_regions", "card_figures", "image_folder", "predict", "score",
         "shared_images", "validate_bundle", "validation_detector",
     ],
 })

@@ -267,3 +267,62 @@ def check_instance_labels(labels: np.ndarray, path: Path) -> None:
         raise EvaluationError(f"expected an instance label image (each nucleus its own number) in {path}, found "
                               f"{values} value(s) over {n} separate objects: a binary or class mask; give each "
                               f"nucleus its own label (e.g. skimage.measure.label, or QuPath's instance labels)")
+
+
+def write_annotated_images(images, folder: Path) -> Path:
+    """Annotated images as a COCO set a count can be scored on: each (name, native pixels (H, W, C), boxes (N, 4)
+    row0, col0, row1, col1, box-cropped bool masks) as images/NAME.tif and its nuclei as COCO RLEs in
+    annotations.json; the COCO file's path is returned."""
+    import json
+
+    import pycocotools.mask as mask_utils
+    import tifffile
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    entries, anns = [], []
+    for image_id, (name, pixels, boxes, masks) in enumerate(images, start=1):
+        file_name = f"images/{name}.tif"
+        pixels = np.ascontiguousarray(pixels)
+        tifffile.imwrite(folder / file_name, pixels if pixels.shape[-1] == 3 else pixels[..., 0],
+                         photometric="rgb" if pixels.shape[-1] == 3 else "minisblack")
+        h, w = pixels.shape[:2]
+        entries.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        for box, mask in zip(boxes, masks):      # class-agnostic, as the scoring is
+            full = np.zeros((h, w), np.uint8, order="F")
+            r0, c0, r1, c1 = (int(v) for v in box)
+            full[r0:r1, c0:c1] = mask
+            rle = mask_utils.encode(full)
+            rle["counts"] = rle["counts"].decode("ascii")
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                         "segmentation": rle, "area": int(mask.sum()), "bbox": [c0, r0, c1 - c0, r1 - r0]})
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": entries, "annotations": anns,
+                                "categories": [{"id": 1, "name": "nucleus"}]}), encoding="utf-8")
+    return path
+
+
+def has_fields(source: Path) -> bool:
+    """Whether `source` is a folder whose annotations are fields of larger images (GeoJSON rectangles)."""
+    return is_label_folder(source) and any(field.window is not None for field in annotated_fields(source))
+
+
+def write_fields(source: Path, folder: Path) -> Path:
+    """The annotated fields of `source` (a folder of label pairs; a slide's GeoJSON rectangles) written as images a
+    count can be scored on (write_annotated_images: each field's window of its image, its nuclei cut at the edge);
+    the COCO file's path is returned. Held-out fields are counted as these images, not as their whole slides,
+    whose unannotated nuclei would count as false."""
+    from scipy import ndimage
+
+    from ..geometry import Box
+    from ..slides import open_slide
+    images = []
+    for k, field in enumerate(annotated_fields(source)):
+        with open_slide(field.image) as slide:
+            info = slide.info
+            pixels = slide.read_region(Box(*field.window) if field.window else Box(0, 0, info.height, info.width))
+        labels = field.labels(pixels.shape[:2])
+        found = [(v, sl) for v, sl in enumerate(ndimage.find_objects(labels), start=1) if sl is not None]
+        boxes = [(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop) for _, sl in found]
+        masks = [labels[sl] == v for v, sl in found]
+        images.append((f"{k:04d}_{image_stem(field.image)}", pixels[..., :3] if pixels.shape[-1] == 4 else pixels,
+                       boxes, masks))
+    return write_annotated_images(images, folder)

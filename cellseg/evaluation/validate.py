@@ -19,10 +19,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..errors import EvaluationError
+from ..errors import CellsegError, EvaluationError
 from ..planning import Protocol
 from .image_masks import ImageMasks, coco_image_paths, label_array_masks, load_image_masks
-from .label_pairs import annotated_fields, find_label_pairs, is_label_folder
+from .label_pairs import annotated_fields, has_fields, is_label_folder, write_fields
 from .scoring import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
 
 log = logging.getLogger(__name__)
@@ -115,27 +115,39 @@ def annotated_images(source: Path) -> tuple[dict[str, ImageMasks], dict[str, Pat
     return gt, coco_image_paths(source, gt)
 
 
-def annotated_paths(source: Path) -> list[Path]:
-    """The images a COCO file or a folder of label pairs annotates, without reading them; [] when `source` cannot
-    be read (reading it for training says what is wrong)."""
-    import json
+def annotated_regions(source: Path) -> list[tuple[Path, tuple | None]]:
+    """What a COCO file or a folder of label pairs annotates, as (image, window (row0, col0, row1, col1) or None for
+    all of it), checked as far as it can be without counting: every image there, every label image fitting it, a
+    GeoJSON's fields readable. A held-out set (--val) is checked so before a training starts."""
     if is_label_folder(source):
-        try:
-            return [pair.image for pair in find_label_pairs(source)]    # a slide's fields: the slide
-        except EvaluationError:
-            return []
+        fields = annotated_fields(source)
+        if all(field.window is None for field in fields):
+            annotated_images(source)            # reads every label image against its image
+        return [(field.image, field.window) for field in fields]
+    _, paths = annotated_images(source)
+    return [(path, None) for path in paths.values()]
+
+
+def shared_images(train_source: Path, val_regions) -> list[str]:
+    """The validation images (annotated_regions) that the training data (a COCO file or a folder of label pairs)
+    also annotates, where a slide's fields overlap: figures on them are optimistic. [] when the training data cannot
+    be read (reading it for training says what is wrong)."""
     try:
-        names = [im["file_name"] for im in json.loads(Path(source).read_text(encoding="utf-8"))["images"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        trained = annotated_regions(train_source)
+    except (CellsegError, OSError, ValueError, KeyError, TypeError):
         return []
-    return [Path(source).parent / n for n in names]
+    by_image: dict[Path, list] = {}
+    for image, window in trained:
+        by_image.setdefault(Path(image).resolve(), []).append(window)
+    return [str(image) for image, window in val_regions
+            if any(_overlap(window, w) for w in by_image.get(Path(image).resolve(), []))]
 
 
-def shared_images(train_source: Path, val_images) -> list[str]:
-    """The validation images (paths) that the training data (a COCO file or a folder of label pairs) also
-    annotates: figures on them are optimistic."""
-    trained = {p.resolve() for p in annotated_paths(train_source)}
-    return [str(p) for p in val_images if Path(p).resolve() in trained]
+def _overlap(a, b) -> bool:
+    """Whether two windows of one image overlap (None: all of it)."""
+    if a is None or b is None:
+        return True
+    return max(a[0], b[0]) < min(a[2], b[2]) and max(a[1], b[1]) < min(a[3], b[3])
 
 
 def image_folder(work: Path, index: int, name: str) -> Path:
@@ -203,12 +215,13 @@ def validate_bundle(bundle_dir: Path, coco_json: Path, out_dir: Path, device: st
     (and its warnings name it); None: VALIDATION_PROTOCOL's."""
     from ..bundles import load_bundle, update_bundle_metadata
     bundle = load_bundle(bundle_dir)
-    gt, paths = annotated_images(coco_json)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # fields of slides are counted as the windows they are, written as images beside the report
+    gt, paths = annotated_images(write_fields(coco_json, out_dir / "heldout") if has_fields(coco_json) else coco_json)
     counting = VALIDATION_PROTOCOL if protocol is None else VALIDATION_PROTOCOL.replace(
         name=protocol.name, modality=protocol.modality, channel=protocol.channel)
     detector = validation_detector(bundle, device, mask_threshold=None if protocol is None else protocol.mask_threshold,
                                    modality=counting.modality)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".work-", dir=out_dir) as work:   # result folders, then removed
         predictions = predict(detector, paths, Path(work), bundle.nucleus_diameter_px, progress=progress,
                               protocol=counting)

@@ -178,29 +178,8 @@ def _held_name(k: int, item: TrainImage) -> str:
 def write_heldout(held: list[tuple[str, np.ndarray, TrainImage]], folder: Path) -> Path:
     """Each held-out image as images/NAME.tif (its native pixels) and its nuclei as COCO RLEs in annotations.json
     (the COCO file's path is returned)."""
-    import pycocotools.mask as mask_utils
-    import tifffile
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
-    for image_id, (name, pixels, item) in enumerate(held, start=1):
-        file_name = f"images/{name}.tif"
-        pixels = np.ascontiguousarray(pixels)
-        tifffile.imwrite(folder / file_name, pixels if pixels.shape[-1] == 3 else pixels[..., 0],
-                         photometric="rgb" if pixels.shape[-1] == 3 else "minisblack")
-        h, w = pixels.shape[:2]
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for box, mask in zip(item.boxes, item.masks):      # class-agnostic, as the scoring is
-            full = np.zeros((h, w), np.uint8, order="F")
-            r0, c0, r1, c1 = (int(v) for v in box)
-            full[r0:r1, c0:c1] = mask
-            rle = mask_utils.encode(full)
-            rle["counts"] = rle["counts"].decode("ascii")
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                         "segmentation": rle, "area": int(mask.sum()), "bbox": [c0, r0, c1 - c0, r1 - r0]})
-    path = folder / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": 1, "name": "nucleus"}]}), encoding="utf-8")
-    return path
+    from ..evaluation.label_pairs import write_annotated_images
+    return write_annotated_images([(name, pixels, item.boxes, item.masks) for name, pixels, item in held], folder)
 
 
 class HeldOutScorer:
@@ -308,6 +287,7 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
     judge it on held-out images (`val`, or split off the items); see the module docstring. Returns the Verdict; the
     bundle in `out` is the best snapshot, whatever the verdict, with the verdict in its card."""
     from ..bundles import GRAY_SUFFIX, load_bundle, update_bundle_metadata
+    from ..evaluation.label_pairs import has_fields, write_fields
     from ..planning import gray_input
     from .checkpoint import check_output_folder
     from .maskrcnn import train
@@ -315,11 +295,15 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
     bundle = load_bundle(start)
     if not items:
         raise CellsegError("expected at least one annotated image to fine-tune on, found none")
+    fields = val is not None and has_fields(Path(val))
     if val is not None:
-        heldout, train_items, held = HeldOut(Path(val), f"the --val images ({val})"), items, None
-        if annotated_nuclei(heldout.annotations) == 0:
+        if annotated_nuclei(Path(val)) == 0:
             raise CellsegError(f"expected annotated nuclei in the --val images ({val}) to judge the fine-tune on, "
                                f"found none")
+        # fields of slides are judged as the windows they are: written as images into OUT/heldout/ below
+        heldout = HeldOut(out / HELDOUT_DIR / "annotations.json" if fields else Path(val),
+                          f"the fields of --val ({val})" if fields else f"the --val images ({val})")
+        train_items, held = items, None
     else:
         train_items, held, description = split_heldout(items, recipe.heldout_share)
         heldout = HeldOut(out / HELDOUT_DIR / "annotations.json", description)
@@ -328,8 +312,11 @@ def finetune(items: list[TrainImage], classes: list[str], out: Path, start: str,
                                f"fine-tune on, found none; annotate nuclei there too, or give --val annotated images")
     scale = training_scale(bundle, items, protocol, mpp)    # all annotated nuclei, uncut by the held-out band
     out.mkdir(parents=True, exist_ok=True)
-    if held is not None and not (resume and heldout.annotations.is_file()):   # a resumed run keeps its judges
-        write_heldout(held, out / HELDOUT_DIR)
+    if not (resume and heldout.annotations.is_file()):   # a resumed run keeps its judges
+        if held is not None:
+            write_heldout(held, out / HELDOUT_DIR)
+        elif fields:
+            write_fields(Path(val), out / HELDOUT_DIR)
     gray = all(gray_input(it.image) for it in items)
     key = f"{protocol.modality}{GRAY_SUFFIX}" if gray else protocol.modality
     before_threshold = bundle.threshold_for(protocol.modality, gray=gray)

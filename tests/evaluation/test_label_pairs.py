@@ -153,9 +153,9 @@ def test_a_pair_folder_reads_as_the_coco_file_of_the_same_labels(tmp_path):
     np.testing.assert_array_equal(item.boxes, coco_item.boxes)
     assert all(np.array_equal(a, b) for a, b in zip(item.masks, coco_item.masks))
     # the --val check that an image is trained on too sees through both kinds
-    assert shared_images(folder, [tmp_path / IMAGE.name]) == []
-    assert shared_images(folder, [folder / IMAGE.name]) == [str(folder / IMAGE.name)]
-    assert shared_images(ann, [tmp_path / IMAGE.name]) == [str(tmp_path / IMAGE.name)]
+    assert shared_images(folder, [(tmp_path / IMAGE.name, None)]) == []
+    assert shared_images(folder, [(folder / IMAGE.name, None)]) == [str(folder / IMAGE.name)]
+    assert shared_images(ann, [(tmp_path / IMAGE.name, None)]) == [str(tmp_path / IMAGE.name)]
 
 
 def test_sparse_label_values_train_as_the_same_nuclei(tmp_path):
@@ -166,6 +166,7 @@ def test_sparse_label_values_train_as_the_same_nuclei(tmp_path):
     np.testing.assert_array_equal(item.boxes, dense.boxes)
 
 
+@pytest.mark.slow
 def test_cli_train_from_label_images_refuses_a_binary_mask_before_writing(tmp_path):
     labels = tifffile.imread(LABELS)
     folder = _pair_folder(tmp_path, (labels > 0).astype(np.uint16))
@@ -378,3 +379,55 @@ def test_evaluate_scores_a_count_on_the_fields_someone_checked_in_qupath(tmp_pat
     (result / "cells.geojson").unlink()
     cli = invoke(["evaluate", result, "--gt", folder / "slide.geojson"])
     assert cli.exit_code != 0 and "holding cells.geojson as PRED" in cli.stderr
+
+
+def _fields_only(folder: Path, dest: Path, keep: list[list[int]]) -> Path:
+    """`dest` with a link to folder's slide and its GeoJSON's nuclei with only the field rectangles `keep` (x0, y0,
+    x1, y1)."""
+    import json
+    dest.mkdir()
+    (dest / "slide.tif").symlink_to(folder / "slide.tif")
+    features = json.loads((folder / "slide.geojson").read_text())["features"]
+    nuclei = [f for f in features if f["properties"]["objectType"] == "cell"]
+    return _write_geojson(dest / "slide.geojson", nuclei + [_feature(_rectangle(*r), "annotation") for r in keep])
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_on_one_field_and_judges_on_another(tmp_path, tiny_bundle):
+    # validation as it should be: on a field the training never saw, counted as the window it is (not as the slide)
+    folder, slide, slide_labels = _slide_with_fields(tmp_path)
+    _fields_only(folder, tmp_path / "train", [[4, 4, 252, 252]])
+    _fields_only(folder, tmp_path / "val", [[516, 260, 764, 508]])
+    protocol = tmp_path / "mine.toml"
+    protocol.write_text(f'name = "mine"\nmodality = "fluorescence"\n\n[detection]\nmodel = "{tiny_bundle.as_posix()}"\n')
+    out = tmp_path / "mine"
+    result = invoke(["train", "--data", tmp_path / "train", "--val", tmp_path / "val", "--out", out, "-p", protocol,
+                     "--steps", 2, "--batch-size", 1, "--crop", 64, "--device", "cpu", "-q", "--keep-anyway"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "also in --data" not in result.stderr                 # one slide, fields apart
+    (held,) = (out / "heldout" / "images").iterdir()
+    np.testing.assert_array_equal(tifffile.imread(held), slide[260:508, 516:764])
+    from cellseg.bundles import load_bundle
+    card = load_bundle(out).card["finetune"]
+    assert card["heldout_nuclei"] == len(np.unique(slide_labels[260:508, 516:764])) - 1
+    assert "the fields of --val" in card["heldout"]
+    # a --val field overlapping a --data field of the same slide is warned of
+    from cellseg.evaluation import annotated_regions
+    _fields_only(folder, tmp_path / "overlapping", [[200, 200, 300, 300]])
+    assert shared_images(tmp_path / "train", annotated_regions(tmp_path / "overlapping")) == [
+        str(tmp_path / "overlapping" / "slide.tif")]
+    assert shared_images(tmp_path / "train", annotated_regions(tmp_path / "val")) == []
+
+
+@pytest.mark.slow
+def test_a_bundle_is_validated_on_fields_as_the_windows_they_are(tmp_path, tiny_bundle):
+    # `cellseg train --init none --val FIELDS`: the fields written beside the report, each counted as one image
+    from cellseg.evaluation import validate_bundle
+    folder, slide, _ = _slide_with_fields(tmp_path)
+    _fields_only(folder, tmp_path / "val", [[516, 260, 764, 508], [4, 4, 100, 60]])
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    validation = validate_bundle(bundle, tmp_path / "val", tmp_path / "report", device="cpu", progress=False)
+    assert [im["image"] for im in validation.report.images] == ["images/0000_slide.tif", "images/0001_slide.tif"]
+    assert [(im["height"], im["width"]) for im in validation.report.images] == [(248, 248), (56, 96)]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "report" / "heldout" / "images" / "0001_slide.tif"),
+                                  slide[4:60, 4:100])
