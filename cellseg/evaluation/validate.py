@@ -104,8 +104,8 @@ def annotated_images(source: Path) -> tuple[dict[str, ImageMasks], dict[str, Pat
         for field in annotated_fields(source):
             if field.window is not None:    # counted as a whole slide, its unannotated nuclei would count as false
                 raise EvaluationError(f"expected held-out images annotated in full, found the field {field.name} "
-                                      f"of a larger image in {source}: give it as --data (part of it is held out), "
-                                      f"or export the field as an image")
+                                      f"of a larger image in {source}: write the fields as images first "
+                                      f"(label_pairs.write_fields, as validate_bundle and cellseg train do)")
             with open_slide(field.image) as slide:
                 shape = (slide.info.height, slide.info.width)
             gt[field.name] = label_array_masks(field.labels(shape), field.annotations, field.name)

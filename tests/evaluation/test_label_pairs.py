@@ -305,7 +305,7 @@ def test_field_rectangles_of_a_slide_train_on_their_windows_with_every_nucleus_m
     from cellseg.training import split_heldout
     _, held, _ = split_heldout(items, 0.25)
     np.testing.assert_array_equal(held[1][1][..., 0], slide[260:508, 702:764])
-    # a field is no held-out image to count whole: --val refuses it in one line
+    # a field is no image to count whole: scored only once written as the window it is (label_pairs.write_fields)
     with pytest.raises(EvaluationError, match=r"found the field slide.tif \(x 4, y 4, 248 x 248 px\) of a larger"):
         annotated_images(folder)
 
