@@ -79,15 +79,21 @@ def test_two_label_folders_or_an_orphan_label_image_are_refused(tmp_path):
         find_label_pairs(tmp_path)
 
 
-def test_a_palette_png_s_indices_are_its_labels(tmp_path):
-    # QuPath can write labels as an indexed-colour PNG: the indices, not the colours, are the nuclei
+def _palette_labels(path: Path) -> np.ndarray:
+    """Two nuclei (values 1 and 7) saved as an indexed-colour PNG, as QuPath can write labels; their values."""
     labels = np.zeros((20, 20), np.uint8)
     labels[2:6, 2:6], labels[10:15, 10:15] = 1, 7
     im = Image.fromarray(labels, mode="P")
     im.putpalette([0, 0, 0, 255, 0, 0] + [0, 255, 0] * 254)
-    im.save(tmp_path / "p.png")
-    with Image.open(tmp_path / "p.png") as saved:
+    im.save(path)
+    with Image.open(path) as saved:
         assert saved.mode == "P"
+    return labels
+
+
+def test_a_palette_png_s_indices_are_its_labels(tmp_path):
+    # the indices, not the colours, are the nuclei
+    labels = _palette_labels(tmp_path / "p.png")
     np.testing.assert_array_equal(read_label_image(tmp_path / "p.png", (20, 20)), labels)
 
 
@@ -207,12 +213,7 @@ def test_training_data_that_is_neither_says_what_was_expected(tmp_path):
 
 def test_evaluate_reads_a_palette_png_label_image_by_its_indices(tmp_path):
     # before: "expected a label image (one channel of integers ...), has 3 channel(s)": the palette made it colour
-    labels = np.zeros((20, 20), np.uint8)
-    labels[2:6, 2:6], labels[10:15, 10:15] = 1, 7
-    im = Image.fromarray(labels, mode="P")
-    im.putpalette([0, 0, 0, 255, 0, 0] + [0, 255, 0] * 254)
-    im.save(tmp_path / "gt.png")
-    pred = labels.copy()
+    pred = _palette_labels(tmp_path / "gt.png").copy()
     pred[10:15, 10:15] = 0                                       # one nucleus of the two found
     tifffile.imwrite(tmp_path / "pred.tif", pred)
     result = invoke(["evaluate", tmp_path / "pred.tif", "--gt", tmp_path / "gt.png"])
