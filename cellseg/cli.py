@@ -787,9 +787,10 @@ def _train_from_scratch(items, classes, out, val, init, steps, minutes, batch_si
 @main.command()
 @click.argument("pred", type=click.Path(path_type=Path))
 @click.option("--gt", type=click.Path(path_type=Path), required=True,
-              help="Ground truth: COCO instance JSON, label image (0 = background), cellseg result folder, or a "
-                   "GeoJSON file (QuPath's export; cells.geojson corrected): scored on its rectangle annotations "
-                   "(each a field checked in full; PRED a result folder or GeoJSON).")
+              help="Ground truth: COCO instance JSON, label image (0 = background), cellseg result folder, a folder "
+                   "of images with their label images (as `cellseg train --data`), or a GeoJSON file (QuPath's "
+                   "export; cells.geojson corrected): scored on its rectangle annotations (each a field checked in "
+                   "full; PRED a result folder or GeoJSON). PRED is any of these too, or a folder of result folders.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for metrics.json, per_image.csv and threshold_sweep.png.")
 @click.option("--iou", type=_FiniteFloatRange(0, 1, min_open=True), default=0.5, show_default=True,

@@ -57,7 +57,8 @@ class ImageMasks:
 
 
 def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[str, ImageMasks]:
-    """Images with their masks from a COCO JSON, a label image or a cellseg result folder, keyed by name.
+    """Images with their masks from a COCO JSON, a label image, a cellseg result folder, a folder of result folders
+    or a folder of images with their label images (label_pairs), keyed by name.
 
     A label image is read in squares of `label_tile` px a side (None: LABEL_TILE)."""
     path = Path(path)
@@ -67,8 +68,7 @@ def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[st
     if path.is_dir():
         coco = path / "predictions.coco.json"
         if not coco.is_file():
-            raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, {path} "
-                                  "has none")
+            return _load_folder(path)
         path = coco
     with open(path, "rb") as fh:
         head = fh.read(64).lstrip()
@@ -83,6 +83,39 @@ def load_image_masks(path: str | Path, label_tile: int | None = None) -> dict[st
     for im in images:
         key = im.name if im.name not in out else f"{im.name} (id {im.image_id})"
         out[key] = im
+    return out
+
+
+def _load_folder(path: Path) -> dict[str, ImageMasks]:
+    """A folder that is no result folder: the result folders in it (a batch count's `--output`), keyed by their
+    images' names, or else images with their label images (label_pairs: Cellpose's, StarDist's, QuPath's layouts)."""
+    if any((path / name).exists() for name in ("run.json", "summary.json")):    # a count's, unfinished or filtered
+        raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, {path} has none")
+    results = sorted(p for p in path.iterdir() if (p / "predictions.coco.json").is_file())
+    if results:
+        out: dict[str, ImageMasks] = {}
+        for folder in results:
+            for name, image in load_image_masks(folder).items():
+                if name in out:
+                    raise EvaluationError(f"expected one result folder per image in {path}, found two for {name} "
+                                          f"(e.g. {folder.name})")
+                out[name] = image
+        return out
+    from ..slides import open_slide
+    from .label_pairs import label_pairs_in, read_label_image
+    pairs = label_pairs_in(path)
+    if not pairs:
+        raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, a folder of them, or "
+                              f"images with their label images (NAME.tif + NAME_masks.tif, images/ + labels/) in "
+                              f"{path}, found none of these")
+    out = {}
+    for pair in pairs:
+        if pair.annotations.suffix.lower() == ".geojson":
+            raise EvaluationError(f"expected label images in {path}, found the GeoJSON {pair.annotations.name}: "
+                                  f"give a GeoJSON file itself as --gt (scored on its field rectangles)")
+        with open_slide(pair.image) as slide:
+            shape = (slide.info.height, slide.info.width)
+        out[pair.name] = label_array_masks(read_label_image(pair.annotations, shape), pair.annotations, pair.name)
     return out
 
 

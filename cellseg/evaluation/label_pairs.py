@@ -104,6 +104,16 @@ def find_label_pairs(folder: Path) -> list[LabelPair]:
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"expected {LAYOUT_TEXT}, found no folder {folder}")
+    pairs = label_pairs_in(folder)
+    if not pairs:
+        images = len(_files(folder, IMAGE_SUFFIXES)) + len(_files(folder / "images", IMAGE_SUFFIXES))
+        raise EvaluationError(f"expected {LAYOUT_TEXT}, found no image with a label image in {folder} "
+                              f"({images} image file(s))")
+    return pairs
+
+
+def label_pairs_in(folder: Path) -> list[LabelPair]:
+    """find_label_pairs' pairs, [] when there are none."""
     label_dirs = [folder / d for d in LABEL_FOLDERS if (folder / d).is_dir()]
     if (folder / "images").is_dir() and label_dirs:
         if len(label_dirs) > 1:
@@ -112,11 +122,7 @@ def find_label_pairs(folder: Path) -> list[LabelPair]:
         pairs, unlabelled = _pairs_in_two_folders(folder / "images", label_dirs[0], folder)
     else:
         pairs, unlabelled = _pairs_in_one_folder(folder)
-    if not pairs:
-        images = len(_files(folder, IMAGE_SUFFIXES)) + len(_files(folder / "images", IMAGE_SUFFIXES))
-        raise EvaluationError(f"expected {LAYOUT_TEXT}, found no image with a label image in {folder} "
-                              f"({images} image file(s))")
-    if unlabelled:
+    if pairs and unlabelled:
         log.warning("%s: %d image(s) without annotations left out (e.g. %s); %d annotated", folder,
                     len(unlabelled), unlabelled[0], len(pairs))
     return pairs

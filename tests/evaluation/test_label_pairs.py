@@ -432,3 +432,33 @@ def test_a_bundle_is_validated_on_fields_as_the_windows_they_are(tmp_path, tiny_
     assert [(im["height"], im["width"]) for im in validation.report.images] == [(248, 248), (56, 96)]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "report" / "heldout" / "images" / "0001_slide.tif"),
                                   slide[4:60, 4:100])
+
+
+def test_evaluate_a_batch_of_counts_against_a_folder_of_label_images(tmp_path):
+    # `cellseg count a.png b.png -o results` and the images' Cellpose masks: every image scored, paired by name
+    import json
+    results, truth = tmp_path / "results", tmp_path / "truth"
+    truth.mkdir()
+    expected = {}
+    for image, labels, dropped in ((IMAGE, LABELS, 0), (DATA / "dsb_he.png", DATA / "dsb_he_labels.tif", 5)):
+        folder = results / f"{image.stem}.cellseg"
+        folder.mkdir(parents=True)
+        ann, n = coco_from_labels(folder, image, labels)
+        coco = json.loads(ann.read_text())
+        coco["annotations"] = coco["annotations"][dropped:]          # the count missed `dropped` nuclei
+        (folder / "predictions.coco.json").write_text(json.dumps(coco))
+        shutil.copy(image, truth / image.name)
+        Image.fromarray(tifffile.imread(labels).astype(np.uint16)).save(truth / f"{image.stem}_masks.png")
+        expected[image.name] = (n, dropped)
+    report = tmp_path / "report"
+    cli = invoke(["evaluate", results, "--gt", truth, "--out", report])
+    assert cli.exit_code == 0, cli.output
+    n_all, missed = sum(n for n, _ in expected.values()), sum(d for _, d in expected.values())
+    assert f"2 images: {n_all} true cells, {n_all - missed} predicted" in cli.stdout
+    assert f"TP {n_all - missed} FP 0 FN {missed}" in cli.stdout
+    # a folder with neither results nor label images says what it expected
+    (tmp_path / "neither").mkdir()
+    shutil.copy(IMAGE, tmp_path / "neither" / IMAGE.name)
+    cli = invoke(["evaluate", results, "--gt", tmp_path / "neither"])
+    assert cli.exit_code != 0
+    assert "expected a cellseg result folder holding predictions.coco.json, a folder of them, or images" in cli.stderr
