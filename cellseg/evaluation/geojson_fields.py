@@ -11,6 +11,7 @@ WHOLE_IMAGE_PX). Polygons are rasterised by their pixel centres (pixel (row, col
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,16 @@ class GeoJsonNuclei:
     scores: np.ndarray | None
     windows: list[tuple[int, int, int, int]]
 
+    @functools.cached_property
+    def _tree(self):
+        import shapely
+        return shapely.STRtree(self.nuclei)
+
     def meeting(self, window: tuple[int, int, int, int]) -> np.ndarray:
         """The indices of the nuclei that meet `window`."""
         import shapely
         r0, c0, r1, c1 = window
-        return np.sort(shapely.STRtree(self.nuclei).query(shapely.box(c0, r0, c1, r1), predicate="intersects"))
+        return np.sort(self._tree.query(shapely.box(c0, r0, c1, r1), predicate="intersects"))
 
 
 def read_geojson_nuclei(path: Path, image_name: str | None = None) -> GeoJsonNuclei:
@@ -81,8 +87,8 @@ def read_geojson_nuclei(path: Path, image_name: str | None = None) -> GeoJsonNuc
             (r0, c0, r1, c1), (s0, d0, s1, d1) = windows[a], windows[b]
             if max(r0, s0) < min(r1, s1) and max(c0, d0) < min(c1, d1):
                 raise EvaluationError(f"expected the field rectangles of {path.name} apart, found two that overlap "
-                                      f"(at x {max(c0, d0)}, y {max(r0, s0)}): their nuclei would be trained on "
-                                      f"twice, or trained on and judged on")
+                                      f"(at x {max(c0, d0)}, y {max(r0, s0)}): the nuclei they share would count "
+                                      f"twice")
     return GeoJsonNuclei(path, nuclei, scores if np.isfinite(scores).all() else None, windows)
 
 
