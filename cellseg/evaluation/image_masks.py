@@ -101,21 +101,28 @@ def _load_folder(path: Path) -> dict[str, ImageMasks]:
                                           f"(e.g. {folder.name})")
                 out[name] = image
         return out
-    from ..slides import open_slide
-    from .label_pairs import label_pairs_in, read_label_image
+    from .label_pairs import annotated_fields, label_pairs_in
     pairs = label_pairs_in(path)
     if not pairs:
         raise EvaluationError(f"expected a cellseg result folder holding predictions.coco.json, a folder of them, or "
                               f"images with their label images (NAME.tif + NAME_masks.tif, images/ + labels/) in "
                               f"{path}, found none of these")
+    return field_image_masks(annotated_fields(path, pairs), path)
+
+
+def field_image_masks(fields, source: Path) -> dict[str, ImageMasks]:
+    """The masks of annotated images (label_pairs.AnnotatedField), keyed by their names; a field of a larger image
+    is refused (counted whole, that image's unannotated nuclei would count as false)."""
+    from ..slides import open_slide
     out = {}
-    for pair in pairs:
-        if pair.annotations.suffix.lower() == ".geojson":
-            raise EvaluationError(f"expected label images in {path}, found the GeoJSON {pair.annotations.name}: "
-                                  f"give a GeoJSON file itself as --gt (scored on its field rectangles)")
-        with open_slide(pair.image) as slide:
+    for field in fields:
+        if field.window is not None:
+            raise EvaluationError(f"expected images annotated in full, found the field {field.name} of a larger image "
+                                  f"in {source}: give its GeoJSON file itself as --gt (scored on its field "
+                                  f"rectangles), or write the fields as images (label_pairs.write_fields)")
+        with open_slide(field.image) as slide:
             shape = (slide.info.height, slide.info.width)
-        out[pair.name] = label_array_masks(read_label_image(pair.annotations, shape), pair.annotations, pair.name)
+        out[field.name] = label_array_masks(field.labels(shape), field.annotations, field.name)
     return out
 
 

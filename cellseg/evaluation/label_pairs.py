@@ -79,12 +79,12 @@ class AnnotatedField:
         return int((np.unique(read_label_image(self.annotations)) != 0).sum())
 
 
-def annotated_fields(folder: Path) -> list[AnnotatedField]:
-    """The annotated images of a folder of label pairs (find_label_pairs): one field per label image, one per field
-    rectangle of a GeoJSON file (or its whole image)."""
+def annotated_fields(folder: Path, pairs: list[LabelPair] | None = None) -> list[AnnotatedField]:
+    """The annotated images of a folder of label pairs (`pairs`, find_label_pairs' when None): one field per label
+    image, one per field rectangle of a GeoJSON file (or its whole image)."""
     from .geojson_fields import geojson_fields
     fields = []
-    for pair in find_label_pairs(folder):
+    for pair in find_label_pairs(folder) if pairs is None else pairs:
         if pair.annotations.suffix.lower() == GEOJSON_SUFFIX:
             fields.extend(geojson_fields(pair))
         else:

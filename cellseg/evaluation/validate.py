@@ -19,9 +19,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..errors import CellsegError, EvaluationError
+from ..errors import CellsegError
 from ..planning import Protocol
-from .image_masks import ImageMasks, coco_image_paths, label_array_masks, load_image_masks
+from .image_masks import ImageMasks, coco_image_paths, field_image_masks, load_image_masks
 from .label_pairs import annotated_fields, has_fields, is_label_folder, write_fields
 from .scoring import DEFAULT_THRESHOLDS, EvaluationReport, evaluate, plot_sweep, write_report
 
@@ -99,18 +99,8 @@ def annotated_images(source: Path) -> tuple[dict[str, ImageMasks], dict[str, Pat
     images with their label images (label_pairs; keyed by the image's path in the folder), and each image's path.
     Every image must exist and every label image fit its image: checked here, before any work is done."""
     if is_label_folder(source):
-        from ..slides import open_slide
-        gt, paths = {}, {}
-        for field in annotated_fields(source):
-            if field.window is not None:    # counted as a whole slide, its unannotated nuclei would count as false
-                raise EvaluationError(f"expected held-out images annotated in full, found the field {field.name} "
-                                      f"of a larger image in {source}: write the fields as images first "
-                                      f"(label_pairs.write_fields, as validate_bundle and cellseg train do)")
-            with open_slide(field.image) as slide:
-                shape = (slide.info.height, slide.info.width)
-            gt[field.name] = label_array_masks(field.labels(shape), field.annotations, field.name)
-            paths[field.name] = field.image
-        return gt, paths
+        fields = annotated_fields(source)
+        return field_image_masks(fields, source), {field.name: field.image for field in fields}
     gt = load_image_masks(source)
     return gt, coco_image_paths(source, gt)
 
