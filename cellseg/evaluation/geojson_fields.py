@@ -185,9 +185,7 @@ def _geojson_polygons(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             continue    # points, lines: not outlines
         texts.append(orjson.dumps(geometry).decode())
         annotation.append(object_type(feature, props) in ("annotation", "PathAnnotationObject"))
-        measurements = props.get("measurements")
-        score = measurements.get("score") if isinstance(measurements, dict) else None
-        scores.append(float(score) if isinstance(score, (int, float)) and np.isfinite(score) else np.nan)
+        scores.append(_score(props.get("measurements")))
     try:
         shapes = shapely.from_geojson(np.asarray(texts, dtype=object))
     except Exception as e:  # noqa: BLE001 (GEOS's own message says what is wrong with the coordinates)
@@ -200,6 +198,14 @@ def _geojson_polygons(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not len(shapes):
         raise EvaluationError(f"expected nucleus polygons in {path}, found none ({len(features)} feature(s))")
     return shapes, annotation, scores
+
+
+def _score(measurements) -> float:
+    """A feature's "score" measurement: QuPath 0.4+ writes measurements as {name: value}, 0.3 as [{name, value}]."""
+    if isinstance(measurements, list):
+        measurements = {m.get("name"): m.get("value") for m in measurements if isinstance(m, dict)}
+    score = measurements.get("score") if isinstance(measurements, dict) else None
+    return float(score) if isinstance(score, (int, float)) and np.isfinite(score) else np.nan
 
 
 def rasterise(polygons, row0: int, col0: int, shape: tuple[int, int]) -> np.ndarray:

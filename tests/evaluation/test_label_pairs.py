@@ -362,8 +362,10 @@ def test_evaluate_scores_a_count_on_the_fields_someone_checked_in_qupath(tmp_pat
             specks.append((int(r), int(c)))
     found = [{**_feature(g), "properties": {"objectType": "detection", "measurements": {"score": 0.9}}}
              for k, g in enumerate(nuclei) if k not in missed]
+    # the specks as QuPath 0.3 wrote measurements: a list of {name, value}
     found += [{**_feature(_rectangle(560 + c, 300 + r, 563 + c, 303 + r)),
-               "properties": {"objectType": "detection", "measurements": {"score": 0.4}}} for r, c in specks]
+               "properties": {"objectType": "detection", "measurements": [{"name": "score", "value": 0.4}]}}
+              for r, c in specks]
     result = tmp_path / "slide.cellseg"
     result.mkdir()
     _write_geojson(result / "cells.geojson", found)
