@@ -2,7 +2,9 @@
 
 Inputs (`load_image_masks`): a COCO instance JSON (our predictions.coco.json or any COCO file with mask
 segmentations: RLE or polygons; or a COCO results list), a label image (TIFF/PNG, 0 = background,
-each other value one nucleus; read tile by tile) or a cellseg result folder (its predictions.coco.json).
+each other value one nucleus; read tile by tile; a palette PNG by its indices), a cellseg result folder (its
+predictions.coco.json), a folder of result folders (a batch count's), or a folder of images with their label images
+(label_pairs).
 Each image becomes an `ImageMasks`: its masks as full-image COCO compressed RLEs, their boxes,
 scores and crowd flags. (Not the pipeline's instances.Instances, which hold box-cropped masks of one slide.)
 

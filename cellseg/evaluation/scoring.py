@@ -2,8 +2,8 @@
 and a score-threshold sweep; write the report (metrics.json, per_image.csv, threshold_sweep.png).
 
 The parts live beside this module, which keeps the matching, the report, the sweep and the outputs:
-- `cellseg.evaluation.image_masks`: loading PRED and GT (COCO JSON, label image or cellseg result folder) as `ImageMasks`
-  and pairing their images (by file_name, then base name, then stem, then id).
+- `cellseg.evaluation.image_masks`: loading PRED and GT (COCO JSON, label image, cellseg result folder or folders of
+  them or of label pairs) as `ImageMasks` and pairing their images (by file_name, then base name, then stem, then id).
 - `cellseg.evaluation.geojson_fields`: GT as a GeoJSON file (QuPath's, or a corrected cells.geojson): PRED and GT
   cut to its field rectangles, each one image.
 - `cellseg.evaluation.overlap`: the sparse IoU table of box-intersecting (prediction, GT) pairs.
