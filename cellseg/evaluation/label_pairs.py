@@ -281,8 +281,9 @@ def write_annotated_images(images, folder: Path) -> Path:
     annotations.json; the COCO file's path is returned."""
     import json
 
-    import pycocotools.mask as mask_utils
     import tifffile
+
+    from ..results import crop_rles
     (folder / "images").mkdir(parents=True, exist_ok=True)
     entries, anns = [], []
     for image_id, (name, pixels, boxes, masks) in enumerate(images, start=1):
@@ -292,12 +293,10 @@ def write_annotated_images(images, folder: Path) -> Path:
                          photometric="rgb" if pixels.shape[-1] == 3 else "minisblack")
         h, w = pixels.shape[:2]
         entries.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for box, mask in zip(boxes, masks):      # class-agnostic, as the scoring is
-            full = np.zeros((h, w), np.uint8, order="F")
-            r0, c0, r1, c1 = (int(v) for v in box)
-            full[r0:r1, c0:c1] = mask
-            rle = mask_utils.encode(full)
-            rle["counts"] = rle["counts"].decode("ascii")
+        boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+        # all of an image's masks at once, never a full image per nucleus; class-agnostic, as the scoring is
+        for (r0, c0, r1, c1), mask, rle in zip(boxes.tolist(), masks, crop_rles(list(masks), boxes[:, 0],
+                                                                                 boxes[:, 1], h, w)):
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
                          "segmentation": rle, "area": int(mask.sum()), "bbox": [c0, r0, c1 - c0, r1 - r0]})
     path = folder / "annotations.json"
